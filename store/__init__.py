@@ -1,0 +1,77 @@
+"""ClickHouse for every component: schema, the one client path, and the embedded server."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+from tracetune.settings import Settings
+
+__all__ = ["connect", "apply_schema", "schema_statements", "wait_ready", "serve", "Client"]
+
+
+def schema_statements() -> list[tuple[str, str]]:
+    """(file name, statement) for every DDL file, in order. Every statement is idempotent."""
+    files = sorted(p for p in resources.files("store.sql").iterdir() if p.name.endswith(".sql"))
+    return [(p.name, p.read_text()) for p in files]
+
+
+def apply_schema(client: Client) -> None:
+    """Create every table in the client's database if missing (safe from any process, any time)."""
+    for _, statement in schema_statements():
+        client.command(statement)
+
+
+def _client(settings: Settings, database: str | None, timeout: float) -> Client:
+    target = settings.clickhouse_target()
+    return clickhouse_connect.get_client(
+        host=target["host"], port=target["port"], username=target["username"],
+        password=target["password"], secure=target["secure"], database=database or "",
+        autogenerate_session_id=False, connect_timeout=timeout, send_receive_timeout=300,
+    )
+
+
+def wait_ready(settings: Settings, timeout: float = 60.0) -> None:
+    """Block until ClickHouse answers /ping, or raise TimeoutError naming the address."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if _client(settings, None, 2).ping():
+                return
+        except Exception as exc:  # not listening yet
+            last = exc
+        time.sleep(0.2)
+    target = settings.clickhouse_target()
+    raise TimeoutError(f"ClickHouse at {target['host']}:{target['port']} did not answer in {timeout:.0f}s ({last})")
+
+
+def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0) -> Client:
+    """A clickhouse-connect client for the embedded store or TRACETUNE_CLICKHOUSE_URL."""
+    if wait:
+        wait_ready(settings, wait)
+    database = settings.clickhouse_target()["database"]
+    if ensure_schema:
+        _client(settings, None, 10).command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    client = _client(settings, database, 10)
+    if ensure_schema:
+        apply_schema(client)
+    return client
+
+
+def serve(settings: Settings) -> None:
+    """Run the embedded store (chDB behind the ClickHouse HTTP interface) until stopped."""
+    import uvicorn
+
+    from store.engine import Engine
+    from store.server import create_app
+
+    engine = Engine(settings.data_dir)
+    try:
+        uvicorn.run(create_app(engine), host=settings.bind_host, port=settings.store_port,
+                    log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()

@@ -1,0 +1,221 @@
+"""One validated Settings object for every tracetune process.
+
+Values come from defaults, then `tracetune.toml` (flat keys or one table per component:
+`[store] port = 8123` is `store_port`), then `TRACETUNE_<FIELD>` environment variables.
+Bad values stop the process at start with one line naming the field and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "TRACETUNE_"
+CONFIG_FILE = "tracetune.toml"
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where data lives and which ClickHouse to use.
+    home: Path = Path(".tracetune")
+    clickhouse_url: str = ""  # empty: the embedded store (chDB) at store_host:store_port
+    database: str = "tracetune"
+    bind_host: str = "127.0.0.1"
+
+    store_port: int = 8123
+    collector_port: int = 4318
+    collector_grpc_port: int = 4317
+    tuner_port: int = 8700
+    executor_metrics_port: int = 9464
+    dashboard_port: int = 8501
+    llm_port: int = 8808
+
+    # Collector batching and backpressure.
+    collector_batch_rows: int = 5000
+    collector_flush_seconds: float = 1.0
+    collector_max_queue_rows: int = 200_000
+    collector_max_body_bytes: int = 16 * 1024 * 1024
+
+    # Executor.
+    pipeline: str = "ticket_triage"
+    executor_config_poll_seconds: float = 5.0
+    executor_workers: int = 16
+    load_rate: float = 20.0  # requests per second of the demo load
+
+    # Tuner write calls need this bearer token (reads are open on loopback).
+    tuner_token: str = ""
+
+    _origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.clickhouse_url
+
+    @property
+    def store_url(self) -> str:
+        return f"http://{self.bind_host}:{self.store_port}"
+
+    @property
+    def collector_url(self) -> str:
+        return f"http://{self.bind_host}:{self.collector_port}"
+
+    @property
+    def tuner_url(self) -> str:
+        return f"http://{self.bind_host}:{self.tuner_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.bind_host}:{self.dashboard_port}"
+
+    @property
+    def executor_metrics_url(self) -> str:
+        return f"http://{self.bind_host}:{self.executor_metrics_port}/metrics"
+
+    def clickhouse_target(self) -> dict[str, Any]:
+        """Connection arguments for clickhouse-connect (embedded store or TRACETUNE_CLICKHOUSE_URL)."""
+        if self.embedded:
+            return {"host": self.bind_host, "port": self.store_port, "database": self.database,
+                    "username": "default", "password": "", "secure": False}
+        parts = urlsplit(self.clickhouse_url)
+        database = parts.path.strip("/") or self.database
+        return {
+            "host": parts.hostname,
+            "port": parts.port or (8443 if parts.scheme == "https" else 8123),
+            "database": database,
+            "username": parts.username or "default",
+            "password": parts.password or "",
+            "secure": parts.scheme == "https",
+        }
+
+    def as_env(self) -> dict[str, str]:
+        """The environment that hands these exact settings to a child process."""
+        env = {}
+        for f in fields(self):
+            if f.name.startswith("_"):
+                continue
+            env[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
+        return env
+
+    def replace(self, **changes: Any) -> Settings:
+        return validate(dataclasses.replace(self, **changes))
+
+
+_PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
+_POSITIVE_FIELDS = ["collector_batch_rows", "collector_flush_seconds", "collector_max_queue_rows",
+                    "collector_max_body_bytes", "executor_config_poll_seconds", "executor_workers"]
+
+
+def _convert(name: str, kind: Any, raw: Any, origin: str) -> Any:
+    kind_name = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind_name == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind_name == "float":
+            return float(raw)
+        if kind_name == "Path":
+            return Path(str(raw))
+        return str(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(
+            f"{name} = {raw!r} (from {origin}) is not a valid {kind_name}; "
+            f"set {ENV_PREFIX}{name.upper()} to a {kind_name}"
+        ) from None
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "_"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def validate(s: Settings) -> Settings:
+    """Check every value once, at start; raise SettingsError naming the first bad field."""
+    def where(name: str) -> str:
+        return s._origin.get(name, "default")
+
+    for name in _PORT_FIELDS:
+        port = getattr(s, name)
+        if not 1 <= port <= 65535:
+            raise SettingsError(f"{name} = {port} (from {where(name)}) must be a TCP port between 1 and 65535")
+    for name in _POSITIVE_FIELDS:
+        if getattr(s, name) <= 0:
+            raise SettingsError(f"{name} = {getattr(s, name)} (from {where(name)}) must be greater than 0")
+    if s.load_rate < 0:
+        raise SettingsError(f"load_rate = {s.load_rate} (from {where('load_rate')}) must be 0 or more")
+    if s.clickhouse_url:
+        parts = urlsplit(s.clickhouse_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError(
+                f"clickhouse_url = {s.clickhouse_url!r} (from {where('clickhouse_url')}) must look like "
+                "http://user:pass@host:8123/database"
+            )
+    if not s.database.replace("_", "").isalnum():
+        raise SettingsError(
+            f"database = {s.database!r} (from {where('database')}) may hold only letters, digits and _"
+        )
+    if not s.pipeline.replace("_", "").replace("-", "").isalnum():
+        raise SettingsError(f"pipeline = {s.pipeline!r} may hold only letters, digits, _ and -")
+    return s
+
+
+def load(config_file: str | os.PathLike | None = None, environ: dict[str, str] | None = None,
+         **overrides: Any) -> Settings:
+    """Build Settings from defaults, the TOML file, the environment and explicit overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    known = {f.name: f for f in fields(Settings) if not f.name.startswith("_")}
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+
+    path = Path(config_file or environ.get(ENV_PREFIX + "CONFIG", CONFIG_FILE))
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{path} is not valid TOML: {exc}") from None
+        for name, raw in _flatten(data).items():
+            if name not in known:
+                raise SettingsError(f"{path}: unknown setting {name!r}; known settings: {', '.join(known)}")
+            values[name] = _convert(name, known[name].type, raw, str(path))
+            origin[name] = str(path)
+
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in known:
+            raise SettingsError(f"{key} is not a tracetune setting; known settings: {', '.join(known)}")
+        values[name] = _convert(name, known[name].type, raw, key)
+        origin[name] = key
+
+    for name, raw in overrides.items():
+        if raw is None:
+            continue
+        values[name] = _convert(name, known[name].type, raw, "command line")
+        origin[name] = "command line"
+
+    return validate(Settings(**values, _origin=origin))
