@@ -1,0 +1,1 @@
+"""Dashboard: Streamlit pages over analyzer queries (run with `tracetune dashboard`)."""

@@ -1,0 +1,114 @@
+"""Adaptive-size micro-batching: requests queue, a batch runs when full or when its oldest waited long enough.
+
+One batch span is linked to every request span it served; each request learns its batch size and
+queue time so its own step span can carry them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+
+
+@dataclass
+class BatchResult:
+    value: Any
+    batch_size: int
+    queue_ms: float
+
+
+@dataclass
+class _Pending:
+    item: Any
+    future: Future
+    enqueued: float
+    link: trace.Link | None
+
+
+class Batcher:
+    def __init__(self, name: str, run_batch: Callable[[list[Any]], list[Any]], max_size: int = 8,
+                 max_wait_ms: float = 5.0, tracer: trace.Tracer | None = None,
+                 on_batch: Callable[[int, float], None] | None = None):
+        self.name = name
+        self._run_batch = run_batch
+        self.max_size = max_size
+        self.max_wait_ms = max_wait_ms
+        self._tracer = tracer or trace.get_tracer("tracetune.executor")
+        self._on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def configure(self, max_size: int, max_wait_ms: float) -> None:
+        """Apply new bounds; queued requests are kept and served under the new bounds."""
+        with self._cond:
+            self.max_size = max(1, int(max_size))
+            self.max_wait_ms = max(0.0, float(max_wait_ms))
+            self._cond.notify()
+
+    def submit(self, item: Any) -> Future:
+        span_context = trace.get_current_span().get_span_context()
+        link = trace.Link(span_context) if span_context.is_valid else None
+        pending = _Pending(item, Future(), time.monotonic(), link)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"batcher {self.name} is closed")
+            self._queue.append(pending)
+            self._cond.notify()
+        return pending.future
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(10)
+
+    def _next_batch(self) -> list[_Pending]:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return []
+            while len(self._queue) < self.max_size and not self._closed:
+                remaining = self._queue[0].enqueued + self.max_wait_ms / 1000 - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return [self._queue.popleft() for _ in range(min(self.max_size, len(self._queue)))]
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            started = time.monotonic()
+            links = [p.link for p in batch if p.link is not None]
+            with self._tracer.start_as_current_span(f"batch {self.name}", links=links,
+                                                    attributes={"tracetune.batch_size": len(batch)}) as span:
+                try:
+                    values = self._run_batch([p.item for p in batch])
+                    if len(values) != len(batch):
+                        raise RuntimeError(f"batch function returned {len(values)} results for {len(batch)} inputs")
+                except BaseException as exc:  # every waiter hears about the failure, none is lost
+                    span.record_exception(exc)
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+                    for p in batch:
+                        p.future.set_exception(exc)
+                    continue
+            if self._on_batch:
+                self._on_batch(len(batch), time.monotonic() - started)
+            for p, value in zip(batch, values):
+                p.future.set_result(BatchResult(value, len(batch), (started - p.enqueued) * 1000))

@@ -1,0 +1,53 @@
+"""Exact-match LRU cache with a TTL and a size bound, keyed on normalised input."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+_MISSING = object()
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+class TTLCache:
+    def __init__(self, max_entries: int = 10_000, ttl_seconds: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_entries = max_entries
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Any:
+        """The cached value, or `TTLCache.MISSING`; a hit refreshes recency, not expiry."""
+        now = self._clock()
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None or entry[0] <= now:
+                if entry is not None:
+                    del self._data[key]
+                self.misses += 1
+                return _MISSING
+            self._data.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._data[key] = (self._clock() + self.ttl_seconds, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    MISSING = _MISSING

@@ -1,0 +1,15 @@
+"""Prometheus metrics of the executor, served on /metrics (default port 9464)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STEP_SECONDS = Histogram("tracetune_step_duration_seconds", "Step latency", ["pipeline", "step"],
+                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+TASKS_TOTAL = Counter("tracetune_tasks_total", "Tasks finished", ["pipeline", "status"])
+TASKS_IN_FLIGHT = Gauge("tracetune_tasks_in_flight", "Tasks running now", ["pipeline"])
+QUEUE_DEPTH = Gauge("tracetune_batch_queue_depth", "Requests waiting in a batcher", ["step"])
+BATCH_SIZE = Histogram("tracetune_batch_size", "Requests per batch", ["step"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64))
+CACHE_TOTAL = Counter("tracetune_cache_requests_total", "Cache look-ups", ["step", "result"])
+CONFIG_VERSION = Gauge("tracetune_config_version", "Tuner config version in force", ["pipeline"])

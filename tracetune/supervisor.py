@@ -1,0 +1,236 @@
+"""The process supervisor behind `tracetune up` and `tracetune demo`.
+
+Starts each component as its own process (so chDB, uvicorn and Streamlit each own theirs), waits
+until each answers on its port, prints where everything is, and on Ctrl-C / SIGTERM stops them in
+reverse order so that spans in flight are flushed and nothing is left listening.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tracetune.settings import Settings
+
+
+class StartError(RuntimeError):
+    """A component could not start; the message says which and why."""
+
+
+@dataclass
+class Component:
+    name: str
+    args: list[str]
+    port: int
+    ready_url: str
+    url: str
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+
+def dashboard_command(settings: Settings) -> list[str]:
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    return [sys.executable, "-m", "streamlit", "run", str(app),
+            "--server.port", str(settings.dashboard_port), "--server.address", settings.bind_host,
+            "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none"]
+
+
+def components(settings: Settings, load_rate: float, with_dashboard: bool = True) -> list[Component]:
+    tracetune = [sys.executable, "-m", "tracetune"]
+    parts = []
+    if settings.embedded:
+        parts.append(Component("store", tracetune + ["store"], settings.store_port,
+                               f"{settings.store_url}/ping", settings.store_url))
+    parts += [
+        Component("collector", tracetune + ["collector"], settings.collector_port,
+                  f"{settings.collector_url}/health", f"{settings.collector_url}/v1/traces"),
+        Component("tuner", tracetune + ["tuner"], settings.tuner_port, f"{settings.tuner_url}/health",
+                  f"{settings.tuner_url}/docs"),
+        Component("executor", tracetune + ["executor", "--rate", str(load_rate)], settings.executor_metrics_port,
+                  settings.executor_metrics_url, settings.executor_metrics_url),
+    ]
+    if with_dashboard:
+        parts.append(Component("dashboard", dashboard_command(settings), settings.dashboard_port,
+                               f"{settings.dashboard_url}/_stcore/health", settings.dashboard_url))
+    return parts
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _tail(path: Path | None, lines: int = 25) -> str:
+    if not path or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, parts: list[Component], echo=print):
+        self.settings = settings
+        self.parts = parts
+        self.echo = echo
+        self.log_dir = settings.home / "logs"
+
+    def check_ports(self) -> None:
+        for part in self.parts:
+            if _port_in_use(self.settings.bind_host, part.port):
+                field = {"store": "STORE_PORT", "collector": "COLLECTOR_PORT", "tuner": "TUNER_PORT",
+                         "executor": "EXECUTOR_METRICS_PORT", "dashboard": "DASHBOARD_PORT"}[part.name]
+                raise StartError(f"port {part.port} for the {part.name} is already in use; stop what is using it "
+                                 f"or set TRACETUNE_{field} to a free port")
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.check_ports()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
+        env.update(self.settings.as_env())
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        for part in self.parts:
+            part.log = self.log_dir / f"{part.name}.log"
+            with part.log.open("wb") as out:
+                part.proc = subprocess.Popen(part.args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            self._wait_ready(part, timeout)
+            self.echo(f"  {part.name:<10} {part.url}")
+
+    def _wait_ready(self, part: Component, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(timeout=2) as client:
+            while time.monotonic() < deadline:
+                if part.proc.poll() is not None:
+                    raise StartError(f"the {part.name} exited with code {part.proc.returncode} while starting; "
+                                     f"its log ({part.log}) ends with:\n{_tail(part.log)}")
+                try:
+                    if client.get(part.ready_url).status_code < 500:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.25)
+        raise StartError(f"the {part.name} did not answer on {part.ready_url} within {timeout:.0f}s; "
+                         f"its log ({part.log}) ends with:\n{_tail(part.log)}")
+
+    def dead(self) -> Component | None:
+        return next((p for p in self.parts if p.proc and p.proc.poll() is not None), None)
+
+    def stop_one(self, part: Component, timeout: float = 30.0) -> None:
+        if part.proc is None or part.proc.poll() is not None:
+            return
+        try:
+            os.killpg(part.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            part.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(part.proc.pid, signal.SIGKILL)
+            part.proc.wait(10)
+
+    def stop(self) -> None:
+        for part in reversed(self.parts):
+            self.stop_one(part)
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+
+def _watch(supervisor: Supervisor, stop: threading.Event, every: float, on_tick=None) -> int:
+    """Wait until stopped; 1 if a component died on its own, else 0."""
+    while not stop.wait(every):
+        dead = supervisor.dead()
+        if dead:
+            supervisor.echo(f"the {dead.name} stopped unexpectedly (exit {dead.proc.returncode}); "
+                            f"its log ends with:\n{_tail(dead.log)}")
+            return 1
+        if on_tick:
+            on_tick()
+    return 0
+
+
+def _run(settings: Settings, load_rate: float, echo, body) -> int:
+    from tracetune.terminal import console
+
+    out = console()
+    supervisor = Supervisor(settings, components(settings, load_rate), echo=out.print)
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    out.print(f"[bold]tracetune[/bold] starting (logs in {supervisor.log_dir})")
+    try:
+        supervisor.start()
+        return body(supervisor, stop, out)
+    except StartError as exc:
+        out.print(f"[red]error:[/red] {exc}")
+        return 1
+    finally:
+        supervisor.stop()
+        out.print("stopped every process tracetune started")
+
+
+def up(settings: Settings) -> int:
+    def body(supervisor: Supervisor, stop: threading.Event, out) -> int:
+        out.print("tracetune is up; Ctrl-C stops it")
+        return _watch(supervisor, stop, 1.0)
+
+    return _run(settings, 0.0, print, body)
+
+
+def demo(settings: Settings, duration: float | None = None) -> int:
+    """The whole loop under a steady load; a live per-step table, or `duration` s then the final table."""
+    import analyzer
+    import store
+    from tracetune.terminal import step_table
+
+    rate = settings.load_rate or 20.0
+
+    def table(client, since: int, title: str):
+        return step_table(analyzer.step_stats(client, since), title=title)
+
+    def body(supervisor: Supervisor, stop: threading.Event, out) -> int:
+        started = time.monotonic()
+        client = store.connect(settings, ensure_schema=False)
+        window = lambda: int(time.monotonic() - started) + 60  # noqa: E731 - everything since start
+        out.print(f"demo load: {rate:g} tickets/s on pipeline {settings.pipeline}")
+        if duration is not None:
+            timer = threading.Timer(duration, stop.set)
+            timer.daemon = True
+            timer.start()
+            code = _watch(supervisor, stop, 0.5)
+            if code:
+                return code
+            # Flush the path spans take: executor exports on exit, collector writes on exit.
+            for name in ("executor", "collector"):
+                supervisor.stop_one(next(p for p in supervisor.parts if p.name == name))
+            out.print(table(client, window(), f"per-step latency, {duration:g} s of demo load"))
+            return 0
+
+        from rich.live import Live
+
+        out.print("Ctrl-C stops the demo")
+        with Live(table(client, window(), "per-step latency (refreshing)"), console=out,
+                  refresh_per_second=1) as live:
+            def tick() -> None:
+                try:
+                    live.update(table(client, window(), "per-step latency since start (refreshing every 2 s)"))
+                except Exception as exc:  # keep the demo running while ClickHouse is briefly busy
+                    live.console.print(f"[yellow]stats unavailable: {exc}[/yellow]")
+            return _watch(supervisor, stop, 2.0, tick)
+
+    return _run(settings.replace(load_rate=rate), rate, print, body)
