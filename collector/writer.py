@@ -42,6 +42,7 @@ class SpanWriter:
         self.last_error = ""
         self.spill_dir = spill_dir
         self.rows_spilled = 0
+        self.shutdown_retry_seconds = 30.0  # how long a stopping writer keeps retrying before it spills
 
     # ---- producer side -------------------------------------------------------------------
     def offer(self, rows: list[list[Any]]) -> bool:
@@ -126,7 +127,7 @@ class SpanWriter:
                 self._client = None
                 log.warning("insert of %d spans failed, will retry: %s", len(batch), self.last_error)
                 if self._stopping:
-                    stop_deadline = stop_deadline or time.monotonic() + 30
+                    stop_deadline = stop_deadline or time.monotonic() + self.shutdown_retry_seconds
                     if time.monotonic() > stop_deadline:
                         self._spill()
                         return

@@ -86,3 +86,37 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.2, message: s
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class ThreadServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread (for apps built in the test)."""
+
+    def __init__(self, app, port: int | None = None):
+        import threading
+
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                     lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self._thread.start()
+        wait_until(lambda: self._server.started, 20, 0.05, "server start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """The demo models, built once per session with the real training and ONNX export."""
+    from executor.models import build_models
+
+    path = tmp_path_factory.mktemp("models")
+    build_models(path)
+    return path

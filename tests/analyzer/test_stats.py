@@ -1,0 +1,68 @@
+"""Per-step stats computed in ClickHouse agree with numpy on the same spans."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from analyzer import latency_series, parse_window, step_stats
+from collector.rows import COLUMNS
+
+
+def span_row(ts_ns: int, pipeline: str, step: str, duration_ns: int, error: bool = False) -> list:
+    attrs = {"tracetune.pipeline": pipeline, "tracetune.step": step} if step else {"tracetune.pipeline": pipeline}
+    return [ts_ns, "ab" * 16, f"{ts_ns % (1 << 63):016x}", "", "", step or pipeline, "SPAN_KIND_INTERNAL", "svc", {},
+            "", "", attrs, duration_ns, "STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET", "",
+            [], [], [], [], [], [], []]
+
+
+def test_step_percentiles_match_numpy_and_window_is_respected(client):
+    rng = np.random.default_rng(42)
+    now = time.time_ns()
+    expected, rows = {}, []
+    for pipeline in ("triage", "search"):
+        for step, scale in (("embed", 4e6), ("rank", 1.5e6), ("respond", 9e6)):
+            durations = rng.lognormal(np.log(scale), 0.6, size=500).astype(np.int64)
+            errors = rng.random(500) < 0.03
+            for i, (d, e) in enumerate(zip(durations, errors)):
+                rows.append(span_row(now - int(60e9 * rng.random()) - i, pipeline, step, int(d), bool(e)))
+            expected[(pipeline, step)] = (durations, errors)
+            # Old spans outside a 5-minute window must not count.
+            rows += [span_row(now - int(3600e9) - i, pipeline, step, 10**12) for i in range(50)]
+        rows.append(span_row(now - 1000, pipeline, "", 5 * 10**7))  # a root span is not a step
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+
+    frame = step_stats(client, "5m")
+    assert frame.height == 6
+    for row in frame.iter_rows(named=True):
+        durations, errors = expected[(row["pipeline"], row["step"])]
+        assert row["requests"] == 500 and row["errors"] == int(errors.sum())
+        assert row["error_rate"] == pytest.approx(errors.mean())
+        for q, name in ((50, "p50_ms"), (95, "p95_ms"), (99, "p99_ms")):
+            assert row[name] == pytest.approx(np.percentile(durations, q) / 1e6, rel=1e-9)
+        assert row["max_ms"] == pytest.approx(durations.max() / 1e6)
+        assert row["p99_ms"] >= row["p95_ms"] >= row["p50_ms"] > 0
+
+    only = step_stats(client, "2h", pipeline="search")
+    assert set(only["pipeline"]) == {"search"} and only["requests"].to_list() == [550] * 3
+
+    series = latency_series(client, "5m", bucket_seconds=30)
+    assert series["requests"].sum() == 3000 and set(series["step"]) == {"embed", "rank", "respond"}
+
+
+def test_empty_window_gives_an_empty_frame_with_the_columns(client):
+    frame = step_stats(client, "1m")
+    assert frame.is_empty() and "p95_ms" in frame.columns
+
+
+@pytest.mark.parametrize("text, seconds", [("30s", 30), ("5m", 300), ("2h", 7200), ("7d", 604800), ("1.5m", 90)])
+def test_parse_window(text, seconds):
+    assert parse_window(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "m5", "-5m", "5 weeks", "0m"])
+def test_parse_window_rejects_with_the_accepted_forms(text):
+    with pytest.raises(ValueError, match="30s, 5m"):
+        parse_window(text)

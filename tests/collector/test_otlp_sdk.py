@@ -1,0 +1,100 @@
+"""The official OpenTelemetry SDK and OTLP/HTTP exporter, sending to a real collector process."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+import store
+from tests.conftest import start_process, stop_process, wait_until
+
+
+@pytest.fixture
+def collector(db_settings, tmp_path):
+    settings = db_settings.replace(collector_flush_seconds=0.2)
+    proc = start_process(["collector"], settings, tmp_path / "collector.log")
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError((tmp_path / "collector.log").read_text())
+        try:
+            return httpx.get(f"{settings.collector_url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, 60, message="collector /health")
+    yield settings
+    stop_process(proc)
+
+
+def _rows(client, expected: int):
+    def count():
+        return client.query("SELECT count() FROM otel_traces").result_rows[0][0] >= expected
+
+    wait_until(count, 30, message=f"{expected} rows in otel_traces")
+    return list(client.query(
+        "SELECT SpanName, TraceId, SpanId, ParentSpanId, SpanKind, ServiceName, Duration, StatusCode, "
+        "StatusMessage, SpanAttributes, ResourceAttributes, ScopeName, Events.Name, Links.SpanId, "
+        "toUnixTimestamp64Nano(Timestamp) FROM otel_traces"
+    ).named_results())
+
+
+def test_sdk_spans_arrive_exactly_once_with_their_fields(collector):
+    settings = collector
+    provider = TracerProvider(resource=Resource.create({"service.name": "sdk-test", "deployment.environment": "ci"}))
+    exporter = OTLPSpanExporter(endpoint=f"{settings.collector_url}/v1/traces")
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=64, schedule_delay_millis=50))
+    tracer = provider.get_tracer("tests.collector", "1.2.3")
+
+    n_tasks, sent = 40, {}
+    for i in range(n_tasks):
+        with tracer.start_as_current_span("task", kind=SpanKind.SERVER,
+                                          attributes={"tracetune.pipeline": "p", "i": i}) as root:
+            with tracer.start_as_current_span("step", attributes={"tracetune.step": "s", "ratio": 0.25,
+                                                                   "ok": True, "tags": ["a", "b"]}) as child:
+                child.add_event("checkpoint", {"n": i})
+                time.sleep(0.001)
+                if i % 10 == 0:
+                    child.set_status(Status(StatusCode.ERROR, "boom"))
+            with tracer.start_as_current_span("linked", links=[Link(child.get_span_context())]) as linked:
+                pass
+        sent[root.get_span_context().span_id] = (root, child, linked)
+    provider.force_flush()
+    provider.shutdown()
+
+    client = store.connect(settings, ensure_schema=False)
+    rows = _rows(client, 3 * n_tasks)
+    health = httpx.get(f"{settings.collector_url}/health").json()
+    assert health["queued_rows"] == 0 and health["rows_written"] == 3 * n_tasks
+    assert len(rows) == 3 * n_tasks  # exactly N: nothing lost, nothing duplicated
+    by_id = {r["SpanId"]: r for r in rows}
+    assert len(by_id) == 3 * n_tasks
+
+    for root_id, (root, child, linked) in sent.items():
+        r, c, l_ = (by_id[f"{s.get_span_context().span_id:016x}"] for s in (root, child, linked))
+        trace_hex = f"{root.get_span_context().trace_id:032x}"
+        assert r["TraceId"] == c["TraceId"] == l_["TraceId"] == trace_hex
+        assert r["ParentSpanId"] == "" and c["ParentSpanId"] == l_["ParentSpanId"] == r["SpanId"]
+        assert (r["SpanName"], c["SpanName"], l_["SpanName"]) == ("task", "step", "linked")
+        assert r["SpanKind"] == "SPAN_KIND_SERVER" and c["SpanKind"] == "SPAN_KIND_INTERNAL"
+        # Durations are exact nanoseconds end - start, as the SDK measured them.
+        assert c["Duration"] == child.end_time - child.start_time
+        assert r["Duration"] == root.end_time - root.start_time >= c["Duration"] >= 1_000_000
+        assert r["toUnixTimestamp64Nano(Timestamp)"] == root.start_time
+        assert r["ServiceName"] == "sdk-test" and r["ResourceAttributes"]["deployment.environment"] == "ci"
+        assert r["ScopeName"] == "tests.collector"
+        assert c["SpanAttributes"]["tracetune.step"] == "s"
+        assert c["SpanAttributes"]["ratio"] == "0.25" and c["SpanAttributes"]["ok"] == "true"
+        assert c["SpanAttributes"]["tags"] == '["a","b"]'
+        assert r["SpanAttributes"]["i"] == str(r["SpanAttributes"]["i"]) and "tracetune.pipeline" in r["SpanAttributes"]
+        assert c["Events.Name"] == ["checkpoint"]
+        assert l_["Links.SpanId"] == [c["SpanId"]]
+        errored = int(r["SpanAttributes"]["i"]) % 10 == 0
+        assert c["StatusCode"] == ("STATUS_CODE_ERROR" if errored else "STATUS_CODE_UNSET")
+        assert c["StatusMessage"] == ("boom" if errored else "")
