@@ -104,7 +104,8 @@ def _unavailable(settings: Settings, exc: Exception) -> StoreUnavailable:
         return StoreUnavailable(f"Cannot reach ClickHouse at {where}: is `tracetune up` running?")
     code = _CODE.search(str(exc))
     if code and int(code.group(1)) in _NOT_CREATED_YET:
-        return StoreUnavailable(f"ClickHouse at {where} has no otel_traces table yet.", empty=True)
+        return StoreUnavailable(f"ClickHouse at {where} has no otel_traces table yet; "
+                                "`tracetune up` creates it.", empty=True)
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     return StoreUnavailable(f"ClickHouse at {where} could not answer: {first_line}")
 
@@ -161,7 +162,7 @@ def _latency_chart(series: pl.DataFrame, show_pipeline: bool, bucket_seconds: in
         tooltip=["series:N", alt.Tooltip("bucket:T", format="%H:%M:%S"), "requests:Q",
                  alt.Tooltip("p50_ms:Q", format=".1f"), alt.Tooltip("p95_ms:Q", format=".1f")],
     )
-    st.altair_chart(chart, use_container_width=True)
+    st.altair_chart(chart, width="stretch")
 
 
 def _percentile_chart(stats: pl.DataFrame, show_pipeline: bool) -> None:
@@ -178,7 +179,7 @@ def _percentile_chart(stats: pl.DataFrame, show_pipeline: bool) -> None:
         color=alt.Color("percentile:N", sort=["p50", "p95", "p99"]),
         tooltip=["series:N", "percentile:N", alt.Tooltip("ms:Q", format=".1f")],
     )
-    st.altair_chart(chart, use_container_width=True)
+    st.altair_chart(chart, width="stretch")
 
 
 def body(settings: Settings, window: str, pipeline: str) -> None:
