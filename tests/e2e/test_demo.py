@@ -1,0 +1,75 @@
+"""`tracetune demo` and `tracetune up` as a user runs them: URLs, the final table, a clean stop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from tests.conftest import make_settings, wait_until
+
+
+def _env(settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
+    return env | settings.as_env() | {"COLUMNS": "120"}
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _ports(settings) -> list[int]:
+    return [settings.store_port, settings.collector_port, settings.tuner_port, settings.executor_metrics_port,
+            settings.dashboard_port]
+
+
+def test_demo_with_duration_prints_urls_and_the_final_table_then_exits_0(tmp_path, models_dir):
+    settings = make_settings(tmp_path / "home", load_rate=30)
+    shutil.copytree(models_dir, settings.models_dir)
+    out = subprocess.run([sys.executable, "-m", "tracetune", "demo", "--duration", "8"], env=_env(settings),
+                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for url in (settings.store_url, settings.collector_url, settings.tuner_url, settings.dashboard_url,
+                settings.executor_metrics_url):
+        assert url in out.stdout
+    table = out.stdout.split("per-step latency")[-1]
+    for step in ("normalize", "classify", "prioritize", "draft_reply"):
+        line = next(line for line in table.splitlines() if f" {step} " in line)
+        cells = [c.strip() for c in line.split("│") if c.strip()]
+        requests, p50, p95, p99 = int(cells[2].replace(",", "")), float(cells[4]), float(cells[5]), float(cells[6])
+        assert requests > 50 and p99 >= p95 >= p50 > 0
+    assert "stopped every process" in out.stdout
+    assert not any(_listening(p) for p in _ports(settings))
+
+
+def test_ctrl_c_stops_every_process_up_started(tmp_path, models_dir):
+    settings = make_settings(tmp_path / "home")
+    shutil.copytree(models_dir, settings.models_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "tracetune", "up"], env=_env(settings), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "is up" in line:
+                break
+        assert any("is up" in line for line in lines), "".join(lines)
+        assert all(_listening(p) for p in _ports(settings))
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "stopped every process" in rest
+    wait_until(lambda: not any(_listening(p) for p in _ports(settings)), 10, message="ports released")
