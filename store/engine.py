@@ -14,6 +14,7 @@ from pathlib import Path
 import chdb
 
 _CODE = re.compile(r"Code:\s*(\d+)")
+_REPEATED_PREFIX = re.compile(r"(Code: \d+\. DB::Exception: )(?:Code: \d+\. DB::Exception: )+")
 
 
 class EngineError(Exception):
@@ -33,6 +34,7 @@ class Result:
     rows_written: int = 0
     bytes_written: int = 0
     elapsed: float = 0.0
+    timezone: str = ""  # the session time zone the values were rendered in (X-ClickHouse-Timezone)
 
 
 @dataclass
@@ -64,8 +66,11 @@ class Engine:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._base = chdb.connect(str(self.data_dir))  # keeps the engine open between requests
+        # The engine's own zone follows TZ of this process; clients need it to read DateTime values.
+        self.timezone = self._base.query("SELECT timezone()", "TabSeparatedRaw").bytes().decode().strip()
 
     def execute(self, request: Request) -> Result:
+        timezone = request.settings.get("session_timezone") or self.timezone
         with self._lock:
             conn = chdb.connect(str(self.data_dir))
             try:
@@ -79,12 +84,13 @@ class Engine:
                             inserter.append(request.data)
                         written = inserter.finish()
                     return Result(b"", rows_written=written.rows_written,
-                                  bytes_written=written.bytes_written, elapsed=written.elapsed)
+                                  bytes_written=written.bytes_written, elapsed=written.elapsed,
+                                  timezone=timezone)
                 res = conn.query(request.query, request.output_format, params=request.params)
                 return Result(res.bytes(), rows_read=res.rows_read(), bytes_read=res.bytes_read(),
                               rows_written=res.rows_written(), bytes_written=res.bytes_written(),
-                              elapsed=res.elapsed())
-            except Exception as exc:  # chDB raises ChdbError / RuntimeError with ClickHouse's text
+                              elapsed=res.elapsed(), timezone=timezone)
+            except RuntimeError as exc:  # chDB's ChdbError (a RuntimeError) carries ClickHouse's text
                 raise EngineError(_clean(str(exc))) from None
             finally:
                 conn.close()
@@ -95,6 +101,7 @@ class Engine:
 
 
 def _clean(message: str) -> str:
+    """ClickHouse's own text, without chDB's wrappers or its repeated `Code: N. DB::Exception:` prefix."""
     for prefix in ("Streaming insert append failed: ", "Streaming insert finish failed: "):
         message = message.replace(prefix, "")
-    return message.strip()
+    return _REPEATED_PREFIX.sub(r"\1", message).strip()

@@ -3,7 +3,8 @@
 Speaks enough of the real protocol that clickhouse-connect (and curl) work unchanged: `/ping`,
 queries in the URL or body, `INSERT ... FORMAT X` with a data body, per-request settings,
 `database`, `param_*` query parameters, compressed bodies both ways, and errors as HTTP errors
-carrying the engine's message and `X-ClickHouse-Exception-Code`.
+carrying the engine's message and `X-ClickHouse-Exception-Code`. As in ClickHouse, a request holds
+one statement, GET is read-only, and `X-ClickHouse-Timezone` is the zone the values were read in.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import re
 import uuid
 import zlib
+from collections.abc import Iterator
 
 import lz4.frame
 from starlette.applications import Starlette
@@ -30,6 +32,7 @@ except ImportError:  # pragma: no cover - depends on the interpreter
         from backports import zstd as _zstd
     except ImportError:
         _zstd = None
+_ZstdError: type[Exception] = _zstd.ZstdError if _zstd else ValueError
 
 # URL parameters that steer the HTTP layer rather than the query.
 _TRANSPORT_PARAMS = {
@@ -41,9 +44,18 @@ _TRANSPORT_PARAMS = {
     "http_wait_end_of_query", "output_format_parallel_formatting",
 }
 
-_INSERT = re.compile(rb"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*)*INSERT\b", re.IGNORECASE | re.DOTALL)
-_INSERT_FORMAT = re.compile(rb"\b(?:FORMAT\s+([A-Za-z0-9_]+)|(VALUES))[ \t]*(?:\r?\n)?", re.IGNORECASE)
-_OUTPUT_FORMAT = re.compile(r"\bFORMAT\s+([A-Za-z0-9_]+)\s*;?\s*$", re.IGNORECASE)
+# Enough of ClickHouse's lexer to find INSERT, FORMAT, VALUES and `;` outside string literals,
+# quoted identifiers, comments and parentheses (a column named `values` is not a VALUES clause).
+_TOKEN = re.compile(
+    rb"""(?P<quoted>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*"|`(?:[^`\\]|\\.|``)*`)"""
+    rb"""|(?P<comment>--[^\n]*|\#[ !][^\n]*|/\*.*?\*/)"""
+    rb"""|(?P<space>\s+)"""
+    rb"""|(?P<word>[A-Za-z_][A-Za-z0-9_]*)"""
+    rb"""|(?P<other>.)""",
+    re.DOTALL,
+)
+_DATA_START = re.compile(rb"[ \t]*(?:\r?\n)?")  # after FORMAT X / VALUES: blanks and one line break
+_NAME_BEFORE = {b"INTO", b"TABLE", b"."}  # the next word is a table name, even if it reads FORMAT
 
 # ClickHouse's own mapping of a few common error codes to HTTP statuses (the rest are 500).
 _HTTP_STATUS = {
@@ -56,7 +68,23 @@ _SUPPORTED_ENCODINGS = ["lz4", "zstd", "gzip", "deflate"] if _zstd else ["lz4", 
 
 
 class BadRequest(Exception):
-    pass
+    """A request the HTTP layer refuses before it reaches the engine, with a ClickHouse error code."""
+
+    def __init__(self, message: str, code: int = 27, name: str = "CANNOT_PARSE_INPUT_ASSERTION_FAILED"):
+        super().__init__(f"Code: {code}. DB::Exception: {message} ({name})")
+        self.code = code
+
+
+def _lz4_frames(body: bytes) -> bytes:
+    """Every frame of an LZ4 stream: clickhouse-connect sends one frame per insert block."""
+    out = []
+    while body:
+        decompressor = lz4.frame.LZ4FrameDecompressor()
+        out.append(decompressor.decompress(body))
+        if not decompressor.eof:
+            raise ValueError("truncated LZ4 frame")
+        body = decompressor.unused_data
+    return b"".join(out)
 
 
 def _decompress(body: bytes, encoding: str) -> bytes:
@@ -69,10 +97,10 @@ def _decompress(body: bytes, encoding: str) -> bytes:
         if encoding == "deflate":
             return zlib.decompress(body)
         if encoding == "lz4":
-            return lz4.frame.decompress(body)
+            return _lz4_frames(body)
         if encoding == "zstd" and _zstd:
             return _zstd.decompress(body)
-    except Exception as exc:
+    except (OSError, EOFError, ValueError, RuntimeError, zlib.error, _ZstdError) as exc:
         raise BadRequest(f"Cannot decompress the request body as {encoding}: {exc}") from None
     raise BadRequest(f"Unsupported Content-Encoding {encoding!r}; supported: {', '.join(_SUPPORTED_ENCODINGS)}")
 
@@ -91,8 +119,69 @@ def _compress(body: bytes, accept: str) -> tuple[bytes, str | None]:
     return body, None
 
 
+def _tokens(text: bytes) -> Iterator[tuple[str, bytes, int, int]]:
+    """(kind, token, start, end) of each token outside parentheses; spaces and comments skipped."""
+    depth = 0
+    for match in _TOKEN.finditer(text):
+        kind, token = match.lastgroup or "other", match.group()
+        if kind in ("space", "comment"):
+            continue
+        if token == b"(":
+            depth += 1
+        elif token == b")":
+            depth = max(depth - 1, 0)
+        elif depth == 0:
+            yield kind, token, match.start(), match.end()
+
+
+def _split_insert(head: bytes) -> tuple[str, str, int] | None:
+    """For `INSERT ... FORMAT X` / `INSERT ... VALUES`: (statement, format, offset of the data)."""
+    tokens = _tokens(head)
+    first = next(tokens, None)
+    if first is None or first[1].upper() != b"INSERT":
+        return None
+    previous, format_at = b"", -1
+    for kind, token, start, end in tokens:
+        word = token.upper() if kind == "word" else b""
+        if format_at >= 0 and word:
+            statement = head[:format_at].decode("utf-8", "replace").strip()
+            return statement, token.decode(), _DATA_START.match(head, end).end()
+        format_at = -1
+        if word == b"VALUES" and previous not in _NAME_BEFORE:
+            return head[:start].decode("utf-8", "replace").strip(), "Values", _DATA_START.match(head, end).end()
+        if word == b"FORMAT" and previous not in _NAME_BEFORE:
+            format_at = start
+        if token == b";":
+            return None
+        previous = word or token
+    return None
+
+
+def _output_format(text: str) -> str | None:
+    """The trailing `FORMAT X` of one statement; refuses a second statement as ClickHouse does."""
+    raw = text.encode()
+    tokens = list(_tokens(raw))
+    for i, (_, token, start, _) in enumerate(tokens):
+        if token == b";" and i + 1 < len(tokens):
+            rest = raw[start:start + 60].decode("utf-8", "replace")
+            raise BadRequest(f"Syntax error (Multi-statements are not allowed): failed at position {start + 1}: "
+                             f"{rest}. Send one statement per request", 62, "SYNTAX_ERROR")
+    if tokens and tokens[-1][1] == b";":
+        tokens.pop()
+    words = [token.upper() if kind == "word" else token for kind, token, _, _ in tokens]
+    for i in range(len(words) - 2, 0, -1):
+        if (words[i] == b"FORMAT" and tokens[i + 1][0] == "word" and words[i - 1] not in _NAME_BEFORE
+                and (i + 2 == len(words) or words[i + 2] == b"SETTINGS")):
+            return tokens[i + 1][1].decode()
+    return None
+
+
 def parse_request(params: dict[str, str], body: bytes) -> Request:
     """Turn URL parameters and a (decompressed) body into one engine Request."""
+    for name in ("compress", "decompress"):
+        if params.get(name, "0") not in ("", "0"):
+            raise BadRequest(f"{name}=1 (ClickHouse's native block compression) is not supported here; "
+                             "use Content-Encoding / enable_http_compression=1 with Accept-Encoding instead")
     query_param = params.get("query", "")
     settings = {k: v for k, v in params.items() if k not in _TRANSPORT_PARAMS and not k.startswith("param_")}
     query_params = {k[len("param_"):]: v for k, v in params.items() if k.startswith("param_")}
@@ -100,22 +189,29 @@ def parse_request(params: dict[str, str], body: bytes) -> Request:
     default_format = params.get("default_format", "TabSeparated")
 
     head = query_param.encode() if query_param else body
-    if _INSERT.match(head):
-        match = _INSERT_FORMAT.search(head)
-        if match:
-            statement = head[:match.start()].decode("utf-8", "replace").strip()
-            fmt = match.group(1).decode() if match.group(1) else "Values"
-            data = head[match.end():] + (body if query_param else b"")
-            return Request(statement, database=database, settings=settings, params=query_params,
-                           insert_format=fmt, data=data)
+    insert = _split_insert(head)
+    if insert:
+        statement, fmt, data_start = insert
+        data = head[data_start:] + (body if query_param else b"")
+        return Request(statement, database=database, settings=settings, params=query_params,
+                       insert_format=fmt, data=data)
     text = query_param + ("\n" if query_param and body else "") + body.decode("utf-8", "replace")
     text = text.strip()
     if not text:
-        raise BadRequest("Empty query. Send the query in the request body or the `query` parameter.")
-    match = _OUTPUT_FORMAT.search(text)
-    output_format = match.group(1) if match else default_format
+        raise BadRequest("Empty query. Send the query in the request body or the `query` parameter",
+                         62, "SYNTAX_ERROR")
+    output_format = _output_format(text) or default_format
     return Request(text, output_format=output_format, database=database, settings=settings,
                    params=query_params)
+
+
+def _read_only(settings: dict[str, str]) -> dict[str, str]:
+    """GET may only read, as in ClickHouse (readonly=2, first, so the URL cannot lift it)."""
+    wanted = settings.get("readonly", "2")
+    if wanted not in ("1", "2"):
+        raise BadRequest("Cannot modify 'readonly' setting in readonly mode: a GET request is read-only; "
+                         "send writes with POST", 164, "READONLY")
+    return {"readonly": wanted, **{k: v for k, v in settings.items() if k != "readonly"}}
 
 
 def _error(message: str, code: int, status: int | None = None) -> Response:
@@ -126,7 +222,7 @@ def _error(message: str, code: int, status: int | None = None) -> Response:
     )
 
 
-def create_app(engine: Engine, timezone: str = "UTC") -> Starlette:
+def create_app(engine: Engine) -> Starlette:
     async def ping(_: HttpRequest) -> Response:
         return PlainTextResponse("Ok.\n")
 
@@ -144,8 +240,10 @@ def create_app(engine: Engine, timezone: str = "UTC") -> Starlette:
         try:
             body = _decompress(body, request.headers.get("content-encoding", ""))
             engine_request = parse_request(params, body)
+            if request.method == "GET":
+                engine_request.settings = _read_only(engine_request.settings)
         except BadRequest as exc:
-            return _error(f"Code: 27. DB::Exception: {exc} (CANNOT_PARSE_INPUT_ASSERTION_FAILED)", 27, 400)
+            return _error(str(exc), exc.code, _HTTP_STATUS.get(exc.code, 400))
         try:
             result = await run_in_threadpool(engine.execute, engine_request)
         except EngineError as exc:
@@ -160,7 +258,7 @@ def create_app(engine: Engine, timezone: str = "UTC") -> Starlette:
         headers = {
             "X-ClickHouse-Query-Id": query_id,
             "X-ClickHouse-Summary": json.dumps(summary),
-            "X-ClickHouse-Timezone": timezone,
+            "X-ClickHouse-Timezone": result.timezone or engine.timezone,
             "X-ClickHouse-Server-Display-Name": "tracetune-embedded",
         }
         if not engine_request.insert_format:

@@ -34,7 +34,7 @@ def test_step_percentiles_match_numpy_and_window_is_respected(client):
         rows.append(span_row(now - 1000, pipeline, "", 5 * 10**7))  # a root span is not a step
     client.insert("otel_traces", rows, column_names=COLUMNS)
 
-    frame = step_stats(client, "5m")
+    frame = step_stats(client, "5m", source="raw")
     assert frame.height == 6
     for row in frame.iter_rows(named=True):
         durations, errors = expected[(row["pipeline"], row["step"])]
@@ -45,7 +45,7 @@ def test_step_percentiles_match_numpy_and_window_is_respected(client):
         assert row["max_ms"] == pytest.approx(durations.max() / 1e6)
         assert row["p99_ms"] >= row["p95_ms"] >= row["p50_ms"] > 0
 
-    only = step_stats(client, "2h", pipeline="search")
+    only = step_stats(client, "2h", pipeline="search", source="raw")
     assert set(only["pipeline"]) == {"search"} and only["requests"].to_list() == [550] * 3
 
     series = latency_series(client, "5m", bucket_seconds=30)

@@ -1,0 +1,23 @@
+-- Latency, errors, cache and batching per group from the per-minute rollup.
+-- {group_by} is one of a fixed set of column lists chosen in analyzer/stats.py, never user text.
+SELECT
+    {group_by},
+    sum(requests) AS requests,
+    sum(errors) AS errors,
+    errors / requests AS error_rate,
+    requests / {window_seconds:UInt32} AS throughput_rps,
+    quantilesDDMerge(0.005, 0.5, 0.9, 0.95, 0.99)(duration_q) AS q,
+    q[1] / 1e6 AS p50_ms,
+    q[3] / 1e6 AS p95_ms,
+    q[4] / 1e6 AS p99_ms,
+    max(duration_max_ns) / 1e6 AS max_ms,
+    sum(duration_sum_ns) / requests / 1e6 AS mean_ms,
+    if(sum(cache_lookups) = 0, nan, sum(cache_hits) / sum(cache_lookups)) AS cache_hit_rate,
+    if(sum(batched) = 0, nan, sum(batch_size_sum) / sum(batched)) AS mean_batch_size,
+    if(sum(batched) = 0, nan, sum(queue_ms_sum) / sum(batched)) AS mean_queue_ms
+FROM tracetune_spans_1m
+WHERE minute >= toStartOfMinute(now() - toIntervalSecond({window_seconds:UInt32}))
+  AND {step_filter}
+  AND ({pipeline:String} = '' OR pipeline = {pipeline:String})
+GROUP BY {group_by}
+ORDER BY {group_by}

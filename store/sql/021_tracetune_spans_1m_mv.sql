@@ -1,0 +1,26 @@
+CREATE MATERIALIZED VIEW IF NOT EXISTS tracetune_spans_1m_mv TO tracetune_spans_1m AS
+SELECT
+    toStartOfMinute(Timestamp) AS minute,
+    ServiceName AS service,
+    SpanAttributes['tracetune.pipeline'] AS pipeline,
+    SpanAttributes['tracetune.step'] AS step,
+    SpanAttributes['tracetune.route'] AS route,
+    SpanAttributes['tracetune.tenant'] AS tenant,
+    StatusCode AS status,
+    toUInt64(count()) AS requests,
+    toUInt64(countIf(StatusCode = 'STATUS_CODE_ERROR')) AS errors,
+    toUInt64(sum(Duration)) AS duration_sum_ns,
+    max(Duration) AS duration_max_ns,
+    quantilesDDState(0.005, 0.5, 0.9, 0.95, 0.99)(Duration) AS duration_q,
+    sumMapState(map(toUInt16(floor(log2(Duration + 1) * 8)), toUInt64(1))) AS duration_hist,
+    toUInt64(countIf(SpanAttributes['tracetune.cache'] = 'hit')) AS cache_hits,
+    toUInt64(countIf(SpanAttributes['tracetune.cache'] IN ('hit', 'miss'))) AS cache_lookups,
+    toUInt64(countIf(SpanAttributes['tracetune.batch_size'] != '')) AS batched,
+    toUInt64(sum(toUInt64OrZero(SpanAttributes['tracetune.batch_size']))) AS batch_size_sum,
+    sum(toFloat64OrZero(SpanAttributes['tracetune.queue_ms'])) AS queue_ms_sum,
+    toUInt64(sum(toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens']))) AS input_tokens,
+    toUInt64(sum(toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens']))) AS output_tokens
+FROM otel_traces
+WHERE SpanAttributes['tracetune.pipeline'] != ''
+  AND (SpanAttributes['tracetune.step'] != '' OR ParentSpanId = '')
+GROUP BY minute, service, pipeline, step, route, tenant, status

@@ -1,0 +1,95 @@
+"""The per-minute rollup agrees with raw spans: counts exactly, percentiles within DDSketch's 0.5%."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from analyzer import latency, step_stats
+from collector.rows import COLUMNS
+
+ALPHA = 0.005  # the rollup's DDSketch relative accuracy
+
+
+def row(ts: int, pipeline: str, step: str, duration: int, *, route="", tenant="", cache="", batch=0, queue=0.0,
+        error=False, root=False) -> list:
+    attrs = {"tracetune.pipeline": pipeline}
+    if step:
+        attrs["tracetune.step"] = step
+    for key, value in (("tracetune.route", route), ("tracetune.tenant", tenant), ("tracetune.cache", cache)):
+        if value:
+            attrs[key] = value
+    if batch:
+        attrs["tracetune.batch_size"] = str(batch)
+        attrs["tracetune.queue_ms"] = str(queue)
+    return [ts, "cd" * 16, f"{ts % (1 << 62):016x}", "" if root else "00000000000000aa", "", step or pipeline,
+            "SPAN_KIND_INTERNAL", "svc", {}, "", "", attrs, duration,
+            "STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET", "", [], [], [], [], [], [], []]
+
+
+@pytest.fixture
+def seeded(client):
+    rng = np.random.default_rng(7)
+    now = time.time_ns()
+    rows, truth = [], {}
+    for step, median in (("embed", 3e6), ("classify", 8e5), ("llm", 4e8)):
+        d = rng.lognormal(np.log(median), 0.8, 3000).astype(np.int64) + 1
+        routes = rng.choice(["fp32", "int8"], 3000)
+        tenants = rng.choice(["acme", "globex", "initech"], 3000)
+        caches = rng.choice(["hit", "miss"], 3000, p=[0.3, 0.7])
+        errors = rng.random(3000) < 0.02
+        for i in range(3000):
+            rows.append(row(now - int(rng.integers(0, 240e9)) - i, "triage", step, int(d[i]), route=str(routes[i]),
+                            tenant=str(tenants[i]), cache=str(caches[i]), batch=int(i % 8) + 1, queue=float(i % 5),
+                            error=bool(errors[i])))
+        truth[step] = (d, routes, tenants, caches, errors)
+    for i in range(500):
+        rows.append(row(now - int(rng.integers(0, 240e9)), "triage", "", int(rng.integers(1e6, 1e9)), root=True))
+    for start in range(0, len(rows), 4000):  # several inserts, so the rollup merges several states
+        client.insert("otel_traces", rows[start:start + 4000], column_names=COLUMNS)
+    return truth
+
+
+def test_rollup_counts_equal_raw_and_percentiles_are_within_the_sketch_error(client, seeded):
+    rollup = {r["step"]: r for r in step_stats(client, "10m").iter_rows(named=True)}
+    raw = {r["step"]: r for r in step_stats(client, "10m", source="raw").iter_rows(named=True)}
+    assert set(rollup) == set(raw) == {"embed", "classify", "llm"}
+    for step, (durations, *_rest, errors) in seeded.items():
+        assert rollup[step]["requests"] == raw[step]["requests"] == 3000
+        assert rollup[step]["errors"] == raw[step]["errors"] == int(errors.sum())
+        assert rollup[step]["max_ms"] == pytest.approx(durations.max() / 1e6)
+        for q, name in ((50, "p50_ms"), (95, "p95_ms"), (99, "p99_ms")):
+            # DDSketch guarantees |estimate - x| <= ALPHA * x for the sample x at the quantile's rank.
+            lo, hi = np.percentile(durations, q, method="lower"), np.percentile(durations, q, method="higher")
+            assert lo * (1 - ALPHA) / 1e6 <= rollup[step][name] <= hi * (1 + ALPHA) / 1e6
+            relative_error = abs(rollup[step][name] - raw[step][name]) / raw[step][name]
+            assert relative_error <= ALPHA + (hi - lo) / lo
+
+
+def test_grouping_by_route_and_tenant_with_cache_and_batching(client, seeded):
+    frame = latency(client, "10m", by=("step", "route", "tenant"))
+    raw = latency(client, "10m", by=("step", "route", "tenant"), source="raw")
+    assert frame.height == raw.height == 3 * 2 * 3
+    durations, routes, tenants, caches, _ = seeded["embed"]
+    one = frame.filter((frame["step"] == "embed") & (frame["route"] == "int8") & (frame["tenant"] == "acme")).row(
+        0, named=True)
+    mask = (routes == "int8") & (tenants == "acme")
+    assert one["requests"] == int(mask.sum())
+    assert one["cache_hit_rate"] == pytest.approx((caches[mask] == "hit").mean())
+    assert one["mean_ms"] == pytest.approx(durations[mask].mean() / 1e6)
+    by_step = {r["step"]: r for r in latency(client, "10m", by=("step",)).iter_rows(named=True)}
+    assert by_step["embed"]["mean_batch_size"] == pytest.approx(np.mean([i % 8 + 1 for i in range(3000)]))
+    assert by_step["embed"]["mean_queue_ms"] == pytest.approx(np.mean([i % 5 for i in range(3000)]))
+    assert by_step["embed"]["throughput_rps"] == pytest.approx(3000 / 600)
+
+
+def test_root_spans_are_tasks(client, seeded):
+    roots = latency(client, "10m", by=("pipeline",), steps="roots")
+    assert roots["requests"].to_list() == [500]
+
+
+def test_unknown_dimension_is_refused(client):
+    with pytest.raises(ValueError, match="choose from"):
+        latency(client, "5m", by=("pipeline; DROP TABLE otel_traces",))
