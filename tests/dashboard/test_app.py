@@ -113,6 +113,12 @@ def _chart_rows(chart) -> list[dict]:
     return rows
 
 
+def _within_sketch(value: float, durations, q: float) -> bool:
+    """The page reads the per-minute rollup: DDSketch puts each percentile within 0.5% of a sample at its rank."""
+    lo, hi = np.percentile(durations, q, method="lower"), np.percentile(durations, q, method="higher")
+    return lo * 0.995 <= value <= hi * 1.005
+
+
 @pytest.fixture
 def seeded(db_settings: Settings, client, monkeypatch, tmp_path) -> Settings:
     _seed(client)
@@ -134,8 +140,8 @@ def test_page_shows_seeded_steps_counts_percentiles_and_charts(seeded: Settings)
         durations = _durations_ms(base, calls)
         assert row["requests"] == calls, key
         assert row["error %"] == pytest.approx(100 * errors / calls), key
-        for q in (50, 95, 99):  # quantileExactInclusive is numpy's default (linear) percentile
-            assert row[f"p{q} ms"] == pytest.approx(np.percentile(durations, q), rel=1e-6), (key, q)
+        for q in (50, 95, 99):
+            assert _within_sketch(row[f"p{q} ms"], durations, q), (key, q)
 
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Requests"] == "65"  # 40 ticket_triage + 25 doc_qa requests
@@ -143,7 +149,9 @@ def test_page_shows_seeded_steps_counts_percentiles_and_charts(seeded: Settings)
     assert metrics["Error %"] == f"{100 * 5 / total_calls:.1f} %"
     slowest = [label for label in metrics if label.startswith("Slowest step p95")]
     assert slowest == ["Slowest step p95 · doc_qa / generate"]
-    assert metrics[slowest[0]] == f"{np.percentile(_durations_ms(600.0, 25), 95):,.0f} ms"
+    shown = float(metrics[slowest[0]].removesuffix(" ms").replace(",", ""))
+    assert _within_sketch(shown, _durations_ms(600.0, 25), 95) or abs(shown - np.percentile(
+        _durations_ms(600.0, 25), 95, method="lower")) <= 0.5 + 0.005 * shown  # shown rounded to whole ms
 
     charts = _charts(at)
     assert len(charts) == 2  # p95 over time, percentiles per step
@@ -154,7 +162,7 @@ def test_page_shows_seeded_steps_counts_percentiles_and_charts(seeded: Settings)
     bar_rows = _chart_rows(charts[1])
     generate_p99 = [r["ms"] for r in bar_rows
                     if r["series"] == "doc_qa / generate" and r["percentile"] == "p99"]
-    assert generate_p99 == [pytest.approx(np.percentile(_durations_ms(600.0, 25), 99), rel=1e-6)]
+    assert len(generate_p99) == 1 and _within_sketch(generate_p99[0], _durations_ms(600.0, 25), 99)
 
 
 def test_sidebar_window_and_pipeline_filter_the_page(seeded: Settings):
