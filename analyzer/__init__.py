@@ -1,5 +1,10 @@
 """Analyzer: SQL over spans answering what a pipeline costs in time, errors and money."""
 
+from analyzer.cost import COST_DIMENSIONS, cost_over_time, cost_per_1k, cost_per_request
+from analyzer.prices import PriceTable, PricesError
+from analyzer.prices import current as current_prices
+from analyzer.prices import load as load_prices
+from analyzer.prices import publish as publish_prices
 from analyzer.stats import (
     DIMENSIONS,
     LATENCY_COLUMNS,
@@ -9,6 +14,11 @@ from analyzer.stats import (
     parse_window,
     step_stats,
 )
+from analyzer.traces import ROOT_STEP, SpanRecord, critical_path, self_times, step_breakdown, step_times
 
-__all__ = ["DIMENSIONS", "LATENCY_COLUMNS", "STEP_STATS_COLUMNS", "latency", "latency_series", "parse_window",
-           "step_stats"]
+__all__ = [
+    "COST_DIMENSIONS", "DIMENSIONS", "LATENCY_COLUMNS", "ROOT_STEP", "STEP_STATS_COLUMNS", "PriceTable",
+    "PricesError", "SpanRecord", "cost_over_time", "cost_per_1k", "cost_per_request", "critical_path",
+    "current_prices", "latency", "latency_series", "load_prices", "parse_window", "publish_prices",
+    "self_times", "step_breakdown", "step_stats", "step_times",
+]

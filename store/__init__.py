@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from importlib import resources
 
@@ -38,13 +39,19 @@ def wait_ready(settings: Settings, timeout: float = 60.0) -> None:
     """Block until ClickHouse answers /ping, or raise TimeoutError naming the address."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if _client(settings, None, 2).ping():
-                return
-        except Exception as exc:  # not listening yet
-            last = exc
-        time.sleep(0.2)
+    quiet = logging.getLogger("clickhouse_connect")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # "connection refused" is expected while the server starts
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if _client(settings, None, 2).ping():
+                    return
+            except Exception as exc:  # noqa: BLE001 - any failure means "not ready yet"
+                last = exc
+            time.sleep(0.2)
+    finally:
+        quiet.setLevel(level)
     target = settings.clickhouse_target()
     raise TimeoutError(f"ClickHouse at {target['host']}:{target['port']} did not answer in {timeout:.0f}s ({last})")
 

@@ -1,0 +1,414 @@
+"""Drift of step features and step latency between a reference window and a current window.
+
+Numeric features (and step latency, as feature `latency_ms`) are compared with PSI, the two-sample
+Kolmogorov–Smirnov test and the Wasserstein distance; categorical features with the Jensen–Shannon
+distance and a chi-square test of the two windows' category counts. The maths are pure functions
+over arrays; the verdicts come from a table of thresholds (`Thresholds`), overridable per feature.
+A feature is numeric when every sampled value of it, in both windows, parses as a float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy import stats as _stats
+from scipy.spatial import distance as _distance
+
+from analyzer.stats import parse_window
+
+__all__ = ["DRIFT_COLUMNS", "STATUSES", "Thresholds", "chi_square", "compute_drift", "default_windows",
+           "feature_status", "jensen_shannon", "ks_test", "latest_drift", "psi", "store_drift", "wasserstein"]
+
+PSI_EPSILON = 1e-4  # proportion used for an empty bin, so ln(c/r) stays finite
+SAMPLE_CAP = 20_000  # values per (pipeline, step, feature, window), reservoir-sampled in ClickHouse
+LATENCY_FEATURE = "latency_ms"
+
+# Worst first: the order feature_status() uses to pick one verdict per feature.
+STATUSES = ("drift", "warn", "ok", "insufficient_data")
+
+DRIFT_COLUMNS = ["computed_at", "pipeline", "step", "feature", "kind", "statistic", "value", "p_value", "n_reference",
+                 "n_current", "reference_start", "reference_end", "current_start", "current_end", "status"]
+_TIME = pl.Datetime("ms", "UTC")
+_SCHEMA = {"computed_at": _TIME, "pipeline": pl.Utf8, "step": pl.Utf8, "feature": pl.Utf8, "kind": pl.Utf8,
+           "statistic": pl.Utf8, "value": pl.Float64, "p_value": pl.Float64, "n_reference": pl.Int64,
+           "n_current": pl.Int64, "reference_start": _TIME, "reference_end": _TIME, "current_start": _TIME,
+           "current_end": _TIME, "status": pl.Utf8}
+
+
+# ---- the maths -----------------------------------------------------------------------------
+
+def psi(reference: Sequence[float], current: Sequence[float], bins: int = 10) -> float:
+    """Population Stability Index: Σ (c − r)·ln(c / r) over quantile bins of the reference.
+
+    Bin edges are the reference's 1/bins … (bins−1)/bins quantiles (ties merged), bins are
+    [edge_i, edge_i+1) with open ends, and an empty bin counts as PSI_EPSILON of its window.
+    """
+    ref, cur = np.asarray(reference, dtype=float), np.asarray(current, dtype=float)
+    if ref.size == 0 or cur.size == 0:
+        return math.nan
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    r = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1) / ref.size
+    c = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=edges.size + 1) / cur.size
+    r, c = np.maximum(r, PSI_EPSILON), np.maximum(c, PSI_EPSILON)
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+def ks_test(reference: Sequence[float], current: Sequence[float]) -> tuple[float, float]:
+    """Two-sample Kolmogorov–Smirnov (statistic D, p-value)."""
+    if len(reference) == 0 or len(current) == 0:
+        return math.nan, math.nan
+    result = _stats.ks_2samp(reference, current)
+    return float(result.statistic), float(result.pvalue)
+
+
+def wasserstein(reference: Sequence[float], current: Sequence[float]) -> float:
+    """Earth mover's distance between the two samples, in the feature's own unit."""
+    if len(reference) == 0 or len(current) == 0:
+        return math.nan
+    return float(_stats.wasserstein_distance(reference, current))
+
+
+def _frequencies(reference: Iterable[str], current: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Category counts of both windows over the union of their categories (sorted)."""
+    ref, cur = Counter(reference), Counter(current)
+    categories = sorted(set(ref) | set(cur))
+    return (np.array([ref[k] for k in categories], dtype=float), np.array([cur[k] for k in categories], dtype=float))
+
+
+def jensen_shannon(reference: Iterable[str], current: Iterable[str]) -> float:
+    """Jensen–Shannon distance (base 2, so 0 = same mix, 1 = disjoint categories)."""
+    ref, cur = _frequencies(reference, current)
+    if ref.sum() == 0 or cur.sum() == 0:
+        return math.nan
+    return float(_distance.jensenshannon(ref / ref.sum(), cur / cur.sum(), base=2))
+
+
+def chi_square(reference: Iterable[str], current: Iterable[str]) -> tuple[float, float]:
+    """Chi-square test of independence of window × category counts (statistic, p-value).
+
+    scipy's defaults apply (Yates' correction when there are exactly two categories).
+    """
+    ref, cur = _frequencies(reference, current)
+    if ref.sum() == 0 or cur.sum() == 0:
+        return math.nan, math.nan
+    result = _stats.chi2_contingency(np.vstack([ref, cur]))
+    return float(result.statistic), float(result.pvalue)
+
+
+# ---- thresholds as data ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Verdict thresholds for one feature. None switches a level off.
+
+    psi_*, js_*, wasserstein_*: the statistic at or above the value is warn / drift.
+    ks_p, chi2_p: a p-value below it is drift.
+    Below min_samples in either window there is no verdict ("insufficient_data"); PSI needs more
+    (psi_min_samples), because its noise alone is about (bins − 1)·(1/n_ref + 1/n_cur): ~0.18 at
+    100 per window with 10 bins, ~0.04 at 500.
+    wasserstein is in the feature's unit, so it has no default: set it per feature to get a verdict.
+    kind forces "numeric" or "categorical" (e.g. for a category that happens to be coded as numbers).
+    """
+
+    psi_warn: float | None = 0.1
+    psi_drift: float | None = 0.2
+    ks_p: float | None = 0.05
+    wasserstein_warn: float | None = None
+    wasserstein_drift: float | None = None
+    js_warn: float | None = None
+    js_drift: float | None = 0.1
+    chi2_p: float | None = 0.05
+    min_samples: int = 100
+    psi_min_samples: int = 500
+    bins: int = 10
+    kind: str | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "kind":
+                if value not in (None, "numeric", "categorical"):
+                    raise ValueError(f"threshold `kind` must be 'numeric' or 'categorical', got {value!r}")
+            elif f.name in ("min_samples", "psi_min_samples", "bins"):
+                if isinstance(value, bool) or not isinstance(value, int) or value < (2 if f.name == "bins" else 1):
+                    raise ValueError(f"threshold `{f.name}` must be a whole number >= {2 if f.name == 'bins' else 1}, "
+                                     f"got {value!r}")
+            elif value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                        or not math.isfinite(value) or value < 0):
+                raise ValueError(f"threshold `{f.name}` must be a number >= 0 or None, got {value!r}")
+        for name in ("psi", "js", "wasserstein"):
+            warn, drift = getattr(self, f"{name}_warn"), getattr(self, f"{name}_drift")
+            if warn is not None and drift is not None and warn > drift:
+                raise ValueError(f"threshold `{name}_warn` ({warn}) must not be above `{name}_drift` ({drift})")
+
+    @classmethod
+    def resolve(cls, overrides: Mapping[str, Any] | None, pipeline: str, step: str, feature: str) -> Thresholds:
+        """Defaults, then overrides under "*", "feature", "step/feature", "pipeline/step/feature" (most specific last)."""
+        result = cls()
+        for key in ("*", feature, f"{step}/{feature}", f"{pipeline}/{step}/{feature}"):
+            if overrides and key in overrides:
+                result = result._with(overrides[key], key)
+        return result
+
+    def _with(self, override: Thresholds | Mapping[str, Any], key: str) -> Thresholds:
+        if isinstance(override, Thresholds):
+            return override
+        if not isinstance(override, Mapping):
+            raise ValueError(f"thresholds[{key!r}] must be a mapping of threshold names to values, got {override!r}")
+        names = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(override) - set(names))
+        if unknown:
+            raise ValueError(f"thresholds[{key!r}]: unknown threshold `{unknown[0]}`; use {', '.join(names)}")
+        return dataclasses.replace(self, **override)
+
+
+def validate_thresholds(overrides: Mapping[str, Any] | None) -> None:
+    """Fail early, naming the key, for overrides that would fail mid-run."""
+    for key, override in (overrides or {}).items():
+        Thresholds()._with(override, key)
+
+
+# statistic -> (field compared, warn threshold, drift threshold, compare): "above" = bigger is worse.
+_RULES: dict[str, tuple[str, str | None, str | None, str]] = {
+    "psi": ("value", "psi_warn", "psi_drift", "above"),
+    "ks": ("p_value", None, "ks_p", "below"),
+    "wasserstein": ("value", "wasserstein_warn", "wasserstein_drift", "above"),
+    "js": ("value", "js_warn", "js_drift", "above"),
+    "chi2": ("p_value", None, "chi2_p", "below"),
+}
+_NUMERIC_STATISTICS = ("psi", "ks", "wasserstein")
+_CATEGORICAL_STATISTICS = ("js", "chi2")
+
+
+def verdict(statistic: str, value: float, p_value: float, n_reference: int, n_current: int,
+            thresholds: Thresholds) -> str:
+    """ok / warn / drift / insufficient_data for one statistic, from the _RULES table."""
+    minimum = thresholds.psi_min_samples if statistic == "psi" else thresholds.min_samples
+    if min(n_reference, n_current) < minimum:
+        return "insufficient_data"
+    field_name, warn_name, drift_name, compare = _RULES[statistic]
+    x = value if field_name == "value" else p_value
+    if math.isnan(x):
+        return "insufficient_data"
+    worse = (lambda limit: x >= limit) if compare == "above" else (lambda limit: x < limit)
+    for status, name in (("drift", drift_name), ("warn", warn_name)):
+        limit = getattr(thresholds, name) if name else None
+        if limit is not None and worse(limit):
+            return status
+    return "ok"
+
+
+def _as_floats(values: Sequence[str]) -> np.ndarray | None:
+    """The values as finite floats, or None if any does not parse (then the feature is categorical)."""
+    try:
+        array = np.asarray(values, dtype=float)
+    except ValueError:
+        return None
+    return array[np.isfinite(array)]
+
+
+def compare(reference: Sequence, current: Sequence, kind: str, thresholds: Thresholds) -> list[dict[str, Any]]:
+    """Every statistic for one feature: dicts with kind, statistic, value, p_value, n_reference, n_current, status.
+
+    kind is "numeric", "latency" (arrays of floats) or "categorical" (sequences of strings).
+    """
+    rows = []
+    if kind == "categorical":
+        ref, cur = [str(v) for v in reference], [str(v) for v in current]
+        results = {"js": (jensen_shannon(ref, cur), math.nan), "chi2": chi_square(ref, cur)}
+    else:
+        ref, cur = np.asarray(reference, dtype=float), np.asarray(current, dtype=float)
+        results = {"psi": (psi(ref, cur, thresholds.bins), math.nan), "ks": ks_test(ref, cur),
+                   "wasserstein": (wasserstein(ref, cur), math.nan)}
+    for statistic, (value, p_value) in results.items():
+        rows.append({"kind": kind, "statistic": statistic, "value": value, "p_value": p_value,
+                     "n_reference": len(ref), "n_current": len(cur),
+                     "status": verdict(statistic, value, p_value, len(ref), len(cur), thresholds)})
+    return rows
+
+
+# ---- I/O at the edges ------------------------------------------------------------------------
+
+# Reservoir samples of every step-span feature per window; a span in both windows counts in both.
+FEATURE_SAMPLES_SQL = """
+SELECT pipeline, step, feature, window, groupArraySample({cap:UInt32}, {seed:UInt64})(value) AS sample
+FROM (
+    SELECT
+        SpanAttributes['tracetune.pipeline'] AS pipeline,
+        SpanAttributes['tracetune.step'] AS step,
+        arrayJoin(arrayFilter(k -> startsWith(k, 'tracetune.feature.'), mapKeys(SpanAttributes))) AS key,
+        substring(key, length('tracetune.feature.') + 1) AS feature,
+        SpanAttributes[key] AS value,
+        arrayJoin(arrayFilter(w -> w != '', [
+            if(Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
+               AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}), 'reference', ''),
+            if(Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
+               AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64}), 'current', '')])) AS window
+    FROM otel_traces
+    WHERE ((Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
+            AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}))
+        OR (Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
+            AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64})))
+      AND SpanAttributes['tracetune.step'] != ''
+      AND SpanAttributes['tracetune.pipeline'] != ''
+      AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
+)
+GROUP BY pipeline, step, feature, window
+"""
+
+# Step latency (ms) samples per window, the same way.
+LATENCY_SAMPLES_SQL = """
+SELECT pipeline, step, window, groupArraySample({cap:UInt32}, {seed:UInt64})(Duration / 1e6) AS sample
+FROM (
+    SELECT
+        SpanAttributes['tracetune.pipeline'] AS pipeline,
+        SpanAttributes['tracetune.step'] AS step,
+        Duration,
+        arrayJoin(arrayFilter(w -> w != '', [
+            if(Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
+               AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}), 'reference', ''),
+            if(Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
+               AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64}), 'current', '')])) AS window
+    FROM otel_traces
+    WHERE ((Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
+            AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}))
+        OR (Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
+            AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64})))
+      AND SpanAttributes['tracetune.step'] != ''
+      AND SpanAttributes['tracetune.pipeline'] != ''
+      AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
+)
+GROUP BY pipeline, step, window
+"""
+
+# The newest run's rows for every (pipeline, step, feature).
+LATEST_DRIFT_SQL = """
+SELECT * FROM tracetune_drift
+WHERE ({pipeline:String} = '' OR pipeline = {pipeline:String})
+  AND (pipeline, step, feature, computed_at) IN (
+      SELECT pipeline, step, feature, max(computed_at) FROM tracetune_drift
+      WHERE ({pipeline:String} = '' OR pipeline = {pipeline:String})
+      GROUP BY pipeline, step, feature)
+ORDER BY pipeline, step, feature, statistic
+"""
+
+
+def _utc(moment: datetime) -> datetime:
+    """Naive datetimes are UTC (as ClickHouse returns them)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _ns(moment: datetime) -> int:
+    moment = _utc(moment)
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+
+
+def _window(name: str, window: tuple[datetime, datetime]) -> tuple[datetime, datetime]:
+    start, end = (_utc(w) for w in window)
+    if not start < end:
+        raise ValueError(f"{name} window must have start < end, got {start.isoformat()} .. {end.isoformat()}")
+    return start, end
+
+
+def default_windows(now: datetime | None = None, current: str = "1h",
+                    reference: str = "24h") -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]]:
+    """(reference, current): current = the last `current` before now, reference = the `reference` before that."""
+    now = _utc(now or datetime.now(UTC))
+    current_start = now - timedelta(seconds=parse_window(current))
+    return (current_start - timedelta(seconds=parse_window(reference)), current_start), (current_start, now)
+
+
+def empty_frame() -> pl.DataFrame:
+    return pl.DataFrame(schema=_SCHEMA)
+
+
+def compute_drift(client, reference: tuple[datetime, datetime], current: tuple[datetime, datetime],
+                  pipeline: str = "", thresholds: Mapping[str, Any] | None = None, sample_cap: int = SAMPLE_CAP,
+                  seed: int = 0) -> pl.DataFrame:
+    """Drift of every step feature and step latency, current vs reference: one row per statistic (DRIFT_COLUMNS).
+
+    thresholds: overrides keyed "*", "feature", "step/feature" or "pipeline/step/feature", each a
+    mapping of Thresholds fields (e.g. {"text_length": {"psi_drift": 0.3}}).
+    """
+    reference, current = _window("reference", reference), _window("current", current)
+    validate_thresholds(thresholds)
+    parameters = {"reference_start": _ns(reference[0]), "reference_end": _ns(reference[1]),
+                  "current_start": _ns(current[0]), "current_end": _ns(current[1]),
+                  "pipeline": pipeline, "cap": int(sample_cap), "seed": int(seed)}
+    samples: dict[tuple[str, str, str], dict[str, list]] = {}
+    for row in client.query(FEATURE_SAMPLES_SQL, parameters=parameters).result_rows:
+        samples.setdefault((row[0], row[1], row[2]), {})[row[3]] = list(row[4])
+    latency: dict[tuple[str, str, str], dict[str, list]] = {}
+    for row in client.query(LATENCY_SAMPLES_SQL, parameters=parameters).result_rows:
+        latency.setdefault((row[0], row[1], LATENCY_FEATURE), {})[row[2]] = list(row[3])
+
+    computed_at = datetime.now(UTC).replace(microsecond=datetime.now(UTC).microsecond // 1000 * 1000)
+    bounds = {"reference_start": reference[0], "reference_end": reference[1],
+              "current_start": current[0], "current_end": current[1]}
+    rows = []
+    for source, fixed_kind in ((samples, None), (latency, "latency")):
+        for (pipe, step, feature), windows in sorted(source.items()):
+            limits = Thresholds.resolve(thresholds, pipe, step, feature)
+            ref, cur = windows.get("reference", []), windows.get("current", [])
+            kind = fixed_kind or limits.kind
+            if kind is None or kind == "numeric":
+                ref_f, cur_f = _as_floats(ref), _as_floats(cur)
+                numeric = ref_f is not None and cur_f is not None
+                if kind is None:
+                    kind = "numeric" if numeric else "categorical"
+                elif not numeric:
+                    raise ValueError(f"feature {feature!r} of {pipe}/{step} is forced numeric but has values that "
+                                     "are not numbers; drop its `kind` threshold")
+                if numeric:
+                    ref, cur = ref_f, cur_f
+            for result in compare(ref, cur, kind, limits):
+                rows.append({"computed_at": computed_at, "pipeline": pipe, "step": step, "feature": feature,
+                             **result, **bounds})
+    if not rows:
+        return empty_frame()
+    return pl.DataFrame(rows, schema=_SCHEMA).select(DRIFT_COLUMNS)
+
+
+def store_drift(client, frame: pl.DataFrame) -> int:
+    """Append a compute_drift frame to `tracetune_drift`; returns the number of rows written."""
+    if frame.is_empty():
+        return 0
+    missing = [c for c in DRIFT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"drift frame lacks column(s) {', '.join(missing)}; pass what compute_drift returned")
+    rows = [list(row) for row in frame.select(DRIFT_COLUMNS).iter_rows()]
+    client.insert("tracetune_drift", rows, column_names=DRIFT_COLUMNS)
+    return len(rows)
+
+
+def latest_drift(client, pipeline: str = "") -> pl.DataFrame:
+    """The newest stored run's rows for every (pipeline, step, feature), DRIFT_COLUMNS, UTC times."""
+    result = client.query(LATEST_DRIFT_SQL, parameters={"pipeline": pipeline})
+    if not result.result_rows:
+        return empty_frame()
+    frame = pl.DataFrame([dict(zip(result.column_names, row, strict=True)) for row in result.result_rows],
+                         infer_schema_length=None)
+    times = [c for c, t in _SCHEMA.items() if t == _TIME]
+    return frame.with_columns(pl.col(times).dt.replace_time_zone("UTC")).select(DRIFT_COLUMNS).cast(_SCHEMA)
+
+
+def feature_status(frame: pl.DataFrame) -> pl.DataFrame:
+    """One verdict per (pipeline, step, feature): the worst status among its statistics (STATUSES order)."""
+    keys = ["pipeline", "step", "feature"]
+    if frame.is_empty():
+        return pl.DataFrame(schema={**{k: pl.Utf8 for k in keys}, "kind": pl.Utf8, "status": pl.Utf8})
+    rank = {status: i for i, status in enumerate(STATUSES)}
+    return (frame.with_columns(pl.col("status").replace_strict(rank, return_dtype=pl.Int32).alias("_rank"))
+            .group_by(keys, maintain_order=True)
+            .agg(pl.col("kind").first(), pl.col("_rank").min())
+            .with_columns(pl.col("_rank").replace_strict(dict(enumerate(STATUSES)), return_dtype=pl.Utf8)
+                          .alias("status"))
+            .drop("_rank").sort(keys))
