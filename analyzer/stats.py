@@ -1,9 +1,10 @@
 """Per-step latency, errors, throughput, cache and batching, computed in ClickHouse SQL.
 
 Two sources with the same columns: `rollup` (default) reads the per-minute `tracetune_spans_1m`
-rollup, whose cost does not grow with raw span count (percentiles from DDSketch states, at most
-0.5% relative error; the window is rounded out to whole minutes); `raw` reads `otel_traces` and
-gives exact percentiles over exactly the window.
+rollup, or for windows of HOURLY_FROM_SECONDS and more the hourly `tracetune_spans_1h`, whose cost
+does not grow with raw span count (percentiles from DDSketch states, at most 0.5% relative error;
+the window is rounded out to whole minutes or hours); `raw` reads `otel_traces` and gives exact
+percentiles over exactly the window.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ LATENCY_COLUMNS = ["requests", "errors", "error_rate", "throughput_rps", "p50_ms
                    "mean_ms", "cache_hit_rate", "mean_batch_size", "mean_queue_ms"]
 STEP_STATS_COLUMNS = ["pipeline", "step", "requests", "errors", "error_rate", "p50_ms", "p95_ms", "p99_ms", "max_ms"]
 
+HOURLY_FROM_SECONDS = 6 * 3600
+_ROLLUPS = {"minute": ("tracetune_spans_1m", "minute", "toStartOfMinute"),
+            "hour": ("tracetune_spans_1h", "hour", "toStartOfHour")}
 _SQL = {name: resources.files("analyzer.sql").joinpath(f"latency_{name}.sql").read_text() for name in ("rollup", "raw")}
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -60,9 +64,11 @@ def latency(client, since: str | int = "5m", by: tuple[str, ...] = ("pipeline", 
     if source not in _SQL:
         raise ValueError(f"source must be 'rollup' or 'raw', not {source!r}")
     step_filter = {"steps": "step != ''", "roots": "step = ''", "all": "1"}[steps]
-    sql = _SQL[source].replace("{group_by}", ", ".join(DIMENSIONS[d] for d in by)).replace(
-        "{step_filter}", step_filter)
     seconds = _seconds(since)
+    table, time_column, floor = _ROLLUPS["hour" if seconds >= HOURLY_FROM_SECONDS else "minute"]
+    sql = (_SQL[source].replace("{group_by}", ", ".join(DIMENSIONS[d] for d in by))
+           .replace("{step_filter}", step_filter).replace("{rollup_table}", table)
+           .replace("{time_column}", time_column).replace("{time_floor}", floor))
     result = client.query(sql, parameters={"window_seconds": seconds, "pipeline": pipeline})
     schema = {d: pl.Utf8 for d in by} | {"requests": pl.Int64, "errors": pl.Int64}
     return _frame(result, list(by) + LATENCY_COLUMNS, schema)

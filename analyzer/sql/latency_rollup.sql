@@ -15,8 +15,8 @@ SELECT
     if(sum(cache_lookups) = 0, nan, sum(cache_hits) / sum(cache_lookups)) AS cache_hit_rate,
     if(sum(batched) = 0, nan, sum(batch_size_sum) / sum(batched)) AS mean_batch_size,
     if(sum(batched) = 0, nan, sum(queue_ms_sum) / sum(batched)) AS mean_queue_ms
-FROM tracetune_spans_1m
-WHERE minute >= toStartOfMinute(now() - toIntervalSecond({window_seconds:UInt32}))
+FROM {rollup_table}
+WHERE {time_column} >= {time_floor}(now() - toIntervalSecond({window_seconds:UInt32}))
   AND {step_filter}
   AND ({pipeline:String} = '' OR pipeline = {pipeline:String})
 GROUP BY {group_by}

@@ -93,3 +93,13 @@ def test_root_spans_are_tasks(client, seeded):
 def test_unknown_dimension_is_refused(client):
     with pytest.raises(ValueError, match="choose from"):
         latency(client, "5m", by=("pipeline; DROP TABLE otel_traces",))
+
+
+def test_hourly_rollup_cascades_from_the_minute_rollup(client, seeded):
+    hourly = {r["step"]: r for r in step_stats(client, "24h").iter_rows(named=True)}  # reads tracetune_spans_1h
+    minute = {r["step"]: r for r in step_stats(client, "5h").iter_rows(named=True)}  # reads tracetune_spans_1m
+    for step in ("embed", "classify", "llm"):
+        assert hourly[step]["requests"] == minute[step]["requests"] == 3000
+        assert hourly[step]["p95_ms"] == pytest.approx(minute[step]["p95_ms"], rel=1e-9)  # same sketch, merged
+    rows = client.query("SELECT sum(requests) FROM tracetune_spans_1h").result_rows[0][0]
+    assert rows == 3 * 3000 + 500
