@@ -227,9 +227,80 @@ def _dimensions(by: str | Iterable[str]) -> list[str]:
     return keys
 
 
+ROLLUP_COST_SQL = """
+SELECT kind, pipeline, step, route, model,
+       sum(requests) AS n, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+       sum(unbatched_duration_sum_ns) AS unbatched_ns, sum(duration_sum_ns) AS duration_ns
+FROM {rollup_table}
+WHERE {time_column} >= {time_floor}(now() - toIntervalSecond({window_seconds:UInt32}))
+  AND ({pipeline:String} = '' OR pipeline = {pipeline:String})
+GROUP BY kind, pipeline, step, route, model
+"""
+_ROLLUP_DIMENSIONS = ("pipeline", "step", "route", "model")
+
+
+def _cost_per_1k_rollup(client, since: str | int, keys: list[str], pipeline: str, table: PriceTable) -> pl.DataFrame:
+    """Cost per 1k from the per-minute / hourly rollup: SQL sums per (kind, pipeline, step, route, model),
+    priced here on those few rows. Batched compute is the batch spans' total duration (the sum of every
+    request's batch share); unbatched compute is the step spans' duration (their self time: executor
+    steps are leaves). Per-call prices match the step name only (the provider is not rolled up)."""
+    from analyzer.stats import HOURLY_FROM_SECONDS, _ROLLUPS
+
+    unknown = [k for k in keys if k not in _ROLLUP_DIMENSIONS]
+    if unknown:
+        raise ValueError(f"the rollup has no per-{unknown[0]} compute of batches; group by "
+                         f"{', '.join(_ROLLUP_DIMENSIONS)} or use source='raw'")
+    seconds = since if isinstance(since, int) else parse_window(since)
+    rollup, time_column, floor = _ROLLUPS["hour" if seconds >= HOURLY_FROM_SECONDS else "minute"]
+    sql = (ROLLUP_COST_SQL.replace("{rollup_table}", rollup).replace("{time_column}", time_column)
+           .replace("{time_floor}", floor))
+    result = client.query(sql, parameters={"window_seconds": seconds, "pipeline": pipeline})
+    rows = pl.DataFrame(result.result_rows, schema=list(result.column_names), orient="row",
+                        infer_schema_length=None) if result.result_rows else pl.DataFrame(
+        schema={"kind": pl.Utf8, "pipeline": pl.Utf8, "step": pl.Utf8, "route": pl.Utf8, "model": pl.Utf8,
+                "n": pl.Int64, "input_tokens": pl.Int64, "output_tokens": pl.Int64, "unbatched_ns": pl.Int64,
+                "duration_ns": pl.Int64})
+
+    def price(mapping: dict, column: str, default: float = 0.0) -> pl.Expr:
+        return pl.col(column).replace_strict(mapping, default=default, return_dtype=pl.Float64)
+
+    priced = rows.filter(pl.col("kind") != "root").with_columns(
+        spans=pl.when(pl.col("kind") == "step").then(pl.col("n")).otherwise(0),
+        input_tokens=pl.when(pl.col("kind") == "step").then(pl.col("input_tokens")).otherwise(0),
+        output_tokens=pl.when(pl.col("kind") == "step").then(pl.col("output_tokens")).otherwise(0),
+        compute_seconds=pl.when(pl.col("kind") == "batch").then(pl.col("duration_ns"))
+        .otherwise(pl.col("unbatched_ns")) / 1e9,
+    ).with_columns(
+        token_cost=(pl.col("input_tokens") * price({m: p.input_per_1m for m, p in table.models.items()}, "model")
+                    + pl.col("output_tokens") * price({m: p.output_per_1m for m, p in table.models.items()},
+                                                      "model")) / 1e6,
+        compute_cost=pl.col("compute_seconds") * price(table.routes, "route"),
+        call_cost=pl.col("spans") * price(table.calls, "step"),
+        unpriced_spans=pl.when(((pl.col("input_tokens") + pl.col("output_tokens") > 0)
+                                & ~pl.col("model").is_in(list(table.models)))
+                               | ((pl.col("route") != "") & ~pl.col("route").is_in(list(table.routes))))
+        .then(pl.col("spans")).otherwise(0),
+    ).with_columns(cost=pl.col("token_cost") + pl.col("compute_cost") + pl.col("call_cost"))
+    sums = [pl.col(name).sum().cast(dtype) for name, dtype in _SUMS.items()]
+    costs = priced.group_by(keys).agg(sums) if keys else priced.select(sums)
+    roots = rows.filter(pl.col("kind") == "root")
+    if "pipeline" in keys:
+        requests = roots.group_by("pipeline").agg(requests=pl.col("n").sum().cast(pl.Int64))
+        frame = costs.join(requests, on="pipeline", how="left")
+    else:
+        frame = costs.with_columns(requests=pl.lit(int(roots["n"].sum() or 0), pl.Int64))
+    frame = frame.with_columns(cost_per_1k=pl.when(pl.col("requests") > 0)
+                               .then(1000 * pl.col("cost") / pl.col("requests")).otherwise(None))
+    frame = frame.select(*keys, "requests", *_SUMS, "cost_per_1k")
+    return _stamp(frame.sort(keys) if keys else frame, table)
+
+
 def cost_per_1k(client, since: str | int = "1h", by: str | Iterable[str] = ("pipeline",), pipeline: str = "", *,
-                prices: PriceTable | None = None) -> pl.DataFrame:
+                prices: PriceTable | None = None, source: str = "raw") -> pl.DataFrame:
     """Cost per 1k requests grouped by any of pipeline, tenant, step, route, model.
+
+    `source="rollup"` reads the per-minute / hourly rollups instead of raw spans (flat cost as spans
+    grow; pipeline, step, route and model only).
 
     The denominator is the requests (root spans) of the row's pipeline/tenant — all requests when
     `by` names neither — so step, route and model rows add up to their pipeline's cost per 1k.
@@ -238,6 +309,10 @@ def cost_per_1k(client, since: str | int = "1h", by: str | Iterable[str] = ("pip
     """
     keys = _dimensions(by)
     table = resolve_prices(client, prices)
+    if source == "rollup":
+        return _cost_per_1k_rollup(client, since, keys, pipeline, table)
+    if source != "raw":
+        raise ValueError(f"source must be 'raw' or 'rollup', not {source!r}")
     result = client.query(COST_BREAKDOWN_SQL, parameters=_parameters(table, since, pipeline))
     raw = _frame(result, {"kind": pl.Utf8, **{k: pl.Utf8 for k in COST_DIMENSIONS}, "n": pl.Int64,
                           **{k: v for k, v in _SUMS.items() if k != "spans"}})

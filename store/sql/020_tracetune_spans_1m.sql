@@ -1,20 +1,25 @@
 -- Per-minute rollup of pipeline spans, fed by tracetune_spans_1m_mv. One row per minute x service x
--- pipeline x step x route x tenant x status (step '' = the task's root span). Dashboards, the tuner
--- and SLO/cost queries read this, so their cost stays flat as raw spans grow.
+-- kind x pipeline x step x route x tenant x model x status. kind: 'root' (a task), 'step' (a step
+-- span), 'batch' (a batch span: step = the step it served; its durations sum to the compute that
+-- the batched requests shared). Dashboards, the tuner and cost queries read this, so their cost
+-- stays flat as raw spans grow.
 -- duration_q: DDSketch states with 0.5% guaranteed relative error on every quantile.
 -- duration_hist: counts per log2 bucket (8 per doubling, bucket = floor(log2(ns + 1) * 8)), to count
 -- requests slower than a latency target without the raw spans.
 CREATE TABLE IF NOT EXISTS tracetune_spans_1m (
     minute DateTime CODEC(Delta, ZSTD(1)),
     service LowCardinality(String),
+    kind LowCardinality(String),
     pipeline LowCardinality(String),
     step LowCardinality(String),
     route LowCardinality(String),
     tenant LowCardinality(String),
+    model LowCardinality(String),
     status LowCardinality(String),
     requests SimpleAggregateFunction(sum, UInt64),
     errors SimpleAggregateFunction(sum, UInt64),
     duration_sum_ns SimpleAggregateFunction(sum, UInt64),
+    unbatched_duration_sum_ns SimpleAggregateFunction(sum, UInt64),
     duration_max_ns SimpleAggregateFunction(max, UInt64),
     duration_q AggregateFunction(quantilesDD(0.005, 0.5, 0.9, 0.95, 0.99), UInt64),
     duration_hist AggregateFunction(sumMap, Map(UInt16, UInt64)),
@@ -27,4 +32,4 @@ CREATE TABLE IF NOT EXISTS tracetune_spans_1m (
     output_tokens SimpleAggregateFunction(sum, UInt64)
 ) ENGINE = AggregatingMergeTree()
 PARTITION BY toYYYYMM(minute)
-ORDER BY (pipeline, step, minute, route, tenant, status, service)
+ORDER BY (pipeline, kind, step, minute, route, tenant, model, status, service)

@@ -2,14 +2,18 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS tracetune_spans_1m_mv TO tracetune_spans_
 SELECT
     toStartOfMinute(Timestamp) AS minute,
     ServiceName AS service,
-    SpanAttributes['tracetune.pipeline'] AS pipeline,
-    SpanAttributes['tracetune.step'] AS step,
+    multiIf(SpanAttributes['tracetune.batch_of'] != '', 'batch',
+            SpanAttributes['tracetune.step'] != '', 'step', 'root') AS kind,
+    if(kind = 'batch', SpanAttributes['tracetune.batch_pipeline'], SpanAttributes['tracetune.pipeline']) AS pipeline,
+    if(kind = 'batch', SpanAttributes['tracetune.batch_of'], SpanAttributes['tracetune.step']) AS step,
     SpanAttributes['tracetune.route'] AS route,
     SpanAttributes['tracetune.tenant'] AS tenant,
+    SpanAttributes['gen_ai.request.model'] AS model,
     StatusCode AS status,
     toUInt64(count()) AS requests,
     toUInt64(countIf(StatusCode = 'STATUS_CODE_ERROR')) AS errors,
     toUInt64(sum(Duration)) AS duration_sum_ns,
+    toUInt64(sumIf(Duration, SpanAttributes['tracetune.batch_size'] = '')) AS unbatched_duration_sum_ns,
     max(Duration) AS duration_max_ns,
     quantilesDDState(0.005, 0.5, 0.9, 0.95, 0.99)(Duration) AS duration_q,
     sumMapState(map(toUInt16(floor(log2(Duration + 1) * 8)), toUInt64(1))) AS duration_hist,
@@ -21,6 +25,7 @@ SELECT
     toUInt64(sum(toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens']))) AS input_tokens,
     toUInt64(sum(toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens']))) AS output_tokens
 FROM otel_traces
-WHERE SpanAttributes['tracetune.pipeline'] != ''
-  AND (SpanAttributes['tracetune.step'] != '' OR ParentSpanId = '')
-GROUP BY minute, service, pipeline, step, route, tenant, status
+WHERE (SpanAttributes['tracetune.pipeline'] != ''
+       AND (SpanAttributes['tracetune.step'] != '' OR ParentSpanId = ''))
+   OR SpanAttributes['tracetune.batch_of'] != ''
+GROUP BY minute, service, kind, pipeline, step, route, tenant, model, status

@@ -3,14 +3,17 @@
 CREATE TABLE IF NOT EXISTS tracetune_spans_1h (
     hour DateTime CODEC(Delta, ZSTD(1)),
     service LowCardinality(String),
+    kind LowCardinality(String),
     pipeline LowCardinality(String),
     step LowCardinality(String),
     route LowCardinality(String),
     tenant LowCardinality(String),
+    model LowCardinality(String),
     status LowCardinality(String),
     requests SimpleAggregateFunction(sum, UInt64),
     errors SimpleAggregateFunction(sum, UInt64),
     duration_sum_ns SimpleAggregateFunction(sum, UInt64),
+    unbatched_duration_sum_ns SimpleAggregateFunction(sum, UInt64),
     duration_max_ns SimpleAggregateFunction(max, UInt64),
     duration_q AggregateFunction(quantilesDD(0.005, 0.5, 0.9, 0.95, 0.99), UInt64),
     duration_hist AggregateFunction(sumMap, Map(UInt16, UInt64)),
@@ -23,4 +26,4 @@ CREATE TABLE IF NOT EXISTS tracetune_spans_1h (
     output_tokens SimpleAggregateFunction(sum, UInt64)
 ) ENGINE = AggregatingMergeTree()
 PARTITION BY toYYYYMM(hour)
-ORDER BY (pipeline, step, hour, route, tenant, status, service)
+ORDER BY (pipeline, kind, step, hour, route, tenant, model, status, service)

@@ -221,7 +221,7 @@ def test_the_shipped_prices_toml_loads():
     table = load(DEFAULT_PRICES_PATH)
     assert table.version and table.currency == "USD"
     assert table.models["standin-llm-1"].output_per_1m > 0
-    assert {"fp32", "int8", "llm"} <= set(table.routes) and "crm_followup" in table.calls
+    assert {"fp32", "int8", "llm"} <= set(table.routes) and "create_followup" in table.calls
     assert len(table.hash) == 64
 
 
