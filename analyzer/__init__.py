@@ -1,10 +1,34 @@
 """Analyzer: SQL over spans answering what a pipeline costs in time, errors and money."""
 
 from analyzer.cost import COST_DIMENSIONS, cost_over_time, cost_per_1k, cost_per_request
-from analyzer.prices import PriceTable, PricesError
+from analyzer.drift import (
+    DRIFT_COLUMNS,
+    Thresholds,
+    compute_drift,
+    default_windows,
+    feature_status,
+    latest_drift,
+    store_drift,
+)
+from analyzer.prices import PricesError, PriceTable
 from analyzer.prices import current as current_prices
 from analyzer.prices import load as load_prices
 from analyzer.prices import publish as publish_prices
+from analyzer.slo import (
+    SLO,
+    SLO_STATUS_COLUMNS,
+    BurnWindow,
+    SLOError,
+    burn_rate,
+    burn_windows,
+    error_budget_remaining,
+    get_slo,
+    list_slos,
+    request_counts,
+    save_slo,
+    slo_status,
+)
+from analyzer.slo import alerts as slo_alerts
 from analyzer.stats import (
     DIMENSIONS,
     LATENCY_COLUMNS,
@@ -17,6 +41,9 @@ from analyzer.stats import (
 from analyzer.traces import ROOT_STEP, SpanRecord, critical_path, self_times, step_breakdown, step_times
 
 __all__ = [
+    "DRIFT_COLUMNS", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "SLOError", "Thresholds", "burn_rate",
+    "burn_windows", "compute_drift", "default_windows", "error_budget_remaining", "feature_status", "get_slo",
+    "latest_drift", "list_slos", "request_counts", "save_slo", "slo_alerts", "slo_status", "store_drift",
     "COST_DIMENSIONS", "DIMENSIONS", "LATENCY_COLUMNS", "ROOT_STEP", "STEP_STATS_COLUMNS", "PriceTable",
     "PricesError", "SpanRecord", "cost_over_time", "cost_per_1k", "cost_per_request", "critical_path",
     "current_prices", "latency", "latency_series", "load_prices", "parse_window", "publish_prices",

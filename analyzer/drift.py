@@ -24,8 +24,9 @@ from scipy.spatial import distance as _distance
 
 from analyzer.stats import parse_window
 
-__all__ = ["DRIFT_COLUMNS", "STATUSES", "Thresholds", "chi_square", "compute_drift", "default_windows",
-           "feature_status", "jensen_shannon", "ks_test", "latest_drift", "psi", "store_drift", "wasserstein"]
+__all__ = ["DRIFT_COLUMNS", "STATUSES", "Thresholds", "chi_square", "compare", "compute_drift", "default_windows",
+           "feature_status", "jensen_shannon", "ks_test", "latest_drift", "psi", "store_drift", "validate_thresholds",
+           "verdict", "wasserstein"]
 
 PSI_EPSILON = 1e-4  # proportion used for an empty bin, so ln(c/r) stays finite
 SAMPLE_CAP = 20_000  # values per (pipeline, step, feature, window), reservoir-sampled in ClickHouse
@@ -110,7 +111,9 @@ class Thresholds:
     """Verdict thresholds for one feature. None switches a level off.
 
     psi_*, js_*, wasserstein_*: the statistic at or above the value is warn / drift.
-    ks_p, chi2_p: a p-value below it is drift.
+    ks_p, chi2_p: a p-value below it is drift, if the effect is also at least ks_min_statistic (KS D)
+    or chi2_min_cramers_v (Cramér's V = sqrt(chi2 / n)): with thousands of samples a test finds
+    shifts too small to matter, so significance alone would alarm on every daily wobble.
     Below min_samples in either window there is no verdict ("insufficient_data"); PSI needs more
     (psi_min_samples), because its noise alone is about (bins − 1)·(1/n_ref + 1/n_cur): ~0.18 at
     100 per window with 10 bins, ~0.04 at 500.
@@ -121,11 +124,13 @@ class Thresholds:
     psi_warn: float | None = 0.1
     psi_drift: float | None = 0.2
     ks_p: float | None = 0.05
+    ks_min_statistic: float | None = 0.1
     wasserstein_warn: float | None = None
     wasserstein_drift: float | None = None
     js_warn: float | None = None
     js_drift: float | None = 0.1
     chi2_p: float | None = 0.05
+    chi2_min_cramers_v: float | None = 0.1
     min_samples: int = 100
     psi_min_samples: int = 500
     bins: int = 10
@@ -151,7 +156,7 @@ class Thresholds:
 
     @classmethod
     def resolve(cls, overrides: Mapping[str, Any] | None, pipeline: str, step: str, feature: str) -> Thresholds:
-        """Defaults, then overrides under "*", "feature", "step/feature", "pipeline/step/feature" (most specific last)."""
+        """Defaults, then overrides under "*", feature, "step/feature", "pipeline/step/feature" (most specific last)."""
         result = cls()
         for key in ("*", feature, f"{step}/{feature}", f"{pipeline}/{step}/{feature}"):
             if overrides and key in overrides:
@@ -176,16 +181,15 @@ def validate_thresholds(overrides: Mapping[str, Any] | None) -> None:
         Thresholds()._with(override, key)
 
 
-# statistic -> (field compared, warn threshold, drift threshold, compare): "above" = bigger is worse.
-_RULES: dict[str, tuple[str, str | None, str | None, str]] = {
-    "psi": ("value", "psi_warn", "psi_drift", "above"),
-    "ks": ("p_value", None, "ks_p", "below"),
-    "wasserstein": ("value", "wasserstein_warn", "wasserstein_drift", "above"),
-    "js": ("value", "js_warn", "js_drift", "above"),
-    "chi2": ("p_value", None, "chi2_p", "below"),
+# statistic -> (field compared, warn threshold, drift threshold, compare, minimum effect size):
+# compare "above" = a bigger value is worse, "below" = a smaller p-value is worse.
+_RULES: dict[str, tuple[str, str | None, str | None, str, str | None]] = {
+    "psi": ("value", "psi_warn", "psi_drift", "above", None),
+    "ks": ("p_value", None, "ks_p", "below", "ks_min_statistic"),
+    "wasserstein": ("value", "wasserstein_warn", "wasserstein_drift", "above", None),
+    "js": ("value", "js_warn", "js_drift", "above", None),
+    "chi2": ("p_value", None, "chi2_p", "below", "chi2_min_cramers_v"),
 }
-_NUMERIC_STATISTICS = ("psi", "ks", "wasserstein")
-_CATEGORICAL_STATISTICS = ("js", "chi2")
 
 
 def verdict(statistic: str, value: float, p_value: float, n_reference: int, n_current: int,
@@ -194,11 +198,16 @@ def verdict(statistic: str, value: float, p_value: float, n_reference: int, n_cu
     minimum = thresholds.psi_min_samples if statistic == "psi" else thresholds.min_samples
     if min(n_reference, n_current) < minimum:
         return "insufficient_data"
-    field_name, warn_name, drift_name, compare = _RULES[statistic]
+    field_name, warn_name, drift_name, direction, effect_name = _RULES[statistic]
     x = value if field_name == "value" else p_value
     if math.isnan(x):
         return "insufficient_data"
-    worse = (lambda limit: x >= limit) if compare == "above" else (lambda limit: x < limit)
+    floor = getattr(thresholds, effect_name) if effect_name else None
+    if floor is not None:  # KS: D itself; chi-square on a 2 x k table: Cramér's V = sqrt(chi2 / n)
+        effect = value if statistic == "ks" else math.sqrt(value / (n_reference + n_current))
+        if effect < floor:
+            return "ok"
+    worse = (lambda limit: x >= limit) if direction == "above" else (lambda limit: x < limit)
     for status, name in (("drift", drift_name), ("warn", warn_name)):
         limit = getattr(thresholds, name) if name else None
         if limit is not None and worse(limit):
@@ -332,7 +341,7 @@ def empty_frame() -> pl.DataFrame:
 
 def compute_drift(client, reference: tuple[datetime, datetime], current: tuple[datetime, datetime],
                   pipeline: str = "", thresholds: Mapping[str, Any] | None = None, sample_cap: int = SAMPLE_CAP,
-                  seed: int = 0) -> pl.DataFrame:
+                  seed: int = 1) -> pl.DataFrame:
     """Drift of every step feature and step latency, current vs reference: one row per statistic (DRIFT_COLUMNS).
 
     thresholds: overrides keyed "*", "feature", "step/feature" or "pipeline/step/feature", each a
@@ -350,7 +359,8 @@ def compute_drift(client, reference: tuple[datetime, datetime], current: tuple[d
     for row in client.query(LATENCY_SAMPLES_SQL, parameters=parameters).result_rows:
         latency.setdefault((row[0], row[1], LATENCY_FEATURE), {})[row[2]] = list(row[3])
 
-    computed_at = datetime.now(UTC).replace(microsecond=datetime.now(UTC).microsecond // 1000 * 1000)
+    now = datetime.now(UTC)
+    computed_at = now.replace(microsecond=now.microsecond // 1000 * 1000)  # the table keeps milliseconds
     bounds = {"reference_start": reference[0], "reference_end": reference[1],
               "current_start": current[0], "current_end": current[1]}
     rows = []
@@ -396,8 +406,9 @@ def latest_drift(client, pipeline: str = "") -> pl.DataFrame:
         return empty_frame()
     frame = pl.DataFrame([dict(zip(result.column_names, row, strict=True)) for row in result.result_rows],
                          infer_schema_length=None)
-    times = [c for c, t in _SCHEMA.items() if t == _TIME]
-    return frame.with_columns(pl.col(times).dt.replace_time_zone("UTC")).select(DRIFT_COLUMNS).cast(_SCHEMA)
+    as_utc = [pl.col(c).dt.convert_time_zone("UTC") if frame.schema[c].time_zone else  # type: ignore[union-attr]
+              pl.col(c).dt.replace_time_zone("UTC") for c, t in _SCHEMA.items() if t == _TIME]
+    return frame.with_columns(as_utc).select(DRIFT_COLUMNS).cast(_SCHEMA)
 
 
 def feature_status(frame: pl.DataFrame) -> pl.DataFrame:

@@ -18,7 +18,8 @@ import polars as pl
 Source = Literal["rollup", "raw"]
 
 # Dimensions a caller may group by; the SQL fragments come only from this table.
-DIMENSIONS = {"pipeline": "pipeline", "step": "step", "route": "route", "tenant": "tenant", "service": "service"}
+DIMENSIONS = {"pipeline": "pipeline", "step": "step", "route": "route", "tenant": "tenant", "service": "service",
+              "model": "model"}
 LATENCY_COLUMNS = ["requests", "errors", "error_rate", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "max_ms",
                    "mean_ms", "cache_hit_rate", "mean_batch_size", "mean_queue_ms"]
 STEP_STATS_COLUMNS = ["pipeline", "step", "requests", "errors", "error_rate", "p50_ms", "p95_ms", "p99_ms", "max_ms"]
@@ -63,7 +64,7 @@ def latency(client, since: str | int = "5m", by: tuple[str, ...] = ("pipeline", 
         raise ValueError(f"cannot group by {unknown or 'nothing'}; choose from {', '.join(DIMENSIONS)}")
     if source not in _SQL:
         raise ValueError(f"source must be 'rollup' or 'raw', not {source!r}")
-    step_filter = {"steps": "step != ''", "roots": "step = ''", "all": "1"}[steps]
+    step_filter = {"steps": "kind = 'step'", "roots": "kind = 'root'", "all": "kind != 'batch'"}[steps]
     seconds = _seconds(since)
     table, time_column, floor = _ROLLUPS["hour" if seconds >= HOURLY_FROM_SECONDS else "minute"]
     sql = (_SQL[source].replace("{group_by}", ", ".join(DIMENSIONS[d] for d in by))

@@ -38,6 +38,7 @@ class Settings:
     executor_metrics_port: int = 9464
     dashboard_port: int = 8501
     llm_port: int = 8808
+    crm_port: int = 8809
 
     # Collector batching and backpressure.
     collector_batch_rows: int = 5000
@@ -50,6 +51,17 @@ class Settings:
     executor_config_poll_seconds: float = 5.0
     executor_workers: int = 16
     load_rate: float = 20.0  # requests per second of the demo load
+    executor_max_in_flight: int = 256  # tasks past this get 503 + Retry-After
+
+    # Remote services the pipeline calls. Empty URLs mean the bundled stand-ins on llm_port / crm_port.
+    llm_url: str = ""  # any OpenAI-compatible base URL, e.g. https://api.example.com/v1
+    llm_model: str = "standin-llm-1"
+    llm_api_key: str = ""
+    crm_url: str = ""
+
+    # Analyzer: prices file (empty: the bundled prices.toml) and how often drift and SLO state refresh.
+    prices_file: str = ""
+    analyzer_interval_seconds: float = 60.0
 
     # Tuner write calls need this bearer token (reads are open on loopback).
     tuner_token: str = ""
@@ -86,6 +98,18 @@ class Settings:
         return f"http://{self.bind_host}:{self.dashboard_port}"
 
     @property
+    def llm_base_url(self) -> str:
+        return self.llm_url or f"http://{self.bind_host}:{self.llm_port}/v1"
+
+    @property
+    def crm_base_url(self) -> str:
+        return self.crm_url or f"http://{self.bind_host}:{self.crm_port}"
+
+    @property
+    def executor_url(self) -> str:
+        return f"http://{self.bind_host}:{self.executor_metrics_port}"
+
+    @property
     def executor_metrics_url(self) -> str:
         return f"http://{self.bind_host}:{self.executor_metrics_port}/metrics"
 
@@ -119,7 +143,7 @@ class Settings:
 
 
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
-_POSITIVE_FIELDS = ["collector_batch_rows", "collector_flush_seconds", "collector_max_queue_rows",
+_POSITIVE_FIELDS = ["analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows", "collector_flush_seconds", "collector_max_queue_rows",
                     "collector_max_body_bytes", "executor_config_poll_seconds", "executor_workers"]
 
 
@@ -174,6 +198,10 @@ def validate(s: Settings) -> Settings:
                 f"clickhouse_url = {s.clickhouse_url!r} (from {where('clickhouse_url')}) must look like "
                 "http://user:pass@host:8123/database"
             )
+    for name in ("llm_url", "crm_url"):
+        url = getattr(s, name)
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise SettingsError(f"{name} = {url!r} (from {where(name)}) must be an http(s) URL")
     if not s.database.replace("_", "").isalnum():
         raise SettingsError(
             f"database = {s.database!r} (from {where('database')}) may hold only letters, digits and _"

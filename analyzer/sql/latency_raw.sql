@@ -22,6 +22,8 @@ FROM (
         SpanAttributes['tracetune.step'] AS step,
         SpanAttributes['tracetune.route'] AS route,
         SpanAttributes['tracetune.tenant'] AS tenant,
+        SpanAttributes['gen_ai.request.model'] AS model,
+        if(SpanAttributes['tracetune.step'] != '', 'step', 'root') AS kind,
         ServiceName AS service,
         StatusCode,
         Duration,

@@ -9,7 +9,7 @@ SELECT
     q[3] / 1e6 AS p95_ms
 FROM tracetune_spans_1m
 WHERE minute >= toStartOfMinute(now() - toIntervalSecond({window_seconds:UInt32}))
-  AND step != ''
+  AND kind = 'step'
   AND ({pipeline:String} = '' OR pipeline = {pipeline:String})
 GROUP BY bucket, pipeline, step
 ORDER BY bucket, pipeline, step

@@ -1,0 +1,433 @@
+"""SLOs per pipeline and their multi-window, multi-burn-rate alerts (the SRE workbook's table, as data).
+
+What counts as a bad request (a task = its root span: `tracetune.pipeline` set, no `tracetune.step`):
+
+| SLO kind       | target          | bad request                   | error budget (bad fraction allowed) |
+|----------------|-----------------|-------------------------------|-------------------------------------|
+| `availability` | `error_rate`    | root span StatusCode is ERROR | `error_rate` (or 1 − `objective`)   |
+| `latency_p95`  | `p95_ms`        | root span slower than p95_ms  | 5%  (95% must be at most p95_ms)    |
+| `latency_p99`  | `p99_ms`        | root span slower than p99_ms  | 1%  (99% must be at most p99_ms)    |
+
+A latency SLO counts every task, failed or not, by its duration. `cost_per_1k` and `quality_floor`
+are stored with the SLO for the cost and quality checks; they have no request-level burn rate.
+
+Burn rate = (bad / total) / error budget: at 1 the budget lasts exactly the SLO period.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import polars as pl
+
+from analyzer.stats import parse_window
+
+__all__ = ["BURN_WINDOWS_30D", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "Objective", "SLOError", "alerts",
+           "burn_rate", "burn_windows", "error_budget_remaining", "get_slo", "list_slos", "request_counts",
+           "save_slo", "slo_status", "slower_than", "window_label"]
+
+Source = Literal["rollup", "raw"]
+BASE_PERIOD_DAYS = 30
+LATENCY_BUDGETS = {"latency_p95": ("p95_ms", 0.05), "latency_p99": ("p99_ms", 0.01)}
+
+# The SRE workbook's recommended alerts for a 30-day SLO (chapter 5, "multiwindow, multi-burn-rate"):
+# (long window, short window, share of the period's error budget spent in the long window, severity).
+# A rule fires when the burn rate over BOTH windows is above its factor; the short window makes it
+# stop soon after the burning stops. Factors are derived from these numbers by burn_windows().
+BURN_WINDOWS_30D: tuple[tuple[str, str, float, str], ...] = (
+    ("1h", "5m", 0.02, "page"),
+    ("6h", "30m", 0.05, "page"),
+    ("3d", "6h", 0.10, "ticket"),
+)
+
+
+class SLOError(ValueError):
+    """An SLO that cannot be used; the message is one line naming the bad field."""
+
+
+@dataclass(frozen=True)
+class BurnWindow:
+    """One alert rule: fire `severity` when the burn rate over long_s and short_s both exceed factor."""
+
+    long_s: int
+    short_s: int
+    budget_fraction: float
+    factor: float
+    severity: str
+
+
+def burn_windows(period_days: float = BASE_PERIOD_DAYS, scale_windows: bool = True) -> tuple[BurnWindow, ...]:
+    """The BURN_WINDOWS_30D rules for an SLO period of period_days.
+
+    Burning at rate b for a time w spends b·w/P of the budget of a period P, so a rule that fires
+    when a fraction f of the budget went in its long window w needs b = f·P/w. For P = 30 d this
+    gives 0.02·720h/1h = 14.4, 0.05·720h/6h = 6 and 0.10·720h/72h = 1, the workbook's factors.
+    With scale_windows (default) both windows scale by P/30d (a 7-day SLO pages on 14 min / 70 s),
+    which leaves every factor as it is; without it the windows stay as in the table and the factor
+    changes instead (Sloth's choice: 28 d → 13.44, 5.6, 0.933). Windows are whole seconds.
+    """
+    if isinstance(period_days, bool) or not isinstance(period_days, int | float) or not 0 < period_days <= 366:
+        raise SLOError(f"period_days must be a number of days in (0, 366], got {period_days!r}")
+    period_s = period_days * 86400
+    scale = period_days / BASE_PERIOD_DAYS if scale_windows else 1.0
+    rules = []
+    for long, short, fraction, severity in BURN_WINDOWS_30D:
+        long_s = max(1, round(parse_window(long) * scale))
+        short_s = max(1, round(parse_window(short) * scale))
+        rules.append(BurnWindow(long_s, short_s, fraction, round(fraction * period_s / long_s, 9), severity))
+    return tuple(rules)
+
+
+# ---- pure functions -----------------------------------------------------------------------------
+
+def _check_budget(error_budget: float) -> None:
+    if not 0 < error_budget <= 1:
+        raise SLOError(f"error budget must be a fraction in (0, 1], got {error_budget!r}")
+
+
+def burn_rate(bad: float, total: float, error_budget: float) -> float:
+    """(bad / total) / error_budget; 0 when there was no traffic (nothing was spent)."""
+    _check_budget(error_budget)
+    return 0.0 if total <= 0 else (bad / total) / error_budget
+
+
+def error_budget_remaining(bad: float, total: float, error_budget: float) -> float:
+    """Share of the period's budget left: 1 − bad / (error_budget · total). Negative when overspent."""
+    _check_budget(error_budget)
+    return 1.0 if total <= 0 else 1.0 - bad / (error_budget * total)
+
+
+def alerts(rates: Mapping[int, float], windows: Sequence[BurnWindow] | None = None) -> list[BurnWindow]:
+    """The rules that fire: burn rate above the factor over the long AND the short window.
+
+    rates maps window length in seconds to the burn rate over it (the workbook's `>`, as in Prometheus rules).
+    """
+    windows = burn_windows() if windows is None else windows
+    missing = sorted({s for w in windows for s in (w.long_s, w.short_s)} - set(rates))
+    if missing:
+        raise SLOError(f"no burn rate for window(s) of {', '.join(f'{s}s' for s in missing)} seconds")
+    return [w for w in windows if rates[w.long_s] > w.factor and rates[w.short_s] > w.factor]
+
+
+# ---- the SLO itself -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Objective:
+    """One request-level SLO of a pipeline: its kind, latency target (None for availability) and budget."""
+
+    kind: str
+    target_ms: float | None
+    error_budget: float
+
+
+@dataclass(frozen=True)
+class SLO:
+    """Targets for one pipeline over a rolling period. Unset (None) targets are not checked.
+
+    error_rate and objective say the same thing two ways (objective 0.999 = error_rate 0.001); set either.
+    """
+
+    pipeline: str
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    error_rate: float | None = None
+    objective: float | None = None
+    cost_per_1k: float | None = None
+    quality_floor: float | None = None
+    period_days: float = BASE_PERIOD_DAYS
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def _fail(self, message: str) -> SLOError:
+        return SLOError(f"SLO for pipeline {self.pipeline!r}: {message}")
+
+    def validate(self) -> None:
+        if not isinstance(self.pipeline, str) or not self.pipeline.strip():
+            raise SLOError(f"SLO `pipeline` must be a non-empty name, got {self.pipeline!r}")
+        rules = {  # field -> (check, what it must be)
+            "p95_ms": (lambda v: v > 0, "a latency in milliseconds > 0"),
+            "p99_ms": (lambda v: v > 0, "a latency in milliseconds > 0"),
+            "error_rate": (lambda v: 0 < v < 1, "a fraction of requests in (0, 1), e.g. 0.001"),
+            "objective": (lambda v: 0 < v < 1, "a fraction of good requests in (0, 1), e.g. 0.999"),
+            "cost_per_1k": (lambda v: v >= 0, "a price per 1000 requests >= 0"),
+            "quality_floor": (lambda v: 0 <= v <= 1, "a score in [0, 1]"),
+            "period_days": (lambda v: 0 < v <= 366, "a number of days in (0, 366], e.g. 30"),
+        }
+        for name, (check, what) in rules.items():
+            value = getattr(self, name)
+            if value is None and name != "period_days":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                    or not check(value):
+                raise self._fail(f"`{name}` must be {what}, got {value!r}")
+        if self.p95_ms is not None and self.p99_ms is not None and self.p99_ms < self.p95_ms:
+            raise self._fail(f"`p99_ms` ({self.p99_ms}) must not be below `p95_ms` ({self.p95_ms})")
+        if self.error_rate is not None and self.objective is not None \
+                and not math.isclose(self.error_rate, 1 - self.objective, rel_tol=1e-9, abs_tol=1e-12):
+            raise self._fail(f"`error_rate` ({self.error_rate}) and `objective` ({self.objective}) disagree; "
+                             "set only one of them")
+        if all(getattr(self, n) is None for n in ("p95_ms", "p99_ms", "error_rate", "objective", "cost_per_1k",
+                                                  "quality_floor")):
+            raise self._fail("no target set; give at least one of p95_ms, p99_ms, error_rate, objective, "
+                             "cost_per_1k, quality_floor")
+
+    @property
+    def error_budget(self) -> float | None:
+        """The availability budget: error_rate, or 1 − objective."""
+        if self.error_rate is not None:
+            return self.error_rate
+        return None if self.objective is None else 1 - self.objective
+
+    def objectives(self) -> list[Objective]:
+        """The request-level SLOs this one sets, in table order (see the module docstring)."""
+        result = []
+        if self.error_budget is not None:
+            result.append(Objective("availability", None, self.error_budget))
+        for kind, (name, budget) in LATENCY_BUDGETS.items():
+            if getattr(self, name) is not None:
+                result.append(Objective(kind, float(getattr(self, name)), budget))
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, body: Mapping[str, Any], pipeline: str | None = None) -> SLO:
+        """An SLO from a JSON body (e.g. PUT /v1/pipelines/{p}/slo); `pipeline` overrides the body's."""
+        if not isinstance(body, Mapping):
+            raise SLOError(f"an SLO must be a JSON object, got {type(body).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(body) - set(names))
+        if unknown:
+            raise SLOError(f"unknown SLO field `{unknown[0]}`; use {', '.join(names)}")
+        values = dict(body)
+        if pipeline is not None:
+            values["pipeline"] = pipeline
+        if "pipeline" not in values:
+            raise SLOError("an SLO needs `pipeline`")
+        if values.get("period_days") is None:
+            values.pop("period_days", None)
+        return cls(**values)
+
+
+# ---- storage ----------------------------------------------------------------------------------
+
+_LATEST_SLO_SQL = """
+SELECT version, slo FROM tracetune_slos WHERE pipeline = {pipeline:String}
+ORDER BY version DESC, created_at DESC LIMIT 1
+"""
+_ALL_SLOS_SQL = """
+SELECT pipeline, argMax(slo, (version, created_at)) FROM tracetune_slos GROUP BY pipeline ORDER BY pipeline
+"""
+
+
+def _latest(client, pipeline: str) -> tuple[int, SLO] | None:
+    rows = client.query(_LATEST_SLO_SQL, parameters={"pipeline": pipeline}).result_rows
+    return (int(rows[0][0]), SLO.from_dict(json.loads(rows[0][1]))) if rows else None
+
+
+def save_slo(client, slo: SLO, author: str = "") -> int:
+    """Store slo as the pipeline's next version and return it; an unchanged SLO keeps its version."""
+    latest = _latest(client, slo.pipeline)
+    if latest and latest[1] == slo:
+        return latest[0]
+    version = latest[0] + 1 if latest else 1
+    client.insert("tracetune_slos", [[slo.pipeline, version, slo.to_json(), author]],
+                  column_names=["pipeline", "version", "slo", "author"])
+    return version
+
+
+def get_slo(client, pipeline: str) -> SLO | None:
+    """The pipeline's latest SLO, or None if none was saved."""
+    latest = _latest(client, pipeline)
+    return latest[1] if latest else None
+
+
+def list_slos(client) -> list[SLO]:
+    """The latest SLO of every pipeline that has one, by pipeline name."""
+    return [SLO.from_dict(json.loads(body)) for _, body in client.query(_ALL_SLOS_SQL).result_rows]
+
+
+# ---- counting good and bad tasks -----------------------------------------------------------------
+
+# Tasks of one pipeline in every trailing window ending at end_ns, in one scan of the longest window:
+# total, errors, and for each latency target how many took longer.
+REQUEST_COUNTS_RAW_SQL = """
+SELECT
+    window_seconds,
+    count() AS total,
+    countIf(StatusCode = 'STATUS_CODE_ERROR') AS errors,
+    sumForEach(arrayMap(t -> toUInt64(Duration > t), {targets_ns:Array(UInt64)})) AS slow
+FROM (
+    SELECT
+        StatusCode,
+        Duration,
+        arrayJoin(arrayFilter(w -> Timestamp >= fromUnixTimestamp64Nano({end_ns:Int64}) - toIntervalSecond(w),
+                              {windows:Array(UInt32)})) AS window_seconds
+    FROM otel_traces
+    WHERE Timestamp >= fromUnixTimestamp64Nano({end_ns:Int64}) - toIntervalSecond(arrayMax({windows:Array(UInt32)}))
+      AND Timestamp < fromUnixTimestamp64Nano({end_ns:Int64})
+      AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+      AND SpanAttributes['tracetune.step'] = ''
+      AND ({tenant:String} = '' OR SpanAttributes['tracetune.tenant'] = {tenant:String})
+)
+GROUP BY window_seconds
+ORDER BY window_seconds
+"""
+
+# The same from the per-minute rollup (windows rounded out to whole minutes); durations come back as
+# log2 histograms (8 buckets per doubling) and are counted against the targets in Python.
+REQUEST_COUNTS_ROLLUP_SQL = """
+SELECT
+    window_seconds,
+    sum(requests) AS total,
+    sum(errors) AS errors,
+    sumMapMerge(duration_hist) AS hist
+FROM (
+    SELECT
+        requests,
+        errors,
+        duration_hist,
+        arrayJoin(arrayFilter(
+            w -> minute >= toStartOfMinute(fromUnixTimestamp64Nano({end_ns:Int64}) - toIntervalSecond(w)),
+            {windows:Array(UInt32)})) AS window_seconds
+    FROM tracetune_spans_1m
+    WHERE pipeline = {pipeline:String}
+      AND step = ''
+      AND ({tenant:String} = '' OR tenant = {tenant:String})
+      AND minute >= toStartOfMinute(fromUnixTimestamp64Nano({end_ns:Int64})
+                                    - toIntervalSecond(arrayMax({windows:Array(UInt32)})))
+      AND minute < fromUnixTimestamp64Nano({end_ns:Int64})
+)
+GROUP BY window_seconds
+ORDER BY window_seconds
+"""
+
+HIST_BUCKETS_PER_DOUBLING = 8  # as tracetune_spans_1m.duration_hist: bucket = floor(log2(ns + 1) * 8)
+
+
+def slower_than(hist: Mapping[int, int], target_ns: float) -> float:
+    """Estimated count of durations > target_ns from a duration_hist map.
+
+    Buckets wholly above the target count fully; the bucket holding the target counts by the share
+    of it (in log scale) above the target, so the error is at most that one bucket's count.
+    """
+    x = math.log2(target_ns + 1) * HIST_BUCKETS_PER_DOUBLING
+    b = math.floor(x)
+    above = sum(count for bucket, count in hist.items() if bucket > b)
+    return float(above + hist.get(b, 0) * (b + 1 - x))
+
+
+def _utc(moment: datetime | None) -> datetime:
+    if moment is None:
+        return datetime.now(UTC)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _ns(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+
+
+def request_counts(client, pipeline: str, windows: Sequence[int], latency_targets_ms: Sequence[float] = (),
+                   now: datetime | None = None, tenant: str = "", source: Source = "rollup") -> pl.DataFrame:
+    """Tasks in each trailing window (seconds) ending at now: window_seconds, total, errors, slow.
+
+    slow is a list aligned with latency_targets_ms: tasks slower than each target. `raw` counts
+    exactly over exactly the window; `rollup` (default) reads tracetune_spans_1m, so a 30-day budget
+    costs the same at any span rate, with windows rounded out to whole minutes and slow counts
+    estimated from the duration histogram (within one 9%-wide bucket of the target).
+    """
+    if source not in ("rollup", "raw"):
+        raise ValueError(f"source must be 'rollup' or 'raw', not {source!r}")
+    windows = sorted({int(w) for w in windows})
+    if not windows or windows[0] <= 0:
+        raise ValueError(f"windows must be positive numbers of seconds, got {windows!r}")
+    targets_ns = [int(round(t * 1e6)) for t in latency_targets_ms]
+    parameters = {"pipeline": pipeline, "tenant": tenant, "end_ns": _ns(_utc(now)), "windows": windows,
+                  "targets_ns": targets_ns}
+    sql = REQUEST_COUNTS_RAW_SQL if source == "raw" else REQUEST_COUNTS_ROLLUP_SQL
+    found = {}
+    for row in client.query(sql, parameters=parameters).result_rows:
+        window, total, errors, last = row
+        slow = [float(x) for x in last] if source == "raw" else [slower_than(last, t) for t in targets_ns]
+        found[int(window)] = (int(total), int(errors), slow)
+    empty = (0, 0, [0.0] * len(targets_ns))  # a window without tasks
+    rows = [dict(zip(("window_seconds", "total", "errors", "slow"), (w, *found.get(w, empty)), strict=True))
+            for w in windows]
+    return pl.DataFrame(rows, schema={"window_seconds": pl.Int64, "total": pl.Int64, "errors": pl.Int64,
+                                      "slow": pl.List(pl.Float64)})
+
+
+# ---- status --------------------------------------------------------------------------------------
+
+SLO_STATUS_COLUMNS = ["pipeline", "slo", "target_ms", "objective", "error_budget", "period_days", "severity",
+                      "long_window", "short_window", "long_window_s", "short_window_s", "factor", "long_burn_rate",
+                      "short_burn_rate", "firing", "period_requests", "period_bad", "budget_remaining"]
+_STATUS_SCHEMA = {"pipeline": pl.Utf8, "slo": pl.Utf8, "target_ms": pl.Float64, "objective": pl.Float64,
+                  "error_budget": pl.Float64, "period_days": pl.Float64, "severity": pl.Utf8,
+                  "long_window": pl.Utf8, "short_window": pl.Utf8, "long_window_s": pl.Int64,
+                  "short_window_s": pl.Int64, "factor": pl.Float64, "long_burn_rate": pl.Float64,
+                  "short_burn_rate": pl.Float64, "firing": pl.Boolean, "period_requests": pl.Int64,
+                  "period_bad": pl.Float64, "budget_remaining": pl.Float64}
+
+
+def window_label(seconds: int) -> str:
+    """3600 -> '1h', 280 -> '4m40s', 259200 -> '3d'."""
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts) or "0s"
+
+
+def slo_status(client, pipeline: str, now: datetime | None = None, slo: SLO | None = None, tenant: str = "",
+               source: Source = "rollup", scale_windows: bool = True) -> pl.DataFrame:
+    """Burn rates, firing rules and budget left for each objective of the pipeline's SLO.
+
+    One row per (SLO kind, burn-rate rule), SLO_STATUS_COLUMNS. slo defaults to the stored one;
+    SLOError if there is none. Budget remaining is over the trailing SLO period ending at now.
+    """
+    slo = slo or get_slo(client, pipeline)
+    if slo is None:
+        raise SLOError(f"no SLO saved for pipeline {pipeline!r}; set one with PUT /v1/pipelines/{pipeline}/slo")
+    objectives = slo.objectives()
+    rules = burn_windows(slo.period_days, scale_windows)
+    period_s = round(slo.period_days * 86400)
+    latency = [o for o in objectives if o.target_ms is not None]
+    counts = request_counts(client, pipeline, [period_s, *(s for r in rules for s in (r.long_s, r.short_s))],
+                            [o.target_ms for o in latency], now, tenant, source)
+    by_window = {row["window_seconds"]: row for row in counts.iter_rows(named=True)}
+
+    def bad(window: int, objective: Objective) -> float:
+        row = by_window[window]
+        return float(row["errors"]) if objective.target_ms is None else row["slow"][latency.index(objective)]
+
+    rows = []
+    for objective in objectives:
+        rates = {w: burn_rate(bad(w, objective), by_window[w]["total"], objective.error_budget) for w in by_window}
+        firing = alerts(rates, rules)
+        period_bad = bad(period_s, objective)
+        remaining = error_budget_remaining(period_bad, by_window[period_s]["total"], objective.error_budget)
+        for rule in rules:
+            rows.append({
+                "pipeline": pipeline, "slo": objective.kind, "target_ms": objective.target_ms,
+                "objective": 1 - objective.error_budget, "error_budget": objective.error_budget,
+                "period_days": float(slo.period_days), "severity": rule.severity,
+                "long_window": window_label(rule.long_s), "short_window": window_label(rule.short_s),
+                "long_window_s": rule.long_s, "short_window_s": rule.short_s, "factor": rule.factor,
+                "long_burn_rate": rates[rule.long_s], "short_burn_rate": rates[rule.short_s],
+                "firing": rule in firing, "period_requests": by_window[period_s]["total"],
+                "period_bad": period_bad, "budget_remaining": remaining,
+            })
+    return pl.DataFrame(rows, schema=_STATUS_SCHEMA).select(SLO_STATUS_COLUMNS)

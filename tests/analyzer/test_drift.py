@@ -1,0 +1,253 @@
+"""Drift statistics agree with scipy and a hand computation; verdicts catch shifts and stay quiet otherwise."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+from scipy import stats
+from scipy.spatial import distance
+
+from analyzer.drift import (
+    DRIFT_COLUMNS,
+    PSI_EPSILON,
+    Thresholds,
+    chi_square,
+    compare,
+    compute_drift,
+    default_windows,
+    feature_status,
+    jensen_shannon,
+    ks_test,
+    latest_drift,
+    psi,
+    store_drift,
+    wasserstein,
+)
+from collector.rows import COLUMNS
+
+# ---- the maths against a hand computation and scipy ------------------------------------------
+
+
+def test_psi_matches_a_hand_computation():
+    reference = np.arange(100.0)  # quartile edges 24.75, 49.5, 74.25: 25% in each bin
+    current = np.concatenate([np.full(10, 5.0), np.full(20, 30.0), np.full(30, 60.0), np.full(40, 90.0)])
+    expected = ((0.1 - 0.25) * math.log(0.1 / 0.25) + (0.2 - 0.25) * math.log(0.2 / 0.25)
+                + (0.3 - 0.25) * math.log(0.3 / 0.25) + (0.4 - 0.25) * math.log(0.4 / 0.25))
+    assert psi(reference, current, bins=4) == pytest.approx(expected, rel=1e-12)
+    assert psi(reference, reference, bins=4) == 0.0
+
+    # An empty bin counts as PSI_EPSILON; a value on an edge falls in the bin above it.
+    current = np.concatenate([np.full(50, 0.0), np.full(50, 49.5)])  # 50% in bin 1, 50% in bin 2, none above
+    e = PSI_EPSILON
+    expected = ((0.5 - 0.25) * math.log(0.5 / 0.25) * 2 + (e - 0.25) * math.log(e / 0.25) * 2)
+    assert psi(reference, current, bins=4) == pytest.approx(expected, rel=1e-12)
+    assert math.isnan(psi([], current))
+
+
+def test_numeric_and_categorical_statistics_match_scipy():
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(0, 1, 800), rng.normal(0.2, 1.3, 600)
+    ks = stats.ks_2samp(a, b)
+    assert ks_test(a, b) == (pytest.approx(ks.statistic), pytest.approx(ks.pvalue))
+    assert wasserstein(a, b) == pytest.approx(stats.wasserstein_distance(a, b))
+
+    ref = list(rng.choice(["billing", "bug", "account"], 700, p=[0.5, 0.3, 0.2]))
+    cur = list(rng.choice(["billing", "bug", "account", "refund"], 500, p=[0.4, 0.3, 0.2, 0.1]))
+    cats = ["account", "billing", "bug", "refund"]
+    ref_counts = np.array([ref.count(c) for c in cats], dtype=float)
+    cur_counts = np.array([cur.count(c) for c in cats], dtype=float)
+    assert jensen_shannon(ref, cur) == pytest.approx(
+        distance.jensenshannon(ref_counts / ref_counts.sum(), cur_counts / cur_counts.sum(), base=2))
+    chi2 = stats.chi2_contingency(np.vstack([ref_counts, cur_counts]))
+    assert chi_square(ref, cur) == (pytest.approx(chi2.statistic), pytest.approx(chi2.pvalue))
+    assert jensen_shannon(["a"] * 5, ["b"] * 5) == pytest.approx(1.0)
+    assert chi_square(["a"] * 5, ["a"] * 7) == (0.0, 1.0)  # one category: nothing to test
+
+
+# ---- verdicts ----------------------------------------------------------------------------------
+
+
+def _statuses(rows) -> dict[str, str]:
+    return {r["statistic"]: r["status"] for r in rows}
+
+
+def test_a_half_sd_mean_shift_and_a_category_mix_change_are_drift():
+    rng = np.random.default_rng(11)
+    rows = compare(rng.normal(100, 20, 5000), rng.normal(110, 20, 5000), "numeric", Thresholds())
+    values = {r["statistic"]: r for r in rows}
+    assert values["psi"]["value"] > 0.2 and values["psi"]["status"] == "drift"
+    assert values["ks"]["p_value"] < 1e-6 and values["ks"]["status"] == "drift"
+    assert values["wasserstein"]["value"] == pytest.approx(10, rel=0.2)
+    assert values["wasserstein"]["status"] == "ok"  # no default threshold: the unit is the feature's
+    assert _statuses(compare(rng.normal(100, 20, 5000), rng.normal(110, 20, 5000), "numeric",
+                             Thresholds(wasserstein_warn=2, wasserstein_drift=5)))["wasserstein"] == "drift"
+
+    mix = ["billing", "bug", "account", "other"]
+    rows = compare(rng.choice(mix, 5000, p=[0.4, 0.3, 0.2, 0.1]), rng.choice(mix, 5000, p=[0.2, 0.3, 0.2, 0.3]),
+                   "categorical", Thresholds())
+    assert _statuses(rows) == {"js": "drift", "chi2": "drift"}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_two_samples_of_one_distribution_raise_no_alarm(seed):
+    rng = np.random.default_rng(seed)
+    numeric = compare(rng.lognormal(3, 0.5, 5000), rng.lognormal(3, 0.5, 5000), "numeric", Thresholds())
+    assert _statuses(numeric) == {"psi": "ok", "ks": "ok", "wasserstein": "ok"}
+    assert next(r["value"] for r in numeric if r["statistic"] == "psi") < 0.02
+    mix, p = ["a", "b", "c", "d", "e"], [0.35, 0.25, 0.2, 0.15, 0.05]
+    categorical = compare(rng.choice(mix, 5000, p=p), rng.choice(mix, 5000, p=p), "categorical", Thresholds())
+    assert _statuses(categorical) == {"js": "ok", "chi2": "ok"}
+
+
+def test_a_significant_but_tiny_shift_is_not_drift():
+    rng = np.random.default_rng(4)
+    reference, current = rng.normal(0, 1, 20_000), rng.normal(0.05, 1, 20_000)  # 0.05 sd
+    d, p = ks_test(reference, current)
+    assert p < 0.05 and d < 0.1
+    assert _statuses(compare(reference, current, "numeric", Thresholds())) == {
+        "psi": "ok", "ks": "ok", "wasserstein": "ok"}
+    assert _statuses(compare(reference, current, "numeric", Thresholds(ks_min_statistic=None)))["ks"] == "drift"
+
+    mix = ["a", "b", "c"]
+    reference, current = rng.choice(mix, 20_000, p=[0.5, 0.3, 0.2]), rng.choice(mix, 20_000, p=[0.48, 0.3, 0.22])
+    chi2, p = chi_square(reference, current)
+    assert p < 0.05 and math.sqrt(chi2 / 40_000) < 0.1
+    assert _statuses(compare(reference, current, "categorical", Thresholds())) == {"js": "ok", "chi2": "ok"}
+    assert _statuses(compare(reference, current, "categorical", Thresholds(chi2_min_cramers_v=None)))["chi2"] == "drift"
+
+
+def test_small_windows_give_no_verdict():
+    rng = np.random.default_rng(3)
+    shifted = compare(rng.normal(0, 1, 99), rng.normal(3, 1, 5000), "numeric", Thresholds())
+    assert set(_statuses(shifted).values()) == {"insufficient_data"}
+    assert next(r["value"] for r in shifted if r["statistic"] == "ks") > 0.5  # still computed, for the record
+    # KS has a verdict from 100 per window; PSI waits for 500 (its own noise is ~0.18 at 100).
+    assert _statuses(compare(rng.normal(0, 1, 200), rng.normal(3, 1, 200), "numeric", Thresholds())) == {
+        "psi": "insufficient_data", "ks": "drift", "wasserstein": "ok"}
+    assert _statuses(compare(["a"] * 50, ["b"] * 50, "categorical", Thresholds())) == {
+        "js": "insufficient_data", "chi2": "insufficient_data"}
+    assert _statuses(compare(["a"] * 50, ["b"] * 50, "categorical", Thresholds(min_samples=20))) == {
+        "js": "drift", "chi2": "drift"}
+    empty = compare([], [1.0, 2.0], "numeric", Thresholds())
+    assert all(math.isnan(r["value"]) and r["status"] == "insufficient_data" for r in empty)
+
+
+def test_thresholds_resolve_most_specific_last_and_reject_unknown_names():
+    overrides = {"*": {"psi_drift": 0.3}, "text_length": {"psi_warn": 0.15},
+                 "embed/text_length": {"min_samples": 1000}, "triage/embed/text_length": {"ks_p": 0.01}}
+    t = Thresholds.resolve(overrides, "triage", "embed", "text_length")
+    assert (t.psi_drift, t.psi_warn, t.min_samples, t.ks_p) == (0.3, 0.15, 1000, 0.01)
+    assert Thresholds.resolve(overrides, "triage", "embed", "confidence").psi_warn == 0.1
+    with pytest.raises(ValueError, match="unknown threshold `psi_wran`"):
+        Thresholds.resolve({"x": {"psi_wran": 1}}, "p", "s", "x")
+    with pytest.raises(ValueError, match="`psi_warn` .* must not be above `psi_drift`"):
+        Thresholds(psi_warn=0.5)
+    with pytest.raises(ValueError, match="`min_samples` must be a whole number"):
+        Thresholds(min_samples=0)
+
+
+def test_default_windows_put_the_reference_before_the_current_window():
+    now = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
+    reference, current = default_windows(now)
+    assert current == (now - timedelta(hours=1), now)
+    assert reference == (now - timedelta(hours=25), now - timedelta(hours=1))
+    reference, current = default_windows(now.replace(tzinfo=None), current="15m", reference="7d")
+    assert current[0] == reference[1] == now - timedelta(minutes=15) and reference[0] == current[0] - timedelta(days=7)
+
+
+# ---- against the store ---------------------------------------------------------------------------
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+REFERENCE, CURRENT = default_windows(NOW, current="10m", reference="1h")
+
+
+def _span(ts: datetime, attrs: dict[str, str], duration_ns: int, offset: int) -> list:
+    ts_ns = int(ts.timestamp()) * 10**9 + offset
+    return [ts_ns, "cd" * 16, f"{ts_ns % (1 << 63):016x}", "", "", "step", "SPAN_KIND_INTERNAL", "svc", {}, "", "",
+            attrs, duration_ns, "STATUS_CODE_UNSET", "", [], [], [], [], [], [], []]
+
+
+def _seed(client, n: int = 1500) -> None:
+    """triage/classify and triage/prioritize spans: only classify's text_length shifts (by 0.5 sd)."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for window, shift in ((REFERENCE, 0.0), (CURRENT, 0.5)):
+        seconds = (window[1] - window[0]).total_seconds()
+        for i in range(n):
+            at = window[0] + timedelta(seconds=float(rng.uniform(0, seconds - 1)))
+            common = {"tracetune.pipeline": "triage"}
+            rows.append(_span(at, common | {
+                "tracetune.step": "classify",
+                "tracetune.feature.text_length": str(int(rng.normal(400 + 120 * shift, 120))),
+                "tracetune.feature.confidence": f"{rng.beta(8, 2):.4f}",
+                "tracetune.feature.category": str(rng.choice(["billing", "bug", "account"], p=[0.5, 0.3, 0.2])),
+            }, int(rng.lognormal(np.log(4e6), 0.3)), i))
+            rows.append(_span(at, common | {
+                "tracetune.step": "prioritize",
+                "tracetune.feature.priority": str(rng.choice(["low", "normal", "high"], p=[0.3, 0.5, 0.2])),
+            }, int(rng.lognormal(np.log(1e6), 0.3)), n + i))
+    # Not counted: a root span (no step), a span of another pipeline, spans outside both windows.
+    rows.append(_span(CURRENT[0], {"tracetune.pipeline": "triage", "tracetune.feature.text_length": "9999"}, 1, 0))
+    rows += [_span(CURRENT[0], {"tracetune.pipeline": "search", "tracetune.step": "embed",
+                                "tracetune.feature.text_length": "1"}, 1, i) for i in range(5)]
+    rows += [_span(REFERENCE[0] - timedelta(minutes=5), {"tracetune.pipeline": "triage", "tracetune.step": "classify",
+                                                         "tracetune.feature.text_length": "99999"}, 10**12, i)
+             for i in range(200)]
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+
+
+def test_compute_drift_finds_the_shifted_feature_and_only_it(client):
+    _seed(client)
+    frame = compute_drift(client, REFERENCE, CURRENT, pipeline="triage")
+    assert frame.columns == DRIFT_COLUMNS
+    verdicts = {(r["step"], r["feature"]): (r["kind"], r["status"])
+                for r in feature_status(frame).iter_rows(named=True)}
+    assert verdicts == {
+        ("classify", "text_length"): ("numeric", "drift"),
+        ("classify", "confidence"): ("numeric", "ok"),
+        ("classify", "category"): ("categorical", "ok"),
+        ("classify", "latency_ms"): ("latency", "ok"),
+        ("prioritize", "priority"): ("categorical", "ok"),
+        ("prioritize", "latency_ms"): ("latency", "ok"),
+    }
+    assert set(frame["n_reference"]) == {1500} and set(frame["n_current"]) == {1500}
+    assert (frame["reference_start"] == REFERENCE[0]).all() and (frame["current_end"] == CURRENT[1]).all()
+    psi_row = frame.filter((pl.col("feature") == "text_length") & (pl.col("statistic") == "psi")).row(0, named=True)
+    assert psi_row["value"] > 0.2 and math.isnan(psi_row["p_value"])
+
+    # Other pipelines appear without the filter; a per-feature override changes a verdict; the cap samples.
+    everything = compute_drift(client, REFERENCE, CURRENT, sample_cap=300, thresholds={
+        "text_length": {"psi_drift": 5, "ks_p": 0}, "classify/confidence": {"kind": "categorical"}})
+    assert set(everything.filter(pl.col("feature") == "confidence")["statistic"]) == {"js", "chi2"}
+    assert set(everything["pipeline"]) == {"triage", "search"}
+    search = everything.filter(pl.col("pipeline") == "search")
+    assert set(search["status"]) == {"insufficient_data"} and set(search["n_reference"]) == {0}
+    text = everything.filter((pl.col("pipeline") == "triage") & (pl.col("feature") == "text_length"))
+    assert dict(zip(text["statistic"], text["status"], strict=True))["ks"] == "ok"
+    assert set(everything.filter(pl.col("pipeline") == "triage")["n_current"]) == {300}
+    assert compute_drift(client, REFERENCE, CURRENT, pipeline="nope").is_empty()
+    with pytest.raises(ValueError, match="reference window must have start < end"):
+        compute_drift(client, (REFERENCE[1], REFERENCE[0]), CURRENT)
+
+
+def test_store_drift_and_latest_drift_round_trip(client):
+    _seed(client, n=200)
+    first = compute_drift(client, REFERENCE, CURRENT)
+    assert store_drift(client, first) == first.height
+    assert_frame_equal(latest_drift(client).sort(["pipeline", "step", "feature", "statistic"]),
+                       first.sort(["pipeline", "step", "feature", "statistic"]))
+
+    later = first.filter(pl.col("feature") == "text_length").with_columns(
+        pl.col("computed_at") + pl.duration(minutes=5), pl.lit(0.0).alias("value"), pl.lit("ok").alias("status"))
+    store_drift(client, later)
+    latest = latest_drift(client, pipeline="triage")
+    assert set(latest["pipeline"]) == {"triage"}
+    text = latest.filter((pl.col("step") == "classify") & (pl.col("feature") == "text_length"))
+    assert text.height == 3 and set(text["value"]) == {0.0} and set(text["computed_at"]) == {later["computed_at"][0]}
+    assert latest.filter(pl.col("feature") == "confidence")["computed_at"][0] == first["computed_at"][0]
+    assert latest_drift(client, pipeline="nope").is_empty() and store_drift(client, first.clear()) == 0
