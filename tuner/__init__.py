@@ -1,10 +1,31 @@
-"""Tuner: config versions per pipeline, served over HTTP to the executors that poll it."""
+"""Tuner: config versions per pipeline, served over HTTP to the executors that poll it; SLOs."""
 
 from __future__ import annotations
 
+import logging
+import os
+import secrets
+
 from tracetune.settings import Settings
 
-__all__ = ["serve"]
+__all__ = ["serve", "token_for", "DEMO_SLO"]
+
+log = logging.getLogger("tracetune.tuner")
+
+# The SLO a pipeline starts with until its owner sets one (PUT /v1/pipelines/{p}/slo).
+DEMO_SLO = {"p95_ms": 500.0, "p99_ms": 1500.0, "error_rate": 0.02, "cost_per_1k": 0.5, "quality_floor": 0.85}
+
+
+def token_for(settings: Settings) -> str:
+    """The write token: TRACETUNE_TUNER_TOKEN, else one generated once and kept in <home>/tuner.token."""
+    if settings.tuner_token:
+        return settings.tuner_token
+    path = settings.home / "tuner.token"
+    if not path.exists():
+        settings.home.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24))
+        os.chmod(path, 0o600)
+    return path.read_text().strip()
 
 
 def serve(settings: Settings) -> None:
@@ -14,6 +35,8 @@ def serve(settings: Settings) -> None:
     from tuner.api import create_app
 
     store.wait_ready(settings, 60)
-    app = create_app(lambda: store.connect(settings), [settings.pipeline])
+    app = create_app(lambda: store.connect(settings), [settings.pipeline], token=token_for(settings),
+                     default_slos={settings.pipeline: DEMO_SLO})
+    log.info("write token in %s", settings.home / "tuner.token")
     uvicorn.run(app, host=settings.bind_host, port=settings.tuner_port, log_level="warning",
                 access_log=False, timeout_graceful_shutdown=5)

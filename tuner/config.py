@@ -14,6 +14,7 @@ class StepConfig:
     batch_max_size: int = 8
     batch_max_wait_ms: float = 5.0
     cache_enabled: bool = True
+    length_bucketing: bool = False
 
     def validate(self, step: str) -> None:
         if self.batch_max_size < 1:
@@ -65,6 +66,6 @@ def default_config(pipeline: str) -> PipelineConfig:
         pipeline=pipeline,
         version=1,
         steps={"classify": StepConfig(batch_max_size=8, batch_max_wait_ms=5.0, cache_enabled=True)},
-        route_weights={"classify": {"fp32": 1.0}},
+        route_weights={"classify": {"fp32": 0.8, "int8": 0.2}},
         thresholds={"escalate_below_confidence": 0.45},
     )

@@ -48,3 +48,20 @@ def test_config_validation_names_the_bad_field():
         assert "steps.classify.batch_max_size" in str(exc)
     else:
         raise AssertionError("a batch size of 0 was accepted")
+
+
+def test_slo_writes_need_the_token_and_are_validated(db_settings):
+    slo = {"p95_ms": 400, "p99_ms": 900, "error_rate": 0.01}
+    app = create_app(lambda: store.connect(db_settings), ["ticket_triage"], token="s3cret",
+                     default_slos={"ticket_triage": {"p95_ms": 500.0}})
+    with ThreadServer(app) as server:
+        url = f"{server.url}/v1/pipelines/ticket_triage/slo"
+        assert httpx.get(url).json()["p95_ms"] == 500.0  # the default, stored at start
+        assert httpx.put(url, json=slo).status_code == 401
+        assert httpx.put(url, json=slo, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        bad = httpx.put(url, json={"p95_ms": -1}, headers={"Authorization": "Bearer s3cret"})
+        assert bad.status_code == 422 and "p95_ms" in bad.json()["detail"]
+        ok = httpx.put(url, json=slo, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["version"] == 2
+        assert httpx.get(url).json()["p99_ms"] == 900
+        assert httpx.get(f"{server.url}/v1/pipelines/other/slo").status_code == 404
