@@ -1,0 +1,140 @@
+"""`tracetune report`: one self-contained HTML file (inline SVG charts, no scripts) answering
+where the time goes, what 1k requests cost, what drifted and how the SLOs stand."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+from jinja2 import Environment, select_autoescape  # noqa: E402
+from markupsafe import Markup  # noqa: E402
+
+from analyzer.cost import cost_per_1k  # noqa: E402
+from analyzer.drift import compute_drift, default_windows, feature_status  # noqa: E402
+from analyzer.prices import PriceTable  # noqa: E402
+from analyzer.slo import list_slos, slo_status  # noqa: E402
+from analyzer.stats import latency, latency_series, parse_window  # noqa: E402
+from analyzer.traces import step_breakdown  # noqa: E402
+
+_PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#9d755d"]
+
+
+def _svg(fig) -> Markup:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buffer.getvalue()
+    return Markup(text[text.index("<svg"):])  # noqa: S704 - our own matplotlib output
+
+
+def percentile_chart(stats: pl.DataFrame) -> Markup | None:
+    if stats.is_empty():
+        return None
+    labels = [f"{p}/{s}" for p, s in zip(stats["pipeline"], stats["step"], strict=True)]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
+    height = 0.26
+    for i, (name, color) in enumerate(zip(("p50_ms", "p95_ms", "p99_ms"), _PALETTE, strict=False)):
+        ax.barh([y + (i - 1) * height for y in range(len(labels))], stats[name].to_list(), height, label=name[:3],
+                color=color)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("milliseconds (log scale)")
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return _svg(fig)
+
+
+def series_chart(series: pl.DataFrame) -> Markup | None:
+    if series.is_empty():
+        return None
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for i, ((pipeline, step), part) in enumerate(series.group_by(["pipeline", "step"], maintain_order=True)):
+        ax.plot(part["bucket"].to_list(), part["p95_ms"].to_list(), label=f"{pipeline}/{step}",
+                color=_PALETTE[i % len(_PALETTE)])
+    ax.set_yscale("log")
+    ax.set_ylabel("p95 ms (log scale)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    return _svg(fig)
+
+
+def cost_chart(cost: pl.DataFrame) -> Markup | None:
+    if cost.is_empty() or cost["cost"].sum() == 0:
+        return None
+    labels = [" / ".join(str(row[k]) or "-" for k in ("pipeline", "step", "route")) for row in cost.iter_rows(named=True)]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.2))
+    left = [0.0] * len(labels)
+    for part, color in zip(("token_cost", "compute_cost", "call_cost"), _PALETTE, strict=False):
+        per_1k = [1000 * v / r if r else 0 for v, r in zip(cost[part], cost["requests"], strict=True)]
+        ax.barh(range(len(labels)), per_1k, left=left, label=part.replace("_cost", ""), color=color)
+        left = [a + b for a, b in zip(left, per_1k, strict=True)]
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("cost per 1k requests")
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return _svg(fig)
+
+
+def critical_chart(breakdown: pl.DataFrame) -> Markup | None:
+    if breakdown.is_empty():
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.4 * breakdown.height + 1.2))
+    labels = [f"{p}/{s}" for p, s in zip(breakdown["pipeline"], breakdown["step"], strict=True)]
+    ax.barh(range(len(labels)), [100 * v for v in breakdown["critical_share"]], color=_PALETTE[0], label="all requests")
+    ax.scatter([100 * v for v in breakdown["tail_share"]], range(len(labels)), color=_PALETTE[3], zorder=3,
+               label="slowest 5%")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("% of request time on the critical path")
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return _svg(fig)
+
+
+def build_report(client, since: str = "1h", prices: PriceTable | None = None, pipeline: str = "") -> str:
+    """The report as an HTML string."""
+    parse_window(since)
+    stats = latency(client, since, ("pipeline", "step"), pipeline)
+    seconds = parse_window(since)
+    series = latency_series(client, since, pipeline, bucket_seconds=max(10, seconds // 60))
+    cost = cost_per_1k(client, since, by=("pipeline", "step", "route"), pipeline=pipeline, prices=prices)
+    totals = cost_per_1k(client, since, by=("pipeline",), pipeline=pipeline, prices=prices)
+    breakdown = step_breakdown(client, since, pipeline)
+    reference, current = default_windows(None, since, "24h")
+    drift = compute_drift(client, reference, current, pipeline=pipeline)
+    drift_status = feature_status(drift)
+    slos = []
+    for slo in list_slos(client):
+        if not pipeline or slo.pipeline == pipeline:
+            slos.append(slo_status(client, slo.pipeline, slo=slo))
+    slo_frame = pl.concat(slos) if slos else pl.DataFrame()
+
+    env = Environment(autoescape=select_autoescape(["html"]))
+    env.filters["num"] = lambda v, digits=2: "-" if v is None or v != v else f"{v:,.{digits}f}"
+    template = env.from_string(resources.files("analyzer.templates").joinpath("report.html").read_text())
+    return template.render(
+        generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), since=since, pipeline=pipeline or "all pipelines",
+        stats=stats.to_dicts(), totals=totals.to_dicts(), cost=cost.to_dicts(), breakdown=breakdown.to_dicts(),
+        drift=drift_status.to_dicts(), slo=slo_frame.to_dicts() if not slo_frame.is_empty() else [],
+        price_version=(cost["price_version"][0] if cost.height else (prices.version if prices else "")),
+        currency=(cost["currency"][0] if cost.height else ""),
+        charts={"percentiles": percentile_chart(stats), "series": series_chart(series), "cost": cost_chart(cost),
+                "critical": critical_chart(breakdown)},
+    )
+
+
+def write_report(client, path: Path, since: str = "1h", prices: PriceTable | None = None, pipeline: str = "") -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(build_report(client, since, prices, pipeline))
+    return path
