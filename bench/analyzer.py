@@ -30,38 +30,53 @@ import analyzer  # noqa: E402
 import store  # noqa: E402
 from tests.conftest import make_settings  # noqa: E402
 
-# One batch of N spans: 4 pipelines x 5 steps x 2 routes x 6 tenants, lognormal durations per step,
-# timestamps spread over the last 24 h, 2% errors.
+# Spans in traces of five: a root (the request) and four steps, 4 pipelines x 2 routes x 6 tenants,
+# lognormal durations per step, an LLM step with GenAI token counts, timestamps over the last 24 h,
+# 2% errors.
 GENERATE_SQL = """
 INSERT INTO otel_traces (Timestamp, TraceId, SpanId, ParentSpanId, SpanName, SpanKind, ServiceName,
                          SpanAttributes, Duration, StatusCode)
 SELECT
-    now64(9) - toIntervalNanosecond(rand64(1) % 86400000000000) AS Timestamp,
-    lower(hex(cityHash64(number, {seed:UInt64}))) || lower(hex(cityHash64(number + 1, {seed:UInt64}))) AS TraceId,
+    now64(9) - toIntervalNanosecond(cityHash64(trace, 1) % 86400000000000) + toIntervalNanosecond(position * 1000)
+        AS Timestamp,
+    lower(hex(cityHash64(trace, {seed:UInt64}))) || lower(hex(cityHash64(trace, 2))) AS TraceId,
     lower(hex(cityHash64(number, {seed:UInt64}, 7))) AS SpanId,
-    lower(hex(cityHash64(intDiv(number, 5), {seed:UInt64}))) AS ParentSpanId,
-    step AS SpanName,
-    'SPAN_KIND_INTERNAL' AS SpanKind,
+    if(position = 0, '', lower(hex(cityHash64(trace * 5, {seed:UInt64}, 7)))) AS ParentSpanId,
+    if(position = 0, pipeline, step) AS SpanName,
+    if(position = 0, 'SPAN_KIND_SERVER', 'SPAN_KIND_INTERNAL') AS SpanKind,
     'bench-executor' AS ServiceName,
-    map('tracetune.pipeline', pipeline, 'tracetune.step', step, 'tracetune.route', route,
-        'tracetune.tenant', tenant, 'tracetune.cache', if(rand(5) % 10 < 3, 'hit', 'miss')) AS SpanAttributes,
+    if(position = 0,
+       map('tracetune.pipeline', pipeline, 'tracetune.tenant', tenant),
+       mapConcat(map('tracetune.pipeline', pipeline, 'tracetune.step', step, 'tracetune.tenant', tenant,
+                     'tracetune.route', if(step = 'generate', 'llm', route),
+                     'tracetune.cache', if(rand(5) % 10 < 3, 'hit', 'miss')),
+                 if(step = 'generate',
+                    map('gen_ai.request.model', 'standin-llm-1',
+                        'gen_ai.usage.input_tokens', toString(200 + rand(7) % 300),
+                        'gen_ai.usage.output_tokens', toString(5 + rand(8) % 40)),
+                    map()))) AS SpanAttributes,
     toUInt64(exp(log(step_ms * 1e6) + 0.7 * randNormal(0, 1, number))) AS Duration,
     if(rand(3) % 100 < 2, 'STATUS_CODE_ERROR', 'STATUS_CODE_UNSET') AS StatusCode
 FROM (
-    SELECT number,
-        ['triage', 'search', 'summarize', 'extract'][number % 4 + 1] AS pipeline,
-        ['normalize', 'embed', 'classify', 'generate', 'respond'][intDiv(number, 4) % 5 + 1] AS step,
-        [0.05, 4.0, 1.5, 350.0, 0.2][intDiv(number, 4) % 5 + 1] AS step_ms,
-        ['fp32', 'int8'][rand(4) % 2 + 1] AS route,
-        ['acme', 'globex', 'initech', 'umbrella', 'hooli', 'stark'][rand(6) % 6 + 1] AS tenant
+    SELECT number, intDiv(number, 5) AS trace, number % 5 AS position,
+        ['triage', 'search', 'summarize', 'extract'][trace % 4 + 1] AS pipeline,
+        ['', 'normalize', 'embed', 'classify', 'generate'][position + 1] AS step,
+        [420.0, 0.05, 4.0, 1.5, 350.0][position + 1] AS step_ms,
+        ['fp32', 'int8'][cityHash64(trace, 3) % 2 + 1] AS route,
+        ['acme', 'globex', 'initech', 'umbrella', 'hooli', 'stark'][cityHash64(trace, 4) % 6 + 1] AS tenant
     FROM numbers({start:UInt64}, {count:UInt64})
 )
 """
 
+PRICES = analyzer.load_prices()
+
+# name -> (question(client, source), columns compared between rollup and raw)
 QUESTIONS = {
-    "per-step p50/p95/p99, 24 h": lambda c, src: analyzer.step_stats(c, "24h", source=src),
-    "per step x route x tenant, 24 h": lambda c, src: analyzer.latency(c, "24h", ("step", "route", "tenant"),
-                                                                       source=src),
+    "per-step p50/p95/p99, 24 h": (lambda c, src: analyzer.step_stats(c, "24h", source=src), ("p95_ms", "p99_ms")),
+    "step x route x tenant, 24 h": (lambda c, src: analyzer.latency(c, "24h", ("step", "route", "tenant"),
+                                                                   source=src), ("p95_ms", "p99_ms")),
+    "cost per 1k, pipeline x step, 24 h": (lambda c, src: analyzer.cost_per_1k(
+        c, "24h", by=("pipeline", "step"), prices=PRICES, source=src), ("cost_per_1k",)),
 }
 
 
@@ -80,7 +95,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=float, default=1e6)
     args = parser.parse_args()
     sizes = [int(float(s)) for s in args.sizes.split(",")]
-    console = Console()
+    console = Console(width=150)
 
     home = Path(tempfile.mkdtemp(prefix="tracetune-bench-"))
     settings = make_settings(home)
@@ -92,8 +107,8 @@ def main() -> None:
         client.timeout = 3600
         table = Table(title="analyzer: rollup vs raw spans (median of 5 runs)")
         floor_ms, _ = timed(lambda: client.query("SELECT 1"))
-        for col in ("spans", "question", "groups", "rollup ms", "raw ms", "raw / rollup", "p95 err median / max",
-                    "p99 err median / max"):
+        for col in ("spans", "question", "groups", "rollup ms", "raw ms", "raw / rollup", "compared",
+                    "error median / max"):
             table.add_column(col, justify="right" if col not in ("question",) else "left")
         inserted = 0
         for size in sizes:
@@ -104,20 +119,21 @@ def main() -> None:
                     client.command(GENERATE_SQL, parameters={"start": inserted, "count": count, "seed": 42})
                     inserted += count
                     bar.advance(task, count)
-            client.command("OPTIMIZE TABLE tracetune_spans_1m FINAL")
-            rollup_rows = client.query("SELECT count() FROM tracetune_spans_1m").result_rows[0][0]
-            console.print(f"{inserted:,} spans; rollup holds {rollup_rows:,} rows")
-            for name, question in QUESTIONS.items():
+            for rollup in ("tracetune_spans_1m", "tracetune_spans_1h"):  # what background merges do over time
+                client.command(f"OPTIMIZE TABLE {rollup} FINAL")
+            minute_rows, hour_rows = (client.query(f"SELECT count() FROM {t}").result_rows[0][0]
+                                      for t in ("tracetune_spans_1m", "tracetune_spans_1h"))
+            console.print(f"{inserted:,} spans; rollups hold {minute_rows:,} minute rows, {hour_rows:,} hour rows")
+            for name, (question, compared) in QUESTIONS.items():
                 rollup_ms, fast = timed(lambda q=question: q(client, "rollup"))
-                raw_ms, exact = timed(lambda q=question: q(client, "raw"), repeat=3)
+                raw_ms, exact = timed(lambda q=question: q(client, "raw"), repeat=2)
                 keys = [c for c in fast.columns if c in analyzer.DIMENSIONS]
                 joined = fast.join(exact, on=keys, suffix="_exact")
-                errors = {q: (joined[f"{q}_ms"] - joined[f"{q}_ms_exact"]).abs() / joined[f"{q}_ms_exact"]
-                          for q in ("p95", "p99")}
-                table.add_row(f"{inserted:,}", name, f"{joined.height:,}", f"{rollup_ms:.1f}", f"{raw_ms:.1f}",
-                              f"{raw_ms / rollup_ms:.1f}x",
-                              f"{100 * errors['p95'].median():.2f}% / {100 * errors['p95'].max():.2f}%",
-                              f"{100 * errors['p99'].median():.2f}% / {100 * errors['p99'].max():.2f}%")
+                for column in compared:
+                    error = (joined[column] - joined[f"{column}_exact"]).abs() / joined[f"{column}_exact"]
+                    table.add_row(f"{inserted:,}", name, f"{joined.height:,}", f"{rollup_ms:.1f}", f"{raw_ms:.1f}",
+                                  f"{raw_ms / rollup_ms:.1f}x", column,
+                                  f"{100 * error.median():.2f}% / {100 * error.max():.2f}%")
         console.print(table)
         console.print(f"round trip of SELECT 1 through the embedded store: {floor_ms:.1f} ms (the floor of every row)")
         console.print("errors are against exact linear-interpolated percentiles; DDSketch guarantees 0.5% against "
