@@ -244,7 +244,7 @@ def _cost_per_1k_rollup(client, since: str | int, keys: list[str], pipeline: str
     priced here on those few rows. Batched compute is the batch spans' total duration (the sum of every
     request's batch share); unbatched compute is the step spans' duration (their self time: executor
     steps are leaves). Per-call prices match the step name only (the provider is not rolled up)."""
-    from analyzer.stats import HOURLY_FROM_SECONDS, _ROLLUPS
+    from analyzer.stats import _ROLLUPS, HOURLY_FROM_SECONDS
 
     unknown = [k for k in keys if k not in _ROLLUP_DIMENSIONS]
     if unknown:

@@ -53,7 +53,7 @@ def run(client, prices_file: str, interval: float, stop: threading.Event) -> Non
         try:
             written = refresh(client)
             log.info("analyzer refresh: %s", written)
-        except Exception:  # noqa: BLE001 - keep refreshing; ClickHouse may be briefly away
+        except Exception:
             log.exception("analyzer refresh failed; will retry")
         if stop.wait(interval):
             return

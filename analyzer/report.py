@@ -11,17 +11,17 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-from jinja2 import Environment, select_autoescape  # noqa: E402
-from markupsafe import Markup  # noqa: E402
+import matplotlib.pyplot as plt
+import polars as pl
+from jinja2 import Environment, select_autoescape
+from markupsafe import Markup
 
-from analyzer.cost import cost_per_1k  # noqa: E402
-from analyzer.drift import compute_drift, default_windows, feature_status  # noqa: E402
-from analyzer.prices import PriceTable  # noqa: E402
-from analyzer.slo import list_slos, slo_status  # noqa: E402
-from analyzer.stats import latency, latency_series, parse_window  # noqa: E402
-from analyzer.traces import step_breakdown  # noqa: E402
+from analyzer.cost import cost_per_1k
+from analyzer.drift import compute_drift, default_windows, feature_status
+from analyzer.prices import PriceTable
+from analyzer.slo import list_slos, slo_status
+from analyzer.stats import latency, latency_series, parse_window
+from analyzer.traces import step_breakdown
 
 _PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#9d755d"]
 
@@ -31,7 +31,7 @@ def _svg(fig) -> Markup:
     fig.savefig(buffer, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buffer.getvalue()
-    return Markup(text[text.index("<svg"):])  # noqa: S704 - our own matplotlib output
+    return Markup(text[text.index("<svg"):])
 
 
 def percentile_chart(stats: pl.DataFrame) -> Markup | None:
@@ -70,7 +70,8 @@ def series_chart(series: pl.DataFrame) -> Markup | None:
 def cost_chart(cost: pl.DataFrame) -> Markup | None:
     if cost.is_empty() or cost["cost"].sum() == 0:
         return None
-    labels = [" / ".join(str(row[k]) or "-" for k in ("pipeline", "step", "route")) for row in cost.iter_rows(named=True)]
+    labels = [" / ".join(str(row[k]) or "-" for k in ("pipeline", "step", "route"))
+              for row in cost.iter_rows(named=True)]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(labels) + 1.2))
     left = [0.0] * len(labels)
     for part, color in zip(("token_cost", "compute_cost", "call_cost"), _PALETTE, strict=False):

@@ -120,7 +120,7 @@ class SpanWriter:
                 continue
             try:
                 self._insert(batch)
-            except Exception as exc:  # ClickHouse down or refusing: keep the rows, retry later
+            except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing: keep the rows, retry later
                 self._give_back(batch)
                 self.insert_failures += 1
                 self.last_error = str(exc).splitlines()[0][:300]

@@ -1,7 +1,8 @@
 """Adaptive-size micro-batching: requests queue, a batch runs when full or when its oldest waited long enough.
 
 One batch span is linked to every request span it served; each request learns its batch size and
-queue time so its own step span can carry them.
+queue time so its own step span can carry them. With a `length` function the batcher groups requests
+of similar length (the oldest request's length bucket first), so padded batches waste less compute.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ class BatchResult:
     value: Any
     batch_size: int
     queue_ms: float
+    padding_ratio: float = 0.0  # share of the batch's padded length that was padding
+
+
+def length_bucket(length: int, width: int = 16) -> int:
+    return (max(length, 1) - 1) // width
 
 
 @dataclass
@@ -30,35 +36,45 @@ class _Pending:
     future: Future
     enqueued: float
     link: trace.Link | None
+    length: int = 0
 
 
 class Batcher:
     def __init__(self, name: str, run_batch: Callable[[list[Any]], list[Any]], max_size: int = 8,
                  max_wait_ms: float = 5.0, tracer: trace.Tracer | None = None,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None,
+                 length: Callable[[Any], int] | None = None, bucket_by_length: bool = False,
+                 attributes: dict[str, Any] | None = None):
         self.name = name
         self._run_batch = run_batch
         self.max_size = max_size
         self.max_wait_ms = max_wait_ms
         self._tracer = tracer or trace.get_tracer("tracetune.executor")
         self._on_batch = on_batch
+        self._length = length
+        self._attributes = dict(attributes or {})  # on every batch span, e.g. tracetune.batch_of
+        self.bucket_by_length = bucket_by_length
+        self.padding_waste = [0, 0]  # padded tokens, total padded length, over all batches
         self._queue: deque[_Pending] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
-    def configure(self, max_size: int, max_wait_ms: float) -> None:
+    def configure(self, max_size: int, max_wait_ms: float, bucket_by_length: bool | None = None) -> None:
         """Apply new bounds; queued requests are kept and served under the new bounds."""
         with self._cond:
             self.max_size = max(1, int(max_size))
             self.max_wait_ms = max(0.0, float(max_wait_ms))
+            if bucket_by_length is not None:
+                self.bucket_by_length = bucket_by_length
             self._cond.notify()
 
     def submit(self, item: Any) -> Future:
         span_context = trace.get_current_span().get_span_context()
         link = trace.Link(span_context) if span_context.is_valid else None
-        pending = _Pending(item, Future(), time.monotonic(), link)
+        length = self._length(item) if self._length else 0
+        pending = _Pending(item, Future(), time.monotonic(), link, length)
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"batcher {self.name} is closed")
@@ -87,7 +103,20 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            if self.bucket_by_length and self._length:
+                return self._take_bucket()
             return [self._queue.popleft() for _ in range(min(self.max_size, len(self._queue)))]
+
+    def _take_bucket(self) -> list[_Pending]:
+        """The oldest request plus the next-oldest of its length bucket, then of neighbouring buckets."""
+        head_bucket = length_bucket(self._queue[0].length)
+        ranked = sorted(range(len(self._queue)),
+                        key=lambda i: (abs(length_bucket(self._queue[i].length) - head_bucket), i))
+        chosen = sorted(ranked[:self.max_size])
+        batch = [self._queue[i] for i in chosen]
+        for i in reversed(chosen):
+            del self._queue[i]
+        return batch
 
     def _loop(self) -> None:
         while True:
@@ -96,13 +125,20 @@ class Batcher:
                 return
             started = time.monotonic()
             links = [p.link for p in batch if p.link is not None]
+            padded = max(p.length for p in batch) * len(batch)
+            padding = (padded - sum(p.length for p in batch)) / padded if padded else 0.0
+            self.padding_waste[0] += padded - sum(p.length for p in batch)
+            self.padding_waste[1] += padded
+            attributes = {**self._attributes, "tracetune.batch_size": len(batch)}
+            if self._length:
+                attributes["tracetune.padding_ratio"] = round(padding, 4)
             with self._tracer.start_as_current_span(f"batch {self.name}", links=links,
-                                                    attributes={"tracetune.batch_size": len(batch)}) as span:
+                                                    attributes=attributes) as span:
                 try:
                     values = self._run_batch([p.item for p in batch])
                     if len(values) != len(batch):
                         raise RuntimeError(f"batch function returned {len(values)} results for {len(batch)} inputs")
-                except BaseException as exc:  # every waiter hears about the failure, none is lost
+                except BaseException as exc:  # noqa: BLE001 - every waiter hears about the failure, none is lost
                     span.record_exception(exc)
                     span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
                     for p in batch:
@@ -110,5 +146,5 @@ class Batcher:
                     continue
             if self._on_batch:
                 self._on_batch(len(batch), time.monotonic() - started)
-            for p, value in zip(batch, values):
-                p.future.set_result(BatchResult(value, len(batch), (started - p.enqueued) * 1000))
+            for p, value in zip(batch, values, strict=False):
+                p.future.set_result(BatchResult(value, len(batch), (started - p.enqueued) * 1000, padding))

@@ -13,3 +13,7 @@ BATCH_SIZE = Histogram("tracetune_batch_size", "Requests per batch", ["step"],
                        buckets=(1, 2, 4, 8, 16, 32, 64))
 CACHE_TOTAL = Counter("tracetune_cache_requests_total", "Cache look-ups", ["step", "result"])
 CONFIG_VERSION = Gauge("tracetune_config_version", "Tuner config version in force", ["pipeline"])
+RETRIES_TOTAL = Counter("tracetune_retries_total", "Retried calls to remote services", ["pipeline", "step"])
+DEAD_LETTERS_TOTAL = Counter("tracetune_dead_letters_total", "Tasks dead-lettered after exhausting retries",
+                             ["pipeline", "step"])
+CACHE_HIT_RATIO = Gauge("tracetune_cache_hit_ratio", "Cache hits / look-ups since start", ["step"])

@@ -1,88 +1,52 @@
-"""The executor process: the sample pipeline, its metrics, config polling and an optional steady load."""
+"""The executor process: pipelines behind an HTTP API with /metrics, polling the tuner for config."""
 
 from __future__ import annotations
 
 import logging
-import random
-import signal
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
-from prometheus_client import start_http_server
-
-from executor.corpus import generate
-from executor.models import TicketClassifier, build_models
-from executor.pipelines import Pipeline, StepError, TicketTriage
-from executor.telemetry import setup_tracing
-from executor.tuning import ConfigPoller
+from executor.pipelines import Pipeline, TicketTriage
 from tracetune.settings import Settings
 
 log = logging.getLogger("tracetune.executor")
 
+VARIANTS = ("fp32", "int8")
 
-def build_pipeline(settings: Settings) -> Pipeline:
-    build_models(settings.models_dir)
+
+def build_pipeline(settings: Settings, tracer=None, dead_letters=None) -> Pipeline:
+    """The configured pipeline with its models, LLM cascade and CRM side effect wired to settings."""
+    from executor.effects import DeadLetters, crm_followups
+    from executor.llm import ChatClient
+    from executor.models import TicketClassifier, build_models
+
     if settings.pipeline != TicketTriage.name:
         raise SystemExit(f"unknown pipeline {settings.pipeline!r}; this executor runs: {TicketTriage.name}")
-    return TicketTriage(TicketClassifier(settings.models_dir))
+    build_models(settings.models_dir)
+    classifiers = {v: TicketClassifier(settings.models_dir, variant=v) for v in VARIANTS}
+    llm = ChatClient(settings.llm_base_url, settings.llm_model, api_key=settings.llm_api_key)
+    if dead_letters is None:
+        import store
+
+        dead_letters = DeadLetters(lambda: store.connect(settings, ensure_schema=False))
+    followups = crm_followups(settings.crm_base_url, pipeline=TicketTriage.name, dead_letters=dead_letters)
+    return TicketTriage(classifiers, tracer=tracer, llm=llm.classify, followups=followups)
 
 
-def steady_load(pipeline: Pipeline, rate: float, stop: threading.Event, workers: int,
-                seed: int = 3, duplicate_ratio: float = 0.2, empty_ratio: float = 0.01) -> dict[str, int]:
-    """Open-loop Poisson arrivals at `rate`/s until `stop`; returns counts of ok / failed tasks."""
-    rng = random.Random(seed)
-    tickets = [t.text for t in generate(2000, seed=seed)]
-    counts = {"submitted": 0, "ok": 0, "failed": 0, "crashed": 0}
-    lock = threading.Lock()
+def run(settings: Settings) -> None:
+    import uvicorn
 
-    def one(text: str) -> None:
-        try:
-            pipeline.run(text)
-            outcome = "ok"
-        except StepError:
-            outcome = "failed"
-        except Exception:
-            log.exception("task crashed")
-            outcome = "crashed"
-        with lock:
-            counts[outcome] += 1
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="task") as pool:
-        next_at = time.monotonic()
-        while not stop.is_set():
-            next_at += rng.expovariate(rate)
-            delay = next_at - time.monotonic()
-            if delay > 0 and stop.wait(delay):
-                break
-            roll = rng.random()
-            text = "   " if roll < empty_ratio else (tickets[rng.randrange(50)] if roll < empty_ratio + duplicate_ratio
-                                                     else tickets[rng.randrange(len(tickets))])
-            pool.submit(one, text)
-            counts["submitted"] += 1
-    return counts
-
-
-def run(settings: Settings, duration: float | None = None) -> None:
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from executor.api import create_app
+    from executor.telemetry import setup_tracing
+    from executor.tuning import ConfigPoller
 
     provider = setup_tracing(settings.collector_url)
     pipeline = build_pipeline(settings)
-    start_http_server(settings.executor_metrics_port, addr=settings.bind_host)
     poller = ConfigPoller(settings.tuner_url, pipeline.name, pipeline.apply_config,
                           settings.executor_config_poll_seconds).start()
-    if duration:
-        threading.Timer(duration, stop.set).start()
-    log.warning("executor ready: pipeline %s, config version %s, load %.1f/s",
-                pipeline.name, pipeline.config.version, settings.load_rate)
+    log.warning("executor ready: pipeline %s, config version %s", pipeline.name, pipeline.config.version)
     try:
-        if settings.load_rate > 0:
-            counts = steady_load(pipeline, settings.load_rate, stop, settings.executor_workers)
-            log.warning("load finished: %s", counts)
-        else:
-            stop.wait()
+        uvicorn.run(create_app({pipeline.name: pipeline}, settings.executor_max_in_flight),
+                    host=settings.bind_host, port=settings.executor_metrics_port, log_level="warning",
+                    access_log=False, timeout_graceful_shutdown=30)
     finally:
         poller.stop()
         pipeline.close()

@@ -60,7 +60,7 @@ def store_settings(tmp_path_factory) -> Iterator[Settings]:
         store.wait_ready(settings, 60)
     except TimeoutError:
         stop_process(proc)
-        raise RuntimeError("embedded store did not start:\n" + (home / "store.log").read_text()[-3000:])
+        raise RuntimeError("embedded store did not start:\n" + (home / "store.log").read_text()[-3000:]) from None
     yield settings
     stop_process(proc)
 

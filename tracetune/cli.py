@@ -65,22 +65,88 @@ def tuner(ctx: click.Context) -> None:
 
 
 @cli.command()
-@click.option("--rate", type=float, default=None, help="Requests per second of built-in load (0: none).")
-@click.option("--duration", type=float, default=None, help="Stop after this many seconds.")
 @click.pass_context
-def executor(ctx: click.Context, rate: float | None, duration: float | None) -> None:
-    """Run the executor: the sample pipeline, its /metrics, config polling, and optional load."""
+def executor(ctx: click.Context) -> None:
+    """Run the executor: pipelines behind POST /v1/pipelines/{p}/tasks, /metrics, polling the tuner."""
     from executor.runner import run
 
-    run(_settings(ctx, load_rate=rate), duration=duration)
+    run(_settings(ctx))
+
+
+@cli.command()
+@click.pass_context
+def standins(ctx: click.Context) -> None:
+    """Run the stand-in remote services: an OpenAI-compatible LLM (8808) and a CRM (8809)."""
+    from executor.standins import serve_standins
+
+    s = _settings(ctx)
+    serve_standins(s.bind_host, s.llm_port, s.crm_port)
+
+
+@cli.command()
+@click.option("--rate", type=float, default=None, help="Mean arrivals per second (default: settings load_rate).")
+@click.option("--duration", type=float, default=None, help="Seconds to run (default: until Ctrl-C).")
+@click.option("--pattern", type=click.Choice(["steady", "step", "burst", "daily"]), default="steady",
+              show_default=True, help="How the arrival rate changes over time.")
+@click.option("--duplicates", type=float, default=0.2, show_default=True,
+              help="Share of tickets that repeat a recent one.")
+@click.option("--drift", "drifts", multiple=True, metavar="KIND@SECONDS",
+              help="Inject drift from a time on: category_mix, text_length or unseen_vocab (repeatable).")
+@click.option("--tenants", default="acme,globex,initech", show_default=True, help="Comma-separated tenants.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--period", type=float, default=120.0, show_default=True,
+              help="Seconds in one cycle of the daily pattern (a quarter of it for burst).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def load(ctx: click.Context, rate, duration, pattern, duplicates, drifts, tenants, seed, period, no_progress,
+         as_json) -> None:
+    """Drive a pipeline open-loop (Poisson arrivals) and record ground truth for quality."""
+    from executor.load import Drift, LoadPlan
+
+    s = _settings(ctx)
+    try:
+        plan = LoadPlan(rate=rate or s.load_rate, duration=duration, pattern=pattern, duplicate_ratio=duplicates,
+                        drifts=[Drift.parse(d) for d in drifts], tenants=[t for t in tenants.split(",") if t],
+                        seed=seed, period_seconds=period)
+        plan.validate()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    from tracetune.loadcli import run_load_command
+
+    summary = run_load_command(s, plan, progress=not no_progress)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+@cli.command("analyzer")
+@click.pass_context
+def analyzer_cmd(ctx: click.Context) -> None:
+    """Run the analyzer loop: publish prices, refresh drift and SLO burn rates every interval."""
+    import signal
+    import threading
+
+    from analyzer.loop import run
+
+    s = _settings(ctx)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    import store as store_mod
+
+    client = store_mod.connect(s, wait=60)
+    run(client, s.prices_file, s.analyzer_interval_seconds, stop)
 
 
 @cli.command()
 @click.pass_context
 def dashboard(ctx: click.Context) -> None:
     """Run the Streamlit dashboard (default port 8501)."""
-    from tracetune.supervisor import dashboard_command
     import os
+
+    from tracetune.supervisor import dashboard_command
 
     s = _settings(ctx)
     os.execvpe(dashboard_command(s)[0], dashboard_command(s), {**os.environ, **s.as_env()})
@@ -112,29 +178,148 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None) -> None
 @cli.command()
 @click.option("--since", default="5m", show_default=True, help="Trailing window: 30s, 5m, 2h, 7d.")
 @click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--source", type=click.Choice(["rollup", "raw"]), default="rollup", show_default=True,
+              help="Per-minute rollups (flat cost, percentiles within 0.5%) or raw spans (exact).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
 @click.pass_context
-def stats(ctx: click.Context, since: str, pipeline: str, as_json: bool) -> None:
+def stats(ctx: click.Context, since: str, pipeline: str, source: str, as_json: bool) -> None:
     """Per-step requests, error rate, p50, p95, p99 (ms) over a trailing window."""
     import analyzer
-    import store as store_mod
     from tracetune.terminal import console, step_table
+
+    _window(since)
+    frame = analyzer.step_stats(_client(_settings(ctx)), since, pipeline, source=source)
+    if as_json:
+        click.echo(json.dumps(frame.to_dicts(), indent=2))
+    else:
+        console().print(step_table(frame, title=f"per-step latency, last {since}"))
+
+
+def _client(s: Settings):
+    import store as store_mod
+
+    try:
+        return store_mod.connect(s)
+    except Exception as exc:  # noqa: BLE001 - any failure to reach ClickHouse gets the same one-line answer
+        where = s.store_url if s.embedded else s.clickhouse_url
+        raise click.ClickException(f"cannot reach ClickHouse at {where}: {str(exc).splitlines()[0]} "
+                                   "(is `tracetune up` running?)") from None
+
+
+def _window(since: str) -> None:
+    import analyzer
 
     try:
         analyzer.parse_window(since)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    s = _settings(ctx)
+
+
+def _prices(s: Settings, client):
+    import analyzer
+
     try:
-        client = store_mod.connect(s)
-    except Exception as exc:
-        raise click.ClickException(f"cannot reach ClickHouse at {s.store_url if s.embedded else s.clickhouse_url}: "
-                                   f"{str(exc).splitlines()[0]} (is `tracetune up` running?)") from None
-    frame = analyzer.step_stats(client, since, pipeline)
+        table = analyzer.load_prices(s.prices_file) if s.prices_file else analyzer.load_prices()
+        analyzer.publish_prices(client, table)
+    except analyzer.PricesError as exc:
+        raise click.ClickException(str(exc)) from None
+    return table
+
+
+@cli.command()
+@click.option("--since", default="1h", show_default=True, help="Trailing window: 30s, 5m, 2h, 7d.")
+@click.option("--by", default="pipeline,step", show_default=True,
+              help="Comma-separated: pipeline, tenant, step, route, model.")
+@click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--source", type=click.Choice(["raw", "rollup"]), default="raw", show_default=True,
+              help="Raw spans (exact, any grouping) or the rollups (flat cost at scale).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.pass_context
+def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as_json: bool) -> None:
+    """Cost per 1k requests (token, compute and per-call prices from prices.toml)."""
+    import analyzer
+    from tracetune.terminal import console, cost_table
+
+    _window(since)
+    s = _settings(ctx)
+    client = _client(s)
+    table = _prices(s, client)
+    try:
+        frame = analyzer.cost_per_1k(client, since, by=[b.strip() for b in by.split(",") if b.strip()],
+                                     pipeline=pipeline, prices=table, source=source)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--by") from None
     if as_json:
-        click.echo(json.dumps(frame.to_dicts(), indent=2))
+        click.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
     else:
-        console().print(step_table(frame, title=f"per-step latency, last {since}"))
+        console().print(cost_table(frame, title=f"cost per 1k requests, last {since} "
+                                                f"(prices {table.version}, {table.currency})"))
+
+
+@cli.command()
+@click.option("--current", default="1h", show_default=True, help="Current window (ends now).")
+@click.option("--reference", default="24h", show_default=True, help="Reference window (ends where current starts).")
+@click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--save", is_flag=True, help="Also store the results in tracetune_drift.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.pass_context
+def drift(ctx: click.Context, current: str, reference: str, pipeline: str, save: bool, as_json: bool) -> None:
+    """Drift of every tracetune.feature.* attribute and step latency: current window vs reference."""
+    import analyzer
+    from tracetune.terminal import console, drift_table
+
+    _window(current)
+    _window(reference)
+    client = _client(_settings(ctx))
+    ref_window, cur_window = analyzer.default_windows(None, current, reference)
+    frame = analyzer.compute_drift(client, ref_window, cur_window, pipeline=pipeline)
+    if save and not frame.is_empty():
+        analyzer.store_drift(client, frame)
+    if as_json:
+        click.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
+    else:
+        console().print(drift_table(analyzer.feature_status(frame) if not frame.is_empty() else frame, frame,
+                                    title=f"drift: last {current} vs the {reference} before"))
+
+
+@cli.command()
+@click.option("--pipeline", default="", help="Only this pipeline (default: every pipeline with an SLO).")
+@click.option("--source", type=click.Choice(["rollup", "raw"]), default="rollup", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.pass_context
+def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
+    """SLO burn rates over the multi-window pairs, firing rules and error budget remaining."""
+    import polars as pl
+
+    import analyzer
+    from tracetune.terminal import console, slo_table
+
+    client = _client(_settings(ctx))
+    slos = [analyzer.get_slo(client, pipeline)] if pipeline else analyzer.list_slos(client)
+    if not slos or slos[0] is None:
+        raise click.ClickException(f"no SLO saved{' for ' + pipeline if pipeline else ''}; set one with "
+                                   "PUT /v1/pipelines/{p}/slo on the tuner")
+    frame = pl.concat([analyzer.slo_status(client, s.pipeline, slo=s, source=source) for s in slos])
+    if as_json:
+        click.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
+    else:
+        console().print(slo_table(frame))
+
+
+@cli.command()
+@click.option("--since", default="1h", show_default=True, help="Trailing window: 30s, 5m, 2h, 7d.")
+@click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="tracetune-report.html", show_default=True)
+@click.pass_context
+def report(ctx: click.Context, since: str, pipeline: str, output: str) -> None:
+    """Write an HTML report: latency, critical path, cost per 1k, drift and SLOs, with charts."""
+    from analyzer.report import write_report
+
+    _window(since)
+    s = _settings(ctx)
+    client = _client(s)
+    path = write_report(client, output, since, _prices(s, client), pipeline)
+    click.echo(f"wrote {path.resolve()}")
 
 
 @cli.group()

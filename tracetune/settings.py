@@ -143,8 +143,9 @@ class Settings:
 
 
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
-_POSITIVE_FIELDS = ["analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows", "collector_flush_seconds", "collector_max_queue_rows",
-                    "collector_max_body_bytes", "executor_config_poll_seconds", "executor_workers"]
+_POSITIVE_FIELDS = ["analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
+                    "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
+                    "executor_config_poll_seconds", "executor_workers"]
 
 
 def _convert(name: str, kind: Any, raw: Any, origin: str) -> Any:

@@ -30,7 +30,7 @@ class StartError(RuntimeError):
 class Component:
     name: str
     args: list[str]
-    port: int
+    port: int | None  # None: no port of its own (ready once started)
     ready_url: str
     url: str
     proc: subprocess.Popen | None = None
@@ -46,6 +46,7 @@ def dashboard_command(settings: Settings) -> list[str]:
 
 
 def components(settings: Settings, load_rate: float, with_dashboard: bool = True) -> list[Component]:
+    """Everything `up` runs, in start order; with a load rate, the load generator last."""
     tracetune = [sys.executable, "-m", "tracetune"]
     parts = []
     if settings.embedded:
@@ -56,12 +57,22 @@ def components(settings: Settings, load_rate: float, with_dashboard: bool = True
                   f"{settings.collector_url}/health", f"{settings.collector_url}/v1/traces"),
         Component("tuner", tracetune + ["tuner"], settings.tuner_port, f"{settings.tuner_url}/health",
                   f"{settings.tuner_url}/docs"),
-        Component("executor", tracetune + ["executor", "--rate", str(load_rate)], settings.executor_metrics_port,
-                  settings.executor_metrics_url, settings.executor_metrics_url),
     ]
+    if not settings.llm_url or not settings.crm_url:
+        parts.append(Component("standins", tracetune + ["standins"], settings.llm_port,
+                               f"http://{settings.bind_host}:{settings.llm_port}/v1/models",
+                               f"{settings.llm_base_url} (LLM), {settings.crm_base_url} (CRM)"))
+    parts.append(Component("executor", tracetune + ["executor"], settings.executor_metrics_port,
+                           f"{settings.executor_url}/health", f"{settings.executor_url}/v1/pipelines/"
+                           f"{settings.pipeline}/tasks, {settings.executor_metrics_url}"))
+    parts.append(Component("analyzer", tracetune + ["analyzer"], None, "",
+                           f"drift and SLO refresh every {settings.analyzer_interval_seconds:g} s"))
     if with_dashboard:
         parts.append(Component("dashboard", dashboard_command(settings), settings.dashboard_port,
                                f"{settings.dashboard_url}/_stcore/health", settings.dashboard_url))
+    if load_rate > 0:
+        parts.append(Component("load", tracetune + ["load", "--rate", str(load_rate), "--no-progress"], None,
+                               "", f"{load_rate:g} tickets/s, Poisson arrivals"))
     return parts
 
 
@@ -90,9 +101,15 @@ class Supervisor:
 
     def check_ports(self) -> None:
         for part in self.parts:
-            if _port_in_use(self.settings.bind_host, part.port):
+            ports = [part.port] + ([self.settings.crm_port] if part.name == "standins" else [])
+            busy = [p for p in ports if p is not None and _port_in_use(self.settings.bind_host, p)]
+            if busy:
+                part.port = busy[0]
                 field = {"store": "STORE_PORT", "collector": "COLLECTOR_PORT", "tuner": "TUNER_PORT",
-                         "executor": "EXECUTOR_METRICS_PORT", "dashboard": "DASHBOARD_PORT"}[part.name]
+                         "standins": "LLM_PORT", "executor": "EXECUTOR_METRICS_PORT",
+                         "dashboard": "DASHBOARD_PORT"}[part.name]
+                if part.name == "standins" and part.port == self.settings.crm_port:
+                    field = "CRM_PORT"
                 raise StartError(f"port {part.port} for the {part.name} is already in use; stop what is using it "
                                  f"or set TRACETUNE_{field} to a free port")
 
@@ -112,6 +129,12 @@ class Supervisor:
 
     def _wait_ready(self, part: Component, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        if not part.ready_url:
+            time.sleep(0.5)
+            if part.proc.poll() is not None:
+                raise StartError(f"the {part.name} exited with code {part.proc.returncode} while starting; "
+                                 f"its log ({part.log}) ends with:\n{_tail(part.log)}")
+            return
         with httpx.Client(timeout=2) as client:
             while time.monotonic() < deadline:
                 if part.proc.poll() is not None:
@@ -206,7 +229,7 @@ def demo(settings: Settings, duration: float | None = None) -> int:
     def body(supervisor: Supervisor, stop: threading.Event, out) -> int:
         started = time.monotonic()
         client = store.connect(settings, ensure_schema=False)
-        window = lambda: int(time.monotonic() - started) + 60  # noqa: E731 - everything since start
+        window = lambda: int(time.monotonic() - started) + 60
         out.print(f"demo load: {rate:g} tickets/s on pipeline {settings.pipeline}")
         if duration is not None:
             timer = threading.Timer(duration, stop.set)
@@ -215,8 +238,8 @@ def demo(settings: Settings, duration: float | None = None) -> int:
             code = _watch(supervisor, stop, 0.5)
             if code:
                 return code
-            # Flush the path spans take: executor exports on exit, collector writes on exit.
-            for name in ("executor", "collector"):
+            # Flush the path spans take: load stops sending, executor exports, collector writes.
+            for name in ("load", "executor", "analyzer", "collector"):
                 supervisor.stop_one(next(p for p in supervisor.parts if p.name == name))
             out.print(table(client, window(), f"per-step latency, {duration:g} s of demo load"))
             return 0
@@ -229,7 +252,7 @@ def demo(settings: Settings, duration: float | None = None) -> int:
             def tick() -> None:
                 try:
                     live.update(table(client, window(), "per-step latency since start (refreshing every 2 s)"))
-                except Exception as exc:  # keep the demo running while ClickHouse is briefly busy
+                except Exception as exc:  # noqa: BLE001 - keep the demo running while ClickHouse is briefly busy
                     live.console.print(f"[yellow]stats unavailable: {exc}[/yellow]")
             return _watch(supervisor, stop, 2.0, tick)
 

@@ -24,3 +24,59 @@ def step_table(frame: pl.DataFrame, title: str = "per-step latency") -> Table:
         table.add_row(row["pipeline"], row["step"], f"{row['requests']:,}", f"{100 * row['error_rate']:.1f}",
                       f"{row['p50_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['p99_ms']:.2f}")
     return table
+
+
+def cost_table(frame: pl.DataFrame, title: str = "cost per 1k requests") -> Table:
+    table = Table(title=title, title_justify="left")
+    keys = [c for c in frame.columns if c in ("pipeline", "tenant", "step", "route", "model")]
+    for name in keys:
+        table.add_column(name)
+    for name in ("requests", "tokens in/out", "compute s", "token $", "compute $", "calls $", "$ per 1k"):
+        table.add_column(name, justify="right")
+    if frame.is_empty():
+        table.add_row(*(["(no requests in the window)"] + [""] * (len(keys) + 6))[:len(keys) + 7])
+        return table
+    for row in frame.iter_rows(named=True):
+        per_1k = row["cost_per_1k"]
+        table.add_row(*[row[k] or "-" for k in keys], f"{row['requests']:,}",
+                      f"{row['input_tokens']:,}/{row['output_tokens']:,}", f"{row['compute_seconds']:.2f}",
+                      f"{row['token_cost']:.4f}", f"{row['compute_cost']:.4f}", f"{row['call_cost']:.4f}",
+                      "-" if per_1k is None else f"{per_1k:.4f}")
+    return table
+
+
+_STATUS_STYLE = {"drift": "bold red", "warn": "yellow", "ok": "green", "insufficient_data": "dim"}
+
+
+def drift_table(status: pl.DataFrame, detail: pl.DataFrame, title: str = "drift") -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("pipeline", "step", "feature", "kind", "status", "statistics", "n ref / cur"):
+        table.add_column(name, justify="right" if name == "n ref / cur" else "left")
+    if status.is_empty():
+        table.add_row("(no features in either window)", "", "", "", "", "", "")
+        return table
+    for row in status.iter_rows(named=True):
+        stats = detail.filter((pl.col("pipeline") == row["pipeline"]) & (pl.col("step") == row["step"])
+                              & (pl.col("feature") == row["feature"]))
+        text = ", ".join(f"{r['statistic']} {r['value']:.3g}" + ("" if r["p_value"] != r["p_value"]
+                                                                  else f" (p={r['p_value']:.2g})")
+                         for r in stats.iter_rows(named=True))
+        first = stats.row(0, named=True) if stats.height else {"n_reference": 0, "n_current": 0}
+        style = _STATUS_STYLE.get(row["status"], "")
+        table.add_row(row["pipeline"], row["step"], row["feature"], row.get("kind", ""),
+                      f"[{style}]{row['status']}[/{style}]" if style else row["status"], text,
+                      f"{first['n_reference']:,} / {first['n_current']:,}")
+    return table
+
+
+def slo_table(frame: pl.DataFrame) -> Table:
+    table = Table(title="SLO burn rates", title_justify="left")
+    for name in ("pipeline", "slo", "target", "windows", "factor", "burn long / short", "firing", "budget left"):
+        table.add_column(name, justify="left" if name in ("pipeline", "slo", "windows") else "right")
+    for row in frame.iter_rows(named=True):
+        target = f"{row['target_ms']:g} ms" if row["target_ms"] is not None else f"{row['objective']:.3%}"
+        firing = f"[bold red]{row['severity']}[/bold red]" if row["firing"] else "-"
+        table.add_row(row["pipeline"], row["slo"], target, f"{row['long_window']} / {row['short_window']}",
+                      f"{row['factor']:g}", f"{row['long_burn_rate']:.2f} / {row['short_burn_rate']:.2f}", firing,
+                      f"{row['budget_remaining']:.1%}")
+    return table

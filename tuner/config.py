@@ -46,7 +46,8 @@ class PipelineConfig:
         steps = {name: StepConfig(**value) for name, value in (data.get("steps") or {}).items()}
         config = cls(
             pipeline=data["pipeline"], version=int(data.get("version", 1)), steps=steps,
-            route_weights={k: {r: float(w) for r, w in v.items()} for k, v in (data.get("route_weights") or {}).items()},
+            route_weights={k: {r: float(w) for r, w in v.items()}
+                           for k, v in (data.get("route_weights") or {}).items()},
             thresholds={k: float(v) for k, v in (data.get("thresholds") or {}).items()},
         )
         config.validate()

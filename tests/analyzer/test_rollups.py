@@ -45,7 +45,7 @@ def seeded(client):
                             tenant=str(tenants[i]), cache=str(caches[i]), batch=int(i % 8) + 1, queue=float(i % 5),
                             error=bool(errors[i])))
         truth[step] = (d, routes, tenants, caches, errors)
-    for i in range(500):
+    for _ in range(500):
         rows.append(row(now - int(rng.integers(0, 240e9)), "triage", "", int(rng.integers(1e6, 1e9)), root=True))
     for start in range(0, len(rows), 4000):  # several inserts, so the rollup merges several states
         client.insert("otel_traces", rows[start:start + 4000], column_names=COLUMNS)

@@ -26,7 +26,7 @@ def test_step_percentiles_match_numpy_and_window_is_respected(client):
         for step, scale in (("embed", 4e6), ("rank", 1.5e6), ("respond", 9e6)):
             durations = rng.lognormal(np.log(scale), 0.6, size=500).astype(np.int64)
             errors = rng.random(500) < 0.03
-            for i, (d, e) in enumerate(zip(durations, errors)):
+            for i, (d, e) in enumerate(zip(durations, errors, strict=False)):
                 rows.append(span_row(now - int(60e9 * rng.random()) - i, pipeline, step, int(d), bool(e)))
             expected[(pipeline, step)] = (durations, errors)
             # Old spans outside a 5-minute window must not count.

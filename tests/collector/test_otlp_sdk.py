@@ -76,7 +76,7 @@ def test_sdk_spans_arrive_exactly_once_with_their_fields(collector):
     by_id = {r["SpanId"]: r for r in rows}
     assert len(by_id) == 3 * n_tasks
 
-    for root_id, (root, child, linked) in sent.items():
+    for _root_id, (root, child, linked) in sent.items():
         r, c, l_ = (by_id[f"{s.get_span_context().span_id:016x}"] for s in (root, child, linked))
         trace_hex = f"{root.get_span_context().trace_id:032x}"
         assert r["TraceId"] == c["TraceId"] == l_["TraceId"] == trace_hex

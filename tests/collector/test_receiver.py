@@ -27,7 +27,8 @@ def otlp_json(n: int, trace_id: str = TRACE) -> dict:
                        {"key": "n", "value": {"intValue": str(i)}}],
         "status": {"code": 2 if i == 1 else 0, "message": "bad" if i == 1 else ""},
     } for i in range(n)]
-    return {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "json-svc"}}]},
+    service = {"key": "service.name", "value": {"stringValue": "json-svc"}}
+    return {"resourceSpans": [{"resource": {"attributes": [service]},
                                "scopeSpans": [{"scope": {"name": "manual"}, "spans": spans}]}]}
 
 

@@ -179,7 +179,7 @@ def test_sidebar_window_and_pipeline_filter_the_page(seeded: Settings):
     _run(at)
     table = at.dataframe[0].value
     assert "pipeline" not in table.columns
-    assert dict(zip(table["step"], table["requests"])) == {"retrieve": 25, "rerank": 25, "generate": 25}
+    assert dict(zip(table["step"], table["requests"], strict=False)) == {"retrieve": 25, "rerank": 25, "generate": 25}
     assert {m.label: m.value for m in at.metric}["Requests"] == "25"
     assert {r["series"] for r in _chart_rows(_charts(at)[0])} == {"retrieve", "rerank", "generate"}
 

@@ -26,7 +26,7 @@ def _listening(port: int) -> bool:
 
 def _ports(settings) -> list[int]:
     return [settings.store_port, settings.collector_port, settings.tuner_port, settings.executor_metrics_port,
-            settings.dashboard_port]
+            settings.dashboard_port, settings.llm_port, settings.crm_port]
 
 
 def test_demo_with_duration_prints_urls_and_the_final_table_then_exits_0(tmp_path, models_dir):

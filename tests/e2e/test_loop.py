@@ -26,7 +26,8 @@ def _ready(url: str, proc, log) -> bool:
 
 @pytest.fixture
 def loop(tmp_path, models_dir):
-    settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2, load_rate=40)
+    settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2, load_rate=40,
+                             executor_config_poll_seconds=1)
     shutil.copytree(models_dir, settings.models_dir)
     procs = {}
     try:
@@ -34,48 +35,63 @@ def loop(tmp_path, models_dir):
             ("store", ["store"], f"{settings.store_url}/ping"),
             ("collector", ["collector"], f"{settings.collector_url}/health"),
             ("tuner", ["tuner"], f"{settings.tuner_url}/health"),
-            ("executor", ["executor", "--rate", "40"], settings.executor_metrics_url),
+            ("standins", ["standins"], f"{settings.llm_base_url}/models"),
+            ("executor", ["executor"], f"{settings.executor_url}/health"),
         ):
             log = tmp_path / f"{name}.log"
             procs[name] = start_process(args, settings, log)
-            wait_until(lambda: _ready(url, procs[name], log), 90, 0.2, f"{name} ready")
+            wait_until(lambda url=url, proc=procs[name], log=log: _ready(url, proc, log), 90, 0.2, f"{name} ready")
         yield settings, procs
     finally:
         for proc in reversed(list(procs.values())):
             stop_process(proc)
 
 
+def _run(args: list[str], settings, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
+    return subprocess.run([sys.executable, "-m", "tracetune", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_stats_reports_every_step_after_a_few_seconds_of_load(loop, tmp_path):
     settings, procs = loop
-    client = store.connect(settings, ensure_schema=False)
-    wait_until(lambda: client.query("SELECT countDistinct(SpanAttributes['tracetune.step']) FROM otel_traces "
-                                    "WHERE SpanAttributes['tracetune.step'] != ''").result_rows[0][0] == 4
-               and client.query("SELECT count() FROM otel_traces").result_rows[0][0] > 400,
-               60, 0.5, "spans of every step")
-    metrics = httpx.get(settings.executor_metrics_url).text
+    load = _run(["load", "--rate", "40", "--duration", "6", "--duplicates", "0.3", "--no-progress", "--json"],
+                settings)
+    assert load.returncode == 0, load.stderr
+    summary = json.loads(load.stdout)
+    assert summary["ok"] > 100 and summary["failed"] == 0, summary
+    metrics = httpx.get(settings.executor_metrics_url + "/").text
     assert 'tracetune_step_duration_seconds_count{pipeline="ticket_triage",step="classify"}' in metrics
     assert 'tracetune_config_version{pipeline="ticket_triage"} 1.0' in metrics
     stop_process(procs["executor"])  # SIGTERM: finishes in-flight tasks and flushes its spans
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
-    out = subprocess.run([sys.executable, "-m", "tracetune", "stats", "--since", "5m", "--json"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    client = store.connect(settings, ensure_schema=False)
+    wait_until(lambda: client.query("SELECT count() FROM otel_traces WHERE SpanName = 'ticket_triage'")
+               .result_rows[0][0] >= summary["ok"] + summary["rejected"], 60, 0.5, "every task's root span")
+    out = _run(["stats", "--since", "5m", "--json"], settings)
     assert out.returncode == 0, out.stderr
     rows = {r["step"]: r for r in json.loads(out.stdout)}
-    assert set(rows) == {"normalize", "classify", "prioritize", "draft_reply"}
+    assert {"normalize", "classify", "prioritize", "draft_reply"} <= set(rows) <= \
+        {"normalize", "classify", "escalate", "prioritize", "create_followup", "draft_reply"}
     for row in rows.values():
         assert row["pipeline"] == "ticket_triage"
         assert row["p99_ms"] >= row["p95_ms"] >= row["p50_ms"] > 0
         assert row["requests"] > 0
-    assert rows["normalize"]["requests"] >= rows["classify"]["requests"]  # empty tickets stop at normalize
-    # Every finished task reached ClickHouse: one root span per task, config version on each.
+    assert rows["normalize"]["requests"] == summary["ok"] + summary["rejected"]  # every task started there
     roots = client.query("SELECT count(), countIf(SpanAttributes['tracetune.config_version'] = '1') FROM otel_traces "
                          "WHERE SpanName = 'ticket_triage'").result_rows[0]
     assert roots[0] == rows["normalize"]["requests"] == roots[1]
+    truth = client.query("SELECT count(), countIf(predicted = label) FROM tracetune_ground_truth").result_rows[0]
+    assert truth[0] == summary["sent"] - summary["dropped"] and truth[1] > 0.6 * summary["ok"]
 
-    table = subprocess.run([sys.executable, "-m", "tracetune", "stats", "--since", "5m"], env=env,
-                           capture_output=True, text=True, timeout=60)
+    table = _run(["stats", "--since", "5m"], settings)
     assert table.returncode == 0 and "classify" in table.stdout and "p95 ms" in table.stdout
-    bad = subprocess.run([sys.executable, "-m", "tracetune", "stats", "--since", "soon"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    bad = _run(["stats", "--since", "soon"], settings)
     assert bad.returncode != 0 and "30s, 5m" in bad.stderr and "Traceback" not in bad.stderr
+    cost = _run(["cost", "--since", "5m", "--json"], settings)
+    assert cost.returncode == 0, cost.stderr
+    by_step = {r["step"]: r for r in json.loads(cost.stdout)}
+    assert by_step["classify"]["compute_cost"] > 0 and by_step["classify"]["price_version"]
+    report = _run(["report", "--since", "5m", "-o", str(tmp_path / "report.html")], settings)
+    assert report.returncode == 0, report.stderr
+    assert "<svg" in (tmp_path / "report.html").read_text()

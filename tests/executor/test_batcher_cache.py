@@ -49,7 +49,7 @@ def test_batches_respect_max_size_and_every_request_is_answered_once():
     assert sorted(served) == list(range(400))  # each request ran exactly once
     assert max(len(c) for c in calls) <= 8
     assert any(len(c) > 1 for c in calls)  # under concurrency, requests did share batches
-    for i, r, _ in results:
+    for _i, r, _ in results:
         assert 1 <= r.batch_size <= 8 and r.queue_ms >= 0
 
     # One batch span per batch, linked to exactly the request spans it served.

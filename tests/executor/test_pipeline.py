@@ -1,4 +1,5 @@
-"""The ticket-triage pipeline on the real ONNX model: spans, attributes, errors, live config changes."""
+"""The ticket-triage pipeline on real ONNX models, with the LLM and CRM stand-ins as real servers:
+spans and attributes, routing, the confidence cascade, safe side effects, live config changes."""
 
 from __future__ import annotations
 
@@ -14,63 +15,158 @@ from opentelemetry.trace import StatusCode
 
 import store
 from executor.corpus import generate
+from executor.effects import DeadLetters, RetryPolicy, crm_followups
+from executor.llm import ChatClient
 from executor.models import TicketClassifier
 from executor.pipelines import StepError, TicketTriage
+from executor.standins import create_crm_app, create_llm_app
 from executor.tuning import ConfigPoller
 from tests.conftest import ThreadServer, wait_until
 from tuner import versions
 from tuner.api import create_app
-from tuner.config import StepConfig
+from tuner.config import PipelineConfig, StepConfig, default_config
 
 
-@pytest.fixture
-def traced_pipeline(models_dir):
+@pytest.fixture(scope="module")
+def classifiers(models_dir):
+    return {v: TicketClassifier(models_dir, variant=v) for v in ("fp32", "int8")}
+
+
+@pytest.fixture(scope="module")
+def remote():
+    """The stand-in LLM (fast, accurate, generous rate limit) and a CRM that fails each key's first call."""
+    with ThreadServer(create_llm_app(latency_ms=5, accuracy=1.0, rate_limit_rps=1000)) as llm, \
+            ThreadServer(create_crm_app(fail_first=1, latency_ms=1)) as crm:
+        yield llm.url, crm.url
+
+
+def make_pipeline(classifiers, remote, dead_letters=None, crm_url=None, seed=0):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    pipeline = TicketTriage(TicketClassifier(models_dir), tracer=provider.get_tracer("test"))
-    yield pipeline, exporter
-    pipeline.close()
+    llm_url, default_crm = remote
+    llm = ChatClient(llm_url + "/v1", "standin-llm-1", policy=RetryPolicy(max_attempts=3, base_delay=0.01))
+    followups = crm_followups(crm_url or default_crm, pipeline="ticket_triage", dead_letters=dead_letters,
+                              policy=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05))
+    pipeline = TicketTriage(classifiers, tracer=provider.get_tracer("test"), llm=llm.classify, followups=followups,
+                            seed=seed)
+    return pipeline, exporter
 
 
-def test_a_task_is_one_root_span_with_a_child_span_per_step(traced_pipeline):
-    pipeline, exporter = traced_pipeline
-    task = pipeline.run("I was charged twice for my pro subscription, urgent")
-    assert task.data["category"] == "billing" and task.data["priority"] == "P1"
+def with_config(pipeline, **changes) -> PipelineConfig:
+    config = dataclasses.replace(pipeline.config, version=pipeline.config.version + 1, **changes)
+    pipeline.apply_config(config)
+    return config
+
+
+def test_a_task_is_one_root_span_with_a_child_span_per_step(classifiers, remote):
+    pipeline, exporter = make_pipeline(classifiers, remote)
+    with_config(pipeline, thresholds={"escalate_below_confidence": 0.0})  # no escalation in this test
+    task = pipeline.run("I was charged twice for my pro subscription, urgent", tenant="acme", task_id="t-1")
+    assert task.data["category"] == "billing" and task.data["priority"] == "P1" and task.data["followup_id"]
     spans = exporter.get_finished_spans()
     root = next(s for s in spans if s.name == "ticket_triage")
     steps = [s for s in spans if s.attributes.get("tracetune.step")]
     assert [s.name for s in sorted(steps, key=lambda s: s.start_time)] == \
-        ["normalize", "classify", "prioritize", "draft_reply"]
+        ["normalize", "classify", "prioritize", "create_followup", "draft_reply"]
     assert all(s.parent.span_id == root.context.span_id for s in steps)
-    assert root.attributes["tracetune.pipeline"] == "ticket_triage"
-    assert root.attributes["tracetune.config_version"] == 1
+    assert root.attributes["tracetune.pipeline"] == "ticket_triage" and root.attributes["tracetune.tenant"] == "acme"
+    assert root.attributes["tracetune.config_version"] == 2
+    assert task.trace_id == f"{root.context.trace_id:032x}"
     classify = next(s for s in steps if s.name == "classify")
-    assert classify.attributes["tracetune.route"] == "fp32"
+    assert classify.attributes["tracetune.route"] in ("fp32", "int8")
     assert classify.attributes["tracetune.cache"] == "miss"
-    assert classify.attributes["tracetune.batch_size"] == 1
-    assert classify.attributes["tracetune.queue_ms"] >= 0
-    batch = next(s for s in spans if s.name == "batch classify")
+    assert classify.attributes["tracetune.batch_size"] == 1 and classify.attributes["tracetune.queue_ms"] >= 0
+    batch = next(s for s in spans if s.name.startswith("batch classify"))
     assert [link.context.span_id for link in batch.links] == [classify.context.span_id]
+    assert batch.attributes["tracetune.batch_of"] == "classify"
+    assert batch.attributes["tracetune.route"] == classify.attributes["tracetune.route"]
+    followup = next(s for s in steps if s.name == "create_followup")
+    assert followup.attributes["tracetune.retries"] == 1  # the CRM stand-in failed the first attempt
+    assert followup.attributes["tracetune.idempotency_key"]
 
     exporter.clear()
-    pipeline.run("I WAS charged twice for my pro   subscription, urgent")  # same text once normalised
-    again = next(s for s in exporter.get_finished_spans() if s.name == "classify")
-    assert again.attributes["tracetune.cache"] == "hit"
+    # The same task again (a client retry): the CRM returns the same follow-up instead of a second one.
+    again = pipeline.run("I was charged twice for my pro subscription, urgent", tenant="acme", task_id="t-1")
+    assert again.data["followup_id"] == task.data["followup_id"]
+    # The cache is per route and keyed on normalised text: a hit whenever the same route comes up again.
+    with_config(pipeline, route_weights={"classify": {classify.attributes["tracetune.route"]: 1.0}},
+                thresholds={"escalate_below_confidence": 0.0})
+    exporter.clear()
+    pipeline.run("I WAS charged twice for my pro   subscription, urgent")
+    hit = next(s for s in exporter.get_finished_spans() if s.name == "classify")
+    assert hit.attributes["tracetune.cache"] == "hit" and "tracetune.batch_size" not in hit.attributes
+    pipeline.close()
 
 
-def test_bad_input_fails_its_step_with_an_error_status(traced_pipeline):
-    pipeline, exporter = traced_pipeline
-    with pytest.raises(StepError, match="empty ticket"):
+def test_bad_input_fails_its_step_with_an_error_status(classifiers, remote):
+    pipeline, exporter = make_pipeline(classifiers, remote)
+    with pytest.raises(StepError, match="empty ticket") as failure:
         pipeline.run("   ")
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert spans["normalize"].status.status_code == StatusCode.ERROR
     assert spans["ticket_triage"].status.status_code == StatusCode.ERROR
+    assert failure.value.trace_id == f"{spans['ticket_triage'].context.trace_id:032x}"
     assert "classify" not in spans
+    pipeline.close()
 
 
-def test_config_change_mid_load_applies_without_errors(traced_pipeline, db_settings):
-    pipeline, exporter = traced_pipeline
+def test_route_weights_are_respected_statistically(classifiers, remote):
+    pipeline, exporter = make_pipeline(classifiers, remote, seed=11)
+    with_config(pipeline, route_weights={"classify": {"fp32": 0.3, "int8": 0.7}},
+                steps={"classify": StepConfig(cache_enabled=False)},
+                thresholds={"escalate_below_confidence": 0.0})
+    n = 600
+    for ticket in generate(n, seed=21):
+        pipeline.run(ticket.text)
+    routes = [s.attributes["tracetune.route"] for s in exporter.get_finished_spans() if s.name == "classify"]
+    share = routes.count("int8") / n
+    sigma = (0.7 * 0.3 / n) ** 0.5
+    assert abs(share - 0.7) < 4 * sigma, share  # a binomial 4-sigma band: fails ~1 in 15,000 runs
+    with_config(pipeline, route_weights={"classify": {"fp32": 1.0, "int8": 0.0}})
+    exporter.clear()
+    for ticket in generate(50, seed=22):
+        pipeline.run(ticket.text)
+    assert {s.attributes["tracetune.route"] for s in exporter.get_finished_spans() if s.name == "classify"} == {"fp32"}
+    pipeline.close()
+
+
+def test_cascade_escalates_exactly_the_tickets_below_the_threshold(classifiers, remote):
+    pipeline, exporter = make_pipeline(classifiers, remote)
+    threshold = 0.8
+    with_config(pipeline, thresholds={"escalate_below_confidence": threshold},
+                steps={"classify": StepConfig(cache_enabled=False)})
+    tasks = [pipeline.run(t.text) for t in generate(150, seed=31, typo_rate=0.1)]
+    spans = exporter.get_finished_spans()
+    escalated_traces = {s.context.trace_id for s in spans if s.name == "escalate"}
+    for task in tasks:
+        below = task.data["confidence"] < threshold
+        assert task.data["escalated"] == below
+        assert (int(task.trace_id, 16) in escalated_traces) == below
+    assert 0 < len(escalated_traces) < len(tasks)  # the threshold splits this set
+    escalate = next(s for s in spans if s.name == "escalate")
+    assert escalate.attributes["tracetune.route"] == "llm"
+    assert escalate.attributes["gen_ai.request.model"] == "standin-llm-1"
+    assert escalate.attributes["gen_ai.usage.input_tokens"] > 0
+    pipeline.close()
+
+
+def test_followup_that_exhausts_retries_fails_the_task_and_is_dead_lettered(classifiers, remote, db_settings):
+    with ThreadServer(create_crm_app(failure_rate=1.0, latency_ms=1)) as broken:
+        letters = DeadLetters(lambda: store.connect(db_settings, ensure_schema=False))
+        pipeline, exporter = make_pipeline(classifiers, remote, dead_letters=letters, crm_url=broken.url)
+        with pytest.raises(StepError, match="dead-lettered"):
+            pipeline.run("urgent: my account is locked after too many login attempts", task_id="task-dead-1")
+        pipeline.close()
+    client = store.connect(db_settings, ensure_schema=False)
+    rows = client.query("SELECT task_id, step, attempts FROM tracetune_dead_letters").result_rows
+    assert rows == [("task-dead-1", "create_followup", 3)]
+    step = next(s for s in exporter.get_finished_spans() if s.name == "create_followup")
+    assert step.status.status_code == StatusCode.ERROR
+
+
+def test_config_change_mid_load_applies_without_errors(classifiers, remote, db_settings):
+    pipeline, exporter = make_pipeline(classifiers, remote)
     client = store.connect(db_settings, ensure_schema=False)
     with ThreadServer(create_app(lambda: store.connect(db_settings), ["ticket_triage"])) as tuner:
         poller = ConfigPoller(tuner.url, "ticket_triage", pipeline.apply_config, interval=0.1).start()
@@ -82,29 +178,37 @@ def test_config_change_mid_load_applies_without_errors(traced_pipeline, db_setti
             while not done.is_set():
                 try:
                     pipeline.run(rng.choice(tickets))
-                except Exception as exc:  # any failure at all is a defect here
+                except Exception as exc:  # noqa: BLE001 - any failure at all is a defect here
                     errors.append(exc)
 
         workers = [threading.Thread(target=load) for _ in range(6)]
         for w in workers:
             w.start()
-        wait_until(lambda: len(exporter.get_finished_spans()) > 200, 30, message="load running")
+        wait_until(lambda: len(exporter.get_finished_spans()) > 200, 60, message="load running")
         current = versions.latest(client, "ticket_triage")
-        newer = dataclasses.replace(current, version=2, steps={"classify": StepConfig(16, 2.0, False)})
+        newer = dataclasses.replace(current, version=2, steps={"classify": StepConfig(16, 2.0, False, True)},
+                                    route_weights={"classify": {"int8": 1.0}})
         versions.save(client, newer, author="test", reason="mid-load change")
         wait_until(lambda: pipeline.config.version == 2, 20, message="version 2 applied")
         mark = len(exporter.get_finished_spans())
-        wait_until(lambda: len(exporter.get_finished_spans()) > mark + 200, 30, message="load after change")
+        wait_until(lambda: len(exporter.get_finished_spans()) > mark + 200, 60, message="load after change")
         done.set()
         for w in workers:
-            w.join(10)
+            w.join(30)
         poller.stop()
 
     assert errors == []
-    assert pipeline.batcher.max_size == 16 and pipeline.batcher.max_wait_ms == 2.0
+    assert all(b.max_size == 16 and b.max_wait_ms == 2.0 and b.bucket_by_length for b in pipeline.batchers.values())
     assert poller.not_modified > 0  # polling between changes was answered with 304
     after = exporter.get_finished_spans()[mark:]
     roots = [s for s in after if s.name == "ticket_triage"]
     assert roots and all(s.attributes["tracetune.config_version"] == 2 for s in roots[-20:])
     classify = [s for s in after if s.name == "classify"]
     assert all(s.attributes["tracetune.cache"] == "bypass" for s in classify[-20:])  # cache switched off
+    assert all(s.attributes["tracetune.route"] == "int8" for s in classify[-20:])
+    pipeline.close()
+
+
+def test_default_config_routes_both_variants():
+    config = default_config("ticket_triage")
+    assert set(config.route_weights["classify"]) == {"fp32", "int8"}
