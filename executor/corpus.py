@@ -18,7 +18,7 @@ from dataclasses import dataclass
 CATEGORIES = ["billing", "login", "shipping", "refund", "bug", "account", "feature_request", "cancellation"]
 
 # Share of each ticket style; "mixed" tickets mention a second category besides their label.
-STYLES = {"short": 0.14, "plain": 0.32, "mixed": 0.38, "long": 0.16}
+STYLES = {"short": 0.15, "plain": 0.30, "mixed": 0.39, "long": 0.16}
 
 _TEMPLATES: dict[str, list[str]] = {
     "billing": [
@@ -368,10 +368,10 @@ def _mixed(rng: random.Random, category: str) -> list[str]:
     other = _other(rng, category)
     primary = _fill(rng.choice(_TEMPLATES[category]), rng)
     roll = rng.random()
-    if roll < 0.3:  # two full issues in one ticket: the first one raised is the label
+    if roll < 0.4:  # two full issues in one ticket: the first one raised is the label
         second = _fill(rng.choice(_TEMPLATES[other]), rng)
         middle = [_sentence(primary), f"{rng.choice(_SECOND)} {second}"]
-    elif roll < 0.6:
+    elif roll < 0.7:
         aside = _fill(rng.choice(_ASIDES[other]), rng)
         middle = [_sentence(primary), f"{rng.choice(_AFTER)} {aside}"]
     else:

@@ -55,6 +55,7 @@ class LoadPlan:
     duration: float | None = 60.0
     pattern: str = "steady"
     duplicate_ratio: float = 0.2
+    invalid_ratio: float = 0.005  # empty tickets, which the pipeline must refuse (real traffic has some)
     drifts: list[Drift] = field(default_factory=list)
     tenants: list[str] = field(default_factory=lambda: ["acme", "globex", "initech"])
     seed: int = 1
@@ -68,6 +69,8 @@ class LoadPlan:
             raise ValueError(f"pattern {self.pattern!r} is not one of {', '.join(PATTERNS)}")
         if not 0 <= self.duplicate_ratio < 1:
             raise ValueError(f"duplicate ratio must be in [0, 1), got {self.duplicate_ratio}")
+        if not 0 <= self.invalid_ratio < 1:
+            raise ValueError(f"invalid ratio must be in [0, 1), got {self.invalid_ratio}")
         if self.duration is not None and self.duration <= 0:
             raise ValueError(f"duration must be above 0 s, got {self.duration}")
 
@@ -113,6 +116,8 @@ class TicketSource:
 
     def draw(self, t: float) -> tuple[Ticket, bool, str]:
         drifts = self.active(t)
+        if self.rng.random() < self.plan.invalid_ratio:
+            return Ticket(text="   ", category=""), False, "invalid"
         if self.recent and self.rng.random() < self.plan.duplicate_ratio:
             return self.rng.choice(self.recent), True, "+".join(drifts) or "baseline"
         category = None

@@ -66,15 +66,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _read_meta(model: Path, meta: Path) -> dict[str, Any] | None:
-    """The metadata of a model that is present and current, else None (so it gets rebuilt)."""
+def _read_meta(model: Path, meta: Path, **expected: Any) -> dict[str, Any] | None:
+    """The metadata of a model that is present, current and built with the `expected` settings,
+    else None (so it gets rebuilt)."""
     if not (model.is_file() and meta.is_file()):
         return None
     try:
         data = json.loads(meta.read_text())
     except (OSError, ValueError):
         return None
-    return data if data.get("format") == FORMAT else None
+    if data.get("format") != FORMAT or any(data.get(k) != v for k, v in expected.items()):
+        return None
+    return data
 
 
 def _sha256(path: Path) -> str:
@@ -94,10 +97,12 @@ class _Steps:
 
     def __enter__(self) -> _Steps:
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+            # stderr: stdout stays clean for the JSON report `tracetune models build` prints.
             self._progress = Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeElapsedColumn(), transient=False)
+                                      TimeElapsedColumn(), console=Console(stderr=True))
             self._progress.__enter__()
         return self
 
@@ -118,6 +123,7 @@ class _Steps:
 
 def _build_fp32(models_dir: Path, max_tokens: int, threads: int) -> dict[str, Any]:
     path, meta_path = model_paths(models_dir)["fp32"]
+    meta_path.unlink(missing_ok=True)  # no metadata until the new model is in place: a crash means a rebuild
     started = time.perf_counter()
     tmp = _tmp(path)
     config = _encoder.export_fp32(tmp)
@@ -160,6 +166,7 @@ def _build_int8(models_dir: Path, max_tokens: int, threads: int, samples: int,
                 advance: Callable[[int], None]) -> dict[str, Any]:
     fp32_path, _ = model_paths(models_dir)["fp32"]
     path, meta_path = model_paths(models_dir)["int8"]
+    meta_path.unlink(missing_ok=True)  # no metadata until the new model is in place: a crash means a rebuild
     started = time.perf_counter()
     tmp = _tmp(path)
     _encoder.quantize(fp32_path, tmp, models_dir)
@@ -261,6 +268,7 @@ def confidence_buckets(probs: np.ndarray, y: np.ndarray, edges: Sequence[float] 
 def _build_head(models_dir: Path, max_tokens: int, threads: int, samples: int, epochs: int, seed: int,
                 typo_rate: float, steps: _Steps) -> dict[str, Any]:
     path, meta_path = model_paths(models_dir)[HEAD]
+    meta_path.unlink(missing_ok=True)  # no metadata until the new model is in place: a crash means a rebuild
     started = time.perf_counter()
     tickets = generate(samples, seed=seed, typo_rate=typo_rate)
     split = int(len(tickets) * 0.8)
@@ -306,9 +314,10 @@ def build_models(models_dir: Path, force: bool = False, progress: bool = False, 
                  max_tokens: int = MAX_TOKENS, threads: int | None = None) -> dict[str, Any]:
     """Build what is missing (everything with `force`) and report on all three models.
 
-    A model is rebuilt when its file or metadata is missing or stale, and so is everything built
-    from it (int8 and the head from fp32). Files are written under a temporary name and renamed,
-    so a reader never sees half a model. The returned report is JSON-serialisable.
+    A model is rebuilt when its file or metadata is missing, stale or built with other settings, and
+    so is everything built after it (int8 from fp32; the head is measured on both encoders). Files
+    are written under a temporary name and renamed, so a reader never sees half a model. The
+    returned report is JSON-serialisable.
     """
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -318,21 +327,22 @@ def build_models(models_dir: Path, force: bool = False, progress: bool = False, 
     built: list[str] = []
     metas: dict[str, dict[str, Any]] = {}
     with _Steps(progress) as steps:
-        meta = None if force else _read_meta(*paths["fp32"])
+        meta = None if force else _read_meta(*paths["fp32"], max_tokens=max_tokens)
         if meta is None or not (models_dir / TOKENIZER_FILE).is_file():
             with steps.step("exporting MiniLM to ONNX (fp32)"):
                 meta = _build_fp32(models_dir, max_tokens, threads)
             built.append("fp32")
         metas["fp32"] = meta
 
-        meta = None if force or built else _read_meta(*paths["int8"])
+        meta = None if force or built else _read_meta(*paths["int8"], max_tokens=max_tokens)
         if meta is None:
             with steps.step("quantizing to int8 + agreement", 3 * agreement_samples) as advance:
                 meta = _build_int8(models_dir, max_tokens, threads, agreement_samples, advance)
             built.append("int8")
         metas["int8"] = meta
 
-        meta = None if force or built else _read_meta(*paths[HEAD])
+        corpus = {"seed": seed, "samples": samples, "typo_rate": typo_rate}
+        meta = None if force or built else _read_meta(*paths[HEAD], max_tokens=max_tokens, corpus=corpus, epochs=epochs)
         if meta is None:
             meta = _build_head(models_dir, max_tokens, threads, samples, epochs, seed, typo_rate, steps)
             built.append(HEAD)

@@ -264,6 +264,7 @@ class TicketTriage(Pipeline):
                 f"classify:{route}", classifier.predict, step.batch_max_size, step.batch_max_wait_ms,
                 tracer=self.tracer, on_batch=on_batch,
                 length=(lambda text, f=length: f([text])[0]) if length else None,
+                bucket_by_length=step.length_bucketing,
                 attributes={"tracetune.batch_of": "classify", "tracetune.batch_pipeline": self.name,
                             "tracetune.route": route})
         cache = self.cache

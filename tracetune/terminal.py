@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import polars as pl
 from rich.console import Console
 from rich.table import Table
 
 
 def console() -> Console:
-    return Console()
+    """Rich console; when output is not a terminal (logs, CI) wide enough for the tables."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
 
 
 def step_table(frame: pl.DataFrame, title: str = "per-step latency") -> Table:
@@ -27,18 +30,24 @@ def step_table(frame: pl.DataFrame, title: str = "per-step latency") -> Table:
 
 
 def cost_table(frame: pl.DataFrame, title: str = "cost per 1k requests") -> Table:
-    table = Table(title=title, title_justify="left")
+    """Requests is the pipeline's request count (the per-1k denominator); $ columns are window totals."""
+    table = Table(title=title, title_justify="left", caption="$ columns: totals over the window",
+                  caption_justify="left")
     keys = [c for c in frame.columns if c in ("pipeline", "tenant", "step", "route", "model")]
     for name in keys:
         table.add_column(name)
-    for name in ("requests", "tokens in/out", "compute s", "token $", "compute $", "calls $", "$ per 1k"):
+    has_spans = "spans" in frame.columns
+    for name in ("requests", *(["spans"] if has_spans else []), "tokens in/out", "compute s", "token $", "compute $",
+                 "calls $", "$ per 1k"):
         table.add_column(name, justify="right")
+    width = len(keys) + 7 + has_spans
     if frame.is_empty():
-        table.add_row(*(["(no requests in the window)"] + [""] * (len(keys) + 6))[:len(keys) + 7])
+        table.add_row(*(["(no requests in the window)"] + [""] * width)[:width])
         return table
     for row in frame.iter_rows(named=True):
         per_1k = row["cost_per_1k"]
         table.add_row(*[row[k] or "-" for k in keys], f"{row['requests']:,}",
+                      *([f"{row['spans']:,}"] if has_spans else []),
                       f"{row['input_tokens']:,}/{row['output_tokens']:,}", f"{row['compute_seconds']:.2f}",
                       f"{row['token_cost']:.4f}", f"{row['compute_cost']:.4f}", f"{row['call_cost']:.4f}",
                       "-" if per_1k is None else f"{per_1k:.4f}")

@@ -14,7 +14,7 @@ class StepConfig:
     batch_max_size: int = 8
     batch_max_wait_ms: float = 5.0
     cache_enabled: bool = True
-    length_bucketing: bool = False
+    length_bucketing: bool = True
 
     def validate(self, step: str) -> None:
         if self.batch_max_size < 1:

@@ -139,7 +139,7 @@ def test_low_confidence_predictions_are_wrong_more_often(fresh_tickets, fresh_pr
     order = np.argsort(confidence)
     quarter = len(order) // 4
     low, high = correct[order[:quarter]].mean(), correct[order[-quarter:]].mean()
-    assert high >= 0.97 and low < high - 0.15, (low, high)
+    assert high >= 0.95 and low < high - 0.15, (low, high)
 
 
 def test_int8_classifier_mostly_agrees_with_fp32(models_dir, fresh_tickets, fresh_predictions):
@@ -155,7 +155,7 @@ def test_int8_classifier_mostly_agrees_with_fp32(models_dir, fresh_tickets, fres
 def test_build_models_reuses_what_is_there(models_dir):
     files = sorted(p for p in models_dir.iterdir() if p.is_file())
     before = {p.name: p.stat().st_mtime_ns for p in files}
-    report = build_models(models_dir)
+    report = build_models(models_dir, progress=True)
     assert report["built"] == [] and sorted(report["reused"]) == sorted(model_paths(models_dir))
     assert {p.name: p.stat().st_mtime_ns for p in files} == before
     assert sorted(p.name for p in models_dir.iterdir()) == sorted(before)  # no temporary files left behind

@@ -1,0 +1,372 @@
+"""The dashboard's tabs: latency, cost, critical path, drift and SLOs of the chosen window and pipeline.
+
+Each tab is one function `(settings, window, pipeline) -> None` that calls analyzer functions through
+`queries.query`, shapes the frames with `frames`, and lays them out; a tab that cannot get its data
+says why in one line and leaves the other tabs alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import altair as alt
+import pandas as pd
+import polars as pl
+import streamlit as st
+
+import analyzer
+from analyzer import (
+    PricesError,
+    PriceTable,
+    SLOError,
+    compute_drift,
+    cost_over_time,
+    cost_per_1k,
+    current_prices,
+    default_windows,
+    latency_series,
+    latest_drift,
+    list_slos,
+    publish_prices,
+    slo_status,
+    step_breakdown,
+    step_stats,
+)
+from dashboard import frames
+from dashboard.frames import format_money, format_ms, with_series
+from dashboard.queries import StoreUnavailable, query, show_unavailable, target_key
+from tracetune.settings import Settings
+
+__all__ = ["ALL_PIPELINES", "BUCKET_SECONDS", "DRIFT_WINDOWS", "TABS"]
+
+ALL_PIPELINES = "all"
+# Chart bucket per window: a few dozen points per line whatever the window.
+BUCKET_SECONDS = {"5m": 10, "15m": 30, "1h": 60, "6h": 300, "24h": 900}
+# Drift compares fixed windows whatever the sidebar says: the analyzer loop's (current, reference).
+DRIFT_WINDOWS = ("1h", "24h")
+DRIFT_RECOMPUTE_SECONDS = 60  # a drift computed on the fly is reused this long
+
+_MS = st.column_config.NumberColumn(format="%.1f")
+_PCT = st.column_config.NumberColumn(format="%.1f %%")
+_COUNT = st.column_config.NumberColumn(format="%d")
+_MONEY = st.column_config.NumberColumn(format="%.6g")
+
+
+def _scope(pipeline: str) -> tuple[bool, str]:
+    """(show the pipeline column, the analyzer's pipeline filter) for the sidebar's choice."""
+    return (True, "") if pipeline == ALL_PIPELINES else (False, pipeline)
+
+
+def _for(pipeline: str) -> str:
+    return "" if pipeline == ALL_PIPELINES else f" for pipeline {pipeline}"
+
+
+def _coloured(table: pl.DataFrame, column: str) -> pd.io.formats.style.Styler:
+    """The table with `column`'s cells coloured by their value (frames.STATUS_COLOURS)."""
+    def colour(value: str) -> str:
+        background, text = frames.STATUS_COLOURS.get(value, ("", ""))
+        return f"background-color: {background}; color: {text}" if background else ""
+
+    return table.to_pandas().style.map(colour, subset=[column])
+
+
+# ---- latency ---------------------------------------------------------------------------------
+
+def _latency_metrics(stats: pl.DataFrame) -> None:
+    head = frames.headline(stats)
+    requests, errors, slowest = st.columns(3)
+    requests.metric("Requests", f"{head['requests']:,}",
+                    help="Requests started in the window (the busiest step of each pipeline).")
+    errors.metric("Error %", f"{head['error_pct']:.1f} %", help="Failed step calls ÷ all step calls.")
+    top = head["slowest"]
+    if top is not None:
+        slowest.metric(f"Slowest step p95 · {top['pipeline']} / {top['step']}", format_ms(top["p95_ms"]),
+                       help="The step whose 95th-percentile latency is highest in the window.")
+
+
+def _latency_chart(series: pl.DataFrame, show_pipeline: bool, bucket_seconds: int) -> None:
+    data = with_series(series, show_pipeline).select("bucket", "series", "requests", "p95_ms", "p50_ms")
+    chart = alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("bucket:T", title=f"time ({bucket_seconds} s buckets)"),
+        y=alt.Y("p95_ms:Q", title="p95 latency (ms)"),
+        color=alt.Color("series:N", title="step"),
+        tooltip=["series:N", alt.Tooltip("bucket:T", format="%H:%M:%S"), "requests:Q",
+                 alt.Tooltip("p50_ms:Q", format=".1f"), alt.Tooltip("p95_ms:Q", format=".1f")],
+    )
+    st.altair_chart(chart, width="stretch")
+
+
+def _percentile_chart(stats: pl.DataFrame, show_pipeline: bool) -> None:
+    data = (
+        with_series(stats, show_pipeline)
+        .select("series", "p50_ms", "p95_ms", "p99_ms")
+        .unpivot(index="series", variable_name="percentile", value_name="ms")
+        .with_columns(pl.col("percentile").str.replace("_ms", ""))
+    )
+    chart = alt.Chart(data).mark_bar().encode(
+        x=alt.X("series:N", title="step", sort=None),
+        xOffset=alt.XOffset("percentile:N", sort=["p50", "p95", "p99"]),
+        y=alt.Y("ms:Q", title="latency (ms)"),
+        color=alt.Color("percentile:N", sort=["p50", "p95", "p99"]),
+        tooltip=["series:N", "percentile:N", alt.Tooltip("ms:Q", format=".1f")],
+    )
+    st.altair_chart(chart, width="stretch")
+
+
+def latency(settings: Settings, window: str, pipeline: str) -> None:
+    """Requests, errors and p50/p95/p99 per step, p95 over time (the per-minute rollup)."""
+    show_pipeline, name = _scope(pipeline)
+    bucket = BUCKET_SECONDS[window]
+    try:
+        stats = query(settings, step_stats, since=window, pipeline=name)
+        series = query(settings, latency_series, since=window, pipeline=name, bucket_seconds=bucket)
+    except StoreUnavailable as problem:
+        show_unavailable(problem, window)
+        return
+    if stats.is_empty():
+        st.info(f"No spans in the last {window}{_for(pipeline)} yet. Start `tracetune demo`, or point an "
+                f"OpenTelemetry exporter at the collector.")
+        return
+
+    _latency_metrics(stats)
+    st.subheader("Steps")
+    st.dataframe(frames.step_table(stats, show_pipeline), hide_index=True, column_config={
+        "requests": _COUNT, "error %": _PCT, "p50 ms": _MS, "p95 ms": _MS, "p99 ms": _MS})
+    st.subheader("p95 latency over time")
+    _latency_chart(series, show_pipeline, bucket)
+    st.subheader("Latency percentiles per step")
+    _percentile_chart(stats, show_pipeline)
+
+
+# ---- cost ------------------------------------------------------------------------------------
+
+def _prices(settings: Settings) -> tuple[PriceTable, bool]:
+    """The published price table; if none is, the bundled prices.toml published now (True).
+
+    PricesError (one line) when prices.toml cannot be read; `tracetune up` publishes it at start.
+    """
+    table = query(settings, current_prices)
+    if table is not None:
+        return table, False
+    table = analyzer.load_prices()
+    query(settings, publish_prices, table=table)
+    return table, True
+
+
+def _cost_by_kind_chart(costs: pl.DataFrame, show_pipeline: bool, currency: str) -> None:
+    data = frames.cost_split(costs, show_pipeline)
+    chart = alt.Chart(data).mark_bar().encode(
+        x=alt.X("series:N", title="step", sort=None),
+        y=alt.Y("per_1k:Q", title=f"cost per 1k requests ({currency})", stack="zero"),
+        color=alt.Color("kind:N", title="cost", sort=list(frames.COST_SPLIT.values())),
+        tooltip=["series:N", "kind:N", alt.Tooltip("per_1k:Q", format=".4g")],
+    )
+    st.altair_chart(chart, width="stretch")
+
+
+def _cost_over_time_chart(over_time: pl.DataFrame, bucket_seconds: int, currency: str) -> None:
+    data = over_time.select("bucket", "pipeline", "requests", "cost", "cost_per_1k")
+    chart = alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("bucket:T", title=f"time ({bucket_seconds} s buckets)"),
+        y=alt.Y("cost_per_1k:Q", title=f"cost per 1k requests ({currency})"),
+        color=alt.Color("pipeline:N"),
+        tooltip=["pipeline:N", alt.Tooltip("bucket:T", format="%H:%M:%S"), "requests:Q",
+                 alt.Tooltip("cost:Q", format=".4g"), alt.Tooltip("cost_per_1k:Q", format=".4g")],
+    )
+    st.altair_chart(chart, width="stretch")
+
+
+def cost(settings: Settings, window: str, pipeline: str) -> None:
+    """Cost per 1k requests by pipeline and by step/route, split into tokens, compute and per-call prices."""
+    show_pipeline, name = _scope(pipeline)
+    bucket = BUCKET_SECONDS[window]
+    try:
+        prices, published = _prices(settings)
+        by_pipeline = query(settings, cost_per_1k, since=window, by=("pipeline",), pipeline=name, prices=prices,
+                            source="rollup")
+        by_step = query(settings, cost_per_1k, since=window, by=("pipeline", "step", "route"), pipeline=name,
+                        prices=prices, source="rollup")
+        over_time = query(settings, cost_over_time, since=window, bucket_seconds=bucket, pipeline=name,
+                          prices=prices)
+    except StoreUnavailable as problem:
+        show_unavailable(problem, window)
+        return
+    except PricesError as exc:
+        st.info(f"No cost without prices: {exc}")
+        return
+    currency = prices.currency
+    note = " (prices.toml, published now: none was)" if published else ""
+    st.caption(f"Prices: version {prices.version} · {currency}{note} · last {window}")
+    requests = int(by_pipeline["requests"].sum() or 0)
+    if requests == 0:
+        st.info(f"No requests in the last {window}{_for(pipeline)} yet: cost per 1k counts root spans "
+                "(`tracetune.pipeline`, no parent).")
+        return
+
+    total = float(by_pipeline["cost"].sum())
+    kinds = {label: float(by_pipeline[column].sum()) for column, label in frames.COST_SPLIT.items()}
+    per_1k, spent, count, biggest = st.columns(4)
+    per_1k.metric(f"Cost per 1k requests ({currency})", format_money(1000 * total / requests, currency),
+                  help="1000 × cost of the window's requests ÷ their number (DESIGN.md, Cost).")
+    spent.metric(f"Total cost ({currency})", format_money(total, currency))
+    count.metric("Priced requests", f"{requests:,}")
+    top_kind = max(kinds, key=lambda k: kinds[k])
+    biggest.metric("Largest part", f"{top_kind} · {100 * kinds[top_kind] / total:.0f} %" if total else "–",
+                   help="Token, compute or per-call share of the total cost.")
+
+    unpriced = by_step.filter(pl.col("unpriced_spans") > 0)
+    if not unpriced.is_empty():
+        where = ", ".join(f"{r['pipeline']}/{r['step']} (route {r['route'] or '–'})" for r in unpriced.to_dicts())
+        st.warning(f"{int(unpriced['unpriced_spans'].sum())} step spans have a route or model that price version "
+                   f"{prices.version} does not list, counted at 0: {where}. Add them to prices.toml.")
+
+    money = {"cost per 1k": _MONEY, "total cost": _MONEY, "compute s": st.column_config.NumberColumn(format="%.3f"),
+             **{f"{label} per 1k": _MONEY for label in frames.COST_SPLIT.values()},
+             "requests": _COUNT, "spans": _COUNT, "tokens": _COUNT}
+    st.subheader(f"Cost per 1k requests by pipeline ({currency})")
+    st.dataframe(frames.cost_table(by_pipeline, ["pipeline"], True), hide_index=True, column_config=money)
+    st.subheader(f"By step and route ({currency} per 1k requests of the pipeline)")
+    st.dataframe(frames.cost_table(by_step, ["pipeline", "step", "route"], show_pipeline), hide_index=True,
+                 column_config=money)
+    st.subheader("Tokens, compute and per-call cost per step")
+    _cost_by_kind_chart(by_step, show_pipeline, currency)
+    st.subheader("Cost per 1k requests over time")
+    _cost_over_time_chart(over_time, bucket, currency)
+
+
+# ---- critical path ---------------------------------------------------------------------------
+
+def _critical_chart(breakdown: pl.DataFrame, show_pipeline: bool) -> None:
+    data = with_series(breakdown, show_pipeline).select(
+        "series", "pipeline", "step", (pl.col("critical_share") * 100).alias("share"), "mean_critical_ms")
+    chart = alt.Chart(data).mark_bar().encode(
+        x=alt.X("share:Q", title="share of request time on the critical path (%)"),
+        y=alt.Y("series:N", title="step", sort="-x"),
+        color=alt.Color("pipeline:N"),
+        tooltip=["series:N", alt.Tooltip("share:Q", format=".1f"), alt.Tooltip("mean_critical_ms:Q", format=".1f")],
+    )
+    st.altair_chart(chart, width="stretch")
+
+
+def critical_path(settings: Settings, window: str, pipeline: str) -> None:
+    """Which step the requests' time goes to: critical-path share per step, from sampled traces."""
+    show_pipeline, name = _scope(pipeline)
+    try:
+        breakdown = query(settings, step_breakdown, since=window, pipeline=name)
+    except StoreUnavailable as problem:
+        show_unavailable(problem, window)
+        return
+    if breakdown.is_empty():
+        st.info(f"No requests in the last {window}{_for(pipeline)} yet: the critical path needs root spans "
+                "with their step spans.")
+        return
+    top = frames.top_steps(breakdown)
+    for column, row in zip(st.columns(min(4, len(top))) if top else [], top[:4], strict=False):
+        column.metric(f"Biggest contributor · {row['pipeline']}",
+                      f"{row['step']} · {100 * row['critical_share']:.0f} %",
+                      help="Share of the pipeline's request time spent on this step's critical path.")
+    sampled = breakdown.group_by("pipeline").agg(pl.col("sampled_traces").first()).sort("pipeline")
+    st.caption("Requests sampled: " + ", ".join(f"{r['pipeline']} {r['sampled_traces']:,}" for r in sampled.to_dicts())
+               + f" (at most {analyzer.traces.MAX_TRACES:,} per call, spread over the window). "
+               f"{analyzer.ROOT_STEP} is time outside every step.")
+    st.dataframe(frames.critical_table(breakdown, show_pipeline), hide_index=True, column_config={
+        "traces": _COUNT, "self ms": _MS, "critical ms": _MS, "critical %": _PCT, "slowest 5% %": _PCT})
+    st.subheader("Critical-path share per step")
+    _critical_chart(breakdown, show_pipeline)
+
+
+# ---- drift -----------------------------------------------------------------------------------
+
+@st.cache_data(ttl=DRIFT_RECOMPUTE_SECONDS, show_spinner=False)
+def _computed_drift(target: tuple, pipeline: str, _settings: Settings) -> pl.DataFrame:
+    """compute_drift on the analyzer loop's windows, when no stored run exists yet (kept a minute)."""
+    current, reference = DRIFT_WINDOWS
+    ref_window, cur_window = default_windows(current=current, reference=reference)
+    return query(_settings, compute_drift, reference=ref_window, current=cur_window, pipeline=pipeline)
+
+
+def drift(settings: Settings, window: str, pipeline: str) -> None:
+    """Verdict per step feature (and step latency): the analyzer's latest run, else computed now."""
+    show_pipeline, name = _scope(pipeline)
+    try:
+        results = query(settings, latest_drift, pipeline=name)
+        stored = not results.is_empty()
+        if not stored:
+            results = _computed_drift(target_key(settings), name, settings)
+    except StoreUnavailable as problem:
+        show_unavailable(problem, window)
+        return
+    current, reference = DRIFT_WINDOWS
+    if results.is_empty():
+        st.info(f"No step spans in the last {current} and the {reference} before it{_for(pipeline)}: nothing to "
+                "compare yet.")
+        return
+    first = results.row(0, named=True)
+    span = (f"current {first['current_start']:%Y-%m-%d %H:%M} – {first['current_end']:%H:%M} UTC vs reference "
+            f"{first['reference_start']:%Y-%m-%d %H:%M} – {first['reference_end']:%Y-%m-%d %H:%M} UTC")
+    source = (f"Analyzer run of {results['computed_at'].max():%Y-%m-%d %H:%M:%S} UTC" if stored else
+              f"No stored analyzer run yet; computed now (last {current} vs the {reference} before)")
+    st.caption(f"{source}: {span}. The sidebar window does not apply here.")
+
+    table = frames.drift_table(results, show_pipeline)
+    counts = dict(table.group_by("status").len().iter_rows())
+    for column, status in zip(st.columns(4), analyzer.drift.STATUSES, strict=True):
+        column.metric(status.replace("_", " ").capitalize(), f"{counts.get(status, 0)}",
+                      help="Features whose worst statistic says so.")
+    st.dataframe(_coloured(table, "status"), hide_index=True, column_config={
+        "value": st.column_config.NumberColumn("statistic value", format="%.4f"),
+        "p_value": st.column_config.NumberColumn("p-value", format="%.4f"),
+        "n_reference": _COUNT, "n_current": _COUNT})
+    st.caption("psi: population stability index (numeric, latency); js: Jensen–Shannon distance (categorical); "
+               "p-value of KS (numeric) or chi-square (categorical). insufficient data: under 100 samples a window.")
+
+
+# ---- SLOs ------------------------------------------------------------------------------------
+
+def slos(settings: Settings, window: str, pipeline: str) -> None:
+    """Burn rate over each window pair of each SLO objective, the rules firing and the budget left."""
+    show_pipeline, name = _scope(pipeline)
+    try:
+        saved = [s for s in query(settings, list_slos) if not name or s.pipeline == name]
+        statuses = [query(settings, slo_status, pipeline=s.pipeline, slo=s) for s in saved]
+    except StoreUnavailable as problem:
+        show_unavailable(problem, window)
+        return
+    except SLOError as exc:
+        st.warning(str(exc))
+        return
+    if not saved:
+        target = name or "<pipeline>"
+        st.info(f"No SLO set{_for(pipeline)}. Set one on the tuner with `PUT /v1/pipelines/{target}/slo` "
+                "(p95_ms, p99_ms, error_rate or objective).")
+        return
+    status = pl.concat(statuses)
+    firing = status.filter("firing")
+    budgets = status.unique(["pipeline", "slo"], keep="first", maintain_order=True)
+    lowest = budgets.sort("budget_remaining").row(0, named=True)
+    rules, pages, budget = st.columns(3)
+    rules.metric("Alert rules firing", f"{firing.height} of {status.height}")
+    pages.metric("Pages firing", f"{firing.filter(pl.col('severity') == 'page').height}")
+    budget.metric(f"Lowest budget left · {lowest['pipeline']} {lowest['slo']}",
+                  f"{100 * lowest['budget_remaining']:.0f} %",
+                  help=f"Error budget left over the SLO period ({lowest['period_days']:g} days); below 0: overspent.")
+    if firing.is_empty():
+        st.success("No burn-rate alert is firing.")
+    else:
+        st.warning("Firing: " + "; ".join(
+            f"{r['pipeline']} {r['slo']} {r['severity']} (burn {r['long_burn_rate']:.1f}× over {r['long_window']}, "
+            f"{r['short_burn_rate']:.1f}× over {r['short_window']}, factor {r['factor']:g})"
+            for r in firing.to_dicts()))
+    st.caption(f"Periods: {', '.join(sorted({f'{d:g} days' for d in status['period_days']}))}; a rule fires when "
+               "the burn rate over both its long and short window is above its factor (SRE workbook).")
+    st.dataframe(_coloured(frames.slo_table(status, show_pipeline), "state"), hide_index=True, column_config={
+        "target ms": _MS, "objective %": st.column_config.NumberColumn(format="%.2f %%"),
+        "burn factor": st.column_config.NumberColumn(format="%.2f"),
+        "long burn": st.column_config.NumberColumn(format="%.2f"),
+        "short burn": st.column_config.NumberColumn(format="%.2f"),
+        "requests": _COUNT, "budget left %": _PCT})
+
+
+TABS: dict[str, Callable[[Settings, str, str], None]] = {
+    "Latency": latency, "Cost": cost, "Critical path": critical_path, "Drift": drift, "SLOs": slos,
+}
