@@ -6,30 +6,42 @@ import io
 import os
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import analyzer
 from collector.rows import COLUMNS
 from tests.conftest import make_settings
 from tracetune.settings import Settings
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 RUN_TIMEOUT = 30  # the first run imports altair, polars and clickhouse-connect
+TAB_LABELS = ["Latency", "Cost", "Critical path", "Drift", "SLOs"]
 
 # pipeline -> [(step, calls, failed calls, base latency ms)]; a failed step ends its request,
 # so later steps see fewer calls.
 PIPELINES = {
-    "ticket_triage": [("embed", 40, 0, 12.0), ("classify", 40, 3, 45.0), ("route", 37, 0, 4.0)],
+    "ticket_triage": [("embed", 40, 0, 12.0), ("classify", 40, 3, 45.0), ("route", 37, 0, 4.0),
+                      ("create_followup", 37, 0, 20.0)],
     "doc_qa": [("retrieve", 25, 0, 30.0), ("rerank", 25, 0, 80.0), ("generate", 25, 2, 600.0)],
 }
+# Routes as priced in the bundled prices.toml (create_followup has none: it is priced per call).
+ROUTES = {"embed": "int8", "classify": "fp32", "route": "fp32", "retrieve": "fp32", "rerank": "fp32",
+          "generate": "llm"}
+LLM_MODEL, OUTPUT_TOKENS = "gpt-4o-mini", 50  # generate's i-th call reads 300 + i input tokens
 OLD_EMBED_CALLS = 5  # extra ticket_triage/embed calls three hours ago: only in the 6h window
+# doc_qa's SLO: 2 of its 25 requests fail, 80x its 0.1% budget: every availability rule fires;
+# its requests take at most ~1.8 s, so the 60 s p95 target holds.
+SLO = analyzer.SLO(pipeline="doc_qa", error_rate=0.001, p95_ms=60_000)
 
 
-def _durations_ms(base: float, calls: int) -> list[float]:
+def durations_ms(base: float, calls: int) -> list[float]:
     """Deterministic spread: base .. ~2.5x base, so p50 < p95 < p99."""
     return [round(base * (1 + 1.5 * (i / max(1, calls - 1)) ** 3), 3) for i in range(calls)]
 
@@ -45,7 +57,17 @@ def _span(start_ns: int, trace: str, parent: str, name: str, duration_ns: int, a
     ]
 
 
-def _seed(client) -> None:
+def _step_attrs(pipeline: str, step: str, index: int) -> dict[str, str]:
+    attrs = {"tracetune.pipeline": pipeline, "tracetune.step": step}
+    if step in ROUTES:
+        attrs["tracetune.route"] = ROUTES[step]
+    if step == "generate":
+        attrs |= {"gen_ai.request.model": LLM_MODEL, "gen_ai.usage.input_tokens": str(300 + index),
+                  "gen_ai.usage.output_tokens": str(OUTPUT_TOKENS)}
+    return attrs
+
+
+def seed_spans(client) -> None:
     """Root and step spans for each request, spread over the last four minutes."""
     now = time.time_ns()
     rows = []
@@ -63,10 +85,10 @@ def _seed(client) -> None:
                     break
                 index = made[pipeline, step]
                 made[pipeline, step] += 1
-                duration = int(_durations_ms(base, calls)[index] * 1e6)
+                duration = int(durations_ms(base, calls)[index] * 1e6)
                 failed = index < errors
-                attrs = {"tracetune.pipeline": pipeline, "tracetune.step": step, "tracetune.route": "default"}
-                rows.append(_span(start + offset, trace, root, f"{pipeline}.{step}", duration, attrs, failed))
+                rows.append(_span(start + offset, trace, root, f"{pipeline}.{step}", duration,
+                                  _step_attrs(pipeline, step, index), failed))
                 offset += duration
             rows.append(_span(start, trace, "", pipeline, offset, {"tracetune.pipeline": pipeline}, failed,
                               span_id=root))
@@ -78,7 +100,7 @@ def _seed(client) -> None:
     client.insert("otel_traces", rows, column_names=COLUMNS)
 
 
-def _use(monkeypatch, settings: Settings, tmp_path: Path) -> None:
+def use_settings(monkeypatch, settings: Settings, tmp_path: Path) -> None:
     """Hand `settings` to the page the way `tracetune dashboard` does: TRACETUNE_* variables."""
     for key in [k for k in os.environ if k.startswith("TRACETUNE_")]:
         monkeypatch.delenv(key)
@@ -93,13 +115,26 @@ def _run(at: AppTest) -> AppTest:
     return at
 
 
-def _table(at: AppTest) -> dict[tuple[str, str], dict]:
-    frame = at.dataframe[0].value
-    return {(row.get("pipeline", ""), row["step"]): row for row in frame.to_dict("records")}
+def _tab(at: AppTest, label: str):
+    tabs = {tab.label: tab for tab in at.tabs}
+    assert list(tabs) == TAB_LABELS
+    return tabs[label]
 
 
-def _charts(at: AppTest) -> list:
-    return at.get("vega_lite_chart")
+def _rows(block, index: int = 0) -> list[dict]:
+    return block.dataframe[index].value.to_dict("records")
+
+
+def _table(block) -> dict[tuple[str, str], dict]:
+    return {(row.get("pipeline", ""), row["step"]): row for row in _rows(block)}
+
+
+def _metrics(block) -> dict[str, str]:
+    return {m.label: m.value for m in block.metric}
+
+
+def _charts(block) -> list:
+    return block.get("vega_lite_chart")
 
 
 def _chart_rows(chart) -> list[dict]:
@@ -113,47 +148,67 @@ def _chart_rows(chart) -> list[dict]:
     return rows
 
 
+def _styles(block, index: int) -> str:
+    """The CSS a styled dataframe carries (pandas Styler), as one string."""
+    return str(block.dataframe[index].proto.arrow_data.styler)
+
+
 def _within_sketch(value: float, durations, q: float) -> bool:
     """The page reads the per-minute rollup: DDSketch puts each percentile within 0.5% of a sample at its rank."""
     lo, hi = np.percentile(durations, q, method="lower"), np.percentile(durations, q, method="higher")
     return lo * 0.995 <= value <= hi * 1.005
 
 
+def _expected_cost(pipeline: str, prices: analyzer.PriceTable) -> float:
+    """A pipeline's seeded cost by hand: compute (duration × price of the route), tokens and per-call prices."""
+    total = 0.0
+    for step, calls, _, base in PIPELINES[pipeline]:
+        seconds = sum(int(ms * 1e6) for ms in durations_ms(base, calls)) / 1e9
+        total += seconds * prices.routes.get(ROUTES.get(step, ""), 0.0) + calls * prices.calls.get(step, 0.0)
+        if step == "generate":
+            model = prices.models[LLM_MODEL]
+            total += sum((300 + i) * model.input_per_1m + OUTPUT_TOKENS * model.output_per_1m
+                         for i in range(calls)) / 1e6
+    return total
+
+
 @pytest.fixture
 def seeded(db_settings: Settings, client, monkeypatch, tmp_path) -> Settings:
-    _seed(client)
-    _use(monkeypatch, db_settings, tmp_path)
+    seed_spans(client)
+    analyzer.save_slo(client, SLO)
+    use_settings(monkeypatch, db_settings, tmp_path)
     return db_settings
 
 
-def test_page_shows_seeded_steps_counts_percentiles_and_charts(seeded: Settings):
+def test_latency_tab_shows_seeded_steps_counts_percentiles_and_charts(seeded: Settings):
     at = _run(AppTest.from_file(str(APP)))
 
     assert at.title[0].value == "tracetune"
     assert not at.error
-    table = _table(at)
+    tab = _tab(at, "Latency")
+    table = _table(tab)
     expected = {(p, step): (calls, errors, base) for p, steps in PIPELINES.items()
                 for step, calls, errors, base in steps}
     assert set(table) == set(expected)
     for key, (calls, errors, base) in expected.items():
         row = table[key]
-        durations = _durations_ms(base, calls)
+        durations = durations_ms(base, calls)
         assert row["requests"] == calls, key
         assert row["error %"] == pytest.approx(100 * errors / calls), key
         for q in (50, 95, 99):
             assert _within_sketch(row[f"p{q} ms"], durations, q), (key, q)
 
-    metrics = {m.label: m.value for m in at.metric}
+    metrics = _metrics(tab)
     assert metrics["Requests"] == "65"  # 40 ticket_triage + 25 doc_qa requests
     total_calls = sum(c for steps in PIPELINES.values() for _, c, _, _ in steps)
     assert metrics["Error %"] == f"{100 * 5 / total_calls:.1f} %"
     slowest = [label for label in metrics if label.startswith("Slowest step p95")]
     assert slowest == ["Slowest step p95 · doc_qa / generate"]
     shown = float(metrics[slowest[0]].removesuffix(" ms").replace(",", ""))
-    assert _within_sketch(shown, _durations_ms(600.0, 25), 95) or abs(shown - np.percentile(
-        _durations_ms(600.0, 25), 95, method="lower")) <= 0.5 + 0.005 * shown  # shown rounded to whole ms
+    assert _within_sketch(shown, durations_ms(600.0, 25), 95) or abs(shown - np.percentile(
+        durations_ms(600.0, 25), 95, method="lower")) <= 0.5 + 0.005 * shown  # shown rounded to whole ms
 
-    charts = _charts(at)
+    charts = _charts(tab)
     assert len(charts) == 2  # p95 over time, percentiles per step
     line_rows = _chart_rows(charts[0])
     assert {r["series"] for r in line_rows} == {f"{p} / {k}" for p, k in expected}
@@ -162,7 +217,94 @@ def test_page_shows_seeded_steps_counts_percentiles_and_charts(seeded: Settings)
     bar_rows = _chart_rows(charts[1])
     generate_p99 = [r["ms"] for r in bar_rows
                     if r["series"] == "doc_qa / generate" and r["percentile"] == "p99"]
-    assert len(generate_p99) == 1 and _within_sketch(generate_p99[0], _durations_ms(600.0, 25), 99)
+    assert len(generate_p99) == 1 and _within_sketch(generate_p99[0], durations_ms(600.0, 25), 99)
+
+
+def test_cost_tab_publishes_bundled_prices_and_shows_cost_per_1k(seeded: Settings, client):
+    bundled = analyzer.load_prices()
+    assert analyzer.current_prices(client) is None
+    at = _run(AppTest.from_file(str(APP)))
+    published = analyzer.current_prices(client)
+    assert published == bundled  # the page published prices.toml, as none was
+
+    tab = _tab(at, "Cost")
+    assert not tab.error and not tab.warning  # every seeded route and model is priced
+    caption = " ".join(c.value for c in tab.caption)
+    assert f"version {bundled.version}" in caption and bundled.currency in caption
+    by_pipeline = {row["pipeline"]: row for row in _rows(tab, 0)}
+    expected = analyzer.cost_per_1k(client, "15m", by=("pipeline",), prices=published, source="rollup")
+    assert set(by_pipeline) == set(PIPELINES) == set(expected["pipeline"])
+    for row in expected.to_dicts():
+        shown = by_pipeline[row["pipeline"]]
+        assert shown["requests"] == row["requests"] == PIPELINES[row["pipeline"]][0][1]
+        assert shown["cost per 1k"] == pytest.approx(row["cost_per_1k"], rel=1e-9)
+        assert shown["cost per 1k"] == pytest.approx(
+            1000 * _expected_cost(row["pipeline"], bundled) / shown["requests"], rel=1e-6)
+        assert sum(shown[f"{kind} per 1k"] for kind in ("tokens", "compute", "per call")) == pytest.approx(
+            shown["cost per 1k"], rel=1e-9)
+    assert by_pipeline["doc_qa"]["tokens per 1k"] > 0 and by_pipeline["ticket_triage"]["per call per 1k"] == \
+        pytest.approx(1000 * 37 * bundled.calls["create_followup"] / 40)
+
+    overall = analyzer.cost_per_1k(client, "15m", by=(), prices=published, source="rollup").row(0, named=True)
+    metrics = _metrics(tab)
+    assert metrics[f"Cost per 1k requests ({bundled.currency})"] == f"{overall['cost_per_1k']:,.2f} USD"
+    assert metrics["Priced requests"] == "65"
+
+    by_step = {(r["pipeline"], r["step"], r["route"]): r for r in _rows(tab, 1)}
+    steps = analyzer.cost_per_1k(client, "15m", by=("pipeline", "step", "route"), prices=published,
+                                 source="rollup")
+    assert set(by_step) == {(p, s, ROUTES.get(s, "")) for p, ss in PIPELINES.items() for s, *_ in ss}
+    for row in steps.to_dicts():
+        assert by_step[row["pipeline"], row["step"], row["route"]]["cost per 1k"] == pytest.approx(row["cost_per_1k"])
+
+    split, over_time = _charts(tab)
+    split_rows = _chart_rows(split)
+    generate_tokens = [r["per_1k"] for r in split_rows if r["series"] == "doc_qa / generate" and r["kind"] == "tokens"]
+    assert generate_tokens == [pytest.approx(by_step["doc_qa", "generate", "llm"]["tokens per 1k"])]
+    time_rows = _chart_rows(over_time)
+    assert {r["pipeline"] for r in time_rows} == set(PIPELINES)
+    assert sum(r["requests"] for r in time_rows) == 65
+
+
+def test_critical_path_tab_names_the_step_that_dominates(seeded: Settings, client):
+    at = _run(AppTest.from_file(str(APP)))
+    tab = _tab(at, "Critical path")
+    metrics = _metrics(tab)
+    breakdown = analyzer.step_breakdown(client, "15m")
+    for pipeline, steps in PIPELINES.items():
+        # steps run one after another, so each one's share is its total time over the pipeline's
+        totals = {step: sum(durations_ms(base, calls)) for step, calls, _, base in steps}
+        top = max(totals, key=totals.get)
+        share = totals[top] / sum(totals.values())
+        assert metrics[f"Biggest contributor · {pipeline}"] == f"{top} · {100 * share:.0f} %"
+    table = _table(tab)
+    assert ("doc_qa", "generate") in table
+    for row in breakdown.to_dicts():
+        assert table[row["pipeline"], row["step"]]["critical %"] == pytest.approx(100 * row["critical_share"])
+    bars = {r["series"]: r["share"] for r in _chart_rows(_charts(tab)[0])}
+    assert max(bars, key=bars.get) == "doc_qa / generate"
+    assert bars["doc_qa / generate"] == pytest.approx(100 * table["doc_qa", "generate"]["critical %"] / 100)
+
+
+def test_slo_tab_shows_the_seeded_breach_firing(seeded: Settings, client):
+    at = _run(AppTest.from_file(str(APP)))
+    tab = _tab(at, "SLOs")
+    rows = _rows(tab)
+    status = analyzer.slo_status(client, "doc_qa")
+    assert len(rows) == status.height == 6  # (availability, latency_p95) x three burn-rate rules
+    for shown, row in zip(rows, status.to_dicts(), strict=True):
+        assert (shown["pipeline"], shown["slo"], shown["windows"]) == (
+            row["pipeline"], row["slo"], f"{row['long_window']} / {row['short_window']}")
+        assert shown["state"] == ("firing" if row["firing"] else "ok")
+        assert shown["long burn"] == pytest.approx(row["long_burn_rate"])
+        assert shown["budget left %"] == pytest.approx(100 * row["budget_remaining"])
+    availability = [r for r in rows if r["slo"] == "availability"]
+    assert [r["state"] for r in availability] == ["firing"] * 3
+    assert availability[0]["long burn"] == pytest.approx((2 / 25) / 0.001)  # 80x the budget
+    assert all(r["state"] == "ok" for r in rows if r["slo"] == "latency_p95")
+    assert "#f8d7da" in _styles(tab, 0)  # firing rows coloured
+    assert _metrics(tab)["Alert rules firing"] == "3 of 6"
+    assert "doc_qa availability page" in tab.warning[0].value
 
 
 def test_sidebar_window_and_pipeline_filter_the_page(seeded: Settings):
@@ -173,31 +315,110 @@ def test_sidebar_window_and_pipeline_filter_the_page(seeded: Settings):
 
     window.set_value("6h")  # the three-hour-old embed calls come into the window
     _run(at)
-    assert _table(at)[("ticket_triage", "embed")]["requests"] == 40 + OLD_EMBED_CALLS
+    assert _table(_tab(at, "Latency"))[("ticket_triage", "embed")]["requests"] == 40 + OLD_EMBED_CALLS
 
     at.sidebar.selectbox[1].set_value("doc_qa")
     _run(at)
-    table = at.dataframe[0].value
+    latency = _tab(at, "Latency")
+    table = latency.dataframe[0].value
     assert "pipeline" not in table.columns
     assert dict(zip(table["step"], table["requests"], strict=False)) == {"retrieve": 25, "rerank": 25, "generate": 25}
-    assert {m.label: m.value for m in at.metric}["Requests"] == "25"
-    assert {r["series"] for r in _chart_rows(_charts(at)[0])} == {"retrieve", "rerank", "generate"}
+    assert _metrics(latency)["Requests"] == "25"
+    assert {r["series"] for r in _chart_rows(_charts(latency)[0])} == {"retrieve", "rerank", "generate"}
+    assert [r["pipeline"] for r in _rows(_tab(at, "Cost"), 0)] == ["doc_qa"]
+    assert {r["step"] for r in _rows(_tab(at, "Cost"), 1)} == {"retrieve", "rerank", "generate"}
+    assert {r["step"] for r in _rows(_tab(at, "Critical path"))} <= {"retrieve", "rerank", "generate",
+                                                                     analyzer.ROOT_STEP}
+
+    at.sidebar.selectbox[1].set_value("ticket_triage")  # no SLO there
+    _run(at)
+    assert "No SLO set for pipeline ticket_triage" in _tab(at, "SLOs").info[0].value
 
     at.sidebar.toggle[0].set_value(True)  # auto-refresh on: still one run that returns
     _run(at)
-    assert len(at.dataframe) == 1
+    assert len(_tab(at, "Latency").dataframe) == 1
 
 
-def test_empty_window_says_no_spans_yet(db_settings: Settings, monkeypatch, tmp_path):
-    _use(monkeypatch, db_settings, tmp_path)
+# ---- drift: spans with features in the analyzer's windows (last hour vs the 24 hours before) ----
+
+DRIFT_PIPELINE, DRIFT_STEP = "search", "query"
+DRIFT_SPANS = 160  # per window: above the 100 samples a verdict needs (PSI needs 500: it stays out)
+
+
+def _seed_features(client) -> None:
+    """`lang` moves from mostly en to mostly de (drift); `length` keeps its values (ok); `rare` has 10 (too few)."""
+    now = time.time_ns()
+    rows = []
+    for window, start in (("reference", now - int(5 * 3600e9)), ("current", now - int(30 * 60e9))):
+        for i in range(DRIFT_SPANS):
+            share_de = 0.1 if window == "reference" else 0.7
+            attrs = {"tracetune.pipeline": DRIFT_PIPELINE, "tracetune.step": DRIFT_STEP,
+                     "tracetune.feature.lang": "de" if i < share_de * DRIFT_SPANS else "en",
+                     "tracetune.feature.length": str(50 + i % 40)}
+            if i < 10:
+                attrs["tracetune.feature.rare"] = str(i)
+            rows.append(_span(start + i * int(5e9), uuid.uuid4().hex, uuid.uuid4().hex[:16],
+                              f"{DRIFT_PIPELINE}.{DRIFT_STEP}", int((20 + i % 7) * 1e6), attrs, False))
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+
+
+def _drift_rows(block) -> dict[str, dict]:
+    return {row["feature"]: row for row in _rows(block)}
+
+
+def test_drift_tab_computes_then_shows_the_stored_run(db_settings: Settings, client, monkeypatch, tmp_path):
+    _seed_features(client)
+    use_settings(monkeypatch, db_settings, tmp_path)
+    at = _run(AppTest.from_file(str(APP)))
+
+    tab = _tab(at, "Drift")
+    assert "computed now" in tab.caption[0].value
+    shown = _drift_rows(tab)
+    computed = analyzer.feature_status(analyzer.compute_drift(client, *analyzer.default_windows()))
+    assert {r["feature"]: r["status"] for r in computed.to_dicts()} == {f: r["status"] for f, r in shown.items()}
+    assert shown["lang"]["status"] == "drift" and shown["lang"]["statistic"] == "js"
+    assert shown["length"]["status"] == "ok"
+    assert shown["rare"]["status"] == "insufficient_data"
+    assert (shown["lang"]["n_reference"], shown["lang"]["n_current"]) == (DRIFT_SPANS, DRIFT_SPANS)
+    assert list(shown)[0] == "lang"  # worst first
+    assert _metrics(tab)["Drift"] == "1"
+    assert "#f8d7da" in _styles(tab, 0)  # the drift cell is red
+
+    # The analyzer loop stores a run with its own thresholds: the page shows that run, not a new one.
+    ran_at = datetime.now(UTC) - timedelta(minutes=2)
+    reference, current = analyzer.default_windows(ran_at)
+    lenient = {"lang": {"js_drift": None, "js_warn": 0.1, "chi2_p": None}}  # the shift only warns
+    stored = analyzer.compute_drift(client, reference, current, thresholds=lenient)
+    analyzer.store_drift(client, stored)
+    at = _run(AppTest.from_file(str(APP)))
+    tab = _tab(at, "Drift")
+    assert tab.caption[0].value.startswith("Analyzer run of ")
+    shown = _drift_rows(tab)
+    latest = analyzer.feature_status(analyzer.latest_drift(client))
+    assert {r["feature"]: r["status"] for r in latest.to_dicts()} == {f: r["status"] for f, r in shown.items()}
+    assert shown["lang"]["status"] == "warn"
+    assert shown["lang"]["value"] == pytest.approx(
+        stored.filter((pl.col("feature") == "lang") & (pl.col("statistic") == "js"))["value"][0])
+
+
+# ---- empty and broken stores ------------------------------------------------------------------
+
+def test_empty_database_renders_every_tab_with_an_info(db_settings: Settings, client, monkeypatch, tmp_path):
+    use_settings(monkeypatch, db_settings, tmp_path)
     at = _run(AppTest.from_file(str(APP)))
     assert not at.error
     assert "No spans in the last 15m yet" in at.info[0].value
     assert not at.dataframe and not _charts(at)
+    infos = {label: [i.value for i in _tab(at, label).info] for label in TAB_LABELS}
+    assert all(len(messages) == 1 for messages in infos.values()), infos
+    assert "No requests in the last 15m" in infos["Cost"][0]
+    assert "No step spans" in infos["Drift"][0]
+    assert "No SLO set" in infos["SLOs"][0]
+    assert analyzer.current_prices(client) == analyzer.load_prices()
 
 
 def test_store_without_the_database_yet_says_no_spans_yet(store_settings: Settings, monkeypatch, tmp_path):
-    _use(monkeypatch, store_settings.replace(database=f"absent_{uuid.uuid4().hex[:8]}"), tmp_path)
+    use_settings(monkeypatch, store_settings.replace(database=f"absent_{uuid.uuid4().hex[:8]}"), tmp_path)
     at = _run(AppTest.from_file(str(APP)))
     assert not at.error
     assert "No spans in the last 15m yet" in at.info[0].value
@@ -206,7 +427,7 @@ def test_store_without_the_database_yet_says_no_spans_yet(store_settings: Settin
 
 def test_unreachable_store_shows_one_line_error(tmp_path, monkeypatch):
     settings = make_settings(tmp_path)  # free ports, nothing listening
-    _use(monkeypatch, settings, tmp_path)
+    use_settings(monkeypatch, settings, tmp_path)
     at = _run(AppTest.from_file(str(APP)))
 
     assert len(at.error) == 1
