@@ -30,9 +30,11 @@ from analyzer.slo import (
 )
 from analyzer.slo import alerts as slo_alerts
 from analyzer.stats import (
+    BATCHING_COLUMNS,
     DIMENSIONS,
     LATENCY_COLUMNS,
     STEP_STATS_COLUMNS,
+    batching,
     latency,
     latency_series,
     parse_window,
@@ -41,6 +43,7 @@ from analyzer.stats import (
 from analyzer.traces import ROOT_STEP, SpanRecord, critical_path, self_times, step_breakdown, step_times
 
 __all__ = [
+    "BATCHING_COLUMNS", "batching",
     "DRIFT_COLUMNS", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "SLOError", "Thresholds", "burn_rate",
     "burn_windows", "compute_drift", "default_windows", "error_budget_remaining", "feature_status", "get_slo",
     "latest_drift", "list_slos", "request_counts", "save_slo", "slo_alerts", "slo_status", "store_drift",

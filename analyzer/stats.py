@@ -103,3 +103,26 @@ def latency_series(client, since: str | int = "15m", pipeline: str = "", bucket_
         return pl.DataFrame(schema={c: schema.get(c, pl.Float64) for c in columns})
     return pl.DataFrame([dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]).select(
         columns)
+
+
+BATCHING_SQL = resources.files("analyzer.sql").joinpath("batching.sql").read_text()
+BATCHING_COLUMNS = ["pipeline", "step", "route", "batched_spans", "batch_size_p50", "batch_size_p95", "batch_size_max",
+                    "queue_ms_p50", "queue_ms_p95", "queue_ms_p99", "queue_ms_max", "size_histogram"]
+
+
+def batching(client, since: str | int = "15m", pipeline: str = "") -> pl.DataFrame:
+    """Batch size and queue time distributions per pipeline step and route (raw spans that ran batched).
+
+    size_histogram is a list of {batch_size, spans}: how many requests ran in batches of each size.
+    """
+    result = client.query(BATCHING_SQL, parameters={"window_seconds": _seconds(since), "pipeline": pipeline})
+    rows = []
+    for row in result.named_results():
+        sizes, counts = row.pop("size_histogram")
+        row.pop("bq"), row.pop("qq")
+        rows.append({**row, "size_histogram": [{"batch_size": int(s), "spans": int(c)}
+                                               for s, c in zip(sizes, counts, strict=True)]})
+    if not rows:
+        return pl.DataFrame(schema={c: (pl.Utf8 if c in ("pipeline", "step", "route") else pl.Float64)
+                                    for c in BATCHING_COLUMNS if c != "size_histogram"})
+    return pl.DataFrame(rows).select(BATCHING_COLUMNS)

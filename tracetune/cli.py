@@ -178,21 +178,40 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None) -> None
 @cli.command()
 @click.option("--since", default="5m", show_default=True, help="Trailing window: 30s, 5m, 2h, 7d.")
 @click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--by", default="pipeline,step", show_default=True,
+              help="Comma-separated: pipeline, step, route, tenant, model, service.")
+@click.option("--batching", is_flag=True, help="Batch size and queue time distributions instead.")
 @click.option("--source", type=click.Choice(["rollup", "raw"]), default="rollup", show_default=True,
               help="Per-minute rollups (flat cost, percentiles within 0.5%) or raw spans (exact).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
 @click.pass_context
-def stats(ctx: click.Context, since: str, pipeline: str, source: str, as_json: bool) -> None:
+def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool, source: str,
+          as_json: bool) -> None:
     """Per-step requests, error rate, p50, p95, p99 (ms) over a trailing window."""
     import analyzer
-    from tracetune.terminal import console, step_table
+    from tracetune.terminal import console, frame_table, step_table
 
     _window(since)
-    frame = analyzer.step_stats(_client(_settings(ctx)), since, pipeline, source=source)
+    client = _client(_settings(ctx))
+    keys = tuple(b.strip() for b in by.split(",") if b.strip())
+    try:
+        if batching:
+            frame = analyzer.batching(client, since, pipeline)
+        elif keys == ("pipeline", "step"):
+            frame = analyzer.step_stats(client, since, pipeline, source=source)
+        else:
+            frame = analyzer.latency(client, since, keys, pipeline, source=source)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--by") from None
     if as_json:
-        click.echo(json.dumps(frame.to_dicts(), indent=2))
-    else:
+        click.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
+    elif batching:
+        console().print(frame_table(frame.drop("size_histogram") if "size_histogram" in frame.columns else frame,
+                                    f"batching, last {since}"))
+    elif keys == ("pipeline", "step"):
         console().print(step_table(frame, title=f"per-step latency, last {since}"))
+    else:
+        console().print(frame_table(frame, f"latency by {', '.join(keys)}, last {since}"))
 
 
 def _client(s: Settings):

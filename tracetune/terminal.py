@@ -89,3 +89,16 @@ def slo_table(frame: pl.DataFrame) -> Table:
                       f"{row['factor']:g}", f"{row['long_burn_rate']:.2f} / {row['short_burn_rate']:.2f}", firing,
                       f"{row['budget_remaining']:.1%}")
     return table
+
+
+def frame_table(frame: pl.DataFrame, title: str) -> Table:
+    """Any analyzer frame as a table: text columns left, numbers right, floats to 2 decimals."""
+    table = Table(title=title, title_justify="left")
+    for name, dtype in frame.schema.items():
+        table.add_column(name, justify="left" if dtype == pl.Utf8 else "right")
+    if frame.is_empty():
+        table.add_row("(nothing in the window)", *[""] * (frame.width - 1))
+    for row in frame.iter_rows():
+        table.add_row(*["-" if v is None or v != v else f"{v:,.2f}" if isinstance(v, float) else str(v)
+                        for v in row])
+    return table

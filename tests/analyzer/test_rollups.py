@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+import analyzer
 from analyzer import latency, step_stats
 from collector.rows import COLUMNS
 
@@ -103,3 +104,19 @@ def test_hourly_rollup_cascades_from_the_minute_rollup(client, seeded):
         assert hourly[step]["p95_ms"] == pytest.approx(minute[step]["p95_ms"], rel=1e-9)  # same sketch, merged
     rows = client.query("SELECT sum(requests) FROM tracetune_spans_1h").result_rows[0][0]
     assert rows == 3 * 3000 + 500
+
+
+def test_batch_size_and_queue_time_distributions(client, seeded):
+    frame = analyzer.batching(client, "10m")
+    assert frame.height == 3 * 2  # three steps x two routes, every span seeded with a batch
+    embed = frame.filter((frame["step"] == "embed") & (frame["route"] == "fp32")).row(0, named=True)
+    _, routes, *_ = seeded["embed"]
+    fp32 = [i for i in range(3000) if routes[i] == "fp32"]
+    sizes = np.array([i % 8 + 1 for i in fp32])
+    queues = np.array([float(i % 5) for i in fp32])
+    assert embed["batched_spans"] == len(fp32)
+    assert embed["batch_size_p50"] == pytest.approx(np.percentile(sizes, 50))
+    assert embed["batch_size_max"] == 8
+    assert embed["queue_ms_p95"] == pytest.approx(np.percentile(queues, 95))
+    histogram = {h["batch_size"]: h["spans"] for h in embed["size_histogram"]}
+    assert histogram == {int(s): int((sizes == s).sum()) for s in np.unique(sizes)}

@@ -57,8 +57,8 @@ def test_arrival_patterns():
 
 
 def test_drift_injection_changes_the_tickets_from_its_time():
-    source = TicketSource(LoadPlan(duplicate_ratio=0, invalid_ratio=0, drifts=[Drift("category_mix", 50), Drift("text_length", 50)]),
-                          random.Random(1))
+    drifts = [Drift("category_mix", 50), Drift("text_length", 50)]
+    source = TicketSource(LoadPlan(duplicate_ratio=0, invalid_ratio=0, drifts=drifts), random.Random(1))
     before = [source.draw(t) for t in range(0, 50)]
     after = [source.draw(t) for t in range(50, 400)]
     assert {s for _, _, s in before} == {"baseline"} and {s for _, _, s in after} == {"category_mix+text_length"}

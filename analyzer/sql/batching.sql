@@ -1,0 +1,22 @@
+-- Distributions of batch size and queue time per pipeline step and route, from the raw step spans that
+-- ran in a batch: quantiles, and how many spans ran in batches of each size.
+SELECT
+    pipeline, step, route,
+    count() AS batched_spans,
+    quantilesExactInclusive(0.5, 0.95)(batch_size) AS bq,
+    bq[1] AS batch_size_p50, bq[2] AS batch_size_p95, max(batch_size) AS batch_size_max,
+    quantilesExactInclusive(0.5, 0.95, 0.99)(queue_ms) AS qq,
+    qq[1] AS queue_ms_p50, qq[2] AS queue_ms_p95, qq[3] AS queue_ms_p99, max(queue_ms) AS queue_ms_max,
+    sumMap([batch_size], [toUInt64(1)]) AS size_histogram
+FROM (
+    SELECT SpanAttributes['tracetune.pipeline'] AS pipeline, SpanAttributes['tracetune.step'] AS step,
+           SpanAttributes['tracetune.route'] AS route,
+           toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS batch_size,
+           toFloat64OrZero(SpanAttributes['tracetune.queue_ms']) AS queue_ms
+    FROM otel_traces
+    WHERE Timestamp >= now64(9) - toIntervalSecond({window_seconds:UInt32})
+      AND SpanAttributes['tracetune.step'] != '' AND SpanAttributes['tracetune.batch_size'] != ''
+      AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
+)
+GROUP BY pipeline, step, route
+ORDER BY pipeline, step, route
