@@ -20,7 +20,7 @@ from analyzer.cost import cost_per_1k
 from analyzer.drift import compute_drift, default_windows, feature_status
 from analyzer.prices import PriceTable
 from analyzer.slo import list_slos, slo_status
-from analyzer.stats import latency, latency_series, parse_window
+from analyzer.stats import batching, latency, latency_series, parse_window
 from analyzer.traces import step_breakdown
 
 _PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#9d755d"]
@@ -111,6 +111,7 @@ def build_report(client, since: str = "1h", prices: PriceTable | None = None, pi
     cost = cost_per_1k(client, since, by=("pipeline", "step", "route"), pipeline=pipeline, prices=prices)
     totals = cost_per_1k(client, since, by=("pipeline",), pipeline=pipeline, prices=prices)
     breakdown = step_breakdown(client, since, pipeline)
+    batches = batching(client, since, pipeline)
     reference, current = default_windows(None, since, "24h")
     drift = compute_drift(client, reference, current, pipeline=pipeline)
     drift_status = feature_status(drift)
@@ -125,7 +126,8 @@ def build_report(client, since: str = "1h", prices: PriceTable | None = None, pi
     template = env.from_string(resources.files("analyzer.templates").joinpath("report.html").read_text())
     return template.render(
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), since=since, pipeline=pipeline or "all pipelines",
-        stats=stats.to_dicts(), totals=totals.to_dicts(), cost=cost.to_dicts(), breakdown=breakdown.to_dicts(),
+        stats=stats.to_dicts(), batching=batches.to_dicts(), totals=totals.to_dicts(), cost=cost.to_dicts(),
+        breakdown=breakdown.to_dicts(),
         drift=drift_status.to_dicts(), slo=slo_frame.to_dicts() if not slo_frame.is_empty() else [],
         price_version=(cost["price_version"][0] if cost.height else (prices.version if prices else "")),
         currency=(cost["currency"][0] if cost.height else ""),

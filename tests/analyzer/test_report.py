@@ -12,7 +12,8 @@ from tests.analyzer.test_cost_rollup import PRICES, traffic  # noqa: F401 - the 
 def test_report_has_every_section_with_figures_and_charts(client, traffic, tmp_path):  # noqa: F811
     save_slo(client, SLO("triage", p95_ms=100.0, error_rate=0.01))
     html = build_report(client, "10m", prices=PRICES)
-    for heading in ("Latency per step", "Which step contributes most", "Cost per 1k requests", "Drift", "SLOs"):
+    for heading in ("Latency per step", "Batching", "Which step contributes most", "Cost per 1k requests", "Drift",
+                    "SLOs"):
         assert heading in html
     assert html.count("<svg") >= 3  # percentiles, critical path, cost
     assert "<script" not in html  # self-contained, nothing to fetch
