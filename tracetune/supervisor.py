@@ -197,6 +197,9 @@ def _run(settings: Settings, load_rate: float, echo, body) -> int:
     _install_stop_handlers(stop)
     out.print(f"[bold]tracetune[/bold] starting (logs in {supervisor.log_dir})")
     try:
+        from executor.models import build_models
+
+        build_models(settings.models_dir, progress=True)  # first run only: the executor then starts at once
         supervisor.start()
         return body(supervisor, stop, out)
     except StartError as exc:
