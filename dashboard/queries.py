@@ -16,21 +16,24 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 import store
 from tracetune.settings import Settings
 
-__all__ = ["StoreUnavailable", "address", "query", "show_unavailable"]
+__all__ = ["SPAN_TABLE", "StoreUnavailable", "address", "query", "show_unavailable", "target_key"]
 
 T = TypeVar("T")
 
 # ClickHouse error codes that mean "nothing was ever written here", not "something is broken".
 _NOT_CREATED_YET = {60, 81}  # UNKNOWN_TABLE, UNKNOWN_DATABASE
 _CODE = re.compile(r"Code:\s*(\d+)")
+_MISSING_TABLE = re.compile(r"identifier '(?:\w+\.)?(\w+)'|Table (?:\w+\.)?(\w+) does(?:n't| not) exist")
+SPAN_TABLE = "otel_traces"
 
 
 class StoreUnavailable(Exception):
     """ClickHouse could not answer; the message is one line for the page."""
 
-    def __init__(self, message: str, empty: bool = False) -> None:
+    def __init__(self, message: str, empty: bool = False, table: str = SPAN_TABLE) -> None:
         super().__init__(message)
-        self.empty = empty  # True: the store is up but holds no span table yet
+        self.empty = empty  # True: the store is up but `table` was not created yet
+        self.table = table
 
 
 def address(settings: Settings) -> str:
@@ -51,8 +54,10 @@ def _unavailable(settings: Settings, exc: Exception) -> StoreUnavailable:
         return StoreUnavailable(f"Cannot reach ClickHouse at {where}: is `tracetune up` running?")
     code = _CODE.search(str(exc))
     if code and int(code.group(1)) in _NOT_CREATED_YET:
-        return StoreUnavailable(f"ClickHouse at {where} has no otel_traces table yet; "
-                                "`tracetune up` creates it.", empty=True)
+        missing = _MISSING_TABLE.search(str(exc))
+        table = next((name for name in missing.groups() if name), SPAN_TABLE) if missing else SPAN_TABLE
+        return StoreUnavailable(f"ClickHouse at {where} has no {table} table yet; "
+                                "`tracetune up` creates it.", empty=True, table=table)
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     return StoreUnavailable(f"ClickHouse at {where} could not answer: {first_line}")
 
@@ -71,7 +76,10 @@ def query(settings: Settings, fn: Callable[..., T], **kwargs: Any) -> T:
 
 
 def show_unavailable(problem: StoreUnavailable, window: str) -> None:
-    if problem.empty:
+    """An info when nothing was written yet (no spans, or a table of tracetune's not created), else an error."""
+    if problem.empty and problem.table == SPAN_TABLE:
         st.info(f"No spans in the last {window} yet. {problem}")
+    elif problem.empty:
+        st.info(str(problem))
     else:
         st.error(str(problem))

@@ -49,7 +49,13 @@ DRIFT_RECOMPUTE_SECONDS = 60  # a drift computed on the fly is reused this long
 _MS = st.column_config.NumberColumn(format="%.1f")
 _PCT = st.column_config.NumberColumn(format="%.1f %%")
 _COUNT = st.column_config.NumberColumn(format="%d")
-_MONEY = st.column_config.NumberColumn(format="%.6g")
+_MONEY = st.column_config.NumberColumn(format="%.4g")
+
+
+def _time_axis(bucket_seconds: int) -> alt.X:
+    """Bucket start on a 24-hour clock (vega's default shows 09:15 for 21:15), in the browser's time zone."""
+    return alt.X("bucket:T", title=f"time ({bucket_seconds} s buckets)",
+                 axis=alt.Axis(format="%H:%M:%S" if bucket_seconds < 60 else "%H:%M"))
 
 
 def _scope(pipeline: str) -> tuple[bool, str]:
@@ -87,7 +93,7 @@ def _latency_metrics(stats: pl.DataFrame) -> None:
 def _latency_chart(series: pl.DataFrame, show_pipeline: bool, bucket_seconds: int) -> None:
     data = with_series(series, show_pipeline).select("bucket", "series", "requests", "p95_ms", "p50_ms")
     chart = alt.Chart(data).mark_line(point=True).encode(
-        x=alt.X("bucket:T", title=f"time ({bucket_seconds} s buckets)"),
+        x=_time_axis(bucket_seconds),
         y=alt.Y("p95_ms:Q", title="p95 latency (ms)"),
         color=alt.Color("series:N", title="step"),
         tooltip=["series:N", alt.Tooltip("bucket:T", format="%H:%M:%S"), "requests:Q",
@@ -140,24 +146,27 @@ def latency(settings: Settings, window: str, pipeline: str) -> None:
 
 # ---- cost ------------------------------------------------------------------------------------
 
-def _prices(settings: Settings) -> tuple[PriceTable, bool]:
-    """The published price table; if none is, the bundled prices.toml published now (True).
-
-    PricesError (one line) when prices.toml cannot be read; `tracetune up` publishes it at start.
+def _prices(settings: Settings) -> tuple[PriceTable, str]:
+    """The published price table and "", or, if none is, the bundled prices.toml (published now if the
+    store lets us) and a note saying so. PricesError (one line) when prices.toml cannot be read.
+    `tracetune up` publishes prices.toml at start, so this matters only for a dashboard on its own.
     """
     table = query(settings, current_prices)
     if table is not None:
-        return table, False
+        return table, ""
     table = analyzer.load_prices()
-    query(settings, publish_prices, table=table)
-    return table, True
+    try:
+        query(settings, publish_prices, table=table)
+    except StoreUnavailable as problem:  # e.g. a read-only ClickHouse user: price with the file anyway
+        return table, f" (prices.toml, not published: {problem})"
+    return table, " (prices.toml, published now: none was)"
 
 
 def _cost_by_kind_chart(costs: pl.DataFrame, show_pipeline: bool, currency: str) -> None:
     data = frames.cost_split(costs, show_pipeline)
     chart = alt.Chart(data).mark_bar().encode(
-        x=alt.X("series:N", title="step", sort=None),
-        y=alt.Y("per_1k:Q", title=f"cost per 1k requests ({currency})", stack="zero"),
+        x=alt.X("per_1k:Q", title=f"cost per 1k requests ({currency})", stack="zero"),
+        y=alt.Y("series:N", title="step", sort=None, axis=alt.Axis(labelLimit=320)),
         color=alt.Color("kind:N", title="cost", sort=list(frames.COST_SPLIT.values())),
         tooltip=["series:N", "kind:N", alt.Tooltip("per_1k:Q", format=".4g")],
     )
@@ -167,7 +176,7 @@ def _cost_by_kind_chart(costs: pl.DataFrame, show_pipeline: bool, currency: str)
 def _cost_over_time_chart(over_time: pl.DataFrame, bucket_seconds: int, currency: str) -> None:
     data = over_time.select("bucket", "pipeline", "requests", "cost", "cost_per_1k")
     chart = alt.Chart(data).mark_line(point=True).encode(
-        x=alt.X("bucket:T", title=f"time ({bucket_seconds} s buckets)"),
+        x=_time_axis(bucket_seconds),
         y=alt.Y("cost_per_1k:Q", title=f"cost per 1k requests ({currency})"),
         color=alt.Color("pipeline:N"),
         tooltip=["pipeline:N", alt.Tooltip("bucket:T", format="%H:%M:%S"), "requests:Q",
@@ -181,7 +190,7 @@ def cost(settings: Settings, window: str, pipeline: str) -> None:
     show_pipeline, name = _scope(pipeline)
     bucket = BUCKET_SECONDS[window]
     try:
-        prices, published = _prices(settings)
+        prices, note = _prices(settings)
         by_pipeline = query(settings, cost_per_1k, since=window, by=("pipeline",), pipeline=name, prices=prices,
                             source="rollup")
         by_step = query(settings, cost_per_1k, since=window, by=("pipeline", "step", "route"), pipeline=name,
@@ -195,7 +204,6 @@ def cost(settings: Settings, window: str, pipeline: str) -> None:
         st.info(f"No cost without prices: {exc}")
         return
     currency = prices.currency
-    note = " (prices.toml, published now: none was)" if published else ""
     st.caption(f"Prices: version {prices.version} · {currency}{note} · last {window}")
     requests = int(by_pipeline["requests"].sum() or 0)
     if requests == 0:
@@ -241,7 +249,7 @@ def _critical_chart(breakdown: pl.DataFrame, show_pipeline: bool) -> None:
         "series", "pipeline", "step", (pl.col("critical_share") * 100).alias("share"), "mean_critical_ms")
     chart = alt.Chart(data).mark_bar().encode(
         x=alt.X("share:Q", title="share of request time on the critical path (%)"),
-        y=alt.Y("series:N", title="step", sort="-x"),
+        y=alt.Y("series:N", title="step", sort="-x", axis=alt.Axis(labelLimit=320)),
         color=alt.Color("pipeline:N"),
         tooltip=["series:N", alt.Tooltip("share:Q", format=".1f"), alt.Tooltip("mean_critical_ms:Q", format=".1f")],
     )
@@ -316,7 +324,8 @@ def drift(settings: Settings, window: str, pipeline: str) -> None:
     st.dataframe(_coloured(table, "status"), hide_index=True, column_config={
         "value": st.column_config.NumberColumn("statistic value", format="%.4f"),
         "p_value": st.column_config.NumberColumn("p-value", format="%.4f"),
-        "n_reference": _COUNT, "n_current": _COUNT})
+        "n_reference": st.column_config.NumberColumn("reference n", format="%d"),
+        "n_current": st.column_config.NumberColumn("current n", format="%d")})
     st.caption("psi: population stability index (numeric, latency); js: Jensen–Shannon distance (categorical); "
                "p-value of KS (numeric) or chi-square (categorical). insufficient data: under 100 samples a window.")
 

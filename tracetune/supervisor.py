@@ -42,7 +42,7 @@ def dashboard_command(settings: Settings) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(app),
             "--server.port", str(settings.dashboard_port), "--server.address", settings.bind_host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none"]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer"]
 
 
 def components(settings: Settings, load_rate: float, with_dashboard: bool = True) -> list[Component]:
