@@ -1,8 +1,9 @@
 """Adaptive-size micro-batching: requests queue, a batch runs when full or when its oldest waited long enough.
 
 One batch span is linked to every request span it served; each request learns its batch size and
-queue time so its own step span can carry them. With a `length` function the batcher groups requests
-of similar length (the oldest request's length bucket first), so padded batches waste less compute.
+queue time so its own step span can carry them. With a `length` function and `bucket_by_length`, a
+batch holds the oldest request and the next-oldest of its length bucket only, so padded batches waste
+less compute (others wait for a batch of their own bucket).
 """
 
 from __future__ import annotations
@@ -108,11 +109,12 @@ class Batcher:
             return [self._queue.popleft() for _ in range(min(self.max_size, len(self._queue)))]
 
     def _take_bucket(self) -> list[_Pending]:
-        """The oldest request plus the next-oldest of its length bucket, then of neighbouring buckets."""
+        """The oldest request plus the next-oldest of its length bucket, never other buckets.
+
+        Topping a batch up from neighbouring buckets pads every request to the longest one; on a
+        compute-bound CPU encoder that cost 2-3x throughput (bench/executor.py, section 3)."""
         head_bucket = length_bucket(self._queue[0].length)
-        ranked = sorted(range(len(self._queue)),
-                        key=lambda i: (abs(length_bucket(self._queue[i].length) - head_bucket), i))
-        chosen = sorted(ranked[:self.max_size])
+        chosen = [i for i, p in enumerate(self._queue) if length_bucket(p.length) == head_bucket][:self.max_size]
         batch = [self._queue[i] for i in chosen]
         for i in reversed(chosen):
             del self._queue[i]

@@ -111,3 +111,28 @@ def test_cache_ttl_lru_and_normalisation():
     cache.put("c", 3)  # evicts b, the least recently used
     assert cache.get("b") is TTLCache.MISSING and cache.get("a") == 1 and cache.get("c") == 3
     assert len(cache) == 2 and cache.hits == 4 and cache.misses == 2
+
+
+def test_length_bucketing_batches_only_one_length_bucket():
+    gate = threading.Event()
+    batches: list[list[int]] = []
+
+    def run(items):
+        gate.wait(5)
+        batches.append(list(items))
+        return items
+
+    batcher = Batcher("len", run, max_size=8, max_wait_ms=0, length=lambda n: n, bucket_by_length=True)
+    first = batcher.submit(5)  # occupies the worker until the gate opens
+    time.sleep(0.05)
+    lengths = [100, 3, 120, 7, 110, 12, 9, 125]  # buckets of 16 tokens: long ones together, short ones together
+    futures = [batcher.submit(n) for n in lengths]
+    gate.set()
+    results = [f.result(5) for f in futures]
+    first.result(5)
+    batcher.close()
+    assert sorted(r.value for r in results) == sorted(lengths)  # nobody lost
+    assert batches[1:] == [[100, 110], [3, 7, 12, 9], [120, 125]]  # oldest first, then its own bucket only
+    by_value = {r.value: r for r in results}
+    assert by_value[100].padding_ratio == (110 - 100) / (2 * 110)
+    assert batcher.padding_waste[0] < batcher.padding_waste[1]

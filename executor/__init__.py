@@ -1,0 +1,1 @@
+"""Executor: pipelines, ONNX inference, batching, caching, routing, safe side effects, load."""
