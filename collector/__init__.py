@@ -9,11 +9,10 @@ __all__ = ["serve"]
 
 def serve(settings: Settings) -> None:
     """Run the OTLP/HTTP receiver on settings.collector_port until stopped, then flush."""
-    import uvicorn
-
     import store
     from collector.receivers import create_app
     from collector.writer import SpanWriter
+    from tracetune.serving import serve as serve_app
 
     store.connect(settings, wait=60)  # schema in place before the first insert
     writer = SpanWriter(
@@ -24,8 +23,7 @@ def serve(settings: Settings) -> None:
         spill_dir=settings.home / "spill",
     ).start()
     try:
-        uvicorn.run(create_app(writer, settings.collector_max_body_bytes), host=settings.bind_host,
-                    port=settings.collector_port, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=5)
+        serve_app(create_app(writer, settings.collector_max_body_bytes), settings.bind_host,
+                  settings.collector_port)
     finally:
         writer.stop()

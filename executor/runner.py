@@ -32,11 +32,10 @@ def build_pipeline(settings: Settings, tracer=None, dead_letters=None) -> Pipeli
 
 
 def run(settings: Settings) -> None:
-    import uvicorn
-
     from executor.api import create_app
     from executor.telemetry import setup_tracing
     from executor.tuning import ConfigPoller
+    from tracetune.serving import serve as serve_app
 
     provider = setup_tracing(settings.collector_url)
     pipeline = build_pipeline(settings)
@@ -44,9 +43,8 @@ def run(settings: Settings) -> None:
                           settings.executor_config_poll_seconds).start()
     log.warning("executor ready: pipeline %s, config version %s", pipeline.name, pipeline.config.version)
     try:
-        uvicorn.run(create_app({pipeline.name: pipeline}, settings.executor_max_in_flight),
-                    host=settings.bind_host, port=settings.executor_metrics_port, log_level="warning",
-                    access_log=False, timeout_graceful_shutdown=30)
+        serve_app(create_app({pipeline.name: pipeline}, settings.executor_max_in_flight), settings.bind_host,
+                  settings.executor_metrics_port, timeout_graceful_shutdown=30)
     finally:
         poller.stop()
         pipeline.close()

@@ -71,14 +71,12 @@ def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0) -
 
 def serve(settings: Settings) -> None:
     """Run the embedded store (chDB behind the ClickHouse HTTP interface) until stopped."""
-    import uvicorn
-
     from store.engine import Engine
     from store.server import create_app
+    from tracetune.serving import serve as serve_app
 
     engine = Engine(settings.data_dir)
     try:
-        uvicorn.run(create_app(engine), host=settings.bind_host, port=settings.store_port,
-                    log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        serve_app(create_app(engine), settings.bind_host, settings.store_port)
     finally:
         engine.close()

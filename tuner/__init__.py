@@ -29,14 +29,12 @@ def token_for(settings: Settings) -> str:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     import store
+    from tracetune.serving import serve as serve_app
     from tuner.api import create_app
 
     store.wait_ready(settings, 60)
     app = create_app(lambda: store.connect(settings), [settings.pipeline], token=token_for(settings),
                      default_slos={settings.pipeline: DEMO_SLO})
     log.info("write token in %s", settings.home / "tuner.token")
-    uvicorn.run(app, host=settings.bind_host, port=settings.tuner_port, log_level="warning",
-                access_log=False, timeout_graceful_shutdown=5)
+    serve_app(app, settings.bind_host, settings.tuner_port)

@@ -98,3 +98,29 @@ def test_sdk_spans_arrive_exactly_once_with_their_fields(collector):
         errored = int(r["SpanAttributes"]["i"]) % 10 == 0
         assert c["StatusCode"] == ("STATUS_CODE_ERROR" if errored else "STATUS_CODE_UNSET")
         assert c["StatusMessage"] == ("boom" if errored else "")
+
+
+def test_sigterm_flushes_queued_spans_before_the_collector_exits(db_settings, tmp_path):
+    # A flush interval far longer than the test: rows reach ClickHouse only through the shutdown flush.
+    settings = db_settings.replace(collector_flush_seconds=600, collector_batch_rows=100_000)
+    proc = start_process(["collector"], settings, tmp_path / "collector.log")
+    wait_until(lambda: _health(settings) is not None, 60, message="collector /health")
+    provider = TracerProvider(resource=Resource.create({"service.name": "sigterm-test"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{settings.collector_url}/v1/traces")))
+    tracer = provider.get_tracer("tests.collector")
+    for i in range(25):
+        with tracer.start_as_current_span(f"s{i}"):
+            pass
+    provider.shutdown()
+    assert _health(settings)["queued_rows"] == 25
+    stop_process(proc)  # SIGTERM
+    assert proc.returncode == 0
+    client = store.connect(settings, ensure_schema=False)
+    assert client.query("SELECT count() FROM otel_traces").result_rows[0][0] == 25
+
+
+def _health(settings):
+    try:
+        return httpx.get(f"{settings.collector_url}/health").json()
+    except httpx.HTTPError:
+        return None
