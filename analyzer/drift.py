@@ -22,6 +22,7 @@ import polars as pl
 from scipy import stats as _stats
 from scipy.spatial import distance as _distance
 
+from analyzer._time import epoch_ns, utc
 from analyzer.stats import parse_window
 
 __all__ = ["DRIFT_COLUMNS", "STATUSES", "Thresholds", "chi_square", "compare", "compute_drift", "default_windows",
@@ -246,6 +247,23 @@ def compare(reference: Sequence, current: Sequence, kind: str, thresholds: Thres
 
 # ---- I/O at the edges ------------------------------------------------------------------------
 
+# Tags each step span with the window(s) it falls in and keeps only spans in one; shared by both queries.
+_WINDOWED = """        arrayJoin(arrayFilter(w -> w != '', [
+            if(Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
+               AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}), 'reference', ''),
+            if(Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
+               AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64}), 'current', '')])) AS window
+    FROM otel_traces
+    WHERE ((Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
+            AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}))
+        OR (Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
+            AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64})))
+      AND SpanAttributes['tracetune.step'] != ''
+      AND SpanAttributes['tracetune.pipeline'] != ''
+      AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
+)
+"""
+
 # Reservoir samples of every step-span feature per window; a span in both windows counts in both.
 FEATURE_SAMPLES_SQL = """
 SELECT pipeline, step, feature, window, groupArraySample({cap:UInt32}, {seed:UInt64})(value) AS sample
@@ -256,22 +274,8 @@ FROM (
         arrayJoin(arrayFilter(k -> startsWith(k, 'tracetune.feature.'), mapKeys(SpanAttributes))) AS key,
         substring(key, length('tracetune.feature.') + 1) AS feature,
         SpanAttributes[key] AS value,
-        arrayJoin(arrayFilter(w -> w != '', [
-            if(Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
-               AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}), 'reference', ''),
-            if(Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
-               AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64}), 'current', '')])) AS window
-    FROM otel_traces
-    WHERE ((Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
-            AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}))
-        OR (Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
-            AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64})))
-      AND SpanAttributes['tracetune.step'] != ''
-      AND SpanAttributes['tracetune.pipeline'] != ''
-      AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
-)
-GROUP BY pipeline, step, feature, window
-"""
+{windowed}GROUP BY pipeline, step, feature, window
+""".replace("{windowed}", _WINDOWED)
 
 # Step latency (ms) samples per window, the same way.
 LATENCY_SAMPLES_SQL = """
@@ -281,22 +285,8 @@ FROM (
         SpanAttributes['tracetune.pipeline'] AS pipeline,
         SpanAttributes['tracetune.step'] AS step,
         Duration,
-        arrayJoin(arrayFilter(w -> w != '', [
-            if(Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
-               AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}), 'reference', ''),
-            if(Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
-               AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64}), 'current', '')])) AS window
-    FROM otel_traces
-    WHERE ((Timestamp >= fromUnixTimestamp64Nano({reference_start:Int64})
-            AND Timestamp < fromUnixTimestamp64Nano({reference_end:Int64}))
-        OR (Timestamp >= fromUnixTimestamp64Nano({current_start:Int64})
-            AND Timestamp < fromUnixTimestamp64Nano({current_end:Int64})))
-      AND SpanAttributes['tracetune.step'] != ''
-      AND SpanAttributes['tracetune.pipeline'] != ''
-      AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
-)
-GROUP BY pipeline, step, window
-"""
+{windowed}GROUP BY pipeline, step, window
+""".replace("{windowed}", _WINDOWED)
 
 # The newest run's rows for every (pipeline, step, feature).
 LATEST_DRIFT_SQL = """
@@ -310,14 +300,8 @@ ORDER BY pipeline, step, feature, statistic
 """
 
 
-def _utc(moment: datetime) -> datetime:
-    """Naive datetimes are UTC (as ClickHouse returns them)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _ns(moment: datetime) -> int:
-    moment = _utc(moment)
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+_utc = utc
+_ns = epoch_ns
 
 
 def _window(name: str, window: tuple[datetime, datetime]) -> tuple[datetime, datetime]:

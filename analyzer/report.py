@@ -34,6 +34,16 @@ def _svg(fig) -> Markup:
     return Markup(text[text.index("<svg"):])
 
 
+def _finish_barh(fig, ax, labels: list[str], xlabel: str) -> Markup:
+    """Step labels top to bottom, legend, grid: the common end of every horizontal-bar chart."""
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.legend(loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+    return _svg(fig)
+
+
 def percentile_chart(stats: pl.DataFrame) -> Markup | None:
     if stats.is_empty():
         return None
@@ -43,13 +53,8 @@ def percentile_chart(stats: pl.DataFrame) -> Markup | None:
     for i, (name, color) in enumerate(zip(("p50_ms", "p95_ms", "p99_ms"), _PALETTE, strict=False)):
         ax.barh([y + (i - 1) * height for y in range(len(labels))], stats[name].to_list(), height, label=name[:3],
                 color=color)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("milliseconds (log scale)")
-    ax.legend(loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    return _svg(fig)
+    return _finish_barh(fig, ax, labels, "milliseconds (log scale)")
 
 
 def series_chart(series: pl.DataFrame) -> Markup | None:
@@ -78,12 +83,7 @@ def cost_chart(cost: pl.DataFrame) -> Markup | None:
         per_1k = [1000 * v / r if r else 0 for v, r in zip(cost[part], cost["requests"], strict=True)]
         ax.barh(range(len(labels)), per_1k, left=left, label=part.replace("_cost", ""), color=color)
         left = [a + b for a, b in zip(left, per_1k, strict=True)]
-    ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()
-    ax.set_xlabel("cost per 1k requests")
-    ax.legend(loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    return _svg(fig)
+    return _finish_barh(fig, ax, labels, "cost per 1k requests")
 
 
 def critical_chart(breakdown: pl.DataFrame) -> Markup | None:
@@ -94,12 +94,7 @@ def critical_chart(breakdown: pl.DataFrame) -> Markup | None:
     ax.barh(range(len(labels)), [100 * v for v in breakdown["critical_share"]], color=_PALETTE[0], label="all requests")
     ax.scatter([100 * v for v in breakdown["tail_share"]], range(len(labels)), color=_PALETTE[3], zorder=3,
                label="slowest 5%")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.invert_yaxis()
-    ax.set_xlabel("% of request time on the critical path")
-    ax.legend(loc="lower right")
-    ax.grid(axis="x", alpha=0.3)
-    return _svg(fig)
+    return _finish_barh(fig, ax, labels, "% of request time on the critical path")
 
 
 def build_report(client, since: str = "1h", prices: PriceTable | None = None, pipeline: str = "") -> str:

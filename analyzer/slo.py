@@ -21,11 +21,12 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import polars as pl
 
+from analyzer._time import epoch_ns, utc
 from analyzer.stats import parse_window
 
 __all__ = ["BURN_WINDOWS_30D", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "Objective", "SLOError", "alerts",
@@ -329,13 +330,10 @@ def slower_than(hist: Mapping[int, int], target_ns: float) -> float:
 
 
 def _utc(moment: datetime | None) -> datetime:
-    if moment is None:
-        return datetime.now(UTC)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return utc(moment) if moment is not None else datetime.now(UTC)
 
 
-def _ns(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+_ns = epoch_ns
 
 
 def request_counts(client, pipeline: str, windows: Sequence[int], latency_targets_ms: Sequence[float] = (),

@@ -10,9 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 import store
@@ -37,15 +34,6 @@ class Recorder:
     def __call__(self, seconds: float) -> None:
         with self._lock:
             self.delays.append(seconds)
-
-
-@pytest.fixture
-def tracer():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider.get_tracer("test"), exporter
-    provider.shutdown()
 
 
 def followups(server: ThreadServer, key: str | None = None) -> list[dict]:

@@ -8,9 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -23,15 +20,6 @@ from executor.standins import classify_by_keywords, create_llm_app, serve_standi
 from tests.conftest import ThreadServer, free_port, wait_until
 
 MODEL = "standin-llm-1"
-
-
-@pytest.fixture
-def tracer():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield provider.get_tracer("test"), exporter
-    provider.shutdown()
 
 
 def test_standin_speaks_the_openai_chat_completions_format():
