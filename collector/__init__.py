@@ -1,29 +1,51 @@
-"""OTLP collector: receive spans, turn them into otel_traces rows, write them in batches."""
+"""OTLP collector: receive spans over HTTP and gRPC, log them durably, write them to ClickHouse in batches."""
 
 from __future__ import annotations
+
+import logging
 
 from tracetune.settings import Settings
 
 __all__ = ["serve"]
 
+log = logging.getLogger("tracetune.collector")
+
 
 def serve(settings: Settings) -> None:
-    """Run the OTLP/HTTP receiver on settings.collector_port until stopped, then flush."""
+    """Run the OTLP/HTTP and OTLP/gRPC receivers until stopped, then write what is queued.
+
+    Acknowledged spans live in `<home>/wal` until ClickHouse has them, so a crash or an outage loses
+    nothing: the next start replays them.
+    """
     import store
+    from collector.ingest import Ingest
     from collector.receivers import create_app
+    from collector.wal import WriteAheadLog
     from collector.writer import SpanWriter
     from tracetune.serving import serve as serve_app
 
     store.connect(settings, wait=60)  # schema in place before the first insert
+    wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes)
     writer = SpanWriter(
-        lambda: store.connect(settings, ensure_schema=False),
+        lambda: store.connect(settings, ensure_schema=False), wal,
         batch_rows=settings.collector_batch_rows,
         flush_seconds=settings.collector_flush_seconds,
         max_queue_rows=settings.collector_max_queue_rows,
-        spill_dir=settings.home / "spill",
-    ).start()
+    )
+    ingest = Ingest(wal, writer)
+    ingest.replay()
+    writer.start()
+    grpc_server = None
     try:
-        serve_app(create_app(writer, settings.collector_max_body_bytes), settings.bind_host,
-                  settings.collector_port)
+        from collector.grpc import serve_grpc
+
+        token = settings.secret("collector")
+        grpc_server = serve_grpc(ingest, settings.bind_host, settings.collector_grpc_port,
+                                 max_message_bytes=settings.collector_max_body_bytes, token=token)
+        app = create_app(ingest, settings.collector_max_body_bytes, settings.collector_body_timeout_seconds, token)
+        serve_app(app, settings.bind_host, settings.collector_port)
     finally:
+        if grpc_server is not None:
+            grpc_server.stop(5).wait()
         writer.stop()
+        wal.close()

@@ -1,14 +1,19 @@
 """OTLP/HTTP trace receiver (`POST /v1/traces`, protobuf and JSON), as the OTLP spec defines it.
 
-Malformed bodies get 400, oversized 413, unsupported media types 415, a full write queue 503 with
-Retry-After; the error body is a `google.rpc.Status` in the request's encoding.
+Writes need the collector's bearer token (401 without it). Malformed bodies get 400, oversized 413,
+unsupported media types 415, a body that does not arrive in time 408, a full queue or log 503 with
+Retry-After; the error body is a `google.rpc.Status` in the request's encoding. A 200 means every
+accepted span is in the fsynced write-ahead log; spans refused one by one are counted in
+`partial_success`. `/health` is 503 while the writer makes no progress.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import gzip
+import hmac
 import json
+import time
 import zlib
 
 from google.protobuf import json_format
@@ -18,26 +23,23 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from collector.rows import span_count, to_rows
-from collector.writer import SpanWriter
+from collector import metrics
+from collector.ingest import Ingest, IngestError
+from collector.rows import span_count
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
-_GRPC_CODES = {400: 3, 413: 8, 415: 3, 429: 8, 503: 14}  # INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAVAILABLE
+_GRPC_CODES = {400: 3, 401: 16, 408: 4, 413: 3, 415: 3, 429: 8, 503: 14}  # INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
 
-
-class OtlpError(Exception):
-    def __init__(self, status: int, message: str, retry_after: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after = retry_after
+OtlpError = IngestError  # the receivers' refusals are the ingest path's
 
 
 def _hex_ids_to_base64(node):
@@ -48,7 +50,7 @@ def _hex_ids_to_base64(node):
                 try:
                     node[key] = base64.b64encode(bytes.fromhex(value)).decode()
                 except ValueError:
-                    raise OtlpError(400, f"{key} {value!r} is not a hex string") from None
+                    raise OtlpError(400, f"{key} {value[:80]!r} is not a hex string") from None
             else:
                 _hex_ids_to_base64(value)
     elif isinstance(node, list):
@@ -58,25 +60,28 @@ def _hex_ids_to_base64(node):
 
 
 def parse(body: bytes, media_type: str) -> ExportTraceServiceRequest:
+    """The request a body holds, or OtlpError(400) saying why it is not one."""
     message = ExportTraceServiceRequest()
     if media_type == PROTOBUF:
         try:
             message.ParseFromString(body)
-        except DecodeError as exc:
+        except (DecodeError, RecursionError) as exc:
             raise OtlpError(400, f"body is not a valid ExportTraceServiceRequest protobuf: {exc}") from None
         return message
     try:
         document = json.loads(body)
+        json_format.ParseDict(_hex_ids_to_base64(document), message, ignore_unknown_fields=True)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OtlpError(400, f"body is not valid JSON: {exc}") from None
-    try:
-        json_format.ParseDict(_hex_ids_to_base64(document), message, ignore_unknown_fields=True)
-    except (json_format.ParseError, TypeError, ValueError) as exc:
+    except RecursionError:
+        raise OtlpError(400, "body is nested too deeply to be an OTLP/JSON ExportTraceServiceRequest") from None
+    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
         raise OtlpError(400, f"body is not a valid OTLP/JSON ExportTraceServiceRequest: {exc}") from None
     return message
 
 
 def _decode(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body without its Content-Encoding: one complete gzip or deflate stream, at most `limit` bytes."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -85,61 +90,107 @@ def _decode(body: bytes, encoding: str, limit: int) -> bytes:
     try:
         decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
         data = decompressor.decompress(body, limit + 1)
-    except (zlib.error, gzip.BadGzipFile) as exc:
+    except zlib.error as exc:
         raise OtlpError(400, f"body is not valid {encoding}: {exc}") from None
     if len(data) > limit:
         raise OtlpError(413, f"decompressed body is larger than the {limit}-byte limit")
+    if not decompressor.eof:
+        raise OtlpError(400, f"{encoding} body is truncated (the stream does not end)")
+    if decompressor.unused_data:
+        raise OtlpError(400, f"{encoding} body has {len(decompressor.unused_data)} bytes after the end of its "
+                             "stream; send one complete stream")
     return data
 
 
 def _encode(message, media_type: str) -> bytes:
     if media_type == PROTOBUF:
         return message.SerializeToString()
-    return json_format.MessageToJson(message).encode()
+    return json_format.MessageToJson(message, indent=None).encode()
 
 
-def create_app(writer: SpanWriter, max_body_bytes: int) -> Starlette:
-    def error(exc: OtlpError, media_type: str) -> Response:
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
-        status = Status(code=_GRPC_CODES.get(exc.status, 2), message=exc.message)
-        return Response(_encode(status, media_type), status_code=exc.status, headers=headers,
-                        media_type=media_type)
+def _error(exc: OtlpError, media_type: str) -> Response:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+    status = Status(code=_GRPC_CODES.get(exc.status, 2), message=exc.message)
+    return Response(_encode(status, media_type), status_code=exc.status, headers=headers, media_type=media_type)
 
-    async def traces(request: Request) -> Response:
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        reply_type = media_type if media_type in (PROTOBUF, JSON) else JSON
-        try:
-            if media_type not in (PROTOBUF, JSON):
-                raise OtlpError(415, f"Content-Type {media_type!r} is not supported; "
-                                     f"send {PROTOBUF} or {JSON}")
-            declared = request.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > max_body_bytes:
-                raise OtlpError(413, f"body of {declared} bytes is larger than the {max_body_bytes}-byte limit")
-            body = bytearray()
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise OtlpError(413, f"body of {declared} bytes is larger than the {limit}-byte limit")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
             async for chunk in request.stream():
                 body.extend(chunk)
-                if len(body) > max_body_bytes:
-                    raise OtlpError(413, f"body is larger than the {max_body_bytes}-byte limit")
-            data = _decode(bytes(body), request.headers.get("content-encoding", ""), max_body_bytes)
-            message = parse(data, media_type)
-            rows = to_rows(message)
-            if rows and not writer.offer(rows):
-                raise OtlpError(503, f"write queue is full ({writer.queued_rows} spans waiting for "
-                                     "ClickHouse); retry later", retry_after=2)
-        except OtlpError as exc:
-            return error(exc, reply_type)
-        return Response(_encode(ExportTraceServiceResponse(), reply_type), media_type=reply_type)
+                if len(body) > limit:
+                    raise OtlpError(413, f"body is larger than the {limit}-byte limit")
+    except TimeoutError:
+        raise OtlpError(408, f"the body did not arrive within {timeout:g} s") from None
+    return bytes(body)
 
-    async def health(_: Request) -> Response:
-        return JSONResponse({
-            "status": "ok", "queued_rows": writer.queued_rows, "rows_written": writer.rows_written,
-            "insert_failures": writer.insert_failures, "last_error": writer.last_error,
-        })
 
-    return Starlette(routes=[
+def _check_token(request: Request, token: str) -> None:
+    if not token:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise OtlpError(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
+                             "(the token is in <home>/collector.token or TRACETUNE_COLLECTOR_TOKEN; SDKs take "
+                             "it from OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20<token>)")
+
+
+async def traces(request: Request) -> Response:
+    state = request.app.state
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    reply_type = media_type if media_type in (PROTOBUF, JSON) else JSON
+    received_ns = time.time_ns()
+    try:
+        _check_token(request, state.token)
+        if media_type not in (PROTOBUF, JSON):
+            raise OtlpError(415, f"Content-Type {media_type!r} is not supported; send {PROTOBUF} or {JSON}")
+        body = await _read_body(request, state.max_body_bytes, state.body_timeout)
+        data = _decode(body, request.headers.get("content-encoding", ""), state.max_body_bytes)
+        message = parse(data, media_type)
+        result = await run_in_threadpool(state.ingest.export, message, received_ns, "http",
+                                         data if media_type == PROTOBUF else None)
+    except OtlpError as exc:
+        metrics.REQUESTS_REFUSED.labels("http", str(exc.status)).inc()
+        return _error(exc, reply_type)
+    reply = ExportTraceServiceResponse()
+    if result.rejected_spans or result.error_message:
+        reply.partial_success.rejected_spans = result.rejected_spans
+        reply.partial_success.error_message = result.error_message
+    return Response(_encode(reply, reply_type), media_type=reply_type)
+
+
+async def health(request: Request) -> Response:
+    writer = request.app.state.ingest.writer
+    stalled = writer.stalled
+    return JSONResponse({
+        "status": "stalled" if stalled else "ok", "queued_rows": writer.queued_rows,
+        "rows_written": writer.rows_written, "rows_quarantined": writer.rows_quarantined,
+        "insert_failures": writer.insert_failures, "last_error": writer.last_error,
+        "wal_bytes": writer.wal.pending_bytes,
+    }, status_code=503 if stalled else 200)
+
+
+async def prometheus(_: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(ingest: Ingest, max_body_bytes: int, body_timeout: float = 30.0, token: str = "") -> Starlette:
+    """The OTLP/HTTP app over one ingest path; with a `token`, writes need `Authorization: Bearer <token>`."""
+    app = Starlette(routes=[
         Route("/v1/traces", traces, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
     ])
+    app.state.ingest = ingest
+    app.state.max_body_bytes = max_body_bytes
+    app.state.body_timeout = body_timeout
+    app.state.token = token
+    return app
 
 
 __all__ = ["create_app", "parse", "span_count", "OtlpError"]

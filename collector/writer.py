@@ -1,76 +1,134 @@
-"""Batching writer: accepted rows queue in memory and reach ClickHouse in large inserts.
+"""Batching writer: acknowledged records reach ClickHouse in large inserts, each exactly once.
 
-A request is accepted whole or refused whole (`offer` returns False when the queue is full, so the
-receiver answers 503 with Retry-After). Accepted rows stay queued until an insert succeeds;
-failed inserts are retried with backoff, never dropped. Rows still unwritten when the process
-stops are spilled to a JSON-lines file and queued again by the next writer that starts.
+Every record is already in the write-ahead log when it is queued here. A batch is a run of whole
+records; before it is sent, its LSN range goes into the log's checkpoint, and it is inserted with a
+deduplication token made from that range, so a batch retried after an outage or a crash lands once.
+Connection and server-side failures are retried with backoff; an insert the engine refuses for its
+data is bisected until the refused rows are isolated, and those rows go to the quarantine table.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-from collector.rows import COLUMNS
+from collector import metrics
+from collector.rows import COLUMNS, QUARANTINE_COLUMNS
+from collector.wal import Intent, WriteAheadLog
 
 log = logging.getLogger("tracetune.collector")
 
+# ClickHouse error codes that say nothing about the rows: the server or table is not ready, busy,
+# or refusing us. Any other server error is taken to be caused by the data and the batch is bisected.
+TRANSIENT_CODES = frozenset({
+    3, 16, 47, 60, 81, 159, 164, 192, 193, 194, 202, 203, 209, 210, 225, 236, 241, 242, 243, 319, 394, 425, 439,
+    497, 516, 999, 1002,
+})
+_CODE = re.compile(r"Code:? (\d+)")
+_SYSTEMIC_AFTER = 64  # failed inserts in one bisection with no success: the store, not the rows
+
+
+class _Retry(Exception):
+    """The insert failed for a reason that is not in the rows: retry the batch later."""
+
+
+@dataclass
+class Entry:
+    """One acknowledged request: its LSN and the rows it became."""
+
+    lsn: int
+    rows: list[list[Any]]
+    quarantine: list[list[Any]] = field(default_factory=list)
+
+
+def data_error(exc: BaseException) -> bool:
+    """True when ClickHouse refused the insert because of what was in it (so splitting can isolate it)."""
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    if isinstance(exc, OperationalError) or not isinstance(exc, DatabaseError):
+        return False
+    match = _CODE.search(str(exc))
+    if not match:
+        return False
+    code = int(match.group(1))
+    if code == 252:  # TOO_MANY_PARTS: the rows' fault only when one insert spans too many partitions
+        return "partitions" in str(exc).lower()
+    return code not in TRANSIENT_CODES
+
 
 class SpanWriter:
-    def __init__(self, client_factory: Callable[[], Any], batch_rows: int = 5000,
+    """Drains the queue of acknowledged records into ClickHouse from one background thread."""
+
+    def __init__(self, client_factory: Callable[[], Any], wal: WriteAheadLog, batch_rows: int = 5000,
                  flush_seconds: float = 1.0, max_queue_rows: int = 200_000, table: str = "otel_traces",
-                 spill_dir: Path | None = None):
+                 quarantine_table: str = "tracetune_quarantine", stall_seconds: float = 30.0):
         self._client_factory = client_factory
         self._client: Any = None
+        self.wal = wal
         self.batch_rows = batch_rows
         self.flush_seconds = flush_seconds
         self.max_queue_rows = max_queue_rows
         self.table = table
-        self._queue: deque[list[Any]] = deque()
+        self.quarantine_table = quarantine_table
+        self.stall_seconds = stall_seconds
+        self._queue: deque[Entry] = deque()
+        self._queued_rows = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="span-writer", daemon=True)
         self.rows_written = 0
+        self.rows_quarantined = 0
         self.insert_failures = 0
         self.last_error = ""
-        self.spill_dir = spill_dir
-        self.rows_spilled = 0
-        self.shutdown_retry_seconds = 30.0  # how long a stopping writer keeps retrying before it spills
+        self._last_progress = time.monotonic()
+        self._inflight: list[Entry] = []
 
     # ---- producer side -------------------------------------------------------------------
-    def offer(self, rows: list[list[Any]]) -> bool:
-        """Queue every row or none: False means the queue is full (back off and retry)."""
+    def has_room(self, rows: int) -> bool:
+        """Whether a request of `rows` spans may be taken now (else: 503 + Retry-After)."""
+        return (not self._stopping and self._queued_rows + rows <= self.max_queue_rows and not self.wal.full)
+
+    def enqueue(self, entry: Entry) -> None:
+        """Queue a record that is in the log (called in LSN order, under the log's append lock)."""
         with self._cond:
-            if self._stopping or len(self._queue) + len(rows) > self.max_queue_rows:
-                return False
-            self._queue.extend(rows)
-            if len(self._queue) >= self.batch_rows:
+            if not self._queue and not self._inflight:
+                self._last_progress = time.monotonic()  # an idle writer starts its stall clock now
+            self._queue.append(entry)
+            self._queued_rows += len(entry.rows) + len(entry.quarantine)
+            metrics.QUEUE_SPANS.set(self._queued_rows)
+            if self._queued_rows >= self.batch_rows:
                 self._cond.notify()
-            return True
 
     @property
     def queued_rows(self) -> int:
-        return len(self._queue)
+        return self._queued_rows
 
-    # ---- consumer side -------------------------------------------------------------------
+    @property
+    def stalled(self) -> bool:
+        """Rows are waiting and no insert has succeeded for `stall_seconds`."""
+        return bool(self._queued_rows) and time.monotonic() - self._last_progress > self.stall_seconds
+
+    # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> SpanWriter:
-        self._replay_spill()
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, flush what is queued (retrying until `timeout`), then return."""
+        """Stop taking requests, write what is queued for up to `timeout` s; the rest stays in the log."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
+        with self._cond:
+            self._stopping = True
+        self._thread.join(5)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is written; True on success."""
@@ -78,90 +136,165 @@ class SpanWriter:
         with self._cond:
             self._cond.notify()
         while time.monotonic() < deadline:
-            if not self._queue and not self._inflight:
+            if not self._queued_rows:
                 return True
             time.sleep(0.02)
         return False
 
-    _inflight = 0
+    # ---- consumer side -------------------------------------------------------------------
+    def _take(self) -> list[Entry]:
+        """The next batch: whole records in LSN order, only fsynced ones; [] once stopped and empty.
 
-    def _take(self) -> list[list[Any]]:
+        A batch that was in flight when the process died is re-sent with exactly its records.
+        """
+        intent = self.wal.intent
         with self._cond:
             deadline = time.monotonic() + self.flush_seconds
-            while not self._stopping and len(self._queue) < self.batch_rows:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+            while True:
+                rows, last = self._ready()
+                if rows and (rows >= self.batch_rows or self._stopping or time.monotonic() >= deadline
+                             or (intent is not None and last >= intent.last)):
                     break
-                self._cond.wait(remaining)
-            count = min(len(self._queue), self.batch_rows)
-            batch = [self._queue.popleft() for _ in range(count)]
-            self._inflight = count
+                if self._stopping and not self._queue:
+                    return []
+                if not self._queue:
+                    self._cond.wait(self.flush_seconds)
+                    deadline = time.monotonic() + self.flush_seconds
+                else:
+                    self._cond.wait(max(0.002, min(deadline - time.monotonic(), 0.02)))
+            batch: list[Entry] = []
+            taken = 0
+            while self._queue and self._queue[0].lsn <= self.wal.synced_lsn:
+                entry = self._queue[0]
+                size = len(entry.rows) + len(entry.quarantine)
+                if intent is not None and entry.lsn <= intent.last:
+                    pass  # part of the batch in flight at the crash, whatever its size
+                elif intent is not None or (batch and taken + size > self.batch_rows):
+                    break
+                batch.append(self._queue.popleft())
+                taken += size
+            self._inflight = batch
             return batch
 
-    def _give_back(self, batch: list[list[Any]]) -> None:
-        with self._cond:
-            self._queue.extendleft(reversed(batch))
-            self._inflight = 0
-
-    def _insert(self, batch: list[list[Any]]) -> None:
-        if self._client is None:
-            self._client = self._client_factory()
-        self._client.insert(self.table, batch, column_names=COLUMNS)
+    def _ready(self) -> tuple[int, int]:
+        """(rows, last LSN) of the fsynced records at the head of the queue, up to one batch."""
+        synced, rows, last = self.wal.synced_lsn, 0, 0
+        for entry in self._queue:
+            if entry.lsn > synced or rows >= self.batch_rows:
+                break
+            rows += len(entry.rows) + len(entry.quarantine)
+            last = entry.lsn
+        return rows, last
 
     def _run(self) -> None:
         backoff = 0.2
         stop_deadline: float | None = None
+        batch: list[Entry] = []
+        intent: Intent | None = None
         while True:
-            batch = self._take()
             if not batch:
-                self._inflight = 0
-                if self._stopping:
+                batch = self._take()
+                if not batch:
                     return
-                continue
+                replayed = self.wal.intent
+                if replayed and replayed.first == batch[0].lsn and replayed.last == batch[-1].lsn:
+                    intent = replayed
+                else:
+                    intent = Intent(batch[0].lsn, batch[-1].lsn)
+                    self.wal.begin(intent)
             try:
-                self._insert(batch)
-            except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing: keep the rows, retry later
-                self._give_back(batch)
+                intent = self._write(batch, intent)
+            except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing: the rows stay, retry later
                 self.insert_failures += 1
-                self.last_error = str(exc).splitlines()[0][:300]
+                metrics.INSERT_FAILURES.inc()
+                self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
                 self._client = None
-                log.warning("insert of %d spans failed, will retry: %s", len(batch), self.last_error)
+                log.warning("insert of %d spans failed, will retry: %s", sum(len(e.rows) for e in batch),
+                            self.last_error)
                 if self._stopping:
-                    stop_deadline = stop_deadline or time.monotonic() + self.shutdown_retry_seconds
+                    stop_deadline = stop_deadline or time.monotonic() + 10.0
                     if time.monotonic() > stop_deadline:
-                        self._spill()
+                        log.warning("stopping with %d spans unwritten; they stay in the write-ahead log and are "
+                                    "written at the next start", self._queued_rows)
                         return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.2
+            written = sum(len(e.rows) for e in batch)
+            self.wal.commit(batch[-1].lsn)
             with self._cond:
-                self.rows_written += len(batch)
-                self._inflight = 0
+                self._queued_rows -= sum(len(e.rows) + len(e.quarantine) for e in batch)
+                self._inflight = []
+                self._last_progress = time.monotonic()
+                self.rows_written += written
+            metrics.QUEUE_SPANS.set(self._queued_rows)
+            metrics.WAL_BYTES.set(self.wal.pending_bytes)
+            batch, intent = [], None
 
-    # ---- spill -----------------------------------------------------------------------------
-    def _spill(self) -> None:
-        with self._cond:
-            rows, self._queue = list(self._queue), deque()
+    # ---- inserts ---------------------------------------------------------------------------
+    def _client_or_new(self) -> Any:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def _insert(self, table: str, rows: list[list[Any]], columns: list[str], token: str) -> None:
+        started = time.perf_counter()
+        self._client_or_new().insert(table, rows, column_names=columns,
+                                     settings={"insert_deduplication_token": token})
+        metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
+        metrics.BATCH_SPANS.observe(len(rows))
+
+    def _write(self, batch: list[Entry], intent: Intent) -> Intent:
+        """Insert a batch (bisecting it if the engine refuses its data); raises to retry later."""
+        token = self.wal.token(intent.first, intent.last)
+        rows = [row for entry in batch for row in entry.rows]
+        quarantine = [row for entry in batch for row in entry.quarantine]
+        if quarantine:
+            self._insert(self.quarantine_table, quarantine, QUARANTINE_COLUMNS, token + "/q")
+            self.rows_quarantined += len(quarantine)
         if not rows:
-            return
-        if self.spill_dir is None:
-            log.error("ClickHouse unreachable at shutdown: %d spans unwritten and no spill dir", len(rows))
-            return
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        path = self.spill_dir / f"spill-{time.time_ns()}-{os.getpid()}.jsonl"
-        with path.open("w") as out:
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
-        self.rows_spilled += len(rows)
-        log.error("ClickHouse unreachable at shutdown: spilled %d spans to %s", len(rows), path)
+            return intent
+        if not intent.split:
+            try:
+                self._insert(self.table, rows, COLUMNS, token)
+                metrics.SPANS_WRITTEN.inc(len(rows))
+                return intent
+            except Exception as exc:
+                if not data_error(exc):
+                    raise
+                log.warning("ClickHouse refused a batch of %d spans for its data, isolating the bad rows: %s",
+                            len(rows), str(exc).splitlines()[0][:300])
+                intent = Intent(intent.first, intent.last, split=True)
+                self.wal.begin(intent)
+        self._bisect(rows, token, {"failures": 0, "successes": 0})
+        return intent
 
-    def _replay_spill(self) -> None:
-        if self.spill_dir is None or not self.spill_dir.exists():
+    def _bisect(self, rows: list[list[Any]], token: str, tally: dict[str, int]) -> None:
+        try:
+            self._insert(self.table, rows, COLUMNS, token)
+            metrics.SPANS_WRITTEN.inc(len(rows))
+            tally["successes"] += 1
             return
-        for path in sorted(self.spill_dir.glob("spill-*.jsonl")):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-            with self._cond:
-                self._queue.extend(rows)
-            path.unlink()
-            log.warning("queued %d spilled spans from %s", len(rows), path)
+        except Exception as exc:
+            if not data_error(exc):
+                raise
+            tally["failures"] += 1
+            if not tally["successes"] and tally["failures"] > _SYSTEMIC_AFTER:
+                raise _Retry(f"every part of the batch is refused, the store is at fault: {exc}") from None
+            if len(rows) > 1:
+                mid = len(rows) // 2
+                self._bisect(rows[:mid], token + "L", tally)
+                self._bisect(rows[mid:], token + "R", tally)
+                return
+            self._quarantine_row(rows[0], str(exc).strip().splitlines()[0][:500], token + "/q")
+
+    def _quarantine_row(self, row: list[Any], reason: str, token: str) -> None:
+        values = dict(zip(COLUMNS, row, strict=True))
+        record = [time.time_ns() // 1_000_000, "writer", f"ClickHouse refused the row: {reason}",
+                  values["ServiceName"], values["TraceId"], values["SpanId"], values["SpanName"],
+                  json.dumps(values, default=str)]
+        self._insert(self.quarantine_table, [record], QUARANTINE_COLUMNS, token)
+        self.rows_quarantined += 1
+        metrics.SPANS_REJECTED.labels("writer", "insert").inc()
+        log.error("quarantined span %s of trace %s: %s", values["SpanId"], values["TraceId"], reason)

@@ -37,7 +37,7 @@ def run(settings: Settings) -> None:
     from executor.tuning import ConfigPoller
     from tracetune.serving import serve as serve_app
 
-    provider = setup_tracing(settings.collector_url)
+    provider = setup_tracing(settings.collector_url, token=settings.secret("collector"))
     pipeline = build_pipeline(settings)
     poller = ConfigPoller(settings.tuner_url, pipeline.name, pipeline.apply_config,
                           settings.executor_config_poll_seconds).start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,6 +46,8 @@ class Settings:
     collector_flush_seconds: float = 1.0
     collector_max_queue_rows: int = 200_000
     collector_max_body_bytes: int = 16 * 1024 * 1024
+    collector_wal_max_bytes: int = 512 * 1024 * 1024  # acknowledged, not yet written; past it: 503
+    collector_body_timeout_seconds: float = 30.0  # a request body slower than this gets 408
 
     # Executor.
     pipeline: str = "ticket_triage"
@@ -65,6 +68,8 @@ class Settings:
 
     # Tuner write calls need this bearer token (reads are open on loopback).
     tuner_token: str = ""
+    # Spans sent to the collector (OTLP/HTTP and gRPC) need this bearer token.
+    collector_token: str = ""
 
     _origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -113,6 +118,19 @@ class Settings:
     def executor_metrics_url(self) -> str:
         return f"http://{self.bind_host}:{self.executor_metrics_port}/metrics"
 
+    def secret(self, name: str) -> str:
+        """The bearer token `<name>_token`, else one generated once into <home>/<name>.token (mode 0600)."""
+        given = getattr(self, f"{name}_token")
+        if given:
+            return given
+        path = self.home / f"{name}.token"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(24))
+        return path.read_text().strip()
+
     def clickhouse_target(self) -> dict[str, Any]:
         """Connection arguments for clickhouse-connect (embedded store or TRACETUNE_CLICKHOUSE_URL)."""
         if self.embedded:
@@ -145,6 +163,7 @@ class Settings:
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
 _POSITIVE_FIELDS = ["analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
+                    "collector_wal_max_bytes", "collector_body_timeout_seconds",
                     "executor_config_poll_seconds", "executor_workers"]
 
 

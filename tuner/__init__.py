@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 
 from tracetune.settings import Settings
 
@@ -18,14 +16,7 @@ DEMO_SLO = {"p95_ms": 500.0, "p99_ms": 1500.0, "error_rate": 0.02, "cost_per_1k"
 
 def token_for(settings: Settings) -> str:
     """The write token: TRACETUNE_TUNER_TOKEN, else one generated once and kept in <home>/tuner.token."""
-    if settings.tuner_token:
-        return settings.tuner_token
-    path = settings.home / "tuner.token"
-    if not path.exists():
-        settings.home.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(24))
-        os.chmod(path, 0o600)
-    return path.read_text().strip()
+    return settings.secret("tuner")
 
 
 def serve(settings: Settings) -> None:

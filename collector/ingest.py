@@ -1,0 +1,99 @@
+"""The one path every receiver (OTLP/HTTP, OTLP/gRPC) hands a decoded request to.
+
+`Ingest.export()` validates the spans, makes the request durable (write-ahead log, fsynced) and
+queues its rows for ClickHouse; it returns only once the acknowledgement is a promise. Rejected spans
+are reported as OTLP partial success and quarantined; a request that cannot be taken raises
+IngestError (503 + Retry-After when the queue or the log is full).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from dataclasses import dataclass
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from collector import metrics
+from collector.rows import Converted, convert
+from collector.wal import WalError, WriteAheadLog
+from collector.writer import Entry, SpanWriter
+
+log = logging.getLogger("tracetune.collector")
+
+_RECORD = struct.Struct("<QB")  # received_ns, receiver; then the request as protobuf
+RECEIVERS = ("http", "grpc")
+RETRY_AFTER_SECONDS = 2
+
+
+class IngestError(Exception):
+    """A request refused whole: `status` is the HTTP status (400, 413, 415, 429, 503)."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What the receiver answers: spans accepted, spans rejected and why (OTLP partial_success)."""
+
+    accepted_spans: int
+    rejected_spans: int = 0
+    error_message: str = ""
+
+
+def _entry(lsn: int, converted: Converted) -> Entry:
+    return Entry(lsn, converted.rows, converted.quarantine)
+
+
+class Ingest:
+    """Validate, log durably, queue. Thread-safe; `export` blocks until the log is fsynced."""
+
+    def __init__(self, wal: WriteAheadLog, writer: SpanWriter):
+        self.wal = wal
+        self.writer = writer
+
+    def replay(self) -> int:
+        """Queue every logged record not yet in ClickHouse (at start, before receivers open); spans queued."""
+        spans = 0
+        for lsn, payload in self.wal.replay():
+            received_ns, receiver = _RECORD.unpack_from(payload)
+            request = ExportTraceServiceRequest.FromString(payload[_RECORD.size:])
+            converted = convert(request, received_ns, RECEIVERS[receiver])
+            self.writer.enqueue(_entry(lsn, converted))
+            spans += len(converted.rows) + len(converted.quarantine)
+        if spans:
+            log.warning("replaying %d spans from the write-ahead log in %s", spans, self.wal.directory)
+        return spans
+
+    def export(self, request: ExportTraceServiceRequest, received_ns: int | None = None, receiver: str = "http",
+               payload: bytes | None = None) -> ExportResult:
+        """Take one request; `payload` is its protobuf encoding when the caller has it already."""
+        received_ns = received_ns or time.time_ns()
+        converted = convert(request, received_ns, receiver)
+        total = len(converted.rows) + len(converted.quarantine)
+        metrics.SPANS_RECEIVED.labels(receiver).inc(total)
+        for row in converted.quarantine:
+            metrics.SPANS_REJECTED.labels(receiver, row[2].split()[0]).inc()
+        if total == 0:
+            return ExportResult(0, 0, converted.message())
+        if not self.writer.has_room(total):
+            metrics.REQUESTS_REFUSED.labels(receiver, "503").inc()
+            raise IngestError(503, f"write queue is full ({self.writer.queued_rows} spans, "
+                                   f"{self.wal.pending_bytes} log bytes waiting for ClickHouse); retry later",
+                              retry_after=RETRY_AFTER_SECONDS)
+        body = payload if payload is not None else request.SerializeToString()
+        record = _RECORD.pack(received_ns, RECEIVERS.index(receiver)) + body
+        try:
+            self.wal.append(record, on_written=lambda lsn: self.writer.enqueue(_entry(lsn, converted)))
+        except WalError as exc:
+            metrics.REQUESTS_REFUSED.labels(receiver, "503").inc()
+            log.error("%s", exc)
+            raise IngestError(503, str(exc), retry_after=RETRY_AFTER_SECONDS) from None
+        metrics.SPANS_ACCEPTED.labels(receiver).inc(len(converted.rows))
+        metrics.WAL_BYTES.set(self.wal.pending_bytes)
+        return ExportResult(len(converted.rows), converted.rejected, converted.message())

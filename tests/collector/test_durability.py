@@ -1,0 +1,211 @@
+"""An acknowledgement is a promise: real collector and store processes killed mid-stream lose and double nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import httpx
+import pytest
+
+import store
+from collector.ingest import Ingest
+from collector.wal import Intent, WriteAheadLog
+from collector.writer import SpanWriter
+from tests.collector.otlp import batch
+from tests.conftest import make_settings, start_process, stop_process, wait_until
+
+PB = {"content-type": "application/x-protobuf"}
+
+
+def start_collector(settings, log):
+    proc = start_process(["collector"], settings, log)
+
+    def ready():
+        if proc.poll() is not None:
+            raise AssertionError(log.read_text()[-3000:])
+        try:
+            return httpx.get(f"{settings.collector_url}/health", timeout=2).status_code in (200, 503)
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, 60, message="collector /health")
+    return proc
+
+
+class Sender:
+    """Posts 100-span requests until stopped; remembers the span ids of every acknowledged request."""
+
+    def __init__(self, settings):
+        self.url = f"{settings.collector_url}/v1/traces"
+        self.headers = {**PB, "authorization": f"Bearer {settings.secret('collector')}"}
+        self.acked: set[str] = set()
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not self._stop.is_set():
+                request, ids = batch(100)
+                try:
+                    r = http.post(self.url, content=request.SerializeToString(), headers=self.headers)
+                except httpx.HTTPError:
+                    self.refused += 1
+                    self._stop.wait(0.05)
+                    continue
+                if r.status_code == 200:
+                    self.acked |= ids
+                else:
+                    self.refused += 1
+                    self._stop.wait(0.05)
+
+    def __enter__(self) -> Sender:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(20)
+
+
+def stored_ids(client) -> tuple[set[str], int]:
+    rows = client.query("SELECT SpanId FROM otel_traces").result_rows
+    return {r[0] for r in rows}, len(rows)
+
+
+def assert_exactly_once(client, acked: set[str]) -> None:
+    ids, total = stored_ids(client)
+    assert total == len(ids), f"{total - len(ids)} spans stored twice"
+    missing = acked - ids
+    assert not missing, f"{len(missing)} of {len(acked)} acknowledged spans are missing"
+
+
+def drained(settings) -> bool:
+    try:
+        return httpx.get(f"{settings.collector_url}/health", timeout=2).json()["queued_rows"] == 0
+    except httpx.HTTPError:
+        return False
+
+
+def test_sigkill_of_the_collector_mid_stream_loses_nothing_acknowledged(db_settings, tmp_path):
+    settings = db_settings.replace(home=tmp_path / "home", collector_flush_seconds=0.2)
+    proc = start_collector(settings, tmp_path / "c1.log")
+    with Sender(settings) as sender:
+        wait_until(lambda: len(sender.acked) >= 5000, 60, message="5000 acknowledged spans")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    proc = start_collector(settings, tmp_path / "c2.log")
+    try:
+        wait_until(lambda: drained(settings), 60, message="the replayed log written")
+        assert_exactly_once(store.connect(settings, ensure_schema=False), sender.acked)
+    finally:
+        stop_process(proc)
+
+
+def test_sigkill_of_the_collector_while_the_store_is_down_loses_nothing_acknowledged(tmp_path):
+    settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2)
+    store_log = tmp_path / "store.log"
+    store_proc = start_process(["store"], settings, store_log)
+    store.wait_ready(settings, 60)
+    collector = start_collector(settings, tmp_path / "c1.log")
+    try:
+        with Sender(settings) as sender:
+            wait_until(lambda: len(sender.acked) >= 2000, 60, message="2000 acknowledged spans")
+            os.killpg(store_proc.pid, signal.SIGKILL)  # the store dies ...
+            store_proc.wait(10)
+            acked_before = len(sender.acked)
+            wait_until(lambda: len(sender.acked) >= acked_before + 3000, 60,
+                       message="spans acknowledged while the store is down")
+            os.kill(collector.pid, signal.SIGKILL)  # ... then the collector, with spans only in its log
+            collector.wait(10)
+        store_proc = start_process(["store"], settings, store_log)
+        store.wait_ready(settings, 60)
+        collector = start_collector(settings, tmp_path / "c2.log")
+        wait_until(lambda: drained(settings), 90, message="the replayed log written")
+        assert_exactly_once(store.connect(settings, ensure_schema=False), sender.acked)
+    finally:
+        stop_process(collector)
+        stop_process(store_proc)
+
+
+def test_sigterm_while_the_store_is_down_keeps_everything_for_the_next_start(tmp_path):
+    settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2)
+    store_proc = start_process(["store"], settings, tmp_path / "store.log")
+    store.wait_ready(settings, 60)
+    store.connect(settings)
+    stop_process(store_proc)  # schema made, store gone
+    collector = start_process(["collector"], settings.replace(), tmp_path / "c1.log")
+    try:
+        # The collector waits for the store at start; bring it up, take spans, then take it down again.
+        store_proc = start_process(["store"], settings, tmp_path / "store.log")
+        wait_until(lambda: drained(settings), 60, message="collector up")
+        stop_process(store_proc)
+        request, ids = batch(500)
+        r = httpx.post(f"{settings.collector_url}/v1/traces", content=request.SerializeToString(),
+                       headers={**PB, "authorization": f"Bearer {settings.secret('collector')}"})
+        assert r.status_code == 200
+        stop_process(collector, timeout=60)  # SIGTERM: it tries for a while, then exits, keeping the log
+        assert collector.returncode == 0
+        store_proc = start_process(["store"], settings, tmp_path / "store.log")
+        store.wait_ready(settings, 60)
+        collector = start_collector(settings, tmp_path / "c2.log")
+        wait_until(lambda: drained(settings), 60, message="the replayed log written")
+        assert_exactly_once(store.connect(settings, ensure_schema=False), ids)
+    finally:
+        stop_process(collector)
+        stop_process(store_proc)
+
+
+def test_a_batch_inserted_just_before_a_crash_is_not_inserted_twice(db_settings, tmp_path):
+    """The crash falls between ClickHouse taking the insert and the checkpoint saying so."""
+    client = store.connect(db_settings, ensure_schema=False)
+    wal = WriteAheadLog(tmp_path / "wal")
+    writer = SpanWriter(lambda: store.connect(db_settings, ensure_schema=False), wal, flush_seconds=0.01)
+    ingest = Ingest(wal, writer)
+    requests = [batch(50) for _ in range(3)]
+    for request, _ in requests:
+        ingest.export(request)
+    taken = writer._take()
+    intent = Intent(taken[0].lsn, taken[-1].lsn)
+    wal.begin(intent)
+    writer._write(taken, intent)  # in ClickHouse now, but never committed: the process "dies" here
+    wal.close()
+    assert stored_ids(client)[1] == 150
+
+    wal = WriteAheadLog(tmp_path / "wal")
+    assert wal.intent == intent
+    writer = SpanWriter(lambda: store.connect(db_settings, ensure_schema=False), wal, flush_seconds=0.01)
+    Ingest(wal, writer).replay()
+    writer.start()
+    assert writer.flush(20)
+    writer.stop()
+    wal.close()
+    assert_exactly_once(client, set().union(*(ids for _, ids in requests)))
+    rollup = client.query("SELECT sum(requests) FROM tracetune_spans_1m").result_rows[0][0]
+    assert rollup == 0  # these test spans carry no pipeline: the rollup must not have counted anything twice
+
+
+@pytest.mark.parametrize("tail", [b"\x10\x00\x00\x00", b"\x05\x00\x00\x00" + b"\x00" * 12 + b"abc"])
+def test_a_torn_record_at_the_end_of_the_log_is_cut_and_the_rest_replays(tmp_path, tail):
+    wal = WriteAheadLog(tmp_path / "wal")
+    lsns = [wal.append(f"record {i}".encode()) for i in range(3)]
+    wal.close()
+    segment = sorted((tmp_path / "wal").glob("wal-*.log"))[0]
+    with open(segment, "ab") as handle:
+        handle.write(tail)  # a write the crash interrupted (never acknowledged)
+    wal = WriteAheadLog(tmp_path / "wal")
+    assert [(lsn, payload) for lsn, payload in wal.replay()] == [(lsn, f"record {i}".encode())
+                                                                 for i, lsn in enumerate(lsns)]
+    assert wal.append(b"next") == lsns[-1] + 1
+    wal.close()
+
+
+def test_a_second_collector_on_the_same_log_is_refused(tmp_path):
+    from collector.wal import WalError
+
+    wal = WriteAheadLog(tmp_path / "wal")
+    with pytest.raises(WalError, match="in use"):
+        WriteAheadLog(tmp_path / "wal")
+    wal.close()
