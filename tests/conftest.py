@@ -91,15 +91,17 @@ def wait_until(predicate, timeout: float = 30, interval: float = 0.2, message: s
 class ThreadServer:
     """A real uvicorn server on 127.0.0.1 in a background thread (for apps built in the test)."""
 
-    def __init__(self, app, port: int | None = None):
+    def __init__(self, app, port: int | None = None, header_timeout: float = 10.0):
         import threading
 
         import uvicorn
 
+        from tracetune.serving import protocol_with_header_timeout
+
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                     lifespan="on"))
+                                                     lifespan="on", http=protocol_with_header_timeout(header_timeout)))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self) -> ThreadServer:
