@@ -267,7 +267,7 @@ REQUEST_COUNTS_RAW_SQL = """
 SELECT
     window_seconds,
     count() AS total,
-    countIf(StatusCode = 'STATUS_CODE_ERROR') AS errors,
+    countIf(StatusCode IN ('Error', 'STATUS_CODE_ERROR')) AS errors,
     sumForEach(arrayMap(t -> toUInt64(Duration > t), {targets_ns:Array(UInt64)})) AS slow
 FROM (
     SELECT

@@ -43,7 +43,7 @@ SELECT
     lower(hex(cityHash64(number, {seed:UInt64}, 7))) AS SpanId,
     if(position = 0, '', lower(hex(cityHash64(trace * 5, {seed:UInt64}, 7)))) AS ParentSpanId,
     if(position = 0, pipeline, step) AS SpanName,
-    if(position = 0, 'SPAN_KIND_SERVER', 'SPAN_KIND_INTERNAL') AS SpanKind,
+    if(position = 0, 'Server', 'Internal') AS SpanKind,
     'bench-executor' AS ServiceName,
     if(position = 0,
        map('tracetune.pipeline', pipeline, 'tracetune.tenant', tenant),
@@ -56,7 +56,7 @@ SELECT
                         'gen_ai.usage.output_tokens', toString(5 + rand(8) % 40)),
                     map()))) AS SpanAttributes,
     toUInt64(exp(log(step_ms * 1e6) + 0.7 * randNormal(0, 1, number))) AS Duration,
-    if(rand(3) % 100 < 2, 'STATUS_CODE_ERROR', 'STATUS_CODE_UNSET') AS StatusCode
+    if(rand(3) % 100 < 2, 'Error', 'Unset') AS StatusCode
 FROM (
     SELECT number, intDiv(number, 5) AS trace, number % 5 AS position,
         ['triage', 'search', 'summarize', 'extract'][trace % 4 + 1] AS pipeline,

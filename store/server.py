@@ -1,7 +1,8 @@
 """The ClickHouse HTTP interface in front of the embedded engine.
 
 Speaks enough of the real protocol that clickhouse-connect (and curl) work unchanged: `/ping`,
-queries in the URL or body, `INSERT ... FORMAT X` with a data body, per-request settings,
+queries in the URL or body, `INSERT ... FORMAT X` with a data body (not `INSERT ... SELECT ... input()`
+or `FROM INFILE`: the engine gets the body as a file of its own), per-request settings,
 `database`, `param_*` query parameters, compressed bodies both ways, and errors as HTTP errors
 carrying the engine's message and `X-ClickHouse-Exception-Code`. As in ClickHouse, a request holds
 one statement, GET is read-only, and `X-ClickHouse-Timezone` is the zone the values were read in.
@@ -15,6 +16,7 @@ import re
 import uuid
 import zlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import lz4.frame
 from starlette.applications import Starlette
@@ -134,27 +136,52 @@ def _tokens(text: bytes) -> Iterator[tuple[str, bytes, int, int]]:
             yield kind, token, match.start(), match.end()
 
 
-def _split_insert(head: bytes) -> tuple[str, str, int] | None:
-    """For `INSERT ... FORMAT X` / `INSERT ... VALUES`: (statement, format, offset of the data)."""
+class _Insert(NamedTuple):
+    """An `INSERT ... FORMAT X` / `INSERT ... VALUES` with data: where its parts are in the request."""
+
+    statement: str  # `INSERT INTO t (cols)`, without its SETTINGS clause
+    settings: str  # `SETTINGS a = 1, ...` or ""
+    format: str
+    data_start: int
+
+
+def _split_insert(head: bytes) -> _Insert | None:
+    """For `INSERT ... FORMAT X` / `INSERT ... VALUES`: the statement, its settings, format and data offset."""
     tokens = _tokens(head)
     first = next(tokens, None)
     if first is None or first[1].upper() != b"INSERT":
         return None
-    previous, format_at = b"", -1
+    previous, format_at, settings_at, refused = b"", -1, -1, b""
     for kind, token, start, end in tokens:
         word = token.upper() if kind == "word" else b""
+        clause = word if previous not in _NAME_BEFORE else b""
         if format_at >= 0 and word:
-            statement = head[:format_at].decode("utf-8", "replace").strip()
-            return statement, token.decode(), _DATA_START.match(head, end).end()
+            return _insert(head, settings_at, format_at, token.decode(), end, refused)
         format_at = -1
-        if word == b"VALUES" and previous not in _NAME_BEFORE:
-            return head[:start].decode("utf-8", "replace").strip(), "Values", _DATA_START.match(head, end).end()
-        if word == b"FORMAT" and previous not in _NAME_BEFORE:
+        if clause in (b"SELECT", b"WITH", b"INFILE"):
+            refused = refused or clause  # from here on, a VALUES is the values() table function
+        elif clause == b"VALUES" and not refused:
+            return _insert(head, settings_at, start, "Values", end, refused)
+        elif clause == b"SETTINGS" and settings_at < 0:
+            settings_at = start
+        elif clause == b"FORMAT":
             format_at = start
         if token == b";":
             return None
         previous = word or token
     return None
+
+
+def _insert(head: bytes, settings_at: int, format_at: int, fmt: str, end: int, refused: bytes) -> _Insert:
+    """The parts of an insert with data, or BadRequest for the forms the engine cannot take a body for."""
+    if refused:
+        what = "FROM INFILE" if refused == b"INFILE" else "INSERT ... SELECT with a data body (input())"
+        raise BadRequest(f"{what} is not supported by the embedded store; send INSERT INTO table (columns) "
+                         "FORMAT X with the data in the request body", 48, "NOT_IMPLEMENTED")
+    statement_end = settings_at if settings_at >= 0 else format_at
+    return _Insert(head[:statement_end].decode("utf-8", "replace").strip(),
+                   head[statement_end:format_at].decode("utf-8", "replace").strip(), fmt,
+                   _DATA_START.match(head, end).end())
 
 
 def _output_format(text: str) -> str | None:
@@ -191,10 +218,9 @@ def parse_request(params: dict[str, str], body: bytes) -> Request:
     head = query_param.encode() if query_param else body
     insert = _split_insert(head)
     if insert:
-        statement, fmt, data_start = insert
-        data = head[data_start:] + (body if query_param else b"")
-        return Request(statement, database=database, settings=settings, params=query_params,
-                       insert_format=fmt, data=data)
+        data = head[insert.data_start:] + (body if query_param else b"")
+        return Request(insert.statement, database=database, settings=settings, params=query_params,
+                       insert_format=insert.format, insert_settings=insert.settings, data=data)
     text = query_param + ("\n" if query_param and body else "") + body.decode("utf-8", "replace")
     text = text.strip()
     if not text:

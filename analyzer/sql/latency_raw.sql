@@ -2,7 +2,7 @@
 SELECT
     {group_by},
     count() AS requests,
-    countIf(StatusCode = 'STATUS_CODE_ERROR') AS errors,
+    countIf(StatusCode IN ('Error', 'STATUS_CODE_ERROR')) AS errors,
     errors / requests AS error_rate,
     requests / {window_seconds:UInt32} AS throughput_rps,
     quantilesExactInclusive(0.5, 0.9, 0.95, 0.99)(Duration) AS q,

@@ -1,6 +1,10 @@
 -- The OpenTelemetry Collector contrib clickhouseexporter default traces table (bloom-filter
 -- variant, MergeTree engine, no TTL): same columns, types, sort key and partitioning, so the
 -- official collector can write here and Grafana's ClickHouse trace views read it.
+-- non_replicated_deduplication_window: a batch retried with the same insert_deduplication_token (or
+-- the same bytes) is stored once. Every table a materialized view feeds from here keeps the same
+-- window: the engine (deduplicate_blocks_in_dependent_materialized_views = 1, the default) runs the
+-- views on a deduplicated batch too and leaves it to their target tables to drop the repeat.
 CREATE TABLE IF NOT EXISTS otel_traces (
     Timestamp DateTime64(9) CODEC(Delta(8), ZSTD(1)),
     TraceId String CODEC(ZSTD(1)),
@@ -41,4 +45,4 @@ CREATE TABLE IF NOT EXISTS otel_traces (
 PARTITION BY toDate(Timestamp)
 PRIMARY KEY (ServiceName, SpanName, toDateTime(Timestamp))
 ORDER BY (ServiceName, SpanName, toDateTime(Timestamp), Timestamp)
-SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1
+SETTINGS index_granularity = 8192, ttl_only_drop_parts = 1, non_replicated_deduplication_window = 10000

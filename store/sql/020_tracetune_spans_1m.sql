@@ -6,6 +6,7 @@
 -- duration_q: DDSketch states with 0.5% guaranteed relative error on every quantile.
 -- duration_hist: counts per log2 bucket (8 per doubling, bucket = floor(log2(ns + 1) * 8)), to count
 -- requests slower than a latency target without the raw spans.
+-- non_replicated_deduplication_window as on otel_traces (see 001): a retried batch is counted once.
 CREATE TABLE IF NOT EXISTS tracetune_spans_1m (
     minute DateTime CODEC(Delta, ZSTD(1)),
     service LowCardinality(String),
@@ -33,3 +34,4 @@ CREATE TABLE IF NOT EXISTS tracetune_spans_1m (
 ) ENGINE = AggregatingMergeTree()
 PARTITION BY toYYYYMM(minute)
 ORDER BY (pipeline, kind, step, minute, route, tenant, model, status, service)
+SETTINGS non_replicated_deduplication_window = 10000

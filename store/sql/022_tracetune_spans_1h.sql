@@ -1,5 +1,6 @@
 -- Hourly rollup, fed from the per-minute rollup by tracetune_spans_1h_mv (a cascade of states), so
--- questions over hours or days read 60x fewer rows. Same columns and sketch as tracetune_spans_1m.
+-- questions over hours or days read 60x fewer rows. Same columns, sketch and deduplication window as
+-- tracetune_spans_1m.
 CREATE TABLE IF NOT EXISTS tracetune_spans_1h (
     hour DateTime CODEC(Delta, ZSTD(1)),
     service LowCardinality(String),
@@ -27,3 +28,4 @@ CREATE TABLE IF NOT EXISTS tracetune_spans_1h (
 ) ENGINE = AggregatingMergeTree()
 PARTITION BY toYYYYMM(hour)
 ORDER BY (pipeline, kind, step, hour, route, tenant, model, status, service)
+SETTINGS non_replicated_deduplication_window = 10000

@@ -15,7 +15,7 @@ ALPHA = 0.005  # the rollup's DDSketch relative accuracy
 
 
 def row(ts: int, pipeline: str, step: str, duration: int, *, route="", tenant="", cache="", batch=0, queue=0.0,
-        error=False, root=False) -> list:
+        error=False, root=False, status="") -> list:
     attrs = {"tracetune.pipeline": pipeline}
     if step:
         attrs["tracetune.step"] = step
@@ -27,7 +27,7 @@ def row(ts: int, pipeline: str, step: str, duration: int, *, route="", tenant=""
         attrs["tracetune.queue_ms"] = str(queue)
     return [ts, "cd" * 16, f"{ts % (1 << 62):016x}", "" if root else "00000000000000aa", "", step or pipeline,
             "SPAN_KIND_INTERNAL", "svc", {}, "", "", attrs, duration,
-            "STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET", "", [], [], [], [], [], [], []]
+            status or ("STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET"), "", [], [], [], [], [], [], []]
 
 
 @pytest.fixture
@@ -84,6 +84,17 @@ def test_grouping_by_route_and_tenant_with_cache_and_batching(client, seeded):
     assert by_step["embed"]["mean_batch_size"] == pytest.approx(np.mean([i % 8 + 1 for i in range(3000)]))
     assert by_step["embed"]["mean_queue_ms"] == pytest.approx(np.mean([i % 5 for i in range(3000)]))
     assert by_step["embed"]["throughput_rps"] == pytest.approx(3000 / 600)
+
+
+@pytest.mark.parametrize("source", ["rollup", "raw"])
+def test_errors_count_in_either_spelling(client, source):
+    """pdata's `Error` (the contrib exporter, our collector) and the proto enum name (older writers) alike."""
+    now = time.time_ns()
+    statuses = ["Error", "STATUS_CODE_ERROR", "Error", "Unset", "STATUS_CODE_UNSET", "Ok", "STATUS_CODE_OK"]
+    rows = [row(now - i * 10**9, "triage", "embed", 10**6, status=status) for i, status in enumerate(statuses)]
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+    stats = step_stats(client, "10m", source=source).row(0, named=True)
+    assert (stats["requests"], stats["errors"]) == (7, 3)
 
 
 def test_root_spans_are_tasks(client, seeded):

@@ -180,10 +180,11 @@ NOW = datetime.now(UTC).replace(second=0, microsecond=0)  # minute-aligned: roll
 
 
 def _span(at: datetime, attrs: dict[str, str], duration_ms: float, error: bool, n: int) -> list:
+    """A task span; failures alternate pdata's `Error` and the proto name `STATUS_CODE_ERROR` (both count)."""
     ts_ns = int(at.timestamp()) * 10**9 + n
-    return [ts_ns, f"{n:032x}", f"{ts_ns % (1 << 63):016x}", "", "", "task", "SPAN_KIND_SERVER", "svc", {}, "", "",
-            attrs, int(duration_ms * 1e6), "STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET", "",
-            [], [], [], [], [], [], []]
+    status = ("Error" if n % 100 else "STATUS_CODE_ERROR") if error else "Unset"
+    return [ts_ns, f"{n:032x}", f"{ts_ns % (1 << 63):016x}", "", "", "task", "Server", "svc", {}, "", "",
+            attrs, int(duration_ms * 1e6), status, "", [], [], [], [], [], [], []]
 
 
 def _seed(client) -> None:

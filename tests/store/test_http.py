@@ -254,6 +254,54 @@ def test_values_insert(http, events):
     assert [r[:2] for r in _rows(http)] == [(1, "plain"), (2, "x; y")]
 
 
+def test_insert_with_its_own_settings_clause(http, events):
+    _ok(http.post("/", params={"query": "INSERT INTO events (id, ts) SETTINGS date_time_input_format = 'best_effort' "
+                                        "FORMAT CSV"}, content=b"1,2024-05-01T12:00:00.5Z\n"))
+    assert _rows(http, "SELECT id, toString(ts) FROM events") == [(1, "2024-05-01 12:00:00.500000000")]
+
+
+def test_url_settings_steer_how_the_insert_is_parsed(http, events):
+    csv = b"".join(b"%s,%s,{},2024-05-01 12:00:00\n" % row for row in ((b"1", b"a"), (b"x", b"b"), (b"3", b"c")))
+    response = http.post("/", params={"query": "INSERT INTO events FORMAT CSV"}, content=csv)
+    assert response.headers["X-ClickHouse-Exception-Code"] == "27"
+    _ok(http.post("/", params={"query": "INSERT INTO events FORMAT CSV", "input_format_allow_errors_num": "1"},
+                  content=csv))
+    assert [r[:2] for r in _rows(http)] == [(1, "a"), (3, "c")]
+
+
+def test_insert_without_rows_is_checked_and_writes_nothing(http, events):
+    response = _ok(http.post("/", params={"query": "INSERT INTO events FORMAT RowBinary"}, content=b""))
+    assert json.loads(response.headers["X-ClickHouse-Summary"])["written_rows"] == "0"
+    response = http.post("/", params={"query": "INSERT INTO no_such_table FORMAT RowBinary"}, content=b"")
+    assert response.headers["X-ClickHouse-Exception-Code"] == "60"
+
+
+def test_binary_insert_with_blank_lines_in_the_data(http, events):
+    """Data bytes `\\n\\n` (here in the id 0x0a0a) end the data of a query text in chDB, not of a request body."""
+    ids = [0x0A0A, 0x0A0A0A0A, 7]
+    rows = [(i, f"n{i}", {}, ns) for i, ns in zip(ids, EPOCH_NS, strict=True)]
+    _ok(http.post("/", content=b"INSERT INTO events FORMAT RowBinary\n" + _row_binary(rows)))
+    assert [r[0] for r in _rows(http)] == sorted(ids)
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO events SELECT * FROM input('id UInt32, name String, attrs Map(String, String), ts DateTime64(9)') "
+    "FORMAT CSV",
+    "INSERT INTO events FROM INFILE '/etc/hostname' FORMAT CSV",
+])
+def test_insert_forms_the_store_cannot_confirm_are_refused(http, events, statement):
+    response = http.post("/", params={"query": statement}, content=b'1,"a",{},0\n')
+    assert response.status_code == 400 and response.headers["X-ClickHouse-Exception-Code"] == "48"
+    assert "send INSERT INTO table (columns) FORMAT X" in response.text
+    assert _rows(http, "SELECT count() FROM events") == [(0,)]
+
+
+def test_insert_select_from_the_values_table_function_is_a_query(http, events):
+    _ok(http.post("/", content="INSERT INTO events (id, name) SELECT * FROM values('id UInt32, name String', (4, 'x'))"
+                               " SETTINGS max_threads = 1"))
+    assert [r[:2] for r in _rows(http)] == [(4, "x")]
+
+
 def test_keywords_inside_names_strings_and_comments_are_not_clauses(http):
     _ok(http.post("/", content="CREATE TABLE t (`values` String, `format` String) ENGINE = Memory"))
     _ok(http.post("/", content=b"INSERT INTO t (`values`, `format`) FORMAT CSV\nVALUES,FORMAT JSON\n"))
