@@ -54,7 +54,9 @@ def components(settings: Settings, load_rate: float, with_dashboard: bool = True
                                f"{settings.store_url}/ping", settings.store_url))
     parts += [
         Component("collector", tracetune + ["collector"], settings.collector_port,
-                  f"{settings.collector_url}/health", f"{settings.collector_url}/v1/traces"),
+                  f"{settings.collector_url}/health", f"{settings.collector_url}/v1/traces (OTLP/HTTP), "
+                  f"{settings.bind_host}:{settings.collector_grpc_port} (OTLP/gRPC), token in "
+                  f"{settings.home / 'collector.token'}"),
         Component("tuner", tracetune + ["tuner"], settings.tuner_port, f"{settings.tuner_url}/health",
                   f"{settings.tuner_url}/docs"),
     ]
@@ -101,7 +103,8 @@ class Supervisor:
 
     def check_ports(self) -> None:
         for part in self.parts:
-            ports = [part.port] + ([self.settings.crm_port] if part.name == "standins" else [])
+            extra = {"standins": [self.settings.crm_port], "collector": [self.settings.collector_grpc_port]}
+            ports = [part.port] + extra.get(part.name, [])
             busy = [p for p in ports if p is not None and _port_in_use(self.settings.bind_host, p)]
             if busy:
                 part.port = busy[0]
@@ -110,6 +113,8 @@ class Supervisor:
                          "dashboard": "DASHBOARD_PORT"}[part.name]
                 if part.name == "standins" and part.port == self.settings.crm_port:
                     field = "CRM_PORT"
+                if part.name == "collector" and part.port == self.settings.collector_grpc_port:
+                    field = "COLLECTOR_GRPC_PORT"
                 raise StartError(f"port {part.port} for the {part.name} is already in use; stop what is using it "
                                  f"or set TRACETUNE_{field} to a free port")
 
