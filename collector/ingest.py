@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector import metrics
-from collector.rows import Converted, convert
+from collector.rows import convert, span_count, valid
 from collector.wal import WalError, WriteAheadLog
 from collector.writer import Entry, SpanWriter
 
@@ -46,8 +47,20 @@ class ExportResult:
     error_message: str = ""
 
 
-def _entry(lsn: int, converted: Converted) -> Entry:
-    return Entry(lsn, converted.rows, converted.quarantine)
+def _prepare(request: ExportTraceServiceRequest, body: bytes, received_ns: int, receiver: str
+             ) -> tuple[Callable[[int], Entry], ExportResult, list[list]]:
+    """How a request is queued, what the sender is told, and the spans it quarantines.
+
+    A request whose spans are all valid is queued as its protobuf body, converted with its batch
+    (columns.to_arrow); any other goes through the reference converter now, span by span.
+    """
+    if valid(request):
+        spans = span_count(request)
+        return (lambda lsn: Entry(lsn, body=body, spans=spans)), ExportResult(spans), []
+    converted = convert(request, received_ns, receiver)
+    result = ExportResult(len(converted.rows), converted.rejected, converted.message())
+    return ((lambda lsn: Entry(lsn, rows=converted.rows, quarantine=converted.quarantine,
+                               spans=len(converted.rows))), result, converted.quarantine)
 
 
 class Ingest:
@@ -62,10 +75,11 @@ class Ingest:
         spans = 0
         for lsn, payload in self.wal.replay():
             received_ns, receiver = _RECORD.unpack_from(payload)
-            request = ExportTraceServiceRequest.FromString(payload[_RECORD.size:])
-            converted = convert(request, received_ns, RECEIVERS[receiver])
-            self.writer.enqueue(_entry(lsn, converted))
-            spans += len(converted.rows) + len(converted.quarantine)
+            body = payload[_RECORD.size:]
+            make, _, _ = _prepare(ExportTraceServiceRequest.FromString(body), body, received_ns, RECEIVERS[receiver])
+            entry = make(lsn)
+            self.writer.enqueue(entry)
+            spans += entry.size
         if spans:
             log.warning("replaying %d spans from the write-ahead log in %s", spans, self.wal.directory)
         return spans
@@ -74,26 +88,26 @@ class Ingest:
                payload: bytes | None = None) -> ExportResult:
         """Take one request; `payload` is its protobuf encoding when the caller has it already."""
         received_ns = received_ns or time.time_ns()
-        converted = convert(request, received_ns, receiver)
-        total = len(converted.rows) + len(converted.quarantine)
+        body = payload if payload is not None else request.SerializeToString()
+        make, result, quarantine = _prepare(request, body, received_ns, receiver)
+        total = result.accepted_spans + result.rejected_spans
         metrics.SPANS_RECEIVED.labels(receiver).inc(total)
-        for row in converted.quarantine:
+        for row in quarantine:
             metrics.SPANS_REJECTED.labels(receiver, row[2].split()[0]).inc()
         if total == 0:
-            return ExportResult(0, 0, converted.message())
+            return result
         if not self.writer.has_room(total):
             metrics.REQUESTS_REFUSED.labels(receiver, "503").inc()
             raise IngestError(503, f"write queue is full ({self.writer.queued_rows} spans, "
                                    f"{self.wal.pending_bytes} log bytes waiting for ClickHouse); retry later",
                               retry_after=RETRY_AFTER_SECONDS)
-        body = payload if payload is not None else request.SerializeToString()
         record = _RECORD.pack(received_ns, RECEIVERS.index(receiver)) + body
         try:
-            self.wal.append(record, on_written=lambda lsn: self.writer.enqueue(_entry(lsn, converted)))
+            self.wal.append(record, on_written=lambda lsn: self.writer.enqueue(make(lsn)))
         except WalError as exc:
             metrics.REQUESTS_REFUSED.labels(receiver, "503").inc()
             log.error("%s", exc)
             raise IngestError(503, str(exc), retry_after=RETRY_AFTER_SECONDS) from None
-        metrics.SPANS_ACCEPTED.labels(receiver).inc(len(converted.rows))
+        metrics.SPANS_ACCEPTED.labels(receiver).inc(result.accepted_spans)
         metrics.WAL_BYTES.set(self.wal.pending_bytes)
-        return ExportResult(len(converted.rows), converted.rejected, converted.message())
+        return result

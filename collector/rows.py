@@ -35,6 +35,7 @@ STATUS_CODES: tuple[str, ...] = ("Unset", "Ok", "Error")
 
 MAX_TIME_NS = (1 << 63) - 1  # DateTime64(9) ends at 2262-04-11 23:47:16.854775807 UTC
 _MAX_REASONS = 5  # reasons listed in one partial-success message
+_ZERO16, _ZERO8 = bytes(16), bytes(8)
 
 
 # ---- AsString -----------------------------------------------------------------------------------
@@ -131,6 +132,27 @@ def span_problem(span) -> str:
         if len(link.trace_id) != 16 or len(link.span_id) != 8:
             return (f"link ids must be 16 and 8 bytes (got {len(link.trace_id)} and {len(link.span_id)})")
     return ""
+
+
+def valid(request: ExportTraceServiceRequest) -> bool:
+    """True when `convert` would take every span as it is (no rejection, no warning): the fast path.
+
+    Only scalars are checked; attributes never make a span invalid.
+    """
+    for resource_spans in request.resource_spans:
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                trace_id, span_id = span.trace_id, span.span_id
+                start, end = span.start_time_unix_nano, span.end_time_unix_nano
+                if (len(trace_id) != 16 or len(span_id) != 8 or trace_id == _ZERO16 or span_id == _ZERO8
+                        or len(span.parent_span_id) not in (0, 8) or not 0 < start <= end <= MAX_TIME_NS
+                        or not 0 <= span.kind < len(SPAN_KINDS) or not 0 <= span.status.code < len(STATUS_CODES)):
+                    return False
+                if span.events and any(e.time_unix_nano > MAX_TIME_NS for e in span.events):
+                    return False
+                if span.links and any(len(x.trace_id) != 16 or len(x.span_id) != 8 for x in span.links):
+                    return False
+    return True
 
 
 @dataclass

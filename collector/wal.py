@@ -36,11 +36,10 @@ class WalError(Exception):
 
 @dataclass(frozen=True)
 class Intent:
-    """A batch about to be inserted: records first..last; `split` once it is being bisected."""
+    """A batch about to be inserted: records first..last."""
 
     first: int
     last: int
-    split: bool = False
 
 
 def _fsync_dir(path: Path) -> None:
@@ -72,7 +71,7 @@ class WriteAheadLog:
         self.wal_id: str = checkpoint.get("wal_id") or uuid.uuid4().hex[:16]
         self.done_lsn: int = int(checkpoint.get("done", 0))
         raw = checkpoint.get("intent")
-        self.intent: Intent | None = Intent(*raw) if raw else None
+        self.intent: Intent | None = Intent(*raw[:2]) if raw else None
         self._pending: deque[tuple[int, int]] = deque()  # (lsn, bytes) not yet in ClickHouse
         self.pending_bytes = 0
         self._segments: list[tuple[int, Path]] = []  # (first lsn, path), oldest first
@@ -204,7 +203,7 @@ class WriteAheadLog:
         tmp = path.with_suffix(".tmp")
         intent = self.intent
         body = {"wal_id": self.wal_id, "done": self.done_lsn,
-                "intent": [intent.first, intent.last, intent.split] if intent else None}
+                "intent": [intent.first, intent.last] if intent else None}
         with open(tmp, "w") as handle:
             json.dump(body, handle)
             handle.flush()

@@ -19,8 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector import metrics
-from collector.rows import COLUMNS, QUARANTINE_COLUMNS
+import pyarrow as pa
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from collector import columns, metrics
+from collector.rows import COLUMNS, QUARANTINE_COLUMNS, convert
 from collector.wal import Intent, WriteAheadLog
 
 log = logging.getLogger("tracetune.collector")
@@ -35,17 +38,34 @@ _CODE = re.compile(r"Code:? (\d+)")
 _SYSTEMIC_AFTER = 64  # failed inserts in one bisection with no success: the store, not the rows
 
 
+Part = list[list[Any]] | pa.Table  # rows in COLUMNS order, or the same as Arrow columns
+
+
+def _halves(part: Part) -> tuple[Part, Part]:
+    mid = len(part) // 2
+    if isinstance(part, pa.Table):
+        return part.slice(0, mid), part.slice(mid)
+    return part[:mid], part[mid:]
+
+
 class _Retry(Exception):
     """The insert failed for a reason that is not in the rows: retry the batch later."""
 
 
 @dataclass
 class Entry:
-    """One acknowledged request: its LSN and the rows it became."""
+    """One acknowledged request: its LSN and either its protobuf body (all spans valid, converted with
+    its batch) or the rows and quarantine rows the reference converter made of it."""
 
     lsn: int
-    rows: list[list[Any]]
+    body: bytes = b""
+    rows: list[list[Any]] = field(default_factory=list)
     quarantine: list[list[Any]] = field(default_factory=list)
+    spans: int = 0  # spans it puts into otel_traces
+
+    @property
+    def size(self) -> int:
+        return self.spans + len(self.quarantine)
 
 
 def data_error(exc: BaseException) -> bool:
@@ -66,8 +86,8 @@ def data_error(exc: BaseException) -> bool:
 class SpanWriter:
     """Drains the queue of acknowledged records into ClickHouse from one background thread."""
 
-    def __init__(self, client_factory: Callable[[], Any], wal: WriteAheadLog, batch_rows: int = 5000,
-                 flush_seconds: float = 1.0, max_queue_rows: int = 200_000, table: str = "otel_traces",
+    def __init__(self, client_factory: Callable[[], Any], wal: WriteAheadLog, batch_rows: int = 20_000,
+                 flush_seconds: float = 1.0, max_queue_rows: int = 1_000_000, table: str = "otel_traces",
                  quarantine_table: str = "tracetune_quarantine", stall_seconds: float = 30.0):
         self._client_factory = client_factory
         self._client: Any = None
@@ -101,7 +121,7 @@ class SpanWriter:
             if not self._queue and not self._inflight:
                 self._last_progress = time.monotonic()  # an idle writer starts its stall clock now
             self._queue.append(entry)
-            self._queued_rows += len(entry.rows) + len(entry.quarantine)
+            self._queued_rows += entry.size
             metrics.QUEUE_SPANS.set(self._queued_rows)
             if self._queued_rows >= self.batch_rows:
                 self._cond.notify()
@@ -166,7 +186,7 @@ class SpanWriter:
             taken = 0
             while self._queue and self._queue[0].lsn <= self.wal.synced_lsn:
                 entry = self._queue[0]
-                size = len(entry.rows) + len(entry.quarantine)
+                size = entry.size
                 if intent is not None and entry.lsn <= intent.last:
                     pass  # part of the batch in flight at the crash, whatever its size
                 elif intent is not None or (batch and taken + size > self.batch_rows):
@@ -182,7 +202,7 @@ class SpanWriter:
         for entry in self._queue:
             if entry.lsn > synced or rows >= self.batch_rows:
                 break
-            rows += len(entry.rows) + len(entry.quarantine)
+            rows += entry.size
             last = entry.lsn
         return rows, last
 
@@ -203,13 +223,13 @@ class SpanWriter:
                     intent = Intent(batch[0].lsn, batch[-1].lsn)
                     self.wal.begin(intent)
             try:
-                intent = self._write(batch, intent)
+                self._write(batch, intent)
             except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing: the rows stay, retry later
                 self.insert_failures += 1
                 metrics.INSERT_FAILURES.inc()
                 self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
                 self._client = None
-                log.warning("insert of %d spans failed, will retry: %s", sum(len(e.rows) for e in batch),
+                log.warning("insert of %d spans failed, will retry: %s", sum(e.spans for e in batch),
                             self.last_error)
                 if self._stopping:
                     stop_deadline = stop_deadline or time.monotonic() + 10.0
@@ -221,10 +241,10 @@ class SpanWriter:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.2
-            written = sum(len(e.rows) for e in batch)
+            written = sum(e.spans for e in batch)
             self.wal.commit(batch[-1].lsn)
             with self._cond:
-                self._queued_rows -= sum(len(e.rows) + len(e.quarantine) for e in batch)
+                self._queued_rows -= sum(e.size for e in batch)
                 self._inflight = []
                 self._last_progress = time.monotonic()
                 self.rows_written += written
@@ -238,63 +258,69 @@ class SpanWriter:
             self._client = self._client_factory()
         return self._client
 
-    def _insert(self, table: str, rows: list[list[Any]], columns: list[str], token: str) -> None:
+    def _insert(self, table: str, part: Part, token: str) -> None:
         started = time.perf_counter()
-        self._client_or_new().insert(table, rows, column_names=columns,
-                                     settings={"insert_deduplication_token": token})
+        settings = {"insert_deduplication_token": token}
+        if isinstance(part, pa.Table):
+            self._client_or_new().insert_arrow(table, part, settings=settings)
+        else:
+            columns = COLUMNS if table == self.table else QUARANTINE_COLUMNS
+            self._client_or_new().insert(table, part, column_names=columns, settings=settings)
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
-        metrics.BATCH_SPANS.observe(len(rows))
+        metrics.BATCH_SPANS.observe(len(part))
 
-    def _write(self, batch: list[Entry], intent: Intent) -> Intent:
-        """Insert a batch (bisecting it if the engine refuses its data); raises to retry later."""
+    def _write(self, batch: list[Entry], intent: Intent) -> None:
+        """Insert a batch in up to three parts, each with its own token derived from the batch's.
+
+        Spans of valid requests go in as one Arrow table (rows.convert when columns.to_arrow cannot
+        take them), spans the reference converter made as rows, rejected spans into the quarantine.
+        Every part is tried whole first, so a retry of a part that had landed is dropped by ClickHouse.
+        """
         token = self.wal.token(intent.first, intent.last)
-        rows = [row for entry in batch for row in entry.rows]
         quarantine = [row for entry in batch for row in entry.quarantine]
         if quarantine:
-            self._insert(self.quarantine_table, quarantine, QUARANTINE_COLUMNS, token + "/q")
+            self._insert(self.quarantine_table, quarantine, token + "/q")
             self.rows_quarantined += len(quarantine)
-        if not rows:
-            return intent
-        if not intent.split:
-            try:
-                self._insert(self.table, rows, COLUMNS, token)
-                metrics.SPANS_WRITTEN.inc(len(rows))
-                return intent
-            except Exception as exc:
-                if not data_error(exc):
-                    raise
-                log.warning("ClickHouse refused a batch of %d spans for its data, isolating the bad rows: %s",
-                            len(rows), str(exc).splitlines()[0][:300])
-                intent = Intent(intent.first, intent.last, split=True)
-                self.wal.begin(intent)
-        self._bisect(rows, token, {"failures": 0, "successes": 0})
-        return intent
+        bodies = [entry.body for entry in batch if entry.body]
+        if bodies:
+            part: Part | None = columns.to_arrow(bodies)
+            if part is None:
+                part = [row for body in bodies
+                        for row in convert(ExportTraceServiceRequest.FromString(body)).rows]
+            self._bisect(part, token + "/b", {"failures": 0, "successes": 0})
+        rows = [row for entry in batch for row in entry.rows]
+        if rows:
+            self._bisect(rows, token + "/r", {"failures": 0, "successes": 0})
 
-    def _bisect(self, rows: list[list[Any]], token: str, tally: dict[str, int]) -> None:
+    def _bisect(self, part: Part, token: str, tally: dict[str, int]) -> None:
+        """Insert `part`; if the engine refuses its data, insert each half the same way (down to one row)."""
         try:
-            self._insert(self.table, rows, COLUMNS, token)
-            metrics.SPANS_WRITTEN.inc(len(rows))
+            self._insert(self.table, part, token)
+            metrics.SPANS_WRITTEN.inc(len(part))
             tally["successes"] += 1
             return
         except Exception as exc:
             if not data_error(exc):
                 raise
+            if not tally["failures"]:
+                log.warning("ClickHouse refused %d spans for their data, isolating the bad rows: %s", len(part),
+                            str(exc).splitlines()[0][:300])
             tally["failures"] += 1
             if not tally["successes"] and tally["failures"] > _SYSTEMIC_AFTER:
                 raise _Retry(f"every part of the batch is refused, the store is at fault: {exc}") from None
-            if len(rows) > 1:
-                mid = len(rows) // 2
-                self._bisect(rows[:mid], token + "L", tally)
-                self._bisect(rows[mid:], token + "R", tally)
+            if len(part) > 1:
+                left, right = _halves(part)
+                self._bisect(left, token + "L", tally)
+                self._bisect(right, token + "R", tally)
                 return
-            self._quarantine_row(rows[0], str(exc).strip().splitlines()[0][:500], token + "/q")
+            self._quarantine_row(part, str(exc).strip().splitlines()[0][:500], token + "/q")
 
-    def _quarantine_row(self, row: list[Any], reason: str, token: str) -> None:
-        values = dict(zip(COLUMNS, row, strict=True))
+    def _quarantine_row(self, part: Part, reason: str, token: str) -> None:
+        values = part.to_pylist()[0] if isinstance(part, pa.Table) else dict(zip(COLUMNS, part[0], strict=True))
         record = [time.time_ns() // 1_000_000, "writer", f"ClickHouse refused the row: {reason}",
                   values["ServiceName"], values["TraceId"], values["SpanId"], values["SpanName"],
                   json.dumps(values, default=str)]
-        self._insert(self.quarantine_table, [record], QUARANTINE_COLUMNS, token)
+        self._insert(self.quarantine_table, [record], token)
         self.rows_quarantined += 1
         metrics.SPANS_REJECTED.labels("writer", "insert").inc()
         log.error("quarantined span %s of trace %s: %s", values["SpanId"], values["TraceId"], reason)

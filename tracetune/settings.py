@@ -42,9 +42,9 @@ class Settings:
     crm_port: int = 8809
 
     # Collector batching and backpressure.
-    collector_batch_rows: int = 5000
+    collector_batch_rows: int = 20_000
     collector_flush_seconds: float = 1.0
-    collector_max_queue_rows: int = 200_000
+    collector_max_queue_rows: int = 1_000_000
     collector_max_body_bytes: int = 16 * 1024 * 1024
     collector_wal_max_bytes: int = 512 * 1024 * 1024  # acknowledged, not yet written; past it: 503
     collector_body_timeout_seconds: float = 30.0  # a request body slower than this gets 408

@@ -252,3 +252,17 @@ def test_writes_need_the_bearer_token(db_settings, tmp_path):
         assert ingest.writer.flush(20)
         assert ingest.writer.rows_written == 2
     stop_ingest(ingest)
+
+
+def test_a_batch_the_fast_path_cannot_take_is_stored_by_the_reference_converter(receiver):
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    server, writer, client = receiver
+    odd = span("dup-key")
+    odd.attributes.extend([KeyValue(key="k", value=AnyValue(string_value="last"))])  # "k" twice
+    plain, ids = batch(5)
+    for message in (request([odd]), plain):
+        assert httpx.post(f"{server.url}/v1/traces", content=message.SerializeToString(), headers=PB).status_code == 200
+    assert writer.flush(20)
+    stored = dict(client.query("SELECT SpanName, SpanAttributes['k'] FROM otel_traces").result_rows)
+    assert stored["dup-key"] == "last" and len(stored) >= 2 and count(client) == 6
