@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
 import threading
 import time
@@ -46,6 +47,15 @@ def _halves(part: Part) -> tuple[Part, Part]:
     if isinstance(part, pa.Table):
         return part.slice(0, mid), part.slice(mid)
     return part[:mid], part[mid:]
+
+
+@dataclass
+class Prepared:
+    """A batch converted and ready to insert: (table, rows or Arrow table, dedup token) per part."""
+
+    batch: list[Entry]
+    intent: Intent
+    parts: list[tuple[str, Part, str]]
 
 
 class _Retry(Exception):
@@ -103,12 +113,14 @@ class SpanWriter:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="span-writer", daemon=True)
+        self._converter = threading.Thread(target=self._convert_loop, name="span-converter", daemon=True)
+        self._handoff: queue.Queue[Prepared | None] = queue.Queue(maxsize=1)
+        self._abandoned = False  # the inserter gave up at shutdown: what is left stays in the log
         self.rows_written = 0
         self.rows_quarantined = 0
         self.insert_failures = 0
         self.last_error = ""
         self._last_progress = time.monotonic()
-        self._inflight: list[Entry] = []
 
     # ---- producer side -------------------------------------------------------------------
     def has_room(self, rows: int) -> bool:
@@ -118,7 +130,7 @@ class SpanWriter:
     def enqueue(self, entry: Entry) -> None:
         """Queue a record that is in the log (called in LSN order, under the log's append lock)."""
         with self._cond:
-            if not self._queue and not self._inflight:
+            if not self._queued_rows:
                 self._last_progress = time.monotonic()  # an idle writer starts its stall clock now
             self._queue.append(entry)
             self._queued_rows += entry.size
@@ -137,6 +149,7 @@ class SpanWriter:
 
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> SpanWriter:
+        self._converter.start()
         self._thread.start()
         return self
 
@@ -146,9 +159,8 @@ class SpanWriter:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
-        with self._cond:
-            self._stopping = True
-        self._thread.join(5)
+        self._abandoned = self._abandoned or self._thread.is_alive()
+        self._converter.join(5)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is written; True on success."""
@@ -162,12 +174,11 @@ class SpanWriter:
         return False
 
     # ---- consumer side -------------------------------------------------------------------
-    def _take(self) -> list[Entry]:
+    def _take(self, intent: Intent | None = None) -> list[Entry]:
         """The next batch: whole records in LSN order, only fsynced ones; [] once stopped and empty.
 
-        A batch that was in flight when the process died is re-sent with exactly its records.
+        With `intent` (the batch in flight when the process died), exactly its records are taken.
         """
-        intent = self.wal.intent
         with self._cond:
             deadline = time.monotonic() + self.flush_seconds
             while True:
@@ -193,7 +204,6 @@ class SpanWriter:
                     break
                 batch.append(self._queue.popleft())
                 taken += size
-            self._inflight = batch
             return batch
 
     def _ready(self) -> tuple[int, int]:
@@ -206,51 +216,61 @@ class SpanWriter:
             last = entry.lsn
         return rows, last
 
+    def _convert_loop(self) -> None:
+        """Stage one: take batches and convert them, while stage two inserts the previous one."""
+        intent = self.wal.intent  # a batch in flight at a crash is taken first, exactly as it was
+        while True:
+            batch = self._take(intent)
+            intent = None
+            prepared = self._prepare(batch) if batch else None
+            while not self._abandoned:
+                try:
+                    self._handoff.put(prepared, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            if prepared is None or self._abandoned:
+                return
+
     def _run(self) -> None:
+        """Stage two: insert each prepared batch until it lands, then commit it in the log."""
         backoff = 0.2
         stop_deadline: float | None = None
-        batch: list[Entry] = []
-        intent: Intent | None = None
         while True:
-            if not batch:
-                batch = self._take()
-                if not batch:
-                    return
-                replayed = self.wal.intent
-                if replayed and replayed.first == batch[0].lsn and replayed.last == batch[-1].lsn:
-                    intent = replayed
-                else:
-                    intent = Intent(batch[0].lsn, batch[-1].lsn)
-                    self.wal.begin(intent)
-            try:
-                self._write(batch, intent)
-            except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing: the rows stay, retry later
-                self.insert_failures += 1
-                metrics.INSERT_FAILURES.inc()
-                self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
-                self._client = None
-                log.warning("insert of %d spans failed, will retry: %s", sum(e.spans for e in batch),
-                            self.last_error)
-                if self._stopping:
-                    stop_deadline = stop_deadline or time.monotonic() + 10.0
-                    if time.monotonic() > stop_deadline:
-                        log.warning("stopping with %d spans unwritten; they stay in the write-ahead log and are "
-                                    "written at the next start", self._queued_rows)
-                        return
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
+            prepared = self._handoff.get()
+            if prepared is None:
+                return
+            if self.wal.intent != prepared.intent:
+                self.wal.begin(prepared.intent)
+            while True:
+                try:
+                    self._write(prepared)
+                    break
+                except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing: the rows stay, retry later
+                    self.insert_failures += 1
+                    metrics.INSERT_FAILURES.inc()
+                    self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+                    self._client = None
+                    log.warning("insert of %d spans failed, will retry: %s",
+                                sum(e.spans for e in prepared.batch), self.last_error)
+                    if self._stopping:
+                        stop_deadline = stop_deadline or time.monotonic() + 10.0
+                        if time.monotonic() > stop_deadline:
+                            log.warning("stopping with %d spans unwritten; they stay in the write-ahead log and "
+                                        "are written at the next start", self._queued_rows)
+                            self._abandoned = True
+                            return
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
             backoff = 0.2
-            written = sum(e.spans for e in batch)
+            batch = prepared.batch
             self.wal.commit(batch[-1].lsn)
             with self._cond:
                 self._queued_rows -= sum(e.size for e in batch)
-                self._inflight = []
                 self._last_progress = time.monotonic()
-                self.rows_written += written
+                self.rows_written += sum(e.spans for e in batch)
             metrics.QUEUE_SPANS.set(self._queued_rows)
             metrics.WAL_BYTES.set(self.wal.pending_bytes)
-            batch, intent = [], None
 
     # ---- inserts ---------------------------------------------------------------------------
     def _client_or_new(self) -> Any:
@@ -269,28 +289,37 @@ class SpanWriter:
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SPANS.observe(len(part))
 
-    def _write(self, batch: list[Entry], intent: Intent) -> None:
-        """Insert a batch in up to three parts, each with its own token derived from the batch's.
+    def _prepare(self, batch: list[Entry]) -> Prepared:
+        """The inserts a batch becomes, each with its own token derived from the batch's LSN range.
 
         Spans of valid requests go in as one Arrow table (rows.convert when columns.to_arrow cannot
         take them), spans the reference converter made as rows, rejected spans into the quarantine.
-        Every part is tried whole first, so a retry of a part that had landed is dropped by ClickHouse.
         """
+        intent = Intent(batch[0].lsn, batch[-1].lsn)
         token = self.wal.token(intent.first, intent.last)
+        parts: list[tuple[str, Part, str]] = []
         quarantine = [row for entry in batch for row in entry.quarantine]
         if quarantine:
-            self._insert(self.quarantine_table, quarantine, token + "/q")
-            self.rows_quarantined += len(quarantine)
+            parts.append((self.quarantine_table, quarantine, token + "/q"))
         bodies = [entry.body for entry in batch if entry.body]
         if bodies:
             part: Part | None = columns.to_arrow(bodies)
             if part is None:
-                part = [row for body in bodies
-                        for row in convert(ExportTraceServiceRequest.FromString(body)).rows]
-            self._bisect(part, token + "/b", {"failures": 0, "successes": 0})
+                part = [row for body in bodies for row in convert(ExportTraceServiceRequest.FromString(body)).rows]
+            parts.append((self.table, part, token + "/b"))
         rows = [row for entry in batch for row in entry.rows]
         if rows:
-            self._bisect(rows, token + "/r", {"failures": 0, "successes": 0})
+            parts.append((self.table, rows, token + "/r"))
+        return Prepared(batch, intent, parts)
+
+    def _write(self, prepared: Prepared) -> None:
+        """Insert every part; each is tried whole first, so a retry of a part that had landed is dropped."""
+        for table, part, token in prepared.parts:
+            if table == self.quarantine_table:
+                self._insert(table, part, token)
+                self.rows_quarantined += len(part)
+            else:
+                self._bisect(part, token, {"failures": 0, "successes": 0})
 
     def _bisect(self, part: Part, token: str, tally: dict[str, int]) -> None:
         """Insert `part`; if the engine refuses its data, insert each half the same way (down to one row)."""

@@ -11,7 +11,7 @@ import pytest
 
 import store
 from collector.ingest import Ingest
-from collector.wal import Intent, WriteAheadLog
+from collector.wal import WriteAheadLog
 from collector.writer import SpanWriter
 from tests.collector.otlp import batch
 from tests.conftest import make_settings, start_process, stop_process, wait_until
@@ -167,10 +167,10 @@ def test_a_batch_inserted_just_before_a_crash_is_not_inserted_twice(db_settings,
     requests = [batch(50) for _ in range(3)]
     for request, _ in requests:
         ingest.export(request)
-    taken = writer._take()
-    intent = Intent(taken[0].lsn, taken[-1].lsn)
-    wal.begin(intent)
-    writer._write(taken, intent)  # in ClickHouse now, but never committed: the process "dies" here
+    prepared = writer._prepare(writer._take())
+    wal.begin(prepared.intent)
+    writer._write(prepared)  # in ClickHouse now, but never committed: the process "dies" here
+    intent = prepared.intent
     wal.close()
     assert stored_ids(client)[1] == 150
 
