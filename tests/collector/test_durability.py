@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -209,3 +210,26 @@ def test_a_second_collector_on_the_same_log_is_refused(tmp_path):
     with pytest.raises(WalError, match="in use"):
         WriteAheadLog(tmp_path / "wal")
     wal.close()
+
+
+def test_the_store_stopped_for_a_while_under_load_loses_and_doubles_nothing(tmp_path):
+    settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2)
+    store_log = tmp_path / "store.log"
+    store_proc = start_process(["store"], settings, store_log)
+    store.wait_ready(settings, 60)
+    collector = start_collector(settings, tmp_path / "c1.log")
+    try:
+        with Sender(settings) as sender:
+            wait_until(lambda: len(sender.acked) >= 2000, 60, message="2000 acknowledged spans")
+            stop_process(store_proc)  # SIGTERM: the store is away for 10 s under load
+            time.sleep(10)
+            acked_during_outage = len(sender.acked)
+            store_proc = start_process(["store"], settings, store_log)
+            store.wait_ready(settings, 60)
+            wait_until(lambda: len(sender.acked) >= acked_during_outage + 2000, 60, message="traffic after")
+        wait_until(lambda: drained(settings), 60, message="everything written")
+        assert_exactly_once(store.connect(settings, ensure_schema=False), sender.acked)
+        assert httpx.get(f"{settings.collector_url}/health").json()["insert_failures"] > 0  # it was really away
+    finally:
+        stop_process(collector)
+        stop_process(store_proc)
