@@ -35,6 +35,19 @@ def start_collector(settings, log):
     return proc
 
 
+def start_store(settings, log):
+    proc = start_process(["store"], settings, log)
+    store.wait_ready(settings, 60)
+    return proc
+
+
+def own_store_and_collector(tmp_path):
+    """Settings in a fresh home, with its own store process (so the test may stop it) and collector."""
+    settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2)
+    store_proc = start_store(settings, tmp_path / "store.log")
+    return settings, store_proc, start_collector(settings, tmp_path / "c1.log")
+
+
 class Sender:
     """Posts 100-span requests until stopped; remembers the span ids of every acknowledged request."""
 
@@ -106,11 +119,7 @@ def test_sigkill_of_the_collector_mid_stream_loses_nothing_acknowledged(db_setti
 
 
 def test_sigkill_of_the_collector_while_the_store_is_down_loses_nothing_acknowledged(tmp_path):
-    settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2)
-    store_log = tmp_path / "store.log"
-    store_proc = start_process(["store"], settings, store_log)
-    store.wait_ready(settings, 60)
-    collector = start_collector(settings, tmp_path / "c1.log")
+    settings, store_proc, collector = own_store_and_collector(tmp_path)
     try:
         with Sender(settings) as sender:
             wait_until(lambda: len(sender.acked) >= 2000, 60, message="2000 acknowledged spans")
@@ -121,8 +130,7 @@ def test_sigkill_of_the_collector_while_the_store_is_down_loses_nothing_acknowle
                        message="spans acknowledged while the store is down")
             os.kill(collector.pid, signal.SIGKILL)  # ... then the collector, with spans only in its log
             collector.wait(10)
-        store_proc = start_process(["store"], settings, store_log)
-        store.wait_ready(settings, 60)
+        store_proc = start_store(settings, tmp_path / "store.log")
         collector = start_collector(settings, tmp_path / "c2.log")
         wait_until(lambda: drained(settings), 90, message="the replayed log written")
         assert_exactly_once(store.connect(settings, ensure_schema=False), sender.acked)
@@ -133,8 +141,7 @@ def test_sigkill_of_the_collector_while_the_store_is_down_loses_nothing_acknowle
 
 def test_sigterm_while_the_store_is_down_keeps_everything_for_the_next_start(tmp_path):
     settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2)
-    store_proc = start_process(["store"], settings, tmp_path / "store.log")
-    store.wait_ready(settings, 60)
+    store_proc = start_store(settings, tmp_path / "store.log")
     store.connect(settings)
     stop_process(store_proc)  # schema made, store gone
     collector = start_process(["collector"], settings.replace(), tmp_path / "c1.log")
@@ -149,8 +156,7 @@ def test_sigterm_while_the_store_is_down_keeps_everything_for_the_next_start(tmp
         assert r.status_code == 200
         stop_process(collector, timeout=60)  # SIGTERM: it tries for a while, then exits, keeping the log
         assert collector.returncode == 0
-        store_proc = start_process(["store"], settings, tmp_path / "store.log")
-        store.wait_ready(settings, 60)
+        store_proc = start_store(settings, tmp_path / "store.log")
         collector = start_collector(settings, tmp_path / "c2.log")
         wait_until(lambda: drained(settings), 60, message="the replayed log written")
         assert_exactly_once(store.connect(settings, ensure_schema=False), ids)
@@ -213,19 +219,14 @@ def test_a_second_collector_on_the_same_log_is_refused(tmp_path):
 
 
 def test_the_store_stopped_for_a_while_under_load_loses_and_doubles_nothing(tmp_path):
-    settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2)
-    store_log = tmp_path / "store.log"
-    store_proc = start_process(["store"], settings, store_log)
-    store.wait_ready(settings, 60)
-    collector = start_collector(settings, tmp_path / "c1.log")
+    settings, store_proc, collector = own_store_and_collector(tmp_path)
     try:
         with Sender(settings) as sender:
             wait_until(lambda: len(sender.acked) >= 2000, 60, message="2000 acknowledged spans")
             stop_process(store_proc)  # SIGTERM: the store is away for 10 s under load
             time.sleep(10)
             acked_during_outage = len(sender.acked)
-            store_proc = start_process(["store"], settings, store_log)
-            store.wait_ready(settings, 60)
+            store_proc = start_store(settings, tmp_path / "store.log")
             wait_until(lambda: len(sender.acked) >= acked_during_outage + 2000, 60, message="traffic after")
         wait_until(lambda: drained(settings), 60, message="everything written")
         assert_exactly_once(store.connect(settings, ensure_schema=False), sender.acked)
