@@ -347,7 +347,9 @@ def measure_ceilings(settings: Settings, templates: list[Template], store_pid: i
         native = client.raw_query(f"SELECT {cols} FROM bench_src LIMIT {result.insert_rows} FORMAT Native")
         inserted, cpu0, start = 0, cpu_seconds(store_pid), time.perf_counter()
         while inserted < 3 * result.insert_rows or time.perf_counter() - start < seconds:
-            client.raw_insert("otel_traces", COLUMNS, native, fmt="Native")
+            # a token per insert, as the collector sends: the same block again must be stored again here
+            client.raw_insert("otel_traces", COLUMNS, native, fmt="Native",
+                              settings={"insert_deduplication_token": f"ceiling-{inserted}"})
             inserted += result.insert_rows
         elapsed = time.perf_counter() - start
         result.insert_rows_per_s = inserted / elapsed
