@@ -55,9 +55,8 @@ def _number(value: float) -> str:
 
 
 def _json_string(text: str) -> str:
-    """A string as Go's encoding/json writes it (HTML characters escaped)."""
-    return (json.dumps(text, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
-            .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    """A string as pdata's JSON encoder writes it (Go's encoding/json with SetEscapeHTML(false))."""
+    return json.dumps(text, ensure_ascii=False).replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 def _json(value: AnyValue) -> str:
