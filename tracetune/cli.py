@@ -49,7 +49,7 @@ def store(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def collector(ctx: click.Context) -> None:
-    """Run the OTLP/HTTP collector (POST /v1/traces, default port 4318) writing to ClickHouse."""
+    """Run the OTLP collector (HTTP POST /v1/traces on 4318, gRPC on 4317) writing to ClickHouse."""
     import collector as collector_mod
 
     collector_mod.serve(_settings(ctx))
