@@ -51,8 +51,14 @@ def store(ctx: click.Context) -> None:
 def collector(ctx: click.Context) -> None:
     """Run the OTLP collector (HTTP POST /v1/traces on 4318, gRPC on 4317) writing to ClickHouse."""
     import collector as collector_mod
+    from collector.wal import WalError
 
-    collector_mod.serve(_settings(ctx))
+    try:
+        collector_mod.serve(_settings(ctx))
+    except (WalError, OSError) as exc:  # log directory in use, a port taken: one line, exit 2
+        error = click.ClickException(str(exc).splitlines()[0])
+        error.exit_code = 2
+        raise error from None
 
 
 @cli.command()
