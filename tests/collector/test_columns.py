@@ -84,7 +84,7 @@ def _as_rows(table: pa.Table) -> list[list]:
     return out
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(requests=st.lists(_request(), min_size=1, max_size=3))
 def test_arrow_columns_equal_the_reference_rows(requests):
     bodies = [r.SerializeToString() for r in requests]

@@ -189,7 +189,7 @@ def test_overload_far_past_capacity_with_sdk_retries_stores_every_exported_span_
         provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=10_000, max_export_batch_size=200,
                                                        schedule_delay_millis=10))
         tracer = provider.get_tracer("overload")
-        for i in range(1500):
+        for i in range(750):
             with tracer.start_as_current_span(f"op{i % 5}"):
                 pass
         provider.shutdown()
