@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from importlib import resources
 
@@ -15,9 +16,13 @@ __all__ = ["connect", "apply_schema", "schema_statements", "wait_ready", "serve"
 
 
 def schema_statements() -> list[tuple[str, str]]:
-    """(file name, statement) for every DDL file, in order. Every statement is idempotent."""
+    """(file name, statement) for every DDL file, in order. Every statement is idempotent.
+
+    A file holds one statement, or several separated by a line that is only `;`.
+    """
     files = sorted(p for p in resources.files("store.sql").iterdir() if p.name.endswith(".sql"))
-    return [(p.name, p.read_text()) for p in files]
+    return [(p.name, part.strip()) for p in files for part in re.split(r"(?m)^;[ \t]*$", p.read_text())
+            if part.strip() and not all(line.lstrip().startswith("--") for line in part.strip().splitlines())]
 
 
 def apply_schema(client: Client) -> None:

@@ -139,3 +139,22 @@ def test_quarantine_table_keeps_a_retried_batch_once(client):
         client.insert("tracetune_quarantine", [row], column_names=list(QUARANTINE_COLUMNS),
                       settings={"insert_deduplication_token": "q1"})
     assert client.query("SELECT * FROM tracetune_quarantine").result_rows == [tuple(row)]
+
+
+def test_tables_from_an_older_schema_get_the_dedup_window_when_the_schema_is_applied(client, db_settings):
+    import store
+
+    tables = ["otel_traces", "otel_traces_trace_id_ts", "tracetune_spans_1m", "tracetune_spans_1h"]
+    for table in tables:  # as an older tracetune left them: no deduplication window
+        client.command(f"ALTER TABLE {table} RESET SETTING non_replicated_deduplication_window")
+    insert(client, spans(5), insert_deduplication_token="old")
+    insert(client, spans(5), insert_deduplication_token="old")
+    assert counts(client) == (10, 10, 10)  # without the window a retry is stored twice
+
+    store.connect(db_settings)  # what every component does at start
+    for table in tables:
+        create = client.command(f"SHOW CREATE TABLE {table}")
+        assert "non_replicated_deduplication_window = 10000" in create, table
+    insert(client, spans(5, trace=1), insert_deduplication_token="new")
+    insert(client, spans(5, trace=1), insert_deduplication_token="new")
+    assert counts(client) == (15, 15, 15)
