@@ -94,7 +94,7 @@ def data_error(exc: BaseException) -> bool:
 
 
 class SpanWriter:
-    """Drains the queue of acknowledged records into ClickHouse from one background thread."""
+    """Drains the queue of acknowledged records into ClickHouse: one thread converts, one inserts."""
 
     def __init__(self, client_factory: Callable[[], Any], wal: WriteAheadLog, batch_rows: int = 20_000,
                  flush_seconds: float = 1.0, max_queue_rows: int = 1_000_000, table: str = "otel_traces",
@@ -124,8 +124,13 @@ class SpanWriter:
 
     # ---- producer side -------------------------------------------------------------------
     def has_room(self, rows: int) -> bool:
-        """Whether a request of `rows` spans may be taken now (else: 503 + Retry-After)."""
-        return (not self._stopping and self._queued_rows + rows <= self.max_queue_rows and not self.wal.full)
+        """Whether a request of `rows` spans may be taken now (else: 503 + Retry-After).
+
+        An empty queue takes any request, so one larger than the queue is not refused forever.
+        """
+        if self._stopping or self.wal.full:
+            return False
+        return not self._queued_rows or self._queued_rows + rows <= self.max_queue_rows
 
     def enqueue(self, entry: Entry) -> None:
         """Queue a record that is in the log (called in LSN order, under the log's append lock)."""
