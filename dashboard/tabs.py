@@ -215,7 +215,7 @@ def cost(settings: Settings, window: str, pipeline: str) -> None:
     kinds = {label: float(by_pipeline[column].sum()) for column, label in frames.COST_SPLIT.items()}
     per_1k, spent, count, biggest = st.columns(4)
     per_1k.metric(f"Cost per 1k requests ({currency})", format_money(1000 * total / requests, currency),
-                  help="1000 × cost of the window's requests ÷ their number (DESIGN.md, Cost).")
+                  help="1000 × cost of the window's requests ÷ their number (docs/cost.md).")
     spent.metric(f"Total cost ({currency})", format_money(total, currency))
     count.metric("Priced requests", f"{requests:,}")
     top_kind = max(kinds, key=lambda k: kinds[k])
