@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from collector import metrics
-from collector.rows import convert, span_count, valid
+from collector.rows import checked_span_count, convert
 from collector.wal import WalError, WriteAheadLog
 from collector.writer import Entry, SpanWriter
 
@@ -54,8 +54,8 @@ def _prepare(request: ExportTraceServiceRequest, body: bytes, received_ns: int, 
     A request whose spans are all valid is queued as its protobuf body, converted with its batch
     (columns.to_arrow); any other goes through the reference converter now, span by span.
     """
-    if valid(request):
-        spans = span_count(request)
+    spans = checked_span_count(request)
+    if spans is not None:
         return (lambda lsn: Entry(lsn, body=body, spans=spans)), ExportResult(spans), []
     converted = convert(request, received_ns, receiver)
     result = ExportResult(len(converted.rows), converted.rejected, converted.message())

@@ -32,15 +32,11 @@ from starlette.routing import Route
 
 from collector import metrics
 from collector.ingest import Ingest, IngestError
-from collector.rows import span_count
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 _GRPC_CODES = {400: 3, 401: 16, 408: 4, 413: 3, 415: 3, 429: 8, 503: 14}  # INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
-
-OtlpError = IngestError  # the receivers' refusals are the ingest path's
-
 
 def _hex_ids_to_base64(node):
     """OTLP/JSON carries ids as hex; protobuf's JSON mapping expects base64 for bytes fields."""
@@ -50,7 +46,7 @@ def _hex_ids_to_base64(node):
                 try:
                     node[key] = base64.b64encode(bytes.fromhex(value)).decode()
                 except ValueError:
-                    raise OtlpError(400, f"{key} {value[:80]!r} is not a hex string") from None
+                    raise IngestError(400, f"{key} {value[:80]!r} is not a hex string") from None
             else:
                 _hex_ids_to_base64(value)
     elif isinstance(node, list):
@@ -60,23 +56,23 @@ def _hex_ids_to_base64(node):
 
 
 def parse(body: bytes, media_type: str) -> ExportTraceServiceRequest:
-    """The request a body holds, or OtlpError(400) saying why it is not one."""
+    """The request a body holds, or IngestError(400) saying why it is not one."""
     message = ExportTraceServiceRequest()
     if media_type == PROTOBUF:
         try:
             message.ParseFromString(body)
         except (DecodeError, RecursionError) as exc:
-            raise OtlpError(400, f"body is not a valid ExportTraceServiceRequest protobuf: {exc}") from None
+            raise IngestError(400, f"body is not a valid ExportTraceServiceRequest protobuf: {exc}") from None
         return message
     try:
         document = json.loads(body)
         json_format.ParseDict(_hex_ids_to_base64(document), message, ignore_unknown_fields=True)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OtlpError(400, f"body is not valid JSON: {exc}") from None
+        raise IngestError(400, f"body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise OtlpError(400, "body is nested too deeply to be an OTLP/JSON ExportTraceServiceRequest") from None
+        raise IngestError(400, "body is nested too deeply to be an OTLP/JSON ExportTraceServiceRequest") from None
     except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
-        raise OtlpError(400, f"body is not a valid OTLP/JSON ExportTraceServiceRequest: {exc}") from None
+        raise IngestError(400, f"body is not a valid OTLP/JSON ExportTraceServiceRequest: {exc}") from None
     return message
 
 
@@ -86,18 +82,18 @@ def _decode(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
-        raise OtlpError(415, f"Content-Encoding {encoding!r} is not supported; use gzip or none")
+        raise IngestError(415, f"Content-Encoding {encoding!r} is not supported; use gzip or none")
     try:
         decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
         data = decompressor.decompress(body, limit + 1)
     except zlib.error as exc:
-        raise OtlpError(400, f"body is not valid {encoding}: {exc}") from None
+        raise IngestError(400, f"body is not valid {encoding}: {exc}") from None
     if len(data) > limit:
-        raise OtlpError(413, f"decompressed body is larger than the {limit}-byte limit")
+        raise IngestError(413, f"decompressed body is larger than the {limit}-byte limit")
     if not decompressor.eof:
-        raise OtlpError(400, f"{encoding} body is truncated (the stream does not end)")
+        raise IngestError(400, f"{encoding} body is truncated (the stream does not end)")
     if decompressor.unused_data:
-        raise OtlpError(400, f"{encoding} body has {len(decompressor.unused_data)} bytes after the end of its "
+        raise IngestError(400, f"{encoding} body has {len(decompressor.unused_data)} bytes after the end of its "
                              "stream; send one complete stream")
     return data
 
@@ -108,7 +104,7 @@ def _encode(message, media_type: str) -> bytes:
     return json_format.MessageToJson(message, indent=None).encode()
 
 
-def _error(exc: OtlpError, media_type: str) -> Response:
+def _error(exc: IngestError, media_type: str) -> Response:
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
     status = Status(code=_GRPC_CODES.get(exc.status, 2), message=exc.message)
     return Response(_encode(status, media_type), status_code=exc.status, headers=headers, media_type=media_type)
@@ -117,16 +113,16 @@ def _error(exc: OtlpError, media_type: str) -> Response:
 async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise OtlpError(413, f"body of {declared} bytes is larger than the {limit}-byte limit")
+        raise IngestError(413, f"body of {declared} bytes is larger than the {limit}-byte limit")
     body = bytearray()
     try:
         async with asyncio.timeout(timeout):
             async for chunk in request.stream():
                 body.extend(chunk)
                 if len(body) > limit:
-                    raise OtlpError(413, f"body is larger than the {limit}-byte limit")
+                    raise IngestError(413, f"body is larger than the {limit}-byte limit")
     except TimeoutError:
-        raise OtlpError(408, f"the body did not arrive within {timeout:g} s") from None
+        raise IngestError(408, f"the body did not arrive within {timeout:g} s") from None
     return bytes(body)
 
 
@@ -135,7 +131,7 @@ def _check_token(request: Request, token: str) -> None:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise OtlpError(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
+        raise IngestError(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
                              "(the token is in <home>/collector.token or TRACETUNE_COLLECTOR_TOKEN; SDKs take "
                              "it from OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20<token>)")
 
@@ -148,13 +144,13 @@ async def traces(request: Request) -> Response:
     try:
         _check_token(request, state.token)
         if media_type not in (PROTOBUF, JSON):
-            raise OtlpError(415, f"Content-Type {media_type!r} is not supported; send {PROTOBUF} or {JSON}")
+            raise IngestError(415, f"Content-Type {media_type!r} is not supported; send {PROTOBUF} or {JSON}")
         body = await _read_body(request, state.max_body_bytes, state.body_timeout)
         data = _decode(body, request.headers.get("content-encoding", ""), state.max_body_bytes)
         message = parse(data, media_type)
         result = await run_in_threadpool(state.ingest.export, message, received_ns, "http",
                                          data if media_type == PROTOBUF else None)
-    except OtlpError as exc:
+    except IngestError as exc:
         metrics.REQUESTS_REFUSED.labels("http", str(exc.status)).inc()
         return _error(exc, reply_type)
     reply = ExportTraceServiceResponse()
@@ -193,4 +189,4 @@ def create_app(ingest: Ingest, max_body_bytes: int, body_timeout: float = 30.0, 
     return app
 
 
-__all__ = ["create_app", "parse", "span_count", "OtlpError"]
+__all__ = ["create_app", "parse"]

@@ -134,10 +134,16 @@ def span_problem(span) -> str:
 
 
 def valid(request: ExportTraceServiceRequest) -> bool:
-    """True when `convert` would take every span as it is (no rejection, no warning): the fast path.
+    """True when `convert` would take every span as it is (no rejection, no warning): the fast path."""
+    return checked_span_count(request) is not None
 
-    Only scalars are checked; attributes never make a span invalid.
+
+def checked_span_count(request: ExportTraceServiceRequest) -> int | None:
+    """The request's span count when every span is `valid`, else None; one pass, scalars only.
+
+    Attributes never make a span invalid.
     """
+    count = 0
     for resource_spans in request.resource_spans:
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
@@ -146,12 +152,13 @@ def valid(request: ExportTraceServiceRequest) -> bool:
                 if (len(trace_id) != 16 or len(span_id) != 8 or trace_id == _ZERO16 or span_id == _ZERO8
                         or len(span.parent_span_id) not in (0, 8) or not 0 < start <= end <= MAX_TIME_NS
                         or not 0 <= span.kind < len(SPAN_KINDS) or not 0 <= span.status.code < len(STATUS_CODES)):
-                    return False
+                    return None
                 if span.events and any(e.time_unix_nano > MAX_TIME_NS for e in span.events):
-                    return False
+                    return None
                 if span.links and any(len(x.trace_id) != 16 or len(x.span_id) != 8 for x in span.links):
-                    return False
-    return True
+                    return None
+                count += 1
+    return count
 
 
 @dataclass
@@ -230,12 +237,3 @@ def convert(request: ExportTraceServiceRequest, received_ns: int = 0, receiver: 
                     [_attributes(link.attributes) for link in links],
                 ])
     return out
-
-
-def to_rows(request: ExportTraceServiceRequest) -> list[list[Any]]:
-    """The rows of the valid spans of a request (invalid ones are left out)."""
-    return convert(request).rows
-
-
-def span_count(request: ExportTraceServiceRequest) -> int:
-    return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)

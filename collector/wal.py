@@ -71,7 +71,7 @@ class WriteAheadLog:
         self.wal_id: str = checkpoint.get("wal_id") or uuid.uuid4().hex[:16]
         self.done_lsn: int = int(checkpoint.get("done", 0))
         raw = checkpoint.get("intent")
-        self.intent: Intent | None = Intent(*raw[:2]) if raw else None
+        self.intent: Intent | None = Intent(*raw) if raw else None
         self._pending: deque[tuple[int, int]] = deque()  # (lsn, bytes) not yet in ClickHouse
         self.pending_bytes = 0
         self._segments: list[tuple[int, Path]] = []  # (first lsn, path), oldest first

@@ -22,7 +22,7 @@ def schema_statements() -> list[tuple[str, str]]:
     """
     files = sorted(p for p in resources.files("store.sql").iterdir() if p.name.endswith(".sql"))
     return [(p.name, part.strip()) for p in files for part in re.split(r"(?m)^;[ \t]*$", p.read_text())
-            if part.strip() and not all(line.lstrip().startswith("--") for line in part.strip().splitlines())]
+            if part.strip()]
 
 
 def apply_schema(client: Client) -> None:
