@@ -90,11 +90,13 @@ class WriteAheadLog:
         `on_written(lsn)` runs right after the write, under the append lock, so callers see LSN order.
         """
         record_size = _HEADER.size + len(payload)
+        if self._segment_size >= self.segment_bytes:
+            with self._sync_lock, self._lock:  # no fsync may hold the descriptor rotation closes
+                if self._fd >= 0 and self._segment_size >= self.segment_bytes:
+                    self._rotate()
         with self._lock:
             if self._fd < 0:
                 raise WalError("the write-ahead log is closed")
-            if self._segment_size >= self.segment_bytes:
-                self._rotate()
             lsn = self._next_lsn
             data = _HEADER.pack(len(payload), lsn, zlib.crc32(payload)) + payload
             try:
@@ -127,7 +129,7 @@ class WriteAheadLog:
             self.synced_lsn = target
 
     def _rotate(self) -> None:
-        """Called with _lock held: fsync and close the current segment, open the next."""
+        """Called with _sync_lock and _lock held: fsync and close the current segment, open the next."""
         os.fdatasync(self._fd)
         os.close(self._fd)
         self.synced_lsn = self._next_lsn - 1

@@ -234,3 +234,28 @@ def test_the_store_stopped_for_a_while_under_load_loses_and_doubles_nothing(tmp_
     finally:
         stop_process(collector)
         stop_process(store_proc)
+
+
+def test_concurrent_appends_across_segment_rotations_all_replay(tmp_path):
+    """Group commit and rotation together: many threads, tiny segments, every record back in order."""
+    wal = WriteAheadLog(tmp_path / "wal", segment_bytes=4096)
+    written: list[tuple[int, bytes]] = []
+    lock = threading.Lock()
+
+    def writer(n: int) -> None:
+        for i in range(200):
+            payload = f"{n}:{i}".encode() * 20
+            lsn = wal.append(payload)
+            with lock:
+                written.append((lsn, payload))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    wal.close()
+    assert len(list((tmp_path / "wal").glob("wal-*.log"))) > 10
+    wal = WriteAheadLog(tmp_path / "wal")
+    assert list(wal.replay()) == sorted(written)
+    wal.close()
