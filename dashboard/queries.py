@@ -45,7 +45,7 @@ def address(settings: Settings) -> str:
 @st.cache_resource(show_spinner=False)
 def _cached_client(target: tuple, _settings: Settings):
     """One clickhouse-connect client per ClickHouse target, shared by every browser session."""
-    return store.connect(_settings, ensure_schema=False)
+    return store.connect(_settings, readonly=True)
 
 
 def _unavailable(settings: Settings, exc: Exception) -> StoreUnavailable:

@@ -31,8 +31,8 @@ def apply_schema(client: Client) -> None:
         client.command(statement)
 
 
-def _client(settings: Settings, database: str | None, timeout: float) -> Client:
-    target = settings.clickhouse_target()
+def _client(settings: Settings, database: str | None, timeout: float, readonly: bool = False) -> Client:
+    target = settings.clickhouse_target(readonly)
     return clickhouse_connect.get_client(
         host=target["host"], port=target["port"], username=target["username"],
         password=target["password"], secure=target["secure"], database=database or "",
@@ -61,14 +61,19 @@ def wait_ready(settings: Settings, timeout: float = 60.0) -> None:
     raise TimeoutError(f"ClickHouse at {target['host']}:{target['port']} did not answer in {timeout:.0f}s ({last})")
 
 
-def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0) -> Client:
-    """A clickhouse-connect client for the embedded store or TRACETUNE_CLICKHOUSE_URL."""
+def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0, readonly: bool = False) -> Client:
+    """A clickhouse-connect client for the embedded store or TRACETUNE_CLICKHOUSE_URL.
+
+    `readonly` connects as the embedded store's read-only user (dashboards, reports); it cannot
+    create the schema, so it implies `ensure_schema=False`.
+    """
     if wait:
         wait_ready(settings, wait)
     database = settings.clickhouse_target()["database"]
+    ensure_schema = ensure_schema and not readonly
     if ensure_schema:
         _client(settings, None, 10).command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
-    client = _client(settings, database, 10)
+    client = _client(settings, database, 10, readonly)
     if ensure_schema:
         apply_schema(client)
     return client
@@ -76,12 +81,16 @@ def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0) -
 
 def serve(settings: Settings) -> None:
     """Run the embedded store (chDB behind the ClickHouse HTTP interface) until stopped."""
+    from store.access import User, Users, allowed_hosts
     from store.engine import Engine
     from store.server import create_app
     from tracetune.serving import serve as serve_app
 
+    users = Users([User(*settings.store_credentials(readonly=False), readonly=0),
+                   User(*settings.store_credentials(readonly=True), readonly=2)])
     engine = Engine(settings.data_dir)
     try:
-        serve_app(create_app(engine), settings.bind_host, settings.store_port)
+        serve_app(create_app(engine, users, allowed_hosts(settings.bind_host)), settings.bind_host,
+                  settings.store_port)
     finally:
         engine.close()

@@ -1,11 +1,13 @@
-"""The embedded ClickHouse engine (chDB), one process per data directory, one call at a time.
+"""The embedded ClickHouse engine (chDB): one process per data directory, many queries at once.
 
-Each request gets its own short-lived chDB session (connections are cheap and keep `SET` and
-`USE` to themselves), while a single lock serializes every call into the engine. An insert's data
-reaches the engine as `INSERT ... FROM INFILE` over an in-memory file, so the engine reports every
-error: chDB 4.4's streaming insert (`send_insert`) answers success when the commit fails (too many
-partitions, an error in a materialized view) and stores nothing, and data inline in the query text
-ends at the first blank line (`\n\n`, common in binary formats).
+chDB lets several connections to one data directory run queries concurrently, so each request gets
+a connection of its own (they cost ~0.1 ms and keep `SET`, `USE` and temporary tables to
+themselves) and a session keeps one connection across requests. Queries show in
+`system.processes` and stop on `KILL QUERY`; a request is cancelled by killing the query that runs
+on its thread. An insert's data reaches the engine as `INSERT ... FROM INFILE` over an in-memory
+file, so the engine reports every error: chDB 4.4's streaming insert (`send_insert`) answers
+success when the commit fails and stores nothing, and data inline in the query text ends at the
+first blank line (`\\n\\n`, common in binary formats).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import os
 import re
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,15 +26,17 @@ import chdb
 
 _CODE = re.compile(r"Code:\s*(\d+)")
 _REPEATED_PREFIX = re.compile(r"(Code: \d+\. DB::Exception: )(?:Code: \d+\. DB::Exception: )+")
+_KILL = ("KILL QUERY WHERE has(thread_ids, {tid:UInt64}) AND query = {query:String} "
+         "AND query_id != queryID() SYNC")
 
 
 class EngineError(Exception):
     """A ClickHouse error from the engine, with its numeric code."""
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, code: int | None = None):
         super().__init__(message)
         match = _CODE.search(message)
-        self.code = int(match.group(1)) if match else 1002  # UNKNOWN_EXCEPTION
+        self.code = code if code is not None else int(match.group(1)) if match else 1002  # UNKNOWN_EXCEPTION
 
 
 @dataclass
@@ -46,8 +51,18 @@ class Result:
 
 
 @dataclass
+class ExternalTable:
+    """Data sent beside a query (ClickHouse "external data"): a temporary table for that query only."""
+
+    name: str
+    structure: str  # `a UInt8, b String`, a ClickHouse table structure
+    format: str
+    data: bytes
+
+
+@dataclass
 class Request:
-    """One statement and its session state: settings, query parameters, database."""
+    """One statement and its state: settings, query parameters, database, external tables."""
 
     query: str
     output_format: str = "TabSeparated"
@@ -57,6 +72,18 @@ class Request:
     insert_format: str = ""  # set for INSERT ... FORMAT X with a data body; `query` is then `INSERT INTO t (cols)`
     insert_settings: str = ""  # the INSERT's own `SETTINGS ...` clause, if any (it follows FROM INFILE)
     data: bytes = b""
+    external: list[ExternalTable] = field(default_factory=list)
+    query_id: str = ""
+
+
+class Session:
+    """A connection kept across requests with the same `session_id` (and user), as ClickHouse keeps one."""
+
+    def __init__(self, conn: chdb.state.sqlitelike.Connection, timeout: float):
+        self.conn = conn
+        self.timeout = timeout
+        self.expires = time.monotonic() + timeout
+        self.lock = threading.Lock()
 
 
 def _quote(value: str) -> str:
@@ -68,41 +95,161 @@ def _identifier(name: str) -> str:
 
 
 class Engine:
-    """Owns the chDB data directory for this process."""
+    """Owns the chDB data directory for this process; runs requests concurrently."""
 
     def __init__(self, data_dir: Path | str):
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
         self._base = chdb.connect(str(self.data_dir))  # keeps the engine open between requests
         # The engine's own zone follows TZ of this process; clients need it to read DateTime values.
         self.timezone = self._base.query("SELECT timezone()", "TabSeparatedRaw").bytes().decode().strip()
+        self._sessions: dict[tuple[str, str], Session] = {}
+        self._running: dict[str, tuple[int, str]] = {}  # query_id -> (thread id, statement text)
+        self._guard = threading.Lock()  # protects the two maps above, never held while a query runs
 
-    def execute(self, request: Request) -> Result:
-        timezone = request.settings.get("session_timezone") or self.timezone
-        with self._lock:
-            conn = chdb.connect(str(self.data_dir))
+    # ---- sessions ---------------------------------------------------------------------------
+    def session(self, user: str, session_id: str, timeout: float, check: bool) -> Session:
+        """The session `session_id` of `user`, created unless `check`; refreshes its timeout."""
+        now = time.monotonic()
+        with self._guard:
+            expired = [key for key, s in self._sessions.items() if s.expires < now and not s.lock.locked()]
+            stale = [self._sessions.pop(key) for key in expired]
+            session = self._sessions.get((user, session_id))
+            if session is None:
+                if check:
+                    raise EngineError(f"Code: 372. DB::Exception: Session {session_id} not found. (SESSION_NOT_FOUND)")
+                session = Session(chdb.connect(str(self.data_dir)), timeout)
+                self._sessions[(user, session_id)] = session
+            session.timeout = timeout
+            session.expires = now + timeout
+        for old in stale:
+            old.conn.close()
+        return session
+
+    def session_count(self) -> int:
+        with self._guard:
+            return len(self._sessions)
+
+    # ---- queries ----------------------------------------------------------------------------
+    def execute(self, request: Request, session: Session | None = None) -> Result:
+        """Run one request on a connection of its own, or on its session's connection."""
+        if request.query_id:
+            self._register(request.query_id, request.query)
+        try:
+            if session is None:
+                conn = chdb.connect(str(self.data_dir))
+                try:
+                    return self._run(conn, request, restore=False)
+                finally:
+                    conn.close()
+            if not session.lock.acquire(blocking=False):
+                raise EngineError("Code: 373. DB::Exception: Session is locked by a concurrent client. "
+                                  "(SESSION_IS_LOCKED)")
             try:
+                return self._run(session.conn, request, restore=True)
+            finally:
+                session.expires = time.monotonic() + session.timeout
+                session.lock.release()
+        finally:
+            if request.query_id:
+                with self._guard:
+                    self._running.pop(request.query_id, None)
+
+    def cancel(self, query_id: str) -> bool:
+        """Kill the engine query of a running request (client gone, timed out); True if one was running."""
+        with self._guard:
+            running = self._running.get(query_id)
+        if running is None:
+            return False
+        tid, text = running
+        try:
+            self._base.query(_KILL, "TabSeparated", params={"tid": str(tid), "query": text})
+        except RuntimeError:
+            return False
+        return True
+
+    def _register(self, query_id: str, text: str) -> None:
+        with self._guard:
+            if query_id in self._running:
+                raise EngineError(f"Code: 216. DB::Exception: Query with id = {query_id} is already running. "
+                                  "(QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING)")
+            self._running[query_id] = (threading.get_native_id(), text)
+
+    def _run(self, conn, request: Request, restore: bool) -> Result:
+        timezone = request.settings.get("session_timezone") or self.timezone
+        with ExitStack() as stack:
+            try:
+                for table in request.external:  # before the settings: `readonly` would refuse it
+                    path = stack.enter_context(_in_file(table.data))
+                    conn.query(f"CREATE TEMPORARY TABLE {_identifier(table.name)} ENGINE = Memory AS "
+                               f"SELECT * FROM file({_quote(path)}, {_quote(table.format)}, {_quote(table.structure)})")
+                    stack.callback(_drop_quietly, conn, table.name)
+                if restore and request.settings:  # a session keeps its own SETs, not a request's URL settings
+                    stack.callback(_set_quietly, conn, _current(conn, list(request.settings)))
                 for name, value in request.settings.items():
                     conn.query(f"SET {_identifier(name)} = {_quote(value)}")
                 if request.database:
+                    if restore:
+                        stack.callback(_use_quietly, conn, _current_database(conn))
                     conn.query(f"USE {_identifier(request.database)}")
+                statement, output_format = request.query, request.output_format
                 if request.insert_format:
-                    with _in_file(request.data) as path:
-                        res = conn.query(_insert_statement(request, path), "TabSeparated", params=request.params)
-                else:
-                    res = conn.query(request.query, request.output_format, params=request.params)
+                    statement = _insert_statement(request, stack.enter_context(_in_file(request.data)))
+                    output_format = "TabSeparated"
+                if request.query_id:  # what `cancel` looks for in system.processes
+                    with self._guard:
+                        self._running[request.query_id] = (threading.get_native_id(), statement)
+                res = conn.query(statement, output_format, params=request.params)
                 return Result(res.bytes(), rows_read=res.rows_read(), bytes_read=res.bytes_read(),
                               rows_written=res.rows_written(), bytes_written=res.bytes_written(),
                               elapsed=res.elapsed(), timezone=timezone)
             except RuntimeError as exc:  # chDB's ChdbError (a RuntimeError) carries ClickHouse's text
                 raise EngineError(_clean(str(exc))) from None
-            finally:
-                conn.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._base.close()
+        with self._guard:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.conn.close()
+        self._base.close()
+
+
+def _current(conn, names: list[str]) -> dict[str, str]:
+    """The values a connection has now for these settings (unknown names are left to the SET to refuse)."""
+    values = {}
+    for name in names:
+        try:
+            values[name] = conn.query("SELECT toString(getSetting({n:String}))", "TabSeparatedRaw",
+                                      params={"n": name}).bytes().decode().rstrip("\n")
+        except RuntimeError:
+            continue
+    return values
+
+
+def _current_database(conn) -> str:
+    return conn.query("SELECT currentDatabase()", "TabSeparatedRaw").bytes().decode().rstrip("\n")
+
+
+def _set_quietly(conn, values: dict[str, str]) -> None:
+    for name, value in values.items():
+        try:
+            conn.query(f"SET {_identifier(name)} = {_quote(value)}")
+        except RuntimeError:  # e.g. `readonly` cannot be lowered again, exactly as in ClickHouse
+            pass
+
+
+def _use_quietly(conn, database: str) -> None:
+    try:
+        conn.query(f"USE {_identifier(database)}")
+    except RuntimeError:
+        pass
+
+
+def _drop_quietly(conn, name: str) -> None:
+    try:
+        conn.query(f"DROP TEMPORARY TABLE IF EXISTS {_identifier(name)}")
+    except RuntimeError:
+        pass
 
 
 def _insert_statement(request: Request, path: str) -> str:
@@ -114,7 +261,7 @@ def _insert_statement(request: Request, path: str) -> str:
 
 @contextmanager
 def _in_file(data: bytes) -> Iterator[str]:
-    """The request body as a file the engine opens by path: in memory (memfd) where Linux has it."""
+    """Bytes as a file the engine opens by path: in memory (memfd) where Linux has it."""
     if hasattr(os, "memfd_create"):
         file = os.fdopen(os.memfd_create("tracetune-insert", os.MFD_CLOEXEC), "w+b")
     else:  # pragma: no cover - macOS: an unlinked temporary file

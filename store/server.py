@@ -10,6 +10,7 @@ one statement, GET is read-only, and `X-ClickHouse-Timezone` is the zone the val
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import re
@@ -25,7 +26,8 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from store.engine import Engine, EngineError, Request
+from store.access import READER, AccessDenied, Users, check_origin, check_statement, credentials
+from store.engine import Engine, EngineError, ExternalTable, Request
 
 try:
     from compression import zstd as _zstd  # Python 3.14+
@@ -59,13 +61,14 @@ _TOKEN = re.compile(
 _DATA_START = re.compile(rb"[ \t]*(?:\r?\n)?")  # after FORMAT X / VALUES: blanks and one line break
 _NAME_BEFORE = {b"INTO", b"TABLE", b"."}  # the next word is a table name, even if it reads FORMAT
 
-# ClickHouse's own mapping of a few common error codes to HTTP statuses (the rest are 500).
-_HTTP_STATUS = {
-    6: 400, 27: 400, 36: 400, 41: 400, 42: 400, 43: 400, 44: 400, 46: 400, 47: 400, 53: 400, 62: 400,
-    70: 400, 115: 400, 117: 400, 130: 400, 386: 400, 456: 400, 457: 400,
-    60: 404, 81: 404, 82: 400, 57: 400, 164: 403, 192: 403, 193: 403, 194: 403, 516: 403,
-    159: 504, 160: 504, 241: 500,
+# ClickHouse's own mapping of error codes to HTTP statuses (src/Server/HTTP/exceptionCodeToHTTPStatus.cpp).
+_STATUS_CODES = {
+    400: (36, 6, 25, 26, 38, 41, 72, 441, 675, 676, 27, 376, 15, 44, 37, 123, 8, 167, 168, 223, 62, 117, 53, 321),
+    404: (60, 46, 47, 50, 56, 81, 115, 152, 63, 73, 336, 78, 511),
+    403: (192, 193, 516, 512, 497),
+    401: (194,), 413: (229,), 501: (48,), 503: (209, 76, 439), 411: (381,), 408: (159,), 415: (779,),
 }
+_HTTP_STATUS = {code: status for status, codes in _STATUS_CODES.items() for code in codes}
 _SUPPORTED_ENCODINGS = ["lz4", "zstd", "gzip", "deflate"] if _zstd else ["lz4", "gzip", "deflate"]
 
 
@@ -231,73 +234,203 @@ def parse_request(params: dict[str, str], body: bytes) -> Request:
                    params=query_params)
 
 
-def _read_only(settings: dict[str, str]) -> dict[str, str]:
-    """GET may only read, as in ClickHouse (readonly=2, first, so the URL cannot lift it)."""
-    wanted = settings.get("readonly", "2")
-    if wanted not in ("1", "2"):
-        raise BadRequest("Cannot modify 'readonly' setting in readonly mode: a GET request is read-only; "
-                         "send writes with POST", 164, "READONLY")
-    return {"readonly": wanted, **{k: v for k, v in settings.items() if k != "readonly"}}
+_BOOLEAN_PARAMS = ("session_check", "wait_end_of_query", "enable_http_compression", "send_progress_in_http_headers",
+                   "cancel_http_readonly_queries_on_client_close", "add_http_cors_header", "http_wait_end_of_query",
+                   "output_format_parallel_formatting")
+_COUNT_PARAMS = ("buffer_size", "http_response_buffer_size", "http_headers_progress_interval_ms",
+                 "client_protocol_version")
+MAX_SESSION_TIMEOUT = 3600  # ClickHouse's default max_session_timeout
+DEFAULT_SESSION_TIMEOUT = 60
 
 
-def _error(message: str, code: int, status: int | None = None) -> Response:
+def _check_transport(params: dict[str, str]) -> None:
+    """Every parameter that steers the HTTP layer has a value ClickHouse would accept, or BadRequest."""
+    for name in _BOOLEAN_PARAMS:
+        if name in params and params[name].lower() not in ("0", "1", "true", "false", ""):
+            raise BadRequest(f"Invalid value {params[name]!r} for {name}: expected 0 or 1", 36, "BAD_ARGUMENTS")
+    for name in _COUNT_PARAMS:
+        if name in params and not params[name].isdigit():
+            raise BadRequest(f"Invalid value {params[name]!r} for {name}: expected a number", 36, "BAD_ARGUMENTS")
+    if "http_zlib_compression_level" in params and params["http_zlib_compression_level"] not in list("123456789"):
+        raise BadRequest(f"Invalid value {params['http_zlib_compression_level']!r} for http_zlib_compression_level: "
+                         "expected 1 to 9", 36, "BAD_ARGUMENTS")
+    if "session_timeout" in params:
+        value = params["session_timeout"]
+        if not value.isdigit():
+            raise BadRequest(f"Invalid session timeout: {value!r}: expected a number of seconds", 374,
+                             "INVALID_SESSION_TIMEOUT")
+        if int(value) > MAX_SESSION_TIMEOUT:
+            raise BadRequest(f"Session timeout {value} is larger than max_session_timeout ({MAX_SESSION_TIMEOUT}). "
+                             "Maximum session timeout could be modified in configuration file.", 374,
+                             "INVALID_SESSION_TIMEOUT")
+    if params.get("session_check", "0") in ("1", "true") and not params.get("session_id"):
+        raise BadRequest("Session check without session_id", 36, "BAD_ARGUMENTS")
+    if len(params.get("query_id", "")) > 256:
+        raise BadRequest("Query id is too long (at most 256 characters)", 36, "BAD_ARGUMENTS")
+    if params.get("role"):
+        raise BadRequest(f"There is no role `{params['role']}` in user directories (the embedded store has users "
+                         "but no roles)", 511, "UNKNOWN_ROLE")
+
+
+def _external_tables(params: dict[str, str], files: dict[str, bytes]) -> list[ExternalTable]:
+    """ClickHouse external data: each file part is a table named by the part, shaped by `<name>_structure`/_types."""
+    tables = []
+    for name, data in files.items():
+        structure = params.pop(f"{name}_structure", "")
+        types = params.pop(f"{name}_types", "")
+        if not structure and types:
+            structure = ", ".join(f"_{i} {kind.strip()}" for i, kind in enumerate(types.split(","), start=1))
+        if not structure:
+            raise BadRequest(f"Neither structure nor types have not been provided for external table {name}. "
+                             f"Use fields {name}_structure or {name}_types to do so.", 36, "BAD_ARGUMENTS")
+        tables.append(ExternalTable(name, structure, params.pop(f"{name}_format", "TabSeparated"), data))
+    return tables
+
+
+def _error(message: str, code: int, status: int | None = None, headers: dict[str, str] | None = None) -> Response:
     return PlainTextResponse(
         message.rstrip() + "\n",
         status_code=status or _HTTP_STATUS.get(code, 500),
-        headers={"X-ClickHouse-Exception-Code": str(code)},
+        headers={"X-ClickHouse-Exception-Code": str(code), **(headers or {})},
     )
 
 
-def create_app(engine: Engine) -> Starlette:
-    async def ping(_: HttpRequest) -> Response:
+async def ping(_: HttpRequest) -> Response:
+    return PlainTextResponse("Ok.\n")
+
+
+async def _client_gone(request: HttpRequest) -> None:
+    """Returns once the client closes its connection (its whole body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _execute(request: HttpRequest, engine: Engine, engine_request: Request, session) -> object:
+    """Run the request on a worker thread; if the client goes away first, kill its query."""
+    work = asyncio.ensure_future(run_in_threadpool(engine.execute, engine_request, session))
+    gone = asyncio.ensure_future(_client_gone(request))
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():
+        while not work.done():  # the query may not have reached the engine yet
+            await run_in_threadpool(engine.cancel, engine_request.query_id)
+            await asyncio.wait({work}, timeout=0.05)
+    gone.cancel()
+    return work.result()
+
+
+async def handle(request: HttpRequest) -> Response:
+    state = request.app.state
+    engine: Engine = state.engine
+    params = dict(request.query_params)
+    try:
+        check_origin(request.headers, state.hosts)
+    except AccessDenied as exc:
+        return _error(str(exc), exc.code, exc.status)
+    if request.method == "GET" and "query" not in params:
         return PlainTextResponse("Ok.\n")
-
-    async def handle(request: HttpRequest) -> Response:
-        params = dict(request.query_params)
-        body = await request.body()
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            form = await request.form()
-            params.update({k: v for k, v in form.items() if isinstance(v, str)})
+    try:
+        user = state.users.authenticate(*credentials(request.headers, params))
+    except AccessDenied as exc:
+        return _error(str(exc), exc.code, exc.status, {"WWW-Authenticate": 'Basic realm="ClickHouse server"'})
+    query_id = params.get("query_id") or str(uuid.uuid4())
+    try:
+        files: dict[str, bytes] = {}
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            async with request.form(max_files=100, max_fields=1000) as form:
+                for name, value in form.multi_items():
+                    if isinstance(value, str):
+                        params[name] = value
+                    else:
+                        files[name] = await value.read()
             body = b""
-        if request.method == "GET" and not params.get("query"):
-            return PlainTextResponse("Ok.\n")
-        query_id = params.get("query_id") or str(uuid.uuid4())
-        try:
-            body = _decompress(body, request.headers.get("content-encoding", ""))
-            engine_request = parse_request(params, body)
-            if request.method == "GET":
-                engine_request.settings = _read_only(engine_request.settings)
-        except BadRequest as exc:
-            return _error(str(exc), exc.code, _HTTP_STATUS.get(exc.code, 400))
-        try:
-            result = await run_in_threadpool(engine.execute, engine_request)
-        except EngineError as exc:
-            return _error(str(exc), exc.code)
+        else:  # any other body (form-encoded included, as `curl --data-binary` sends) is the query or data
+            body = _decompress(await request.body(), request.headers.get("content-encoding", ""))
+        _check_transport(params)
+        external = _external_tables(params, files)
+        engine_request = parse_request(params, body)
+        check_statement(engine_request.query + " " + engine_request.insert_settings)
+        engine_request.external = external
+        engine_request.query_id = query_id
+        readonly = user.readonly or (2 if request.method == "GET" else 0)
+        engine_request.settings = _limits(engine_request.settings, readonly)
+        session = None
+        if params.get("session_id"):
+            timeout = int(params.get("session_timeout") or DEFAULT_SESSION_TIMEOUT)
+            session = engine.session(user.name, params["session_id"], timeout,
+                                     params.get("session_check", "0") in ("1", "true"))
+    except (BadRequest, AccessDenied) as exc:
+        return _error(str(exc), exc.code, getattr(exc, "status", None) or _HTTP_STATUS.get(exc.code, 400))
+    except EngineError as exc:
+        return _error(str(exc), exc.code)
+    try:
+        result = await _execute(request, engine, engine_request, session)
+    except EngineError as exc:
+        return _error(str(exc), exc.code, headers={"X-ClickHouse-Query-Id": query_id})
 
-        summary = {
-            "read_rows": str(result.rows_read), "read_bytes": str(result.bytes_read),
-            "written_rows": str(result.rows_written), "written_bytes": str(result.bytes_written),
-            "total_rows_to_read": str(result.rows_read), "result_rows": "0", "result_bytes": "0",
-            "elapsed_ns": str(int(result.elapsed * 1e9)),
-        }
-        headers = {
-            "X-ClickHouse-Query-Id": query_id,
-            "X-ClickHouse-Summary": json.dumps(summary),
-            "X-ClickHouse-Timezone": result.timezone or engine.timezone,
-            "X-ClickHouse-Server-Display-Name": "tracetune-embedded",
-        }
-        if not engine_request.insert_format:
-            headers["X-ClickHouse-Format"] = engine_request.output_format
-        payload = result.data
-        if params.get("enable_http_compression") == "1" and payload:
-            payload, encoding = _compress(payload, request.headers.get("accept-encoding", ""))
-            if encoding:
-                headers["Content-Encoding"] = encoding
-        return Response(payload, headers=headers, media_type="application/octet-stream")
+    summary = {
+        "read_rows": str(result.rows_read), "read_bytes": str(result.bytes_read),
+        "written_rows": str(result.rows_written), "written_bytes": str(result.bytes_written),
+        "total_rows_to_read": str(result.rows_read),
+        "result_rows": str(_result_rows(engine_request.output_format, result.data) if not engine_request.insert_format
+                           else 0),
+        "result_bytes": str(len(result.data)), "elapsed_ns": str(int(result.elapsed * 1e9)),
+    }
+    headers = {
+        "X-ClickHouse-Query-Id": query_id,
+        "X-ClickHouse-Summary": json.dumps(summary),
+        "X-ClickHouse-Timezone": result.timezone or engine.timezone,
+        "X-ClickHouse-Server-Display-Name": "tracetune-embedded",
+    }
+    if session is not None:
+        headers["X-ClickHouse-Session-Id"] = params["session_id"]
+    if not engine_request.insert_format:
+        headers["X-ClickHouse-Format"] = engine_request.output_format
+    payload = result.data
+    if params.get("enable_http_compression") in ("1", "true") and payload:
+        payload, encoding = _compress(payload, request.headers.get("accept-encoding", ""))
+        if encoding:
+            headers["Content-Encoding"] = encoding
+    return Response(payload, headers=headers, media_type="application/octet-stream")
 
-    return Starlette(routes=[
+
+_LINE_FORMATS = re.compile(r"(?i)(TabSeparated|TSV|CSV|JSONEachRow|JSONCompactEachRow|JSONStringsEachRow|"
+                           r"JSONCompactStringsEachRow|JSONLines|NDJSON|TSKV|LineAsString)(Raw)?(WithNames)?(AndTypes)?$")
+_JSON_ROWS = re.compile(rb'\n\t"rows": (\d+),?\n')
+
+
+def _result_rows(output_format: str, data: bytes) -> int:
+    """Rows in a result, for the summary header: counted in line formats and JSON; 0 where the format hides them."""
+    line = _LINE_FORMATS.match(output_format)
+    if line:
+        return max(data.count(b"\n") - (1 if line.group(3) else 0) - (1 if line.group(4) else 0), 0)
+    if output_format.startswith("JSON"):
+        match = _JSON_ROWS.search(data[-4096:])
+        return int(match.group(1)) if match else 0
+    return 0
+
+
+def _limits(settings: dict[str, str], readonly: int) -> dict[str, str]:
+    """The user's (or GET's) `readonly` goes first, so the request's own settings cannot lift it."""
+    if not readonly:
+        return settings
+    wanted = settings.get("readonly", str(readonly))
+    if wanted not in ("1", "2"):
+        raise BadRequest("Cannot modify 'readonly' setting in readonly mode: this user or a GET request may only "
+                         "read; send writes with POST as a user that may write", 164, "READONLY")
+    return {"readonly": wanted, **{k: v for k, v in settings.items() if k != "readonly"}}
+
+
+def create_app(engine: Engine, users: Users, hosts: frozenset[str] | None) -> Starlette:
+    """The HTTP interface for `engine`, open to `users`, answering only to the `hosts` names (None: any)."""
+    app = Starlette(routes=[
         Route("/ping", ping, methods=["GET", "HEAD"]),
         Route("/replicas_status", ping, methods=["GET"]),
         Route("/", handle, methods=["GET", "POST"]),
     ])
+    app.state.engine = engine
+    app.state.users = users
+    app.state.hosts = hosts
+    return app
+
+
+__all__ = ["create_app", "parse_request", "BadRequest", "READER"]

@@ -198,7 +198,7 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
     from tracetune.terminal import console, frame_table, step_table
 
     _window(since)
-    client = _client(_settings(ctx))
+    client = _client(_settings(ctx), readonly=True)
     keys = tuple(b.strip() for b in by.split(",") if b.strip())
     try:
         if batching:
@@ -220,11 +220,12 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
         console().print(frame_table(frame, f"latency by {', '.join(keys)}, last {since}"))
 
 
-def _client(s: Settings):
+def _client(s: Settings, readonly: bool = False):
+    """A store client; `readonly` reads as the store's read-only user (nothing the command does can write)."""
     import store as store_mod
 
     try:
-        return store_mod.connect(s)
+        return store_mod.connect(s, readonly=readonly)
     except Exception as exc:  # noqa: BLE001 - any failure to reach ClickHouse gets the same one-line answer
         where = s.store_url if s.embedded else s.clickhouse_url
         raise click.ClickException(f"cannot reach ClickHouse at {where}: {str(exc).splitlines()[0]} "
@@ -319,7 +320,7 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
     import analyzer
     from tracetune.terminal import console, slo_table
 
-    client = _client(_settings(ctx))
+    client = _client(_settings(ctx), readonly=True)
     slos = [analyzer.get_slo(client, pipeline)] if pipeline else analyzer.list_slos(client)
     if not slos or slos[0] is None:
         raise click.ClickException(f"no SLO saved{' for ' + pipeline if pipeline else ''}; set one with "

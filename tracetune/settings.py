@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -66,6 +67,11 @@ class Settings:
     prices_file: str = ""
     analyzer_interval_seconds: float = 60.0
 
+    # The embedded store's users: `default` (reads and writes) and `reader` (read-only, for the dashboard
+    # and CLI). Empty: a password generated once into <home>/store.password / store_reader.password (0600).
+    store_password: str = ""
+    store_reader_password: str = ""
+
     # Tuner write calls need this bearer token (reads are open on loopback).
     tuner_token: str = ""
     # Spans sent to the collector (OTLP/HTTP and gRPC) need this bearer token.
@@ -120,22 +126,23 @@ class Settings:
 
     def secret(self, name: str) -> str:
         """The bearer token `<name>_token`, else one generated once into <home>/<name>.token (mode 0600)."""
-        given = getattr(self, f"{name}_token")
-        if given:
-            return given
-        path = self.home / f"{name}.token"
-        if not path.exists():
-            self.home.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(24))
-        return path.read_text().strip()
+        return getattr(self, f"{name}_token") or _secret_file(self.home / f"{name}.token")
 
-    def clickhouse_target(self) -> dict[str, Any]:
-        """Connection arguments for clickhouse-connect (embedded store or TRACETUNE_CLICKHOUSE_URL)."""
+    def store_credentials(self, readonly: bool = False) -> tuple[str, str]:
+        """(user, password) for the embedded store: `reader` for read-only work, else `default`."""
+        if readonly:
+            return "reader", self.store_reader_password or _secret_file(self.home / "store_reader.password")
+        return "default", self.store_password or _secret_file(self.home / "store.password")
+
+    def clickhouse_target(self, readonly: bool = False) -> dict[str, Any]:
+        """Connection arguments for clickhouse-connect (embedded store or TRACETUNE_CLICKHOUSE_URL).
+
+        `readonly` picks the embedded store's read-only user; a URL's own user serves both.
+        """
         if self.embedded:
+            username, password = self.store_credentials(readonly)
             return {"host": self.bind_host, "port": self.store_port, "database": self.database,
-                    "username": "default", "password": "", "secure": False}
+                    "username": username, "password": password, "secure": False}
         parts = urlsplit(self.clickhouse_url)
         database = parts.path.strip("/") or self.database
         return {
@@ -158,6 +165,30 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return validate(dataclasses.replace(self, **changes))
+
+
+def _secret_file(path: Path) -> str:
+    """The secret in `path`, generated on first use: written whole to a 0600 file, then linked into place.
+
+    Linking makes the file appear complete or not at all, so two processes starting at once agree
+    on one secret, and it is never readable by others, not even for an instant.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(24))
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process won the race; use its secret
+        finally:
+            os.unlink(tmp)
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise SettingsError(f"{path} is readable by other users (mode {mode & 0o777:o}); run: chmod 600 {path}")
+    return path.read_text().strip()
 
 
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]

@@ -39,7 +39,8 @@ def test_insert_over_more_partitions_than_allowed_fails_and_stores_nothing(clien
     # What any HTTP client sees: an error status with the engine's code, not 200.
     target = db_settings.clickhouse_target()
     body = "".join(f"{DAY0.date() + timedelta(days=i)} 00:00:00\tt{i}\ts{i}\n" for i in range(101))
-    response = httpx.post(f"http://{target['host']}:{target['port']}/", content=body.encode(), params={
+    response = httpx.post(f"http://{target['host']}:{target['port']}/", content=body.encode(),
+                          auth=(target["username"], target["password"]), params={
         "database": db_settings.database, "query": "INSERT INTO otel_traces (Timestamp, TraceId, SpanId) FORMAT TSV"})
     assert response.status_code == 500 and response.headers["X-ClickHouse-Exception-Code"] == "252"
     assert counts(client) == (0, 0, 0)

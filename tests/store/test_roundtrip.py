@@ -182,6 +182,7 @@ def test_database_other_than_the_clients(client, db_settings):
 
     target = db_settings.clickhouse_target()
     elsewhere = clickhouse_connect.get_client(host=target["host"], port=target["port"], database=other,
+                                              username=target["username"], password=target["password"],
                                               autogenerate_session_id=False)
     try:
         assert elsewhere.query(f"SELECT count() FROM {table}").first_row[0] == len(SPANS)
@@ -219,7 +220,7 @@ def test_compressed_clients_round_trip(db_settings, compress):
     """Several insert blocks (one compressed frame each), then a response far bigger than one frame."""
     target = db_settings.clickhouse_target()
     client = clickhouse_connect.get_client(host=target["host"], port=target["port"], database=db_settings.database,
-                                           compress=compress, autogenerate_session_id=False)
+                                           username=target["username"], password=target["password"], compress=compress, autogenerate_session_id=False)
     try:
         assert client.compression == (compress or None)
         client.command("CREATE TABLE blobs (id UInt32, payload String) ENGINE = MergeTree ORDER BY id")

@@ -1,0 +1,194 @@
+"""Who may use the embedded store, from where, and what no one may do with it.
+
+Three locks, each checked before a request reaches the engine:
+- **Users**: `default` (read and write) and `reader` (ClickHouse `readonly = 2`: reads and
+  settings, no writes), each with a password, given as ClickHouse accepts credentials (HTTP basic,
+  `X-ClickHouse-User`/`X-ClickHouse-Key`, or `user`/`password` parameters).
+- **Where from**: the `Host` header must name the bound address (a web page cannot reach the store
+  through a rebound DNS name), and a browser request from any other origin is refused.
+- **What**: the engine is ClickHouse in this process, so `file()`, `url()`, `s3()`, `executable()`,
+  the engines and dictionary sources behind them, `INTO OUTFILE`, `BACKUP` and `SYSTEM SHUTDOWN`
+  would act with this process's rights on the host and its network. They are refused for every
+  user, found by ClickHouse's own tokens (names are matched unquoted and in any case).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+READER = "reader"
+
+# Table functions, table and database engines, dictionary sources and disks that read or write
+# host files, run programs or open network connections (lower case; ClickHouse names vary in case).
+HOST_TOUCHING: frozenset[str] = frozenset("""
+file filecluster url urlcluster s3 s3cluster gcs oss cosn hdfs hdfscluster azureblobstorage
+azureblobstoragecluster remote remotesecure cluster clusterallreplicas mysql postgresql sqlite odbc
+jdbc mongodb redis executable executablepool executable_pool iceberg icebergs3 icebergazure
+iceberghdfs iceberglocal icebergcluster icebergs3cluster icebergazurecluster iceberghdfscluster
+deltalake deltalakes3 deltalakeazure deltalakelocal deltalakecluster hudi hudicluster paimon
+paimons3 paimonazure paimonhdfs paimonlocal arrowflight arrowflight ytsaurus prometheusquery
+s3queue azurequeue objectstoragequeue kafka rabbitmq nats hive materializedmysql materializedpostgresql
+externaldistributed distributed filesystem backup datalakecatalog http clickhouse cassandra
+disk catboostevaluate modelevaluate naivebayesclassifier filelog
+""".split())
+
+# Statements that act on the host as a whole.
+_REFUSED_FIRST = {"BACKUP", "RESTORE"}
+_SYSTEM_ALLOWED = {"FLUSH", "DROP", "STOP", "START", "SYNC", "WAIT", "PREWARM", "UNFREEZE"}
+
+_TABLE_NAME_BEFORE = {"TABLE", "INTO", "EXISTS", "VIEW", "DICTIONARY", "."}  # `INSERT INTO http (a)` names a table
+_WORD_OR_NAME = re.compile(
+    r"""(?P<string>'(?:[^'\\]|\\.|'')*')"""
+    r"""|(?P<name>`(?:[^`\\]|\\.|``)*`|"(?:[^"\\]|\\.|"")*")"""
+    r"""|(?P<comment>--[^\n]*|\#[ !][^\n]*|/\*.*?\*/)"""
+    r"""|(?P<space>\s+)"""
+    r"""|(?P<word>[A-Za-z_][A-Za-z0-9_$]*)"""
+    r"""|(?P<other>.)""",
+    re.DOTALL,
+)
+
+
+class AccessDenied(Exception):
+    """A request refused before it reaches the engine, with ClickHouse's code, name and HTTP status."""
+
+    def __init__(self, message: str, code: int, name: str, status: int):
+        super().__init__(f"Code: {code}. DB::Exception: {message}. ({name})")
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password: str
+    readonly: int  # ClickHouse's `readonly`: 0 everything, 2 reads and settings only
+
+
+class Users:
+    """The store's users and their passwords; compares in constant time."""
+
+    def __init__(self, users: Iterable[User]):
+        self._users = {user.name: user for user in users}
+
+    def authenticate(self, name: str, password: str) -> User:
+        user = self._users.get(name)
+        expected = user.password if user else "\0never"
+        if not hmac.compare_digest(password.encode(), expected.encode()) or user is None:
+            raise AccessDenied(f"{name}: Authentication failed: password is incorrect, or there is no user "
+                               "with such name", 516, "AUTHENTICATION_FAILED", 401)
+        return user
+
+
+def credentials(headers: Mapping[str, str], params: Mapping[str, str]) -> tuple[str, str]:
+    """(user, password) from one of the three places ClickHouse reads them; mixing them is an error."""
+    basic = headers.get("authorization", "")
+    header_user = headers.get("x-clickhouse-user")
+    header_key = headers.get("x-clickhouse-key")
+    param_user, param_password = params.get("user"), params.get("password")
+    given = [bool(basic), header_user is not None or header_key is not None,
+             param_user is not None or param_password is not None]
+    if sum(given) > 1:
+        raise AccessDenied("Invalid authentication: it is not allowed to use more than one of the Authorization "
+                           "header, X-ClickHouse-User/Key headers and user/password parameters", 516,
+                           "AUTHENTICATION_FAILED", 403)
+    if basic:
+        scheme, _, value = basic.partition(" ")
+        if scheme.lower() != "basic":
+            raise AccessDenied(f"Unsupported authentication scheme {scheme!r}: use Basic", 516,
+                               "AUTHENTICATION_FAILED", 403)
+        try:
+            user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise AccessDenied("Malformed Basic authorization header", 516, "AUTHENTICATION_FAILED", 403) from None
+        return user or "default", password
+    if given[1]:
+        return header_user or "default", header_key or ""
+    return param_user or "default", param_password or ""
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostname(authority: str) -> str:
+    """`host` of `host:port` / `[v6]:port`, lower case."""
+    parsed = urlsplit("//" + authority)
+    try:
+        return (parsed.hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def allowed_hosts(bind_host: str) -> frozenset[str] | None:
+    """Names the Host header may carry for this bind address; None: any (bound to every interface)."""
+    if bind_host in ("0.0.0.0", "::", ""):
+        return None
+    names = {bind_host.lower().strip("[]")}
+    if _loopback(bind_host):
+        names |= {"localhost", "127.0.0.1", "::1"}
+    return frozenset(names)
+
+
+def check_origin(headers: Mapping[str, str], hosts: frozenset[str] | None) -> None:
+    """Refuse a rebound DNS name (Host) and any cross-site browser request (Origin, Sec-Fetch-Site)."""
+    host = _hostname(headers.get("host", ""))
+    if hosts is not None and host not in hosts:
+        raise AccessDenied(f"Host {headers.get('host', '')!r} is not this server's address; connect to "
+                           f"{' or '.join(sorted(hosts))}", 497, "ACCESS_DENIED", 403)
+    origin = headers.get("origin")
+    if origin is not None:
+        origin_host = _hostname(urlsplit(origin).netloc) if origin != "null" else ""
+        if not origin_host or (hosts is not None and origin_host not in hosts) or origin_host != host:
+            raise AccessDenied(f"Requests from the web page at {origin!r} are refused: the store accepts browser "
+                               "requests only from its own origin", 497, "ACCESS_DENIED", 403)
+    if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        raise AccessDenied("Cross-site browser requests are refused", 497, "ACCESS_DENIED", 403)
+
+
+def _unquote(token: str) -> str:
+    return token[1:-1].replace(token[0] * 2, token[0]).replace("\\" + token[0], token[0])
+
+
+def check_statement(text: str) -> None:
+    """Refuse a statement that would touch the host's files, programs or network (every user)."""
+    words: list[str] = []  # identifiers and keywords outside string literals, in order
+    calls: list[str] = []  # names written directly before `(`
+    last: list[tuple[str, str]] = [("", ""), ("", "")]  # the two tokens before this one: (name or "", text)
+    for match in _WORD_OR_NAME.finditer(text):
+        kind, token = match.lastgroup, match.group()
+        if kind in ("space", "comment"):
+            continue
+        if token == "(" and last[-1][0] and last[-2][1].upper() not in _TABLE_NAME_BEFORE:
+            calls.append(last[-1][0])
+        name = _unquote(token) if kind == "name" else token if kind == "word" else ""
+        last = [last[-1], (name, name or token)]
+        if name:
+            words.append(name)
+    for name in calls:
+        if name.lower() in HOST_TOUCHING:
+            raise AccessDenied(f"{name}() is refused by the embedded store: it reads or writes host files, runs "
+                               "programs or opens network connections with the store's rights", 497,
+                               "ACCESS_DENIED", 403)
+    upper = [word.upper() for word in words]
+    for keyword in ("OUTFILE", "INFILE"):
+        if keyword in upper:
+            raise AccessDenied("INTO OUTFILE / FROM INFILE are refused by the embedded store: they use host files; "
+                               "send data in the request body and read results from the response", 497,
+                               "ACCESS_DENIED", 403)
+    first = upper[0] if upper else ""
+    if first in _REFUSED_FIRST or (first == "SYSTEM" and (len(upper) < 2 or upper[1] not in _SYSTEM_ALLOWED)) \
+            or (first == "ATTACH" and "FROM" in upper):
+        raise AccessDenied(f"{' '.join(words[:2])} is refused by the embedded store: it acts on the host", 497,
+                           "ACCESS_DENIED", 403)
