@@ -97,16 +97,16 @@ def credentials(headers: Mapping[str, str], params: Mapping[str, str]) -> tuple[
     if sum(given) > 1:
         raise AccessDenied("Invalid authentication: it is not allowed to use more than one of the Authorization "
                            "header, X-ClickHouse-User/Key headers and user/password parameters", 516,
-                           "AUTHENTICATION_FAILED", 403)
+                           "AUTHENTICATION_FAILED", 401)
     if basic:
         scheme, _, value = basic.partition(" ")
         if scheme.lower() != "basic":
             raise AccessDenied(f"Unsupported authentication scheme {scheme!r}: use Basic", 516,
-                               "AUTHENTICATION_FAILED", 403)
+                               "AUTHENTICATION_FAILED", 401)
         try:
             user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
-            raise AccessDenied("Malformed Basic authorization header", 516, "AUTHENTICATION_FAILED", 403) from None
+            raise AccessDenied("Malformed Basic authorization header", 516, "AUTHENTICATION_FAILED", 401) from None
         return user or "default", password
     if given[1]:
         return header_user or "default", header_key or ""
