@@ -131,8 +131,12 @@ class Settings:
     def store_credentials(self, readonly: bool = False) -> tuple[str, str]:
         """(user, password) for the embedded store: `reader` for read-only work, else `default`."""
         if readonly:
-            return "reader", self.store_reader_password or _secret_file(self.home / "store_reader.password")
-        return "default", self.store_password or _secret_file(self.home / "store.password")
+            return "reader", self.store_reader_password or _secret_file(self.store_password_file(True))
+        return "default", self.store_password or _secret_file(self.store_password_file(False))
+
+    def store_password_file(self, readonly: bool = False) -> Path:
+        """Where a generated store password lives (used unless the password setting is given)."""
+        return self.home / ("store_reader.password" if readonly else "store.password")
 
     def clickhouse_target(self, readonly: bool = False) -> dict[str, Any]:
         """Connection arguments for clickhouse-connect (embedded store or TRACETUNE_CLICKHOUSE_URL).

@@ -193,6 +193,13 @@ def _watch(supervisor: Supervisor, stop: threading.Event, every: float, on_tick=
     return 0
 
 
+def _password_source(settings: Settings, readonly: bool) -> str:
+    """Where a store password comes from, for the start-up message (never the password itself)."""
+    if readonly:
+        return "store_reader_password" if settings.store_reader_password else str(settings.store_password_file(True))
+    return "store_password" if settings.store_password else str(settings.store_password_file(False))
+
+
 def _run(settings: Settings, load_rate: float, echo, body) -> int:
     from tracetune.terminal import console
 
@@ -206,6 +213,9 @@ def _run(settings: Settings, load_rate: float, echo, body) -> int:
 
         build_models(settings.models_dir, progress=True)  # first run only: the executor then starts at once
         supervisor.start()
+        if settings.embedded:
+            out.print(f"  store users: default (password in {_password_source(settings, False)}), read-only reader "
+                      f"(password in {_password_source(settings, True)}); see docs/store.md")
         return body(supervisor, stop, out)
     except StartError as exc:
         out.print(f"[red]error:[/red] {exc}")

@@ -30,8 +30,8 @@ def _code(response: httpx.Response) -> str:
 
 def _table_exists(db_settings: Settings, name: str) -> bool:
     client = store.connect(db_settings, ensure_schema=False)
-    return bool(client.query("SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {n:String}",
-                             parameters={"n": name}).first_row[0])
+    query = "SELECT count() FROM system.tables WHERE database = currentDatabase() AND name = {n:String}"
+    return bool(client.query(query, parameters={"n": name}).first_row[0])
 
 
 def test_requests_without_the_right_credentials_are_refused(base, db_settings):

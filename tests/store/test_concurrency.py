@@ -21,7 +21,8 @@ SLOW = "SELECT count() FROM numbers(100000000000) WHERE sipHash64(number) % 7 = 
 @pytest.fixture
 def http(db_settings: Settings) -> Iterator[httpx.Client]:
     target = db_settings.clickhouse_target()
-    with httpx.Client(base_url=f"http://{target['host']}:{target['port']}", auth=(target["username"], target["password"]),
+    with httpx.Client(base_url=f"http://{target['host']}:{target['port']}",
+                      auth=(target["username"], target["password"]),
                       params={"database": db_settings.database}, timeout=60) as client:
         yield client
 

@@ -60,7 +60,8 @@ def _json_each_row(rows=ROWS) -> bytes:
 def http(db_settings) -> Iterator[httpx.Client]:
     """A plain HTTP client on the store, in the test's own database."""
     target = db_settings.clickhouse_target()
-    with httpx.Client(base_url=f"http://{target['host']}:{target['port']}", auth=(target["username"], target["password"]),
+    with httpx.Client(base_url=f"http://{target['host']}:{target['port']}",
+                      auth=(target["username"], target["password"]),
                       params={"database": db_settings.database}, timeout=30) as client:
         yield client
 

@@ -220,7 +220,8 @@ def test_compressed_clients_round_trip(db_settings, compress):
     """Several insert blocks (one compressed frame each), then a response far bigger than one frame."""
     target = db_settings.clickhouse_target()
     client = clickhouse_connect.get_client(host=target["host"], port=target["port"], database=db_settings.database,
-                                           username=target["username"], password=target["password"], compress=compress, autogenerate_session_id=False)
+                                           username=target["username"], password=target["password"],
+                                           compress=compress, autogenerate_session_id=False)
     try:
         assert client.compression == (compress or None)
         client.command("CREATE TABLE blobs (id UInt32, payload String) ENGINE = MergeTree ORDER BY id")
