@@ -27,7 +27,6 @@ from analyzer import (
     latency_series,
     latest_drift,
     list_slos,
-    publish_prices,
     slo_status,
     step_breakdown,
     step_stats,
@@ -147,19 +146,15 @@ def latency(settings: Settings, window: str, pipeline: str) -> None:
 # ---- cost ------------------------------------------------------------------------------------
 
 def _prices(settings: Settings) -> tuple[PriceTable, str]:
-    """The published price table and "", or, if none is, the bundled prices.toml (published now if the
-    store lets us) and a note saying so. PricesError (one line) when prices.toml cannot be read.
-    `tracetune up` publishes prices.toml at start, so this matters only for a dashboard on its own.
+    """The published price table and "", or, if none is, the bundled prices.toml and a note saying so.
+
+    The page reads as the store's read-only user, so it never publishes prices itself: the analyzer
+    (`tracetune up` starts it) does. PricesError (one line) when prices.toml cannot be read.
     """
     table = query(settings, current_prices)
     if table is not None:
         return table, ""
-    table = analyzer.load_prices()
-    try:
-        query(settings, publish_prices, table=table)
-    except StoreUnavailable as problem:  # e.g. a read-only ClickHouse user: price with the file anyway
-        return table, f" (prices.toml, not published: {problem})"
-    return table, " (prices.toml, published now: none was)"
+    return analyzer.load_prices(), " (prices.toml: not published yet, `tracetune analyzer` publishes it)"
 
 
 def _cost_by_kind_chart(costs: pl.DataFrame, show_pipeline: bool, currency: str) -> None:

@@ -12,6 +12,7 @@ first blank line (`\\n\\n`, common in binary formats).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -74,6 +75,8 @@ class Request:
     data: bytes = b""
     external: list[ExternalTable] = field(default_factory=list)
     query_id: str = ""
+    readonly: int = 0  # ClickHouse `readonly` for this request: the user's, a GET's or the URL's (strictest)
+    user_readonly: int = 0  # the user's own level: a session of a read-only user stays read-only
 
 
 class Session:
@@ -184,18 +187,21 @@ class Engine:
                     conn.query(f"CREATE TEMPORARY TABLE {_identifier(table.name)} ENGINE = Memory AS "
                                f"SELECT * FROM file({_quote(path)}, {_quote(table.format)}, {_quote(table.structure)})")
                     stack.callback(_drop_quietly, conn, table.name)
-                if restore and request.settings:  # a session keeps its own SETs, not a request's URL settings
-                    stack.callback(_set_quietly, conn, _current(conn, list(request.settings)))
-                for name, value in request.settings.items():
-                    conn.query(f"SET {_identifier(name)} = {_quote(value)}")
-                if request.database:
-                    if restore:
-                        stack.callback(_use_quietly, conn, _current_database(conn))
-                    conn.query(f"USE {_identifier(request.database)}")
+                if restore:
+                    self._session_state(conn, request, stack)
+                else:
+                    if request.readonly:  # first, so nothing the request sets can lift it
+                        conn.query(f"SET readonly = {request.readonly}")
+                    for name, value in request.settings.items():
+                        conn.query(f"SET {_identifier(name)} = {_quote(value)}")
+                    if request.database:
+                        conn.query(f"USE {_identifier(request.database)}")
                 statement, output_format = request.query, request.output_format
                 if request.insert_format:
                     statement = _insert_statement(request, stack.enter_context(_in_file(request.data)))
                     output_format = "TabSeparated"
+                if restore and request.readonly > request.user_readonly:
+                    _check_read_only(conn, statement, request.readonly)
                 if request.query_id:  # what `cancel` looks for in system.processes
                     with self._guard:
                         self._running[request.query_id] = (threading.get_native_id(), statement)
@@ -205,6 +211,32 @@ class Engine:
                               elapsed=res.elapsed(), timezone=timezone)
             except RuntimeError as exc:  # chDB's ChdbError (a RuntimeError) carries ClickHouse's text
                 raise EngineError(_clean(str(exc))) from None
+
+    @staticmethod
+    def _session_state(conn, request: Request, stack: ExitStack) -> None:
+        """A request's URL settings and database on a session: for that request only, as in ClickHouse.
+
+        What the statement itself sets (`SET`, `USE`) stays in the session; a URL value the
+        statement left alone is put back afterwards. A read-only user's session is read-only for good.
+        """
+        if request.user_readonly:
+            conn.query(f"SET readonly = {request.user_readonly}")
+        names = list(request.settings)
+        before = _current(conn, names)
+        database = _current_database(conn) if request.database else ""
+        for name, value in request.settings.items():
+            conn.query(f"SET {_identifier(name)} = {_quote(value)}")
+        applied = _current(conn, names)
+        if request.database:
+            conn.query(f"USE {_identifier(request.database)}")
+
+        def restore() -> None:
+            now = _current(conn, names)
+            _set_quietly(conn, {n: v for n, v in before.items() if n in now and now[n] == applied.get(n)})
+            if database and _current_database(conn) == request.database:
+                _use_quietly(conn, database)
+
+        stack.callback(restore)
 
     def close(self) -> None:
         with self._guard:
@@ -216,14 +248,24 @@ class Engine:
 
 def _current(conn, names: list[str]) -> dict[str, str]:
     """The values a connection has now for these settings (unknown names are left to the SET to refuse)."""
-    values = {}
-    for name in names:
-        try:
-            values[name] = conn.query("SELECT toString(getSetting({n:String}))", "TabSeparatedRaw",
-                                      params={"n": name}).bytes().decode().rstrip("\n")
-        except RuntimeError:
-            continue
-    return values
+    if not names:
+        return {}
+    columns = ", ".join(f"toString(getSetting({{n{i}:String}}))" for i in range(len(names)))
+    try:
+        row = conn.query(f"SELECT {columns} FORMAT JSONCompactEachRow", "JSONCompactEachRow",
+                         params={f"n{i}": name for i, name in enumerate(names)}).bytes()
+        return dict(zip(names, json.loads(row), strict=True))
+    except RuntimeError:
+        return {name: value for one in names for name, value in _current(conn, [one]).items()} if len(names) > 1 else {}
+
+
+def _check_read_only(conn, statement: str, level: int) -> None:
+    """A GET (or `readonly` in the URL) on a session: this statement only must read, the session stays as it is."""
+    kind = str(conn._conn.classify_query(statement)["query_class"]).rsplit(".", 1)[-1]
+    first = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else ""
+    if kind != "READ_ONLY" and not (level == 2 and first == "SET"):
+        raise EngineError("Code: 164. DB::Exception: Cannot execute query in readonly mode: a GET request or "
+                          "readonly in the URL may only read. (READONLY)")
 
 
 def _current_database(conn) -> str:

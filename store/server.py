@@ -272,6 +272,17 @@ def _check_transport(params: dict[str, str]) -> None:
                          "but no roles)", 511, "UNKNOWN_ROLE")
 
 
+def _top_level_items(text: str) -> list[str]:
+    """`UInt8, Decimal(9, 2), Map(String, UInt8)` -> the three types: commas inside parentheses stay."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    return [item for item in items if item]
+
+
 def _external_tables(params: dict[str, str], files: dict[str, bytes]) -> list[ExternalTable]:
     """ClickHouse external data: each file part is a table named by the part, shaped by `<name>_structure`/_types."""
     tables = []
@@ -279,7 +290,7 @@ def _external_tables(params: dict[str, str], files: dict[str, bytes]) -> list[Ex
         structure = params.pop(f"{name}_structure", "")
         types = params.pop(f"{name}_types", "")
         if not structure and types:
-            structure = ", ".join(f"_{i} {kind.strip()}" for i, kind in enumerate(types.split(","), start=1))
+            structure = ", ".join(f"_{i} {kind}" for i, kind in enumerate(_top_level_items(types), start=1))
         if not structure:
             raise BadRequest(f"Neither structure nor types have not been provided for external table {name}. "
                              f"Use fields {name}_structure or {name}_types to do so.", 36, "BAD_ARGUMENTS")
@@ -351,8 +362,9 @@ async def handle(request: HttpRequest) -> Response:
         check_statement(engine_request.query + " " + engine_request.insert_settings)
         engine_request.external = external
         engine_request.query_id = query_id
-        readonly = user.readonly or (2 if request.method == "GET" else 0)
-        engine_request.settings = _limits(engine_request.settings, readonly)
+        engine_request.settings, engine_request.readonly = _limits(
+            engine_request.settings, user.readonly or (2 if request.method == "GET" else 0))
+        engine_request.user_readonly = user.readonly
         session = None
         if params.get("session_id"):
             timeout = int(params.get("session_timeout") or DEFAULT_SESSION_TIMEOUT)
@@ -393,8 +405,10 @@ async def handle(request: HttpRequest) -> Response:
     return Response(payload, headers=headers, media_type="application/octet-stream")
 
 
+# Formats that end every row with one line break and escape line breaks inside values (CSV quotes them instead).
 _LINE_FORMATS = re.compile(r"(?i)(TabSeparated|TSV|CSV|JSONEachRow|JSONCompactEachRow|JSONStringsEachRow|"
-                           r"JSONCompactStringsEachRow|JSONLines|NDJSON|TSKV|LineAsString)(Raw)?(WithNames)?(AndTypes)?$")
+                           r"JSONCompactStringsEachRow|JSONLines|NDJSON|TSKV)(WithNames)?(AndTypes)?$")
+_CSV_QUOTED = re.compile(rb'"(?:[^"]|"")*"')
 _JSON_ROWS = re.compile(rb'\n\t"rows": (\d+),?\n')
 
 
@@ -402,22 +416,31 @@ def _result_rows(output_format: str, data: bytes) -> int:
     """Rows in a result, for the summary header: counted in line formats and JSON; 0 where the format hides them."""
     line = _LINE_FORMATS.match(output_format)
     if line:
-        return max(data.count(b"\n") - (1 if line.group(3) else 0) - (1 if line.group(4) else 0), 0)
+        if line.group(1).upper() == "CSV":
+            data = _CSV_QUOTED.sub(b"", data)
+        return max(data.count(b"\n") - (1 if line.group(2) else 0) - (1 if line.group(3) else 0), 0)
     if output_format.startswith("JSON"):
         match = _JSON_ROWS.search(data[-4096:])
         return int(match.group(1)) if match else 0
     return 0
 
 
-def _limits(settings: dict[str, str], readonly: int) -> dict[str, str]:
-    """The user's (or GET's) `readonly` goes first, so the request's own settings cannot lift it."""
-    if not readonly:
-        return settings
-    wanted = settings.get("readonly", str(readonly))
-    if wanted not in ("1", "2"):
+def _limits(settings: dict[str, str], readonly: int) -> tuple[dict[str, str], int]:
+    """The request's settings without `readonly`, and the `readonly` level it runs at.
+
+    The user's (or a GET's) level is a floor: the request may ask for stricter, never for less.
+    """
+    rest = {k: v for k, v in settings.items() if k != "readonly"}
+    wanted = settings.get("readonly", "")
+    if wanted and wanted not in ("0", "1", "2"):
+        raise BadRequest(f"Invalid value {wanted!r} for readonly: expected 0, 1 or 2", 36, "BAD_ARGUMENTS")
+    level = int(wanted) if wanted else readonly
+    if readonly and level not in (1, 2):
         raise BadRequest("Cannot modify 'readonly' setting in readonly mode: this user or a GET request may only "
                          "read; send writes with POST as a user that may write", 164, "READONLY")
-    return {"readonly": wanted, **{k: v for k, v in settings.items() if k != "readonly"}}
+    if readonly == 1 and level == 2:
+        level = 1
+    return rest, level
 
 
 def create_app(engine: Engine, users: Users, hosts: frozenset[str] | None) -> Starlette:
