@@ -88,6 +88,9 @@ class Session:
         self.expires = time.monotonic() + timeout
         self.lock = threading.Lock()
 
+    def touch(self) -> None:
+        self.expires = time.monotonic() + self.timeout
+
 
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
@@ -103,7 +106,9 @@ class Engine:
     def __init__(self, data_dir: Path | str):
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._base = chdb.connect(str(self.data_dir))  # keeps the engine open between requests
+        # The first connection starts the engine, with a users file that lets its internal user answer
+        # `SHOW POLICIES` / `SHOW USERS` (access management); later connections join that engine.
+        self._base = chdb.connect(f"{self.data_dir}?config-file={_engine_config(self.data_dir)}")
         # The engine's own zone follows TZ of this process; clients need it to read DateTime values.
         self.timezone = self._base.query("SELECT timezone()", "TabSeparatedRaw").bytes().decode().strip()
         self._sessions: dict[tuple[str, str], Session] = {}
@@ -136,31 +141,31 @@ class Engine:
     # ---- queries ----------------------------------------------------------------------------
     def execute(self, request: Request, session: Session | None = None) -> Result:
         """Run one request on a connection of its own, or on its session's connection."""
-        if request.query_id:
-            self._register(request.query_id, request.query)
-        try:
-            if session is None:
-                conn = chdb.connect(str(self.data_dir))
-                try:
-                    return self._run(conn, request, restore=False)
-                finally:
-                    conn.close()
-            if not session.lock.acquire(blocking=False):
-                raise EngineError("Code: 373. DB::Exception: Session is locked by a concurrent client. "
-                                  "(SESSION_IS_LOCKED)")
+        timezone = request.settings.get("session_timezone") or self.timezone
+        with self._prepared(request, session) as (conn, statement, output_format):
+            res = conn.query(statement, output_format, params=request.params)
+            return Result(res.bytes(), rows_read=res.rows_read(), bytes_read=res.bytes_read(),
+                          rows_written=res.rows_written(), bytes_written=res.bytes_written(),
+                          elapsed=res.elapsed(), timezone=timezone)
+
+    def stream(self, request: Request, session: Session | None = None) -> Iterator[bytes]:
+        """The result in the chunks the engine produces (a long result never sits whole in memory).
+
+        An error after the first chunk is raised from the iteration, as EngineError.
+        """
+        with self._prepared(request, session) as (conn, statement, output_format):
+            result = conn.send_query(statement, output_format, params=request.params)
             try:
-                return self._run(session.conn, request, restore=True)
+                for chunk in result:
+                    data = chunk.bytes()
+                    if data:
+                        yield data
             finally:
-                session.expires = time.monotonic() + session.timeout
-                session.lock.release()
-        finally:
-            if request.query_id:
-                with self._guard:
-                    self._running.pop(request.query_id, None)
+                result.close()
 
     def cancel(self, query_id: str) -> bool:
-        """Kill the engine query of a running request (client gone, timed out); True if one was running."""
-        with self._guard:
+        """Stop the engine query of a running request (client gone, timed out); True if one was running."""
+        with self._guard:  # a streamed query runs on its reader's thread too, so the same KILL finds it
             running = self._running.get(query_id)
         if running is None:
             return False
@@ -178,39 +183,67 @@ class Engine:
                                   "(QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING)")
             self._running[query_id] = (threading.get_native_id(), text)
 
-    def _run(self, conn, request: Request, restore: bool) -> Result:
-        timezone = request.settings.get("session_timezone") or self.timezone
-        with ExitStack() as stack:
-            try:
-                for table in request.external:  # before the settings: `readonly` would refuse it
-                    path = stack.enter_context(_in_file(table.data))
-                    conn.query(f"CREATE TEMPORARY TABLE {_identifier(table.name)} ENGINE = Memory AS "
-                               f"SELECT * FROM file({_quote(path)}, {_quote(table.format)}, {_quote(table.structure)})")
-                    stack.callback(_drop_quietly, conn, table.name)
-                if restore:
-                    self._session_state(conn, request, stack)
+    @contextmanager
+    def _prepared(self, request: Request, session: Session | None):
+        """(connection, statement, format) with the request's tables, settings and database in place.
+
+        Engine errors inside become EngineError; a session's connection is drained after one, as
+        chDB 4.4 hands a failed query's leftover output to the next query on that connection.
+        """
+        if request.query_id:
+            self._register(request.query_id, request.query)
+        try:
+            with ExitStack() as stack:
+                if session is None:
+                    conn = chdb.connect(str(self.data_dir))
+                    stack.callback(conn.close)
                 else:
-                    if request.readonly:  # first, so nothing the request sets can lift it
-                        conn.query(f"SET readonly = {request.readonly}")
-                    for name, value in request.settings.items():
-                        conn.query(f"SET {_identifier(name)} = {_quote(value)}")
-                    if request.database:
-                        conn.query(f"USE {_identifier(request.database)}")
-                statement, output_format = request.query, request.output_format
-                if request.insert_format:
-                    statement = _insert_statement(request, stack.enter_context(_in_file(request.data)))
-                    output_format = "TabSeparated"
-                if restore and request.readonly > request.user_readonly:
-                    _check_read_only(conn, statement, request.readonly)
-                if request.query_id:  # what `cancel` looks for in system.processes
-                    with self._guard:
-                        self._running[request.query_id] = (threading.get_native_id(), statement)
-                res = conn.query(statement, output_format, params=request.params)
-                return Result(res.bytes(), rows_read=res.rows_read(), bytes_read=res.bytes_read(),
-                              rows_written=res.rows_written(), bytes_written=res.bytes_written(),
-                              elapsed=res.elapsed(), timezone=timezone)
-            except RuntimeError as exc:  # chDB's ChdbError (a RuntimeError) carries ClickHouse's text
-                raise EngineError(_clean(str(exc))) from None
+                    if not session.lock.acquire(blocking=False):
+                        raise EngineError("Code: 373. DB::Exception: Session is locked by a concurrent client. "
+                                          "(SESSION_IS_LOCKED)")
+                    stack.callback(session.lock.release)
+                    stack.callback(session.touch)
+                    conn = session.conn
+                try:
+                    statement, output_format = self._prepare(conn, request, session is not None, stack)
+                    if request.query_id:  # what `cancel` looks for in system.processes
+                        with self._guard:
+                            self._running[request.query_id] = (threading.get_native_id(), statement)
+                    yield conn, _engine_text(statement), output_format
+                except RuntimeError as exc:  # chDB's ChdbError (a RuntimeError) carries ClickHouse's text
+                    if session is not None:
+                        _drain(conn)
+                    raise EngineError(_clean(str(exc))) from None
+        finally:
+            if request.query_id:
+                with self._guard:
+                    self._running.pop(request.query_id, None)
+
+    def _prepare(self, conn, request: Request, in_session: bool, stack: ExitStack) -> tuple[str, str]:
+        for table in request.external:  # before the settings: `readonly` would refuse it
+            path = stack.enter_context(_in_file(table.data))
+            formats = ", ".join(f"{_identifier(k)} = {_quote(v)}" for k, v in request.settings.items()
+                                if k.startswith(("input_format_", "format_")))  # e.g. errors to skip
+            conn.query(f"CREATE TEMPORARY TABLE {_identifier(table.name)} ENGINE = Memory AS "
+                       f"SELECT * FROM file({_quote(path)}, {_quote(table.format)}, {_quote(table.structure)})"
+                       + (f" SETTINGS {formats}" if formats else ""))
+            stack.callback(_drop_quietly, conn, table.name)
+        if in_session:
+            self._session_state(conn, request, stack)
+        else:
+            if request.readonly:  # first, so nothing the request sets can lift it
+                conn.query(f"SET readonly = {request.readonly}")
+            for name, value in request.settings.items():
+                conn.query(f"SET {_identifier(name)} = {_quote(value)}")
+            if request.database:
+                conn.query(f"USE {_identifier(request.database)}")
+        statement, output_format = request.query, request.output_format
+        if request.insert_format:
+            statement = _insert_statement(request, stack.enter_context(_in_file(request.data)))
+            output_format = "TabSeparated"
+        if in_session and request.readonly > request.user_readonly:
+            _check_read_only(conn, statement, request.readonly)
+        return statement, output_format
 
     @staticmethod
     def _session_state(conn, request: Request, stack: ExitStack) -> None:
@@ -268,6 +301,23 @@ def _check_read_only(conn, statement: str, level: int) -> None:
                           "readonly in the URL may only read. (READONLY)")
 
 
+def _drain(conn) -> None:
+    """Take a failed query's leftover output off a connection that will be used again."""
+    try:
+        conn.query("SELECT 1 WHERE 0", "TabSeparated")
+    except RuntimeError:
+        pass
+
+
+def _engine_text(statement: str) -> str | bytes:
+    """The statement as chDB takes it: bytes where the body held binary data (a `$name$` heredoc)."""
+    try:
+        statement.encode("utf-8")
+    except UnicodeEncodeError:
+        return statement.encode("utf-8", "surrogateescape")
+    return statement
+
+
 def _current_database(conn) -> str:
     return conn.query("SELECT currentDatabase()", "TabSeparatedRaw").bytes().decode().rstrip("\n")
 
@@ -317,4 +367,25 @@ def _in_file(data: bytes) -> Iterator[str]:
 
 def _clean(message: str) -> str:
     """ClickHouse's own text, without chDB's wrappers or its repeated `Code: N. DB::Exception:` prefix."""
-    return _REPEATED_PREFIX.sub(r"\1", message).strip()
+    start = message.find("Code: ")
+    return _REPEATED_PREFIX.sub(r"\1", message[start if start > 0 else 0:]).strip()
+
+
+_USERS_XML = """<clickhouse>
+  <profiles><default/></profiles>
+  <quotas><default/></quotas>
+  <users><default>
+    <password></password><networks><ip>::1</ip><ip>127.0.0.1</ip></networks>
+    <profile>default</profile><quota>default</quota><access_management>1</access_management>
+  </default></users>
+</clickhouse>
+"""
+
+
+def _engine_config(data_dir: Path) -> Path:
+    """The engine's own config: its in-process user (the store's users and passwords are in store/access.py)."""
+    users = data_dir / "tracetune-engine-users.xml"
+    users.write_text(_USERS_XML)
+    config = data_dir / "tracetune-engine.xml"
+    config.write_text(f"<clickhouse><users_config>{users}</users_config></clickhouse>\n")
+    return config

@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import queue
 import re
+import secrets
+import threading
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -23,7 +26,7 @@ import lz4.frame
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from store.access import READER, AccessDenied, Users, check_origin, check_statement, credentials
@@ -110,18 +113,24 @@ def _decompress(body: bytes, encoding: str) -> bytes:
     raise BadRequest(f"Unsupported Content-Encoding {encoding!r}; supported: {', '.join(_SUPPORTED_ENCODINGS)}")
 
 
-def _compress(body: bytes, accept: str) -> tuple[bytes, str | None]:
-    wanted = [part.split(";")[0].strip().lower() for part in accept.split(",")]
-    for encoding in wanted:
-        if encoding == "lz4":
-            return lz4.frame.compress(body), "lz4"
-        if encoding == "zstd" and _zstd:
-            return _zstd.compress(body), "zstd"
-        if encoding == "gzip":
-            return gzip.compress(body, compresslevel=3), "gzip"
-        if encoding == "deflate":
-            return zlib.compress(body, 3), "deflate"
-    return body, None
+def _encoding(accept: str) -> str | None:
+    """The first encoding in Accept-Encoding that the store can write."""
+    for part in accept.split(","):
+        encoding = part.split(";")[0].strip().lower()
+        if encoding in _SUPPORTED_ENCODINGS:
+            return encoding
+    return None
+
+
+def _compress(body: bytes, encoding: str) -> bytes:
+    """One self-contained frame (lz4, zstd) or member (gzip): streamed chunks concatenate into one valid body."""
+    if encoding == "lz4":
+        return lz4.frame.compress(body)
+    if encoding == "zstd" and _zstd:
+        return _zstd.compress(body)
+    if encoding == "gzip":
+        return gzip.compress(body, compresslevel=3)
+    return zlib.compress(body, 3)
 
 
 def _tokens(text: bytes) -> Iterator[tuple[str, bytes, int, int]]:
@@ -189,7 +198,7 @@ def _insert(head: bytes, settings_at: int, format_at: int, fmt: str, end: int, r
 
 def _output_format(text: str) -> str | None:
     """The trailing `FORMAT X` of one statement; refuses a second statement as ClickHouse does."""
-    raw = text.encode()
+    raw = text.encode("utf-8", "surrogateescape")
     tokens = list(_tokens(raw))
     for i, (_, token, start, _) in enumerate(tokens):
         if token == b";" and i + 1 < len(tokens):
@@ -204,6 +213,16 @@ def _output_format(text: str) -> str | None:
                 and (i + 2 == len(words) or words[i + 2] == b"SETTINGS")):
             return tokens[i + 1][1].decode()
     return None
+
+
+_SHOW_CREATE_SYSTEM = re.compile(r"(?is)\s*SHOW\s+CREATE\s+(?:TEMPORARY\s+)?(?:TABLE\s+)?`?system`?\.`?(\w+)`?")
+_SYSTEM_TABLE_DDL = (
+    "SELECT concat('CREATE TABLE system.', {tracetune_system_table:String}, '\\n(\\n', "
+    "arrayStringConcat(groupArray(concat('    `', name, '` ', type)), ',\\n'), '\\n)\\nENGINE = ', "
+    "(SELECT any(engine) FROM system.tables WHERE database = 'system' AND name = {tracetune_system_table:String})) "
+    "AS statement FROM system.columns WHERE database = 'system' AND table = {tracetune_system_table:String} "
+    "HAVING count() > 0"
+)
 
 
 def parse_request(params: dict[str, str], body: bytes) -> Request:
@@ -224,12 +243,18 @@ def parse_request(params: dict[str, str], body: bytes) -> Request:
         data = head[insert.data_start:] + (body if query_param else b"")
         return Request(insert.statement, database=database, settings=settings, params=query_params,
                        insert_format=insert.format, insert_settings=insert.settings, data=data)
-    text = query_param + ("\n" if query_param and body else "") + body.decode("utf-8", "replace")
+    # Bytes that are not UTF-8 (a binary `$name$` heredoc) pass through to the engine unchanged.
+    text = query_param + ("\n" if query_param and body else "") + body.decode("utf-8", "surrogateescape")
     text = text.strip()
     if not text:
         raise BadRequest("Empty query. Send the query in the request body or the `query` parameter",
                          62, "SYNTAX_ERROR")
-    output_format = _output_format(text) or default_format
+    given_format = _output_format(text)
+    output_format = given_format or default_format
+    system_table = _SHOW_CREATE_SYSTEM.match(text)
+    if system_table:  # the engine keeps no DDL for system tables; answer it from system.columns
+        text = _SYSTEM_TABLE_DDL + (f" FORMAT {given_format}" if given_format else "")
+        query_params = {**query_params, "tracetune_system_table": system_table.group(1)}
     return Request(text, output_format=output_format, database=database, settings=settings,
                    params=query_params)
 
@@ -374,6 +399,10 @@ async def handle(request: HttpRequest) -> Response:
         return _error(str(exc), exc.code, getattr(exc, "status", None) or _HTTP_STATUS.get(exc.code, 400))
     except EngineError as exc:
         return _error(str(exc), exc.code)
+    encoding = _encoding(request.headers.get("accept-encoding", "")) \
+        if params.get("enable_http_compression") in ("1", "true") else None
+    if _streamed(engine_request, params) and encoding != "deflate":
+        return await _stream(request, engine, engine_request, session, encoding)
     try:
         result = await _execute(request, engine, engine_request, session)
     except EngineError as exc:
@@ -395,14 +424,114 @@ async def handle(request: HttpRequest) -> Response:
     }
     if session is not None:
         headers["X-ClickHouse-Session-Id"] = params["session_id"]
-    if not engine_request.insert_format:
-        headers["X-ClickHouse-Format"] = engine_request.output_format
+    if not engine_request.insert_format and (result.data or _first_word(engine_request.query) in _RESULT_WORDS):
+        headers["X-ClickHouse-Format"] = engine_request.output_format  # as ClickHouse: only with a result set
     payload = result.data
-    if params.get("enable_http_compression") in ("1", "true") and payload:
-        payload, encoding = _compress(payload, request.headers.get("accept-encoding", ""))
-        if encoding:
-            headers["Content-Encoding"] = encoding
+    if encoding and payload:
+        payload = _compress(payload, encoding)
+        headers["Content-Encoding"] = encoding
     return Response(payload, headers=headers, media_type="application/octet-stream")
+
+
+# Statements with a result set (ClickHouse names their format in X-ClickHouse-Format; DDL, SET and INSERT have none).
+_RESULT_WORDS = {"SELECT", "WITH", "SHOW", "DESC", "DESCRIBE", "EXISTS", "EXPLAIN", "CHECK", "KILL", "VALUES", "FROM"}
+# Formats whose chunks concatenate into one valid result (no per-chunk header or footer).
+_STREAMED_FORMATS = {"native", "rowbinary", "tabseparated", "tsv", "tabseparatedraw", "tsvraw", "csv", "jsoneachrow",
+                     "jsoncompacteachrow", "jsonstringseachrow", "jsoncompactstringseachrow", "jsonlines", "ndjson"}
+_FIRST_WORD = re.compile(r"(?:\s|--[^\n]*\n|/\*.*?\*/|\()*([A-Za-z]+)", re.DOTALL)
+
+
+def _first_word(text: str) -> str:
+    match = _FIRST_WORD.match(text)
+    return match.group(1).upper() if match else ""
+
+
+def _streamed(engine_request: Request, params: dict[str, str]) -> bool:
+    """A SELECT in a concatenable format is sent as the engine produces it, unless the client waits for the end."""
+    return (not engine_request.insert_format and _first_word(engine_request.query) in ("SELECT", "WITH")
+            and engine_request.output_format.lower() in _STREAMED_FORMATS
+            and params.get("wait_end_of_query", "0") not in ("1", "true"))
+
+
+def _exception_block(message: str, tag: str) -> bytes:
+    """An error after the response began, as ClickHouse writes it into the stream (X-ClickHouse-Exception-Tag)."""
+    text = message.rstrip().encode()
+    return (b"\r\n__exception__\r\n" + tag.encode() + b"\r\n" + text + b"\n" + str(len(text)).encode() + b" "
+            + tag.encode() + b"\r\n__exception__\r\n")
+
+
+async def _stream(request: HttpRequest, engine: Engine, engine_request: Request, session, encoding: str | None):
+    """Stream the result: errors before the first chunk are HTTP errors, later ones an exception block."""
+    chunks: queue.Queue = queue.Queue(maxsize=16)
+    stop = threading.Event()
+
+    def produce() -> None:
+        results = engine.stream(engine_request, session)
+        try:
+            for data in results:
+                while not stop.is_set():
+                    try:
+                        chunks.put(("data", data), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            chunks.put(("end", b""))
+        except EngineError as exc:
+            chunks.put(("error", exc))
+        finally:
+            results.close()
+
+    def take() -> tuple[str, object]:
+        while True:
+            try:
+                return chunks.get(timeout=0.2)
+            except queue.Empty:
+                if stop.is_set():
+                    return "end", b""
+
+    threading.Thread(target=produce, name=f"stream-{engine_request.query_id}", daemon=True).start()
+    first = asyncio.ensure_future(run_in_threadpool(take))
+    gone = asyncio.ensure_future(_client_gone(request))
+    await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if not first.done():  # the client left before the first chunk: stop the query, send nothing
+        stop.set()
+        while not first.done():
+            await run_in_threadpool(engine.cancel, engine_request.query_id)
+            await asyncio.wait({first}, timeout=0.05)
+        return Response(status_code=499)
+    kind, value = first.result()
+    if kind == "error":
+        return _error(str(value), value.code, headers={"X-ClickHouse-Query-Id": engine_request.query_id})
+    tag = secrets.token_hex(8)
+
+    async def body():
+        nonlocal kind, value
+        try:
+            while kind != "end":
+                data = value if kind == "data" else _exception_block(str(value), tag)
+                yield _compress(data, encoding) if encoding else data
+                if kind == "error":
+                    return
+                kind, value = await run_in_threadpool(take)
+        finally:
+            if kind != "end" and kind != "error":  # the client went away: stop the query
+                stop.set()
+                engine.cancel(engine_request.query_id)
+
+    timezone = engine_request.settings.get("session_timezone") or engine.timezone
+    zero = dict.fromkeys(("read_rows", "read_bytes", "written_rows", "written_bytes", "total_rows_to_read",
+                          "result_rows", "result_bytes", "elapsed_ns"), "0")
+    headers = {"X-ClickHouse-Query-Id": engine_request.query_id, "X-ClickHouse-Exception-Tag": tag,
+               "X-ClickHouse-Format": engine_request.output_format, "X-ClickHouse-Timezone": timezone,
+               "X-ClickHouse-Server-Display-Name": "tracetune-embedded", "X-ClickHouse-Summary": json.dumps(zero)}
+    if session is not None:
+        headers["X-ClickHouse-Session-Id"] = request.query_params.get("session_id", "")
+    if encoding:
+        headers["Content-Encoding"] = encoding
+    return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
 
 
 # Formats that end every row with one line break and escape line breaks inside values (CSV quotes them instead).

@@ -283,8 +283,12 @@ ROWS_WITH_BREAKS = "SELECT number, concat('a\\tb\\nc,', toString(number)) AS s F
 
 @pytest.mark.parametrize("fmt", ["TabSeparated", "TabSeparatedWithNames", "JSONEachRow", "JSON", "CSV"])
 def test_summary_counts_result_rows(http, fmt):
-    """`result_rows` is the number of rows, whatever the format (here values hold tabs, line breaks, commas)."""
-    response = _ok(http.post("/", content=ROWS_WITH_BREAKS.format(fmt=fmt)))
+    """`result_rows` is the number of rows, whatever the format (here values hold tabs, line breaks, commas).
+
+    As in ClickHouse, the summary is final when the client waits for the end of the query; a streamed
+    response sends its headers before the rows exist.
+    """
+    response = _ok(http.post("/", content=ROWS_WITH_BREAKS.format(fmt=fmt), params={"wait_end_of_query": "1"}))
     assert response.headers["X-ClickHouse-Format"] == fmt
     summary = json.loads(response.headers["X-ClickHouse-Summary"])
     assert summary["result_rows"] == "5"

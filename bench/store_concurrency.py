@@ -5,7 +5,7 @@ engine serialises every call behind one lock, as the store did before, and the s
 For each it measures `SELECT 1` alone, `SELECT 1` and small inserts while a CPU-heavy query runs,
 eight threads of `SELECT 1`, and how long a query keeps running after its client timed out.
 
-    .venv/bin/python bench/store.py [--slow-seconds 4]
+    .venv/bin/python bench/store_concurrency.py [--slow-seconds 4]
 """
 
 from __future__ import annotations
