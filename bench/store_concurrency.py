@@ -40,6 +40,10 @@ def _serve(port: int, home: str, locked: bool) -> None:
             with self._one:
                 return super().execute(request, session)
 
+        def stream(self, request, session=None):
+            with self._one:
+                yield from super().stream(request, session)
+
         def cancel(self, query_id: str) -> bool:  # the old store could not stop a query
             return False
 
@@ -91,14 +95,18 @@ def _measure(url: str, slow_seconds: float, tag: str) -> dict[str, float]:
         idle = [_timed(client, "SELECT 1") for _ in range(200)]
         out["SELECT 1 alone p50 ms"], out["SELECT 1 alone p99 ms"] = _ms(idle, 0.5), _ms(idle, 0.99)
 
-        slow = threading.Thread(target=lambda: client.post(
-            "/", content=SLOW.format(tag=tag), params={"max_execution_time": str(slow_seconds)}))
-        slow.start()
-        time.sleep(0.3)
-        busy = [_timed(client, "SELECT 1") for _ in range(5)]
-        inserts = [_timed(client, f"INSERT INTO marks VALUES ({i})") for i in range(5)]
-        slow.join()
-        out["SELECT 1 beside a slow query p50 ms"] = _ms(busy, 0.5)
+        busy, inserts = [], []
+        for round_ in range(3):  # a SELECT 1 and an insert sent together while the slow query runs
+            slow = threading.Thread(target=client.post, args=("/",), kwargs={
+                "content": SLOW.format(tag=f"{tag}-{round_}"), "params": {"max_execution_time": str(slow_seconds)}})
+            slow.start()
+            time.sleep(0.3)
+            with ThreadPoolExecutor(2) as pool:
+                select = pool.submit(_timed, client, "SELECT 1")
+                insert = pool.submit(_timed, client, f"INSERT INTO marks VALUES ({round_})")
+                busy.append(select.result())
+                inserts.append(insert.result())
+            slow.join()
         out["SELECT 1 beside a slow query max ms"] = _ms(busy, 1.0)
         out["insert beside a slow query max ms"] = _ms(inserts, 1.0)
 
@@ -113,8 +121,9 @@ def _measure(url: str, slow_seconds: float, tag: str) -> dict[str, float]:
         out["8 threads SELECT 1 per s"] = len(many) / (time.perf_counter() - started)
 
         marker = f"bench-timeout-{tag}"
-        try:
-            client.post("/", content=SLOW.format(tag=marker), timeout=1.0)
+        try:  # with one lock and no cancel it runs until its own limit (3x the slow query)
+            client.post("/", content=SLOW.format(tag=marker), timeout=1.0,
+                        params={"max_execution_time": str(3 * slow_seconds)})
         except httpx.TimeoutException:
             pass
         gone_at = time.perf_counter()
@@ -147,7 +156,11 @@ def main() -> None:
                 results[name] = _measure(url, args.slow_seconds, name.replace(" ", "-"))
             finally:
                 proc.terminate()
-                proc.wait(20)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
     old, new = results["one engine lock"], results["connection per request"]
     print(f"\nembedded store, {os.cpu_count()} cores, slow query {args.slow_seconds:g} s\n")
