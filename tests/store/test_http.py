@@ -7,7 +7,6 @@ import io
 import json
 import struct
 import zlib
-from collections.abc import Iterator
 
 import httpx
 import lz4.frame
@@ -54,16 +53,6 @@ ENCODINGS = ["gzip", "deflate", "lz4", pytest.param("zstd", marks=_needs_zstd)]
 
 def _json_each_row(rows=ROWS) -> bytes:
     return b"".join(json.dumps({"id": i, "name": n, "attrs": a, "ts": t}).encode() + b"\n" for i, n, a, t in rows)
-
-
-@pytest.fixture
-def http(db_settings) -> Iterator[httpx.Client]:
-    """A plain HTTP client on the store, in the test's own database."""
-    target = db_settings.clickhouse_target()
-    with httpx.Client(base_url=f"http://{target['host']}:{target['port']}",
-                      auth=(target["username"], target["password"]),
-                      params={"database": db_settings.database}, timeout=30) as client:
-        yield client
 
 
 @pytest.fixture

@@ -6,27 +6,14 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
-import httpx
 import lz4.frame
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from tests.conftest import wait_until
-from tracetune.settings import Settings
 
 FAILS_AT_ROW_100 = "SELECT number, sleepEachRow(0.001), throwIf(number = 100) FROM numbers(200)"
-
-
-@pytest.fixture
-def http(db_settings: Settings) -> Iterator[httpx.Client]:
-    target = db_settings.clickhouse_target()
-    with httpx.Client(base_url=f"http://{target['host']}:{target['port']}",
-                      auth=(target["username"], target["password"]),
-                      params={"database": db_settings.database}, timeout=60) as client:
-        yield client
 
 
 def test_an_error_after_the_first_rows_ends_the_stream_with_clickhouses_exception_block(http):
