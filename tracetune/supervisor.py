@@ -94,6 +94,30 @@ def _tail(path: Path | None, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int):
+    """A pre-exec hook: the child gets SIGTERM when this process ends, however it ends (even SIGKILL).
+
+    Each child runs in its own session (Ctrl-C reaches only the supervisor, which stops them in
+    order), so without this a killed supervisor would leave them all holding their ports. Linux
+    keeps the parent-death signal across exec; elsewhere there is no such hook and this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork: the child only calls it
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
 class Supervisor:
     def __init__(self, settings: Settings, parts: list[Component], echo=print):
         self.settings = settings
@@ -128,7 +152,8 @@ class Supervisor:
             part.log = self.log_dir / f"{part.name}.log"
             with part.log.open("wb") as out:
                 part.proc = subprocess.Popen(part.args, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             preexec_fn=_die_with_parent(os.getpid()))
             self._wait_ready(part, timeout)
             self.echo(f"  {part.name:<10} {part.url}")
 
