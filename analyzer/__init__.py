@@ -1,7 +1,7 @@
 """Analyzer: SQL over spans answering what a pipeline costs in time, errors and money."""
 
-from analyzer.cost import COST_DIMENSIONS, cost_over_time, cost_per_1k, cost_per_request
-from analyzer.drift import (
+from tracetune.analyzer.cost import COST_DIMENSIONS, cost_over_time, cost_per_1k, cost_per_request
+from tracetune.analyzer.drift import (
     DRIFT_COLUMNS,
     Thresholds,
     compute_drift,
@@ -10,11 +10,11 @@ from analyzer.drift import (
     latest_drift,
     store_drift,
 )
-from analyzer.prices import PricesError, PriceTable
-from analyzer.prices import current as current_prices
-from analyzer.prices import load as load_prices
-from analyzer.prices import publish as publish_prices
-from analyzer.slo import (
+from tracetune.analyzer.prices import PricesError, PriceTable
+from tracetune.analyzer.prices import current as current_prices
+from tracetune.analyzer.prices import load as load_prices
+from tracetune.analyzer.prices import publish as publish_prices
+from tracetune.analyzer.slo import (
     SLO,
     SLO_STATUS_COLUMNS,
     BurnWindow,
@@ -28,8 +28,8 @@ from analyzer.slo import (
     save_slo,
     slo_status,
 )
-from analyzer.slo import alerts as slo_alerts
-from analyzer.stats import (
+from tracetune.analyzer.slo import alerts as slo_alerts
+from tracetune.analyzer.stats import (
     BATCHING_COLUMNS,
     DIMENSIONS,
     LATENCY_COLUMNS,
@@ -40,7 +40,7 @@ from analyzer.stats import (
     parse_window,
     step_stats,
 )
-from analyzer.traces import ROOT_STEP, SpanRecord, critical_path, self_times, step_breakdown, step_times
+from tracetune.analyzer.traces import ROOT_STEP, SpanRecord, critical_path, self_times, step_breakdown, step_times
 
 __all__ = [
     "BATCHING_COLUMNS", "batching",

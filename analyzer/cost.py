@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import polars as pl
-
-from analyzer.prices import PricesError, PriceTable, current
-from analyzer.stats import parse_window
+from tracetune.analyzer.prices import PricesError, PriceTable, current
+from tracetune.analyzer.stats import parse_window
 
 __all__ = ["COST_DIMENSIONS", "cost_over_time", "cost_per_1k", "cost_per_request", "resolve_prices"]
 
@@ -170,7 +169,7 @@ def resolve_prices(client, prices: PriceTable | None) -> PriceTable:
     table = prices if prices is not None else current(client)
     if table is None:
         raise PricesError("no price table is published in tracetune_prices; publish prices.toml with "
-                          "analyzer.prices.publish(client, analyzer.prices.load())")
+                          "tracetune.analyzer.prices.publish(client, tracetune.analyzer.prices.load())")
     return table
 
 
@@ -244,7 +243,7 @@ def _cost_per_1k_rollup(client, since: str | int, keys: list[str], pipeline: str
     priced here on those few rows. Batched compute is the batch spans' total duration (the sum of every
     request's batch share); unbatched compute is the step spans' duration (their self time: executor
     steps are leaves). Per-call prices match the step name only (the provider is not rolled up)."""
-    from analyzer.stats import _ROLLUPS, HOURLY_FROM_SECONDS
+    from tracetune.analyzer.stats import _ROLLUPS, HOURLY_FROM_SECONDS
 
     unknown = [k for k in keys if k not in _ROLLUP_DIMENSIONS]
     if unknown:

@@ -21,9 +21,8 @@ import numpy as np
 import polars as pl
 from scipy import stats as _stats
 from scipy.spatial import distance as _distance
-
-from analyzer._time import epoch_ns, utc
-from analyzer.stats import parse_window
+from tracetune.analyzer._time import epoch_ns, utc
+from tracetune.analyzer.stats import parse_window
 
 __all__ = ["DRIFT_COLUMNS", "STATUSES", "Thresholds", "chi_square", "compare", "compute_drift", "default_windows",
            "feature_status", "jensen_shannon", "ks_test", "latest_drift", "psi", "store_drift", "validate_thresholds",

@@ -8,10 +8,9 @@ import threading
 from datetime import UTC, datetime
 
 import polars as pl
-
-from analyzer.drift import compute_drift, default_windows, store_drift
-from analyzer.prices import load, publish
-from analyzer.slo import SLOError, list_slos, slo_status
+from tracetune.analyzer.drift import compute_drift, default_windows, store_drift
+from tracetune.analyzer.prices import load, publish
+from tracetune.analyzer.slo import SLOError, list_slos, slo_status
 
 log = logging.getLogger("tracetune.analyzer")
 

@@ -12,12 +12,14 @@ import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 __all__ = ["DEFAULT_PRICES_PATH", "ModelPrice", "PriceTable", "PricesError", "current", "load", "parse", "publish"]
 
-DEFAULT_PRICES_PATH = Path(__file__).resolve().parent.parent / "prices.toml"
+# The bundled price table ships inside the package (a wheel has no repository root to look in).
+DEFAULT_PRICES_PATH = Path(str(resources.files("tracetune.analyzer").joinpath("prices.toml")))
 
 # section -> the one number each entry of it carries (besides models, which carry two)
 _SECTIONS = {"models": ("input_per_1m", "output_per_1m"), "routes": ("core_second",), "calls": ("per_call",)}

@@ -15,13 +15,12 @@ import matplotlib.pyplot as plt
 import polars as pl
 from jinja2 import Environment, select_autoescape
 from markupsafe import Markup
-
-from analyzer.cost import cost_per_1k
-from analyzer.drift import compute_drift, default_windows, feature_status
-from analyzer.prices import PriceTable
-from analyzer.slo import list_slos, slo_status
-from analyzer.stats import batching, latency, latency_series, parse_window
-from analyzer.traces import step_breakdown
+from tracetune.analyzer.cost import cost_per_1k
+from tracetune.analyzer.drift import compute_drift, default_windows, feature_status
+from tracetune.analyzer.prices import PriceTable
+from tracetune.analyzer.slo import list_slos, slo_status
+from tracetune.analyzer.stats import batching, latency, latency_series, parse_window
+from tracetune.analyzer.traces import step_breakdown
 
 _PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#9d755d"]
 
@@ -118,7 +117,7 @@ def build_report(client, since: str = "1h", prices: PriceTable | None = None, pi
 
     env = Environment(autoescape=select_autoescape(["html"]))
     env.filters["num"] = lambda v, digits=2: "-" if v is None or v != v else f"{v:,.{digits}f}"
-    template = env.from_string(resources.files("analyzer.templates").joinpath("report.html").read_text())
+    template = env.from_string(resources.files("tracetune.analyzer").joinpath("templates", "report.html").read_text())
     return template.render(
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), since=since, pipeline=pipeline or "all pipelines",
         stats=stats.to_dicts(), batching=batches.to_dicts(), totals=totals.to_dicts(), cost=cost.to_dicts(),

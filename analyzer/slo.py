@@ -25,9 +25,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import polars as pl
-
-from analyzer._time import epoch_ns, utc
-from analyzer.stats import parse_window
+from tracetune.analyzer._time import epoch_ns, utc
+from tracetune.analyzer.stats import parse_window
 
 __all__ = ["BURN_WINDOWS_30D", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "Objective", "SLOError", "alerts",
            "burn_rate", "burn_windows", "error_budget_remaining", "get_slo", "list_slos", "request_counts",

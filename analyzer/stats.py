@@ -27,7 +27,8 @@ STEP_STATS_COLUMNS = ["pipeline", "step", "requests", "errors", "error_rate", "p
 HOURLY_FROM_SECONDS = 6 * 3600
 _ROLLUPS = {"minute": ("tracetune_spans_1m", "minute", "toStartOfMinute"),
             "hour": ("tracetune_spans_1h", "hour", "toStartOfHour")}
-_SQL = {name: resources.files("analyzer.sql").joinpath(f"latency_{name}.sql").read_text() for name in ("rollup", "raw")}
+_SQL_DIR = resources.files("tracetune.analyzer").joinpath("sql")
+_SQL = {name: _SQL_DIR.joinpath(f"latency_{name}.sql").read_text() for name in ("rollup", "raw")}
 _WINDOW = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -81,8 +82,8 @@ def step_stats(client, since: str | int = "5m", pipeline: str = "", source: Sour
 
 
 _SERIES_SQL = {
-    "raw": resources.files("analyzer.sql").joinpath("step_latency_series.sql").read_text(),
-    "rollup": resources.files("analyzer.sql").joinpath("step_latency_series_rollup.sql").read_text(),
+    "raw": _SQL_DIR.joinpath("step_latency_series.sql").read_text(),
+    "rollup": _SQL_DIR.joinpath("step_latency_series_rollup.sql").read_text(),
 }
 
 
@@ -105,7 +106,7 @@ def latency_series(client, since: str | int = "15m", pipeline: str = "", bucket_
         columns)
 
 
-BATCHING_SQL = resources.files("analyzer.sql").joinpath("batching.sql").read_text()
+BATCHING_SQL = _SQL_DIR.joinpath("batching.sql").read_text()
 BATCHING_COLUMNS = ["pipeline", "step", "route", "batched_spans", "batch_size_p50", "batch_size_p95", "batch_size_max",
                     "queue_ms_p50", "queue_ms_p95", "queue_ms_p99", "queue_ms_max", "size_histogram"]
 

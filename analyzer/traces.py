@@ -15,8 +15,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import polars as pl
-
-from analyzer.stats import parse_window
+from tracetune.analyzer.stats import parse_window
 
 __all__ = ["MAX_TRACES", "ROOT_STEP", "STEP_BREAKDOWN_COLUMNS", "SpanRecord", "StepTime", "critical_path",
            "self_times", "step_breakdown", "step_times"]

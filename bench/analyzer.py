@@ -26,9 +26,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import analyzer  # noqa: E402
-import store  # noqa: E402
 from tests.conftest import make_settings  # noqa: E402
+from tracetune import analyzer, store  # noqa: E402
 
 # Spans in traces of five: a root (the request) and four steps, 4 pipelines x 2 routes x 6 tenants,
 # lognormal durations per step, an LLM step with GenAI token counts, timestamps over the last 24 h,

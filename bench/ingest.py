@@ -326,7 +326,7 @@ def measure_ceilings(settings: Settings, templates: list[Template], store_pid: i
         spans += SPANS_PER_REQUEST * len(templates)
     result = Ceilings(spans / (time.perf_counter() - start), settings.collector_batch_rows)
 
-    import store  # the schema and its materialized views, exactly as the collector's database has them
+    from tracetune import store  # the schema and its materialized views, exactly as the collector's database has them
 
     scratch = settings.replace(database="bench_ceiling")
     try:

@@ -17,11 +17,12 @@ def serve(settings: Settings) -> None:
     Acknowledged spans live in `<home>/wal` until ClickHouse has them, so a crash or an outage loses
     nothing: the next start replays them.
     """
-    import store
-    from collector.ingest import Ingest
-    from collector.receivers import create_app
-    from collector.wal import WriteAheadLog
-    from collector.writer import SpanWriter
+    from tracetune.collector.ingest import Ingest
+    from tracetune.collector.receivers import create_app
+    from tracetune.collector.wal import WriteAheadLog
+    from tracetune.collector.writer import SpanWriter
+
+    from tracetune import store
     from tracetune.serving import serve as serve_app
 
     store.connect(settings, wait=60)  # schema in place before the first insert
@@ -37,7 +38,7 @@ def serve(settings: Settings) -> None:
     writer.start()
     grpc_server = None
     try:
-        from collector.grpc import serve_grpc
+        from tracetune.collector.grpc import serve_grpc
 
         token = settings.secret("collector")
         grpc_server = serve_grpc(ingest, settings.bind_host, settings.collector_grpc_port,

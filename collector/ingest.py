@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-from collector import metrics
-from collector.rows import checked_span_count, convert
-from collector.wal import WalError, WriteAheadLog
-from collector.writer import Entry, SpanWriter
+from tracetune.collector import metrics
+from tracetune.collector.rows import checked_span_count, convert
+from tracetune.collector.wal import WalError, WriteAheadLog
+from tracetune.collector.writer import Entry, SpanWriter
 
 log = logging.getLogger("tracetune.collector")
 

@@ -29,9 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-
-from collector import metrics
-from collector.ingest import Ingest, IngestError
+from tracetune.collector import metrics
+from tracetune.collector.ingest import Ingest, IngestError
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"

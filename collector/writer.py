@@ -22,10 +22,9 @@ from typing import Any
 
 import pyarrow as pa
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
-from collector import columns, metrics
-from collector.rows import COLUMNS, QUARANTINE_COLUMNS, convert
-from collector.wal import Intent, WriteAheadLog
+from tracetune.collector import columns, metrics
+from tracetune.collector.rows import COLUMNS, QUARANTINE_COLUMNS, convert
+from tracetune.collector.wal import Intent, WriteAheadLog
 
 log = logging.getLogger("tracetune.collector")
 

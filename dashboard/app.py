@@ -8,10 +8,10 @@ live in `dashboard/tabs.py`, the shaping of frames in `dashboard/frames.py`.
 from __future__ import annotations
 
 import streamlit as st
+from tracetune.analyzer import step_stats
+from tracetune.dashboard.queries import StoreUnavailable, address, query, show_unavailable
+from tracetune.dashboard.tabs import ALL_PIPELINES, TABS
 
-from analyzer import step_stats
-from dashboard.queries import StoreUnavailable, address, query, show_unavailable
-from dashboard.tabs import ALL_PIPELINES, TABS
 from tracetune import settings as settings_mod
 from tracetune.settings import SettingsError
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import streamlit as st
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
-import store
+from tracetune import store
 from tracetune.settings import Settings
 
 __all__ = ["SPAN_TABLE", "StoreUnavailable", "address", "query", "show_unavailable", "target_key"]

@@ -13,9 +13,7 @@ import altair as alt
 import pandas as pd
 import polars as pl
 import streamlit as st
-
-import analyzer
-from analyzer import (
+from tracetune.analyzer import (
     PricesError,
     PriceTable,
     SLOError,
@@ -31,9 +29,11 @@ from analyzer import (
     step_breakdown,
     step_stats,
 )
-from dashboard import frames
-from dashboard.frames import format_money, format_ms, with_series
-from dashboard.queries import StoreUnavailable, query, show_unavailable, target_key
+from tracetune.dashboard import frames
+from tracetune.dashboard.frames import format_money, format_ms, with_series
+from tracetune.dashboard.queries import StoreUnavailable, query, show_unavailable, target_key
+
+from tracetune import analyzer
 from tracetune.settings import Settings
 
 __all__ = ["ALL_PIPELINES", "BUCKET_SECONDS", "DRIFT_WINDOWS", "TABS"]

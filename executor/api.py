@@ -13,8 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
-
-from executor.pipelines import Pipeline, StepError
+from tracetune.executor.pipelines import Pipeline, StepError
 
 
 def create_app(pipelines: dict[str, Pipeline], max_in_flight: int = 256) -> Starlette:

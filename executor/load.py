@@ -18,8 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-
-from executor.corpus import CATEGORIES, Ticket, make_ticket
+from tracetune.executor.corpus import CATEGORIES, Ticket, make_ticket
 
 PATTERNS = ("steady", "step", "burst", "daily")
 DRIFTS = ("category_mix", "text_length", "unseen_vocab")

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from executor import encoder as _encoder
-from executor.corpus import CATEGORIES, generate
-from executor.encoder import DIM, ENCODER_FILES, MAX_TOKENS, TOKENIZER_FILE, Encoder, ModelFilesMissing
+from tracetune.executor import encoder as _encoder
+from tracetune.executor.corpus import CATEGORIES, generate
+from tracetune.executor.encoder import DIM, ENCODER_FILES, MAX_TOKENS, TOKENIZER_FILE, Encoder, ModelFilesMissing
 
 __all__ = ["build_models", "TicketClassifier", "Encoder", "ModelFilesMissing", "PUBLISHED_SENTENCES",
            "model_paths", "similarities"]

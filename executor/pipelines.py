@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
-
-from executor import metrics
-from executor.batcher import Batcher
-from executor.cache import TTLCache, normalise
-from executor.router import WeightedRouter, should_escalate
-from tuner.config import PipelineConfig, default_config
+from tracetune.executor import metrics
+from tracetune.executor.batcher import Batcher
+from tracetune.executor.cache import TTLCache, normalise
+from tracetune.executor.router import WeightedRouter, should_escalate
+from tracetune.tuner.config import PipelineConfig, default_config
 
 MAX_TICKET_CHARS = 4000
 
@@ -191,7 +190,7 @@ def _create_followup(pipeline: TicketTriage, task: Task, span: trace.Span, _: Pi
     span.set_attribute("tracetune.route", "crm")
     if pipeline.followups is None:
         return
-    from executor.effects import SideEffectFailed
+    from tracetune.executor.effects import SideEffectFailed
 
     payload = {"task_id": task.task_id, "category": task.data["category"], "priority": task.data["priority"],
                "tenant": task.tenant, "summary": task.data["text"][:200]}

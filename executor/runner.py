@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from executor.pipelines import Pipeline, TicketTriage
+from tracetune.executor.pipelines import Pipeline, TicketTriage
+
 from tracetune.settings import Settings
 
 log = logging.getLogger("tracetune.executor")
@@ -14,9 +15,9 @@ VARIANTS = ("fp32", "int8")
 
 def build_pipeline(settings: Settings, tracer=None, dead_letters=None) -> Pipeline:
     """The configured pipeline with its models, LLM cascade and CRM side effect wired to settings."""
-    from executor.effects import DeadLetters, crm_followups
-    from executor.llm import ChatClient
-    from executor.models import TicketClassifier, build_models
+    from tracetune.executor.effects import DeadLetters, crm_followups
+    from tracetune.executor.llm import ChatClient
+    from tracetune.executor.models import TicketClassifier, build_models
 
     if settings.pipeline != TicketTriage.name:
         raise SystemExit(f"unknown pipeline {settings.pipeline!r}; this executor runs: {TicketTriage.name}")
@@ -24,17 +25,17 @@ def build_pipeline(settings: Settings, tracer=None, dead_letters=None) -> Pipeli
     classifiers = {v: TicketClassifier(settings.models_dir, variant=v) for v in VARIANTS}
     llm = ChatClient(settings.llm_base_url, settings.llm_model, api_key=settings.llm_api_key)
     if dead_letters is None:
-        import store
-
+        from tracetune import store
         dead_letters = DeadLetters(lambda: store.connect(settings, ensure_schema=False))
     followups = crm_followups(settings.crm_base_url, pipeline=TicketTriage.name, dead_letters=dead_letters)
     return TicketTriage(classifiers, tracer=tracer, llm=llm.classify, followups=followups)
 
 
 def run(settings: Settings) -> None:
-    from executor.api import create_app
-    from executor.telemetry import setup_tracing
-    from executor.tuning import ConfigPoller
+    from tracetune.executor.api import create_app
+    from tracetune.executor.telemetry import setup_tracing
+    from tracetune.executor.tuning import ConfigPoller
+
     from tracetune.serving import serve as serve_app
 
     provider = setup_tracing(settings.collector_url, token=settings.secret("collector"))

@@ -20,7 +20,7 @@ def schema_statements() -> list[tuple[str, str]]:
 
     A file holds one statement, or several separated by a line that is only `;`.
     """
-    files = sorted(p for p in resources.files("store.sql").iterdir() if p.name.endswith(".sql"))
+    files = sorted(p for p in resources.files("tracetune.store").joinpath("sql").iterdir() if p.name.endswith(".sql"))
     return [(p.name, part.strip()) for p in files for part in re.split(r"(?m)^;[ \t]*$", p.read_text())
             if part.strip()]
 
@@ -81,9 +81,10 @@ def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0, r
 
 def serve(settings: Settings) -> None:
     """Run the embedded store (chDB behind the ClickHouse HTTP interface) until stopped."""
-    from store.access import User, Users, allowed_hosts
-    from store.engine import Engine
-    from store.server import create_app
+    from tracetune.store.access import User, Users, allowed_hosts
+    from tracetune.store.engine import Engine
+    from tracetune.store.server import create_app
+
     from tracetune.serving import serve as serve_app
 
     users = Users([User(*settings.store_credentials(readonly=False), readonly=0),

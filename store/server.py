@@ -28,9 +28,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
-
-from store.access import READER, AccessDenied, Users, check_origin, check_statement, credentials
-from store.engine import Engine, EngineError, ExternalTable, Request
+from tracetune.store.access import READER, AccessDenied, Users, check_origin, check_statement, credentials
+from tracetune.store.engine import Engine, EngineError, ExternalTable, Request
 
 try:
     from compression import zstd as _zstd  # Python 3.14+

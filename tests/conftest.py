@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-import store
 from tracetune import settings as settings_mod
+from tracetune import store
 from tracetune.settings import Settings
 
 
@@ -120,7 +120,7 @@ class ThreadServer:
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The demo models, built once per session with the real training and ONNX export."""
-    from executor.models import build_models
+    from tracetune.executor.models import build_models
 
     path = tmp_path_factory.mktemp("models")
     build_models(path)

@@ -41,8 +41,7 @@ def store(ctx: click.Context) -> None:
     if not s.embedded:
         raise click.ClickException("TRACETUNE_CLICKHOUSE_URL is set: the embedded store is not used; unset it "
                                    "to run the embedded store")
-    import store as store_mod
-
+    from tracetune import store as store_mod
     store_mod.serve(s)
 
 
@@ -50,8 +49,8 @@ def store(ctx: click.Context) -> None:
 @click.pass_context
 def collector(ctx: click.Context) -> None:
     """Run the OTLP collector (HTTP POST /v1/traces on 4318, gRPC on 4317) writing to ClickHouse."""
-    import collector as collector_mod
-    from collector.wal import WalError
+    from tracetune import collector as collector_mod
+    from tracetune.collector.wal import WalError
 
     try:
         collector_mod.serve(_settings(ctx))
@@ -65,8 +64,7 @@ def collector(ctx: click.Context) -> None:
 @click.pass_context
 def tuner(ctx: click.Context) -> None:
     """Run the tuner API (GET /v1/pipelines/{p}/config, OpenAPI at /docs; default port 8700)."""
-    import tuner as tuner_mod
-
+    from tracetune import tuner as tuner_mod
     tuner_mod.serve(_settings(ctx))
 
 
@@ -74,7 +72,7 @@ def tuner(ctx: click.Context) -> None:
 @click.pass_context
 def executor(ctx: click.Context) -> None:
     """Run the executor: pipelines behind POST /v1/pipelines/{p}/tasks, /metrics, polling the tuner."""
-    from executor.runner import run
+    from tracetune.executor.runner import run
 
     run(_settings(ctx))
 
@@ -83,7 +81,7 @@ def executor(ctx: click.Context) -> None:
 @click.pass_context
 def standins(ctx: click.Context) -> None:
     """Run the stand-in remote services: an OpenAI-compatible LLM (8808) and a CRM (8809)."""
-    from executor.standins import serve_standins
+    from tracetune.executor.standins import serve_standins
 
     s = _settings(ctx)
     serve_standins(s.bind_host, s.llm_port, s.crm_port)
@@ -108,7 +106,7 @@ def standins(ctx: click.Context) -> None:
 def load(ctx: click.Context, rate, duration, pattern, duplicates, drifts, tenants, seed, period, no_progress,
          as_json) -> None:
     """Drive a pipeline open-loop (Poisson arrivals) and record ground truth for quality."""
-    from executor.load import Drift, LoadPlan
+    from tracetune.executor.load import Drift, LoadPlan
 
     s = _settings(ctx)
     try:
@@ -134,14 +132,13 @@ def analyzer_cmd(ctx: click.Context) -> None:
     import signal
     import threading
 
-    from analyzer.loop import run
+    from tracetune.analyzer.loop import run
 
     s = _settings(ctx)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    import store as store_mod
-
+    from tracetune import store as store_mod
     client = store_mod.connect(s, wait=60)
     run(client, s.prices_file, s.analyzer_interval_seconds, stop)
 
@@ -194,7 +191,7 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None) -> None
 def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool, source: str,
           as_json: bool) -> None:
     """Per-step requests, error rate, p50, p95, p99 (ms) over a trailing window."""
-    import analyzer
+    from tracetune import analyzer
     from tracetune.terminal import console, frame_table, step_table
 
     _window(since)
@@ -222,8 +219,7 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
 
 def _client(s: Settings, readonly: bool = False):
     """A store client; `readonly` reads as the store's read-only user (nothing the command does can write)."""
-    import store as store_mod
-
+    from tracetune import store as store_mod
     try:
         return store_mod.connect(s, readonly=readonly)
     except Exception as exc:  # noqa: BLE001 - any failure to reach ClickHouse gets the same one-line answer
@@ -233,8 +229,7 @@ def _client(s: Settings, readonly: bool = False):
 
 
 def _window(since: str) -> None:
-    import analyzer
-
+    from tracetune import analyzer
     try:
         analyzer.parse_window(since)
     except ValueError as exc:
@@ -242,8 +237,7 @@ def _window(since: str) -> None:
 
 
 def _prices(s: Settings, client):
-    import analyzer
-
+    from tracetune import analyzer
     try:
         table = analyzer.load_prices(s.prices_file) if s.prices_file else analyzer.load_prices()
         analyzer.publish_prices(client, table)
@@ -263,7 +257,7 @@ def _prices(s: Settings, client):
 @click.pass_context
 def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as_json: bool) -> None:
     """Cost per 1k requests (token, compute and per-call prices from prices.toml)."""
-    import analyzer
+    from tracetune import analyzer
     from tracetune.terminal import console, cost_table
 
     _window(since)
@@ -291,7 +285,7 @@ def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as
 @click.pass_context
 def drift(ctx: click.Context, current: str, reference: str, pipeline: str, save: bool, as_json: bool) -> None:
     """Drift of every tracetune.feature.* attribute and step latency: current window vs reference."""
-    import analyzer
+    from tracetune import analyzer
     from tracetune.terminal import console, drift_table
 
     _window(current)
@@ -317,7 +311,7 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
     """SLO burn rates over the multi-window pairs, firing rules and error budget remaining."""
     import polars as pl
 
-    import analyzer
+    from tracetune import analyzer
     from tracetune.terminal import console, slo_table
 
     client = _client(_settings(ctx), readonly=True)
@@ -339,7 +333,7 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
 @click.pass_context
 def report(ctx: click.Context, since: str, pipeline: str, output: str) -> None:
     """Write an HTML report: latency, critical path, cost per 1k, drift and SLOs, with charts."""
-    from analyzer.report import write_report
+    from tracetune.analyzer.report import write_report
 
     _window(since)
     s = _settings(ctx)
@@ -358,7 +352,7 @@ def models() -> None:
 @click.pass_context
 def models_build(ctx: click.Context, force: bool) -> None:
     """Train and export the demo models into .tracetune/models (reused when present)."""
-    from executor.models import build_models
+    from tracetune.executor.models import build_models
 
     report = build_models(_settings(ctx).models_dir, force=force, progress=True)
     click.echo(json.dumps(report, indent=2))

@@ -8,8 +8,8 @@ import sys
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-import store
-from executor.load import LoadPlan, ground_truth_writer, run_load
+from tracetune import store
+from tracetune.executor.load import LoadPlan, ground_truth_writer, run_load
 from tracetune.settings import Settings
 
 

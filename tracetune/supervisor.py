@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import httpx
@@ -38,7 +39,7 @@ class Component:
 
 
 def dashboard_command(settings: Settings) -> list[str]:
-    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    app = resources.files("tracetune.dashboard").joinpath("app.py")  # inside the package, wheel or source
     return [sys.executable, "-m", "streamlit", "run", str(app),
             "--server.port", str(settings.dashboard_port), "--server.address", settings.bind_host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
@@ -234,7 +235,7 @@ def _run(settings: Settings, load_rate: float, echo, body) -> int:
     _install_stop_handlers(stop)
     out.print(f"[bold]tracetune[/bold] starting (logs in {supervisor.log_dir})")
     try:
-        from executor.models import build_models
+        from tracetune.executor.models import build_models
 
         build_models(settings.models_dir, progress=True)  # first run only: the executor then starts at once
         supervisor.start()
@@ -260,8 +261,7 @@ def up(settings: Settings) -> int:
 
 def demo(settings: Settings, duration: float | None = None) -> int:
     """The whole loop under a steady load; a live per-step table, or `duration` s then the final table."""
-    import analyzer
-    import store
+    from tracetune import analyzer, store
     from tracetune.terminal import step_table
 
     rate = settings.load_rate or 20.0

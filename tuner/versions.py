@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tuner.config import PipelineConfig, default_config
+from tracetune.tuner.config import PipelineConfig, default_config
 
 LATEST_SQL = """
 SELECT config FROM tracetune_config_versions

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from tracetune.collector.rows import COLUMNS
 
-import analyzer
-from collector.rows import COLUMNS
+from tracetune import analyzer
 
 PRICES = analyzer.PriceTable(
     version="test-1", currency="USD",

@@ -11,8 +11,7 @@ import pytest
 from polars.testing import assert_frame_equal
 from scipy import stats
 from scipy.spatial import distance
-
-from analyzer.drift import (
+from tracetune.analyzer.drift import (
     DRIFT_COLUMNS,
     PSI_EPSILON,
     Thresholds,
@@ -28,7 +27,7 @@ from analyzer.drift import (
     store_drift,
     wasserstein,
 )
-from collector.rows import COLUMNS
+from tracetune.collector.rows import COLUMNS
 
 # ---- the maths against a hand computation and scipy ------------------------------------------
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from analyzer.report import build_report, write_report
-from analyzer.slo import SLO, save_slo
+from tracetune.analyzer.report import build_report, write_report
+from tracetune.analyzer.slo import SLO, save_slo
+
 from tests.analyzer.test_cost_rollup import PRICES, traffic  # noqa: F401 - the seeded-traffic fixture
 
 

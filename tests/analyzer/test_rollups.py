@@ -6,10 +6,10 @@ import time
 
 import numpy as np
 import pytest
+from tracetune.analyzer import latency, step_stats
+from tracetune.collector.rows import COLUMNS
 
-import analyzer
-from analyzer import latency, step_stats
-from collector.rows import COLUMNS
+from tracetune import analyzer
 
 ALPHA = 0.005  # the rollup's DDSketch relative accuracy
 

@@ -9,8 +9,7 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
-
-from analyzer.slo import (
+from tracetune.analyzer.slo import (
     SLO,
     SLO_STATUS_COLUMNS,
     SLOError,
@@ -26,7 +25,7 @@ from analyzer.slo import (
     slower_than,
     window_label,
 )
-from collector.rows import COLUMNS
+from tracetune.collector.rows import COLUMNS
 
 # ---- the burn-rate table -------------------------------------------------------------------------
 

@@ -6,9 +6,8 @@ import time
 
 import numpy as np
 import pytest
-
-from analyzer import latency_series, parse_window, step_stats
-from collector.rows import COLUMNS
+from tracetune.analyzer import latency_series, parse_window, step_stats
+from tracetune.collector.rows import COLUMNS
 
 
 def span_row(ts_ns: int, pipeline: str, step: str, duration_ns: int, error: bool = False) -> list:

@@ -6,8 +6,7 @@ import time
 
 import numpy as np
 import pytest
-
-from analyzer.traces import (
+from tracetune.analyzer.traces import (
     ROOT_STEP,
     SpanRecord,
     StepTime,
@@ -16,7 +15,7 @@ from analyzer.traces import (
     step_breakdown,
     step_times,
 )
-from collector.rows import COLUMNS
+from tracetune.collector.rows import COLUMNS
 
 
 def rec(span_id: str, parent: str, start: int, end: int, step: str = "") -> SpanRecord:

@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
-
-from collector import columns, rows
-from collector.rows import COLUMNS
+from tracetune.collector import columns, rows
+from tracetune.collector.rows import COLUMNS
 
 _DOUBLES = st.one_of(st.sampled_from([0.0, -0.0, 1.0, 0.1, 1e9, 1e15, 1e16, 1e21, 1e-7, 5e-324, math.inf, -math.inf,
                                       math.nan, 123456789012345.6]), st.floats(allow_nan=False))

@@ -9,13 +9,13 @@ import time
 
 import httpx
 import pytest
+from tracetune.collector.ingest import Ingest
+from tracetune.collector.wal import WriteAheadLog
+from tracetune.collector.writer import SpanWriter
 
-import store
-from collector.ingest import Ingest
-from collector.wal import WriteAheadLog
-from collector.writer import SpanWriter
 from tests.collector.otlp import batch
 from tests.conftest import make_settings, start_process, stop_process, wait_until
+from tracetune import store
 
 PB = {"content-type": "application/x-protobuf"}
 
@@ -210,7 +210,7 @@ def test_a_torn_record_at_the_end_of_the_log_is_cut_and_the_rest_replays(tmp_pat
 
 
 def test_a_second_collector_on_the_same_log_is_refused(tmp_path):
-    from collector.wal import WalError
+    from tracetune.collector.wal import WalError
 
     wal = WriteAheadLog(tmp_path / "wal")
     with pytest.raises(WalError, match="in use"):

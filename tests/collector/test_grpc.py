@@ -24,10 +24,10 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from tracetune.collector import grpc as receiver
+from tracetune.collector.grpc import SERVICE, serve_grpc
+from tracetune.collector.ingest import ExportResult, Ingest, IngestError
 
-from collector import grpc as receiver
-from collector.grpc import SERVICE, serve_grpc
-from collector.ingest import ExportResult, Ingest, IngestError
 from tests.conftest import free_port
 
 MAX_MESSAGE_BYTES = 64 * 1024

@@ -12,8 +12,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-import store
 from tests.conftest import start_process, stop_process, wait_until
+from tracetune import store
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,14 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
+from tracetune.collector.rows import COLUMNS
+from tracetune.dashboard.frames import format_money
 
-import analyzer
-from collector.rows import COLUMNS
-from dashboard.frames import format_money
 from tests.conftest import make_settings
+from tracetune import analyzer
 from tracetune.settings import Settings
 
-APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
+APP = Path(str(resources.files("tracetune.dashboard").joinpath("app.py")))
 RUN_TIMEOUT = 30  # the first run imports altair, polars and clickhouse-connect
 TAB_LABELS = ["Latency", "Cost", "Critical path", "Drift", "SLOs"]
 

@@ -11,8 +11,8 @@ import sys
 import httpx
 import pytest
 
-import store
 from tests.conftest import make_settings, start_process, stop_process, wait_until
+from tracetune import store
 
 
 def _ready(url: str, proc, log) -> bool:

@@ -7,12 +7,12 @@ import random
 
 import httpx
 import pytest
+from tracetune.executor.api import create_app
+from tracetune.executor.load import Drift, LoadPlan, TicketSource, arrivals, ground_truth_writer, rate_at, run_load
 
-import store
-from executor.api import create_app
-from executor.load import Drift, LoadPlan, TicketSource, arrivals, ground_truth_writer, rate_at, run_load
 from tests.conftest import ThreadServer
 from tests.executor.test_pipeline import classifiers, make_pipeline, remote  # noqa: F401 - fixtures
+from tracetune import store
 
 
 @pytest.fixture

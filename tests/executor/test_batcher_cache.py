@@ -9,9 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-from executor.batcher import Batcher
-from executor.cache import TTLCache, normalise
+from tracetune.executor.batcher import Batcher
+from tracetune.executor.cache import TTLCache, normalise
 
 
 def _tracing():

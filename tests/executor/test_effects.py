@@ -11,17 +11,17 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from opentelemetry.trace import StatusCode
-
-import store
-from executor.effects import (
+from tracetune.executor.effects import (
     DeadLetters,
     RetryPolicy,
     SideEffectFailed,
     crm_followups,
     parse_retry_after,
 )
-from executor.standins import create_crm_app
+from tracetune.executor.standins import create_crm_app
+
 from tests.conftest import ThreadServer, free_port
+from tracetune import store
 
 
 class Recorder:

@@ -12,11 +12,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from tracetune.executor.corpus import CATEGORIES, generate
+from tracetune.executor.effects import RetryPolicy
+from tracetune.executor.llm import ChatClient, LLMError, LLMLabelError, classification_messages
+from tracetune.executor.standins import classify_by_keywords, create_llm_app, serve_standins
 
-from executor.corpus import CATEGORIES, generate
-from executor.effects import RetryPolicy
-from executor.llm import ChatClient, LLMError, LLMLabelError, classification_messages
-from executor.standins import classify_by_keywords, create_llm_app, serve_standins
 from tests.conftest import ThreadServer, free_port, wait_until
 
 MODEL = "standin-llm-1"

@@ -7,9 +7,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-
-from executor.corpus import CATEGORIES, generate
-from executor.models import (
+from tracetune.executor.corpus import CATEGORIES, generate
+from tracetune.executor.models import (
     PUBLISHED_SENTENCES,
     Encoder,
     ModelFilesMissing,

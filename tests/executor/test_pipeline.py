@@ -12,19 +12,19 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from tracetune.executor.corpus import generate
+from tracetune.executor.effects import DeadLetters, RetryPolicy, crm_followups
+from tracetune.executor.llm import ChatClient
+from tracetune.executor.models import TicketClassifier
+from tracetune.executor.pipelines import StepError, TicketTriage
+from tracetune.executor.standins import create_crm_app, create_llm_app
+from tracetune.executor.tuning import ConfigPoller
+from tracetune.tuner import versions
+from tracetune.tuner.api import create_app
+from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
 
-import store
-from executor.corpus import generate
-from executor.effects import DeadLetters, RetryPolicy, crm_followups
-from executor.llm import ChatClient
-from executor.models import TicketClassifier
-from executor.pipelines import StepError, TicketTriage
-from executor.standins import create_crm_app, create_llm_app
-from executor.tuning import ConfigPoller
 from tests.conftest import ThreadServer, wait_until
-from tuner import versions
-from tuner.api import create_app
-from tuner.config import PipelineConfig, StepConfig, default_config
+from tracetune import store
 
 
 @pytest.fixture(scope="module")

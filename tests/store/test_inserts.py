@@ -143,8 +143,7 @@ def test_quarantine_table_keeps_a_retried_batch_once(client):
 
 
 def test_tables_from_an_older_schema_get_the_dedup_window_when_the_schema_is_applied(client, db_settings):
-    import store
-
+    from tracetune import store
     tables = ["otel_traces", "otel_traces_trace_id_ts", "tracetune_spans_1m", "tracetune_spans_1h"]
     for table in tables:  # as an older tracetune left them: no deduplication window
         client.command(f"ALTER TABLE {table} RESET SETTING non_replicated_deduplication_window")

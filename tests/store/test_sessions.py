@@ -21,8 +21,8 @@ import httpx
 import pytest
 from clickhouse_connect.driver.external import ExternalData
 
-import store
 from tests.conftest import wait_until
+from tracetune import store
 from tracetune.settings import Settings
 
 MAX_THREADS = "SELECT value, changed FROM system.settings WHERE name = 'max_threads'"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import httpx
+from tracetune.tuner import versions
+from tracetune.tuner.api import create_app
+from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
 
-import store
 from tests.conftest import ThreadServer
-from tuner import versions
-from tuner.api import create_app
-from tuner.config import PipelineConfig, StepConfig, default_config
+from tracetune import store
 
 
 def test_config_is_served_from_clickhouse_with_etag(db_settings):
