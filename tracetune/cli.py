@@ -12,11 +12,17 @@ from tracetune import settings as settings_mod
 from tracetune.settings import Settings, SettingsError
 
 
+class UserError(click.ClickException):
+    """A mistake the user can fix: one line on stderr, exit code 2 (as click's usage errors), no traceback."""
+
+    exit_code = 2
+
+
 def _settings(ctx: click.Context, **overrides) -> Settings:
     try:
         return settings_mod.load(ctx.obj.get("config"), **overrides)
     except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,7 +45,7 @@ def store(ctx: click.Context) -> None:
     """Run the embedded ClickHouse (chDB) on the ClickHouse HTTP interface (default 127.0.0.1:8123)."""
     s = _settings(ctx)
     if not s.embedded:
-        raise click.ClickException("TRACETUNE_CLICKHOUSE_URL is set: the embedded store is not used; unset it "
+        raise UserError("TRACETUNE_CLICKHOUSE_URL is set: the embedded store is not used; unset it "
                                    "to run the embedded store")
     from tracetune import store as store_mod
     store_mod.serve(s)
@@ -55,9 +61,7 @@ def collector(ctx: click.Context) -> None:
     try:
         collector_mod.serve(_settings(ctx))
     except (WalError, OSError) as exc:  # log directory in use, a port taken: one line, exit 2
-        error = click.ClickException(str(exc).splitlines()[0])
-        error.exit_code = 2
-        raise error from None
+        raise UserError(str(exc).splitlines()[0]) from None
 
 
 @cli.command()
@@ -220,12 +224,15 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
 def _client(s: Settings, readonly: bool = False):
     """A store client; `readonly` reads as the store's read-only user (nothing the command does can write)."""
     from tracetune import store as store_mod
+
     try:
         return store_mod.connect(s, readonly=readonly)
+    except SettingsError as exc:  # e.g. a password file others can read
+        raise UserError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any failure to reach ClickHouse gets the same one-line answer
         where = s.store_url if s.embedded else s.clickhouse_url
-        raise click.ClickException(f"cannot reach ClickHouse at {where}: {str(exc).splitlines()[0]} "
-                                   "(is `tracetune up` running?)") from None
+        raise UserError(f"cannot reach ClickHouse at {where}: {str(exc).splitlines()[0]} "
+                        "(is `tracetune up` running?)") from None
 
 
 def _window(since: str) -> None:
@@ -242,7 +249,7 @@ def _prices(s: Settings, client):
         table = analyzer.load_prices(s.prices_file) if s.prices_file else analyzer.load_prices()
         analyzer.publish_prices(client, table)
     except analyzer.PricesError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise UserError(str(exc)) from None
     return table
 
 
@@ -317,7 +324,7 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
     client = _client(_settings(ctx), readonly=True)
     slos = [analyzer.get_slo(client, pipeline)] if pipeline else analyzer.list_slos(client)
     if not slos or slos[0] is None:
-        raise click.ClickException(f"no SLO saved{' for ' + pipeline if pipeline else ''}; set one with "
+        raise UserError(f"no SLO saved{' for ' + pipeline if pipeline else ''}; set one with "
                                    "PUT /v1/pipelines/{p}/slo on the tuner")
     frame = pl.concat([analyzer.slo_status(client, s.pipeline, slo=s, source=source) for s in slos])
     if as_json:
