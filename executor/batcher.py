@@ -41,6 +41,13 @@ class _Pending:
 
 
 class Batcher:
+    """Collects single items into batches for `run_batch`: up to `max_size`, waiting at most `max_wait_ms`.
+
+    Callers block on `submit`; one thread runs the batches, emits a batch span linked to the callers'
+    spans, and optionally groups items of similar length to cut padding. `configure` takes new
+    knobs from the tuner without a restart.
+    """
+
     def __init__(self, name: str, run_batch: Callable[[list[Any]], list[Any]], max_size: int = 8,
                  max_wait_ms: float = 5.0, tracer: trace.Tracer | None = None,
                  on_batch: Callable[[int, float], None] | None = None,

@@ -45,7 +45,7 @@ def run(settings: Settings) -> None:
     log.warning("executor ready: pipeline %s, config version %s", pipeline.name, pipeline.config.version)
     try:
         serve_app(create_app({pipeline.name: pipeline}, settings.executor_max_in_flight), settings.bind_host,
-                  settings.executor_metrics_port, timeout_graceful_shutdown=30)
+                  settings.executor_port, timeout_graceful_shutdown=30)
     finally:
         poller.stop()
         pipeline.close()

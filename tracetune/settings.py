@@ -27,6 +27,12 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
+    """Every knob of every tracetune process, validated once at start (see `load` and `validate`).
+
+    Frozen: a process reads its settings once; children get the same values through `as_env()`.
+    Secrets left empty are generated once into files of mode 0600 in `home`.
+    """
+
     # Where data lives and which ClickHouse to use.
     home: Path = Path(".tracetune")
     clickhouse_url: str = ""  # empty: the embedded store (chDB) at store_host:store_port
@@ -37,7 +43,7 @@ class Settings:
     collector_port: int = 4318
     collector_grpc_port: int = 4317
     tuner_port: int = 8700
-    executor_metrics_port: int = 9464
+    executor_port: int = 9464
     dashboard_port: int = 8501
     llm_port: int = 8808
     crm_port: int = 8809
@@ -118,11 +124,11 @@ class Settings:
 
     @property
     def executor_url(self) -> str:
-        return f"http://{self.bind_host}:{self.executor_metrics_port}"
+        return f"http://{self.bind_host}:{self.executor_port}"
 
     @property
     def executor_metrics_url(self) -> str:
-        return f"http://{self.bind_host}:{self.executor_metrics_port}/metrics"
+        return f"http://{self.bind_host}:{self.executor_port}/metrics"
 
     def secret(self, name: str) -> str:
         """The bearer token `<name>_token`, else one generated once into <home>/<name>.token (mode 0600)."""

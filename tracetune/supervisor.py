@@ -65,7 +65,7 @@ def components(settings: Settings, load_rate: float, with_dashboard: bool = True
         parts.append(Component("standins", tracetune + ["standins"], settings.llm_port,
                                f"http://{settings.bind_host}:{settings.llm_port}/v1/models",
                                f"{settings.llm_base_url} (LLM), {settings.crm_base_url} (CRM)"))
-    parts.append(Component("executor", tracetune + ["executor"], settings.executor_metrics_port,
+    parts.append(Component("executor", tracetune + ["executor"], settings.executor_port,
                            f"{settings.executor_url}/health", f"{settings.executor_url}/v1/pipelines/"
                            f"{settings.pipeline}/tasks, {settings.executor_metrics_url}"))
     parts.append(Component("analyzer", tracetune + ["analyzer"], None, "",
@@ -134,7 +134,7 @@ class Supervisor:
             if busy:
                 part.port = busy[0]
                 field = {"store": "STORE_PORT", "collector": "COLLECTOR_PORT", "tuner": "TUNER_PORT",
-                         "standins": "LLM_PORT", "executor": "EXECUTOR_METRICS_PORT",
+                         "standins": "LLM_PORT", "executor": "EXECUTOR_PORT",
                          "dashboard": "DASHBOARD_PORT"}[part.name]
                 if part.name == "standins" and part.port == self.settings.crm_port:
                     field = "CRM_PORT"
@@ -226,7 +226,7 @@ def _password_source(settings: Settings, readonly: bool) -> str:
     return "store_password" if settings.store_password else str(settings.store_password_file(False))
 
 
-def _run(settings: Settings, load_rate: float, echo, body) -> int:
+def _run(settings: Settings, load_rate: float, body) -> int:
     from tracetune.terminal import console
 
     out = console()
@@ -256,7 +256,7 @@ def up(settings: Settings) -> int:
         out.print("tracetune is up; Ctrl-C stops it")
         return _watch(supervisor, stop, 1.0)
 
-    return _run(settings, 0.0, print, body)
+    return _run(settings, 0.0, body)
 
 
 def demo(settings: Settings, duration: float | None = None) -> int:
@@ -299,4 +299,4 @@ def demo(settings: Settings, duration: float | None = None) -> int:
                     live.console.print(f"[yellow]stats unavailable: {exc}[/yellow]")
             return _watch(supervisor, stop, 2.0, tick)
 
-    return _run(settings.replace(load_rate=rate), rate, print, body)
+    return _run(settings.replace(load_rate=rate), rate, body)

@@ -11,6 +11,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class StepConfig:
+    """One step's knobs as the tuner serves them: batching and caching (defaults when a step has none)."""
+
     batch_max_size: int = 8
     batch_max_wait_ms: float = 5.0
     cache_enabled: bool = True
@@ -25,6 +27,12 @@ class StepConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    """A versioned config for one pipeline: per-step knobs, route weights per step, named thresholds.
+
+    What executors poll (`GET /v1/pipelines/{p}/config`); `version` grows with every change and
+    `etag` follows it, so a poll with `If-None-Match` costs nothing when nothing changed.
+    """
+
     pipeline: str
     version: int = 1
     steps: dict[str, StepConfig] = field(default_factory=dict)

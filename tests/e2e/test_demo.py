@@ -25,7 +25,7 @@ def _listening(port: int) -> bool:
 
 
 def _ports(settings) -> list[int]:
-    return [settings.store_port, settings.collector_port, settings.tuner_port, settings.executor_metrics_port,
+    return [settings.store_port, settings.collector_port, settings.tuner_port, settings.executor_port,
             settings.dashboard_port, settings.llm_port, settings.crm_port]
 
 
