@@ -43,7 +43,7 @@ class _Pending:
 class Batcher:
     """Collects single items into batches for `run_batch`: up to `max_size`, waiting at most `max_wait_ms`.
 
-    Callers block on `submit`; one thread runs the batches, emits a batch span linked to the callers'
+    `submit` returns a Future; one thread runs the batches, emits a batch span linked to the callers'
     spans, and optionally groups items of similar length to cut padding. `configure` takes new
     knobs from the tuner without a restart.
     """
