@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 from tracetune.analyzer.cost import cost_over_time, cost_per_1k, cost_per_request
 from tracetune.analyzer.prices import DEFAULT_PRICES_PATH, ModelPrice, PricesError, PriceTable, current, load, publish
-from tracetune.collector.rows import COLUMNS
 
+from tests.spans import COLUMNS, span_row
 from tracetune import store
 
 MS = 1_000_000
@@ -27,9 +27,9 @@ PRICES = PriceTable(
 def span(trace: str, span_id: str, parent: str, start_ms: float, end_ms: float, attrs: dict, name: str = "",
          base: int = 0, links: tuple = ()) -> list:
     start = base + int(start_ms * MS)
-    return [start, trace, span_id, parent, "", name or attrs.get("tracetune.step", "span"), "SPAN_KIND_INTERNAL",
-            "svc", {}, "", "", attrs, int((end_ms - start_ms) * MS), "STATUS_CODE_UNSET", "",
-            [], [], [], [t for t, _ in links], [s for _, s in links], ["" for _ in links], [{} for _ in links]]
+    return span_row(start, trace_id=trace, span_id=span_id, parent=parent,
+                    name=name or attrs.get("tracetune.step", "span"), attrs=attrs,
+                    duration=int((end_ms - start_ms) * MS), links=links)
 
 
 def root(trace: str, pipeline: str, tenant: str, base: int, end_ms: float = 1000) -> list:

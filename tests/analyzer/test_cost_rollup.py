@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from tracetune.collector.rows import COLUMNS
 
+from tests.spans import COLUMNS, span_row
 from tracetune import analyzer
 
 PRICES = analyzer.PriceTable(
@@ -19,9 +19,8 @@ PRICES = analyzer.PriceTable(
 
 def span(trace: str, span_id: str, parent: str, name: str, start: int, duration: int, attrs: dict,
          links: list[tuple[str, str]] = ()) -> list:
-    return [start, trace, span_id, parent, "", name, "SPAN_KIND_INTERNAL", "svc", {}, "", "", attrs, duration,
-            "STATUS_CODE_UNSET", "", [], [], [], [t for t, _ in links], [s for _, s in links], ["" for _ in links],
-            [{} for _ in links]]
+    return span_row(start, trace_id=trace, span_id=span_id, parent=parent, name=name, attrs=attrs, duration=duration,
+                    links=links)
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from tracetune.analyzer.drift import (
     store_drift,
     wasserstein,
 )
-from tracetune.collector.rows import COLUMNS
+
+from tests.spans import COLUMNS, span_row
 
 # ---- the maths against a hand computation and scipy ------------------------------------------
 
@@ -166,9 +167,7 @@ REFERENCE, CURRENT = default_windows(NOW, current="10m", reference="1h")
 
 
 def _span(ts: datetime, attrs: dict[str, str], duration_ns: int, offset: int) -> list:
-    ts_ns = int(ts.timestamp()) * 10**9 + offset
-    return [ts_ns, "cd" * 16, f"{ts_ns % (1 << 63):016x}", "", "", "step", "SPAN_KIND_INTERNAL", "svc", {}, "", "",
-            attrs, duration_ns, "STATUS_CODE_UNSET", "", [], [], [], [], [], [], []]
+    return span_row(int(ts.timestamp()) * 10**9 + offset, name="step", attrs=attrs, duration=duration_ns)
 
 
 def _seed(client, n: int = 1500) -> None:

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 from tracetune.analyzer import latency, step_stats
-from tracetune.collector.rows import COLUMNS
 
+from tests.spans import COLUMNS, span_row
 from tracetune import analyzer
 
 ALPHA = 0.005  # the rollup's DDSketch relative accuracy
@@ -25,9 +25,9 @@ def row(ts: int, pipeline: str, step: str, duration: int, *, route="", tenant=""
     if batch:
         attrs["tracetune.batch_size"] = str(batch)
         attrs["tracetune.queue_ms"] = str(queue)
-    return [ts, "cd" * 16, f"{ts % (1 << 62):016x}", "" if root else "00000000000000aa", "", step or pipeline,
-            "SPAN_KIND_INTERNAL", "svc", {}, "", "", attrs, duration,
-            status or ("STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET"), "", [], [], [], [], [], [], []]
+    return span_row(ts, span_id=f"{ts % (1 << 62):016x}", parent="" if root else "00000000000000aa",
+                    name=step or pipeline, attrs=attrs, duration=duration,
+                    status=status or ("STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET"))
 
 
 @pytest.fixture

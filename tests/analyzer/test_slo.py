@@ -25,7 +25,8 @@ from tracetune.analyzer.slo import (
     slower_than,
     window_label,
 )
-from tracetune.collector.rows import COLUMNS
+
+from tests.spans import COLUMNS, span_row
 
 # ---- the burn-rate table -------------------------------------------------------------------------
 
@@ -182,8 +183,8 @@ def _span(at: datetime, attrs: dict[str, str], duration_ms: float, error: bool, 
     """A task span; failures alternate pdata's `Error` and the proto name `STATUS_CODE_ERROR` (both count)."""
     ts_ns = int(at.timestamp()) * 10**9 + n
     status = ("Error" if n % 100 else "STATUS_CODE_ERROR") if error else "Unset"
-    return [ts_ns, f"{n:032x}", f"{ts_ns % (1 << 63):016x}", "", "", "task", "Server", "svc", {}, "", "",
-            attrs, int(duration_ms * 1e6), status, "", [], [], [], [], [], [], []]
+    return span_row(ts_ns, trace_id=f"{n:032x}", name="task", kind="Server", attrs=attrs,
+                    duration=int(duration_ms * 1e6), status=status)
 
 
 def _seed(client) -> None:

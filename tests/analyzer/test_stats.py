@@ -7,14 +7,14 @@ import time
 import numpy as np
 import pytest
 from tracetune.analyzer import latency_series, parse_window, step_stats
-from tracetune.collector.rows import COLUMNS
+
+from tests.spans import COLUMNS, span_row
 
 
-def span_row(ts_ns: int, pipeline: str, step: str, duration_ns: int, error: bool = False) -> list:
+def step_span(ts_ns: int, pipeline: str, step: str, duration_ns: int, error: bool = False) -> list:
     attrs = {"tracetune.pipeline": pipeline, "tracetune.step": step} if step else {"tracetune.pipeline": pipeline}
-    return [ts_ns, "ab" * 16, f"{ts_ns % (1 << 63):016x}", "", "", step or pipeline, "SPAN_KIND_INTERNAL", "svc", {},
-            "", "", attrs, duration_ns, "STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET", "",
-            [], [], [], [], [], [], []]
+    return span_row(ts_ns, trace_id="ab" * 16, name=step or pipeline, attrs=attrs, duration=duration_ns,
+                    status="STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET")
 
 
 def test_step_percentiles_match_numpy_and_window_is_respected(client):
@@ -26,11 +26,11 @@ def test_step_percentiles_match_numpy_and_window_is_respected(client):
             durations = rng.lognormal(np.log(scale), 0.6, size=500).astype(np.int64)
             errors = rng.random(500) < 0.03
             for i, (d, e) in enumerate(zip(durations, errors, strict=False)):
-                rows.append(span_row(now - int(60e9 * rng.random()) - i, pipeline, step, int(d), bool(e)))
+                rows.append(step_span(now - int(60e9 * rng.random()) - i, pipeline, step, int(d), bool(e)))
             expected[(pipeline, step)] = (durations, errors)
             # Old spans outside a 5-minute window must not count.
-            rows += [span_row(now - int(3600e9) - i, pipeline, step, 10**12) for i in range(50)]
-        rows.append(span_row(now - 1000, pipeline, "", 5 * 10**7))  # a root span is not a step
+            rows += [step_span(now - int(3600e9) - i, pipeline, step, 10**12) for i in range(50)]
+        rows.append(step_span(now - 1000, pipeline, "", 5 * 10**7))  # a root span is not a step
     client.insert("otel_traces", rows, column_names=COLUMNS)
 
     frame = step_stats(client, "5m", source="raw")

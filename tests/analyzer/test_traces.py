@@ -15,7 +15,8 @@ from tracetune.analyzer.traces import (
     step_breakdown,
     step_times,
 )
-from tracetune.collector.rows import COLUMNS
+
+from tests.spans import COLUMNS, span_row
 
 
 def rec(span_id: str, parent: str, start: int, end: int, step: str = "") -> SpanRecord:
@@ -125,9 +126,8 @@ def test_random_traces_tile_the_root_and_self_time_matches_a_brute_force_count()
 
 
 def stored(trace: str, span_id: str, parent: str, start_ms: float, end_ms: float, base: int, attrs: dict) -> list:
-    return [base + int(start_ms * 1e6), trace, span_id, parent, "", attrs.get("tracetune.step", "x"),
-            "SPAN_KIND_INTERNAL", "svc", {}, "", "", attrs, int((end_ms - start_ms) * 1e6), "STATUS_CODE_UNSET", "",
-            [], [], [], [], [], [], []]
+    return span_row(base + int(start_ms * 1e6), trace_id=trace, span_id=span_id, parent=parent,
+                    name=attrs.get("tracetune.step", "x"), attrs=attrs, duration=int((end_ms - start_ms) * 1e6))
 
 
 def test_step_breakdown_over_stored_traces(client):
