@@ -15,10 +15,10 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
-from tracetune.collector.rows import COLUMNS
 from tracetune.dashboard.frames import format_money
 
 from tests.conftest import make_settings
+from tests.spans import COLUMNS, span_row
 from tracetune import analyzer
 from tracetune.settings import Settings
 
@@ -50,13 +50,11 @@ def durations_ms(base: float, calls: int) -> list[float]:
 
 def _span(start_ns: int, trace: str, parent: str, name: str, duration_ns: int, attrs: dict[str, str],
           error: bool, span_id: str = "") -> list:
-    return [
-        start_ns, trace, span_id or uuid.uuid4().hex[:16], parent, "", name,
-        "SPAN_KIND_INTERNAL", "tracetune-executor", {"service.name": "tracetune-executor"},
-        "tracetune", "0.1.0", attrs, duration_ns,
-        "STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET", "step failed" if error else "",
-        [], [], [], [], [], [], [],
-    ]
+    return span_row(start_ns, trace_id=trace, span_id=span_id or uuid.uuid4().hex[:16], parent=parent, name=name,
+                    service="tracetune-executor", resource={"service.name": "tracetune-executor"},
+                    scope=("tracetune", "0.1.0"), attrs=attrs, duration=duration_ns,
+                    status="STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET",
+                    status_message="step failed" if error else "")
 
 
 def _step_attrs(pipeline: str, step: str, index: int) -> dict[str, str]:
