@@ -14,7 +14,8 @@ from tracetune.collector.wal import WriteAheadLog
 from tracetune.collector.writer import SpanWriter
 
 from tests.collector.otlp import batch
-from tests.conftest import make_settings, start_process, stop_process, wait_until
+from tests.conftest import make_settings
+from tests.servers import start_process, stop_process, wait_until
 from tracetune import store
 
 PB = {"content-type": "application/x-protobuf"}

@@ -28,7 +28,7 @@ from tracetune.collector import grpc as receiver
 from tracetune.collector.grpc import SERVICE, serve_grpc
 from tracetune.collector.ingest import ExportResult, Ingest, IngestError
 
-from tests.conftest import free_port
+from tests.servers import free_port
 
 MAX_MESSAGE_BYTES = 64 * 1024
 EXPORT = f"/{SERVICE}/Export"

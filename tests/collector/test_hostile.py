@@ -14,7 +14,7 @@ from tracetune.collector.receivers import create_app
 
 from tests.collector.otlp import batch, request
 from tests.collector.test_receiver import start_ingest, stop_ingest
-from tests.conftest import ThreadServer
+from tests.servers import ThreadServer
 from tracetune import store
 
 

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from tests.conftest import start_process, stop_process, wait_until
+from tests.servers import start_process, stop_process, wait_until
 from tracetune import store
 
 

@@ -19,7 +19,7 @@ from tracetune.collector.wal import WriteAheadLog
 from tracetune.collector.writer import SpanWriter
 
 from tests.collector.otlp import TRACE, batch, otlp_json, request, span
-from tests.conftest import ThreadServer, free_port, wait_until
+from tests.servers import ThreadServer, free_port, wait_until
 from tracetune import store
 
 PB = {"content-type": "application/x-protobuf"}

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import make_settings, wait_until
+from tests.conftest import make_settings
+from tests.servers import wait_until
 
 
 def _env(settings) -> dict[str, str]:

@@ -11,7 +11,8 @@ import sys
 import httpx
 import pytest
 
-from tests.conftest import make_settings, start_process, stop_process, wait_until
+from tests.conftest import make_settings
+from tests.servers import start_process, stop_process, wait_until
 from tracetune import store
 
 

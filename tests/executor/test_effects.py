@@ -20,7 +20,7 @@ from tracetune.executor.effects import (
 )
 from tracetune.executor.standins import create_crm_app
 
-from tests.conftest import ThreadServer, free_port
+from tests.servers import ThreadServer, free_port
 from tracetune import store
 
 

@@ -17,7 +17,7 @@ from tracetune.executor.effects import RetryPolicy
 from tracetune.executor.llm import ChatClient, LLMError, LLMLabelError, classification_messages
 from tracetune.executor.standins import classify_by_keywords, create_llm_app, serve_standins
 
-from tests.conftest import ThreadServer, free_port, wait_until
+from tests.servers import ThreadServer, free_port, wait_until
 
 MODEL = "standin-llm-1"
 

@@ -23,7 +23,7 @@ from tracetune.tuner import versions
 from tracetune.tuner.api import create_app
 from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
 
-from tests.conftest import ThreadServer, wait_until
+from tests.servers import ThreadServer, wait_until
 from tracetune import store
 
 

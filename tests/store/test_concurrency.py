@@ -9,7 +9,7 @@ import uuid
 
 import httpx
 
-from tests.conftest import wait_until
+from tests.servers import wait_until
 
 # Seconds of CPU on one core per billion rows; far longer than any test waits, so only a cancel ends it.
 SLOW = "SELECT count() FROM numbers(100000000000) WHERE sipHash64(number) % 7 = 3 /* {marker} */"

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from clickhouse_connect.driver.external import ExternalData
 
-from tests.conftest import wait_until
+from tests.servers import wait_until
 from tracetune import store
 from tracetune.settings import Settings
 

@@ -11,7 +11,7 @@ import lz4.frame
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.conftest import wait_until
+from tests.servers import wait_until
 
 FAILS_AT_ROW_100 = "SELECT number, sleepEachRow(0.001), throwIf(number = 100) FROM numbers(200)"
 

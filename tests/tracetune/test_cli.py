@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.servers import free_port
 
 
 def _tracetune(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:

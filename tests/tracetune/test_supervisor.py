@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.servers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 

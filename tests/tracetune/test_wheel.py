@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_settings, stop_process
+from tests.conftest import make_settings
+from tests.servers import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 

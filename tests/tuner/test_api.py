@@ -9,7 +9,7 @@ from tracetune.tuner import versions
 from tracetune.tuner.api import create_app
 from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
 
-from tests.conftest import ThreadServer
+from tests.servers import ThreadServer
 from tracetune import store
 
 
