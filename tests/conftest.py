@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, start_process, stop_process
+from tests.servers import free_port, start_process, stop_process, wait_until
 from tracetune import settings as settings_mod
 from tracetune import store
 from tracetune.settings import Settings
@@ -61,3 +61,24 @@ def models_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models")
     build_models(path)
     return path
+
+
+@pytest.fixture
+def collector(db_settings, tmp_path) -> Iterator[Settings]:
+    """A real collector process writing into the test's database; its settings (URL, token in its home)."""
+    import httpx
+
+    settings = db_settings.replace(home=tmp_path / "home", collector_flush_seconds=0.2)
+    proc = start_process(["collector"], settings, tmp_path / "collector.log")
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError((tmp_path / "collector.log").read_text())
+        try:
+            return httpx.get(f"{settings.collector_url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(ready, 60, message="collector /health")
+    yield settings
+    stop_process(proc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import httpx
-import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -14,23 +13,6 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from tests.servers import start_process, stop_process, wait_until
 from tracetune import store
-
-
-@pytest.fixture
-def collector(db_settings, tmp_path):
-    settings = db_settings.replace(home=tmp_path / "home", collector_flush_seconds=0.2)
-    proc = start_process(["collector"], settings, tmp_path / "collector.log")
-    def ready():
-        if proc.poll() is not None:
-            raise AssertionError((tmp_path / "collector.log").read_text())
-        try:
-            return httpx.get(f"{settings.collector_url}/health").status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, 60, message="collector /health")
-    yield settings
-    stop_process(proc)
 
 
 def _rows(client, expected: int):
