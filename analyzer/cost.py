@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import polars as pl
+
 from tracetune.analyzer.prices import PricesError, PriceTable, current
 from tracetune.analyzer.stats import parse_window
 

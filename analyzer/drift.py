@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 from scipy import stats as _stats
 from scipy.spatial import distance as _distance
+
 from tracetune.analyzer._time import epoch_ns, utc
 from tracetune.analyzer.stats import parse_window
 

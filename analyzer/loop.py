@@ -8,6 +8,7 @@ import threading
 from datetime import UTC, datetime
 
 import polars as pl
+
 from tracetune.analyzer.drift import compute_drift, default_windows, store_drift
 from tracetune.analyzer.prices import load, publish
 from tracetune.analyzer.slo import SLOError, list_slos, slo_status

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import polars as pl
 from jinja2 import Environment, select_autoescape
 from markupsafe import Markup
+
 from tracetune.analyzer.cost import cost_per_1k
 from tracetune.analyzer.drift import compute_drift, default_windows, feature_status
 from tracetune.analyzer.prices import PriceTable

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import polars as pl
+
 from tracetune.analyzer._time import epoch_ns, utc
 from tracetune.analyzer.stats import parse_window
 

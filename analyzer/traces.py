@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import polars as pl
+
 from tracetune.analyzer.stats import parse_window
 
 __all__ = ["MAX_TRACES", "ROOT_STEP", "STEP_BREAKDOWN_COLUMNS", "SpanRecord", "StepTime", "critical_path",

@@ -43,13 +43,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # with this very file, wherever it sits on the path: take it off, and put the project root first.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
+from bench.models import time_batches  # noqa: E402
 from tracetune.executor.batcher import Batcher  # noqa: E402
 from tracetune.executor.corpus import Ticket, generate  # noqa: E402
 from tracetune.executor.models import TicketClassifier, build_models  # noqa: E402
 from tracetune.executor.pipelines import TicketTriage  # noqa: E402
 from tracetune.tuner.config import PipelineConfig, StepConfig  # noqa: E402
-
-from bench.models import time_batches  # noqa: E402
 
 LONG_TOKENS = 96  # a ticket this long or longer counts as "long" in the bucketing table
 # (name, max_size, max_wait_ms) for section 2; "adaptive" runs whatever is queued when the worker is free.

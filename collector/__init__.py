@@ -17,12 +17,11 @@ def serve(settings: Settings) -> None:
     Acknowledged spans live in `<home>/wal` until ClickHouse has them, so a crash or an outage loses
     nothing: the next start replays them.
     """
+    from tracetune import store
     from tracetune.collector.ingest import Ingest
     from tracetune.collector.receivers import create_app
     from tracetune.collector.wal import WriteAheadLog
     from tracetune.collector.writer import SpanWriter
-
-    from tracetune import store
     from tracetune.serving import serve as serve_app
 
     store.connect(settings, wait=60)  # schema in place before the first insert

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+
 from tracetune.collector.rows import COLUMNS, SPAN_KINDS, STATUS_CODES, value_string
 
 try:

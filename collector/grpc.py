@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+
 from tracetune.collector.ingest import ExportResult, Ingest, IngestError
 
 __all__ = ["SERVICE", "TraceReceiver", "grpc_status", "response_for", "serve_grpc", "server_options"]

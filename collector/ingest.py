@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
 from tracetune.collector import metrics
 from tracetune.collector.rows import checked_span_count, convert
 from tracetune.collector.wal import WalError, WriteAheadLog

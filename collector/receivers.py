@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
 from tracetune.collector import metrics
 from tracetune.collector.ingest import Ingest, IngestError
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
 from tracetune.collector import columns, metrics
 from tracetune.collector.rows import COLUMNS, QUARANTINE_COLUMNS, convert
 from tracetune.collector.wal import Intent, WriteAheadLog

@@ -8,11 +8,11 @@ live in `dashboard/tabs.py`, the shaping of frames in `dashboard/frames.py`.
 from __future__ import annotations
 
 import streamlit as st
+
+from tracetune import settings as settings_mod
 from tracetune.analyzer import step_stats
 from tracetune.dashboard.queries import StoreUnavailable, address, query, show_unavailable
 from tracetune.dashboard.tabs import ALL_PIPELINES, TABS
-
-from tracetune import settings as settings_mod
 from tracetune.settings import SettingsError
 
 WINDOWS = ["5m", "15m", "1h", "6h", "24h"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
+
 from tracetune.analyzer.drift import STATUSES
 
 __all__ = ["COST_SPLIT", "DRIFT_STATISTICS", "STATUS_COLOURS", "cost_split", "cost_table", "critical_table",

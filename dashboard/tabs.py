@@ -13,6 +13,8 @@ import altair as alt
 import pandas as pd
 import polars as pl
 import streamlit as st
+
+from tracetune import analyzer
 from tracetune.analyzer import (
     PricesError,
     PriceTable,
@@ -32,8 +34,6 @@ from tracetune.analyzer import (
 from tracetune.dashboard import frames
 from tracetune.dashboard.frames import format_money, format_ms, with_series
 from tracetune.dashboard.queries import StoreUnavailable, query, show_unavailable, target_key
-
-from tracetune import analyzer
 from tracetune.settings import Settings
 
 __all__ = ["ALL_PIPELINES", "BUCKET_SECONDS", "DRIFT_WINDOWS", "TABS"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 from opentelemetry import trace
+
 from tracetune.executor.effects import RetriesExhausted, RetryPolicy, describe_response, send_with_retries
 
 __all__ = ["ChatClient", "LLMAnswer", "LLMError", "LLMLabelError", "classification_messages"]

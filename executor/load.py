@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+
 from tracetune.executor.corpus import CATEGORIES, Ticket, make_ticket
 
 PATTERNS = ("steady", "step", "burst", "daily")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from tracetune.executor import encoder as _encoder
 from tracetune.executor.corpus import CATEGORIES, generate
 from tracetune.executor.encoder import DIM, ENCODER_FILES, MAX_TOKENS, TOKENIZER_FILE, Encoder, ModelFilesMissing

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
+
 from tracetune.executor import metrics
 from tracetune.executor.batcher import Batcher
 from tracetune.executor.cache import TTLCache, normalise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from tracetune.executor.pipelines import Pipeline, TicketTriage
-
 from tracetune.settings import Settings
 
 log = logging.getLogger("tracetune.executor")
@@ -35,7 +34,6 @@ def run(settings: Settings) -> None:
     from tracetune.executor.api import create_app
     from tracetune.executor.telemetry import setup_tracing
     from tracetune.executor.tuning import ConfigPoller
-
     from tracetune.serving import serve as serve_app
 
     provider = setup_tracing(settings.collector_url, token=settings.secret("collector"))

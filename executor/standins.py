@@ -36,6 +36,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
 from tracetune.executor.corpus import CATEGORIES
 
 __all__ = ["create_llm_app", "create_crm_app", "serve_standins", "classify_by_keywords", "count_tokens"]

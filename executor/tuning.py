@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 import httpx
+
 from tracetune.tuner.config import PipelineConfig
 
 log = logging.getLogger("tracetune.executor")

@@ -81,11 +81,10 @@ def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0, r
 
 def serve(settings: Settings) -> None:
     """Run the embedded store (chDB behind the ClickHouse HTTP interface) until stopped."""
+    from tracetune.serving import serve as serve_app
     from tracetune.store.access import User, Users, allowed_hosts
     from tracetune.store.engine import Engine
     from tracetune.store.server import create_app
-
-    from tracetune.serving import serve as serve_app
 
     users = Users([User(*settings.store_credentials(readonly=False), readonly=0),
                    User(*settings.store_credentials(readonly=True), readonly=2)])

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+
 from tracetune.store.access import READER, AccessDenied, Users, check_origin, check_statement, credentials
 from tracetune.store.engine import Engine, EngineError, ExternalTable, Request
 

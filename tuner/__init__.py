@@ -20,10 +20,9 @@ def token_for(settings: Settings) -> str:
 
 
 def serve(settings: Settings) -> None:
-    from tracetune.tuner.api import create_app
-
     from tracetune import store
     from tracetune.serving import serve as serve_app
+    from tracetune.tuner.api import create_app
 
     store.wait_ready(settings, 60)
     app = create_app(lambda: store.connect(settings), [settings.pipeline], token=token_for(settings),

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Body, Depends, FastAPI, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+
 from tracetune.analyzer.slo import SLO, SLOError, get_slo, save_slo
 from tracetune.tuner import versions
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from tracetune.analyzer.cost import cost_over_time, cost_per_1k, cost_per_request
-from tracetune.analyzer.prices import DEFAULT_PRICES_PATH, ModelPrice, PricesError, PriceTable, current, load, publish
 
 from tests.spans import COLUMNS, span_row
 from tracetune import store
+from tracetune.analyzer.cost import cost_over_time, cost_per_1k, cost_per_request
+from tracetune.analyzer.prices import DEFAULT_PRICES_PATH, ModelPrice, PricesError, PriceTable, current, load, publish
 
 MS = 1_000_000
 

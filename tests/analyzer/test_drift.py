@@ -11,6 +11,8 @@ import pytest
 from polars.testing import assert_frame_equal
 from scipy import stats
 from scipy.spatial import distance
+
+from tests.spans import COLUMNS, span_row
 from tracetune.analyzer.drift import (
     DRIFT_COLUMNS,
     PSI_EPSILON,
@@ -27,8 +29,6 @@ from tracetune.analyzer.drift import (
     store_drift,
     wasserstein,
 )
-
-from tests.spans import COLUMNS, span_row
 
 # ---- the maths against a hand computation and scipy ------------------------------------------
 

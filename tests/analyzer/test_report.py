@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+from tests.analyzer.test_cost_rollup import PRICES, traffic  # noqa: F401 - the seeded-traffic fixture
 from tracetune.analyzer.report import build_report, write_report
 from tracetune.analyzer.slo import SLO, save_slo
-
-from tests.analyzer.test_cost_rollup import PRICES, traffic  # noqa: F401 - the seeded-traffic fixture
 
 
 def test_report_has_every_section_with_figures_and_charts(client, traffic, tmp_path):  # noqa: F811

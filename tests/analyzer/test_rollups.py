@@ -6,10 +6,10 @@ import time
 
 import numpy as np
 import pytest
-from tracetune.analyzer import latency, step_stats
 
 from tests.spans import COLUMNS, span_row
 from tracetune import analyzer
+from tracetune.analyzer import latency, step_stats
 
 ALPHA = 0.005  # the rollup's DDSketch relative accuracy
 

@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
+
+from tests.spans import COLUMNS, span_row
 from tracetune.analyzer.slo import (
     SLO,
     SLO_STATUS_COLUMNS,
@@ -25,8 +27,6 @@ from tracetune.analyzer.slo import (
     slower_than,
     window_label,
 )
-
-from tests.spans import COLUMNS, span_row
 
 # ---- the burn-rate table -------------------------------------------------------------------------
 

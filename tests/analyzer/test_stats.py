@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 import pytest
-from tracetune.analyzer import latency_series, parse_window, step_stats
 
 from tests.spans import COLUMNS, span_row
+from tracetune.analyzer import latency_series, parse_window, step_stats
 
 
 def step_span(ts_ns: int, pipeline: str, step: str, duration_ns: int, error: bool = False) -> list:

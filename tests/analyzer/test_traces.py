@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 import pytest
+
+from tests.spans import COLUMNS, span_row
 from tracetune.analyzer.traces import (
     ROOT_STEP,
     SpanRecord,
@@ -15,8 +17,6 @@ from tracetune.analyzer.traces import (
     step_breakdown,
     step_times,
 )
-
-from tests.spans import COLUMNS, span_row
 
 
 def rec(span_id: str, parent: str, start: int, end: int, step: str = "") -> SpanRecord:

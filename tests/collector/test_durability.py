@@ -9,14 +9,14 @@ import time
 
 import httpx
 import pytest
-from tracetune.collector.ingest import Ingest
-from tracetune.collector.wal import WriteAheadLog
-from tracetune.collector.writer import SpanWriter
 
 from tests.collector.otlp import batch
 from tests.conftest import make_settings
 from tests.servers import start_process, stop_process, wait_until
 from tracetune import store
+from tracetune.collector.ingest import Ingest
+from tracetune.collector.wal import WriteAheadLog
+from tracetune.collector.writer import SpanWriter
 
 PB = {"content-type": "application/x-protobuf"}
 

@@ -24,11 +24,11 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from tests.servers import free_port
 from tracetune.collector import grpc as receiver
 from tracetune.collector.grpc import SERVICE, serve_grpc
 from tracetune.collector.ingest import ExportResult, Ingest, IngestError
-
-from tests.servers import free_port
 
 MAX_MESSAGE_BYTES = 64 * 1024
 EXPORT = f"/{SERVICE}/Export"

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
-from tracetune.collector.receivers import create_app
 
 from tests.collector.otlp import batch, request
 from tests.collector.test_receiver import start_ingest, stop_ingest
 from tests.servers import ThreadServer
 from tracetune import store
+from tracetune.collector.receivers import create_app
 
 
 @pytest.fixture(scope="module")

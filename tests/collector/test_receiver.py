@@ -13,14 +13,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from tracetune.collector.ingest import Ingest
-from tracetune.collector.receivers import _hex_ids_to_base64, create_app
-from tracetune.collector.wal import WriteAheadLog
-from tracetune.collector.writer import SpanWriter
 
 from tests.collector.otlp import TRACE, batch, otlp_json, request, span
 from tests.servers import ThreadServer, free_port, wait_until
 from tracetune import store
+from tracetune.collector.ingest import Ingest
+from tracetune.collector.receivers import _hex_ids_to_base64, create_app
+from tracetune.collector.wal import WriteAheadLog
+from tracetune.collector.writer import SpanWriter
 
 PB = {"content-type": "application/x-protobuf"}
 

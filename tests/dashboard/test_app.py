@@ -15,11 +15,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
-from tracetune.dashboard.frames import format_money
 
 from tests.conftest import make_settings
 from tests.spans import COLUMNS, span_row
 from tracetune import analyzer
+from tracetune.dashboard.frames import format_money
 from tracetune.settings import Settings
 
 APP = Path(str(resources.files("tracetune.dashboard").joinpath("app.py")))

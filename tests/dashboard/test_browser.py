@@ -17,11 +17,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tracetune.dashboard.frames import format_money, format_ms
 
 from tests.dashboard.test_app import PIPELINES, SLO, durations_ms, seed_features, seed_spans
 from tests.servers import free_port, stop_process, wait_until
 from tracetune import analyzer
+from tracetune.dashboard.frames import format_money, format_ms
 from tracetune.settings import Settings
 from tracetune.supervisor import dashboard_command
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from tracetune.executor.batcher import Batcher
 from tracetune.executor.cache import TTLCache, normalise
 

@@ -11,6 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from opentelemetry.trace import StatusCode
+
+from tests.servers import ThreadServer, free_port
+from tracetune import store
 from tracetune.executor.effects import (
     DeadLetters,
     RetryPolicy,
@@ -19,9 +22,6 @@ from tracetune.executor.effects import (
     parse_retry_after,
 )
 from tracetune.executor.standins import create_crm_app
-
-from tests.servers import ThreadServer, free_port
-from tracetune import store
 
 
 class Recorder:

@@ -12,12 +12,12 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from tests.servers import ThreadServer, free_port, wait_until
 from tracetune.executor.corpus import CATEGORIES, generate
 from tracetune.executor.effects import RetryPolicy
 from tracetune.executor.llm import ChatClient, LLMError, LLMLabelError, classification_messages
 from tracetune.executor.standins import classify_by_keywords, create_llm_app, serve_standins
-
-from tests.servers import ThreadServer, free_port, wait_until
 
 MODEL = "standin-llm-1"
 

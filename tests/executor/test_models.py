@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+
 from tracetune.executor.corpus import CATEGORIES, generate
 from tracetune.executor.models import (
     PUBLISHED_SENTENCES,

@@ -12,6 +12,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+
+from tests.servers import ThreadServer, wait_until
+from tracetune import store
 from tracetune.executor.corpus import generate
 from tracetune.executor.effects import DeadLetters, RetryPolicy, crm_followups
 from tracetune.executor.llm import ChatClient
@@ -22,9 +25,6 @@ from tracetune.executor.tuning import ConfigPoller
 from tracetune.tuner import versions
 from tracetune.tuner.api import create_app
 from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
-
-from tests.servers import ThreadServer, wait_until
-from tracetune import store
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
-from tracetune.store.access import AccessDenied, check_statement
 
 from tracetune import store
 from tracetune.settings import Settings
+from tracetune.store.access import AccessDenied, check_statement
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import httpx
-from tracetune.tuner import versions
-from tracetune.tuner.api import create_app
-from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
 
 from tests.servers import ThreadServer
 from tracetune import store
+from tracetune.tuner import versions
+from tracetune.tuner.api import create_app
+from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
 
 
 def test_config_is_served_from_clickhouse_with_etag(db_settings):
