@@ -23,8 +23,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-READER = "reader"
-
 # Table functions, table and database engines, dictionary sources and disks that read or write
 # host files, run programs or open network connections (lower case; ClickHouse names vary in case).
 HOST_TOUCHING: frozenset[str] = frozenset("""

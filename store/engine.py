@@ -134,10 +134,6 @@ class Engine:
             old.conn.close()
         return session
 
-    def session_count(self) -> int:
-        with self._guard:
-            return len(self._sessions)
-
     # ---- queries ----------------------------------------------------------------------------
     def execute(self, request: Request, session: Session | None = None) -> Result:
         """Run one request on a connection of its own, or on its session's connection."""

@@ -29,7 +29,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tracetune.store.access import READER, AccessDenied, Users, check_origin, check_statement, credentials
+from tracetune.store.access import AccessDenied, Users, check_origin, check_statement, credentials
 from tracetune.store.engine import Engine, EngineError, ExternalTable, Request
 
 try:
@@ -585,4 +585,4 @@ def create_app(engine: Engine, users: Users, hosts: frozenset[str] | None) -> St
     return app
 
 
-__all__ = ["create_app", "parse_request", "BadRequest", "READER"]
+__all__ = ["create_app", "parse_request", "BadRequest"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,8 +28,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def installed(tmp_path_factory) -> Path:
     """A venv holding only the wheel (its dependencies reached through a .pth file): its bin folder."""
     where = tmp_path_factory.mktemp("wheel")
+    source = where / "source"  # a copy, so the build leaves nothing in the working tree
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".tracetune", "build", "*.egg-info",
+                                                                 "__pycache__", ".pytest_cache", ".ruff_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(where / "dist"),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     wheel = next((where / "dist").glob("tracetune-*.whl"))
     venv.EnvBuilder(with_pip=False).create(where / "venv")
     python = where / "venv" / "bin" / "python"
