@@ -18,10 +18,11 @@ import base64
 import binascii
 import hmac
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from tracetune.store import lexer
 
 # Table functions, table and database engines, dictionary sources and disks that read or write
 # host files, run programs or open network connections (lower case; ClickHouse names vary in case).
@@ -41,16 +42,7 @@ disk catboostevaluate modelevaluate naivebayesclassifier filelog
 _REFUSED_FIRST = {"BACKUP", "RESTORE"}
 _SYSTEM_ALLOWED = {"FLUSH", "DROP", "STOP", "START", "SYNC", "WAIT", "PREWARM", "UNFREEZE"}
 
-_TABLE_NAME_BEFORE = {"TABLE", "INTO", "EXISTS", "VIEW", "DICTIONARY", "."}  # `INSERT INTO http (a)` names a table
-_WORD_OR_NAME = re.compile(
-    r"""(?P<string>'(?:[^'\\]|\\.|'')*')"""
-    r"""|(?P<name>`(?:[^`\\]|\\.|``)*`|"(?:[^"\\]|\\.|"")*")"""
-    r"""|(?P<comment>--[^\n]*|\#[ !][^\n]*|/\*.*?\*/)"""
-    r"""|(?P<space>\s+)"""
-    r"""|(?P<word>[A-Za-z_][A-Za-z0-9_$]*)"""
-    r"""|(?P<other>.)""",
-    re.DOTALL,
-)
+_TABLE_NAME_BEFORE = {b"TABLE", b"INTO", b"EXISTS", b"VIEW", b"DICTIONARY", b"."}  # `INSERT INTO http (a)`: a table
 
 
 class AccessDenied(Exception):
@@ -155,25 +147,18 @@ def check_origin(headers: Mapping[str, str], hosts: frozenset[str] | None) -> No
         raise AccessDenied("Cross-site browser requests are refused", 497, "ACCESS_DENIED", 403)
 
 
-def _unquote(token: str) -> str:
-    return token[1:-1].replace(token[0] * 2, token[0]).replace("\\" + token[0], token[0])
-
-
 def check_statement(text: str) -> None:
     """Refuse a statement that would touch the host's files, programs or network (every user)."""
-    words: list[str] = []  # identifiers and keywords outside string literals, in order
+    words: list[str] = []  # keywords and names outside string literals, in order
     calls: list[str] = []  # names written directly before `(`
-    last: list[tuple[str, str]] = [("", ""), ("", "")]  # the two tokens before this one: (name or "", text)
-    for match in _WORD_OR_NAME.finditer(text):
-        kind, token = match.lastgroup, match.group()
-        if kind in ("space", "comment"):
-            continue
-        if token == "(" and last[-1][0] and last[-2][1].upper() not in _TABLE_NAME_BEFORE:
-            calls.append(last[-1][0])
-        name = _unquote(token) if kind == "name" else token if kind == "word" else ""
+    last: list[tuple[bytes, bytes]] = [(b"", b""), (b"", b"")]  # the two tokens before this one: (name, text)
+    for kind, token, _, _ in lexer.tokens(text.encode("utf-8", "surrogateescape")):
+        if token == b"(" and last[-1][0] and last[-2][1].upper() not in _TABLE_NAME_BEFORE:
+            calls.append(last[-1][0].decode("utf-8", "replace"))
+        name = lexer.unquote(token) if kind == "name" else token if kind == "word" else b""
         last = [last[-1], (name, name or token)]
         if name:
-            words.append(name)
+            words.append(name.decode("utf-8", "replace"))
     for name in calls:
         if name.lower() in HOST_TOUCHING:
             raise AccessDenied(f"{name}() is refused by the embedded store: it reads or writes host files, runs "

@@ -29,6 +29,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tracetune.store import lexer
 from tracetune.store.access import AccessDenied, Users, check_origin, check_statement, credentials
 from tracetune.store.engine import Engine, EngineError, ExternalTable, Request
 
@@ -51,16 +52,6 @@ _TRANSPORT_PARAMS = {
     "http_wait_end_of_query", "output_format_parallel_formatting",
 }
 
-# Enough of ClickHouse's lexer to find INSERT, FORMAT, VALUES and `;` outside string literals,
-# quoted identifiers, comments and parentheses (a column named `values` is not a VALUES clause).
-_TOKEN = re.compile(
-    rb"""(?P<quoted>'(?:[^'\\]|\\.|'')*'|"(?:[^"\\]|\\.|"")*"|`(?:[^`\\]|\\.|``)*`)"""
-    rb"""|(?P<comment>--[^\n]*|\#[ !][^\n]*|/\*.*?\*/)"""
-    rb"""|(?P<space>\s+)"""
-    rb"""|(?P<word>[A-Za-z_][A-Za-z0-9_]*)"""
-    rb"""|(?P<other>.)""",
-    re.DOTALL,
-)
 _DATA_START = re.compile(rb"[ \t]*(?:\r?\n)?")  # after FORMAT X / VALUES: blanks and one line break
 _NAME_BEFORE = {b"INTO", b"TABLE", b"."}  # the next word is a table name, even if it reads FORMAT
 
@@ -134,18 +125,15 @@ def _compress(body: bytes, encoding: str) -> bytes:
 
 
 def _tokens(text: bytes) -> Iterator[tuple[str, bytes, int, int]]:
-    """(kind, token, start, end) of each token outside parentheses; spaces and comments skipped."""
+    """The tokens outside parentheses: a column named `values` is not a VALUES clause."""
     depth = 0
-    for match in _TOKEN.finditer(text):
-        kind, token = match.lastgroup or "other", match.group()
-        if kind in ("space", "comment"):
-            continue
+    for kind, token, start, end in lexer.tokens(text):
         if token == b"(":
             depth += 1
         elif token == b")":
             depth = max(depth - 1, 0)
         elif depth == 0:
-            yield kind, token, match.start(), match.end()
+            yield kind, token, start, end
 
 
 class _Insert(NamedTuple):
