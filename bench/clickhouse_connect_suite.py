@@ -44,8 +44,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +55,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from harness import free_port, stop_process  # bench/harness.py: this script's folder
 from rich.console import Console
 from rich.table import Table
 
@@ -100,12 +99,6 @@ class FileCount:
 
 # ---- the store -------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def clean_env() -> dict[str, str]:
     """This environment without anything that would steer the store or the tests from outside."""
     drop = ("TRACETUNE_", "CLICKHOUSE_CONNECT_TEST_", "PYTEST_")
@@ -139,16 +132,6 @@ def wait_ping(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
             pass
         time.sleep(0.2)
     raise RuntimeError(f"the store did not answer {url} (exit code {proc.poll()})")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def tail(path: Path, chars: int = 3000) -> str:

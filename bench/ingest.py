@@ -31,7 +31,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from typing import Any
 import clickhouse_connect
 import numpy as np
 from google.protobuf.message import DecodeError
+from harness import free_port, stop_process  # bench/harness.py: this script's folder
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -222,12 +222,6 @@ def _columns(request: ExportTraceServiceRequest) -> list[list[Any]]:
 
 
 # ---- processes ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def make_settings(home: Path, overrides: dict[str, str]) -> Settings:
     """Settings on free ports under `home`; a bearer token for the collector when it takes one."""
     known = {f.name for f in fields(Settings)}
@@ -244,16 +238,6 @@ def start_process(argv: list[str], settings: Settings, log: Path) -> subprocess.
     env.update(settings.as_env())
     return subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True, cwd=ROOT)
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from harness import free_port, stop_process  # bench/harness.py: this script's folder
 
 SLOW = "SELECT count() FROM numbers(100000000000) WHERE sipHash64(number) % 7 = 3 /* bench-slow-{tag} */"
 PASSWORD = "bench-password"
@@ -52,16 +53,8 @@ def _serve(port: int, home: str, locked: bool) -> None:
     serve(create_app(engine, users, allowed_hosts("127.0.0.1")), "127.0.0.1", port)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(locked: bool, home: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), home] + (["--locked"] if locked else []),
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
@@ -155,12 +148,7 @@ def main() -> None:
             try:
                 results[name] = _measure(url, args.slow_seconds, name.replace(" ", "-"))
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, 20)
 
     old, new = results["one engine lock"], results["connection per request"]
     print(f"\nembedded store, {os.cpu_count()} cores, slow query {args.slow_seconds:g} s\n")

@@ -172,12 +172,13 @@ class Engine:
             return False
         return True
 
-    def _register(self, query_id: str, text: str) -> None:
+    def _register(self, query_id: str) -> None:
+        """Claim the query id (its statement is filled in once known), or refuse one already running."""
         with self._guard:
             if query_id in self._running:
                 raise EngineError(f"Code: 216. DB::Exception: Query with id = {query_id} is already running. "
                                   "(QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING)")
-            self._running[query_id] = (threading.get_native_id(), text)
+            self._running[query_id] = (threading.get_native_id(), "")
 
     @contextmanager
     def _prepared(self, request: Request, session: Session | None):
@@ -187,7 +188,7 @@ class Engine:
         chDB 4.4 hands a failed query's leftover output to the next query on that connection.
         """
         if request.query_id:
-            self._register(request.query_id, request.query)
+            self._register(request.query_id)
         try:
             with ExitStack() as stack:
                 if session is None:
@@ -229,8 +230,7 @@ class Engine:
         else:
             if request.readonly:  # first, so nothing the request sets can lift it
                 conn.query(f"SET readonly = {request.readonly}")
-            for name, value in request.settings.items():
-                conn.query(f"SET {_identifier(name)} = {_quote(value)}")
+            _set(conn, request.settings)
             if request.database:
                 conn.query(f"USE {_identifier(request.database)}")
         statement, output_format = request.query, request.output_format
@@ -253,8 +253,7 @@ class Engine:
         names = list(request.settings)
         before = _current(conn, names)
         database = _current_database(conn) if request.database else ""
-        for name, value in request.settings.items():
-            conn.query(f"SET {_identifier(name)} = {_quote(value)}")
+        _set(conn, request.settings)
         applied = _current(conn, names)
         if request.database:
             conn.query(f"USE {_identifier(request.database)}")
@@ -318,10 +317,16 @@ def _current_database(conn) -> str:
     return conn.query("SELECT currentDatabase()", "TabSeparatedRaw").bytes().decode().rstrip("\n")
 
 
+def _set(conn, settings: dict[str, str]) -> None:
+    """All of a request's settings in one engine call (one `SET a = ..., b = ...`)."""
+    if settings:
+        conn.query("SET " + ", ".join(f"{_identifier(name)} = {_quote(value)}" for name, value in settings.items()))
+
+
 def _set_quietly(conn, values: dict[str, str]) -> None:
     for name, value in values.items():
         try:
-            conn.query(f"SET {_identifier(name)} = {_quote(value)}")
+            _set(conn, {name: value})
         except RuntimeError:  # e.g. `readonly` cannot be lowered again, exactly as in ClickHouse
             pass
 

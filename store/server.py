@@ -329,16 +329,23 @@ async def _client_gone(request: HttpRequest) -> None:
         pass
 
 
+async def _left_before(request: HttpRequest, work: asyncio.Future, stop) -> bool:
+    """Wait for `work`; if the client goes away first, call `stop` until `work` ends, and say so."""
+    gone = asyncio.ensure_future(_client_gone(request))
+    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    gone.cancel()
+    if work.done():
+        return False
+    while not work.done():  # the query may not have reached the engine yet
+        await run_in_threadpool(stop)
+        await asyncio.wait({work}, timeout=0.05)
+    return True
+
+
 async def _execute(request: HttpRequest, engine: Engine, engine_request: Request, session) -> object:
     """Run the request on a worker thread; if the client goes away first, kill its query."""
     work = asyncio.ensure_future(run_in_threadpool(engine.execute, engine_request, session))
-    gone = asyncio.ensure_future(_client_gone(request))
-    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if not work.done():
-        while not work.done():  # the query may not have reached the engine yet
-            await run_in_threadpool(engine.cancel, engine_request.query_id)
-            await asyncio.wait({work}, timeout=0.05)
-    gone.cancel()
+    await _left_before(request, work, lambda: engine.cancel(engine_request.query_id))
     return work.result()
 
 
@@ -396,29 +403,40 @@ async def handle(request: HttpRequest) -> Response:
     except EngineError as exc:
         return _error(str(exc), exc.code, headers={"X-ClickHouse-Query-Id": query_id})
 
-    summary = {
-        "read_rows": str(result.rows_read), "read_bytes": str(result.bytes_read),
-        "written_rows": str(result.rows_written), "written_bytes": str(result.bytes_written),
-        "total_rows_to_read": str(result.rows_read),
-        "result_rows": str(_result_rows(engine_request.output_format, result.data) if not engine_request.insert_format
-                           else 0),
-        "result_bytes": str(len(result.data)), "elapsed_ns": str(int(result.elapsed * 1e9)),
-    }
-    headers = {
-        "X-ClickHouse-Query-Id": query_id,
-        "X-ClickHouse-Summary": json.dumps(summary),
-        "X-ClickHouse-Timezone": result.timezone or engine.timezone,
-        "X-ClickHouse-Server-Display-Name": "tracetune-embedded",
-    }
-    if session is not None:
-        headers["X-ClickHouse-Session-Id"] = params["session_id"]
-    if not engine_request.insert_format and (result.data or _first_word(engine_request.query) in _RESULT_WORDS):
-        headers["X-ClickHouse-Format"] = engine_request.output_format  # as ClickHouse: only with a result set
     payload = result.data
     if encoding and payload:
         payload = _compress(payload, encoding)
-        headers["Content-Encoding"] = encoding
+    session_id = params.get("session_id") if session else None
+    headers = _headers(engine_request, session_id, result.timezone or engine.timezone,
+                       encoding if result.data else None, read_rows=result.rows_read, read_bytes=result.bytes_read,
+                       written_rows=result.rows_written, written_bytes=result.bytes_written,
+                       total_rows_to_read=result.rows_read,
+                       result_rows=0 if engine_request.insert_format else _result_rows(engine_request.output_format,
+                                                                                         result.data),
+                       result_bytes=len(result.data), elapsed_ns=int(result.elapsed * 1e9))
+    if not engine_request.insert_format and (result.data or _first_word(engine_request.query) in _RESULT_WORDS):
+        headers["X-ClickHouse-Format"] = engine_request.output_format  # as ClickHouse: only with a result set
     return Response(payload, headers=headers, media_type="application/octet-stream")
+
+
+_SUMMARY_KEYS = ("read_rows", "read_bytes", "written_rows", "written_bytes", "total_rows_to_read", "result_rows",
+                 "result_bytes", "elapsed_ns")
+
+
+def _headers(engine_request: Request, session_id: str | None, timezone: str, encoding: str | None,
+             **summary: int) -> dict[str, str]:
+    """The headers every answer carries: query id, summary (X-ClickHouse-Summary), time zone, session."""
+    headers = {
+        "X-ClickHouse-Query-Id": engine_request.query_id,
+        "X-ClickHouse-Summary": json.dumps({key: str(summary.get(key, 0)) for key in _SUMMARY_KEYS}),
+        "X-ClickHouse-Timezone": timezone,
+        "X-ClickHouse-Server-Display-Name": "tracetune-embedded",
+    }
+    if session_id is not None:
+        headers["X-ClickHouse-Session-Id"] = session_id
+    if encoding:
+        headers["Content-Encoding"] = encoding
+    return headers
 
 
 # Statements with a result set (ClickHouse names their format in X-ClickHouse-Format; DDL, SET and INSERT have none).
@@ -480,15 +498,12 @@ async def _stream(request: HttpRequest, engine: Engine, engine_request: Request,
                     return "end", b""
 
     threading.Thread(target=produce, name=f"stream-{engine_request.query_id}", daemon=True).start()
-    first = asyncio.ensure_future(run_in_threadpool(take))
-    gone = asyncio.ensure_future(_client_gone(request))
-    await asyncio.wait({first, gone}, return_when=asyncio.FIRST_COMPLETED)
-    gone.cancel()
-    if not first.done():  # the client left before the first chunk: stop the query, send nothing
+    def halt() -> None:
         stop.set()
-        while not first.done():
-            await run_in_threadpool(engine.cancel, engine_request.query_id)
-            await asyncio.wait({first}, timeout=0.05)
+        engine.cancel(engine_request.query_id)
+
+    first = asyncio.ensure_future(run_in_threadpool(take))
+    if await _left_before(request, first, halt):  # the client left before the first chunk: send nothing
         return Response(status_code=499)
     kind, value = first.result()
     if kind == "error":
@@ -506,19 +521,12 @@ async def _stream(request: HttpRequest, engine: Engine, engine_request: Request,
                 kind, value = await run_in_threadpool(take)
         finally:
             if kind != "end" and kind != "error":  # the client went away: stop the query
-                stop.set()
-                engine.cancel(engine_request.query_id)
+                halt()
 
-    timezone = engine_request.settings.get("session_timezone") or engine.timezone
-    zero = dict.fromkeys(("read_rows", "read_bytes", "written_rows", "written_bytes", "total_rows_to_read",
-                          "result_rows", "result_bytes", "elapsed_ns"), "0")
-    headers = {"X-ClickHouse-Query-Id": engine_request.query_id, "X-ClickHouse-Exception-Tag": tag,
-               "X-ClickHouse-Format": engine_request.output_format, "X-ClickHouse-Timezone": timezone,
-               "X-ClickHouse-Server-Display-Name": "tracetune-embedded", "X-ClickHouse-Summary": json.dumps(zero)}
-    if session is not None:
-        headers["X-ClickHouse-Session-Id"] = request.query_params.get("session_id", "")
-    if encoding:
-        headers["Content-Encoding"] = encoding
+    # The headers leave before the rows exist: the summary says 0, as ClickHouse's does when it streams.
+    headers = _headers(engine_request, request.query_params.get("session_id") if session else None,
+                       engine_request.settings.get("session_timezone") or engine.timezone, encoding)
+    headers.update({"X-ClickHouse-Exception-Tag": tag, "X-ClickHouse-Format": engine_request.output_format})
     return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
 
 
