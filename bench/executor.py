@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 from bench.models import time_batches  # noqa: E402
+from tracetune.demo.corpus import Ticket, generate  # noqa: E402
+from tracetune.demo.models import TicketClassifier, build_models  # noqa: E402
 from tracetune.executor.batcher import Batcher  # noqa: E402
-from tracetune.executor.corpus import Ticket, generate  # noqa: E402
-from tracetune.executor.models import TicketClassifier, build_models  # noqa: E402
 from tracetune.executor.pipelines import TicketTriage  # noqa: E402
 from tracetune.tuner.config import PipelineConfig, StepConfig  # noqa: E402
 

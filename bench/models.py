@@ -26,8 +26,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracetune.executor.corpus import generate  # noqa: E402
-from tracetune.executor.models import TicketClassifier, build_models  # noqa: E402
+from tracetune.demo.corpus import generate  # noqa: E402
+from tracetune.demo.models import TicketClassifier, build_models  # noqa: E402
 
 
 def time_batches(classifier: TicketClassifier, texts: list[str], batch: int, rounds: int) -> list[float]:

@@ -23,8 +23,11 @@ from typing import Any, NamedTuple
 import httpx
 from opentelemetry import trace
 
+from tracetune.executor import metrics
+from tracetune.executor.limits import Limiter
+
 __all__ = ["RetryPolicy", "RetryResult", "RetriesExhausted", "send_with_retries", "parse_retry_after",
-           "is_retryable_status", "describe_response", "SideEffect", "SideEffectFailed", "crm_followups",
+           "is_retryable_status", "describe_response", "SideEffect", "SideEffectFailed",
            "DeadLetter", "DeadLetters"]
 
 log = logging.getLogger("tracetune.executor.effects")
@@ -253,10 +256,20 @@ class SideEffect:
         self.max_concurrency = max_concurrency
         self.dead_letters = dead_letters
         self._headers = dict(headers or {})
-        self._slots = threading.BoundedSemaphore(max_concurrency)
+        self._slots = Limiter(max_concurrency)
         self._own_client = client is None
         self._client = client or httpx.Client(limits=httpx.Limits(max_connections=max_concurrency,
                                                                   max_keepalive_connections=max_concurrency))
+
+    def configure(self, max_concurrency: int | None = None, timeout: float | None = None) -> None:
+        """New limits from the tuner; calls in flight finish under the old ones."""
+        if max_concurrency is not None:
+            self.max_concurrency = int(max_concurrency)
+            self._slots.resize(self.max_concurrency)
+        if timeout is not None:
+            if timeout <= 0:
+                raise ValueError(f"SideEffect.timeout must be > 0 seconds, got {timeout}")
+            self.timeout = float(timeout)
 
     def idempotency_key(self, task_id: str) -> str:
         """Stable per (pipeline, step, task): the same task always sends the same key."""
@@ -275,7 +288,7 @@ class SideEffect:
         def send() -> httpx.Response:
             nonlocal queued
             started = time.perf_counter()
-            with self._slots:
+            with self._slots.slot():
                 queued += time.perf_counter() - started
                 timeout = self.timeout
                 if deadline is not None:
@@ -303,9 +316,9 @@ class SideEffect:
         span.set_attribute("error.type", str(status) if status else "timeout_or_connection")
         raise self._fail(task_id, key, payload, attempts, status, error, why)
 
-    @staticmethod
-    def _annotate(span: trace.Span, attempts: int, status: int, queued: float) -> None:
+    def _annotate(self, span: trace.Span, attempts: int, status: int, queued: float) -> None:
         span.set_attribute("tracetune.retries", attempts - 1)
+        metrics.RETRIES_TOTAL.labels(self.pipeline, self.step).inc(max(0, attempts - 1))
         if status:
             span.set_attribute("http.response.status_code", status)
 
@@ -323,6 +336,7 @@ class SideEffect:
                 where = f"NOT dead-lettered ({DeadLetters.table} insert failed: {exc})"
         if dead:
             trace.get_current_span().set_attribute("tracetune.dead_letter", True)
+            metrics.DEAD_LETTERS_TOTAL.labels(self.pipeline, self.step).inc()
         message = (f"{self.step} for task {task_id!r}: POST {self.url} {why}; last error: {error}; "
                    f"{where} with idempotency key {key}")
         return SideEffectFailed(message, step=self.step, task_id=task_id, idempotency_key=key, attempts=attempts,
@@ -338,7 +352,3 @@ class SideEffect:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def crm_followups(base_url: str, *, pipeline: str, step: str = "create_followup", **options: Any) -> SideEffect:
-    """The CRM "create follow-up" call (`POST {base_url}/v1/followups`), as served by the CRM stand-in."""
-    return SideEffect(base_url.rstrip("/") + "/v1/followups", pipeline=pipeline, step=step, **options)

@@ -1,6 +1,6 @@
 """The remote LLM step: an OpenAI-compatible chat client that classifies text into given labels.
 
-Any `/v1/chat/completions` endpoint works (OpenAI, vLLM, Ollama, the stand-in in executor/standins.py).
+Any `/v1/chat/completions` endpoint works (OpenAI, vLLM, Ollama, the stand-in in demo/standins.py).
 Token usage and models go on the current span with the OTel GenAI semantic conventions, which is
 what the analyzer prices.
 """
@@ -8,6 +8,7 @@ what the analyzer prices.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from opentelemetry import trace
 
 from tracetune.executor.effects import RetriesExhausted, RetryPolicy, describe_response, send_with_retries
 
-__all__ = ["ChatClient", "LLMAnswer", "LLMError", "LLMLabelError", "classification_messages"]
+__all__ = ["ChatClient", "LabelModel", "LLMAnswer", "LLMError", "LLMLabelError", "classification_messages"]
 
 # gen_ai.provider.name well-known values, by API host; anything else reports "openai_compatible".
 _PROVIDERS = {
@@ -99,8 +100,10 @@ class ChatClient:
         self._own_client = client is None
         self._client = client or httpx.Client(limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
 
-    def complete(self, messages: list[dict[str, Any]], **params: Any) -> dict[str, Any]:
-        """One chat completion (the response JSON), with retries and GenAI attributes on the current span."""
+    def complete(self, messages: list[dict[str, Any]], timeout: float | None = None, **params: Any) -> dict[str, Any]:
+        """One chat completion (the response JSON), with retries and GenAI attributes on the current span.
+
+        `timeout` (s) bounds the whole call, retries included; each attempt also stops at `self.timeout`."""
         span = trace.get_current_span()
         span.set_attribute("gen_ai.operation.name", "chat")
         span.set_attribute("gen_ai.provider.name", self.provider)
@@ -116,11 +119,14 @@ class ChatClient:
             span.set_attribute("gen_ai.request.max_tokens", self.max_tokens)
         body.update(params)
 
+        deadline = time.monotonic() + timeout if timeout is not None else None
+
         def send() -> httpx.Response:
-            return self._client.post(self.url, json=body, headers=self._headers, timeout=self.timeout)
+            left = self.timeout if deadline is None else max(0.001, min(self.timeout, deadline - time.monotonic()))
+            return self._client.post(self.url, json=body, headers=self._headers, timeout=left)
 
         try:
-            response, attempts = send_with_retries(send, self.policy)
+            response, attempts = send_with_retries(send, self.policy, deadline)
         except RetriesExhausted as exc:
             span.set_attribute("tracetune.retries", exc.attempts - 1)
             span.set_attribute("error.type", str(exc.last_status) if exc.last_status else "timeout_or_connection")
@@ -147,11 +153,11 @@ class ChatClient:
                            f"{response.text[:200]!r}") from exc
         return data
 
-    def classify(self, text: str, labels: list[str]) -> LLMAnswer:
+    def classify(self, text: str, labels: list[str], timeout: float | None = None) -> LLMAnswer:
         """The one label (of `labels`) the model picks for `text`; LLMLabelError if it names another."""
         if not labels:
             raise ValueError("classify needs at least one label")
-        data = self.complete(classification_messages(text, labels))
+        data = self.complete(classification_messages(text, labels), timeout=timeout)
         try:
             answer = data["choices"][0]["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
@@ -167,6 +173,10 @@ class ChatClient:
                          output_tokens=int(usage.get("completion_tokens", 0)),
                          model=data.get("model") or self.model, provider=self.provider)
 
+    def classifier(self, labels: list[str]) -> LabelModel:
+        """`classify` as a cascade's remote model: text -> label, with the step's timeout."""
+        return LabelModel(self, list(labels))
+
     def close(self) -> None:
         if self._own_client:
             self._client.close()
@@ -176,3 +186,17 @@ class ChatClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class LabelModel:
+    """A chat model as a classifier over fixed labels: `model(text, timeout=...)` is the label it picks."""
+
+    client: ChatClient
+    labels: list[str]
+
+    def __call__(self, text: str, timeout: float | None = None) -> str:
+        return self.client.classify(text, self.labels, timeout=timeout).label
+
+    def close(self) -> None:
+        self.client.close()

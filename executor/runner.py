@@ -1,51 +1,85 @@
-"""The executor process: pipelines behind an HTTP API with /metrics, polling the tuner for config."""
+"""The executor process: the configured pipelines behind the task API and /metrics, each kept on
+the tuner's config. Pipelines are loaded by import string (`package.module:attribute`)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
+import os
+import sys
+from typing import Any
 
-from tracetune.executor.pipelines import Pipeline, TicketTriage
+from tracetune.executor.pipelines import Pipeline
 from tracetune.settings import Settings
 
 log = logging.getLogger("tracetune.executor")
 
-VARIANTS = ("fp32", "int8")
+
+class PipelineLoadError(ValueError):
+    """An import string that does not lead to a pipeline; the message says which part failed."""
 
 
-def build_pipeline(settings: Settings, tracer=None, dead_letters=None) -> Pipeline:
-    """The configured pipeline with its models, LLM cascade and CRM side effect wired to settings."""
-    from tracetune.executor.effects import DeadLetters, crm_followups
-    from tracetune.executor.llm import ChatClient
-    from tracetune.executor.models import TicketClassifier, build_models
+def load_pipeline(target: str, settings: Settings | None = None) -> Pipeline:
+    """The pipeline `target` names: `package.module:attribute`, where the attribute is a `Pipeline`
+    or a function returning one (called with `settings` if it takes an argument)."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise PipelineLoadError(f"pipeline {target!r} must look like package.module:attribute")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules in the working directory load
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise PipelineLoadError(f"pipeline {target!r}: no module named {exc.name!r} (run from the folder that "
+                                    f"holds it, or put it on PYTHONPATH)") from None
+        raise
+    obj: Any = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise PipelineLoadError(f"pipeline {target!r}: {module_name} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, Pipeline) and callable(obj):
+        takes_settings = bool(inspect.signature(obj).parameters)
+        obj = obj(settings) if takes_settings else obj()
+    if not isinstance(obj, Pipeline):
+        raise PipelineLoadError(f"pipeline {target!r} is a {type(obj).__name__}, not a tracetune.executor.Pipeline "
+                                f"(or a function returning one)")
+    return obj
 
-    if settings.pipeline != TicketTriage.name:
-        raise SystemExit(f"unknown pipeline {settings.pipeline!r}; this executor runs: {TicketTriage.name}")
-    build_models(settings.models_dir)
-    classifiers = {v: TicketClassifier(settings.models_dir, variant=v) for v in VARIANTS}
-    llm = ChatClient(settings.llm_base_url, settings.llm_model, api_key=settings.llm_api_key)
-    if dead_letters is None:
-        from tracetune import store
-        dead_letters = DeadLetters(lambda: store.connect(settings, ensure_schema=False))
-    followups = crm_followups(settings.crm_base_url, pipeline=TicketTriage.name, dead_letters=dead_letters)
-    return TicketTriage(classifiers, tracer=tracer, llm=llm.classify, followups=followups)
+
+def load_pipelines(targets: list[str], settings: Settings | None = None) -> dict[str, Pipeline]:
+    pipelines: dict[str, Pipeline] = {}
+    for target in targets:
+        pipeline = load_pipeline(target, settings)
+        if pipeline.name in pipelines:
+            raise PipelineLoadError(f"two pipelines are named {pipeline.name!r} ({target} and another); "
+                                    f"names must be unique per executor")
+        pipelines[pipeline.name] = pipeline
+    return pipelines
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, targets: list[str] | None = None) -> None:
     from tracetune.executor.api import create_app
     from tracetune.executor.telemetry import setup_tracing
     from tracetune.executor.tuning import ConfigPoller
     from tracetune.serving import serve as serve_app
 
+    pipelines = load_pipelines(targets or settings.pipeline_targets, settings)
     provider = setup_tracing(settings.collector_url, token=settings.secret("collector"))
-    pipeline = build_pipeline(settings)
-    poller = ConfigPoller(settings.tuner_url, pipeline.name, pipeline.apply_config,
-                          settings.executor_config_poll_seconds).start()
-    log.warning("executor ready: pipeline %s, config version %s", pipeline.name, pipeline.config.version)
+    token = settings.secret("tuner")
+    pollers = [ConfigPoller(settings.tuner_url, p, token, settings.executor_config_poll_seconds).start()
+               for p in pipelines.values()]
+    log.info("executor ready: %s", ", ".join(f"{p.name} (config version {p.config.version})"
+                                              for p in pipelines.values()))
     try:
-        serve_app(create_app({pipeline.name: pipeline}, settings.executor_max_in_flight), settings.bind_host,
+        serve_app(create_app(pipelines, settings.executor_max_in_flight), settings.bind_host,
                   settings.executor_port, timeout_graceful_shutdown=30)
     finally:
-        poller.stop()
-        pipeline.close()
+        for poller in pollers:
+            poller.stop()
+        for pipeline in pipelines.values():
+            pipeline.close()
         provider.force_flush(30_000)
         provider.shutdown()

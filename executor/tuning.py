@@ -1,58 +1,98 @@
-"""Polls the tuner for the pipeline's config (ETag / If-None-Match) and applies new versions."""
+"""Registers a pipeline's declaration with the tuner, then polls its config (ETag / If-None-Match).
+
+At start the executor sends the pipeline's spec (`PUT /v1/pipelines/{p}/spec`: every step's knobs
+with defaults and bounds, and the starting SLO); the tuner answers with the config in force. From
+then on a poll costs a 304 unless the version changed. A tuner that forgot the pipeline (404) gets
+the spec again.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 
 import httpx
 
-from tracetune.tuner.config import PipelineConfig
+from tracetune.executor.pipelines import Pipeline
+from tracetune.tuner.config import ConfigError, PipelineConfig
 
 log = logging.getLogger("tracetune.executor")
 
 
 class ConfigPoller:
-    def __init__(self, tuner_url: str, pipeline: str, apply: Callable[[PipelineConfig], None],
-                 interval: float = 5.0):
-        self.url = f"{tuner_url.rstrip('/')}/v1/pipelines/{pipeline}/config"
-        self.apply = apply
+    """Keeps `pipeline` on the tuner's current config, polling every `interval` seconds."""
+
+    def __init__(self, tuner_url: str, pipeline: Pipeline, token: str = "", interval: float = 5.0):
+        root = f"{tuner_url.rstrip('/')}/v1/pipelines/{pipeline.name}"
+        self.url = f"{root}/config"
+        self.spec_url = f"{root}/spec"
+        self.pipeline = pipeline
         self.interval = interval
         self.etag: str | None = None
         self.version: int | None = None
+        self.registered = False
         self.polls = 0
         self.not_modified = 0
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._stop = threading.Event()
         self._client = httpx.Client(timeout=5)
-        self._thread = threading.Thread(target=self._loop, name="config-poller", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"config-poller-{pipeline.name}", daemon=True)
+
+    def register(self) -> None:
+        """Send the pipeline's declaration; apply the config the tuner answers with."""
+        response = self._client.put(self.spec_url, json=self.pipeline.spec().to_dict(), headers=self._headers)
+        if response.status_code in (401, 403, 422):
+            raise ConfigError(f"the tuner refused {self.pipeline.name}'s declaration "
+                              f"({response.status_code}: {response.text[:300]})")
+        response.raise_for_status()
+        self.registered = True
+        self._apply(response.json(), response.headers.get("etag"))
 
     def poll_once(self) -> bool:
         """Fetch the config; True if a new version was applied."""
+        if not self.registered:
+            self.register()
+            return True
         headers = {"If-None-Match": self.etag} if self.etag else {}
         response = self._client.get(self.url, headers=headers)
         self.polls += 1
         if response.status_code == 304:
             self.not_modified += 1
             return False
+        if response.status_code == 404:
+            self.registered = False
+            self.register()
+            return True
         response.raise_for_status()
-        config = PipelineConfig.from_dict(response.json())
-        self.apply(config)
-        self.etag = response.headers.get("etag")
-        if config.version != self.version:
-            log.info("applied %s config version %s", config.pipeline, config.version)
+        return self._apply(response.json(), response.headers.get("etag"))
+
+    def _apply(self, body: dict, etag: str | None) -> bool:
+        config = PipelineConfig.from_dict(body)
+        self.etag = etag
+        if config.version == self.version:
+            return False
+        try:
+            self.pipeline.apply_config(config)
+        except ConfigError as exc:
+            log.warning("%s config version %s does not fit the pipeline, keeping version %s: %s",
+                        config.pipeline, config.version, self.version, exc)
+            return False
+        log.info("applied %s config version %s", config.pipeline, config.version)
         self.version = config.version
         return True
 
     def start(self, wait_first: float = 30.0) -> ConfigPoller:
-        """Apply the tuner's config before returning (or give up after `wait_first` s and keep polling)."""
+        """Register and apply the tuner's config before returning (or give up after `wait_first` s
+        and keep trying in the background, running on the declared defaults meanwhile)."""
         waited = 0.0
         while waited < wait_first:
             try:
                 self.poll_once()
                 break
+            except ConfigError:
+                raise
             except (httpx.HTTPError, ValueError) as exc:
-                log.warning("tuner not reachable yet at %s: %s", self.url, exc)
+                log.warning("tuner not reachable yet at %s: %s", self.spec_url, exc)
                 self._stop.wait(0.5)
                 waited += 0.5
         self._thread.start()

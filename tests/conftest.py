@@ -56,7 +56,7 @@ def client(db_settings: Settings):
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The demo models, built once per session with the real training and ONNX export."""
-    from tracetune.executor.models import build_models
+    from tracetune.demo.models import build_models
 
     path = tmp_path_factory.mktemp("models")
     build_models(path)

@@ -73,19 +73,31 @@ def tuner(ctx: click.Context) -> None:
 
 
 @cli.command()
+@click.option("--pipeline", "targets", multiple=True, metavar="MODULE:ATTRIBUTE",
+              help="A pipeline to run, e.g. my_pipelines:reviews (repeatable; default: the pipelines setting).")
 @click.pass_context
-def executor(ctx: click.Context) -> None:
+def executor(ctx: click.Context, targets: tuple[str, ...]) -> None:
     """Run the executor: pipelines behind POST /v1/pipelines/{p}/tasks, /metrics, polling the tuner."""
-    from tracetune.executor.runner import run
+    from tracetune.executor.runner import PipelineLoadError, run
+    from tracetune.tuner.config import ConfigError
 
-    run(_settings(ctx))
+    settings = _settings(ctx)
+    if targets:
+        try:
+            settings = settings.replace(pipelines=",".join(targets))
+        except SettingsError as exc:
+            raise UserError(str(exc).replace("pipelines: ", "--pipeline ")) from None
+    try:
+        run(settings)
+    except (PipelineLoadError, ConfigError) as exc:
+        raise UserError(str(exc)) from None
 
 
 @cli.command()
 @click.pass_context
 def standins(ctx: click.Context) -> None:
     """Run the stand-in remote services: an OpenAI-compatible LLM (8808) and a CRM (8809)."""
-    from tracetune.executor.standins import serve_standins
+    from tracetune.demo.standins import serve_standins
 
     s = _settings(ctx)
     serve_standins(s.bind_host, s.llm_port, s.crm_port)
@@ -106,11 +118,13 @@ def standins(ctx: click.Context) -> None:
               help="Seconds in one cycle of the daily pattern (a quarter of it for burst).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--pipeline", default="ticket_triage", show_default=True,
+              help="The pipeline to send tickets to (it takes {\"text\": ...}).")
 @click.pass_context
 def load(ctx: click.Context, rate, duration, pattern, duplicates, drifts, tenants, seed, period, no_progress,
-         as_json) -> None:
+         as_json, pipeline) -> None:
     """Drive a pipeline open-loop (Poisson arrivals) and record ground truth for quality."""
-    from tracetune.executor.load import Drift, LoadPlan
+    from tracetune.demo.load import Drift, LoadPlan
 
     s = _settings(ctx)
     try:
@@ -122,7 +136,7 @@ def load(ctx: click.Context, rate, duration, pattern, duplicates, drifts, tenant
         raise click.BadParameter(str(exc)) from None
     from tracetune.loadcli import run_load_command
 
-    summary = run_load_command(s, plan, progress=not no_progress)
+    summary = run_load_command(s, plan, pipeline, progress=not no_progress)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -359,7 +373,7 @@ def models() -> None:
 @click.pass_context
 def models_build(ctx: click.Context, force: bool) -> None:
     """Train and export the demo models into .tracetune/models (reused when present)."""
-    from tracetune.executor.models import build_models
+    from tracetune.demo.models import build_models
 
     report = build_models(_settings(ctx).models_dir, force=force, progress=True)
     click.echo(json.dumps(report, indent=2))

@@ -9,11 +9,11 @@ import sys
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tracetune import store
-from tracetune.executor.load import LoadPlan, ground_truth_writer, run_load
+from tracetune.demo.load import LoadPlan, ground_truth_writer, run_load
 from tracetune.settings import Settings
 
 
-def run_load_command(settings: Settings, plan: LoadPlan, progress: bool = True) -> dict:
+def run_load_command(settings: Settings, plan: LoadPlan, pipeline: str, progress: bool = True) -> dict:
     client = store.connect(settings, wait=30)
     record = ground_truth_writer(client)
     show = progress and sys.stdout.isatty()
@@ -33,7 +33,7 @@ def run_load_command(settings: Settings, plan: LoadPlan, progress: bool = True) 
                            ok=report.ok, failed=report.failed + report.rejected + report.overloaded)
 
             started = loop.time()
-            report = await run_load(plan, settings.executor_url, settings.pipeline, record=record,
+            report = await run_load(plan, settings.executor_url, pipeline, record=record,
                                     progress=update if show else None, stop=stop)
         return report.summary()
 

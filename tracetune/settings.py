@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import tempfile
 import tomllib
@@ -56,8 +57,10 @@ class Settings:
     collector_wal_max_bytes: int = 512 * 1024 * 1024  # acknowledged, not yet written; past it: 503
     collector_body_timeout_seconds: float = 30.0  # a request body slower than this gets 408
 
-    # Executor.
-    pipeline: str = "ticket_triage"
+    # Executor: the pipelines it runs, as import strings package.module:attribute, comma-separated
+    # (a list in tracetune.toml). The attribute is a Pipeline, or a function returning one (given
+    # the Settings if it takes an argument).
+    pipelines: str = "tracetune.demo.triage:ticket_triage"
     executor_config_poll_seconds: float = 5.0
     executor_workers: int = 16
     load_rate: float = 20.0  # requests per second of the demo load
@@ -130,6 +133,11 @@ class Settings:
     def executor_metrics_url(self) -> str:
         return f"http://{self.bind_host}:{self.executor_port}/metrics"
 
+    @property
+    def pipeline_targets(self) -> list[str]:
+        """The `pipelines` setting as a list of import strings."""
+        return [p.strip() for p in self.pipelines.split(",") if p.strip()]
+
     def secret(self, name: str) -> str:
         """The bearer token `<name>_token`, else one generated once into <home>/<name>.token (mode 0600)."""
         return getattr(self, f"{name}_token") or _secret_file(self.home / f"{name}.token")
@@ -201,6 +209,7 @@ def _secret_file(path: Path) -> str:
     return path.read_text().strip()
 
 
+_IMPORT_STRING = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
 _POSITIVE_FIELDS = ["analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
@@ -219,6 +228,8 @@ def _convert(name: str, kind: Any, raw: Any, origin: str) -> Any:
             return float(raw)
         if kind_name == "Path":
             return Path(str(raw))
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return ",".join(raw)  # a TOML list of strings, e.g. pipelines = ["a.b:c", "d.e:f"]
         return str(raw)
     except (TypeError, ValueError):
         raise SettingsError(
@@ -267,8 +278,13 @@ def validate(s: Settings) -> Settings:
         raise SettingsError(
             f"database = {s.database!r} (from {where('database')}) may hold only letters, digits and _"
         )
-    if not s.pipeline.replace("_", "").replace("-", "").isalnum():
-        raise SettingsError(f"pipeline = {s.pipeline!r} may hold only letters, digits, _ and -")
+    if not s.pipeline_targets:
+        raise SettingsError(f"pipelines (from {where('pipelines')}) names no pipeline; "
+                            "set it to import strings like my_package.pipelines:reviews")
+    for target in s.pipeline_targets:
+        if not _IMPORT_STRING.match(target):
+            raise SettingsError(f"pipelines: {target!r} (from {where('pipelines')}) must look like "
+                                "package.module:attribute")
     return s
 
 

@@ -67,7 +67,7 @@ def components(settings: Settings, load_rate: float, with_dashboard: bool = True
                                f"{settings.llm_base_url} (LLM), {settings.crm_base_url} (CRM)"))
     parts.append(Component("executor", tracetune + ["executor"], settings.executor_port,
                            f"{settings.executor_url}/health", f"{settings.executor_url}/v1/pipelines/"
-                           f"{settings.pipeline}/tasks, {settings.executor_metrics_url}"))
+                           f"<pipeline>/tasks, {settings.executor_metrics_url}"))
     parts.append(Component("analyzer", tracetune + ["analyzer"], None, "",
                            f"drift and SLO refresh every {settings.analyzer_interval_seconds:g} s"))
     if with_dashboard:
@@ -235,9 +235,10 @@ def _run(settings: Settings, load_rate: float, body) -> int:
     _install_stop_handlers(stop)
     out.print(f"[bold]tracetune[/bold] starting (logs in {supervisor.log_dir})")
     try:
-        from tracetune.executor.models import build_models
+        if any(target.startswith("tracetune.demo.") for target in settings.pipeline_targets):
+            from tracetune.demo.models import build_models
 
-        build_models(settings.models_dir, progress=True)  # first run only: the executor then starts at once
+            build_models(settings.models_dir, progress=True)  # first run only: the executor then starts at once
         supervisor.start()
         if settings.embedded:
             out.print(f"  store users: default (password in {_password_source(settings, False)}), read-only reader "
@@ -262,6 +263,7 @@ def up(settings: Settings) -> int:
 def demo(settings: Settings, duration: float | None = None) -> int:
     """The whole loop under a steady load; a live per-step table, or `duration` s then the final table."""
     from tracetune import analyzer, store
+    from tracetune.demo import triage
     from tracetune.terminal import step_table
 
     rate = settings.load_rate or 20.0
@@ -273,7 +275,7 @@ def demo(settings: Settings, duration: float | None = None) -> int:
         started = time.monotonic()
         client = store.connect(settings, ensure_schema=False)
         window = lambda: int(time.monotonic() - started) + 60
-        out.print(f"demo load: {rate:g} tickets/s on pipeline {settings.pipeline}")
+        out.print(f"demo load: {rate:g} tickets/s on pipeline {triage.NAME}")
         if duration is not None:
             timer = threading.Timer(duration, stop.set)
             timer.daemon = True

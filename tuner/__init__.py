@@ -1,4 +1,4 @@
-"""Tuner: config versions per pipeline, served over HTTP to the executors that poll it; SLOs."""
+"""Tuner: pipeline declarations and config versions, served over HTTP to the executors that poll them; SLOs."""
 
 from __future__ import annotations
 
@@ -6,12 +6,9 @@ import logging
 
 from tracetune.settings import Settings
 
-__all__ = ["serve", "token_for", "DEMO_SLO"]
+__all__ = ["serve", "token_for"]
 
 log = logging.getLogger("tracetune.tuner")
-
-# The SLO a pipeline starts with until its owner sets one (PUT /v1/pipelines/{p}/slo).
-DEMO_SLO = {"p95_ms": 500.0, "p99_ms": 1500.0, "error_rate": 0.02, "cost_per_1k": 0.5, "quality_floor": 0.85}
 
 
 def token_for(settings: Settings) -> str:
@@ -25,7 +22,6 @@ def serve(settings: Settings) -> None:
     from tracetune.tuner.api import create_app
 
     store.wait_ready(settings, 60)
-    app = create_app(lambda: store.connect(settings), [settings.pipeline], token=token_for(settings),
-                     default_slos={settings.pipeline: DEMO_SLO})
+    app = create_app(lambda: store.connect(settings), token=token_for(settings))
     log.info("write token in %s", settings.home / "tuner.token")
     serve_app(app, settings.bind_host, settings.tuner_port)

@@ -1,33 +1,116 @@
-"""The executor config the tuner serves: the client-side model executors import.
+"""The executor config the tuner serves, and the pipeline declaration it is checked against.
 
-Plain data with a JSON form; `etag` changes exactly when the version does.
+This is the client-side model executors import. Both are generic over steps and knobs:
+
+- a `PipelineSpec` is what a pipeline declares (each step's knobs with kind, default and bounds,
+  and the SLO it starts with); executors register it with the tuner at start;
+- a `PipelineConfig` is a versioned set of knob values by step and knob name, what executors poll.
+
+Plain data with a JSON form; a config's `etag` changes exactly when its version does.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+KnobKind = Literal["bool", "int", "float", "weights"]
+KnobValue = bool | int | float | dict[str, float]
+KINDS: tuple[str, ...] = ("bool", "int", "float", "weights")
+
+
+class ConfigError(ValueError):
+    """A config or declaration that cannot be applied; the message names the field, e.g. steps.classify.x."""
 
 
 @dataclass(frozen=True)
-class StepConfig:
-    """One step's knobs as the tuner serves them: batching and caching (defaults when a step has none)."""
+class Knob:
+    """One tunable value a step declares: its kind, default and inclusive bounds.
 
-    batch_max_size: int = 8
-    batch_max_wait_ms: float = 5.0
-    cache_enabled: bool = True
-    length_bucketing: bool = True
+    `weights` knobs map route names to non-negative weights with a positive sum; their routes are
+    fixed by the declaration (a config may reweigh them, not invent new ones).
+    """
 
-    def validate(self, step: str) -> None:
-        if self.batch_max_size < 1:
-            raise ValueError(f"steps.{step}.batch_max_size must be at least 1, got {self.batch_max_size}")
-        if self.batch_max_wait_ms < 0:
-            raise ValueError(f"steps.{step}.batch_max_wait_ms must be 0 or more, got {self.batch_max_wait_ms}")
+    kind: KnobKind
+    default: KnobValue
+    low: float | None = None
+    high: float | None = None
+    unit: str = ""
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"knob kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
+    def check(self, where: str, value: Any) -> KnobValue:
+        """`value` as this knob's kind, or ConfigError naming `where` (e.g. steps.classify.batch_max_size)."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} must be true or false, got {value!r}")
+            return value
+        if self.kind == "weights":
+            return self._check_weights(where, value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if self.kind == "int":
+            if value != int(value):
+                raise ConfigError(f"{where} must be a whole number, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            unit = f" {self.unit}" if self.unit else ""
+            bounds = (f"between {self.low:g} and {self.high:g}" if self.low is not None and self.high is not None
+                      else f"at least {self.low:g}" if self.low is not None else f"at most {self.high:g}")
+            raise ConfigError(f"{where} must be {bounds}{unit}, got {value:g}")
+        return value
+
+    def _check_weights(self, where: str, value: Any) -> dict[str, float]:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must map routes to weights, got {value!r}")
+        routes = set(self.default) if isinstance(self.default, dict) else set()
+        unknown = sorted(set(value) - routes)
+        if routes and unknown:
+            raise ConfigError(f"{where} names routes {unknown} the step does not have; its routes: {sorted(routes)}")
+        weights: dict[str, float] = {}
+        for route, weight in value.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
+                    or weight < 0:
+                raise ConfigError(f"{where}.{route} must be a non-negative number, got {weight!r}")
+            weights[str(route)] = float(weight)
+        if sum(weights.values()) <= 0:
+            raise ConfigError(f"{where} must give at least one route a positive weight, got {value!r}")
+        return {route: weights.get(route, 0.0) for route in (self.default if routes else weights)}
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind, "default": self.default}
+        for name in ("low", "high"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        for name in ("unit", "help"):
+            if getattr(self, name):
+                data[name] = getattr(self, name)
+        return data
+
+    @classmethod
+    def from_dict(cls, where: str, data: Any) -> Knob:
+        if not isinstance(data, dict) or "kind" not in data or "default" not in data:
+            raise ConfigError(f"{where} must be an object with kind and default, got {data!r}")
+        extra = sorted(set(data) - {"kind", "default", "low", "high", "unit", "help"})
+        if extra:
+            raise ConfigError(f"{where} has unknown fields {extra}")
+        try:
+            knob = cls(**data)
+        except TypeError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        knob.check(f"{where}.default", knob.default)
+        return knob
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """A versioned config for one pipeline: per-step knobs, route weights per step, named thresholds.
+    """A versioned config for one pipeline: knob values by step and knob name.
 
     What executors poll (`GET /v1/pipelines/{p}/config`); `version` grows with every change and
     `etag` follows it, so a poll with `If-None-Match` costs nothing when nothing changed.
@@ -35,46 +118,119 @@ class PipelineConfig:
 
     pipeline: str
     version: int = 1
-    steps: dict[str, StepConfig] = field(default_factory=dict)
-    route_weights: dict[str, dict[str, float]] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, dict[str, KnobValue]] = field(default_factory=dict)
 
     @property
     def etag(self) -> str:
         return f'"{self.pipeline}-v{self.version}"'
 
-    def step(self, name: str) -> StepConfig:
-        return self.steps.get(name, StepConfig())
+    def knob(self, step: str, name: str, default: Any = None) -> Any:
+        """The value of `name` on `step`, or `default` when the config does not set it."""
+        return self.steps.get(step, {}).get(name, default)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"pipeline": self.pipeline, "version": self.version,
+                "steps": {step: dict(knobs) for step, knobs in self.steps.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
-        steps = {name: StepConfig(**value) for name, value in (data.get("steps") or {}).items()}
-        config = cls(
-            pipeline=data["pipeline"], version=int(data.get("version", 1)), steps=steps,
-            route_weights={k: {r: float(w) for r, w in v.items()}
-                           for k, v in (data.get("route_weights") or {}).items()},
-            thresholds={k: float(v) for k, v in (data.get("thresholds") or {}).items()},
-        )
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        for name, step in self.steps.items():
-            step.validate(name)
-        for step, weights in self.route_weights.items():
-            if any(w < 0 for w in weights.values()) or (weights and sum(weights.values()) <= 0):
-                raise ValueError(f"route_weights.{step} must be non-negative with a positive sum")
+        if not isinstance(data, dict) or not isinstance(data.get("pipeline"), str):
+            raise ConfigError(f"a config is an object with a pipeline name, got {str(data)[:200]}")
+        steps = data.get("steps") or {}
+        if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
+            raise ConfigError("steps must map step names to objects of knob values")
+        return cls(pipeline=data["pipeline"], version=int(data.get("version", 1)),
+                   steps={str(step): dict(knobs) for step, knobs in steps.items()})
 
 
-def default_config(pipeline: str) -> PipelineConfig:
-    """The static starting point for a pipeline until the tuner has decided otherwise."""
-    return PipelineConfig(
-        pipeline=pipeline,
-        version=1,
-        steps={"classify": StepConfig(batch_max_size=8, batch_max_wait_ms=5.0, cache_enabled=True)},
-        route_weights={"classify": {"fp32": 0.8, "int8": 0.2}},
-        thresholds={"escalate_below_confidence": 0.45},
-    )
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What a pipeline declares: each step's knobs (kind, default, bounds) and its starting SLO.
+
+    Executors register it with the tuner (`PUT /v1/pipelines/{p}/spec`); the tuner derives the first
+    config from its defaults and checks every later config against it.
+    """
+
+    pipeline: str
+    steps: dict[str, dict[str, Knob]] = field(default_factory=dict)
+    slo: dict[str, float] = field(default_factory=dict)
+
+    def defaults(self, version: int = 1) -> PipelineConfig:
+        return PipelineConfig(self.pipeline, version, {
+            step: {name: knob.default for name, knob in knobs.items()} for step, knobs in self.steps.items() if knobs})
+
+    def check(self, config: PipelineConfig) -> PipelineConfig:
+        """`config` with every value checked and coerced; ConfigError for unknown steps or knobs."""
+        steps: dict[str, dict[str, KnobValue]] = {}
+        for step, values in config.steps.items():
+            declared = self.steps.get(step)
+            if declared is None:
+                known = ", ".join(s for s, k in self.steps.items() if k) or "none"
+                raise ConfigError(f"steps.{step}: {self.pipeline} has no step {step!r} with knobs; it has: {known}")
+            for name, value in values.items():
+                if name not in declared:
+                    raise ConfigError(f"steps.{step}.{name}: step {step!r} has no knob {name!r}; "
+                                      f"it has: {', '.join(declared)}")
+                steps.setdefault(step, {})[name] = declared[name].check(f"steps.{step}.{name}", value)
+        return replace(config, steps=steps)
+
+    def merge(self, config: PipelineConfig, changes: dict[str, dict[str, Any]]) -> PipelineConfig:
+        """`config` with `changes` (step -> knob -> value) applied and checked, at the next version."""
+        steps = {step: dict(values) for step, values in config.steps.items()}
+        for step, values in changes.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"steps.{step} must be an object of knob values, got {values!r}")
+            steps.setdefault(step, {}).update(values)
+        return self.check(PipelineConfig(self.pipeline, config.version + 1, steps))
+
+    def reconcile(self, current: PipelineConfig | None) -> tuple[PipelineConfig, str] | None:
+        """The config to store when this declaration meets `current` (None if `current` fits as it is).
+
+        Knob values of `current` that the declaration still has (and still allows) are kept; new
+        knobs get their defaults; knobs the pipeline no longer declares are dropped.
+        """
+        if current is None:
+            return self.defaults(), "declared defaults"
+        steps: dict[str, dict[str, KnobValue]] = {}
+        added, dropped = [], []
+        for step, knobs in self.steps.items():
+            for name, knob in knobs.items():
+                value = current.steps.get(step, {}).get(name, _ABSENT)
+                if value is not _ABSENT:
+                    try:
+                        value = knob.check(f"steps.{step}.{name}", value)
+                    except ConfigError:
+                        value = _ABSENT
+                if value is _ABSENT:
+                    added.append(f"{step}.{name}")
+                    value = knob.default
+                steps.setdefault(step, {})[name] = value
+        for step, values in current.steps.items():
+            dropped += [f"{step}.{name}" for name in values if name not in self.steps.get(step, {})]
+        if not added and not dropped and steps == current.steps:
+            return None
+        reason = "declaration changed:" + (f" defaults for {', '.join(added)}" if added else "") + \
+                 (f"{';' if added else ''} dropped {', '.join(dropped)}" if dropped else "")
+        return PipelineConfig(self.pipeline, current.version + 1, steps), reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pipeline": self.pipeline, "slo": dict(self.slo),
+                "steps": {step: {name: knob.to_dict() for name, knob in knobs.items()}
+                          for step, knobs in self.steps.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PipelineSpec:
+        if not isinstance(data, dict) or not isinstance(data.get("pipeline"), str):
+            raise ConfigError("a pipeline spec is an object with a pipeline name and steps")
+        steps = data.get("steps") or {}
+        if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
+            raise ConfigError("steps must map step names to objects of knob declarations")
+        slo = data.get("slo") or {}
+        if not isinstance(slo, dict):
+            raise ConfigError("slo must be an object of objectives")
+        return cls(data["pipeline"],
+                   {str(step): {str(name): Knob.from_dict(f"steps.{step}.{name}", knob) for name, knob in knobs.items()}
+                    for step, knobs in steps.items()}, dict(slo))
+
+
+_ABSENT = object()

@@ -1,10 +1,16 @@
-"""Config versions in ClickHouse (`tracetune_config_versions`, append-only)."""
+"""Config versions and pipeline declarations in ClickHouse (both append-only).
+
+`tracetune_config_versions` holds every config served, one row per version; `tracetune_pipeline_specs`
+every distinct declaration an executor registered. `register` brings the two together: a new
+pipeline gets its declared defaults as version 1, a changed declaration a reconciled next version.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 
-from tracetune.tuner.config import PipelineConfig, default_config
+from tracetune.tuner.config import PipelineConfig, PipelineSpec
 
 LATEST_SQL = """
 SELECT config FROM tracetune_config_versions
@@ -12,10 +18,36 @@ WHERE pipeline = {pipeline:String}
 ORDER BY version DESC LIMIT 1
 """
 
+LATEST_SPEC_SQL = """
+SELECT spec FROM tracetune_pipeline_specs
+WHERE pipeline = {pipeline:String}
+ORDER BY registered_at DESC LIMIT 1
+"""
+
+PIPELINES_SQL = """
+SELECT pipeline, max(version) AS version, argMax(created_at, version) AS changed_at
+FROM tracetune_config_versions
+GROUP BY pipeline ORDER BY pipeline
+"""
+
+# One tuner process writes versions; this keeps two registrations or edits from taking one number.
+_write_lock = threading.Lock()
+
 
 def latest(client, pipeline: str) -> PipelineConfig | None:
     rows = client.query(LATEST_SQL, parameters={"pipeline": pipeline}).result_rows
     return PipelineConfig.from_dict(json.loads(rows[0][0])) if rows else None
+
+
+def latest_spec(client, pipeline: str) -> PipelineSpec | None:
+    rows = client.query(LATEST_SPEC_SQL, parameters={"pipeline": pipeline}).result_rows
+    return PipelineSpec.from_dict(json.loads(rows[0][0])) if rows else None
+
+
+def pipelines(client) -> list[dict]:
+    """Every pipeline with a config: name, current version and when it changed."""
+    return [{"pipeline": p, "version": int(v), "changed_at": str(t)}
+            for p, v, t in client.query(PIPELINES_SQL).result_rows]
 
 
 def save(client, config: PipelineConfig, author: str, reason: str) -> None:
@@ -26,10 +58,28 @@ def save(client, config: PipelineConfig, author: str, reason: str) -> None:
     )
 
 
-def ensure_default(client, pipeline: str) -> PipelineConfig:
-    """The pipeline's current config, storing the static default first if it has none."""
-    current = latest(client, pipeline)
-    if current is None:
-        current = default_config(pipeline)
-        save(client, current, author="tracetune", reason="static default")
-    return current
+def register(client, spec: PipelineSpec, source: str = "") -> PipelineConfig:
+    """Store `spec` if it changed and return the config in force, reconciled with the declaration."""
+    with _write_lock:
+        if latest_spec(client, spec.pipeline) != spec:
+            client.insert("tracetune_pipeline_specs", [[spec.pipeline, json.dumps(spec.to_dict()), source]],
+                          column_names=["pipeline", "spec", "source"])
+        current = latest(client, spec.pipeline)
+        change = spec.reconcile(current)
+        if change is None:
+            return current
+        config, reason = change
+        save(client, config, author="tracetune", reason=reason)
+        return config
+
+
+def change(client, spec: PipelineSpec, steps: dict, author: str, reason: str) -> PipelineConfig:
+    """The pipeline's next version with `steps` (step -> knob -> value) applied; ConfigError if they
+    do not fit the declaration."""
+    with _write_lock:
+        current = latest(client, spec.pipeline) or spec.defaults(version=0)
+        config = spec.merge(current, steps)
+        if config.steps == current.steps:
+            return current
+        save(client, config, author=author, reason=reason)
+        return config

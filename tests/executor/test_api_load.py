@@ -11,8 +11,8 @@ import pytest
 from tests.executor.test_pipeline import classifiers, make_pipeline, remote  # noqa: F401 - fixtures
 from tests.servers import ThreadServer
 from tracetune import store
+from tracetune.demo.load import Drift, LoadPlan, TicketSource, arrivals, ground_truth_writer, rate_at, run_load
 from tracetune.executor.api import create_app
-from tracetune.executor.load import Drift, LoadPlan, TicketSource, arrivals, ground_truth_writer, rate_at, run_load
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from opentelemetry.trace import StatusCode
 
 from tests.servers import ThreadServer, free_port
 from tracetune import store
+from tracetune.demo.standins import create_crm_app
 from tracetune.executor.effects import (
     DeadLetters,
     RetryPolicy,
@@ -21,7 +22,6 @@ from tracetune.executor.effects import (
     crm_followups,
     parse_retry_after,
 )
-from tracetune.executor.standins import create_crm_app
 
 
 class Recorder:

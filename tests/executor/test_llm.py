@@ -14,10 +14,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.servers import ThreadServer, free_port, wait_until
-from tracetune.executor.corpus import CATEGORIES, generate
+from tracetune.demo.corpus import CATEGORIES, generate
+from tracetune.demo.standins import classify_by_keywords, create_llm_app, serve_standins
 from tracetune.executor.effects import RetryPolicy
 from tracetune.executor.llm import ChatClient, LLMError, LLMLabelError, classification_messages
-from tracetune.executor.standins import classify_by_keywords, create_llm_app, serve_standins
 
 MODEL = "standin-llm-1"
 

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tracetune.executor.corpus import CATEGORIES, generate
-from tracetune.executor.models import (
+from tracetune.demo.corpus import CATEGORIES, generate
+from tracetune.demo.models import (
     PUBLISHED_SENTENCES,
     Encoder,
     ModelFilesMissing,

@@ -1,12 +1,13 @@
-"""The ticket-triage pipeline on real ONNX models, with the LLM and CRM stand-ins as real servers:
-spans and attributes, routing, the confidence cascade, safe side effects, live config changes."""
+"""The ticket-triage demo pipeline (built on the public runtime) on real ONNX models, with the LLM and
+CRM stand-ins as real servers: spans and attributes, routing, the confidence cascade, safe side
+effects, live config changes from the tuner."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import threading
 
+import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -15,16 +16,13 @@ from opentelemetry.trace import StatusCode
 
 from tests.servers import ThreadServer, wait_until
 from tracetune import store
-from tracetune.executor.corpus import generate
-from tracetune.executor.effects import DeadLetters, RetryPolicy, crm_followups
-from tracetune.executor.llm import ChatClient
-from tracetune.executor.models import TicketClassifier
-from tracetune.executor.pipelines import StepError, TicketTriage
-from tracetune.executor.standins import create_crm_app, create_llm_app
+from tracetune.demo import triage
+from tracetune.demo.corpus import generate
+from tracetune.demo.models import TicketClassifier
+from tracetune.demo.standins import create_crm_app, create_llm_app
+from tracetune.executor import ChatClient, DeadLetters, RetryPolicy, StepError
 from tracetune.executor.tuning import ConfigPoller
-from tracetune.tuner import versions
 from tracetune.tuner.api import create_app
-from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +44,29 @@ def make_pipeline(classifiers, remote, dead_letters=None, crm_url=None, seed=0):
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     llm_url, default_crm = remote
     llm = ChatClient(llm_url + "/v1", "standin-llm-1", policy=RetryPolicy(max_attempts=3, base_delay=0.01))
-    followups = crm_followups(crm_url or default_crm, pipeline="ticket_triage", dead_letters=dead_letters,
-                              policy=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05))
-    pipeline = TicketTriage(classifiers, tracer=provider.get_tracer("test"), llm=llm.classify, followups=followups,
-                            seed=seed)
+    pipeline = triage.build(classifiers, llm=llm, crm_url=crm_url or default_crm, dead_letters=dead_letters,
+                            policy=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05), seed=seed,
+                            tracer=provider.get_tracer("test"))
     return pipeline, exporter
 
 
-def with_config(pipeline, **changes) -> PipelineConfig:
-    config = dataclasses.replace(pipeline.config, version=pipeline.config.version + 1, **changes)
+def with_config(pipeline, **steps):
+    """Apply knob values by step and knob name, as a new version from the tuner would."""
+    spec = pipeline.spec()
+    config = spec.merge(pipeline.config, steps)
     pipeline.apply_config(config)
     return config
 
 
+NO_ESCALATION = {"cascade_threshold": 0.0}
+
+
 def test_a_task_is_one_root_span_with_a_child_span_per_step(classifiers, remote):
     pipeline, exporter = make_pipeline(classifiers, remote)
-    with_config(pipeline, thresholds={"escalate_below_confidence": 0.0})  # no escalation in this test
+    with_config(pipeline, escalate=NO_ESCALATION)  # no escalation in this test
     task = pipeline.run("I was charged twice for my pro subscription, urgent", tenant="acme", task_id="t-1")
-    assert task.data["category"] == "billing" and task.data["priority"] == "P1" and task.data["followup_id"]
+    answer = pipeline.result(task)
+    assert answer["category"] == "billing" and answer["priority"] == "P1" and answer["followup_id"]
     spans = exporter.get_finished_spans()
     root = next(s for s in spans if s.name == "ticket_triage")
     steps = [s for s in spans if s.attributes.get("tracetune.step")]
@@ -71,7 +74,7 @@ def test_a_task_is_one_root_span_with_a_child_span_per_step(classifiers, remote)
         ["normalize", "classify", "prioritize", "create_followup", "draft_reply"]
     assert all(s.parent.span_id == root.context.span_id for s in steps)
     assert root.attributes["tracetune.pipeline"] == "ticket_triage" and root.attributes["tracetune.tenant"] == "acme"
-    assert root.attributes["tracetune.config_version"] == 2
+    assert root.attributes["tracetune.config_version"] == 1
     assert task.trace_id == f"{root.context.trace_id:032x}"
     classify = next(s for s in steps if s.name == "classify")
     assert classify.attributes["tracetune.route"] in ("fp32", "int8")
@@ -88,10 +91,9 @@ def test_a_task_is_one_root_span_with_a_child_span_per_step(classifiers, remote)
     exporter.clear()
     # The same task again (a client retry): the CRM returns the same follow-up instead of a second one.
     again = pipeline.run("I was charged twice for my pro subscription, urgent", tenant="acme", task_id="t-1")
-    assert again.data["followup_id"] == task.data["followup_id"]
+    assert pipeline.result(again)["followup_id"] == answer["followup_id"]
     # The cache is per route and keyed on normalised text: a hit whenever the same route comes up again.
-    with_config(pipeline, route_weights={"classify": {classify.attributes["tracetune.route"]: 1.0}},
-                thresholds={"escalate_below_confidence": 0.0})
+    with_config(pipeline, classify={"route_weights": {classify.attributes["tracetune.route"]: 1.0}})
     exporter.clear()
     pipeline.run("I WAS charged twice for my pro   subscription, urgent")
     hit = next(s for s in exporter.get_finished_spans() if s.name == "classify")
@@ -113,9 +115,8 @@ def test_bad_input_fails_its_step_with_an_error_status(classifiers, remote):
 
 def test_route_weights_are_respected_statistically(classifiers, remote):
     pipeline, exporter = make_pipeline(classifiers, remote, seed=11)
-    with_config(pipeline, route_weights={"classify": {"fp32": 0.3, "int8": 0.7}},
-                steps={"classify": StepConfig(cache_enabled=False)},
-                thresholds={"escalate_below_confidence": 0.0})
+    with_config(pipeline, classify={"route_weights": {"fp32": 0.3, "int8": 0.7}, "cache_enabled": False},
+                escalate=NO_ESCALATION)
     n = 600
     for ticket in generate(n, seed=21):
         pipeline.run(ticket.text)
@@ -123,7 +124,7 @@ def test_route_weights_are_respected_statistically(classifiers, remote):
     share = routes.count("int8") / n
     sigma = (0.7 * 0.3 / n) ** 0.5
     assert abs(share - 0.7) < 4 * sigma, share  # a binomial 4-sigma band: fails ~1 in 15,000 runs
-    with_config(pipeline, route_weights={"classify": {"fp32": 1.0, "int8": 0.0}})
+    with_config(pipeline, classify={"route_weights": {"fp32": 1.0, "int8": 0.0}})
     exporter.clear()
     for ticket in generate(50, seed=22):
         pipeline.run(ticket.text)
@@ -134,14 +135,13 @@ def test_route_weights_are_respected_statistically(classifiers, remote):
 def test_cascade_escalates_exactly_the_tickets_below_the_threshold(classifiers, remote):
     pipeline, exporter = make_pipeline(classifiers, remote)
     threshold = 0.8
-    with_config(pipeline, thresholds={"escalate_below_confidence": threshold},
-                steps={"classify": StepConfig(cache_enabled=False)})
+    with_config(pipeline, escalate={"cascade_threshold": threshold}, classify={"cache_enabled": False})
     tasks = [pipeline.run(t.text) for t in generate(150, seed=31, typo_rate=0.1)]
     spans = exporter.get_finished_spans()
     escalated_traces = {s.context.trace_id for s in spans if s.name == "escalate"}
     for task in tasks:
-        below = task.data["confidence"] < threshold
-        assert task.data["escalated"] == below
+        below = task.confidence["classify"] < threshold
+        assert pipeline.result(task)["escalated"] == below
         assert (int(task.trace_id, 16) in escalated_traces) == below
     assert 0 < len(escalated_traces) < len(tasks)  # the threshold splits this set
     escalate = next(s for s in spans if s.name == "escalate")
@@ -166,10 +166,15 @@ def test_followup_that_exhausts_retries_fails_the_task_and_is_dead_lettered(clas
 
 
 def test_config_change_mid_load_applies_without_errors(classifiers, remote, db_settings):
+    """The executor registers the pipeline's declaration; a change made through the tuner API reaches
+    the knobs by name while tasks run, without a failed task."""
     pipeline, exporter = make_pipeline(classifiers, remote)
-    client = store.connect(db_settings, ensure_schema=False)
-    with ThreadServer(create_app(lambda: store.connect(db_settings), ["ticket_triage"])) as tuner:
-        poller = ConfigPoller(tuner.url, "ticket_triage", pipeline.apply_config, interval=0.1).start()
+    with ThreadServer(create_app(lambda: store.connect(db_settings), token="t0ken")) as tuner:
+        poller = ConfigPoller(tuner.url, pipeline, token="t0ken", interval=0.1).start()
+        assert pipeline.config.version == 1  # the declared defaults, stored by the tuner
+        spec = httpx.get(f"{tuner.url}/v1/pipelines/ticket_triage/spec").json()
+        assert spec["steps"]["classify"]["route_weights"]["default"] == {"fp32": 0.8, "int8": 0.2}
+        assert spec["steps"]["escalate"]["cascade_threshold"]["default"] == 0.45
         tickets = [t.text for t in generate(200, seed=5)]
         errors, done = [], threading.Event()
 
@@ -185,10 +190,13 @@ def test_config_change_mid_load_applies_without_errors(classifiers, remote, db_s
         for w in workers:
             w.start()
         wait_until(lambda: len(exporter.get_finished_spans()) > 200, 60, message="load running")
-        current = versions.latest(client, "ticket_triage")
-        newer = dataclasses.replace(current, version=2, steps={"classify": StepConfig(16, 2.0, False, True)},
-                                    route_weights={"classify": {"int8": 1.0}})
-        versions.save(client, newer, author="test", reason="mid-load change")
+        steps = {"classify": {"batch_max_size": 16, "batch_max_wait_ms": 2.0, "cache_enabled": False,
+                              "route_weights": {"int8": 1.0}},
+                 "escalate": {"max_concurrency": 4}}
+        change = httpx.patch(f"{tuner.url}/v1/pipelines/ticket_triage/config", json={
+            "reason": "mid-load change", "steps": steps}, headers={"Authorization": "Bearer t0ken"})
+        assert change.status_code == 200, change.text
+        assert change.json()["version"] == 2
         wait_until(lambda: pipeline.config.version == 2, 20, message="version 2 applied")
         mark = len(exporter.get_finished_spans())
         wait_until(lambda: len(exporter.get_finished_spans()) > mark + 200, 60, message="load after change")
@@ -198,7 +206,11 @@ def test_config_change_mid_load_applies_without_errors(classifiers, remote, db_s
         poller.stop()
 
     assert errors == []
-    assert all(b.max_size == 16 and b.max_wait_ms == 2.0 and b.bucket_by_length for b in pipeline.batchers.values())
+    classify_step = next(s for s in pipeline.steps if s.name == "classify")
+    escalate_step = next(s for s in pipeline.steps if s.name == "escalate")
+    assert all(b.max_size == 16 and b.max_wait_ms == 2.0 and b.bucket_by_length
+               for b in classify_step.batchers.values())
+    assert escalate_step.limiter.limit == 4
     assert poller.not_modified > 0  # polling between changes was answered with 304
     after = exporter.get_finished_spans()[mark:]
     roots = [s for s in after if s.name == "ticket_triage"]
@@ -209,6 +221,12 @@ def test_config_change_mid_load_applies_without_errors(classifiers, remote, db_s
     pipeline.close()
 
 
-def test_default_config_routes_both_variants():
-    config = default_config("ticket_triage")
-    assert set(config.route_weights["classify"]) == {"fp32", "int8"}
+def test_the_declaration_names_every_knob_the_demo_has(classifiers, remote):
+    spec = make_pipeline(classifiers, remote)[0].spec()
+    assert {step: set(knobs) for step, knobs in spec.steps.items() if knobs} == {
+        "classify": {"route_weights", "batch_max_size", "batch_max_wait_ms", "length_bucketing", "cache_enabled",
+                     "cache_ttl_seconds", "cache_max_entries"},
+        "escalate": {"cascade_threshold", "max_concurrency", "timeout_seconds"},
+        "create_followup": {"max_concurrency", "timeout_seconds"},
+    }
+    assert spec.slo == triage.SLO

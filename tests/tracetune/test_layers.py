@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-COMPONENTS = ("store", "collector", "executor", "analyzer", "tuner", "dashboard")
+COMPONENTS = ("store", "collector", "executor", "analyzer", "tuner", "dashboard", "demo")
 
 
 def _package_tree(where: Path) -> Path:

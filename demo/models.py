@@ -3,10 +3,10 @@
 `build_models` writes everything into one directory (`.tracetune/models/` by default), each model
 with a JSON metadata file beside it, and reuses what is already there:
 
-- `minilm-fp32.onnx`: all-MiniLM-L6-v2 as one ONNX graph (see `executor.encoder`);
+- `minilm-fp32.onnx`: all-MiniLM-L6-v2 as one ONNX graph (see `demo.encoder`);
 - `minilm-int8.onnx`: its dynamic int8 quantization, with measured agreement to fp32;
 - `ticket-classifier.onnx`: a softmax-regression head trained on fp32 embeddings of the generated
-  corpus (`executor.corpus`), embeddings [batch, 384] -> probabilities [batch, categories].
+  corpus (`demo.corpus`), embeddings [batch, 384] -> probabilities [batch, categories].
 
 `TicketClassifier` chains tokenizer -> encoder -> head for one variant; it is what the pipeline calls.
 """
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from tracetune.executor import encoder as _encoder
-from tracetune.executor.corpus import CATEGORIES, generate
-from tracetune.executor.encoder import DIM, ENCODER_FILES, MAX_TOKENS, TOKENIZER_FILE, Encoder, ModelFilesMissing
+from tracetune.demo import encoder as _encoder
+from tracetune.demo.corpus import CATEGORIES, generate
+from tracetune.demo.encoder import DIM, ENCODER_FILES, MAX_TOKENS, TOKENIZER_FILE, Encoder, ModelFilesMissing
 
 __all__ = ["build_models", "TicketClassifier", "Encoder", "ModelFilesMissing", "PUBLISHED_SENTENCES",
            "model_paths", "similarities"]

@@ -2,7 +2,7 @@
 
 Both are real HTTP servers (Starlette apps) with the wire format of the service they replace, so the
 executor's clients run unchanged against a real provider or CRM. Run them with `serve_standins()` or
-`python -m executor.standins`: the LLM on `llm_port` (settings default 8808), the CRM on
+`python -m tracetune.demo.standins`: the LLM on `llm_port` (settings default 8808), the CRM on
 `llm_port + 1` unless told otherwise.
 
 - LLM: `POST /v1/chat/completions` and `GET /v1/models` as OpenAI serves them. It answers
@@ -37,11 +37,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from tracetune.executor.corpus import CATEGORIES
+from tracetune.demo.corpus import CATEGORIES
 
 __all__ = ["create_llm_app", "create_crm_app", "serve_standins", "classify_by_keywords", "count_tokens"]
 
-# Cues per category, weighted: phrases and stems from the ticket vocabulary of executor/corpus.py.
+# Cues per category, weighted: phrases and stems from the ticket vocabulary of demo/corpus.py.
 # Several per template, matched as word prefixes forgiving one typo, so a typo rarely flips an answer.
 _KEYWORDS: dict[str, dict[str, float]] = {
     "billing": {
@@ -479,7 +479,7 @@ def serve_standins(host: str = "127.0.0.1", llm_port: int = 8808, crm_port: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m executor.standins", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tracetune.demo.standins", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--llm-port", type=int, default=8808)
     parser.add_argument("--crm-port", type=int, default=None, help="default: llm port + 1")

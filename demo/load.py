@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from tracetune.executor.corpus import CATEGORIES, Ticket, make_ticket
+from tracetune.demo.corpus import CATEGORIES, Ticket, make_ticket
 
 PATTERNS = ("steady", "step", "burst", "daily")
 DRIFTS = ("category_mix", "text_length", "unseen_vocab")

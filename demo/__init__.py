@@ -1,0 +1,1 @@
+"""The ticket-triage demo: one user of the executor runtime (corpus, MiniLM models, stand-ins, load)."""

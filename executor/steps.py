@@ -1,0 +1,405 @@
+"""The steps a pipeline is made of, and the knobs each declares for the tuner.
+
+- `Step`: a plain function of the task.
+- `Infer`: a model call routed between variants (weights), micro-batched (`Batching`) and cached (`Cache`).
+- `Cascade`: hands the task to a remote model when an earlier `Infer` step was not sure enough.
+- `Effect`: a write to another system (idempotent, retried, dead-lettered), under a concurrency limit.
+
+Each step declares its knobs (`knobs()`: kind, default, bounds), applies new values from the tuner
+by knob name (`configure`), and writes the span attributes and metrics for them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+
+from tracetune.executor import conventions as attr
+from tracetune.executor import metrics
+from tracetune.executor.batcher import Batcher
+from tracetune.executor.cache import TTLCache, normalise
+from tracetune.executor.effects import DeadLetters, RetryPolicy, SideEffect, SideEffectFailed
+from tracetune.executor.limits import Limiter
+from tracetune.executor.router import WeightedRouter
+from tracetune.tuner.config import Knob
+
+if TYPE_CHECKING:
+    from tracetune.executor.pipelines import Pipeline, Task
+
+NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+class StepError(Exception):
+    """A task failed in a step for a reason worth showing the caller (bad input, exhausted retries)."""
+
+    trace_id: str = ""
+
+
+# ---- knob groups ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Batching:
+    """Micro-batching for an `Infer` step: up to `max_size` items, the oldest waiting at most `max_wait_ms`.
+
+    With `length` (item -> size, e.g. its token count) the step also declares `length_bucketing`:
+    batches then hold items of similar length, so padded batches waste less compute.
+    """
+
+    max_size: int = 8
+    max_wait_ms: float = 5.0
+    length: Callable[[Any], int] | None = None
+    length_bucketing: bool = True
+
+    def knobs(self) -> dict[str, Knob]:
+        knobs = {"batch_max_size": Knob("int", self.max_size, 1, 1024, "items", "largest batch"),
+                 "batch_max_wait_ms": Knob("float", float(self.max_wait_ms), 0, 10_000, "ms",
+                                           "longest the oldest item waits for a fuller batch")}
+        if self.length is not None:
+            knobs["length_bucketing"] = Knob("bool", self.length_bucketing, help="batch items of similar length")
+        return knobs
+
+
+@dataclass(frozen=True)
+class Cache:
+    """An exact-match cache in front of an `Infer` step, keyed on `key(item)` and the route."""
+
+    enabled: bool = True
+    ttl_seconds: float = 600.0
+    max_entries: int = 10_000
+    key: Callable[[Any], str] = normalise
+
+    def knobs(self) -> dict[str, Knob]:
+        return {"cache_enabled": Knob("bool", self.enabled),
+                "cache_ttl_seconds": Knob("float", float(self.ttl_seconds), 0, 30 * 86_400, "s"),
+                "cache_max_entries": Knob("int", self.max_entries, 1, 10_000_000, "entries")}
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Limits for calls to another service: at most `max_concurrency` in flight, each `timeout_seconds` long."""
+
+    max_concurrency: int = 8
+    timeout_seconds: float = 10.0
+
+    def knobs(self) -> dict[str, Knob]:
+        return {"max_concurrency": Knob("int", self.max_concurrency, 1, 4096, "calls"),
+                "timeout_seconds": Knob("float", float(self.timeout_seconds), 0.01, 600, "s")}
+
+
+# ---- steps ---------------------------------------------------------------------------------------
+
+class Step:
+    """A plain step: `fn(task)` runs inside the step's span (`trace.get_current_span()` to annotate it).
+
+    `when(task)` (optional) decides whether the step runs for a task. Raise `StepError` to fail the
+    task with a message the caller sees.
+    """
+
+    def __init__(self, name: str, fn: Callable[[Task], Any] | None = None, *,
+                 when: Callable[[Task], bool] | None = None):
+        if not NAME.match(name):
+            raise ValueError(f"step name {name!r} must start with a letter and hold only letters, digits, _ and -")
+        self.name = name
+        self.fn = fn
+        self.when = when
+        self.pipeline_name = ""
+
+    def knobs(self) -> dict[str, Knob]:
+        """The knobs this step declares (name -> Knob); the tuner sets them by these names."""
+        return {}
+
+    def configure(self, values: Mapping[str, Any]) -> None:
+        """Apply knob values from the tuner (already checked against `knobs()`)."""
+
+    def bind(self, pipeline: Pipeline) -> None:
+        """Called once by the pipeline that holds the step, before its first task."""
+        self.pipeline_name = pipeline.name
+
+    def applies(self, task: Task) -> bool:
+        return self.when is None or self.when(task)
+
+    def run(self, task: Task, span: trace.Span) -> None:
+        if self.fn is not None:
+            self.fn(task)
+
+    def close(self) -> None:
+        """Stop threads and close connections the step holds."""
+
+
+def _split(output: Any) -> tuple[Any, float | None]:
+    """A variant's output is a value, or (value, confidence) with confidence a number in [0, 1]."""
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], int | float) \
+            and not isinstance(output[1], bool):
+        return output[0], float(output[1])
+    return output, None
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float) and not isinstance(value, bool)
+
+
+class Infer(Step):
+    """A model step: `variants` map route names to batch functions (list of inputs -> list of outputs).
+
+    A task's input is `input(task)` (default: `task.data["text"]`). The route is drawn by weight
+    (`weights`, default equal); with `batching` requests queue into batches per route; with `cache`
+    a repeated input skips the model. An output that is `(value, confidence)` lets a later `Cascade`
+    decide on it. The value lands in `task.data[name]`, the confidence in `task.confidence[name]`
+    and the route in `task.routes[name]`; `feature` names a drift feature for the value.
+    """
+
+    def __init__(self, name: str, variants: Mapping[str, Callable[[list[Any]], list[Any]]], *,
+                 input: Callable[[Task], Any] | None = None, weights: Mapping[str, float] | None = None,
+                 batching: Batching | None = None, cache: Cache | None = None, feature: str | None = None,
+                 when: Callable[[Task], bool] | None = None, result_timeout: float = 60.0,
+                 seed: int | None = None):
+        super().__init__(name, when=when)
+        if not variants:
+            raise ValueError(f"step {name!r} needs at least one variant")
+        for route in variants:
+            if not NAME.match(route):
+                raise ValueError(f"route {route!r} of step {name!r} must start with a letter and hold only "
+                                 f"letters, digits, _ and -")
+        self.variants = dict(variants)
+        self.input = input or (lambda task: task.data["text"])
+        weights = dict(weights) if weights else {route: 1.0 for route in self.variants}
+        unknown = set(weights) - set(self.variants)
+        if unknown:
+            raise ValueError(f"weights of step {name!r} name routes it has no variant for: {sorted(unknown)}")
+        self.weights = {route: float(weights.get(route, 0.0)) for route in self.variants}
+        self.batching = batching
+        self.cache_spec = cache
+        self.feature = feature
+        self.result_timeout = result_timeout
+        self.router = WeightedRouter(self.weights, seed)
+        self.cache = TTLCache(cache.max_entries, cache.ttl_seconds) if cache else None
+        self.cache_enabled = bool(cache and cache.enabled)
+        self.batchers: dict[str, Batcher] = {}
+
+    def knobs(self) -> dict[str, Knob]:
+        knobs: dict[str, Knob] = {}
+        if len(self.variants) > 1:
+            knobs["route_weights"] = Knob("weights", dict(self.weights), help="share of requests per route")
+        if self.batching:
+            knobs.update(self.batching.knobs())
+        if self.cache_spec:
+            knobs.update(self.cache_spec.knobs())
+        return knobs
+
+    def bind(self, pipeline: Pipeline) -> None:
+        super().bind(pipeline)
+        labels = (self.pipeline_name, self.name)
+        if self.batching:
+            length = self.batching.length
+
+            def on_batch(size: int, _: float) -> None:
+                metrics.BATCH_SIZE.labels(*labels).observe(size)
+
+            for route, run_batch in self.variants.items():
+                self.batchers[route] = Batcher(
+                    f"{self.name}:{route}", run_batch, self.batching.max_size, self.batching.max_wait_ms,
+                    tracer=pipeline.tracer, on_batch=on_batch, length=length,
+                    bucket_by_length=bool(length and self.batching.length_bucketing),
+                    attributes={attr.BATCH_OF: self.name, attr.BATCH_PIPELINE: self.pipeline_name,
+                                attr.ROUTE: route})
+            batchers = self.batchers
+            metrics.QUEUE_DEPTH.labels(*labels).set_function(lambda: sum(b.depth for b in batchers.values()))
+        if self.cache:
+            cache = self.cache
+            metrics.CACHE_HIT_RATIO.labels(*labels).set_function(
+                lambda: cache.hits / max(1, cache.hits + cache.misses))
+
+    def configure(self, values: Mapping[str, Any]) -> None:
+        if "route_weights" in values:
+            self.weights = dict(values["route_weights"])
+            self.router.set_weights(self.weights)
+        for batcher in self.batchers.values():
+            batcher.configure(values.get("batch_max_size", batcher.max_size),
+                              values.get("batch_max_wait_ms", batcher.max_wait_ms),
+                              values.get("length_bucketing"))
+        if self.cache is not None:
+            self.cache_enabled = bool(values.get("cache_enabled", self.cache_enabled))
+            self.cache.configure(values.get("cache_max_entries"), values.get("cache_ttl_seconds"))
+
+    def run(self, task: Task, span: trace.Span) -> None:
+        route = self.router.choose()
+        span.set_attribute(attr.ROUTE, route)
+        metrics.ROUTE_TOTAL.labels(self.pipeline_name, self.name, route).inc()
+        item = self.input(task)
+        output: Any = TTLCache.MISSING
+        key = ""
+        if self.cache is not None and self.cache_enabled:
+            key = f"{route}\x1f{self.cache_spec.key(item)}"
+            output = self.cache.get(key)
+        outcome = "bypass" if self.cache is None or not self.cache_enabled else \
+            "miss" if output is TTLCache.MISSING else "hit"
+        if self.cache is not None:
+            span.set_attribute(attr.CACHE, outcome)
+            metrics.CACHE_TOTAL.labels(self.pipeline_name, self.name, outcome).inc()
+        if output is TTLCache.MISSING:
+            output = self._compute(route, item, span)
+            if key:
+                self.cache.put(key, output)
+        value, confidence = _split(output)
+        task.data[self.name] = value
+        task.routes[self.name] = route
+        if confidence is not None:
+            task.confidence[self.name] = confidence
+            span.set_attribute(attr.FEATURE_PREFIX + "confidence", round(confidence, 4))
+        if self.feature and _scalar(value):
+            span.set_attribute(attr.FEATURE_PREFIX + self.feature, value)
+
+    def _compute(self, route: str, item: Any, span: trace.Span) -> Any:
+        batcher = self.batchers.get(route)
+        if batcher is None:
+            outputs = self.variants[route]([item])
+            if len(outputs) != 1:
+                raise RuntimeError(f"variant {route} of step {self.name} returned {len(outputs)} results for 1 input")
+            return outputs[0]
+        result = batcher.submit(item).result(timeout=self.result_timeout)
+        span.set_attribute(attr.BATCH_SIZE, result.batch_size)
+        span.set_attribute(attr.QUEUE_MS, round(result.queue_ms, 3))
+        return result.value
+
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
+
+
+def _takes_timeout(fn: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "timeout" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+class Cascade(Step):
+    """Hands a task to a remote model when step `after` was less confident than `threshold`.
+
+    `remote(item)` returns the better answer, which replaces `task.data[after]` (the local answer is
+    kept in `task.escalated[after]`). If `remote` takes a `timeout` keyword it gets the step's
+    `timeout_seconds`. When the remote call fails, the local answer stands and the span says so.
+    Knobs: `cascade_threshold` and the `Remote` limits.
+    """
+
+    def __init__(self, name: str, after: str, remote: Callable[..., Any] | None, *, threshold: float = 0.5,
+                 input: Callable[[Task], Any] | None = None, limits: Remote = Remote(), route: str = "remote",
+                 feature: str | None = None, when: Callable[[Task], bool] | None = None):
+        super().__init__(name, when=when)
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"cascade {name!r}: threshold must be between 0 and 1, got {threshold}")
+        self.after = after
+        self.remote = remote
+        self.threshold = float(threshold)
+        self.input = input or (lambda task: task.data["text"])
+        self.limits = limits
+        self.limiter = Limiter(limits.max_concurrency)
+        self.timeout = limits.timeout_seconds
+        self.route = route
+        self.feature = feature
+        self._pass_timeout = remote is not None and _takes_timeout(remote)
+
+    def knobs(self) -> dict[str, Knob]:
+        return {"cascade_threshold": Knob("float", self.threshold, 0, 1, help=f"escalate when {self.after}'s "
+                                          f"confidence is below this"), **self.limits.knobs()}
+
+    def configure(self, values: Mapping[str, Any]) -> None:
+        self.threshold = float(values.get("cascade_threshold", self.threshold))
+        self.timeout = float(values.get("timeout_seconds", self.timeout))
+        if "max_concurrency" in values:
+            self.limiter.resize(int(values["max_concurrency"]))
+
+    def applies(self, task: Task) -> bool:
+        confidence = task.confidence.get(self.after)
+        return confidence is not None and confidence < self.threshold and super().applies(task)
+
+    def run(self, task: Task, span: trace.Span) -> None:
+        span.set_attribute(attr.ROUTE, self.route)
+        labels = (self.pipeline_name, self.name)
+        if self.remote is None:
+            span.set_attribute(attr.ESCALATION, "unavailable")
+            metrics.CASCADE_TOTAL.labels(*labels, "unavailable").inc()
+            return
+        started = time.monotonic()
+        try:
+            with self.limiter.slot(self.timeout) as waited:
+                span.set_attribute(attr.QUEUE_MS, round(waited * 1000, 3))
+                metrics.REMOTE_IN_FLIGHT.labels(*labels).inc()
+                try:
+                    left = max(0.001, self.timeout - (time.monotonic() - started))
+                    item = self.input(task)
+                    answer = self.remote(item, timeout=left) if self._pass_timeout else self.remote(item)
+                finally:
+                    metrics.REMOTE_IN_FLIGHT.labels(*labels).dec()
+        except Exception as exc:  # noqa: BLE001 - any remote failure degrades to the local answer
+            span.record_exception(exc)
+            message = f"remote model failed, local answer kept: {exc}"
+            span.set_status(trace.Status(trace.StatusCode.ERROR, message[:300]))
+            span.set_attribute(attr.ESCALATION, "failed")
+            metrics.CASCADE_TOTAL.labels(*labels, "failed").inc()
+            return
+        span.set_attribute(attr.ESCALATION, "answered")
+        metrics.CASCADE_TOTAL.labels(*labels, "answered").inc()
+        if self.feature and _scalar(answer):
+            span.set_attribute(attr.FEATURE_PREFIX + self.feature, answer)
+        task.escalated[self.after] = task.data.get(self.after)
+        task.data[self.after] = answer
+
+    def close(self) -> None:
+        close = getattr(self.remote, "close", None) or getattr(getattr(self.remote, "__self__", None), "close", None)
+        if callable(close):
+            close()
+
+
+class Effect(Step):
+    """A write to another system: POST `payload(task)` as JSON to `url` through a `SideEffect`.
+
+    The request carries an idempotency key from (pipeline, step, task id), is retried per `policy`
+    and, when retries run out, dead-lettered (if `dead_letters` is given) and the task fails with
+    the reason. The service's JSON answer lands in `task.data[name]`. Knobs: the `Remote` limits.
+    """
+
+    def __init__(self, name: str, url: str, payload: Callable[[Task], Mapping[str, Any]], *,
+                 when: Callable[[Task], bool] | None = None, limits: Remote = Remote(timeout_seconds=5.0),
+                 policy: RetryPolicy | None = None, dead_letters: DeadLetters | None = None,
+                 headers: Mapping[str, str] | None = None, route: str = "", budget_seconds: float | None = None):
+        super().__init__(name, when=when)
+        self.url = url
+        self.payload = payload
+        self.limits = limits
+        self.route = route
+        self._options = {"policy": policy, "dead_letters": dead_letters, "headers": headers, "budget": budget_seconds}
+        self.effect: SideEffect | None = None
+
+    def knobs(self) -> dict[str, Knob]:
+        return self.limits.knobs()
+
+    def bind(self, pipeline: Pipeline) -> None:
+        super().bind(pipeline)
+        self.effect = SideEffect(self.url, pipeline=self.pipeline_name, step=self.name,
+                                 max_concurrency=self.limits.max_concurrency, timeout=self.limits.timeout_seconds,
+                                 **self._options)
+
+    def configure(self, values: Mapping[str, Any]) -> None:
+        if self.effect is not None:
+            self.effect.configure(values.get("max_concurrency"), values.get("timeout_seconds"))
+
+    def run(self, task: Task, span: trace.Span) -> None:
+        if self.route:
+            span.set_attribute(attr.ROUTE, self.route)
+        assert self.effect is not None, "Effect.run before bind"
+        try:
+            task.data[self.name] = self.effect(task.task_id or task.trace_id, self.payload(task))
+        except SideEffectFailed as exc:
+            raise StepError(str(exc)) from None
+
+    def close(self) -> None:
+        if self.effect is not None:
+            self.effect.close()
