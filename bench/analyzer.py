@@ -19,15 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import isolated_settings  # bench/harness.py: this script's folder
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.conftest import make_settings  # noqa: E402
-from tracetune import analyzer, store  # noqa: E402
+from tracetune import analyzer, store
 
 # Spans in traces of five: a root (the request) and four steps, 4 pipelines x 2 routes x 6 tenants,
 # lognormal durations per step, an LLM step with GenAI token counts, timestamps over the last 24 h,
@@ -97,7 +94,7 @@ def main() -> None:
     console = Console(width=150)
 
     home = Path(tempfile.mkdtemp(prefix="tracetune-bench-"))
-    settings = make_settings(home)
+    settings = isolated_settings(home)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
     proc = subprocess.Popen([sys.executable, "-m", "tracetune", "store"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)

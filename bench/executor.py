@@ -1,11 +1,11 @@
 """Executor benchmark: overhead of the executor path, batching policies, length bucketing, int8 vs fp32.
 
 Everything runs for real: onnxruntime sessions of the built MiniLM encoder + classifier head, the
-executor's Batcher / TicketTriage pipeline, and the OpenTelemetry SDK (TracerProvider +
+executor's Batcher / the ticket-triage pipeline, and the OpenTelemetry SDK (TracerProvider +
 BatchSpanProcessor) with an exporter that drops spans, so tracing costs what it costs in production
 minus the network.
 
-1. executor overhead: closed-loop saturating load through TicketTriage (batcher, cache bypass,
+1. executor overhead: closed-loop saturating load through the triage pipeline (batcher, cache bypass,
    router, a span per step and per batch) against direct `predict` calls on the very same batches;
 2. batching policies under open-loop Poisson arrivals: throughput and latency per arrival rate, and
    the highest rate each policy holds within a p95 target;
@@ -44,11 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 from bench.models import time_batches  # noqa: E402
+from tracetune.demo import triage  # noqa: E402
 from tracetune.demo.corpus import Ticket, generate  # noqa: E402
 from tracetune.demo.models import TicketClassifier, build_models  # noqa: E402
+from tracetune.executor import Pipeline  # noqa: E402
 from tracetune.executor.batcher import Batcher  # noqa: E402
-from tracetune.executor.pipelines import TicketTriage  # noqa: E402
-from tracetune.tuner.config import PipelineConfig, StepConfig  # noqa: E402
+from tracetune.tuner.config import PipelineConfig  # noqa: E402
 
 LONG_TOKENS = 96  # a ticket this long or longer counts as "long" in the bucketing table
 # (name, max_size, max_wait_ms) for section 2; "adaptive" runs whatever is queued when the worker is free.
@@ -293,12 +294,13 @@ class RecordingClassifier:
 
 
 def triage_config(variant: str, max_size: int, max_wait_ms: float, version: int) -> PipelineConfig:
-    """One route, cache off (every request reaches the model), no escalation: the classify path."""
-    return PipelineConfig("ticket_triage", version,
-                          steps={"classify": StepConfig(max_size, max_wait_ms, cache_enabled=False,
-                                                        length_bucketing=False)},
-                          route_weights={"classify": {variant: 1.0}},
-                          thresholds={"escalate_below_confidence": 0.0})
+    """Cache off (every request reaches the model), no escalation, no length bucketing: the classify path.
+
+    The pipeline holds one variant, so it has no route weights to set."""
+    return PipelineConfig("ticket_triage", version, steps={
+        "classify": {"batch_max_size": max_size, "batch_max_wait_ms": max_wait_ms, "cache_enabled": False,
+                     "length_bucketing": False},
+        "escalate": {"cascade_threshold": 0.0}})
 
 
 def replay(classifier: TicketClassifier, batches: list[list[str]]) -> tuple[float, list[float]]:
@@ -339,7 +341,7 @@ class Overhead:
         return 1 - self.executor_rps / self.direct_rps
 
 
-def measure_overhead(pipeline: TicketTriage, recorder: RecordingClassifier, texts: list[str], row: Overhead,
+def measure_overhead(pipeline: Pipeline, recorder: RecordingClassifier, texts: list[str], row: Overhead,
                      seconds: float, warmup: float) -> None:
     """One round: saturate the pipeline, then replay the batches it ran, in order, as direct calls.
 
@@ -379,8 +381,8 @@ class InstantClassifier:
 
 def path_cost_ms(classifier: TicketClassifier, texts: list[str], tracer: trace.Tracer, variant: str,
                  seconds: float) -> float:
-    """Milliseconds per request through TicketTriage with an instant model, one request at a time."""
-    pipeline = TicketTriage({variant: InstantClassifier(classifier)}, tracer=tracer, seed=1)
+    """Milliseconds per request through the triage pipeline with an instant model, one request at a time."""
+    pipeline = triage.build({variant: InstantClassifier(classifier)}, tracer=tracer, seed=1)
     pipeline.apply_config(triage_config(variant, 1, 0.0, version=2))
     try:
         for text in texts[:50]:
@@ -397,7 +399,7 @@ def path_cost_ms(classifier: TicketClassifier, texts: list[str], tracer: trace.T
 def section_overhead(console: Console, classifier: TicketClassifier, workload: Workload, tracer: trace.Tracer,
                      s: Settings) -> dict[int, Overhead]:
     recorder = RecordingClassifier(classifier)
-    pipeline = TicketTriage({s.variant: recorder}, tracer=tracer, seed=1)
+    pipeline = triage.build({s.variant: recorder}, tracer=tracer, seed=1)
     texts = workload.texts
     rows = {n: Overhead(n, clients=2 * n) for n in (1, 8, 32)}
     per_text_ms = {}
@@ -417,7 +419,7 @@ def section_overhead(console: Console, classifier: TicketClassifier, workload: W
     console.log("1. executor path with an instant model")
     instant_ms = path_cost_ms(classifier, texts, tracer, s.variant, s.overhead_seconds / 2)
 
-    table = Table(title=f"1. executor overhead: TicketTriage ({s.variant}, cache off, spans on) vs direct predict() "
+    table = Table(title=f"1. executor overhead: ticket_triage ({s.variant}, cache off, spans on) vs direct predict() "
                         f"on the same batches, {s.threads} onnxruntime thread(s), closed loop, {s.rounds} round(s)")
     for column in ("max batch", "clients", "mean batch", "executor texts/s", "direct texts/s", "executor / direct",
                    "overhead", "< 10%", "per round", "batch p95 ms exec", "call p95 ms direct",

@@ -22,3 +22,12 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def isolated_settings(home, **overrides):
+    """Settings on free ports under `home`, ignoring any tracetune.toml or TRACETUNE_* of the caller."""
+    from tracetune import settings
+
+    ports = {name: free_port() for name in ("store_port", "collector_port", "collector_grpc_port", "tuner_port",
+                                            "executor_port", "dashboard_port", "llm_port", "crm_port")}
+    return settings.load(config_file=home / "none.toml", environ={}, home=str(home), **ports, **overrides)

@@ -102,7 +102,7 @@ class Knob:
             raise ConfigError(f"{where} has unknown fields {extra}")
         try:
             knob = cls(**data)
-        except TypeError as exc:
+        except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         knob.check(f"{where}.default", knob.default)
         return knob

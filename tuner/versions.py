@@ -25,7 +25,7 @@ ORDER BY registered_at DESC LIMIT 1
 """
 
 PIPELINES_SQL = """
-SELECT pipeline, max(version) AS version, argMax(created_at, version) AS changed_at
+SELECT pipeline, max(version) AS latest_version, argMax(created_at, version) AS changed_at
 FROM tracetune_config_versions
 GROUP BY pipeline ORDER BY pipeline
 """

@@ -18,8 +18,8 @@ from tracetune.demo.standins import create_crm_app
 from tracetune.executor.effects import (
     DeadLetters,
     RetryPolicy,
+    SideEffect,
     SideEffectFailed,
-    crm_followups,
     parse_retry_after,
 )
 
@@ -34,6 +34,11 @@ class Recorder:
     def __call__(self, seconds: float) -> None:
         with self._lock:
             self.delays.append(seconds)
+
+
+def crm_followups(crm_url: str, *, pipeline: str, **options) -> SideEffect:
+    """The CRM stand-in's "create follow-up" call, as the demo's `create_followup` step makes it."""
+    return SideEffect(crm_url + "/v1/followups", pipeline=pipeline, step="create_followup", **options)
 
 
 def followups(server: ThreadServer, key: str | None = None) -> list[dict]:

@@ -1,67 +1,219 @@
-"""Tuner API: config from ClickHouse, ETag / If-None-Match, new versions picked up."""
+"""Tuner API over a real store: registration, config with ETag / If-None-Match, PATCH by knob name, SLOs."""
 
 from __future__ import annotations
 
-import dataclasses
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import httpx
+import pytest
 
 from tests.servers import ThreadServer
 from tracetune import store
 from tracetune.tuner import versions
 from tracetune.tuner.api import create_app
-from tracetune.tuner.config import PipelineConfig, StepConfig, default_config
+from tracetune.tuner.config import Knob, PipelineConfig, PipelineSpec
+
+TOKEN = {"Authorization": "Bearer s3cret"}
+SPEC = PipelineSpec("triage", {
+    "clean": {},
+    "classify": {"batch_max_size": Knob("int", 8, 1, 1024, "items"),
+                 "route_weights": Knob("weights", {"a": 0.5, "b": 0.5}),
+                 "cache_enabled": Knob("bool", True)},
+    "escalate": {"cascade_threshold": Knob("float", 0.45, 0, 1)},
+}, {"p95_ms": 500.0})
 
 
-def test_config_is_served_from_clickhouse_with_etag(db_settings):
-    client = store.connect(db_settings, ensure_schema=False)
-    with ThreadServer(create_app(lambda: store.connect(db_settings), ["ticket_triage"])) as server:
-        url = f"{server.url}/v1/pipelines/ticket_triage/config"
-        first = httpx.get(url)
-        assert first.status_code == 200
-        served = PipelineConfig.from_dict(first.json())
-        assert served == default_config("ticket_triage")
-        assert first.headers["etag"] == served.etag
-        # The default was stored as version 1 in ClickHouse, by the tuner at start.
-        assert versions.latest(client, "ticket_triage") == served
+@dataclass
+class Tuner:
+    url: str
+    client: store.Client
 
-        again = httpx.get(url, headers={"If-None-Match": first.headers["etag"]})
-        assert again.status_code == 304 and again.content == b""
+    def register(self, spec: PipelineSpec = SPEC, headers: dict | None = TOKEN) -> httpx.Response:
+        return httpx.put(f"{self.url}/v1/pipelines/{spec.pipeline}/spec", json=spec.to_dict(), headers=headers)
 
-        newer = dataclasses.replace(served, version=2, steps={"classify": StepConfig(32, 20.0, False)})
-        versions.save(client, newer, author="test", reason="bigger batches")
-        changed = httpx.get(url, headers={"If-None-Match": first.headers["etag"]})
-        assert changed.status_code == 200 and changed.headers["etag"] != first.headers["etag"]
-        assert PipelineConfig.from_dict(changed.json()).step("classify").batch_max_size == 32
+    def patch(self, body, pipeline: str = "triage", headers: dict | None = TOKEN) -> httpx.Response:
+        return httpx.patch(f"{self.url}/v1/pipelines/{pipeline}/config", json=body, headers=headers, timeout=30)
 
-        missing = httpx.get(f"{server.url}/v1/pipelines/nope/config")
-        assert missing.status_code == 404 and "nope" in missing.json()["detail"]
-        assert httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    def rows(self, sql: str) -> list[tuple]:
+        return self.client.query(sql).result_rows
 
 
-def test_config_validation_names_the_bad_field():
-    data = default_config("p").to_dict()
-    data["steps"]["classify"]["batch_max_size"] = 0
-    try:
-        PipelineConfig.from_dict(data)
-    except ValueError as exc:
-        assert "steps.classify.batch_max_size" in str(exc)
-    else:
-        raise AssertionError("a batch size of 0 was accepted")
-
-
-def test_slo_writes_need_the_token_and_are_validated(db_settings):
-    slo = {"p95_ms": 400, "p99_ms": 900, "error_rate": 0.01}
-    app = create_app(lambda: store.connect(db_settings), ["ticket_triage"], token="s3cret",
-                     default_slos={"ticket_triage": {"p95_ms": 500.0}})
+@pytest.fixture
+def tuner(db_settings) -> Iterator[Tuner]:
+    app = create_app(lambda: store.connect(db_settings, ensure_schema=False), token="s3cret")
     with ThreadServer(app) as server:
-        url = f"{server.url}/v1/pipelines/ticket_triage/slo"
-        assert httpx.get(url).json()["p95_ms"] == 500.0  # the default, stored at start
-        assert httpx.put(url, json=slo).status_code == 401
-        assert httpx.put(url, json=slo, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        bad = httpx.put(url, json={"p95_ms": -1}, headers={"Authorization": "Bearer s3cret"})
-        assert bad.status_code == 422 and "p95_ms" in bad.json()["detail"]
-        ok = httpx.put(url, json=slo, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200 and ok.json()["version"] == 2
-        assert httpx.get(url).json()["p99_ms"] == 900
-        assert httpx.get(f"{server.url}/v1/pipelines/other/slo").status_code == 404
+        yield Tuner(server.url, store.connect(db_settings, ensure_schema=False))
+
+
+def test_registration_serves_the_declared_defaults_with_etag(tuner):
+    assert tuner.register(headers=None).status_code == 401
+    assert tuner.register(headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{tuner.url}/v1/pipelines").json() == []  # nothing stored by a refused call
+
+    registered = tuner.register()
+    assert registered.status_code == 200
+    served = PipelineConfig.from_dict(registered.json())
+    assert served == SPEC.defaults() and served.version == 1
+    assert registered.headers["etag"] == served.etag
+    assert versions.latest(tuner.client, "triage") == served  # stored in ClickHouse
+
+    url = f"{tuner.url}/v1/pipelines/triage/config"
+    first = httpx.get(url)
+    assert first.status_code == 200 and first.headers["etag"] == served.etag
+    assert PipelineConfig.from_dict(first.json()) == served
+    again = httpx.get(url, headers={"If-None-Match": served.etag})
+    assert again.status_code == 304 and again.content == b""
+
+    # A version written to ClickHouse by someone else is what the next poll gets.
+    newer = replace(served, version=2, steps={**served.steps, "classify": {**served.steps["classify"],
+                                                                           "batch_max_size": 32}})
+    versions.save(tuner.client, newer, author="test", reason="bigger batches")
+    changed = httpx.get(url, headers={"If-None-Match": served.etag})
+    assert changed.status_code == 200 and changed.headers["etag"] == newer.etag != served.etag
+    assert PipelineConfig.from_dict(changed.json()).knob("classify", "batch_max_size") == 32
+
+    assert PipelineSpec.from_dict(httpx.get(f"{tuner.url}/v1/pipelines/triage/spec").json()) == SPEC
+    listed = httpx.get(f"{tuner.url}/v1/pipelines").json()
+    assert [(p["pipeline"], p["version"]) for p in listed] == [("triage", 2)]
+
+    for path in ("config", "spec"):
+        missing = httpx.get(f"{tuner.url}/v1/pipelines/nope/{path}")
+        assert missing.status_code == 404
+        assert "'nope'" in missing.json()["detail"] and "known: triage" in missing.json()["detail"]
+    paths = httpx.get(f"{tuner.url}/openapi.json").json()["paths"]
+    assert {"/v1/pipelines/{pipeline}/spec", "/v1/pipelines/{pipeline}/config", "/v1/pipelines/{pipeline}/slo"} \
+        <= set(paths)
+
+
+def test_re_registration_keeps_the_version_and_a_changed_declaration_reconciles(tuner):
+    assert tuner.register().json()["version"] == 1
+    again = tuner.register()
+    assert again.status_code == 200 and again.json()["version"] == 1 and again.headers["etag"] == '"triage-v1"'
+    assert tuner.rows("SELECT count() FROM tracetune_pipeline_specs") == [(1,)]
+    assert tuner.rows("SELECT count() FROM tracetune_config_versions") == [(1,)]
+
+    tuned = tuner.patch({"steps": {"classify": {"batch_max_size": 64}}, "reason": "evening peak"})
+    assert tuned.json()["version"] == 2
+    wider = replace(SPEC, steps={**SPEC.steps, "classify": {
+        **SPEC.steps["classify"], "batch_max_wait_ms": Knob("float", 5.0, 0, 10_000, "ms")}})
+    changed = tuner.register(wider)
+    assert changed.status_code == 200
+    config = PipelineConfig.from_dict(changed.json())
+    assert config.version == 3 and changed.headers["etag"] == '"triage-v3"'
+    assert config.knob("classify", "batch_max_wait_ms") == 5.0
+    assert config.knob("classify", "batch_max_size") == 64  # the tuned value is kept
+    [(author, reason)] = tuner.rows("SELECT author, reason FROM tracetune_config_versions WHERE version = 3")
+    assert author == "tracetune" and "classify.batch_max_wait_ms" in reason
+    assert tuner.rows("SELECT count() FROM tracetune_pipeline_specs") == [(2,)]
+    assert PipelineSpec.from_dict(httpx.get(f"{tuner.url}/v1/pipelines/triage/spec").json()) == wider
+    assert httpx.get(f"{tuner.url}/v1/pipelines/triage/config").headers["etag"] == '"triage-v3"'
+
+
+def test_registration_stores_the_declared_slo_unless_one_is_set(tuner):
+    url = f"{tuner.url}/v1/pipelines/triage/slo"
+    assert httpx.get(url).status_code == 404
+    tuner.register()
+    assert httpx.get(url).json()["p95_ms"] == 500.0  # from the declaration
+
+    slo = {"p95_ms": 400, "p99_ms": 900, "error_rate": 0.01}
+    assert httpx.put(url, json=slo).status_code == 401
+    assert httpx.put(url, json=slo, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    bad = httpx.put(url, json={"p95_ms": -1}, headers=TOKEN)
+    assert bad.status_code == 422 and "p95_ms" in bad.json()["detail"]
+    ok = httpx.put(url, json=slo, headers=TOKEN)
+    assert ok.status_code == 200 and ok.json()["version"] == 2
+
+    # An executor restarting with another declared SLO does not overwrite the one the owner set.
+    assert tuner.register(replace(SPEC, slo={"p95_ms": 250.0})).status_code == 200
+    kept = httpx.get(url).json()
+    assert (kept["p95_ms"], kept["p99_ms"], kept["error_rate"]) == (400, 900, 0.01)
+    assert tuner.rows("SELECT count() FROM tracetune_slos") == [(2,)]
+    assert httpx.get(f"{tuner.url}/v1/pipelines/other/slo").status_code == 404
+
+
+def test_patch_changes_knobs_by_name(tuner):
+    tuner.register()
+    assert tuner.patch({"steps": {"classify": {"batch_max_size": 16}}}, headers=None).status_code == 401
+
+    changed = tuner.patch({"steps": {"classify": {"batch_max_size": 16, "route_weights": {"b": 1}},
+                                     "escalate": {"cascade_threshold": 0.6}}, "reason": "evening peak"})
+    assert changed.status_code == 200 and changed.headers["etag"] == '"triage-v2"'
+    assert PipelineConfig.from_dict(changed.json()) == PipelineConfig("triage", 2, {
+        "classify": {"batch_max_size": 16, "route_weights": {"a": 0.0, "b": 1.0}, "cache_enabled": True},
+        "escalate": {"cascade_threshold": 0.6}})
+    assert httpx.get(f"{tuner.url}/v1/pipelines/triage/config").json() == changed.json()
+    [(author, reason)] = tuner.rows("SELECT author, reason FROM tracetune_config_versions WHERE version = 2")
+    assert (author, reason) == ("api", "evening peak")
+
+    same = tuner.patch({"steps": {"classify": {"batch_max_size": 16.0}}})
+    assert same.status_code == 200 and same.json()["version"] == 2 and same.headers["etag"] == '"triage-v2"'
+    assert tuner.rows("SELECT count() FROM tracetune_config_versions") == [(2,)]
+
+
+@pytest.mark.parametrize(("steps", "field"), [
+    ({"classify": {"nope": 1}}, "steps.classify.nope"),
+    ({"classify": {"batch_max_size": 0}}, "steps.classify.batch_max_size"),
+    ({"classify": {"batch_max_size": 2.5}}, "steps.classify.batch_max_size"),
+    ({"classify": {"cache_enabled": "no"}}, "steps.classify.cache_enabled"),
+    ({"classify": {"route_weights": {"c": 1}}}, "steps.classify.route_weights"),
+    ({"escalate": {"cascade_threshold": 1.5}}, "steps.escalate.cascade_threshold"),
+    ({"route": {"x": 1}}, "steps.route"),
+    ({"clean": {"x": 1}}, "steps.clean"),
+    ({"classify": 16}, "steps.classify"),
+])
+def test_patch_refuses_what_the_declaration_does_not_allow(tuner, steps, field):
+    tuner.register()
+    refused = tuner.patch({"steps": steps})
+    assert refused.status_code == 422
+    assert refused.json()["detail"].startswith(field)
+    assert httpx.get(f"{tuner.url}/v1/pipelines/triage/config").json()["version"] == 1
+
+
+def test_patch_refuses_malformed_bodies_and_unknown_pipelines(tuner):
+    tuner.register()
+    for body in ({}, {"steps": {}}, {"steps": [1]}, {"classify": {"batch_max_size": 16}},
+                 {"steps": {"classify": {"batch_max_size": 16}}, "reason": 3}, [1]):
+        refused = tuner.patch(body)
+        assert refused.status_code == 422, body
+    garbled = httpx.patch(f"{tuner.url}/v1/pipelines/triage/config", content=b"{not json", headers=TOKEN)
+    assert garbled.status_code == 422
+    missing = tuner.patch({"steps": {"classify": {"batch_max_size": 16}}}, pipeline="nope")
+    assert missing.status_code == 404 and "known: triage" in missing.json()["detail"]
+    assert tuner.rows("SELECT count() FROM tracetune_config_versions") == [(1,)]
+
+
+def test_concurrent_patches_take_distinct_consecutive_versions(tuner):
+    tuner.register()
+
+    def patch(size: int) -> int:
+        answer = tuner.patch({"steps": {"classify": {"batch_max_size": size}}, "reason": f"size {size}"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["version"]
+
+    with ThreadPoolExecutor(20) as pool:
+        answered = list(pool.map(patch, range(100, 120)))
+    assert sorted(answered) == list(range(2, 22))
+    stored = tuner.rows("SELECT version, config FROM tracetune_config_versions ORDER BY version")
+    assert [version for version, _ in stored] == list(range(1, 22))
+    # Each version holds the size its request set: no request's change was lost or applied twice.
+    sizes = {version: PipelineConfig.from_dict(json.loads(config)).knob("classify", "batch_max_size")
+             for version, config in stored}
+    assert sorted(sizes[v] for v in range(2, 22)) == list(range(100, 120))
+
+
+def test_a_malformed_declaration_is_refused_and_stores_nothing(tuner):
+    data = SPEC.to_dict()
+    data["steps"]["classify"]["x"] = {"kind": "nope", "default": 1}
+    refused = httpx.put(f"{tuner.url}/v1/pipelines/triage/spec", json=data, headers=TOKEN)
+    assert refused.status_code == 422 and "steps.classify.x" in refused.json()["detail"]
+
+    bad_slo = httpx.put(f"{tuner.url}/v1/pipelines/triage/spec", json={**SPEC.to_dict(), "slo": {"p95_ms": -1}},
+                        headers=TOKEN)
+    assert bad_slo.status_code == 422 and "p95_ms" in bad_slo.json()["detail"]
+    not_object = httpx.put(f"{tuner.url}/v1/pipelines/triage/spec", json=[1], headers=TOKEN)
+    assert not_object.status_code == 422
+    assert tuner.rows("SELECT count() FROM tracetune_pipeline_specs") == [(0,)]
+    assert httpx.get(f"{tuner.url}/v1/pipelines/triage/config").status_code == 404
