@@ -1,4 +1,4 @@
-"""Routing: a weighted choice between model variants, and a confidence cascade to a remote model."""
+"""Routing: a weighted choice between a step's model variants (the cascade is `steps.Cascade`)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,3 @@ class WeightedRouter:
                     return name
             return self.routes[-1]
 
-
-def should_escalate(confidence: float, threshold: float) -> bool:
-    """Cascade rule: hand the task to the remote model when the local one is less sure than `threshold`."""
-    return confidence < threshold

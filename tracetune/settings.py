@@ -62,7 +62,6 @@ class Settings:
     # the Settings if it takes an argument).
     pipelines: str = "tracetune.demo.triage:ticket_triage"
     executor_config_poll_seconds: float = 5.0
-    executor_workers: int = 16
     load_rate: float = 20.0  # requests per second of the demo load
     executor_max_in_flight: int = 256  # tasks past this get 503 + Retry-After
 
@@ -214,7 +213,7 @@ _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
 _POSITIVE_FIELDS = ["analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
                     "collector_wal_max_bytes", "collector_body_timeout_seconds",
-                    "executor_config_poll_seconds", "executor_workers"]
+                    "executor_config_poll_seconds"]
 
 
 def _convert(name: str, kind: Any, raw: Any, origin: str) -> Any:

@@ -88,3 +88,22 @@ def test_the_installed_store_and_cost_report_work_outside_the_repository(install
         assert json.loads(out.stdout) == []  # no spans yet, but the schema and the bundled prices were found
     finally:
         stop_process(store)
+
+
+def test_the_installed_demo_builds_its_models_and_runs_the_whole_loop(installed, tmp_path, models_dir):
+    """`tracetune models build` and `tracetune demo --duration 20` from the wheel alone: the demo
+    pipeline, its stand-ins, the dashboard and the SQL all come from the installed package."""
+    from tests.servers import free_port
+
+    settings = make_settings(tmp_path / "home", crm_port=free_port(), load_rate=10)
+    shutil.copytree(models_dir, settings.models_dir)  # built once per session; the command checks and reuses
+    env = settings.as_env()
+    built = _run(installed, ["tracetune", "models", "build"], tmp_path, env)
+    assert built.returncode == 0, built.stderr
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("TRACETUNE_", "PYTHONPATH"))}
+    demo = subprocess.run([str(installed / "tracetune"), "demo", "--duration", "20"], cwd=tmp_path,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=300)
+    logs = "\n".join(f"== {p.name}\n{p.read_text()[-1500:]}" for p in sorted((settings.home / "logs").glob("*.log")))
+    assert demo.returncode == 0, f"{demo.stdout[-2000:]}\n{demo.stderr[-2000:]}\n{logs}"
+    assert "classify" in demo.stdout and "draft_reply" in demo.stdout, demo.stdout[-2000:]
+    assert "stopped every process" in demo.stdout
