@@ -33,6 +33,8 @@ def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> Non
     ({"TRACETUNE_NO_SUCH": "1"}, ["TRACETUNE_NO_SUCH is not a tracetune setting"]),
     ({"TRACETUNE_CLICKHOUSE_URL": "ftp://x"}, ["clickhouse_url", "http://user:pass@host:8123/database"]),
     ({"TRACETUNE_DATABASE": "a;b"}, ["database = 'a;b'"]),
+    ({"TRACETUNE_PIPELINES": " , "}, ["pipelines (from TRACETUNE_PIPELINES) names no pipeline"]),
+    ({"TRACETUNE_PIPELINES": "reviews.py"}, ["'reviews.py'", "package.module:attribute"]),
 ])
 def test_a_bad_setting_stops_any_command_with_one_line(tmp_path, env, fragments):
     _one_line_error(_tracetune(["stats"], tmp_path, **env), *fragments)
@@ -64,3 +66,12 @@ def test_a_password_file_others_can_read_stops_the_command(tmp_path):
     result = _tracetune(["cost"], tmp_path, TRACETUNE_HOME=str(home), TRACETUNE_STORE_PORT=str(free_port()))
     _one_line_error(result, "store.password is readable by other users", "chmod 600")
     assert "cannot reach" not in result.stderr
+
+
+def test_the_pipelines_setting_takes_a_toml_list(tmp_path):
+    from tracetune import settings
+
+    (tmp_path / "tracetune.toml").write_text('pipelines = ["reviews:reviews", "tracetune.demo.triage:ticket_triage"]\n')
+    loaded = settings.load(tmp_path / "tracetune.toml", environ={})
+    assert loaded.pipeline_targets == ["reviews:reviews", "tracetune.demo.triage:ticket_triage"]
+    assert settings.load(environ=loaded.as_env()).pipeline_targets == loaded.pipeline_targets  # handed to children
