@@ -18,7 +18,7 @@ from tracetune.settings import Settings
 def make_settings(home: Path, **overrides) -> Settings:
     """Settings on free ports under `home`, ignoring any tracetune.toml or TRACETUNE_* of the caller."""
     ports = {name: free_port() for name in ("store_port", "collector_port", "collector_grpc_port", "tuner_port",
-                                            "executor_port", "dashboard_port", "llm_port")}
+                                            "executor_port", "dashboard_port", "llm_port", "crm_port")}
     # Explicit store passwords, so settings moved to another home still reach the session's store.
     passwords = {"store_password": secrets.token_urlsafe(16), "store_reader_password": secrets.token_urlsafe(16)}
     values = {"home": str(home), **ports, **passwords, **overrides}

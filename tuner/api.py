@@ -7,6 +7,7 @@ Reads are open on loopback; write calls need `Authorization: Bearer <token>`.
 from __future__ import annotations
 
 import hmac
+import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -44,6 +45,18 @@ async def _spec(client, pipeline: str) -> PipelineSpec:
     return spec
 
 
+_slo_lock = threading.Lock()
+
+
+def _save_slo(client, slo: SLO, author: str, only_if_none: bool) -> int | None:
+    """Save `slo`; with `only_if_none`, only when the pipeline has none (a declared SLO never
+    overwrites the owner's). One lock, so the check and the save are one step."""
+    with _slo_lock:
+        if only_if_none and get_slo(client, slo.pipeline) is not None:
+            return None
+        return save_slo(client, slo, author)
+
+
 def _config_response(config: PipelineConfig, response: Response) -> dict[str, Any]:
     response.headers["ETag"] = config.etag
     response.headers["Cache-Control"] = "no-cache"
@@ -76,8 +89,8 @@ async def register_spec(pipeline: str, request: Request, response: Response,
     client = _client(request)
     source = request.client.host if request.client else ""
     config = await run_in_threadpool(versions.register, client, spec, source)
-    if slo is not None and await run_in_threadpool(get_slo, client, pipeline) is None:
-        await run_in_threadpool(save_slo, client, slo, "declaration")
+    if slo is not None:
+        await run_in_threadpool(_save_slo, client, slo, "declaration", True)
     return _config_response(config, response)
 
 
@@ -137,7 +150,7 @@ async def put_slo(pipeline: str, request: Request, body: dict[str, Any] = Body(
         slo = SLO.from_dict(body, pipeline=pipeline)
     except (SLOError, TypeError) as exc:
         raise HTTPException(422, str(exc)) from None
-    version = await run_in_threadpool(save_slo, _client(request), slo, "api")
+    version = await run_in_threadpool(_save_slo, _client(request), slo, "api", False)
     return {"version": version, **slo.to_dict()}
 
 

@@ -42,6 +42,14 @@ class Knob:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"knob kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        for name in ("low", "high"):
+            bound = getattr(self, name)
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | float)
+                                      or not math.isfinite(bound)):
+                raise ConfigError(f"knob bound {name} must be a finite number, got {bound!r}")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ConfigError(f"knob bounds are reversed: low {self.low:g} > high {self.high:g}")
+        object.__setattr__(self, "default", self.check("default", self.default))  # e.g. an int default of a float
 
     def check(self, where: str, value: Any) -> KnobValue:
         """`value` as this knob's kind, or ConfigError naming `where` (e.g. steps.classify.batch_max_size)."""
@@ -101,11 +109,11 @@ class Knob:
         if extra:
             raise ConfigError(f"{where} has unknown fields {extra}")
         try:
-            knob = cls(**data)
+            return cls(**data)
         except (TypeError, ConfigError) as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        knob.check(f"{where}.default", knob.default)
-        return knob
+            message = str(exc)
+            raise ConfigError(f"{where}.{message}" if message.startswith("default ") else f"{where}: {message}") \
+                from None
 
 
 @dataclass(frozen=True)
@@ -136,10 +144,13 @@ class PipelineConfig:
     def from_dict(cls, data: dict[str, Any]) -> PipelineConfig:
         if not isinstance(data, dict) or not isinstance(data.get("pipeline"), str):
             raise ConfigError(f"a config is an object with a pipeline name, got {str(data)[:200]}")
-        steps = data.get("steps") or {}
+        steps = data.get("steps", {})
         if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
             raise ConfigError("steps must map step names to objects of knob values")
-        return cls(pipeline=data["pipeline"], version=int(data.get("version", 1)),
+        version = data.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ConfigError(f"version must be a whole number of 0 or more, got {version!r}")
+        return cls(pipeline=data["pipeline"], version=version,
                    steps={str(step): dict(knobs) for step, knobs in steps.items()})
 
 
@@ -192,25 +203,30 @@ class PipelineSpec:
         if current is None:
             return self.defaults(), "declared defaults"
         steps: dict[str, dict[str, KnobValue]] = {}
-        added, dropped = [], []
+        notes: dict[str, list[str]] = {"defaults for new": [], "reset out of bounds": [], "adjusted": [],
+                                       "dropped": []}
         for step, knobs in self.steps.items():
             for name, knob in knobs.items():
-                value = current.steps.get(step, {}).get(name, _ABSENT)
-                if value is not _ABSENT:
+                where = f"{step}.{name}"
+                stored = current.steps.get(step, {}).get(name, _ABSENT)
+                if stored is _ABSENT:
+                    value, note = knob.default, "defaults for new"
+                else:
                     try:
-                        value = knob.check(f"steps.{step}.{name}", value)
+                        value = knob.check(f"steps.{where}", stored)
+                        changed = value != stored or type(value) is not type(stored)
+                        note = "adjusted" if changed else ""
                     except ConfigError:
-                        value = _ABSENT
-                if value is _ABSENT:
-                    added.append(f"{step}.{name}")
-                    value = knob.default
+                        value, note = knob.default, "reset out of bounds"
+                if note:
+                    notes[note].append(where)
                 steps.setdefault(step, {})[name] = value
         for step, values in current.steps.items():
-            dropped += [f"{step}.{name}" for name in values if name not in self.steps.get(step, {})]
-        if not added and not dropped and steps == current.steps:
+            notes["dropped"] += [f"{step}.{name}" for name in values if name not in self.steps.get(step, {})]
+        if not any(notes.values()):
             return None
-        reason = "declaration changed:" + (f" defaults for {', '.join(added)}" if added else "") + \
-                 (f"{';' if added else ''} dropped {', '.join(dropped)}" if dropped else "")
+        reason = "declaration changed: " + "; ".join(f"{what} {', '.join(names)}" for what, names in notes.items()
+                                                     if names)
         return PipelineConfig(self.pipeline, current.version + 1, steps), reason
 
     def to_dict(self) -> dict[str, Any]:
@@ -222,7 +238,7 @@ class PipelineSpec:
     def from_dict(cls, data: Any) -> PipelineSpec:
         if not isinstance(data, dict) or not isinstance(data.get("pipeline"), str):
             raise ConfigError("a pipeline spec is an object with a pipeline name and steps")
-        steps = data.get("steps") or {}
+        steps = data.get("steps", {})
         if not isinstance(steps, dict) or not all(isinstance(v, dict) for v in steps.values()):
             raise ConfigError("steps must map step names to objects of knob declarations")
         slo = data.get("slo") or {}

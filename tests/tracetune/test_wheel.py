@@ -93,9 +93,8 @@ def test_the_installed_store_and_cost_report_work_outside_the_repository(install
 def test_the_installed_demo_builds_its_models_and_runs_the_whole_loop(installed, tmp_path, models_dir):
     """`tracetune models build` and `tracetune demo --duration 20` from the wheel alone: the demo
     pipeline, its stand-ins, the dashboard and the SQL all come from the installed package."""
-    from tests.servers import free_port
 
-    settings = make_settings(tmp_path / "home", crm_port=free_port(), load_rate=10)
+    settings = make_settings(tmp_path / "home", load_rate=10)
     shutil.copytree(models_dir, settings.models_dir)  # built once per session; the command checks and reuses
     env = settings.as_env()
     built = _run(installed, ["tracetune", "models", "build"], tmp_path, env)

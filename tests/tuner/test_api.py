@@ -153,7 +153,7 @@ def test_patch_changes_knobs_by_name(tuner):
     assert tuner.rows("SELECT count() FROM tracetune_config_versions") == [(2,)]
 
 
-@pytest.mark.parametrize(("steps", "field"), [
+REFUSED_PATCHES = [  # steps of a PATCH body, and the field its 422 names first
     ({"classify": {"nope": 1}}, "steps.classify.nope"),
     ({"classify": {"batch_max_size": 0}}, "steps.classify.batch_max_size"),
     ({"classify": {"batch_max_size": 2.5}}, "steps.classify.batch_max_size"),
@@ -163,13 +163,16 @@ def test_patch_changes_knobs_by_name(tuner):
     ({"route": {"x": 1}}, "steps.route"),
     ({"clean": {"x": 1}}, "steps.clean"),
     ({"classify": 16}, "steps.classify"),
-])
-def test_patch_refuses_what_the_declaration_does_not_allow(tuner, steps, field):
+]
+
+
+def test_patch_refuses_what_the_declaration_does_not_allow(tuner):
     tuner.register()
-    refused = tuner.patch({"steps": steps})
-    assert refused.status_code == 422
-    assert refused.json()["detail"].startswith(field)
-    assert httpx.get(f"{tuner.url}/v1/pipelines/triage/config").json()["version"] == 1
+    for steps, field in REFUSED_PATCHES:
+        refused = tuner.patch({"steps": steps})
+        assert refused.status_code == 422, steps
+        assert refused.json()["detail"].startswith(field), refused.json()["detail"]
+    assert tuner.rows("SELECT count() FROM tracetune_config_versions") == [(1,)]
 
 
 def test_patch_refuses_malformed_bodies_and_unknown_pipelines(tuner):

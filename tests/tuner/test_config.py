@@ -202,6 +202,33 @@ def test_reconcile_resets_a_value_the_new_bounds_refuse():
     assert "classify.batch_max_size" in reason
 
 
+def test_reconcile_names_values_the_declaration_reshapes():
+    """A weights knob gaining a route keeps the stored weights and gives the new route 0, with a reason."""
+    tuned = spec().merge(spec().defaults(), {"classify": {"route_weights": {"a": 1.0, "b": 0.0}}})
+    wider = spec(route_weights=Knob("weights", {"a": 0.4, "b": 0.4, "c": 0.2}))
+    config, reason = wider.reconcile(tuned)
+    assert config.steps["classify"]["route_weights"] == {"a": 1.0, "b": 0.0, "c": 0.0}
+    assert reason == "declaration changed: adjusted classify.route_weights"
+    assert wider.reconcile(config) is None
+
+
+def test_a_knob_default_takes_the_knob_kind():
+    knob = Knob("float", 5, 0, 10)
+    assert knob.default == 5.0 and isinstance(knob.default, float)
+    declared = PipelineSpec("p", {"s": {"wait": knob}})
+    assert declared.reconcile(declared.defaults()) is None
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"low": 10, "high": 1}, ["reversed", "low 10 > high 1"]),
+    ({"low": "a"}, ["low must be a finite number", "'a'"]),
+    ({"high": math.inf}, ["high must be a finite number"]),
+])
+def test_knob_bounds_are_checked(fields, words):
+    message = error(Knob.from_dict, "steps.s.k", {"kind": "int", "default": 5, **fields})
+    assert message.startswith("steps.s.k") and all(word in message for word in words)
+
+
 # PipelineConfig
 
 
@@ -216,6 +243,9 @@ def test_config_json_form_and_etag():
     {"pipeline": "p", "steps": {"classify": [8]}},
     {"pipeline": "p", "steps": ["classify"]},
     {"steps": {}},
+    {"pipeline": "p", "steps": []},
+    {"pipeline": "p", "version": "x"},
+    {"pipeline": "p", "version": -1},
     "p",
 ])
 def test_config_from_dict_rejects_non_object_steps(data):
