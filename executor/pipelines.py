@@ -18,7 +18,7 @@ from opentelemetry import trace
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics
 from tracetune.executor.steps import NAME, Step, StepError
-from tracetune.tuner.config import PipelineConfig, PipelineSpec
+from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
 
 log = logging.getLogger("tracetune.executor")
 
@@ -49,6 +49,14 @@ class Task:
     @property
     def text(self) -> str:
         return str(self.input.get("text", ""))
+
+
+def _json_is(value: Any, kind: type) -> bool:
+    if kind in (int, float) and isinstance(value, bool):
+        return False
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
 
 
 def _plain(value: Any) -> Any:
@@ -108,15 +116,19 @@ class Pipeline:
         Tasks already running finish under the values they started with; a config that does not fit
         the declaration raises ConfigError and changes nothing.
         """
+        if config.pipeline != self.name:
+            raise ConfigError(f"a config for pipeline {config.pipeline!r} cannot apply to {self.name!r}")
         config = self._spec.check(config)
         self._bind()
         with self._lock:
+            steps = {step: dict(values) for step, values in self._config.steps.items()}
             for step in self.steps:
                 values = config.steps.get(step.name)
                 if values:
                     step.configure(values)
                     self._export(step.name, values)
-            self._config = config
+                    steps.setdefault(step.name, {}).update(values)
+            self._config = PipelineConfig(self.name, config.version, steps)  # knobs it did not name keep theirs
         metrics.CONFIG_VERSION.labels(self.name).set(config.version)
 
     def _export(self, step: str, values: Mapping[str, Any]) -> None:
@@ -139,11 +151,15 @@ class Pipeline:
 
     # ---- tasks --------------------------------------------------------------------------------
     def check_input(self, body: Mapping[str, Any]) -> str | None:
-        """Why `body` cannot be a task's input (one sentence), or None if it can."""
+        """Why `body` cannot be a task's input (one sentence), or None if it can.
+
+        Types follow JSON: a `float` field takes any number, an `int` field whole numbers; neither
+        takes true or false."""
         for key, kind in self.inputs.items():
-            if not isinstance(body.get(key), kind):
+            if not _json_is(body.get(key), kind):
                 fields = ", ".join(f'"{k}" ({t.__name__})' for k, t in self.inputs.items())
-                return f"pipeline {self.name} needs the fields {fields}; \"{key}\" is missing or not a {kind.__name__}"
+                return f"pipeline {self.name} needs the fields {fields}; \"{key}\" is missing or not of type " \
+                       f"{kind.__name__}"
         return None
 
     def run(self, input: Mapping[str, Any] | str, tenant: str = "", task_id: str = "") -> Task:

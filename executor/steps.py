@@ -12,6 +12,7 @@ by knob name (`configure`), and writes the span attributes and metrics for them.
 from __future__ import annotations
 
 import inspect
+import numbers
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -134,14 +135,17 @@ class Step:
 
 def _split(output: Any) -> tuple[Any, float | None]:
     """A variant's output is a value, or (value, confidence) with confidence a number in [0, 1]."""
-    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], int | float) \
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], numbers.Real) \
             and not isinstance(output[1], bool):
         return output[0], float(output[1])
     return output, None
 
 
-def _scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float) and not isinstance(value, bool)
+def _feature_value(value: Any) -> str | int | float | None:
+    """`value` as a span attribute for drift (numpy scalars as Python numbers), None if it is not a scalar."""
+    if isinstance(value, numbers.Number) and hasattr(value, "item"):
+        value = value.item()
+    return value if isinstance(value, str | int | float) and not isinstance(value, bool) else None
 
 
 class Infer(Step):
@@ -210,7 +214,7 @@ class Infer(Step):
                                 attr.ROUTE: route})
             batchers = self.batchers
             metrics.QUEUE_DEPTH.labels(*labels).set_function(lambda: sum(b.depth for b in batchers.values()))
-        if self.cache:
+        if self.cache is not None:  # an empty TTLCache is falsy (len 0)
             cache = self.cache
             metrics.CACHE_HIT_RATIO.labels(*labels).set_function(
                 lambda: cache.hits / max(1, cache.hits + cache.misses))
@@ -252,8 +256,8 @@ class Infer(Step):
         if confidence is not None:
             task.confidence[self.name] = confidence
             span.set_attribute(attr.FEATURE_PREFIX + "confidence", round(confidence, 4))
-        if self.feature and _scalar(value):
-            span.set_attribute(attr.FEATURE_PREFIX + self.feature, value)
+        if self.feature and (feature := _feature_value(value)) is not None:
+            span.set_attribute(attr.FEATURE_PREFIX + self.feature, feature)
 
     def _compute(self, route: str, item: Any, span: trace.Span) -> Any:
         batcher = self.batchers.get(route)
@@ -347,8 +351,8 @@ class Cascade(Step):
             return
         span.set_attribute(attr.ESCALATION, "answered")
         metrics.CASCADE_TOTAL.labels(*labels, "answered").inc()
-        if self.feature and _scalar(answer):
-            span.set_attribute(attr.FEATURE_PREFIX + self.feature, answer)
+        if self.feature and (feature := _feature_value(answer)) is not None:
+            span.set_attribute(attr.FEATURE_PREFIX + self.feature, feature)
         task.escalated[self.after] = task.data.get(self.after)
         task.data[self.after] = answer
 

@@ -81,12 +81,7 @@ def executor(ctx: click.Context, targets: tuple[str, ...]) -> None:
     from tracetune.executor.runner import PipelineLoadError, run
     from tracetune.tuner.config import ConfigError
 
-    settings = _settings(ctx)
-    if targets:
-        try:
-            settings = settings.replace(pipelines=",".join(targets))
-        except SettingsError as exc:
-            raise UserError(str(exc).replace("pipelines: ", "--pipeline ")) from None
+    settings = _settings(ctx, pipelines=",".join(targets) if targets else None)
     try:
         run(settings)
     except (PipelineLoadError, ConfigError) as exc:

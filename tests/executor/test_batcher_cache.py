@@ -136,3 +136,21 @@ def test_length_bucketing_batches_only_one_length_bucket():
     by_value = {r.value: r for r in results}
     assert by_value[100].padding_ratio == (110 - 100) / (2 * 110)
     assert batcher.padding_waste[0] < batcher.padding_waste[1]
+
+
+def test_cache_configure_shortens_the_ttl_of_stored_entries_and_trims_to_the_new_bound():
+    now = [0.0]
+    cache = TTLCache(max_entries=3, ttl_seconds=100, clock=lambda: now[0])
+    for key in ("a", "b", "c"):
+        cache.put(key, key.upper())
+    now[0] = 40.0
+    assert cache.get("c") == "C"
+    cache.configure(ttl_seconds=30)  # stored at 0: past a 30 s TTL now
+    assert cache.get("c") is TTLCache.MISSING
+    cache.put("c", "C")
+    assert cache.get("c") == "C"  # stored at 40: fresh under the new TTL
+    cache.configure(max_entries=1)  # keeps the most recent only
+    assert len(cache) == 1 and cache.get("c") == "C"
+    cache.configure(ttl_seconds=-5, max_entries=0)  # clamped: nothing kept past its storing instant, one entry
+    assert (cache.ttl_seconds, cache.max_entries) == (0.0, 1)
+    assert cache.get("c") is TTLCache.MISSING
