@@ -7,7 +7,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 from tracetune.settings import Settings
 
@@ -70,3 +74,34 @@ class ThreadServer:
     def __exit__(self, *exc) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+
+
+def _ready(url: str, proc: subprocess.Popen, log: Path) -> bool:
+    if proc.poll() is not None:
+        raise AssertionError(f"process exited early:\n{log.read_text()[-3000:]}")
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def running_stack(settings: Settings, logs: Path, executor_args: tuple[str, ...] = ()) -> Iterator[dict]:
+    """Store, collector, tuner, stand-ins and an executor as real processes, each started once the one
+    before answers its health URL; all stopped (last first) on exit. Yields the processes by name."""
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        for name, args, url in (
+            ("store", ["store"], f"{settings.store_url}/ping"),
+            ("collector", ["collector"], f"{settings.collector_url}/health"),
+            ("tuner", ["tuner"], f"{settings.tuner_url}/health"),
+            ("standins", ["standins"], f"{settings.llm_base_url}/models"),
+            ("executor", ["executor", *executor_args], f"{settings.executor_url}/health"),
+        ):
+            log = logs / f"{name}.log"
+            procs[name] = start_process(args, settings, log)
+            wait_until(lambda url=url, proc=procs[name], log=log: _ready(url, proc, log), 90, 0.2, f"{name} ready")
+        yield procs
+    finally:
+        for proc in reversed(list(procs.values())):
+            stop_process(proc)

@@ -12,17 +12,8 @@ import httpx
 import pytest
 
 from tests.conftest import make_settings
-from tests.servers import start_process, stop_process, wait_until
+from tests.servers import running_stack, stop_process, wait_until
 from tracetune import store
-
-
-def _ready(url: str, proc, log) -> bool:
-    if proc.poll() is not None:
-        raise AssertionError(f"process exited early:\n{log.read_text()[-3000:]}")
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture
@@ -30,22 +21,8 @@ def loop(tmp_path, models_dir):
     settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2, load_rate=40,
                              executor_config_poll_seconds=1)
     shutil.copytree(models_dir, settings.models_dir)
-    procs = {}
-    try:
-        for name, args, url in (
-            ("store", ["store"], f"{settings.store_url}/ping"),
-            ("collector", ["collector"], f"{settings.collector_url}/health"),
-            ("tuner", ["tuner"], f"{settings.tuner_url}/health"),
-            ("standins", ["standins"], f"{settings.llm_base_url}/models"),
-            ("executor", ["executor"], f"{settings.executor_url}/health"),
-        ):
-            log = tmp_path / f"{name}.log"
-            procs[name] = start_process(args, settings, log)
-            wait_until(lambda url=url, proc=procs[name], log=log: _ready(url, proc, log), 90, 0.2, f"{name} ready")
+    with running_stack(settings, tmp_path) as procs:
         yield settings, procs
-    finally:
-        for proc in reversed(list(procs.values())):
-            stop_process(proc)
 
 
 def _run(args: list[str], settings, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -22,9 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import make_settings
-from tests.e2e.test_loop import _ready
 from tests.e2e.test_own_app import _blocks, _section
-from tests.servers import start_process, stop_process, wait_until
+from tests.servers import running_stack, wait_until
 from tracetune import store
 from tracetune.executor import conventions as attr
 from tracetune.settings import Settings
@@ -129,22 +128,8 @@ def stack(reviews_app, tmp_path, monkeypatch) -> Iterator[Settings]:
     """Store, collector, tuner, stand-ins and `tracetune executor --pipeline reviews:reviews`, from the app's folder."""
     settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2, executor_config_poll_seconds=0.5)
     monkeypatch.chdir(reviews_app)  # the children start here: `reviews` imports and the model paths resolve
-    procs = {}
-    try:
-        for name, args, url in (
-            ("store", ["store"], f"{settings.store_url}/ping"),
-            ("collector", ["collector"], f"{settings.collector_url}/health"),
-            ("tuner", ["tuner"], f"{settings.tuner_url}/health"),
-            ("standins", ["standins"], f"{settings.llm_base_url}/models"),
-            ("executor", ["executor", "--pipeline", "reviews:reviews"], f"{settings.executor_url}/health"),
-        ):
-            log = tmp_path / f"{name}.log"
-            procs[name] = start_process(args, settings, log)
-            wait_until(lambda url=url, proc=procs[name], log=log: _ready(url, proc, log), 90, 0.2, f"{name} ready")
+    with running_stack(settings, tmp_path, ("--pipeline", "reviews:reviews")):
         yield settings
-    finally:
-        for proc in reversed(list(procs.values())):
-            stop_process(proc)
 
 
 def _tasks(texts: list[str], seed: int) -> list[str]:
