@@ -11,6 +11,7 @@ by knob name (`configure`), and writes the span attributes and metrics for them.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import numbers
 import re
@@ -238,9 +239,12 @@ class Infer(Step):
         item = self.input(task)
         output: Any = TTLCache.MISSING
         key = ""
-        if self.cache is not None and self.cache_enabled:
-            key = f"{route}\x1f{self.cache_spec.key(item)}"
-            output = self.cache.get(key)
+        if self.cache is not None:
+            normalised = self.cache_spec.key(item)
+            span.set_attribute(attr.INPUT_HASH, hashlib.blake2b(normalised.encode(), digest_size=8).hexdigest())
+            if self.cache_enabled:
+                key = f"{route}\x1f{normalised}"
+                output = self.cache.get(key)
         outcome = "bypass" if self.cache is None or not self.cache_enabled else \
             "miss" if output is TTLCache.MISSING else "hit"
         if self.cache is not None:
@@ -256,8 +260,10 @@ class Infer(Step):
         if confidence is not None:
             task.confidence[self.name] = confidence
             span.set_attribute(attr.FEATURE_PREFIX + "confidence", round(confidence, 4))
-        if self.feature and (feature := _feature_value(value)) is not None:
-            span.set_attribute(attr.FEATURE_PREFIX + self.feature, feature)
+        if (prediction := _feature_value(value)) is not None:
+            span.set_attribute(attr.PREDICTION, prediction)
+            if self.feature:
+                span.set_attribute(attr.FEATURE_PREFIX + self.feature, prediction)
 
     def _compute(self, route: str, item: Any, span: trace.Span) -> Any:
         batcher = self.batchers.get(route)
@@ -351,8 +357,10 @@ class Cascade(Step):
             return
         span.set_attribute(attr.ESCALATION, "answered")
         metrics.CASCADE_TOTAL.labels(*labels, "answered").inc()
-        if self.feature and (feature := _feature_value(answer)) is not None:
-            span.set_attribute(attr.FEATURE_PREFIX + self.feature, feature)
+        if (prediction := _feature_value(answer)) is not None:
+            span.set_attribute(attr.PREDICTION, prediction)
+            if self.feature:
+                span.set_attribute(attr.FEATURE_PREFIX + self.feature, prediction)
         task.escalated[self.after] = task.data.get(self.after)
         task.data[self.after] = answer
 
