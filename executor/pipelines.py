@@ -17,7 +17,7 @@ from opentelemetry import trace
 
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics
-from tracetune.executor.steps import NAME, Step, StepError
+from tracetune.executor.steps import NAME, Cascade, Step, StepError
 from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
 
 log = logging.getLogger("tracetune.executor")
@@ -95,7 +95,11 @@ class Pipeline:
         self._result = result
         self._outcome = outcome
         self.tracer = tracer or trace.get_tracer("tracetune.executor")
-        self._spec = PipelineSpec(name, {step.name: step.knobs() for step in self.steps}, self.slo)
+        cascades = {step.name: step.after for step in self.steps if isinstance(step, Cascade)}
+        unknown = {c: a for c, a in cascades.items() if a not in names[:names.index(c)]}
+        if unknown:
+            raise ValueError(f"pipeline {name!r}: cascade steps must follow the step they read, got {unknown}")
+        self._spec = PipelineSpec(name, {step.name: step.knobs() for step in self.steps}, self.slo, cascades)
         self._config = self._spec.defaults(version=0)
         self._lock = threading.Lock()
         self._bound = False

@@ -165,6 +165,7 @@ class PipelineSpec:
     pipeline: str
     steps: dict[str, dict[str, Knob]] = field(default_factory=dict)
     slo: dict[str, float] = field(default_factory=dict)
+    cascades: dict[str, str] = field(default_factory=dict)  # cascade step -> the model step whose confidence it reads
 
     def defaults(self, version: int = 1) -> PipelineConfig:
         return PipelineConfig(self.pipeline, version, {
@@ -230,9 +231,12 @@ class PipelineSpec:
         return PipelineConfig(self.pipeline, current.version + 1, steps), reason
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, "slo": dict(self.slo),
+        data = {"pipeline": self.pipeline, "slo": dict(self.slo),
                 "steps": {step: {name: knob.to_dict() for name, knob in knobs.items()}
                           for step, knobs in self.steps.items()}}
+        if self.cascades:
+            data["cascades"] = dict(self.cascades)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> PipelineSpec:
@@ -244,9 +248,12 @@ class PipelineSpec:
         slo = data.get("slo") or {}
         if not isinstance(slo, dict):
             raise ConfigError("slo must be an object of objectives")
+        cascades = data.get("cascades") or {}
+        if not isinstance(cascades, dict) or not all(isinstance(v, str) and v in steps for v in cascades.values()):
+            raise ConfigError("cascades must map cascade steps to the declared steps they follow")
         return cls(data["pipeline"],
                    {str(step): {str(name): Knob.from_dict(f"steps.{step}.{name}", knob) for name, knob in knobs.items()}
-                    for step, knobs in steps.items()}, dict(slo))
+                    for step, knobs in steps.items()}, dict(slo), dict(cascades))
 
 
 _ABSENT = object()
