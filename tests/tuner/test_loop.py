@@ -1,0 +1,117 @@
+"""The tuning loop: `decide` on constructed observations, and `tune_once` with its guardrails on a real store."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.spans import COLUMNS, span_row
+from tracetune.analyzer import SLO, load_prices, publish_prices, save_slo
+from tracetune.tuner import decisions, versions
+from tracetune.tuner.config import Knob, PipelineSpec
+from tracetune.tuner.loop import LoopSettings, decide, tune_once
+from tracetune.tuner.observe import Observation, RouteObservation, collect
+from tracetune.tuner.policies import CascadeSample
+
+SPEC = PipelineSpec("shop", {
+    "clean": {},
+    "score": {"cache_enabled": Knob("bool", False), "cache_ttl_seconds": Knob("float", 600.0, 0, 86_400, "s"),
+              "cache_max_entries": Knob("int", 1000, 1, 1_000_000)},
+    "escalate": {"cascade_threshold": Knob("float", 0.5, 0, 1), "max_concurrency": Knob("int", 8, 1, 64),
+                 "timeout_seconds": Knob("float", 10.0, 0.01, 600)},
+}, {"p95_ms": 500.0, "quality_floor": 0.8}, {"escalate": "score"})
+SLO_SHOP = SLO(pipeline="shop", p95_ms=500.0, quality_floor=0.8)
+
+
+def _observation(**score: int) -> Observation:
+    obs = Observation("shop", 300.0, requests=3000, p95_ms=120.0)
+    obs.steps["score"] = {"a": RouteObservation(spans=3000, p95_ms=40.0, **score)}
+    return obs
+
+
+def test_decide_turns_the_cache_on_for_a_duplicate_heavy_stream():
+    obs = _observation(hashed=3000, distinct_inputs=900, bypass=3000)
+    plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, obs)
+    assert plan.changes["score"]["cache_enabled"] is True
+    assert plan.changes["score"].get("cache_ttl_seconds", 600.0) <= 3600.0
+    assert any(reason.startswith("score: ") for reason in plan.reasons)
+
+
+def test_decide_leaves_a_stream_without_repeats_alone():
+    assert decide(SPEC, SPEC.defaults(), SLO_SHOP, _observation(hashed=3000, distinct_inputs=3000)).changes == {}
+
+
+def test_decide_halves_concurrency_for_a_provider_answering_429():
+    obs = _observation()
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, p95_ms=300.0)}
+    plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, obs)
+    assert plan.changes["escalate"]["max_concurrency"] == 4
+
+
+def test_decide_lowers_the_cascade_threshold_only_as_far_as_the_quality_floor_allows():
+    obs = _observation()
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=600, cost=6.0, p95_ms=300.0)}  # 0.01 per call
+    # The local model is right above confidence 0.3 and wrong below; the remote one is always right.
+    obs.cascade_samples["escalate"] = [CascadeSample(c / 100, c >= 30, True if c < 50 else None) for c in range(100)
+                                       for _ in range(10)]
+    plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, obs, LoopSettings(max_relative_change=1.0))
+    threshold = plan.changes["escalate"]["cascade_threshold"]
+    assert threshold < 0.5  # cheaper: fewer escalations ...
+    assert threshold >= 0.3 - 1e-9 or 1 - (0.3 - threshold) >= 0.8  # ... but quality stays at the floor or above
+    assert plan.predicted["escalate.quality"] >= 0.8
+
+
+# ---- tune_once on a real store -------------------------------------------------------------------
+
+def _spans(client, n: int, distinct: int, cache: str = "bypass") -> None:
+    """`n` tasks of pipeline shop within the last minute: a root and a `score` step whose inputs repeat."""
+    now = time.time_ns()
+    rows = []
+    for i in range(n):
+        trace = f"{i:032x}"
+        start = now - (n - i) * 10_000_000
+        rows.append(span_row(start, trace_id=trace, span_id=f"{2 * i + 1:016x}", name="shop", kind="Server",
+                             attrs={"tracetune.pipeline": "shop"}, duration=30_000_000, status="Unset"))
+        rows.append(span_row(start + 1000, trace_id=trace, span_id=f"{2 * i + 2:016x}", parent=f"{2 * i + 1:016x}",
+                             name="score", attrs={"tracetune.pipeline": "shop", "tracetune.step": "score",
+                                                  "tracetune.route": "a", "tracetune.cache": cache,
+                                                  "tracetune.input_hash": f"{i % distinct:016x}"},
+                             duration=20_000_000, status="Unset"))
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+
+
+@pytest.fixture
+def shop(client):
+    versions.register(client, SPEC)
+    save_slo(client, SLO_SHOP, "test")
+    publish_prices(client, load_prices())
+    return client
+
+
+def test_tune_once_changes_the_config_records_why_and_then_cools_down(shop):
+    _spans(shop, 400, distinct=100)
+    assert collect(shop, SPEC, 300).requests == 400
+    settings = LoopSettings(min_requests=100, cooldown_seconds=300, window_seconds=300)
+    decision = tune_once(shop, "shop", settings)
+    assert decision is not None and decision.kind == "tune"
+    assert (decision.version_before, decision.version_after) == (1, 2)
+    assert versions.latest(shop, "shop").steps["score"]["cache_enabled"] is True
+    assert "score" in decision.reason and decision.predicted["before.requests"] == 400
+    row = decisions.history(shop, "shop")[0]
+    assert row["decision_id"] == decision.decision_id and row["config_after"]["steps"]["score"]["cache_enabled"]
+    assert tune_once(shop, "shop", settings) is None  # cooling down
+    later = datetime.now(UTC) + timedelta(seconds=400)
+    tune_once(shop, "shop", settings, now=later)  # past the window: the effect of the first decision is observed
+    assert decisions.history(shop, "shop")[-1]["observed"]["requests"] == 400
+
+
+def test_tune_once_needs_enough_requests_and_leaves_a_frozen_pipeline_alone(shop):
+    _spans(shop, 150, distinct=30)
+    assert tune_once(shop, "shop", LoopSettings(min_requests=200)) is None
+    decisions.set_state(shop, "shop", frozen=True, pinned=False, author="test", reason="hands off")
+    assert tune_once(shop, "shop", LoopSettings(min_requests=100)) is None
+    assert versions.latest(shop, "shop").version == 1
+    decisions.set_state(shop, "shop", frozen=False, pinned=False, author="test", reason="go")
+    assert tune_once(shop, "shop", LoopSettings(min_requests=100)) is not None

@@ -1,0 +1,365 @@
+"""Tuning policies on constructed numbers: a known latency curve, duplicate streams, labelled routes and cascades.
+
+The batcher's queueing model is checked against `simulate_batcher`, a discrete-event simulation of the
+executor's Batcher (dispatch when the worker is free and the batch is full or its oldest request has
+waited max_wait), written here independently of the model.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numpy as np
+import pytest
+
+from tracetune.tuner.config import Knob
+from tracetune.tuner.policies import (
+    BatchSample,
+    CascadeSample,
+    RouteStats,
+    ServiceModel,
+    aimd_batch_size,
+    batching_policy,
+    caching_policy,
+    cascade_policy,
+    clamp_change,
+    concurrency_policy,
+    fit_service_time,
+    predict_batching,
+    routing_policy,
+)
+
+CURVE = ServiceModel(base_ms=20.0, per_item_ms=4.0)  # the known latency curve: 20 ms + 4 ms per item
+BATCH_KNOBS = {"batch_max_size": Knob("int", 8, 1, 1024, "items"),
+               "batch_max_wait_ms": Knob("float", 5.0, 0, 10_000, "ms")}
+SIZES, WAITS = (2, 4, 8, 16, 32, 64), (0.0, 5.0, 20.0, 50.0, 100.0)
+
+
+def simulate_batcher(model: ServiceModel, rate: float, max_size: int, max_wait_ms: float, n: int = 20_000,
+                     seed: int = 7) -> tuple[float, float]:
+    """(p95 latency in ms, mean batch size) of `n` Poisson requests at `rate` req/s through one batcher."""
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1000.0 / rate, n))
+    latency, sizes, free, i = np.empty(n), [], [0.0], 0
+    while i < n:
+        worker = heapq.heappop(free)
+        close = arrivals[i] + max_wait_ms
+        if i + max_size - 1 < n:
+            close = min(close, arrivals[i + max_size - 1])  # the batch is full when its last slot arrives
+        dispatch = max(worker, close)
+        size = max(1, min(max_size, int(np.searchsorted(arrivals, dispatch, side="right")) - i))
+        done = dispatch + model.batch_ms(size)
+        latency[i:i + size] = done - arrivals[i:i + size]
+        sizes.append(size)
+        heapq.heappush(free, done)
+        i += size
+    return float(np.percentile(latency[n // 10:], 95)), float(np.mean(sizes))
+
+
+# ---- service time and the queueing model ---------------------------------------------------------
+
+def test_fit_service_time_recovers_base_slope_and_padding_from_noisy_batches():
+    rng = np.random.default_rng(1)
+    size = rng.integers(1, 33, 300)
+    padding = rng.uniform(0, 0.6, 300)
+    duration = 20 + 4 * size * (1 + 0.8 * padding) + rng.normal(0, 3, 300)
+    model = fit_service_time([BatchSample(int(s), float(d), float(p)) for s, d, p in zip(size, duration, padding,
+                                                                                          strict=True)])
+    assert model is not None and model.samples == 300
+    assert model.base_ms == pytest.approx(20, abs=1.5)
+    assert model.per_item_ms == pytest.approx(4, abs=0.1)
+    assert model.padding_factor == pytest.approx(0.8, abs=0.08)
+    assert model.batch_ms(10, 0.5) == pytest.approx(20 + 40 * 1.4, rel=0.03)
+
+
+def test_fit_service_time_needs_twenty_batches_of_at_least_two_sizes():
+    few = [BatchSample(s % 8 + 1, 20.0 + 4 * (s % 8 + 1)) for s in range(19)]
+    assert fit_service_time(few) is None
+    assert fit_service_time([BatchSample(8, 52.0 + (i % 3)) for i in range(50)]) is None
+    model = fit_service_time([*few, BatchSample(4, 36.0)])
+    assert model is not None and model.base_ms == pytest.approx(20) and model.per_item_ms == pytest.approx(4)
+
+
+@pytest.mark.parametrize(("rate", "size", "wait"), [(50, 8, 20.0), (100, 16, 5.0), (100, 8, 50.0), (150, 32, 50.0),
+                                                    (20, 4, 100.0), (30, 1, 0.0)])
+def test_predict_batching_agrees_with_a_simulation_at_moderate_load(rate, size, wait):
+    """Utilisation 0.2-0.8: p95 within 10% and mean batch size within 15% of the simulated batcher."""
+    predicted = predict_batching(CURVE, rate, size, wait)
+    assert 0.1 < predicted["utilisation"] < 0.85
+    p95, batch = simulate_batcher(CURVE, rate, size, wait)
+    assert predicted["p95_ms"] == pytest.approx(p95, rel=0.10)
+    assert predicted["batch_size"] == pytest.approx(batch, rel=0.15)
+    assert predicted["compute_ms_per_request"] == pytest.approx(
+        CURVE.base_ms / predicted["batch_size"] + CURVE.per_item_ms, rel=0.15)
+
+
+def test_predict_batching_is_infinite_at_and_over_capacity():
+    capacity = 8 / CURVE.batch_ms(8) * 1000  # 153.8 req/s with batches of 8
+    for rate in (capacity, capacity * 1.2):
+        predicted = predict_batching(CURVE, rate, 8, 5.0)
+        assert predicted["utilisation"] >= 1 and math.isinf(predicted["p95_ms"])
+        assert predicted["capacity_rps"] == pytest.approx(capacity)
+    assert math.isfinite(predict_batching(CURVE, capacity * 0.9, 8, 5.0)["p95_ms"])
+    idle = predict_batching(CURVE, 0.0, 8, 5.0)
+    assert idle["p95_ms"] == pytest.approx(5.0 + 24.0) and idle["utilisation"] == 0
+    with pytest.raises(ValueError, match="max_size >= 1"):
+        predict_batching(CURVE, 10, 0, 5.0)
+
+
+def test_a_known_latency_curve_yields_the_known_best_batch_size():
+    """At 150 req/s under a 200 ms p95 target (160 ms with the 0.8 margin): batch 16, wait 50 ms."""
+    rate, target, limit = 150.0, 200.0, 160.0
+    proposal = batching_policy(CURVE, rate, {"batch_max_size": 8, "batch_max_wait_ms": 5.0}, BATCH_KNOBS, target,
+                               None, step="classify", sizes=SIZES, waits=WAITS)
+    assert proposal is not None and proposal.step == "classify"
+    assert proposal.values == {"batch_max_size": 16, "batch_max_wait_ms": 50.0}
+    # brute force over the same grid: the cheapest compute per request whose predicted p95 holds the limit
+    grid = {(s, w): predict_batching(CURVE, rate, s, w) for s in SIZES for w in WAITS}
+    feasible = {k: v for k, v in grid.items() if v["p95_ms"] <= limit}
+    cheapest = min(v["compute_ms_per_request"] for v in feasible.values())
+    chosen = grid[(16, 50.0)]
+    assert chosen["compute_ms_per_request"] <= cheapest * 1.01
+    assert all(v["compute_ms_per_request"] > cheapest * 1.01 for (s, w), v in feasible.items() if w < 50.0)
+    assert proposal.predicted["p95_ms"] == pytest.approx(chosen["p95_ms"])
+    assert chosen["p95_ms"] <= limit
+    # the trade-off: batch 8 cannot keep up (utilisation 0.98) and a longer wait overshoots the limit
+    assert grid[(8, 50.0)]["p95_ms"] > target and grid[(16, 100.0)]["p95_ms"] > limit
+    # and the batcher itself agrees: the chosen config meets the target, the smaller batch does not
+    assert simulate_batcher(CURVE, rate, 16, 50.0)[0] <= target
+    assert simulate_batcher(CURVE, rate, 8, 50.0)[0] > target
+    assert "p95" in proposal.reason and "16" in proposal.reason
+    assert batching_policy(CURVE, rate, {"batch_max_size": 16, "batch_max_wait_ms": 50.0}, BATCH_KNOBS, target,
+                           None, sizes=SIZES, waits=WAITS) is None  # already the best: no change
+
+
+def test_an_overloaded_batcher_gets_the_most_capacity_and_no_infinite_predictions():
+    # 250 req/s is over every size's capacity (64 items: 232 req/s): latency first, then throughput
+    proposal = batching_policy(CURVE, 250.0, {"batch_max_size": 8, "batch_max_wait_ms": 5.0}, BATCH_KNOBS, 200.0,
+                               900.0, sizes=SIZES, waits=WAITS)
+    assert proposal is not None and proposal.values["batch_max_size"] == 64
+    assert "no config meets it" in proposal.reason
+    assert "p95_ms" not in proposal.predicted and all(math.isfinite(v) for v in proposal.predicted.values())
+    assert proposal.predicted["capacity_rps"] == pytest.approx(64 / CURVE.batch_ms(64) * 1000)
+
+
+def test_batching_policy_turns_length_bucketing_on_when_padding_is_material():
+    padded = ServiceModel(base_ms=10.0, per_item_ms=4.0, padding_factor=1.5)
+    knobs = {**BATCH_KNOBS, "length_bucketing": Knob("bool", False)}
+    current = {"batch_max_size": 8, "batch_max_wait_ms": 5.0, "length_bucketing": False}
+    proposal = batching_policy(padded, 60.0, current, knobs, 300.0, 150.0, padding_ratio=0.5, sizes=(8,),
+                               waits=(5.0,))
+    assert proposal is not None and proposal.values == {"length_bucketing": True}
+    unpadded = batching_policy(padded, 60.0, current, knobs, 300.0, 150.0, padding_ratio=0.02, sizes=(8,),
+                               waits=(5.0,))
+    assert unpadded is None
+
+
+def test_batching_policy_without_a_model_runs_aimd_on_the_observed_p95():
+    current = {"batch_max_size": 8, "batch_max_wait_ms": 5.0}
+    over = batching_policy(None, 100.0, current, BATCH_KNOBS, 500.0, 612.0, step="classify")
+    assert over is not None and over.values == {"batch_max_size": 4} and "612" in over.reason
+    under = batching_policy(None, 100.0, current, BATCH_KNOBS, 500.0, 300.0)
+    assert under is not None and under.values == {"batch_max_size": 9}
+    assert batching_policy(None, 100.0, current, BATCH_KNOBS, 500.0, 450.0) is None  # inside the margin band
+    assert batching_policy(None, 100.0, current, BATCH_KNOBS, 500.0, None) is None  # nothing observed
+
+
+def test_batching_policy_trusts_an_observed_p95_over_a_model_that_contradicts_it():
+    current = {"batch_max_size": 8, "batch_max_wait_ms": 5.0}
+    assert predict_batching(CURVE, 50.0, 8, 5.0)["p95_ms"] < 100
+    proposal = batching_policy(CURVE, 50.0, current, BATCH_KNOBS, 200.0, 450.0, sizes=SIZES, waits=WAITS)
+    assert proposal is not None and proposal.values == {"batch_max_size": 4} and "model predicts" in proposal.reason
+
+
+def test_aimd_grows_by_one_under_the_target_halves_over_it_and_stays_in_bounds():
+    knob = Knob("int", 8, 2, 12)
+    assert aimd_batch_size(8, 300.0, 500.0, knob) == 9
+    assert aimd_batch_size(8, 300.0, 500.0, knob, increase=2) == 10
+    assert aimd_batch_size(8, 600.0, 500.0, knob) == 4
+    assert aimd_batch_size(8, 450.0, 500.0, knob) == 8  # between margin * target and target: hold
+    assert aimd_batch_size(12, 100.0, 500.0, knob) == 12  # the upper bound
+    assert aimd_batch_size(3, 900.0, 500.0, knob) == 2  # the lower bound
+    assert aimd_batch_size(1, 900.0, 500.0, Knob("int", 1, 1, 64)) == 1
+
+
+# ---- caching -------------------------------------------------------------------------------------
+
+CACHE_KNOBS = {"cache_enabled": Knob("bool", False), "cache_ttl_seconds": Knob("float", 600.0, 0, 30 * 86_400),
+               "cache_max_entries": Knob("int", 1000, 1, 10_000_000)}
+CACHE_OFF = {"cache_enabled": False, "cache_ttl_seconds": 600.0, "cache_max_entries": 1000}
+
+
+def test_a_duplicate_heavy_stream_switches_caching_on_within_the_staleness_limit():
+    proposal = caching_policy(3000, 2100, 0, CACHE_OFF, CACHE_KNOBS, 3600.0, 900, 300.0, step="score")
+    assert proposal is not None and proposal.values["cache_enabled"] is True
+    ttl = proposal.values.get("cache_ttl_seconds", 600.0)
+    assert ttl <= 3600.0 and ttl == pytest.approx(300.0)  # covers the window's repeats
+    assert proposal.values["cache_max_entries"] == 1350  # 900 distinct inputs per TTL x 1.5
+    assert proposal.predicted["hit_ratio"] == pytest.approx(0.7)
+    strict = caching_policy(3000, 2100, 0, CACHE_OFF, CACHE_KNOBS, 60.0, 900, 300.0)
+    assert strict is not None and strict.values["cache_ttl_seconds"] == 60.0  # the staleness limit wins
+    assert strict.values.get("cache_max_entries", 1000) >= 270  # 900 per 300 s -> 180 per 60 s, x1.5
+    assert strict.predicted["hit_ratio"] == pytest.approx(0.7 * 60 / 300)  # repeats further apart than 60 s miss
+
+
+def test_a_stream_without_repeats_switches_caching_off():
+    on = {**CACHE_OFF, "cache_enabled": True, "cache_ttl_seconds": 300.0, "cache_max_entries": 4500}
+    proposal = caching_policy(3000, 3, 0, on, CACHE_KNOBS, 3600.0, 2997, 300.0)
+    assert proposal is not None and proposal.values == {"cache_enabled": False}
+    assert proposal.predicted["hit_ratio"] == 0.0
+    assert caching_policy(3000, 3, 0, CACHE_OFF, CACHE_KNOBS, 3600.0, 2997, 300.0) is None  # already off
+    assert caching_policy(3000, 90, 60, on, CACHE_KNOBS, 3600.0, 2910, 300.0) is None  # 3% repeats: hold
+    stale = caching_policy(3000, 2100, 1800, on, CACHE_KNOBS, 0.0, 900, 300.0)
+    assert stale is not None and stale.values == {"cache_enabled": False}  # a staleness limit of 0 forbids it
+    assert caching_policy(10, 9, 0, CACHE_OFF, CACHE_KNOBS, 3600.0, 1, 300.0) is None  # too few requests
+
+
+# ---- routing -------------------------------------------------------------------------------------
+
+ROUTES = Knob("weights", {"fp32": 0.5, "int8": 0.5})
+
+
+def test_a_cheaper_route_with_enough_accuracy_gains_weight_shift_limited():
+    routes = [RouteStats("fp32", 1000, 388, 400, 0.0002, 40.0), RouteStats("int8", 1000, 386, 400, 0.00008, 18.0)]
+    proposal = routing_policy(routes, {"fp32": 0.5, "int8": 0.5}, ROUTES, 0.93, 500.0, step="classify")
+    assert proposal is not None
+    assert proposal.values["route_weights"] == pytest.approx({"fp32": 0.25, "int8": 0.75})
+    assert proposal.predicted["cost_per_1k"] == pytest.approx(1000 * (0.25 * 0.0002 + 0.75 * 0.00008))
+    assert proposal.predicted["quality_lower_bound"] >= 0.93
+    unlimited = routing_policy(routes, {"fp32": 0.5, "int8": 0.5}, ROUTES, 0.93, max_shift=1.0)
+    assert unlimited is not None and unlimited.values["route_weights"]["int8"] == pytest.approx(1.0)
+
+
+def test_a_cheap_route_below_the_floor_loses_weight():
+    routes = [RouteStats("fp32", 1000, 388, 400, 0.0002), RouteStats("int8", 1000, 320, 400, 0.00008)]
+    proposal = routing_policy(routes, {"fp32": 0.5, "int8": 0.5}, ROUTES, 0.93)
+    assert proposal is not None
+    assert proposal.values["route_weights"] == pytest.approx({"fp32": 0.75, "int8": 0.25})  # 0.25 per decision
+    target = routing_policy(routes, {"fp32": 0.5, "int8": 0.5}, ROUTES, 0.93, max_shift=1.0)
+    assert target is not None and target.predicted["quality_lower_bound"] == pytest.approx(0.93, abs=1e-6)
+    assert target.predicted["quality_lower_bound"] >= 0.93
+    assert 0 < target.values["route_weights"]["int8"] < 0.25  # the cheapest mix that holds the floor
+
+
+def test_routing_needs_enough_labels_and_does_not_feed_a_slow_route():
+    few = [RouteStats("fp32", 1000, 388, 400, 0.0002), RouteStats("int8", 1000, 10, 10, 0.00008)]
+    assert routing_policy(few, {"fp32": 0.5, "int8": 0.5}, ROUTES, 0.93) is None
+    slow = [RouteStats("fp32", 1000, 388, 400, 0.0002, 40.0), RouteStats("int8", 1000, 386, 400, 0.00008, 900.0)]
+    assert routing_policy(slow, {"fp32": 0.5, "int8": 0.5}, ROUTES, 0.93, p95_target_ms=500.0) is None
+    # 30 of 30 right is not trusted as 100% (lower bound 0.917 < 0.95 floor): only a share of traffic
+    small = [RouteStats("fp32", 1000, 390, 400, 0.0002), RouteStats("int8", 30, 30, 30, 0.00008)]
+    large = [RouteStats("fp32", 1000, 390, 400, 0.0002), RouteStats("int8", 400, 400, 400, 0.00008)]
+    trusted = [routing_policy(r, {"fp32": 1.0, "int8": 0.0}, ROUTES, 0.95, max_shift=1.0) for r in (small, large)]
+    assert trusted[0] is not None and trusted[1] is not None
+    assert trusted[0].values["route_weights"]["int8"] < 0.3 and trusted[1].values["route_weights"]["int8"] == 1.0
+
+
+# ---- cascade -------------------------------------------------------------------------------------
+
+def _wilson(successes: float, n: int, z: float = 1.645) -> float:
+    p = successes / n
+    return (p + z * z / (2 * n) - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
+
+
+def _triage(n_per_level: int = 10) -> list[CascadeSample]:
+    """The local model's accuracy rises with its confidence: right with probability = confidence + 0.1."""
+    rng = np.random.default_rng(3)
+    return [CascadeSample(c / 100, bool(rng.random() < min(1.0, c / 100 + 0.1)))
+            for c in range(100) for _ in range(n_per_level)]
+
+
+THRESHOLD = Knob("float", 0.5, 0, 1)
+
+
+def _quality_lower(samples: list[CascadeSample], t: float, remote: float) -> float:
+    labelled = [s for s in samples if s.local_correct is not None]
+    correct = sum(s.local_correct if s.confidence >= t else remote for s in labelled)
+    return _wilson(correct, len(labelled))
+
+
+def test_the_quality_floor_holds_the_cascade_threshold():
+    samples = _triage()
+    proposal = cascade_policy(samples, 0.9, THRESHOLD, 0.8, 0.01, remote_accuracy=0.97, max_step=1.0, step="esc")
+    assert proposal is not None and proposal.step == "esc"
+    t = proposal.values["cascade_threshold"]
+    assert _quality_lower(samples, t, 0.97) >= 0.8 and proposal.predicted["quality_lower_bound"] >= 0.8
+    # every threshold that escalates fewer tasks (so would cost less) breaks the floor
+    share = sum(s.confidence < t for s in samples)
+    for lower in np.arange(0, t, 0.01):
+        if sum(s.confidence < lower for s in samples) < share:
+            assert _quality_lower(samples, lower, 0.97) < 0.8
+    assert proposal.predicted["escalation_share"] == pytest.approx(share / len(samples))
+    assert proposal.predicted["cost_per_1k"] == pytest.approx(1000 * 0.01 * share / len(samples))
+
+
+def test_a_lower_quality_floor_gives_a_lower_threshold_and_a_lower_cost():
+    samples = _triage()
+    strict = cascade_policy(samples, 0.9, THRESHOLD, 0.85, 0.01, remote_accuracy=0.97, max_step=1.0)
+    loose = cascade_policy(samples, 0.9, THRESHOLD, 0.75, 0.01, remote_accuracy=0.97, max_step=1.0)
+    assert strict is not None and loose is not None
+    assert loose.values["cascade_threshold"] < strict.values["cascade_threshold"]
+    assert loose.predicted["cost_per_1k"] < strict.predicted["cost_per_1k"]
+    assert loose.predicted["quality"] < strict.predicted["quality"]
+
+
+def test_the_cascade_moves_at_most_max_step_and_needs_enough_labels():
+    samples = _triage()
+    target = cascade_policy(samples, 0.9, THRESHOLD, 0.8, 0.01, remote_accuracy=0.97, max_step=1.0)
+    assert target is not None and target.values["cascade_threshold"] < 0.75
+    step = cascade_policy(samples, 0.9, THRESHOLD, 0.8, 0.01, remote_accuracy=0.97, max_step=0.1)
+    assert step is not None and step.values["cascade_threshold"] == pytest.approx(0.8)
+    unlabelled = [CascadeSample(s.confidence, s.local_correct if i < 49 else None) for i, s in enumerate(samples)]
+    assert cascade_policy(unlabelled, 0.9, THRESHOLD, 0.8, 0.01, remote_accuracy=0.97) is None
+    assert cascade_policy(samples, 0.9, THRESHOLD, 0.8, 0.01) is None  # remote accuracy neither given nor labelled
+
+
+def test_the_cascade_raises_its_threshold_when_no_threshold_holds_the_floor():
+    samples = _triage()
+    proposal = cascade_policy(samples, 0.5, THRESHOLD, 0.99, 0.01, remote_accuracy=0.97)
+    assert proposal is not None and proposal.values["cascade_threshold"] == pytest.approx(0.6)
+    assert "quality first" in proposal.reason
+
+
+def test_the_cascade_estimates_remote_accuracy_from_labelled_escalations():
+    samples = [CascadeSample(s.confidence, s.local_correct, True if s.confidence < 0.5 else None)
+               for s in _triage()]
+    proposal = cascade_policy(samples, 0.9, THRESHOLD, 0.8, 0.01, max_step=1.0)
+    assert proposal is not None and "remote accuracy 1.000" in proposal.reason
+    assert proposal.predicted["quality_lower_bound"] >= 0.8
+
+
+# ---- concurrency and guardrails ------------------------------------------------------------------
+
+CONCURRENCY = Knob("int", 8, 1, 64)
+
+
+def test_five_percent_429s_halve_concurrency_and_none_raise_it_slowly():
+    halved = concurrency_policy(8, CONCURRENCY, 400, 20, step="escalate")
+    assert halved is not None and halved.values == {"max_concurrency": 4}
+    assert halved.predicted["rate_limited_share"] == 0.0  # 8 * 95% = 7.6 taken at once > 4
+    assert concurrency_policy(8, CONCURRENCY, 400, 2) is None  # 0.5%: tolerated
+    assert concurrency_policy(1, CONCURRENCY, 400, 40) is None  # already at the minimum
+    grown = concurrency_policy(4, CONCURRENCY, 400, 0)
+    assert grown is not None and grown.values == {"max_concurrency": 5}
+    assert concurrency_policy(4, CONCURRENCY, 150, 0) is None  # fewer than 200 calls
+    assert concurrency_policy(8, CONCURRENCY, 400, 0) is None  # at the default
+    assert concurrency_policy(4, CONCURRENCY, 400, 0, timeouts=20) is None  # timing out: no increase
+
+
+def test_clamp_change_keeps_bounds_and_relative_limits():
+    size = Knob("int", 8, 1, 1024)
+    assert clamp_change(size, 8, 100) == 12
+    assert clamp_change(size, 8, 1) == 4
+    assert clamp_change(size, 8, 10) == 10
+    assert clamp_change(size, 1000, 4000) == 1024
+    assert clamp_change(size, 1, 5) == 2  # at least 1 for ints
+    assert clamp_change(size, 8, 100, max_relative=1.0) == 16
+    threshold = Knob("float", 0.5, 0, 1)
+    assert clamp_change(threshold, 0.5, 0.1) == pytest.approx(0.25)
+    assert clamp_change(threshold, 0.8, 1.5) == pytest.approx(1.0)
+    assert clamp_change(threshold, 0.0, 0.3) == pytest.approx(0.01)  # from 0: 1% of the declared range
+    assert clamp_change(Knob("bool", False), False, True) is True
+    weights = clamp_change(ROUTES, {"fp32": 0.9, "int8": 0.1}, {"fp32": 0.0, "int8": 1.0}, max_relative=0.5)
+    assert weights == pytest.approx({"fp32": 0.4, "int8": 0.6})
+    assert sum(clamp_change(ROUTES, {"fp32": 2.0, "int8": 2.0}, {"fp32": 1.0, "int8": 0.0}, 0.1).values()) \
+        == pytest.approx(1.0)

@@ -1,0 +1,223 @@
+"""What the tuner reads before it decides: one pipeline's last window of spans, labels and costs.
+
+Everything here is measurement (SQL over `otel_traces`, the ground truth the load generator wrote,
+the feedback users sent, the analyzer's cost figures); the decisions are pure functions in
+`tuner.policies` fed from an `Observation`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from tracetune.analyzer import PricesError, cost_per_1k
+from tracetune.tuner.config import PipelineSpec
+from tracetune.tuner.policies import BatchSample, CascadeSample, RouteStats
+
+# Per step and route: volume, latency, cache outcomes, repeated inputs, retried remote calls.
+STEPS_SQL = """
+SELECT SpanAttributes['tracetune.step'] AS step, SpanAttributes['tracetune.route'] AS route,
+       count() AS spans,
+       quantile(0.95)(Duration / 1e6) AS p95_ms,
+       countIf(SpanAttributes['tracetune.cache'] = 'hit') AS hits,
+       countIf(SpanAttributes['tracetune.cache'] = 'miss') AS misses,
+       countIf(SpanAttributes['tracetune.cache'] = 'bypass') AS bypass,
+       countIf(SpanAttributes['tracetune.input_hash'] != '') AS hashed,
+       uniqExactIf(SpanAttributes['tracetune.input_hash'],
+                   SpanAttributes['tracetune.input_hash'] != '') AS distinct_inputs,
+       countIf(toUInt32OrZero(SpanAttributes['tracetune.retries']) > 0) AS retried,
+       countIf(StatusCode = 'Error') AS errors
+FROM otel_traces
+WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+  AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.step'] != ''
+GROUP BY step, route
+"""
+
+# Requests (root spans) and their end-to-end latency.
+ROOTS_SQL = """
+SELECT count() AS requests, quantile(0.95)(Duration / 1e6) AS p95_ms, quantile(0.99)(Duration / 1e6) AS p99_ms,
+       countIf(StatusCode = 'Error') AS errors
+FROM otel_traces
+WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+  AND ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+"""
+
+# The newest batch spans of the pipeline's steps: size, duration, padding.
+BATCHES_SQL = """
+SELECT SpanAttributes['tracetune.batch_of'] AS step, toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS size,
+       Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
+FROM otel_traces
+WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String} AND StatusCode != 'Error'
+ORDER BY Timestamp DESC
+LIMIT 5000
+"""
+
+# Model and cascade step answers of labelled tasks: ground truth from the load generator, or user feedback
+# (feedback for a step wins over feedback for the whole answer, which wins over ground truth).
+LABELLED_SQL = """
+WITH labels AS (
+    SELECT trace_id, step, argMax(label, created_at) AS answer
+    FROM tracetune_feedback
+    WHERE pipeline = {pipeline:String} AND created_at >= now64(3) - toIntervalSecond({window:UInt32} + 600)
+    GROUP BY trace_id, step
+    UNION ALL
+    SELECT trace_id, '' AS step, argMax(label, sent_at) AS answer
+    FROM tracetune_ground_truth
+    WHERE pipeline = {pipeline:String} AND label != ''
+      AND sent_at >= now64(3) - toIntervalSecond({window:UInt32} + 600)
+    GROUP BY trace_id
+)
+SELECT s.TraceId AS trace_id, s.SpanAttributes['tracetune.step'] AS step, s.SpanAttributes['tracetune.route'] AS route,
+       s.SpanAttributes['tracetune.prediction'] AS prediction,
+       toFloat64OrNull(s.SpanAttributes['tracetune.feature.confidence']) AS confidence,
+       argMax(l.answer, l.step != '') AS label
+FROM otel_traces AS s
+INNER JOIN labels AS l ON l.trace_id = s.TraceId AND (l.step = '' OR l.step = s.SpanAttributes['tracetune.step'])
+WHERE s.Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+  AND s.SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND s.SpanAttributes['tracetune.prediction'] != ''
+GROUP BY trace_id, step, route, prediction, confidence
+"""
+
+# Unlabelled confidences of every task a model step served (what a cascade threshold would escalate).
+CONFIDENCE_SQL = """
+SELECT SpanAttributes['tracetune.step'] AS step, toFloat64(SpanAttributes['tracetune.feature.confidence']) AS confidence
+FROM otel_traces
+WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+  AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+  AND SpanAttributes['tracetune.step'] IN {steps:Array(String)}
+  AND SpanAttributes['tracetune.feature.confidence'] != ''
+ORDER BY Timestamp DESC
+LIMIT 20000
+"""
+
+
+@dataclass
+class RouteObservation:
+    """One step's spans on one route over the window."""
+
+    spans: int = 0
+    p95_ms: float = 0.0
+    hits: int = 0
+    misses: int = 0
+    bypass: int = 0
+    hashed: int = 0
+    distinct_inputs: int = 0
+    retried: int = 0
+    errors: int = 0
+    cost: float = 0.0  # USD over the window
+    correct: int = 0
+    labelled: int = 0
+
+
+@dataclass
+class Observation:
+    """A pipeline over the last `window_seconds`: requests, latency, cost, and per step what the policies need."""
+
+    pipeline: str
+    window_seconds: float
+    requests: int = 0
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0
+    cost_per_1k: float | None = None
+    quality: float | None = None  # share of labelled final answers that were right
+    labelled: int = 0
+    steps: dict[str, dict[str, RouteObservation]] = field(default_factory=dict)
+    batches: dict[str, list[BatchSample]] = field(default_factory=dict)
+    cascade_samples: dict[str, list[CascadeSample]] = field(default_factory=dict)  # by cascade step
+
+    def step_total(self, step: str) -> RouteObservation:
+        """The step's routes added up (p95: the largest route p95)."""
+        total = RouteObservation()
+        for route in self.steps.get(step, {}).values():
+            for name in ("spans", "hits", "misses", "bypass", "hashed", "distinct_inputs", "retried", "errors",
+                         "correct", "labelled"):
+                setattr(total, name, getattr(total, name) + getattr(route, name))
+            total.cost += route.cost
+            total.p95_ms = max(total.p95_ms, route.p95_ms)
+        return total
+
+    def route_stats(self, step: str) -> list[RouteStats]:
+        return [RouteStats(route, r.spans, r.correct, r.labelled, r.cost / r.spans if r.spans else 0.0, r.p95_ms)
+                for route, r in sorted(self.steps.get(step, {}).items())]
+
+    def arrival_rate(self, step: str) -> float:
+        return self.step_total(step).spans / self.window_seconds if self.window_seconds else 0.0
+
+    def cost_per_call(self, step: str) -> float:
+        total = self.step_total(step)
+        return total.cost / total.spans if total.spans else 0.0
+
+    def summary(self) -> dict[str, float]:
+        """The figures a decision's predicted and observed effects are compared on."""
+        figures = {"requests": float(self.requests), "p95_ms": self.p95_ms, "p99_ms": self.p99_ms,
+                   "cost_per_1k": self.cost_per_1k, "quality": self.quality,
+                   "error_rate": self.errors / self.requests if self.requests else None}
+        return {name: round(value, 6) for name, value in figures.items() if value is not None}
+
+
+def collect(client, spec: PipelineSpec, window_seconds: int = 300) -> Observation:
+    """Measure `spec.pipeline` over the last `window_seconds`."""
+    params = {"pipeline": spec.pipeline, "window": int(window_seconds)}
+    obs = Observation(spec.pipeline, float(window_seconds))
+    requests, p95, p99, errors = client.query(ROOTS_SQL, parameters=params).result_rows[0]
+    obs.requests, obs.errors = int(requests), int(errors)
+    if obs.requests:
+        obs.p95_ms, obs.p99_ms = float(p95), float(p99)
+    for row in client.query(STEPS_SQL, parameters=params).named_results():
+        obs.steps.setdefault(row["step"], {})[row["route"]] = RouteObservation(
+            spans=int(row["spans"]), p95_ms=float(row["p95_ms"]), hits=int(row["hits"]), misses=int(row["misses"]),
+            bypass=int(row["bypass"]), hashed=int(row["hashed"]), distinct_inputs=int(row["distinct_inputs"]),
+            retried=int(row["retried"]), errors=int(row["errors"]))
+    if not obs.requests:
+        return obs
+    for step, size, duration_ms, padding in client.query(BATCHES_SQL, parameters=params).result_rows:
+        if size:
+            obs.batches.setdefault(step, []).append(BatchSample(int(size), float(duration_ms), float(padding)))
+    _costs(client, obs, window_seconds)
+    _labels(client, spec, obs, params)
+    return obs
+
+
+def _costs(client, obs: Observation, window_seconds: int) -> None:
+    try:
+        frame = cost_per_1k(client, since=int(window_seconds), by=("step", "route"), pipeline=obs.pipeline)
+    except PricesError:  # nothing published yet (the analyzer publishes prices.toml): costs stay unknown
+        return
+    total = 0.0
+    for row in frame.iter_rows(named=True):
+        route = obs.steps.get(row["step"], {}).get(row["route"])
+        if route is not None:
+            route.cost = float(row["cost"] or 0.0)
+        total += float(row["cost"] or 0.0)
+    obs.cost_per_1k = 1000 * total / obs.requests if obs.requests else None
+
+
+def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
+    by_trace: dict[str, dict[str, tuple[str, str, float | None, str]]] = defaultdict(dict)
+    for trace_id, step, route, prediction, confidence, label in client.query(LABELLED_SQL,
+                                                                              parameters=params).result_rows:
+        by_trace[trace_id][step] = (route, prediction, confidence, label)
+        route_obs = obs.steps.get(step, {}).get(route)
+        if route_obs is not None:
+            route_obs.labelled += 1
+            route_obs.correct += prediction == label
+    finals = []
+    for cascade, after in spec.cascades.items():
+        samples = []
+        for steps in by_trace.values():
+            if after not in steps or steps[after][2] is None:
+                continue
+            _, local, confidence, label = steps[after]
+            remote = steps.get(cascade)
+            samples.append(CascadeSample(float(confidence), local == label,
+                                         None if remote is None else remote[1] == remote[3]))
+            finals.append((remote or steps[after])[1] == label)
+        obs.cascade_samples[cascade] = samples
+        unlabelled = client.query(CONFIDENCE_SQL, parameters={**params, "steps": [after]}).result_rows
+        labelled = len(samples)
+        # Tasks without labels still tell how many a threshold would escalate: their confidences, correctness unknown.
+        obs.cascade_samples[cascade] += [CascadeSample(float(c), None) for _, c in unlabelled[labelled:]]
+    if finals:
+        obs.quality, obs.labelled = sum(finals) / len(finals), len(finals)

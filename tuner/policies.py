@@ -1,0 +1,704 @@
+"""Tuning policies: what the analyzer measured in, proposed knob values and their predicted effect out.
+
+Pure functions over numbers (no store, no clock); `tuner/loop.py` feeds them one observation window and
+guards what they propose (`clamp_change`, cooldown, canary). The models, and why each is good enough:
+
+- Service time: base + per_item * size * (1 + padding_factor * padding_ratio), least squares over batch
+  spans. Encoders pay a fixed launch cost plus work per padded token; the bench's curves are straight.
+- Batcher queue: the embedded Markov chain of a bulk-service queue (M/G^[1,B]/1) at dispatch epochs, with
+  the Batcher's max_wait rule; solved numerically. Closed forms (Kingman on batches) were 50-75% off a
+  simulation because batch size and queueing feed back on each other; this is within 10% at utilisation
+  <= 0.85 (tests simulate the Batcher) and conservative (+10-40%) nearer saturation.
+- p95: a request waits uniformly within the window its batch collected arrivals in (a timed-out head waits
+  it all, a filled batch closes at a Gamma time), then its batch's service. Poisson arrivals are uniform
+  in a window, and keeping the batch-size spread is what sets the tail.
+- Utilisation = arrival rate / (servers * B / service(B)); at or above 1 the queue has no steady state,
+  so p95 is inf. `servers` > 1 splits arrivals evenly (pessimistic against one shared queue).
+- Length bucketing: only its lower padding is modelled (observed * `bucketed_padding_scale`); the bench
+  measured 2.3-3.2x throughput from it. Smaller per-bucket batches at low load are ignored.
+- AIMD (Clipper, NSDI '17) while no model fits: +1 under margin * target, x0.5 over the target. It needs
+  only the observed p95, so it is safe on thin data, and it settles near the knee of the curve.
+- Caching: repeats within the window are what a cache could hit; TTL covers the window, never past the
+  staleness limit, entries = distinct inputs per TTL * 1.5. Hit ratio ~ duplicate rate * TTL / window.
+- Routing: a linear programme (cost and accuracy are linear in the weights) over each route's Wilson
+  lower bound (one-sided 95%), so a lucky small sample cannot buy a cheap route traffic.
+- Cascade: quality(t) = mean over labelled tasks of (local correct if confidence >= t else remote
+  accuracy), read off the data; its Wilson lower bound must hold the floor at the cheapest t.
+- Concurrency: a provider answering 429 takes ~L calls at once, so at C a share ~1 - L/C fails; halving
+  is the TCP-like answer, and +1 steps back only after 200 calls without a 429.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import linprog
+from scipy.stats import gamma, poisson
+
+from tracetune.tuner.config import Knob, KnobValue
+
+__all__ = ["BatchSample", "CascadeSample", "Proposal", "RouteStats", "ServiceModel", "aimd_batch_size",
+           "batching_policy", "caching_policy", "cascade_policy", "clamp_change", "concurrency_policy",
+           "fit_service_time", "predict_batching", "routing_policy"]
+
+Z_95 = 1.645  # one-sided 95%: the conservative bounds on accuracy
+WAIT_GRID_MS: tuple[float, ...] = (0, 1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
+MIN_BATCH_SAMPLES = 20
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """New values for some knobs of one step, why, and what the model predicts they will do."""
+
+    step: str
+    values: dict[str, KnobValue]  # knob name -> new value (only knobs that change)
+    reason: str  # one sentence with the numbers
+    predicted: dict[str, float]  # e.g. {"p95_ms": 410.0, "cost_per_1k": 0.21, "quality": 0.91}
+
+
+# ---- batching ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BatchSample:
+    """One batch span: its size, how long it ran, and the share of its padded length that was padding."""
+
+    size: int
+    duration_ms: float
+    padding_ratio: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServiceModel:
+    """Fitted service time of one batch: intercept + per-item slope, the slope scaled up by padding."""
+
+    base_ms: float
+    per_item_ms: float
+    padding_factor: float = 0.0  # multiplies per-item cost by (1 + padding_factor * padding_ratio)
+    samples: int = 0
+
+    def batch_ms(self, size: int, padding_ratio: float = 0.0) -> float:
+        return self.base_ms + self.per_item_ms * size * (1 + self.padding_factor * padding_ratio)
+
+
+def fit_service_time(samples: Sequence[BatchSample], min_samples: int = MIN_BATCH_SAMPLES) -> ServiceModel | None:
+    """Least squares of duration on size and size * padding; None on too few samples or one batch size.
+
+    Coefficients are clipped at 0 (a negative base or slope is noise, not physics)."""
+    if len(samples) < min_samples:
+        return None
+    size = np.array([s.size for s in samples], dtype=float)
+    padding = np.array([s.padding_ratio for s in samples], dtype=float)
+    duration = np.array([s.duration_ms for s in samples], dtype=float)
+    keep = np.isfinite(size) & np.isfinite(padding) & np.isfinite(duration) & (size >= 1)
+    size, padding, duration = size[keep], padding[keep], duration[keep]
+    if len(size) < min_samples or len(np.unique(size)) < 2:
+        return None
+    columns = [np.ones_like(size), size]
+    padded = size * padding
+    if np.ptp(padding) > 1e-9:
+        columns.append(padded)
+    x = np.column_stack(columns)
+    if np.linalg.matrix_rank(x) < x.shape[1]:  # padding moves with size: cannot tell them apart
+        x = x[:, :2]
+    coef, *_ = np.linalg.lstsq(x, duration, rcond=None)
+    base, per_item = max(0.0, float(coef[0])), max(0.0, float(coef[1]))
+    factor = max(0.0, float(coef[2]) / per_item) if x.shape[1] == 3 and per_item > 0 else 0.0
+    return ServiceModel(base, per_item, factor, int(len(size)))
+
+
+def predict_batching(model: ServiceModel, arrival_rate: float, max_size: int, max_wait_ms: float,
+                     padding_ratio: float = 0.0, servers: int = 1, *, max_states: int = 1024) -> dict[str, float]:
+    """Queueing prediction for the micro-batcher at Poisson `arrival_rate` (req/s); see the module docstring.
+
+    Keys: batch_size (mean per batch), utilisation (arrival / capacity), busy (share of time computing),
+    p95_ms and mean_ms (a request, arrival to result), capacity_rps, compute_ms_per_request.
+    """
+    if int(max_size) < 1 or max_wait_ms < 0 or int(servers) < 1 or arrival_rate < 0 \
+            or not math.isfinite(arrival_rate) or not math.isfinite(max_wait_ms):
+        raise ValueError(f"predict_batching needs max_size >= 1, max_wait_ms >= 0, servers >= 1 and a finite "
+                         f"arrival rate >= 0, got {max_size}, {max_wait_ms}, {servers}, {arrival_rate}")
+    size, wait, servers = int(max_size), float(max_wait_ms), int(servers)
+    per_item = model.per_item_ms * (1 + model.padding_factor * padding_ratio)
+
+    def service(b):
+        return model.base_ms + per_item * b
+
+    full = service(size)
+    capacity = servers * size / full * 1000 if full > 0 else math.inf
+    utilisation = arrival_rate / capacity
+    result = {"capacity_rps": capacity, "utilisation": utilisation}
+    if arrival_rate == 0:  # a lone request waits out max_wait (unless a batch of one is already full)
+        alone = (wait if size > 1 else 0.0) + service(1)
+        return {**result, "batch_size": 1.0, "busy": 0.0, "p95_ms": alone, "mean_ms": alone,
+                "compute_ms_per_request": service(1)}
+    if utilisation >= 1:
+        return {**result, "batch_size": float(size), "busy": 1.0, "p95_ms": math.inf, "mean_ms": math.inf,
+                "compute_ms_per_request": full / size}
+    rate = arrival_rate / 1000 / servers  # per ms, per server
+    states = min(size, 64) + 16
+    while True:
+        chain = _batcher_chain(rate, size, wait, service, states)
+        if chain is not None or states >= max_states:
+            break
+        states = min(2 * states, max_states)
+    if chain is None:  # so close to saturation that the queue outgrows the chain: treat as saturated
+        return {**result, "batch_size": float(size), "busy": 1.0, "p95_ms": math.inf, "mean_ms": math.inf,
+                "compute_ms_per_request": full / size}
+    return {**result, **chain}
+
+
+def _batcher_chain(rate: float, size: int, wait: float, service, states: int) -> dict[str, float] | None:
+    """The embedded Markov chain on `states` queue lengths; None when its top state holds real mass."""
+    k = states
+    q = np.arange(1, k + 1)  # requests waiting when a batch leaves (state i is q = i + 1)
+    b = np.minimum(q, size)
+    s = service(b.astype(float))
+    left = q - b
+    ext = np.where(wait > s, wait - s, 0.0)  # a short next batch waits this much longer (head age ~ s)
+    cap = min(size, k)
+    # after[i, r]: r = left + arrivals during the service, r in 0..k (k absorbs the rest)
+    need = np.arange(k + 1)[None, :] - left[:, None]
+    after = np.where(need >= 0, poisson.pmf(np.maximum(need, 0), (rate * s)[:, None]), 0.0)
+    after[:, k] += poisson.sf(k - left, rate * s)
+    # fresh batch when nobody waits: the head + Poisson(rate * wait) more, closed at max_size
+    fresh = np.zeros(k)
+    if size > 1 and wait > 0:
+        fresh[:cap - 1] = poisson.pmf(np.arange(cap - 1), rate * wait)
+        fresh[cap - 1] = poisson.sf(cap - 2, rate * wait)
+    else:
+        fresh[0] = 1.0
+    busy = after[:, 1:].copy()
+    short = np.arange(1, cap)  # r < max_size: the batch waits out its extension
+    if wait > 0 and cap > 1:
+        for e in np.unique(ext[ext > 0]):
+            rows = np.flatnonzero(ext == e)
+            grow = q[None, :] - short[:, None]
+            move = np.where(grow >= 0, poisson.pmf(np.maximum(grow, 0), rate * e), 0.0)
+            move[:, cap - 1] = poisson.sf(cap - short - 1, rate * e)
+            move[:, cap:] = 0.0
+            busy[np.ix_(rows, short - 1)] -= after[np.ix_(rows, short)]
+            busy[rows] += after[np.ix_(rows, short)] @ move
+    idle = after[:, 0]
+    system = (busy + idle[:, None] * fresh[None, :]).T - np.eye(k)
+    system[-1] = 1.0
+    rhs = np.zeros(k)
+    rhs[-1] = 1.0
+    try:
+        pi = np.linalg.solve(system, rhs)
+    except np.linalg.LinAlgError:
+        return None
+    pi = np.clip(pi, 0, None)
+    pi /= pi.sum()
+    if k > 1 and pi[-1] > 1e-5:  # the truncated tail must not reach the 95th percentile
+        return None
+    mean_batch, mean_service = float(pi @ b), float(pi @ s)
+    parts = _Mixture()
+    # fresh batches: the head waits until the batch closes, the others arrived uniformly since
+    fresh_flow = float(pi @ idle) * fresh
+    filled = cap == size and size > 1 and wait > 0  # a full fresh batch closes at Gamma(size - 1) < wait
+    timed_out = fresh_flow[:cap - 1] if filled else fresh_flow
+    hold = np.where(q[:len(timed_out)] < size, wait, 0.0)  # a batch of one with max_size 1 leaves at once
+    parts.add(timed_out, hold, 0.0, s[:len(timed_out)])
+    parts.add(timed_out * (b[:len(timed_out)] - 1), 0.0, hold, s[:len(timed_out)])
+    if filled:
+        close = _fill_times(np.array([size - 1.0]), np.array([wait]), rate)[0]
+        parts.add(fresh_flow[cap - 1] / len(close), close, 0.0, s[cap - 1])
+        parts.add(fresh_flow[cap - 1] * (size - 1) / len(close), 0.0, close, s[cap - 1])
+    # busy batches: requests that came during the last service (and its extension), plus any carried over
+    flow = pi[:, None] * busy  # from state i (row) to the next dispatch state (column)
+    if filled:  # batches filled up during their extension close at a Gamma time, not at the mean
+        extended = pi * np.clip(busy[:, cap - 1] - after[:, cap], 0, None)
+        flow[:, cap - 1] -= extended
+    carried = np.minimum(left[:, None], b[None, :])
+    new = b[None, :] - carried
+    arrived = np.maximum(q[None, :] - left[:, None], 1)
+    window = s[:, None] + np.where(q[None, :] < size, ext[:, None], 0.0)
+    parts.add(flow * new, window * (1 - new / arrived), window * new / arrived, s[None, :])
+    # carried requests arrived before the last dispatch, over ~left/rate but within the services that built
+    # the backlog (conditioning on a backlog packs arrivals closer than 1/rate)
+    backlog = np.minimum(left / rate, s * np.ceil(left / b))
+    share = np.divide(carried, left[:, None], out=np.zeros(carried.shape), where=left[:, None] > 0)
+    parts.add(flow * carried, s[:, None] + backlog[:, None] * (1 - share), backlog[:, None] * share, s[None, :])
+    if filled and extended.sum() > 0:
+        rows = np.flatnonzero(extended > 0)
+        r = np.arange(1, size)
+        reach = after[np.ix_(rows, r)] * poisson.sf(size - r - 1, rate * ext[rows, None])
+        before = (reach @ r) / np.maximum(reach.sum(axis=1), 1e-300)  # mean r of those that filled up
+        close = _fill_times(np.maximum(1.0, np.round(size - before)), ext[rows], rate)  # rows x points
+        points = close.shape[1]
+        span = s[rows, None] + close
+        weight = extended[rows, None] / points
+        parts.add(weight * (size - left[rows, None]), 0.0, span, s[cap - 1])
+        lag = backlog[rows, None]
+        parts.add(weight * left[rows, None], s[rows, None], np.broadcast_to(lag, span.shape), s[cap - 1])
+    weights, start, span = parts.arrays()
+    return {"batch_size": mean_batch, "busy": min(1.0, rate * mean_service / mean_batch),
+            "p95_ms": _mixture_quantile(weights, start, span, 0.95), "mean_ms": float(weights @ (start + span / 2)),
+            "compute_ms_per_request": mean_service / mean_batch}
+
+
+def _fill_times(missing: np.ndarray, limit: np.ndarray, rate: float, points: int = 8) -> np.ndarray:
+    """Equal-probability points of the time `missing` more Poisson arrivals take, given it is under `limit`."""
+    u = (np.arange(points) + 0.5) / points
+    reached = gamma.cdf(limit, missing, scale=1 / rate)
+    return gamma.ppf(u[None, :] * reached[:, None], missing[:, None], scale=1 / rate)
+
+
+class _Mixture:
+    """Request latencies as weighted uniforms on (low, low + span), each plus its batch's service time."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, weight, low, span, service) -> None:
+        weight = np.asarray(weight, dtype=float)
+        shape = np.broadcast_shapes(weight.shape, np.shape(low), np.shape(span), np.shape(service))
+        self.parts.append(tuple(np.ravel(np.broadcast_to(np.asarray(x, dtype=float), shape))
+                                for x in (weight, np.add(low, service), span)))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        weight, start, span = (np.concatenate([p[i] for p in self.parts]) for i in range(3))
+        keep = weight > 1e-10 * weight.sum()
+        return weight[keep] / weight[keep].sum(), start[keep], span[keep]
+
+
+def _mixture_quantile(weights: np.ndarray, start: np.ndarray, span: np.ndarray, level: float) -> float:
+    """The `level` quantile of a mixture of uniforms on (start, start + span) (span 0: a point), by bisection."""
+    width = np.where(span > 0, span, 1.0)
+    low, high = float(start.min()), float((start + span).max())
+    for _ in range(48):
+        mid = (low + high) / 2
+        below = np.where(span > 0, np.clip((mid - start) / width, 0, 1), (start <= mid).astype(float))
+        if weights @ below < level:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def aimd_batch_size(current: int, observed_p95_ms: float, target_ms: float, knob: Knob,
+                    increase: int = 1, decrease: float = 0.5, margin: float = 0.8) -> int:
+    """Clipper's AIMD: +`increase` while p95 is under `margin` * target, x`decrease` once over it, else hold."""
+    low, high = _int_bounds(knob)
+    if observed_p95_ms > target_ms:
+        proposed = min(current - 1, math.floor(current * decrease))
+    elif observed_p95_ms < margin * target_ms:
+        proposed = current + increase
+    else:
+        proposed = current
+    return max(low, min(high, proposed))
+
+
+def _int_bounds(knob: Knob) -> tuple[int, int]:
+    low = max(1, math.ceil(knob.low)) if knob.low is not None else 1
+    high = math.floor(knob.high) if knob.high is not None else 1 << 30
+    return low, max(low, high)
+
+
+def _size_grid(knob: Knob, current: int) -> list[int]:
+    low, high = _int_bounds(knob)
+    grid = {low, high, current}
+    power = 1
+    while power <= high:
+        grid.add(power)
+        power *= 2
+    return sorted(x for x in grid if low <= x <= high)
+
+
+def _wait_grid(knob: Knob | None, current: float, target_ms: float) -> list[float]:
+    if knob is None:
+        return [current]
+    low = knob.low if knob.low is not None else 0.0
+    high = knob.high if knob.high is not None else math.inf
+    return sorted({float(w) for w in WAIT_GRID_MS if low <= w <= high and w < target_ms} | {float(current)})
+
+
+def batching_policy(model: ServiceModel | None, arrival_rate: float, current: Mapping[str, KnobValue],
+                    knobs: Mapping[str, Knob], p95_target_ms: float, observed_p95_ms: float | None,
+                    padding_ratio: float = 0.0, margin: float = 0.8, step: str = "", *, servers: int = 1,
+                    sizes: Sequence[int] | None = None, waits: Sequence[float] | None = None,
+                    bucketed_padding_scale: float = 0.25, material_padding: float = 0.1,
+                    min_gain: float = 0.02) -> Proposal | None:
+    """Batch size, wait and bucketing for the lowest compute per request with predicted p95 <= margin * target.
+
+    With no model (thin data), or a model the observed p95 contradicts, AIMD on batch_max_size. None when
+    the current config is best (or within `min_gain` of it). `sizes` / `waits` override the search grid.
+    """
+    size_knob = knobs.get("batch_max_size")
+    if size_knob is None:
+        return None
+    wait_knob, bucket_knob = knobs.get("batch_max_wait_ms"), knobs.get("length_bucketing")
+    size_now = int(current.get("batch_max_size", size_knob.default))
+    wait_now = float(current.get("batch_max_wait_ms", wait_knob.default if wait_knob else 0.0))
+    bucket_now = bool(current.get("length_bucketing", bucket_knob.default)) if bucket_knob else False
+    limit = margin * p95_target_ms
+    if model is None:
+        return _aimd_proposal(size_now, size_knob, observed_p95_ms, p95_target_ms, margin, step,
+                              "no service-time model yet (thin data)")
+    now = predict_batching(model, arrival_rate, size_now, wait_now, padding_ratio, servers)
+    if observed_p95_ms is not None and observed_p95_ms > p95_target_ms and now["p95_ms"] <= limit:
+        return _aimd_proposal(size_now, size_knob, observed_p95_ms, p95_target_ms, margin, step,
+                              f"the model predicts p95 {now['p95_ms']:.0f} ms here but {observed_p95_ms:.0f} ms "
+                              f"was observed")
+    buckets = [bucket_now]
+    if bucket_knob is not None and not bucket_now and padding_ratio >= material_padding:
+        buckets.append(True)  # never proposed off: its padding without bucketing is not observed
+    size_grid = sorted(set(sizes)) if sizes is not None else _size_grid(size_knob, size_now)
+    wait_grid = sorted(set(waits)) if waits is not None else _wait_grid(wait_knob, wait_now, p95_target_ms)
+    candidates = []
+    for bucket in buckets:
+        padding = padding_ratio if bucket == bucket_now else padding_ratio * bucketed_padding_scale
+        for wait in wait_grid:
+            previous = None
+            for size in size_grid:
+                guess = predict_batching(model, arrival_rate, size, wait, padding, servers)
+                candidates.append((size, wait, bucket, guess))
+                if previous is not None and all(math.isclose(guess[key], previous[key], rel_tol=1e-4) for key in
+                                                ("p95_ms", "compute_ms_per_request")):
+                    break  # max_size no longer binds: larger ones predict the same
+                previous = guess
+    feasible = [c for c in candidates if c[3]["p95_ms"] <= limit]
+    if feasible:
+        cheapest = min(c[3]["compute_ms_per_request"] for c in feasible)
+        near = [c for c in feasible if c[3]["compute_ms_per_request"] <= cheapest * 1.01]
+        near = [c for c in near if c[1] == min(c[1] for c in near)]  # ties: the shorter wait
+        fastest = min(c[3]["p95_ms"] for c in near)
+        size, wait, bucket, best = min((c for c in near if c[3]["p95_ms"] <= fastest * 1.01),  # then near now
+                                       key=lambda c: (abs(math.log2(c[0] / size_now)), c[0], c[2] != bucket_now))
+        if now["p95_ms"] <= limit and now["compute_ms_per_request"] <= best["compute_ms_per_request"] * (1 + min_gain):
+            return None
+    else:
+        size, wait, bucket, best = min(candidates, key=lambda c: (c[3]["p95_ms"], -c[3]["capacity_rps"]))
+        if best["p95_ms"] >= now["p95_ms"] and now["capacity_rps"] >= best["capacity_rps"]:
+            return None
+    values: dict[str, KnobValue] = {}
+    if size != size_now:
+        values["batch_max_size"] = int(size)
+    if wait_knob is not None and wait != wait_now:
+        values["batch_max_wait_ms"] = float(wait)
+    if bucket_knob is not None and bucket != bucket_now:
+        values["length_bucketing"] = bool(bucket)
+    if not values:
+        return None
+    observed = f", {observed_p95_ms:.0f} ms observed" if observed_p95_ms is not None else ""
+    verdict = f"<= {limit:.0f} ms" if feasible else f"> {limit:.0f} ms (no config meets it, least latency)"
+    config = f"batch {size}, wait {wait:g} ms" + (", length bucketing" if bucket else "")
+    reason = (f"at {arrival_rate:.1f} req/s {config}: predicted p95 {best['p95_ms']:.0f} ms {verdict}, "
+              f"{margin:.0%} of the {p95_target_ms:.0f} ms target, at {best['compute_ms_per_request']:.2f} compute "
+              f"ms/request (mean batch {best['batch_size']:.1f}); now batch {size_now}, wait {wait_now:g} ms: "
+              f"p95 {now['p95_ms']:.0f} ms predicted{observed}, {now['compute_ms_per_request']:.2f} ms/request")
+    predicted = {key: float(best[key]) for key in ("p95_ms", "compute_ms_per_request", "batch_size", "utilisation",
+                                                   "capacity_rps") if math.isfinite(best[key])}  # JSON has no inf
+    return Proposal(step, values, reason, predicted)
+
+
+def _aimd_proposal(size_now: int, knob: Knob, observed: float | None, target: float, margin: float, step: str,
+                   why: str) -> Proposal | None:
+    if observed is None:
+        return None
+    size = aimd_batch_size(size_now, observed, target, knob, margin=margin)
+    if size == size_now:
+        return None
+    move = "+1 while under" if size > size_now else "x0.5 when over"
+    reason = (f"{why}: p95 {observed:.0f} ms vs {target:.0f} ms target ({margin:.0%} margin {margin * target:.0f} ms),"
+              f" AIMD {move}: batch_max_size {size_now} -> {size}")
+    return Proposal(step, {"batch_max_size": size}, reason, {})
+
+
+# ---- caching -------------------------------------------------------------------------------------
+
+def caching_policy(requests: int, repeats: int, hits: int, current: Mapping[str, KnobValue], knobs: Mapping[str, Knob],
+                   staleness_limit_seconds: float, distinct_keys: int, window_seconds: float,
+                   min_repeat_share: float = 0.05, step: str = "", *, min_requests: int = 50,
+                   headroom: float = 1.5) -> Proposal | None:
+    """Cache on (TTL, size) when the duplicate rate is material, off when it is negligible and nothing hits.
+
+    `repeats` = requests whose input was already seen in the window. Predicted: the hit ratio.
+    """
+    enabled_knob = knobs.get("cache_enabled")
+    if enabled_knob is None or requests < max(1, min_requests) or window_seconds <= 0:
+        return None
+    ttl_knob, entries_knob = knobs.get("cache_ttl_seconds"), knobs.get("cache_max_entries")
+    enabled = bool(current.get("cache_enabled", enabled_knob.default))
+    duplicate = max(0.0, min(1.0, repeats / requests))
+    hit_ratio = max(0.0, min(1.0, hits / requests))
+    negligible = min_repeat_share / 5
+    if staleness_limit_seconds <= 0 or (duplicate < negligible and hit_ratio < negligible):
+        if not enabled:
+            return None
+        why = ("the staleness limit is 0 s: no answer may be served from a cache" if staleness_limit_seconds <= 0
+               else f"{duplicate:.1%} of {requests} requests repeat an input and {hit_ratio:.1%} hit the cache "
+                    f"(< {negligible:.0%})")
+        return Proposal(step, {"cache_enabled": False}, f"{why}: cache off", {"hit_ratio": 0.0,
+                                                                             "duplicate_rate": duplicate})
+    if duplicate < min_repeat_share:
+        return None
+    values: dict[str, KnobValue] = {}
+    if not enabled:
+        values["cache_enabled"] = True
+    ttl = float(current.get("cache_ttl_seconds", ttl_knob.default)) if ttl_knob else window_seconds
+    if ttl_knob is not None:
+        wanted = min(staleness_limit_seconds, ttl_knob.high if ttl_knob.high is not None else math.inf, window_seconds)
+        wanted = max(wanted, ttl_knob.low or 0.0)
+        if ttl > staleness_limit_seconds or abs(wanted - ttl) > 0.1 * max(ttl, 1e-9):
+            values["cache_ttl_seconds"] = ttl = float(wanted)
+    entries_now = int(current.get("cache_max_entries", entries_knob.default)) if entries_knob else 0
+    entries = entries_now
+    needed = max(1, math.ceil(headroom * max(distinct_keys, 1) * min(ttl, window_seconds) / window_seconds))
+    if entries_knob is not None:
+        low, high = _int_bounds(entries_knob)
+        needed = max(low, min(high, needed))
+        if entries_now < needed or entries_now > 4 * needed:
+            values["cache_max_entries"] = entries = needed
+    if not values:
+        return None
+    coverage = min(1.0, ttl / window_seconds) * (min(1.0, entries * headroom / needed) if entries_knob else 1.0)
+    predicted_hits = duplicate * coverage
+    reason = (f"{duplicate:.1%} of {requests} requests in {window_seconds:g} s repeat an input "
+              f"(>= {min_repeat_share:.0%}), {hit_ratio:.1%} hit now: cache on, TTL {ttl:g} s (staleness limit "
+              f"{staleness_limit_seconds:g} s), {entries} entries for {distinct_keys} distinct inputs; "
+              f"predicted hit ratio {predicted_hits:.1%}")
+    return Proposal(step, values, reason, {"hit_ratio": predicted_hits, "duplicate_rate": duplicate})
+
+
+# ---- routing and cascade -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RouteStats:
+    """One route of a step over the window: traffic, labelled accuracy, compute cost and latency."""
+
+    route: str
+    requests: int
+    correct: int  # labelled requests answered correctly (ground truth or user feedback)
+    labelled: int
+    compute_cost_per_request: float  # USD
+    p95_ms: float | None = None
+
+
+def _wilson_lower(successes: float, n: float, z: float = Z_95) -> float:
+    """Wilson score lower bound of a proportion: conservative on small samples, exact enough on large."""
+    if n <= 0:
+        return 0.0
+    p = min(1.0, max(0.0, successes / n))
+    denominator = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / denominator)
+
+
+def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], knob: Knob, quality_floor: float | None,
+                   p95_target_ms: float | None = None, min_labelled: int = 30, max_shift: float = 0.25,
+                   step: str = "", *, min_move: float = 0.01, z: float = Z_95) -> Proposal | None:
+    """Weights minimising cost per request subject to the labelled routes' accuracy (lower bound) >= floor.
+
+    Routes with fewer than `min_labelled` labels keep their weight; routes slower than the p95 target are
+    not increased; at most `max_shift` of the traffic moves per decision. If no mix reaches the floor,
+    weight moves toward accuracy (quality first).
+    """
+    names = list(knob.default) if isinstance(knob.default, dict) else list(current)
+    stats = {r.route: r for r in routes}
+    weights_now = np.array([max(0.0, float(current.get(n, 0.0))) for n in names])
+    if weights_now.sum() <= 0:
+        weights_now = np.array([float(knob.default.get(n, 0.0)) if isinstance(knob.default, dict) else 1.0
+                                for n in names])
+    if len(names) < 2 or weights_now.sum() <= 0:
+        return None
+    weights_now = weights_now / weights_now.sum()
+    known = np.array([n in stats and stats[n].labelled >= min_labelled for n in names])
+    if known.sum() < 1:
+        return None
+    cost = np.array([stats[n].compute_cost_per_request if n in stats else 0.0 for n in names])
+    accuracy = np.array([stats[n].correct / stats[n].labelled if known[i] else 0.0 for i, n in enumerate(names)])
+    lower = np.array([_wilson_lower(stats[n].correct, stats[n].labelled, z) if known[i] else 0.0
+                      for i, n in enumerate(names)])
+    slow = np.array([p95_target_ms is not None and n in stats and stats[n].p95_ms is not None
+                     and stats[n].p95_ms > p95_target_ms for n in names])
+    bounds = [(w, w) if not known[i] else (0.0, w) if slow[i] else (0.0, 1.0) for i, w in enumerate(weights_now)]
+    equal = (np.ones((1, len(names))), [1.0])
+    target = None
+    if quality_floor is not None:  # the labelled routes' mix must average >= floor (unlabelled ones are held)
+        floor_row = np.where(known, quality_floor - lower, 0.0)[None, :]
+        solved = linprog(cost, A_ub=floor_row, b_ub=[0.0], A_eq=equal[0], b_eq=equal[1], bounds=bounds,
+                         method="highs")
+        target = solved.x if solved.success else None
+    else:
+        solved = linprog(cost, A_eq=equal[0], b_eq=equal[1], bounds=bounds, method="highs")
+        target = solved.x if solved.success else None
+    quality_first = target is None
+    if quality_first:
+        solved = linprog(-lower + 1e-9 * cost, A_eq=equal[0], b_eq=equal[1], bounds=bounds, method="highs")
+        if not solved.success:
+            return None
+        target = solved.x
+    target = np.clip(target, 0, None)
+    moved = 0.5 * float(np.abs(target - weights_now).sum())
+    if moved < min_move:
+        return None
+    weights = weights_now + min(1.0, max_shift / moved) * (target - weights_now)
+    weights = np.clip(weights, 0, None) / np.clip(weights, 0, None).sum()
+    new = {n: float(w) for n, w in zip(names, weights, strict=True)}
+
+    def mix(values: np.ndarray, w: np.ndarray) -> float:
+        mass = float(w[known].sum())
+        return float(values[known] @ w[known]) / mass if mass > 0 else math.nan
+
+    before = 1000 * float(cost @ weights_now)
+    after = 1000 * float(cost @ weights)
+    changes = ", ".join(f"{n} {weights_now[i]:.2f}->{weights[i]:.2f} ({1000 * cost[i]:.3g} USD/1k"
+                        + (f", accuracy >= {lower[i]:.3f} of {stats[n].labelled}" if known[i] else ", too few labels")
+                        + (", over p95 target" if slow[i] else "") + ")"
+                        for i, n in enumerate(names) if abs(weights[i] - weights_now[i]) >= 5e-4)
+    floor_text = f"floor {quality_floor:.3f}" if quality_floor is not None else "no quality floor"
+    if quality_first:
+        why = f"no labelled mix reaches the {floor_text}: toward accuracy"
+    else:
+        why = f"cheapest mix holding the {floor_text}"
+    reason = (f"{why}, moving {min(moved, max_shift):.2f} of traffic: {changes}; cost {before:.3g} -> {after:.3g} "
+              f"USD per 1k, labelled quality >= {mix(lower, weights):.3f} (point {mix(accuracy, weights):.3f})")
+    predicted = {"cost_per_1k": after, "quality": mix(accuracy, weights), "quality_lower_bound": mix(lower, weights)}
+    return Proposal(step, {"route_weights": new}, reason, {k: v for k, v in predicted.items() if math.isfinite(v)})
+
+
+@dataclass(frozen=True)
+class CascadeSample:
+    """One task that went through the local model step: its confidence and, if labelled, who was right."""
+
+    confidence: float
+    local_correct: bool | None  # None when unlabelled
+    remote_correct: bool | None = None  # known for tasks that were escalated and labelled
+
+
+def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, knob: Knob, quality_floor: float | None,
+                   remote_cost_per_call: float, remote_accuracy: float | None = None, min_labelled: int = 50,
+                   max_step: float = 0.1, step: str = "", *, grid: float = 0.01, min_remote_labelled: int = 10,
+                   z: float = Z_95) -> Proposal | None:
+    """The cheapest escalation threshold whose predicted quality (lower bound) holds the floor.
+
+    Without `remote_accuracy` it is the Wilson lower bound of the labelled escalations. None with too few
+    labels or no change; moves at most `max_step`; with no threshold meeting the floor, up (quality first).
+    """
+    labelled = [s for s in samples if s.local_correct is not None]
+    if len(labelled) < min_labelled:
+        return None
+    if remote_accuracy is None:
+        remote = [s.remote_correct for s in samples if s.remote_correct is not None]
+        if len(remote) < min_remote_labelled:
+            return None
+        remote_point, remote_lower = sum(remote) / len(remote), _wilson_lower(sum(remote), len(remote), z)
+    else:
+        remote_point = remote_lower = float(remote_accuracy)
+    low = knob.low if knob.low is not None else 0.0
+    high = knob.high if knob.high is not None else 1.0
+    thresholds = np.round(np.arange(low, high + grid / 2, grid), 6)
+    every = np.sort(np.array([s.confidence for s in samples], dtype=float))
+    escalated = np.searchsorted(every, thresholds, side="left") / len(every)
+    order = sorted(labelled, key=lambda s: s.confidence)
+    confidence = np.array([s.confidence for s in order], dtype=float)
+    kept_correct = np.concatenate([[0], np.cumsum([bool(s.local_correct) for s in order][::-1])])[::-1]
+    below = np.searchsorted(confidence, thresholds, side="left")  # labelled tasks escalated at each t
+    n = len(order)
+    lower = np.array([_wilson_lower(kept_correct[i] + remote_lower * i, n, z) for i in below])
+    feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
+    reach = np.abs(thresholds - current_threshold) <= max_step + 1e-9
+    distance = np.abs(thresholds - current_threshold)
+    if (feasible & reach).any():
+        pick = np.flatnonzero(feasible & reach)
+        best = min(pick, key=lambda i: (escalated[i], distance[i]))
+        new = float(thresholds[best])
+        why = "cheapest threshold holding the floor"
+        if escalated[best] == np.searchsorted(every, current_threshold, side="left") / len(every):
+            return None  # the same tasks escalate: nothing to gain
+    else:
+        if feasible.any():
+            pick = np.flatnonzero(feasible)
+            goal = float(thresholds[min(pick, key=lambda i: (distance[i], escalated[i]))])
+            why = "toward the nearest threshold holding the floor"
+        else:
+            goal = high
+            why = "no threshold holds the floor: up, quality first"
+        new = current_threshold + max(-max_step, min(max_step, goal - current_threshold))
+        new = float(min(high, max(low, round(new, 6))))
+    if abs(new - current_threshold) < grid / 2:
+        return None
+    here = int(np.searchsorted(every, new, side="left"))
+    lab = int(np.searchsorted(confidence, new, side="left"))
+    share_now = float(np.searchsorted(every, current_threshold, side="left") / len(every))
+    share = here / len(every)
+    quality = float((kept_correct[lab] + remote_point * lab) / n)
+    quality_lower = _wilson_lower(kept_correct[lab] + remote_lower * lab, n, z)
+    floor_text = f">= floor {quality_floor:.3f}" if quality_floor is not None else "(no floor)"
+    cost_now, cost = 1000 * share_now * remote_cost_per_call, 1000 * share * remote_cost_per_call
+    reason = (f"{why}: threshold {current_threshold:.2f} -> {new:.2f}, escalations {share_now:.0%} -> {share:.0%} "
+              f"of {len(every)} tasks at {remote_cost_per_call:.4g} USD/call ({cost_now:.3g} -> {cost:.3g} USD per "
+              f"1k), predicted quality {quality:.3f} (lower bound {quality_lower:.3f}) {floor_text} on {n} labelled "
+              f"tasks, remote accuracy {remote_point:.3f}")
+    predicted = {"escalation_share": share, "cost_per_1k": cost, "quality": quality,
+                 "quality_lower_bound": quality_lower}
+    return Proposal(step, {"cascade_threshold": new}, reason, predicted)
+
+
+# ---- concurrency and guardrails ------------------------------------------------------------------
+
+def concurrency_policy(current: int, knob: Knob, calls: int, rate_limited: int, timeouts: int = 0,
+                       step: str = "", *, max_share: float = 0.01, min_calls: int = 20,
+                       calm_calls: int = 200) -> Proposal | None:
+    """Halve concurrency to a provider answering 429 (> `max_share` of calls); +1 back toward the default only
+    after `calm_calls` calls without a 429 (or timeouts above `max_share`)."""
+    if calls < min_calls:
+        return None
+    low, high = _int_bounds(knob)
+    share = rate_limited / calls
+    if share > max_share:
+        new = max(low, min(current - 1, math.floor(current * 0.5)))
+        if new >= current:
+            return None
+        limit = current * (1 - share)  # calls the provider took at once, roughly
+        predicted = max(0.0, 1 - limit / new)
+        reason = (f"{rate_limited} of {calls} calls ({share:.1%}) answered 429 (> {max_share:.0%}): max_concurrency "
+                  f"{current} -> {new} (x0.5), the provider took about {limit:.1f} at once")
+        return Proposal(step, {"max_concurrency": new}, reason, {"rate_limited_share": predicted})
+    default = int(knob.default) if not isinstance(knob.default, dict) else high
+    if rate_limited == 0 and timeouts <= max_share * calls and calls >= calm_calls and current < min(default, high):
+        new = current + 1
+        reason = (f"no 429 in {calls} calls ({timeouts} timeouts): max_concurrency {current} -> {new} (+1, back "
+                  f"toward the default {default})")
+        return Proposal(step, {"max_concurrency": new}, reason, {"rate_limited_share": 0.0})
+    return None
+
+
+def clamp_change(knob: Knob, current: KnobValue, proposed: KnobValue, max_relative: float = 0.5) -> KnobValue:
+    """`proposed` kept within the knob's bounds and within +-max_relative of `current` (at least 1 for ints,
+    1% of the declared range for floats); bools pass; each weight moves at most max_relative, then renormalised."""
+    if knob.kind == "bool":
+        return bool(proposed)
+    if knob.kind == "weights":
+        now = dict(current) if isinstance(current, dict) else {}
+        new = dict(proposed) if isinstance(proposed, dict) else {}
+        names = list(knob.default) if isinstance(knob.default, dict) else list(dict.fromkeys([*now, *new]))
+        a = _normalised([float(now.get(n, 0.0)) for n in names])
+        b = _normalised([float(new.get(n, 0.0)) for n in names])
+        moved = [max(0.0, x + max(-max_relative, min(max_relative, y - x))) for x, y in zip(a, b, strict=True)]
+        return dict(zip(names, _normalised(moved), strict=True))
+    value, now = float(proposed), float(current)
+    if knob.kind == "int":
+        delta = max(1.0, math.floor(max_relative * abs(now)))
+    else:
+        span = knob.high - knob.low if knob.low is not None and knob.high is not None else 0.0
+        delta = max(max_relative * abs(now), 0.01 * span) or max_relative * abs(value)
+    value = min(now + delta, max(now - delta, value))
+    if knob.kind == "int":
+        value = round(value)
+        low = math.ceil(knob.low) if knob.low is not None else -math.inf
+        high = math.floor(knob.high) if knob.high is not None else math.inf
+        return int(max(low, min(high, value)))
+    low = knob.low if knob.low is not None else -math.inf
+    high = knob.high if knob.high is not None else math.inf
+    return float(max(low, min(high, value)))
+
+
+def _normalised(values: Sequence[float]) -> list[float]:
+    total = sum(values)
+    return [v / total for v in values] if total > 0 else [1 / len(values)] * len(values) if values else []
