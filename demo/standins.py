@@ -5,10 +5,12 @@ executor's clients run unchanged against a real provider or CRM. Run them with `
 `python -m tracetune.demo.standins`: the LLM on `llm_port` (settings default 8808), the CRM on
 `llm_port + 1` unless told otherwise.
 
-- LLM: `POST /v1/chat/completions` and `GET /v1/models` as OpenAI serves them. It answers
-  ticket-classification prompts (a `Categories: a, b, c` line and the ticket as the last user
-  message) with keyword rules over the demo corpus vocabulary, wrong on purpose with probability
-  `1 - accuracy`; lognormal latency; a token-bucket rate limit answering 429 + `Retry-After`.
+- LLM: `POST /v1/chat/completions` and `GET /v1/models` as OpenAI serves them, for two models of two
+  tiers (`standin-small`: fast, less accurate; `standin-large`: slower, more accurate, a lower rate
+  limit). It answers ticket-classification prompts (a `Categories: a, b, c` line and the ticket as the
+  last user message) with keyword rules over the demo corpus vocabulary, wrong on purpose with
+  probability `1 - accuracy`; lognormal latency; a token-bucket rate limit per model answering 429 +
+  `Retry-After`; a model it does not serve is a 404, as OpenAI answers.
 - CRM: `POST /v1/followups` with an `Idempotency-Key` header; flaky on purpose (503s, stalls after the
   effect happened); a repeated key returns the follow-up already created instead of a second one.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import json
@@ -29,7 +32,8 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -39,7 +43,8 @@ from starlette.routing import Route
 
 from tracetune.demo.corpus import CATEGORIES
 
-__all__ = ["create_llm_app", "create_crm_app", "serve_standins", "classify_by_keywords", "count_tokens"]
+__all__ = ["MODELS", "StandinModel", "create_llm_app", "create_crm_app", "serve_standins", "classify_by_keywords",
+           "count_tokens"]
 
 # Cues per category, weighted: phrases and stems from the ticket vocabulary of demo/corpus.py.
 # Several per template, matched as word prefixes forgiving one typo, so a typo rarely flips an answer.
@@ -261,85 +266,144 @@ def _validate_chat(body: Any) -> str | None:
     return None
 
 
-def create_llm_app(latency_ms: float = 300, latency_sigma: float = 0.5, accuracy: float = 0.95,
-                   rate_limit_rps: float = 20, seed: int = 0, model: str = "standin-llm-1") -> Starlette:
-    """An OpenAI-compatible chat provider that classifies support tickets.
+@dataclass(frozen=True)
+class StandinModel:
+    """One model the LLM stand-in serves: lognormal latency (median `latency_ms`, `latency_sigma`), the
+    share of answers it gets right (`accuracy`), and requests per second past which it answers 429
+    (`rate_limit_rps`, 0: no limit)."""
 
-    With probability `accuracy` it answers its own reading of the ticket (`classify_by_keywords`, right
-    about 98% of the time on the demo corpus, whose shortest tickets are ambiguous on purpose), otherwise
-    another allowed label; so measured accuracy is a little under `accuracy`. Latency is lognormal with
-    median `latency_ms`; past `rate_limit_rps` (0: no limit) it answers 429 with Retry-After.
+    latency_ms: float = 300.0
+    accuracy: float = 0.95
+    rate_limit_rps: float = 20.0
+    latency_sigma: float = 0.5
+
+    def validate(self, name: str) -> StandinModel:
+        """This model, or a ValueError naming it (as served under `name`) and the bad field."""
+        if not 0 <= self.accuracy <= 1:
+            raise ValueError(f"stand-in model {name!r}: accuracy must be within [0, 1], got {self.accuracy}")
+        if self.latency_ms < 0 or self.latency_sigma < 0:
+            raise ValueError(f"stand-in model {name!r}: latency_ms and latency_sigma must be >= 0")
+        if self.rate_limit_rps < 0:
+            raise ValueError(f"stand-in model {name!r}: rate_limit_rps must be >= 0 (0: no limit)")
+        return self
+
+
+# Two tiers, as hosted providers sell them: a small model that is fast and cheap but wrong more often,
+# and a large one that is right more often, slower, and rate-limited harder. Their token prices are
+# those of two real models of the same tiers (analyzer/prices.toml).
+MODELS: dict[str, StandinModel] = {
+    "standin-small": StandinModel(latency_ms=300, accuracy=0.90, rate_limit_rps=20),
+    "standin-large": StandinModel(latency_ms=700, accuracy=0.98, rate_limit_rps=5),
+}
+
+
+class _LLMState:
+    """What the LLM stand-in holds between requests: its models, a rate-limit bucket per model (providers
+    limit each model separately), one seeded RNG, and counters for `/stats`."""
+
+    def __init__(self, models: dict[str, StandinModel], seed: int):
+        self.models = models
+        self.buckets = {name: _TokenBucket(model.rate_limit_rps) for name, model in models.items()}
+        self.rng = random.Random(seed)
+        self.stats: dict[str, Any] = {"requests": 0, "completions": 0, "rate_limited": 0, "bad_requests": 0,
+                                      "models": {name: {"completions": 0, "rate_limited": 0} for name in models}}
+
+
+async def _completions(request: Request) -> JSONResponse:
+    state: _LLMState = request.app.state.llm
+    stats = state.stats
+    stats["requests"] += 1
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    problem = _validate_chat(body) if body is not None else "the request body is not valid JSON"
+    if problem:
+        stats["bad_requests"] += 1
+        return _openai_error(400, problem, "invalid_request_error")
+    name = body["model"]
+    model = state.models.get(name)
+    if model is None:
+        stats["bad_requests"] += 1
+        return _openai_error(404, f"The model `{name}` does not exist or you do not have access to it.",
+                             "invalid_request_error", "model_not_found", "model")
+    wait = state.buckets[name].take()
+    if wait:
+        stats["rate_limited"] += 1
+        stats["models"][name]["rate_limited"] += 1
+        headers = {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000)),
+                   "x-ratelimit-limit-requests": str(math.ceil(model.rate_limit_rps * 60)),
+                   "x-ratelimit-remaining-requests": "0"}
+        return _openai_error(429, f"Rate limit reached for {name}: limit {model.rate_limit_rps:g} requests per "
+                             f"second. Please try again in {wait * 1000:.0f}ms.", "requests",
+                             "rate_limit_exceeded", headers=headers)
+
+    texts = [_message_text(m) for m in body["messages"]]
+    match = next((m for t in texts if (m := _CATEGORIES_LINE.search(t))), None)
+    labels = [x.strip() for x in match.group(1).split(",") if x.strip()] if match else list(CATEGORIES)
+    user = [_message_text(m) for m in body["messages"] if m["role"] == "user"]
+    ticket = _TICKET_PREFIX.sub("", user[-1] if user else texts[-1])
+    rng = state.rng
+    answer = classify_by_keywords(ticket, labels) or rng.choice(labels)
+    if len(labels) > 1 and rng.random() >= model.accuracy:
+        answer = rng.choice([label for label in labels if label != answer])
+
+    if model.latency_ms:
+        await asyncio.sleep(model.latency_ms * math.exp(rng.gauss(0, model.latency_sigma)) / 1000)
+    stats["completions"] += 1
+    stats["models"][name]["completions"] += 1
+    prompt_tokens = count_tokens(" ".join(texts))
+    completion_tokens = max(1, count_tokens(answer))
+    return JSONResponse({
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    })
+
+
+async def _models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [
+        {"id": name, "object": "model", "created": 0, "owned_by": "tracetune-standin"}
+        for name in request.app.state.llm.models]})
+
+
+async def _llm_stats(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.llm.stats)
+
+
+def create_llm_app(models: Mapping[str, StandinModel] | None = None, *, seed: int = 0,
+                   latency_ms: float | None = None, latency_sigma: float | None = None,
+                   accuracy: float | None = None, rate_limit_rps: float | None = None) -> Starlette:
+    """An OpenAI-compatible chat provider that classifies support tickets, serving `models` by name
+    (default `MODELS`: standin-small and standin-large); any other model name is a 404.
+
+    With probability `accuracy` a model answers the stand-in's own reading of the ticket
+    (`classify_by_keywords`, right about 98% of the time on the demo corpus, whose shortest tickets are
+    ambiguous on purpose), otherwise another allowed label; so measured accuracy is a little under
+    `accuracy`. Latency is lognormal with median `latency_ms`; past `rate_limit_rps` a model answers 429
+    with Retry-After (each model has its own limit). `latency_ms`, `latency_sigma`, `accuracy` and
+    `rate_limit_rps`, when given, replace that value for every model (tests: fast and always right).
     """
-    if not 0 <= accuracy <= 1:
-        raise ValueError(f"accuracy must be within [0, 1], got {accuracy}")
-    if latency_ms < 0 or latency_sigma < 0:
-        raise ValueError("latency_ms and latency_sigma must be >= 0")
-    rng = random.Random(seed)
-    bucket = _TokenBucket(rate_limit_rps)
-    stats = {"requests": 0, "completions": 0, "rate_limited": 0, "bad_requests": 0}
-
-    async def completions(request: Request) -> JSONResponse:
-        stats["requests"] += 1
-        wait = bucket.take()
-        if wait:
-            stats["rate_limited"] += 1
-            headers = {"Retry-After": str(max(1, math.ceil(wait))), "retry-after-ms": str(math.ceil(wait * 1000)),
-                       "x-ratelimit-limit-requests": str(math.ceil(rate_limit_rps * 60)),
-                       "x-ratelimit-remaining-requests": "0"}
-            return _openai_error(429, f"Rate limit reached for {model}: limit {rate_limit_rps:g} requests per "
-                                 f"second. Please try again in {wait * 1000:.0f}ms.", "requests",
-                                 "rate_limit_exceeded", headers=headers)
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        problem = _validate_chat(body) if body is not None else "the request body is not valid JSON"
-        if problem:
-            stats["bad_requests"] += 1
-            return _openai_error(400, problem, "invalid_request_error")
-        if body["model"] != model:
-            stats["bad_requests"] += 1
-            return _openai_error(404, f"The model `{body['model']}` does not exist or you do not have access to it.",
-                                 "invalid_request_error", "model_not_found", "model")
-
-        texts = [_message_text(m) for m in body["messages"]]
-        match = next((m for t in texts if (m := _CATEGORIES_LINE.search(t))), None)
-        labels = [x.strip() for x in match.group(1).split(",") if x.strip()] if match else list(CATEGORIES)
-        user = [_message_text(m) for m in body["messages"] if m["role"] == "user"]
-        ticket = _TICKET_PREFIX.sub("", user[-1] if user else texts[-1])
-        answer = classify_by_keywords(ticket, labels) or rng.choice(labels)
-        if len(labels) > 1 and rng.random() >= accuracy:
-            answer = rng.choice([label for label in labels if label != answer])
-
-        if latency_ms:
-            await asyncio.sleep(latency_ms * math.exp(rng.gauss(0, latency_sigma)) / 1000)
-        stats["completions"] += 1
-        prompt_tokens = count_tokens(" ".join(texts))
-        completion_tokens = max(1, count_tokens(answer))
-        return JSONResponse({
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "logprobs": None, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-        })
-
-    async def models(_: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [
-            {"id": model, "object": "model", "created": 0, "owned_by": "tracetune-standin"}]})
-
-    async def show_stats(_: Request) -> JSONResponse:
-        return JSONResponse(stats)
-
-    return Starlette(routes=[
-        Route("/v1/chat/completions", completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/stats", show_stats, methods=["GET"]),
+    chosen = dict(MODELS if models is None else models)
+    if not chosen:
+        raise ValueError("the LLM stand-in needs at least one model")
+    overrides = {key: float(value) for key, value in (("latency_ms", latency_ms), ("latency_sigma", latency_sigma),
+                                                      ("accuracy", accuracy), ("rate_limit_rps", rate_limit_rps))
+                 if value is not None}
+    served = {name: dataclasses.replace(model, **overrides).validate(name) for name, model in chosen.items()}
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", _completions, methods=["POST"]),
+        Route("/v1/models", _models, methods=["GET"]),
+        Route("/stats", _llm_stats, methods=["GET"]),
         Route("/health", _health, methods=["GET"]),
     ])
+    app.state.llm = _LLMState(served, seed)
+    return app
 
 
 async def _health(_: Request) -> JSONResponse:
@@ -483,12 +547,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--llm-port", type=int, default=8808)
     parser.add_argument("--crm-port", type=int, default=None, help="default: llm port + 1")
-    parser.add_argument("--llm-latency-ms", type=float, default=300)
-    parser.add_argument("--llm-accuracy", type=float, default=0.95)
-    parser.add_argument("--llm-rate-limit", type=float, default=20, help="requests/s, 0 for none")
+    tiers = ", ".join(f"{name} {m.latency_ms:g} ms, accuracy {m.accuracy:g}, {m.rate_limit_rps:g} req/s"
+                      for name, m in MODELS.items())
+    parser.add_argument("--llm-latency-ms", type=float, default=None,
+                        help=f"median latency of every model (default: each its own; {tiers})")
+    parser.add_argument("--llm-accuracy", type=float, default=None, help="accuracy of every model")
+    parser.add_argument("--llm-rate-limit", type=float, default=None, help="requests/s per model, 0 for none")
     parser.add_argument("--crm-failure-rate", type=float, default=0.0)
     args = parser.parse_args(argv)
-    print(f"stand-ins: LLM on http://{args.host}:{args.llm_port}/v1, CRM on "
+    print(f"stand-ins: LLM ({', '.join(MODELS)}) on http://{args.host}:{args.llm_port}/v1, CRM on "
           f"http://{args.host}:{args.crm_port or args.llm_port + 1}/v1/followups", flush=True)
     serve_standins(args.host, args.llm_port, args.crm_port,
                    llm_options={"latency_ms": args.llm_latency_ms, "accuracy": args.llm_accuracy,

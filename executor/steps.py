@@ -2,7 +2,8 @@
 
 - `Step`: a plain function of the task.
 - `Infer`: a model call routed between variants (weights), micro-batched (`Batching`) and cached (`Cache`).
-- `Cascade`: hands the task to a remote model when an earlier `Infer` step was not sure enough.
+- `Cascade`: hands the task to a remote model (or one of several routes, e.g. provider tiers, by weight)
+  when an earlier `Infer` step was not sure enough.
 - `Effect`: a write to another system (idempotent, retried, dead-lettered), under a concurrency limit.
 
 Each step declares its knobs (`knobs()`: kind, default, bounds), applies new values from the tuner
@@ -296,65 +297,121 @@ class Cascade(Step):
     `remote(item)` returns the better answer, which replaces `task.data[after]` (the local answer is
     kept in `task.escalated[after]`). If `remote` takes a `timeout` keyword it gets the step's
     `timeout_seconds`. When the remote call fails, the local answer stands and the span says so.
-    Knobs: `cascade_threshold` and the `Remote` limits.
+
+    `remote` is one callable (its route is `route`) or a mapping of routes to callables, e.g. a cheap
+    and a pricier provider tier: each escalated task then goes to one route drawn by `weights`
+    (default equal), and `tracetune.route` names it. With `cache`, a repeated input on the same route
+    reuses that route's earlier answer instead of calling it again (`tracetune.cache` says `hit`).
+    Knobs: `cascade_threshold`, `route_weights` (two routes or more), the cache's, and the `Remote`
+    limits (one concurrency limit shared by the routes).
     """
 
-    def __init__(self, name: str, after: str, remote: Callable[..., Any] | None, *, threshold: float = 0.5,
+    def __init__(self, name: str, after: str, remote: Callable[..., Any] | Mapping[str, Callable[..., Any]] | None,
+                 *, threshold: float = 0.5, weights: Mapping[str, float] | None = None,
                  input: Callable[[Task], Any] | None = None, limits: Remote = Remote(), route: str = "remote",
-                 feature: str | None = None, when: Callable[[Task], bool] | None = None):
+                 cache: Cache | None = None, feature: str | None = None,
+                 when: Callable[[Task], bool] | None = None, seed: int | None = None):
         super().__init__(name, when=when)
         if not 0 <= threshold <= 1:
             raise ValueError(f"cascade {name!r}: threshold must be between 0 and 1, got {threshold}")
+        if isinstance(remote, Mapping):
+            if not remote:
+                raise ValueError(f"cascade {name!r}: remote routes are empty; give at least one route -> callable")
+            remotes = dict(remote)
+        else:
+            remotes = {} if remote is None else {route: remote}
+        for r in remotes:
+            if not NAME.match(r):
+                raise ValueError(f"route {r!r} of cascade {name!r} must start with a letter and hold only "
+                                 f"letters, digits, _ and -")
+        if weights and not isinstance(remote, Mapping):
+            raise ValueError(f"cascade {name!r}: weights need remote routes given as a mapping route -> callable")
+        unknown = set(weights or {}) - set(remotes)
+        if unknown:
+            raise ValueError(f"weights of cascade {name!r} name routes it has no remote for: {sorted(unknown)}")
         self.after = after
-        self.remote = remote
+        self.remotes = remotes
+        self.route = route
+        weights = dict(weights) if weights else {r: 1.0 for r in remotes}
+        self.weights = {r: float(weights.get(r, 0.0)) for r in remotes}
+        self.router = WeightedRouter(self.weights, seed) if remotes else None
         self.threshold = float(threshold)
         self.input = input or (lambda task: task.data["text"])
         self.limits = limits
         self.limiter = Limiter(limits.max_concurrency)
         self.timeout = limits.timeout_seconds
-        self.route = route
+        self.cache_spec = cache
+        self.cache = TTLCache(cache.max_entries, cache.ttl_seconds) if cache else None
+        self.cache_enabled = bool(cache and cache.enabled)
         self.feature = feature
-        self._pass_timeout = remote is not None and _takes_timeout(remote)
+        self._pass_timeout = {r: _takes_timeout(fn) for r, fn in remotes.items()}
 
     def knobs(self) -> dict[str, Knob]:
-        return {"cascade_threshold": Knob("float", self.threshold, 0, 1, help=f"escalate when {self.after}'s "
-                                          f"confidence is below this"), **self.limits.knobs()}
+        knobs = {"cascade_threshold": Knob("float", self.threshold, 0, 1, help=f"escalate when {self.after}'s "
+                                           f"confidence is below this")}
+        if len(self.remotes) > 1:
+            knobs["route_weights"] = Knob("weights", dict(self.weights), help="share of escalated tasks per route")
+        if self.cache_spec:
+            knobs.update(self.cache_spec.knobs())
+        return {**knobs, **self.limits.knobs()}
+
+    def bind(self, pipeline: Pipeline) -> None:
+        super().bind(pipeline)
+        if self.cache is not None:  # an empty TTLCache is falsy (len 0)
+            cache = self.cache
+            metrics.CACHE_HIT_RATIO.labels(self.pipeline_name, self.name).set_function(
+                lambda: cache.hits / max(1, cache.hits + cache.misses))
 
     def configure(self, values: Mapping[str, Any]) -> None:
         self.threshold = float(values.get("cascade_threshold", self.threshold))
         self.timeout = float(values.get("timeout_seconds", self.timeout))
         if "max_concurrency" in values:
             self.limiter.resize(int(values["max_concurrency"]))
+        if "route_weights" in values and self.router is not None:
+            self.weights = dict(values["route_weights"])
+            self.router.set_weights(self.weights)
+        if self.cache is not None:
+            self.cache_enabled = bool(values.get("cache_enabled", self.cache_enabled))
+            self.cache.configure(values.get("cache_max_entries"), values.get("cache_ttl_seconds"))
 
     def applies(self, task: Task) -> bool:
         confidence = task.confidence.get(self.after)
         return confidence is not None and confidence < self.threshold and super().applies(task)
 
     def run(self, task: Task, span: trace.Span) -> None:
-        span.set_attribute(attr.ROUTE, self.route)
         labels = (self.pipeline_name, self.name)
-        if self.remote is None:
+        if self.router is None:
+            span.set_attribute(attr.ROUTE, self.route)
             span.set_attribute(attr.ESCALATION, "unavailable")
             metrics.CASCADE_TOTAL.labels(*labels, "unavailable").inc()
             return
-        started = time.monotonic()
-        try:
-            with self.limiter.slot(self.timeout) as waited:
-                span.set_attribute(attr.QUEUE_MS, round(waited * 1000, 3))
-                metrics.REMOTE_IN_FLIGHT.labels(*labels).inc()
-                try:
-                    left = max(0.001, self.timeout - (time.monotonic() - started))
-                    item = self.input(task)
-                    answer = self.remote(item, timeout=left) if self._pass_timeout else self.remote(item)
-                finally:
-                    metrics.REMOTE_IN_FLIGHT.labels(*labels).dec()
-        except Exception as exc:  # noqa: BLE001 - any remote failure degrades to the local answer
-            span.record_exception(exc)
-            message = f"remote model failed, local answer kept: {exc}"
-            span.set_status(trace.Status(trace.StatusCode.ERROR, message[:300]))
-            span.set_attribute(attr.ESCALATION, "failed")
-            metrics.CASCADE_TOTAL.labels(*labels, "failed").inc()
-            return
+        route = self.router.choose()
+        span.set_attribute(attr.ROUTE, route)
+        metrics.ROUTE_TOTAL.labels(*labels, route).inc()
+        item = self.input(task)
+        answer: Any = TTLCache.MISSING
+        key = ""
+        if self.cache is not None:
+            normalised = self.cache_spec.key(item)
+            span.set_attribute(attr.INPUT_HASH, hashlib.blake2b(normalised.encode(), digest_size=8).hexdigest())
+            if self.cache_enabled:
+                key = f"{route}\x1f{normalised}"
+                answer = self.cache.get(key)
+            outcome = "bypass" if not self.cache_enabled else "miss" if answer is TTLCache.MISSING else "hit"
+            span.set_attribute(attr.CACHE, outcome)
+            metrics.CACHE_TOTAL.labels(*labels, outcome).inc()
+        if answer is TTLCache.MISSING:
+            try:
+                answer = self._call(route, item, span)
+            except Exception as exc:  # noqa: BLE001 - any remote failure degrades to the local answer
+                span.record_exception(exc)
+                message = f"remote model failed, local answer kept: {exc}"
+                span.set_status(trace.Status(trace.StatusCode.ERROR, message[:300]))
+                span.set_attribute(attr.ESCALATION, "failed")
+                metrics.CASCADE_TOTAL.labels(*labels, "failed").inc()
+                return
+            if key:
+                self.cache.put(key, answer)
         span.set_attribute(attr.ESCALATION, "answered")
         metrics.CASCADE_TOTAL.labels(*labels, "answered").inc()
         if (prediction := _feature_value(answer)) is not None:
@@ -364,10 +421,25 @@ class Cascade(Step):
         task.escalated[self.after] = task.data.get(self.after)
         task.data[self.after] = answer
 
+    def _call(self, route: str, item: Any, span: trace.Span) -> Any:
+        """One remote call on `route`, within a concurrency slot and what is left of the step's timeout."""
+        started = time.monotonic()
+        labels = (self.pipeline_name, self.name)
+        remote = self.remotes[route]
+        with self.limiter.slot(self.timeout) as waited:
+            span.set_attribute(attr.QUEUE_MS, round(waited * 1000, 3))
+            metrics.REMOTE_IN_FLIGHT.labels(*labels).inc()
+            try:
+                left = max(0.001, self.timeout - (time.monotonic() - started))
+                return remote(item, timeout=left) if self._pass_timeout[route] else remote(item)
+            finally:
+                metrics.REMOTE_IN_FLIGHT.labels(*labels).dec()
+
     def close(self) -> None:
-        close = getattr(self.remote, "close", None) or getattr(getattr(self.remote, "__self__", None), "close", None)
-        if callable(close):
-            close()
+        for remote in self.remotes.values():
+            close = getattr(remote, "close", None) or getattr(getattr(remote, "__self__", None), "close", None)
+            if callable(close):
+                close()
 
 
 class Effect(Step):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -55,11 +57,19 @@ def client(db_settings: Settings):
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """The demo models, built once per session with the real training and ONNX export."""
+    """The demo models, built once per test run with the real training and ONNX export.
+
+    Under pytest-xdist every worker asks for them: the first builds them into a folder the workers
+    share (under a lock), the others find them built and reuse them."""
     from tracetune.demo.models import build_models
 
-    path = tmp_path_factory.mktemp("models")
-    build_models(path)
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else \
+        tmp_path_factory.getbasetemp()
+    path = shared / "models"
+    path.mkdir(exist_ok=True)
+    with open(shared / "models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build_models(path)
     return path
 
 

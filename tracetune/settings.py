@@ -67,7 +67,8 @@ class Settings:
 
     # Remote services the pipeline calls. Empty URLs mean the bundled stand-ins on llm_port / crm_port.
     llm_url: str = ""  # any OpenAI-compatible base URL, e.g. https://api.example.com/v1
-    llm_model: str = "standin-llm-1"
+    llm_model: str = "standin-small"  # the model pipelines call (in the demo: the cheap tier)
+    llm_large_model: str = "standin-large"  # the demo's pricier, more accurate tier, weighed against llm_model
     llm_api_key: str = ""
     crm_url: str = ""
 
@@ -82,6 +83,13 @@ class Settings:
 
     # Tuner write calls need this bearer token (reads are open on loopback).
     tuner_token: str = ""
+    # The tuning loop inside `tracetune tuner`: how often it looks (0: never), what one look covers, how
+    # long after a change it waits, how many requests a decision needs, how stale a cached answer may be.
+    tuner_interval_seconds: float = 60.0
+    tuner_window_seconds: int = 300
+    tuner_cooldown_seconds: float = 300.0
+    tuner_min_requests: int = 200
+    cache_staleness_limit_seconds: float = 3600.0
     # Spans sent to the collector (OTLP/HTTP and gRPC) need this bearer token.
     collector_token: str = ""
 
@@ -210,7 +218,8 @@ def _secret_file(path: Path) -> str:
 
 _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
-_POSITIVE_FIELDS = ["analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
+_POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_staleness_limit_seconds",
+                    "analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
                     "collector_wal_max_bytes", "collector_body_timeout_seconds",
                     "executor_config_poll_seconds"]
@@ -260,6 +269,9 @@ def validate(s: Settings) -> Settings:
     for name in _POSITIVE_FIELDS:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{name} = {getattr(s, name)} (from {where(name)}) must be greater than 0")
+    for name in ("tuner_interval_seconds", "tuner_cooldown_seconds"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{name} = {getattr(s, name)} (from {where(name)}) must be 0 or more")
     if s.load_rate < 0:
         raise SettingsError(f"load_rate = {s.load_rate} (from {where('load_rate')}) must be 0 or more")
     if s.clickhouse_url:

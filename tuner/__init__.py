@@ -1,12 +1,14 @@
-"""Tuner: pipeline declarations and config versions, served over HTTP to the executors that poll them; SLOs."""
+"""Tuner: pipeline declarations and config versions served to the executors that poll them; SLOs; the
+tuning loop that changes knobs to meet each SLO at the lowest cost, with every decision audited."""
 
 from __future__ import annotations
 
 import logging
+import threading
 
 from tracetune.settings import Settings
 
-__all__ = ["serve", "token_for"]
+__all__ = ["serve", "token_for", "loop_settings"]
 
 log = logging.getLogger("tracetune.tuner")
 
@@ -19,9 +21,28 @@ def token_for(settings: Settings) -> str:
 def serve(settings: Settings) -> None:
     from tracetune import store
     from tracetune.serving import serve as serve_app
+    from tracetune.tuner import loop
     from tracetune.tuner.api import create_app
 
     store.wait_ready(settings, 60)
     app = create_app(lambda: store.connect(settings), token=token_for(settings))
     log.info("write token in %s", settings.home / "tuner.token")
-    serve_app(app, settings.bind_host, settings.tuner_port)
+    stop = threading.Event()
+    if settings.tuner_interval_seconds > 0:
+        threading.Thread(target=loop.run, name="tuning-loop", daemon=True,
+                         args=(lambda: store.connect(settings), loop_settings(settings), stop)).start()
+    try:
+        serve_app(app, settings.bind_host, settings.tuner_port)
+    finally:
+        stop.set()
+
+
+def loop_settings(settings: Settings):
+    """The loop's settings from the `tuner_*` settings."""
+    from tracetune.tuner.loop import LoopSettings
+
+    return LoopSettings(interval_seconds=settings.tuner_interval_seconds,
+                        window_seconds=settings.tuner_window_seconds,
+                        cooldown_seconds=settings.tuner_cooldown_seconds,
+                        min_requests=settings.tuner_min_requests,
+                        staleness_limit_seconds=settings.cache_staleness_limit_seconds)

@@ -220,8 +220,8 @@ def test_publish_is_idempotent_and_current_is_the_latest(client):
 def test_the_shipped_prices_toml_loads():
     table = load(DEFAULT_PRICES_PATH)
     assert table.version and table.currency == "USD"
-    assert table.models["standin-llm-1"].output_per_1m > 0
-    assert {"fp32", "int8", "llm"} <= set(table.routes) and "create_followup" in table.calls
+    assert table.models["standin-small"].output_per_1m > 0 and table.models["standin-large"].output_per_1m > 0
+    assert {"fp32", "int8", "llm", "llm-small", "llm-large"} <= set(table.routes) and "create_followup" in table.calls
     assert len(table.hash) == 64
 
 
@@ -271,3 +271,58 @@ def test_prices_toml_errors_are_one_line_and_name_the_key(tmp_path: Path, text: 
 def test_a_missing_prices_file_says_so(tmp_path: Path):
     with pytest.raises(PricesError, match="cannot read the price table"):
         load(tmp_path / "nowhere.toml")
+
+
+# ---- the shipped prices and the demo they price -----------------------------------------------------
+
+def test_the_stand_in_tiers_cost_what_the_real_models_of_their_tiers_cost():
+    table = load(DEFAULT_PRICES_PATH)
+    assert table.models["standin-small"] == table.models["gpt-4o-mini"] == ModelPrice(0.15, 0.60)
+    assert table.models["standin-large"] == table.models["gpt-4o"] == ModelPrice(2.50, 10.00)
+    # The same cores run both variants: int8 is cheaper by taking fewer seconds, not by a lower rate.
+    assert table.routes["fp32"] == table.routes["int8"] > 0
+
+
+def test_every_model_and_route_the_demo_writes_is_priced():
+    from tracetune.demo import standins, triage
+
+    table = load(DEFAULT_PRICES_PATH)
+    assert set(standins.MODELS) <= set(table.models)
+    assert {*triage.VARIANTS, *triage.LLM_TIERS, "llm", "crm"} <= set(table.routes)
+    assert all(table.routes[route] == 0 for route in (*triage.LLM_TIERS, "llm", "crm"))  # paid per token / call
+
+
+def test_with_the_demo_defaults_tokens_are_the_cost_and_the_pricier_tier_most_of_it(client):
+    """100 requests shaped like a minute of the demo at its default knobs (docs/cost.md): classify on
+    fp32 / int8 at 80/20, 11 tickets escalated (8 to the small tier, 3 to the large, 90 tokens in and 2
+    out each), 22 urgent ones filing a CRM follow-up. At the shipped prices, by hand:
+      tokens   8 × (90 × 0.15 + 2 × 0.60) / 1e6 = 0.0001176   3 × (90 × 2.50 + 2 × 10) / 1e6 = 0.000735
+      compute  (80 × 11 ms + 20 × 5.5 ms) × 0.0000118 / s = 0.000011682
+      calls    22 × 0.0000035 = 0.000077                                    total 0.000941282
+    """
+    table = load(DEFAULT_PRICES_PATH)
+    now = time.time_ns() - 60 * 10**9
+    rows = []
+    for i in range(100):
+        trace, base = f"d{i:03d}", now + i * MS
+        rows += [root(trace, "ticket_triage", "", base),
+                 step(trace, "classify", 0, 11 if i < 80 else 5.5, base, "ticket_triage", "fp32" if i < 80 else "int8")]
+        if i % 9 == 0 and i < 99:  # 11 escalations; tickets 0, 36 and 72 go to the large tier
+            tier = "large" if i % 4 == 0 and i < 90 else "small"
+            rows.append(span(trace, f"{trace}-escalate", f"{trace}-root", 20, 400, {
+                "tracetune.pipeline": "ticket_triage", "tracetune.step": "escalate", "tracetune.route": f"llm-{tier}",
+                "gen_ai.request.model": f"standin-{tier}", "gen_ai.provider.name": "openai_compatible",
+                "gen_ai.usage.input_tokens": "90", "gen_ai.usage.output_tokens": "2"}, base=base))
+        if i % 9 == 1 or i % 9 == 4:  # 22 follow-ups
+            rows.append(step(trace, "create_followup", 400, 425, base, "ticket_triage", "crm"))
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+
+    by_route = by_key(cost_per_1k(client, "5m", by=("step", "route"), prices=table), "step", "route")
+    assert by_route[("escalate", "llm-small")]["spans"] == 8 and by_route[("escalate", "llm-large")]["spans"] == 3
+    assert by_route[("create_followup", "crm")]["spans"] == 22
+    total = cost_per_1k(client, "5m", by="pipeline", prices=table).row(0, named=True)
+    assert total["requests"] == 100 and total["unpriced_spans"] == 0
+    assert total["cost"] == pytest.approx(0.000941282)
+    assert total["token_cost"] / total["cost"] > 0.9  # tokens decide the cost...
+    assert by_route[("escalate", "llm-large")]["cost"] / total["cost"] > 0.75  # ...the tier weights most of it
+    assert total["call_cost"] / total["cost"] < 0.1 and total["compute_cost"] / total["cost"] < 0.02

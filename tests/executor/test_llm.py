@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,11 +16,12 @@ from starlette.routing import Route
 
 from tests.servers import ThreadServer, free_port, wait_until
 from tracetune.demo.corpus import CATEGORIES, generate
-from tracetune.demo.standins import classify_by_keywords, create_llm_app, serve_standins
+from tracetune.demo.standins import MODELS, StandinModel, classify_by_keywords, create_llm_app, serve_standins
 from tracetune.executor.effects import RetryPolicy
 from tracetune.executor.llm import ChatClient, LLMError, LLMLabelError, classification_messages
 
-MODEL = "standin-llm-1"
+MODEL = "standin-small"
+LARGE = "standin-large"
 
 
 def test_standin_speaks_the_openai_chat_completions_format():
@@ -40,7 +42,7 @@ def test_standin_speaks_the_openai_chat_completions_format():
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
         models = httpx.get(f"{llm.url}/v1/models").json()
-        assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL]
+        assert models["object"] == "list" and [m["id"] for m in models["data"]] == [MODEL, LARGE]
 
         bad = httpx.post(f"{llm.url}/v1/chat/completions", json={"model": MODEL})
         assert bad.status_code == 400
@@ -192,3 +194,63 @@ def test_serve_standins_runs_both_until_stopped():
         stop.set()
         thread.join(15)
     assert not thread.is_alive()
+
+
+def test_the_standin_serves_a_small_and_a_large_tier_and_no_other_model():
+    small, large = MODELS[MODEL], MODELS[LARGE]
+    # The tiers as providers sell them: the large one right more often, slower, limited harder.
+    assert large.accuracy > small.accuracy and large.latency_ms > small.latency_ms
+    assert 0 < large.rate_limit_rps < small.rate_limit_rps
+    with ThreadServer(create_llm_app(latency_ms=0)) as llm:
+        for model in (MODEL, LARGE):
+            with ChatClient(llm.url, model) as chat:
+                answer = chat.classify("I was charged twice for my pro subscription", CATEGORIES)
+            assert answer.model == model and answer.input_tokens > 10
+        messages = classification_messages("please cancel my plan", CATEGORIES)
+        unknown = httpx.post(f"{llm.url}/v1/chat/completions", json={"model": "standin-llm-1", "messages": messages})
+        assert unknown.status_code == 404 and "`standin-llm-1` does not exist" in unknown.json()["error"]["message"]
+        stats = httpx.get(f"{llm.url}/stats").json()
+    assert stats["completions"] == 2 and stats["bad_requests"] == 1
+    assert stats["models"] == {model: {"completions": 1, "rate_limited": 0} for model in (MODEL, LARGE)}
+
+
+def test_each_model_has_its_own_rate_limit():
+    models = {"a": StandinModel(latency_ms=0, rate_limit_rps=2), "b": StandinModel(latency_ms=0, rate_limit_rps=2)}
+    messages = classification_messages("please cancel my plan", CATEGORIES)
+    with ThreadServer(create_llm_app(models)) as llm, httpx.Client() as raw:
+        def send(model: str) -> int:
+            return raw.post(f"{llm.url}/v1/chat/completions", json={"model": model, "messages": messages}).status_code
+
+        statuses = [send("a") for _ in range(6)]  # a burst of two, then 429s until the bucket refills
+        assert statuses[:2] == [200, 200] and 429 in statuses
+        assert send("b") == 200  # a's limit is a's alone
+        stats = httpx.get(f"{llm.url}/stats").json()
+    assert stats["models"]["a"]["rate_limited"] == statuses.count(429) and stats["models"]["b"]["rate_limited"] == 0
+
+
+def test_the_large_tier_is_measurably_more_accurate():
+    tickets = generate(400, seed=13)
+    measured = {}
+    with ThreadServer(create_llm_app(latency_ms=0, rate_limit_rps=0, seed=5)) as llm:
+        for model in (MODEL, LARGE):
+            with ChatClient(llm.url, model) as chat, ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda t, chat=chat: chat.classify(t.text, CATEGORIES), tickets))
+            measured[model] = sum(a.label == t.category for a, t in zip(answers, tickets, strict=True)) / len(tickets)
+    # As in the test above: right when the rules are and the model keeps their answer, or by luck.
+    rules = sum(classify_by_keywords(t.text) == t.category for t in tickets) / len(tickets)
+    for model, share in measured.items():
+        accuracy = MODELS[model].accuracy
+        expected = accuracy * rules + (1 - accuracy) * (1 - rules) / (len(CATEGORIES) - 1)
+        assert abs(share - expected) <= 0.05, (measured, rules)  # binomial sd at p=0.9, n=400: 0.015
+    assert measured[LARGE] - measured[MODEL] > 0.03, measured
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"models": {}}, "needs at least one model"),
+    ({"accuracy": 1.5}, "stand-in model 'standin-small': accuracy must be within [0, 1], got 1.5"),
+    ({"models": {"m": StandinModel(latency_ms=-1)}}, "stand-in model 'm': latency_ms and latency_sigma must be >= 0"),
+    ({"rate_limit_rps": -2}, "rate_limit_rps must be >= 0"),
+])
+def test_standin_options_that_make_no_sense_are_refused(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        create_llm_app(**options)

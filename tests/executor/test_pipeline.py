@@ -43,7 +43,8 @@ def make_pipeline(classifiers, remote, dead_letters=None, crm_url=None, seed=0):
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     llm_url, default_crm = remote
-    llm = ChatClient(llm_url + "/v1", "standin-llm-1", policy=RetryPolicy(max_attempts=3, base_delay=0.01))
+    llm = {route: ChatClient(llm_url + "/v1", model, policy=RetryPolicy(max_attempts=3, base_delay=0.01))
+           for route, model in (("llm-small", "standin-small"), ("llm-large", "standin-large"))}
     pipeline = triage.build(classifiers, llm=llm, crm_url=crm_url or default_crm, dead_letters=dead_letters,
                             policy=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05), seed=seed,
                             tracer=provider.get_tracer("test"))
@@ -145,8 +146,8 @@ def test_cascade_escalates_exactly_the_tickets_below_the_threshold(classifiers, 
         assert (int(task.trace_id, 16) in escalated_traces) == below
     assert 0 < len(escalated_traces) < len(tasks)  # the threshold splits this set
     escalate = next(s for s in spans if s.name == "escalate")
-    assert escalate.attributes["tracetune.route"] == "llm"
-    assert escalate.attributes["gen_ai.request.model"] == "standin-llm-1"
+    tiers = {"llm-small": "standin-small", "llm-large": "standin-large"}
+    assert tiers[escalate.attributes["tracetune.route"]] == escalate.attributes["gen_ai.request.model"]
     assert escalate.attributes["gen_ai.usage.input_tokens"] > 0
     pipeline.close()
 
@@ -174,7 +175,8 @@ def test_config_change_mid_load_applies_without_errors(classifiers, remote, db_s
         assert pipeline.config.version == 1  # the declared defaults, stored by the tuner
         spec = httpx.get(f"{tuner.url}/v1/pipelines/ticket_triage/spec").json()
         assert spec["steps"]["classify"]["route_weights"]["default"] == {"fp32": 0.8, "int8": 0.2}
-        assert spec["steps"]["escalate"]["cascade_threshold"]["default"] == 0.45
+        assert spec["steps"]["escalate"]["cascade_threshold"]["default"] == triage.CASCADE_THRESHOLD
+        assert spec["steps"]["escalate"]["route_weights"]["default"] == {"llm-small": 0.7, "llm-large": 0.3}
         tickets = [t.text for t in generate(200, seed=5)]
         errors, done = [], threading.Event()
 
@@ -226,7 +228,52 @@ def test_the_declaration_names_every_knob_the_demo_has(classifiers, remote):
     assert {step: set(knobs) for step, knobs in spec.steps.items() if knobs} == {
         "classify": {"route_weights", "batch_max_size", "batch_max_wait_ms", "length_bucketing", "cache_enabled",
                      "cache_ttl_seconds", "cache_max_entries"},
-        "escalate": {"cascade_threshold", "max_concurrency", "timeout_seconds"},
+        "escalate": {"cascade_threshold", "route_weights", "cache_enabled", "cache_ttl_seconds", "cache_max_entries",
+                     "max_concurrency", "timeout_seconds"},
         "create_followup": {"max_concurrency", "timeout_seconds"},
     }
     assert spec.slo == triage.SLO
+
+
+def test_escalations_go_to_the_llm_tier_the_weights_pick(classifiers, remote):
+    pipeline, exporter = make_pipeline(classifiers, remote, seed=3)
+    tickets = [t.text for t in generate(120, seed=41)]
+    tiers = {"llm-small": "standin-small", "llm-large": "standin-large"}
+
+    def escalations(weights: dict[str, float]) -> list:
+        with_config(pipeline, escalate={"cascade_threshold": 1.0, "route_weights": weights},
+                    classify={"cache_enabled": False})
+        exporter.clear()
+        for text in tickets:
+            pipeline.run(text)
+        return [s for s in exporter.get_finished_spans() if s.name == "escalate"]
+
+    default = escalations(triage.LLM_WEIGHTS)
+    assert len(default) == len(tickets)  # every confidence is below 1.0
+    for span in default:
+        assert tiers[span.attributes["tracetune.route"]] == span.attributes["gen_ai.request.model"]
+        assert span.attributes["gen_ai.usage.input_tokens"] > 30 and span.attributes["tracetune.cache"] == "bypass"
+    large = sum(s.attributes["tracetune.route"] == "llm-large" for s in default) / len(default)
+    assert abs(large - 0.3) < 4 * (0.3 * 0.7 / len(default)) ** 0.5, large
+    assert {s.attributes["tracetune.route"] for s in escalations({"llm-small": 1.0, "llm-large": 0.0})} == \
+        {"llm-small"}
+    assert {s.attributes["gen_ai.request.model"] for s in escalations({"llm-small": 0.0, "llm-large": 1.0})} == \
+        {"standin-large"}
+    pipeline.close()
+
+
+def test_the_escalate_cache_once_switched_on_answers_a_repeat_without_tokens(classifiers, remote):
+    pipeline, exporter = make_pipeline(classifiers, remote)
+    spec = pipeline.spec().steps["escalate"]
+    assert spec["cache_enabled"].default is False  # off until the owner or the tuner switches it on
+    with_config(pipeline, escalate={"cascade_threshold": 1.0, "cache_enabled": True,
+                                    "route_weights": {"llm-small": 1.0, "llm-large": 0.0}})
+    completions = lambda: httpx.get(f"{remote[0]}/stats").json()["models"]["standin-small"]["completions"]
+    before = completions()
+    first, again = (pipeline.run("where is my parcel, the tracking has not moved") for _ in range(2))
+    assert pipeline.result(first)["category"] == pipeline.result(again)["category"] == "shipping"
+    miss, hit = [s for s in exporter.get_finished_spans() if s.name == "escalate"]
+    assert (miss.attributes["tracetune.cache"], hit.attributes["tracetune.cache"]) == ("miss", "hit")
+    assert miss.attributes["gen_ai.usage.input_tokens"] > 0 and "gen_ai.usage.input_tokens" not in hit.attributes
+    assert completions() == before + 1
+    pipeline.close()

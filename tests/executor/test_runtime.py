@@ -674,3 +674,98 @@ def test_a_config_applies_only_to_its_own_pipeline_and_keeps_unnamed_knobs():
         assert pipeline.config.steps["score"] == {**defaults.steps["score"], "batch_max_size": 16}
     finally:
         pipeline.close()
+
+
+# ---- cascades with several remote routes -------------------------------------------------------
+
+def tiers(calls: list[str]) -> dict:
+    """Two remote routes that answer their own name and note each call."""
+    def remote(route: str):
+        def call(text: str) -> str:
+            calls.append(route)
+            return route
+        return call
+    return {"cheap": remote("cheap"), "dear": remote("dear")}
+
+
+def test_a_cascade_draws_a_remote_route_by_weight_and_the_tuner_moves_the_weights(tracer, close_after):
+    tracer, exporter = tracer
+    calls: list[str] = []
+    cascade = Cascade("ask", after="guess", remote=tiers(calls), weights={"cheap": 3, "dear": 1}, threshold=0.5,
+                      seed=7)
+    pipeline = Pipeline("tiers", [Infer("guess", {"m": scored}), cascade], tracer=tracer)
+    close_after(pipeline)
+    knob = pipeline.spec().steps["ask"]["route_weights"]
+    assert (knob.kind, knob.default) == ("weights", {"cheap": 3.0, "dear": 1.0})
+    before = sample("tracetune_route_requests_total", pipeline="tiers", step="ask", route="dear")
+
+    n = 800
+    tasks = [pipeline.run("0.2") for _ in range(n)]
+    dear = calls.count("dear") / n
+    assert abs(dear - 0.25) < 4 * (0.25 * 0.75 / n) ** 0.5, dear  # a binomial 4-sigma band
+    # Each span names the route that answered; the answer replaced the local one.
+    assert [s.attributes["tracetune.route"] for s in spans(exporter, "ask")] == calls
+    assert [t.data["guess"] for t in tasks] == calls and all(t.escalated == {"guess": "local"} for t in tasks)
+    assert sample("tracetune_route_requests_total", pipeline="tiers", step="ask", route="dear") == \
+        before + calls.count("dear")
+
+    with_config(pipeline, ask={"route_weights": {"cheap": 0.0, "dear": 1.0}})
+    calls.clear()
+    for _ in range(50):
+        pipeline.run("0.2")
+    assert set(calls) == {"dear"}
+    with pytest.raises(ConfigError, match=re.escape("steps.ask.route_weights names routes ['other']")):
+        pipeline.apply_config(pipeline.spec().merge(pipeline.config, {"ask": {"route_weights": {"other": 1.0}}}))
+    assert cascade.weights == {"cheap": 0.0, "dear": 1.0}
+
+
+def test_a_single_remote_keeps_its_route_and_declares_no_weights(tracer, close_after):
+    tracer, exporter = tracer
+    one = Cascade("ask", after="guess", remote=lambda text: "remote", route="llm")
+    alone = Cascade("ask", after="guess", remote={"only": lambda text: "remote"})
+    assert "route_weights" not in one.knobs() and "route_weights" not in alone.knobs()
+    pipeline = Pipeline("single", [Infer("guess", {"m": scored}), one], tracer=tracer)
+    close_after(pipeline)
+    assert pipeline.run("0.1").data["guess"] == "remote"
+    assert spans(exporter, "ask")[0].attributes["tracetune.route"] == "llm"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"remote": {}}, "remote routes are empty"),
+    ({"remote": {"no spaces": upper}}, "route 'no spaces' of cascade 'ask' must start with a letter"),
+    ({"remote": upper, "weights": {"remote": 1.0}}, "weights need remote routes given as a mapping"),
+    ({"remote": {"a": upper}, "weights": {"b": 1.0}}, "weights of cascade 'ask' name routes it has no remote for"),
+    ({"remote": {"a": upper, "b": upper}, "weights": {"a": 0.0}}, "have no positive weight"),
+])
+def test_a_cascade_refuses_routes_it_cannot_use(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Cascade("ask", after="guess", **kwargs)
+
+
+def test_the_cascade_cache_reuses_a_routes_answer_once_switched_on(tracer, close_after):
+    tracer, exporter = tracer
+    calls: list[str] = []
+    cascade = Cascade("ask", after="guess", remote=tiers(calls), weights={"cheap": 1.0, "dear": 0.0},
+                      cache=Cache(enabled=False, ttl_seconds=60, max_entries=10), threshold=0.5)
+    pipeline = Pipeline("cached", [Infer("guess", {"m": scored}), cascade], tracer=tracer)
+    close_after(pipeline)
+    assert {"cache_enabled", "cache_ttl_seconds", "cache_max_entries"} <= set(pipeline.spec().steps["ask"])
+
+    def outcome(text: str) -> tuple[str, str]:
+        task = pipeline.run(text)
+        span = spans(exporter, "ask")[-1]
+        assert span.attributes["tracetune.escalation"] == "answered"
+        assert task.data["guess"] == span.attributes["tracetune.route"]
+        return span.attributes["tracetune.cache"], span.attributes["tracetune.input_hash"]
+
+    off = [outcome("0.2"), outcome("0.2")]
+    assert [o for o, _ in off] == ["bypass", "bypass"] and calls == ["cheap", "cheap"]
+    assert off[0][1] == off[1][1] and len(off[0][1]) == 16  # repeats are visible with the cache off
+
+    with_config(pipeline, ask={"cache_enabled": True})
+    calls.clear()
+    assert [outcome("0.2")[0], outcome("0.2")[0], outcome("0.3")[0]] == ["miss", "hit", "miss"]
+    assert calls == ["cheap", "cheap"]  # the hit called no remote
+    # The key holds the route: the other route has not answered this input yet.
+    with_config(pipeline, ask={"route_weights": {"cheap": 0.0, "dear": 1.0}})
+    assert outcome("0.2")[0] == "miss" and calls[-1] == "dear"
