@@ -293,6 +293,53 @@ def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as
 
 
 @cli.command()
+@click.option("--pipeline", required=True, help="The pipeline to predict for.")
+@click.option("--set", "assignments", multiple=True, required=True, metavar="STEP.KNOB=VALUE",
+              help="A proposed knob value, e.g. classify.batch_max_size=16 or classify.route_weights=fp32=0.5,int8=0.5 "
+                   "(repeatable).")
+@click.option("--since", default="15m", show_default=True, help="The window the models are fitted on.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.pass_context
+def whatif(ctx: click.Context, pipeline: str, assignments: tuple[str, ...], since: str, as_json: bool) -> None:
+    """Predict p95, throughput, cost and quality of a proposed config from the tuner's fitted models."""
+    from rich.table import Table
+
+    from tracetune import analyzer
+    from tracetune.terminal import console
+    from tracetune.tuner import observe, versions
+    from tracetune.tuner import whatif as whatif_mod
+    from tracetune.tuner.config import ConfigError
+
+    _window(since)
+    s = _settings(ctx)
+    client = _client(s, readonly=True)
+    spec, config = versions.latest_spec(client, pipeline), versions.latest(client, pipeline)
+    if spec is None or config is None:
+        known = ", ".join(p["pipeline"] for p in versions.pipelines(client)) or "none yet"
+        raise UserError(f"pipeline {pipeline!r} is not declared with the tuner; known: {known}")
+    try:
+        rows = whatif_mod.predict(spec, config, whatif_mod.parse_sets(list(assignments)),
+                                  observe.collect(client, spec, analyzer.parse_window(since)))
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{pipeline}: config v{config.version} vs proposed, models fitted on the last {since}")
+    for column in ("step", "model", "figure", "current", "proposed"):
+        table.add_column(column, justify="right" if column in ("current", "proposed") else "left")
+    def cell(row: dict, column: str) -> str:
+        value = row[column]
+        if value is None:  # an infinite latency: the step cannot keep up at this config
+            return "saturated" if row["figure"] in ("p95_ms", "mean_ms") else ""
+        return f"{value:,.4g}"
+
+    for row in rows:
+        table.add_row(row["step"], row["model"], row["figure"], cell(row, "current"), cell(row, "proposed"))
+    console().print(table)
+
+
+@cli.command()
 @click.option("--current", default="1h", show_default=True, help="Current window (ends now).")
 @click.option("--reference", default="24h", show_default=True, help="Reference window (ends where current starts).")
 @click.option("--pipeline", default="", help="Only this pipeline.")

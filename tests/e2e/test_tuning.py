@@ -24,12 +24,18 @@ FROM otel_traces WHERE ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'
 
 def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir):
     settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2, executor_config_poll_seconds=0.5,
-                             tuner_interval_seconds=2, tuner_window_seconds=30, tuner_cooldown_seconds=20,
-                             tuner_min_requests=150)
+                             tuner_interval_seconds=2, tuner_window_seconds=40, tuner_cooldown_seconds=20,
+                             tuner_min_requests=300)
     shutil.copytree(models_dir, settings.models_dir)
     with running_stack(settings, tmp_path):
         client = store.connect(settings, ensure_schema=False)
         publish_prices(client, load_prices())  # as the analyzer does at start
+        # The owner's SLO: the demo's latency target with a quality floor its default config clears
+        # comfortably, so the cheapest config that still holds it is worth finding.
+        slo = httpx.put(f"{settings.tuner_url}/v1/pipelines/ticket_triage/slo", json={
+            "p95_ms": 500, "p99_ms": 1500, "error_rate": 0.02, "quality_floor": 0.85},
+            headers={"Authorization": f"Bearer {settings.secret('tuner')}"})
+        assert slo.status_code == 200, slo.text
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
         load = subprocess.Popen([sys.executable, "-m", "tracetune", "load", "--rate", "25", "--duration", "90",
                                  "--duplicates", "0.3", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
@@ -54,6 +60,7 @@ def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir
         summary = {row["tuned"]: row for row in per_task.group_by("tuned").agg(
             n=pl.len(), cost_per_1k=1000 * pl.col("cost").mean(),
             p95_ms=pl.col("duration_ms").quantile(0.95)).iter_rows(named=True)}
+        print(f"\ntuned: {first['reason']}\nbefore/after: {summary}")  # shown with -s, for the record
         assert summary[True]["n"] > 100, summary  # tasks ran under the tuned config, their spans say so
         assert summary[True]["cost_per_1k"] < summary[False]["cost_per_1k"], summary
         assert summary[True]["p95_ms"] <= 500, summary  # the demo's p95 target
