@@ -95,6 +95,47 @@ class Remote:
                 "timeout_seconds": Knob("float", float(self.timeout_seconds), 0.01, 600, "s")}
 
 
+class AnswerCache:
+    """A step's answers per route and input, behind its `Cache` knobs; Infer and Cascade use it alike.
+
+    `lookup` hashes the input (`tracetune.input_hash`, also with the cache off, so repeats show),
+    answers a stored value or `TTLCache.MISSING`, and records the outcome on the span and in metrics.
+    """
+
+    def __init__(self, spec: Cache):
+        self.spec = spec
+        self.store = TTLCache(spec.max_entries, spec.ttl_seconds)
+        self.enabled = spec.enabled
+        self.labels: tuple[str, str] = ("", "")
+
+    def bind(self, pipeline: str, step: str) -> None:
+        self.labels = (pipeline, step)
+        store = self.store
+        metrics.CACHE_HIT_RATIO.labels(*self.labels).set_function(
+            lambda: store.hits / max(1, store.hits + store.misses))
+
+    def configure(self, values: Mapping[str, Any]) -> None:
+        self.enabled = bool(values.get("cache_enabled", self.enabled))
+        self.store.configure(values.get("cache_max_entries"), values.get("cache_ttl_seconds"))
+
+    def lookup(self, route: str, item: Any, span: trace.Span) -> tuple[Any, str]:
+        """(the stored answer or MISSING, the key to `put` a fresh answer under; empty when off)."""
+        normalised = self.spec.key(item)
+        span.set_attribute(attr.INPUT_HASH, hashlib.blake2b(normalised.encode(), digest_size=8).hexdigest())
+        value, key = TTLCache.MISSING, ""
+        if self.enabled:
+            key = f"{route}\x1f{normalised}"
+            value = self.store.get(key)
+        outcome = "bypass" if not self.enabled else "miss" if value is TTLCache.MISSING else "hit"
+        span.set_attribute(attr.CACHE, outcome)
+        metrics.CACHE_TOTAL.labels(*self.labels, outcome).inc()
+        return value, key
+
+    def put(self, key: str, value: Any) -> None:
+        if key:
+            self.store.put(key, value)
+
+
 # ---- steps ---------------------------------------------------------------------------------------
 
 class Step:
@@ -180,12 +221,10 @@ class Infer(Step):
             raise ValueError(f"weights of step {name!r} name routes it has no variant for: {sorted(unknown)}")
         self.weights = {route: float(weights.get(route, 0.0)) for route in self.variants}
         self.batching = batching
-        self.cache_spec = cache
         self.feature = feature
         self.result_timeout = result_timeout
         self.router = WeightedRouter(self.weights, seed)
-        self.cache = TTLCache(cache.max_entries, cache.ttl_seconds) if cache else None
-        self.cache_enabled = bool(cache and cache.enabled)
+        self.cache = AnswerCache(cache) if cache else None
         self.batchers: dict[str, Batcher] = {}
 
     def knobs(self) -> dict[str, Knob]:
@@ -194,8 +233,8 @@ class Infer(Step):
             knobs["route_weights"] = Knob("weights", dict(self.weights), help="share of requests per route")
         if self.batching:
             knobs.update(self.batching.knobs())
-        if self.cache_spec:
-            knobs.update(self.cache_spec.knobs())
+        if self.cache:
+            knobs.update(self.cache.spec.knobs())
         return knobs
 
     def bind(self, pipeline: Pipeline) -> None:
@@ -216,10 +255,8 @@ class Infer(Step):
                                 attr.ROUTE: route})
             batchers = self.batchers
             metrics.QUEUE_DEPTH.labels(*labels).set_function(lambda: sum(b.depth for b in batchers.values()))
-        if self.cache is not None:  # an empty TTLCache is falsy (len 0)
-            cache = self.cache
-            metrics.CACHE_HIT_RATIO.labels(*labels).set_function(
-                lambda: cache.hits / max(1, cache.hits + cache.misses))
+        if self.cache:
+            self.cache.bind(*labels)
 
     def configure(self, values: Mapping[str, Any]) -> None:
         if "route_weights" in values:
@@ -229,31 +266,18 @@ class Infer(Step):
             batcher.configure(values.get("batch_max_size", batcher.max_size),
                               values.get("batch_max_wait_ms", batcher.max_wait_ms),
                               values.get("length_bucketing"))
-        if self.cache is not None:
-            self.cache_enabled = bool(values.get("cache_enabled", self.cache_enabled))
-            self.cache.configure(values.get("cache_max_entries"), values.get("cache_ttl_seconds"))
+        if self.cache:
+            self.cache.configure(values)
 
     def run(self, task: Task, span: trace.Span) -> None:
         route = self.router.choose()
         span.set_attribute(attr.ROUTE, route)
         metrics.ROUTE_TOTAL.labels(self.pipeline_name, self.name, route).inc()
         item = self.input(task)
-        output: Any = TTLCache.MISSING
-        key = ""
-        if self.cache is not None:
-            normalised = self.cache_spec.key(item)
-            span.set_attribute(attr.INPUT_HASH, hashlib.blake2b(normalised.encode(), digest_size=8).hexdigest())
-            if self.cache_enabled:
-                key = f"{route}\x1f{normalised}"
-                output = self.cache.get(key)
-        outcome = "bypass" if self.cache is None or not self.cache_enabled else \
-            "miss" if output is TTLCache.MISSING else "hit"
-        if self.cache is not None:
-            span.set_attribute(attr.CACHE, outcome)
-            metrics.CACHE_TOTAL.labels(self.pipeline_name, self.name, outcome).inc()
+        output, key = self.cache.lookup(route, item, span) if self.cache else (TTLCache.MISSING, "")
         if output is TTLCache.MISSING:
             output = self._compute(route, item, span)
-            if key:
+            if self.cache:
                 self.cache.put(key, output)
         value, confidence = _split(output)
         task.data[self.name] = value
@@ -340,9 +364,7 @@ class Cascade(Step):
         self.limits = limits
         self.limiter = Limiter(limits.max_concurrency)
         self.timeout = limits.timeout_seconds
-        self.cache_spec = cache
-        self.cache = TTLCache(cache.max_entries, cache.ttl_seconds) if cache else None
-        self.cache_enabled = bool(cache and cache.enabled)
+        self.cache = AnswerCache(cache) if cache else None
         self.feature = feature
         self._pass_timeout = {r: _takes_timeout(fn) for r, fn in remotes.items()}
 
@@ -351,16 +373,14 @@ class Cascade(Step):
                                            f"confidence is below this")}
         if len(self.remotes) > 1:
             knobs["route_weights"] = Knob("weights", dict(self.weights), help="share of escalated tasks per route")
-        if self.cache_spec:
-            knobs.update(self.cache_spec.knobs())
+        if self.cache:
+            knobs.update(self.cache.spec.knobs())
         return {**knobs, **self.limits.knobs()}
 
     def bind(self, pipeline: Pipeline) -> None:
         super().bind(pipeline)
-        if self.cache is not None:  # an empty TTLCache is falsy (len 0)
-            cache = self.cache
-            metrics.CACHE_HIT_RATIO.labels(self.pipeline_name, self.name).set_function(
-                lambda: cache.hits / max(1, cache.hits + cache.misses))
+        if self.cache:
+            self.cache.bind(self.pipeline_name, self.name)
 
     def configure(self, values: Mapping[str, Any]) -> None:
         self.threshold = float(values.get("cascade_threshold", self.threshold))
@@ -370,9 +390,8 @@ class Cascade(Step):
         if "route_weights" in values and self.router is not None:
             self.weights = dict(values["route_weights"])
             self.router.set_weights(self.weights)
-        if self.cache is not None:
-            self.cache_enabled = bool(values.get("cache_enabled", self.cache_enabled))
-            self.cache.configure(values.get("cache_max_entries"), values.get("cache_ttl_seconds"))
+        if self.cache:
+            self.cache.configure(values)
 
     def applies(self, task: Task) -> bool:
         confidence = task.confidence.get(self.after)
@@ -389,17 +408,7 @@ class Cascade(Step):
         span.set_attribute(attr.ROUTE, route)
         metrics.ROUTE_TOTAL.labels(*labels, route).inc()
         item = self.input(task)
-        answer: Any = TTLCache.MISSING
-        key = ""
-        if self.cache is not None:
-            normalised = self.cache_spec.key(item)
-            span.set_attribute(attr.INPUT_HASH, hashlib.blake2b(normalised.encode(), digest_size=8).hexdigest())
-            if self.cache_enabled:
-                key = f"{route}\x1f{normalised}"
-                answer = self.cache.get(key)
-            outcome = "bypass" if not self.cache_enabled else "miss" if answer is TTLCache.MISSING else "hit"
-            span.set_attribute(attr.CACHE, outcome)
-            metrics.CACHE_TOTAL.labels(*labels, outcome).inc()
+        answer, key = self.cache.lookup(route, item, span) if self.cache else (TTLCache.MISSING, "")
         if answer is TTLCache.MISSING:
             try:
                 answer = self._call(route, item, span)
@@ -410,7 +419,7 @@ class Cascade(Step):
                 span.set_attribute(attr.ESCALATION, "failed")
                 metrics.CASCADE_TOTAL.labels(*labels, "failed").inc()
                 return
-            if key:
+            if self.cache:
                 self.cache.put(key, answer)
         span.set_attribute(attr.ESCALATION, "answered")
         metrics.CASCADE_TOTAL.labels(*labels, "answered").inc()

@@ -169,7 +169,7 @@ def test_cache_switch_and_a_shorter_ttl_reach_the_cache(tracer, close_after):
         return [len(t) for t in texts]
 
     step = Infer("measure", {"m": measure}, cache=Cache(ttl_seconds=600))
-    step.cache = TTLCache(step.cache.max_entries, step.cache.ttl_seconds, clock=lambda: now[0])
+    step.cache.store = TTLCache(step.cache.store.max_entries, step.cache.store.ttl_seconds, clock=lambda: now[0])
     pipeline = Pipeline("caching", [step], tracer=tracer)
     close_after(pipeline)
 
@@ -272,7 +272,7 @@ def test_a_config_that_does_not_fit_raises_naming_the_knob_and_changes_nothing(t
         pipeline.apply_config(PipelineConfig("strict", 2, steps))
     assert pipeline.config == good and pipeline.config.version == 1
     assert all(b.max_size == 6 for b in infer.batchers.values())
-    assert infer.cache_enabled and infer.weights == {"a": 1.0, "b": 1.0}
+    assert infer.cache.enabled and infer.weights == {"a": 1.0, "b": 1.0}
     assert (cascade.threshold, cascade.limiter.limit) == (0.5, 8)
 
 
