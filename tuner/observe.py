@@ -36,7 +36,8 @@ GROUP BY step, route
 # Requests (root spans) and their end-to-end latency.
 ROOTS_SQL = """
 SELECT count() AS requests, quantile(0.95)(Duration / 1e6) AS p95_ms, quantile(0.99)(Duration / 1e6) AS p99_ms,
-       countIf(StatusCode = 'Error') AS errors
+       countIf(StatusCode = 'Error') AS errors,
+       if(requests = 0, 0, dateDiff('millisecond', min(Timestamp), now64(3)) / 1000) AS seconds_of_data
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
   AND ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
@@ -161,8 +162,10 @@ def collect(client, spec: PipelineSpec, window_seconds: int = 300) -> Observatio
     """Measure `spec.pipeline` over the last `window_seconds`."""
     params = {"pipeline": spec.pipeline, "window": int(window_seconds)}
     obs = Observation(spec.pipeline, float(window_seconds))
-    requests, p95, p99, errors = client.query(ROOTS_SQL, parameters=params).result_rows[0]
+    requests, p95, p99, errors, seconds = client.query(ROOTS_SQL, parameters=params).result_rows[0]
     obs.requests, obs.errors = int(requests), int(errors)
+    # Rates are per second of data: a pipeline that started 60 s ago has not been idle for the rest of the window.
+    obs.window_seconds = float(min(window_seconds, max(1.0, float(seconds))))
     if obs.requests:
         obs.p95_ms, obs.p99_ms = float(p95), float(p99)
     for row in client.query(STEPS_SQL, parameters=params).named_results():
