@@ -137,8 +137,8 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     if last is not None and _age_seconds(last, now) < settings.cooldown_seconds:
         return None
     obs = observe.collect(client, spec, settings.window_seconds)
-    if obs.requests < settings.min_requests:
-        return None
+    if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
+        return None  # too few requests, or data for less than half a window (rates and TTLs would be guesses)
     plan = decide(spec, config, get_slo(client, pipeline), obs, settings)
     if not plan.changes:
         return None

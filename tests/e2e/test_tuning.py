@@ -3,6 +3,7 @@ applies it, spans carry the new `tracetune.config_version`, and cost per 1k fall
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -64,3 +65,18 @@ def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir
         assert summary[True]["n"] > 100, summary  # tasks ran under the tuned config, their spans say so
         assert summary[True]["cost_per_1k"] < summary[False]["cost_per_1k"], summary
         assert summary[True]["p95_ms"] <= 500, summary  # the demo's p95 target
+
+        # What undoing the saving would cost (escalate below 0.9), predicted from the same measurements
+        # before anyone applies it.
+        whatif = subprocess.run([sys.executable, "-m", "tracetune", "whatif", "--pipeline", "ticket_triage",
+                                 "--set", "escalate.cascade_threshold=0.9", "--since", "2m", "--json"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert whatif.returncode == 0, whatif.stderr
+        rows = {row["figure"]: row for row in json.loads(whatif.stdout) if row["model"] == "cascade"}
+        assert rows["escalated_share"]["proposed"] > rows["escalated_share"]["current"]
+        assert rows["cost_per_1k"]["proposed"] > rows["cost_per_1k"]["current"]
+        refused = subprocess.run([sys.executable, "-m", "tracetune", "whatif", "--pipeline", "ticket_triage",
+                                  "--set", "escalate.nope=1"], env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+            line for line in refused.stderr.strip().splitlines() if line.startswith("Error:")], refused.stderr
+        assert "steps.escalate.nope" in refused.stderr

@@ -66,12 +66,12 @@ def test_decide_lowers_the_cascade_threshold_only_as_far_as_the_quality_floor_al
 # ---- tune_once on a real store -------------------------------------------------------------------
 
 def _spans(client, n: int, distinct: int, cache: str = "bypass") -> None:
-    """`n` tasks of pipeline shop within the last minute: a root and a `score` step whose inputs repeat."""
+    """`n` tasks of pipeline shop over the last 20 s: a root and a `score` step whose inputs repeat."""
     now = time.time_ns()
     rows = []
     for i in range(n):
         trace = f"{i:032x}"
-        start = now - (n - i) * 10_000_000
+        start = now - (n - i) * (20_000_000_000 // n)
         rows.append(span_row(start, trace_id=trace, span_id=f"{2 * i + 1:016x}", name="shop", kind="Server",
                              attrs={"tracetune.pipeline": "shop"}, duration=30_000_000, status="Unset"))
         rows.append(span_row(start + 1000, trace_id=trace, span_id=f"{2 * i + 2:016x}", parent=f"{2 * i + 1:016x}",
@@ -94,8 +94,8 @@ def test_tune_once_changes_the_config_records_why_and_then_cools_down(shop):
     _spans(shop, 400, distinct=100)
     seen = collect(shop, SPEC, 300)
     assert seen.requests == 400
-    assert 4 <= seen.window_seconds < 60  # rates are per second of data (4 s of tasks), not per 300 s window
-    settings = LoopSettings(min_requests=100, cooldown_seconds=300, window_seconds=300)
+    assert 20 <= seen.window_seconds < 60  # rates are per second of data (20 s of tasks), not per 300 s window
+    settings = LoopSettings(min_requests=100, cooldown_seconds=300, window_seconds=30)
     decision = tune_once(shop, "shop", settings)
     assert decision is not None and decision.kind == "tune"
     assert (decision.version_before, decision.version_after) == (1, 2)
@@ -111,9 +111,10 @@ def test_tune_once_changes_the_config_records_why_and_then_cools_down(shop):
 
 def test_tune_once_needs_enough_requests_and_leaves_a_frozen_pipeline_alone(shop):
     _spans(shop, 150, distinct=30)
-    assert tune_once(shop, "shop", LoopSettings(min_requests=200)) is None
+    assert tune_once(shop, "shop", LoopSettings(min_requests=200, window_seconds=30)) is None
+    assert tune_once(shop, "shop", LoopSettings(min_requests=100, window_seconds=300)) is None  # 20 s < half of 300
     decisions.set_state(shop, "shop", frozen=True, pinned=False, author="test", reason="hands off")
-    assert tune_once(shop, "shop", LoopSettings(min_requests=100)) is None
+    assert tune_once(shop, "shop", LoopSettings(min_requests=100, window_seconds=30)) is None
     assert versions.latest(shop, "shop").version == 1
     decisions.set_state(shop, "shop", frozen=False, pinned=False, author="test", reason="go")
-    assert tune_once(shop, "shop", LoopSettings(min_requests=100)) is not None
+    assert tune_once(shop, "shop", LoopSettings(min_requests=100, window_seconds=30)) is not None
