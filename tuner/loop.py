@@ -58,15 +58,19 @@ class Plan:
         if proposal is None:
             return
         knobs = spec.steps[proposal.step]
-        values = {}
+        values, clamped_any = {}, False
         for name, value in proposal.values.items():
             clamped = clamp_change(knobs[name], current.get(name, knobs[name].default), value, limit)
+            clamped_any = clamped_any or clamped != value
             if clamped != current.get(name):
                 values[name] = clamped
         if values:
             self.changes.setdefault(proposal.step, {}).update(values)
-            self.reasons.append(f"{proposal.step}: {proposal.reason}")
-            self.predicted.update({f"{proposal.step}.{k}": float(v) for k, v in proposal.predicted.items()})
+            # A clamped change is a step toward the proposal; its predictions describe the whole proposal.
+            note = f" (clamped to {values}, at most {limit:.0%} per decision)" if clamped_any else ""
+            self.reasons.append(f"{proposal.step}: {proposal.reason}{note}")
+            prefix = f"{proposal.step}.proposal." if clamped_any else f"{proposal.step}."
+            self.predicted.update({prefix + k: float(v) for k, v in proposal.predicted.items()})
 
 
 def step_target_ms(slo: SLO | None, obs: observe.Observation, step: str) -> float | None:

@@ -43,6 +43,18 @@ def test_decide_leaves_a_stream_without_repeats_alone():
     assert decide(SPEC, SPEC.defaults(), SLO_SHOP, _observation(hashed=3000, distinct_inputs=3000)).changes == {}
 
 
+def test_a_clamped_change_says_so_and_files_its_predictions_under_the_proposal():
+    obs = _observation()
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=600, cost=6.0, p95_ms=300.0)}
+    obs.cascade_samples["escalate"] = [CascadeSample(c / 100, c >= 30, True if c < 50 else None) for c in range(100)
+                                       for _ in range(10)]
+    plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, obs, LoopSettings(max_relative_change=0.05))
+    threshold = plan.changes["escalate"]["cascade_threshold"]
+    assert threshold == pytest.approx(0.5 * 0.95)  # 5% of 0.5 at most
+    assert "clamped" in next(r for r in plan.reasons if r.startswith("escalate:"))
+    assert "escalate.proposal.quality" in plan.predicted and "escalate.quality" not in plan.predicted
+
+
 def test_decide_halves_concurrency_for_a_provider_answering_429():
     obs = _observation()
     obs.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, p95_ms=300.0)}
