@@ -47,7 +47,7 @@ SELECT
                      'tracetune.route', if(step = 'generate', 'llm', route),
                      'tracetune.cache', if(rand(5) % 10 < 3, 'hit', 'miss')),
                  if(step = 'generate',
-                    map('gen_ai.request.model', 'standin-llm-1',
+                    map('gen_ai.request.model', 'standin-small',
                         'gen_ai.usage.input_tokens', toString(200 + rand(7) % 300),
                         'gen_ai.usage.output_tokens', toString(5 + rand(8) % 40)),
                     map()))) AS SpanAttributes,
