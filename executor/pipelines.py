@@ -144,6 +144,8 @@ class Pipeline:
                 metrics.KNOB_VALUE.labels(self.name, step, knob).set(float(value))
 
     def _bind(self) -> None:
+        if self._bound:  # every task calls this: no lock once bound
+            return
         with self._lock:
             if self._bound:
                 return

@@ -191,6 +191,20 @@ def _feature_value(value: Any) -> str | int | float | None:
     return value if isinstance(value, str | int | float) and not isinstance(value, bool) else None
 
 
+def _route_weights(owner: str, noun: str, routes: Mapping[str, Any], weights: Mapping[str, float] | None,
+                   ) -> dict[str, float]:
+    """Checked route names and a weight for each route (equal when none are given, 0 for routes left out)."""
+    for route in routes:
+        if not NAME.match(route):
+            raise ValueError(f"route {route!r} of {owner} must start with a letter and hold only "
+                             f"letters, digits, _ and -")
+    weights = dict(weights) if weights else dict.fromkeys(routes, 1.0)
+    unknown = set(weights) - set(routes)
+    if unknown:
+        raise ValueError(f"weights of {owner} name routes it has no {noun} for: {sorted(unknown)}")
+    return {route: float(weights.get(route, 0.0)) for route in routes}
+
+
 class Infer(Step):
     """A model step: `variants` map route names to batch functions (list of inputs -> list of outputs).
 
@@ -209,17 +223,9 @@ class Infer(Step):
         super().__init__(name, when=when)
         if not variants:
             raise ValueError(f"step {name!r} needs at least one variant")
-        for route in variants:
-            if not NAME.match(route):
-                raise ValueError(f"route {route!r} of step {name!r} must start with a letter and hold only "
-                                 f"letters, digits, _ and -")
         self.variants = dict(variants)
         self.input = input or (lambda task: task.data["text"])
-        weights = dict(weights) if weights else {route: 1.0 for route in self.variants}
-        unknown = set(weights) - set(self.variants)
-        if unknown:
-            raise ValueError(f"weights of step {name!r} name routes it has no variant for: {sorted(unknown)}")
-        self.weights = {route: float(weights.get(route, 0.0)) for route in self.variants}
+        self.weights = _route_weights(f"step {name!r}", "variant", self.variants, weights)
         self.batching = batching
         self.feature = feature
         self.result_timeout = result_timeout
@@ -344,20 +350,12 @@ class Cascade(Step):
             remotes = dict(remote)
         else:
             remotes = {} if remote is None else {route: remote}
-        for r in remotes:
-            if not NAME.match(r):
-                raise ValueError(f"route {r!r} of cascade {name!r} must start with a letter and hold only "
-                                 f"letters, digits, _ and -")
         if weights and not isinstance(remote, Mapping):
             raise ValueError(f"cascade {name!r}: weights need remote routes given as a mapping route -> callable")
-        unknown = set(weights or {}) - set(remotes)
-        if unknown:
-            raise ValueError(f"weights of cascade {name!r} name routes it has no remote for: {sorted(unknown)}")
         self.after = after
         self.remotes = remotes
         self.route = route
-        weights = dict(weights) if weights else {r: 1.0 for r in remotes}
-        self.weights = {r: float(weights.get(r, 0.0)) for r in remotes}
+        self.weights = _route_weights(f"cascade {name!r}", "remote", remotes, weights)
         self.router = WeightedRouter(self.weights, seed) if remotes else None
         self.threshold = float(threshold)
         self.input = input or (lambda task: task.data["text"])

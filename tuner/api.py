@@ -187,9 +187,6 @@ def _config_response(config: PipelineConfig, response: Response) -> dict[str, An
 
 # ---- config changes, each with its audit row ---------------------------------------------------------
 
-# API writes read the config before, change it and record the decision as one step.
-_decision_lock = threading.Lock()
-
 CONFIG_AT_SQL = """
 SELECT config FROM tracetune_config_versions
 WHERE pipeline = {pipeline:String} AND version = {version:UInt32}
@@ -205,18 +202,16 @@ def _decide(client, kind: str, before: PipelineConfig | None, after: PipelineCon
 
 
 def _register(client, spec: PipelineSpec, source: str) -> PipelineConfig:
-    with _decision_lock:
+    with versions.write_lock:
         before = versions.latest(client, spec.pipeline)
-        after = versions.register(client, spec, source)
-        if before is None or after.version != before.version:
-            change = spec.reconcile(before)
-            reason = change[1] if change else "declaration changed"
+        after, reason = versions.register(client, spec, source)
+        if reason is not None:
             _decide(client, "declaration", before, after, reason, author="tracetune")
         return after
 
 
 def _change(client, spec: PipelineSpec, steps: dict[str, Any], reason: str) -> PipelineConfig:
-    with _decision_lock:
+    with versions.write_lock:
         before = versions.latest(client, spec.pipeline)
         after = versions.change(client, spec, steps, "api", reason)
         if before is None or after.version != before.version:
@@ -225,7 +220,7 @@ def _change(client, spec: PipelineSpec, steps: dict[str, Any], reason: str) -> P
 
 
 def _pin(client, spec: PipelineSpec, steps: dict[str, Any], reason: str) -> PipelineConfig:
-    with _decision_lock:
+    with versions.write_lock:
         before = _current(client, spec.pipeline)
         spec.merge(before, steps)  # ConfigError before anything is stored
         held = decisions.state(client, spec.pipeline)
@@ -242,7 +237,7 @@ def _config_at(client, pipeline: str, version: int) -> PipelineConfig | None:
 
 
 def _rollback(client, spec: PipelineSpec, version: int | None, reason: str) -> PipelineConfig:
-    with _decision_lock:
+    with versions.write_lock:
         before = _current(client, spec.pipeline)
         target = version if version is not None else before.version - 1
         old = _config_at(client, spec.pipeline, target) if target >= 1 else None
@@ -267,7 +262,7 @@ def _rollback(client, spec: PipelineSpec, version: int | None, reason: str) -> P
 
 def _hold(client, pipeline: str, kind: str, reason: str) -> decisions.TunerState:
     """Freeze the pipeline, or unfreeze (and unpin) it, with its audit row."""
-    with _decision_lock:
+    with versions.write_lock:
         current = _current(client, pipeline)
         held = decisions.state(client, pipeline)
         reason = reason or f"{kind} by API"

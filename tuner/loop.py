@@ -94,11 +94,9 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             continue
         target = step_target_ms(slo, obs, step)
         if "batch_max_size" in knobs and target is not None:
-            batches = obs.batches.get(step, [])
-            padding = sum(b.padding_ratio for b in batches) / len(batches) if batches else 0.0
-            plan.add(batching_policy(fit_service_time(batches), obs.arrival_rate(step), current, knobs, target,
-                                     total.p95_ms, padding_ratio=padding, step=step), spec, current,
-                     settings.max_relative_change)
+            plan.add(batching_policy(fit_service_time(obs.batches.get(step, [])), obs.arrival_rate(step), current,
+                                     knobs, target, total.p95_ms, padding_ratio=obs.padding_ratio(step), step=step),
+                     spec, current, settings.max_relative_change)
         if "cache_enabled" in knobs and total.hashed:
             plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
                                     settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
@@ -147,16 +145,17 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     if not plan.changes:
         return None
     reason = "; ".join(plan.reasons)
-    latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
-    if latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
-        return None
-    new = versions.change(client, spec, plan.changes, author="tuner", reason=reason)
-    if new.version == config.version:
-        return None
-    decision = decisions.Decision(pipeline, "tune", config.version, new.version, config.to_dict(), new.to_dict(),
-                                  reason, predicted={**{f"before.{k}": v for k, v in obs.summary().items()},
-                                                     **plan.predicted})
-    decisions.record(client, decision)
+    with versions.write_lock:  # the API's pin, rollback and freeze take the same lock
+        latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
+        if latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
+            return None
+        new = versions.change(client, spec, plan.changes, author="tuner", reason=reason)
+        if new.version == config.version:
+            return None
+        decision = decisions.Decision(pipeline, "tune", config.version, new.version, config.to_dict(),
+                                      new.to_dict(), reason, predicted={
+                                          **{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted})
+        decisions.record(client, decision)
     log.info("tuned %s to version %s: %s", pipeline, new.version, reason)
     return decision
 

@@ -143,6 +143,11 @@ class Observation:
         return [RouteStats(route, r.spans, r.correct, r.labelled, r.cost / r.spans if r.spans else 0.0, r.p95_ms)
                 for route, r in sorted(self.steps.get(step, {}).items())]
 
+    def padding_ratio(self, step: str) -> float:
+        """Mean share of padding in the step's batches (0 without batch spans)."""
+        batches = self.batches.get(step, [])
+        return sum(b.padding_ratio for b in batches) / len(batches) if batches else 0.0
+
     def arrival_rate(self, step: str) -> float:
         return self.step_total(step).spans / self.window_seconds if self.window_seconds else 0.0
 

@@ -47,6 +47,8 @@ __all__ = ["BatchSample", "CascadeSample", "Proposal", "RouteStats", "ServiceMod
 Z_95 = 1.645  # one-sided 95%: the conservative bounds on accuracy
 WAIT_GRID_MS: tuple[float, ...] = (0, 1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
 MIN_BATCH_SAMPLES = 20
+# Length bucketing keeps about a quarter of the padding a batch had without it (bench/executor.py, section 3).
+BUCKETED_PADDING_SCALE = 0.25
 
 
 @dataclass(frozen=True)
@@ -320,7 +322,7 @@ def batching_policy(model: ServiceModel | None, arrival_rate: float, current: Ma
                     knobs: Mapping[str, Knob], p95_target_ms: float, observed_p95_ms: float | None,
                     padding_ratio: float = 0.0, margin: float = 0.8, step: str = "", *, servers: int = 1,
                     sizes: Sequence[int] | None = None, waits: Sequence[float] | None = None,
-                    bucketed_padding_scale: float = 0.25, material_padding: float = 0.1,
+                    bucketed_padding_scale: float = BUCKETED_PADDING_SCALE, material_padding: float = 0.1,
                     min_gain: float = 0.02) -> Proposal | None:
     """Batch size, wait and bucketing for the lowest compute per request with predicted p95 <= margin * target.
 

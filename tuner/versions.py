@@ -30,8 +30,10 @@ FROM tracetune_config_versions
 GROUP BY pipeline ORDER BY pipeline
 """
 
-# One tuner process writes versions; this keeps two registrations or edits from taking one number.
-_write_lock = threading.Lock()
+# One tuner process writes versions. Hold this lock to read the config, change it and record the
+# decision as one step (the API and the tuning loop both do); re-entrant, so holders may call
+# `register` and `change`, which take it too.
+write_lock = threading.RLock()
 
 
 def latest(client, pipeline: str) -> PipelineConfig | None:
@@ -58,25 +60,26 @@ def save(client, config: PipelineConfig, author: str, reason: str) -> None:
     )
 
 
-def register(client, spec: PipelineSpec, source: str = "") -> PipelineConfig:
-    """Store `spec` if it changed and return the config in force, reconciled with the declaration."""
-    with _write_lock:
+def register(client, spec: PipelineSpec, source: str = "") -> tuple[PipelineConfig, str | None]:
+    """Store `spec` if it changed; the config in force, reconciled with the declaration, and the
+    reason a new version was stored for it (None when the config already fitted)."""
+    with write_lock:
         if latest_spec(client, spec.pipeline) != spec:
             client.insert("tracetune_pipeline_specs", [[spec.pipeline, json.dumps(spec.to_dict()), source]],
                           column_names=["pipeline", "spec", "source"])
         current = latest(client, spec.pipeline)
         change = spec.reconcile(current)
         if change is None:
-            return current
+            return current, None
         config, reason = change
         save(client, config, author="tracetune", reason=reason)
-        return config
+        return config, reason
 
 
 def change(client, spec: PipelineSpec, steps: dict, author: str, reason: str) -> PipelineConfig:
     """The pipeline's next version with `steps` (step -> knob -> value) applied; ConfigError if they
     do not fit the declaration."""
-    with _write_lock:
+    with write_lock:
         current = latest(client, spec.pipeline) or spec.defaults(version=0)
         config = spec.merge(current, steps)
         if config.steps == current.steps:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
 from tracetune.tuner.observe import Observation
-from tracetune.tuner.policies import fit_service_time, predict_batching
+from tracetune.tuner.policies import BUCKETED_PADDING_SCALE, fit_service_time, predict_batching
 
 
 def parse_sets(assignments: list[str]) -> dict[str, dict[str, Any]]:
@@ -49,10 +49,9 @@ def _batching(obs: Observation, step: str, values: Mapping[str, Any]) -> dict[st
     model = fit_service_time(obs.batches.get(step, []))
     if model is None or "batch_max_size" not in values:
         return None
-    batches = obs.batches.get(step, [])
-    padding = sum(b.padding_ratio for b in batches) / len(batches) if batches else 0.0
+    padding = obs.padding_ratio(step)
     if values.get("length_bucketing"):
-        padding *= 0.25  # bucketing keeps about a quarter of the padding (bench/executor.py, section 3)
+        padding *= BUCKETED_PADDING_SCALE
     return predict_batching(model, obs.arrival_rate(step), int(values["batch_max_size"]),
                             float(values.get("batch_max_wait_ms", 5.0)), padding_ratio=padding)
 
