@@ -1,12 +1,16 @@
 """A pipeline is a named list of steps; a task is one root span with a child span per step.
 
 The pipeline declares the knobs of its steps (`spec()`), which the executor registers with the
-tuner, and applies each new config the tuner serves (`apply_config`) to its steps by name.
+tuner, and applies each new config the tuner serves (`apply_config`) to its steps by name. A canary
+(`apply_canary`) runs a share of tasks on another config: those tasks go through forks of the steps
+whose knobs differ, and their spans carry the canary's version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +53,24 @@ class Task:
     @property
     def text(self) -> str:
         return str(self.input.get("text", ""))
+
+
+@dataclass(frozen=True)
+class _Canary:
+    config: PipelineConfig
+    share: float
+    steps: list[Step]
+
+
+RETIRE_AFTER_SECONDS = 60.0  # a replaced canary's own queues close once the tasks it took have finished
+
+
+def _in_share(task_id: str, share: float) -> bool:
+    """Whether a task belongs to the first `share` of tasks: by a hash of its id (the same task, the same
+    side, on every executor), or at random without one."""
+    if not task_id:
+        return random.random() < share
+    return int.from_bytes(hashlib.blake2b(task_id.encode(), digest_size=8).digest()) < share * 2**64
 
 
 def _json_is(value: Any, kind: type) -> bool:
@@ -103,6 +125,7 @@ class Pipeline:
         self._config = self._spec.defaults(version=0)
         self._lock = threading.Lock()
         self._bound = False
+        self._canary: _Canary | None = None
 
     # ---- configuration ------------------------------------------------------------------------
     def spec(self) -> PipelineSpec:
@@ -134,6 +157,50 @@ class Pipeline:
                     steps.setdefault(step.name, {}).update(values)
             self._config = PipelineConfig(self.name, config.version, steps)  # knobs it did not name keep theirs
         metrics.CONFIG_VERSION.labels(self.name).set(config.version)
+
+    @property
+    def canary(self) -> tuple[PipelineConfig, float] | None:
+        """The canary's config and its share of tasks, or None."""
+        canary = self._canary
+        return None if canary is None else (canary.config, canary.share)
+
+    def apply_canary(self, config: PipelineConfig | None, share: float = 0.0) -> None:
+        """Run `share` of new tasks on `config` from now on (None: every task on the config in force).
+
+        Steps whose knobs `config` sets to other values than the config in force run as forks for
+        those tasks (`Step.fork`); the rest are shared. A task's side is decided by a hash of its
+        id. ConfigError if `config` does not fit the declaration or `share` is not in (0, 1)."""
+        if config is not None:
+            if not 0 < share < 1:
+                raise ConfigError(f"a canary's share of tasks must be between 0 and 1, got {share}")
+            if config.pipeline != self.name:
+                raise ConfigError(f"a config for pipeline {config.pipeline!r} cannot apply to {self.name!r}")
+            config = self._spec.check(config)
+        self._bind()
+        with self._lock:
+            old, new = self._canary, None
+            if config is not None:
+                steps, merged = [], {}
+                for step in self.steps:
+                    base = self._config.steps.get(step.name, {})
+                    values = {k: v for k, v in config.steps.get(step.name, {}).items() if base.get(k) != v}
+                    steps.append(step.fork(self, values) if values else step)
+                    if base or values:
+                        merged[step.name] = {**base, **values}
+                new = _Canary(PipelineConfig(self.name, config.version, merged), float(share), steps)
+            self._canary = new
+        if old is not None:
+            timer = threading.Timer(RETIRE_AFTER_SECONDS, self._retire, args=(old,))
+            timer.daemon = True
+            timer.start()
+
+    def _retire(self, canary: _Canary) -> None:
+        for fork, step in zip(canary.steps, self.steps, strict=True):
+            if fork is not step:
+                try:
+                    fork.close_fork()
+                except Exception as exc:  # noqa: BLE001 - close every fork even if one fails
+                    log.warning("closing the canary fork of step %s of %s: %s", step.name, self.name, exc)
 
     def _export(self, step: str, values: Mapping[str, Any]) -> None:
         for knob, value in values.items():
@@ -172,7 +239,9 @@ class Pipeline:
         """Run one task through every step that applies; StepError if a step refuses it."""
         self._bind()
         task = Task(dict(input) if isinstance(input, Mapping) else {"text": input}, task_id=task_id, tenant=tenant)
-        config = self._config
+        steps, config, canary = self.steps, self._config, self._canary
+        if canary is not None and _in_share(task_id, canary.share):
+            steps, config = canary.steps, canary.config
         common = {attr.PIPELINE: self.name}
         if tenant:
             common[attr.TENANT] = tenant
@@ -181,7 +250,7 @@ class Pipeline:
             with self.tracer.start_as_current_span(self.name, kind=trace.SpanKind.SERVER, attributes={
                     **common, attr.CONFIG_VERSION: config.version, attr.TASK_ID: task_id}) as root:
                 task.trace_id = f"{root.get_span_context().trace_id:032x}"
-                for step in self.steps:
+                for step in steps:
                     if not step.applies(task):
                         continue
                     started = time.perf_counter()
@@ -212,6 +281,9 @@ class Pipeline:
         return _plain({k: v for k, v in task.data.items() if k not in task.input})
 
     def close(self) -> None:
+        canary, self._canary = self._canary, None
+        if canary is not None:
+            self._retire(canary)
         for step in self.steps:
             try:
                 step.close()

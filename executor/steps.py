@@ -12,6 +12,7 @@ by knob name (`configure`), and writes the span attributes and metrics for them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import numbers
@@ -102,6 +103,8 @@ class AnswerCache:
     answers a stored value or `TTLCache.MISSING`, and records the outcome on the span and in metrics.
     """
 
+    KNOBS = frozenset({"cache_enabled", "cache_ttl_seconds", "cache_max_entries"})
+
     def __init__(self, spec: Cache):
         self.spec = spec
         self.store = TTLCache(spec.max_entries, spec.ttl_seconds)
@@ -175,6 +178,26 @@ class Step:
     def close(self) -> None:
         """Stop threads and close connections the step holds."""
 
+    def fork(self, pipeline: Pipeline, values: Mapping[str, Any]) -> Step:
+        """A copy of this bound step for a canary, with `values` (the knobs the canary changes) applied.
+
+        The copy shares what those knobs do not touch (models, remotes, batch queues, caches, limits)
+        and owns fresh parts for what they do: its own queues, cache or limit. `close_fork` closes
+        only what it owns."""
+        clone = copy.copy(self)
+        clone._owned = []
+        clone._fork(pipeline, values)
+        clone.configure(values)
+        return clone
+
+    def _fork(self, pipeline: Pipeline, values: Mapping[str, Any]) -> None:
+        """Give this fresh copy its own parts for the knobs in `values` (plain steps hold none)."""
+
+    def close_fork(self) -> None:
+        """Close what a fork owns (nothing it shares with the step it was forked from)."""
+        for part in getattr(self, "_owned", ()):
+            part.close()
+
 
 def _split(output: Any) -> tuple[Any, float | None]:
     """A variant's output is a value, or (value, confidence) with confidence a number in [0, 1]."""
@@ -247,22 +270,35 @@ class Infer(Step):
         super().bind(pipeline)
         labels = (self.pipeline_name, self.name)
         if self.batching:
-            length = self.batching.length
-
-            def on_batch(size: int, _: float) -> None:
-                metrics.BATCH_SIZE.labels(*labels).observe(size)
-
-            for route, run_batch in self.variants.items():
-                self.batchers[route] = Batcher(
-                    f"{self.name}:{route}", run_batch, self.batching.max_size, self.batching.max_wait_ms,
-                    tracer=pipeline.tracer, on_batch=on_batch, length=length,
-                    bucket_by_length=bool(length and self.batching.length_bucketing),
-                    attributes={attr.BATCH_OF: self.name, attr.BATCH_PIPELINE: self.pipeline_name,
-                                attr.ROUTE: route})
+            self.batchers = self._batchers(pipeline)
             batchers = self.batchers
             metrics.QUEUE_DEPTH.labels(*labels).set_function(lambda: sum(b.depth for b in batchers.values()))
         if self.cache:
             self.cache.bind(*labels)
+
+    def _batchers(self, pipeline: Pipeline) -> dict[str, Batcher]:
+        assert self.batching is not None
+        labels, length = (self.pipeline_name, self.name), self.batching.length
+
+        def on_batch(size: int, _: float) -> None:
+            metrics.BATCH_SIZE.labels(*labels).observe(size)
+
+        return {route: Batcher(f"{self.name}:{route}", run_batch, self.batching.max_size, self.batching.max_wait_ms,
+                               tracer=pipeline.tracer, on_batch=on_batch, length=length,
+                               bucket_by_length=bool(length and self.batching.length_bucketing),
+                               attributes={attr.BATCH_OF: self.name, attr.BATCH_PIPELINE: self.pipeline_name,
+                                           attr.ROUTE: route})
+                for route, run_batch in self.variants.items()}
+
+    def _fork(self, pipeline: Pipeline, values: Mapping[str, Any]) -> None:
+        self.router = WeightedRouter(dict(self.weights))
+        if self.batching and values.keys() & self.batching.knobs().keys():
+            self.batchers = self._batchers(pipeline)
+            self._owned += list(self.batchers.values())
+        if self.cache and values.keys() & AnswerCache.KNOBS:
+            labels = self.cache.labels
+            self.cache = AnswerCache(self.cache.spec)
+            self.cache.labels = labels
 
     def configure(self, values: Mapping[str, Any]) -> None:
         if "route_weights" in values:
@@ -380,6 +416,16 @@ class Cascade(Step):
         if self.cache:
             self.cache.bind(self.pipeline_name, self.name)
 
+    def _fork(self, pipeline: Pipeline, values: Mapping[str, Any]) -> None:
+        if self.router is not None:
+            self.router = WeightedRouter(dict(self.weights))
+        if "max_concurrency" in values:
+            self.limiter = Limiter(int(values["max_concurrency"]))
+        if self.cache and values.keys() & AnswerCache.KNOBS:
+            labels = self.cache.labels
+            self.cache = AnswerCache(self.cache.spec)
+            self.cache.labels = labels
+
     def configure(self, values: Mapping[str, Any]) -> None:
         self.threshold = float(values.get("cascade_threshold", self.threshold))
         self.timeout = float(values.get("timeout_seconds", self.timeout))
@@ -474,9 +520,17 @@ class Effect(Step):
 
     def bind(self, pipeline: Pipeline) -> None:
         super().bind(pipeline)
-        self.effect = SideEffect(self.url, pipeline=self.pipeline_name, step=self.name,
-                                 max_concurrency=self.limits.max_concurrency, timeout=self.limits.timeout_seconds,
-                                 **self._options)
+        self.effect = self._side_effect()
+
+    def _side_effect(self) -> SideEffect:
+        return SideEffect(self.url, pipeline=self.pipeline_name, step=self.name,
+                          max_concurrency=self.limits.max_concurrency, timeout=self.limits.timeout_seconds,
+                          **self._options)
+
+    def _fork(self, pipeline: Pipeline, values: Mapping[str, Any]) -> None:
+        if values:
+            self.effect = self._side_effect()
+            self._owned.append(self.effect)
 
     def configure(self, values: Mapping[str, Any]) -> None:
         if self.effect is not None:

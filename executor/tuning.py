@@ -2,8 +2,9 @@
 
 At start the executor sends the pipeline's spec (`PUT /v1/pipelines/{p}/spec`: every step's knobs
 with defaults and bounds, and the starting SLO); the tuner answers with the config in force. From
-then on a poll costs a 304 unless the version changed. A tuner that forgot the pipeline (404) gets
-the spec again.
+then on a poll costs a 304 unless the version (or the canary on trial) changed. A tuner that forgot
+the pipeline (404) gets the spec again. A config with a `canary` part runs that share of tasks on the
+canary's values (`Pipeline.apply_canary`); one without it ends the canary.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ConfigPoller:
         self.interval = interval
         self.etag: str | None = None
         self.version: int | None = None
+        self.canary: tuple[int, float] | None = None  # the canary's version and share, as applied
         self.registered = False
         self.polls = 0
         self.not_modified = 0
@@ -69,17 +71,36 @@ class ConfigPoller:
     def _apply(self, body: dict, etag: str | None) -> bool:
         config = PipelineConfig.from_dict(body)
         self.etag = etag
-        if config.version == self.version:
+        changed = False
+        if config.version != self.version:
+            try:
+                self.pipeline.apply_config(config)
+            except ConfigError as exc:
+                log.warning("%s config version %s does not fit the pipeline, keeping version %s: %s",
+                            config.pipeline, config.version, self.version, exc)
+                return False
+            log.info("applied %s config version %s", config.pipeline, config.version)
+            self.version, changed = config.version, True
+        return self._apply_canary(body.get("canary"), changed) or changed
+
+    def _apply_canary(self, canary: dict | None, base_changed: bool) -> bool:
+        key = (canary["version"], canary["share"]) if isinstance(canary, dict) else None
+        if key == self.canary and not base_changed:
             return False
         try:
-            self.pipeline.apply_config(config)
-        except ConfigError as exc:
-            log.warning("%s config version %s does not fit the pipeline, keeping version %s: %s",
-                        config.pipeline, config.version, self.version, exc)
-            return False
-        log.info("applied %s config version %s", config.pipeline, config.version)
-        self.version = config.version
-        return True
+            if key is None:
+                self.pipeline.apply_canary(None)
+            else:
+                trial = PipelineConfig.from_dict({"pipeline": self.pipeline.name, "version": canary["version"],
+                                                  "steps": canary.get("steps", {})})
+                self.pipeline.apply_canary(trial, float(canary["share"]))
+                log.info("%s canary version %s on %.0f%% of tasks", self.pipeline.name, key[0], 100 * key[1])
+        except (ConfigError, TypeError, ValueError) as exc:
+            log.warning("%s canary %s does not fit the pipeline, running every task on version %s: %s",
+                        self.pipeline.name, key, self.version, exc)
+            self.pipeline.apply_canary(None)
+        self.canary = key
+        return key is not None or base_changed
 
     def start(self, wait_first: float = 30.0) -> ConfigPoller:
         """Register and apply the tuner's config before returning (or give up after `wait_first` s

@@ -90,6 +90,11 @@ class Settings:
     tuner_cooldown_seconds: float = 300.0
     tuner_min_requests: int = 200
     cache_staleness_limit_seconds: float = 3600.0
+    # A change is tried on this share of tasks first (0: straight to every task), judged once each arm
+    # has `tuner_canary_min_requests` tasks, and rolled back if it has not by `tuner_canary_max_seconds`.
+    tuner_canary_share: float = 0.2
+    tuner_canary_min_requests: int = 200
+    tuner_canary_max_seconds: float = 1800.0
     # Spans sent to the collector (OTLP/HTTP and gRPC) need this bearer token.
     collector_token: str = ""
 
@@ -219,6 +224,7 @@ def _secret_file(path: Path) -> str:
 _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
 _POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_staleness_limit_seconds",
+                    "tuner_canary_min_requests", "tuner_canary_max_seconds",
                     "analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
                     "collector_wal_max_bytes", "collector_body_timeout_seconds",
@@ -272,6 +278,9 @@ def validate(s: Settings) -> Settings:
     for name in ("tuner_interval_seconds", "tuner_cooldown_seconds"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name} = {getattr(s, name)} (from {where(name)}) must be 0 or more")
+    if not 0 <= s.tuner_canary_share < 1:
+        raise SettingsError(f"tuner_canary_share = {s.tuner_canary_share} (from {where('tuner_canary_share')}) "
+                            f"must be at least 0 (no canary) and below 1")
     if s.load_rate < 0:
         raise SettingsError(f"load_rate = {s.load_rate} (from {where('load_rate')}) must be 0 or more")
     if s.clickhouse_url:

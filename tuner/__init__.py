@@ -45,4 +45,7 @@ def loop_settings(settings: Settings):
                         window_seconds=settings.tuner_window_seconds,
                         cooldown_seconds=settings.tuner_cooldown_seconds,
                         min_requests=settings.tuner_min_requests,
-                        staleness_limit_seconds=settings.cache_staleness_limit_seconds)
+                        staleness_limit_seconds=settings.cache_staleness_limit_seconds,
+                        canary_share=settings.tuner_canary_share,
+                        canary_min_requests=settings.tuner_canary_min_requests,
+                        canary_max_seconds=settings.tuner_canary_max_seconds)

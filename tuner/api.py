@@ -8,7 +8,6 @@ a row in the decision audit (`GET /v1/pipelines/{p}/decisions`); Prometheus metr
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import threading
 from contextlib import asynccontextmanager
@@ -26,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from tracetune.analyzer.slo import SLO, SLOError, get_slo, save_slo
-from tracetune.tuner import decisions, versions
+from tracetune.tuner import canary, decisions, versions
 from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
 
 _bearer = HTTPBearer(auto_error=False)
@@ -57,12 +56,24 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 _WRITE_ERRORS = (401, 403, 404, 422)
 
 
+class CanaryConfig(BaseModel):
+    """A version on trial: executors run `share` of tasks (by a hash of the task id) on these knob values."""
+
+    version: int
+    base_version: int
+    share: float
+    started_at: datetime
+    steps: dict[str, dict[str, Any]]
+
+
 class Config(BaseModel):
-    """The config in force: knob values by step and knob name, at a version (the ETag follows it)."""
+    """The config in force: knob values by step and knob name, at a version (the ETag follows it and the
+    canary's version), and the canary on trial, if any."""
 
     pipeline: str
     version: int
     steps: dict[str, dict[str, Any]]
+    canary: CanaryConfig | None = None
 
 
 class DecisionRow(BaseModel):
@@ -159,6 +170,11 @@ async def _spec(client, pipeline: str) -> PipelineSpec:
     return spec
 
 
+def _served(client, pipeline: str) -> tuple[PipelineConfig | None, canary.Canary | None]:
+    config = versions.latest(client, pipeline)
+    return config, canary.running(client, pipeline) if config is not None else None
+
+
 def _current(client, pipeline: str) -> PipelineConfig:
     config = versions.latest(client, pipeline)
     if config is None:
@@ -178,20 +194,18 @@ def _save_slo(client, slo: SLO, author: str, only_if_none: bool) -> int | None:
         return save_slo(client, slo, author)
 
 
-def _config_response(config: PipelineConfig, response: Response) -> dict[str, Any]:
-    response.headers["ETag"] = config.etag
+def _etag(config: PipelineConfig, trial: canary.Canary | None) -> str:
+    return config.etag if trial is None else f'"{config.pipeline}-v{config.version}-c{trial.version}"'
+
+
+def _config_response(config: PipelineConfig, response: Response, trial: canary.Canary | None = None) -> dict[str, Any]:
+    response.headers["ETag"] = _etag(config, trial)
     response.headers["Cache-Control"] = "no-cache"
     decisions.CONFIG_VERSION.labels(config.pipeline).set(config.version)
-    return config.to_dict()
+    return {**config.to_dict(), "canary": trial.to_dict() if trial else None}
 
 
 # ---- config changes, each with its audit row ---------------------------------------------------------
-
-CONFIG_AT_SQL = """
-SELECT config FROM tracetune_config_versions
-WHERE pipeline = {pipeline:String} AND version = {version:UInt32}
-LIMIT 1
-"""
 
 
 def _decide(client, kind: str, before: PipelineConfig | None, after: PipelineConfig, reason: str,
@@ -201,11 +215,25 @@ def _decide(client, kind: str, before: PipelineConfig | None, after: PipelineCon
         after.to_dict(), reason, author=author))
 
 
+def _cancel_canary(client, pipeline: str, why: str) -> None:
+    """A change by hand (or a new declaration) ends the canary on trial: it was measured against another config."""
+    trial = canary.running(client, pipeline)
+    if trial is None:
+        return
+    reason = f"canary version {trial.version} cancelled: {why}"
+    canary.finish(client, trial, "cancelled", reason)
+    base = versions.latest(client, pipeline)
+    decisions.record(client, decisions.Decision(
+        pipeline, "canary_cancel", trial.version, base.version if base else 0, trial.config.to_dict(),
+        base.to_dict() if base else {}, reason, author="api"))
+
+
 def _register(client, spec: PipelineSpec, source: str) -> PipelineConfig:
     with versions.write_lock:
         before = versions.latest(client, spec.pipeline)
         after, reason = versions.register(client, spec, source)
         if reason is not None:
+            _cancel_canary(client, spec.pipeline, "the pipeline's declaration changed")
             _decide(client, "declaration", before, after, reason, author="tracetune")
         return after
 
@@ -215,6 +243,7 @@ def _change(client, spec: PipelineSpec, steps: dict[str, Any], reason: str) -> P
         before = versions.latest(client, spec.pipeline)
         after = versions.change(client, spec, steps, "api", reason)
         if before is None or after.version != before.version:
+            _cancel_canary(client, spec.pipeline, f"version {after.version} was set by hand")
             _decide(client, "change", before, after, reason)
         return after
 
@@ -223,6 +252,7 @@ def _pin(client, spec: PipelineSpec, steps: dict[str, Any], reason: str) -> Pipe
     with versions.write_lock:
         before = _current(client, spec.pipeline)
         spec.merge(before, steps)  # ConfigError before anything is stored
+        _cancel_canary(client, spec.pipeline, "the config was pinned by hand")
         held = decisions.state(client, spec.pipeline)
         # Pinned first: the loop never sees the hand-set config unpinned.
         decisions.set_state(client, spec.pipeline, frozen=held.frozen, pinned=True, author="api", reason=reason)
@@ -231,16 +261,14 @@ def _pin(client, spec: PipelineSpec, steps: dict[str, Any], reason: str) -> Pipe
         return after
 
 
-def _config_at(client, pipeline: str, version: int) -> PipelineConfig | None:
-    rows = client.query(CONFIG_AT_SQL, parameters={"pipeline": pipeline, "version": version}).result_rows
-    return PipelineConfig.from_dict(json.loads(rows[0][0])) if rows else None
-
-
 def _rollback(client, spec: PipelineSpec, version: int | None, reason: str) -> PipelineConfig:
     with versions.write_lock:
         before = _current(client, spec.pipeline)
-        target = version if version is not None else before.version - 1
-        old = _config_at(client, spec.pipeline, target) if target >= 1 else None
+        if version is None:  # the version in force before this one (canaries never promoted were never in force)
+            old = versions.latest(client, spec.pipeline, below=before.version)
+            target = old.version if old else 0
+        else:
+            target, old = version, versions.at(client, spec.pipeline, version)
         if old is None:
             known = f"1 to {before.version}" if before.version > 1 else "1"
             what = f"no version {target}" if version is not None else f"no version before {before.version}"
@@ -252,6 +280,7 @@ def _rollback(client, spec: PipelineSpec, version: int | None, reason: str) -> P
             raise HTTPException(409, f"version {target} no longer fits the declaration ({exc}); "
                                      f"set the knobs with PATCH or POST .../config instead") from None
         reason = reason or f"rolled back to version {target}"
+        _cancel_canary(client, spec.pipeline, "the config was rolled back by hand")
         held = decisions.state(client, spec.pipeline)
         # Frozen first: the loop does not undo the rollback it might otherwise see as a regression.
         decisions.set_state(client, spec.pipeline, frozen=True, pinned=held.pinned, author="api", reason=reason)
@@ -266,6 +295,8 @@ def _hold(client, pipeline: str, kind: str, reason: str) -> decisions.TunerState
         current = _current(client, pipeline)
         held = decisions.state(client, pipeline)
         reason = reason or f"{kind} by API"
+        if kind == "freeze":
+            _cancel_canary(client, pipeline, "the tuner was frozen for this pipeline")
         new = decisions.set_state(client, pipeline, frozen=kind == "freeze", pinned=held.pinned and kind == "freeze",
                                   author="api", reason=reason)
         _decide(client, kind, current, current, reason)
@@ -370,16 +401,17 @@ async def read_spec(pipeline: str, request: Request) -> dict[str, Any]:
 @router.get("/v1/pipelines/{pipeline}/config", response_model=Config,
             responses={304: {"description": "Not modified"}, **_errors(404)})
 async def get_config(pipeline: str, request: Request, response: Response) -> Any:
-    """Current config; send If-None-Match with the last ETag to get a cheap 304."""
+    """The config in force and the canary on trial (if any); send If-None-Match with the last ETag to
+    get a cheap 304 while neither changed."""
     client = _client(request)
-    config = await run_in_threadpool(versions.latest, client, pipeline)
+    config, trial = await run_in_threadpool(_served, client, pipeline)
     if config is None:
         await _spec(client, pipeline)  # 404 naming the known pipelines
         raise HTTPException(404, f"pipeline {pipeline!r} has no config yet")
-    if request.headers.get("if-none-match") == config.etag:
+    if request.headers.get("if-none-match") == _etag(config, trial):
         decisions.CONFIG_VERSION.labels(pipeline).set(config.version)
-        return Response(status_code=304, headers={"ETag": config.etag})
-    return _config_response(config, response)
+        return Response(status_code=304, headers={"ETag": _etag(config, trial)})
+    return _config_response(config, response, trial)
 
 
 @router.patch("/v1/pipelines/{pipeline}/config", dependencies=[Depends(writer)], response_model=Config,

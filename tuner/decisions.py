@@ -22,10 +22,10 @@ from datetime import UTC, datetime, timedelta
 from prometheus_client import Counter, Gauge
 
 __all__ = ["KINDS", "Decision", "TunerState", "record", "observe", "history", "last_decision", "state",
-           "set_state", "DECISIONS_TOTAL", "CONFIG_VERSION"]
+           "set_state", "next_seq", "DECISIONS_TOTAL", "CONFIG_VERSION"]
 
 KINDS: tuple[str, ...] = ("tune", "pin", "change", "rollback", "freeze", "unfreeze", "canary_start",
-                          "canary_promote", "canary_rollback", "declaration")
+                          "canary_promote", "canary_rollback", "canary_cancel", "declaration")
 """Every kind of decision: what the loop decided, or what a person or an executor did through the API."""
 
 DECISIONS_TOTAL = Counter("tracetune_tuner_decisions", "Tuner decisions recorded, by kind", ["pipeline", "kind"])
@@ -103,7 +103,7 @@ _seq_lock = threading.Lock()
 _last_seq = 0
 
 
-def _next_seq() -> int:
+def next_seq() -> int:
     """A number larger than every one this process handed out before (nanoseconds since the epoch, or +1)."""
     global _last_seq
     with _seq_lock:
@@ -116,14 +116,16 @@ def _metrics(values: dict) -> dict[str, float]:
 
 
 def record(client, decision: Decision) -> None:
-    """Append `decision` to the audit, count it, and set the served-version gauge to `version_after`."""
+    """Append `decision` to the audit, count it, and set the served-version gauge to `version_after`
+    (unless it starts a canary)."""
     client.insert("tracetune_decisions", [[
-        decision.decided_at, _next_seq(), decision.decision_id, decision.pipeline, decision.kind,
+        decision.decided_at, next_seq(), decision.decision_id, decision.pipeline, decision.kind,
         decision.version_before, decision.version_after, json.dumps(decision.config_before),
         json.dumps(decision.config_after), decision.reason, _metrics(decision.predicted), decision.author,
     ]], column_names=_DECISION_COLUMNS)
     DECISIONS_TOTAL.labels(decision.pipeline, decision.kind).inc()
-    CONFIG_VERSION.labels(decision.pipeline).set(decision.version_after)
+    if decision.kind != "canary_start":  # a canary's version is on trial, not served to every task
+        CONFIG_VERSION.labels(decision.pipeline).set(decision.version_after)
 
 
 def observe(client, decision_id: str, observed: dict[str, float]) -> None:
@@ -133,7 +135,7 @@ def observe(client, decision_id: str, observed: dict[str, float]) -> None:
     if not rows:
         raise LookupError(f"no decision {decision_id!r} in tracetune_decisions; record() it first")
     client.insert("tracetune_decision_observations",
-                  [[datetime.now(UTC), _next_seq(), decision_id, rows[0][0], _metrics(observed)]],
+                  [[datetime.now(UTC), next_seq(), decision_id, rows[0][0], _metrics(observed)]],
                   column_names=["observed_at", "seq", "decision_id", "pipeline", "observed"])
 
 
@@ -178,6 +180,6 @@ def set_state(client, pipeline: str, *, frozen: bool, pinned: bool, author: str,
     """Append the pipeline's new state and return it (it wins over every earlier row)."""
     new = TunerState(frozen=bool(frozen), pinned=bool(pinned), reason=reason, author=author)
     client.insert("tracetune_tuner_state",
-                  [[datetime.now(UTC), _next_seq(), pipeline, new.frozen, new.pinned, new.reason, new.author]],
+                  [[datetime.now(UTC), next_seq(), pipeline, new.frozen, new.pinned, new.reason, new.author]],
                   column_names=["changed_at", "seq", "pipeline", "frozen", "pinned", "reason", "author"])
     return new

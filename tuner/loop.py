@@ -1,8 +1,10 @@
-"""The tuning loop: every interval, for every declared pipeline, observe, decide, guard, apply, audit.
+"""The tuning loop: every interval, for every declared pipeline, observe, decide, guard, try, apply, audit.
 
 `decide` is pure (spec, config, SLO, observation in; knob changes, reasons and predictions out), so
 it is tested on constructed numbers; `tune_once` adds the guardrails that need the store (freeze,
-pin, cooldown, enough samples) and writes the new version and its decision row.
+pin, cooldown, enough samples, not retrying a change a canary just rejected), puts the new version
+on trial for a share of tasks (`tuner.canary`), then promotes or rolls it back on the evidence, each
+step with its decision row. With `canary_share` 0 a change goes to every task at once (`tune`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tracetune.analyzer import SLO, get_slo
-from tracetune.tuner import decisions, observe, versions
+from tracetune.tuner import canary, decisions, observe, versions
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
 from tracetune.tuner.policies import (
     Proposal,
@@ -30,8 +32,10 @@ from tracetune.tuner.policies import (
 
 log = logging.getLogger("tracetune.tuner")
 
-# Decisions that start a cooldown: any change to the config, by the loop or by hand.
-CHANGES = ("tune", "pin", "change", "rollback")
+# Decisions that start a cooldown: any change to the config, by the loop or by hand, and a canary's end.
+CHANGES = ("tune", "pin", "change", "rollback", "canary_promote", "canary_rollback", "canary_cancel")
+# Decisions whose effect on the whole pipeline is observed a window later.
+OBSERVED = ("tune", "canary_promote")
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class LoopSettings:
     min_requests: int = 200  # no decision on fewer requests in the window
     staleness_limit_seconds: float = 3600.0  # longest a cached answer may be served
     max_relative_change: float = 0.5  # the most one decision moves a number, relative to its current value
+    canary_share: float = 0.2  # share of tasks a new config is tried on first (0: straight to every task)
+    canary_min_requests: int = 200  # tasks on each arm before a canary is judged
+    canary_max_seconds: float = 1800.0  # a canary without enough tasks by then is rolled back
+    rejected_memory_seconds: float = 3600.0  # a change a canary rolled back is not tried again sooner
 
 
 @dataclass
@@ -132,8 +140,11 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     state = decisions.state(client, pipeline)
     if state.frozen or state.pinned:
         return None
+    trial = canary.running(client, pipeline)
+    if trial is not None:
+        return _judge(client, spec, config, trial, settings, now)
     last = decisions.last_decision(client, pipeline, CHANGES)
-    if last is not None and last["kind"] == "tune" and not last["observed"] \
+    if last is not None and last["kind"] in OBSERVED and not last["observed"] \
             and _age_seconds(last, now) >= settings.window_seconds:
         decisions.observe(client, last["decision_id"], observe.collect(client, spec, settings.window_seconds).summary())
     if last is not None and _age_seconds(last, now) < settings.cooldown_seconds:
@@ -142,21 +153,98 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
         return None  # too few requests, or data for less than half a window (rates and TTLs would be guesses)
     plan = decide(spec, config, get_slo(client, pipeline), obs, settings)
+    _drop_rejected(client, pipeline, config, plan, settings, now)
     if not plan.changes:
         return None
     reason = "; ".join(plan.reasons)
+    predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted}
     with versions.write_lock:  # the API's pin, rollback and freeze take the same lock
         latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
         if latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
             return None
-        new = versions.change(client, spec, plan.changes, author="tuner", reason=reason)
-        if new.version == config.version:
-            return None
-        decision = decisions.Decision(pipeline, "tune", config.version, new.version, config.to_dict(),
-                                      new.to_dict(), reason, predicted={
-                                          **{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted})
+        if settings.canary_share > 0:
+            trial = canary.start(client, spec, config, plan.changes, settings.canary_share, reason)
+            decision = decisions.Decision(pipeline, "canary_start", config.version, trial.version, config.to_dict(),
+                                          trial.config.to_dict(), f"{reason} [on trial for "
+                                          f"{settings.canary_share:.0%} of tasks]", predicted=predicted)
+        else:
+            new = versions.change(client, spec, plan.changes, author="tuner", reason=reason)
+            if new.version == config.version:
+                return None
+            decision = decisions.Decision(pipeline, "tune", config.version, new.version, config.to_dict(),
+                                          new.to_dict(), reason, predicted=predicted)
         decisions.record(client, decision)
-    log.info("tuned %s to version %s: %s", pipeline, new.version, reason)
+    log.info("%s %s version %s: %s", "tuned" if decision.kind == "tune" else "trying", pipeline,
+             decision.version_after, decision.reason)
+    return decision
+
+
+def _same_way(base: Any, tried: Any, proposed: Any) -> bool:
+    """Whether `proposed` moves a knob from `base` the way a rejected trial (`tried`) did."""
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, tried, proposed))
+    if numbers:
+        return (tried - base) * (proposed - base) > 0
+    return proposed == tried
+
+
+def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan: Plan, settings: LoopSettings,
+                   now: datetime) -> None:
+    """Take out of `plan` the knob moves a canary rolled back lately (they would fail the same way)."""
+    last = decisions.last_decision(client, pipeline, ("canary_rollback",))
+    if last is None or _age_seconds(last, now) >= settings.rejected_memory_seconds:
+        return
+    tried, base = last["config_before"].get("steps", {}), last["config_after"].get("steps", {})
+    dropped = []
+    for step, values in list(plan.changes.items()):
+        for knob, value in list(values.items()):
+            before = base.get(step, {}).get(knob, config.knob(step, knob))
+            after = tried.get(step, {}).get(knob, before)
+            if after != before and _same_way(before, after, value):
+                del values[knob]
+                dropped.append(f"{step}.{knob}")
+        if not values:
+            del plan.changes[step]
+    if dropped:
+        plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {last['version_before']} "
+                            f"moved them that way and was rolled back")
+
+
+def _judge(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Canary, settings: LoopSettings,
+           now: datetime) -> decisions.Decision | None:
+    """Promote or roll back the canary on trial once the evidence says which (None while it is still out)."""
+    age = (now - trial.started_at).total_seconds()
+    base, tried = canary.arms(client, spec, trial, observe.answers(client, spec, int(age) + 60))
+    verdict = canary.judge(base, tried, get_slo(client, spec.pipeline), min_requests=settings.canary_min_requests,
+                           expired=age >= settings.canary_max_seconds)
+    if verdict.action == "wait" and config.version == trial.base_version:
+        return None
+    with versions.write_lock:
+        still = canary.running(client, spec.pipeline)
+        if still is None or still.version != trial.version:
+            return None
+        in_force = versions.latest(client, spec.pipeline)
+        if in_force is None or in_force.version != trial.base_version:
+            verdict = canary.Verdict("cancel", f"canary version {trial.version} cancelled: version "
+                                               f"{in_force.version if in_force else 0} is in force now, not "
+                                               f"{trial.base_version}", verdict.figures)
+        elif verdict.action == "wait":
+            return None
+        status, kind = {"promote": ("promoted", "canary_promote"), "rollback": ("rolled_back", "canary_rollback"),
+                        "cancel": ("cancelled", "canary_cancel")}[verdict.action]
+        canary.finish(client, trial, status, verdict.reason)
+        if kind == "canary_promote":
+            started = decisions.last_decision(client, spec.pipeline, ("canary_start",))
+            predicted = started["predicted"] if started and started["version_after"] == trial.version else {}
+            decision = decisions.Decision(spec.pipeline, kind, trial.base_version, trial.version,
+                                          config.to_dict(), trial.config.to_dict(), verdict.reason, predicted)
+        else:
+            back = in_force or config
+            decision = decisions.Decision(spec.pipeline, kind, trial.version, back.version, trial.config.to_dict(),
+                                          back.to_dict(), verdict.reason)
+        decisions.record(client, decision)
+        decisions.observe(client, decision.decision_id, verdict.figures)
+    log.log(logging.WARNING if kind == "canary_rollback" else logging.INFO, "%s %s version %s: %s",
+            kind.replace("_", " "), spec.pipeline, trial.version, verdict.reason)
     return decision
 
 

@@ -202,16 +202,43 @@ def _costs(client, obs: Observation, window_seconds: int) -> None:
     obs.cost_per_1k = 1000 * total / obs.requests if obs.requests else None
 
 
-def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
+def _labelled(client, params: dict) -> dict[str, dict[str, tuple[str, str, float | None, str]]]:
+    """Labelled tasks: trace id -> step -> (route, prediction, confidence, label)."""
     by_trace: dict[str, dict[str, tuple[str, str, float | None, str]]] = defaultdict(dict)
     for trace_id, step, route, prediction, confidence, label in client.query(LABELLED_SQL,
                                                                               parameters=params).result_rows:
         by_trace[trace_id][step] = (route, prediction, confidence, label)
-        route_obs = obs.steps.get(step, {}).get(route)
-        if route_obs is not None:
-            route_obs.labelled += 1
-            route_obs.correct += prediction == label
-    finals = []
+    return by_trace
+
+
+def _final(spec: PipelineSpec, steps: dict[str, tuple[str, str, float | None, str]]) -> bool | None:
+    """Whether a labelled task's answer was right: the cascade's answer when it escalated, else the local one."""
+    for cascade, after in spec.cascades.items():
+        if after in steps:
+            _, prediction, _, label = steps.get(cascade) or steps[after]
+            return prediction == label
+    return None
+
+
+def answers(client, spec: PipelineSpec, window_seconds: int) -> dict[str, bool]:
+    """Trace id -> whether the pipeline's answer was right, for the labelled tasks of the last `window_seconds`
+    (pipelines with a cascade: its answer when it escalated, else the step it reads)."""
+    found = {}
+    for trace_id, steps in _labelled(client, {"pipeline": spec.pipeline, "window": int(window_seconds)}).items():
+        right = _final(spec, steps)
+        if right is not None:
+            found[trace_id] = right
+    return found
+
+
+def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
+    by_trace = _labelled(client, params)
+    for steps in by_trace.values():
+        for step, (route, prediction, _, label) in steps.items():
+            route_obs = obs.steps.get(step, {}).get(route)
+            if route_obs is not None:
+                route_obs.labelled += 1
+                route_obs.correct += prediction == label
     for cascade, after in spec.cascades.items():
         samples = []
         for steps in by_trace.values():
@@ -221,11 +248,11 @@ def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
             remote = steps.get(cascade)
             samples.append(CascadeSample(float(confidence), local == label,
                                          None if remote is None else remote[1] == remote[3]))
-            finals.append((remote or steps[after])[1] == label)
         obs.cascade_samples[cascade] = samples
         unlabelled = client.query(CONFIDENCE_SQL, parameters={**params, "steps": [after]}).result_rows
         labelled = len(samples)
         # Tasks without labels still tell how many a threshold would escalate: their confidences, correctness unknown.
         obs.cascade_samples[cascade] += [CascadeSample(float(c), None) for _, c in unlabelled[labelled:]]
+    finals = [right for steps in by_trace.values() if (right := _final(spec, steps)) is not None]
     if finals:
         obs.quality, obs.labelled = sum(finals) / len(finals), len(finals)

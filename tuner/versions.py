@@ -3,19 +3,37 @@
 `tracetune_config_versions` holds every config served, one row per version; `tracetune_pipeline_specs`
 every distinct declaration an executor registered. `register` brings the two together: a new
 pipeline gets its declared defaults as version 1, a changed declaration a reconciled next version.
+
+A version on trial as a canary (`tuner.canary`) is stored like any other but is not the config in
+force until promoted: `latest` skips versions whose canary was not promoted, and every new version
+is numbered after the highest stored one, so a version number names one config for good.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 from tracetune.tuner.config import PipelineConfig, PipelineSpec
 
+# The config in force: the highest version that is not a canary still on trial, rolled back or cancelled.
 LATEST_SQL = """
 SELECT config FROM tracetune_config_versions
-WHERE pipeline = {pipeline:String}
+WHERE pipeline = {pipeline:String} AND version < {below:UInt32}
+  AND version NOT IN (SELECT version FROM tracetune_canaries WHERE pipeline = {pipeline:String}
+                      GROUP BY version HAVING argMax(status, (changed_at, seq)) != 'promoted')
 ORDER BY version DESC LIMIT 1
+"""
+
+TOP_VERSION_SQL = """
+SELECT max(version) FROM tracetune_config_versions WHERE pipeline = {pipeline:String}
+"""
+
+CONFIG_AT_SQL = """
+SELECT config FROM tracetune_config_versions
+WHERE pipeline = {pipeline:String} AND version = {version:UInt32}
+LIMIT 1
 """
 
 LATEST_SPEC_SQL = """
@@ -27,6 +45,8 @@ ORDER BY registered_at DESC LIMIT 1
 PIPELINES_SQL = """
 SELECT pipeline, max(version) AS latest_version, argMax(created_at, version) AS changed_at
 FROM tracetune_config_versions
+WHERE (pipeline, version) NOT IN (SELECT pipeline, version FROM tracetune_canaries GROUP BY pipeline, version
+                                  HAVING argMax(status, (changed_at, seq)) != 'promoted')
 GROUP BY pipeline ORDER BY pipeline
 """
 
@@ -36,8 +56,16 @@ GROUP BY pipeline ORDER BY pipeline
 write_lock = threading.RLock()
 
 
-def latest(client, pipeline: str) -> PipelineConfig | None:
-    rows = client.query(LATEST_SQL, parameters={"pipeline": pipeline}).result_rows
+def latest(client, pipeline: str, below: int | None = None) -> PipelineConfig | None:
+    """The config in force (or the one in force before version `below`), None for an unknown pipeline."""
+    rows = client.query(LATEST_SQL, parameters={"pipeline": pipeline,
+                                                "below": 2**32 - 1 if below is None else below}).result_rows
+    return PipelineConfig.from_dict(json.loads(rows[0][0])) if rows else None
+
+
+def at(client, pipeline: str, version: int) -> PipelineConfig | None:
+    """Version `version` as stored (in force or not), or None."""
+    rows = client.query(CONFIG_AT_SQL, parameters={"pipeline": pipeline, "version": version}).result_rows
     return PipelineConfig.from_dict(json.loads(rows[0][0])) if rows else None
 
 
@@ -47,12 +75,21 @@ def latest_spec(client, pipeline: str) -> PipelineSpec | None:
 
 
 def pipelines(client) -> list[dict]:
-    """Every pipeline with a config: name, current version and when it changed."""
+    """Every pipeline with a config: name, the version in force and when it was stored."""
     return [{"pipeline": p, "version": int(v), "changed_at": str(t)}
             for p, v, t in client.query(PIPELINES_SQL).result_rows]
 
 
-def save(client, config: PipelineConfig, author: str, reason: str) -> None:
+def save_next(client, config: PipelineConfig, author: str, reason: str) -> PipelineConfig:
+    """Store `config` numbered after every stored version of its pipeline (canaries included); the stored config."""
+    with write_lock:
+        top = client.query(TOP_VERSION_SQL, parameters={"pipeline": config.pipeline}).result_rows
+        config = replace(config, version=max(config.version, int(top[0][0] or 0) + 1 if top else 1))
+        _save(client, config, author, reason)
+        return config
+
+
+def _save(client, config: PipelineConfig, author: str, reason: str) -> None:
     client.insert(
         "tracetune_config_versions",
         [[config.pipeline, config.version, json.dumps(config.to_dict()), author, reason]],
@@ -72,8 +109,7 @@ def register(client, spec: PipelineSpec, source: str = "") -> tuple[PipelineConf
         if change is None:
             return current, None
         config, reason = change
-        save(client, config, author="tracetune", reason=reason)
-        return config, reason
+        return save_next(client, config, author="tracetune", reason=reason), reason
 
 
 def change(client, spec: PipelineSpec, steps: dict, author: str, reason: str) -> PipelineConfig:
@@ -84,5 +120,4 @@ def change(client, spec: PipelineSpec, steps: dict, author: str, reason: str) ->
         config = spec.merge(current, steps)
         if config.steps == current.steps:
             return current
-        save(client, config, author=author, reason=reason)
-        return config
+        return save_next(client, config, author=author, reason=reason)

@@ -1,5 +1,6 @@
-"""The loop closed with real processes: under load the tuner changes the demo's config, the executor
-applies it, spans carry the new `tracetune.config_version`, and cost per 1k falls while the SLO holds."""
+"""The loop closed with real processes: under load the tuner tries a new config on a share of the demo's
+tasks (a canary), the executor runs that share on it, the tuner promotes it on the evidence, spans carry
+the new `tracetune.config_version`, and cost per 1k falls while the SLO holds."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ FROM otel_traces WHERE ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'
 def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir):
     settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2, executor_config_poll_seconds=0.5,
                              tuner_interval_seconds=2, tuner_window_seconds=40, tuner_cooldown_seconds=20,
-                             tuner_min_requests=300)
+                             tuner_min_requests=300, tuner_canary_share=0.3, tuner_canary_min_requests=80)
     shutil.copytree(models_dir, settings.models_dir)
     with running_stack(settings, tmp_path):
         client = store.connect(settings, ensure_schema=False)
@@ -43,9 +44,11 @@ def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir
                                 stderr=subprocess.PIPE, text=True)
         try:
             decisions_url = f"{settings.tuner_url}/v1/pipelines/ticket_triage/decisions"
-            tuned = lambda: [d for d in httpx.get(decisions_url).json() if d["kind"] == "tune"]
-            wait_until(lambda: len(tuned()) >= 1, 80, 1.0, "a tuning decision under load")
-            first = tuned()[-1]
+            of = lambda *kinds: [d for d in httpx.get(decisions_url).json() if d["kind"] in kinds]
+            wait_until(lambda: of("canary_promote", "canary_rollback"), 80, 1.0, "a canary judged under load")
+            judged = of("canary_promote", "canary_rollback")[-1]
+            assert judged["kind"] == "canary_promote", judged["reason"]
+            first = judged
             wait_until(lambda: httpx.get(f"{settings.executor_url}/health").json()["pipelines"]["ticket_triage"]
                        >= first["version_after"], 20, 0.5, "the executor on the tuned version")
         finally:
@@ -53,6 +56,10 @@ def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir
         assert load.returncode == 0, err
         assert first["reason"] and first["predicted"]
         assert first["config_after"] != first["config_before"]
+        # Judged on both arms over the same minutes: the canary's share and the rest.
+        assert first["observed"]["canary.requests"] >= 80 and first["observed"]["base.requests"] >= 80, first
+        started = [d for d in of("canary_start") if d["version_after"] == first["version_after"]]
+        assert started and started[0]["config_after"] == first["config_after"]
 
         versions = pl.DataFrame(client.query(VERSIONS_SQL).named_results())
         costs = cost_per_request(client, since="10m", pipeline="ticket_triage", limit=100_000)

@@ -769,3 +769,48 @@ def test_the_cascade_cache_reuses_a_routes_answer_once_switched_on(tracer, close
     # The key holds the route: the other route has not answered this input yet.
     with_config(pipeline, ask={"route_weights": {"cheap": 0.0, "dear": 1.0}})
     assert outcome("0.2")[0] == "miss" and calls[-1] == "dear"
+
+
+# ---- canaries --------------------------------------------------------------------------------------
+
+def test_a_canary_runs_its_share_of_tasks_on_forks_of_the_steps_it_changes(tracer, close_after):
+    tracer, exporter = tracer
+    sizes: dict[str, list[int]] = {"base": [], "canary": []}
+    guess = Infer("guess", {"m": scored}, batching=Batching(max_size=4, max_wait_ms=1))
+    check = Cascade("check", after="guess", remote=lambda text: "remote", threshold=0.5)
+    pipeline = Pipeline("canaried", [Step("note", lambda task: None), guess, check], tracer=tracer)
+    close_after(pipeline)
+    base = with_config(pipeline, check={"cascade_threshold": 0.5})
+    trial = pipeline.spec().merge(base, {"check": {"cascade_threshold": 0.95}, "guess": {"batch_max_size": 2}})
+    pipeline.apply_canary(trial, 0.25)
+    assert pipeline.canary == (PipelineConfig("canaried", trial.version, trial.steps), 0.25)
+
+    ids = [f"task-{i}" for i in range(400)]
+    tasks = {task_id: pipeline.run("0.8", task_id=task_id) for task_id in ids}
+    roots = {s.attributes["tracetune.task_id"]: s.attributes["tracetune.config_version"]
+             for s in spans(exporter, "canaried")}
+    on_trial = [t for t in ids if roots[t] == trial.version]
+    assert 0.17 < len(on_trial) / len(ids) < 0.33  # a quarter of the tasks, by a hash of the id
+    # Confidence 0.8: under the canary's threshold (escalated), above the base's (kept).
+    assert all(bool(tasks[t].escalated) == (roots[t] == trial.version) for t in ids)
+    # The steps of the config in force kept their values (the canary runs on forks of them).
+    assert pipeline.config.version == base.version and check.threshold == 0.5
+    assert guess.batchers["m"].max_size == 4
+    again = {task_id: pipeline.run("0.8", task_id=task_id) for task_id in ids[:40]}
+    assert all(bool(again[t].escalated) == bool(tasks[t].escalated) for t in again)  # the same side every time
+
+    pipeline.apply_canary(None)  # ended: every task on the config in force
+    assert pipeline.canary is None
+    assert not any(pipeline.run("0.8", task_id=t).escalated for t in on_trial)
+
+
+def test_a_canary_that_does_not_fit_is_refused(tracer, close_after):
+    tracer, _ = tracer
+    pipeline = Pipeline("refusing", [Infer("guess", {"m": scored}),
+                                     Cascade("check", after="guess", remote=lambda text: "remote")], tracer=tracer)
+    close_after(pipeline)
+    with pytest.raises(ConfigError, match="steps.check.cascade_threshold"):
+        pipeline.apply_canary(PipelineConfig("refusing", 2, {"check": {"cascade_threshold": 3.0}}), 0.2)
+    with pytest.raises(ConfigError, match="share"):
+        pipeline.apply_canary(PipelineConfig("refusing", 2, {"check": {"cascade_threshold": 0.3}}), 1.0)
+    assert pipeline.canary is None

@@ -70,7 +70,7 @@ def test_registration_serves_the_declared_defaults_with_etag(tuner):
     # A version written to ClickHouse by someone else is what the next poll gets.
     newer = replace(served, version=2, steps={**served.steps, "classify": {**served.steps["classify"],
                                                                            "batch_max_size": 32}})
-    versions.save(tuner.client, newer, author="test", reason="bigger batches")
+    versions.save_next(tuner.client, newer, author="test", reason="bigger batches")
     changed = httpx.get(url, headers={"If-None-Match": served.etag})
     assert changed.status_code == 200 and changed.headers["etag"] == newer.etag != served.etag
     assert PipelineConfig.from_dict(changed.json()).knob("classify", "batch_max_size") == 32

@@ -107,7 +107,7 @@ def test_tune_once_changes_the_config_records_why_and_then_cools_down(shop):
     seen = collect(shop, SPEC, 300)
     assert seen.requests == 400
     assert 20 <= seen.window_seconds < 60  # rates are per second of data (20 s of tasks), not per 300 s window
-    settings = LoopSettings(min_requests=100, cooldown_seconds=300, window_seconds=30)
+    settings = LoopSettings(min_requests=100, cooldown_seconds=300, window_seconds=30, canary_share=0)
     decision = tune_once(shop, "shop", settings)
     assert decision is not None and decision.kind == "tune"
     assert (decision.version_before, decision.version_after) == (1, 2)

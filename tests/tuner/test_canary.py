@@ -1,0 +1,155 @@
+"""Canaries: the verdict on constructed samples, the loop's trial → promote / roll back on a real store, and
+what executors are served while a canary is out."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.spans import COLUMNS, span_row
+from tests.tuner.test_api import SPEC as API_SPEC
+from tests.tuner.test_api import TOKEN
+from tests.tuner.test_decisions import tuner  # noqa: F401 - the fixture
+from tests.tuner.test_loop import SLO_SHOP, SPEC, _spans, shop  # noqa: F401 - the fixture
+from tracetune.analyzer import SLO
+from tracetune.tuner import canary, decisions, versions
+from tracetune.tuner.canary import Arm, judge
+from tracetune.tuner.loop import LoopSettings, tune_once
+
+RNG = np.random.default_rng(7)
+
+
+def arm(n: int, ms: float, cost: float | None = 0.001, errors: int = 0, correct: int = 0, labelled: int = 0) -> Arm:
+    """`n` tasks taking about `ms` ms (lognormal spread) and costing about `cost` USD each."""
+    durations = RNG.lognormal(np.log(ms), 0.25, n)
+    costs = RNG.normal(cost, cost * 0.2, n) if cost is not None else []
+    return Arm.of(durations, costs, errors, correct, labelled)
+
+
+# ---- the verdict, on constructed samples -------------------------------------------------------------
+
+def test_a_canary_like_the_config_in_force_is_promoted():
+    verdict = judge(arm(400, 120), arm(300, 120), SLO_SHOP)
+    assert verdict.action == "promote", verdict.reason
+    assert verdict.figures["canary.requests"] == 300 and verdict.figures["p.slower"] > 0.0125
+
+
+def test_a_slower_canary_over_the_target_is_rolled_back_and_one_under_it_is_not():
+    over = judge(arm(400, 300), arm(300, 700), SLO_SHOP)  # p95 target 500 ms
+    assert over.action == "rollback" and "slower" in over.reason and "500 ms target" in over.reason
+    assert over.figures["canary.p95_ms"] > 500 and over.figures["p.slower"] < 0.001
+    # Slower but well inside the target (e.g. bigger batches for less compute): no reason to roll back.
+    assert judge(arm(400, 100), arm(300, 150), SLO_SHOP).action == "promote"
+
+
+def test_a_dearer_canary_is_rolled_back_unless_it_brings_latency_back_under_the_target():
+    dearer = judge(arm(400, 120, cost=0.001), arm(300, 120, cost=0.002), SLO_SHOP)
+    assert dearer.action == "rollback" and "dearer" in dearer.reason
+    fixes = judge(arm(400, 800, cost=0.001), arm(300, 200, cost=0.002), SLO_SHOP)  # base misses 500 ms
+    assert fixes.action == "promote", fixes.reason
+
+
+def test_quality_under_the_floor_and_failures_roll_a_canary_back():
+    worse = judge(arm(400, 100, None, correct=380, labelled=400), arm(300, 100, None, correct=210, labelled=300),
+                  SLO_SHOP)
+    assert worse.action == "rollback" and "less often right" in worse.reason and "80% floor" in worse.reason
+    # Fewer right but still above the floor: allowed (that is how a cheaper cascade threshold pays).
+    fine = judge(arm(400, 100, None, correct=390, labelled=400), arm(300, 100, None, correct=270, labelled=300),
+                 SLO_SHOP)
+    assert fine.action == "promote", fine.reason
+    failing = judge(arm(400, 100, None, errors=2), arm(300, 100, None, errors=30),
+                    SLO(pipeline="shop", error_rate=0.01))
+    assert failing.action == "rollback" and "fails more often" in failing.reason
+
+
+def test_a_canary_waits_for_enough_tasks_and_is_rolled_back_when_its_time_runs_out():
+    assert judge(arm(400, 100), arm(50, 900), SLO_SHOP, min_requests=100).action == "wait"
+    expired = judge(arm(400, 100), arm(50, 100), SLO_SHOP, min_requests=100, expired=True)
+    assert expired.action == "rollback" and "too few tasks" in expired.reason
+
+
+# ---- the loop, on a real store ---------------------------------------------------------------------
+
+def _arm_spans(client, version: int, n: int, ms: float, first: int) -> None:
+    """`n` root spans of pipeline shop run on config `version`, starting now, lasting about `ms` ms."""
+    now = time.time_ns()
+    rows = [span_row(now + i * 1_000_000, trace_id=f"{first + i:032x}", span_id=f"{first + i:016x}", name="shop",
+                     kind="Server", attrs={"tracetune.pipeline": "shop", "tracetune.config_version": str(version)},
+                     duration=int(RNG.lognormal(np.log(ms), 0.2) * 1e6), status="Unset")
+            for i in range(n)]
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+
+
+SETTINGS = LoopSettings(min_requests=100, cooldown_seconds=0, window_seconds=30, canary_share=0.2,
+                        canary_min_requests=50)
+
+
+def _start(shop) -> decisions.Decision:
+    _spans(shop, 400, distinct=100)  # repeats with the cache off: the loop proposes switching it on
+    started = tune_once(shop, "shop", SETTINGS)
+    assert started is not None and started.kind == "canary_start", started
+    assert (started.version_before, started.version_after) == (1, 2) and "on trial for 20%" in started.reason
+    assert versions.latest(shop, "shop").version == 1  # the canary is not in force yet
+    trial = canary.running(shop, "shop")
+    assert (trial.version, trial.base_version, trial.share) == (2, 1, 0.2)
+    assert trial.config.steps["score"]["cache_enabled"] is True
+    assert tune_once(shop, "shop", SETTINGS) is None  # no task has run on either arm yet
+    return started
+
+
+def test_the_loop_puts_a_change_on_trial_and_rolls_it_back_when_it_regresses(shop):
+    _start(shop)
+    _arm_spans(shop, 1, 200, 30, first=10_000)
+    _arm_spans(shop, 2, 60, 900, first=20_000)
+    rolled = tune_once(shop, "shop", SETTINGS)
+    assert rolled is not None and rolled.kind == "canary_rollback" and "slower" in rolled.reason
+    assert (rolled.version_before, rolled.version_after) == (2, 1)
+    assert versions.latest(shop, "shop").version == 1 and canary.running(shop, "shop") is None
+    row = decisions.history(shop, "shop")[0]
+    assert row["kind"] == "canary_rollback" and row["observed"]["canary.p95_ms"] > 500
+    assert row["observed"]["base.requests"] == 200 and row["observed"]["canary.requests"] == 60
+    # The same change is not tried again right away; and version 2 stays the rolled-back canary's.
+    assert tune_once(shop, "shop", SETTINGS) is None
+    by_hand = versions.change(shop, SPEC, {"escalate": {"max_concurrency": 4}}, "test", "by hand")
+    assert by_hand.version == 3 and versions.latest(shop, "shop").version == 3
+
+
+def test_the_loop_promotes_a_canary_that_holds_up(shop):
+    started = _start(shop)
+    _arm_spans(shop, 1, 200, 30, first=10_000)
+    _arm_spans(shop, 2, 60, 30, first=20_000)
+    promoted = tune_once(shop, "shop", SETTINGS)
+    assert promoted is not None and promoted.kind == "canary_promote", promoted
+    assert versions.latest(shop, "shop").version == 2 and canary.running(shop, "shop") is None
+    assert versions.latest(shop, "shop").steps["score"]["cache_enabled"] is True
+    row = decisions.history(shop, "shop")[0]
+    assert row["predicted"] == started.predicted and row["observed"]["canary.requests"] == 60
+    assert [p["version"] for p in versions.pipelines(shop)] == [2]
+
+
+# ---- what executors are served -------------------------------------------------------------------------
+
+def test_executors_are_served_the_canary_and_a_hand_change_cancels_it(tuner):  # noqa: F811 - the fixture
+    tuner.register()
+    url = f"{tuner.url}/v1/pipelines/triage/config"
+    before = httpx.get(url)
+    base = versions.latest(tuner.client, "triage")
+    trial = canary.start(tuner.client, API_SPEC, base, {"escalate": {"cascade_threshold": 0.3}}, 0.1, "cheaper")
+    served = httpx.get(url, headers={"If-None-Match": before.headers["etag"]})
+    assert served.status_code == 200 and served.headers["etag"] == '"triage-v1-c2"'
+    body = served.json()
+    assert body["version"] == 1 and body["steps"]["escalate"]["cascade_threshold"] == 0.45
+    assert (body["canary"]["version"], body["canary"]["base_version"], body["canary"]["share"]) == (2, 1, 0.1)
+    assert body["canary"]["steps"]["escalate"]["cascade_threshold"] == 0.3
+    assert httpx.get(url, headers={"If-None-Match": '"triage-v1-c2"'}).status_code == 304
+    assert [p["version"] for p in httpx.get(f"{tuner.url}/v1/pipelines").json()] == [1]
+
+    changed = tuner.patch({"steps": {"classify": {"batch_max_size": 16}}, "reason": "by hand"})
+    assert changed.status_code == 200 and changed.json()["version"] == 3 and changed.json()["canary"] is None
+    assert canary.running(tuner.client, "triage") is None
+    kinds = [d["kind"] for d in httpx.get(f"{tuner.url}/v1/pipelines/triage/decisions").json()]
+    assert kinds[:2] == ["change", "canary_cancel"]
+    assert trial.version == 2 and versions.latest(tuner.client, "triage").version == 3
