@@ -775,7 +775,6 @@ def test_the_cascade_cache_reuses_a_routes_answer_once_switched_on(tracer, close
 
 def test_a_canary_runs_its_share_of_tasks_on_forks_of_the_steps_it_changes(tracer, close_after):
     tracer, exporter = tracer
-    sizes: dict[str, list[int]] = {"base": [], "canary": []}
     guess = Infer("guess", {"m": scored}, batching=Batching(max_size=4, max_wait_ms=1))
     check = Cascade("check", after="guess", remote=lambda text: "remote", threshold=0.5)
     pipeline = Pipeline("canaried", [Step("note", lambda task: None), guess, check], tracer=tracer)

@@ -7,11 +7,9 @@ import time
 
 import httpx
 import numpy as np
-import pytest
 
 from tests.spans import COLUMNS, span_row
 from tests.tuner.test_api import SPEC as API_SPEC
-from tests.tuner.test_api import TOKEN
 from tests.tuner.test_decisions import tuner  # noqa: F401 - the fixture
 from tests.tuner.test_loop import SLO_SHOP, SPEC, _spans, shop  # noqa: F401 - the fixture
 from tracetune.analyzer import SLO
@@ -87,7 +85,7 @@ SETTINGS = LoopSettings(min_requests=100, cooldown_seconds=0, window_seconds=30,
                         canary_min_requests=50)
 
 
-def _start(shop) -> decisions.Decision:
+def _start(shop) -> decisions.Decision:  # noqa: F811 - the fixture's value
     _spans(shop, 400, distinct=100)  # repeats with the cache off: the loop proposes switching it on
     started = tune_once(shop, "shop", SETTINGS)
     assert started is not None and started.kind == "canary_start", started
@@ -100,7 +98,7 @@ def _start(shop) -> decisions.Decision:
     return started
 
 
-def test_the_loop_puts_a_change_on_trial_and_rolls_it_back_when_it_regresses(shop):
+def test_the_loop_puts_a_change_on_trial_and_rolls_it_back_when_it_regresses(shop):  # noqa: F811 - the fixture
     _start(shop)
     _arm_spans(shop, 1, 200, 30, first=10_000)
     _arm_spans(shop, 2, 60, 900, first=20_000)
@@ -117,7 +115,7 @@ def test_the_loop_puts_a_change_on_trial_and_rolls_it_back_when_it_regresses(sho
     assert by_hand.version == 3 and versions.latest(shop, "shop").version == 3
 
 
-def test_the_loop_promotes_a_canary_that_holds_up(shop):
+def test_the_loop_promotes_a_canary_that_holds_up(shop):  # noqa: F811 - the fixture
     started = _start(shop)
     _arm_spans(shop, 1, 200, 30, first=10_000)
     _arm_spans(shop, 2, 60, 30, first=20_000)
