@@ -21,12 +21,14 @@ from tracetune.analyzer.slo import (
     SLOError,
     burn_rate,
     burn_windows,
+    delete_slo,
     error_budget_remaining,
     get_slo,
     list_slos,
     request_counts,
     save_slo,
     slo_status,
+    slo_version,
 )
 from tracetune.analyzer.slo import alerts as slo_alerts
 from tracetune.analyzer.stats import (
@@ -46,7 +48,8 @@ __all__ = [
     "BATCHING_COLUMNS", "batching",
     "DRIFT_COLUMNS", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "SLOError", "Thresholds", "burn_rate",
     "burn_windows", "compute_drift", "default_windows", "error_budget_remaining", "feature_status", "get_slo",
-    "latest_drift", "list_slos", "request_counts", "save_slo", "slo_alerts", "slo_status", "store_drift",
+    "delete_slo", "latest_drift", "list_slos", "request_counts", "save_slo", "slo_alerts", "slo_status",
+    "slo_version", "store_drift",
     "COST_DIMENSIONS", "DIMENSIONS", "LATENCY_COLUMNS", "ROOT_STEP", "STEP_STATS_COLUMNS", "PriceTable",
     "PricesError", "SpanRecord", "cost_over_time", "cost_per_1k", "cost_per_request", "critical_path",
     "current_prices", "latency", "latency_series", "load_prices", "parse_window", "publish_prices",

@@ -228,17 +228,24 @@ SELECT version, slo FROM tracetune_slos WHERE pipeline = {pipeline:String}
 ORDER BY version DESC, created_at DESC LIMIT 1
 """
 _ALL_SLOS_SQL = """
-SELECT pipeline, argMax(slo, (version, created_at)) FROM tracetune_slos GROUP BY pipeline ORDER BY pipeline
+SELECT pipeline, argMax(slo, (version, created_at)) AS body FROM tracetune_slos
+GROUP BY pipeline HAVING body != '' ORDER BY pipeline
 """
 
 
-def _latest(client, pipeline: str) -> tuple[int, SLO] | None:
+def _latest(client, pipeline: str) -> tuple[int, SLO | None] | None:
+    """(the newest version, its SLO or None if that version deleted it), or None if there never was one."""
     rows = client.query(_LATEST_SLO_SQL, parameters={"pipeline": pipeline}).result_rows
-    return (int(rows[0][0]), SLO.from_dict(json.loads(rows[0][1]))) if rows else None
+    if not rows:
+        return None
+    version, body = rows[0]
+    return int(version), SLO.from_dict(json.loads(body)) if body else None
 
 
 def save_slo(client, slo: SLO, author: str = "") -> int:
-    """Store slo as the pipeline's next version and return it; an unchanged SLO keeps its version."""
+    """Store slo as the pipeline's next version and return it; an unchanged SLO keeps its version.
+
+    Versions are numbered by the one writer (the tuner API holds a lock around this call)."""
     latest = _latest(client, slo.pipeline)
     if latest and latest[1] == slo:
         return latest[0]
@@ -248,8 +255,24 @@ def save_slo(client, slo: SLO, author: str = "") -> int:
     return version
 
 
+def delete_slo(client, pipeline: str, author: str = "") -> int | None:
+    """Remove the pipeline's SLO (a version with an empty body); the version written, None if it had none."""
+    latest = _latest(client, pipeline)
+    if latest is None or latest[1] is None:
+        return None
+    client.insert("tracetune_slos", [[pipeline, latest[0] + 1, "", author]],
+                  column_names=["pipeline", "version", "slo", "author"])
+    return latest[0] + 1
+
+
+def slo_version(client, pipeline: str) -> int:
+    """The pipeline's newest SLO version (a deletion counts), 0 if it never had one."""
+    latest = _latest(client, pipeline)
+    return latest[0] if latest else 0
+
+
 def get_slo(client, pipeline: str) -> SLO | None:
-    """The pipeline's latest SLO, or None if none was saved."""
+    """The pipeline's latest SLO, or None if none was saved (or it was deleted)."""
     latest = _latest(client, pipeline)
     return latest[1] if latest else None
 

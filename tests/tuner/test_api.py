@@ -12,6 +12,7 @@ import pytest
 
 from tests.servers import ThreadServer
 from tracetune import store
+from tracetune.analyzer import SLO, save_slo
 from tracetune.tuner import versions
 from tracetune.tuner.api import create_app
 from tracetune.tuner.config import Knob, PipelineConfig, PipelineSpec
@@ -220,3 +221,55 @@ def test_a_malformed_declaration_is_refused_and_stores_nothing(tuner):
     assert not_object.status_code == 422
     assert tuner.rows("SELECT count() FROM tracetune_pipeline_specs") == [(0,)]
     assert httpx.get(f"{tuner.url}/v1/pipelines/triage/config").status_code == 404
+
+
+def test_slo_writes_merge_replace_delete_and_refuse_unknown_pipelines(tuner):
+    url = f"{tuner.url}/v1/pipelines/triage/slo"
+    unknown = httpx.put(f"{tuner.url}/v1/pipelines/triag/slo", json={"p95_ms": 400}, headers=TOKEN)
+    assert unknown.status_code == 404 and "known: none yet" in unknown.json()["detail"]
+    tuner.register()
+    unknown = httpx.patch(f"{tuner.url}/v1/pipelines/triag/slo", json={"p95_ms": 400}, headers=TOKEN)
+    assert unknown.status_code == 404 and "'triag' is not declared" in unknown.json()["detail"]
+    assert "known: triage" in unknown.json()["detail"]
+    assert tuner.rows("SELECT count() FROM tracetune_slos WHERE pipeline = 'triag'") == [(0,)]
+    # One set under a misspelled name before names were checked can still be removed.
+    save_slo(tuner.client, SLO(pipeline="triag", p95_ms=400), "old build")
+    assert httpx.delete(f"{tuner.url}/v1/pipelines/triag/slo", headers=TOKEN).json()["deleted"] is True
+    gone = httpx.delete(f"{tuner.url}/v1/pipelines/triag/slo", headers=TOKEN)
+    assert gone.status_code == 404 and "known: triage" in gone.json()["detail"]
+
+    full = {"p95_ms": 400, "p99_ms": 900, "error_rate": 0.01, "cost_per_1k": 0.5, "quality_floor": 0.9}
+    assert httpx.put(url, json=full, headers=TOKEN).json()["unset"] == []
+    # PATCH merges: one objective changes, null removes one, the others stay.
+    assert httpx.patch(url, json={"p95_ms": 300}).status_code == 401
+    patched = httpx.patch(url, json={"p95_ms": 300, "cost_per_1k": None}, headers=TOKEN)
+    assert patched.status_code == 200, patched.text
+    kept = httpx.get(url).json()
+    assert (kept["p95_ms"], kept["p99_ms"], kept["error_rate"], kept["cost_per_1k"], kept["quality_floor"]) == (
+        300, 900, 0.01, None, 0.9)
+    refused = httpx.patch(url, json={"p99_ms": 100}, headers=TOKEN)  # below p95: the merged SLO is checked
+    assert refused.status_code == 422 and "p99_ms" in refused.json()["detail"]
+    # PUT replaces, and says what is no longer set.
+    replaced = httpx.put(url, json={"p95_ms": 450}, headers=TOKEN).json()
+    assert replaced["replaced"] is True and replaced["unset"] == ["p99_ms", "error_rate", "quality_floor"]
+    assert "no longer set: p99_ms, error_rate, quality_floor" in replaced["note"]
+    assert httpx.get(url).json()["p99_ms"] is None
+
+    # DELETE removes it; a restarting executor's declaration does not bring it back.
+    assert httpx.delete(url).status_code == 401
+    deleted = httpx.delete(url, headers=TOKEN)
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert httpx.get(url).status_code == 404
+    assert httpx.delete(url, headers=TOKEN).status_code == 404
+    tuner.register()
+    assert httpx.get(url).status_code == 404
+
+    # Versions stay unique when owners write at once.
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda ms: httpx.put(url, json={"p95_ms": ms}, headers=TOKEN, timeout=30),
+                                range(300, 320)))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    written = [a.json()["version"] for a in answers]
+    assert len(set(written)) == 20
+    assert tuner.rows("SELECT count(), uniqExact(version) FROM tracetune_slos WHERE pipeline = 'triage'") == [
+        (max(written), max(written))]
