@@ -1,5 +1,6 @@
 """The analyzer loop (`tracetune analyzer`, run by `tracetune up`): publish prices, then on an
-interval refresh drift (last hour against the 24 hours before) and SLO burn-rate state."""
+interval refresh drift and SLO burn-rate state and evaluate the alert rules on them; between
+refreshes, hand the alert notifications that are due to the outbox (`analyzer.alerts`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from tracetune.analyzer.drift import compute_drift, default_windows, store_drift
-from tracetune.analyzer.prices import load, publish
+from tracetune.analyzer import alerts
+from tracetune.analyzer.cost import cost_per_1k
+from tracetune.analyzer.drift import DEFAULT_CURRENT, current_drift, store_drift
+from tracetune.analyzer.prices import PricesError, load, publish
 from tracetune.analyzer.slo import SLOError, list_slos, slo_status
 
 log = logging.getLogger("tracetune.analyzer")
@@ -20,14 +23,17 @@ SLO_STATUS_TABLE_COLUMNS = ["computed_at", "pipeline", "slo", "target_ms", "obje
                             "firing", "period_requests", "period_bad", "budget_remaining"]
 
 
-def refresh(client, now: datetime | None = None, current: str = "1h", reference: str = "24h") -> dict[str, int]:
-    """One pass: drift results and SLO snapshots written; returns what was written."""
+def refresh(client, now: datetime | None = None, current: str = DEFAULT_CURRENT, reference: str | None = None,
+            engine: alerts.Engine | None = None) -> dict[str, int]:
+    """One pass: drift results and SLO snapshots written, alert rules evaluated (with `engine`);
+    returns what was written."""
     now = now or datetime.now(UTC)
-    ref_window, cur_window = default_windows(now, current, reference)
-    drift = compute_drift(client, ref_window, cur_window)
+    drift = current_drift(client, now, current, reference=reference)  # baseline, else the preceding window
     written = {"drift_rows": store_drift(client, drift) if not drift.is_empty() else 0, "slo_rows": 0,
                "firing": 0}
-    for slo in list_slos(client):
+    slos = list_slos(client)
+    statuses = []
+    for slo in slos:
         try:
             status = slo_status(client, slo.pipeline, now=now, slo=slo)
         except SLOError as exc:
@@ -35,6 +41,7 @@ def refresh(client, now: datetime | None = None, current: str = "1h", reference:
             continue
         if status.is_empty():
             continue
+        statuses.append(status)
         rows = status.with_columns(computed_at=pl.lit(now), firing=pl.col("firing").cast(pl.UInt8))
         client.insert("tracetune_slo_status", rows.select(SLO_STATUS_TABLE_COLUMNS).rows(),
                       column_names=SLO_STATUS_TABLE_COLUMNS)
@@ -44,16 +51,53 @@ def refresh(client, now: datetime | None = None, current: str = "1h", reference:
             log.warning("SLO %s/%s burning %.1fx over %s and %.1fx over %s (%s)", row["pipeline"], row["slo"],
                         row["long_burn_rate"], row["long_window"], row["short_burn_rate"], row["short_window"],
                         row["severity"])
+    if engine is not None:
+        conditions = [c for status in statuses for c in alerts.slo_conditions(status, engine.external_url)]
+        conditions += alerts.drift_conditions(drift, engine.external_url)
+        conditions += alerts.cost_conditions(_costs(client), {s.pipeline: s.cost_per_1k for s in slos
+                                                              if s.cost_per_1k is not None},
+                                             external_url=engine.external_url)
+        conditions += alerts.tuner_conditions(client, now, external_url=engine.external_url)
+        changed = engine.evaluate(conditions, now)
+        written["alerts_changed"] = len(changed)
     return written
 
 
-def run(client, prices_file: str, interval: float, stop: threading.Event) -> None:
+def _costs(client) -> dict[str, float]:
+    """Cost per 1k requests of every pipeline over the last hour ({} before prices are published)."""
+    try:
+        frame = cost_per_1k(client, since=3600, by=("pipeline",), source="rollup")
+    except PricesError:
+        return {}
+    return {row["pipeline"]: float(row["cost_per_1k"]) for row in frame.iter_rows(named=True)
+            if row["cost_per_1k"] is not None}
+
+
+def run(client, prices_file: str, interval: float, stop: threading.Event, engine: alerts.Engine | None = None,
+        notify_seconds: float = 5.0) -> None:
+    """Refresh every `interval` seconds until `stop` is set; with `engine`, evaluate alert rules on each
+    refresh and send the notifications that are due every `notify_seconds`."""
     publish(client, load(prices_file) if prices_file else load())
+    notifier = None
+    if engine is not None:
+        notifier = threading.Thread(target=_notify_loop, args=(engine, notify_seconds, stop), name="alert-notifier",
+                                    daemon=True)
+        notifier.start()
     while True:
         try:
-            written = refresh(client)
+            written = refresh(client, engine=engine)
             log.info("analyzer refresh: %s", written)
         except Exception:
             log.exception("analyzer refresh failed; will retry")
         if stop.wait(interval):
-            return
+            break
+    if notifier is not None:
+        notifier.join(10)
+
+
+def _notify_loop(engine: alerts.Engine, every: float, stop: threading.Event) -> None:
+    while not stop.wait(every):
+        try:
+            engine.notify()
+        except Exception:  # the store may be restarting; the next round retries
+            log.exception("alert notifications failed; will retry")

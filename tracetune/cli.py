@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 
 import click
 
@@ -152,8 +153,16 @@ def analyzer_cmd(ctx: click.Context) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     from tracetune import store as store_mod
+    from tracetune.analyzer import alerts, delivery
     client = store_mod.connect(s, wait=60)
-    run(client, s.prices_file, s.analyzer_interval_seconds, stop)
+    receivers = delivery.receivers_from_settings(s)
+    engine = alerts.Engine(client, receivers, alerts.Timing(s.alert_group_wait_seconds, s.alert_group_interval_seconds,
+                                                            s.alert_repeat_interval_seconds), s.dashboard_url)
+    worker = delivery.DeliveryWorker(store_mod.connect(s), receivers).start()  # its own client
+    try:
+        run(client, s.prices_file, s.analyzer_interval_seconds, stop, engine)
+    finally:
+        worker.stop()
 
 
 @cli.command()
@@ -195,7 +204,8 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None) -> None
 @click.option("--since", default="5m", show_default=True, help="Trailing window: 30s, 5m, 2h, 7d.")
 @click.option("--pipeline", default="", help="Only this pipeline.")
 @click.option("--by", default="pipeline,step", show_default=True,
-              help="Comma-separated: pipeline, step, route, tenant, model, service.")
+              help="Comma-separated: pipeline, step, route, tenant, model, service. Without step, route or model "
+                   "the rows count tasks (root spans); with step each pipeline has an (end to end) row.")
 @click.option("--batching", is_flag=True, help="Batch size and queue time distributions instead.")
 @click.option("--source", type=click.Choice(["rollup", "raw"]), default="rollup", show_default=True,
               help="Per-minute rollups (flat cost, percentiles within 0.5%) or raw spans (exact).")
@@ -203,7 +213,8 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None) -> None
 @click.pass_context
 def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool, source: str,
           as_json: bool) -> None:
-    """Per-step requests, error rate, p50, p95, p99 (ms) over a trailing window."""
+    """Per-step requests, error rate, p50, p95, p99 (ms) over a trailing window, and each pipeline's
+    end-to-end row (its tasks, as callers see them)."""
     from tracetune import analyzer
     from tracetune.terminal import console, frame_table, step_table
 
@@ -220,14 +231,31 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--by") from None
     if as_json:
-        click.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
+        click.echo(_json_rows(frame))
     elif batching:
         console().print(frame_table(frame.drop("size_histogram") if "size_histogram" in frame.columns else frame,
                                     f"batching, last {since}"))
     elif keys == ("pipeline", "step"):
         console().print(step_table(frame, title=f"per-step latency, last {since}"))
     else:
-        console().print(frame_table(frame, f"latency by {', '.join(keys)}, last {since}"))
+        what = "spans" if any(k in analyzer.stats.STEP_DIMENSIONS for k in keys) else "tasks"
+        console().print(frame_table(frame, f"latency by {', '.join(keys)} ({what}), last {since}"))
+
+
+def _json_rows(frame) -> str:
+    """A frame as JSON rows: NaN and infinities become null (they are not JSON), times ISO strings."""
+    import math
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return value
+
+    return json.dumps([clean(row) for row in frame.to_dicts()], indent=2, default=str)
 
 
 def _client(s: Settings, readonly: bool = False):
@@ -244,12 +272,12 @@ def _client(s: Settings, readonly: bool = False):
                         "(is `tracetune up` running?)") from None
 
 
-def _window(since: str) -> None:
+def _window(since: str, option: str = "--since") -> None:
     from tracetune import analyzer
     try:
         analyzer.parse_window(since)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def _prices(s: Settings, client):
@@ -339,30 +367,136 @@ def whatif(ctx: click.Context, pipeline: str, assignments: tuple[str, ...], sinc
     console().print(table)
 
 
-@cli.command()
-@click.option("--current", default="1h", show_default=True, help="Current window (ends now).")
-@click.option("--reference", default="24h", show_default=True, help="Reference window (ends where current starts).")
+@cli.group(invoke_without_command=True)
+@click.option("--current", default="1m", show_default=True, help="Current window (ends now).")
+@click.option("--reference", default=None,
+              help="Compare with this long a window just before the current one (e.g. 24h), for every pipeline. "
+                   "Default: the pipeline's pinned baseline, else the preceding window of the same length.")
 @click.option("--pipeline", default="", help="Only this pipeline.")
 @click.option("--save", is_flag=True, help="Also store the results in tracetune_drift.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
 @click.pass_context
-def drift(ctx: click.Context, current: str, reference: str, pipeline: str, save: bool, as_json: bool) -> None:
-    """Drift of every tracetune.feature.* attribute and step latency: current window vs reference."""
+def drift(ctx: click.Context, current: str, reference: str | None, pipeline: str, save: bool, as_json: bool) -> None:
+    """Drift of every tracetune.feature.* attribute and step latency: the current window vs each pipeline's
+    baseline (`tracetune drift baseline set`), else vs the preceding window of the same length."""
+    if ctx.invoked_subcommand is not None:
+        return
     from tracetune import analyzer
     from tracetune.terminal import console, drift_table
 
-    _window(current)
-    _window(reference)
-    client = _client(_settings(ctx))
-    ref_window, cur_window = analyzer.default_windows(None, current, reference)
-    frame = analyzer.compute_drift(client, ref_window, cur_window, pipeline=pipeline)
+    _window(current, "--current")
+    if reference is not None:
+        _window(reference, "--reference")
+    client = _client(_settings(ctx), readonly=not save)
+    frame = analyzer.current_drift(client, current=current, pipeline=pipeline, reference=reference)
     if save and not frame.is_empty():
         analyzer.store_drift(client, frame)
     if as_json:
-        click.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
+        click.echo(_json_rows(frame))
+        return
+    references = sorted({analyzer.reference_label(row) for row in frame.iter_rows(named=True)})
+    limits = analyzer.Thresholds()
+    console().print(drift_table(
+        analyzer.feature_status(frame) if not frame.is_empty() else frame, frame,
+        title=f"drift: last {current} vs {'; '.join(references) or 'the preceding ' + current}",
+        caption=f"insufficient_data: under {limits.min_samples} samples in a window ({limits.psi_min_samples} for "
+                "psi); step latency drifts only if it moves by 1 ms and 20% of its median. Pin a reference with "
+                "`tracetune drift baseline set`."))
+
+
+def _baseline_window(first: str | None, last: str | None, start: str | None, end: str | None, client, pipeline: str):
+    """(start, end) of a baseline from exactly one of --first, --last or --start/--end; UserError otherwise."""
+    from datetime import timedelta
+
+    from tracetune import analyzer
+
+    chosen = [name for name, value in (("--first", first), ("--last", last), ("--start", start or end)) if value]
+    if len(chosen) != 1:
+        raise UserError("give one of --first 1h (the pipeline's first hour of traffic), --last 1h (the hour up to "
+                        "now) or --start and --end (ISO times, UTC unless they say)")
+    if first or last:
+        seconds = analyzer.parse_window(first or last)  # checked by the caller
+        if first:
+            begin = analyzer.first_traffic(client, pipeline)
+            if begin is None:
+                raise UserError(f"pipeline {pipeline!r} has no tasks yet; send traffic first, or give --start/--end")
+            return begin, begin + timedelta(seconds=seconds)
+        now = datetime.now(UTC)
+        return now - timedelta(seconds=seconds), now
+    if not (start and end):
+        raise UserError("--start and --end go together: give both (ISO times, e.g. 2026-01-02T10:00)")
+    try:
+        return datetime.fromisoformat(start), datetime.fromisoformat(end)
+    except ValueError as exc:
+        raise UserError(f"{exc}; use ISO times like 2026-01-02T10:00 or 2026-01-02T10:00+01:00") from None
+
+
+@drift.group("baseline")
+def drift_baseline() -> None:
+    """Pin, show or remove the window each pipeline's drift is measured against."""
+
+
+@drift_baseline.command("set")
+@click.option("--pipeline", required=True, help="The pipeline whose baseline this is.")
+@click.option("--first", default=None, help="The pipeline's first WINDOW of traffic, e.g. 1h.")
+@click.option("--last", default=None, help="The WINDOW up to now, e.g. 1h (traffic you trust).")
+@click.option("--start", default=None, help="Start of a chosen window (ISO time, UTC unless it says).")
+@click.option("--end", default=None, help="End of a chosen window (ISO time).")
+@click.option("--note", default="", help="Why this window (kept with it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the baseline as JSON.")
+@click.pass_context
+def drift_baseline_set(ctx: click.Context, pipeline: str, first: str | None, last: str | None, start: str | None,
+                       end: str | None, note: str, as_json: bool) -> None:
+    """Pin a baseline: drift of the pipeline is then measured against it (until `clear`)."""
+    from tracetune import analyzer
+
+    for name, value in (("--first", first), ("--last", last)):
+        if value is not None:
+            _window(value, name)
+    client = _client(_settings(ctx))
+    begin, finish = _baseline_window(first, last, start, end, client, pipeline)
+    try:
+        baseline = analyzer.set_baseline(client, pipeline, begin, finish, note=note, author="cli")
+    except analyzer.BaselineError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(baseline.to_dict(), indent=2))
     else:
-        console().print(drift_table(analyzer.feature_status(frame) if not frame.is_empty() else frame, frame,
-                                    title=f"drift: last {current} vs the {reference} before"))
+        click.echo(f"{pipeline}: drift baseline v{baseline.version} is {baseline.start:%Y-%m-%d %H:%M:%S} – "
+                   f"{baseline.end:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@drift_baseline.command("show")
+@click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@click.pass_context
+def drift_baseline_show(ctx: click.Context, pipeline: str, as_json: bool) -> None:
+    """The pinned baselines (pipelines without one use the preceding window)."""
+    from tracetune import analyzer
+
+    baselines = analyzer.list_baselines(_client(_settings(ctx), readonly=True), pipeline)
+    if as_json:
+        click.echo(json.dumps([b.to_dict() for b in baselines.values()], indent=2))
+        return
+    if not baselines:
+        click.echo(f"no drift baseline pinned{' for ' + pipeline if pipeline else ''}: drift compares each window "
+                   "with the preceding one of the same length")
+    for name, b in baselines.items():
+        click.echo(f"{name}: v{b.version} {b.start:%Y-%m-%d %H:%M:%S} – {b.end:%Y-%m-%d %H:%M:%S} UTC"
+                   + (f" ({b.note})" if b.note else ""))
+
+
+@drift_baseline.command("clear")
+@click.option("--pipeline", required=True, help="The pipeline whose baseline to remove.")
+@click.pass_context
+def drift_baseline_clear(ctx: click.Context, pipeline: str) -> None:
+    """Remove a baseline: the pipeline's drift goes back to comparing with the preceding window."""
+    from tracetune import analyzer
+
+    version = analyzer.clear_baseline(_client(_settings(ctx)), pipeline, author="cli")
+    if version is None:
+        raise UserError(f"pipeline {pipeline!r} has no drift baseline to clear; see `tracetune drift baseline show`")
+    click.echo(f"{pipeline}: drift baseline removed (v{version}); drift compares with the preceding window")
 
 
 @cli.command()
@@ -384,9 +518,30 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
                                    "PUT /v1/pipelines/{p}/slo on the tuner")
     frame = pl.concat([analyzer.slo_status(client, s.pipeline, slo=s, source=source) for s in slos])
     if as_json:
-        click.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
+        click.echo(_json_rows(frame))
     else:
         console().print(slo_table(frame))
+
+
+@cli.command()
+@click.option("--since", default="1h", show_default=True, help="Trailing window: 30s, 5m, 2h, 7d.")
+@click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--kind", type=click.Choice(["client", "server"]), default=None,
+              help="Only client errors (input the pipeline refused) or server errors (what availability counts).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Most frequent first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.pass_context
+def errors(ctx: click.Context, since: str, pipeline: str, kind: str | None, limit: int, as_json: bool) -> None:
+    """Error messages of failed tasks and steps, grouped: count, failed tasks, last seen, an example trace id."""
+    from tracetune import analyzer
+    from tracetune.terminal import console, errors_table
+
+    _window(since)
+    frame = analyzer.errors(_client(_settings(ctx), readonly=True), since, pipeline, kind or "", limit)
+    if as_json:
+        click.echo(_json_rows(frame))
+    else:
+        console().print(errors_table(frame, title=f"errors, last {since}" + (f" ({kind})" if kind else "")))
 
 
 @cli.command()
@@ -403,6 +558,141 @@ def report(ctx: click.Context, since: str, pipeline: str, output: str) -> None:
     client = _client(s)
     path = write_report(client, output, since, _prices(s, client), pipeline)
     click.echo(f"wrote {path.resolve()}")
+
+
+@cli.group()
+def alerts() -> None:
+    """Alerts for on-call: what fires, silences, the delivery log, and a test notification."""
+
+
+def _since(moment: str | None) -> str:
+    return (moment or "")[:19].replace("T", " ")
+
+
+@alerts.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Also pending alerts and those resolved in the last hour.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.pass_context
+def alerts_list(ctx: click.Context, show_all: bool, as_json: bool) -> None:
+    """Firing alerts (and, with --all, pending and recently resolved ones), silenced ones marked."""
+    from rich.table import Table
+
+    from tracetune.analyzer import alerts as alerting
+    from tracetune.terminal import console
+
+    client = _client(_settings(ctx), readonly=True)
+    silences = alerting.list_silences(client)
+    rows = []
+    for alert in sorted(alerting.current_alerts(client).values(), key=lambda a: (a.state, a.active_at)):
+        if alert.state != "firing" and not show_all:
+            continue
+        silenced = [s.silence_id for s in silences if s.silences(alert.labels, datetime.now(UTC))]
+        rows.append({**alert.to_dict(), "silenced_by": silenced})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"alerts ({'all' if show_all else 'firing'})", title_justify="left")
+    for column in ("state", "alert", "pipeline", "severity", "since", "summary"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        state = row["state"] + (" (silenced)" if row["silenced_by"] else "")
+        table.add_row(state, row["labels"].get("alertname", ""), row["labels"].get("pipeline", ""),
+                      row["labels"].get("severity", ""), _since(row["resolved_at"] or row["fired_at"]
+                                                                or row["active_at"]),
+                      row["annotations"].get("summary", ""))
+    console().print(table if rows else "no alerts" + ("" if show_all else " firing"))
+
+
+@alerts.command("silence")
+@click.argument("matchers", nargs=-1, metavar="[NAME=VALUE | NAME!=VALUE | NAME=~REGEX]...")
+@click.option("--for", "duration", default="2h", show_default=True, help="How long: 30m, 2h, 1d.")
+@click.option("--comment", default="", help="Why (kept with the silence).")
+@click.option("--list", "show", is_flag=True, help="List silences instead (active, pending, ended in the last day).")
+@click.option("--expire", metavar="ID", default=None, help="End the silence with this id now.")
+@click.pass_context
+def alerts_silence(ctx: click.Context, matchers: tuple[str, ...], duration: str, comment: str, show: bool,
+                   expire: str | None) -> None:
+    """Keep matching alerts out of notifications for a while, e.g. `pipeline=ticket_triage severity=ticket`."""
+    import getpass
+    from datetime import timedelta
+
+    from tracetune import analyzer
+    from tracetune.analyzer import alerts as alerting
+
+    s = _settings(ctx)
+    if show:
+        for silence in alerting.list_silences(_client(s, readonly=True)):
+            info = silence.to_dict()
+            click.echo(f"{silence.silence_id}  {info['status']['state']:8} until {_since(info['endsAt'])}  "
+                       f"{' '.join(str(m) for m in silence.matchers)}  {silence.comment}")
+        return
+    if expire:
+        try:
+            ended = alerting.expire_silence(_client(s), expire)
+        except LookupError as exc:
+            raise UserError(f"{exc}; `tracetune alerts silence --list` shows them") from None
+        click.echo(f"silence {ended.silence_id} ended")
+        return
+    if not matchers:
+        raise UserError("give at least one matcher, e.g. `tracetune alerts silence pipeline=ticket_triage --for 2h`")
+    try:
+        parsed = [alerting.Matcher.parse(m) for m in matchers]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        seconds = analyzer.parse_window(duration)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--for") from None
+    silence = alerting.add_silence(_client(s), parsed, datetime.now(UTC) + timedelta(seconds=seconds),
+                                   created_by=getpass.getuser(), comment=comment)
+    click.echo(f"silence {silence.silence_id}: {' '.join(str(m) for m in parsed)} until "
+               f"{_since(silence.to_dict()['endsAt'])} UTC")
+
+
+@alerts.command("deliveries")
+@click.option("--status", type=click.Choice(["pending", "retrying", "delivered", "failed"]), default=None,
+              help="Only deliveries in this state.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.pass_context
+def alerts_deliveries(ctx: click.Context, status: str | None, limit: int, as_json: bool) -> None:
+    """The delivery log: each notification per receiver, its attempts, last answer and state."""
+    import polars as pl
+
+    from tracetune.analyzer import delivery
+    from tracetune.terminal import console, frame_table
+
+    rows = delivery.deliveries(_client(_settings(ctx), readonly=True), limit=limit, status=status)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+    elif rows:
+        console().print(frame_table(pl.DataFrame(rows, infer_schema_length=None), "alert deliveries, newest first"))
+    else:
+        console().print("no deliveries yet")
+
+
+@alerts.command("test")
+@click.pass_context
+def alerts_test(ctx: click.Context) -> None:
+    """Send a test alert to every configured receiver now and say what each answered."""
+    from tracetune.analyzer import alerts as alerting
+    from tracetune.analyzer import delivery
+
+    s = _settings(ctx)
+    receivers = delivery.receivers_from_settings(s)
+    if not receivers:
+        raise UserError("no alert receiver is configured; set alert_webhook_url (TRACETUNE_ALERT_WEBHOOK_URL), "
+                        "alert_slack_url or alert_pagerduty_routing_key")
+    client = _client(s)
+    ids = delivery.enqueue(client, alerting.test_notification(s.dashboard_url), receivers)
+    delivery.deliver_due(client, receivers)
+    rows = [row for row in delivery.deliveries(client, limit=100) if row.get("delivery_id") in ids]
+    for row in rows:
+        click.echo(f"{row.get('receiver')}: {row.get('status')} (HTTP {row.get('http_status') or '-'}) "
+                   f"{row.get('error') or ''}".rstrip())
+    if any(row.get("status") != "delivered" for row in rows):
+        raise UserError("not every receiver took the test alert; retries go on in the analyzer "
+                        "(`tracetune alerts deliveries`)")
 
 
 @cli.group()

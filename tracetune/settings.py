@@ -7,12 +7,15 @@ Bad values stop the process at start with one line naming the field and how to f
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import os
 import re
 import secrets
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,11 @@ class Settings:
     # Analyzer: prices file (empty: the bundled prices.toml) and how often drift and SLO state refresh.
     prices_file: str = ""
     analyzer_interval_seconds: float = 60.0
+    # Alert notifications, grouped by alertname and pipeline with Alertmanager's timers: the wait before a
+    # new group's first notification, between notifications of a changed group, and before repeating one.
+    alert_group_wait_seconds: float = 30.0
+    alert_group_interval_seconds: float = 300.0
+    alert_repeat_interval_seconds: float = 14_400.0
 
     # The embedded store's users: `default` (reads and writes) and `reader` (read-only, for the dashboard
     # and CLI). Empty: a password generated once into <home>/store.password / store_reader.password (0600).
@@ -97,6 +105,16 @@ class Settings:
     tuner_canary_max_seconds: float = 1800.0
     # Spans sent to the collector (OTLP/HTTP and gRPC) need this bearer token.
     collector_token: str = ""
+
+    # Alert delivery (docs/alerts.md): a generic webhook (Alertmanager v4 JSON), a Slack incoming webhook,
+    # PagerDuty Events API v2; each is off while its URL / routing key is empty. Every request is signed
+    # (Standard Webhooks) with `alert_webhook_secret` (whsec_...); empty: generated once into
+    # <home>/alert_webhook.secret (0600).
+    alert_webhook_url: str = ""
+    alert_webhook_secret: str = ""
+    alert_slack_url: str = ""
+    alert_pagerduty_routing_key: str = ""
+    alert_pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
 
     _origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -154,6 +172,10 @@ class Settings:
         """The bearer token `<name>_token`, else one generated once into <home>/<name>.token (mode 0600)."""
         return getattr(self, f"{name}_token") or _secret_file(self.home / f"{name}.token")
 
+    def alert_secret(self) -> str:
+        """The alert signing secret `alert_webhook_secret`, else one generated once into <home>/alert_webhook.secret."""
+        return self.alert_webhook_secret or _secret_file(self.home / "alert_webhook.secret", _new_webhook_secret)
+
     def store_credentials(self, readonly: bool = False) -> tuple[str, str]:
         """(user, password) for the embedded store: `reader` for read-only work, else `default`."""
         if readonly:
@@ -197,7 +219,12 @@ class Settings:
         return validate(dataclasses.replace(self, **changes))
 
 
-def _secret_file(path: Path) -> str:
+def _new_webhook_secret() -> str:
+    """A Standard Webhooks signing secret: whsec_ and the base64 of 24 random bytes."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+def _secret_file(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(24)) -> str:
     """The secret in `path`, generated on first use: written whole to a 0600 file, then linked into place.
 
     Linking makes the file appear complete or not at all, so two processes starting at once agree
@@ -208,7 +235,7 @@ def _secret_file(path: Path) -> str:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
         try:
             with os.fdopen(fd, "w") as out:
-                out.write(secrets.token_urlsafe(24))
+                out.write(make())
             try:
                 os.link(tmp, path)
             except FileExistsError:
@@ -228,7 +255,7 @@ _POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_stalene
                     "analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
                     "collector_wal_max_bytes", "collector_body_timeout_seconds",
-                    "executor_config_poll_seconds"]
+                    "executor_config_poll_seconds", "alert_group_interval_seconds", "alert_repeat_interval_seconds"]
 
 
 def _convert(name: str, kind: Any, raw: Any, origin: str) -> Any:
@@ -275,7 +302,7 @@ def validate(s: Settings) -> Settings:
     for name in _POSITIVE_FIELDS:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{name} = {getattr(s, name)} (from {where(name)}) must be greater than 0")
-    for name in ("tuner_interval_seconds", "tuner_cooldown_seconds"):
+    for name in ("tuner_interval_seconds", "tuner_cooldown_seconds", "alert_group_wait_seconds"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name} = {getattr(s, name)} (from {where(name)}) must be 0 or more")
     if not 0 <= s.tuner_canary_share < 1:
@@ -290,10 +317,12 @@ def validate(s: Settings) -> Settings:
                 f"clickhouse_url = {s.clickhouse_url!r} (from {where('clickhouse_url')}) must look like "
                 "http://user:pass@host:8123/database"
             )
-    for name in ("llm_url", "crm_url"):
+    for name in ("llm_url", "crm_url", "alert_webhook_url", "alert_slack_url", "alert_pagerduty_url"):
         url = getattr(s, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise SettingsError(f"{name} = {url!r} (from {where(name)}) must be an http(s) URL")
+    if s.alert_webhook_secret:
+        _check_webhook_secret(s.alert_webhook_secret, where("alert_webhook_secret"))
     if not s.database.replace("_", "").isalnum():
         raise SettingsError(
             f"database = {s.database!r} (from {where('database')}) may hold only letters, digits and _"
@@ -306,6 +335,22 @@ def validate(s: Settings) -> Settings:
             raise SettingsError(f"pipelines: {target!r} (from {where('pipelines')}) must look like "
                                 "package.module:attribute")
     return s
+
+
+def _check_webhook_secret(secret: str, origin: str) -> None:
+    """A Standard Webhooks symmetric secret: `whsec_` + base64 of 24 to 64 random bytes."""
+    key = b""
+    if secret.startswith("whsec_"):
+        try:
+            key = base64.b64decode(secret[len("whsec_"):], validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+    if not 24 <= len(key) <= 64:
+        raise SettingsError(
+            f"alert_webhook_secret (from {origin}) must be whsec_ followed by the base64 of 24 to 64 random bytes; "
+            "leave it empty to have one generated, or make one with: python -c \"import base64, secrets; "
+            "print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\""
+        )
 
 
 def load(config_file: str | os.PathLike | None = None, environ: dict[str, str] | None = None,

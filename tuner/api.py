@@ -13,7 +13,7 @@ import re
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -25,6 +25,8 @@ from prometheus_client import make_asgi_app
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from tracetune.analyzer import alerts as alerting
+from tracetune.analyzer import delivery, parse_window
 from tracetune.analyzer.slo import SLO, SLOError, delete_slo, get_slo, save_slo, slo_version
 from tracetune.tuner import canary, decisions, versions
 from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
@@ -605,6 +607,89 @@ async def remove_slo(pipeline: str, request: Request) -> dict[str, Any]:
     except HTTPException:
         await _spec(client, pipeline)  # 404 naming the known pipelines
         raise
+
+
+# ---- alerts (for the dashboard and scripts; the analyzer evaluates and delivers them) --------------------
+
+class SilenceBody(BaseModel):
+    """A silence: matchers (Alertmanager's objects, or "name=value" / "name!=value" / "name=~regex" strings),
+    an end (`endsAt`, or `duration` such as "2h"), and why."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"examples": [
+        {"matchers": ["pipeline=ticket_triage", "severity=ticket"], "duration": "2h", "comment": "deploying"}]})
+    matchers: list[str | dict[str, Any]] = Field(min_length=1)
+    ends_at: datetime | None = Field(None, alias="endsAt")
+    duration: str | None = None
+    comment: str = Field("", max_length=1000)
+    created_by: str = Field("api", alias="createdBy", max_length=200)
+
+
+def _matchers(raw: list[str | dict[str, Any]]) -> list[alerting.Matcher]:
+    found = []
+    for item in raw:
+        try:
+            found.append(alerting.Matcher.parse(item) if isinstance(item, str) else alerting.Matcher.from_dict(item))
+        except ValueError as exc:
+            raise HTTPException(422, f"matchers: {exc}") from None
+    return found
+
+
+@router.get("/v1/alerts", responses=_errors(422))
+async def list_alerts(request: Request, state: str = Query("firing", pattern="^(firing|pending|resolved|all)$"),
+                      ) -> list[dict[str, Any]]:
+    """Alerts by state (default firing; `all`: pending, firing and resolved in the last hour), with the
+    silences that keep each out of notifications."""
+    client = _client(request)
+    found = await run_in_threadpool(alerting.current_alerts, client)
+    silences = await run_in_threadpool(alerting.list_silences, client)
+    now = datetime.now(UTC)
+    return [{**a.to_dict(), "silenced_by": [s.silence_id for s in silences if s.silences(a.labels, now)]}
+            for a in sorted(found.values(), key=lambda a: a.active_at) if state == "all" or a.state == state]
+
+
+@router.get("/v1/alerts/silences")
+async def read_silences(request: Request) -> list[dict[str, Any]]:
+    """Silences: active, pending and those that ended within a day (Alertmanager's silence objects)."""
+    return [s.to_dict() for s in await run_in_threadpool(alerting.list_silences, _client(request))]
+
+
+@router.post("/v1/alerts/silences", dependencies=[Depends(writer)], responses=_errors(401, 403, 422))
+async def create_silence(body: SilenceBody, request: Request) -> dict[str, Any]:
+    """Silence matching alerts until `endsAt` (or for `duration`); answers the silence with its id."""
+    matchers = _matchers(body.matchers)
+    if (body.ends_at is None) == (body.duration is None):
+        raise HTTPException(422, "give either endsAt (an RFC 3339 time) or duration (e.g. 2h)")
+    if body.duration is not None:
+        try:
+            ends = datetime.now(UTC) + timedelta(seconds=parse_window(body.duration))
+        except ValueError as exc:
+            raise HTTPException(422, f"duration: {exc}") from None
+    else:
+        ends = body.ends_at if body.ends_at.tzinfo else body.ends_at.replace(tzinfo=UTC)
+    try:
+        silence = await run_in_threadpool(lambda: alerting.add_silence(
+            _client(request), matchers, ends, created_by=body.created_by, comment=body.comment))
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return silence.to_dict()
+
+
+@router.delete("/v1/alerts/silences/{silence_id}", dependencies=[Depends(writer)], responses=_errors(401, 403, 404))
+async def end_silence(silence_id: str, request: Request) -> dict[str, Any]:
+    """End a silence now."""
+    try:
+        silence = await run_in_threadpool(alerting.expire_silence, _client(request), silence_id)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None
+    return silence.to_dict()
+
+
+@router.get("/v1/alerts/deliveries", responses=_errors(422))
+async def read_deliveries(request: Request,
+                          status: str | None = Query(None, pattern="^(pending|retrying|delivered|failed)$"),
+                          limit: int = Query(100, ge=1, le=10_000)) -> list[dict[str, Any]]:
+    """The delivery log, newest first: each notification per receiver, attempts, last answer, state."""
+    return await run_in_threadpool(lambda: delivery.deliveries(_client(request), limit=limit, status=status))
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

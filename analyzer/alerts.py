@@ -1,0 +1,582 @@
+"""Alert rules, alert state, grouping and silences, as Prometheus and Alertmanager define them.
+
+Rules (evaluated by the analyzer loop each interval) turn what the analyzer measured into
+*conditions*: labelled, annotated facts that are true now.
+
+- `slo_burn` → `SLOBurnRate` {pipeline, slo, severity page|ticket}: a multi-window burn-rate rule fires;
+- `drift` → `FeatureDrift` {pipeline, step, feature, severity=ticket}: a drift statistic is over its threshold;
+- `cost` → `CostOverBudget` {pipeline, severity=ticket}: cost per 1k over the last hour is above the
+  SLO's `cost_per_1k`;
+- `tuner_rollback` → `TunerCanaryRolledBack` {pipeline, severity=ticket}: a canary was rolled back
+  in the last hour.
+
+Each alert is identified by its labels (`fingerprint`) and moves pending → firing (once its condition
+has held for the rule's `for` duration) → resolved (when it stops holding); a pending alert whose
+condition goes away is dropped without a word. Changes of state are appended to `tracetune_alert_state`.
+
+Notifications group alerts by `group_by` labels (alertname, pipeline) and follow Alertmanager's
+timers: a new group waits `group_wait` before its first notification (so alerts starting together
+arrive together), a changed group waits `group_interval` after its last one, an unchanged firing group
+is repeated every `repeat_interval`. Silences (label matchers with an end time) keep matching alerts
+out of notifications. Notifications go to the durable, signed outbox of `analyzer.delivery`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import polars as pl
+
+from tracetune.analyzer import delivery
+
+log = logging.getLogger("tracetune.analyzer")
+
+__all__ = ["RULES", "Alert", "Condition", "Timing", "Silence", "Matcher", "Engine", "advance", "group_notifications",
+           "fingerprint", "slo_conditions", "drift_conditions", "cost_conditions", "tuner_conditions",
+           "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification"]
+
+RULES: dict[str, dict[str, Any]] = {
+    "slo_burn": {"alertname": "SLOBurnRate", "for_seconds": 0.0},  # the burn-rate windows are the debounce
+    "drift": {"alertname": "FeatureDrift", "for_seconds": 0.0},  # the drift windows are the debounce
+    "cost": {"alertname": "CostOverBudget", "for_seconds": 300.0},
+    "tuner_rollback": {"alertname": "TunerCanaryRolledBack", "for_seconds": 0.0},
+}
+"""Every rule: its alertname and how long its condition must hold before the alert fires."""
+
+GROUP_BY = ("alertname", "pipeline")
+ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's endsAt for an alert still firing
+RESOLVED_KEPT = timedelta(hours=1)  # how long a resolved alert is still listed
+
+
+def fingerprint(labels: Mapping[str, str]) -> str:
+    """A stable id for an alert: a hash of its sorted labels (16 hex digits, as Alertmanager shows them)."""
+    text = "\x1f".join(f"{k}\x1e{labels[k]}" for k in sorted(labels))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A rule's finding that holds now: labels (identity), annotations (the numbers), value."""
+
+    rule: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    value: float = 0.0
+
+    @property
+    def for_seconds(self) -> float:
+        return float(RULES[self.rule]["for_seconds"])
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert and where it is in its life: pending, firing or resolved."""
+
+    fingerprint: str
+    rule: str
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    state: str
+    active_at: datetime
+    fired_at: datetime | None = None
+    resolved_at: datetime | None = None
+    value: float = 0.0
+
+    def to_alertmanager(self, generator_url: str = "") -> dict[str, Any]:
+        """The alert as an Alertmanager webhook (version 4) lists it."""
+        return {"status": "resolved" if self.state == "resolved" else "firing", "labels": dict(self.labels),
+                "annotations": dict(self.annotations), "startsAt": _iso(self.fired_at or self.active_at),
+                "endsAt": _iso(self.resolved_at) if self.resolved_at else ZERO_TIME,
+                "generatorURL": generator_url, "fingerprint": self.fingerprint}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "rule": self.rule, "state": self.state, "labels": self.labels,
+                "annotations": self.annotations, "active_at": _iso(self.active_at),
+                "fired_at": _iso(self.fired_at) if self.fired_at else None,
+                "resolved_at": _iso(self.resolved_at) if self.resolved_at else None, "value": self.value}
+
+
+def advance(alerts: Mapping[str, Alert], conditions: Iterable[Condition], now: datetime) -> tuple[dict[str, Alert],
+                                                                                                   list[Alert]]:
+    """The alerts after one evaluation at `now`, and those whose state changed (to record them).
+
+    A new condition starts pending (firing at once when its rule's `for` is 0); pending becomes firing
+    once the condition has held for `for`; a firing alert whose condition is gone is resolved; a
+    pending one is dropped (state `inactive` in the record). A resolved alert whose condition returns
+    starts over."""
+    result: dict[str, Alert] = {}
+    changed: list[Alert] = []
+    for condition in conditions:
+        fp = fingerprint(condition.labels)
+        before = alerts.get(fp)
+        if before is None or before.state == "resolved":
+            now_firing = condition.for_seconds <= 0
+            alert = Alert(fp, condition.rule, dict(condition.labels), dict(condition.annotations),
+                          "firing" if now_firing else "pending", now, now if now_firing else None, None,
+                          condition.value)
+            changed.append(alert)
+        elif before.state == "pending" and (now - before.active_at).total_seconds() >= condition.for_seconds:
+            alert = replace(before, state="firing", fired_at=now, annotations=dict(condition.annotations),
+                            value=condition.value)
+            changed.append(alert)
+        else:
+            alert = replace(before, annotations=dict(condition.annotations), value=condition.value)
+        result[fp] = alert
+    for fp, before in alerts.items():
+        if fp in result:
+            continue
+        if before.state == "firing":
+            alert = replace(before, state="resolved", resolved_at=now)
+            changed.append(alert)
+            result[fp] = alert
+        elif before.state == "pending":
+            changed.append(replace(before, state="inactive", resolved_at=now))
+        elif before.resolved_at is not None and now - before.resolved_at < RESOLVED_KEPT:
+            result[fp] = before
+    return result, changed
+
+
+# ---- silences ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Matcher:
+    """`name` `=`/`!=`/`=~`/`!~` `value`, as in Alertmanager silences (regexes match the whole value)."""
+
+    name: str
+    value: str
+    is_regex: bool = False
+    is_equal: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> Matcher:
+        """'pipeline=ticket_triage', 'severity!=page', 'alertname=~SLO.*'."""
+        found = re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*", text)
+        if not found:
+            raise ValueError(f"matcher {text!r} is not NAME=VALUE, NAME!=VALUE, NAME=~REGEX or NAME!~REGEX")
+        name, op, value = found.groups()
+        return cls(name, value.strip('"'), "~" in op, op.startswith("=")).checked()
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Matcher:
+        """Alertmanager's matcher object: {"name", "value", "isRegex", "isEqual"}."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("name"), str) \
+                or not isinstance(data.get("value"), str):
+            raise ValueError(f"matcher {data!r} needs a name and a value (strings)")
+        return cls(data["name"], data["value"], bool(data.get("isRegex", False)),
+                   bool(data.get("isEqual", True))).checked()
+
+    def checked(self) -> Matcher:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.name):
+            raise ValueError(f"matcher label name {self.name!r} is not a label name")
+        if self.is_regex:
+            try:
+                re.compile(self.value)
+            except re.error as exc:
+                raise ValueError(f"matcher {self}: {self.value!r} is not a regular expression ({exc})") from None
+        return self
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        actual = labels.get(self.name, "")
+        hit = re.fullmatch(self.value, actual) is not None if self.is_regex else actual == self.value
+        return hit == self.is_equal
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "isRegex": self.is_regex, "isEqual": self.is_equal}
+
+    def __str__(self) -> str:
+        op = ("=" if self.is_equal else "!") + ("~" if self.is_regex else "" if self.is_equal else "=")
+        return f"{self.name}{op}{self.value}"
+
+
+@dataclass(frozen=True)
+class Silence:
+    """Alerts matching every matcher are not notified between `starts_at` and `ends_at`."""
+
+    silence_id: str
+    matchers: tuple[Matcher, ...]
+    starts_at: datetime
+    ends_at: datetime
+    created_by: str = ""
+    comment: str = ""
+
+    def active(self, now: datetime) -> bool:
+        return self.starts_at <= now < self.ends_at
+
+    def silences(self, labels: Mapping[str, str], now: datetime) -> bool:
+        return self.active(now) and all(m.matches(labels) for m in self.matchers)
+
+    def to_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        now = now or datetime.now(UTC)
+        state = "active" if self.active(now) else "expired" if now >= self.ends_at else "pending"
+        return {"id": self.silence_id, "matchers": [m.to_dict() for m in self.matchers],
+                "startsAt": _iso(self.starts_at), "endsAt": _iso(self.ends_at), "createdBy": self.created_by,
+                "comment": self.comment, "status": {"state": state}}
+
+
+# ---- grouping ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timing:
+    """Alertmanager's route timers, in seconds (its defaults)."""
+
+    group_wait: float = 30.0
+    group_interval: float = 300.0
+    repeat_interval: float = 4 * 3600.0
+
+
+@dataclass
+class Group:
+    """What a group of alerts last told its receivers: when, and each alert's status then."""
+
+    key: str
+    labels: dict[str, str]
+    first_seen_at: datetime
+    last_notified_at: datetime | None = None
+    notified: dict[str, str] = field(default_factory=dict)  # fingerprint -> firing / resolved
+
+
+def _group_of(alert: Alert, group_by: Sequence[str]) -> tuple[str, dict[str, str]]:
+    labels = {name: alert.labels[name] for name in group_by if name in alert.labels}
+    return "{}:" + json.dumps(labels, sort_keys=True, separators=(",", ":")), labels
+
+
+def group_notifications(alerts: Iterable[Alert], groups: dict[str, Group], silences: Sequence[Silence],
+                        now: datetime, timing: Timing = Timing(), group_by: Sequence[str] = GROUP_BY,
+                        receiver: str = "tracetune", external_url: str = "") -> list[delivery.Notification]:
+    """The notifications due at `now`; updates `groups` as if they were sent.
+
+    Silenced alerts are left out; a resolved alert is told only to a group that was told it fired.
+    """
+    members: dict[str, list[Alert]] = {}
+    labels_of: dict[str, dict[str, str]] = {}
+    for alert in alerts:
+        if alert.state not in ("firing", "resolved") or any(s.silences(alert.labels, now) for s in silences):
+            continue
+        key, labels = _group_of(alert, group_by)
+        group = groups.get(key)
+        if alert.state == "resolved" and (group is None or group.notified.get(alert.fingerprint) != "firing"):
+            continue
+        members.setdefault(key, []).append(alert)
+        labels_of[key] = labels
+    due = []
+    for key, found in members.items():
+        group = groups.setdefault(key, Group(key, labels_of[key], now))
+        status = {a.fingerprint: "resolved" if a.state == "resolved" else "firing" for a in found}
+        waited = (now - (group.last_notified_at or group.first_seen_at)).total_seconds()
+        if group.last_notified_at is None:
+            ready = waited >= timing.group_wait
+        elif status != group.notified:
+            ready = waited >= timing.group_interval
+        else:
+            ready = "firing" in status.values() and waited >= timing.repeat_interval
+        if not ready:
+            continue
+        found.sort(key=lambda a: (a.state == "resolved", a.fired_at or a.active_at, a.fingerprint))
+        body = [a.to_alertmanager(external_url) for a in found]
+        common_labels = {k: v for k, v in found[0].labels.items() if all(a.labels.get(k) == v for a in found)}
+        common_annotations = {k: v for k, v in found[0].annotations.items()
+                              if all(a.annotations.get(k) == v for a in found)}
+        due.append(delivery.Notification(
+            receiver=receiver, group_key=key, status="firing" if "firing" in status.values() else "resolved",
+            alerts=body, group_labels=dict(group.labels), common_labels=common_labels,
+            common_annotations=common_annotations, external_url=external_url, truncated_alerts=0))
+        group.last_notified_at = now
+        group.notified = {fp: s for fp, s in status.items() if s == "firing"}
+    for key in [k for k, g in groups.items() if k not in members and not g.notified]:
+        del groups[key]  # nothing left to tell: a new alert starts a new group (with its group_wait)
+    return due
+
+
+# ---- rules ----------------------------------------------------------------------------------------------
+
+def _link(external_url: str, page: str, pipeline: str) -> str:
+    return f"{external_url.rstrip('/')}/?page={page}&pipeline={pipeline}" if external_url else ""
+
+
+def slo_conditions(status: pl.DataFrame, external_url: str = "") -> list[Condition]:
+    """One condition per (pipeline, SLO kind, severity) with a firing burn-rate rule (analyzer.slo_status rows)."""
+    found: dict[tuple[str, str, str], dict] = {}
+    for row in status.filter(pl.col("firing")).iter_rows(named=True):
+        key = (row["pipeline"], row["slo"], row["severity"])
+        best = found.get(key)
+        if best is None or row["long_burn_rate"] / row["factor"] > best["long_burn_rate"] / best["factor"]:
+            found[key] = row
+    conditions = []
+    for (pipeline, slo, severity), row in sorted(found.items()):
+        target = f" ({row['target_ms']:g} ms)" if row["target_ms"] is not None else ""
+        left = row["budget_remaining"]
+        description = (f"{pipeline} {slo}{target}: the error budget burns {row['long_burn_rate']:.1f}x over "
+                       f"{row['long_window']} and {row['short_burn_rate']:.1f}x over {row['short_window']} "
+                       f"(rule: both above {row['factor']:.1f}x); "
+                       f"{'unknown' if left is None else f'{left:.0%}'} of the {row['period_days']:g}-day "
+                       f"budget left")
+        conditions.append(Condition("slo_burn", {
+            "alertname": RULES["slo_burn"]["alertname"], "pipeline": pipeline, "slo": slo, "severity": severity,
+            "rule": "slo_burn"}, {
+            "summary": f"{pipeline}: {slo} SLO burning {row['long_burn_rate']:.1f}x its budget ({severity})",
+            "description": description, "dashboard": _link(external_url, "slo", pipeline)},
+            float(row["long_burn_rate"])))
+    return conditions
+
+
+def drift_conditions(drift: pl.DataFrame, external_url: str = "") -> list[Condition]:
+    """One condition per (pipeline, step, feature) with a statistic in `drift` status (analyzer.compute_drift rows)."""
+    conditions = []
+    if drift.is_empty():
+        return conditions
+    rows = drift.filter(pl.col("status") == "drift").sort(["pipeline", "step", "feature", "statistic"])
+    seen = set()
+    for row in rows.iter_rows(named=True):
+        key = (row["pipeline"], row["step"], row["feature"])
+        if key in seen:
+            continue
+        seen.add(key)
+        pipeline, step, feature = key
+        p = f", p={row['p_value']:.2g}" if row.get("p_value") is not None and row["p_value"] == row["p_value"] else ""
+        conditions.append(Condition("drift", {
+            "alertname": RULES["drift"]["alertname"], "pipeline": pipeline, "step": step, "feature": feature,
+            "severity": "ticket", "rule": "drift"}, {
+            "summary": f"{pipeline}: {step} {feature} drifted ({row['statistic']} {row['value']:.3g})",
+            "description": f"{feature} of step {step}: {row['statistic']} = {row['value']:.4g}{p} on "
+                           f"{row['n_current']} current against {row['n_reference']} reference samples",
+            "dashboard": _link(external_url, "drift", pipeline)}, float(row["value"])))
+    return conditions
+
+
+def cost_conditions(costs: Mapping[str, float], budgets: Mapping[str, float], window: str = "1h",
+                    external_url: str = "") -> list[Condition]:
+    """Pipelines whose cost per 1k requests over `window` is above their SLO's `cost_per_1k` budget."""
+    conditions = []
+    for pipeline, budget in sorted(budgets.items()):
+        actual = costs.get(pipeline)
+        if actual is None or actual <= budget:
+            continue
+        conditions.append(Condition("cost", {
+            "alertname": RULES["cost"]["alertname"], "pipeline": pipeline, "severity": "ticket", "rule": "cost"}, {
+            "summary": f"{pipeline}: cost {actual:.4g} per 1k requests, budget {budget:.4g}",
+            "description": f"over the last {window} {pipeline} cost {actual:.4g} USD per 1k requests, "
+                           f"{actual / budget - 1:.0%} above its budget of {budget:.4g}" if budget else
+                           f"over the last {window} {pipeline} cost {actual:.4g} USD per 1k requests; its budget is 0",
+            "dashboard": _link(external_url, "cost", pipeline)}, float(actual)))
+    return conditions
+
+
+ROLLBACKS_SQL = """
+SELECT pipeline, argMax(version_before, decided_at) AS version, argMax(reason, decided_at) AS reason,
+       max(decided_at) AS at
+FROM tracetune_decisions
+WHERE kind = 'canary_rollback' AND decided_at >= {since:DateTime64(6)}
+GROUP BY pipeline ORDER BY pipeline
+"""
+
+
+def tuner_conditions(client, now: datetime, window: timedelta = timedelta(hours=1),
+                     external_url: str = "") -> list[Condition]:
+    """Pipelines whose tuner rolled a canary back within `window` (read from the decision audit)."""
+    rows = client.query(ROLLBACKS_SQL, parameters={"since": (now - window).replace(tzinfo=None)}).result_rows
+    return [Condition("tuner_rollback", {
+        "alertname": RULES["tuner_rollback"]["alertname"], "pipeline": pipeline, "severity": "ticket",
+        "rule": "tuner_rollback"}, {
+        "summary": f"{pipeline}: the tuner rolled back canary version {version}",
+        "description": f"canary version {version} of {pipeline} was rolled back at {at}: {reason}",
+        "dashboard": _link(external_url, "tuner", pipeline)}, float(version))
+        for pipeline, version, reason, at in rows]
+
+
+# ---- storage ---------------------------------------------------------------------------------------
+
+_STATE_COLUMNS = ["changed_at", "seq", "fingerprint", "rule", "labels", "annotations", "state", "active_at",
+                  "fired_at", "resolved_at", "value"]
+_seq = 0
+_seq_lock = threading.Lock()
+
+
+def _next_seq() -> int:
+    global _seq
+    with _seq_lock:
+        _seq = max(_seq + 1, int(datetime.now(UTC).timestamp() * 1e9))
+        return _seq
+
+
+STATE_SQL = """
+SELECT fingerprint, argMax(rule, (changed_at, seq)), argMax(labels, (changed_at, seq)),
+       argMax(annotations, (changed_at, seq)), argMax(state, (changed_at, seq)) AS state,
+       argMax(active_at, (changed_at, seq)), argMax(fired_at, (changed_at, seq)),
+       argMax(resolved_at, (changed_at, seq)), argMax(value, (changed_at, seq))
+FROM tracetune_alert_state
+GROUP BY fingerprint
+HAVING state != 'inactive'
+"""
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _record(client, changed: Sequence[Alert], now: datetime) -> None:
+    if changed:
+        client.insert("tracetune_alert_state", [[
+            now, _next_seq(), a.fingerprint, a.rule, a.labels, a.annotations, a.state, a.active_at, a.fired_at,
+            a.resolved_at, a.value] for a in changed], column_names=_STATE_COLUMNS)
+
+
+def current_alerts(client, now: datetime | None = None) -> dict[str, Alert]:
+    """Every pending or firing alert, and those resolved within the last hour, by fingerprint."""
+    now = now or datetime.now(UTC)
+    found = {}
+    for fp, rule, labels, notes, state, active, fired, resolved, value in client.query(STATE_SQL).result_rows:
+        alert = Alert(fp, rule, dict(labels), dict(notes), state, _utc(active), _utc(fired), _utc(resolved),
+                      float(value))
+        if state == "resolved" and (alert.resolved_at is None or now - alert.resolved_at >= RESOLVED_KEPT):
+            continue
+        found[fp] = alert
+    return found
+
+
+SILENCES_SQL = """
+SELECT silence_id, argMax(matchers, (changed_at, seq)), argMax(starts_at, (changed_at, seq)),
+       argMax(ends_at, (changed_at, seq)) AS ends, argMax(created_by, (changed_at, seq)),
+       argMax(comment, (changed_at, seq))
+FROM tracetune_alert_silences
+GROUP BY silence_id
+HAVING ends >= {since:DateTime64(6)}
+ORDER BY ends DESC
+"""
+
+
+def list_silences(client, now: datetime | None = None, expired_within: timedelta = timedelta(days=1)) -> list[Silence]:
+    """Active and pending silences, and those that ended within `expired_within`."""
+    now = now or datetime.now(UTC)
+    rows = client.query(SILENCES_SQL, parameters={"since": (now - expired_within).replace(tzinfo=None)}).result_rows
+    return [Silence(sid, tuple(Matcher(m["name"], m["value"], m["isRegex"], m["isEqual"]) for m in json.loads(ms)),
+                    _utc(starts), _utc(ends), by, comment) for sid, ms, starts, ends, by, comment in rows]
+
+
+def _write_silence(client, silence: Silence) -> None:
+    client.insert("tracetune_alert_silences", [[
+        datetime.now(UTC), _next_seq(), silence.silence_id, json.dumps([m.to_dict() for m in silence.matchers]),
+        silence.starts_at, silence.ends_at, silence.created_by, silence.comment]],
+        column_names=["changed_at", "seq", "silence_id", "matchers", "starts_at", "ends_at", "created_by", "comment"])
+
+
+def add_silence(client, matchers: Sequence[Matcher], ends_at: datetime, *, starts_at: datetime | None = None,
+                created_by: str = "", comment: str = "") -> Silence:
+    """Store a silence; ValueError without matchers or with an end before its start."""
+    starts_at = starts_at or datetime.now(UTC)
+    if not matchers:
+        raise ValueError("a silence needs at least one matcher, e.g. pipeline=ticket_triage")
+    if ends_at <= starts_at:
+        raise ValueError(f"a silence must end after it starts ({_iso(starts_at)}), got {_iso(ends_at)}")
+    silence = Silence(uuid.uuid4().hex, tuple(matchers), starts_at, ends_at, created_by, comment)
+    _write_silence(client, silence)
+    return silence
+
+
+def expire_silence(client, silence_id: str, now: datetime | None = None) -> Silence:
+    """End a silence now; LookupError for an unknown id."""
+    now = now or datetime.now(UTC)
+    found = [s for s in list_silences(client, now, expired_within=timedelta(days=3650)) if s.silence_id == silence_id]
+    if not found:
+        raise LookupError(f"no silence {silence_id!r}")
+    ended = replace(found[0], ends_at=min(found[0].ends_at, now))
+    _write_silence(client, ended)
+    return ended
+
+
+GROUPS_SQL = """
+SELECT group_key, argMax(labels, (changed_at, seq)), argMax(first_seen_at, (changed_at, seq)),
+       argMax(last_notified_at, (changed_at, seq)), argMax(notified, (changed_at, seq)) AS notified
+FROM tracetune_alert_groups
+GROUP BY group_key
+HAVING notified != '{}'
+"""
+
+
+def _load_groups(client) -> dict[str, Group]:
+    return {key: Group(key, dict(labels), _utc(first), _utc(last), json.loads(notified))
+            for key, labels, first, last, notified in client.query(GROUPS_SQL).result_rows}
+
+
+def _save_groups(client, groups: Iterable[Group], now: datetime) -> None:
+    rows = [[now, _next_seq(), g.key, g.labels, g.first_seen_at, g.last_notified_at,
+             json.dumps(g.notified, sort_keys=True)] for g in groups]
+    if rows:
+        client.insert("tracetune_alert_groups", rows, column_names=[
+            "changed_at", "seq", "group_key", "labels", "first_seen_at", "last_notified_at", "notified"])
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+
+class Engine:
+    """Alert state, grouping and hand-over to the outbox, for the one process that evaluates (the analyzer).
+
+    `evaluate(conditions)` advances the alerts (each analyzer interval); `notify()` sends the group
+    notifications that are due (call it every few seconds: group_wait is shorter than an interval).
+    State, groups and silences live in ClickHouse, so a restarted analyzer goes on where it was."""
+
+    def __init__(self, client, receivers: Sequence[delivery.Receiver], timing: Timing = Timing(),
+                 external_url: str = "", group_by: Sequence[str] = GROUP_BY):
+        self.client = client
+        self.receivers = list(receivers)
+        self.timing = timing
+        self.external_url = external_url
+        self.group_by = tuple(group_by)
+        self._lock = threading.Lock()
+        self.alerts = current_alerts(client)
+        self.groups = _load_groups(client)
+
+    def evaluate(self, conditions: Iterable[Condition], now: datetime | None = None) -> list[Alert]:
+        """Advance every alert on this evaluation's conditions; the alerts whose state changed."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            self.alerts, changed = advance(self.alerts, conditions, now)
+            _record(self.client, changed, now)
+        for alert in changed:
+            log.log(logging.WARNING if alert.state == "firing" else logging.INFO, "alert %s %s: %s",
+                    alert.labels.get("alertname"), alert.state, alert.annotations.get("summary", ""))
+        return changed
+
+    def notify(self, now: datetime | None = None) -> list[delivery.Notification]:
+        """Hand the group notifications due now to the outbox (written before anything is sent)."""
+        now = now or datetime.now(UTC)
+        with self._lock:
+            silences = list_silences(self.client, now)
+            before = {k: (g.last_notified_at, dict(g.notified)) for k, g in self.groups.items()}
+            due = group_notifications(self.alerts.values(), self.groups, silences, now, self.timing, self.group_by,
+                                      external_url=self.external_url)
+            for notification in due:
+                delivery.enqueue(self.client, notification, self.receivers)
+            changed = [g for k, g in self.groups.items() if before.get(k) != (g.last_notified_at, g.notified)]
+            gone = [Group(k, {}, now, last, {}) for k, (last, notified) in before.items()
+                    if k not in self.groups and notified]
+            _save_groups(self.client, [*changed, *gone], now)
+        return due
+
+
+def test_notification(external_url: str = "", now: datetime | None = None) -> delivery.Notification:
+    """A firing test alert, to check that receivers get, verify and show what tracetune sends."""
+    now = now or datetime.now(UTC)
+    labels = {"alertname": "TracetuneTest", "severity": "info", "rule": "test"}
+    alert = Alert(fingerprint(labels), "test", labels, {
+        "summary": "tracetune test alert", "description": "sent by `tracetune alerts test`; nothing is wrong"},
+        "firing", now, now)
+    return delivery.Notification(receiver="tracetune", group_key='{}:{"alertname":"TracetuneTest"}',
+                                 status="firing", alerts=[alert.to_alertmanager(external_url)],
+                                 group_labels={"alertname": "TracetuneTest"}, common_labels=labels,
+                                 common_annotations=dict(alert.annotations), external_url=external_url,
+                                 truncated_alerts=0)

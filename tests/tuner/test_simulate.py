@@ -1,0 +1,224 @@
+"""The simulator: deterministic, faithful to its calibration, and the four-arm comparison on the demo workload."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from tracetune.analyzer import SLO
+from tracetune.demo import load, triage
+from tracetune.tuner import simulate
+from tracetune.tuner.config import PipelineSpec
+from tracetune.tuner.observe import Observation, RouteObservation
+from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel
+
+
+class _Classifier:
+    labels = ["billing", "login"]
+
+    def predict(self, texts):
+        return [("billing", 1.0) for _ in texts]
+
+    def token_lengths(self, texts):
+        return [1 for _ in texts]
+
+
+class _Tier:
+    def classifier(self, labels):
+        return lambda text: labels[0]
+
+
+@pytest.fixture(scope="module")
+def spec() -> PipelineSpec:
+    """The demo's declaration (an Effect for follow-ups, two LLM tiers), without models or services."""
+    return triage.build({v: _Classifier() for v in triage.VARIANTS}, llm={t: _Tier() for t in triage.LLM_TIERS},
+                        crm_url="http://127.0.0.1:9").spec()
+
+
+def workload(minutes: float, rate: float = 20.0, duplicates: float = 0.2, pattern: str = "step",
+             seed: int = 1) -> simulate.Workload:
+    plan = load.LoadPlan(rate=rate, duration=minutes * 60, pattern=pattern, duplicate_ratio=duplicates, seed=seed)
+    return simulate.Workload(tuple(load.arrivals(plan, random.Random(seed))), minutes * 60, duplicates, seed=seed)
+
+
+def static(config=None) -> simulate.Arm:
+    return simulate.Arm("static", "static", config)
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(spec):
+    w = workload(6, rate=10)
+    first = simulate.simulate(spec, simulate.DEMO, w, simulate.Arm("tuner", "tuner"))
+    again = simulate.simulate(spec, simulate.DEMO, w, simulate.Arm("tuner", "tuner"))
+    assert first == again
+    other = simulate.simulate(spec, simulate.DEMO, workload(6, rate=10, seed=2), simulate.Arm("tuner", "tuner"))
+    assert other["cost_per_1k"] != first["cost_per_1k"]
+
+
+def test_escalation_share_and_quality_follow_the_confidence_tables(spec):
+    """Escalations = share of confidences under the threshold; quality = right above it + tier accuracy below."""
+    cal = simulate.DEMO
+    only_fp32 = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_enabled": False},
+                 "escalate": {"cascade_threshold": 0.7, "route_weights": {"llm-small": 1.0, "llm-large": 0.0}}}
+    row = simulate.simulate(spec, cal, workload(20, rate=10, duplicates=0.0, pattern="steady"), static(only_fp32),
+                            skip_seconds=0)
+    route, tier = cal.routes["fp32"], cal.tiers["llm-small"]
+    u = np.linspace(0, 1, 200_001)
+    levels = np.linspace(0, 1, simulate.LEVELS)
+    right = np.interp(u, levels, route.confidence_right)
+    wrong = np.interp(u, levels, route.confidence_wrong)
+    p_right_below, p_wrong_below = (right < 0.7).mean(), (wrong < 0.7).mean()
+    escalated = route.accuracy * p_right_below + (1 - route.accuracy) * p_wrong_below
+    quality = route.accuracy * (1 - p_right_below) + escalated * tier.accuracy
+    sim = simulate.simulate(spec, cal, workload(20, rate=10, duplicates=0.0, pattern="steady"), static(only_fp32),
+                            skip_seconds=0)
+    assert sim == row
+    per_call = row["cost_by_step"]["escalate"] / 1000
+    price = (tier.input_tokens * 0.15 + tier.output_tokens * 0.60) / 1e6  # standin-small, analyzer/prices.toml
+    assert per_call / price == pytest.approx(escalated, abs=0.01)
+    assert row["quality"] == pytest.approx(quality, abs=0.01)
+
+
+def test_cache_hits_follow_the_duplicate_ratio(spec):
+    """One route, cache on: about every repeated input hits (a repeat of a ticket still in the batcher misses)."""
+    one_route = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}}}
+    sim = simulate._Simulation(spec, simulate.DEMO, workload(10, rate=10, duplicates=0.3, pattern="steady"),
+                               None, static(one_route), simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
+    sim.run()
+    cache = np.asarray(sim.model_spans.data["cache"])
+    assert (cache == 0).mean() == pytest.approx(0.3, abs=0.03)
+    off = simulate._Simulation(spec, simulate.DEMO, workload(10, rate=10, duplicates=0.3, pattern="steady"), None,
+                               static({"classify": {**one_route["classify"], "cache_enabled": False}}),
+                               simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
+    off.run()
+    assert set(off.model_spans.data["cache"]) == {2}  # bypass
+
+
+def test_queueing_grows_near_saturation(spec):
+    """A slow model route at 50% and at 95% of its capacity: the step's latency grows far faster than the load."""
+    slow = replace(simulate.DEMO, routes={**simulate.DEMO.routes, "fp32": replace(
+        simulate.DEMO.routes["fp32"], service=ServiceModel(20.0, 0.0), service_sigma=0.0)})
+    config = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "batch_max_size": 1, "cache_enabled": False},
+              "escalate": {"cascade_threshold": 0.0}}
+    p95 = {}
+    for rate in (25, 47.5):  # capacity: 1 / 20 ms = 50 req/s
+        sim = simulate._Simulation(spec, slow, workload(5, rate=rate, duplicates=0.0, pattern="steady"), None,
+                                   static(config), simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
+        sim.run()
+        p95[rate] = float(np.quantile(sim.model_spans.data["duration"], 0.95))
+    assert p95[25] < 80
+    assert p95[47.5] > 4 * p95[25]
+
+
+def test_rate_limits_show_as_retried_calls(spec):
+    """Escalating everything to a tier limited to 2 req/s: 429s, retried, visible as `retried` in the window."""
+    tight = replace(simulate.DEMO, tiers={**simulate.DEMO.tiers, "llm-large": replace(
+        simulate.DEMO.tiers["llm-large"], rate_limit_rps=2.0)})
+    config = {"escalate": {"cascade_threshold": 1.0, "route_weights": {"llm-small": 0.0, "llm-large": 1.0}}}
+    sim = simulate._Simulation(spec, tight, workload(6, rate=5, duplicates=0.0, pattern="steady"), None, static(config),
+                               simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
+    sim.run()
+    obs = sim.observe(360.0)
+    large = obs.steps["escalate"]["llm-large"]
+    assert large.retried > 0.3 * large.spans
+    assert large.p95_ms > 1000  # a 429 costs a Retry-After of at least one second
+
+
+def test_observation_reads_like_collect(spec):
+    """The tuner arm's input: requests, per-route spans with costs and labels, batches, cascade samples, quality."""
+    sim = simulate._Simulation(spec, simulate.DEMO, workload(8, rate=10), None, simulate.Arm("default"),
+                               simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
+    sim.run()
+    obs = sim.observe(480.0)
+    assert obs.window_seconds == pytest.approx(300, abs=1)
+    assert 5000 < obs.requests < 5800  # minutes 3-8: 10 req/s for one, then 20 req/s (the step at minute 4)
+    classify = obs.steps["classify"]
+    assert set(classify) == {"fp32", "int8"}
+    assert sum(r.spans for r in classify.values()) == obs.requests
+    assert all(r.labelled == r.spans and r.cost > 0 for r in classify.values())
+    assert obs.batches["classify"] and all(b.size >= 1 for b in obs.batches["classify"])
+    samples = obs.cascade_samples["escalate"]
+    assert len(samples) == obs.requests
+    escalated = sum(r.spans for r in obs.steps["escalate"].values())
+    assert sum(s.confidence < 0.6 for s in samples) == pytest.approx(escalated, abs=5)
+    assert obs.steps["create_followup"]["crm"].spans == pytest.approx(0.23 * obs.requests, rel=0.15)
+    assert 0.9 < obs.quality < 1
+    assert obs.cost_per_1k == pytest.approx(1000 * sum(r.cost for s in obs.steps.values() for r in s.values())
+                                            / obs.requests)
+
+
+def test_from_observation_fits_the_routes_it_sees(spec):
+    obs = Observation("ticket_triage", 300.0, requests=1000)
+    obs.steps["classify"] = {"fp32": RouteObservation(spans=800, correct=720, labelled=800)}
+    obs.steps["escalate"] = {"llm-small": RouteObservation(spans=100, correct=80, labelled=100)}
+    obs.steps["create_followup"] = {"crm": RouteObservation(spans=100)}
+    obs.cascade_samples["escalate"] = [CascadeSample(0.9, True)] * 200 + [CascadeSample(0.3, False)] * 50
+    batches = {"fp32": [BatchSample(s, 2.0 + 3.0 * s) for s in (1, 2, 3, 4) for _ in range(10)]}
+    latencies = {("escalate", "llm-small"): {"spans": 100, "p50_ms": 200.0, "p90_ms": 400.0, "input_tokens": 120,
+                                             "output_tokens": 3, "model": "standin-small"},
+                 ("create_followup", "crm"): {"spans": 100, "p50_ms": 30.0, "p90_ms": 45.0}}
+    cal = simulate.from_observation(obs, spec, latencies, batches)
+    fp32 = cal.routes["fp32"]
+    assert (fp32.service.base_ms, fp32.service.per_item_ms) == pytest.approx((2.0, 3.0))
+    assert fp32.accuracy == pytest.approx(0.9)
+    assert fp32.confidence_wrong[0] == pytest.approx(0.3) and fp32.confidence_right[-1] == pytest.approx(0.9)
+    assert cal.routes["int8"] == simulate.DEMO.routes["int8"]  # no spans: as it was
+    small = cal.tiers["llm-small"]
+    assert (small.median_ms, small.accuracy, small.input_tokens) == (200.0, 0.8, 120)
+    assert small.sigma == pytest.approx(np.log(2) / 1.2816, rel=1e-3)
+    assert cal.effect_share == pytest.approx(0.1) and cal.effect_median_ms == 30.0
+
+
+def test_oracle_picks_the_cheapest_config_inside_the_slo(spec):
+    w = workload(12, rate=10)
+    grid = [{"escalate": {"cascade_threshold": t, "route_weights": {"llm-small": s, "llm-large": 1 - s}}}
+            for t in (0.3, 0.5, 0.6) for s in (0.7, 1.0)]
+    best, rows = simulate.oracle(spec, simulate.DEMO, w, grid=grid)
+    slo = SLO(spec.pipeline, **spec.slo)
+    feasible = [r for r in rows if r["slo_windows"] >= 0.99 and r["quality"] >= slo.quality_floor]
+    assert best["feasible"] and best["cost_per_1k"] == min(r["cost_per_1k"] for r in feasible)
+    assert len(feasible) < len(rows)  # threshold 0.3 escalates too little to hold the floor
+    assert best["grid_config"]["escalate"]["cascade_threshold"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def comparison(spec):
+    """The four arms on 40 virtual minutes of the demo workload (rate 20 -> 40 at minute 20), a small grid."""
+    grid = [{"escalate": {"cascade_threshold": t, "route_weights": {"llm-small": s, "llm-large": 1 - s},
+                          "cache_enabled": True}}
+            for t in (0.45, 0.5, 0.55, 0.6) for s in (0.7, 1.0)]
+    rows = simulate.run(spec, simulate.DEMO, workload(40), grid=grid)
+    return {row["arm"]: row for row in rows}
+
+
+def test_tuner_cuts_cost_and_holds_slo_and_quality(comparison, spec):
+    slo = SLO(spec.pipeline, **spec.slo)
+    default, tuner, aimd = comparison["default"], comparison["tuner"], comparison["aimd"]
+    assert tuner["changes"] >= 3
+    assert tuner["cost_per_1k"] <= 0.7 * default["cost_per_1k"]
+    assert tuner["slo_windows"] >= 0.99
+    assert tuner["quality"] >= slo.quality_floor
+    # AIMD on batch size moves compute, about 1% of the cost: no saving to speak of
+    assert aimd["cost_per_1k"] == pytest.approx(default["cost_per_1k"], rel=0.02)
+    assert aimd["changes"] >= 1
+
+
+def test_oracle_is_far_cheaper_than_default(comparison):
+    oracle = comparison["oracle"]
+    assert oracle["feasible"]
+    assert oracle["cost_per_1k"] <= 0.4 * comparison["default"]["cost_per_1k"]
+
+
+@pytest.mark.xfail(strict=True, reason="the routing policy never moves the cascade's tiers: each LLM tier's p95 "
+                                       "exceeds the step's latency target, and the floor is applied to the "
+                                       "escalated tasks alone (see docs/tuner.md, Proof)")
+def test_tuner_within_ten_percent_of_oracle(comparison):
+    assert comparison["tuner"]["cost_per_1k"] <= 1.1 * comparison["oracle"]["cost_per_1k"]
+
+
+def test_tuner_never_moves_the_llm_tiers(comparison):
+    """Why the tuner stays above the oracle (the limit the xfail above names): tier weights stay as declared."""
+    assert comparison["tuner"]["config"]["escalate"]["route_weights"] == triage.LLM_WEIGHTS
+    assert comparison["oracle"]["config"]["escalate"]["route_weights"]["llm-small"] == 1.0

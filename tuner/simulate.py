@@ -1,0 +1,920 @@
+"""A pipeline in virtual time: the same workload under several controllers, compared in seconds.
+
+A discrete-event simulation (one heap of timed events, seeded, deterministic) of a pipeline shaped
+like the executor runs it: plain steps, one model step (`Infer`: routes by weight, an answer cache,
+one micro-batcher per route with the executor's `Batcher` rules), one cascade after it (escalation
+below a confidence threshold to remote tiers by weight, an answer cache, a concurrency limit, the
+provider's per-tier rate limit answered 429 and retried with backoff), and a side effect for a share
+of tasks. Prices come from the analyzer's price table, so costs are in the units of the real system.
+
+Every `interval_seconds` a controller looks at the last window of simulated spans, turned into the
+same `Observation` the tuner reads from ClickHouse:
+
+- `static`: a fixed config (the declared defaults, or e.g. the oracle's);
+- `aimd`: `policies.aimd_batch_size` on the model step's batch size only (Clipper);
+- `tuner`: the real `loop.decide`, under the loop's guardrails re-enacted in virtual time: the
+  interval, the cooldown after a change, `min_requests`, data for at least half a window, and
+  executors picking a new config up one poll later. Not modelled: freeze/pin, a canary, audit rows.
+
+The physics come from a `Calibration`: the defaults were measured on the demo (see `DEMO`), and
+`fit(client, spec)` fits one from real spans in a store. `oracle` grid-searches static configs on
+the same workload for the cheapest one that meets the SLO.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from tracetune.analyzer import SLO, PriceTable, load_prices
+from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
+from tracetune.tuner.loop import LoopSettings, decide, step_target_ms
+from tracetune.tuner.observe import Observation, RouteObservation
+from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel, aimd_batch_size, fit_service_time
+
+__all__ = ["ARMS", "DEMO", "Arm", "Calibration", "ModelRoute", "RemoteTier", "Workload", "default_grid", "fit",
+           "oracle", "run", "simulate", "slo_windows"]
+
+BUCKET_WIDTH = 16  # tokens per length bucket, as the executor's Batcher groups them (executor/batcher.py)
+ARMS = ("default", "aimd", "tuner", "oracle")
+LEVELS = 21  # quantile tables hold this many equally spaced levels, 0 to 1
+_LOOP = LoopSettings()  # the loop's defaults: 60 s interval, 300 s window and cooldown, 200 requests
+
+
+# ---- calibration: the workload's physics --------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelRoute:
+    """One route of the model step: what a batch takes, how often it is right and how sure it says it is.
+
+    Confidence is drawn from `confidence_right` or `confidence_wrong` (quantile tables at `LEVELS`
+    equally spaced levels), so the cascade threshold sets the escalation share and what it saves.
+    """
+
+    service: ServiceModel  # batch time: base + per item * size * (1 + padding_factor * padding)
+    accuracy: float
+    confidence_right: tuple[float, ...]
+    confidence_wrong: tuple[float, ...]
+    service_sigma: float = 0.6  # lognormal spread of a batch's time around the model
+
+
+@dataclass(frozen=True)
+class RemoteTier:
+    """One remote route of the cascade: lognormal latency, accuracy on escalated tasks, a rate limit, tokens."""
+
+    model: str  # gen_ai.request.model: what the price table charges tokens by
+    median_ms: float
+    sigma: float
+    accuracy: float
+    rate_limit_rps: float  # the provider's token bucket (burst of one second); 0: none
+    input_tokens: int = 90
+    output_tokens: int = 2
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The physics the simulation runs on: one entry per route of the model and cascade steps, the input
+    lengths, the side effect, and what the plain steps take. `source` says where the numbers came from."""
+
+    routes: Mapping[str, ModelRoute]
+    tiers: Mapping[str, RemoteTier]
+    lengths: tuple[float, ...]  # quantile table of input lengths in tokens (padding in batches)
+    effect_share: float = 0.23  # tasks that reach the side effect
+    effect_route: str = "crm"  # the route its spans carry
+    effect_median_ms: float = 23.0
+    effect_sigma: float = 0.25
+    step_ms: float = 0.05  # each plain step's self time
+    cache_hit_ms: float = 0.1
+    overhead_ms: float = 1.0  # the executor's own path per task, outside the steps
+    rejected_ms: float = 3.0  # a 429 answer's round trip
+    retry_attempts: int = 5  # the LLM client's RetryPolicy (executor/llm.py)
+    retry_base_seconds: float = 0.2
+    retry_max_seconds: float = 10.0
+    source: str = ""
+
+    def validate(self) -> Calibration:
+        for name, route in self.routes.items():
+            for table in (route.confidence_right, route.confidence_wrong):
+                if len(table) < 2 or any(b < a for a, b in zip(table, table[1:], strict=False)):
+                    raise ValueError(f"calibration route {name}: a confidence table needs 2+ non-decreasing values")
+            if not 0 <= route.accuracy <= 1:
+                raise ValueError(f"calibration route {name}: accuracy must be within [0, 1], got {route.accuracy}")
+        if not self.routes or len(self.lengths) < 2:
+            raise ValueError("a calibration needs at least one model route and a length table")
+        return self
+
+
+def _table(values: Iterable[float]) -> tuple[float, ...]:
+    values = np.asarray(list(values), dtype=float)
+    return tuple(float(x) for x in np.round(np.quantile(values, np.linspace(0, 1, LEVELS)), 4))
+
+
+# Measured on this machine, 2026-11-30, on the demo's real models and stand-ins (one onnxruntime thread):
+# - confidences and accuracy: fp32 and int8 TicketClassifier over 1,500 tickets of demo.corpus.make_ticket
+#   (seed 5): fp32 right on 92.5%, int8 on 91.7%; escalation at threshold 0.6: 9.9% / 10.2% (cost.md: ~11%);
+# - service time: fit_service_time over 230 batches of 1-16 random or same-bucket tickets per variant; the
+#   spread around the fit (log sd 0.76 fp32, 0.92 int8, lengths the model does not see plus a shared CPU) is
+#   taken as 0.6; fp32 at batch 1 ~8.5 ms, as the demo's classify p50 of 14 ms with 5 ms of wait;
+# - input lengths: MiniLM token counts of the same tickets (median 28, 90th percentile 82);
+# - remote tiers: demo/standins.MODELS (latency, rate limit) times the stand-in's keyword reading on the tickets
+#   classify is unsure of (94.6% right below confidence 0.6): 0.90 -> 0.852, 0.98 -> 0.927; 90 tokens in, 2 out
+#   (docs/cost.md); the LLM client's retries: 5 attempts, 0.2 s base, 10 s cap, Retry-After >= 1 s;
+# - side effect: 23% of tickets are urgent (create_followup), the CRM stand-in's 20 ms lognormal latency plus
+#   the round trip (23 ms p50 in `tracetune demo`).
+DEMO = Calibration(
+    routes={
+        "fp32": ModelRoute(ServiceModel(1.43, 7.08, 4.18), 0.925,
+                           (0.251, 0.5676, 0.6499, 0.7194, 0.7785, 0.8125, 0.8471, 0.8741, 0.8959, 0.9149, 0.9308,
+                            0.943, 0.9542, 0.9631, 0.9706, 0.9761, 0.9818, 0.9874, 0.9911, 0.9947, 0.9998),
+                           (0.2329, 0.4087, 0.4335, 0.4765, 0.4959, 0.5096, 0.5195, 0.5295, 0.5491, 0.5743, 0.5944,
+                            0.623, 0.657, 0.678, 0.6991, 0.7225, 0.7587, 0.7914, 0.8282, 0.8774, 0.9883)),
+        "int8": ModelRoute(ServiceModel(1.02, 1.27, 17.4), 0.917,
+                           (0.354, 0.5811, 0.6653, 0.7314, 0.7754, 0.8117, 0.8447, 0.8742, 0.8931, 0.912, 0.9271,
+                            0.9406, 0.9535, 0.9624, 0.9703, 0.9762, 0.9817, 0.9871, 0.9909, 0.9942, 0.9997),
+                           (0.2329, 0.3879, 0.4273, 0.465, 0.4831, 0.4936, 0.5058, 0.5245, 0.5539, 0.5613, 0.5845,
+                            0.6161, 0.6304, 0.6508, 0.6826, 0.7197, 0.7418, 0.7875, 0.8097, 0.8701, 0.9848)),
+    },
+    tiers={
+        "llm-small": RemoteTier("standin-small", 300.0, 0.5, 0.852, 20.0),
+        "llm-large": RemoteTier("standin-large", 700.0, 0.5, 0.927, 5.0),
+    },
+    lengths=(4.0, 5.0, 6.0, 10.0, 16.0, 19.0, 22.0, 24.0, 25.0, 27.0, 28.0, 29.0, 30.0, 32.0, 33.0, 35.0, 38.0, 54.0,
+             82.1, 115.1, 128.0),
+    source="measured on the demo's models and stand-ins (tuner/simulate.py, DEMO)",
+)
+
+
+# Latency of every step and route over the window, for the parts of a calibration an Observation lacks.
+LATENCY_SQL = """
+SELECT SpanAttributes['tracetune.step'] AS step, SpanAttributes['tracetune.route'] AS route, count() AS spans,
+       quantile(0.5)(Duration / 1e6) AS p50_ms, quantile(0.9)(Duration / 1e6) AS p90_ms,
+       avg(toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens'])) AS input_tokens,
+       avg(toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens'])) AS output_tokens,
+       any(SpanAttributes['gen_ai.request.model']) AS model
+FROM otel_traces
+WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+  AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.step'] != ''
+  AND StatusCode != 'Error' AND SpanAttributes['tracetune.cache'] != 'hit'
+GROUP BY step, route
+"""
+
+# Batch spans by route (observe's batch query pools the routes of a step; each route has its own speed).
+ROUTE_BATCHES_SQL = """
+SELECT SpanAttributes['tracetune.route'] AS route, toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS size,
+       Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
+FROM otel_traces
+WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String} AND StatusCode != 'Error'
+ORDER BY Timestamp DESC
+LIMIT 20000
+"""
+
+
+def from_observation(obs: Observation, spec: PipelineSpec, latencies: Mapping[tuple[str, str], Mapping[str, Any]],
+                     batches: Mapping[str, Sequence[BatchSample]] | None = None,
+                     base: Calibration = DEMO) -> Calibration:
+    """A calibration fitted from real spans: service models from batch spans, accuracy per route and
+    confidences from labelled answers, remote latency (lognormal through p50 and p90), tokens and the side
+    effect's share and latency from `latencies` (LATENCY_SQL rows by step and route). What the spans do
+    not show (e.g. a provider's rate limit, input lengths) stays as in `base`. `batches`: batch spans by route."""
+    cascade, model_step = _roles(spec)
+    routes = dict(base.routes)
+    samples = [s for s in obs.cascade_samples.get(cascade, []) if s.local_correct is not None] if cascade else []
+    right = [s.confidence for s in samples if s.local_correct]
+    wrong = [s.confidence for s in samples if not s.local_correct]
+    for name, route_obs in obs.steps.get(model_step, {}).items():
+        known = routes.get(name) or next(iter(base.routes.values()))
+        model = fit_service_time((batches or {}).get(name, [])) or known.service
+        accuracy = route_obs.correct / route_obs.labelled if route_obs.labelled >= 30 else known.accuracy
+        routes[name] = replace(known, service=model, accuracy=accuracy,
+                               confidence_right=_table(right) if len(right) >= 30 else known.confidence_right,
+                               confidence_wrong=_table(wrong) if len(wrong) >= 10 else known.confidence_wrong)
+    tiers = dict(base.tiers)
+    for name, route_obs in (obs.steps.get(cascade, {}).items() if cascade else ()):
+        known = tiers.get(name) or next(iter(base.tiers.values()))
+        row = latencies.get((cascade, name), {})
+        median, sigma = _lognormal(row, known.median_ms, known.sigma)
+        accuracy = route_obs.correct / route_obs.labelled if route_obs.labelled >= 30 else known.accuracy
+        tiers[name] = replace(known, model=str(row.get("model") or known.model), median_ms=median, sigma=sigma,
+                              accuracy=accuracy,
+                              input_tokens=round(row.get("input_tokens") or known.input_tokens),
+                              output_tokens=max(1, round(row.get("output_tokens") or known.output_tokens)))
+    effect = _effect_step(spec, base)
+    effect_share, effect_median, effect_sigma = base.effect_share, base.effect_median_ms, base.effect_sigma
+    if effect and obs.requests:
+        total = obs.step_total(effect)
+        effect_share = total.spans / obs.requests
+        row = next((r for (s, _), r in latencies.items() if s == effect), {})
+        effect_median, effect_sigma = _lognormal(row, effect_median, effect_sigma)
+    return replace(base, routes=routes, tiers=tiers, effect_share=effect_share, effect_median_ms=effect_median,
+                   effect_sigma=effect_sigma, source=f"fitted from {obs.requests} requests of {obs.pipeline} over "
+                                                     f"{obs.window_seconds:.0f} s of real spans").validate()
+
+
+def _lognormal(row: Mapping[str, Any], median: float, sigma: float) -> tuple[float, float]:
+    p50, p90 = row.get("p50_ms"), row.get("p90_ms")
+    if not p50 or not p90 or row.get("spans", 0) < 20:
+        return median, sigma
+    return float(p50), max(0.05, math.log(max(p90, p50) / p50) / 1.2816)
+
+
+def fit(client, spec: PipelineSpec, window_seconds: int = 3600, base: Calibration = DEMO) -> Calibration:
+    """A calibration from the pipeline's real spans of the last `window_seconds` in the store at `client`."""
+    from tracetune.tuner.observe import collect
+
+    obs = collect(client, spec, window_seconds)
+    if obs.requests == 0:
+        raise ValueError(f"no requests of pipeline {spec.pipeline!r} in the last {window_seconds} s of spans: run the "
+                         f"demo first (make demo) or widen the window")
+    rows = client.query(LATENCY_SQL, parameters={"pipeline": spec.pipeline, "window": int(window_seconds)})
+    latencies = {(row["step"], row["route"]): row for row in rows.named_results()}
+    batches: dict[str, list[BatchSample]] = {}
+    for route, size, duration_ms, padding in client.query(ROUTE_BATCHES_SQL, parameters={
+            "pipeline": spec.pipeline, "window": int(window_seconds)}).result_rows:
+        if size:
+            batches.setdefault(route, []).append(BatchSample(int(size), float(duration_ms), float(padding)))
+    return from_observation(obs, spec, latencies, batches, base)
+
+
+# ---- workload and arms --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Workload:
+    """When requests arrive (seconds from the start, e.g. `demo.load.arrivals` of a step LoadPlan) and the
+    share that repeat one of the last `recent` new inputs (as the load generator's TicketSource does)."""
+
+    arrivals: tuple[float, ...]
+    duration: float
+    duplicate_ratio: float = 0.2
+    recent: int = 100
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A controller: `static` (a config, None = the declared defaults), `aimd` (batch size only) or `tuner`."""
+
+    name: str
+    kind: str = "static"
+    config: Mapping[str, Mapping[str, KnobValue]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("static", "aimd", "tuner"):
+            raise ValueError(f"arm {self.name!r}: kind must be static, aimd or tuner, got {self.kind!r}")
+
+
+def _roles(spec: PipelineSpec) -> tuple[str | None, str]:
+    """(the cascade step or None, the model step): the one step with batching knobs, else the cascade's."""
+    cascade = next(iter(spec.cascades), None)
+    model = next((s for s, knobs in spec.steps.items() if "batch_max_size" in knobs), None)
+    model = model or (spec.cascades[cascade] if cascade else None)
+    if model is None:
+        raise ValueError(f"pipeline {spec.pipeline!r} has no model step (batching knobs) to simulate")
+    return cascade, model
+
+
+def _effect_step(spec: PipelineSpec, calibration: Calibration) -> str | None:
+    """The side-effect step: the one after the cascade that declares remote limits (max_concurrency)."""
+    cascade, _ = _roles(spec)
+    return next((s for s, knobs in spec.steps.items() if s != cascade and "max_concurrency" in knobs), None)
+
+
+# ---- the simulation -----------------------------------------------------------------------------
+
+class _Task:
+    __slots__ = ("index", "ticket", "start", "route", "confidence", "local_right", "final_right", "cost",
+                 "escalate_start", "tier", "attempts", "deadline")
+
+    def __init__(self, index: int, ticket: int, start: float):
+        self.index, self.ticket, self.start = index, ticket, start
+        self.cost = 0.0
+        self.attempts = 0
+
+
+class _Cache:
+    """The executor's TTLCache: entries expire `ttl` after they were stored, the least recent go past `size`."""
+
+    def __init__(self, enabled: bool, ttl: float, size: int):
+        self.enabled, self.ttl, self.size = enabled, ttl, size
+        self.data: OrderedDict[tuple, tuple[float, Any]] = OrderedDict()
+
+    def configure(self, values: Mapping[str, KnobValue]) -> None:
+        self.enabled = bool(values.get("cache_enabled", self.enabled))
+        self.ttl = float(values.get("cache_ttl_seconds", self.ttl))
+        self.size = int(values.get("cache_max_entries", self.size))
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)
+
+    def get(self, key: tuple, now: float) -> Any:
+        entry = self.data.get(key)
+        if entry is None or entry[0] + self.ttl <= now:
+            if entry is not None:
+                del self.data[key]
+            return None
+        self.data.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: tuple, value: Any, now: float) -> None:
+        self.data[key] = (now, value)
+        self.data.move_to_end(key)
+        while len(self.data) > self.size:
+            self.data.popitem(last=False)
+
+
+class _Batcher:
+    """One route's micro-batcher, one server: a batch leaves when full or when its oldest waited max_wait;
+    with bucketing it holds the oldest request and the next-oldest of its length bucket only."""
+
+    def __init__(self, route: str, size: int, wait_ms: float, bucketing: bool):
+        self.route, self.size, self.wait_ms, self.bucketing = route, size, wait_ms, bucketing
+        self.queue: deque[tuple[float, _Task]] = deque()
+        self.busy = False
+        self.timer: float | None = None
+
+
+class _Records:
+    """Finished spans as columns (append-only lists), read back per window as numpy arrays."""
+
+    def __init__(self, *columns: str):
+        self.columns = columns
+        self.data: dict[str, list] = {c: [] for c in columns}
+        self.low = 0  # rows before this started before any window still to be read
+
+    def add(self, *values) -> None:
+        for column, value in zip(self.columns, values, strict=True):
+            self.data[column].append(value)
+
+    def window(self, start: float, end: float, keep: float) -> dict[str, np.ndarray]:
+        times = self.data[self.columns[0]]
+        while self.low < len(times) and times[self.low] < keep:
+            self.low += 1
+        t = np.asarray(times[self.low:], dtype=float)
+        mask = (t >= start) & (t < end)
+        return {c: np.asarray(self.data[c][self.low:])[mask] for c in self.columns}
+
+    def all(self) -> dict[str, np.ndarray]:
+        return {c: np.asarray(v) for c, v in self.data.items()}
+
+
+_ARRIVE, _CLASSIFY, _TIMER, _BATCH_DONE, _ATTEMPT, _CALL_DONE, _TICK, _APPLY = range(8)
+
+
+class _Simulation:
+    """One arm over one workload: the event loop, the steps' state, the controller, and the spans it leaves."""
+
+    def __init__(self, spec: PipelineSpec, calibration: Calibration, workload: Workload, slo: SLO | None,
+                 arm: Arm, prices: PriceTable, settings: LoopSettings, apply_delay: float, seed: int):
+        self.spec, self.cal, self.workload, self.slo, self.arm = spec, calibration, workload, slo, arm
+        self.prices, self.settings, self.apply_delay = prices, settings, apply_delay
+        self.cascade, self.model_step = _roles(spec)
+        self.effect = _effect_step(spec, calibration)
+        self.plain = [s for s in spec.steps if s not in (self.cascade, self.model_step, self.effect)]
+        order = list(spec.steps)
+        self.plain_before = sum(1 for s in self.plain if order.index(s) < order.index(self.model_step))
+        missing = [r for r in self._knob(self.model_step, "route_weights", {r: 1.0 for r in calibration.routes})
+                   if r not in calibration.routes]
+        if self.cascade:
+            missing += [r for r in self._knob(self.cascade, "route_weights", {r: 1.0 for r in calibration.tiers})
+                        if r not in calibration.tiers]
+        if missing:
+            raise ValueError(f"the calibration has no physics for routes {sorted(missing)} of {spec.pipeline}")
+        config = spec.defaults()
+        if arm.kind == "static" and arm.config:
+            config = spec.merge(config, {s: dict(v) for s, v in arm.config.items()})
+        self.config = config
+        self.changes = 0
+        self.decisions: list[dict[str, Any]] = []
+        self.last_change: float | None = None
+        self.rng = random.Random(seed * 7919 + 17)
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.seq = 0
+        self._tickets(workload)
+        self.batchers: dict[str, _Batcher] = {}
+        self.in_flight = 0
+        self.waiting: deque[_Task] = deque()
+        self.buckets = {name: [max(1.0, tier.rate_limit_rps), 0.0] for name, tier in calibration.tiers.items()}
+        self.requests = _Records("start", "latency_ms", "cost", "right")
+        self.model_spans = _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
+                                    "task")
+        self.batches = _Records("start", "route", "size", "duration", "padding")
+        self.cascade_spans = _Records("start", "route", "duration", "cache", "ticket", "retried", "error", "cost",
+                                      "right", "task")
+        self.effect_spans = _Records("start", "duration", "cost")
+        self.core_price = {r: prices.routes.get(r, 0.0) for r in calibration.routes}
+        self.effect_price = prices.calls.get(self.effect, 0.0) if self.effect else 0.0
+        self.token_price = {}
+        for name, tier in calibration.tiers.items():
+            price = prices.models.get(tier.model)
+            self.token_price[name] = (tier.input_tokens * price.input_per_1m + tier.output_tokens * price.output_per_1m
+                                      ) / 1e6 if price else 0.0
+        self.model_cache = _Cache(True, 600.0, 10_000)
+        self.cascade_cache = _Cache(False, 600.0, 10_000)
+        self._apply(config.steps)
+
+    # ---- config ----------------------------------------------------------------------------------
+    def _knob(self, step: str, name: str, default: Any = None) -> Any:
+        knob = self.spec.steps.get(step, {}).get(name)
+        value = getattr(self, "config", None)
+        if value is not None and name in value.steps.get(step, {}):
+            return value.steps[step][name]
+        return knob.default if knob is not None else default
+
+    def _apply(self, steps: Mapping[str, Mapping[str, KnobValue]]) -> None:
+        m, c = self.model_step, self.cascade
+        weights = self._knob(m, "route_weights", {r: 1.0 for r in self.cal.routes})
+        self.model_routes = [r for r in weights]
+        self.model_cum = np.cumsum([weights[r] for r in self.model_routes]) / sum(weights.values())
+        size, wait = int(self._knob(m, "batch_max_size", 1)), float(self._knob(m, "batch_max_wait_ms", 0.0))
+        bucketing = bool(self._knob(m, "length_bucketing", False))
+        for route in self.cal.routes:
+            batcher = self.batchers.setdefault(route, _Batcher(route, size, wait, bucketing))
+            batcher.size, batcher.wait_ms, batcher.bucketing = size, wait, bucketing
+        if "cache_enabled" in self.spec.steps.get(m, {}):
+            self.model_cache.configure({k: self._knob(m, k) for k in ("cache_enabled", "cache_ttl_seconds",
+                                                                      "cache_max_entries")})
+        else:
+            self.model_cache.enabled = False
+        if c:
+            tiers = self._knob(c, "route_weights", {r: 1.0 for r in self.cal.tiers})
+            self.tiers = [t for t in tiers]
+            self.tier_cum = np.cumsum([tiers[t] for t in self.tiers]) / sum(tiers.values())
+            self.threshold = float(self._knob(c, "cascade_threshold", 0.0))
+            self.max_concurrency = int(self._knob(c, "max_concurrency", 1 << 30))
+            self.timeout = float(self._knob(c, "timeout_seconds", 10.0))
+            if "cache_enabled" in self.spec.steps.get(c, {}):
+                self.cascade_cache.configure({k: self._knob(c, k) for k in ("cache_enabled", "cache_ttl_seconds",
+                                                                            "cache_max_entries")})
+            else:
+                self.cascade_cache.enabled = False
+
+    # ---- workload --------------------------------------------------------------------------------
+    def _tickets(self, workload: Workload) -> None:
+        """Every request's input and the draws that belong to it, the same for every arm (common random numbers)."""
+        rng = np.random.default_rng(workload.seed)
+        n = len(workload.arrivals)
+        repeat = rng.random(n) < workload.duplicate_ratio
+        pick = rng.random(n)
+        ticket = np.empty(n, dtype=np.int64)
+        recent: deque[int] = deque(maxlen=workload.recent)
+        fresh = 0
+        for i in range(n):
+            if repeat[i] and recent:
+                ticket[i] = recent[int(pick[i] * len(recent))]
+            else:
+                ticket[i] = fresh
+                recent.append(fresh)
+                fresh += 1
+        self.ticket = ticket
+        levels = np.linspace(0, 1, LEVELS)
+        u_right, u_confidence = rng.random(fresh), rng.random(fresh)
+        self.length = np.maximum(1, np.round(np.interp(rng.random(fresh), levels, self.cal.lengths))).astype(int)
+        self.urgent = rng.random(fresh) < self.cal.effect_share
+        self.right, self.confidence = {}, {}
+        for name, route in self.cal.routes.items():  # one draw per ticket for every route: routes agree mostly
+            right = u_right < route.accuracy
+            self.right[name] = right
+            self.confidence[name] = np.where(right, np.interp(u_confidence, levels, route.confidence_right),
+                                             np.interp(u_confidence, levels, route.confidence_wrong))
+        self.u_route, self.u_tier, self.u_remote = rng.random(n), rng.random(n), rng.random(n)
+        self.z_remote, self.z_effect = rng.standard_normal(n), rng.standard_normal(n)
+
+    # ---- events ----------------------------------------------------------------------------------
+    def push(self, when: float, kind: int, payload: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (when, self.seq, kind, payload))
+
+    def run(self) -> None:
+        arrivals = self.workload.arrivals
+        if len(arrivals):
+            self.push(arrivals[0], _ARRIVE, 0)
+        if self.arm.kind != "static":
+            self.push(self.settings.interval_seconds, _TICK)
+        handlers = (self._arrive, self._classify, self._timer, self._batch_done, self._attempt, self._call_done,
+                    self._tick, self._apply_event)
+        end = self.workload.duration
+        heap = self.heap
+        while heap:
+            when, _, kind, payload = heapq.heappop(heap)
+            if kind == _TICK and when > end:
+                continue
+            handlers[kind](when, payload)
+
+    def _arrive(self, now: float, index: int) -> None:
+        arrivals = self.workload.arrivals
+        if index + 1 < len(arrivals):
+            self.push(arrivals[index + 1], _ARRIVE, index + 1)
+        task = _Task(index, int(self.ticket[index]), now)
+        self.push(now + self.plain_before * self.cal.step_ms / 1000, _CLASSIFY, task)
+
+    def _classify(self, now: float, task: _Task) -> None:
+        route = self.model_routes[int(np.searchsorted(self.model_cum, self.u_route[task.index], side="right"))
+                                  if len(self.model_routes) > 1 else 0]
+        task.route = route
+        cache = self.model_cache
+        if cache.enabled and cache.get((route, task.ticket), now) is not None:
+            self._classified(task, now, now + self.cal.cache_hit_ms / 1000, 0, 0.0)
+            return
+        batcher = self.batchers[route]
+        batcher.queue.append((now, task))
+        self._dispatch(batcher, now)
+
+    def _dispatch(self, batcher: _Batcher, now: float) -> None:
+        if batcher.busy or not batcher.queue:
+            return
+        head = batcher.queue[0][0]
+        due = head + batcher.wait_ms / 1000
+        if len(batcher.queue) < batcher.size and due > now + 1e-12:
+            if batcher.timer is None or batcher.timer > due:
+                batcher.timer = due
+                self.push(due, _TIMER, batcher)
+            return
+        if batcher.bucketing:
+            bucket = (max(self.length[batcher.queue[0][1].ticket], 1) - 1) // BUCKET_WIDTH
+            chosen = [i for i, (_, t) in enumerate(batcher.queue)
+                      if (max(self.length[t.ticket], 1) - 1) // BUCKET_WIDTH == bucket][:batcher.size]
+            batch = [batcher.queue[i] for i in chosen]
+            for i in reversed(chosen):
+                del batcher.queue[i]
+        else:
+            batch = [batcher.queue.popleft() for _ in range(min(batcher.size, len(batcher.queue)))]
+        lengths = [int(self.length[t.ticket]) for _, t in batch]
+        padded = max(lengths) * len(lengths)
+        padding = (padded - sum(lengths)) / padded
+        route = self.cal.routes[batcher.route]
+        service = route.service.batch_ms(len(batch), padding) * math.exp(self.rng.gauss(0, route.service_sigma))
+        batcher.busy = True
+        self.batches.add(now, batcher.route, len(batch), service, padding)
+        self.push(now + service / 1000, _BATCH_DONE, (batcher, batch, service))
+
+    def _timer(self, now: float, batcher: _Batcher) -> None:
+        if batcher.timer is not None and batcher.timer <= now + 1e-12:
+            batcher.timer = None
+        self._dispatch(batcher, now)
+
+    def _batch_done(self, now: float, payload) -> None:
+        batcher, batch, service = payload
+        batcher.busy = False
+        share = service / 1000 / len(batch) * self.core_price.get(batcher.route, 0.0)
+        for enqueued, task in batch:
+            if self.model_cache.enabled:
+                self.model_cache.put((batcher.route, task.ticket), True, now)
+            self._classified(task, enqueued, now, 1 if self.model_cache.enabled else 2, share)
+        self._dispatch(batcher, now)
+
+    def _classified(self, task: _Task, start: float, end: float, cache: int, cost: float) -> None:
+        route = task.route
+        task.confidence = float(self.confidence[route][task.ticket])
+        task.local_right = bool(self.right[route][task.ticket])
+        task.cost += cost
+        self.model_spans.add(start, route, (end - start) * 1000, cache, task.ticket, task.local_right, cost,
+                             task.confidence, task.index)
+        if self.cascade and task.confidence < self.threshold:
+            self._escalate(task, end)
+        else:
+            task.final_right = task.local_right
+            self._finish(task, end)
+
+    def _escalate(self, task: _Task, now: float) -> None:
+        tier = self.tiers[int(np.searchsorted(self.tier_cum, self.u_tier[task.index], side="right"))
+                          if len(self.tiers) > 1 else 0]
+        task.tier, task.escalate_start = tier, now
+        if self.cascade_cache.enabled:
+            answer = self.cascade_cache.get((tier, task.ticket), now)
+            if answer is not None:
+                self._answered(task, now + self.cal.cache_hit_ms / 1000, 0, bool(answer), 0.0, False)
+                return
+        task.deadline = now + self.timeout
+        if self.in_flight < self.max_concurrency:
+            self.in_flight += 1
+            self._attempt(now, task)
+        else:
+            self.waiting.append(task)
+
+    def _attempt(self, now: float, task: _Task) -> None:
+        tier = self.cal.tiers[task.tier]
+        task.attempts += 1
+        bucket = self.buckets[task.tier]
+        wait = 0.0
+        if tier.rate_limit_rps > 0:
+            capacity = max(1.0, tier.rate_limit_rps)
+            bucket[0] = min(capacity, bucket[0] + (now - bucket[1]) * tier.rate_limit_rps)
+            bucket[1] = now
+            if bucket[0] >= 1:
+                bucket[0] -= 1
+            else:
+                wait = (1 - bucket[0]) / tier.rate_limit_rps
+        if not wait:
+            z = self.z_remote[task.index] if task.attempts == 1 else self.rng.gauss(0, 1)
+            latency = tier.median_ms * math.exp(tier.sigma * z) / 1000
+            self.push(min(now + latency, task.deadline), _CALL_DONE, (task, now + latency <= task.deadline))
+            return
+        answered = now + self.cal.rejected_ms / 1000
+        cap = min(self.cal.retry_max_seconds, self.cal.retry_base_seconds * 2 ** (task.attempts - 1))
+        delay = min(self.cal.retry_max_seconds, max(cap * self.rng.random(), max(1, math.ceil(wait))))
+        if task.attempts >= self.cal.retry_attempts or answered + delay > task.deadline:
+            self.push(answered, _CALL_DONE, (task, False))
+        else:
+            self.push(answered + delay, _ATTEMPT, task)
+
+    def _call_done(self, now: float, payload) -> None:
+        task, ok = payload
+        self.in_flight -= 1
+        while self.waiting and self.in_flight < self.max_concurrency:
+            self.in_flight += 1
+            self._attempt(now, self.waiting.popleft())
+        if not ok:
+            self._answered(task, now, 2 if not self.cascade_cache.enabled else 1, None, 0.0, task.attempts > 1)
+            return
+        right = self.u_remote[task.index] < self.cal.tiers[task.tier].accuracy
+        if self.cascade_cache.enabled:
+            self.cascade_cache.put((task.tier, task.ticket), bool(right), now)
+        self._answered(task, now, 1 if self.cascade_cache.enabled else 2, right, self.token_price[task.tier],
+                       task.attempts > 1)
+
+    def _answered(self, task: _Task, now: float, cache: int, right: bool | None, cost: float, retried: bool) -> None:
+        task.cost += cost
+        error = right is None
+        task.final_right = task.local_right if error else bool(right)
+        self.cascade_spans.add(task.escalate_start, task.tier, (now - task.escalate_start) * 1000, cache, task.ticket,
+                               retried, error, cost, -1 if error else int(bool(right)), task.index)
+        self._finish(task, now)
+
+    def _finish(self, task: _Task, now: float) -> None:
+        now += (len(self.plain) - self.plain_before) * self.cal.step_ms / 1000
+        if self.effect and self.urgent[task.ticket]:
+            duration = self.cal.effect_median_ms * math.exp(self.cal.effect_sigma * self.z_effect[task.index])
+            self.effect_spans.add(now, duration, self.effect_price)
+            task.cost += self.effect_price
+            now += duration / 1000
+        latency = (now - task.start) * 1000 + self.cal.overhead_ms
+        self.requests.add(task.start, latency, task.cost, task.final_right)
+
+    # ---- control ---------------------------------------------------------------------------------
+    def _tick(self, now: float, _) -> None:
+        self.push(now + self.settings.interval_seconds, _TICK)
+        s = self.settings
+        if self.last_change is not None and now - self.last_change < s.cooldown_seconds:
+            return
+        obs = self.observe(now)
+        if obs.requests < s.min_requests or obs.window_seconds < s.window_seconds / 2:
+            return
+        if self.arm.kind == "aimd":
+            knob = self.spec.steps[self.model_step]["batch_max_size"]
+            target = step_target_ms(self.slo, obs, self.model_step)
+            current = int(self._knob(self.model_step, "batch_max_size"))
+            if target is None:
+                return
+            size = aimd_batch_size(current, obs.step_total(self.model_step).p95_ms, target, knob)
+            changes = {self.model_step: {"batch_max_size": size}} if size != current else {}
+            reasons = [f"AIMD: p95 {obs.step_total(self.model_step).p95_ms:.0f} ms vs {target:.0f} ms: "
+                       f"batch_max_size {current} -> {size}"] if changes else []
+        else:
+            plan = decide(self.spec, self.config, self.slo, obs, s)
+            changes, reasons = plan.changes, plan.reasons
+        if not changes:
+            return
+        self.config = self.spec.merge(self.config, changes)
+        self.last_change = now
+        self.changes += 1
+        self.decisions.append({"at_seconds": round(now, 1), "changes": changes, "reasons": reasons})
+        self.push(now + self.apply_delay, _APPLY, self.config)
+
+    def _apply_event(self, now: float, config: PipelineConfig) -> None:
+        if config is not self.config:  # a newer config is on its way
+            return
+        self._apply(config.steps)
+        for batcher in self.batchers.values():
+            self._dispatch(batcher, now)
+        while self.waiting and self.in_flight < self.max_concurrency:
+            self.in_flight += 1
+            self._attempt(now, self.waiting.popleft())
+
+    def observe(self, now: float) -> Observation:
+        """The last window of simulated spans as `tuner.observe.collect` would read them from ClickHouse."""
+        window = float(self.settings.window_seconds)
+        start, keep = now - window, now - window - 120
+        roots = self.requests.window(start, now, keep)
+        first = float(roots["start"].min()) if len(roots["start"]) else now
+        obs = Observation(self.spec.pipeline, float(min(window, max(1.0, now - first))))
+        n = len(roots["start"])
+        obs.requests = n
+        if not n:
+            return obs
+        obs.p95_ms = float(np.quantile(roots["latency_ms"], 0.95))
+        obs.p99_ms = float(np.quantile(roots["latency_ms"], 0.99))
+        total = 0.0
+        model = self.model_spans.window(start, now, keep)
+        obs.steps[self.model_step] = self._routes(model, with_labels=True)
+        batches = self.batches.window(start, now, keep)
+        obs.batches[self.model_step] = [BatchSample(int(s), float(d), float(p)) for s, d, p in
+                                        zip(batches["size"][::-1][:5000], batches["duration"][::-1][:5000],
+                                            batches["padding"][::-1][:5000], strict=True)]
+        total += float(model["cost"].sum())
+        for step in self.plain:
+            obs.steps[step] = {"": RouteObservation(spans=n, p95_ms=self.cal.step_ms)}
+        if self.cascade:
+            spans = self.cascade_spans.window(start, now, keep)
+            obs.steps[self.cascade] = self._routes(spans, with_labels=True)
+            total += float(spans["cost"].sum())
+            remote = dict(zip(spans["task"].tolist(), spans["right"].tolist(), strict=True))
+            obs.cascade_samples[self.cascade] = [
+                CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]))
+                for c, r, t in zip(model["confidence"], model["right"], model["task"], strict=True)]
+            finals = [bool(remote[t]) if remote.get(t, -1) >= 0 else bool(r)
+                      for r, t in zip(model["right"], model["task"], strict=True)]
+            if finals:
+                obs.quality, obs.labelled = sum(finals) / len(finals), len(finals)
+        if self.effect:
+            spans = self.effect_spans.window(start, now, keep)
+            if len(spans["start"]):
+                obs.steps[self.effect] = {self.cal.effect_route: RouteObservation(
+                    spans=len(spans["start"]), p95_ms=float(np.quantile(spans["duration"], 0.95)),
+                    cost=float(spans["cost"].sum()))}
+                total += float(spans["cost"].sum())
+        obs.cost_per_1k = 1000 * total / n
+        return obs
+
+    @staticmethod
+    def _routes(spans: Mapping[str, np.ndarray], with_labels: bool) -> dict[str, RouteObservation]:
+        out: dict[str, RouteObservation] = {}
+        for route in sorted(set(spans["route"].tolist())):
+            mine = spans["route"] == route
+            cache, right = spans["cache"][mine], spans["right"][mine]
+            answered = right >= 0 if right.dtype != bool else np.ones(len(right), dtype=bool)
+            out[route] = RouteObservation(
+                spans=int(mine.sum()), p95_ms=float(np.quantile(spans["duration"][mine], 0.95)),
+                hits=int((cache == 0).sum()), misses=int((cache == 1).sum()), bypass=int((cache == 2).sum()),
+                hashed=int(mine.sum()), distinct_inputs=len(set(spans["ticket"][mine].tolist())),
+                retried=int(spans["retried"][mine].sum()) if "retried" in spans else 0,
+                errors=int(spans["error"][mine].sum()) if "error" in spans else 0,
+                cost=float(spans["cost"][mine].sum()),
+                correct=int((right[answered] == 1).sum()) if with_labels else 0,
+                labelled=int(answered.sum()) if with_labels else 0)
+        return out
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+def slo_windows(starts: np.ndarray, latencies: np.ndarray, slo: SLO | None, skip_seconds: float = 300.0,
+                window_seconds: float = 60.0) -> tuple[float, list[dict[str, float]]]:
+    """Share of whole `window_seconds` windows after `skip_seconds` whose p95 (and p99) meet the SLO, and the
+    per-window figures (by request start time)."""
+    if not len(starts):
+        return math.nan, []
+    bins = (np.asarray(starts) // window_seconds).astype(int)
+    rows = []
+    for b in range(int(bins.max()) + 1):
+        mine = latencies[bins == b]
+        if not len(mine):
+            continue
+        rows.append({"minute": b * window_seconds / 60, "requests": int(len(mine)),
+                     "p95_ms": float(np.quantile(mine, 0.95)), "p99_ms": float(np.quantile(mine, 0.99))})
+    judged = [r for r in rows if r["minute"] * 60 >= skip_seconds]
+    if not judged:
+        return math.nan, rows
+
+    def inside(r: dict[str, float]) -> bool:
+        return (slo is None or slo.p95_ms is None or r["p95_ms"] <= slo.p95_ms) and \
+            (slo is None or slo.p99_ms is None or r["p99_ms"] <= slo.p99_ms)
+
+    return sum(inside(r) for r in judged) / len(judged), rows
+
+
+def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
+    roots = sim.requests.all()
+    n = len(roots["start"])
+    share, windows = slo_windows(roots["start"], roots["latency_ms"], sim.slo, skip_seconds)
+    by_step = {sim.model_step: float(np.sum(sim.model_spans.data["cost"]))}
+    if sim.cascade:
+        by_step[sim.cascade] = float(np.sum(sim.cascade_spans.data["cost"]))
+    if sim.effect:
+        by_step[sim.effect] = float(np.sum(sim.effect_spans.data["cost"]))
+    minutes = (roots["start"] // 60).astype(int) if n else np.array([], dtype=int)
+    cost_by_minute = np.bincount(minutes, weights=roots["cost"]) if n else np.array([])
+    count_by_minute = np.bincount(minutes) if n else np.array([])
+    for w in windows:
+        m = int(w["minute"])
+        w["cost_per_1k"] = float(1000 * cost_by_minute[m] / count_by_minute[m]) if count_by_minute[m] else math.nan
+    late = roots["start"] >= skip_seconds
+    return {
+        "arm": sim.arm.name,
+        "requests": n,
+        "cost_per_1k": float(1000 * roots["cost"].sum() / n) if n else math.nan,
+        "p95_ms": float(np.quantile(roots["latency_ms"], 0.95)) if n else math.nan,
+        "p99_ms": float(np.quantile(roots["latency_ms"], 0.99)) if n else math.nan,
+        "slo_windows": share,
+        "quality": float(np.mean(roots["right"])) if n else math.nan,
+        "quality_after": float(np.mean(roots["right"][late])) if late.any() else math.nan,
+        "changes": sim.changes,
+        "cost_by_step": {step: 1000 * cost / n for step, cost in by_step.items()} if n else {},
+        "config": sim.config.steps,
+        "decisions": sim.decisions,
+        "windows": windows,
+    }
+
+
+def simulate(spec: PipelineSpec, calibration: Calibration, workload: Workload, arm: Arm, *, slo: SLO | None = None,
+             settings: LoopSettings = _LOOP, prices: PriceTable | None = None, apply_delay: float = 5.0,
+             skip_seconds: float = 300.0, seed: int = 1) -> dict[str, Any]:
+    """One arm over the workload: a result row (cost per 1k, p95, p99, share of SLO windows after
+    `skip_seconds`, quality, config changes, cost per 1k by step, the final config, decisions and per-minute
+    figures). `apply_delay`: seconds until executors poll a new config."""
+    slo = slo if slo is not None else (SLO(spec.pipeline, **spec.slo) if spec.slo else None)
+    sim = _Simulation(spec, calibration.validate(), workload, slo, arm, prices or load_prices(), settings,
+                      apply_delay, seed)
+    sim.run()
+    return _row(sim, skip_seconds)
+
+
+def _meets(row: Mapping[str, Any], slo: SLO | None, min_windows: float) -> bool:
+    floor = slo.quality_floor if slo else None
+    return row["slo_windows"] >= min_windows and (floor is None or row["quality"] >= floor)
+
+
+def default_grid(spec: PipelineSpec) -> list[dict[str, dict[str, KnobValue]]]:
+    """Static configs worth trying: cascade threshold x tier mix x escalation cache, and the model step's
+    route mix (each route alone and as declared); batching stays declared (it moves compute, ~1% of cost)."""
+    cascade, model = _roles(spec)
+    model_weights = [None]
+    declared = spec.steps[model].get("route_weights")
+    if declared is not None:
+        model_weights += [{r: float(r == only) for r in declared.default} for only in declared.default]
+    cascade_options: list[dict[str, KnobValue]] = [{}]
+    if cascade:
+        knobs = spec.steps[cascade]
+        thresholds = [round(t, 2) for t in np.arange(0.40, 0.801, 0.05)]
+        tiers = [None]
+        if "route_weights" in knobs:
+            names = list(knobs["route_weights"].default)
+            cheap = names[0]
+            tiers = [{n: (share if n == cheap else (1 - share) / (len(names) - 1)) for n in names}
+                     for share in (0.0, 0.5, 0.7, 0.85, 1.0)]
+        caches = [False, True] if "cache_enabled" in knobs else [None]
+        cascade_options = []
+        for t in thresholds:
+            for w in tiers:
+                for on in caches:
+                    values: dict[str, KnobValue] = {"cascade_threshold": t}
+                    if w is not None:
+                        values["route_weights"] = w
+                    if on is not None:
+                        values["cache_enabled"] = on
+                    cascade_options.append(values)
+    grid = []
+    for weights in model_weights:
+        for values in cascade_options:
+            config: dict[str, dict[str, KnobValue]] = {}
+            if weights is not None:
+                config[model] = {"route_weights": weights}
+            if cascade:
+                config[cascade] = dict(values)
+            grid.append(config)
+    return grid
+
+
+def oracle(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, slo: SLO | None = None,
+           grid: Sequence[Mapping[str, Mapping[str, KnobValue]]] | None = None, min_windows: float = 0.99,
+           progress: Callable[[int, int], None] | None = None, **options) -> tuple[dict[str, Any], list[dict]]:
+    """The cheapest static config of `grid` (default `default_grid`) whose SLO windows after the first five
+    minutes are inside the SLO in >= `min_windows` and whose quality holds the floor, with every row tried.
+    With none feasible, the one closest to feasible (most SLO windows, then quality), marked infeasible."""
+    slo = slo if slo is not None else (SLO(spec.pipeline, **spec.slo) if spec.slo else None)
+    grid = list(grid if grid is not None else default_grid(spec))
+    rows = []
+    for i, config in enumerate(grid):
+        row = simulate(spec, calibration, workload, Arm("oracle", "static", config), slo=slo, **options)
+        row["grid_config"] = {s: dict(v) for s, v in config.items()}
+        rows.append(row)
+        if progress:
+            progress(i + 1, len(grid))
+    feasible = [r for r in rows if _meets(r, slo, min_windows)]
+    if feasible:
+        best = dict(min(feasible, key=lambda r: r["cost_per_1k"]))
+        best["feasible"] = True
+    else:
+        best = dict(max(rows, key=lambda r: (r["slo_windows"], r["quality"])))
+        best["feasible"] = False
+    return best, rows
+
+
+def run(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, slo: SLO | None = None,
+        grid: Sequence[Mapping[str, Mapping[str, KnobValue]]] | None = None,
+        progress: Callable[[str, int, int], None] | None = None, **options) -> list[dict[str, Any]]:
+    """The four arms on one workload: default, AIMD on batch size, the tuner, and the grid-searched oracle."""
+    rows = []
+    for i, arm in enumerate((Arm("default"), Arm("aimd", "aimd"), Arm("tuner", "tuner"))):
+        rows.append(simulate(spec, calibration, workload, arm, slo=slo, **options))
+        if progress:
+            progress("arms", i + 1, 3)
+    best, _ = oracle(spec, calibration, workload, slo=slo, grid=grid,
+                     progress=(lambda done, total: progress("oracle", done, total)) if progress else None, **options)
+    best["arm"] = "oracle"
+    rows.append(best)
+    return rows
