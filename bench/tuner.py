@@ -107,15 +107,16 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def table(rows: Sequence[Mapping[str, Any]], slo: SLO | None, title: str) -> Table:
     """One row per arm: cost per 1k, p95, p99, SLO windows after minute 5, quality, config changes."""
     out = Table(title=title)
-    for name, justify in (("arm", "left"), ("cost / 1k (USD)", "right"), ("p95 ms", "right"), ("p99 ms", "right"),
-                          ("SLO windows", "right"), ("quality", "right"), ("changes", "right")):
+    for name, justify in (("arm", "left"), ("cost / 1k (USD)", "right"), ("2nd half", "right"), ("p95 ms", "right"),
+                          ("p99 ms", "right"), ("SLO windows", "right"), ("quality", "right"), ("changes", "right")):
         out.add_column(name, justify=justify)
     floor = slo.quality_floor if slo else None
     for row in rows:
         quality = row.get("quality")
         ok = floor is None or (quality is not None and quality >= floor)
         windows = row.get("slo_windows")
-        out.add_row(LABELS.get(row["arm"], row["arm"]), _fmt(row.get("cost_per_1k"), 5), _fmt(row.get("p95_ms"), 0),
+        out.add_row(LABELS.get(row["arm"], row["arm"]), _fmt(row.get("cost_per_1k"), 5),
+                    _fmt(row.get("cost_per_1k_late"), 5), _fmt(row.get("p95_ms"), 0),
                     _fmt(row.get("p99_ms"), 0),
                     "—" if windows is None or not math.isfinite(windows) else f"{windows:.1%}",
                     ("" if ok else "[red]") + _fmt(quality, 4), str(row.get("changes", "—")))
@@ -128,13 +129,15 @@ def ratios(rows: Sequence[Mapping[str, Any]]) -> Table:
     out = Table(title="tuner cost ratios")
     for name in ("ratio", "value", "aim", "met"):
         out.add_column(name, justify="left" if name == "ratio" else "right")
-    tuner = by.get("tuner", {}).get("cost_per_1k")
-    for other, aim in (("default", 0.60), ("oracle", 1.10)):
-        base = by.get(other, {}).get("cost_per_1k")
-        if tuner is None or not base:
-            continue
-        value = tuner / base
-        out.add_row(f"tuner / {other}", f"{value:.2f}", f"<= {aim:.2f}", "yes" if value <= aim else "[red]no")
+    for figure, when in (("cost_per_1k", "whole run"), ("cost_per_1k_late", "2nd half")):
+        tuner = by.get("tuner", {}).get(figure)
+        for other, aim in (("default", 0.60), ("oracle", 1.10)):
+            base = by.get(other, {}).get(figure)
+            if tuner is None or not base or not math.isfinite(tuner) or not math.isfinite(base):
+                continue
+            value = tuner / base
+            out.add_row(f"tuner / {other} ({when})", f"{value:.2f}", f"<= {aim:.2f}",
+                        "yes" if value <= aim else "[red]no")
     return out
 
 

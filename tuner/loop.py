@@ -24,10 +24,12 @@ from tracetune.tuner.policies import (
     batching_policy,
     caching_policy,
     cascade_policy,
+    cascade_route_floor,
     clamp_change,
     concurrency_policy,
     fit_service_time,
     routing_policy,
+    slow_weight_cap,
 )
 
 log = logging.getLogger("tracetune.tuner")
@@ -110,8 +112,16 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                     settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
                                     step=step), spec, current, settings.max_relative_change)
         if "route_weights" in knobs:
-            plan.add(routing_policy(obs.route_stats(step), current["route_weights"], knobs["route_weights"], floor,
-                                    target, step=step), spec, current, settings.max_relative_change)
+            route_floor, cap = floor, None
+            if step in spec.cascades and "cascade_threshold" in current:
+                # The escalated answers carry only part of the pipeline's quality, and only the escalated
+                # tasks' latency: the floor they need and the slow-tier weight the p95 target allows.
+                route_floor = cascade_route_floor(obs.cascade_samples.get(step, []), current["cascade_threshold"],
+                                                  floor)
+                cap = slow_weight_cap(total.spans / obs.requests if obs.requests else 1.0)
+            plan.add(routing_policy(obs.route_stats(step), current["route_weights"], knobs["route_weights"],
+                                    route_floor, target, step=step, slow_cap=cap),
+                     spec, current, settings.max_relative_change)
         if "cascade_threshold" in knobs:
             plan.add(cascade_policy(obs.cascade_samples.get(step, []), current["cascade_threshold"],
                                     knobs["cascade_threshold"], floor, obs.cost_per_call(step), step=step),
@@ -203,7 +213,9 @@ def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan: Plan, se
                 del values[knob]
                 dropped.append(f"{step}.{knob}")
         if not values:
-            del plan.changes[step]
+            del plan.changes[step]  # and its reasons: they describe a change no longer made
+            plan.reasons = [r for r in plan.reasons if not r.startswith(f"{step}: ")]
+            plan.predicted = {k: v for k, v in plan.predicted.items() if not k.startswith(f"{step}.")}
     if dropped:
         plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {last['version_before']} "
                             f"moved them that way and was rolled back")

@@ -443,7 +443,10 @@ def caching_policy(requests: int, repeats: int, hits: int, current: Mapping[str,
         values["cache_enabled"] = True
     ttl = float(current.get("cache_ttl_seconds", ttl_knob.default)) if ttl_knob else window_seconds
     if ttl_knob is not None:
-        wanted = min(staleness_limit_seconds, ttl_knob.high if ttl_knob.high is not None else math.inf, window_seconds)
+        # Up to what the window shows repeats over; never shorter than now for that reason alone (repeats
+        # further apart than the window cannot be seen in it): shorter only for the staleness limit.
+        wanted = min(staleness_limit_seconds, ttl_knob.high if ttl_knob.high is not None else math.inf,
+                     max(ttl, window_seconds))
         wanted = max(wanted, ttl_knob.low or 0.0)
         if ttl > staleness_limit_seconds or abs(wanted - ttl) > 0.1 * max(ttl, 1e-9):
             values["cache_ttl_seconds"] = ttl = float(wanted)
@@ -460,7 +463,8 @@ def caching_policy(requests: int, repeats: int, hits: int, current: Mapping[str,
     coverage = min(1.0, ttl / window_seconds) * (min(1.0, entries * headroom / needed) if entries_knob else 1.0)
     predicted_hits = duplicate * coverage
     reason = (f"{duplicate:.1%} of {requests} requests in {window_seconds:g} s repeat an input "
-              f"(>= {min_repeat_share:.0%}), {hit_ratio:.1%} hit now: cache on, TTL {ttl:g} s (staleness limit "
+              f"(>= {min_repeat_share:.0%}), {hit_ratio:.1%} hit now: cache {'stays on' if enabled else 'on'}, "
+              f"TTL {ttl:g} s (staleness limit "
               f"{staleness_limit_seconds:g} s), {entries} entries for {distinct_keys} distinct inputs; "
               f"predicted hit ratio {predicted_hits:.1%}")
     return Proposal(step, values, reason, {"hit_ratio": predicted_hits, "duplicate_rate": duplicate})
@@ -491,14 +495,27 @@ def _wilson_lower(successes: float, n: float, z: float = Z_95) -> float:
     return max(0.0, (centre - spread) / denominator)
 
 
+TAIL_SHARE = 0.05  # the tasks a p95 target lets be slower than it
+TAIL_MARGIN = 0.8  # of which the routes of one step may use this much
+
+
+def slow_weight_cap(step_share: float) -> float:
+    """The most weight routes slower than the p95 target may have on a step that `step_share` of tasks go
+    through (a cascade: the escalations): their tasks must stay within the tail a p95 target allows."""
+    return 1.0 if step_share <= 0 else min(1.0, TAIL_MARGIN * TAIL_SHARE / step_share)
+
+
 def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], knob: Knob, quality_floor: float | None,
                    p95_target_ms: float | None = None, min_labelled: int = 30, max_shift: float = 0.25,
-                   step: str = "", *, min_move: float = 0.01, z: float = Z_95) -> Proposal | None:
+                   step: str = "", *, min_move: float = 0.01, z: float = Z_95,
+                   slow_cap: float | None = None) -> Proposal | None:
     """Weights minimising cost per request subject to the labelled routes' accuracy (lower bound) >= floor.
 
-    Routes with fewer than `min_labelled` labels keep their weight; routes slower than the p95 target are
-    not increased; at most `max_shift` of the traffic moves per decision. If no mix reaches the floor,
-    weight moves toward accuracy (quality first).
+    Routes with fewer than `min_labelled` labels keep their weight; at most `max_shift` of the traffic moves
+    per decision. Routes slower than the p95 target are not increased — or, with `slow_cap` (a step only
+    some tasks reach, e.g. a cascade), may hold at most that much weight together, unless every route is
+    slow (then latency is not routing's to fix). If no mix reaches the floor, weight moves toward accuracy
+    (quality first).
     """
     names = list(knob.default) if isinstance(knob.default, dict) else list(current)
     stats = {r.route: r for r in routes}
@@ -518,20 +535,30 @@ def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], k
                       for i, n in enumerate(names)])
     slow = np.array([p95_target_ms is not None and n in stats and stats[n].p95_ms is not None
                      and stats[n].p95_ms > p95_target_ms for n in names])
-    bounds = [(w, w) if not known[i] else (0.0, w) if slow[i] else (0.0, 1.0) for i, w in enumerate(weights_now)]
+    capped = slow_cap is not None and bool(slow[known].any()) and not bool(slow[known].all())
+    if slow_cap is not None and not capped:
+        slow = np.zeros(len(names), dtype=bool)  # all slow or none: latency is not routing's to fix here
+    bounds = [(w, w) if not known[i] else (0.0, w) if slow[i] and not capped else (0.0, 1.0)
+              for i, w in enumerate(weights_now)]
     equal = (np.ones((1, len(names))), [1.0])
-    target = None
+    # The slow routes' tasks must fit in the tail the p95 target allows (weight held on unlabelled ones counts).
+    cap = ([slow.astype(float)], [max(float(slow_cap), float(weights_now[slow & ~known].sum()))]) if capped \
+        else ([], [])
+    rows, limits = list(cap[0]), list(cap[1])
     if quality_floor is not None:  # the labelled routes' mix must average >= floor (unlabelled ones are held)
-        floor_row = np.where(known, quality_floor - lower, 0.0)[None, :]
-        solved = linprog(cost, A_ub=floor_row, b_ub=[0.0], A_eq=equal[0], b_eq=equal[1], bounds=bounds,
-                         method="highs")
-        target = solved.x if solved.success else None
-    else:
-        solved = linprog(cost, A_eq=equal[0], b_eq=equal[1], bounds=bounds, method="highs")
-        target = solved.x if solved.success else None
+        rows.append(np.where(known, quality_floor - lower, 0.0))
+        limits.append(0.0)
+    solved = linprog(cost, A_ub=np.array(rows) if rows else None, b_ub=limits or None, A_eq=equal[0],
+                     b_eq=equal[1], bounds=bounds, method="highs")
+    target = solved.x if solved.success else None
     quality_first = target is None
+    held_mass = float(weights_now[known].sum())
+    if quality_first and quality_floor is not None and held_mass > 0 \
+            and float(accuracy[known] @ weights_now[known]) / held_mass >= quality_floor:
+        return None  # the labels are too few to prove the floor, but the current mix meets it: hold
     if quality_first:
-        solved = linprog(-lower + 1e-9 * cost, A_eq=equal[0], b_eq=equal[1], bounds=bounds, method="highs")
+        solved = linprog(-lower + 1e-9 * cost, A_ub=np.array(cap[0]) if capped else None,
+                         b_ub=cap[1] or None, A_eq=equal[0], b_eq=equal[1], bounds=bounds, method="highs")
         if not solved.success:
             return None
         target = solved.x
@@ -571,6 +598,22 @@ class CascadeSample:
     confidence: float
     local_correct: bool | None  # None when unlabelled
     remote_correct: bool | None = None  # known for tasks that were escalated and labelled
+
+
+def cascade_route_floor(samples: Sequence[CascadeSample], threshold: float, quality_floor: float | None,
+                        ) -> float | None:
+    """The accuracy a cascade's escalated answers need for the *pipeline* to hold `quality_floor` at `threshold`.
+
+    (floor x labelled tasks - right answers kept locally) / labelled escalations, within [0, 1]: the answers
+    kept locally already carry part of the floor. The floor itself without labelled escalations."""
+    if quality_floor is None:
+        return None
+    labelled = [s for s in samples if s.local_correct is not None]
+    escalated = sum(1 for s in labelled if s.confidence < threshold)
+    if not escalated:
+        return quality_floor
+    kept = sum(1 for s in labelled if s.confidence >= threshold and s.local_correct)
+    return min(1.0, max(0.0, (quality_floor * len(labelled) - kept) / escalated))
 
 
 def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, knob: Knob, quality_floor: float | None,
@@ -619,6 +662,9 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             goal = float(thresholds[min(pick, key=lambda i: (distance[i], escalated[i]))])
             why = "toward the nearest threshold holding the floor"
         else:
+            lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))
+            if quality_floor is not None and (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor:
+                return None  # the labels are too few to prove the floor, but the current threshold meets it: hold
             goal = high
             why = "no threshold holds the floor: up, quality first"
         new = current_threshold + max(-max_step, min(max_step, goal - current_threshold))
@@ -672,8 +718,9 @@ def concurrency_policy(current: int, knob: Knob, calls: int, rate_limited: int, 
 
 
 def clamp_change(knob: Knob, current: KnobValue, proposed: KnobValue, max_relative: float = 0.5) -> KnobValue:
-    """`proposed` kept within the knob's bounds and within +-max_relative of `current` (at least 1 for ints,
-    1% of the declared range for floats); bools pass; each weight moves at most max_relative, then renormalised."""
+    """`proposed` kept within the knob's bounds and within +-max_relative of `current` (at least 1 for ints;
+    floats at 0 move 1% of the declared range); bools pass; each weight moves at most max_relative, then
+    renormalised."""
     if knob.kind == "bool":
         return bool(proposed)
     if knob.kind == "weights":
@@ -689,7 +736,8 @@ def clamp_change(knob: Knob, current: KnobValue, proposed: KnobValue, max_relati
         delta = max(1.0, math.floor(max_relative * abs(now)))
     else:
         span = knob.high - knob.low if knob.low is not None and knob.high is not None else 0.0
-        delta = max(max_relative * abs(now), 0.01 * span) or max_relative * abs(value)
+        # Relative to the current value; from 0, a step of 1% of the declared range (or of the proposal).
+        delta = max_relative * abs(now) if now else (0.01 * span or max_relative * abs(value))
     value = min(now + delta, max(now - delta, value))
     if knob.kind == "int":
         value = round(value)

@@ -23,11 +23,13 @@ from tracetune.tuner.policies import (
     batching_policy,
     caching_policy,
     cascade_policy,
+    cascade_route_floor,
     clamp_change,
     concurrency_policy,
     fit_service_time,
     predict_batching,
     routing_policy,
+    slow_weight_cap,
 )
 
 CURVE = ServiceModel(base_ms=20.0, per_item_ms=4.0)  # the known latency curve: 20 ms + 4 ms per item
@@ -192,8 +194,9 @@ CACHE_OFF = {"cache_enabled": False, "cache_ttl_seconds": 600.0, "cache_max_entr
 def test_a_duplicate_heavy_stream_switches_caching_on_within_the_staleness_limit():
     proposal = caching_policy(3000, 2100, 0, CACHE_OFF, CACHE_KNOBS, 3600.0, 900, 300.0, step="score")
     assert proposal is not None and proposal.values["cache_enabled"] is True
-    ttl = proposal.values.get("cache_ttl_seconds", 600.0)
-    assert ttl <= 3600.0 and ttl == pytest.approx(300.0)  # covers the window's repeats
+    # The declared 600 s stays: it covers the window's repeats, and repeats further apart than the 300 s
+    # window cannot be seen in it, so they are no reason to shorten it.
+    assert "cache_ttl_seconds" not in proposal.values
     assert proposal.values["cache_max_entries"] == 1350  # 900 distinct inputs per TTL x 1.5
     assert proposal.predicted["hit_ratio"] == pytest.approx(0.7)
     strict = caching_policy(3000, 2100, 0, CACHE_OFF, CACHE_KNOBS, 60.0, 900, 300.0)
@@ -363,3 +366,47 @@ def test_clamp_change_keeps_bounds_and_relative_limits():
     assert weights == pytest.approx({"fp32": 0.4, "int8": 0.6})
     assert sum(clamp_change(ROUTES, {"fp32": 2.0, "int8": 2.0}, {"fp32": 1.0, "int8": 0.0}, 0.1).values()) \
         == pytest.approx(1.0)
+
+
+def test_a_cascades_tiers_answer_for_the_pipelines_floor_and_its_share_of_the_tail():
+    # 100 labelled tasks; 80 kept locally (70 right), 20 escalated: the pipeline holds 0.9 if the escalated
+    # answers are right (0.9 x 100 - 70) / 20 = 100% ... and 0.85 if 75% of them are.
+    samples = [CascadeSample(0.9, i < 70) for i in range(80)] + [CascadeSample(0.3, False) for _ in range(20)]
+    assert cascade_route_floor(samples, 0.5, 0.9) == pytest.approx(1.0)
+    assert cascade_route_floor(samples, 0.5, 0.85) == pytest.approx(0.75)
+    assert cascade_route_floor(samples, 0.5, None) is None
+    assert cascade_route_floor([], 0.5, 0.85) == 0.85  # no labelled escalation: the pipeline's floor
+    # A cheap tier over the p95 target may take the escalations when they are few enough for the tail.
+    assert slow_weight_cap(0.04) == 1.0 and slow_weight_cap(0.08) == pytest.approx(0.5)
+    tiers = [RouteStats("small", 4000, 3400, 4000, 0.0002, p95_ms=720.0),
+             RouteStats("large", 4000, 3700, 4000, 0.0010, p95_ms=300.0)]
+    knob = Knob("weights", {"small": 0.7, "large": 0.3})
+    capped = routing_policy(tiers, {"small": 0.7, "large": 0.3}, knob, 0.75, 500.0, max_shift=1.0,
+                            slow_cap=slow_weight_cap(0.08))
+    assert capped.values["route_weights"]["small"] == pytest.approx(0.5)  # the tail allows half on the slow tier
+    free = routing_policy(tiers, {"small": 0.7, "large": 0.3}, knob, 0.75, 500.0, max_shift=1.0,
+                          slow_cap=slow_weight_cap(0.03))
+    assert free.values["route_weights"]["small"] == pytest.approx(1.0)
+    # Without the cap (a step every task goes through) the slow route gains nothing.
+    assert routing_policy(tiers, {"small": 0.3, "large": 0.7}, knob, 0.75, 500.0, max_shift=1.0) is None
+    # The floor the escalated answers need still binds: 0.9 needs more of the accurate tier.
+    floored = routing_policy(tiers, {"small": 0.7, "large": 0.3}, knob, 0.9, 500.0, max_shift=1.0,
+                             slow_cap=slow_weight_cap(0.03))
+    assert floored.values["route_weights"]["large"] > 0.3
+
+
+def test_too_few_labels_to_prove_the_floor_hold_a_mix_that_meets_it():
+    tiers = [RouteStats("small", 40, 37, 40, 0.0002), RouteStats("large", 40, 38, 40, 0.0010)]
+    knob = Knob("weights", {"small": 0.5, "large": 0.5})
+    # Point accuracy 0.9375 >= 0.93, lower bounds about 0.80-0.83: no mix provably holds 0.93, none moves.
+    assert routing_policy(tiers, {"small": 0.5, "large": 0.5}, knob, 0.93) is None
+    # Under the floor even at the point estimate: toward accuracy.
+    worse = routing_policy(tiers, {"small": 0.5, "large": 0.5}, knob, 0.95)
+    assert worse is not None and worse.values["route_weights"]["large"] > 0.5
+
+
+def test_a_wide_float_range_still_moves_at_most_half_per_decision():
+    ttl = Knob("float", 600.0, 0, 30 * 86_400, "s")
+    assert clamp_change(ttl, 600.0, 42.5) == pytest.approx(300.0)  # not 1% of 30 days (25,920 s) at once
+    assert clamp_change(ttl, 600.0, 5000.0) == pytest.approx(900.0)
+    assert clamp_change(Knob("float", 0.0, 0, 1), 0.0, 0.5) == pytest.approx(0.01)  # from 0: 1% of the range
