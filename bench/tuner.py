@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"oracle config from the simulation: {json.dumps(_rounded(oracle['grid_config']))}")
             with Progress(console=console, transient=True) as bar:
                 rows = run_real({"default": None, "aimd": None, "tuner": None, "oracle": oracle["grid_config"]},
-                                minutes=args.minutes, seed=args.seed, progress=bar)
+                                minutes=args.minutes, seed=args.seed, progress=bar, rate=RATE)
             note = f"{args.minutes:g} minutes of real load, seed {args.seed}"
         report(console, rows, slo, args.out, args.mode, note)
     except UsageError as exc:

@@ -1,0 +1,465 @@
+"""`bench/tuner.py --mode real`: each arm runs the whole stack for real and is measured from its own store.
+
+Every arm starts a fresh stack (store, collector, tuner, stand-ins, executor, analyzer: what `tracetune up`
+starts, without the dashboard) in its own temporary home on free ports, drives the demo pipeline
+`ticket_triage` (real ONNX models, the LLM and CRM stand-ins) with the same open-loop Poisson load (rate
+steps up at half time, 20% duplicates, one seed), then reads cost, latency, SLO windows, quality and config
+versions back from the store with the analyzer's query functions. Arms:
+
+- default: the pipeline's declared defaults; the tuning loop is off (`tuner_interval_seconds = 0`).
+- aimd:    loop off; every 30 s this process sets classify.batch_max_size with `aimd_batch_size` from the
+           last 30 s (classify p95 against the step's share of the SLO's p95), through the tuner API.
+- tuner:   the real loop in `tracetune tuner`, on shortened settings (TUNER_LOOP) so it acts within minutes.
+- a dict:  that config pinned (POST .../config) once the executor registered the pipeline (the "oracle").
+
+`python bench/tuner_real.py --minutes 2 --arm default` runs one arm and prints its row as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+from clickhouse_connect.driver.exceptions import DatabaseError
+
+from tracetune import analyzer, store
+from tracetune import settings as settings_mod
+from tracetune.demo.load import LoadPlan, ground_truth_writer, run_load
+from tracetune.demo.triage import NAME as PIPELINE
+from tracetune.supervisor import StartError, Supervisor, components
+from tracetune.tuner import observe, token_for
+from tracetune.tuner.config import PipelineSpec
+from tracetune.tuner.loop import step_target_ms
+from tracetune.tuner.policies import aimd_batch_size
+
+try:
+    from harness import isolated_settings  # bench/harness.py: this script's folder
+except ImportError:  # imported as bench.tuner_real (bench/tuner.py takes its folder off sys.path)
+    from bench.harness import isolated_settings
+
+log = logging.getLogger("bench.tuner_real")
+
+ARMS = ("default", "aimd", "tuner", "oracle")
+ROW_KEYS = ("arm", "cost_per_1k", "p95_ms", "p99_ms", "slo_windows", "quality", "changes", "cost_by_step", "requests")
+DEFAULT_RATE = 20.0  # requests/s before the step, 40 after: the demo's load, as bench/tuner.py simulates it
+DUPLICATE_RATIO = 0.2
+# The loop acting within a short run: look every 15 s at the last minute, a minute apart, on >= 100 requests.
+TUNER_LOOP = {"tuner_interval_seconds": 15, "tuner_window_seconds": 60, "tuner_cooldown_seconds": 60,
+              "tuner_min_requests": 100}
+LOOP_OFF = {"tuner_interval_seconds": 0}  # 0: `tracetune tuner` starts no loop
+# A canary (tuner_canary_*, where the settings have one) keeps its defaults, except that it must be judged
+# within about a sixth of the run: its tasks per arm are then lowered, to no fewer than this.
+CANARY_MIN_REQUESTS_FLOOR = 30
+AIMD_STEP, AIMD_KNOB = "classify", "batch_max_size"
+AIMD_PERIOD_SECONDS = 30
+AIMD_MIN_REQUESTS = 20  # fewer requests in a period: hold
+# SLO windows: one minute each, after a warm-up of 5 minutes, or of 5/30 of the run when that is shorter.
+WINDOW_SECONDS = 60
+WARMUP_SECONDS, WARMUP_SHARE = 300.0, 5 / 30
+FLUSH_TIMEOUT_SECONDS, FLUSH_QUIET_SECONDS = 90.0, 3.0
+
+ROOTS_SQL = """
+SELECT count() FROM otel_traces
+WHERE ParentSpanId = '' AND SpanAttributes['tracetune.step'] = ''
+  AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+"""
+
+# End-to-end p95 per minute window from `from_ms` (root spans by start time; the same exact quantile as
+# analyzer.latency's raw source).
+WINDOWS_SQL = """
+SELECT intDiv(toUnixTimestamp64Milli(Timestamp) - {from_ms:Int64}, {window_ms:Int64}) AS window,
+       count() AS requests, quantileExactInclusive(0.95)(Duration) / 1e6 AS p95_ms
+FROM otel_traces
+WHERE ParentSpanId = '' AND SpanAttributes['tracetune.step'] = ''
+  AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+  AND toUnixTimestamp64Milli(Timestamp) >= {from_ms:Int64} AND toUnixTimestamp64Milli(Timestamp) < {to_ms:Int64}
+GROUP BY window
+ORDER BY window
+"""
+
+# Labelled requests (the load generator's ground truth) whose final answer (the root span's
+# `tracetune.outcome`) is in the store, and how many of those answers are right.
+QUALITY_SQL = """
+SELECT count() AS labelled, countIf(r.answer = g.truth) AS correct
+FROM (
+    SELECT trace_id, any(label) AS truth FROM tracetune_ground_truth
+    WHERE pipeline = {pipeline:String} AND label != '' AND trace_id != ''
+    GROUP BY trace_id
+) AS g
+INNER JOIN (
+    SELECT TraceId AS trace_id, any(SpanAttributes['tracetune.outcome']) AS answer FROM otel_traces
+    WHERE ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+      AND SpanAttributes['tracetune.outcome'] != ''
+    GROUP BY trace_id
+) AS r ON r.trace_id = g.trace_id
+"""
+
+VERSIONS_SQL = "SELECT count() FROM tracetune_config_versions WHERE pipeline = {pipeline:String}"
+
+# How the loop's canaries ended (the newest state of each tried version).
+CANARIES_SQL = """
+SELECT latest, count() FROM (
+    SELECT version, argMax(status, (changed_at, seq)) AS latest FROM tracetune_canaries
+    WHERE pipeline = {pipeline:String}
+    GROUP BY version
+)
+GROUP BY latest
+"""
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run or finish an arm; the message is one line saying why."""
+
+
+# ---- the arms -------------------------------------------------------------------------------------
+
+def run_real(arms: dict[str, dict | None], *, minutes: float, seed: int, progress=None,
+             rate: float = DEFAULT_RATE, keep: bool = False) -> list[dict]:
+    """One measured row per arm, in order: ROW_KEYS, then warmup_s and windows (what slo_windows covers),
+    error_rate, canaries (how the loop's canaries ended), settings (the arm's overrides), seconds (wall
+    time of the arm) and load (the load generator's counts). `changes` counts a pinned arm's pin.
+
+    `arms` maps a name to None (default, aimd or tuner) or to a config (step -> knob -> value) pinned for
+    the whole run. `progress` is a rich Progress; each arm adds a task counting elapsed minutes.
+    `keep` keeps each arm's temporary home (logs, data) instead of removing it.
+    """
+    plans = _check_arms(arms)
+    if not minutes > 0:
+        raise BenchError(f"minutes must be above 0, got {minutes}")
+    if not rate > 0:
+        raise BenchError(f"rate must be above 0 requests/s, got {rate}")
+    models = _models_dir()
+    return [_run_arm(name, pinned, minutes=minutes, seed=seed, rate=rate, models=models, progress=progress,
+                     keep=keep) for name, pinned in plans]
+
+
+def _check_arms(arms: Mapping[str, dict | None]) -> list[tuple[str, dict | None]]:
+    if not arms:
+        raise BenchError(f"no arm to run; name some of {', '.join(ARMS)}")
+    for name, pinned in arms.items():
+        if pinned is None and name not in ("default", "aimd", "tuner"):
+            raise BenchError(f"arm {name!r} needs a config to pin (step -> knob -> value); "
+                             "only default, aimd and tuner run without one")
+        if pinned is not None and not (isinstance(pinned, dict) and all(isinstance(v, dict) for v in pinned.values())):
+            raise BenchError(f"arm {name!r}: the config to pin must map steps to {{knob: value}}, got {pinned!r}")
+    return list(arms.items())
+
+
+def _models_dir() -> Path:
+    """The caller's models folder (`tracetune models build`), built if missing; every arm's home links to it."""
+    from tracetune.demo.models import build_models
+
+    try:
+        models = settings_mod.load().models_dir.resolve()
+    except settings_mod.SettingsError as exc:
+        raise BenchError(f"cannot find the models folder: {exc}") from None
+    build_models(models, progress=sys.stderr.isatty())
+    return models
+
+
+def _overrides(name: str, pinned: dict | None, duration: float, rate: float) -> dict[str, Any]:
+    """The settings an arm runs on beyond the isolated defaults: the loop off, or on and shortened."""
+    if name != "tuner" or pinned is not None:
+        return LOOP_OFF
+    overrides: dict[str, Any] = dict(TUNER_LOOP)
+    defaults = {f.name: f.default for f in dataclasses.fields(settings_mod.Settings)}
+    if "tuner_canary_min_requests" in defaults:
+        canary_tasks = int(defaults.get("tuner_canary_share", 0.0) * rate * duration / 6)
+        if canary_tasks < defaults["tuner_canary_min_requests"]:
+            overrides["tuner_canary_min_requests"] = max(CANARY_MIN_REQUESTS_FLOOR, canary_tasks)
+    return overrides
+
+
+def _run_arm(name: str, pinned: dict | None, *, minutes: float, seed: int, rate: float, models: Path,
+             progress, keep: bool) -> dict:
+    started = time.monotonic()
+    home = Path(tempfile.mkdtemp(prefix=f"tracetune-bench-{name}-"))
+    (home / "models").symlink_to(models, target_is_directory=True)
+    overrides = _overrides(name, pinned, minutes * 60, rate)
+    settings = isolated_settings(home, **overrides)
+    supervisor = Supervisor(settings, components(settings, 0.0, with_dashboard=False), echo=log.info)
+    task = progress.add_task(name, total=minutes) if progress is not None else None
+    failed = True
+    try:
+        try:
+            supervisor.start()
+        except StartError as exc:
+            raise BenchError(f"arm {name}: {str(exc).splitlines()[0]} (logs in {home / 'logs'})") from None
+        client = store.connect(settings)
+        headers = {"Authorization": f"Bearer {token_for(settings)}"}
+        with httpx.Client(base_url=f"{settings.tuner_url}/v1/pipelines/{PIPELINE}", headers=headers,
+                          timeout=30) as api:
+            spec = _wait_declared(api)
+            if pinned is not None:
+                answer = api.post("/config", json={"steps": pinned, "reason": f"bench {name}: pinned for the run"})
+                if answer.status_code != 200:
+                    detail = answer.json().get("detail") if answer.headers.get("content-type", "").startswith(
+                        "application/json") else None
+                    raise BenchError(f"arm {name}: the tuner refused the config to pin ({answer.status_code}): "
+                                     f"{detail or answer.text[:200]}")
+            duration = minutes * 60
+            load_started = time.time()
+            report = _drive(settings, name, spec, api, duration, seed, rate, progress, task)
+        # Stop what makes spans or config versions, then wait for the collector to write the rest.
+        for part in ("tuner", "executor", "analyzer"):
+            supervisor.stop_one(next(p for p in supervisor.parts if p.name == part))
+        if progress is not None:
+            progress.update(task, description=f"{name} (measuring)")
+        _wait_flushed(client)
+        row = _measure(client, name, load_started, duration)
+        row["settings"] = overrides
+        row["seconds"] = round(time.monotonic() - started, 1)
+        row["load"] = {k: report[k] for k in ("sent", "ok", "rejected", "failed", "overloaded", "dropped")}
+        failed = False
+        return row
+    finally:
+        for part in reversed(supervisor.parts):
+            stopping = time.monotonic()
+            supervisor.stop_one(part)
+            log.info("stopped the %s in %.1f s", part.name, time.monotonic() - stopping)
+        _check_stopped(supervisor)
+        if progress is not None:
+            progress.update(task, description=name)
+        if keep or failed:
+            log.warning("arm %s: its home (logs, data) is kept in %s", name, home)
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _wait_declared(api: httpx.Client, timeout: float = 60.0) -> PipelineSpec:
+    """The pipeline's declaration, once the executor registered it with the tuner."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer = api.get("/spec")
+            if answer.status_code == 200:
+                return PipelineSpec.from_dict(answer.json())
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"the executor did not register {PIPELINE} with the tuner within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _drive(settings, name: str, spec: PipelineSpec, api: httpx.Client, duration: float, seed: int, rate: float,
+           progress, task) -> dict:
+    """The load for `duration` s; meanwhile the progress bar, and in the aimd arm its controller."""
+    plan = LoadPlan(rate=rate, duration=duration, pattern="step", duplicate_ratio=DUPLICATE_RATIO, seed=seed)
+    done = threading.Event()
+    aimd = _Aimd(store.connect(settings, ensure_schema=False), api, spec) if name == "aimd" else None
+
+    def tick() -> None:
+        started = last = time.monotonic()
+        while not done.wait(1.0):
+            if progress is not None:
+                progress.update(task, completed=min(duration, time.monotonic() - started) / 60)
+            if aimd is not None and time.monotonic() - last >= AIMD_PERIOD_SECONDS:
+                last = time.monotonic()
+                try:
+                    aimd.step()
+                except Exception as exc:  # noqa: BLE001 - a missed step is logged; the next one tries again
+                    log.warning("aimd step failed: %s", exc)
+
+    ticker = threading.Thread(target=tick, name="bench-ticker", daemon=True)
+    ticker.start()
+    record = ground_truth_writer(store.connect(settings, ensure_schema=False))
+    try:
+        report = asyncio.run(run_load(plan, settings.executor_url, PIPELINE, record=record))
+    finally:
+        done.set()
+        ticker.join(30)
+    if progress is not None:
+        progress.update(task, completed=duration / 60)
+    return report.summary()
+
+
+class _Aimd:
+    """Clipper's AIMD on classify.batch_max_size, from the last period's classify p95 against the step's
+    share of the SLO's p95 (the same measurement and step target the tuner's loop uses)."""
+
+    def __init__(self, client, api: httpx.Client, spec: PipelineSpec):
+        self.client, self.api, self.spec = client, api, spec
+        self.knob = spec.steps[AIMD_STEP][AIMD_KNOB]
+
+    def step(self) -> int | None:
+        obs = observe.collect(self.client, self.spec, AIMD_PERIOD_SECONDS)
+        target = step_target_ms(analyzer.get_slo(self.client, PIPELINE), obs, AIMD_STEP)
+        if obs.requests < AIMD_MIN_REQUESTS or target is None:
+            return None
+        answer = self.api.get("/config")
+        answer.raise_for_status()
+        current = int(answer.json()["steps"].get(AIMD_STEP, {}).get(AIMD_KNOB, self.knob.default))
+        p95 = obs.step_total(AIMD_STEP).p95_ms
+        new = aimd_batch_size(current, p95, target, self.knob)
+        if new != current:
+            reason = (f"bench aimd: {AIMD_STEP} p95 {p95:.0f} ms against its target {target:.0f} ms over "
+                      f"{AIMD_PERIOD_SECONDS} s: {AIMD_KNOB} {current} -> {new}")
+            self.api.patch("/config", json={"steps": {AIMD_STEP: {AIMD_KNOB: new}}, "reason": reason}) \
+                .raise_for_status()
+            log.info(reason)
+        return new
+
+
+def _wait_flushed(client) -> int:
+    """Root spans in the store once their count has not grown for FLUSH_QUIET_SECONDS."""
+    deadline = time.monotonic() + FLUSH_TIMEOUT_SECONDS
+    count, quiet_since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = int(client.query(ROOTS_SQL, parameters={"pipeline": PIPELINE}).result_rows[0][0])
+        if now != count:
+            count, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= FLUSH_QUIET_SECONDS:
+            return count
+        time.sleep(0.5)
+    log.warning("root spans still arriving after %.0f s; measuring the %d there are", FLUSH_TIMEOUT_SECONDS, count)
+    return count
+
+
+def _check_stopped(supervisor: Supervisor) -> None:
+    """Every process the arm started, and anything they started in their process groups, is gone."""
+    for part in supervisor.parts:
+        if part.proc is None:
+            continue
+        try:
+            os.killpg(part.proc.pid, 0)
+        except ProcessLookupError:
+            continue
+        log.warning("the %s left processes behind (process group %d); killing them", part.name, part.proc.pid)
+        try:
+            os.killpg(part.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ---- measuring --------------------------------------------------------------------------------------
+
+def windows(duration: float) -> tuple[float, list[tuple[float, float]]]:
+    """(warm-up seconds, [(start, end) of each SLO window in seconds from load start]).
+
+    One-minute windows after the warm-up; a last shorter window counts if it is at least half a minute;
+    a run too short for any gets one window over all that follows the warm-up."""
+    warmup = min(WARMUP_SECONDS, WARMUP_SHARE * duration)
+    spans, start = [], warmup
+    while duration - start >= WINDOW_SECONDS / 2:
+        spans.append((start, min(duration, start + WINDOW_SECONDS)))
+        start += WINDOW_SECONDS
+    return warmup, spans or [(warmup, duration)]
+
+
+def _slo_windows(client, load_started: float, duration: float,
+                 p95_target: float | None) -> tuple[float, int, float | None]:
+    warmup, spans = windows(duration)
+    first = int((load_started + warmup) * 1000)
+    rows = client.query(WINDOWS_SQL, parameters={
+        "pipeline": PIPELINE, "from_ms": first, "to_ms": int((load_started + duration) * 1000),
+        "window_ms": WINDOW_SECONDS * 1000}).result_rows
+    p95 = {int(window): float(value) for window, requests, value in rows if requests}
+    if p95_target is None:
+        return warmup, len(spans), None
+    # A window with no requests (the executor stopped answering) does not meet the SLO.
+    good = sum(1 for i in range(len(spans)) if i in p95 and p95[i] <= p95_target)
+    return warmup, len(spans), good / len(spans)
+
+
+def _measure(client, name: str, load_started: float, duration: float) -> dict:
+    since = int(time.time() - load_started + 120)  # everything this arm's fresh store holds
+    if analyzer.current_prices(client) is None:  # the analyzer publishes them at start; make sure
+        analyzer.publish_prices(client, analyzer.load_prices())
+    roots = analyzer.latency(client, since, by=("pipeline",), pipeline=PIPELINE, steps="roots", source="raw")
+    if roots.is_empty():
+        raise BenchError(f"arm {name}: no request of {PIPELINE} reached the store; see the collector and executor logs")
+    latency = roots.row(0, named=True)
+    steps = analyzer.cost_per_1k(client, since, by=("step",), pipeline=PIPELINE)
+    requests = int(latency["requests"])
+    cost = float(steps["cost"].sum() or 0.0)
+    slo = analyzer.get_slo(client, PIPELINE)
+    warmup, n_windows, share = _slo_windows(client, load_started, duration, slo.p95_ms if slo else None)
+    labelled, correct = client.query(QUALITY_SQL, parameters={"pipeline": PIPELINE}).result_rows[0]
+    versions = int(client.query(VERSIONS_SQL, parameters={"pipeline": PIPELINE}).result_rows[0][0])
+    try:
+        canaries = dict(client.query(CANARIES_SQL, parameters={"pipeline": PIPELINE}).result_rows)
+    except DatabaseError:  # a store without canaries
+        canaries = None
+    return {
+        "arm": name,
+        "cost_per_1k": round(1000 * cost / requests, 6),
+        "p95_ms": round(float(latency["p95_ms"]), 1),
+        "p99_ms": round(float(latency["p99_ms"]), 1),
+        "slo_windows": None if share is None else round(share, 3),
+        "quality": round(correct / labelled, 4) if labelled else None,
+        "changes": max(0, versions - 1),
+        "cost_by_step": {row["step"]: round(float(row["cost_per_1k"] or 0.0), 6)
+                         for row in steps.iter_rows(named=True)},
+        "requests": requests,
+        "warmup_s": round(warmup, 1),
+        "windows": n_windows,
+        "error_rate": round(float(latency["error_rate"]), 4),
+        "canaries": canaries,
+    }
+
+
+# ---- one arm from the command line --------------------------------------------------------------------
+
+def _oracle(text: str) -> dict:
+    source = Path(text[1:]).read_text() if text.startswith("@") else text
+    try:
+        config = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"--oracle is not valid JSON ({exc}); give {{step: {{knob: value}}}} or @file.json") from None
+    return config.get("steps", config) if isinstance(config, dict) else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=3.0, help="load per arm (default 3)")
+    parser.add_argument("--arm", action="append", choices=ARMS, help="arm to run (repeatable; default: default)")
+    parser.add_argument("--oracle", default=None, metavar="JSON|@FILE",
+                        help='config pinned in the oracle arm, e.g. \'{"classify": {"batch_max_size": 16}}\'')
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=DEFAULT_RATE,
+                        help=f"requests/s before the step (doubles at half time; default {DEFAULT_RATE:g})")
+    parser.add_argument("--keep", action="store_true", help="keep each arm's temporary home (logs, data)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the bench and the aimd arm do")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        names = args.arm or ["default"]
+        if "oracle" in names and args.oracle is None:
+            raise BenchError("the oracle arm needs --oracle with the config to pin, e.g. "
+                             '--oracle \'{"classify": {"batch_max_size": 16}}\'')
+        arms = {name: _oracle(args.oracle) if name == "oracle" else None for name in names}
+        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:g} min"),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
+            rows = run_real(arms, minutes=args.minutes, seed=args.seed, progress=bar, rate=args.rate, keep=args.keep)
+    except (BenchError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; every process the bench started is stopped", file=sys.stderr)
+        return 130
+    print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
