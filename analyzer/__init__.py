@@ -1,15 +1,29 @@
 """Analyzer: SQL over spans answering what a pipeline costs in time, errors and money."""
 
+from tracetune.analyzer.baselines import (
+    Baseline,
+    BaselineError,
+    clear_baseline,
+    first_traffic,
+    get_baseline,
+    list_baselines,
+    set_baseline,
+)
 from tracetune.analyzer.cost import COST_DIMENSIONS, cost_over_time, cost_per_1k, cost_per_request
 from tracetune.analyzer.drift import (
+    DEFAULT_CURRENT,
     DRIFT_COLUMNS,
     Thresholds,
     compute_drift,
+    current_drift,
     default_windows,
+    drift_flags,
     feature_status,
     latest_drift,
+    reference_label,
     store_drift,
 )
+from tracetune.analyzer.errors import ERROR_COLUMNS, ERROR_KINDS, errors
 from tracetune.analyzer.prices import PricesError, PriceTable
 from tracetune.analyzer.prices import current as current_prices
 from tracetune.analyzer.prices import load as load_prices
@@ -21,6 +35,7 @@ from tracetune.analyzer.slo import (
     SLOError,
     burn_rate,
     burn_windows,
+    data_note,
     delete_slo,
     error_budget_remaining,
     get_slo,
@@ -34,6 +49,7 @@ from tracetune.analyzer.slo import alerts as slo_alerts
 from tracetune.analyzer.stats import (
     BATCHING_COLUMNS,
     DIMENSIONS,
+    END_TO_END,
     LATENCY_COLUMNS,
     STEP_STATS_COLUMNS,
     batching,
@@ -45,6 +61,9 @@ from tracetune.analyzer.stats import (
 from tracetune.analyzer.traces import ROOT_STEP, SpanRecord, critical_path, self_times, step_breakdown, step_times
 
 __all__ = [
+    "Baseline", "BaselineError", "clear_baseline", "first_traffic", "get_baseline", "list_baselines", "set_baseline",
+    "DEFAULT_CURRENT", "current_drift", "drift_flags", "reference_label", "ERROR_COLUMNS", "ERROR_KINDS", "errors",
+    "data_note", "END_TO_END",
     "BATCHING_COLUMNS", "batching",
     "DRIFT_COLUMNS", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "SLOError", "Thresholds", "burn_rate",
     "burn_windows", "compute_drift", "default_windows", "error_budget_remaining", "feature_status", "get_slo",

@@ -5,6 +5,11 @@ Kolmogorov–Smirnov test and the Wasserstein distance; categorical features wit
 distance and a chi-square test of the two windows' category counts. The maths are pure functions
 over arrays; the verdicts come from a table of thresholds (`Thresholds`), overridable per feature.
 A feature is numeric when every sampled value of it, in both windows, parses as a float.
+
+Which reference (`current_drift`, what the analyzer loop, the CLI and the dashboard use): the
+pipeline's pinned baseline (analyzer/baselines.py) when it has one, else the window of the same
+length just before the current one. Step latency needs a practical shift as well as a significant
+one (FEATURE_DEFAULTS): a 0.005 ms move of a 0.02 ms step is real to a KS test, and to nobody else.
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ from scipy import stats as _stats
 from scipy.spatial import distance as _distance
 
 from tracetune.analyzer._time import epoch_ns, utc
+from tracetune.analyzer.baselines import list_baselines
+from tracetune.analyzer.slo import window_label
 from tracetune.analyzer.stats import parse_window
 
-__all__ = ["DRIFT_COLUMNS", "STATUSES", "Thresholds", "chi_square", "compare", "compute_drift", "default_windows",
-           "feature_status", "jensen_shannon", "ks_test", "latest_drift", "psi", "store_drift", "validate_thresholds",
-           "verdict", "wasserstein"]
+__all__ = ["DEFAULT_CURRENT", "DRIFT_COLUMNS", "FEATURE_DEFAULTS", "STATUSES", "Thresholds", "chi_square", "compare",
+           "compute_drift", "current_drift", "default_windows", "drift_flags", "feature_status", "jensen_shannon",
+           "ks_test", "latest_drift", "psi", "reference_label", "store_drift", "validate_thresholds", "verdict",
+           "wasserstein"]
 
 PSI_EPSILON = 1e-4  # proportion used for an empty bin, so ln(c/r) stays finite
 SAMPLE_CAP = 20_000  # values per (pipeline, step, feature, window), reservoir-sampled in ClickHouse
 LATENCY_FEATURE = "latency_ms"
+# The current window by default: short enough that a change is caught within a few minutes (a window
+# and the analyzer's interval), long enough for min_samples at a few tasks a second.
+DEFAULT_CURRENT = "1m"
 
 # Worst first: the order feature_status() uses to pick one verdict per feature.
 STATUSES = ("drift", "warn", "ok", "insufficient_data")
@@ -114,11 +125,16 @@ class Thresholds:
     psi_*, js_*, wasserstein_*: the statistic at or above the value is warn / drift.
     ks_p, chi2_p: a p-value below it is drift, if the effect is also at least ks_min_statistic (KS D)
     or chi2_min_cramers_v (Cramér's V = sqrt(chi2 / n)): with thousands of samples a test finds
-    shifts too small to matter, so significance alone would alarm on every daily wobble.
+    shifts too small to matter, so significance alone would alarm on every daily wobble. js_drift and
+    chi2_min_cramers_v are 0.2: minute-long windows of real traffic (repeats of recent tickets cluster
+    the categories) reach 0.12 with no drift at all, while a changed mix is well above 0.3.
     Below min_samples in either window there is no verdict ("insufficient_data"); PSI needs more
     (psi_min_samples), because its noise alone is about (bins − 1)·(1/n_ref + 1/n_cur): ~0.18 at
     100 per window with 10 bins, ~0.04 at 500.
     wasserstein is in the feature's unit, so it has no default: set it per feature to get a verdict.
+    min_shift, min_shift_ratio: the practical floor of a numeric feature: below a Wasserstein distance
+    of min_shift (feature units), or of min_shift_ratio x the reference median, every numeric statistic
+    says ok, however significant (FEATURE_DEFAULTS sets them for step latency).
     kind forces "numeric" or "categorical" (e.g. for a category that happens to be coded as numbers).
     """
 
@@ -129,9 +145,11 @@ class Thresholds:
     wasserstein_warn: float | None = None
     wasserstein_drift: float | None = None
     js_warn: float | None = None
-    js_drift: float | None = 0.1
+    js_drift: float | None = 0.2
     chi2_p: float | None = 0.05
-    chi2_min_cramers_v: float | None = 0.1
+    chi2_min_cramers_v: float | None = 0.2
+    min_shift: float | None = None
+    min_shift_ratio: float | None = None
     min_samples: int = 100
     psi_min_samples: int = 500
     bins: int = 10
@@ -157,8 +175,9 @@ class Thresholds:
 
     @classmethod
     def resolve(cls, overrides: Mapping[str, Any] | None, pipeline: str, step: str, feature: str) -> Thresholds:
-        """Defaults, then overrides under "*", feature, "step/feature", "pipeline/step/feature" (most specific last)."""
-        result = cls()
+        """Defaults (and FEATURE_DEFAULTS of the feature), then overrides under "*", feature, "step/feature",
+        "pipeline/step/feature" (most specific last)."""
+        result = cls()._with(FEATURE_DEFAULTS[feature], feature) if feature in FEATURE_DEFAULTS else cls()
         for key in ("*", feature, f"{step}/{feature}", f"{pipeline}/{step}/{feature}"):
             if overrides and key in overrides:
                 result = result._with(overrides[key], key)
@@ -174,6 +193,14 @@ class Thresholds:
         if unknown:
             raise ValueError(f"thresholds[{key!r}]: unknown threshold `{unknown[0]}`; use {', '.join(names)}")
         return dataclasses.replace(self, **override)
+
+
+# Defaults by feature name, under the caller's overrides. Step latency drifts only when its distribution
+# moves by at least 1 ms and 20% of its median (Wasserstein distance): tuner changes of a few percent,
+# CPU noise and microsecond steps are not drift anyone acts on, however many samples prove them.
+FEATURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    LATENCY_FEATURE: {"min_shift": 1.0, "min_shift_ratio": 0.2},
+}
 
 
 def validate_thresholds(overrides: Mapping[str, Any] | None) -> None:
@@ -238,11 +265,26 @@ def compare(reference: Sequence, current: Sequence, kind: str, thresholds: Thres
         ref, cur = np.asarray(reference, dtype=float), np.asarray(current, dtype=float)
         results = {"psi": (psi(ref, cur, thresholds.bins), math.nan), "ks": ks_test(ref, cur),
                    "wasserstein": (wasserstein(ref, cur), math.nan)}
+    practical = kind == "categorical" or _practical(ref, cur, results["wasserstein"][0], thresholds)
     for statistic, (value, p_value) in results.items():
+        status = verdict(statistic, value, p_value, len(ref), len(cur), thresholds)
         rows.append({"kind": kind, "statistic": statistic, "value": value, "p_value": p_value,
                      "n_reference": len(ref), "n_current": len(cur),
-                     "status": verdict(statistic, value, p_value, len(ref), len(cur), thresholds)})
+                     "status": "ok" if status in ("warn", "drift") and not practical else status})
     return rows
+
+
+def _practical(reference: np.ndarray, current: np.ndarray, distance: float, thresholds: Thresholds) -> bool:
+    """Whether a numeric shift is big enough to matter: the Wasserstein distance against min_shift and
+    min_shift_ratio x |reference median| (no floor set: always)."""
+    if reference.size == 0 or current.size == 0 or math.isnan(distance):
+        return True
+    if thresholds.min_shift is not None and distance < thresholds.min_shift:
+        return False
+    if thresholds.min_shift_ratio is not None and distance < thresholds.min_shift_ratio * abs(
+            float(np.median(reference))):
+        return False
+    return True
 
 
 # ---- I/O at the edges ------------------------------------------------------------------------
@@ -261,6 +303,7 @@ _WINDOWED = """        arrayJoin(arrayFilter(w -> w != '', [
       AND SpanAttributes['tracetune.step'] != ''
       AND SpanAttributes['tracetune.pipeline'] != ''
       AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
+      AND NOT has({exclude:Array(String)}, SpanAttributes['tracetune.pipeline'])
 )
 """
 
@@ -325,17 +368,17 @@ def empty_frame() -> pl.DataFrame:
 
 def compute_drift(client, reference: tuple[datetime, datetime], current: tuple[datetime, datetime],
                   pipeline: str = "", thresholds: Mapping[str, Any] | None = None, sample_cap: int = SAMPLE_CAP,
-                  seed: int = 1) -> pl.DataFrame:
+                  seed: int = 1, exclude: Sequence[str] = ()) -> pl.DataFrame:
     """Drift of every step feature and step latency, current vs reference: one row per statistic (DRIFT_COLUMNS).
 
     thresholds: overrides keyed "*", "feature", "step/feature" or "pipeline/step/feature", each a
-    mapping of Thresholds fields (e.g. {"text_length": {"psi_drift": 0.3}}).
+    mapping of Thresholds fields (e.g. {"text_length": {"psi_drift": 0.3}}). exclude: pipelines left out.
     """
     reference, current = _window("reference", reference), _window("current", current)
     validate_thresholds(thresholds)
     parameters = {"reference_start": _ns(reference[0]), "reference_end": _ns(reference[1]),
                   "current_start": _ns(current[0]), "current_end": _ns(current[1]),
-                  "pipeline": pipeline, "cap": int(sample_cap), "seed": int(seed)}
+                  "pipeline": pipeline, "cap": int(sample_cap), "seed": int(seed), "exclude": list(exclude)}
     samples: dict[tuple[str, str, str], dict[str, list]] = {}
     for row in client.query(FEATURE_SAMPLES_SQL, parameters=parameters).result_rows:
         samples.setdefault((row[0], row[1], row[2]), {})[row[3]] = list(row[4])
@@ -371,6 +414,42 @@ def compute_drift(client, reference: tuple[datetime, datetime], current: tuple[d
     return pl.DataFrame(rows, schema=_SCHEMA).select(DRIFT_COLUMNS)
 
 
+def current_drift(client, now: datetime | None = None, current: str | int = DEFAULT_CURRENT, pipeline: str = "",
+                  thresholds: Mapping[str, Any] | None = None, reference: str | int | None = None,
+                  sample_cap: int = SAMPLE_CAP) -> pl.DataFrame:
+    """Drift of the last `current` (ending at now) against each pipeline's reference: its pinned baseline
+    if it has one, else the window of the same length just before; DRIFT_COLUMNS.
+
+    reference (e.g. "24h") overrides both for every pipeline: the `reference` before the current window.
+    """
+    now = _utc(now or datetime.now(UTC))
+    current_s = current if isinstance(current, int) else parse_window(current)
+    cur_window = (now - timedelta(seconds=current_s), now)
+    if reference is not None:
+        reference_s = reference if isinstance(reference, int) else parse_window(reference)
+        ref_window = (cur_window[0] - timedelta(seconds=reference_s), cur_window[0])
+        return compute_drift(client, ref_window, cur_window, pipeline, thresholds, sample_cap)
+    baselines = list_baselines(client, pipeline)
+    frames = [compute_drift(client, (b.start, b.end), cur_window, name, thresholds, sample_cap)
+              for name, b in sorted(baselines.items())]
+    if not (pipeline and pipeline in baselines):
+        preceding = (cur_window[0] - timedelta(seconds=current_s), cur_window[0])
+        frames.append(compute_drift(client, preceding, cur_window, pipeline, thresholds, sample_cap,
+                                    exclude=sorted(baselines)))
+    frames = [f for f in frames if not f.is_empty()]
+    return pl.concat(frames).sort(["pipeline", "step", "feature"], maintain_order=True) if frames else empty_frame()
+
+
+def reference_label(row: Mapping[str, Any]) -> str:
+    """What a drift row was compared with, in words: "the preceding 1m" or "baseline 2026-01-02 10:00 – 11:00 UTC"."""
+    ref_start, ref_end, cur_start, cur_end = (row[k] for k in ("reference_start", "reference_end", "current_start",
+                                                                "current_end"))
+    if ref_end == cur_start and ref_end - ref_start == cur_end - cur_start:
+        return f"the preceding {window_label(round((cur_end - cur_start).total_seconds()))}"
+    day = "%H:%M" if ref_start.date() == ref_end.date() else "%Y-%m-%d %H:%M"
+    return f"{ref_start:%Y-%m-%d %H:%M} – {ref_end.strftime(day)} UTC"
+
+
 def store_drift(client, frame: pl.DataFrame) -> int:
     """Append a compute_drift frame to `tracetune_drift`; returns the number of rows written."""
     if frame.is_empty():
@@ -393,6 +472,39 @@ def latest_drift(client, pipeline: str = "") -> pl.DataFrame:
     as_utc = [pl.col(c).dt.convert_time_zone("UTC") if frame.schema[c].time_zone else  # type: ignore[union-attr]
               pl.col(c).dt.replace_time_zone("UTC") for c, t in _SCHEMA.items() if t == _TIME]
     return frame.with_columns(as_utc).select(DRIFT_COLUMNS).cast(_SCHEMA)
+
+
+# When each feature was last flagged (warn or drift), from the stored runs of the trailing window.
+DRIFT_FLAGS_SQL = """
+SELECT pipeline, step, feature, argMax(status, rank) AS worst, min(computed_at) AS first_flagged,
+       max(computed_at) AS last_flagged, uniqExact(computed_at) AS runs
+FROM (
+    SELECT pipeline, step, feature, computed_at, status, if(status = 'drift', 2, 1) AS rank
+    FROM tracetune_drift
+    WHERE computed_at >= now64(3) - toIntervalSecond({window_seconds:UInt32})
+      AND status IN ('drift', 'warn')
+      AND ({pipeline:String} = '' OR pipeline = {pipeline:String})
+)
+GROUP BY pipeline, step, feature
+ORDER BY last_flagged DESC, pipeline, step, feature
+"""
+DRIFT_FLAG_COLUMNS = {"pipeline": pl.Utf8, "step": pl.Utf8, "feature": pl.Utf8, "worst": pl.Utf8,
+                      "first_flagged": _TIME, "last_flagged": _TIME, "runs": pl.Int64}
+
+
+def drift_flags(client, since: str | int = "1h", pipeline: str = "") -> pl.DataFrame:
+    """Features the stored runs flagged (warn or drift) in the trailing window: worst status, first and
+    last run that flagged it, how many runs did. Against the preceding window a drift shows for a few
+    runs only (then both windows hold the new traffic): this keeps it in view."""
+    seconds = since if isinstance(since, int) else parse_window(since)
+    result = client.query(DRIFT_FLAGS_SQL, parameters={"window_seconds": seconds, "pipeline": pipeline})
+    if not result.result_rows:
+        return pl.DataFrame(schema=DRIFT_FLAG_COLUMNS)
+    frame = pl.DataFrame([dict(zip(result.column_names, row, strict=True)) for row in result.result_rows],
+                         infer_schema_length=None)
+    times = [pl.col(c).dt.convert_time_zone("UTC") if frame.schema[c].time_zone else  # type: ignore[union-attr]
+             pl.col(c).dt.replace_time_zone("UTC") for c in ("first_flagged", "last_flagged")]
+    return frame.with_columns(times).select(list(DRIFT_FLAG_COLUMNS)).cast(DRIFT_FLAG_COLUMNS)
 
 
 def feature_status(frame: pl.DataFrame) -> pl.DataFrame:

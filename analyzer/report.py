@@ -17,9 +17,16 @@ from jinja2 import Environment, select_autoescape
 from markupsafe import Markup
 
 from tracetune.analyzer.cost import cost_per_1k
-from tracetune.analyzer.drift import compute_drift, default_windows, feature_status
+from tracetune.analyzer.drift import (
+    DEFAULT_CURRENT,
+    Thresholds,
+    current_drift,
+    drift_flags,
+    feature_status,
+    reference_label,
+)
 from tracetune.analyzer.prices import PriceTable
-from tracetune.analyzer.slo import list_slos, slo_status
+from tracetune.analyzer.slo import data_note, list_slos, slo_status
 from tracetune.analyzer.stats import batching, latency, latency_series, parse_window
 from tracetune.analyzer.traces import step_breakdown
 
@@ -107,14 +114,20 @@ def build_report(client, since: str = "1h", prices: PriceTable | None = None, pi
     totals = cost_per_1k(client, since, by=("pipeline",), pipeline=pipeline, prices=prices)
     breakdown = step_breakdown(client, since, pipeline)
     batches = batching(client, since, pipeline)
-    reference, current = default_windows(None, since, "24h")
-    drift = compute_drift(client, reference, current, pipeline=pipeline)
+    drift = current_drift(client, pipeline=pipeline)
     drift_status = feature_status(drift)
+    flags = drift_flags(client, since, pipeline)
+    references = sorted({reference_label(row) for row in drift.iter_rows(named=True)})
     slos = []
     for slo in list_slos(client):
         if not pipeline or slo.pipeline == pipeline:
             slos.append(slo_status(client, slo.pipeline, slo=slo))
     slo_frame = pl.concat(slos) if slos else pl.DataFrame()
+    budgets = slo_frame.unique(["pipeline", "slo"], keep="first", maintain_order=True) if slos else slo_frame
+    slo_notes = sorted({f"{r['pipeline']} over {data_note(r['data_seconds'], r['period_days'])}"
+                        for r in budgets.iter_rows(named=True)})
+    slo_refused = sorted({(r["pipeline"], r["period_client_errors"]) for r in budgets.iter_rows(named=True)
+                          if r["slo"] == "availability" and r["period_client_errors"]})
 
     env = Environment(autoescape=select_autoescape(["html"]))
     env.filters["num"] = lambda v, digits=2: "-" if v is None or v != v else f"{v:,.{digits}f}"
@@ -123,7 +136,10 @@ def build_report(client, since: str = "1h", prices: PriceTable | None = None, pi
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), since=since, pipeline=pipeline or "all pipelines",
         stats=stats.to_dicts(), batching=batches.to_dicts(), totals=totals.to_dicts(), cost=cost.to_dicts(),
         breakdown=breakdown.to_dicts(),
-        drift=drift_status.to_dicts(), slo=slo_frame.to_dicts() if not slo_frame.is_empty() else [],
+        drift=drift_status.to_dicts(), drift_flags=flags.to_dicts(), drift_current=DEFAULT_CURRENT,
+        drift_reference="; ".join(references) or "the preceding " + DEFAULT_CURRENT,
+        min_samples=Thresholds().min_samples, psi_min_samples=Thresholds().psi_min_samples,
+        slo=slo_frame.to_dicts() if not slo_frame.is_empty() else [], slo_notes=slo_notes, slo_refused=slo_refused,
         price_version=(cost["price_version"][0] if cost.height else (prices.version if prices else "")),
         currency=(cost["currency"][0] if cost.height else ""),
         charts={"percentiles": percentile_chart(stats), "series": series_chart(series), "cost": cost_chart(cost),

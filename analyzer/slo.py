@@ -4,14 +4,21 @@ What counts as a bad request (a task = its root span: `tracetune.pipeline` set, 
 
 | SLO kind       | target          | bad request                   | error budget (bad fraction allowed) |
 |----------------|-----------------|-------------------------------|-------------------------------------|
-| `availability` | `error_rate`    | root span StatusCode is ERROR | `error_rate` (or 1 − `objective`)   |
+| `availability` | `error_rate`    | root span failed, server-side | `error_rate` (or 1 − `objective`)   |
 | `latency_p95`  | `p95_ms`        | root span slower than p95_ms  | 5%  (95% must be at most p95_ms)    |
 | `latency_p99`  | `p99_ms`        | root span slower than p99_ms  | 1%  (99% must be at most p99_ms)    |
 
-A latency SLO counts every task, failed or not, by its duration. `cost_per_1k` and `quality_floor`
+A failed task is a server error unless its kind is `client` (invalid input the pipeline refused,
+see analyzer/errors.py): a user's bad input does not make the service unavailable. A latency SLO
+counts every task, failed or not, by its duration. `cost_per_1k` and `quality_floor`
 are stored with the SLO for the cost and quality checks; they have no request-level burn rate.
 
 Burn rate = (bad / total) / error budget: at 1 the budget lasts exactly the SLO period.
+
+Only the time the pipeline has data counts: the budget left is over the tasks since the first one in
+the period (`data_seconds` says how long that is), is NaN when there is none, and a rule whose long
+window is longer than the data has `enough_data` False and does not fire (a 3-day rule cannot judge
+7 minutes of traffic).
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from typing import Any, Literal
 import polars as pl
 
 from tracetune.analyzer._time import epoch_ns, utc
+from tracetune.analyzer.errors import ERROR_KIND_SQL
 from tracetune.analyzer.stats import parse_window
 
 __all__ = ["BURN_WINDOWS_30D", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "Objective", "SLOError", "alerts",
-           "burn_rate", "burn_windows", "error_budget_remaining", "get_slo", "list_slos", "request_counts",
+           "burn_rate", "burn_windows", "data_note", "error_budget_remaining", "get_slo", "list_slos", "request_counts",
            "save_slo", "slo_status", "slower_than", "window_label"]
 
 Source = Literal["rollup", "raw"]
@@ -285,16 +293,20 @@ def list_slos(client) -> list[SLO]:
 # ---- counting good and bad tasks -----------------------------------------------------------------
 
 # Tasks of one pipeline in every trailing window ending at end_ns, in one scan of the longest window:
-# total, errors, and for each latency target how many took longer.
+# total, server errors, client errors, for each latency target how many took longer, and the first task.
 REQUEST_COUNTS_RAW_SQL = """
 SELECT
     window_seconds,
     count() AS total,
-    countIf(StatusCode IN ('Error', 'STATUS_CODE_ERROR')) AS errors,
-    sumForEach(arrayMap(t -> toUInt64(Duration > t), {targets_ns:Array(UInt64)})) AS slow
+    countIf(failed AND error_kind != 'client') AS errors,
+    countIf(failed AND error_kind = 'client') AS client_errors,
+    sumForEach(arrayMap(t -> toUInt64(Duration > t), {targets_ns:Array(UInt64)})) AS slow,
+    min(Timestamp) AS first_seen
 FROM (
     SELECT
-        StatusCode,
+        Timestamp,
+        StatusCode IN ('Error', 'STATUS_CODE_ERROR') AS failed,
+        {kind_sql} AS error_kind,
         Duration,
         arrayJoin(arrayFilter(w -> Timestamp >= fromUnixTimestamp64Nano({end_ns:Int64}) - toIntervalSecond(w),
                               {windows:Array(UInt32)})) AS window_seconds
@@ -303,22 +315,26 @@ FROM (
       AND Timestamp < fromUnixTimestamp64Nano({end_ns:Int64})
       AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
       AND SpanAttributes['tracetune.step'] = ''
+      AND ParentSpanId = ''
       AND ({tenant:String} = '' OR SpanAttributes['tracetune.tenant'] = {tenant:String})
 )
 GROUP BY window_seconds
 ORDER BY window_seconds
-"""
+""".replace("{kind_sql}", ERROR_KIND_SQL)
 
-# The same from the per-minute rollup (windows rounded out to whole minutes); durations come back as
-# log2 histograms (8 buckets per doubling) and are counted against the targets in Python.
+# The same from the per-minute rollups (windows rounded out to whole minutes); durations come back as
+# log2 histograms (8 buckets per doubling) and are counted against the targets in Python; client
+# errors come from tracetune_task_errors_1m and are taken out of the errors; first_seen is a minute.
 REQUEST_COUNTS_ROLLUP_SQL = """
 SELECT
     window_seconds,
     sum(requests) AS total,
     sum(errors) AS errors,
-    sumMapMerge(duration_hist) AS hist
+    sumMapMerge(duration_hist) AS hist,
+    min(minute) AS first_seen
 FROM (
     SELECT
+        minute,
         requests,
         errors,
         duration_hist,
@@ -335,6 +351,25 @@ FROM (
 )
 GROUP BY window_seconds
 ORDER BY window_seconds
+"""
+
+CLIENT_ERRORS_ROLLUP_SQL = """
+SELECT window_seconds, sum(errors) AS client_errors
+FROM (
+    SELECT
+        errors,
+        arrayJoin(arrayFilter(
+            w -> minute >= toStartOfMinute(fromUnixTimestamp64Nano({end_ns:Int64}) - toIntervalSecond(w)),
+            {windows:Array(UInt32)})) AS window_seconds
+    FROM tracetune_task_errors_1m
+    WHERE pipeline = {pipeline:String}
+      AND error_kind = 'client'
+      AND ({tenant:String} = '' OR tenant = {tenant:String})
+      AND minute >= toStartOfMinute(fromUnixTimestamp64Nano({end_ns:Int64})
+                                    - toIntervalSecond(arrayMax({windows:Array(UInt32)})))
+      AND minute < fromUnixTimestamp64Nano({end_ns:Int64})
+)
+GROUP BY window_seconds
 """
 
 HIST_BUCKETS_PER_DOUBLING = 8  # as tracetune_spans_1m.duration_hist: bucket = floor(log2(ns + 1) * 8)
@@ -361,8 +396,12 @@ _ns = epoch_ns
 
 def request_counts(client, pipeline: str, windows: Sequence[int], latency_targets_ms: Sequence[float] = (),
                    now: datetime | None = None, tenant: str = "", source: Source = "rollup") -> pl.DataFrame:
-    """Tasks in each trailing window (seconds) ending at now: window_seconds, total, errors, slow.
+    """Tasks in each trailing window (seconds) ending at now: window_seconds, total, errors, client_errors,
+    slow, first_seen.
 
+    errors are server errors (what the availability SLO counts), client_errors the failed tasks
+    refused for their input (analyzer/errors.py); first_seen is when the window's first task started
+    (None without tasks; the start of its minute from the rollup).
     slow is a list aligned with latency_targets_ms: tasks slower than each target. `raw` counts
     exactly over exactly the window; `rollup` (default) reads tracetune_spans_1m, so a 30-day budget
     costs the same at any span rate, with windows rounded out to whole minutes and slow counts
@@ -378,28 +417,36 @@ def request_counts(client, pipeline: str, windows: Sequence[int], latency_target
                   "targets_ns": targets_ns}
     sql = REQUEST_COUNTS_RAW_SQL if source == "raw" else REQUEST_COUNTS_ROLLUP_SQL
     found = {}
-    for row in client.query(sql, parameters=parameters).result_rows:
-        window, total, errors, last = row
-        slow = [float(x) for x in last] if source == "raw" else [slower_than(last, t) for t in targets_ns]
-        found[int(window)] = (int(total), int(errors), slow)
-    empty = (0, 0, [0.0] * len(targets_ns))  # a window without tasks
-    rows = [dict(zip(("window_seconds", "total", "errors", "slow"), (w, *found.get(w, empty)), strict=True))
-            for w in windows]
+    if source == "raw":
+        for window, total, errors, client_errors, slow, first in client.query(sql, parameters=parameters).result_rows:
+            found[int(window)] = (int(total), int(errors), int(client_errors), [float(x) for x in slow], utc(first))
+    else:
+        clients = {int(w): int(n) for w, n in client.query(CLIENT_ERRORS_ROLLUP_SQL, parameters=parameters).result_rows}
+        for window, total, errors, hist, first in client.query(sql, parameters=parameters).result_rows:
+            refused = min(clients.get(int(window), 0), int(errors))
+            found[int(window)] = (int(total), int(errors) - refused, refused,
+                                  [slower_than(hist, t) for t in targets_ns], utc(first))
+    empty = (0, 0, 0, [0.0] * len(targets_ns), None)  # a window without tasks
+    names = ("window_seconds", "total", "errors", "client_errors", "slow", "first_seen")
+    rows = [dict(zip(names, (w, *found.get(w, empty)), strict=True)) for w in windows]
     return pl.DataFrame(rows, schema={"window_seconds": pl.Int64, "total": pl.Int64, "errors": pl.Int64,
-                                      "slow": pl.List(pl.Float64)})
+                                      "client_errors": pl.Int64, "slow": pl.List(pl.Float64),
+                                      "first_seen": pl.Datetime("us", "UTC")})
 
 
 # ---- status --------------------------------------------------------------------------------------
 
 SLO_STATUS_COLUMNS = ["pipeline", "slo", "target_ms", "objective", "error_budget", "period_days", "severity",
                       "long_window", "short_window", "long_window_s", "short_window_s", "factor", "long_burn_rate",
-                      "short_burn_rate", "firing", "period_requests", "period_bad", "budget_remaining"]
+                      "short_burn_rate", "firing", "period_requests", "period_bad", "budget_remaining",
+                      "data_seconds", "enough_data", "period_client_errors"]
 _STATUS_SCHEMA = {"pipeline": pl.Utf8, "slo": pl.Utf8, "target_ms": pl.Float64, "objective": pl.Float64,
                   "error_budget": pl.Float64, "period_days": pl.Float64, "severity": pl.Utf8,
                   "long_window": pl.Utf8, "short_window": pl.Utf8, "long_window_s": pl.Int64,
                   "short_window_s": pl.Int64, "factor": pl.Float64, "long_burn_rate": pl.Float64,
                   "short_burn_rate": pl.Float64, "firing": pl.Boolean, "period_requests": pl.Int64,
-                  "period_bad": pl.Float64, "budget_remaining": pl.Float64}
+                  "period_bad": pl.Float64, "budget_remaining": pl.Float64, "data_seconds": pl.Float64,
+                  "enough_data": pl.Boolean, "period_client_errors": pl.Int64}
 
 
 def window_label(seconds: int) -> str:
@@ -412,12 +459,27 @@ def window_label(seconds: int) -> str:
     return "".join(parts) or "0s"
 
 
+def data_note(data_seconds: float, period_days: float) -> str:
+    """What a budget was computed over, as said to the user: "7.5 min of data", "the whole 30-day period"."""
+    if data_seconds <= 0:
+        return "no data in the period"
+    if data_seconds >= period_days * 86400:
+        return f"the whole {period_days:g}-day period"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if data_seconds >= size:
+            return f"{data_seconds / size:.1f} {unit} of data"
+    return f"{data_seconds:.0f} s of data"
+
+
 def slo_status(client, pipeline: str, now: datetime | None = None, slo: SLO | None = None, tenant: str = "",
                source: Source = "rollup", scale_windows: bool = True) -> pl.DataFrame:
     """Burn rates, firing rules and budget left for each objective of the pipeline's SLO.
 
     One row per (SLO kind, burn-rate rule), SLO_STATUS_COLUMNS. slo defaults to the stored one;
-    SLOError if there is none. Budget remaining is over the trailing SLO period ending at now.
+    SLOError if there is none. Budget remaining is over the tasks of the trailing SLO period ending
+    at now, which only has data for data_seconds (since its first task; 0 and a NaN budget without
+    any); a rule whose long window is longer than that has enough_data False and does not fire.
+    period_client_errors: failed tasks left out of availability as the client's (invalid input).
     """
     slo = slo or get_slo(client, pipeline)
     if slo is None:
@@ -434,12 +496,17 @@ def slo_status(client, pipeline: str, now: datetime | None = None, slo: SLO | No
         row = by_window[window]
         return float(row["errors"]) if objective.target_ms is None else row["slow"][latency.index(objective)]
 
+    period = by_window[period_s]
+    end = _utc(now)
+    data_seconds = 0.0 if period["first_seen"] is None else \
+        float(min(period_s, max(0, round((end - period["first_seen"]).total_seconds()))))  # whole seconds
     rows = []
     for objective in objectives:
         rates = {w: burn_rate(bad(w, objective), by_window[w]["total"], objective.error_budget) for w in by_window}
-        firing = alerts(rates, rules)
+        firing = [rule for rule in alerts(rates, rules) if rule.long_s <= data_seconds]
         period_bad = bad(period_s, objective)
-        remaining = error_budget_remaining(period_bad, by_window[period_s]["total"], objective.error_budget)
+        remaining = error_budget_remaining(period_bad, period["total"], objective.error_budget) \
+            if period["total"] else math.nan
         for rule in rules:
             rows.append({
                 "pipeline": pipeline, "slo": objective.kind, "target_ms": objective.target_ms,
@@ -448,7 +515,9 @@ def slo_status(client, pipeline: str, now: datetime | None = None, slo: SLO | No
                 "long_window": window_label(rule.long_s), "short_window": window_label(rule.short_s),
                 "long_window_s": rule.long_s, "short_window_s": rule.short_s, "factor": rule.factor,
                 "long_burn_rate": rates[rule.long_s], "short_burn_rate": rates[rule.short_s],
-                "firing": rule in firing, "period_requests": by_window[period_s]["total"],
-                "period_bad": period_bad, "budget_remaining": remaining,
+                "firing": rule in firing, "period_requests": period["total"],
+                "period_bad": period_bad, "budget_remaining": remaining, "data_seconds": data_seconds,
+                "enough_data": rule.long_s <= data_seconds,
+                "period_client_errors": period["client_errors"] if objective.target_ms is None else 0,
             })
     return pl.DataFrame(rows, schema=_STATUS_SCHEMA).select(SLO_STATUS_COLUMNS)

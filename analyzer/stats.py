@@ -5,6 +5,10 @@ rollup, or for windows of HOURLY_FROM_SECONDS and more the hourly `tracetune_spa
 does not grow with raw span count (percentiles from DDSketch states, at most 0.5% relative error;
 the window is rounded out to whole minutes or hours); `raw` reads `otel_traces` and gives exact
 percentiles over exactly the window.
+
+A task is its root span; step rows count step spans. Grouped by step, every pipeline also gets an
+END_TO_END row from its root spans (the latency a caller sees, which latency SLOs judge); grouped
+by dimensions a task has (pipeline, tenant, service) the rows count tasks, not the spans of every step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ DIMENSIONS = {"pipeline": "pipeline", "step": "step", "route": "route", "tenant"
 LATENCY_COLUMNS = ["requests", "errors", "error_rate", "throughput_rps", "p50_ms", "p95_ms", "p99_ms", "max_ms",
                    "mean_ms", "cache_hit_rate", "mean_batch_size", "mean_queue_ms"]
 STEP_STATS_COLUMNS = ["pipeline", "step", "requests", "errors", "error_rate", "p50_ms", "p95_ms", "p99_ms", "max_ms"]
+END_TO_END = "(end to end)"  # the step name of a pipeline's root-span row: whole tasks, as callers see them
+# Dimensions only step spans have: grouping by one of them counts step spans, else tasks.
+STEP_DIMENSIONS = ("step", "route", "model")
 
 HOURLY_FROM_SECONDS = 6 * 3600
 _ROLLUPS = {"minute": ("tracetune_spans_1m", "minute", "toStartOfMinute"),
@@ -54,17 +61,22 @@ def _frame(result, columns: list[str], schema: dict[str, pl.DataType]) -> pl.Dat
 
 
 def latency(client, since: str | int = "5m", by: tuple[str, ...] = ("pipeline", "step"), pipeline: str = "",
-            steps: Literal["steps", "roots", "all"] = "steps", source: Source = "rollup") -> pl.DataFrame:
+            steps: Literal["steps", "roots", "all"] | None = None, source: Source = "rollup") -> pl.DataFrame:
     """Count, throughput, error rate, p50/p95/p99/max, cache hit rate, batch size and queue time per group.
 
-    `by` is any of pipeline, step, route, tenant, service; `steps` picks step spans, task root spans
-    (step == '') or both.
+    `by` is any of pipeline, step, route, tenant, service, model; `steps` picks step spans, task root
+    spans (their step is END_TO_END) or both. By default: both when grouping by step, step spans
+    when grouping by route or model without step, else tasks (`--by tenant` counts tasks).
     """
     unknown = [d for d in by if d not in DIMENSIONS]
     if unknown or not by:
         raise ValueError(f"cannot group by {unknown or 'nothing'}; choose from {', '.join(DIMENSIONS)}")
     if source not in _SQL:
         raise ValueError(f"source must be 'rollup' or 'raw', not {source!r}")
+    if steps is None:
+        steps = "all" if "step" in by else "steps" if any(d in by for d in STEP_DIMENSIONS) else "roots"
+    if steps not in ("steps", "roots", "all"):
+        raise ValueError(f"steps must be 'steps', 'roots' or 'all', not {steps!r}")
     step_filter = {"steps": "kind = 'step'", "roots": "kind = 'root'", "all": "kind != 'batch'"}[steps]
     seconds = _seconds(since)
     table, time_column, floor = _ROLLUPS["hour" if seconds >= HOURLY_FROM_SECONDS else "minute"]
@@ -73,12 +85,21 @@ def latency(client, since: str | int = "5m", by: tuple[str, ...] = ("pipeline", 
            .replace("{time_column}", time_column).replace("{time_floor}", floor))
     result = client.query(sql, parameters={"window_seconds": seconds, "pipeline": pipeline})
     schema = {d: pl.Utf8 for d in by} | {"requests": pl.Int64, "errors": pl.Int64}
-    return _frame(result, list(by) + LATENCY_COLUMNS, schema)
+    frame = _frame(result, list(by) + LATENCY_COLUMNS, schema)
+    if "step" in by and steps != "steps":  # root spans have no step: name their row
+        frame = frame.with_columns(pl.when(pl.col("step") == "").then(pl.lit(END_TO_END))
+                                   .otherwise(pl.col("step")).alias("step"))
+    return frame
 
 
-def step_stats(client, since: str | int = "5m", pipeline: str = "", source: Source = "rollup") -> pl.DataFrame:
-    """One row per (pipeline, step) seen in the trailing window, percentiles in ms."""
-    return latency(client, since, ("pipeline", "step"), pipeline, "steps", source).select(STEP_STATS_COLUMNS)
+def step_stats(client, since: str | int = "5m", pipeline: str = "", source: Source = "rollup",
+               end_to_end: bool = True) -> pl.DataFrame:
+    """One row per (pipeline, step) seen in the trailing window, percentiles in ms.
+
+    With end_to_end (default) each pipeline's first row is END_TO_END: its tasks (root spans).
+    """
+    steps = "all" if end_to_end else "steps"
+    return latency(client, since, ("pipeline", "step"), pipeline, steps, source).select(STEP_STATS_COLUMNS)
 
 
 _SERIES_SQL = {

@@ -23,11 +23,11 @@ from tracetune.executor import (
     DeadLetters,
     Effect,
     Infer,
+    InputError,
     Pipeline,
     Remote,
     RetryPolicy,
     Step,
-    StepError,
     Task,
 )
 from tracetune.settings import Settings
@@ -64,9 +64,9 @@ def normalize(task: Task) -> None:
     text = " ".join(task.text.split())
     span.set_attribute("tracetune.feature.text_length", len(text))
     if not text:
-        raise StepError("empty ticket: nothing to triage")
+        raise InputError("empty ticket: nothing to triage")
     if len(text) > MAX_TICKET_CHARS:
-        raise StepError(f"ticket of {len(text)} characters exceeds the {MAX_TICKET_CHARS}-character limit")
+        raise InputError(f"ticket of {len(text)} characters exceeds the {MAX_TICKET_CHARS}-character limit")
     task.data["text"] = text
     span.set_attribute("tracetune.feature.word_count", len(text.split()))
 

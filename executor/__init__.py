@@ -12,8 +12,8 @@ from tracetune.executor.effects import DeadLetters, RetryPolicy, SideEffect, Sid
 from tracetune.executor.llm import ChatClient, LabelModel, LLMAnswer, LLMError
 from tracetune.executor.onnx import OnnxModel
 from tracetune.executor.pipelines import Pipeline, Task
-from tracetune.executor.steps import Batching, Cache, Cascade, Effect, Infer, Remote, Step, StepError
+from tracetune.executor.steps import Batching, Cache, Cascade, Effect, Infer, InputError, Remote, Step, StepError
 
 __all__ = ["Pipeline", "Task", "Step", "Infer", "Cascade", "Effect", "Batching", "Cache", "Remote", "StepError",
-           "ChatClient", "LabelModel", "LLMAnswer", "LLMError", "OnnxModel", "RetryPolicy", "SideEffect",
-           "SideEffectFailed", "DeadLetters"]
+           "InputError", "ChatClient", "LabelModel", "LLMAnswer", "LLMError", "OnnxModel", "RetryPolicy",
+           "SideEffect", "SideEffectFailed", "DeadLetters"]

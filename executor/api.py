@@ -70,8 +70,9 @@ async def run_task(request: Request) -> JSONResponse:
     task_input = {k: v for k, v in body.items() if k not in _CALLER_FIELDS}
     try:
         task = await run_in_threadpool(pipeline.run, task_input, tenant=tenant, task_id=task_id)
-    except StepError as exc:
-        return JSONResponse({"error": str(exc), "task_id": task_id, "trace_id": exc.trace_id}, status_code=422)
+    except StepError as exc:  # the caller's input (422), or a failure on our side such as a dependency (502)
+        return JSONResponse({"error": str(exc), "task_id": task_id, "trace_id": exc.trace_id},
+                            status_code=422 if exc.kind == "client" else 502)
     finally:
         admission.leave()
     return JSONResponse({"task_id": task_id, "trace_id": task.trace_id, "result": pipeline.result(task)})

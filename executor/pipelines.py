@@ -21,12 +21,16 @@ from opentelemetry import trace
 
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics
-from tracetune.executor.steps import NAME, Cascade, Step, StepError
+from tracetune.executor.steps import NAME, Cascade, InputError, Step, StepError
 from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
 
 log = logging.getLogger("tracetune.executor")
 
-__all__ = ["Pipeline", "Task", "StepError"]
+__all__ = ["Pipeline", "Task", "StepError", "InputError"]
+
+
+def _error_kind(exc: BaseException) -> str:
+    return exc.kind if isinstance(exc, StepError) else "server"
 
 
 @dataclass
@@ -258,6 +262,10 @@ class Pipeline:
                             **common, attr.STEP: step.name}) as span:
                         try:
                             step.run(task, span)
+                        except Exception as exc:
+                            span.set_attribute(attr.ERROR_KIND, _error_kind(exc))
+                            root.set_attribute(attr.ERROR_KIND, _error_kind(exc))
+                            raise
                         finally:
                             metrics.STEP_SECONDS.labels(self.name, step.name).observe(time.perf_counter() - started)
                 if self._outcome is not None:

@@ -40,9 +40,18 @@ NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 class StepError(Exception):
-    """A task failed in a step for a reason worth showing the caller (bad input, exhausted retries)."""
+    """A task failed in a step for a reason worth showing the caller, on our side (e.g. a side effect that
+    exhausted its retries): the task API answers 502, and the task counts against availability."""
 
     trace_id: str = ""
+    kind: str = "server"
+
+
+class InputError(StepError):
+    """A task refused for its input (the caller's mistake): the task API answers 422 with the message, and
+    the task is a client error (`tracetune.error_kind=client`), not counted against availability."""
+
+    kind = "client"
 
 
 # ---- knob groups ---------------------------------------------------------------------------------

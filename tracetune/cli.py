@@ -456,14 +456,17 @@ def drift_baseline_set(ctx: click.Context, pipeline: str, first: str | None, las
     client = _client(_settings(ctx))
     begin, finish = _baseline_window(first, last, start, end, client, pipeline)
     try:
-        baseline = analyzer.set_baseline(client, pipeline, begin, finish, note=note, author="cli")
+        baseline = analyzer.set_baseline(client, pipeline, begin, finish, note=note, author="cli",
+                                         allow_future=bool(first))
     except analyzer.BaselineError as exc:
         raise UserError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(baseline.to_dict(), indent=2))
     else:
         click.echo(f"{pipeline}: drift baseline v{baseline.version} is {baseline.start:%Y-%m-%d %H:%M:%S} – "
-                   f"{baseline.end:%Y-%m-%d %H:%M:%S} UTC")
+                   f"{baseline.end:%Y-%m-%d %H:%M:%S} UTC" + (" (not over yet: until it is, drift compares with "
+                                                              "what there is of it)"
+                                                              if baseline.end > datetime.now(UTC) else ""))
 
 
 @drift_baseline.command("show")

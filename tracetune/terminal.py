@@ -15,6 +15,7 @@ def console() -> Console:
 
 
 def step_table(frame: pl.DataFrame, title: str = "per-step latency") -> Table:
+    """Rows of step_stats; a pipeline's "(end to end)" row (its tasks) in bold."""
     table = Table(title=title, title_justify="left")
     for name in ("pipeline", "step"):
         table.add_column(name)
@@ -25,7 +26,8 @@ def step_table(frame: pl.DataFrame, title: str = "per-step latency") -> Table:
         return table
     for row in frame.iter_rows(named=True):
         table.add_row(row["pipeline"], row["step"], f"{row['requests']:,}", f"{100 * row['error_rate']:.1f}",
-                      f"{row['p50_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['p99_ms']:.2f}")
+                      f"{row['p50_ms']:.2f}", f"{row['p95_ms']:.2f}", f"{row['p99_ms']:.2f}",
+                      style="bold" if row["step"] == "(end to end)" else None)
     return table
 
 
@@ -57,8 +59,8 @@ def cost_table(frame: pl.DataFrame, title: str = "cost per 1k requests") -> Tabl
 _STATUS_STYLE = {"drift": "bold red", "warn": "yellow", "ok": "green", "insufficient_data": "dim"}
 
 
-def drift_table(status: pl.DataFrame, detail: pl.DataFrame, title: str = "drift") -> Table:
-    table = Table(title=title, title_justify="left")
+def drift_table(status: pl.DataFrame, detail: pl.DataFrame, title: str = "drift", caption: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for name in ("pipeline", "step", "feature", "kind", "status", "statistics", "n ref / cur"):
         table.add_column(name, justify="right" if name == "n ref / cur" else "left")
     if status.is_empty():
@@ -79,15 +81,45 @@ def drift_table(status: pl.DataFrame, detail: pl.DataFrame, title: str = "drift"
 
 
 def slo_table(frame: pl.DataFrame) -> Table:
-    table = Table(title="SLO burn rates", title_justify="left")
+    """slo_status rows; budget left says what it covers, rules longer than the data say so instead of firing."""
+    from tracetune.analyzer.slo import data_note
+
+    notes = sorted({f"{r['pipeline']}: {data_note(r['data_seconds'], r['period_days'])}"
+                    for r in frame.iter_rows(named=True)})
+    client_errors = {(r["pipeline"], r["period_client_errors"]) for r in frame.iter_rows(named=True)
+                     if r["slo"] == "availability" and r["period_client_errors"]}
+    caption = "budgets over " + "; ".join(notes) + "".join(
+        f"; {p}: {n:,} client errors (invalid input) not counted as unavailability" for p, n in sorted(client_errors))
+    table = Table(title="SLO burn rates", title_justify="left", caption=caption, caption_justify="left")
     for name in ("pipeline", "slo", "target", "windows", "factor", "burn long / short", "firing", "budget left"):
         table.add_column(name, justify="left" if name in ("pipeline", "slo", "windows") else "right")
     for row in frame.iter_rows(named=True):
         target = f"{row['target_ms']:g} ms" if row["target_ms"] is not None else f"{row['objective']:.3%}"
-        firing = f"[bold red]{row['severity']}[/bold red]" if row["firing"] else "-"
+        if row["firing"]:
+            firing = f"[bold red]{row['severity']}[/bold red]"
+        elif not row["enough_data"]:
+            firing = "[dim]not enough data[/dim]"
+        else:
+            firing = "-"
+        left = row["budget_remaining"]
         table.add_row(row["pipeline"], row["slo"], target, f"{row['long_window']} / {row['short_window']}",
                       f"{row['factor']:g}", f"{row['long_burn_rate']:.2f} / {row['short_burn_rate']:.2f}", firing,
-                      f"{row['budget_remaining']:.1%}")
+                      "no data" if left != left else f"{left:.1%}")
+    return table
+
+
+def errors_table(frame: pl.DataFrame, title: str = "errors") -> Table:
+    """analyzer.errors rows: where, whose (client / server), the message, how often, when last, a trace to open."""
+    table = Table(title=title, title_justify="left")
+    for name in ("pipeline", "step", "kind", "message", "count", "failed tasks", "last seen (UTC)", "example trace"):
+        table.add_column(name, justify="right" if name in ("count", "failed tasks") else "left")
+    if frame.is_empty():
+        table.add_row("(no errors in the window)", *[""] * 7)
+    for row in frame.iter_rows(named=True):
+        style = "yellow" if row["kind"] == "client" else "red"
+        table.add_row(row["pipeline"], row["step"] or "(end to end)", f"[{style}]{row['kind']}[/{style}]",
+                      row["message"][:160], f"{row['count']:,}", f"{row['failed_tasks']:,}",
+                      f"{row['last_seen']:%Y-%m-%d %H:%M:%S}", row["example_trace_id"])
     return table
 
 

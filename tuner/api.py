@@ -720,6 +720,9 @@ def create_app(client_factory, token: str = "") -> FastAPI:
                          swagger_ui_parameters={"validatorUrl": None})  # no call to validator.swagger.io
     app.state.token = token
     app.include_router(router)
+    from tracetune.tuner import baselines  # its routes use this module's `writer`
+
+    app.include_router(baselines.router)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.mount("/metrics", make_asgi_app())
     return app

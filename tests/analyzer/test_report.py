@@ -21,6 +21,9 @@ def test_report_has_every_section_with_figures_and_charts(client, traffic, tmp_p
     # 40 requests; the classify step ran in every one of them.
     assert re.search(r"<td>triage</td><td class=\"l\">classify</td><td>40</td>", html)
     assert "latency_p95" in html and "availability" in html
+    assert "<td class=\"l\">(end to end)</td>" in html  # the tasks' latency, what the latency SLO judges
+    assert "Budgets count only the time with data: triage over" in html and "not enough data" in html
+    assert "Drift (last 1m against the preceding 1m)" in html and "under 100 samples" in html
     path = write_report(client, tmp_path / "r" / "report.html", "10m", prices=PRICES)
     assert path.read_text() == html or path.stat().st_size > 10_000
 

@@ -56,7 +56,8 @@ def seeded(client):
 def test_rollup_counts_equal_raw_and_percentiles_are_within_the_sketch_error(client, seeded):
     rollup = {r["step"]: r for r in step_stats(client, "10m").iter_rows(named=True)}
     raw = {r["step"]: r for r in step_stats(client, "10m", source="raw").iter_rows(named=True)}
-    assert set(rollup) == set(raw) == {"embed", "classify", "llm"}
+    assert set(rollup) == set(raw) == {analyzer.END_TO_END, "embed", "classify", "llm"}
+    assert rollup[analyzer.END_TO_END]["requests"] == raw[analyzer.END_TO_END]["requests"] == 500
     for step, (durations, *_rest, errors) in seeded.items():
         assert rollup[step]["requests"] == raw[step]["requests"] == 3000
         assert rollup[step]["errors"] == raw[step]["errors"] == int(errors.sum())
@@ -72,7 +73,7 @@ def test_rollup_counts_equal_raw_and_percentiles_are_within_the_sketch_error(cli
 def test_grouping_by_route_and_tenant_with_cache_and_batching(client, seeded):
     frame = latency(client, "10m", by=("step", "route", "tenant"))
     raw = latency(client, "10m", by=("step", "route", "tenant"), source="raw")
-    assert frame.height == raw.height == 3 * 2 * 3
+    assert frame.height == raw.height == 3 * 2 * 3 + 1  # and the tasks' row (end to end, no route nor tenant)
     durations, routes, tenants, caches, _ = seeded["embed"]
     one = frame.filter((frame["step"] == "embed") & (frame["route"] == "int8") & (frame["tenant"] == "acme")).row(
         0, named=True)

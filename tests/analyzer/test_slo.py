@@ -18,6 +18,7 @@ from tracetune.analyzer.slo import (
     alerts,
     burn_rate,
     burn_windows,
+    data_note,
     error_budget_remaining,
     get_slo,
     list_slos,
@@ -207,15 +208,18 @@ def test_request_counts_count_failed_and_slow_tasks_per_window(client, source):
     _seed(client)
     counts = request_counts(client, "triage", [300, 60, 3600, 86400], latency_targets_ms=[200, 1000], now=NOW,
                             source=source)
-    assert counts.to_dicts() == [
+    assert [t.replace(microsecond=0) for t in counts["first_seen"]] == [NOW - timedelta(seconds=s)
+                                                                        for s in (60, 300, 3600, 3600)]
+    assert counts["client_errors"].to_list() == [0, 0, 0, 0]
+    assert counts.select("window_seconds", "total", "errors", "slow").to_dicts() == [
         {"window_seconds": 60, "total": 60, "errors": 2, "slow": [6.0, 0.0]},
         {"window_seconds": 300, "total": 300, "errors": 6, "slow": [30.0, 0.0]},
         {"window_seconds": 3600, "total": 3600, "errors": 72, "slow": [360.0, 0.0]},
         {"window_seconds": 86400, "total": 3600, "errors": 72, "slow": [360.0, 0.0]},
     ]
     tenant = request_counts(client, "triage", [3600], [200], now=NOW, tenant="acme", source=source)
-    assert tenant.row(0) == (3600, 1800, 0, [0.0])  # failures and slow tasks all have even i: globex
-    assert request_counts(client, "nope", [60], [], now=NOW, source=source).row(0) == (60, 0, 0, [])
+    assert tenant.row(0)[:5] == (3600, 1800, 0, 0, [0.0])  # failures and slow tasks all have even i: globex
+    assert request_counts(client, "nope", [60], [], now=NOW, source=source).row(0) == (60, 0, 0, 0, [], None)
 
 
 def test_slower_than_estimates_within_the_bucket_of_the_target():
@@ -234,6 +238,9 @@ def test_slo_status_burns_the_budget_of_each_objective(client):
     with pytest.raises(SLOError, match="no SLO saved for pipeline 'triage'"):
         slo_status(client, "triage", now=NOW)
     save_slo(client, slo)
+    # One good task 4 days ago: the period has 4 days of data, so every rule (up to 3d) can judge.
+    client.insert("otel_traces", [_span(NOW - timedelta(days=4), {"tracetune.pipeline": "triage"}, 100, False, 9999)],
+                  column_names=COLUMNS)
     frame = slo_status(client, "triage", now=NOW, source="raw")
     assert frame.columns == SLO_STATUS_COLUMNS and frame.height == 9
     rows = {(r["slo"], r["long_window"]): r for r in frame.iter_rows(named=True)}
@@ -245,14 +252,15 @@ def test_slo_status_burns_the_budget_of_each_objective(client):
         assert row["firing"]
     row = rows[("availability", "1h")]
     assert (row["short_window"], row["factor"], row["severity"], row["objective"]) == ("5m", 14.4, "page", 0.999)
-    assert row["period_requests"] == 3600 and row["period_bad"] == 72
-    assert row["budget_remaining"] == pytest.approx(1 - 72 / 3.6)
+    assert row["period_requests"] == 3601 and row["period_bad"] == 72
+    assert row["budget_remaining"] == pytest.approx(1 - 72 / 3.601)
+    assert set(frame["data_seconds"]) == {4 * 86400.0} and frame["enough_data"].all()
 
     # p95 200 ms: 10% slower against a 5% budget burns at 2 -> only the 3d/6h ticket (factor 1) fires.
     assert [(r["long_window"], r["firing"]) for r in frame.filter(pl.col("slo") == "latency_p95").iter_rows(
         named=True)] == [("1h", False), ("6h", False), ("3d", True)]
     assert rows[("latency_p95", "1h")]["long_burn_rate"] == pytest.approx(2.0)
-    assert rows[("latency_p95", "3d")]["budget_remaining"] == pytest.approx(1 - 360 / (0.05 * 3600))
+    assert rows[("latency_p95", "3d")]["budget_remaining"] == pytest.approx(1 - 360 / (0.05 * 3601))
     # p99 1000 ms: nothing is that slow.
     p99 = frame.filter(pl.col("slo") == "latency_p99")
     assert not p99["firing"].any() and set(p99["budget_remaining"]) == {1.0}
@@ -264,3 +272,52 @@ def test_slo_status_burns_the_budget_of_each_objective(client):
     assert weekly["long_window"].to_list() == ["14m", "1h24m", "16h48m"]
     assert weekly["long_burn_rate"].to_list() == pytest.approx([17 / 840 / 0.05, 0.4, 0.4])  # ~2% against 5%
     assert not weekly["firing"].any()
+
+
+def test_budgets_count_only_the_time_with_data_and_long_rules_wait_for_enough_of_it(client):
+    """An hour of tasks failing 2% against a 0.1% budget: the 1h page fires, the 6h and 3d rules say
+    not enough data instead of firing, and the budget says it covers one hour."""
+    _seed(client)
+    slo = SLO("triage", error_rate=0.001)
+    for source in ("raw", "rollup"):
+        frame = slo_status(client, "triage", now=NOW, slo=slo, source=source)
+        assert frame.select("long_window", "long_burn_rate", "enough_data", "firing").rows() == [
+            ("1h", pytest.approx(20), True, True), ("6h", pytest.approx(20), False, False),
+            ("3d", pytest.approx(20), False, False)]
+        assert set(frame["data_seconds"]) == {3600.0}
+        assert data_note(frame["data_seconds"][0], 30) == "1.0 h of data"
+        assert frame["budget_remaining"][0] == pytest.approx(1 - 72 / 3.6)  # over the hour there is
+
+    # 7.5 minutes of data: the budget is over those minutes and no rule has enough data to fire.
+    short = slo_status(client, "triage", now=NOW - timedelta(seconds=3600 - 450), slo=slo, source="raw")
+    assert set(short["data_seconds"]) == {450.0} and not short["firing"].any() and not short["enough_data"].any()
+    assert data_note(450, 30) == "7.5 min of data"
+
+    # No data: no budget figure (NaN, not 100% left), nothing fires.
+    empty = slo_status(client, "triage", now=NOW - timedelta(days=62), slo=slo, source="raw")
+    assert empty["budget_remaining"].is_nan().all() and set(empty["data_seconds"]) == {0.0}
+    assert not empty["firing"].any() and data_note(0, 30) == "no data in the period"
+    assert data_note(40 * 86400, 30) == "the whole 30-day period"
+
+
+@pytest.mark.parametrize("source", ["raw", "rollup"])
+def test_availability_leaves_out_client_errors(client, source):
+    """Tasks refused for their input (tracetune.error_kind=client, or a 4xx error.type) do not spend the
+    availability budget; server errors and errors without a kind do."""
+    rows = []
+    for i in range(100):
+        at = NOW - timedelta(seconds=i + 1)
+        attrs = {"tracetune.pipeline": "triage"}
+        if i < 10:
+            attrs["tracetune.error_kind"] = "client"
+        elif i < 15:
+            attrs["error.type"] = "422"
+        elif i < 18:
+            attrs["tracetune.error_kind"] = "server"
+        rows.append(_span(at, attrs, 100, i < 20, i))  # 15 client errors, 5 server (3 marked, 2 unmarked)
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+    counts = request_counts(client, "triage", [3600], now=NOW, source=source).row(0, named=True)
+    assert (counts["total"], counts["errors"], counts["client_errors"]) == (100, 5, 15)
+    status = slo_status(client, "triage", now=NOW, slo=SLO("triage", error_rate=0.1), source=source)
+    assert status["period_bad"][0] == 5 and status["period_client_errors"][0] == 15
+    assert status["budget_remaining"][0] == pytest.approx(1 - 5 / (0.1 * 100))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.spans import COLUMNS, span_row
-from tracetune.analyzer import latency_series, parse_window, step_stats
+from tracetune.analyzer import END_TO_END, latency, latency_series, parse_window, step_stats
 
 
 def step_span(ts_ns: int, pipeline: str, step: str, duration_ns: int, error: bool = False) -> list:
@@ -33,7 +33,7 @@ def test_step_percentiles_match_numpy_and_window_is_respected(client):
         rows.append(step_span(now - 1000, pipeline, "", 5 * 10**7))  # a root span is not a step
     client.insert("otel_traces", rows, column_names=COLUMNS)
 
-    frame = step_stats(client, "5m", source="raw")
+    frame = step_stats(client, "5m", source="raw", end_to_end=False)
     assert frame.height == 6
     for row in frame.iter_rows(named=True):
         durations, errors = expected[(row["pipeline"], row["step"])]
@@ -45,7 +45,8 @@ def test_step_percentiles_match_numpy_and_window_is_respected(client):
         assert row["p99_ms"] >= row["p95_ms"] >= row["p50_ms"] > 0
 
     only = step_stats(client, "2h", pipeline="search", source="raw")
-    assert set(only["pipeline"]) == {"search"} and only["requests"].to_list() == [550] * 3
+    assert set(only["pipeline"]) == {"search"} and only["requests"].to_list() == [1, 550, 550, 550]
+    assert only["step"].to_list() == [END_TO_END, "embed", "rank", "respond"]  # the task row first
 
     series = latency_series(client, "5m", bucket_seconds=30)
     assert series["requests"].sum() == 3000 and set(series["step"]) == {"embed", "rank", "respond"}
@@ -65,3 +66,40 @@ def test_parse_window(text, seconds):
 def test_parse_window_rejects_with_the_accepted_forms(text):
     with pytest.raises(ValueError, match="30s, 5m"):
         parse_window(text)
+
+
+@pytest.mark.parametrize("source", ["raw", "rollup"])
+def test_end_to_end_is_a_row_and_by_tenant_counts_tasks(client, source):
+    """374 tasks of 4 steps each: the end-to-end row has the root spans' latency, and grouping by
+    tenant counts the 374 tasks, not their 1,496 step spans."""
+    rng = np.random.default_rng(3)
+    now = time.time_ns() - 61 * 10**9  # a whole minute back: the rollup's window is whole minutes
+    rows, roots = [], []
+    for n in range(374):
+        tenant = ("acme", "globex")[n % 2]
+        start, trace = now - int(50e9 * rng.random()), f"{n:032x}"
+        total = 0
+        for i, step in enumerate(("normalize", "classify", "escalate", "reply")):
+            d = int(rng.lognormal(np.log(2e6 * (i + 1)), 0.4))
+            rows.append(span_row(start + total, trace_id=trace, span_id=f"{n:08x}{i + 1:08x}", parent=f"{n:016x}",
+                                 name=step, attrs={"tracetune.pipeline": "triage", "tracetune.step": step,
+                                                   "tracetune.tenant": tenant}, duration=d))
+            total += d
+        roots.append(total + 10**6)
+        rows.append(span_row(start, trace_id=trace, span_id=f"{n:016x}", name="triage", kind="Server",
+                             attrs={"tracetune.pipeline": "triage", "tracetune.tenant": tenant}, duration=roots[-1],
+                             status="Error" if n % 50 == 0 else "Unset"))
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+
+    frame = step_stats(client, "10m", source=source)
+    assert frame["step"].to_list() == [END_TO_END, "classify", "escalate", "normalize", "reply"]
+    e2e = frame.row(0, named=True)
+    assert (e2e["requests"], e2e["errors"]) == (374, 8)
+    assert e2e["p95_ms"] == pytest.approx(np.percentile(roots, 95) / 1e6, rel=1e-9 if source == "raw" else 0.01)
+
+    tenants = latency(client, "10m", by=("tenant",), source=source)
+    assert dict(zip(tenants["tenant"], tenants["requests"], strict=True)) == {"acme": 187, "globex": 187}
+    routes = latency(client, "10m", by=("pipeline", "route"), source=source)  # a step dimension: step spans
+    assert routes["requests"].to_list() == [4 * 374]
+    with pytest.raises(ValueError, match="steps must be"):
+        latency(client, "10m", steps="tasks")  # type: ignore[arg-type]

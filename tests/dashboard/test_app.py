@@ -38,8 +38,9 @@ ROUTES = {"embed": "int8", "classify": "fp32", "route": "fp32", "retrieve": "fp3
           "generate": "llm"}
 LLM_MODEL, OUTPUT_TOKENS = "gpt-4o-mini", 50  # generate's i-th call reads 300 + i input tokens
 OLD_EMBED_CALLS = 5  # extra ticket_triage/embed calls three hours ago: only in the 6h window
-# doc_qa's SLO: 2 of its 25 requests fail, 80x its 0.1% budget: every availability rule fires;
-# its requests take at most ~1.8 s, so the 60 s p95 target holds.
+# doc_qa's SLO: 2 of its 25 requests fail, 80x its 0.1% budget; but four minutes of data is not
+# enough for any rule's long window (1h, 6h, 3d): none fires, each says so. Its requests take at most
+# ~1.8 s, so the 60 s p95 target holds.
 SLO = analyzer.SLO(pipeline="doc_qa", error_rate=0.001, p95_ms=60_000)
 
 
@@ -189,7 +190,11 @@ def test_latency_tab_shows_seeded_steps_counts_percentiles_and_charts(seeded: Se
     table = _table(tab)
     expected = {(p, step): (calls, errors, base) for p, steps in PIPELINES.items()
                 for step, calls, errors, base in steps}
-    assert set(table) == set(expected)
+    assert set(table) == set(expected) | {(p, analyzer.END_TO_END) for p in PIPELINES}
+    for pipeline, steps in PIPELINES.items():  # the tasks' row: every request, failed if a step failed
+        row = table[(pipeline, analyzer.END_TO_END)]
+        assert row["requests"] == steps[0][1] and row["error %"] == pytest.approx(
+            100 * sum(e for _, _, e, _ in steps) / steps[0][1])
     for key, (calls, errors, base) in expected.items():
         row = table[key]
         durations = durations_ms(base, calls)
@@ -200,8 +205,8 @@ def test_latency_tab_shows_seeded_steps_counts_percentiles_and_charts(seeded: Se
 
     metrics = _metrics(tab)
     assert metrics["Requests"] == "65"  # 40 ticket_triage + 25 doc_qa requests
-    total_calls = sum(c for steps in PIPELINES.values() for _, c, _, _ in steps)
-    assert metrics["Error %"] == f"{100 * 5 / total_calls:.1f} %"
+    assert metrics["Error %"] == f"{100 * 5 / 65:.1f} %"  # failed tasks of all tasks
+    assert [label for label in metrics if label.startswith("End-to-end p95")] == ["End-to-end p95 · doc_qa"]
     slowest = [label for label in metrics if label.startswith("Slowest step p95")]
     assert slowest == ["Slowest step p95 · doc_qa / generate"]
     shown = float(metrics[slowest[0]].removesuffix(" ms").replace(",", ""))
@@ -295,16 +300,16 @@ def test_slo_tab_shows_the_seeded_breach_firing(seeded: Settings, client):
     for shown, row in zip(rows, status.to_dicts(), strict=True):
         assert (shown["pipeline"], shown["slo"], shown["windows"]) == (
             row["pipeline"], row["slo"], f"{row['long_window']} / {row['short_window']}")
-        assert shown["state"] == ("firing" if row["firing"] else "ok")
+        assert shown["state"] == "not enough data" and not row["firing"] and not row["enough_data"]
         assert shown["long burn"] == pytest.approx(row["long_burn_rate"])
         assert shown["budget left %"] == pytest.approx(100 * row["budget_remaining"])
     availability = [r for r in rows if r["slo"] == "availability"]
-    assert [r["state"] for r in availability] == ["firing"] * 3
-    assert availability[0]["long burn"] == pytest.approx((2 / 25) / 0.001)  # 80x the budget
-    assert all(r["state"] == "ok" for r in rows if r["slo"] == "latency_p95")
-    assert "#f8d7da" in _styles(tab, 0)  # firing rows coloured
-    assert _metrics(tab)["Alert rules firing"] == "3 of 6"
-    assert "doc_qa availability page" in tab.warning[0].value
+    assert availability[0]["long burn"] == pytest.approx((2 / 25) / 0.001)  # 80x the budget, over 4 minutes
+    assert availability[0]["budget left %"] == pytest.approx(100 * (1 - 2 / (0.001 * 25)))
+    assert "#e9ecef" in _styles(tab, 0)  # not-enough-data rows greyed
+    assert _metrics(tab)["Alert rules firing"] == "0 of 6"
+    caption = " ".join(c.value for c in tab.caption)
+    assert "budgets count only the time with data (doc_qa over 4." in caption and "min of data" in caption
 
 
 def test_sidebar_window_and_pipeline_filter_the_page(seeded: Settings):
@@ -322,7 +327,8 @@ def test_sidebar_window_and_pipeline_filter_the_page(seeded: Settings):
     latency = _tab(at, "Latency")
     table = latency.dataframe[0].value
     assert "pipeline" not in table.columns
-    assert dict(zip(table["step"], table["requests"], strict=False)) == {"retrieve": 25, "rerank": 25, "generate": 25}
+    assert dict(zip(table["step"], table["requests"], strict=False)) == {
+        analyzer.END_TO_END: 25, "retrieve": 25, "rerank": 25, "generate": 25}
     assert _metrics(latency)["Requests"] == "25"
     assert {r["series"] for r in _chart_rows(_charts(latency)[0])} == {"retrieve", "rerank", "generate"}
     assert [r["pipeline"] for r in _rows(_tab(at, "Cost"), 0)] == ["doc_qa"]
@@ -339,17 +345,23 @@ def test_sidebar_window_and_pipeline_filter_the_page(seeded: Settings):
     assert len(_tab(at, "Latency").dataframe) == 1
 
 
-# ---- drift: spans with features in the analyzer's windows (last hour vs the 24 hours before) ----
+# ---- drift: the current minute against a pinned baseline (five hours ago) ----------------------------
 
 DRIFT_PIPELINE, DRIFT_STEP = "search", "query"
 DRIFT_SPANS = 160  # per window: above the 100 samples a verdict needs (PSI needs 500: it stays out)
+_NOW = datetime.now(UTC)
+BASELINE = (_NOW - timedelta(hours=5, minutes=1), _NOW - timedelta(hours=4))
 
 
-def seed_features(client) -> None:
-    """`lang` moves from mostly en to mostly de (drift); `length` keeps its values (ok); `rare` has 10 (too few)."""
+def seed_features(client) -> analyzer.Baseline:
+    """`lang` moves from mostly en to mostly de (drift); `length` keeps its values (ok); `rare` has 10 (too few).
+
+    The reference spans lie in a pinned baseline five hours back (returned); the current spans are the
+    last 20 s (0.125 s apart), so they stay in the current minute while the test runs."""
     now = time.time_ns()
     rows = []
-    for window, start in (("reference", now - int(5 * 3600e9)), ("current", now - int(30 * 60e9))):
+    for window, start, step_ns in (("reference", int(BASELINE[0].timestamp() * 1e9) + int(30e9), int(5e9)),
+                                   ("current", now - int(20e9), int(0.125e9))):
         for i in range(DRIFT_SPANS):
             share_de = 0.1 if window == "reference" else 0.7
             attrs = {"tracetune.pipeline": DRIFT_PIPELINE, "tracetune.step": DRIFT_STEP,
@@ -357,9 +369,10 @@ def seed_features(client) -> None:
                      "tracetune.feature.length": str(50 + i % 40)}
             if i < 10:
                 attrs["tracetune.feature.rare"] = str(i)
-            rows.append(_span(start + i * int(5e9), uuid.uuid4().hex, uuid.uuid4().hex[:16],
+            rows.append(_span(start + i * step_ns, uuid.uuid4().hex, uuid.uuid4().hex[:16],
                               f"{DRIFT_PIPELINE}.{DRIFT_STEP}", int((20 + i % 7) * 1e6), attrs, False))
     client.insert("otel_traces", rows, column_names=COLUMNS)
+    return analyzer.set_baseline(client, DRIFT_PIPELINE, *BASELINE)
 
 
 def _drift_rows(block) -> dict[str, dict]:
@@ -367,14 +380,15 @@ def _drift_rows(block) -> dict[str, dict]:
 
 
 def test_drift_tab_computes_then_shows_the_stored_run(db_settings: Settings, client, monkeypatch, tmp_path):
-    seed_features(client)
+    baseline = seed_features(client)
     use_settings(monkeypatch, db_settings, tmp_path)
     at = _run(AppTest.from_file(str(APP)))
 
     tab = _tab(at, "Drift")
     assert "computed now" in tab.caption[0].value
+    assert f"{baseline.start:%Y-%m-%d %H:%M} – " in tab.caption[0].value  # what it was compared with
     shown = _drift_rows(tab)
-    computed = analyzer.feature_status(analyzer.compute_drift(client, *analyzer.default_windows()))
+    computed = analyzer.feature_status(analyzer.current_drift(client))
     assert {r["feature"]: r["status"] for r in computed.to_dicts()} == {f: r["status"] for f, r in shown.items()}
     assert shown["lang"]["status"] == "drift" and shown["lang"]["statistic"] == "js"
     assert shown["length"]["status"] == "ok"
@@ -384,11 +398,10 @@ def test_drift_tab_computes_then_shows_the_stored_run(db_settings: Settings, cli
     assert _metrics(tab)["Drift"] == "1"
     assert "#f8d7da" in _styles(tab, 0)  # the drift cell is red
 
-    # The analyzer loop stores a run with its own thresholds: the page shows that run, not a new one.
-    ran_at = datetime.now(UTC) - timedelta(minutes=2)
-    reference, current = analyzer.default_windows(ran_at)
+    # The analyzer loop stores a run with its own thresholds: the page shows that run, not a new one,
+    # and lists what the stored runs flagged.
     lenient = {"lang": {"js_drift": None, "js_warn": 0.1, "chi2_p": None}}  # the shift only warns
-    stored = analyzer.compute_drift(client, reference, current, thresholds=lenient)
+    stored = analyzer.current_drift(client, thresholds=lenient)
     analyzer.store_drift(client, stored)
     at = _run(AppTest.from_file(str(APP)))
     tab = _tab(at, "Drift")
@@ -399,6 +412,8 @@ def test_drift_tab_computes_then_shows_the_stored_run(db_settings: Settings, cli
     assert shown["lang"]["status"] == "warn"
     assert shown["lang"]["value"] == pytest.approx(
         stored.filter((pl.col("feature") == "lang") & (pl.col("statistic") == "js"))["value"][0])
+    flagged = _rows(tab, 1)
+    assert [(r["feature"], r["worst"], r["runs"]) for r in flagged] == [("lang", "warn", 1)]
 
 
 # ---- empty and broken stores ------------------------------------------------------------------

@@ -18,7 +18,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.dashboard.test_app import PIPELINES, SLO, durations_ms, seed_features, seed_spans
+from tests.dashboard.test_app import (
+    DRIFT_PIPELINE,
+    DRIFT_SPANS,
+    DRIFT_STEP,
+    PIPELINES,
+    SLO,
+    durations_ms,
+    seed_features,
+    seed_spans,
+)
 from tests.servers import free_port, stop_process, wait_until
 from tracetune import analyzer
 from tracetune.dashboard.frames import format_money, format_ms
@@ -135,7 +144,9 @@ def test_browser_renders_every_tab_with_seeded_numbers(dashboard: Settings, clie
             for point in _chart_points(page):
                 if "series" in point and "p95_ms" in point:
                     calls[point["series"]] += int(point["requests"])
-            assert calls == {f"{p} / {step}": n for p, steps in PIPELINES.items() for step, n, *_ in steps}
+            seeded = {f"{p} / {step}": n for p, steps in PIPELINES.items() for step, n, *_ in steps}
+            seeded[f"{DRIFT_PIPELINE} / {DRIFT_STEP}"] = DRIFT_SPANS  # the drift seed's current minute
+            assert calls == seeded
             body = page.inner_text("body")
             for name in ("doc_qa / generate", "doc_qa / rerank", "ticket_triage / embed", "ticket_triage / route"):
                 assert name in body  # chart legends
@@ -158,18 +169,21 @@ def test_browser_renders_every_tab_with_seeded_numbers(dashboard: Settings, clie
                 f"generate · {100 * totals['generate'] / sum(totals.values()):.0f} %"
             shoot("critical_path")
 
-            # Drift, computed on the fly: `lang` drifted; `length` and search/query's latency did not;
-            # `rare` and the other steps' latency have too few samples for a verdict.
+            # Drift, computed on the fly over the last minute: `lang` drifted against the pinned baseline;
+            # `rare` has too few samples for a verdict. (Seeded again now: the current minute moves on while
+            # the other tabs render; which other steps have a full minute of data depends on that timing.)
+            seed_features(client)
             metrics = _open_tab(page, "Drift", "Insufficient data")
-            assert (metrics["Drift"], metrics["Ok"]) == ("1", "2")
-            assert int(metrics["Insufficient data"]) == 1 + sum(len(steps) for steps in PIPELINES.values())
+            assert metrics["Drift"] == "1" and int(metrics["Ok"]) >= 1
+            assert int(metrics["Insufficient data"]) >= 1
             assert "computed now" in page.inner_text("body")
             shoot("drift")
 
-            # SLOs: the seeded availability breach fires on every rule.
+            # SLOs: the seeded availability breach burns the budget, but a few minutes of data are not
+            # enough for any rule's long window (1 h at least): nothing fires yet, and the page says why.
             metrics = _open_tab(page, "SLOs", "Alert rules firing")
-            assert metrics["Alert rules firing"] == "3 of 6"
-            assert "doc_qa availability page" in page.inner_text("body")
+            assert metrics["Alert rules firing"] == "0 of 6"
+            assert "No burn-rate alert is firing." in page.inner_text("body")
             shoot("slos")
         finally:
             browser.close()

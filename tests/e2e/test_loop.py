@@ -55,8 +55,9 @@ def test_stats_reports_every_step_after_a_few_seconds_of_load(loop, tmp_path):
     out = _run(["stats", "--since", "5m", "--json"], settings)
     assert out.returncode == 0, out.stderr
     rows = {r["step"]: r for r in json.loads(out.stdout)}
-    assert {"normalize", "classify", "prioritize", "draft_reply"} <= set(rows) <= \
-        {"normalize", "classify", "escalate", "prioritize", "create_followup", "draft_reply"}
+    assert {"(end to end)", "normalize", "classify", "prioritize", "draft_reply"} <= set(rows) <= \
+        {"(end to end)", "normalize", "classify", "escalate", "prioritize", "create_followup", "draft_reply"}
+    assert rows["(end to end)"]["requests"] == answered  # the end-to-end row counts tasks
     for row in rows.values():
         assert row["pipeline"] == "ticket_triage"
         assert row["p99_ms"] >= row["p95_ms"] >= row["p50_ms"] > 0

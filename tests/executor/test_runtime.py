@@ -32,6 +32,7 @@ from tracetune.executor import (
     ChatClient,
     Effect,
     Infer,
+    InputError,
     Pipeline,
     Remote,
     RetryPolicy,
@@ -488,7 +489,7 @@ def task_api(tracer):
 
     def check(task) -> None:
         if not 1 <= task.data["stars"] <= 5:
-            raise StepError(f"stars must be between 1 and 5, got {task.data['stars']}")
+            raise InputError(f"stars must be between 1 and 5, got {task.data['stars']}")
 
     def score(task) -> None:
         task.data["score"] = np.int64(task.data["stars"] * 2)

@@ -75,3 +75,87 @@ def test_the_pipelines_setting_takes_a_toml_list(tmp_path):
     loaded = settings.load(tmp_path / "tracetune.toml", environ={})
     assert loaded.pipeline_targets == ["reviews:reviews", "tracetune.demo.triage:ticket_triage"]
     assert settings.load(environ=loaded.as_env()).pipeline_targets == loaded.pipeline_targets  # handed to children
+
+
+# ---- the analyzer's commands against a store ---------------------------------------------------------
+
+def _seed_tasks(client) -> None:
+    """40 triage tasks a second apart in the last minute: 4 refused for empty input (client errors), 2
+    failed at the CRM (server errors), with step spans, two tenants."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.spans import COLUMNS, span_row
+
+    now, rows = datetime.now(UTC), []
+    for n in range(40):
+        start, trace = int((now - timedelta(seconds=n + 2)).timestamp() * 1e9), f"{n:032x}"
+        common = {"tracetune.pipeline": "triage", "tracetune.tenant": ("acme", "globex")[n % 2]}
+        message = "StepError: empty ticket" if n < 4 else "StepError: CRM refused" if n < 6 else ""
+        root = common | ({"tracetune.error_kind": "client"} if n < 4 else {})
+        rows.append(span_row(start, trace_id=trace, span_id=f"{n:016x}", name="triage", attrs=root,
+                             duration=5 * 10**7, status="Error" if message else "Unset", status_message=message))
+        for i, step in enumerate(("normalize", "classify")):
+            rows.append(span_row(start + i, trace_id=trace, span_id=f"{n:08x}{i + 1:08x}", parent=f"{n:016x}",
+                                 name=step, attrs=common | {"tracetune.step": step}, duration=10**7,
+                                 status="Error" if message and step == "classify" else "Unset",
+                                 status_message=message if step == "classify" else ""))
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+
+
+def test_stats_errors_slo_and_drift_answer_tables_and_json(tmp_path, db_settings, client):
+    import json
+
+    from tracetune.analyzer import SLO, save_slo
+
+    _seed_tasks(client)
+    save_slo(client, SLO("triage", error_rate=0.01, p95_ms=40))
+    env = db_settings.as_env()
+
+    stats = json.loads(_tracetune(["stats", "--since", "5m", "--source", "raw", "--json"], tmp_path, **env).stdout)
+    assert [(r["step"], r["requests"]) for r in stats] == [("(end to end)", 40), ("classify", 40), ("normalize", 40)]
+    table = _tracetune(["stats", "--since", "5m", "--source", "raw"], tmp_path, **env).stdout
+    assert "(end to end)" in table
+    tenants = json.loads(_tracetune(["stats", "--by", "tenant", "--source", "raw", "--json"], tmp_path, **env).stdout)
+    assert {r["tenant"]: r["requests"] for r in tenants} == {"acme": 20, "globex": 20}  # tasks, not 60 spans each
+
+    errors = json.loads(_tracetune(["errors", "--json"], tmp_path, **env).stdout)
+    assert {(r["step"], r["kind"], r["message"], r["failed_tasks"]) for r in errors} == {
+        ("classify", "client", "StepError: empty ticket", 4), ("classify", "server", "StepError: CRM refused", 2)}
+    server = _tracetune(["errors", "--kind", "server"], tmp_path, **env).stdout
+    assert "CRM" in server and "empty" not in server  # (the table wraps long messages)
+
+    slo = json.loads(_tracetune(["slo", "--source", "raw", "--json"], tmp_path, **env).stdout)
+    availability = [r for r in slo if r["slo"] == "availability"]
+    assert {(r["period_bad"], r["period_client_errors"], r["enough_data"], r["firing"]) for r in availability} == {
+        (2.0, 4, False, False)}  # 2 server errors of 40; a minute of data is not enough for any rule
+    text = _tracetune(["slo", "--source", "raw"], tmp_path, **env).stdout
+    assert "not enough data" in text and " of data" in text and "4 client errors" in text
+
+    drift = _tracetune(["drift", "--json"], tmp_path, **env)
+    assert drift.returncode == 0 and isinstance(json.loads(drift.stdout), list)
+    assert "NaN" not in drift.stdout  # null, valid JSON
+
+    pinned = _tracetune(["drift", "baseline", "set", "--pipeline", "triage", "--first", "1h", "--note", "launch"],
+                        tmp_path, **env)
+    assert pinned.returncode == 0 and "drift baseline v1" in pinned.stdout, pinned.stderr
+    shown = json.loads(_tracetune(["drift", "baseline", "show", "--json"], tmp_path, **env).stdout)
+    assert [(b["pipeline"], b["version"], b["note"]) for b in shown] == [("triage", 1, "launch")]
+    table = _tracetune(["drift"], tmp_path, **env).stdout
+    assert "UTC" in table and "insufficient_data: under 100 samples" in table
+    assert "removed (v2)" in _tracetune(["drift", "baseline", "clear", "--pipeline", "triage"], tmp_path, **env).stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["errors", "--since", "5x"], ["--since", "30s, 5m"]),
+    (["errors", "--kind", "user"], ["--kind"]),
+    (["drift", "--current", "soon"], ["--current"]),
+    (["drift", "--reference", "0m"], ["--reference"]),
+    (["drift", "baseline", "set", "--pipeline", "triage"], ["give one of --first 1h"]),
+    (["drift", "baseline", "set", "--pipeline", "triage", "--start", "yesterday", "--end", "today"], ["ISO times"]),
+    (["drift", "baseline", "set", "--pipeline", "triage", "--start", "2026-01-02T10:00"], ["go together"]),
+    (["drift", "baseline", "set", "--pipeline", "nobody", "--first", "1h"], ["has no tasks yet"]),
+    (["drift", "baseline", "set", "--pipeline", "triage", "--last", "10s"], ["too short"]),
+    (["drift", "baseline", "clear", "--pipeline", "triage"], ["has no drift baseline to clear"]),
+])
+def test_analyzer_command_mistakes_are_one_line(tmp_path, db_settings, args, fragments):
+    _one_line_error(_tracetune(args, tmp_path, **db_settings.as_env()), *fragments)
