@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 
 from tracetune.analyzer.drift import STATUSES
+from tracetune.analyzer.stats import END_TO_END
 
 __all__ = ["COST_SPLIT", "DRIFT_STATISTICS", "STATUS_COLOURS", "cost_split", "cost_table", "critical_table",
            "drift_table", "format_money", "format_ms", "headline", "slo_table", "step_table", "top_steps",
@@ -22,6 +23,7 @@ COST_SPLIT = {"token_cost": "tokens", "compute_cost": "compute", "call_cost": "p
 STATUS_COLOURS = {
     "drift": ("#f8d7da", "#842029"), "warn": ("#fff3cd", "#664d03"), "ok": ("#d1e7dd", "#0f5132"),
     "insufficient_data": ("#e9ecef", "#495057"), "firing": ("#f8d7da", "#842029"),
+    "not enough data": ("#e9ecef", "#495057"),
 }
 # The statistic shown for each feature kind in the drift table, beside its verdict.
 DRIFT_STATISTICS = {"numeric": "psi", "latency": "psi", "categorical": "js"}
@@ -49,22 +51,30 @@ def with_series(frame: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
 # ---- latency ---------------------------------------------------------------------------------
 
 def headline(stats: pl.DataFrame) -> dict[str, Any]:
-    """Requests, error % and the slowest step (by p95) over a step_stats frame.
+    """Requests, error %, the slowest end-to-end p95 and the slowest step (by p95) over a step_stats frame.
 
-    Every request runs a pipeline's first step, so a pipeline's requests are its busiest
-    step's count; error % is failed step calls over all step calls.
+    Requests and error % are tasks (the END_TO_END rows: root spans) when there are any; without
+    root spans (an app that sends step spans only), a pipeline's requests are its busiest step's
+    count and error % is failed step calls over all step calls.
     """
     if stats.is_empty():
-        return {"requests": 0, "error_pct": 0.0, "slowest": None}
-    requests = int(stats.group_by("pipeline").agg(pl.col("requests").max())["requests"].sum())
-    calls = int(stats["requests"].sum())
-    errors = int(stats["errors"].sum())
-    slowest = stats.sort(["p95_ms", "pipeline", "step"], descending=[True, False, False]).row(0, named=True)
-    return {
-        "requests": requests,
-        "error_pct": 100.0 * errors / calls if calls else 0.0,
-        "slowest": {"pipeline": slowest["pipeline"], "step": slowest["step"], "p95_ms": slowest["p95_ms"]},
-    }
+        return {"requests": 0, "error_pct": 0.0, "slowest": None, "end_to_end": None}
+    tasks, steps = stats.filter(pl.col("step") == END_TO_END), stats.filter(pl.col("step") != END_TO_END)
+    if tasks.is_empty():
+        requests = int(steps.group_by("pipeline").agg(pl.col("requests").max())["requests"].sum())
+        calls, errors = int(steps["requests"].sum()), int(steps["errors"].sum())
+    else:
+        requests = calls = int(tasks["requests"].sum())
+        errors = int(tasks["errors"].sum())
+
+    def top(frame: pl.DataFrame) -> dict[str, Any] | None:
+        if frame.is_empty():
+            return None
+        row = frame.sort(["p95_ms", "pipeline", "step"], descending=[True, False, False]).row(0, named=True)
+        return {"pipeline": row["pipeline"], "step": row["step"], "p95_ms": row["p95_ms"]}
+
+    return {"requests": requests, "error_pct": 100.0 * errors / calls if calls else 0.0,
+            "slowest": top(steps), "end_to_end": top(tasks)}
 
 
 def step_table(stats: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
@@ -160,7 +170,9 @@ def drift_table(drift: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
 # ---- SLOs ------------------------------------------------------------------------------------
 
 def slo_table(status: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
-    """slo_status frames as shown: one row per (objective, burn-rate rule), budget left in %."""
+    """slo_status frames as shown: one row per (objective, burn-rate rule), budget left in % (NaN: no data).
+
+    state: firing, ok, or "not enough data" for a rule whose long window is longer than the data."""
     table = status.select(
         "pipeline", "slo",
         pl.col("target_ms").alias("target ms"),
@@ -170,7 +182,8 @@ def slo_table(status: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
         pl.col("factor").alias("burn factor"),
         pl.col("long_burn_rate").alias("long burn"),
         pl.col("short_burn_rate").alias("short burn"),
-        pl.when(pl.col("firing")).then(pl.lit("firing")).otherwise(pl.lit("ok")).alias("state"),
+        pl.when(pl.col("firing")).then(pl.lit("firing")).when(~pl.col("enough_data"))
+        .then(pl.lit("not enough data")).otherwise(pl.lit("ok")).alias("state"),
         pl.col("period_requests").alias("requests"),
         (pl.col("budget_remaining") * 100).alias("budget left %"),
     )

@@ -19,11 +19,12 @@ from tracetune.analyzer import (
     PricesError,
     PriceTable,
     SLOError,
-    compute_drift,
     cost_over_time,
     cost_per_1k,
+    current_drift,
     current_prices,
-    default_windows,
+    data_note,
+    drift_flags,
     latency_series,
     latest_drift,
     list_slos,
@@ -36,13 +37,15 @@ from tracetune.dashboard.frames import format_money, format_ms, with_series
 from tracetune.dashboard.queries import StoreUnavailable, query, show_unavailable, target_key
 from tracetune.settings import Settings
 
-__all__ = ["ALL_PIPELINES", "BUCKET_SECONDS", "DRIFT_WINDOWS", "TABS"]
+__all__ = ["ALL_PIPELINES", "BUCKET_SECONDS", "DRIFT_CURRENT", "TABS"]
 
 ALL_PIPELINES = "all"
 # Chart bucket per window: a few dozen points per line whatever the window.
 BUCKET_SECONDS = {"5m": 10, "15m": 30, "1h": 60, "6h": 300, "24h": 900}
-# Drift compares fixed windows whatever the sidebar says: the analyzer loop's (current, reference).
-DRIFT_WINDOWS = ("1h", "24h")
+# Drift has its own windows whatever the sidebar says: the analyzer loop's current window, against each
+# pipeline's pinned baseline or else the preceding window of the same length.
+DRIFT_CURRENT = analyzer.DEFAULT_CURRENT
+DRIFT_FLAGS_WINDOW = "1h"  # flags of stored runs shown beside the latest run
 DRIFT_RECOMPUTE_SECONDS = 60  # a drift computed on the fly is reused this long
 
 _MS = st.column_config.NumberColumn(format="%.1f")
@@ -79,10 +82,15 @@ def _coloured(table: pl.DataFrame, column: str) -> pd.io.formats.style.Styler:
 
 def _latency_metrics(stats: pl.DataFrame) -> None:
     head = frames.headline(stats)
-    requests, errors, slowest = st.columns(3)
-    requests.metric("Requests", f"{head['requests']:,}",
-                    help="Requests started in the window (the busiest step of each pipeline).")
-    errors.metric("Error %", f"{head['error_pct']:.1f} %", help="Failed step calls ÷ all step calls.")
+    requests, errors, end_to_end, slowest = st.columns(4)
+    requests.metric("Requests", f"{head['requests']:,}", help="Tasks in the window (root spans).")
+    errors.metric("Error %", f"{head['error_pct']:.1f} %", help="Failed tasks ÷ tasks (client and server errors; "
+                  "`tracetune errors` lists them).")
+    if head["end_to_end"] is not None:
+        e2e = head["end_to_end"]
+        end_to_end.metric(f"End-to-end p95 · {e2e['pipeline']}", format_ms(e2e["p95_ms"]),
+                          help="95th-percentile latency of whole tasks (root spans), what latency SLOs judge; "
+                               "the slowest pipeline's.")
     top = head["slowest"]
     if top is not None:
         slowest.metric(f"Slowest step p95 · {top['pipeline']} / {top['step']}", format_ms(top["p95_ms"]),
@@ -135,6 +143,7 @@ def latency(settings: Settings, window: str, pipeline: str) -> None:
 
     _latency_metrics(stats)
     st.subheader("Steps")
+    st.caption(f"{analyzer.END_TO_END}: each pipeline's tasks (root spans), as callers see them.")
     st.dataframe(frames.step_table(stats, show_pipeline), hide_index=True, column_config={
         "requests": _COUNT, "error %": _PCT, "p50 ms": _MS, "p95 ms": _MS, "p99 ms": _MS})
     st.subheader("p95 latency over time")
@@ -282,10 +291,8 @@ def critical_path(settings: Settings, window: str, pipeline: str) -> None:
 
 @st.cache_data(ttl=DRIFT_RECOMPUTE_SECONDS, show_spinner=False)
 def _computed_drift(target: tuple, pipeline: str, _settings: Settings) -> pl.DataFrame:
-    """compute_drift on the analyzer loop's windows, when no stored run exists yet (kept a minute)."""
-    current, reference = DRIFT_WINDOWS
-    ref_window, cur_window = default_windows(current=current, reference=reference)
-    return query(_settings, compute_drift, reference=ref_window, current=cur_window, pipeline=pipeline)
+    """current_drift as the analyzer loop computes it, when no stored run exists yet (kept a minute)."""
+    return query(_settings, current_drift, current=DRIFT_CURRENT, pipeline=pipeline)
 
 
 def drift(settings: Settings, window: str, pipeline: str) -> None:
@@ -299,17 +306,18 @@ def drift(settings: Settings, window: str, pipeline: str) -> None:
     except StoreUnavailable as problem:
         show_unavailable(problem, window)
         return
-    current, reference = DRIFT_WINDOWS
     if results.is_empty():
-        st.info(f"No step spans in the last {current} and the {reference} before it{_for(pipeline)}: nothing to "
+        st.info(f"No step spans in the last {DRIFT_CURRENT} nor in its reference{_for(pipeline)}: nothing to "
                 "compare yet.")
         return
     first = results.row(0, named=True)
-    span = (f"current {first['current_start']:%Y-%m-%d %H:%M} – {first['current_end']:%H:%M} UTC vs reference "
-            f"{first['reference_start']:%Y-%m-%d %H:%M} – {first['reference_end']:%Y-%m-%d %H:%M} UTC")
+    references = sorted({analyzer.reference_label(row) for row in results.iter_rows(named=True)})
+    span = (f"current {first['current_start']:%Y-%m-%d %H:%M:%S} – {first['current_end']:%H:%M:%S} UTC vs "
+            + "; ".join(references))
     source = (f"Analyzer run of {results['computed_at'].max():%Y-%m-%d %H:%M:%S} UTC" if stored else
-              f"No stored analyzer run yet; computed now (last {current} vs the {reference} before)")
-    st.caption(f"{source}: {span}. The sidebar window does not apply here.")
+              "No stored analyzer run yet; computed now")
+    st.caption(f"{source}: {span} (a pipeline's pinned baseline, else the preceding window of the same length: "
+               "`tracetune drift baseline set`). The sidebar window does not apply here.")
 
     table = frames.drift_table(results, show_pipeline)
     counts = dict(table.group_by("status").len().iter_rows())
@@ -321,8 +329,20 @@ def drift(settings: Settings, window: str, pipeline: str) -> None:
         "p_value": st.column_config.NumberColumn("p-value", format="%.4f"),
         "n_reference": st.column_config.NumberColumn("reference n", format="%d"),
         "n_current": st.column_config.NumberColumn("current n", format="%d")})
+    limits = analyzer.Thresholds()
     st.caption("psi: population stability index (numeric, latency); js: Jensen–Shannon distance (categorical); "
-               "p-value of KS (numeric) or chi-square (categorical). insufficient data: under 100 samples a window.")
+               "p-value of KS (numeric) or chi-square (categorical). insufficient data: under "
+               f"{limits.min_samples} samples in a window ({limits.psi_min_samples} for psi). Step latency drifts "
+               "only if it moves by at least 1 ms and 20% of its median.")
+    try:
+        flags = query(settings, drift_flags, since=DRIFT_FLAGS_WINDOW, pipeline=name)
+    except StoreUnavailable:
+        return
+    if not flags.is_empty():
+        st.subheader(f"Flagged by analyzer runs in the last {DRIFT_FLAGS_WINDOW}")
+        st.caption("Against the preceding window a change shows for a run or two, until both windows hold the new "
+                   "traffic; these are the features any run flagged.")
+        st.dataframe(_coloured(flags if show_pipeline else flags.drop("pipeline"), "worst"), hide_index=True)
 
 
 # ---- SLOs ------------------------------------------------------------------------------------
@@ -347,13 +367,19 @@ def slos(settings: Settings, window: str, pipeline: str) -> None:
     status = pl.concat(statuses)
     firing = status.filter("firing")
     budgets = status.unique(["pipeline", "slo"], keep="first", maintain_order=True)
-    lowest = budgets.sort("budget_remaining").row(0, named=True)
     rules, pages, budget = st.columns(3)
-    rules.metric("Alert rules firing", f"{firing.height} of {status.height}")
+    rules.metric("Alert rules firing", f"{firing.height} of {status.height}",
+                 help="A rule whose long window is longer than the pipeline's data does not fire (not enough data).")
     pages.metric("Pages firing", f"{firing.filter(pl.col('severity') == 'page').height}")
-    budget.metric(f"Lowest budget left · {lowest['pipeline']} {lowest['slo']}",
-                  f"{100 * lowest['budget_remaining']:.0f} %",
-                  help=f"Error budget left over the SLO period ({lowest['period_days']:g} days); below 0: overspent.")
+    with_data = budgets.filter(pl.col("budget_remaining").is_not_nan())
+    if with_data.is_empty():
+        budget.metric("Lowest budget left", "no data", help="No task in the SLO period yet.")
+    else:
+        lowest = with_data.sort("budget_remaining").row(0, named=True)
+        budget.metric(f"Lowest budget left · {lowest['pipeline']} {lowest['slo']}",
+                      f"{100 * lowest['budget_remaining']:.0f} %",
+                      help=f"Error budget left over the {data_note(lowest['data_seconds'], lowest['period_days'])} "
+                           f"of the {lowest['period_days']:g}-day period; below 0: overspent.")
     if firing.is_empty():
         st.success("No burn-rate alert is firing.")
     else:
@@ -361,8 +387,15 @@ def slos(settings: Settings, window: str, pipeline: str) -> None:
             f"{r['pipeline']} {r['slo']} {r['severity']} (burn {r['long_burn_rate']:.1f}× over {r['long_window']}, "
             f"{r['short_burn_rate']:.1f}× over {r['short_window']}, factor {r['factor']:g})"
             for r in firing.to_dicts()))
-    st.caption(f"Periods: {', '.join(sorted({f'{d:g} days' for d in status['period_days']}))}; a rule fires when "
-               "the burn rate over both its long and short window is above its factor (SRE workbook).")
+    notes = sorted({f"{r['pipeline']} over {data_note(r['data_seconds'], r['period_days'])}"
+                    for r in budgets.iter_rows(named=True)})
+    refused = sorted({(r["pipeline"], r["period_client_errors"]) for r in budgets.iter_rows(named=True)
+                      if r["slo"] == "availability" and r["period_client_errors"]})
+    st.caption(f"Periods: {', '.join(sorted({f'{d:g} days' for d in status['period_days']}))}; budgets count only "
+               f"the time with data ({'; '.join(notes)}). A rule fires when the burn rate over both its long and "
+               "short window is above its factor (SRE workbook), and only once the data covers its long window."
+               + "".join(f" {p}: {n:,} client errors (invalid input) are not counted as unavailability."
+                         for p, n in refused))
     st.dataframe(_coloured(frames.slo_table(status, show_pipeline), "state"), hide_index=True, column_config={
         "target ms": _MS, "objective %": st.column_config.NumberColumn(format="%.2f %%"),
         "burn factor": st.column_config.NumberColumn(format="%.2f"),
