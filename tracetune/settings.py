@@ -77,7 +77,7 @@ class Settings:
 
     # Analyzer: prices file (empty: the bundled prices.toml) and how often drift and SLO state refresh.
     prices_file: str = ""
-    analyzer_interval_seconds: float = 60.0
+    analyzer_interval_seconds: float = 30.0
     # Alert notifications, grouped by alertname and pipeline with Alertmanager's timers: the wait before a
     # new group's first notification, between notifications of a changed group, and before repeating one.
     alert_group_wait_seconds: float = 30.0
