@@ -107,7 +107,7 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def table(rows: Sequence[Mapping[str, Any]], slo: SLO | None, title: str) -> Table:
     """One row per arm: cost per 1k, p95, p99, SLO windows after minute 5, quality, config changes."""
     out = Table(title=title)
-    for name, justify in (("arm", "left"), ("cost / 1k (USD)", "right"), ("2nd half", "right"), ("p95 ms", "right"),
+    for name, justify in (("arm", "left"), ("cost / 1k (USD)", "right"), ("last quarter", "right"), ("p95 ms", "right"),
                           ("p99 ms", "right"), ("SLO windows", "right"), ("quality", "right"), ("changes", "right")):
         out.add_column(name, justify=justify)
     floor = slo.quality_floor if slo else None
@@ -129,7 +129,7 @@ def ratios(rows: Sequence[Mapping[str, Any]]) -> Table:
     out = Table(title="tuner cost ratios")
     for name in ("ratio", "value", "aim", "met"):
         out.add_column(name, justify="left" if name == "ratio" else "right")
-    for figure, when in (("cost_per_1k", "whole run"), ("cost_per_1k_late", "2nd half")):
+    for figure, when in (("cost_per_1k", "whole run"), ("cost_per_1k_late", "last quarter")):
         tuner = by.get("tuner", {}).get(figure)
         for other, aim in (("default", 0.60), ("oracle", 1.10)):
             base = by.get(other, {}).get(figure)

@@ -452,7 +452,8 @@ def caching_policy(requests: int, repeats: int, hits: int, current: Mapping[str,
             values["cache_ttl_seconds"] = ttl = float(wanted)
     entries_now = int(current.get("cache_max_entries", entries_knob.default)) if entries_knob else 0
     entries = entries_now
-    needed = max(1, math.ceil(headroom * max(distinct_keys, 1) * min(ttl, window_seconds) / window_seconds))
+    # The distinct inputs one TTL sees: the window's, scaled to the TTL (new inputs keep arriving), with headroom.
+    needed = max(1, math.ceil(headroom * max(distinct_keys, 1) * ttl / window_seconds))
     if entries_knob is not None:
         low, high = _int_bounds(entries_knob)
         needed = max(low, min(high, needed))

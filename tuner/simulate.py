@@ -803,13 +803,14 @@ def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
         m = int(w["minute"])
         w["cost_per_1k"] = float(1000 * cost_by_minute[m] / count_by_minute[m]) if count_by_minute[m] else math.nan
     late = roots["start"] >= skip_seconds
-    second_half = roots["start"] >= (float(roots["start"].max()) / 2 if n else 0.0)
+    settled = roots["start"] >= (0.75 * float(roots["start"].max()) if n else 0.0)
     return {
         "arm": sim.arm.name,
         "requests": n,
         "cost_per_1k": float(1000 * roots["cost"].sum() / n) if n else math.nan,
-        # Once a tuner has settled: the second half of the run (the first holds its convergence).
-        "cost_per_1k_late": float(1000 * roots["cost"][second_half].mean()) if second_half.any() else math.nan,
+        # Once a tuner has settled: the last quarter of the run (the rest holds its convergence, a change per
+        # cooldown at most, each at most half a knob's value).
+        "cost_per_1k_late": float(1000 * roots["cost"][settled].mean()) if settled.any() else math.nan,
         "p95_ms": float(np.quantile(roots["latency_ms"], 0.95)) if n else math.nan,
         "p99_ms": float(np.quantile(roots["latency_ms"], 0.99)) if n else math.nan,
         "slo_windows": share,

@@ -197,7 +197,7 @@ def test_a_duplicate_heavy_stream_switches_caching_on_within_the_staleness_limit
     # The declared 600 s stays: it covers the window's repeats, and repeats further apart than the 300 s
     # window cannot be seen in it, so they are no reason to shorten it.
     assert "cache_ttl_seconds" not in proposal.values
-    assert proposal.values["cache_max_entries"] == 1350  # 900 distinct inputs per TTL x 1.5
+    assert proposal.values["cache_max_entries"] == 2700  # 900 distinct inputs per 300 s -> 1800 per 600 s TTL, x1.5
     assert proposal.predicted["hit_ratio"] == pytest.approx(0.7)
     strict = caching_policy(3000, 2100, 0, CACHE_OFF, CACHE_KNOBS, 60.0, 900, 300.0)
     assert strict is not None and strict.values["cache_ttl_seconds"] == 60.0  # the staleness limit wins

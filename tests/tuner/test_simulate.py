@@ -212,7 +212,7 @@ def test_oracle_is_far_cheaper_than_default(comparison):
 
 
 def test_tuner_settles_within_ten_percent_of_the_oracle(comparison):
-    """Once settled (the second half of the run) the tuner costs at most 10% more than the best static config
+    """Once settled (the last quarter of the run) the tuner costs at most 10% more than the best static config
     the grid found; over the whole run its convergence (a change per cooldown, each at most 50%) costs more."""
     tuner, oracle = comparison["tuner"], comparison["oracle"]
     assert tuner["cost_per_1k_late"] <= 1.1 * oracle["cost_per_1k_late"]
