@@ -185,3 +185,32 @@ def test_a_silenced_alert_is_not_delivered(client, hook):
     silence = list_silences(client)[0]
     expire_silence(client, silence.silence_id, NOW)
     assert len(_evaluate(client, engine, NOW + timedelta(seconds=1))) == 1 and len(seen) == 1
+
+
+def test_drift_cost_and_tuner_rules_turn_findings_into_conditions(client):
+    import polars as pl
+
+    from tracetune.analyzer import DRIFT_COLUMNS
+    from tracetune.analyzer.alerts import cost_conditions, drift_conditions, tuner_conditions
+    from tracetune.tuner import decisions
+
+    row = {"computed_at": NOW, "pipeline": "shop", "step": "classify", "feature": "category", "kind": "categorical",
+           "statistic": "js", "value": 0.31, "p_value": 0.001, "n_reference": 600, "n_current": 580,
+           "reference_start": NOW, "reference_end": NOW, "current_start": NOW, "current_end": NOW, "status": "drift"}
+    frame = pl.DataFrame([row, {**row, "statistic": "chi2", "value": 90.0}, {**row, "feature": "length",
+                                                                                "status": "ok"}])
+    (drift,) = drift_conditions(frame.select(DRIFT_COLUMNS), "http://dash")
+    assert drift.labels == {"alertname": "FeatureDrift", "pipeline": "shop", "step": "classify",
+                            "feature": "category", "severity": "ticket", "rule": "drift"}
+    assert "580 current against 600 reference" in drift.annotations["description"]
+    assert drift_conditions(frame.filter(pl.col("status") == "ok").select(DRIFT_COLUMNS)) == []
+
+    (cost,) = cost_conditions({"shop": 0.02, "bar": 0.001}, {"shop": 0.012, "bar": 0.012, "baz": 0.01})
+    assert cost.labels["pipeline"] == "shop" and "67% above its budget" in cost.annotations["description"]
+    assert cost.for_seconds == 300
+
+    decisions.record(client, decisions.Decision("shop", "canary_rollback", 7, 6, {}, {}, "canary slower (p95 900 ms)"))
+    (rolled,) = tuner_conditions(client, datetime.now(UTC))
+    assert rolled.labels["alertname"] == "TunerCanaryRolledBack"
+    assert "canary slower" in rolled.annotations["description"]
+    assert tuner_conditions(client, datetime.now(UTC) + timedelta(hours=2)) == []

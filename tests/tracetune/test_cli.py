@@ -159,3 +159,42 @@ def test_stats_errors_slo_and_drift_answer_tables_and_json(tmp_path, db_settings
 ])
 def test_analyzer_command_mistakes_are_one_line(tmp_path, db_settings, args, fragments):
     _one_line_error(_tracetune(args, tmp_path, **db_settings.as_env()), *fragments)
+
+
+def test_alerts_commands_test_silence_list_and_show_deliveries(tmp_path, db_settings):
+    import json
+
+    from tests.analyzer.test_delivery import receiver_app, verify
+    from tests.servers import ThreadServer
+
+    env = db_settings.as_env()
+    _one_line_error(_tracetune(["alerts", "test"], tmp_path, **env), "no alert receiver is configured",
+                    "alert_webhook_url")
+    app = receiver_app()
+    with ThreadServer(app) as receiver:
+        hooked = {**env, "TRACETUNE_ALERT_WEBHOOK_URL": f"{receiver.url}/hook"}
+        sent = _tracetune(["alerts", "test"], tmp_path, **hooked)
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.strip() == "webhook: delivered (HTTP 200)"
+    (request,) = app.state.seen
+    assert request.json()["alerts"][0]["labels"]["alertname"] == "TracetuneTest"
+    verify(db_settings.alert_secret(), request.headers, request.body)  # the secret generated into the home
+    deliveries = json.loads(_tracetune(["alerts", "deliveries", "--json"], tmp_path, **env).stdout)
+    assert [(d["receiver"], d["status"], d["http_status"]) for d in deliveries] == [("webhook", "delivered", 200)]
+
+    made = _tracetune(["alerts", "silence", "pipeline=shop", "severity=~page|ticket", "--for", "2h",
+                       "--comment", "deploying"], tmp_path, **env)
+    assert made.returncode == 0 and made.stdout.startswith("silence "), made.stderr
+    silence_id = made.stdout.split()[1].rstrip(":")
+    listed = _tracetune(["alerts", "silence", "--list"], tmp_path, **env).stdout
+    assert silence_id in listed and "active" in listed and "pipeline=shop severity=~page|ticket" in listed
+    assert _tracetune(["alerts", "silence", "--expire", silence_id], tmp_path, **env).returncode == 0
+    assert "expired" in _tracetune(["alerts", "silence", "--list"], tmp_path, **env).stdout
+    assert json.loads(_tracetune(["alerts", "list", "--all", "--json"], tmp_path, **env).stdout) == []
+    assert _tracetune(["alerts", "list"], tmp_path, **env).stdout.strip() == "no alerts firing"
+
+    _one_line_error(_tracetune(["alerts", "silence"], tmp_path, **env), "at least one matcher")
+    _one_line_error(_tracetune(["alerts", "silence", "pipeline"], tmp_path, **env), "NAME=VALUE")
+    _one_line_error(_tracetune(["alerts", "silence", "a=~(x"], tmp_path, **env), "not a regular expression")
+    _one_line_error(_tracetune(["alerts", "silence", "a=b", "--for", "soon"], tmp_path, **env), "--for")
+    _one_line_error(_tracetune(["alerts", "silence", "--expire", "nope"], tmp_path, **env), "no silence 'nope'")

@@ -273,3 +273,40 @@ def test_slo_writes_merge_replace_delete_and_refuse_unknown_pipelines(tuner):
     assert len(set(written)) == 20
     assert tuner.rows("SELECT count(), uniqExact(version) FROM tracetune_slos WHERE pipeline = 'triage'") == [
         (max(written), max(written))]
+
+
+def test_alerts_and_silences_through_the_api(tuner):
+    from tracetune.analyzer.alerts import Condition, Engine
+
+    url = f"{tuner.url}/v1/alerts"
+    assert httpx.get(url).json() == []
+    body = {"matchers": ["pipeline=shop", {"name": "severity", "value": "page|ticket", "isRegex": True}],
+            "duration": "2h", "comment": "deploying"}
+    assert httpx.post(f"{url}/silences", json=body).status_code == 401
+    for bad, fragment in (({**body, "matchers": ["pipeline"]}, "NAME=VALUE"),
+                          ({**body, "matchers": [{"name": "x", "value": "(", "isRegex": True}]}, "regular expression"),
+                          ({**body, "duration": None}, "either endsAt"),
+                          ({**body, "duration": "soon"}, "duration"),
+                          ({**body, "matchers": []}, "matchers")):
+        refused = httpx.post(f"{url}/silences", json=bad, headers=TOKEN)
+        assert refused.status_code == 422 and fragment in refused.json()["detail"], (bad, refused.text)
+    made = httpx.post(f"{url}/silences", json=body, headers=TOKEN)
+    assert made.status_code == 200 and made.json()["status"]["state"] == "active", made.text
+    silence_id = made.json()["id"]
+    assert [s["id"] for s in httpx.get(f"{url}/silences").json()] == [silence_id]
+
+    engine = Engine(tuner.client, [])
+    engine.evaluate([Condition("slo_burn", {"alertname": "SLOBurnRate", "pipeline": "shop", "slo": "availability",
+                                            "severity": "page", "rule": "slo_burn"}, {"summary": "burning"}, 20.0)])
+    (firing,) = httpx.get(url).json()
+    assert firing["labels"]["pipeline"] == "shop" and firing["state"] == "firing"
+    assert firing["silenced_by"] == [silence_id]
+    assert httpx.get(url, params={"state": "pending"}).json() == []
+    assert httpx.get(url, params={"state": "nope"}).status_code == 422
+
+    assert httpx.delete(f"{url}/silences/{silence_id}").status_code == 401
+    ended = httpx.delete(f"{url}/silences/{silence_id}", headers=TOKEN)
+    assert ended.status_code == 200 and ended.json()["status"]["state"] == "expired"
+    assert httpx.get(url).json()[0]["silenced_by"] == []
+    assert httpx.delete(f"{url}/silences/nope", headers=TOKEN).status_code == 404
+    assert httpx.get(f"{url}/deliveries").json() == []
