@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.utils
 import hashlib
 import hmac
 import json
@@ -29,6 +28,7 @@ from typing import Any, ClassVar
 
 import httpx
 
+from tracetune.retrying import is_retryable_status, parse_retry_after
 from tracetune.settings import Settings
 
 __all__ = ["Notification", "Receiver", "WebhookReceiver", "SlackReceiver", "PagerDutyReceiver",
@@ -322,29 +322,6 @@ def receivers_from_settings(settings: Settings) -> list[Receiver]:
 
 # ---- retry policy ----------------------------------------------------------------------------------
 
-def _retryable(status: int) -> bool:
-    """408, 429 and 5xx may pass later; 3xx (redirects are not followed) and other 4xx never will."""
-    return status in (408, 429) or 500 <= status <= 599
-
-
-def _retry_after(headers: Mapping[str, str], now: float) -> float | None:
-    """Seconds a `Retry-After` header asks for (delta-seconds or an HTTP date), None without one."""
-    raw = (headers.get("retry-after") or "").strip()
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with jitter between attempts; a server's Retry-After is a floor.
@@ -486,10 +463,10 @@ def _attempt(item: _Due, receiver: Receiver | None, http: httpx.Client, policy: 
         if 200 <= status <= 299:
             return _Outcome("delivered", status, "", duration_ms)
         error = _describe(response)
-        if not _retryable(status):
+        if not is_retryable_status(status):  # 3xx too: redirects are not followed
             why = "redirects are not followed; fix the URL" if 300 <= status <= 399 else "not retried"
             return _Outcome("failed", status, f"{error} ({why})", duration_ms)
-        retry_after = _retry_after(response.headers, started)
+        retry_after = parse_retry_after(response.headers, started)
     duration_ms = (clock() - started) * 1000
     attempts = item.attempts + 1
     next_at = clock() + policy.delay(attempts, retry_after)

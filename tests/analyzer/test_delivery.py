@@ -107,15 +107,20 @@ class Seen:
 async def _receive(request: Request) -> Response:
     state = request.app.state
     body = await request.body()
-    state.seen.append(Seen(dict(request.headers), body))
-    status, headers, content = state.answers.pop(0) if state.answers else state.default
+    seen = Seen(dict(request.headers), body)
+    state.seen.append(seen)
+    chosen = state.choose(seen) if state.choose else None
+    status, headers, content = chosen or (state.answers.pop(0) if state.answers else state.default)
     return Response(content, status_code=status, headers=headers)
 
 
-def receiver_app(*answers: tuple[int, dict, str], default: tuple[int, dict, str] = (200, {}, "ok")) -> Starlette:
-    """A receiver that records every request and answers the scripted (status, headers, body) in turn."""
+def receiver_app(*answers: tuple[int, dict, str], default: tuple[int, dict, str] = (200, {}, "ok"),
+                 choose=None) -> Starlette:
+    """A receiver that records every request and answers the scripted (status, headers, body) in turn
+    (or what `choose(seen)` returns for a request, when it returns one)."""
     app = Starlette(routes=[Route("/{path:path}", _receive, methods=["POST"])])
     app.state.seen = []
+    app.state.choose = choose
     app.state.answers = list(answers)
     app.state.default = default
     return app
@@ -322,7 +327,15 @@ def test_backoff_is_exponential_with_jitter_capped_and_gives_up(client):
 
 
 def test_resolved_is_delivered_after_its_firing_in_order(client):
-    app = receiver_app((503, {}, "busy"))
+    busy = []
+
+    def once_busy_for_triage(seen: Seen):  # groups go out concurrently: refuse triage's first, whatever comes first
+        if seen.json()["groupLabels"].get("pipeline") == "triage" and not busy:
+            busy.append(seen)
+            return 503, {}, "busy"
+        return None
+
+    app = receiver_app(choose=once_busy_for_triage)
     with ThreadServer(app) as server:
         receiver = WebhookReceiver("webhook", server.url, SECRET)
         firing = enqueue(client, notification(alert("1a30ba71cca2921f")), [receiver], now=T0)
