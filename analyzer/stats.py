@@ -9,6 +9,10 @@ percentiles over exactly the window.
 A task is its root span; step rows count step spans. Grouped by step, every pipeline also gets an
 END_TO_END row from its root spans (the latency a caller sees, which latency SLOs judge); grouped
 by dimensions a task has (pipeline, tenant, service) the rows count tasks, not the spans of every step.
+
+throughput_rps is per second of data: requests over the time from the first span in the window (of
+any group; the rollup knows its minute) to now, so a 1-minute run read through `--since 1h` shows
+its own rate, not a sixtieth of it.
 """
 
 from __future__ import annotations

@@ -63,16 +63,28 @@ class LoadPlan:
     period_seconds: float = 120.0  # one "day" of the daily pattern; the burst cycle is a quarter of it
 
     def validate(self) -> None:
+        """Raise PlanError naming the first bad field (the CLI names its flag)."""
         if self.rate <= 0:
-            raise ValueError(f"rate must be above 0 requests/s, got {self.rate}")
+            raise PlanError("rate", f"rate must be above 0 requests/s, got {self.rate:g} (to send nothing, do not "
+                                    "run the load)")
         if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern {self.pattern!r} is not one of {', '.join(PATTERNS)}")
+            raise PlanError("pattern", f"pattern {self.pattern!r} is not one of {', '.join(PATTERNS)}")
         if not 0 <= self.duplicate_ratio < 1:
-            raise ValueError(f"duplicate ratio must be in [0, 1), got {self.duplicate_ratio}")
+            raise PlanError("duplicate_ratio", f"duplicate ratio must be in [0, 1), got {self.duplicate_ratio}")
         if not 0 <= self.invalid_ratio < 1:
-            raise ValueError(f"invalid ratio must be in [0, 1), got {self.invalid_ratio}")
+            raise PlanError("invalid_ratio", f"invalid ratio must be in [0, 1), got {self.invalid_ratio}")
         if self.duration is not None and self.duration <= 0:
-            raise ValueError(f"duration must be above 0 s, got {self.duration}")
+            raise PlanError("duration", f"duration must be above 0 s, got {self.duration:g}")
+        if self.period_seconds <= 0:
+            raise PlanError("period_seconds", f"period must be above 0 s, got {self.period_seconds:g}")
+
+
+class PlanError(ValueError):
+    """A LoadPlan field out of range: `field` says which."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def rate_at(plan: LoadPlan, t: float) -> float:

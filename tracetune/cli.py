@@ -120,16 +120,22 @@ def standins(ctx: click.Context) -> None:
 def load(ctx: click.Context, rate, duration, pattern, duplicates, drifts, tenants, seed, period, no_progress,
          as_json, pipeline) -> None:
     """Drive a pipeline open-loop (Poisson arrivals) and record ground truth for quality."""
-    from tracetune.demo.load import Drift, LoadPlan
+    from tracetune.demo.load import Drift, LoadPlan, PlanError
 
     s = _settings(ctx)
     try:
-        plan = LoadPlan(rate=rate or s.load_rate, duration=duration, pattern=pattern, duplicate_ratio=duplicates,
-                        drifts=[Drift.parse(d) for d in drifts], tenants=[t for t in tenants.split(",") if t],
-                        seed=seed, period_seconds=period)
-        plan.validate()
+        parsed = [Drift.parse(d) for d in drifts]
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="--drift") from None
+    plan = LoadPlan(rate=s.load_rate if rate is None else rate, duration=duration, pattern=pattern,
+                    duplicate_ratio=duplicates, drifts=parsed, tenants=[t for t in tenants.split(",") if t],
+                    seed=seed, period_seconds=period)
+    try:
+        plan.validate()
+    except PlanError as exc:  # --rate 0 is refused, not read as "the default rate"
+        flags = {"rate": "--rate", "duration": "--duration", "duplicate_ratio": "--duplicates",
+                 "period_seconds": "--period", "pattern": "--pattern"}
+        raise click.BadParameter(str(exc), param_hint=flags.get(exc.field)) from None
     from tracetune.loadcli import run_load_command
 
     summary = run_load_command(s, plan, pipeline, progress=not no_progress)
@@ -195,6 +201,9 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None) -> None
     """Run the whole loop with a steady load and show a live per-step table; Ctrl-C stops everything."""
     from tracetune.supervisor import demo as run_demo
 
+    if rate is not None and rate <= 0:  # not "the default rate"
+        raise click.BadParameter(f"rate must be above 0 tickets/s, got {rate:g} (`tracetune up` runs without load)",
+                                 param_hint="--rate")
     sys.exit(run_demo(_settings(ctx, load_rate=rate), duration=duration))
 
 
@@ -210,16 +219,18 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None) -> None
 @click.option("--source", type=click.Choice(["rollup", "raw"]), default="rollup", show_default=True,
               help="Per-minute rollups (flat cost, percentiles within 0.5%) or raw spans (exact).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--wide", is_flag=True, help="Every column (default: the main ones, to fit 100 columns).")
 @click.pass_context
 def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool, source: str,
-          as_json: bool) -> None:
+          as_json: bool, wide: bool) -> None:
     """Per-step requests, error rate, p50, p95, p99 (ms) over a trailing window, and each pipeline's
     end-to-end row (its tasks, as callers see them)."""
     from tracetune import analyzer
-    from tracetune.terminal import console, frame_table, step_table
+    from tracetune.terminal import BATCHING_COLUMNS, console, frame_table, latency_table, step_table
 
     _window(since)
     client = _client(_settings(ctx), readonly=True)
+    _known_pipeline(client, pipeline)
     keys = tuple(b.strip() for b in by.split(",") if b.strip())
     try:
         if batching:
@@ -233,13 +244,13 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
     if as_json:
         click.echo(_json_rows(frame))
     elif batching:
-        console().print(frame_table(frame.drop("size_histogram") if "size_histogram" in frame.columns else frame,
-                                    f"batching, last {since}"))
+        console(wide).print(frame_table(frame.drop("size_histogram") if "size_histogram" in frame.columns else frame,
+                                        f"batching, last {since}", BATCHING_COLUMNS, wide))
     elif keys == ("pipeline", "step"):
         console().print(step_table(frame, title=f"per-step latency, last {since}"))
     else:
         what = "spans" if any(k in analyzer.stats.STEP_DIMENSIONS for k in keys) else "tasks"
-        console().print(frame_table(frame, f"latency by {', '.join(keys)} ({what}), last {since}"))
+        console(wide).print(latency_table(frame, f"latency by {', '.join(keys)} ({what}), last {since}", keys, wide))
 
 
 def _json_rows(frame) -> str:
@@ -256,6 +267,25 @@ def _json_rows(frame) -> str:
         return value
 
     return json.dumps([clean(row) for row in frame.to_dicts()], indent=2, default=str)
+
+
+# Pipelines that ever sent spans (the hourly rollup keeps them longest), were declared with the tuner or have an SLO.
+KNOWN_PIPELINES_SQL = """
+SELECT pipeline FROM tracetune_spans_1h WHERE pipeline != '' GROUP BY pipeline
+UNION DISTINCT
+SELECT pipeline FROM tracetune_config_versions GROUP BY pipeline
+UNION DISTINCT
+SELECT pipeline FROM tracetune_slos GROUP BY pipeline
+"""
+
+
+def _known_pipeline(client, pipeline: str) -> None:
+    """UserError naming the known pipelines when --pipeline names none of them (rather than an empty table)."""
+    if not pipeline:
+        return
+    known = sorted({row[0] for row in client.query(KNOWN_PIPELINES_SQL).result_rows})
+    if pipeline not in known:
+        raise UserError(f"unknown pipeline {pipeline!r}; known: {', '.join(known) or 'none yet (send traffic first)'}")
 
 
 def _client(s: Settings, readonly: bool = False):
@@ -298,8 +328,9 @@ def _prices(s: Settings, client):
 @click.option("--source", type=click.Choice(["raw", "rollup"]), default="raw", show_default=True,
               help="Raw spans (exact, any grouping) or the rollups (flat cost at scale).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--wide", is_flag=True, help="Every column: spans, compute seconds, token / compute / calls $.")
 @click.pass_context
-def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as_json: bool) -> None:
+def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as_json: bool, wide: bool) -> None:
     """Cost per 1k requests (token, compute and per-call prices from prices.toml)."""
     from tracetune import analyzer
     from tracetune.terminal import console, cost_table
@@ -307,6 +338,7 @@ def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as
     _window(since)
     s = _settings(ctx)
     client = _client(s)
+    _known_pipeline(client, pipeline)
     table = _prices(s, client)
     try:
         frame = analyzer.cost_per_1k(client, since, by=[b.strip() for b in by.split(",") if b.strip()],
@@ -314,10 +346,10 @@ def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--by") from None
     if as_json:
-        click.echo(json.dumps(frame.to_dicts(), indent=2, default=str))
+        click.echo(_json_rows(frame))
     else:
-        console().print(cost_table(frame, title=f"cost per 1k requests, last {since} "
-                                                f"(prices {table.version}, {table.currency})"))
+        console(wide).print(cost_table(frame, title=f"cost per 1k requests, last {since} "
+                                                    f"(prices {table.version}, {table.currency})", wide=wide))
 
 
 @cli.command()
@@ -388,6 +420,7 @@ def drift(ctx: click.Context, current: str, reference: str | None, pipeline: str
     if reference is not None:
         _window(reference, "--reference")
     client = _client(_settings(ctx), readonly=not save)
+    _known_pipeline(client, pipeline)
     frame = analyzer.current_drift(client, current=current, pipeline=pipeline, reference=reference)
     if save and not frame.is_empty():
         analyzer.store_drift(client, frame)
@@ -506,8 +539,9 @@ def drift_baseline_clear(ctx: click.Context, pipeline: str) -> None:
 @click.option("--pipeline", default="", help="Only this pipeline (default: every pipeline with an SLO).")
 @click.option("--source", type=click.Choice(["rollup", "raw"]), default="rollup", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--wide", is_flag=True, help="Every column (adds the burn-rate factor).")
 @click.pass_context
-def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
+def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool, wide: bool) -> None:
     """SLO burn rates over the multi-window pairs, firing rules and error budget remaining."""
     import polars as pl
 
@@ -515,6 +549,7 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
     from tracetune.terminal import console, slo_table
 
     client = _client(_settings(ctx), readonly=True)
+    _known_pipeline(client, pipeline)
     slos = [analyzer.get_slo(client, pipeline)] if pipeline else analyzer.list_slos(client)
     if not slos or slos[0] is None:
         raise UserError(f"no SLO saved{' for ' + pipeline if pipeline else ''}; set one with "
@@ -523,7 +558,7 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
     if as_json:
         click.echo(_json_rows(frame))
     else:
-        console().print(slo_table(frame))
+        console(wide).print(slo_table(frame, wide))
 
 
 @cli.command()
@@ -533,18 +568,23 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool) -> None:
               help="Only client errors (input the pipeline refused) or server errors (what availability counts).")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Most frequent first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--wide", is_flag=True, help="Every column (adds an example trace id per message).")
 @click.pass_context
-def errors(ctx: click.Context, since: str, pipeline: str, kind: str | None, limit: int, as_json: bool) -> None:
+def errors(ctx: click.Context, since: str, pipeline: str, kind: str | None, limit: int, as_json: bool,
+           wide: bool) -> None:
     """Error messages of failed tasks and steps, grouped: count, failed tasks, last seen, an example trace id."""
     from tracetune import analyzer
     from tracetune.terminal import console, errors_table
 
     _window(since)
-    frame = analyzer.errors(_client(_settings(ctx), readonly=True), since, pipeline, kind or "", limit)
+    client = _client(_settings(ctx), readonly=True)
+    _known_pipeline(client, pipeline)
+    frame = analyzer.errors(client, since, pipeline, kind or "", limit)
     if as_json:
         click.echo(_json_rows(frame))
     else:
-        console().print(errors_table(frame, title=f"errors, last {since}" + (f" ({kind})" if kind else "")))
+        console(wide).print(errors_table(frame, title=f"errors, last {since}" + (f" ({kind})" if kind else ""),
+                                         wide=wide))
 
 
 @cli.command()
@@ -657,8 +697,9 @@ def alerts_silence(ctx: click.Context, matchers: tuple[str, ...], duration: str,
               help="Only deliveries in this state.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--wide", is_flag=True, help="Every column (ids, group key, times, the body sent).")
 @click.pass_context
-def alerts_deliveries(ctx: click.Context, status: str | None, limit: int, as_json: bool) -> None:
+def alerts_deliveries(ctx: click.Context, status: str | None, limit: int, as_json: bool, wide: bool) -> None:
     """The delivery log: each notification per receiver, its attempts, last answer and state."""
     import polars as pl
 
@@ -669,7 +710,8 @@ def alerts_deliveries(ctx: click.Context, status: str | None, limit: int, as_jso
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))
     elif rows:
-        console().print(frame_table(pl.DataFrame(rows, infer_schema_length=None), "alert deliveries, newest first"))
+        console(wide).print(frame_table(pl.DataFrame(rows, infer_schema_length=None), "alert deliveries, newest first",
+                                        ("created_at", "receiver", "status", "attempts", "http_status", "error"), wide))
     else:
         console().print("no deliveries yet")
 
@@ -705,13 +747,15 @@ def models() -> None:
 
 @models.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if the models exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full build report as JSON.")
 @click.pass_context
-def models_build(ctx: click.Context, force: bool) -> None:
+def models_build(ctx: click.Context, force: bool, as_json: bool) -> None:
     """Train and export the demo models into .tracetune/models (reused when present)."""
     from tracetune.demo.models import build_models
+    from tracetune.terminal import models_summary
 
-    report = build_models(_settings(ctx).models_dir, force=force, progress=True)
-    click.echo(json.dumps(report, indent=2))
+    report = build_models(_settings(ctx).models_dir, force=force, progress=True)  # on stderr
+    click.echo(json.dumps(report, indent=2) if as_json else "\n".join(models_summary(report)))
 
 
 def main() -> None:

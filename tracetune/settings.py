@@ -323,6 +323,10 @@ def validate(s: Settings) -> Settings:
             raise SettingsError(f"{name} = {url!r} (from {where(name)}) must be an http(s) URL")
     if s.alert_webhook_secret:
         _check_webhook_secret(s.alert_webhook_secret, where("alert_webhook_secret"))
+    existing = next((p for p in (s.home, *s.home.parents) if p.exists()), None)  # what mkdir would build on
+    if existing is not None and not existing.is_dir():
+        raise SettingsError(f"home = {str(s.home)!r} (from {where('home')}): {existing} is a file, not a directory; "
+                            "point TRACETUNE_HOME at a directory (it is created if missing)")
     if not s.database.replace("_", "").isalnum():
         raise SettingsError(
             f"database = {s.database!r} (from {where('database')}) may hold only letters, digits and _"

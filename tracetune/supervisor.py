@@ -7,6 +7,7 @@ reverse order so that spans in flight are flushed and nothing is left listening.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -260,6 +261,16 @@ def up(settings: Settings) -> int:
     return _run(settings, 0.0, body)
 
 
+DEMO_RAW_SECONDS = 15 * 60
+
+
+def demo_window(run_start: float, now: float) -> tuple[int, str]:
+    """(seconds, source) covering exactly this demo run: raw spans (the rollups round out to whole
+    minutes, which would count the previous run's last minute), rollups once the run is long."""
+    seconds = max(1, math.ceil(now - run_start))
+    return seconds, "raw" if seconds < DEMO_RAW_SECONDS else "rollup"
+
+
 def demo(settings: Settings, duration: float | None = None) -> int:
     """The whole loop under a steady load; a live per-step table, or `duration` s then the final table."""
     from tracetune import analyzer, store
@@ -267,14 +278,14 @@ def demo(settings: Settings, duration: float | None = None) -> int:
     from tracetune.terminal import step_table
 
     rate = settings.load_rate or 20.0
+    run_start = time.time()  # spans before this belong to an earlier run
 
-    def table(client, since: int, title: str):
-        return step_table(analyzer.step_stats(client, since), title=title)
+    def table(client, title: str):
+        since, source = demo_window(run_start, time.time())
+        return step_table(analyzer.step_stats(client, since, source=source), title=title)
 
     def body(supervisor: Supervisor, stop: threading.Event, out) -> int:
-        started = time.monotonic()
         client = store.connect(settings, ensure_schema=False)
-        window = lambda: int(time.monotonic() - started) + 60
         out.print(f"demo load: {rate:g} tickets/s on pipeline {triage.NAME}")
         if duration is not None:
             timer = threading.Timer(duration, stop.set)
@@ -286,17 +297,17 @@ def demo(settings: Settings, duration: float | None = None) -> int:
             # Flush the path spans take: load stops sending, executor exports, collector writes.
             for name in ("load", "executor", "analyzer", "collector"):
                 supervisor.stop_one(next(p for p in supervisor.parts if p.name == name))
-            out.print(table(client, window(), f"per-step latency, {duration:g} s of demo load"))
+            out.print(table(client, f"per-step latency, {duration:g} s of demo load"))
             return 0
 
         from rich.live import Live
 
         out.print("Ctrl-C stops the demo")
-        with Live(table(client, window(), "per-step latency (refreshing)"), console=out,
+        with Live(table(client, "per-step latency (refreshing)"), console=out,
                   refresh_per_second=1) as live:
             def tick() -> None:
                 try:
-                    live.update(table(client, window(), "per-step latency since start (refreshing every 2 s)"))
+                    live.update(table(client, "per-step latency since start (refreshing every 2 s)"))
                 except Exception as exc:  # noqa: BLE001 - keep the demo running while ClickHouse is briefly busy
                     live.console.print(f"[yellow]stats unavailable: {exc}[/yellow]")
             return _watch(supervisor, stop, 2.0, tick)

@@ -4,7 +4,9 @@ SELECT
     count() AS requests,
     countIf(StatusCode IN ('Error', 'STATUS_CODE_ERROR')) AS errors,
     errors / requests AS error_rate,
-    requests / {window_seconds:UInt32} AS throughput_rps,
+    -- per second of data: from the first span in the window (of any group) to now, at least 1 s
+    requests / greatest(1, (toUnixTimestamp64Milli(now64(3)) - toUnixTimestamp64Milli(min(min(Timestamp)) OVER ())) / 1e3)
+        AS throughput_rps,
     quantilesExactInclusive(0.5, 0.9, 0.95, 0.99)(Duration) AS q,
     q[1] / 1e6 AS p50_ms,
     q[3] / 1e6 AS p95_ms,
@@ -26,6 +28,7 @@ FROM (
         if(SpanAttributes['tracetune.step'] != '', 'step', 'root') AS kind,
         ServiceName AS service,
         StatusCode,
+        Timestamp,
         Duration,
         SpanAttributes['tracetune.cache'] AS cache,
         toUInt64OrZero(SpanAttributes['tracetune.batch_size']) AS batch_size,

@@ -5,7 +5,10 @@ SELECT
     sum(requests) AS requests,
     sum(errors) AS errors,
     errors / requests AS error_rate,
-    requests / {window_seconds:UInt32} AS throughput_rps,
+    -- per second of data: from the first minute with data in the window (the window's start at most) to now
+    requests / greatest(1, dateDiff('second', greatest(min(min({time_column})) OVER (),
+                                                       now() - toIntervalSecond({window_seconds:UInt32})), now()))
+        AS throughput_rps,
     quantilesDDMerge(0.005, 0.5, 0.9, 0.95, 0.99)(duration_q) AS q,
     q[1] / 1e6 AS p50_ms,
     q[3] / 1e6 AS p95_ms,

@@ -52,6 +52,19 @@ def test_step_percentiles_match_numpy_and_window_is_respected(client):
     assert series["requests"].sum() == 3000 and set(series["step"]) == {"embed", "rank", "respond"}
 
 
+def test_throughput_is_per_second_of_data_not_per_second_of_window(client):
+    """A 20-second run seen through a 1-hour window is 5 requests/s, not 100 / 3600 (every group over the same
+    time: from the first span in the window to now)."""
+    now = time.time_ns()
+    rows = [step_span(now - int(i * 0.2e9), "triage", "embed", 10**6) for i in range(100)]
+    rows += [step_span(now - int(i * 0.2e9), "triage", "rank", 10**6) for i in range(10)]
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+    rates = {r["step"]: r["throughput_rps"] for r in latency(client, "1h", by=("step",), source="raw")
+             .iter_rows(named=True)}
+    assert rates["embed"] == pytest.approx(100 / 20, rel=0.2)
+    assert rates["rank"] == pytest.approx(10 / 20, rel=0.2)
+
+
 def test_empty_window_gives_an_empty_frame_with_the_columns(client):
     frame = step_stats(client, "1m")
     assert frame.is_empty() and "p95_ms" in frame.columns
