@@ -157,8 +157,8 @@ def breakdown(rows: Sequence[Mapping[str, Any]]) -> Table:
 
 def chart(rows: Sequence[Mapping[str, Any]], slo: SLO | None, path: Path) -> Path | None:
     """Cost per 1k and p95 per minute for each arm, with the SLO line; None when rows have no per-minute data."""
-    if not any(r.get("windows") for r in rows):
-        return None
+    if not any(isinstance(r.get("windows"), list) and r["windows"] for r in rows):
+        return None  # real rows count their windows; only simulated ones have them minute by minute
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +166,8 @@ def chart(rows: Sequence[Mapping[str, Any]], slo: SLO | None, path: Path) -> Pat
 
     fig, (cost_ax, p95_ax) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for row in rows:
-        windows = [w for w in row.get("windows") or [] if isinstance(w, Mapping) and "minute" in w]
+        raw = row.get("windows")
+        windows = [w for w in raw if isinstance(w, Mapping) and "minute" in w] if isinstance(raw, list) else []
         minutes = [w["minute"] for w in windows]
         label = LABELS.get(row["arm"], row["arm"])
         cost_ax.plot(minutes, [_number(w.get("cost_per_1k")) for w in windows], label=label)

@@ -104,8 +104,11 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             continue
         target = step_target_ms(slo, obs, step)
         if "batch_max_size" in knobs and target is not None:
+            spent = (obs.cost_per_1k or 0.0) * obs.requests / 1000
+            share = total.cost / spent if spent > 0 else None  # this step's part of what the pipeline costs
             plan.add(batching_policy(fit_service_time(obs.batches.get(step, [])), obs.arrival_rate(step), current,
-                                     knobs, target, total.p95_ms, padding_ratio=obs.padding_ratio(step), step=step),
+                                     knobs, target, total.p95_ms, padding_ratio=obs.padding_ratio(step), step=step,
+                                     cost_share=share),
                      spec, current, settings.max_relative_change)
         if "cache_enabled" in knobs and total.hashed:
             plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,

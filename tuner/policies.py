@@ -323,11 +323,14 @@ def batching_policy(model: ServiceModel | None, arrival_rate: float, current: Ma
                     padding_ratio: float = 0.0, margin: float = 0.8, step: str = "", *, servers: int = 1,
                     sizes: Sequence[int] | None = None, waits: Sequence[float] | None = None,
                     bucketed_padding_scale: float = BUCKETED_PADDING_SCALE, material_padding: float = 0.1,
-                    min_gain: float = 0.02) -> Proposal | None:
+                    min_gain: float = 0.02, cost_share: float | None = None,
+                    min_pipeline_gain: float = 0.02) -> Proposal | None:
     """Batch size, wait and bucketing for the lowest compute per request with predicted p95 <= margin * target.
 
     With no model (thin data), or a model the observed p95 contradicts, AIMD on batch_max_size. None when
-    the current config is best (or within `min_gain` of it). `sizes` / `waits` override the search grid.
+    the current config is best (or within `min_gain` of it), or when it meets the target and the saving,
+    weighed by the step's `cost_share` of the pipeline's cost, is under `min_pipeline_gain` (longer waits
+    for a negligible saving only spend latency headroom). `sizes` / `waits` override the search grid.
     """
     size_knob = knobs.get("batch_max_size")
     if size_knob is None:
@@ -371,6 +374,11 @@ def batching_policy(model: ServiceModel | None, arrival_rate: float, current: Ma
         size, wait, bucket, best = min((c for c in near if c[3]["p95_ms"] <= fastest * 1.01),  # then near now
                                        key=lambda c: (abs(math.log2(c[0] / size_now)), c[0], c[2] != bucket_now))
         if now["p95_ms"] <= limit and now["compute_ms_per_request"] <= best["compute_ms_per_request"] * (1 + min_gain):
+            return None
+        saving = 1 - best["compute_ms_per_request"] / now["compute_ms_per_request"] \
+            if now["compute_ms_per_request"] > 0 else 0.0
+        meets = now["p95_ms"] <= limit and (observed_p95_ms is None or observed_p95_ms <= p95_target_ms)
+        if meets and cost_share is not None and saving * cost_share < min_pipeline_gain:
             return None
     else:
         size, wait, bucket, best = min(candidates, key=lambda c: (c[3]["p95_ms"], -c[3]["capacity_rps"]))

@@ -410,3 +410,12 @@ def test_a_wide_float_range_still_moves_at_most_half_per_decision():
     assert clamp_change(ttl, 600.0, 42.5) == pytest.approx(300.0)  # not 1% of 30 days (25,920 s) at once
     assert clamp_change(ttl, 600.0, 5000.0) == pytest.approx(900.0)
     assert clamp_change(Knob("float", 0.0, 0, 1), 0.0, 0.5) == pytest.approx(0.01)  # from 0: 1% of the range
+
+
+def test_batching_leaves_a_config_that_meets_its_target_when_the_saving_is_negligible_for_the_pipeline():
+    current = {"batch_max_size": 2, "batch_max_wait_ms": 0.0}
+    worth = batching_policy(CURVE, 40.0, current, BATCH_KNOBS, 500.0, 60.0, step="s", cost_share=0.9)
+    assert worth is not None  # compute is most of the cost: bigger batches pay
+    assert batching_policy(CURVE, 40.0, current, BATCH_KNOBS, 500.0, 60.0, step="s", cost_share=0.01) is None
+    # Over its target it still acts, however small its share of the cost.
+    assert batching_policy(CURVE, 40.0, current, BATCH_KNOBS, 500.0, 900.0, step="s", cost_share=0.01) is not None
