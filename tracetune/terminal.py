@@ -169,6 +169,7 @@ def slo_table(frame: pl.DataFrame, wide: bool = False) -> Table:
              "budget left %")
     for name in names:
         _column(table, name, numeric=name not in ("pipeline", "slo", "windows", "firing"))
+    table.columns[names.index("firing")].no_wrap = True  # "not enough data" reads as one phrase
     for row in frame.iter_rows(named=True):
         target = f"{row['target_ms']:g} ms" if row["target_ms"] is not None else f"{row['objective']:.3%}"
         if row["firing"]:

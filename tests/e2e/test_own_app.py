@@ -57,7 +57,7 @@ def test_an_opentelemetry_app_gets_steps_and_token_cost(collector: Settings, tmp
     stats = json.loads(_tracetune(["stats", "--pipeline", "support_bot", "--since", "15m", "--source", "raw",
                                    "--json"], collector))
     assert {(row["pipeline"], row["step"], row["requests"]) for row in stats} == {
-        ("support_bot", "retrieve", 3), ("support_bot", "generate", 3)}
+        ("support_bot", "(end to end)", 3), ("support_bot", "retrieve", 3), ("support_bot", "generate", 3)}
 
     cost = json.loads(_tracetune(["cost", "--pipeline", "support_bot", "--since", "15m", "--source", "raw",
                                   "--by", "step", "--json"], collector))
