@@ -170,10 +170,9 @@ def _check_url(kind: str, url: str) -> None:
 
 
 @dataclass(frozen=True)
-class WebhookReceiver(Receiver):
-    """Any tool that takes Alertmanager webhooks: the Alertmanager v4 body, unchanged."""
+class _UrlReceiver(Receiver):
+    """A receiver that POSTs each stored body as it is to one URL (checked when it is made)."""
 
-    kind: ClassVar[str] = "webhook"
     name: str
     url: str
     secret: str = ""
@@ -181,11 +180,18 @@ class WebhookReceiver(Receiver):
     def __post_init__(self) -> None:
         _check_url(self.kind, self.url)
 
-    def payloads(self, notification: Notification) -> list[dict[str, Any]]:
-        return [notification.alertmanager()]
-
     def request(self, body: str) -> tuple[str, bytes]:
         return self.url, body.encode()
+
+
+@dataclass(frozen=True)
+class WebhookReceiver(_UrlReceiver):
+    """Any tool that takes Alertmanager webhooks: the Alertmanager v4 body, unchanged."""
+
+    kind: ClassVar[str] = "webhook"
+
+    def payloads(self, notification: Notification) -> list[dict[str, Any]]:
+        return [notification.alertmanager()]
 
 
 def _slack_escape(text: str) -> str:
@@ -197,16 +203,10 @@ _SLACK_ALERT_BLOCKS = 10  # Slack allows 50 blocks; a long group ends with "and 
 
 
 @dataclass(frozen=True)
-class SlackReceiver(Receiver):
+class SlackReceiver(_UrlReceiver):
     """A Slack incoming webhook: a readable summary as `text` plus Block Kit `blocks`."""
 
     kind: ClassVar[str] = "slack"
-    name: str
-    url: str
-    secret: str = ""
-
-    def __post_init__(self) -> None:
-        _check_url(self.kind, self.url)
 
     def payloads(self, notification: Notification) -> list[dict[str, Any]]:
         title = notification.title()
@@ -229,9 +229,6 @@ class SlackReceiver(Receiver):
             blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": f"and {more} more"}]})
             lines.append(f"and {more} more")
         return [{"text": "\n".join([title, *lines]), "blocks": blocks}]
-
-    def request(self, body: str) -> tuple[str, bytes]:
-        return self.url, body.encode()
 
 
 _PAGERDUTY_SEVERITIES = ("critical", "error", "warning", "info")
