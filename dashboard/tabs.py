@@ -1,4 +1,4 @@
-"""The dashboard's tabs: latency, cost, critical path, drift and SLOs of the chosen window and pipeline.
+"""The dashboard's tabs: latency, cost, critical path, drift, SLOs and alerts of the chosen window and pipeline.
 
 Each tab is one function `(settings, window, pipeline) -> None` that calls analyzer functions through
 `queries.query`, shapes the frames with `frames`, and lays them out; a tab that cannot get its data
@@ -8,6 +8,7 @@ says why in one line and leaves the other tabs alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import altair as alt
 import pandas as pd
@@ -24,6 +25,7 @@ from tracetune.analyzer import (
     current_drift,
     current_prices,
     data_note,
+    delivery,
     drift_flags,
     latency_series,
     latest_drift,
@@ -32,6 +34,7 @@ from tracetune.analyzer import (
     step_breakdown,
     step_stats,
 )
+from tracetune.analyzer import alerts as alerting
 from tracetune.dashboard import frames
 from tracetune.dashboard.frames import format_money, format_ms, with_series
 from tracetune.dashboard.queries import StoreUnavailable, query, show_unavailable, target_key
@@ -404,6 +407,60 @@ def slos(settings: Settings, window: str, pipeline: str) -> None:
         "requests": _COUNT, "budget left %": _PCT})
 
 
+def _since(moment) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S}" if moment is not None else ""
+
+
+def alerts(settings: Settings, window: str, pipeline: str) -> None:
+    """What on-call was told: alerts firing and pending (silenced ones marked), those resolved in the last
+    hour, the silences, and every notification's delivery to each receiver."""
+    _, name = _scope(pipeline)
+    try:
+        found = query(settings, alerting.current_alerts)
+        silences = query(settings, alerting.list_silences)
+        log = query(settings, delivery.deliveries, limit=200)
+    except StoreUnavailable as problem:
+        show_unavailable(problem, window)
+        return
+    shown = sorted((a for a in found.values() if not name or a.labels.get("pipeline") == name),
+                   key=lambda a: ({"firing": 0, "pending": 1}.get(a.state, 2), a.active_at))
+    firing = [a for a in shown if a.state == "firing"]
+    failing = [d for d in log if d["status"] in ("retrying", "failed")]
+    count, pages, broken = st.columns(3)
+    count.metric("Alerts firing", f"{len(firing)}")
+    pages.metric("Pages firing", f"{sum(a.labels.get('severity') == 'page' for a in firing)}")
+    broken.metric("Deliveries retrying or failed", f"{len(failing)}",
+                  help="`tracetune alerts deliveries` shows each attempt and the receiver's answer.")
+    if not shown:
+        st.info(f"No alert is firing or pending{_for(pipeline)}.")
+    else:
+        now = datetime.now(UTC)
+        st.dataframe(pl.DataFrame([{
+            "state": a.state + (" (silenced)" if any(s.silences(a.labels, now) for s in silences) else ""),
+            "alert": a.labels.get("alertname", ""), "pipeline": a.labels.get("pipeline", ""),
+            "severity": a.labels.get("severity", ""), "since": _since(a.resolved_at or a.fired_at or a.active_at),
+            "summary": a.annotations.get("summary", ""), "description": a.annotations.get("description", "")}
+            for a in shown]), hide_index=True)
+    st.subheader("Silences")
+    if silences:
+        st.dataframe(pl.DataFrame([{
+            "matchers": " ".join(str(m) for m in s.matchers), "state": s.to_dict()["status"]["state"],
+            "ends": _since(s.ends_at), "by": s.created_by, "comment": s.comment, "id": s.silence_id}
+            for s in silences]), hide_index=True)
+    else:
+        st.caption("No silence. `tracetune alerts silence pipeline=NAME --for 2h` adds one.")
+    st.subheader("Deliveries")
+    if log:
+        st.dataframe(pl.DataFrame([{
+            "when": _since(d["created_at"]), "receiver": d["receiver"], "group": d["group_key"],
+            "notification": d["notification_status"], "state": d["status"], "attempts": d["attempts"],
+            "HTTP": d["http_status"], "error": d["error"] or ""} for d in log]), hide_index=True)
+    else:
+        st.caption("Nothing sent yet. Receivers: `alert_webhook_url`, `alert_slack_url`, "
+                   "`alert_pagerduty_routing_key`; `tracetune alerts test` checks them.")
+
+
 TABS: dict[str, Callable[[Settings, str, str], None]] = {
     "Latency": latency, "Cost": cost, "Critical path": critical_path, "Drift": drift, "SLOs": slos,
+    "Alerts": alerts,
 }

@@ -185,6 +185,12 @@ def test_browser_renders_every_tab_with_seeded_numbers(dashboard: Settings, clie
             assert metrics["Alert rules firing"] == "0 of 6"
             assert "No burn-rate alert is firing." in page.inner_text("body")
             shoot("slos")
+
+            # Alerts: nothing evaluated on this store yet, said as such.
+            metrics = _open_tab(page, "Alerts", "Alerts firing")
+            assert metrics["Alerts firing"] == "0"
+            assert "No alert is firing or pending." in page.inner_text("body")
+            shoot("alerts")
         finally:
             browser.close()
     for path in shots.values():
