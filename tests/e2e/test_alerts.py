@@ -41,7 +41,16 @@ def test_the_analyzer_pages_a_burning_slo_and_resolves_it(tmp_path):
             client = store.connect(settings, wait=60)
             # A 6-hour SLO: its burn-rate windows scale down (1h & 5m -> 60 s & 5 s), so a minute of data is enough.
             save_slo(client, SLO(pipeline="shop", error_rate=0.01, period_days=0.25))
-            next_id = _tasks(client, 70, 10, error_every=5, first=1)  # 20% failing: burn rate 20
+            # Tasks keep coming, a fifth of them failing (burn rate 20), until on-call is paged; then clean.
+            state = {"next": _tasks(client, 70, 10, error_every=5, first=1), "error_every": 5}
+            stop = threading.Event()
+
+            def feed() -> None:
+                while not stop.wait(1.0):
+                    state["next"] = _tasks(client, 1, 10, error_every=state["error_every"], first=state["next"])
+
+            feeder = threading.Thread(target=feed, daemon=True)
+            feeder.start()
             procs["analyzer"] = start_process(["analyzer"], settings, tmp_path / "analyzer.log")
             seen = app.state.seen
 
@@ -49,26 +58,18 @@ def test_the_analyzer_pages_a_burning_slo_and_resolves_it(tmp_path):
                 return any(s.json()["status"] == "firing" and any(a["labels"].get("severity") == "page"
                                                                   for a in s.json()["alerts"]) for s in seen)
 
-            wait_until(paged, 90, 0.5, "a page notification")
-            first = next(s for s in seen if s.json()["status"] == "firing")
-            verify(settings.alert_secret(), first.headers, first.body)
-            body = first.json()
-            check_alertmanager_v4(body)
-            assert body["groupLabels"] == {"alertname": "SLOBurnRate", "pipeline": "shop"}
-            page = next(a for a in body["alerts"] if a["labels"]["severity"] == "page")
-            assert page["labels"]["slo"] == "availability" and "burns" in page["annotations"]["description"]
-
-            # The burn stops: clean tasks keep coming; the page rules' short windows clear, and it resolves.
-            stop = threading.Event()
-
-            def clean() -> None:
-                nonlocal next_id
-                while not stop.wait(1.0):
-                    next_id = _tasks(client, 1, 20, error_every=0, first=next_id)
-
-            feeder = threading.Thread(target=clean, daemon=True)
-            feeder.start()
             try:
+                wait_until(paged, 120, 0.5, "a page notification")
+                first = next(s for s in seen if s.json()["status"] == "firing")
+                verify(settings.alert_secret(), first.headers, first.body)
+                body = first.json()
+                check_alertmanager_v4(body)
+                assert body["groupLabels"] == {"alertname": "SLOBurnRate", "pipeline": "shop"}
+                page = next(a for a in body["alerts"] if a["labels"]["severity"] == "page")
+                assert page["labels"]["slo"] == "availability" and "burns" in page["annotations"]["description"]
+
+                # The burn stops: clean tasks only; the page rules' short windows clear, and it resolves.
+                state["error_every"] = 0
                 wait_until(lambda: any(a["status"] == "resolved" and a["labels"].get("severity") == "page"
                                        for s in seen for a in s.json()["alerts"]), 120, 0.5, "the page resolved")
             finally:
