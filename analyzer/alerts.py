@@ -37,6 +37,8 @@ from typing import Any
 import polars as pl
 
 from tracetune.analyzer import delivery
+from tracetune.analyzer._time import utc
+from tracetune.store import next_seq
 
 log = logging.getLogger("tracetune.analyzer")
 
@@ -400,15 +402,6 @@ def tuner_conditions(client, now: datetime, window: timedelta = timedelta(hours=
 
 _STATE_COLUMNS = ["changed_at", "seq", "fingerprint", "rule", "labels", "annotations", "state", "active_at",
                   "fired_at", "resolved_at", "value"]
-_seq = 0
-_seq_lock = threading.Lock()
-
-
-def _next_seq() -> int:
-    global _seq
-    with _seq_lock:
-        _seq = max(_seq + 1, int(datetime.now(UTC).timestamp() * 1e9))
-        return _seq
 
 
 STATE_SQL = """
@@ -423,15 +416,13 @@ HAVING state != 'inactive'
 
 
 def _utc(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return None if moment is None else utc(moment)
 
 
 def _record(client, changed: Sequence[Alert], now: datetime) -> None:
     if changed:
         client.insert("tracetune_alert_state", [[
-            now, _next_seq(), a.fingerprint, a.rule, a.labels, a.annotations, a.state, a.active_at, a.fired_at,
+            now, next_seq(), a.fingerprint, a.rule, a.labels, a.annotations, a.state, a.active_at, a.fired_at,
             a.resolved_at, a.value] for a in changed], column_names=_STATE_COLUMNS)
 
 
@@ -469,7 +460,7 @@ def list_silences(client, now: datetime | None = None, expired_within: timedelta
 
 def _write_silence(client, silence: Silence) -> None:
     client.insert("tracetune_alert_silences", [[
-        datetime.now(UTC), _next_seq(), silence.silence_id, json.dumps([m.to_dict() for m in silence.matchers]),
+        datetime.now(UTC), next_seq(), silence.silence_id, json.dumps([m.to_dict() for m in silence.matchers]),
         silence.starts_at, silence.ends_at, silence.created_by, silence.comment]],
         column_names=["changed_at", "seq", "silence_id", "matchers", "starts_at", "ends_at", "created_by", "comment"])
 
@@ -513,7 +504,7 @@ def _load_groups(client) -> dict[str, Group]:
 
 
 def _save_groups(client, groups: Iterable[Group], now: datetime) -> None:
-    rows = [[now, _next_seq(), g.key, g.labels, g.first_seen_at, g.last_notified_at,
+    rows = [[now, next_seq(), g.key, g.labels, g.first_seen_at, g.last_notified_at,
              json.dumps(g.notified, sort_keys=True)] for g in groups]
     if rows:
         client.insert("tracetune_alert_groups", rows, column_names=[

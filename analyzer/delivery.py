@@ -20,6 +20,7 @@ import random
 import secrets
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ def _new_delivery_id() -> str:
 
 # ---- receivers -------------------------------------------------------------------------------------
 
-class Receiver:
+class Receiver(ABC):
     """Where notifications go. `payloads` is what the outbox stores (no secrets); `request` what is sent.
 
     `name` finds the receiver again when a restarted process resumes its pending deliveries; with a
@@ -146,12 +147,13 @@ class Receiver:
     name: str
     secret: str
 
+    @abstractmethod
     def payloads(self, notification: Notification) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The bodies to send for `notification` (one, or one per alert)."""
 
+    @abstractmethod
     def request(self, body: str) -> tuple[str, bytes]:
         """(url, exact bytes to POST) for a stored body."""
-        raise NotImplementedError
 
     def headers(self, delivery_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
         """JSON content type and, with a secret, `webhook-id`, `webhook-timestamp`, `webhook-signature`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from importlib import resources
 
@@ -12,7 +13,20 @@ from clickhouse_connect.driver.client import Client
 
 from tracetune.settings import Settings
 
-__all__ = ["connect", "apply_schema", "schema_statements", "wait_ready", "serve", "Client"]
+__all__ = ["connect", "apply_schema", "schema_statements", "wait_ready", "serve", "next_seq", "Client"]
+
+_seq_lock = threading.Lock()
+_last_seq = 0
+
+
+def next_seq() -> int:
+    """A number larger than every one this process handed out before (nanoseconds since the epoch, or +1).
+
+    Append-only tables order rows by (time, seq): rows written in the same microsecond keep their order."""
+    global _last_seq
+    with _seq_lock:
+        _last_seq = max(_last_seq + 1, time.time_ns())
+        return _last_seq
 
 
 def schema_statements() -> list[tuple[str, str]]:

@@ -26,9 +26,9 @@ import numpy as np
 from scipy import stats
 
 from tracetune.analyzer import SLO, PricesError, cost_per_request
+from tracetune.store import next_seq
 from tracetune.tuner import versions
 from tracetune.tuner.config import PipelineConfig, PipelineSpec
-from tracetune.tuner.decisions import next_seq
 
 __all__ = ["ALPHA", "Arm", "Canary", "Verdict", "running", "start", "finish", "judge", "arms", "STATUSES"]
 

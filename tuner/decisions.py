@@ -13,16 +13,16 @@ written in the same microsecond keep their order.
 from __future__ import annotations
 
 import json
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from prometheus_client import Counter, Gauge
 
+from tracetune.store import next_seq
+
 __all__ = ["KINDS", "Decision", "TunerState", "record", "observe", "history", "last_decision", "state",
-           "set_state", "next_seq", "DECISIONS_TOTAL", "CONFIG_VERSION"]
+           "set_state", "DECISIONS_TOTAL", "CONFIG_VERSION"]
 
 KINDS: tuple[str, ...] = ("tune", "pin", "change", "rollback", "freeze", "unfreeze", "canary_start",
                           "canary_promote", "canary_rollback", "canary_cancel", "declaration")
@@ -99,16 +99,6 @@ ORDER BY changed_at DESC, seq DESC LIMIT 1
 """
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_seq_lock = threading.Lock()
-_last_seq = 0
-
-
-def next_seq() -> int:
-    """A number larger than every one this process handed out before (nanoseconds since the epoch, or +1)."""
-    global _last_seq
-    with _seq_lock:
-        _last_seq = max(_last_seq + 1, time.time_ns())
-        return _last_seq
 
 
 def _metrics(values: dict) -> dict[str, float]:
