@@ -104,6 +104,10 @@ class Alert:
                 "endsAt": _iso(self.resolved_at) if self.resolved_at else ZERO_TIME,
                 "generatorURL": generator_url, "fingerprint": self.fingerprint}
 
+    def silenced_by(self, silences: Iterable[Silence], now: datetime) -> list[str]:
+        """The ids of the silences that keep this alert out of notifications at `now`."""
+        return [s.silence_id for s in silences if s.silences(self.labels, now)]
+
     def to_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "rule": self.rule, "state": self.state, "labels": self.labels,
                 "annotations": self.annotations, "active_at": _iso(self.active_at),
@@ -265,7 +269,7 @@ def group_notifications(alerts: Iterable[Alert], groups: dict[str, Group], silen
     members: dict[str, list[Alert]] = {}
     labels_of: dict[str, dict[str, str]] = {}
     for alert in alerts:
-        if alert.state not in ("firing", "resolved") or any(s.silences(alert.labels, now) for s in silences):
+        if alert.state not in ("firing", "resolved") or alert.silenced_by(silences, now):
             continue
         key, labels = _group_of(alert, group_by)
         group = groups.get(key)

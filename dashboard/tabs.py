@@ -436,7 +436,7 @@ def alerts(settings: Settings, window: str, pipeline: str) -> None:
     else:
         now = datetime.now(UTC)
         st.dataframe(pl.DataFrame([{
-            "state": a.state + (" (silenced)" if any(s.silences(a.labels, now) for s in silences) else ""),
+            "state": a.state + (" (silenced)" if a.silenced_by(silences, now) else ""),
             "alert": a.labels.get("alertname", ""), "pipeline": a.labels.get("pipeline", ""),
             "severity": a.labels.get("severity", ""), "since": _since(a.resolved_at or a.fired_at or a.active_at),
             "summary": a.annotations.get("summary", ""), "description": a.annotations.get("description", "")}

@@ -625,12 +625,10 @@ def alerts_list(ctx: click.Context, show_all: bool, as_json: bool) -> None:
 
     client = _client(_settings(ctx), readonly=True)
     silences = alerting.list_silences(client)
-    rows = []
-    for alert in sorted(alerting.current_alerts(client).values(), key=lambda a: (a.state, a.active_at)):
-        if alert.state != "firing" and not show_all:
-            continue
-        silenced = [s.silence_id for s in silences if s.silences(alert.labels, datetime.now(UTC))]
-        rows.append({**alert.to_dict(), "silenced_by": silenced})
+    now = datetime.now(UTC)
+    rows = [{**alert.to_dict(), "silenced_by": alert.silenced_by(silences, now)}
+            for alert in sorted(alerting.current_alerts(client).values(), key=lambda a: (a.state, a.active_at))
+            if alert.state == "firing" or show_all]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

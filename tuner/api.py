@@ -643,7 +643,7 @@ async def list_alerts(request: Request, state: str = Query("firing", pattern="^(
     found = await run_in_threadpool(alerting.current_alerts, client)
     silences = await run_in_threadpool(alerting.list_silences, client)
     now = datetime.now(UTC)
-    return [{**a.to_dict(), "silenced_by": [s.silence_id for s in silences if s.silences(a.labels, now)]}
+    return [{**a.to_dict(), "silenced_by": a.silenced_by(silences, now)}
             for a in sorted(found.values(), key=lambda a: a.active_at) if state == "all" or a.state == state]
 
 
