@@ -41,6 +41,9 @@ class Settings:
     home: Path = Path(".tracetune")
     clickhouse_url: str = ""  # empty: the embedded store (chDB) at store_host:store_port
     database: str = "tracetune"
+    # A ClickHouse cluster's name (from the server's remote_servers): the schema becomes Replicated local
+    # tables plus Distributed tables ON CLUSTER (docs/deploy.md). Empty: one server (or the embedded store).
+    clickhouse_cluster: str = ""
     bind_host: str = "127.0.0.1"
 
     store_port: int = 8123
@@ -74,6 +77,11 @@ class Settings:
     llm_large_model: str = "standin-large"  # the demo's pricier, more accurate tier, weighed against llm_model
     llm_api_key: str = ""
     crm_url: str = ""
+    # Where other processes reach the collector, the tuner and the dashboard when they do not run on this
+    # host (e.g. http://tuner:8700 in docker-compose). Empty: http://<bind_host>:<port>.
+    collector_endpoint: str = ""
+    tuner_endpoint: str = ""
+    dashboard_endpoint: str = ""
 
     # Analyzer: prices file (empty: the bundled prices.toml) and how often drift and SLO state refresh.
     prices_file: str = ""
@@ -83,6 +91,9 @@ class Settings:
     alert_group_wait_seconds: float = 30.0
     alert_group_interval_seconds: float = 300.0
     alert_repeat_interval_seconds: float = 14_400.0
+    # Several analyzer or tuner replicas over one store: one holds a lease in ClickHouse and works, the
+    # others stand by and take over once it has not been renewed for `lease_seconds`.
+    lease_seconds: float = 30.0
 
     # The embedded store's users: `default` (reads and writes) and `reader` (read-only, for the dashboard
     # and CLI). Empty: a password generated once into <home>/store.password / store_reader.password (0600).
@@ -137,15 +148,15 @@ class Settings:
 
     @property
     def collector_url(self) -> str:
-        return f"http://{self.bind_host}:{self.collector_port}"
+        return self.collector_endpoint.rstrip("/") or f"http://{self.bind_host}:{self.collector_port}"
 
     @property
     def tuner_url(self) -> str:
-        return f"http://{self.bind_host}:{self.tuner_port}"
+        return self.tuner_endpoint.rstrip("/") or f"http://{self.bind_host}:{self.tuner_port}"
 
     @property
     def dashboard_url(self) -> str:
-        return f"http://{self.bind_host}:{self.dashboard_port}"
+        return self.dashboard_endpoint.rstrip("/") or f"http://{self.bind_host}:{self.dashboard_port}"
 
     @property
     def llm_base_url(self) -> str:
@@ -252,7 +263,7 @@ _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
 _POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_staleness_limit_seconds",
                     "tuner_canary_min_requests", "tuner_canary_max_seconds",
-                    "analyzer_interval_seconds", "executor_max_in_flight", "collector_batch_rows",
+                    "analyzer_interval_seconds", "lease_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
                     "collector_wal_max_bytes", "collector_body_timeout_seconds",
                     "executor_config_poll_seconds", "alert_group_interval_seconds", "alert_repeat_interval_seconds"]
@@ -317,7 +328,8 @@ def validate(s: Settings) -> Settings:
                 f"clickhouse_url = {s.clickhouse_url!r} (from {where('clickhouse_url')}) must look like "
                 "http://user:pass@host:8123/database"
             )
-    for name in ("llm_url", "crm_url", "alert_webhook_url", "alert_slack_url", "alert_pagerduty_url"):
+    for name in ("llm_url", "crm_url", "collector_endpoint", "tuner_endpoint", "dashboard_endpoint",
+                 "alert_webhook_url", "alert_slack_url", "alert_pagerduty_url"):
         url = getattr(s, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise SettingsError(f"{name} = {url!r} (from {where(name)}) must be an http(s) URL")
@@ -327,6 +339,9 @@ def validate(s: Settings) -> Settings:
     if existing is not None and not existing.is_dir():
         raise SettingsError(f"home = {str(s.home)!r} (from {where('home')}): {existing} is a file, not a directory; "
                             "point TRACETUNE_HOME at a directory (it is created if missing)")
+    if s.clickhouse_cluster and not s.clickhouse_cluster.replace("_", "").replace("-", "").isalnum():
+        raise SettingsError(f"clickhouse_cluster = {s.clickhouse_cluster!r} (from {where('clickhouse_cluster')}) "
+                            "may hold only letters, digits, _ and -")
     if not s.database.replace("_", "").isalnum():
         raise SettingsError(
             f"database = {s.database!r} (from {where('database')}) may hold only letters, digits and _"
