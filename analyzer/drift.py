@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from scipy import stats as _stats
-from scipy.spatial import distance as _distance
 
 from tracetune.analyzer._time import epoch_ns, utc
 from tracetune.analyzer.baselines import list_baselines
@@ -78,7 +76,9 @@ def ks_test(reference: Sequence[float], current: Sequence[float]) -> tuple[float
     """Two-sample Kolmogorov–Smirnov (statistic D, p-value)."""
     if len(reference) == 0 or len(current) == 0:
         return math.nan, math.nan
-    result = _stats.ks_2samp(reference, current)
+    from scipy import stats  # scipy.stats takes seconds to import: only where a statistic is computed
+
+    result = stats.ks_2samp(reference, current)
     return float(result.statistic), float(result.pvalue)
 
 
@@ -86,7 +86,9 @@ def wasserstein(reference: Sequence[float], current: Sequence[float]) -> float:
     """Earth mover's distance between the two samples, in the feature's own unit."""
     if len(reference) == 0 or len(current) == 0:
         return math.nan
-    return float(_stats.wasserstein_distance(reference, current))
+    from scipy import stats
+
+    return float(stats.wasserstein_distance(reference, current))
 
 
 def _frequencies(reference: Iterable[str], current: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +103,9 @@ def jensen_shannon(reference: Iterable[str], current: Iterable[str]) -> float:
     ref, cur = _frequencies(reference, current)
     if ref.sum() == 0 or cur.sum() == 0:
         return math.nan
-    return float(_distance.jensenshannon(ref / ref.sum(), cur / cur.sum(), base=2))
+    from scipy.spatial import distance
+
+    return float(distance.jensenshannon(ref / ref.sum(), cur / cur.sum(), base=2))
 
 
 def chi_square(reference: Iterable[str], current: Iterable[str]) -> tuple[float, float]:
@@ -112,7 +116,9 @@ def chi_square(reference: Iterable[str], current: Iterable[str]) -> tuple[float,
     ref, cur = _frequencies(reference, current)
     if ref.sum() == 0 or cur.sum() == 0:
         return math.nan, math.nan
-    result = _stats.chi2_contingency(np.vstack([ref, cur]))
+    from scipy import stats
+
+    result = stats.chi2_contingency(np.vstack([ref, cur]))
     return float(result.statistic), float(result.pvalue)
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
-from scipy import stats
 
 from tracetune.analyzer import SLO, PricesError, cost_per_request
 from tracetune.store import next_seq
@@ -123,6 +122,13 @@ class Verdict:
     figures: dict[str, float] = field(default_factory=dict)
 
 
+
+def _scipy_stats():
+    """scipy.stats, imported on first use: it takes seconds, and the tuner's API never judges a canary."""
+    from scipy import stats
+
+    return stats
+
 def _less_proportion_p(bad_a: int, n_a: int, bad_b: int, n_b: int) -> float:
     """One-sided p-value that arm b's rate of `bad` is above arm a's (pooled two-proportion z-test)."""
     if n_a == 0 or n_b == 0:
@@ -131,7 +137,7 @@ def _less_proportion_p(bad_a: int, n_a: int, bad_b: int, n_b: int) -> float:
     spread = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
     if spread == 0:
         return 1.0
-    return float(stats.norm.sf((bad_b / n_b - bad_a / n_a) / spread))
+    return float(_scipy_stats().norm.sf((bad_b / n_b - bad_a / n_a) / spread))
 
 
 def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, expired: bool = False,
@@ -150,8 +156,8 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     base_p95, canary_p95 = base.p95() or 0.0, canary.p95() or 0.0
     problems = []
 
-    slower = float(stats.mannwhitneyu(canary.durations_ms, base.durations_ms, alternative="greater").pvalue)
-    faster = float(stats.mannwhitneyu(canary.durations_ms, base.durations_ms, alternative="less").pvalue)
+    slower = float(_scipy_stats().mannwhitneyu(canary.durations_ms, base.durations_ms, alternative="greater").pvalue)
+    faster = float(_scipy_stats().mannwhitneyu(canary.durations_ms, base.durations_ms, alternative="less").pvalue)
     figures["p.slower"], figures["p.faster"] = round(slower, 6), round(faster, 6)
     over_target = canary_p95 > target if target is not None else canary_p95 > 1.1 * base_p95
     if slower < each and over_target:
@@ -177,7 +183,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
 
     base_cost, canary_cost = base.costs[~np.isnan(base.costs)], canary.costs[~np.isnan(canary.costs)]
     if len(base_cost) >= 2 and len(canary_cost) >= 2 and (base_cost.std() > 0 or canary_cost.std() > 0):
-        dearer = float(stats.ttest_ind(canary_cost, base_cost, equal_var=False, alternative="greater").pvalue)
+        dearer = float(_scipy_stats().ttest_ind(canary_cost, base_cost, equal_var=False, alternative="greater").pvalue)
         figures["p.dearer"] = round(dearer, 6)
         # Paying more is worth it only to bring a config that misses its latency target back under it.
         fixes_latency = target is not None and base_p95 > target and faster < each

@@ -35,8 +35,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import linprog
-from scipy.stats import gamma, poisson
 
 from tracetune.tuner.config import Knob, KnobValue
 
@@ -84,6 +82,19 @@ class ServiceModel:
     def batch_ms(self, size: int, padding_ratio: float = 0.0) -> float:
         return self.base_ms + self.per_item_ms * size * (1 + self.padding_factor * padding_ratio)
 
+
+
+def _scipy_stats():
+    """scipy.stats, imported on first use: it takes seconds, and most processes that import this never model."""
+    from scipy import stats
+
+    return stats
+
+
+def _linprog():
+    from scipy.optimize import linprog
+
+    return linprog
 
 def fit_service_time(samples: Sequence[BatchSample], min_samples: int = MIN_BATCH_SAMPLES) -> ServiceModel | None:
     """Least squares of duration on size and size * padding; None on too few samples or one batch size.
@@ -163,13 +174,13 @@ def _batcher_chain(rate: float, size: int, wait: float, service, states: int) ->
     cap = min(size, k)
     # after[i, r]: r = left + arrivals during the service, r in 0..k (k absorbs the rest)
     need = np.arange(k + 1)[None, :] - left[:, None]
-    after = np.where(need >= 0, poisson.pmf(np.maximum(need, 0), (rate * s)[:, None]), 0.0)
-    after[:, k] += poisson.sf(k - left, rate * s)
+    after = np.where(need >= 0, _scipy_stats().poisson.pmf(np.maximum(need, 0), (rate * s)[:, None]), 0.0)
+    after[:, k] += _scipy_stats().poisson.sf(k - left, rate * s)
     # fresh batch when nobody waits: the head + Poisson(rate * wait) more, closed at max_size
     fresh = np.zeros(k)
     if size > 1 and wait > 0:
-        fresh[:cap - 1] = poisson.pmf(np.arange(cap - 1), rate * wait)
-        fresh[cap - 1] = poisson.sf(cap - 2, rate * wait)
+        fresh[:cap - 1] = _scipy_stats().poisson.pmf(np.arange(cap - 1), rate * wait)
+        fresh[cap - 1] = _scipy_stats().poisson.sf(cap - 2, rate * wait)
     else:
         fresh[0] = 1.0
     busy = after[:, 1:].copy()
@@ -178,8 +189,8 @@ def _batcher_chain(rate: float, size: int, wait: float, service, states: int) ->
         for e in np.unique(ext[ext > 0]):
             rows = np.flatnonzero(ext == e)
             grow = q[None, :] - short[:, None]
-            move = np.where(grow >= 0, poisson.pmf(np.maximum(grow, 0), rate * e), 0.0)
-            move[:, cap - 1] = poisson.sf(cap - short - 1, rate * e)
+            move = np.where(grow >= 0, _scipy_stats().poisson.pmf(np.maximum(grow, 0), rate * e), 0.0)
+            move[:, cap - 1] = _scipy_stats().poisson.sf(cap - short - 1, rate * e)
             move[:, cap:] = 0.0
             busy[np.ix_(rows, short - 1)] -= after[np.ix_(rows, short)]
             busy[rows] += after[np.ix_(rows, short)] @ move
@@ -227,7 +238,7 @@ def _batcher_chain(rate: float, size: int, wait: float, service, states: int) ->
     if filled and extended.sum() > 0:
         rows = np.flatnonzero(extended > 0)
         r = np.arange(1, size)
-        reach = after[np.ix_(rows, r)] * poisson.sf(size - r - 1, rate * ext[rows, None])
+        reach = after[np.ix_(rows, r)] * _scipy_stats().poisson.sf(size - r - 1, rate * ext[rows, None])
         before = (reach @ r) / np.maximum(reach.sum(axis=1), 1e-300)  # mean r of those that filled up
         close = _fill_times(np.maximum(1.0, np.round(size - before)), ext[rows], rate)  # rows x points
         points = close.shape[1]
@@ -245,8 +256,8 @@ def _batcher_chain(rate: float, size: int, wait: float, service, states: int) ->
 def _fill_times(missing: np.ndarray, limit: np.ndarray, rate: float, points: int = 8) -> np.ndarray:
     """Equal-probability points of the time `missing` more Poisson arrivals take, given it is under `limit`."""
     u = (np.arange(points) + 0.5) / points
-    reached = gamma.cdf(limit, missing, scale=1 / rate)
-    return gamma.ppf(u[None, :] * reached[:, None], missing[:, None], scale=1 / rate)
+    reached = _scipy_stats().gamma.cdf(limit, missing, scale=1 / rate)
+    return _scipy_stats().gamma.ppf(u[None, :] * reached[:, None], missing[:, None], scale=1 / rate)
 
 
 class _Mixture:
@@ -557,7 +568,7 @@ def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], k
     if quality_floor is not None:  # the labelled routes' mix must average >= floor (unlabelled ones are held)
         rows.append(np.where(known, quality_floor - lower, 0.0))
         limits.append(0.0)
-    solved = linprog(cost, A_ub=np.array(rows) if rows else None, b_ub=limits or None, A_eq=equal[0],
+    solved = _linprog()(cost, A_ub=np.array(rows) if rows else None, b_ub=limits or None, A_eq=equal[0],
                      b_eq=equal[1], bounds=bounds, method="highs")
     target = solved.x if solved.success else None
     quality_first = target is None
@@ -566,7 +577,7 @@ def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], k
             and float(accuracy[known] @ weights_now[known]) / held_mass >= quality_floor:
         return None  # the labels are too few to prove the floor, but the current mix meets it: hold
     if quality_first:
-        solved = linprog(-lower + 1e-9 * cost, A_ub=np.array(cap[0]) if capped else None,
+        solved = _linprog()(-lower + 1e-9 * cost, A_ub=np.array(cap[0]) if capped else None,
                          b_ub=cap[1] or None, A_eq=equal[0], b_eq=equal[1], bounds=bounds, method="highs")
         if not solved.success:
             return None
