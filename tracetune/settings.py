@@ -77,11 +77,12 @@ class Settings:
     llm_large_model: str = "standin-large"  # the demo's pricier, more accurate tier, weighed against llm_model
     llm_api_key: str = ""
     crm_url: str = ""
-    # Where other processes reach the collector, the tuner and the dashboard when they do not run on this
+    # Where other processes reach the collector, the tuner, the dashboard and the executor when they do not run on this
     # host (e.g. http://tuner:8700 in docker-compose). Empty: http://<bind_host>:<port>.
     collector_endpoint: str = ""
     tuner_endpoint: str = ""
     dashboard_endpoint: str = ""
+    executor_endpoint: str = ""
 
     # Analyzer: prices file (empty: the bundled prices.toml) and how often drift and SLO state refresh.
     prices_file: str = ""
@@ -168,11 +169,11 @@ class Settings:
 
     @property
     def executor_url(self) -> str:
-        return f"http://{self.bind_host}:{self.executor_port}"
+        return self.executor_endpoint.rstrip("/") or f"http://{self.bind_host}:{self.executor_port}"
 
     @property
     def executor_metrics_url(self) -> str:
-        return f"http://{self.bind_host}:{self.executor_port}/metrics"
+        return f"{self.executor_url}/metrics"
 
     @property
     def pipeline_targets(self) -> list[str]:
@@ -329,7 +330,7 @@ def validate(s: Settings) -> Settings:
                 "http://user:pass@host:8123/database"
             )
     for name in ("llm_url", "crm_url", "collector_endpoint", "tuner_endpoint", "dashboard_endpoint",
-                 "alert_webhook_url", "alert_slack_url", "alert_pagerduty_url"):
+                 "executor_endpoint", "alert_webhook_url", "alert_slack_url", "alert_pagerduty_url"):
         url = getattr(s, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise SettingsError(f"{name} = {url!r} (from {where(name)}) must be an http(s) URL")
