@@ -5,7 +5,8 @@ The rules engine hands over a `Notification`; `enqueue` writes one outbox row pe
 `DeliveryWorker`) sends what is due and appends each attempt to `tracetune_alert_deliveries`.
 Delivery is at least once: a crash between a send and its record sends again on restart, with the
 same `webhook-id`, so receivers deduplicate on it. One process drains the outbox (the analyzer):
-two deliverers over the same database would each send every delivery.
+two deliverers over the same database would each send every delivery, so several analyzers take
+turns by a lease (`DeliveryWorker(active=...)`, docs/alerts.md "Several replicas").
 """
 
 from __future__ import annotations
@@ -476,12 +477,14 @@ def _attempt(item: _Due, receiver: Receiver | None, http: httpx.Client, policy: 
 
 
 def deliver_due(client, receivers: Sequence[Receiver] | Mapping[str, Receiver], now: datetime | None = None,
-                http: httpx.Client | None = None, policy: RetryPolicy | None = None) -> dict[str, int]:
+                http: httpx.Client | None = None, policy: RetryPolicy | None = None,
+                active: Callable[[], bool] | None = None) -> dict[str, int]:
     """Send every pending delivery that is due and record each attempt; counts by outcome.
 
     Deliveries of one receiver and group key go in outbox order, each only once the one before it
     was delivered or failed for good, so a resolved never overtakes its firing. Groups run
     concurrently (`policy.max_concurrency`). `now` moves the clock (tests); None is the real time.
+    `active` is asked before each send; once it says no (the analyzer lost its lease), nothing more is sent.
     """
     policy = policy or RetryPolicy()
     by_name = dict(receivers) if isinstance(receivers, Mapping) else {r.name: r for r in receivers}
@@ -506,7 +509,7 @@ def deliver_due(client, receivers: Sequence[Receiver] | Mapping[str, Receiver], 
 
     def run(items: list[_Due]) -> None:
         for index, item in enumerate(items):
-            if item.next_at > clock():
+            if item.next_at > clock() or (active is not None and not active()):
                 with lock:
                     summary["waiting"] += len(items) - index
                 return
@@ -602,30 +605,34 @@ class DeliveryWorker:
     """A thread that calls `deliver_due` every `interval` seconds until stopped (inside the analyzer).
 
     Give it a client of its own (`store.connect(settings)`). Run one per database: a second worker
-    over the same outbox would send every delivery twice.
+    over the same outbox would send every delivery twice. With several analyzers, pass `active` (the
+    analyzer lease's `holding`): the worker sends only while it says yes.
     """
 
     def __init__(self, client, receivers: Sequence[Receiver], policy: RetryPolicy | None = None,
-                 interval: float = 1.0, http: httpx.Client | None = None):
+                 interval: float = 1.0, http: httpx.Client | None = None,
+                 active: Callable[[], bool] | None = None):
         if interval <= 0:
             raise ValueError(f"DeliveryWorker.interval must be > 0 seconds, got {interval}")
         self.client = client
         self.receivers = list(receivers)
         self.policy = policy or RetryPolicy()
         self.interval = interval
+        self.active = active
         self._own_http = http is None
         self._http = http or httpx.Client()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def run_once(self) -> dict[str, int]:
-        return deliver_due(self.client, self.receivers, http=self._http, policy=self.policy)
+        return deliver_due(self.client, self.receivers, http=self._http, policy=self.policy, active=self.active)
 
     def run(self) -> None:
         """Deliver until `stop()`; a failed round (store unreachable) is logged and tried again."""
         while not self._stop.is_set():
             try:
-                self.run_once()
+                if self.active is None or self.active():
+                    self.run_once()
             except Exception:  # the next round retries; the outbox keeps everything
                 log.exception("alert delivery round failed; will retry")
             self._stop.wait(self.interval)

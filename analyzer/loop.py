@@ -1,20 +1,24 @@
 """The analyzer loop (`tracetune analyzer`, run by `tracetune up`): publish prices, then on an
 interval refresh drift and SLO burn-rate state and evaluate the alert rules on them; between
-refreshes, hand the alert notifications that are due to the outbox (`analyzer.alerts`)."""
+refreshes, hand the alert notifications that are due to the outbox (`analyzer.alerts`). With several
+replicas, only the one holding the `analyzer` lease does any of it (`tracetune.store.lease`)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import polars as pl
 
 from tracetune.analyzer import alerts
 from tracetune.analyzer.cost import cost_per_1k
+from tracetune.analyzer.delivery import DeliveryWorker
 from tracetune.analyzer.drift import DEFAULT_CURRENT, current_drift, store_drift
 from tracetune.analyzer.prices import PricesError, load, publish
 from tracetune.analyzer.slo import SLOError, list_slos, slo_status
+from tracetune.store.lease import Lease, hold
 
 log = logging.getLogger("tracetune.analyzer")
 
@@ -24,11 +28,13 @@ SLO_STATUS_TABLE_COLUMNS = ["computed_at", "pipeline", "slo", "target_ms", "obje
 
 
 def refresh(client, now: datetime | None = None, current: str = DEFAULT_CURRENT, reference: str | None = None,
-            engine: alerts.Engine | None = None) -> dict[str, int]:
+            engine: alerts.Engine | None = None, active: Callable[[], bool] = lambda: True) -> dict[str, int]:
     """One pass: drift results and SLO snapshots written, alert rules evaluated (with `engine`);
-    returns what was written."""
+    returns what was written. Stops before each write once `active()` is false (the lease lapsed)."""
     now = now or datetime.now(UTC)
     drift = current_drift(client, now, current, reference=reference)  # baseline, else the preceding window
+    if not active():
+        return {}
     written = {"drift_rows": store_drift(client, drift) if not drift.is_empty() else 0, "slo_rows": 0,
                "firing": 0}
     slos = list_slos(client)
@@ -43,6 +49,8 @@ def refresh(client, now: datetime | None = None, current: str = DEFAULT_CURRENT,
             continue
         statuses.append(status)
         rows = status.with_columns(computed_at=pl.lit(now), firing=pl.col("firing").cast(pl.UInt8))
+        if not active():
+            return written
         client.insert("tracetune_slo_status", rows.select(SLO_STATUS_TABLE_COLUMNS).rows(),
                       column_names=SLO_STATUS_TABLE_COLUMNS)
         written["slo_rows"] += rows.height
@@ -58,6 +66,8 @@ def refresh(client, now: datetime | None = None, current: str = DEFAULT_CURRENT,
                                                               if s.cost_per_1k is not None},
                                              external_url=engine.external_url)
         conditions += alerts.tuner_conditions(client, now, external_url=engine.external_url)
+        if not active():
+            return written
         changed = engine.evaluate(conditions, now)
         written["alerts_changed"] = len(changed)
     return written
@@ -74,29 +84,59 @@ def _costs(client) -> dict[str, float]:
 
 
 def run(client, prices_file: str, interval: float, stop: threading.Event, engine: alerts.Engine | None = None,
-        notify_seconds: float = 5.0) -> None:
+        notify_seconds: float = 5.0, lease: Lease | None = None,
+        delivery: Callable[[], DeliveryWorker] | None = None) -> None:
     """Refresh every `interval` seconds until `stop` is set; with `engine`, evaluate alert rules on each
-    refresh and send the notifications that are due every `notify_seconds`."""
+    refresh and hand the notifications that are due to the outbox every `notify_seconds`; with
+    `delivery` (a DeliveryWorker factory), send them.
+
+    With `lease`, only while holding it (`tracetune.store.lease`): a standby waits, and on taking over
+    goes on from the alert state and outbox the last holder stored; the delivery worker of a term is
+    stopped (its round in flight finished) before the lease is released. Every replica publishes the
+    prices first (the same table twice is one version), so a bad prices file stops each at start."""
     publish(client, load(prices_file) if prices_file else load())
+    if lease is None:
+        _run(client, interval, stop, engine, notify_seconds, lambda: True, delivery)
+        return
+
+    def work(lost: threading.Event) -> None:
+        fresh = _reloaded(engine) if engine is not None else None  # what the last holder left in the store
+        _run(client, interval, lost, fresh, notify_seconds, lease.holding, delivery)
+
+    hold(lease, stop, work)
+
+
+def _reloaded(engine: alerts.Engine) -> alerts.Engine:
+    """The same engine with the alert state and groups read again from the store."""
+    return alerts.Engine(engine.client, engine.receivers, engine.timing, engine.external_url, engine.group_by)
+
+
+def _run(client, interval: float, stop: threading.Event, engine: alerts.Engine | None, notify_seconds: float,
+         active: Callable[[], bool], delivery: Callable[[], DeliveryWorker] | None) -> None:
     notifier = None
     if engine is not None:
-        notifier = threading.Thread(target=_notify_loop, args=(engine, notify_seconds, stop), name="alert-notifier",
-                                    daemon=True)
+        notifier = threading.Thread(target=_notify_loop, args=(engine, notify_seconds, stop, active),
+                                    name="alert-notifier", daemon=True)
         notifier.start()
-    while True:
-        try:
-            written = refresh(client, engine=engine)
-            log.info("analyzer refresh: %s", written)
-        except Exception:
-            log.exception("analyzer refresh failed; will retry")
-        if stop.wait(interval):
-            break
-    if notifier is not None:
-        notifier.join(10)
+    worker = delivery().start() if delivery is not None else None
+    try:
+        while active():
+            try:
+                written = refresh(client, engine=engine, active=active)
+                log.info("analyzer refresh: %s", written)
+            except Exception:
+                log.exception("analyzer refresh failed; will retry")
+            if stop.wait(interval):
+                break
+    finally:
+        if notifier is not None:
+            notifier.join(10)
+        if worker is not None:
+            worker.stop()
 
 
-def _notify_loop(engine: alerts.Engine, every: float, stop: threading.Event) -> None:
-    while not stop.wait(every):
+def _notify_loop(engine: alerts.Engine, every: float, stop: threading.Event, active: Callable[[], bool]) -> None:
+    while not stop.wait(every) and active():
         try:
             engine.notify()
         except Exception:  # the store may be restarting; the next round retries

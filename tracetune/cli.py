@@ -68,9 +68,16 @@ def collector(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def tuner(ctx: click.Context) -> None:
-    """Run the tuner API (GET /v1/pipelines/{p}/config, OpenAPI at /docs; default port 8700)."""
+    """Run the tuner API (GET /v1/pipelines/{p}/config, OpenAPI at /docs; default port 8700) and the tuning
+    loop. Several may run: all serve the API, the one holding the `tuner` lease runs the loop."""
+    import threading
+
     from tracetune import tuner as tuner_mod
+    logging.getLogger("tracetune.store.lease").setLevel(logging.INFO)  # who holds the lease, always shown
     tuner_mod.serve(_settings(ctx))
+    for thread in threading.enumerate():  # the loop has been told to stop: let it release its lease
+        if thread.name == "tuning-loop":
+            thread.join(10)
 
 
 @cli.command()
@@ -148,7 +155,8 @@ def load(ctx: click.Context, rate, duration, pattern, duplicates, drifts, tenant
 @cli.command("analyzer")
 @click.pass_context
 def analyzer_cmd(ctx: click.Context) -> None:
-    """Run the analyzer loop: publish prices, refresh drift and SLO burn rates every interval."""
+    """Run the analyzer loop: publish prices, refresh drift and SLO burn rates every interval, evaluate
+    alert rules and deliver notifications. Several may run: the one holding the `analyzer` lease works."""
     import signal
     import threading
 
@@ -160,15 +168,17 @@ def analyzer_cmd(ctx: click.Context) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     from tracetune import store as store_mod
     from tracetune.analyzer import alerts, delivery
+    from tracetune.store.lease import Lease
+    logging.getLogger("tracetune.store.lease").setLevel(logging.INFO)  # who holds the lease, always shown
     client = store_mod.connect(s, wait=60)
+    lease = Lease(store_mod.connect(s), "analyzer", s.lease_seconds)  # its own client
     receivers = delivery.receivers_from_settings(s)
     engine = alerts.Engine(client, receivers, alerts.Timing(s.alert_group_wait_seconds, s.alert_group_interval_seconds,
                                                             s.alert_repeat_interval_seconds), s.dashboard_url)
-    worker = delivery.DeliveryWorker(store_mod.connect(s), receivers).start()  # its own client
-    try:
-        run(client, s.prices_file, s.analyzer_interval_seconds, stop, engine)
-    finally:
-        worker.stop()
+    run(client, s.prices_file, s.analyzer_interval_seconds, stop, engine,
+        notify_seconds=max(0.5, min(5.0, s.alert_group_wait_seconds)), lease=lease,
+        # A worker for each term the lease is held, with its own client; it sends only while holding.
+        delivery=lambda: delivery.DeliveryWorker(store_mod.connect(s), receivers, active=lease.holding))
 
 
 @cli.command()

@@ -48,4 +48,5 @@ def loop_settings(settings: Settings):
                         staleness_limit_seconds=settings.cache_staleness_limit_seconds,
                         canary_share=settings.tuner_canary_share,
                         canary_min_requests=settings.tuner_canary_min_requests,
-                        canary_max_seconds=settings.tuner_canary_max_seconds)
+                        canary_max_seconds=settings.tuner_canary_max_seconds,
+                        lease_seconds=settings.lease_seconds)

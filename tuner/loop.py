@@ -5,6 +5,7 @@ it is tested on constructed numbers; `tune_once` adds the guardrails that need t
 pin, cooldown, enough samples, not retrying a change a canary just rejected), puts the new version
 on trial for a share of tasks (`tuner.canary`), then promotes or rolls it back on the evidence, each
 step with its decision row. With `canary_share` 0 a change goes to every task at once (`tune`).
+With several tuner replicas, only the one holding the `tuner` lease runs the loop (`tracetune.store.lease`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tracetune.analyzer import SLO, get_slo
+from tracetune.store.lease import Lease, hold
 from tracetune.tuner import canary, decisions, observe, versions
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
 from tracetune.tuner.policies import (
@@ -54,6 +56,7 @@ class LoopSettings:
     canary_min_requests: int = 200  # tasks on each arm before a canary is judged
     canary_max_seconds: float = 1800.0  # a canary without enough tasks by then is rolled back
     rejected_memory_seconds: float = 3600.0  # a change a canary rolled back is not tried again sooner
+    lease_seconds: float = 30.0  # several tuners: the one holding the `tuner` lease decides (store.lease)
 
 
 @dataclass
@@ -143,9 +146,10 @@ def _age_seconds(decision: Mapping[str, Any], now: datetime) -> float:
 
 
 def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
-              now: datetime | None = None) -> decisions.Decision | None:
+              now: datetime | None = None, active: Callable[[], bool] = lambda: True) -> decisions.Decision | None:
     """One look at `pipeline`: the decision taken, or None (frozen, pinned, cooling down, too little data,
-    nothing to change). Records the observed effect of the previous decision once its window has passed."""
+    nothing to change). Records the observed effect of the previous decision once its window has passed.
+    Writes nothing once `active()` says no (the tuner lost its lease while it measured)."""
     now = now or datetime.now(UTC)
     spec, config = versions.latest_spec(client, pipeline), versions.latest(client, pipeline)
     if spec is None or config is None:
@@ -155,10 +159,10 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         return None
     trial = canary.running(client, pipeline)
     if trial is not None:
-        return _judge(client, spec, config, trial, settings, now)
+        return _judge(client, spec, config, trial, settings, now, active)
     last = decisions.last_decision(client, pipeline, CHANGES)
     if last is not None and last["kind"] in OBSERVED and not last["observed"] \
-            and _age_seconds(last, now) >= settings.window_seconds:
+            and _age_seconds(last, now) >= settings.window_seconds and active():
         decisions.observe(client, last["decision_id"], observe.collect(client, spec, settings.window_seconds).summary())
     if last is not None and _age_seconds(last, now) < settings.cooldown_seconds:
         return None
@@ -173,7 +177,7 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted}
     with versions.write_lock:  # the API's pin, rollback and freeze take the same lock
         latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
-        if latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
+        if not active() or latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
             return None
         if settings.canary_share > 0:
             trial = canary.start(client, spec, config, plan.changes, settings.canary_share, reason)
@@ -225,7 +229,7 @@ def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan: Plan, se
 
 
 def _judge(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Canary, settings: LoopSettings,
-           now: datetime) -> decisions.Decision | None:
+           now: datetime, active: Callable[[], bool] = lambda: True) -> decisions.Decision | None:
     """Promote or roll back the canary on trial once the evidence says which (None while it is still out)."""
     age = (now - trial.started_at).total_seconds()
     base, tried = canary.arms(client, spec, trial, observe.answers(client, spec, int(age) + 60))
@@ -235,7 +239,7 @@ def _judge(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Can
         return None
     with versions.write_lock:
         still = canary.running(client, spec.pipeline)
-        if still is None or still.version != trial.version:
+        if not active() or still is None or still.version != trial.version:
             return None
         in_force = versions.latest(client, spec.pipeline)
         if in_force is None or in_force.version != trial.base_version:
@@ -263,17 +267,32 @@ def _judge(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Can
     return decision
 
 
-def run(client_factory: Callable[[], Any], settings: LoopSettings, stop: threading.Event) -> None:
-    """Tune every declared pipeline each interval until `stop` is set; one failing pipeline does not stop the rest."""
+def run(client_factory: Callable[[], Any], settings: LoopSettings, stop: threading.Event,
+        lease: Lease | None = None) -> None:
+    """Tune every declared pipeline each interval until `stop` is set; one failing pipeline does not stop the rest.
+
+    Only while holding the `tuner` lease (`lease`, else one of `settings.lease_seconds`): with several
+    tuner replicas one decides, the others stand by (and serve the API)."""
     client = client_factory()
-    while not stop.wait(settings.interval_seconds):
+    lease = lease or Lease(client_factory(), "tuner", settings.lease_seconds)
+
+    def work(lost: threading.Event) -> None:
+        while not lost.wait(settings.interval_seconds) and lease.holding():
+            _tune_all(client, settings, lease.holding)
+
+    hold(lease, stop, work)
+
+
+def _tune_all(client, settings: LoopSettings, active: Callable[[], bool]) -> None:
+    try:
+        pipelines = [row["pipeline"] for row in versions.pipelines(client)]
+    except Exception as exc:  # noqa: BLE001 - the store may be restarting; try again next interval
+        log.warning("tuning loop: cannot list pipelines: %s", exc)
+        return
+    for pipeline in pipelines:
+        if not active():
+            return
         try:
-            pipelines = [row["pipeline"] for row in versions.pipelines(client)]
-        except Exception as exc:  # noqa: BLE001 - the store may be restarting; try again next interval
-            log.warning("tuning loop: cannot list pipelines: %s", exc)
-            continue
-        for pipeline in pipelines:
-            try:
-                tune_once(client, pipeline, settings)
-            except Exception as exc:  # noqa: BLE001 - log and go on with the next pipeline
-                log.warning("tuning %s failed: %s", pipeline, exc)
+            tune_once(client, pipeline, settings, active=active)
+        except Exception as exc:  # noqa: BLE001 - log and go on with the next pipeline
+            log.warning("tuning %s failed: %s", pipeline, exc)
