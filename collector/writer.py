@@ -37,6 +37,12 @@ TRANSIENT_CODES = frozenset({
 })
 _CODE = re.compile(r"Code:? (\d+)")
 _SYSTEMIC_AFTER = 64  # failed inserts in one bisection with no success: the store, not the rows
+# Beside the token, on every insert (one server or a cluster, see docs/store.md): a Distributed table
+# answers only once every shard has the rows (else it acknowledges rows still queued on this node,
+# and a retry could not be deduplicated), and the rollup views drop a retried batch too, whatever the
+# server's default. `insert_distributed_sync` is `distributed_foreground_insert` under the name every
+# server version knows (an unknown setting would fail every insert).
+INSERT_SETTINGS = {"insert_distributed_sync": 1, "deduplicate_blocks_in_dependent_materialized_views": 1}
 
 
 Part = list[list[Any]] | pa.Table  # rows in COLUMNS order, or the same as Arrow columns
@@ -285,7 +291,7 @@ class SpanWriter:
 
     def _insert(self, table: str, part: Part, token: str) -> None:
         started = time.perf_counter()
-        settings = {"insert_deduplication_token": token}
+        settings = {"insert_deduplication_token": token, **INSERT_SETTINGS}
         if isinstance(part, pa.Table):
             self._client_or_new().insert_arrow(table, part, settings=settings)
         else:

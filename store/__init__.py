@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
-from importlib import resources
+from typing import Final
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from tracetune.settings import Settings
+from tracetune.settings import Settings, SettingsError
+from tracetune.store.cluster import ClusterFormError, cluster_statements
+from tracetune.store.migrations import Migration, MigrationError, State, migrate, shipped
+from tracetune.store.migrations import status as migration_status
 
-__all__ = ["connect", "apply_schema", "schema_statements", "wait_ready", "serve", "next_seq", "Client"]
+__all__ = ["connect", "ensure_database", "apply_schema", "schema_statements", "migrate", "migration_status",
+           "Migration", "MigrationError", "State", "cluster_statements", "ClusterFormError", "CLUSTER_QUERY_SETTINGS",
+           "wait_ready", "serve", "next_seq", "Client"]
+
+CLUSTER_QUERY_SETTINGS: Final = {"distributed_product_mode": "global"}
+"""Client settings in cluster mode. The analyzer's queries filter spans with `TraceId IN (SELECT ... FROM
+otel_traces)`; on Distributed tables ClickHouse refuses such a subquery unless told how to run it.
+`global` runs it once over the cluster and sends its result to every shard: the same answer as on one
+server, whatever the query."""
 
 _seq_lock = threading.Lock()
 _last_seq = 0
@@ -30,19 +40,17 @@ def next_seq() -> int:
 
 
 def schema_statements() -> list[tuple[str, str]]:
-    """(file name, statement) for every DDL file, in order. Every statement is idempotent.
+    """(file name, statement) for every migration statement, in order. Every statement is idempotent."""
+    return [(f"{m.version:03d}_{m.name}.sql", statement) for m in shipped() for statement in m.statements]
 
-    A file holds one statement, or several separated by a line that is only `;`.
+
+def apply_schema(client: Client, cluster: str = "") -> list[Migration]:
+    """Apply the migrations the client's database lacks (store/migrations.py); the ones it applied.
+
+    Safe from any process, any time, several at once; one query when the schema is up to date.
+    `cluster` applies their cluster form (store/cluster.py) ON CLUSTER.
     """
-    files = sorted(p for p in resources.files("tracetune.store").joinpath("sql").iterdir() if p.name.endswith(".sql"))
-    return [(p.name, part.strip()) for p in files for part in re.split(r"(?m)^;[ \t]*$", p.read_text())
-            if part.strip()]
-
-
-def apply_schema(client: Client) -> None:
-    """Create every table in the client's database if missing (safe from any process, any time)."""
-    for _, statement in schema_statements():
-        client.command(statement)
+    return migrate(client, cluster=cluster).applied
 
 
 def _client(settings: Settings, database: str | None, timeout: float, readonly: bool = False) -> Client:
@@ -51,7 +59,23 @@ def _client(settings: Settings, database: str | None, timeout: float, readonly: 
         host=target["host"], port=target["port"], username=target["username"],
         password=target["password"], secure=target["secure"], database=database or "",
         autogenerate_session_id=False, connect_timeout=timeout, send_receive_timeout=300,
+        settings=dict(CLUSTER_QUERY_SETTINGS) if settings.clickhouse_cluster else None,
     )
+
+
+def _check_cluster(settings: Settings) -> None:
+    if settings.clickhouse_cluster and settings.embedded:
+        raise SettingsError(f"clickhouse_cluster = {settings.clickhouse_cluster!r} needs clickhouse_url "
+                            "(TRACETUNE_CLICKHOUSE_URL, a server of that cluster): the embedded store is one server; "
+                            "unset TRACETUNE_CLICKHOUSE_CLUSTER to use it")
+
+
+def ensure_database(settings: Settings) -> None:
+    """Create the settings' database if missing (on every node of the cluster in cluster mode)."""
+    _check_cluster(settings)
+    database = settings.clickhouse_target()["database"]
+    on_cluster = f" ON CLUSTER `{settings.clickhouse_cluster}`" if settings.clickhouse_cluster else ""
+    _client(settings, None, 10).command(f"CREATE DATABASE IF NOT EXISTS `{database}`{on_cluster}")
 
 
 def wait_ready(settings: Settings, timeout: float = 60.0) -> None:
@@ -81,15 +105,16 @@ def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0, r
     `readonly` connects as the embedded store's read-only user (dashboards, reports); it cannot
     create the schema, so it implies `ensure_schema=False`.
     """
+    _check_cluster(settings)
     if wait:
         wait_ready(settings, wait)
     database = settings.clickhouse_target()["database"]
     ensure_schema = ensure_schema and not readonly
     if ensure_schema:
-        _client(settings, None, 10).command(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+        ensure_database(settings)
     client = _client(settings, database, 10, readonly)
     if ensure_schema:
-        apply_schema(client)
+        apply_schema(client, settings.clickhouse_cluster)
     return client
 
 
