@@ -4,6 +4,7 @@ where the time goes, what 1k requests cost, what drifted and how the SLOs stand.
 from __future__ import annotations
 
 import io
+import math
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -64,16 +65,31 @@ def percentile_chart(stats: pl.DataFrame) -> Markup | None:
     return _finish_barh(fig, ax, labels, "milliseconds (log scale)")
 
 
-def series_chart(series: pl.DataFrame) -> Markup | None:
+def with_gaps(times: list, values: list, bucket_seconds: int) -> tuple[list, list]:
+    """The points with a None between two more than a bucket apart, so a line breaks where no request ran
+    instead of being drawn straight across the idle time."""
+    out_t, out_v = [], []
+    for i, (t, v) in enumerate(zip(times, values, strict=True)):
+        if i and (t - times[i - 1]).total_seconds() > bucket_seconds:
+            out_t.append(times[i - 1] + (t - times[i - 1]) / 2)
+            out_v.append(None)
+        out_t.append(t)
+        out_v.append(v)
+    return out_t, out_v
+
+
+def series_chart(series: pl.DataFrame, bucket_seconds: int) -> Markup | None:
     if series.is_empty():
         return None
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    for i, ((pipeline, step), part) in enumerate(series.group_by(["pipeline", "step"], maintain_order=True)):
-        ax.plot(part["bucket"].to_list(), part["p95_ms"].to_list(), label=f"{pipeline}/{step}",
-                color=_PALETTE[i % len(_PALETTE)])
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    for i, ((pipeline, step), part) in enumerate(series.sort("bucket").group_by(["pipeline", "step"],
+                                                                                 maintain_order=True)):
+        times, values = with_gaps(part["bucket"].to_list(), part["p95_ms"].to_list(), bucket_seconds)
+        ax.plot(times, [math.nan if v is None else v for v in values], label=f"{pipeline}/{step}",
+                color=_PALETTE[i % len(_PALETTE)], marker=".", markersize=3)
     ax.set_yscale("log")
     ax.set_ylabel("p95 ms (log scale)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, not over, the lines
     ax.grid(alpha=0.3)
     fig.autofmt_xdate()
     return _svg(fig)
@@ -109,7 +125,10 @@ def build_report(client, since: str = "1h", prices: PriceTable | None = None, pi
     parse_window(since)
     stats = latency(client, since, ("pipeline", "step"), pipeline)
     seconds = parse_window(since)
-    series = latency_series(client, since, pipeline, bucket_seconds=max(10, seconds // 60))
+    bucket_seconds = max(10, seconds // 60)
+    series = latency_series(client, since, pipeline, bucket_seconds=bucket_seconds)
+    if bucket_seconds >= 60:  # the rollup's buckets are whole minutes
+        bucket_seconds = -(-bucket_seconds // 60) * 60
     cost = cost_per_1k(client, since, by=("pipeline", "step", "route"), pipeline=pipeline, prices=prices)
     totals = cost_per_1k(client, since, by=("pipeline",), pipeline=pipeline, prices=prices)
     breakdown = step_breakdown(client, since, pipeline)
@@ -142,8 +161,8 @@ def build_report(client, since: str = "1h", prices: PriceTable | None = None, pi
         slo=slo_frame.to_dicts() if not slo_frame.is_empty() else [], slo_notes=slo_notes, slo_refused=slo_refused,
         price_version=(cost["price_version"][0] if cost.height else (prices.version if prices else "")),
         currency=(cost["currency"][0] if cost.height else ""),
-        charts={"percentiles": percentile_chart(stats), "series": series_chart(series), "cost": cost_chart(cost),
-                "critical": critical_chart(breakdown)},
+        charts={"percentiles": percentile_chart(stats), "series": series_chart(series, bucket_seconds),
+                "cost": cost_chart(cost), "critical": critical_chart(breakdown)},
     )
 
 
