@@ -28,6 +28,17 @@ from tracetune.analyzer.prices import PricesError, PriceTable
 from tracetune.analyzer.prices import current as current_prices
 from tracetune.analyzer.prices import load as load_prices
 from tracetune.analyzer.prices import publish as publish_prices
+from tracetune.analyzer.series import (
+    cost_by,
+    cost_cells,
+    cost_change,
+    drift_history,
+    error_spans,
+    feature_histograms,
+    feature_samples,
+    step_series,
+    tenants,
+)
 from tracetune.analyzer.slo import (
     SLO,
     SLO_STATUS_COLUMNS,
@@ -73,4 +84,6 @@ __all__ = [
     "PricesError", "SpanRecord", "cost_over_time", "cost_per_1k", "cost_per_request", "critical_path",
     "current_prices", "latency", "latency_series", "load_prices", "parse_window", "publish_prices",
     "self_times", "step_breakdown", "step_stats", "step_times",
+    "cost_by", "cost_cells", "cost_change", "drift_history", "error_spans", "feature_histograms", "feature_samples",
+    "step_series", "tenants",
 ]

@@ -1,50 +1,73 @@
-"""The tracetune dashboard, for product owners: latency, cost, critical path, drift and SLOs per pipeline.
+"""The tracetune dashboard, for product owners: Overview, Steps, Cost, Drift, Tuner and Alerts pages.
 
-Run with `tracetune dashboard` (or `streamlit run dashboard/app.py`). Every number comes from
-`analyzer` query functions; this page holds no SQL, only layout and a little arithmetic. The tabs
-live in `dashboard/tabs.py`, the shaping of frames in `dashboard/frames.py`.
+Run with `tracetune dashboard` (or `streamlit run dashboard/app.py`). The filters (pipeline, time range,
+tenant, refresh) sit in the sidebar and in the URL's query string (`dashboard/context.py`); each page
+is a module of its own (`dashboard/overview.py` ... `dashboard/alerts.py`, listed in PAGES) that calls
+analyzer and tuner read functions through `dashboard/queries.py` (the read-only store user, answers
+cached a few seconds). No SQL here. (Not a `pages/` folder: Streamlit would run one as old-style pages,
+bypassing this script.)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import polars as pl
 import streamlit as st
 
+from tracetune import analyzer
 from tracetune import settings as settings_mod
-from tracetune.analyzer import step_stats
-from tracetune.dashboard.queries import StoreUnavailable, address, query, show_unavailable
-from tracetune.dashboard.tabs import ALL_PIPELINES, TABS
-from tracetune.settings import SettingsError
+from tracetune.dashboard import context
+from tracetune.dashboard.queries import StoreUnavailable, address, cached
+from tracetune.settings import Settings, SettingsError
 
-WINDOWS = ["5m", "15m", "1h", "6h", "24h"]
-DEFAULT_WINDOW = "15m"
-REFRESH_SECONDS = 5
+HERE = Path(__file__).parent
+# (page module beside this file, title, URL path, icon)
+PAGES = (
+    ("overview.py", "Overview", "overview", ":material/dashboard:"),
+    ("steps.py", "Steps", "steps", ":material/timeline:"),
+    ("cost.py", "Cost", "cost", ":material/payments:"),
+    ("drift.py", "Drift", "drift", ":material/query_stats:"),
+    ("tuner.py", "Tuner", "tuner", ":material/tune:"),
+    ("alerts.py", "Alerts", "alerts", ":material/notifications:"),
+)
+
+# `?page=` of the links alerts carry (analyzer/alerts.py) -> the page's URL path
+LINKED = {"slo": "overview", **{path: path for _, _, path, _ in PAGES}}
+
+
+def _known(settings: Settings):
+    def known(since: str) -> tuple[list[str], list[str]]:
+        """Pipelines and tenants with tasks or steps in the range; none if the store cannot say (the page will)."""
+        try:
+            seen = cached(settings, analyzer.step_series, since=since, bucket_seconds=0)
+            tenants = cached(settings, analyzer.tenants, since=since)
+        except StoreUnavailable:
+            return [], []
+        return sorted(set(seen["pipeline"].to_list()) if isinstance(seen, pl.DataFrame) else set()), tenants
+    return known
 
 
 def main() -> None:
     st.set_page_config(page_title="tracetune", layout="wide")
-    st.title("tracetune")
     try:
         settings = settings_mod.load()
     except SettingsError as exc:
         st.error(str(exc))
         return
-
-    window = st.sidebar.selectbox("Window", WINDOWS, index=WINDOWS.index(DEFAULT_WINDOW),
-                                  help="Trailing time range every figure covers (drift has its own windows).")
-    try:
-        pipelines = sorted(set(query(settings, step_stats, since=window)["pipeline"].to_list()))
-    except StoreUnavailable as problem:
-        show_unavailable(problem, window)
-        return
-    pipeline = st.sidebar.selectbox("Pipeline", [ALL_PIPELINES, *pipelines])
-    refresh = st.sidebar.toggle(f"Refresh every {REFRESH_SECONDS} s", value=False)
-    st.caption(f"Last {window} · {'all pipelines' if pipeline == ALL_PIPELINES else pipeline} · "
-               f"ClickHouse {address(settings)}")
-
-    # One fragment per tab: auto-refresh re-runs the tabs' contents, never the tab bar (the open tab stays).
-    for tab, render in zip(st.tabs(list(TABS)), TABS.values(), strict=True):
-        with tab:
-            st.fragment(render, run_every=REFRESH_SECONDS if refresh else None)(settings, window, pipeline)
+    pages = [st.Page(str(HERE / file), title=title, url_path=path, icon=icon, default=path == "overview")
+             for file, title, path, icon in PAGES]
+    page = st.navigation(pages)
+    asked = LINKED.get(st.query_params.get("page", ""))
+    if asked is not None and (page.url_path or "overview") != asked:  # an alert's link: `/?page=drift&pipeline=x`
+        kept = {k: v for k, v in st.query_params.to_dict().items() if k != "page"}
+        st.switch_page(next(p for p in pages if (p.url_path or "overview") == asked), query_params=kept)
+    filters = context.sidebar(_known(settings))
+    st.sidebar.caption(f"ClickHouse {address(settings)} · read-only")
+    context.publish(context.Context(settings, filters))
+    st.title(page.title)
+    st.caption(f"Last {filters.since}{filters.scope() or ' · all pipelines'}")
+    page.run()
 
 
 if __name__ == "__main__":

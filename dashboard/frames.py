@@ -1,7 +1,7 @@
 """Pure shaping of analyzer frames into what the dashboard shows: no Streamlit, no I/O.
 
 Each function takes the frame an analyzer function returned and gives back the table, chart data
-or headline figures of one tab, so the arithmetic can be checked without a browser or a server.
+or words of one page, so the arithmetic can be checked without a browser or a server.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 import polars as pl
 
 from tracetune.analyzer.drift import STATUSES
-from tracetune.analyzer.stats import END_TO_END
 
-__all__ = ["COST_SPLIT", "DRIFT_STATISTICS", "STATUS_COLOURS", "cost_split", "cost_table", "critical_table",
-           "drift_table", "format_money", "format_ms", "headline", "slo_table", "step_table", "top_steps",
-           "with_series"]
+__all__ = ["COST_SPLIT", "DRIVER_WORDS", "DRIFT_STATISTICS", "SLO_NAMES", "STATE_COLOURS", "STATE_ORDER",
+           "STATUS_COLOURS", "budget_words", "change_sentence", "cost_split", "cost_table", "drift_table",
+           "duration_words", "format_money", "format_ms", "label", "slo_words", "with_gaps", "with_series",
+           "worst_state"]
 
 # Cost kinds in the order they stack, as the analyzer's column names and as the legend says them.
 COST_SPLIT = {"token_cost": "tokens", "compute_cost": "compute", "call_cost": "per call"}
@@ -48,47 +48,6 @@ def with_series(frame: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
     return frame.with_columns(label.alias("series"))
 
 
-# ---- latency ---------------------------------------------------------------------------------
-
-def headline(stats: pl.DataFrame) -> dict[str, Any]:
-    """Requests, error %, the slowest end-to-end p95 and the slowest step (by p95) over a step_stats frame.
-
-    Requests and error % are tasks (the END_TO_END rows: root spans) when there are any; without
-    root spans (an app that sends step spans only), a pipeline's requests are its busiest step's
-    count and error % is failed step calls over all step calls.
-    """
-    if stats.is_empty():
-        return {"requests": 0, "error_pct": 0.0, "slowest": None, "end_to_end": None}
-    tasks, steps = stats.filter(pl.col("step") == END_TO_END), stats.filter(pl.col("step") != END_TO_END)
-    if tasks.is_empty():
-        requests = int(steps.group_by("pipeline").agg(pl.col("requests").max())["requests"].sum())
-        calls, errors = int(steps["requests"].sum()), int(steps["errors"].sum())
-    else:
-        requests = calls = int(tasks["requests"].sum())
-        errors = int(tasks["errors"].sum())
-
-    def top(frame: pl.DataFrame) -> dict[str, Any] | None:
-        if frame.is_empty():
-            return None
-        row = frame.sort(["p95_ms", "pipeline", "step"], descending=[True, False, False]).row(0, named=True)
-        return {"pipeline": row["pipeline"], "step": row["step"], "p95_ms": row["p95_ms"]}
-
-    return {"requests": requests, "error_pct": 100.0 * errors / calls if calls else 0.0,
-            "slowest": top(steps), "end_to_end": top(tasks)}
-
-
-def step_table(stats: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
-    """The per-step table as shown: counts, error % and p50/p95/p99 in ms."""
-    table = stats.select(
-        "pipeline", "step", "requests",
-        (pl.col("error_rate") * 100).alias("error %"),
-        pl.col("p50_ms").alias("p50 ms"),
-        pl.col("p95_ms").alias("p95 ms"),
-        pl.col("p99_ms").alias("p99 ms"),
-    )
-    return table if show_pipeline else table.drop("pipeline")
-
-
 # ---- cost ------------------------------------------------------------------------------------
 
 def cost_table(costs: pl.DataFrame, keys: list[str], show_pipeline: bool) -> pl.DataFrame:
@@ -111,30 +70,6 @@ def cost_split(costs: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
     return (with_series(frame, show_pipeline)
             .unpivot(index="series", on=list(COST_SPLIT.values()), variable_name="kind", value_name="per_1k")
             .sort("series", "kind"))
-
-
-# ---- critical path ---------------------------------------------------------------------------
-
-def critical_table(breakdown: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
-    """A step_breakdown frame as shown: self and critical-path time per step, shares in %."""
-    table = breakdown.select(
-        "pipeline", "step", "traces",
-        pl.col("mean_self_ms").alias("self ms"),
-        pl.col("mean_critical_ms").alias("critical ms"),
-        (pl.col("critical_share") * 100).alias("critical %"),
-        (pl.col("tail_share") * 100).alias("slowest 5% %"),
-    )
-    return table if show_pipeline else table.drop("pipeline")
-
-
-def top_steps(breakdown: pl.DataFrame) -> list[dict[str, Any]]:
-    """Per pipeline, the step with the largest share of request time (ties: step name)."""
-    if breakdown.is_empty():
-        return []
-    top = (breakdown.filter(pl.col("critical_share").is_not_null())
-           .sort(["pipeline", "critical_share", "step"], descending=[False, True, False])
-           .group_by("pipeline", maintain_order=True).first())
-    return top.select("pipeline", "step", "critical_share", "mean_critical_ms").to_dicts()
 
 
 # ---- drift -----------------------------------------------------------------------------------
@@ -167,24 +102,126 @@ def drift_table(drift: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
     return table if show_pipeline else table.drop("pipeline")
 
 
-# ---- SLOs ------------------------------------------------------------------------------------
+# ---- tables and series, whatever the page ------------------------------------------------------
 
-def slo_table(status: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
-    """slo_status frames as shown: one row per (objective, burn-rate rule), budget left in % (NaN: no data).
+def with_gaps(frame: pl.DataFrame, keys: list[str], bucket_seconds: int) -> pl.DataFrame:
+    """Number the runs of consecutive buckets of each series (`segment`): a bucket more than one step after
+    the previous starts a new run, so a chart drawing one line per run shows idle time as a gap."""
+    if frame.is_empty():
+        return frame.with_columns(pl.lit(None, pl.Utf8).alias("segment"))
+    step = pl.duration(seconds=max(1, int(bucket_seconds)))
+    ordered = frame.sort([*keys, "bucket"])
+    jump = (pl.col("bucket").diff().over(keys) > step).fill_null(False).cast(pl.Int32)
+    return ordered.with_columns(
+        pl.concat_str([*[pl.col(k).cast(pl.Utf8) for k in keys], jump.cum_sum().over(keys).cast(pl.Utf8)],
+                      separator=" #").alias("segment"))
 
-    state: firing, ok, or "not enough data" for a rule whose long window is longer than the data."""
-    table = status.select(
-        "pipeline", "slo",
-        pl.col("target_ms").alias("target ms"),
-        (pl.col("objective") * 100).alias("objective %"),
-        "severity",
-        pl.concat_str("long_window", pl.lit(" / "), "short_window").alias("windows"),
-        pl.col("factor").alias("burn factor"),
-        pl.col("long_burn_rate").alias("long burn"),
-        pl.col("short_burn_rate").alias("short burn"),
-        pl.when(pl.col("firing")).then(pl.lit("firing")).when(~pl.col("enough_data"))
-        .then(pl.lit("not enough data")).otherwise(pl.lit("ok")).alias("state"),
-        pl.col("period_requests").alias("requests"),
-        (pl.col("budget_remaining") * 100).alias("budget left %"),
-    )
-    return table if show_pipeline else table.drop("pipeline")
+
+def label(frame: pl.DataFrame, columns: list[str], name: str = "series") -> pl.DataFrame:
+    """A legend label joining `columns` with " / " (empty parts left out)."""
+    parts = [pl.col(c).cast(pl.Utf8) for c in columns]
+    return frame.with_columns(pl.concat_list(parts).list.eval(pl.element().filter(pl.element() != ""))
+                              .list.join(" / ").alias(name))
+
+
+# ---- SLOs in words ------------------------------------------------------------------------------
+
+def duration_words(days: float) -> str:
+    """A span of time as a product owner says it: "40 minutes", "5 hours", "3 days"."""
+    hours = days * 24
+    if hours < 1:
+        minutes = max(1, round(hours * 60))
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    if hours < 48:
+        whole = round(hours)
+        return f"{whole} hour{'s' if whole != 1 else ''}"
+    whole = round(days)
+    return f"{whole} days"
+
+
+STATE_ORDER = ("budget spent", "burning fast", "at risk", "on track", "no traffic yet")
+STATE_COLOURS = {"budget spent": ("#f8d7da", "#842029"), "burning fast": ("#f8d7da", "#842029"),
+                 "at risk": ("#fff3cd", "#664d03"), "on track": ("#d1e7dd", "#0f5132"),
+                 "no traffic yet": ("#e9ecef", "#495057")}
+
+
+def budget_words(budget_remaining: float, burn_rate: float, period_days: float,
+                 paging: bool = False) -> tuple[str, str]:
+    """(state, sentence) of one SLO objective from its budget left (a fraction), the recent burn rate and
+    the SLO period: at burn rate b the budget left r lasts r · period / b.
+
+    on track: burning no faster than the budget allows (b ≤ 1); at risk: faster, with the time left at
+    this burn; burning fast: a page-severity rule fires; budget spent: nothing left (r ≤ 0)."""
+    if budget_remaining != budget_remaining:  # NaN: no task in the period
+        return "no traffic yet", "no traffic yet"
+    left = f"{100 * max(0.0, budget_remaining):.0f}% of the error budget left"
+    if budget_remaining <= 0:
+        return "budget spent", f"budget spent: {100 * -budget_remaining:.0f}% over the {period_days:g}-day budget"
+    if burn_rate <= 1:
+        return "on track", f"on track: {left}"
+    time_left = duration_words(budget_remaining * period_days / burn_rate)
+    if paging:
+        return "burning fast", f"burning fast: {time_left} of budget left at this burn (on-call is paged)"
+    return "at risk", f"at risk: {time_left} of budget left at this burn"
+
+
+SLO_NAMES = {"availability": "errors", "latency_p95": "p95 latency", "latency_p99": "p99 latency"}
+
+
+def slo_words(status: pl.DataFrame) -> pl.DataFrame:
+    """One row per (pipeline, objective) of slo_status frames: state and sentence (budget_words), the target,
+    budget left and the recent burn (the burn rate over the shortest long window: the last hour of a
+    30-day SLO), worst state first."""
+    columns = {"pipeline": pl.Utf8, "objective": pl.Utf8, "target": pl.Utf8, "state": pl.Utf8, "status": pl.Utf8,
+               "budget_left": pl.Float64, "burn": pl.Float64, "window": pl.Utf8}
+    rows = []
+    for (pipeline, slo), rules in status.group_by(["pipeline", "slo"], maintain_order=True):
+        recent = rules.sort("long_window_s").row(0, named=True)
+        paging = bool(rules.filter(pl.col("firing") & (pl.col("severity") == "page")).height)
+        state, sentence = budget_words(recent["budget_remaining"], recent["long_burn_rate"], recent["period_days"],
+                                       paging)
+        target = (f"{(1 - recent['error_budget']) * 100:g}% of tasks succeed" if recent["target_ms"] is None
+                  else f"{100 * (1 - recent['error_budget']):g}% of tasks within {format_ms(recent['target_ms'])}")
+        rows.append({"pipeline": pipeline, "objective": SLO_NAMES.get(slo, slo), "target": target, "state": state,
+                     "status": sentence, "budget_left": recent["budget_remaining"], "burn": recent["long_burn_rate"],
+                     "window": recent["long_window"]})
+    frame = pl.DataFrame(rows, schema=columns)
+    rank = {s: i for i, s in enumerate(STATE_ORDER)}
+    return frame.sort(pl.col("state").replace_strict(rank, return_dtype=pl.Int32), "pipeline", "objective")
+
+
+def worst_state(words: pl.DataFrame) -> dict[str, str]:
+    """Per pipeline, the sentence of its worst objective."""
+    return {row["pipeline"]: row["status"] for row in words.unique("pipeline", keep="first", maintain_order=True)
+            .iter_rows(named=True)}
+
+
+# ---- cost change in words -----------------------------------------------------------------------
+
+DRIVER_WORDS = {"volume": "more or fewer requests", "mix": "steps called more or less often per request",
+                "route": "calls moved between routes or models", "tokens": "tokens per call",
+                "compute": "compute time per call"}
+
+
+def change_sentence(row: dict[str, Any], currency: str) -> str:
+    """One pipeline's cost change in a sentence: from → to per 1k, and the largest driver first."""
+    before, after = row["per_1k_before"], row["per_1k_after"]
+    if before is None and after is None:
+        return f"{row['pipeline']}: no requests in either period"
+    if before is None:
+        return f"{row['pipeline']}: new this period, {format_money(after, currency)} per 1k requests"
+    if after is None:
+        return f"{row['pipeline']}: no requests this period (was {format_money(before, currency)} per 1k)"
+    moved = after - before
+    pct = f" ({100 * moved / before:+.0f}%)" if before else ""
+    drivers = sorted(((k, row[k]) for k in ("mix", "route", "tokens", "compute") if row[k] is not None),
+                     key=lambda kv: -abs(kv[1]))
+    said = ", ".join(f"{DRIVER_WORDS[k]} {'+' if v >= 0 else '−'}{format_money(abs(v), currency)}"
+                     for k, v in drivers if abs(v) >= 0.005 * max(abs(before), abs(after), 1e-12))
+    direction = "up" if moved > 0 else "down" if moved < 0 else "unchanged"
+    volume = row["requests_after"] - row["requests_before"]
+    return (f"{row['pipeline']}: cost per 1k requests {direction}{pct}, {format_money(before, currency)} → "
+            f"{format_money(after, currency)}" + (f": {said}" if said and moved else "")
+            + f"; requests {row['requests_before']:,} → {row['requests_after']:,}"
+            + (f" ({'+' if volume >= 0 else '−'}{format_money(abs(row['volume']), currency)} of total cost from volume)"
+               if volume and row["volume"] is not None else ""))

@@ -1,7 +1,8 @@
 """How the dashboard reaches ClickHouse: analyzer functions on one cached client, trouble as one line.
 
-The page never writes SQL; `query(settings, analyzer_function, **kwargs)` runs an analyzer function
-and turns a connection or server failure into StoreUnavailable, whose message fits one line.
+The page never writes SQL; `query(settings, analyzer_function, **kwargs)` runs an analyzer (or tuner
+read) function as the store's read-only user and turns a connection or server failure into
+StoreUnavailable, whose message fits one line; `cached(...)` is the same behind a short-lived cache.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from tracetune import store
 from tracetune.settings import Settings
 
-__all__ = ["SPAN_TABLE", "StoreUnavailable", "address", "query", "show_unavailable", "target_key"]
+__all__ = ["CACHE_SECONDS", "SPAN_TABLE", "StoreUnavailable", "address", "cached", "query", "show_unavailable",
+           "target_key"]
 
 T = TypeVar("T")
 
@@ -83,3 +85,28 @@ def show_unavailable(problem: StoreUnavailable, window: str) -> None:
         st.info(str(problem))
     else:
         st.error(str(problem))
+
+
+# ---- a short-lived cache in front of the store --------------------------------------------------------
+
+CACHE_SECONDS = 10
+"""How long an answer is reused: every browser session, and every page refresh within it, shares it."""
+
+
+def _cache_key(fn: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[str, tuple]:
+    return f"{fn.__module__}.{fn.__qualname__}", tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False, max_entries=2000)
+def _cached_call(target: tuple, name: str, key: tuple, _settings: Settings, _fn: Callable[..., T],
+                 _kwargs: dict[str, Any]) -> T:
+    return query(_settings, _fn, **_kwargs)
+
+
+def cached(settings: Settings, fn: Callable[..., T], **kwargs: Any) -> T:
+    """`query`, answered from a cache kept CACHE_SECONDS per ClickHouse target, function and arguments.
+
+    Pages refresh on an interval and several people may watch one pipeline: this keeps the store's
+    work per refresh to one query per question, whoever asks. Failures are not cached."""
+    name, key = _cache_key(fn, kwargs)
+    return _cached_call(target_key(settings), name, key, settings, fn, kwargs)

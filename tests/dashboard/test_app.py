@@ -1,109 +1,57 @@
-"""The dashboard page run headless (Streamlit AppTest) against a real embedded store."""
+"""Every dashboard page run headless (Streamlit AppTest) against a real embedded store with seeded traffic.
+
+One seeded database serves the read-only page tests (module scope); the drift, tuner-write and
+empty-store tests take their own. Expected figures come from the seed (tests/dashboard/seed.py),
+worked out by hand; where a figure is the analyzer's own (a sketch percentile, a sampled critical
+path), the test says so and checks it against what the seed makes it.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 import re
-import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import make_settings
-from tests.spans import COLUMNS, span_row
-from tracetune import analyzer
+from tests.dashboard import seed
+from tests.dashboard.seed import (
+    DRIFT_SPANS,
+    EARLIER_REQUESTS,
+    GENERATE_BATCH,
+    GENERATE_QUEUE_MS,
+    OLD_EMBED_CALLS,
+    PIPELINES,
+    ROUTES,
+    SLO,
+    durations_ms,
+    request_cost,
+    step_cost,
+)
+from tracetune import analyzer, store
 from tracetune.dashboard.frames import format_money
 from tracetune.settings import Settings
 
+# One worker runs this module under `make test` (--dist loadgroup), so the seeded database is made once.
+pytestmark = pytest.mark.xdist_group("dashboard-app")
+
 APP = Path(str(resources.files("tracetune.dashboard").joinpath("app.py")))
 RUN_TIMEOUT = 30  # the first run imports altair, polars and clickhouse-connect
-TAB_LABELS = ["Latency", "Cost", "Critical path", "Drift", "SLOs", "Alerts"]
-
-# pipeline -> [(step, calls, failed calls, base latency ms)]; a failed step ends its request,
-# so later steps see fewer calls.
-PIPELINES = {
-    "ticket_triage": [("embed", 40, 0, 12.0), ("classify", 40, 3, 45.0), ("route", 37, 0, 4.0),
-                      ("create_followup", 37, 0, 20.0)],
-    "doc_qa": [("retrieve", 25, 0, 30.0), ("rerank", 25, 0, 80.0), ("generate", 25, 2, 600.0)],
-}
-# Routes as priced in the bundled prices.toml (create_followup has none: it is priced per call).
-ROUTES = {"embed": "int8", "classify": "fp32", "route": "fp32", "retrieve": "fp32", "rerank": "fp32",
-          "generate": "llm"}
-LLM_MODEL, OUTPUT_TOKENS = "gpt-4o-mini", 50  # generate's i-th call reads 300 + i input tokens
-OLD_EMBED_CALLS = 5  # extra ticket_triage/embed calls three hours ago: only in the 6h window
-# doc_qa's SLO: 2 of its 25 requests fail, 80x its 0.1% budget; but four minutes of data is not
-# enough for any rule's long window (1h, 6h, 3d): none fires, each says so. Its requests take at most
-# ~1.8 s, so the 60 s p95 target holds.
-SLO = analyzer.SLO(pipeline="doc_qa", error_rate=0.001, p95_ms=60_000)
-
-
-def durations_ms(base: float, calls: int) -> list[float]:
-    """Deterministic spread: base .. ~2.5x base, so p50 < p95 < p99."""
-    return [round(base * (1 + 1.5 * (i / max(1, calls - 1)) ** 3), 3) for i in range(calls)]
-
-
-def _span(start_ns: int, trace: str, parent: str, name: str, duration_ns: int, attrs: dict[str, str],
-          error: bool, span_id: str = "") -> list:
-    return span_row(start_ns, trace_id=trace, span_id=span_id or uuid.uuid4().hex[:16], parent=parent, name=name,
-                    service="tracetune-executor", resource={"service.name": "tracetune-executor"},
-                    scope=("tracetune", "0.1.0"), attrs=attrs, duration=duration_ns,
-                    status="STATUS_CODE_ERROR" if error else "STATUS_CODE_UNSET",
-                    status_message="step failed" if error else "")
-
-
-def _step_attrs(pipeline: str, step: str, index: int) -> dict[str, str]:
-    attrs = {"tracetune.pipeline": pipeline, "tracetune.step": step}
-    if step in ROUTES:
-        attrs["tracetune.route"] = ROUTES[step]
-    if step == "generate":
-        attrs |= {"gen_ai.request.model": LLM_MODEL, "gen_ai.usage.input_tokens": str(300 + index),
-                  "gen_ai.usage.output_tokens": str(OUTPUT_TOKENS)}
-    return attrs
-
-
-def seed_spans(client) -> None:
-    """Root and step spans for each request, spread over the last four minutes."""
-    now = time.time_ns()
-    rows = []
-    made = {(p, step): 0 for p, steps in PIPELINES.items() for step, *_ in steps}
-    for pipeline, steps in PIPELINES.items():
-        requests = steps[0][1]
-        for request in range(requests):
-            start = now - int(240e9) + request * int(5e9)  # every 5 s from four minutes ago
-            trace = uuid.uuid4().hex
-            root = uuid.uuid4().hex[:16]
-            offset = 0
-            failed = False
-            for step, calls, errors, base in steps:
-                if failed:
-                    break
-                index = made[pipeline, step]
-                made[pipeline, step] += 1
-                duration = int(durations_ms(base, calls)[index] * 1e6)
-                failed = index < errors
-                rows.append(_span(start + offset, trace, root, f"{pipeline}.{step}", duration,
-                                  _step_attrs(pipeline, step, index), failed))
-                offset += duration
-            rows.append(_span(start, trace, "", pipeline, offset, {"tracetune.pipeline": pipeline}, failed,
-                              span_id=root))
-    for i in range(OLD_EMBED_CALLS):
-        attrs = {"tracetune.pipeline": "ticket_triage", "tracetune.step": "embed"}
-        rows.append(_span(now - int(3 * 3600e9) + i * int(1e9), uuid.uuid4().hex, uuid.uuid4().hex[:16],
-                          "ticket_triage.embed", int(15e6), attrs, False))
-    assert made == {(p, step): calls for p, steps in PIPELINES.items() for step, calls, *_ in steps}
-    client.insert("otel_traces", rows, column_names=COLUMNS)
+PAGES = ("overview", "steps", "cost", "drift", "tuner", "alerts")
+PRICES = analyzer.load_prices()  # nothing is published: the pages price with the bundled prices.toml
 
 
 def use_settings(monkeypatch, settings: Settings, tmp_path: Path) -> None:
-    """Hand `settings` to the page the way `tracetune dashboard` does: TRACETUNE_* variables."""
+    """Hand `settings` to the app the way `tracetune dashboard` does: TRACETUNE_* variables."""
     for key in [k for k in os.environ if k.startswith("TRACETUNE_")]:
         monkeypatch.delenv(key)
     for key, value in settings.as_env().items():
@@ -111,389 +59,461 @@ def use_settings(monkeypatch, settings: Settings, tmp_path: Path) -> None:
     monkeypatch.setenv("TRACETUNE_CONFIG", str(tmp_path / "absent.toml"))
 
 
-def _run(at: AppTest) -> AppTest:
+def open_page(page: str, **params: str) -> AppTest:
+    """A fresh session on `page` with the query string `params`, run once (answers cached by an earlier test
+    or run are dropped first, as their time-to-live would)."""
+    st.cache_data.clear()
+    at = AppTest.from_file(str(APP))
+    for name, value in params.items():
+        at.query_params[name] = value
+    at.switch_page(f"{page}.py")
+    return run(at)
+
+
+def run(at: AppTest) -> AppTest:
     at.run(timeout=RUN_TIMEOUT)
     assert not at.exception, [e.value for e in at.exception]
     return at
 
 
-def _tab(at: AppTest, label: str):
-    tabs = {tab.label: tab for tab in at.tabs}
-    assert list(tabs) == TAB_LABELS
-    return tabs[label]
+def click(at: AppTest, key: str) -> AppTest:
+    at.button(key=key).click()
+    return run(at)
 
 
-def _rows(block, index: int = 0) -> list[dict]:
-    return block.dataframe[index].value.to_dict("records")
+def rows(at: AppTest, index: int = 0) -> list[dict]:
+    return at.dataframe[index].value.to_dict("records")
 
 
-def _table(block) -> dict[tuple[str, str], dict]:
-    return {(row.get("pipeline", ""), row["step"]): row for row in _rows(block)}
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
 
 
-def _metrics(block) -> dict[str, str]:
-    return {m.label: m.value for m in block.metric}
+def charts(at: AppTest) -> list:
+    return at.get("vega_lite_chart")
 
 
-def _charts(block) -> list:
-    return block.get("vega_lite_chart")
-
-
-def _chart_rows(chart) -> list[dict]:
-    """The rows a chart element carries (its Arrow datasets, or its inline data)."""
+def chart_rows(chart) -> list[dict]:
+    """The rows a chart element carries (its Arrow datasets, or its inline data), every layer's."""
     proto = chart.proto
-    rows: list[dict] = []
+    found: list[dict] = []
     for dataset in proto.datasets:
-        rows += pa.ipc.open_stream(io.BytesIO(dataset.data.data)).read_all().to_pylist()
+        found += pa.ipc.open_stream(io.BytesIO(dataset.data.data)).read_all().to_pylist()
     if proto.data.data:
-        rows += pa.ipc.open_stream(io.BytesIO(proto.data.data)).read_all().to_pylist()
-    return rows
+        found += pa.ipc.open_stream(io.BytesIO(proto.data.data)).read_all().to_pylist()
+    return found
 
 
-def _styles(block, index: int) -> str:
-    """The CSS a styled dataframe carries (pandas Styler), as one string."""
-    return str(block.dataframe[index].proto.arrow_data.styler)
-
-
-def _within_sketch(value: float, durations, q: float) -> bool:
-    """The page reads the per-minute rollup: DDSketch puts each percentile within 0.5% of a sample at its rank."""
+def within_sketch(value: float, durations, q: float) -> bool:
+    """The pages read rollups: DDSketch puts each percentile within 0.5% of a sample at its rank."""
     lo, hi = np.percentile(durations, q, method="lower"), np.percentile(durations, q, method="higher")
     return lo * 0.995 <= value <= hi * 1.005
 
 
-def _expected_cost(pipeline: str, prices: analyzer.PriceTable) -> float:
-    """A pipeline's seeded cost by hand: compute (duration × price of the route), tokens and per-call prices."""
-    total = 0.0
-    for step, calls, _, base in PIPELINES[pipeline]:
-        seconds = sum(int(ms * 1e6) for ms in durations_ms(base, calls)) / 1e9
-        total += seconds * prices.routes.get(ROUTES.get(step, ""), 0.0) + calls * prices.calls.get(step, 0.0)
-        if step == "generate":
-            model = prices.models[LLM_MODEL]
-            total += sum((300 + i) * model.input_per_1m + OUTPUT_TOKENS * model.output_per_1m
-                         for i in range(calls)) / 1e6
-    return total
-
-
-@pytest.fixture
-def seeded(db_settings: Settings, client, monkeypatch, tmp_path) -> Settings:
-    seed_spans(client)
+@pytest.fixture(scope="module")
+def seeded(store_settings: Settings, tmp_path_factory) -> Iterator[tuple[Settings, list[seed.Request], dict]]:
+    """One database with the seed, for every read-only page test of this module; the app reads it."""
+    settings = store_settings.replace(database=f"t_{uuid.uuid4().hex[:12]}")
+    client = store.connect(settings)
+    requests = seed.seed_spans(client)
     analyzer.save_slo(client, SLO)
-    use_settings(monkeypatch, db_settings, tmp_path)
-    return db_settings
+    tuner = seed.seed_tuner(client)
+    seed.seed_alerts(client)
+    with pytest.MonkeyPatch.context() as patch:
+        use_settings(patch, settings, tmp_path_factory.mktemp("dashboard"))
+        yield settings, requests, tuner
 
 
-def test_latency_tab_shows_seeded_steps_counts_percentiles_and_charts(seeded: Settings):
-    at = _run(AppTest.from_file(str(APP)))
+@pytest.fixture(scope="module")
+def reader(seeded):
+    return store.connect(seeded[0], ensure_schema=False)
 
-    assert at.title[0].value == "tracetune"
-    assert not at.error
-    tab = _tab(at, "Latency")
-    table = _table(tab)
-    expected = {(p, step): (calls, errors, base) for p, steps in PIPELINES.items()
+
+def recent(requests: list[seed.Request], pipeline: str = "", tenant: str = "") -> list[seed.Request]:
+    """The seeded requests of the last four minutes (in every range), of a pipeline and tenant if given."""
+    return [r for r in requests if not r.earlier and (not pipeline or r.pipeline == pipeline)
+            and (not tenant or r.tenant == tenant)]
+
+
+# ---- Overview ------------------------------------------------------------------------------------------
+
+def test_overview_says_the_slo_in_words_and_marks_targets_decisions_costs_and_alerts(seeded, reader):
+    _, requests, tuner = seeded
+    at = open_page("overview")
+    assert at.title[0].value == "Overview" and not at.error
+
+    # doc_qa: 2 of 25 tasks failed against a 0.1% budget: spent, by (2 / (0.001 x 25) - 1) of the budget;
+    # its p95 target of 60 s holds for every task: on track, the whole budget left.
+    assert metrics(at)["SLO · doc_qa"] == "Budget spent"
+    slos = {(r["pipeline"], r["objective"]): r for r in rows(at, 0)}
+    over = 100 * (2 / (SLO.error_rate * 25) - 1)
+    assert slos["doc_qa", "errors"]["status"] == f"budget spent: {over:.0f}% over the 30-day budget"
+    assert slos["doc_qa", "p95 latency"]["status"] == "on track: 100% of the error budget left"
+    assert slos["doc_qa", "p95 latency"]["target"] == "95% of tasks within 60,000 ms"
+    assert not any("burn" in str(v) and "factor" in str(v) for r in rows(at, 0) for v in r.values())
+
+    p95, cost, top = charts(at)
+    p95_rows = chart_rows(p95)
+    assert {r["series"] for r in p95_rows if "p95_ms" in r and "series" in r} == set(PIPELINES)
+    targets = [r for r in p95_rows if "target" in r]
+    assert [(r["target"], r["p95_ms"]) for r in targets] == [("SLO p95: doc_qa", SLO.p95_ms)]
+    marks = sorted(r["kind"] for r in p95_rows if "kind" in r)
+    assert marks == ["canary_start", "tune"]  # the seeded decisions, both in the last hour
+    cost_rows = chart_rows(cost)
+    assert [(r["target"], r["cost_per_1k"]) for r in cost_rows if "target" in r] == [("budget: doc_qa",
+                                                                                       SLO.cost_per_1k)]
+    by_pipeline = {}
+    for r in cost_rows:
+        if "series" in r and "cost_per_1k" in r:
+            by_pipeline.setdefault(r["series"], []).append(r["cost_per_1k"])
+    assert set(by_pipeline) == set(PIPELINES)
+
+    # Top cost contributors: each (pipeline, step, route)'s share of the cost, from the seed by hand.
+    spent: dict[str, float] = {}
+    for request in recent(requests):
+        for step, ns, index in request.steps:
+            label = " / ".join(p for p in (request.pipeline, step, ROUTES.get(step, "")) if p)
+            spent[label] = spent.get(label, 0.0) + step_cost(step, ns, index, PRICES)[1]
+    total = sum(spent.values())
+    expected = sorted(spent, key=spent.get, reverse=True)[:5]
+    shown = chart_rows(top)
+    assert [r["contributor"] for r in shown] == expected
+    assert shown[0]["share %"] == pytest.approx(100 * spent[expected[0]] / total, rel=1e-6)
+
+    # Open alerts: doc_qa's page is firing (silenced, still open); ticket_triage's resolved: not listed.
+    assert [(r["pipeline"], r["state"], r["severity"]) for r in rows(at, 1)] == [("doc_qa", "firing", "page")]
+
+
+# ---- Steps ---------------------------------------------------------------------------------------------
+
+def test_steps_page_shows_percentiles_self_time_batching_cache_and_errors(seeded, reader):
+    _, requests, _ = seeded
+    at = open_page("steps")
+    table = {(r["pipeline"], r["step"], r["route"]): r for r in rows(at, 0)}
+    expected = {(p, step, ROUTES.get(step, "")): (calls, errors, base) for p, steps in PIPELINES.items()
                 for step, calls, errors, base in steps}
-    assert set(table) == set(expected) | {(p, analyzer.END_TO_END) for p in PIPELINES}
-    for pipeline, steps in PIPELINES.items():  # the tasks' row: every request, failed if a step failed
-        row = table[(pipeline, analyzer.END_TO_END)]
-        assert row["requests"] == steps[0][1] and row["error %"] == pytest.approx(
-            100 * sum(e for _, _, e, _ in steps) / steps[0][1])
+    assert set(table) == set(expected) | {(p, analyzer.END_TO_END, "") for p in PIPELINES}
     for key, (calls, errors, base) in expected.items():
         row = table[key]
-        durations = durations_ms(base, calls)
-        assert row["requests"] == calls, key
-        assert row["error %"] == pytest.approx(100 * errors / calls), key
+        assert row["requests"] == calls and row["error %"] == pytest.approx(100 * errors / calls), key
         for q in (50, 95, 99):
-            assert _within_sketch(row[f"p{q} ms"], durations, q), (key, q)
-
-    metrics = _metrics(tab)
-    assert metrics["Requests"] == "65"  # 40 ticket_triage + 25 doc_qa requests
-    assert metrics["Error %"] == f"{100 * 5 / 65:.1f} %"  # failed tasks of all tasks
-    assert [label for label in metrics if label.startswith("End-to-end p95")] == ["End-to-end p95 · doc_qa"]
-    slowest = [label for label in metrics if label.startswith("Slowest step p95")]
-    assert slowest == ["Slowest step p95 · doc_qa / generate"]
-    shown = float(metrics[slowest[0]].removesuffix(" ms").replace(",", ""))
-    assert _within_sketch(shown, durations_ms(600.0, 25), 95) or abs(shown - np.percentile(
-        durations_ms(600.0, 25), 95, method="lower")) <= 0.5 + 0.005 * shown  # shown rounded to whole ms
-
-    charts = _charts(tab)
-    assert len(charts) == 2  # p95 over time, percentiles per step
-    line_rows = _chart_rows(charts[0])
-    assert {r["series"] for r in line_rows} == {f"{p} / {k}" for p, k in expected}
-    assert sum(r["requests"] for r in line_rows) == sum(c for c, _, _ in expected.values())
-    assert all(r["p95_ms"] > 0 for r in line_rows)
-    bar_rows = _chart_rows(charts[1])
-    generate_p99 = [r["ms"] for r in bar_rows
-                    if r["series"] == "doc_qa / generate" and r["percentile"] == "p99"]
-    assert len(generate_p99) == 1 and _within_sketch(generate_p99[0], durations_ms(600.0, 25), 99)
-
-
-def test_cost_tab_prices_with_bundled_prices_and_shows_cost_per_1k(seeded: Settings, client):
-    assert analyzer.current_prices(client) is None
-    at = _run(AppTest.from_file(str(APP)))
-    assert analyzer.current_prices(client) is None  # the page reads as the read-only user: it writes nothing
-    bundled = published = analyzer.load_prices()
-
-    tab = _tab(at, "Cost")
-    assert not tab.error and not tab.warning  # every seeded route and model is priced
-    caption = " ".join(c.value for c in tab.caption)
-    assert f"version {bundled.version}" in caption and bundled.currency in caption
-    assert "not published yet" in caption
-    by_pipeline = {row["pipeline"]: row for row in _rows(tab, 0)}
-    expected = analyzer.cost_per_1k(client, "15m", by=("pipeline",), prices=published, source="rollup")
-    assert set(by_pipeline) == set(PIPELINES) == set(expected["pipeline"])
-    for row in expected.to_dicts():
-        shown = by_pipeline[row["pipeline"]]
-        assert shown["requests"] == row["requests"] == PIPELINES[row["pipeline"]][0][1]
-        assert shown["cost per 1k"] == pytest.approx(row["cost_per_1k"], rel=1e-9)
-        assert shown["cost per 1k"] == pytest.approx(
-            1000 * _expected_cost(row["pipeline"], bundled) / shown["requests"], rel=1e-6)
-        assert sum(shown[f"{kind} per 1k"] for kind in ("tokens", "compute", "per call")) == pytest.approx(
-            shown["cost per 1k"], rel=1e-9)
-    assert by_pipeline["doc_qa"]["tokens per 1k"] > 0 and by_pipeline["ticket_triage"]["per call per 1k"] == \
-        pytest.approx(1000 * 37 * bundled.calls["create_followup"] / 40)
-
-    overall = analyzer.cost_per_1k(client, "15m", by=(), prices=published, source="rollup").row(0, named=True)
-    metrics = _metrics(tab)
-    assert metrics[f"Cost per 1k requests ({bundled.currency})"] == format_money(overall["cost_per_1k"], "USD")
-    assert metrics["Priced requests"] == "65"
-
-    by_step = {(r["pipeline"], r["step"], r["route"]): r for r in _rows(tab, 1)}
-    steps = analyzer.cost_per_1k(client, "15m", by=("pipeline", "step", "route"), prices=published,
-                                 source="rollup")
-    assert set(by_step) == {(p, s, ROUTES.get(s, "")) for p, ss in PIPELINES.items() for s, *_ in ss}
-    for row in steps.to_dicts():
-        assert by_step[row["pipeline"], row["step"], row["route"]]["cost per 1k"] == pytest.approx(row["cost_per_1k"])
-
-    split, over_time = _charts(tab)
-    split_rows = _chart_rows(split)
-    generate_tokens = [r["per_1k"] for r in split_rows if r["series"] == "doc_qa / generate" and r["kind"] == "tokens"]
-    assert generate_tokens == [pytest.approx(by_step["doc_qa", "generate", "llm"]["tokens per 1k"])]
-    time_rows = _chart_rows(over_time)
-    assert {r["pipeline"] for r in time_rows} == set(PIPELINES)
-    assert sum(r["requests"] for r in time_rows) == 65
-
-
-def test_critical_path_tab_names_the_step_that_dominates(seeded: Settings, client):
-    at = _run(AppTest.from_file(str(APP)))
-    tab = _tab(at, "Critical path")
-    metrics = _metrics(tab)
-    breakdown = analyzer.step_breakdown(client, "15m")
-    for pipeline, steps in PIPELINES.items():
-        # steps run one after another, so each one's share is its total time over the pipeline's
+            assert within_sketch(row[f"p{q} ms"], durations_ms(base, calls), q), (key, q)
+    for pipeline, steps in PIPELINES.items():  # tasks: every request, failed if a step failed
+        row = table[pipeline, analyzer.END_TO_END, ""]
+        assert row["requests"] == steps[0][1] and row["error %"] == pytest.approx(
+            100 * sum(e for _, _, e, _ in steps) / steps[0][1])
+        # Steps run one after another: each one's critical-path share is its time over the tasks' time.
         totals = {step: sum(durations_ms(base, calls)) for step, calls, _, base in steps}
-        top = max(totals, key=totals.get)
-        share = totals[top] / sum(totals.values())
-        assert metrics[f"Biggest contributor · {pipeline}"] == f"{top} · {100 * share:.0f} %"
-    table = _table(tab)
-    assert ("doc_qa", "generate") in table
-    for row in breakdown.to_dicts():
-        assert table[row["pipeline"], row["step"]]["critical %"] == pytest.approx(100 * row["critical_share"])
-    bars = {r["series"]: r["share"] for r in _chart_rows(_charts(tab)[0])}
-    assert max(bars, key=bars.get) == "doc_qa / generate"
-    assert bars["doc_qa / generate"] == pytest.approx(table["doc_qa", "generate"]["critical %"])
+        for step, calls, _, _ in steps:
+            shown = table[pipeline, step, ROUTES.get(step, "")]
+            assert shown["critical %"] == pytest.approx(100 * totals[step] / sum(totals.values()), rel=1e-3)
+            assert shown["self ms"] == pytest.approx(totals[step] / calls, rel=1e-3)  # steps have no children
+    embed = table["ticket_triage", "embed", "int8"]
+    assert embed["cache hit %"] == pytest.approx(100 * 10 / 40)  # every fourth call hits
+    generate = table["doc_qa", "generate", "llm"]
+    assert (generate["batch size"], generate["queue ms"]) == (pytest.approx(GENERATE_BATCH),
+                                                               pytest.approx(GENERATE_QUEUE_MS))
+    assert np.isnan(embed["batch size"]) and np.isnan(generate["cache hit %"])  # blank: no batching, no cache
+
+    head = metrics(at)
+    assert head["Requests"] == "65" and head["Error %"] == f"{100 * 5 / 65:.1f} %"
+    assert [label for label in head if label.startswith("Slowest step")] == ["Slowest step p95 · doc_qa / generate"]
+
+    latency, operations = charts(at)
+    labels = {" / ".join(p for p in (pipeline, step, route) if p) for pipeline, step, route in expected}
+    assert {r["series"] for r in chart_rows(latency)} == labels
+    assert {r["series"] for r in chart_rows(operations)} == {"doc_qa / generate / llm"}  # batch size by default
+    assert {r["value"] for r in chart_rows(operations)} == {GENERATE_BATCH}
+
+    at.radio(key="steps_percentile").set_value("p99")
+    at.radio(key="steps_operation").set_value("cache hit rate")
+    run(at)
+    hits = chart_rows(charts(at)[1])
+    assert {r["series"] for r in hits} == {"ticket_triage / embed / int8"}
+    assert all(0 <= r["value"] <= 100 for r in hits)
+
+    # Errors: each failed step's spans, and the failed tasks (their root spans repeat the error).
+    errors = {(r["pipeline"], r["step"]): r for r in rows(at, 1)}
+    failed: dict[tuple[str, str], list[str]] = {}
+    for r in recent(requests):
+        if r.failed:
+            failed.setdefault((r.pipeline, r.steps[-1][0]), []).append(r.trace_id)
+            failed.setdefault((r.pipeline, "(task)"), []).append(r.trace_id)
+    assert set(errors) == set(failed)
+    for key, traces in failed.items():
+        assert errors[key]["message"] == "step failed" and errors[key]["count"] == len(traces)
+        assert errors[key]["kind"] == "server" and errors[key]["trace id"] in traces
 
 
-def test_slo_tab_shows_the_seeded_breach_firing(seeded: Settings, client):
-    at = _run(AppTest.from_file(str(APP)))
-    tab = _tab(at, "SLOs")
-    rows = _rows(tab)
-    status = analyzer.slo_status(client, "doc_qa")
-    assert len(rows) == status.height == 6  # (availability, latency_p95) x three burn-rate rules
-    for shown, row in zip(rows, status.to_dicts(), strict=True):
-        assert (shown["pipeline"], shown["slo"], shown["windows"]) == (
-            row["pipeline"], row["slo"], f"{row['long_window']} / {row['short_window']}")
-        assert shown["state"] == "not enough data" and not row["firing"] and not row["enough_data"]
-        assert shown["long burn"] == pytest.approx(row["long_burn_rate"])
-        assert shown["budget left %"] == pytest.approx(100 * row["budget_remaining"])
-    availability = [r for r in rows if r["slo"] == "availability"]
-    assert availability[0]["long burn"] == pytest.approx((2 / 25) / 0.001)  # 80x the budget, over 4 minutes
-    assert availability[0]["budget left %"] == pytest.approx(100 * (1 - 2 / (0.001 * 25)))
-    assert "#e9ecef" in _styles(tab, 0)  # not-enough-data rows greyed
-    assert _metrics(tab)["Alert rules firing"] == "0 of 6"
-    caption = " ".join(c.value for c in tab.caption)
-    # About 4.5 minutes of seeded tasks; the rollup knows the start to the minute, so 4.x or 5.0.
-    assert re.search(r"budgets count only the time with data \(doc_qa over [45]\.\d min of data\)", caption), caption
+# ---- Cost ----------------------------------------------------------------------------------------------
+
+def test_cost_page_breaks_cost_down_names_the_price_version_and_explains_the_change(seeded, reader):
+    _, requests, _ = seeded
+    at = open_page("cost")
+    assert not at.warning  # every seeded span is priced (create_followup per call, though it has no route)
+    caption = " ".join(c.value for c in at.caption)
+    assert f"version {PRICES.version}" in caption and "not published yet" in caption
+    assert "counted at 0" not in " ".join(e.value for e in at.markdown) + caption
+
+    now = recent(requests)
+    total = sum(request_cost(r, PRICES) for r in now)
+    head = metrics(at)
+    assert head["Cost per 1k requests (USD)"] == format_money(1000 * total / len(now), "USD")
+    assert head["Priced requests"] == f"{len(now)}"
+
+    by_step = {(r["pipeline"], r["step"], r["route"], r["model"]): r for r in rows(at, 0)}
+    for pipeline, steps in PIPELINES.items():
+        count = len(recent(requests, pipeline))
+        for step, *_ in steps:
+            spent = sum(step_cost(s, ns, i, PRICES)[1] for r in recent(requests, pipeline) for s, ns, i in r.steps
+                        if s == step)
+            key = (pipeline, step, ROUTES.get(step, ""), seed.LLM_MODEL if step == "generate" else "")
+            assert by_step[key]["cost per 1k"] == pytest.approx(1000 * spent / count, rel=1e-6), key
+    assert by_step["ticket_triage", "create_followup", "", ""]["per call per 1k"] == pytest.approx(
+        1000 * 37 * PRICES.calls["create_followup"] / 40)
+
+    by_tenant = {(r["pipeline"], r["tenant"]): r for r in rows(at, 1)}
+    for pipeline in PIPELINES:
+        for tenant in ("acme", "globex"):
+            mine = recent(requests, pipeline, tenant)
+            if not mine:
+                assert (pipeline, tenant) not in by_tenant
+                continue
+            assert by_tenant[pipeline, tenant]["requests"] == len(mine)
+            assert by_tenant[pipeline, tenant]["cost per 1k"] == pytest.approx(
+                1000 * sum(request_cost(r, PRICES) for r in mine) / len(mine), rel=1e-6)
+
+    # What changed: ticket_triage ran 20 requests in the hour before, without create_followup; doc_qa is new.
+    earlier = [r for r in requests if r.earlier]
+    before = 1000 * sum(request_cost(r, PRICES) for r in earlier) / EARLIER_REQUESTS
+    after = 1000 * sum(request_cost(r, PRICES) for r in recent(requests, "ticket_triage")) / 40
+    change = {r["pipeline"]: r for r in rows(at, 2)}
+    triage = change["ticket_triage"]
+    assert triage["per 1k before"] == pytest.approx(before, rel=1e-6)
+    assert triage["per 1k now"] == pytest.approx(after, rel=1e-6)
+    drivers = [triage[d] for d in ("mix", "route", "tokens", "compute")]
+    assert sum(drivers) == pytest.approx(after - before, rel=1e-6)
+    assert triage["route"] == pytest.approx(0.0, abs=1e-12)  # no step changed its route
+    sentences = [m.value for m in at.markdown if m.value.startswith("- ")]
+    triage_said = next(s for s in sentences if s.startswith("- ticket_triage"))
+    assert "up" in triage_said and triage_said.index("steps called more or less often") < triage_said.index(
+        "compute time per call")  # create_followup's per-call price is the bigger part of the move
+    assert any(s.startswith("- doc_qa: new this period") for s in sentences)
+
+    over_time = chart_rows(charts(at)[1])
+    assert {r["series"] for r in over_time} == set(PIPELINES)
 
 
-def test_sidebar_window_and_pipeline_filter_the_page(seeded: Settings):
-    at = _run(AppTest.from_file(str(APP)))
-    window, pipeline = at.sidebar.selectbox
-    assert window.value == "15m"
-    assert pipeline.options == ["all", "doc_qa", "ticket_triage"]
+# ---- Tuner (read) -------------------------------------------------------------------------------------
 
-    window.set_value("6h")  # the three-hour-old embed calls come into the window
-    _run(at)
-    assert _table(_tab(at, "Latency"))[("ticket_triage", "embed")]["requests"] == 40 + OLD_EMBED_CALLS
+def test_tuner_page_shows_config_decisions_with_predicted_and_observed_and_the_canary(seeded):
+    _, _, tuner = seeded
+    at = open_page("tuner")
+    head = metrics(at)
+    second, trial = tuner["versions"][1], tuner["canary"]
+    assert head["Config version in force"] == f"{second.version}"
+    assert head["Canary in flight"] == f"v{trial.version} · 10% of tasks"
+    assert head["Tuner loop"] == "tuning"
+    config = {(r["step"], r["knob"]): r["value"] for r in rows(at, 0)}
+    assert config == {("embed", "cache_enabled"): "true", ("classify", "batch_max_size"): "16",
+                      ("classify", "batch_wait_ms"): "5.0"}
+    assert rows(at, 1) == [{"step": "classify", "knob": "batch_wait_ms", "now": "5.0", "after": "10.0"}]
+    timeline = rows(at, 2)
+    assert [r["kind"] for r in timeline] == ["canary_start", "tune"]  # newest first
+    assert timeline[1]["predicted vs observed"] == "cost_per_1k: predicted 0.4, not observed yet; " \
+                                                   "p95_ms: predicted 100, observed 95"
+    assert not at.button  # all pipelines: no change buttons until one pipeline is chosen
 
-    at.sidebar.selectbox[1].set_value("doc_qa")
-    _run(at)
-    latency = _tab(at, "Latency")
-    table = latency.dataframe[0].value
+
+def test_tuner_page_changes_go_through_the_api_with_the_pasted_token_after_a_confirm(db_settings, client,
+                                                                                     monkeypatch, tmp_path):
+    from tests.servers import ThreadServer
+    from tracetune.tuner import decisions, versions
+    from tracetune.tuner.api import create_app
+
+    stored = seed.seed_tuner(client)
+    first = stored["versions"][0]
+    app = create_app(lambda: store.connect(db_settings, ensure_schema=False), token="s3cret")
+    with ThreadServer(app) as tuner:
+        use_settings(monkeypatch, db_settings.replace(tuner_port=tuner.port), tmp_path)
+        at = open_page("tuner", pipeline="ticket_triage")
+        assert at.text_input(key="tuner_token").proto.type == at.text_input(key="tuner_token").proto.PASSWORD
+
+        at.radio(key="tuner_action").set_value("freeze")
+        click(at, "tuner_review")
+        assert "Freeze ticket_triage: The tuner loop stops changing ticket_triage." in at.warning[0].value
+        click(at, "tuner_confirm")  # no token pasted: nothing is sent
+        assert at.error[0].value == "Paste the tuner token first: nothing was sent."
+        assert not decisions.state(client, "ticket_triage").frozen
+
+        at.text_input(key="tuner_token").input("wrong")
+        click(at, "tuner_review")
+        click(at, "tuner_confirm")
+        assert at.error[0].value.startswith("The tuner refused (401): ")
+        assert "\n" not in at.error[0].value
+
+        # Roll back to version 1: the page shows the knob that changes, then the tuner does it.
+        at.text_input(key="tuner_token").input("s3cret")
+        at.radio(key="tuner_action").set_value("rollback")
+        run(at)
+        at.number_input(key="tuner_version_ticket_triage").set_value(first.version)
+        click(at, "tuner_review")
+        assert rows(at, len(at.dataframe) - 1) == [{"step": "classify", "knob": "batch_max_size", "now": "16",
+                                                    "after": "8"}]
+        assert versions.latest(client, "ticket_triage").version == 2  # nothing happens before the confirm
+        click(at, "tuner_confirm")
+        served = versions.latest(client, "ticket_triage")
+        assert served.version == 4 and served.knob("classify", "batch_max_size") == 8  # 3 is the canary's
+        assert at.success[0].value == "Done: ticket_triage now serves config version 4 (rollback)."
+        assert decisions.history(client, "ticket_triage", 1)[0]["kind"] == "rollback"
+        assert metrics(at)["Config version in force"] == "4"  # read again after the change, not from the cache
+
+
+# ---- Alerts --------------------------------------------------------------------------------------------
+
+def test_alerts_page_shows_firing_resolved_silences_and_the_delivery_log(seeded):
+    at = open_page("alerts")
+    head = metrics(at)
+    assert (head["Alerts firing"], head["Pages firing"]) == ("1", "1")
+    assert [(r["pipeline"], r["state"]) for r in rows(at, 0)] == [("doc_qa", "firing (silenced)")]
+    assert [(r["pipeline"], r["state"]) for r in rows(at, 1)] == [("ticket_triage", "resolved")]
+    assert rows(at, 2)[0]["matchers"] == "pipeline=doc_qa" and rows(at, 2)[0]["state"] == "active"
+    deliveries = rows(at, 3)
+    assert {(d["receiver"], d["state"]) for d in deliveries} == {("webhook", "pending")}
+    assert len(deliveries) == 2  # one notification per group (doc_qa, ticket_triage), none sent yet
+
+
+# ---- Filters in the URL --------------------------------------------------------------------------------
+
+def test_filters_come_from_the_query_string_and_go_back_into_it(seeded):
+    _, requests, _ = seeded
+    at = open_page("steps", pipeline="doc_qa", since="6h", tenant="acme", refresh="off")
+    since, pipeline, tenant, refresh = at.sidebar.selectbox
+    assert (since.value, pipeline.value, tenant.value, refresh.value) == ("6h", "doc_qa", "acme", "off")
+    assert pipeline.options == ["all", "doc_qa", "ticket_triage"] and tenant.options == ["all", "acme", "globex"]
+    table = at.dataframe[0].value
     assert "pipeline" not in table.columns
-    assert dict(zip(table["step"], table["requests"], strict=False)) == {
-        analyzer.END_TO_END: 25, "retrieve": 25, "rerank": 25, "generate": 25}
-    assert _metrics(latency)["Requests"] == "25"
-    assert {r["series"] for r in _chart_rows(_charts(latency)[0])} == {"retrieve", "rerank", "generate"}
-    assert [r["pipeline"] for r in _rows(_tab(at, "Cost"), 0)] == ["doc_qa"]
-    assert {r["step"] for r in _rows(_tab(at, "Cost"), 1)} == {"retrieve", "rerank", "generate"}
-    assert {r["step"] for r in _rows(_tab(at, "Critical path"))} <= {"retrieve", "rerank", "generate",
-                                                                     analyzer.ROOT_STEP}
+    assert {r["step"]: r["requests"] for r in rows(at, 0)} == {analyzer.END_TO_END: 25, "retrieve": 25,
+                                                                 "rerank": 25, "generate": 25}
+    assert at.query_params == {"pipeline": "doc_qa", "since": "6h", "tenant": "acme", "refresh": "off"}
 
-    at.sidebar.selectbox[1].set_value("ticket_triage")  # no SLO there
-    _run(at)
-    assert "No SLO set for pipeline ticket_triage" in _tab(at, "SLOs").info[0].value
+    pipeline.set_value("all")  # the sidebar writes back to the URL, and the whole 6 h shows
+    tenant.set_value("all")
+    run(at)
+    assert at.query_params == {"pipeline": "all", "since": "6h", "tenant": "all", "refresh": "off"}
+    embed = {r["route"]: r["requests"] for r in rows(at, 0) if (r["pipeline"], r["step"]) == ("ticket_triage", "embed")}
+    assert embed == {"int8": 40 + EARLIER_REQUESTS, "": OLD_EMBED_CALLS}  # the old calls came without a route
+    # The idle hour between the earlier calls and these is a gap: two line segments, not one line across it.
+    line = [r for r in chart_rows(charts(at)[0]) if r["series"] == "ticket_triage / embed / int8"]
+    assert len({r["segment"] for r in line}) == 2
 
-    at.sidebar.toggle[0].set_value(True)  # auto-refresh on: still one run that returns
-    _run(at)
-    assert len(_tab(at, "Latency").dataframe) == 1
-
-
-# ---- drift: the current minute against a pinned baseline (five hours ago) ----------------------------
-
-DRIFT_PIPELINE, DRIFT_STEP = "search", "query"
-DRIFT_SPANS = 160  # per window: above the 100 samples a verdict needs (PSI needs 500: it stays out)
-_NOW = datetime.now(UTC)
-BASELINE = (_NOW - timedelta(hours=5, minutes=1), _NOW - timedelta(hours=4))
+    globex = open_page("cost", tenant="globex")  # a shared link: another session, the same view
+    assert metrics(globex)["Priced requests"] == f"{len(recent(requests, tenant='globex'))}"
+    assert {r["tenant"] for r in rows(globex, 1)} == {"globex"}
 
 
-def seed_features(client) -> analyzer.Baseline:
-    """`lang` moves from mostly en to mostly de (drift); `length` keeps its values (ok); `rare` has 10 (too few).
+# ---- Drift ---------------------------------------------------------------------------------------------
 
-    The reference spans lie in a pinned baseline five hours back (returned); the current spans are the
-    last 20 s (0.125 s apart), so they stay in the current minute while the test runs."""
-    now = time.time_ns()
-    rows = []
-    for window, start, step_ns in (("reference", int(BASELINE[0].timestamp() * 1e9) + int(30e9), int(5e9)),
-                                   ("current", now - int(20e9), int(0.125e9))):
-        for i in range(DRIFT_SPANS):
-            share_de = 0.1 if window == "reference" else 0.7
-            attrs = {"tracetune.pipeline": DRIFT_PIPELINE, "tracetune.step": DRIFT_STEP,
-                     "tracetune.feature.lang": "de" if i < share_de * DRIFT_SPANS else "en",
-                     "tracetune.feature.length": str(50 + i % 40)}
-            if i < 10:
-                attrs["tracetune.feature.rare"] = str(i)
-            rows.append(_span(start + i * step_ns, uuid.uuid4().hex, uuid.uuid4().hex[:16],
-                              f"{DRIFT_PIPELINE}.{DRIFT_STEP}", int((20 + i % 7) * 1e6), attrs, False))
-    client.insert("otel_traces", rows, column_names=COLUMNS)
-    return analyzer.set_baseline(client, DRIFT_PIPELINE, *BASELINE)
-
-
-def _drift_rows(block) -> dict[str, dict]:
-    return {row["feature"]: row for row in _rows(block)}
-
-
-def test_drift_tab_computes_then_shows_the_stored_run(db_settings: Settings, client, monkeypatch, tmp_path):
-    baseline = seed_features(client)
+def test_drift_page_shows_verdicts_reference_history_against_thresholds_and_histograms(db_settings, client,
+                                                                                        monkeypatch, tmp_path):
+    baseline = seed.seed_features(client)
     use_settings(monkeypatch, db_settings, tmp_path)
-    at = _run(AppTest.from_file(str(APP)))
-
-    tab = _tab(at, "Drift")
-    assert "computed now" in tab.caption[0].value
-    assert f"{baseline.start:%Y-%m-%d %H:%M} – " in tab.caption[0].value  # what it was compared with
-    shown = _drift_rows(tab)
-    computed = analyzer.feature_status(analyzer.current_drift(client))
-    assert {r["feature"]: r["status"] for r in computed.to_dicts()} == {f: r["status"] for f, r in shown.items()}
+    at = open_page("drift")
+    assert "computed now" in at.caption[1].value  # [0]: the range, which drift's verdicts do not follow
+    reference = next(m.value for m in at.markdown if m.value.startswith("**Reference used**"))
+    assert f"search: {baseline.start:%Y-%m-%d %H:%M} – " in reference  # the pinned baseline, not the last minute
+    shown = {r["feature"]: r for r in rows(at, 0)}
     assert shown["lang"]["status"] == "drift" and shown["lang"]["statistic"] == "js"
-    assert shown["length"]["status"] == "ok"
-    assert shown["rare"]["status"] == "insufficient_data"
+    assert shown["length"]["status"] == "ok" and shown["rare"]["status"] == "insufficient_data"
     assert (shown["lang"]["n_reference"], shown["lang"]["n_current"]) == (DRIFT_SPANS, DRIFT_SPANS)
-    assert list(shown)[0] == "lang"  # worst first
-    assert _metrics(tab)["Drift"] == "1"
-    assert "#f8d7da" in _styles(tab, 0)  # the drift cell is red
+    assert metrics(at)["Drift"] == "1"
 
-    # The analyzer loop stores a run with its own thresholds: the page shows that run, not a new one,
-    # and lists what the stored runs flagged.
-    lenient = {"lang": {"js_drift": None, "js_warn": 0.1, "chi2_p": None}}  # the shift only warns
-    stored = analyzer.current_drift(client, thresholds=lenient)
-    analyzer.store_drift(client, stored)
-    at = _run(AppTest.from_file(str(APP)))
-    tab = _tab(at, "Drift")
-    assert tab.caption[0].value.startswith("Analyzer run of ")
-    shown = _drift_rows(tab)
-    latest = analyzer.feature_status(analyzer.latest_drift(client))
-    assert {r["feature"]: r["status"] for r in latest.to_dicts()} == {f: r["status"] for f, r in shown.items()}
-    assert shown["lang"]["status"] == "warn"
-    assert shown["lang"]["value"] == pytest.approx(
-        stored.filter((pl.col("feature") == "lang") & (pl.col("statistic") == "js"))["value"][0])
-    flagged = _rows(tab, 1)
-    assert [(r["feature"], r["worst"], r["runs"]) for r in flagged] == [("lang", "warn", 1)]
+    # The worst feature is chosen first: lang's histograms, 10% de in the reference, 70% now.
+    assert at.selectbox(key="drift_feature").value == "search / query / lang"
+    histogram = {(r["window"], r["bin"]): r["share %"] for r in chart_rows(charts(at)[-1])}
+    assert histogram[("reference", "de")] == pytest.approx(10.0) and histogram[("current", "de")] == pytest.approx(70.0)
+
+    # Stored runs: the statistic of each run over time, with the warn and drift levels it is judged against.
+    run_rows = analyzer.current_drift(client)
+    analyzer.store_drift(client, run_rows)
+    at = open_page("drift")
+    assert at.caption[1].value.startswith("Analyzer run of ")
+    history = chart_rows(charts(at)[0])
+    values = [r["value"] for r in history if r.get("series") == "js"]
+    expected = run_rows.filter(feature="lang", statistic="js")["value"][0]
+    assert values == [pytest.approx(expected)]
+    levels = {r["level"]: r["value"] for r in history if "level" in r}
+    assert levels == {"drift": analyzer.Thresholds().js_drift}  # js has no warn level by default
+    assert [(r["feature"], r["worst"], r["runs"]) for r in rows(at, 1)] == [("lang", "drift", 1)]  # flagged
 
 
-# ---- empty and broken stores ------------------------------------------------------------------
+# ---- empty and broken stores ---------------------------------------------------------------------------
 
-def test_empty_database_renders_every_tab_with_an_info(db_settings: Settings, client, monkeypatch, tmp_path):
+def test_empty_database_renders_every_page_with_one_info(db_settings, client, monkeypatch, tmp_path):
     use_settings(monkeypatch, db_settings, tmp_path)
-    at = _run(AppTest.from_file(str(APP)))
-    assert not at.error
-    assert "No spans in the last 15m yet" in at.info[0].value
-    assert not at.dataframe and not _charts(at)
-    infos = {label: [i.value for i in _tab(at, label).info] for label in TAB_LABELS}
-    assert all(len(messages) == 1 for messages in infos.values()), infos
-    assert "No requests in the last 15m" in infos["Cost"][0]
-    assert "No step spans" in infos["Drift"][0]
-    assert "No SLO set" in infos["SLOs"][0]
-    assert analyzer.current_prices(client) is None  # read-only: the page publishes nothing
+    said = {}
+    for page in PAGES:
+        at = open_page(page)
+        assert not at.error and not at.dataframe and not charts(at), page
+        said[page] = [i.value for i in at.info]
+    assert said["overview"] == [
+        "No SLO set. Set one on the tuner with `PUT /v1/pipelines/<pipeline>/slo` (p95_ms, p99_ms, error_rate, "
+        "cost_per_1k).", "No tasks in the last 1h yet. Start `tracetune demo`, or point an OpenTelemetry exporter "
+        "at the collector."]
+    assert said["steps"][0].startswith("No spans in the last 1h yet")
+    assert said["cost"][0].startswith("No requests in the last 1h yet")
+    assert said["drift"][0].startswith("No step spans")
+    assert said["tuner"][0].startswith("The tuner has no config yet")
+    assert said["alerts"] == ["No alert is firing or pending."]
+    assert analyzer.current_prices(client) is None  # read-only: the pages publish nothing
 
-    client.command("DROP TABLE tracetune_slos")  # a store whose schema predates SLOs: only that tab says so
-    _run(at)
-    assert not at.error
-    assert "has no tracetune_slos table yet" in _tab(at, "SLOs").info[0].value
-    assert "No spans in the last 15m yet" in _tab(at, "Latency").info[0].value
+    client.command("DROP TABLE tracetune_slos")  # a store whose schema predates SLOs: the SLO part says so
+    at = open_page("overview")
+    assert any("has no tracetune_slos table yet" in i.value for i in at.info)
 
 
 def test_store_without_the_database_yet_says_no_spans_yet(store_settings: Settings, monkeypatch, tmp_path):
     use_settings(monkeypatch, store_settings.replace(database=f"absent_{uuid.uuid4().hex[:8]}"), tmp_path)
-    at = _run(AppTest.from_file(str(APP)))
+    at = open_page("steps")
     assert not at.error
-    assert "No spans in the last 15m yet" in at.info[0].value
-    assert "no otel_traces table yet" in at.info[0].value
+    assert "No spans in the last 1h yet" in at.info[0].value and "no otel_traces table yet" in at.info[0].value
 
 
-def test_unreachable_store_shows_one_line_error(tmp_path, monkeypatch):
+def test_unreachable_store_shows_one_line_error_on_each_page(tmp_path, monkeypatch):
     settings = make_settings(tmp_path)  # free ports, nothing listening
     use_settings(monkeypatch, settings, tmp_path)
-    at = _run(AppTest.from_file(str(APP)))
-
-    assert len(at.error) == 1
-    message = at.error[0].value
-    assert f"127.0.0.1:{settings.store_port}" in message
-    assert "is `tracetune up` running?" in message
-    assert "\n" not in message
-    assert not at.dataframe and not _charts(at)
+    for page in ("overview", "cost"):
+        at = open_page(page)
+        assert len(at.error) == 1, page
+        message = at.error[0].value
+        assert f"127.0.0.1:{settings.store_port}" in message and "is `tracetune up` running?" in message
+        assert "\n" not in message and not at.dataframe and not charts(at)
 
 
-# ---- alerts: what on-call was told ---------------------------------------------------------------------
+def test_answers_are_cached_for_a_short_time_per_store_function_and_arguments(seeded):
+    from tracetune.dashboard import queries
 
-def test_alerts_tab_shows_firing_silenced_resolved_alerts_and_deliveries(db_settings: Settings, client,
-                                                                        monkeypatch, tmp_path):
-    from datetime import UTC, datetime, timedelta
+    settings = seeded[0]
+    calls = []
 
-    from tracetune.analyzer.alerts import Condition, Engine, Matcher, Timing, add_silence
-    from tracetune.analyzer.delivery import WebhookReceiver
+    def counted(client, since: str) -> int:
+        calls.append(since)
+        return len(calls)
 
-    use_settings(monkeypatch, db_settings, tmp_path)
-    empty = _tab(_run(AppTest.from_file(str(APP))), "Alerts")
-    assert _metrics(empty)["Alerts firing"] == "0"
-    assert [i.value for i in empty.info] == ["No alert is firing or pending."]
+    st.cache_data.clear()
+    assert queries.cached(settings, counted, since="1h") == queries.cached(settings, counted, since="1h") == 1
+    assert queries.cached(settings, counted, since="6h") == 2  # other arguments: asked again
+    assert calls == ["1h", "6h"] and queries.CACHE_SECONDS <= 30
+    assert re.fullmatch(r"\d+", str(queries.CACHE_SECONDS))
 
-    def burning(pipeline: str, severity: str) -> Condition:
-        return Condition("slo_burn", {"alertname": "SLOBurnRate", "pipeline": pipeline, "slo": "availability",
-                                      "severity": severity, "rule": "slo_burn"}, {"summary": f"{pipeline} burns"},
-                         20.0)
 
-    receiver = WebhookReceiver("webhook", "http://127.0.0.1:9/never")  # nothing listens: the delivery retries
-    engine = Engine(client, [receiver], Timing(group_wait=0))
-    now = datetime.now(UTC)
-    engine.evaluate([burning("shop", "page"), burning("bar", "ticket")], now - timedelta(minutes=2))
-    engine.notify(now - timedelta(minutes=2))  # shop and bar told (one notification per group)
-    engine.evaluate([burning("shop", "page")], now - timedelta(minutes=1))  # bar's resolved
-    add_silence(client, [Matcher.parse("pipeline=shop")], now + timedelta(hours=1), comment="deploying")
-    tab = _tab(_run(AppTest.from_file(str(APP))), "Alerts")
-    metrics = _metrics(tab)
-    assert (metrics["Alerts firing"], metrics["Pages firing"]) == ("1", "1")
-    shown = {row["pipeline"]: row for row in _rows(tab, 0)}
-    assert shown["shop"]["state"] == "firing (silenced)" and shown["shop"]["severity"] == "page"
-    assert shown["bar"]["state"] == "resolved"
-    assert _rows(tab, 1)[0]["matchers"] == "pipeline=shop" and _rows(tab, 1)[0]["state"] == "active"
-    deliveries = _rows(tab, 2)
-    assert {(d["receiver"], d["state"]) for d in deliveries} == {("webhook", "pending")}
-    assert len(deliveries) == 2  # one notification per group (shop, bar), none sent yet
+def test_an_alerts_page_link_opens_its_page_with_its_pipeline(seeded):
+    """Alerts carry `/?page=drift&pipeline=...` (analyzer/alerts.py): the link lands on that page, filtered."""
+    st.cache_data.clear()
+    at = AppTest.from_file(str(APP))
+    at.query_params["page"] = "tuner"
+    at.query_params["pipeline"] = "ticket_triage"
+    run(at)
+    assert at.title[0].value == "Tuner"
+    assert at.query_params == {"pipeline": "ticket_triage", "since": "1h", "tenant": "all", "refresh": "30s"}
+    assert metrics(at)["Config version in force"] == f"{seeded[2]['versions'][1].version}"

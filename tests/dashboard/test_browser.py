@@ -1,7 +1,9 @@
-"""The real dashboard (`streamlit run`, as `tracetune up` starts it) in headless Chromium over seeded spans.
+"""The real dashboard (`streamlit run`, the command `tracetune up` starts) in headless Chromium over seeded data.
 
-AppTest (test_app.py) checks what each tab computes; this checks what a browser shows: each tab's
-rendered text carries the seeded steps and figures, and its screenshot is a real picture.
+AppTest (test_app.py) checks what each page computes; this checks what a browser shows: every page
+opens from its own URL with the filters in the query string, shows no Streamlit exception, carries
+the seeded figures, repeats or cuts no axis label, shows every table row without an inner scroll
+box, and leaves a screenshot (<page>.png in the test's tmp_path).
 """
 
 from __future__ import annotations
@@ -11,26 +13,17 @@ import re
 import shutil
 import struct
 import subprocess
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.dashboard.test_app import (
-    DRIFT_PIPELINE,
-    DRIFT_SPANS,
-    DRIFT_STEP,
-    PIPELINES,
-    SLO,
-    durations_ms,
-    seed_features,
-    seed_spans,
-)
+from tests.dashboard import seed
+from tests.dashboard.seed import PIPELINES, SLO, request_cost
 from tests.servers import free_port, stop_process, wait_until
 from tracetune import analyzer
-from tracetune.dashboard.frames import format_money, format_ms
+from tracetune.dashboard.frames import format_money
 from tracetune.settings import Settings
 from tracetune.supervisor import dashboard_command
 
@@ -41,6 +34,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--disable-dev-shm-usage"]  # containers often have a tiny /dev/shm
 VIEWPORT = {"width": 1400, "height": 2000}  # the page scrolls inside its own container: a tall window shows it all
 RENDER_TIMEOUT_MS = 30_000
+ROW_PX = 35  # a Streamlit dataframe row (and its header)
 
 if not os.access(CHROMIUM, os.X_OK):
     pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)", allow_module_level=True)
@@ -49,18 +43,17 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="no playwright: pip
 _METRICS_JS = """els => els.map(e => [
     e.querySelector('[data-testid=stMetricLabel]').innerText.trim(),
     e.querySelector('[data-testid=stMetricValue]').innerText.trim()])"""
-_ARIA = re.compile(r"(\w+): ([^;]*)")
 
 
 @pytest.fixture
-def dashboard(db_settings: Settings, client, tmp_path) -> Iterator[Settings]:
-    """`streamlit run dashboard/app.py` on a free port over seeded spans, an SLO breach and the bundled prices.
-
-    The drift features lie hours and half an hour back: outside the 15-minute window of the other tabs.
-    """
-    seed_spans(client)
-    seed_features(client)
+def dashboard(db_settings: Settings, client, tmp_path) -> Iterator[tuple[Settings, list[seed.Request]]]:
+    """`streamlit run dashboard/app.py` as `tracetune up` starts it, on a free port, over the seed: spans, drift
+    features, an SLO breach, a tuner config with a canary, alerts, and the bundled prices published."""
+    requests = seed.seed_spans(client)
+    seed.seed_features(client)
     analyzer.save_slo(client, SLO)
+    seed.seed_tuner(client)
+    seed.seed_alerts(client)
     analyzer.publish_prices(client, analyzer.load_prices())
     settings = db_settings.replace(dashboard_port=free_port())
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
@@ -80,7 +73,7 @@ def dashboard(db_settings: Settings, client, tmp_path) -> Iterator[Settings]:
 
     try:
         wait_until(healthy, 45, 0.2, "the dashboard's /_stcore/health")
-        yield settings
+        yield settings, requests
     finally:
         stop_process(proc)
 
@@ -105,93 +98,118 @@ def assert_real_picture(path: Path) -> None:
     assert max(count for count, _ in colours) < 0.95 * area, path
 
 
-def _open_tab(page, label: str, ready: str) -> dict[str, str]:
-    """Click a tab, wait for one of its metric labels, return the visible metrics (label -> value)."""
-    page.get_by_role("tab", name=label, exact=True).click()
-    page.locator('[data-testid="stMetricLabel"]:visible', has_text=ready).first.wait_for()
+def _metrics(page) -> dict[str, str]:
     return dict(page.locator('[data-testid="stMetric"]:visible').evaluate_all(_METRICS_JS))
 
 
-def _chart_points(page) -> list[dict[str, str]]:
-    """The data of every visible chart point, from the labels vega gives its SVG marks."""
-    labels = page.locator('[aria-roledescription="point"]:visible').evaluate_all(
-        "els => els.map(e => e.getAttribute('aria-label'))")
-    return [dict(_ARIA.findall(label)) for label in labels if label]
+# Per chart: the labels of each axis, and per table: its height and row count (header included).
+_AXES_JS = """() => [...document.querySelectorAll('.vega-embed svg')].map(svg =>
+    [...svg.querySelectorAll('.role-axis')].map(axis =>
+        [...axis.querySelectorAll('.role-axis-label text')].map(t => t.textContent)))"""
+_TABLES_JS = """() => [...document.querySelectorAll('[data-testid=stDataFrame]')].map(el => {
+    const grid = el.querySelector('table[aria-rowcount]');
+    const scroller = el.querySelector('.dvn-scroller');
+    return [el.getBoundingClientRect().height, grid ? Number(grid.getAttribute('aria-rowcount')) : -1,
+            scroller ? scroller.scrollWidth - scroller.clientWidth : 0,
+            [...el.querySelectorAll('th')].map(th => th.textContent).join(' | ')];
+})"""
+_TABLES_READY_JS = """() => [...document.querySelectorAll('[data-testid=stDataFrame]')]
+    .every(el => el.querySelector('table[aria-rowcount]'))"""
 
 
-def test_browser_renders_every_tab_with_seeded_numbers(dashboard: Settings, client, tmp_path):
+def tables_text(page) -> str:
+    """The cells of every table (the grid draws on a canvas; its accessible table carries the text)."""
+    return "\n".join(page.locator('[data-testid="stDataFrame"] table').evaluate_all(
+        "els => els.map(e => e.textContent)"))
+
+
+def check_layout(page, name: str) -> None:
+    """No Streamlit exception; no axis repeating or cutting a label; every table tall enough for all its rows and no
+    wider than the page."""
+    assert page.locator('[data-testid="stException"]').count() == 0, (name, page.inner_text("body")[:2000])
+    page.wait_for_function(_TABLES_READY_JS)
+    for chart in page.evaluate(_AXES_JS):
+        for labels in chart:
+            assert len(labels) == len(set(labels)), (name, labels)
+            assert not any(label.endswith("…") for label in labels), (name, labels)
+    for height, rows, overflow, columns in page.evaluate(_TABLES_JS):
+        assert rows > 0, name
+        assert height >= 0.9 * ROW_PX * rows, (name, height, rows)  # every row shown, no inner vertical scroll
+        assert overflow <= 1, (name, overflow, columns)  # as wide as the page at most: no sideways scroll
+
+
+def test_browser_renders_every_page_with_seeded_numbers(dashboard, client, tmp_path):
+    settings, requests = dashboard
     shots: dict[str, Path] = {}
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(RENDER_TIMEOUT_MS)
-            page.goto(dashboard.dashboard_url)
 
-            def shoot(name: str) -> None:
+            def visit(path: str, title: str, ready: str, last: str, **params: str) -> dict[str, str]:
+                """Open a page by URL; wait for a metric, its last heading and the end of the script run."""
+                query = {"pipeline": "all", "since": "1h", "tenant": "all", "refresh": "off", **params}
+                url = "" if path == "overview" else path  # the default page lives at the root
+                page.goto(f"{settings.dashboard_url}/{url}?" + "&".join(f"{k}={v}" for k, v in query.items()))
+                page.get_by_role("heading", name=title, exact=True).first.wait_for()
+                page.locator('[data-testid="stMetricLabel"]:visible', has_text=ready).first.wait_for()
+                page.get_by_role("heading", name=last).first.wait_for()
+                page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden")
                 page.wait_for_function("[...document.querySelectorAll('.vega-embed svg')]"
                                        ".every(svg => svg.getBoundingClientRect().width > 0 || !svg.checkVisibility())")
-                shots[name] = tmp_path / f"{name}.png"
-                page.screenshot(path=shots[name])
+                page.wait_for_timeout(300)  # the last vega marks and grid rows settle
+                check_layout(page, path)
+                shots[path] = tmp_path / f"{path}.png"
+                page.screenshot(path=shots[path])
+                return _metrics(page)
 
-            # Latency: the headline figures, and every seeded step with its calls in the p95-over-time chart.
-            metrics = _open_tab(page, "Latency", "Slowest step p95")
+            # Overview: the SLO in words, both trends, the top contributors and the open alert.
+            metrics = visit("overview", "Overview", "SLO", "Open alerts")
+            assert metrics["SLO · doc_qa"] == "Budget spent"
+            cells = tables_text(page)
+            assert "budget spent: 7900% over the 30-day budget" in cells and "SLOBurnRate" in cells
+            assert "burn factor" not in page.inner_text("body") + cells
+
+            # Steps: every seeded step, and the failed classify calls with their trace ids.
+            metrics = visit("steps", "Steps", "Requests", "Errors")
             assert metrics["Requests"] == "65"
-            generate_p95 = analyzer.step_stats(client, "15m", pipeline="doc_qa").filter(step="generate")["p95_ms"][0]
-            assert metrics["Slowest step p95 · doc_qa / generate"] == format_ms(generate_p95)
-            page.wait_for_function("document.querySelectorAll('[aria-roledescription=point]').length > 0")
-            calls: dict[str, int] = defaultdict(int)
-            for point in _chart_points(page):
-                if "series" in point and "p95_ms" in point:
-                    calls[point["series"]] += int(point["requests"])
-            seeded = {f"{p} / {step}": n for p, steps in PIPELINES.items() for step, n, *_ in steps}
-            seeded[f"{DRIFT_PIPELINE} / {DRIFT_STEP}"] = DRIFT_SPANS  # the drift seed's current minute
-            assert calls == seeded
-            body = page.inner_text("body")
-            for name in ("doc_qa / generate", "doc_qa / rerank", "ticket_triage / embed", "ticket_triage / route"):
-                assert name in body  # chart legends
-            shoot("latency")
+            body, cells = page.inner_text("body"), tables_text(page)
+            for name in ("doc_qa / generate / llm", "ticket_triage / create_followup"):  # chart legends
+                assert name in body, name
+            assert "step failed" in cells
+            failed = {r.trace_id for r in requests if r.failed and not r.earlier}
+            assert any(trace in cells for trace in failed)
 
-            # Cost: the figures of the published price version.
-            metrics = _open_tab(page, "Cost", "Cost per 1k requests")
+            # Cost: the published price version, and the cost per 1k of the seed by hand.
+            metrics = visit("cost", "Cost", "Cost per 1k requests", "What changed since")
             prices = analyzer.current_prices(client)
-            overall = analyzer.cost_per_1k(client, "15m", by=(), prices=prices, source="rollup")
+            now = [r for r in requests if not r.earlier]
             assert metrics[f"Cost per 1k requests ({prices.currency})"] == format_money(
-                overall["cost_per_1k"][0], prices.currency)
-            assert metrics["Priced requests"] == "65"
-            assert f"version {prices.version} · {prices.currency}" in page.inner_text("body")
-            shoot("cost")
+                1000 * sum(request_cost(r, prices) for r in now) / len(now), prices.currency)
+            body = page.inner_text("body")
+            assert f"version {prices.version} · {prices.currency}" in body and "counted at 0" not in body
+            assert "doc_qa: new this period" in body
 
-            # Critical path: generate dominates doc_qa (its steps run one after another).
-            metrics = _open_tab(page, "Critical path", "Biggest contributor")
-            totals = {step: sum(durations_ms(base, n)) for step, n, _, base in PIPELINES["doc_qa"]}
-            assert metrics["Biggest contributor · doc_qa"] == \
-                f"generate · {100 * totals['generate'] / sum(totals.values()):.0f} %"
-            shoot("critical_path")
+            # Drift, computed on the fly over the last minute (seeded again: the minute moves on).
+            seed.seed_features(client)
+            metrics = visit("drift", "Drift", "Insufficient data", "One feature")
+            assert metrics["Drift"] == "1"
+            assert "Reference used" in page.inner_text("body")
 
-            # Drift, computed on the fly over the last minute: `lang` drifted against the pinned baseline;
-            # `rare` has too few samples for a verdict. (Seeded again now: the current minute moves on while
-            # the other tabs render; which other steps have a full minute of data depends on that timing.)
-            seed_features(client)
-            metrics = _open_tab(page, "Drift", "Insufficient data")
-            assert metrics["Drift"] == "1" and int(metrics["Ok"]) >= 1
-            assert int(metrics["Insufficient data"]) >= 1
-            assert "computed now" in page.inner_text("body")
-            shoot("drift")
+            # Tuner: one pipeline, with its canary and the change controls behind the token.
+            metrics = visit("tuner", "Tuner", "Canary in flight", "Change ticket_triage", pipeline="ticket_triage")
+            assert metrics["Canary in flight"] == "v3 · 10% of tasks"
+            assert page.locator('input[type="password"]').count() == 1
 
-            # SLOs: the seeded availability breach burns the budget, but a few minutes of data are not
-            # enough for any rule's long window (1 h at least): nothing fires yet, and the page says why.
-            metrics = _open_tab(page, "SLOs", "Alert rules firing")
-            assert metrics["Alert rules firing"] == "0 of 6"
-            assert "No burn-rate alert is firing." in page.inner_text("body")
-            shoot("slos")
-
-            # Alerts: nothing evaluated on this store yet, said as such.
-            metrics = _open_tab(page, "Alerts", "Alerts firing")
-            assert metrics["Alerts firing"] == "0"
-            assert "No alert is firing or pending." in page.inner_text("body")
-            shoot("alerts")
+            # Alerts: doc_qa's page firing (silenced), ticket_triage's resolved, the pending deliveries.
+            metrics = visit("alerts", "Alerts", "Alerts firing", "Delivery log")
+            assert metrics["Alerts firing"] == "1"
+            cells = tables_text(page)
+            assert "firing (silenced)" in cells and "resolved" in cells and "pipeline=doc_qa" in cells
+            assert set(PIPELINES) <= set(re.findall(r"\b(doc_qa|ticket_triage)\b", cells))
         finally:
             browser.close()
+    assert list(shots) == ["overview", "steps", "cost", "drift", "tuner", "alerts"]
     for path in shots.values():
         assert_real_picture(path)

@@ -1,0 +1,181 @@
+"""Dashboard at scale: time to render each page over 10M spans, reading the rollups.
+
+Generates spans inside a temporary embedded store (INSERT ... SELECT over numbers(), so the
+materialized views fill the rollups exactly as live ingest does), adds an SLO, a tuner config with
+decisions and a stored drift run, then renders every page headless (Streamlit AppTest, the same app
+`tracetune dashboard` serves) for each time range and prints a table: the first render with an empty
+cache (what a new question costs the store) and the median of re-renders within the cache's TTL.
+
+    .venv/bin/python bench/dashboard.py              # 10M spans
+    .venv/bin/python bench/dashboard.py --spans 1e6  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from harness import isolated_settings, stop_process  # bench/harness.py: this script's folder
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from tracetune import analyzer, store
+
+# Traces of five spans: a root (the task) and four steps, 4 pipelines x 2 routes x 6 tenants, lognormal
+# durations per step, an LLM step with GenAI token counts, cache lookups on embed, timestamps over the
+# last 24 h, 2% errors.
+GENERATE_SQL = """
+INSERT INTO otel_traces (Timestamp, TraceId, SpanId, ParentSpanId, SpanName, SpanKind, ServiceName,
+                         SpanAttributes, Duration, StatusCode, StatusMessage)
+SELECT
+    now64(9) - toIntervalNanosecond(cityHash64(trace, 1) % 86400000000000) + toIntervalNanosecond(position * 1000)
+        AS Timestamp,
+    lower(hex(cityHash64(trace, {seed:UInt64}))) || lower(hex(cityHash64(trace, 2))) AS TraceId,
+    lower(hex(cityHash64(number, {seed:UInt64}, 7))) AS SpanId,
+    if(position = 0, '', lower(hex(cityHash64(trace * 5, {seed:UInt64}, 7)))) AS ParentSpanId,
+    if(position = 0, pipeline, step) AS SpanName,
+    if(position = 0, 'Server', 'Internal') AS SpanKind,
+    'bench-executor' AS ServiceName,
+    if(position = 0,
+       map('tracetune.pipeline', pipeline, 'tracetune.tenant', tenant),
+       mapConcat(map('tracetune.pipeline', pipeline, 'tracetune.step', step, 'tracetune.tenant', tenant,
+                     'tracetune.route', if(step = 'generate', 'llm', route),
+                     'tracetune.feature.lang', ['en', 'de', 'fr'][cityHash64(trace, 6) % 3 + 1]),
+                 if(step = 'embed', map('tracetune.cache', if(rand(5) % 10 < 3, 'hit', 'miss')), map()),
+                 if(step = 'generate',
+                    map('gen_ai.request.model', 'standin-small',
+                        'gen_ai.usage.input_tokens', toString(200 + rand(7) % 300),
+                        'gen_ai.usage.output_tokens', toString(5 + rand(8) % 40)),
+                    map()))) AS SpanAttributes,
+    toUInt64(exp(log(step_ms * 1e6) + 0.7 * randNormal(0, 1, number))) AS Duration,
+    if(rand(3) % 100 < 2, 'Error', 'Unset') AS StatusCode,
+    if(StatusCode = 'Error', 'step failed', '') AS StatusMessage
+FROM (
+    SELECT number, intDiv(number, 5) AS trace, number % 5 AS position,
+        ['triage', 'search', 'summarize', 'extract'][trace % 4 + 1] AS pipeline,
+        ['', 'normalize', 'embed', 'classify', 'generate'][position + 1] AS step,
+        [420.0, 0.05, 4.0, 1.5, 350.0][position + 1] AS step_ms,
+        ['fp32', 'int8'][cityHash64(trace, 3) % 2 + 1] AS route,
+        ['acme', 'globex', 'initech', 'umbrella', 'hooli', 'stark'][cityHash64(trace, 4) % 6 + 1] AS tenant
+    FROM numbers({start:UInt64}, {count:UInt64})
+)
+"""
+
+APP = Path(str(resources.files("tracetune.dashboard").joinpath("app.py")))
+PAGES = ("overview", "steps", "cost", "drift", "tuner", "alerts")
+
+
+def seed_the_rest(client) -> None:
+    """An SLO, a tuner config with a decision, a stored drift run: every page has something to show."""
+    from tracetune.tuner import decisions, versions
+    from tracetune.tuner.config import Knob, PipelineSpec
+
+    analyzer.save_slo(client, analyzer.SLO(pipeline="triage", error_rate=0.01, p95_ms=2000, cost_per_1k=0.1))
+    spec = PipelineSpec("triage", {"classify": {"batch_max_size": Knob("int", 8, 1, 64)}})
+    first, _ = versions.register(client, spec)
+    second = versions.change(client, spec, {"classify": {"batch_max_size": 16}}, "tuner", "bench")
+    decisions.record(client, decisions.Decision("triage", "tune", first.version, second.version, first.to_dict(),
+                                                second.to_dict(), "bench", predicted={"p95_ms": 900.0}))
+    analyzer.store_drift(client, analyzer.current_drift(client, current="5m"))
+
+
+def render(page: str, since: str, repeat: int) -> tuple[float, float, int]:
+    """(median render ms with an empty cache, median re-render ms within the cache's TTL, elements shown) of one
+    page and range, `repeat` renders each."""
+    import streamlit as st
+    from streamlit.logger import set_log_level
+    from streamlit.testing.v1 import AppTest
+
+    set_log_level("error")  # AppTest outside a server warns on every run
+
+    def once(cold: bool) -> tuple[float, AppTest]:
+        if cold:
+            st.cache_data.clear()
+        at = AppTest.from_file(str(APP))
+        for name, value in {"pipeline": "all", "since": since, "tenant": "all", "refresh": "off"}.items():
+            at.query_params[name] = value
+        at.switch_page(f"{page}.py")
+        started = time.perf_counter()
+        at.run(timeout=600)
+        elapsed = (time.perf_counter() - started) * 1000
+        if at.exception or at.error:
+            problem = at.exception[0].value if at.exception else at.error[0].value
+            raise RuntimeError(f"{page} ({since}): {problem}")
+        return elapsed, at
+
+    colds, warms = [], []
+    for _ in range(repeat):  # an empty cache, then the same page again at once (answered from the cache)
+        elapsed, at = once(True)
+        colds.append(elapsed)
+        warms.append(once(False)[0])
+    cold, warm = statistics.median(colds), statistics.median(warms)
+    shown = len(at.dataframe) + len(at.get("vega_lite_chart")) + len(at.metric)
+    return cold, warm, shown
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spans", type=float, default=1e7, help="spans to generate (default 10M)")
+    parser.add_argument("--chunk", type=float, default=1e6)
+    parser.add_argument("--ranges", default="1h,24h", help="comma-separated time ranges to render")
+    parser.add_argument("--repeat", type=int, default=3, help="re-renders per page, within the cache's TTL")
+    args = parser.parse_args()
+    console = Console(width=150)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its store (finally)
+
+    home = Path(tempfile.mkdtemp(prefix="tracetune-bench-dashboard-"))
+    settings = isolated_settings(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
+    proc = subprocess.Popen([sys.executable, "-m", "tracetune", "store"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = store.connect(settings, wait=60)
+        client.timeout = 3600
+        total, inserted = int(args.spans), 0
+        started = time.perf_counter()
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"generating {total:,} spans", total=total)
+            while inserted < total:
+                count = int(min(args.chunk, total - inserted))
+                client.command(GENERATE_SQL, parameters={"start": inserted, "count": count, "seed": 42})
+                inserted += count
+                bar.advance(task, count)
+        for rollup in ("tracetune_spans_1m", "tracetune_spans_1h"):  # what background merges do over time
+            client.command(f"OPTIMIZE TABLE {rollup} FINAL")
+        seed_the_rest(client)
+        minute_rows, hour_rows = (client.query(f"SELECT count() FROM {t}").result_rows[0][0]
+                                  for t in ("tracetune_spans_1m", "tracetune_spans_1h"))
+        console.print(f"{inserted:,} spans in {time.perf_counter() - started:.0f} s; rollups hold {minute_rows:,} "
+                      f"minute rows and {hour_rows:,} hour rows")
+
+        os.environ.update(settings.as_env() | {"TRACETUNE_CONFIG": str(home / "absent.toml")})
+        render("overview", "1h", 1)  # imports and the first connection, outside the figures
+        table = Table(title=f"dashboard pages over {inserted:,} spans (AppTest render, ms)")
+        for column in ("page", "range", f"render, empty cache (median of {args.repeat})",
+                       f"re-render, cached (median of {args.repeat})", "elements"):
+            table.add_column(column, justify="left" if column in ("page", "range") else "right")
+        for since in args.ranges.split(","):
+            for page in PAGES:
+                cold, warm, shown = render(page, since, args.repeat)
+                table.add_row(page, since, f"{cold:,.0f}", f"{warm:,.0f}", f"{shown}")
+        console.print(table)
+        console.print("empty cache: every question asked of the store (rollups; the Steps page's error list and "
+                      "critical path read raw spans of at most the last hour, drift the current minute and its "
+                      "reference); re-render: the same page again, within the cache's TTL.")
+    finally:
+        stop_process(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

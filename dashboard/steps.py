@@ -1,0 +1,137 @@
+"""Steps: p50/p95/p99 over time per step and route, self time and critical-path share, batch size, queue time,
+cache hit rate, and the errors with their messages and trace ids."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import polars as pl
+import streamlit as st
+
+from tracetune import analyzer
+from tracetune.analyzer import parse_window
+from tracetune.dashboard import charts, frames, ui
+from tracetune.dashboard.context import Context, run
+from tracetune.dashboard.frames import format_ms
+from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+
+# What the second chart can show over time: label -> (column, axis title, scale to the shown unit)
+OPERATIONS = {"batch size": ("mean_batch_size", "mean batch size", 1.0),
+              "queue time": ("mean_queue_ms", "mean queue time (ms)", 1.0),
+              "cache hit rate": ("cache_hit_rate", "cache hit rate (%)", 100.0)}
+PERCENTILES = ("p50", "p95", "p99")
+# The error list and the critical path read raw spans: they cover at most this much of the range, so the
+# page costs the same for a week as for an hour.
+RAW_WINDOW = "1h"
+TASK = "(task)"
+
+
+def raw_since(since: str) -> str:
+    """The range the raw-span parts cover: the chosen one, or RAW_WINDOW if it is longer."""
+    return since if parse_window(since) <= parse_window(RAW_WINDOW) else RAW_WINDOW
+
+
+def step_table(summary: pl.DataFrame, breakdown: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
+    """One row per pipeline, step and route over the window: counts, error %, p50/p95/p99, cache, batching,
+    and the step's mean self time and critical-path share ("critical %", from sampled traces; per step)."""
+    paths = breakdown.select("pipeline", "step", pl.col("mean_self_ms").alias("self ms"),
+                             (pl.col("critical_share") * 100).alias("critical %"))
+    table = summary.join(paths, on=["pipeline", "step"], how="left").select(
+        "pipeline", "step", "route", "requests",
+        (100 * pl.col("errors") / pl.col("requests")).alias("error %"),
+        pl.col("p50_ms").alias("p50 ms"), pl.col("p95_ms").alias("p95 ms"), pl.col("p99_ms").alias("p99 ms"),
+        "self ms", "critical %",
+        pl.col("mean_batch_size").fill_nan(None).alias("batch size"),
+        pl.col("mean_queue_ms").fill_nan(None).alias("queue ms"),
+        (100 * pl.col("cache_hit_rate")).fill_nan(None).alias("cache hit %"),
+    ).sort("pipeline", pl.col("step") != analyzer.END_TO_END, "step", "route")
+    return table if show_pipeline else table.drop("pipeline")
+
+
+def _series_chart(series: pl.DataFrame, column: str, title: str, scale: float, window, bucket: int,
+                  show_pipeline: bool) -> None:
+    columns = ["pipeline", "step", "route"] if show_pipeline else ["step", "route"]
+    data = frames.label(series.filter(pl.col(column).is_not_nan()), columns)
+    data = frames.with_gaps(data.select("bucket", "series", (pl.col(column) * scale).alias("value")), ["series"],
+                            bucket)
+    ui.chart(charts.time_lines(data, "value", title, window, color_title="step / route"))
+
+
+def _errors(ctx: Context) -> None:
+    f = ctx.filters
+    st.subheader("Errors")
+    since = raw_since(f.since)
+    found = cached(ctx.settings, analyzer.error_spans, since=since, pipeline=f.pipeline_name, limit=50)
+    if found.is_empty():
+        st.success(f"No failed step or task in the last {since}{f.scope()}.")
+        return
+    table = found.select("pipeline", pl.col("step").replace("", TASK), "kind", "message", "count",
+                         pl.col("last_seen").dt.strftime("%m-%d %H:%M:%S").alias("last (UTC)"),
+                         pl.col("example_trace_id").alias("trace id"))
+    ui.table(table if not f.pipeline_name else table.drop("pipeline"), {"count": ui.COUNT})
+    st.caption(f"The last {since}, all tenants. {TASK}: failed tasks (a task's root span repeats the error that "
+               "ended it). kind: client (the task's input was refused) or server. The trace id is the newest "
+               "example: look it up in Grafana, or see every failure with `tracetune errors`.")
+
+
+def render(ctx: Context) -> None:
+    f = ctx.filters
+    show_pipeline = not f.pipeline_name
+    bucket = ui.bucket_seconds(f)
+    window = ui.window(f, datetime.now(UTC))
+    try:
+        summary = cached(ctx.settings, analyzer.step_series, since=f.since, pipeline=f.pipeline_name,
+                         tenant=f.tenant_name, bucket_seconds=0)
+        series = cached(ctx.settings, analyzer.step_series, since=f.since, pipeline=f.pipeline_name,
+                        tenant=f.tenant_name, bucket_seconds=bucket)
+        breakdown = cached(ctx.settings, analyzer.step_breakdown, since=raw_since(f.since),
+                           pipeline=f.pipeline_name)
+    except StoreUnavailable as problem:
+        show_unavailable(problem, f.since)
+        return
+    if summary.is_empty():
+        st.info(f"No spans in the last {f.since}{f.scope()} yet. Start `tracetune demo`, or point an "
+                "OpenTelemetry exporter at the collector.")
+        return
+    tasks = summary.filter(pl.col("step") == analyzer.END_TO_END)
+    requests, errors, slowest = st.columns(3)
+    requests.metric("Requests", f"{int(tasks['requests'].sum()):,}", help="Tasks (root spans) in the range.")
+    total = int(tasks["requests"].sum())
+    errors.metric("Error %", f"{100 * int(tasks['errors'].sum()) / total:.1f} %" if total else "–",
+                  help="Failed tasks ÷ tasks.")
+    steps = summary.filter(pl.col("step") != analyzer.END_TO_END)
+    if not steps.is_empty():
+        top = steps.sort(["p95_ms", "pipeline", "step"], descending=[True, False, False]).row(0, named=True)
+        slowest.metric(f"Slowest step p95 · {top['pipeline']} / {top['step']}", format_ms(top["p95_ms"]),
+                       help="The step and route whose 95th-percentile latency is highest in the range.")
+
+    ui.table(step_table(summary, breakdown, show_pipeline), {
+        "requests": ui.COUNT, "error %": ui.PCT, "p50 ms": ui.MS, "p95 ms": ui.MS, "p99 ms": ui.MS,
+        "self ms": ui.MS, "critical %": ui.PCT, "batch size": st.column_config.NumberColumn(format="%.2f"),
+        "queue ms": ui.MS, "cache hit %": ui.PCT})
+    st.caption(f"{analyzer.END_TO_END}: whole tasks, as callers see them. Self time and critical-path share come "
+               f"from up to {analyzer.traces.MAX_TRACES:,} traces sampled over the last {raw_since(f.since)} "
+               "(all tenants); "
+               f"{analyzer.ROOT_STEP} is time outside every step. None in the batch, queue or cache columns: the "
+               "step does not batch or cache.")
+
+    st.subheader("Latency over time")
+    percentile = st.radio("Percentile", PERCENTILES, index=1, horizontal=True, key="steps_percentile")
+    _series_chart(series.filter(pl.col("step") != analyzer.END_TO_END), f"{percentile}_ms", f"{percentile} (ms)",
+                  1.0, window, bucket, show_pipeline)
+    st.subheader("Batching and caching over time")
+    shown = st.radio("Show", list(OPERATIONS), horizontal=True, key="steps_operation")
+    column, title, scale = OPERATIONS[shown]
+    operated = series.filter((pl.col("step") != analyzer.END_TO_END) & pl.col(column).is_not_nan())
+    if operated.is_empty():
+        st.caption(f"No step reported its {shown} in the range.")
+    else:
+        _series_chart(operated, column, title, scale, window, bucket, show_pipeline)
+    try:
+        _errors(ctx)
+    except StoreUnavailable as problem:
+        st.error(str(problem))
+
+
+if __name__ == "__main__":
+    run(render)

@@ -1,0 +1,227 @@
+"""Tuner: each pipeline's config in force, the decision timeline with predicted vs observed effect, canaries
+in flight; pin, freeze, unfreeze and rollback through the tuner's API with a token the operator pastes.
+
+Reads go to the store (the tuner's read functions on the read-only client). Writes go to the tuner's
+HTTP API only, with the token the operator typed into this session: the dashboard server holds no
+token of its own, so a visitor without one can look but not change anything.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import altair as alt
+import httpx
+import polars as pl
+import streamlit as st
+
+from tracetune.dashboard import charts, ui
+from tracetune.dashboard.context import Context, run
+from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.tuner import canary, decisions, versions
+from tracetune.tuner.config import PipelineConfig
+
+ACTIONS = {
+    "pin": "Pin a config: hold these knob values; the tuner loop leaves the pipeline alone until unfrozen.",
+    "freeze": "Freeze: the tuner loop stops changing the pipeline (a canary on trial is cancelled).",
+    "unfreeze": "Unfreeze: the tuner loop may change the pipeline again (clears frozen and pinned).",
+    "rollback": "Roll back to an earlier version's knob values, stored as the next version; the tuner is frozen.",
+}
+_PATHS = {"pin": "config", "freeze": "freeze", "unfreeze": "unfreeze", "rollback": "rollback"}
+TIMEOUT_SECONDS = 15
+
+
+def config_table(config: PipelineConfig) -> pl.DataFrame:
+    """One row per step and knob of a config, the value as written in JSON."""
+    rows = [{"step": step, "knob": knob, "value": json.dumps(value)}
+            for step, knobs in config.to_dict()["steps"].items() for knob, value in knobs.items()]
+    return pl.DataFrame(rows, schema={"step": pl.Utf8, "knob": pl.Utf8, "value": pl.Utf8})
+
+
+def changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> pl.DataFrame:
+    """The knobs whose value differs between two step -> knob -> value maps: step, knob, now, after."""
+    rows = []
+    for step in sorted(set(before) | set(after)):
+        for knob in sorted(set(before.get(step, {})) | set(after.get(step, {}))):
+            old, new = before.get(step, {}).get(knob), after.get(step, {}).get(knob, before.get(step, {}).get(knob))
+            if old != new:
+                rows.append({"step": step, "knob": knob, "now": json.dumps(old), "after": json.dumps(new)})
+    return pl.DataFrame(rows, schema={"step": pl.Utf8, "knob": pl.Utf8, "now": pl.Utf8, "after": pl.Utf8})
+
+
+def effect(predicted: dict[str, float], observed: dict[str, float]) -> str:
+    """Predicted vs observed per metric: "p95_ms: predicted 180, observed 176; cost_per_1k: predicted 0.41, not
+    observed yet"."""
+    parts = []
+    for name in sorted(set(predicted) | set(observed)):
+        said = [f"predicted {predicted[name]:.4g}" if name in predicted else "",
+                f"observed {observed[name]:.4g}" if name in observed else "not observed yet"]
+        parts.append(f"{name}: " + ", ".join(p for p in said if p))
+    return "; ".join(parts)
+
+
+def decision_table(history: list[dict]) -> pl.DataFrame:
+    rows = [{"when (UTC)": f"{d['decided_at']:%Y-%m-%d %H:%M:%S}", "kind": d["kind"], "by": d["author"],
+             "version": f"{d['version_before']} → {d['version_after']}", "reason": d["reason"],
+             "predicted vs observed": effect(d["predicted"], d["observed"]) or "–"} for d in history]
+    return pl.DataFrame(rows, schema={"when (UTC)": pl.Utf8, "kind": pl.Utf8, "by": pl.Utf8, "version": pl.Utf8,
+                                      "reason": pl.Utf8, "predicted vs observed": pl.Utf8})
+
+
+def call_tuner(tuner_url: str, token: str, pipeline: str, action: str, body: dict[str, Any]) -> tuple[bool, str]:
+    """POST the action to the tuner with the operator's token; (ok, the answer in one line)."""
+    url = f"{tuner_url}/v1/pipelines/{pipeline}/{_PATHS[action]}"
+    try:
+        answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT_SECONDS)
+    except httpx.HTTPError as exc:
+        return False, f"Cannot reach the tuner at {tuner_url} ({type(exc).__name__}): is `tracetune up` running?"
+    try:
+        data = answer.json()
+    except ValueError:
+        data = {}
+    if answer.status_code != 200:
+        detail = data.get("detail") if isinstance(data, dict) else None
+        return False, f"The tuner refused ({answer.status_code}): {detail or answer.reason_phrase}"
+    if action in ("pin", "rollback"):
+        return True, f"Done: {pipeline} now serves config version {data.get('version')} ({action})."
+    return True, (f"Done: {pipeline} is {'frozen' if data.get('frozen') else 'not frozen'}"
+                  f"{' and pinned' if data.get('pinned') else ''}.")
+
+
+def _plan(ctx: Context, pipeline: str, config: PipelineConfig, action: str) -> dict[str, Any] | None:
+    """The inputs of an action and what it will change; None while the inputs are not usable (said why)."""
+    reason = st.text_input("Reason (kept in the decision audit)", key="tuner_reason")
+    if action == "pin":
+        text = st.text_area("Knob values to hold, by step (JSON; `{}` pins the config in force as it is)",
+                            value=json.dumps(config.to_dict()["steps"], indent=1), key=f"tuner_pin_{pipeline}",
+                            height=200)
+        try:
+            steps = json.loads(text)
+            if not isinstance(steps, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            st.error(f"The knob values are not a JSON object of step -> knob -> value: {exc}")
+            return None
+        return {"body": {"steps": steps, "reason": reason}, "diff": changes(config.to_dict()["steps"], steps)}
+    if action == "rollback":
+        earlier = cached(ctx.settings, versions.latest, pipeline=pipeline, below=config.version)
+        version = st.number_input("Version to go back to", min_value=1, max_value=max(1, config.version),
+                                  value=earlier.version if earlier else 1, step=1, key=f"tuner_version_{pipeline}")
+        target = cached(ctx.settings, versions.at, pipeline=pipeline, version=int(version))
+        if target is None:
+            st.error(f"{pipeline} has no version {int(version)}.")
+            return None
+        return {"body": {"version": int(version), "reason": reason},
+                "diff": changes(config.to_dict()["steps"], target.to_dict()["steps"])}
+    return {"body": {"reason": reason}, "diff": None}
+
+
+def _actions(ctx: Context, pipeline: str, config: PipelineConfig) -> None:
+    st.subheader(f"Change {pipeline}")
+    st.text_input("Tuner token", type="password", key="tuner_token",
+                  help="The tuner's write token (`TRACETUNE_TUNER_TOKEN`, or <home>/tuner.token). Kept in this "
+                       "browser session only; the dashboard sends it to the tuner with each change.")
+    action = st.radio("Action", list(ACTIONS), horizontal=True, key="tuner_action")
+    st.caption(ACTIONS[action])
+    plan = _plan(ctx, pipeline, config, action)
+    if plan is None:
+        return
+    pending = st.session_state.get("tuner_pending")
+    if st.button(f"Review {action}", key="tuner_review"):
+        st.session_state["tuner_pending"] = pending = {"pipeline": pipeline, "action": action, **plan,
+                                                       "version": config.version}
+        st.session_state.pop("tuner_answer", None)
+    if pending and (pending["pipeline"], pending["action"]) == (pipeline, action):
+        diff = pending["diff"]
+        what = {"freeze": f"The tuner loop stops changing {pipeline}.",
+                "unfreeze": f"The tuner loop may change {pipeline} again."}.get(action)
+        if diff is not None:
+            what = (f"{diff.height} knob value{'s' if diff.height != 1 else ''} change from version "
+                    f"{pending['version']}:" if diff.height else "No knob value changes; the config is held as it is.")
+        st.warning(f"{action.capitalize()} {pipeline}: {what}")
+        if diff is not None and diff.height:
+            ui.table(diff)
+        confirm, cancel = st.columns(2)
+        if confirm.button(f"Confirm {action}", type="primary", key="tuner_confirm"):
+            token = st.session_state.get("tuner_token", "")
+            if not token:
+                st.session_state["tuner_answer"] = (False, "Paste the tuner token first: nothing was sent.")
+            else:
+                st.session_state["tuner_answer"] = call_tuner(ctx.settings.tuner_url, token, pipeline, action,
+                                                              pending["body"])
+                st.cache_data.clear()  # the next read shows the change, not a cached answer from before it
+            st.session_state.pop("tuner_pending", None)
+            st.rerun()  # the page again, read after the change, with the answer below
+        if cancel.button("Cancel", key="tuner_cancel"):
+            st.session_state.pop("tuner_pending", None)
+    answer = st.session_state.get("tuner_answer")
+    if answer:
+        (st.success if answer[0] else st.error)(answer[1])
+
+
+def _timeline(history: list[dict], window) -> None:
+    data = pl.DataFrame([{"bucket": d["decided_at"], "kind": d["kind"], "reason": d["reason"],
+                          "version": d["version_after"]} for d in history if d["decided_at"] >= window[0]],
+                        schema={"bucket": pl.Datetime("us", "UTC"), "kind": pl.Utf8, "reason": pl.Utf8,
+                                "version": pl.Int64})
+    if data.is_empty():
+        return
+    ui.chart(alt.Chart(data).mark_point(filled=True, size=90).encode(
+        x=charts.time_axis(window), y=alt.Y("kind:N", title="decision", axis=alt.Axis(labelLimit=0)),
+        color=alt.Color("kind:N", legend=None),
+        tooltip=["kind:N", "version:Q", "reason:N", alt.Tooltip("bucket:T", format="%Y-%m-%d %H:%M:%S")]))
+
+
+def render(ctx: Context) -> None:
+    f = ctx.filters
+    window = ui.window(f, datetime.now(UTC))
+    try:
+        known = [p["pipeline"] for p in cached(ctx.settings, versions.pipelines)]
+    except StoreUnavailable as problem:
+        show_unavailable(problem, f.since)
+        return
+    shown = [p for p in known if not f.pipeline_name or p == f.pipeline_name]
+    if not shown:
+        st.info(f"The tuner has no config{f.scope()} yet: an executor registers its pipeline with the tuner when it "
+                "starts (`tracetune up` with `tracetune demo`).")
+        return
+    for pipeline in shown:
+        try:
+            config = cached(ctx.settings, versions.latest, pipeline=pipeline)
+            state = cached(ctx.settings, decisions.state, pipeline=pipeline)
+            trial = cached(ctx.settings, canary.running, pipeline=pipeline)
+            history = cached(ctx.settings, decisions.history, pipeline=pipeline, limit=100)
+        except StoreUnavailable as problem:
+            st.error(str(problem))
+            return
+        st.header(pipeline)
+        version, held, on_trial = st.columns(3)
+        version.metric("Config version in force", f"{config.version}" if config else "–")
+        held.metric("Tuner loop", "frozen" if state.frozen else "pinned" if state.pinned else "tuning",
+                    help=f"{state.reason} ({state.author})" if state.reason else "Free to change knobs.")
+        on_trial.metric("Canary in flight",
+                        f"v{trial.version} · {100 * trial.share:.0f}% of tasks" if trial else "none",
+                        help=f"Since {trial.started_at:%Y-%m-%d %H:%M} UTC: {trial.reason}" if trial else None)
+        if config is not None:
+            ui.table(config_table(config))
+        if trial is not None:
+            st.caption(f"Canary version {trial.version} against version {trial.base_version}: "
+                       f"{trial.reason}")
+            ui.table(changes(config.to_dict()["steps"] if config else {}, trial.config.to_dict()["steps"]))
+        st.subheader("Decisions")
+        if history:
+            _timeline(history, window)
+            ui.table(decision_table(history), {"reason": st.column_config.TextColumn(width="medium"),
+                                               "predicted vs observed": st.column_config.TextColumn(width="large")})
+        else:
+            st.caption("No decision yet.")
+        if f.pipeline_name and config is not None:
+            _actions(ctx, pipeline, config)
+    if not f.pipeline_name:
+        st.caption("Choose one pipeline in the sidebar to pin, freeze, unfreeze or roll it back.")
+
+
+if __name__ == "__main__":
+    run(render)
