@@ -27,8 +27,8 @@ from tracetune.analyzer.drift import (
     reference_label,
 )
 from tracetune.analyzer.prices import PriceTable
-from tracetune.analyzer.slo import data_note, list_slos, slo_status
-from tracetune.analyzer.stats import batching, latency, latency_series, parse_window
+from tracetune.analyzer.slo import data_note, list_slos, slo_status, slo_words
+from tracetune.analyzer.stats import END_TO_END, batching, latency, latency_series, parse_window
 from tracetune.analyzer.traces import step_breakdown
 
 _PALETTE = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#eeca3b", "#b279a2", "#9d755d"]
@@ -47,7 +47,7 @@ def _finish_barh(fig, ax, labels: list[str], xlabel: str) -> Markup:
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside the bars, never over them
     ax.grid(axis="x", alpha=0.3)
     return _svg(fig)
 
@@ -120,6 +120,43 @@ def critical_chart(breakdown: pl.DataFrame) -> Markup | None:
     return _finish_barh(fig, ax, labels, "% of request time on the critical path")
 
 
+def at_a_glance(stats: pl.DataFrame, totals: pl.DataFrame, cost: pl.DataFrame, slo_frame: pl.DataFrame,
+                slos: list, drift_status: pl.DataFrame) -> list[dict]:
+    """One row per pipeline for the top of the report: tasks, end-to-end p95 against its target, cost per
+    1k against its budget, the SLO in words (its worst objective), drifting features, the costliest step."""
+    words = slo_words(slo_frame) if not slo_frame.is_empty() else pl.DataFrame()
+    declared = {slo.pipeline: slo for slo in slos}
+    ends = {r["pipeline"]: r for r in stats.filter(pl.col("step") == END_TO_END).iter_rows(named=True)} \
+        if not stats.is_empty() else {}
+    per_1k = {r["pipeline"]: r["cost_per_1k"] for r in totals.iter_rows(named=True)}
+    rows = []
+    for pipeline in sorted(set(ends) | set(per_1k)):
+        slo = declared.get(pipeline)
+        mine = words.filter(pl.col("pipeline") == pipeline) if not words.is_empty() else words
+        drifting = sorted(f"{r['step']}.{r['feature']}" if r["step"] else r["feature"]
+                          for r in drift_status.iter_rows(named=True)
+                          if r["pipeline"] == pipeline and r["status"] == "drift") \
+            if not drift_status.is_empty() else []
+        parts = cost.filter((pl.col("pipeline") == pipeline) & pl.col("cost_per_1k").is_not_null()) \
+            if not cost.is_empty() else cost
+        whole = float(parts["cost_per_1k"].sum()) if parts.height else 0.0
+        top = parts.sort("cost_per_1k", descending=True).row(0, named=True) if whole > 0 else None
+        rows.append({
+            "pipeline": pipeline,
+            "tasks": ends[pipeline]["requests"] if pipeline in ends else None,
+            "p95_ms": ends[pipeline]["p95_ms"] if pipeline in ends else None,
+            "p95_target_ms": slo.p95_ms if slo else None,
+            "cost_per_1k": per_1k.get(pipeline),
+            "cost_budget": slo.cost_per_1k if slo else None,
+            "slo": mine["status"][0] if mine.height else "no SLO declared",
+            "slo_state": mine["state"][0] if mine.height else "",
+            "drifting": drifting,
+            "top_cost": (f"{top['step']}{' / ' + top['route'] if top['route'] else ''}: "
+                         f"{top['cost_per_1k'] / whole:.0%}") if top else "",
+        })
+    return rows
+
+
 def build_report(client, since: str = "1h", prices: PriceTable | None = None, pipeline: str = "") -> str:
     """The report as an HTML string."""
     parse_window(since)
@@ -148,13 +185,16 @@ def build_report(client, since: str = "1h", prices: PriceTable | None = None, pi
     slo_refused = sorted({(r["pipeline"], r["period_client_errors"]) for r in budgets.iter_rows(named=True)
                           if r["slo"] == "availability" and r["period_client_errors"]})
 
+    glance = at_a_glance(stats, totals, cost, slo_frame, list_slos(client), drift_status)
+
     env = Environment(autoescape=select_autoescape(["html"]))
     env.filters["num"] = lambda v, digits=2: "-" if v is None or v != v else f"{v:,.{digits}f}"
+    env.filters["sig"] = lambda v, digits=3: "-" if v is None or v != v else f"{v:.{digits}g}"  # money per 1k
     template = env.from_string(resources.files("tracetune.analyzer").joinpath("templates", "report.html").read_text())
     return template.render(
         generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), since=since, pipeline=pipeline or "all pipelines",
         stats=stats.to_dicts(), batching=batches.to_dicts(), totals=totals.to_dicts(), cost=cost.to_dicts(),
-        breakdown=breakdown.to_dicts(),
+        breakdown=breakdown.to_dicts(), glance=glance,
         drift=drift_status.to_dicts(), drift_flags=flags.to_dicts(), drift_current=DEFAULT_CURRENT,
         drift_reference="; ".join(references) or "the preceding " + DEFAULT_CURRENT,
         min_samples=Thresholds().min_samples, psi_min_samples=Thresholds().psi_min_samples,

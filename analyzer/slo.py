@@ -37,9 +37,10 @@ from tracetune.analyzer._time import epoch_ns, utc
 from tracetune.analyzer.errors import ERROR_KIND_SQL
 from tracetune.analyzer.stats import parse_window
 
-__all__ = ["BURN_WINDOWS_30D", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "Objective", "SLOError", "alerts",
-           "burn_rate", "burn_windows", "data_note", "error_budget_remaining", "get_slo", "list_slos", "request_counts",
-           "save_slo", "slo_status", "slower_than", "window_label"]
+__all__ = ["BURN_WINDOWS_30D", "SLO", "SLO_NAMES", "SLO_STATUS_COLUMNS", "STATE_ORDER", "BurnWindow", "Objective",
+           "SLOError", "alerts", "budget_words", "burn_rate", "burn_windows", "data_note", "duration_words",
+           "error_budget_remaining", "get_slo", "list_slos", "request_counts", "save_slo", "slo_status", "slo_words",
+           "slower_than", "window_label"]
 
 Source = Literal["rollup", "raw"]
 BASE_PERIOD_DAYS = 30
@@ -521,3 +522,71 @@ def slo_status(client, pipeline: str, now: datetime | None = None, slo: SLO | No
                 "period_client_errors": period["client_errors"] if objective.target_ms is None else 0,
             })
     return pl.DataFrame(rows, schema=_STATUS_SCHEMA).select(SLO_STATUS_COLUMNS)
+
+
+# ---- SLOs in words (the dashboard's Overview, the report) -------------------------------------------
+
+def _ms_words(value: float) -> str:
+    return f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def duration_words(days: float) -> str:
+    """A span of time as a product owner says it: "40 minutes", "5 hours", "3 days"."""
+    hours = days * 24
+    if hours < 1:
+        minutes = max(1, round(hours * 60))
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    if hours < 48:
+        whole = round(hours)
+        return f"{whole} hour{'s' if whole != 1 else ''}"
+    whole = round(days)
+    return f"{whole} days"
+
+
+# SLO states, worst first.
+STATE_ORDER = ("budget spent", "burning fast", "at risk", "on track", "no traffic yet")
+
+
+def budget_words(budget_remaining: float, burn_rate: float, period_days: float,
+                 paging: bool = False) -> tuple[str, str]:
+    """(state, sentence) of one SLO objective from its budget left (a fraction), the recent burn rate and
+    the SLO period: at burn rate b the budget left r lasts r · period / b.
+
+    on track: burning no faster than the budget allows (b ≤ 1); at risk: faster, with the time left at
+    this burn; burning fast: a page-severity rule fires; budget spent: nothing left (r ≤ 0)."""
+    if budget_remaining != budget_remaining:  # NaN: no task in the period
+        return "no traffic yet", "no traffic yet"
+    left = f"{100 * max(0.0, budget_remaining):.0f}% of the error budget left"
+    if budget_remaining <= 0:
+        return "budget spent", f"budget spent: {100 * -budget_remaining:.0f}% over the {period_days:g}-day budget"
+    if burn_rate <= 1:
+        return "on track", f"on track: {left}"
+    time_left = duration_words(budget_remaining * period_days / burn_rate)
+    if paging:
+        return "burning fast", f"burning fast: {time_left} of budget left at this burn (on-call is paged)"
+    return "at risk", f"at risk: {time_left} of budget left at this burn"
+
+
+SLO_NAMES = {"availability": "errors", "latency_p95": "p95 latency", "latency_p99": "p99 latency"}
+
+
+def slo_words(status: pl.DataFrame) -> pl.DataFrame:
+    """One row per (pipeline, objective) of slo_status frames: state and sentence (budget_words), the target,
+    budget left and the recent burn (the burn rate over the shortest long window: the last hour of a
+    30-day SLO), worst state first."""
+    columns = {"pipeline": pl.Utf8, "objective": pl.Utf8, "target": pl.Utf8, "state": pl.Utf8, "status": pl.Utf8,
+               "budget_left": pl.Float64, "burn": pl.Float64, "window": pl.Utf8}
+    rows = []
+    for (pipeline, slo), rules in status.group_by(["pipeline", "slo"], maintain_order=True):
+        recent = rules.sort("long_window_s").row(0, named=True)
+        paging = bool(rules.filter(pl.col("firing") & (pl.col("severity") == "page")).height)
+        state, sentence = budget_words(recent["budget_remaining"], recent["long_burn_rate"], recent["period_days"],
+                                       paging)
+        target = (f"{(1 - recent['error_budget']) * 100:g}% of tasks succeed" if recent["target_ms"] is None
+                  else f"{100 * (1 - recent['error_budget']):g}% of tasks within {_ms_words(recent['target_ms'])}")
+        rows.append({"pipeline": pipeline, "objective": SLO_NAMES.get(slo, slo), "target": target, "state": state,
+                     "status": sentence, "budget_left": recent["budget_remaining"], "burn": recent["long_burn_rate"],
+                     "window": recent["long_window"]})
+    frame = pl.DataFrame(rows, schema=columns)
+    rank = {s: i for i, s in enumerate(STATE_ORDER)}
+    return frame.sort(pl.col("state").replace_strict(rank, return_dtype=pl.Int32), "pipeline", "objective")
