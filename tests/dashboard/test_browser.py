@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import struct
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.dashboard import seed
+from tests.dashboard import browser, seed
+from tests.dashboard.browser import CHROMIUM, CHROMIUM_ARGS, RENDER_TIMEOUT_MS, VIEWPORT
 from tests.dashboard.seed import PIPELINES, SLO, request_cost
 from tests.servers import free_port, stop_process, wait_until
 from tracetune import analyzer
@@ -27,18 +27,11 @@ from tracetune.dashboard.frames import format_money
 from tracetune.settings import Settings
 from tracetune.supervisor import dashboard_command
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Headless as root (no sandbox), and nothing that would reach past 127.0.0.1.
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]  # containers often have a tiny /dev/shm
-VIEWPORT = {"width": 1400, "height": 2000}  # the page scrolls inside its own container: a tall window shows it all
-RENDER_TIMEOUT_MS = 30_000
 ROW_PX = 35  # a Streamlit dataframe row (and its header)
 
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="no playwright: pip install -e '.[test]'")
+if browser.missing():
+    pytest.skip(browser.missing(), allow_module_level=True)
+from playwright import sync_api  # noqa: E402 - only once it is known to be there
 
 _METRICS_JS = """els => els.map(e => [
     e.querySelector('[data-testid=stMetricLabel]').innerText.trim(),

@@ -11,7 +11,10 @@ import sys
 import time
 
 from tests.conftest import make_settings
+from tests.dashboard import browser, seed
 from tests.servers import wait_until
+from tracetune import store
+from tracetune.dashboard.app import PAGES
 
 
 def _env(settings) -> dict[str, str]:
@@ -48,7 +51,10 @@ def check_demo_run(out: subprocess.CompletedProcess, settings) -> None:
     assert not any(_listening(p) for p in _ports(settings))
 
 
-def test_ctrl_c_stops_every_process_up_started(tmp_path, models_dir):
+def test_up_serves_every_dashboard_page_and_ctrl_c_stops_every_process(tmp_path, models_dir):
+    """`tracetune up` as a user runs it: with spans in its store, every dashboard page opens in headless
+    Chromium without a Streamlit exception (screenshots in tmp_path; skipped without Chromium); Ctrl-C
+    then stops every process it started."""
     settings = make_settings(tmp_path / "home")
     shutil.copytree(models_dir, settings.models_dir)
     proc = subprocess.Popen([sys.executable, "-m", "tracetune", "up"], env=_env(settings), cwd=tmp_path,
@@ -65,6 +71,10 @@ def test_ctrl_c_stops_every_process_up_started(tmp_path, models_dir):
                 break
         assert any("is up" in line for line in lines), "".join(lines)
         assert all(_listening(p) for p in _ports(settings))
+        if not browser.missing():
+            seed.seed_spans(store.connect(settings))  # what a few minutes of two pipelines leave
+            shots = browser.visit_every_page(settings.dashboard_url, tmp_path, since="1h")
+            assert sorted(shots) == sorted(path for _, _, path, _ in PAGES)
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=90)
     finally:
