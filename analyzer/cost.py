@@ -18,7 +18,7 @@ import polars as pl
 from tracetune.analyzer.prices import PricesError, PriceTable, current
 from tracetune.analyzer.stats import parse_window
 
-__all__ = ["COST_DIMENSIONS", "cost_over_time", "cost_per_1k", "cost_per_request", "resolve_prices"]
+__all__ = ["COST_DIMENSIONS", "cost_over_time", "cost_per_1k", "cost_per_request", "price_cells", "resolve_prices"]
 
 # Request-level dimensions come from the root span; the rest from each step span.
 COST_DIMENSIONS = ("pipeline", "tenant", "step", "route", "model")
@@ -261,26 +261,7 @@ def _cost_per_1k_rollup(client, since: str | int, keys: list[str], pipeline: str
                 "n": pl.Int64, "input_tokens": pl.Int64, "output_tokens": pl.Int64, "unbatched_ns": pl.Int64,
                 "duration_ns": pl.Int64})
 
-    def price(mapping: dict, column: str, default: float = 0.0) -> pl.Expr:
-        return pl.col(column).replace_strict(mapping, default=default, return_dtype=pl.Float64)
-
-    priced = rows.filter(pl.col("kind") != "root").with_columns(
-        spans=pl.when(pl.col("kind") == "step").then(pl.col("n")).otherwise(0),
-        input_tokens=pl.when(pl.col("kind") == "step").then(pl.col("input_tokens")).otherwise(0),
-        output_tokens=pl.when(pl.col("kind") == "step").then(pl.col("output_tokens")).otherwise(0),
-        compute_seconds=pl.when(pl.col("kind") == "batch").then(pl.col("duration_ns"))
-        .otherwise(pl.col("unbatched_ns")) / 1e9,
-    ).with_columns(
-        token_cost=(pl.col("input_tokens") * price({m: p.input_per_1m for m, p in table.models.items()}, "model")
-                    + pl.col("output_tokens") * price({m: p.output_per_1m for m, p in table.models.items()},
-                                                      "model")) / 1e6,
-        compute_cost=pl.col("compute_seconds") * price(table.routes, "route"),
-        call_cost=pl.col("spans") * price(table.calls, "step"),
-        unpriced_spans=pl.when(((pl.col("input_tokens") + pl.col("output_tokens") > 0)
-                                & ~pl.col("model").is_in(list(table.models)))
-                               | ((pl.col("route") != "") & ~pl.col("route").is_in(list(table.routes))))
-        .then(pl.col("spans")).otherwise(0),
-    ).with_columns(cost=pl.col("token_cost") + pl.col("compute_cost") + pl.col("call_cost"))
+    priced = price_cells(rows, table)
     sums = [pl.col(name).sum().cast(dtype) for name, dtype in _SUMS.items()]
     costs = priced.group_by(keys).agg(sums) if keys else priced.select(sums)
     roots = rows.filter(pl.col("kind") == "root")
@@ -349,3 +330,36 @@ def cost_over_time(client, since: str | int = "1h", bucket_seconds: int = 60, pi
     parameters = {**_parameters(table, since, pipeline), "bucket_seconds": max(1, int(bucket_seconds))}
     frame = _frame(client.query(COST_OVER_TIME_SQL, parameters=parameters), OVER_TIME_COLUMNS)
     return _stamp(frame, table)
+
+
+def price_cells(cells: pl.DataFrame, table: PriceTable) -> pl.DataFrame:
+    """Step and batch cells priced with `table`: spans, tokens, compute_seconds, token/compute/call cost, cost,
+    unpriced_spans (root cells are dropped: they are the requests, not the cost).
+
+    Compute is a step span's own time, or for batched steps the batch span's duration (each request's
+    share of it); tokens are priced by model, compute by route, calls by step name. A span is unpriced
+    when its tokens' model, or its route when the step has no per-call price, is missing from the table:
+    a step priced per call is priced, whatever its route.
+    """
+    def price(mapping: dict, column: str) -> pl.Expr:
+        return pl.col(column).replace_strict(mapping, default=0.0, return_dtype=pl.Float64)
+
+    step = pl.col("kind") == "step"
+    tokens = pl.col("input_tokens") + pl.col("output_tokens")
+    return cells.filter(pl.col("kind") != "root").with_columns(
+        spans=pl.when(step).then(pl.col("n")).otherwise(0),
+        input_tokens=pl.when(step).then(pl.col("input_tokens")).otherwise(0),
+        output_tokens=pl.when(step).then(pl.col("output_tokens")).otherwise(0),
+        compute_seconds=pl.when(pl.col("kind") == "batch").then(pl.col("duration_ns"))
+        .otherwise(pl.col("unbatched_ns")) / 1e9,
+    ).with_columns(
+        token_cost=(pl.col("input_tokens") * price({m: p.input_per_1m for m, p in table.models.items()}, "model")
+                    + pl.col("output_tokens") * price({m: p.output_per_1m for m, p in table.models.items()},
+                                                      "model")) / 1e6,
+        compute_cost=pl.col("compute_seconds") * price(table.routes, "route"),
+        call_cost=pl.col("spans") * price(table.calls, "step"),
+        unpriced_spans=pl.when(((tokens > 0) & ~pl.col("model").is_in(list(table.models)))
+                               | ((pl.col("route") != "") & ~pl.col("route").is_in(list(table.routes))
+                                  & ~pl.col("step").is_in(list(table.calls))))
+        .then(pl.col("spans")).otherwise(0),
+    ).with_columns(cost=pl.col("token_cost") + pl.col("compute_cost") + pl.col("call_cost"))

@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from tracetune.analyzer._time import epoch_ns, utc
+from tracetune.analyzer.cost import price_cells
 from tracetune.analyzer.drift import LATENCY_FEATURE
 from tracetune.analyzer.errors import ERROR_KIND_SQL
 from tracetune.analyzer.prices import PriceTable
@@ -163,39 +164,6 @@ def share_batches(cells: pl.DataFrame) -> pl.DataFrame:
         n=(pl.col("n") * pl.col("share")).round().cast(pl.Int64),
     ).select(cells.columns)
     return pl.concat([cells.filter(pl.col("kind") != "batch"), shared])
-
-
-def price_cells(cells: pl.DataFrame, table: PriceTable) -> pl.DataFrame:
-    """Step and batch cells priced with `table`: spans, tokens, compute_seconds, token/compute/call cost, cost,
-    unpriced_spans (root cells are dropped: they are the requests, not the cost).
-
-    Compute is a step span's own time, or for batched steps the batch span's duration (each request's
-    share of it); tokens are priced by model, compute by route, calls by step name. A span is unpriced
-    when its tokens' model, or its route when the step has no per-call price, is missing from the table:
-    a step priced per call is priced, whatever its route.
-    """
-    def price(mapping: dict, column: str) -> pl.Expr:
-        return pl.col(column).replace_strict(mapping, default=0.0, return_dtype=pl.Float64)
-
-    step = pl.col("kind") == "step"
-    tokens = pl.col("input_tokens") + pl.col("output_tokens")
-    return cells.filter(pl.col("kind") != "root").with_columns(
-        spans=pl.when(step).then(pl.col("n")).otherwise(0),
-        input_tokens=pl.when(step).then(pl.col("input_tokens")).otherwise(0),
-        output_tokens=pl.when(step).then(pl.col("output_tokens")).otherwise(0),
-        compute_seconds=pl.when(pl.col("kind") == "batch").then(pl.col("duration_ns"))
-        .otherwise(pl.col("unbatched_ns")) / 1e9,
-    ).with_columns(
-        token_cost=(pl.col("input_tokens") * price({m: p.input_per_1m for m, p in table.models.items()}, "model")
-                    + pl.col("output_tokens") * price({m: p.output_per_1m for m, p in table.models.items()},
-                                                      "model")) / 1e6,
-        compute_cost=pl.col("compute_seconds") * price(table.routes, "route"),
-        call_cost=pl.col("spans") * price(table.calls, "step"),
-        unpriced_spans=pl.when(((tokens > 0) & ~pl.col("model").is_in(list(table.models)))
-                               | ((pl.col("route") != "") & ~pl.col("route").is_in(list(table.routes))
-                                  & ~pl.col("step").is_in(list(table.calls))))
-        .then(pl.col("spans")).otherwise(0),
-    ).with_columns(cost=pl.col("token_cost") + pl.col("compute_cost") + pl.col("call_cost"))
 
 
 def _dimensions(by: str | Iterable[str]) -> list[str]:

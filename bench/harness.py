@@ -31,3 +31,62 @@ def isolated_settings(home, **overrides):
     ports = {name: free_port() for name in ("store_port", "collector_port", "collector_grpc_port", "tuner_port",
                                             "executor_port", "dashboard_port", "llm_port", "crm_port")}
     return settings.load(config_file=home / "none.toml", environ={}, home=str(home), **ports, **overrides)
+
+
+# Traces of five spans: a root (the task) and four steps, 4 pipelines x 2 routes x 6 tenants, lognormal
+# durations per step, an LLM step with GenAI token counts, cache lookups on embed, timestamps over the
+# last 24 h, 2% errors.
+GENERATE_SQL = """
+INSERT INTO otel_traces (Timestamp, TraceId, SpanId, ParentSpanId, SpanName, SpanKind, ServiceName,
+                         SpanAttributes, Duration, StatusCode, StatusMessage)
+SELECT
+    now64(9) - toIntervalNanosecond(cityHash64(trace, 1) % 86400000000000) + toIntervalNanosecond(position * 1000)
+        AS Timestamp,
+    lower(hex(cityHash64(trace, {seed:UInt64}))) || lower(hex(cityHash64(trace, 2))) AS TraceId,
+    lower(hex(cityHash64(number, {seed:UInt64}, 7))) AS SpanId,
+    if(position = 0, '', lower(hex(cityHash64(trace * 5, {seed:UInt64}, 7)))) AS ParentSpanId,
+    if(position = 0, pipeline, step) AS SpanName,
+    if(position = 0, 'Server', 'Internal') AS SpanKind,
+    'bench-executor' AS ServiceName,
+    if(position = 0,
+       map('tracetune.pipeline', pipeline, 'tracetune.tenant', tenant),
+       mapConcat(map('tracetune.pipeline', pipeline, 'tracetune.step', step, 'tracetune.tenant', tenant,
+                     'tracetune.route', if(step = 'generate', 'llm', route),
+                     'tracetune.feature.lang', ['en', 'de', 'fr'][cityHash64(trace, 6) % 3 + 1]),
+                 if(step = 'embed', map('tracetune.cache', if(rand(5) % 10 < 3, 'hit', 'miss')), map()),
+                 if(step = 'generate',
+                    map('gen_ai.request.model', 'standin-small',
+                        'gen_ai.usage.input_tokens', toString(200 + rand(7) % 300),
+                        'gen_ai.usage.output_tokens', toString(5 + rand(8) % 40)),
+                    map()))) AS SpanAttributes,
+    toUInt64(exp(log(step_ms * 1e6) + 0.7 * randNormal(0, 1, number))) AS Duration,
+    if(rand(3) % 100 < 2, 'Error', 'Unset') AS StatusCode,
+    if(StatusCode = 'Error', 'step failed', '') AS StatusMessage
+FROM (
+    SELECT number, intDiv(number, 5) AS trace, number % 5 AS position,
+        ['triage', 'search', 'summarize', 'extract'][trace % 4 + 1] AS pipeline,
+        ['', 'normalize', 'embed', 'classify', 'generate'][position + 1] AS step,
+        [420.0, 0.05, 4.0, 1.5, 350.0][position + 1] AS step_ms,
+        ['fp32', 'int8'][cityHash64(trace, 3) % 2 + 1] AS route,
+        ['acme', 'globex', 'initech', 'umbrella', 'hooli', 'stark'][cityHash64(trace, 4) % 6 + 1] AS tenant
+    FROM numbers({start:UInt64}, {count:UInt64})
+)
+"""
+
+
+def generate_spans(client, upto: int, already: int = 0, chunk: int = 1_000_000, console=None,
+                   label: str = "generating spans") -> int:
+    """Insert spans (GENERATE_SQL, seed 42) from `already` up to `upto` inside the engine, so the materialized
+    views fill the rollups as ingest would; a progress bar on `console`; returns `upto`."""
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(label, total=upto - already)
+        while already < upto:
+            count = int(min(chunk, upto - already))
+            client.command(GENERATE_SQL, parameters={"start": already, "count": count, "seed": 42})
+            already += count
+            bar.advance(task, count)
+    for rollup in ("tracetune_spans_1m", "tracetune_spans_1h"):  # what background merges do over time
+        client.command(f"OPTIMIZE TABLE {rollup} FINAL")
+    return upto

@@ -41,9 +41,6 @@ from tracetune import analyzer, store
 from tracetune.dashboard.frames import format_money
 from tracetune.settings import Settings
 
-# One worker runs this module under `make test` (--dist loadgroup), so the seeded database is made once.
-pytestmark = pytest.mark.xdist_group("dashboard-app")
-
 APP = Path(str(resources.files("tracetune.dashboard").joinpath("app.py")))
 RUN_TIMEOUT = 30  # the first run imports altair, polars and clickhouse-connect
 PAGES = ("overview", "steps", "cost", "drift", "tuner", "alerts")

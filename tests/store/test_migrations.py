@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +20,45 @@ from tracetune import store
 from tracetune.store import migrations as migrations_mod
 from tracetune.store.migrations import Migration, MigrationError
 
-PREVIOUS_RELEASE = Path(__file__).parent / "previous_release"  # store/sql/*.sql as the release before migrations
+# The DDL of the release before migrations: these migrations with these checksums (of their SQL, not
+# comments). They are still shipped unchanged, so the test runs the shipped files; should one of them ever
+# change, the test says so, and that file's previous text must be kept beside this test instead.
+PREVIOUS_RELEASE = {
+    1: "986e99e691c965df9561ddebf5820271ea6419e2cfaa4b54b7fa7b683e4c4458",  # otel_traces
+    2: "89251e7a90374e74409048d9159ee395af3bba11044c970fb5ab190c085d9d18",  # otel_traces_trace_id_ts
+    3: "a72ab21177d69ebb3b02865dd0e84ebf2d5a427ad90fc8b486a6a5b55ce8fca6",  # otel_traces_trace_id_ts_mv
+    10: "743a3d29ea0a33e237a815ef872ec60462312233170861e50406cef080bd01af",  # tracetune_config_versions
+    11: "d13ecffeaa40305b841a878f44b1055564ff3acae666143285c58f0234be48af",  # tracetune_pipeline_specs
+    12: "e8dac09b318806c205b380ec743e9b978a9ba52df90a69b22ed0e3e4953431bc",  # tracetune_decisions
+    13: "411288ad518b0a150ec2a9fa14560fbd1146bab2c83d5cede44a0e47d071842d",  # tracetune_tuner_state
+    14: "ae16d4a315a3959e74395c67f296d97abe7dca381f4caf878ba9b3ce35d0b646",  # tracetune_feedback
+    15: "70c4c53509e61f2d2f263e1c958022b42099e981f203270f29380b544e359873",  # tracetune_canaries
+    20: "51c44ae93f9126f91c0ef17440051bbf1f22990cb1dcc523c75dc5b4b7c21d79",  # tracetune_spans_1m
+    21: "f81294ee5b7b002dc0a7aa3217b26e165a5d3a5b8eb989d1039d2e4ed5071e20",  # tracetune_spans_1m_mv
+    22: "34a93a89e11fc5bcf08e53ce46799795c6ddebcbc51981b2ac3f21895369315c",  # tracetune_spans_1h
+    23: "eb4fe6c4a3437d7d8e6b8bf9d0af81fd6e4e01ee9e47ac2c89267363b89f7046",  # tracetune_spans_1h_mv
+    30: "e7e790c9a7d721024fc18f62ae657eea2539498b29065cf83131bf6737ea37a0",  # tracetune_dead_letters
+    40: "4deefa7ad221e04af98d1ec4db88daebd191505943ac1d5b2a52c524edc33b56",  # tracetune_drift
+    41: "a890e8fb50e63f74c7d2363dbc5c0a5f233148f948ebe5f3b1e33a6ded16a758",  # tracetune_slos
+    42: "a2e6d25246c59419cfae00940f792af1e8d51477c4286a6027af98e4e79af5b2",  # tracetune_slo_status
+    43: "5a12dcb4bc3e7949f399410b6943ade26025c42b550d52f9c23493725918feb4",  # tracetune_drift_baselines
+    44: "31e75dbadd4c4fb39ed3f1446d253ff9f034c60aa799adb5671989de51828cb1",  # tracetune_alert_outbox
+    45: "27e9d9735d26150fbd3dc72bb474bc19341e09d370186d43ac4a73984d0837a2",  # tracetune_task_errors_1m
+    46: "4d7fe9af61ff946e0e466da3b2f8ef14e9d54d2f2eac49359670c72dbd332dd3",  # tracetune_task_errors_1m_mv
+    50: "69aefad898c9a05c3d6d1bc993d0c1ce2ba84cbabae3e201ec59a2d631cc590d",  # tracetune_prices
+    60: "d8a81a2bbe0587cf6a658886a6d0a2047e1de9722fe6021587d3fdd2813b7eb5",  # tracetune_ground_truth
+    70: "ee0f84fd2ad1c5735c219471b90b10e04adec600542c30f2eae037004adc97c6",  # tracetune_quarantine
+    80: "463c0e72857b9683861fa0a7a967cc0f33a257ed8825cfdf019554d299ac851f",  # dedup_windows
+    90: "b14332d93e7388c5b00132dcc5322b9ab8a16a93a3a9f3088b861cd0107aaabb",  # tracetune_alerts
+}
+
+
+def previous_release() -> list:
+    shipped = {migration.version: migration for migration in migrations_mod.shipped()}
+    for version, checksum in PREVIOUS_RELEASE.items():
+        assert shipped[version].checksum == checksum, (
+            f"migration {version:03d} changed since the previous release: keep its old text for this test")
+    return [shipped[version] for version in PREVIOUS_RELEASE]
 
 
 def _fresh(settings):
@@ -128,7 +165,7 @@ def test_a_data_folder_of_the_previous_release_is_upgraded_with_its_rows(tmp_pat
     current code starts on the same folder: the rows are there, every migration is recorded, and the
     schema is the one a fresh database gets."""
     settings = make_settings(tmp_path / "home")
-    old = migrations_mod.parse([(p.name, p.read_text()) for p in PREVIOUS_RELEASE.glob("*.sql")])
+    old = previous_release()
     now = time.time_ns()
     spans = [span_row(now - 60_000_000_000 + i, trace_id=f"{i:032x}", attrs={"tracetune.pipeline": "p"},
                       duration=1_000_000 * (i + 1)) for i in range(20)]

@@ -24,9 +24,6 @@ from tests.servers import stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# One worker runs the whole module: the wheel and its venv are built once.
-pytestmark = pytest.mark.xdist_group("wheel")
-
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:

@@ -15,9 +15,6 @@ from tracetune.tuner.config import PipelineSpec
 from tracetune.tuner.observe import Observation, RouteObservation
 from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel
 
-# One worker runs the whole module, so its module fixtures (the 40-minute comparison) are computed once.
-pytestmark = pytest.mark.xdist_group("simulate")
-
 
 class _Classifier:
     labels = ["billing", "login"]
