@@ -94,7 +94,8 @@ step_costs AS (
            if(mapContains(call_price, s.step), call_price[s.step], call_price[s.provider]) AS call_cost,
            token_cost + compute_cost + call_cost AS cost,
            (s.input_tokens + s.output_tokens > 0 AND NOT mapContains(input_price, s.model))
-               OR (s.route != '' AND NOT mapContains(core_second_price, s.route)) AS unpriced
+               OR (s.route != '' AND NOT mapContains(core_second_price, s.route)
+                   AND NOT mapContains(call_price, s.step) AND NOT mapContains(call_price, s.provider)) AS unpriced
     FROM steps AS s
     LEFT JOIN children AS c ON c.trace_id = s.trace_id AND c.parent_id = s.span_id
     LEFT JOIN batches AS b ON b.trace_id = s.trace_id AND b.span_id = s.span_id

@@ -74,3 +74,24 @@ def test_rollup_cost_equals_raw_cost(client, traffic, by):
 def test_rollup_cost_refuses_tenant(client, traffic):
     with pytest.raises(ValueError, match="source='raw'"):
         analyzer.cost_per_1k(client, "10m", by=("tenant",), prices=PRICES, source="rollup")
+
+
+def test_a_step_priced_per_call_counts_as_priced_on_any_route_raw_and_rollup(client):
+    """create_followup has a per-call price: on a route the table does not list it still costs its call, and
+    is not reported unpriced; a step with neither a call price nor a listed route is."""
+    now = time.time_ns() - 20 * 10**9
+    rows = []
+    for i, (step, route) in enumerate([("create_followup", "crm-eu"), ("create_followup", "crm-eu"),
+                                       ("lookup", "crm-eu")]):
+        trace = f"{0xc0ffee00 + i:032x}"
+        base = {"tracetune.pipeline": "calls"}
+        rows.append(span(trace, f"{i:08x}0000000a", "", "calls", now + i, 10_000_000, base))
+        rows.append(span(trace, f"{i:08x}0000000b", f"{i:08x}0000000a", step, now + i, 5_000_000,
+                         {**base, "tracetune.step": step, "tracetune.route": route}))
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+    for source in ("raw", "rollup"):
+        by_step = {r["step"]: r for r in analyzer.cost_per_1k(client, "10m", by=("pipeline", "step"), pipeline="calls",
+                                                             prices=PRICES, source=source).iter_rows(named=True)}
+        assert by_step["create_followup"]["unpriced_spans"] == 0, source
+        assert by_step["create_followup"]["call_cost"] == pytest.approx(2 * PRICES.calls["create_followup"]), source
+        assert by_step["lookup"]["unpriced_spans"] == 1, source
