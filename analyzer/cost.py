@@ -18,7 +18,8 @@ import polars as pl
 from tracetune.analyzer.prices import PricesError, PriceTable, current
 from tracetune.analyzer.stats import parse_window
 
-__all__ = ["COST_DIMENSIONS", "cost_over_time", "cost_per_1k", "cost_per_request", "price_cells", "resolve_prices"]
+__all__ = ["COST_DIMENSIONS", "cost_over_time", "cost_per_1k", "cost_per_request", "group_keys", "price_cells",
+           "resolve_prices"]
 
 # Request-level dimensions come from the root span; the rest from each step span.
 COST_DIMENSIONS = ("pipeline", "tenant", "step", "route", "model")
@@ -219,12 +220,13 @@ def cost_per_request(client, since: str | int = "1h", pipeline: str = "", *, pri
     return _stamp(frame, table)
 
 
-def _dimensions(by: str | Iterable[str]) -> list[str]:
-    keys = [by] if isinstance(by, str) else list(by)
-    unknown = [k for k in keys if k not in COST_DIMENSIONS]
+def group_keys(by: str | Iterable[str], allowed: Iterable[str] = COST_DIMENSIONS) -> list[str]:
+    """`by` as a list of distinct dimension names from `allowed`, or a ValueError naming the first bad one."""
+    keys, allowed = ([by] if isinstance(by, str) else list(by)), list(allowed)
+    unknown = [k for k in keys if k not in allowed]
     if unknown or len(set(keys)) != len(keys):
         raise ValueError(f"cannot group cost by {unknown[0] if unknown else keys!r}; "
-                         f"use distinct names from {', '.join(COST_DIMENSIONS)}")
+                         f"use distinct names from {', '.join(allowed)}")
     return keys
 
 
@@ -289,7 +291,7 @@ def cost_per_1k(client, since: str | int = "1h", by: str | Iterable[str] = ("pip
     Columns: *by, requests, spans, input_tokens, output_tokens, compute_seconds, token_cost,
     compute_cost, call_cost, cost, cost_per_1k, unpriced_spans, price_version, currency.
     """
-    keys = _dimensions(by)
+    keys = group_keys(by)
     table = resolve_prices(client, prices)
     if source == "rollup":
         return _cost_per_1k_rollup(client, since, keys, pipeline, table)

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from tracetune.analyzer._time import epoch_ns, utc
-from tracetune.analyzer.cost import price_cells
+from tracetune.analyzer.cost import group_keys, price_cells
 from tracetune.analyzer.drift import LATENCY_FEATURE
 from tracetune.analyzer.errors import ERROR_KIND_SQL
 from tracetune.analyzer.prices import PriceTable
@@ -166,15 +166,6 @@ def share_batches(cells: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([cells.filter(pl.col("kind") != "batch"), shared])
 
 
-def _dimensions(by: str | Iterable[str]) -> list[str]:
-    keys = [by] if isinstance(by, str) else list(by)
-    unknown = [k for k in keys if k not in SERIES_COST_DIMENSIONS]
-    if unknown or len(set(keys)) != len(keys):
-        raise ValueError(f"cannot group cost by {unknown[0] if unknown else keys!r}; "
-                         f"use distinct names from {', '.join(SERIES_COST_DIMENSIONS)}")
-    return keys
-
-
 def cost_by(cells: pl.DataFrame, table: PriceTable, by: str | Iterable[str] = ("pipeline",), tenant: str = "",
             over_time: bool = False) -> pl.DataFrame:
     """Cost per 1k requests of cost_cells grouped by any of pipeline, tenant, step, route, model (and the
@@ -185,7 +176,7 @@ def cost_by(cells: pl.DataFrame, table: PriceTable, by: str | Iterable[str] = ("
     [bucket], *by, requests, spans, tokens, compute and cost sums, cost_per_1k, unpriced_spans,
     price_version, currency.
     """
-    keys = _dimensions(by)
+    keys = group_keys(by, SERIES_COST_DIMENSIONS)
     time_keys = ["bucket"] if over_time else []
     cells = share_batches(cells)
     if tenant:

@@ -11,19 +11,14 @@ prints the percentile error of the rollup against exact.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-from harness import generate_spans, isolated_settings  # bench/harness.py: this script's folder
+from harness import generate_spans, start_store  # bench/harness.py: this script's folder
 from rich.console import Console
 from rich.table import Table
 
-from tracetune import analyzer, store
+from tracetune import analyzer
 
 PRICES = analyzer.load_prices()
 
@@ -54,14 +49,8 @@ def main() -> None:
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     console = Console(width=150)
 
-    home = Path(tempfile.mkdtemp(prefix="tracetune-bench-"))
-    settings = isolated_settings(home)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
-    proc = subprocess.Popen([sys.executable, "-m", "tracetune", "store"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    settings, proc, client = start_store("tracetune-bench-")
     try:
-        client = store.connect(settings, wait=60)
-        client.timeout = 3600
         table = Table(title="analyzer: rollup vs raw spans (median of 5 runs)")
         floor_ms, _ = timed(lambda: client.query("SELECT 1"))
         for col in ("spans", "question", "groups", "rollup ms", "raw ms", "raw / rollup", "compared",

@@ -17,18 +17,16 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 
-from harness import generate_spans, isolated_settings, stop_process  # bench/harness.py: this script's folder
+from harness import generate_spans, start_store, stop_process  # bench/harness.py: this script's folder
 from rich.console import Console
 from rich.table import Table
 
-from tracetune import analyzer, store
+from tracetune import analyzer
 
 APP = Path(str(resources.files("tracetune.dashboard").joinpath("app.py")))
 PAGES = ("overview", "steps", "cost", "drift", "tuner", "alerts")
@@ -92,14 +90,9 @@ def main() -> None:
     console = Console(width=150)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its store (finally)
 
-    home = Path(tempfile.mkdtemp(prefix="tracetune-bench-dashboard-"))
-    settings = isolated_settings(home)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
-    proc = subprocess.Popen([sys.executable, "-m", "tracetune", "store"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    settings, proc, client = start_store("tracetune-bench-dashboard-")
+    home = settings.home
     try:
-        client = store.connect(settings, wait=60)
-        client.timeout = 3600
         total, inserted = int(args.spans), 0
         started = time.perf_counter()
         inserted = generate_spans(client, total, inserted, args.chunk, console, f"generating {total:,} spans")

@@ -24,6 +24,30 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
             proc.wait(5)
 
 
+def start_store(prefix: str):
+    """An embedded store of its own in a new temporary home: (settings, its process, a client with an hour's
+    timeout for the long inserts); stop it with stop_process."""
+    import os
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from tracetune import store
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    settings = isolated_settings(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
+    proc = subprocess.Popen([sys.executable, "-m", "tracetune", "store"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = store.connect(settings, wait=60)
+    except BaseException:
+        stop_process(proc)
+        raise
+    client.timeout = 3600
+    return settings, proc, client
+
+
 def isolated_settings(home, **overrides):
     """Settings on free ports under `home`, ignoring any tracetune.toml or TRACETUNE_* of the caller."""
     from tracetune import settings
