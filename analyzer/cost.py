@@ -19,7 +19,7 @@ from tracetune.analyzer.prices import PricesError, PriceTable, current
 from tracetune.analyzer.stats import parse_window
 
 __all__ = ["COST_DIMENSIONS", "cost_over_time", "cost_per_1k", "cost_per_request", "group_keys", "price_cells",
-           "resolve_prices"]
+           "resolve_prices", "result_frame"]
 
 # Request-level dimensions come from the root span; the rest from each step span.
 COST_DIMENSIONS = ("pipeline", "tenant", "step", "route", "model")
@@ -189,7 +189,8 @@ def _parameters(table: PriceTable, since: str | int, pipeline: str) -> dict:
     }
 
 
-def _frame(result, schema: dict) -> pl.DataFrame:
+def result_frame(result, schema: dict) -> pl.DataFrame:
+    """A query result as a frame of `schema`'s columns; naive datetimes are UTC (as ClickHouse hands them back)."""
     if not result.result_rows:
         return pl.DataFrame(schema=schema)
     frame = pl.DataFrame(result.result_rows, schema=list(result.column_names), orient="row", infer_schema_length=None)
@@ -216,7 +217,7 @@ def cost_per_request(client, since: str | int = "1h", pipeline: str = "", *, pri
     """
     table = resolve_prices(client, prices)
     parameters = {**_parameters(table, since, pipeline), "limit": max(0, int(limit))}
-    frame = _frame(client.query(COST_PER_REQUEST_SQL, parameters=parameters), REQUEST_COLUMNS)
+    frame = result_frame(client.query(COST_PER_REQUEST_SQL, parameters=parameters), REQUEST_COLUMNS)
     return _stamp(frame, table)
 
 
@@ -298,7 +299,7 @@ def cost_per_1k(client, since: str | int = "1h", by: str | Iterable[str] = ("pip
     if source != "raw":
         raise ValueError(f"source must be 'raw' or 'rollup', not {source!r}")
     result = client.query(COST_BREAKDOWN_SQL, parameters=_parameters(table, since, pipeline))
-    raw = _frame(result, {"kind": pl.Utf8, **{k: pl.Utf8 for k in COST_DIMENSIONS}, "n": pl.Int64,
+    raw = result_frame(result, {"kind": pl.Utf8, **{k: pl.Utf8 for k in COST_DIMENSIONS}, "n": pl.Int64,
                           **{k: v for k, v in _SUMS.items() if k != "spans"}})
     request_keys = [k for k in keys if k in _REQUEST_DIMENSIONS]
     requests = raw.filter(pl.col("kind") == "requests")
@@ -331,7 +332,7 @@ def cost_over_time(client, since: str | int = "1h", bucket_seconds: int = 60, pi
     """
     table = resolve_prices(client, prices)
     parameters = {**_parameters(table, since, pipeline), "bucket_seconds": max(1, int(bucket_seconds))}
-    frame = _frame(client.query(COST_OVER_TIME_SQL, parameters=parameters), OVER_TIME_COLUMNS)
+    frame = result_frame(client.query(COST_OVER_TIME_SQL, parameters=parameters), OVER_TIME_COLUMNS)
     return _stamp(frame, table)
 
 

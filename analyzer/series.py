@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from tracetune.analyzer._time import epoch_ns, utc
-from tracetune.analyzer.cost import group_keys, price_cells
+from tracetune.analyzer.cost import group_keys, price_cells, result_frame
 from tracetune.analyzer.drift import LATENCY_FEATURE
 from tracetune.analyzer.errors import ERROR_KIND_SQL
 from tracetune.analyzer.prices import PriceTable
@@ -67,21 +67,6 @@ def _fill(sql: str, table: str, column: str, floor: str) -> str:
     return sql.replace("{rollup_table}", table).replace("{time_column}", column).replace("{time_floor}", floor)
 
 
-def _frame(result, schema: dict[str, pl.DataType]) -> pl.DataFrame:
-    """Rows as a frame of `schema`'s columns; naive datetimes are UTC (as ClickHouse hands them back)."""
-    if not result.result_rows:
-        return pl.DataFrame(schema=schema)
-    frame = pl.DataFrame(result.result_rows, schema=list(result.column_names), orient="row", infer_schema_length=None)
-    columns = []
-    for name, dtype in schema.items():
-        column = pl.col(name)
-        if dtype == _TIME:
-            zone = frame.schema[name].time_zone  # type: ignore[union-attr]
-            column = column.dt.replace_time_zone("UTC") if zone is None else column.dt.convert_time_zone("UTC")
-        columns.append(column.cast(dtype))
-    return frame.select(columns)
-
-
 # ---- steps ------------------------------------------------------------------------------------------
 
 def step_series(client, since: str | int = "1h", pipeline: str = "", tenant: str = "",
@@ -97,7 +82,7 @@ def step_series(client, since: str | int = "1h", pipeline: str = "", tenant: str
     table, column, floor, bucket = _rollup(seconds, bucket_seconds)
     result = client.query(_fill(_SQL["steps"], table, column, floor), parameters={
         "window_seconds": seconds, "pipeline": pipeline, "tenant": tenant, "bucket_seconds": bucket})
-    frame = _frame(result, STEP_SERIES_COLUMNS)
+    frame = result_frame(result, STEP_SERIES_COLUMNS)
     return frame.with_columns(pl.when(pl.col("step") == "").then(pl.lit(END_TO_END)).otherwise(pl.col("step"))
                               .alias("step"))
 
@@ -122,7 +107,7 @@ def error_spans(client, since: str | int = "1h", pipeline: str = "", limit: int 
     """
     result = client.query(_SQL["error_spans"], parameters={"window_seconds": _seconds(since), "pipeline": pipeline,
                                                            "limit": max(1, int(limit))})
-    return _frame(result, ERROR_SPAN_COLUMNS)
+    return result_frame(result, ERROR_SPAN_COLUMNS)
 
 
 # ---- cost -------------------------------------------------------------------------------------------
@@ -139,7 +124,7 @@ def cost_cells(client, since: str | int = "1h", pipeline: str = "", bucket_secon
     result = client.query(_fill(_SQL["cost_cells"], table, column, floor), parameters={
         "window_seconds": seconds, "offset_seconds": max(0, int(offset_seconds)), "pipeline": pipeline,
         "bucket_seconds": bucket})
-    return _frame(result, _CELL_COLUMNS)
+    return result_frame(result, _CELL_COLUMNS)
 
 
 def share_batches(cells: pl.DataFrame) -> pl.DataFrame:
