@@ -15,8 +15,13 @@ def serve(settings: Settings) -> None:
     """Run the OTLP/HTTP and OTLP/gRPC receivers until stopped, then write what is queued.
 
     Acknowledged spans live in `<home>/wal` until ClickHouse has them, so a crash or an outage loses
-    nothing: the next start replays them.
+    nothing: the next start replays them. A full disk at start is no reason not to start: requests are
+    refused (503) until the log has room, /health and /metrics answer. SIGTERM ends the process within
+    `collector_stop_seconds`: requests in flight get a third of it, the writer the rest, and what it
+    could not write stays in the log.
     """
+    import time
+
     from tracetune import store
     from tracetune.collector.ingest import Ingest
     from tracetune.collector.receivers import create_app
@@ -25,7 +30,8 @@ def serve(settings: Settings) -> None:
     from tracetune.serving import serve as serve_app
 
     store.connect(settings, wait=60)  # schema in place before the first insert
-    wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes)
+    wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes,
+                        segment_bytes=settings.collector_wal_segment_bytes)
     writer = SpanWriter(
         lambda: store.connect(settings, ensure_schema=False), wal,
         batch_rows=settings.collector_batch_rows,
@@ -36,6 +42,8 @@ def serve(settings: Settings) -> None:
     ingest.replay()
     writer.start()
     grpc_server = None
+    budget = settings.collector_stop_seconds
+    grace = budget / 3
     try:
         from tracetune.collector.grpc import serve_grpc
 
@@ -43,9 +51,12 @@ def serve(settings: Settings) -> None:
         grpc_server = serve_grpc(ingest, settings.bind_host, settings.collector_grpc_port,
                                  max_message_bytes=settings.collector_max_body_bytes, token=token)
         app = create_app(ingest, settings.collector_max_body_bytes, settings.collector_body_timeout_seconds, token)
-        serve_app(app, settings.bind_host, settings.collector_port)
+        serve_app(app, settings.bind_host, settings.collector_port, timeout_graceful_shutdown=max(1, int(grace)))
     finally:
-        if grpc_server is not None:
-            grpc_server.stop(5).wait()
-        writer.stop()
+        stopping = time.monotonic()
+        grpc_stopped = grpc_server.stop(grace) if grpc_server is not None else None
+        # uvicorn's graceful wait is already spent; what is left of the budget goes to the writer
+        writer.stop(max(0.5, budget - grace - 0.5))
+        if grpc_stopped is not None:
+            grpc_stopped.wait(max(0.0, grace - (time.monotonic() - stopping)))
         wal.close()

@@ -9,23 +9,19 @@ IngestError (503 + Retry-After when the queue or the log is full).
 from __future__ import annotations
 
 import logging
-import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tracetune.collector import metrics
 from tracetune.collector.rows import checked_span_count, convert
-from tracetune.collector.wal import WalError, WriteAheadLog
-from tracetune.collector.writer import Entry, SpanWriter
+from tracetune.collector.wal import Damage, Location, WalError, WriteAheadLog
+from tracetune.collector.writer import RECEIVERS, Entry, SpanWriter, decode_record, encode_record
 
 log = logging.getLogger("tracetune.collector")
 
-_RECORD = struct.Struct("<QB")  # received_ns, receiver; then the request as protobuf
-RECEIVERS = ("http", "grpc")
-RETRY_AFTER_SECONDS = 2
+__all__ = ["RECEIVERS", "ExportResult", "Ingest", "IngestError"]
 
 
 class IngestError(Exception):
@@ -47,20 +43,31 @@ class ExportResult:
     error_message: str = ""
 
 
-def _prepare(request: ExportTraceServiceRequest, body: bytes, received_ns: int, receiver: str
-             ) -> tuple[Callable[[int], Entry], ExportResult, list[list]]:
+@dataclass(frozen=True)
+class _Checked:
+    """A request as the queue sees it: spans for otel_traces and for the quarantine, and the fast path or not."""
+
+    spans: int
+    rejected: int
+    clean: bool
+
+    def entry(self, lsn: int, location: Location) -> Entry:
+        return Entry(lsn, spans=self.spans, rejected=self.rejected, clean=self.clean, location=location)
+
+
+def _check(request: ExportTraceServiceRequest, received_ns: int, receiver: str) -> tuple[_Checked, ExportResult,
+                                                                                           list[list]]:
     """How a request is queued, what the sender is told, and the spans it quarantines.
 
-    A request whose spans are all valid is queued as its protobuf body, converted with its batch
-    (columns.to_arrow); any other goes through the reference converter now, span by span.
+    A request whose spans are all valid is converted later with its batch (columns.to_arrow); any
+    other goes through the reference converter, span by span (again when its batch is prepared).
     """
     spans = checked_span_count(request)
     if spans is not None:
-        return (lambda lsn: Entry(lsn, body=body, spans=spans)), ExportResult(spans), []
+        return _Checked(spans, 0, True), ExportResult(spans), []
     converted = convert(request, received_ns, receiver)
     result = ExportResult(len(converted.rows), converted.rejected, converted.message())
-    return ((lambda lsn: Entry(lsn, rows=converted.rows, quarantine=converted.quarantine,
-                               spans=len(converted.rows))), result, converted.quarantine)
+    return _Checked(len(converted.rows), converted.rejected, False), result, converted.quarantine
 
 
 class Ingest:
@@ -71,25 +78,31 @@ class Ingest:
         self.writer = writer
 
     def replay(self) -> int:
-        """Queue every logged record not yet in ClickHouse (at start, before receivers open); spans queued."""
+        """Queue every logged record not yet in ClickHouse, and every damaged record to report (at start,
+        before receivers open); spans queued."""
         spans = 0
-        for lsn, payload in self.wal.replay():
-            received_ns, receiver = _RECORD.unpack_from(payload)
-            body = payload[_RECORD.size:]
-            make, _, _ = _prepare(ExportTraceServiceRequest.FromString(body), body, received_ns, RECEIVERS[receiver])
-            entry = make(lsn)
-            self.writer.enqueue(entry)
-            spans += entry.size
+        for item in self.wal.replay():
+            if isinstance(item, Damage):
+                self.writer.enqueue(Entry(item.last_lsn, damage=item))
+                continue
+            body, received_ns, receiver = decode_record(item.payload)
+            checked, _, _ = _check(ExportTraceServiceRequest.FromString(body), received_ns, receiver)
+            self.writer.enqueue(checked.entry(item.lsn, item.location))
+            spans += checked.spans + checked.rejected
         if spans:
             log.warning("replaying %d spans from the write-ahead log in %s", spans, self.wal.directory)
         return spans
 
     def export(self, request: ExportTraceServiceRequest, received_ns: int | None = None, receiver: str = "http",
                payload: bytes | None = None) -> ExportResult:
-        """Take one request; `payload` is its protobuf encoding when the caller has it already."""
+        """Take one request; `payload` is its protobuf encoding when the caller has it already.
+
+        Raises IngestError(503) when the log is full or cannot take the record (disk full, I/O error);
+        the request is then neither acknowledged nor queued. Every refusal is counted once, here.
+        """
         received_ns = received_ns or time.time_ns()
         body = payload if payload is not None else request.SerializeToString()
-        make, result, quarantine = _prepare(request, body, received_ns, receiver)
+        checked, result, quarantine = _check(request, received_ns, receiver)
         total = result.accepted_spans + result.rejected_spans
         metrics.SPANS_RECEIVED.labels(receiver).inc(total)
         for row in quarantine:
@@ -97,17 +110,18 @@ class Ingest:
         if total == 0:
             return result
         if not self.writer.has_room(total):
-            metrics.REQUESTS_REFUSED.labels(receiver, "503").inc()
-            raise IngestError(503, f"write queue is full ({self.writer.queued_rows} spans, "
-                                   f"{self.wal.pending_bytes} log bytes waiting for ClickHouse); retry later",
-                              retry_after=RETRY_AFTER_SECONDS)
-        record = _RECORD.pack(received_ns, RECEIVERS.index(receiver)) + body
+            raise self._refuse(receiver, f"write queue is full ({self.writer.queued_rows} spans, "
+                                         f"{self.wal.pending_bytes} log bytes waiting for ClickHouse); retry later")
         try:
-            self.wal.append(record, on_written=lambda lsn: self.writer.enqueue(make(lsn)))
+            self.wal.append(encode_record(body, received_ns, receiver), spans=total,
+                            on_durable=lambda lsn, location: self.writer.enqueue(checked.entry(lsn, location)))
         except WalError as exc:
-            metrics.REQUESTS_REFUSED.labels(receiver, "503").inc()
             log.error("%s", exc)
-            raise IngestError(503, str(exc), retry_after=RETRY_AFTER_SECONDS) from None
+            raise self._refuse(receiver, f"{exc}; retry later") from None
         metrics.SPANS_ACCEPTED.labels(receiver).inc(result.accepted_spans)
         metrics.WAL_BYTES.set(self.wal.pending_bytes)
         return result
+
+    def _refuse(self, receiver: str, message: str) -> IngestError:
+        metrics.REQUESTS_REFUSED.labels(receiver, "503").inc()
+        return IngestError(503, message, retry_after=self.writer.retry_after())

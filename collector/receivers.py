@@ -148,10 +148,13 @@ async def traces(request: Request) -> Response:
         body = await _read_body(request, state.max_body_bytes, state.body_timeout)
         data = _decode(body, request.headers.get("content-encoding", ""), state.max_body_bytes)
         message = parse(data, media_type)
-        result = await run_in_threadpool(state.ingest.export, message, received_ns, "http",
-                                         data if media_type == PROTOBUF else None)
     except IngestError as exc:
         metrics.REQUESTS_REFUSED.labels("http", str(exc.status)).inc()
+        return _error(exc, reply_type)
+    try:
+        result = await run_in_threadpool(state.ingest.export, message, received_ns, "http",
+                                         data if media_type == PROTOBUF else None)
+    except IngestError as exc:  # Ingest counted this refusal
         return _error(exc, reply_type)
     reply = ExportTraceServiceResponse()
     if result.rejected_spans or result.error_message:

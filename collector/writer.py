@@ -13,11 +13,12 @@ import json
 import logging
 import queue
 import re
+import struct
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -25,7 +26,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from tracetune.collector import columns, metrics
 from tracetune.collector.rows import COLUMNS, QUARANTINE_COLUMNS, convert
-from tracetune.collector.wal import Intent, WriteAheadLog
+from tracetune.collector.wal import DAMAGED_DIR, Damage, Intent, Location, WalError, WriteAheadLog
 
 log = logging.getLogger("tracetune.collector")
 
@@ -68,20 +69,40 @@ class _Retry(Exception):
     """The insert failed for a reason that is not in the rows: retry the batch later."""
 
 
+RECORD = struct.Struct("<QB")  # how a request is logged: received_ns, receiver; then the request as protobuf
+RECEIVERS = ("http", "grpc")
+
+
+def encode_record(body: bytes, received_ns: int, receiver: str) -> bytes:
+    """The write-ahead log payload of one request."""
+    return RECORD.pack(received_ns, RECEIVERS.index(receiver)) + body
+
+
+def decode_record(payload: bytes) -> tuple[bytes, int, str]:
+    """(protobuf body, received_ns, receiver) of a logged request."""
+    received_ns, receiver = RECORD.unpack_from(payload)
+    return payload[RECORD.size:], received_ns, RECEIVERS[receiver]
+
+
 @dataclass
 class Entry:
-    """One acknowledged request: its LSN and either its protobuf body (all spans valid, converted with
-    its batch) or the rows and quarantine rows the reference converter made of it."""
+    """One acknowledged request, by where it lies in the log (its body is read back when its batch is
+    prepared, so the queue's memory does not grow with the log), or a report of damaged records."""
 
     lsn: int
-    body: bytes = b""
-    rows: list[list[Any]] = field(default_factory=list)
-    quarantine: list[list[Any]] = field(default_factory=list)
     spans: int = 0  # spans it puts into otel_traces
+    rejected: int = 0  # spans it puts into the quarantine
+    clean: bool = True  # every span valid: converted with its batch by columns.to_arrow
+    location: Location | None = None
+    damage: Damage | None = None
 
     @property
     def size(self) -> int:
-        return self.spans + len(self.quarantine)
+        return self.spans + self.rejected + (self.damage is not None)
+
+
+DAMAGE_COLUMNS = ["detected_at", "wal_id", "segment", "start_byte", "end_byte", "first_lsn", "last_lsn", "spans",
+                  "kept_in", "message"]
 
 
 def data_error(exc: BaseException) -> bool:
@@ -100,46 +121,66 @@ def data_error(exc: BaseException) -> bool:
 
 
 class SpanWriter:
-    """Drains the queue of acknowledged records into ClickHouse: one thread converts, one inserts."""
+    """Drains the queue of acknowledged records into ClickHouse: one thread converts, one inserts.
+
+    Neither thread ever dies of an error: a failed insert, checkpoint or read is logged and retried.
+    """
 
     def __init__(self, client_factory: Callable[[], Any], wal: WriteAheadLog, batch_rows: int = 20_000,
-                 flush_seconds: float = 1.0, max_queue_rows: int = 1_000_000, table: str = "otel_traces",
-                 quarantine_table: str = "tracetune_quarantine", stall_seconds: float = 30.0):
+                 flush_seconds: float = 1.0, max_queue_rows: int = 0, table: str = "otel_traces",
+                 quarantine_table: str = "tracetune_quarantine", stall_seconds: float = 30.0,
+                 damage_table: str = "tracetune_wal_damage"):
         self._client_factory = client_factory
         self._client: Any = None
         self.wal = wal
         self.batch_rows = batch_rows
         self.flush_seconds = flush_seconds
-        self.max_queue_rows = max_queue_rows
+        self.max_queue_rows = max_queue_rows  # 0: only the log's size on disk bounds the queue
         self.table = table
         self.quarantine_table = quarantine_table
+        self.damage_table = damage_table
         self.stall_seconds = stall_seconds
         self._queue: deque[Entry] = deque()
         self._queued_rows = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._stop_deadline = float("inf")
         self._thread = threading.Thread(target=self._run, name="span-writer", daemon=True)
         self._converter = threading.Thread(target=self._convert_loop, name="span-converter", daemon=True)
         self._handoff: queue.Queue[Prepared | None] = queue.Queue(maxsize=1)
         self._abandoned = False  # the inserter gave up at shutdown: what is left stays in the log
         self.rows_written = 0
         self.rows_quarantined = 0
+        self.damaged_records = 0
         self.insert_failures = 0
         self.last_error = ""
         self._last_progress = time.monotonic()
+        self._written_at: deque[tuple[float, int]] = deque(maxlen=64)  # (time, log bytes) per commit
 
     # ---- producer side -------------------------------------------------------------------
     def has_room(self, rows: int) -> bool:
         """Whether a request of `rows` spans may be taken now (else: 503 + Retry-After).
 
-        An empty queue takes any request, so one larger than the queue is not refused forever.
+        The log's size on disk (`collector_wal_max_bytes`) is the bound; `max_queue_rows` an optional
+        second one. An empty queue takes any request, so one larger than the queue is not refused forever.
         """
         if self._stopping or self.wal.full:
             return False
-        return not self._queued_rows or self._queued_rows + rows <= self.max_queue_rows
+        return not self.max_queue_rows or not self._queued_rows or self._queued_rows + rows <= self.max_queue_rows
+
+    def retry_after(self) -> int:
+        """Seconds a refused sender should wait: 1 while the writer is draining fast enough to make room
+        within a second, else 2 (so the six attempts of an OpenTelemetry SDK spread over its 10 s budget)."""
+        now = time.monotonic()
+        recent = [(t, b) for t, b in self._written_at if now - t < 5.0]
+        if self.wal.full and len(recent) >= 2 and not self.wal.short_of_space:
+            rate = sum(b for _, b in recent[1:]) / max(recent[-1][0] - recent[0][0], 1e-3)
+            if self.wal.pending_bytes - self.wal.max_bytes < rate:
+                return 1
+        return 2
 
     def enqueue(self, entry: Entry) -> None:
-        """Queue a record that is in the log (called in LSN order, under the log's append lock)."""
+        """Queue a record that is in the log (called in LSN order, once it is fsynced)."""
         with self._cond:
             if not self._queued_rows:
                 self._last_progress = time.monotonic()  # an idle writer starts its stall clock now
@@ -166,12 +207,17 @@ class SpanWriter:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking requests, write what is queued for up to `timeout` s; the rest stays in the log."""
+        started = time.monotonic()
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._stop_deadline = started + timeout
+            self._cond.notify_all()
         self._thread.join(timeout)
         self._abandoned = self._abandoned or self._thread.is_alive()
-        self._converter.join(5)
+        self._converter.join(max(0.0, started + timeout + 0.5 - time.monotonic()))
+        if self._abandoned and self._queued_rows:
+            log.warning("stopping with %d spans unwritten; they stay in the write-ahead log and are written at the "
+                        "next start", self._queued_rows)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is written; True on success."""
@@ -193,6 +239,8 @@ class SpanWriter:
         with self._cond:
             deadline = time.monotonic() + self.flush_seconds
             while True:
+                if self._abandoned:
+                    return []
                 rows, last = self._ready()
                 if rows and (rows >= self.batch_rows or self._stopping or time.monotonic() >= deadline
                              or (intent is not None and last >= intent.last)):
@@ -233,7 +281,16 @@ class SpanWriter:
         while True:
             batch = self._take(intent)
             intent = None
-            prepared = self._prepare(batch) if batch else None
+            prepared = None
+            while batch:
+                try:
+                    prepared = self._prepare(batch)
+                    break
+                except Exception:
+                    log.exception("preparing a batch of %d records failed; retrying", len(batch))
+                    time.sleep(1.0)
+                    if self._abandoned:
+                        return
             while not self._abandoned:
                 try:
                     self._handoff.put(prepared, timeout=0.2)
@@ -245,43 +302,47 @@ class SpanWriter:
 
     def _run(self) -> None:
         """Stage two: insert each prepared batch until it lands, then commit it in the log."""
-        backoff = 0.2
-        stop_deadline: float | None = None
         while True:
             prepared = self._handoff.get()
             if prepared is None:
                 return
-            if self.wal.intent != prepared.intent:
-                self.wal.begin(prepared.intent)
-            while True:
-                try:
-                    self._write(prepared)
-                    break
-                except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing: the rows stay, retry later
-                    self.insert_failures += 1
-                    metrics.INSERT_FAILURES.inc()
-                    self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
-                    self._client = None
-                    log.warning("insert of %d spans failed, will retry: %s",
-                                sum(e.spans for e in prepared.batch), self.last_error)
-                    if self._stopping:
-                        stop_deadline = stop_deadline or time.monotonic() + 10.0
-                        if time.monotonic() > stop_deadline:
-                            log.warning("stopping with %d spans unwritten; they stay in the write-ahead log and "
-                                        "are written at the next start", self._queued_rows)
-                            self._abandoned = True
-                            return
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-            backoff = 0.2
+            if not self._insert_until_done(prepared):
+                self._abandoned = True
+                with self._cond:
+                    self._cond.notify_all()
+                return
             batch = prepared.batch
             self.wal.commit(batch[-1].lsn)
             with self._cond:
                 self._queued_rows -= sum(e.size for e in batch)
                 self._last_progress = time.monotonic()
                 self.rows_written += sum(e.spans for e in batch)
+            self._written_at.append((time.monotonic(), sum(e.location.length for e in batch if e.location)))
             metrics.QUEUE_SPANS.set(self._queued_rows)
             metrics.WAL_BYTES.set(self.wal.pending_bytes)
+
+    def _insert_until_done(self, prepared: Prepared) -> bool:
+        """Checkpoint the batch's range, then insert it, retrying with backoff; False if stopped first."""
+        backoff = 0.2
+        while True:
+            try:
+                if self.wal.intent != prepared.intent:
+                    self.wal.begin(prepared.intent)
+                self._write(prepared)
+                return True
+            except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing, disk full: the rows stay, retry
+                self.insert_failures += 1
+                metrics.INSERT_FAILURES.inc()
+                self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+                if not isinstance(exc, WalError):
+                    self._client = None
+                log.warning("insert of %d spans failed, will retry: %s",
+                            sum(e.spans for e in prepared.batch), self.last_error)
+            remaining = self._stop_deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(backoff, remaining))
+            backoff = min(backoff * 2, 5.0)
 
     # ---- inserts ---------------------------------------------------------------------------
     def _client_or_new(self) -> Any:
@@ -295,7 +356,8 @@ class SpanWriter:
         if isinstance(part, pa.Table):
             self._client_or_new().insert_arrow(table, part, settings=settings)
         else:
-            columns = COLUMNS if table == self.table else QUARANTINE_COLUMNS
+            columns = {self.table: COLUMNS, self.quarantine_table: QUARANTINE_COLUMNS,
+                       self.damage_table: DAMAGE_COLUMNS}[table]
             self._client_or_new().insert(table, part, column_names=columns, settings=settings)
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SPANS.observe(len(part))
@@ -303,34 +365,68 @@ class SpanWriter:
     def _prepare(self, batch: list[Entry]) -> Prepared:
         """The inserts a batch becomes, each with its own token derived from the batch's LSN range.
 
-        Spans of valid requests go in as one Arrow table (rows.convert when columns.to_arrow cannot
-        take them), spans the reference converter made as rows, rejected spans into the quarantine.
+        Each record is read back from the log. Spans of valid requests go in as one Arrow table
+        (rows.convert when columns.to_arrow cannot take them), other requests' spans as rows made by the
+        reference converter, rejected spans into the quarantine, damaged records into tracetune_wal_damage.
         """
         intent = Intent(batch[0].lsn, batch[-1].lsn)
         token = self.wal.token(intent.first, intent.last)
         parts: list[tuple[str, Part, str]] = []
-        quarantine = [row for entry in batch for row in entry.quarantine]
+        bodies: list[tuple[bytes, int, str]] = []
+        rows: list[list[Any]] = []
+        quarantine: list[list[Any]] = []
+        damage: list[list[Any]] = []
+        for entry in batch:
+            if entry.damage is not None:
+                damage.append(self._damage_row(entry.damage))
+                continue
+            assert entry.location is not None
+            try:
+                body, received_ns, receiver = decode_record(self.wal.read(entry.location))
+            except WalError as exc:  # damaged since it was written: report it like any damaged record
+                lost = Damage(entry.location.path, entry.location.offset,
+                              entry.location.offset + entry.location.length, entry.lsn, entry.lsn,
+                              entry.spans + entry.rejected)
+                log.error("%s (%s)", lost.describe(), exc)
+                damage.append(self._damage_row(lost))
+                continue
+            if entry.clean:
+                bodies.append((body, received_ns, receiver))
+            else:
+                converted = convert(ExportTraceServiceRequest.FromString(body), received_ns, receiver)
+                rows += converted.rows
+                quarantine += converted.quarantine
+        if damage:
+            parts.append((self.damage_table, damage, token + "/d"))
         if quarantine:
             parts.append((self.quarantine_table, quarantine, token + "/q"))
-        bodies = [entry.body for entry in batch if entry.body]
         if bodies:
-            part: Part | None = columns.to_arrow(bodies)
+            part: Part | None = columns.to_arrow([body for body, _, _ in bodies])
             if part is None:
-                part = [row for body in bodies for row in convert(ExportTraceServiceRequest.FromString(body)).rows]
+                part = [row for body, ns, receiver in bodies
+                        for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]
             parts.append((self.table, part, token + "/b"))
-        rows = [row for entry in batch for row in entry.rows]
         if rows:
             parts.append((self.table, rows, token + "/r"))
         return Prepared(batch, intent, parts)
 
+    def _damage_row(self, damage: Damage) -> list[Any]:
+        return [time.time_ns() // 1_000_000, self.wal.wal_id, damage.path.name, damage.start, damage.end,
+                damage.first_lsn, damage.last_lsn, damage.spans, str(self.wal.directory / DAMAGED_DIR),
+                damage.describe()]
+
     def _write(self, prepared: Prepared) -> None:
         """Insert every part; each is tried whole first, so a retry of a part that had landed is dropped."""
         for table, part, token in prepared.parts:
+            if table == self.table:
+                self._bisect(part, token, {"failures": 0, "successes": 0})
+                continue
+            self._insert(table, part, token)
             if table == self.quarantine_table:
-                self._insert(table, part, token)
                 self.rows_quarantined += len(part)
             else:
-                self._bisect(part, token, {"failures": 0, "successes": 0})
+                self.damaged_records += len(part)
+                metrics.WAL_DAMAGED_RECORDS.inc(len(part))
 
     def _bisect(self, part: Part, token: str, tally: dict[str, int]) -> None:
         """Insert `part`; if the engine refuses its data, insert each half the same way (down to one row)."""

@@ -58,10 +58,14 @@ class Settings:
     # Collector batching and backpressure.
     collector_batch_rows: int = 20_000
     collector_flush_seconds: float = 1.0
-    collector_max_queue_rows: int = 1_000_000
+    collector_max_queue_rows: int = 0  # spans waiting for ClickHouse; 0: only collector_wal_max_bytes bounds them
     collector_max_body_bytes: int = 16 * 1024 * 1024
-    collector_wal_max_bytes: int = 512 * 1024 * 1024  # acknowledged, not yet written; past it: 503
     collector_body_timeout_seconds: float = 30.0  # a request body slower than this gets 408
+    # Collector write-ahead log (<home>/wal): how much may wait for ClickHouse (past it: 503), segment size
+    # (a segment's space comes back once its records are in ClickHouse), and how long SIGTERM may take.
+    collector_wal_max_bytes: int = 512 * 1024 * 1024
+    collector_wal_segment_bytes: int = 8 * 1024 * 1024
+    collector_stop_seconds: float = 10.0
 
     # Executor: the pipelines it runs, as import strings package.module:attribute, comma-separated
     # (a list in tracetune.toml). The attribute is a Pipeline, or a function returning one (given
@@ -265,8 +269,8 @@ _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
 _POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_staleness_limit_seconds",
                     "tuner_canary_min_requests", "tuner_canary_max_seconds",
                     "analyzer_interval_seconds", "lease_seconds", "executor_max_in_flight", "collector_batch_rows",
-                    "collector_flush_seconds", "collector_max_queue_rows", "collector_max_body_bytes",
-                    "collector_wal_max_bytes", "collector_body_timeout_seconds",
+                    "collector_flush_seconds", "collector_max_body_bytes", "collector_wal_max_bytes",
+                    "collector_wal_segment_bytes", "collector_stop_seconds", "collector_body_timeout_seconds",
                     "executor_config_poll_seconds", "alert_group_interval_seconds", "alert_repeat_interval_seconds"]
 
 
@@ -314,7 +318,8 @@ def validate(s: Settings) -> Settings:
     for name in _POSITIVE_FIELDS:
         if getattr(s, name) <= 0:
             raise SettingsError(f"{name} = {getattr(s, name)} (from {where(name)}) must be greater than 0")
-    for name in ("tuner_interval_seconds", "tuner_cooldown_seconds", "alert_group_wait_seconds"):
+    for name in ("tuner_interval_seconds", "tuner_cooldown_seconds", "alert_group_wait_seconds",
+                 "collector_max_queue_rows"):
         if getattr(s, name) < 0:
             raise SettingsError(f"{name} = {getattr(s, name)} (from {where(name)}) must be 0 or more")
     if not 0 <= s.tuner_canary_share < 1:

@@ -6,11 +6,13 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from tests.collector.otlp import batch
+from tests.collector.otlp import T0, batch, request, span
 from tests.conftest import make_settings
 from tests.servers import start_process, stop_process, wait_until
 from tracetune import store
@@ -166,47 +168,92 @@ def test_sigterm_while_the_store_is_down_keeps_everything_for_the_next_start(tmp
         stop_process(store_proc)
 
 
-def test_a_batch_inserted_just_before_a_crash_is_not_inserted_twice(db_settings, tmp_path):
-    """The crash falls between ClickHouse taking the insert and the checkpoint saying so."""
+class DiesAfterInsert:
+    """A ClickHouse client whose first insert into otel_traces lands, after which the process "dies": the call
+    never returns, so the writer never commits the batch. `fresh_tokens` replaces every dedup token with a new
+    one (the control: without deduplication the retried batch must be counted twice)."""
+
+    def __init__(self, client, fresh_tokens: bool = False, die: bool = True):
+        self.client, self.fresh_tokens, self.die = client, fresh_tokens, die
+        self.landed, self.dead = threading.Event(), threading.Event()
+
+    def _settings(self, settings: dict) -> dict:
+        return {**settings, "insert_deduplication_token": uuid.uuid4().hex} if self.fresh_tokens else settings
+
+    def insert(self, table, data, settings, **kwargs):
+        self.client.insert(table, data, settings=self._settings(settings), **kwargs)
+        self._die(table)
+
+    def insert_arrow(self, table, data, settings):
+        self.client.insert_arrow(table, data, settings=self._settings(settings))
+        self._die(table)
+
+    def _die(self, table: str) -> None:
+        if self.die and table == "otel_traces" and not self.landed.is_set():
+            self.landed.set()
+            self.dead.wait(60)
+            raise ConnectionError("the process is gone")
+
+
+def pipeline_batch(n: int) -> tuple:
+    """n root spans of pipeline `dedup`, which the rollup view counts (kind 'root')."""
+    spans = [span(f"task-{i}", T0 + i * 1000, attributes=[
+        KeyValue(key="tracetune.pipeline", value=AnyValue(string_value="dedup"))]) for i in range(n)]
+    return request(spans), {s.span_id.hex() for s in spans}
+
+
+@pytest.mark.parametrize("fresh_tokens", [False, True], ids=["with-dedup", "control-without-dedup"])
+def test_a_batch_inserted_just_before_a_crash_is_stored_and_rolled_up_once(db_settings, tmp_path, fresh_tokens):
+    """The crash falls between ClickHouse taking the insert and the checkpoint saying so; the restart re-sends
+    the same batch with the same token. The control run, with a new token per insert, counts it twice."""
     client = store.connect(db_settings, ensure_schema=False)
+    dying = DiesAfterInsert(store.connect(db_settings, ensure_schema=False), fresh_tokens)
     wal = WriteAheadLog(tmp_path / "wal")
-    writer = SpanWriter(lambda: store.connect(db_settings, ensure_schema=False), wal, flush_seconds=0.01)
+    writer = SpanWriter(lambda: dying, wal, flush_seconds=0.05)
     ingest = Ingest(wal, writer)
-    requests = [batch(50) for _ in range(3)]
-    for request, _ in requests:
-        ingest.export(request)
-    prepared = writer._prepare(writer._take())
-    wal.begin(prepared.intent)
-    writer._write(prepared)  # in ClickHouse now, but never committed: the process "dies" here
-    intent = prepared.intent
+    requests = [pipeline_batch(50) for _ in range(3)]
+    for r, _ in requests:
+        ingest.export(r)
+    writer.start()
+    assert dying.landed.wait(20)
+    writer.stop(0.2)  # gives up: the batch is in ClickHouse, the log still says it is in flight
     wal.close()
+    dying.dead.set()
     assert stored_ids(client)[1] == 150
 
     wal = WriteAheadLog(tmp_path / "wal")
-    assert wal.intent == intent
-    writer = SpanWriter(lambda: store.connect(db_settings, ensure_schema=False), wal, flush_seconds=0.01)
+    assert wal.intent is not None
+    client_after = DiesAfterInsert(store.connect(db_settings, ensure_schema=False), fresh_tokens, die=False)
+    writer = SpanWriter(lambda: client_after, wal, flush_seconds=0.05)
     Ingest(wal, writer).replay()
     writer.start()
     assert writer.flush(20)
     writer.stop()
     wal.close()
-    assert_exactly_once(client, set().union(*(ids for _, ids in requests)))
-    rollup = client.query("SELECT sum(requests) FROM tracetune_spans_1m").result_rows[0][0]
-    assert rollup == 0  # these test spans carry no pipeline: the rollup must not have counted anything twice
+    rollup = client.query("SELECT sum(requests) FROM tracetune_spans_1m WHERE pipeline = 'dedup'").result_rows[0][0]
+    if fresh_tokens:
+        assert stored_ids(client)[1] == 300 and rollup == 300  # the test can fail: this is what it guards against
+    else:
+        assert_exactly_once(client, set().union(*(ids for _, ids in requests)))
+        assert rollup == 150
 
 
-@pytest.mark.parametrize("tail", [b"\x10\x00\x00\x00", b"\x05\x00\x00\x00" + b"\x00" * 12 + b"abc"])
+@pytest.mark.parametrize("tail", [b"\x10\x00\x00\x00", b"TTw1" + b"\x00" * 40 + b"abc", b"\x00" * 4096])
 def test_a_torn_record_at_the_end_of_the_log_is_cut_and_the_rest_replays(tmp_path, tail):
     wal = WriteAheadLog(tmp_path / "wal")
     lsns = [wal.append(f"record {i}".encode()) for i in range(3)]
     wal.close()
-    segment = sorted((tmp_path / "wal").glob("wal-*.log"))[0]
+    segment = sorted((tmp_path / "wal").glob("seg-*.wal"))[0]
+    size = segment.stat().st_size
     with open(segment, "ab") as handle:
         handle.write(tail)  # a write the crash interrupted (never acknowledged)
     wal = WriteAheadLog(tmp_path / "wal")
-    assert [(lsn, payload) for lsn, payload in wal.replay()] == [(lsn, f"record {i}".encode())
-                                                                 for i, lsn in enumerate(lsns)]
+    assert [(r.lsn, r.payload) for r in wal.replay()] == [(lsn, f"record {i}".encode()) for i, lsn in enumerate(lsns)]
+    assert segment.stat().st_size == size and not wal.damage  # cut, and not reported as damage
     assert wal.append(b"next") == lsns[-1] + 1
+    wal.close()
+    wal = WriteAheadLog(tmp_path / "wal")  # a later start does not take the cut tail for damage either
+    assert not wal.damage and len(list(wal.replay())) == 4
     wal.close()
 
 
@@ -256,7 +303,7 @@ def test_concurrent_appends_across_segment_rotations_all_replay(tmp_path):
     for t in threads:
         t.join(60)
     wal.close()
-    assert len(list((tmp_path / "wal").glob("wal-*.log"))) > 10
+    assert len(list((tmp_path / "wal").glob("seg-*.wal"))) > 10
     wal = WriteAheadLog(tmp_path / "wal")
-    assert list(wal.replay()) == sorted(written)
+    assert [(r.lsn, r.payload) for r in wal.replay()] == sorted(written)
     wal.close()
