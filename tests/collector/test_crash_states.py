@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tracetune.collector.writer import INSERT_SETTINGS, SpanWriter
 
 SPAN_ID = COLUMNS.index("SpanId")
 REQUESTS, SPANS, SENDERS = 16, 5, 2
+
 
 
 class ModelStore:
@@ -87,13 +89,16 @@ def record_run(root: Path, ops: RecordingOps) -> list[Op]:
     ingest.replay()
     writer.start()
 
-    def send() -> None:
+    def send(pause: float) -> None:
         for _ in range(REQUESTS // SENDERS):
             r, ids = pipeline_request(SPANS)
             ingest.export(r)
             ops.mark("ack", ids)
+            time.sleep(pause)
 
-    senders = [threading.Thread(target=send) for _ in range(SENDERS)]  # concurrent appends share fsyncs
+    # Concurrent appends share fsyncs; one sender paced past the flush interval, so batches differ in size
+    # and a batch re-sent after a crash must be the same batch (its checkpointed range), not a regrouping.
+    senders = [threading.Thread(target=send, args=(pause,)) for pause in (0.0, 0.03)]
     for sender in senders:
         sender.start()
     for sender in senders:
