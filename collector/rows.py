@@ -3,8 +3,9 @@
 Ids become lower-case hex; kinds and status codes pdata's names (`Server`, `Error`); attribute values
 pdata's `Value.AsString()` (ints in decimal, doubles as ECMAScript numbers, bytes as base64, arrays and
 maps as JSON); `Duration` is end minus start in nanoseconds. A span ClickHouse could not hold or that
-breaks OTLP (ids of the wrong length, times outside `DateTime64(9)`, end before start) is rejected with
-a reason and becomes a quarantine row instead, so one bad span never blocks the rest.
+breaks OTLP (ids of the wrong length, times outside `DateTime64(9)`, a start past the rollups'
+`DateTime` (2106-02-07), end before start) is rejected with a reason and becomes a quarantine row
+instead, so one bad span never blocks the rest.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SPAN_KINDS: tuple[str, ...] = ("Unspecified", "Internal", "Server", "Client", "P
 STATUS_CODES: tuple[str, ...] = ("Unset", "Ok", "Error")
 
 MAX_TIME_NS = (1 << 63) - 1  # DateTime64(9) ends at 2262-04-11 23:47:16.854775807 UTC
+MAX_START_NS = (1 << 32) * 10**9 - 1  # the rollups' DateTime minute ends at 2106-02-07 06:28:15 UTC
 _MAX_REASONS = 5  # reasons listed in one partial-success message
 _ZERO16, _ZERO8 = bytes(16), bytes(8)
 
@@ -122,6 +124,9 @@ def span_problem(span) -> str:
         return "start_time_unix_nano is not set"
     if start > MAX_TIME_NS or end > MAX_TIME_NS:
         return f"start/end time {max(start, end)} ns is past 2262-04-11, the end of DateTime64(9)"
+    if start > MAX_START_NS:
+        return (f"start time {start} ns is past 2106-02-07 06:28:15 UTC, the end of the rollups' DateTime "
+                "(it would be counted in the wrong minute)")
     if end < start:
         return f"end_time_unix_nano {end} is before start_time_unix_nano {start}"
     for event in span.events:
@@ -151,6 +156,7 @@ def checked_span_count(request: ExportTraceServiceRequest) -> int | None:
                 start, end = span.start_time_unix_nano, span.end_time_unix_nano
                 if (len(trace_id) != 16 or len(span_id) != 8 or trace_id == _ZERO16 or span_id == _ZERO8
                         or len(span.parent_span_id) not in (0, 8) or not 0 < start <= end <= MAX_TIME_NS
+                        or start > MAX_START_NS
                         or not 0 <= span.kind < len(SPAN_KINDS) or not 0 <= span.status.code < len(STATUS_CODES)):
                     return None
                 if span.events and any(e.time_unix_nano > MAX_TIME_NS for e in span.events):

@@ -14,12 +14,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from tests.collector.otlp import batch
+from tests.collector.otlp import batch, request, span
 from tests.collector.test_durability import PB, drained, start_collector, start_store, stored_ids
 from tests.conftest import make_settings
-from tests.servers import stop_process, wait_until
+from tests.servers import free_port, stop_process, wait_until
 from tracetune import store
+from tracetune.collector.ingest import Ingest
+from tracetune.collector.wal import WriteAheadLog
+from tracetune.collector.writer import SpanWriter
 
 
 def post(settings, spans: int = 100) -> tuple[httpx.Response, set[str]]:
@@ -197,3 +201,45 @@ def test_sigterm_with_the_store_away_ends_within_the_documented_time(tmp_path):
     finally:
         stop_process(collector)
         stop_process(store_proc)
+
+
+def test_a_span_past_2106_is_quarantined_not_rolled_up_into_another_minute(db_settings, tmp_path):
+    """DateTime (the rollups' minute) ends at 2106-02-07 06:28:15: a later start would wrap around; a span dated
+    2200 is refused with a reason, in spans and rollups alike, while one just before the end is counted there."""
+    client = store.connect(db_settings, ensure_schema=False)
+    wal = WriteAheadLog(tmp_path / "wal")
+    writer = SpanWriter(lambda: store.connect(db_settings, ensure_schema=False), wal, flush_seconds=0.05).start()
+    ingest = Ingest(wal, writer)
+    pipeline = [KeyValue(key="tracetune.pipeline", value=AnyValue(string_value="future"))]
+    late = span("late", start=7_258_118_400 * 10**9, attributes=pipeline)  # 2200-01-01
+    edge = span("edge", start=4_294_967_200 * 10**9, attributes=pipeline)  # 2106-02-07 06:26:40
+    result = ingest.export(request([late, edge]))
+    assert (result.accepted_spans, result.rejected_spans) == (1, 1) and "2106-02-07" in result.error_message
+    assert writer.flush(20)
+    writer.stop()
+    wal.close()
+    assert client.query("SELECT SpanName FROM otel_traces").result_rows == [("edge",)]
+    assert client.query("SELECT span_name FROM tracetune_quarantine").result_rows == [("late",)]
+    assert client.query("SELECT toString(minute), requests FROM tracetune_spans_1m WHERE pipeline = 'future'"
+                        ).result_rows == [("2106-02-07 06:26:00", 1)]
+
+
+def test_each_refusal_is_counted_once(db_settings, tmp_path):
+    from tests.servers import ThreadServer
+    from tracetune.collector.receivers import create_app
+
+    down = db_settings.replace(store_port=free_port())  # nothing listens: every insert fails, the log fills
+    wal = WriteAheadLog(tmp_path / "wal", max_bytes=1)
+    writer = SpanWriter(lambda: store.connect(down, ensure_schema=False), wal, flush_seconds=0.05).start()
+    with ThreadServer(create_app(Ingest(wal, writer), max_body_bytes=1 << 20)) as server:
+        def refused() -> float:
+            text = httpx.get(f"{server.url}/metrics").text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("tracetune_collector_requests_refused_total") and 'status="503"' in line)
+        before = refused()
+        statuses = [httpx.post(f"{server.url}/v1/traces", content=batch(10)[0].SerializeToString(),
+                               headers=PB).status_code for _ in range(4)]
+        assert statuses == [200, 503, 503, 503]
+        assert refused() - before == 3
+    writer.stop(0.5)
+    wal.close()
