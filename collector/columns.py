@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 
-from tracetune.collector.rows import COLUMNS, SPAN_KINDS, STATUS_CODES, value_string
+from tracetune.collector.rows import COLUMNS, MAX_START_NS, SPAN_KINDS, STATUS_CODES, value_string
 
 try:
     from ptars import HandlerPool
@@ -100,6 +100,7 @@ def _all(mask: pa.Array) -> bool:
 def _check_spans(trace_id, span_id, parent, kind, code, start, end) -> None:
     """Refuse what rows.span_problem rejects or rows.convert warns about (the reference says why)."""
     ok = pc.and_(pc.and_(pc.greater(start, 0), pc.less_equal(start, end)), pc.less_equal(end, _MAX_NS))
+    ok = pc.and_(ok, pc.less_equal(start, MAX_START_NS))  # the rollups' DateTime minute ends in 2106
     ok = pc.and_(ok, pc.and_(pc.equal(pc.binary_length(trace_id), 16), pc.equal(pc.binary_length(span_id), 8)))
     ok = pc.and_(ok, pc.and_(pc.not_equal(trace_id, b"\0" * 16), pc.not_equal(span_id, b"\0" * 8)))
     ok = pc.and_(ok, pc.is_in(pc.binary_length(parent), pa.array([0, 8], pa.int32())))

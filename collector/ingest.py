@@ -110,8 +110,9 @@ class Ingest:
         if total == 0:
             return result
         if not self.writer.has_room(total):
-            raise self._refuse(receiver, f"write queue is full ({self.writer.queued_rows} spans, "
-                                         f"{self.wal.pending_bytes} log bytes waiting for ClickHouse); retry later")
+            raise self._refuse(receiver, self.wal.broken or (
+                f"write queue is full ({self.writer.queued_rows} spans, {self.wal.pending_bytes} log bytes "
+                "waiting for ClickHouse); retry later"))
         try:
             self.wal.append(encode_record(body, received_ns, receiver), spans=total,
                             on_durable=lambda lsn, location: self.writer.enqueue(checked.entry(lsn, location)))

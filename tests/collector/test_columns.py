@@ -41,7 +41,7 @@ def _attrs(keys):
 
 @st.composite
 def _span(draw) -> Span:
-    start = draw(st.integers(min_value=1, max_value=2**62))
+    start = draw(st.integers(min_value=1, max_value=rows.MAX_START_NS))  # valid: up to the rollups' last minute
     span = Span(trace_id=draw(_ID16), span_id=draw(_ID8),
                 parent_span_id=draw(st.sampled_from([b"", b"\1" * 8])), name=draw(st.sampled_from(["a", "b", ""])),
                 kind=draw(st.integers(min_value=0, max_value=5)), trace_state=draw(st.sampled_from(["", "k=v"])),
