@@ -124,6 +124,7 @@ def serve(settings: Settings) -> None:
     Its files are private (0700 folders, 0600 files); the process confines itself with Landlock before
     the engine starts a thread (store/sandbox.py), once the password files are read."""
     import os
+    import sys
     from pathlib import Path
 
     from tracetune.serving import serve as serve_app
@@ -142,9 +143,10 @@ def serve(settings: Settings) -> None:
         log.info("store confined by Landlock ABI %d to %s and TCP port %d%s", confined.abi, data_dir.resolve(),
                  settings.store_port, "" if confined.network else " (no network rules below ABI 4)")
     except sandbox.SandboxError as exc:
-        if settings.store_require_sandbox:
-            raise SettingsError(f"store_require_sandbox is set but the store cannot confine itself: {exc}; unset "
-                                "TRACETUNE_STORE_REQUIRE_SANDBOX to run it unconfined") from None
+        if settings.store_require_sandbox:  # a user error: one line, exit code 2
+            print(f"Error: store_require_sandbox is set but the store cannot confine itself with Landlock: {exc}; "
+                  "unset TRACETUNE_STORE_REQUIRE_SANDBOX to run it unconfined", file=sys.stderr)
+            raise SystemExit(2) from None
         log.warning("the store runs unconfined (%s): a statement that passes its allow-lists acts with this "
                     "process's rights on the host; set store_require_sandbox to refuse to start instead", exc)
     from tracetune.store.engine import Engine  # chDB starts its threads on import: after the sandbox
