@@ -119,14 +119,39 @@ def connect(settings: Settings, ensure_schema: bool = True, wait: float = 0.0, r
 
 
 def serve(settings: Settings) -> None:
-    """Run the embedded store (chDB behind the ClickHouse HTTP interface) until stopped."""
-    from tracetune.serving import serve as serve_app
-    from tracetune.store.access import User, Users, allowed_hosts
-    from tracetune.store.engine import Engine
-    from tracetune.store.server import create_app
+    """Run the embedded store (chDB behind the ClickHouse HTTP interface) until stopped.
 
+    Its files are private (0700 folders, 0600 files); the process confines itself with Landlock before
+    the engine starts a thread (store/sandbox.py), once the password files are read."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from tracetune.serving import serve as serve_app
+    from tracetune.store import sandbox
+    from tracetune.store.access import User, Users, allowed_hosts
+
+    os.umask(0o077)
+    data_dir = Path(settings.data_dir)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data_dir.chmod(0o700)  # a folder of an older release was created 0755
     users = Users([User(*settings.store_credentials(readonly=False), readonly=0),
                    User(*settings.store_credentials(readonly=True), readonly=2)])
+    log = logging.getLogger("tracetune.store")
+    try:
+        confined = sandbox.confine(data_dir, settings.store_port)
+        log.info("store confined by Landlock ABI %d to %s and TCP port %d%s", confined.abi, data_dir.resolve(),
+                 settings.store_port, "" if confined.network else " (no network rules below ABI 4)")
+    except sandbox.SandboxError as exc:
+        if settings.store_require_sandbox:  # a user error: one line, exit code 2
+            print(f"Error: store_require_sandbox is set but the store cannot confine itself with Landlock: {exc}; "
+                  "unset TRACETUNE_STORE_REQUIRE_SANDBOX to run it unconfined", file=sys.stderr)
+            raise SystemExit(2) from None
+        log.warning("the store runs unconfined (%s): a statement that passes its allow-lists acts with this "
+                    "process's rights on the host; set store_require_sandbox to refuse to start instead", exc)
+    from tracetune.store.engine import Engine  # chDB starts its threads on import: after the sandbox
+    from tracetune.store.server import create_app
+
     engine = Engine(settings.data_dir)
     try:
         serve_app(create_app(engine, users, allowed_hosts(settings.bind_host)), settings.bind_host,

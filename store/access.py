@@ -22,28 +22,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from tracetune.store import lexer
-
-# Table functions, table and database engines, dictionary sources and disks that read or write
-# host files, run programs or open network connections (lower case; ClickHouse names vary in case).
-HOST_TOUCHING: frozenset[str] = frozenset("""
-file filecluster url urlcluster s3 s3cluster gcs oss cosn hdfs hdfscluster azureblobstorage
-azureblobstoragecluster remote remotesecure cluster clusterallreplicas mysql postgresql sqlite odbc
-jdbc mongodb redis executable executablepool executable_pool iceberg icebergs3 icebergazure
-iceberghdfs iceberglocal icebergcluster icebergs3cluster icebergazurecluster iceberghdfscluster
-deltalake deltalakes3 deltalakeazure deltalakelocal deltalakecluster hudi hudicluster paimon
-paimons3 paimonazure paimonhdfs paimonlocal arrowflight arrowflight ytsaurus prometheusquery
-s3queue azurequeue objectstoragequeue kafka rabbitmq nats hive materializedmysql materializedpostgresql
-externaldistributed distributed filesystem backup datalakecatalog http clickhouse cassandra
-disk catboostevaluate modelevaluate naivebayesclassifier filelog
-""".split())
-
-# Statements that act on the host as a whole.
-_REFUSED_FIRST = {"BACKUP", "RESTORE"}
-_SYSTEM_ALLOWED = {"FLUSH", "DROP", "STOP", "START", "SYNC", "WAIT", "PREWARM", "UNFREEZE"}
-
-_TABLE_NAME_BEFORE = {b"TABLE", b"INTO", b"EXISTS", b"VIEW", b"DICTIONARY", b"."}  # `INSERT INTO http (a)`: a table
-
 
 class AccessDenied(Exception):
     """A request refused before it reaches the engine, with ClickHouse's code, name and HTTP status."""
@@ -147,31 +125,3 @@ def check_origin(headers: Mapping[str, str], hosts: frozenset[str] | None) -> No
         raise AccessDenied("Cross-site browser requests are refused", 497, "ACCESS_DENIED", 403)
 
 
-def check_statement(text: str) -> None:
-    """Refuse a statement that would touch the host's files, programs or network (every user)."""
-    words: list[str] = []  # keywords and names outside string literals, in order
-    calls: list[str] = []  # names written directly before `(`
-    last: list[tuple[bytes, bytes]] = [(b"", b""), (b"", b"")]  # the two tokens before this one: (name, text)
-    for kind, token, _, _ in lexer.tokens(text.encode("utf-8", "surrogateescape")):
-        if token == b"(" and last[-1][0] and last[-2][1].upper() not in _TABLE_NAME_BEFORE:
-            calls.append(last[-1][0].decode("utf-8", "replace"))
-        name = lexer.unquote(token) if kind == "name" else token if kind == "word" else b""
-        last = [last[-1], (name, name or token)]
-        if name:
-            words.append(name.decode("utf-8", "replace"))
-    for name in calls:
-        if name.lower() in HOST_TOUCHING:
-            raise AccessDenied(f"{name}() is refused by the embedded store: it reads or writes host files, runs "
-                               "programs or opens network connections with the store's rights", 497,
-                               "ACCESS_DENIED", 403)
-    upper = [word.upper() for word in words]
-    for keyword in ("OUTFILE", "INFILE"):
-        if keyword in upper:
-            raise AccessDenied("INTO OUTFILE / FROM INFILE are refused by the embedded store: they use host files; "
-                               "send data in the request body and read results from the response", 497,
-                               "ACCESS_DENIED", 403)
-    first = upper[0] if upper else ""
-    if first in _REFUSED_FIRST or (first == "SYSTEM" and (len(upper) < 2 or upper[1] not in _SYSTEM_ALLOWED)) \
-            or (first == "ATTACH" and "FROM" in upper):
-        raise AccessDenied(f"{' '.join(words[:2])} is refused by the embedded store: it acts on the host", 497,
-                           "ACCESS_DENIED", 403)

@@ -30,8 +30,10 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tracetune.store import lexer
-from tracetune.store.access import AccessDenied, Users, check_origin, check_statement, credentials
+from tracetune.store.access import AccessDenied, Users, check_origin, credentials
 from tracetune.store.engine import Engine, EngineError, ExternalTable, Request
+from tracetune.store.policy import Lock, Refused
+from tracetune.store.statements import ParseError, Parser
 
 try:
     from compression import zstd as _zstd  # Python 3.14+
@@ -379,11 +381,11 @@ async def handle(request: HttpRequest) -> Response:
         _check_transport(params)
         external = _external_tables(params, files)
         engine_request = parse_request(params, body)
-        check_statement(engine_request.query + " " + engine_request.insert_settings)
         engine_request.external = external
         engine_request.query_id = query_id
         engine_request.settings, engine_request.readonly = _limits(
             engine_request.settings, user.readonly or (2 if request.method == "GET" else 0))
+        await run_in_threadpool(_lock, state.lock, engine_request)
         engine_request.user_readonly = user.readonly
         session = None
         if params.get("session_id"):
@@ -392,6 +394,10 @@ async def handle(request: HttpRequest) -> Response:
                                      params.get("session_check", "0") in ("1", "true"))
     except (BadRequest, AccessDenied) as exc:
         return _error(str(exc), exc.code, getattr(exc, "status", None) or _HTTP_STATUS.get(exc.code, 400))
+    except Refused as exc:  # as ClickHouse answers its own refusals: by its code-to-status table, else 500
+        return _error(str(exc), exc.code)
+    except ParseError as exc:
+        return _error(str(exc), exc.code, _HTTP_STATUS.get(exc.code, 400))
     except EngineError as exc:
         return _error(str(exc), exc.code)
     encoding = _encoding(request.headers.get("accept-encoding", "")) \
@@ -568,7 +574,25 @@ def _limits(settings: dict[str, str], readonly: int) -> tuple[dict[str, str], in
     return rest, level
 
 
-def create_app(engine: Engine, users: Users, hosts: frozenset[str] | None) -> Starlette:
+def _lock(lock: Lock, engine_request: Request) -> None:
+    """Every piece of SQL in the request through the allow-lists; the engine then runs their canonical form."""
+    lock.check_settings(engine_request.settings)
+    level = engine_request.readonly
+    if engine_request.insert_format:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", engine_request.insert_format):
+            raise BadRequest(f"Unknown format {engine_request.insert_format!r}", 73, "UNKNOWN_FORMAT")
+        engine_request.query, engine_request.insert_settings = lock.check_insert(
+            engine_request.query, engine_request.insert_settings, engine_request.insert_format,
+            engine_request.params, level)
+    else:  # checked in canonical form; run as sent, so comments stay visible in system.processes
+        lock.check(engine_request.query, engine_request.params, level)
+    for table in engine_request.external:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", table.format):
+            raise BadRequest(f"Unknown format {table.format!r} for external table {table.name}", 73, "UNKNOWN_FORMAT")
+        table.structure = lock.check_structure(table.structure)
+
+
+def create_app(engine: Engine, users: Users, hosts: frozenset[str] | None, lock: Lock | None = None) -> Starlette:
     """The HTTP interface for `engine`, open to `users`, answering only to the `hosts` names (None: any)."""
     app = Starlette(routes=[
         Route("/ping", ping, methods=["GET", "HEAD"]),
@@ -578,6 +602,7 @@ def create_app(engine: Engine, users: Users, hosts: frozenset[str] | None) -> St
     app.state.engine = engine
     app.state.users = users
     app.state.hosts = hosts
+    app.state.lock = lock or Lock(Parser(str(engine.data_dir)))
     return app
 
 

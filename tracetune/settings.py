@@ -104,6 +104,9 @@ class Settings:
     # and CLI). Empty: a password generated once into <home>/store.password / store_reader.password (0600).
     store_password: str = ""
     store_reader_password: str = ""
+    # The store confines its process with Linux Landlock (docs/store.md); where the kernel lacks it, it
+    # logs that it runs unconfined, or refuses to start when this is true.
+    store_require_sandbox: bool = False
 
     # Tuner write calls need this bearer token (reads are open on loopback).
     tuner_token: str = ""

@@ -12,7 +12,6 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 
 from tracetune import store
 from tracetune.settings import Settings
-from tracetune.store.access import AccessDenied, check_statement
 
 
 @pytest.fixture
@@ -164,7 +163,11 @@ def test_host_files_programs_and_network_are_refused_for_every_user(base, db_set
     written = tmp_path / "written.txt"
     user, password = db_settings.store_credentials(readonly=readonly)
     response = base.post("/", content=statement.format(secret=secret, written=written), auth=(user, password))
-    assert response.status_code == 403 and _code(response) == "497", response.text
+    # ACCESS_DENIED for what no one may do; READONLY where the reader tried a write it may never do anyway;
+    # SETTING_CONSTRAINT_VIOLATION for a setting off the list.
+    # ClickHouse's statuses for them: 403, 500 and 500 (READONLY and the constraint are not in its status table).
+    assert _code(response) in ("497", "164", "452"), response.text
+    assert response.status_code == {"497": 403, "164": 500, "452": 500}[_code(response)]
     assert "the secret" not in response.text
     assert not written.exists()
     assert base.get("/ping").text == "Ok.\n"  # SYSTEM SHUTDOWN did not stop it
@@ -172,20 +175,23 @@ def test_host_files_programs_and_network_are_refused_for_every_user(base, db_set
 
 @pytest.mark.parametrize("statement", [
     "SELECT 'file(' AS text, url FROM (SELECT 'x' AS url)",
-    "CREATE TABLE http (url String, file String) ENGINE = Memory",
-    "INSERT INTO remote (a) VALUES",
-    "CREATE TABLE IF NOT EXISTS db.url (a UInt8) ENGINE = Memory",
-    "SELECT count(file) FROM t -- file('/etc/passwd')",
+    "CREATE TABLE IF NOT EXISTS http (url String, file String) ENGINE = Memory",
+    "CREATE TABLE IF NOT EXISTS url (a UInt8) ENGINE = Memory",
+    "INSERT INTO http (url) VALUES ('x')",
+    "SELECT count(file) FROM http -- file('/etc/passwd')",
     "SYSTEM FLUSH LOGS",
 ])
-def test_names_that_only_look_host_touching_pass(statement):
-    check_statement(statement)
+def test_names_that_only_look_host_touching_pass(base, db_settings, statement):
+    auth = db_settings.store_credentials()
+    base.post("/", content="CREATE TABLE IF NOT EXISTS http (url String, file String) ENGINE = Memory", auth=auth)
+    response = base.post("/", content=statement, auth=auth)
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("statement", [
     "SELECT \"url\"('http://x')", "SELECT * FROM S3Cluster('c', 'http://x')", "ATTACH TABLE t FROM '/tmp/t' (a UInt8)",
     "SELECT * FROM numbers(1) INTO OUTFILE 'x' FORMAT CSV", "RESTORE TABLE t FROM Disk('backups', 'x')",
 ])
-def test_each_host_touching_form_is_recognised(statement):
-    with pytest.raises(AccessDenied):
-        check_statement(statement)
+def test_each_host_touching_form_is_recognised(base, db_settings, statement):
+    response = base.post("/", content=statement, auth=db_settings.store_credentials())
+    assert response.status_code == 403 and _code(response) == "497", response.text
