@@ -40,11 +40,18 @@ class Component:
 
 
 def dashboard_command(settings: Settings) -> list[str]:
+    """`streamlit run` for the dashboard with the same Host allow-list as the APIs (Streamlit checks it on the
+    WebSocket that carries every page's data), same-origin WebSockets only (enableCORS) and XSRF protection."""
+    from tracetune.serving import allowed_hosts
+
     app = resources.files("tracetune.dashboard").joinpath("app.py")  # inside the package, wheel or source
+    hosts = allowed_hosts(settings.bind_host, settings.host_names)
     return [sys.executable, "-m", "streamlit", "run", str(app),
             "--server.port", str(settings.dashboard_port), "--server.address", settings.bind_host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer"]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
+            "--server.enableCORS", "true", "--server.enableXsrfProtection", "true",
+            *(arg for host in sorted(hosts or ["*"]) for arg in ("--server.allowedHosts", host))]
 
 
 def components(settings: Settings, load_rate: float, with_dashboard: bool = True) -> list[Component]:
