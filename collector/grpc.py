@@ -187,6 +187,8 @@ class GrpcServer:
             asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+            if not self._thread.is_alive():
+                self._loop.close()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._stopped.set()
         return self._stopped

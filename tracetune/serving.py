@@ -201,16 +201,6 @@ def _load_json(body: bytes) -> Any:
         raise Refused(400, f"body is nested more than {MAX_JSON_DEPTH} levels deep") from None
 
 
-def parse_json(body: bytes) -> Any:
-    """The JSON value of `body`; Refused(400) for bytes that are not UTF-8 JSON, too deep or with bad text."""
-    try:
-        value = _load_json(body)
-    except ValueError as exc:
-        raise Refused(400, f"body is not valid JSON: {exc}") from None
-    check_json(value)
-    return value
-
-
 ErrorResponse = Callable[[Mapping[str, str], "Refused"], Any]
 
 

@@ -75,7 +75,8 @@ def components(settings: Settings, load_rate: float, with_dashboard: bool = True
                                f"{settings.llm_base_url} (LLM), {settings.crm_base_url} (CRM)"))
     parts.append(Component("executor", tracetune + ["executor"], settings.executor_port,
                            f"{settings.executor_url}/health", f"{settings.executor_url}/v1/pipelines/"
-                           f"<pipeline>/tasks, {settings.executor_metrics_url}"))
+                           f"<pipeline>/tasks (token in {settings.home / 'executor.token'}), "
+                           f"{settings.executor_metrics_url}"))
     parts.append(Component("analyzer", tracetune + ["analyzer"], None, "",
                            f"drift and SLO refresh every {settings.analyzer_interval_seconds:g} s"))
     if with_dashboard:
