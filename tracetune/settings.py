@@ -354,6 +354,10 @@ def validate(s: Settings) -> Settings:
         url = getattr(s, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise SettingsError(f"{name} = {url!r} (from {where(name)}) must be an http(s) URL")
+    for name in s.allowed_hosts.split(","):
+        if name.strip() and not re.fullmatch(r"\*|[A-Za-z0-9._-]+|\[?[0-9A-Fa-f:.]+\]?", name.strip()):
+            raise SettingsError(f"allowed_hosts: {name.strip()!r} (from {where('allowed_hosts')}) is not a host name; "
+                                "list names without scheme or port, e.g. tracetune.example.com,10.0.0.5 (or *)")
     if s.alert_webhook_secret:
         _check_webhook_secret(s.alert_webhook_secret, where("alert_webhook_secret"))
     existing = next((p for p in (s.home, *s.home.parents) if p.exists()), None)  # what mkdir would build on

@@ -63,3 +63,11 @@ def test_json_depth_and_surrogates_are_named():
     with pytest.raises(Refused) as refused:
         check_json({"\ud800": {"b": "\udfff"}})
     refused.value.message.encode("utf-8")  # the message itself is valid text
+
+
+@pytest.mark.parametrize("value", ["http://tuner.example", "tuner.example:8700", "a b", "x/y"])
+def test_allowed_hosts_must_be_names(tmp_path, value):
+    from tracetune.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="allowed_hosts: .* is not a host name"):
+        make_settings(tmp_path, allowed_hosts=value)
