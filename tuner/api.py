@@ -1,8 +1,10 @@
 """Tuner HTTP API (OpenAPI at /docs, served offline): executors register their pipelines and poll their
 config; owners set SLOs, change or pin knobs, roll back, freeze the tuner and send quality feedback.
 
-Reads are open on loopback; write calls need `Authorization: Bearer <token>`. Every config change is
-a row in the decision audit (`GET /v1/pipelines/{p}/decisions`); Prometheus metrics on /metrics.
+Reads are open on loopback; write calls need `Authorization: Bearer <token>`. Every call answers only to
+the tuner's own Host names and origin, with JSON bodies of a bounded size (tracetune.serving.Guard).
+Every config change is a row in the decision audit (`GET /v1/pipelines/{p}/decisions`); Prometheus
+metrics on /metrics.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class Error(BaseModel):
 
 
 _ERROR_TEXT = {
-    401: "No or a wrong bearer token: send Authorization: Bearer <tuner token>",
     400: "A body that is not UTF-8 JSON, nested too deeply or holding a lone UTF-16 surrogate",
+    401: "No or a wrong bearer token: send Authorization: Bearer <tuner token>",
     403: "Writes are disabled (the tuner has no token), or a browser request from another site or Host",
     404: "The pipeline is not declared, or it has no such version",
     409: "The request conflicts with the pipeline's declaration",
