@@ -275,7 +275,8 @@ def _readme_commands_work_as_written(stack: Settings) -> None:
     for command in commands:
         command = command.replace("127.0.0.1:9465", f"127.0.0.1:{stack.executor_port}") \
             .replace("127.0.0.1:8700", f"127.0.0.1:{stack.tuner_port}") \
-            .replace(".tracetune/tuner.token", str(stack.home / "tuner.token")).split("  #")[0]
+            .replace(".tracetune/tuner.token", str(stack.home / "tuner.token")) \
+            .replace(".tracetune/executor.token", str(stack.home / "executor.token")).split("  #")[0]
         done = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True, text=True,
                               timeout=60)
         body, _, status = done.stdout.rpartition("\n")
