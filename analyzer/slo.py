@@ -127,6 +127,11 @@ def alerts(rates: Mapping[int, float], windows: Sequence[BurnWindow] | None = No
 
 # ---- the SLO itself -----------------------------------------------------------------------------
 
+MAX_LATENCY_MS = 86_400_000.0
+"""A latency target above a day is no target (1e308 would pass `> 0` and overflow every sum of budgets)."""
+MAX_COST_PER_1K = 1e9
+"""A cost budget above this per 1000 requests is no budget."""
+
 @dataclass(frozen=True)
 class Objective:
     """One request-level SLO of a pipeline: its kind, latency target (None for availability) and budget."""
@@ -162,11 +167,12 @@ class SLO:
         if not isinstance(self.pipeline, str) or not self.pipeline.strip():
             raise SLOError(f"SLO `pipeline` must be a non-empty name, got {self.pipeline!r}")
         rules = {  # field -> (check, what it must be)
-            "p95_ms": (lambda v: v > 0, "a latency in milliseconds > 0"),
-            "p99_ms": (lambda v: v > 0, "a latency in milliseconds > 0"),
+            "p95_ms": (lambda v: 0 < v <= MAX_LATENCY_MS, f"a latency in milliseconds in (0, {MAX_LATENCY_MS:g}]"),
+            "p99_ms": (lambda v: 0 < v <= MAX_LATENCY_MS, f"a latency in milliseconds in (0, {MAX_LATENCY_MS:g}]"),
             "error_rate": (lambda v: 0 < v < 1, "a fraction of requests in (0, 1), e.g. 0.001"),
             "objective": (lambda v: 0 < v < 1, "a fraction of good requests in (0, 1), e.g. 0.999"),
-            "cost_per_1k": (lambda v: v >= 0, "a price per 1000 requests >= 0"),
+            "cost_per_1k": (lambda v: 0 <= v <= MAX_COST_PER_1K,
+                            f"a price per 1000 requests in [0, {MAX_COST_PER_1K:g}]"),
             "quality_floor": (lambda v: 0 <= v <= 1, "a score in [0, 1]"),
             "period_days": (lambda v: 0 < v <= 366, "a number of days in (0, 366], e.g. 30"),
         }

@@ -278,7 +278,8 @@ def _drive(settings, name: str, spec: PipelineSpec, api: httpx.Client, duration:
     ticker.start()
     record = ground_truth_writer(store.connect(settings, ensure_schema=False))
     try:
-        report = asyncio.run(run_load(plan, settings.executor_url, PIPELINE, record=record))
+        report = asyncio.run(run_load(plan, settings.executor_url, PIPELINE, record=record,
+                                      token=settings.secret("executor")))
     finally:
         done.set()
         ticker.join(30)

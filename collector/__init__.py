@@ -27,6 +27,7 @@ def serve(settings: Settings) -> None:
     from tracetune.collector.receivers import create_app
     from tracetune.collector.wal import WriteAheadLog
     from tracetune.collector.writer import SpanWriter
+    from tracetune.serving import allowed_hosts
     from tracetune.serving import serve as serve_app
 
     store.connect(settings, wait=60)  # schema in place before the first insert
@@ -50,7 +51,8 @@ def serve(settings: Settings) -> None:
         token = settings.secret("collector")
         grpc_server = serve_grpc(ingest, settings.bind_host, settings.collector_grpc_port,
                                  max_message_bytes=settings.collector_max_body_bytes, token=token)
-        app = create_app(ingest, settings.collector_max_body_bytes, settings.collector_body_timeout_seconds, token)
+        app = create_app(ingest, settings.collector_max_body_bytes, settings.collector_body_timeout_seconds, token,
+                         hosts=allowed_hosts(settings.bind_host, settings.host_names))
         serve_app(app, settings.bind_host, settings.collector_port, timeout_graceful_shutdown=max(1, int(grace)))
     finally:
         stopping = time.monotonic()

@@ -2,12 +2,19 @@
 
 It decodes the request itself, so malformed protobuf is INVALID_ARGUMENT rather than grpcio's INTERNAL,
 and turns Ingest's HTTP-style refusals into the gRPC codes and RetryInfo the OTLP spec tells SDKs to act on.
+
+The server is grpc.aio on an event loop of its own: a request waits for its message as a coroutine, not on
+a worker thread, so streams that announce a message and never send it cannot starve the others (grpcio's
+thread-pool server reads each unary request on a worker thread). Only Ingest's blocking work (the fsynced
+write-ahead log) runs on the `workers` threads, and only once a whole message has arrived.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +31,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from tracetune.collector import metrics
 from tracetune.collector.ingest import ExportResult, Ingest, IngestError
 
-__all__ = ["SERVICE", "TraceReceiver", "grpc_status", "response_for", "serve_grpc", "server_options"]
+__all__ = ["SERVICE", "GrpcServer", "TraceReceiver", "grpc_status", "response_for", "serve_grpc", "server_options"]
 
 log = logging.getLogger("tracetune.collector")
 
@@ -60,10 +68,12 @@ CONNECTION_LIMITS: Final = {
     "grpc.keepalive_timeout_ms": 20_000,
     "grpc.http2.min_recv_ping_interval_without_data_ms": 10_000,
     "grpc.http2.max_ping_strikes": 2,
+    "grpc.max_concurrent_streams": 100,
 }
 """Idle connections close after a minute; every connection is recycled (GOAWAY) after two minutes and cut 15 s
-later, which also frees a worker thread held by a client that never finishes sending its message; dead peers are
-found by keepalive pings; clients pinging more often than every 10 s are disconnected."""
+later, which also ends the streams of a client that never finishes sending its message; dead peers are
+found by keepalive pings; clients pinging more often than every 10 s are disconnected; one connection holds at
+most 100 streams at once."""
 
 
 class _Status(NamedTuple):
@@ -102,11 +112,12 @@ def response_for(result: ExportResult) -> ExportTraceServiceResponse:
 
 
 class TraceReceiver:
-    """The Export handler: check the bearer token, decode, hand to Ingest, map the outcome to gRPC."""
+    """The Export handler: check the bearer token, decode, hand to Ingest (on `pool`), map the outcome to gRPC."""
 
-    def __init__(self, ingest: Ingest, token: str = ""):
+    def __init__(self, ingest: Ingest, token: str = "", pool: ThreadPoolExecutor | None = None):
         self.ingest = ingest
         self._token = token.encode()
+        self._pool = pool
 
     def authorized(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
         if not self._token:
@@ -116,25 +127,35 @@ class TraceReceiver:
         scheme, _, credential = presented.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self._token)
 
-    def export(self, body: bytes, context: grpc.ServicerContext) -> ExportTraceServiceResponse:
+    async def export(self, body: bytes, context: grpc.aio.ServicerContext) -> ExportTraceServiceResponse:
         received_ns = time.time_ns()
         if not self.authorized(context.invocation_metadata()):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong bearer token: send metadata `authorization: Bearer <token>` "
-                          "(SDKs: OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20<token>)")
+            metrics.REQUESTS_REFUSED.labels("grpc", "401").inc()  # as the HTTP receiver counts its 401
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong bearer token: send metadata `authorization: Bearer <token>` "
+                                "(SDKs: OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20<token>)")
         request = ExportTraceServiceRequest()
         try:
             request.ParseFromString(body)
-        except DecodeError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"request is not a valid ExportTraceServiceRequest protobuf: {exc}")
-        try:
-            result = self.ingest.export(request, received_ns, receiver="grpc", payload=body)
+        except (DecodeError, RecursionError) as exc:
+            problem = f"request is not a valid ExportTraceServiceRequest protobuf: {exc}"
+        else:
+            problem = ""
+        if problem:
+            metrics.REQUESTS_REFUSED.labels("grpc", "400").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        refusal: grpc.Status | None = None
+        try:  # Ingest counts its own refusals (a full queue or log)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._pool, lambda: self.ingest.export(request, received_ns, receiver="grpc", payload=body))
         except IngestError as exc:
-            context.abort_with_status(grpc_status(exc.status, exc.message, exc.retry_after))
+            refusal = grpc_status(exc.status, exc.message, exc.retry_after)
         except Exception:
             log.exception("OTLP/gRPC export failed")
-            context.abort(grpc.StatusCode.INTERNAL, "the collector failed to take the request; see its log")
+            refusal = _GrpcStatus(grpc.StatusCode.INTERNAL, "the collector failed to take the request; see its log",
+                                  ())
+        if refusal is not None:
+            await context.abort(refusal.code, refusal.details, refusal.trailing_metadata)
         return response_for(result)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -152,27 +173,63 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
             *CONNECTION_LIMITS.items()]
 
 
+class GrpcServer:
+    """The running grpc.aio server on its own event-loop thread; `stop(grace)` returns an event to `.wait()` on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread, server: grpc.aio.Server,
+                 pool: ThreadPoolExecutor):
+        self._loop, self._thread, self._server, self._pool = loop, thread, server, pool
+        self._stopped = threading.Event()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Refuse new calls, let those running finish within `grace` seconds (None: cancel them now)."""
+        if not self._stopped.is_set():
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            if not self._thread.is_alive():
+                self._loop.close()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._stopped.set()
+        return self._stopped
+
+
 def serve_grpc(ingest: Ingest, host: str, port: int, *, max_message_bytes: int, token: str = "",
-               workers: int = 8) -> grpc.Server:
+               workers: int = 8) -> GrpcServer:
     """Start the OTLP/gRPC receiver on host:port and return the running server; the caller calls `.stop(grace)`.
 
-    gzip and deflate request compression are handled by grpc itself. Raises OSError if the port cannot be bound.
+    gzip and deflate request compression are handled by grpc itself. `workers` threads run Ingest's blocking
+    work. Raises OSError if the port cannot be bound.
     """
     if max_message_bytes <= 0:
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
     if workers <= 0:
         raise ValueError(f"workers must be positive, got {workers}")
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
-                         handlers=[TraceReceiver(ingest, token).handler()],
-                         options=server_options(max_message_bytes))
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        server.stop(None)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc")
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="otlp-grpc-loop", daemon=True)
+    thread.start()
+
+    async def start() -> grpc.aio.Server | None:
+        server = grpc.aio.server(handlers=[TraceReceiver(ingest, token, pool).handler()],
+                                 options=server_options(max_message_bytes))
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            await server.stop(None)
+            return None
+        await server.start()
+        return server
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    if server is None:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        pool.shutdown(wait=False)
         raise OSError(f"cannot listen for OTLP/gRPC on {address}: the port is in use or the address is not "
                       f"local; free it or choose another port (collector_grpc_port)")
-    server.start()
-    return server
+    return GrpcServer(loop, thread, server, pool)

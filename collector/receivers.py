@@ -1,10 +1,12 @@
 """OTLP/HTTP trace receiver (`POST /v1/traces`, protobuf and JSON), as the OTLP spec defines it.
 
-Writes need the collector's bearer token (401 without it). Malformed bodies get 400, oversized 413,
+Writes need the collector's bearer token (401 without it). A Host header that does not name the collector
+and browser requests from another site get 403 (tracetune.serving.Guard). Malformed bodies get 400, oversized 413,
 unsupported media types 415, a body that does not arrive in time 408, a full queue or log 503 with
 Retry-After; the error body is a `google.rpc.Status` in the request's encoding. A 200 means every
 accepted span is in the fsynced write-ahead log; spans refused one by one are counted in
-`partial_success`. `/health` is 503 while the writer makes no progress.
+`partial_success`. `/health` is 503 while the writer makes no progress; `/metrics` answers Prometheus text or
+OpenMetrics, as the scraper's Accept asks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -32,10 +33,12 @@ from starlette.routing import Route
 
 from tracetune.collector import metrics
 from tracetune.collector.ingest import Ingest, IngestError
+from tracetune.serving import LOOPBACK_HOSTS, Guard, Refused
+from tracetune.serving import metrics as prometheus
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
-_GRPC_CODES = {400: 3, 401: 16, 408: 4, 413: 3, 415: 3, 429: 8, 503: 14}  # INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...
+_GRPC_CODES = {400: 3, 401: 16, 403: 7, 408: 4, 413: 3, 415: 3, 429: 8, 503: 14}  # INVALID_ARGUMENT, ...
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
 
 def _hex_ids_to_base64(node):
@@ -174,12 +177,18 @@ async def health(request: Request) -> Response:
     }, status_code=503 if stalled else 200)
 
 
-async def prometheus(_: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+def _refusal(headers: dict[str, str], refused: Refused) -> Response:
+    """The Guard's refusal as OTLP answers every error: a google.rpc.Status in the request's encoding."""
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    metrics.REQUESTS_REFUSED.labels("http", str(refused.status)).inc()
+    return _error(IngestError(refused.status, refused.message), media_type if media_type == PROTOBUF else JSON)
 
 
-def create_app(ingest: Ingest, max_body_bytes: int, body_timeout: float = 30.0, token: str = "") -> Starlette:
-    """The OTLP/HTTP app over one ingest path; with a `token`, writes need `Authorization: Bearer <token>`."""
+def create_app(ingest: Ingest, max_body_bytes: int, body_timeout: float = 30.0, token: str = "",
+               hosts: frozenset[str] | None = LOOPBACK_HOSTS) -> Starlette:
+    """The OTLP/HTTP app over one ingest path; with a `token`, writes need `Authorization: Bearer <token>`;
+    `hosts` is the Host allow-list (None: any). The body limit and timeout are the receiver's own (they
+    apply after decompression too)."""
     app = Starlette(routes=[
         Route("/v1/traces", traces, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
@@ -189,6 +198,7 @@ def create_app(ingest: Ingest, max_body_bytes: int, body_timeout: float = 30.0, 
     app.state.max_body_bytes = max_body_bytes
     app.state.body_timeout = body_timeout
     app.state.token = token
+    app.add_middleware(Guard, hosts=hosts, error=_refusal)
     return app
 
 

@@ -174,8 +174,9 @@ class LoadReport:
 
 
 async def run_load(plan: LoadPlan, executor_url: str, pipeline: str, record=None, progress=None,
-                   stop: asyncio.Event | None = None) -> LoadReport:
-    """Drive `pipeline` on the executor at `executor_url`; `record(rows)` receives ground-truth rows."""
+                   stop: asyncio.Event | None = None, *, token: str) -> LoadReport:
+    """Drive `pipeline` on the executor at `executor_url` with its task `token`; `record(rows)` receives
+    ground-truth rows."""
     plan.validate()
     rng = random.Random(plan.seed)
     source = TicketSource(plan, rng)
@@ -219,7 +220,8 @@ async def run_load(plan: LoadPlan, executor_url: str, pipeline: str, record=None
             del pending[:len(rows)]
             await asyncio.get_running_loop().run_in_executor(None, record, rows)
 
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
         started = time.monotonic()
         last_flush = started
         for offset in arrivals(plan, rng):

@@ -1,25 +1,29 @@
 """The executor's HTTP API: run a task, health, and Prometheus /metrics, on one port (default 9464).
 
 `POST /v1/pipelines/{pipeline}/tasks` takes the task's input fields as a JSON object, plus the
-optional `task_id` and `tenant`; it answers the pipeline's result, 400 for a body the pipeline
-cannot take, 422 when a step refuses the task, and 503 + Retry-After past `max_in_flight` tasks.
+optional `task_id` and `tenant`, with `Authorization: Bearer <executor token>` (401 without it); it
+answers the pipeline's result, 400 for a body the pipeline cannot take, 422 when a step refuses the
+task, and 503 + Retry-After past `max_in_flight` tasks. Behind tracetune.serving.Guard: the Host
+allow-list, no cross-site browser requests (403), JSON bodies only (415) of at most
+`executor_max_body_bytes` (413), UTF-8 without lone surrogates and not nested too deeply (400).
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 import uuid
 from contextlib import asynccontextmanager
 
 import anyio.to_thread
-from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
 from tracetune.executor.pipelines import Pipeline, StepError
+from tracetune.serving import LOOPBACK_HOSTS, Guard, Refused, metrics
 
 _CALLER_FIELDS = ("task_id", "tenant")
 
@@ -44,7 +48,29 @@ class _Admission:
             self.in_flight -= 1
 
 
+def _refusal(_: dict[str, str], refused: Refused) -> JSONResponse:
+    return JSONResponse({"error": refused.message}, status_code=refused.status, headers=refused.headers)
+
+
+def _unauthorized(request: Request) -> JSONResponse | None:
+    """401 unless the request carries the executor's bearer token (403 when the executor has none)."""
+    token: str = request.app.state.token
+    if not token:
+        return JSONResponse({"error": "task calls are disabled: the executor has no token (set "
+                                      "TRACETUNE_EXECUTOR_TOKEN)"}, status_code=403)
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # Bytes, not str: compare_digest refuses non-ASCII str (a header holds any Latin-1 text).
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), token.encode()):
+        return JSONResponse({"error": "task calls need Authorization: Bearer <executor token> (in "
+                                      "<home>/executor.token, or TRACETUNE_EXECUTOR_TOKEN)"},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
 async def run_task(request: Request) -> JSONResponse:
+    refused = _unauthorized(request)
+    if refused is not None:
+        return refused
     pipelines: dict[str, Pipeline] = request.app.state.pipelines
     admission: _Admission = request.app.state.admission
     name = request.path_params["pipeline"]
@@ -84,7 +110,9 @@ async def health(request: Request) -> JSONResponse:
                          "in_flight": request.app.state.admission.in_flight})
 
 
-def create_app(pipelines: dict[str, Pipeline], max_in_flight: int = 256) -> Starlette:
+def create_app(pipelines: dict[str, Pipeline], max_in_flight: int = 256, *, token: str,
+               hosts: frozenset[str] | None = LOOPBACK_HOSTS, max_body_bytes: int = 1024 * 1024) -> Starlette:
+    """The task API over `pipelines`; task calls need `token`, `hosts` is the Host allow-list (None: any)."""
     @asynccontextmanager
     async def lifespan(app: Starlette):
         # Tasks wait on batchers in threads: allow as many threads as tasks we admit.
@@ -94,8 +122,10 @@ def create_app(pipelines: dict[str, Pipeline], max_in_flight: int = 256) -> Star
     app = Starlette(lifespan=lifespan, routes=[
         Route("/v1/pipelines/{pipeline}/tasks", run_task, methods=["POST"]),
         Route("/health", health),
-        Mount("/metrics", make_asgi_app()),
+        Route("/metrics", metrics),
     ])
+    app.add_middleware(Guard, hosts=hosts, max_body_bytes=max_body_bytes, json_body=True, error=_refusal)
+    app.state.token = token
     app.state.pipelines = dict(pipelines)
     app.state.admission = _Admission(max_in_flight)
     return app

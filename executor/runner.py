@@ -64,6 +64,7 @@ def run(settings: Settings, targets: list[str] | None = None) -> None:
     from tracetune.executor.api import create_app
     from tracetune.executor.telemetry import setup_tracing
     from tracetune.executor.tuning import ConfigPoller
+    from tracetune.serving import allowed_hosts
     from tracetune.serving import serve as serve_app
 
     pipelines = load_pipelines(targets or settings.pipeline_targets, settings)
@@ -74,8 +75,10 @@ def run(settings: Settings, targets: list[str] | None = None) -> None:
     log.info("executor ready: %s", ", ".join(f"{p.name} (config version {p.config.version})"
                                               for p in pipelines.values()))
     try:
-        serve_app(create_app(pipelines, settings.executor_max_in_flight), settings.bind_host,
-                  settings.executor_port, timeout_graceful_shutdown=30)
+        app = create_app(pipelines, settings.executor_max_in_flight, token=settings.secret("executor"),
+                         hosts=allowed_hosts(settings.bind_host, settings.host_names),
+                         max_body_bytes=settings.executor_max_body_bytes)
+        serve_app(app, settings.bind_host, settings.executor_port, timeout_graceful_shutdown=30)
     finally:
         for poller in pollers:
             poller.stop()

@@ -34,7 +34,7 @@ def run_load_command(settings: Settings, plan: LoadPlan, pipeline: str, progress
 
             started = loop.time()
             report = await run_load(plan, settings.executor_url, pipeline, record=record,
-                                    progress=update if show else None, stop=stop)
+                                    progress=update if show else None, stop=stop, token=settings.secret("executor"))
         return report.summary()
 
     return asyncio.run(main())

@@ -135,6 +135,16 @@ class Settings:
     alert_pagerduty_routing_key: str = ""
     alert_pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
 
+    # HTTP surfaces (tuner API, executor task API and metrics, collector, dashboard): the Host header must name
+    # the bound address (any, when bound to 0.0.0.0), a name in a *_endpoint setting, or one listed here
+    # (comma-separated; "*": any), so a web page cannot reach them through a name it re-bound to this host.
+    allowed_hosts: str = ""
+    # Body limits of the JSON APIs (bigger bodies get 413); the collector's is collector_max_body_bytes.
+    tuner_max_body_bytes: int = 1024 * 1024
+    executor_max_body_bytes: int = 1024 * 1024
+    # Executor task calls need this bearer token; empty: generated once into <home>/executor.token (0600).
+    executor_token: str = ""
+
     _origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived values -------------------------------------------------------------------
@@ -186,6 +196,15 @@ class Settings:
     def pipeline_targets(self) -> list[str]:
         """The `pipelines` setting as a list of import strings."""
         return [p.strip() for p in self.pipelines.split(",") if p.strip()]
+
+    @property
+    def host_names(self) -> list[str]:
+        """Names the HTTP surfaces answer to besides their bind address: `allowed_hosts` and the *_endpoint hosts."""
+        names = [name.strip() for name in self.allowed_hosts.split(",") if name.strip()]
+        for endpoint in (self.collector_endpoint, self.tuner_endpoint, self.dashboard_endpoint, self.executor_endpoint):
+            if endpoint and urlsplit(endpoint).hostname:
+                names.append(urlsplit(endpoint).hostname or "")
+        return names
 
     def secret(self, name: str) -> str:
         """The bearer token `<name>_token`, else one generated once into <home>/<name>.token (mode 0600)."""
@@ -274,6 +293,7 @@ _POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_stalene
                     "analyzer_interval_seconds", "lease_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_body_bytes", "collector_wal_max_bytes",
                     "collector_wal_segment_bytes", "collector_stop_seconds", "collector_body_timeout_seconds",
+                    "tuner_max_body_bytes", "executor_max_body_bytes",
                     "executor_config_poll_seconds", "alert_group_interval_seconds", "alert_repeat_interval_seconds"]
 
 
@@ -342,6 +362,10 @@ def validate(s: Settings) -> Settings:
         url = getattr(s, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise SettingsError(f"{name} = {url!r} (from {where(name)}) must be an http(s) URL")
+    for name in s.allowed_hosts.split(","):
+        if name.strip() and not re.fullmatch(r"\*|[A-Za-z0-9._-]+|\[?[0-9A-Fa-f:.]+\]?", name.strip()):
+            raise SettingsError(f"allowed_hosts: {name.strip()!r} (from {where('allowed_hosts')}) is not a host name; "
+                                "list names without scheme or port, e.g. tracetune.example.com,10.0.0.5 (or *)")
     if s.alert_webhook_secret:
         _check_webhook_secret(s.alert_webhook_secret, where("alert_webhook_secret"))
     existing = next((p for p in (s.home, *s.home.parents) if p.exists()), None)  # what mkdir would build on

@@ -40,11 +40,18 @@ class Component:
 
 
 def dashboard_command(settings: Settings) -> list[str]:
+    """`streamlit run` for the dashboard with the same Host allow-list as the APIs (Streamlit checks it on the
+    WebSocket that carries every page's data), same-origin WebSockets only (enableCORS) and XSRF protection."""
+    from tracetune.serving import allowed_hosts
+
     app = resources.files("tracetune.dashboard").joinpath("app.py")  # inside the package, wheel or source
+    hosts = allowed_hosts(settings.bind_host, settings.host_names)
     return [sys.executable, "-m", "streamlit", "run", str(app),
             "--server.port", str(settings.dashboard_port), "--server.address", settings.bind_host,
             "--server.headless", "true", "--browser.gatherUsageStats", "false",
-            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer"]
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
+            "--server.enableCORS", "true", "--server.enableXsrfProtection", "true",
+            *(arg for host in sorted(hosts or ["*"]) for arg in ("--server.allowedHosts", host))]
 
 
 def components(settings: Settings, load_rate: float, with_dashboard: bool = True) -> list[Component]:
@@ -68,7 +75,8 @@ def components(settings: Settings, load_rate: float, with_dashboard: bool = True
                                f"{settings.llm_base_url} (LLM), {settings.crm_base_url} (CRM)"))
     parts.append(Component("executor", tracetune + ["executor"], settings.executor_port,
                            f"{settings.executor_url}/health", f"{settings.executor_url}/v1/pipelines/"
-                           f"<pipeline>/tasks, {settings.executor_metrics_url}"))
+                           f"<pipeline>/tasks (token in {settings.home / 'executor.token'}), "
+                           f"{settings.executor_metrics_url}"))
     parts.append(Component("analyzer", tracetune + ["analyzer"], None, "",
                            f"drift and SLO refresh every {settings.analyzer_interval_seconds:g} s"))
     if with_dashboard:

@@ -1,8 +1,10 @@
 """Tuner HTTP API (OpenAPI at /docs, served offline): executors register their pipelines and poll their
 config; owners set SLOs, change or pin knobs, roll back, freeze the tuner and send quality feedback.
 
-Reads are open on loopback; write calls need `Authorization: Bearer <token>`. Every config change is
-a row in the decision audit (`GET /v1/pipelines/{p}/decisions`); Prometheus metrics on /metrics.
+Reads are open on loopback; write calls need `Authorization: Bearer <token>`. Every call answers only to
+the tuner's own Host names and origin, with JSON bodies of a bounded size (tracetune.serving.Guard).
+Every config change is a row in the decision audit (`GET /v1/pipelines/{p}/decisions`); Prometheus
+metrics on /metrics.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
-from prometheus_client import make_asgi_app
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from tracetune.analyzer import alerts as alerting
 from tracetune.analyzer import delivery, parse_window
 from tracetune.analyzer.slo import SLO, SLOError, delete_slo, get_slo, save_slo, slo_version
+from tracetune.serving import LOOPBACK_HOSTS, Guard, metrics
 from tracetune.tuner import canary, decisions, versions
 from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
 
@@ -44,10 +46,13 @@ class Error(BaseModel):
 
 
 _ERROR_TEXT = {
+    400: "A body that is not UTF-8 JSON, nested too deeply or holding a lone UTF-16 surrogate",
     401: "No or a wrong bearer token: send Authorization: Bearer <tuner token>",
-    403: "Writes are disabled: the tuner has no token (set TRACETUNE_TUNER_TOKEN)",
+    403: "Writes are disabled (the tuner has no token), or a browser request from another site or Host",
     404: "The pipeline is not declared, or it has no such version",
     409: "The request conflicts with the pipeline's declaration",
+    413: "The body is larger than tuner_max_body_bytes",
+    415: "The body is not sent as Content-Type: application/json",
     422: "A malformed body or value; the message names the field (e.g. steps.classify.batch_max_size)",
 }
 
@@ -56,7 +61,10 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": Error, "description": _ERROR_TEXT[code]} for code in codes}
 
 
-_WRITE_ERRORS = (401, 403, 404, 422)
+_WRITE_ERRORS = (400, 401, 403, 404, 413, 415, 422)
+
+MAX_REASON_CHARS = 2000
+"""A reason is a sentence or two for the audit, not a document."""
 
 
 class CanaryConfig(BaseModel):
@@ -112,7 +120,7 @@ class PinBody(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"steps": {"classify": {"batch_max_size": 16}}, "reason": "hold while we investigate"}]})
     steps: dict[str, Any]
-    reason: str = ""
+    reason: str = Field("", max_length=MAX_REASON_CHARS)
 
 
 class RollbackBody(BaseModel):
@@ -121,14 +129,14 @@ class RollbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid",
                               json_schema_extra={"examples": [{"version": 3, "reason": "p95 regressed"}]})
     version: int | None = Field(None, ge=1)
-    reason: str = ""
+    reason: str = Field("", max_length=MAX_REASON_CHARS)
 
 
 class ReasonBody(BaseModel):
     """Why (kept in the audit)."""
 
     model_config = ConfigDict(extra="forbid")
-    reason: str = ""
+    reason: str = Field("", max_length=MAX_REASON_CHARS)
 
 
 class FeedbackItem(BaseModel):
@@ -155,7 +163,8 @@ def writer(request: Request, credentials: HTTPAuthorizationCredentials | None = 
     token = request.app.state.token
     if not token:
         raise HTTPException(403, "writes are disabled: the tuner has no token (set TRACETUNE_TUNER_TOKEN)")
-    if credentials is None or not hmac.compare_digest(credentials.credentials, token):
+    # Bytes, not str: compare_digest refuses non-ASCII str (a header holds any Latin-1 text).
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode("latin-1"), token.encode()):
         raise HTTPException(401, "write calls need Authorization: Bearer <tuner token>",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -431,6 +440,8 @@ async def change_config(pipeline: str, request: Request, response: Response, bod
     steps, reason = body.get("steps"), body.get("reason", "")
     if not isinstance(steps, dict) or not steps or not isinstance(reason, str):
         raise HTTPException(422, 'body must be {"steps": {step: {knob: value}}, "reason": "why"}')
+    if len(reason) > MAX_REASON_CHARS:
+        raise HTTPException(422, f"reason must be at most {MAX_REASON_CHARS} characters, got {len(reason)}")
     client = _client(request)
     spec = await _spec(client, pipeline)
     try:
@@ -706,10 +717,13 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def create_app(client_factory, token: str = "") -> FastAPI:
+def create_app(client_factory, token: str = "", hosts: frozenset[str] | None = LOOPBACK_HOSTS,
+               max_body_bytes: int = 1024 * 1024) -> FastAPI:
     """The tuner app over the store `client_factory()` connects to; `token` guards the write calls.
 
-    /docs and /redoc load their scripts from this server (fastapi-offline), not from a CDN."""
+    Behind tracetune.serving.Guard: `hosts` is the Host allow-list (None: any), bodies are JSON of at
+    most `max_body_bytes`. /docs and /redoc load their scripts from this server (fastapi-offline), not
+    from a CDN."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -724,5 +738,6 @@ def create_app(client_factory, token: str = "") -> FastAPI:
 
     app.include_router(baselines.router)
     app.add_exception_handler(RequestValidationError, _invalid_request)
-    app.mount("/metrics", make_asgi_app())
+    app.add_route("/metrics", metrics, include_in_schema=False)
+    app.add_middleware(Guard, hosts=hosts, max_body_bytes=max_body_bytes, json_body=True)
     return app

@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from prometheus_client import REGISTRY
 
 from tests.servers import free_port
 from tracetune.collector import grpc as receiver
@@ -310,8 +311,49 @@ def _stalled_export(port: int) -> socket.socket:
     return sock
 
 
+def _still_open(sock: socket.socket) -> bool:
+    """Whether the server has not closed `sock` (what it sent so far, e.g. its SETTINGS, is read and dropped)."""
+    sock.setblocking(False)
+    while True:
+        try:
+            if sock.recv(65536) == b"":
+                return False
+        except BlockingIOError:
+            return True
+
+
+def test_stalled_streams_do_not_starve_legitimate_exports(ingest):
+    """16 streams that announce a message and never finish it, against 2 worker threads: an export sent
+    meanwhile is answered (a request waits for its message as a coroutine, not on a worker thread), and
+    the stalled streams are still open, not cut off by a connection limit."""
+    with serving(ingest, workers=2) as target:
+        port = int(target.rsplit(":", 1)[1])
+        stalled = [_stalled_export(port) for _ in range(16)]
+        try:
+            time.sleep(0.3)  # every stalled stream has reached the server
+            with grpc.insecure_channel(target) as channel:
+                TraceServiceStub(channel).Export(a_request(), timeout=10)
+            assert all(_still_open(sock) for sock in stalled)  # nothing closed them to make room
+        finally:
+            for sock in stalled:
+                sock.close()
+    assert len(ingest.requests) == 1
+
+
+def test_a_wrong_token_is_counted_as_a_refused_request(ingest):
+    def refused() -> float:
+        return REGISTRY.get_sample_value("tracetune_collector_requests_refused_total",
+                                         {"receiver": "grpc", "status": "401"}) or 0.0
+
+    before = refused()
+    with serving(ingest, token="s3cret") as target, grpc.insecure_channel(target) as channel:
+        error = rpc_error(TraceServiceStub(channel).Export, a_request(), metadata=[("authorization", "Bearer no")])
+        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert refused() == before + 1
+
+
 def test_a_client_that_stalls_mid_message_is_cut_off_by_connection_age(ingest, monkeypatch):
-    """grpcio reads a unary request on a worker thread; the connection age limit is what frees it again."""
+    """The connection age limit ends a stalled stream, so it holds no memory for ever."""
     monkeypatch.setitem(receiver.CONNECTION_LIMITS, "grpc.max_connection_age_ms", 500)
     monkeypatch.setitem(receiver.CONNECTION_LIMITS, "grpc.max_connection_age_grace_ms", 500)
     with serving(ingest, workers=1) as target, _stalled_export(int(target.rsplit(":", 1)[1])):

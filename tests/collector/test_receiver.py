@@ -119,7 +119,7 @@ def test_a_body_that_never_finishes_gets_408(receiver):
 
     server, _, _ = receiver
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+        sock.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-protobuf\r\n"
                      b"Content-Length: 1000\r\n\r\n" + b"\x0a")
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408")

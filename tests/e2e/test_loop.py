@@ -38,7 +38,7 @@ def test_stats_reports_every_step_after_a_few_seconds_of_load(loop, tmp_path):
     assert load.returncode == 0, load.stderr
     summary = json.loads(load.stdout)
     assert summary["ok"] > 100 and summary["failed"] == 0, summary
-    metrics = httpx.get(settings.executor_metrics_url + "/").text
+    metrics = httpx.get(settings.executor_metrics_url).text
     assert 'tracetune_step_duration_seconds_count{pipeline="ticket_triage",step="classify"}' in metrics
     assert 'tracetune_config_version{pipeline="ticket_triage"} 1.0' in metrics
     stop_process(procs["executor"])  # SIGTERM: finishes in-flight tasks and flushes its spans

@@ -141,7 +141,8 @@ def _tasks(texts: list[str], seed: int) -> list[str]:
 def _send(settings: Settings, tasks: list[str]) -> list[dict]:
     """POST every task from 8 client threads; each must answer 200. The results, in task order."""
     url = f"{settings.executor_url}/v1/pipelines/{PIPELINE}/tasks"
-    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
+    headers = {"Authorization": f"Bearer {settings.secret('executor')}"}
+    with httpx.Client(timeout=60, headers=headers) as client, ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda text: client.post(url, json={"text": text}), tasks))
     failed = [(r.status_code, r.text[:200]) for r in responses if r.status_code != 200]
     assert not failed, failed[:3]
@@ -152,7 +153,7 @@ class _Metrics:
     """One scrape of the executor's /metrics; `value(name, **labels)` sums the matching samples (0 if none)."""
 
     def __init__(self, settings: Settings):
-        text = httpx.get(settings.executor_metrics_url + "/").text
+        text = httpx.get(settings.executor_metrics_url).text
         self.samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
 
     def value(self, name: str, **labels: str) -> float:
@@ -274,7 +275,8 @@ def _readme_commands_work_as_written(stack: Settings) -> None:
     for command in commands:
         command = command.replace("127.0.0.1:9465", f"127.0.0.1:{stack.executor_port}") \
             .replace("127.0.0.1:8700", f"127.0.0.1:{stack.tuner_port}") \
-            .replace(".tracetune/tuner.token", str(stack.home / "tuner.token")).split("  #")[0]
+            .replace(".tracetune/tuner.token", str(stack.home / "tuner.token")) \
+            .replace(".tracetune/executor.token", str(stack.home / "executor.token")).split("  #")[0]
         done = subprocess.run(["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True, text=True,
                               timeout=60)
         body, _, status = done.stdout.rpartition("\n")

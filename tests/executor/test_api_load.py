@@ -14,11 +14,20 @@ from tracetune import store
 from tracetune.demo.load import Drift, LoadPlan, TicketSource, arrivals, ground_truth_writer, rate_at, run_load
 from tracetune.executor.api import create_app
 
+TASK_TOKEN = "t0ken"
+
+
+def _post(url: str, **kwargs) -> httpx.Response:
+    """A task call with the executor's bearer token."""
+    headers = {"Authorization": f"Bearer {TASK_TOKEN}", **kwargs.pop("headers", {})}
+    return httpx.post(url, headers=headers, **kwargs)
+
+
 
 @pytest.fixture
 def executor_server(classifiers, remote):  # noqa: F811
     pipeline, exporter = make_pipeline(classifiers, remote)
-    with ThreadServer(create_app({pipeline.name: pipeline}, max_in_flight=64)) as server:
+    with ThreadServer(create_app({pipeline.name: pipeline}, max_in_flight=64, token=TASK_TOKEN)) as server:
         yield server, pipeline, exporter
     pipeline.close()
 
@@ -26,16 +35,16 @@ def executor_server(classifiers, remote):  # noqa: F811
 def test_task_api_answers_with_trace_ids_and_clear_errors(executor_server):
     server, pipeline, _ = executor_server
     url = f"{server.url}/v1/pipelines/ticket_triage/tasks"
-    ok = httpx.post(url, json={"text": "where is my parcel, order #48213 has not arrived", "tenant": "acme"})
+    ok = _post(url, json={"text": "where is my parcel, order #48213 has not arrived", "tenant": "acme"})
     assert ok.status_code == 200
     body = ok.json()
     assert len(body["trace_id"]) == 32 and body["result"]["category"] == "shipping" and body["task_id"]
-    empty = httpx.post(url, json={"text": "  "})
+    empty = _post(url, json={"text": "  "})
     assert empty.status_code == 422 and "empty ticket" in empty.json()["error"] and len(empty.json()["trace_id"]) == 32
-    assert httpx.post(url, content=b"{nope", headers={"content-type": "application/json"}).status_code == 400
-    assert httpx.post(url, json={"txt": "x"}).status_code == 400
-    assert httpx.post(f"{server.url}/v1/pipelines/nope/tasks", json={"text": "x"}).status_code == 404
-    metrics = httpx.get(f"{server.url}/metrics/").text
+    assert _post(url, content=b"{nope", headers={"content-type": "application/json"}).status_code == 400
+    assert _post(url, json={"txt": "x"}).status_code == 400
+    assert _post(f"{server.url}/v1/pipelines/nope/tasks", json={"text": "x"}).status_code == 404
+    metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("tracetune_step_duration_seconds_bucket", "tracetune_tasks_total", "tracetune_batch_queue_depth",
                  "tracetune_cache_hit_ratio", "tracetune_tasks_in_flight", "tracetune_retries_total"):
         assert name in metrics, name
@@ -71,7 +80,8 @@ def test_open_loop_load_records_ground_truth(executor_server, db_settings):
     server, pipeline, _ = executor_server
     client = store.connect(db_settings, ensure_schema=False)
     plan = LoadPlan(rate=40, duration=3, duplicate_ratio=0.3, drifts=[Drift("unseen_vocab", 1.5)], seed=5)
-    report = asyncio.run(run_load(plan, server.url, "ticket_triage", record=ground_truth_writer(client)))
+    report = asyncio.run(run_load(plan, server.url, "ticket_triage", record=ground_truth_writer(client),
+                                  token=TASK_TOKEN))
     summary = report.summary()
     assert summary["sent"] > 60 and summary["sent"] == summary["ok"] + summary["rejected"] + summary["failed"] + \
         summary["overloaded"] + summary["dropped"]

@@ -47,6 +47,15 @@ from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
 
 NO_WAIT = RetryPolicy(max_attempts=2, base_delay=0.0, max_delay=0.0, sleep=lambda _: None)
 
+TASK_TOKEN = "t0ken"
+
+
+def _post(url: str, **kwargs) -> httpx.Response:
+    """A task call with the executor's bearer token."""
+    headers = {"Authorization": f"Bearer {TASK_TOKEN}", **kwargs.pop("headers", {})}
+    return httpx.post(url, headers=headers, **kwargs)
+
+
 
 def upper(texts: list[str]) -> list[str]:
     return [t.upper() for t in texts]
@@ -499,14 +508,14 @@ def task_api(tracer):
         Infer("length", {"np": lambda texts: [np.float32(len(t)) / np.float32(4) for t in texts]}),
         Step("score", score),
     ], inputs={"text": str, "stars": int}, tracer=tracer)
-    with ThreadServer(create_app({pipeline.name: pipeline}, max_in_flight=8)) as server:
+    with ThreadServer(create_app({pipeline.name: pipeline}, max_in_flight=8, token=TASK_TOKEN)) as server:
         yield server.url, exporter
     pipeline.close()
 
 
 def test_the_task_api_answers_the_pipeline_result_as_json(task_api):
     url, exporter = task_api
-    reply = httpx.post(f"{url}/v1/pipelines/ratings/tasks",
+    reply = _post(f"{url}/v1/pipelines/ratings/tasks",
                        json={"text": "solid work", "stars": 4, "task_id": "t-1", "tenant": "acme"})
     assert reply.status_code == 200, reply.text
     body = reply.json()
@@ -515,7 +524,7 @@ def test_the_task_api_answers_the_pipeline_result_as_json(task_api):
     root = spans(exporter, "ratings")[0]
     assert root.attributes["tracetune.tenant"] == "acme" and root.attributes["tracetune.task_id"] == "t-1"
     assert f"{root.context.trace_id:032x}" == body["trace_id"]
-    generated = httpx.post(f"{url}/v1/pipelines/ratings/tasks", json={"text": "ok", "stars": 3}).json()
+    generated = _post(f"{url}/v1/pipelines/ratings/tasks", json={"text": "ok", "stars": 3}).json()
     assert uuid.UUID(generated["task_id"])
     assert httpx.get(f"{url}/health").json()["pipelines"] == {"ratings": 0}
 
@@ -527,7 +536,7 @@ def test_the_task_api_answers_the_pipeline_result_as_json(task_api):
 ])
 def test_the_task_api_refuses_a_body_without_the_declared_inputs(task_api, body, field):
     url, exporter = task_api
-    reply = httpx.post(f"{url}/v1/pipelines/ratings/tasks", json=body)
+    reply = _post(f"{url}/v1/pipelines/ratings/tasks", json=body)
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert f"{field} is missing or not of type" in error and "\n" not in error
@@ -537,13 +546,13 @@ def test_the_task_api_refuses_a_body_without_the_declared_inputs(task_api, body,
 
 def test_the_task_api_refuses_unknown_pipelines_bodies_that_are_not_objects_and_failed_steps(task_api):
     url, _ = task_api
-    unknown = httpx.post(f"{url}/v1/pipelines/nope/tasks", json={"text": "x", "stars": 3})
+    unknown = _post(f"{url}/v1/pipelines/nope/tasks", json={"text": "x", "stars": 3})
     assert unknown.status_code == 404 and unknown.json()["error"] == \
         "unknown pipeline 'nope'; this executor runs ratings"
-    assert httpx.post(f"{url}/v1/pipelines/ratings/tasks", json=["text"]).status_code == 400
-    assert httpx.post(f"{url}/v1/pipelines/ratings/tasks", content=b"{nope",
+    assert _post(f"{url}/v1/pipelines/ratings/tasks", json=["text"]).status_code == 400
+    assert _post(f"{url}/v1/pipelines/ratings/tasks", content=b"{nope",
                       headers={"content-type": "application/json"}).status_code == 400
-    refused = httpx.post(f"{url}/v1/pipelines/ratings/tasks", json={"text": "x", "stars": 9, "task_id": "t-9"})
+    refused = _post(f"{url}/v1/pipelines/ratings/tasks", json={"text": "x", "stars": 9, "task_id": "t-9"})
     assert refused.status_code == 422
     assert refused.json()["error"] == "stars must be between 1 and 5, got 9"
     assert refused.json()["task_id"] == "t-9" and re.fullmatch(r"[0-9a-f]{32}", refused.json()["trace_id"])

@@ -40,7 +40,7 @@ HEALTH_PORTS = {"collector": ["collector_port"], "tuner": ["tuner_port"], "execu
 NO_HEALTH_PORT = {"analyzer", "load"}  # no HTTP port of their own
 # What the documented loop fills with `openssl rand -hex 24` (docs/deploy.md, .env.example).
 SECRETS = ["CLICKHOUSE_PASSWORD", "CLICKHOUSE_READER_PASSWORD", "CLICKHOUSE_CLUSTER_SECRET",
-           "TRACETUNE_TUNER_TOKEN", "TRACETUNE_COLLECTOR_TOKEN"]
+           "TRACETUNE_TUNER_TOKEN", "TRACETUNE_COLLECTOR_TOKEN", "TRACETUNE_EXECUTOR_TOKEN"]
 
 _VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}")
 

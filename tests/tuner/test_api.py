@@ -182,8 +182,11 @@ def test_patch_refuses_malformed_bodies_and_unknown_pipelines(tuner):
                  {"steps": {"classify": {"batch_max_size": 16}}, "reason": 3}, [1]):
         refused = tuner.patch(body)
         assert refused.status_code == 422, body
-    garbled = httpx.patch(f"{tuner.url}/v1/pipelines/triage/config", content=b"{not json", headers=TOKEN)
-    assert garbled.status_code == 422
+    garbled = httpx.patch(f"{tuner.url}/v1/pipelines/triage/config", content=b"{not json",
+                          headers={**TOKEN, "Content-Type": "application/json"})
+    assert garbled.status_code == 422 and "not valid JSON" in garbled.json()["detail"]
+    untyped = httpx.patch(f"{tuner.url}/v1/pipelines/triage/config", content=b"{not json", headers=TOKEN)
+    assert untyped.status_code == 415 and "application/json" in untyped.json()["detail"]
     missing = tuner.patch({"steps": {"classify": {"batch_max_size": 16}}}, pipeline="nope")
     assert missing.status_code == 404 and "known: triage" in missing.json()["detail"]
     assert tuner.rows("SELECT count() FROM tracetune_config_versions") == [(1,)]

@@ -281,7 +281,7 @@ def test_feedback_is_stored_and_bad_items_are_named(tuner):
     garbled = httpx.post(url, content=b"[{", headers={**TOKEN, "Content-Type": "application/json"})
     assert garbled.status_code == 422 and garbled.json()["detail"].startswith("body is not valid JSON")
     untyped = httpx.post(url, content=b'{"trace_id": "%s", "label": "x"}' % TRACE.encode(), headers=TOKEN)
-    assert untyped.status_code == 422 and "Content-Type: application/json" in untyped.json()["detail"]
+    assert untyped.status_code == 415 and "Content-Type: application/json" in untyped.json()["detail"]
     assert post(tuner, "feedback", good, pipeline="nope").status_code == 404
     assert tuner.rows("SELECT count() FROM tracetune_feedback") == [(1001,)]  # nothing from refused calls
 
