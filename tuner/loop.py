@@ -121,6 +121,9 @@ class Plan:
                     figures[name] = figures.get(name, self.before[name]) + effect[f"{name}.delta"]
             if "p95_ms" in effect:
                 figures["p95_ms"] = min(figures.get("p95_ms", math.inf), effect["p95_ms"])
+        if "p95_ms" not in figures and any(step not in self.effects or "p95_ms" not in self.effects[step]
+                                           for step in self.changes):
+            figures["p95_ms"] = math.nan  # a change whose latency no model predicts: not "unchanged"
         return figures
 
     def was(self, step: str, knob: str) -> Any:
@@ -324,6 +327,9 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 plan.reasons.append(f"{step}: batching waits (it would add latency while p95 is over its target)")
                 proposal = None
             plan.add(proposal, spec, current, limit)
+            if proposal is not None and step in plan.changes and "p95_ms" in proposal.predicted \
+                    and obs.p95_ms is not None:
+                plan.effects.setdefault(step, {})["p95_ms"] = obs.p95_ms + proposal.predicted["p95_ms"] - total.p95_ms
         if "cache_enabled" in knobs and total.hashed:
             plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
                                     settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
