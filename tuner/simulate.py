@@ -2,23 +2,27 @@
 
 A discrete-event simulation (one heap of timed events, seeded, deterministic) of a pipeline shaped
 like the executor runs it: plain steps, one model step (`Infer`: routes by weight, an answer cache,
-one micro-batcher per route with the executor's `Batcher` rules), one cascade after it (escalation
-below a confidence threshold to remote tiers by weight, an answer cache, a concurrency limit, the
-provider's per-tier rate limit answered 429 and retried with backoff), and a side effect for a share
-of tasks. Prices come from the analyzer's price table, so costs are in the units of the real system.
+one micro-batcher per route), one cascade after it (escalation below a confidence threshold to remote
+tiers by weight, an answer cache, a concurrency limit, the provider's per-tier rate limit answered 429
+and retried with backoff), and a side effect for a share of tasks. Batches are formed by the executor's
+own rules (`tracetune.batching`, which executor/batcher.py calls) and the caches are the executor's own
+`TTLCache` (`tracetune.caching`) on the simulation's clock. Prices come from the analyzer's price table,
+so costs are in the units of the real system.
 
-Every `interval_seconds` a controller looks at the last window of simulated spans, turned into the
-same `Observation` the tuner reads from ClickHouse:
+Every `interval_seconds` a controller (`tuner.simarms`) looks at the last window of simulated spans,
+turned into the same `Observation` the tuner reads from ClickHouse:
 
-- `static`: a fixed config (the declared defaults, or e.g. the oracle's);
-- `aimd`: `policies.aimd_batch_size` on the model step's batch size only (Clipper);
-- `tuner`: the real `loop.decide`, under the loop's guardrails re-enacted in virtual time: the
-  interval, the cooldown after a change, `min_requests`, data for at least half a window, and
-  executors picking a new config up one poll later. Not modelled: freeze/pin, a canary, audit rows.
+- `static`: a fixed config (the declared defaults, a gateway's rule, or an oracle's);
+- `tuner`: the loop's steps as `loop.tune_once` takes them: its guardrails (cooldown, `min_requests`,
+  half a window of data, moves a canary just rolled back are not retried), `loop.decide`, then a canary
+  on `canary_share` of tasks (a lane of its own, sharing the parts its changes do not touch, as the
+  executor's `Step.fork`) judged by `canary.judge` on per-task samples of both arms;
+- `aimd` and `optuna`: the baselines (see tuner/simarms.py).
 
-The physics come from a `Calibration`: the defaults were measured on the demo (see `DEMO`), and
-`fit(client, spec)` fits one from real spans in a store. `oracle` grid-searches static configs on
-the same workload for the cheapest one that meets the SLO.
+Executors pick a new config or canary up one poll (`apply_delay`) later. Not modelled: freeze, pin,
+audit rows, the store. The physics come from a `Calibration`: the defaults were measured on the demo
+(see `DEMO`), and `fit(client, spec)` fits one from real spans in a store. The oracles and the verdict
+are in tuner/oracles.py.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -34,16 +38,19 @@ from typing import Any
 import numpy as np
 
 from tracetune.analyzer import SLO, PriceTable, load_prices
+from tracetune.batching import padding_ratio, seconds_until_due, take_batch
+from tracetune.caching import TTLCache
+from tracetune.tuner import canary as canary_mod
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
-from tracetune.tuner.loop import LoopSettings, decide, step_target_ms
+from tracetune.tuner.loop import LoopSettings
 from tracetune.tuner.observe import Observation, RouteObservation
-from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel, aimd_batch_size, fit_service_time
+from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel, fit_service_time
 
 __all__ = ["ARMS", "DEMO", "Arm", "Calibration", "ModelRoute", "RemoteTier", "Workload", "default_grid", "fit",
            "oracle", "run", "simulate", "slo_windows"]
 
-BUCKET_WIDTH = 16  # tokens per length bucket, as the executor's Batcher groups them (executor/batcher.py)
 ARMS = ("default", "aimd", "tuner", "oracle")
+ARMS_KINDS = ("static", "tuner", "aimd", "optuna")
 LEVELS = 21  # quantile tables hold this many equally spaced levels, 0 to 1
 _LOOP = LoopSettings()  # the loop's defaults: 60 s interval, 300 s window and cooldown, 200 requests
 
@@ -255,19 +262,23 @@ class Workload:
     duplicate_ratio: float = 0.2
     recent: int = 100
     seed: int = 1
+    phases: tuple[tuple[float, float], ...] = ()  # load phases (start, end seconds), for the per-phase oracle
 
 
 @dataclass(frozen=True)
 class Arm:
-    """A controller: `static` (a config, None = the declared defaults), `aimd` (batch size only) or `tuner`."""
+    """A controller: `static` (a config, None = the declared defaults), `tuner` (the loop: `decide`, then a
+    canary judged by `canary.judge`), `aimd` (AIMD on every numeric knob) or `optuna` (TPE, one trial per
+    tuning interval, each trial a canary). `seed` seeds an arm's own randomness (Optuna's sampler)."""
 
     name: str
     kind: str = "static"
     config: Mapping[str, Mapping[str, KnobValue]] | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("static", "aimd", "tuner"):
-            raise ValueError(f"arm {self.name!r}: kind must be static, aimd or tuner, got {self.kind!r}")
+        if self.kind not in ARMS_KINDS:
+            raise ValueError(f"arm {self.name!r}: kind must be one of {', '.join(ARMS_KINDS)}, got {self.kind!r}")
 
 
 def _roles(spec: PipelineSpec) -> tuple[str | None, str]:
@@ -290,53 +301,117 @@ def _effect_step(spec: PipelineSpec, calibration: Calibration) -> str | None:
 
 class _Task:
     __slots__ = ("index", "ticket", "start", "route", "confidence", "local_right", "final_right", "cost",
-                 "escalate_start", "tier", "attempts", "deadline")
+                 "escalate_start", "tier", "attempts", "deadline", "lane")
 
-    def __init__(self, index: int, ticket: int, start: float):
-        self.index, self.ticket, self.start = index, ticket, start
+    def __init__(self, index: int, ticket: int, start: float, lane: _Lane):
+        self.index, self.ticket, self.start, self.lane = index, ticket, start, lane
         self.cost = 0.0
         self.attempts = 0
 
 
-class _Cache:
-    """The executor's TTLCache: entries expire `ttl` after they were stored, the least recent go past `size`."""
+CACHE_KNOBS = ("cache_enabled", "cache_ttl_seconds", "cache_max_entries")
+BATCH_KNOBS = ("batch_max_size", "batch_max_wait_ms", "length_bucketing")
+LIMIT_KNOBS = ("max_concurrency", "timeout_seconds")
 
-    def __init__(self, enabled: bool, ttl: float, size: int):
-        self.enabled, self.ttl, self.size = enabled, ttl, size
-        self.data: OrderedDict[tuple, tuple[float, Any]] = OrderedDict()
+
+class _Cache:
+    """A step's answer cache: the executor's own `TTLCache` on the simulation's clock, and whether it is on."""
+
+    def __init__(self, clock: Callable[[], float], enabled: bool, ttl: float = 600.0, size: int = 10_000):
+        self.enabled = enabled
+        self.store = TTLCache(size, ttl, clock=clock)
 
     def configure(self, values: Mapping[str, KnobValue]) -> None:
         self.enabled = bool(values.get("cache_enabled", self.enabled))
-        self.ttl = float(values.get("cache_ttl_seconds", self.ttl))
-        self.size = int(values.get("cache_max_entries", self.size))
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
-
-    def get(self, key: tuple, now: float) -> Any:
-        entry = self.data.get(key)
-        if entry is None or entry[0] + self.ttl <= now:
-            if entry is not None:
-                del self.data[key]
-            return None
-        self.data.move_to_end(key)
-        return entry[1]
-
-    def put(self, key: tuple, value: Any, now: float) -> None:
-        self.data[key] = (now, value)
-        self.data.move_to_end(key)
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
+        self.store.configure(values.get("cache_max_entries"), values.get("cache_ttl_seconds"))
 
 
 class _Batcher:
-    """One route's micro-batcher, one server: a batch leaves when full or when its oldest waited max_wait;
-    with bucketing it holds the oldest request and the next-oldest of its length bucket only."""
+    """One route's micro-batcher, one server, forming batches by the executor's own rules (tracetune.batching)."""
 
     def __init__(self, route: str, size: int, wait_ms: float, bucketing: bool):
         self.route, self.size, self.wait_ms, self.bucketing = route, size, wait_ms, bucketing
         self.queue: deque[tuple[float, _Task]] = deque()
         self.busy = False
         self.timer: float | None = None
+
+
+class _Limit:
+    """A remote step's concurrency limit: calls in flight and the tasks waiting for a slot."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_flight = limit, 0
+        self.waiting: deque[_Task] = deque()
+
+
+class _Lane:
+    """The steps as tasks of one config version meet them: knob values, and the parts they use (batch queues,
+    caches, the remote limit). A canary's lane owns fresh parts only for the knobs it changes and shares the
+    rest with the config in force, as the executor's `Step.fork` does."""
+
+    def __init__(self, sim: _Simulation, config: PipelineConfig, base: _Lane | None = None):
+        self.sim, self.config = sim, config
+        m, c = sim.model_step, sim.cascade
+
+        def changed(step: str | None, names: Sequence[str]) -> bool:
+            return base is None or (step is not None and any(
+                config.knob(step, n) != base.config.knob(step, n) for n in names))
+
+        clock = lambda: sim.now
+        self.batchers = {r: _Batcher(r, 1, 0.0, False) for r in sim.cal.routes} if changed(m, BATCH_KNOBS) \
+            else base.batchers
+        self.model_cache = _Cache(clock, True) if changed(m, CACHE_KNOBS) else base.model_cache
+        self.cascade_cache = _Cache(clock, False) if changed(c, CACHE_KNOBS) else base.cascade_cache
+        self.limit = _Limit(1 << 30) if changed(c, LIMIT_KNOBS) else base.limit
+        self.set(config)
+
+    def knob(self, step: str | None, name: str, default: Any = None) -> Any:
+        if step is None:
+            return default
+        knob = self.sim.spec.steps.get(step, {}).get(name)
+        return self.config.knob(step, name, knob.default if knob is not None else default)
+
+    def set(self, config: PipelineConfig) -> None:
+        """Take `config`'s values, for this lane's scalars and the parts it uses."""
+        self.config = config
+        sim, m, c = self.sim, self.sim.model_step, self.sim.cascade
+        weights = self.knob(m, "route_weights", {r: 1.0 for r in sim.cal.routes})
+        self.model_routes = list(weights)
+        self.model_cum = np.cumsum([weights[r] for r in self.model_routes]) / sum(weights.values())
+        size, wait = int(self.knob(m, "batch_max_size", 1)), float(self.knob(m, "batch_max_wait_ms", 0.0))
+        bucketing = bool(self.knob(m, "length_bucketing", False))
+        for batcher in self.batchers.values():
+            batcher.size, batcher.wait_ms, batcher.bucketing = max(1, size), max(0.0, wait), bucketing
+        for step, cache in ((m, self.model_cache), (c, self.cascade_cache)):
+            if step is not None and "cache_enabled" in sim.spec.steps.get(step, {}):
+                cache.configure({k: self.knob(step, k) for k in CACHE_KNOBS})
+            else:
+                cache.enabled = False
+        if c:
+            tiers = self.knob(c, "route_weights", {r: 1.0 for r in sim.cal.tiers})
+            self.tiers = list(tiers)
+            self.tier_cum = np.cumsum([tiers[t] for t in self.tiers]) / sum(tiers.values())
+            self.threshold = float(self.knob(c, "cascade_threshold", 0.0))
+            self.limit.limit = max(1, int(self.knob(c, "max_concurrency", 1 << 30)))
+            self.timeout = float(self.knob(c, "timeout_seconds", 10.0))
+
+    def route(self, u: float) -> str:
+        return self.model_routes[int(np.searchsorted(self.model_cum, u, side="right"))
+                                 if len(self.model_routes) > 1 else 0]
+
+    def tier(self, u: float) -> str:
+        return self.tiers[int(np.searchsorted(self.tier_cum, u, side="right")) if len(self.tiers) > 1 else 0]
+
+
+@dataclass
+class Trial:
+    """A canary in the simulation: the config on trial, the version it is judged against, when it started."""
+
+    config: PipelineConfig
+    base_version: int
+    started: float
+    share: float
+    reasons: list[str]
 
 
 class _Records:
@@ -359,11 +434,17 @@ class _Records:
         mask = (t >= start) & (t < end)
         return {c: np.asarray(self.data[c][self.low:])[mask] for c in self.columns}
 
+    def since(self, start: float) -> dict[str, np.ndarray]:
+        """Every row whose first column is >= `start` (rows are appended as spans end, not in start order)."""
+        t = np.asarray(self.data[self.columns[0]], dtype=float)
+        mask = t >= start
+        return {c: np.asarray(v)[mask] for c, v in self.data.items()}
+
     def all(self) -> dict[str, np.ndarray]:
         return {c: np.asarray(v) for c, v in self.data.items()}
 
 
-_ARRIVE, _CLASSIFY, _TIMER, _BATCH_DONE, _ATTEMPT, _CALL_DONE, _TICK, _APPLY = range(8)
+_ARRIVE, _CLASSIFY, _TIMER, _BATCH_DONE, _ATTEMPT, _CALL_DONE, _TICK, _APPLY, _CANARY = range(9)
 
 
 class _Simulation:
@@ -378,32 +459,32 @@ class _Simulation:
         self.plain = [s for s in spec.steps if s not in (self.cascade, self.model_step, self.effect)]
         order = list(spec.steps)
         self.plain_before = sum(1 for s in self.plain if order.index(s) < order.index(self.model_step))
-        missing = [r for r in self._knob(self.model_step, "route_weights", {r: 1.0 for r in calibration.routes})
-                   if r not in calibration.routes]
-        if self.cascade:
-            missing += [r for r in self._knob(self.cascade, "route_weights", {r: 1.0 for r in calibration.tiers})
-                        if r not in calibration.tiers]
-        if missing:
-            raise ValueError(f"the calibration has no physics for routes {sorted(missing)} of {spec.pipeline}")
         config = spec.defaults()
         if arm.kind == "static" and arm.config:
             config = spec.merge(config, {s: dict(v) for s, v in arm.config.items()})
-        self.config = config
+        missing = [r for r in config.knob(self.model_step, "route_weights", {}) if r not in calibration.routes]
+        if self.cascade:
+            missing += [r for r in config.knob(self.cascade, "route_weights", {}) if r not in calibration.tiers]
+        if missing:
+            raise ValueError(f"the calibration has no physics for routes {sorted(missing)} of {spec.pipeline}")
+        self.config = config  # the config in force (what the tuner serves; executors apply it a poll later)
+        self.version = config.version
+        self.trial: Trial | None = None
         self.changes = 0
         self.decisions: list[dict[str, Any]] = []
+        self.canaries = {"promoted": 0, "rolled_back": 0}
         self.last_change: float | None = None
+        self.now = 0.0
         self.rng = random.Random(seed * 7919 + 17)
         self.heap: list[tuple[float, int, int, Any]] = []
         self.seq = 0
         self._tickets(workload)
-        self.batchers: dict[str, _Batcher] = {}
-        self.in_flight = 0
-        self.waiting: deque[_Task] = deque()
         self.buckets = {name: [max(1.0, tier.rate_limit_rps), 0.0] for name, tier in calibration.tiers.items()}
-        self.requests = _Records("start", "latency_ms", "cost", "right")
+        self.requests = _Records("start", "latency_ms", "cost", "right", "version")
         self.model_spans = _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
                                     "task")
         self.batches = _Records("start", "route", "size", "duration", "padding")
+        self.batch_tasks: list[tuple[int, ...]] = []  # the tasks of each batch, in `batches` order
         self.cascade_spans = _Records("start", "route", "duration", "cache", "ticket", "retried", "error", "cost",
                                       "right", "task")
         self.effect_spans = _Records("start", "duration", "cost")
@@ -414,45 +495,60 @@ class _Simulation:
             price = prices.models.get(tier.model)
             self.token_price[name] = (tier.input_tokens * price.input_per_1m + tier.output_tokens * price.output_per_1m
                                       ) / 1e6 if price else 0.0
-        self.model_cache = _Cache(True, 600.0, 10_000)
-        self.cascade_cache = _Cache(False, 600.0, 10_000)
-        self._apply(config.steps)
+        self.lane = _Lane(self, config)
+        self.canary_lane: _Lane | None = None
+        self.canary_share = 0.0
+        self.controller = None
+        if arm.kind != "static":
+            from tracetune.tuner import simarms
 
-    # ---- config ----------------------------------------------------------------------------------
-    def _knob(self, step: str, name: str, default: Any = None) -> Any:
-        knob = self.spec.steps.get(step, {}).get(name)
-        value = getattr(self, "config", None)
-        if value is not None and name in value.steps.get(step, {}):
-            return value.steps[step][name]
-        return knob.default if knob is not None else default
+            self.controller = simarms.controller(arm, self)
 
-    def _apply(self, steps: Mapping[str, Mapping[str, KnobValue]]) -> None:
-        m, c = self.model_step, self.cascade
-        weights = self._knob(m, "route_weights", {r: 1.0 for r in self.cal.routes})
-        self.model_routes = [r for r in weights]
-        self.model_cum = np.cumsum([weights[r] for r in self.model_routes]) / sum(weights.values())
-        size, wait = int(self._knob(m, "batch_max_size", 1)), float(self._knob(m, "batch_max_wait_ms", 0.0))
-        bucketing = bool(self._knob(m, "length_bucketing", False))
-        for route in self.cal.routes:
-            batcher = self.batchers.setdefault(route, _Batcher(route, size, wait, bucketing))
-            batcher.size, batcher.wait_ms, batcher.bucketing = size, wait, bucketing
-        if "cache_enabled" in self.spec.steps.get(m, {}):
-            self.model_cache.configure({k: self._knob(m, k) for k in ("cache_enabled", "cache_ttl_seconds",
-                                                                      "cache_max_entries")})
-        else:
-            self.model_cache.enabled = False
-        if c:
-            tiers = self._knob(c, "route_weights", {r: 1.0 for r in self.cal.tiers})
-            self.tiers = [t for t in tiers]
-            self.tier_cum = np.cumsum([tiers[t] for t in self.tiers]) / sum(tiers.values())
-            self.threshold = float(self._knob(c, "cascade_threshold", 0.0))
-            self.max_concurrency = int(self._knob(c, "max_concurrency", 1 << 30))
-            self.timeout = float(self._knob(c, "timeout_seconds", 10.0))
-            if "cache_enabled" in self.spec.steps.get(c, {}):
-                self.cascade_cache.configure({k: self._knob(c, k) for k in ("cache_enabled", "cache_ttl_seconds",
-                                                                            "cache_max_entries")})
-            else:
-                self.cascade_cache.enabled = False
+    # ---- what controllers call -------------------------------------------------------------------
+    def _next(self, changes: Mapping[str, Mapping[str, KnobValue]]) -> PipelineConfig:
+        self.version += 1
+        return replace(self.spec.merge(self.config, {s: dict(v) for s, v in changes.items()}), version=self.version)
+
+    def _record(self, now: float, kind: str, changes: Any, reasons: Sequence[str]) -> None:
+        self.decisions.append({"at_seconds": round(now, 1), "kind": kind, "changes": changes,
+                               "reasons": list(reasons)})
+
+    def change(self, changes: Mapping[str, Mapping[str, KnobValue]], reasons: Sequence[str], now: float) -> None:
+        """Put `changes` in force for every task (executors pick them up one poll later)."""
+        self.config = self._next(changes)
+        self.last_change = now
+        self.changes += 1
+        self._record(now, "tune", changes, reasons)
+        self.push(now + self.apply_delay, _APPLY, self.config)
+
+    def start_canary(self, changes: Mapping[str, Mapping[str, KnobValue]], reasons: Sequence[str], now: float,
+                     share: float) -> None:
+        """Try `changes` on `share` of tasks (chosen by task, as the executor hashes task ids), from one poll on."""
+        self.trial = Trial(self._next(changes), self.config.version, now, share, list(reasons))
+        self._record(now, "canary_start", changes, reasons)
+        self.push(now + self.apply_delay, _CANARY, self.trial)
+
+    def canary_arms(self) -> tuple[canary_mod.Arm, canary_mod.Arm]:
+        """Per-task samples of the config in force and of the canary since it started (as `canary.arms` reads)."""
+        rows = self.requests.since(self.trial.started)
+        arms = []
+        for version in (self.trial.base_version, self.trial.config.version):
+            mine = rows["version"] == version
+            right = rows["right"][mine]
+            arms.append(canary_mod.Arm.of(rows["latency_ms"][mine], rows["cost"][mine], 0, int(right.sum()),
+                                          int(len(right))))
+        return arms[0], arms[1]
+
+    def end_canary(self, promote: bool, reason: str, now: float) -> None:
+        trial, self.trial = self.trial, None
+        self.last_change = now
+        self.canaries["promoted" if promote else "rolled_back"] += 1
+        self._record(now, "canary_promote" if promote else "canary_rollback",
+                     trial.config.steps if promote else {}, [reason])
+        if promote:
+            self.config = trial.config
+            self.changes += 1
+        self.push(now + self.apply_delay, _APPLY, self.config)
 
     # ---- workload --------------------------------------------------------------------------------
     def _tickets(self, workload: Workload) -> None:
@@ -484,6 +580,7 @@ class _Simulation:
                                              np.interp(u_confidence, levels, route.confidence_wrong))
         self.u_route, self.u_tier, self.u_remote = rng.random(n), rng.random(n), rng.random(n)
         self.z_remote, self.z_effect = rng.standard_normal(n), rng.standard_normal(n)
+        self.u_canary = np.random.default_rng(workload.seed + 104_729).random(n)  # the task-id hash's stand-in
 
     # ---- events ----------------------------------------------------------------------------------
     def push(self, when: float, kind: int, payload: Any = None) -> None:
@@ -494,63 +591,62 @@ class _Simulation:
         arrivals = self.workload.arrivals
         if len(arrivals):
             self.push(arrivals[0], _ARRIVE, 0)
-        if self.arm.kind != "static":
+        if self.controller is not None:
             self.push(self.settings.interval_seconds, _TICK)
         handlers = (self._arrive, self._classify, self._timer, self._batch_done, self._attempt, self._call_done,
-                    self._tick, self._apply_event)
+                    self._tick, self._apply_event, self._canary_event)
         end = self.workload.duration
         heap = self.heap
         while heap:
             when, _, kind, payload = heapq.heappop(heap)
             if kind == _TICK and when > end:
                 continue
+            self.now = when
             handlers[kind](when, payload)
 
     def _arrive(self, now: float, index: int) -> None:
         arrivals = self.workload.arrivals
         if index + 1 < len(arrivals):
             self.push(arrivals[index + 1], _ARRIVE, index + 1)
-        task = _Task(index, int(self.ticket[index]), now)
+        lane = self.lane
+        if self.canary_lane is not None and self.u_canary[index] < self.canary_share:
+            lane = self.canary_lane
+        task = _Task(index, int(self.ticket[index]), now, lane)
         self.push(now + self.plain_before * self.cal.step_ms / 1000, _CLASSIFY, task)
 
     def _classify(self, now: float, task: _Task) -> None:
-        route = self.model_routes[int(np.searchsorted(self.model_cum, self.u_route[task.index], side="right"))
-                                  if len(self.model_routes) > 1 else 0]
+        lane = task.lane
+        route = lane.route(self.u_route[task.index])
         task.route = route
-        cache = self.model_cache
-        if cache.enabled and cache.get((route, task.ticket), now) is not None:
+        cache = lane.model_cache
+        if cache.enabled and cache.store.get(f"{route}|{task.ticket}") is not TTLCache.MISSING:
             self._classified(task, now, now + self.cal.cache_hit_ms / 1000, 0, 0.0)
             return
-        batcher = self.batchers[route]
+        batcher = lane.batchers[route]
         batcher.queue.append((now, task))
         self._dispatch(batcher, now)
 
     def _dispatch(self, batcher: _Batcher, now: float) -> None:
         if batcher.busy or not batcher.queue:
             return
-        head = batcher.queue[0][0]
-        due = head + batcher.wait_ms / 1000
-        if len(batcher.queue) < batcher.size and due > now + 1e-12:
+        due = now + seconds_until_due(len(batcher.queue), batcher.size, batcher.queue[0][0], batcher.wait_ms, now)
+        if due > now + 1e-12:
             if batcher.timer is None or batcher.timer > due:
                 batcher.timer = due
                 self.push(due, _TIMER, batcher)
             return
-        if batcher.bucketing:
-            bucket = (max(self.length[batcher.queue[0][1].ticket], 1) - 1) // BUCKET_WIDTH
-            chosen = [i for i, (_, t) in enumerate(batcher.queue)
-                      if (max(self.length[t.ticket], 1) - 1) // BUCKET_WIDTH == bucket][:batcher.size]
-            batch = [batcher.queue[i] for i in chosen]
-            for i in reversed(chosen):
-                del batcher.queue[i]
-        else:
-            batch = [batcher.queue.popleft() for _ in range(min(batcher.size, len(batcher.queue)))]
-        lengths = [int(self.length[t.ticket]) for _, t in batch]
-        padded = max(lengths) * len(lengths)
-        padding = (padded - sum(lengths)) / padded
+        lengths = [int(self.length[t.ticket]) for _, t in batcher.queue] if batcher.bucketing else \
+            [0] * len(batcher.queue)
+        chosen = take_batch(lengths, batcher.size, batcher.bucketing)
+        batch = [batcher.queue[i] for i in chosen]
+        for i in reversed(chosen):
+            del batcher.queue[i]
+        padding = padding_ratio([int(self.length[t.ticket]) for _, t in batch])
         route = self.cal.routes[batcher.route]
         service = route.service.batch_ms(len(batch), padding) * math.exp(self.rng.gauss(0, route.service_sigma))
         batcher.busy = True
         self.batches.add(now, batcher.route, len(batch), service, padding)
+        self.batch_tasks.append(tuple(t.index for _, t in batch))
         self.push(now + service / 1000, _BATCH_DONE, (batcher, batch, service))
 
     def _timer(self, now: float, batcher: _Batcher) -> None:
@@ -563,9 +659,10 @@ class _Simulation:
         batcher.busy = False
         share = service / 1000 / len(batch) * self.core_price.get(batcher.route, 0.0)
         for enqueued, task in batch:
-            if self.model_cache.enabled:
-                self.model_cache.put((batcher.route, task.ticket), True, now)
-            self._classified(task, enqueued, now, 1 if self.model_cache.enabled else 2, share)
+            cache = task.lane.model_cache
+            if cache.enabled:
+                cache.store.put(f"{batcher.route}|{task.ticket}", True)
+            self._classified(task, enqueued, now, 1 if cache.enabled else 2, share)
         self._dispatch(batcher, now)
 
     def _classified(self, task: _Task, start: float, end: float, cache: int, cost: float) -> None:
@@ -575,27 +672,28 @@ class _Simulation:
         task.cost += cost
         self.model_spans.add(start, route, (end - start) * 1000, cache, task.ticket, task.local_right, cost,
                              task.confidence, task.index)
-        if self.cascade and task.confidence < self.threshold:
+        if self.cascade and task.confidence < task.lane.threshold:
             self._escalate(task, end)
         else:
             task.final_right = task.local_right
             self._finish(task, end)
 
     def _escalate(self, task: _Task, now: float) -> None:
-        tier = self.tiers[int(np.searchsorted(self.tier_cum, self.u_tier[task.index], side="right"))
-                          if len(self.tiers) > 1 else 0]
+        lane = task.lane
+        tier = lane.tier(self.u_tier[task.index])
         task.tier, task.escalate_start = tier, now
-        if self.cascade_cache.enabled:
-            answer = self.cascade_cache.get((tier, task.ticket), now)
-            if answer is not None:
+        if lane.cascade_cache.enabled:
+            answer = lane.cascade_cache.store.get(f"{tier}|{task.ticket}")
+            if answer is not TTLCache.MISSING:
                 self._answered(task, now + self.cal.cache_hit_ms / 1000, 0, bool(answer), 0.0, False)
                 return
-        task.deadline = now + self.timeout
-        if self.in_flight < self.max_concurrency:
-            self.in_flight += 1
+        task.deadline = now + lane.timeout
+        limit = lane.limit
+        if limit.in_flight < limit.limit:
+            limit.in_flight += 1
             self._attempt(now, task)
         else:
-            self.waiting.append(task)
+            limit.waiting.append(task)
 
     def _attempt(self, now: float, task: _Task) -> None:
         tier = self.cal.tiers[task.tier]
@@ -625,18 +723,18 @@ class _Simulation:
 
     def _call_done(self, now: float, payload) -> None:
         task, ok = payload
-        self.in_flight -= 1
-        while self.waiting and self.in_flight < self.max_concurrency:
-            self.in_flight += 1
-            self._attempt(now, self.waiting.popleft())
+        limit, cache = task.lane.limit, task.lane.cascade_cache
+        limit.in_flight -= 1
+        while limit.waiting and limit.in_flight < limit.limit:
+            limit.in_flight += 1
+            self._attempt(now, limit.waiting.popleft())
         if not ok:
-            self._answered(task, now, 2 if not self.cascade_cache.enabled else 1, None, 0.0, task.attempts > 1)
+            self._answered(task, now, 2 if not cache.enabled else 1, None, 0.0, task.attempts > 1)
             return
         right = self.u_remote[task.index] < self.cal.tiers[task.tier].accuracy
-        if self.cascade_cache.enabled:
-            self.cascade_cache.put((task.tier, task.ticket), bool(right), now)
-        self._answered(task, now, 1 if self.cascade_cache.enabled else 2, right, self.token_price[task.tier],
-                       task.attempts > 1)
+        if cache.enabled:
+            cache.store.put(f"{task.tier}|{task.ticket}", bool(right))
+        self._answered(task, now, 1 if cache.enabled else 2, right, self.token_price[task.tier], task.attempts > 1)
 
     def _answered(self, task: _Task, now: float, cache: int, right: bool | None, cost: float, retried: bool) -> None:
         task.cost += cost
@@ -654,47 +752,34 @@ class _Simulation:
             task.cost += self.effect_price
             now += duration / 1000
         latency = (now - task.start) * 1000 + self.cal.overhead_ms
-        self.requests.add(task.start, latency, task.cost, task.final_right)
+        self.requests.add(task.start, latency, task.cost, task.final_right, task.lane.config.version)
 
     # ---- control ---------------------------------------------------------------------------------
     def _tick(self, now: float, _) -> None:
         self.push(now + self.settings.interval_seconds, _TICK)
-        s = self.settings
-        if self.last_change is not None and now - self.last_change < s.cooldown_seconds:
-            return
-        obs = self.observe(now)
-        if obs.requests < s.min_requests or obs.window_seconds < s.window_seconds / 2:
-            return
-        if self.arm.kind == "aimd":
-            knob = self.spec.steps[self.model_step]["batch_max_size"]
-            target = step_target_ms(self.slo, obs, self.model_step)
-            current = int(self._knob(self.model_step, "batch_max_size"))
-            if target is None:
-                return
-            size = aimd_batch_size(current, obs.step_total(self.model_step).p95_ms, target, knob)
-            changes = {self.model_step: {"batch_max_size": size}} if size != current else {}
-            reasons = [f"AIMD: p95 {obs.step_total(self.model_step).p95_ms:.0f} ms vs {target:.0f} ms: "
-                       f"batch_max_size {current} -> {size}"] if changes else []
-        else:
-            plan = decide(self.spec, self.config, self.slo, obs, s)
-            changes, reasons = plan.changes, plan.reasons
-        if not changes:
-            return
-        self.config = self.spec.merge(self.config, changes)
-        self.last_change = now
-        self.changes += 1
-        self.decisions.append({"at_seconds": round(now, 1), "changes": changes, "reasons": reasons})
-        self.push(now + self.apply_delay, _APPLY, self.config)
+        self.controller.tick(self, now)
 
     def _apply_event(self, now: float, config: PipelineConfig) -> None:
+        """Executors poll `config`: the steps take its values and a canary that is no longer served ends."""
         if config is not self.config:  # a newer config is on its way
             return
-        self._apply(config.steps)
-        for batcher in self.batchers.values():
-            self._dispatch(batcher, now)
-        while self.waiting and self.in_flight < self.max_concurrency:
-            self.in_flight += 1
-            self._attempt(now, self.waiting.popleft())
+        self.lane.set(config)
+        if self.trial is None:
+            self.canary_lane = None
+        self._wake(self.lane)
+
+    def _canary_event(self, now: float, trial: Trial) -> None:
+        if trial is not self.trial:  # ended before executors saw it
+            return
+        self.canary_lane, self.canary_share = _Lane(self, trial.config, self.lane), trial.share
+
+    def _wake(self, lane: _Lane) -> None:
+        for batcher in lane.batchers.values():
+            self._dispatch(batcher, self.now)
+        limit = lane.limit
+        while limit.waiting and limit.in_flight < limit.limit:
+            limit.in_flight += 1
+            self._attempt(self.now, limit.waiting.popleft())
 
     def observe(self, now: float) -> Observation:
         """The last window of simulated spans as `tuner.observe.collect` would read them from ClickHouse."""
@@ -799,11 +884,15 @@ def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
     minutes = (roots["start"] // 60).astype(int) if n else np.array([], dtype=int)
     cost_by_minute = np.bincount(minutes, weights=roots["cost"]) if n else np.array([])
     count_by_minute = np.bincount(minutes) if n else np.array([])
+    right_by_minute = np.bincount(minutes, weights=roots["right"].astype(float)) if n else np.array([])
     for w in windows:
         m = int(w["minute"])
         w["cost_per_1k"] = float(1000 * cost_by_minute[m] / count_by_minute[m]) if count_by_minute[m] else math.nan
+        w["right"] = float(right_by_minute[m])
     late = roots["start"] >= skip_seconds
-    settled = roots["start"] >= (0.75 * float(roots["start"].max()) if n else 0.0)
+    end = sim.workload.duration
+    settled = roots["start"] >= 0.75 * end
+    half = roots["start"] >= 0.5 * end
     return {
         "arm": sim.arm.name,
         "requests": n,
@@ -811,12 +900,15 @@ def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
         # Once a tuner has settled: the last quarter of the run (the rest holds its convergence, a change per
         # cooldown at most, each at most half a knob's value).
         "cost_per_1k_late": float(1000 * roots["cost"][settled].mean()) if settled.any() else math.nan,
+        "cost_per_1k_half": float(1000 * roots["cost"][half].mean()) if half.any() else math.nan,
+        "labelled_after": int(late.sum()),
         "p95_ms": float(np.quantile(roots["latency_ms"], 0.95)) if n else math.nan,
         "p99_ms": float(np.quantile(roots["latency_ms"], 0.99)) if n else math.nan,
         "slo_windows": share,
         "quality": float(np.mean(roots["right"])) if n else math.nan,
         "quality_after": float(np.mean(roots["right"][late])) if late.any() else math.nan,
         "changes": sim.changes,
+        "canaries": dict(sim.canaries),
         "cost_by_step": {step: 1000 * cost / n for step, cost in by_step.items()} if n else {},
         "config": sim.config.steps,
         "decisions": sim.decisions,

@@ -200,9 +200,10 @@ def test_tuner_cuts_cost_and_holds_slo_and_quality(comparison, spec):
     assert tuner["cost_per_1k"] <= 0.7 * default["cost_per_1k"]
     assert tuner["slo_windows"] >= 0.99
     assert tuner["quality"] >= slo.quality_floor
-    # AIMD on batch size moves compute, about 1% of the cost: no saving to speak of
-    assert aimd["cost_per_1k"] == pytest.approx(default["cost_per_1k"], rel=0.02)
+    # AIMD moves every numeric knob, not only batch size (which moves compute, about 1% of the cost)
     assert aimd["changes"] >= 1
+    assert aimd["config"]["escalate"]["cascade_threshold"] != triage.CASCADE_THRESHOLD
+    assert tuner["canaries"]["promoted"] >= 3  # every change went through a canary first
 
 
 def test_oracle_is_far_cheaper_than_default(comparison):
