@@ -39,6 +39,7 @@ from rich.table import Table  # noqa: E402
 from tracetune.analyzer import SLO  # noqa: E402
 from tracetune.tuner import simulate  # noqa: E402
 from tracetune.tuner.config import PipelineSpec  # noqa: E402
+from tracetune.tuner.policies import ServiceModel  # noqa: E402
 
 RATE = 20.0  # requests/s before the step; 40 after (the demo's default load, doubled half-way)
 DUPLICATES = 0.2
@@ -80,6 +81,94 @@ def demo_workload(minutes: float, seed: int, rate: float = RATE, duplicates: flo
     plan.validate()
     return simulate.Workload(tuple(load.arrivals(plan, random.Random(seed))), minutes * 60, duplicates, seed=seed,
                              phases=((0.0, minutes * 30), (minutes * 30, minutes * 60)))
+
+
+# ---- the retrieval-augmented pipeline: its declaration and an assumed calibration -----------------
+
+RAG_RATE = 8.0  # requests/s at the daily mean; a compressed day over the run (0.4x to 1.6x) with two 3x bursts
+
+
+def rag_spec() -> PipelineSpec:
+    """rag_answering as declared (embed -> retrieve -> rerank with two rerankers -> generate with two LLM
+    tiers and an answer cache), built with the executor's own step classes and no models: the knobs each
+    step declares are the executor's, exactly as `Pipeline.spec()` derives them."""
+    from tracetune.executor import Batching, Cache, Cascade, Infer, Pipeline, Step
+
+    noop = lambda task: None
+    return Pipeline("rag_answering", [
+        Step("normalize", noop),
+        Infer("embed", {"fp32": lambda texts: texts}, batching=Batching(max_size=8, max_wait_ms=5.0),
+              cache=Cache(ttl_seconds=600, max_entries=20_000)),
+        Step("retrieve", noop),
+        Infer("rerank", {"rerank-small": lambda xs: xs, "rerank-large": lambda xs: xs},
+              weights={"rerank-small": 0.5, "rerank-large": 0.5}, batching=Batching(max_size=4, max_wait_ms=10.0)),
+        Cascade("generate", after="rerank", remote={"llm-small": lambda x: x, "llm-large": lambda x: x},
+                weights={"llm-small": 0.5, "llm-large": 0.5}, threshold=0.9, route="llm",
+                cache=Cache(enabled=False, ttl_seconds=600, max_entries=20_000)),
+    ], slo={"p95_ms": 1500.0, "p99_ms": 3000.0, "error_rate": 0.02, "cost_per_1k": 0.5,
+            "quality_floor": 0.85}).spec()
+
+
+def _beta_table(a: float, b: float) -> tuple[float, ...]:
+    from scipy.stats import beta
+
+    return tuple(round(float(x), 4) for x in beta.ppf([0.001, *[i / 20 for i in range(1, 20)], 0.999], a, b))
+
+
+def rag_calibration() -> simulate.Calibration:
+    """ASSUMED physics for rag_answering, not measured: the embed step is the demo's MiniLM fp32 (measured);
+    the rerankers' costs follow what they run (int8 over 8 titles, ~4 ms; fp32 over ~30 short sentences,
+    ~25 ms); their accuracy and confidence, the tiers' accuracy on escalated questions and the prompt sizes
+    are assumptions."""
+    fp32 = simulate.DEMO.routes["fp32"]
+    return simulate.Calibration(
+        routes={
+            "rerank-small": simulate.ModelRoute(ServiceModel(1.0, 4.0, 0.3), 0.72, _beta_table(6, 2),
+                                                _beta_table(3, 3), 0.4),
+            "rerank-large": simulate.ModelRoute(ServiceModel(2.0, 25.0, 0.3), 0.88, _beta_table(9, 1.5),
+                                                _beta_table(3, 2.5), 0.4),
+        },
+        tiers={"llm-small": simulate.RemoteTier("standin-small", 300.0, 0.5, 0.80, 20.0, 420, 30),
+               "llm-large": simulate.RemoteTier("standin-large", 700.0, 0.5, 0.93, 5.0, 420, 30)},
+        lengths=simulate.DEMO.lengths,
+        models={"embed": {"fp32": fp32}},
+        plain_ms={"retrieve": 0.3},
+        effect_share=0.0,
+        source="ASSUMED from rag_answering's declaration (embed: the demo's measured MiniLM fp32; rerankers, "
+               "tiers' accuracy, prompt sizes: assumptions, not measurements; bench/tuner.py rag_calibration)")
+
+
+def rag_prices():
+    """The price table, with the rerankers' routes charged per core-second as fp32 (they run on the same cores)."""
+    from dataclasses import replace
+
+    from tracetune.analyzer import load_prices
+
+    prices = load_prices()
+    core = prices.routes.get("fp32", 0.0)
+    return replace(prices, routes={**prices.routes, "rerank-small": core, "rerank-large": core})
+
+
+def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: float = 0.15) -> simulate.Workload:
+    """A compressed day over the run (0.4x to 1.6x the mean rate) with two 3x bursts of 1/30 of the day (on the
+    rise and past the peak): Poisson arrivals by thinning. Six phases of equal length for the per-phase oracle."""
+    duration = minutes * 60
+    rng = random.Random(seed)
+
+    def rate_at(t: float) -> float:
+        day = 1.0 + 0.6 * math.sin(2 * math.pi * t / duration)
+        phase = t / duration
+        return rate * day * (3.0 if any(start <= phase < start + 1 / 30 for start in (0.1, 0.35)) else 1.0)
+
+    peak, t, out = rate * 1.6 * 3.0, 0.0, []
+    while True:
+        t += rng.expovariate(peak)
+        if t >= duration:
+            break
+        if rng.random() < rate_at(t) / peak:
+            out.append(t)
+    phases = tuple((duration * i / 6, duration * (i + 1) / 6) for i in range(6))
+    return simulate.Workload(tuple(out), duration, duplicates, seed=seed, phases=phases)
 
 
 def calibration_from(url: str, spec: PipelineSpec, window_seconds: int) -> simulate.Calibration:
@@ -233,18 +322,19 @@ def _bar(console: Console) -> Progress:
 
 
 def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: simulate.Calibration,
-                 workload: Any, seeds: Sequence[int], search_seed: int, evaluations: int) -> list[dict[str, Any]]:
+                 workload: Any, seeds: Sequence[int], search_seed: int, evaluations: int,
+                 prices: Any = None) -> list[dict[str, Any]]:
     """Every arm of one pipeline on each seed: the static oracle searched on `search_seed`, scored on each."""
     from tracetune.analyzer import load_prices
     from tracetune.tuner import oracles, simarms
 
     slo = SLO(spec.pipeline, **spec.slo)
-    prices = load_prices()
+    prices = prices or load_prices()
     gateway = simarms.gateway_config(spec, calibration, slo, prices)
     with _bar(console) as bar:
         task = bar.add_task(f"{name}: static oracle search on seed {search_seed}", total=evaluations)
         best, tried = oracles.search(spec, calibration, workload(search_seed), slo=slo, evaluations=evaluations,
-                                     seed=search_seed, start=[gateway],
+                                     seed=search_seed, start=[gateway], prices=prices,
                                      progress=lambda done, total: bar.update(task, completed=done))
     console.print(f"{name}: static oracle ({'feasible' if best['feasible'] else '[red]none feasible, closest[/]'}"
                   f" on seed {search_seed}, {len(tried)} runs, {sum(r['feasible'] for r in tried)} feasible): "
@@ -253,7 +343,7 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: s
     candidates = {json.dumps(best["grid_config"], sort_keys=True): best["grid_config"]}
     for start, end in phases:  # per phase, the cheapest configs that held the objectives in it on the search seed
         scored = [(oracles._phase(r, start, end, slo, 300.0, oracles.Targets()), r) for r in tried]
-        for _, r in sorted(((c, r) for (c, ok, n), r in scored if ok and n), key=lambda x: x[0])[:8]:
+        for _, r in sorted(((c, r) for (c, ok, n), r in scored if ok and n), key=lambda x: x[0])[:4]:
             candidates[json.dumps(r["grid_config"], sort_keys=True)] = r["grid_config"]
     rows: list[dict[str, Any]] = []
     arms = [simulate.Arm("default"), simulate.Arm("gateway", "static", gateway), simulate.Arm("aimd", "aimd"),
@@ -265,12 +355,12 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: s
             mine = []
             for arm in arms:
                 arm = arm or simulate.Arm("optuna", "optuna", seed=seed)
-                mine.append(simulate.simulate(spec, calibration, w, arm, slo=slo, seed=seed))
+                mine.append(simulate.simulate(spec, calibration, w, arm, slo=slo, seed=seed, prices=prices))
                 bar.advance(task)
             runs = []
             for config in candidates.values():
                 row = simulate.simulate(spec, calibration, w, simulate.Arm("static oracle", "static", config),
-                                        slo=slo, seed=seed)
+                                        slo=slo, seed=seed, prices=prices)
                 row["grid_config"] = config
                 runs.append(row)
                 bar.advance(task)
@@ -351,9 +441,12 @@ def sim_chart(rows: Sequence[Mapping[str, Any]], slo: SLO, path: Path, title: st
     return path
 
 
-def sim_pipelines() -> dict[str, tuple[PipelineSpec, simulate.Calibration, Any]]:
-    """The pipelines the simulation knows: name -> (spec, calibration, seed -> workload)."""
-    return {"ticket_triage": (demo_spec(), simulate.DEMO, lambda seed, minutes=60.0: demo_workload(minutes, seed))}
+def sim_pipelines() -> dict[str, tuple[PipelineSpec, simulate.Calibration, Any, Any]]:
+    """The pipelines the simulation knows: name -> (spec, calibration, (seed, minutes) -> workload, prices)."""
+    return {"ticket_triage": (demo_spec(), simulate.DEMO, lambda seed, minutes=60.0: demo_workload(minutes, seed),
+                              None),
+            "rag_answering": (rag_spec(), rag_calibration(), lambda seed, minutes=60.0: rag_workload(minutes, seed),
+                              rag_prices())}
 
 
 def run_sim(console: Console, spec: PipelineSpec, calibration: simulate.Calibration, minutes: float, seed: int,
@@ -446,13 +539,13 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
     failed = []
     everything = []
     for name in names:
-        spec, calibration, workload = known[name]
+        spec, calibration, workload, prices = known[name]
         if name == "ticket_triage":
             calibration = args.calibration
         slo = SLO(spec.pipeline, **spec.slo)
         console.print(f"[bold]{name}[/]: calibration {calibration.source}; SLO {json.dumps(spec.slo)}")
         rows = sim_pipeline(console, name, spec, calibration, lambda seed, w=workload: w(seed, args.minutes), seeds,
-                            args.search_seed, args.evaluations)
+                            args.search_seed, args.evaluations, prices)
         console.print(sim_table(rows, slo, f"{name}: {args.minutes:g} virtual minutes per arm, seeds "
                                            f"{', '.join(map(str, seeds))}; oracle searched on seed {args.search_seed}"))
         figure = sim_chart(rows, slo, args.out / f"tuner-sim-{name}.png", f"{name}: cost per 1k by arm")

@@ -65,7 +65,7 @@ def feasible(row: Mapping[str, Any], slo: SLO | None, targets: Targets = Targets
 
 
 def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, slo: SLO | None,
-           evaluations: int = 300, explore: float = 0.4, seed: int = 0, start: Sequence[Mapping] = (),
+           evaluations: int = 300, explore: float = 0.25, seed: int = 0, start: Sequence[Mapping] = (),
            progress: Callable[[int, int], None] | None = None, **options) -> tuple[dict[str, Any], list[dict]]:
     """The cheapest feasible static config found in `evaluations` simulated runs over the whole knob space:
     the declared defaults and `start`, then random draws (`explore` of the budget), then local search

@@ -32,7 +32,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -98,6 +98,8 @@ class Calibration:
     effect_median_ms: float = 23.0
     effect_sigma: float = 0.25
     step_ms: float = 0.05  # each plain step's self time
+    plain_ms: Mapping[str, float] = field(default_factory=dict)  # a plain step's own self time, where not step_ms
+    models: Mapping[str, Mapping[str, ModelRoute]] = field(default_factory=dict)  # model steps besides the main one
     cache_hit_ms: float = 0.1
     overhead_ms: float = 1.0  # the executor's own path per task, outside the steps
     rejected_ms: float = 3.0  # a 429 answer's round trip
@@ -282,10 +284,11 @@ class Arm:
 
 
 def _roles(spec: PipelineSpec) -> tuple[str | None, str]:
-    """(the cascade step or None, the model step): the one step with batching knobs, else the cascade's."""
+    """(the cascade step or None, the main model step): the step the cascade reads the confidence of, else
+    the first step with batching knobs."""
     cascade = next(iter(spec.cascades), None)
-    model = next((s for s, knobs in spec.steps.items() if "batch_max_size" in knobs), None)
-    model = model or (spec.cascades[cascade] if cascade else None)
+    model = spec.cascades[cascade] if cascade else None
+    model = model or next((s for s, knobs in spec.steps.items() if "batch_max_size" in knobs), None)
     if model is None:
         raise ValueError(f"pipeline {spec.pipeline!r} has no model step (batching knobs) to simulate")
     return cascade, model
@@ -301,12 +304,14 @@ def _effect_step(spec: PipelineSpec, calibration: Calibration) -> str | None:
 
 class _Task:
     __slots__ = ("index", "ticket", "start", "route", "confidence", "local_right", "final_right", "cost",
-                 "escalate_start", "tier", "attempts", "deadline", "lane")
+                 "escalate_start", "tier", "attempts", "deadline", "lane", "stage")
 
     def __init__(self, index: int, ticket: int, start: float, lane: _Lane):
         self.index, self.ticket, self.start, self.lane = index, ticket, start, lane
         self.cost = 0.0
         self.attempts = 0
+        self.stage = -1
+        self.confidence = 1.0
 
 
 CACHE_KNOBS = ("cache_enabled", "cache_ttl_seconds", "cache_max_entries")
@@ -329,8 +334,8 @@ class _Cache:
 class _Batcher:
     """One route's micro-batcher, one server, forming batches by the executor's own rules (tracetune.batching)."""
 
-    def __init__(self, route: str, size: int, wait_ms: float, bucketing: bool):
-        self.route, self.size, self.wait_ms, self.bucketing = route, size, wait_ms, bucketing
+    def __init__(self, step: str, route: str, size: int, wait_ms: float, bucketing: bool):
+        self.step, self.route, self.size, self.wait_ms, self.bucketing = step, route, size, wait_ms, bucketing
         self.queue: deque[tuple[float, _Task]] = deque()
         self.busy = False
         self.timer: float | None = None
@@ -351,19 +356,27 @@ class _Lane:
 
     def __init__(self, sim: _Simulation, config: PipelineConfig, base: _Lane | None = None):
         self.sim, self.config = sim, config
-        m, c = sim.model_step, sim.cascade
+        c = sim.cascade
 
         def changed(step: str | None, names: Sequence[str]) -> bool:
             return base is None or (step is not None and any(
                 config.knob(step, n) != base.config.knob(step, n) for n in names))
 
         clock = lambda: sim.now
-        self.batchers = {r: _Batcher(r, 1, 0.0, False) for r in sim.cal.routes} if changed(m, BATCH_KNOBS) \
-            else base.batchers
-        self.model_cache = _Cache(clock, True) if changed(m, CACHE_KNOBS) else base.model_cache
-        self.cascade_cache = _Cache(clock, False) if changed(c, CACHE_KNOBS) else base.cascade_cache
+        self.batchers = {step: {r: _Batcher(step, r, 1, 0.0, False) for r in sim.physics[step]}
+                         if changed(step, BATCH_KNOBS) else base.batchers[step] for step in sim.models}
+        self.caches = {step: _Cache(clock, step != c) if changed(step, CACHE_KNOBS) else base.caches[step]
+                       for step in [*sim.models, *([c] if c else [])]}
         self.limit = _Limit(1 << 30) if changed(c, LIMIT_KNOBS) else base.limit
         self.set(config)
+
+    @property
+    def model_cache(self) -> _Cache:
+        return self.caches[self.sim.model_step]
+
+    @property
+    def cascade_cache(self) -> _Cache:
+        return self.caches[self.sim.cascade]
 
     def knob(self, step: str | None, name: str, default: Any = None) -> Any:
         if step is None:
@@ -374,16 +387,17 @@ class _Lane:
     def set(self, config: PipelineConfig) -> None:
         """Take `config`'s values, for this lane's scalars and the parts it uses."""
         self.config = config
-        sim, m, c = self.sim, self.sim.model_step, self.sim.cascade
-        weights = self.knob(m, "route_weights", {r: 1.0 for r in sim.cal.routes})
-        self.model_routes = list(weights)
-        self.model_cum = np.cumsum([weights[r] for r in self.model_routes]) / sum(weights.values())
-        size, wait = int(self.knob(m, "batch_max_size", 1)), float(self.knob(m, "batch_max_wait_ms", 0.0))
-        bucketing = bool(self.knob(m, "length_bucketing", False))
-        for batcher in self.batchers.values():
-            batcher.size, batcher.wait_ms, batcher.bucketing = max(1, size), max(0.0, wait), bucketing
-        for step, cache in ((m, self.model_cache), (c, self.cascade_cache)):
-            if step is not None and "cache_enabled" in sim.spec.steps.get(step, {}):
+        sim, c = self.sim, self.sim.cascade
+        self.routes: dict[str, tuple[list[str], np.ndarray]] = {}
+        for step in sim.models:
+            weights = self.knob(step, "route_weights", {r: 1.0 for r in sim.physics[step]})
+            self.routes[step] = (list(weights), np.cumsum([weights[r] for r in weights]) / sum(weights.values()))
+            size, wait = int(self.knob(step, "batch_max_size", 1)), float(self.knob(step, "batch_max_wait_ms", 0.0))
+            bucketing = bool(self.knob(step, "length_bucketing", False))
+            for batcher in self.batchers[step].values():
+                batcher.size, batcher.wait_ms, batcher.bucketing = max(1, size), max(0.0, wait), bucketing
+        for step, cache in self.caches.items():
+            if "cache_enabled" in sim.spec.steps.get(step, {}):
                 cache.configure({k: self.knob(step, k) for k in CACHE_KNOBS})
             else:
                 cache.enabled = False
@@ -395,9 +409,9 @@ class _Lane:
             self.limit.limit = max(1, int(self.knob(c, "max_concurrency", 1 << 30)))
             self.timeout = float(self.knob(c, "timeout_seconds", 10.0))
 
-    def route(self, u: float) -> str:
-        return self.model_routes[int(np.searchsorted(self.model_cum, u, side="right"))
-                                 if len(self.model_routes) > 1 else 0]
+    def route(self, step: str, u: float) -> str:
+        routes, cum = self.routes[step]
+        return routes[int(np.searchsorted(cum, u, side="right")) if len(routes) > 1 else 0]
 
     def tier(self, u: float) -> str:
         return self.tiers[int(np.searchsorted(self.tier_cum, u, side="right")) if len(self.tiers) > 1 else 0]
@@ -444,7 +458,7 @@ class _Records:
         return {c: np.asarray(v) for c, v in self.data.items()}
 
 
-_ARRIVE, _CLASSIFY, _TIMER, _BATCH_DONE, _ATTEMPT, _CALL_DONE, _TICK, _APPLY, _CANARY = range(9)
+_ARRIVE, _MODEL, _TIMER, _BATCH_DONE, _ATTEMPT, _CALL_DONE, _TICK, _APPLY, _CANARY = range(9)
 
 
 class _Simulation:
@@ -456,13 +470,28 @@ class _Simulation:
         self.prices, self.settings, self.apply_delay = prices, settings, apply_delay
         self.cascade, self.model_step = _roles(spec)
         self.effect = _effect_step(spec, calibration)
-        self.plain = [s for s in spec.steps if s not in (self.cascade, self.model_step, self.effect)]
-        order = list(spec.steps)
-        self.plain_before = sum(1 for s in self.plain if order.index(s) < order.index(self.model_step))
+        # Every step that declares batching or routes is a model step: the main one (whose confidence the
+        # cascade reads) runs on `calibration.routes`, any other on `calibration.models[step]`.
+        self.models = [s for s, knobs in spec.steps.items() if s != self.cascade and s != self.effect
+                       and ("batch_max_size" in knobs or "route_weights" in knobs or s == self.model_step)]
+        unknown = [s for s in self.models if s != self.model_step and s not in calibration.models]
+        if unknown:
+            raise ValueError(f"the calibration has no physics for model steps {unknown} of {spec.pipeline}")
+        self.physics = {s: calibration.routes if s == self.model_step else calibration.models[s] for s in self.models}
+        self.plain = [s for s in spec.steps if s not in (self.cascade, self.effect, *self.models)]
+        self.stages: list[tuple[str, str]] = []
+        self.gaps = [0.0]  # seconds of plain steps before each stage, and after the last
+        for step in spec.steps:
+            if step in self.plain:
+                self.gaps[-1] += calibration.plain_ms.get(step, calibration.step_ms) / 1000
+            else:
+                self.stages.append(("model" if step in self.models else "cascade" if step == self.cascade
+                                    else "effect", step))
+                self.gaps.append(0.0)
         config = spec.defaults()
         if arm.kind == "static" and arm.config:
             config = spec.merge(config, {s: dict(v) for s, v in arm.config.items()})
-        missing = [r for r in config.knob(self.model_step, "route_weights", {}) if r not in calibration.routes]
+        missing = [r for s in self.models for r in config.knob(s, "route_weights", {}) if r not in self.physics[s]]
         if self.cascade:
             missing += [r for r in config.knob(self.cascade, "route_weights", {}) if r not in calibration.tiers]
         if missing:
@@ -481,14 +510,15 @@ class _Simulation:
         self._tickets(workload)
         self.buckets = {name: [max(1.0, tier.rate_limit_rps), 0.0] for name, tier in calibration.tiers.items()}
         self.requests = _Records("start", "latency_ms", "cost", "right", "version")
-        self.model_spans = _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
-                                    "task")
-        self.batches = _Records("start", "route", "size", "duration", "padding")
+        self.spans = {s: _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
+                                  "task") for s in self.models}
+        self.model_spans = self.spans[self.model_step]
+        self.batches = _Records("start", "route", "size", "duration", "padding", "step")
         self.batch_tasks: list[tuple[int, ...]] = []  # the tasks of each batch, in `batches` order
         self.cascade_spans = _Records("start", "route", "duration", "cache", "ticket", "retried", "error", "cost",
                                       "right", "task")
         self.effect_spans = _Records("start", "duration", "cost")
-        self.core_price = {r: prices.routes.get(r, 0.0) for r in calibration.routes}
+        self.core_price = {r: prices.routes.get(r, 0.0) for routes in self.physics.values() for r in routes}
         self.effect_price = prices.calls.get(self.effect, 0.0) if self.effect else 0.0
         self.token_price = {}
         for name, tier in calibration.tiers.items():
@@ -581,6 +611,8 @@ class _Simulation:
         self.u_route, self.u_tier, self.u_remote = rng.random(n), rng.random(n), rng.random(n)
         self.z_remote, self.z_effect = rng.standard_normal(n), rng.standard_normal(n)
         self.u_canary = np.random.default_rng(workload.seed + 104_729).random(n)  # the task-id hash's stand-in
+        self.u_steps = {step: np.random.default_rng([workload.seed, i]).random(n)  # routes of the other model steps
+                        for i, step in enumerate(self.models) if step != self.model_step}
 
     # ---- events ----------------------------------------------------------------------------------
     def push(self, when: float, kind: int, payload: Any = None) -> None:
@@ -593,7 +625,7 @@ class _Simulation:
             self.push(arrivals[0], _ARRIVE, 0)
         if self.controller is not None:
             self.push(self.settings.interval_seconds, _TICK)
-        handlers = (self._arrive, self._classify, self._timer, self._batch_done, self._attempt, self._call_done,
+        handlers = (self._arrive, self._model, self._timer, self._batch_done, self._attempt, self._call_done,
                     self._tick, self._apply_event, self._canary_event)
         end = self.workload.duration
         heap = self.heap
@@ -611,18 +643,41 @@ class _Simulation:
         lane = self.lane
         if self.canary_lane is not None and self.u_canary[index] < self.canary_share:
             lane = self.canary_lane
-        task = _Task(index, int(self.ticket[index]), now, lane)
-        self.push(now + self.plain_before * self.cal.step_ms / 1000, _CLASSIFY, task)
+        self._advance(_Task(index, int(self.ticket[index]), now, lane), now)
 
-    def _classify(self, now: float, task: _Task) -> None:
-        lane = task.lane
-        route = lane.route(self.u_route[task.index])
-        task.route = route
-        cache = lane.model_cache
-        if cache.enabled and cache.store.get(f"{route}|{task.ticket}") is not TTLCache.MISSING:
-            self._classified(task, now, now + self.cal.cache_hit_ms / 1000, 0, 0.0)
+    def _advance(self, task: _Task, now: float) -> None:
+        """On to the task's next step that takes time of its own, after the plain steps before it."""
+        task.stage += 1
+        now += self.gaps[task.stage]
+        if task.stage == len(self.stages):
+            self.requests.add(task.start, (now - task.start) * 1000 + self.cal.overhead_ms, task.cost,
+                              task.final_right, task.lane.config.version)
             return
-        batcher = lane.batchers[route]
+        kind, step = self.stages[task.stage]
+        if kind == "model":
+            self.push(now, _MODEL, task)
+        elif kind == "cascade":
+            if task.confidence < task.lane.threshold:
+                self._escalate(task, now)
+            else:
+                self._advance(task, now)
+        elif self.urgent[task.ticket]:  # the side effect
+            duration = self.cal.effect_median_ms * math.exp(self.cal.effect_sigma * self.z_effect[task.index])
+            self.effect_spans.add(now, duration, self.effect_price)
+            task.cost += self.effect_price
+            self._advance(task, now + duration / 1000)
+        else:
+            self._advance(task, now)
+
+    def _model(self, now: float, task: _Task) -> None:
+        lane, step = task.lane, self.stages[task.stage][1]
+        u = self.u_route if step == self.model_step else self.u_steps[step]
+        route = lane.route(step, u[task.index])
+        cache = lane.caches[step]
+        if cache.enabled and cache.store.get(f"{route}|{task.ticket}") is not TTLCache.MISSING:
+            self._modelled(task, step, route, now, now + self.cal.cache_hit_ms / 1000, 0, 0.0)
+            return
+        batcher = lane.batchers[step][route]
         batcher.queue.append((now, task))
         self._dispatch(batcher, now)
 
@@ -642,11 +697,12 @@ class _Simulation:
         for i in reversed(chosen):
             del batcher.queue[i]
         padding = padding_ratio([int(self.length[t.ticket]) for _, t in batch])
-        route = self.cal.routes[batcher.route]
+        route = self.physics[batcher.step][batcher.route]
         service = route.service.batch_ms(len(batch), padding) * math.exp(self.rng.gauss(0, route.service_sigma))
         batcher.busy = True
-        self.batches.add(now, batcher.route, len(batch), service, padding)
-        self.batch_tasks.append(tuple(t.index for _, t in batch))
+        self.batches.add(now, batcher.route, len(batch), service, padding, batcher.step)
+        if batcher.step == self.model_step:
+            self.batch_tasks.append(tuple(t.index for _, t in batch))
         self.push(now + service / 1000, _BATCH_DONE, (batcher, batch, service))
 
     def _timer(self, now: float, batcher: _Batcher) -> None:
@@ -659,24 +715,24 @@ class _Simulation:
         batcher.busy = False
         share = service / 1000 / len(batch) * self.core_price.get(batcher.route, 0.0)
         for enqueued, task in batch:
-            cache = task.lane.model_cache
+            cache = task.lane.caches[batcher.step]
             if cache.enabled:
                 cache.store.put(f"{batcher.route}|{task.ticket}", True)
-            self._classified(task, enqueued, now, 1 if cache.enabled else 2, share)
+            self._modelled(task, batcher.step, batcher.route, enqueued, now, 1 if cache.enabled else 2, share)
         self._dispatch(batcher, now)
 
-    def _classified(self, task: _Task, start: float, end: float, cache: int, cost: float) -> None:
-        route = task.route
-        task.confidence = float(self.confidence[route][task.ticket])
-        task.local_right = bool(self.right[route][task.ticket])
+    def _modelled(self, task: _Task, step: str, route: str, start: float, end: float, cache: int,
+                  cost: float) -> None:
         task.cost += cost
-        self.model_spans.add(start, route, (end - start) * 1000, cache, task.ticket, task.local_right, cost,
-                             task.confidence, task.index)
-        if self.cascade and task.confidence < task.lane.threshold:
-            self._escalate(task, end)
+        if step == self.model_step:  # the step whose confidence the cascade reads, and whose answer is judged
+            task.route = route
+            task.confidence = float(self.confidence[route][task.ticket])
+            task.local_right = task.final_right = bool(self.right[route][task.ticket])
+            self.model_spans.add(start, route, (end - start) * 1000, cache, task.ticket, task.local_right, cost,
+                                 task.confidence, task.index)
         else:
-            task.final_right = task.local_right
-            self._finish(task, end)
+            self.spans[step].add(start, route, (end - start) * 1000, cache, task.ticket, True, cost, 1.0, task.index)
+        self._advance(task, end)
 
     def _escalate(self, task: _Task, now: float) -> None:
         lane = task.lane
@@ -742,17 +798,7 @@ class _Simulation:
         task.final_right = task.local_right if error else bool(right)
         self.cascade_spans.add(task.escalate_start, task.tier, (now - task.escalate_start) * 1000, cache, task.ticket,
                                retried, error, cost, -1 if error else int(bool(right)), task.index)
-        self._finish(task, now)
-
-    def _finish(self, task: _Task, now: float) -> None:
-        now += (len(self.plain) - self.plain_before) * self.cal.step_ms / 1000
-        if self.effect and self.urgent[task.ticket]:
-            duration = self.cal.effect_median_ms * math.exp(self.cal.effect_sigma * self.z_effect[task.index])
-            self.effect_spans.add(now, duration, self.effect_price)
-            task.cost += self.effect_price
-            now += duration / 1000
-        latency = (now - task.start) * 1000 + self.cal.overhead_ms
-        self.requests.add(task.start, latency, task.cost, task.final_right, task.lane.config.version)
+        self._advance(task, now)
 
     # ---- control ---------------------------------------------------------------------------------
     def _tick(self, now: float, _) -> None:
@@ -774,8 +820,9 @@ class _Simulation:
         self.canary_lane, self.canary_share = _Lane(self, trial.config, self.lane), trial.share
 
     def _wake(self, lane: _Lane) -> None:
-        for batcher in lane.batchers.values():
-            self._dispatch(batcher, self.now)
+        for batchers in lane.batchers.values():
+            for batcher in batchers.values():
+                self._dispatch(batcher, self.now)
         limit = lane.limit
         while limit.waiting and limit.in_flight < limit.limit:
             limit.in_flight += 1
@@ -795,15 +842,18 @@ class _Simulation:
         obs.p95_ms = float(np.quantile(roots["latency_ms"], 0.95))
         obs.p99_ms = float(np.quantile(roots["latency_ms"], 0.99))
         total = 0.0
-        model = self.model_spans.window(start, now, keep)
-        obs.steps[self.model_step] = self._routes(model, with_labels=True)
         batches = self.batches.window(start, now, keep)
-        obs.batches[self.model_step] = [BatchSample(int(s), float(d), float(p)) for s, d, p in
-                                        zip(batches["size"][::-1][:5000], batches["duration"][::-1][:5000],
-                                            batches["padding"][::-1][:5000], strict=True)]
-        total += float(model["cost"].sum())
+        for step in self.models:
+            spans = self.spans[step].window(start, now, keep)
+            obs.steps[step] = self._routes(spans, with_labels=step == self.model_step)
+            mine = batches["step"] == step
+            obs.batches[step] = [BatchSample(int(s), float(d), float(p)) for s, d, p in
+                                 zip(batches["size"][mine][::-1][:5000], batches["duration"][mine][::-1][:5000],
+                                     batches["padding"][mine][::-1][:5000], strict=True)]
+            total += float(spans["cost"].sum())
+        model = self.model_spans.window(start, now, keep)
         for step in self.plain:
-            obs.steps[step] = {"": RouteObservation(spans=n, p95_ms=self.cal.step_ms)}
+            obs.steps[step] = {"": RouteObservation(spans=n, p95_ms=self.cal.plain_ms.get(step, self.cal.step_ms))}
         if self.cascade:
             spans = self.cascade_spans.window(start, now, keep)
             obs.steps[self.cascade] = self._routes(spans, with_labels=True)
@@ -876,7 +926,7 @@ def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
     roots = sim.requests.all()
     n = len(roots["start"])
     share, windows = slo_windows(roots["start"], roots["latency_ms"], sim.slo, skip_seconds)
-    by_step = {sim.model_step: float(np.sum(sim.model_spans.data["cost"]))}
+    by_step = {step: float(np.sum(sim.spans[step].data["cost"])) for step in sim.models}
     if sim.cascade:
         by_step[sim.cascade] = float(np.sum(sim.cascade_spans.data["cost"]))
     if sim.effect:

@@ -140,11 +140,12 @@ def test_a_canary_lane_shares_the_parts_its_changes_do_not_touch(spec):
                                LoopSettings(), 5.0, 1)
     base = sim.lane
     same = simulate._Lane(sim, spec.merge(sim.config, {"escalate": {"cascade_threshold": 0.5}}), base)
-    assert same.batchers is base.batchers and same.model_cache is base.model_cache and same.limit is base.limit
-    assert same.threshold == 0.5 and base.threshold == 0.6
+    assert same.batchers["classify"] is base.batchers["classify"] and same.model_cache is base.model_cache
+    assert same.limit is base.limit and same.threshold == 0.5 and base.threshold == 0.6
     batched = simulate._Lane(sim, spec.merge(sim.config, {"classify": {"batch_max_size": 2}}), base)
-    assert batched.batchers is not base.batchers and batched.model_cache is base.model_cache
-    assert all(b.size == 2 for b in batched.batchers.values()) and all(b.size == 8 for b in base.batchers.values())
+    assert batched.batchers["classify"] is not base.batchers["classify"] and batched.model_cache is base.model_cache
+    assert all(b.size == 2 for b in batched.batchers["classify"].values())
+    assert all(b.size == 8 for b in base.batchers["classify"].values())
 
 
 def test_aimd_grows_every_numeric_knob_while_objectives_hold_and_halves_when_missed(spec):
@@ -239,3 +240,44 @@ def test_optuna_arm_runs_trials_as_canaries(spec):
     kinds = [d["kind"] for d in row["decisions"]]
     assert kinds.count("canary_start") >= 4
     assert row["canaries"]["promoted"] + row["canaries"]["rolled_back"] >= kinds.count("canary_start") - 1
+
+
+def _two_model_steps():
+    """A pipeline of another shape, declared with the executor's own step classes: two model steps (one of
+    them a pair of rerankers) before a two-tier cascade with an answer cache, no side effect."""
+    from tracetune.executor import Batching, Cache, Cascade, Infer, Pipeline, Step
+
+    spec = Pipeline("answers", [
+        Step("normalize", lambda task: None),
+        Infer("embed", {"fp32": lambda xs: xs}, batching=Batching(max_size=8, max_wait_ms=5.0),
+              cache=Cache(ttl_seconds=600, max_entries=1000)),
+        Step("retrieve", lambda task: None),
+        Infer("rerank", {"small": lambda xs: xs, "large": lambda xs: xs}, weights={"small": 0.5, "large": 0.5},
+              batching=Batching(max_size=4, max_wait_ms=10.0)),
+        Cascade("generate", after="rerank", remote={"llm-small": lambda x: x, "llm-large": lambda x: x},
+                weights={"llm-small": 0.5, "llm-large": 0.5}, threshold=0.7, route="llm",
+                cache=Cache(enabled=False, ttl_seconds=600, max_entries=1000)),
+    ], slo={"p95_ms": 1500.0, "quality_floor": 0.9}).spec()
+    demo = simulate.DEMO
+    cal = replace(demo, routes={"small": demo.routes["int8"], "large": replace(demo.routes["fp32"], accuracy=0.95)},
+                  models={"embed": {"fp32": demo.routes["fp32"]}}, plain_ms={"retrieve": 2.0}, effect_share=0.0)
+    return spec, cal
+
+
+def test_a_pipeline_of_another_shape_runs_on_its_declared_steps():
+    spec, cal = _two_model_steps()
+    sim = simulate._Simulation(spec, cal, workload(6, rate=10, duplicates=0.3), SLO(spec.pipeline, **spec.slo),
+                               simulate.Arm("tuner", "tuner"), load_prices(), LoopSettings(), 5.0, 1)
+    assert sim.models == ["embed", "rerank"] and sim.model_step == "rerank" and sim.effect is None
+    assert [kind for kind, _ in sim.stages] == ["model", "model", "cascade"]
+    assert sim.gaps[1] == pytest.approx(0.002)  # retrieve, between embed and rerank
+    sim.run()
+    obs = sim.observe(360.0)
+    assert set(obs.steps["rerank"]) == {"small", "large"} and set(obs.steps["embed"]) == {"fp32"}
+    assert obs.batches["embed"] and obs.batches["rerank"]
+    assert sum(r.hits for r in obs.steps["embed"].values()) > 0  # repeats hit the embed cache
+    assert obs.steps["embed"]["fp32"].cost > 0 and len(obs.cascade_samples["generate"]) == obs.requests
+    assert sim.decisions and sim.decisions[0]["kind"] == "canary_start"  # the same loop, on the declared knobs
+    with pytest.raises(ValueError, match="no physics for model steps"):
+        simulate._Simulation(spec, replace(cal, models={}), workload(1, rate=1), None, simulate.Arm("d"),
+                             load_prices(), LoopSettings(), 5.0, 1)
