@@ -690,9 +690,9 @@ class _Simulation:
                 batcher.timer = due
                 self.push(due, _TIMER, batcher)
             return
-        lengths = [int(self.length[t.ticket]) for _, t in batcher.queue] if batcher.bucketing else \
-            [0] * len(batcher.queue)
-        chosen = take_batch(lengths, batcher.size, batcher.bucketing)
+        queued = [int(self.length[t.ticket]) for _, t in batcher.queue] if batcher.bucketing else \
+            range(len(batcher.queue))  # without bucketing only the count matters (a backlog stays O(1) per batch)
+        chosen = take_batch(queued, batcher.size, batcher.bucketing)
         batch = [batcher.queue[i] for i in chosen]
         for i in reversed(chosen):
             del batcher.queue[i]
