@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tracetune.analyzer import SLO, PriceTable
 from tracetune.tuner import canary
 from tracetune.tuner.config import Knob, KnobValue, PipelineSpec
-from tracetune.tuner.loop import decide
+from tracetune.tuner.loop import Moves, decide
 
 if TYPE_CHECKING:
     from tracetune.tuner.simulate import Arm, Calibration, _Simulation
@@ -190,6 +190,8 @@ class LoopController:
 
     def __init__(self) -> None:
         self.rejected: tuple[float, dict, dict] | None = None  # when, config steps before, the trial's steps
+        self.moves = Moves()  # the last applied move per knob, as the loop rebuilds it from the audit
+        self.plan: Any = None  # the plan on trial
 
     def tick(self, sim: _Simulation, now: float) -> None:
         s = sim.settings
@@ -199,20 +201,24 @@ class LoopController:
                 return
             trial, before = sim.trial, sim.config
             sim.end_canary(verdict.action == "promote", verdict.reason, now)
-            if verdict.action != "promote":
+            if verdict.action == "promote":
+                self.moves.record(self.plan, now)
+            else:
                 self.rejected = (now, before.steps, trial.config.steps)
             return
         obs = _enough(sim, now)
         if obs is None:
             return
-        plan = decide(sim.spec, sim.config, sim.slo, obs, s)
+        plan = decide(sim.spec, sim.config, sim.slo, obs, s, moves=self.moves, now=now)
         self._drop_rejected(sim, plan, now)
         if not plan.changes:
             return
         if s.canary_share > 0:
-            sim.start_canary(plan.changes, plan.reasons, now, s.canary_share)
+            self.plan = plan
+            sim.start_canary(plan.changes, plan.reason.split("\n"), now, s.canary_share)
         else:
-            sim.change(plan.changes, plan.reasons, now)
+            self.moves.record(plan, now)
+            sim.change(plan.changes, plan.reason.split("\n"), now)
 
     def _drop_rejected(self, sim: _Simulation, plan: Any, now: float) -> None:
         """As the loop does: a knob moved the way a canary rolled back within the hour moved it stays put."""
@@ -224,9 +230,7 @@ class LoopController:
                 before = base.get(step, {}).get(knob, sim.config.knob(step, knob))
                 after = tried.get(step, {}).get(knob, before)
                 if after != before and _same_way(before, after, value):
-                    del values[knob]
-            if not values:
-                del plan.changes[step]
+                    plan.drop(step, knob)
 
 
 class AimdController:
