@@ -152,7 +152,9 @@ def sentence(actions: list[str], before: dict[str, float], after: dict[str, floa
     p95_now, p95 = before.get("p95_ms"), after.get("p95_ms")
     target = targets.get("p95_ms")
     against = f" (target {target:g} ms)" if target is not None else ""
-    if p95 is not None and p95_now is not None and abs(p95 - p95_now) >= 0.05 * max(p95_now, 1.0):
+    if p95 is not None and p95 != p95 and p95_now is not None:  # NaN: moved, but no model predicts how far
+        parts.append(f"p95 {p95_now:.0f} ms now{against}, not predicted")
+    elif p95 is not None and p95_now is not None and abs(p95 - p95_now) >= 0.05 * max(p95_now, 1.0):
         parts.append(f"p95 {p95_now:.0f} -> {p95:.0f} ms{against}")
     elif p95_now is not None:
         parts.append(f"p95 unchanged at {p95_now:.0f} ms{against}")

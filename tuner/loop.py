@@ -121,6 +121,9 @@ class Plan:
                     figures[name] = figures.get(name, self.before[name]) + effect[f"{name}.delta"]
             if "p95_ms" in effect:
                 figures["p95_ms"] = min(figures.get("p95_ms", math.inf), effect["p95_ms"])
+        if "p95_ms" not in figures and any(step not in self.effects or "p95_ms" not in self.effects[step]
+                                           for step in self.changes):
+            figures["p95_ms"] = math.nan  # a change whose latency no model predicts: not "unchanged"
         return figures
 
     def was(self, step: str, knob: str) -> Any:
@@ -167,33 +170,37 @@ def violations(slo: SLO | None, obs: observe.Observation, min_labelled: int = 30
     if slo.p95_ms is not None and obs.p95_ms is not None and obs.p95_ms > slo.p95_ms:
         missed["p95"] = f"p95 {obs.p95_ms:.0f} ms over the {slo.p95_ms:g} ms target"
     if slo.quality_floor is not None and obs.quality is not None and obs.labelled >= min_labelled \
-            and obs.quality < slo.quality_floor:
+            and 1 - _wilson_lower((1 - obs.quality) * obs.labelled, obs.labelled) < slo.quality_floor:
+        # Beyond doubt under the floor (its upper bound too): 0.929 on a few thousand labels is not a miss.
         missed["quality"] = f"quality {obs.quality:.3f} under the {slo.quality_floor:g} floor"
     if slo.error_rate is not None and obs.requests and obs.errors / obs.requests > slo.error_rate:
         missed["errors"] = f"errors {obs.errors / obs.requests:.2%} over {slo.error_rate:.2%}"
     return missed
 
 
-def evidence(obs: observe.Observation, slo: SLO | None) -> dict[str, float]:
-    """What a move is made on, kept with it so a later reversal can be checked against it: load, labelled
-    quality (pipeline and per route), per-call prices per route, and which objectives were missed."""
+def evidence(obs: observe.Observation, slo: SLO | None, spec: PipelineSpec | None = None) -> dict[str, float]:
+    """What a move is made on, kept with it so a later reversal can be checked against it: load, each
+    route's labelled accuracy, the price of a call that ran (cache hits aside) on routes whose cost per call
+    the config does not set (not batched steps), and which objectives were missed. Not the pipeline's
+    quality or cost: the knobs move those, so a change in them is the move's effect, not new evidence."""
     found = {"rate": obs.requests / obs.window_seconds if obs.window_seconds else 0.0,
-             "window_seconds": obs.window_seconds, "quality.correct": (obs.quality or 0.0) * obs.labelled,
-             "quality.labelled": float(obs.labelled)}
+             "window_seconds": obs.window_seconds}
     for step, routes in obs.steps.items():
+        batched = spec is not None and "batch_max_size" in spec.steps.get(step, {})
         for route, r in routes.items():
             name = f"{step}.{route}"
             if r.labelled:
                 found[f"{name}.correct"], found[f"{name}.labelled"] = float(r.correct), float(r.labelled)
-            if r.spans and r.cost:
-                found[f"{name}.unit_cost"], found[f"{name}.spans"] = r.cost / r.spans, float(r.spans)
+            calls = r.spans - r.hits  # a cache hit costs nothing: the price is what a call that ran cost
+            if calls > 0 and r.cost and not batched:
+                found[f"{name}.unit_cost"], found[f"{name}.spans"] = r.cost / calls, float(calls)
     for name in violations(slo, obs):
         found[f"missed.{name}"] = 1.0
     return found
 
 
 NOISE_Z = 3.0  # a difference in load or accuracy counts as real beyond this many standard errors
-PRICE_CHANGE = 0.1  # a per-call price moving more than this share counts as a new price
+PRICE_CHANGE = 0.2  # a per-call cost moving more than this share is a new price (not token-count noise)
 
 
 def _proportion_z(c0: float, n0: float, c1: float, n1: float) -> float:
@@ -222,8 +229,7 @@ def changed(then: Mapping[str, float], now: Mapping[str, float]) -> str | None:
             name = key.removesuffix(".labelled")
             z = _proportion_z(then.get(f"{name}.correct", 0.0), then[key], now.get(f"{name}.correct", 0.0), now[key])
             if abs(z) > NOISE_Z:
-                what = "pipeline quality" if name == "quality" else f"{name} accuracy"
-                return (f"{what} {then.get(f'{name}.correct', 0.0) / then[key]:.3f} -> "
+                return (f"{name} accuracy {then.get(f'{name}.correct', 0.0) / then[key]:.3f} -> "
                         f"{now.get(f'{name}.correct', 0.0) / now[key]:.3f}")
     for key in now:
         if key.startswith("missed.") and key not in then:
@@ -303,7 +309,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     plan.before = {k: v for k, v in obs.summary().items() if k in ("cost_per_1k", "quality", "p95_ms")}
     plan.targets = {k: v for k, v in (("p95_ms", slo.p95_ms if slo else None), ("quality_floor", floor))
                     if v is not None}
-    plan.evidence = evidence(obs, slo)
+    plan.evidence = evidence(obs, slo, spec)
     local_of = {local: cascade for cascade, local in spec.cascades.items()}
     for step, knobs in spec.steps.items():
         current = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(step, {})}
@@ -321,6 +327,9 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 plan.reasons.append(f"{step}: batching waits (it would add latency while p95 is over its target)")
                 proposal = None
             plan.add(proposal, spec, current, limit)
+            if proposal is not None and step in plan.changes and "p95_ms" in proposal.predicted \
+                    and obs.p95_ms is not None:
+                plan.effects.setdefault(step, {})["p95_ms"] = obs.p95_ms + proposal.predicted["p95_ms"] - total.p95_ms
         if "cache_enabled" in knobs and total.hashed:
             plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
                                     settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
@@ -338,9 +347,10 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
                 # quality and floor leave it, not to the pipeline's floor itself.
                 route_floor, kept = _local_floor(spec, config, obs, step, local_of[step], floor)
-            proposal = routing_policy(obs.route_stats(step), current["route_weights"], knobs["route_weights"],
-                                      route_floor, target, step=step, slow_cap=cap,
-                                      max_shift=1.0 if missed else 0.25)
+            proposal = _not_worse_quality(routing_policy(obs.route_stats(step), current["route_weights"],
+                                                         knobs["route_weights"], route_floor, target, step=step,
+                                                         slow_cap=cap, max_shift=1.0 if missed else 0.25),
+                                          missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
                 _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * total.spans / max(obs.requests, 1))
@@ -351,6 +361,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                       knobs["cascade_threshold"], floor, obs.cost_per_call(step), step=step,
                                       max_step=1.0 if missed else 0.1,
                                       escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None)
+            proposal = _not_worse_quality(proposal, missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
                 _pipeline_effect(plan, obs, step, proposal.predicted, share=1.0)
@@ -368,6 +379,16 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     if moves and now is not None:
         _hold_reversals(plan, moves, now, settings)
     return plan
+
+
+def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], plan: Plan) -> Proposal | None:
+    """While quality is under its floor, a proposal predicted to lower it waits."""
+    if proposal is None or "quality" not in missed:
+        return proposal
+    if proposal.predicted.get("quality", 1.0) < proposal.predicted.get("quality_before", 0.0):
+        plan.reasons.append(f"{proposal.step}: a cheaper mix waits (it would lower quality, which is under its floor)")
+        return None
+    return proposal
 
 
 def _local_ms(obs: observe.Observation, spec: PipelineSpec, cascade: str) -> float:

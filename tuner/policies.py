@@ -43,6 +43,7 @@ __all__ = ["BatchSample", "CascadeSample", "Proposal", "RouteStats", "ServiceMod
            "fit_service_time", "local_route_floor", "predict_batching", "routing_policy"]
 
 Z_95 = 1.645  # one-sided 95%: the conservative bounds on accuracy
+Z_99 = 2.326  # one-sided 99%: what a cost cut must clear (hysteresis: holding takes less than moving)
 WAIT_GRID_MS: tuple[float, ...] = (0, 1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
 MIN_BATCH_SAMPLES = 20
 # Length bucketing keeps about a quarter of the padding a batch had without it (bench/executor.py, section 3).
@@ -666,11 +667,13 @@ def local_route_floor(mix_lower: float, quality: float | None, labelled: int, qu
 def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, knob: Knob, quality_floor: float | None,
                    remote_cost_per_call: float, remote_accuracy: float | None = None, min_labelled: int = 50,
                    max_step: float = 0.1, step: str = "", *, grid: float = 0.01, min_remote_labelled: int = 10,
-                   z: float = Z_95, escalation_cap: float | None = None) -> Proposal | None:
+                   z: float = Z_95, escalation_cap: float | None = None, z_cut: float = Z_99) -> Proposal | None:
     """The cheapest escalation threshold whose predicted quality (lower bound) holds the floor.
 
     Without `remote_accuracy` it is the Wilson lower bound of the labelled escalations. None with too few
     labels or no change; moves at most `max_step`; with no threshold meeting the floor, up (quality first).
+    Hysteresis: while the current threshold holds the floor (at `z`), a cheaper one must hold it at the
+    stricter `z_cut`, and none moves up; so noise in the labels does not walk the threshold up and down.
     `escalation_cap`: the most tasks that may escalate when escalated tasks are slower than the p95 target
     allows (their share must fit in the tail); thresholds above it count as infeasible unless none holds
     the floor under it (quality first).
@@ -703,7 +706,24 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
         feasible = feasible & fast
     reach = np.abs(thresholds - current_threshold) <= max_step + 1e-9
     distance = np.abs(thresholds - current_threshold)
-    if (feasible & reach).any():
+    at = int(np.argmin(distance))
+    share_here = np.searchsorted(every, current_threshold, side="left") / len(every)
+    if feasible[at]:  # (when capped, `feasible` already includes the cap)
+        # The current threshold holds the floor: only a cheaper one that holds it beyond the stricter bound.
+        remote_cut = _wilson_lower(remote_point * len(remote), len(remote), z_cut) if remote_accuracy is None \
+            else remote_lower
+        strict = np.array([_wilson_lower(kept_correct[i] + remote_cut * i, n, z_cut) for i in below]) >= (
+            quality_floor if quality_floor is not None else -1.0)
+        cheaper = (escalated < share_here) & strict & reach & (fast | (not capped))
+        if not cheaper.any():
+            return None
+        pick = np.flatnonzero(cheaper)
+        best = min(pick, key=lambda i: (escalated[i], distance[i]))
+        new = float(thresholds[best])
+        why = "cheapest threshold holding the floor (99% bound)" + (
+            f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
+            if capped else "")
+    elif (feasible & reach).any():
         pick = np.flatnonzero(feasible & reach)
         best = min(pick, key=lambda i: (escalated[i], distance[i]))
         new = float(thresholds[best])

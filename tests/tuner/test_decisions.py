@@ -357,3 +357,20 @@ def test_openapi_documents_the_new_paths_with_their_errors(tuner):
     feedback = paths["/v1/pipelines/{pipeline}/feedback"]["post"]["requestBody"]["content"]["application/json"]
     assert len(feedback["schema"]["oneOf"]) == 2
     assert not any(p.startswith("/metrics") or p.startswith("/docs") for p in paths)
+
+
+def test_a_decision_leads_with_one_sentence_of_rounded_figures():
+    from tracetune.tuner.decisions import describe_change, sentence
+
+    action = describe_change("escalate", "route_weights", {"small": 0.7, "large": 0.3}, {"small": 1.0, "large": 0.0})
+    assert action == "Sent more of escalate to small (0.70 -> 1.00 of its traffic)"
+    text = sentence([action], {"cost_per_1k": 0.0075, "quality": 0.941, "p95_ms": 180.4},
+                    {"cost_per_1k": 0.0054, "quality": 0.93612}, {"p95_ms": 500.0, "quality_floor": 0.93})
+    assert text == ("Sent more of escalate to small (0.70 -> 1.00 of its traffic): -0.0021 USD per 1k (-28%), "
+                    "quality 0.936 against the 0.93 floor, p95 unchanged at 180 ms (target 500 ms)")
+    assert "{" not in text and "\n" not in text
+    two = sentence([describe_change("escalate", "cascade_threshold", 0.6, 0.45),
+                    describe_change("classify", "cache_enabled", False, True)], {"p95_ms": 620.0}, {"p95_ms": 300.0},
+                   {"p95_ms": 500.0})
+    assert two == ("Escalated fewer tasks (escalate threshold 0.6 -> 0.45); turned classify's cache on: "
+                   "p95 620 -> 300 ms (target 500 ms)")

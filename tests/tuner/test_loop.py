@@ -130,3 +130,78 @@ def test_tune_once_needs_enough_requests_and_leaves_a_frozen_pipeline_alone(shop
     assert versions.latest(shop, "shop").version == 1
     decisions.set_state(shop, "shop", frozen=False, pinned=False, author="test", reason="go")
     assert tune_once(shop, "shop", LoopSettings(min_requests=100, window_seconds=30)) is not None
+
+
+# ---- a missed objective first, no reversals on the same evidence, one sentence ----------------------
+
+def _slow_escalations(p95: float) -> Observation:
+    """Escalations take 900 ms; the local model is right above confidence 0.3, the remote one always."""
+    obs = Observation("shop", 300.0, requests=3000, p95_ms=p95, cost_per_1k=6.0, quality=0.99, labelled=1000)
+    obs.steps["score"] = {"a": RouteObservation(spans=3000, p95_ms=40.0)}
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=1500, cost=15.0, p95_ms=900.0)}
+    obs.cascade_samples["escalate"] = [CascadeSample(c / 100, c >= 30, True if c < 50 else None) for c in range(100)
+                                       for _ in range(10)]
+    return obs
+
+
+def test_a_missed_p95_is_restored_first_in_one_move_as_far_as_the_model_allows():
+    plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, _slow_escalations(p95=950.0))  # max_relative_change 0.5
+    assert plan.violated == ["p95"] and plan.reasons[0].startswith("restoring first: p95 950 ms over the 500 ms")
+    threshold = plan.changes["escalate"]["cascade_threshold"]
+    # The cheapest threshold the floor allows (0.8: about 0.12), in one move rather than 0.1 per decision.
+    assert 0.1 < threshold < 0.2
+    assert plan.summary.startswith("Restoring p95 first. Escalated fewer tasks (escalate threshold 0.5 -> "), \
+        plan.summary
+    assert "USD per 1k (-" in plan.summary and "p95 950 ms now (target 500 ms), not predicted" in plan.summary
+    # The same data with p95 met: a cost cut of at most 0.1 per decision.
+    relaxed = decide(SPEC, SPEC.defaults(), SLO_SHOP, _slow_escalations(p95=450.0))
+    assert relaxed.violated == [] and relaxed.changes["escalate"]["cascade_threshold"] == pytest.approx(0.4)
+
+
+def test_a_knob_does_not_go_back_within_an_hour_on_the_same_evidence():
+    from tracetune.tuner.loop import Move, evidence
+
+    config = SPEC.merge(SPEC.defaults(), {"score": {"cache_enabled": True}})
+    quiet = _observation(hashed=3000, distinct_inputs=3000)  # no repeats: the cache policy wants it off
+    assert decide(SPEC, config, SLO_SHOP, quiet).changes == {"score": {"cache_enabled": False}}
+    moves = {("score", "cache_enabled"): Move("score", "cache_enabled", False, True, 1000.0,
+                                              evidence(quiet, SLO_SHOP, SPEC))}
+    held = decide(SPEC, config, SLO_SHOP, quiet, moves=moves, now=1600.0)
+    assert held.changes == {} and any(r.startswith("held score.cache_enabled (moved 10 min ago)")
+                                      for r in held.reasons), held.reasons
+    # An hour later, or with the load changed beyond noise, it may go back (and says why).
+    assert decide(SPEC, config, SLO_SHOP, quiet, moves=moves, now=1000.0 + 3601).changes
+    busier = _observation(hashed=3000, distinct_inputs=3000)
+    busier.requests = 6000
+    moved = decide(SPEC, config, SLO_SHOP, busier, moves=moves, now=1600.0)
+    assert moved.changes and any("load 10.0 -> 20.0 req/s" in r for r in moved.reasons), moved.reasons
+    # A reversal is a move the other way, not any move: moving on in the same direction is never held.
+    assert Move("s", "k", 0.5, 0.4, 0.0, {}).reversed_by(0.4, 0.45)
+    assert not Move("s", "k", 0.5, 0.4, 0.0, {}).reversed_by(0.4, 0.3)
+    assert Move("s", "w", {"a": 0.8, "b": 0.2}, {"a": 0.55, "b": 0.45}, 0.0, {}).reversed_by(
+        {"a": 0.55, "b": 0.45}, {"a": 0.8, "b": 0.2})
+
+
+def test_evidence_changes_only_beyond_noise():
+    from tracetune.tuner.loop import changed
+
+    then = {"rate": 10.0, "window_seconds": 300.0, "c.fp32.correct": 883.0, "c.fp32.labelled": 1000.0}
+    # 0.883 against 0.896 on 1000 labels each, 10 against 10.3 req/s: noise.
+    assert changed(then, {**then, "rate": 10.3, "c.fp32.correct": 896.0}) is None
+    assert changed(then, {**then, "c.fp32.correct": 950.0}) == "c.fp32 accuracy 0.883 -> 0.950"
+    assert changed({**then, "e.llm.unit_cost": 1e-4}, {**then, "e.llm.unit_cost": 2e-4}).startswith("e.llm price")
+    assert changed(then, {**then, "missed.p95": 1.0}) == "p95 now missed"
+
+
+def test_the_loop_rebuilds_the_last_moves_from_its_audit(shop):
+    from tracetune.tuner.loop import Moves
+
+    _spans(shop, 400, distinct=100)
+    settings = LoopSettings(min_requests=100, cooldown_seconds=0, window_seconds=30, canary_share=0)
+    decision = tune_once(shop, "shop", settings)
+    assert decision is not None and decision.predicted["evidence.rate"] > 0
+    summary, _, details = decision.reason.partition("\n")
+    assert summary.startswith("Turned score's cache on") and details.startswith("score: ")
+    moves = Moves.from_history(decisions.history(shop, "shop"))
+    move = moves[("score", "cache_enabled")]
+    assert (move.before, move.after) == (False, True) and move.evidence["rate"] == decision.predicted["evidence.rate"]
