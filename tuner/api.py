@@ -88,6 +88,7 @@ class DecisionRow(BaseModel):
     kind: str
     author: str
     reason: str
+    summary: str = Field("", description="the reason's first line: one sentence a product owner reads")
     version_before: int
     version_after: int
     config_before: dict[str, Any]

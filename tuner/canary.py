@@ -5,11 +5,12 @@ then serves the config in force plus `{"canary": {version, share, steps}}`, and 
 share of tasks (chosen by a hash of the task id) on the canary's values. Spans say which version ran
 them (`tracetune.config_version`), so both arms are measured over the same minutes.
 
-`judge` compares the arms (pure, on per-task samples) with one-sided tests at ALPHA split over the
-four questions (Bonferroni): is the canary slower (Mann-Whitney U) and over the p95 target, more often
-failing (two-proportion z) and over the error-rate objective, less often right (two-proportion z) and
-under the quality floor, or dearer (Welch's t, by more than 2%) while the config in force meets its latency target?
-Any yes rolls it back; otherwise, once both arms have enough tasks, it is promoted.
+`judge` compares the arms (pure, on per-task samples) with sequential tests whose p-values are always
+valid (the mixture SPRT, `msprt_p`), so the loop looks after every interval and a canary ends as soon
+as the evidence is clear: rolled back when it is beyond doubt slower past the p95 target, failing more,
+less often right under the floor, or dearer without buying back an objective the config in force misses;
+promoted when it is beyond doubt better at what it was tried for (cheaper, or better on the missed
+objective); rolled back, the config in force kept, when its time runs out without either.
 
 State lives in `tracetune_canaries` (append-only; newest row per version wins). A version whose
 latest state is not `promoted` is never the config in force (`versions.latest` skips it).
@@ -29,13 +30,23 @@ from tracetune.store import next_seq
 from tracetune.tuner import versions
 from tracetune.tuner.config import PipelineConfig, PipelineSpec
 
-__all__ = ["ALPHA", "Arm", "Canary", "Verdict", "running", "start", "finish", "judge", "arms", "STATUSES"]
+__all__ = ["ALPHA", "Arm", "Canary", "Verdict", "running", "start", "finish", "judge", "arms", "msprt_p", "STATUSES"]
 
 ALPHA = 0.05
-"""Family-wise chance of rolling back a canary that is no worse (split evenly over the four tests)."""
+"""Chance that a canary no different from the config in force ends in anything but "no evidence either way"
+(split evenly over the five questions `judge` asks; each test is always valid, so looking every interval
+does not spend it)."""
 
 MIN_LABELLED = 30  # labelled tasks per arm before quality is compared
 COST_TOLERANCE = 0.02  # a canary dearer by less than this share is not rolled back for it, however sure the test
+QUESTIONS = 5  # slower, fails more, less often right, dearer, better (the gain it was tried for)
+# Mixing spreads of the mSPRT (the effect sizes each test is most sensitive to): cost relative to the
+# config in force's mean, the rest as differences of proportions.
+TAU_COST = 0.1
+TAU_OVER_TARGET = 0.05
+TAU_ERRORS = 0.02
+TAU_QUALITY = 0.05
+SLO_TAIL = 0.05  # a p95 target lets this share of tasks be slower
 STATUSES = ("running", "promoted", "rolled_back", "cancelled")
 
 RUNNING_SQL = """
@@ -123,27 +134,75 @@ class Verdict:
 
 
 
-def _scipy_stats():
-    """scipy.stats, imported on first use: it takes seconds, and the tuner's API never judges a canary."""
-    from scipy import stats
+def msprt_p(estimate: float, variance: float, tau: float) -> float:
+    """Always-valid p-value of "the true difference is 0" from an estimate with `variance`: the mixture
+    SPRT of Johari, Pekelis and Walsh (Always Valid Inference, 2017), normal mixture N(0, tau^2) over the
+    effect, on the normal approximation of a difference of means. 1 / (mixture likelihood ratio), capped at 1.
 
-    return stats
+    Rejecting the first time this is under alpha keeps the chance of a false rejection under alpha however
+    often one looks (Ville's inequality), which is what lets a canary stop as soon as the evidence is clear."""
+    if not (math.isfinite(estimate) and math.isfinite(variance)) or tau <= 0:
+        return 1.0
+    if variance <= 0:
+        return 0.0 if estimate != 0 else 1.0
+    tau2 = tau * tau
+    log_ratio = 0.5 * math.log(variance / (variance + tau2)) + tau2 * estimate * estimate / (
+        2 * variance * (variance + tau2))
+    return float(min(1.0, math.exp(-log_ratio)))
 
-def _less_proportion_p(bad_a: int, n_a: int, bad_b: int, n_b: int) -> float:
-    """One-sided p-value that arm b's rate of `bad` is above arm a's (pooled two-proportion z-test)."""
-    if n_a == 0 or n_b == 0:
-        return 1.0
-    pooled = (bad_a + bad_b) / (n_a + n_b)
-    spread = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
-    if spread == 0:
-        return 1.0
-    return float(_scipy_stats().norm.sf((bad_b / n_b - bad_a / n_a) / spread))
+
+@dataclass(frozen=True)
+class Test:
+    """One sequential comparison of the canary with the config in force: the difference (canary minus base,
+    in the metric's unit), its always-valid p-value, and whether it is beyond doubt at the test's alpha."""
+
+    difference: float
+    p: float
+    significant: bool
+
+
+def _means(canary: np.ndarray, base: np.ndarray, tau: float, alpha: float, shift: float = 0.0) -> Test:
+    """mSPRT on mean(canary) - (1 + shift) * mean(base), with the variance of both arms pooled.
+
+    Pooled, as under the null both arms draw from one distribution: per-task costs are skewed (most tasks
+    cheap, a few escalations dear), and a small canary arm that happens to hold few escalations would
+    otherwise show a low mean *and* a low variance, a false "cheaper"."""
+    if len(canary) < 2 or len(base) < 2:
+        return Test(math.nan, 1.0, False)
+    estimate = float(canary.mean() - (1 + shift) * base.mean())
+    pooled = float(np.concatenate([canary, base]).var(ddof=1))
+    variance = pooled * (1 / len(canary) + (1 + shift) ** 2 / len(base))
+    p = msprt_p(estimate, variance, tau)
+    return Test(estimate, p, p < alpha)
+
+
+def _proportions(hits_c: int, n_c: int, hits_b: int, n_b: int, tau: float, alpha: float) -> Test:
+    """mSPRT on a difference of two proportions (canary minus base), with the pooled proportion's variance
+    (as under the null; a small arm at 100% right would otherwise claim a variance of 0)."""
+    if n_c == 0 or n_b == 0:
+        return Test(math.nan, 1.0, False)
+    pooled = (hits_c + hits_b) / (n_c + n_b)
+    spread = max(pooled * (1 - pooled), 0.5 / (n_c + n_b))  # kept off 0: 0 of n is not known exactly
+    p = msprt_p(hits_c / n_c - hits_b / n_b, spread * (1 / n_c + 1 / n_b), tau)
+    return Test(hits_c / n_c - hits_b / n_b, p, p < alpha)
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{(new - old) / old:+.0%}" if old else "n/a"
 
 
 def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, expired: bool = False,
           alpha: float = ALPHA) -> Verdict:
-    """Promote, roll back, or wait for more tasks: the canary against the config in force over the same time."""
-    each = alpha / 4
+    """Promote, roll back, or wait for more tasks: the canary against the config in force over the same time.
+
+    Every comparison is a sequential test with an always-valid p-value (`msprt_p`), so the loop may judge
+    after every interval and stop at the first clear answer. Rolled back as soon as the canary is beyond
+    doubt slower past the p95 target, failing more past the error objective, less often right under the
+    floor, or dearer (by more than COST_TOLERANCE) without buying back an objective the config in force
+    misses. Promoted as soon as it is beyond doubt better at what it was tried for: cheaper, or — when the
+    config in force misses an objective — better on that objective (a dearer canary only so, and the
+    reason says so). Neither when the time runs out (`expired`): rolled back, the config in force stays."""
+    each = alpha / QUESTIONS
     figures = {**{f"base.{k}": v for k, v in base.figures().items()},
                **{f"canary.{k}": v for k, v in canary.figures().items()}}
     if min(base.n, canary.n) < min_requests:
@@ -152,51 +211,87 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                                        f"in force; {min_requests} each needed) before the canary's time ran out",
                            figures)
         return Verdict("wait", f"{canary.n} and {base.n} tasks of {min_requests} each", figures)
-    target = slo.p95_ms if slo else None
+    target = slo.p95_ms if slo and slo.p95_ms is not None else None
     base_p95, canary_p95 = base.p95() or 0.0, canary.p95() or 0.0
-    problems = []
+    problems, gains, misses = [], [], []
 
-    slower = float(_scipy_stats().mannwhitneyu(canary.durations_ms, base.durations_ms, alternative="greater").pvalue)
-    faster = float(_scipy_stats().mannwhitneyu(canary.durations_ms, base.durations_ms, alternative="less").pvalue)
-    figures["p.slower"], figures["p.faster"] = round(slower, 6), round(faster, 6)
-    over_target = canary_p95 > target if target is not None else canary_p95 > 1.1 * base_p95
-    if slower < each and over_target:
-        limit = f"the {target:g} ms target" if target is not None else "the config in force's +10%"
-        problems.append(f"slower (p95 {canary_p95:.0f} vs {base_p95:.0f} ms, p={slower:.2g}) and over {limit}")
+    # Latency: the share of tasks slower than the target (the p95 target allows SLO_TAIL of them).
+    limit = target if target is not None else 1.1 * base_p95
+    over = _proportions(int((canary.durations_ms > limit).sum()), canary.n, int((base.durations_ms > limit).sum()),
+                        base.n, TAU_OVER_TARGET, each)
+    figures["p.latency"] = round(over.p, 6)
+    base_misses_latency = target is not None and base_p95 > target
+    if base_misses_latency:
+        misses.append("latency")
+    if over.significant and over.difference > 0 and canary_p95 > limit:
+        what = f"the {target:g} ms target" if target is not None else "the config in force's p95 +10%"
+        problems.append(f"slower: p95 {canary_p95:.0f} against {base_p95:.0f} ms, over {what}")
+    elif over.significant and over.difference < 0 and base_misses_latency:
+        gains.append(f"p95 {base_p95:.0f} -> {canary_p95:.0f} ms against the {target:g} ms target")
 
-    worse_errors = _less_proportion_p(base.errors, base.n, canary.errors, canary.n)
-    figures["p.errors"] = round(worse_errors, 6)
     allowed = slo.error_rate if slo and slo.error_rate is not None else 0.0
-    if worse_errors < each and canary.errors / canary.n > allowed:
-        problems.append(f"fails more often ({canary.errors / canary.n:.2%} vs {base.errors / base.n:.2%}, "
-                        f"p={worse_errors:.2g})")
+    errors = _proportions(canary.errors, canary.n, base.errors, base.n, TAU_ERRORS, each)
+    figures["p.errors"] = round(errors.p, 6)
+    base_rate, canary_rate = base.errors / base.n, canary.errors / canary.n
+    if base_rate > allowed:
+        misses.append("errors")
+    if errors.significant and errors.difference > 0 and canary_rate > allowed:
+        problems.append(f"fails more often: {canary_rate:.2%} of tasks against {base_rate:.2%}")
+    elif errors.significant and errors.difference < 0 and base_rate > allowed:
+        gains.append(f"errors {base_rate:.2%} -> {canary_rate:.2%} against the {allowed:.2%} objective")
 
+    floor = slo.quality_floor if slo and slo.quality_floor is not None else None
     if min(base.labelled, canary.labelled) >= MIN_LABELLED:
-        wrong = _less_proportion_p(base.labelled - base.correct, base.labelled,
-                                   canary.labelled - canary.correct, canary.labelled)
-        figures["p.quality"] = round(wrong, 6)
-        floor = slo.quality_floor if slo and slo.quality_floor is not None else 1.0
-        quality = canary.correct / canary.labelled
-        if wrong < each and quality < floor:
-            problems.append(f"less often right ({quality:.1%} vs {base.correct / base.labelled:.1%}, p={wrong:.2g}) "
-                            f"and under the {floor:.0%} floor")
+        quality = _proportions(canary.correct, canary.labelled, base.correct, base.labelled, TAU_QUALITY, each)
+        figures["p.quality"] = round(quality.p, 6)
+        base_q, canary_q = base.correct / base.labelled, canary.correct / canary.labelled
+        if floor is not None and base_q < floor:
+            misses.append("quality")
+        if quality.significant and quality.difference < 0 and canary_q < (floor if floor is not None else 1.0):
+            problems.append(f"less often right: {canary_q:.3f} against {base_q:.3f}"
+                            + (f", under the {floor:.3g} floor" if floor is not None else ""))
+        elif quality.significant and quality.difference > 0 and floor is not None and base_q < floor:
+            gains.append(f"quality {base_q:.3f} -> {canary_q:.3f} against the {floor:.3g} floor")
 
     base_cost, canary_cost = base.costs[~np.isnan(base.costs)], canary.costs[~np.isnan(canary.costs)]
-    if len(base_cost) >= 2 and len(canary_cost) >= 2 and (base_cost.std() > 0 or canary_cost.std() > 0):
-        dearer = float(_scipy_stats().ttest_ind(canary_cost, base_cost, equal_var=False, alternative="greater").pvalue)
-        figures["p.dearer"] = round(dearer, 6)
-        # Paying more is worth it only to bring a config that misses its latency target back under it.
-        fixes_latency = target is not None and base_p95 > target and faster < each
-        if dearer < each and canary_cost.mean() > (1 + COST_TOLERANCE) * base_cost.mean() and not fixes_latency:
-            problems.append(f"dearer ({1000 * canary_cost.mean():.4f} vs {1000 * base_cost.mean():.4f} per 1k, "
-                            f"p={dearer:.2g})")
+    priced = len(base_cost) >= 2 and len(canary_cost) >= 2 and base_cost.mean() > 0
+    cost_text = ""
+    if priced:
+        scale = TAU_COST * float(base_cost.mean())
+        dearer = _means(canary_cost, base_cost, scale, each, shift=COST_TOLERANCE)
+        cheaper = _means(canary_cost, base_cost, scale, each)
+        figures["p.dearer"], figures["p.cheaper"] = round(dearer.p, 6), round(cheaper.p, 6)
+        before, after = 1000 * float(base_cost.mean()), 1000 * float(canary_cost.mean())
+        cost_text = f"{after:.4f} against {before:.4f} USD per 1k ({_pct(after, before)})"
+        if cheaper.significant and cheaper.difference < 0:
+            gains.insert(0, f"cheaper: {cost_text}")
+        elif dearer.significant and dearer.difference > 0:
+            if gains:  # paying more is worth it only to buy back an objective the config in force misses
+                gains = [f"dearer ({cost_text}) to buy back what the config in force misses: " + "; ".join(gains)]
+            else:
+                problems.append(f"dearer: {cost_text}"
+                                + (" and it buys back nothing (the config in force meets every objective)"
+                                   if not misses else f" and not better on {', '.join(misses)}"))
+    tasks = f"{canary.n} tasks on the canary against {base.n}"
     if problems:
-        return Verdict("rollback", "canary " + "; ".join(problems), figures)
-    return Verdict("promote", f"canary no worse on {canary.n} tasks against {base.n}: p95 {canary_p95:.0f} vs "
-                              f"{base_p95:.0f} ms" + (f", cost {figures['canary.cost_per_1k']:.4f} vs "
-                                                      f"{figures['base.cost_per_1k']:.4f} per 1k"
-                                                      if "canary.cost_per_1k" in figures
-                                                      and "base.cost_per_1k" in figures else ""), figures)
+        return Verdict("rollback", "canary " + "; ".join(problems) + f" ({tasks})", figures)
+    if gains:
+        if priced and not any(g.startswith(("cheaper", "dearer")) for g in gains):
+            if canary_cost.mean() > base_cost.mean():  # dearer, if not beyond doubt: say what it buys
+                gains = [f"dearer ({cost_text}) to buy back what the config in force misses: " + "; ".join(gains)]
+            else:
+                gains.append(f"cost {cost_text}")
+        return Verdict("promote", "canary better: " + "; ".join(gains) + f" ({tasks})", figures)
+    if not priced and not misses:
+        # Nothing to gain that can be measured (no price table, every objective met): it holds, so it goes.
+        return Verdict("promote", f"canary no worse and cost not measured (no prices): p95 {canary_p95:.0f} against "
+                                  f"{base_p95:.0f} ms ({tasks})", figures)
+    if expired:
+        gain = "cost" if not misses else ", ".join(misses)
+        return Verdict("rollback", f"no evidence of a gain in {gain} before the canary's time ran out"
+                                   + (f": {cost_text}" if cost_text else "") + f" ({tasks}); the config in force stays",
+                       figures)
+    return Verdict("wait", f"no clear difference yet ({tasks})", figures)
 
 
 # ---- state in the store ---------------------------------------------------------------------------

@@ -11,8 +11,9 @@ With several tuner replicas, only the one holding the `tuner` lease runs the loo
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,8 +22,12 @@ from tracetune.analyzer import SLO, get_slo
 from tracetune.store.lease import Lease, hold
 from tracetune.tuner import canary, decisions, observe, versions
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
+from tracetune.tuner.decisions import describe_change, sentence
 from tracetune.tuner.policies import (
+    TAIL_MARGIN,
+    TAIL_SHARE,
     Proposal,
+    _wilson_lower,
     batching_policy,
     caching_policy,
     cascade_policy,
@@ -30,6 +35,7 @@ from tracetune.tuner.policies import (
     clamp_change,
     concurrency_policy,
     fit_service_time,
+    local_route_floor,
     routing_policy,
     slow_weight_cap,
 )
@@ -56,16 +62,25 @@ class LoopSettings:
     canary_min_requests: int = 200  # tasks on each arm before a canary is judged
     canary_max_seconds: float = 1800.0  # a canary without enough tasks by then is rolled back
     rejected_memory_seconds: float = 3600.0  # a change a canary rolled back is not tried again sooner
+    reversal_hold_seconds: float = 3600.0  # a knob does not go back the way it moved sooner, on the same evidence
     lease_seconds: float = 30.0  # several tuners: the one holding the `tuner` lease decides (store.lease)
 
 
 @dataclass
 class Plan:
-    """What `decide` proposes: knob values by step, one reason per change, and the predicted effects."""
+    """What `decide` proposes: knob values by step, one reason per change, the predicted effects, and the
+    sentence a product owner reads (`summary`), with the evidence the moves were made on."""
 
     changes: dict[str, dict[str, KnobValue]] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     predicted: dict[str, float] = field(default_factory=dict)
+    actions: list[str] = field(default_factory=list)  # one phrase per knob change, in words
+    before: dict[str, float] = field(default_factory=dict)  # the pipeline's figures now
+    effects: dict[str, dict[str, float]] = field(default_factory=dict)  # per step: cost/quality deltas, p95
+    targets: dict[str, float] = field(default_factory=dict)  # p95_ms, quality_floor
+    evidence: dict[str, float] = field(default_factory=dict)  # what the moves were made on (see `evidence`)
+    violated: list[str] = field(default_factory=list)  # objectives missed now, restored first
+    _current: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def add(self, proposal: Proposal | None, spec: PipelineSpec, current: Mapping[str, Any], limit: float) -> None:
         if proposal is None:
@@ -79,11 +94,60 @@ class Plan:
                 values[name] = clamped
         if values:
             self.changes.setdefault(proposal.step, {}).update(values)
+            self._current.setdefault(proposal.step, {}).update({k: current.get(k) for k in values})
             # A clamped change is a step toward the proposal; its predictions describe the whole proposal.
-            note = f" (clamped to {values}, at most {limit:.0%} per decision)" if clamped_any else ""
+            note = f" (clamped to {_plain(values)}, at most {limit:.0%} per decision)" if clamped_any else ""
             self.reasons.append(f"{proposal.step}: {proposal.reason}{note}")
             prefix = f"{proposal.step}.proposal." if clamped_any else f"{proposal.step}."
             self.predicted.update({prefix + k: float(v) for k, v in proposal.predicted.items()})
+
+    def drop(self, step: str, knob: str) -> None:
+        """Take one knob change out (and the step's reasons and predictions once none of its changes is left)."""
+        self.changes.get(step, {}).pop(knob, None)
+        if step in self.changes and not self.changes[step]:
+            del self.changes[step]
+            self.reasons = [r for r in self.reasons if not r.startswith(f"{step}: ")]
+            self.predicted = {k: v for k, v in self.predicted.items() if not k.startswith(f"{step}.")}
+
+    @property
+    def after(self) -> dict[str, float]:
+        """The pipeline's figures as predicted: now, plus the effects of the steps still changed."""
+        figures = {}
+        for step, effect in self.effects.items():
+            if step not in self.changes:
+                continue
+            for name in ("cost_per_1k", "quality"):
+                if f"{name}.delta" in effect and name in self.before:
+                    figures[name] = figures.get(name, self.before[name]) + effect[f"{name}.delta"]
+            if "p95_ms" in effect:
+                figures["p95_ms"] = min(figures.get("p95_ms", math.inf), effect["p95_ms"])
+        return figures
+
+    def was(self, step: str, knob: str) -> Any:
+        """The value a change moves the knob from."""
+        return self._current.get(step, {}).get(knob)
+
+    @property
+    def summary(self) -> str:
+        """One sentence: what changes, and cost, quality and p95 before -> as predicted."""
+        actions = [describe_change(step, knob, self.was(step, knob), value)
+                   for step, values in self.changes.items() for knob, value in values.items()]
+        text = sentence(actions, self.before, self.after, self.targets)
+        return (f"Restoring {' and '.join(self.violated)} first. " if self.violated else "") + text
+
+    @property
+    def reason(self) -> str:
+        """The sentence, then the policies' workings one per line (the audit's `reason`)."""
+        return "\n".join([self.summary, *self.reasons])
+
+
+def _plain(values: Mapping[str, Any]) -> str:
+    """Knob values as words and rounded numbers, not a dict dump."""
+    def one(v: Any) -> str:
+        if isinstance(v, dict):
+            return "/".join(f"{k} {float(w):.2f}" for k, w in v.items())
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return ", ".join(f"{k} {one(v)}" for k, v in values.items())
 
 
 def step_target_ms(slo: SLO | None, obs: observe.Observation, step: str) -> float | None:
@@ -95,11 +159,152 @@ def step_target_ms(slo: SLO | None, obs: observe.Observation, step: str) -> floa
     return max(0.1 * slo.p95_ms, slo.p95_ms - rest)
 
 
+def violations(slo: SLO | None, obs: observe.Observation, min_labelled: int = 30) -> dict[str, str]:
+    """The objectives the pipeline misses now, each with its numbers: latency, quality, errors."""
+    if slo is None:
+        return {}
+    missed = {}
+    if slo.p95_ms is not None and obs.p95_ms is not None and obs.p95_ms > slo.p95_ms:
+        missed["p95"] = f"p95 {obs.p95_ms:.0f} ms over the {slo.p95_ms:g} ms target"
+    if slo.quality_floor is not None and obs.quality is not None and obs.labelled >= min_labelled \
+            and obs.quality < slo.quality_floor:
+        missed["quality"] = f"quality {obs.quality:.3f} under the {slo.quality_floor:g} floor"
+    if slo.error_rate is not None and obs.requests and obs.errors / obs.requests > slo.error_rate:
+        missed["errors"] = f"errors {obs.errors / obs.requests:.2%} over {slo.error_rate:.2%}"
+    return missed
+
+
+def evidence(obs: observe.Observation, slo: SLO | None) -> dict[str, float]:
+    """What a move is made on, kept with it so a later reversal can be checked against it: load, labelled
+    quality (pipeline and per route), per-call prices per route, and which objectives were missed."""
+    found = {"rate": obs.requests / obs.window_seconds if obs.window_seconds else 0.0,
+             "window_seconds": obs.window_seconds, "quality.correct": (obs.quality or 0.0) * obs.labelled,
+             "quality.labelled": float(obs.labelled)}
+    for step, routes in obs.steps.items():
+        for route, r in routes.items():
+            name = f"{step}.{route}"
+            if r.labelled:
+                found[f"{name}.correct"], found[f"{name}.labelled"] = float(r.correct), float(r.labelled)
+            if r.spans and r.cost:
+                found[f"{name}.unit_cost"], found[f"{name}.spans"] = r.cost / r.spans, float(r.spans)
+    for name in violations(slo, obs):
+        found[f"missed.{name}"] = 1.0
+    return found
+
+
+NOISE_Z = 3.0  # a difference in load or accuracy counts as real beyond this many standard errors
+PRICE_CHANGE = 0.1  # a per-call price moving more than this share counts as a new price
+
+
+def _proportion_z(c0: float, n0: float, c1: float, n1: float) -> float:
+    if n0 <= 0 or n1 <= 0:
+        return 0.0
+    pooled = (c0 + c1) / (n0 + n1)
+    spread = math.sqrt(max(pooled * (1 - pooled), 0.25 / (n0 + n1)) * (1 / n0 + 1 / n1))
+    return (c1 / n1 - c0 / n0) / spread
+
+
+def changed(then: Mapping[str, float], now: Mapping[str, float]) -> str | None:
+    """What changed beyond noise between two `evidence` records (load, a price, labelled accuracy, a newly
+    missed objective), in words; None when nothing did."""
+    r0, r1 = then.get("rate", 0.0), now.get("rate", 0.0)
+    w0, w1 = then.get("window_seconds", 0.0), now.get("window_seconds", 0.0)
+    if r0 > 0 and w0 > 0 and w1 > 0:
+        z = (r1 - r0) / math.sqrt(r0 / w0 + max(r1, 1e-9) / w1)  # Poisson counts
+        if abs(z) > NOISE_Z and abs(r1 / r0 - 1) > 0.1:
+            return f"load {r0:.1f} -> {r1:.1f} req/s"
+    for key, price in now.items():
+        if key.endswith(".unit_cost") and then.get(key):
+            if abs(price / then[key] - 1) > PRICE_CHANGE:
+                return f"{key.removesuffix('.unit_cost')} price {1000 * then[key]:.3g} -> {1000 * price:.3g} USD per 1k"
+    for key in now:
+        if key.endswith(".labelled") and key in then:
+            name = key.removesuffix(".labelled")
+            z = _proportion_z(then.get(f"{name}.correct", 0.0), then[key], now.get(f"{name}.correct", 0.0), now[key])
+            if abs(z) > NOISE_Z:
+                what = "pipeline quality" if name == "quality" else f"{name} accuracy"
+                return (f"{what} {then.get(f'{name}.correct', 0.0) / then[key]:.3f} -> "
+                        f"{now.get(f'{name}.correct', 0.0) / now[key]:.3f}")
+    for key in now:
+        if key.startswith("missed.") and key not in then:
+            return f"{key.removeprefix('missed.')} now missed"
+    return None
+
+
+@dataclass(frozen=True)
+class Move:
+    """The last move of one knob: from what to what, when (seconds on the caller's clock), on what evidence."""
+
+    step: str
+    knob: str
+    before: Any
+    after: Any
+    at: float
+    evidence: Mapping[str, float]
+
+    def reversed_by(self, now: Any, proposed: Any) -> bool:
+        """Whether moving the knob from `now` to `proposed` goes back the way this move came."""
+        if isinstance(proposed, dict) and isinstance(self.after, dict):
+            names = set(proposed) | set(self.after) | set(self.before or {}) | set(now or {})
+            back = sum((float(proposed.get(n, 0)) - float((now or {}).get(n, 0)))
+                       * (float(self.after.get(n, 0)) - float((self.before or {}).get(n, 0))) for n in names)
+            return back < -1e-12
+        if isinstance(proposed, bool) or isinstance(self.after, bool):
+            return proposed == self.before and proposed != self.after
+        try:
+            return (float(proposed) - float(now)) * (float(self.after) - float(self.before)) < 0
+        except (TypeError, ValueError):
+            return proposed == self.before
+
+
+class Moves(dict):
+    """The last move per (step, knob): what `decide` checks a reversal against. The loop rebuilds it from
+    the decision audit (`from_history`); a simulation keeps one and `record`s each plan it applies."""
+
+    def record(self, plan: Plan, at: float) -> None:
+        for step, values in plan.changes.items():
+            for knob, value in values.items():
+                self[(step, knob)] = Move(step, knob, plan.was(step, knob), value, at, dict(plan.evidence))
+
+    @classmethod
+    def from_history(cls, rows: Sequence[Mapping[str, Any]]) -> Moves:
+        """From `decisions.history` rows (newest first): the tuner's applied moves (tune, canary_promote)."""
+        moves = cls()
+        for row in reversed(list(rows)):
+            if row["kind"] not in OBSERVED:
+                continue
+            before = row["config_before"].get("steps", {})
+            after = row["config_after"].get("steps", {})
+            evidence = {k.removeprefix("evidence."): v for k, v in row["predicted"].items()
+                        if k.startswith("evidence.")}
+            at = row["decided_at"].timestamp()
+            for step, values in after.items():
+                for knob, value in values.items():
+                    if before.get(step, {}).get(knob) != value:
+                        moves[(step, knob)] = Move(step, knob, before.get(step, {}).get(knob), value, at, evidence)
+        return moves
+
+
 def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: observe.Observation,
-           settings: LoopSettings = LoopSettings()) -> Plan:
-    """The knob changes the policies propose for every step that declares the knobs they act on."""
+           settings: LoopSettings = LoopSettings(), *, moves: Mapping[tuple[str, str], Move] | None = None,
+           now: float | None = None) -> Plan:
+    """The knob changes the policies propose for every step that declares the knobs they act on.
+
+    A missed objective (p95, quality, errors) comes first: proposals that would worsen it wait, and the
+    rest move as far as their models say in one decision (no `max_relative_change` clamp). With `moves`
+    (the last move per knob) and `now` (seconds, the clock `moves` were recorded on), a knob does not go
+    back the way it last moved within `settings.reversal_hold_seconds` unless the evidence changed beyond
+    noise (`changed`)."""
     plan = Plan()
     floor = slo.quality_floor if slo else None
+    missed = violations(slo, obs)
+    plan.violated = list(missed)
+    limit = 1.0 if missed else settings.max_relative_change
+    plan.before = {k: v for k, v in obs.summary().items() if k in ("cost_per_1k", "quality", "p95_ms")}
+    plan.targets = {k: v for k, v in (("p95_ms", slo.p95_ms if slo else None), ("quality_floor", floor))
+                    if v is not None}
+    plan.evidence = evidence(obs, slo)
+    local_of = {local: cascade for cascade, local in spec.cascades.items()}
     for step, knobs in spec.steps.items():
         current = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(step, {})}
         total = obs.step_total(step)
@@ -109,33 +314,116 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
         if "batch_max_size" in knobs and target is not None:
             spent = (obs.cost_per_1k or 0.0) * obs.requests / 1000
             share = total.cost / spent if spent > 0 else None  # this step's part of what the pipeline costs
-            plan.add(batching_policy(fit_service_time(obs.batches.get(step, [])), obs.arrival_rate(step), current,
-                                     knobs, target, total.p95_ms, padding_ratio=obs.padding_ratio(step), step=step,
-                                     cost_share=share),
-                     spec, current, settings.max_relative_change)
+            proposal = batching_policy(fit_service_time(obs.batches.get(step, [])), obs.arrival_rate(step), current,
+                                       knobs, target, total.p95_ms, padding_ratio=obs.padding_ratio(step), step=step,
+                                       cost_share=share)
+            if proposal is not None and "p95" in missed and proposal.predicted.get("p95_ms", 0.0) > total.p95_ms:
+                plan.reasons.append(f"{step}: batching waits (it would add latency while p95 is over its target)")
+                proposal = None
+            plan.add(proposal, spec, current, limit)
         if "cache_enabled" in knobs and total.hashed:
             plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
                                     settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
-                                    step=step), spec, current, settings.max_relative_change)
+                                    step=step), spec, current, limit)
         if "route_weights" in knobs:
             route_floor, cap = floor, None
+            kept = 1.0
             if step in spec.cascades and "cascade_threshold" in current:
                 # The escalated answers carry only part of the pipeline's quality, and only the escalated
                 # tasks' latency: the floor they need and the slow-tier weight the p95 target allows.
                 route_floor = cascade_route_floor(obs.cascade_samples.get(step, []), current["cascade_threshold"],
                                                   floor)
                 cap = slow_weight_cap(total.spans / obs.requests if obs.requests else 1.0)
-            plan.add(routing_policy(obs.route_stats(step), current["route_weights"], knobs["route_weights"],
-                                    route_floor, target, step=step, slow_cap=cap),
-                     spec, current, settings.max_relative_change)
+            elif step in local_of:
+                # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
+                # quality and floor leave it, not to the pipeline's floor itself.
+                route_floor, kept = _local_floor(spec, config, obs, step, local_of[step], floor)
+            proposal = routing_policy(obs.route_stats(step), current["route_weights"], knobs["route_weights"],
+                                      route_floor, target, step=step, slow_cap=cap,
+                                      max_shift=1.0 if missed else 0.25)
+            plan.add(proposal, spec, current, limit)
+            if proposal is not None and step in plan.changes:
+                _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * total.spans / max(obs.requests, 1))
         if "cascade_threshold" in knobs:
-            plan.add(cascade_policy(obs.cascade_samples.get(step, []), current["cascade_threshold"],
-                                    knobs["cascade_threshold"], floor, obs.cost_per_call(step), step=step),
-                     spec, current, settings.max_relative_change)
+            remote_target = step_target_ms(slo, obs, step)
+            slow = remote_target is not None and total.p95_ms > remote_target
+            proposal = cascade_policy(obs.cascade_samples.get(step, []), current["cascade_threshold"],
+                                      knobs["cascade_threshold"], floor, obs.cost_per_call(step), step=step,
+                                      max_step=1.0 if missed else 0.1,
+                                      escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None)
+            plan.add(proposal, spec, current, limit)
+            if proposal is not None and step in plan.changes:
+                _pipeline_effect(plan, obs, step, proposal.predicted, share=1.0)
+                now_share = proposal.predicted.get("escalation_share_before", 0.0)
+                if slow and proposal.predicted.get("escalation_share", 1.0) <= TAIL_MARGIN * TAIL_SHARE < now_share:
+                    # Escalations now fit in the tail the target allows: p95 becomes that of the tasks kept local.
+                    plan.effects.setdefault(step, {})["p95_ms"] = min(obs.p95_ms or math.inf,
+                                                                      _local_ms(obs, spec, step))
         if "max_concurrency" in knobs:
             plan.add(concurrency_policy(int(current["max_concurrency"]), knobs["max_concurrency"], total.spans,
-                                        total.retried, step=step), spec, current, settings.max_relative_change)
+                                        total.retried, step=step), spec, current, limit)
+    if missed:
+        plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
+                            + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
+    if moves and now is not None:
+        _hold_reversals(plan, moves, now, settings)
     return plan
+
+
+def _local_ms(obs: observe.Observation, spec: PipelineSpec, cascade: str) -> float:
+    """Roughly the p95 of a task that does not escalate: the other steps' p95s added (an upper bound)."""
+    return sum(obs.step_total(step).p95_ms for step in spec.steps if step != cascade)
+
+
+def _local_floor(spec: PipelineSpec, config: PipelineConfig, obs: observe.Observation, step: str, cascade: str,
+                 floor: float | None) -> tuple[float | None, float]:
+    """The route floor of a cascade's model step, from the pipeline's quality, and the share of answers it keeps."""
+    threshold = config.knob(cascade, "cascade_threshold")
+    samples = obs.cascade_samples.get(cascade, [])
+    kept = sum(1 for s in samples if s.confidence >= threshold) / len(samples) if samples and threshold is not None \
+        else 1.0
+    stats = [r for r in obs.route_stats(step) if r.labelled >= 30]
+    weights = config.knob(step, "route_weights") or {}
+    mass = sum(float(weights.get(r.route, 0.0)) for r in stats)
+    if not stats or mass <= 0:
+        return floor, kept
+    mix_lower = sum(float(weights.get(r.route, 0.0)) * _wilson_lower(r.correct, r.labelled) for r in stats) / mass
+    return local_route_floor(mix_lower, obs.quality, obs.labelled, floor, kept), kept
+
+
+def _pipeline_effect(plan: Plan, obs: observe.Observation, step: str, predicted: Mapping[str, float],
+                     share: float) -> None:
+    """File a step's predicted change of cost (per 1k of its own calls) and accuracy as the pipeline's;
+    `share`: the part of the pipeline's answers the step gives (a cascade's predictions are the pipeline's)."""
+    effect = plan.effects.setdefault(step, {})
+    cascade = "escalation_share" in predicted
+    if "cost_per_1k" in predicted and "cost_per_1k_before" in predicted:
+        calls = 1.0 if cascade else obs.step_total(step).spans / max(obs.requests, 1)
+        effect["cost_per_1k.delta"] = (predicted["cost_per_1k"] - predicted["cost_per_1k_before"]) * calls
+    if "quality" in predicted and "quality_before" in predicted:
+        effect["quality.delta"] = (1.0 if cascade else share) * (predicted["quality"] - predicted["quality_before"])
+
+
+def _hold_reversals(plan: Plan, moves: Mapping[tuple[str, str], Move], now: float, settings: LoopSettings) -> None:
+    """Take out of `plan` the knob changes that would undo a recent move on evidence no different beyond noise."""
+    held = []
+    for step, values in list(plan.changes.items()):
+        for knob, value in list(values.items()):
+            move = moves.get((step, knob))
+            if move is None or now - move.at >= settings.reversal_hold_seconds:
+                continue
+            if not move.reversed_by(plan.was(step, knob), value):
+                continue
+            why = changed(move.evidence, plan.evidence)
+            if why is not None:
+                plan.reasons.append(f"{step}.{knob} goes back the way it moved {(now - move.at) / 60:.0f} min ago: "
+                                    f"{why}")
+                continue
+            plan.drop(step, knob)
+            held.append(f"{step}.{knob} (moved {(now - move.at) / 60:.0f} min ago)")
+    if held:
+        plan.reasons.append(f"held {', '.join(held)}: going back needs load, prices or quality to have changed "
+                            f"beyond noise since, and they have not")
 
 
 def _age_seconds(decision: Mapping[str, Any], now: datetime) -> float:
@@ -169,21 +457,25 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     obs = observe.collect(client, spec, settings.window_seconds)
     if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
         return None  # too few requests, or data for less than half a window (rates and TTLs would be guesses)
-    plan = decide(spec, config, get_slo(client, pipeline), obs, settings)
+    moves = Moves.from_history(decisions.history(client, pipeline, limit=200))
+    plan = decide(spec, config, get_slo(client, pipeline), obs, settings, moves=moves, now=now.timestamp())
     _drop_rejected(client, pipeline, config, plan, settings, now)
     if not plan.changes:
         return None
-    reason = "; ".join(plan.reasons)
-    predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted}
+    reason = plan.reason
+    predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted,
+                 **{k: round(v, 6) for k, v in plan.after.items()},
+                 **{f"evidence.{k}": v for k, v in plan.evidence.items()}}
     with versions.write_lock:  # the API's pin, rollback and freeze take the same lock
         latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
         if not active() or latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
             return None
         if settings.canary_share > 0:
             trial = canary.start(client, spec, config, plan.changes, settings.canary_share, reason)
+            summary, _, details = reason.partition("\n")
             decision = decisions.Decision(pipeline, "canary_start", config.version, trial.version, config.to_dict(),
-                                          trial.config.to_dict(), f"{reason} [on trial for "
-                                          f"{settings.canary_share:.0%} of tasks]", predicted=predicted)
+                                          trial.config.to_dict(), f"Trying on {settings.canary_share:.0%} of tasks: "
+                                          f"{summary[0].lower()}{summary[1:]}\n{details}", predicted=predicted)
         else:
             new = versions.change(client, spec, plan.changes, author="tuner", reason=reason)
             if new.version == config.version:
@@ -217,12 +509,8 @@ def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan: Plan, se
             before = base.get(step, {}).get(knob, config.knob(step, knob))
             after = tried.get(step, {}).get(knob, before)
             if after != before and _same_way(before, after, value):
-                del values[knob]
+                plan.drop(step, knob)  # and, once none of the step's changes is left, its reasons and predictions
                 dropped.append(f"{step}.{knob}")
-        if not values:
-            del plan.changes[step]  # and its reasons: they describe a change no longer made
-            plan.reasons = [r for r in plan.reasons if not r.startswith(f"{step}: ")]
-            plan.predicted = {k: v for k, v in plan.predicted.items() if not k.startswith(f"{step}.")}
     if dropped:
         plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {last['version_before']} "
                             f"moved them that way and was rolled back")

@@ -40,7 +40,7 @@ from tracetune.tuner.config import Knob, KnobValue
 
 __all__ = ["BatchSample", "CascadeSample", "Proposal", "RouteStats", "ServiceModel", "aimd_batch_size",
            "batching_policy", "caching_policy", "cascade_policy", "clamp_change", "concurrency_policy",
-           "fit_service_time", "predict_batching", "routing_policy"]
+           "fit_service_time", "local_route_floor", "predict_batching", "routing_policy"]
 
 Z_95 = 1.645  # one-sided 95%: the conservative bounds on accuracy
 WAIT_GRID_MS: tuple[float, ...] = (0, 1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000)
@@ -577,6 +577,11 @@ def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], k
             and float(accuracy[known] @ weights_now[known]) / held_mass >= quality_floor:
         return None  # the labels are too few to prove the floor, but the current mix meets it: hold
     if quality_first:
+        # Toward accuracy only on a difference the labels can tell: some route's lower bound above the
+        # current mix's accuracy (0.883 against 0.896 on a few hundred labels is no reason to move).
+        now_point = float(accuracy[known] @ weights_now[known]) / held_mass if held_mass > 0 else 0.0
+        if not (lower[known] > now_point).any():
+            return None
         solved = _linprog()(-lower + 1e-9 * cost, A_ub=np.array(cap[0]) if capped else None,
                          b_ub=cap[1] or None, A_eq=equal[0], b_eq=equal[1], bounds=bounds, method="highs")
         if not solved.success:
@@ -607,7 +612,8 @@ def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], k
         why = f"cheapest mix holding the {floor_text}"
     reason = (f"{why}, moving {min(moved, max_shift):.2f} of traffic: {changes}; cost {before:.3g} -> {after:.3g} "
               f"USD per 1k, labelled quality >= {mix(lower, weights):.3f} (point {mix(accuracy, weights):.3f})")
-    predicted = {"cost_per_1k": after, "quality": mix(accuracy, weights), "quality_lower_bound": mix(lower, weights)}
+    predicted = {"cost_per_1k": after, "cost_per_1k_before": before, "quality": mix(accuracy, weights),
+                 "quality_before": mix(accuracy, weights_now), "quality_lower_bound": mix(lower, weights)}
     return Proposal(step, {"route_weights": new}, reason, {k: v for k, v in predicted.items() if math.isfinite(v)})
 
 
@@ -636,14 +642,38 @@ def cascade_route_floor(samples: Sequence[CascadeSample], threshold: float, qual
     return min(1.0, max(0.0, (quality_floor * len(labelled) - kept) / escalated))
 
 
+def local_route_floor(mix_lower: float, quality: float | None, labelled: int, quality_floor: float | None,
+                      kept_share: float, z: float = Z_95) -> float | None:
+    """The accuracy (lower bound) the model step a cascade reads may hold its routes to, from the *pipeline's*
+    quality and floor: the step's answers are only the kept share of the pipeline's.
+
+    Pipeline quality beyond doubt above the floor: the step may lose (lower bound - floor) / kept share;
+    beyond doubt under it: it must gain (floor - quality) / kept share; within the noise of the floor, or
+    without labels: hold the accuracy it has (`mix_lower`, the current mix's lower bound)."""
+    if quality_floor is None:
+        return None
+    if quality is None or labelled <= 0 or kept_share <= 0:
+        return mix_lower
+    low = _wilson_lower(quality * labelled, labelled, z)
+    high = 1 - _wilson_lower((1 - quality) * labelled, labelled, z)
+    if low >= quality_floor:
+        return max(0.0, mix_lower - (low - quality_floor) / kept_share)
+    if high < quality_floor:
+        return min(1.0, mix_lower + (quality_floor - quality) / kept_share)
+    return mix_lower
+
+
 def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, knob: Knob, quality_floor: float | None,
                    remote_cost_per_call: float, remote_accuracy: float | None = None, min_labelled: int = 50,
                    max_step: float = 0.1, step: str = "", *, grid: float = 0.01, min_remote_labelled: int = 10,
-                   z: float = Z_95) -> Proposal | None:
+                   z: float = Z_95, escalation_cap: float | None = None) -> Proposal | None:
     """The cheapest escalation threshold whose predicted quality (lower bound) holds the floor.
 
     Without `remote_accuracy` it is the Wilson lower bound of the labelled escalations. None with too few
     labels or no change; moves at most `max_step`; with no threshold meeting the floor, up (quality first).
+    `escalation_cap`: the most tasks that may escalate when escalated tasks are slower than the p95 target
+    allows (their share must fit in the tail); thresholds above it count as infeasible unless none holds
+    the floor under it (quality first).
     """
     labelled = [s for s in samples if s.local_correct is not None]
     if len(labelled) < min_labelled:
@@ -667,13 +697,19 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     n = len(order)
     lower = np.array([_wilson_lower(kept_correct[i] + remote_lower * i, n, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
+    fast = escalated <= escalation_cap + 1e-9 if escalation_cap is not None else np.ones(len(thresholds), dtype=bool)
+    capped = bool((feasible & fast).any()) and escalation_cap is not None
+    if capped:
+        feasible = feasible & fast
     reach = np.abs(thresholds - current_threshold) <= max_step + 1e-9
     distance = np.abs(thresholds - current_threshold)
     if (feasible & reach).any():
         pick = np.flatnonzero(feasible & reach)
         best = min(pick, key=lambda i: (escalated[i], distance[i]))
         new = float(thresholds[best])
-        why = "cheapest threshold holding the floor"
+        why = "cheapest threshold holding the floor" + (
+            f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
+            if capped else "")
         if escalated[best] == np.searchsorted(every, current_threshold, side="left") / len(every):
             return None  # the same tasks escalate: nothing to gain
     else:
@@ -703,7 +739,10 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
               f"of {len(every)} tasks at {remote_cost_per_call:.4g} USD/call ({cost_now:.3g} -> {cost:.3g} USD per "
               f"1k), predicted quality {quality:.3f} (lower bound {quality_lower:.3f}) {floor_text} on {n} labelled "
               f"tasks, remote accuracy {remote_point:.3f}")
-    predicted = {"escalation_share": share, "cost_per_1k": cost, "quality": quality,
+    lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))
+    predicted = {"escalation_share": share, "escalation_share_before": share_now, "cost_per_1k": cost,
+                 "cost_per_1k_before": cost_now, "quality": quality,
+                 "quality_before": float((kept_correct[lab_now] + remote_point * lab_now) / n),
                  "quality_lower_bound": quality_lower}
     return Proposal(step, {"cascade_threshold": new}, reason, predicted)
 

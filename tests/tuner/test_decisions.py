@@ -73,7 +73,7 @@ def test_record_observe_history_round_trip(client):
         "pipeline": "triage", "kind": "tune", "version_before": 1, "version_after": 2,
         "config_before": config_v(1, 8), "config_after": config_v(2, 16), "reason": "p95 over SLO",
         "predicted": {"p95_ms": 410.5, "cost_per_1k": 0.12}, "author": "tuner", "decision_id": first.decision_id,
-        "decided_at": at}
+        "decided_at": at, "summary": "p95 over SLO", "details": ""}
     assert oldest["observed"] == {"p95_ms": 420.0, "cost_per_1k": 0.13}
     assert found[0]["observed"] == {} and found[0]["author"] == "api" and found[0]["predicted"] == {}
     assert found[0]["decided_at"] == third.decided_at

@@ -400,8 +400,12 @@ def test_too_few_labels_to_prove_the_floor_hold_a_mix_that_meets_it():
     knob = Knob("weights", {"small": 0.5, "large": 0.5})
     # Point accuracy 0.9375 >= 0.93, lower bounds about 0.80-0.83: no mix provably holds 0.93, none moves.
     assert routing_policy(tiers, {"small": 0.5, "large": 0.5}, knob, 0.93) is None
-    # Under the floor even at the point estimate: toward accuracy.
-    worse = routing_policy(tiers, {"small": 0.5, "large": 0.5}, knob, 0.95)
+    # Under the floor even at the point estimate, but 37 of 40 against 38 of 40 tells the tiers apart no
+    # better than a coin: no move (moving on it is how weights flip back and forth).
+    assert routing_policy(tiers, {"small": 0.5, "large": 0.5}, knob, 0.95) is None
+    # A tier beyond doubt more accurate (its lower bound above the mix's accuracy): toward it.
+    clear = [RouteStats("small", 400, 340, 400, 0.0002), RouteStats("large", 400, 396, 400, 0.0010)]
+    worse = routing_policy(clear, {"small": 0.5, "large": 0.5}, knob, 0.95)
     assert worse is not None and worse.values["route_weights"]["large"] > 0.5
 
 
