@@ -89,24 +89,13 @@ RAG_RATE = 8.0  # requests/s at the daily mean; a compressed day over the run (0
 
 
 def rag_spec() -> PipelineSpec:
-    """rag_answering as declared (embed -> retrieve -> rerank with two rerankers -> generate with two LLM
-    tiers and an answer cache), built with the executor's own step classes and no models: the knobs each
-    step declares are the executor's, exactly as `Pipeline.spec()` derives them."""
-    from tracetune.executor import Batching, Cache, Cascade, Infer, Pipeline, Step
+    """rag_answering's declaration (demo/rag.py), built without its models, index or LLM clients: the
+    knobs each step declares are exactly the shipped pipeline's."""
+    from tracetune.demo import rag
 
-    noop = lambda task: None
-    return Pipeline("rag_answering", [
-        Step("normalize", noop),
-        Infer("embed", {"fp32": lambda texts: texts}, batching=Batching(max_size=8, max_wait_ms=5.0),
-              cache=Cache(ttl_seconds=600, max_entries=20_000)),
-        Step("retrieve", noop),
-        Infer("rerank", {"rerank-small": lambda xs: xs, "rerank-large": lambda xs: xs},
-              weights={"rerank-small": 0.5, "rerank-large": 0.5}, batching=Batching(max_size=4, max_wait_ms=10.0)),
-        Cascade("generate", after="rerank", remote={"llm-small": lambda x: x, "llm-large": lambda x: x},
-                weights={"llm-small": 0.5, "llm-large": 0.5}, threshold=0.9, route="llm",
-                cache=Cache(enabled=False, ttl_seconds=600, max_entries=20_000)),
-    ], slo={"p95_ms": 1500.0, "p99_ms": 3000.0, "error_rate": 0.02, "cost_per_1k": 0.5,
-            "quality_floor": 0.85}).spec()
+    same = lambda items: items
+    return rag.build(None, None, {route: same for route in rag.RERANKERS},
+                     llm={tier: same for tier in rag.LLM_TIERS}).spec()
 
 
 def _beta_table(a: float, b: float) -> tuple[float, ...]:
@@ -117,58 +106,40 @@ def _beta_table(a: float, b: float) -> tuple[float, ...]:
 
 def rag_calibration() -> simulate.Calibration:
     """ASSUMED physics for rag_answering, not measured: the embed step is the demo's MiniLM fp32 (measured);
-    the rerankers' costs follow what they run (int8 over 8 titles, ~4 ms; fp32 over ~30 short sentences,
-    ~25 ms); their accuracy and confidence, the tiers' accuracy on escalated questions and the prompt sizes
-    are assumptions."""
+    the rerankers' batch times follow what they run (int8 over 4 titles, ~3 ms; fp32 over 6 titles plus a
+    rare-word score, ~12 ms per question); their accuracy and confidence and the tiers' accuracy on escalated
+    questions are assumptions (docs/rag.md: comparisons, a quarter of the questions, need the large tier);
+    prompts of ~290 tokens (docs/rag.md), answers of ~30."""
     fp32 = simulate.DEMO.routes["fp32"]
     return simulate.Calibration(
         routes={
-            "rerank-small": simulate.ModelRoute(ServiceModel(1.0, 4.0, 0.3), 0.72, _beta_table(6, 2),
+            "rerank-small": simulate.ModelRoute(ServiceModel(1.0, 3.0, 0.3), 0.72, _beta_table(6, 2),
                                                 _beta_table(3, 3), 0.4),
-            "rerank-large": simulate.ModelRoute(ServiceModel(2.0, 25.0, 0.3), 0.88, _beta_table(9, 1.5),
+            "rerank-large": simulate.ModelRoute(ServiceModel(2.0, 12.0, 0.3), 0.86, _beta_table(9, 1.5),
                                                 _beta_table(3, 2.5), 0.4),
         },
-        tiers={"llm-small": simulate.RemoteTier("standin-small", 300.0, 0.5, 0.80, 20.0, 420, 30),
-               "llm-large": simulate.RemoteTier("standin-large", 700.0, 0.5, 0.93, 5.0, 420, 30)},
+        tiers={"llm-small": simulate.RemoteTier("standin-small", 300.0, 0.5, 0.80, 20.0, 290, 30),
+               "llm-large": simulate.RemoteTier("standin-large", 700.0, 0.5, 0.97, 5.0, 290, 30)},
         lengths=simulate.DEMO.lengths,
         models={"embed": {"fp32": fp32}},
         plain_ms={"retrieve": 0.3},
         effect_share=0.0,
         source="ASSUMED from rag_answering's declaration (embed: the demo's measured MiniLM fp32; rerankers, "
-               "tiers' accuracy, prompt sizes: assumptions, not measurements; bench/tuner.py rag_calibration)")
+               "tiers' accuracy on escalated questions: assumptions, not measurements; bench/tuner.py)")
 
 
-def rag_prices():
-    """The price table, with the rerankers' routes charged per core-second as fp32 (they run on the same cores)."""
-    from dataclasses import replace
+def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: float = 0.2) -> simulate.Workload:
+    """The load generator's `daily_bursts` arrivals with the run as one day (0.4x to 1.6x the rate, two 3x bursts
+    of 1/30 of the day, on the rise and past the peak); six phases of equal length for the per-phase oracle."""
+    from tracetune.demo import load
 
-    from tracetune.analyzer import load_prices
-
-    prices = load_prices()
-    core = prices.routes.get("fp32", 0.0)
-    return replace(prices, routes={**prices.routes, "rerank-small": core, "rerank-large": core})
-
-
-def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: float = 0.15) -> simulate.Workload:
-    """A compressed day over the run (0.4x to 1.6x the mean rate) with two 3x bursts of 1/30 of the day (on the
-    rise and past the peak): Poisson arrivals by thinning. Six phases of equal length for the per-phase oracle."""
     duration = minutes * 60
-    rng = random.Random(seed)
-
-    def rate_at(t: float) -> float:
-        day = 1.0 + 0.6 * math.sin(2 * math.pi * t / duration)
-        phase = t / duration
-        return rate * day * (3.0 if any(start <= phase < start + 1 / 30 for start in (0.1, 0.35)) else 1.0)
-
-    peak, t, out = rate * 1.6 * 3.0, 0.0, []
-    while True:
-        t += rng.expovariate(peak)
-        if t >= duration:
-            break
-        if rng.random() < rate_at(t) / peak:
-            out.append(t)
+    plan = load.LoadPlan(rate=rate, duration=duration, pattern="daily_bursts", duplicate_ratio=duplicates, seed=seed,
+                         period_seconds=duration)
+    plan.validate()
     phases = tuple((duration * i / 6, duration * (i + 1) / 6) for i in range(6))
-    return simulate.Workload(tuple(out), duration, duplicates, seed=seed, phases=phases)
+    return simulate.Workload(tuple(load.arrivals(plan, random.Random(seed))), duration, duplicates, seed=seed,
+                             phases=phases)
 
 
 def calibration_from(url: str, spec: PipelineSpec, window_seconds: int) -> simulate.Calibration:
@@ -446,7 +417,7 @@ def sim_pipelines() -> dict[str, tuple[PipelineSpec, simulate.Calibration, Any, 
     return {"ticket_triage": (demo_spec(), simulate.DEMO, lambda seed, minutes=60.0: demo_workload(minutes, seed),
                               None),
             "rag_answering": (rag_spec(), rag_calibration(), lambda seed, minutes=60.0: rag_workload(minutes, seed),
-                              rag_prices())}
+                              None)}
 
 
 def run_sim(console: Console, spec: PipelineSpec, calibration: simulate.Calibration, minutes: float, seed: int,
