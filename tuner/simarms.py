@@ -153,7 +153,7 @@ def gateway_config(spec: PipelineSpec, calibration: Calibration, slo: SLO | None
 def controller(arm: Arm, sim: _Simulation) -> Any:
     """The controller for `arm` (kind tuner, aimd or optuna)."""
     if arm.kind == "tuner":
-        return LoopController()
+        return LoopController(remember_moves=bool((arm.options or {}).get("moves", True)))
     if arm.kind == "aimd":
         return AimdController()
     if arm.kind == "optuna":
@@ -188,9 +188,10 @@ def _same_way(base: Any, tried: Any, proposed: Any) -> bool:
 class LoopController:
     """`loop.tune_once` in virtual time: judge a running canary, else decide and put the change on trial."""
 
-    def __init__(self) -> None:
+    def __init__(self, remember_moves: bool = True) -> None:
         self.rejected: tuple[float, dict, dict] | None = None  # when, config steps before, the trial's steps
         self.moves = Moves()  # the last applied move per knob, as the loop rebuilds it from the audit
+        self.remember_moves = remember_moves  # False: decide without them (no hold on reversals)
         self.plan: Any = None  # the plan on trial
 
     def tick(self, sim: _Simulation, now: float) -> None:
@@ -209,7 +210,8 @@ class LoopController:
         obs = _enough(sim, now)
         if obs is None:
             return
-        plan = decide(sim.spec, sim.config, sim.slo, obs, s, moves=self.moves, now=now)
+        plan = decide(sim.spec, sim.config, sim.slo, obs, s, moves=self.moves if self.remember_moves else None,
+                      now=now)
         self._drop_rejected(sim, plan, now)
         if not plan.changes:
             return

@@ -277,6 +277,7 @@ class Arm:
     kind: str = "static"
     config: Mapping[str, Mapping[str, KnobValue]] | None = None
     seed: int = 0
+    options: Mapping[str, Any] | None = None  # e.g. {"moves": False}: the tuner's decide without its last moves
 
     def __post_init__(self) -> None:
         if self.kind not in ARMS_KINDS:
@@ -426,6 +427,7 @@ class Trial:
     started: float
     share: float
     reasons: list[str]
+    changes: Mapping[str, Mapping[str, KnobValue]] = field(default_factory=dict)
 
 
 class _Records:
@@ -554,7 +556,8 @@ class _Simulation:
     def start_canary(self, changes: Mapping[str, Mapping[str, KnobValue]], reasons: Sequence[str], now: float,
                      share: float) -> None:
         """Try `changes` on `share` of tasks (chosen by task, as the executor hashes task ids), from one poll on."""
-        self.trial = Trial(self._next(changes), self.config.version, now, share, list(reasons))
+        self.trial = Trial(self._next(changes), self.config.version, now, share, list(reasons),
+                           {step: dict(values) for step, values in changes.items()})
         self._record(now, "canary_start", changes, reasons)
         self.push(now + self.apply_delay, _CANARY, self.trial)
 
@@ -573,8 +576,8 @@ class _Simulation:
         trial, self.trial = self.trial, None
         self.last_change = now
         self.canaries["promoted" if promote else "rolled_back"] += 1
-        self._record(now, "canary_promote" if promote else "canary_rollback",
-                     trial.config.steps if promote else {}, [reason])
+        self._record(now, "canary_promote" if promote else "canary_rollback", trial.changes if promote else {},
+                     [reason])
         if promote:
             self.config = trial.config
             self.changes += 1
