@@ -294,7 +294,7 @@ def _bar(console: Console) -> Progress:
 
 def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: simulate.Calibration,
                  workload: Any, seeds: Sequence[int], search_seed: int, evaluations: int,
-                 prices: Any = None) -> list[dict[str, Any]]:
+                 prices: Any = None, partial: Path | None = None) -> list[dict[str, Any]]:
     """Every arm of one pipeline on each seed: the static oracle searched on `search_seed`, scored on each."""
     from tracetune.analyzer import load_prices
     from tracetune.tuner import oracles, simarms
@@ -328,6 +328,7 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: s
                 arm = arm or simulate.Arm("optuna", "optuna", seed=seed)
                 mine.append(simulate.simulate(spec, calibration, w, arm, slo=slo, seed=seed, prices=prices))
                 bar.advance(task)
+                _note(console, name, seed, mine[-1])
             runs = []
             for config in candidates.values():
                 row = simulate.simulate(spec, calibration, w, simulate.Arm("static oracle", "static", config),
@@ -344,7 +345,17 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: s
                 if "slo_windows" in row:
                     row["verdict"] = oracles.verdict(row, by["default"], static, slo)
             rows += mine
+            if partial is not None:  # a long run leaves what it has so far
+                partial.write_text(json.dumps(_rounded(rows), indent=1, default=str))
     return rows
+
+
+def _note(console: Console, name: str, seed: int, row: Mapping[str, Any]) -> None:
+    """One line per finished arm, so a long run shows where it is even without a terminal."""
+    if not console.is_terminal:
+        print(f"{name} seed {seed} {row['arm']}: cost/1k {row['cost_per_1k']:.5f}, last half "
+              f"{row['cost_per_1k_half']:.5f}, SLO windows {row['slo_windows']:.1%}, quality {row['quality_after']:.4f}",
+              flush=True)
 
 
 def sim_table(rows: Sequence[Mapping[str, Any]], slo: SLO, title: str) -> Table:
@@ -502,6 +513,7 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
                          f"(the oracle is scored out of sample)")
     if args.evaluations < 10:
         raise UsageError(f"--evaluations must be at least 10, got {args.evaluations}")
+    args.out.mkdir(parents=True, exist_ok=True)
     known = sim_pipelines()
     names = list(known) if args.pipelines == "all" else [n.strip() for n in args.pipelines.split(",")]
     unknown = [n for n in names if n not in known]
@@ -516,7 +528,7 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
         slo = SLO(spec.pipeline, **spec.slo)
         console.print(f"[bold]{name}[/]: calibration {calibration.source}; SLO {json.dumps(spec.slo)}")
         rows = sim_pipeline(console, name, spec, calibration, lambda seed, w=workload: w(seed, args.minutes), seeds,
-                            args.search_seed, args.evaluations, prices)
+                            args.search_seed, args.evaluations, prices, args.out / f"partial-{name}.json")
         console.print(sim_table(rows, slo, f"{name}: {args.minutes:g} virtual minutes per arm, seeds "
                                            f"{', '.join(map(str, seeds))}; oracle searched on seed {args.search_seed}"))
         figure = sim_chart(rows, slo, args.out / f"tuner-sim-{name}.png", f"{name}: cost per 1k by arm")
