@@ -354,8 +354,8 @@ def _note(console: Console, name: str, seed: int, row: Mapping[str, Any]) -> Non
     """One line per finished arm, so a long run shows where it is even without a terminal."""
     if not console.is_terminal:
         print(f"{name} seed {seed} {row['arm']}: cost/1k {row['cost_per_1k']:.5f}, last half "
-              f"{row['cost_per_1k_half']:.5f}, SLO windows {row['slo_windows']:.1%}, quality {row['quality_after']:.4f}",
-              flush=True)
+              f"{row['cost_per_1k_half']:.5f}, SLO windows {row['slo_windows']:.1%}, "
+              f"quality {row['quality_after']:.4f}", flush=True)
 
 
 def sim_table(rows: Sequence[Mapping[str, Any]], slo: SLO, title: str) -> Table:
