@@ -67,6 +67,8 @@ def reversals(spec: PipelineSpec, decisions: list[dict[str, Any]], within: float
     last: dict[tuple[str, str], loop.Move] = {}
     found = []
     for decision in decisions:
+        if decision.get("kind", "tune") not in ("tune", "canary_promote"):  # only moves that took effect
+            continue
         at = float(decision["at_seconds"])
         for step, values in decision["changes"].items():
             for knob, value in values.items():
@@ -87,26 +89,9 @@ def _short(value: Any) -> str:
 
 
 def run_arm(spec: PipelineSpec, workload: simulate.Workload, seed: int, guarded: bool) -> dict[str, Any]:
-    """One tuner arm; `guarded`: `decide` gets the last move per knob and the virtual clock."""
-    original_decide, original_observe = simulate.decide, simulate._Simulation.observe
-    moves = loop.Moves()
-    clock = {"now": 0.0}
-
-    def observe(self, now):  # the virtual time `decide` is called at
-        clock["now"] = now
-        return original_observe(self, now)
-
-    def decide(spec, config, slo, obs, settings=DEFAULTS):
-        plan = original_decide(spec, config, slo, obs, settings, moves=moves, now=clock["now"])
-        moves.record(plan, clock["now"])  # the simulation applies every plan it is given
-        return plan
-
-    if guarded:
-        simulate.decide, simulate._Simulation.observe = decide, observe
-    try:
-        row = simulate.simulate(spec, simulate.DEMO, workload, simulate.Arm("tuner", "tuner"), seed=seed)
-    finally:
-        simulate.decide, simulate._Simulation.observe = original_decide, original_observe
+    """One tuner arm (the simulated loop, canaries included); `guarded`: `decide` gets the last move per knob."""
+    row = simulate.simulate(spec, simulate.DEMO, workload, simulate.Arm("tuner", "tuner", options={"moves": guarded}),
+                            seed=seed)
     return {"changes": row["changes"], "reversals": reversals(spec, row["decisions"]),
             "cost_per_1k": row["cost_per_1k"], "slo_windows": row["slo_windows"], "quality": row["quality"]}
 

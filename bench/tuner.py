@@ -39,6 +39,7 @@ from rich.table import Table  # noqa: E402
 from tracetune.analyzer import SLO  # noqa: E402
 from tracetune.tuner import simulate  # noqa: E402
 from tracetune.tuner.config import PipelineSpec  # noqa: E402
+from tracetune.tuner.policies import ServiceModel  # noqa: E402
 
 RATE = 20.0  # requests/s before the step; 40 after (the demo's default load, doubled half-way)
 DUPLICATES = 0.2
@@ -78,7 +79,67 @@ def demo_workload(minutes: float, seed: int, rate: float = RATE, duplicates: flo
 
     plan = load.LoadPlan(rate=rate, duration=minutes * 60, pattern="step", duplicate_ratio=duplicates, seed=seed)
     plan.validate()
-    return simulate.Workload(tuple(load.arrivals(plan, random.Random(seed))), minutes * 60, duplicates, seed=seed)
+    return simulate.Workload(tuple(load.arrivals(plan, random.Random(seed))), minutes * 60, duplicates, seed=seed,
+                             phases=((0.0, minutes * 30), (minutes * 30, minutes * 60)))
+
+
+# ---- the retrieval-augmented pipeline: its declaration and an assumed calibration -----------------
+
+RAG_RATE = 8.0  # requests/s at the daily mean; a compressed day over the run (0.4x to 1.6x) with two 3x bursts
+
+
+def rag_spec() -> PipelineSpec:
+    """rag_answering's declaration (demo/rag.py), built without its models, index or LLM clients: the
+    knobs each step declares are exactly the shipped pipeline's."""
+    from tracetune.demo import rag
+
+    same = lambda items: items
+    return rag.build(None, None, {route: same for route in rag.RERANKERS},
+                     llm={tier: same for tier in rag.LLM_TIERS}).spec()
+
+
+def _beta_table(a: float, b: float) -> tuple[float, ...]:
+    from scipy.stats import beta
+
+    return tuple(round(float(x), 4) for x in beta.ppf([0.001, *[i / 20 for i in range(1, 20)], 0.999], a, b))
+
+
+def rag_calibration() -> simulate.Calibration:
+    """ASSUMED physics for rag_answering, not measured: the embed step is the demo's MiniLM fp32 (measured);
+    the rerankers' batch times follow what they run (int8 over 4 titles, ~3 ms; fp32 over 6 titles plus a
+    rare-word score, ~12 ms per question); their accuracy and confidence and the tiers' accuracy on escalated
+    questions are assumptions (docs/rag.md: comparisons, a quarter of the questions, need the large tier);
+    prompts of ~290 tokens (docs/rag.md), answers of ~30."""
+    fp32 = simulate.DEMO.routes["fp32"]
+    return simulate.Calibration(
+        routes={
+            "rerank-small": simulate.ModelRoute(ServiceModel(1.0, 3.0, 0.3), 0.72, _beta_table(6, 2),
+                                                _beta_table(3, 3), 0.4),
+            "rerank-large": simulate.ModelRoute(ServiceModel(2.0, 12.0, 0.3), 0.86, _beta_table(9, 1.5),
+                                                _beta_table(3, 2.5), 0.4),
+        },
+        tiers={"llm-small": simulate.RemoteTier("standin-small", 300.0, 0.5, 0.80, 20.0, 290, 30),
+               "llm-large": simulate.RemoteTier("standin-large", 700.0, 0.5, 0.97, 5.0, 290, 30)},
+        lengths=simulate.DEMO.lengths,
+        models={"embed": {"fp32": fp32}},
+        plain_ms={"retrieve": 0.3},
+        effect_share=0.0,
+        source="ASSUMED from rag_answering's declaration (embed: the demo's measured MiniLM fp32; rerankers, "
+               "tiers' accuracy on escalated questions: assumptions, not measurements; bench/tuner.py)")
+
+
+def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: float = 0.2) -> simulate.Workload:
+    """The load generator's `daily_bursts` arrivals with the run as one day (0.4x to 1.6x the rate, two 3x bursts
+    of 1/30 of the day, on the rise and past the peak); six phases of equal length for the per-phase oracle."""
+    from tracetune.demo import load
+
+    duration = minutes * 60
+    plan = load.LoadPlan(rate=rate, duration=duration, pattern="daily_bursts", duplicate_ratio=duplicates, seed=seed,
+                         period_seconds=duration)
+    plan.validate()
+    phases = tuple((duration * i / 6, duration * (i + 1) / 6) for i in range(6))
+    return simulate.Workload(tuple(load.arrivals(plan, random.Random(seed))), duration, duplicates, seed=seed,
+                             phases=phases)
 
 
 def calibration_from(url: str, spec: PipelineSpec, window_seconds: int) -> simulate.Calibration:
@@ -219,6 +280,157 @@ def _rounded(value: Any) -> Any:
 
 # ---- modes ---------------------------------------------------------------------------------------
 
+SIM_ARMS = ("default", "gateway", "aimd", "optuna", "tuner", "static oracle", "per-phase oracle")
+SIM_LABELS = {"default": "default (declared)", "gateway": "gateway: cheapest route holding the floor",
+              "aimd": "AIMD, every numeric knob", "optuna": "Optuna TPE online (canaries)",
+              "tuner": "tracetune tuner", "static oracle": "static oracle (out of sample)",
+              "per-phase oracle": "per-phase oracle (hindsight)"}
+
+
+def _bar(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True)
+
+
+def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: simulate.Calibration,
+                 workload: Any, seeds: Sequence[int], search_seed: int, evaluations: int,
+                 prices: Any = None, partial: Path | None = None) -> list[dict[str, Any]]:
+    """Every arm of one pipeline on each seed: the static oracle searched on `search_seed`, scored on each."""
+    from tracetune.analyzer import load_prices
+    from tracetune.tuner import oracles, simarms
+
+    slo = SLO(spec.pipeline, **spec.slo)
+    prices = prices or load_prices()
+    gateway = simarms.gateway_config(spec, calibration, slo, prices)
+    with _bar(console) as bar:
+        task = bar.add_task(f"{name}: static oracle search on seed {search_seed}", total=evaluations)
+        best, tried = oracles.search(spec, calibration, workload(search_seed), slo=slo, evaluations=evaluations,
+                                     seed=search_seed, start=[gateway], prices=prices,
+                                     progress=lambda done, total: bar.update(task, completed=done))
+    console.print(f"{name}: static oracle ({'feasible' if best['feasible'] else '[red]none feasible, closest[/]'}"
+                  f" on seed {search_seed}, {len(tried)} runs, {sum(r['feasible'] for r in tried)} feasible): "
+                  f"{json.dumps(_rounded(best['grid_config']))}")
+    phases = workload(search_seed).phases or ((0.0, workload(search_seed).duration),)
+    candidates = {json.dumps(best["grid_config"], sort_keys=True): best["grid_config"]}
+    for start, end in phases:  # per phase, the cheapest configs that held the objectives in it on the search seed
+        scored = [(oracles._phase(r, start, end, slo, 300.0, oracles.Targets()), r) for r in tried]
+        for _, r in sorted(((c, r) for (c, ok, n), r in scored if ok and n), key=lambda x: x[0])[:4]:
+            candidates[json.dumps(r["grid_config"], sort_keys=True)] = r["grid_config"]
+    rows: list[dict[str, Any]] = []
+    arms = [simulate.Arm("default"), simulate.Arm("gateway", "static", gateway), simulate.Arm("aimd", "aimd"),
+            None, simulate.Arm("tuner", "tuner")]
+    with _bar(console) as bar:
+        task = bar.add_task(f"{name}: arms x {len(seeds)} seeds", total=len(seeds) * (len(arms) + len(candidates)))
+        for seed in seeds:
+            w = workload(seed)
+            mine = []
+            for arm in arms:
+                arm = arm or simulate.Arm("optuna", "optuna", seed=seed)
+                mine.append(simulate.simulate(spec, calibration, w, arm, slo=slo, seed=seed, prices=prices))
+                bar.advance(task)
+                _note(console, name, seed, mine[-1])
+            runs = []
+            for config in candidates.values():
+                row = simulate.simulate(spec, calibration, w, simulate.Arm("static oracle", "static", config),
+                                        slo=slo, seed=seed, prices=prices)
+                row["grid_config"] = config
+                runs.append(row)
+                bar.advance(task)
+            static = dict(runs[0])
+            mine.append(static)
+            mine.append(oracles.per_phase(runs, w.phases or ((0.0, w.duration),), slo))
+            by = {r["arm"]: r for r in mine}
+            for row in mine:
+                row["seed"], row["pipeline"] = seed, name
+                if "slo_windows" in row:
+                    row["verdict"] = oracles.verdict(row, by["default"], static, slo)
+            rows += mine
+            if partial is not None:  # a long run leaves what it has so far
+                partial.write_text(json.dumps(_rounded(rows), indent=1, default=str))
+    return rows
+
+
+def _note(console: Console, name: str, seed: int, row: Mapping[str, Any]) -> None:
+    """One line per finished arm, so a long run shows where it is even without a terminal."""
+    if not console.is_terminal:
+        print(f"{name} seed {seed} {row['arm']}: cost/1k {row['cost_per_1k']:.5f}, last half "
+              f"{row['cost_per_1k_half']:.5f}, SLO windows {row['slo_windows']:.1%}, "
+              f"quality {row['quality_after']:.4f}", flush=True)
+
+
+def sim_table(rows: Sequence[Mapping[str, Any]], slo: SLO, title: str) -> Table:
+    """One row per seed and arm, with the verdict's figures; the tuner's verdict decides the exit code."""
+    out = Table(title=title)
+    for column in ("seed", "arm", "cost/1k", "last half", "x static oracle", "x default", "x per-phase", "p95 ms",
+                   "SLO windows", "quality (95% lb)", "changes", "canaries +/-", "verdict"):
+        out.add_column(column, justify="left" if column in ("arm", "verdict") else "right")
+    by = {(r["seed"], r["arm"]): r for r in rows}
+    for row in rows:
+        v = row.get("verdict")
+        checks = v["checks"] if v else {}
+        phase = by.get((row["seed"], "per-phase oracle"), {}).get("cost_per_1k")
+        failed = [k for k, c in checks.items() if not c["ok"]]
+        bound = checks.get("quality_bound", {}).get("value")
+        canaries = row.get("canaries") or {}
+        out.add_row(str(row["seed"]), SIM_LABELS.get(row["arm"], row["arm"]), _fmt(row.get("cost_per_1k"), 5),
+                    _fmt(row.get("cost_per_1k_half"), 5),
+                    _fmt(checks.get("vs_static_oracle_last_half", {}).get("value"), 2),
+                    _fmt(checks.get("vs_default", {}).get("value"), 2),
+                    _fmt(row["cost_per_1k"] / phase if phase else None, 2), _fmt(row.get("p95_ms"), 0),
+                    "—" if row.get("slo_windows") is None else f"{row['slo_windows']:.1%}",
+                    ("[red]" if bound is not None and slo.quality_floor and bound < slo.quality_floor else "")
+                    + _fmt(bound, 4), str(row.get("changes", "—")),
+                    f"{canaries.get('promoted', 0)}/{canaries.get('rolled_back', 0)}" if canaries else "—",
+                    ("[green]pass" if v["passed"] else "[red]fail: " + ", ".join(failed)) if v else "—")
+    return out
+
+
+def sim_chart(rows: Sequence[Mapping[str, Any]], slo: SLO, path: Path, title: str) -> Path:
+    """Per pipeline and seed: cost per 1k over the last half, every arm as a bar, the tuner's and oracle's marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted({r["seed"] for r in rows})
+    arms = [a for a in SIM_ARMS if any(r["arm"] == a for r in rows)]
+    fig, (cost_ax, p95_ax) = plt.subplots(2, 1, figsize=(11, 8))
+    width = 0.8 / len(seeds)
+    for i, seed in enumerate(seeds):
+        by = {r["arm"]: r for r in rows if r["seed"] == seed}
+        values = [_number(by.get(a, {}).get("cost_per_1k_half", by.get(a, {}).get("cost_per_1k"))) for a in arms]
+        cost_ax.bar([j + i * width for j in range(len(arms))], values, width, label=f"seed {seed}")
+    cost_ax.set_xticks([j + 0.4 - width / 2 for j in range(len(arms))])
+    cost_ax.set_xticklabels([SIM_LABELS[a].split(" (")[0].split(":")[0] for a in arms], fontsize=8)
+    cost_ax.set_ylabel("cost per 1k, last half (USD)")
+    cost_ax.set_yscale("log")
+    cost_ax.legend(fontsize=8)
+    cost_ax.set_title(title)
+    first = [r for r in rows if r["seed"] == seeds[0] and isinstance(r.get("windows"), list)]
+    for row in first:
+        p95_ax.plot([w["minute"] for w in row["windows"]], [w["p95_ms"] for w in row["windows"]],
+                    label=SIM_LABELS.get(row["arm"], row["arm"]), linewidth=1)
+    if slo.p95_ms is not None:
+        p95_ax.axhline(slo.p95_ms, color="red", linestyle="--", linewidth=1, label=f"SLO p95 {slo.p95_ms:g} ms")
+    p95_ax.set_yscale("log")
+    p95_ax.set_xlabel(f"minute (seed {seeds[0]})")
+    p95_ax.set_ylabel("p95 per minute (ms)")
+    p95_ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sim_pipelines() -> dict[str, tuple[PipelineSpec, simulate.Calibration, Any, Any]]:
+    """The pipelines the simulation knows: name -> (spec, calibration, (seed, minutes) -> workload, prices)."""
+    return {"ticket_triage": (demo_spec(), simulate.DEMO, lambda seed, minutes=60.0: demo_workload(minutes, seed),
+                              None),
+            "rag_answering": (rag_spec(), rag_calibration(), lambda seed, minutes=60.0: rag_workload(minutes, seed),
+                              None)}
+
+
 def run_sim(console: Console, spec: PipelineSpec, calibration: simulate.Calibration, minutes: float, seed: int,
             ) -> list[dict[str, Any]]:
     workload = demo_workload(minutes, seed)
@@ -239,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", default="sim", help="sim (discrete-event simulation) or real (real processes)")
     parser.add_argument("--minutes", type=float, default=60.0, help="minutes of load per arm (virtual in sim mode)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="--mode real: the workload's seed")
+    parser.add_argument("--seeds", default="1,2,3", help="--mode sim: workload seeds every arm is scored on")
+    parser.add_argument("--search-seed", type=int, default=101,
+                        help="--mode sim: the seed the static oracle is searched on (then scored on --seeds)")
+    parser.add_argument("--evaluations", type=int, default=300, help="--mode sim: simulated runs of the oracle search")
+    parser.add_argument("--pipelines", default="all", help="--mode sim: comma-separated pipeline names, or all")
     parser.add_argument("--calibrate-from", metavar="URL", default=None,
                         help="ClickHouse URL with the demo's spans (e.g. after `make demo`) to fit the simulation to")
     parser.add_argument("--calibration-window", type=int, default=3600, help="seconds of spans to fit from")
@@ -247,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the chart and JSON go (default .tracetune/bench/tuner)")
     args = parser.parse_args(argv)
     console = Console()
+    if console.width < 200:  # the per-arm table has thirteen columns
+        console = Console(width=200)
     try:
         if args.mode not in ("sim", "real"):
             raise UsageError(f"--mode must be sim or real, got {args.mode!r}")
@@ -261,11 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         calibration = simulate.DEMO
         if args.calibrate_from:
             calibration = calibration_from(args.calibrate_from, spec, args.calibration_window)
-        console.print(f"calibration: {calibration.source}")
+        args.calibration = calibration
         if args.mode == "sim":
-            rows = run_sim(console, spec, calibration, args.minutes, args.seed)
-            note = (f"{args.minutes:g} virtual minutes, {RATE:g} -> {2 * RATE:g} req/s at minute {args.minutes / 2:g}, "
-                    f"{DUPLICATES:.0%} repeats, seed {args.seed}")
+            return sim_main(console, args)
         else:
             try:
                 from bench.tuner_real import run_real
@@ -282,6 +499,49 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"bench/tuner.py: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def sim_main(console: Console, args: argparse.Namespace) -> int:
+    """Every pipeline, every seed, every arm; exit 1 when the tuner's verdict fails on any of them."""
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated whole numbers, got {args.seeds!r}") from None
+    if not seeds or args.search_seed in seeds:
+        raise UsageError(f"--seeds needs at least one seed other than --search-seed {args.search_seed} "
+                         f"(the oracle is scored out of sample)")
+    if args.evaluations < 10:
+        raise UsageError(f"--evaluations must be at least 10, got {args.evaluations}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    known = sim_pipelines()
+    names = list(known) if args.pipelines == "all" else [n.strip() for n in args.pipelines.split(",")]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"--pipelines: no simulated pipeline {unknown[0]!r}; known: {', '.join(known)}")
+    failed = []
+    everything = []
+    for name in names:
+        spec, calibration, workload, prices = known[name]
+        if name == "ticket_triage":
+            calibration = args.calibration
+        slo = SLO(spec.pipeline, **spec.slo)
+        console.print(f"[bold]{name}[/]: calibration {calibration.source}; SLO {json.dumps(spec.slo)}")
+        rows = sim_pipeline(console, name, spec, calibration, lambda seed, w=workload: w(seed, args.minutes), seeds,
+                            args.search_seed, args.evaluations, prices, args.out / f"partial-{name}.json")
+        console.print(sim_table(rows, slo, f"{name}: {args.minutes:g} virtual minutes per arm, seeds "
+                                           f"{', '.join(map(str, seeds))}; oracle searched on seed {args.search_seed}"))
+        figure = sim_chart(rows, slo, args.out / f"tuner-sim-{name}.png", f"{name}: cost per 1k by arm")
+        console.print(f"chart: {figure}")
+        failed += [f"{name} seed {r['seed']}" for r in rows if r["arm"] == "tuner" and not r["verdict"]["passed"]]
+        everything += rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tuner-sim.json").write_text(json.dumps(_rounded(everything), indent=1, default=str))
+    console.print(f"rows: {args.out / 'tuner-sim.json'}")
+    if failed:
+        console.print(f"[red]tuner verdict failed: {', '.join(failed)}")
+        return 1
+    console.print("[green]tuner verdict passed on every pipeline and seed")
     return 0
 
 

@@ -1,10 +1,15 @@
 """`bench/tuner.py --mode real`: each arm runs the whole stack for real and is measured from its own store.
 
 Every arm starts a fresh stack (store, collector, tuner, stand-ins, executor, analyzer: what `tracetune up`
-starts, without the dashboard) in its own temporary home on free ports, drives the demo pipeline
-`ticket_triage` (real ONNX models, the LLM and CRM stand-ins) with the same open-loop Poisson load (rate
-steps up at half time, 20% duplicates, one seed), then reads cost, latency, SLO windows, quality and config
-versions back from the store with the analyzer's query functions. Arms:
+starts, without the dashboard) in its own temporary home on free ports, drives one demo pipeline (real ONNX
+models, the LLM and CRM stand-ins) with the same open-loop Poisson load for every arm (one seed, 20%
+duplicates), then reads cost, latency, SLO windows, quality and config versions back from the store with the
+analyzer's query functions. Pipelines (`--pipeline`):
+
+- triage: `ticket_triage`, the rate steps up at half time (20/s, then 40/s by default).
+- rag:    `rag_answering`, a compressed day (`--period` seconds, default 300) with two 3x bursts a day.
+
+Arms:
 
 - default: the pipeline's declared defaults; the tuning loop is off (`tuner_interval_seconds = 0`).
 - aimd:    loop off; every 30 s this process sets classify.batch_max_size with `aimd_batch_size` from the
@@ -12,7 +17,10 @@ versions back from the store with the analyzer's query functions. Arms:
 - tuner:   the real loop in `tracetune tuner`, on shortened settings (TUNER_LOOP) so it acts within minutes.
 - a dict:  that config pinned (POST .../config) once the executor registered the pipeline (the "oracle").
 
-`python bench/tuner_real.py --minutes 2 --arm default` runs one arm and prints its row as JSON.
+`python bench/tuner_real.py --minutes 2 --arm default` runs one arm and prints its row as JSON;
+`--parallel` runs the arms side by side (each its own stack), so every arm meets the same machine load.
+Besides the whole run, each row has cost per 1k over the run's last third and from minute 10 on, and the
+commit it measured.
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from tracetune import analyzer, store
 from tracetune import settings as settings_mod
 from tracetune.demo.load import LoadPlan, ground_truth_writer, run_load
-from tracetune.demo.triage import NAME as PIPELINE
 from tracetune.supervisor import StartError, Supervisor, components
 from tracetune.tuner import observe, token_for
 from tracetune.tuner.config import PipelineSpec
@@ -54,7 +61,28 @@ except ImportError:  # imported as bench.tuner_real (bench/tuner.py takes its fo
 log = logging.getLogger("bench.tuner_real")
 
 ARMS = ("default", "aimd", "tuner", "oracle")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """A demo pipeline and the load the bench drives it with."""
+
+    target: str  # the executor's `pipelines` setting
+    name: str
+    pattern: str
+    rate: float
+    aimd_step: str  # the step whose batch_max_size the aimd arm steers
+    period_seconds: float = 120.0
+
+
+PIPELINES = {
+    "triage": Workload("tracetune.demo.triage:ticket_triage", "ticket_triage", "step", 20.0, "classify"),
+    "rag": Workload("tracetune.demo.rag:rag_answering", "rag_answering", "daily_bursts", 2.0, "rerank", 300.0),
+}
+TRIAGE = PIPELINES["triage"]
+AFTER_SECONDS = 600  # "within 10 minutes": cost per 1k from here on
 ROW_KEYS = ("arm", "cost_per_1k", "p95_ms", "p99_ms", "slo_windows", "quality", "changes", "cost_by_step", "requests")
+
 DEFAULT_RATE = 20.0  # requests/s before the step, 40 after: the demo's load, as bench/tuner.py simulates it
 DUPLICATE_RATIO = 0.2
 # The loop acting within a short run: look every 15 s at the last minute, a minute apart, on >= 100 requests.
@@ -64,7 +92,7 @@ LOOP_OFF = {"tuner_interval_seconds": 0}  # 0: `tracetune tuner` starts no loop
 # A canary (tuner_canary_*, where the settings have one) keeps its defaults, except that it must be judged
 # within about a sixth of the run: its tasks per arm are then lowered, to no fewer than this.
 CANARY_MIN_REQUESTS_FLOOR = 30
-AIMD_STEP, AIMD_KNOB = "classify", "batch_max_size"
+AIMD_KNOB = "batch_max_size"
 AIMD_PERIOD_SECONDS = 30
 AIMD_MIN_REQUESTS = 20  # fewer requests in a period: hold
 # SLO windows: one minute each, after a warm-up of 5 minutes, or of 5/30 of the run when that is shorter.
@@ -128,23 +156,39 @@ class BenchError(RuntimeError):
 # ---- the arms -------------------------------------------------------------------------------------
 
 def run_real(arms: dict[str, dict | None], *, minutes: float, seed: int, progress=None,
-             rate: float = DEFAULT_RATE, keep: bool = False) -> list[dict]:
+             rate: float | None = None, keep: bool = False, pipeline: str = "triage",
+             parallel: bool = False) -> list[dict]:
     """One measured row per arm, in order: ROW_KEYS, then warmup_s and windows (what slo_windows covers),
     error_rate, canaries (how the loop's canaries ended), settings (the arm's overrides), seconds (wall
     time of the arm) and load (the load generator's counts). `changes` counts a pinned arm's pin.
 
     `arms` maps a name to None (default, aimd or tuner) or to a config (step -> knob -> value) pinned for
     the whole run. `progress` is a rich Progress; each arm adds a task counting elapsed minutes.
-    `keep` keeps each arm's temporary home (logs, data) instead of removing it.
+    `keep` keeps each arm's temporary home (logs, data) instead of removing it. `pipeline` names one of
+    PIPELINES; `rate` replaces its base rate. `parallel` runs the arms at once, each in its own stack.
     """
     plans = _check_arms(arms)
+    if pipeline not in PIPELINES:
+        raise BenchError(f"pipeline {pipeline!r} is not one of {', '.join(PIPELINES)}")
+    workload = PIPELINES[pipeline]
+    rate = workload.rate if rate is None else rate
     if not minutes > 0:
         raise BenchError(f"minutes must be above 0, got {minutes}")
     if not rate > 0:
         raise BenchError(f"rate must be above 0 requests/s, got {rate}")
     models = _models_dir()
-    return [_run_arm(name, pinned, minutes=minutes, seed=seed, rate=rate, models=models, progress=progress,
-                     keep=keep) for name, pinned in plans]
+
+    def arm(name: str, pinned: dict | None) -> dict:
+        return _run_arm(name, pinned, workload, minutes=minutes, seed=seed, rate=rate, models=models,
+                        progress=progress, keep=keep)
+
+    if not parallel:
+        return [arm(name, pinned) for name, pinned in plans]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(plans)) as pool:
+        futures = [pool.submit(arm, name, pinned) for name, pinned in plans]
+        return [future.result() for future in futures]
 
 
 def _check_arms(arms: Mapping[str, dict | None]) -> list[tuple[str, dict | None]]:
@@ -174,7 +218,7 @@ def _models_dir() -> Path:
 def _overrides(name: str, pinned: dict | None, duration: float, rate: float) -> dict[str, Any]:
     """The settings an arm runs on beyond the isolated defaults: the loop off, or on and shortened."""
     if name != "tuner" or pinned is not None:
-        return LOOP_OFF
+        return dict(LOOP_OFF)
     overrides: dict[str, Any] = dict(TUNER_LOOP)
     defaults = {f.name: f.default for f in dataclasses.fields(settings_mod.Settings)}
     if "tuner_canary_min_requests" in defaults:
@@ -184,15 +228,15 @@ def _overrides(name: str, pinned: dict | None, duration: float, rate: float) -> 
     return overrides
 
 
-def _run_arm(name: str, pinned: dict | None, *, minutes: float, seed: int, rate: float, models: Path,
-             progress, keep: bool) -> dict:
+def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: float, seed: int, rate: float,
+             models: Path, progress, keep: bool) -> dict:
     started = time.monotonic()
-    home = Path(tempfile.mkdtemp(prefix=f"tracetune-bench-{name}-"))
+    home = Path(tempfile.mkdtemp(prefix=f"tracetune-bench-{workload.name}-{name}-"))
     (home / "models").symlink_to(models, target_is_directory=True)
     overrides = _overrides(name, pinned, minutes * 60, rate)
-    settings = isolated_settings(home, **overrides)
+    settings = isolated_settings(home, pipelines=workload.target, **overrides)
     supervisor = Supervisor(settings, components(settings, 0.0, with_dashboard=False), echo=log.info)
-    task = progress.add_task(name, total=minutes) if progress is not None else None
+    task = progress.add_task(f"{workload.name} {name}", total=minutes) if progress is not None else None
     failed = True
     try:
         try:
@@ -201,9 +245,9 @@ def _run_arm(name: str, pinned: dict | None, *, minutes: float, seed: int, rate:
             raise BenchError(f"arm {name}: {str(exc).splitlines()[0]} (logs in {home / 'logs'})") from None
         client = store.connect(settings)
         headers = {"Authorization": f"Bearer {token_for(settings)}"}
-        with httpx.Client(base_url=f"{settings.tuner_url}/v1/pipelines/{PIPELINE}", headers=headers,
+        with httpx.Client(base_url=f"{settings.tuner_url}/v1/pipelines/{workload.name}", headers=headers,
                           timeout=30) as api:
-            spec = _wait_declared(api)
+            spec = _wait_declared(api, workload.name)
             if pinned is not None:
                 answer = api.post("/config", json={"steps": pinned, "reason": f"bench {name}: pinned for the run"})
                 if answer.status_code != 200:
@@ -213,14 +257,17 @@ def _run_arm(name: str, pinned: dict | None, *, minutes: float, seed: int, rate:
                                      f"{detail or answer.text[:200]}")
             duration = minutes * 60
             load_started = time.time()
-            report = _drive(settings, name, spec, api, duration, seed, rate, progress, task)
+            report = _drive(settings, name, workload, spec, api, duration, seed, rate, progress, task)
         # Stop what makes spans or config versions, then wait for the collector to write the rest.
         for part in ("tuner", "executor", "analyzer"):
             supervisor.stop_one(next(p for p in supervisor.parts if p.name == part))
         if progress is not None:
             progress.update(task, description=f"{name} (measuring)")
-        _wait_flushed(client)
-        row = _measure(client, name, load_started, duration)
+        _wait_flushed(client, workload.name)
+        row = _measure(client, name, workload.name, load_started, duration)
+        row["pipeline"] = workload.name
+        row["commit"] = _commit()
+        row["pinned"] = pinned
         row["settings"] = overrides
         row["seconds"] = round(time.monotonic() - started, 1)
         row["load"] = {k: report[k] for k in ("sent", "ok", "rejected", "failed", "overloaded", "dropped")}
@@ -240,7 +287,22 @@ def _run_arm(name: str, pinned: dict | None, *, minutes: float, seed: int, rate:
             shutil.rmtree(home, ignore_errors=True)
 
 
-def _wait_declared(api: httpx.Client, timeout: float = 60.0) -> PipelineSpec:
+def _commit() -> str:
+    """The commit the bench runs (with "+changes" when the work tree differs from it), or "" outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+changes" if dirty else "")
+
+
+def _wait_declared(api: httpx.Client, pipeline: str, timeout: float = 120.0) -> PipelineSpec:
     """The pipeline's declaration, once the executor registered it with the tuner."""
     deadline = time.monotonic() + timeout
     while True:
@@ -251,16 +313,18 @@ def _wait_declared(api: httpx.Client, timeout: float = 60.0) -> PipelineSpec:
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            raise BenchError(f"the executor did not register {PIPELINE} with the tuner within {timeout:.0f}s")
+            raise BenchError(f"the executor did not register {pipeline} with the tuner within {timeout:.0f}s")
         time.sleep(0.5)
 
 
-def _drive(settings, name: str, spec: PipelineSpec, api: httpx.Client, duration: float, seed: int, rate: float,
-           progress, task) -> dict:
+def _drive(settings, name: str, workload: Workload, spec: PipelineSpec, api: httpx.Client, duration: float,
+           seed: int, rate: float, progress, task) -> dict:
     """The load for `duration` s; meanwhile the progress bar, and in the aimd arm its controller."""
-    plan = LoadPlan(rate=rate, duration=duration, pattern="step", duplicate_ratio=DUPLICATE_RATIO, seed=seed)
+    plan = LoadPlan(rate=rate, duration=duration, pattern=workload.pattern, duplicate_ratio=DUPLICATE_RATIO,
+                    seed=seed, period_seconds=workload.period_seconds)
     done = threading.Event()
-    aimd = _Aimd(store.connect(settings, ensure_schema=False), api, spec) if name == "aimd" else None
+    aimd = (_Aimd(store.connect(settings, ensure_schema=False), api, spec, workload.name, workload.aimd_step)
+            if name == "aimd" else None)
 
     def tick() -> None:
         started = last = time.monotonic()
@@ -278,7 +342,7 @@ def _drive(settings, name: str, spec: PipelineSpec, api: httpx.Client, duration:
     ticker.start()
     record = ground_truth_writer(store.connect(settings, ensure_schema=False))
     try:
-        report = asyncio.run(run_load(plan, settings.executor_url, PIPELINE, record=record,
+        report = asyncio.run(run_load(plan, settings.executor_url, workload.name, record=record,
                                       token=settings.secret("executor")))
     finally:
         done.set()
@@ -289,38 +353,38 @@ def _drive(settings, name: str, spec: PipelineSpec, api: httpx.Client, duration:
 
 
 class _Aimd:
-    """Clipper's AIMD on classify.batch_max_size, from the last period's classify p95 against the step's
+    """Clipper's AIMD on one step's batch_max_size, from the last period's p95 of the step against its
     share of the SLO's p95 (the same measurement and step target the tuner's loop uses)."""
 
-    def __init__(self, client, api: httpx.Client, spec: PipelineSpec):
-        self.client, self.api, self.spec = client, api, spec
-        self.knob = spec.steps[AIMD_STEP][AIMD_KNOB]
+    def __init__(self, client, api: httpx.Client, spec: PipelineSpec, pipeline: str, step: str):
+        self.client, self.api, self.spec, self.pipeline, self.step_name = client, api, spec, pipeline, step
+        self.knob = spec.steps[step][AIMD_KNOB]
 
     def step(self) -> int | None:
         obs = observe.collect(self.client, self.spec, AIMD_PERIOD_SECONDS)
-        target = step_target_ms(analyzer.get_slo(self.client, PIPELINE), obs, AIMD_STEP)
+        target = step_target_ms(analyzer.get_slo(self.client, self.pipeline), obs, self.step_name)
         if obs.requests < AIMD_MIN_REQUESTS or target is None:
             return None
         answer = self.api.get("/config")
         answer.raise_for_status()
-        current = int(answer.json()["steps"].get(AIMD_STEP, {}).get(AIMD_KNOB, self.knob.default))
-        p95 = obs.step_total(AIMD_STEP).p95_ms
+        current = int(answer.json()["steps"].get(self.step_name, {}).get(AIMD_KNOB, self.knob.default))
+        p95 = obs.step_total(self.step_name).p95_ms
         new = aimd_batch_size(current, p95, target, self.knob)
         if new != current:
-            reason = (f"bench aimd: {AIMD_STEP} p95 {p95:.0f} ms against its target {target:.0f} ms over "
+            reason = (f"bench aimd: {self.step_name} p95 {p95:.0f} ms against its target {target:.0f} ms over "
                       f"{AIMD_PERIOD_SECONDS} s: {AIMD_KNOB} {current} -> {new}")
-            self.api.patch("/config", json={"steps": {AIMD_STEP: {AIMD_KNOB: new}}, "reason": reason}) \
+            self.api.patch("/config", json={"steps": {self.step_name: {AIMD_KNOB: new}}, "reason": reason}) \
                 .raise_for_status()
             log.info(reason)
         return new
 
 
-def _wait_flushed(client) -> int:
+def _wait_flushed(client, pipeline: str) -> int:
     """Root spans in the store once their count has not grown for FLUSH_QUIET_SECONDS."""
     deadline = time.monotonic() + FLUSH_TIMEOUT_SECONDS
     count, quiet_since = -1, time.monotonic()
     while time.monotonic() < deadline:
-        now = int(client.query(ROOTS_SQL, parameters={"pipeline": PIPELINE}).result_rows[0][0])
+        now = int(client.query(ROOTS_SQL, parameters={"pipeline": pipeline}).result_rows[0][0])
         if now != count:
             count, quiet_since = now, time.monotonic()
         elif time.monotonic() - quiet_since >= FLUSH_QUIET_SECONDS:
@@ -361,12 +425,12 @@ def windows(duration: float) -> tuple[float, list[tuple[float, float]]]:
     return warmup, spans or [(warmup, duration)]
 
 
-def _slo_windows(client, load_started: float, duration: float,
+def _slo_windows(client, pipeline: str, load_started: float, duration: float,
                  p95_target: float | None) -> tuple[float, int, float | None]:
     warmup, spans = windows(duration)
     first = int((load_started + warmup) * 1000)
     rows = client.query(WINDOWS_SQL, parameters={
-        "pipeline": PIPELINE, "from_ms": first, "to_ms": int((load_started + duration) * 1000),
+        "pipeline": pipeline, "from_ms": first, "to_ms": int((load_started + duration) * 1000),
         "window_ms": WINDOW_SECONDS * 1000}).result_rows
     p95 = {int(window): float(value) for window, requests, value in rows if requests}
     if p95_target is None:
@@ -376,23 +440,33 @@ def _slo_windows(client, load_started: float, duration: float,
     return warmup, len(spans), good / len(spans)
 
 
-def _measure(client, name: str, load_started: float, duration: float) -> dict:
+def _cost_since(client, pipeline: str, load_started: float, offset: float) -> float | None:
+    """Cost per 1k of the requests from `offset` s after the load started to its end (nothing is sent
+    after), or None when the run is shorter."""
+    since = int(time.time() - (load_started + offset))
+    frame = analyzer.cost_per_1k(client, since, by=("pipeline",), pipeline=pipeline)
+    if offset <= 0 or frame.is_empty() or not frame["requests"][0]:
+        return None
+    return round(float(frame["cost_per_1k"][0] or 0.0), 6)
+
+
+def _measure(client, name: str, pipeline: str, load_started: float, duration: float) -> dict:
     since = int(time.time() - load_started + 120)  # everything this arm's fresh store holds
     if analyzer.current_prices(client) is None:  # the analyzer publishes them at start; make sure
         analyzer.publish_prices(client, analyzer.load_prices())
-    roots = analyzer.latency(client, since, by=("pipeline",), pipeline=PIPELINE, steps="roots", source="raw")
+    roots = analyzer.latency(client, since, by=("pipeline",), pipeline=pipeline, steps="roots", source="raw")
     if roots.is_empty():
-        raise BenchError(f"arm {name}: no request of {PIPELINE} reached the store; see the collector and executor logs")
+        raise BenchError(f"arm {name}: no request of {pipeline} reached the store; see the collector and executor logs")
     latency = roots.row(0, named=True)
-    steps = analyzer.cost_per_1k(client, since, by=("step",), pipeline=PIPELINE)
+    steps = analyzer.cost_per_1k(client, since, by=("step",), pipeline=pipeline)
     requests = int(latency["requests"])
     cost = float(steps["cost"].sum() or 0.0)
-    slo = analyzer.get_slo(client, PIPELINE)
-    warmup, n_windows, share = _slo_windows(client, load_started, duration, slo.p95_ms if slo else None)
-    labelled, correct = client.query(QUALITY_SQL, parameters={"pipeline": PIPELINE}).result_rows[0]
-    versions = int(client.query(VERSIONS_SQL, parameters={"pipeline": PIPELINE}).result_rows[0][0])
+    slo = analyzer.get_slo(client, pipeline)
+    warmup, n_windows, share = _slo_windows(client, pipeline, load_started, duration, slo.p95_ms if slo else None)
+    labelled, correct = client.query(QUALITY_SQL, parameters={"pipeline": pipeline}).result_rows[0]
+    versions = int(client.query(VERSIONS_SQL, parameters={"pipeline": pipeline}).result_rows[0][0])
     try:
-        canaries = dict(client.query(CANARIES_SQL, parameters={"pipeline": PIPELINE}).result_rows)
+        canaries = dict(client.query(CANARIES_SQL, parameters={"pipeline": pipeline}).result_rows)
     except DatabaseError:  # a store without canaries
         canaries = None
     return {
@@ -410,6 +484,13 @@ def _measure(client, name: str, load_started: float, duration: float) -> dict:
         "windows": n_windows,
         "error_rate": round(float(latency["error_rate"]), 4),
         "canaries": canaries,
+        "p95_ms_by_step": {row["step"]: round(float(row["p95_ms"]), 1) for row in analyzer.step_stats(
+            client, since, pipeline, source="raw", end_to_end=False).iter_rows(named=True)},
+        "cost_per_1k_last_third": _cost_since(client, pipeline, load_started, duration * 2 / 3),
+        "cost_per_1k_after_10min": _cost_since(client, pipeline, load_started, AFTER_SECONDS)
+        if duration > AFTER_SECONDS else None,
+        "quality_floor": slo.quality_floor if slo else None,
+        "p95_target_ms": slo.p95_ms if slo else None,
     }
 
 
@@ -431,8 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracle", default=None, metavar="JSON|@FILE",
                         help='config pinned in the oracle arm, e.g. \'{"classify": {"batch_max_size": 16}}\'')
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--rate", type=float, default=DEFAULT_RATE,
-                        help=f"requests/s before the step (doubles at half time; default {DEFAULT_RATE:g})")
+    parser.add_argument("--pipeline", choices=list(PIPELINES), default="triage",
+                        help="the demo pipeline and its load (default triage)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="base requests/s (default: the pipeline's, 20 for triage, 2 for rag)")
+    parser.add_argument("--parallel", action="store_true", help="run the arms side by side, each its own stack")
     parser.add_argument("--keep", action="store_true", help="keep each arm's temporary home (logs, data)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the bench and the aimd arm do")
     args = parser.parse_args(argv)
@@ -451,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
         columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.1f}/{task.total:g} min"),
                    TimeElapsedColumn()]
         with Progress(*columns, console=Console(stderr=True), disable=not sys.stderr.isatty()) as bar:
-            rows = run_real(arms, minutes=args.minutes, seed=args.seed, progress=bar, rate=args.rate, keep=args.keep)
+            rows = run_real(arms, minutes=args.minutes, seed=args.seed, progress=bar, rate=args.rate, keep=args.keep,
+                            pipeline=args.pipeline, parallel=args.parallel)
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

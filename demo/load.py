@@ -21,7 +21,7 @@ import httpx
 
 from tracetune.demo.corpus import CATEGORIES, Ticket, make_ticket
 
-PATTERNS = ("steady", "step", "burst", "daily")
+PATTERNS = ("steady", "step", "burst", "daily", "daily_bursts")
 DRIFTS = ("category_mix", "text_length", "unseen_vocab")
 GROUND_TRUTH_COLUMNS = ["sent_at", "run_id", "pipeline", "trace_id", "tenant", "label", "predicted", "scenario",
                         "duplicate", "status", "latency_ms"]
@@ -97,11 +97,18 @@ def rate_at(plan: LoadPlan, t: float) -> float:
         return plan.rate * (5.0 if (t % cycle) < cycle / 6 else 1.0)
     if plan.pattern == "daily":
         return plan.rate * (1.0 + 0.6 * math.sin(2 * math.pi * t / plan.period_seconds))
+    if plan.pattern == "daily_bursts":
+        # A compressed day (trough at 0.4x, peak at 1.6x) with a 3x burst of 1/30 of a day twice a day,
+        # one on the rise and one past the peak, as a newsletter or an incident brings.
+        day = 1.0 + 0.6 * math.sin(2 * math.pi * t / plan.period_seconds)
+        phase = (t % plan.period_seconds) / plan.period_seconds
+        burst = any(start <= phase < start + 1 / 30 for start in (0.1, 0.35))
+        return plan.rate * day * (3.0 if burst else 1.0)
     return plan.rate
 
 
 def peak_rate(plan: LoadPlan) -> float:
-    return plan.rate * {"steady": 1.0, "step": 2.0, "burst": 5.0, "daily": 1.6}[plan.pattern]
+    return plan.rate * {"steady": 1.0, "step": 2.0, "burst": 5.0, "daily": 1.6, "daily_bursts": 4.8}[plan.pattern]
 
 
 def arrivals(plan: LoadPlan, rng: random.Random):
@@ -149,6 +156,44 @@ class TicketSource:
         return ticket, False, "+".join(drifts) or "baseline"
 
 
+class QuestionSource:
+    """Draws product questions (`demo.knowledge`) with their answers, repeating recent ones; drift kinds
+    that concern tickets (category mix) do not apply, text length and unseen words do."""
+
+    def __init__(self, plan: LoadPlan, rng: random.Random):
+        from tracetune.demo import knowledge
+
+        self.plan, self.rng = plan, rng
+        self.values = knowledge.facts()
+        self.make = knowledge.make_question
+        self.recent: deque[Ticket] = deque(maxlen=100)
+
+    def draw(self, t: float) -> tuple[Ticket, bool, str]:
+        drifts = [d.kind for d in self.plan.drifts if t >= d.at_seconds]
+        if self.rng.random() < self.plan.invalid_ratio:
+            return Ticket(text="   ", category=""), False, "invalid"
+        if self.recent and self.rng.random() < self.plan.duplicate_ratio:
+            return self.rng.choice(self.recent), True, "+".join(drifts) or "baseline"
+        question = self.make(self.rng, self.values)
+        text = question.text
+        if "text_length" in drifts:
+            text = text + " " + _LONG_TAIL * self.rng.randint(1, 2)
+        if "unseen_vocab" in drifts:
+            text = f"{self.rng.choice(_UNSEEN)} {text} {self.rng.choice(_UNSEEN)}"
+        ticket = Ticket(text=text, category=question.answer)
+        self.recent.append(ticket)
+        return ticket, False, "+".join(drifts) or "baseline"
+
+
+# What each demo pipeline is sent, and the field of its answer compared with the ground truth; any other
+# pipeline gets tickets and its answer's "category".
+SOURCES = {"rag_answering": (QuestionSource, "answer")}
+
+
+def source_for(pipeline: str) -> tuple[type, str]:
+    return SOURCES.get(pipeline, (TicketSource, "category"))
+
+
 @dataclass
 class LoadReport:
     run_id: str
@@ -179,7 +224,8 @@ async def run_load(plan: LoadPlan, executor_url: str, pipeline: str, record=None
     ground-truth rows."""
     plan.validate()
     rng = random.Random(plan.seed)
-    source = TicketSource(plan, rng)
+    source_type, answer_field = source_for(pipeline)
+    source = source_type(plan, rng)
     report = LoadReport(run_id=uuid.uuid4().hex[:12])
     pending: list[list[Any]] = []
     in_flight: set[asyncio.Task] = set()
@@ -195,7 +241,7 @@ async def run_load(plan: LoadPlan, executor_url: str, pipeline: str, record=None
             status = response.status_code
             body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
             trace_id = body.get("trace_id", "")
-            predicted = (body.get("result") or {}).get("category", "")
+            predicted = (body.get("result") or {}).get(answer_field, "")
         except httpx.HTTPError:
             status = 0
         latency = (time.perf_counter() - started) * 1000

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tracetune.demo import knowledge
 from tracetune.demo.corpus import CATEGORIES
 
 __all__ = ["MODELS", "StandinModel", "create_llm_app", "create_crm_app", "serve_standins", "classify_by_keywords",
@@ -119,6 +120,64 @@ _ANCHOR_WORD = re.compile(r"[a-z]{4,}")
 _WORD = re.compile(r"[a-z0-9]+")
 _CATEGORIES_LINE = re.compile(r"^\s*(?:allowed\s+)?(?:categories|labels)\s*:\s*(.+?)\s*$", re.I | re.M)
 _TICKET_PREFIX = re.compile(r"^\s*ticket\s*:\s*", re.I)
+# A retrieval-augmented prompt: numbered context passages, then the question.
+_CONTEXT = re.compile(r"^\s*context\s*:", re.I | re.M)
+_QUESTION = re.compile(r"^\s*question\s*:\s*(.+?)\s*$", re.I | re.M)
+_PASSAGE = re.compile(r"^\s*\[\d+\]\s*(.+?)\s*$", re.M)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+def _context_sentences(prompt: str) -> list[str]:
+    return [s for p in _PASSAGE.findall(prompt) for s in _SENTENCE.split(p) if s]
+
+
+def read_context(prompt: str, careful: bool = False) -> str:
+    """The stand-in's reading of a retrieval-augmented prompt: the context sentence that shares the most
+    words with the question. A careful reader (the large tier) weighs words by how rare they are in the
+    context, so the model number a question names decides between sibling products; a careless one
+    counts every shared word alike. "" when the context has no sentence."""
+    question = _QUESTION.search(prompt)
+    sentences = _context_sentences(prompt)
+    if not question or not sentences:
+        return ""
+    named = knowledge.products_in(question.group(1))
+    if len(named) == 2:
+        return _compare(question.group(1), named, sentences, careful)
+    weights = None
+    if careful:
+        seen = [set(knowledge.words(s)) for s in sentences]
+        weights = {w: 1.0 + 4.0 / sum(w in s for s in seen) for s in seen for w in s}
+    best = knowledge.best_sentence(question.group(1), sentences, weights)
+    return sentences[best] if best >= 0 else ""
+
+
+def _compare(question: str, named: list[str], sentences: list[str], careful: bool) -> str:
+    """Which of two products has more of what the question asks about. A careful reader finds each
+    product's sentence on the topic and compares their figures; a careless one names the product of
+    the first sentence that matches the question best (the top passage's)."""
+    if not careful:
+        first = knowledge.products_in(sentences[max(0, knowledge.best_sentence(question, sentences))])
+        return f"The {first[0] if first else named[0]} has more."
+    figures = {}
+    for product in named:
+        own = [s for s in sentences if product.lower() in s.lower()]
+        best = knowledge.best_sentence(question, own)
+        if best >= 0:
+            figures[product] = int(knowledge.answer_of(own[best]).split()[0])
+    if not figures:
+        return f"The {named[0]} has more."
+    winner = max(figures, key=figures.get) if len(figures) == 2 else next(iter(figures))
+    return f"The {winner} has more."
+
+
+def _misread(prompt: str, answer: str, rng: random.Random) -> str:
+    """Another context sentence stating a fact: the model's mistake."""
+    question = _QUESTION.search(prompt)
+    named = knowledge.products_in(question.group(1)) if question else []
+    if len(named) == 2:
+        return f"The {named[1] if named[0] in answer else named[0]} has more."
+    others = [s for s in _context_sentences(prompt) if s != answer and knowledge.answer_of(s)]
+    return rng.choice(others) if others else answer
 
 
 def classify_by_keywords(text: str, labels: list[str] | None = None) -> str | None:
@@ -276,6 +335,7 @@ class StandinModel:
     accuracy: float = 0.95
     rate_limit_rps: float = 20.0
     latency_sigma: float = 0.5
+    careful: bool = False  # reading context: weigh the rare words (model numbers) a careless reader skims
 
     def validate(self, name: str) -> StandinModel:
         """This model, or a ValueError naming it (as served under `name`) and the bad field."""
@@ -293,7 +353,7 @@ class StandinModel:
 # those of two real models of the same tiers (analyzer/prices.toml).
 MODELS: dict[str, StandinModel] = {
     "standin-small": StandinModel(latency_ms=300, accuracy=0.90, rate_limit_rps=20),
-    "standin-large": StandinModel(latency_ms=700, accuracy=0.98, rate_limit_rps=5),
+    "standin-large": StandinModel(latency_ms=700, accuracy=0.98, rate_limit_rps=5, careful=True),
 }
 
 
@@ -339,15 +399,26 @@ async def _completions(request: Request) -> JSONResponse:
                              "rate_limit_exceeded", headers=headers)
 
     texts = [_message_text(m) for m in body["messages"]]
+    user = [_message_text(m) for m in body["messages"] if m["role"] == "user"]
+    rng = state.rng
+    question = _QUESTION.search(user[-1]) if user else None
+    if question and _CONTEXT.search(user[-1]):
+        answer = read_context(user[-1], careful=model.careful)
+        if rng.random() >= model.accuracy:
+            answer = _misread(user[-1], answer, rng)
+        return await _answer(state, name, model, texts, answer)
     match = next((m for t in texts if (m := _CATEGORIES_LINE.search(t))), None)
     labels = [x.strip() for x in match.group(1).split(",") if x.strip()] if match else list(CATEGORIES)
-    user = [_message_text(m) for m in body["messages"] if m["role"] == "user"]
     ticket = _TICKET_PREFIX.sub("", user[-1] if user else texts[-1])
-    rng = state.rng
     answer = classify_by_keywords(ticket, labels) or rng.choice(labels)
     if len(labels) > 1 and rng.random() >= model.accuracy:
         answer = rng.choice([label for label in labels if label != answer])
+    return await _answer(state, name, model, texts, answer)
 
+
+async def _answer(state: _LLMState, name: str, model: StandinModel, texts: list[str], answer: str) -> JSONResponse:
+    """The completion, after the model's latency, with token usage counted over the whole prompt."""
+    rng, stats = state.rng, state.stats
     if model.latency_ms:
         await asyncio.sleep(model.latency_ms * math.exp(rng.gauss(0, model.latency_sigma)) / 1000)
     stats["completions"] += 1

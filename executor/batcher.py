@@ -18,6 +18,8 @@ from typing import Any
 
 from opentelemetry import trace
 
+from tracetune.batching import padding_ratio, seconds_until_due, take_batch
+
 
 @dataclass
 class BatchResult:
@@ -25,10 +27,6 @@ class BatchResult:
     batch_size: int
     queue_ms: float
     padding_ratio: float = 0.0  # share of the batch's padded length that was padding
-
-
-def length_bucket(length: int, width: int = 16) -> int:
-    return (max(length, 1) - 1) // width
 
 
 @dataclass
@@ -106,26 +104,19 @@ class Batcher:
                 self._cond.wait()
             if not self._queue:
                 return []
-            while len(self._queue) < self.max_size and not self._closed:
-                remaining = self._queue[0].enqueued + self.max_wait_ms / 1000 - time.monotonic()
+            while not self._closed:
+                remaining = seconds_until_due(len(self._queue), self.max_size, self._queue[0].enqueued,
+                                              self.max_wait_ms, time.monotonic())
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            if self.bucket_by_length and self._length:
-                return self._take_bucket()
-            return [self._queue.popleft() for _ in range(min(self.max_size, len(self._queue)))]
-
-    def _take_bucket(self) -> list[_Pending]:
-        """The oldest request plus the next-oldest of its length bucket, never other buckets.
-
-        Topping a batch up from neighbouring buckets pads every request to the longest one; on a
-        compute-bound CPU encoder that cost 2-3x throughput (bench/executor.py, section 3)."""
-        head_bucket = length_bucket(self._queue[0].length)
-        chosen = [i for i, p in enumerate(self._queue) if length_bucket(p.length) == head_bucket][:self.max_size]
-        batch = [self._queue[i] for i in chosen]
-        for i in reversed(chosen):
-            del self._queue[i]
-        return batch
+            bucketing = bool(self.bucket_by_length and self._length)
+            chosen = take_batch([p.length for p in self._queue] if bucketing else [0] * len(self._queue),
+                                self.max_size, bucketing)
+            batch = [self._queue[i] for i in chosen]
+            for i in reversed(chosen):
+                del self._queue[i]
+            return batch
 
     def _loop(self) -> None:
         while True:
@@ -135,7 +126,7 @@ class Batcher:
             started = time.monotonic()
             links = [p.link for p in batch if p.link is not None]
             padded = max(p.length for p in batch) * len(batch)
-            padding = (padded - sum(p.length for p in batch)) / padded if padded else 0.0
+            padding = padding_ratio([p.length for p in batch])
             self.padding_waste[0] += padded - sum(p.length for p in batch)
             self.padding_waste[1] += padded
             attributes = {**self._attributes, "tracetune.batch_size": len(batch)}

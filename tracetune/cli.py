@@ -266,8 +266,9 @@ def standins(ctx: click.Context) -> None:
 @cli.command()
 @click.option("--rate", type=float, default=None, help="Mean arrivals per second (default: settings load_rate).")
 @click.option("--duration", type=float, default=None, help="Seconds to run (default: until Ctrl-C).")
-@click.option("--pattern", type=click.Choice(["steady", "step", "burst", "daily"]), default="steady",
-              show_default=True, help="How the arrival rate changes over time.")
+@click.option("--pattern", type=click.Choice(["steady", "step", "burst", "daily", "daily_bursts"]), default="steady",
+              show_default=True, help="How the arrival rate changes over time (daily_bursts: a day compressed into "
+                                      "--period with two 3x bursts).")
 @click.option("--duplicates", type=float, default=0.2, show_default=True,
               help="Share of tickets that repeat a recent one.")
 @click.option("--drift", "drifts", multiple=True, metavar="KIND@SECONDS",
@@ -279,7 +280,8 @@ def standins(ctx: click.Context) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--pipeline", default="ticket_triage", show_default=True,
-              help="The pipeline to send tickets to (it takes {\"text\": ...}).")
+              help="The pipeline to drive (it takes {\"text\": ...}): rag_answering is sent product questions, "
+                   "any other pipeline support tickets.")
 @click.pass_context
 def load(ctx: click.Context, rate, duration, pattern, duplicates, drifts, tenants, seed, period, no_progress,
          as_json, pipeline) -> None:
@@ -362,16 +364,20 @@ def up(ctx: click.Context) -> None:
 @cli.command()
 @click.option("--duration", type=float, default=None,
               help="Run this many seconds without the live view, print the final table, exit.")
-@click.option("--rate", type=float, default=None, help="Requests per second of demo load (default 20).")
+@click.option("--rate", type=float, default=None,
+              help="Requests per second of demo load (default 20 for triage, 4 for rag).")
+@click.option("--pipeline", type=click.Choice(["triage", "rag"]), default="triage", show_default=True,
+              help="triage: support tickets under a steady load; rag: product questions answered from a knowledge "
+                   "base, under a compressed daily curve with bursts.")
 @click.pass_context
-def demo(ctx: click.Context, duration: float | None, rate: float | None) -> None:
-    """Run the whole loop with a steady load and show a live per-step table; Ctrl-C stops everything."""
+def demo(ctx: click.Context, duration: float | None, rate: float | None, pipeline: str) -> None:
+    """Run the whole loop with a demo load and show a live per-step table; Ctrl-C stops everything."""
     from tracetune.supervisor import demo as run_demo
 
     if rate is not None and rate <= 0:  # not "the default rate"
-        raise click.BadParameter(f"rate must be above 0 tickets/s, got {rate:g} (`tracetune up` runs without load)",
+        raise click.BadParameter(f"rate must be above 0 requests/s, got {rate:g} (`tracetune up` runs without load)",
                                  param_hint="--rate")
-    sys.exit(run_demo(_settings(ctx, load_rate=rate), duration=duration))
+    sys.exit(run_demo(_settings(ctx), duration=duration, pipeline=pipeline, rate=rate))
 
 
 # ---- one-shot commands -----------------------------------------------------------------------

@@ -54,8 +54,10 @@ def dashboard_command(settings: Settings) -> list[str]:
             *(arg for host in sorted(hosts or ["*"]) for arg in ("--server.allowedHosts", host))]
 
 
-def components(settings: Settings, load_rate: float, with_dashboard: bool = True) -> list[Component]:
-    """Everything `up` runs, in start order; with a load rate, the load generator last."""
+def components(settings: Settings, load_rate: float, with_dashboard: bool = True,
+               load_args: tuple[str, ...] = ()) -> list[Component]:
+    """Everything `up` runs, in start order; with a load rate, the load generator last (given
+    `load_args`, e.g. its pipeline and pattern)."""
     tracetune = [sys.executable, "-m", "tracetune"]
     parts = []
     if settings.embedded:
@@ -83,8 +85,8 @@ def components(settings: Settings, load_rate: float, with_dashboard: bool = True
         parts.append(Component("dashboard", dashboard_command(settings), settings.dashboard_port,
                                f"{settings.dashboard_url}/_stcore/health", settings.dashboard_url))
     if load_rate > 0:
-        parts.append(Component("load", tracetune + ["load", "--rate", str(load_rate), "--no-progress"], None,
-                               "", f"{load_rate:g} tickets/s, Poisson arrivals"))
+        parts.append(Component("load", tracetune + ["load", "--rate", str(load_rate), "--no-progress", *load_args],
+                               None, "", f"{load_rate:g} requests/s, Poisson arrivals"))
     return parts
 
 
@@ -235,11 +237,11 @@ def _password_source(settings: Settings, readonly: bool) -> str:
     return "store_password" if settings.store_password else str(settings.store_password_file(False))
 
 
-def _run(settings: Settings, load_rate: float, body) -> int:
+def _run(settings: Settings, load_rate: float, body, load_args: tuple[str, ...] = ()) -> int:
     from tracetune.terminal import console
 
     out = console()
-    supervisor = Supervisor(settings, components(settings, load_rate), echo=out.print)
+    supervisor = Supervisor(settings, components(settings, load_rate, load_args=load_args), echo=out.print)
     stop = threading.Event()
     _install_stop_handlers(stop)
     out.print(f"[bold]tracetune[/bold] starting (logs in {supervisor.log_dir})")
@@ -279,13 +281,23 @@ def demo_window(run_start: float, now: float) -> tuple[int, str]:
     return seconds, "raw" if seconds < DEMO_RAW_SECONDS else "rollup"
 
 
-def demo(settings: Settings, duration: float | None = None) -> int:
-    """The whole loop under a steady load; a live per-step table, or `duration` s then the final table."""
+# The demo pipelines `tracetune demo --pipeline` runs: (import string, pipeline name, load pattern, default rate).
+DEMOS: dict[str, tuple[str, str, str, float | None]] = {
+    "triage": ("tracetune.demo.triage:ticket_triage", "ticket_triage", "steady", None),  # rate: settings load_rate
+    "rag": ("tracetune.demo.rag:rag_answering", "rag_answering", "daily_bursts", 4.0),
+}
+
+
+def demo(settings: Settings, duration: float | None = None, pipeline: str = "triage",
+         rate: float | None = None) -> int:
+    """The whole loop under load on one demo pipeline (DEMOS); a live per-step table, or `duration` s then
+    the final table."""
     from tracetune import analyzer, store
-    from tracetune.demo import triage
     from tracetune.terminal import step_table
 
-    rate = settings.load_rate or 20.0
+    target, name, pattern, default_rate = DEMOS[pipeline]
+    rate = rate or default_rate or settings.load_rate or 20.0
+    settings = settings.replace(pipelines=target)
     run_start = time.time()  # spans before this belong to an earlier run
 
     def table(client, title: str):
@@ -294,7 +306,7 @@ def demo(settings: Settings, duration: float | None = None) -> int:
 
     def body(supervisor: Supervisor, stop: threading.Event, out) -> int:
         client = store.connect(settings, ensure_schema=False)
-        out.print(f"demo load: {rate:g} tickets/s on pipeline {triage.NAME}")
+        out.print(f"demo load: {rate:g} requests/s ({pattern}) on pipeline {name}")
         if duration is not None:
             timer = threading.Timer(duration, stop.set)
             timer.daemon = True
@@ -303,8 +315,8 @@ def demo(settings: Settings, duration: float | None = None) -> int:
             if code:
                 return code
             # Flush the path spans take: load stops sending, executor exports, collector writes.
-            for name in ("load", "executor", "analyzer", "collector"):
-                supervisor.stop_one(next(p for p in supervisor.parts if p.name == name))
+            for part in ("load", "executor", "analyzer", "collector"):
+                supervisor.stop_one(next(p for p in supervisor.parts if p.name == part))
             out.print(table(client, f"per-step latency, {duration:g} s of demo load"))
             return 0
 
@@ -320,4 +332,4 @@ def demo(settings: Settings, duration: float | None = None) -> int:
                     live.console.print(f"[yellow]stats unavailable: {exc}[/yellow]")
             return _watch(supervisor, stop, 2.0, tick)
 
-    return _run(settings.replace(load_rate=rate), rate, body)
+    return _run(settings.replace(load_rate=rate), rate, body, ("--pipeline", name, "--pattern", pattern))

@@ -2,23 +2,27 @@
 
 A discrete-event simulation (one heap of timed events, seeded, deterministic) of a pipeline shaped
 like the executor runs it: plain steps, one model step (`Infer`: routes by weight, an answer cache,
-one micro-batcher per route with the executor's `Batcher` rules), one cascade after it (escalation
-below a confidence threshold to remote tiers by weight, an answer cache, a concurrency limit, the
-provider's per-tier rate limit answered 429 and retried with backoff), and a side effect for a share
-of tasks. Prices come from the analyzer's price table, so costs are in the units of the real system.
+one micro-batcher per route), one cascade after it (escalation below a confidence threshold to remote
+tiers by weight, an answer cache, a concurrency limit, the provider's per-tier rate limit answered 429
+and retried with backoff), and a side effect for a share of tasks. Batches are formed by the executor's
+own rules (`tracetune.batching`, which executor/batcher.py calls) and the caches are the executor's own
+`TTLCache` (`tracetune.caching`) on the simulation's clock. Prices come from the analyzer's price table,
+so costs are in the units of the real system.
 
-Every `interval_seconds` a controller looks at the last window of simulated spans, turned into the
-same `Observation` the tuner reads from ClickHouse:
+Every `interval_seconds` a controller (`tuner.simarms`) looks at the last window of simulated spans,
+turned into the same `Observation` the tuner reads from ClickHouse:
 
-- `static`: a fixed config (the declared defaults, or e.g. the oracle's);
-- `aimd`: `policies.aimd_batch_size` on the model step's batch size only (Clipper);
-- `tuner`: the real `loop.decide`, under the loop's guardrails re-enacted in virtual time: the
-  interval, the cooldown after a change, `min_requests`, data for at least half a window, and
-  executors picking a new config up one poll later. Not modelled: freeze/pin, a canary, audit rows.
+- `static`: a fixed config (the declared defaults, a gateway's rule, or an oracle's);
+- `tuner`: the loop's steps as `loop.tune_once` takes them: its guardrails (cooldown, `min_requests`,
+  half a window of data, moves a canary just rolled back are not retried), `loop.decide`, then a canary
+  on `canary_share` of tasks (a lane of its own, sharing the parts its changes do not touch, as the
+  executor's `Step.fork`) judged by `canary.judge` on per-task samples of both arms;
+- `aimd` and `optuna`: the baselines (see tuner/simarms.py).
 
-The physics come from a `Calibration`: the defaults were measured on the demo (see `DEMO`), and
-`fit(client, spec)` fits one from real spans in a store. `oracle` grid-searches static configs on
-the same workload for the cheapest one that meets the SLO.
+Executors pick a new config or canary up one poll (`apply_delay`) later. Not modelled: freeze, pin,
+audit rows, the store. The physics come from a `Calibration`: the defaults were measured on the demo
+(see `DEMO`), and `fit(client, spec)` fits one from real spans in a store. The oracles and the verdict
+are in tuner/oracles.py.
 """
 
 from __future__ import annotations
@@ -26,24 +30,27 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from tracetune.analyzer import SLO, PriceTable, load_prices
+from tracetune.batching import padding_ratio, seconds_until_due, take_batch
+from tracetune.caching import TTLCache
+from tracetune.tuner import canary as canary_mod
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
-from tracetune.tuner.loop import LoopSettings, decide, step_target_ms
+from tracetune.tuner.loop import LoopSettings
 from tracetune.tuner.observe import Observation, RouteObservation
-from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel, aimd_batch_size, fit_service_time
+from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel, fit_service_time
 
 __all__ = ["ARMS", "DEMO", "Arm", "Calibration", "ModelRoute", "RemoteTier", "Workload", "default_grid", "fit",
            "oracle", "run", "simulate", "slo_windows"]
 
-BUCKET_WIDTH = 16  # tokens per length bucket, as the executor's Batcher groups them (executor/batcher.py)
 ARMS = ("default", "aimd", "tuner", "oracle")
+ARMS_KINDS = ("static", "tuner", "aimd", "optuna")
 LEVELS = 21  # quantile tables hold this many equally spaced levels, 0 to 1
 _LOOP = LoopSettings()  # the loop's defaults: 60 s interval, 300 s window and cooldown, 200 requests
 
@@ -91,6 +98,8 @@ class Calibration:
     effect_median_ms: float = 23.0
     effect_sigma: float = 0.25
     step_ms: float = 0.05  # each plain step's self time
+    plain_ms: Mapping[str, float] = field(default_factory=dict)  # a plain step's own self time, where not step_ms
+    models: Mapping[str, Mapping[str, ModelRoute]] = field(default_factory=dict)  # model steps besides the main one
     cache_hit_ms: float = 0.1
     overhead_ms: float = 1.0  # the executor's own path per task, outside the steps
     rejected_ms: float = 3.0  # a 429 answer's round trip
@@ -255,26 +264,32 @@ class Workload:
     duplicate_ratio: float = 0.2
     recent: int = 100
     seed: int = 1
+    phases: tuple[tuple[float, float], ...] = ()  # load phases (start, end seconds), for the per-phase oracle
 
 
 @dataclass(frozen=True)
 class Arm:
-    """A controller: `static` (a config, None = the declared defaults), `aimd` (batch size only) or `tuner`."""
+    """A controller: `static` (a config, None = the declared defaults), `tuner` (the loop: `decide`, then a
+    canary judged by `canary.judge`), `aimd` (AIMD on every numeric knob) or `optuna` (TPE, one trial per
+    tuning interval, each trial a canary). `seed` seeds an arm's own randomness (Optuna's sampler)."""
 
     name: str
     kind: str = "static"
     config: Mapping[str, Mapping[str, KnobValue]] | None = None
+    seed: int = 0
+    options: Mapping[str, Any] | None = None  # e.g. {"moves": False}: the tuner's decide without its last moves
 
     def __post_init__(self) -> None:
-        if self.kind not in ("static", "aimd", "tuner"):
-            raise ValueError(f"arm {self.name!r}: kind must be static, aimd or tuner, got {self.kind!r}")
+        if self.kind not in ARMS_KINDS:
+            raise ValueError(f"arm {self.name!r}: kind must be one of {', '.join(ARMS_KINDS)}, got {self.kind!r}")
 
 
 def _roles(spec: PipelineSpec) -> tuple[str | None, str]:
-    """(the cascade step or None, the model step): the one step with batching knobs, else the cascade's."""
+    """(the cascade step or None, the main model step): the step the cascade reads the confidence of, else
+    the first step with batching knobs."""
     cascade = next(iter(spec.cascades), None)
-    model = next((s for s, knobs in spec.steps.items() if "batch_max_size" in knobs), None)
-    model = model or (spec.cascades[cascade] if cascade else None)
+    model = spec.cascades[cascade] if cascade else None
+    model = model or next((s for s, knobs in spec.steps.items() if "batch_max_size" in knobs), None)
     if model is None:
         raise ValueError(f"pipeline {spec.pipeline!r} has no model step (batching knobs) to simulate")
     return cascade, model
@@ -290,53 +305,129 @@ def _effect_step(spec: PipelineSpec, calibration: Calibration) -> str | None:
 
 class _Task:
     __slots__ = ("index", "ticket", "start", "route", "confidence", "local_right", "final_right", "cost",
-                 "escalate_start", "tier", "attempts", "deadline")
+                 "escalate_start", "tier", "attempts", "deadline", "lane", "stage")
 
-    def __init__(self, index: int, ticket: int, start: float):
-        self.index, self.ticket, self.start = index, ticket, start
+    def __init__(self, index: int, ticket: int, start: float, lane: _Lane):
+        self.index, self.ticket, self.start, self.lane = index, ticket, start, lane
         self.cost = 0.0
         self.attempts = 0
+        self.stage = -1
+        self.confidence = 1.0
+
+
+CACHE_KNOBS = ("cache_enabled", "cache_ttl_seconds", "cache_max_entries")
+BATCH_KNOBS = ("batch_max_size", "batch_max_wait_ms", "length_bucketing")
+LIMIT_KNOBS = ("max_concurrency", "timeout_seconds")
 
 
 class _Cache:
-    """The executor's TTLCache: entries expire `ttl` after they were stored, the least recent go past `size`."""
+    """A step's answer cache: the executor's own `TTLCache` on the simulation's clock, and whether it is on."""
 
-    def __init__(self, enabled: bool, ttl: float, size: int):
-        self.enabled, self.ttl, self.size = enabled, ttl, size
-        self.data: OrderedDict[tuple, tuple[float, Any]] = OrderedDict()
+    def __init__(self, clock: Callable[[], float], enabled: bool, ttl: float = 600.0, size: int = 10_000):
+        self.enabled = enabled
+        self.store = TTLCache(size, ttl, clock=clock)
 
     def configure(self, values: Mapping[str, KnobValue]) -> None:
         self.enabled = bool(values.get("cache_enabled", self.enabled))
-        self.ttl = float(values.get("cache_ttl_seconds", self.ttl))
-        self.size = int(values.get("cache_max_entries", self.size))
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
-
-    def get(self, key: tuple, now: float) -> Any:
-        entry = self.data.get(key)
-        if entry is None or entry[0] + self.ttl <= now:
-            if entry is not None:
-                del self.data[key]
-            return None
-        self.data.move_to_end(key)
-        return entry[1]
-
-    def put(self, key: tuple, value: Any, now: float) -> None:
-        self.data[key] = (now, value)
-        self.data.move_to_end(key)
-        while len(self.data) > self.size:
-            self.data.popitem(last=False)
+        self.store.configure(values.get("cache_max_entries"), values.get("cache_ttl_seconds"))
 
 
 class _Batcher:
-    """One route's micro-batcher, one server: a batch leaves when full or when its oldest waited max_wait;
-    with bucketing it holds the oldest request and the next-oldest of its length bucket only."""
+    """One route's micro-batcher, one server, forming batches by the executor's own rules (tracetune.batching)."""
 
-    def __init__(self, route: str, size: int, wait_ms: float, bucketing: bool):
-        self.route, self.size, self.wait_ms, self.bucketing = route, size, wait_ms, bucketing
+    def __init__(self, step: str, route: str, size: int, wait_ms: float, bucketing: bool):
+        self.step, self.route, self.size, self.wait_ms, self.bucketing = step, route, size, wait_ms, bucketing
         self.queue: deque[tuple[float, _Task]] = deque()
         self.busy = False
         self.timer: float | None = None
+
+
+class _Limit:
+    """A remote step's concurrency limit: calls in flight and the tasks waiting for a slot."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_flight = limit, 0
+        self.waiting: deque[_Task] = deque()
+
+
+class _Lane:
+    """The steps as tasks of one config version meet them: knob values, and the parts they use (batch queues,
+    caches, the remote limit). A canary's lane owns fresh parts only for the knobs it changes and shares the
+    rest with the config in force, as the executor's `Step.fork` does."""
+
+    def __init__(self, sim: _Simulation, config: PipelineConfig, base: _Lane | None = None):
+        self.sim, self.config = sim, config
+        c = sim.cascade
+
+        def changed(step: str | None, names: Sequence[str]) -> bool:
+            return base is None or (step is not None and any(
+                config.knob(step, n) != base.config.knob(step, n) for n in names))
+
+        clock = lambda: sim.now
+        self.batchers = {step: {r: _Batcher(step, r, 1, 0.0, False) for r in sim.physics[step]}
+                         if changed(step, BATCH_KNOBS) else base.batchers[step] for step in sim.models}
+        self.caches = {step: _Cache(clock, step != c) if changed(step, CACHE_KNOBS) else base.caches[step]
+                       for step in [*sim.models, *([c] if c else [])]}
+        self.limit = _Limit(1 << 30) if changed(c, LIMIT_KNOBS) else base.limit
+        self.set(config)
+
+    @property
+    def model_cache(self) -> _Cache:
+        return self.caches[self.sim.model_step]
+
+    @property
+    def cascade_cache(self) -> _Cache:
+        return self.caches[self.sim.cascade]
+
+    def knob(self, step: str | None, name: str, default: Any = None) -> Any:
+        if step is None:
+            return default
+        knob = self.sim.spec.steps.get(step, {}).get(name)
+        return self.config.knob(step, name, knob.default if knob is not None else default)
+
+    def set(self, config: PipelineConfig) -> None:
+        """Take `config`'s values, for this lane's scalars and the parts it uses."""
+        self.config = config
+        sim, c = self.sim, self.sim.cascade
+        self.routes: dict[str, tuple[list[str], np.ndarray]] = {}
+        for step in sim.models:
+            weights = self.knob(step, "route_weights", {r: 1.0 for r in sim.physics[step]})
+            self.routes[step] = (list(weights), np.cumsum([weights[r] for r in weights]) / sum(weights.values()))
+            size, wait = int(self.knob(step, "batch_max_size", 1)), float(self.knob(step, "batch_max_wait_ms", 0.0))
+            bucketing = bool(self.knob(step, "length_bucketing", False))
+            for batcher in self.batchers[step].values():
+                batcher.size, batcher.wait_ms, batcher.bucketing = max(1, size), max(0.0, wait), bucketing
+        for step, cache in self.caches.items():
+            if "cache_enabled" in sim.spec.steps.get(step, {}):
+                cache.configure({k: self.knob(step, k) for k in CACHE_KNOBS})
+            else:
+                cache.enabled = False
+        if c:
+            tiers = self.knob(c, "route_weights", {r: 1.0 for r in sim.cal.tiers})
+            self.tiers = list(tiers)
+            self.tier_cum = np.cumsum([tiers[t] for t in self.tiers]) / sum(tiers.values())
+            self.threshold = float(self.knob(c, "cascade_threshold", 0.0))
+            self.limit.limit = max(1, int(self.knob(c, "max_concurrency", 1 << 30)))
+            self.timeout = float(self.knob(c, "timeout_seconds", 10.0))
+
+    def route(self, step: str, u: float) -> str:
+        routes, cum = self.routes[step]
+        return routes[int(np.searchsorted(cum, u, side="right")) if len(routes) > 1 else 0]
+
+    def tier(self, u: float) -> str:
+        return self.tiers[int(np.searchsorted(self.tier_cum, u, side="right")) if len(self.tiers) > 1 else 0]
+
+
+@dataclass
+class Trial:
+    """A canary in the simulation: the config on trial, the version it is judged against, when it started."""
+
+    config: PipelineConfig
+    base_version: int
+    started: float
+    share: float
+    reasons: list[str]
+    changes: Mapping[str, Mapping[str, KnobValue]] = field(default_factory=dict)
 
 
 class _Records:
@@ -359,11 +450,17 @@ class _Records:
         mask = (t >= start) & (t < end)
         return {c: np.asarray(self.data[c][self.low:])[mask] for c in self.columns}
 
+    def since(self, start: float) -> dict[str, np.ndarray]:
+        """Every row whose first column is >= `start` (rows are appended as spans end, not in start order)."""
+        t = np.asarray(self.data[self.columns[0]], dtype=float)
+        mask = t >= start
+        return {c: np.asarray(v)[mask] for c, v in self.data.items()}
+
     def all(self) -> dict[str, np.ndarray]:
         return {c: np.asarray(v) for c, v in self.data.items()}
 
 
-_ARRIVE, _CLASSIFY, _TIMER, _BATCH_DONE, _ATTEMPT, _CALL_DONE, _TICK, _APPLY = range(8)
+_ARRIVE, _MODEL, _TIMER, _BATCH_DONE, _ATTEMPT, _CALL_DONE, _TICK, _APPLY, _CANARY = range(9)
 
 
 class _Simulation:
@@ -375,84 +472,116 @@ class _Simulation:
         self.prices, self.settings, self.apply_delay = prices, settings, apply_delay
         self.cascade, self.model_step = _roles(spec)
         self.effect = _effect_step(spec, calibration)
-        self.plain = [s for s in spec.steps if s not in (self.cascade, self.model_step, self.effect)]
-        order = list(spec.steps)
-        self.plain_before = sum(1 for s in self.plain if order.index(s) < order.index(self.model_step))
-        missing = [r for r in self._knob(self.model_step, "route_weights", {r: 1.0 for r in calibration.routes})
-                   if r not in calibration.routes]
-        if self.cascade:
-            missing += [r for r in self._knob(self.cascade, "route_weights", {r: 1.0 for r in calibration.tiers})
-                        if r not in calibration.tiers]
-        if missing:
-            raise ValueError(f"the calibration has no physics for routes {sorted(missing)} of {spec.pipeline}")
+        # Every step that declares batching or routes is a model step: the main one (whose confidence the
+        # cascade reads) runs on `calibration.routes`, any other on `calibration.models[step]`.
+        self.models = [s for s, knobs in spec.steps.items() if s != self.cascade and s != self.effect
+                       and ("batch_max_size" in knobs or "route_weights" in knobs or s == self.model_step)]
+        unknown = [s for s in self.models if s != self.model_step and s not in calibration.models]
+        if unknown:
+            raise ValueError(f"the calibration has no physics for model steps {unknown} of {spec.pipeline}")
+        self.physics = {s: calibration.routes if s == self.model_step else calibration.models[s] for s in self.models}
+        self.plain = [s for s in spec.steps if s not in (self.cascade, self.effect, *self.models)]
+        self.stages: list[tuple[str, str]] = []
+        self.gaps = [0.0]  # seconds of plain steps before each stage, and after the last
+        for step in spec.steps:
+            if step in self.plain:
+                self.gaps[-1] += calibration.plain_ms.get(step, calibration.step_ms) / 1000
+            else:
+                self.stages.append(("model" if step in self.models else "cascade" if step == self.cascade
+                                    else "effect", step))
+                self.gaps.append(0.0)
         config = spec.defaults()
         if arm.kind == "static" and arm.config:
             config = spec.merge(config, {s: dict(v) for s, v in arm.config.items()})
-        self.config = config
+        missing = [r for s in self.models for r in config.knob(s, "route_weights", {}) if r not in self.physics[s]]
+        if self.cascade:
+            missing += [r for r in config.knob(self.cascade, "route_weights", {}) if r not in calibration.tiers]
+        if missing:
+            raise ValueError(f"the calibration has no physics for routes {sorted(missing)} of {spec.pipeline}")
+        self.config = config  # the config in force (what the tuner serves; executors apply it a poll later)
+        self.version = config.version
+        self.trial: Trial | None = None
         self.changes = 0
         self.decisions: list[dict[str, Any]] = []
+        self.canaries = {"promoted": 0, "rolled_back": 0}
         self.last_change: float | None = None
+        self.now = 0.0
         self.rng = random.Random(seed * 7919 + 17)
         self.heap: list[tuple[float, int, int, Any]] = []
         self.seq = 0
         self._tickets(workload)
-        self.batchers: dict[str, _Batcher] = {}
-        self.in_flight = 0
-        self.waiting: deque[_Task] = deque()
         self.buckets = {name: [max(1.0, tier.rate_limit_rps), 0.0] for name, tier in calibration.tiers.items()}
-        self.requests = _Records("start", "latency_ms", "cost", "right")
-        self.model_spans = _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
-                                    "task")
-        self.batches = _Records("start", "route", "size", "duration", "padding")
+        self.requests = _Records("start", "latency_ms", "cost", "right", "version")
+        self.spans = {s: _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
+                                  "task") for s in self.models}
+        self.model_spans = self.spans[self.model_step]
+        self.batches = _Records("start", "route", "size", "duration", "padding", "step")
+        self.batch_tasks: list[tuple[int, ...]] = []  # the tasks of each batch, in `batches` order
         self.cascade_spans = _Records("start", "route", "duration", "cache", "ticket", "retried", "error", "cost",
                                       "right", "task")
         self.effect_spans = _Records("start", "duration", "cost")
-        self.core_price = {r: prices.routes.get(r, 0.0) for r in calibration.routes}
+        self.core_price = {r: prices.routes.get(r, 0.0) for routes in self.physics.values() for r in routes}
         self.effect_price = prices.calls.get(self.effect, 0.0) if self.effect else 0.0
         self.token_price = {}
         for name, tier in calibration.tiers.items():
             price = prices.models.get(tier.model)
             self.token_price[name] = (tier.input_tokens * price.input_per_1m + tier.output_tokens * price.output_per_1m
                                       ) / 1e6 if price else 0.0
-        self.model_cache = _Cache(True, 600.0, 10_000)
-        self.cascade_cache = _Cache(False, 600.0, 10_000)
-        self._apply(config.steps)
+        self.lane = _Lane(self, config)
+        self.canary_lane: _Lane | None = None
+        self.canary_share = 0.0
+        self.controller = None
+        if arm.kind != "static":
+            from tracetune.tuner import simarms
 
-    # ---- config ----------------------------------------------------------------------------------
-    def _knob(self, step: str, name: str, default: Any = None) -> Any:
-        knob = self.spec.steps.get(step, {}).get(name)
-        value = getattr(self, "config", None)
-        if value is not None and name in value.steps.get(step, {}):
-            return value.steps[step][name]
-        return knob.default if knob is not None else default
+            self.controller = simarms.controller(arm, self)
 
-    def _apply(self, steps: Mapping[str, Mapping[str, KnobValue]]) -> None:
-        m, c = self.model_step, self.cascade
-        weights = self._knob(m, "route_weights", {r: 1.0 for r in self.cal.routes})
-        self.model_routes = [r for r in weights]
-        self.model_cum = np.cumsum([weights[r] for r in self.model_routes]) / sum(weights.values())
-        size, wait = int(self._knob(m, "batch_max_size", 1)), float(self._knob(m, "batch_max_wait_ms", 0.0))
-        bucketing = bool(self._knob(m, "length_bucketing", False))
-        for route in self.cal.routes:
-            batcher = self.batchers.setdefault(route, _Batcher(route, size, wait, bucketing))
-            batcher.size, batcher.wait_ms, batcher.bucketing = size, wait, bucketing
-        if "cache_enabled" in self.spec.steps.get(m, {}):
-            self.model_cache.configure({k: self._knob(m, k) for k in ("cache_enabled", "cache_ttl_seconds",
-                                                                      "cache_max_entries")})
-        else:
-            self.model_cache.enabled = False
-        if c:
-            tiers = self._knob(c, "route_weights", {r: 1.0 for r in self.cal.tiers})
-            self.tiers = [t for t in tiers]
-            self.tier_cum = np.cumsum([tiers[t] for t in self.tiers]) / sum(tiers.values())
-            self.threshold = float(self._knob(c, "cascade_threshold", 0.0))
-            self.max_concurrency = int(self._knob(c, "max_concurrency", 1 << 30))
-            self.timeout = float(self._knob(c, "timeout_seconds", 10.0))
-            if "cache_enabled" in self.spec.steps.get(c, {}):
-                self.cascade_cache.configure({k: self._knob(c, k) for k in ("cache_enabled", "cache_ttl_seconds",
-                                                                            "cache_max_entries")})
-            else:
-                self.cascade_cache.enabled = False
+    # ---- what controllers call -------------------------------------------------------------------
+    def _next(self, changes: Mapping[str, Mapping[str, KnobValue]]) -> PipelineConfig:
+        self.version += 1
+        return replace(self.spec.merge(self.config, {s: dict(v) for s, v in changes.items()}), version=self.version)
+
+    def _record(self, now: float, kind: str, changes: Any, reasons: Sequence[str]) -> None:
+        self.decisions.append({"at_seconds": round(now, 1), "kind": kind, "changes": changes,
+                               "reasons": list(reasons)})
+
+    def change(self, changes: Mapping[str, Mapping[str, KnobValue]], reasons: Sequence[str], now: float) -> None:
+        """Put `changes` in force for every task (executors pick them up one poll later)."""
+        self.config = self._next(changes)
+        self.last_change = now
+        self.changes += 1
+        self._record(now, "tune", changes, reasons)
+        self.push(now + self.apply_delay, _APPLY, self.config)
+
+    def start_canary(self, changes: Mapping[str, Mapping[str, KnobValue]], reasons: Sequence[str], now: float,
+                     share: float) -> None:
+        """Try `changes` on `share` of tasks (chosen by task, as the executor hashes task ids), from one poll on."""
+        self.trial = Trial(self._next(changes), self.config.version, now, share, list(reasons),
+                           {step: dict(values) for step, values in changes.items()})
+        self._record(now, "canary_start", changes, reasons)
+        self.push(now + self.apply_delay, _CANARY, self.trial)
+
+    def canary_arms(self) -> tuple[canary_mod.Arm, canary_mod.Arm]:
+        """Per-task samples of the config in force and of the canary since it started (as `canary.arms` reads)."""
+        rows = self.requests.since(self.trial.started)
+        arms = []
+        for version in (self.trial.base_version, self.trial.config.version):
+            mine = rows["version"] == version
+            right = rows["right"][mine]
+            arms.append(canary_mod.Arm.of(rows["latency_ms"][mine], rows["cost"][mine], 0, int(right.sum()),
+                                          int(len(right))))
+        return arms[0], arms[1]
+
+    def end_canary(self, promote: bool, reason: str, now: float) -> None:
+        trial, self.trial = self.trial, None
+        self.last_change = now
+        self.canaries["promoted" if promote else "rolled_back"] += 1
+        self._record(now, "canary_promote" if promote else "canary_rollback", trial.changes if promote else {},
+                     [reason])
+        if promote:
+            self.config = trial.config
+            self.changes += 1
+        self.push(now + self.apply_delay, _APPLY, self.config)
 
     # ---- workload --------------------------------------------------------------------------------
     def _tickets(self, workload: Workload) -> None:
@@ -484,6 +613,9 @@ class _Simulation:
                                              np.interp(u_confidence, levels, route.confidence_wrong))
         self.u_route, self.u_tier, self.u_remote = rng.random(n), rng.random(n), rng.random(n)
         self.z_remote, self.z_effect = rng.standard_normal(n), rng.standard_normal(n)
+        self.u_canary = np.random.default_rng(workload.seed + 104_729).random(n)  # the task-id hash's stand-in
+        self.u_steps = {step: np.random.default_rng([workload.seed, i]).random(n)  # routes of the other model steps
+                        for i, step in enumerate(self.models) if step != self.model_step}
 
     # ---- events ----------------------------------------------------------------------------------
     def push(self, when: float, kind: int, payload: Any = None) -> None:
@@ -494,63 +626,86 @@ class _Simulation:
         arrivals = self.workload.arrivals
         if len(arrivals):
             self.push(arrivals[0], _ARRIVE, 0)
-        if self.arm.kind != "static":
+        if self.controller is not None:
             self.push(self.settings.interval_seconds, _TICK)
-        handlers = (self._arrive, self._classify, self._timer, self._batch_done, self._attempt, self._call_done,
-                    self._tick, self._apply_event)
+        handlers = (self._arrive, self._model, self._timer, self._batch_done, self._attempt, self._call_done,
+                    self._tick, self._apply_event, self._canary_event)
         end = self.workload.duration
         heap = self.heap
         while heap:
             when, _, kind, payload = heapq.heappop(heap)
             if kind == _TICK and when > end:
                 continue
+            self.now = when
             handlers[kind](when, payload)
 
     def _arrive(self, now: float, index: int) -> None:
         arrivals = self.workload.arrivals
         if index + 1 < len(arrivals):
             self.push(arrivals[index + 1], _ARRIVE, index + 1)
-        task = _Task(index, int(self.ticket[index]), now)
-        self.push(now + self.plain_before * self.cal.step_ms / 1000, _CLASSIFY, task)
+        lane = self.lane
+        if self.canary_lane is not None and self.u_canary[index] < self.canary_share:
+            lane = self.canary_lane
+        self._advance(_Task(index, int(self.ticket[index]), now, lane), now)
 
-    def _classify(self, now: float, task: _Task) -> None:
-        route = self.model_routes[int(np.searchsorted(self.model_cum, self.u_route[task.index], side="right"))
-                                  if len(self.model_routes) > 1 else 0]
-        task.route = route
-        cache = self.model_cache
-        if cache.enabled and cache.get((route, task.ticket), now) is not None:
-            self._classified(task, now, now + self.cal.cache_hit_ms / 1000, 0, 0.0)
+    def _advance(self, task: _Task, now: float) -> None:
+        """On to the task's next step that takes time of its own, after the plain steps before it."""
+        task.stage += 1
+        now += self.gaps[task.stage]
+        if task.stage == len(self.stages):
+            self.requests.add(task.start, (now - task.start) * 1000 + self.cal.overhead_ms, task.cost,
+                              task.final_right, task.lane.config.version)
             return
-        batcher = self.batchers[route]
+        kind, step = self.stages[task.stage]
+        if kind == "model":
+            self.push(now, _MODEL, task)
+        elif kind == "cascade":
+            if task.confidence < task.lane.threshold:
+                self._escalate(task, now)
+            else:
+                self._advance(task, now)
+        elif self.urgent[task.ticket]:  # the side effect
+            duration = self.cal.effect_median_ms * math.exp(self.cal.effect_sigma * self.z_effect[task.index])
+            self.effect_spans.add(now, duration, self.effect_price)
+            task.cost += self.effect_price
+            self._advance(task, now + duration / 1000)
+        else:
+            self._advance(task, now)
+
+    def _model(self, now: float, task: _Task) -> None:
+        lane, step = task.lane, self.stages[task.stage][1]
+        u = self.u_route if step == self.model_step else self.u_steps[step]
+        route = lane.route(step, u[task.index])
+        cache = lane.caches[step]
+        if cache.enabled and cache.store.get(f"{route}|{task.ticket}") is not TTLCache.MISSING:
+            self._modelled(task, step, route, now, now + self.cal.cache_hit_ms / 1000, 0, 0.0)
+            return
+        batcher = lane.batchers[step][route]
         batcher.queue.append((now, task))
         self._dispatch(batcher, now)
 
     def _dispatch(self, batcher: _Batcher, now: float) -> None:
         if batcher.busy or not batcher.queue:
             return
-        head = batcher.queue[0][0]
-        due = head + batcher.wait_ms / 1000
-        if len(batcher.queue) < batcher.size and due > now + 1e-12:
+        due = now + seconds_until_due(len(batcher.queue), batcher.size, batcher.queue[0][0], batcher.wait_ms, now)
+        if due > now + 1e-12:
             if batcher.timer is None or batcher.timer > due:
                 batcher.timer = due
                 self.push(due, _TIMER, batcher)
             return
-        if batcher.bucketing:
-            bucket = (max(self.length[batcher.queue[0][1].ticket], 1) - 1) // BUCKET_WIDTH
-            chosen = [i for i, (_, t) in enumerate(batcher.queue)
-                      if (max(self.length[t.ticket], 1) - 1) // BUCKET_WIDTH == bucket][:batcher.size]
-            batch = [batcher.queue[i] for i in chosen]
-            for i in reversed(chosen):
-                del batcher.queue[i]
-        else:
-            batch = [batcher.queue.popleft() for _ in range(min(batcher.size, len(batcher.queue)))]
-        lengths = [int(self.length[t.ticket]) for _, t in batch]
-        padded = max(lengths) * len(lengths)
-        padding = (padded - sum(lengths)) / padded
-        route = self.cal.routes[batcher.route]
+        queued = [int(self.length[t.ticket]) for _, t in batcher.queue] if batcher.bucketing else \
+            range(len(batcher.queue))  # without bucketing only the count matters (a backlog stays O(1) per batch)
+        chosen = take_batch(queued, batcher.size, batcher.bucketing)
+        batch = [batcher.queue[i] for i in chosen]
+        for i in reversed(chosen):
+            del batcher.queue[i]
+        padding = padding_ratio([int(self.length[t.ticket]) for _, t in batch])
+        route = self.physics[batcher.step][batcher.route]
         service = route.service.batch_ms(len(batch), padding) * math.exp(self.rng.gauss(0, route.service_sigma))
         batcher.busy = True
-        self.batches.add(now, batcher.route, len(batch), service, padding)
+        self.batches.add(now, batcher.route, len(batch), service, padding, batcher.step)
+        if batcher.step == self.model_step:
+            self.batch_tasks.append(tuple(t.index for _, t in batch))
         self.push(now + service / 1000, _BATCH_DONE, (batcher, batch, service))
 
     def _timer(self, now: float, batcher: _Batcher) -> None:
@@ -563,39 +718,41 @@ class _Simulation:
         batcher.busy = False
         share = service / 1000 / len(batch) * self.core_price.get(batcher.route, 0.0)
         for enqueued, task in batch:
-            if self.model_cache.enabled:
-                self.model_cache.put((batcher.route, task.ticket), True, now)
-            self._classified(task, enqueued, now, 1 if self.model_cache.enabled else 2, share)
+            cache = task.lane.caches[batcher.step]
+            if cache.enabled:
+                cache.store.put(f"{batcher.route}|{task.ticket}", True)
+            self._modelled(task, batcher.step, batcher.route, enqueued, now, 1 if cache.enabled else 2, share)
         self._dispatch(batcher, now)
 
-    def _classified(self, task: _Task, start: float, end: float, cache: int, cost: float) -> None:
-        route = task.route
-        task.confidence = float(self.confidence[route][task.ticket])
-        task.local_right = bool(self.right[route][task.ticket])
+    def _modelled(self, task: _Task, step: str, route: str, start: float, end: float, cache: int,
+                  cost: float) -> None:
         task.cost += cost
-        self.model_spans.add(start, route, (end - start) * 1000, cache, task.ticket, task.local_right, cost,
-                             task.confidence, task.index)
-        if self.cascade and task.confidence < self.threshold:
-            self._escalate(task, end)
+        if step == self.model_step:  # the step whose confidence the cascade reads, and whose answer is judged
+            task.route = route
+            task.confidence = float(self.confidence[route][task.ticket])
+            task.local_right = task.final_right = bool(self.right[route][task.ticket])
+            self.model_spans.add(start, route, (end - start) * 1000, cache, task.ticket, task.local_right, cost,
+                                 task.confidence, task.index)
         else:
-            task.final_right = task.local_right
-            self._finish(task, end)
+            self.spans[step].add(start, route, (end - start) * 1000, cache, task.ticket, True, cost, 1.0, task.index)
+        self._advance(task, end)
 
     def _escalate(self, task: _Task, now: float) -> None:
-        tier = self.tiers[int(np.searchsorted(self.tier_cum, self.u_tier[task.index], side="right"))
-                          if len(self.tiers) > 1 else 0]
+        lane = task.lane
+        tier = lane.tier(self.u_tier[task.index])
         task.tier, task.escalate_start = tier, now
-        if self.cascade_cache.enabled:
-            answer = self.cascade_cache.get((tier, task.ticket), now)
-            if answer is not None:
+        if lane.cascade_cache.enabled:
+            answer = lane.cascade_cache.store.get(f"{tier}|{task.ticket}")
+            if answer is not TTLCache.MISSING:
                 self._answered(task, now + self.cal.cache_hit_ms / 1000, 0, bool(answer), 0.0, False)
                 return
-        task.deadline = now + self.timeout
-        if self.in_flight < self.max_concurrency:
-            self.in_flight += 1
+        task.deadline = now + lane.timeout
+        limit = lane.limit
+        if limit.in_flight < limit.limit:
+            limit.in_flight += 1
             self._attempt(now, task)
         else:
-            self.waiting.append(task)
+            limit.waiting.append(task)
 
     def _attempt(self, now: float, task: _Task) -> None:
         tier = self.cal.tiers[task.tier]
@@ -625,18 +782,18 @@ class _Simulation:
 
     def _call_done(self, now: float, payload) -> None:
         task, ok = payload
-        self.in_flight -= 1
-        while self.waiting and self.in_flight < self.max_concurrency:
-            self.in_flight += 1
-            self._attempt(now, self.waiting.popleft())
+        limit, cache = task.lane.limit, task.lane.cascade_cache
+        limit.in_flight -= 1
+        while limit.waiting and limit.in_flight < limit.limit:
+            limit.in_flight += 1
+            self._attempt(now, limit.waiting.popleft())
         if not ok:
-            self._answered(task, now, 2 if not self.cascade_cache.enabled else 1, None, 0.0, task.attempts > 1)
+            self._answered(task, now, 2 if not cache.enabled else 1, None, 0.0, task.attempts > 1)
             return
         right = self.u_remote[task.index] < self.cal.tiers[task.tier].accuracy
-        if self.cascade_cache.enabled:
-            self.cascade_cache.put((task.tier, task.ticket), bool(right), now)
-        self._answered(task, now, 1 if self.cascade_cache.enabled else 2, right, self.token_price[task.tier],
-                       task.attempts > 1)
+        if cache.enabled:
+            cache.store.put(f"{task.tier}|{task.ticket}", bool(right))
+        self._answered(task, now, 1 if cache.enabled else 2, right, self.token_price[task.tier], task.attempts > 1)
 
     def _answered(self, task: _Task, now: float, cache: int, right: bool | None, cost: float, retried: bool) -> None:
         task.cost += cost
@@ -644,57 +801,35 @@ class _Simulation:
         task.final_right = task.local_right if error else bool(right)
         self.cascade_spans.add(task.escalate_start, task.tier, (now - task.escalate_start) * 1000, cache, task.ticket,
                                retried, error, cost, -1 if error else int(bool(right)), task.index)
-        self._finish(task, now)
-
-    def _finish(self, task: _Task, now: float) -> None:
-        now += (len(self.plain) - self.plain_before) * self.cal.step_ms / 1000
-        if self.effect and self.urgent[task.ticket]:
-            duration = self.cal.effect_median_ms * math.exp(self.cal.effect_sigma * self.z_effect[task.index])
-            self.effect_spans.add(now, duration, self.effect_price)
-            task.cost += self.effect_price
-            now += duration / 1000
-        latency = (now - task.start) * 1000 + self.cal.overhead_ms
-        self.requests.add(task.start, latency, task.cost, task.final_right)
+        self._advance(task, now)
 
     # ---- control ---------------------------------------------------------------------------------
     def _tick(self, now: float, _) -> None:
         self.push(now + self.settings.interval_seconds, _TICK)
-        s = self.settings
-        if self.last_change is not None and now - self.last_change < s.cooldown_seconds:
-            return
-        obs = self.observe(now)
-        if obs.requests < s.min_requests or obs.window_seconds < s.window_seconds / 2:
-            return
-        if self.arm.kind == "aimd":
-            knob = self.spec.steps[self.model_step]["batch_max_size"]
-            target = step_target_ms(self.slo, obs, self.model_step)
-            current = int(self._knob(self.model_step, "batch_max_size"))
-            if target is None:
-                return
-            size = aimd_batch_size(current, obs.step_total(self.model_step).p95_ms, target, knob)
-            changes = {self.model_step: {"batch_max_size": size}} if size != current else {}
-            reasons = [f"AIMD: p95 {obs.step_total(self.model_step).p95_ms:.0f} ms vs {target:.0f} ms: "
-                       f"batch_max_size {current} -> {size}"] if changes else []
-        else:
-            plan = decide(self.spec, self.config, self.slo, obs, s)
-            changes, reasons = plan.changes, plan.reasons
-        if not changes:
-            return
-        self.config = self.spec.merge(self.config, changes)
-        self.last_change = now
-        self.changes += 1
-        self.decisions.append({"at_seconds": round(now, 1), "changes": changes, "reasons": reasons})
-        self.push(now + self.apply_delay, _APPLY, self.config)
+        self.controller.tick(self, now)
 
     def _apply_event(self, now: float, config: PipelineConfig) -> None:
+        """Executors poll `config`: the steps take its values and a canary that is no longer served ends."""
         if config is not self.config:  # a newer config is on its way
             return
-        self._apply(config.steps)
-        for batcher in self.batchers.values():
-            self._dispatch(batcher, now)
-        while self.waiting and self.in_flight < self.max_concurrency:
-            self.in_flight += 1
-            self._attempt(now, self.waiting.popleft())
+        self.lane.set(config)
+        if self.trial is None:
+            self.canary_lane = None
+        self._wake(self.lane)
+
+    def _canary_event(self, now: float, trial: Trial) -> None:
+        if trial is not self.trial:  # ended before executors saw it
+            return
+        self.canary_lane, self.canary_share = _Lane(self, trial.config, self.lane), trial.share
+
+    def _wake(self, lane: _Lane) -> None:
+        for batchers in lane.batchers.values():
+            for batcher in batchers.values():
+                self._dispatch(batcher, self.now)
+        limit = lane.limit
+        while limit.waiting and limit.in_flight < limit.limit:
+            limit.in_flight += 1
+            self._attempt(self.now, limit.waiting.popleft())
 
     def observe(self, now: float) -> Observation:
         """The last window of simulated spans as `tuner.observe.collect` would read them from ClickHouse."""
@@ -710,15 +845,18 @@ class _Simulation:
         obs.p95_ms = float(np.quantile(roots["latency_ms"], 0.95))
         obs.p99_ms = float(np.quantile(roots["latency_ms"], 0.99))
         total = 0.0
-        model = self.model_spans.window(start, now, keep)
-        obs.steps[self.model_step] = self._routes(model, with_labels=True)
         batches = self.batches.window(start, now, keep)
-        obs.batches[self.model_step] = [BatchSample(int(s), float(d), float(p)) for s, d, p in
-                                        zip(batches["size"][::-1][:5000], batches["duration"][::-1][:5000],
-                                            batches["padding"][::-1][:5000], strict=True)]
-        total += float(model["cost"].sum())
+        for step in self.models:
+            spans = self.spans[step].window(start, now, keep)
+            obs.steps[step] = self._routes(spans, with_labels=step == self.model_step)
+            mine = batches["step"] == step
+            obs.batches[step] = [BatchSample(int(s), float(d), float(p)) for s, d, p in
+                                 zip(batches["size"][mine][::-1][:5000], batches["duration"][mine][::-1][:5000],
+                                     batches["padding"][mine][::-1][:5000], strict=True)]
+            total += float(spans["cost"].sum())
+        model = self.model_spans.window(start, now, keep)
         for step in self.plain:
-            obs.steps[step] = {"": RouteObservation(spans=n, p95_ms=self.cal.step_ms)}
+            obs.steps[step] = {"": RouteObservation(spans=n, p95_ms=self.cal.plain_ms.get(step, self.cal.step_ms))}
         if self.cascade:
             spans = self.cascade_spans.window(start, now, keep)
             obs.steps[self.cascade] = self._routes(spans, with_labels=True)
@@ -791,7 +929,7 @@ def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
     roots = sim.requests.all()
     n = len(roots["start"])
     share, windows = slo_windows(roots["start"], roots["latency_ms"], sim.slo, skip_seconds)
-    by_step = {sim.model_step: float(np.sum(sim.model_spans.data["cost"]))}
+    by_step = {step: float(np.sum(sim.spans[step].data["cost"])) for step in sim.models}
     if sim.cascade:
         by_step[sim.cascade] = float(np.sum(sim.cascade_spans.data["cost"]))
     if sim.effect:
@@ -799,11 +937,15 @@ def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
     minutes = (roots["start"] // 60).astype(int) if n else np.array([], dtype=int)
     cost_by_minute = np.bincount(minutes, weights=roots["cost"]) if n else np.array([])
     count_by_minute = np.bincount(minutes) if n else np.array([])
+    right_by_minute = np.bincount(minutes, weights=roots["right"].astype(float)) if n else np.array([])
     for w in windows:
         m = int(w["minute"])
         w["cost_per_1k"] = float(1000 * cost_by_minute[m] / count_by_minute[m]) if count_by_minute[m] else math.nan
+        w["right"] = float(right_by_minute[m])
     late = roots["start"] >= skip_seconds
-    settled = roots["start"] >= (0.75 * float(roots["start"].max()) if n else 0.0)
+    end = sim.workload.duration
+    settled = roots["start"] >= 0.75 * end
+    half = roots["start"] >= 0.5 * end
     return {
         "arm": sim.arm.name,
         "requests": n,
@@ -811,12 +953,15 @@ def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
         # Once a tuner has settled: the last quarter of the run (the rest holds its convergence, a change per
         # cooldown at most, each at most half a knob's value).
         "cost_per_1k_late": float(1000 * roots["cost"][settled].mean()) if settled.any() else math.nan,
+        "cost_per_1k_half": float(1000 * roots["cost"][half].mean()) if half.any() else math.nan,
+        "labelled_after": int(late.sum()),
         "p95_ms": float(np.quantile(roots["latency_ms"], 0.95)) if n else math.nan,
         "p99_ms": float(np.quantile(roots["latency_ms"], 0.99)) if n else math.nan,
         "slo_windows": share,
         "quality": float(np.mean(roots["right"])) if n else math.nan,
         "quality_after": float(np.mean(roots["right"][late])) if late.any() else math.nan,
         "changes": sim.changes,
+        "canaries": dict(sim.canaries),
         "cost_by_step": {step: 1000 * cost / n for step, cost in by_step.items()} if n else {},
         "config": sim.config.steps,
         "decisions": sim.decisions,

@@ -183,47 +183,20 @@ def test_oracle_picks_the_cheapest_config_inside_the_slo(spec):
     assert best["grid_config"]["escalate"]["cascade_threshold"] == 0.5
 
 
-@pytest.fixture(scope="module")
-def comparison(spec):
-    """The four arms on 40 virtual minutes of the demo workload (rate 20 -> 40 at minute 20), a small grid."""
-    grid = [{"escalate": {"cascade_threshold": t, "route_weights": {"llm-small": s, "llm-large": 1 - s},
-                          "cache_enabled": True}}
-            for t in (0.45, 0.5, 0.55, 0.6) for s in (0.7, 1.0)]
-    rows = simulate.run(spec, simulate.DEMO, workload(40), grid=grid)
-    return {row["arm"]: row for row in rows}
-
-
-def test_tuner_cuts_cost_and_holds_slo_and_quality(comparison, spec):
+def test_every_arm_on_a_few_virtual_minutes(spec):
+    """Small-scale and seeded (the 3-seed, two-pipeline comparison is bench/tuner.py's): on 12 minutes of the
+    demo's load the tuner's first change goes through a canary and is promoted on a cost shown lower, the
+    SLO holds in every window after warm-up, and the baselines run under the same workload."""
     slo = SLO(spec.pipeline, **spec.slo)
-    default, tuner, aimd = comparison["default"], comparison["tuner"], comparison["aimd"]
-    assert tuner["changes"] >= 3
-    assert tuner["cost_per_1k"] <= 0.7 * default["cost_per_1k"]
-    assert tuner["slo_windows"] >= 0.99
-    assert tuner["quality"] >= slo.quality_floor
-    # AIMD on batch size moves compute, about 1% of the cost: no saving to speak of
-    assert aimd["cost_per_1k"] == pytest.approx(default["cost_per_1k"], rel=0.02)
+    w = workload(12)
+    rows = {arm.name: simulate.simulate(spec, simulate.DEMO, w, arm, slo=slo)
+            for arm in (simulate.Arm("default"), simulate.Arm("tuner", "tuner"), simulate.Arm("aimd", "aimd"))}
+    default, tuner, aimd = rows["default"], rows["tuner"], rows["aimd"]
+    kinds = [d["kind"] for d in tuner["decisions"]]
+    assert kinds[:2] == ["canary_start", "canary_promote"] and tuner["canaries"]["promoted"] >= 1
+    assert tuner["cost_per_1k_half"] < 0.7 * default["cost_per_1k_half"]
+    assert tuner["slo_windows"] >= 0.99 and default["slo_windows"] >= 0.99
+    assert tuner["quality_after"] >= slo.quality_floor
+    # AIMD moves every numeric knob, not only batch size (which moves compute, about 1% of the cost)
     assert aimd["changes"] >= 1
-
-
-def test_oracle_is_far_cheaper_than_default(comparison):
-    oracle = comparison["oracle"]
-    assert oracle["feasible"]
-    assert oracle["cost_per_1k"] <= 0.4 * comparison["default"]["cost_per_1k"]
-
-
-def test_tuner_settles_within_ten_percent_of_the_oracle(comparison):
-    """Once settled (the last quarter of the run) the tuner costs at most 10% more than the best static config
-    the grid found; over the whole run its convergence (a change per cooldown, each at most 50%) costs more."""
-    tuner, oracle = comparison["tuner"], comparison["oracle"]
-    assert tuner["cost_per_1k_late"] <= 1.1 * oracle["cost_per_1k_late"]
-    assert tuner["cost_per_1k"] > tuner["cost_per_1k_late"]
-
-
-def test_tuner_moves_escalations_to_the_cheap_tier_under_the_pipelines_floor(comparison, spec):
-    """The cascade's tiers are weighed on the pipeline's quality (kept local answers carry part of it) and on
-    the escalated tasks' share of the p95 tail, not on the whole target: the cheap tier wins as in the oracle."""
-    weights = comparison["tuner"]["config"]["escalate"]["route_weights"]
-    assert weights["llm-small"] > triage.LLM_WEIGHTS["llm-small"]
-    assert comparison["oracle"]["config"]["escalate"]["route_weights"]["llm-small"] == 1.0
-    assert comparison["tuner"]["quality_after"] >= SLO(spec.pipeline, **spec.slo).quality_floor
-
+    assert aimd["config"]["escalate"]["cascade_threshold"] != triage.CASCADE_THRESHOLD

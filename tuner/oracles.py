@@ -1,0 +1,151 @@
+"""How a tuner is judged in simulation: the oracles it is compared with and the verdict it must pass.
+
+- `search`: the best static config over the whole declared knob space (batching, caches, routes,
+  thresholds, concurrency), by random search then local search around the best, hundreds of simulated
+  runs: far more evaluations than a tuner gets. Chosen on one workload seed; `bench/tuner.py` scores the
+  choice on other seeds (out of sample).
+- `per_phase`: the hindsight oracle: for each load phase of the scored workload, the cheapest of the
+  candidate configs that meets the objectives in that phase, as if the config switched at each phase's
+  start for free (the upper bound for any adaptive controller).
+- `verdict`: SLO inside the target in >= 99% of 1-minute windows after warm-up, quality's one-sided 95%
+  lower bound (Wilson) at or above the floor, and the cost ratios against the static oracle (last half)
+  and the default (whole run).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tracetune.analyzer import SLO
+from tracetune.tuner.config import KnobValue, PipelineSpec
+from tracetune.tuner.simarms import perturb, sample
+from tracetune.tuner.simulate import Arm, Calibration, Workload, simulate
+
+__all__ = ["Targets", "feasible", "per_phase", "quality_bound", "search", "verdict"]
+
+Config = dict[str, dict[str, KnobValue]]
+Z_95 = 1.6448536269514722  # one-sided 95% (the normal 0.95 quantile)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the verdict asks: SLO windows, the quality bound, and the two cost ratios."""
+
+    min_windows: float = 0.99
+    max_vs_oracle: float = 1.05  # tuner's cost over the last half / the out-of-sample static oracle's
+    max_vs_default: float = 0.5  # tuner's cost over the whole run / the default's
+
+
+def quality_bound(right: float, n: int, z: float = Z_95) -> float:
+    """The Wilson score lower bound of a success share of `right` out of `n`."""
+    if n <= 0:
+        return math.nan
+    p = right / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
+def _quality_ok(row: Mapping[str, Any], slo: SLO | None) -> bool:
+    floor = slo.quality_floor if slo else None
+    if floor is None:
+        return True
+    n = int(row.get("labelled_after") or 0)
+    return n > 0 and quality_bound(row["quality_after"] * n, n) >= floor
+
+
+def feasible(row: Mapping[str, Any], slo: SLO | None, targets: Targets = Targets()) -> bool:
+    """Whether a run met the objectives: SLO windows after warm-up and the quality bound."""
+    windows = row.get("slo_windows")
+    return windows is not None and not math.isnan(windows) and windows >= targets.min_windows and _quality_ok(row, slo)
+
+
+def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, slo: SLO | None,
+           evaluations: int = 300, explore: float = 0.25, seed: int = 0, start: Sequence[Mapping] = (),
+           progress: Callable[[int, int], None] | None = None, **options) -> tuple[dict[str, Any], list[dict]]:
+    """The cheapest feasible static config found in `evaluations` simulated runs over the whole knob space:
+    the declared defaults and `start`, then random draws (`explore` of the budget), then local search
+    around the cheapest feasible configs so far. With none feasible, the closest (most SLO windows)."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+
+    def run(config: Mapping[str, Mapping[str, KnobValue]]) -> None:
+        try:
+            row = simulate(spec, calibration, workload, Arm("static oracle", "static", config), slo=slo, **options)
+        except ValueError:  # a draw the declaration refuses
+            return
+        row["grid_config"] = {s: dict(v) for s, v in config.items()}
+        row["feasible"] = feasible(row, slo)
+        rows.append(row)
+        if progress:
+            progress(len(rows), evaluations)
+
+    for config in [{}, *start]:
+        run(config)
+    while len(rows) < int(evaluations * explore):
+        run(sample(spec, rng))
+    while len(rows) < evaluations:
+        ok = sorted((r for r in rows if r["feasible"]), key=lambda r: r["cost_per_1k"])[:5]
+        parents = ok or sorted(rows, key=lambda r: -r["slo_windows"])[:5]
+        run(perturb(spec, rng.choice(parents)["grid_config"], rng, scale=rng.choice((0.1, 0.3, 0.6))))
+    ok = [r for r in rows if r["feasible"]]
+    best = dict(min(ok, key=lambda r: r["cost_per_1k"]) if ok else max(rows, key=lambda r: r["slo_windows"]))
+    return best, rows
+
+
+def _phase(row: Mapping[str, Any], start: float, end: float, slo: SLO | None, skip_seconds: float,
+           targets: Targets) -> tuple[float, bool, int]:
+    """Cost per 1k, whether the objectives held, and requests, within one phase of a run (its minutes)."""
+    windows = [w for w in row["windows"] if start <= w["minute"] * 60 < end]
+    n = sum(w["requests"] for w in windows)
+    if not n:
+        return math.nan, False, 0
+    cost = sum(w["cost_per_1k"] * w["requests"] for w in windows) / n
+    judged = [w for w in windows if w["minute"] * 60 >= max(skip_seconds, start)]
+    inside = [(slo is None or slo.p95_ms is None or w["p95_ms"] <= slo.p95_ms)
+              and (slo is None or slo.p99_ms is None or w["p99_ms"] <= slo.p99_ms) for w in judged]
+    right = sum(w["right"] for w in windows)
+    quality = slo is None or slo.quality_floor is None or quality_bound(right, n) >= slo.quality_floor
+    ok = (not judged or sum(inside) / len(judged) >= targets.min_windows) and quality
+    return cost, ok, n
+
+
+def per_phase(rows: Sequence[Mapping[str, Any]], phases: Sequence[tuple[float, float]], slo: SLO | None,
+              skip_seconds: float = 300.0, targets: Targets = Targets()) -> dict[str, Any]:
+    """The hindsight per-phase oracle over candidate runs on one workload: each phase's cheapest run that
+    meets the objectives in that phase, combined (cost weighted by requests)."""
+    total_cost, total_n, picks, ok_all = 0.0, 0, [], True
+    for start, end in phases:
+        scored = [(_phase(r, start, end, slo, skip_seconds, targets), r) for r in rows]
+        ok = [(c, n, r) for (c, good, n), r in scored if good and n]
+        if not ok:
+            ok_all = False
+            ok = [(c, n, r) for (c, _, n), r in scored if n]
+        cost, n, row = min(ok, key=lambda x: x[0])
+        total_cost += cost * n
+        total_n += n
+        picks.append({"phase": [start, end], "cost_per_1k": cost, "config": row.get("grid_config")})
+    return {"arm": "per-phase oracle", "cost_per_1k": total_cost / total_n if total_n else math.nan,
+            "feasible": ok_all, "phases": picks, "requests": total_n}
+
+
+def verdict(tuner: Mapping[str, Any], default: Mapping[str, Any], oracle: Mapping[str, Any], slo: SLO | None,
+            targets: Targets = Targets()) -> dict[str, Any]:
+    """Whether `tuner`'s run passes: every check with its figure, and `passed` (all of them)."""
+    n = int(tuner.get("labelled_after") or 0)
+    bound = quality_bound(tuner["quality_after"] * n, n) if n else math.nan
+    floor = slo.quality_floor if slo else None
+    vs_oracle = tuner["cost_per_1k_half"] / oracle["cost_per_1k_half"] if oracle.get("cost_per_1k_half") else math.nan
+    vs_default = tuner["cost_per_1k"] / default["cost_per_1k"] if default.get("cost_per_1k") else math.nan
+    checks = {
+        "slo_windows": (tuner["slo_windows"], tuner["slo_windows"] >= targets.min_windows),
+        "quality_bound": (bound, floor is None or bound >= floor),
+        "vs_static_oracle_last_half": (vs_oracle, vs_oracle <= targets.max_vs_oracle),
+        "vs_default": (vs_default, vs_default <= targets.max_vs_default),
+    }
+    return {"checks": {k: {"value": v, "ok": bool(ok)} for k, (v, ok) in checks.items()},
+            "passed": all(ok for _, ok in checks.values())}
