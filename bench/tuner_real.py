@@ -90,7 +90,8 @@ TUNER_LOOP = {"tuner_interval_seconds": 15, "tuner_window_seconds": 60, "tuner_c
               "tuner_min_requests": 100}
 LOOP_OFF = {"tuner_interval_seconds": 0}  # 0: `tracetune tuner` starts no loop
 # A canary (tuner_canary_*, where the settings have one) keeps its defaults, except that it must be judged
-# within about a sixth of the run: its tasks per arm are then lowered, to no fewer than this.
+# within about a sixth of the run: its tasks per arm are then lowered, to no fewer than this, and its time
+# limit shortened to a sixth of the run.
 CANARY_MIN_REQUESTS_FLOOR = 30
 AIMD_KNOB = "batch_max_size"
 AIMD_PERIOD_SECONDS = 30
@@ -225,6 +226,9 @@ def _overrides(name: str, pinned: dict | None, duration: float, rate: float) -> 
         canary_tasks = int(defaults.get("tuner_canary_share", 0.0) * rate * duration / 6)
         if canary_tasks < defaults["tuner_canary_min_requests"]:
             overrides["tuner_canary_min_requests"] = max(CANARY_MIN_REQUESTS_FLOOR, canary_tasks)
+    if defaults.get("tuner_canary_max_seconds", 0) > duration / 6:
+        # A canary the sequential test cannot judge by then is rolled back: in a short run, after a sixth of it.
+        overrides["tuner_canary_max_seconds"] = round(duration / 6)
     return overrides
 
 
