@@ -4,7 +4,8 @@ Rules (evaluated by the analyzer loop each interval) turn what the analyzer meas
 *conditions*: labelled, annotated facts that are true now.
 
 - `slo_burn` → `SLOBurnRate` {pipeline, slo, severity page|ticket}: a multi-window burn-rate rule fires;
-- `drift` → `FeatureDrift` {pipeline, step, feature, severity=ticket}: a drift statistic is over its threshold;
+- `drift` → `FeatureDrift` {pipeline, step, feature, severity=ticket}: a drift statistic of a feature is over
+  its threshold in two refreshes in a row (step latency never pages here: SLO burn rates own it);
 - `cost` → `CostOverBudget` {pipeline, severity=ticket}: cost per 1k over the last hour is above the
   SLO's `cost_per_1k`;
 - `tuner_rollback` → `TunerCanaryRolledBack` {pipeline, severity=ticket}: a canary was rolled back
@@ -38,6 +39,7 @@ import polars as pl
 
 from tracetune.analyzer import delivery
 from tracetune.analyzer._time import utc
+from tracetune.analyzer.drift import LATENCY_FEATURE
 from tracetune.store import next_seq
 
 log = logging.getLogger("tracetune.analyzer")
@@ -48,7 +50,8 @@ __all__ = ["RULES", "Alert", "Condition", "Timing", "Silence", "Matcher", "Engin
 
 RULES: dict[str, dict[str, Any]] = {
     "slo_burn": {"alertname": "SLOBurnRate", "for_seconds": 0.0},  # the burn-rate windows are the debounce
-    "drift": {"alertname": "FeatureDrift", "for_seconds": 0.0},  # the drift windows are the debounce
+    # Drift in two refreshes in a row: one noisy window pages nobody, a real change pages within 2 minutes.
+    "drift": {"alertname": "FeatureDrift", "for_seconds": 30.0},
     "cost": {"alertname": "CostOverBudget", "for_seconds": 300.0},
     "tuner_rollback": {"alertname": "TunerCanaryRolledBack", "for_seconds": 0.0},
 }
@@ -339,11 +342,15 @@ def slo_conditions(status: pl.DataFrame, external_url: str = "") -> list[Conditi
 
 
 def drift_conditions(drift: pl.DataFrame, external_url: str = "") -> list[Condition]:
-    """One condition per (pipeline, step, feature) with a statistic in `drift` status (analyzer.compute_drift rows)."""
+    """One condition per (pipeline, step, feature) with a statistic in `drift` status (analyzer.compute_drift rows).
+
+    Step latency (feature `latency_ms`) is shown as drift but never pages: SLO burn-rate alerts own latency,
+    and a wobble the SLO tolerates (CPU contention moves a step's latency by 20% at once) is noise."""
     conditions = []
     if drift.is_empty():
         return conditions
-    rows = drift.filter(pl.col("status") == "drift").sort(["pipeline", "step", "feature", "statistic"])
+    rows = drift.filter((pl.col("status") == "drift") & (pl.col("feature") != LATENCY_FEATURE)).sort(
+        ["pipeline", "step", "feature", "statistic"])
     seen = set()
     for row in rows.iter_rows(named=True):
         key = (row["pipeline"], row["step"], row["feature"])
@@ -357,7 +364,8 @@ def drift_conditions(drift: pl.DataFrame, external_url: str = "") -> list[Condit
             "severity": "ticket", "rule": "drift"}, {
             "summary": f"{pipeline}: {step} {feature} drifted ({row['statistic']} {row['value']:.3g})",
             "description": f"{feature} of step {step}: {row['statistic']} = {row['value']:.4g}{p} on "
-                           f"{row['n_current']} current against {row['n_reference']} reference samples",
+                           f"{row['n_current']} current against {row['n_reference']} reference samples"
+                           + (f" ({row['reference']})" if row.get("reference") else ""),
             "dashboard": _link(external_url, "drift", pipeline)}, float(row["value"])))
     return conditions
 
