@@ -14,7 +14,6 @@ from scipy import stats
 from scipy.spatial import distance
 
 from tests.spans import COLUMNS, demo_traffic, span_row
-from tracetune.analyzer.loop import refresh
 from tracetune.analyzer.baselines import BaselineError, clear_baseline, get_baseline, list_baselines, set_baseline
 from tracetune.analyzer.drift import (
     DRIFT_COLUMNS,
@@ -34,6 +33,7 @@ from tracetune.analyzer.drift import (
     store_drift,
     wasserstein,
 )
+from tracetune.analyzer.loop import refresh
 
 # ---- the maths against a hand computation and scipy ------------------------------------------
 
