@@ -43,7 +43,8 @@ from tracetune.store import next_seq
 
 log = logging.getLogger("tracetune.analyzer")
 
-__all__ = ["RULES", "Alert", "Condition", "Timing", "Silence", "Matcher", "Engine", "advance", "group_notifications",
+__all__ = ["RULES", "RUNBOOK_URLS", "Alert", "Condition", "Timing", "Silence", "Matcher", "Engine", "advance",
+           "group_notifications",
            "fingerprint", "group_key", "label_set", "slo_conditions", "drift_conditions", "cost_conditions",
            "tuner_conditions", "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification"]
 
@@ -55,6 +56,15 @@ RULES: dict[str, dict[str, Any]] = {
     "tuner_rollback": {"alertname": "TunerCanaryRolledBack", "for_seconds": 0.0},
 }
 """Every rule: its alertname and how long its condition must hold before the alert fires."""
+
+RUNBOOKS = "docs/runbooks.md"
+RUNBOOK_URLS: dict[str, str] = {
+    "slo_burn": f"{RUNBOOKS}#slo-burn-rate",
+    "drift": f"{RUNBOOKS}#feature-drift",
+    "cost": f"{RUNBOOKS}#cost-over-budget",
+    "tuner_rollback": f"{RUNBOOKS}#tuner-canary-rolled-back",
+}
+"""Every rule's `runbook_url` annotation: the section of docs/runbooks.md that says how to diagnose and fix it."""
 
 GROUP_BY = ("alertname", "pipeline")
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's endsAt for an alert still firing
@@ -396,7 +406,8 @@ def slo_conditions(status: pl.DataFrame, external_url: str = "") -> list[Conditi
             "alertname": RULES["slo_burn"]["alertname"], "pipeline": pipeline, "slo": slo, "severity": severity,
             "rule": "slo_burn"}, {
             "summary": f"{pipeline}: {slo} SLO burning {row['long_burn_rate']:.1f}x its budget ({severity})",
-            "description": description, "dashboard": _link(external_url, "slo", pipeline)},
+            "description": description, "dashboard": _link(external_url, "slo", pipeline),
+            "runbook_url": RUNBOOK_URLS["slo_burn"]},
             float(row["long_burn_rate"])))
     return conditions
 
@@ -426,7 +437,8 @@ def drift_conditions(drift: pl.DataFrame, external_url: str = "") -> list[Condit
             "description": f"{feature} of step {step}: {row['statistic']} = {row['value']:.4g}{p} on "
                            f"{row['n_current']} current against {row['n_reference']} reference samples"
                            + (f" ({row['reference']})" if row.get("reference") else ""),
-            "dashboard": _link(external_url, "drift", pipeline)}, float(row["value"])))
+            "dashboard": _link(external_url, "drift", pipeline),
+            "runbook_url": RUNBOOK_URLS["drift"]}, float(row["value"])))
     return conditions
 
 
@@ -444,7 +456,8 @@ def cost_conditions(costs: Mapping[str, float], budgets: Mapping[str, float], wi
             "description": f"over the last {window} {pipeline} cost {actual:.4g} USD per 1k requests, "
                            f"{actual / budget - 1:.0%} above its budget of {budget:.4g}" if budget else
                            f"over the last {window} {pipeline} cost {actual:.4g} USD per 1k requests; its budget is 0",
-            "dashboard": _link(external_url, "cost", pipeline)}, float(actual)))
+            "dashboard": _link(external_url, "cost", pipeline),
+            "runbook_url": RUNBOOK_URLS["cost"]}, float(actual)))
     return conditions
 
 
@@ -466,7 +479,8 @@ def tuner_conditions(client, now: datetime, window: timedelta = timedelta(hours=
         "rule": "tuner_rollback"}, {
         "summary": f"{pipeline}: the tuner rolled back canary version {version}",
         "description": f"canary version {version} of {pipeline} was rolled back at {at}: {reason}",
-        "dashboard": _link(external_url, "tuner", pipeline)}, float(version))
+        "dashboard": _link(external_url, "tuner", pipeline),
+            "runbook_url": RUNBOOK_URLS["tuner_rollback"]}, float(version))
         for pipeline, version, reason, at in rows]
 
 
