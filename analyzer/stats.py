@@ -74,7 +74,8 @@ def latency(client, since: str | int = "5m", by: tuple[str, ...] = ("pipeline", 
     """
     unknown = [d for d in by if d not in DIMENSIONS]
     if unknown or not by:
-        raise ValueError(f"cannot group by {unknown or 'nothing'}; choose from {', '.join(DIMENSIONS)}")
+        raise ValueError(f"cannot group by {repr(unknown[0]) if unknown else 'nothing'}; choose from "
+                         f"{', '.join(DIMENSIONS)}")
     if source not in _SQL:
         raise ValueError(f"source must be 'rollup' or 'raw', not {source!r}")
     if steps is None:

@@ -1,8 +1,9 @@
 """The remote LLM step: an OpenAI-compatible chat client that classifies text into given labels.
 
 Any `/v1/chat/completions` endpoint works (OpenAI, vLLM, Ollama, the stand-in in demo/standins.py).
-Token usage and models go on the current span with the OTel GenAI semantic conventions, which is
-what the analyzer prices.
+Each call is a CLIENT span `chat {model}` with the OTel GenAI semantic conventions' attributes (what
+GenAI-aware tools read), a child of the step span; the step span also gets the model, provider and token
+counts of its call, which the per-minute rollup and the analyzer's cost read from step spans.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import httpx
 from opentelemetry import trace
 
 from tracetune.executor.effects import RetriesExhausted, RetryPolicy, describe_response, send_with_retries
+from tracetune.executor.telemetry import current_tracer
 
 __all__ = ["ChatClient", "LabelModel", "LLMAnswer", "LLMError", "LLMLabelError", "classification_messages"]
 
@@ -79,7 +81,8 @@ class ChatClient:
 
     def __init__(self, base_url: str, model: str, api_key: str = "", timeout: float = 10,
                  policy: RetryPolicy | None = None, provider: str | None = None, temperature: float | None = 0.0,
-                 max_tokens: int | None = None, client: httpx.Client | None = None):
+                 max_tokens: int | None = None, client: httpx.Client | None = None,
+                 tracer: trace.Tracer | None = None):
         url = httpx.URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"ChatClient.base_url must be an http(s) URL like http://127.0.0.1:8808/v1, "
@@ -99,12 +102,35 @@ class ChatClient:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._own_client = client is None
         self._client = client or httpx.Client(limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        self._tracer = tracer
 
     def complete(self, messages: list[dict[str, Any]], timeout: float | None = None, **params: Any) -> dict[str, Any]:
-        """One chat completion (the response JSON), with retries and GenAI attributes on the current span.
+        """One chat completion (the response JSON), with retries, as a CLIENT span `chat {model}` (GenAI
+        conventions) under the current span, which gets the call's model, provider and token counts.
 
         `timeout` (s) bounds the whole call, retries included; each attempt also stops at `self.timeout`."""
-        span = trace.get_current_span()
+        step = trace.get_current_span()
+        tracer = self._tracer or current_tracer()
+        with tracer.start_as_current_span(f"chat {self.model}", kind=trace.SpanKind.CLIENT,
+                                          record_exception=False, set_status_on_exception=False) as span:
+            try:
+                data = self._complete(span, step, messages, timeout, params)
+            except LLMError as exc:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:300]))
+                raise
+        usage = data.get("usage") or {}
+        step.set_attribute("gen_ai.provider.name", self.provider)
+        step.set_attribute("gen_ai.request.model", self.model)
+        step.set_attribute("gen_ai.usage.input_tokens", int(usage.get("prompt_tokens", 0)))
+        step.set_attribute("gen_ai.usage.output_tokens", int(usage.get("completion_tokens", 0)))
+        return data
+
+    def _complete(self, span: trace.Span, step: trace.Span, messages: list[dict[str, Any]], timeout: float | None,
+                  params: dict[str, Any]) -> dict[str, Any]:
+        def both(name: str, value: Any) -> None:  # retries and failures: the step's story too
+            span.set_attribute(name, value)
+            step.set_attribute(name, value)
+
         span.set_attribute("gen_ai.operation.name", "chat")
         span.set_attribute("gen_ai.provider.name", self.provider)
         span.set_attribute("gen_ai.request.model", self.model)
@@ -128,13 +154,13 @@ class ChatClient:
         try:
             response, attempts = send_with_retries(send, self.policy, deadline)
         except RetriesExhausted as exc:
-            span.set_attribute("tracetune.retries", exc.attempts - 1)
-            span.set_attribute("error.type", str(exc.last_status) if exc.last_status else "timeout_or_connection")
+            both("tracetune.retries", exc.attempts - 1)
+            both("error.type", str(exc.last_status) if exc.last_status else "timeout_or_connection")
             raise LLMError(f"{self.model} at {self.url} failed after {exc.attempts} attempts: {exc.error}") from None
-        span.set_attribute("tracetune.retries", attempts - 1)
+        both("tracetune.retries", attempts - 1)
         span.set_attribute("http.response.status_code", response.status_code)
         if response.status_code >= 400:
-            span.set_attribute("error.type", str(response.status_code))
+            both("error.type", str(response.status_code))
             raise LLMError(f"{self.model} at {self.url} refused the request ({describe_response(response)}); "
                            f"check the model name, API key and request")
         try:
@@ -148,7 +174,7 @@ class ChatClient:
             span.set_attribute("gen_ai.usage.input_tokens", int(usage.get("prompt_tokens", 0)))
             span.set_attribute("gen_ai.usage.output_tokens", int(usage.get("completion_tokens", 0)))
         except (ValueError, AttributeError, TypeError) as exc:
-            span.set_attribute("error.type", "invalid_response")
+            both("error.type", "invalid_response")
             raise LLMError(f"{self.model} at {self.url} answered a body that is not a chat completion: "
                            f"{response.text[:200]!r}") from exc
         return data

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 
 from tracetune.executor import conventions as attr
-from tracetune.executor import metrics
+from tracetune.executor import metrics, telemetry
 from tracetune.executor.batcher import Batcher
 from tracetune.executor.cache import TTLCache, normalise
 from tracetune.executor.effects import DeadLetters, RetryPolicy, SideEffect, SideEffectFailed
@@ -165,6 +165,7 @@ class Step:
         self.fn = fn
         self.when = when
         self.pipeline_name = ""
+        self.tracer = trace.get_tracer("tracetune.executor")  # the pipeline's, once bound
 
     def knobs(self) -> dict[str, Knob]:
         """The knobs this step declares (name -> Knob); the tuner sets them by these names."""
@@ -176,6 +177,7 @@ class Step:
     def bind(self, pipeline: Pipeline) -> None:
         """Called once by the pipeline that holds the step, before its first task."""
         self.pipeline_name = pipeline.name
+        self.tracer = pipeline.tracer
 
     def applies(self, task: Task) -> bool:
         return self.when is None or self.when(task)
@@ -493,7 +495,8 @@ class Cascade(Step):
             metrics.REMOTE_IN_FLIGHT.labels(*labels).inc()
             try:
                 left = max(0.001, self.timeout - (time.monotonic() - started))
-                return remote(item, timeout=left) if self._pass_timeout[route] else remote(item)
+                with telemetry.using_tracer(self.tracer):  # the call's own spans (chat {model}) in the pipeline's
+                    return remote(item, timeout=left) if self._pass_timeout[route] else remote(item)
             finally:
                 metrics.REMOTE_IN_FLIGHT.labels(*labels).dec()
 

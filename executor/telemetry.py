@@ -1,9 +1,13 @@
-"""OpenTelemetry SDK set-up: spans go to the collector over OTLP/HTTP (protobuf)."""
+"""OpenTelemetry SDK set-up: spans go to the collector over OTLP/HTTP (protobuf); and the tracer a step's
+own calls (an LLM's CLIENT span) are traced with, the pipeline's."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -25,3 +29,21 @@ def setup_tracing(collector_url: str, service_name: str = "tracetune-executor", 
                                                    max_export_batch_size=2_000))
     trace.set_tracer_provider(provider)
     return provider
+
+
+_TRACER: ContextVar[trace.Tracer | None] = ContextVar("tracetune_tracer", default=None)
+
+
+@contextmanager
+def using_tracer(tracer: trace.Tracer) -> Iterator[None]:
+    """Spans a step's calls start (e.g. `chat {model}`) use `tracer`, the pipeline's, while this lasts."""
+    token = _TRACER.set(tracer)
+    try:
+        yield
+    finally:
+        _TRACER.reset(token)
+
+
+def current_tracer() -> trace.Tracer:
+    """The tracer of the pipeline running this step (`using_tracer`), else the global provider's."""
+    return _TRACER.get() or trace.get_tracer("tracetune.executor")

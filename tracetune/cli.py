@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import click
 
@@ -419,8 +421,10 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
     elif batching:
         console(wide).print(frame_table(frame.drop("size_histogram") if "size_histogram" in frame.columns else frame,
                                         f"batching, last {since}", BATCHING_COLUMNS, wide))
-    elif keys == ("pipeline", "step"):
+    elif keys == ("pipeline", "step") and not wide:
         console().print(step_table(frame, title=f"per-step latency, last {since}"))
+    elif keys == ("pipeline", "step"):  # every column step_stats has: self time, batches, queue, cache, ...
+        console(wide).print(frame_table(frame, f"per-step latency, last {since}", wide=True))
     else:
         what = "spans" if any(k in analyzer.stats.STEP_DIMENSIONS for k in keys) else "tasks"
         console(wide).print(latency_table(frame, f"latency by {', '.join(keys)} ({what}), last {since}", keys, wide))
@@ -513,9 +517,11 @@ def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as
     client = _client(s)
     _known_pipeline(client, pipeline)
     table = _prices(s, client)
+    keys = [b.strip() for b in by.split(",") if b.strip()]
+    if keys and "pipeline" not in keys and not pipeline and set(keys) & {"step", "route", "model"}:
+        keys = ["pipeline", *keys]  # a step or route is a pipeline's: rows of several pipelines say whose
     try:
-        frame = analyzer.cost_per_1k(client, since, by=[b.strip() for b in by.split(",") if b.strip()],
-                                     pipeline=pipeline, prices=table, source=source)
+        frame = analyzer.cost_per_1k(client, since, by=keys, pipeline=pipeline, prices=table, source=source)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--by") from None
     if as_json:
@@ -576,14 +582,16 @@ def whatif(ctx: click.Context, pipeline: str, assignments: tuple[str, ...], sinc
 @click.option("--current", default="1m", show_default=True, help="Current window (ends now).")
 @click.option("--reference", default=None,
               help="Compare with this long a window just before the current one (e.g. 24h), for every pipeline. "
-                   "Default: the pipeline's pinned baseline, else the preceding window of the same length.")
+                   "Default: the pipeline's pinned baseline, else its first hour of traffic.")
 @click.option("--pipeline", default="", help="Only this pipeline.")
 @click.option("--save", is_flag=True, help="Also store the results in tracetune_drift.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--wide", is_flag=True, help="Every statistic of each feature, with its p-value.")
 @click.pass_context
-def drift(ctx: click.Context, current: str, reference: str | None, pipeline: str, save: bool, as_json: bool) -> None:
+def drift(ctx: click.Context, current: str, reference: str | None, pipeline: str, save: bool, as_json: bool,
+          wide: bool) -> None:
     """Drift of every tracetune.feature.* attribute and step latency: the current window vs each pipeline's
-    baseline (`tracetune drift baseline set`), else vs the preceding window of the same length."""
+    baseline (`tracetune drift baseline set`), else vs its first hour of traffic."""
     if ctx.invoked_subcommand is not None:
         return
     from tracetune import analyzer
@@ -600,14 +608,18 @@ def drift(ctx: click.Context, current: str, reference: str | None, pipeline: str
     if as_json:
         click.echo(_json_rows(frame))
         return
-    references = sorted({analyzer.reference_label(row) for row in frame.iter_rows(named=True)})
+    references = sorted({f"{row['pipeline']}: {analyzer.reference_label(row)}"
+                         for row in frame.iter_rows(named=True)})
     limits = analyzer.Thresholds()
-    console().print(drift_table(
-        analyzer.feature_status(frame) if not frame.is_empty() else frame, frame,
-        title=f"drift: last {current} vs {'; '.join(references) or 'the preceding ' + current}",
-        caption=f"insufficient_data: under {limits.min_samples} samples in a window ({limits.psi_min_samples} for "
-                "psi); step latency drifts only if it moves by 1 ms and 20% of its median. Pin a reference with "
-                "`tracetune drift baseline set`."))
+    out = console(wide)
+    out.print(f"drift of the last {current}, against:", highlight=False)
+    for line in references or ["(no spans in the window)"]:
+        out.print(f"  {line}", highlight=False)
+    out.print(drift_table(
+        analyzer.feature_status(frame) if not frame.is_empty() else frame, frame, title="drift", wide=wide,
+        caption=f"too few samples: under {limits.min_samples} in a window ({limits.psi_min_samples} for psi). "
+                "Step latency drifts only if it moves by 1 ms and 20% of its median, and pages through SLO "
+                "alerts, not drift. Move a reference with `tracetune drift baseline set`."))
 
 
 def _baseline_window(first: str | None, last: str | None, start: str | None, end: str | None, client, pipeline: str):
@@ -680,7 +692,7 @@ def drift_baseline_set(ctx: click.Context, pipeline: str, first: str | None, las
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 @click.pass_context
 def drift_baseline_show(ctx: click.Context, pipeline: str, as_json: bool) -> None:
-    """The pinned baselines (pipelines without one use the preceding window)."""
+    """The pinned baselines (pipelines without one use their first hour of traffic)."""
     from tracetune import analyzer
 
     baselines = analyzer.list_baselines(_client(_settings(ctx), readonly=True), pipeline)
@@ -689,7 +701,7 @@ def drift_baseline_show(ctx: click.Context, pipeline: str, as_json: bool) -> Non
         return
     if not baselines:
         click.echo(f"no drift baseline pinned{' for ' + pipeline if pipeline else ''}: drift compares each window "
-                   "with the preceding one of the same length")
+                   "with the pipeline's first hour of traffic")
     for name, b in baselines.items():
         click.echo(f"{name}: v{b.version} {b.start:%Y-%m-%d %H:%M:%S} – {b.end:%Y-%m-%d %H:%M:%S} UTC"
                    + (f" ({b.note})" if b.note else ""))
@@ -731,7 +743,10 @@ def slo(ctx: click.Context, pipeline: str, source: str, as_json: bool, wide: boo
     if as_json:
         click.echo(_json_rows(frame))
     else:
-        console(wide).print(slo_table(frame, wide))
+        out = console(wide)
+        for row in analyzer.slo_words(frame).iter_rows(named=True):  # the words the dashboard and report show
+            out.print(f"{row['pipeline']} {row['objective']} ({row['target']}): {row['status']}", highlight=False)
+        out.print(slo_table(frame, wide))
 
 
 @cli.command()
@@ -772,13 +787,14 @@ def report(ctx: click.Context, since: str, pipeline: str, output: str) -> None:
     _window(since)
     s = _settings(ctx)
     client = _client(s)
+    _known_pipeline(client, pipeline)
     path = write_report(client, output, since, _prices(s, client), pipeline)
     click.echo(f"wrote {path.resolve()}")
 
 
 @cli.group()
 def alerts() -> None:
-    """Alerts for on-call: what fires, silences, the delivery log, and a test notification."""
+    """Firing alerts, silences, deliveries and a test alert."""
 
 
 def _since(moment: str | None) -> str:
@@ -896,12 +912,19 @@ def alerts_test(ctx: click.Context) -> None:
 
     s = _settings(ctx)
     receivers = delivery.receivers_from_settings(s)
+    config = ctx.obj.get("config") or os.environ.get("TRACETUNE_CONFIG") or "tracetune.toml"
     if not receivers:
-        raise UserError("no alert receiver is configured; set alert_webhook_url (TRACETUNE_ALERT_WEBHOOK_URL), "
-                        "alert_slack_url or alert_pagerduty_routing_key")
+        raise UserError(f"no alert receiver is configured in {config} or TRACETUNE_ALERT_* (what the analyzer "
+                        "reads); set alert_webhook_url, alert_slack_url or alert_pagerduty_routing_key in "
+                        f"{config} so the analyzer and this command both use it")
+    setting = {"webhook": "alert_webhook_url", "slack": "alert_slack_url", "pagerduty": "alert_pagerduty_routing_key"}
+    for receiver in receivers:
+        where = s._origin.get(setting[receiver.kind], "default")
+        url = urlsplit(getattr(receiver, "url", ""))  # the host only for Slack: its path is the secret
+        target = f"{url.scheme}://{url.netloc}" + (url.path if receiver.kind == "webhook" else "/…")
+        click.echo(f"receiver {receiver.name}: {target} (from {where})")
     client = _client(s)
-    ids = delivery.enqueue(client, alerting.test_notification(s.dashboard_url), receivers)
-    delivery.deliver_due(client, receivers)
+    ids = delivery.send_now(client, alerting.test_notification(s.dashboard_url), receivers)
     rows = [row for row in delivery.deliveries(client, limit=100) if row.get("delivery_id") in ids]
     for row in rows:
         click.echo(f"{row.get('receiver')}: {row.get('status')} (HTTP {row.get('http_status') or '-'}) "

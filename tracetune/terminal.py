@@ -1,7 +1,8 @@
 """Terminal rendering shared by the CLI and the demo's live view.
 
 Tables fit WIDTH columns (a terminal's own width, else COLUMNS, else 100): each view shows its
-essential columns, `wide=True` (`--wide`) all of them. Rates are percent everywhere ("error %").
+essential columns, `wide=True` (`--wide`) all of them, one line a row, scrolling sideways if need be.
+Rates are percent everywhere ("error %").
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import polars as pl
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -19,9 +21,12 @@ WIDE_WIDTH = 240  # off a terminal, --wide tables get this many so each row stay
 
 
 def console(wide: bool = False) -> Console:
-    """Rich console: a terminal's width; off a terminal (pipes, logs, CI) COLUMNS, else WIDTH."""
+    """Rich console: a terminal's width; off a terminal (pipes, logs, CI) COLUMNS, else WIDTH.
+
+    `wide` tables never fold a cell to fit: at least WIDE_WIDTH columns, one line per row, wider than a
+    narrow terminal (`| less -S` scrolls them sideways) rather than cut."""
     if sys.stdout.isatty():
-        return Console()
+        return Console(width=max(Console().width, WIDE_WIDTH)) if wide else Console()
     columns = os.environ.get("COLUMNS", "")
     width = int(columns) if columns.isdigit() and int(columns) > 0 else WIDTH
     return Console(width=max(width, WIDE_WIDTH) if wide else width)
@@ -96,7 +101,8 @@ def step_table(frame: pl.DataFrame, title: str = "per-step latency") -> Table:
 
 
 def cost_table(frame: pl.DataFrame, title: str = "cost per 1k requests", wide: bool = False) -> Table:
-    """Requests is the pipeline's request count (the per-1k denominator); $ columns are window totals.
+    """Requests is the pipeline's request count (the per-1k denominator), said once per pipeline; $ columns
+    are window totals; a total row sums them (its $ per 1k: total $ over every pipeline's requests).
 
     Without `wide`: requests, tokens, total $ and $ per 1k; `wide` adds spans, compute seconds and
     the token / compute / calls split.
@@ -115,38 +121,77 @@ def cost_table(frame: pl.DataFrame, title: str = "cost per 1k requests", wide: b
     if frame.is_empty():
         table.add_row(*(["(no requests in the window)"] + [""] * width)[:width])
         return table
+    # By step, route or model, a row's requests are its pipeline's: said once per pipeline, counted once.
+    per_pipeline = bool(set(keys) & {"step", "route", "model"})
+    if per_pipeline and "pipeline" in keys:
+        frame = frame.sort("pipeline", maintain_order=True)
+    sums = {"requests": 0, "spans": 0, "in": 0, "out": 0, "cost": 0.0, "split": [0.0, 0.0, 0.0, 0.0]}
+    last = None
     for row in frame.iter_rows(named=True):
         per_1k = row["cost_per_1k"]
         total = row["cost"] if "cost" in row else row["token_cost"] + row["compute_cost"] + row["call_cost"]
-        split = [f"{row['compute_seconds']:.2f}", f"{row['token_cost']:.4f}", f"{row['compute_cost']:.4f}",
-                 f"{row['call_cost']:.4f}"]
-        table.add_row(*[row[k] or "-" for k in keys], f"{row['requests']:,}",
+        values = [row["compute_seconds"], row["token_cost"], row["compute_cost"], row["call_cost"]]
+        split = [f"{values[0]:.2f}", *(f"{v:.4f}" for v in values[1:])]
+        first = not per_pipeline or row.get("pipeline", "") != last
+        if first:
+            sums["requests"] += row["requests"]
+        last = row.get("pipeline", "")
+        sums["spans"] += row.get("spans") or 0
+        sums["in"] += row["input_tokens"]
+        sums["out"] += row["output_tokens"]
+        sums["cost"] += total
+        sums["split"] = [a + (b or 0.0) for a, b in zip(sums["split"], values, strict=True)]
+        table.add_row(*[row[k] or "-" for k in keys], f"{row['requests']:,}" if first else "",
                       *([f"{row['spans']:,}"] if has_spans else []),
                       f"{row['input_tokens']:,}/{row['output_tokens']:,}", *(split if wide else []),
                       f"{total:.4f}", "-" if per_1k is None else f"{per_1k:.4f}")
+    if frame.height > 1:
+        table.rows[-1].end_section = True
+        every = sums["split"]
+        table.add_row("total", *[""] * (len(keys) - 1), f"{sums['requests']:,}",
+                      *([f"{sums['spans']:,}"] if has_spans else []), f"{sums['in']:,}/{sums['out']:,}",
+                      *([f"{every[0]:.2f}", *(f"{v:.4f}" for v in every[1:])] if wide else []),
+                      f"{sums['cost']:.4f}",
+                      f"{1000 * sums['cost'] / sums['requests']:.4f}" if sums["requests"] else "-", style="bold")
     return table
 
 
 _STATUS_STYLE = {"drift": "bold red", "warn": "yellow", "ok": "green", "insufficient_data": "dim"}
 
 
-def drift_table(status: pl.DataFrame, detail: pl.DataFrame, title: str = "drift", caption: str | None = None) -> Table:
-    table = _table(title, caption)
-    for name in ("pipeline", "step", "feature", "kind", "status", "statistics", "n ref / cur"):
-        _column(table, name, numeric=name == "n ref / cur")
+_STATUS_WORDS = {"insufficient_data": "too few samples"}
+
+
+def _compact(title: str, caption: str | None = None) -> Table:
+    """A table of many short rows: no vertical rules, so names stay whole at 100 columns."""
+    return Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
+                 pad_edge=False)
+
+
+def drift_table(status: pl.DataFrame, detail: pl.DataFrame, title: str = "drift", caption: str | None = None,
+                wide: bool = False) -> Table:
+    """One row per feature: its verdict and the statistic that decided it (every statistic with `wide`)."""
+    table = _compact(title, caption)
+    names = ("pipeline", "step", "feature", "status", "statistics" if wide else "decided by", "n ref / cur")
+    for name in names:  # with `wide`, one statistic a line: it still fits 100 columns
+        table.add_column(name, justify="right" if name == "n ref / cur" else "left", no_wrap=True)
     if status.is_empty():
-        table.add_row("(no features in either window)", "", "", "", "", "", "")
+        table.add_row("(no features in either window)", *[""] * (len(names) - 1))
         return table
+    rank = {"drift": 0, "warn": 1, "ok": 2, "insufficient_data": 3}
     for row in status.iter_rows(named=True):
         stats = detail.filter((pl.col("pipeline") == row["pipeline"]) & (pl.col("step") == row["step"])
                               & (pl.col("feature") == row["feature"]))
-        text = ", ".join(f"{r['statistic']} {r['value']:.3g}" + ("" if r["p_value"] != r["p_value"]
-                                                                  else f" (p={r['p_value']:.2g})")
-                         for r in stats.iter_rows(named=True))
+        shown = list(stats.iter_rows(named=True))
+        if not wide and shown:  # the statistic whose verdict is the feature's, else the first
+            shown = [min(shown, key=lambda r: rank.get(r["status"], 9))]
+        text = "\n".join(f"{r['statistic']} {r['value']:.3g}" + ("" if not wide or r["p_value"] != r["p_value"]
+                                                                   else f" (p={r['p_value']:.2g})") for r in shown)
         first = stats.row(0, named=True) if stats.height else {"n_reference": 0, "n_current": 0}
         style = _STATUS_STYLE.get(row["status"], "")
-        table.add_row(row["pipeline"], row["step"], row["feature"], row.get("kind", ""),
-                      f"[{style}]{row['status']}[/{style}]" if style else row["status"], text,
+        word = _STATUS_WORDS.get(row["status"], row["status"])
+        table.add_row(row["pipeline"], row["step"], row["feature"], f"[{style}]{word}[/{style}]" if style else word,
+                      text,
                       f"{first['n_reference']:,} / {first['n_current']:,}")
     return table
 
@@ -162,16 +207,15 @@ def slo_table(frame: pl.DataFrame, wide: bool = False) -> Table:
                     for r in frame.iter_rows(named=True)})
     client_errors = {(r["pipeline"], r["period_client_errors"]) for r in frame.iter_rows(named=True)
                      if r["slo"] == "availability" and r["period_client_errors"]}
-    caption = "budgets over " + "; ".join(notes) + "".join(
+    caption = "burn: over the long / short window; left %: error budget left, over " + "; ".join(notes) + "".join(
         f"; {p}: {n:,} client errors (invalid input) not counted as unavailability" for p, n in sorted(client_errors))
-    table = _table("SLO burn rates", caption)
-    names = ("pipeline", "slo", "target", "windows", *(["factor"] if wide else []), "burn long / short", "firing",
-             "budget left %")
+    table = _compact("SLO burn rates", caption)
+    names = ("pipeline", "slo", "target", "windows", *(["factor"] if wide else []), "burn", "firing", "left %")
     for name in names:
-        _column(table, name, numeric=name not in ("pipeline", "slo", "windows", "firing"))
-    table.columns[names.index("firing")].no_wrap = True  # "not enough data" reads as one phrase
+        table.add_column(name, justify="left" if name in ("pipeline", "slo", "windows", "firing") else "right",
+                         no_wrap=True)
     for row in frame.iter_rows(named=True):
-        target = f"{row['target_ms']:g} ms" if row["target_ms"] is not None else f"{row['objective']:.3%}"
+        target = f"{row['target_ms']:g} ms" if row["target_ms"] is not None else f"{100 * row['objective']:g}%"
         if row["firing"]:
             firing = f"[bold red]{row['severity']}[/bold red]"
         elif not row["enough_data"]:
@@ -179,7 +223,7 @@ def slo_table(frame: pl.DataFrame, wide: bool = False) -> Table:
         else:
             firing = "-"
         left = row["budget_remaining"]
-        table.add_row(row["pipeline"], row["slo"], target, f"{row['long_window']} / {row['short_window']}",
+        table.add_row(row["pipeline"], row["slo"], target, f"{row['long_window']}/{row['short_window']}",
                       *([f"{row['factor']:g}"] if wide else []),
                       f"{row['long_burn_rate']:.2f} / {row['short_burn_rate']:.2f}", firing,
                       "no data" if left != left else f"{100 * left:.1f}")

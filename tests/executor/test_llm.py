@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -19,6 +20,7 @@ from tracetune.demo.corpus import CATEGORIES, generate
 from tracetune.demo.standins import MODELS, StandinModel, classify_by_keywords, create_llm_app, serve_standins
 from tracetune.executor.effects import RetryPolicy
 from tracetune.executor.llm import ChatClient, LLMError, LLMLabelError, classification_messages
+from tracetune.executor.telemetry import using_tracer
 
 MODEL = "standin-small"
 LARGE = "standin-large"
@@ -116,13 +118,18 @@ def test_rate_limit_answers_429_with_retry_after_and_the_client_recovers(tracer)
         assert len(retries) == 15 and max(retries) > 0
 
 
-def test_genai_attributes_on_the_current_span(tracer):
+def test_a_call_is_a_genai_client_span_under_the_step(tracer):
+    """OTel GenAI conventions: a CLIENT span `chat {model}` per call, child of the step span; the step span
+    keeps the model, provider and token counts the rollup and the analyzer's cost read."""
     tracer, exporter = tracer
     with ThreadServer(create_llm_app(latency_ms=1, rate_limit_rps=0)) as llm, ChatClient(llm.url, MODEL) as chat:
-        with tracer.start_as_current_span("classify"):
+        with tracer.start_as_current_span("classify") as step, using_tracer(tracer):
             answer = chat.classify("I was charged twice for my pro subscription", CATEGORIES)
     assert answer.label == "billing" and answer.provider == "openai_compatible"
-    attrs = exporter.get_finished_spans()[-1].attributes
+    call, outer = exporter.get_finished_spans()
+    assert (call.name, call.kind, outer.name) == (f"chat {MODEL}", SpanKind.CLIENT, "classify")
+    assert call.parent.span_id == step.get_span_context().span_id
+    attrs = call.attributes
     assert attrs["gen_ai.operation.name"] == "chat"
     assert attrs["gen_ai.provider.name"] == "openai_compatible"
     assert attrs["gen_ai.request.model"] == MODEL and attrs["gen_ai.response.model"] == MODEL
@@ -130,6 +137,12 @@ def test_genai_attributes_on_the_current_span(tracer):
     assert attrs["gen_ai.usage.output_tokens"] == answer.output_tokens >= 1
     assert attrs["tracetune.retries"] == 0 and attrs["http.response.status_code"] == 200
     assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("stop",)
+    assert attrs["server.address"] == "127.0.0.1"
+    assert {k: outer.attributes[k] for k in ("gen_ai.request.model", "gen_ai.provider.name",
+                                             "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens")} == {
+        "gen_ai.request.model": MODEL, "gen_ai.provider.name": "openai_compatible",
+        "gen_ai.usage.input_tokens": answer.input_tokens, "gen_ai.usage.output_tokens": answer.output_tokens}
+    assert "gen_ai.operation.name" not in outer.attributes  # one operation span per call: the CLIENT one
 
 
 def scripted_provider(replies: list[tuple[int, str]]) -> tuple[Starlette, list[int]]:

@@ -149,6 +149,9 @@ def test_cascade_escalates_exactly_the_tickets_below_the_threshold(classifiers, 
     tiers = {"llm-small": "standin-small", "llm-large": "standin-large"}
     assert tiers[escalate.attributes["tracetune.route"]] == escalate.attributes["gen_ai.request.model"]
     assert escalate.attributes["gen_ai.usage.input_tokens"] > 0
+    [call] = [s for s in spans if s.parent is not None and s.parent.span_id == escalate.context.span_id]
+    assert (call.name, call.kind.name) == (f"chat {escalate.attributes['gen_ai.request.model']}", "CLIENT")
+    assert call.attributes["gen_ai.usage.input_tokens"] == escalate.attributes["gen_ai.usage.input_tokens"]
     pipeline.close()
 
 

@@ -149,6 +149,8 @@ def test_stats_errors_slo_and_drift_answer_tables_and_json(tmp_path, db_settings
     (["errors", "--since", "5x"], ["--since", "30s, 5m"]),
     (["errors", "--kind", "user"], ["--kind"]),
     (["drift", "--current", "soon"], ["--current"]),
+    (["stats", "--by", "colour"], ["cannot group by 'colour'; choose from pipeline, step"]),
+    (["cost", "--by", "colour"], ["cannot group cost by 'colour'", "pipeline"]),
     (["drift", "--reference", "0m"], ["--reference"]),
     (["drift", "baseline", "set", "--pipeline", "triage"], ["give one of --first 1h"]),
     (["drift", "baseline", "set", "--pipeline", "triage", "--start", "yesterday", "--end", "today"], ["ISO times"]),
@@ -166,16 +168,24 @@ def test_alerts_commands_test_silence_list_and_show_deliveries(tmp_path, db_sett
 
     from tests.analyzer.test_delivery import receiver_app, verify
     from tests.servers import ThreadServer
+    from tracetune import store
+    from tracetune.analyzer import delivery
 
     env = db_settings.as_env()
     _one_line_error(_tracetune(["alerts", "test"], tmp_path, **env), "no alert receiver is configured",
                     "alert_webhook_url")
     app = receiver_app()
-    with ThreadServer(app) as receiver:
-        hooked = {**env, "TRACETUNE_ALERT_WEBHOOK_URL": f"{receiver.url}/hook"}
-        sent = _tracetune(["alerts", "test"], tmp_path, **hooked)
+    with ThreadServer(app) as receiver:  # in tracetune.toml, where the analyzer of the stack reads it too
+        (tmp_path / "tracetune.toml").write_text(f'alert_webhook_url = "{receiver.url}/hook"\n')
+        unset = {k: v for k, v in env.items() if k != "TRACETUNE_ALERT_WEBHOOK_URL"}  # as_env sets it, empty
+        sent = _tracetune(["alerts", "test"], tmp_path, **unset)
         assert sent.returncode == 0, sent.stderr
-        assert sent.stdout.strip() == "webhook: delivered (HTTP 200)"
+        assert sent.stdout.splitlines() == [f"receiver webhook: {receiver.url}/hook (from tracetune.toml)",
+                                            "webhook: delivered (HTTP 200)"]
+        # The first attempt was this command's: the analyzer's worker finds nothing of it left to send.
+        assert delivery.deliver_due(store.connect(db_settings), delivery.receivers_from_settings(
+            db_settings.replace(alert_webhook_url=f"{receiver.url}/hook")))["attempted"] == 0
+        (tmp_path / "tracetune.toml").unlink()
     (request,) = app.state.seen
     assert request.json()["alerts"][0]["labels"]["alertname"] == "TracetuneTest"
     verify(db_settings.alert_secret(), request.headers, request.body)  # the secret generated into the home
@@ -221,10 +231,21 @@ def test_tables_fit_100_columns_and_wide_shows_every_column(tmp_path, db_setting
     for text in (by_route, default):  # 6 failures of 40 at classify: percent in both views
         (classify,) = [line for line in text.splitlines() if "classify" in line]
         assert "15.0" in classify, text
-    _fits(_tracetune(["cost", "--by", "step,route"], tmp_path, **env))
+    cost = _fits(_tracetune(["cost", "--by", "step,route"], tmp_path, **env)).splitlines()
+    assert "pipeline" in cost[2] and any(line.startswith("│ total") for line in cost)  # whose steps, and the sum
+    steps = [line for line in cost if "triage" in line]
+    assert len(steps) > 1 and sum(line.split("│")[4].strip() != "" for line in steps) == 1  # requests said once
     errors = _fits(_tracetune(["errors"], tmp_path, **env))
     assert "--wide adds an example trace id" in errors
-    _fits(_tracetune(["slo", "--source", "raw"], tmp_path, **env))
+    slo = _fits(_tracetune(["slo", "--source", "raw"], tmp_path, **env))
+    assert "triage errors (99% of tasks succeed): not enough data" in slo  # the Overview's words
+    assert "not enough data" in slo.split("left %")[1]  # whole, not `insufficient`/`_data`
+    drift = _fits(_tracetune(["drift", "--current", "10m"], tmp_path, **env))
+    assert "decided by" in drift and "triage:" in drift
+    wide_drift = _fits(_tracetune(["drift", "--current", "10m", "--wide"], tmp_path, **env))
+    assert "statistics" in wide_drift
+    per_step = _tracetune(["stats", "--source", "raw", "--wide"], tmp_path, **env)
+    assert per_step.returncode == 0 and "max ms" in per_step.stdout and "errors" in per_step.stdout, per_step.stdout
 
     wide = _tracetune(["stats", "--by", "step,route", "--source", "raw", "--wide"], tmp_path, **env)
     assert wide.returncode == 0 and "…" not in wide.stdout
@@ -235,7 +256,7 @@ def test_tables_fit_100_columns_and_wide_shows_every_column(tmp_path, db_setting
     assert "factor" in _tracetune(["slo", "--source", "raw", "--wide"], tmp_path, **env).stdout
 
 
-@pytest.mark.parametrize("command", [["stats"], ["cost"], ["errors"], ["slo"], ["drift"]])
+@pytest.mark.parametrize("command", [["stats"], ["cost"], ["errors"], ["slo"], ["drift"], ["report"]])
 def test_an_unknown_pipeline_is_named_with_the_known_ones(tmp_path, db_settings, client, command):
     _seed_tasks(client)
     _one_line_error(_tracetune([*command, "--pipeline", "nosuch"], tmp_path, **db_settings.as_env()),
