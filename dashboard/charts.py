@@ -71,13 +71,14 @@ def time_axis(window: tuple[datetime, datetime], title: str = "time") -> alt.X:
 
 
 def time_lines(data: pl.DataFrame, y: str, y_title: str, window: tuple[datetime, datetime], color: str = "series",
-               color_title: str = "series", tooltip: list | None = None) -> alt.LayerChart:
-    """A line per `color` value over `bucket`, broken at gaps (`segment`, from frames.with_gaps), with points."""
+               color_title: str = "series", tooltip: list | None = None, legend: bool = True) -> alt.LayerChart:
+    """A line per `color` value over `bucket`, broken at gaps (`segment`, from frames.with_gaps), with points;
+    legend=False for a chart of one series whose title names it."""
     base = alt.Chart(data).encode(
         x=time_axis(window),
         y=alt.Y(f"{y}:Q", title=y_title),
         color=alt.Color(f"{color}:N", title=color_title, legend=alt.Legend(labelLimit=0, orient="bottom",
-                                                                          columns=2)),
+                                                                          columns=2) if legend else None),
         detail="segment:N",
         tooltip=tooltip or [f"{color}:N", alt.Tooltip("bucket:T", format="%Y-%m-%d %H:%M"),
                             alt.Tooltip(f"{y}:Q", format=".4g")],

@@ -87,10 +87,14 @@ def render(ctx: Context) -> None:
         st.warning(warning)
 
     st.subheader("By step, route and model")
-    shown = frames.cost_table(by_step, ["pipeline", "step", "route", "model"], not f.pipeline_name)
-    ui.table(shown.drop("spans", "compute s", "tokens", "total cost"), MONEY_COLUMNS)
+    shown = frames.cost_table(frames.fold_modelless(by_step), ["pipeline", "step", "route", "model"],
+                              not f.pipeline_name)
+    ui.table(shown.drop("spans", "compute s", "tokens", "total cost").with_columns(
+        pl.col(c).replace("", None) for c in ("route", "model")), MONEY_COLUMNS)
     st.caption("Per 1k requests of the step's pipeline, so a pipeline's rows add up to its cost per 1k; split into "
-               "its tokens, compute and per-call parts.")
+               "its tokens, compute and per-call parts. A route's calls answered without calling its model (from the "
+               f"cache) count in that model's row; {frames.MISSING} in model or route: the step called no model, or "
+               "has no route.")
     ui.chart(charts.bars(frames.cost_split(by_step, not f.pipeline_name), "per_1k",
                          f"cost per 1k requests ({currency})", "series", "step", color="kind", color_title="cost"))
 
@@ -116,7 +120,8 @@ def render(ctx: Context) -> None:
     ui.table(change_table(moved), {c: ui.MONEY for c in change_table(moved).columns if c != "pipeline"})
     st.caption("mix: steps called more or less often per request; route: calls moved between routes or models; "
                "tokens: tokens per call; compute: compute time (and per-call price) per call. They add up to the "
-               "change in cost per 1k; volume is what the change in requests alone did to the total cost.")
+               "change in cost per 1k; volume is what the change in requests alone did to the total cost. "
+               f"{frames.MISSING}: the pipeline had no requests in one of the periods, so there is no change to split.")
 
 
 if __name__ == "__main__":

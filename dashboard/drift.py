@@ -18,6 +18,7 @@ from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailab
 # Drift has its own current window whatever the time range: the analyzer loop's, against each pipeline's
 # pinned baseline or else the preceding window of the same length. The range picks the history shown.
 DRIFT_CURRENT = analyzer.DEFAULT_CURRENT
+LEVEL_COLOURS = {"warn": "#b58105", "drift": "#b02a37"}
 
 
 def thresholds_of(pipeline: str, step: str, feature: str, statistic: str) -> pl.DataFrame:
@@ -27,6 +28,17 @@ def thresholds_of(pipeline: str, step: str, feature: str, statistic: str) -> pl.
     rows = [{"level": level, "value": getattr(limits, f"{statistic}_{level}")} for level in ("warn", "drift")
             if hasattr(limits, f"{statistic}_{level}") and getattr(limits, f"{statistic}_{level}") is not None]
     return pl.DataFrame(rows, schema={"level": pl.Utf8, "value": pl.Float64})
+
+
+def levels_words(statistic: str, levels: pl.DataFrame) -> str:
+    """What the dashed lines of the history chart are, naming a level the thresholds switch off."""
+    drawn = {row["level"]: row["value"] for row in levels.iter_rows(named=True)}
+    said = [f"{level} at {drawn[level]:g}" for level in ("warn", "drift") if level in drawn]
+    off = [level for level in ("warn", "drift") if level not in drawn]
+    text = f"dashed: {' and '.join(said)}." if said else f"{statistic} has no warn or drift level set."
+    if said and off:
+        text += f" {statistic} has no {off[0]} level set (a verdict on it comes from the other statistics)."
+    return text
 
 
 def _history_chart(history: pl.DataFrame, row: dict, window, since: str, run_seconds: float) -> None:
@@ -44,13 +56,14 @@ def _history_chart(history: pl.DataFrame, row: dict, window, since: str, run_sec
     levels = thresholds_of(row["pipeline"], row["step"], row["feature"], statistic)
     layers = [lines]
     if not levels.is_empty():
-        rules = alt.Chart(levels).encode(y="value:Q")
-        layers += [rules.mark_rule(strokeDash=[6, 4], color="#b02a37").encode(tooltip=["level:N", "value:Q"]),
-                   rules.mark_text(align="left", dx=4, dy=-6, color="#b02a37").encode(text="level:N",
-                                                                                        x=alt.value(0))]
+        for level, colour in LEVEL_COLOURS.items():
+            rules = alt.Chart(levels.filter(pl.col("level") == level)).encode(y="value:Q")
+            layers += [rules.mark_rule(strokeDash=[6, 4], color=colour).encode(tooltip=["level:N", "value:Q"]),
+                       rules.mark_text(align="left", dx=4, dy=-6, color=colour).encode(text="level:N",
+                                                                                       x=alt.value(0))]
     ui.chart(alt.layer(*layers))
-    st.caption(f"{statistic} of each stored analyzer run (one every {run_seconds:g} s while it runs); dashed: its "
-               "warn and drift levels. A gap is time without runs.")
+    st.caption(f"{statistic} of each stored analyzer run (one every {run_seconds:g} s while it runs); "
+               f"{levels_words(statistic, levels)} A gap is time without runs.")
 
 
 def _histograms(ctx: Context, row: dict) -> None:
@@ -106,6 +119,7 @@ def render(ctx: Context) -> None:
         column.metric(status.replace("_", " ").capitalize(), f"{counts.get(status, 0)}",
                       help="Features whose worst statistic says so.")
     shown = table if not f.pipeline_name else table.drop("pipeline")
+    shown = shown.with_columns(pl.col("status").replace(frames.STATUS_WORDS))
     ui.table(ui.coloured(shown, "status"), {
         "value": st.column_config.NumberColumn("statistic value", format="%.4f"),
         "p_value": st.column_config.NumberColumn("p-value", format="%.4f"),
@@ -121,7 +135,11 @@ def render(ctx: Context) -> None:
         st.subheader(f"Flagged by analyzer runs in the last {f.since}")
         st.caption("Against the preceding window a change shows for a run or two, until both windows hold the new "
                    "traffic; these are the features any run flagged.")
-        ui.table(ui.coloured(flags if not f.pipeline_name else flags.drop("pipeline"), "worst"))
+        flagged = flags.with_columns(pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S").alias(c)
+                                     for c in ("first_flagged", "last_flagged"))
+        ui.table(ui.coloured(flagged if not f.pipeline_name else flagged.drop("pipeline"), "worst"),
+                 {"first_flagged": st.column_config.TextColumn("first flagged (UTC)"),
+                  "last_flagged": st.column_config.TextColumn("last flagged (UTC)"), "runs": ui.COUNT})
 
     st.subheader("One feature")
     options = [f"{r['pipeline']} / {r['step']} / {r['feature']}" for r in table.iter_rows(named=True)] \

@@ -17,6 +17,8 @@ from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailab
 from tracetune.tuner import decisions, versions
 
 TOP_CONTRIBUTORS = 5
+HEADLINES_PER_ROW = 4
+PANEL_HEIGHT = 180
 
 
 def _slo_section(ctx: Context, saved: list[analyzer.SLO]) -> pl.DataFrame:
@@ -47,22 +49,46 @@ def _decisions(ctx: Context, pipelines: list[str], window: tuple[datetime, datet
     for pipeline in pipelines:
         for d in cached(ctx.settings, decisions.history, pipeline=pipeline, limit=200):
             if d["decided_at"] >= window[0]:
-                rows.append({"pipeline": pipeline, "kind": d["kind"], "reason": d["reason"],
+                rows.append({"pipeline": pipeline, "kind": d["kind"], "reason": frames.readable(d["reason"]),
                              "decided_at": d["decided_at"]})
     return pl.DataFrame(rows, schema={"pipeline": pl.Utf8, "kind": pl.Utf8, "reason": pl.Utf8,
                                       "decided_at": pl.Datetime("us", "UTC")})
 
 
-def _trend(series: pl.DataFrame, y: str, title: str, window, targets: pl.DataFrame, target_label: str,
+def _trend(series: pl.DataFrame, y: str, title: str, window, target: float | None, target_label: str,
            marks: pl.DataFrame, bucket: int) -> None:
-    """Lines per pipeline (broken at gaps), the targets (pipeline, `y`) dashed, decisions dotted."""
+    """One pipeline's line (broken at gaps) on its own scale, its target dashed, its tuner decisions dotted."""
     data = frames.with_gaps(series.rename({"pipeline": "series"}), ["series"], bucket)
-    layers = [charts.time_lines(data, y, title, window, color_title="pipeline")]
-    if not targets.is_empty():
-        layers.append(charts.target_rules(targets, y, target_label))
+    layers = [charts.time_lines(data, y, title, window, color_title="pipeline", legend=False)]
+    if target is not None:
+        layers.append(charts.target_rules(pl.DataFrame({"pipeline": [pipeline_of(series)], y: [target]}), y,
+                                          target_label))
     if not marks.is_empty():
         layers.append(charts.decision_rules(marks))
-    ui.chart(alt.layer(*layers))
+    ui.chart(alt.layer(*layers).properties(height=PANEL_HEIGHT))
+
+
+def pipeline_of(series: pl.DataFrame) -> str:
+    return series["pipeline"][0]
+
+
+def _headline(pipelines: list[str], cost: pl.DataFrame, tasks: pl.DataFrame, saved: list[analyzer.SLO],
+              currency: str) -> None:
+    """Per pipeline: cost per 1k requests over the range against its budget, and its tasks' p95."""
+    budgets = {s.pipeline: s.cost_per_1k for s in saved if s.cost_per_1k is not None}
+    per_1k = {r["pipeline"]: r["cost_per_1k"] for r in cost.iter_rows(named=True)}
+    for row in range(0, len(pipelines), HEADLINES_PER_ROW):
+        for column, pipeline in zip(st.columns(HEADLINES_PER_ROW), pipelines[row:row + HEADLINES_PER_ROW],
+                                    strict=False):
+            value, budget = per_1k.get(pipeline), budgets.get(pipeline)
+            said = (f"{100 * value / budget:.0f}% of the {frames.format_money(budget, currency)} budget"
+                    if value is not None and budget else "no budget set" if value is not None else None)
+            column.metric(f"Cost per 1k requests · {pipeline}",
+                          frames.format_money(value, currency) if value is not None else "no requests",
+                          delta=said, delta_color="red" if value is not None and budget and value > budget
+                          else "green" if value is not None and budget else "gray", delta_arrow="off", border=True,
+                          help=f"1000 × the cost of {pipeline}'s requests in the range ÷ their number "
+                               f"({tasks.filter(pl.col('pipeline') == pipeline)['requests'].sum():,} requests).")
 
 
 def render(ctx: Context) -> None:
@@ -86,38 +112,55 @@ def render(ctx: Context) -> None:
     except (StoreUnavailable, SLOError) as problem:
         st.warning(str(problem))
 
-    st.subheader("End-to-end p95 and cost per 1k requests")
     if tasks.is_empty():
+        st.subheader("End-to-end p95 and cost per 1k requests")
         st.info(f"No tasks in the last {f.since}{f.scope()} yet. Start `tracetune demo`, or point an "
                 "OpenTelemetry exporter at the collector.")
+        _alerts(open_alerts, f.pipeline_name)
+        return
+    marks = _decisions(ctx, [p for p in pipelines if p in declared], window)
+    over_time, cells, table, note = pl.DataFrame(), None, None, ""
+    try:
+        table, note = pricing.table(ctx.settings)
+        cells = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name,
+                       bucket_seconds=bucket)
+    except analyzer.PricesError as exc:
+        st.info(f"No cost without prices: {exc}")
     else:
-        marks = _decisions(ctx, [p for p in pipelines if p in declared], window)
-        p95_targets = pl.DataFrame([{"pipeline": s.pipeline, "p95_ms": s.p95_ms} for s in saved if s.p95_ms],
-                                   schema={"pipeline": pl.Utf8, "p95_ms": pl.Float64})
+        st.subheader("Cost per 1k requests")
+        _headline(pipelines, analyzer.cost_by(cells, table, ("pipeline",), tenant=f.tenant_name), tasks, saved,
+                  table.currency)
+        over_time = analyzer.cost_by(cells, table, ("pipeline",), tenant=f.tenant_name, over_time=True).filter(
+            pl.col("requests") > 0)
+
+    st.subheader("End-to-end p95 and cost per 1k requests, per pipeline")
+    cost_words = f"cost per 1k requests ({table.currency}, prices {table.version}{note})" if table else ""
+    st.caption("Each pipeline on its own scale. Left: p95 latency of whole tasks (ms)" +
+               (f"; right: {cost_words}" if table else "") +
+               ". Dashed: the SLO target or the budget; dotted: that pipeline's tuner decisions (the Tuner page "
+               "says what each did and why).")
+    slos = {s.pipeline: s for s in saved}
+    for pipeline in pipelines:
+        mine = marks.filter(pl.col("pipeline") == pipeline)
+        slo = slos.get(pipeline)
+        st.markdown(f"**{pipeline}**" + (f" · {mine.height} tuner decision{'s' if mine.height != 1 else ''} in the "
+                                         "range" if mine.height else ""))
         left, right = st.columns(2)
+        own = tasks.filter(pl.col("pipeline") == pipeline)
         with left:
-            st.caption("p95 latency of whole tasks (ms); dashed: the SLO target; dotted: tuner decisions")
-            _trend(tasks.select("bucket", "pipeline", "p95_ms"), "p95_ms", "p95 (ms)", window, p95_targets,
-                   "SLO p95", marks, bucket)
-        with right:
-            try:
-                table, note = pricing.table(ctx.settings)
-                cells = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name,
-                               bucket_seconds=bucket)
-            except analyzer.PricesError as exc:
-                st.info(f"No cost without prices: {exc}")
+            if own.is_empty():
+                st.caption(f"No tasks of {pipeline} in the last {f.since}.")
             else:
-                over_time = analyzer.cost_by(cells, table, ("pipeline",), tenant=f.tenant_name, over_time=True)
-                budgets = pl.DataFrame([{"pipeline": s.pipeline, "cost_per_1k": s.cost_per_1k} for s in saved
-                                        if s.cost_per_1k is not None],
-                                       schema={"pipeline": pl.Utf8, "cost_per_1k": pl.Float64})
-                st.caption(f"cost per 1k requests ({table.currency}, prices {table.version}{note}); dashed: the "
-                           "budget; dotted: tuner decisions")
-                _trend(over_time.filter(pl.col("requests") > 0).select("bucket", "pipeline", "cost_per_1k"),
-                       "cost_per_1k", f"cost per 1k ({table.currency})", window, budgets, "budget", marks, bucket)
-                _contributors(cells, table, f.tenant_name)
-        if not marks.is_empty():
-            st.caption(f"Tuner decisions in the window: {marks.height} (the Tuner page lists them).")
+                _trend(own.select("bucket", "pipeline", "p95_ms"), "p95_ms", "p95 (ms)", window,
+                       slo.p95_ms if slo else None, "SLO p95", mine, bucket)
+        with right:
+            spent = over_time.filter(pl.col("pipeline") == pipeline) if table else pl.DataFrame()
+            if not spent.is_empty():
+                _trend(spent.select("bucket", "pipeline", "cost_per_1k"), "cost_per_1k",
+                       f"cost per 1k ({table.currency})", window, slo.cost_per_1k if slo else None, "budget",
+                       mine, bucket)
+    if cells is not None:
+        _contributors(cells, table, f.tenant_name)
     _alerts(open_alerts, f.pipeline_name)
 
 

@@ -112,8 +112,9 @@ def render(ctx: Context) -> None:
     st.caption(f"{analyzer.END_TO_END}: whole tasks, as callers see them. Self time and critical-path share come "
                f"from up to {analyzer.traces.MAX_TRACES:,} traces sampled over the last {raw_since(f.since)} "
                "(all tenants); "
-               f"{analyzer.ROOT_STEP} is time outside every step. None in the batch, queue or cache columns: the "
-               "step does not batch or cache.")
+               f"{analyzer.ROOT_STEP} is time outside every step. {frames.MISSING} in batch size, queue ms or cache "
+               f"hit %: the step does not batch or look up a cache; {frames.MISSING} in self ms and critical %: no "
+               "sampled trace ran the step (whole tasks have neither).")
 
     st.subheader("Latency over time")
     percentile = st.radio("Percentile", PERCENTILES, index=1, horizontal=True, key="steps_percentile")

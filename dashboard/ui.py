@@ -12,7 +12,8 @@ import streamlit as st
 from tracetune.dashboard import frames
 from tracetune.dashboard.context import Filters
 
-__all__ = ["COUNT", "MONEY", "MS", "PCT", "bucket_seconds", "chart", "coloured", "table", "window"]
+__all__ = ["COUNT", "MONEY", "MS", "PCT", "bucket_seconds", "chart", "coloured", "table", "text_table", "text_widths",
+           "window"]
 
 MS = st.column_config.NumberColumn(format="%.1f")
 PCT = st.column_config.NumberColumn(format="%.1f %%")
@@ -46,9 +47,36 @@ def coloured(table: pl.DataFrame, column: str, colours: dict[str, tuple[str, str
     return table.to_pandas().style.map(colour, subset=[column])
 
 
+# Pixels per character of the grid's font, and a cell's padding: a text column is made as wide as its longest
+# value (up to TEXT_WIDTH_MAX), since the grid sizes columns by a sample of rows and cuts the rest.
+CHAR_PX, CELL_PADDING_PX, TEXT_WIDTH_MAX = 8, 28, 420
+
+
+def text_widths(frame: pl.DataFrame, given: dict | None = None) -> dict:
+    """Column configs for the text columns not configured in `given`: each as wide as its longest value or header."""
+    widths = {}
+    for name, dtype in frame.schema.items():
+        if (given and name in given) or dtype != pl.Utf8:
+            continue
+        longest = max([len(name), *(len(v) for v in frame[name].drop_nulls().to_list())])
+        widths[name] = st.column_config.TextColumn(width=min(TEXT_WIDTH_MAX, CHAR_PX * longest + CELL_PADDING_PX))
+    return widths
+
+
 def table(data: pl.DataFrame | pd.io.formats.style.Styler, column_config: dict | None = None) -> None:
-    """Every row shown (height set: no box scrolling 10 of 15 rows), as wide as the page, no index."""
-    st.dataframe(data, hide_index=True, width="stretch", height="content", column_config=column_config or {})
+    """Every row shown (height set: no box scrolling 10 of 15 rows), as wide as the page, no index; text
+    columns as wide as their longest value; a missing value shows as frames.MISSING, never "None"."""
+    frame = pl.from_pandas(data.data) if isinstance(data, pd.io.formats.style.Styler) else data
+    config = {**text_widths(frame, column_config), **(column_config or {})}
+    st.dataframe(data, hide_index=True, width="stretch", height="content", column_config=config,
+                 placeholder=frames.MISSING)
+
+
+def text_table(frame: pl.DataFrame) -> None:
+    """A table of sentences (reasons, effects, descriptions): a static table whose cells wrap, so nothing is
+    cut; a missing value shows as frames.MISSING."""
+    st.table(frame.with_columns(pl.col(name).fill_null(frames.MISSING)
+                                for name, dtype in frame.schema.items() if dtype == pl.Utf8), hide_index=True)
 
 
 def chart(spec: alt.TopLevelMixin) -> None:

@@ -159,7 +159,7 @@ def test_browser_renders_every_page_with_seeded_numbers(dashboard, client, tmp_p
 
             # Overview: the SLO in words, both trends, the top contributors and the open alert.
             metrics = visit("overview", "Overview", "SLO", "Open alerts")
-            assert metrics["SLO · doc_qa"] == "Budget spent"
+            assert metrics["SLO · support_bot"] == "Budget spent"
             cells = tables_text(page)
             assert "budget spent: 7900% over the 30-day budget" in cells and "SLOBurnRate" in cells
             assert "burn factor" not in page.inner_text("body") + cells
@@ -168,7 +168,7 @@ def test_browser_renders_every_page_with_seeded_numbers(dashboard, client, tmp_p
             metrics = visit("steps", "Steps", "Requests", "Errors")
             assert metrics["Requests"] == "65"
             body, cells = page.inner_text("body"), tables_text(page)
-            for name in ("doc_qa / generate / llm", "ticket_triage / create_followup"):  # chart legends
+            for name in ("support_bot / generate / llm", "ticket_triage / create_followup"):  # chart legends
                 assert name in body, name
             assert "step failed" in cells
             failed = {r.trace_id for r in requests if r.failed and not r.earlier}
@@ -182,7 +182,7 @@ def test_browser_renders_every_page_with_seeded_numbers(dashboard, client, tmp_p
                 1000 * sum(request_cost(r, prices) for r in now) / len(now), prices.currency)
             body = page.inner_text("body")
             assert f"version {prices.version} · {prices.currency}" in body and "counted at 0" not in body
-            assert "doc_qa: new this period" in body
+            assert "support_bot: new this period" in body
 
             # Drift, computed on the fly over the last minute (seeded again: the minute moves on).
             seed.seed_features(client)
@@ -195,12 +195,12 @@ def test_browser_renders_every_page_with_seeded_numbers(dashboard, client, tmp_p
             assert metrics["Canary in flight"] == "v3 · 10% of tasks"
             assert page.locator('input[type="password"]').count() == 1
 
-            # Alerts: doc_qa's page firing (silenced), ticket_triage's resolved, the pending deliveries.
+            # Alerts: support_bot's page firing (silenced), ticket_triage's resolved, the pending deliveries.
             metrics = visit("alerts", "Alerts", "Alerts firing", "Delivery log")
             assert metrics["Alerts firing"] == "1"
             cells = tables_text(page)
-            assert "firing (silenced)" in cells and "resolved" in cells and "pipeline=doc_qa" in cells
-            assert set(PIPELINES) <= set(re.findall(r"\b(doc_qa|ticket_triage)\b", cells))
+            assert "firing (silenced)" in cells and "resolved" in cells and "pipeline=support_bot" in cells
+            assert set(PIPELINES) <= set(re.findall(r"\b(support_bot|ticket_triage)\b", cells))
         finally:
             browser.close()
     assert list(shots) == ["overview", "steps", "cost", "drift", "tuner", "alerts"]
