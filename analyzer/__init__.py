@@ -36,6 +36,7 @@ from tracetune.analyzer.series import (
     error_spans,
     feature_histograms,
     feature_samples,
+    pipelines,
     step_series,
     tenants,
 )
@@ -85,5 +86,5 @@ __all__ = [
     "current_prices", "latency", "latency_series", "load_prices", "parse_window", "publish_prices",
     "self_times", "step_breakdown", "step_stats", "step_times",
     "cost_by", "cost_cells", "cost_change", "drift_history", "error_spans", "feature_histograms", "feature_samples",
-    "step_series", "tenants",
+    "pipelines", "step_series", "tenants",
 ]

@@ -12,7 +12,7 @@ from tracetune.analyzer import alerts as alerting
 from tracetune.analyzer import delivery
 from tracetune.dashboard import frames, ui
 from tracetune.dashboard.context import Context, run
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 
 DELIVERIES_SHOWN = 100
 
@@ -33,6 +33,8 @@ def alert_rows(alerts: list, silences: list, now: datetime) -> pl.DataFrame:
 
 def render(ctx: Context) -> None:
     f = ctx.filters
+    prefetch(ctx.settings, [(alerting.current_alerts, {}), (alerting.list_silences, {}),
+                            (delivery.deliveries, {"limit": DELIVERIES_SHOWN})])
     try:
         found = cached(ctx.settings, alerting.current_alerts)
         silences = cached(ctx.settings, alerting.list_silences)

@@ -13,7 +13,7 @@ from tracetune.analyzer import PricesError
 from tracetune.dashboard import charts, frames, pricing, ui
 from tracetune.dashboard.context import Context, run
 from tracetune.dashboard.frames import COST_SPLIT, format_money
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 
 MONEY_COLUMNS = {"cost per 1k": ui.MONEY, "total cost": ui.MONEY, "requests": ui.COUNT, "spans": ui.COUNT,
                  "tokens": ui.COUNT, "compute s": st.column_config.NumberColumn(format="%.3f"),
@@ -45,13 +45,13 @@ def render(ctx: Context) -> None:
     f = ctx.filters
     bucket = ui.bucket_seconds(f)
     window = ui.window(f, datetime.now(UTC))
+    asked = [{"since": f.since, "pipeline": f.pipeline_name},
+             {"since": f.since, "pipeline": f.pipeline_name, "bucket_seconds": bucket},
+             {"since": f.since, "pipeline": f.pipeline_name, "offset_seconds": f.seconds}]
+    prefetch(ctx.settings, [(analyzer.current_prices, {}), *((analyzer.cost_cells, kwargs) for kwargs in asked)])
     try:
         table, note = pricing.table(ctx.settings)
-        cells = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name)
-        timed = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name,
-                       bucket_seconds=bucket)
-        previous = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name,
-                          offset_seconds=f.seconds)
+        cells, timed, previous = (cached(ctx.settings, analyzer.cost_cells, **kwargs) for kwargs in asked)
     except StoreUnavailable as problem:
         show_unavailable(problem, f.since)
         return

@@ -13,7 +13,7 @@ from tracetune import analyzer
 from tracetune.analyzer import Thresholds
 from tracetune.dashboard import charts, frames, ui
 from tracetune.dashboard.context import Context, run
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 
 # Drift has its own current window whatever the time range: the analyzer loop's, against each pipeline's
 # pinned baseline or else the preceding window of the same length. The range picks the history shown.
@@ -91,6 +91,9 @@ def _histograms(ctx: Context, row: dict) -> None:
 def render(ctx: Context) -> None:
     f = ctx.filters
     window = ui.window(f, datetime.now(UTC))
+    prefetch(ctx.settings, [(analyzer.latest_drift, {"pipeline": f.pipeline_name}),
+                            (analyzer.drift_history, {"since": f.since, "pipeline": f.pipeline_name}),
+                            (analyzer.drift_flags, {"since": f.since, "pipeline": f.pipeline_name})])
     try:
         results = cached(ctx.settings, analyzer.latest_drift, pipeline=f.pipeline_name)
         stored = not results.is_empty()
@@ -119,7 +122,7 @@ def render(ctx: Context) -> None:
         column.metric(status.replace("_", " ").capitalize(), f"{counts.get(status, 0)}",
                       help="Features whose worst statistic says so.")
     shown = table if not f.pipeline_name else table.drop("pipeline")
-    shown = shown.with_columns(pl.col("status").replace(frames.STATUS_WORDS))
+    shown = shown.with_columns(pl.col("status").replace(frames.STATUS_WORDS)).drop("kind")  # the statistic says it
     ui.table(ui.coloured(shown, "status"), {
         "value": st.column_config.NumberColumn("statistic value", format="%.4f"),
         "p_value": st.column_config.NumberColumn("p-value", format="%.4f"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import altair as alt
 import polars as pl
 import streamlit as st
 
@@ -13,18 +12,23 @@ from tracetune import analyzer
 from tracetune.analyzer import SLOError, alerts
 from tracetune.dashboard import charts, frames, pricing, ui
 from tracetune.dashboard.context import Context, run
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 from tracetune.tuner import decisions, versions
 
 TOP_CONTRIBUTORS = 5
+DECISIONS_READ = 200  # a pipeline's newest decisions read for the marks (those in the range are drawn)
 HEADLINES_PER_ROW = 4
-PANEL_HEIGHT = 180
+PANEL_WIDTH, PANEL_HEIGHT = 380, 150  # each pipeline's panel (px), two side by side at 1400 px
+
+
+def _slo_calls(ctx: Context, saved: list[analyzer.SLO]) -> list[tuple]:
+    return [(analyzer.slo_status, {"pipeline": s.pipeline, "slo": s, "tenant": ctx.filters.tenant_name})
+            for s in saved]
 
 
 def _slo_section(ctx: Context, saved: list[analyzer.SLO]) -> pl.DataFrame:
     f = ctx.filters
-    statuses = [cached(ctx.settings, analyzer.slo_status, pipeline=s.pipeline, slo=s, tenant=f.tenant_name)
-                for s in saved]
+    statuses = [cached(ctx.settings, fn, **kwargs) for fn, kwargs in _slo_calls(ctx, saved)]
     status = pl.concat(statuses) if statuses else pl.DataFrame()
     words = frames.slo_words(status) if statuses else pl.DataFrame()
     st.subheader("SLOs")
@@ -38,7 +42,7 @@ def _slo_section(ctx: Context, saved: list[analyzer.SLO]) -> pl.DataFrame:
         column.metric(f"SLO · {pipeline}", sentence.split(":")[0].capitalize(), help=sentence, border=True)
     shown = words.select("pipeline", "objective", "target", "status", "state")
     ui.table(ui.coloured(shown, "state", frames.STATE_COLOURS),
-             {"status": st.column_config.TextColumn("how it stands", width="large")})
+             {"status": st.column_config.TextColumn("how it stands")})
     st.caption("Budget left is over the SLO period's tasks so far; \"at this burn\" is the pace of the last "
                f"{words['window'][0]} (errors or slow tasks against what the budget allows).")
     return words
@@ -47,29 +51,12 @@ def _slo_section(ctx: Context, saved: list[analyzer.SLO]) -> pl.DataFrame:
 def _decisions(ctx: Context, pipelines: list[str], window: tuple[datetime, datetime]) -> pl.DataFrame:
     rows = []
     for pipeline in pipelines:
-        for d in cached(ctx.settings, decisions.history, pipeline=pipeline, limit=200):
+        for d in cached(ctx.settings, decisions.history, pipeline=pipeline, limit=DECISIONS_READ):
             if d["decided_at"] >= window[0]:
                 rows.append({"pipeline": pipeline, "kind": d["kind"], "reason": frames.readable(d["reason"]),
                              "decided_at": d["decided_at"]})
     return pl.DataFrame(rows, schema={"pipeline": pl.Utf8, "kind": pl.Utf8, "reason": pl.Utf8,
                                       "decided_at": pl.Datetime("us", "UTC")})
-
-
-def _trend(series: pl.DataFrame, y: str, title: str, window, target: float | None, target_label: str,
-           marks: pl.DataFrame, bucket: int) -> None:
-    """One pipeline's line (broken at gaps) on its own scale, its target dashed, its tuner decisions dotted."""
-    data = frames.with_gaps(series.rename({"pipeline": "series"}), ["series"], bucket)
-    layers = [charts.time_lines(data, y, title, window, color_title="pipeline", legend=False)]
-    if target is not None:
-        layers.append(charts.target_rules(pl.DataFrame({"pipeline": [pipeline_of(series)], y: [target]}), y,
-                                          target_label))
-    if not marks.is_empty():
-        layers.append(charts.decision_rules(marks))
-    ui.chart(alt.layer(*layers).properties(height=PANEL_HEIGHT))
-
-
-def pipeline_of(series: pl.DataFrame) -> str:
-    return series["pipeline"][0]
 
 
 def _headline(pipelines: list[str], cost: pl.DataFrame, tasks: pl.DataFrame, saved: list[analyzer.SLO],
@@ -83,7 +70,7 @@ def _headline(pipelines: list[str], cost: pl.DataFrame, tasks: pl.DataFrame, sav
             value, budget = per_1k.get(pipeline), budgets.get(pipeline)
             said = (f"{100 * value / budget:.0f}% of the {frames.format_money(budget, currency)} budget"
                     if value is not None and budget else "no budget set" if value is not None else None)
-            column.metric(f"Cost per 1k requests · {pipeline}",
+            column.metric(pipeline,
                           frames.format_money(value, currency) if value is not None else "no requests",
                           delta=said, delta_color="red" if value is not None and budget and value > budget
                           else "green" if value is not None and budget else "gray", delta_arrow="off", border=True,
@@ -95,11 +82,15 @@ def render(ctx: Context) -> None:
     f = ctx.filters
     window = ui.window(f, datetime.now(UTC))
     bucket = ui.bucket_seconds(f)
+    series = {"since": f.since, "pipeline": f.pipeline_name, "tenant": f.tenant_name, "bucket_seconds": bucket,
+              "tasks_only": True}
+    cells = {"since": f.since, "pipeline": f.pipeline_name, "bucket_seconds": bucket}
+    prefetch(ctx.settings, [(analyzer.list_slos, {}), (analyzer.step_series, series), (versions.pipelines, {}),
+                            (alerts.current_alerts, {}), (analyzer.current_prices, {}), (analyzer.cost_cells, cells)])
     try:
         saved = [s for s in cached(ctx.settings, analyzer.list_slos)
                  if not f.pipeline_name or s.pipeline == f.pipeline_name]
-        tasks = cached(ctx.settings, analyzer.step_series, since=f.since, pipeline=f.pipeline_name,
-                       tenant=f.tenant_name, bucket_seconds=bucket)
+        tasks = cached(ctx.settings, analyzer.step_series, **series)
         declared = [p["pipeline"] for p in cached(ctx.settings, versions.pipelines)]
         open_alerts = cached(ctx.settings, alerts.current_alerts)
     except StoreUnavailable as problem:
@@ -107,6 +98,8 @@ def render(ctx: Context) -> None:
         return
     tasks = tasks.filter(pl.col("step") == analyzer.END_TO_END)
     pipelines = sorted(set(tasks["pipeline"]) | {s.pipeline for s in saved})
+    prefetch(ctx.settings, [*_slo_calls(ctx, saved), *((decisions.history, {"pipeline": p, "limit": DECISIONS_READ})
+                                                       for p in pipelines if p in declared)])
     try:
         _slo_section(ctx, saved)
     except (StoreUnavailable, SLOError) as problem:
@@ -119,11 +112,10 @@ def render(ctx: Context) -> None:
         _alerts(open_alerts, f.pipeline_name)
         return
     marks = _decisions(ctx, [p for p in pipelines if p in declared], window)
-    over_time, cells, table, note = pl.DataFrame(), None, None, ""
+    over_time, table, note = pl.DataFrame(), None, ""
     try:
         table, note = pricing.table(ctx.settings)
-        cells = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name,
-                       bucket_seconds=bucket)
+        cells = cached(ctx.settings, analyzer.cost_cells, **cells)
     except analyzer.PricesError as exc:
         st.info(f"No cost without prices: {exc}")
     else:
@@ -135,31 +127,25 @@ def render(ctx: Context) -> None:
 
     st.subheader("End-to-end p95 and cost per 1k requests, per pipeline")
     cost_words = f"cost per 1k requests ({table.currency}, prices {table.version}{note})" if table else ""
-    st.caption("Each pipeline on its own scale. Left: p95 latency of whole tasks (ms)" +
+    st.caption("One row per pipeline, each on its own scale. Left: p95 latency of whole tasks (ms)" +
                (f"; right: {cost_words}" if table else "") +
                ". Dashed: the SLO target or the budget; dotted: that pipeline's tuner decisions (the Tuner page "
                "says what each did and why).")
-    slos = {s.pipeline: s for s in saved}
-    for pipeline in pipelines:
-        mine = marks.filter(pl.col("pipeline") == pipeline)
-        slo = slos.get(pipeline)
-        st.markdown(f"**{pipeline}**" + (f" · {mine.height} tuner decision{'s' if mine.height != 1 else ''} in the "
-                                         "range" if mine.height else ""))
-        left, right = st.columns(2)
-        own = tasks.filter(pl.col("pipeline") == pipeline)
-        with left:
-            if own.is_empty():
-                st.caption(f"No tasks of {pipeline} in the last {f.since}.")
-            else:
-                _trend(own.select("bucket", "pipeline", "p95_ms"), "p95_ms", "p95 (ms)", window,
-                       slo.p95_ms if slo else None, "SLO p95", mine, bucket)
-        with right:
-            spent = over_time.filter(pl.col("pipeline") == pipeline) if table else pl.DataFrame()
-            if not spent.is_empty():
-                _trend(spent.select("bucket", "pipeline", "cost_per_1k"), "cost_per_1k",
-                       f"cost per 1k ({table.currency})", window, slo.cost_per_1k if slo else None, "budget",
-                       mine, bucket)
-    if cells is not None:
+    p95_targets = pl.DataFrame([{"pipeline": s.pipeline, "p95_ms": s.p95_ms} for s in saved if s.p95_ms],
+                               schema={"pipeline": pl.Utf8, "p95_ms": pl.Float64})
+    budgets = pl.DataFrame([{"pipeline": s.pipeline, "cost_per_1k": s.cost_per_1k} for s in saved
+                            if s.cost_per_1k is not None], schema={"pipeline": pl.Utf8, "cost_per_1k": pl.Float64})
+    left, right = st.columns(2)
+    with left:
+        points = frames.with_gaps(tasks.select("bucket", "pipeline", "p95_ms"), ["pipeline"], bucket)
+        ui.chart(charts.pipeline_panels(points, "p95_ms", "p95 (ms)", window, p95_targets, "SLO p95", marks,
+                                        PANEL_WIDTH, PANEL_HEIGHT))
+    with right:
+        if table is not None and not over_time.is_empty():
+            points = frames.with_gaps(over_time.select("bucket", "pipeline", "cost_per_1k"), ["pipeline"], bucket)
+            ui.chart(charts.pipeline_panels(points, "cost_per_1k", f"cost per 1k ({table.currency})", window,
+                                            budgets, "budget", marks, PANEL_WIDTH, PANEL_HEIGHT))
+    if table is not None:
         _contributors(cells, table, f.tenant_name)
     _alerts(open_alerts, f.pipeline_name)
 

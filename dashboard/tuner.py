@@ -19,7 +19,7 @@ import streamlit as st
 
 from tracetune.dashboard import charts, frames, ui
 from tracetune.dashboard.context import Context, run
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 from tracetune.tuner import canary, decisions, versions
 from tracetune.tuner.config import PipelineConfig
 
@@ -192,6 +192,8 @@ def render(ctx: Context) -> None:
         st.info(f"The tuner has no config{f.scope()} yet: an executor registers its pipeline with the tuner when it "
                 "starts (`tracetune up` with `tracetune demo`).")
         return
+    prefetch(ctx.settings, [(fn, {"pipeline": p, **extra}) for p in shown for fn, extra in (
+        (versions.latest, {}), (decisions.state, {}), (canary.running, {}), (decisions.history, {"limit": 100}))])
     for pipeline in shown:
         try:
             config = cached(ctx.settings, versions.latest, pipeline=pipeline)

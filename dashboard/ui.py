@@ -47,27 +47,38 @@ def coloured(table: pl.DataFrame, column: str, colours: dict[str, tuple[str, str
     return table.to_pandas().style.map(colour, subset=[column])
 
 
-# Pixels per character of the grid's font, and a cell's padding: a text column is made as wide as its longest
-# value (up to TEXT_WIDTH_MAX), since the grid sizes columns by a sample of rows and cuts the rest.
-CHAR_PX, CELL_PADDING_PX, TEXT_WIDTH_MAX = 8, 28, 420
+# Pixels a character takes in the grid's font, at most (tests/dashboard/test_browser.py measures the real font
+# against this): capitals and the wide lower-case letters, and the rest; and a cell's padding. A text column
+# is made as wide as its longest value or header, since the grid sizes columns from a sample of rows and
+# cuts the rest.
+WIDE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZmw%@—→")
+WIDE_PX, CHAR_PX, CELL_PADDING_PX = 9.5, 7.4, 20
+
+
+def text_width(texts: list[str]) -> int:
+    """Pixels a grid column needs to show the longest of `texts` whole."""
+    return int(max((sum(WIDE_PX if c in WIDE_CHARS else CHAR_PX for c in t) for t in texts), default=0)
+               + CELL_PADDING_PX)
 
 
 def text_widths(frame: pl.DataFrame, given: dict | None = None) -> dict:
-    """Column configs for the text columns not configured in `given`: each as wide as its longest value or header."""
+    """Column configs for the text columns: each as wide as its longest value or label, keeping whatever else
+    `given` configures for it (a width given there wins)."""
     widths = {}
     for name, dtype in frame.schema.items():
-        if (given and name in given) or dtype != pl.Utf8:
+        config = dict((given or {}).get(name) or {})
+        if dtype != pl.Utf8 or config.get("width"):
             continue
-        longest = max([len(name), *(len(v) for v in frame[name].drop_nulls().to_list())])
-        widths[name] = st.column_config.TextColumn(width=min(TEXT_WIDTH_MAX, CHAR_PX * longest + CELL_PADDING_PX))
+        texts = [config.get("label") or name, *(v for v in frame[name].drop_nulls().to_list())]
+        widths[name] = {**(config or st.column_config.TextColumn()), "width": text_width(texts)}
     return widths
 
 
 def table(data: pl.DataFrame | pd.io.formats.style.Styler, column_config: dict | None = None) -> None:
     """Every row shown (height set: no box scrolling 10 of 15 rows), as wide as the page, no index; text
     columns as wide as their longest value; a missing value shows as frames.MISSING, never "None"."""
-    frame = pl.from_pandas(data.data) if isinstance(data, pd.io.formats.style.Styler) else data
-    config = {**text_widths(frame, column_config), **(column_config or {})}
+    frame = data if isinstance(data, pl.DataFrame) else pl.from_pandas(data.data)  # a Styler's frame
+    config = {**(column_config or {}), **text_widths(frame, column_config)}
     st.dataframe(data, hide_index=True, width="stretch", height="content", column_config=config,
                  placeholder=frames.MISSING)
 

@@ -9,6 +9,7 @@ path), the test says so and checks it against what the seed makes it.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import uuid
@@ -153,30 +154,23 @@ def test_overview_says_the_slo_in_words_and_marks_targets_decisions_costs_and_al
     head = metrics(at)
     for pipeline in PIPELINES:
         mine = recent(requests, pipeline)
-        assert head[f"Cost per 1k requests · {pipeline}"] == format_money(
+        assert head[pipeline] == format_money(
             1000 * sum(request_cost(r, PRICES) for r in mine) / len(mine), "USD"), pipeline
 
-    # One p95 and one cost chart per pipeline, each on its own scale with only its own target and decisions.
-    found = charts(at)
-    assert len(found) == 2 * len(PIPELINES) + 1  # and the top contributors
-    panels = {}
-    for chart in found[:-1]:
+    # One p95 and one cost chart, a panel per pipeline (facet rows, each its own y scale), each panel with only
+    # its own target and decisions.
+    p95, cost, top = charts(at)
+    for chart, column, target in ((p95, "p95_ms", ("SLO p95", SLO.p95_ms)), (cost, "cost_per_1k",
+                                                                            ("budget", SLO.cost_per_1k))):
+        spec = json.loads(chart.proto.spec)
+        assert spec["facet"]["row"]["field"] == "pipeline" and spec["resolve"]["scale"]["y"] == "independent"
         shown = chart_rows(chart)
-        (pipeline,) = {r["series"] for r in shown if "series" in r}
-        panels.setdefault(pipeline, []).append(shown)
-    assert set(panels) == set(PIPELINES) and all(len(v) == 2 for v in panels.values())
-    p95_rows, cost_rows = panels["support_bot"]
-    assert [(r["target"], r["p95_ms"]) for r in p95_rows if "target" in r] == [("SLO p95: support_bot", SLO.p95_ms)]
-    assert [(r["target"], r["cost_per_1k"]) for r in cost_rows if "target" in r] == [("budget: support_bot",
-                                                                                       SLO.cost_per_1k)]
-    assert not [r for r in p95_rows if "kind" in r]  # support_bot is not tuned: no decision lines
-    triage_p95, triage_cost = panels["ticket_triage"]
-    assert sorted(r["kind"] for r in triage_p95 if "kind" in r) == ["canary_start", "tune"]  # its own, in the hour
-    assert sorted(r["kind"] for r in triage_cost if "kind" in r) == ["canary_start", "tune"]
-    assert {r["pipeline"] for r in triage_p95 + triage_cost if "kind" in r} == {"ticket_triage"}
-    assert sorted(r["kind"] for r in panels["reviews"][0] if "kind" in r) == ["canary_rollback", "tune"]
-    assert not [r for r in triage_p95 if "target" in r]  # no SLO of its own
-    top = found[-1]
+        assert {r["pipeline"] for r in shown if r["row"] == "point"} == set(PIPELINES)
+        assert [(r["pipeline"], r[column]) for r in shown if r["row"] == "target"] == [("support_bot", target[1])]
+        assert [r["label"] for r in shown if r["row"] == "target"][0].startswith(target[0])
+        marks = sorted((r["pipeline"], r["kind"]) for r in shown if r["row"] == "decision")
+        assert marks == [("reviews", "canary_rollback"), ("reviews", "tune"), ("ticket_triage", "canary_start"),
+                         ("ticket_triage", "tune")]  # the seeded decisions, in the last hour, each its pipeline's
 
     # Top cost contributors: each (pipeline, step, route)'s share of the cost, from the seed by hand.
     spent: dict[str, float] = {}
@@ -199,7 +193,10 @@ def test_overview_says_the_slo_in_words_and_marks_targets_decisions_costs_and_al
 def test_steps_page_shows_percentiles_self_time_batching_cache_and_errors(seeded, reader):
     _, requests, _ = seeded
     at = open_page("steps")
-    table = {(r["pipeline"], r["step"], r["route"]): r for r in rows(at, 0)}
+    # One table per pipeline (in name order; a heading names it), then the error list.
+    assert [m.value for m in at.markdown if m.value.startswith("**")] == [f"**{p}**" for p in sorted(PIPELINES)]
+    table = {(pipeline, r["step"], r["route"]): r for i, pipeline in enumerate(sorted(PIPELINES))
+             for r in rows(at, i)}
     expected = {(p, step, ROUTES.get(step, "")): (calls, errors, base) for p, steps in PIPELINES.items()
                 for step, calls, errors, base in steps}
     assert set(table) == set(expected) | {(p, analyzer.END_TO_END, "") for p in PIPELINES}
@@ -246,7 +243,7 @@ def test_steps_page_shows_percentiles_self_time_batching_cache_and_errors(seeded
     assert all(0 <= r["value"] <= 100 for r in hits)
 
     # Errors: each failed step's spans, and the failed tasks (their root spans repeat the error).
-    errors = {(r["pipeline"], r["step"]): r for r in rows(at, 1)}
+    errors = {(r["pipeline"], r["step"]): r for r in rows(at, len(PIPELINES))}
     failed: dict[tuple[str, str], list[str]] = {}
     for r in recent(requests):
         if r.failed:
@@ -454,7 +451,8 @@ def test_filters_come_from_the_query_string_and_go_back_into_it(seeded):
     tenant.set_value("all")
     run(at)
     assert at.query_params == {"pipeline": "all", "since": "6h", "tenant": "all", "refresh": "off"}
-    embed = {r["route"]: r["requests"] for r in rows(at, 0) if (r["pipeline"], r["step"]) == ("ticket_triage", "embed")}
+    triage = sorted(PIPELINES).index("ticket_triage")  # its table, in name order
+    embed = {r["route"]: r["requests"] for r in rows(at, triage) if r["step"] == "embed"}
     assert embed == {"int8": 40 + EARLIER_REQUESTS, "": OLD_EMBED_CALLS}  # the old calls came without a route
     # The idle hour between the earlier calls and these is a gap: two line segments, not one line across it.
     line = [r for r in chart_rows(charts(at)[0]) if r["series"] == "ticket_triage / embed / int8"]
