@@ -69,7 +69,8 @@ def render(ctx: Context) -> None:
     if silences:
         ui.table(pl.DataFrame([{
             "matchers": " ".join(str(m) for m in s.matchers), "state": s.to_dict()["status"]["state"],
-            "ends": _when(s.ends_at), "by": s.created_by, "comment": s.comment, "id": s.silence_id}
+            "ends": _when(s.ends_at), "by": s.created_by or frames.MISSING, "comment": s.comment or frames.MISSING,
+            "id": s.silence_id}
             for s in silences]))
     else:
         st.caption("No silence. `tracetune alerts silence pipeline=NAME --for 2h` adds one.")

@@ -15,6 +15,7 @@ from tracetune.dashboard.context import Context, run
 from tracetune.dashboard.frames import COST_SPLIT, format_money
 from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 
+PANEL_WIDTH, PANEL_HEIGHT = 820, 120  # each pipeline's row of the cost-over-time chart (px)
 MONEY_COLUMNS = {"cost per 1k": ui.MONEY, "total cost": ui.MONEY, "requests": ui.COUNT, "spans": ui.COUNT,
                  "tokens": ui.COUNT, "compute s": st.column_config.NumberColumn(format="%.3f"),
                  **{f"{label} per 1k": ui.MONEY for label in COST_SPLIT.values()}}
@@ -107,9 +108,11 @@ def render(ctx: Context) -> None:
     st.subheader("Cost per 1k requests over time")
     over_time = analyzer.cost_by(timed, table, ("pipeline",), tenant=tenant, over_time=True).filter(
         pl.col("requests") > 0)
-    data = frames.with_gaps(over_time.select("bucket", pl.col("pipeline").alias("series"), "cost_per_1k"),
-                            ["series"], bucket)
-    ui.chart(charts.time_lines(data, "cost_per_1k", f"cost per 1k ({currency})", window, color_title="pipeline"))
+    data = frames.with_gaps(over_time.select("bucket", "pipeline", "cost_per_1k"), ["pipeline"], bucket)
+    none = pl.DataFrame()
+    ui.chart(charts.pipeline_panels(data, "cost_per_1k", f"cost per 1k ({currency})", window, none, "", none,
+                                    PANEL_WIDTH, PANEL_HEIGHT))
+    st.caption("One row per pipeline, each on its own scale.")
 
     st.subheader(f"What changed since the previous {f.since}")
     keys = ("pipeline", "step", "route", "model")

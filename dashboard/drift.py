@@ -119,7 +119,7 @@ def render(ctx: Context) -> None:
     table = frames.drift_table(results, True)
     counts = dict(table.group_by("status").len().iter_rows())
     for column, status in zip(st.columns(4), analyzer.drift.STATUSES, strict=True):
-        column.metric(status.replace("_", " ").capitalize(), f"{counts.get(status, 0)}",
+        column.metric(frames.STATUS_WORDS.get(status, status).capitalize(), f"{counts.get(status, 0)}",
                       help="Features whose worst statistic says so.")
     shown = table if not f.pipeline_name else table.drop("pipeline")
     shown = shown.with_columns(pl.col("status").replace(frames.STATUS_WORDS)).drop("kind")  # the statistic says it
@@ -130,7 +130,7 @@ def render(ctx: Context) -> None:
         "n_current": st.column_config.NumberColumn("current n", format="%d")})
     limits = Thresholds()
     st.caption("psi: population stability index (numeric, latency); js: Jensen–Shannon distance (categorical); "
-               "p-value of KS (numeric) or chi-square (categorical). insufficient data: under "
+               "p-value of KS (numeric) or chi-square (categorical). not enough data: under "
                f"{limits.min_samples} samples in a window ({limits.psi_min_samples} for psi).")
 
     flags = cached(ctx.settings, analyzer.drift_flags, since=f.since, pipeline=f.pipeline_name)

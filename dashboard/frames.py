@@ -275,7 +275,8 @@ def readable(text: str) -> str:
 
 
 def decision_change(before: dict, after: dict) -> str:
-    """The knobs a decision changed, one per line: `classify batch_max_size 8 → 16` (configs as to_dict())."""
+    """The knobs a decision changed, "; " between them: `classify batch_max_size 8 → 16` (configs as to_dict()).
+    A static table does not break lines, so parts are joined in the line."""
     old, new = before.get("steps", {}), after.get("steps", {})
     lines = []
     for step in sorted(set(old) | set(new)):
@@ -286,7 +287,7 @@ def decision_change(before: dict, after: dict) -> str:
     for flag in ("frozen", "pinned"):
         if before.get(flag) != after.get(flag) and flag in after:
             lines.append(f"{flag} {knob_text(before.get(flag))} → {knob_text(after.get(flag))}")
-    return "\n".join(lines) or "no knob changed"
+    return "; ".join(lines) or "no knob changed"
 
 
 # Metric names of predicted / observed effects -> (words, unit, scale to the unit)
@@ -314,7 +315,7 @@ def _versus(new: float, old: float) -> str:
 
 
 def decision_effect(predicted: dict[str, float], observed: dict[str, float]) -> str:
-    """What a decision expected and what was measured after it, one line per metric, in words:
+    """What a decision expected and what was measured after it, one part per metric ("; " between), in words:
     `cost per 1k: 0.42 before, predicted 0.3, observed 0.31 (-26%)`; a canary's verdict figures as
     `canary vs base: p95 176 ms vs 180 ms (-2%)`; "" when the decision predicted and measured nothing."""
     before = {k.removeprefix("before."): v for k, v in predicted.items() if k.startswith("before.")}
@@ -353,4 +354,4 @@ def decision_effect(predicted: dict[str, float], observed: dict[str, float]) -> 
             steps.setdefault(step + (" (whole proposal)" if whole else ""), []).append(
                 f"{_words(name)} {_metric(name, value)}")
     lines += [f"{step} predicted: {', '.join(said)}" for step, said in sorted(steps.items())]
-    return "\n".join(lines)
+    return "; ".join(lines)

@@ -70,7 +70,7 @@ def decision_table(history: list[dict]) -> pl.DataFrame:
             "decision": f"{KIND_WORDS.get(d['kind'], d['kind'])}: version {d['version_before']} → "
                         f"{d['version_after']}, by {d['author']}",
             "what changed": frames.decision_change(d["config_before"], d["config_after"]),
-            "why": f"{summary}\n{why}" if summary and why and summary != why else summary or why or frames.MISSING,
+            "why": f"{summary} ({why})" if summary and why and summary != why else summary or why or frames.MISSING,
             "effect": frames.decision_effect(d["predicted"], d["observed"]) or "nothing predicted or measured"})
     return pl.DataFrame(rows, schema={c: pl.Utf8 for c in ("when (UTC)", "decision", "what changed", "why", "effect")})
 

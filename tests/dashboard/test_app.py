@@ -319,8 +319,8 @@ def test_cost_page_breaks_cost_down_names_the_price_version_and_explains_the_cha
         "compute time per call")  # create_followup's per-call price is the bigger part of the move
     assert any(s.startswith("- support_bot: new this period") for s in sentences)
 
-    over_time = chart_rows(charts(at)[1])
-    assert {r["series"] for r in over_time} == set(PIPELINES)
+    over_time = chart_rows(charts(at)[1])  # a row of its own per pipeline
+    assert {r["pipeline"] for r in over_time if r["row"] == "point"} == set(PIPELINES)
 
 
 # ---- Tuner (read) -------------------------------------------------------------------------------------
@@ -341,7 +341,7 @@ def test_tuner_page_shows_config_decisions_with_predicted_and_observed_and_the_c
     assert [r["decision"] for r in timeline] == ["canary started: version 2 → 3, by tuner",
                                                  "tuned: version 1 → 2, by tuner"]  # newest first
     assert timeline[1]["what changed"] == "classify batch_max_size 8 → 16"
-    assert timeline[1]["effect"] == ("p95: predicted 100 ms, observed 95 ms\n"
+    assert timeline[1]["effect"] == ("p95: predicted 100 ms, observed 95 ms; "
                                      "cost per 1k: predicted 0.4, not observed yet")
     assert timeline[0]["effect"] == "nothing predicted or measured"
 
@@ -354,16 +354,16 @@ def test_tuner_page_says_every_past_decision_in_words(seeded):
     tables = [t.value.to_dict("records") for t in at.table]
     reviews = next(t for t in tables if any("canary rolled back" in r["decision"] for r in t))
     back, tune = reviews
-    assert tune["what changed"] == ("escalate cache_enabled off → on\nescalate cascade_threshold 0.7 → 0.63\n"
+    assert tune["what changed"] == ("escalate cache_enabled off → on; escalate cascade_threshold 0.7 → 0.63; "
                                     "sentiment route_weights fp32 50.0% / int8 50.0% → fp32 64.3% / int8 35.7%")
     assert tune["why"] == ("sentiment: int8 answers as well as fp32 at 0.5781 of its compute, moving 0.14 of traffic; "
                            "escalate: escalations 31% -> 22% (clamped to cascade_threshold 0.63, cache_enabled on, "
                            "at most 10% per decision)")
-    assert tune["effect"].split("\n") == [
+    assert tune["effect"].split("; ") == [
         "p95: 180 ms before, observed 176 ms (-2%)", "cost per 1k: 0.42 before, observed 0.31 (-26%)",
         "measured over 420 tasks", "escalate (whole proposal) predicted: cost per 1k 0.28",
         "sentiment predicted: cost per 1k 0.3312"]
-    assert back["effect"].split("\n") == ["canary vs base, p95: 240 ms vs 176 ms (+36%)",
+    assert back["effect"].split("; ") == ["canary vs base, p95: 240 ms vs 176 ms (+36%)",
                                           "canary vs base, cost per 1k: 0.29 vs 0.31 (-6%)"]
     for row in (r for t in tables for r in t):
         for cell in row.values():

@@ -241,7 +241,7 @@ def test_browser_renders_every_page_with_seeded_numbers(dashboard, client, tmp_p
 
             # Drift, computed on the fly over the last minute (seeded again: the minute moves on).
             seed.seed_features(client)
-            metrics = visit("drift", "Drift", "Insufficient data", "One feature")
+            metrics = visit("drift", "Drift", "Not enough data", "One feature")
             assert metrics["Drift"] == "1"
             assert "Reference used" in page.inner_text("body")
 
