@@ -11,13 +11,16 @@ from tracetune.analyzer.baselines import (
 )
 from tracetune.analyzer.cost import COST_DIMENSIONS, cost_over_time, cost_per_1k, cost_per_request
 from tracetune.analyzer.drift import (
+    AUTO_BASELINE,
     DEFAULT_CURRENT,
     DRIFT_COLUMNS,
+    Reference,
     Thresholds,
     compute_drift,
     current_drift,
     default_windows,
     drift_flags,
+    drift_references,
     feature_status,
     latest_drift,
     reference_label,
@@ -43,12 +46,15 @@ from tracetune.analyzer.series import (
 from tracetune.analyzer.slo import (
     SLO,
     SLO_STATUS_COLUMNS,
+    STATE_ORDER,
     BurnWindow,
     SLOError,
+    budget_words,
     burn_rate,
     burn_windows,
     data_note,
     delete_slo,
+    enough_data,
     error_budget_remaining,
     get_slo,
     list_slos,
@@ -56,6 +62,7 @@ from tracetune.analyzer.slo import (
     save_slo,
     slo_status,
     slo_version,
+    slo_words,
 )
 from tracetune.analyzer.slo import alerts as slo_alerts
 from tracetune.analyzer.stats import (
@@ -87,4 +94,5 @@ __all__ = [
     "self_times", "step_breakdown", "step_stats", "step_times",
     "cost_by", "cost_cells", "cost_change", "drift_history", "error_spans", "feature_histograms", "feature_samples",
     "pipelines", "step_series", "tenants",
+    "AUTO_BASELINE", "Reference", "drift_references", "STATE_ORDER", "budget_words", "enough_data", "slo_words",
 ]

@@ -4,7 +4,8 @@ Rules (evaluated by the analyzer loop each interval) turn what the analyzer meas
 *conditions*: labelled, annotated facts that are true now.
 
 - `slo_burn` → `SLOBurnRate` {pipeline, slo, severity page|ticket}: a multi-window burn-rate rule fires;
-- `drift` → `FeatureDrift` {pipeline, step, feature, severity=ticket}: a drift statistic is over its threshold;
+- `drift` → `FeatureDrift` {pipeline, step, feature, severity=ticket}: a drift statistic of a feature is over
+  its threshold in two refreshes in a row (step latency never pages here: SLO burn rates own it);
 - `cost` → `CostOverBudget` {pipeline, severity=ticket}: cost per 1k over the last hour is above the
   SLO's `cost_per_1k`;
 - `tuner_rollback` → `TunerCanaryRolledBack` {pipeline, severity=ticket}: a canary was rolled back
@@ -23,7 +24,6 @@ out of notifications. Notifications go to the durable, signed outbox of `analyze
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -38,17 +38,19 @@ import polars as pl
 
 from tracetune.analyzer import delivery
 from tracetune.analyzer._time import utc
+from tracetune.analyzer.drift import LATENCY_FEATURE
 from tracetune.store import next_seq
 
 log = logging.getLogger("tracetune.analyzer")
 
 __all__ = ["RULES", "Alert", "Condition", "Timing", "Silence", "Matcher", "Engine", "advance", "group_notifications",
-           "fingerprint", "slo_conditions", "drift_conditions", "cost_conditions", "tuner_conditions",
-           "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification"]
+           "fingerprint", "group_key", "label_set", "slo_conditions", "drift_conditions", "cost_conditions",
+           "tuner_conditions", "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification"]
 
 RULES: dict[str, dict[str, Any]] = {
     "slo_burn": {"alertname": "SLOBurnRate", "for_seconds": 0.0},  # the burn-rate windows are the debounce
-    "drift": {"alertname": "FeatureDrift", "for_seconds": 0.0},  # the drift windows are the debounce
+    # Drift in two refreshes in a row: one noisy window pages nobody, a real change pages within 2 minutes.
+    "drift": {"alertname": "FeatureDrift", "for_seconds": 30.0},
     "cost": {"alertname": "CostOverBudget", "for_seconds": 300.0},
     "tuner_rollback": {"alertname": "TunerCanaryRolledBack", "for_seconds": 0.0},
 }
@@ -59,10 +61,55 @@ ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's endsAt for an alert still f
 RESOLVED_KEPT = timedelta(hours=1)  # how long a resolved alert is still listed
 
 
+_FNV64_OFFSET, _FNV64_PRIME = 14695981039346656037, 1099511628211
+_SEPARATOR = 0xFF  # prometheus/common model.SeparatorByte: never in UTF-8, so names and values cannot run together
+
+
 def fingerprint(labels: Mapping[str, str]) -> str:
-    """A stable id for an alert: a hash of its sorted labels (16 hex digits, as Alertmanager shows them)."""
-    text = "\x1f".join(f"{k}\x1e{labels[k]}" for k in sorted(labels))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The alert's id as Alertmanager computes it (prometheus/common `model.LabelSet.Fingerprint`): FNV-1a 64
+    over the label names in sorted order, each name and value followed by the separator byte 0xFF, as
+    16 hex digits (`Fingerprint.String`, `%016x`)."""
+    h = _FNV64_OFFSET
+    for name in sorted(labels):
+        for part in (name, labels[name]):
+            for byte in (*part.encode(), _SEPARATOR):
+                h = ((h ^ byte) * _FNV64_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+_GO_ESCAPES = {'"': '\\"', "\\": "\\\\", "\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+               "\t": "\\t", "\v": "\\v"}
+
+
+def _go_quote(value: str) -> str:
+    """A string as Go's strconv.Quote writes it: printable characters as they are, the rest escaped."""
+    out = []
+    for char in value:
+        if char in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[char])
+        elif char.isprintable():
+            out.append(char)
+        elif ord(char) < 0x80:
+            out.append(f"\\x{ord(char):02x}")
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return '"' + "".join(out) + '"'
+
+
+def label_set(labels: Mapping[str, str]) -> str:
+    """A label set as prometheus/common's `LabelSet.String` writes it: `{alertname="FeatureDrift", pipeline="x"}`."""
+    return "{" + ", ".join(f"{name}={_go_quote(labels[name])}" for name in sorted(labels)) + "}"
+
+
+ROUTE_KEY = "{}"  # the root route's key: its matchers, none
+
+
+def group_key(labels: Mapping[str, str], route_key: str = ROUTE_KEY) -> str:
+    """A group's key as Alertmanager writes it into `groupKey` (dispatch `aggrGroup.GroupKey`): the route's
+    key, a colon, the group labels: `{}:{alertname="FeatureDrift", pipeline="ticket_triage"}`."""
+    return f"{route_key}:{label_set(labels)}"
 
 
 def _iso(moment: datetime) -> str:
@@ -256,7 +303,21 @@ class Group:
 
 def _group_of(alert: Alert, group_by: Sequence[str]) -> tuple[str, dict[str, str]]:
     labels = {name: alert.labels[name] for name in group_by if name in alert.labels}
-    return "{}:" + json.dumps(labels, sort_keys=True, separators=(",", ":")), labels
+    return group_key(labels), labels
+
+
+def _reason(group: Group, status: Mapping[str, str]) -> str:
+    """Why a due notification goes out, in Alertmanager's words (notify `DedupStage.needsUpdate`)."""
+    firing = {fp for fp, s in status.items() if s == "firing"}
+    if group.last_notified_at is None or (firing - set(group.notified) and not group.notified):
+        return "first notification"
+    if firing - set(group.notified):
+        return "new alerts added"
+    if not firing:
+        return "all alerts resolved"
+    if set(group.notified) - firing:
+        return "some alerts resolved"
+    return "repeat interval elapsed"
 
 
 def group_notifications(alerts: Iterable[Alert], groups: dict[str, Group], silences: Sequence[Silence],
@@ -290,6 +351,7 @@ def group_notifications(alerts: Iterable[Alert], groups: dict[str, Group], silen
             ready = "firing" in status.values() and waited >= timing.repeat_interval
         if not ready:
             continue
+        reason = _reason(group, status)
         found.sort(key=lambda a: (a.state == "resolved", a.fired_at or a.active_at, a.fingerprint))
         body = [a.to_alertmanager(external_url) for a in found]
         common_labels = {k: v for k, v in found[0].labels.items() if all(a.labels.get(k) == v for a in found)}
@@ -298,7 +360,8 @@ def group_notifications(alerts: Iterable[Alert], groups: dict[str, Group], silen
         due.append(delivery.Notification(
             receiver=receiver, group_key=key, status="firing" if "firing" in status.values() else "resolved",
             alerts=body, group_labels=dict(group.labels), common_labels=common_labels,
-            common_annotations=common_annotations, external_url=external_url, truncated_alerts=0))
+            common_annotations=common_annotations, external_url=external_url, truncated_alerts=0,
+            notification_reason=reason))
         group.last_notified_at = now
         group.notified = {fp: s for fp, s in status.items() if s == "firing"}
     for key in [k for k, g in groups.items() if k not in members and not g.notified]:
@@ -339,11 +402,15 @@ def slo_conditions(status: pl.DataFrame, external_url: str = "") -> list[Conditi
 
 
 def drift_conditions(drift: pl.DataFrame, external_url: str = "") -> list[Condition]:
-    """One condition per (pipeline, step, feature) with a statistic in `drift` status (analyzer.compute_drift rows)."""
+    """One condition per (pipeline, step, feature) with a statistic in `drift` status (analyzer.compute_drift rows).
+
+    Step latency (feature `latency_ms`) is shown as drift but never pages: SLO burn-rate alerts own latency,
+    and a wobble the SLO tolerates (CPU contention moves a step's latency by 20% at once) is noise."""
     conditions = []
     if drift.is_empty():
         return conditions
-    rows = drift.filter(pl.col("status") == "drift").sort(["pipeline", "step", "feature", "statistic"])
+    rows = drift.filter((pl.col("status") == "drift") & (pl.col("feature") != LATENCY_FEATURE)).sort(
+        ["pipeline", "step", "feature", "statistic"])
     seen = set()
     for row in rows.iter_rows(named=True):
         key = (row["pipeline"], row["step"], row["feature"])
@@ -357,7 +424,8 @@ def drift_conditions(drift: pl.DataFrame, external_url: str = "") -> list[Condit
             "severity": "ticket", "rule": "drift"}, {
             "summary": f"{pipeline}: {step} {feature} drifted ({row['statistic']} {row['value']:.3g})",
             "description": f"{feature} of step {step}: {row['statistic']} = {row['value']:.4g}{p} on "
-                           f"{row['n_current']} current against {row['n_reference']} reference samples",
+                           f"{row['n_current']} current against {row['n_reference']} reference samples"
+                           + (f" ({row['reference']})" if row.get("reference") else ""),
             "dashboard": _link(external_url, "drift", pipeline)}, float(row["value"])))
     return conditions
 
@@ -439,7 +507,7 @@ def current_alerts(client, now: datetime | None = None) -> dict[str, Alert]:
                       float(value))
         if state == "resolved" and (alert.resolved_at is None or now - alert.resolved_at >= RESOLVED_KEPT):
             continue
-        found[fp] = alert
+        found[fingerprint(alert.labels)] = replace(alert, fingerprint=fingerprint(alert.labels))  # ids of old releases
     return found
 
 
@@ -503,8 +571,12 @@ HAVING notified != '{}'
 
 
 def _load_groups(client) -> dict[str, Group]:
-    return {key: Group(key, dict(labels), _utc(first), _utc(last), json.loads(notified))
-            for key, labels, first, last, notified in client.query(GROUPS_SQL).result_rows}
+    groups = {}
+    for key, labels, first, last, notified in client.query(GROUPS_SQL).result_rows:
+        if key != group_key(dict(labels)):  # written by an older release (JSON keys, SHA-256 ids): take it over
+            continue
+        groups[key] = Group(key, dict(labels), _utc(first), _utc(last), json.loads(notified))
+    return groups
 
 
 def _save_groups(client, groups: Iterable[Group], now: datetime) -> None:
@@ -570,8 +642,8 @@ def test_notification(external_url: str = "", now: datetime | None = None) -> de
     alert = Alert(fingerprint(labels), "test", labels, {
         "summary": "tracetune test alert", "description": "sent by `tracetune alerts test`; nothing is wrong"},
         "firing", now, now)
-    return delivery.Notification(receiver="tracetune", group_key='{}:{"alertname":"TracetuneTest"}',
+    return delivery.Notification(receiver="tracetune", group_key=group_key({"alertname": "TracetuneTest"}),
                                  status="firing", alerts=[alert.to_alertmanager(external_url)],
                                  group_labels={"alertname": "TracetuneTest"}, common_labels=labels,
                                  common_annotations=dict(alert.annotations), external_url=external_url,
-                                 truncated_alerts=0)
+                                 truncated_alerts=0, notification_reason="first notification")

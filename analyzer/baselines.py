@@ -1,10 +1,11 @@
 """Pinned drift baselines: the window a pipeline's drift is measured against while one is set.
 
-Without a baseline, drift compares the current window with the preceding window of the same length
-(analyzer/drift.py, `current_drift`), which catches a change within minutes but forgets it once both
-windows hold the new traffic; a baseline (e.g. the first hour of traffic, or a window the owner
-trusts) keeps flagging drift for as long as it lasts. Stored versioned and append-only in
-`tracetune_drift_baselines`: the newest version per pipeline wins, `active` 0 removes it.
+A pipeline nobody pinned a baseline for is measured against its first hour of traffic (analyzer/drift.py,
+`drift_references`), so a sustained change stays flagged until the owner moves the reference on purpose
+(`set_baseline`). Clearing a baseline (`clear_baseline`) is the owner's choice of the preceding window of
+the same length instead, which catches a change within minutes but forgets it once both windows hold the
+new traffic. Stored versioned and append-only in `tracetune_drift_baselines`: the newest version per
+pipeline wins, `active` 0 removes it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 
 from tracetune.analyzer._time import utc
 
-__all__ = ["Baseline", "BaselineError", "clear_baseline", "first_traffic", "get_baseline", "list_baselines",
-           "set_baseline"]
+__all__ = ["Baseline", "BaselineError", "clear_baseline", "cleared_baselines", "first_traffic", "first_traffic_all",
+           "get_baseline", "list_baselines", "set_baseline"]
 
 MIN_BASELINE_SECONDS = 60  # shorter windows rarely hold the samples a verdict needs (min_samples, psi_min_samples)
 
@@ -51,6 +52,11 @@ WHERE ({pipeline:String} = '' OR pipeline = {pipeline:String})
                               WHERE ({pipeline:String} = '' OR pipeline = {pipeline:String}) GROUP BY pipeline)
 ORDER BY pipeline
 """
+_FIRST_TRAFFIC_ALL_SQL = """
+SELECT pipeline, min(minute) FROM tracetune_spans_1m
+WHERE kind = 'root' AND pipeline != '' AND ({pipeline:String} = '' OR pipeline = {pipeline:String})
+GROUP BY pipeline
+"""
 _FIRST_TRAFFIC_SQL = """
 SELECT min(minute), count() FROM tracetune_spans_1m
 WHERE pipeline = {pipeline:String} AND kind = 'root'
@@ -70,6 +76,11 @@ def _latest(client, pipeline: str = "") -> dict[str, tuple[int, Baseline | None]
 def list_baselines(client, pipeline: str = "") -> dict[str, Baseline]:
     """Pipeline -> its pinned baseline, for every pipeline that has one (or just `pipeline`)."""
     return {name: b for name, (_, b) in _latest(client, pipeline).items() if b is not None}
+
+
+def cleared_baselines(client, pipeline: str = "") -> set[str]:
+    """Pipelines whose owner removed their baseline (their drift then uses the preceding window)."""
+    return {name for name, (_, b) in _latest(client, pipeline).items() if b is None}
 
 
 def get_baseline(client, pipeline: str) -> Baseline | None:
@@ -117,3 +128,9 @@ def first_traffic(client, pipeline: str) -> datetime | None:
     """Start of the minute of the pipeline's first task (from the per-minute rollup), None if it has none."""
     first, count = client.query(_FIRST_TRAFFIC_SQL, parameters={"pipeline": pipeline}).result_rows[0]
     return utc(first) if count else None
+
+
+def first_traffic_all(client, pipeline: str = "") -> dict[str, datetime]:
+    """Pipeline -> start of the minute of its first task, for every pipeline with tasks (or just `pipeline`)."""
+    return {name: utc(first) for name, first in client.query(
+        _FIRST_TRAFFIC_ALL_SQL, parameters={"pipeline": pipeline}).result_rows}

@@ -35,7 +35,8 @@ from tracetune.settings import Settings
 
 __all__ = ["Notification", "Receiver", "WebhookReceiver", "SlackReceiver", "PagerDutyReceiver",
            "pagerduty_severity", "receivers_from_settings", "sign", "new_secret", "RetryPolicy", "enqueue",
-           "deliver_due", "deliveries", "delivery_attempts", "DeliveryWorker", "OUTBOX_TABLE", "DELIVERIES_TABLE"]
+           "deliver_due", "send_now", "deliveries", "delivery_attempts", "DeliveryWorker", "OUTBOX_TABLE",
+           "DELIVERIES_TABLE"]
 
 log = logging.getLogger("tracetune.analyzer.delivery")
 
@@ -67,24 +68,29 @@ class Notification:
     common_annotations: dict[str, str] = field(default_factory=dict)
     external_url: str = ""
     truncated_alerts: int = 0
+    notification_reason: str = "first notification"  # Alertmanager's NotifyReason words
+    route_labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in ("firing", "resolved"):
             raise ValueError(f"Notification.status must be 'firing' or 'resolved', got {self.status!r}")
 
     def alertmanager(self) -> dict[str, Any]:
-        """The body Alertmanager's webhook_config POSTs (version 4), field for field."""
+        """The body Alertmanager's webhook_config POSTs (version 4), field for field and in its order
+        (notify/webhook `Message`: template `Data`, then version, groupKey, truncatedAlerts)."""
         return {
-            "version": "4",
-            "groupKey": self.group_key,
-            "truncatedAlerts": int(self.truncated_alerts),
-            "status": self.status,
             "receiver": self.receiver,
+            "status": self.status,
+            "alerts": [dict(alert) for alert in self.alerts],
+            "notification_reason": self.notification_reason,
             "groupLabels": dict(self.group_labels),
             "commonLabels": dict(self.common_labels),
             "commonAnnotations": dict(self.common_annotations),
+            "routeLabels": dict(self.route_labels),
             "externalURL": self.external_url,
-            "alerts": [dict(alert) for alert in self.alerts],
+            "version": "4",
+            "groupKey": self.group_key,
+            "truncatedAlerts": int(self.truncated_alerts),
         }
 
     def title(self) -> str:
@@ -382,6 +388,39 @@ def enqueue(client, notification: Notification, receivers: Iterable[Receiver],
             ids.append(delivery_id)
     if rows:
         client.insert(OUTBOX_TABLE, rows, column_names=_OUTBOX_COLUMNS)
+    return ids
+
+
+def send_now(client, notification: Notification, receivers: Iterable[Receiver], http: httpx.Client | None = None,
+             policy: RetryPolicy | None = None) -> list[str]:
+    """Send the notification to every receiver now (a person waiting: `tracetune alerts test`) and record it as
+    outbox items; their delivery ids.
+
+    One sender per item: each first attempt is made here and recorded before its outbox row exists, so the
+    analyzer's worker never sees it pending (it would send the same first attempt at once, with the same
+    webhook-id); a failed attempt's retries are then the worker's, like any other delivery's."""
+    policy = policy or RetryPolicy()
+    own_http = http is None
+    http = http or httpx.Client()
+    ids = []
+    try:
+        for receiver in receivers:
+            for payload in receiver.payloads(notification):
+                item = _Due(_new_delivery_id(), receiver.name, notification.group_key,
+                            json.dumps(payload, separators=(",", ":"), ensure_ascii=False), time.time(), 0, 0.0)
+                outcome = _attempt(item, receiver, http, policy, time.time)
+                client.insert(DELIVERIES_TABLE, [[_datetime(time.time()), item.delivery_id, item.receiver, 1,
+                                                  outcome.status, outcome.http_status, outcome.error,
+                                                  outcome.duration_ms, _datetime(outcome.next_at or 0.0)]],
+                              column_names=_DELIVERY_COLUMNS)
+                client.insert(OUTBOX_TABLE, [[_datetime(item.created), item.delivery_id, receiver.name, receiver.kind,
+                                              notification.group_key, notification.status, item.body]],
+                              column_names=_OUTBOX_COLUMNS)
+                _log(item, outcome)
+                ids.append(item.delivery_id)
+    finally:
+        if own_http:
+            http.close()
     return ids
 
 

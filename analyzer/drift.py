@@ -7,9 +7,11 @@ over arrays; the verdicts come from a table of thresholds (`Thresholds`), overri
 A feature is numeric when every sampled value of it, in both windows, parses as a float.
 
 Which reference (`current_drift`, what the analyzer loop, the CLI and the dashboard use): the
-pipeline's pinned baseline (analyzer/baselines.py) when it has one, else the window of the same
-length just before the current one. Step latency needs a practical shift as well as a significant
-one (FEATURE_DEFAULTS): a 0.005 ms move of a 0.02 ms step is real to a KS test, and to nobody else.
+pipeline's pinned baseline (analyzer/baselines.py) when it has one, else its first hour of traffic
+(what there is of it before the current window while that hour lasts): a sustained change stays
+flagged until the owner moves the reference. Every row says in words which reference it used.
+Numeric features need a practical shift as well as a significant one (Thresholds.min_shift_ratio):
+with thousands of samples a KS test finds a 0.005 ms move of a 0.02 ms step, which matters to nobody.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import numpy as np
 import polars as pl
 
 from tracetune.analyzer._time import epoch_ns, utc
-from tracetune.analyzer.baselines import list_baselines
+from tracetune.analyzer.baselines import cleared_baselines, first_traffic_all, list_baselines
 from tracetune.analyzer.slo import window_label
 from tracetune.analyzer.stats import parse_window
 
-__all__ = ["DEFAULT_CURRENT", "DRIFT_COLUMNS", "FEATURE_DEFAULTS", "STATUSES", "Thresholds", "chi_square", "compare",
+__all__ = ["AUTO_BASELINE", "DEFAULT_CURRENT", "Reference", "drift_references", "DRIFT_COLUMNS",
+           "FEATURE_DEFAULTS", "STATUSES", "Thresholds", "chi_square", "compare",
            "compute_drift", "current_drift", "default_windows", "drift_flags", "feature_status", "jensen_shannon",
            "ks_test", "latest_drift", "psi", "reference_label", "store_drift", "validate_thresholds", "verdict",
            "wasserstein"]
@@ -41,6 +44,9 @@ LATENCY_FEATURE = "latency_ms"
 # The current window by default: short enough that a change is caught within a few minutes (a window
 # and the analyzer's interval), long enough for min_samples at a few tasks a second.
 DEFAULT_CURRENT = "1m"
+# The reference of a pipeline nobody pinned one for: its first hour of traffic, held until its owner
+# moves it (`tracetune drift baseline set`), so a sustained change stays flagged as long as it lasts.
+AUTO_BASELINE = "1h"
 
 # Worst first: the order feature_status() uses to pick one verdict per feature.
 STATUSES = ("drift", "warn", "ok", "insufficient_data")
@@ -420,13 +426,84 @@ def compute_drift(client, reference: tuple[datetime, datetime], current: tuple[d
     return pl.DataFrame(rows, schema=_SCHEMA).select(DRIFT_COLUMNS)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The window one pipeline's current window is compared with, which kind it is, and that in words.
+
+    kind: "baseline" (pinned by its owner), "first_traffic" (the automatic default: the pipeline's first
+    hour of traffic; while that hour lasts, what there is of it before the current window, held at the
+    first current window a feature drifted in), "preceding" (the window of the same
+    length just before: after the owner cleared a baseline, for a pipeline too young for the first, or
+    for every pipeline when a caller asks for a reference length) or "window" (a given length before)."""
+
+    kind: str
+    start: datetime
+    end: datetime
+    label: str
+
+
+def drift_references(client, cur_window: tuple[datetime, datetime], pipeline: str = "",
+                     auto_baseline: str | int = AUTO_BASELINE) -> dict[str, Reference]:
+    """Pipeline -> the reference its drift is judged against now (see Reference), for every pipeline with
+    tasks (or just `pipeline`). A pinned baseline wins; a cleared one means the preceding window; otherwise
+    the pipeline's first `auto_baseline` of traffic ("0" switches that off: the preceding window)."""
+    cur_start, cur_end = cur_window
+    length = cur_end - cur_start
+    preceding = (cur_start - length, cur_start)
+    auto = auto_baseline if isinstance(auto_baseline, int) else (
+        parse_window(auto_baseline) if auto_baseline != "0" else 0)
+    pinned, cleared = list_baselines(client, pipeline), cleared_baselines(client, pipeline)
+    words = f"the preceding {window_label(round(length.total_seconds()))}"
+    references = {}
+    for name, first in first_traffic_all(client, pipeline).items():
+        if name in pinned:
+            b = pinned[name]
+            references[name] = Reference("baseline", b.start, b.end,
+                                         f"baseline v{b.version} {_span_words(b.start, b.end)} (pinned)")
+        elif name in cleared or not auto or first + length > cur_start:
+            references[name] = Reference("preceding", *preceding, words)
+        else:
+            full, held = first + timedelta(seconds=auto), _held_at(client, name, first, first + timedelta(seconds=auto))
+            end = min(full, cur_start, held or full)
+            how = (" up to the first drift found" if held is not None and end == held
+                   else " so far" if end < full else "")
+            references[name] = Reference("first_traffic", first, end,
+                                         f"first {window_label(auto)} of traffic{how}, {_span_words(first, end)}")
+    for name, b in pinned.items():  # pinned before any task reached the rollup
+        references.setdefault(name, Reference("baseline", b.start, b.end,
+                                              f"baseline v{b.version} {_span_words(b.start, b.end)} (pinned)"))
+    return references
+
+
+# The start of the first stored current window in which a feature drifted, within [start, end): the
+# automatic reference stops growing there, so a change that begins in the first hour does not become
+# part of its own reference. Step latency is left out: CPU contention moves it, and SLO alerts cover it.
+_HELD_SQL = """
+SELECT min(current_start), count() FROM tracetune_drift
+WHERE pipeline = {pipeline:String} AND status = 'drift' AND feature != {latency:String}
+  AND current_start >= fromUnixTimestamp64Nano({start:Int64}) AND current_start < fromUnixTimestamp64Nano({end:Int64})
+"""
+
+
+def _held_at(client, pipeline: str, start: datetime, end: datetime) -> datetime | None:
+    held, count = client.query(_HELD_SQL, parameters={"pipeline": pipeline, "latency": LATENCY_FEATURE,
+                                                      "start": _ns(start), "end": _ns(end)}).result_rows[0]
+    return _utc(held) if count else None
+
+
+def _span_words(start: datetime, end: datetime) -> str:
+    day = "%H:%M" if start.date() == end.date() else "%Y-%m-%d %H:%M"
+    return f"{start:%Y-%m-%d %H:%M} – {end.strftime(day)} UTC"
+
+
 def current_drift(client, now: datetime | None = None, current: str | int = DEFAULT_CURRENT, pipeline: str = "",
                   thresholds: Mapping[str, Any] | None = None, reference: str | int | None = None,
-                  sample_cap: int = SAMPLE_CAP) -> pl.DataFrame:
-    """Drift of the last `current` (ending at now) against each pipeline's reference: its pinned baseline
-    if it has one, else the window of the same length just before; DRIFT_COLUMNS.
+                  sample_cap: int = SAMPLE_CAP, auto_baseline: str | int = AUTO_BASELINE) -> pl.DataFrame:
+    """Drift of the last `current` (ending at now) against each pipeline's reference (`drift_references`:
+    its pinned baseline, else its first hour of traffic); DRIFT_COLUMNS plus `reference`, the reference
+    in words.
 
-    reference (e.g. "24h") overrides both for every pipeline: the `reference` before the current window.
+    reference (e.g. "24h") overrides that for every pipeline: the `reference` before the current window.
     """
     now = _utc(now or datetime.now(UTC))
     current_s = current if isinstance(current, int) else parse_window(current)
@@ -434,26 +511,36 @@ def current_drift(client, now: datetime | None = None, current: str | int = DEFA
     if reference is not None:
         reference_s = reference if isinstance(reference, int) else parse_window(reference)
         ref_window = (cur_window[0] - timedelta(seconds=reference_s), cur_window[0])
-        return compute_drift(client, ref_window, cur_window, pipeline, thresholds, sample_cap)
-    baselines = list_baselines(client, pipeline)
-    frames = [compute_drift(client, (b.start, b.end), cur_window, name, thresholds, sample_cap)
-              for name, b in sorted(baselines.items())]
-    if not (pipeline and pipeline in baselines):
+        return _labelled(compute_drift(client, ref_window, cur_window, pipeline, thresholds, sample_cap),
+                         f"the preceding {window_label(reference_s)}")
+    references = drift_references(client, cur_window, pipeline, auto_baseline)
+    frames = [_labelled(compute_drift(client, (r.start, r.end), cur_window, name, thresholds, sample_cap), r.label)
+              for name, r in sorted(references.items())]
+    if not (pipeline and pipeline in references):  # spans of pipelines the rollup has no task of yet
         preceding = (cur_window[0] - timedelta(seconds=current_s), cur_window[0])
-        frames.append(compute_drift(client, preceding, cur_window, pipeline, thresholds, sample_cap,
-                                    exclude=sorted(baselines)))
+        frames.append(_labelled(compute_drift(client, preceding, cur_window, pipeline, thresholds, sample_cap,
+                                              exclude=sorted(references)),
+                                f"the preceding {window_label(current_s)}"))
     frames = [f for f in frames if not f.is_empty()]
-    return pl.concat(frames).sort(["pipeline", "step", "feature"], maintain_order=True) if frames else empty_frame()
+    if not frames:
+        return _labelled(empty_frame(), "")
+    return pl.concat(frames).sort(["pipeline", "step", "feature"], maintain_order=True)
+
+
+def _labelled(frame: pl.DataFrame, words: str) -> pl.DataFrame:
+    return frame.with_columns(reference=pl.lit(words, dtype=pl.Utf8))
 
 
 def reference_label(row: Mapping[str, Any]) -> str:
-    """What a drift row was compared with, in words: "the preceding 1m" or "baseline 2026-01-02 10:00 – 11:00 UTC"."""
+    """What a drift row was compared with, in words: its `reference` (current_drift's rows), else from its
+    windows: "the preceding 1m" or "2026-01-02 10:00 – 11:00 UTC" (stored rows)."""
+    if row.get("reference"):
+        return str(row["reference"])
     ref_start, ref_end, cur_start, cur_end = (row[k] for k in ("reference_start", "reference_end", "current_start",
                                                                 "current_end"))
     if ref_end == cur_start and ref_end - ref_start == cur_end - cur_start:
         return f"the preceding {window_label(round((cur_end - cur_start).total_seconds()))}"
-    day = "%H:%M" if ref_start.date() == ref_end.date() else "%Y-%m-%d %H:%M"
-    return f"{ref_start:%Y-%m-%d %H:%M} – {ref_end.strftime(day)} UTC"
+    return _span_words(ref_start, ref_end)
 
 
 def store_drift(client, frame: pl.DataFrame) -> int:

@@ -39,8 +39,8 @@ from tracetune.analyzer.stats import parse_window
 
 __all__ = ["BURN_WINDOWS_30D", "SLO", "SLO_NAMES", "SLO_STATUS_COLUMNS", "STATE_ORDER", "BurnWindow", "Objective",
            "SLOError", "alerts", "budget_words", "burn_rate", "burn_windows", "data_note", "duration_words",
-           "error_budget_remaining", "get_slo", "list_slos", "request_counts", "save_slo", "slo_status", "slo_words",
-           "slower_than", "window_label"]
+           "enough_data", "error_budget_remaining", "get_slo", "list_slos", "request_counts", "save_slo",
+           "slo_status", "slo_words", "slower_than", "window_label"]
 
 Source = Literal["rollup", "raw"]
 BASE_PERIOD_DAYS = 30
@@ -504,7 +504,7 @@ def slo_status(client, pipeline: str, now: datetime | None = None, slo: SLO | No
     rows = []
     for objective in objectives:
         rates = {w: burn_rate(bad(w, objective), by_window[w]["total"], objective.error_budget) for w in by_window}
-        firing = [rule for rule in alerts(rates, rules) if rule.long_s <= data_seconds]
+        firing = [rule for rule in alerts(rates, rules) if enough_data(data_seconds, rule.long_s)]
         period_bad = bad(period_s, objective)
         remaining = error_budget_remaining(period_bad, period["total"], objective.error_budget) \
             if period["total"] else math.nan
@@ -518,7 +518,7 @@ def slo_status(client, pipeline: str, now: datetime | None = None, slo: SLO | No
                 "long_burn_rate": rates[rule.long_s], "short_burn_rate": rates[rule.short_s],
                 "firing": rule in firing, "period_requests": period["total"],
                 "period_bad": period_bad, "budget_remaining": remaining, "data_seconds": data_seconds,
-                "enough_data": rule.long_s <= data_seconds,
+                "enough_data": enough_data(data_seconds, rule.long_s),
                 "period_client_errors": period["client_errors"] if objective.target_ms is None else 0,
             })
     return pl.DataFrame(rows, schema=_STATUS_SCHEMA).select(SLO_STATUS_COLUMNS)
@@ -544,18 +544,31 @@ def duration_words(days: float) -> str:
 
 
 # SLO states, worst first.
-STATE_ORDER = ("budget spent", "burning fast", "at risk", "on track", "no traffic yet")
+STATE_ORDER = ("budget spent", "burning fast", "at risk", "on track", "not enough data", "no traffic yet")
+
+
+def enough_data(data_seconds: float, long_window_s: float) -> bool:
+    """The one rule for "enough data", for every rule, objective and surface (CLI, pages, report, alerts):
+    the pipeline's data in the SLO period covers the long window. An objective is judged once its shortest
+    rule's long window is covered (1 h of a 30-day SLO): before that its budget left is a guess from a few
+    tasks (149 tasks, 10 slow, read as "30% over budget"), so every surface says "not enough data"."""
+    return data_seconds >= long_window_s
 
 
 def budget_words(budget_remaining: float, burn_rate: float, period_days: float,
-                 paging: bool = False) -> tuple[str, str]:
+                 paging: bool = False, data_seconds: float | None = None,
+                 judged_after_s: float | None = None) -> tuple[str, str]:
     """(state, sentence) of one SLO objective from its budget left (a fraction), the recent burn rate and
     the SLO period: at burn rate b the budget left r lasts r · period / b.
 
     on track: burning no faster than the budget allows (b ≤ 1); at risk: faster, with the time left at
-    this burn; burning fast: a page-severity rule fires; budget spent: nothing left (r ≤ 0)."""
+    this burn; burning fast: a page-severity rule fires; budget spent: nothing left (r ≤ 0); not enough
+    data: the data (data_seconds) does not cover judged_after_s yet (`enough_data`)."""
     if budget_remaining != budget_remaining:  # NaN: no task in the period
         return "no traffic yet", "no traffic yet"
+    if data_seconds is not None and judged_after_s is not None and not enough_data(data_seconds, judged_after_s):
+        return "not enough data", (f"not enough data: {data_note(data_seconds, period_days)}, judged after "
+                                   f"{duration_words(judged_after_s / 86400)}")
     left = f"{100 * max(0.0, budget_remaining):.0f}% of the error budget left"
     if budget_remaining <= 0:
         return "budget spent", f"budget spent: {100 * -budget_remaining:.0f}% over the {period_days:g}-day budget"
@@ -573,7 +586,8 @@ SLO_NAMES = {"availability": "errors", "latency_p95": "p95 latency", "latency_p9
 def slo_words(status: pl.DataFrame) -> pl.DataFrame:
     """One row per (pipeline, objective) of slo_status frames: state and sentence (budget_words), the target,
     budget left and the recent burn (the burn rate over the shortest long window: the last hour of a
-    30-day SLO), worst state first."""
+    30-day SLO), worst state first (then least budget left). The words every surface shows: the CLI's
+    `tracetune slo`, the dashboard's Overview and the report's "At a glance" all call this."""
     columns = {"pipeline": pl.Utf8, "objective": pl.Utf8, "target": pl.Utf8, "state": pl.Utf8, "status": pl.Utf8,
                "budget_left": pl.Float64, "burn": pl.Float64, "window": pl.Utf8}
     rows = []
@@ -581,7 +595,7 @@ def slo_words(status: pl.DataFrame) -> pl.DataFrame:
         recent = rules.sort("long_window_s").row(0, named=True)
         paging = bool(rules.filter(pl.col("firing") & (pl.col("severity") == "page")).height)
         state, sentence = budget_words(recent["budget_remaining"], recent["long_burn_rate"], recent["period_days"],
-                                       paging)
+                                       paging, recent.get("data_seconds"), recent["long_window_s"])
         target = (f"{(1 - recent['error_budget']) * 100:g}% of tasks succeed" if recent["target_ms"] is None
                   else f"{100 * (1 - recent['error_budget']):g}% of tasks within {_ms_words(recent['target_ms'])}")
         rows.append({"pipeline": pipeline, "objective": SLO_NAMES.get(slo, slo), "target": target, "state": state,
@@ -589,4 +603,5 @@ def slo_words(status: pl.DataFrame) -> pl.DataFrame:
                      "window": recent["long_window"]})
     frame = pl.DataFrame(rows, schema=columns)
     rank = {s: i for i, s in enumerate(STATE_ORDER)}
-    return frame.sort(pl.col("state").replace_strict(rank, return_dtype=pl.Int32), "pipeline", "objective")
+    return frame.sort(pl.col("state").replace_strict(rank, return_dtype=pl.Int32), "pipeline", "budget_left",
+                      "objective", nulls_last=True)

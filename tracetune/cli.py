@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import click
 
@@ -821,12 +823,19 @@ def alerts_test(ctx: click.Context) -> None:
 
     s = _settings(ctx)
     receivers = delivery.receivers_from_settings(s)
+    config = ctx.obj.get("config") or os.environ.get("TRACETUNE_CONFIG") or "tracetune.toml"
     if not receivers:
-        raise UserError("no alert receiver is configured; set alert_webhook_url (TRACETUNE_ALERT_WEBHOOK_URL), "
-                        "alert_slack_url or alert_pagerduty_routing_key")
+        raise UserError(f"no alert receiver is configured in {config} or TRACETUNE_ALERT_* (what the analyzer "
+                        "reads); set alert_webhook_url, alert_slack_url or alert_pagerduty_routing_key in "
+                        f"{config} so the analyzer and this command both use it")
+    setting = {"webhook": "alert_webhook_url", "slack": "alert_slack_url", "pagerduty": "alert_pagerduty_routing_key"}
+    for receiver in receivers:
+        where = s._origin.get(setting[receiver.kind], "default")
+        url = urlsplit(getattr(receiver, "url", ""))  # the host only for Slack: its path is the secret
+        target = f"{url.scheme}://{url.netloc}" + (url.path if receiver.kind == "webhook" else "/…")
+        click.echo(f"receiver {receiver.name}: {target} (from {where})")
     client = _client(s)
-    ids = delivery.enqueue(client, alerting.test_notification(s.dashboard_url), receivers)
-    delivery.deliver_due(client, receivers)
+    ids = delivery.send_now(client, alerting.test_notification(s.dashboard_url), receivers)
     rows = [row for row in delivery.deliveries(client, limit=100) if row.get("delivery_id") in ids]
     for row in rows:
         click.echo(f"{row.get('receiver')}: {row.get('status')} (HTTP {row.get('http_status') or '-'}) "

@@ -22,6 +22,7 @@ from tracetune.analyzer.alerts import (
     current_alerts,
     expire_silence,
     fingerprint,
+    group_key,
     group_notifications,
     list_silences,
     slo_conditions,
@@ -44,6 +45,42 @@ def costly(pipeline: str = "shop") -> Condition:
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
+
+
+# ---- Alertmanager's ids, exactly --------------------------------------------------------------------
+
+def test_fingerprints_and_group_keys_are_alertmanagers():
+    """Fingerprint: prometheus/common model.LabelSet.Fingerprint (its own test vectors, model/signature_test.go);
+    groupKey: dispatch aggrGroup.GroupKey, the root route's key `{}` and LabelSet.String (Go-quoted values)."""
+    assert fingerprint({}) == f"{14695981039346656037:016x}"
+    assert fingerprint({"name": "garland, briggs", "fear": "love is not enough"}) == f"{5799056148416392346:016x}"
+    assert fingerprint({"a": "bc"}) != fingerprint({"ab": "c"})  # the separator byte keeps them apart
+    assert group_key({"pipeline": "ticket_triage", "alertname": "FeatureDrift"}) == \
+        '{}:{alertname="FeatureDrift", pipeline="ticket_triage"}'
+    assert group_key({"a": 'say "hi"\\\n\x01é'}) == '{}:{a="say \\"hi\\"\\\\\\n\\x01é"}'
+
+
+def test_each_notification_says_why_it_goes_out_in_alertmanagers_words():
+    timing = Timing(group_wait=0, group_interval=60, repeat_interval=600)
+    groups: dict = {}
+    alerts, _ = advance({}, [burn()], at(0))
+    [first] = group_notifications(alerts.values(), groups, [], at(0), timing)
+    assert (first.notification_reason, first.group_key) == ("first notification",
+                                                            '{}:{alertname="SLOBurnRate", pipeline="shop"}')
+    assert first.alertmanager()["notification_reason"] == "first notification"
+    assert first.alertmanager()["routeLabels"] == {}
+    other = Condition("slo_burn", {**burn().labels, "slo": "latency_p95"}, {}, 20.0)
+    alerts, _ = advance(alerts, [burn(), other], at(60))
+    [added] = group_notifications(alerts.values(), groups, [], at(60), timing)
+    assert added.notification_reason == "new alerts added"
+    alerts, _ = advance(alerts, [burn()], at(120))
+    [some] = group_notifications(alerts.values(), groups, [], at(120), timing)
+    assert some.notification_reason == "some alerts resolved"
+    [again] = group_notifications(alerts.values(), groups, [], at(720), timing)
+    assert again.notification_reason == "repeat interval elapsed"
+    alerts, _ = advance(alerts, [], at(800))
+    [done] = group_notifications(alerts.values(), groups, [], at(800), timing)
+    assert (done.notification_reason, done.status) == ("all alerts resolved", "resolved")
 
 
 # ---- state ------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from tests.servers import ThreadServer, free_port, wait_until
 from tracetune import settings as settings_mod
 from tracetune import store
 from tracetune.analyzer import delivery
+from tracetune.analyzer.alerts import group_key
 from tracetune.analyzer.delivery import (
     DeliveryWorker,
     Notification,
@@ -45,6 +46,7 @@ from tracetune.analyzer.delivery import (
     enqueue,
     new_secret,
     receivers_from_settings,
+    send_now,
     sign,
 )
 
@@ -144,7 +146,7 @@ def alert(fingerprint: str, status: str = "firing", severity: str = "page", **la
 def notification(*alerts: dict, group: str = "triage") -> Notification:
     status = "firing" if any(a["status"] == "firing" for a in alerts) else "resolved"
     group_labels = {"alertname": "SLOBurnRate", "pipeline": group}
-    return Notification(receiver="tracetune", group_key="{}:" + json.dumps(group_labels, sort_keys=True),
+    return Notification(receiver="tracetune", group_key=group_key(group_labels),
                         status=status, alerts=list(alerts), group_labels=group_labels,
                         common_labels={**group_labels, "severity": "page"},
                         common_annotations={"description": "14.4x over 1h & 5m"},
@@ -154,7 +156,7 @@ def notification(*alerts: dict, group: str = "triage") -> Notification:
 # Alertmanager's webhook Message (notify/webhook/webhook.go: template.Data + version, groupKey,
 # truncatedAlerts) and template.Alert, by their JSON names.
 AM_FIELDS = {"version", "groupKey", "truncatedAlerts", "status", "receiver", "groupLabels", "commonLabels",
-             "commonAnnotations", "externalURL", "alerts"}
+             "commonAnnotations", "externalURL", "alerts", "notification_reason", "routeLabels"}
 AM_ALERT_FIELDS = {"status", "labels", "annotations", "startsAt", "endsAt", "generatorURL", "fingerprint"}
 
 
@@ -164,7 +166,9 @@ def check_alertmanager_v4(body: dict) -> None:
     assert body["status"] in ("firing", "resolved")
     for name in ("groupKey", "receiver", "externalURL"):
         assert isinstance(body[name], str)
-    for name in ("groupLabels", "commonLabels", "commonAnnotations"):
+    assert body["notification_reason"] in ("first notification", "new alerts added", "some alerts resolved",
+                                           "all alerts resolved", "repeat interval elapsed")
+    for name in ("groupLabels", "commonLabels", "commonAnnotations", "routeLabels"):
         assert all(isinstance(k, str) and isinstance(v, str) for k, v in body[name].items())
     for item in body["alerts"]:
         assert set(item) == AM_ALERT_FIELDS
@@ -454,3 +458,28 @@ def test_alert_settings_are_validated(tmp_path):
     env = {"TRACETUNE_ALERT_WEBHOOK_URL": "http://127.0.0.1:9/am", "TRACETUNE_ALERT_WEBHOOK_SECRET": SECRET}
     settings = settings_mod.load(config_file=tmp_path / "none.toml", environ=env)
     assert (settings.alert_webhook_url, settings.alert_secret()) == ("http://127.0.0.1:9/am", SECRET)
+
+
+@pytest.mark.parametrize("by_hand", [True, False])
+def test_an_item_sent_now_is_never_pending_for_the_analyzers_worker(client, db_settings, by_hand):
+    """`tracetune alerts test` sends while the analyzer's worker drains the same outbox: one sender per item.
+    While its first attempt is in flight, the item must not be pending (the worker would send it too, with
+    the same webhook-id); enqueued the ordinary way it is, which is what the worker is for."""
+    from tracetune import store
+
+    other = store.connect(db_settings, ensure_schema=False)  # what the worker sees, from another connection
+    pending_during_send = []
+    app = receiver_app(choose=lambda seen: pending_during_send.append(
+        [d["delivery_id"] for d in deliveries(other, status="pending")]))
+    with ThreadServer(app) as server:
+        receiver = WebhookReceiver("webhook", f"{server.url}/hook", SECRET)
+        if by_hand:
+            ids = send_now(client, notification(alert("1a30ba71cca2921f")), [receiver])
+            assert pending_during_send == [[]]
+            assert deliver_due(client, [receiver])["attempted"] == 0
+        else:
+            ids = enqueue(client, notification(alert("1a30ba71cca2921f")), [receiver])
+            deliver_due(client, [receiver])
+            assert pending_during_send == [ids]
+    assert len(app.state.seen) == 1
+    assert [(d["delivery_id"], d["status"], d["attempts"]) for d in deliveries(client)] == [(ids[0], "delivered", 1)]

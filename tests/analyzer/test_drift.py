@@ -13,7 +13,7 @@ from polars.testing import assert_frame_equal
 from scipy import stats
 from scipy.spatial import distance
 
-from tests.spans import COLUMNS, span_row
+from tests.spans import COLUMNS, demo_traffic, span_row
 from tracetune.analyzer.baselines import BaselineError, clear_baseline, get_baseline, list_baselines, set_baseline
 from tracetune.analyzer.drift import (
     DRIFT_COLUMNS,
@@ -33,6 +33,7 @@ from tracetune.analyzer.drift import (
     store_drift,
     wasserstein,
 )
+from tracetune.analyzer.loop import refresh
 
 # ---- the maths against a hand computation and scipy ------------------------------------------
 
@@ -336,7 +337,8 @@ def test_current_drift_uses_the_baseline_else_the_preceding_window(client):
     assert text_length(pinned) == "ok"
     triage = pinned.filter(pl.col("pipeline") == "triage").row(0, named=True)
     assert (triage["reference_start"], triage["reference_end"]) == old
-    assert reference_label(triage).endswith("UTC")
+    assert reference_label(triage) == f"baseline v1 {old[0]:%Y-%m-%d %H:%M} – {old[1]:%H:%M} UTC (pinned)"
+    assert reference_label({k: v for k, v in triage.items() if k != "reference"}).endswith(f"{old[1]:%H:%M} UTC")
     search = pinned.filter(pl.col("pipeline") == "search").row(0, named=True)  # no baseline: preceding window
     assert search["reference_end"] == search["current_start"]
     assert set(current_drift(client, now=CURRENT[1], current="10m", pipeline="triage")["pipeline"]) == {"triage"}
@@ -349,58 +351,37 @@ def test_current_drift_uses_the_baseline_else_the_preceding_window(client):
 RATE = 20  # tasks per second, the demo's load_rate
 
 
-def _demo_traffic(start: datetime, seconds: int, drifts: list[str], drift_at: float, seed: int) -> list[list]:
-    """Tasks as the demo load generator draws them (tracetune.demo.load.TicketSource: duplicates, invalid
-    tickets, drift from `drift_at`) run through spans like ticket_triage's: normalize (text_length,
-    word_count), classify (category, latency growing with the text), prioritize (priority, a 0.02 ms
-    step that gets ~0.005 ms slower on long texts: the issue's false positive)."""
-    import random
-
-    from tracetune.demo.load import Drift, LoadPlan, TicketSource, arrivals
-
-    plan = LoadPlan(rate=RATE, duration=seconds, drifts=[Drift(kind, drift_at) for kind in drifts], seed=seed)
-    rng, lat = random.Random(seed), np.random.default_rng(seed)
-    source, rows = TicketSource(plan, rng), []
-    for n, t in enumerate(arrivals(plan, rng)):
-        ticket, _, _ = source.draw(t)
-        text = " ".join(ticket.text.split())
-        at = int((start + timedelta(seconds=t)).timestamp() * 1e9)
-        trace, common = f"{seed:08x}{n:024x}", {"tracetune.pipeline": "ticket_triage"}
-        steps = [("normalize", {"tracetune.feature.text_length": str(len(text)),
-                                "tracetune.feature.word_count": str(len(text.split()))},
-                  lat.lognormal(np.log(0.03), 0.3))]
-        if text:
-            priority = "P2" if ticket.category in ("login", "bug") else "P3"
-            steps += [("classify", {"tracetune.feature.category": ticket.category},
-                       lat.lognormal(np.log(4.0 * (1 + len(text) / 1500)), 0.3)),
-                      ("prioritize", {"tracetune.feature.priority": priority},
-                       lat.lognormal(np.log(0.02 + len(text) * 1e-5), 0.2))]
-        offset = 0
-        for i, (step, features, ms) in enumerate(steps):
-            rows.append(span_row(at + offset, trace_id=trace, span_id=f"{n:08x}{i + 1:08x}", parent=f"{n:016x}",
-                                 name=step, attrs=common | {"tracetune.step": step} | features,
-                                 duration=int(ms * 1e6)))
-            offset += int(ms * 1e6)
-    return rows
-
-
 @pytest.mark.parametrize("drifts, flagged, may_follow", [
     ([], set(), set()),
-    (["category_mix"], {("classify", "category")}, {("prioritize", "priority")}),  # priority follows the category
-    (["text_length"], {("normalize", "text_length"), ("normalize", "word_count"), ("classify", "latency_ms")}, set()),
+    ([("category_mix", 300, 600)], {("classify", "category")}, {("prioritize", "priority")}),  # priority follows
+    ([("text_length", 300, 600)], {("normalize", "text_length"), ("normalize", "word_count"),
+                                   ("classify", "latency_ms")}, set()),
 ])
-def test_injected_drift_fires_within_3_minutes_and_a_steady_stream_does_not(client, drifts, flagged, may_follow):
-    """A fresh store, the demo's load from t = 0 with drift injected at t = 40 s (as `tracetune load
-    --drift category_mix@40`), the analyzer's defaults run every minute: nothing is flagged before the
-    injection nor ever on steady traffic, and the injected drift is flagged within 3 minutes."""
-    start = NOW - timedelta(minutes=12)
-    client.insert("otel_traces", _demo_traffic(start, 600, drifts, 40.0, seed=len(drifts) + 3), column_names=COLUMNS)
-    first_flag: dict[tuple[str, str], float] = {}
-    for run in range(1, 11):  # the analyzer loop, at an arbitrary phase: 25 s, 85 s, ... after the load began
-        at = 60.0 * run - 35
+def test_injected_drift_is_flagged_within_2_minutes_until_it_ends_and_a_steady_stream_never(
+        client, drifts, flagged, may_follow):
+    """A fresh store, the demo's load from t = 0 with drift injected from 5 to 10 minutes, the analyzer's
+    refresh every 30 s with its defaults (each pipeline's first hour of traffic as the reference): nothing
+    is flagged on steady traffic; the injected drift is flagged within 2 minutes, in every run whose
+    current window lies inside it, and no more once a window has none of it."""
+    start = NOW - timedelta(minutes=15)
+    client.insert("otel_traces", demo_traffic(start, 780, drifts, seed=len(drifts) + 3), column_names=COLUMNS)
+    runs: dict[float, dict[tuple[str, str], str]] = {}
+    labels = set()
+    for at in range(45, 781, 30):  # the analyzer loop at a phase of its own
+        refresh(client, now=start + timedelta(seconds=at))
         frame = current_drift(client, now=start + timedelta(seconds=at))
-        for row in feature_status(frame).filter(pl.col("status").is_in(["warn", "drift"])).iter_rows(named=True):
-            first_flag.setdefault((row["step"], row["feature"]), at)
-    assert flagged <= set(first_flag) <= flagged | may_follow  # never prioritize's 0.005 ms latency shift
-    assert all(40 < at <= 40 + 180 for at in first_flag.values()), first_flag
-    print(f"drift {drifts} injected at 40 s, first flagged at {first_flag}")
+        labels |= set(frame["reference"])
+        runs[at] = {(r["step"], r["feature"]): r["status"] for r in feature_status(frame).iter_rows(named=True)
+                    if r["status"] in ("warn", "drift")}
+    seen = {key for found in runs.values() for key in found}
+    assert flagged <= seen <= flagged | may_follow, runs
+    if not drifts:
+        assert any("of traffic so far" in label for label in labels), labels
+        return
+    first = {key: min(at for at, found in runs.items() if key in found) for key in flagged}
+    assert all(300 < at <= 300 + 120 for at in first.values()), first
+    inside = [at for at in runs if at - 60 >= 300 and at <= 600]  # current window all drifted
+    assert all(runs[at].get(key) == "drift" for at in inside for key in flagged), runs
+    assert not any(runs[at] for at in runs if at - 60 >= 600 + 30), runs  # the runs after it ended
+    assert any("up to the first drift found" in label for label in labels), labels
+    print(f"drift {drifts}: first flagged at {first}, flagged in all {len(inside)} runs inside it")

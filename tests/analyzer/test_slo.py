@@ -321,3 +321,28 @@ def test_availability_leaves_out_client_errors(client, source):
     status = slo_status(client, "triage", now=NOW, slo=SLO("triage", error_rate=0.1), source=source)
     assert status["period_bad"][0] == 5 and status["period_client_errors"][0] == 15
     assert status["budget_remaining"][0] == pytest.approx(1 - 5 / (0.1 * 100))
+
+
+def test_one_rule_for_enough_data_in_every_word():
+    """An objective whose data does not cover its shortest long window says "not enough data" in the words
+    every surface shows (slo_words), not "budget spent" from a few tasks; the rule fires nothing either."""
+    from tracetune.analyzer.slo import budget_words, enough_data, slo_words
+
+    assert enough_data(3600, 3600) and not enough_data(3599, 3600)
+    assert budget_words(-0.3, 5.0, 30, data_seconds=720, judged_after_s=3600) == (
+        "not enough data", "not enough data: 12.0 min of data, judged after 1 hour")
+    assert budget_words(-0.3, 5.0, 30, data_seconds=3600, judged_after_s=3600)[0] == "budget spent"
+    rule = {"pipeline": "reviews", "target_ms": 250.0, "error_budget": 0.05, "period_days": 30.0,
+            "severity": "page", "firing": False, "long_burn_rate": 6.7, "data_seconds": 720.0}
+    status = pl.DataFrame([
+        {**rule, "slo": "latency_p95", "long_window": "1h", "long_window_s": 3600, "budget_remaining": -0.3},
+        {**rule, "slo": "latency_p95", "long_window": "6h", "long_window_s": 21600, "budget_remaining": -0.3},
+        {**rule, "slo": "availability", "target_ms": None, "long_window": "1h", "long_window_s": 3600,
+         "budget_remaining": 1.0, "long_burn_rate": 0.0}])
+    words = slo_words(status)
+    assert words["state"].to_list() == ["not enough data", "not enough data"]
+    judged = slo_words(status.with_columns(data_seconds=pl.lit(7200.0)))
+    assert judged["state"].to_list() == ["budget spent", "on track"]
+    both_on_track = status.with_columns(data_seconds=pl.lit(7200.0), long_burn_rate=pl.lit(0.5),
+                                        budget_remaining=pl.Series([0.13, 0.13, 1.0]))
+    assert slo_words(both_on_track)["status"][0] == "on track: 13% of the error budget left"  # least left first

@@ -166,16 +166,24 @@ def test_alerts_commands_test_silence_list_and_show_deliveries(tmp_path, db_sett
 
     from tests.analyzer.test_delivery import receiver_app, verify
     from tests.servers import ThreadServer
+    from tracetune import store
+    from tracetune.analyzer import delivery
 
     env = db_settings.as_env()
     _one_line_error(_tracetune(["alerts", "test"], tmp_path, **env), "no alert receiver is configured",
                     "alert_webhook_url")
     app = receiver_app()
-    with ThreadServer(app) as receiver:
-        hooked = {**env, "TRACETUNE_ALERT_WEBHOOK_URL": f"{receiver.url}/hook"}
-        sent = _tracetune(["alerts", "test"], tmp_path, **hooked)
+    with ThreadServer(app) as receiver:  # in tracetune.toml, where the analyzer of the stack reads it too
+        (tmp_path / "tracetune.toml").write_text(f'alert_webhook_url = "{receiver.url}/hook"\n')
+        unset = {k: v for k, v in env.items() if k != "TRACETUNE_ALERT_WEBHOOK_URL"}  # as_env sets it, empty
+        sent = _tracetune(["alerts", "test"], tmp_path, **unset)
         assert sent.returncode == 0, sent.stderr
-        assert sent.stdout.strip() == "webhook: delivered (HTTP 200)"
+        assert sent.stdout.splitlines() == [f"receiver webhook: {receiver.url}/hook (from tracetune.toml)",
+                                            "webhook: delivered (HTTP 200)"]
+        # The first attempt was this command's: the analyzer's worker finds nothing of it left to send.
+        assert delivery.deliver_due(store.connect(db_settings), delivery.receivers_from_settings(
+            db_settings.replace(alert_webhook_url=f"{receiver.url}/hook")))["attempted"] == 0
+        (tmp_path / "tracetune.toml").unlink()
     (request,) = app.state.seen
     assert request.json()["alerts"][0]["labels"]["alertname"] == "TracetuneTest"
     verify(db_settings.alert_secret(), request.headers, request.body)  # the secret generated into the home
