@@ -16,7 +16,7 @@ from tracetune.dashboard.context import Context, run
 from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 
 # Drift has its own current window whatever the time range: the analyzer loop's, against each pipeline's
-# pinned baseline or else the preceding window of the same length. The range picks the history shown.
+# pinned baseline or else its first hour of traffic (analyzer.AUTO_BASELINE). The range picks the history shown.
 DRIFT_CURRENT = analyzer.DEFAULT_CURRENT
 LEVEL_COLOURS = {"warn": "#b58105", "drift": "#b02a37"}
 
@@ -113,8 +113,8 @@ def render(ctx: Context) -> None:
     first = results.row(0, named=True)
     st.caption(f"{source}: current {first['current_start']:%Y-%m-%d %H:%M:%S} – {first['current_end']:%H:%M:%S} UTC. "
                "The range picks the history below; the verdicts are of the latest window.")
-    st.markdown("**Reference used** (a pinned baseline, else the preceding window of the same length; "
-                "`tracetune drift baseline set` pins one): " + "; ".join(references))
+    st.markdown(f"**Reference used** (a pinned baseline, else the pipeline's first {analyzer.AUTO_BASELINE} of "
+                "traffic, held until its owner moves it with `tracetune drift baseline set`): " + "; ".join(references))
 
     table = frames.drift_table(results, True)
     counts = dict(table.group_by("status").len().iter_rows())
@@ -136,8 +136,8 @@ def render(ctx: Context) -> None:
     flags = cached(ctx.settings, analyzer.drift_flags, since=f.since, pipeline=f.pipeline_name)
     if not flags.is_empty():
         st.subheader(f"Flagged by analyzer runs in the last {f.since}")
-        st.caption("Against the preceding window a change shows for a run or two, until both windows hold the new "
-                   "traffic; these are the features any run flagged.")
+        st.caption("The features any run flagged (warn or drift) in the range, with the first and last run that did "
+                   "(UTC).")
         flagged = flags.with_columns(pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S").alias(c)
                                      for c in ("first_flagged", "last_flagged"))
         ui.table(ui.coloured(flagged if not f.pipeline_name else flagged.drop("pipeline"), "worst"),

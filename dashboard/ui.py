@@ -20,8 +20,9 @@ PCT = st.column_config.NumberColumn(format="%.1f %%")
 COUNT = st.column_config.NumberColumn(format="%d")
 MONEY = st.column_config.NumberColumn(format="%.4g")
 
-# Chart buckets per time range: a few dozen points per line (the rollup's grain at least).
-BUCKETS = {"15m": 60, "1h": 120, "6h": 900, "24h": 3600, "7d": 6 * 3600}
+# Chart buckets per time range: a few dozen points per line, and whole rows of the rollup the range reads
+# (hourly from 6 h: a 15-minute bucket there would be an hour anyway, and consecutive hours would read as gaps).
+BUCKETS = {"15m": 60, "1h": 120, "6h": 3600, "24h": 3600, "7d": 6 * 3600}
 
 
 def bucket_seconds(filters: Filters) -> int:

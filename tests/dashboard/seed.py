@@ -54,6 +54,9 @@ def cache_of(step: str, index: int) -> str | None:
 EARLIER_REQUESTS, EARLIER_MINUTES_AGO = 20, 80
 EARLIER_STEPS = [("embed", 12.0), ("classify", 45.0), ("route", 4.0)]
 OLD_EMBED_CALLS = 5  # extra ticket_triage/embed calls three hours ago: only in the 6h window
+# One support_bot task three hours ago (only in the 6h window): its SLO then has more than the hour of data
+# the shortest rule's long window needs before anything but "not enough data" is said (analyzer.enough_data).
+OLD_SUPPORT_TASK_HOURS = 3
 # support_bot's SLO: 2 of its 25 requests fail, 80x its 0.1% budget, so the budget is spent; its requests take
 # at most ~1.8 s, so the 60 s p95 target holds (on track). A cost budget draws a line on the cost chart.
 SLO = analyzer.SLO(pipeline="support_bot", error_rate=0.001, p95_ms=60_000, cost_per_1k=0.05)
@@ -143,6 +146,9 @@ def seed_spans(client) -> list[Request]:
                           {"tracetune.pipeline": "ticket_triage", "tracetune.tenant": seeded.tenant}, False,
                           span_id=root))
         requests.append(seeded)
+    old_task = now - OLD_SUPPORT_TASK_HOURS * int(3600e9)  # the SLO's data covers its first rule's long window
+    rows.append(_span(old_task, uuid.uuid4().hex, "", "support_bot", int(500e6),
+                      {"tracetune.pipeline": "support_bot", "tracetune.tenant": "acme"}, False))
     for i in range(OLD_EMBED_CALLS):
         attrs = {"tracetune.pipeline": "ticket_triage", "tracetune.step": "embed"}
         rows.append(_span(now - int(3 * 3600e9) + i * int(1e9), uuid.uuid4().hex, uuid.uuid4().hex[:16],

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pytest
 import streamlit as st
@@ -144,7 +145,7 @@ def test_overview_says_the_slo_in_words_and_marks_targets_decisions_costs_and_al
     # its p95 target of 60 s holds for every task: on track, the whole budget left.
     assert metrics(at)["SLO · support_bot"] == "Budget spent"
     slos = {(r["pipeline"], r["objective"]): r for r in rows(at, 0)}
-    over = 100 * (2 / (SLO.error_rate * 25) - 1)
+    over = 100 * (2 / (SLO.error_rate * 26) - 1)  # and the task three hours back, in the SLO's 30 days
     assert slos["support_bot", "errors"]["status"] == f"budget spent: {over:.0f}% over the 30-day budget"
     assert slos["support_bot", "p95 latency"]["status"] == "on track: 100% of the error budget left"
     assert slos["support_bot", "p95 latency"]["target"] == "95% of tasks within 60,000 ms"
@@ -443,7 +444,7 @@ def test_filters_come_from_the_query_string_and_go_back_into_it(seeded):
     assert pipeline.options == ["all", *sorted(PIPELINES)] and tenant.options == ["all", "acme", "globex"]
     table = at.dataframe[0].value
     assert "pipeline" not in table.columns
-    assert {r["step"]: r["requests"] for r in rows(at, 0)} == {analyzer.END_TO_END: 25, "retrieve": 25,
+    assert {r["step"]: r["requests"] for r in rows(at, 0)} == {analyzer.END_TO_END: 26, "retrieve": 25,
                                                                  "rerank": 25, "generate": 25}
     assert at.query_params == {"pipeline": "support_bot", "since": "6h", "tenant": "acme", "refresh": "off"}
 
@@ -472,7 +473,7 @@ def test_drift_page_shows_verdicts_reference_history_against_thresholds_and_hist
     at = open_page("drift")
     assert "computed now" in at.caption[1].value  # [0]: the range, which drift's verdicts do not follow
     reference = next(m.value for m in at.markdown if m.value.startswith("**Reference used**"))
-    assert f"search: {baseline.start:%Y-%m-%d %H:%M} – " in reference  # the pinned baseline, not the last minute
+    assert f"search: baseline v1 {baseline.start:%Y-%m-%d %H:%M} – " in reference  # the pinned baseline
     shown = {r["feature"]: r for r in rows(at, 0)}
     assert shown["lang"]["status"] == "drift" and shown["lang"]["statistic"] == "js"
     assert shown["length"]["status"] == "ok" and shown["rare"]["status"] == "not enough data"
@@ -568,3 +569,16 @@ def test_an_alerts_page_link_opens_its_page_with_its_pipeline(seeded):
     assert at.title[0].value == "Tuner"
     assert at.query_params == {"pipeline": "ticket_triage", "since": "1h", "tenant": "all", "refresh": "30s"}
     assert metrics(at)["Config version in force"] == f"{seeded[2]['versions'][1].version}"
+
+
+def test_the_pages_cheap_questions_agree_with_the_full_ones(seeded, reader):
+    """analyzer.pipelines (the picker) names what step_series has rows of; step_series(tasks_only=True) (the
+    Overview) gives exactly its END_TO_END rows, and no step rows."""
+    for since in ("1h", "6h"):
+        full = analyzer.step_series(reader, since=since, bucket_seconds=120)
+        assert analyzer.pipelines(reader, since=since) == sorted(set(full["pipeline"]))
+        tasks = analyzer.step_series(reader, since=since, bucket_seconds=120, tasks_only=True)
+        assert set(tasks["step"]) == {analyzer.END_TO_END}
+        assert tasks.sort("bucket", "pipeline").equals(
+            full.filter(pl.col("step") == analyzer.END_TO_END).sort("bucket", "pipeline"))
+    assert set(analyzer.pipelines(reader, since="1h")) == set(PIPELINES)
