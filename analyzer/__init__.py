@@ -39,6 +39,7 @@ from tracetune.analyzer.series import (
     error_spans,
     feature_histograms,
     feature_samples,
+    pipelines,
     step_series,
     tenants,
 )
@@ -92,6 +93,6 @@ __all__ = [
     "current_prices", "latency", "latency_series", "load_prices", "parse_window", "publish_prices",
     "self_times", "step_breakdown", "step_stats", "step_times",
     "cost_by", "cost_cells", "cost_change", "drift_history", "error_spans", "feature_histograms", "feature_samples",
-    "step_series", "tenants",
+    "pipelines", "step_series", "tenants",
     "AUTO_BASELINE", "Reference", "drift_references", "STATE_ORDER", "budget_words", "enough_data", "slo_words",
 ]

@@ -27,11 +27,12 @@ from tracetune.analyzer.stats import END_TO_END, HOURLY_FROM_SECONDS, parse_wind
 
 __all__ = ["COST_CHANGE_DRIVERS", "ERROR_SPAN_COLUMNS", "SERIES_COST_DIMENSIONS", "STEP_SERIES_COLUMNS", "cost_by",
            "cost_cells", "cost_change", "drift_history", "error_spans", "feature_histograms", "feature_samples",
-           "price_cells", "share_batches", "step_series", "tenants"]
+           "pipelines", "price_cells", "share_batches", "step_series", "tenants"]
 
 _SQL_DIR = resources.files("tracetune.analyzer").joinpath("sql")
 _SQL = {name: _SQL_DIR.joinpath(f"series_{name}.sql").read_text()
-        for name in ("steps", "cost_cells", "tenants", "drift_history", "feature_samples", "error_spans")}
+        for name in ("steps", "cost_cells", "tenants", "pipelines", "drift_history", "feature_samples",
+                     "error_spans")}
 _SQL["error_spans"] = _SQL["error_spans"].replace("{kind_sql}", ERROR_KIND_SQL)
 # The rollup a window reads, and its time column and floor function (the only fragments put into SQL).
 _ROLLUPS = {"minute": ("tracetune_spans_1m", "minute", "toStartOfMinute", 60),
@@ -70,21 +71,32 @@ def _fill(sql: str, table: str, column: str, floor: str) -> str:
 # ---- steps ------------------------------------------------------------------------------------------
 
 def step_series(client, since: str | int = "1h", pipeline: str = "", tenant: str = "",
-                bucket_seconds: int = 60) -> pl.DataFrame:
+                bucket_seconds: int = 60, tasks_only: bool = False) -> pl.DataFrame:
     """Per bucket, pipeline, step and route: requests, errors, p50/p95/p99 ms, cache hit rate, mean batch
     size and queue time (STEP_SERIES_COLUMNS; NaN where a step never looked up the cache or batched).
 
     Whole tasks (root spans) are the rows whose step is END_TO_END. bucket_seconds is rounded up to
     whole minutes (whole hours for windows of 6 h and more); 0 gives one row per group for the whole
-    window. Buckets without spans are absent: a chart of them shows the gap.
+    window. Buckets without spans are absent: a chart of them shows the gap. tasks_only: the END_TO_END rows
+    alone (a fifth of the quantile states to merge, for a page about whole tasks).
     """
     seconds = _seconds(since)
     table, column, floor, bucket = _rollup(seconds, bucket_seconds)
     result = client.query(_fill(_SQL["steps"], table, column, floor), parameters={
-        "window_seconds": seconds, "pipeline": pipeline, "tenant": tenant, "bucket_seconds": bucket})
+        "window_seconds": seconds, "pipeline": pipeline, "tenant": tenant, "bucket_seconds": bucket,
+        "tasks_only": int(bool(tasks_only))})
     frame = result_frame(result, STEP_SERIES_COLUMNS)
     return frame.with_columns(pl.when(pl.col("step") == "").then(pl.lit(END_TO_END)).otherwise(pl.col("step"))
                               .alias("step"))
+
+
+def pipelines(client, since: str | int = "1h") -> list[str]:
+    """Pipelines with tasks or step spans in the window, by name (what step_series would list, for a fraction of
+    its cost: no quantile state is read)."""
+    seconds = _seconds(since)
+    table, column, floor, _ = _rollup(seconds, 0)
+    result = client.query(_fill(_SQL["pipelines"], table, column, floor), parameters={"window_seconds": seconds})
+    return [row[0] for row in result.result_rows]
 
 
 def tenants(client, since: str | int = "1h", pipeline: str = "") -> list[str]:

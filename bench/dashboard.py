@@ -8,15 +8,22 @@ cache (what a new question costs the store) and the median of re-renders within 
 
     .venv/bin/python bench/dashboard.py              # 10M spans
     .venv/bin/python bench/dashboard.py --spans 1e6  # quicker
+    .venv/bin/python bench/dashboard.py --against /tmp/main/.venv/bin/python  # another checkout, side by side
+
+--against PYTHON renders the pages of the checkout that interpreter imports `tracetune` from (e.g. main in a
+second worktree with its own .venv) over the same store, in turns with this checkout's, so both are measured
+under the same load; the table gives both and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from importlib import resources
@@ -80,13 +87,34 @@ def render(page: str, since: str, repeat: int) -> tuple[float, float, int]:
     return cold, warm, shown
 
 
+def render_all(ranges: list[str], repeat: int) -> dict[str, list[float]]:
+    """Every page over every range with this interpreter's checkout: "page range" -> [cold ms, warm ms, elements]."""
+    render("overview", "1h", 1)  # imports and the first connection, outside the figures
+    return {f"{page} {since}": list(render(page, since, repeat)) for since in ranges for page in PAGES}
+
+
+def render_with(python: str, ranges: list[str], repeat: int) -> dict[str, list[float]]:
+    """render_all in a child process of `python` (another checkout), over the store this process's environment
+    names: its JSON answer."""
+    done = subprocess.run([python, __file__, "--render-only", "--ranges", ",".join(ranges), "--repeat", str(repeat)],
+                          env=os.environ.copy(), capture_output=True, text=True, check=True, timeout=3600)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spans", type=float, default=1e7, help="spans to generate (default 10M)")
     parser.add_argument("--chunk", type=float, default=1e6)
     parser.add_argument("--ranges", default="1h,24h", help="comma-separated time ranges to render")
     parser.add_argument("--repeat", type=int, default=3, help="re-renders per page, within the cache's TTL")
+    parser.add_argument("--against", default="", help="python of another checkout to render side by side with this")
+    parser.add_argument("--rounds", type=int, default=2, help="turns of each checkout with --against")
+    parser.add_argument("--render-only", action="store_true", help=argparse.SUPPRESS)  # the child of --against
     args = parser.parse_args()
+    ranges = args.ranges.split(",")
+    if args.render_only:  # the store is the parent's (TRACETUNE_* in the environment); answer in JSON
+        print(json.dumps(render_all(ranges, args.repeat)))
+        return
     console = Console(width=150)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped run still stops its store (finally)
 
@@ -103,6 +131,9 @@ def main() -> None:
                       f"minute rows and {hour_rows:,} hour rows")
 
         os.environ.update(settings.as_env() | {"TRACETUNE_CONFIG": str(home / "absent.toml")})
+        if args.against:
+            compare(console, args.against, ranges, args.repeat, args.rounds, inserted)
+            return
         render("overview", "1h", 1)  # imports and the first connection, outside the figures
         table = Table(title=f"dashboard pages over {inserted:,} spans (AppTest render, ms)")
         for column in ("page", "range", f"render, empty cache (median of {args.repeat})",
@@ -119,6 +150,28 @@ def main() -> None:
     finally:
         stop_process(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def compare(console: Console, other: str, ranges: list[str], repeat: int, rounds: int, spans: int) -> None:
+    """Both checkouts in turns (other, this, other, this, ...) over one store; medians of the turns, and ratios."""
+    mine, theirs = [], []
+    for _ in range(rounds):
+        theirs.append(render_with(other, ranges, repeat))
+        mine.append(render_with(sys.executable, ranges, repeat))
+    table = Table(title=f"dashboard pages over {spans:,} spans, two checkouts in turns (AppTest render, ms; medians "
+                        f"of {rounds} turns x {repeat} renders)")
+    for column in ("page", "range", "empty cache: other", "empty cache: this", "this / other", "cached: other",
+                   "cached: this"):
+        table.add_column(column, justify="left" if column in ("page", "range") else "right")
+    for key in mine[0]:
+        page, since = key.split()
+        cold = [statistics.median(turn[key][0] for turn in runs) for runs in (theirs, mine)]
+        warm = [statistics.median(turn[key][1] for turn in runs) for runs in (theirs, mine)]
+        table.add_row(page, since, f"{cold[0]:,.0f}", f"{cold[1]:,.0f}", f"{cold[1] / cold[0]:.2f}",
+                      f"{warm[0]:,.0f}", f"{warm[1]:,.0f}")
+    console.print(table)
+    console.print(f"other: {other}; this: {sys.executable}. Empty cache: every question asked of the store; "
+                  "cached: the same page again within the cache's TTL.")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import polars as pl
 import streamlit as st
 
 from tracetune import analyzer
 from tracetune import settings as settings_mod
 from tracetune.dashboard import context
-from tracetune.dashboard.queries import StoreUnavailable, address, cached
+from tracetune.dashboard.queries import StoreUnavailable, address, cached, prefetch
 from tracetune.settings import Settings, SettingsError
 
 HERE = Path(__file__).parent
@@ -39,12 +38,12 @@ LINKED = {"slo": "overview", **{path: path for _, _, path, _ in PAGES}}
 def _known(settings: Settings):
     def known(since: str) -> tuple[list[str], list[str]]:
         """Pipelines and tenants with tasks or steps in the range; none if the store cannot say (the page will)."""
+        prefetch(settings, [(analyzer.pipelines, {"since": since}), (analyzer.tenants, {"since": since})])
         try:
-            seen = cached(settings, analyzer.step_series, since=since, bucket_seconds=0)
-            tenants = cached(settings, analyzer.tenants, since=since)
+            return (cached(settings, analyzer.pipelines, since=since),
+                    cached(settings, analyzer.tenants, since=since))
         except StoreUnavailable:
             return [], []
-        return sorted(set(seen["pipeline"].to_list()) if isinstance(seen, pl.DataFrame) else set()), tenants
     return known
 
 

@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 import altair as alt
 import polars as pl
 
-__all__ = ["TICKS", "bars", "decision_rules", "target_rules", "tick_interval", "ticks", "time_axis", "time_lines"]
+__all__ = ["TICKS", "bars", "decision_rules", "pipeline_panels", "target_rules", "tick_interval", "ticks", "time_axis",
+           "time_lines"]
 
 # (step, unit, seconds, label format): the first whose ticks over the window are at most MAX_TICKS wins.
 # Ticks a day or more apart name the day too: 23:00 today and 23:00 yesterday are different ticks.
@@ -71,13 +72,14 @@ def time_axis(window: tuple[datetime, datetime], title: str = "time") -> alt.X:
 
 
 def time_lines(data: pl.DataFrame, y: str, y_title: str, window: tuple[datetime, datetime], color: str = "series",
-               color_title: str = "series", tooltip: list | None = None) -> alt.LayerChart:
-    """A line per `color` value over `bucket`, broken at gaps (`segment`, from frames.with_gaps), with points."""
+               color_title: str = "series", tooltip: list | None = None, legend: bool = True) -> alt.LayerChart:
+    """A line per `color` value over `bucket`, broken at gaps (`segment`, from frames.with_gaps), with points;
+    legend=False for a chart of one series whose title names it."""
     base = alt.Chart(data).encode(
         x=time_axis(window),
         y=alt.Y(f"{y}:Q", title=y_title),
         color=alt.Color(f"{color}:N", title=color_title, legend=alt.Legend(labelLimit=0, orient="bottom",
-                                                                          columns=2)),
+                                                                          columns=2) if legend else None),
         detail="segment:N",
         tooltip=tooltip or [f"{color}:N", alt.Tooltip("bucket:T", format="%Y-%m-%d %H:%M"),
                             alt.Tooltip(f"{y}:Q", format=".4g")],
@@ -117,3 +119,48 @@ def bars(data: pl.DataFrame, x: str, x_title: str, y: str, y_title: str, color: 
         if not stack:
             encoding["yOffset"] = alt.YOffset(f"{color}:N")
     return alt.Chart(data).mark_bar().encode(**encoding)
+
+
+def pipeline_panels(points: pl.DataFrame, y: str, y_title: str, window: tuple[datetime, datetime],
+                    targets: pl.DataFrame, target_label: str, decisions: pl.DataFrame, width: int,
+                    height: int) -> alt.FacetChart:
+    """One panel per pipeline, each on its own y scale (a 0.11 pipeline does not flatten the others): its line
+    (broken at gaps: `segment` from frames.with_gaps) over `bucket`, its target as a dashed rule, its decisions
+    as dotted vertical rules. One chart of one dataset (a `row` column says which layer a row is for), so the
+    page builds one spec, not one per pipeline.
+
+    points: bucket, pipeline, `y`, segment; targets: pipeline, `y`; decisions: pipeline, decided_at, kind, reason.
+    """
+    rows = [points.select("pipeline", "bucket", pl.col(y).cast(pl.Float64), "segment",
+                          pl.lit("point").alias("row"))]
+    if not targets.is_empty():
+        rows.append(targets.select("pipeline", pl.col(y).cast(pl.Float64), pl.lit("target").alias("row")).with_columns(
+            label=pl.Series([f"{target_label} {value:,.4g}" for value in targets[y].to_list()], dtype=pl.Utf8)))
+    if not decisions.is_empty():
+        rows.append(decisions.select("pipeline", pl.col("decided_at").alias("bucket"), "kind", "reason",
+                                     pl.lit("decision").alias("row")))
+    data = pl.concat(rows, how="diagonal_relaxed")
+    x = time_axis(window)
+    point = alt.datum.row == "point"
+    base = alt.Chart()
+    layers = [
+        base.mark_line().encode(x=x, y=alt.Y(f"{y}:Q", title=y_title), detail="segment:N").transform_filter(point),
+        base.mark_point(filled=True, size=30).encode(
+            x=x, y=alt.Y(f"{y}:Q"), tooltip=["pipeline:N", alt.Tooltip("bucket:T", format="%Y-%m-%d %H:%M"),
+                                            alt.Tooltip(f"{y}:Q", format=".4g")]).transform_filter(point),
+    ]
+    if "label" in data.columns:
+        target = alt.datum.row == "target"
+        layers += [base.mark_rule(strokeDash=[6, 4], color="#b02a37").encode(
+                       y=alt.Y(f"{y}:Q"), tooltip=["label:N"]).transform_filter(target),
+                   base.mark_text(align="left", dx=4, dy=-6, color="#b02a37").encode(
+                       y=alt.Y(f"{y}:Q"), text="label:N", x=alt.value(0)).transform_filter(target)]
+    if "kind" in data.columns:
+        layers.append(base.mark_rule(color="#6f42c1", strokeDash=[2, 2]).encode(
+            x="bucket:T", tooltip=["pipeline:N", "kind:N", alt.Tooltip("bucket:T", format="%Y-%m-%d %H:%M:%S"),
+                                   "reason:N"]).transform_filter(alt.datum.row == "decision"))
+    return (alt.layer(*layers, data=data).properties(width=width, height=height)
+            .facet(row=alt.Row("pipeline:N", title=None, sort="ascending",
+                               header=alt.Header(labelAngle=0, labelAlign="left", labelAnchor="start",
+                                                 labelOrient="top", labelFontWeight="bold", labelFontSize=13)))
+            .resolve_scale(y="independent"))

@@ -13,8 +13,9 @@ from tracetune.analyzer import PricesError
 from tracetune.dashboard import charts, frames, pricing, ui
 from tracetune.dashboard.context import Context, run
 from tracetune.dashboard.frames import COST_SPLIT, format_money
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 
+PANEL_WIDTH, PANEL_HEIGHT = 820, 120  # each pipeline's row of the cost-over-time chart (px)
 MONEY_COLUMNS = {"cost per 1k": ui.MONEY, "total cost": ui.MONEY, "requests": ui.COUNT, "spans": ui.COUNT,
                  "tokens": ui.COUNT, "compute s": st.column_config.NumberColumn(format="%.3f"),
                  **{f"{label} per 1k": ui.MONEY for label in COST_SPLIT.values()}}
@@ -45,13 +46,13 @@ def render(ctx: Context) -> None:
     f = ctx.filters
     bucket = ui.bucket_seconds(f)
     window = ui.window(f, datetime.now(UTC))
+    asked = [{"since": f.since, "pipeline": f.pipeline_name},
+             {"since": f.since, "pipeline": f.pipeline_name, "bucket_seconds": bucket},
+             {"since": f.since, "pipeline": f.pipeline_name, "offset_seconds": f.seconds}]
+    prefetch(ctx.settings, [(analyzer.current_prices, {}), *((analyzer.cost_cells, kwargs) for kwargs in asked)])
     try:
         table, note = pricing.table(ctx.settings)
-        cells = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name)
-        timed = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name,
-                       bucket_seconds=bucket)
-        previous = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name,
-                          offset_seconds=f.seconds)
+        cells, timed, previous = (cached(ctx.settings, analyzer.cost_cells, **kwargs) for kwargs in asked)
     except StoreUnavailable as problem:
         show_unavailable(problem, f.since)
         return
@@ -87,10 +88,14 @@ def render(ctx: Context) -> None:
         st.warning(warning)
 
     st.subheader("By step, route and model")
-    shown = frames.cost_table(by_step, ["pipeline", "step", "route", "model"], not f.pipeline_name)
-    ui.table(shown.drop("spans", "compute s", "tokens", "total cost"), MONEY_COLUMNS)
+    shown = frames.cost_table(frames.fold_modelless(by_step), ["pipeline", "step", "route", "model"],
+                              not f.pipeline_name)
+    ui.table(shown.drop("spans", "compute s", "tokens", "total cost").with_columns(
+        pl.col(c).replace("", None) for c in ("route", "model")), MONEY_COLUMNS)
     st.caption("Per 1k requests of the step's pipeline, so a pipeline's rows add up to its cost per 1k; split into "
-               "its tokens, compute and per-call parts.")
+               "its tokens, compute and per-call parts. A route's calls answered without calling its model (from the "
+               f"cache) count in that model's row; {frames.MISSING} in model or route: the step called no model, or "
+               "has no route.")
     ui.chart(charts.bars(frames.cost_split(by_step, not f.pipeline_name), "per_1k",
                          f"cost per 1k requests ({currency})", "series", "step", color="kind", color_title="cost"))
 
@@ -103,9 +108,11 @@ def render(ctx: Context) -> None:
     st.subheader("Cost per 1k requests over time")
     over_time = analyzer.cost_by(timed, table, ("pipeline",), tenant=tenant, over_time=True).filter(
         pl.col("requests") > 0)
-    data = frames.with_gaps(over_time.select("bucket", pl.col("pipeline").alias("series"), "cost_per_1k"),
-                            ["series"], bucket)
-    ui.chart(charts.time_lines(data, "cost_per_1k", f"cost per 1k ({currency})", window, color_title="pipeline"))
+    data = frames.with_gaps(over_time.select("bucket", "pipeline", "cost_per_1k"), ["pipeline"], bucket)
+    none = pl.DataFrame()
+    ui.chart(charts.pipeline_panels(data, "cost_per_1k", f"cost per 1k ({currency})", window, none, "", none,
+                                    PANEL_WIDTH, PANEL_HEIGHT))
+    st.caption("One row per pipeline, each on its own scale.")
 
     st.subheader(f"What changed since the previous {f.since}")
     keys = ("pipeline", "step", "route", "model")
@@ -116,7 +123,8 @@ def render(ctx: Context) -> None:
     ui.table(change_table(moved), {c: ui.MONEY for c in change_table(moved).columns if c != "pipeline"})
     st.caption("mix: steps called more or less often per request; route: calls moved between routes or models; "
                "tokens: tokens per call; compute: compute time (and per-call price) per call. They add up to the "
-               "change in cost per 1k; volume is what the change in requests alone did to the total cost.")
+               "change in cost per 1k; volume is what the change in requests alone did to the total cost. "
+               f"{frames.MISSING}: the pipeline had no requests in one of the periods, so there is no change to split.")
 
 
 if __name__ == "__main__":

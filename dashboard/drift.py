@@ -13,11 +13,12 @@ from tracetune import analyzer
 from tracetune.analyzer import Thresholds
 from tracetune.dashboard import charts, frames, ui
 from tracetune.dashboard.context import Context, run
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 
 # Drift has its own current window whatever the time range: the analyzer loop's, against each pipeline's
-# pinned baseline or else the preceding window of the same length. The range picks the history shown.
+# pinned baseline or else its first hour of traffic (analyzer.AUTO_BASELINE). The range picks the history shown.
 DRIFT_CURRENT = analyzer.DEFAULT_CURRENT
+LEVEL_COLOURS = {"warn": "#b58105", "drift": "#b02a37"}
 
 
 def thresholds_of(pipeline: str, step: str, feature: str, statistic: str) -> pl.DataFrame:
@@ -27,6 +28,17 @@ def thresholds_of(pipeline: str, step: str, feature: str, statistic: str) -> pl.
     rows = [{"level": level, "value": getattr(limits, f"{statistic}_{level}")} for level in ("warn", "drift")
             if hasattr(limits, f"{statistic}_{level}") and getattr(limits, f"{statistic}_{level}") is not None]
     return pl.DataFrame(rows, schema={"level": pl.Utf8, "value": pl.Float64})
+
+
+def levels_words(statistic: str, levels: pl.DataFrame) -> str:
+    """What the dashed lines of the history chart are, naming a level the thresholds switch off."""
+    drawn = {row["level"]: row["value"] for row in levels.iter_rows(named=True)}
+    said = [f"{level} at {drawn[level]:g}" for level in ("warn", "drift") if level in drawn]
+    off = [level for level in ("warn", "drift") if level not in drawn]
+    text = f"dashed: {' and '.join(said)}." if said else f"{statistic} has no warn or drift level set."
+    if said and off:
+        text += f" {statistic} has no {off[0]} level set (a verdict on it comes from the other statistics)."
+    return text
 
 
 def _history_chart(history: pl.DataFrame, row: dict, window, since: str, run_seconds: float) -> None:
@@ -44,13 +56,14 @@ def _history_chart(history: pl.DataFrame, row: dict, window, since: str, run_sec
     levels = thresholds_of(row["pipeline"], row["step"], row["feature"], statistic)
     layers = [lines]
     if not levels.is_empty():
-        rules = alt.Chart(levels).encode(y="value:Q")
-        layers += [rules.mark_rule(strokeDash=[6, 4], color="#b02a37").encode(tooltip=["level:N", "value:Q"]),
-                   rules.mark_text(align="left", dx=4, dy=-6, color="#b02a37").encode(text="level:N",
-                                                                                        x=alt.value(0))]
+        for level, colour in LEVEL_COLOURS.items():
+            rules = alt.Chart(levels.filter(pl.col("level") == level)).encode(y="value:Q")
+            layers += [rules.mark_rule(strokeDash=[6, 4], color=colour).encode(tooltip=["level:N", "value:Q"]),
+                       rules.mark_text(align="left", dx=4, dy=-6, color=colour).encode(text="level:N",
+                                                                                       x=alt.value(0))]
     ui.chart(alt.layer(*layers))
-    st.caption(f"{statistic} of each stored analyzer run (one every {run_seconds:g} s while it runs); dashed: its "
-               "warn and drift levels. A gap is time without runs.")
+    st.caption(f"{statistic} of each stored analyzer run (one every {run_seconds:g} s while it runs); "
+               f"{levels_words(statistic, levels)} A gap is time without runs.")
 
 
 def _histograms(ctx: Context, row: dict) -> None:
@@ -78,6 +91,9 @@ def _histograms(ctx: Context, row: dict) -> None:
 def render(ctx: Context) -> None:
     f = ctx.filters
     window = ui.window(f, datetime.now(UTC))
+    prefetch(ctx.settings, [(analyzer.latest_drift, {"pipeline": f.pipeline_name}),
+                            (analyzer.drift_history, {"since": f.since, "pipeline": f.pipeline_name}),
+                            (analyzer.drift_flags, {"since": f.since, "pipeline": f.pipeline_name})])
     try:
         results = cached(ctx.settings, analyzer.latest_drift, pipeline=f.pipeline_name)
         stored = not results.is_empty()
@@ -97,15 +113,16 @@ def render(ctx: Context) -> None:
     first = results.row(0, named=True)
     st.caption(f"{source}: current {first['current_start']:%Y-%m-%d %H:%M:%S} – {first['current_end']:%H:%M:%S} UTC. "
                "The range picks the history below; the verdicts are of the latest window.")
-    st.markdown("**Reference used** (a pinned baseline, else the preceding window of the same length; "
-                "`tracetune drift baseline set` pins one): " + "; ".join(references))
+    st.markdown(f"**Reference used** (a pinned baseline, else the pipeline's first {analyzer.AUTO_BASELINE} of "
+                "traffic, held until its owner moves it with `tracetune drift baseline set`): " + "; ".join(references))
 
     table = frames.drift_table(results, True)
     counts = dict(table.group_by("status").len().iter_rows())
     for column, status in zip(st.columns(4), analyzer.drift.STATUSES, strict=True):
-        column.metric(status.replace("_", " ").capitalize(), f"{counts.get(status, 0)}",
+        column.metric(frames.STATUS_WORDS.get(status, status).capitalize(), f"{counts.get(status, 0)}",
                       help="Features whose worst statistic says so.")
     shown = table if not f.pipeline_name else table.drop("pipeline")
+    shown = shown.with_columns(pl.col("status").replace(frames.STATUS_WORDS)).drop("kind")  # the statistic says it
     ui.table(ui.coloured(shown, "status"), {
         "value": st.column_config.NumberColumn("statistic value", format="%.4f"),
         "p_value": st.column_config.NumberColumn("p-value", format="%.4f"),
@@ -113,15 +130,19 @@ def render(ctx: Context) -> None:
         "n_current": st.column_config.NumberColumn("current n", format="%d")})
     limits = Thresholds()
     st.caption("psi: population stability index (numeric, latency); js: Jensen–Shannon distance (categorical); "
-               "p-value of KS (numeric) or chi-square (categorical). insufficient data: under "
+               "p-value of KS (numeric) or chi-square (categorical). not enough data: under "
                f"{limits.min_samples} samples in a window ({limits.psi_min_samples} for psi).")
 
     flags = cached(ctx.settings, analyzer.drift_flags, since=f.since, pipeline=f.pipeline_name)
     if not flags.is_empty():
         st.subheader(f"Flagged by analyzer runs in the last {f.since}")
-        st.caption("Against the preceding window a change shows for a run or two, until both windows hold the new "
-                   "traffic; these are the features any run flagged.")
-        ui.table(ui.coloured(flags if not f.pipeline_name else flags.drop("pipeline"), "worst"))
+        st.caption("The features any run flagged (warn or drift) in the range, with the first and last run that did "
+                   "(UTC).")
+        flagged = flags.with_columns(pl.col(c).dt.strftime("%Y-%m-%d %H:%M:%S").alias(c)
+                                     for c in ("first_flagged", "last_flagged"))
+        ui.table(ui.coloured(flagged if not f.pipeline_name else flagged.drop("pipeline"), "worst"),
+                 {"first_flagged": st.column_config.TextColumn("first flagged (UTC)"),
+                  "last_flagged": st.column_config.TextColumn("last flagged (UTC)"), "runs": ui.COUNT})
 
     st.subheader("One feature")
     options = [f"{r['pipeline']} / {r['step']} / {r['feature']}" for r in table.iter_rows(named=True)] \

@@ -6,6 +6,9 @@ or words of one page, so the arithmetic can be checked without a browser or a se
 
 from __future__ import annotations
 
+import ast
+import re
+from datetime import datetime
 from typing import Any
 
 import polars as pl
@@ -13,13 +16,19 @@ import polars as pl
 from tracetune.analyzer.drift import STATUSES
 from tracetune.analyzer.slo import SLO_NAMES, STATE_ORDER, budget_words, duration_words, slo_words
 
-__all__ = ["COST_SPLIT", "DRIVER_WORDS", "DRIFT_STATISTICS", "SLO_NAMES", "STATE_COLOURS", "STATE_ORDER",
-           "STATUS_COLOURS", "budget_words", "change_sentence", "cost_split", "cost_table", "drift_table",
-           "duration_words", "format_money", "format_ms", "label", "slo_words", "with_gaps", "with_series",
+__all__ = ["COST_SPLIT", "DRIVER_WORDS", "DRIFT_STATISTICS", "MISSING", "SLO_NAMES", "STATE_COLOURS", "STATE_ORDER",
+           "STATUS_COLOURS", "STATUS_WORDS", "budget_words", "change_sentence", "cost_split", "cost_table",
+           "decision_change", "decision_effect", "drift_table", "duration_words", "fold_modelless", "format_money",
+           "format_ms", "format_time", "knob_text", "label", "readable", "slo_words", "with_gaps", "with_series",
            "worst_state"]
+
+MISSING = "—"
+"""What a table cell shows where there is no value (the page's caption says what that means there)."""
 
 # Cost kinds in the order they stack, as the analyzer's column names and as the legend says them.
 COST_SPLIT = {"token_cost": "tokens", "compute_cost": "compute", "call_cost": "per call"}
+# A drift verdict as a person reads it (the analyzer's statuses are identifiers).
+STATUS_WORDS = {"insufficient_data": "not enough data"}
 # Background and text colour of each drift verdict / SLO state cell.
 STATUS_COLOURS = {
     "drift": ("#f8d7da", "#842029"), "warn": ("#fff3cd", "#664d03"), "ok": ("#d1e7dd", "#0f5132"),
@@ -43,6 +52,13 @@ def format_money(value: float | None, currency: str) -> str:
     return f"{value:,.2f} {currency}" if abs(value) >= 1 else f"{value:.3g} {currency}"
 
 
+def format_time(moment: datetime | None, seconds: bool = True) -> str:
+    """A UTC instant as people read it: `2026-12-05 23:09:25` (no microseconds, no offset: columns say UTC)."""
+    if moment is None:
+        return MISSING
+    return f"{moment:%Y-%m-%d %H:%M:%S}" if seconds else f"{moment:%Y-%m-%d %H:%M}"
+
+
 def with_series(frame: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
     """Add the legend label of each line/bar: the step, or `pipeline / step` across pipelines."""
     label = pl.concat_str("pipeline", pl.lit(" / "), "step") if show_pipeline else pl.col("step")
@@ -61,6 +77,29 @@ def cost_table(costs: pl.DataFrame, keys: list[str], show_pipeline: bool) -> pl.
         (pl.col("input_tokens") + pl.col("output_tokens")).alias("tokens"),
     )
     return table if show_pipeline or "pipeline" not in keys else table.drop("pipeline")
+
+
+_SUMMED = ("spans", "input_tokens", "output_tokens", "compute_seconds", "token_cost", "compute_cost", "call_cost",
+           "cost", "unpriced_spans")
+
+
+def fold_modelless(costs: pl.DataFrame) -> pl.DataFrame:
+    """A cost_by(pipeline, step, route, model) frame with each route's spans that called no model (a cascade
+    answered from its cache: route set, no `gen_ai.request.model`, no tokens) counted in the row of the one
+    model that route called, instead of a second, blank-model row of the same step and route. A route that
+    called several models keeps its blank row (its spans belong to none of them)."""
+    keys = ["pipeline", "step", "route"]
+    blank = (pl.col("model") == "") & (pl.col("input_tokens") + pl.col("output_tokens") == 0)
+    models = costs.filter(pl.col("model") != "").group_by(keys).agg(pl.col("model").n_unique().alias("_models"),
+                                                                    pl.col("model").first().alias("_model"))
+    marked = costs.join(models, on=keys, how="left").with_columns(
+        pl.when(blank & (pl.col("_models") == 1)).then(pl.col("_model")).otherwise(pl.col("model")).alias("model"))
+    other = [c for c in costs.columns if c not in (*keys, "model", *_SUMMED, "cost_per_1k")]
+    folded = marked.group_by([*keys, "model"], maintain_order=True).agg(
+        *(pl.col(c).sum() for c in _SUMMED), *(pl.col(c).first() for c in other))
+    return folded.with_columns(cost_per_1k=pl.when(pl.col("requests") > 0)
+                               .then(1000 * pl.col("cost") / pl.col("requests"))).select(costs.columns).sort(
+        [*keys, "model"])
 
 
 def cost_split(costs: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
@@ -167,3 +206,152 @@ def change_sentence(row: dict[str, Any], currency: str) -> str:
             + f"; requests {row['requests_before']:,} → {row['requests_after']:,}"
             + (f" ({'+' if volume >= 0 else '−'}{format_money(abs(row['volume']), currency)} of total cost from volume)"
                if volume and row["volume"] is not None else ""))
+
+
+# ---- tuner decisions in words --------------------------------------------------------------------
+
+def _number(value: float) -> str:
+    """A measured or tuned number to four significant digits: 0.6431834373838553 -> 0.6432, 5.0 -> 5."""
+    if value == int(value) and abs(value) < 1e6:
+        return f"{int(value):,}"
+    return f"{value:.4g}"
+
+
+def knob_text(value: Any) -> str:
+    """A knob value as people read it: on/off, numbers to four significant digits, route weights as shares."""
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int | float):
+        return _number(float(value))
+    if isinstance(value, dict):
+        numbers = [v for v in value.values() if isinstance(v, int | float) and not isinstance(v, bool)]
+        if value and len(numbers) == len(value) and abs(sum(numbers) - 1) < 1e-6:  # shares of traffic per route
+            return " / ".join(f"{k} {100 * v:.1f}%" for k, v in value.items())
+        if any(isinstance(v, dict) for v in value.values()):  # step -> knob -> value
+            return "; ".join(f"{k}: {knob_text(v)}" for k, v in value.items())
+        return ", ".join(f"{k} {knob_text(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(knob_text(v) for v in value)
+    return str(value)
+
+
+_LONG_FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d{5,}(?:e-?\d+)?")
+
+
+def _literals(text: str) -> list[tuple[int, int]]:
+    """Spans of the outermost {...} / [...] groups in `text` (brackets inside quotes ignored)."""
+    spans, depth, start, quote = [], 0, 0, ""
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"" and depth:
+            quote = char
+        elif char in "{[":
+            start = i if depth == 0 else start
+            depth += 1
+        elif char in "}]" and depth:
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+    return spans
+
+
+def readable(text: str) -> str:
+    """A reason as written by code, for people: Python dicts and lists spelled out as `knob value` lists
+    (`{'cache_enabled': True}` -> `cache_enabled on`) and long decimals cut to four significant digits."""
+    out, last = [], 0
+    for start, end in _literals(text):
+        try:
+            value = ast.literal_eval(text[start:end])
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, dict | list | tuple):
+            out += [text[last:start], knob_text(value)]
+            last = end
+    out.append(text[last:])
+    return _LONG_FLOAT.sub(lambda m: _number(float(m.group())), "".join(out))
+
+
+def decision_change(before: dict, after: dict) -> str:
+    """The knobs a decision changed, "; " between them: `classify batch_max_size 8 → 16` (configs as to_dict()).
+    A static table does not break lines, so parts are joined in the line."""
+    old, new = before.get("steps", {}), after.get("steps", {})
+    lines = []
+    for step in sorted(set(old) | set(new)):
+        for knob in sorted(set(old.get(step, {})) | set(new.get(step, {}))):
+            was, now = old.get(step, {}).get(knob), new.get(step, {}).get(knob)
+            if was != now:
+                lines.append(f"{step} {knob} {knob_text(was)} → {knob_text(now)}")
+    for flag in ("frozen", "pinned"):
+        if before.get(flag) != after.get(flag) and flag in after:
+            lines.append(f"{flag} {knob_text(before.get(flag))} → {knob_text(after.get(flag))}")
+    return "; ".join(lines) or "no knob changed"
+
+
+# Metric names of predicted / observed effects -> (words, unit, scale to the unit)
+METRICS = {"p95_ms": ("p95", " ms", 1.0), "p99_ms": ("p99", " ms", 1.0), "cost_per_1k": ("cost per 1k", "", 1.0),
+           "error_rate": ("errors", "%", 100.0), "quality": ("quality", "", 1.0),
+           "quality_lower_bound": ("quality (lower bound)", "", 1.0), "hit_ratio": ("cache hit ratio", "%", 100.0),
+           "duplicate_rate": ("repeated inputs", "%", 100.0), "escalation_share": ("escalated", "%", 100.0),
+           "compute_ms_per_request": ("compute per request", " ms", 1.0), "batch_size": ("batch size", "", 1.0),
+           "utilisation": ("utilisation", "%", 100.0), "rate_limited_share": ("rate limited", "%", 100.0),
+           "requests": ("tasks", "", 1.0)}
+_ORDER = list(METRICS)
+
+
+def _metric(name: str, value: float) -> str:
+    words, unit, scale = METRICS.get(name, (name.replace("_", " "), "", 1.0))
+    return f"{_number(value * scale)}{unit}"
+
+
+def _words(name: str) -> str:
+    return METRICS.get(name, (name.replace("_", " "), "", 1.0))[0]
+
+
+def _versus(new: float, old: float) -> str:
+    return f" ({100 * (new - old) / old:+.0f}%)" if old else ""
+
+
+def decision_effect(predicted: dict[str, float], observed: dict[str, float]) -> str:
+    """What a decision expected and what was measured after it, one part per metric ("; " between), in words:
+    `cost per 1k: 0.42 before, predicted 0.3, observed 0.31 (-26%)`; a canary's verdict figures as
+    `canary vs base: p95 176 ms vs 180 ms (-2%)`; "" when the decision predicted and measured nothing."""
+    before = {k.removeprefix("before."): v for k, v in predicted.items() if k.startswith("before.")}
+    expected = {k: v for k, v in predicted.items() if not k.startswith("before.")}
+    lines = []
+    pipeline_level = [m for m in _ORDER if m != "requests" and (m in expected or m in observed)]
+    pipeline_level += sorted(k for k in set(expected) | set(observed)
+                             if "." not in k and k not in METRICS)
+    for name in pipeline_level:
+        said = []
+        if name in before:
+            said.append(f"{_metric(name, before[name])} before")
+        if name in expected:
+            said.append(f"predicted {_metric(name, expected[name])}")
+        if name in observed:
+            said.append(f"observed {_metric(name, observed[name])}"
+                        + (_versus(observed[name], before[name]) if name in before else ""))
+        elif name in expected:
+            said.append("not observed yet")
+        lines.append(f"{_words(name)}: " + ", ".join(said))
+    if "requests" in observed:
+        lines.append(f"measured over {_number(observed['requests'])} tasks")
+    arms = sorted({k.split(".", 1)[1] for k in observed if k.startswith("canary.")} - {"requests"},
+                  key=lambda m: _ORDER.index(m) if m in _ORDER else len(_ORDER))
+    for name in arms:
+        if f"base.{name}" in observed:
+            new, old = observed[f"canary.{name}"], observed[f"base.{name}"]
+            lines.append(f"canary vs base, {_words(name)}: {_metric(name, new)} vs {_metric(name, old)}"
+                         + _versus(new, old))
+    steps: dict[str, list[str]] = {}
+    for key, value in expected.items():
+        if "." in key:
+            step, _, name = key.rpartition(".")
+            whole = step.endswith(".proposal")
+            step = step.removesuffix(".proposal")
+            steps.setdefault(step + (" (whole proposal)" if whole else ""), []).append(
+                f"{_words(name)} {_metric(name, value)}")
+    lines += [f"{step} predicted: {', '.join(said)}" for step, said in sorted(steps.items())]
+    return "; ".join(lines)

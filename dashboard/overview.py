@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import altair as alt
 import polars as pl
 import streamlit as st
 
@@ -13,16 +12,23 @@ from tracetune import analyzer
 from tracetune.analyzer import SLOError, alerts
 from tracetune.dashboard import charts, frames, pricing, ui
 from tracetune.dashboard.context import Context, run
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 from tracetune.tuner import decisions, versions
 
 TOP_CONTRIBUTORS = 5
+DECISIONS_READ = 200  # a pipeline's newest decisions read for the marks (those in the range are drawn)
+HEADLINES_PER_ROW = 4
+PANEL_WIDTH, PANEL_HEIGHT = 380, 150  # each pipeline's panel (px), two side by side at 1400 px
+
+
+def _slo_calls(ctx: Context, saved: list[analyzer.SLO]) -> list[tuple]:
+    return [(analyzer.slo_status, {"pipeline": s.pipeline, "slo": s, "tenant": ctx.filters.tenant_name})
+            for s in saved]
 
 
 def _slo_section(ctx: Context, saved: list[analyzer.SLO]) -> pl.DataFrame:
     f = ctx.filters
-    statuses = [cached(ctx.settings, analyzer.slo_status, pipeline=s.pipeline, slo=s, tenant=f.tenant_name)
-                for s in saved]
+    statuses = [cached(ctx.settings, fn, **kwargs) for fn, kwargs in _slo_calls(ctx, saved)]
     status = pl.concat(statuses) if statuses else pl.DataFrame()
     words = frames.slo_words(status) if statuses else pl.DataFrame()
     st.subheader("SLOs")
@@ -36,7 +42,7 @@ def _slo_section(ctx: Context, saved: list[analyzer.SLO]) -> pl.DataFrame:
         column.metric(f"SLO · {pipeline}", sentence.split(":")[0].capitalize(), help=sentence, border=True)
     shown = words.select("pipeline", "objective", "target", "status", "state")
     ui.table(ui.coloured(shown, "state", frames.STATE_COLOURS),
-             {"status": st.column_config.TextColumn("how it stands", width="large")})
+             {"status": st.column_config.TextColumn("how it stands")})
     st.caption("Budget left is over the SLO period's tasks so far; \"at this burn\" is the pace of the last "
                f"{words['window'][0]} (errors or slow tasks against what the budget allows).")
     return words
@@ -45,35 +51,46 @@ def _slo_section(ctx: Context, saved: list[analyzer.SLO]) -> pl.DataFrame:
 def _decisions(ctx: Context, pipelines: list[str], window: tuple[datetime, datetime]) -> pl.DataFrame:
     rows = []
     for pipeline in pipelines:
-        for d in cached(ctx.settings, decisions.history, pipeline=pipeline, limit=200):
+        for d in cached(ctx.settings, decisions.history, pipeline=pipeline, limit=DECISIONS_READ):
             if d["decided_at"] >= window[0]:
-                rows.append({"pipeline": pipeline, "kind": d["kind"], "reason": d["reason"],
+                rows.append({"pipeline": pipeline, "kind": d["kind"], "reason": frames.readable(d["reason"]),
                              "decided_at": d["decided_at"]})
     return pl.DataFrame(rows, schema={"pipeline": pl.Utf8, "kind": pl.Utf8, "reason": pl.Utf8,
                                       "decided_at": pl.Datetime("us", "UTC")})
 
 
-def _trend(series: pl.DataFrame, y: str, title: str, window, targets: pl.DataFrame, target_label: str,
-           marks: pl.DataFrame, bucket: int) -> None:
-    """Lines per pipeline (broken at gaps), the targets (pipeline, `y`) dashed, decisions dotted."""
-    data = frames.with_gaps(series.rename({"pipeline": "series"}), ["series"], bucket)
-    layers = [charts.time_lines(data, y, title, window, color_title="pipeline")]
-    if not targets.is_empty():
-        layers.append(charts.target_rules(targets, y, target_label))
-    if not marks.is_empty():
-        layers.append(charts.decision_rules(marks))
-    ui.chart(alt.layer(*layers))
+def _headline(pipelines: list[str], cost: pl.DataFrame, tasks: pl.DataFrame, saved: list[analyzer.SLO],
+              currency: str) -> None:
+    """Per pipeline: cost per 1k requests over the range against its budget, and its tasks' p95."""
+    budgets = {s.pipeline: s.cost_per_1k for s in saved if s.cost_per_1k is not None}
+    per_1k = {r["pipeline"]: r["cost_per_1k"] for r in cost.iter_rows(named=True)}
+    for row in range(0, len(pipelines), HEADLINES_PER_ROW):
+        for column, pipeline in zip(st.columns(HEADLINES_PER_ROW), pipelines[row:row + HEADLINES_PER_ROW],
+                                    strict=False):
+            value, budget = per_1k.get(pipeline), budgets.get(pipeline)
+            said = (f"{100 * value / budget:.0f}% of the {frames.format_money(budget, currency)} budget"
+                    if value is not None and budget else "no budget set" if value is not None else None)
+            column.metric(pipeline,
+                          frames.format_money(value, currency) if value is not None else "no requests",
+                          delta=said, delta_color="red" if value is not None and budget and value > budget
+                          else "green" if value is not None and budget else "gray", delta_arrow="off", border=True,
+                          help=f"1000 × the cost of {pipeline}'s requests in the range ÷ their number "
+                               f"({tasks.filter(pl.col('pipeline') == pipeline)['requests'].sum():,} requests).")
 
 
 def render(ctx: Context) -> None:
     f = ctx.filters
     window = ui.window(f, datetime.now(UTC))
     bucket = ui.bucket_seconds(f)
+    series = {"since": f.since, "pipeline": f.pipeline_name, "tenant": f.tenant_name, "bucket_seconds": bucket,
+              "tasks_only": True}
+    cells = {"since": f.since, "pipeline": f.pipeline_name, "bucket_seconds": bucket}
+    prefetch(ctx.settings, [(analyzer.list_slos, {}), (analyzer.step_series, series), (versions.pipelines, {}),
+                            (alerts.current_alerts, {}), (analyzer.current_prices, {}), (analyzer.cost_cells, cells)])
     try:
         saved = [s for s in cached(ctx.settings, analyzer.list_slos)
                  if not f.pipeline_name or s.pipeline == f.pipeline_name]
-        tasks = cached(ctx.settings, analyzer.step_series, since=f.since, pipeline=f.pipeline_name,
-                       tenant=f.tenant_name, bucket_seconds=bucket)
+        tasks = cached(ctx.settings, analyzer.step_series, **series)
         declared = [p["pipeline"] for p in cached(ctx.settings, versions.pipelines)]
         open_alerts = cached(ctx.settings, alerts.current_alerts)
     except StoreUnavailable as problem:
@@ -81,43 +98,55 @@ def render(ctx: Context) -> None:
         return
     tasks = tasks.filter(pl.col("step") == analyzer.END_TO_END)
     pipelines = sorted(set(tasks["pipeline"]) | {s.pipeline for s in saved})
+    prefetch(ctx.settings, [*_slo_calls(ctx, saved), *((decisions.history, {"pipeline": p, "limit": DECISIONS_READ})
+                                                       for p in pipelines if p in declared)])
     try:
         _slo_section(ctx, saved)
     except (StoreUnavailable, SLOError) as problem:
         st.warning(str(problem))
 
-    st.subheader("End-to-end p95 and cost per 1k requests")
     if tasks.is_empty():
+        st.subheader("End-to-end p95 and cost per 1k requests")
         st.info(f"No tasks in the last {f.since}{f.scope()} yet. Start `tracetune demo`, or point an "
                 "OpenTelemetry exporter at the collector.")
+        _alerts(open_alerts, f.pipeline_name)
+        return
+    marks = _decisions(ctx, [p for p in pipelines if p in declared], window)
+    over_time, table, note = pl.DataFrame(), None, ""
+    try:
+        table, note = pricing.table(ctx.settings)
+        cells = cached(ctx.settings, analyzer.cost_cells, **cells)
+    except analyzer.PricesError as exc:
+        st.info(f"No cost without prices: {exc}")
     else:
-        marks = _decisions(ctx, [p for p in pipelines if p in declared], window)
-        p95_targets = pl.DataFrame([{"pipeline": s.pipeline, "p95_ms": s.p95_ms} for s in saved if s.p95_ms],
-                                   schema={"pipeline": pl.Utf8, "p95_ms": pl.Float64})
-        left, right = st.columns(2)
-        with left:
-            st.caption("p95 latency of whole tasks (ms); dashed: the SLO target; dotted: tuner decisions")
-            _trend(tasks.select("bucket", "pipeline", "p95_ms"), "p95_ms", "p95 (ms)", window, p95_targets,
-                   "SLO p95", marks, bucket)
-        with right:
-            try:
-                table, note = pricing.table(ctx.settings)
-                cells = cached(ctx.settings, analyzer.cost_cells, since=f.since, pipeline=f.pipeline_name,
-                               bucket_seconds=bucket)
-            except analyzer.PricesError as exc:
-                st.info(f"No cost without prices: {exc}")
-            else:
-                over_time = analyzer.cost_by(cells, table, ("pipeline",), tenant=f.tenant_name, over_time=True)
-                budgets = pl.DataFrame([{"pipeline": s.pipeline, "cost_per_1k": s.cost_per_1k} for s in saved
-                                        if s.cost_per_1k is not None],
-                                       schema={"pipeline": pl.Utf8, "cost_per_1k": pl.Float64})
-                st.caption(f"cost per 1k requests ({table.currency}, prices {table.version}{note}); dashed: the "
-                           "budget; dotted: tuner decisions")
-                _trend(over_time.filter(pl.col("requests") > 0).select("bucket", "pipeline", "cost_per_1k"),
-                       "cost_per_1k", f"cost per 1k ({table.currency})", window, budgets, "budget", marks, bucket)
-                _contributors(cells, table, f.tenant_name)
-        if not marks.is_empty():
-            st.caption(f"Tuner decisions in the window: {marks.height} (the Tuner page lists them).")
+        st.subheader("Cost per 1k requests")
+        _headline(pipelines, analyzer.cost_by(cells, table, ("pipeline",), tenant=f.tenant_name), tasks, saved,
+                  table.currency)
+        over_time = analyzer.cost_by(cells, table, ("pipeline",), tenant=f.tenant_name, over_time=True).filter(
+            pl.col("requests") > 0)
+
+    st.subheader("End-to-end p95 and cost per 1k requests, per pipeline")
+    cost_words = f"cost per 1k requests ({table.currency}, prices {table.version}{note})" if table else ""
+    st.caption("One row per pipeline, each on its own scale. Left: p95 latency of whole tasks (ms)" +
+               (f"; right: {cost_words}" if table else "") +
+               ". Dashed: the SLO target or the budget; dotted: that pipeline's tuner decisions (the Tuner page "
+               "says what each did and why).")
+    p95_targets = pl.DataFrame([{"pipeline": s.pipeline, "p95_ms": s.p95_ms} for s in saved if s.p95_ms],
+                               schema={"pipeline": pl.Utf8, "p95_ms": pl.Float64})
+    budgets = pl.DataFrame([{"pipeline": s.pipeline, "cost_per_1k": s.cost_per_1k} for s in saved
+                            if s.cost_per_1k is not None], schema={"pipeline": pl.Utf8, "cost_per_1k": pl.Float64})
+    left, right = st.columns(2)
+    with left:
+        points = frames.with_gaps(tasks.select("bucket", "pipeline", "p95_ms"), ["pipeline"], bucket)
+        ui.chart(charts.pipeline_panels(points, "p95_ms", "p95 (ms)", window, p95_targets, "SLO p95", marks,
+                                        PANEL_WIDTH, PANEL_HEIGHT))
+    with right:
+        if table is not None and not over_time.is_empty():
+            points = frames.with_gaps(over_time.select("bucket", "pipeline", "cost_per_1k"), ["pipeline"], bucket)
+            ui.chart(charts.pipeline_panels(points, "cost_per_1k", f"cost per 1k ({table.currency})", window,
+                                            budgets, "budget", marks, PANEL_WIDTH, PANEL_HEIGHT))
+    if table is not None:
+        _contributors(cells, table, f.tenant_name)
     _alerts(open_alerts, f.pipeline_name)
 
 

@@ -8,17 +8,20 @@ StoreUnavailable, whose message fits one line; `cached(...)` is the same behind 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import streamlit as st
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from tracetune import store
 from tracetune.settings import Settings
 
-__all__ = ["CACHE_SECONDS", "SPAN_TABLE", "StoreUnavailable", "address", "cached", "query", "show_unavailable",
-           "target_key"]
+__all__ = ["CACHE_SECONDS", "PREFETCH_THREADS", "SPAN_TABLE", "StoreUnavailable", "address", "cached", "prefetch",
+           "query", "show_unavailable", "target_key"]
 
 T = TypeVar("T")
 
@@ -110,3 +113,31 @@ def cached(settings: Settings, fn: Callable[..., T], **kwargs: Any) -> T:
     work per refresh to one query per question, whoever asks. Failures are not cached."""
     name, key = _cache_key(fn, kwargs)
     return _cached_call(target_key(settings), name, key, settings, fn, kwargs)
+
+
+PREFETCH_THREADS = 6
+"""Questions of one page asked of the store at once (the client's connection pool holds more)."""
+
+
+def prefetch(settings: Settings, calls: Iterable[tuple[Callable[..., Any], dict[str, Any]]]) -> None:
+    """Ask every question a page is about to ask at once, into the cache `cached` reads: the page then waits
+    for its slowest question instead of the sum of them (the store answers several at a time).
+
+    Each call is (analyzer function, keyword arguments) exactly as the page will pass them to `cached`.
+    A failure is left for the page's own call to meet and show (failures are not cached)."""
+    calls = list(calls)
+    if len(calls) < 2:
+        return
+    context = get_script_run_ctx()
+
+    def ask(call: tuple[Callable[..., Any], dict[str, Any]]) -> None:
+        if context is not None:  # the cache's bookkeeping looks for the script run it serves
+            add_script_run_ctx(threading.current_thread(), context)
+        fn, kwargs = call
+        try:
+            cached(settings, fn, **kwargs)
+        except Exception:  # noqa: BLE001 - the page asks again, and says what went wrong
+            pass
+
+    with ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, len(calls))) as pool:
+        list(pool.map(ask, calls))

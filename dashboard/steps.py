@@ -13,7 +13,7 @@ from tracetune.analyzer import parse_window
 from tracetune.dashboard import charts, frames, ui
 from tracetune.dashboard.context import Context, run
 from tracetune.dashboard.frames import format_ms
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 
 # What the second chart can show over time: label -> (column, axis title, scale to the shown unit)
 OPERATIONS = {"batch size": ("mean_batch_size", "mean batch size", 1.0),
@@ -21,14 +21,16 @@ OPERATIONS = {"batch size": ("mean_batch_size", "mean batch size", 1.0),
               "cache hit rate": ("cache_hit_rate", "cache hit rate (%)", 100.0)}
 PERCENTILES = ("p50", "p95", "p99")
 # The error list and the critical path read raw spans: they cover at most this much of the range, so the
-# page costs the same for a week as for an hour.
+# page costs the same for a week as for an hour. The critical path reassembles sampled traces (every span of
+# each), so it looks at the last quarter hour; the error list reads only failed spans, over the last hour.
 RAW_WINDOW = "1h"
+CRITICAL_WINDOW = "15m"
 TASK = "(task)"
 
 
-def raw_since(since: str) -> str:
-    """The range the raw-span parts cover: the chosen one, or RAW_WINDOW if it is longer."""
-    return since if parse_window(since) <= parse_window(RAW_WINDOW) else RAW_WINDOW
+def raw_since(since: str, most: str = RAW_WINDOW) -> str:
+    """The range a raw-span part covers: the chosen one, or `most` if it is longer."""
+    return since if parse_window(since) <= parse_window(most) else most
 
 
 def step_table(summary: pl.DataFrame, breakdown: pl.DataFrame, show_pipeline: bool) -> pl.DataFrame:
@@ -57,11 +59,15 @@ def _series_chart(series: pl.DataFrame, column: str, title: str, scale: float, w
     ui.chart(charts.time_lines(data, "value", title, window, color_title="step / route"))
 
 
+def _error_call(f) -> dict:
+    return {"since": raw_since(f.since), "pipeline": f.pipeline_name, "limit": 50}
+
+
 def _errors(ctx: Context) -> None:
     f = ctx.filters
     st.subheader("Errors")
     since = raw_since(f.since)
-    found = cached(ctx.settings, analyzer.error_spans, since=since, pipeline=f.pipeline_name, limit=50)
+    found = cached(ctx.settings, analyzer.error_spans, **_error_call(f))
     if found.is_empty():
         st.success(f"No failed step or task in the last {since}{f.scope()}.")
         return
@@ -79,13 +85,15 @@ def render(ctx: Context) -> None:
     show_pipeline = not f.pipeline_name
     bucket = ui.bucket_seconds(f)
     window = ui.window(f, datetime.now(UTC))
+    whole = {"since": f.since, "pipeline": f.pipeline_name, "tenant": f.tenant_name, "bucket_seconds": 0}
+    timed = {**whole, "bucket_seconds": bucket}
+    paths = {"since": raw_since(f.since, CRITICAL_WINDOW), "pipeline": f.pipeline_name}
+    prefetch(ctx.settings, [(analyzer.step_series, whole), (analyzer.step_series, timed),
+                            (analyzer.step_breakdown, paths), (analyzer.error_spans, _error_call(f))])
     try:
-        summary = cached(ctx.settings, analyzer.step_series, since=f.since, pipeline=f.pipeline_name,
-                         tenant=f.tenant_name, bucket_seconds=0)
-        series = cached(ctx.settings, analyzer.step_series, since=f.since, pipeline=f.pipeline_name,
-                        tenant=f.tenant_name, bucket_seconds=bucket)
-        breakdown = cached(ctx.settings, analyzer.step_breakdown, since=raw_since(f.since),
-                           pipeline=f.pipeline_name)
+        summary = cached(ctx.settings, analyzer.step_series, **whole)
+        series = cached(ctx.settings, analyzer.step_series, **timed)
+        breakdown = cached(ctx.settings, analyzer.step_breakdown, **paths)
     except StoreUnavailable as problem:
         show_unavailable(problem, f.since)
         return
@@ -105,15 +113,21 @@ def render(ctx: Context) -> None:
         slowest.metric(f"Slowest step p95 · {top['pipeline']} / {top['step']}", format_ms(top["p95_ms"]),
                        help="The step and route whose 95th-percentile latency is highest in the range.")
 
-    ui.table(step_table(summary, breakdown, show_pipeline), {
-        "requests": ui.COUNT, "error %": ui.PCT, "p50 ms": ui.MS, "p95 ms": ui.MS, "p99 ms": ui.MS,
-        "self ms": ui.MS, "critical %": ui.PCT, "batch size": st.column_config.NumberColumn(format="%.2f"),
-        "queue ms": ui.MS, "cache hit %": ui.PCT})
+    columns = {"requests": ui.COUNT, "error %": ui.PCT, "p50 ms": ui.MS, "p95 ms": ui.MS, "p99 ms": ui.MS,
+               "self ms": ui.MS, "critical %": ui.PCT, "batch size": st.column_config.NumberColumn(format="%.2f"),
+               "queue ms": ui.MS, "cache hit %": ui.PCT}
+    table = step_table(summary, breakdown, True)
+    for (pipeline,), rows in table.group_by(["pipeline"], maintain_order=True):  # one table per pipeline: 13
+        if show_pipeline:                                                        # columns would not fit the page
+            st.markdown(f"**{pipeline}**")
+        ui.table(rows.drop("pipeline"), columns)
     st.caption(f"{analyzer.END_TO_END}: whole tasks, as callers see them. Self time and critical-path share come "
-               f"from up to {analyzer.traces.MAX_TRACES:,} traces sampled over the last {raw_since(f.since)} "
+               f"from up to {analyzer.traces.MAX_TRACES:,} traces sampled over the last "
+               f"{raw_since(f.since, CRITICAL_WINDOW)} "
                "(all tenants); "
-               f"{analyzer.ROOT_STEP} is time outside every step. None in the batch, queue or cache columns: the "
-               "step does not batch or cache.")
+               f"{analyzer.ROOT_STEP} is time outside every step. {frames.MISSING} in batch size, queue ms or cache "
+               f"hit %: the step does not batch or look up a cache; {frames.MISSING} in self ms and critical %: no "
+               "sampled trace ran the step (whole tasks have neither).")
 
     st.subheader("Latency over time")
     percentile = st.radio("Percentile", PERCENTILES, index=1, horizontal=True, key="steps_percentile")

@@ -17,9 +17,9 @@ import httpx
 import polars as pl
 import streamlit as st
 
-from tracetune.dashboard import charts, ui
+from tracetune.dashboard import charts, frames, ui
 from tracetune.dashboard.context import Context, run
-from tracetune.dashboard.queries import StoreUnavailable, cached, show_unavailable
+from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
 from tracetune.tuner import canary, decisions, versions
 from tracetune.tuner.config import PipelineConfig
 
@@ -34,8 +34,8 @@ TIMEOUT_SECONDS = 15
 
 
 def config_table(config: PipelineConfig) -> pl.DataFrame:
-    """One row per step and knob of a config, the value as written in JSON."""
-    rows = [{"step": step, "knob": knob, "value": json.dumps(value)}
+    """One row per step and knob of a config, the value as people read it (frames.knob_text)."""
+    rows = [{"step": step, "knob": knob, "value": frames.knob_text(value)}
             for step, knobs in config.to_dict()["steps"].items() for knob, value in knobs.items()]
     return pl.DataFrame(rows, schema={"step": pl.Utf8, "knob": pl.Utf8, "value": pl.Utf8})
 
@@ -47,27 +47,32 @@ def changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]])
         for knob in sorted(set(before.get(step, {})) | set(after.get(step, {}))):
             old, new = before.get(step, {}).get(knob), after.get(step, {}).get(knob, before.get(step, {}).get(knob))
             if old != new:
-                rows.append({"step": step, "knob": knob, "now": json.dumps(old), "after": json.dumps(new)})
+                rows.append({"step": step, "knob": knob, "now": frames.knob_text(old), "after": frames.knob_text(new)})
     return pl.DataFrame(rows, schema={"step": pl.Utf8, "knob": pl.Utf8, "now": pl.Utf8, "after": pl.Utf8})
 
 
-def effect(predicted: dict[str, float], observed: dict[str, float]) -> str:
-    """Predicted vs observed per metric: "p95_ms: predicted 180, observed 176; cost_per_1k: predicted 0.41, not
-    observed yet"."""
-    parts = []
-    for name in sorted(set(predicted) | set(observed)):
-        said = [f"predicted {predicted[name]:.4g}" if name in predicted else "",
-                f"observed {observed[name]:.4g}" if name in observed else "not observed yet"]
-        parts.append(f"{name}: " + ", ".join(p for p in said if p))
-    return "; ".join(parts)
+KIND_WORDS = {"tune": "tuned", "pin": "pinned by hand", "change": "changed by hand", "rollback": "rolled back",
+              "freeze": "froze the tuner", "unfreeze": "let the tuner tune again", "canary_start": "canary started",
+              "canary_promote": "canary promoted", "canary_rollback": "canary rolled back",
+              "canary_cancel": "canary cancelled", "declaration": "declared by the executor"}
 
 
 def decision_table(history: list[dict]) -> pl.DataFrame:
-    rows = [{"when (UTC)": f"{d['decided_at']:%Y-%m-%d %H:%M:%S}", "kind": d["kind"], "by": d["author"],
-             "version": f"{d['version_before']} → {d['version_after']}", "reason": d["reason"],
-             "predicted vs observed": effect(d["predicted"], d["observed"]) or "–"} for d in history]
-    return pl.DataFrame(rows, schema={"when (UTC)": pl.Utf8, "kind": pl.Utf8, "by": pl.Utf8, "version": pl.Utf8,
-                                      "reason": pl.Utf8, "predicted vs observed": pl.Utf8})
+    """Every decision in words, newest first: when, what (kind, versions, who), the knobs it changed, why (its
+    one-sentence summary when the tuner wrote one, then the reason with dicts and long decimals spelled out),
+    and its effect (before, predicted, observed; frames.decision_effect)."""
+    rows = []
+    for d in history:
+        why = frames.readable(d["reason"]) if d["reason"] else ""
+        summary = d.get("summary") or ""
+        rows.append({
+            "when (UTC)": frames.format_time(d["decided_at"]),
+            "decision": f"{KIND_WORDS.get(d['kind'], d['kind'])}: version {d['version_before']} → "
+                        f"{d['version_after']}, by {d['author']}",
+            "what changed": frames.decision_change(d["config_before"], d["config_after"]),
+            "why": f"{summary} ({why})" if summary and why and summary != why else summary or why or frames.MISSING,
+            "effect": frames.decision_effect(d["predicted"], d["observed"]) or "nothing predicted or measured"})
+    return pl.DataFrame(rows, schema={c: pl.Utf8 for c in ("when (UTC)", "decision", "what changed", "why", "effect")})
 
 
 def call_tuner(tuner_url: str, token: str, pipeline: str, action: str, body: dict[str, Any]) -> tuple[bool, str]:
@@ -162,7 +167,7 @@ def _actions(ctx: Context, pipeline: str, config: PipelineConfig) -> None:
 
 
 def _timeline(history: list[dict], window) -> None:
-    data = pl.DataFrame([{"bucket": d["decided_at"], "kind": d["kind"], "reason": d["reason"],
+    data = pl.DataFrame([{"bucket": d["decided_at"], "kind": d["kind"], "reason": frames.readable(d["reason"]),
                           "version": d["version_after"]} for d in history if d["decided_at"] >= window[0]],
                         schema={"bucket": pl.Datetime("us", "UTC"), "kind": pl.Utf8, "reason": pl.Utf8,
                                 "version": pl.Int64})
@@ -187,6 +192,8 @@ def render(ctx: Context) -> None:
         st.info(f"The tuner has no config{f.scope()} yet: an executor registers its pipeline with the tuner when it "
                 "starts (`tracetune up` with `tracetune demo`).")
         return
+    prefetch(ctx.settings, [(fn, {"pipeline": p, **extra}) for p in shown for fn, extra in (
+        (versions.latest, {}), (decisions.state, {}), (canary.running, {}), (decisions.history, {"limit": 100}))])
     for pipeline in shown:
         try:
             config = cached(ctx.settings, versions.latest, pipeline=pipeline)
@@ -203,18 +210,20 @@ def render(ctx: Context) -> None:
                     help=f"{state.reason} ({state.author})" if state.reason else "Free to change knobs.")
         on_trial.metric("Canary in flight",
                         f"v{trial.version} · {100 * trial.share:.0f}% of tasks" if trial else "none",
-                        help=f"Since {trial.started_at:%Y-%m-%d %H:%M} UTC: {trial.reason}" if trial else None)
+                        help=f"Since {trial.started_at:%Y-%m-%d %H:%M} UTC: {frames.readable(trial.reason)}"
+                        if trial else None)
         if config is not None:
             ui.table(config_table(config))
         if trial is not None:
             st.caption(f"Canary version {trial.version} against version {trial.base_version}: "
-                       f"{trial.reason}")
+                       f"{frames.readable(trial.reason)}")
             ui.table(changes(config.to_dict()["steps"] if config else {}, trial.config.to_dict()["steps"]))
         st.subheader("Decisions")
         if history:
             _timeline(history, window)
-            ui.table(decision_table(history), {"reason": st.column_config.TextColumn(width="medium"),
-                                               "predicted vs observed": st.column_config.TextColumn(width="large")})
+            ui.text_table(decision_table(history))
+            st.caption("effect: the pipeline before the decision, what the tuner predicted, and what was measured "
+                       "after it (a canary: its tasks against the base version's, over the same time).")
         else:
             st.caption("No decision yet.")
         if f.pipeline_name and config is not None:

@@ -1,8 +1,9 @@
 -- Per time bucket x pipeline x step x route from the per-minute or hourly rollup: requests, errors,
 -- p50 / p95 / p99 (DDSketch, 0.5% relative error), cache hit rate, mean batch size and queue time.
 -- Root spans (whole tasks) come back with step = '' and route = ''. bucket_seconds = 0: one bucket for
--- the whole window (stamped 1970-01-01). {rollup_table}, {time_column}, {time_floor} come from the
--- allow-list in analyzer/series.py, never from user text; every value is a typed parameter.
+-- the whole window (stamped 1970-01-01); tasks_only = 1: the root rows alone. {rollup_table}, {time_column},
+-- {time_floor} come from the allow-list in analyzer/series.py, never from user text; every value is a typed
+-- parameter.
 SELECT
     if({bucket_seconds:UInt32} = 0, toDateTime(0, 'UTC'),
        toStartOfInterval(toDateTime({time_column}, 'UTC'),
@@ -21,7 +22,7 @@ SELECT
     if(sum(batched) = 0, nan, sum(queue_ms_sum) / sum(batched)) AS mean_queue_ms
 FROM {rollup_table}
 WHERE {time_column} >= {time_floor}(now() - toIntervalSecond({window_seconds:UInt32}))
-  AND kind IN ('step', 'root')
+  AND (kind = 'root' OR (kind = 'step' AND {tasks_only:UInt8} = 0))
   AND ({pipeline:String} = '' OR pipeline = {pipeline:String})
   AND ({tenant:String} = '' OR tenant = {tenant:String})
 GROUP BY bucket, pipeline, step, route

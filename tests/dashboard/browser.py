@@ -16,7 +16,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]  # containers often have a tiny /dev/shm
 VIEWPORT = {"width": 1400, "height": 2000}  # the page scrolls inside its own container: a tall window shows it all
-RENDER_TIMEOUT_MS = 30_000
+RENDER_TIMEOUT_MS = 90_000  # a wait, not a speed figure: a page on a busy 2-core machine takes long to first show
 
 
 def missing() -> str:
