@@ -17,8 +17,8 @@ def serve(settings: Settings) -> None:
     Acknowledged spans live in `<home>/wal` until ClickHouse has them, so a crash or an outage loses
     nothing: the next start replays them. A full disk at start is no reason not to start: requests are
     refused (503) until the log has room, /health and /metrics answer. SIGTERM ends the process within
-    `collector_stop_seconds`: requests in flight get a third of it, the writer the rest, and what it
-    could not write stays in the log.
+    `collector_stop_seconds`: requests in flight get a fifth of it, the writer most of the rest, and what
+    it could not write stays in the log.
     """
     import time
 
@@ -44,7 +44,7 @@ def serve(settings: Settings) -> None:
     writer.start()
     grpc_server = None
     budget = settings.collector_stop_seconds
-    grace = budget / 3
+    grace = budget / 5  # requests in flight; the writer gets what is left, less a margin for the exit itself
     try:
         from tracetune.collector.grpc import serve_grpc
 
@@ -53,12 +53,13 @@ def serve(settings: Settings) -> None:
                                  max_message_bytes=settings.collector_max_body_bytes, token=token)
         app = create_app(ingest, settings.collector_max_body_bytes, settings.collector_body_timeout_seconds, token,
                          hosts=allowed_hosts(settings.bind_host, settings.host_names))
-        serve_app(app, settings.bind_host, settings.collector_port, timeout_graceful_shutdown=max(1, int(grace)))
+        serve_app(app, settings.bind_host, settings.collector_port, timeout_graceful_shutdown=max(1, round(grace)))
     finally:
         stopping = time.monotonic()
         grpc_stopped = grpc_server.stop(grace) if grpc_server is not None else None
-        # uvicorn's graceful wait is already spent; what is left of the budget goes to the writer
-        writer.stop(max(0.5, budget - grace - 0.5))
+        writer_seconds = max(0.5, budget - 2 * grace - 1.0)
+        log.warning("stopping: writing what is queued for up to %.1f s", writer_seconds)
+        writer.stop(writer_seconds)
         if grpc_stopped is not None:
             grpc_stopped.wait(max(0.0, grace - (time.monotonic() - stopping)))
         wal.close()
