@@ -106,7 +106,7 @@ def _layout(text: str, rng: random.Random) -> str:
     return "".join(rng.choice(separators) if m.lastgroup == "space" else m.group() for m in _CANONICAL.finditer(text))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(index=st.integers(min_value=0, max_value=len(CORPUS) - 1), seed=st.integers(0, 2**32 - 1))
 def test_any_layout_of_a_real_statement_passes(lock, index, seed):
     _, text = CORPUS[index]
