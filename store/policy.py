@@ -125,7 +125,7 @@ REVIEWED_STRING_SETTINGS: frozenset[str] = frozenset({
     "format_custom_result_after_delimiter", "format_regexp", "output_format_pretty_grid_charset",
     "input_format_orc_reader_time_zone_name", "output_format_orc_writer_time_zone_name",
     "format_json_object_each_row_column_for_object_name", "output_format_sql_insert_table_name",
-    "insert_deduplication_token", "query_cache_tag",
+    "insert_deduplication_token", "query_cache_tag", "count_distinct_implementation",
 })
 """String-typed settings that hold data for a format, a time zone or a comment (never a path or URL)."""
 
