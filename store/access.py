@@ -1,15 +1,11 @@
-"""Who may use the embedded store, from where, and what no one may do with it.
+"""Who may use the embedded store, and from where (what each user may run: store/policy.py).
 
-Three locks, each checked before a request reaches the engine:
+Two locks, each checked before a request reaches the engine:
 - **Users**: `default` (read and write) and `reader` (ClickHouse `readonly = 2`: reads and
   settings, no writes), each with a password, given as ClickHouse accepts credentials (HTTP basic,
   `X-ClickHouse-User`/`X-ClickHouse-Key`, or `user`/`password` parameters).
 - **Where from**: the `Host` header must name the bound address (a web page cannot reach the store
   through a rebound DNS name), and a browser request from any other origin is refused.
-- **What**: the engine is ClickHouse in this process, so `file()`, `url()`, `s3()`, `executable()`,
-  the engines and dictionary sources behind them, `INTO OUTFILE`, `BACKUP` and `SYSTEM SHUTDOWN`
-  would act with this process's rights on the host and its network. They are refused for every
-  user, found by ClickHouse's own tokens (names are matched unquoted and in any case).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Enough of ClickHouse's lexer to read a statement's keywords, names and parentheses.
+"""Enough of ClickHouse's lexer to split a request and to rewrite the store's own DDL.
 
-String literals, quoted names (`"x"`, `` `x` ``) and comments are single tokens, so a keyword or a
-function name inside them is never mistaken for one in the statement.
+It finds where an insert's data begins in a request body and the parts of the shipped migrations it
+rewrites (store/cluster.py, store/migrations.py). It never decides what may run: that is ClickHouse's
+own parser and the allow-lists (store/statements.py, store/policy.py), so a text it misreads is
+still checked whole by the engine's parser.
 """
 
 from __future__ import annotations

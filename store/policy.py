@@ -9,8 +9,10 @@ statement is:
   commands);
 - table functions, table and database engines, dictionary sources and layouts;
 - ordinary functions by the engine's own categories (system.functions), the uncategorised ones by name;
-- settings (URL parameters, `SETTINGS` clauses, `SET`, insert settings, table settings) by family and
-  type: a number, a flag or a choice can name no path, URL or program.
+- settings (URL parameters, `SETTINGS` clauses, `SET`, insert settings, table settings) by type: a
+  number, a flag or a choice can name no path, URL or program; a string setting passes only when
+  reviewed by name (time zones, delimiters, comments); a few typed ones that grant rights or change how
+  the text is parsed are refused by name (`REFUSED_SETTINGS`).
 Anything else is refused with ClickHouse's code for it (ACCESS_DENIED, READONLY,
 SETTING_CONSTRAINT_VIOLATION) and a message naming what was refused.
 """
@@ -23,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tracetune.store.statements import Node, Parser, ParseError, Statement, tokens
+from tracetune.store.statements import Node, ParseError, Parser, Statement, tokens
 
 READER_KINDS: frozenset[str] = frozenset({
     "SelectWithUnionQuery", "SelectIntersectExceptQuery", "SelectQuery", "DescribeQuery", "Explain",
@@ -116,25 +118,6 @@ __groupingForRollup __groupingOrdinary __applyFilter __toYearCalendarOnly
 """.split())
 """Functions the engine files under `Other` (or `Internal`) that only compute or report on the query itself."""
 
-QUERY_SETTING_FAMILIES = (
-    "input_format_", "output_format_", "format_", "date_time_", "max_", "min_", "join_", "group_by_",
-    "aggregation_", "optimize_", "prefer_", "async_insert", "wait_for_async_insert", "insert_", "use_",
-    "enable_", "allow_experimental_", "allow_suspicious_", "query_plan_", "query_cache_", "timeout_",
-    "read_overflow", "result_overflow", "sort_overflow", "set_overflow", "distinct_overflow", "transfer_overflow",
-    "cast_", "precise_float_parsing", "mutations_sync", "alter_sync", "lightweight_deletes_sync", "extremes",
-    "totals_", "limit", "offset", "final", "distributed_product_mode", "joined_subquery_requires_alias",
-    "send_timeout", "receive_timeout", "connect_timeout", "http_", "data_type_default_nullable", "union_default_mode",
-    "intersect_default_mode", "except_default_mode", "transform_null_in", "exact_rows_before_limit",
-    "rows_before_aggregation", "output_format_", "schema_inference_", "low_cardinality_", "function_",
-    "compile_", "short_circuit_function_evaluation", "any_join_distinct_right_table_keys", "partial_merge_join",
-    "do_not_merge_across_partitions_select_final", "split_", "parallel_replicas_", "log_comment", "interval_output_format",
-    "date_time_overflow_behavior", "flatten_nested", "describe_", "show_table_uuid_in_table_create_query_if_not_nil",
-    "single_join_prefer_left_table", "empty_result_for_aggregation_by_empty_set", "count_distinct_implementation",
-    "decimal_check_overflow", "apply_", "mutations_", "lightweight_", "materialize_", "throw_", "check_",
-    "normalize_function_names", "use_query_cache", "session_timezone", "dialect_",
-)
-"""Query settings allowed by prefix, when their type is a number, flag or choice (never String, Map, URI)."""
-
 REVIEWED_STRING_SETTINGS: frozenset[str] = frozenset({
     "session_timezone", "log_comment", "format_csv_null_representation", "format_tsv_null_representation",
     "format_custom_field_delimiter", "format_custom_row_before_delimiter", "format_custom_row_after_delimiter",
@@ -142,12 +125,18 @@ REVIEWED_STRING_SETTINGS: frozenset[str] = frozenset({
     "format_custom_result_after_delimiter", "format_regexp", "output_format_pretty_grid_charset",
     "input_format_orc_reader_time_zone_name", "output_format_orc_writer_time_zone_name",
     "format_json_object_each_row_column_for_object_name", "output_format_sql_insert_table_name",
-    "insert_deduplication_token", "query_cache_tag",
+    "insert_deduplication_token", "query_cache_tag", "count_distinct_implementation",
 })
 """String-typed settings that hold data for a format, a time zone or a comment (never a path or URL)."""
 
-REFUSED_FLAGS: frozenset[str] = frozenset({"allow_introspection_functions", "allow_ddl"})
-"""Flags in an allowed family that would widen a user's rights rather than shape a query."""
+REFUSED_SETTINGS: frozenset[str] = frozenset({
+    "allow_introspection_functions", "allow_ddl", "dialect", "implicit_select", "max_query_size",
+    "max_parser_depth", "max_parser_backtracks", "allow_settings_after_format_in_insert", "default_table_engine",
+    "default_temporary_table_engine", "default_database_engine",
+})
+"""Settings of a path-free type that still widen a user's rights (introspection, DDL), change how the
+engine parses the text it was checked as (dialect, implicit SELECT, parser limits), or pick an engine
+the statement does not name (default engines)."""
 
 _PRIVILEGED_SETTINGS = {"readonly": ("1", "2")}  # readonly may only be raised (to 1 or 2)
 
@@ -445,11 +434,10 @@ class Lock:
 
 
 def _setting_allowed(name: str, kind: str) -> bool:
+    """A number, flag or choice cannot name a path, URL or program; strings pass only when reviewed."""
     if name in REVIEWED_STRING_SETTINGS:
         return True
-    if name in REFUSED_FLAGS or kind in _TYPES_WITHOUT_PATHS_EXCLUDED:
-        return False
-    return name.startswith(QUERY_SETTING_FAMILIES)
+    return kind not in _TYPES_WITHOUT_PATHS_EXCLUDED and name not in REFUSED_SETTINGS
 
 
 def _allowed_kind(kind: str, readonly: int) -> bool:

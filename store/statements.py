@@ -93,7 +93,15 @@ _CANONICAL = re.compile(
     r"""|(?P<op>->|<=|>=|!=|<>|==|\|\||::|.)""",
     re.DOTALL,
 )
-_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|.)", re.DOTALL)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "b": "\b", "f": "\f", "a": "\a", "v": "\v", "e": "\x1b"}
+
+
+def _unescape(match: re.Match) -> str:
+    code = match.group(1)
+    if code[0] == "x" and len(code) == 3:
+        return chr(int(code[1:], 16))
+    return _ESCAPES.get(code, code)
 
 
 def tokens(canonical: str) -> tuple[Token, ...]:
@@ -108,10 +116,10 @@ def tokens(canonical: str) -> tuple[Token, ...]:
             raise ParseError(f"Code: 62. DB::Exception: The canonical form of the statement holds {text!r} outside "
                              "a string; the embedded store refuses a statement it cannot read. (SYNTAX_ERROR)", 62)
         if kind == "quoted":
-            name = _ESCAPE.sub(lambda m: m.group(1), text[1:-1])
-            if "\\" in text or any(ord(c) < 32 for c in name):
-                raise ParseError("Code: 62. DB::Exception: Names with control characters or backslashes are "
-                                 f"refused by the embedded store: {text}. (SYNTAX_ERROR)", 62)
+            name = _ESCAPE.sub(_unescape, text[1:-1])
+            if any(ord(c) < 32 or ord(c) == 127 for c in name):  # a line break would forge lines of the tree
+                raise ParseError("Code: 62. DB::Exception: Names with control characters are refused by the "
+                                 f"embedded store: {text}. (SYNTAX_ERROR)", 62)
             out.append(Token("name", name))
         else:
             out.append(Token(kind, text))
