@@ -485,7 +485,7 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         return None
     reason = plan.reason
     predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted,
-                 **{k: round(v, 6) for k, v in plan.after.items()},
+                 **{k: round(v, 6) for k, v in plan.after.items() if math.isfinite(v)},  # NaN: not predicted
                  **{f"evidence.{k}": v for k, v in plan.evidence.items()}}
     with versions.write_lock:  # the API's pin, rollback and freeze take the same lock
         latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured

@@ -18,6 +18,13 @@ from tests.conftest import make_settings
 from tests.servers import running_stack, wait_until
 from tracetune import store
 from tracetune.analyzer import cost_per_request, load_prices, publish_prices
+from tracetune.tuner.decisions import KINDS
+
+RECENT_SQL = """
+SELECT count(), quantile(0.95)(Duration / 1e6) FROM otel_traces
+WHERE ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = 'ticket_triage'
+  AND Timestamp >= now64(9) - toIntervalSecond(40)
+"""
 
 VERSIONS_SQL = """
 SELECT TraceId AS trace_id, toUInt32OrZero(SpanAttributes['tracetune.config_version']) AS version
@@ -51,7 +58,12 @@ def test_the_tuner_restores_a_missed_p95_target_first_and_lowers_cost_under_load
         try:
             decisions_url = f"{settings.tuner_url}/v1/pipelines/ticket_triage/decisions"
             of = lambda *kinds: [d for d in httpx.get(decisions_url).json() if d["kind"] in kinds]
-            wait_until(lambda: of("canary_promote", "canary_rollback"), 110, 1.0, "a canary judged under load")
+            try:
+                wait_until(lambda: of("canary_promote", "canary_rollback"), 110, 1.0, "a canary judged under load")
+            except AssertionError as exc:  # say what the tuner did decide
+                seen = client.query(RECENT_SQL).result_rows[0]
+                raise AssertionError(f"{exc}; decisions: {[(d['kind'], d['reason']) for d in of(*KINDS)]}; "
+                                     f"tasks in the last 40 s and their p95 ms: {seen}") from None
             judged = of("canary_promote", "canary_rollback")[-1]
             assert judged["kind"] == "canary_promote", judged["reason"]
             first = judged
