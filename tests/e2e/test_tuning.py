@@ -1,6 +1,7 @@
-"""The loop closed with real processes: under load the tuner tries a new config on a share of the demo's
-tasks (a canary), the executor runs that share on it, the tuner promotes it on the evidence, spans carry
-the new `tracetune.config_version`, and cost per 1k falls while the SLO holds."""
+"""The loop closed with real processes: under an SLO the demo's default misses, the tuner restores it
+first — it tries a new config on a share of the demo's tasks (a canary), the executor runs that share on
+it, the tuner promotes it on the evidence — spans carry the new `tracetune.config_version`, the tasks on
+it meet the p95 target the default missed, and cost per 1k falls."""
 
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ FROM otel_traces WHERE ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'
 """
 
 
-def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir):
+P95_TARGET_MS = 300.0
+"""Tighter than the demo's 500 ms: with the default cascade threshold about 11% of tickets escalate to LLM
+tiers whose median answer takes 300 ms (small) and 700 ms (large), more than the 5% a p95 target lets be
+slow, so the default misses it; escalating under 4% (a lower threshold, which the 0.85 floor allows)
+meets it, and costs less."""
+
+
+def test_the_tuner_restores_a_missed_p95_target_first_and_lowers_cost_under_load(tmp_path, models_dir):
     settings = make_settings(tmp_path / "home", collector_flush_seconds=0.2, executor_config_poll_seconds=0.5,
                              tuner_interval_seconds=2, tuner_window_seconds=40, tuner_cooldown_seconds=20,
                              tuner_min_requests=300, tuner_canary_share=0.3, tuner_canary_min_requests=80)
@@ -32,29 +40,30 @@ def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir
     with running_stack(settings, tmp_path):
         client = store.connect(settings, ensure_schema=False)
         publish_prices(client, load_prices())  # as the analyzer does at start
-        # The owner's SLO: the demo's latency target with a quality floor its default config clears
-        # comfortably, so the cheapest config that still holds it is worth finding.
         slo = httpx.put(f"{settings.tuner_url}/v1/pipelines/ticket_triage/slo", json={
-            "p95_ms": 500, "p99_ms": 1500, "error_rate": 0.02, "quality_floor": 0.85},
+            "p95_ms": P95_TARGET_MS, "p99_ms": 1500, "error_rate": 0.02, "quality_floor": 0.85},
             headers={"Authorization": f"Bearer {settings.secret('tuner')}"})
         assert slo.status_code == 200, slo.text
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
-        load = subprocess.Popen([sys.executable, "-m", "tracetune", "load", "--rate", "25", "--duration", "90",
+        load = subprocess.Popen([sys.executable, "-m", "tracetune", "load", "--rate", "25", "--duration", "120",
                                  "--duplicates", "0.3", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
             decisions_url = f"{settings.tuner_url}/v1/pipelines/ticket_triage/decisions"
             of = lambda *kinds: [d for d in httpx.get(decisions_url).json() if d["kind"] in kinds]
-            wait_until(lambda: of("canary_promote", "canary_rollback"), 80, 1.0, "a canary judged under load")
+            wait_until(lambda: of("canary_promote", "canary_rollback"), 110, 1.0, "a canary judged under load")
             judged = of("canary_promote", "canary_rollback")[-1]
             assert judged["kind"] == "canary_promote", judged["reason"]
             first = judged
             wait_until(lambda: httpx.get(f"{settings.executor_url}/health").json()["pipelines"]["ticket_triage"]
                        >= first["version_after"], 20, 0.5, "the executor on the tuned version")
         finally:
-            _, err = load.communicate(timeout=150)
+            _, err = load.communicate(timeout=180)
         assert load.returncode == 0, err
         assert first["reason"] and first["predicted"]
+        # The default missed the target, so the tuner restored it first, and its verdict says what it bought.
+        assert started_reason(of, first).startswith("Trying on 30% of tasks: restoring p95 first."), first
+        assert first["reason"].startswith("canary better: "), first["reason"]
         assert first["config_after"] != first["config_before"]
         # Judged on both arms over the same minutes: the canary's share and the rest.
         assert first["observed"]["canary.requests"] >= 80 and first["observed"]["base.requests"] >= 80, first
@@ -71,8 +80,8 @@ def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir
         print(f"\ntuned: {first['reason']}\nbefore/after: {summary}")  # shown with -s, for the record
         assert summary[True]["n"] > 100, summary  # tasks ran under the tuned config, their spans say so
         assert summary[True]["cost_per_1k"] < summary[False]["cost_per_1k"], summary
-        # The demo's p95 target; on a machine too busy for even the default config to meet it, no worse than before.
-        assert summary[True]["p95_ms"] <= max(500, summary[False]["p95_ms"]), summary
+        # The target the SLO names, met by the tasks on the tuned config (canary and after).
+        assert summary[True]["p95_ms"] <= P95_TARGET_MS, summary
 
         # What undoing the saving would cost (escalate below 0.9), predicted from the same measurements
         # before anyone applies it.
@@ -88,3 +97,9 @@ def test_the_tuner_lowers_cost_under_load_and_the_slo_holds(tmp_path, models_dir
         assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
             line for line in refused.stderr.strip().splitlines() if line.startswith("Error:")], refused.stderr
         assert "steps.escalate.nope" in refused.stderr
+
+
+def started_reason(of, judged: dict) -> str:
+    """The reason of the canary_start decision that put `judged`'s version on trial."""
+    (started,) = [d for d in of("canary_start") if d["version_after"] == judged["version_after"]]
+    return started["reason"]

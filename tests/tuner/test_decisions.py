@@ -374,3 +374,44 @@ def test_a_decision_leads_with_one_sentence_of_rounded_figures():
                    {"p95_ms": 500.0})
     assert two == ("Escalated fewer tasks (escalate threshold 0.6 -> 0.45); turned classify's cache on: "
                    "p95 620 -> 300 ms (target 500 ms)")
+
+
+def test_tuner_history_lists_each_decision_in_a_sentence_with_predicted_against_observed(tmp_path, db_settings,
+                                                                                          client):
+    import json as json_mod
+    import os
+    import subprocess
+    import sys
+
+    from tracetune.tuner import versions
+    from tracetune.tuner.config import Knob, PipelineSpec
+
+    versions.register(client, PipelineSpec("triage", {"escalate": {"cascade_threshold": Knob("float", 0.6, 0, 1)}}))
+    reason = ("Escalated fewer tasks (escalate threshold 0.6 -> 0.45): -0.0021 USD per 1k (-28%), quality 0.936 "
+              "against the 0.93 floor, p95 unchanged at 180 ms (target 500 ms)\nescalate: cheapest threshold ...")
+    tuned = Decision("triage", "tune", 1, 2, config_v(1, 8), config_v(2, 8), reason,
+                     predicted={"before.cost_per_1k": 0.0075, "cost_per_1k": 0.0054, "before.p95_ms": 180.4,
+                                "quality": 0.93612, "evidence.rate": 15.0})
+    decisions.record(client, tuned)
+    decisions.observe(client, tuned.decision_id, {"cost_per_1k": 0.00561, "p95_ms": 176.0, "quality": 0.9391})
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}, **db_settings.as_env(),
+           "COLUMNS": "200"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tracetune", "tuner", "history", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+
+    table = run("--pipeline", "triage")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 100 and "…" not in table.stdout, table.stdout
+    text = " ".join(" ".join(line.strip("│ ").split()) for line in lines)
+    assert "Escalated fewer tasks" in text and "cheapest threshold" not in text  # the sentence, not the workings
+    assert "cost/1k 0.0075 -> 0.0054 / 0.0056" in table.stdout and "p95 ms 180 -> - / 176" in table.stdout
+    assert "quality - -> 0.936 / 0.939" in table.stdout
+    (row,) = json_mod.loads(run("--pipeline", "triage", "--json").stdout)
+    assert row["summary"] == reason.split("\n")[0] and row["kind"] == "tune"
+    assert row["figures"]["cost_per_1k"] == {"before": 0.0075, "predicted": 0.0054, "observed": 0.00561}
+    unknown = run("--pipeline", "nope")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert unknown.stderr.strip().splitlines()[-1].startswith("Error: unknown pipeline 'nope'"), unknown.stderr
