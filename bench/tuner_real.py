@@ -90,7 +90,8 @@ TUNER_LOOP = {"tuner_interval_seconds": 15, "tuner_window_seconds": 60, "tuner_c
               "tuner_min_requests": 100}
 LOOP_OFF = {"tuner_interval_seconds": 0}  # 0: `tracetune tuner` starts no loop
 # A canary (tuner_canary_*, where the settings have one) keeps its defaults, except that it must be judged
-# within about a sixth of the run: its tasks per arm are then lowered, to no fewer than this.
+# within about a sixth of the run: its tasks per arm are then lowered, to no fewer than this, and its time
+# limit shortened to a sixth of the run.
 CANARY_MIN_REQUESTS_FLOOR = 30
 AIMD_KNOB = "batch_max_size"
 AIMD_PERIOD_SECONDS = 30
@@ -225,12 +226,16 @@ def _overrides(name: str, pinned: dict | None, duration: float, rate: float) -> 
         canary_tasks = int(defaults.get("tuner_canary_share", 0.0) * rate * duration / 6)
         if canary_tasks < defaults["tuner_canary_min_requests"]:
             overrides["tuner_canary_min_requests"] = max(CANARY_MIN_REQUESTS_FLOOR, canary_tasks)
+    if defaults.get("tuner_canary_max_seconds", 0) > duration / 6:
+        # A canary the sequential test cannot judge by then is rolled back: in a short run, after a sixth of it.
+        overrides["tuner_canary_max_seconds"] = round(duration / 6)
     return overrides
 
 
 def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: float, seed: int, rate: float,
              models: Path, progress, keep: bool) -> dict:
     started = time.monotonic()
+    commit = _commit()  # what this arm runs, before anything can change under it
     home = Path(tempfile.mkdtemp(prefix=f"tracetune-bench-{workload.name}-{name}-"))
     (home / "models").symlink_to(models, target_is_directory=True)
     overrides = _overrides(name, pinned, minutes * 60, rate)
@@ -266,7 +271,7 @@ def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: flo
         _wait_flushed(client, workload.name)
         row = _measure(client, name, workload.name, load_started, duration)
         row["pipeline"] = workload.name
-        row["commit"] = _commit()
+        row["commit"] = commit
         row["pinned"] = pinned
         row["settings"] = overrides
         row["seconds"] = round(time.monotonic() - started, 1)
