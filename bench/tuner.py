@@ -310,6 +310,10 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: s
     console.print(f"{name}: static oracle ({'feasible' if best['feasible'] else '[red]none feasible, closest[/]'}"
                   f" on seed {search_seed}, {len(tried)} runs, {sum(r['feasible'] for r in tried)} feasible): "
                   f"{json.dumps(_rounded(best['grid_config']))}")
+    if evaluations < 100 or best["grid_config"] == {}:
+        console.print(f"[red]{name}: the static oracle had {evaluations} evaluations"
+                      + (" and is the declared default itself" if best["grid_config"] == {} else "")
+                      + ": a weak comparator, the ratios against it are no evidence (use --evaluations 300)[/]")
     phases = workload(search_seed).phases or ((0.0, workload(search_seed).duration),)
     candidates = {json.dumps(best["grid_config"], sort_keys=True): best["grid_config"]}
     for start, end in phases:  # per phase, the cheapest configs that held the objectives in it on the search seed

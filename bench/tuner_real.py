@@ -235,6 +235,7 @@ def _overrides(name: str, pinned: dict | None, duration: float, rate: float) -> 
 def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: float, seed: int, rate: float,
              models: Path, progress, keep: bool) -> dict:
     started = time.monotonic()
+    commit = _commit()  # what this arm runs, before anything can change under it
     home = Path(tempfile.mkdtemp(prefix=f"tracetune-bench-{workload.name}-{name}-"))
     (home / "models").symlink_to(models, target_is_directory=True)
     overrides = _overrides(name, pinned, minutes * 60, rate)
@@ -270,7 +271,7 @@ def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: flo
         _wait_flushed(client, workload.name)
         row = _measure(client, name, workload.name, load_started, duration)
         row["pipeline"] = workload.name
-        row["commit"] = _commit()
+        row["commit"] = commit
         row["pinned"] = pinned
         row["settings"] = overrides
         row["seconds"] = round(time.monotonic() - started, 1)
