@@ -367,7 +367,7 @@ def up(ctx: click.Context) -> None:
 @click.option("--duration", type=float, default=None,
               help="Run this many seconds without the live view, print the final table, exit.")
 @click.option("--rate", type=float, default=None,
-              help="Requests per second of demo load (default 20 for triage, 4 for rag).")
+              help="Requests per second of demo load (default 20 for triage, 2 for rag).")
 @click.option("--pipeline", type=click.Choice(["triage", "rag"]), default="triage", show_default=True,
               help="triage: support tickets under a steady load; rag: product questions answered from a knowledge "
                    "base, under a compressed daily curve with bursts.")

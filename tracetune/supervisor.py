@@ -284,7 +284,7 @@ def demo_window(run_start: float, now: float) -> tuple[int, str]:
 # The demo pipelines `tracetune demo --pipeline` runs: (import string, pipeline name, load pattern, default rate).
 DEMOS: dict[str, tuple[str, str, str, float | None]] = {
     "triage": ("tracetune.demo.triage:ticket_triage", "ticket_triage", "steady", None),  # rate: settings load_rate
-    "rag": ("tracetune.demo.rag:rag_answering", "rag_answering", "daily_bursts", 4.0),
+    "rag": ("tracetune.demo.rag:rag_answering", "rag_answering", "daily_bursts", 2.0),
 }
 
 

@@ -81,7 +81,7 @@ def test_the_large_reranker_is_surer_where_the_extractive_answer_is_right(parts)
     """What the cascade relies on: confidence separates right extractive answers from wrong ones, and the
     large reranker's confidence separates them better than the small one's."""
     index, fp32, rerankers = parts
-    qs = knowledge.questions(160, seed=9)
+    qs = knowledge.questions(120, seed=9)
     vectors = fp32.encode([q.text for q in qs])
     items = [{"question": q.text, "candidates": index.search(v), "vector": v} for q, v in zip(qs, vectors, strict=True)]
     gaps = {}
