@@ -309,3 +309,26 @@ def test_the_demo_counts_only_its_own_run():
     assert demo_window(1000.0, 1060.2) == (61, "raw")  # exactly this run: no earlier minute, no rounding out
     assert demo_window(1000.0, 1000.0) == (1, "raw")
     assert demo_window(0.0, DEMO_RAW_SECONDS + 5) == (DEMO_RAW_SECONDS + 5, "rollup")
+
+
+def test_a_second_up_in_the_same_home_is_one_line_and_leaves_the_running_stack_alone(tmp_path):
+    """The first stack's supervisor holds <home>/supervisor.lock; a second `tracetune up` there (other ports)
+    refuses before it opens any log or starts any process."""
+    from tests.conftest import make_settings
+    from tracetune.supervisor import _hold_home
+
+    home = tmp_path / ".tracetune"
+    running = make_settings(home)
+    held = _hold_home(running)
+    try:
+        (home / "logs").mkdir(parents=True)
+        (home / "logs" / "store.log").write_text("the running store's log\n")
+        second = make_settings(home)  # other free ports, the same home
+        env = {k: v for k, v in second.as_env().items() if k != "TRACETUNE_HOME"} | {"TRACETUNE_HOME": str(home)}
+        result = _tracetune(["up"], tmp_path, **env)
+        _one_line_error(result, f"already running with home {home}", "TRACETUNE_HOME")
+        assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+        assert (home / "logs" / "store.log").read_text() == "the running store's log\n"
+        assert str(os.getpid()) in result.stderr
+    finally:
+        held.close()
