@@ -332,3 +332,28 @@ def test_a_second_up_in_the_same_home_is_one_line_and_leaves_the_running_stack_a
         assert str(os.getpid()) in result.stderr
     finally:
         held.close()
+
+
+def test_stats_waits_for_spans_the_collector_still_queues(tmp_path, db_settings, client):
+    """`python app.py && tracetune stats`: the app's spans are acknowledged, some not yet written. The CLI asks
+    the collector's /health (here a stand-in answering as the collector does) and waits, saying so."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tests.servers import ThreadServer
+
+    _seed_tasks(client)
+    answers = iter([7, 7, 3])
+
+    async def health(_request):
+        return JSONResponse({"status": "ok", "queued_rows": next(answers, 0)})
+
+    with ThreadServer(Starlette(routes=[Route("/health", health)])) as collector:
+        env = {**db_settings.as_env(), "TRACETUNE_COLLECTOR_PORT": str(collector.port)}
+        result = _tracetune(["stats", "--source", "raw"], tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    assert "waiting for 7 spans the collector has acknowledged but not written yet" in result.stderr
+    assert "still queued" not in result.stderr and "triage" in result.stdout
+    quiet = _tracetune(["stats", "--source", "raw"], tmp_path, **db_settings.as_env())  # no collector: no wait
+    assert quiet.returncode == 0 and "waiting" not in quiet.stderr
