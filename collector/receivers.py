@@ -15,6 +15,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import time
 import zlib
 
@@ -129,11 +130,22 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     return bytes(body)
 
 
+_log = logging.getLogger("tracetune.collector")
+_REFUSAL_LOG_SECONDS = 60.0  # an SDK without the token retries every few seconds: one log line a minute
+_last_refusal_log = [-_REFUSAL_LOG_SECONDS]
+
+
 def _check_token(request: Request, token: str) -> None:
     if not token:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        if time.monotonic() - _last_refusal_log[0] >= _REFUSAL_LOG_SECONDS:  # the app may only print "401"
+            _last_refusal_log[0] = time.monotonic()
+            _log.warning("refused spans from %s: %s bearer token; the token is in <home>/collector.token (or "
+                         "TRACETUNE_COLLECTOR_TOKEN): give the SDK OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%%20"
+                         "<token> (logged at most once a minute)", request.client.host if request.client else "?",
+                         "a wrong" if given else "no")
         raise IngestError(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>' "
                              "(the token is in <home>/collector.token or TRACETUNE_COLLECTOR_TOKEN; SDKs take "
                              "it from OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%20<token>)")

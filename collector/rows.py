@@ -99,7 +99,21 @@ def value_string(value: AnyValue) -> str:
         return _number(number)
     if kind == "bytes_value":
         return base64.b64encode(value.bytes_value).decode()
+    if not _all_finite(value):  # Go's json.Marshal refuses NaN and ±Inf; pdata ignores the error: ""
+        return ""
     return _json(value)
+
+
+def _all_finite(value: AnyValue) -> bool:
+    """Whether every double inside an array or map value is finite."""
+    kind = value.WhichOneof("value")
+    if kind == "double_value":
+        return math.isfinite(value.double_value)
+    if kind == "array_value":
+        return all(_all_finite(v) for v in value.array_value.values)
+    if kind == "kvlist_value":
+        return all(_all_finite(kv.value) for kv in value.kvlist_value.values)
+    return True
 
 
 def _attributes(kvs) -> dict[str, str]:

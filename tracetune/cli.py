@@ -404,7 +404,9 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
     from tracetune.terminal import BATCHING_COLUMNS, console, frame_table, latency_table, step_table
 
     _window(since)
-    client = _client(_settings(ctx), readonly=True)
+    settings = _settings(ctx)
+    _settle(settings)
+    client = _client(settings, readonly=True)
     _known_pipeline(client, pipeline)
     keys = tuple(b.strip() for b in by.split(",") if b.strip())
     try:
@@ -465,6 +467,31 @@ def _known_pipeline(client, pipeline: str) -> None:
         raise UserError(f"unknown pipeline {pipeline!r}; known: {', '.join(known) or 'none yet (send traffic first)'}")
 
 
+def _settle(s: Settings, patience: float = 10.0) -> None:
+    """Wait (up to `patience` s, saying so on stderr) for spans the collector has acknowledged but not yet
+    written, so `python app.py && tracetune stats` sees the app's spans; no collector running: no wait."""
+    import time
+
+    import httpx
+
+    def queued() -> int:
+        try:
+            return int(httpx.get(f"{s.collector_url}/health", timeout=1.0).json().get("queued_rows") or 0)
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return 0
+
+    waiting, deadline = queued(), time.monotonic() + patience
+    if not waiting:
+        return
+    click.echo(f"waiting for {waiting:,} spans the collector has acknowledged but not written yet (up to "
+               f"{patience:g} s)", err=True)
+    while waiting and time.monotonic() < deadline:
+        time.sleep(0.25)
+        waiting = queued()
+    if waiting:
+        click.echo(f"{waiting:,} spans still queued in the collector; they are not in this answer yet", err=True)
+
+
 def _client(s: Settings, readonly: bool = False):
     """A store client; `readonly` reads as the store's read-only user (nothing the command does can write)."""
     from tracetune import store as store_mod
@@ -514,6 +541,7 @@ def cost(ctx: click.Context, since: str, by: str, pipeline: str, source: str, as
 
     _window(since)
     s = _settings(ctx)
+    _settle(s)
     client = _client(s)
     _known_pipeline(client, pipeline)
     table = _prices(s, client)

@@ -237,10 +237,37 @@ def _password_source(settings: Settings, readonly: bool) -> str:
     return "store_password" if settings.store_password else str(settings.store_password_file(False))
 
 
+def _hold_home(settings: Settings):
+    """An exclusive lock on `<home>/supervisor.lock` for this supervisor's life (the open file), or the pid of
+    the supervisor that holds it: one stack per home, whose store, logs and write-ahead log are its own."""
+    import fcntl
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    path = settings.home / "supervisor.lock"
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        return holder
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def _run(settings: Settings, load_rate: float, body, load_args: tuple[str, ...] = ()) -> int:
     from tracetune.terminal import console
 
     out = console()
+    held = _hold_home(settings)
+    if isinstance(held, str):  # checked before any log is opened: the running stack's are left as they are
+        print(f"Error: a tracetune stack (supervisor pid {held}) is already running with home {settings.home}; "
+              "stop it first, or give this one its own home (TRACETUNE_HOME) and ports", file=sys.stderr)
+        return 2
     supervisor = Supervisor(settings, components(settings, load_rate, load_args=load_args), echo=out.print)
     stop = threading.Event()
     _install_stop_handlers(stop)
@@ -261,6 +288,7 @@ def _run(settings: Settings, load_rate: float, body, load_args: tuple[str, ...] 
     finally:
         supervisor.stop()
         out.print("stopped every process tracetune started")
+        held.close()
 
 
 def up(settings: Settings) -> int:

@@ -36,6 +36,9 @@ def _map(**values: AnyValue) -> AnyValue:
      '[1,2,"<&\\u2028"]'),  # no HTML escaping (pdata's SetEscapeHTML(false)); U+2028 escaped as Go always does
     (_array(AnyValue(bytes_value=b"hi"), AnyValue()), '["aGk=",null]'),
     (_map(b=AnyValue(bool_value=False), a=_array()), '{"a":[],"b":false}'),  # keys sorted, as Go's encoding/json
+    # pdata: `jsonStr, _ := json.Marshal(v.Slice().AsRaw())`; Go refuses NaN and ±Inf, so the whole value is ""
+    (_array(AnyValue(int_value=1), AnyValue(double_value=math.nan)), ""),
+    (_map(a=_array(AnyValue(double_value=math.inf))), ""),
 ])
 def test_value_string_is_pdata_as_string(value, stored):
     assert value_string(value) == stored

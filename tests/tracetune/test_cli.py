@@ -309,3 +309,51 @@ def test_the_demo_counts_only_its_own_run():
     assert demo_window(1000.0, 1060.2) == (61, "raw")  # exactly this run: no earlier minute, no rounding out
     assert demo_window(1000.0, 1000.0) == (1, "raw")
     assert demo_window(0.0, DEMO_RAW_SECONDS + 5) == (DEMO_RAW_SECONDS + 5, "rollup")
+
+
+def test_a_second_up_in_the_same_home_is_one_line_and_leaves_the_running_stack_alone(tmp_path):
+    """The first stack's supervisor holds <home>/supervisor.lock; a second `tracetune up` there (other ports)
+    refuses before it opens any log or starts any process."""
+    from tests.conftest import make_settings
+    from tracetune.supervisor import _hold_home
+
+    home = tmp_path / ".tracetune"
+    running = make_settings(home)
+    held = _hold_home(running)
+    try:
+        (home / "logs").mkdir(parents=True)
+        (home / "logs" / "store.log").write_text("the running store's log\n")
+        second = make_settings(home)  # other free ports, the same home
+        env = {k: v for k, v in second.as_env().items() if k != "TRACETUNE_HOME"} | {"TRACETUNE_HOME": str(home)}
+        result = _tracetune(["up"], tmp_path, **env)
+        _one_line_error(result, f"already running with home {home}", "TRACETUNE_HOME")
+        assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+        assert (home / "logs" / "store.log").read_text() == "the running store's log\n"
+        assert str(os.getpid()) in result.stderr
+    finally:
+        held.close()
+
+
+def test_stats_waits_for_spans_the_collector_still_queues(tmp_path, db_settings, client):
+    """`python app.py && tracetune stats`: the app's spans are acknowledged, some not yet written. The CLI asks
+    the collector's /health (here a stand-in answering as the collector does) and waits, saying so."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from tests.servers import ThreadServer
+
+    _seed_tasks(client)
+    answers = iter([7, 7, 3])
+
+    async def health(_request):
+        return JSONResponse({"status": "ok", "queued_rows": next(answers, 0)})
+
+    with ThreadServer(Starlette(routes=[Route("/health", health)])) as collector:
+        env = {**db_settings.as_env(), "TRACETUNE_COLLECTOR_PORT": str(collector.port)}
+        result = _tracetune(["stats", "--source", "raw"], tmp_path, **env)
+    assert result.returncode == 0, result.stderr
+    assert "waiting for 7 spans the collector has acknowledged but not written yet" in result.stderr
+    assert "still queued" not in result.stderr and "triage" in result.stdout
+    quiet = _tracetune(["stats", "--source", "raw"], tmp_path, **db_settings.as_env())  # no collector: no wait
+    assert quiet.returncode == 0 and "waiting" not in quiet.stderr
