@@ -135,7 +135,8 @@ def pipeline_panels(points: pl.DataFrame, y: str, y_title: str, window: tuple[da
                           pl.lit("point").alias("row"))]
     if not targets.is_empty():
         rows.append(targets.select("pipeline", pl.col(y).cast(pl.Float64), pl.lit("target").alias("row")).with_columns(
-            label=pl.Series([f"{target_label} {value:,.4g}" for value in targets[y].to_list()], dtype=pl.Utf8)))
+            label=pl.Series([f"{target_label} {value:,.0f}" if abs(value) >= 1000 else f"{target_label} {value:.4g}"
+                             for value in targets[y].to_list()], dtype=pl.Utf8)))
     if not decisions.is_empty():
         rows.append(decisions.select("pipeline", pl.col("decided_at").alias("bucket"), "kind", "reason",
                                      pl.lit("decision").alias("row")))

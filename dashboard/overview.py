@@ -173,7 +173,7 @@ def _alerts(found: dict, pipeline: str) -> None:
         return
     ui.table(pl.DataFrame([{"state": a.state, "alert": a.labels.get("alertname", ""),
                             "pipeline": a.labels.get("pipeline", ""), "severity": a.labels.get("severity", ""),
-                            "since": f"{a.fired_at or a.active_at:%Y-%m-%d %H:%M}",
+                            "since (UTC)": f"{a.fired_at or a.active_at:%Y-%m-%d %H:%M}",
                             "summary": a.annotations.get("summary", "")} for a in shown]))
 
 

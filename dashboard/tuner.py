@@ -63,14 +63,15 @@ def decision_table(history: list[dict]) -> pl.DataFrame:
     and its effect (before, predicted, observed; frames.decision_effect)."""
     rows = []
     for d in history:
-        why = frames.readable(d["reason"]) if d["reason"] else ""
-        summary = d.get("summary") or ""
+        summary = d.get("summary") or ""  # the tuner's one sentence, where it writes one; its workings follow
+        details = d["details"] if "details" in d else d["reason"]
+        why = frames.readable(details).replace("\n", "; ") if details and details != summary else ""
         rows.append({
             "when (UTC)": frames.format_time(d["decided_at"]),
             "decision": f"{KIND_WORDS.get(d['kind'], d['kind'])}: version {d['version_before']} → "
                         f"{d['version_after']}, by {d['author']}",
             "what changed": frames.decision_change(d["config_before"], d["config_after"]),
-            "why": f"{summary} ({why})" if summary and why and summary != why else summary or why or frames.MISSING,
+            "why": f"{summary} ({why})" if summary and why else summary or why or frames.MISSING,
             "effect": frames.decision_effect(d["predicted"], d["observed"]) or "nothing predicted or measured"})
     return pl.DataFrame(rows, schema={c: pl.Utf8 for c in ("when (UTC)", "decision", "what changed", "why", "effect")})
 

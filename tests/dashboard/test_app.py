@@ -455,9 +455,15 @@ def test_filters_come_from_the_query_string_and_go_back_into_it(seeded):
     triage = sorted(PIPELINES).index("ticket_triage")  # its table, in name order
     embed = {r["route"]: r["requests"] for r in rows(at, triage) if r["step"] == "embed"}
     assert embed == {"int8": 40 + EARLIER_REQUESTS, "": OLD_EMBED_CALLS}  # the old calls came without a route
-    # The idle hour between the earlier calls and these is a gap: two line segments, not one line across it.
-    line = [r for r in chart_rows(charts(at)[0]) if r["series"] == "ticket_triage / embed / int8"]
-    assert len({r["segment"] for r in line}) == 2
+    # 6 h reads hourly buckets: a line breaks exactly where an hour without calls lies between two points (the
+    # earlier calls, 80 minutes back, and these are one or two hours apart, by the clock), never between
+    # consecutive hours.
+    line = sorted((r for r in chart_rows(charts(at)[0]) if r["series"] == "ticket_triage / embed / int8"),
+                  key=lambda r: r["bucket"])
+    assert len(line) >= 2 and all(r["bucket"].minute == 0 for r in line)
+    for before, after in zip(line, line[1:], strict=False):
+        idle = (after["bucket"] - before["bucket"]).total_seconds() > 3600
+        assert (before["segment"] != after["segment"]) == idle, (before, after)
 
     globex = open_page("cost", tenant="globex")  # a shared link: another session, the same view
     assert metrics(globex)["Priced requests"] == f"{len(recent(requests, tenant='globex'))}"

@@ -102,3 +102,25 @@ def test_filters_from_a_query_string_fall_back_on_unknown_values():
     assert filters_from({"since": "3y", "refresh": "1ms"}) == Filters()
     assert filters_from(shared.params()) == shared
     assert shared.scope() == " for pipeline doc_qa, tenant acme" and Filters().scope() == ""
+
+
+def test_a_decision_leads_with_the_tuners_sentence_when_it_writes_one():
+    from datetime import UTC, datetime
+
+    from tracetune.dashboard.tuner import decision_table
+
+    decision = {"decided_at": datetime(2026, 12, 5, 23, 9, 25, 350000, tzinfo=UTC), "kind": "tune",
+                "version_before": 1, "version_after": 2, "author": "tuner", "predicted": {}, "observed": {},
+                "config_before": {"steps": {"classify": {"route_weights": {"fp32": 0.5, "int8": 0.5}}}},
+                "config_after": {"steps": {"classify": {"route_weights": {"fp32": 0.6431834373838553,
+                                                                          "int8": 0.3568165626161447}}}},
+                "reason": "Cost per 1k 0.42 -> 0.31.\nclassify: moving traffic (clamped to {'cache_enabled': True})"}
+    older = decision_table([decision]).row(0, named=True)
+    assert older["why"] == "Cost per 1k 0.42 -> 0.31.; classify: moving traffic (clamped to cache_enabled on)"
+    assert older["when (UTC)"] == "2026-12-05 23:09:25"
+    assert older["what changed"] == "classify route_weights fp32 50.0% / int8 50.0% → fp32 64.3% / int8 35.7%"
+    assert older["effect"] == "nothing predicted or measured"
+    summarised = {**decision, "summary": "Cost per 1k 0.42 -> 0.31.",
+                  "details": "classify: moving traffic (clamped to {'cache_enabled': True})"}
+    assert decision_table([summarised]).row(0, named=True)["why"] == (
+        "Cost per 1k 0.42 -> 0.31. (classify: moving traffic (clamped to cache_enabled on))")
