@@ -38,7 +38,7 @@ def run_load_command(settings: Settings, plan: LoadPlan, pipeline: str, progress
             report = await run_load(plan, settings.executor_url, pipeline, record=record,
                                     progress=update if show else None, stop=stop, token=settings.secret("executor"))
         summary = report.summary()
-        if pipeline != TRIAGE and pipeline not in SOURCES:  # the load's labels belong to another pipeline: nothing to score here
+        if pipeline != TRIAGE and pipeline not in SOURCES:  # its labels are another pipeline's: nothing to score
             summary["accuracy"] = None
             summary["accuracy_note"] = f"no ground truth for {pipeline} (the load's labels are {TRIAGE} categories)"
         return summary
