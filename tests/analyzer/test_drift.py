@@ -385,3 +385,14 @@ def test_injected_drift_is_flagged_within_2_minutes_until_it_ends_and_a_steady_s
     assert not any(runs[at] for at in runs if at - 60 >= 600 + 30), runs  # the runs after it ended
     assert any("up to the first drift found" in label for label in labels), labels
     print(f"drift {drifts}: first flagged at {first}, flagged in all {len(inside)} runs inside it")
+
+
+def test_a_minute_of_few_samples_is_not_drift_by_ks_alone():
+    """The real stack's false page: a minute in which the load dipped to ~180 tasks had KS D 0.11-0.15
+    (p 0.001-0.03) on steady text lengths. The default floor (D >= 0.2) keeps that quiet; 0.1 did not."""
+    reference = np.arange(9800.0)
+    current = np.quantile(reference, np.linspace(0.14, 1.0, 180))  # D = 0.14, significant at n = 180
+    d, p = ks_test(reference, current)
+    assert 0.13 < d < 0.15 and p < 0.01
+    assert _statuses(compare(reference, current, "numeric", Thresholds()))["ks"] == "ok"
+    assert _statuses(compare(reference, current, "numeric", Thresholds(ks_min_statistic=0.1)))["ks"] == "drift"

@@ -141,7 +141,7 @@ def test_stats_errors_slo_and_drift_answer_tables_and_json(tmp_path, db_settings
     shown = json.loads(_tracetune(["drift", "baseline", "show", "--json"], tmp_path, **env).stdout)
     assert [(b["pipeline"], b["version"], b["note"]) for b in shown] == [("triage", 1, "launch")]
     table = _tracetune(["drift"], tmp_path, **env).stdout
-    assert "UTC" in table and "insufficient_data: under 100 samples" in table
+    assert "UTC" in table and "too few samples: under 100 in a window" in table
     assert "removed (v2)" in _tracetune(["drift", "baseline", "clear", "--pipeline", "triage"], tmp_path, **env).stdout
 
 
