@@ -110,6 +110,8 @@ def python_paths() -> list[Path]:
     prefixes = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     paths = set(prefixes)  # sys.path entries outside them (the working folder) stay closed
     paths |= {Path(p).resolve() for p in sys.path if p and any(Path(p).resolve().is_relative_to(x) for x in prefixes)}
+    # site folders a .pth file adds from another environment (a wheel installed beside its dependencies)
+    paths |= {Path(p).resolve() for p in sys.path if p and Path(p).name in ("site-packages", "dist-packages")}
     for name, module in list(sys.modules.items()):
         if name == "tracetune" or name.startswith("tracetune."):
             paths |= {Path(p) for p in getattr(module, "__path__", [])}
