@@ -63,9 +63,11 @@ def decision_table(history: list[dict]) -> pl.DataFrame:
     and its effect (before, predicted, observed; frames.decision_effect)."""
     rows = []
     for d in history:
-        summary = d.get("summary") or ""  # the tuner's one sentence, where it writes one; its workings follow
+        # the tuner's one sentence (an older one-line reason is all sentence); its workings follow
+        summary = frames.readable(d.get("summary") or "")
         details = d["details"] if "details" in d else d["reason"]
-        why = frames.readable(details).replace("\n", "; ") if details and details != summary else ""
+        why = frames.readable(details).replace("\n", "; ") if details else ""
+        why = "" if why == summary else why
         rows.append({
             "when (UTC)": frames.format_time(d["decided_at"]),
             "decision": f"{KIND_WORDS.get(d['kind'], d['kind'])}: version {d['version_before']} → "
