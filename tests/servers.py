@@ -15,11 +15,18 @@ import httpx
 
 from tracetune.settings import Settings
 
+_GIVEN: set[int] = set()  # ports this process handed out: the kernel may offer a just-closed one again
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free on 127.0.0.1 now and not handed out before by this process (so one stack's ports differ)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def start_process(args: list[str], settings: Settings, log: Path) -> subprocess.Popen:
