@@ -3,7 +3,8 @@
 Speaks enough of the real protocol that clickhouse-connect (and curl) work unchanged: `/ping`,
 queries in the URL or body, `INSERT ... FORMAT X` with a data body (not `INSERT ... SELECT ... input()`
 or `FROM INFILE`: the engine gets the body as a file of its own), per-request settings,
-`database`, `param_*` query parameters, compressed bodies both ways, and errors as HTTP errors
+`database`, `param_*` query parameters, compressed bodies both ways (HTTP encodings and ClickHouse's
+native blocks, `compress=1` / `decompress=1`), and errors as HTTP errors
 carrying the engine's message and `X-ClickHouse-Exception-Code`. As in ClickHouse, a request holds
 one statement, GET is read-only, and `X-ClickHouse-Timezone` is the zone the values were read in.
 """
@@ -29,7 +30,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tracetune.store import lexer
+from tracetune.store import blocks, lexer
 from tracetune.store.access import AccessDenied, Users, check_origin, credentials
 from tracetune.store.engine import Engine, EngineError, ExternalTable, Request
 from tracetune.store.policy import Lock, Refused
@@ -217,10 +218,6 @@ _SYSTEM_TABLE_DDL = (
 
 def parse_request(params: dict[str, str], body: bytes) -> Request:
     """Turn URL parameters and a (decompressed) body into one engine Request."""
-    for name in ("compress", "decompress"):
-        if params.get(name, "0") not in ("", "0"):
-            raise BadRequest(f"{name}=1 (ClickHouse's native block compression) is not supported here; "
-                             "use Content-Encoding / enable_http_compression=1 with Accept-Encoding instead")
     query_param = params.get("query", "")
     settings = {k: v for k, v in params.items() if k not in _TRANSPORT_PARAMS and not k.startswith("param_")}
     query_params = {k[len("param_"):]: v for k, v in params.items() if k.startswith("param_")}
@@ -249,7 +246,22 @@ def parse_request(params: dict[str, str], body: bytes) -> Request:
                    params=query_params)
 
 
-_BOOLEAN_PARAMS = ("session_check", "wait_end_of_query", "enable_http_compression", "send_progress_in_http_headers",
+def _flag(params: dict[str, str], name: str) -> bool:
+    return params.get(name, "0").lower() in ("1", "true")
+
+
+def _blocks(body: bytes) -> bytes:
+    """A `decompress=1` body: ClickHouse's compressed blocks, checked, or BadRequest with its code."""
+    try:
+        return blocks.decompress(body)
+    except blocks.BlockError as exc:
+        checksum = "checksum" in str(exc)
+        raise BadRequest(f"Cannot decompress the request body (decompress=1): {exc}", 40 if checksum else 271,
+                         "CHECKSUM_DOESNT_MATCH" if checksum else "CANNOT_DECOMPRESS") from None
+
+
+_BOOLEAN_PARAMS = ("session_check", "compress", "decompress", "wait_end_of_query",
+                   "enable_http_compression", "send_progress_in_http_headers",
                    "cancel_http_readonly_queries_on_client_close", "add_http_cors_header", "http_wait_end_of_query",
                    "output_format_parallel_formatting")
 _COUNT_PARAMS = ("buffer_size", "http_response_buffer_size", "http_headers_progress_interval_ms",
@@ -379,6 +391,8 @@ async def handle(request: HttpRequest) -> Response:
         else:  # any other body (form-encoded included, as `curl --data-binary` sends) is the query or data
             body = _decompress(await request.body(), request.headers.get("content-encoding", ""))
         _check_transport(params)
+        if _flag(params, "decompress"):
+            body = _blocks(body)
         external = _external_tables(params, files)
         engine_request = parse_request(params, body)
         engine_request.external = external
@@ -402,14 +416,15 @@ async def handle(request: HttpRequest) -> Response:
         return _error(str(exc), exc.code)
     encoding = _encoding(request.headers.get("accept-encoding", "")) \
         if params.get("enable_http_compression") in ("1", "true") else None
+    framed = _flag(params, "compress")
     if _streamed(engine_request, params) and encoding != "deflate":
-        return await _stream(request, engine, engine_request, session, encoding)
+        return await _stream(request, engine, engine_request, session, encoding, framed)
     try:
         result = await _execute(request, engine, engine_request, session)
     except EngineError as exc:
         return _error(str(exc), exc.code, headers={"X-ClickHouse-Query-Id": query_id})
 
-    payload = result.data
+    payload = blocks.compress(result.data) if framed else result.data
     if encoding and payload:
         payload = _compress(payload, encoding)
     session_id = params.get("session_id") if session else None
@@ -472,7 +487,8 @@ def _exception_block(message: str, tag: str) -> bytes:
             + tag.encode() + b"\r\n__exception__\r\n")
 
 
-async def _stream(request: HttpRequest, engine: Engine, engine_request: Request, session, encoding: str | None):
+async def _stream(request: HttpRequest, engine: Engine, engine_request: Request, session, encoding: str | None,
+                  framed: bool):
     """Stream the result: errors before the first chunk are HTTP errors, later ones an exception block."""
     chunks: queue.Queue = queue.Queue(maxsize=16)
     stop = threading.Event()
@@ -521,6 +537,8 @@ async def _stream(request: HttpRequest, engine: Engine, engine_request: Request,
         try:
             while kind != "end":
                 data = value if kind == "data" else _exception_block(str(value), tag)
+                if framed:  # every chunk its own checksummed blocks: they concatenate
+                    data = blocks.compress(data)
                 yield _compress(data, encoding) if encoding else data
                 if kind == "error":
                     return
