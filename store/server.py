@@ -435,9 +435,11 @@ async def handle(request: HttpRequest) -> Response:
                        result_rows=0 if engine_request.insert_format else _result_rows(engine_request.output_format,
                                                                                          result.data),
                        result_bytes=len(result.data), elapsed_ns=int(result.elapsed * 1e9))
+    media_type = _TEXT_TYPE
     if not engine_request.insert_format and (result.data or _first_word(engine_request.query) in _RESULT_WORDS):
         headers["X-ClickHouse-Format"] = engine_request.output_format  # as ClickHouse: only with a result set
-    return Response(payload, headers=headers, media_type="application/octet-stream")
+        media_type = _content_type(engine_request.output_format, engine_request.settings)
+    return Response(payload, headers=headers, media_type=media_type)
 
 
 _SUMMARY_KEYS = ("read_rows", "read_bytes", "written_rows", "written_bytes", "total_rows_to_read", "result_rows",
@@ -458,6 +460,42 @@ def _headers(engine_request: Request, session_id: str | None, timezone: str, enc
     if encoding:
         headers["Content-Encoding"] = encoding
     return headers
+
+
+# Content-Type per output format, as ClickHouse's formats declare it (IOutputFormat::getContentType and
+# FormatFactory::setContentType); a format not named here gets ClickHouse's default, text/plain.
+_TSV_TYPE = "text/tab-separated-values; charset=UTF-8"
+_JSON_TYPE = "application/json; charset=UTF-8"
+_NDJSON_TYPE = "application/x-ndjson; charset=UTF-8"
+_BINARY_TYPE = "application/octet-stream"
+_TEXT_TYPE = "text/plain; charset=UTF-8"
+_CONTENT_TYPES = {
+    **dict.fromkeys(("tabseparated", "tsv", "tabseparatedraw", "tsvraw", "raw", "tabseparatedwithnames",
+                     "tsvwithnames", "rawwithnames", "tabseparatedwithnamesandtypes", "tsvwithnamesandtypes",
+                     "rawwithnamesandtypes", "tabseparatedrawwithnames", "tsvrawwithnames",
+                     "tabseparatedrawwithnamesandtypes", "tsvrawwithnamesandtypes"), _TSV_TYPE),
+    "csv": "text/csv; charset=UTF-8; header=absent",
+    "csvwithnames": "text/csv; charset=UTF-8; header=present",
+    "csvwithnamesandtypes": "text/csv; charset=UTF-8; header=present",
+    **dict.fromkeys(("json", "jsonstrings", "jsoncompact", "jsoncompactstrings", "jsoncolumns",
+                     "jsoncompactcolumns", "jsoncolumnswithmetadata", "jsonobjecteachrow",
+                     "jsoneachrowwithprogress", "jsonstringseachrowwithprogress",
+                     "jsoncompacteachrowwithprogress"), _JSON_TYPE),
+    **dict.fromkeys(("jsoneachrow", "jsonlines", "ndjson", "jsonl", "jsonstringseachrow", "prettyjsoneachrow",
+                     "prettyjsonlines", "prettyndjson"), _NDJSON_TYPE),
+    **dict.fromkeys(("native", "rowbinary", "rowbinarywithnames", "rowbinarywithnamesandtypes",
+                     "rowbinarywithdefaults", "arrow", "arrowstream", "parquet", "orc", "avro", "msgpack",
+                     "protobuf", "protobufsingle", "protobuflist", "capnproto", "bsoneachrow", "npy"), _BINARY_TYPE),
+}
+
+
+def _content_type(output_format: str, settings: dict[str, str]) -> str:
+    """The Content-Type ClickHouse sends for a result in `output_format`."""
+    name = output_format.lower()
+    if name in ("jsoneachrow", "jsonlines", "ndjson", "jsonl", "jsonstringseachrow") \
+            and settings.get("output_format_json_array_of_rows", "0").lower() in ("1", "true"):
+        return _JSON_TYPE  # one JSON array of rows
+    return _CONTENT_TYPES.get(name, _TEXT_TYPE)
 
 
 # Statements with a result set (ClickHouse names their format in X-ClickHouse-Format; DDL, SET and INSERT have none).
@@ -551,7 +589,8 @@ async def _stream(request: HttpRequest, engine: Engine, engine_request: Request,
     headers = _headers(engine_request, request.query_params.get("session_id") if session else None,
                        engine_request.settings.get("session_timezone") or engine.timezone, encoding)
     headers.update({"X-ClickHouse-Exception-Tag": tag, "X-ClickHouse-Format": engine_request.output_format})
-    return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
+    return StreamingResponse(body(), headers=headers,
+                             media_type=_content_type(engine_request.output_format, engine_request.settings))
 
 
 # Formats that end every row with one line break and escape line breaks inside values (CSV quotes them instead).
