@@ -13,10 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from tracetune import serving
 
 
 class AccessDenied(Exception):
@@ -77,47 +77,20 @@ def credentials(headers: Mapping[str, str], params: Mapping[str, str]) -> tuple[
     return param_user or "default", param_password or ""
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _hostname(authority: str) -> str:
-    """`host` of `host:port` / `[v6]:port`, lower case."""
-    parsed = urlsplit("//" + authority)
-    try:
-        return (parsed.hostname or "").lower()
-    except ValueError:
-        return ""
-
-
 def allowed_hosts(bind_host: str) -> frozenset[str] | None:
-    """Names the Host header may carry for this bind address; None: any (bound to every interface)."""
-    if bind_host in ("0.0.0.0", "::", ""):
-        return None
-    names = {bind_host.lower().strip("[]")}
-    if _loopback(bind_host):
-        names |= {"localhost", "127.0.0.1", "::1"}
-    return frozenset(names)
+    """Names the Host header may carry for this bind address (the rule every HTTP surface shares)."""
+    return serving.allowed_hosts(bind_host)
 
 
 def check_origin(headers: Mapping[str, str], hosts: frozenset[str] | None) -> None:
-    """Refuse a rebound DNS name (Host) and any cross-site browser request (Origin, Sec-Fetch-Site)."""
-    host = _hostname(headers.get("host", ""))
-    if hosts is not None and host not in hosts:
-        raise AccessDenied(f"Host {headers.get('host', '')!r} is not this server's address; connect to "
-                           f"{' or '.join(sorted(hosts))}", 497, "ACCESS_DENIED", 403)
-    origin = headers.get("origin")
-    if origin is not None:
-        origin_host = _hostname(urlsplit(origin).netloc) if origin != "null" else ""
-        if not origin_host or (hosts is not None and origin_host not in hosts) or origin_host != host:
-            raise AccessDenied(f"Requests from the web page at {origin!r} are refused: the store accepts browser "
-                               "requests only from its own origin", 497, "ACCESS_DENIED", 403)
-    if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-        raise AccessDenied("Cross-site browser requests are refused", 497, "ACCESS_DENIED", 403)
+    """Refuse a rebound DNS name (Host) and any cross-site browser request (Origin, Sec-Fetch-Site), as
+    ClickHouse's ACCESS_DENIED. Unlike the APIs, not even a top-level navigation passes: a link in a page
+    would run the query in its URL with the browser's remembered credentials."""
+    try:
+        serving.check_origin("POST", headers, hosts)  # POST: the rule without the navigation exemption
+    except serving.Refused as exc:
+        # The store answers to its bind address only: the `allowed_hosts` setting the APIs offer does not apply.
+        message = exc.message.replace(" (or add the name to the allowed_hosts setting)", "")
+        raise AccessDenied(message[:1].upper() + message[1:], 497, "ACCESS_DENIED", exc.status) from None
 
 

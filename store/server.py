@@ -3,7 +3,8 @@
 Speaks enough of the real protocol that clickhouse-connect (and curl) work unchanged: `/ping`,
 queries in the URL or body, `INSERT ... FORMAT X` with a data body (not `INSERT ... SELECT ... input()`
 or `FROM INFILE`: the engine gets the body as a file of its own), per-request settings,
-`database`, `param_*` query parameters, compressed bodies both ways, and errors as HTTP errors
+`database`, `param_*` query parameters, compressed bodies both ways (HTTP encodings and ClickHouse's
+native blocks, `compress=1` / `decompress=1`), and errors as HTTP errors
 carrying the engine's message and `X-ClickHouse-Exception-Code`. As in ClickHouse, a request holds
 one statement, GET is read-only, and `X-ClickHouse-Timezone` is the zone the values were read in.
 """
@@ -29,7 +30,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tracetune.store import lexer
+from tracetune.store import blocks, lexer
 from tracetune.store.access import AccessDenied, Users, check_origin, credentials
 from tracetune.store.engine import Engine, EngineError, ExternalTable, Request
 from tracetune.store.policy import Lock, Refused
@@ -217,10 +218,6 @@ _SYSTEM_TABLE_DDL = (
 
 def parse_request(params: dict[str, str], body: bytes) -> Request:
     """Turn URL parameters and a (decompressed) body into one engine Request."""
-    for name in ("compress", "decompress"):
-        if params.get(name, "0") not in ("", "0"):
-            raise BadRequest(f"{name}=1 (ClickHouse's native block compression) is not supported here; "
-                             "use Content-Encoding / enable_http_compression=1 with Accept-Encoding instead")
     query_param = params.get("query", "")
     settings = {k: v for k, v in params.items() if k not in _TRANSPORT_PARAMS and not k.startswith("param_")}
     query_params = {k[len("param_"):]: v for k, v in params.items() if k.startswith("param_")}
@@ -249,7 +246,22 @@ def parse_request(params: dict[str, str], body: bytes) -> Request:
                    params=query_params)
 
 
-_BOOLEAN_PARAMS = ("session_check", "wait_end_of_query", "enable_http_compression", "send_progress_in_http_headers",
+def _flag(params: dict[str, str], name: str) -> bool:
+    return params.get(name, "0").lower() in ("1", "true")
+
+
+def _blocks(body: bytes) -> bytes:
+    """A `decompress=1` body: ClickHouse's compressed blocks, checked, or BadRequest with its code."""
+    try:
+        return blocks.decompress(body)
+    except blocks.BlockError as exc:
+        checksum = "checksum" in str(exc)
+        raise BadRequest(f"Cannot decompress the request body (decompress=1): {exc}", 40 if checksum else 271,
+                         "CHECKSUM_DOESNT_MATCH" if checksum else "CANNOT_DECOMPRESS") from None
+
+
+_BOOLEAN_PARAMS = ("session_check", "compress", "decompress", "wait_end_of_query",
+                   "enable_http_compression", "send_progress_in_http_headers",
                    "cancel_http_readonly_queries_on_client_close", "add_http_cors_header", "http_wait_end_of_query",
                    "output_format_parallel_formatting")
 _COUNT_PARAMS = ("buffer_size", "http_response_buffer_size", "http_headers_progress_interval_ms",
@@ -379,6 +391,8 @@ async def handle(request: HttpRequest) -> Response:
         else:  # any other body (form-encoded included, as `curl --data-binary` sends) is the query or data
             body = _decompress(await request.body(), request.headers.get("content-encoding", ""))
         _check_transport(params)
+        if _flag(params, "decompress"):
+            body = _blocks(body)
         external = _external_tables(params, files)
         engine_request = parse_request(params, body)
         engine_request.external = external
@@ -402,14 +416,15 @@ async def handle(request: HttpRequest) -> Response:
         return _error(str(exc), exc.code)
     encoding = _encoding(request.headers.get("accept-encoding", "")) \
         if params.get("enable_http_compression") in ("1", "true") else None
+    framed = _flag(params, "compress")
     if _streamed(engine_request, params) and encoding != "deflate":
-        return await _stream(request, engine, engine_request, session, encoding)
+        return await _stream(request, engine, engine_request, session, encoding, framed)
     try:
         result = await _execute(request, engine, engine_request, session)
     except EngineError as exc:
         return _error(str(exc), exc.code, headers={"X-ClickHouse-Query-Id": query_id})
 
-    payload = result.data
+    payload = blocks.compress(result.data) if framed else result.data
     if encoding and payload:
         payload = _compress(payload, encoding)
     session_id = params.get("session_id") if session else None
@@ -420,9 +435,11 @@ async def handle(request: HttpRequest) -> Response:
                        result_rows=0 if engine_request.insert_format else _result_rows(engine_request.output_format,
                                                                                          result.data),
                        result_bytes=len(result.data), elapsed_ns=int(result.elapsed * 1e9))
+    media_type = _TEXT_TYPE
     if not engine_request.insert_format and (result.data or _first_word(engine_request.query) in _RESULT_WORDS):
         headers["X-ClickHouse-Format"] = engine_request.output_format  # as ClickHouse: only with a result set
-    return Response(payload, headers=headers, media_type="application/octet-stream")
+        media_type = _content_type(engine_request.output_format, engine_request.settings)
+    return Response(payload, headers=headers, media_type=media_type)
 
 
 _SUMMARY_KEYS = ("read_rows", "read_bytes", "written_rows", "written_bytes", "total_rows_to_read", "result_rows",
@@ -443,6 +460,42 @@ def _headers(engine_request: Request, session_id: str | None, timezone: str, enc
     if encoding:
         headers["Content-Encoding"] = encoding
     return headers
+
+
+# Content-Type per output format, as ClickHouse's formats declare it (IOutputFormat::getContentType and
+# FormatFactory::setContentType); a format not named here gets ClickHouse's default, text/plain.
+_TSV_TYPE = "text/tab-separated-values; charset=UTF-8"
+_JSON_TYPE = "application/json; charset=UTF-8"
+_NDJSON_TYPE = "application/x-ndjson; charset=UTF-8"
+_BINARY_TYPE = "application/octet-stream"
+_TEXT_TYPE = "text/plain; charset=UTF-8"
+_CONTENT_TYPES = {
+    **dict.fromkeys(("tabseparated", "tsv", "tabseparatedraw", "tsvraw", "raw", "tabseparatedwithnames",
+                     "tsvwithnames", "rawwithnames", "tabseparatedwithnamesandtypes", "tsvwithnamesandtypes",
+                     "rawwithnamesandtypes", "tabseparatedrawwithnames", "tsvrawwithnames",
+                     "tabseparatedrawwithnamesandtypes", "tsvrawwithnamesandtypes"), _TSV_TYPE),
+    "csv": "text/csv; charset=UTF-8; header=absent",
+    "csvwithnames": "text/csv; charset=UTF-8; header=present",
+    "csvwithnamesandtypes": "text/csv; charset=UTF-8; header=present",
+    **dict.fromkeys(("json", "jsonstrings", "jsoncompact", "jsoncompactstrings", "jsoncolumns",
+                     "jsoncompactcolumns", "jsoncolumnswithmetadata", "jsonobjecteachrow",
+                     "jsoneachrowwithprogress", "jsonstringseachrowwithprogress",
+                     "jsoncompacteachrowwithprogress"), _JSON_TYPE),
+    **dict.fromkeys(("jsoneachrow", "jsonlines", "ndjson", "jsonl", "jsonstringseachrow", "prettyjsoneachrow",
+                     "prettyjsonlines", "prettyndjson"), _NDJSON_TYPE),
+    **dict.fromkeys(("native", "rowbinary", "rowbinarywithnames", "rowbinarywithnamesandtypes",
+                     "rowbinarywithdefaults", "arrow", "arrowstream", "parquet", "orc", "avro", "msgpack",
+                     "protobuf", "protobufsingle", "protobuflist", "capnproto", "bsoneachrow", "npy"), _BINARY_TYPE),
+}
+
+
+def _content_type(output_format: str, settings: dict[str, str]) -> str:
+    """The Content-Type ClickHouse sends for a result in `output_format`."""
+    name = output_format.lower()
+    if name in ("jsoneachrow", "jsonlines", "ndjson", "jsonl", "jsonstringseachrow") \
+            and settings.get("output_format_json_array_of_rows", "0").lower() in ("1", "true"):
+        return _JSON_TYPE  # one JSON array of rows
+    return _CONTENT_TYPES.get(name, _TEXT_TYPE)
 
 
 # Statements with a result set (ClickHouse names their format in X-ClickHouse-Format; DDL, SET and INSERT have none).
@@ -472,7 +525,8 @@ def _exception_block(message: str, tag: str) -> bytes:
             + tag.encode() + b"\r\n__exception__\r\n")
 
 
-async def _stream(request: HttpRequest, engine: Engine, engine_request: Request, session, encoding: str | None):
+async def _stream(request: HttpRequest, engine: Engine, engine_request: Request, session, encoding: str | None,
+                  framed: bool):
     """Stream the result: errors before the first chunk are HTTP errors, later ones an exception block."""
     chunks: queue.Queue = queue.Queue(maxsize=16)
     stop = threading.Event()
@@ -521,6 +575,8 @@ async def _stream(request: HttpRequest, engine: Engine, engine_request: Request,
         try:
             while kind != "end":
                 data = value if kind == "data" else _exception_block(str(value), tag)
+                if framed:  # every chunk its own checksummed blocks: they concatenate
+                    data = blocks.compress(data)
                 yield _compress(data, encoding) if encoding else data
                 if kind == "error":
                     return
@@ -533,7 +589,8 @@ async def _stream(request: HttpRequest, engine: Engine, engine_request: Request,
     headers = _headers(engine_request, request.query_params.get("session_id") if session else None,
                        engine_request.settings.get("session_timezone") or engine.timezone, encoding)
     headers.update({"X-ClickHouse-Exception-Tag": tag, "X-ClickHouse-Format": engine_request.output_format})
-    return StreamingResponse(body(), headers=headers, media_type="application/octet-stream")
+    return StreamingResponse(body(), headers=headers,
+                             media_type=_content_type(engine_request.output_format, engine_request.settings))
 
 
 # Formats that end every row with one line break and escape line breaks inside values (CSV quotes them instead).

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from tracetune.settings import Settings
+from tracetune.supervisor import private_log
 
 _GIVEN: set[int] = set()  # ports this process handed out: the kernel may offer a just-closed one again
 
@@ -32,7 +33,7 @@ def free_port() -> int:
 def start_process(args: list[str], settings: Settings, log: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
     env.update(settings.as_env())
-    out = log.open("wb")
+    out = private_log(log)  # as the supervisor writes them: the owner's alone
     return subprocess.Popen([sys.executable, "-m", "tracetune", *args], env=env, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
 

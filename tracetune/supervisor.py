@@ -130,6 +130,13 @@ def _die_with_parent(parent: int):
     return hook
 
 
+def private_log(path: Path):
+    """`path` opened for writing from its start, readable by its owner only (0600), even if it existed wider."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
+
+
 class Supervisor:
     def __init__(self, settings: Settings, parts: list[Component], echo=print):
         self.settings = settings
@@ -156,13 +163,14 @@ class Supervisor:
 
     def start(self, timeout: float = 120.0) -> None:
         self.check_ports()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log_dir.chmod(0o700)  # logs carry queries, tokens' failures and data: the owner's alone
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
         env.update(self.settings.as_env())
         env.setdefault("PYTHONUNBUFFERED", "1")
         for part in self.parts:
             part.log = self.log_dir / f"{part.name}.log"
-            with part.log.open("wb") as out:
+            with private_log(part.log) as out:
                 part.proc = subprocess.Popen(part.args, env=env, stdout=out, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True,
                                              preexec_fn=_die_with_parent(os.getpid()))

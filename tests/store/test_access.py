@@ -83,7 +83,16 @@ def test_foreign_hosts_and_browser_origins_are_refused_even_with_credentials(bas
     response = base.post("/", content="CREATE TABLE from_the_web (a UInt8) ENGINE = Memory", headers=headers,
                          auth=(user, password))
     assert response.status_code == 403 and _code(response) == "497", response.text
+    assert "allowed_hosts" not in response.text  # the store answers to its bind address only
     assert not _table_exists(db_settings, "from_the_web")
+
+
+def test_a_link_in_a_foreign_page_runs_nothing(base, db_settings):
+    """A top-level navigation the APIs let through (a link to /docs) is refused by the store: its URL is a query."""
+    user, password = db_settings.store_credentials()
+    response = base.get("/", params={"query": "SELECT 1"}, auth=(user, password),
+                        headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"})
+    assert response.status_code == 403 and _code(response) == "497", response.text
 
 
 def test_a_cross_site_html_form_post_creates_nothing(base, db_settings):

@@ -338,3 +338,36 @@ def test_query_parameters_settings_and_headers(http):
                              content="SELECT timezone()"))
     assert response.headers["X-ClickHouse-Timezone"] == "America/New_York"
     assert response.headers["X-ClickHouse-Query-Id"] == "q-1"
+
+
+@pytest.mark.parametrize("fmt, content_type", [
+    ("TabSeparated", "text/tab-separated-values; charset=UTF-8"),  # streamed
+    ("TSVWithNamesAndTypes", "text/tab-separated-values; charset=UTF-8"),
+    ("CSV", "text/csv; charset=UTF-8; header=absent"),
+    ("CSVWithNames", "text/csv; charset=UTF-8; header=present"),
+    ("JSON", "application/json; charset=UTF-8"),
+    ("JSONCompact", "application/json; charset=UTF-8"),
+    ("JSONEachRow", "application/x-ndjson; charset=UTF-8"),
+    ("NDJSON", "application/x-ndjson; charset=UTF-8"),
+    ("JSONCompactEachRow", "text/plain; charset=UTF-8"),  # ClickHouse declares none for it: its default
+    ("Native", "application/octet-stream"),
+    ("RowBinary", "application/octet-stream"),
+    ("Parquet", "application/octet-stream"),
+    ("Arrow", "application/octet-stream"),
+    ("Pretty", "text/plain; charset=UTF-8"),
+    ("Markdown", "text/plain; charset=UTF-8"),
+    ("Vertical", "text/plain; charset=UTF-8"),
+])
+def test_content_type_is_the_formats_own(http, fmt, content_type):
+    for query in (f"SELECT 1 AS x FORMAT {fmt}", "SELECT 1 AS x"):
+        response = _ok(http.post("/", content=query, params={} if "FORMAT" in query else {"default_format": fmt}))
+        assert response.headers["Content-Type"] == content_type, query
+
+
+def test_content_type_of_a_json_array_of_rows_and_of_commands(http, events):
+    response = _ok(http.post("/", content="SELECT 1 AS x FORMAT JSONEachRow",
+                             params={"output_format_json_array_of_rows": "1"}))
+    assert response.headers["Content-Type"] == "application/json; charset=UTF-8"
+    assert json.loads(response.content) == [{"x": 1}]
+    response = _ok(http.post("/", content=b"INSERT INTO events FORMAT JSONEachRow\n" + _json_each_row()))
+    assert response.headers["Content-Type"] == "text/plain; charset=UTF-8"

@@ -67,3 +67,28 @@ def test_a_server_url_serves_both_reads_and_writes_with_its_own_user(tmp_path):
         target = s.clickhouse_target(readonly=readonly)
         assert (target["username"], target["password"], target["database"]) == ("ops", "pw", "db")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_started_stacks_logs_and_data_are_its_owners_alone(tmp_path):
+    """What `tracetune up` writes (component logs, the store's data) is not readable by other users,
+    even when a log of an earlier run was left world-readable."""
+    from tests.conftest import make_settings
+    from tracetune.supervisor import Supervisor, components
+
+    settings = make_settings(tmp_path)
+    logs = settings.home / "logs"
+    logs.mkdir(mode=0o755, parents=True)
+    (logs / "store.log").write_text("an older run\n")
+    (logs / "store.log").chmod(0o644)
+    parts = [part for part in components(settings, 0, with_dashboard=False) if part.name == "store"]
+    supervisor = Supervisor(settings, parts, echo=lambda *_: None)
+    try:
+        supervisor.start()
+        written = [logs, *logs.iterdir(), *Path(settings.data_dir).rglob("*"), Path(settings.data_dir)]
+        assert (logs / "store.log") in written and "an older run" not in (logs / "store.log").read_text()
+        assert len(written) > 5
+        wide = [f"{path} {stat.S_IMODE(path.stat().st_mode):o}" for path in written
+                if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077]
+        assert wide == []
+    finally:
+        supervisor.stop()
