@@ -337,7 +337,8 @@ def test_current_drift_uses_the_baseline_else_the_preceding_window(client):
     assert text_length(pinned) == "ok"
     triage = pinned.filter(pl.col("pipeline") == "triage").row(0, named=True)
     assert (triage["reference_start"], triage["reference_end"]) == old
-    assert reference_label(triage) == f"baseline v1 {old[0]:%Y-%m-%d %H:%M} – {old[1]:%H:%M} UTC (pinned)"
+    end = f"{old[1]:%H:%M}" if old[0].date() == old[1].date() else f"{old[1]:%Y-%m-%d %H:%M}"  # across midnight
+    assert reference_label(triage) == f"baseline v1 {old[0]:%Y-%m-%d %H:%M} – {end} UTC (pinned)"
     assert reference_label({k: v for k, v in triage.items() if k != "reference"}).endswith(f"{old[1]:%H:%M} UTC")
     search = pinned.filter(pl.col("pipeline") == "search").row(0, named=True)  # no baseline: preceding window
     assert search["reference_end"] == search["current_start"]
