@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint clean bench
+.PHONY: demo test test-fast install lint clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
+
+# The edit-test loop: everything but the e2e stacks and the slow tests listed in tests/conftest.py.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not e2e and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

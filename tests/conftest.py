@@ -16,6 +16,43 @@ from tracetune import settings as settings_mod
 from tracetune import store
 from tracetune.settings import Settings
 
+# `make test` runs everything; `make test-fast` (-m "not e2e and not slow") leaves out the tests below for
+# the edit-test loop. Everything under tests/e2e is marked `e2e` (whole stacks of real processes). `slow`
+# marks the modules and tests here, each with why it takes its time; a test can also say
+# @pytest.mark.slow itself. Keep the list short: what is left out here runs only in `make test`.
+SLOW: dict[str, str] = {
+    "tests/tracetune/test_wheel.py": "builds the wheel and installs it into a fresh venv",
+    "tests/demo/test_rag.py": "builds the RAG demo's models; real ONNX sessions against a stand-in LLM server",
+    "tests/collector/test_otlp_sdk.py": "the OpenTelemetry SDK exporting into a real collector process",
+    "tests/collector/test_durability.py": "SIGKILLs a collector mid-write and restarts it",
+    "tests/collector/test_crash_states.py": "recovers every crash state of the log protocol",
+    "tests/collector/test_edges.py": "damaged log records, a full disk, SIGTERM with the store away (real processes)",
+    "tests/dashboard/test_browser.py": "drives the dashboard in Chromium",
+    "tests/tuner/test_sim_judging.py": "simulations of the canary judge and the batcher",
+    "tests/analyzer/test_drift.py::test_injected_drift_is_flagged_within_2_minutes_until_it_ends_and_a_steady_stream_never":
+        "15 simulated minutes of demo traffic per case, refreshed every 30 s",
+    "tests/collector/test_hostile.py::test_fuzzed_spans_never_get_a_5xx": "property-based fuzzing",
+    "tests/collector/test_hostile.py::test_fuzzed_bodies_and_headers_never_get_a_5xx": "property-based fuzzing",
+    "tests/collector/test_hostile.py::test_mutated_valid_protobuf_never_gets_a_5xx": "property-based fuzzing",
+    "tests/tracetune/test_supervisor.py::test_children_stop_when_the_supervisor_is_killed": "SIGKILLs a whole stack",
+    "tests/tracetune/test_cli.py::test_stats_errors_slo_and_drift_answer_tables_and_json": "many CLI processes",
+    "tests/tracetune/test_cli.py::test_alerts_commands_test_silence_list_and_show_deliveries": "many CLI processes",
+    "tests/tracetune/test_cli.py::test_tables_fit_100_columns_and_wide_shows_every_column": "many CLI processes",
+}
+# Tests using these fixtures are `slow` too: models_dir trains and exports the demo's ONNX models.
+SLOW_FIXTURES = frozenset({"models_dir"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests/e2e as `e2e`, and SLOW and the users of SLOW_FIXTURES as `slow`."""
+    for item in items:
+        path = item.path.relative_to(config.rootpath).as_posix()
+        if path.startswith("tests/e2e/"):
+            item.add_marker(pytest.mark.e2e)
+        if path in SLOW or f"{path}::{item.name}" in SLOW or f"{path}::{item.originalname}" in SLOW \
+                or SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 def make_settings(home: Path, **overrides) -> Settings:
     """Settings on free ports under `home`, ignoring any tracetune.toml or TRACETUNE_* of the caller."""

@@ -26,7 +26,7 @@ SELECT SpanAttributes['tracetune.step'] AS step, SpanAttributes['tracetune.route
        uniqExactIf(SpanAttributes['tracetune.input_hash'],
                    SpanAttributes['tracetune.input_hash'] != '') AS distinct_inputs,
        countIf(toUInt32OrZero(SpanAttributes['tracetune.retries']) > 0) AS retried,
-       countIf(StatusCode = 'Error') AS errors
+       countIf(StatusCode IN ('Error', 'STATUS_CODE_ERROR')) AS errors
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
   AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.step'] != ''
@@ -36,7 +36,7 @@ GROUP BY step, route
 # Requests (root spans) and their end-to-end latency.
 ROOTS_SQL = """
 SELECT count() AS requests, quantile(0.95)(Duration / 1e6) AS p95_ms, quantile(0.99)(Duration / 1e6) AS p99_ms,
-       countIf(StatusCode = 'Error') AS errors,
+       countIf(StatusCode IN ('Error', 'STATUS_CODE_ERROR')) AS errors,
        if(requests = 0, 0, dateDiff('millisecond', min(Timestamp), now64(3)) / 1000) AS seconds_of_data
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
@@ -49,7 +49,8 @@ SELECT SpanAttributes['tracetune.batch_of'] AS step, toUInt32OrZero(SpanAttribut
        Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
-  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String} AND StatusCode != 'Error'
+  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String}
+  AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR')
 ORDER BY Timestamp DESC
 LIMIT 5000
 """

@@ -1,8 +1,10 @@
 -- Per-minute rollup of pipeline spans, fed by tracetune_spans_1m_mv. One row per minute x service x
 -- kind x pipeline x step x route x tenant x model x status. kind: 'root' (a task), 'step' (a step
 -- span), 'batch' (a batch span: step = the step it served; its durations sum to the compute that
--- the batched requests shared). Dashboards, the tuner and cost queries read this, so their cost
--- stays flat as raw spans grow.
+-- the batched requests shared). The analyzer's latency series, SLO burn, baselines and rollup cost
+-- (and the dashboard through them) read this, so their cost stays flat as raw spans grow. The tuner
+-- does not: tuner/observe.py reads raw otel_traces over its short window, since it needs per-span
+-- attributes this rollup does not keep (input hashes, predictions, confidences, batch padding).
 -- duration_q: DDSketch states with 0.5% guaranteed relative error on every quantile.
 -- duration_hist: counts per log2 bucket (8 per doubling, bucket = floor(log2(ns + 1) * 8)), to count
 -- requests slower than a latency target without the raw spans.

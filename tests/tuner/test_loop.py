@@ -121,6 +121,29 @@ def test_tune_once_changes_the_config_records_why_and_then_cools_down(shop):
     assert decisions.history(shop, "shop")[-1]["observed"]["requests"] == 400
 
 
+def test_collect_counts_both_spellings_of_an_error_status(shop):
+    """pdata writes `Error`, the proto enum name is `STATUS_CODE_ERROR`: both are failures, as in the analyzer."""
+    now = time.time_ns()
+    statuses = ["Error", "STATUS_CODE_ERROR", "Unset", "STATUS_CODE_UNSET", "Ok", "STATUS_CODE_OK"]
+    rows = []
+    for i, status in enumerate(statuses):
+        trace, root = f"{i + 1:032x}", f"{2 * i + 1:016x}"
+        rows.append(span_row(now - 1_000_000_000, trace_id=trace, span_id=root, name="shop", kind="Server",
+                             attrs={"tracetune.pipeline": "shop"}, duration=30_000_000, status=status))
+        rows.append(span_row(now - 999_000_000, trace_id=trace, span_id=f"{2 * i + 2:016x}", parent=root,
+                             name="score", attrs={"tracetune.pipeline": "shop", "tracetune.step": "score",
+                                                  "tracetune.route": "a"}, duration=20_000_000, status=status))
+        # A failed batch says nothing about how long a good batch takes: only the four not failed are samples.
+        rows.append(span_row(now - 998_000_000, trace_id=f"{100 + i:032x}", span_id=f"{100 + i:016x}", name="batch",
+                             attrs={"tracetune.batch_pipeline": "shop", "tracetune.batch_of": "score",
+                                    "tracetune.batch_size": "4"}, duration=10_000_000, status=status))
+    shop.insert("otel_traces", rows, column_names=COLUMNS)
+    seen = collect(shop, SPEC, 300)
+    assert (seen.requests, seen.errors) == (6, 2)
+    assert seen.steps["score"]["a"].errors == 2
+    assert len(seen.batches["score"]) == 4
+
+
 def test_tune_once_needs_enough_requests_and_leaves_a_frozen_pipeline_alone(shop):
     _spans(shop, 150, distinct=30)
     assert tune_once(shop, "shop", LoopSettings(min_requests=200, window_seconds=30)) is None
