@@ -25,32 +25,12 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from bench.tuner import demo_spec  # noqa: E402
 from tracetune.tuner import loop, simulate  # noqa: E402
 from tracetune.tuner.config import PipelineSpec  # noqa: E402
 
 HOUR = 3600.0
 DEFAULTS = loop.LoopSettings()
-
-
-def demo_spec() -> PipelineSpec:
-    """The demo pipeline's declaration, built without models or services."""
-    from tracetune.demo import triage
-
-    class Classifier:
-        labels = ["billing", "login"]
-
-        def predict(self, texts):
-            return [("billing", 1.0) for _ in texts]
-
-        def token_lengths(self, texts):
-            return [1 for _ in texts]
-
-    class Tier:
-        def classifier(self, labels):
-            return lambda text: labels[0]
-
-    return triage.build({variant: Classifier() for variant in triage.VARIANTS},
-                        llm={tier: Tier() for tier in triage.LLM_TIERS}, crm_url="http://127.0.0.1:9").spec()
 
 
 def steady(minutes: float, rate: float, seed: int, duplicates: float = 0.2) -> simulate.Workload:

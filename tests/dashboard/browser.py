@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
+from tests.servers import stop_process, wait_until
 from tracetune.dashboard.app import PAGES
+from tracetune.settings import Settings
+from tracetune.supervisor import dashboard_command
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless as root (no sandbox), and nothing that would reach past 127.0.0.1.
@@ -28,6 +36,32 @@ def missing() -> str:
     except ImportError:
         return "no playwright: pip install -e '.[test]'"
     return ""
+
+
+@contextmanager
+def running_dashboard(settings: Settings, tmp_path: Path, timeout: float = 60) -> Iterator[None]:
+    """`streamlit run` of the dashboard as `tracetune up` starts it (its settings only, no tracetune.toml),
+    until its /_stcore/health answers; stopped on exit. Its output goes to <tmp_path>/dashboard.log."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
+    env |= settings.as_env() | {"TRACETUNE_CONFIG": str(tmp_path / "absent.toml")}
+    log = tmp_path / "dashboard.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(dashboard_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"the dashboard exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{settings.dashboard_url}/_stcore/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, timeout, 0.2, "the dashboard's /_stcore/health")
+        yield
+    finally:
+        stop_process(proc)
 
 
 def visit_every_page(dashboard_url: str, out_dir: Path, **params: str) -> dict[str, Path]:

@@ -14,22 +14,19 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.dashboard import browser, seed
 from tests.dashboard.browser import CHROMIUM, CHROMIUM_ARGS, RENDER_TIMEOUT_MS, VIEWPORT
 from tests.dashboard.seed import PIPELINES, SLO, request_cost
-from tests.servers import free_port, stop_process, wait_until
+from tests.servers import free_port
 from tracetune import analyzer
 from tracetune.dashboard import ui
 from tracetune.dashboard.frames import format_money
 from tracetune.settings import Settings
-from tracetune.supervisor import dashboard_command
 
 ROW_PX = 35  # a Streamlit dataframe row (and its header)
 
@@ -53,26 +50,8 @@ def dashboard(db_settings: Settings, client, tmp_path) -> Iterator[tuple[Setting
     seed.seed_alerts(client)
     analyzer.publish_prices(client, analyzer.load_prices())
     settings = db_settings.replace(dashboard_port=free_port())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
-    env |= settings.as_env() | {"TRACETUNE_CONFIG": str(tmp_path / "absent.toml")}
-    log = tmp_path / "dashboard.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(dashboard_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the dashboard exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{settings.dashboard_url}/_stcore/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(healthy, 45, 0.2, "the dashboard's /_stcore/health")
+    with browser.running_dashboard(settings, tmp_path, 45):
         yield settings, requests
-    finally:
-        stop_process(proc)
 
 
 def png_size(path: Path) -> tuple[int, int]:

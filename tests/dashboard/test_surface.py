@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import base64
 import os
-import subprocess
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.conftest import make_settings
-from tests.servers import stop_process, wait_until
+from tests.dashboard import browser
 from tests.surfaces import FOREIGN_HOSTS, FOREIGN_ORIGINS, raw_request
 from tracetune.settings import Settings
 from tracetune.supervisor import dashboard_command
@@ -27,26 +26,8 @@ from tracetune.supervisor import dashboard_command
 @pytest.fixture
 def dashboard(tmp_path) -> Iterator[Settings]:
     settings = make_settings(tmp_path / "home")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
-    env |= settings.as_env() | {"TRACETUNE_CONFIG": str(tmp_path / "absent.toml")}
-    log = tmp_path / "dashboard.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(dashboard_command(settings), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the dashboard exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            return httpx.get(f"{settings.dashboard_url}/_stcore/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(healthy, 60, 0.2, "the dashboard's /_stcore/health")
+    with browser.running_dashboard(settings, tmp_path, 60):
         yield settings
-    finally:
-        stop_process(proc)
 
 
 def open_stream(settings: Settings, host: str, origin: str | None = None) -> bytes:
