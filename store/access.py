@@ -87,10 +87,10 @@ def check_origin(headers: Mapping[str, str], hosts: frozenset[str] | None) -> No
     ClickHouse's ACCESS_DENIED. Unlike the APIs, not even a top-level navigation passes: a link in a page
     would run the query in its URL with the browser's remembered credentials."""
     try:
-        serving.check_origin("POST", headers, hosts)  # POST: the rule without the navigation exemption
+        # the store answers to its bind address only: the `allowed_hosts` setting the APIs offer does not apply
+        serving.check_origin("GET", headers, hosts, navigation_allowed=False, hint="")  # no method passes a link
     except serving.Refused as exc:
-        # The store answers to its bind address only: the `allowed_hosts` setting the APIs offer does not apply.
-        message = exc.message.replace(" (or add the name to the allowed_hosts setting)", "")
+        message = exc.message
         raise AccessDenied(message[:1].upper() + message[1:], 497, "ACCESS_DENIED", exc.status) from None
 
 

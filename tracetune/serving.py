@@ -130,15 +130,20 @@ def allowed_hosts(bind_host: str, extra: Iterable[str] = ()) -> frozenset[str] |
     return frozenset(names)
 
 
-def check_origin(method: str, headers: Mapping[str, str], hosts: frozenset[str] | None) -> None:
+ALLOWED_HOSTS_HINT = " (or add the name to the allowed_hosts setting)"
+
+
+def check_origin(method: str, headers: Mapping[str, str], hosts: frozenset[str] | None, *,
+                 navigation_allowed: bool = True, hint: str = ALLOWED_HOSTS_HINT) -> None:
     """Refuse a rebound DNS name (Host) and any cross-site browser request (Origin, Sec-Fetch-Site).
 
-    A top-level navigation (a link to /docs) is let through for GET: the page that linked cannot read it.
+    A top-level navigation (a link to /docs) is let through for GET unless `navigation_allowed` is off: the
+    page that linked cannot read it. `hint` ends the foreign-Host refusal (how to allow another name).
     """
     host = hostname(headers.get("host", ""))
     if hosts is not None and host not in hosts:
         raise Refused(403, f"Host {headers.get('host', '')[:100]!r} is not this server's address; connect to "
-                           f"{' or '.join(sorted(hosts))} (or add the name to the allowed_hosts setting)")
+                           f"{' or '.join(sorted(hosts))}{hint}")
     origin = headers.get("origin")
     if origin is not None:
         origin_host = hostname(urlsplit(origin).netloc) if origin != "null" else ""
@@ -146,7 +151,7 @@ def check_origin(method: str, headers: Mapping[str, str], hosts: frozenset[str] 
             raise Refused(403, f"requests from the web page at {origin[:100]!r} are refused: this API accepts "
                                "browser requests only from its own origin")
     site = headers.get("sec-fetch-site", "same-origin")
-    navigation = headers.get("sec-fetch-mode") == "navigate" and method in ("GET", "HEAD")
+    navigation = navigation_allowed and headers.get("sec-fetch-mode") == "navigate" and method in ("GET", "HEAD")
     if site not in ("same-origin", "none") and not navigation:
         raise Refused(403, f"cross-site browser requests are refused (Sec-Fetch-Site: {site[:40]})")
 
