@@ -22,7 +22,7 @@ from opentelemetry import trace
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics
 from tracetune.executor.steps import NAME, Cascade, InputError, Step, StepError
-from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
+from tracetune.tuner.config import Approval, ConfigError, PipelineConfig, PipelineSpec
 
 log = logging.getLogger("tracetune.executor")
 
@@ -102,12 +102,15 @@ class Pipeline:
     - `inputs`: the JSON fields a task must have, with their types (checked before any step runs);
     - `slo`: the objectives the pipeline starts with (p95_ms, p99_ms, error_rate, cost_per_1k,
       quality_floor) until its owner sets others through the tuner;
+    - `approval`: who decides the tuner's proposals ({"mode": "auto" | "approve" | "observe", "knobs": [...],
+      "max_change": 0.3}; docs/tuner.md, "Approval modes"), until its owner changes it through the tuner;
     - `result(task)`: what the task API answers (default: what the steps added to `task.data`);
     - `outcome(task)`: a short label for the root span (`tracetune.outcome`), optional.
     """
 
     def __init__(self, name: str, steps: Sequence[Step], *, inputs: Mapping[str, type] | None = None,
-                 slo: Mapping[str, float] | None = None, result: Callable[[Task], dict[str, Any]] | None = None,
+                 slo: Mapping[str, float] | None = None, approval: Mapping[str, Any] | str | None = None,
+                 result: Callable[[Task], dict[str, Any]] | None = None,
                  outcome: Callable[[Task], str] | None = None, tracer: trace.Tracer | None = None):
         if not NAME.match(name):
             raise ValueError(f"pipeline name {name!r} must start with a letter and hold only letters, digits, _ and -")
@@ -125,7 +128,8 @@ class Pipeline:
         unknown = {c: a for c, a in cascades.items() if a not in names[:names.index(c)]}
         if unknown:
             raise ValueError(f"pipeline {name!r}: cascade steps must follow the step they read, got {unknown}")
-        self._spec = PipelineSpec(name, {step.name: step.knobs() for step in self.steps}, self.slo, cascades)
+        knobs = {step.name: step.knobs() for step in self.steps}
+        self._spec = PipelineSpec(name, knobs, self.slo, cascades, Approval.from_dict(approval or {}).check(knobs))
         self._config = self._spec.defaults(version=0)
         self._lock = threading.Lock()
         self._bound = False

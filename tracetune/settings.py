@@ -122,6 +122,8 @@ class Settings:
     tuner_canary_share: float = 0.2
     tuner_canary_min_requests: int = 200
     tuner_canary_max_seconds: float = 1800.0
+    # A tuner proposal waiting for an operator (approval modes, docs/tuner.md) expires after this.
+    tuner_approval_expiry_seconds: float = 3600.0
     # Spans sent to the collector (OTLP/HTTP and gRPC) need this bearer token.
     collector_token: str = ""
 
@@ -289,7 +291,7 @@ def _secret_file(path: Path, make: Callable[[], str] = lambda: secrets.token_url
 _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
 _POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_staleness_limit_seconds",
-                    "tuner_canary_min_requests", "tuner_canary_max_seconds",
+                    "tuner_canary_min_requests", "tuner_canary_max_seconds", "tuner_approval_expiry_seconds",
                     "analyzer_interval_seconds", "lease_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_body_bytes", "collector_wal_max_bytes",
                     "collector_wal_segment_bytes", "collector_stop_seconds", "collector_body_timeout_seconds",

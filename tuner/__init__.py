@@ -52,4 +52,5 @@ def loop_settings(settings: Settings):
                         canary_share=settings.tuner_canary_share,
                         canary_min_requests=settings.tuner_canary_min_requests,
                         canary_max_seconds=settings.tuner_canary_max_seconds,
+                        approval_expiry_seconds=settings.tuner_approval_expiry_seconds,
                         lease_seconds=settings.lease_seconds)

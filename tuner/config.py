@@ -18,6 +18,7 @@ from typing import Any, Literal
 KnobKind = Literal["bool", "int", "float", "weights"]
 KnobValue = bool | int | float | dict[str, float]
 KINDS: tuple[str, ...] = ("bool", "int", "float", "weights")
+APPROVAL_MODES: tuple[str, ...] = ("auto", "approve", "observe")
 
 
 class ConfigError(ValueError):
@@ -155,6 +156,63 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class Approval:
+    """Who decides a change the tuning loop proposes (`tuner.approval` enforces it).
+
+    `auto` applies it (a canary first when canaries are on) unless it is of a class marked here: a move of
+    a knob in `knobs` ("route_weights" on any step, or "escalate.cascade_threshold" on one), or a move larger
+    than `max_change` (a share of the knob's current value; for route weights, the share of traffic moved).
+    `approve`: every proposal waits for an operator. `observe`: proposals are recorded with their
+    predictions and never applied. A marked change waits as every proposal waits in `approve`.
+    """
+
+    mode: str = "auto"
+    knobs: tuple[str, ...] = ()
+    max_change: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in APPROVAL_MODES:
+            raise ConfigError(f"approval.mode must be one of {', '.join(APPROVAL_MODES)}, got {self.mode!r}")
+        if isinstance(self.knobs, str) or not all(isinstance(k, str) and k.strip() for k in self.knobs):
+            raise ConfigError(f"approval.knobs must be a list of knob names (\"route_weights\" or "
+                              f"\"step.knob\"), got {self.knobs!r}")
+        object.__setattr__(self, "knobs", tuple(k.strip() for k in self.knobs))
+        change = self.max_change
+        if change is not None and (isinstance(change, bool) or not isinstance(change, int | float)
+                                   or not math.isfinite(change) or change <= 0):
+            raise ConfigError(f"approval.max_change must be a positive share such as 0.3, got {change!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"mode": self.mode, "knobs": list(self.knobs)}
+        if self.max_change is not None:
+            data["max_change"] = self.max_change
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Approval:
+        if isinstance(data, str):
+            data = {"mode": data}
+        if not isinstance(data, dict):
+            raise ConfigError(f"approval must be an object like {{\"mode\": \"approve\"}}, got {data!r}")
+        extra = sorted(set(data) - {"mode", "knobs", "max_change"})
+        if extra:
+            raise ConfigError(f"approval has unknown fields {extra}; it takes mode, knobs and max_change")
+        knobs = data.get("knobs") or ()
+        if not isinstance(knobs, list | tuple):
+            raise ConfigError(f"approval.knobs must be a list of knob names, got {knobs!r}")
+        return cls(data.get("mode", "auto"), tuple(knobs), data.get("max_change"))
+
+    def check(self, steps: dict[str, dict[str, Knob]]) -> Approval:
+        """This policy, or ConfigError naming a marked knob no step declares."""
+        for name in self.knobs:
+            step, _, knob = name.rpartition(".")
+            found = knob in steps.get(step, {}) if step else any(knob in knobs for knobs in steps.values())
+            if not found:
+                raise ConfigError(f"approval.knobs names {name!r}, which no step declares")
+        return self
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     """What a pipeline declares: each step's knobs (kind, default, bounds) and its starting SLO.
 
@@ -166,6 +224,7 @@ class PipelineSpec:
     steps: dict[str, dict[str, Knob]] = field(default_factory=dict)
     slo: dict[str, float] = field(default_factory=dict)
     cascades: dict[str, str] = field(default_factory=dict)  # cascade step -> the model step whose confidence it reads
+    approval: Approval = field(default_factory=Approval)  # who decides the loop's proposals (declared default)
 
     def defaults(self, version: int = 1) -> PipelineConfig:
         return PipelineConfig(self.pipeline, version, {
@@ -236,6 +295,8 @@ class PipelineSpec:
                           for step, knobs in self.steps.items()}}
         if self.cascades:
             data["cascades"] = dict(self.cascades)
+        if self.approval != Approval():
+            data["approval"] = self.approval.to_dict()
         return data
 
     @classmethod
@@ -251,9 +312,10 @@ class PipelineSpec:
         cascades = data.get("cascades") or {}
         if not isinstance(cascades, dict) or not all(isinstance(v, str) and v in steps for v in cascades.values()):
             raise ConfigError("cascades must map cascade steps to the declared steps they follow")
-        return cls(data["pipeline"],
-                   {str(step): {str(name): Knob.from_dict(f"steps.{step}.{name}", knob) for name, knob in knobs.items()}
-                    for step, knobs in steps.items()}, dict(slo), dict(cascades))
+        knobs = {str(step): {str(name): Knob.from_dict(f"steps.{step}.{name}", knob) for name, knob in declared.items()}
+                 for step, declared in steps.items()}
+        approval = Approval.from_dict(data.get("approval") or {}).check(knobs)
+        return cls(data["pipeline"], knobs, dict(slo), dict(cascades), approval)
 
 
 _ABSENT = object()

@@ -20,7 +20,7 @@ from typing import Any
 
 from tracetune.analyzer import SLO, get_slo
 from tracetune.store.lease import Lease, hold
-from tracetune.tuner import canary, decisions, observe, versions
+from tracetune.tuner import approval, canary, decisions, observe, versions
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
 from tracetune.tuner.decisions import describe_change, sentence
 from tracetune.tuner.policies import (
@@ -64,6 +64,7 @@ class LoopSettings:
     rejected_memory_seconds: float = 3600.0  # a change a canary rolled back is not tried again sooner
     reversal_hold_seconds: float = 3600.0  # a knob does not go back the way it moved sooner, on the same evidence
     lease_seconds: float = 30.0  # several tuners: the one holding the `tuner` lease decides (store.lease)
+    approval_expiry_seconds: float = 3600.0  # a proposal waiting for an operator expires after this (approval)
 
 
 @dataclass
@@ -491,6 +492,9 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
         if not active() or latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
             return None
+        held, proposed = approval.gate(client, spec, config, plan, predicted, settings, now)
+        if held:  # approve or observe mode, a change class marked for approval, or a proposal already waiting
+            return proposed
         if settings.canary_share > 0:
             trial = canary.start(client, spec, config, plan.changes, settings.canary_share, reason)
             summary, _, details = reason.partition("\n")
@@ -598,6 +602,10 @@ def _tune_all(client, settings: LoopSettings, active: Callable[[], bool]) -> Non
     except Exception as exc:  # noqa: BLE001 - the store may be restarting; try again next interval
         log.warning("tuning loop: cannot list pipelines: %s", exc)
         return
+    try:
+        approval.expire_due(client)  # proposals nobody answered in time, recorded even when no plan comes
+    except Exception as exc:  # noqa: BLE001 - the store may be restarting; try again next interval
+        log.warning("expiring proposals failed: %s", exc)
     for pipeline in pipelines:
         if not active():
             return
