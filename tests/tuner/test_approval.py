@@ -148,6 +148,8 @@ def test_a_proposal_nobody_answers_expires_is_recorded_and_can_no_longer_be_appr
     assert [d.kind for d in expired] == ["proposal_expire"]
     assert expired[0].reason.startswith(f"Proposal {waiting['number']} expired unanswered")
     assert approval.expire_due(tuner.client) == []  # once
+    row = decisions.history(tuner.client, "shop")[0]  # in the audit, with who (the tuner) and why
+    assert (row["kind"], row["author"]) == ("proposal_expire", "tuner") and "expired unanswered" in row["reason"]
     answer = tuner.answer(waiting["number"], "approve")
     assert answer.status_code == 409 and "expired" in answer.json()["detail"]
     assert versions.latest(tuner.client, "shop").version == 1 and canary.running(tuner.client, "shop") is None
