@@ -239,6 +239,117 @@ def tuner_history(ctx: click.Context, pipeline: str, limit: int, as_json: bool) 
     console.print(table)
 
 
+# ---- approval modes: proposals waiting for an operator (tuner/approval.py, through the tuner's API) ----------
+
+def _tuner_call(s: Settings, method: str, path: str, body: dict | None = None, params: dict | None = None):
+    """Call the tuner's API with its write token; the answer's JSON, or UserError with the tuner's one line."""
+    import httpx
+
+    try:
+        answer = httpx.request(method, f"{s.tuner_url}{path}", json=body, params=params, timeout=60,
+                               headers={"Authorization": f"Bearer {s.secret('tuner')}"})
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach the tuner at {s.tuner_url} ({type(exc).__name__}): is `tracetune up` "
+                        "running?") from None
+    try:
+        data = answer.json()
+    except ValueError:
+        data = {}
+    if answer.status_code != 200:
+        detail = data.get("detail") if isinstance(data, dict) else None
+        raise UserError(f"the tuner refused ({answer.status_code}): {detail or answer.reason_phrase}")
+    return data
+
+
+def _proposal_line(p: dict) -> str:
+    changes = "; ".join(f"{step}.{knob} -> {json.dumps(value)}" for step, knobs in p["changes"].items()
+                        for knob, value in knobs.items())
+    restores = f" restores {', '.join(p['violated'])};" if p["violated"] else ""
+    ended = f" by {p['decided_by']}: {p['note']}" if p["decided_by"] else ""
+    return (f"#{p['number']} {p['pipeline']} {p['status']}{ended} (made {p['proposed_at'][:16].replace('T', ' ')} UTC"
+            + (f", expires {p['expires_at'][:16].replace('T', ' ')} UTC" if p["status"] == "pending" else "")
+            + f")\n  {p['summary']}\n  changes: {changes}\n {restores} waits for: {p['waits_for']}")
+
+
+@tuner.command("pending")
+@click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--all", "show_all", is_flag=True, help="Every recent proposal (approved, rejected, expired ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of lines.")
+@click.pass_context
+def tuner_pending(ctx: click.Context, pipeline: str, show_all: bool, as_json: bool) -> None:
+    """Proposals of the tuning loop waiting for an operator: what each changes, its sentence, until when."""
+    params = {"pipeline": pipeline, "limit": 50} | ({} if show_all else {"status": "pending"})
+    rows = _tuner_call(_settings(ctx), "GET", "/v1/proposals", params=params)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo("no proposal waits" + (f" for {pipeline}" if pipeline else "")
+                   + ("" if show_all else " (`--all` lists the recent ones)"))
+    for row in [] if as_json else rows:
+        click.echo(_proposal_line(row))
+
+
+def _answer(ctx: click.Context, number: int, verb: str, reason: str, by: str | None) -> dict:
+    import getpass
+
+    return _tuner_call(_settings(ctx), "POST", f"/v1/proposals/{number}/{verb}",
+                       {"reason": reason, "by": by or getpass.getuser()})
+
+
+@tuner.command("approve")
+@click.argument("number", type=click.IntRange(1))
+@click.option("--reason", required=True, help="Why (kept in the decision audit).")
+@click.option("--by", default=None, help="Who approves (default: your user name).")
+@click.pass_context
+def tuner_approve(ctx: click.Context, number: int, reason: str, by: str | None) -> None:
+    """Apply proposal NUMBER exactly as proposed (a canary of it when it was proposed with one)."""
+    answer = _answer(ctx, number, "approve", reason, by)
+    started = [d for d in answer["decisions"] if d["kind"] in ("canary_start", "tune")]
+    what = f"canary version {started[0]['version_after']} on trial" if started and started[0]["kind"] == \
+        "canary_start" else f"version {answer['version']} in force"
+    click.echo(f"proposal {number} approved: {answer['proposal']['pipeline']} has {what}")
+
+
+@tuner.command("reject")
+@click.argument("number", type=click.IntRange(1))
+@click.option("--reason", required=True, help="Why (kept in the decision audit).")
+@click.option("--by", default=None, help="Who rejects (default: your user name).")
+@click.pass_context
+def tuner_reject(ctx: click.Context, number: int, reason: str, by: str | None) -> None:
+    """Reject proposal NUMBER: nothing changes, and the loop leaves those moves alone for an hour."""
+    answer = _answer(ctx, number, "reject", reason, by)
+    click.echo(f"proposal {number} rejected: {answer['proposal']['pipeline']} keeps its config")
+
+
+@tuner.command("mode")
+@click.option("--pipeline", required=True, help="The pipeline whose approval mode to show or set.")
+@click.argument("mode", required=False, type=click.Choice(["auto", "approve", "observe"]))
+@click.option("--knob", "knobs", multiple=True, help="In auto: moves of this knob wait (\"route_weights\" or "
+                                                    "\"step.knob\"; repeatable).")
+@click.option("--max-change", type=click.FloatRange(0, min_open=True), default=None,
+              help="In auto: moves larger than this share wait (e.g. 0.3).")
+@click.option("--reason", default="", help="Why (kept in the decision audit).")
+@click.pass_context
+def tuner_mode(ctx: click.Context, pipeline: str, mode: str | None, knobs: tuple[str, ...], max_change: float | None,
+               reason: str) -> None:
+    """Show the pipeline's approval mode, or set it: auto, approve (every proposal waits) or observe."""
+    import getpass
+
+    s = _settings(ctx)
+    if mode is None:
+        if knobs or max_change is not None:
+            raise UserError("--knob and --max-change go with a mode, e.g. `tracetune tuner mode --pipeline P auto "
+                            "--knob route_weights`")
+        found = _tuner_call(s, "GET", f"/v1/pipelines/{pipeline}/approval")
+    else:
+        found = _tuner_call(s, "PUT", f"/v1/pipelines/{pipeline}/approval", {
+            "mode": mode, "knobs": list(knobs), "max_change": max_change, "reason": reason, "by": getpass.getuser()})
+    marks = [f"moves of {', '.join(found['knobs'])}"] if found["knobs"] else []
+    marks += [f"moves over {found['max_change']:.0%}"] if found.get("max_change") is not None else []
+    click.echo(f"{pipeline}: {found['mode']} (from the {found['source']})"
+               + (f"; waiting for approval: {' and '.join(marks)}" if marks and found["mode"] == "auto" else ""))
+
+
 @cli.command()
 @click.option("--pipeline", "targets", multiple=True, metavar="MODULE:ATTRIBUTE",
               help="A pipeline to run, e.g. my_pipelines:reviews (repeatable; default: the pipelines setting).")
