@@ -10,6 +10,8 @@ Rules (evaluated by the analyzer loop each interval) turn what the analyzer meas
   SLO's `cost_per_1k`;
 - `tuner_rollback` → `TunerCanaryRolledBack` {pipeline, severity=ticket}: a canary was rolled back
   in the last hour.
+- `tuner_proposal` → `TunerProposalWaiting` {pipeline, proposal, severity=page}: a tuner proposal that
+  restores a missed objective waits for an operator's approval (approval modes, tuner/approval.py).
 
 Each alert is identified by its labels (`fingerprint`) and moves pending → firing (once its condition
 has held for the rule's `for` duration) → resolved (when it stops holding); a pending alert whose
@@ -46,7 +48,8 @@ log = logging.getLogger("tracetune.analyzer")
 __all__ = ["RULES", "RUNBOOK_URLS", "Alert", "Condition", "Timing", "Silence", "Matcher", "Engine", "advance",
            "group_notifications",
            "fingerprint", "group_key", "label_set", "slo_conditions", "drift_conditions", "cost_conditions",
-           "tuner_conditions", "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification"]
+           "tuner_conditions", "proposal_conditions",
+           "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification"]
 
 RULES: dict[str, dict[str, Any]] = {
     "slo_burn": {"alertname": "SLOBurnRate", "for_seconds": 0.0},  # the burn-rate windows are the debounce
@@ -54,6 +57,8 @@ RULES: dict[str, dict[str, Any]] = {
     "drift": {"alertname": "FeatureDrift", "for_seconds": 30.0},
     "cost": {"alertname": "CostOverBudget", "for_seconds": 300.0},
     "tuner_rollback": {"alertname": "TunerCanaryRolledBack", "for_seconds": 0.0},
+    # A fix for a missed objective that only a person can let through: on-call hears of it at once.
+    "tuner_proposal": {"alertname": "TunerProposalWaiting", "for_seconds": 0.0},
 }
 """Every rule: its alertname and how long its condition must hold before the alert fires."""
 
@@ -63,6 +68,7 @@ RUNBOOK_URLS: dict[str, str] = {
     "drift": f"{RUNBOOKS}#feature-drift",
     "cost": f"{RUNBOOKS}#cost-over-budget",
     "tuner_rollback": f"{RUNBOOKS}#tuner-canary-rolled-back",
+    "tuner_proposal": f"{RUNBOOKS}#tuner-proposal-waiting",
 }
 """Every rule's `runbook_url` annotation: the section of docs/runbooks.md that says how to diagnose and fix it."""
 
@@ -482,6 +488,36 @@ def tuner_conditions(client, now: datetime, window: timedelta = timedelta(hours=
         "dashboard": _link(external_url, "tuner", pipeline),
             "runbook_url": RUNBOOK_URLS["tuner_rollback"]}, float(version))
         for pipeline, version, reason, at in rows]
+
+
+# Proposals still pending (no outcome claimed, not past their time) that restore a missed objective: the
+# table tuner/approval.py writes (store/sql/130_*); its first row opens a proposal, the earliest claim ends it.
+WAITING_PROPOSALS_SQL = """
+SELECT proposal, any(pipeline) AS pipeline,
+       argMinIf(reason, (changed_at, claim), status = 'pending') AS reason,
+       argMinIf(violated, (changed_at, claim), status = 'pending') AS violated,
+       argMinIf(expires_at, (changed_at, claim), status = 'pending') AS expires
+FROM tracetune_proposals
+GROUP BY proposal
+HAVING countIf(status = 'pending') > 0 AND countIf(status NOT IN ('pending', 'observed')) = 0
+   AND notEmpty(violated) AND expires > {now:DateTime64(6)}
+ORDER BY proposal
+"""
+
+
+def proposal_conditions(client, now: datetime, external_url: str = "") -> list[Condition]:
+    """Tuner proposals waiting for an operator's approval that restore an objective the pipeline misses."""
+    rows = client.query(WAITING_PROPOSALS_SQL, parameters={"now": now.astimezone(UTC).replace(tzinfo=None)}
+                        ).result_rows
+    return [Condition("tuner_proposal", {
+        "alertname": RULES["tuner_proposal"]["alertname"], "pipeline": pipeline, "proposal": str(number),
+        "severity": "page", "rule": "tuner_proposal"}, {
+        "summary": f"{pipeline}: tuner proposal {number} restores {', '.join(violated)} and waits for approval",
+        "description": f"{reason.split(chr(10), 1)[0]} (until {expires:%Y-%m-%d %H:%M} UTC; "
+                       f"`tracetune tuner approve {number} --reason ...` or `tracetune tuner reject {number} ...`)",
+        "dashboard": _link(external_url, "tuner", pipeline),
+        "runbook_url": RUNBOOK_URLS["tuner_proposal"]}, float(number))
+        for number, pipeline, reason, violated, expires in rows]
 
 
 # ---- storage ---------------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ def refresh(client, now: datetime | None = None, current: str = DEFAULT_CURRENT,
                                                               if s.cost_per_1k is not None},
                                              external_url=engine.external_url)
         conditions += alerts.tuner_conditions(client, now, external_url=engine.external_url)
+        conditions += alerts.proposal_conditions(client, now, external_url=engine.external_url)
         if not active():
             return written
         changed = engine.evaluate(conditions, now)

@@ -251,3 +251,30 @@ def test_the_declaration_carries_the_policy_and_bad_ones_are_refused(tuner):
     assert tuner.declare({"mode": "auto", "knobs": ["cache_enabled"]}).status_code == 200
     found = approval.policy(tuner.client, "shop")
     assert (found.approval.mode, found.approval.knobs, found.source) == ("auto", ("cache_enabled",), "declaration")
+
+
+def test_on_call_is_told_when_a_waiting_proposal_restores_a_missed_objective(tuner):
+    """The analyzer's `TunerProposalWaiting` rule reads the proposals table: a pending proposal restoring a
+    missed objective is a condition (with its runbook), an answered one or one restoring nothing is not."""
+    from datetime import UTC, datetime
+
+    from tracetune.analyzer import SLO, alerts
+
+    assert tuner.declare({"mode": "approve"}).status_code == 200
+    waiting = _proposed(tuner)
+    assert waiting["violated"] == [] and alerts.proposal_conditions(tuner.client, datetime.now(UTC)) == []
+    assert tuner.answer(waiting["number"], "reject", reason="later").status_code == 200
+    save_slo(tuner.client, SLO(pipeline="shop", p95_ms=20.0, quality_floor=0.8), "test")  # 30 ms tasks miss it
+    made = tune_once(tuner.client, "shop", replace(LOOP, rejected_memory_seconds=0))
+    assert made is not None and made.kind == "proposal"
+    [missing] = tuner.pending()
+    assert missing["violated"] == ["p95"] and missing["summary"].startswith("Restoring p95 first.")
+    [condition] = alerts.proposal_conditions(tuner.client, datetime.now(UTC), external_url="http://dash")
+    assert condition.labels == {"alertname": "TunerProposalWaiting", "pipeline": "shop",
+                                "proposal": str(missing["number"]), "severity": "page", "rule": "tuner_proposal"}
+    assert condition.annotations["runbook_url"] == "docs/runbooks.md#tuner-proposal-waiting"
+    assert f"tracetune tuner approve {missing['number']}" in condition.annotations["description"]
+    assert condition.annotations["summary"] == f"shop: tuner proposal {missing['number']} restores p95 and waits " \
+                                               "for approval"
+    assert tuner.answer(missing["number"], "approve").status_code == 200
+    assert alerts.proposal_conditions(tuner.client, datetime.now(UTC)) == []  # answered: resolved
