@@ -1,5 +1,6 @@
-"""Tuner: each pipeline's config in force, the decision timeline with predicted vs observed effect, canaries
-in flight; pin, freeze, unfreeze and rollback through the tuner's API with a token the operator pastes.
+"""Tuner: each pipeline's config in force, its approval mode and the proposals waiting for an operator, the
+decision timeline with predicted vs observed effect, canaries in flight; pin, freeze, unfreeze, rollback,
+approve and reject a proposal through the tuner's API with a token the operator pastes, after a review step.
 
 Reads go to the store (the tuner's read functions on the read-only client). Writes go to the tuner's
 HTTP API only, with the token the operator typed into this session: the dashboard server holds no
@@ -20,7 +21,7 @@ import streamlit as st
 from tracetune.dashboard import charts, frames, ui
 from tracetune.dashboard.context import Context, run
 from tracetune.dashboard.queries import StoreUnavailable, cached, prefetch, show_unavailable
-from tracetune.tuner import canary, decisions, versions
+from tracetune.tuner import approval, canary, decisions, versions
 from tracetune.tuner.config import PipelineConfig
 
 ACTIONS = {
@@ -28,8 +29,12 @@ ACTIONS = {
     "freeze": "Freeze: the tuner loop stops changing the pipeline (a canary on trial is cancelled).",
     "unfreeze": "Unfreeze: the tuner loop may change the pipeline again (clears frozen and pinned).",
     "rollback": "Roll back to an earlier version's knob values, stored as the next version; the tuner is frozen.",
+    "approve": "Approve a waiting proposal: applied exactly as proposed (a canary of it when proposed with one).",
+    "reject": "Reject a waiting proposal: nothing changes, and the tuner leaves those moves alone for an hour.",
 }
-_PATHS = {"pin": "config", "freeze": "freeze", "unfreeze": "unfreeze", "rollback": "rollback"}
+_PATHS = {"pin": "/v1/pipelines/{pipeline}/config", "freeze": "/v1/pipelines/{pipeline}/freeze",
+          "unfreeze": "/v1/pipelines/{pipeline}/unfreeze", "rollback": "/v1/pipelines/{pipeline}/rollback",
+          "approve": "/v1/proposals/{proposal}/approve", "reject": "/v1/proposals/{proposal}/reject"}
 TIMEOUT_SECONDS = 15
 
 
@@ -54,7 +59,26 @@ def changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]])
 KIND_WORDS = {"tune": "tuned", "pin": "pinned by hand", "change": "changed by hand", "rollback": "rolled back",
               "freeze": "froze the tuner", "unfreeze": "let the tuner tune again", "canary_start": "canary started",
               "canary_promote": "canary promoted", "canary_rollback": "canary rolled back",
-              "canary_cancel": "canary cancelled", "declaration": "declared by the executor"}
+              "canary_cancel": "canary cancelled", "declaration": "declared by the executor",
+              "proposal": "proposed", "proposal_approve": "proposal approved", "proposal_reject": "proposal rejected",
+              "proposal_expire": "proposal expired", "proposal_stale": "stale proposal not applied",
+              "approval_mode": "approval mode set"}
+
+
+def proposal_table(waiting: list[approval.Proposal], config: PipelineConfig | None) -> pl.DataFrame:
+    """The proposals waiting for an operator in words: number, when made and until when, what changes (now ->
+    after), the one sentence with its predictions, the objectives it restores and why it waits."""
+    rows = []
+    for p in waiting:
+        diff = changes(config.to_dict()["steps"] if config else {}, p.changes)
+        rows.append({"#": str(p.number), "made (UTC)": frames.format_time(p.proposed_at),
+                     "expires (UTC)": frames.format_time(p.expires_at),
+                     "what changes": "; ".join(f"{r['step']}.{r['knob']} {r['now']} → {r['after']}"
+                                               for r in diff.iter_rows(named=True)) or frames.MISSING,
+                     "sentence": frames.readable(p.summary), "restores": ", ".join(p.violated) or "—",
+                     "waits for": p.waits_for})
+    return pl.DataFrame(rows, schema={c: pl.Utf8 for c in ("#", "made (UTC)", "expires (UTC)", "what changes",
+                                                          "sentence", "restores", "waits for")})
 
 
 def decision_table(history: list[dict]) -> pl.DataFrame:
@@ -78,9 +102,10 @@ def decision_table(history: list[dict]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={c: pl.Utf8 for c in ("when (UTC)", "decision", "what changed", "why", "effect")})
 
 
-def call_tuner(tuner_url: str, token: str, pipeline: str, action: str, body: dict[str, Any]) -> tuple[bool, str]:
+def call_tuner(tuner_url: str, token: str, pipeline: str, action: str, body: dict[str, Any],
+               proposal: int | None = None) -> tuple[bool, str]:
     """POST the action to the tuner with the operator's token; (ok, the answer in one line)."""
-    url = f"{tuner_url}/v1/pipelines/{pipeline}/{_PATHS[action]}"
+    url = tuner_url + _PATHS[action].format(pipeline=pipeline, proposal=proposal)
     try:
         answer = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=TIMEOUT_SECONDS)
     except httpx.HTTPError as exc:
@@ -94,6 +119,13 @@ def call_tuner(tuner_url: str, token: str, pipeline: str, action: str, body: dic
         return False, f"The tuner refused ({answer.status_code}): {detail or answer.reason_phrase}"
     if action in ("pin", "rollback"):
         return True, f"Done: {pipeline} now serves config version {data.get('version')} ({action})."
+    if action == "approve":
+        trial = [d for d in data.get("decisions", []) if d.get("kind") == "canary_start"]
+        what = f"canary version {trial[0]['version_after']} is on trial" if trial else \
+            f"config version {data.get('version')} is in force"
+        return True, f"Done: proposal {proposal} approved; {pipeline}'s {what}."
+    if action == "reject":
+        return True, f"Done: proposal {proposal} rejected; {pipeline} keeps its config."
     return True, (f"Done: {pipeline} is {'frozen' if data.get('frozen') else 'not frozen'}"
                   f"{' and pinned' if data.get('pinned') else ''}.")
 
@@ -101,6 +133,8 @@ def call_tuner(tuner_url: str, token: str, pipeline: str, action: str, body: dic
 def _plan(ctx: Context, pipeline: str, config: PipelineConfig, action: str) -> dict[str, Any] | None:
     """The inputs of an action and what it will change; None while the inputs are not usable (said why)."""
     reason = st.text_input("Reason (kept in the decision audit)", key="tuner_reason")
+    if action in ("approve", "reject"):
+        return _answer_plan(ctx, pipeline, config, action, reason)
     if action == "pin":
         text = st.text_area("Knob values to hold, by step (JSON; `{}` pins the config in force as it is)",
                             value=json.dumps(config.to_dict()["steps"], indent=1), key=f"tuner_pin_{pipeline}",
@@ -126,6 +160,24 @@ def _plan(ctx: Context, pipeline: str, config: PipelineConfig, action: str) -> d
     return {"body": {"reason": reason}, "diff": None}
 
 
+def _answer_plan(ctx: Context, pipeline: str, config: PipelineConfig, action: str, reason: str) -> dict | None:
+    """Which waiting proposal to approve or reject, by whom and why; its changes for the review step."""
+    waiting = cached(ctx.settings, approval.proposals, pipeline=pipeline, status="pending")
+    if not waiting:
+        st.info(f"No proposal of {pipeline} waits for an answer.")
+        return None
+    by_number = {p.number: p for p in waiting}
+    number = st.selectbox("Proposal", list(by_number), key=f"tuner_proposal_{pipeline}",
+                          format_func=lambda n: f"#{n}: {frames.readable(by_number[n].summary)}")
+    by = st.text_input("Your name (kept in the decision audit)", key="tuner_by")
+    if not reason.strip() or not by.strip():
+        st.caption(f"Say who you are and why: both are kept with the {action}.")
+        return None
+    found = by_number[number]
+    return {"body": {"reason": reason, "by": by}, "proposal": number,
+            "diff": changes(config.to_dict()["steps"], found.changes), "sentence": frames.readable(found.summary)}
+
+
 def _actions(ctx: Context, pipeline: str, config: PipelineConfig) -> None:
     st.subheader(f"Change {pipeline}")
     st.text_input("Tuner token", type="password", key="tuner_token",
@@ -135,6 +187,7 @@ def _actions(ctx: Context, pipeline: str, config: PipelineConfig) -> None:
     st.caption(ACTIONS[action])
     plan = _plan(ctx, pipeline, config, action)
     if plan is None:
+        _show_answer()  # e.g. the proposal just approved: none waits any more, but the answer is shown
         return
     pending = st.session_state.get("tuner_pending")
     if st.button(f"Review {action}", key="tuner_review"):
@@ -148,6 +201,9 @@ def _actions(ctx: Context, pipeline: str, config: PipelineConfig) -> None:
         if diff is not None:
             what = (f"{diff.height} knob value{'s' if diff.height != 1 else ''} change from version "
                     f"{pending['version']}:" if diff.height else "No knob value changes; the config is held as it is.")
+        if action in ("approve", "reject"):
+            what = (f"proposal {pending['proposal']}: {pending['sentence']}. "
+                    + ("These knob values change:" if action == "approve" else "Nothing changes; it proposed:"))
         st.warning(f"{action.capitalize()} {pipeline}: {what}")
         if diff is not None and diff.height:
             ui.table(diff)
@@ -158,12 +214,16 @@ def _actions(ctx: Context, pipeline: str, config: PipelineConfig) -> None:
                 st.session_state["tuner_answer"] = (False, "Paste the tuner token first: nothing was sent.")
             else:
                 st.session_state["tuner_answer"] = call_tuner(ctx.settings.tuner_url, token, pipeline, action,
-                                                              pending["body"])
+                                                              pending["body"], pending.get("proposal"))
                 st.cache_data.clear()  # the next read shows the change, not a cached answer from before it
             st.session_state.pop("tuner_pending", None)
             st.rerun()  # the page again, read after the change, with the answer below
         if cancel.button("Cancel", key="tuner_cancel"):
             st.session_state.pop("tuner_pending", None)
+    _show_answer()
+
+
+def _show_answer() -> None:
     answer = st.session_state.get("tuner_answer")
     if answer:
         (st.success if answer[0] else st.error)(answer[1])
@@ -196,13 +256,16 @@ def render(ctx: Context) -> None:
                 "starts (`tracetune up` with `tracetune demo`).")
         return
     prefetch(ctx.settings, [(fn, {"pipeline": p, **extra}) for p in shown for fn, extra in (
-        (versions.latest, {}), (decisions.state, {}), (canary.running, {}), (decisions.history, {"limit": 100}))])
+        (versions.latest, {}), (decisions.state, {}), (canary.running, {}), (decisions.history, {"limit": 100}),
+        (approval.policy, {}), (approval.proposals, {"status": "pending"}))])
     for pipeline in shown:
         try:
             config = cached(ctx.settings, versions.latest, pipeline=pipeline)
             state = cached(ctx.settings, decisions.state, pipeline=pipeline)
             trial = cached(ctx.settings, canary.running, pipeline=pipeline)
             history = cached(ctx.settings, decisions.history, pipeline=pipeline, limit=100)
+            rules = cached(ctx.settings, approval.policy, pipeline=pipeline)
+            waiting = cached(ctx.settings, approval.proposals, pipeline=pipeline, status="pending")
         except StoreUnavailable as problem:
             st.error(str(problem))
             return
@@ -215,6 +278,15 @@ def render(ctx: Context) -> None:
                         f"v{trial.version} · {100 * trial.share:.0f}% of tasks" if trial else "none",
                         help=f"Since {trial.started_at:%Y-%m-%d %H:%M} UTC: {frames.readable(trial.reason)}"
                         if trial else None)
+        st.caption(f"Approval mode: {rules.approval.mode} (from the {rules.source})"
+                   + (f"; waiting for a person in auto: {approval.describe(rules.approval)}"
+                      if rules.approval.mode == "auto" and approval.describe(rules.approval) else "")
+                   + ". Set it with `tracetune tuner mode`.")
+        if waiting:
+            st.warning(f"{len(waiting)} proposal{'s' if len(waiting) != 1 else ''} of the tuner wait"
+                       f"{'s' if len(waiting) == 1 else ''} for an operator: approve or reject below (one pipeline "
+                       "chosen in the sidebar), or `tracetune tuner approve N`.")
+            ui.text_table(proposal_table(waiting, config))
         if config is not None:
             ui.table(config_table(config))
         if trial is not None:
@@ -232,7 +304,8 @@ def render(ctx: Context) -> None:
         if f.pipeline_name and config is not None:
             _actions(ctx, pipeline, config)
     if not f.pipeline_name:
-        st.caption("Choose one pipeline in the sidebar to pin, freeze, unfreeze or roll it back.")
+        st.caption("Choose one pipeline in the sidebar to pin, freeze, unfreeze, roll it back or answer its "
+                   "proposals.")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from tracetune.tuner import canary, decisions, versions
 from tracetune.tuner.config import Approval, ConfigError, PipelineConfig, PipelineSpec
 
 __all__ = ["ApprovalError", "Proposal", "OPEN", "CLOSED", "policy", "set_policy", "marked", "gate", "approve",
-           "reject", "expire_due", "proposals", "proposal"]
+           "reject", "expire_due", "proposals", "proposal", "describe"]
 
 log = logging.getLogger("tracetune.tuner")
 
@@ -147,10 +147,15 @@ def set_policy(client, spec: PipelineSpec, approval: Approval, author: str, reas
     return Policy(spec.pipeline, approval, "api", author, reason)
 
 
+def describe(approval: Approval) -> str:
+    """The change classes marked for approval, in words ("" when none is)."""
+    return " and ".join(([f"moves of {', '.join(approval.knobs)}"] if approval.knobs else []) + (
+        [f"moves over {approval.max_change:.0%}"] if approval.max_change is not None else []))
+
+
 def _rules(approval: Approval) -> str:
-    marks = ([f"moves of {', '.join(approval.knobs)}"] if approval.knobs else []) + (
-        [f"moves over {approval.max_change:.0%}"] if approval.max_change is not None else [])
-    return f" ({' and '.join(marks)} wait for approval)" if marks and approval.mode == "auto" else ""
+    marks = describe(approval)
+    return f" ({marks} wait for approval)" if marks and approval.mode == "auto" else ""
 
 
 def _moved_share(before: Any, after: Any) -> float | None:
