@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.servers import ThreadServer
+from tests.surfaces import check_browser_origins
 from tests.tuner.test_loop import SLO_SHOP, SPEC, _spans
 from tracetune import store
 from tracetune.analyzer import load_prices, publish_prices, save_slo
@@ -92,6 +93,9 @@ def test_in_approve_mode_no_knob_changes_until_approval_and_then_exactly_the_pro
     assert tuner.answer(number, "approve", headers={**TOKEN, "Origin": "http://evil.example"}).status_code == 403
     assert tuner.answer(number, "approve", headers={**TOKEN, "Host": "evil.example"}).status_code == 403
     assert tuner.answer(number, "approve", reason="").status_code == 422  # why is part of the audit
+    # Every other site's page is refused even with the token (the own origin gets as far as the 422).
+    check_browser_origins(f"{tuner.url}/v1/proposals/{number}/approve", "POST", lambda a: a.json()["detail"],
+                          headers=TOKEN, json={"by": "mallory", "reason": ""})
     assert [p["number"] for p in tuner.pending()] == [number] and canary.running(tuner.client, "shop") is None
 
     approved = tuner.answer(number, "approve", reason="cache is safe for score")
