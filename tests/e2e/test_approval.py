@@ -39,6 +39,8 @@ def _ready(url: str, proc, log) -> bool:
 def test_the_tuner_process_waits_for_approval_and_the_cli_approves_exactly_the_proposal(tmp_path):
     settings = make_settings(tmp_path / "home", tuner_interval_seconds=1, tuner_window_seconds=30,
                              tuner_cooldown_seconds=0, tuner_min_requests=100, tuner_canary_share=0.2)
+    down = _cli(["tuner", "pending"], settings)  # no tuner yet: one line, exit code 2
+    assert down.returncode == 2 and "cannot reach the tuner at" in down.stderr and "Traceback" not in down.stderr
     procs = {}
     try:
         for name, url in (("store", f"{settings.store_url}/ping"), ("tuner", f"{settings.tuner_url}/health")):
