@@ -31,6 +31,7 @@ LOOP = LoopSettings(min_requests=100, cooldown_seconds=0, window_seconds=30, can
 class Tuner:
     url: str
     client: store.Client
+    client_settings: object = None
 
     def declare(self, approval_policy: dict | None) -> httpx.Response:
         spec = SPEC.to_dict() | ({"approval": approval_policy} if approval_policy is not None else {})
@@ -57,7 +58,7 @@ def tuner(db_settings) -> Iterator[Tuner]:
         client = store.connect(db_settings, ensure_schema=False)
         save_slo(client, SLO_SHOP, "test")
         publish_prices(client, load_prices())
-        yield Tuner(server.url, client)
+        yield Tuner(server.url, client, db_settings)
 
 
 def _proposed(tuner: Tuner, settings: LoopSettings = LOOP) -> dict:
@@ -282,3 +283,21 @@ def test_on_call_is_told_when_a_waiting_proposal_restores_a_missed_objective(tun
                                                "for approval"
     assert tuner.answer(missing["number"], "approve").status_code == 200
     assert alerts.proposal_conditions(tuner.client, datetime.now(UTC)) == []  # answered: resolved
+
+
+def test_answers_racing_on_one_proposal_end_it_once(tuner):
+    """Replicas answer without a common lock: outcomes are claims, and the earliest wins for every reader."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert tuner.declare({"mode": "approve"}).status_code == 200
+    waiting = approval.proposal(tuner.client, _proposed(tuner)["number"])
+    clients = [store.connect(tuner.client_settings, ensure_schema=False) for _ in range(4)]
+    statuses = ("approved", "rejected", "expired", "approved")
+    with ThreadPoolExecutor(4) as pool:
+        won = list(pool.map(lambda i: approval._claim(clients[i], waiting, statuses[i], f"r{i}", "race"), range(4)))
+    assert won.count(True) == 1
+    winner = won.index(True)
+    found = approval.proposal(tuner.client, waiting.number)
+    assert (found.status, found.decided_by) == (statuses[winner], f"r{winner}")
+    assert tuner.answer(waiting.number, "approve").status_code == 409  # ended: nobody acts on it again
+    assert canary.running(tuner.client, "shop") is None
