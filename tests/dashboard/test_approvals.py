@@ -67,3 +67,9 @@ def test_tuner_page_lists_waiting_proposals_and_approves_one_with_the_token_afte
         row = decisions.history(client, "shop", 2)[1]
         assert (row["kind"], row["author"]) == ("proposal_approve", "dana")
         assert not any(w.value.startswith("1 proposal") for w in at.warning)  # read again: none waits now
+
+
+def test_every_decision_kind_reads_in_words_on_the_tuner_page():
+    from tracetune.dashboard.tuner import KIND_WORDS
+
+    assert set(KIND_WORDS) == set(decisions.KINDS)
