@@ -738,6 +738,8 @@ def create_app(client_factory, token: str = "", hosts: frozenset[str] | None = L
     from tracetune.tuner import baselines  # its routes use this module's `writer`
 
     app.include_router(baselines.router)
+    from tracetune.tuner import dead_letters  # its routes too
+    app.include_router(dead_letters.router)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_route("/metrics", metrics, include_in_schema=False)
     app.add_middleware(Guard, hosts=hosts, max_body_bytes=max_body_bytes, json_body=True)
