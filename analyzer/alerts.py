@@ -10,6 +10,8 @@ Rules (evaluated by the analyzer loop each interval) turn what the analyzer meas
   SLO's `cost_per_1k`;
 - `tuner_rollback` → `TunerCanaryRolledBack` {pipeline, severity=ticket}: a canary was rolled back
   in the last hour.
+- `dead_letters` → `DeadLettersGrowing` {pipeline, step, severity=ticket}: a side effect was dead-lettered in
+  the last hour and the step has letters nobody replayed or discarded yet.
 
 Each alert is identified by its labels (`fingerprint`) and moves pending → firing (once its condition
 has held for the rule's `for` duration) → resolved (when it stops holding); a pending alert whose
@@ -38,6 +40,7 @@ import polars as pl
 
 from tracetune.analyzer import delivery
 from tracetune.analyzer._time import utc
+from tracetune.analyzer.dead_letters import Growth
 from tracetune.analyzer.drift import LATENCY_FEATURE
 from tracetune.store import next_seq
 
@@ -46,7 +49,8 @@ log = logging.getLogger("tracetune.analyzer")
 __all__ = ["RULES", "RUNBOOK_URLS", "Alert", "Condition", "Timing", "Silence", "Matcher", "Engine", "advance",
            "group_notifications",
            "fingerprint", "group_key", "label_set", "slo_conditions", "drift_conditions", "cost_conditions",
-           "tuner_conditions", "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification"]
+           "tuner_conditions", "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification",
+           "dead_letter_conditions"]
 
 RULES: dict[str, dict[str, Any]] = {
     "slo_burn": {"alertname": "SLOBurnRate", "for_seconds": 0.0},  # the burn-rate windows are the debounce
@@ -54,6 +58,7 @@ RULES: dict[str, dict[str, Any]] = {
     "drift": {"alertname": "FeatureDrift", "for_seconds": 30.0},
     "cost": {"alertname": "CostOverBudget", "for_seconds": 300.0},
     "tuner_rollback": {"alertname": "TunerCanaryRolledBack", "for_seconds": 0.0},
+    "dead_letters": {"alertname": "DeadLettersGrowing", "for_seconds": 0.0},  # each letter is a lost effect
 }
 """Every rule: its alertname and how long its condition must hold before the alert fires."""
 
@@ -63,6 +68,7 @@ RUNBOOK_URLS: dict[str, str] = {
     "drift": f"{RUNBOOKS}#feature-drift",
     "cost": f"{RUNBOOKS}#cost-over-budget",
     "tuner_rollback": f"{RUNBOOKS}#tuner-canary-rolled-back",
+    "dead_letters": f"{RUNBOOKS}#dead-letters",
 }
 """Every rule's `runbook_url` annotation: the section of docs/runbooks.md that says how to diagnose and fix it."""
 
@@ -482,6 +488,22 @@ def tuner_conditions(client, now: datetime, window: timedelta = timedelta(hours=
         "dashboard": _link(external_url, "tuner", pipeline),
             "runbook_url": RUNBOOK_URLS["tuner_rollback"]}, float(version))
         for pipeline, version, reason, at in rows]
+
+
+def dead_letter_conditions(growth: Iterable[Growth], window: str = "1h",
+                           external_url: str = "") -> list[Condition]:
+    """Pipeline steps with open dead letters of which at least one arrived within `window`
+    (analyzer.dead_letters.growth rows): new lost effects, until an operator replays or discards them."""
+    return [Condition("dead_letters", {
+        "alertname": RULES["dead_letters"]["alertname"], "pipeline": g.pipeline, "step": g.step, "severity": "ticket",
+        "rule": "dead_letters"}, {
+        "summary": f"{g.pipeline}: {g.new} new dead letter{'s' if g.new != 1 else ''} in {g.step} "
+                   f"({g.open} open)",
+        "description": f"{g.new} side effect{'s' if g.new != 1 else ''} of step {g.step} gave up within the last "
+                       f"{window} ({g.open} open in all, newest at {_iso(g.newest)}); last error: {g.error}",
+        "dashboard": _link(external_url, "dead-letters", g.pipeline),
+        "runbook_url": RUNBOOK_URLS["dead_letters"]}, float(g.open))
+        for g in growth if g.new > 0 and g.open > 0]
 
 
 # ---- storage ---------------------------------------------------------------------------------------
