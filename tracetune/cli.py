@@ -390,18 +390,27 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None, pipelin
 @click.option("--by", default="pipeline,step", show_default=True,
               help="Comma-separated: pipeline, step, route, tenant, model, service. Without step, route or model "
                    "the rows count tasks (root spans); with step each pipeline has an (end to end) row.")
-@click.option("--batching", is_flag=True, help="Batch size and queue time distributions instead.")
+@click.option("--batching", is_flag=True, help="Batch size, queue time and queue depth distributions instead.")
+@click.option("--cold-starts", "cold", is_flag=True,
+              help="Cold starts instead: each model variant's first request after an executor started.")
 @click.option("--source", type=click.Choice(["rollup", "raw"]), default="rollup", show_default=True,
               help="Per-minute rollups (flat cost, percentiles within 0.5%) or raw spans (exact).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
 @click.option("--wide", is_flag=True, help="Every column (default: the main ones, to fit 100 columns).")
 @click.pass_context
-def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool, source: str,
+def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool, cold: bool, source: str,
           as_json: bool, wide: bool) -> None:
     """Per-step requests, error rate, p50, p95, p99 (ms) over a trailing window, and each pipeline's
     end-to-end row (its tasks, as callers see them)."""
     from tracetune import analyzer
-    from tracetune.terminal import BATCHING_COLUMNS, console, frame_table, latency_table, step_table
+    from tracetune.terminal import (
+        BATCHING_COLUMNS,
+        COLD_START_COLUMNS,
+        console,
+        frame_table,
+        latency_table,
+        step_table,
+    )
 
     _window(since)
     settings = _settings(ctx)
@@ -409,8 +418,12 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
     client = _client(settings, readonly=True)
     _known_pipeline(client, pipeline)
     keys = tuple(b.strip() for b in by.split(",") if b.strip())
+    if batching and cold:
+        raise UserError("--batching and --cold-starts are two views: give one")
     try:
-        if batching:
+        if cold:
+            frame = analyzer.cold_starts(client, since, pipeline)
+        elif batching:
             frame = analyzer.batching(client, since, pipeline)
         elif keys == ("pipeline", "step"):
             frame = analyzer.step_stats(client, since, pipeline, source=source)
@@ -420,6 +433,9 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
         raise click.BadParameter(str(exc), param_hint="--by") from None
     if as_json:
         click.echo(_json_rows(frame))
+    elif cold:
+        console(wide).print(frame_table(frame, f"cold starts (first request per model variant and executor start), "
+                                        f"last {since}", COLD_START_COLUMNS, wide))
     elif batching:
         console(wide).print(frame_table(frame.drop("size_histogram") if "size_histogram" in frame.columns else frame,
                                         f"batching, last {since}", BATCHING_COLUMNS, wide))
