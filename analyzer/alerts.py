@@ -501,7 +501,7 @@ def dead_letter_conditions(growth: Iterable[Growth], window: str = "1h",
                    f"({g.open} open)",
         "description": f"{g.new} side effect{'s' if g.new != 1 else ''} of step {g.step} gave up within the last "
                        f"{window} ({g.open} open in all, newest at {_iso(g.newest)}); last error: {g.error}",
-        "dashboard": _link(external_url, "dead-letters", g.pipeline),
+        "dashboard": _link(external_url, "dead_letters", g.pipeline),
         "runbook_url": RUNBOOK_URLS["dead_letters"]}, float(g.open))
         for g in growth if g.new > 0 and g.open > 0]
 
