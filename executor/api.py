@@ -6,6 +6,9 @@ answers the pipeline's result, 400 for a body the pipeline cannot take, 422 when
 task, and 503 + Retry-After past `max_in_flight` tasks. Behind tracetune.serving.Guard: the Host
 allow-list, no cross-site browser requests (403), JSON bodies only (415) of at most
 `executor_max_body_bytes` (413), UTF-8 without lone surrogates and not nested too deeply (400).
+
+`POST /v1/pipelines/{pipeline}/steps/{step}/replay` (the same token) sends a dead letter of an effect step
+again under its original idempotency key; the tuner's `/v1/dead-letters/{key}/replay` calls it.
 """
 
 from __future__ import annotations
