@@ -138,6 +138,10 @@ def test_discard_is_audited_and_unauthenticated_replay_or_discard_is_refused(sta
             refused = stack.api("POST", f"/v1/dead-letters/{key}/{action}", token=token, json=body)
             assert refused.status_code == 401, (action, token, refused.text)
         assert stack.api("GET", "/v1/dead-letters", token=token).status_code == 401  # bodies are customer data
+        direct = httpx.post(f"{stack.settings.executor_url}/v1/pipelines/{NAME}/steps/create_followup/replay",
+                            json={"task_id": letter.task_id, "idempotency_key": key, "payload": letter.body},
+                            headers={"Authorization": f"Bearer {token}"} if token else {})
+        assert direct.status_code == 401, direct.text  # the executor's own replay call needs its token too
     assert stack.crm_requests() == before  # nothing was sent
     assert stack.letter(key).status == "open" and stack.letter(key).events == []
 
