@@ -1049,11 +1049,11 @@ def dead_letters_list(ctx: click.Context, status: str, pipeline: str, step: str,
         return
     shown = [{"key": r["idempotency_key"] if wide else r["idempotency_key"][:13], "status": r["status"],
               "pipeline": r["pipeline"], "step": r["step"], "task": r["task_id"], "tries": r["attempts"],
-              "times": r["dead_lettered"], "http": r["last_status"] or "-", "last (UTC)": _since(r["last_at"]),
+              "times": r["dead_lettered"], "http": r["last_status"] or "-", "last (UTC)": _since(r["last_at"])[5:],
               "first (UTC)": _since(r["first_at"]), "error": r["error"],
               "done by": f"{r['last_action']} by {r['last_author']}" if r["last_action"] else "",
               "why": r["last_reason"]} for r in rows]
-    columns = ("key", "status", "step", "task", "tries", "http", "last (UTC)", "error")
+    columns = ("key", *(("status",) if status == "all" else ()), "step", "task", "tries", "http", "last (UTC)", "error")
     console(wide).print(frame_table(pl.DataFrame(shown, infer_schema_length=None), "dead letters, newest first "
                                     "(tries: attempts in all; `tracetune dead-letters show KEY`)", columns, wide))
 

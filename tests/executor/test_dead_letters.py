@@ -124,6 +124,7 @@ def test_a_letter_replayed_twice_reaches_the_crm_once_and_a_still_failing_replay
     assert [(e.action, e.reason) for e in letter.events][1:] == [("replayed", "the CRM is back"), ("replayed", "")]
     assert letter.events[2].author == "bob"
     assert stack.cli("list", "--json").stdout.strip() == "[]"  # no open letter left
+    assert "no open dead letters to replay" in stack.cli("replay", "--all").stdout
     shown = stack.cli("show", key)
     assert shown.returncode == 0 and "replayed by bob" in shown.stdout and '"ticket"' in shown.stdout
 
@@ -144,6 +145,10 @@ def test_discard_is_audited_and_unauthenticated_replay_or_discard_is_refused(sta
         assert direct.status_code == 401, direct.text  # the executor's own replay call needs its token too
     assert stack.crm_requests() == before  # nothing was sent
     assert stack.letter(key).status == "open" and stack.letter(key).events == []
+
+    table = stack.cli("list")
+    assert table.returncode == 0 and key[:13] in table.stdout and "create_followup" in table.stdout
+    assert max(len(line) for line in table.stdout.splitlines()) <= 100, table.stdout
 
     no_reason = stack.api("POST", f"/v1/dead-letters/{key}/discard", json={"author": "carol"})
     assert no_reason.status_code == 422 and "reason" in no_reason.json()["detail"]

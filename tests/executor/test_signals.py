@@ -142,3 +142,4 @@ def test_cold_starts_count_once_per_variant_per_executor_start_and_a_burst_fills
                             "--since", "1h"], cwd=tmp_path, env={**env, **settings.as_env()},
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "depth p95" in table.stdout, table.stdout + table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) <= 100, table.stdout
