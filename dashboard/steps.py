@@ -167,6 +167,14 @@ def signal_tables(cold: pl.DataFrame, batching: pl.DataFrame) -> tuple[pl.DataFr
     return cold_table, queue_table
 
 
+def cold_chart(cold: pl.DataFrame) -> pl.DataFrame:
+    """Per step and route, its slowest first request after a start beside its usual median: one bar each."""
+    data = frames.label(cold, ["pipeline", "step", "route"])
+    return pl.concat([data.select("series", pl.lit("first after a start (slowest)").alias("request"),
+                                  pl.col("cold_ms_max").alias("ms")),
+                      data.select("series", pl.lit("usual (p50)").alias("request"), pl.col("warm_ms_p50").alias("ms"))])
+
+
 def _signals(ctx: Context) -> None:
     f = ctx.filters
     since = raw_since(f.since)
@@ -183,6 +191,8 @@ def _signals(ctx: Context) -> None:
         st.caption(f"The last {since}. A cold start is a model variant's first request after an executor started "
                    "(`tracetune_cold_starts_total` on the executor's /metrics); usual p50: the same route's other "
                    "requests.")
+        ui.chart(charts.bars(cold_chart(cold), "ms", "latency (ms)", "series", "step / route", color="request",
+                             color_title="request", stack=False))
     if queue_table.is_empty():
         st.caption(f"No step ran batched in the last {since}.")
     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
-from tests.dashboard.test_app import metrics, open_page, rows, use_settings
+from tests.dashboard.test_app import chart_rows, charts, metrics, open_page, rows, use_settings
 from tests.spans import COLUMNS, span_row
 from tracetune import store
 from tracetune.analyzer import dead_letters
@@ -70,5 +70,8 @@ def test_steps_page_shows_cold_starts_and_queue_depth(db_settings, client, monke
     [cold] = [t for t in tables if t and "cold starts" in t[0]]
     assert cold == [{"pipeline": "scorer", "step": "score", "route": "small", "cold starts": 2, "executors": 2,
                      "first request ms": 90.0, "slowest first ms": 90.0, "usual p50 ms": 10.0}]
+    bars = [r for chart in charts(at) for r in chart_rows(chart) if "request" in r]
+    assert sorted((r["request"], r["ms"]) for r in bars) == [("first after a start (slowest)", 90.0),
+                                                             ("usual (p50)", 10.0)]
     [queue] = [t for t in tables if t and "deepest queue" in t[0]]
     assert queue[0]["deepest queue"] == 6 and queue[0]["batched requests"] == 12
