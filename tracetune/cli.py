@@ -413,13 +413,13 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
     )
 
     _window(since)
+    if batching and cold:
+        raise UserError("--batching and --cold-starts are two views: give one")
     settings = _settings(ctx)
     _settle(settings)
     client = _client(settings, readonly=True)
     _known_pipeline(client, pipeline)
     keys = tuple(b.strip() for b in by.split(",") if b.strip())
-    if batching and cold:
-        raise UserError("--batching and --cold-starts are two views: give one")
     try:
         if cold:
             frame = analyzer.cold_starts(client, since, pipeline)
