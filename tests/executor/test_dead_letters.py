@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.executor.effect_pipeline import ATTEMPTS, NAME
 from tests.servers import ThreadServer, start_process, stop_process, wait_until
@@ -125,6 +126,13 @@ def test_a_letter_replayed_twice_reaches_the_crm_once_and_a_still_failing_replay
     assert letter.events[2].author == "bob"
     assert stack.cli("list", "--json").stdout.strip() == "[]"  # no open letter left
     assert "no open dead letters to replay" in stack.cli("replay", "--all").stdout
+    replays = {(m.labels["outcome"]): m.value for family in text_string_to_metric_families(
+        httpx.get(stack.settings.executor_metrics_url).text) for m in family.samples
+        if m.name == "tracetune_dead_letter_replays_total"}
+    assert replays == {"failed": 1.0, "replayed": 2.0}
+    letters = [m.value for family in text_string_to_metric_families(httpx.get(stack.settings.executor_metrics_url).text)
+               for m in family.samples if m.name == "tracetune_dead_letters_total"]
+    assert letters == [1.0]  # replays are never dead-lettered again
     shown = stack.cli("show", key)
     assert shown.returncode == 0 and "replayed by bob" in shown.stdout and '"ticket"' in shown.stdout
 
