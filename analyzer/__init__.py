@@ -67,11 +67,13 @@ from tracetune.analyzer.slo import (
 from tracetune.analyzer.slo import alerts as slo_alerts
 from tracetune.analyzer.stats import (
     BATCHING_COLUMNS,
+    COLD_START_COLUMNS,
     DIMENSIONS,
     END_TO_END,
     LATENCY_COLUMNS,
     STEP_STATS_COLUMNS,
     batching,
+    cold_starts,
     latency,
     latency_series,
     parse_window,
@@ -83,7 +85,7 @@ __all__ = [
     "Baseline", "BaselineError", "clear_baseline", "first_traffic", "get_baseline", "list_baselines", "set_baseline",
     "DEFAULT_CURRENT", "current_drift", "drift_flags", "reference_label", "ERROR_COLUMNS", "ERROR_KINDS", "errors",
     "data_note", "END_TO_END",
-    "BATCHING_COLUMNS", "batching",
+    "BATCHING_COLUMNS", "batching", "COLD_START_COLUMNS", "cold_starts",
     "DRIFT_COLUMNS", "SLO", "SLO_STATUS_COLUMNS", "BurnWindow", "SLOError", "Thresholds", "burn_rate",
     "burn_windows", "compute_drift", "default_windows", "error_budget_remaining", "feature_status", "get_slo",
     "delete_slo", "latest_drift", "list_slos", "request_counts", "save_slo", "slo_alerts", "slo_status",

@@ -12,6 +12,8 @@ Rules (evaluated by the analyzer loop each interval) turn what the analyzer meas
   in the last hour.
 - `tuner_proposal` → `TunerProposalWaiting` {pipeline, proposal, severity=page}: a tuner proposal that
   restores a missed objective waits for an operator's approval (approval modes, tuner/approval.py).
+- `dead_letters` → `DeadLettersGrowing` {pipeline, step, severity=ticket}: a side effect was dead-lettered in
+  the last hour and the step has letters nobody replayed or discarded yet.
 
 Each alert is identified by its labels (`fingerprint`) and moves pending → firing (once its condition
 has held for the rule's `for` duration) → resolved (when it stops holding); a pending alert whose
@@ -40,6 +42,7 @@ import polars as pl
 
 from tracetune.analyzer import delivery
 from tracetune.analyzer._time import utc
+from tracetune.analyzer.dead_letters import Growth
 from tracetune.analyzer.drift import LATENCY_FEATURE
 from tracetune.store import next_seq
 
@@ -48,7 +51,7 @@ log = logging.getLogger("tracetune.analyzer")
 __all__ = ["RULES", "RUNBOOK_URLS", "Alert", "Condition", "Timing", "Silence", "Matcher", "Engine", "advance",
            "group_notifications",
            "fingerprint", "group_key", "label_set", "slo_conditions", "drift_conditions", "cost_conditions",
-           "tuner_conditions", "proposal_conditions",
+           "tuner_conditions", "proposal_conditions", "dead_letter_conditions",
            "current_alerts", "add_silence", "expire_silence", "list_silences", "test_notification"]
 
 RULES: dict[str, dict[str, Any]] = {
@@ -59,6 +62,7 @@ RULES: dict[str, dict[str, Any]] = {
     "tuner_rollback": {"alertname": "TunerCanaryRolledBack", "for_seconds": 0.0},
     # A fix for a missed objective that only a person can let through: on-call hears of it at once.
     "tuner_proposal": {"alertname": "TunerProposalWaiting", "for_seconds": 0.0},
+    "dead_letters": {"alertname": "DeadLettersGrowing", "for_seconds": 0.0},  # each letter is a lost effect
 }
 """Every rule: its alertname and how long its condition must hold before the alert fires."""
 
@@ -69,6 +73,7 @@ RUNBOOK_URLS: dict[str, str] = {
     "cost": f"{RUNBOOKS}#cost-over-budget",
     "tuner_rollback": f"{RUNBOOKS}#tuner-canary-rolled-back",
     "tuner_proposal": f"{RUNBOOKS}#tuner-proposal-waiting",
+    "dead_letters": f"{RUNBOOKS}#dead-letters",
 }
 """Every rule's `runbook_url` annotation: the section of docs/runbooks.md that says how to diagnose and fix it."""
 
@@ -518,6 +523,22 @@ def proposal_conditions(client, now: datetime, external_url: str = "") -> list[C
         "dashboard": _link(external_url, "tuner", pipeline),
         "runbook_url": RUNBOOK_URLS["tuner_proposal"]}, float(number))
         for number, pipeline, reason, violated, expires in rows]
+
+
+def dead_letter_conditions(growth: Iterable[Growth], window: str = "1h",
+                           external_url: str = "") -> list[Condition]:
+    """Pipeline steps with open dead letters of which at least one arrived within `window`
+    (analyzer.dead_letters.growth rows): new lost effects, until an operator replays or discards them."""
+    return [Condition("dead_letters", {
+        "alertname": RULES["dead_letters"]["alertname"], "pipeline": g.pipeline, "step": g.step, "severity": "ticket",
+        "rule": "dead_letters"}, {
+        "summary": f"{g.pipeline}: {g.new} new dead letter{'s' if g.new != 1 else ''} in {g.step} "
+                   f"({g.open} open)",
+        "description": f"{g.new} side effect{'s' if g.new != 1 else ''} of step {g.step} gave up within the last "
+                       f"{window} ({g.open} open in all, newest at {_iso(g.newest)}); last error: {g.error}",
+        "dashboard": _link(external_url, "dead_letters", g.pipeline),
+        "runbook_url": RUNBOOK_URLS["dead_letters"]}, float(g.open))
+        for g in growth if g.new > 0 and g.open > 0]
 
 
 # ---- storage ---------------------------------------------------------------------------------------

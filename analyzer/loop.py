@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import polars as pl
 
-from tracetune.analyzer import alerts
+from tracetune.analyzer import alerts, dead_letters
 from tracetune.analyzer.cost import cost_per_1k
 from tracetune.analyzer.delivery import DeliveryWorker
 from tracetune.analyzer.drift import DEFAULT_CURRENT, current_drift, store_drift
@@ -67,6 +67,7 @@ def refresh(client, now: datetime | None = None, current: str = DEFAULT_CURRENT,
                                              external_url=engine.external_url)
         conditions += alerts.tuner_conditions(client, now, external_url=engine.external_url)
         conditions += alerts.proposal_conditions(client, now, external_url=engine.external_url)
+        conditions += alerts.dead_letter_conditions(dead_letters.growth(client, now), external_url=engine.external_url)
         if not active():
             return written
         changed = engine.evaluate(conditions, now)

@@ -134,11 +134,13 @@ def latency_series(client, since: str | int = "15m", pipeline: str = "", bucket_
 
 BATCHING_SQL = _SQL_DIR.joinpath("batching.sql").read_text()
 BATCHING_COLUMNS = ["pipeline", "step", "route", "batched_spans", "batch_size_p50", "batch_size_p95", "batch_size_max",
-                    "queue_ms_p50", "queue_ms_p95", "queue_ms_p99", "queue_ms_max", "size_histogram"]
+                    "queue_ms_p50", "queue_ms_p95", "queue_ms_p99", "queue_ms_max", "queue_depth_p50",
+                    "queue_depth_p95", "queue_depth_max", "size_histogram"]
 
 
 def batching(client, since: str | int = "15m", pipeline: str = "") -> pl.DataFrame:
-    """Batch size and queue time distributions per pipeline step and route (raw spans that ran batched).
+    """Batch size, queue time and queue depth distributions per pipeline step and route (raw spans that ran
+    batched; queue depth: requests in the batch queue when one joined, itself included).
 
     size_histogram is a list of {batch_size, spans}: how many requests ran in batches of each size.
     """
@@ -146,10 +148,28 @@ def batching(client, since: str | int = "15m", pipeline: str = "") -> pl.DataFra
     rows = []
     for row in result.named_results():
         sizes, counts = row.pop("size_histogram")
-        row.pop("bq"), row.pop("qq")
+        row.pop("bq"), row.pop("qq"), row.pop("dq")
         rows.append({**row, "size_histogram": [{"batch_size": int(s), "spans": int(c)}
                                                for s, c in zip(sizes, counts, strict=True)]})
     if not rows:
         return pl.DataFrame(schema={c: (pl.Utf8 if c in ("pipeline", "step", "route") else pl.Float64)
                                     for c in BATCHING_COLUMNS if c != "size_histogram"})
     return pl.DataFrame(rows).select(BATCHING_COLUMNS)
+
+
+COLD_STARTS_SQL = _SQL_DIR.joinpath("cold_starts.sql").read_text()
+COLD_START_COLUMNS = ["pipeline", "step", "route", "cold_starts", "executors", "cold_ms_p50", "cold_ms_max",
+                      "warm_ms_p50", "last_cold_start"]
+
+
+def cold_starts(client, since: str | int = "1h", pipeline: str = "") -> pl.DataFrame:
+    """Per pipeline step and route with a cold start in the window (raw spans): cold starts (the first request of
+    a model variant after an executor started), on how many executors, their latency in ms and the route's
+    median latency otherwise."""
+    result = client.query(COLD_STARTS_SQL, parameters={"window_seconds": _seconds(since), "pipeline": pipeline})
+    schema = {"pipeline": pl.Utf8, "step": pl.Utf8, "route": pl.Utf8, "cold_starts": pl.Int64, "executors": pl.Int64,
+              "last_cold_start": pl.Datetime("us", "UTC")}
+    frame = _frame(result, COLD_START_COLUMNS, {k: v for k, v in schema.items() if k != "last_cold_start"})
+    if frame.height and frame["last_cold_start"].dtype != pl.Datetime("us", "UTC"):
+        frame = frame.with_columns(pl.col("last_cold_start").dt.replace_time_zone("UTC").dt.cast_time_unit("us"))
+    return frame

@@ -1,4 +1,4 @@
-"""The tracetune dashboard, for product owners: Overview, Steps, Cost, Drift, Tuner and Alerts pages.
+"""The tracetune dashboard, for product owners: Overview, Steps, Cost, Drift, Tuner, Alerts and Dead letters pages.
 
 Run with `tracetune dashboard` (or `streamlit run dashboard/app.py`). The filters (pipeline, time range,
 tenant, refresh) sit in the sidebar and in the URL's query string (`dashboard/context.py`); each page
@@ -29,6 +29,7 @@ PAGES = (
     ("drift.py", "Drift", "drift", ":material/query_stats:"),
     ("tuner.py", "Tuner", "tuner", ":material/tune:"),
     ("alerts.py", "Alerts", "alerts", ":material/notifications:"),
+    ("dead_letters.py", "Dead letters", "dead_letters", ":material/mail_lock:"),
 )
 
 # `?page=` of the links alerts carry (analyzer/alerts.py) -> the page's URL path

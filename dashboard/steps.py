@@ -1,5 +1,5 @@
 """Steps: p50/p95/p99 over time per step and route, self time and critical-path share, batch size, queue time,
-cache hit rate, and the errors with their messages and trace ids."""
+cache hit rate, the errors with their messages and trace ids, and cold starts and batch-queue depth."""
 
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def render(ctx: Context) -> None:
     timed = {**whole, "bucket_seconds": bucket}
     paths = {"since": raw_since(f.since, CRITICAL_WINDOW), "pipeline": f.pipeline_name}
     prefetch(ctx.settings, [(analyzer.step_series, whole), (analyzer.step_series, timed),
-                            (analyzer.step_breakdown, paths), (analyzer.error_spans, _error_call(f))])
+                            (analyzer.step_breakdown, paths), (analyzer.error_spans, _error_call(f)),
+                            (analyzer.cold_starts, _signals_call(f)), (analyzer.batching, _signals_call(f))])
     try:
         summary = cached(ctx.settings, analyzer.step_series, **whole)
         series = cached(ctx.settings, analyzer.step_series, **timed)
@@ -143,8 +144,63 @@ def render(ctx: Context) -> None:
         _series_chart(operated, column, title, scale, window, bucket, show_pipeline)
     try:
         _errors(ctx)
+        _signals(ctx)
     except StoreUnavailable as problem:
         st.error(str(problem))
+
+
+def _signals_call(f) -> dict:
+    return {"since": raw_since(f.since), "pipeline": f.pipeline_name}
+
+
+def signal_tables(cold: pl.DataFrame, batching: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Cold starts per step and route (count, executors, first-request and usual latency), and batch-queue
+    depth per batched step and route (median, p95 and deepest queue a request joined)."""
+    cold_table = cold.select("pipeline", "step", "route", pl.col("cold_starts").alias("cold starts"),
+                             "executors", pl.col("cold_ms_p50").alias("first request ms"),
+                             pl.col("cold_ms_max").alias("slowest first ms"),
+                             pl.col("warm_ms_p50").alias("usual p50 ms"))
+    queue_table = batching.select("pipeline", "step", "route", pl.col("batched_spans").alias("batched requests"),
+                                  pl.col("queue_depth_p50").alias("queue depth p50"),
+                                  pl.col("queue_depth_p95").alias("queue depth p95"),
+                                  pl.col("queue_depth_max").alias("deepest queue"))
+    return cold_table, queue_table
+
+
+def cold_chart(cold: pl.DataFrame) -> pl.DataFrame:
+    """Per step and route, its slowest first request after a start beside its usual median: one bar each."""
+    data = frames.label(cold, ["pipeline", "step", "route"])
+    return pl.concat([data.select("series", pl.lit("first after a start (slowest)").alias("request"),
+                                  pl.col("cold_ms_max").alias("ms")),
+                      data.select("series", pl.lit("usual (p50)").alias("request"), pl.col("warm_ms_p50").alias("ms"))])
+
+
+def _signals(ctx: Context) -> None:
+    f = ctx.filters
+    since = raw_since(f.since)
+    cold = cached(ctx.settings, analyzer.cold_starts, **_signals_call(f))
+    batching = cached(ctx.settings, analyzer.batching, **_signals_call(f))
+    cold_table, queue_table = signal_tables(cold, batching)
+    st.subheader("Cold starts and batch queues")
+    if cold_table.is_empty():
+        st.caption(f"No model variant served its first request after an executor start in the last {since}.")
+    else:
+        ui.table(cold_table if not f.pipeline_name else cold_table.drop("pipeline"),
+                 {"cold starts": ui.COUNT, "executors": ui.COUNT, "first request ms": ui.MS,
+                  "slowest first ms": ui.MS, "usual p50 ms": ui.MS})
+        st.caption(f"The last {since}. A cold start is a model variant's first request after an executor started "
+                   "(`tracetune_cold_starts_total` on the executor's /metrics); usual p50: the same route's other "
+                   "requests.")
+        ui.chart(charts.bars(cold_chart(cold), "ms", "latency (ms)", "series", "step / route", color="request",
+                             color_title="request", stack=False))
+    if queue_table.is_empty():
+        st.caption(f"No step ran batched in the last {since}.")
+    else:
+        ui.table(queue_table if not f.pipeline_name else queue_table.drop("pipeline"),
+                 {"batched requests": ui.COUNT, "queue depth p50": ui.MS, "queue depth p95": ui.MS,
+                  "deepest queue": ui.COUNT})
+        st.caption("Queue depth: requests in the route's batch queue when a request joined it, itself included "
+                   "(`tracetune_batch_queue_depth` is the same queue now); 0 for executors that do not record it.")
 
 
 if __name__ == "__main__":

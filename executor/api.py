@@ -6,6 +6,9 @@ answers the pipeline's result, 400 for a body the pipeline cannot take, 422 when
 task, and 503 + Retry-After past `max_in_flight` tasks. Behind tracetune.serving.Guard: the Host
 allow-list, no cross-site browser requests (403), JSON bodies only (415) of at most
 `executor_max_body_bytes` (413), UTF-8 without lone surrogates and not nested too deeply (400).
+
+`POST /v1/pipelines/{pipeline}/steps/{step}/replay` (the same token) sends a dead letter of an effect step
+again under its original idempotency key; the tuner's `/v1/dead-letters/{key}/replay` calls it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tracetune.executor.effects import SideEffectFailed
 from tracetune.executor.pipelines import Pipeline, StepError
 from tracetune.serving import LOOPBACK_HOSTS, Guard, Refused, metrics
 
@@ -104,6 +108,40 @@ async def run_task(request: Request) -> JSONResponse:
     return JSONResponse({"task_id": task_id, "trace_id": task.trace_id, "result": pipeline.result(task)})
 
 
+async def replay_dead_letter(request: Request) -> JSONResponse:
+    """Send a dead letter of an effect step again with the step's URL, credentials and retry policy, under the
+    letter's ORIGINAL idempotency key (body: `task_id`, `idempotency_key`, `payload`). The control plane calls
+    this (`POST /v1/dead-letters/{key}/replay` on the tuner) and records the outcome; 200 when the service took
+    it, 502 with why when it did not (the letter stays), 404 for a pipeline or effect step this executor lacks."""
+    refused = _unauthorized(request)
+    if refused is not None:
+        return refused
+    pipelines: dict[str, Pipeline] = request.app.state.pipelines
+    name, step = request.path_params["pipeline"], request.path_params["step"]
+    pipeline = pipelines.get(name)
+    if pipeline is None:
+        return JSONResponse({"error": f"unknown pipeline {name!r}; this executor runs {', '.join(pipelines)}"},
+                            status_code=404)
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not all(isinstance(body.get(k), str) and body.get(k)
+                                             for k in ("task_id", "idempotency_key")) or "payload" not in body:
+        return JSONResponse({"error": "body must be a JSON object with task_id and idempotency_key (strings) and "
+                                      "payload (the letter's request body)"}, status_code=400)
+    try:
+        replayed = await run_in_threadpool(pipeline.replay, step, body["task_id"], body["idempotency_key"],
+                                           body["payload"])
+    except LookupError as exc:
+        return JSONResponse({"error": str(exc)}, status_code=404)
+    except SideEffectFailed as exc:
+        return JSONResponse({"error": str(exc), "attempts": exc.attempts, "last_status": exc.last_status},
+                            status_code=502)
+    return JSONResponse({"status": "replayed", "attempts": replayed.attempts, "http_status": replayed.status,
+                         "answer": replayed.answer})
+
+
 async def health(request: Request) -> JSONResponse:
     pipelines: dict[str, Pipeline] = request.app.state.pipelines
     return JSONResponse({"status": "ok", "pipelines": {n: p.config.version for n, p in pipelines.items()},
@@ -121,6 +159,7 @@ def create_app(pipelines: dict[str, Pipeline], max_in_flight: int = 256, *, toke
 
     app = Starlette(lifespan=lifespan, routes=[
         Route("/v1/pipelines/{pipeline}/tasks", run_task, methods=["POST"]),
+        Route("/v1/pipelines/{pipeline}/steps/{step}/replay", replay_dead_letter, methods=["POST"]),
         Route("/health", health),
         Route("/metrics", metrics),
     ])

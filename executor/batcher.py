@@ -27,6 +27,7 @@ class BatchResult:
     batch_size: int
     queue_ms: float
     padding_ratio: float = 0.0  # share of the batch's padded length that was padding
+    queue_depth: int = 0  # requests queued (itself included) when this one joined
 
 
 @dataclass
@@ -36,6 +37,7 @@ class _Pending:
     enqueued: float
     link: trace.Link | None
     length: int = 0
+    depth: int = 0
 
 
 class Batcher:
@@ -85,6 +87,7 @@ class Batcher:
             if self._closed:
                 raise RuntimeError(f"batcher {self.name} is closed")
             self._queue.append(pending)
+            pending.depth = len(self._queue)
             self._cond.notify()
         return pending.future
 
@@ -147,4 +150,4 @@ class Batcher:
             if self._on_batch:
                 self._on_batch(len(batch), time.monotonic() - started)
             for p, value in zip(batch, values, strict=False):
-                p.future.set_result(BatchResult(value, len(batch), (started - p.enqueued) * 1000, padding))
+                p.future.set_result(BatchResult(value, len(batch), (started - p.enqueued) * 1000, padding, p.depth))

@@ -28,7 +28,7 @@ from tracetune.retrying import is_retryable_status, parse_retry_after
 
 __all__ = ["RetryPolicy", "RetryResult", "RetriesExhausted", "send_with_retries", "parse_retry_after",
            "is_retryable_status", "describe_response", "SideEffect", "SideEffectFailed",
-           "DeadLetter", "DeadLetters"]
+           "DeadLetter", "DeadLetters", "Replayed"]
 
 log = logging.getLogger("tracetune.executor.effects")
 
@@ -191,6 +191,30 @@ class SideEffectFailed(Exception):
         self.dead_lettered = dead_lettered
 
 
+class Replayed(NamedTuple):
+    """A dead letter the service took on replay: its JSON answer, the attempts it needed, the HTTP status."""
+
+    answer: dict[str, Any]
+    attempts: int
+    status: int
+
+
+class _Sent(NamedTuple):
+    response: httpx.Response | None  # the success, or None with the error and why
+    attempts: int
+    status: int  # 0 when the last attempt got no HTTP answer
+    error: str
+    why: str
+    queued: float  # seconds spent waiting for a concurrency slot
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    try:
+        return response.json()
+    except ValueError:
+        return {}
+
+
 _KEY_NAMESPACE = uuid.UUID("6f1d7a52-3c1b-4f0e-9a57-2f3b7c9d1e44")
 
 
@@ -247,16 +271,38 @@ class SideEffect:
         span = trace.get_current_span()
         key = self.idempotency_key(task_id)
         span.set_attribute("tracetune.idempotency_key", key)
-        headers = {**self._headers, "Idempotency-Key": key}
-        queued = 0.0
+        sent = self._send(key, payload)
+        span.set_attribute("tracetune.queue_ms", round(sent.queued * 1000, 3))
+        self._annotate(span, sent.attempts, sent.status, sent.queued)
+        if sent.response is not None:
+            return _answer(sent.response)
+        span.set_attribute("error.type", str(sent.status) if sent.status else "timeout_or_connection")
+        raise self._fail(task_id, key, payload, sent.attempts, sent.status, sent.error, sent.why)
 
+    def replay(self, task_id: str, idempotency_key: str, payload: Any) -> Replayed:
+        """Send a dead letter again: its `payload` under its ORIGINAL `idempotency_key`, retried per the policy
+        and never dead-lettered again (the letter is still there), so the service stores the effect once however
+        often it is replayed. Returns the answer; raises SideEffectFailed saying why it failed again."""
+        sent = self._send(idempotency_key, payload)
+        outcome = "replayed" if sent.response is not None else "failed"
+        metrics.DEAD_LETTER_REPLAYS_TOTAL.labels(self.pipeline, self.step, outcome).inc()
+        if sent.response is not None:
+            return Replayed(_answer(sent.response), sent.attempts, sent.status)
+        raise SideEffectFailed(f"replay of {self.step} for task {task_id!r}: POST {self.url} {sent.why}; last error: "
+                               f"{sent.error}; the dead letter is kept", step=self.step, task_id=task_id,
+                               idempotency_key=idempotency_key, attempts=sent.attempts, last_status=sent.status,
+                               error=sent.error, dead_lettered=True)
+
+    def _send(self, key: str, payload: Any) -> _Sent:
+        """POST `payload` with `key` until it is taken, refused or retries run out (the policy and budget)."""
+        headers = {**self._headers, "Idempotency-Key": key}
+        queued = [0.0]
         deadline = time.monotonic() + self.budget if self.budget is not None else None
 
         def send() -> httpx.Response:
-            nonlocal queued
             started = time.perf_counter()
             with self._slots.slot():
-                queued += time.perf_counter() - started
+                queued[0] += time.perf_counter() - started
                 timeout = self.timeout
                 if deadline is not None:
                     timeout = max(0.001, min(timeout, deadline - time.monotonic()))
@@ -265,23 +311,12 @@ class SideEffect:
         try:
             response, attempts = send_with_retries(send, self.policy, deadline)
         except RetriesExhausted as exc:
-            attempts, status, error = exc.attempts, exc.last_status, exc.error
-            why = f"gave up after {attempts} attempt{'s' if attempts > 1 else ''}"
-        else:
-            status = response.status_code
-            if status < 400:
-                self._annotate(span, attempts, status, queued)
-                try:
-                    return response.json()
-                except ValueError:
-                    return {}
-            error = describe_response(response)
-            why = f"was refused ({status} is not retryable; the request needs fixing)"
-        finally:
-            span.set_attribute("tracetune.queue_ms", round(queued * 1000, 3))
-        self._annotate(span, attempts, status, queued)
-        span.set_attribute("error.type", str(status) if status else "timeout_or_connection")
-        raise self._fail(task_id, key, payload, attempts, status, error, why)
+            why = f"gave up after {exc.attempts} attempt{'s' if exc.attempts > 1 else ''}"
+            return _Sent(None, exc.attempts, exc.last_status, exc.error, why, queued[0])
+        if response.status_code < 400:
+            return _Sent(response, attempts, response.status_code, "", "", queued[0])
+        why = f"was refused ({response.status_code} is not retryable; the request needs fixing)"
+        return _Sent(None, attempts, response.status_code, describe_response(response), why, queued[0])
 
     def _annotate(self, span: trace.Span, attempts: int, status: int, queued: float) -> None:
         span.set_attribute("tracetune.retries", attempts - 1)

@@ -24,3 +24,12 @@ KNOB_VALUE = Gauge("tracetune_knob_value", "Knob values in force (booleans as 0/
 RETRIES_TOTAL = Counter("tracetune_retries_total", "Retried calls to remote services", ["pipeline", "step"])
 DEAD_LETTERS_TOTAL = Counter("tracetune_dead_letters_total", "Tasks dead-lettered after exhausting retries",
                              ["pipeline", "step"])
+DEAD_LETTER_REPLAYS_TOTAL = Counter("tracetune_dead_letter_replays_total",
+                                    "Dead letters sent again, by outcome (replayed: the service took it; failed)",
+                                    ["pipeline", "step", "outcome"])
+COLD_STARTS_TOTAL = Counter("tracetune_cold_starts_total",
+                            "First requests a model variant served since this executor started (one per variant)",
+                            ["pipeline", "step", "route"])
+COLD_START_SECONDS = Gauge("tracetune_cold_start_duration_seconds",
+                           "Latency of the first request a model variant served since this executor started",
+                           ["pipeline", "step", "route"])

@@ -21,7 +21,8 @@ from opentelemetry import trace
 
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics
-from tracetune.executor.steps import NAME, Cascade, InputError, Step, StepError
+from tracetune.executor.effects import Replayed
+from tracetune.executor.steps import NAME, Cascade, Effect, InputError, Step, StepError
 from tracetune.tuner.config import Approval, ConfigError, PipelineConfig, PipelineSpec
 
 log = logging.getLogger("tracetune.executor")
@@ -291,6 +292,18 @@ class Pipeline:
         if self._result is not None:
             return _plain(self._result(task))
         return _plain({k: v for k, v in task.data.items() if k not in task.input})
+
+    def replay(self, step: str, task_id: str, idempotency_key: str, payload: Any) -> Replayed:
+        """Send a dead letter of effect step `step` again, under its original idempotency key, with the step's
+        URL, headers, limits and retry policy (`SideEffect.replay`). LookupError if the pipeline has no such
+        effect step; SideEffectFailed if the service still does not take it."""
+        self._bind()
+        found = next((s for s in self.steps if s.name == step), None)
+        if not isinstance(found, Effect) or found.effect is None:
+            effects = [s.name for s in self.steps if isinstance(s, Effect)]
+            raise LookupError(f"pipeline {self.name} has no effect step {step!r} to replay; its effect steps: "
+                              f"{', '.join(effects) or 'none'}")
+        return found.effect.replay(task_id, idempotency_key, payload)
 
     def close(self) -> None:
         canary, self._canary = self._canary, None

@@ -28,6 +28,7 @@ from tracetune.executor import conventions as attr
 from tracetune.executor import metrics, telemetry
 from tracetune.executor.batcher import Batcher
 from tracetune.executor.cache import TTLCache, normalise
+from tracetune.executor.coldstarts import ColdStarts
 from tracetune.executor.effects import DeadLetters, RetryPolicy, SideEffect, SideEffectFailed
 from tracetune.executor.limits import Limiter
 from tracetune.executor.router import WeightedRouter
@@ -266,6 +267,7 @@ class Infer(Step):
         self.router = WeightedRouter(self.weights, seed)
         self.cache = AnswerCache(cache) if cache else None
         self.batchers: dict[str, Batcher] = {}
+        self.cold_starts = ColdStarts()  # first request per variant since start
 
     def knobs(self) -> dict[str, Knob]:
         knobs: dict[str, Knob] = {}
@@ -329,7 +331,8 @@ class Infer(Step):
         item = self.input(task)
         output, key = self.cache.lookup(route, item, span) if self.cache else (TTLCache.MISSING, "")
         if output is TTLCache.MISSING:
-            output = self._compute(route, item, span)
+            with self.cold_starts.first(self.pipeline_name, self.name, route, span):
+                output = self._compute(route, item, span)
             if self.cache:
                 self.cache.put(key, output)
         value, confidence = _split(output)
@@ -353,6 +356,7 @@ class Infer(Step):
         result = batcher.submit(item).result(timeout=self.result_timeout)
         span.set_attribute(attr.BATCH_SIZE, result.batch_size)
         span.set_attribute(attr.QUEUE_MS, round(result.queue_ms, 3))
+        span.set_attribute(attr.QUEUE_DEPTH, result.queue_depth)
         return result.value
 
     def close(self) -> None:

@@ -29,6 +29,8 @@ SLOW: dict[str, str] = {
     "tests/collector/test_edges.py": "damaged log records, a full disk, SIGTERM with the store away (real processes)",
     "tests/dashboard/test_browser.py": "drives the dashboard in Chromium",
     "tests/tuner/test_sim_judging.py": "simulations of the canary judge and the batcher",
+    "tests/executor/test_dead_letters.py": "a tuner and an executor process per test, and CLI processes",
+    "tests/executor/test_signals.py": "a tuner, a collector and two executor starts, real ONNX variants",
     "tests/analyzer/test_drift.py::test_injected_drift_is_flagged_within_2_minutes_until_it_ends_and_a_steady_stream_never":
         "15 simulated minutes of demo traffic per case, refreshed every 30 s",
     "tests/collector/test_hostile.py::test_fuzzed_spans_never_get_a_5xx": "property-based fuzzing",

@@ -501,27 +501,40 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None, pipelin
 @click.option("--by", default="pipeline,step", show_default=True,
               help="Comma-separated: pipeline, step, route, tenant, model, service. Without step, route or model "
                    "the rows count tasks (root spans); with step each pipeline has an (end to end) row.")
-@click.option("--batching", is_flag=True, help="Batch size and queue time distributions instead.")
+@click.option("--batching", is_flag=True, help="Batch size, queue time and queue depth distributions instead.")
+@click.option("--cold-starts", "cold", is_flag=True,
+              help="Cold starts instead: each model variant's first request after an executor started.")
 @click.option("--source", type=click.Choice(["rollup", "raw"]), default="rollup", show_default=True,
               help="Per-minute rollups (flat cost, percentiles within 0.5%) or raw spans (exact).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
 @click.option("--wide", is_flag=True, help="Every column (default: the main ones, to fit 100 columns).")
 @click.pass_context
-def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool, source: str,
+def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool, cold: bool, source: str,
           as_json: bool, wide: bool) -> None:
     """Per-step requests, error rate, p50, p95, p99 (ms) over a trailing window, and each pipeline's
     end-to-end row (its tasks, as callers see them)."""
     from tracetune import analyzer
-    from tracetune.terminal import BATCHING_COLUMNS, console, frame_table, latency_table, step_table
+    from tracetune.terminal import (
+        BATCHING_COLUMNS,
+        COLD_START_COLUMNS,
+        console,
+        frame_table,
+        latency_table,
+        step_table,
+    )
 
     _window(since)
+    if batching and cold:
+        raise UserError("--batching and --cold-starts are two views: give one")
     settings = _settings(ctx)
     _settle(settings)
     client = _client(settings, readonly=True)
     _known_pipeline(client, pipeline)
     keys = tuple(b.strip() for b in by.split(",") if b.strip())
     try:
-        if batching:
+        if cold:
+            frame = analyzer.cold_starts(client, since, pipeline)
+        elif batching:
             frame = analyzer.batching(client, since, pipeline)
         elif keys == ("pipeline", "step"):
             frame = analyzer.step_stats(client, since, pipeline, source=source)
@@ -531,6 +544,9 @@ def stats(ctx: click.Context, since: str, pipeline: str, by: str, batching: bool
         raise click.BadParameter(str(exc), param_hint="--by") from None
     if as_json:
         click.echo(_json_rows(frame))
+    elif cold:
+        console(wide).print(frame_table(frame, f"cold starts (first request per model variant and executor start), "
+                                        f"last {since}", COLD_START_COLUMNS, wide))
     elif batching:
         console(wide).print(frame_table(frame.drop("size_histogram") if "size_histogram" in frame.columns else frame,
                                         f"batching, last {since}", BATCHING_COLUMNS, wide))
@@ -1071,6 +1087,188 @@ def alerts_test(ctx: click.Context) -> None:
     if any(row.get("status") != "delivered" for row in rows):
         raise UserError("not every receiver took the test alert; retries go on in the analyzer "
                         "(`tracetune alerts deliveries`)")
+
+
+# ---- dead letters: side effects that gave up, to inspect, replay or discard ----------------------------
+
+class DownstreamFailed(click.ClickException):
+    """A replay the downstream did not take: one line saying why, exit code 1 (not the user's mistake)."""
+
+    exit_code = 1
+
+
+def _tuner_call(s: Settings, method: str, path: str, body: dict | None = None, timeout: float = 330.0):
+    """A call to the tuner API with its write token; UserError when the tuner cannot be reached."""
+    import httpx
+
+    try:
+        return httpx.request(method, f"{s.tuner_url}{path}", json=body, timeout=timeout,
+                             headers={"Authorization": f"Bearer {s.secret('tuner')}"})
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach the tuner at {s.tuner_url} ({type(exc).__name__}); replay and discard go "
+                        "through it (is `tracetune up` running?)") from None
+
+
+def _answer_detail(response) -> str:
+    try:
+        return str(response.json().get("detail") or response.text)
+    except (ValueError, AttributeError):
+        return response.text[:300]
+
+
+@cli.group("dead-letters")
+def dead_letters_group() -> None:
+    """Side effects that gave up after their retries (e.g. the CRM follow-up): list, show, replay, discard.
+
+    Replay runs in the executor (it holds the downstream's URL and credentials), asked by the tuner, and sends
+    the letter under its original idempotency key, so the downstream stores the effect once."""
+
+
+@dead_letters_group.command("list")
+@click.option("--status", type=click.Choice(["open", "replayed", "discarded", "all"]), default="open",
+              show_default=True, help="Which letters.")
+@click.option("--pipeline", default="", help="Only this pipeline.")
+@click.option("--step", default="", help="Only this step.")
+@click.option("--since", default=None, help="Only letters dead-lettered within this window: 30m, 1d, 7d.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Newest letters.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON rows instead of a table.")
+@click.option("--wide", is_flag=True, help="Every column (full keys, first time, last replay or discard).")
+@click.pass_context
+def dead_letters_list(ctx: click.Context, status: str, pipeline: str, step: str, since: str | None, limit: int,
+                      as_json: bool, wide: bool) -> None:
+    """Dead letters, newest first: what failed (pipeline, step, task), why, how often it was tried, when."""
+    from datetime import timedelta
+
+    import polars as pl
+
+    from tracetune import analyzer
+    from tracetune.analyzer import dead_letters as letters_mod
+    from tracetune.terminal import console, frame_table
+
+    if since:
+        _window(since)
+    start = datetime.now(UTC) - timedelta(seconds=analyzer.parse_window(since)) if since else None
+    client = _client(_settings(ctx), readonly=True)
+    found = letters_mod.letters(client, status, pipeline, step, start, limit)
+    rows = [letter.to_dict(payload=False) for letter in found]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console().print(f"no {'' if status == 'all' else status + ' '}dead letters"
+                        + (f" for {pipeline}" if pipeline else ""))
+        return
+    shown = [{"key": r["idempotency_key"] if wide else r["idempotency_key"][:13], "status": r["status"],
+              "pipeline": r["pipeline"], "step": r["step"], "task": r["task_id"], "tries": r["attempts"],
+              "times": r["dead_lettered"], "http": r["last_status"] or "-", "last (UTC)": _since(r["last_at"])[5:],
+              "first (UTC)": _since(r["first_at"]), "error": r["error"],
+              "done by": f"{r['last_action']} by {r['last_author']}" if r["last_action"] else "",
+              "why": r["last_reason"]} for r in rows]
+    columns = ("key", *(("status",) if status == "all" else ()), "step", "task", "tries", "http", "last (UTC)", "error")
+    console(wide).print(frame_table(pl.DataFrame(shown, infer_schema_length=None), "dead letters, newest first "
+                                    "(tries: attempts in all; `tracetune dead-letters show KEY`)", columns, wide))
+
+
+@dead_letters_group.command("show")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print the letter as JSON.")
+@click.pass_context
+def dead_letters_show(ctx: click.Context, key: str, as_json: bool) -> None:
+    """One letter by its idempotency key (or a unique prefix of 8+ characters): the body it sent, each time it
+    was dead-lettered, each replay and discard."""
+    from tracetune.analyzer import dead_letters as letters_mod
+
+    try:
+        letter = letters_mod.find(_client(_settings(ctx), readonly=True), key)
+    except letters_mod.DeadLetterError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(letter.to_dict(), indent=2, default=str))
+        return
+    click.echo(f"{letter.idempotency_key}  {letter.status}\n"
+               f"  {letter.pipeline} / {letter.step}, task {letter.task_id}\n"
+               f"  dead-lettered {letter.dead_lettered}x, {letter.attempts} attempts in all, first "
+               f"{_since(letter.first_at.isoformat())}, last {_since(letter.last_at.isoformat())} UTC\n"
+               f"  last error: {letter.error}")
+    for row in letter.history:
+        click.echo(f"  {_since(row['created_at'].isoformat())}  dead-lettered after {row['attempts']} attempts "
+                   f"(HTTP {row['last_status'] or '-'})")
+    for event in letter.events:
+        click.echo(f"  {_since(event.at.isoformat() if event.at else '')}  {event.action} by {event.author}"
+                   + (f" after {event.attempts} attempts" if event.attempts else "")
+                   + (f": {event.reason}" if event.reason else ""))
+    click.echo("body:\n" + json.dumps(letter.body, indent=2, default=str))
+
+
+@dead_letters_group.command("replay")
+@click.argument("keys", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every open letter (of --pipeline / --step, if given).")
+@click.option("--pipeline", default="", help="With --all: only this pipeline.")
+@click.option("--step", default="", help="With --all: only this step.")
+@click.option("--reason", default="", help="Why (kept in the audit).")
+@click.pass_context
+def dead_letters_replay(ctx: click.Context, keys: tuple[str, ...], every: bool, pipeline: str, step: str,
+                        reason: str) -> None:
+    """Send letters again through the executor under their original idempotency keys (the downstream stores
+    each once, however often it is replayed). A letter the downstream still refuses stays open, and why is
+    shown; the exit code is then 1."""
+    import getpass
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from tracetune.analyzer import dead_letters as letters_mod
+
+    s = _settings(ctx)
+    if every == bool(keys):
+        raise UserError("give the keys of the letters to replay, or --all for every open one "
+                        "(`tracetune dead-letters list` shows them)")
+    if every:
+        keys = tuple(letter.idempotency_key for letter in
+                     letters_mod.letters(_client(s, readonly=True), "open", pipeline, step, None, 10_000))
+        if not keys:
+            click.echo("no open dead letters to replay")
+            return
+    body = {"author": getpass.getuser(), "reason": reason}
+    failed = []
+    with Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), transient=True,
+                  disable=len(keys) < 2 or not sys.stderr.isatty(), console=None) as progress:
+        bar = progress.add_task("replay", total=len(keys))
+        for key in keys:
+            answer = _tuner_call(s, "POST", f"/v1/dead-letters/{key}/replay", body)
+            if answer.status_code == 200:
+                done = answer.json()
+                click.echo(f"{done['idempotency_key']}: replayed after {done['attempts']} attempt"
+                           f"{'s' if done['attempts'] != 1 else ''} (HTTP {done['http_status']})")
+            elif answer.status_code == 502 and answer.json().get("outcome") == "replay_failed":
+                failed.append(key)
+                click.echo(f"{answer.json()['idempotency_key']}: still failing, kept: {_answer_detail(answer)}",
+                           err=True)
+            elif answer.status_code in (401, 403, 404, 409, 422):
+                raise UserError(_answer_detail(answer))
+            else:
+                raise DownstreamFailed(_answer_detail(answer))
+            progress.advance(bar)
+    if failed:
+        raise DownstreamFailed(f"{len(failed)} of {len(keys)} dead letters were not taken; they stay open "
+                               "(`tracetune dead-letters show KEY`)")
+
+
+@dead_letters_group.command("discard")
+@click.argument("key")
+@click.option("--reason", required=True, help="Why the effect should never happen (kept in the audit).")
+@click.pass_context
+def dead_letters_discard(ctx: click.Context, key: str, reason: str) -> None:
+    """Give a letter up for good; who and why are kept in the audit."""
+    import getpass
+
+    if not reason.strip():
+        raise click.BadParameter("say why the effect should never happen", param_hint="--reason")
+    answer = _tuner_call(_settings(ctx), "POST", f"/v1/dead-letters/{key}/discard",
+                         {"author": getpass.getuser(), "reason": reason})
+    if answer.status_code != 200:
+        raise UserError(_answer_detail(answer))
+    done = answer.json()
+    click.echo(f"{done['idempotency_key']}: discarded by {done['author']}: {done['reason']}")
 
 
 @cli.group()

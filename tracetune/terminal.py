@@ -74,7 +74,8 @@ _FORMATS: dict[str, tuple[str, Callable]] = {
 # What each view shows without --wide (after its group-by keys).
 LATENCY_COLUMNS = ("requests", "error_rate", "throughput_rps", "p50_ms", "p95_ms", "p99_ms")
 BATCHING_COLUMNS = ("pipeline", "step", "route", "batched_spans", "batch_size_p50", "batch_size_p95",
-                    "queue_ms_p50", "queue_ms_p95")
+                    "queue_ms_p50", "queue_ms_p95", "queue_depth_p95")
+COLD_START_COLUMNS = ("pipeline", "step", "route", "cold_starts", "executors", "cold_ms_max", "warm_ms_p50")
 
 
 def _header(name: str) -> str:

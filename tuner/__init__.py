@@ -22,13 +22,14 @@ def serve(settings: Settings) -> None:
     from tracetune import store
     from tracetune.serving import allowed_hosts
     from tracetune.serving import serve as serve_app
-    from tracetune.tuner import loop
+    from tracetune.tuner import dead_letters, loop
     from tracetune.tuner.api import create_app
 
     store.wait_ready(settings, 60)
     app = create_app(lambda: store.connect(settings), token=token_for(settings),
                      hosts=allowed_hosts(settings.bind_host, settings.host_names),
                      max_body_bytes=settings.tuner_max_body_bytes)
+    dead_letters.configure(app, settings.executor_url, settings.secret("executor"))  # where replays run
     log.info("write token in %s", settings.home / "tuner.token")
     stop = threading.Event()
     if settings.tuner_interval_seconds > 0:

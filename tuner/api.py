@@ -735,10 +735,11 @@ def create_app(client_factory, token: str = "", hosts: frozenset[str] | None = L
                          swagger_ui_parameters={"validatorUrl": None})  # no call to validator.swagger.io
     app.state.token = token
     app.include_router(router)
-    from tracetune.tuner import approvals_api, baselines  # their routes use this module's `writer`
+    from tracetune.tuner import approvals_api, baselines, dead_letters  # their routes use this module's `writer`
 
     app.include_router(baselines.router)
     app.include_router(approvals_api.router)
+    app.include_router(dead_letters.router)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_route("/metrics", metrics, include_in_schema=False)
     app.add_middleware(Guard, hosts=hosts, max_body_bytes=max_body_bytes, json_body=True)
