@@ -92,7 +92,9 @@ class RetryPolicy:
         wait = ceiling / 2 + ceiling / 2 * self.random()
         return wait if retry_after is None else max(wait, retry_after)
 
+
 # ---- sending ---------------------------------------------------------------------------------------
+
 
 def send_now(client, notification: Notification, receivers: Iterable[Receiver], http: httpx.Client | None = None,
              policy: RetryPolicy | None = None) -> list[str]:
@@ -240,6 +242,7 @@ def _log(item: Due, outcome: _Outcome) -> None:
                   item.attempts + 1, outcome.error)
 
 # ---- the worker ------------------------------------------------------------------------------------
+
 
 class DeliveryWorker:
     """A thread that calls `deliver_due` every `interval` seconds until stopped (inside the analyzer).

@@ -42,4 +42,3 @@ for command in COMMANDS:
 
 def main() -> None:
     cli(prog_name="tracetune")
-

@@ -21,7 +21,6 @@ def config_in_force(client, pipeline: str) -> PipelineConfig:
     return config
 
 
-
 def _decide(client, kind: str, before: PipelineConfig | None, after: PipelineConfig, reason: str,
             author: str = "api") -> None:
     decisions.record(client, decisions.Decision(

@@ -45,7 +45,6 @@ class Config(BaseModel):
     canary: CanaryConfig | None = None
 
 
-
 class PinBody(BaseModel):
     """Knob values to hold (others keep theirs); `steps: {}` pins the config in force as it is."""
 
@@ -64,11 +63,9 @@ class RollbackBody(BaseModel):
     reason: str = Field("", max_length=MAX_REASON_CHARS)
 
 
-
 def _served(client, pipeline: str) -> tuple[PipelineConfig | None, canary.Canary | None]:
     config = versions.latest(client, pipeline)
     return config, canary.running(client, pipeline) if config is not None else None
-
 
 
 def _etag(config: PipelineConfig, trial: canary.Canary | None) -> str:
@@ -80,7 +77,6 @@ def config_response(config: PipelineConfig, response: Response, trial: canary.Ca
     response.headers["Cache-Control"] = "no-cache"
     decisions.CONFIG_VERSION.labels(config.pipeline).set(config.version)
     return {**config.to_dict(), "canary": trial.to_dict() if trial else None}
-
 
 
 @router.get("/v1/pipelines/{pipeline}/config", response_model=Config,

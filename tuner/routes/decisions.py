@@ -33,7 +33,6 @@ class DecisionRow(BaseModel):
     observed: dict[str, float]
 
 
-
 @router.get("/v1/pipelines/{pipeline}/decisions", response_model=list[DecisionRow], responses=errors(404, 422))
 async def read_decisions(pipeline: str, request: Request,
                          limit: int = Query(100, ge=1, le=1000, description="newest rows to answer")) -> Any:

@@ -77,7 +77,6 @@ def _feedback_rows(spec: PipelineSpec, body: Any) -> list[list[str]]:
     return rows
 
 
-
 @router.post("/v1/pipelines/{pipeline}/feedback", dependencies=[Depends(writer)], response_model=FeedbackStored,
              responses=errors(*WRITE_ERRORS), openapi_extra={"requestBody": {
                  "required": True, "content": {"application/json": {"schema": _FEEDBACK_SCHEMA}}}})

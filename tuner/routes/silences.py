@@ -39,7 +39,6 @@ def _matchers(raw: list[str | dict[str, Any]]) -> list[alerting.Matcher]:
     return found
 
 
-
 @router.get("/v1/alerts/silences")
 async def read_silences(request: Request) -> list[dict[str, Any]]:
     """Silences: active, pending and those that ended within a day (Alertmanager's silence objects)."""

@@ -26,7 +26,6 @@ class State(BaseModel):
     author: str
 
 
-
 class ReasonBody(BaseModel):
     """Why (kept in the audit)."""
 
@@ -34,30 +33,30 @@ class ReasonBody(BaseModel):
     reason: str = Field("", max_length=MAX_REASON_CHARS)
 
 
-
-def state_answer(pipeline: str, state: decisions.TunerState) -> dict[str, Any]:
+def _answer(pipeline: str, state: decisions.TunerState) -> dict[str, Any]:
     return {"pipeline": pipeline, **asdict(state)}
 
+
+async def _hold(request: Request, pipeline: str, kind: str, body: ReasonBody | None) -> dict[str, Any]:
+    """Freeze or unfreeze a declared pipeline (tuner/routes/changes.py `hold`), answering its new state."""
+    client = store_client(request)
+    await declared(client, pipeline)
+    state = await run_in_threadpool(changes.hold, client, pipeline, kind, (body or ReasonBody()).reason)
+    return _answer(pipeline, state)
 
 
 @router.post("/v1/pipelines/{pipeline}/freeze", dependencies=[Depends(writer)], response_model=State,
              responses=errors(*WRITE_ERRORS))
 async def freeze(pipeline: str, request: Request, body: ReasonBody | None = None) -> dict[str, Any]:
     """Stop the tuner loop changing this pipeline (hand changes still apply); recorded as `freeze`."""
-    client = store_client(request)
-    await declared(client, pipeline)
-    state = await run_in_threadpool(changes.hold, client, pipeline, "freeze", (body or ReasonBody()).reason)
-    return state_answer(pipeline, state)
+    return await _hold(request, pipeline, "freeze", body)
 
 
 @router.post("/v1/pipelines/{pipeline}/unfreeze", dependencies=[Depends(writer)], response_model=State,
              responses=errors(*WRITE_ERRORS))
 async def unfreeze(pipeline: str, request: Request, body: ReasonBody | None = None) -> dict[str, Any]:
     """Let the tuner loop tune this pipeline again (clears frozen and pinned); recorded as `unfreeze`."""
-    client = store_client(request)
-    await declared(client, pipeline)
-    state = await run_in_threadpool(changes.hold, client, pipeline, "unfreeze", (body or ReasonBody()).reason)
-    return state_answer(pipeline, state)
+    return await _hold(request, pipeline, "unfreeze", body)
 
 
 @router.get("/v1/pipelines/{pipeline}/state", response_model=State, responses=errors(404, 422))
@@ -65,4 +64,4 @@ async def read_state(pipeline: str, request: Request) -> dict[str, Any]:
     """Whether the tuner loop may change the pipeline (frozen, pinned), who said so and why."""
     client = store_client(request)
     await declared(client, pipeline)
-    return state_answer(pipeline, await run_in_threadpool(decisions.state, client, pipeline))
+    return _answer(pipeline, await run_in_threadpool(decisions.state, client, pipeline))
