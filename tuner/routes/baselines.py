@@ -1,7 +1,7 @@
 """Drift baselines over HTTP: pin, read and remove the window a pipeline's drift is measured against.
 
-`app.include_router(baselines.router)` in tuner/api.py's create_app serves them beside the SLO calls;
-writes need the tuner's bearer token. The storage and the maths are analyzer's (analyzer/baselines.py).
+Served beside the SLO calls (tuner/routes/__init__.py lists the routers create_app includes); writes
+need the tuner's bearer token. The storage and the maths are analyzer's (analyzer/baselines.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tracetune.analyzer.baselines import (
     set_baseline,
 )
 from tracetune.analyzer.stats import parse_window
-from tracetune.tuner.api import writer
+from tracetune.tuner.routes.common import writer
 
 __all__ = ["router"]
 

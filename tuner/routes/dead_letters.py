@@ -1,6 +1,6 @@
 """Dead letters over HTTP: list and show them, replay one through the executor, discard one with a reason.
 
-`app.include_router(dead_letters.router)` in tuner/api.py's create_app serves them. Every call needs the
+`ROUTERS` (tuner/routes/__init__.py) serves them. Every call needs the
 tuner's bearer token: letters hold the bodies sent to other systems (customer data), and replay and discard
 change things. Replay runs in the executor, which holds the downstream's URL and credentials (they are the
 pipeline's code and settings): the tuner reads the letter, asks the executor at `executor_url`
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from tracetune.analyzer import dead_letters
-from tracetune.tuner.api import writer
+from tracetune.tuner.routes.common import writer
 
 __all__ = ["router", "ExecutorLink", "configure"]
 
