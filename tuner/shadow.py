@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 
 from tracetune.analyzer import SLO, get_slo
 from tracetune.store import next_seq
@@ -45,8 +46,10 @@ ALPHA = 0.05  # each of the questions `judge` asks is answered at this level
 MIN_LABELLED = 30  # labelled shadowed tasks before quality is compared
 MIN_AGREEMENT = 0.8  # without enough labels, a shadow beyond doubt agreeing less often than this is rejected
 COST_TOLERANCE = 0.02  # a shadow dearer by less than this share is not rejected for it
+# Mixing spread of the cost test, relative to the dearer arm's mean: only the changed steps are priced, so most
+# tasks cost nothing on one side (a cascade that did not escalate) and differences are large against the mean.
+TAU_COST = 0.5
 REJECTED_MEMORY_SECONDS = 3600.0  # a move a shadow rejected is not shadowed again sooner
-_Z = 1.959963984540054  # two-sided 95%
 
 
 @dataclass(frozen=True)
@@ -179,23 +182,20 @@ class Verdict:
 
 # ---- the maths (pure) ---------------------------------------------------------------------------------
 
-def wilson(hits: float, n: float) -> tuple[float, float]:
+def wilson(hits: int, n: int) -> tuple[float, float]:
     """95% Wilson interval of a proportion (0, 1 with no data)."""
     if n <= 0:
         return 0.0, 1.0
-    p = hits / n
-    centre, spread = p + _Z * _Z / (2 * n), _Z * math.sqrt(p * (1 - p) / n + _Z * _Z / (4 * n * n))
-    scale = 1 + _Z * _Z / n
-    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
+    interval = binomtest(int(hits), int(n)).proportion_ci(0.95, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def sign_test_p(worse: int, better: int) -> float:
-    """One-sided exact sign test on the discordant pairs (McNemar): the chance of at least `worse` of them going
-    against the shadow if either way were equally likely."""
-    n = worse + better
-    if n == 0:
+    """One-sided exact sign test on the discordant pairs (McNemar's exact test): the chance of at least `worse`
+    of them going against the shadow if either way were equally likely."""
+    if worse + better == 0:
         return 1.0
-    return min(1.0, sum(math.comb(n, k) for k in range(worse, n + 1)) / 2 ** n)
+    return float(binomtest(worse, worse + better, 0.5, alternative="greater").pvalue)
 
 
 def judge(found: Samples, slo: SLO | None, *, min_samples: int, expired: bool = False, capped: bool = False,
@@ -255,10 +255,10 @@ def judge(found: Samples, slo: SLO | None, *, min_samples: int, expired: bool = 
         problems.append(f"the changed steps alone take {p95:.0f} ms at p95 (against {real_p95:.0f} ms), over the "
                         f"{target:g} ms target")
     cost, real_cost = np.array([c for c, _ in found.costs]), np.array([r for _, r in found.costs])
-    if real_cost.sum() > 0 and len(cost) >= 2:
+    if (real_cost.sum() > 0 or cost.sum() > 0) and len(cost) >= 2:
         difference = cost - (1 + COST_TOLERANCE) * real_cost
-        p = canary.msprt_p(float(difference.mean()), float(difference.var(ddof=1)) / len(difference),
-                           canary.TAU_COST * float(real_cost.mean()))
+        scale = TAU_COST * max(float(real_cost.mean()), float(cost.mean()))
+        p = canary.msprt_p(float(difference.mean()), float(difference.var(ddof=1)) / len(difference), scale)
         before, after = 1000 * float(real_cost.mean()), 1000 * float(cost.mean())
         figures.update({"shadow.cost_per_1k": round(after, 6), "base.cost_per_1k": round(before, 6),
                         "p.dearer": round(p, 6)})
