@@ -434,10 +434,10 @@ def before_trial(client, spec: PipelineSpec, config: PipelineConfig, plan: Any, 
         if not active() or state.frozen or state.pinned or versions.latest(client, spec.pipeline) != config:
             return True, None
         trial = start(client, spec.pipeline, config, plan.changes, settings.share, record, plan.summary)
-        candidate = spec.merge(config, plan.changes)
+        candidate = {**spec.merge(config, plan.changes).to_dict(), "version": config.version}  # runs beside it
         summary, _, details = plan.reason.partition("\n")
         decision = decisions.Decision(
-            spec.pipeline, "shadow_start", config.version, config.version, config.to_dict(), candidate.to_dict(),
+            spec.pipeline, "shadow_start", config.version, config.version, config.to_dict(), candidate,
             f"Shadowing on {settings.share:.0%} of tasks before a canary (it changes "
             f"{', '.join(quality_moves(plan.changes))}; its answers are recorded, never returned): "
             f"{summary[0].lower()}{summary[1:]}\n{details}\nshadow trial {trial.trial}: at least "
@@ -472,7 +472,7 @@ def _look(client, spec: PipelineSpec, config: PipelineConfig, trial: Trial, loop
                verdict.reason)
         figures = {k: v for k, v in verdict.figures.items() if isinstance(v, float) and math.isfinite(v)}
         try:
-            candidate = spec.merge(config, trial.steps).to_dict()
+            candidate = {**spec.merge(config, trial.steps).to_dict(), "version": config.version}
         except ValueError:  # the declaration changed under a cancelled trial: show its changes as they were
             candidate = {**config.to_dict(), "steps": trial.steps}
         decision = decisions.Decision(spec.pipeline, kind, config.version, config.version, candidate, config.to_dict(),
