@@ -292,11 +292,12 @@ def running(client, pipeline: str) -> Trial | None:
 
 def served(client, config: PipelineConfig) -> dict[str, Any] | None:
     """The shadow trial executors should run beside `config` (the config in force), or None: only a running
-    trial against that very version, within its time."""
+    trial against that very version, within its time, while the pipeline is neither frozen nor pinned."""
     trial = running(client, config.pipeline)
     if trial is None or trial.base_version != config.version or datetime.now(UTC).timestamp() > trial.until:
         return None
-    return trial.to_dict()
+    state = decisions.state(client, config.pipeline)
+    return None if state.frozen or state.pinned else trial.to_dict()
 
 
 def _append(client, trial: Trial, status: str, reason: str) -> None:

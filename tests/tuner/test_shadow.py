@@ -138,6 +138,10 @@ def test_a_quality_move_starts_a_shadow_instead_of_a_canary_and_is_served_beside
     assert served["id"] == trial.trial and served["share"] == 0.5 and served["cost_cap_usd_per_hour"] == 2.0
     assert served["steps"] == {"escalate": {"cascade_threshold": 0.3}} and served["answer_step"] == "score"
     assert versions.latest(shop, "shop") == config
+    decisions.set_state(shop, "shop", frozen=True, pinned=False, reason="hold on", author="test")
+    assert shadow.served(shop, config) is None  # a freeze stops the shadow at once
+    decisions.set_state(shop, "shop", frozen=False, pinned=False, reason="go on", author="test")
+    assert shadow.served(shop, config)["id"] == trial.trial
     # A plan without a quality move is not the shadow's: the loop tries it as before.
     cache = Plan(changes={"score": {"cache_enabled": True}})
     shadow.finish(shop, trial, "cancelled", "test")
