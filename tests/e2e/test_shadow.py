@@ -11,7 +11,6 @@ A second trial with a tiny cost cap stops shadowing once the cap is spent. No us
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -224,18 +223,20 @@ def test_the_shadow_cost_cap_holds(stack):
     # Every escalation to the dearer tier: the shadow runs escalate for the tickets the config in force escalates.
     trial = _start(client, {"escalate": {"route_weights": {"llm-small": 0.0, "llm-large": 1.0}}}, share=1.0,
                    min_samples=N, max_seconds=600, cost_cap_usd_per_hour=cap)
-    capped_before = _metric(settings, "tracetune_shadow_tasks_total", pipeline=PIPELINE, outcome="capped")
+    outcomes = lambda: {outcome: _metric(settings, "tracetune_shadow_tasks_total", pipeline=PIPELINE, outcome=outcome)
+                        for outcome in ("ran", "failed", "capped", "busy", "expired")}
+    before = outcomes()
     _applied(stack, trial)
     answers = _send(settings, "c", _tickets())
     assert sum(a["result"]["escalated"] for a in answers.values()) > 2  # more escalations than the cap pays for
-    wait_until(lambda: _metric(settings, "tracetune_shadow_tasks_total", pipeline=PIPELINE, outcome="capped")
-               - capped_before > 0, 30, 0.2, "the executor stopping at the cap")
-    wait_until(lambda: shadow.samples(client, trial).n >= 2, 20, 0.3, "the shadow runs in the store")
-    time.sleep(1.5)  # the last batch of shadow spans reaches the store
+    done = lambda: {k: v - before[k] for k, v in outcomes().items()}
+    wait_until(lambda: sum(done().values()) == N, 30, 0.2, "every sampled task shadowed or skipped")
+    ran = done()["ran"]
+    wait_until(lambda: shadow.samples(client, trial).n == ran, 20, 0.3, "the shadow runs in the store")
     found = shadow.samples(client, trial)
     assert cap <= found.spent <= cap + unit  # the run that crossed the cap is the only one past it
+    assert done()["capped"] > 0 and found.n < N  # then it stopped shadowing
     assert _metric(settings, "tracetune_shadow_cost_usd_total", pipeline=PIPELINE) >= found.spent - 1e-12
-    assert found.n < N  # it stopped shadowing
     # The tuner sees the cap spent too and ends the trial on what it has: too few tasks for a verdict.
     decision = _judge(client)
     assert decision is not None and decision.kind == "shadow_reject", decision
