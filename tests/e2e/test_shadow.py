@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -24,6 +24,7 @@ from tracetune import store
 from tracetune.analyzer import (
     cost_per_1k,
     cost_per_request,
+    feature_samples,
     latency,
     load_prices,
     pipelines,
@@ -212,6 +213,11 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
     assert pipelines(client, 600) == [PIPELINE]
     counted = request_counts(client, PIPELINE, [600], source="raw")
     assert counted["total"].to_list() == [2 * N]
+    now = datetime.now(UTC)  # drift reads the escalated answers of users' tasks only
+    drift = feature_samples(client, PIPELINE, "escalate", "category",
+                            (now - timedelta(hours=2), now - timedelta(hours=1)),
+                            (now - timedelta(minutes=30), now + timedelta(minutes=1)))
+    assert len(drift["current"]) == escalated
 
 
 def test_the_shadow_cost_cap_holds(stack):
