@@ -8,9 +8,11 @@ import random
 import time
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 
 from tests.spans import COLUMNS, span_row
+from tests.tuner.test_decisions import tuner  # noqa: F401 - the fixture
 from tests.tuner.test_loop import SPEC, _spans, shop  # noqa: F401 - shop is a fixture
 from tracetune.analyzer import SLO
 from tracetune.tuner import decisions, shadow, versions
@@ -206,3 +208,31 @@ def test_a_shadow_against_a_version_no_longer_in_force_is_cancelled(shop):  # no
     _, decision = shadow.before_trial(shop, SPEC, changed, None, None, LoopSettings(), datetime.now(UTC),
                                       settings=SETTINGS)
     assert decision.kind == "shadow_cancel" and shadow.running(shop, "shop") is None
+
+
+def test_executors_are_served_the_shadow_beside_the_config_and_a_hand_change_ends_it(tuner):  # noqa: F811
+    tuner.register()
+    url = f"{tuner.url}/v1/pipelines/triage/config"
+    before = httpx.get(url)
+    assert before.json()["shadow"] is None
+    base = versions.latest(tuner.client, "triage")
+    trial = shadow.start(tuner.client, "triage", base, {"escalate": {"cascade_threshold": 0.3}}, 0.25,
+                         {"answer_step": "classify", "unit_costs": {"escalate.llm": 0.0004}, "max_seconds": 600,
+                          "cost_cap_usd_per_hour": 0.5}, "a test")
+    served = httpx.get(url, headers={"If-None-Match": before.headers["etag"]})
+    assert served.status_code == 200 and served.headers["etag"] == f'"triage-v1-s{trial.trial}"'
+    body = served.json()
+    assert body["version"] == 1 and body["steps"]["escalate"]["cascade_threshold"] == 0.45  # in force, unchanged
+    assert body["canary"] is None
+    assert {k: body["shadow"][k] for k in ("id", "base_version", "share", "steps", "answer_step", "unit_costs",
+                                           "cost_cap_usd_per_hour")} == {
+        "id": trial.trial, "base_version": 1, "share": 0.25, "steps": {"escalate": {"cascade_threshold": 0.3}},
+        "answer_step": "classify", "unit_costs": {"escalate.llm": 0.0004}, "cost_cap_usd_per_hour": 0.5}
+    assert body["shadow"]["until"] == pytest.approx(trial.started_at.timestamp() + 600)
+    assert httpx.get(url, headers={"If-None-Match": served.headers["etag"]}).status_code == 304
+    assert [p["version"] for p in httpx.get(f"{tuner.url}/v1/pipelines").json()] == [1]  # no version of its own
+
+    changed = tuner.patch({"steps": {"classify": {"batch_max_size": 16}}, "reason": "by hand"})
+    assert changed.status_code == 200
+    after = httpx.get(url, headers={"If-None-Match": served.headers["etag"]})
+    assert after.status_code == 200 and after.json()["shadow"] is None and after.headers["etag"] == '"triage-v2"'
