@@ -15,7 +15,7 @@ from tests.spans import COLUMNS, span_row
 from tests.tuner.test_decisions import tuner  # noqa: F401 - the fixture
 from tests.tuner.test_loop import SPEC, _spans, shop  # noqa: F401 - shop is a fixture
 from tracetune.analyzer import SLO
-from tracetune.tuner import decisions, shadow, versions
+from tracetune.tuner import canary, decisions, shadow, versions
 from tracetune.tuner.loop import LoopSettings, Plan, tune_once
 from tracetune.tuner.observe import collect
 
@@ -236,3 +236,50 @@ def test_executors_are_served_the_shadow_beside_the_config_and_a_hand_change_end
     assert changed.status_code == 200
     after = httpx.get(url, headers={"If-None-Match": served.headers["etag"]})
     assert after.status_code == 200 and after.json()["shadow"] is None and after.headers["etag"] == '"triage-v2"'
+
+
+def _cascade_spans(client, n: int = 600) -> None:
+    """`n` labelled tasks of shop over the last 20 s: `score` sure and right above confidence 0.2, the cascade
+    answering (right) below the 0.5 threshold; so the loop proposes escalating fewer tasks, a quality move."""
+    rng = random.Random(3)
+    now = time.time_ns()
+    rows, truth = [], []
+    for i in range(n):
+        trace, root = f"{i + 1:032x}", f"{3 * i + 1:016x}"
+        start = now - (n - i) * (20_000_000_000 // n)
+        confidence = rng.random()
+        rows.append(span_row(start, trace_id=trace, span_id=root, name="shop", kind="Server",
+                             attrs={"tracetune.pipeline": "shop"}, duration=30_000_000, status="Unset"))
+        rows.append(span_row(start + 1000, trace_id=trace, span_id=f"{3 * i + 2:016x}", parent=root, name="score",
+                             attrs={"tracetune.pipeline": "shop", "tracetune.step": "score", "tracetune.route": "a",
+                                    "tracetune.prediction": "yes" if confidence >= 0.2 else "no",
+                                    "tracetune.feature.confidence": f"{confidence:.4f}"},
+                             duration=10_000_000, status="Unset"))
+        if confidence < 0.5:
+            rows.append(span_row(start + 2000, trace_id=trace, span_id=f"{3 * i + 3:016x}", parent=root,
+                                 name="escalate", attrs={"tracetune.pipeline": "shop", "tracetune.step": "escalate",
+                                                         "tracetune.route": "remote", "tracetune.prediction": "yes"},
+                                 duration=15_000_000, status="Unset"))
+        truth.append(["shop", trace, "", "yes", "test"])
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+    client.insert("tracetune_feedback", truth, column_names=["pipeline", "trace_id", "step", "label", "source"])
+
+
+def test_tune_once_shadows_its_cascade_move_before_any_canary_when_shadows_are_on(shop):  # noqa: F811
+    _cascade_spans(shop)
+    settings = LoopSettings(min_requests=100, cooldown_seconds=0, window_seconds=30, canary_share=0.2)
+    shadow.configure(SETTINGS)
+    try:
+        started = tune_once(shop, "shop", settings)
+    finally:
+        shadow.configure(shadow.ShadowSettings())
+    assert started is not None and started.kind == "shadow_start", started
+    assert "escalate.cascade_threshold" in started.reason and started.predicted["before.requests"] == 600
+    trial = shadow.running(shop, "shop")
+    assert trial.steps["escalate"]["cascade_threshold"] < 0.5 and trial.plan["answer_step"] == "score"
+    assert versions.latest(shop, "shop").version == 1 and canary.running(shop, "shop") is None
+    # Off (the default), the same plan goes to its canary as before.
+    shadow.finish(shop, trial, "cancelled", "test")
+    tried = tune_once(shop, "shop", settings)
+    assert tried is not None and tried.kind == "canary_start"
+    assert tried.config_after["steps"]["escalate"]["cascade_threshold"] == trial.steps["escalate"]["cascade_threshold"]
