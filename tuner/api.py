@@ -422,8 +422,8 @@ async def read_spec(pipeline: str, request: Request) -> dict[str, Any]:
 @router.get("/v1/pipelines/{pipeline}/config", response_model=Config,
             responses={304: {"description": "Not modified"}, **_errors(404)})
 async def get_config(pipeline: str, request: Request, response: Response) -> Any:
-    """The config in force and the canary on trial (if any); send If-None-Match with the last ETag to
-    get a cheap 304 while neither changed."""
+    """The config in force, the canary on trial and the shadow trial running (if any); send If-None-Match
+    with the last ETag to get a cheap 304 while none changed."""
     client = _client(request)
     config, trial, trying = await run_in_threadpool(_served, client, pipeline)
     if config is None:
