@@ -234,7 +234,7 @@ def judge(found: Samples, slo: SLO | None, *, min_samples: int, expired: bool = 
         low, high = wilson(right, n)
         quality, real_quality = right / n, real_right / n
         figures.update({"shadow.labelled": float(n), "shadow.quality": round(quality, 6),
-                        "base.quality": round(real_quality, 6), "shadow.quality_lower": round(low, 6),
+                        "shadow.real_quality": round(real_quality, 6), "shadow.quality_lower": round(low, 6),
                         "shadow.quality_upper": round(high, 6), "p.quality": round(p, 6)})
         if p < ALPHA and quality < (floor if floor is not None else 1.0):
             problems.append(f"less often right on the same tasks: {quality:.3f} against {real_quality:.3f} "
@@ -249,7 +249,7 @@ def judge(found: Samples, slo: SLO | None, *, min_samples: int, expired: bool = 
                             f"labels ({len(found.labelled)}) to tell which is right")
     ms, real_ms = np.array([m for m, _ in found.ms]), np.array([r for _, r in found.ms])
     p95, real_p95 = float(np.percentile(ms, 95)), float(np.percentile(real_ms, 95))
-    figures.update({"shadow.steps_p95_ms": round(p95, 3), "base.steps_p95_ms": round(real_p95, 3)})
+    figures.update({"shadow.steps_p95_ms": round(p95, 3), "shadow.real_steps_p95_ms": round(real_p95, 3)})
     target = slo.p95_ms if slo and slo.p95_ms is not None else None
     if target is not None and p95 > target and p95 > real_p95:
         problems.append(f"the changed steps alone take {p95:.0f} ms at p95 (against {real_p95:.0f} ms), over the "
@@ -260,8 +260,8 @@ def judge(found: Samples, slo: SLO | None, *, min_samples: int, expired: bool = 
         scale = TAU_COST * max(float(real_cost.mean()), float(cost.mean()))
         p = canary.msprt_p(float(difference.mean()), float(difference.var(ddof=1)) / len(difference), scale)
         before, after = 1000 * float(real_cost.mean()), 1000 * float(cost.mean())
-        figures.update({"shadow.cost_per_1k": round(after, 6), "base.cost_per_1k": round(before, 6),
-                        "p.dearer": round(p, 6)})
+        figures.update({"shadow.steps_cost_per_1k": round(after, 6),
+                        "shadow.real_steps_cost_per_1k": round(before, 6), "p.dearer": round(p, 6)})
         if p < ALPHA and difference.mean() > 0 and not restoring:
             problems.append(f"dearer: {after:.4f} against {before:.4f} USD per 1k tasks for the changed steps")
     tasks = f"{found.n} shadowed tasks"
@@ -269,10 +269,11 @@ def judge(found: Samples, slo: SLO | None, *, min_samples: int, expired: bool = 
         return Verdict("reject", "shadow rejected: " + "; ".join(problems) + f" ({tasks})", figures)
     said = [f"agrees on {figures['shadow.agreement']:.1%} of tasks"]
     if "shadow.quality" in figures:
-        said.append(f"quality {figures['shadow.quality']:.3f} against {figures['base.quality']:.3f} on "
+        said.append(f"quality {figures['shadow.quality']:.3f} against {figures['shadow.real_quality']:.3f} on "
                     f"{int(figures['shadow.labelled'])} labelled tasks")
-    if "shadow.cost_per_1k" in figures:
-        said.append(f"{figures['shadow.cost_per_1k']:.4f} against {figures['base.cost_per_1k']:.4f} USD per 1k")
+    if "shadow.steps_cost_per_1k" in figures:
+        said.append(f"{figures['shadow.steps_cost_per_1k']:.4f} against "
+                    f"{figures['shadow.real_steps_cost_per_1k']:.4f} USD per 1k for the changed steps")
     said.append(f"changed steps p95 {p95:.0f} against {real_p95:.0f} ms")
     return Verdict("pass", "shadow passed: " + ", ".join(said) + f" ({tasks}; shadow cost "
                                                                 f"{found.spent:.4f} USD)", figures)

@@ -191,8 +191,9 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
     judged = next(r for r in rows if r["kind"] == "shadow_reject")
     observed = judged["observed"]
     assert observed["shadow.samples"] == N and observed["shadow.labelled"] == N
-    assert 0 < observed["shadow.agreement"] <= 1 and observed["shadow.quality"] >= observed["base.quality"]
-    assert observed["shadow.cost_per_1k"] > observed["base.cost_per_1k"] and observed["shadow.cost_usd"] > 0
+    assert 0 < observed["shadow.agreement"] <= 1 and observed["shadow.quality"] >= observed["shadow.real_quality"]
+    assert observed["shadow.steps_cost_per_1k"] > observed["shadow.real_steps_cost_per_1k"]
+    assert observed["shadow.cost_usd"] > 0
     assert '"shadow.agreement"' in judged["reason"]  # the comparison in words and as JSON
     assert any(r["kind"] == "shadow_start" for r in rows)
     assert httpx.get(f"{tuner}/config").json()["shadow"] is None  # a rejected trial is no longer served

@@ -57,9 +57,9 @@ def test_a_shadow_no_worse_passes_with_its_comparison_in_words_and_figures():
     assert verdict.action == "pass", verdict.reason
     assert verdict.reason.startswith("shadow passed: agrees on ")
     assert verdict.figures["shadow.samples"] == 300 and verdict.figures["shadow.labelled"] == 100
-    assert verdict.figures["shadow.quality"] == verdict.figures["base.quality"] == 0.97
-    assert {"shadow.agreement_lower", "shadow.cost_per_1k", "base.cost_per_1k", "shadow.steps_p95_ms"} \
-        <= set(verdict.figures)
+    assert verdict.figures["shadow.quality"] == verdict.figures["shadow.real_quality"] == 0.97
+    assert {"shadow.agreement_lower", "shadow.steps_cost_per_1k", "shadow.real_steps_cost_per_1k",
+            "shadow.steps_p95_ms", "shadow.real_steps_p95_ms"} <= set(verdict.figures)
 
 
 def test_a_shadow_less_often_right_on_the_same_tasks_under_the_floor_is_rejected():
