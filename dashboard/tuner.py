@@ -62,7 +62,9 @@ KIND_WORDS = {"tune": "tuned", "pin": "pinned by hand", "change": "changed by ha
               "canary_cancel": "canary cancelled", "declaration": "declared by the executor",
               "proposal": "proposed", "proposal_approve": "proposal approved", "proposal_reject": "proposal rejected",
               "proposal_expire": "proposal expired", "proposal_stale": "stale proposal not applied",
-              "approval_mode": "approval mode set"}
+              "approval_mode": "approval mode set", "shadow_start": "shadow trial started",
+              "shadow_pass": "shadow trial passed", "shadow_reject": "shadow trial rejected",
+              "shadow_cancel": "shadow trial cancelled"}
 
 
 def proposal_table(waiting: list[approval.Proposal], config: PipelineConfig | None) -> pl.DataFrame:

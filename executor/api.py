@@ -145,6 +145,7 @@ async def replay_dead_letter(request: Request) -> JSONResponse:
 async def health(request: Request) -> JSONResponse:
     pipelines: dict[str, Pipeline] = request.app.state.pipelines
     return JSONResponse({"status": "ok", "pipelines": {n: p.config.version for n, p in pipelines.items()},
+                         "shadows": {n: p.shadow.id for n, p in pipelines.items() if p.shadow is not None},
                          "in_flight": request.app.state.admission.in_flight})
 
 

@@ -3,7 +3,8 @@
 The pipeline declares the knobs of its steps (`spec()`), which the executor registers with the
 tuner, and applies each new config the tuner serves (`apply_config`) to its steps by name. A canary
 (`apply_canary`) runs a share of tasks on another config: those tasks go through forks of the steps
-whose knobs differ, and their spans carry the canary's version.
+whose knobs differ, and their spans carry the canary's version. A shadow trial (`apply_shadow`) runs the
+model steps of a sample of tasks again under a candidate, after they answered (`executor.shadow`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from opentelemetry import trace
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics
 from tracetune.executor.effects import Replayed
+from tracetune.executor.shadow import ShadowTrial, Snapshot
 from tracetune.executor.steps import NAME, Cascade, Effect, InputError, Step, StepError
 from tracetune.tuner.config import Approval, ConfigError, PipelineConfig, PipelineSpec
 
@@ -135,6 +137,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._bound = False
         self._canary: _Canary | None = None
+        self._shadow: ShadowTrial | None = None
 
     # ---- configuration ------------------------------------------------------------------------
     def spec(self) -> PipelineSpec:
@@ -203,6 +206,22 @@ class Pipeline:
             timer.daemon = True
             timer.start()
 
+    @property
+    def shadow(self) -> ShadowTrial | None:
+        """The shadow trial running, or None."""
+        return self._shadow
+
+    def apply_shadow(self, body: Mapping[str, Any] | None) -> None:
+        """Shadow a sample of tasks under the candidate the tuner serves under `shadow` (None: stop shadowing).
+
+        ConfigError if the candidate does not fit the declaration (the trial in hand then goes on)."""
+        self._bind()
+        trial = ShadowTrial.from_body(self, body) if body is not None else None
+        with self._lock:
+            old, self._shadow = self._shadow, trial
+        if old is not None:
+            old.close()
+
     def _retire(self, canary: _Canary) -> None:
         for fork, step in zip(canary.steps, self.steps, strict=True):
             if fork is not step:
@@ -248,9 +267,12 @@ class Pipeline:
         """Run one task through every step that applies; StepError if a step refuses it."""
         self._bind()
         task = Task(dict(input) if isinstance(input, Mapping) else {"text": input}, task_id=task_id, tenant=tenant)
-        steps, config, canary = self.steps, self._config, self._canary
+        steps, config, canary, shadow = self.steps, self._config, self._canary, self._shadow
         if canary is not None and _in_share(task_id, canary.share):
-            steps, config = canary.steps, canary.config
+            steps, config, shadow = canary.steps, canary.config, None
+        if shadow is not None and not shadow.samples(task_id):
+            shadow = None
+        snapshot: Snapshot | None = None
         common = {attr.PIPELINE: self.name}
         if tenant:
             common[attr.TENANT] = tenant
@@ -259,7 +281,9 @@ class Pipeline:
             with self.tracer.start_as_current_span(self.name, kind=trace.SpanKind.SERVER, attributes={
                     **common, attr.CONFIG_VERSION: config.version, attr.TASK_ID: task_id}) as root:
                 task.trace_id = f"{root.get_span_context().trace_id:032x}"
-                for step in steps:
+                for index, step in enumerate(steps):
+                    if shadow is not None and index == shadow.first:
+                        snapshot = Snapshot.of(task)  # what the shadow starts from, before the real step changes it
                     if not step.applies(task):
                         continue
                     started = time.perf_counter()
@@ -273,9 +297,13 @@ class Pipeline:
                             raise
                         finally:
                             metrics.STEP_SECONDS.labels(self.name, step.name).observe(time.perf_counter() - started)
+                    if snapshot is not None:
+                        snapshot.saw(step, span, time.perf_counter() - started)
                 if self._outcome is not None:
                     root.set_attribute(attr.OUTCOME, str(self._outcome(task)))
             metrics.TASKS_TOTAL.labels(self.name, "ok").inc()
+            if shadow is not None and snapshot is not None:
+                shadow.submit(task, snapshot, root.get_span_context())  # runs after the answer, in the background
             return task
         except StepError as exc:
             exc.trace_id = task.trace_id
@@ -306,6 +334,9 @@ class Pipeline:
         return found.effect.replay(task_id, idempotency_key, payload)
 
     def close(self) -> None:
+        shadow, self._shadow = self._shadow, None
+        if shadow is not None:
+            shadow.close()
         canary, self._canary = self._canary, None
         if canary is not None:
             self._retire(canary)

@@ -4,7 +4,8 @@ At start the executor sends the pipeline's spec (`PUT /v1/pipelines/{p}/spec`: e
 with defaults and bounds, and the starting SLO); the tuner answers with the config in force. From
 then on a poll costs a 304 unless the version (or the canary on trial) changed. A tuner that forgot
 the pipeline (404) gets the spec again. A config with a `canary` part runs that share of tasks on the
-canary's values (`Pipeline.apply_canary`); one without it ends the canary.
+canary's values (`Pipeline.apply_canary`); one without it ends the canary. Likewise a `shadow` part
+starts a shadow trial (`Pipeline.apply_shadow`), and its absence stops it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ConfigPoller:
         self.etag: str | None = None
         self.version: int | None = None
         self.canary: tuple[int, float] | None = None  # the canary's version and share, as applied
+        self.shadow: tuple | None = None  # the shadow trial's id, share and cap, as applied
         self.registered = False
         self.polls = 0
         self.not_modified = 0
@@ -81,7 +83,24 @@ class ConfigPoller:
                 return False
             log.info("applied %s config version %s", config.pipeline, config.version)
             self.version, changed = config.version, True
-        return self._apply_canary(body.get("canary"), changed) or changed
+        canary_changed = self._apply_canary(body.get("canary"), changed)
+        return self._apply_shadow(body.get("shadow"), changed) or canary_changed or changed
+
+    def _apply_shadow(self, shadow: dict | None, base_changed: bool) -> bool:
+        key = (shadow.get("id"), shadow.get("share"), shadow.get("cost_cap_usd_per_hour"), shadow.get("until")) \
+            if isinstance(shadow, dict) else None
+        if key == self.shadow and not base_changed:
+            return False
+        try:
+            self.pipeline.apply_shadow(shadow if key is not None else None)
+            if key is not None:
+                log.info("%s shadow trial %s on %.0f%% of tasks", self.pipeline.name, key[0], 100 * float(key[1]))
+        except (ConfigError, TypeError, ValueError) as exc:
+            log.warning("%s shadow trial %s does not fit the pipeline, not shadowing: %s", self.pipeline.name,
+                        key, exc)
+            self.pipeline.apply_shadow(None)
+        self.shadow = key
+        return key is not None or base_changed
 
     def _apply_canary(self, canary: dict | None, base_changed: bool) -> bool:
         key = (canary["version"], canary["share"]) if isinstance(canary, dict) else None

@@ -124,6 +124,14 @@ class Settings:
     tuner_canary_max_seconds: float = 1800.0
     # A tuner proposal waiting for an operator (approval modes, docs/tuner.md) expires after this.
     tuner_approval_expiry_seconds: float = 3600.0
+    # Shadow trials (docs/tuner.md): a plan moving a quality-affecting knob (route weights, a cascade
+    # threshold) first runs on this share of tasks beside the config in force, its answers recorded and
+    # never returned (0: no shadow, straight to the canary); judged on `tuner_shadow_min_samples` shadowed
+    # tasks, rejected past `tuner_shadow_max_seconds`; its own runs cost at most this many USD per hour.
+    tuner_shadow_share: float = 0.0
+    tuner_shadow_min_samples: int = 200
+    tuner_shadow_max_seconds: float = 1800.0
+    tuner_shadow_cost_cap_usd_per_hour: float = 1.0
     # Spans sent to the collector (OTLP/HTTP and gRPC) need this bearer token.
     collector_token: str = ""
 
@@ -292,6 +300,7 @@ _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
 _POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_staleness_limit_seconds",
                     "tuner_canary_min_requests", "tuner_canary_max_seconds", "tuner_approval_expiry_seconds",
+                    "tuner_shadow_min_samples", "tuner_shadow_max_seconds",
                     "analyzer_interval_seconds", "lease_seconds", "executor_max_in_flight", "collector_batch_rows",
                     "collector_flush_seconds", "collector_max_body_bytes", "collector_wal_max_bytes",
                     "collector_wal_segment_bytes", "collector_stop_seconds", "collector_body_timeout_seconds",
@@ -350,6 +359,12 @@ def validate(s: Settings) -> Settings:
     if not 0 <= s.tuner_canary_share < 1:
         raise SettingsError(f"tuner_canary_share = {s.tuner_canary_share} (from {where('tuner_canary_share')}) "
                             f"must be at least 0 (no canary) and below 1")
+    if not 0 <= s.tuner_shadow_share <= 1:
+        raise SettingsError(f"tuner_shadow_share = {s.tuner_shadow_share} (from {where('tuner_shadow_share')}) "
+                            f"must be between 0 (no shadow trials) and 1")
+    if not s.tuner_shadow_cost_cap_usd_per_hour >= 0:
+        raise SettingsError(f"tuner_shadow_cost_cap_usd_per_hour = {s.tuner_shadow_cost_cap_usd_per_hour} (from "
+                            f"{where('tuner_shadow_cost_cap_usd_per_hour')}) must be 0 or more")
     if s.load_rate < 0:
         raise SettingsError(f"load_rate = {s.load_rate} (from {where('load_rate')}) must be 0 or more")
     if s.clickhouse_url:

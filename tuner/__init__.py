@@ -34,6 +34,9 @@ def serve(settings: Settings) -> None:
     log.info("write token in %s", settings.home / "tuner.token")
     stop = threading.Event()
     if settings.tuner_interval_seconds > 0:
+        from tracetune.tuner import shadow
+
+        shadow.configure(shadow.ShadowSettings.from_settings(settings))
         threading.Thread(target=loop.run, name="tuning-loop", daemon=True,
                          args=(lambda: store.connect(settings), loop_settings(settings), stop)).start()
     try:

@@ -30,7 +30,7 @@ __all__ = ["KINDS", "Decision", "TunerState", "record", "observe", "history", "l
 KINDS: tuple[str, ...] = ("tune", "pin", "change", "rollback", "freeze", "unfreeze", "canary_start",
                           "canary_promote", "canary_rollback", "canary_cancel", "declaration",
                           "proposal", "proposal_approve", "proposal_reject", "proposal_expire", "proposal_stale",
-                          "approval_mode")
+                          "approval_mode", "shadow_start", "shadow_pass", "shadow_reject", "shadow_cancel")
 """Every kind of decision: what the loop decided, or what a person or an executor did through the API."""
 
 DECISIONS_TOTAL = Counter("tracetune_tuner_decisions", "Tuner decisions recorded, by kind", ["pipeline", "kind"])

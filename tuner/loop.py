@@ -482,6 +482,10 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     moves = Moves.from_history(decisions.history(client, pipeline, limit=200))
     plan = decide(spec, config, get_slo(client, pipeline), obs, settings, moves=moves, now=now.timestamp())
     _drop_rejected(client, pipeline, config, plan, settings, now)
+    from tracetune.tuner import shadow  # a plan moving a quality knob is shadowed before its canary; judge one out
+    handled, shadowed = shadow.before_trial(client, spec, config, plan, obs, settings, now, active)
+    if handled:
+        return shadowed
     if not plan.changes:
         return None
     reason = plan.reason

@@ -40,9 +40,9 @@ def get(tuner: Tuner, path: str, pipeline: str = "triage", **params) -> httpx.Re
 
 
 def served(response: httpx.Response) -> dict:
-    """A config answer as the audit keeps it: without the canary part (there is none in these tests)."""
+    """A config answer as the audit keeps it: without the canary and shadow parts (there are none in these tests)."""
     body = response.json()
-    assert body.pop("canary") is None
+    assert body.pop("canary") is None and body.pop("shadow") is None
     return body
 
 

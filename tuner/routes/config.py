@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from tracetune.tuner import canary, decisions, versions
+from tracetune.tuner import canary, decisions, shadow, versions
 from tracetune.tuner.config import ConfigError, PipelineConfig
 from tracetune.tuner.routes import changes
 from tracetune.tuner.routes.common import (
@@ -43,6 +43,9 @@ class Config(BaseModel):
     version: int
     steps: dict[str, dict[str, Any]]
     canary: CanaryConfig | None = None
+    shadow: dict[str, Any] | None = Field(None, description="the shadow trial executors run beside the config in "
+                                          "force (tuner/shadow.py): id, base_version, share, steps, answer_step, "
+                                          "unit_costs, cost_cap_usd_per_hour, until")
 
 
 class PinBody(BaseModel):
@@ -63,36 +66,40 @@ class RollbackBody(BaseModel):
     reason: str = Field("", max_length=MAX_REASON_CHARS)
 
 
-def _served(client, pipeline: str) -> tuple[PipelineConfig | None, canary.Canary | None]:
+def _served(client, pipeline: str) -> tuple[PipelineConfig | None, canary.Canary | None, dict | None]:
     config = versions.latest(client, pipeline)
-    return config, canary.running(client, pipeline) if config is not None else None
+    if config is None:
+        return None, None, None
+    return config, canary.running(client, pipeline), shadow.served(client, config)
 
 
-def _etag(config: PipelineConfig, trial: canary.Canary | None) -> str:
-    return config.etag if trial is None else f'"{config.pipeline}-v{config.version}-c{trial.version}"'
+def _etag(config: PipelineConfig, trial: canary.Canary | None, trying: dict | None = None) -> str:
+    tag = config.etag if trial is None else f'"{config.pipeline}-v{config.version}-c{trial.version}"'
+    return tag if trying is None else f'{tag[:-1]}-s{trying["id"]}"'
 
 
-def config_response(config: PipelineConfig, response: Response, trial: canary.Canary | None = None) -> dict[str, Any]:
-    response.headers["ETag"] = _etag(config, trial)
+def config_response(config: PipelineConfig, response: Response, trial: canary.Canary | None = None,
+                    trying: dict | None = None) -> dict[str, Any]:
+    response.headers["ETag"] = _etag(config, trial, trying)
     response.headers["Cache-Control"] = "no-cache"
     decisions.CONFIG_VERSION.labels(config.pipeline).set(config.version)
-    return {**config.to_dict(), "canary": trial.to_dict() if trial else None}
+    return {**config.to_dict(), "canary": trial.to_dict() if trial else None, "shadow": trying}
 
 
 @router.get("/v1/pipelines/{pipeline}/config", response_model=Config,
             responses={304: {"description": "Not modified"}, **errors(404)})
 async def get_config(pipeline: str, request: Request, response: Response) -> Any:
-    """The config in force and the canary on trial (if any); send If-None-Match with the last ETag to
-    get a cheap 304 while neither changed."""
+    """The config in force, the canary on trial and the shadow trial running (if any); send If-None-Match
+    with the last ETag to get a cheap 304 while none changed."""
     client = store_client(request)
-    config, trial = await run_in_threadpool(_served, client, pipeline)
+    config, trial, trying = await run_in_threadpool(_served, client, pipeline)
     if config is None:
         await declared(client, pipeline)  # 404 naming the known pipelines
         raise HTTPException(404, f"pipeline {pipeline!r} has no config yet")
-    if request.headers.get("if-none-match") == _etag(config, trial):
+    if request.headers.get("if-none-match") == _etag(config, trial, trying):
         decisions.CONFIG_VERSION.labels(pipeline).set(config.version)
-        return Response(status_code=304, headers={"ETag": _etag(config, trial)})
-    return config_response(config, response, trial)
+        return Response(status_code=304, headers={"ETag": _etag(config, trial, trying)})
+    return config_response(config, response, trial, trying)
 
 
 @router.patch("/v1/pipelines/{pipeline}/config", dependencies=[Depends(writer)], response_model=Config,
