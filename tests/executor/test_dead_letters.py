@@ -46,7 +46,8 @@ class Stack:
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
         return subprocess.run([sys.executable, "-m", "tracetune", "dead-letters", *args], cwd=self.tmp,
-                              env={**env, **self.settings.as_env()}, capture_output=True, text=True, timeout=120)
+                              env={**env, **self.settings.as_env(), "COLUMNS": "100"}, capture_output=True,
+                              text=True, timeout=120)  # tables are read at 100 columns, whatever runs the test
 
     def followups(self, key: str = "") -> list[dict]:
         params = {"idempotency_key": key} if key else {}

@@ -128,7 +128,9 @@ def test_cold_starts_count_once_per_variant_per_executor_start_and_a_burst_fills
     assert cold["route"].to_list() == sorted(ROUTES)
     assert cold["cold_starts"].to_list() == [2, 2] and cold["executors"].to_list() == [2, 2]
     assert (cold["cold_ms_max"] > 0).all() and (cold["warm_ms_p50"] > 0).all()
-    queues = analyzer.batching(client, "1h", NAME)
+    # The collector stores spans a moment after it acknowledges them: wait for every batched span (148 tasks).
+    [queues] = wait_until(lambda: [f for f in [analyzer.batching(client, "1h", NAME)]
+                                   if f["batched_spans"].sum() >= 148], 30, 0.5, "every batched span")
     assert queues["queue_depth_max"].max() > 1 and queues["batched_spans"].sum() == 148
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
@@ -139,7 +141,7 @@ def test_cold_starts_count_once_per_variant_per_executor_start_and_a_burst_fills
     assert [(r["route"], r["cold_starts"], r["executors"]) for r in json.loads(shown.stdout)] == \
         [(route, 2, 2) for route in sorted(ROUTES)]
     table = subprocess.run([sys.executable, "-m", "tracetune", "stats", "--batching", "--pipeline", NAME,
-                            "--since", "1h"], cwd=tmp_path, env={**env, **settings.as_env()},
+                            "--since", "1h"], cwd=tmp_path, env={**env, **settings.as_env(), "COLUMNS": "100"},
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0 and "depth p95" in table.stdout, table.stdout + table.stderr
     assert max(len(line) for line in table.stdout.splitlines()) <= 100, table.stdout
