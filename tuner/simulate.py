@@ -170,7 +170,7 @@ SELECT SpanAttributes['tracetune.step'] AS step, SpanAttributes['tracetune.route
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
   AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.step'] != ''
-  AND StatusCode != 'Error' AND SpanAttributes['tracetune.cache'] != 'hit'
+  AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR') AND SpanAttributes['tracetune.cache'] != 'hit'
 GROUP BY step, route
 """
 
@@ -180,7 +180,8 @@ SELECT SpanAttributes['tracetune.route'] AS route, toUInt32OrZero(SpanAttributes
        Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
-  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String} AND StatusCode != 'Error'
+  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String}
+  AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR')
 ORDER BY Timestamp DESC
 LIMIT 20000
 """
