@@ -1,10 +1,12 @@
 """The tuning loop: every interval, for every declared pipeline, observe, decide, guard, try, apply, audit.
 
 `decide` is pure (spec, config, SLO, observation in; knob changes, reasons and predictions out), so
-it is tested on constructed numbers; `tune_once` adds the guardrails that need the store (freeze,
-pin, cooldown, enough samples, not retrying a change a canary just rejected), puts the new version
-on trial for a share of tasks (`tuner.canary`), then promotes or rolls it back on the evidence, each
-step with its decision row. With `canary_share` 0 a change goes to every task at once (`tune`).
+it is tested on constructed numbers. `look` is one look at a pipeline (judge the canary on trial, else
+cooldown, enough samples, `decide`, not retrying a change a canary just rejected), reading through
+callables and writing nothing, so the simulation runs the same step; `tune_once` is `look` over the
+store: freeze and pin first, then it puts the new version on trial for a share of tasks
+(`tuner.canary`, in `_try`), and promotes or rolls it back on the evidence (`_finish`), each with its
+decision row. With `canary_share` 0 a change goes to every task at once (`tune`).
 With several tuner replicas, only the one holding the `tuner` lease runs the loop (`tracetune.store.lease`).
 """
 
@@ -454,11 +456,63 @@ def _age_seconds(decision: Mapping[str, Any], now: datetime) -> float:
     return (now - decided).total_seconds()
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """The canary rolled back last: when (seconds, the caller's clock), its version, the steps of the config in
+    force then and of the config it tried. Moves it made are not proposed again within the hour."""
+
+    at: float
+    version: int
+    base: Mapping[str, Mapping[str, Any]]
+    tried: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass
+class Outcome:
+    """What one look at a pipeline comes to: a running canary's verdict, a plan to try, or nothing (`idle` says why)."""
+
+    verdict: canary.Verdict | None = None
+    plan: Plan | None = None
+    observation: observe.Observation | None = None
+    idle: str = ""
+
+
+def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: LoopSettings, now: float, *,
+         measure: Callable[[], observe.Observation],
+         since_change: float | None = None,
+         trial_age: float | None = None,
+         arms: Callable[[], tuple[canary.Arm, canary.Arm]] | None = None,
+         moves: Callable[[], Mapping[tuple[str, str], Move] | None] = lambda: None,
+         rejected: Callable[[], Rejected | None] = lambda: None) -> Outcome:
+    """One look at a pipeline, the same for the tuner (`tune_once`, over the store) and the simulation: judge
+    the canary on trial (`trial_age` seconds old, `arms` its per-task samples); else the guardrails (cooldown
+    since the last change, enough requests over half a window in what `measure` reads), `decide`, and the
+    moves a canary rolled back lately taken out. The callables read what the caller keeps (the store or the
+    simulation) only when needed; nothing is written here: the caller acts on the outcome."""
+    if trial_age is not None:
+        if arms is None:
+            raise ValueError("a canary on trial is judged on its arms: pass arms")
+        base, tried = arms()
+        return Outcome(verdict=canary.judge(base, tried, slo, min_requests=settings.canary_min_requests,
+                                            expired=trial_age >= settings.canary_max_seconds))
+    if since_change is not None and since_change < settings.cooldown_seconds:
+        return Outcome(idle="cooling down")
+    obs = measure()
+    if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
+        # Too few requests, or data for less than half a window (rates and TTLs would be guesses).
+        return Outcome(observation=obs, idle="too little data")
+    plan = decide(spec, config, slo, obs, settings, moves=moves(), now=now)
+    drop_rejected(plan, config, rejected(), now, settings)
+    if not plan.changes:
+        return Outcome(observation=obs, idle="nothing to change")
+    return Outcome(plan=plan, observation=obs)
+
+
 def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
               now: datetime | None = None, active: Callable[[], bool] = lambda: True) -> decisions.Decision | None:
-    """One look at `pipeline`: the decision taken, or None (frozen, pinned, cooling down, too little data,
-    nothing to change). Records the observed effect of the previous decision once its window has passed.
-    Writes nothing once `active()` says no (the tuner lost its lease while it measured)."""
+    """One look at `pipeline` (`look`, over the store): the decision taken, or None (frozen, pinned, cooling
+    down, too little data, nothing to change). Records the observed effect of the previous decision once its
+    window has passed. Writes nothing once `active()` says no (the tuner lost its lease while it measured)."""
     now = now or datetime.now(UTC)
     spec, config = versions.latest_spec(client, pipeline), versions.latest(client, pipeline)
     if spec is None or config is None:
@@ -467,22 +521,34 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     if state.frozen or state.pinned:
         return None
     trial = canary.running(client, pipeline)
+    last = None
+    if trial is None:
+        last = decisions.last_decision(client, pipeline, CHANGES)
+        if last is not None and last["kind"] in OBSERVED and not last["observed"] \
+                and _age_seconds(last, now) >= settings.window_seconds and active():
+            decisions.observe(client, last["decision_id"],
+                              observe.collect(client, spec, settings.window_seconds).summary())
+    age = None if trial is None else (now - trial.started_at).total_seconds()
+    outcome = look(
+        spec, config, get_slo(client, pipeline), settings, now.timestamp(),
+        measure=lambda: observe.collect(client, spec, settings.window_seconds),
+        since_change=None if last is None else _age_seconds(last, now),
+        trial_age=age,
+        arms=lambda: canary.arms(client, spec, trial, observe.answers(client, spec, int(age or 0) + 60)),
+        moves=lambda: Moves.from_history(decisions.history(client, pipeline, limit=200)),
+        rejected=lambda: _rejected(client, pipeline))
     if trial is not None:
-        return _judge(client, spec, config, trial, settings, now, active)
-    last = decisions.last_decision(client, pipeline, CHANGES)
-    if last is not None and last["kind"] in OBSERVED and not last["observed"] \
-            and _age_seconds(last, now) >= settings.window_seconds and active():
-        decisions.observe(client, last["decision_id"], observe.collect(client, spec, settings.window_seconds).summary())
-    if last is not None and _age_seconds(last, now) < settings.cooldown_seconds:
+        return _finish(client, spec, config, trial, outcome.verdict, active)
+    if outcome.plan is None:
         return None
-    obs = observe.collect(client, spec, settings.window_seconds)
-    if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
-        return None  # too few requests, or data for less than half a window (rates and TTLs would be guesses)
-    moves = Moves.from_history(decisions.history(client, pipeline, limit=200))
-    plan = decide(spec, config, get_slo(client, pipeline), obs, settings, moves=moves, now=now.timestamp())
-    _drop_rejected(client, pipeline, config, plan, settings, now)
-    if not plan.changes:
-        return None
+    return _try(client, spec, config, outcome.plan, outcome.observation, settings, active)
+
+
+def _try(client, spec: PipelineSpec, config: PipelineConfig, plan: Plan, obs: observe.Observation,
+         settings: LoopSettings, active: Callable[[], bool]) -> decisions.Decision | None:
+    """Put `plan` on trial for a share of tasks (or, with `canary_share` 0, in force for every task), with its
+    decision row; None when a pin, freeze or another change landed while the loop measured."""
+    pipeline = spec.pipeline
     reason = plan.reason
     predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted,
                  **{k: round(v, 6) for k, v in plan.after.items() if math.isfinite(v)},  # NaN: not predicted
@@ -491,6 +557,7 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
         if not active() or latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config:
             return None
+        # A plan is about to be tried: `plan.changes` on top of `config`, for the reasons in `reason`.
         if settings.canary_share > 0:
             trial = canary.start(client, spec, config, plan.changes, settings.canary_share, reason)
             summary, _, details = reason.partition("\n")
@@ -517,33 +584,39 @@ def _same_way(base: Any, tried: Any, proposed: Any) -> bool:
     return proposed == tried
 
 
-def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan: Plan, settings: LoopSettings,
-                   now: datetime) -> None:
-    """Take out of `plan` the knob moves a canary rolled back lately (they would fail the same way)."""
+def _rejected(client, pipeline: str) -> Rejected | None:
+    """The canary rolled back last, from the audit."""
     last = decisions.last_decision(client, pipeline, ("canary_rollback",))
-    if last is None or _age_seconds(last, now) >= settings.rejected_memory_seconds:
+    if last is None:
+        return None
+    decided = last["decided_at"] if last["decided_at"].tzinfo else last["decided_at"].replace(tzinfo=UTC)
+    # A rollback's row goes from the canary (before) back to the config in force (after).
+    return Rejected(decided.timestamp(), int(last["version_before"]), last["config_after"].get("steps", {}),
+                    last["config_before"].get("steps", {}))
+
+
+def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None, now: float,
+                  settings: LoopSettings) -> None:
+    """Take out of `plan` the knob moves a canary rolled back lately (they would fail the same way)."""
+    if rejected is None or now - rejected.at >= settings.rejected_memory_seconds:
         return
-    tried, base = last["config_before"].get("steps", {}), last["config_after"].get("steps", {})
     dropped = []
     for step, values in list(plan.changes.items()):
         for knob, value in list(values.items()):
-            before = base.get(step, {}).get(knob, config.knob(step, knob))
-            after = tried.get(step, {}).get(knob, before)
+            before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
+            after = rejected.tried.get(step, {}).get(knob, before)
             if after != before and _same_way(before, after, value):
                 plan.drop(step, knob)  # and, once none of the step's changes is left, its reasons and predictions
                 dropped.append(f"{step}.{knob}")
     if dropped:
-        plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {last['version_before']} "
+        plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {rejected.version} "
                             f"moved them that way and was rolled back")
 
 
-def _judge(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Canary, settings: LoopSettings,
-           now: datetime, active: Callable[[], bool] = lambda: True) -> decisions.Decision | None:
-    """Promote or roll back the canary on trial once the evidence says which (None while it is still out)."""
-    age = (now - trial.started_at).total_seconds()
-    base, tried = canary.arms(client, spec, trial, observe.answers(client, spec, int(age) + 60))
-    verdict = canary.judge(base, tried, get_slo(client, spec.pipeline), min_requests=settings.canary_min_requests,
-                           expired=age >= settings.canary_max_seconds)
+def _finish(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Canary, verdict: canary.Verdict,
+            active: Callable[[], bool] = lambda: True) -> decisions.Decision | None:
+    """Promote or roll back the canary on trial once the evidence says which (None while it is still out);
+    cancel it when the config in force is no longer the one it was measured against."""
     if verdict.action == "wait" and config.version == trial.base_version:
         return None
     with versions.write_lock:

@@ -13,8 +13,9 @@ Every `interval_seconds` a controller (`tuner.simarms`) looks at the last window
 turned into the same `Observation` the tuner reads from ClickHouse:
 
 - `static`: a fixed config (the declared defaults, a gateway's rule, or an oracle's);
-- `tuner`: the loop's steps as `loop.tune_once` takes them: its guardrails (cooldown, `min_requests`,
-  half a window of data, moves a canary just rolled back are not retried), `loop.decide`, then a canary
+- `tuner`: the loop's own look (`loop.look`, which `loop.tune_once` runs over the store): its guardrails
+  (cooldown, `min_requests`, half a window of data, moves a canary just rolled back are not retried),
+  `loop.decide`, then a canary
   on `canary_share` of tasks (a lane of its own, sharing the parts its changes do not touch, as the
   executor's `Step.fork`) judged by `canary.judge` on per-task samples of both arms;
 - `aimd` and `optuna`: the baselines (see tuner/simarms.py).

@@ -228,3 +228,41 @@ def test_the_loop_rebuilds_the_last_moves_from_its_audit(shop):
     moves = Moves.from_history(decisions.history(shop, "shop"))
     move = moves[("score", "cache_enabled")]
     assert (move.before, move.after) == (False, True) and move.evidence["rate"] == decision.predicted["evidence.rate"]
+
+
+def test_one_look_judges_a_canary_else_guards_decides_and_leaves_a_rejected_move_alone():
+    """`look` is the step `tune_once` and the simulation both take: what it reads, and what it comes to."""
+    import numpy as np
+
+    from tracetune.tuner.canary import Arm
+    from tracetune.tuner.loop import Rejected, look
+
+    def never():
+        raise AssertionError("read while it should not be")
+
+    settings = LoopSettings(min_requests=100, cooldown_seconds=300, window_seconds=300)
+    busy = _observation(hashed=3000, distinct_inputs=900, bypass=3000)  # repeats: the cache policy wants it on
+    same = Arm.of(np.full(300, 50.0), np.full(300, 0.001))
+    # A canary on trial is judged on its arms, and nothing is measured.
+    out = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=never, trial_age=60.0,
+               arms=lambda: (same, same))
+    assert out.verdict is not None and out.verdict.action == "wait" and out.plan is None
+    expired = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=never, trial_age=1800.0,
+                   arms=lambda: (same, same))
+    assert expired.verdict.action == "rollback"
+    # Cooling down: nothing measured; too few requests: nothing decided.
+    assert look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=never, since_change=299.0).idle == \
+        "cooling down"
+    few = _observation(hashed=50, distinct_inputs=10, bypass=50)
+    few.requests = 50
+    assert look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=lambda: few).idle == "too little data"
+    # Enough: the plan the policies propose ...
+    out = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=lambda: busy, since_change=301.0)
+    assert out.plan is not None and out.plan.changes["score"]["cache_enabled"] is True
+    # ... unless a canary moved that knob that way and was rolled back within the hour.
+    rejected = Rejected(0.0, 2, {"score": {"cache_enabled": False}}, {"score": {"cache_enabled": True}})
+    out = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 600.0, measure=lambda: busy, rejected=lambda: rejected)
+    assert out.plan is not None and "cache_enabled" not in out.plan.changes.get("score", {})
+    assert any(r.startswith("left score.cache_enabled alone: canary version 2") for r in out.plan.reasons)
+    later = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 3601.0, measure=lambda: busy, rejected=lambda: rejected)
+    assert later.plan is not None and later.plan.changes["score"]["cache_enabled"] is True
