@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +29,7 @@ from tracetune.tuner.policies import (
     TAIL_MARGIN,
     TAIL_SHARE,
     Proposal,
+    RouteStats,
     _wilson_lower,
     batching_policy,
     caching_policy,
@@ -36,6 +37,7 @@ from tracetune.tuner.policies import (
     cascade_route_floor,
     clamp_change,
     concurrency_policy,
+    escalation_shares,
     fit_service_time,
     local_route_floor,
     routing_policy,
@@ -336,26 +338,6 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
                                     settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
                                     step=step), spec, current, limit)
-        if "route_weights" in knobs:
-            route_floor, cap = floor, None
-            kept = 1.0
-            if step in spec.cascades and "cascade_threshold" in current:
-                # The escalated answers carry only part of the pipeline's quality, and only the escalated
-                # tasks' latency: the floor they need and the slow-tier weight the p95 target allows.
-                route_floor = cascade_route_floor(obs.cascade_samples.get(step, []), current["cascade_threshold"],
-                                                  floor)
-                cap = slow_weight_cap(total.spans / obs.requests if obs.requests else 1.0)
-            elif step in local_of:
-                # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
-                # quality and floor leave it, not to the pipeline's floor itself.
-                route_floor, kept = _local_floor(spec, config, obs, step, local_of[step], floor)
-            proposal = _not_worse_quality(routing_policy(obs.route_stats(step), current["route_weights"],
-                                                         knobs["route_weights"], route_floor, target, step=step,
-                                                         slow_cap=cap, max_shift=1.0 if missed else 0.25),
-                                          missed, plan)
-            plan.add(proposal, spec, current, limit)
-            if proposal is not None and step in plan.changes:
-                _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * total.spans / max(obs.requests, 1))
         if "cascade_threshold" in knobs:
             remote_target = step_target_ms(slo, obs, step)
             slow = remote_target is not None and total.p95_ms > remote_target
@@ -372,9 +354,37 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                     # Escalations now fit in the tail the target allows: p95 becomes that of the tasks kept local.
                     plan.effects.setdefault(step, {})["p95_ms"] = min(obs.p95_ms or math.inf,
                                                                       _local_ms(obs, spec, step))
+        if "route_weights" in knobs:
+            route_floor, cap = floor, None
+            kept = 1.0
+            if step in spec.cascades and "cascade_threshold" in current:
+                # The escalated answers carry only part of the pipeline's quality, and only the escalated
+                # tasks' latency: the floor they need and the slow-tier weight the p95 target allows, at the
+                # threshold this decision sets (the two knobs move together, in one decision).
+                threshold = plan.changes.get(step, {}).get("cascade_threshold", current["cascade_threshold"])
+                escalated = total.spans / obs.requests if obs.requests else 1.0
+                if "cascade_threshold" in plan.changes.get(step, {}):
+                    escalated = plan.predicted.get(f"{step}.escalation_share", escalated)
+                route_floor = cascade_route_floor(obs.cascade_samples.get(step, []), threshold, floor)
+                cap = slow_weight_cap(escalated)
+            stats = obs.route_stats(step)
+            if step in local_of:
+                # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
+                # quality and floor leave it, not to the pipeline's floor itself; and a route is as dear as the
+                # escalations its answers cause (a surer route sends fewer tasks to the remote tiers).
+                route_floor, kept = _local_floor(spec, config, obs, step, local_of[step], floor)
+                stats = _with_escalation_cost(stats, spec, config, obs, local_of[step])
+            proposal = _not_worse_quality(routing_policy(stats, current["route_weights"],
+                                                         knobs["route_weights"], route_floor, target, step=step,
+                                                         slow_cap=cap, max_shift=1.0 if missed else 0.25),
+                                          missed, plan)
+            plan.add(proposal, spec, current, limit)
+            if proposal is not None and step in plan.changes:
+                _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * total.spans / max(obs.requests, 1))
         if "max_concurrency" in knobs:
             plan.add(concurrency_policy(int(current["max_concurrency"]), knobs["max_concurrency"], total.spans,
-                                        total.retried, step=step), spec, current, limit)
+                                        total.retried, step=step, latency_missed="p95" in missed,
+                                        absorbed=total.errors == 0), spec, current, limit)
     if missed:
         plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
                             + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
@@ -391,6 +401,21 @@ def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], pla
         plan.reasons.append(f"{proposal.step}: a cheaper mix waits (it would lower quality, which is under its floor)")
         return None
     return proposal
+
+
+def _with_escalation_cost(stats: Sequence[RouteStats], spec: PipelineSpec, config: PipelineConfig,
+                          obs: observe.Observation, cascade: str) -> list[RouteStats]:
+    """A cascade's local routes priced with the escalations they cause: each route's cost per request plus
+    the share of its answers the threshold in force escalates times what an escalation costs."""
+    threshold = config.knob(cascade, "cascade_threshold")
+    per_call = obs.cost_per_call(cascade)
+    if threshold is None or per_call <= 0:
+        return list(stats)
+    shares = escalation_shares(obs.cascade_samples.get(cascade, []), float(threshold))
+    if len(shares) < 2:
+        return list(stats)
+    return [replace(r, compute_cost_per_request=r.compute_cost_per_request + shares[r.route] * per_call)
+            if r.route in shares else r for r in stats]
 
 
 def _local_ms(obs: observe.Observation, spec: PipelineSpec, cascade: str) -> float:

@@ -865,8 +865,9 @@ class _Simulation:
             total += float(spans["cost"].sum())
             remote = dict(zip(spans["task"].tolist(), spans["right"].tolist(), strict=True))
             obs.cascade_samples[self.cascade] = [
-                CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]))
-                for c, r, t in zip(model["confidence"], model["right"], model["task"], strict=True)]
+                CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]), str(route))
+                for c, r, t, route in zip(model["confidence"], model["right"], model["task"], model["route"],
+                                          strict=True)]
             finals = [bool(remote[t]) if remote.get(t, -1) >= 0 else bool(r)
                       for r, t in zip(model["right"], model["task"], strict=True)]
             if finals:

@@ -57,9 +57,20 @@ def test_a_clamped_change_says_so_and_files_its_predictions_under_the_proposal()
 
 def test_decide_halves_concurrency_for_a_provider_answering_429():
     obs = _observation()
-    obs.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, p95_ms=300.0)}
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, errors=4, p95_ms=300.0)}
     plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, obs)
     assert plan.changes["escalate"]["max_concurrency"] == 4
+    # Every 429 retried to an answer, p95 inside its target: nothing an objective needs is bought by waiting.
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, p95_ms=300.0)}
+    assert "escalate" not in decide(SPEC, SPEC.defaults(), SLO_SHOP, obs).changes
+    # p95 over its target: a lowered limit goes back toward the default (at most doubled in one decision),
+    # never lower.
+    late = _observation()
+    late.p95_ms = 900.0
+    late.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, errors=4, p95_ms=300.0)}
+    lowered = SPEC.merge(SPEC.defaults(), {"escalate": {"max_concurrency": 2}})
+    assert decide(SPEC, lowered, SLO_SHOP, late).changes["escalate"]["max_concurrency"] == 4
+    assert "max_concurrency" not in decide(SPEC, SPEC.defaults(), SLO_SHOP, late).changes.get("escalate", {})
 
 
 def test_decide_lowers_the_cascade_threshold_only_as_far_as_the_quality_floor_allows():
