@@ -28,6 +28,7 @@ from tracetune.tuner.decisions import describe_change, sentence
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
     TAIL_SHARE,
+    CascadeSample,
     Proposal,
     RouteStats,
     _wilson_lower,
@@ -173,6 +174,8 @@ def violations(slo: SLO | None, obs: observe.Observation, min_labelled: int = 30
     missed = {}
     if slo.p95_ms is not None and obs.p95_ms is not None and obs.p95_ms > slo.p95_ms:
         missed["p95"] = f"p95 {obs.p95_ms:.0f} ms over the {slo.p95_ms:g} ms target"
+    if slo.p99_ms is not None and obs.p99_ms is not None and obs.p99_ms > slo.p99_ms:
+        missed["p99"] = f"p99 {obs.p99_ms:.0f} ms over the {slo.p99_ms:g} ms target"
     if slo.quality_floor is not None and obs.quality is not None and obs.labelled >= min_labelled \
             and 1 - _wilson_lower((1 - obs.quality) * obs.labelled, obs.labelled) < slo.quality_floor:
         # Beyond doubt under the floor (its upper bound too): 0.929 on a few thousand labels is not a miss.
@@ -203,6 +206,7 @@ def evidence(obs: observe.Observation, slo: SLO | None, spec: PipelineSpec | Non
     return found
 
 
+SATURATED = 0.01  # a remote step with more than this share of its calls answered 429 is at its providers' capacity
 NOISE_Z = 3.0  # a difference in load or accuracy counts as real beyond this many standard errors
 PRICE_CHANGE = 0.2  # a per-call cost moving more than this share is a new price (not token-count noise)
 
@@ -309,12 +313,17 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     floor = slo.quality_floor if slo else None
     missed = violations(slo, obs)
     plan.violated = list(missed)
+    slow_now = "p95" in missed or "p99" in missed  # latency over a target: nothing may add to it
     limit = 1.0 if missed else settings.max_relative_change
     plan.before = {k: v for k, v in obs.summary().items() if k in ("cost_per_1k", "quality", "p95_ms")}
     plan.targets = {k: v for k, v in (("p95_ms", slo.p95_ms if slo else None), ("quality_floor", floor))
                     if v is not None}
     plan.evidence = evidence(obs, slo, spec)
     local_of = {local: cascade for cascade, local in spec.cascades.items()}
+    # A cascade whose providers answer more than 1% of calls 429 is at their capacity now: any more load (a
+    # burst) queues behind it. Its threshold and routes, and its local step's routes, move as far as their
+    # models allow, as for a missed objective.
+    saturated = {c for c in spec.cascades if obs.step_total(c).retried > SATURATED * max(obs.step_total(c).spans, 1)}
     for step, knobs in spec.steps.items():
         current = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(step, {})}
         total = obs.step_total(step)
@@ -327,7 +336,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             proposal = batching_policy(fit_service_time(obs.batches.get(step, [])), obs.arrival_rate(step), current,
                                        knobs, target, total.p95_ms, padding_ratio=obs.padding_ratio(step), step=step,
                                        cost_share=share)
-            if proposal is not None and "p95" in missed and proposal.predicted.get("p95_ms", 0.0) > total.p95_ms:
+            if proposal is not None and slow_now and proposal.predicted.get("p95_ms", 0.0) > total.p95_ms:
                 plan.reasons.append(f"{step}: batching waits (it would add latency while p95 is over its target)")
                 proposal = None
             plan.add(proposal, spec, current, limit)
@@ -338,12 +347,14 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
                                     settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
                                     step=step), spec, current, limit)
+        # A cascade's samples as its local step's routes will answer them once this decision is in force.
+        samples = _as_mixed(obs.cascade_samples.get(step, []), config, plan, spec.cascades.get(step))
         if "cascade_threshold" in knobs:
             remote_target = step_target_ms(slo, obs, step)
             slow = remote_target is not None and total.p95_ms > remote_target
-            proposal = cascade_policy(obs.cascade_samples.get(step, []), current["cascade_threshold"],
+            proposal = cascade_policy(samples, current["cascade_threshold"],
                                       knobs["cascade_threshold"], floor, obs.cost_per_call(step), step=step,
-                                      max_step=1.0 if missed else 0.1,
+                                      max_step=1.0 if missed or step in saturated else 0.1,
                                       escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None)
             proposal = _not_worse_quality(proposal, missed, plan)
             plan.add(proposal, spec, current, limit)
@@ -365,7 +376,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 escalated = total.spans / obs.requests if obs.requests else 1.0
                 if "cascade_threshold" in plan.changes.get(step, {}):
                     escalated = plan.predicted.get(f"{step}.escalation_share", escalated)
-                route_floor = cascade_route_floor(obs.cascade_samples.get(step, []), threshold, floor)
+                route_floor = cascade_route_floor(samples, threshold, floor)
                 cap = slow_weight_cap(escalated)
             stats = obs.route_stats(step)
             if step in local_of:
@@ -376,15 +387,18 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 stats = _with_escalation_cost(stats, spec, config, obs, local_of[step])
             proposal = _not_worse_quality(routing_policy(stats, current["route_weights"],
                                                          knobs["route_weights"], route_floor, target, step=step,
-                                                         slow_cap=cap, max_shift=1.0 if missed else 0.25),
+                                                         slow_cap=cap, max_shift=1.0 if missed or step in saturated
+                                                         or local_of.get(step) in saturated else 0.25),
                                           missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
                 _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * total.spans / max(obs.requests, 1))
         if "max_concurrency" in knobs:
             plan.add(concurrency_policy(int(current["max_concurrency"]), knobs["max_concurrency"], total.spans,
-                                        total.retried, step=step, latency_missed="p95" in missed,
-                                        absorbed=total.errors == 0), spec, current, limit)
+                                        total.retried, step=step, latency_missed=slow_now,
+                                        absorbed=total.errors == 0 or (slo is not None and slo.error_rate is not None
+                                                                       and "errors" not in missed)),
+                     spec, current, limit)
     if missed:
         plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
                             + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
@@ -401,6 +415,31 @@ def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], pla
         plan.reasons.append(f"{proposal.step}: a cheaper mix waits (it would lower quality, which is under its floor)")
         return None
     return proposal
+
+
+def _as_mixed(samples: Sequence[CascadeSample], config: PipelineConfig, plan: Plan,
+              local: str | None) -> list[CascadeSample]:
+    """A cascade's samples re-drawn for the local step's route mix `plan` sets (the same samples when it sets
+    none): each route keeps the share of its samples its new weight over its old allows, so the threshold and
+    the tiers are chosen for the answers the cascade will see, in the same decision."""
+    new = plan.changes.get(local, {}).get("route_weights") if local else None
+    old = config.knob(local, "route_weights") if local else None
+    if not new or not old:
+        return list(samples)
+    ratios = {r: float(new.get(r, 0.0)) / float(w) for r, w in old.items() if float(w) > 0}
+    top = max(ratios.values(), default=0.0)
+    if top <= 0:
+        return list(samples)
+    counts = {r: sum(1 for s in samples if s.route == r) for r in ratios}
+    keep = {r: round(counts[r] * ratios[r] / top) for r in ratios}
+    out, seen = [], dict.fromkeys(ratios, 0)
+    for s in samples:
+        if s.route in ratios:
+            if seen[s.route] >= keep[s.route]:
+                continue
+            seen[s.route] += 1
+        out.append(s)
+    return out
 
 
 def _with_escalation_cost(stats: Sequence[RouteStats], spec: PipelineSpec, config: PipelineConfig,

@@ -789,9 +789,9 @@ def concurrency_policy(current: int, knob: Knob, calls: int, rate_limited: int, 
     """Halve concurrency to a provider answering 429 (> `max_share` of calls); +1 back toward the default only
     after `calm_calls` calls without a 429 (or timeouts above `max_share`). While the pipeline's p95 is over
     its target (`latency_missed`) it is never lowered (calls waiting for a slot add latency; fewer calls, by
-    the cascade and routes, are what restore it) and a lowered limit goes straight back to the default. With
-    `absorbed` (every 429 was retried to an answer) and p95 inside its target, the 429s cost nothing an
-    objective needs: concurrency is not lowered for them."""
+    the cascade and routes, are what restore it) and a lowered limit goes back toward the default. With
+    `absorbed` (429s were retried to answers, or the failures stay within the error objective) and latency
+    inside its targets, the 429s cost nothing an objective needs: concurrency is not lowered for them."""
     if calls < min_calls:
         return None
     low, high = _int_bounds(knob)
