@@ -277,3 +277,59 @@ def test_one_look_judges_a_canary_else_guards_decides_and_leaves_a_rejected_move
     assert any(r.startswith("left score.cache_enabled alone: canary version 2") for r in out.plan.reasons)
     later = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 3601.0, measure=lambda: busy, rejected=lambda: rejected)
     assert later.plan is not None and later.plan.changes["score"]["cache_enabled"] is True
+
+
+# ---- a cascade's routes judged by what they cost the pipeline ---------------------------------------------
+
+QA = PipelineSpec("qa", {
+    "rank": {"route_weights": Knob("weights", {"small": 0.5, "large": 0.5})},
+    "gen": {"cascade_threshold": Knob("float", 0.7, 0, 1),
+            "route_weights": Knob("weights", {"cheap": 0.5, "dear": 0.5}), "max_concurrency": Knob("int", 8, 1, 64)},
+}, {"p95_ms": 2000.0, "p99_ms": 4000.0, "quality_floor": 0.9}, {"gen": "rank"})
+SLO_QA = SLO(pipeline="qa", p95_ms=2000.0, p99_ms=4000.0, quality_floor=0.9)
+
+
+def _qa(p95: float = 600.0, p99: float = 1500.0, retried: int = 0) -> Observation:
+    """rank's small route is cheaper per call but unsure: 60% of its answers escalate, 10% of large's."""
+    obs = Observation("qa", 300.0, requests=2000, p95_ms=p95, p99_ms=p99, cost_per_1k=0.3, quality=0.95,
+                      labelled=2000)
+    obs.steps["rank"] = {"small": RouteObservation(spans=1000, p95_ms=5.0, cost=0.00005, correct=720, labelled=1000),
+                         "large": RouteObservation(spans=1000, p95_ms=15.0, cost=0.0002, correct=860, labelled=1000)}
+    obs.steps["gen"] = {"cheap": RouteObservation(spans=350, p95_ms=400.0, cost=0.035, correct=330, labelled=350,
+                                                  retried=retried),
+                        "dear": RouteObservation(spans=350, p95_ms=900.0, cost=0.35, correct=345, labelled=350)}
+    samples = []
+    for route, unsure in (("small", 600), ("large", 100)):
+        for i in range(1000):
+            sure = i >= unsure
+            samples.append(CascadeSample(0.9 if sure else 0.5, sure or i % 3 == 0, None if sure else True, route))
+    obs.cascade_samples["gen"] = samples
+    return obs
+
+
+def test_a_cascades_local_route_is_priced_with_the_escalations_it_causes():
+    plan = decide(QA, QA.defaults(), SLO_QA, _qa())
+    # Per call small is 4x cheaper, but its answers escalate 6x as often to a tier costing 1000x a rank call.
+    assert plan.changes["rank"]["route_weights"]["large"] == pytest.approx(0.75)
+
+
+def test_a_cascade_at_its_providers_capacity_or_a_missed_p99_moves_as_far_as_the_models_allow():
+    calm = decide(QA, QA.defaults(), SLO_QA, _qa())
+    assert calm.violated == [] and calm.changes["rank"]["route_weights"]["large"] == pytest.approx(0.75)
+    busy = decide(QA, QA.defaults(), SLO_QA, _qa(retried=20))  # 20 of 700 calls answered 429
+    assert busy.changes["rank"]["route_weights"]["large"] == pytest.approx(1.0)
+    slow = decide(QA, QA.defaults(), SLO_QA, _qa(p99=4500.0))
+    assert slow.violated == ["p99"] and slow.changes["rank"]["route_weights"]["large"] == pytest.approx(1.0)
+
+
+def test_a_cascades_samples_are_redrawn_for_the_local_mix_the_same_decision_sets():
+    from tracetune.tuner.loop import Plan, _as_mixed
+
+    samples = _qa().cascade_samples["gen"]
+    plan = Plan()
+    plan.changes["rank"] = {"route_weights": {"small": 0.25, "large": 0.75}}
+    mixed = _as_mixed(samples, QA.defaults(), plan, "rank")
+    assert sum(s.route == "large" for s in mixed) == 1000 and sum(s.route == "small" for s in mixed) == 333
+    plan.changes["rank"] = {"route_weights": {"small": 0.0, "large": 1.0}}
+    assert {s.route for s in _as_mixed(samples, QA.defaults(), plan, "rank")} == {"large"}
+    assert _as_mixed(samples, QA.defaults(), Plan(), "rank") == samples  # no new mix: the samples as they are
