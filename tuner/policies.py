@@ -559,7 +559,9 @@ def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], k
     capped = slow_cap is not None and bool(slow[known].any()) and not bool(slow[known].all())
     if slow_cap is not None and not capped:
         slow = np.zeros(len(names), dtype=bool)  # all slow or none: latency is not routing's to fix here
-    bounds = [(w, w) if not known[i] else (0.0, w) if slow[i] and not capped else (0.0, 1.0)
+    # A route with too few labels gains no weight, but may lose it to labelled routes that hold the floor
+    # by themselves (no need to know a route's accuracy to stop paying for it).
+    bounds = [(0.0, w) if not known[i] else (0.0, w) if slow[i] and not capped else (0.0, 1.0)
               for i, w in enumerate(weights_now)]
     equal = (np.ones((1, len(names))), [1.0])
     # The slow routes' tasks must fit in the tail the p95 target allows (weight held on unlabelled ones counts).
