@@ -206,6 +206,7 @@ def evidence(obs: observe.Observation, slo: SLO | None, spec: PipelineSpec | Non
     return found
 
 
+NO_GAIN = 0.02  # a cache resize predicting at most this many more hits (share of lookups) than now gains nothing
 SATURATED = 0.01  # a remote step with more than this share of its calls answered 429 is at its providers' capacity
 NOISE_Z = 3.0  # a difference in load or accuracy counts as real beyond this many standard errors
 PRICE_CHANGE = 0.2  # a per-call cost moving more than this share is a new price (not token-count noise)
@@ -344,9 +345,19 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                     and obs.p95_ms is not None:
                 plan.effects.setdefault(step, {})["p95_ms"] = obs.p95_ms + proposal.predicted["p95_ms"] - total.p95_ms
         if "cache_enabled" in knobs and total.hashed:
-            plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
-                                    settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
-                                    step=step), spec, current, limit)
+            proposal = caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
+                                      settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
+                                      step=step)
+            hit_now = total.hits / total.hashed
+            if proposal is not None and not missed and current.get("cache_enabled") \
+                    and proposal.values.get("cache_enabled", True) \
+                    and proposal.predicted.get("hit_ratio", 0.0) <= hit_now + NO_GAIN:
+                # A resize of a cache that is on, predicting no more hits than now: nothing a canary could
+                # show, so its trial could only run out of time while better moves wait.
+                plan.reasons.append(f"{step}: cache size left as it is (predicted hit ratio "
+                                    f"{proposal.predicted.get('hit_ratio', 0.0):.1%}, {hit_now:.1%} now)")
+                proposal = None
+            plan.add(proposal, spec, current, limit)
         # A cascade's samples as its local step's routes will answer them once this decision is in force.
         samples = _as_mixed(obs.cascade_samples.get(step, []), config, plan, spec.cascades.get(step))
         if "cascade_threshold" in knobs:

@@ -333,3 +333,13 @@ def test_a_cascades_samples_are_redrawn_for_the_local_mix_the_same_decision_sets
     plan.changes["rank"] = {"route_weights": {"small": 0.0, "large": 1.0}}
     assert {s.route for s in _as_mixed(samples, QA.defaults(), plan, "rank")} == {"large"}
     assert _as_mixed(samples, QA.defaults(), Plan(), "rank") == samples  # no new mix: the samples as they are
+
+
+def test_a_cache_resize_predicting_no_more_hits_is_not_tried():
+    """A canary of a change with nothing to show could only run out of time while better moves wait."""
+    on = SPEC.merge(SPEC.defaults(), {"score": {"cache_enabled": True, "cache_max_entries": 100_000}})
+    obs = _observation(hashed=3000, distinct_inputs=900, hits=2100, misses=900)  # already hits every repeat
+    plan = decide(SPEC, on, SLO_SHOP, obs)
+    assert "score" not in plan.changes and any(r.startswith("score: cache size left as it is") for r in plan.reasons)
+    # Turning a cache on, or a resize that predicts more hits, is still proposed.
+    assert decide(SPEC, SPEC.defaults(), SLO_SHOP, obs).changes["score"]["cache_enabled"] is True
