@@ -208,6 +208,7 @@ def evidence(obs: observe.Observation, slo: SLO | None, spec: PipelineSpec | Non
 
 NO_GAIN = 0.02  # a cache resize predicting at most this many more hits (share of lookups) than now gains nothing
 SATURATED = 0.01  # a remote step with more than this share of its calls answered 429 is at its providers' capacity
+MIN_LABELLED = 30  # an accuracy on fewer labels than this is no evidence (as routing holds such a route)
 NOISE_Z = 3.0  # a difference in load or accuracy counts as real beyond this many standard errors
 PRICE_CHANGE = 0.2  # a per-call cost moving more than this share is a new price (not token-count noise)
 
@@ -234,7 +235,7 @@ def changed(then: Mapping[str, float], now: Mapping[str, float]) -> str | None:
             if abs(price / then[key] - 1) > PRICE_CHANGE:
                 return f"{key.removesuffix('.unit_cost')} price {1000 * then[key]:.3g} -> {1000 * price:.3g} USD per 1k"
     for key in now:
-        if key.endswith(".labelled") and key in then:
+        if key.endswith(".labelled") and key in then and min(now[key], then[key]) >= MIN_LABELLED:
             name = key.removesuffix(".labelled")
             z = _proportion_z(then.get(f"{name}.correct", 0.0), then[key], now.get(f"{name}.correct", 0.0), now[key])
             if abs(z) > NOISE_Z:

@@ -225,6 +225,8 @@ def test_evidence_changes_only_beyond_noise():
     assert changed(then, {**then, "c.fp32.correct": 950.0}) == "c.fp32 accuracy 0.883 -> 0.950"
     assert changed({**then, "e.llm.unit_cost": 1e-4}, {**then, "e.llm.unit_cost": 2e-4}).startswith("e.llm price")
     assert changed(then, {**then, "missed.p95": 1.0}) == "p95 now missed"
+    # A route that lost its traffic answers a handful of labels: 0 of 2 right is no evidence.
+    assert changed(then, {**then, "c.fp32.correct": 0.0, "c.fp32.labelled": 2.0}) is None
 
 
 def test_the_loop_rebuilds_the_last_moves_from_its_audit(shop):
