@@ -294,8 +294,9 @@ def _bar(console: Console) -> Progress:
 
 def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: simulate.Calibration,
                  workload: Any, seeds: Sequence[int], search_seed: int, evaluations: int,
-                 prices: Any = None, partial: Path | None = None) -> list[dict[str, Any]]:
-    """Every arm of one pipeline on each seed: the static oracle searched on `search_seed`, scored on each."""
+                 prices: Any = None, partial: Path | None = None, screen: Any = None) -> list[dict[str, Any]]:
+    """Every arm of one pipeline on each seed: the static oracle searched on `search_seed` (screened on
+    `screen(seed)`, a shorter run of the same load, when given), scored on each."""
     from tracetune.analyzer import load_prices
     from tracetune.tuner import oracles, simarms
 
@@ -306,10 +307,13 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: s
         task = bar.add_task(f"{name}: static oracle search on seed {search_seed}", total=evaluations)
         best, tried = oracles.search(spec, calibration, workload(search_seed), slo=slo, evaluations=evaluations,
                                      seed=search_seed, start=[gateway], prices=prices,
-                                     progress=lambda done, total: bar.update(task, completed=done))
+                                     screen=screen(search_seed) if screen else None,
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     console.print(f"{name}: static oracle ({'feasible' if best['feasible'] else '[red]none feasible, closest[/]'}"
-                  f" on seed {search_seed}, {len(tried)} runs, {sum(r['feasible'] for r in tried)} feasible): "
-                  f"{json.dumps(_rounded(best['grid_config']))}")
+                  f" on seed {search_seed}, {evaluations} runs"
+                  + (f" screened on {screen(search_seed).duration / 60:g} virtual minutes, the best {len(tried)} "
+                     f"run in full" if screen else "") + f", {sum(r['feasible'] for r in tried)} feasible in full; "
+                  f"cost/1k {best['cost_per_1k']:.5f}): {json.dumps(_rounded(best['grid_config']))}")
     if evaluations < 100 or best["grid_config"] == {}:
         console.print(f"[red]{name}: the static oracle had {evaluations} evaluations"
                       + (" and is the declared default itself" if best["grid_config"] == {} else "")
@@ -531,8 +535,10 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
             calibration = args.calibration
         slo = SLO(spec.pipeline, **spec.slo)
         console.print(f"[bold]{name}[/]: calibration {calibration.source}; SLO {json.dumps(spec.slo)}")
+        # The search screens on a third of the run (the same load's shape, compressed), then runs its best in full.
+        screen = (lambda seed, w=workload: w(seed, args.minutes / 3)) if args.minutes / 3 >= 10 else None
         rows = sim_pipeline(console, name, spec, calibration, lambda seed, w=workload: w(seed, args.minutes), seeds,
-                            args.search_seed, args.evaluations, prices, args.out / f"partial-{name}.json")
+                            args.search_seed, args.evaluations, prices, args.out / f"partial-{name}.json", screen)
         console.print(sim_table(rows, slo, f"{name}: {args.minutes:g} virtual minutes per arm, seeds "
                                            f"{', '.join(map(str, seeds))}; oracle searched on seed {args.search_seed}"))
         figure = sim_chart(rows, slo, args.out / f"tuner-sim-{name}.png", f"{name}: cost per 1k by arm")

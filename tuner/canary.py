@@ -64,7 +64,7 @@ LIMIT 1
 # The root spans of both arms since the canary started: version, duration, outcome.
 ROOTS_SQL = """
 SELECT TraceId, toUInt32OrZero(SpanAttributes['tracetune.config_version']) AS version, Duration / 1e6,
-       StatusCode = 'Error'
+       StatusCode IN ('Error', 'STATUS_CODE_ERROR')
 FROM otel_traces
 WHERE Timestamp >= fromUnixTimestamp64Micro({since:Int64}) AND ParentSpanId = ''
   AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}

@@ -1,10 +1,12 @@
 """The tuning loop: every interval, for every declared pipeline, observe, decide, guard, try, apply, audit.
 
 `decide` is pure (spec, config, SLO, observation in; knob changes, reasons and predictions out), so
-it is tested on constructed numbers; `tune_once` adds the guardrails that need the store (freeze,
-pin, cooldown, enough samples, not retrying a change a canary just rejected), puts the new version
-on trial for a share of tasks (`tuner.canary`), then promotes or rolls it back on the evidence, each
-step with its decision row. With `canary_share` 0 a change goes to every task at once (`tune`).
+it is tested on constructed numbers. `look` is one look at a pipeline (judge the canary on trial, else
+cooldown, enough samples, `decide`, not retrying a change a canary just rejected), reading through
+callables and writing nothing, so the simulation runs the same step; `tune_once` is `look` over the
+store: freeze and pin first, then it puts the new version on trial for a share of tasks
+(`tuner.canary`, in `_try`), and promotes or rolls it back on the evidence (`_finish`), each with its
+decision row. With `canary_share` 0 a change goes to every task at once (`tune`).
 With several tuner replicas, only the one holding the `tuner` lease runs the loop (`tracetune.store.lease`).
 """
 
@@ -14,7 +16,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +28,9 @@ from tracetune.tuner.decisions import describe_change, sentence
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
     TAIL_SHARE,
+    CascadeSample,
     Proposal,
+    RouteStats,
     _wilson_lower,
     batching_policy,
     caching_policy,
@@ -34,6 +38,7 @@ from tracetune.tuner.policies import (
     cascade_route_floor,
     clamp_change,
     concurrency_policy,
+    escalation_shares,
     fit_service_time,
     local_route_floor,
     routing_policy,
@@ -170,6 +175,8 @@ def violations(slo: SLO | None, obs: observe.Observation, min_labelled: int = 30
     missed = {}
     if slo.p95_ms is not None and obs.p95_ms is not None and obs.p95_ms > slo.p95_ms:
         missed["p95"] = f"p95 {obs.p95_ms:.0f} ms over the {slo.p95_ms:g} ms target"
+    if slo.p99_ms is not None and obs.p99_ms is not None and obs.p99_ms > slo.p99_ms:
+        missed["p99"] = f"p99 {obs.p99_ms:.0f} ms over the {slo.p99_ms:g} ms target"
     if slo.quality_floor is not None and obs.quality is not None and obs.labelled >= min_labelled \
             and 1 - _wilson_lower((1 - obs.quality) * obs.labelled, obs.labelled) < slo.quality_floor:
         # Beyond doubt under the floor (its upper bound too): 0.929 on a few thousand labels is not a miss.
@@ -200,6 +207,9 @@ def evidence(obs: observe.Observation, slo: SLO | None, spec: PipelineSpec | Non
     return found
 
 
+NO_GAIN = 0.02  # a cache resize predicting at most this many more hits (share of lookups) than now gains nothing
+SATURATED = 0.01  # a remote step with more than this share of its calls answered 429 is at its providers' capacity
+MIN_LABELLED = 30  # an accuracy on fewer labels than this is no evidence (as routing holds such a route)
 NOISE_Z = 3.0  # a difference in load or accuracy counts as real beyond this many standard errors
 PRICE_CHANGE = 0.2  # a per-call cost moving more than this share is a new price (not token-count noise)
 
@@ -226,7 +236,7 @@ def changed(then: Mapping[str, float], now: Mapping[str, float]) -> str | None:
             if abs(price / then[key] - 1) > PRICE_CHANGE:
                 return f"{key.removesuffix('.unit_cost')} price {1000 * then[key]:.3g} -> {1000 * price:.3g} USD per 1k"
     for key in now:
-        if key.endswith(".labelled") and key in then:
+        if key.endswith(".labelled") and key in then and min(now[key], then[key]) >= MIN_LABELLED:
             name = key.removesuffix(".labelled")
             z = _proportion_z(then.get(f"{name}.correct", 0.0), then[key], now.get(f"{name}.correct", 0.0), now[key])
             if abs(z) > NOISE_Z:
@@ -306,12 +316,17 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     floor = slo.quality_floor if slo else None
     missed = violations(slo, obs)
     plan.violated = list(missed)
+    slow_now = "p95" in missed or "p99" in missed  # latency over a target: nothing may add to it
     limit = 1.0 if missed else settings.max_relative_change
     plan.before = {k: v for k, v in obs.summary().items() if k in ("cost_per_1k", "quality", "p95_ms")}
     plan.targets = {k: v for k, v in (("p95_ms", slo.p95_ms if slo else None), ("quality_floor", floor))
                     if v is not None}
     plan.evidence = evidence(obs, slo, spec)
     local_of = {local: cascade for cascade, local in spec.cascades.items()}
+    # A cascade whose providers answer more than 1% of calls 429 is at their capacity now: any more load (a
+    # burst) queues behind it. Its threshold and routes, and its local step's routes, move as far as their
+    # models allow, as for a missed objective.
+    saturated = {c for c in spec.cascades if obs.step_total(c).retried > SATURATED * max(obs.step_total(c).spans, 1)}
     for step, knobs in spec.steps.items():
         current = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(step, {})}
         total = obs.step_total(step)
@@ -324,7 +339,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             proposal = batching_policy(fit_service_time(obs.batches.get(step, [])), obs.arrival_rate(step), current,
                                        knobs, target, total.p95_ms, padding_ratio=obs.padding_ratio(step), step=step,
                                        cost_share=share)
-            if proposal is not None and "p95" in missed and proposal.predicted.get("p95_ms", 0.0) > total.p95_ms:
+            if proposal is not None and slow_now and proposal.predicted.get("p95_ms", 0.0) > total.p95_ms:
                 plan.reasons.append(f"{step}: batching waits (it would add latency while p95 is over its target)")
                 proposal = None
             plan.add(proposal, spec, current, limit)
@@ -332,35 +347,27 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                     and obs.p95_ms is not None:
                 plan.effects.setdefault(step, {})["p95_ms"] = obs.p95_ms + proposal.predicted["p95_ms"] - total.p95_ms
         if "cache_enabled" in knobs and total.hashed:
-            plan.add(caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
-                                    settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
-                                    step=step), spec, current, limit)
-        if "route_weights" in knobs:
-            route_floor, cap = floor, None
-            kept = 1.0
-            if step in spec.cascades and "cascade_threshold" in current:
-                # The escalated answers carry only part of the pipeline's quality, and only the escalated
-                # tasks' latency: the floor they need and the slow-tier weight the p95 target allows.
-                route_floor = cascade_route_floor(obs.cascade_samples.get(step, []), current["cascade_threshold"],
-                                                  floor)
-                cap = slow_weight_cap(total.spans / obs.requests if obs.requests else 1.0)
-            elif step in local_of:
-                # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
-                # quality and floor leave it, not to the pipeline's floor itself.
-                route_floor, kept = _local_floor(spec, config, obs, step, local_of[step], floor)
-            proposal = _not_worse_quality(routing_policy(obs.route_stats(step), current["route_weights"],
-                                                         knobs["route_weights"], route_floor, target, step=step,
-                                                         slow_cap=cap, max_shift=1.0 if missed else 0.25),
-                                          missed, plan)
+            proposal = caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
+                                      settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
+                                      step=step)
+            hit_now = total.hits / total.hashed
+            if proposal is not None and not missed and current.get("cache_enabled") \
+                    and proposal.values.get("cache_enabled", True) \
+                    and proposal.predicted.get("hit_ratio", 0.0) <= hit_now + NO_GAIN:
+                # A resize of a cache that is on, predicting no more hits than now: nothing a canary could
+                # show, so its trial could only run out of time while better moves wait.
+                plan.reasons.append(f"{step}: cache size left as it is (predicted hit ratio "
+                                    f"{proposal.predicted.get('hit_ratio', 0.0):.1%}, {hit_now:.1%} now)")
+                proposal = None
             plan.add(proposal, spec, current, limit)
-            if proposal is not None and step in plan.changes:
-                _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * total.spans / max(obs.requests, 1))
+        # A cascade's samples as its local step's routes will answer them once this decision is in force.
+        samples = _as_mixed(obs.cascade_samples.get(step, []), config, plan, spec.cascades.get(step))
         if "cascade_threshold" in knobs:
             remote_target = step_target_ms(slo, obs, step)
             slow = remote_target is not None and total.p95_ms > remote_target
-            proposal = cascade_policy(obs.cascade_samples.get(step, []), current["cascade_threshold"],
+            proposal = cascade_policy(samples, current["cascade_threshold"],
                                       knobs["cascade_threshold"], floor, obs.cost_per_call(step), step=step,
-                                      max_step=1.0 if missed else 0.1,
+                                      max_step=1.0 if missed or step in saturated else 0.1,
                                       escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None)
             proposal = _not_worse_quality(proposal, missed, plan)
             plan.add(proposal, spec, current, limit)
@@ -371,9 +378,40 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                     # Escalations now fit in the tail the target allows: p95 becomes that of the tasks kept local.
                     plan.effects.setdefault(step, {})["p95_ms"] = min(obs.p95_ms or math.inf,
                                                                       _local_ms(obs, spec, step))
+        if "route_weights" in knobs:
+            route_floor, cap = floor, None
+            kept = 1.0
+            if step in spec.cascades and "cascade_threshold" in current:
+                # The escalated answers carry only part of the pipeline's quality, and only the escalated
+                # tasks' latency: the floor they need and the slow-tier weight the p95 target allows, at the
+                # threshold this decision sets (the two knobs move together, in one decision).
+                threshold = plan.changes.get(step, {}).get("cascade_threshold", current["cascade_threshold"])
+                escalated = total.spans / obs.requests if obs.requests else 1.0
+                if "cascade_threshold" in plan.changes.get(step, {}):
+                    escalated = plan.predicted.get(f"{step}.escalation_share", escalated)
+                route_floor = cascade_route_floor(samples, threshold, floor)
+                cap = slow_weight_cap(escalated)
+            stats = obs.route_stats(step)
+            if step in local_of:
+                # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
+                # quality and floor leave it, not to the pipeline's floor itself; and a route is as dear as the
+                # escalations its answers cause (a surer route sends fewer tasks to the remote tiers).
+                route_floor, kept = _local_floor(spec, config, obs, step, local_of[step], floor)
+                stats = _with_escalation_cost(stats, spec, config, obs, local_of[step])
+            proposal = _not_worse_quality(routing_policy(stats, current["route_weights"],
+                                                         knobs["route_weights"], route_floor, target, step=step,
+                                                         slow_cap=cap, max_shift=1.0 if missed or step in saturated
+                                                         or local_of.get(step) in saturated else 0.25),
+                                          missed, plan)
+            plan.add(proposal, spec, current, limit)
+            if proposal is not None and step in plan.changes:
+                _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * total.spans / max(obs.requests, 1))
         if "max_concurrency" in knobs:
             plan.add(concurrency_policy(int(current["max_concurrency"]), knobs["max_concurrency"], total.spans,
-                                        total.retried, step=step), spec, current, limit)
+                                        total.retried, step=step, latency_missed=slow_now,
+                                        absorbed=total.errors == 0 or (slo is not None and slo.error_rate is not None
+                                                                       and "errors" not in missed)),
+                     spec, current, limit)
     if missed:
         plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
                             + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
@@ -390,6 +428,46 @@ def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], pla
         plan.reasons.append(f"{proposal.step}: a cheaper mix waits (it would lower quality, which is under its floor)")
         return None
     return proposal
+
+
+def _as_mixed(samples: Sequence[CascadeSample], config: PipelineConfig, plan: Plan,
+              local: str | None) -> list[CascadeSample]:
+    """A cascade's samples re-drawn for the local step's route mix `plan` sets (the same samples when it sets
+    none): each route keeps the share of its samples its new weight over its old allows, so the threshold and
+    the tiers are chosen for the answers the cascade will see, in the same decision."""
+    new = plan.changes.get(local, {}).get("route_weights") if local else None
+    old = config.knob(local, "route_weights") if local else None
+    if not new or not old:
+        return list(samples)
+    ratios = {r: float(new.get(r, 0.0)) / float(w) for r, w in old.items() if float(w) > 0}
+    top = max(ratios.values(), default=0.0)
+    if top <= 0:
+        return list(samples)
+    counts = {r: sum(1 for s in samples if s.route == r) for r in ratios}
+    keep = {r: round(counts[r] * ratios[r] / top) for r in ratios}
+    out, seen = [], dict.fromkeys(ratios, 0)
+    for s in samples:
+        if s.route in ratios:
+            if seen[s.route] >= keep[s.route]:
+                continue
+            seen[s.route] += 1
+        out.append(s)
+    return out
+
+
+def _with_escalation_cost(stats: Sequence[RouteStats], spec: PipelineSpec, config: PipelineConfig,
+                          obs: observe.Observation, cascade: str) -> list[RouteStats]:
+    """A cascade's local routes priced with the escalations they cause: each route's cost per request plus
+    the share of its answers the threshold in force escalates times what an escalation costs."""
+    threshold = config.knob(cascade, "cascade_threshold")
+    per_call = obs.cost_per_call(cascade)
+    if threshold is None or per_call <= 0:
+        return list(stats)
+    shares = escalation_shares(obs.cascade_samples.get(cascade, []), float(threshold))
+    if len(shares) < 2:
+        return list(stats)
+    return [replace(r, compute_cost_per_request=r.compute_cost_per_request + shares[r.route] * per_call)
+            if r.route in shares else r for r in stats]
 
 
 def _local_ms(obs: observe.Observation, spec: PipelineSpec, cascade: str) -> float:
@@ -455,11 +533,63 @@ def _age_seconds(decision: Mapping[str, Any], now: datetime) -> float:
     return (now - decided).total_seconds()
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """The canary rolled back last: when (seconds, the caller's clock), its version, the steps of the config in
+    force then and of the config it tried. Moves it made are not proposed again within the hour."""
+
+    at: float
+    version: int
+    base: Mapping[str, Mapping[str, Any]]
+    tried: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass
+class Outcome:
+    """What one look at a pipeline comes to: a running canary's verdict, a plan to try, or nothing (`idle` says why)."""
+
+    verdict: canary.Verdict | None = None
+    plan: Plan | None = None
+    observation: observe.Observation | None = None
+    idle: str = ""
+
+
+def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: LoopSettings, now: float, *,
+         measure: Callable[[], observe.Observation],
+         since_change: float | None = None,
+         trial_age: float | None = None,
+         arms: Callable[[], tuple[canary.Arm, canary.Arm]] | None = None,
+         moves: Callable[[], Mapping[tuple[str, str], Move] | None] = lambda: None,
+         rejected: Callable[[], Rejected | None] = lambda: None) -> Outcome:
+    """One look at a pipeline, the same for the tuner (`tune_once`, over the store) and the simulation: judge
+    the canary on trial (`trial_age` seconds old, `arms` its per-task samples); else the guardrails (cooldown
+    since the last change, enough requests over half a window in what `measure` reads), `decide`, and the
+    moves a canary rolled back lately taken out. The callables read what the caller keeps (the store or the
+    simulation) only when needed; nothing is written here: the caller acts on the outcome."""
+    if trial_age is not None:
+        if arms is None:
+            raise ValueError("a canary on trial is judged on its arms: pass arms")
+        base, tried = arms()
+        return Outcome(verdict=canary.judge(base, tried, slo, min_requests=settings.canary_min_requests,
+                                            expired=trial_age >= settings.canary_max_seconds))
+    if since_change is not None and since_change < settings.cooldown_seconds:
+        return Outcome(idle="cooling down")
+    obs = measure()
+    if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
+        # Too few requests, or data for less than half a window (rates and TTLs would be guesses).
+        return Outcome(observation=obs, idle="too little data")
+    plan = decide(spec, config, slo, obs, settings, moves=moves(), now=now)
+    drop_rejected(plan, config, rejected(), now, settings)
+    if not plan.changes:
+        return Outcome(observation=obs, idle="nothing to change")
+    return Outcome(plan=plan, observation=obs)
+
+
 def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
               now: datetime | None = None, active: Callable[[], bool] = lambda: True) -> decisions.Decision | None:
-    """One look at `pipeline`: the decision taken, or None (frozen, pinned, cooling down, too little data,
-    nothing to change). Records the observed effect of the previous decision once its window has passed.
-    Writes nothing once `active()` says no (the tuner lost its lease while it measured)."""
+    """One look at `pipeline` (`look`, over the store): the decision taken, or None (frozen, pinned, cooling
+    down, too little data, nothing to change). Records the observed effect of the previous decision once its
+    window has passed. Writes nothing once `active()` says no (the tuner lost its lease while it measured)."""
     now = now or datetime.now(UTC)
     spec, config = versions.latest_spec(client, pipeline), versions.latest(client, pipeline)
     if spec is None or config is None:
@@ -468,26 +598,40 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     if state.frozen or state.pinned:
         return None
     trial = canary.running(client, pipeline)
+    last = None
+    if trial is None:
+        last = decisions.last_decision(client, pipeline, CHANGES)
+        if last is not None and last["kind"] in OBSERVED and not last["observed"] \
+                and _age_seconds(last, now) >= settings.window_seconds and active():
+            decisions.observe(client, last["decision_id"],
+                              observe.collect(client, spec, settings.window_seconds).summary())
+    age = None if trial is None else (now - trial.started_at).total_seconds()
+    outcome = look(
+        spec, config, get_slo(client, pipeline), settings, now.timestamp(),
+        measure=lambda: observe.collect(client, spec, settings.window_seconds),
+        since_change=None if last is None else _age_seconds(last, now),
+        trial_age=age,
+        arms=lambda: canary.arms(client, spec, trial, observe.answers(client, spec, int(age or 0) + 60)),
+        moves=lambda: Moves.from_history(decisions.history(client, pipeline, limit=200)),
+        rejected=lambda: _rejected(client, pipeline))
     if trial is not None:
-        return _judge(client, spec, config, trial, settings, now, active)
-    last = decisions.last_decision(client, pipeline, CHANGES)
-    if last is not None and last["kind"] in OBSERVED and not last["observed"] \
-            and _age_seconds(last, now) >= settings.window_seconds and active():
-        decisions.observe(client, last["decision_id"], observe.collect(client, spec, settings.window_seconds).summary())
-    if last is not None and _age_seconds(last, now) < settings.cooldown_seconds:
+        return _finish(client, spec, config, trial, outcome.verdict, active)
+    if outcome.plan is not None or outcome.idle == "nothing to change":
+        from tracetune.tuner import shadow  # a plan moving a quality knob is shadowed before its canary; judge one out
+        handled, shadowed = shadow.before_trial(client, spec, config, outcome.plan or Plan(), outcome.observation,
+                                                settings, now, active)
+        if handled:
+            return shadowed
+    if outcome.plan is None:
         return None
-    obs = observe.collect(client, spec, settings.window_seconds)
-    if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
-        return None  # too few requests, or data for less than half a window (rates and TTLs would be guesses)
-    moves = Moves.from_history(decisions.history(client, pipeline, limit=200))
-    plan = decide(spec, config, get_slo(client, pipeline), obs, settings, moves=moves, now=now.timestamp())
-    _drop_rejected(client, pipeline, config, plan, settings, now)
-    from tracetune.tuner import shadow  # a plan moving a quality knob is shadowed before its canary; judge one out
-    handled, shadowed = shadow.before_trial(client, spec, config, plan, obs, settings, now, active)
-    if handled:
-        return shadowed
-    if not plan.changes:
-        return None
+    return _try(client, spec, config, outcome.plan, outcome.observation, settings, now, active)
+
+
+def _try(client, spec: PipelineSpec, config: PipelineConfig, plan: Plan, obs: observe.Observation,
+         settings: LoopSettings, now: datetime, active: Callable[[], bool]) -> decisions.Decision | None:
+    """Put `plan` on trial for a share of tasks (or, with `canary_share` 0, in force for every task), with its
+    decision row; None when a pin, freeze or another change landed while the loop measured."""
+    pipeline = spec.pipeline
     reason = plan.reason
     predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted,
                  **{k: round(v, 6) for k, v in plan.after.items() if math.isfinite(v)},  # NaN: not predicted
@@ -497,6 +641,8 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         if (not active() or latest_state.frozen or latest_state.pinned or versions.latest(client, pipeline) != config
                 or canary.running(client, pipeline) is not None):  # e.g. an approved proposal's canary
             return None
+        # A plan is about to be tried: `plan.changes` on top of `config`, for the reasons in `reason`. The
+        # pipeline's approval mode may hold it as a proposal instead (tuner/approval.py).
         held, proposed = approval.gate(client, spec, config, plan, predicted, settings, now)
         if held:  # approve or observe mode, a change class marked for approval, or a proposal already waiting
             return proposed
@@ -526,33 +672,39 @@ def _same_way(base: Any, tried: Any, proposed: Any) -> bool:
     return proposed == tried
 
 
-def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan: Plan, settings: LoopSettings,
-                   now: datetime) -> None:
-    """Take out of `plan` the knob moves a canary rolled back lately (they would fail the same way)."""
+def _rejected(client, pipeline: str) -> Rejected | None:
+    """The canary rolled back last, from the audit."""
     last = decisions.last_decision(client, pipeline, ("canary_rollback",))
-    if last is None or _age_seconds(last, now) >= settings.rejected_memory_seconds:
+    if last is None:
+        return None
+    decided = last["decided_at"] if last["decided_at"].tzinfo else last["decided_at"].replace(tzinfo=UTC)
+    # A rollback's row goes from the canary (before) back to the config in force (after).
+    return Rejected(decided.timestamp(), int(last["version_before"]), last["config_after"].get("steps", {}),
+                    last["config_before"].get("steps", {}))
+
+
+def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None, now: float,
+                  settings: LoopSettings) -> None:
+    """Take out of `plan` the knob moves a canary rolled back lately (they would fail the same way)."""
+    if rejected is None or now - rejected.at >= settings.rejected_memory_seconds:
         return
-    tried, base = last["config_before"].get("steps", {}), last["config_after"].get("steps", {})
     dropped = []
     for step, values in list(plan.changes.items()):
         for knob, value in list(values.items()):
-            before = base.get(step, {}).get(knob, config.knob(step, knob))
-            after = tried.get(step, {}).get(knob, before)
+            before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
+            after = rejected.tried.get(step, {}).get(knob, before)
             if after != before and _same_way(before, after, value):
                 plan.drop(step, knob)  # and, once none of the step's changes is left, its reasons and predictions
                 dropped.append(f"{step}.{knob}")
     if dropped:
-        plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {last['version_before']} "
+        plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {rejected.version} "
                             f"moved them that way and was rolled back")
 
 
-def _judge(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Canary, settings: LoopSettings,
-           now: datetime, active: Callable[[], bool] = lambda: True) -> decisions.Decision | None:
-    """Promote or roll back the canary on trial once the evidence says which (None while it is still out)."""
-    age = (now - trial.started_at).total_seconds()
-    base, tried = canary.arms(client, spec, trial, observe.answers(client, spec, int(age) + 60))
-    verdict = canary.judge(base, tried, get_slo(client, spec.pipeline), min_requests=settings.canary_min_requests,
-                           expired=age >= settings.canary_max_seconds)
+def _finish(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Canary, verdict: canary.Verdict,
+            active: Callable[[], bool] = lambda: True) -> decisions.Decision | None:
+    """Promote or roll back the canary on trial once the evidence says which (None while it is still out);
+    cancel it when the config in force is no longer the one it was measured against."""
     if verdict.action == "wait" and config.version == trial.base_version:
         return None
     with versions.write_lock:

@@ -245,10 +245,10 @@ def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
         for steps in by_trace.values():
             if after not in steps or steps[after][2] is None:
                 continue
-            _, local, confidence, label = steps[after]
+            route, local, confidence, label = steps[after]
             remote = steps.get(cascade)
             samples.append(CascadeSample(float(confidence), local == label,
-                                         None if remote is None else remote[1] == remote[3]))
+                                         None if remote is None else remote[1] == remote[3], route or ""))
         obs.cascade_samples[cascade] = samples
         unlabelled = client.query(CONFIDENCE_SQL, parameters={**params, "steps": [after]}).result_rows
         labelled = len(samples)

@@ -1,8 +1,9 @@
 """How a tuner is judged in simulation: the oracles it is compared with and the verdict it must pass.
 
 - `search`: the best static config over the whole declared knob space (batching, caches, routes,
-  thresholds, concurrency), by random search then local search around the best, hundreds of simulated
-  runs: far more evaluations than a tuner gets. Chosen on one workload seed; `bench/tuner.py` scores the
+  thresholds, concurrency), from the space's corners, by random search then local search around the best,
+  hundreds of simulated runs (screened on shorter runs of the same load, the best few run in full): far
+  more evaluations than a tuner gets. Chosen on one workload seed; `bench/tuner.py` scores the
   choice on other seeds (out of sample).
 - `per_phase`: the hindsight oracle: for each load phase of the scored workload, the cheapest of the
   candidate configs that meets the objectives in that phase, as if the config switched at each phase's
@@ -22,10 +23,10 @@ from typing import Any
 
 from tracetune.analyzer import SLO
 from tracetune.tuner.config import KnobValue, PipelineSpec
-from tracetune.tuner.simarms import perturb, sample
+from tracetune.tuner.simarms import perturb, sample, space
 from tracetune.tuner.simulate import Arm, Calibration, Workload, simulate
 
-__all__ = ["Targets", "feasible", "per_phase", "quality_bound", "search", "verdict"]
+__all__ = ["Targets", "corners", "feasible", "per_phase", "quality_bound", "search", "verdict"]
 
 Config = dict[str, dict[str, KnobValue]]
 Z_95 = 1.6448536269514722  # one-sided 95% (the normal 0.95 quantile)
@@ -64,34 +65,71 @@ def feasible(row: Mapping[str, Any], slo: SLO | None, targets: Targets = Targets
     return windows is not None and not math.isnan(windows) and windows >= targets.min_windows and _quality_ok(row, slo)
 
 
+def corners(spec: PipelineSpec) -> list[Config]:
+    """The sensible corners of the knob space a search starts from: every routed step on one route alone (all
+    combinations), with every switch (cache on or off) both ways; numbers as declared."""
+    configs: list[Config] = [{}]
+    for dim in space(spec):
+        knob = dim.knob
+        if knob.kind == "weights":
+            options: list[KnobValue] = [{r: float(r == only) for r in knob.default} for only in knob.default]
+        elif knob.kind == "bool":
+            options = [False, True]
+        else:
+            continue
+        configs = [{**c, dim.step: {**c.get(dim.step, {}), dim.name: v}} for c in configs for v in options]
+    return configs
+
+
 def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, slo: SLO | None,
            evaluations: int = 300, explore: float = 0.25, seed: int = 0, start: Sequence[Mapping] = (),
+           screen: Workload | None = None, finalists: int = 20, phases: int = 3,
            progress: Callable[[int, int], None] | None = None, **options) -> tuple[dict[str, Any], list[dict]]:
     """The cheapest feasible static config found in `evaluations` simulated runs over the whole knob space:
-    the declared defaults and `start`, then random draws (`explore` of the budget), then local search
-    around the cheapest feasible configs so far. With none feasible, the closest (most SLO windows)."""
+    the declared defaults, `start` and the space's `corners`, then random draws (`explore` of the budget),
+    then local search around the cheapest feasible configs so far. With `screen` (a shorter run of the same
+    load's shape), those runs are on it, and the `finalists` cheapest feasible (else the closest) plus the
+    `phases` cheapest in each phase of `screen` run again on `workload`; the answer is the cheapest feasible
+    there. With none feasible, the closest (most SLO windows). The rows returned are `workload`'s."""
     rng = random.Random(seed)
     rows: list[dict] = []
+    total = evaluations + (finalists + phases * len(screen.phases or ()) if screen is not None else 0)
 
-    def run(config: Mapping[str, Mapping[str, KnobValue]]) -> None:
+    def run(config: Mapping[str, Mapping[str, KnobValue]], on: Workload, into: list[dict]) -> None:
         try:
-            row = simulate(spec, calibration, workload, Arm("static oracle", "static", config), slo=slo, **options)
+            row = simulate(spec, calibration, on, Arm("static oracle", "static", config), slo=slo, **options)
         except ValueError:  # a draw the declaration refuses
             return
         row["grid_config"] = {s: dict(v) for s, v in config.items()}
         row["feasible"] = feasible(row, slo)
-        rows.append(row)
+        into.append(row)
         if progress:
-            progress(len(rows), evaluations)
+            progress(len(rows) + len(full), total)
 
-    for config in [{}, *start]:
-        run(config)
+    full: list[dict] = []
+    first = screen if screen is not None else workload
+    for config in [{}, *start, *corners(spec)][:evaluations]:
+        run(config, first, rows)
     while len(rows) < int(evaluations * explore):
-        run(sample(spec, rng))
+        run(sample(spec, rng), first, rows)
     while len(rows) < evaluations:
         ok = sorted((r for r in rows if r["feasible"]), key=lambda r: r["cost_per_1k"])[:5]
         parents = ok or sorted(rows, key=lambda r: -r["slo_windows"])[:5]
-        run(perturb(spec, rng.choice(parents)["grid_config"], rng, scale=rng.choice((0.1, 0.3, 0.6))))
+        run(perturb(spec, rng.choice(parents)["grid_config"], rng, scale=rng.choice((0.1, 0.3, 0.6))), first, rows)
+    if screen is not None:
+        ok = sorted((r for r in rows if r["feasible"]), key=lambda r: r["cost_per_1k"])
+        picks = ok[:finalists] or sorted(rows, key=lambda r: -r["slo_windows"])[:finalists]
+        for start_s, end_s in screen.phases or ():
+            scored = [(_phase(r, start_s, end_s, slo, 300.0 * screen.duration / workload.duration, Targets()), r)
+                      for r in rows]
+            picks += [r for (_, good, n), r in sorted(scored, key=lambda x: x[0][0]) if good and n][:phases]
+        seen: set[str] = set()
+        for row in [{"grid_config": {}}, *picks]:
+            key = repr(sorted((s, sorted(v.items())) for s, v in row["grid_config"].items()))
+            if key not in seen:
+                seen.add(key)
+                run(row["grid_config"], workload, full)
+        rows = full
     ok = [r for r in rows if r["feasible"]]
     best = dict(min(ok, key=lambda r: r["cost_per_1k"]) if ok else max(rows, key=lambda r: r["slo_windows"]))
     return best, rows

@@ -559,7 +559,9 @@ def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], k
     capped = slow_cap is not None and bool(slow[known].any()) and not bool(slow[known].all())
     if slow_cap is not None and not capped:
         slow = np.zeros(len(names), dtype=bool)  # all slow or none: latency is not routing's to fix here
-    bounds = [(w, w) if not known[i] else (0.0, w) if slow[i] and not capped else (0.0, 1.0)
+    # A route with too few labels gains no weight, but may lose it to labelled routes that hold the floor
+    # by themselves (no need to know a route's accuracy to stop paying for it).
+    bounds = [(0.0, w) if not known[i] else (0.0, w) if slow[i] and not capped else (0.0, 1.0)
               for i, w in enumerate(weights_now)]
     equal = (np.ones((1, len(names))), [1.0])
     # The slow routes' tasks must fit in the tail the p95 target allows (weight held on unlabelled ones counts).
@@ -625,6 +627,19 @@ class CascadeSample:
     confidence: float
     local_correct: bool | None  # None when unlabelled
     remote_correct: bool | None = None  # known for tasks that were escalated and labelled
+    route: str = ""  # the local step's route that answered ("" when not known)
+
+
+def escalation_shares(samples: Sequence[CascadeSample], threshold: float, min_samples: int = 30) -> dict[str, float]:
+    """Per route of a cascade's local step, the share of its answers a `threshold` escalates (routes with at
+    least `min_samples` samples): what choosing that route costs downstream."""
+    counts: dict[str, list[int]] = {}
+    for s in samples:
+        if s.route:
+            seen = counts.setdefault(s.route, [0, 0])
+            seen[0] += s.confidence < threshold
+            seen[1] += 1
+    return {route: low / n for route, (low, n) in counts.items() if n >= min_samples}
 
 
 def cascade_route_floor(samples: Sequence[CascadeSample], threshold: float, quality_floor: float | None,
@@ -771,14 +786,27 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
 
 def concurrency_policy(current: int, knob: Knob, calls: int, rate_limited: int, timeouts: int = 0,
                        step: str = "", *, max_share: float = 0.01, min_calls: int = 20,
-                       calm_calls: int = 200) -> Proposal | None:
+                       calm_calls: int = 200, latency_missed: bool = False,
+                       absorbed: bool = False) -> Proposal | None:
     """Halve concurrency to a provider answering 429 (> `max_share` of calls); +1 back toward the default only
-    after `calm_calls` calls without a 429 (or timeouts above `max_share`)."""
+    after `calm_calls` calls without a 429 (or timeouts above `max_share`). While the pipeline's p95 is over
+    its target (`latency_missed`) it is never lowered (calls waiting for a slot add latency; fewer calls, by
+    the cascade and routes, are what restore it) and a lowered limit goes back toward the default. With
+    `absorbed` (429s were retried to answers, or the failures stay within the error objective) and latency
+    inside its targets, the 429s cost nothing an objective needs: concurrency is not lowered for them."""
     if calls < min_calls:
         return None
     low, high = _int_bounds(knob)
     share = rate_limited / calls
-    if share > max_share:
+    default = int(knob.default) if not isinstance(knob.default, dict) else high
+    if latency_missed:
+        if current >= min(default, high):
+            return None
+        new = min(default, high)
+        reason = (f"p95 over its target: max_concurrency {current} -> {new} (back to the default; calls waiting "
+                  f"for a slot add latency; {rate_limited} of {calls} answered 429)")
+        return Proposal(step, {"max_concurrency": new}, reason, {"rate_limited_share": share})
+    if share > max_share and not absorbed:
         new = max(low, min(current - 1, math.floor(current * 0.5)))
         if new >= current:
             return None
@@ -787,7 +815,6 @@ def concurrency_policy(current: int, knob: Knob, calls: int, rate_limited: int, 
         reason = (f"{rate_limited} of {calls} calls ({share:.1%}) answered 429 (> {max_share:.0%}): max_concurrency "
                   f"{current} -> {new} (x0.5), the provider took about {limit:.1f} at once")
         return Proposal(step, {"max_concurrency": new}, reason, {"rate_limited_share": predicted})
-    default = int(knob.default) if not isinstance(knob.default, dict) else high
     if rate_limited == 0 and timeouts <= max_share * calls and calls >= calm_calls and current < min(default, high):
         new = current + 1
         reason = (f"no 429 in {calls} calls ({timeouts} timeouts): max_concurrency {current} -> {new} (+1, back "

@@ -1,8 +1,9 @@
 """The controllers a simulated arm runs, every tuning interval, on the spans the simulation leaves.
 
-- `tuner`: the loop as `loop.tune_once` runs it: cooldown after any change or canary end, `min_requests`
-  and half a window of data, `loop.decide`, moves a canary rolled back lately are not retried, then the
-  change goes on trial for `canary_share` of tasks and `canary.judge` promotes or rolls it back;
+- `tuner`: the loop's own look (`loop.look`, which `loop.tune_once` runs over the store): cooldown after any
+  change or canary end, `min_requests` and half a window of data, `loop.decide`, moves a canary rolled back
+  lately are not retried, then the change goes on trial for `canary_share` of tasks and `canary.judge`
+  promotes or rolls it back;
 - `aimd`: additive increase, multiplicative decrease on every numeric knob (Clipper's rule for batch size,
   applied to all): while every objective holds each knob grows by a tenth of its default, when one is
   missed each is halved toward its lower bound; changes go to every task at once;
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tracetune.analyzer import SLO, PriceTable
 from tracetune.tuner import canary
 from tracetune.tuner.config import Knob, KnobValue, PipelineSpec
-from tracetune.tuner.loop import Moves, decide
+from tracetune.tuner.loop import Moves, Rejected, look
 
 if TYPE_CHECKING:
     from tracetune.tuner.simulate import Arm, Calibration, _Simulation
@@ -180,24 +181,25 @@ def _judge(sim: _Simulation, now: float) -> canary.Verdict:
                         expired=now - sim.trial.started >= s.canary_max_seconds)
 
 
-def _same_way(base: Any, tried: Any, proposed: Any) -> bool:
-    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, tried, proposed))
-    return (tried - base) * (proposed - base) > 0 if numbers else proposed == tried
-
-
 class LoopController:
-    """`loop.tune_once` in virtual time: judge a running canary, else decide and put the change on trial."""
+    """The loop in virtual time: each interval `loop.look` (the function `loop.tune_once` runs over the store)
+    on what the simulation keeps, then the simulation does what `tune_once` writes: ends the canary, or puts
+    the plan on trial (or in force, with `canary_share` 0)."""
 
     def __init__(self, remember_moves: bool = True) -> None:
-        self.rejected: tuple[float, dict, dict] | None = None  # when, config steps before, the trial's steps
+        self.rejected: Rejected | None = None  # the canary rolled back last, as the loop reads it from the audit
         self.moves = Moves()  # the last applied move per knob, as the loop rebuilds it from the audit
         self.remember_moves = remember_moves  # False: decide without them (no hold on reversals)
         self.plan: Any = None  # the plan on trial
 
     def tick(self, sim: _Simulation, now: float) -> None:
         s = sim.settings
-        if sim.trial is not None:
-            verdict = _judge(sim, now)
+        outcome = look(sim.spec, sim.config, sim.slo, s, now, measure=lambda: sim.observe(now),
+                       since_change=None if sim.last_change is None else now - sim.last_change,
+                       trial_age=None if sim.trial is None else now - sim.trial.started, arms=sim.canary_arms,
+                       moves=lambda: self.moves if self.remember_moves else None, rejected=lambda: self.rejected)
+        if outcome.verdict is not None:
+            verdict = outcome.verdict
             if verdict.action == "wait":
                 return
             trial, before = sim.trial, sim.config
@@ -205,34 +207,18 @@ class LoopController:
             if verdict.action == "promote":
                 self.moves.record(self.plan, now)
             else:
-                self.rejected = (now, before.steps, trial.config.steps)
+                self.rejected = Rejected(now, trial.config.version, before.steps, trial.config.steps)
             return
-        obs = _enough(sim, now)
-        if obs is None:
+        plan = outcome.plan
+        if plan is None:
             return
-        plan = decide(sim.spec, sim.config, sim.slo, obs, s, moves=self.moves if self.remember_moves else None,
-                      now=now)
-        self._drop_rejected(sim, plan, now)
-        if not plan.changes:
-            return
+        # A plan is about to be tried (as in tune_once).
         if s.canary_share > 0:
             self.plan = plan
             sim.start_canary(plan.changes, plan.reason.split("\n"), now, s.canary_share)
         else:
             self.moves.record(plan, now)
             sim.change(plan.changes, plan.reason.split("\n"), now)
-
-    def _drop_rejected(self, sim: _Simulation, plan: Any, now: float) -> None:
-        """As the loop does: a knob moved the way a canary rolled back within the hour moved it stays put."""
-        if self.rejected is None or now - self.rejected[0] >= sim.settings.rejected_memory_seconds:
-            return
-        _, base, tried = self.rejected
-        for step, values in list(plan.changes.items()):
-            for knob, value in list(values.items()):
-                before = base.get(step, {}).get(knob, sim.config.knob(step, knob))
-                after = tried.get(step, {}).get(knob, before)
-                if after != before and _same_way(before, after, value):
-                    plan.drop(step, knob)
 
 
 class AimdController:

@@ -13,8 +13,9 @@ Every `interval_seconds` a controller (`tuner.simarms`) looks at the last window
 turned into the same `Observation` the tuner reads from ClickHouse:
 
 - `static`: a fixed config (the declared defaults, a gateway's rule, or an oracle's);
-- `tuner`: the loop's steps as `loop.tune_once` takes them: its guardrails (cooldown, `min_requests`,
-  half a window of data, moves a canary just rolled back are not retried), `loop.decide`, then a canary
+- `tuner`: the loop's own look (`loop.look`, which `loop.tune_once` runs over the store): its guardrails
+  (cooldown, `min_requests`, half a window of data, moves a canary just rolled back are not retried),
+  `loop.decide`, then a canary
   on `canary_share` of tasks (a lane of its own, sharing the parts its changes do not touch, as the
   executor's `Step.fork`) judged by `canary.judge` on per-task samples of both arms;
 - `aimd` and `optuna`: the baselines (see tuner/simarms.py).
@@ -170,7 +171,7 @@ SELECT SpanAttributes['tracetune.step'] AS step, SpanAttributes['tracetune.route
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
   AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.step'] != ''
-  AND StatusCode != 'Error' AND SpanAttributes['tracetune.cache'] != 'hit'
+  AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR') AND SpanAttributes['tracetune.cache'] != 'hit'
 GROUP BY step, route
 """
 
@@ -180,7 +181,8 @@ SELECT SpanAttributes['tracetune.route'] AS route, toUInt32OrZero(SpanAttributes
        Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
-  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String} AND StatusCode != 'Error'
+  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String}
+  AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR')
 ORDER BY Timestamp DESC
 LIMIT 20000
 """
@@ -863,8 +865,9 @@ class _Simulation:
             total += float(spans["cost"].sum())
             remote = dict(zip(spans["task"].tolist(), spans["right"].tolist(), strict=True))
             obs.cascade_samples[self.cascade] = [
-                CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]))
-                for c, r, t in zip(model["confidence"], model["right"], model["task"], strict=True)]
+                CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]), str(route))
+                for c, r, t, route in zip(model["confidence"], model["right"], model["task"], model["route"],
+                                          strict=True)]
             finals = [bool(remote[t]) if remote.get(t, -1) >= 0 else bool(r)
                       for r, t in zip(model["right"], model["task"], strict=True)]
             if finals:

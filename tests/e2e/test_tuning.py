@@ -73,8 +73,10 @@ def test_the_tuner_restores_a_missed_p95_target_first_and_lowers_cost_under_load
             _, err = load.communicate(timeout=180)
         assert load.returncode == 0, err
         assert first["reason"] and first["predicted"]
-        # The default missed the target, so the tuner restored it first, and its verdict says what it bought.
-        assert started_reason(of, first).startswith("Trying on 30% of tasks: restoring p95 first."), first
+        # The default missed the target, so the tuner restored it first (with p99 when that was over its own
+        # target too), and its verdict says what it bought.
+        assert started_reason(of, first).startswith(("Trying on 30% of tasks: restoring p95 first.",
+                                                     "Trying on 30% of tasks: restoring p95 and p99 first.")), first
         assert first["reason"].startswith("canary better: "), first["reason"]
         assert first["config_after"] != first["config_before"]
         # Judged on both arms over the same minutes: the canary's share and the rest.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from datetime import UTC, datetime
 
 import httpx
 import numpy as np
@@ -156,6 +157,21 @@ def test_the_loop_promotes_a_canary_that_holds_up(shop):  # noqa: F811 - the fix
     row = decisions.history(shop, "shop")[0]
     assert row["predicted"] == started.predicted and row["observed"]["canary.requests"] == 60
     assert [p["version"] for p in versions.pipelines(shop)] == [2]
+
+
+def test_canary_arms_count_both_spellings_of_an_error_status(shop):  # noqa: F811 - the fixture
+    """pdata writes `Error`, the proto enum name is `STATUS_CODE_ERROR`: a canary's failures are both."""
+    now = time.time_ns()
+    statuses = ["Error", "STATUS_CODE_ERROR", "Unset", "STATUS_CODE_UNSET", "Ok", "STATUS_CODE_OK"]
+    rows = [span_row(now + i * 1_000_000, trace_id=f"{30_000 + i:032x}", span_id=f"{30_000 + i:016x}", name="shop",
+                     kind="Server", attrs={"tracetune.pipeline": "shop", "tracetune.config_version": str(version)},
+                     duration=20_000_000, status=status)
+            for version in (1, 2) for i, status in enumerate(statuses, start=10 * version)]
+    shop.insert("otel_traces", rows, column_names=COLUMNS)
+    base_config = versions.latest(shop, "shop")
+    trial = canary.Canary("shop", 2, 1, 0.2, "test", datetime.fromtimestamp(now / 1e9 - 5, UTC), base_config)
+    base, tried = canary.arms(shop, SPEC, trial)
+    assert (base.n, base.errors) == (6, 2) and (tried.n, tried.errors) == (6, 2)
 
 
 # ---- what executors are served -------------------------------------------------------------------------

@@ -57,9 +57,20 @@ def test_a_clamped_change_says_so_and_files_its_predictions_under_the_proposal()
 
 def test_decide_halves_concurrency_for_a_provider_answering_429():
     obs = _observation()
-    obs.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, p95_ms=300.0)}
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, errors=4, p95_ms=300.0)}
     plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, obs)
     assert plan.changes["escalate"]["max_concurrency"] == 4
+    # Every 429 retried to an answer, p95 inside its target: nothing an objective needs is bought by waiting.
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, p95_ms=300.0)}
+    assert "escalate" not in decide(SPEC, SPEC.defaults(), SLO_SHOP, obs).changes
+    # p95 over its target: a lowered limit goes back toward the default (at most doubled in one decision),
+    # never lower.
+    late = _observation()
+    late.p95_ms = 900.0
+    late.steps["escalate"] = {"llm": RouteObservation(spans=400, retried=40, errors=4, p95_ms=300.0)}
+    lowered = SPEC.merge(SPEC.defaults(), {"escalate": {"max_concurrency": 2}})
+    assert decide(SPEC, lowered, SLO_SHOP, late).changes["escalate"]["max_concurrency"] == 4
+    assert "max_concurrency" not in decide(SPEC, SPEC.defaults(), SLO_SHOP, late).changes.get("escalate", {})
 
 
 def test_decide_lowers_the_cascade_threshold_only_as_far_as_the_quality_floor_allows():
@@ -214,6 +225,8 @@ def test_evidence_changes_only_beyond_noise():
     assert changed(then, {**then, "c.fp32.correct": 950.0}) == "c.fp32 accuracy 0.883 -> 0.950"
     assert changed({**then, "e.llm.unit_cost": 1e-4}, {**then, "e.llm.unit_cost": 2e-4}).startswith("e.llm price")
     assert changed(then, {**then, "missed.p95": 1.0}) == "p95 now missed"
+    # A route that lost its traffic answers a handful of labels: 0 of 2 right is no evidence.
+    assert changed(then, {**then, "c.fp32.correct": 0.0, "c.fp32.labelled": 2.0}) is None
 
 
 def test_the_loop_rebuilds_the_last_moves_from_its_audit(shop):
@@ -228,3 +241,107 @@ def test_the_loop_rebuilds_the_last_moves_from_its_audit(shop):
     moves = Moves.from_history(decisions.history(shop, "shop"))
     move = moves[("score", "cache_enabled")]
     assert (move.before, move.after) == (False, True) and move.evidence["rate"] == decision.predicted["evidence.rate"]
+
+
+def test_one_look_judges_a_canary_else_guards_decides_and_leaves_a_rejected_move_alone():
+    """`look` is the step `tune_once` and the simulation both take: what it reads, and what it comes to."""
+    import numpy as np
+
+    from tracetune.tuner.canary import Arm
+    from tracetune.tuner.loop import Rejected, look
+
+    def never():
+        raise AssertionError("read while it should not be")
+
+    settings = LoopSettings(min_requests=100, cooldown_seconds=300, window_seconds=300)
+    busy = _observation(hashed=3000, distinct_inputs=900, bypass=3000)  # repeats: the cache policy wants it on
+    same = Arm.of(np.full(300, 50.0), np.full(300, 0.001))
+    # A canary on trial is judged on its arms, and nothing is measured.
+    out = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=never, trial_age=60.0,
+               arms=lambda: (same, same))
+    assert out.verdict is not None and out.verdict.action == "wait" and out.plan is None
+    expired = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=never, trial_age=1800.0,
+                   arms=lambda: (same, same))
+    assert expired.verdict.action == "rollback"
+    # Cooling down: nothing measured; too few requests: nothing decided.
+    assert look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=never, since_change=299.0).idle == \
+        "cooling down"
+    few = _observation(hashed=50, distinct_inputs=10, bypass=50)
+    few.requests = 50
+    assert look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=lambda: few).idle == "too little data"
+    # Enough: the plan the policies propose ...
+    out = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=lambda: busy, since_change=301.0)
+    assert out.plan is not None and out.plan.changes["score"]["cache_enabled"] is True
+    # ... unless a canary moved that knob that way and was rolled back within the hour.
+    rejected = Rejected(0.0, 2, {"score": {"cache_enabled": False}}, {"score": {"cache_enabled": True}})
+    out = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 600.0, measure=lambda: busy, rejected=lambda: rejected)
+    assert out.plan is not None and "cache_enabled" not in out.plan.changes.get("score", {})
+    assert any(r.startswith("left score.cache_enabled alone: canary version 2") for r in out.plan.reasons)
+    later = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 3601.0, measure=lambda: busy, rejected=lambda: rejected)
+    assert later.plan is not None and later.plan.changes["score"]["cache_enabled"] is True
+
+
+# ---- a cascade's routes judged by what they cost the pipeline ---------------------------------------------
+
+QA = PipelineSpec("qa", {
+    "rank": {"route_weights": Knob("weights", {"small": 0.5, "large": 0.5})},
+    "gen": {"cascade_threshold": Knob("float", 0.7, 0, 1),
+            "route_weights": Knob("weights", {"cheap": 0.5, "dear": 0.5}), "max_concurrency": Knob("int", 8, 1, 64)},
+}, {"p95_ms": 2000.0, "p99_ms": 4000.0, "quality_floor": 0.9}, {"gen": "rank"})
+SLO_QA = SLO(pipeline="qa", p95_ms=2000.0, p99_ms=4000.0, quality_floor=0.9)
+
+
+def _qa(p95: float = 600.0, p99: float = 1500.0, retried: int = 0) -> Observation:
+    """rank's small route is cheaper per call but unsure: 60% of its answers escalate, 10% of large's."""
+    obs = Observation("qa", 300.0, requests=2000, p95_ms=p95, p99_ms=p99, cost_per_1k=0.3, quality=0.95,
+                      labelled=2000)
+    obs.steps["rank"] = {"small": RouteObservation(spans=1000, p95_ms=5.0, cost=0.00005, correct=720, labelled=1000),
+                         "large": RouteObservation(spans=1000, p95_ms=15.0, cost=0.0002, correct=860, labelled=1000)}
+    obs.steps["gen"] = {"cheap": RouteObservation(spans=350, p95_ms=400.0, cost=0.035, correct=330, labelled=350,
+                                                  retried=retried),
+                        "dear": RouteObservation(spans=350, p95_ms=900.0, cost=0.35, correct=345, labelled=350)}
+    samples = []
+    for route, unsure in (("small", 600), ("large", 100)):
+        for i in range(1000):
+            sure = i >= unsure
+            samples.append(CascadeSample(0.9 if sure else 0.5, sure or i % 3 == 0, None if sure else True, route))
+    obs.cascade_samples["gen"] = samples
+    return obs
+
+
+def test_a_cascades_local_route_is_priced_with_the_escalations_it_causes():
+    plan = decide(QA, QA.defaults(), SLO_QA, _qa())
+    # Per call small is 4x cheaper, but its answers escalate 6x as often to a tier costing 1000x a rank call.
+    assert plan.changes["rank"]["route_weights"]["large"] == pytest.approx(0.75)
+
+
+def test_a_cascade_at_its_providers_capacity_or_a_missed_p99_moves_as_far_as_the_models_allow():
+    calm = decide(QA, QA.defaults(), SLO_QA, _qa())
+    assert calm.violated == [] and calm.changes["rank"]["route_weights"]["large"] == pytest.approx(0.75)
+    busy = decide(QA, QA.defaults(), SLO_QA, _qa(retried=20))  # 20 of 700 calls answered 429
+    assert busy.changes["rank"]["route_weights"]["large"] == pytest.approx(1.0)
+    slow = decide(QA, QA.defaults(), SLO_QA, _qa(p99=4500.0))
+    assert slow.violated == ["p99"] and slow.changes["rank"]["route_weights"]["large"] == pytest.approx(1.0)
+
+
+def test_a_cascades_samples_are_redrawn_for_the_local_mix_the_same_decision_sets():
+    from tracetune.tuner.loop import Plan, _as_mixed
+
+    samples = _qa().cascade_samples["gen"]
+    plan = Plan()
+    plan.changes["rank"] = {"route_weights": {"small": 0.25, "large": 0.75}}
+    mixed = _as_mixed(samples, QA.defaults(), plan, "rank")
+    assert sum(s.route == "large" for s in mixed) == 1000 and sum(s.route == "small" for s in mixed) == 333
+    plan.changes["rank"] = {"route_weights": {"small": 0.0, "large": 1.0}}
+    assert {s.route for s in _as_mixed(samples, QA.defaults(), plan, "rank")} == {"large"}
+    assert _as_mixed(samples, QA.defaults(), Plan(), "rank") == samples  # no new mix: the samples as they are
+
+
+def test_a_cache_resize_predicting_no_more_hits_is_not_tried():
+    """A canary of a change with nothing to show could only run out of time while better moves wait."""
+    on = SPEC.merge(SPEC.defaults(), {"score": {"cache_enabled": True, "cache_max_entries": 100_000}})
+    obs = _observation(hashed=3000, distinct_inputs=900, hits=2100, misses=900)  # already hits every repeat
+    plan = decide(SPEC, on, SLO_SHOP, obs)
+    assert "score" not in plan.changes and any(r.startswith("score: cache size left as it is") for r in plan.reasons)
+    # Turning a cache on, or a resize that predicts more hits, is still proposed.
+    assert decide(SPEC, SPEC.defaults(), SLO_SHOP, obs).changes["score"]["cache_enabled"] is True

@@ -247,6 +247,11 @@ def test_a_cheap_route_below_the_floor_loses_weight():
 def test_routing_needs_enough_labels_and_does_not_feed_a_slow_route():
     few = [RouteStats("fp32", 1000, 388, 400, 0.0002), RouteStats("int8", 1000, 10, 10, 0.00008)]
     assert routing_policy(few, {"fp32": 0.5, "int8": 0.5}, ROUTES, 0.93) is None
+    # A dear route with too few labels may lose its weight to labelled routes that hold the floor alone.
+    dear = [RouteStats("fp32", 1000, 388, 400, 0.0002), RouteStats("int8", 1000, 10, 10, 0.002)]
+    away = routing_policy(dear, {"fp32": 0.9, "int8": 0.1}, ROUTES, 0.93)
+    assert away is not None and away.values["route_weights"] == pytest.approx({"fp32": 1.0, "int8": 0.0})
+    assert "too few labels" in away.reason
     slow = [RouteStats("fp32", 1000, 388, 400, 0.0002, 40.0), RouteStats("int8", 1000, 386, 400, 0.00008, 900.0)]
     assert routing_policy(slow, {"fp32": 0.5, "int8": 0.5}, ROUTES, 0.93, p95_target_ms=500.0) is None
     # 30 of 30 right is not trusted as 100% (lower bound 0.917 < 0.95 floor): only a share of traffic

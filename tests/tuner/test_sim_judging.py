@@ -235,6 +235,27 @@ def test_search_finds_a_feasible_config_cheaper_than_the_default(spec):
     assert best["cost_per_1k"] == min(r["cost_per_1k"] for r in rows if r["feasible"])
 
 
+def test_search_starts_from_the_corners_and_runs_its_screened_best_in_full(spec):
+    corners = oracles.corners(spec)
+    # Every routed step on each route alone, every switch both ways: all combinations.
+    routed = [d for d in simarms.space(spec) if d.knob.kind == "weights"]
+    switches = [d for d in simarms.space(spec) if d.knob.kind == "bool"]
+    assert len(corners) == math.prod(len(d.knob.default) for d in routed) * 2 ** len(switches)
+    assert len({repr(c) for c in corners}) == len(corners)
+    assert {"fp32": 0.0, "int8": 1.0} in [c["classify"]["route_weights"] for c in corners]
+    assert {"llm-small": 1.0, "llm-large": 0.0} in [c["escalate"]["route_weights"] for c in corners]
+    slo = SLO(spec.pipeline, **spec.slo)
+    full, short = workload(8, rate=10), workload(4, rate=10)
+    seen = []
+    best, rows = oracles.search(spec, simulate.DEMO, full, slo=slo, evaluations=12, seed=1, screen=short,
+                                finalists=3, phases=0, progress=lambda done, total: seen.append((done, total)))
+    # 12 screening runs on the short load, then the default and the 3 cheapest feasible in full.
+    assert seen[-1][0] == 12 + len(rows) and 2 <= len(rows) <= 4 and rows[0]["grid_config"] == {}
+    assert all(r["requests"] > 0 and r["windows"][-1]["minute"] >= 7 for r in rows)  # full runs, 8 minutes
+    assert best in [dict(r) for r in rows] and (not best["feasible"] or best["cost_per_1k"] == min(
+        r["cost_per_1k"] for r in rows if r["feasible"]))
+
+
 def test_optuna_arm_runs_trials_as_canaries(spec):
     pytest.importorskip("optuna")
     row = simulate.simulate(spec, simulate.DEMO, workload(12, rate=20), simulate.Arm("optuna", "optuna", seed=1))
