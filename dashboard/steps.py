@@ -20,6 +20,7 @@ OPERATIONS = {"batch size": ("mean_batch_size", "mean batch size", 1.0),
               "queue time": ("mean_queue_ms", "mean queue time (ms)", 1.0),
               "cache hit rate": ("cache_hit_rate", "cache hit rate (%)", 100.0)}
 PERCENTILES = ("p50", "p95", "p99")
+MAX_LINES = 8  # lines drawn at once on a chart over time; more are a choice away
 # The error list and the critical path read raw spans: they cover at most this much of the range, so the
 # page costs the same for a week as for an hour. The critical path reassembles sampled traces (every span of
 # each), so it looks at the last quarter hour; the error list reads only failed spans, over the last hour.
@@ -50,10 +51,21 @@ def step_table(summary: pl.DataFrame, breakdown: pl.DataFrame, show_pipeline: bo
     return table if show_pipeline else table.drop("pipeline")
 
 
+def highest_series(data: pl.DataFrame, column: str) -> list[str]:
+    """Series labels, the highest peak of `column` first (the slowest, the fullest batches ...)."""
+    peaks = data.group_by("series").agg(pl.col(column).max().alias("peak"))
+    return peaks.sort(["peak", "series"], descending=[True, False])["series"].to_list()
+
+
 def _series_chart(series: pl.DataFrame, column: str, title: str, scale: float, window, bucket: int,
-                  show_pipeline: bool) -> None:
+                  show_pipeline: bool, key: str) -> None:
     columns = ["pipeline", "step", "route"] if show_pipeline else ["step", "route"]
     data = frames.label(series.filter(pl.col(column).is_not_nan()), columns)
+    names = highest_series(data, column)
+    if len(names) > MAX_LINES:  # more lines than a reader can tell apart: the highest first, the rest on request
+        chosen = st.multiselect(f"Lines ({len(names)} step / route series; the {MAX_LINES} highest shown)", names,
+                                default=names[:MAX_LINES], key=key)
+        data = data.filter(pl.col("series").is_in(chosen))
     data = frames.with_gaps(data.select("bucket", "series", (pl.col(column) * scale).alias("value")), ["series"],
                             bucket)
     ui.chart(charts.time_lines(data, "value", title, window, color_title="step / route"))
@@ -133,7 +145,7 @@ def render(ctx: Context) -> None:
     st.subheader("Latency over time")
     percentile = st.radio("Percentile", PERCENTILES, index=1, horizontal=True, key="steps_percentile")
     _series_chart(series.filter(pl.col("step") != analyzer.END_TO_END), f"{percentile}_ms", f"{percentile} (ms)",
-                  1.0, window, bucket, show_pipeline)
+                  1.0, window, bucket, show_pipeline, "steps_latency_lines")
     st.subheader("Batching and caching over time")
     shown = st.radio("Show", list(OPERATIONS), horizontal=True, key="steps_operation")
     column, title, scale = OPERATIONS[shown]
@@ -141,7 +153,7 @@ def render(ctx: Context) -> None:
     if operated.is_empty():
         st.caption(f"No step reported its {shown} in the range.")
     else:
-        _series_chart(operated, column, title, scale, window, bucket, show_pipeline)
+        _series_chart(operated, column, title, scale, window, bucket, show_pipeline, "steps_operation_lines")
     try:
         _errors(ctx)
         _signals(ctx)

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tracetune.tuner import canary, decisions, versions
-from tracetune.tuner.config import Approval, ConfigError, PipelineConfig, PipelineSpec
+from tracetune.tuner.config import Approval, ConfigError, PipelineConfig, PipelineSpec, same_way
 
 __all__ = ["ApprovalError", "Proposal", "OPEN", "CLOSED", "policy", "set_policy", "marked", "gate", "approve",
            "reject", "expire_due", "proposals", "proposal", "describe"]
@@ -327,12 +327,6 @@ def _proposed(spec: PipelineSpec, config: PipelineConfig, changes: dict) -> Pipe
     return PipelineConfig(merged.pipeline, config.version, merged.steps)
 
 
-def _same_way(base: Any, tried: Any, proposed: Any) -> bool:
-    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, tried, proposed))
-    if numbers:
-        return (tried - base) * (proposed - base) > 0
-    return proposed == tried
-
 
 def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan, now: datetime, memory_seconds: float) -> None:
     """Take out of `plan` the knob moves an operator rejected lately (the same knob, the same way)."""
@@ -342,7 +336,7 @@ def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan, now: dat
             continue
         for step, values in list(plan.changes.items()):
             for knob, value in list(values.items()):
-                if knob in rejected.changes.get(step, {}) and _same_way(
+                if knob in rejected.changes.get(step, {}) and same_way(
                         config.knob(step, knob), rejected.changes[step][knob], value):
                     plan.drop(step, knob)
                     dropped.append(f"{step}.{knob}")

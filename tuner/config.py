@@ -117,6 +117,15 @@ class Knob:
                 from None
 
 
+def same_way(base: Any, tried: Any, proposed: Any) -> bool:
+    """Whether `proposed` moves a knob from `base` the way a rejected trial (`tried`) did: a number in the same
+    direction, any other value (a switch, route weights) to the same value."""
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, tried, proposed))
+    if numbers:
+        return (tried - base) * (proposed - base) > 0
+    return proposed == tried
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """A versioned config for one pipeline: knob values by step and knob name.

@@ -23,7 +23,7 @@ from typing import Any
 from tracetune.analyzer import SLO, get_slo
 from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
-from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
+from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec, same_way
 from tracetune.tuner.decisions import describe_change, sentence
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
@@ -664,13 +664,6 @@ def _try(client, spec: PipelineSpec, config: PipelineConfig, plan: Plan, obs: ob
     return decision
 
 
-def _same_way(base: Any, tried: Any, proposed: Any) -> bool:
-    """Whether `proposed` moves a knob from `base` the way a rejected trial (`tried`) did."""
-    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, tried, proposed))
-    if numbers:
-        return (tried - base) * (proposed - base) > 0
-    return proposed == tried
-
 
 def _rejected(client, pipeline: str) -> Rejected | None:
     """The canary rolled back last, from the audit."""
@@ -693,7 +686,7 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
         for knob, value in list(values.items()):
             before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
             after = rejected.tried.get(step, {}).get(knob, before)
-            if after != before and _same_way(before, after, value):
+            if after != before and same_way(before, after, value):
                 plan.drop(step, knob)  # and, once none of the step's changes is left, its reasons and predictions
                 dropped.append(f"{step}.{knob}")
     if dropped:

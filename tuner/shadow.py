@@ -32,7 +32,7 @@ from scipy.stats import binomtest
 from tracetune.analyzer import SLO, get_slo
 from tracetune.store import next_seq
 from tracetune.tuner import approval, canary, decisions, versions
-from tracetune.tuner.config import PipelineConfig, PipelineSpec
+from tracetune.tuner.config import PipelineConfig, PipelineSpec, same_way
 
 __all__ = ["QUALITY_KNOBS", "ShadowSettings", "Trial", "Samples", "Verdict", "configure", "running", "served",
            "start", "finish", "samples", "judge", "before_trial", "STATUSES"]
@@ -394,12 +394,12 @@ def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan: Any, now
 
 
 def _same_way(base: Any, tried: Any, proposed: Any) -> bool:
+    """`config.same_way`, with route weights moved the same way route by route (not only to the same mix)."""
     if isinstance(base, dict) and isinstance(tried, dict) and isinstance(proposed, dict):
         def moved(values: Mapping[str, Any], route: str) -> float:
             return float(values.get(route, 0)) - float(base.get(route, 0))
         return proposed != base and all(moved(tried, r) * moved(proposed, r) >= 0 for r in base)
-    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, tried, proposed))
-    return (tried - base) * (proposed - base) > 0 if numbers else proposed == tried
+    return same_way(base, tried, proposed)
 
 
 def _age(decision: Mapping[str, Any], now: datetime) -> float:
