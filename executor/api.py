@@ -71,17 +71,25 @@ def _unauthorized(request: Request) -> JSONResponse | None:
     return None
 
 
-async def run_task(request: Request) -> JSONResponse:
+def _pipeline(request: Request) -> Pipeline | JSONResponse:
+    """The pipeline the path names, once the caller is authorized; else the 401/403/404 answer."""
     refused = _unauthorized(request)
     if refused is not None:
         return refused
     pipelines: dict[str, Pipeline] = request.app.state.pipelines
-    admission: _Admission = request.app.state.admission
     name = request.path_params["pipeline"]
     pipeline = pipelines.get(name)
     if pipeline is None:
         return JSONResponse({"error": f"unknown pipeline {name!r}; this executor runs {', '.join(pipelines)}"},
                             status_code=404)
+    return pipeline
+
+
+async def run_task(request: Request) -> JSONResponse:
+    pipeline = _pipeline(request)
+    if isinstance(pipeline, JSONResponse):
+        return pipeline
+    admission: _Admission = request.app.state.admission
     try:
         body = await request.json()
     except ValueError:
@@ -113,15 +121,10 @@ async def replay_dead_letter(request: Request) -> JSONResponse:
     letter's ORIGINAL idempotency key (body: `task_id`, `idempotency_key`, `payload`). The control plane calls
     this (`POST /v1/dead-letters/{key}/replay` on the tuner) and records the outcome; 200 when the service took
     it, 502 with why when it did not (the letter stays), 404 for a pipeline or effect step this executor lacks."""
-    refused = _unauthorized(request)
-    if refused is not None:
-        return refused
-    pipelines: dict[str, Pipeline] = request.app.state.pipelines
-    name, step = request.path_params["pipeline"], request.path_params["step"]
-    pipeline = pipelines.get(name)
-    if pipeline is None:
-        return JSONResponse({"error": f"unknown pipeline {name!r}; this executor runs {', '.join(pipelines)}"},
-                            status_code=404)
+    pipeline = _pipeline(request)
+    if isinstance(pipeline, JSONResponse):
+        return pipeline
+    step = request.path_params["step"]
     try:
         body = await request.json()
     except ValueError:
