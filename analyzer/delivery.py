@@ -49,7 +49,7 @@ from tracetune.analyzer.receivers import (
     receivers_from_settings,
     sign,
 )
-from tracetune.retrying import is_retryable_status, parse_retry_after
+from tracetune.base.retrying import is_retryable_status, parse_retry_after
 
 __all__ = ["Notification", "Receiver", "WebhookReceiver", "SlackReceiver", "PagerDutyReceiver",
            "pagerduty_severity", "receivers_from_settings", "sign", "new_secret", "RetryPolicy", "enqueue",

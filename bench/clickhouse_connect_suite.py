@@ -114,11 +114,11 @@ def store_env(tracetune_root: Path, home: Path, port: int) -> dict[str, str]:
 
 def settings_fields(env: dict[str, str], cwd: Path) -> set[str]:
     """The Settings fields of the tracetune the store process will import."""
-    code = ("import dataclasses, tracetune.settings as s; "
+    code = ("import dataclasses, tracetune.base.settings as s; "
             "print(' '.join(f.name for f in dataclasses.fields(s.Settings)))")
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
     if out.returncode:
-        raise RuntimeError(f"cannot import tracetune.settings: {out.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"cannot import tracetune.base.settings: {out.stderr.strip().splitlines()[-1:]}")
     return set(out.stdout.split())
 
 

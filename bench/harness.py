@@ -50,7 +50,7 @@ def start_store(prefix: str):
 
 def isolated_settings(home, **overrides):
     """Settings on free ports under `home`, ignoring any tracetune.toml or TRACETUNE_* of the caller."""
-    from tracetune import settings
+    from tracetune.base import settings
 
     ports = {name: free_port() for name in ("store_port", "collector_port", "collector_grpc_port", "tuner_port",
                                             "executor_port", "dashboard_port", "llm_port", "crm_port")}

@@ -58,8 +58,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tracetune import settings as settings_mod  # noqa: E402
-from tracetune.settings import Settings  # noqa: E402
+from tracetune.base import settings as settings_mod  # noqa: E402
+from tracetune.base.settings import Settings  # noqa: E402
 
 SPANS_PER_REQUEST = 200
 TEMPLATES = 16  # distinct request bodies; every send stamps fresh ids into one of them

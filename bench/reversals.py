@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from bench.tuner import demo_spec  # noqa: E402
-from tracetune.tuner import loop, simulate  # noqa: E402
+from tracetune.tuner import calibration, loop, simulate  # noqa: E402
 from tracetune.tuner.config import PipelineSpec  # noqa: E402
 
 HOUR = 3600.0
@@ -70,8 +70,8 @@ def _short(value: Any) -> str:
 
 def run_arm(spec: PipelineSpec, workload: simulate.Workload, seed: int, guarded: bool) -> dict[str, Any]:
     """One tuner arm (the simulated loop, canaries included); `guarded`: `decide` gets the last move per knob."""
-    row = simulate.simulate(spec, simulate.DEMO, workload, simulate.Arm("tuner", "tuner", options={"moves": guarded}),
-                            seed=seed)
+    arm = simulate.Arm("tuner", "tuner", options={"moves": guarded})
+    row = simulate.simulate(spec, calibration.DEMO, workload, arm, seed=seed)
     return {"changes": row["changes"], "reversals": reversals(spec, row["decisions"]),
             "cost_per_1k": row["cost_per_1k"], "slo_windows": row["slo_windows"], "quality": row["quality"]}
 

@@ -29,7 +29,7 @@ PASSWORD = "bench-password"
 
 def _serve(port: int, home: str, locked: bool) -> None:
     """Child process: one store on `port`, its engine behind one lock if `locked`."""
-    from tracetune.serving import serve
+    from tracetune.base.serving import serve
     from tracetune.store.access import User, Users, allowed_hosts
     from tracetune.store.engine import Engine
     from tracetune.store.server import create_app

@@ -37,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from tracetune.analyzer import SLO  # noqa: E402
+from tracetune.tuner import calibration as physics  # noqa: E402
 from tracetune.tuner import simulate  # noqa: E402
 from tracetune.tuner.config import PipelineSpec  # noqa: E402
 from tracetune.tuner.policies import ServiceModel  # noqa: E402
@@ -104,23 +105,23 @@ def _beta_table(a: float, b: float) -> tuple[float, ...]:
     return tuple(round(float(x), 4) for x in beta.ppf([0.001, *[i / 20 for i in range(1, 20)], 0.999], a, b))
 
 
-def rag_calibration() -> simulate.Calibration:
+def rag_calibration() -> physics.Calibration:
     """ASSUMED physics for rag_answering, not measured: the embed step is the demo's MiniLM fp32 (measured);
     the rerankers' batch times follow what they run (int8 over 4 titles, ~3 ms; fp32 over 6 titles plus a
     rare-word score, ~12 ms per question); their accuracy and confidence and the tiers' accuracy on escalated
     questions are assumptions (docs/rag.md: comparisons, a quarter of the questions, need the large tier);
     prompts of ~290 tokens (docs/rag.md), answers of ~30."""
-    fp32 = simulate.DEMO.routes["fp32"]
-    return simulate.Calibration(
+    fp32 = physics.DEMO.routes["fp32"]
+    return physics.Calibration(
         routes={
-            "rerank-small": simulate.ModelRoute(ServiceModel(1.0, 3.0, 0.3), 0.72, _beta_table(6, 2),
+            "rerank-small": physics.ModelRoute(ServiceModel(1.0, 3.0, 0.3), 0.72, _beta_table(6, 2),
                                                 _beta_table(3, 3), 0.4),
-            "rerank-large": simulate.ModelRoute(ServiceModel(2.0, 12.0, 0.3), 0.86, _beta_table(9, 1.5),
+            "rerank-large": physics.ModelRoute(ServiceModel(2.0, 12.0, 0.3), 0.86, _beta_table(9, 1.5),
                                                 _beta_table(3, 2.5), 0.4),
         },
-        tiers={"llm-small": simulate.RemoteTier("standin-small", 300.0, 0.5, 0.80, 20.0, 290, 30),
-               "llm-large": simulate.RemoteTier("standin-large", 700.0, 0.5, 0.97, 5.0, 290, 30)},
-        lengths=simulate.DEMO.lengths,
+        tiers={"llm-small": physics.RemoteTier("standin-small", 300.0, 0.5, 0.80, 20.0, 290, 30),
+               "llm-large": physics.RemoteTier("standin-large", 700.0, 0.5, 0.97, 5.0, 290, 30)},
+        lengths=physics.DEMO.lengths,
         models={"embed": {"fp32": fp32}},
         plain_ms={"retrieve": 0.3},
         effect_share=0.0,
@@ -142,14 +143,14 @@ def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: 
                              phases=phases)
 
 
-def calibration_from(url: str, spec: PipelineSpec, window_seconds: int) -> simulate.Calibration:
+def calibration_from(url: str, spec: PipelineSpec, window_seconds: int) -> physics.Calibration:
     """A calibration fitted from the spans in the ClickHouse at `url`; UsageError with one line if it cannot."""
     import clickhouse_connect
 
     logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)  # the failure is reported in one line below
     try:
         client = clickhouse_connect.get_client(dsn=url)
-        return simulate.fit(client, spec, window_seconds)
+        return physics.fit(client, spec, window_seconds)
     except ValueError as exc:
         raise UsageError(f"--calibrate-from: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any connection or query failure is one line for the user
@@ -292,7 +293,7 @@ def _bar(console: Console) -> Progress:
                     console=console, transient=True)
 
 
-def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: simulate.Calibration,
+def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: physics.Calibration,
                  workload: Any, seeds: Sequence[int], search_seed: int, evaluations: int,
                  prices: Any = None, partial: Path | None = None, screen: Any = None) -> list[dict[str, Any]]:
     """Every arm of one pipeline on each seed: the static oracle searched on `search_seed` (screened on
@@ -431,15 +432,15 @@ def sim_chart(rows: Sequence[Mapping[str, Any]], slo: SLO, path: Path, title: st
     return path
 
 
-def sim_pipelines() -> dict[str, tuple[PipelineSpec, simulate.Calibration, Any, Any]]:
+def sim_pipelines() -> dict[str, tuple[PipelineSpec, physics.Calibration, Any, Any]]:
     """The pipelines the simulation knows: name -> (spec, calibration, (seed, minutes) -> workload, prices)."""
-    return {"ticket_triage": (demo_spec(), simulate.DEMO, lambda seed, minutes=60.0: demo_workload(minutes, seed),
+    return {"ticket_triage": (demo_spec(), physics.DEMO, lambda seed, minutes=60.0: demo_workload(minutes, seed),
                               None),
             "rag_answering": (rag_spec(), rag_calibration(), lambda seed, minutes=60.0: rag_workload(minutes, seed),
                               None)}
 
 
-def run_sim(console: Console, spec: PipelineSpec, calibration: simulate.Calibration, minutes: float, seed: int,
+def run_sim(console: Console, spec: PipelineSpec, calibration: physics.Calibration, minutes: float, seed: int,
             ) -> list[dict[str, Any]]:
     workload = demo_workload(minutes, seed)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -485,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--out {args.out} is a file; give a folder")
         spec = demo_spec()
         slo = SLO(spec.pipeline, **spec.slo)
-        calibration = simulate.DEMO
+        calibration = physics.DEMO
         if args.calibrate_from:
             calibration = calibration_from(args.calibrate_from, spec, args.calibration_window)
         args.calibration = calibration

@@ -45,7 +45,7 @@ import httpx
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from tracetune import analyzer, store
-from tracetune import settings as settings_mod
+from tracetune.base import settings as settings_mod
 from tracetune.demo.load import LoadPlan, ground_truth_writer, run_load
 from tracetune.supervisor import StartError, Supervisor, components
 from tracetune.tuner import observe, token_for

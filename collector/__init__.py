@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 __all__ = ["serve"]
 
@@ -23,12 +23,12 @@ def serve(settings: Settings) -> None:
     import time
 
     from tracetune import store
+    from tracetune.base.serving import allowed_hosts
+    from tracetune.base.serving import serve as serve_app
     from tracetune.collector.ingest import Ingest
     from tracetune.collector.receivers import create_app
     from tracetune.collector.wal import WriteAheadLog
     from tracetune.collector.writer import SpanWriter
-    from tracetune.serving import allowed_hosts
-    from tracetune.serving import serve as serve_app
 
     store.connect(settings, wait=60)  # schema in place before the first insert
     wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes,

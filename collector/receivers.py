@@ -1,7 +1,7 @@
 """OTLP/HTTP trace receiver (`POST /v1/traces`, protobuf and JSON), as the OTLP spec defines it.
 
 Writes need the collector's bearer token (401 without it). A Host header that does not name the collector
-and browser requests from another site get 403 (tracetune.serving.Guard). Malformed bodies get 400, oversized 413,
+and browser requests from another site get 403 (tracetune.base.serving.Guard). Malformed bodies get 400, oversized 413,
 unsupported media types 415, a body that does not arrive in time 408, a full queue or log 503 with
 Retry-After; the error body is a `google.rpc.Status` in the request's encoding. A 200 means every
 accepted span is in the fsynced write-ahead log; spans refused one by one are counted in
@@ -32,10 +32,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tracetune.base.serving import LOOPBACK_HOSTS, Guard, Refused
+from tracetune.base.serving import metrics as prometheus
 from tracetune.collector import metrics
 from tracetune.collector.ingest import Ingest, IngestError
-from tracetune.serving import LOOPBACK_HOSTS, Guard, Refused
-from tracetune.serving import metrics as prometheus
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"

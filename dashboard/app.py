@@ -15,10 +15,10 @@ from pathlib import Path
 import streamlit as st
 
 from tracetune import analyzer
-from tracetune import settings as settings_mod
+from tracetune.base import settings as settings_mod
+from tracetune.base.settings import Settings, SettingsError
 from tracetune.dashboard import context
 from tracetune.dashboard.queries import StoreUnavailable, address, cached, prefetch
-from tracetune.settings import Settings, SettingsError
 
 HERE = Path(__file__).parent
 # (page module beside this file, title, URL path, icon)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import streamlit as st
 
 from tracetune.analyzer import parse_window
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 __all__ = ["ALL", "DEFAULT_REFRESH", "DEFAULT_WINDOW", "REFRESH", "WINDOWS", "Context", "Filters", "current",
            "filters_from", "publish", "run", "sidebar"]

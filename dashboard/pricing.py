@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tracetune import analyzer
 from tracetune.analyzer import PriceTable
+from tracetune.base.settings import Settings
 from tracetune.dashboard.queries import cached
-from tracetune.settings import Settings
 
 __all__ = ["table"]
 

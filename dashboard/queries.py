@@ -18,7 +18,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
 from tracetune import store
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 __all__ = ["CACHE_SECONDS", "PREFETCH_THREADS", "SPAN_TABLE", "StoreUnavailable", "address", "cached", "prefetch",
            "query", "show_unavailable", "target_key"]

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 from opentelemetry import trace
 
+from tracetune.base.settings import Settings
 from tracetune.demo import knowledge
 from tracetune.executor import Batching, Cache, Cascade, ChatClient, Infer, InputError, Pipeline, Step, Task
-from tracetune.settings import Settings
 
 NAME = "rag_answering"
 RERANKERS = ("rerank-small", "rerank-large")

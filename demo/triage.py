@@ -15,6 +15,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from tracetune.base.settings import Settings
 from tracetune.executor import (
     Batching,
     Cache,
@@ -30,7 +31,6 @@ from tracetune.executor import (
     Step,
     Task,
 )
-from tracetune.settings import Settings
 
 NAME = "ticket_triage"
 VARIANTS = ("fp32", "int8")

@@ -3,7 +3,7 @@
 `POST /v1/pipelines/{pipeline}/tasks` takes the task's input fields as a JSON object, plus the
 optional `task_id` and `tenant`, with `Authorization: Bearer <executor token>` (401 without it); it
 answers the pipeline's result, 400 for a body the pipeline cannot take, 422 when a step refuses the
-task, and 503 + Retry-After past `max_in_flight` tasks. Behind tracetune.serving.Guard: the Host
+task, and 503 + Retry-After past `max_in_flight` tasks. Behind tracetune.base.serving.Guard: the Host
 allow-list, no cross-site browser requests (403), JSON bodies only (415) of at most
 `executor_max_body_bytes` (413), UTF-8 without lone surrogates and not nested too deeply (400).
 
@@ -25,9 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tracetune.base.serving import LOOPBACK_HOSTS, Guard, Refused, metrics
 from tracetune.executor.effects import SideEffectFailed
 from tracetune.executor.pipelines import Pipeline, StepError
-from tracetune.serving import LOOPBACK_HOSTS, Guard, Refused, metrics
 
 _CALLER_FIELDS = ("task_id", "tenant")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from tracetune.batching import padding_ratio, seconds_until_due, take_batch
+from tracetune.base.batching import padding_ratio, seconds_until_due, take_batch
 
 
 @dataclass

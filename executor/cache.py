@@ -1,10 +1,10 @@
-"""Exact-match LRU cache with a TTL and a size bound, keyed on normalised input (the class: tracetune.caching)."""
+"""Exact-match LRU cache with a TTL and a size bound, keyed on normalised input (the class: tracetune.base.caching)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tracetune.caching import TTLCache
+from tracetune.base.caching import TTLCache
 
 __all__ = ["TTLCache", "normalise"]
 

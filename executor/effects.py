@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 import httpx
 from opentelemetry import trace
 
+from tracetune.base.retrying import is_retryable_status, parse_retry_after
 from tracetune.executor import metrics
 from tracetune.executor.limits import Limiter
-from tracetune.retrying import is_retryable_status, parse_retry_after
 
 __all__ = ["RetryPolicy", "RetryResult", "RetriesExhausted", "send_with_retries", "parse_retry_after",
            "is_retryable_status", "describe_response", "SideEffect", "SideEffectFailed",

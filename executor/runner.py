@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Any
 
+from tracetune.base.settings import Settings
 from tracetune.executor.pipelines import Pipeline
-from tracetune.settings import Settings
 
 log = logging.getLogger("tracetune.executor")
 
@@ -61,11 +61,11 @@ def load_pipelines(targets: list[str], settings: Settings | None = None) -> dict
 
 
 def run(settings: Settings, targets: list[str] | None = None) -> None:
+    from tracetune.base.serving import allowed_hosts
+    from tracetune.base.serving import serve as serve_app
     from tracetune.executor.api import create_app
     from tracetune.executor.telemetry import setup_tracing
     from tracetune.executor.tuning import ConfigPoller
-    from tracetune.serving import allowed_hosts
-    from tracetune.serving import serve as serve_app
 
     pipelines = load_pipelines(targets or settings.pipeline_targets, settings)
     provider = setup_tracing(settings.collector_url, token=settings.secret("collector"))

@@ -10,7 +10,7 @@ from typing import Final
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from tracetune.settings import Settings, SettingsError
+from tracetune.base.settings import Settings, SettingsError
 from tracetune.store.cluster import ClusterFormError, cluster_statements
 from tracetune.store.migrations import Migration, MigrationError, State, migrate, shipped
 from tracetune.store.migrations import status as migration_status
@@ -127,7 +127,7 @@ def serve(settings: Settings) -> None:
     import sys
     from pathlib import Path
 
-    from tracetune.serving import serve as serve_app
+    from tracetune.base.serving import serve as serve_app
     from tracetune.store import sandbox
     from tracetune.store.access import User, Users, allowed_hosts
 

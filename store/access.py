@@ -16,7 +16,7 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from tracetune import serving
+from tracetune.base import serving
 
 
 class AccessDenied(Exception):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.servers import free_port, start_process, stop_process, wait_until
-from tracetune import settings as settings_mod
 from tracetune import store
-from tracetune.settings import Settings
+from tracetune.base import settings as settings_mod
+from tracetune.base.settings import Settings
 
 # `make test` runs everything; `make test-fast` (-m "not e2e and not slow") leaves out the tests below for
 # the edit-test loop. Everything under tests/e2e is marked `e2e` (whole stacks of real processes). `slow`

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 from tracetune.supervisor import private_log
 
 _GIVEN: set[int] = set()  # ports this process handed out: the kernel may offer a just-closed one again
@@ -66,7 +66,7 @@ class ThreadServer:
 
         import uvicorn
 
-        from tracetune.serving import protocol_with_header_timeout
+        from tracetune.base.serving import protocol_with_header_timeout
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"

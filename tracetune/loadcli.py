@@ -9,8 +9,8 @@ import sys
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tracetune import store
+from tracetune.base.settings import Settings
 from tracetune.demo.load import SOURCES, LoadPlan, ground_truth_writer, run_load
-from tracetune.settings import Settings
 
 TRIAGE = "ticket_triage"  # demo.triage.NAME (importing it loads the executor's runtime: a second at start)
 

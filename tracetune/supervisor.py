@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 
 class StartError(RuntimeError):
@@ -42,7 +42,7 @@ class Component:
 def dashboard_command(settings: Settings) -> list[str]:
     """`streamlit run` for the dashboard with the same Host allow-list as the APIs (Streamlit checks it on the
     WebSocket that carries every page's data), same-origin WebSockets only (enableCORS) and XSRF protection."""
-    from tracetune.serving import allowed_hosts
+    from tracetune.base.serving import allowed_hosts
 
     app = resources.files("tracetune.dashboard").joinpath("app.py")  # inside the package, wheel or source
     hosts = allowed_hosts(settings.bind_host, settings.host_names)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 __all__ = ["serve", "token_for", "loop_settings"]
 
@@ -20,8 +20,8 @@ def token_for(settings: Settings) -> str:
 
 def serve(settings: Settings) -> None:
     from tracetune import store
-    from tracetune.serving import allowed_hosts
-    from tracetune.serving import serve as serve_app
+    from tracetune.base.serving import allowed_hosts
+    from tracetune.base.serving import serve as serve_app
     from tracetune.tuner import loop
     from tracetune.tuner.api import create_app
     from tracetune.tuner.routes import dead_letters

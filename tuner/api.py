@@ -2,7 +2,7 @@
 config; owners set SLOs, change or pin knobs, roll back, freeze the tuner and send quality feedback.
 
 Reads are open on loopback; write calls need `Authorization: Bearer <token>`. Every call answers only to
-the tuner's own Host names and origin, with JSON bodies of a bounded size (tracetune.serving.Guard).
+the tuner's own Host names and origin, with JSON bodies of a bounded size (tracetune.base.serving.Guard).
 Every config change is a row in the decision audit (`GET /v1/pipelines/{p}/decisions`); Prometheus
 metrics on /metrics. The endpoints live in tracetune.tuner.routes, one router per resource; this module
 assembles them.
@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 
-from tracetune.serving import LOOPBACK_HOSTS, Guard, metrics
+from tracetune.base.serving import LOOPBACK_HOSTS, Guard, metrics
 from tracetune.tuner.routes import ROUTERS
 
 __all__ = ["create_app"]
@@ -46,7 +46,7 @@ def create_app(client_factory, token: str = "", hosts: frozenset[str] | None = L
                max_body_bytes: int = 1024 * 1024) -> FastAPI:
     """The tuner app over the store `client_factory()` connects to; `token` guards the write calls.
 
-    Behind tracetune.serving.Guard: `hosts` is the Host allow-list (None: any), bodies are JSON of at
+    Behind tracetune.base.serving.Guard: `hosts` is the Host allow-list (None: any), bodies are JSON of at
     most `max_body_bytes`. /docs and /redoc load their scripts from this server (fastapi-offline), not
     from a CDN."""
 

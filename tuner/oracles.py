@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tracetune.analyzer import SLO
+from tracetune.tuner.calibration import Calibration
 from tracetune.tuner.config import KnobValue, PipelineSpec
 from tracetune.tuner.simarms import perturb, sample, space
-from tracetune.tuner.simulate import Arm, Calibration, Workload, simulate
+from tracetune.tuner.simulate import Arm, Workload, simulate
 
 __all__ = ["Targets", "corners", "feasible", "per_phase", "quality_bound", "search", "verdict"]
 

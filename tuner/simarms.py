@@ -29,7 +29,8 @@ from tracetune.tuner.config import Knob, KnobValue, PipelineSpec
 from tracetune.tuner.loop import Moves, Rejected, look
 
 if TYPE_CHECKING:
-    from tracetune.tuner.simulate import Arm, Calibration, _Simulation
+    from tracetune.tuner.calibration import Calibration
+    from tracetune.tuner.simulate import Arm, _Simulation
 
 __all__ = ["controller", "gateway_config", "sample", "space", "perturb"]
 

@@ -5,8 +5,8 @@ like the executor runs it: plain steps, one model step (`Infer`: routes by weigh
 one micro-batcher per route), one cascade after it (escalation below a confidence threshold to remote
 tiers by weight, an answer cache, a concurrency limit, the provider's per-tier rate limit answered 429
 and retried with backoff), and a side effect for a share of tasks. Batches are formed by the executor's
-own rules (`tracetune.batching`, which executor/batcher.py calls) and the caches are the executor's own
-`TTLCache` (`tracetune.caching`) on the simulation's clock. Prices come from the analyzer's price table,
+own rules (`tracetune.base.batching`, which executor/batcher.py calls) and the caches are the executor's own
+`TTLCache` (`tracetune.base.caching`) on the simulation's clock. Prices come from the analyzer's price table,
 so costs are in the units of the real system.
 
 Every `interval_seconds` a controller (`tuner.simarms`) looks at the last window of simulated spans,
@@ -22,8 +22,8 @@ turned into the same `Observation` the tuner reads from ClickHouse:
 
 Executors pick a new config or canary up one poll (`apply_delay`) later. Not modelled: freeze, pin,
 audit rows, the store. The physics come from a `Calibration`: the defaults were measured on the demo
-(see `DEMO`), and `fit(client, spec)` fits one from real spans in a store. The oracles and the verdict
-are in tuner/oracles.py.
+(see `DEMO`), and `fit(client, spec)` fits one from real spans in a store (both in tuner/calibration.py).
+The oracles and the verdict are in tuner/oracles.py.
 """
 
 from __future__ import annotations
@@ -32,226 +32,32 @@ import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from tracetune.analyzer import SLO, PriceTable, load_prices
-from tracetune.batching import padding_ratio, seconds_until_due, take_batch
-from tracetune.caching import TTLCache
+from tracetune.base.batching import padding_ratio, seconds_until_due, take_batch
+from tracetune.base.caching import TTLCache
 from tracetune.tuner import canary as canary_mod
+from tracetune.tuner.calibration import (
+    LEVELS,
+    Calibration,
+    effect_step,
+    roles,
+)
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
 from tracetune.tuner.loop import LoopSettings
 from tracetune.tuner.observe import Observation, RouteObservation
-from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel, fit_service_time
+from tracetune.tuner.policies import BatchSample, CascadeSample
 
-__all__ = ["ARMS", "DEMO", "Arm", "Calibration", "ModelRoute", "RemoteTier", "Workload", "default_grid", "fit",
-           "oracle", "run", "simulate", "slo_windows"]
+__all__ = ["ARMS", "Arm", "Workload", "default_grid", "oracle", "run", "simulate", "slo_windows"]
 
 ARMS = ("default", "aimd", "tuner", "oracle")
 ARMS_KINDS = ("static", "tuner", "aimd", "optuna")
-LEVELS = 21  # quantile tables hold this many equally spaced levels, 0 to 1
 _LOOP = LoopSettings()  # the loop's defaults: 60 s interval, 300 s window and cooldown, 200 requests
-
-
-# ---- calibration: the workload's physics --------------------------------------------------------
-
-@dataclass(frozen=True)
-class ModelRoute:
-    """One route of the model step: what a batch takes, how often it is right and how sure it says it is.
-
-    Confidence is drawn from `confidence_right` or `confidence_wrong` (quantile tables at `LEVELS`
-    equally spaced levels), so the cascade threshold sets the escalation share and what it saves.
-    """
-
-    service: ServiceModel  # batch time: base + per item * size * (1 + padding_factor * padding)
-    accuracy: float
-    confidence_right: tuple[float, ...]
-    confidence_wrong: tuple[float, ...]
-    service_sigma: float = 0.6  # lognormal spread of a batch's time around the model
-
-
-@dataclass(frozen=True)
-class RemoteTier:
-    """One remote route of the cascade: lognormal latency, accuracy on escalated tasks, a rate limit, tokens."""
-
-    model: str  # gen_ai.request.model: what the price table charges tokens by
-    median_ms: float
-    sigma: float
-    accuracy: float
-    rate_limit_rps: float  # the provider's token bucket (burst of one second); 0: none
-    input_tokens: int = 90
-    output_tokens: int = 2
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """The physics the simulation runs on: one entry per route of the model and cascade steps, the input
-    lengths, the side effect, and what the plain steps take. `source` says where the numbers came from."""
-
-    routes: Mapping[str, ModelRoute]
-    tiers: Mapping[str, RemoteTier]
-    lengths: tuple[float, ...]  # quantile table of input lengths in tokens (padding in batches)
-    effect_share: float = 0.23  # tasks that reach the side effect
-    effect_route: str = "crm"  # the route its spans carry
-    effect_median_ms: float = 23.0
-    effect_sigma: float = 0.25
-    step_ms: float = 0.05  # each plain step's self time
-    plain_ms: Mapping[str, float] = field(default_factory=dict)  # a plain step's own self time, where not step_ms
-    models: Mapping[str, Mapping[str, ModelRoute]] = field(default_factory=dict)  # model steps besides the main one
-    cache_hit_ms: float = 0.1
-    overhead_ms: float = 1.0  # the executor's own path per task, outside the steps
-    rejected_ms: float = 3.0  # a 429 answer's round trip
-    retry_attempts: int = 5  # the LLM client's RetryPolicy (executor/llm.py)
-    retry_base_seconds: float = 0.2
-    retry_max_seconds: float = 10.0
-    source: str = ""
-
-    def validate(self) -> Calibration:
-        for name, route in self.routes.items():
-            for table in (route.confidence_right, route.confidence_wrong):
-                if len(table) < 2 or any(b < a for a, b in zip(table, table[1:], strict=False)):
-                    raise ValueError(f"calibration route {name}: a confidence table needs 2+ non-decreasing values")
-            if not 0 <= route.accuracy <= 1:
-                raise ValueError(f"calibration route {name}: accuracy must be within [0, 1], got {route.accuracy}")
-        if not self.routes or len(self.lengths) < 2:
-            raise ValueError("a calibration needs at least one model route and a length table")
-        return self
-
-
-def _table(values: Iterable[float]) -> tuple[float, ...]:
-    values = np.asarray(list(values), dtype=float)
-    return tuple(float(x) for x in np.round(np.quantile(values, np.linspace(0, 1, LEVELS)), 4))
-
-
-# Measured on this machine, 2026-11-30, on the demo's real models and stand-ins (one onnxruntime thread):
-# - confidences and accuracy: fp32 and int8 TicketClassifier over 1,500 tickets of demo.corpus.make_ticket
-#   (seed 5): fp32 right on 92.5%, int8 on 91.7%; escalation at threshold 0.6: 9.9% / 10.2% (cost.md: ~11%);
-# - service time: fit_service_time over 230 batches of 1-16 random or same-bucket tickets per variant; the
-#   spread around the fit (log sd 0.76 fp32, 0.92 int8, lengths the model does not see plus a shared CPU) is
-#   taken as 0.6; fp32 at batch 1 ~8.5 ms, as the demo's classify p50 of 14 ms with 5 ms of wait;
-# - input lengths: MiniLM token counts of the same tickets (median 28, 90th percentile 82);
-# - remote tiers: demo/standins.MODELS (latency, rate limit) times the stand-in's keyword reading on the tickets
-#   classify is unsure of (94.6% right below confidence 0.6): 0.90 -> 0.852, 0.98 -> 0.927; 90 tokens in, 2 out
-#   (docs/cost.md); the LLM client's retries: 5 attempts, 0.2 s base, 10 s cap, Retry-After >= 1 s;
-# - side effect: 23% of tickets are urgent (create_followup), the CRM stand-in's 20 ms lognormal latency plus
-#   the round trip (23 ms p50 in `tracetune demo`).
-DEMO = Calibration(
-    routes={
-        "fp32": ModelRoute(ServiceModel(1.43, 7.08, 4.18), 0.925,
-                           (0.251, 0.5676, 0.6499, 0.7194, 0.7785, 0.8125, 0.8471, 0.8741, 0.8959, 0.9149, 0.9308,
-                            0.943, 0.9542, 0.9631, 0.9706, 0.9761, 0.9818, 0.9874, 0.9911, 0.9947, 0.9998),
-                           (0.2329, 0.4087, 0.4335, 0.4765, 0.4959, 0.5096, 0.5195, 0.5295, 0.5491, 0.5743, 0.5944,
-                            0.623, 0.657, 0.678, 0.6991, 0.7225, 0.7587, 0.7914, 0.8282, 0.8774, 0.9883)),
-        "int8": ModelRoute(ServiceModel(1.02, 1.27, 17.4), 0.917,
-                           (0.354, 0.5811, 0.6653, 0.7314, 0.7754, 0.8117, 0.8447, 0.8742, 0.8931, 0.912, 0.9271,
-                            0.9406, 0.9535, 0.9624, 0.9703, 0.9762, 0.9817, 0.9871, 0.9909, 0.9942, 0.9997),
-                           (0.2329, 0.3879, 0.4273, 0.465, 0.4831, 0.4936, 0.5058, 0.5245, 0.5539, 0.5613, 0.5845,
-                            0.6161, 0.6304, 0.6508, 0.6826, 0.7197, 0.7418, 0.7875, 0.8097, 0.8701, 0.9848)),
-    },
-    tiers={
-        "llm-small": RemoteTier("standin-small", 300.0, 0.5, 0.852, 20.0),
-        "llm-large": RemoteTier("standin-large", 700.0, 0.5, 0.927, 5.0),
-    },
-    lengths=(4.0, 5.0, 6.0, 10.0, 16.0, 19.0, 22.0, 24.0, 25.0, 27.0, 28.0, 29.0, 30.0, 32.0, 33.0, 35.0, 38.0, 54.0,
-             82.1, 115.1, 128.0),
-    source="measured on the demo's models and stand-ins (tuner/simulate.py, DEMO)",
-)
-
-
-# Latency of every step and route over the window, for the parts of a calibration an Observation lacks.
-LATENCY_SQL = """
-SELECT SpanAttributes['tracetune.step'] AS step, SpanAttributes['tracetune.route'] AS route, count() AS spans,
-       quantile(0.5)(Duration / 1e6) AS p50_ms, quantile(0.9)(Duration / 1e6) AS p90_ms,
-       avg(toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens'])) AS input_tokens,
-       avg(toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens'])) AS output_tokens,
-       any(SpanAttributes['gen_ai.request.model']) AS model
-FROM otel_traces
-WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
-  AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.step'] != ''
-  AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR') AND SpanAttributes['tracetune.cache'] != 'hit'
-GROUP BY step, route
-"""
-
-# Batch spans by route (observe's batch query pools the routes of a step; each route has its own speed).
-ROUTE_BATCHES_SQL = """
-SELECT SpanAttributes['tracetune.route'] AS route, toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS size,
-       Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
-FROM otel_traces
-WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
-  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String}
-  AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR')
-ORDER BY Timestamp DESC
-LIMIT 20000
-"""
-
-
-def from_observation(obs: Observation, spec: PipelineSpec, latencies: Mapping[tuple[str, str], Mapping[str, Any]],
-                     batches: Mapping[str, Sequence[BatchSample]] | None = None,
-                     base: Calibration = DEMO) -> Calibration:
-    """A calibration fitted from real spans: service models from batch spans, accuracy per route and
-    confidences from labelled answers, remote latency (lognormal through p50 and p90), tokens and the side
-    effect's share and latency from `latencies` (LATENCY_SQL rows by step and route). What the spans do
-    not show (e.g. a provider's rate limit, input lengths) stays as in `base`. `batches`: batch spans by route."""
-    cascade, model_step = _roles(spec)
-    routes = dict(base.routes)
-    samples = [s for s in obs.cascade_samples.get(cascade, []) if s.local_correct is not None] if cascade else []
-    right = [s.confidence for s in samples if s.local_correct]
-    wrong = [s.confidence for s in samples if not s.local_correct]
-    for name, route_obs in obs.steps.get(model_step, {}).items():
-        known = routes.get(name) or next(iter(base.routes.values()))
-        model = fit_service_time((batches or {}).get(name, [])) or known.service
-        accuracy = route_obs.correct / route_obs.labelled if route_obs.labelled >= 30 else known.accuracy
-        routes[name] = replace(known, service=model, accuracy=accuracy,
-                               confidence_right=_table(right) if len(right) >= 30 else known.confidence_right,
-                               confidence_wrong=_table(wrong) if len(wrong) >= 10 else known.confidence_wrong)
-    tiers = dict(base.tiers)
-    for name, route_obs in (obs.steps.get(cascade, {}).items() if cascade else ()):
-        known = tiers.get(name) or next(iter(base.tiers.values()))
-        row = latencies.get((cascade, name), {})
-        median, sigma = _lognormal(row, known.median_ms, known.sigma)
-        accuracy = route_obs.correct / route_obs.labelled if route_obs.labelled >= 30 else known.accuracy
-        tiers[name] = replace(known, model=str(row.get("model") or known.model), median_ms=median, sigma=sigma,
-                              accuracy=accuracy,
-                              input_tokens=round(row.get("input_tokens") or known.input_tokens),
-                              output_tokens=max(1, round(row.get("output_tokens") or known.output_tokens)))
-    effect = _effect_step(spec, base)
-    effect_share, effect_median, effect_sigma = base.effect_share, base.effect_median_ms, base.effect_sigma
-    if effect and obs.requests:
-        total = obs.step_total(effect)
-        effect_share = total.spans / obs.requests
-        row = next((r for (s, _), r in latencies.items() if s == effect), {})
-        effect_median, effect_sigma = _lognormal(row, effect_median, effect_sigma)
-    return replace(base, routes=routes, tiers=tiers, effect_share=effect_share, effect_median_ms=effect_median,
-                   effect_sigma=effect_sigma, source=f"fitted from {obs.requests} requests of {obs.pipeline} over "
-                                                     f"{obs.window_seconds:.0f} s of real spans").validate()
-
-
-def _lognormal(row: Mapping[str, Any], median: float, sigma: float) -> tuple[float, float]:
-    p50, p90 = row.get("p50_ms"), row.get("p90_ms")
-    if not p50 or not p90 or row.get("spans", 0) < 20:
-        return median, sigma
-    return float(p50), max(0.05, math.log(max(p90, p50) / p50) / 1.2816)
-
-
-def fit(client, spec: PipelineSpec, window_seconds: int = 3600, base: Calibration = DEMO) -> Calibration:
-    """A calibration from the pipeline's real spans of the last `window_seconds` in the store at `client`."""
-    from tracetune.tuner.observe import collect
-
-    obs = collect(client, spec, window_seconds)
-    if obs.requests == 0:
-        raise ValueError(f"no requests of pipeline {spec.pipeline!r} in the last {window_seconds} s of spans: run the "
-                         f"demo first (make demo) or widen the window")
-    rows = client.query(LATENCY_SQL, parameters={"pipeline": spec.pipeline, "window": int(window_seconds)})
-    latencies = {(row["step"], row["route"]): row for row in rows.named_results()}
-    batches: dict[str, list[BatchSample]] = {}
-    for route, size, duration_ms, padding in client.query(ROUTE_BATCHES_SQL, parameters={
-            "pipeline": spec.pipeline, "window": int(window_seconds)}).result_rows:
-        if size:
-            batches.setdefault(route, []).append(BatchSample(int(size), float(duration_ms), float(padding)))
-    return from_observation(obs, spec, latencies, batches, base)
 
 
 # ---- workload and arms --------------------------------------------------------------------------
@@ -286,23 +92,6 @@ class Arm:
             raise ValueError(f"arm {self.name!r}: kind must be one of {', '.join(ARMS_KINDS)}, got {self.kind!r}")
 
 
-def _roles(spec: PipelineSpec) -> tuple[str | None, str]:
-    """(the cascade step or None, the main model step): the step the cascade reads the confidence of, else
-    the first step with batching knobs."""
-    cascade = next(iter(spec.cascades), None)
-    model = spec.cascades[cascade] if cascade else None
-    model = model or next((s for s, knobs in spec.steps.items() if "batch_max_size" in knobs), None)
-    if model is None:
-        raise ValueError(f"pipeline {spec.pipeline!r} has no model step (batching knobs) to simulate")
-    return cascade, model
-
-
-def _effect_step(spec: PipelineSpec, calibration: Calibration) -> str | None:
-    """The side-effect step: the one after the cascade that declares remote limits (max_concurrency)."""
-    cascade, _ = _roles(spec)
-    return next((s for s, knobs in spec.steps.items() if s != cascade and "max_concurrency" in knobs), None)
-
-
 # ---- the simulation -----------------------------------------------------------------------------
 
 class _Task:
@@ -335,7 +124,7 @@ class _Cache:
 
 
 class _Batcher:
-    """One route's micro-batcher, one server, forming batches by the executor's own rules (tracetune.batching)."""
+    """One route's micro-batcher, one server, forming batches by the executor's own rules (tracetune.base.batching)."""
 
     def __init__(self, step: str, route: str, size: int, wait_ms: float, bucketing: bool):
         self.step, self.route, self.size, self.wait_ms, self.bucketing = step, route, size, wait_ms, bucketing
@@ -472,8 +261,8 @@ class _Simulation:
                  arm: Arm, prices: PriceTable, settings: LoopSettings, apply_delay: float, seed: int):
         self.spec, self.cal, self.workload, self.slo, self.arm = spec, calibration, workload, slo, arm
         self.prices, self.settings, self.apply_delay = prices, settings, apply_delay
-        self.cascade, self.model_step = _roles(spec)
-        self.effect = _effect_step(spec, calibration)
+        self.cascade, self.model_step = roles(spec)
+        self.effect = effect_step(spec, calibration)
         # Every step that declares batching or routes is a model step: the main one (whose confidence the
         # cascade reads) runs on `calibration.routes`, any other on `calibration.models[step]`.
         self.models = [s for s, knobs in spec.steps.items() if s != self.cascade and s != self.effect
@@ -993,7 +782,7 @@ def _meets(row: Mapping[str, Any], slo: SLO | None, min_windows: float) -> bool:
 def default_grid(spec: PipelineSpec) -> list[dict[str, dict[str, KnobValue]]]:
     """Static configs worth trying: cascade threshold x tier mix x escalation cache, and the model step's
     route mix (each route alone and as declared); batching stays declared (it moves compute, ~1% of cost)."""
-    cascade, model = _roles(spec)
+    cascade, model = roles(spec)
     model_weights = [None]
     declared = spec.steps[model].get("route_weights")
     if declared is not None:

@@ -16,7 +16,7 @@ from tracetune.analyzer.receivers.pagerduty import PagerDutyReceiver, pagerduty_
 from tracetune.analyzer.receivers.signing import new_secret, sign
 from tracetune.analyzer.receivers.slack import SlackReceiver
 from tracetune.analyzer.receivers.webhook import WebhookReceiver
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 __all__ = ["Notification", "Receiver", "UrlReceiver", "WebhookReceiver", "SlackReceiver", "PagerDutyReceiver",
            "pagerduty_severity", "receivers_from_settings", "sign", "new_secret"]

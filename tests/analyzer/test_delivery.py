@@ -29,7 +29,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.servers import ThreadServer, free_port, wait_until
-from tracetune import settings as settings_mod
 from tracetune import store
 from tracetune.analyzer import delivery
 from tracetune.analyzer.alerts import group_key
@@ -49,6 +48,7 @@ from tracetune.analyzer.delivery import (
     send_now,
     sign,
 )
+from tracetune.base import settings as settings_mod
 
 # ---- an independent Standard Webhooks verifier (from the specification's text) ----------------------
 
@@ -225,7 +225,8 @@ def test_a_receiver_down_for_a_while_gets_the_notification_when_it_returns(db_se
 
 _WORKER = """
 import sys
-from tracetune import settings, store
+from tracetune import store
+from tracetune.base import settings
 from tracetune.analyzer import delivery
 s = settings.load()
 receivers = delivery.receivers_from_settings(s)

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 
 from tests.servers import stop_process, wait_until
+from tracetune.base.settings import Settings
 from tracetune.dashboard.app import PAGES
-from tracetune.settings import Settings
 from tracetune.supervisor import dashboard_command
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -40,9 +40,9 @@ from tests.dashboard.seed import (
     step_cost,
 )
 from tracetune import analyzer, store
+from tracetune.base.settings import Settings
 from tracetune.dashboard import steps as steps_page
 from tracetune.dashboard.frames import format_money
-from tracetune.settings import Settings
 
 APP = Path(str(resources.files("tracetune.dashboard").joinpath("app.py")))
 RUN_TIMEOUT = 30  # the first run imports altair, polars and clickhouse-connect

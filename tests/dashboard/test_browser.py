@@ -24,9 +24,9 @@ from tests.dashboard.browser import CHROMIUM, CHROMIUM_ARGS, RENDER_TIMEOUT_MS, 
 from tests.dashboard.seed import PIPELINES, SLO, request_cost
 from tests.servers import free_port
 from tracetune import analyzer
+from tracetune.base.settings import Settings
 from tracetune.dashboard import ui
 from tracetune.dashboard.frames import format_money
-from tracetune.settings import Settings
 
 ROW_PX = 35  # a Streamlit dataframe row (and its header)
 

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import make_settings
 from tests.dashboard import browser
 from tests.surfaces import FOREIGN_HOSTS, FOREIGN_ORIGINS, raw_request
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 from tracetune.supervisor import dashboard_command
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.servers import wait_until
 from tracetune import store
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

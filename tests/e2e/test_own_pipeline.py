@@ -25,8 +25,8 @@ from tests.conftest import make_settings
 from tests.e2e.test_own_app import _blocks, _section
 from tests.servers import running_stack, wait_until
 from tracetune import store
+from tracetune.base.settings import Settings
 from tracetune.executor import conventions as attr
-from tracetune.settings import Settings
 
 PIPELINE = "reviews"
 

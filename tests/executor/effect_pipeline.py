@@ -5,8 +5,8 @@ quick retries, dead letters in the store the settings name. Run it with
 from __future__ import annotations
 
 from tracetune import store
+from tracetune.base.settings import Settings
 from tracetune.executor import DeadLetters, Effect, Pipeline, RetryPolicy
-from tracetune.settings import Settings
 
 NAME = "followups"
 ATTEMPTS = 2  # per task, and per replay

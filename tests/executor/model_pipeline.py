@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tracetune.base.settings import Settings
 from tracetune.executor import Batching, Infer, OnnxModel, Pipeline
-from tracetune.settings import Settings
 
 NAME = "scorer"
 ROUTES = ("small", "large")

@@ -22,8 +22,8 @@ from tests.executor.effect_pipeline import ATTEMPTS, NAME
 from tests.servers import ThreadServer, start_process, stop_process, wait_until
 from tracetune import store
 from tracetune.analyzer import dead_letters
+from tracetune.base.settings import Settings
 from tracetune.demo.standins import create_crm_app
-from tracetune.settings import Settings
 
 FAIL_FIRST = 2 * ATTEMPTS  # per key: the task's attempts fail, then one replay's, then the CRM takes it
 TUNER_TOKEN, EXECUTOR_TOKEN = "tuner-s3cret", "executor-s3cret"

@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.servers import ThreadServer
-from tracetune import settings as settings_mod
+from tracetune.base import settings as settings_mod
 from tracetune.executor import (
     Batching,
     Cache,

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.executor.model_pipeline import NAME, ROUTES
 from tests.servers import start_process, stop_process, wait_until
 from tracetune import analyzer, store
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 EXECUTOR_TOKEN = "executor-s3cret"
 

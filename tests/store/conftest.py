@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 
 @pytest.fixture

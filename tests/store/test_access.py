@@ -11,7 +11,7 @@ import pytest
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from tracetune import store
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 
 @pytest.fixture

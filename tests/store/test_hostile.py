@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 # {s}: a secret file, {w}: a file that must never appear, {d}: a folder that must never appear,
 # {port}: a local listener that must never be reached. `users`: who the construct is hostile for.

@@ -23,7 +23,7 @@ from clickhouse_connect.driver.external import ExternalData
 
 from tests.servers import wait_until
 from tracetune import store
-from tracetune.settings import Settings
+from tracetune.base.settings import Settings
 
 MAX_THREADS = "SELECT value, changed FROM system.settings WHERE name = 'max_threads'"
 

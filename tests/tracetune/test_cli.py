@@ -69,7 +69,7 @@ def test_a_password_file_others_can_read_stops_the_command(tmp_path):
 
 
 def test_the_pipelines_setting_takes_a_toml_list(tmp_path):
-    from tracetune import settings
+    from tracetune.base import settings
 
     (tmp_path / "tracetune.toml").write_text('pipelines = ["reviews:reviews", "tracetune.demo.triage:ticket_triage"]\n')
     loaded = settings.load(tmp_path / "tracetune.toml", environ={})

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tracetune import settings as settings_mod
+from tracetune.base import settings as settings_mod
 from tracetune.cli import cli
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tracetune import settings as settings_mod
-from tracetune.settings import SettingsError
+from tracetune.base import settings as settings_mod
+from tracetune.base.settings import SettingsError
 
 
 def _settings(home: Path, **values):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.conftest import make_settings
-from tracetune.serving import LOOPBACK_HOSTS, Refused, allowed_hosts, check_json, check_origin
+from tracetune.base.serving import LOOPBACK_HOSTS, Refused, allowed_hosts, check_json, check_origin
 
 
 def test_allowed_hosts_follow_the_bind_address_and_the_settings(tmp_path):
@@ -67,7 +67,7 @@ def test_json_depth_and_surrogates_are_named():
 
 @pytest.mark.parametrize("value", ["http://tuner.example", "tuner.example:8700", "a b", "x/y"])
 def test_allowed_hosts_must_be_names(tmp_path, value):
-    from tracetune.settings import SettingsError
+    from tracetune.base.settings import SettingsError
 
     with pytest.raises(SettingsError, match="allowed_hosts: .* is not a host name"):
         make_settings(tmp_path, allowed_hosts=value)

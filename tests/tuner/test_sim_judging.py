@@ -15,7 +15,7 @@ from tests.tuner.test_simulate import _Classifier, _Tier, workload
 from tracetune.analyzer import SLO, load_prices
 from tracetune.executor.batcher import Batcher
 from tracetune.executor.cache import TTLCache
-from tracetune.tuner import oracles, simarms, simulate
+from tracetune.tuner import calibration, oracles, simarms, simulate
 from tracetune.tuner.loop import LoopSettings
 from tracetune.tuner.policies import ServiceModel
 
@@ -45,11 +45,11 @@ def _bursts(seed: int, count: int = 18) -> tuple[float, ...]:
 
 
 def test_one_trace_through_the_executor_batcher_and_the_simulation_forms_the_same_batches(spec):
-    """The simulation forms batches by the executor's own rules (tracetune.batching): the same trace through
+    """The simulation forms batches by the executor's own rules (tracetune.base.batching): the same trace through
     the real threaded `Batcher` and through the simulation gives the same batches, bucketed by length."""
     arrivals = _bursts(3)
-    steady = replace(simulate.DEMO, routes={**simulate.DEMO.routes, "fp32": replace(
-        simulate.DEMO.routes["fp32"], service=ServiceModel(SERVICE_MS, 0.0), service_sigma=0.0)})
+    steady = replace(calibration.DEMO, routes={**calibration.DEMO.routes, "fp32": replace(
+        calibration.DEMO.routes["fp32"], service=ServiceModel(SERVICE_MS, 0.0), service_sigma=0.0)})
     config = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_enabled": False,
                            "batch_max_size": SIZE, "batch_max_wait_ms": WAIT_MS, "length_bucketing": True}}
     w = simulate.Workload(arrivals, arrivals[-1] + 5, duplicate_ratio=0.0, seed=4)
@@ -92,7 +92,7 @@ def test_the_simulated_cache_hits_where_the_executors_cache_would(spec):
     gives the hits the simulation recorded (TTL short enough to expire entries within the run)."""
     config = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_ttl_seconds": 20.0,
                            "cache_max_entries": 50}}
-    sim = simulate._Simulation(spec, simulate.DEMO, workload(4, rate=10, duplicates=0.4, pattern="steady"), None,
+    sim = simulate._Simulation(spec, calibration.DEMO, workload(4, rate=10, duplicates=0.4, pattern="steady"), None,
                                simulate.Arm("s", "static", config), load_prices(), LoopSettings(), 5.0, 1)
     sim.run()
     spans = sim.model_spans.all()
@@ -119,7 +119,7 @@ def test_the_simulated_cache_hits_where_the_executors_cache_would(spec):
 def test_the_tuner_arm_tries_each_change_on_a_canary_first(spec):
     """The loop's canary in virtual time: a share of tasks runs the trial's version until `canary.judge` decides."""
     settings = LoopSettings()
-    sim = simulate._Simulation(spec, simulate.DEMO, workload(16, rate=20), SLO(spec.pipeline, **spec.slo),
+    sim = simulate._Simulation(spec, calibration.DEMO, workload(16, rate=20), SLO(spec.pipeline, **spec.slo),
                                simulate.Arm("tuner", "tuner"), load_prices(), settings, 5.0, 1)
     sim.run()
     kinds = [d["kind"] for d in sim.decisions]
@@ -137,7 +137,7 @@ def test_the_tuner_arm_tries_each_change_on_a_canary_first(spec):
 def test_a_canary_lane_shares_the_parts_its_changes_do_not_touch(spec):
     """As Step.fork: a canary that changes only the cascade threshold uses the classify batchers and caches of
     the config in force; one that changes batching gets batchers of its own."""
-    sim = simulate._Simulation(spec, simulate.DEMO, workload(1, rate=5), None, simulate.Arm("d"), load_prices(),
+    sim = simulate._Simulation(spec, calibration.DEMO, workload(1, rate=5), None, simulate.Arm("d"), load_prices(),
                                LoopSettings(), 5.0, 1)
     base = sim.lane
     same = simulate._Lane(sim, spec.merge(sim.config, {"escalate": {"cascade_threshold": 0.5}}), base)
@@ -150,7 +150,7 @@ def test_a_canary_lane_shares_the_parts_its_changes_do_not_touch(spec):
 
 
 def test_aimd_grows_every_numeric_knob_while_objectives_hold_and_halves_when_missed(spec):
-    sim = simulate._Simulation(spec, simulate.DEMO, workload(8, rate=10), SLO(spec.pipeline, **spec.slo),
+    sim = simulate._Simulation(spec, calibration.DEMO, workload(8, rate=10), SLO(spec.pipeline, **spec.slo),
                                simulate.Arm("aimd", "aimd"), load_prices(), LoopSettings(), 5.0, 1)
     sim.run()
     first = sim.decisions[0]
@@ -159,7 +159,7 @@ def test_aimd_grows_every_numeric_knob_while_objectives_hold_and_halves_when_mis
     assert moved == numeric  # every numeric knob, none of the bools or weights
     assert first["changes"]["escalate"]["cascade_threshold"] == pytest.approx(0.6 + 0.06)
     strict = SLO(spec.pipeline, p95_ms=1.0)  # missed from the start
-    sim = simulate._Simulation(spec, simulate.DEMO, workload(8, rate=10), strict, simulate.Arm("aimd", "aimd"),
+    sim = simulate._Simulation(spec, calibration.DEMO, workload(8, rate=10), strict, simulate.Arm("aimd", "aimd"),
                                load_prices(), LoopSettings(), 5.0, 1)
     sim.run()
     assert sim.decisions[0]["changes"]["classify"]["batch_max_size"] == 4  # 1 + (8 - 1) / 2, rounded
@@ -167,7 +167,7 @@ def test_aimd_grows_every_numeric_knob_while_objectives_hold_and_halves_when_mis
 
 def test_gateway_rule_takes_the_cheapest_route_that_holds_the_floor(spec):
     prices = load_prices()
-    cal = simulate.DEMO
+    cal = calibration.DEMO
     config = simarms.gateway_config(spec, cal, SLO(spec.pipeline, quality_floor=0.9), prices)
     assert config["classify"]["route_weights"] == {"fp32": 0.0, "int8": 1.0}  # both hold 0.9: the cheaper
     assert config["escalate"]["route_weights"] == {"llm-small": 0.0, "llm-large": 1.0}  # only large holds 0.9
@@ -229,7 +229,7 @@ def test_per_phase_oracle_takes_each_phases_cheapest_feasible_run():
 def test_search_finds_a_feasible_config_cheaper_than_the_default(spec):
     slo = SLO(spec.pipeline, **spec.slo)
     w = workload(8, rate=10)
-    best, rows = oracles.search(spec, simulate.DEMO, w, slo=slo, evaluations=14, seed=1)
+    best, rows = oracles.search(spec, calibration.DEMO, w, slo=slo, evaluations=14, seed=1)
     assert len(rows) == 14 and rows[0]["grid_config"] == {}
     assert best["feasible"] and best["cost_per_1k"] < rows[0]["cost_per_1k"]
     assert best["cost_per_1k"] == min(r["cost_per_1k"] for r in rows if r["feasible"])
@@ -247,7 +247,7 @@ def test_search_starts_from_the_corners_and_runs_its_screened_best_in_full(spec)
     slo = SLO(spec.pipeline, **spec.slo)
     full, short = workload(8, rate=10), workload(4, rate=10)
     seen = []
-    best, rows = oracles.search(spec, simulate.DEMO, full, slo=slo, evaluations=12, seed=1, screen=short,
+    best, rows = oracles.search(spec, calibration.DEMO, full, slo=slo, evaluations=12, seed=1, screen=short,
                                 finalists=3, phases=0, progress=lambda done, total: seen.append((done, total)))
     # 12 screening runs on the short load, then the default and the 3 cheapest feasible in full.
     assert seen[-1][0] == 12 + len(rows) and 2 <= len(rows) <= 4 and rows[0]["grid_config"] == {}
@@ -258,7 +258,7 @@ def test_search_starts_from_the_corners_and_runs_its_screened_best_in_full(spec)
 
 def test_optuna_arm_runs_trials_as_canaries(spec):
     pytest.importorskip("optuna")
-    row = simulate.simulate(spec, simulate.DEMO, workload(12, rate=20), simulate.Arm("optuna", "optuna", seed=1))
+    row = simulate.simulate(spec, calibration.DEMO, workload(12, rate=20), simulate.Arm("optuna", "optuna", seed=1))
     kinds = [d["kind"] for d in row["decisions"]]
     assert kinds.count("canary_start") >= 4
     assert row["canaries"]["promoted"] + row["canaries"]["rolled_back"] >= kinds.count("canary_start") - 1
@@ -280,7 +280,7 @@ def _two_model_steps():
                 weights={"llm-small": 0.5, "llm-large": 0.5}, threshold=0.7, route="llm",
                 cache=Cache(enabled=False, ttl_seconds=600, max_entries=1000)),
     ], slo={"p95_ms": 1500.0, "quality_floor": 0.9}).spec()
-    demo = simulate.DEMO
+    demo = calibration.DEMO
     cal = replace(demo, routes={"small": demo.routes["int8"], "large": replace(demo.routes["fp32"], accuracy=0.95)},
                   models={"embed": {"fp32": demo.routes["fp32"]}}, plain_ms={"retrieve": 2.0}, effect_share=0.0)
     return spec, cal

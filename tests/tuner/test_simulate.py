@@ -10,7 +10,7 @@ import pytest
 
 from tracetune.analyzer import SLO
 from tracetune.demo import load, triage
-from tracetune.tuner import simulate
+from tracetune.tuner import calibration, simulate
 from tracetune.tuner.config import PipelineSpec
 from tracetune.tuner.observe import Observation, RouteObservation
 from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel
@@ -50,23 +50,23 @@ def static(config=None) -> simulate.Arm:
 
 def test_same_seed_same_numbers_other_seed_other_numbers(spec):
     w = workload(6, rate=10)
-    first = simulate.simulate(spec, simulate.DEMO, w, simulate.Arm("tuner", "tuner"))
-    again = simulate.simulate(spec, simulate.DEMO, w, simulate.Arm("tuner", "tuner"))
+    first = simulate.simulate(spec, calibration.DEMO, w, simulate.Arm("tuner", "tuner"))
+    again = simulate.simulate(spec, calibration.DEMO, w, simulate.Arm("tuner", "tuner"))
     assert first == again
-    other = simulate.simulate(spec, simulate.DEMO, workload(6, rate=10, seed=2), simulate.Arm("tuner", "tuner"))
+    other = simulate.simulate(spec, calibration.DEMO, workload(6, rate=10, seed=2), simulate.Arm("tuner", "tuner"))
     assert other["cost_per_1k"] != first["cost_per_1k"]
 
 
 def test_escalation_share_and_quality_follow_the_confidence_tables(spec):
     """Escalations = share of confidences under the threshold; quality = right above it + tier accuracy below."""
-    cal = simulate.DEMO
+    cal = calibration.DEMO
     only_fp32 = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_enabled": False},
                  "escalate": {"cascade_threshold": 0.7, "route_weights": {"llm-small": 1.0, "llm-large": 0.0}}}
     row = simulate.simulate(spec, cal, workload(20, rate=10, duplicates=0.0, pattern="steady"), static(only_fp32),
                             skip_seconds=0)
     route, tier = cal.routes["fp32"], cal.tiers["llm-small"]
     u = np.linspace(0, 1, 200_001)
-    levels = np.linspace(0, 1, simulate.LEVELS)
+    levels = np.linspace(0, 1, calibration.LEVELS)
     right = np.interp(u, levels, route.confidence_right)
     wrong = np.interp(u, levels, route.confidence_wrong)
     p_right_below, p_wrong_below = (right < 0.7).mean(), (wrong < 0.7).mean()
@@ -84,12 +84,12 @@ def test_escalation_share_and_quality_follow_the_confidence_tables(spec):
 def test_cache_hits_follow_the_duplicate_ratio(spec):
     """One route, cache on: about every repeated input hits (a repeat of a ticket still in the batcher misses)."""
     one_route = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}}}
-    sim = simulate._Simulation(spec, simulate.DEMO, workload(10, rate=10, duplicates=0.3, pattern="steady"),
+    sim = simulate._Simulation(spec, calibration.DEMO, workload(10, rate=10, duplicates=0.3, pattern="steady"),
                                None, static(one_route), simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
     sim.run()
     cache = np.asarray(sim.model_spans.data["cache"])
     assert (cache == 0).mean() == pytest.approx(0.3, abs=0.03)
-    off = simulate._Simulation(spec, simulate.DEMO, workload(10, rate=10, duplicates=0.3, pattern="steady"), None,
+    off = simulate._Simulation(spec, calibration.DEMO, workload(10, rate=10, duplicates=0.3, pattern="steady"), None,
                                static({"classify": {**one_route["classify"], "cache_enabled": False}}),
                                simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
     off.run()
@@ -98,8 +98,8 @@ def test_cache_hits_follow_the_duplicate_ratio(spec):
 
 def test_queueing_grows_near_saturation(spec):
     """A slow model route at 50% and at 95% of its capacity: the step's latency grows far faster than the load."""
-    slow = replace(simulate.DEMO, routes={**simulate.DEMO.routes, "fp32": replace(
-        simulate.DEMO.routes["fp32"], service=ServiceModel(20.0, 0.0), service_sigma=0.0)})
+    slow = replace(calibration.DEMO, routes={**calibration.DEMO.routes, "fp32": replace(
+        calibration.DEMO.routes["fp32"], service=ServiceModel(20.0, 0.0), service_sigma=0.0)})
     config = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "batch_max_size": 1, "cache_enabled": False},
               "escalate": {"cascade_threshold": 0.0}}
     p95 = {}
@@ -114,8 +114,8 @@ def test_queueing_grows_near_saturation(spec):
 
 def test_rate_limits_show_as_retried_calls(spec):
     """Escalating everything to a tier limited to 2 req/s: 429s, retried, visible as `retried` in the window."""
-    tight = replace(simulate.DEMO, tiers={**simulate.DEMO.tiers, "llm-large": replace(
-        simulate.DEMO.tiers["llm-large"], rate_limit_rps=2.0)})
+    tight = replace(calibration.DEMO, tiers={**calibration.DEMO.tiers, "llm-large": replace(
+        calibration.DEMO.tiers["llm-large"], rate_limit_rps=2.0)})
     config = {"escalate": {"cascade_threshold": 1.0, "route_weights": {"llm-small": 0.0, "llm-large": 1.0}}}
     sim = simulate._Simulation(spec, tight, workload(6, rate=5, duplicates=0.0, pattern="steady"), None, static(config),
                                simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
@@ -128,7 +128,7 @@ def test_rate_limits_show_as_retried_calls(spec):
 
 def test_observation_reads_like_collect(spec):
     """The tuner arm's input: requests, per-route spans with costs and labels, batches, cascade samples, quality."""
-    sim = simulate._Simulation(spec, simulate.DEMO, workload(8, rate=10), None, simulate.Arm("default"),
+    sim = simulate._Simulation(spec, calibration.DEMO, workload(8, rate=10), None, simulate.Arm("default"),
                                simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
     sim.run()
     obs = sim.observe(480.0)
@@ -159,12 +159,12 @@ def test_from_observation_fits_the_routes_it_sees(spec):
     latencies = {("escalate", "llm-small"): {"spans": 100, "p50_ms": 200.0, "p90_ms": 400.0, "input_tokens": 120,
                                              "output_tokens": 3, "model": "standin-small"},
                  ("create_followup", "crm"): {"spans": 100, "p50_ms": 30.0, "p90_ms": 45.0}}
-    cal = simulate.from_observation(obs, spec, latencies, batches)
+    cal = calibration.from_observation(obs, spec, latencies, batches)
     fp32 = cal.routes["fp32"]
     assert (fp32.service.base_ms, fp32.service.per_item_ms) == pytest.approx((2.0, 3.0))
     assert fp32.accuracy == pytest.approx(0.9)
     assert fp32.confidence_wrong[0] == pytest.approx(0.3) and fp32.confidence_right[-1] == pytest.approx(0.9)
-    assert cal.routes["int8"] == simulate.DEMO.routes["int8"]  # no spans: as it was
+    assert cal.routes["int8"] == calibration.DEMO.routes["int8"]  # no spans: as it was
     small = cal.tiers["llm-small"]
     assert (small.median_ms, small.accuracy, small.input_tokens) == (200.0, 0.8, 120)
     assert small.sigma == pytest.approx(np.log(2) / 1.2816, rel=1e-3)
@@ -175,7 +175,7 @@ def test_oracle_picks_the_cheapest_config_inside_the_slo(spec):
     w = workload(12, rate=10)
     grid = [{"escalate": {"cascade_threshold": t, "route_weights": {"llm-small": s, "llm-large": 1 - s}}}
             for t in (0.3, 0.5, 0.6) for s in (0.7, 1.0)]
-    best, rows = simulate.oracle(spec, simulate.DEMO, w, grid=grid)
+    best, rows = simulate.oracle(spec, calibration.DEMO, w, grid=grid)
     slo = SLO(spec.pipeline, **spec.slo)
     feasible = [r for r in rows if r["slo_windows"] >= 0.99 and r["quality"] >= slo.quality_floor]
     assert best["feasible"] and best["cost_per_1k"] == min(r["cost_per_1k"] for r in feasible)
@@ -189,7 +189,7 @@ def test_every_arm_on_a_few_virtual_minutes(spec):
     SLO holds in every window after warm-up, and the baselines run under the same workload."""
     slo = SLO(spec.pipeline, **spec.slo)
     w = workload(12)
-    rows = {arm.name: simulate.simulate(spec, simulate.DEMO, w, arm, slo=slo)
+    rows = {arm.name: simulate.simulate(spec, calibration.DEMO, w, arm, slo=slo)
             for arm in (simulate.Arm("default"), simulate.Arm("tuner", "tuner"), simulate.Arm("aimd", "aimd"))}
     default, tuner, aimd = rows["default"], rows["tuner"], rows["aimd"]
     kinds = [d["kind"] for d in tuner["decisions"]]

@@ -7,8 +7,8 @@ import json
 
 import click
 
-from tracetune import settings as settings_mod
-from tracetune.settings import Settings, SettingsError
+from tracetune.base import settings as settings_mod
+from tracetune.base.settings import Settings, SettingsError
 
 
 class UserError(click.ClickException):

@@ -7,8 +7,8 @@ import sys
 
 import click
 
+from tracetune.base.settings import Settings, SettingsError
 from tracetune.cli.common import UserError, load_settings
-from tracetune.settings import Settings, SettingsError
 
 
 @click.group(invoke_without_command=True)

@@ -7,8 +7,8 @@ import logging
 
 import click
 
+from tracetune.base.settings import Settings
 from tracetune.cli.common import UserError, answer_detail, check_pipeline, connect, load_settings, tuner_call
-from tracetune.settings import Settings
 
 
 @click.group(invoke_without_command=True)

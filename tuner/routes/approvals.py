@@ -1,7 +1,7 @@
 """Approval modes over HTTP: the policy per pipeline, the proposals waiting for an operator, approve and reject.
 
 `ROUTERS` (tuner/routes/__init__.py) serves them; the writes need the
-tuner's bearer token and, as every call of the app, pass its Host and Origin rules (tracetune.serving.Guard).
+tuner's bearer token and, as every call of the app, pass its Host and Origin rules (tracetune.base.serving.Guard).
 The logic is tuner/approval.py's.
 """
 
