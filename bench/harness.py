@@ -48,6 +48,31 @@ def start_store(prefix: str):
     return settings, proc, client
 
 
+def open_store(home):
+    """The embedded store of an existing home (e.g. a bench arm's, kept with --keep) on a free port, for reading
+    what that run left: (settings, its process, a client); stop it with stop_process."""
+    import os
+    import sys
+    from pathlib import Path
+
+    from tracetune import store
+
+    home = Path(home)
+    if not (home / "data").is_dir():
+        raise FileNotFoundError(f"{home} holds no store data (a bench arm's home has a data/ folder)")
+    settings = isolated_settings(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
+    proc = subprocess.Popen([sys.executable, "-m", "tracetune", "store"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = store.connect(settings, wait=60)
+    except BaseException:
+        stop_process(proc)
+        raise
+    client.timeout = 600
+    return settings, proc, client
+
+
 def isolated_settings(home, **overrides):
     """Settings on free ports under `home`, ignoring any tracetune.toml or TRACETUNE_* of the caller."""
     from tracetune.base import settings

@@ -143,22 +143,50 @@ def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: 
                              phases=phases)
 
 
-def calibration_from(url: str, spec: PipelineSpec, window_seconds: int) -> physics.Calibration:
-    """A calibration fitted from the spans in the ClickHouse at `url`; UsageError with one line if it cannot."""
+def open_source(source: str):
+    """A client on the spans at `source`: a bench arm's home kept with --keep (its store started on a free port;
+    the process is returned to be stopped) or a ClickHouse URL (process None). UsageError with one line."""
     import clickhouse_connect
 
     logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)  # the failure is reported in one line below
+    if Path(source).is_dir():
+        try:
+            from bench.harness import open_store
+        except ImportError:
+            from harness import open_store
+        try:
+            _, proc, client = open_store(source)
+        except Exception as exc:  # noqa: BLE001 - a home without a store, or a store that will not start
+            raise UsageError(f"--calibrate-from {source}: cannot open its store ({str(exc).splitlines()[0][:200]})"
+                             ) from None
+        return client, proc
+    if "://" not in source:
+        raise UsageError(f"--calibrate-from {source}: neither a folder (a bench arm's home) nor a ClickHouse URL")
     try:
-        client = clickhouse_connect.get_client(dsn=url)
-        return physics.fit(client, spec, window_seconds)
+        return clickhouse_connect.get_client(dsn=source), None
+    except Exception as exc:  # noqa: BLE001 - any connection failure is one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--calibrate-from {source.split('@')[-1]}: cannot connect ({first[:200]})") from None
+
+
+def calibration_from(source: str, spec: PipelineSpec, window_seconds: int,
+                     base: physics.Calibration = physics.DEMO) -> physics.Calibration:
+    """A calibration of `spec` fitted from the spans at `source` (`open_source`), with `base` for what spans do
+    not show; UsageError with one line if it cannot."""
+    client, proc = open_source(source)
+    try:
+        return physics.fit(client, spec, window_seconds, base=base)
     except ValueError as exc:
         raise UsageError(f"--calibrate-from: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any connection or query failure is one line for the user
+    except Exception as exc:  # noqa: BLE001 - any query failure is one line for the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--calibrate-from {url.split('@')[-1]}: cannot read spans ({first[:200]})") from None
+        raise UsageError(f"--calibrate-from {source.split('@')[-1]}: cannot read spans ({first[:200]})") from None
+    finally:
+        if proc is not None:
+            from bench.harness import stop_process
 
+            stop_process(proc)
 
-# ---- output: the same for simulated and real rows ----------------------------------------------
 
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -466,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--mode sim: the seed the static oracle is searched on (then scored on --seeds)")
     parser.add_argument("--evaluations", type=int, default=300, help="--mode sim: simulated runs of the oracle search")
     parser.add_argument("--pipelines", default="all", help="--mode sim: comma-separated pipeline names, or all")
-    parser.add_argument("--calibrate-from", metavar="URL", default=None,
-                        help="ClickHouse URL with the demo's spans (e.g. after `make demo`) to fit the simulation to")
+    parser.add_argument("--calibrate-from", metavar="URL|HOME", default=None,
+                        help="ClickHouse URL, or a bench arm's home kept with `bench/tuner_real.py --keep`, whose "
+                             "spans of each simulated pipeline the simulation is fitted to")
     parser.add_argument("--calibration-window", type=int, default=3600, help="seconds of spans to fit from")
     parser.add_argument("--out", type=Path, default=ROOT / ".tracetune" / "bench" / "tuner",
                         help="where the chart and JSON go (default .tracetune/bench/tuner)")
@@ -484,26 +513,24 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--calibration-window must be above 0 s, got {args.calibration_window}")
         if args.out.exists() and not args.out.is_dir():
             raise UsageError(f"--out {args.out} is a file; give a folder")
+        if args.mode == "sim":
+            return sim_main(console, args)
         spec = demo_spec()
         slo = SLO(spec.pipeline, **spec.slo)
         calibration = physics.DEMO
         if args.calibrate_from:
             calibration = calibration_from(args.calibrate_from, spec, args.calibration_window)
-        args.calibration = calibration
-        if args.mode == "sim":
-            return sim_main(console, args)
-        else:
-            try:
-                from bench.tuner_real import run_real
-            except ImportError as exc:
-                raise UsageError(f"--mode real needs bench/tuner_real.py ({exc})") from None
-            oracle = simulate.oracle(spec, calibration, demo_workload(args.minutes, args.seed), slo=slo,
-                                     seed=args.seed)[0]
-            console.print(f"oracle config from the simulation: {json.dumps(_rounded(oracle['grid_config']))}")
-            with Progress(console=console, transient=True) as bar:
-                rows = run_real({"default": None, "aimd": None, "tuner": None, "oracle": oracle["grid_config"]},
-                                minutes=args.minutes, seed=args.seed, progress=bar, rate=RATE)
-            note = f"{args.minutes:g} minutes of real load, seed {args.seed}"
+        try:
+            from bench.tuner_real import run_real
+        except ImportError as exc:
+            raise UsageError(f"--mode real needs bench/tuner_real.py ({exc})") from None
+        oracle = simulate.oracle(spec, calibration, demo_workload(args.minutes, args.seed), slo=slo,
+                                 seed=args.seed)[0]
+        console.print(f"oracle config from the simulation: {json.dumps(_rounded(oracle['grid_config']))}")
+        with Progress(console=console, transient=True) as bar:
+            rows = run_real({"default": None, "aimd": None, "tuner": None, "oracle": oracle["grid_config"]},
+                            minutes=args.minutes, seed=args.seed, progress=bar, rate=RATE)
+        note = f"{args.minutes:g} minutes of real load, seed {args.seed}"
         report(console, rows, slo, args.out, args.mode, note)
     except UsageError as exc:
         print(f"bench/tuner.py: {exc}", file=sys.stderr)
@@ -532,8 +559,8 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
     everything = []
     for name in names:
         spec, calibration, workload, prices = known[name]
-        if name == "ticket_triage":
-            calibration = args.calibration
+        if args.calibrate_from:
+            calibration = calibration_from(args.calibrate_from, spec, args.calibration_window, base=calibration)
         slo = SLO(spec.pipeline, **spec.slo)
         console.print(f"[bold]{name}[/]: calibration {calibration.source}; SLO {json.dumps(spec.slo)}")
         # The search screens on a third of the run (the same load's shape, compressed), then runs its best in full.

@@ -16,10 +16,10 @@ import numpy as np
 
 from tracetune.tuner.config import PipelineSpec
 from tracetune.tuner.observe import Observation
-from tracetune.tuner.policies import BatchSample, ServiceModel, fit_service_time
+from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel, fit_service_time
 
-__all__ = ["DEMO", "LEVELS", "Calibration", "ModelRoute", "RemoteTier", "effect_step", "fit", "from_observation",
-           "roles"]
+__all__ = ["DEMO", "LEVELS", "Answer", "Calibration", "ModelRoute", "RemoteTier", "effect_step", "fit",
+           "from_observation", "model_steps", "roles"]
 
 LEVELS = 21  # quantile tables hold this many equally spaced levels, 0 to 1
 
@@ -141,17 +141,110 @@ WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
 GROUP BY step, route
 """
 
-# Batch spans by route (observe's batch query pools the routes of a step; each route has its own speed).
+# Batch spans by step and route (observe's batch query pools the routes of a step; each route has its own speed).
 ROUTE_BATCHES_SQL = """
-SELECT SpanAttributes['tracetune.route'] AS route, toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS size,
+SELECT SpanAttributes['tracetune.batch_of'] AS step, SpanAttributes['tracetune.route'] AS route,
+       toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS size,
        Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
   AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String}
   AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR')
 ORDER BY Timestamp DESC
-LIMIT 20000
+LIMIT 40000
 """
+
+
+# Labelled tasks by their final answer (the root span's `tracetune.outcome` against the load generator's ground
+# truth), with the main model step's route and confidence and the tier the cascade sent it to ('' when the
+# local answer stood, or the remote failed and it was kept): for pipelines whose steps carry no
+# `tracetune.prediction` (answers that are not labels), the only view of who was right.
+ANSWERS_SQL = """
+SELECT m.route, m.confidence, c.tier, r.answer = g.truth AS right
+FROM (
+    SELECT TraceId AS trace_id, any(SpanAttributes['tracetune.outcome']) AS answer FROM otel_traces
+    WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32}) AND ParentSpanId = ''
+      AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.outcome'] != ''
+    GROUP BY trace_id
+) AS r
+INNER JOIN (
+    SELECT trace_id, argMax(label, sent_at) AS truth FROM tracetune_ground_truth
+    WHERE pipeline = {pipeline:String} AND label != '' AND trace_id != ''
+    GROUP BY trace_id
+) AS g ON g.trace_id = r.trace_id
+INNER JOIN (
+    SELECT TraceId AS trace_id, any(SpanAttributes['tracetune.route']) AS route,
+           any(toFloat64OrZero(SpanAttributes['tracetune.feature.confidence'])) AS confidence
+    FROM otel_traces
+    WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+      AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.step'] = {model:String}
+      AND SpanAttributes['tracetune.feature.confidence'] != ''
+    GROUP BY trace_id
+) AS m ON m.trace_id = r.trace_id
+LEFT JOIN (
+    SELECT TraceId AS trace_id, any(SpanAttributes['tracetune.route']) AS tier FROM otel_traces
+    WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+      AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+      AND SpanAttributes['tracetune.step'] = {cascade:String}
+      AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR')
+    GROUP BY trace_id
+) AS c ON c.trace_id = r.trace_id
+"""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A labelled task seen by its final answer: the main model step's route and confidence, the tier it was
+    escalated to ('' when the local answer stood) and whether the final answer was right."""
+
+    route: str
+    confidence: float
+    tier: str
+    right: bool
+
+
+def _density(table: Sequence[float], at: np.ndarray, width: float = 0.03) -> np.ndarray:
+    """The density of a quantile table's distribution at `at` (central difference of its CDF over +-width)."""
+    xs = np.asarray(table, dtype=float)
+    levels = np.linspace(0, 1, len(xs))
+    xs = xs + np.arange(len(xs)) * 1e-9  # ties (a point mass) made strictly increasing for interp
+    return (np.interp(at + width, xs, levels) - np.interp(at - width, xs, levels)) / (2 * width)
+
+
+def _weighted_table(values: np.ndarray, weights: np.ndarray) -> tuple[float, ...]:
+    q = np.quantile(values, np.linspace(0, 1, LEVELS), weights=weights, method="inverted_cdf")
+    return tuple(float(x) for x in np.round(np.maximum.accumulate(q), 4))
+
+
+def _from_answers(answers: Sequence[Answer], routes: dict[str, ModelRoute], tiers: dict[str, RemoteTier],
+                  min_samples: int = 30) -> tuple[dict[str, ModelRoute], dict[str, RemoteTier]]:
+    """Routes and tiers fitted from final answers. Each route's confidences are all seen (so its escalation share
+    at any threshold is the real one); whether its own answer was right is seen only where it stood (not
+    escalated). Where it was escalated, the chance it was right is the known route's odds at that confidence
+    (Bayes on its confidence tables): the one assumption left, and only below the threshold that ran."""
+    routes, tiers = dict(routes), dict(tiers)
+    for name in sorted({a.route for a in answers}):
+        mine = [a for a in answers if a.route == name]
+        known = routes.get(name)
+        if known is None or len(mine) < min_samples:
+            continue
+        confidence = np.array([a.confidence for a in mine])
+        escalated = np.array([bool(a.tier) for a in mine])
+        right = np.array([a.right for a in mine], dtype=float)
+        f_right = known.accuracy * _density(known.confidence_right, confidence)
+        f_wrong = (1 - known.accuracy) * _density(known.confidence_wrong, confidence)
+        odds = np.where(f_right + f_wrong > 0, f_right / np.maximum(f_right + f_wrong, 1e-12), known.accuracy)
+        weight = np.where(escalated, odds, right)
+        if weight.sum() < 1 or (1 - weight).sum() < 1:
+            continue
+        routes[name] = replace(known, accuracy=round(float(weight.mean()), 4),
+                               confidence_right=_weighted_table(confidence, weight),
+                               confidence_wrong=_weighted_table(confidence, 1 - weight))
+    for name in sorted({a.tier for a in answers if a.tier}):
+        sent = [a.right for a in answers if a.tier == name]
+        if name in tiers and len(sent) >= min_samples:
+            tiers[name] = replace(tiers[name], accuracy=round(sum(sent) / len(sent), 4))
+    return routes, tiers
 
 
 def roles(spec: PipelineSpec) -> tuple[str | None, str]:
@@ -171,25 +264,58 @@ def effect_step(spec: PipelineSpec, calibration: Calibration) -> str | None:
     return next((s for s, knobs in spec.steps.items() if s != cascade and "max_concurrency" in knobs), None)
 
 
+def model_steps(spec: PipelineSpec) -> list[str]:
+    """The steps the simulation runs as model steps (as tuner/simulate.py picks them): the main one and every
+    other step declaring batching or routes, but not the cascade or the side effect."""
+    cascade, model = roles(spec)
+    effect = effect_step(spec, DEMO)
+    return [s for s, knobs in spec.steps.items() if s not in (cascade, effect)
+            and ("batch_max_size" in knobs or "route_weights" in knobs or s == model)]
+
+
+def _fit_routes(obs: Observation, step: str, known: Mapping[str, ModelRoute], fallback: ModelRoute,
+                batches: Mapping[tuple[str, str], Sequence[BatchSample]],
+                samples: Sequence[CascadeSample] = ()) -> dict[str, ModelRoute]:
+    """The routes of one model step fitted from what the spans show: each route's batch time from its own batch
+    spans; for the main step also its accuracy and its confidence when right and when wrong, from its own
+    labelled answers (the routes' confidences differ: pooling them would make every route escalate alike)."""
+    routes = dict(known)
+    for name, route_obs in obs.steps.get(step, {}).items():
+        if not name:
+            continue
+        before = routes.get(name) or fallback
+        model = fit_service_time(batches.get((step, name), [])) or before.service
+        if not samples:
+            routes[name] = replace(before, service=model)
+            continue
+        accuracy = route_obs.correct / route_obs.labelled if route_obs.labelled >= 30 else before.accuracy
+        mine = [s for s in samples if s.route == name] or [s for s in samples if not s.route]
+        right = [s.confidence for s in mine if s.local_correct]
+        wrong = [s.confidence for s in mine if not s.local_correct]
+        routes[name] = replace(before, service=model, accuracy=accuracy,
+                               confidence_right=_table(right) if len(right) >= 30 else before.confidence_right,
+                               confidence_wrong=_table(wrong) if len(wrong) >= 10 else before.confidence_wrong)
+    return routes
+
+
 def from_observation(obs: Observation, spec: PipelineSpec, latencies: Mapping[tuple[str, str], Mapping[str, Any]],
-                     batches: Mapping[str, Sequence[BatchSample]] | None = None,
-                     base: Calibration = DEMO) -> Calibration:
-    """A calibration fitted from real spans: service models from batch spans, accuracy per route and
-    confidences from labelled answers, remote latency (lognormal through p50 and p90), tokens and the side
-    effect's share and latency from `latencies` (LATENCY_SQL rows by step and route). What the spans do
-    not show (e.g. a provider's rate limit, input lengths) stays as in `base`. `batches`: batch spans by route."""
+                     batches: Mapping[tuple[str, str], Sequence[BatchSample]] | None = None,
+                     base: Calibration = DEMO, answers: Sequence[Answer] = ()) -> Calibration:
+    """A calibration fitted from real spans, for any pipeline the simulation runs: every model step's routes
+    (batch time from their batch spans; for the step the cascade reads, accuracy and confidence per route from
+    labelled answers, which set each route's escalation share), each remote tier's latency (lognormal through
+    p50 and p90), accuracy on the tasks it was sent and tokens, the plain steps' own times, and the side effect's
+    share and latency, from `latencies` (LATENCY_SQL rows by step and route). What the spans do not show (a
+    provider's rate limit, input lengths) stays as in `base`. `batches`: batch spans by (step, route).
+    `answers` (ANSWERS_SQL): labelled tasks by their final answer, used where the steps' spans carry no labelled
+    answers (`_from_answers`)."""
     cascade, model_step = roles(spec)
-    routes = dict(base.routes)
+    batches = batches or {}
     samples = [s for s in obs.cascade_samples.get(cascade, []) if s.local_correct is not None] if cascade else []
-    right = [s.confidence for s in samples if s.local_correct]
-    wrong = [s.confidence for s in samples if not s.local_correct]
-    for name, route_obs in obs.steps.get(model_step, {}).items():
-        known = routes.get(name) or next(iter(base.routes.values()))
-        model = fit_service_time((batches or {}).get(name, [])) or known.service
-        accuracy = route_obs.correct / route_obs.labelled if route_obs.labelled >= 30 else known.accuracy
-        routes[name] = replace(known, service=model, accuracy=accuracy,
-                               confidence_right=_table(right) if len(right) >= 30 else known.confidence_right,
-                               confidence_wrong=_table(wrong) if len(wrong) >= 10 else known.confidence_wrong)
+    fallback = next(iter(base.routes.values()))
+    routes = _fit_routes(obs, model_step, base.routes, fallback, batches, samples)
+    models = {step: _fit_routes(obs, step, base.models.get(step, {}), fallback, batches)
+              for step in model_steps(spec) if step != model_step}
     tiers = dict(base.tiers)
     for name, route_obs in (obs.steps.get(cascade, {}).items() if cascade else ()):
         known = tiers.get(name) or next(iter(base.tiers.values()))
@@ -200,16 +326,25 @@ def from_observation(obs: Observation, spec: PipelineSpec, latencies: Mapping[tu
                               accuracy=accuracy,
                               input_tokens=round(row.get("input_tokens") or known.input_tokens),
                               output_tokens=max(1, round(row.get("output_tokens") or known.output_tokens)))
+    if answers and not samples:
+        routes, tiers = _from_answers(answers, routes, tiers)
     effect = effect_step(spec, base)
-    effect_share, effect_median, effect_sigma = base.effect_share, base.effect_median_ms, base.effect_sigma
+    plain_ms = dict(base.plain_ms)
+    for step in spec.steps:
+        row = latencies.get((step, ""), {})
+        if step not in (cascade, effect, *model_steps(spec)) and row.get("spans", 0) >= 20 and row.get("p50_ms"):
+            plain_ms[step] = round(float(row["p50_ms"]), 4)
+    effect_share, effect_median, effect_sigma = (base.effect_share, base.effect_median_ms, base.effect_sigma) \
+        if effect else (0.0, base.effect_median_ms, base.effect_sigma)
     if effect and obs.requests:
         total = obs.step_total(effect)
         effect_share = total.spans / obs.requests
         row = next((r for (s, _), r in latencies.items() if s == effect), {})
         effect_median, effect_sigma = _lognormal(row, effect_median, effect_sigma)
-    return replace(base, routes=routes, tiers=tiers, effect_share=effect_share, effect_median_ms=effect_median,
-                   effect_sigma=effect_sigma, source=f"fitted from {obs.requests} requests of {obs.pipeline} over "
-                                                     f"{obs.window_seconds:.0f} s of real spans").validate()
+    return replace(base, routes=routes, tiers=tiers, models=models, plain_ms=plain_ms, effect_share=effect_share,
+                   effect_median_ms=effect_median, effect_sigma=effect_sigma,
+                   source=f"fitted from {obs.requests} requests of {obs.pipeline} over "
+                          f"{obs.window_seconds:.0f} s of real spans").validate()
 
 
 def _lognormal(row: Mapping[str, Any], median: float, sigma: float) -> tuple[float, float]:
@@ -229,9 +364,16 @@ def fit(client, spec: PipelineSpec, window_seconds: int = 3600, base: Calibratio
                          f"demo first (make demo) or widen the window")
     rows = client.query(LATENCY_SQL, parameters={"pipeline": spec.pipeline, "window": int(window_seconds)})
     latencies = {(row["step"], row["route"]): row for row in rows.named_results()}
-    batches: dict[str, list[BatchSample]] = {}
-    for route, size, duration_ms, padding in client.query(ROUTE_BATCHES_SQL, parameters={
+    batches: dict[tuple[str, str], list[BatchSample]] = {}
+    for step, route, size, duration_ms, padding in client.query(ROUTE_BATCHES_SQL, parameters={
             "pipeline": spec.pipeline, "window": int(window_seconds)}).result_rows:
         if size:
-            batches.setdefault(route, []).append(BatchSample(int(size), float(duration_ms), float(padding)))
-    return from_observation(obs, spec, latencies, batches, base)
+            batches.setdefault((step, route), []).append(BatchSample(int(size), float(duration_ms), float(padding)))
+    answers: list[Answer] = []
+    cascade, model = roles(spec)
+    if cascade:
+        rows = client.query(ANSWERS_SQL, parameters={"pipeline": spec.pipeline, "window": int(window_seconds),
+                                                     "model": model, "cascade": cascade}).result_rows
+        answers = [Answer(str(route), float(confidence), str(tier or ""), bool(right))
+                   for route, confidence, tier, right in rows]
+    return from_observation(obs, spec, latencies, batches, base, answers)

@@ -752,6 +752,8 @@ def _row(sim: _Simulation, skip_seconds: float) -> dict[str, Any]:
         "slo_windows": share,
         "quality": float(np.mean(roots["right"])) if n else math.nan,
         "quality_after": float(np.mean(roots["right"][late])) if late.any() else math.nan,
+        # Tasks the cascade sent to a remote tier (its spans, answer-cache hits included), per request.
+        "escalated": float(len(sim.cascade_spans.all()["start"]) / n) if n and sim.cascade else 0.0,
         "changes": sim.changes,
         "canaries": dict(sim.canaries),
         "cost_by_step": {step: 1000 * cost / n for step, cost in by_step.items()} if n else {},

@@ -155,7 +155,7 @@ def test_from_observation_fits_the_routes_it_sees(spec):
     obs.steps["escalate"] = {"llm-small": RouteObservation(spans=100, correct=80, labelled=100)}
     obs.steps["create_followup"] = {"crm": RouteObservation(spans=100)}
     obs.cascade_samples["escalate"] = [CascadeSample(0.9, True)] * 200 + [CascadeSample(0.3, False)] * 50
-    batches = {"fp32": [BatchSample(s, 2.0 + 3.0 * s) for s in (1, 2, 3, 4) for _ in range(10)]}
+    batches = {("classify", "fp32"): [BatchSample(s, 2.0 + 3.0 * s) for s in (1, 2, 3, 4) for _ in range(10)]}
     latencies = {("escalate", "llm-small"): {"spans": 100, "p50_ms": 200.0, "p90_ms": 400.0, "input_tokens": 120,
                                              "output_tokens": 3, "model": "standin-small"},
                  ("create_followup", "crm"): {"spans": 100, "p50_ms": 30.0, "p90_ms": 45.0}}
@@ -200,3 +200,66 @@ def test_every_arm_on_a_few_virtual_minutes(spec):
     # AIMD moves every numeric knob, not only batch size (which moves compute, about 1% of the cost)
     assert aimd["changes"] >= 1
     assert aimd["config"]["escalate"]["cascade_threshold"] != triage.CASCADE_THRESHOLD
+
+
+def test_from_observation_fits_a_pipeline_of_another_shape():
+    """rag_answering: two model steps (embed, rerank), plain steps, no side effect. Each reranker gets its own
+    confidence tables (pooled, both would escalate alike), embed its own batch time, the plain steps their
+    measured time, and the side effect's share is 0 (the base's is not carried over)."""
+    from tracetune.demo import rag
+
+    same = lambda items: items
+    spec = rag.build(None, None, {r: same for r in rag.RERANKERS}, llm={t: same for t in rag.LLM_TIERS}).spec()
+    base = replace(calibration.DEMO, routes={"rerank-small": calibration.DEMO.routes["int8"],
+                                             "rerank-large": calibration.DEMO.routes["fp32"]},
+                   models={"embed": {"fp32": calibration.DEMO.routes["fp32"]}})
+    obs = Observation("rag_answering", 300.0, requests=1000)
+    obs.steps["embed"] = {"fp32": RouteObservation(spans=800)}
+    obs.steps["retrieve"] = {"": RouteObservation(spans=1000)}
+    obs.steps["rerank"] = {"rerank-small": RouteObservation(spans=500, correct=300, labelled=500),
+                           "rerank-large": RouteObservation(spans=500, correct=450, labelled=500)}
+    obs.steps["generate"] = {"llm-large": RouteObservation(spans=300, correct=270, labelled=300)}
+    obs.cascade_samples["generate"] = (
+        [CascadeSample(0.5, True, route="rerank-small")] * 300 + [CascadeSample(0.2, False, route="rerank-small")] * 200
+        + [CascadeSample(0.95, True, route="rerank-large")] * 450
+        + [CascadeSample(0.6, False, route="rerank-large")] * 50)
+    batches = {("embed", "fp32"): [BatchSample(s, 1.0 + 2.0 * s) for s in (1, 2, 4, 8) for _ in range(10)],
+               ("rerank", "rerank-large"): [BatchSample(s, 5.0 + 10.0 * s) for s in (1, 2, 3, 4) for _ in range(10)]}
+    latencies = {("retrieve", ""): {"spans": 1000, "p50_ms": 1.7, "p90_ms": 2.5},
+                 ("generate", "llm-large"): {"spans": 300, "p50_ms": 900.0, "p90_ms": 1500.0, "input_tokens": 310,
+                                             "output_tokens": 12, "model": "standin-large"}}
+    cal = calibration.from_observation(obs, spec, latencies, batches, base)
+    small, large = cal.routes["rerank-small"], cal.routes["rerank-large"]
+    assert (small.accuracy, large.accuracy) == (0.6, 0.9)
+    assert small.confidence_right[-1] == pytest.approx(0.5) and large.confidence_right[0] == pytest.approx(0.95)
+    assert small.confidence_wrong[0] == pytest.approx(0.2) and large.confidence_wrong[0] == pytest.approx(0.6)
+    assert (large.service.base_ms, large.service.per_item_ms) == pytest.approx((5.0, 10.0))
+    embed = cal.models["embed"]["fp32"]
+    assert (embed.service.base_ms, embed.service.per_item_ms) == pytest.approx((1.0, 2.0))
+    assert cal.plain_ms["retrieve"] == 1.7 and cal.effect_share == 0.0
+    tier = cal.tiers["llm-large"]
+    assert (tier.median_ms, tier.accuracy, tier.input_tokens, tier.output_tokens) == (900.0, 0.9, 310, 12)
+
+
+def test_from_answers_fits_routes_whose_steps_carry_no_labels():
+    """Steps whose answers are not labels (rag's dicts) leave only final answers: each route's confidences are
+    all kept (its escalation share at 0.9 is the real one), its accuracy where it stood is the real one, and
+    each tier's accuracy is what its escalated tasks got right."""
+    rng = np.random.default_rng(3)
+    confidence = np.round(rng.beta(4, 2, 2000), 4)
+    escalated = confidence < 0.9
+    right = np.where(escalated, rng.random(2000) < 0.6, rng.random(2000) < 0.8)
+    answers = [calibration.Answer("fp32", float(c), "llm-large" if e else "", bool(r))
+               for c, e, r in zip(confidence, escalated, right, strict=True)]
+    routes, tiers = calibration._from_answers(answers, dict(calibration.DEMO.routes), dict(calibration.DEMO.tiers))
+    fp32 = routes["fp32"]
+    levels = np.linspace(0, 1, calibration.LEVELS)
+    below = (fp32.accuracy * np.interp(0.9, fp32.confidence_right, levels)
+             + (1 - fp32.accuracy) * np.interp(0.9, fp32.confidence_wrong, levels))
+    assert below == pytest.approx(escalated.mean(), abs=0.03)
+    stood_right = 1 - np.interp(0.9, fp32.confidence_right, levels)
+    stood_wrong = 1 - np.interp(0.9, fp32.confidence_wrong, levels)
+    stood = fp32.accuracy * stood_right / (fp32.accuracy * stood_right + (1 - fp32.accuracy) * stood_wrong)
+    assert stood == pytest.approx(right[~escalated].mean(), abs=0.05)  # 21-level tables: coarse in the tail
+    assert tiers["llm-large"].accuracy == pytest.approx(right[escalated].mean(), abs=1e-3)
+    assert routes["int8"] == calibration.DEMO.routes["int8"]  # no answers of its own: as it was
