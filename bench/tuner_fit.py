@@ -125,14 +125,21 @@ def run(console: Console, args: argparse.Namespace) -> int:
             if proc is not None:
                 stop_process(proc)
 
-    fitted, real, steps = read(args.source, True)
-    duration = round(real["seconds"] / 60) * 60 or 60.0
     rate = args.rate or workload_def.rate
-    plan = load.LoadPlan(rate=rate, duration=duration, pattern=workload_def.pattern, duplicate_ratio=DUPLICATE_RATIO,
-                         seed=args.seed, period_seconds=workload_def.period_seconds)
-    plan.validate()
-    workload = simulate.Workload(tuple(load.arrivals(plan, random.Random(args.seed))), duration, DUPLICATE_RATIO,
+
+    def workload_of(real: dict[str, Any]) -> simulate.Workload:
+        """The load the bench drove for as long as the run lasted (whole minutes)."""
+        duration = round(real["seconds"] / 60) * 60 or 60.0
+        plan = load.LoadPlan(rate=rate, duration=duration, pattern=workload_def.pattern,
+                             duplicate_ratio=DUPLICATE_RATIO, seed=args.seed,
+                             period_seconds=workload_def.period_seconds)
+        plan.validate()
+        return simulate.Workload(tuple(load.arrivals(plan, random.Random(args.seed))), duration, DUPLICATE_RATIO,
                                  seed=args.seed)
+
+    fitted, real, steps = read(args.source, True)
+    workload = workload_of(real)
+    duration = workload.duration
     before = f"simulated, {'assumed' if name == 'rag_answering' else 'measured'} (before)"
     rows = {"real processes": real,
             "simulated, fitted": sim_figures(spec, fitted, workload, steps, args.seed),
@@ -140,8 +147,8 @@ def run(console: Console, args: argparse.Namespace) -> int:
     for n, home in enumerate(args.check, 1):
         _, other, other_steps = read(home, False)
         rows[f"check {n}: real processes"] = other
-        rows[f"check {n}: simulated, fitted"] = sim_figures(spec, fitted, workload, other_steps, args.seed)
-        rows[f"check {n}: {before}"] = sim_figures(spec, base, workload, other_steps, args.seed)
+        rows[f"check {n}: simulated, fitted"] = sim_figures(spec, fitted, workload_of(other), other_steps, args.seed)
+        rows[f"check {n}: {before}"] = sim_figures(spec, base, workload_of(other), other_steps, args.seed)
         console.print(f"check {n}: {home}: {json.dumps(other_steps)}")
     table = Table(title=f"{name}: the config in force ({json.dumps(steps)[:120]}) on {duration / 60:g} min of "
                         f"{workload_def.pattern} load at {rate:g}/s, seed {args.seed}")

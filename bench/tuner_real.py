@@ -49,6 +49,7 @@ from tracetune.base import settings as settings_mod
 from tracetune.demo.load import LoadPlan, ground_truth_writer, run_load
 from tracetune.supervisor import StartError, Supervisor, components
 from tracetune.tuner import observe, token_for
+from tracetune.tuner.canary import limits_for as canary_limits
 from tracetune.tuner.config import PipelineSpec
 from tracetune.tuner.loop import step_target_ms
 from tracetune.tuner.policies import aimd_batch_size
@@ -73,11 +74,16 @@ class Workload:
     rate: float
     aimd_step: str  # the step whose batch_max_size the aimd arm steers
     period_seconds: float = 120.0
+    mean_factor: float = 1.0  # the load's mean rate over the run, as a multiple of `rate`
+    cost_spread: float = 1.0  # per-task cost's coefficient of variation under the default (sizes the canaries)
 
 
 PIPELINES = {
-    "triage": Workload("tracetune.demo.triage:ticket_triage", "ticket_triage", "step", 20.0, "classify"),
-    "rag": Workload("tracetune.demo.rag:rag_answering", "rag_answering", "daily_bursts", 2.0, "rerank", 300.0),
+    # cost_spread: measured on the default arms of 2026-12-06 (27,046 triage tasks: 4.7; 2,348 rag tasks: 0.68).
+    "triage": Workload("tracetune.demo.triage:ticket_triage", "ticket_triage", "step", 20.0, "classify",
+                       mean_factor=1.5, cost_spread=4.7),
+    "rag": Workload("tracetune.demo.rag:rag_answering", "rag_answering", "daily_bursts", 2.0, "rerank", 300.0,
+                    cost_spread=0.68),
 }
 TRIAGE = PIPELINES["triage"]
 AFTER_SECONDS = 600  # "within 10 minutes": cost per 1k from here on
@@ -89,9 +95,11 @@ DUPLICATE_RATIO = 0.2
 TUNER_LOOP = {"tuner_interval_seconds": 15, "tuner_window_seconds": 60, "tuner_cooldown_seconds": 60,
               "tuner_min_requests": 100}
 LOOP_OFF = {"tuner_interval_seconds": 0}  # 0: `tracetune tuner` starts no loop
-# A canary (tuner_canary_*, where the settings have one) keeps its defaults, except that it must be judged
-# within about a sixth of the run: its tasks per arm are then lowered, to no fewer than this, and its time
-# limit shortened to a sixth of the run.
+# A canary gets what a run this short needs for its sequential test to finish (`canary.limits_for`): half the
+# tasks, time enough to show a 30% cost difference at the workload's spread of per-task cost (at least a
+# quarter of the run, at most a third), and a minimum of tasks per arm it reaches well within that time. The
+# loop's defaults (20%, 200 tasks, 30 minutes) assume hours; a sixth of a 15-minute run gave a canary a few
+# hundred tasks, far from the thousands a saving carried by a tenth of the tasks takes to show.
 CANARY_MIN_REQUESTS_FLOOR = 30
 AIMD_KNOB = "batch_max_size"
 AIMD_PERIOD_SECONDS = 30
@@ -216,19 +224,16 @@ def _models_dir() -> Path:
     return models
 
 
-def _overrides(name: str, pinned: dict | None, duration: float, rate: float) -> dict[str, Any]:
+def _overrides(name: str, pinned: dict | None, duration: float, rate: float, workload: Workload = TRIAGE,
+               ) -> dict[str, Any]:
     """The settings an arm runs on beyond the isolated defaults: the loop off, or on and shortened."""
     if name != "tuner" or pinned is not None:
         return dict(LOOP_OFF)
     overrides: dict[str, Any] = dict(TUNER_LOOP)
-    defaults = {f.name: f.default for f in dataclasses.fields(settings_mod.Settings)}
-    if "tuner_canary_min_requests" in defaults:
-        canary_tasks = int(defaults.get("tuner_canary_share", 0.0) * rate * duration / 6)
-        if canary_tasks < defaults["tuner_canary_min_requests"]:
-            overrides["tuner_canary_min_requests"] = max(CANARY_MIN_REQUESTS_FLOOR, canary_tasks)
-    if defaults.get("tuner_canary_max_seconds", 0) > duration / 6:
-        # A canary the sequential test cannot judge by then is rolled back: in a short run, after a sixth of it.
-        overrides["tuner_canary_max_seconds"] = round(duration / 6)
+    limits = canary_limits(duration, rate * workload.mean_factor, workload.cost_spread,
+                           floor_tasks=CANARY_MIN_REQUESTS_FLOOR)
+    overrides.update({"tuner_canary_share": limits["share"], "tuner_canary_max_seconds": limits["max_seconds"],
+                      "tuner_canary_min_requests": limits["min_requests"]})
     return overrides
 
 
@@ -238,7 +243,7 @@ def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: flo
     commit = _commit()  # what this arm runs, before anything can change under it
     home = Path(tempfile.mkdtemp(prefix=f"tracetune-bench-{workload.name}-{name}-"))
     (home / "models").symlink_to(models, target_is_directory=True)
-    overrides = _overrides(name, pinned, minutes * 60, rate)
+    overrides = _overrides(name, pinned, minutes * 60, rate, workload)
     settings = isolated_settings(home, pipelines=workload.target, **overrides)
     supervisor = Supervisor(settings, components(settings, 0.0, with_dashboard=False), echo=log.info)
     task = progress.add_task(f"{workload.name} {name}", total=minutes) if progress is not None else None

@@ -30,7 +30,8 @@ from tracetune.store import next_seq
 from tracetune.tuner import versions
 from tracetune.tuner.config import PipelineConfig, PipelineSpec
 
-__all__ = ["ALPHA", "Arm", "Canary", "Verdict", "running", "start", "finish", "judge", "arms", "msprt_p", "STATUSES"]
+__all__ = ["ALPHA", "Arm", "Canary", "Verdict", "running", "start", "finish", "judge", "arms", "msprt_p", "STATUSES",
+           "limits_for", "tasks_needed"]
 
 ALPHA = 0.05
 """Chance that a canary no different from the config in force ends in anything but "no evidence either way"
@@ -149,6 +150,49 @@ def msprt_p(estimate: float, variance: float, tau: float) -> float:
     log_ratio = 0.5 * math.log(variance / (variance + tau2)) + tau2 * estimate * estimate / (
         2 * variance * (variance + tau2))
     return float(min(1.0, math.exp(-log_ratio)))
+
+
+def tasks_needed(effect: float, spread: float, tau: float, share: float, alpha: float = ALPHA / QUESTIONS,
+                 limit: int = 100_000_000) -> int | None:
+    """Tasks on the canary before the mSPRT can show a true difference of `effect` (canary minus base, in the
+    metric's unit) when tasks spread by `spread` (standard deviation) and the canary gets `share` of them (the
+    config in force the rest): the smallest canary arm with `msprt_p` under `alpha` at the expected estimate.
+    None when not even `limit` tasks would do (no difference, or none to see).
+
+    What a canary's size and time limit must allow for: a per-task cost carried by a few escalations spreads
+    wide, and a real saving then needs thousands of tasks, not hundreds."""
+    if not 0 < share < 1 or not effect or not math.isfinite(effect) or spread <= 0 or tau <= 0:
+        return None
+
+    def shown(n: int) -> bool:
+        return msprt_p(abs(effect), spread * spread * (1 / n + share / ((1 - share) * n)), tau) < alpha
+
+    high = 2
+    while not shown(high):
+        high *= 2
+        if high > limit:
+            return None
+    low = high // 2
+    while high - low > 1:  # the first n past which it stays shown (p falls with n once the effect dominates)
+        middle = (low + high) // 2
+        low, high = (low, middle) if shown(middle) else (middle, high)
+    return high
+
+
+def limits_for(seconds: float, rate: float, spread: float, *, effect: float = 0.3, share: float = 0.5,
+               floor_tasks: int = 30, default_min_requests: int = 200) -> dict[str, float]:
+    """Canary limits for a run of `seconds` at a mean `rate` of tasks/s whose per-task cost spreads by `spread`
+    (coefficient of variation): `share` of tasks on the canary (half: the soonest verdict for a difference),
+    time enough for the mSPRT to show a cost difference of `effect` (relative) -- at least a quarter of the run,
+    at most a third -- and a minimum of tasks per arm the canary reaches well within that time.
+
+    What a time-compressed run (the benchmark's) sets instead of the loop's defaults, which assume hours."""
+    needed = tasks_needed(-effect, spread, TAU_COST, share)
+    wanted = needed / (share * rate) if needed and rate > 0 else math.inf
+    max_seconds = round(min(seconds / 3, max(seconds / 4, wanted)))
+    min_requests = max(floor_tasks, min(default_min_requests, int(share * rate * max_seconds / 4)))
+    return {"share": share, "max_seconds": float(max_seconds), "min_requests": min_requests,
+            "tasks_needed": float(needed or math.inf)}
 
 
 @dataclass(frozen=True)
@@ -288,9 +332,20 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                                   f"{base_p95:.0f} ms ({tasks})", figures)
     if expired:
         gain = "cost" if not misses else ", ".join(misses)
+        short = ""
+        if priced and not misses and canary_cost.mean() < base_cost.mean():
+            # Not a finding against the canary: the difference it shows was too small for its tasks to prove.
+            spread = float(np.concatenate([canary_cost, base_cost]).std(ddof=1))
+            share = canary.n / (canary.n + base.n)
+            needed = tasks_needed(float(canary_cost.mean() - base_cost.mean()), spread,
+                                  TAU_COST * float(base_cost.mean()), share, each)
+            if needed is not None and needed > canary.n:
+                figures["tasks_needed"] = float(needed)
+                short = (f"; rolled back for want of tasks, not because it did worse: showing a difference this size "
+                         f"at this spread of per-task cost takes about {needed:,} tasks on the canary")
         return Verdict("rollback", f"no evidence of a gain in {gain} before the canary's time ran out"
-                                   + (f": {cost_text}" if cost_text else "") + f" ({tasks}); the config in force stays",
-                       figures)
+                                   + (f": {cost_text}" if cost_text else "") + f" ({tasks}){short}; the config in "
+                                   f"force stays", figures)
     return Verdict("wait", f"no clear difference yet ({tasks})", figures)
 
 

@@ -39,6 +39,52 @@ def test_a_canary_like_the_config_in_force_waits_and_changes_nothing_when_its_ti
     assert verdict.figures["canary.requests"] == 300 and verdict.figures["p.cheaper"] > 0.01
 
 
+def escalating(n: int, share: float, rng: np.random.Generator) -> Arm:
+    """`n` tasks of which `share` escalate (0.001 USD each) and the rest cost almost nothing: per-task cost as
+    skewed as the demo's (coefficient of variation ~3 at a 10% share)."""
+    costs = np.where(rng.random(n) < share, 0.001, 0.00001)
+    return Arm.of(np.full(n, 100.0), costs)
+
+
+def test_a_cheaper_canary_out_of_time_is_rolled_back_saying_it_lacked_tasks_not_merit():
+    rng = np.random.default_rng(11)
+    verdict = judge(escalating(2400, 0.10, rng), escalating(600, 0.05, rng), SLO_SHOP, expired=True)
+    assert verdict.action == "rollback", verdict.reason
+    assert "for want of tasks, not because it did worse" in verdict.reason, verdict.reason
+    assert verdict.figures["tasks_needed"] > 600
+    # Given twice the tasks it named (at the named size the estimate sits on the boundary), it is shown cheaper.
+    needed = int(verdict.figures["tasks_needed"])
+    bigger = judge(escalating(8 * needed, 0.10, rng), escalating(2 * needed, 0.05, rng), SLO_SHOP)
+    assert bigger.action == "promote" and bigger.reason.startswith("canary better: cheaper"), bigger.reason
+    # A canary no cheaper is not excused: no tasks named.
+    same = judge(escalating(2400, 0.10, rng), escalating(600, 0.10, rng), SLO_SHOP, expired=True)
+    assert "tasks_needed" not in same.figures or same.figures["canary.cost_per_1k"] < same.figures["base.cost_per_1k"]
+
+
+def test_tasks_needed_is_where_the_always_valid_test_first_rejects():
+    each = canary.ALPHA / canary.QUESTIONS
+    for effect, spread, share in ((-0.3, 4.7, 0.5), (-0.2, 0.7, 0.2), (0.1, 1.0, 0.3)):
+        n = canary.tasks_needed(effect, spread, canary.TAU_COST, share)
+        variance = lambda k: spread ** 2 * (1 / k + share / ((1 - share) * k))  # noqa: E731
+        assert canary.msprt_p(abs(effect), variance(n), canary.TAU_COST) < each
+        assert canary.msprt_p(abs(effect), variance(n - 1), canary.TAU_COST) >= each
+    # Skewed per-task cost (a few escalations carry it): a 30% saving takes thousands of canary tasks.
+    assert canary.tasks_needed(-0.3, 4.7, canary.TAU_COST, 0.2) > 3000
+    assert canary.tasks_needed(0.0, 1.0, canary.TAU_COST, 0.2) is None
+
+
+def test_canary_limits_for_a_compressed_run_let_the_test_finish():
+    """A 15-minute run at 30 tasks/s with the demo's cost spread: half the tasks on the canary, at least a quarter
+    of the run, and within its time the canary reaches what a 50% saving needs and its minimum of tasks."""
+    limits = canary.limits_for(900, 30.0, 4.7)
+    assert limits["share"] == 0.5 and 900 / 4 <= limits["max_seconds"] <= 900 / 3
+    reached = limits["share"] * 30.0 * limits["max_seconds"]
+    assert reached >= canary.tasks_needed(-0.5, 4.7, canary.TAU_COST, limits["share"])
+    assert reached >= 2 * limits["min_requests"]
+    slow = canary.limits_for(900, 2.0, 0.68)  # rag's: few tasks, little spread
+    assert slow["max_seconds"] == 225 and 30 <= slow["min_requests"] <= 0.5 * 2.0 * 225 / 2
+
+
 def test_a_cheaper_canary_is_promoted_as_soon_as_the_evidence_is_clear():
     verdict = judge(arm(400, 120, cost=0.001), arm(300, 120, cost=0.0007), SLO_SHOP)
     assert verdict.action == "promote" and verdict.reason.startswith("canary better: cheaper"), verdict.reason
