@@ -343,6 +343,10 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: p
                   + (f" screened on {screen(search_seed).duration / 60:g} virtual minutes, the best {len(tried)} "
                      f"run in full" if screen else "") + f", {sum(r['feasible'] for r in tried)} feasible in full; "
                   f"cost/1k {best['cost_per_1k']:.5f}): {json.dumps(_rounded(best['grid_config']))}")
+    if partial is not None:  # the config to pin in a real run: bench/tuner_real.py --oracle @FILE
+        (partial.parent / f"oracle-{name}.json").write_text(json.dumps(
+            {"steps": best["grid_config"], "cost_per_1k": best["cost_per_1k"], "feasible": best["feasible"],
+             "search_seed": search_seed, "calibration": calibration.source}, indent=1, default=str))
     if evaluations < 100 or best["grid_config"] == {}:
         console.print(f"[red]{name}: the static oracle had {evaluations} evaluations"
                       + (" and is the declared default itself" if best["grid_config"] == {} else "")

@@ -412,12 +412,33 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                         absorbed=total.errors == 0 or (slo is not None and slo.error_rate is not None
                                                                        and "errors" not in missed)),
                      spec, current, limit)
+    _hold_joint_floor(plan, floor)
     if missed:
         plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
                             + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
     if moves and now is not None:
         _hold_reversals(plan, moves, now, settings)
     return plan
+
+
+def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
+    """Moves each within the quality floor can stack their margins under it: while the plan's predicted
+    quality (now plus every changed step's effect) is under the floor, the step costing the most quality
+    waits for a later decision (the others still go)."""
+    if floor is None or "quality" not in plan.before:
+        return
+    while "quality" in plan.after and plan.after["quality"] < floor and len(plan.changes) > 1:
+        losing = [(effect.get("quality.delta", 0.0), step) for step, effect in plan.effects.items()
+                  if step in plan.changes and effect.get("quality.delta", 0.0) < 0]
+        if len(losing) < 2:
+            return  # one move alone under the floor is its policy's to refuse, not a combination's
+        predicted = plan.after["quality"]
+        _, step = min(losing)
+        for knob in list(plan.changes[step]):
+            plan.drop(step, knob)
+        plan.reasons.append(f"{step}: waits for a later decision: with the other moves, quality {predicted:.3f} "
+                            f"as predicted, under the {floor:.3g} floor (each holds it alone; together their "
+                            f"margins stack)")
 
 
 def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], plan: Plan) -> Proposal | None:

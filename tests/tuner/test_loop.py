@@ -345,3 +345,27 @@ def test_a_cache_resize_predicting_no_more_hits_is_not_tried():
     assert "score" not in plan.changes and any(r.startswith("score: cache size left as it is") for r in plan.reasons)
     # Turning a cache on, or a resize that predicts more hits, is still proposed.
     assert decide(SPEC, SPEC.defaults(), SLO_SHOP, obs).changes["score"]["cache_enabled"] is True
+
+
+def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decision():
+    """Two steps' moves, each costing a little quality within the floor, stack under it together: the one
+    costing more waits, the other goes, and the reason says why; moves that together hold it all go."""
+    from tracetune.tuner.loop import Plan, _hold_joint_floor
+
+    def plan(a: float, b: float) -> Plan:
+        p = Plan(changes={"classify": {"route_weights": {"fp32": 0.3, "int8": 0.7}},
+                          "escalate": {"cascade_threshold": 0.54}},
+                 before={"quality": 0.940, "cost_per_1k": 0.004}, targets={"quality_floor": 0.93})
+        p.effects = {"classify": {"quality.delta": a, "cost_per_1k.delta": -0.001},
+                     "escalate": {"quality.delta": b, "cost_per_1k.delta": -0.0005}}
+        p.reasons = ["classify: cheaper mix", "escalate: lower threshold"]
+        return p
+
+    stacked = plan(-0.007, -0.006)  # 0.933 and 0.934 alone; 0.927 together
+    _hold_joint_floor(stacked, 0.93)
+    assert list(stacked.changes) == ["escalate"]
+    assert stacked.after["quality"] == pytest.approx(0.934)
+    assert any(r.startswith("classify: waits for a later decision") and "0.927" in r for r in stacked.reasons)
+    holding = plan(-0.004, -0.005)  # 0.931 together: both go
+    _hold_joint_floor(holding, 0.93)
+    assert set(holding.changes) == {"classify", "escalate"}
