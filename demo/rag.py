@@ -206,6 +206,12 @@ def normalize(task: Task) -> None:
     task.data["text"] = text
 
 
+def answer_label(value: Any) -> str | None:
+    """A step's answer as the label the ground truth is compared with (`tracetune.prediction`): per route,
+    the rerankers' own answers and the tiers' are then known right or wrong, not only the final one."""
+    return value.get("answer") if isinstance(value, Mapping) else None
+
+
 def result(task: Task) -> dict[str, Any]:
     answer = task.data["rerank"]
     local = task.escalated.get("rerank") or answer
@@ -235,11 +241,11 @@ def build(index: KnowledgeIndex, embed: Any, rerankers: Mapping[str, Any], *,
         Infer("rerank", dict(rerankers), weights=rerank_weights, seed=None if seed is None else seed + 1,
               input=lambda task: {"question": task.data["text"], "candidates": task.data["retrieve"],
                                   "vector": np.asarray(task.data["embed"], dtype=np.float32)},
-              batching=Batching(max_size=4, max_wait_ms=10.0)),
+              batching=Batching(max_size=4, max_wait_ms=10.0), prediction=answer_label),
         Cascade("generate", after="rerank", remote=dict(llm) if llm else None, weights=llm_weights,
                 threshold=CASCADE_THRESHOLD, route="llm", input=lambda task: prompt(task, index),
                 cache=Cache(enabled=False, ttl_seconds=600, max_entries=20_000),
-                seed=None if seed is None else seed + 2),
+                seed=None if seed is None else seed + 2, prediction=answer_label),
     ], slo=SLO, result=result, outcome=lambda task: task.data["rerank"].get("answer", ""), tracer=tracer)
 
 

@@ -247,14 +247,16 @@ class Infer(Step):
     (`weights`, default equal); with `batching` requests queue into batches per route; with `cache`
     a repeated input skips the model. An output that is `(value, confidence)` lets a later `Cascade`
     decide on it. The value lands in `task.data[name]`, the confidence in `task.confidence[name]`
-    and the route in `task.routes[name]`; `feature` names a drift feature for the value.
+    and the route in `task.routes[name]`; `feature` names a drift feature for the value. `prediction(value)`
+    gives the answer as a label (`tracetune.prediction`, what labels are compared with) when the value is not
+    one itself, e.g. a dict holding it.
     """
 
     def __init__(self, name: str, variants: Mapping[str, Callable[[list[Any]], list[Any]]], *,
                  input: Callable[[Task], Any] | None = None, weights: Mapping[str, float] | None = None,
                  batching: Batching | None = None, cache: Cache | None = None, feature: str | None = None,
                  when: Callable[[Task], bool] | None = None, result_timeout: float = 60.0,
-                 seed: int | None = None):
+                 seed: int | None = None, prediction: Callable[[Any], Any] | None = None):
         super().__init__(name, when=when)
         if not variants:
             raise ValueError(f"step {name!r} needs at least one variant")
@@ -263,6 +265,7 @@ class Infer(Step):
         self.weights = _route_weights(f"step {name!r}", "variant", self.variants, weights)
         self.batching = batching
         self.feature = feature
+        self.prediction = prediction
         self.result_timeout = result_timeout
         self.router = WeightedRouter(self.weights, seed)
         self.cache = AnswerCache(cache) if cache else None
@@ -341,7 +344,7 @@ class Infer(Step):
         if confidence is not None:
             task.confidence[self.name] = confidence
             span.set_attribute(attr.FEATURE_PREFIX + "confidence", round(confidence, 4))
-        if (prediction := _feature_value(value)) is not None:
+        if (prediction := _feature_value(self.prediction(value) if self.prediction else value)) is not None:
             span.set_attribute(attr.PREDICTION, prediction)
             if self.feature:
                 span.set_attribute(attr.FEATURE_PREFIX + self.feature, prediction)
@@ -384,14 +387,15 @@ class Cascade(Step):
     (default equal), and `tracetune.route` names it. With `cache`, a repeated input on the same route
     reuses that route's earlier answer instead of calling it again (`tracetune.cache` says `hit`).
     Knobs: `cascade_threshold`, `route_weights` (two routes or more), the cache's, and the `Remote`
-    limits (one concurrency limit shared by the routes).
+    limits (one concurrency limit shared by the routes). `prediction(answer)`: the answer as a label, as `Infer`'s.
     """
 
     def __init__(self, name: str, after: str, remote: Callable[..., Any] | Mapping[str, Callable[..., Any]] | None,
                  *, threshold: float = 0.5, weights: Mapping[str, float] | None = None,
                  input: Callable[[Task], Any] | None = None, limits: Remote = Remote(), route: str = "remote",
                  cache: Cache | None = None, feature: str | None = None,
-                 when: Callable[[Task], bool] | None = None, seed: int | None = None):
+                 when: Callable[[Task], bool] | None = None, seed: int | None = None,
+                 prediction: Callable[[Any], Any] | None = None):
         super().__init__(name, when=when)
         if not 0 <= threshold <= 1:
             raise ValueError(f"cascade {name!r}: threshold must be between 0 and 1, got {threshold}")
@@ -415,6 +419,7 @@ class Cascade(Step):
         self.timeout = limits.timeout_seconds
         self.cache = AnswerCache(cache) if cache else None
         self.feature = feature
+        self.prediction = prediction
         self._pass_timeout = {r: _takes_timeout(fn) for r, fn in remotes.items()}
 
     def knobs(self) -> dict[str, Knob]:
@@ -482,7 +487,7 @@ class Cascade(Step):
                 self.cache.put(key, answer)
         span.set_attribute(attr.ESCALATION, "answered")
         metrics.CASCADE_TOTAL.labels(*labels, "answered").inc()
-        if (prediction := _feature_value(answer)) is not None:
+        if (prediction := _feature_value(self.prediction(answer) if self.prediction else answer)) is not None:
             span.set_attribute(attr.PREDICTION, prediction)
             if self.feature:
                 span.set_attribute(attr.FEATURE_PREFIX + self.feature, prediction)

@@ -101,7 +101,14 @@ def test_the_large_reranker_is_surer_where_the_extractive_answer_is_right(parts)
 
 def test_the_pipeline_answers_through_a_real_stand_in_llm(parts):
     """Every step on real sessions; a comparison escalates to the large tier, which answers it right; the
-    answer cache (when on) serves the repeat without a second call."""
+    answer cache (when on) serves the repeat without a second call. The reranker's and the tier's spans carry
+    their own answers as `tracetune.prediction` (what labels are compared with, per route)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
     index, fp32, rerankers = parts
     port, stop, ready = free_port(), threading.Event(), threading.Event()
     thread = threading.Thread(target=serve_standins, kwargs={
@@ -112,7 +119,7 @@ def test_the_pipeline_answers_through_a_real_stand_in_llm(parts):
     base = f"http://127.0.0.1:{port}/v1"
     llm = {"llm-small": rag.Reader(ChatClient(base, "standin-small")),
            "llm-large": rag.Reader(ChatClient(base, "standin-large"))}
-    pipeline = rag.build(index, fp32.encode, rerankers, llm=llm, seed=4)
+    pipeline = rag.build(index, fp32.encode, rerankers, llm=llm, seed=4, tracer=provider.get_tracer("test"))
     try:
         pipeline.apply_config(PipelineConfig(rag.NAME, 1, {"generate": {
             "route_weights": {"llm-small": 0.0, "llm-large": 1.0}, "cache_enabled": True}}))
@@ -124,9 +131,13 @@ def test_the_pipeline_answers_through_a_real_stand_in_llm(parts):
             assert rag.result(task)["answer"] == expected and rag.result(task)["escalated"]
         stats = httpx.get(f"http://127.0.0.1:{port}/stats").json()
         assert stats["models"]["standin-large"]["completions"] == 1  # the repeat came from the answer cache
+        said = {s.name.split()[-1]: s.attributes.get("tracetune.prediction") for s in exporter.get_finished_spans()
+                if s.attributes.get("tracetune.step") in ("rerank", "generate")}
+        assert said.get("generate") == expected and said.get("rerank") not in (None, ""), said
         fact = pipeline.run({"text": "How many users can share the Heron 500?"})
         assert rag.result(fact)["answer"] == values["Heron 500", "users"]
     finally:
         pipeline.close()
+        provider.shutdown()
         stop.set()
         thread.join(15)
