@@ -129,14 +129,16 @@ def rag_calibration() -> physics.Calibration:
                "tiers' accuracy on escalated questions: assumptions, not measurements; bench/tuner.py)")
 
 
-def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: float = 0.2) -> simulate.Workload:
+def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: float = 0.2,
+                 period_seconds: float | None = None) -> simulate.Workload:
     """The load generator's `daily_bursts` arrivals with the run as one day (0.4x to 1.6x the rate, two 3x bursts
-    of 1/30 of the day, on the rise and past the peak); six phases of equal length for the per-phase oracle."""
+    of 1/30 of the day, on the rise and past the peak), or days of `period_seconds`; six phases of equal length
+    for the per-phase oracle."""
     from tracetune.demo import load
 
     duration = minutes * 60
     plan = load.LoadPlan(rate=rate, duration=duration, pattern="daily_bursts", duplicate_ratio=duplicates, seed=seed,
-                         period_seconds=duration)
+                         period_seconds=period_seconds or duration)
     plan.validate()
     phases = tuple((duration * i / 6, duration * (i + 1) / 6) for i in range(6))
     return simulate.Workload(tuple(load.arrivals(plan, random.Random(seed))), duration, duplicates, seed=seed,
@@ -464,8 +466,18 @@ def sim_chart(rows: Sequence[Mapping[str, Any]], slo: SLO, path: Path, title: st
     return path
 
 
-def sim_pipelines() -> dict[str, tuple[PipelineSpec, physics.Calibration, Any, Any]]:
-    """The pipelines the simulation knows: name -> (spec, calibration, (seed, minutes) -> workload, prices)."""
+def sim_pipelines(real_load: bool = False) -> dict[str, tuple[PipelineSpec, physics.Calibration, Any, Any]]:
+    """The pipelines the simulation knows: name -> (spec, calibration, (seed, minutes) -> workload, prices).
+    `real_load`: each on the load bench/tuner_real.py drives it with (rag_answering: 2/s, 300-second days)."""
+    if real_load:
+        from bench.tuner_real import PIPELINES
+
+        rag = PIPELINES["rag"]
+        known = sim_pipelines()
+        spec, cal, _, prices = known["rag_answering"]
+        known["rag_answering"] = (spec, cal, lambda seed, minutes=60.0: rag_workload(
+            minutes, seed, rate=rag.rate, period_seconds=rag.period_seconds), prices)
+        return known
     return {"ticket_triage": (demo_spec(), physics.DEMO, lambda seed, minutes=60.0: demo_workload(minutes, seed),
                               None),
             "rag_answering": (rag_spec(), rag_calibration(), lambda seed, minutes=60.0: rag_workload(minutes, seed),
@@ -501,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate-from", metavar="URL|HOME", default=None,
                         help="ClickHouse URL, or a bench arm's home kept with `bench/tuner_real.py --keep`, whose "
                              "spans of each simulated pipeline the simulation is fitted to")
+    parser.add_argument("--real-load", action="store_true",
+                        help="--mode sim: each pipeline on the load bench/tuner_real.py drives (rag_answering: 2/s "
+                             "in 300-second days instead of 8/s in one day), so its oracle is the one to pin there")
     parser.add_argument("--calibration-window", type=int, default=3600, help="seconds of spans to fit from")
     parser.add_argument("--out", type=Path, default=ROOT / ".tracetune" / "bench" / "tuner",
                         help="where the chart and JSON go (default .tracetune/bench/tuner)")
@@ -554,7 +569,7 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
     if args.evaluations < 10:
         raise UsageError(f"--evaluations must be at least 10, got {args.evaluations}")
     args.out.mkdir(parents=True, exist_ok=True)
-    known = sim_pipelines()
+    known = sim_pipelines(args.real_load)
     names = list(known) if args.pipelines == "all" else [n.strip() for n in args.pipelines.split(",")]
     unknown = [n for n in names if n not in known]
     if unknown:

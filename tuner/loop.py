@@ -422,23 +422,24 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
 
 
 def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
-    """Moves each within the quality floor can stack their margins under it: while the plan's predicted
-    quality (now plus every changed step's effect) is under the floor, the step costing the most quality
-    waits for a later decision (the others still go)."""
-    if floor is None or "quality" not in plan.before:
+    """A decision does not take quality from at or above its floor to under it as predicted (now plus every
+    changed step's effect): moves each within the floor can stack their margins under it, and a step's
+    moves together can too. While it would, the changed step costing the most quality waits for a later
+    decision (the others still go). Under the floor already, restoring it is `_not_worse_quality`'s."""
+    if floor is None or plan.before.get("quality", -1.0) < floor:
         return
-    while "quality" in plan.after and plan.after["quality"] < floor and len(plan.changes) > 1:
+    while "quality" in plan.after and plan.after["quality"] < floor:
         losing = [(effect.get("quality.delta", 0.0), step) for step, effect in plan.effects.items()
                   if step in plan.changes and effect.get("quality.delta", 0.0) < 0]
-        if len(losing) < 2:
-            return  # one move alone under the floor is its policy's to refuse, not a combination's
+        if not losing:
+            return
         predicted = plan.after["quality"]
         _, step = min(losing)
         for knob in list(plan.changes[step]):
             plan.drop(step, knob)
-        plan.reasons.append(f"{step}: waits for a later decision: with the other moves, quality {predicted:.3f} "
-                            f"as predicted, under the {floor:.3g} floor (each holds it alone; together their "
-                            f"margins stack)")
+        with_what = "the other moves" if plan.changes else "its moves"
+        plan.reasons.append(f"{step}: waits for a later decision: with {with_what}, quality {predicted:.3f} as "
+                            f"predicted, under the {floor:.3g} floor it holds now")
 
 
 def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], plan: Plan) -> Proposal | None:

@@ -349,7 +349,8 @@ def test_a_cache_resize_predicting_no_more_hits_is_not_tried():
 
 def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decision():
     """Two steps' moves, each costing a little quality within the floor, stack under it together: the one
-    costing more waits, the other goes, and the reason says why; moves that together hold it all go."""
+    costing more waits, the other goes, and the reason says why; moves that together hold it all go; one
+    step's moves that take it under wait too."""
     from tracetune.tuner.loop import Plan, _hold_joint_floor
 
     def plan(a: float, b: float) -> Plan:
@@ -369,3 +370,12 @@ def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decisi
     holding = plan(-0.004, -0.005)  # 0.931 together: both go
     _hold_joint_floor(holding, 0.93)
     assert set(holding.changes) == {"classify", "escalate"}
+    alone = plan(0.0, -0.02)  # one step's moves (e.g. a threshold and a tier mix) taking it to 0.920
+    alone.changes.pop("classify")
+    _hold_joint_floor(alone, 0.93)
+    assert not alone.changes and any("waits for a later decision: with its moves, quality 0.920" in r
+                                     for r in alone.reasons)
+    under = plan(-0.007, -0.006)  # under the floor already (restoring it is another rule's): left as it is
+    under.before["quality"] = 0.92
+    _hold_joint_floor(under, 0.93)
+    assert set(under.changes) == {"classify", "escalate"}
