@@ -422,11 +422,12 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
 
 
 def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
-    """A decision does not take quality from at or above its floor to under it as predicted (now plus every
-    changed step's effect): moves each within the floor can stack their margins under it, and a step's
-    moves together can too. While it would, the changed step costing the most quality waits for a later
-    decision (the others still go). Under the floor already, restoring it is `_not_worse_quality`'s."""
-    if floor is None or plan.before.get("quality", -1.0) < floor:
+    """A decision whose predicted quality (now plus every changed step's effect) is under the floor does not
+    go with moves that lower it: moves each within the floor can stack their margins under it, a step's moves
+    together can too, and a point estimate under the floor (not yet beyond doubt, so not a missed objective)
+    must not be pushed further down. While it would be under, the changed step costing the most quality waits
+    for a later decision (the others still go)."""
+    if floor is None or "quality" not in plan.before:
         return
     while "quality" in plan.after and plan.after["quality"] < floor:
         losing = [(effect.get("quality.delta", 0.0), step) for step, effect in plan.effects.items()
@@ -439,7 +440,7 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
             plan.drop(step, knob)
         with_what = "the other moves" if plan.changes else "its moves"
         plan.reasons.append(f"{step}: waits for a later decision: with {with_what}, quality {predicted:.3f} as "
-                            f"predicted, under the {floor:.3g} floor it holds now")
+                            f"predicted, under the {floor:.3g} floor (quality {plan.before['quality']:.3f} now)")
 
 
 def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], plan: Plan) -> Proposal | None:
