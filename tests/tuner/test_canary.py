@@ -65,9 +65,9 @@ def test_tasks_needed_is_where_the_always_valid_test_first_rejects():
     each = canary.ALPHA / canary.QUESTIONS
     for effect, spread, share in ((-0.3, 4.7, 0.5), (-0.2, 0.7, 0.2), (0.1, 1.0, 0.3)):
         n = canary.tasks_needed(effect, spread, canary.TAU_COST, share)
-        variance = lambda k: spread ** 2 * (1 / k + share / ((1 - share) * k))  # noqa: E731
-        assert canary.msprt_p(abs(effect), variance(n), canary.TAU_COST) < each
-        assert canary.msprt_p(abs(effect), variance(n - 1), canary.TAU_COST) >= each
+        for k, shown in ((n, True), (n - 1, False)):
+            variance = spread ** 2 * (1 / k + share / ((1 - share) * k))
+            assert (canary.msprt_p(abs(effect), variance, canary.TAU_COST) < each) is shown
     # Skewed per-task cost (a few escalations carry it): a 30% saving takes thousands of canary tasks.
     assert canary.tasks_needed(-0.3, 4.7, canary.TAU_COST, 0.2) > 3000
     assert canary.tasks_needed(0.0, 1.0, canary.TAU_COST, 0.2) is None
