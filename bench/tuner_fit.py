@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=max(120, Console().width))
     try:
         return run(console, args)
-    except UsageError as exc:
+    except (UsageError, bench_tuner.UsageError) as exc:
         print(f"bench/tuner_fit.py: {exc}", file=sys.stderr)
         return 2
 
