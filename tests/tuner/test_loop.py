@@ -379,3 +379,17 @@ def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decisi
     under.before["quality"] = 0.925
     _hold_joint_floor(under, 0.93)
     assert list(under.changes) == ["escalate"]
+
+
+def test_decide_does_not_lower_a_quality_already_under_the_floor_on_too_few_labels_to_call_it_missed():
+    obs = _observation()
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=600, cost=6.0, p95_ms=300.0)}
+    # Right above confidence 0.45 locally, always remotely: a lower threshold is cheaper and costs quality.
+    obs.cascade_samples["escalate"] = [CascadeSample(c / 100, c >= 45, True if c < 50 else None) for c in range(100)
+                                       for _ in range(10)]
+    obs.quality, obs.labelled = 0.79, 20  # under the 0.8 floor, on too few answers to be a missed objective
+    plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, obs, LoopSettings(max_relative_change=1.0))
+    assert plan.violated == [] and "escalate" not in plan.changes
+    assert any(r.startswith("escalate: waits for a later decision") for r in plan.reasons), plan.reasons
+    obs.quality = 0.95  # well above it: the same cheaper threshold goes
+    assert decide(SPEC, SPEC.defaults(), SLO_SHOP, obs, LoopSettings(max_relative_change=1.0)).changes["escalate"]
