@@ -243,9 +243,12 @@ class Tree:
     label: str
     cwd: Path = ROOT
     pythonpath: str = ""  # a folder whose `tracetune` is that revision's, first on the path
+    # Settings handed to its processes: None, every one; else only these (home, ports, token, --set ...),
+    # so another revision runs with its own defaults (its batch size, ...), not this tree's
+    pinned: frozenset[str] | None = None
 
 
-def checkout(ref: str, into: Path) -> Tree:
+def checkout(ref: str, into: Path, pinned: frozenset[str]) -> Tree:
     """Revision `ref` (a git ref of this repository, or a folder holding a checkout), importable as tracetune.
 
     The components live at the root beside tracetune/ (pyproject's package-dir); a folder of links puts
@@ -275,12 +278,13 @@ def checkout(ref: str, into: Path) -> Tree:
     for name, folder in folders.items():
         if name.count(".") == 1:
             (top / name.split(".")[1]).symlink_to(source / folder)
-    return Tree(f"baseline {ref}", links, str(links))
+    return Tree(f"baseline {ref}", links, str(links), pinned)
 
 
 def start_process(argv: list[str], settings: Settings, log: Path, tree: Tree = Tree("this tree")) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
-    env.update(settings.as_env())
+    names = {f.name for f in fields(Settings)} if tree.pinned is None else tree.pinned
+    env.update({k: v for k, v in settings.as_env().items() if k.removeprefix("TRACETUNE_").lower() in names})
     if tree.pythonpath:
         env["PYTHONPATH"] = tree.pythonpath
     return subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
@@ -733,14 +737,16 @@ def compare(before: Run, after: Run) -> None:
         return run.load.acked / (run.load.seconds + lag) if lag == lag else float("nan")
 
     def per_span(cpu: float, run: Run) -> float:
-        return cpu / max(run.load.acked, 1) * 1e6
+        return cpu / max(run.drain.stored if run.drain is not None else 0, 1) * 1e6
 
     rows = [
         ("sustained spans/s (acked while sending)", lambda r: r.load.spans_per_s, _rate),
         ("end to end spans/s (acked / (sending + drain lag))", end_to_end, _rate),
-        ("collector CPU µs/span", lambda r: per_span(r.load.collector_cpu, r), lambda x: f"{x:.1f}"),
-        ("store CPU µs/span", lambda r: per_span(r.load.store_cpu, r), lambda x: f"{x:.1f}"),
-        ("both µs/span", lambda r: per_span(r.load.collector_cpu + r.load.store_cpu, r), lambda x: f"{x:.1f}"),
+        ("collector CPU µs per stored span, sending + drain", lambda r: per_span(r.drain.collector_cpu, r),
+         lambda x: f"{x:.1f}"),
+        ("store CPU µs per stored span, sending + drain", lambda r: per_span(r.drain.store_cpu, r),
+         lambda x: f"{x:.1f}"),
+        ("both", lambda r: per_span(r.drain.collector_cpu + r.drain.store_cpu, r), lambda x: f"{x:.1f}"),
         ("request latency p99 ms", lambda r: _pct(r.load.latencies, 99), lambda x: f"{x:.1f}"),
         ("peak RSS collector MB", lambda r: r.load.collector_rss_mb, lambda x: f"{x:,.0f}"),
         ("peak RSS store MB", lambda r: r.load.store_rss_mb, lambda x: f"{x:,.0f}"),
@@ -762,8 +768,10 @@ def run_tree(args: argparse.Namespace, tree: Tree, overrides: dict[str, str], te
     """Start the tree's store and collector in a temporary home, measure, stop them; None if they failed."""
     home = Path(tempfile.mkdtemp(prefix="tracetune-bench-"))
     settings = make_settings(home, overrides)
+    batch = (f"{settings.collector_batch_rows:,} rows" if tree.pinned is None or "collector_batch_rows" in tree.pinned
+             else "rows: the revision's default")
     console.print(f"[bold]{tree.label}[/]: home {home}  store :{settings.store_port}  collector "
-                  f":{settings.collector_port}  batch {settings.collector_batch_rows:,} rows  {os.cpu_count()} CPUs  "
+                  f":{settings.collector_port}  batch {batch}  {os.cpu_count()} CPUs  "
                   f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     procs: list[subprocess.Popen] = []
     try:
@@ -843,7 +851,11 @@ def main() -> None:
     try:
         try:
             make_settings(scratch, overrides)
-            trees = [checkout(args.baseline, scratch), Tree("this tree")] if args.baseline else [Tree("this tree")]
+            pinned = frozenset({"home", "database", "collector_token", *overrides,
+                                *(f.name for f in fields(Settings) if f.name.endswith("_port"))})
+            trees = [Tree("this tree")]
+            if args.baseline:
+                trees.insert(0, checkout(args.baseline, scratch, pinned))
         except (settings_mod.SettingsError, ValueError) as exc:
             parser.error(str(exc))
         templates = [make_template(seed) for seed in range(TEMPLATES)]

@@ -18,6 +18,7 @@ links; one span in five feeds the rollups).
 
     .venv/bin/python bench/ingest_store.py                    # 20,000-row blocks, 4 inserts per copy
     .venv/bin/python bench/ingest_store.py --rows 50000 --inserts 3
+    .venv/bin/python bench/ingest_store.py --merges --rows 10000 --workload bench   # merges by insert size
 """
 
 from __future__ import annotations
@@ -135,6 +136,43 @@ def formats(client, cols: str, select: str) -> dict[str, bytes]:
     return {fmt: client.raw_query(f"{select} FORMAT {fmt}") for fmt in ("Native", "ArrowStream")}
 
 
+def merge_cost(client, pid: int, native: bytes, columns: list[str], block_rows: int, rows: int, total: int,
+               settle: float) -> tuple[float, float, int]:
+    """Insert `total` rows in inserts of `block_rows` into the schema as shipped with merges running, then
+    wait until no merge has run for `settle` s: (insert CPU, insert + merge CPU) µs per row, parts left."""
+    database = f"bench_merge_{block_rows}"
+    client.command(f"DROP DATABASE IF EXISTS {database}")
+    client.command(f"CREATE DATABASE {database}")
+    db = client.database
+    try:
+        client.database = database
+        client.command(table_ddl(None))
+        for name in dict.fromkeys(f for files in VIEWS.values() for f in files):
+            for statement in statements(name):
+                client.command(statement)
+        repeat = block_rows // rows  # main() checked that it divides
+        # one insert of block_rows: the same block `repeat` times in one body (Native blocks concatenate)
+        body = native * repeat
+        cpu0 = cpu_seconds(pid)
+        for i in range(total // block_rows):
+            client.raw_insert("otel_traces", columns, body, fmt="Native",
+                              settings={"insert_deduplication_token": f"merge-{block_rows}-{i}"})
+        inserted = cpu_seconds(pid) - cpu0
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < settle:
+            time.sleep(0.5)
+            if int(client.command(f"SELECT count() FROM system.merges WHERE database = '{database}'")):
+                quiet_since = time.monotonic()
+        done = cpu_seconds(pid) - cpu0
+        parts = int(client.command(f"SELECT count() FROM system.parts WHERE database = '{database}' AND active "
+                                   "AND table = 'otel_traces'"))
+    finally:
+        client.database = db
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+    n = total // block_rows * block_rows
+    return inserted / n * 1e6, done / n * 1e6, parts
+
+
 def workloads(client, rows: int) -> dict[str, tuple[dict[str, bytes], list[str]]]:
     """Native blocks of `rows` spans of each workload, made in a scratch database."""
     from ingest import COLUMNS, SPANS_PER_REQUEST, TEMPLATES, ExportTraceServiceRequest, _columns, make_template
@@ -178,12 +216,27 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000, help="rows per insert (the collector's batch)")
     parser.add_argument("--inserts", type=int, default=4, help="inserts per table copy")
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--merges", action="store_true",
+                        help="instead: the cost of background merges by insert size (the schema as shipped, merges "
+                             "running, --merge-total rows in inserts of each of --merge-blocks rows)")
+    parser.add_argument("--merge-blocks", default="20000,50000,100000")
+    parser.add_argument("--merge-total", type=int, default=600_000)
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds without a merge that end a --merges run")
     args = parser.parse_args()
     if args.rows < 1 or args.inserts < 1:
         parser.error("--rows and --inserts must be at least 1")
+    try:
+        sizes = [int(x) for x in args.merge_blocks.split(",")]
+    except ValueError:
+        parser.error(f"--merge-blocks {args.merge_blocks!r}: expected numbers separated by commas")
+    if args.merges and any(size < 1 or size % args.rows for size in sizes):
+        parser.error(f"--merge-blocks: every size must be a multiple of --rows ({args.rows})")
     _, proc, client = start_store("tracetune-ingest-store-")
     try:
         blocks = workloads(client, args.rows)
+        if args.merges:
+            merges(client, proc.pid, blocks, args)
+            return
         names = list(WORKLOADS) if args.workload == "all" else [args.workload]
         plan = variants()
         results: dict[str, dict[str, Cost]] = {name: {} for name in names}
@@ -198,6 +251,27 @@ def main() -> None:
         report(plan, names, results, args)
     finally:
         stop_process(proc)
+
+
+def merges(client, pid: int, blocks, args) -> None:
+    sizes = [int(x) for x in args.merge_blocks.split(",")]
+    table = Table(title=f"Store CPU per row with background merges: {args.merge_total:,} rows into the schema as "
+                        f"shipped (every index and view), then until no merge runs for {args.settle:g} s")
+    table.add_column("workload")
+    table.add_column("rows per insert", justify="right")
+    table.add_column("inserts µs/row", justify="right")
+    table.add_column("inserts + merges µs/row", justify="right")
+    table.add_column("merges µs/row", justify="right")
+    table.add_column("parts left", justify="right")
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    for workload in names:
+        native, columns = blocks[workload]
+        for size in sizes:
+            inserted, total, parts = merge_cost(client, pid, native["Native"], columns, size, args.rows,
+                                                args.merge_total, args.settle)
+            table.add_row(workload, f"{size:,}", f"{inserted:.2f}", f"{total:.2f}", f"{total - inserted:.2f}",
+                          str(parts))
+    console.print(table)
 
 
 def report(plan: list[Variant], names: list[str], results: dict[str, dict[str, Cost]], args) -> None:
