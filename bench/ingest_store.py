@@ -139,7 +139,8 @@ def formats(client, cols: str, select: str) -> dict[str, bytes]:
 def merge_cost(client, pid: int, native: bytes, columns: list[str], block_rows: int, rows: int, total: int,
                settle: float) -> tuple[float, float, int]:
     """Insert `total` rows in inserts of `block_rows` into the schema as shipped with merges running, then
-    wait until no merge has run for `settle` s: (insert CPU, insert + merge CPU) µs per row, parts left."""
+    wait until no merge has run for `settle` s: CPU µs per row while inserting (merges run meanwhile too) and
+    until the merges settled, and the parts left."""
     database = f"bench_merge_{block_rows}"
     client.command(f"DROP DATABASE IF EXISTS {database}")
     client.command(f"CREATE DATABASE {database}")
@@ -259,9 +260,9 @@ def merges(client, pid: int, blocks, args) -> None:
                         f"shipped (every index and view), then until no merge runs for {args.settle:g} s")
     table.add_column("workload")
     table.add_column("rows per insert", justify="right")
-    table.add_column("inserts µs/row", justify="right")
-    table.add_column("inserts + merges µs/row", justify="right")
-    table.add_column("merges µs/row", justify="right")
+    table.add_column("while inserting µs/row", justify="right")  # merges run meanwhile too
+    table.add_column("until merges settle µs/row", justify="right")
+    table.add_column("after the last insert µs/row", justify="right")
     table.add_column("parts left", justify="right")
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     for workload in names:
