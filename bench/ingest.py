@@ -9,7 +9,9 @@ and, in one run, prints:
    ExportTraceServiceRequest bodies (200 spans, unique span ids) to /v1/traces, counting only 200
    answers and honouring 503/429 Retry-After; request latency, collector peak RSS, CPU of each side;
    then the wait until otel_traces holds every acknowledged span (lag, acked vs stored);
-3. sustained / ceiling.
+3. sustained / ceiling;
+4. with --baseline REF: the same run first on revision REF's store and collector, then side by side;
+   with --profile: the collector's CPU per span by stage (py-spy).
 
 The collector is driven only through OTLP/HTTP, so the bench works whatever is behind the receiver.
 
@@ -17,6 +19,7 @@ The collector is driven only through OTLP/HTTP, so the bench works whatever is b
     .venv/bin/python bench/ingest.py --quick         # under a minute
     .venv/bin/python bench/ingest.py --set collector_batch_rows=20000
     .venv/bin/python bench/ingest.py --collector-cmd "python my_prototype.py"   # same env, same load
+    .venv/bin/python bench/ingest.py --baseline main --profile   # main's store+collector, then this tree's
 """
 
 from __future__ import annotations
@@ -233,11 +236,59 @@ def make_settings(home: Path, overrides: dict[str, str]) -> Settings:
     return settings_mod.load(config_file=home / "none.toml", environ={}, **values)
 
 
-def start_process(argv: list[str], settings: Settings, log: Path) -> subprocess.Popen:
+@dataclass(frozen=True)
+class Tree:
+    """Where the store and collector run from: this checkout, or another revision's files (--baseline)."""
+
+    label: str
+    cwd: Path = ROOT
+    pythonpath: str = ""  # a folder whose `tracetune` is that revision's, first on the path
+    # Settings handed to its processes: None, every one; else only these (home, ports, token, --set ...),
+    # so another revision runs with its own defaults (its batch size, ...), not this tree's
+    pinned: frozenset[str] | None = None
+
+
+def checkout(ref: str, into: Path, pinned: frozenset[str]) -> Tree:
+    """Revision `ref` (a git ref of this repository, or a folder holding a checkout), importable as tracetune.
+
+    The components live at the root beside tracetune/ (pyproject's package-dir); a folder of links puts
+    them under one `tracetune` the way the installed package has them, so `python -m tracetune` run from
+    there imports that revision's code and schema, with this environment's libraries.
+    """
+    import tomllib
+
+    source = Path(ref)
+    if not source.is_dir():
+        source = into / "tree"
+        source.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref], capture_output=True)
+        if archive.returncode != 0:
+            raise ValueError(f"--baseline {ref!r}: not a folder and not a git revision of {ROOT} "
+                             f"({archive.stderr.decode(errors='replace').strip().splitlines()[-1:]})")
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    source = source.resolve()
+    if not (source / "pyproject.toml").is_file() or not (source / "tracetune").is_dir():
+        raise ValueError(f"--baseline {ref!r}: {source} is not a tracetune checkout")
+    links = into / "links"
+    top = links / "tracetune"
+    top.mkdir(parents=True)
+    for item in (source / "tracetune").iterdir():
+        (top / item.name).symlink_to(item)
+    folders = tomllib.loads((source / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for name, folder in folders.items():
+        if name.count(".") == 1:
+            (top / name.split(".")[1]).symlink_to(source / folder)
+    return Tree(f"baseline {ref}", links, str(links), pinned)
+
+
+def start_process(argv: list[str], settings: Settings, log: Path, tree: Tree = Tree("this tree")) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")}
-    env.update(settings.as_env())
+    names = {f.name for f in fields(Settings)} if tree.pinned is None else tree.pinned
+    env.update({k: v for k, v in settings.as_env().items() if k.removeprefix("TRACETUNE_").lower() in names})
+    if tree.pythonpath:
+        env["PYTHONPATH"] = tree.pythonpath
     return subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True, cwd=ROOT)
+                            start_new_session=True, cwd=tree.cwd)
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -301,8 +352,10 @@ class Ceilings:
         return 1 / (1 / self.parse_spans_per_s + 1 / self.insert_rows_per_s)
 
 
-def measure_ceilings(settings: Settings, templates: list[Template], store_pid: int, seconds: float) -> Ceilings:
-    """Parse alone, then one Native insert the size of the collector's batch, repeated, into a scratch database."""
+def measure_ceilings(settings: Settings, templates: list[Template], store_pid: int, seconds: float,
+                     tree: Tree = Tree("this tree")) -> Ceilings:
+    """Parse alone, then one Native insert the size of the collector's batch, repeated, into a scratch database
+    with the tree's schema and materialized views (its own `tracetune store migrate`)."""
     spans, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for template in templates:
@@ -310,11 +363,12 @@ def measure_ceilings(settings: Settings, templates: list[Template], store_pid: i
         spans += SPANS_PER_REQUEST * len(templates)
     result = Ceilings(spans / (time.perf_counter() - start), settings.collector_batch_rows)
 
-    from tracetune import store  # the schema and its materialized views, exactly as the collector's database has them
-
     scratch = settings.replace(database="bench_ceiling")
     try:
-        store.connect(scratch)
+        log = Path(settings.home) / "ceiling-migrate.log"
+        migrate = start_process([sys.executable, "-m", "tracetune", "store", "migrate"], scratch, log, tree)
+        if migrate.wait(300) != 0:
+            raise RuntimeError(f"store migrate failed: {log.read_text(errors='replace')[-300:]}")
         client = clickhouse(scratch)
         client.command("CREATE TABLE bench_src AS otel_traces ENGINE = Memory")
         cols = ", ".join(f"`{c}`" for c in COLUMNS)
@@ -432,6 +486,7 @@ class LoadResult:
     sender_cpu: float
     collector_rss_mb: float
     store_rss_mb: float
+    cpu_start: tuple[float, float] = (float("nan"), float("nan"))  # collector, store CPU when sending began
 
     @property
     def spans_per_s(self) -> float:
@@ -476,7 +531,7 @@ def run_load(settings: Settings, templates: list[Template], senders: int, second
         statuses=statuses, rejected=sum(r.rejected_spans for r in collected),
         ambiguous=sum(r.ambiguous_spans for r in collected), collector_cpu=cpu1[0] - cpu0[0],
         store_cpu=cpu1[1] - cpu0[1], sender_cpu=sum(r.cpu_seconds for r in collected),
-        collector_rss_mb=peak_rss_mb(collector_pid), store_rss_mb=peak_rss_mb(store_pid),
+        collector_rss_mb=peak_rss_mb(collector_pid), store_rss_mb=peak_rss_mb(store_pid), cpu_start=cpu0,
     )
 
 
@@ -488,6 +543,8 @@ class Drain:
     stored_at_end: int
     lag_seconds: float  # from the end of sending until stored == acked (nan: never)
     distinct_span_ids: int
+    collector_cpu: float = float("nan")  # CPU seconds from the start of sending until the drain ended
+    store_cpu: float = float("nan")
 
 
 def wait_stored(settings: Settings, acked: int, timeout: float) -> Drain:
@@ -515,6 +572,77 @@ def wait_stored(settings: Settings, acked: int, timeout: float) -> Drain:
     stored = count()
     distinct = int(client.command("SELECT uniqExact(SpanId) FROM otel_traces"))
     return Drain(stored, first, lag, distinct)
+
+
+# ---- collector profile (--profile) ----------------------------------------------------------------
+# Where a sample's innermost frames say the thread waits (not CPU): left out of the shares.
+_WAITING = ("EpollSelector.select", "FileOps.fdatasync", "Condition.wait", "Queue.get", "Event.wait")
+# A busy sample's stage: the first stage (in this order) one of whose names is in its stack.
+STAGES = [
+    ("validation scan (rows.checked_span_count)", ("checked_span_count",)),
+    ("protobuf parse (upb; receivers.parse)", ("parse (tracetune/collector/receivers.py",
+                                               "parse (collector/receivers.py")),
+    ("log append: record CRC, pwrite, group commit", ("WriteAheadLog.append",)),
+    ("to Arrow: ptars + Arrow compute (columns.to_arrow)", ("to_arrow",)),
+    ("reference converter (rows.convert)", ("convert (",)),
+    ("log read-back of a batch (WriteAheadLog.read)", ("WriteAheadLog.read",)),
+    ("insert: Arrow IPC + HTTP to the store", ("Client.insert_arrow", "Client.insert", "Client.raw_insert")),
+    ("log checkpoint, commit, segment release", ("WriteAheadLog.commit", "WriteAheadLog.begin")),
+    ("hand-off to worker threads (anyio)", ("run_sync_in_worker_thread", "WorkerThread.run")),
+    ("HTTP server (uvicorn, starlette, asyncio)", ("BaseEventLoop._run_once",)),
+]
+
+
+def start_profile(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling the collector (every thread, without pausing it) until SIGINT."""
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    assert spy is not None  # main() checked
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "50", "--nonblocking", "--threads",
+                             "--format", "raw", "--output", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+
+
+def stop_profile(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def profile_stages(collapsed: Path) -> tuple[dict[str, int], int]:
+    """Busy samples per stage from py-spy's collapsed stacks, and the waiting samples left out."""
+    stages: dict[str, int] = {}
+    waiting = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if frames[-1].startswith(_WAITING):
+            waiting += int(count)
+            continue
+        name = next((stage for stage, keys in STAGES if any(k in f for f in frames for k in keys)), "other")
+        stages[name] = stages.get(name, 0) + int(count)
+    return stages, waiting
+
+
+def report_profile(collapsed: Path, cpu: float, spans: int) -> None:
+    """The collector's CPU per span (sending + drain) split by the profile's shares of busy samples."""
+    if not collapsed.exists():
+        console.print(f"[red]no profile written ({collapsed})[/]")
+        return
+    stages, waiting = profile_stages(collapsed)
+    busy = sum(stages.values())
+    table = Table(title=f"Collector CPU by stage (py-spy, {busy:,} busy samples; {waiting:,} waiting left out): "
+                        f"{cpu / max(spans, 1) * 1e6:.1f} µs per stored span, sending + drain")
+    table.add_column("stage")
+    table.add_column("share", justify="right")
+    table.add_column("µs/span", justify="right")
+    for name, count in sorted(stages.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"{count / busy:.1%}", f"{count / busy * cpu / max(spans, 1) * 1e6:.2f}")
+    console.print(table)
+    console.print("Shares are of samples in which a thread ran Python or was in native code; a thread waiting "
+                  "for the GIL counts as busy, so the shares are the profile's, the µs/span totals measured.")
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -567,6 +695,9 @@ def report(args: argparse.Namespace, ceilings: Ceilings, load: LoadResult, drain
                       + ("[green]exact match[/]" if match else f"[red]differ by {drain.stored - load.acked:+,}[/]"))
         table.add_row("distinct span ids stored", f"{drain.distinct_span_ids:,}"
                       + ("" if drain.distinct_span_ids == drain.stored else " [red](duplicates)[/]"))
+        per_stored = lambda cpu: f"{cpu / max(drain.stored, 1) * 1e6:.1f} µs/span"
+        table.add_row("collector / store CPU per stored span, sending + drain",
+                      f"{per_stored(drain.collector_cpu)} / {per_stored(drain.store_cpu)}")
     console.print(table)
 
     table = Table(title="3. Sustained vs ceiling")
@@ -585,6 +716,103 @@ def report(args: argparse.Namespace, ceilings: Ceilings, load: LoadResult, drain
     console.print(table)
 
 
+@dataclass
+class Run:
+    """One tree's whole run: ceilings, the sending phase and the drain."""
+
+    tree: Tree
+    ceilings: Ceilings
+    load: LoadResult
+    drain: Drain | None
+
+
+def compare(before: Run, after: Run) -> None:
+    """The headline figures of two trees, measured in this one run, side by side."""
+    table = Table(title=f"4. Before and after, same load, same machine: {before.tree.label} vs {after.tree.label}")
+    for name in ("", before.tree.label, after.tree.label, "after / before"):
+        table.add_column(name, justify="left" if not name else "right")
+
+    def end_to_end(run: Run) -> float:
+        lag = run.drain.lag_seconds if run.drain is not None else float("nan")
+        return run.load.acked / (run.load.seconds + lag) if lag == lag else float("nan")
+
+    def per_span(cpu: float, run: Run) -> float:
+        return cpu / max(run.drain.stored if run.drain is not None else 0, 1) * 1e6
+
+    rows = [
+        ("sustained spans/s (acked while sending)", lambda r: r.load.spans_per_s, _rate),
+        ("end to end spans/s (acked / (sending + drain lag))", end_to_end, _rate),
+        ("collector CPU µs per stored span, sending + drain", lambda r: per_span(r.drain.collector_cpu, r),
+         lambda x: f"{x:.1f}"),
+        ("store CPU µs per stored span, sending + drain", lambda r: per_span(r.drain.store_cpu, r),
+         lambda x: f"{x:.1f}"),
+        ("both", lambda r: per_span(r.drain.collector_cpu + r.drain.store_cpu, r), lambda x: f"{x:.1f}"),
+        ("request latency p99 ms", lambda r: _pct(r.load.latencies, 99), lambda x: f"{x:.1f}"),
+        ("peak RSS collector MB", lambda r: r.load.collector_rss_mb, lambda x: f"{x:,.0f}"),
+        ("peak RSS store MB", lambda r: r.load.store_rss_mb, lambda x: f"{x:,.0f}"),
+        ("Native insert ceiling rows/s", lambda r: r.ceilings.insert_rows_per_s, _rate),
+        ("store CPU µs/row of that insert", lambda r: r.ceilings.insert_store_cpu_us, lambda x: f"{x:.1f}"),
+    ]
+    for name, value, show in rows:
+        a, b = value(before), value(after)
+        ratio = b / a if a == a and b == b and a else float("nan")
+        table.add_row(name, show(a), show(b), "n/a" if ratio != ratio else f"{ratio:.2f}")
+    exact = lambda r: ("yes" if r.drain is not None and r.drain.stored == r.load.acked == r.drain.distinct_span_ids
+                       else "[red]no[/]")
+    table.add_row("acked = stored, no duplicates", exact(before), exact(after), "")
+    console.print(table)
+
+
+def run_tree(args: argparse.Namespace, tree: Tree, overrides: dict[str, str], templates: list[Template],
+             ceiling_seconds: float) -> Run | None:
+    """Start the tree's store and collector in a temporary home, measure, stop them; None if they failed."""
+    home = Path(tempfile.mkdtemp(prefix="tracetune-bench-"))
+    settings = make_settings(home, overrides)
+    batch = (f"{settings.collector_batch_rows:,} rows" if tree.pinned is None or "collector_batch_rows" in tree.pinned
+             else "rows: the revision's default")
+    console.print(f"[bold]{tree.label}[/]: home {home}  store :{settings.store_port}  collector "
+                  f":{settings.collector_port}  batch {batch}  {os.cpu_count()} CPUs  "
+                  f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    procs: list[subprocess.Popen] = []
+    try:
+        store_proc = start_process([sys.executable, "-m", "tracetune", "store"], settings, home / "store.log", tree)
+        procs.append(store_proc)
+        wait_http(f"{settings.store_url}/ping", store_proc, home / "store.log")
+        collector_argv = shlex.split(args.collector_cmd) or [sys.executable, "-m", "tracetune", "collector"]
+        collector_proc = start_process(collector_argv, settings, home / "collector.log", tree)
+        procs.insert(0, collector_proc)
+        wait_http(f"{settings.collector_url}/health", collector_proc, home / "collector.log")
+
+        ceilings = measure_ceilings(settings, templates, store_proc.pid, ceiling_seconds, tree)
+        profile = start_profile(collector_proc.pid, home / "collector.pyspy") if args.profile else None
+        try:
+            load = run_load(settings, templates, args.senders, args.seconds, collector_proc.pid, store_proc.pid)
+            drain = wait_stored(settings, load.acked, args.drain_timeout)
+        finally:
+            if profile is not None:
+                stop_profile(profile)
+        drain.collector_cpu = cpu_seconds(collector_proc.pid) - load.cpu_start[0]
+        drain.store_cpu = cpu_seconds(store_proc.pid) - load.cpu_start[1]
+        console.print(f"[bold]{tree.label}[/] (load average after: "
+                      f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+        report(args, ceilings, load, drain)
+        if profile is not None:
+            report_profile(home / "collector.pyspy", drain.collector_cpu, drain.stored)
+        if collector_proc.poll() is not None:
+            console.print(f"[red]collector exited ({collector_proc.returncode}); log {home / 'collector.log'}[/]")
+        return Run(tree, ceilings, load, drain)
+    except RuntimeError as exc:
+        console.print(f"[red]{tree.label}: {exc}[/]")
+        return None
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        if args.keep:
+            console.print(f"kept {home}")
+        else:
+            shutil.rmtree(home, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="how long the senders send")
@@ -597,8 +825,17 @@ def main() -> None:
     parser.add_argument("--collector-cmd", default="",
                         help="run this instead of `python -m tracetune collector` (a prototype speaking OTLP/HTTP; "
                              "it gets the same TRACETUNE_* environment)")
+    parser.add_argument("--baseline", default="", metavar="REF",
+                        help="first run the same bench on another revision's store and collector (a git ref of "
+                             "this repository, e.g. main, or a folder holding a checkout), then this tree's, and "
+                             "print both side by side")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the collector with py-spy while sending and draining, and print its CPU per "
+                             "span by stage (py-spy: pip install -e '.[bench]')")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home (data, logs)")
     args = parser.parse_args()
+    if args.profile and not shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"):
+        parser.error("--profile needs py-spy: pip install -e '.[bench]'")
     if args.quick:
         args.seconds, args.drain_timeout = min(args.seconds, 15.0), min(args.drain_timeout, 20.0)
     ceiling_seconds = 1.0 if args.quick else 3.0
@@ -610,40 +847,23 @@ def main() -> None:
         if not sep or name not in known:
             parser.error(f"--set {item!r}: expected FIELD=VALUE, FIELD one of {', '.join(known)}")
         overrides[name] = value
-    home = Path(tempfile.mkdtemp(prefix="tracetune-bench-"))
+    scratch = Path(tempfile.mkdtemp(prefix="tracetune-bench-trees-"))
     try:
-        settings = make_settings(home, overrides)
-    except settings_mod.SettingsError as exc:
-        shutil.rmtree(home, ignore_errors=True)
-        parser.error(str(exc))
-    console.print(f"home {home}  store :{settings.store_port}  collector :{settings.collector_port}  "
-                  f"batch {settings.collector_batch_rows:,} rows  {os.cpu_count()} CPUs")
-    templates = [make_template(seed) for seed in range(TEMPLATES)]
-    procs: list[subprocess.Popen] = []
-    try:
-        store_proc = start_process([sys.executable, "-m", "tracetune", "store"], settings, home / "store.log")
-        procs.append(store_proc)
-        wait_http(f"{settings.store_url}/ping", store_proc, home / "store.log")
-        collector_argv = shlex.split(args.collector_cmd) or [sys.executable, "-m", "tracetune", "collector"]
-        collector_proc = start_process(collector_argv, settings, home / "collector.log")
-        procs.insert(0, collector_proc)
-        wait_http(f"{settings.collector_url}/health", collector_proc, home / "collector.log")
-
-        ceilings = measure_ceilings(settings, templates, store_proc.pid, ceiling_seconds)
-        load = run_load(settings, templates, args.senders, args.seconds, collector_proc.pid, store_proc.pid)
-        drain = wait_stored(settings, load.acked, args.drain_timeout)
-        report(args, ceilings, load, drain)
-        if collector_proc.poll() is not None:
-            console.print(f"[red]collector exited ({collector_proc.returncode}); log {home / 'collector.log'}[/]")
-    except RuntimeError as exc:
-        console.print(f"[red]{exc}[/]")
+        try:
+            make_settings(scratch, overrides)
+            pinned = frozenset({"home", "database", "collector_token", *overrides,
+                                *(f.name for f in fields(Settings) if f.name.endswith("_port"))})
+            trees = [Tree("this tree")]
+            if args.baseline:
+                trees.insert(0, checkout(args.baseline, scratch, pinned))
+        except (settings_mod.SettingsError, ValueError) as exc:
+            parser.error(str(exc))
+        templates = [make_template(seed) for seed in range(TEMPLATES)]
+        runs = [run_tree(args, tree, overrides, templates, ceiling_seconds) for tree in trees]
+        if len(runs) == 2 and all(runs):
+            compare(*runs)
     finally:
-        for proc in procs:
-            stop_process(proc)
-        if args.keep:
-            console.print(f"kept {home}")
-        else:
-            shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

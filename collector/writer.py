@@ -47,6 +47,35 @@ INSERT_SETTINGS = {"insert_distributed_sync": 1, "deduplicate_blocks_in_dependen
 
 
 Part = list[list[Any]] | pa.Table  # rows in COLUMNS order, or the same as Arrow columns
+# Spans converted to Arrow at a time: an insert may be larger (fewer, larger parts: less merging in the
+# store), while the conversion's arrays stay small enough for the CPU's caches (its cost per span grows
+# with the arrays: +25% at 100,000 spans in one go, bench/ingest.py --profile).
+CONVERT_SPANS = 20_000
+
+
+def _to_arrow_in_chunks(bodies: list[bytes], spans: list[int]) -> pa.Table | None:
+    """columns.to_arrow of whole requests, CONVERT_SPANS spans at a time, as one table; None when any chunk
+    needs the reference converter (then the whole part takes it, as when converted in one go, so a batch
+    retried after a crash is made of the same rows under the same token)."""
+    chunks, start, count = [], 0, 0
+    for i, n in enumerate(spans):
+        if count and count + n > CONVERT_SPANS:
+            chunks.append(bodies[start:i])
+            start, count = i, 0
+        count += n
+    chunks.append(bodies[start:])
+    tables = []
+    for chunk in chunks:
+        table = columns.to_arrow(chunk)
+        if table is None:
+            return None
+        tables.append(table)
+    if len(tables) == 1:
+        return tables[0]
+    try:
+        return pa.concat_tables(tables)
+    except pa.ArrowException:  # chunks whose types differ: the reference converter takes the part
+        return None
 
 
 def _halves(part: Part) -> tuple[Part, Part]:
@@ -373,6 +402,7 @@ class SpanWriter:
         token = self.wal.token(intent.first, intent.last)
         parts: list[tuple[str, Part, str]] = []
         bodies: list[tuple[bytes, int, str]] = []
+        body_spans: list[int] = []
         rows: list[list[Any]] = []
         quarantine: list[list[Any]] = []
         damage: list[list[Any]] = []
@@ -392,6 +422,7 @@ class SpanWriter:
                 continue
             if entry.clean:
                 bodies.append((body, received_ns, receiver))
+                body_spans.append(entry.spans)
             else:
                 converted = convert(ExportTraceServiceRequest.FromString(body), received_ns, receiver)
                 rows += converted.rows
@@ -401,7 +432,7 @@ class SpanWriter:
         if quarantine:
             parts.append((self.quarantine_table, quarantine, token + "/q"))
         if bodies:
-            part: Part | None = columns.to_arrow([body for body, _, _ in bodies])
+            part: Part | None = _to_arrow_in_chunks([body for body, _, _ in bodies], body_spans)
             if part is None:
                 part = [row for body, ns, receiver in bodies
                         for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]

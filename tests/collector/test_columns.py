@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest.mock import patch
 
 import pyarrow as pa
 from hypothesis import given, settings
@@ -11,7 +12,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from tracetune.collector import columns, rows
+from tracetune.collector import columns, rows, writer
 from tracetune.collector.rows import COLUMNS
 
 _DOUBLES = st.one_of(st.sampled_from([0.0, -0.0, 1.0, 0.1, 1e9, 1e15, 1e16, 1e21, 1e-7, 5e-324, math.inf, -math.inf,
@@ -119,3 +120,35 @@ def test_a_key_twice_in_one_map_is_left_to_the_reference():
                             KeyValue(key="k", value=AnyValue(string_value="last"))])
     assert rows.valid(request) and columns.to_arrow([request.SerializeToString()]) is None
     assert rows.convert(request).rows[0][COLUMNS.index("SpanAttributes")] == {"k": "last"}
+
+
+def _span_count(request: ExportTraceServiceRequest) -> int:
+    return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+
+
+@settings(max_examples=80, deadline=None)
+@given(requests=st.lists(_request(), min_size=1, max_size=6), chunk=st.integers(min_value=1, max_value=6))
+def test_a_batch_converted_in_chunks_is_the_reference_rows(requests, chunk):
+    """The writer converts a large insert CONVERT_SPANS spans at a time: same rows, same order, one table."""
+    bodies = [r.SerializeToString() for r in requests]
+    expected = [row for r in requests for row in rows.convert(r).rows]
+    with patch.object(writer, "CONVERT_SPANS", chunk):
+        table = writer._to_arrow_in_chunks(bodies, [_span_count(r) for r in requests])
+    assert table is not None
+    assert repr(_as_rows(table)) == repr(expected)
+
+
+def test_one_chunk_for_the_reference_sends_the_whole_part_there():
+    """As when converted in one go: a batch retried after a crash is then the same rows under the same token."""
+    good = ExportTraceServiceRequest()
+    good.resource_spans.add().scope_spans.add().spans.add(trace_id=b"\1" * 16, span_id=b"\1" * 8,
+                                                          start_time_unix_nano=1, end_time_unix_nano=2)
+    twice = ExportTraceServiceRequest()
+    span = twice.resource_spans.add().scope_spans.add().spans.add(
+        trace_id=b"\1" * 16, span_id=b"\2" * 8, start_time_unix_nano=1, end_time_unix_nano=2)
+    span.attributes.extend([KeyValue(key="k", value=AnyValue(string_value="a")),
+                            KeyValue(key="k", value=AnyValue(string_value="b"))])
+    bodies = [good.SerializeToString()] * 3 + [twice.SerializeToString()]
+    with patch.object(writer, "CONVERT_SPANS", 2):
+        assert writer._to_arrow_in_chunks(bodies[:3], [1, 1, 1]).num_rows == 3  # two chunks, one table
+        assert writer._to_arrow_in_chunks(bodies, [1, 1, 1, 1]) is None

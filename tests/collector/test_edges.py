@@ -276,7 +276,11 @@ def test_an_outage_rides_on_disk_not_in_memory(tmp_path):
 
     try:
         stop_process(store_proc)
-        send(40)  # warm: imports, buffers, the allocator's arenas
+        # warm: imports, buffers, the allocator's arenas, and the writer's pipeline: a batch it retries and the
+        # next one converted (collector_batch_rows each, held however long the store is away), given time to
+        # finish converting
+        send(max(40, 3 * settings.collector_batch_rows // 2000))
+        time.sleep(3)
         before, logged_before = rss_mb(collector.pid), logged_mb()
         send(160)
         grown, logged = rss_mb(collector.pid) - before, logged_mb() - logged_before

@@ -1,0 +1,305 @@
+"""What each index and materialized view of otel_traces costs the store per inserted row.
+
+Starts an embedded store of its own and builds, each in its own database, copies of the span table
+from the schema's own files (store/sql): bare (no data-skipping index, no view), bare plus one index
+at a time, the table as shipped (every index), the table plus one view at a time, and everything.
+Each copy takes the same blocks (the collector's batch size, a fresh deduplication token per insert,
+merges stopped so only the insert is counted), and the table prints the store process's CPU per row
+(user + system from /proc around each insert; chDB keeps no system.query_log), its wall time, and
+each part's cost over its base: the bare table for an index, the table as shipped for a view, and
+everything as shipped for the same rows sent as an Arrow stream (the collector's format) or stored
+with LZ4 instead of ZSTD(1).
+
+Three workloads: `executor` spans (a root and four steps per task, tracetune.* and GenAI attributes,
+so every span feeds the rollups; bench/harness.py GENERATE_SQL, timestamps over a day), the same with
+timestamps over one second as a batch of live ingest has them (`executor-live`: far fewer rollup
+rows per batch), and `bench` spans (the OTLP bodies of bench/ingest.py: 12 attributes, events and
+links; one span in five feeds the rollups).
+
+    .venv/bin/python bench/ingest_store.py                    # 20,000-row blocks, 4 inserts per copy
+    .venv/bin/python bench/ingest_store.py --rows 50000 --inserts 3
+    .venv/bin/python bench/ingest_store.py --merges --rows 10000 --workload bench   # merges by insert size
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import GENERATE_SQL, start_store, stop_process  # bench/harness.py: this script's folder
+from ingest import cpu_seconds
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+SQL = ROOT / "store" / "sql"
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+# The span table and what hangs off it: (view name, the files that create its target and itself).
+TABLE_FILE = "001_otel_traces.sql"
+VIEWS = {
+    "trace-id view (otel_traces_trace_id_ts)": ["002_otel_traces_trace_id_ts.sql",
+                                                "003_otel_traces_trace_id_ts_mv.sql"],
+    "spans_1m view": ["020_tracetune_spans_1m.sql", "021_tracetune_spans_1m_mv.sql"],
+    "spans_1m + spans_1h views": ["020_tracetune_spans_1m.sql", "021_tracetune_spans_1m_mv.sql",
+                                  "022_tracetune_spans_1h.sql", "023_tracetune_spans_1h_mv.sql"],
+    "task_errors_1m view": ["045_tracetune_task_errors_1m.sql", "046_tracetune_task_errors_1m_mv.sql"],
+}
+WORKLOADS = ("executor", "executor-live", "bench")
+_INDEX = re.compile(r"^\s*INDEX (\w+) .*$", re.M)
+
+
+def statements(name: str) -> list[str]:
+    """The statements of one schema file (separated by a line that is only `;`), comments dropped."""
+    text = "\n".join(line for line in (SQL / name).read_text().splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in re.split(r"^;\s*$", text, flags=re.M) if s.strip()]
+
+
+def table_ddl(indexes: set[str] | None) -> str:
+    """otel_traces as 001 creates it, keeping only the named data-skipping indexes (None: all)."""
+    ddl = statements(TABLE_FILE)[0]
+    if indexes is None:
+        return ddl
+    ddl = _INDEX.sub(lambda m: m.group(0) if m.group(1) in indexes else "", ddl)
+    ddl = re.sub(r",\s*\n(\s*\n)*\s*\) ENGINE", "\n) ENGINE", ddl)  # the comma the last kept line leaves
+    return re.sub(r"\n\s*\n", "\n", ddl)
+
+
+def index_names() -> list[str]:
+    return _INDEX.findall(statements(TABLE_FILE)[0])
+
+
+@dataclass
+class Variant:
+    name: str
+    indexes: set[str] | None  # None: every index of 001
+    files: list[str]
+    fmt: str = "Native"  # the insert's format; "ArrowStream" is what the collector's insert_arrow sends
+    codec: str = ""  # instead of every ZSTD(1) of 001
+
+
+def variants() -> list[Variant]:
+    out = [Variant("bare: no index, no view", set(), [])]
+    out += [Variant(f"+ index {name}", {name}, []) for name in index_names()]
+    out.append(Variant("as shipped, no view (every index)", None, []))
+    out += [Variant(f"every index + {view}", None, files) for view, files in VIEWS.items()]
+    every = list(dict.fromkeys(f for files in VIEWS.values() for f in files))
+    out.append(Variant("as shipped: every index + every view", None, every))
+    out.append(Variant("as shipped, inserted as ArrowStream (the collector's format)", None, every, "ArrowStream"))
+    out.append(Variant("as shipped, LZ4 instead of ZSTD(1)", None, every, codec="LZ4"))
+    return out
+
+
+@dataclass
+class Cost:
+    cpu_us_per_row: float
+    wall_us_per_row: float
+
+
+def measure(client, pid: int, database: str, variant: Variant, blocks: dict[str, bytes], columns: list[str], rows: int,
+            inserts: int) -> Cost:
+    client.command(f"DROP DATABASE IF EXISTS {database}")
+    client.command(f"CREATE DATABASE {database}")
+    db = client.database
+    try:
+        client.database = database
+        ddl = table_ddl(variant.indexes)
+        client.command(ddl.replace("ZSTD(1)", variant.codec) if variant.codec else ddl)
+        for name in variant.files:
+            for statement in statements(name):
+                client.command(statement)
+        tables = [row[0] for row in client.query(
+            f"SELECT name FROM system.tables WHERE database = '{database}' AND engine LIKE '%MergeTree'").result_rows]
+        for table in tables:
+            client.command(f"SYSTEM STOP MERGES {database}.{table}")
+        marker = f"ingest_store_{database}_{time.time_ns()}"
+        wall = cpu = 0.0
+        for i in range(inserts):
+            cpu0, started = cpu_seconds(pid), time.perf_counter()
+            client.raw_insert("otel_traces", columns, blocks[variant.fmt], fmt=variant.fmt,
+                              settings={"insert_deduplication_token": f"{marker}-{i}"})
+            wall += time.perf_counter() - started
+            cpu += cpu_seconds(pid) - cpu0
+    finally:
+        client.database = db
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+    return Cost(cpu / (rows * inserts) * 1e6, wall / (rows * inserts) * 1e6)
+
+
+def formats(client, cols: str, select: str) -> dict[str, bytes]:
+    """The same rows as a Native block and as an Arrow stream."""
+    return {fmt: client.raw_query(f"{select} FORMAT {fmt}") for fmt in ("Native", "ArrowStream")}
+
+
+def merge_cost(client, pid: int, native: bytes, columns: list[str], block_rows: int, rows: int, total: int,
+               settle: float) -> tuple[float, float, int]:
+    """Insert `total` rows in inserts of `block_rows` into the schema as shipped with merges running, then
+    wait until no merge has run for `settle` s: CPU µs per row while inserting (merges run meanwhile too) and
+    until the merges settled, and the parts left."""
+    database = f"bench_merge_{block_rows}"
+    client.command(f"DROP DATABASE IF EXISTS {database}")
+    client.command(f"CREATE DATABASE {database}")
+    db = client.database
+    try:
+        client.database = database
+        client.command(table_ddl(None))
+        for name in dict.fromkeys(f for files in VIEWS.values() for f in files):
+            for statement in statements(name):
+                client.command(statement)
+        repeat = block_rows // rows  # main() checked that it divides
+        # one insert of block_rows: the same block `repeat` times in one body (Native blocks concatenate)
+        body = native * repeat
+        cpu0 = cpu_seconds(pid)
+        for i in range(total // block_rows):
+            client.raw_insert("otel_traces", columns, body, fmt="Native",
+                              settings={"insert_deduplication_token": f"merge-{block_rows}-{i}"})
+        inserted = cpu_seconds(pid) - cpu0
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < settle:
+            time.sleep(0.5)
+            if int(client.command(f"SELECT count() FROM system.merges WHERE database = '{database}'")):
+                quiet_since = time.monotonic()
+        done = cpu_seconds(pid) - cpu0
+        parts = int(client.command(f"SELECT count() FROM system.parts WHERE database = '{database}' AND active "
+                                   "AND table = 'otel_traces'"))
+    finally:
+        client.database = db
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+    n = total // block_rows * block_rows
+    return inserted / n * 1e6, done / n * 1e6, parts
+
+
+def workloads(client, rows: int) -> dict[str, tuple[dict[str, bytes], list[str]]]:
+    """Native blocks of `rows` spans of each workload, made in a scratch database."""
+    from ingest import COLUMNS, SPANS_PER_REQUEST, TEMPLATES, ExportTraceServiceRequest, _columns, make_template
+
+    client.command("DROP DATABASE IF EXISTS bench_src")
+    client.command("CREATE DATABASE bench_src")
+    client.command(f"CREATE TABLE bench_src.src ({table_ddl(set()).split('(', 1)[1].split(') ENGINE')[0]}) "
+                   "ENGINE = Memory")
+    cols = ", ".join(f"`{c}`" for c in COLUMNS)
+    out = {}
+    db = client.database
+    client.database = "bench_src"
+    try:
+        client.command(GENERATE_SQL.replace("INSERT INTO otel_traces", "INSERT INTO src"),
+                       parameters={"start": 0, "count": rows, "seed": 42})
+        out["executor"] = formats(client, cols, f"SELECT {cols} FROM src"), COLUMNS
+        client.command("TRUNCATE TABLE src")
+        live = GENERATE_SQL.replace("INSERT INTO otel_traces", "INSERT INTO src").replace(
+            "% 86400000000000", "% 1000000000")  # timestamps over one second, not a day
+        assert live != GENERATE_SQL.replace("INSERT INTO otel_traces", "INSERT INTO src")
+        client.command(live, parameters={"start": 0, "count": rows, "seed": 42})
+        out["executor-live"] = formats(client, cols, f"SELECT {cols} FROM src"), COLUMNS
+        client.command("TRUNCATE TABLE src")
+        requests = []
+        for seed in range(TEMPLATES):
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(make_template(seed).body)
+            requests.append(request)
+        for i in range(0, rows, SPANS_PER_REQUEST):
+            client.insert("src", _columns(requests[i // SPANS_PER_REQUEST % len(requests)]), column_names=COLUMNS,
+                          column_oriented=True)
+        out["bench"] = formats(client, cols, f"SELECT {cols} FROM src LIMIT {rows}"), COLUMNS
+    finally:
+        client.database = db
+        client.command("DROP DATABASE IF EXISTS bench_src")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=20_000, help="rows per insert (the collector's batch)")
+    parser.add_argument("--inserts", type=int, default=4, help="inserts per table copy")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    parser.add_argument("--merges", action="store_true",
+                        help="instead: the cost of background merges by insert size (the schema as shipped, merges "
+                             "running, --merge-total rows in inserts of each of --merge-blocks rows)")
+    parser.add_argument("--merge-blocks", default="20000,50000,100000")
+    parser.add_argument("--merge-total", type=int, default=600_000)
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds without a merge that end a --merges run")
+    args = parser.parse_args()
+    if args.rows < 1 or args.inserts < 1:
+        parser.error("--rows and --inserts must be at least 1")
+    try:
+        sizes = [int(x) for x in args.merge_blocks.split(",")]
+    except ValueError:
+        parser.error(f"--merge-blocks {args.merge_blocks!r}: expected numbers separated by commas")
+    if args.merges and any(size < 1 or size % args.rows for size in sizes):
+        parser.error(f"--merge-blocks: every size must be a multiple of --rows ({args.rows})")
+    _, proc, client = start_store("tracetune-ingest-store-")
+    try:
+        blocks = workloads(client, args.rows)
+        if args.merges:
+            merges(client, proc.pid, blocks, args)
+            return
+        names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+        plan = variants()
+        results: dict[str, dict[str, Cost]] = {name: {} for name in names}
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("inserting", total=len(plan) * len(names))
+            for workload in names:
+                native, columns = blocks[workload]  # both formats
+                for i, variant in enumerate(plan):
+                    results[workload][variant.name] = measure(client, proc.pid, f"bench_cost_{i}", variant, native,
+                                                              columns, args.rows, args.inserts)
+                    bar.advance(task)
+        report(plan, names, results, args)
+    finally:
+        stop_process(proc)
+
+
+def merges(client, pid: int, blocks, args) -> None:
+    sizes = [int(x) for x in args.merge_blocks.split(",")]
+    table = Table(title=f"Store CPU per row with background merges: {args.merge_total:,} rows into the schema as "
+                        f"shipped (every index and view), then until no merge runs for {args.settle:g} s")
+    table.add_column("workload")
+    table.add_column("rows per insert", justify="right")
+    table.add_column("while inserting µs/row", justify="right")  # merges run meanwhile too
+    table.add_column("until merges settle µs/row", justify="right")
+    table.add_column("after the last insert µs/row", justify="right")
+    table.add_column("parts left", justify="right")
+    names = list(WORKLOADS) if args.workload == "all" else [args.workload]
+    for workload in names:
+        native, columns = blocks[workload]
+        for size in sizes:
+            inserted, total, parts = merge_cost(client, pid, native["Native"], columns, size, args.rows,
+                                                args.merge_total, args.settle)
+            table.add_row(workload, f"{size:,}", f"{inserted:.2f}", f"{total:.2f}", f"{total - inserted:.2f}",
+                          str(parts))
+    console.print(table)
+
+
+def report(plan: list[Variant], names: list[str], results: dict[str, dict[str, Cost]], args) -> None:
+    table = Table(title=f"Store CPU per inserted row: {args.inserts} Native inserts of {args.rows:,} rows per copy, "
+                        "merges stopped (store process CPU; wall in brackets)")
+    table.add_column("otel_traces copy")
+    for workload in names:
+        table.add_column(f"{workload}: µs/row", justify="right")
+        table.add_column("over its base", justify="right")
+    bare, shipped = plan[0].name, "as shipped, no view (every index)"
+    everything = "as shipped: every index + every view"
+    for variant in plan:
+        cells = [variant.name]
+        for workload in names:
+            cost = results[workload][variant.name]
+            base = bare if variant.indexes is not None and variant.indexes != set() and not variant.files else None
+            if variant.files:
+                base = shipped
+            if variant.indexes is None and not variant.files:
+                base = bare
+            if variant.fmt != "Native" or variant.codec:
+                base = everything
+            over = "" if base is None else f"{cost.cpu_us_per_row - results[workload][base].cpu_us_per_row:+.2f}"
+            cells += [f"{cost.cpu_us_per_row:.2f} ({cost.wall_us_per_row:.1f})", over]
+        table.add_row(*cells)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
