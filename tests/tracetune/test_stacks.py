@@ -87,3 +87,13 @@ def test_several_stacks_need_a_name_and_a_home_names_one(tmp_path, runtime, monk
         for proc in sleepers:
             proc.kill()
             proc.wait()
+
+
+def test_a_reused_pid_is_not_the_stack(tmp_path, runtime):
+    """A record names its supervisor by pid and start time: another process under the same pid is not it."""
+    path = _record_for(os.getpid(), tmp_path / "a" / ".tracetune", runtime)
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps(body | {"started": stacks._started(os.getpid())}))
+    assert [s.pid for s in stacks.running(runtime)] == [os.getpid()]
+    path.write_text(json.dumps(body | {"started": "1"}))  # this pid, but a process that started at boot
+    assert stacks.running(runtime) == [] and not path.exists()

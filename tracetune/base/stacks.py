@@ -59,7 +59,8 @@ def record(settings: Any, environ: dict[str, str] | None = None) -> Path:
     values["home"] = str(Path(settings.home).resolve())
     if values.get("prices_file") and not Path(values["prices_file"]).is_absolute():
         values["prices_file"] = str(Path(values["prices_file"]).resolve())
-    body = {"pid": os.getpid(), "folder": str(Path.cwd()), "home": values["home"], "settings": values}
+    body = {"pid": os.getpid(), "started": _started(os.getpid()), "folder": str(Path.cwd()), "home": values["home"],
+            "settings": values}
     path = folder / f"{os.getpid()}{_RECORD_SUFFIX}"
     fd, tmp = tempfile.mkstemp(prefix=".stack.", dir=folder)  # mode 0600, then renamed whole into place
     try:
@@ -76,14 +77,24 @@ def remove(path: Path) -> None:
     Path(path).unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), "" where /proc is absent: with
+    the pid it names one process, so a record whose supervisor died and whose pid was reused is not believed."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
+def _alive(pid: int, started: str) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, someone else's (a reused pid in a shared folder)
-        return True
-    return True
+    except PermissionError:  # another user's process under a reused pid: not our supervisor
+        return False
+    return not started or _started(pid) in (started, "")
 
 
 def running(environ: dict[str, str] | None = None) -> list[Stack]:
@@ -92,14 +103,15 @@ def running(environ: dict[str, str] | None = None) -> list[Stack]:
     found = []
     for path in sorted(folder.glob(f"*{_RECORD_SUFFIX}"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []:
         try:
-            if path.stat().st_mode & 0o077:  # not ours alone: never trusted
+            info = path.stat()
+            if info.st_mode & 0o077 or info.st_uid != os.getuid():  # not ours alone: never trusted
                 continue
             body = json.loads(path.read_text())
             stack = Stack(int(body["pid"]), Path(body["folder"]), Path(body["home"]),
                           {str(k): str(v) for k, v in body["settings"].items()}, path)
         except (OSError, ValueError, KeyError, TypeError):
             continue  # half-written by a crash, or not a record
-        if _alive(stack.pid) and stack.home.is_dir():
+        if _alive(stack.pid, str(body.get("started", ""))) and stack.home.is_dir():
             found.append(stack)
         else:
             remove(path)
