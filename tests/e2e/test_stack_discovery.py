@@ -92,7 +92,8 @@ def test_an_executor_in_another_folder_finds_the_running_stack(tmp_path):
         sleeper = subprocess.Popen(["sleep", "60"])
         try:
             second = record.parent / f"{sleeper.pid}.json"
-            body = json.loads(record.read_text()) | {"pid": sleeper.pid, "folder": str(other_home.parent),
+            body = json.loads(record.read_text()) | {"pid": sleeper.pid, "started": stacks._started(sleeper.pid),
+                                                       "folder": str(other_home.parent),
                                                        "home": str(other_home)}
             second.write_text(json.dumps(body))
             second.chmod(0o600)
