@@ -23,6 +23,7 @@ SHARDED: Final[dict[str, str]] = {
     "tracetune_spans_1h": "cityHash64(pipeline)",
     "tracetune_task_errors_1m": "cityHash64(pipeline)",
     "tracetune_quarantine": "cityHash64(trace_id)",
+    "tracetune_error_spans": "cityHash64(TraceId)",
 }
 """Sharded tables and their Distributed sharding key. Spans go by trace, so a trace's spans (and its
 quarantined spans) are on one shard; the views' targets are written on the shard of their source rows,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,10 @@ from tests.servers import free_port, start_process, stop_process, wait_until
 from tracetune import store
 from tracetune.base import settings as settings_mod
 from tracetune.base.settings import Settings
+
+# Commands find running stacks through a per-user folder (tracetune/base/stacks.py): each test process has its own,
+# so a stack that another test or the developer runs is never found by a command under test.
+os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="tracetune-tests-runtime-")
 
 # `make test` runs everything; `make test-fast` (-m "not e2e and not slow") leaves out the tests below for
 # the edit-test loop. Everything under tests/e2e is marked `e2e` (whole stacks of real processes). `slow`

@@ -276,8 +276,15 @@ def _run(settings: Settings, load_rate: float, body, load_args: tuple[str, ...] 
         print(f"Error: a tracetune stack (supervisor pid {held}) is already running with home {settings.home}; "
               "stop it first, or give this one its own home (TRACETUNE_HOME) and ports", file=sys.stderr)
         return 2
+    from tracetune.base import stacks
+
     supervisor = Supervisor(settings, components(settings, load_rate, load_args=load_args), echo=out.print)
     stop = threading.Event()
+    try:
+        recorded = stacks.record(settings)  # commands started in other folders find this stack by it
+    except OSError as exc:
+        recorded = None
+        out.print(f"[yellow]warning:[/yellow] commands in other folders will not find this stack: {exc}")
     _install_stop_handlers(stop)
     out.print(f"[bold]tracetune[/bold] starting (logs in {supervisor.log_dir})")
     try:
@@ -295,6 +302,8 @@ def _run(settings: Settings, load_rate: float, body, load_args: tuple[str, ...] 
         return 1
     finally:
         supervisor.stop()
+        if recorded is not None:
+            stacks.remove(recorded)
         out.print("stopped every process tracetune started")
         held.close()
 

@@ -1,7 +1,9 @@
 -- Distributions of batch size, queue time and queue depth per pipeline step and route, from the raw step
 -- spans that ran in a batch: quantiles, and how many spans ran in batches of each size. Queue depth is
 -- `tracetune.queue_depth`, the requests in the route's batch queue when a request joined it (itself
--- included); 0 for spans of executors that do not record it.
+-- included); 0 for spans of executors that do not record it. mapContains lets the store skip, by the span
+-- attribute key index (idx_span_attr_key), every granule without a batched span: the cost follows the batched
+-- spans, not the traffic (an OpenTelemetry app that never batches costs nothing here).
 SELECT
     pipeline, step, route,
     count() AS batched_spans,
@@ -20,6 +22,7 @@ FROM (
            toUInt32OrZero(SpanAttributes['tracetune.queue_depth']) AS queue_depth
     FROM otel_traces
     WHERE Timestamp >= now64(9) - toIntervalSecond({window_seconds:UInt32})
+      AND mapContains(SpanAttributes, 'tracetune.batch_size')
       AND SpanAttributes['tracetune.step'] != '' AND SpanAttributes['tracetune.batch_size'] != ''
       AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
 )

@@ -1,6 +1,9 @@
 -- Cold starts: the first request each model variant served after an executor started (step spans with
 -- `tracetune.cold_start`), per pipeline step and route: how many (one per variant per executor start), on how
 -- many executors (`service.instance.id`), their latency, and the route's median latency otherwise, to compare.
+-- The window's spans are read only if one of them is a cold start: the scalar subquery asks the span attribute
+-- key index (idx_span_attr_key), which skips every granule without the key, and a window with none (most
+-- windows: executors start rarely) answers at once with no row, as it would after reading them all.
 SELECT
     pipeline, step, route,
     countIf(cold) AS cold_starts,
@@ -17,6 +20,9 @@ FROM (
     WHERE Timestamp >= now64(9) - toIntervalSecond({window_seconds:UInt32})
       AND SpanAttributes['tracetune.step'] != ''
       AND ({pipeline:String} = '' OR SpanAttributes['tracetune.pipeline'] = {pipeline:String})
+      AND (SELECT count() FROM otel_traces
+           WHERE Timestamp >= now64(9) - toIntervalSecond({window_seconds:UInt32})
+             AND mapContains(SpanAttributes, 'tracetune.cold_start')) > 0
 )
 GROUP BY pipeline, step, route
 HAVING cold_starts > 0

@@ -208,3 +208,20 @@ def test_error_spans_group_failed_spans_by_step_kind_and_message(client):
     assert found["parse", "client", "bad input"]["example_trace_id"] == newest["parse"]
     assert analyzer.error_spans(client, "10m", limit=1).height == 1
     assert analyzer.error_spans(client, "10m", pipeline="other").is_empty()
+
+    # The failures were read from their copies (tracetune_error_spans, fed by a view) ...
+    assert client.query("SELECT count() FROM tracetune_error_spans").result_rows[0][0] == 12
+    # ... and a store whose spans predate the view (no copies) gets the same answer from otel_traces,
+    before = analyzer.error_spans(client, "10m")
+    client.command("TRUNCATE TABLE tracetune_error_spans")
+    assert analyzer.error_spans(client, "10m").equals(before)
+    # also once new failures are copied: the older ones still come from otel_traces, none counted twice.
+    trace = uuid.uuid4().hex
+    client.insert("otel_traces", [span_row(time.time_ns(), trace_id=trace, parent="ab" * 8, duration=10**6,
+                                           attrs={"tracetune.pipeline": "p", "tracetune.step": "call"},
+                                           status="Error", status_message="upstream 503")], column_names=COLUMNS)
+    found = {(r["step"], r["kind"], r["message"]): r for r in analyzer.error_spans(client, "10m").to_dicts()}
+    assert {k: r["count"] for k, r in found.items()} == {
+        ("call", "server", "upstream 503"): 5, ("", "server", "upstream 503"): 4,
+        ("parse", "client", "bad input"): 2, ("", "client", "bad input"): 2}
+    assert found["call", "server", "upstream 503"]["example_trace_id"] == trace

@@ -107,7 +107,7 @@ def test_every_cluster_statement_is_parsed_and_formatted_by_clickhouse(tmp_path)
         engine = f"ENGINE = Distributed('{CLUSTER}', '{DATABASE}', '{table}_local', {key})"
         assert f"AS {table}_local\n{engine}" in distributed
     views = [t for texts in by_table.values() for t in texts if t.startswith("CREATE MATERIALIZED VIEW")]
-    assert len(views) == 4
+    assert len(views) == 5
     for view in views:  # every view reads and writes the shard's own tables
         target, source = re.search(r" TO (\w+)", view).group(1), re.search(r"FROM (\w+)", view).group(1)
         assert target.endswith("_local") and source.endswith("_local"), view

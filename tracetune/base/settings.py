@@ -263,8 +263,35 @@ class Settings:
             env[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
         return env
 
+    def origin(self, name: str) -> str:
+        """Where setting `name` came from: a file, an environment variable, "command line", the running stack
+        (STACK_ORIGIN ...) or "default"."""
+        return self._origin.get(name, "default")
+
     def replace(self, **changes: Any) -> Settings:
         return validate(dataclasses.replace(self, **changes))
+
+
+STACK_ORIGIN = "the running stack"
+"""How a setting read from a running stack's record names its origin: "the running stack pid N in FOLDER (...)"."""
+
+
+def _from_running_stack(values: dict[str, Any], origin: dict[str, str], known: dict[str, Any],
+                        environ: dict[str, str]) -> None:
+    from tracetune.base import stacks
+
+    home = values.get("home")
+    try:
+        stack = stacks.find(Path(home) if home is not None else None, environ)
+    except stacks.SeveralStacks as exc:
+        raise SettingsError(str(exc)) from None
+    if stack is None:
+        return
+    said = f"{STACK_ORIGIN} {stack.describe()}"
+    for name, raw in stack.settings.items():
+        if name in known and name not in values:
+            values[name] = _convert(name, known[name].type, raw, said)
+            origin[name] = said
 
 
 def _new_webhook_secret() -> str:
@@ -423,8 +450,12 @@ def _check_webhook_secret(secret: str, origin: str) -> None:
 
 
 def load(config_file: str | os.PathLike | None = None, environ: dict[str, str] | None = None,
-         **overrides: Any) -> Settings:
-    """Build Settings from defaults, the TOML file, the environment and explicit overrides."""
+         discover: bool = False, **overrides: Any) -> Settings:
+    """Build Settings from defaults, the TOML file, the environment and explicit overrides.
+
+    discover: settings none of those gave come from the running stack's record (base/stacks.py): the one whose
+    home is the given home, else this folder's, else the only one running; several running and none named is a
+    SettingsError."""
     environ = dict(os.environ if environ is None else environ)
     known = {f.name: f for f in fields(Settings) if not f.name.startswith("_")}
     values: dict[str, Any] = {}
@@ -457,4 +488,6 @@ def load(config_file: str | os.PathLike | None = None, environ: dict[str, str] |
         values[name] = _convert(name, known[name].type, raw, "command line")
         origin[name] = "command line"
 
+    if discover:
+        _from_running_stack(values, origin, known, environ)
     return validate(Settings(**values, _origin=origin))

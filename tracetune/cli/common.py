@@ -17,11 +17,20 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
-def load_settings(ctx: click.Context, **overrides) -> Settings:
+def load_settings(ctx: click.Context, discover: bool = True, **overrides) -> Settings:
+    """The command's settings; with `discover`, what they leave unset comes from the running stack (one line on
+    stderr says which, unless it is this folder's own)."""
+    from dataclasses import fields
+    from pathlib import Path
+
     try:
-        return settings_mod.load(ctx.obj.get("config"), **overrides)
+        s = settings_mod.load(ctx.obj.get("config"), discover=discover, **overrides)
     except SettingsError as exc:
         raise UserError(str(exc)) from None
+    used = next((s.origin(f.name) for f in fields(s) if s.origin(f.name).startswith(settings_mod.STACK_ORIGIN)), "")
+    if used and s.home.resolve() != (Path.cwd() / ".tracetune").resolve():
+        click.echo(f"tracetune: using {used}", err=True)
+    return s
 
 
 def json_rows(frame) -> str:

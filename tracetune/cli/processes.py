@@ -21,7 +21,7 @@ def collector(ctx: click.Context) -> None:
     from tracetune.collector.wal import WalError
 
     try:
-        collector_mod.serve(load_settings(ctx))
+        collector_mod.serve(load_settings(ctx, discover=False))  # one collector per home
     except (WalError, OSError) as exc:  # log directory in use, a port taken: one line, exit 2
         raise UserError(str(exc).splitlines()[0]) from None
 
@@ -146,7 +146,7 @@ def up(ctx: click.Context) -> None:
     """Start store (if embedded), collector, tuner, executor (no load) and dashboard; Ctrl-C stops all."""
     from tracetune.supervisor import up as run_up
 
-    sys.exit(run_up(load_settings(ctx)))
+    sys.exit(run_up(load_settings(ctx, discover=False)))  # a stack of its own
 
 
 @click.command()
@@ -165,4 +165,4 @@ def demo(ctx: click.Context, duration: float | None, rate: float | None, pipelin
     if rate is not None and rate <= 0:  # not "the default rate"
         raise click.BadParameter(f"rate must be above 0 requests/s, got {rate:g} (`tracetune up` runs without load)",
                                  param_hint="--rate")
-    sys.exit(run_demo(load_settings(ctx), duration=duration, pipeline=pipeline, rate=rate))
+    sys.exit(run_demo(load_settings(ctx, discover=False), duration=duration, pipeline=pipeline, rate=rate))

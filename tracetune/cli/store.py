@@ -21,7 +21,7 @@ def store(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    s = load_settings(ctx)
+    s = load_settings(ctx, discover=False)  # the store of a home, never a running stack's
     if not s.embedded:
         raise UserError("TRACETUNE_CLICKHOUSE_URL is set: the embedded store is not used; unset it "
                                    "to run the embedded store")
