@@ -345,3 +345,20 @@ def test_a_cache_resize_predicting_no_more_hits_is_not_tried():
     assert "score" not in plan.changes and any(r.startswith("score: cache size left as it is") for r in plan.reasons)
     # Turning a cache on, or a resize that predicts more hits, is still proposed.
     assert decide(SPEC, SPEC.defaults(), SLO_SHOP, obs).changes["score"]["cache_enabled"] is True
+
+
+def test_loop_settings_take_their_defaults_and_values_from_the_settings(tmp_path):
+    from tracetune.base import settings as settings_mod
+    from tracetune.tuner import loop_settings
+
+    defaults = settings_mod.load(config_file=tmp_path / "none.toml", environ={})
+    assert loop_settings(defaults) == LoopSettings()
+    chosen = settings_mod.load(config_file=tmp_path / "none.toml", environ={}, tuner_interval_seconds=7,
+                               tuner_window_seconds=42, tuner_cooldown_seconds=9, tuner_min_requests=11,
+                               cache_staleness_limit_seconds=13, tuner_canary_share=0.3,
+                               tuner_canary_min_requests=17, tuner_canary_max_seconds=19,
+                               tuner_approval_expiry_seconds=23, lease_seconds=29)
+    assert loop_settings(chosen) == LoopSettings(
+        interval_seconds=7, window_seconds=42, cooldown_seconds=9, min_requests=11, staleness_limit_seconds=13,
+        canary_share=0.3, canary_min_requests=17, canary_max_seconds=19, approval_expiry_seconds=23,
+        lease_seconds=29)

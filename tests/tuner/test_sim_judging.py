@@ -16,8 +16,8 @@ from tracetune.analyzer import SLO, load_prices
 from tracetune.executor.batcher import Batcher
 from tracetune.executor.cache import TTLCache
 from tracetune.tuner import calibration, oracles, simarms, simulate
+from tracetune.tuner.batching import ServiceModel
 from tracetune.tuner.loop import LoopSettings
-from tracetune.tuner.policies import ServiceModel
 
 
 @pytest.fixture(scope="module")
