@@ -36,6 +36,8 @@ SLOW: dict[str, str] = {
     "tests/collector/test_hostile.py::test_fuzzed_spans_never_get_a_5xx": "property-based fuzzing",
     "tests/collector/test_hostile.py::test_fuzzed_bodies_and_headers_never_get_a_5xx": "property-based fuzzing",
     "tests/collector/test_hostile.py::test_mutated_valid_protobuf_never_gets_a_5xx": "property-based fuzzing",
+    "tests/collector/test_columns.py::test_arrow_columns_equal_the_reference_rows":
+        "property-based: 150 generated batches through both conversions",
     "tests/tracetune/test_supervisor.py::test_children_stop_when_the_supervisor_is_killed": "SIGKILLs a whole stack",
     "tests/tracetune/test_cli.py::test_stats_errors_slo_and_drift_answer_tables_and_json": "many CLI processes",
     "tests/tracetune/test_cli.py::test_alerts_commands_test_silence_list_and_show_deliveries": "many CLI processes",
