@@ -39,8 +39,8 @@ from rich.table import Table  # noqa: E402
 from tracetune.analyzer import SLO  # noqa: E402
 from tracetune.tuner import calibration as physics  # noqa: E402
 from tracetune.tuner import simulate  # noqa: E402
+from tracetune.tuner.batching import ServiceModel  # noqa: E402
 from tracetune.tuner.config import PipelineSpec  # noqa: E402
-from tracetune.tuner.policies import ServiceModel  # noqa: E402
 
 RATE = 20.0  # requests/s before the step; 40 after (the demo's default load, doubled half-way)
 DUPLICATES = 0.2

@@ -49,10 +49,10 @@ from tracetune.base import settings as settings_mod
 from tracetune.demo.load import LoadPlan, ground_truth_writer, run_load
 from tracetune.supervisor import StartError, Supervisor, components
 from tracetune.tuner import observe, token_for
+from tracetune.tuner.batching import aimd_batch_size
 from tracetune.tuner.canary import limits_for as canary_limits
 from tracetune.tuner.config import PipelineSpec
 from tracetune.tuner.loop import step_target_ms
-from tracetune.tuner.policies import aimd_batch_size
 
 try:
     from harness import isolated_settings  # bench/harness.py: this script's folder

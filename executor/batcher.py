@@ -79,17 +79,22 @@ class Batcher:
             self._cond.notify()
 
     def submit(self, item: Any) -> Future:
+        return self.submit_many([item])[0]
+
+    def submit_many(self, items: list[Any]) -> list[Future]:
+        """Queue `items` together, as one burst: no batch is taken between two of them."""
         span_context = trace.get_current_span().get_span_context()
         link = trace.Link(span_context) if span_context.is_valid else None
-        length = self._length(item) if self._length else 0
-        pending = _Pending(item, Future(), time.monotonic(), link, length)
+        now = time.monotonic()
+        pending = [_Pending(item, Future(), now, link, self._length(item) if self._length else 0) for item in items]
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"batcher {self.name} is closed")
-            self._queue.append(pending)
-            pending.depth = len(self._queue)
+            for one in pending:
+                self._queue.append(one)
+                one.depth = len(self._queue)
             self._cond.notify()
-        return pending.future
+        return [one.future for one in pending]
 
     @property
     def depth(self) -> int:

@@ -41,6 +41,8 @@ SLOW: dict[str, str] = {
     "tests/collector/test_hostile.py::test_fuzzed_spans_never_get_a_5xx": "property-based fuzzing",
     "tests/collector/test_hostile.py::test_fuzzed_bodies_and_headers_never_get_a_5xx": "property-based fuzzing",
     "tests/collector/test_hostile.py::test_mutated_valid_protobuf_never_gets_a_5xx": "property-based fuzzing",
+    "tests/collector/test_columns.py::test_arrow_columns_equal_the_reference_rows":
+        "property-based: 150 generated batches through both conversions",
     "tests/tracetune/test_supervisor.py::test_children_stop_when_the_supervisor_is_killed": "SIGKILLs a whole stack",
     "tests/tracetune/test_cli.py::test_stats_errors_slo_and_drift_answer_tables_and_json": "many CLI processes",
     "tests/tracetune/test_cli.py::test_alerts_commands_test_silence_list_and_show_deliveries": "many CLI processes",
@@ -86,12 +88,64 @@ def store_settings(tmp_path_factory) -> Iterator[Settings]:
     stop_process(proc)
 
 
+class Databases:
+    """Fresh databases (the schema applied) in one worker's session store, handed to one test at a time.
+
+    Creating a database with the schema costs about half a second of the store's time; emptying one costs
+    a tenth of that. So a test's database comes back after it and goes to a later test emptied — every
+    table holding data of its own truncated (TRUNCATE also forgets the tables' insert deduplication
+    tokens) — when the test left it as it was made: the same tables with the same definitions and the same
+    applied migrations. Otherwise, or when it cannot be read, it is left alone and never handed out again.
+    """
+
+    SHAPE_SQL = """SELECT (SELECT groupArray((name, create_table_query)) FROM (SELECT name, create_table_query
+                   FROM system.tables WHERE database = currentDatabase() ORDER BY name)),
+                  (SELECT groupArray(version) FROM (SELECT version FROM tracetune_schema_migrations
+                   ORDER BY version))"""
+    DATA_SQL = """SELECT name FROM system.tables WHERE database = currentDatabase() AND has_own_data
+                  AND name != 'tracetune_schema_migrations'"""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.shapes: dict[str, tuple] = {}  # database -> its shape when made
+        self.idle: list[Settings] = []
+
+    def take(self) -> Settings:
+        if self.idle:
+            return self.idle.pop()
+        settings = self.settings.replace(database=f"t_{uuid.uuid4().hex[:12]}")
+        self.shapes[settings.database] = self._shape(store.connect(settings))
+        return settings
+
+    def give_back(self, settings: Settings) -> None:
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+
+        try:
+            client = store.connect(settings, ensure_schema=False)
+            if self._shape(client) != self.shapes[settings.database]:
+                return
+            for (table,) in client.query(self.DATA_SQL).result_rows:
+                client.command(f"TRUNCATE TABLE `{table}`")
+        except (ClickHouseError, OSError):
+            return
+        self.idle.append(settings)
+
+    def _shape(self, client) -> tuple:
+        return tuple(client.query(self.SHAPE_SQL).result_rows[0])
+
+
+@pytest.fixture(scope="session")
+def databases(store_settings: Settings) -> Databases:
+    return Databases(store_settings)
+
+
 @pytest.fixture
-def db_settings(store_settings: Settings) -> Settings:
-    """Settings pointing at a fresh database (with the schema applied) in the session store."""
-    settings = store_settings.replace(database=f"t_{uuid.uuid4().hex[:12]}")
-    store.connect(settings)
-    return settings
+def db_settings(databases: Databases) -> Iterator[Settings]:
+    """Settings pointing at a fresh database (with the schema applied) in the session store: empty, its
+    schema as the migrations made it (see Databases)."""
+    settings = databases.take()
+    yield settings
+    databases.give_back(settings)
 
 
 @pytest.fixture

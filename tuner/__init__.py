@@ -49,13 +49,4 @@ def loop_settings(settings: Settings):
     """The loop's settings from the `tuner_*` settings."""
     from tracetune.tuner.loop import LoopSettings
 
-    return LoopSettings(interval_seconds=settings.tuner_interval_seconds,
-                        window_seconds=settings.tuner_window_seconds,
-                        cooldown_seconds=settings.tuner_cooldown_seconds,
-                        min_requests=settings.tuner_min_requests,
-                        staleness_limit_seconds=settings.cache_staleness_limit_seconds,
-                        canary_share=settings.tuner_canary_share,
-                        canary_min_requests=settings.tuner_canary_min_requests,
-                        canary_max_seconds=settings.tuner_canary_max_seconds,
-                        approval_expiry_seconds=settings.tuner_approval_expiry_seconds,
-                        lease_seconds=settings.lease_seconds)
+    return LoopSettings.from_settings(settings)

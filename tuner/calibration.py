@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from tracetune.tuner.batching import BatchSample, ServiceModel, fit_service_time
 from tracetune.tuner.config import PipelineSpec
 from tracetune.tuner.observe import Observation
-from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel, fit_service_time
+from tracetune.tuner.policies import CascadeSample
 
 __all__ = ["DEMO", "LEVELS", "Answer", "Calibration", "ModelRoute", "RemoteTier", "effect_step", "fit",
            "from_observation", "model_steps", "roles"]

@@ -16,34 +16,34 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from tracetune.analyzer import SLO, get_slo
+from tracetune.base.settings import Settings
 from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
+from tracetune.tuner.batching import batching_policy, fit_service_time
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec, same_way
 from tracetune.tuner.decisions import describe_change, sentence
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
     TAIL_SHARE,
     CascadeSample,
-    Proposal,
     RouteStats,
     _wilson_lower,
-    batching_policy,
     caching_policy,
     cascade_policy,
     cascade_route_floor,
     clamp_change,
     concurrency_policy,
     escalation_shares,
-    fit_service_time,
     local_route_floor,
     routing_policy,
     slow_weight_cap,
 )
+from tracetune.tuner.proposal import Proposal
 
 log = logging.getLogger("tracetune.tuner")
 
@@ -53,23 +53,42 @@ CHANGES = ("tune", "pin", "change", "rollback", "canary_promote", "canary_rollba
 OBSERVED = ("tune", "canary_promote")
 
 
+_SETTING_DEFAULTS = {f.name: f.default for f in fields(Settings)}
+
+
+def _setting(name: str) -> Any:
+    """A LoopSettings field read from setting `name`, with that setting's default (tracetune/base/settings.py)."""
+    return field(default=_SETTING_DEFAULTS[name], metadata={"setting": name})
+
+
 @dataclass(frozen=True)
 class LoopSettings:
-    """How often and how carefully the loop acts (from the `tuner_*` settings)."""
+    """How often and how carefully the loop acts: the `tuner_*` settings (`from_settings`; the defaults are
+    the settings' own), and three the settings do not expose."""
 
-    interval_seconds: float = 60.0
-    window_seconds: int = 300  # what one observation covers
-    cooldown_seconds: float = 300.0  # no decision sooner after the last change (its effect must show first)
-    min_requests: int = 200  # no decision on fewer requests in the window
-    staleness_limit_seconds: float = 3600.0  # longest a cached answer may be served
+    interval_seconds: float = _setting("tuner_interval_seconds")
+    window_seconds: int = _setting("tuner_window_seconds")  # what one observation covers
+    # no decision sooner after the last change (its effect must show first)
+    cooldown_seconds: float = _setting("tuner_cooldown_seconds")
+    min_requests: int = _setting("tuner_min_requests")  # no decision on fewer requests in the window
+    staleness_limit_seconds: float = _setting("cache_staleness_limit_seconds")  # longest a cached answer may be served
     max_relative_change: float = 0.5  # the most one decision moves a number, relative to its current value
-    canary_share: float = 0.2  # share of tasks a new config is tried on first (0: straight to every task)
-    canary_min_requests: int = 200  # tasks on each arm before a canary is judged
-    canary_max_seconds: float = 1800.0  # a canary without enough tasks by then is rolled back
+    # the share of tasks a new config is tried on first (0: straight to every task)
+    canary_share: float = _setting("tuner_canary_share")
+    canary_min_requests: int = _setting("tuner_canary_min_requests")  # tasks on each arm before a canary is judged
+    # a canary without enough tasks by then is rolled back
+    canary_max_seconds: float = _setting("tuner_canary_max_seconds")
     rejected_memory_seconds: float = 3600.0  # a change a canary rolled back is not tried again sooner
     reversal_hold_seconds: float = 3600.0  # a knob does not go back the way it moved sooner, on the same evidence
-    lease_seconds: float = 30.0  # several tuners: the one holding the `tuner` lease decides (store.lease)
-    approval_expiry_seconds: float = 3600.0  # a proposal waiting for an operator expires after this (approval)
+    # several tuners: the one holding the `tuner` lease decides (store.lease)
+    lease_seconds: float = _setting("lease_seconds")
+    # a proposal waiting for an operator expires after this (approval)
+    approval_expiry_seconds: float = _setting("tuner_approval_expiry_seconds")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LoopSettings:
+        """The loop's settings from the `tuner_*` settings (the rest at their defaults)."""
+        return cls(**{f.name: getattr(settings, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata})
 
 
 @dataclass

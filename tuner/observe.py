@@ -11,8 +11,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from tracetune.analyzer import PricesError, cost_per_1k
+from tracetune.tuner.batching import BatchSample
 from tracetune.tuner.config import PipelineSpec
-from tracetune.tuner.policies import BatchSample, CascadeSample, RouteStats
+from tracetune.tuner.policies import CascadeSample, RouteStats
 
 # Per step and route: volume, latency, cache outcomes, repeated inputs, retried remote calls.
 STEPS_SQL = """

@@ -42,6 +42,7 @@ from tracetune.analyzer import SLO, PriceTable, load_prices
 from tracetune.base.batching import padding_ratio, seconds_until_due, take_batch
 from tracetune.base.caching import TTLCache
 from tracetune.tuner import canary as canary_mod
+from tracetune.tuner.batching import BatchSample
 from tracetune.tuner.calibration import (
     LEVELS,
     Calibration,
@@ -51,7 +52,7 @@ from tracetune.tuner.calibration import (
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
 from tracetune.tuner.loop import LoopSettings
 from tracetune.tuner.observe import Observation, RouteObservation
-from tracetune.tuner.policies import BatchSample, CascadeSample
+from tracetune.tuner.policies import CascadeSample
 
 __all__ = ["ARMS", "Arm", "Workload", "default_grid", "oracle", "run", "simulate", "slo_windows"]
 

@@ -12,9 +12,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from tracetune.tuner.batching import BUCKETED_PADDING_SCALE, fit_service_time, predict_batching
 from tracetune.tuner.config import ConfigError, PipelineConfig, PipelineSpec
 from tracetune.tuner.observe import Observation
-from tracetune.tuner.policies import BUCKETED_PADDING_SCALE, fit_service_time, predict_batching
 
 
 def parse_sets(assignments: list[str]) -> dict[str, dict[str, Any]]:

@@ -31,6 +31,9 @@ SELECT TraceId AS trace_id, toUInt32OrZero(SpanAttributes['tracetune.config_vers
 FROM otel_traces WHERE ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = 'ticket_triage'
 """
 
+TUNED_SQL = f"SELECT count() FROM ({VERSIONS_SQL}) WHERE version >= {{version:UInt32}}"
+TUNED_TASKS = 500
+"""Tasks on the tuned config (its canary share and after) before the load stops: 20 s of the load."""
 
 P95_TARGET_MS = 300.0
 """Tighter than the demo's 500 ms: with the default cascade threshold about 11% of tickets escalate to LLM
@@ -69,7 +72,12 @@ def test_the_tuner_restores_a_missed_p95_target_first_and_lowers_cost_under_load
             first = judged
             wait_until(lambda: httpx.get(f"{settings.executor_url}/health").json()["pipelines"]["ticket_triage"]
                        >= first["version_after"], 20, 0.5, "the executor on the tuned version")
+            # The load's --duration is an upper bound: once enough tasks ran on the tuned config to read its
+            # p95 and cost, it stops (SIGTERM is its clean stop, exit 0).
+            wait_until(lambda: client.query(TUNED_SQL, parameters={"version": first["version_after"]})
+                       .result_rows[0][0] >= TUNED_TASKS, 60, 1.0, f"{TUNED_TASKS} tasks on the tuned config")
         finally:
+            load.terminate()
             _, err = load.communicate(timeout=180)
         assert load.returncode == 0, err
         assert first["reason"] and first["predicted"]

@@ -393,3 +393,20 @@ def test_decide_does_not_lower_a_quality_already_under_the_floor_on_too_few_labe
     assert any(r.startswith("escalate: waits for a later decision") for r in plan.reasons), plan.reasons
     obs.quality = 0.95  # well above it: the same cheaper threshold goes
     assert decide(SPEC, SPEC.defaults(), SLO_SHOP, obs, LoopSettings(max_relative_change=1.0)).changes["escalate"]
+
+
+def test_loop_settings_take_their_defaults_and_values_from_the_settings(tmp_path):
+    from tracetune.base import settings as settings_mod
+    from tracetune.tuner import loop_settings
+
+    defaults = settings_mod.load(config_file=tmp_path / "none.toml", environ={})
+    assert loop_settings(defaults) == LoopSettings()
+    chosen = settings_mod.load(config_file=tmp_path / "none.toml", environ={}, tuner_interval_seconds=7,
+                               tuner_window_seconds=42, tuner_cooldown_seconds=9, tuner_min_requests=11,
+                               cache_staleness_limit_seconds=13, tuner_canary_share=0.3,
+                               tuner_canary_min_requests=17, tuner_canary_max_seconds=19,
+                               tuner_approval_expiry_seconds=23, lease_seconds=29)
+    assert loop_settings(chosen) == LoopSettings(
+        interval_seconds=7, window_seconds=42, cooldown_seconds=9, min_requests=11, staleness_limit_seconds=13,
+        canary_share=0.3, canary_min_requests=17, canary_max_seconds=19, approval_expiry_seconds=23,
+        lease_seconds=29)

@@ -13,21 +13,23 @@ import math
 import numpy as np
 import pytest
 
-from tracetune.tuner.config import Knob
-from tracetune.tuner.policies import (
+from tracetune.tuner.batching import (
     BatchSample,
-    CascadeSample,
-    RouteStats,
     ServiceModel,
     aimd_batch_size,
     batching_policy,
+    fit_service_time,
+    predict_batching,
+)
+from tracetune.tuner.config import Knob
+from tracetune.tuner.policies import (
+    CascadeSample,
+    RouteStats,
     caching_policy,
     cascade_policy,
     cascade_route_floor,
     clamp_change,
     concurrency_policy,
-    fit_service_time,
-    predict_batching,
     routing_policy,
     slow_weight_cap,
 )

@@ -16,8 +16,8 @@ from tracetune.analyzer import SLO, load_prices
 from tracetune.executor.batcher import Batcher
 from tracetune.executor.cache import TTLCache
 from tracetune.tuner import calibration, oracles, simarms, simulate
+from tracetune.tuner.batching import ServiceModel
 from tracetune.tuner.loop import LoopSettings
-from tracetune.tuner.policies import ServiceModel
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,8 @@ def test_one_trace_through_the_executor_batcher_and_the_simulation_forms_the_sam
             delay = start + at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            with batcher._cond:  # a burst lands at once, as in the simulation, however busy the machine is
-                futures += [batcher.submit(i) for i, t in enumerate(arrivals) if t == at]
+            # A burst lands at once, as in the simulation, however busy the machine is.
+            futures += batcher.submit_many([i for i, t in enumerate(arrivals) if t == at])
         for f in futures:
             f.result(timeout=30)
     finally:

@@ -11,9 +11,10 @@ import pytest
 from tracetune.analyzer import SLO
 from tracetune.demo import load, triage
 from tracetune.tuner import calibration, simulate
+from tracetune.tuner.batching import BatchSample, ServiceModel
 from tracetune.tuner.config import PipelineSpec
 from tracetune.tuner.observe import Observation, RouteObservation
-from tracetune.tuner.policies import BatchSample, CascadeSample, ServiceModel
+from tracetune.tuner.policies import CascadeSample
 
 
 class _Classifier:

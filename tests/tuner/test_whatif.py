@@ -6,9 +6,10 @@ import random
 
 import pytest
 
+from tracetune.tuner.batching import BatchSample, fit_service_time, predict_batching
 from tracetune.tuner.config import ConfigError, Knob, PipelineSpec
 from tracetune.tuner.observe import Observation, RouteObservation
-from tracetune.tuner.policies import BatchSample, CascadeSample, fit_service_time, predict_batching
+from tracetune.tuner.policies import CascadeSample
 from tracetune.tuner.whatif import parse_sets, predict
 
 SPEC = PipelineSpec("p", {
