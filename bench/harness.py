@@ -27,39 +27,30 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
 def start_store(prefix: str):
     """An embedded store of its own in a new temporary home: (settings, its process, a client with an hour's
     timeout for the long inserts); stop it with stop_process."""
-    import os
-    import sys
     import tempfile
     from pathlib import Path
 
-    from tracetune import store
-
-    home = Path(tempfile.mkdtemp(prefix=prefix))
-    settings = isolated_settings(home)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
-    proc = subprocess.Popen([sys.executable, "-m", "tracetune", "store"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        client = store.connect(settings, wait=60)
-    except BaseException:
-        stop_process(proc)
-        raise
-    client.timeout = 3600
-    return settings, proc, client
+    return _store_on(Path(tempfile.mkdtemp(prefix=prefix)), timeout=3600)
 
 
 def open_store(home):
     """The embedded store of an existing home (e.g. a bench arm's, kept with --keep) on a free port, for reading
     what that run left: (settings, its process, a client); stop it with stop_process."""
-    import os
-    import sys
     from pathlib import Path
-
-    from tracetune import store
 
     home = Path(home)
     if not (home / "data").is_dir():
         raise FileNotFoundError(f"{home} holds no store data (a bench arm's home has a data/ folder)")
+    return _store_on(home, timeout=600)
+
+
+def _store_on(home, timeout: float):
+    """The embedded store of `home` started on free ports: (settings, its process, a client with `timeout`)."""
+    import os
+    import sys
+
+    from tracetune import store
+
     settings = isolated_settings(home)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
     proc = subprocess.Popen([sys.executable, "-m", "tracetune", "store"], env=env, stdout=subprocess.DEVNULL,
@@ -69,7 +60,7 @@ def open_store(home):
     except BaseException:
         stop_process(proc)
         raise
-    client.timeout = 600
+    client.timeout = timeout
     return settings, proc, client
 
 
