@@ -1,8 +1,8 @@
 """Fit the simulation to a real run and check it: the config that ran, simulated on the same load, beside what
 the real processes measured.
 
-    .venv/bin/python bench/tuner_real.py --pipeline rag --minutes 5 --arm default --keep   # keeps its home
-    .venv/bin/python bench/tuner_fit.py /tmp/tracetune-bench-rag_answering-default-XXXX --pipeline rag
+    .venv/bin/python bench/tuner_real.py --pipeline rag --minutes 5 --arm default --keep   # prints its home
+    .venv/bin/python bench/tuner_fit.py HOME --pipeline rag        # HOME: the folder that run printed
 
 SOURCE is a bench arm's home kept with --keep (its store is opened read-only on a free port, then stopped) or
 a ClickHouse URL. The calibration is fitted from every span of the pipeline in the store

@@ -142,20 +142,6 @@ WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
 GROUP BY step, route
 """
 
-# Batch spans by step and route (observe's batch query pools the routes of a step; each route has its own speed).
-ROUTE_BATCHES_SQL = """
-SELECT SpanAttributes['tracetune.batch_of'] AS step, SpanAttributes['tracetune.route'] AS route,
-       toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS size,
-       Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
-FROM otel_traces
-WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
-  AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String}
-  AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR')
-ORDER BY Timestamp DESC
-LIMIT 40000
-"""
-
-
 # Labelled tasks by their final answer (the root span's `tracetune.outcome` against the load generator's ground
 # truth), with the main model step's route and confidence and the tier the cascade sent it to ('' when the
 # local answer stood, or the remote failed and it was kept): for pipelines whose steps carry no
@@ -357,7 +343,7 @@ def _lognormal(row: Mapping[str, Any], median: float, sigma: float) -> tuple[flo
 
 def fit(client, spec: PipelineSpec, window_seconds: int = 3600, base: Calibration = DEMO) -> Calibration:
     """A calibration from the pipeline's real spans of the last `window_seconds` in the store at `client`."""
-    from tracetune.tuner.observe import collect
+    from tracetune.tuner.observe import BATCHES_SQL, collect
 
     obs = collect(client, spec, window_seconds)
     if obs.requests == 0:
@@ -366,8 +352,9 @@ def fit(client, spec: PipelineSpec, window_seconds: int = 3600, base: Calibratio
     rows = client.query(LATENCY_SQL, parameters={"pipeline": spec.pipeline, "window": int(window_seconds)})
     latencies = {(row["step"], row["route"]): row for row in rows.named_results()}
     batches: dict[tuple[str, str], list[BatchSample]] = {}
-    for step, route, size, duration_ms, padding in client.query(ROUTE_BATCHES_SQL, parameters={
-            "pipeline": spec.pipeline, "window": int(window_seconds)}).result_rows:
+    # By step and route (observe pools a step's routes; each route has its own speed), and more of them.
+    for step, route, size, duration_ms, padding in client.query(BATCHES_SQL, parameters={
+            "pipeline": spec.pipeline, "window": int(window_seconds), "limit": 40000}).result_rows:
         if size:
             batches.setdefault((step, route), []).append(BatchSample(int(size), float(duration_ms), float(padding)))
     answers: list[Answer] = []

@@ -44,16 +44,17 @@ WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
   AND ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
 """
 
-# The newest batch spans of the pipeline's steps: size, duration, padding.
+# The newest batch spans of the pipeline's steps, at most {limit}: step, route, size, duration, padding.
 BATCHES_SQL = """
-SELECT SpanAttributes['tracetune.batch_of'] AS step, toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS size,
+SELECT SpanAttributes['tracetune.batch_of'] AS step, SpanAttributes['tracetune.route'] AS route,
+       toUInt32OrZero(SpanAttributes['tracetune.batch_size']) AS size,
        Duration / 1e6 AS duration_ms, toFloat64OrZero(SpanAttributes['tracetune.padding_ratio']) AS padding
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
   AND SpanAttributes['tracetune.batch_pipeline'] = {pipeline:String}
   AND StatusCode NOT IN ('Error', 'STATUS_CODE_ERROR')
 ORDER BY Timestamp DESC
-LIMIT 5000
+LIMIT {limit:UInt32}
 """
 
 # Model and cascade step answers of labelled tasks: ground truth from the load generator, or user feedback
@@ -182,7 +183,8 @@ def collect(client, spec: PipelineSpec, window_seconds: int = 300) -> Observatio
             retried=int(row["retried"]), errors=int(row["errors"]))
     if not obs.requests:
         return obs
-    for step, size, duration_ms, padding in client.query(BATCHES_SQL, parameters=params).result_rows:
+    batch_rows = client.query(BATCHES_SQL, parameters=params | {"limit": 5000}).result_rows
+    for step, _, size, duration_ms, padding in batch_rows:  # the routes of a step pooled
         if size:
             obs.batches.setdefault(step, []).append(BatchSample(int(size), float(duration_ms), float(padding)))
     _costs(client, obs, window_seconds)
