@@ -55,14 +55,14 @@ def test_the_tuner_restores_a_missed_p95_target_first_and_lowers_cost_under_load
             headers={"Authorization": f"Bearer {settings.secret('tuner')}"})
         assert slo.status_code == 200, slo.text
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
-        load = subprocess.Popen([sys.executable, "-m", "tracetune", "load", "--rate", "25", "--duration", "120",
+        load = subprocess.Popen([sys.executable, "-m", "tracetune", "load", "--rate", "25", "--duration", "240",
                                  "--duplicates", "0.3", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
             decisions_url = f"{settings.tuner_url}/v1/pipelines/ticket_triage/decisions"
             of = lambda *kinds: [d for d in httpx.get(decisions_url).json() if d["kind"] in kinds]
             try:
-                wait_until(lambda: of("canary_promote", "canary_rollback"), 110, 1.0, "a canary judged under load")
+                wait_until(lambda: of("canary_promote", "canary_rollback"), 220, 1.0, "a canary judged under load")
             except AssertionError as exc:  # say what the tuner did decide
                 seen = client.query(RECENT_SQL).result_rows[0]
                 raise AssertionError(f"{exc}; decisions: {[(d['kind'], d['reason']) for d in of(*KINDS)]}; "
