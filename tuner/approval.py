@@ -12,9 +12,10 @@ when it was proposed with one) — or `reject`s it; a pending proposal `expire`s
 made on a config no longer in force is never applied: approving it records it `stale` and the loop
 proposes again on the config in force. Every outcome is a decision row saying who and why.
 
-Outcomes are claims appended to the table; the earliest claim wins (as `store.lease` decides terms), so a
-tuner replica approving while another expires the same proposal agree on one outcome and only the winner
-acts on it.
+An outcome is recorded once, across replicas: a replica answering a proposal first holds a short lease
+named after it (`store.lease`, the protocol that picks the active tuner), reads the proposal again and
+appends its outcome only if none is there yet. So a replica approving while another expires the same
+proposal agree on one outcome, and only the one that recorded it acts on it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tracetune.store.lease import Lease
 from tracetune.tuner import canary, decisions, versions
 from tracetune.tuner.config import Approval, ConfigError, PipelineConfig, PipelineSpec, same_way
 
@@ -39,12 +42,19 @@ log = logging.getLogger("tracetune.tuner")
 OPEN = ("pending", "observed")
 """How a proposal opens: waiting for an operator, or recorded only (observe mode)."""
 CLOSED = ("approved", "rejected", "expired", "stale")
-"""How a pending proposal ends; the earliest claim wins."""
+"""How a pending proposal ends; the first outcome recorded is the one."""
+
+CLAIM_LEASE_SECONDS = 10.0
+"""How long a replica may hold a proposal while recording its outcome (a replica that dies holding it
+blocks the others for this long at most)."""
+CLAIM_WAIT_SECONDS = 15.0
+"""How long an answer waits for another replica that holds the proposal, before answering 503."""
 
 
 class ApprovalError(Exception):
-    """An approval or rejection that cannot happen: `status` 404 (no such proposal) or 409 (not pending, stale,
-    or the pipeline is frozen or pinned), and one sentence saying why and what to do."""
+    """An approval or rejection that cannot happen: `status` 404 (no such proposal), 409 (not pending, stale,
+    or the pipeline is frozen or pinned) or 503 (another replica is answering it now), and one sentence
+    saying why and what to do."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -215,11 +225,6 @@ LIMIT {{limit:UInt32}}
 
 TOP_SQL = "SELECT max(proposal) FROM tracetune_proposals"
 
-WINNER_SQL = f"""
-SELECT argMin(claim, (changed_at, claim)) FROM tracetune_proposals
-WHERE proposal = {{number:UInt64}} AND {_ENDED}
-"""
-
 _COLUMNS = ["claim", "proposal", "pipeline", "status", "base_version", "changes", "reason", "predicted", "violated",
             "waits_for", "canary_share", "expiry_seconds", "author", "note"]
 
@@ -252,14 +257,36 @@ def proposal(client, number: int) -> Proposal | None:
     return _row(rows[0]) if rows and number > 0 else None
 
 
-def _claim(client, found: Proposal, status: str, author: str, note: str) -> bool:
-    """Append a claim on how `found` ended; True when it is the earliest claim (the outcome), False when
-    another claim came first (another replica, or a second call)."""
-    claim = uuid.uuid4().hex
-    client.insert("tracetune_proposals", [[claim, found.number, found.pipeline, status, found.base_version, "{}", "",
-                                           {}, [], "", 0.0, 0.0, author, note]], column_names=_COLUMNS)
-    winner = client.query(WINNER_SQL, parameters={"number": found.number}).result_rows
-    return bool(winner) and winner[0][0] == claim
+def _claim(client, found: Proposal, status: str, author: str, note: str,
+           wait: float = CLAIM_WAIT_SECONDS) -> bool:
+    """Record that `found` ended as `status`, unless it has already ended: True when this call recorded the
+    outcome (and the caller acts on it), False when another replica or an earlier call had.
+
+    Replicas share no lock, so the outcome is written under a lease named after the proposal: only its
+    holder reads the proposal again and appends the outcome, so two replicas can never both record one.
+    ApprovalError 503 when another replica holds the proposal for longer than `wait` seconds."""
+    lease = Lease(client, f"proposal:{found.number}", seconds=CLAIM_LEASE_SECONDS)
+    deadline = time.monotonic() + wait
+    while True:
+        if lease.acquire():
+            try:
+                now = proposal(client, found.number)
+                if now is None or now.decided_at is not None:
+                    return False
+                if lease.holding():  # the write starts inside the term: the lease's margin covers it
+                    client.insert("tracetune_proposals",
+                                  [[uuid.uuid4().hex, found.number, found.pipeline, status, found.base_version,
+                                    "{}", "", {}, [], "", 0.0, 0.0, author, note]], column_names=_COLUMNS)
+                    return True
+            finally:
+                lease.release()
+        now = proposal(client, found.number)
+        if now is None or now.decided_at is not None:
+            return False
+        if time.monotonic() >= deadline:
+            raise ApprovalError(503, f"proposal {found.number} is being answered by another tuner replica; "
+                                     "try again in a few seconds")
+        time.sleep(0.2)
 
 
 def _open(client, pipeline: str, status: str, base: PipelineConfig, changes: dict, reason: str,
@@ -450,7 +477,10 @@ def reject(client, number: int, author: str, note: str) -> decisions.Decision:
 
 
 def _expire(client, found: Proposal) -> decisions.Decision | None:
-    if not _claim(client, found, "expired", "tuner", "unanswered in time"):
+    try:
+        if not _claim(client, found, "expired", "tuner", "unanswered in time"):
+            return None
+    except ApprovalError:  # another replica is answering it now: its outcome, or the next look's expiry
         return None
     config = versions.latest(client, found.pipeline) or PipelineConfig(found.pipeline, found.base_version)
     hours = (found.expires_at - found.proposed_at).total_seconds() / 3600

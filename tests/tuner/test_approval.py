@@ -285,19 +285,48 @@ def test_on_call_is_told_when_a_waiting_proposal_restores_a_missed_objective(tun
     assert alerts.proposal_conditions(tuner.client, datetime.now(UTC)) == []  # answered: resolved
 
 
-def test_answers_racing_on_one_proposal_end_it_once(tuner):
-    """Replicas answer without a common lock: outcomes are claims, and the earliest wins for every reader."""
-    from concurrent.futures import ThreadPoolExecutor
+RACER = """
+import sys, time
+from tracetune import store
+from tracetune.base.settings import load
+from tracetune.tuner import approval
+number, verb, who, start = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])
+client = store.connect(load(), ensure_schema=False)
+answer = approval.approve if verb == "approve" else approval.reject
+time.sleep(max(0.0, start - time.time()))
+try:
+    answer(client, number, who, "race")
+    print("done")
+except approval.ApprovalError as exc:
+    print(exc.status)
+"""
+
+
+def test_replicas_answering_one_proposal_at_once_end_it_once(tuner, tmp_path):
+    """Four processes (as four tuner replicas, sharing no lock) approve and reject one proposal at the same
+    moment: one answer is recorded and acted on, every other is told it was decided, and every reader sees
+    the one outcome."""
+    import os
+    import subprocess
+    import sys
 
     assert tuner.declare({"mode": "approve"}).status_code == 200
-    waiting = approval.proposal(tuner.client, _proposed(tuner)["number"])
-    clients = [store.connect(tuner.client_settings, ensure_schema=False) for _ in range(4)]
-    statuses = ("approved", "rejected", "expired", "approved")
-    with ThreadPoolExecutor(4) as pool:
-        won = list(pool.map(lambda i: approval._claim(clients[i], waiting, statuses[i], f"r{i}", "race"), range(4)))
-    assert won.count(True) == 1
-    winner = won.index(True)
-    found = approval.proposal(tuner.client, waiting.number)
-    assert (found.status, found.decided_by) == (statuses[winner], f"r{winner}")
-    assert tuner.answer(waiting.number, "approve").status_code == 409  # ended: nobody acts on it again
-    assert canary.running(tuner.client, "shop") is None
+    number = _proposed(tuner)["number"]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")},
+           **tuner.client_settings.as_env()}
+    start = time.time() + 4  # after every process has imported and connected
+    verbs = ("approve", "reject", "approve", "reject")
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(number), verb, f"r{i}", str(start)], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for i, verb in enumerate(verbs)]
+    outs = [racer.communicate(timeout=120) for racer in racers]
+    said = [out.strip().splitlines()[-1] if out.strip() else f"crashed: {err[-300:]}" for out, err in outs]
+    assert sorted(said) == ["409", "409", "409", "done"], said
+    winner = said.index("done")
+    found = approval.proposal(tuner.client, number)
+    assert (found.status, found.decided_by) == ({"approve": "approved", "reject": "rejected"}[verbs[winner]],
+                                                f"r{winner}")
+    answers = [k for k in tuner.kinds() if k in ("proposal_approve", "proposal_reject")]
+    assert answers == [f"proposal_{verbs[winner]}"]
+    assert (canary.running(tuner.client, "shop") is not None) == (verbs[winner] == "approve")
+    assert tuner.answer(number, "approve").status_code == 409  # ended: nobody acts on it again

@@ -50,7 +50,8 @@ _ERRORS = {401: "No or a wrong bearer token: send Authorization: Bearer <tuner t
            403: "Writes are disabled (the tuner has no token), or a browser request from another site or Host",
            404: "No such pipeline or proposal", 409: "The proposal is not pending, is stale, or the pipeline is frozen",
            413: "The body is larger than tuner_max_body_bytes", 415: "The body is not sent as application/json",
-           422: "A malformed body or value; the message names the field"}
+           422: "A malformed body or value; the message names the field",
+           503: "Another tuner replica is answering the same proposal; retry after Retry-After seconds"}
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -59,7 +60,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _refused(exc: approval.ApprovalError) -> HTTPException:
-    return HTTPException(exc.status, str(exc))
+    return HTTPException(exc.status, str(exc), headers={"Retry-After": "5"} if exc.status == 503 else None)
 
 
 @router.get("/v1/pipelines/{pipeline}/approval", responses=_errors(404))
@@ -111,7 +112,7 @@ async def read_proposal(number: int, request: Request) -> dict[str, Any]:
 
 
 @router.post("/v1/proposals/{number}/approve", dependencies=[Depends(writer)],
-             responses=_errors(401, 403, 404, 409, 413, 415, 422))
+             responses=_errors(401, 403, 404, 409, 413, 415, 422, 503))
 async def approve(number: int, body: AnswerBody, request: Request) -> dict[str, Any]:
     """Apply a pending proposal exactly as proposed, through the loop's own path: a canary of it when it was
     proposed with one, else the change for every task. 409 when it is not pending, when the pipeline is
@@ -130,7 +131,7 @@ async def approve(number: int, body: AnswerBody, request: Request) -> dict[str, 
 
 
 @router.post("/v1/proposals/{number}/reject", dependencies=[Depends(writer)],
-             responses=_errors(401, 403, 404, 409, 413, 415, 422))
+             responses=_errors(401, 403, 404, 409, 413, 415, 422, 503))
 async def reject(number: int, body: AnswerBody, request: Request) -> dict[str, Any]:
     """Reject a pending proposal: nothing changes, and the loop does not propose the same moves again for an
     hour (the same knob, the same way). Recorded as `proposal_reject` with who and why."""
