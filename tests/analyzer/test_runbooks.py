@@ -25,7 +25,8 @@ def test_every_rule_has_a_runbook_section_that_exists():
     for rule, url in alerts.RUNBOOK_URLS.items():
         path, _, anchor = url.partition("#")
         assert path == "docs/runbooks.md" and anchor in anchors, (rule, url, sorted(anchors))
-    for section in ("dead-letters", "store-down", "full-disk", "rollback-by-hand"):
+    for section in ("dead-letters", "store-down", "full-disk", "rollback-by-hand", "model-quality-degradation",
+                    "llm-provider-rate-limits-429", "tuner-canary-rolled-back"):
         assert section in anchors
     for link in re.findall(r"\]\(#([^)]+)\)", text):  # links inside the page resolve too
         assert link in anchors, link
