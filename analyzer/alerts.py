@@ -165,10 +165,13 @@ class Alert:
     resolved_at: datetime | None = None
     value: float = 0.0
 
-    def to_alertmanager(self, generator_url: str = "") -> dict[str, Any]:
-        """The alert as an Alertmanager webhook (version 4) lists it."""
+    def to_alertmanager(self, generator_url: str = "", runbook_base_url: str = "") -> dict[str, Any]:
+        """The alert as an Alertmanager webhook (version 4) lists it; its `runbook_url` under `runbook_base_url`."""
+        annotations = dict(self.annotations)
+        if runbook_base_url and annotations.get("runbook_url", "").startswith(RUNBOOKS):
+            annotations["runbook_url"] = runbook_base_url.rstrip("/") + "/" + annotations["runbook_url"]
         return {"status": "resolved" if self.state == "resolved" else "firing", "labels": dict(self.labels),
-                "annotations": dict(self.annotations), "startsAt": _iso(self.fired_at or self.active_at),
+                "annotations": annotations, "startsAt": _iso(self.fired_at or self.active_at),
                 "endsAt": _iso(self.resolved_at) if self.resolved_at else ZERO_TIME,
                 "generatorURL": generator_url, "fingerprint": self.fingerprint}
 
@@ -343,7 +346,8 @@ def _reason(group: Group, status: Mapping[str, str]) -> str:
 
 def group_notifications(alerts: Iterable[Alert], groups: dict[str, Group], silences: Sequence[Silence],
                         now: datetime, timing: Timing = Timing(), group_by: Sequence[str] = GROUP_BY,
-                        receiver: str = "tracetune", external_url: str = "") -> list[delivery.Notification]:
+                        receiver: str = "tracetune", external_url: str = "",
+                        runbook_base_url: str = "") -> list[delivery.Notification]:
     """The notifications due at `now`; updates `groups` as if they were sent.
 
     Silenced alerts are left out; a resolved alert is told only to a group that was told it fired.
@@ -374,10 +378,10 @@ def group_notifications(alerts: Iterable[Alert], groups: dict[str, Group], silen
             continue
         reason = _reason(group, status)
         found.sort(key=lambda a: (a.state == "resolved", a.fired_at or a.active_at, a.fingerprint))
-        body = [a.to_alertmanager(external_url) for a in found]
+        body = [a.to_alertmanager(external_url, runbook_base_url) for a in found]
         common_labels = {k: v for k, v in found[0].labels.items() if all(a.labels.get(k) == v for a in found)}
-        common_annotations = {k: v for k, v in found[0].annotations.items()
-                              if all(a.annotations.get(k) == v for a in found)}
+        common_annotations = {k: v for k, v in body[0]["annotations"].items()
+                              if all(a["annotations"].get(k) == v for a in body)}
         due.append(delivery.Notification(
             receiver=receiver, group_key=key, status="firing" if "firing" in status.values() else "resolved",
             alerts=body, group_labels=dict(group.labels), common_labels=common_labels,
@@ -668,11 +672,12 @@ class Engine:
     State, groups and silences live in ClickHouse, so a restarted analyzer goes on where it was."""
 
     def __init__(self, client, receivers: Sequence[delivery.Receiver], timing: Timing = Timing(),
-                 external_url: str = "", group_by: Sequence[str] = GROUP_BY):
+                 external_url: str = "", group_by: Sequence[str] = GROUP_BY, runbook_base_url: str = ""):
         self.client = client
         self.receivers = list(receivers)
         self.timing = timing
         self.external_url = external_url
+        self.runbook_base_url = runbook_base_url
         self.group_by = tuple(group_by)
         self._lock = threading.Lock()
         self.alerts = current_alerts(client)
@@ -696,7 +701,7 @@ class Engine:
             silences = list_silences(self.client, now)
             before = {k: (g.last_notified_at, dict(g.notified)) for k, g in self.groups.items()}
             due = group_notifications(self.alerts.values(), self.groups, silences, now, self.timing, self.group_by,
-                                      external_url=self.external_url)
+                                      external_url=self.external_url, runbook_base_url=self.runbook_base_url)
             for notification in due:
                 delivery.enqueue(self.client, notification, self.receivers)
             changed = [g for k, g in self.groups.items() if before.get(k) != (g.last_notified_at, g.notified)]

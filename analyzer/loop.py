@@ -110,7 +110,8 @@ def run(client, prices_file: str, interval: float, stop: threading.Event, engine
 
 def _reloaded(engine: alerts.Engine) -> alerts.Engine:
     """The same engine with the alert state and groups read again from the store."""
-    return alerts.Engine(engine.client, engine.receivers, engine.timing, engine.external_url, engine.group_by)
+    return alerts.Engine(engine.client, engine.receivers, engine.timing, engine.external_url, engine.group_by,
+                         engine.runbook_base_url)
 
 
 def _run(client, interval: float, stop: threading.Event, engine: alerts.Engine | None, notify_seconds: float,

@@ -70,8 +70,11 @@ class PagerDutyReceiver(Receiver):
                 event["payload"]["timestamp"] = alert["startsAt"]
             if notification.external_url:
                 event["client_url"] = notification.external_url
-            if alert.get("generatorURL"):
-                event["links"] = [{"href": alert["generatorURL"], "text": "Open in tracetune"}]
+            links = [{"href": alert["generatorURL"], "text": "Open in tracetune"}] if alert.get("generatorURL") else []
+            if annotations.get("runbook_url", "").startswith(("http://", "https://")):
+                links.append({"href": annotations["runbook_url"], "text": "Runbook"})
+            if links:
+                event["links"] = links
             events.append(event)
         return events
 

@@ -37,8 +37,11 @@ class SlackReceiver(UrlReceiver):
             if annotations.get("description"):
                 parts.append(_slack_escape(annotations["description"]))
             parts.append(" ".join(f"`{_slack_escape(k)}={_slack_escape(v)}`" for k, v in sorted(labels.items())))
-            if alert.get("generatorURL"):
-                parts.append(f"<{alert['generatorURL']}|Open in tracetune>")
+            links = [f"<{alert['generatorURL']}|Open in tracetune>"] if alert.get("generatorURL") else []
+            if annotations.get("runbook_url", "").startswith(("http://", "https://")):
+                links.append(f"<{annotations['runbook_url']}|Runbook>")
+            if links:
+                parts.append(" · ".join(links))
             blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(parts)[:3000]}})
             lines.append(f"- {summary} ({alert.get('status', '')})")
         more = len(notification.alerts) - _SLACK_ALERT_BLOCKS + notification.truncated_alerts

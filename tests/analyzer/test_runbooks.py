@@ -40,3 +40,30 @@ def test_every_condition_carries_its_runbook_url():
     assert condition.annotations["runbook_url"] == "docs/runbooks.md#feature-drift"
     [cost] = alerts.cost_conditions({"p": 2.0}, {"p": 1.0})
     assert cost.annotations["runbook_url"] == alerts.RUNBOOK_URLS["cost"]
+
+
+def test_a_runbook_base_url_makes_every_runbook_url_a_link_slack_and_pagerduty_show():
+    from datetime import UTC, datetime
+
+    from tracetune.analyzer.receivers.pagerduty import PagerDutyReceiver
+    from tracetune.analyzer.receivers.slack import SlackReceiver
+
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    [cost] = alerts.cost_conditions({"p": 2.0}, {"p": 1.0})
+    firing, _ = alerts.advance({}, [cost], now)
+    firing, _ = alerts.advance(firing, [cost], now.replace(minute=10))  # past the rule's 5 minutes
+    timing = alerts.Timing(group_wait=0, group_interval=60, repeat_interval=600)
+    [plain] = alerts.group_notifications(firing.values(), {}, [], now.replace(minute=10), timing)
+    assert plain.alerts[0]["annotations"]["runbook_url"] == "docs/runbooks.md#cost-over-budget"
+    base = "https://git.example.com/ops/tracetune/blob/main/"
+    [linked] = alerts.group_notifications(firing.values(), {}, [], now.replace(minute=10), timing,
+                                          runbook_base_url=base)
+    url = "https://git.example.com/ops/tracetune/blob/main/docs/runbooks.md#cost-over-budget"
+    assert linked.alerts[0]["annotations"]["runbook_url"] == url
+    assert linked.alertmanager()["commonAnnotations"]["runbook_url"] == url
+    [slack] = SlackReceiver("slack", "https://hooks.slack.com/services/T/B/X", "").payloads(linked)
+    assert f"<{url}|Runbook>" in str(slack["blocks"])
+    assert "Runbook" not in str(SlackReceiver("slack", "https://hooks.slack.com/services/T/B/X", "")
+                                .payloads(plain)[0]["blocks"])  # a path in the repository is no link
+    [event] = PagerDutyReceiver("pagerduty", "R0UTINGKEY0000000000000000000000").payloads(linked)
+    assert {"href": url, "text": "Runbook"} in event["links"]

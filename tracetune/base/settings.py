@@ -144,6 +144,9 @@ class Settings:
     alert_slack_url: str = ""
     alert_pagerduty_routing_key: str = ""
     alert_pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
+    # Where on-call reads docs/runbooks.md, e.g. https://git.example.com/ops/tracetune/blob/main/ : every alert's
+    # `runbook_url` annotation becomes a link under it. Empty: the annotation is the path in the repository.
+    alert_runbook_base_url: str = ""
 
     # HTTP surfaces (tuner API, executor task API and metrics, collector, dashboard): the Host header must name
     # the bound address (any, when bound to 0.0.0.0), a name in a *_endpoint setting, or one listed here
@@ -402,7 +405,8 @@ def validate(s: Settings) -> Settings:
                 "http://user:pass@host:8123/database"
             )
     for name in ("llm_url", "crm_url", "collector_endpoint", "tuner_endpoint", "dashboard_endpoint",
-                 "executor_endpoint", "alert_webhook_url", "alert_slack_url", "alert_pagerduty_url"):
+                 "executor_endpoint", "alert_webhook_url", "alert_slack_url", "alert_pagerduty_url",
+                 "alert_runbook_base_url"):
         url = getattr(s, name)
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise SettingsError(f"{name} = {url!r} (from {where(name)}) must be an http(s) URL")

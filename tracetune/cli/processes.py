@@ -122,7 +122,8 @@ def analyzer_cmd(ctx: click.Context) -> None:
     lease = Lease(store_mod.connect(s), "analyzer", s.lease_seconds)  # its own client
     receivers = delivery.receivers_from_settings(s)
     engine = alerts.Engine(client, receivers, alerts.Timing(s.alert_group_wait_seconds, s.alert_group_interval_seconds,
-                                                            s.alert_repeat_interval_seconds), s.dashboard_url)
+                                                            s.alert_repeat_interval_seconds), s.dashboard_url,
+                           runbook_base_url=s.alert_runbook_base_url)
     run(client, s.prices_file, s.analyzer_interval_seconds, stop, engine,
         notify_seconds=max(0.5, min(5.0, s.alert_group_wait_seconds)), lease=lease,
         # A worker for each term the lease is held, with its own client; it sends only while holding.
