@@ -2,7 +2,11 @@
 
 A request is a root span (`tracetune.pipeline`, no parent) that started in the window; its cost is
 the sum over the step spans of its trace of
-  token cost    input/output tokens × price per 1M (by `gen_ai.request.model`),
+  token cost    input/output tokens × price per 1M (by `gen_ai.request.model`); a step span's tokens are
+                its `tracetune.llm.*_tokens` when it has them (the executor), else its
+                `gen_ai.usage.*_tokens` (older executors, apps' own spans). Only step spans count, so
+                the `gen_ai.usage.*` of an executor call's CLIENT span (no `tracetune.step`) is not
+                counted a second time (the rule of store/sql/170_tracetune_spans_1m_mv_tokens.sql),
   compute cost  self time — or, if a batch span links to the step, batch duration ÷ batch size —
                 × price per core-second (by `tracetune.route`), one core assumed,
   call cost     flat price per call, by step name, else by `gen_ai.provider.name`.
@@ -49,8 +53,12 @@ steps AS (
            SpanAttributes['tracetune.route'] AS route,
            SpanAttributes['gen_ai.request.model'] AS model,
            SpanAttributes['gen_ai.provider.name'] AS provider,
-           toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens']) AS input_tokens,
-           toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens']) AS output_tokens
+           if(mapContains(SpanAttributes, 'tracetune.llm.input_tokens'),
+              toUInt64OrZero(SpanAttributes['tracetune.llm.input_tokens']),
+              toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens'])) AS input_tokens,
+           if(mapContains(SpanAttributes, 'tracetune.llm.output_tokens'),
+              toUInt64OrZero(SpanAttributes['tracetune.llm.output_tokens']),
+              toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens'])) AS output_tokens
     FROM otel_traces
     WHERE Timestamp >= window_start AND SpanAttributes['tracetune.step'] != ''
       AND TraceId IN (SELECT trace_id FROM roots)

@@ -38,6 +38,12 @@ ESCALATION: Final = "tracetune.escalation"
 """On a cascade step: `answered`, `failed` or `unavailable`."""
 RETRIES: Final = "tracetune.retries"
 """Retries a remote call needed."""
+LLM_INPUT_TOKENS: Final = "tracetune.llm.input_tokens"
+"""On a step span that called an LLM: input tokens of its calls, summed. The calls' own CLIENT spans carry the
+GenAI conventions' `gen_ai.usage.input_tokens`; the step keeps its count under this name, so a tool summing
+`gen_ai.usage.*` over every span of a trace counts each call once."""
+LLM_OUTPUT_TOKENS: Final = "tracetune.llm.output_tokens"
+"""On a step span that called an LLM: output tokens of its calls, summed (see LLM_INPUT_TOKENS)."""
 PREDICTION: Final = "tracetune.prediction"
 """A model step's answer (a scalar), compared with ground truth or user feedback for quality."""
 ERROR_KIND: Final = "tracetune.error_kind"

@@ -2,8 +2,10 @@
 
 Any `/v1/chat/completions` endpoint works (OpenAI, vLLM, Ollama, the stand-in in demo/standins.py).
 Each call is a CLIENT span `chat {model}` with the OTel GenAI semantic conventions' attributes (what
-GenAI-aware tools read), a child of the step span; the step span also gets the model, provider and token
-counts of its call, which the per-minute rollup and the analyzer's cost read from step spans.
+GenAI-aware tools read), a child of the step span. The step span also gets the model and provider of its
+call and its token counts under tracetune's own names (`tracetune.llm.input_tokens` / `output_tokens`,
+summed over the step's calls), which the per-minute rollup and the analyzer's cost read from step spans:
+`gen_ai.usage.*` is on the CLIENT span alone, so a tool summing it over every span counts each call once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import httpx
 from opentelemetry import trace
 
+from tracetune.executor import conventions as attr
 from tracetune.executor.effects import RetriesExhausted, RetryPolicy, describe_response, send_with_retries
 from tracetune.executor.telemetry import current_tracer
 
@@ -72,6 +75,12 @@ def _match_label(answer: str, labels: list[str]) -> str | None:
     return named[0] if len(named) == 1 else None
 
 
+def _add_count(span: trace.Span, name: str, count: int) -> None:
+    """`name` on `span` plus `count`: a step that calls twice keeps both calls' tokens, not the last one's."""
+    before = (getattr(span, "attributes", None) or {}).get(name, 0)  # the SDK's spans can be read back
+    span.set_attribute(name, int(before) + count)
+
+
 class ChatClient:
     """`classify(text, labels)` over `POST {base_url}/chat/completions`, retrying 429/5xx per `policy`.
 
@@ -106,7 +115,8 @@ class ChatClient:
 
     def complete(self, messages: list[dict[str, Any]], timeout: float | None = None, **params: Any) -> dict[str, Any]:
         """One chat completion (the response JSON), with retries, as a CLIENT span `chat {model}` (GenAI
-        conventions) under the current span, which gets the call's model, provider and token counts.
+        conventions) under the current span, which gets the call's model and provider, and its token counts
+        added to `tracetune.llm.input_tokens` / `output_tokens`.
 
         `timeout` (s) bounds the whole call, retries included; each attempt also stops at `self.timeout`."""
         step = trace.get_current_span()
@@ -121,8 +131,8 @@ class ChatClient:
         usage = data.get("usage") or {}
         step.set_attribute("gen_ai.provider.name", self.provider)
         step.set_attribute("gen_ai.request.model", self.model)
-        step.set_attribute("gen_ai.usage.input_tokens", int(usage.get("prompt_tokens", 0)))
-        step.set_attribute("gen_ai.usage.output_tokens", int(usage.get("completion_tokens", 0)))
+        _add_count(step, attr.LLM_INPUT_TOKENS, int(usage.get("prompt_tokens", 0)))
+        _add_count(step, attr.LLM_OUTPUT_TOKENS, int(usage.get("completion_tokens", 0)))
         return data
 
     def _complete(self, span: trace.Span, step: trace.Span, messages: list[dict[str, Any]], timeout: float | None,

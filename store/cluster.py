@@ -60,7 +60,8 @@ def cluster_statements(statement: str, cluster: str, database: str) -> list[str]
 
     CREATE TABLE of a sharded table: a Replicated `<name>_local` table and a Distributed `<name>`;
     of any other table: one Replicated table replicated to every node. CREATE MATERIALIZED VIEW: the
-    view on every node, reading and writing local tables. ALTER TABLE and DROP: on the same tables.
+    view on every node, reading and writing local tables. ALTER TABLE and DROP: on the same tables;
+    ALTER TABLE <view> MODIFY QUERY: the view's new SELECT, reading local tables.
     """
     if not re.fullmatch(r"[A-Za-z0-9_-]+", cluster) or not re.fullmatch(r"[A-Za-z0-9_]+", database):
         raise ClusterFormError(f"cluster {cluster!r} / database {database!r}: letters, digits, _ (and - in a cluster)")
@@ -123,11 +124,17 @@ def _create_view(words: _Tokens, cluster: str) -> str:
     if words.upper(end, 1) != ["TO"]:
         raise ClusterFormError(f"materialized view {name}: only the `TO <table>` form has a cluster form "
                                "(an inner table would be neither Replicated nor sharded)")
-    parts = [words.before(words.start(at)), f"{_quote(name)} ON CLUSTER {_quote(cluster)} "]
-    cursor = end
-    for i in range(end, len(words) - 1):
+    head = words.before(words.start(at)) + f"{_quote(name)} ON CLUSTER {_quote(cluster)} "
+    return (head + _local_tables(words, end, to_at=end)).rstrip()
+
+
+def _local_tables(words: _Tokens, start: int, to_at: int = -1) -> str:
+    """The text from token `start` with each sharded table a view reads (`FROM`, `JOIN`), or writes (`TO`
+    at token `to_at`), named by its `_local` part: a view on a shard reads and writes that shard's rows."""
+    parts, cursor = [], start
+    for i in range(start, len(words) - 1):
         keyword = words.upper(i, 1)[0]
-        if keyword not in ("FROM", "JOIN") and not (keyword == "TO" and i == end):
+        if keyword not in ("FROM", "JOIN") and not (keyword == "TO" and i == to_at):
             continue
         kind, token = words.kind(i + 1), words.text_of(i + 1)
         table = unquote(token.encode()).decode() if kind == "name" else token
@@ -135,11 +142,15 @@ def _create_view(words: _Tokens, cluster: str) -> str:
             parts += [words.between(cursor, i + 1), _quote(local_name(table)), words.gap(i + 1)]
             cursor = i + 2
     parts.append(words.after(cursor))
-    return "".join(parts).rstrip()
+    return "".join(parts)
 
 
 def _alter_table(words: _Tokens, cluster: str) -> list[str]:
     name, end = words.name(2)
+    if words.upper(end, 2) == ["MODIFY", "QUERY"]:  # a materialized view's new SELECT, over the shard's tables
+        if name in SHARDED:
+            raise ClusterFormError(f"ALTER TABLE {name} MODIFY QUERY: {name} is a table, not a materialized view")
+        return [f"ALTER TABLE {_quote(name)} ON CLUSTER {_quote(cluster)} {_local_tables(words, end).strip()}"]
     target = f"ALTER TABLE {{}} ON CLUSTER {_quote(cluster)} {_dedup_settings(words.after(end)).strip()}"
     if name not in SHARDED:
         return [target.format(_quote(name))]

@@ -3,8 +3,8 @@
 Which migrations a database has is recorded in `tracetune_schema_migrations` (version, name,
 checksum, when, by whom), so a component starting reads one table and applies only what is missing.
 Every statement is idempotent (`CREATE ... IF NOT EXISTS`, `ALTER ... MODIFY SETTING`, `ADD COLUMN IF
-NOT EXISTS`): two processes migrating at once both run the missing statements, harmlessly, and the
-record is written once (its insert carries a deduplication token). A data folder made before this
+NOT EXISTS`, a view's `MODIFY QUERY`): two processes migrating at once both run the missing statements,
+harmlessly, and the record is written once (its insert carries a deduplication token). A data folder made before this
 table existed has every table already; its migrations run as no-ops and are recorded.
 """
 

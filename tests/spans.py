@@ -8,7 +8,7 @@ from typing import Any
 
 from tracetune.collector.rows import COLUMNS
 
-__all__ = ["COLUMNS", "demo_traffic", "span_row"]
+__all__ = ["COLUMNS", "LLM_GENERATIONS", "demo_traffic", "llm_traces", "span_row"]
 
 
 def span_row(start: int, *, trace_id: str = "cd" * 16, span_id: str | None = None, parent: str = "",
@@ -80,3 +80,55 @@ def demo_traffic(start: datetime, seconds: float, drifts: Sequence[tuple[str, fl
         rows.append(span_row(at, trace_id=trace, span_id=f"{n:016x}", name="ticket_triage", kind="SPAN_KIND_SERVER",
                              attrs=dict(common), duration=offset))
     return rows
+
+
+LLM_GENERATIONS = ("executor", "older_executor", "own_app")
+"""Who wrote an LLM call's spans (llm_traces): this executor; an executor from before `tracetune.llm.*` (its
+step span carried the call's `gen_ai.usage.*` beside the CLIENT span's); an app of its own as the README shows
+it (the span naming the step is the call, with `gen_ai.usage.*`, and there is no CLIENT span)."""
+
+
+def llm_traces(texts: Sequence[str], generation: str = "executor", pipeline: str = "answers",
+               model: str = "standin-small") -> tuple[list[list[Any]], tuple[int, int]]:
+    """A one-step executor pipeline (step `draft`) asks the OpenAI-compatible stand-in, a real HTTP server,
+    to classify each text: its spans as the collector stores them, written as `generation` wrote them, and
+    the calls' total (input, output) tokens as the model answered them."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from tests.servers import ThreadServer
+    from tracetune.collector.rows import convert
+    from tracetune.demo.corpus import CATEGORIES
+    from tracetune.demo.standins import create_llm_app
+    from tracetune.executor import Pipeline, Step
+    from tracetune.executor.llm import ChatClient
+
+    if generation not in LLM_GENERATIONS:
+        raise ValueError(f"generation must be one of {LLM_GENERATIONS}, got {generation!r}")
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "llm-traces"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    answers = []
+    with ThreadServer(create_llm_app(latency_ms=0, rate_limit_rps=0)) as llm, \
+            ChatClient(llm.url, model, tracer=tracer) as chat:
+        steps = [Step("draft", lambda task: answers.append(chat.classify(task.text, CATEGORIES)))]
+        app = Pipeline(pipeline, steps, tracer=tracer)
+        for text in texts:
+            app.run(text)
+        app.close()
+    provider.shutdown()
+    rows = convert(encode_spans(exporter.get_finished_spans())).rows
+    kind, attributes = COLUMNS.index("SpanKind"), COLUMNS.index("SpanAttributes")
+    if generation != "executor":
+        if generation == "own_app":
+            rows = [row for row in rows if row[kind] != "Client"]
+        for row in rows:
+            attrs = row[attributes]
+            for side in ("input", "output"):
+                if f"tracetune.llm.{side}_tokens" in attrs:
+                    attrs[f"gen_ai.usage.{side}_tokens"] = attrs.pop(f"tracetune.llm.{side}_tokens")
+    return rows, (sum(a.input_tokens for a in answers), sum(a.output_tokens for a in answers))

@@ -129,11 +129,16 @@ DEMO = Calibration(
 
 
 # Latency of every step and route over the window, for the parts of a calibration an Observation lacks.
+# Tokens per step span as the rollup counts them (store/sql/170_tracetune_spans_1m_mv_tokens.sql).
 LATENCY_SQL = """
 SELECT SpanAttributes['tracetune.step'] AS step, SpanAttributes['tracetune.route'] AS route, count() AS spans,
        quantile(0.5)(Duration / 1e6) AS p50_ms, quantile(0.9)(Duration / 1e6) AS p90_ms,
-       avg(toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens'])) AS input_tokens,
-       avg(toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens'])) AS output_tokens,
+       avg(if(mapContains(SpanAttributes, 'tracetune.llm.input_tokens'),
+              toUInt64OrZero(SpanAttributes['tracetune.llm.input_tokens']),
+              toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens']))) AS input_tokens,
+       avg(if(mapContains(SpanAttributes, 'tracetune.llm.output_tokens'),
+              toUInt64OrZero(SpanAttributes['tracetune.llm.output_tokens']),
+              toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens']))) AS output_tokens,
        any(SpanAttributes['gen_ai.request.model']) AS model
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})

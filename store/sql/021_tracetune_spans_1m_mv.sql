@@ -1,6 +1,7 @@
 -- Errors in either spelling: the contrib clickhouseexporter and our collector write pdata's `Error`,
 -- older exporters the proto enum name `STATUS_CODE_ERROR`. The histogram bucket takes log2 of a Float64
 -- (Duration + 1 would wrap to 0 at 2^64 - 1 and fail the insert), so it stays within 0..512.
+-- 170_tracetune_spans_1m_mv_tokens.sql replaces this SELECT: its token counts read `tracetune.llm.*` first.
 CREATE MATERIALIZED VIEW IF NOT EXISTS tracetune_spans_1m_mv TO tracetune_spans_1m AS
 SELECT
     toStartOfMinute(Timestamp) AS minute,

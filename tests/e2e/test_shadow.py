@@ -41,7 +41,7 @@ PIPELINE = "ticket_triage"
 N = 80
 
 SHADOW_SPANS_SQL = """
-SELECT count(), countIf(ParentSpanId = ''), sum(toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens']))
+SELECT count(), countIf(ParentSpanId = ''), sum(toUInt64OrZero(SpanAttributes['tracetune.llm.input_tokens']))
 FROM otel_traces WHERE SpanAttributes['tracetune.shadow'] = {trial:String}
 """
 ALL_ROOTS_SQL = "SELECT count() FROM otel_traces WHERE ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] != ''"

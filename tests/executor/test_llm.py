@@ -120,7 +120,8 @@ def test_rate_limit_answers_429_with_retry_after_and_the_client_recovers(tracer)
 
 def test_a_call_is_a_genai_client_span_under_the_step(tracer):
     """OTel GenAI conventions: a CLIENT span `chat {model}` per call, child of the step span; the step span
-    keeps the model, provider and token counts the rollup and the analyzer's cost read."""
+    keeps the model and provider, and the token counts the rollup and the analyzer's cost read under
+    tracetune's names (gen_ai.usage.* only on the CLIENT span: see the test below)."""
     tracer, exporter = tracer
     with ThreadServer(create_llm_app(latency_ms=1, rate_limit_rps=0)) as llm, ChatClient(llm.url, MODEL) as chat:
         with tracer.start_as_current_span("classify") as step, using_tracer(tracer):
@@ -139,10 +140,27 @@ def test_a_call_is_a_genai_client_span_under_the_step(tracer):
     assert tuple(attrs["gen_ai.response.finish_reasons"]) == ("stop",)
     assert attrs["server.address"] == "127.0.0.1"
     assert {k: outer.attributes[k] for k in ("gen_ai.request.model", "gen_ai.provider.name",
-                                             "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens")} == {
+                                             "tracetune.llm.input_tokens", "tracetune.llm.output_tokens")} == {
         "gen_ai.request.model": MODEL, "gen_ai.provider.name": "openai_compatible",
-        "gen_ai.usage.input_tokens": answer.input_tokens, "gen_ai.usage.output_tokens": answer.output_tokens}
+        "tracetune.llm.input_tokens": answer.input_tokens, "tracetune.llm.output_tokens": answer.output_tokens}
     assert "gen_ai.operation.name" not in outer.attributes  # one operation span per call: the CLIENT one
+
+
+def test_summing_genai_usage_over_every_span_counts_each_call_once(tracer):
+    """What Langfuse, Phoenix or a user's SQL do: sum gen_ai.usage.* over all spans of a trace. A step that
+    calls twice has both calls counted once that way, and its own tracetune.llm.* counts are the two calls'
+    sum (not the last call's)."""
+    tracer, exporter = tracer
+    with ThreadServer(create_llm_app(latency_ms=1, rate_limit_rps=0)) as llm, ChatClient(llm.url, MODEL) as chat:
+        with tracer.start_as_current_span("draft") as step, using_tracer(tracer):
+            answers = [chat.classify(text, CATEGORIES) for text in ("I was charged twice for my pro subscription",
+                                                                    "the parcel never arrived and tracking is stuck")]
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 3 and all(s.context.trace_id == step.get_span_context().trace_id for s in spans)
+    for side in ("input", "output"):
+        calls = sum(getattr(a, f"{side}_tokens") for a in answers)
+        assert sum(s.attributes.get(f"gen_ai.usage.{side}_tokens", 0) for s in spans) == calls > 0, side
+        assert next(s for s in spans if s.name == "draft").attributes[f"tracetune.llm.{side}_tokens"] == calls, side
 
 
 def scripted_provider(replies: list[tuple[int, str]]) -> tuple[Starlette, list[int]]:

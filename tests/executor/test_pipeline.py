@@ -148,10 +148,11 @@ def test_cascade_escalates_exactly_the_tickets_below_the_threshold(classifiers, 
     escalate = next(s for s in spans if s.name == "escalate")
     tiers = {"llm-small": "standin-small", "llm-large": "standin-large"}
     assert tiers[escalate.attributes["tracetune.route"]] == escalate.attributes["gen_ai.request.model"]
-    assert escalate.attributes["gen_ai.usage.input_tokens"] > 0
+    assert escalate.attributes["tracetune.llm.input_tokens"] > 0
+    assert "gen_ai.usage.input_tokens" not in escalate.attributes  # on the call's CLIENT span alone
     [call] = [s for s in spans if s.parent is not None and s.parent.span_id == escalate.context.span_id]
     assert (call.name, call.kind.name) == (f"chat {escalate.attributes['gen_ai.request.model']}", "CLIENT")
-    assert call.attributes["gen_ai.usage.input_tokens"] == escalate.attributes["gen_ai.usage.input_tokens"]
+    assert call.attributes["gen_ai.usage.input_tokens"] == escalate.attributes["tracetune.llm.input_tokens"]
     pipeline.close()
 
 
@@ -255,7 +256,7 @@ def test_escalations_go_to_the_llm_tier_the_weights_pick(classifiers, remote):
     assert len(default) == len(tickets)  # every confidence is below 1.0
     for span in default:
         assert tiers[span.attributes["tracetune.route"]] == span.attributes["gen_ai.request.model"]
-        assert span.attributes["gen_ai.usage.input_tokens"] > 30 and span.attributes["tracetune.cache"] == "bypass"
+        assert span.attributes["tracetune.llm.input_tokens"] > 30 and span.attributes["tracetune.cache"] == "bypass"
     large = sum(s.attributes["tracetune.route"] == "llm-large" for s in default) / len(default)
     assert abs(large - 0.3) < 4 * (0.3 * 0.7 / len(default)) ** 0.5, large
     assert {s.attributes["tracetune.route"] for s in escalations({"llm-small": 1.0, "llm-large": 0.0})} == \
@@ -277,6 +278,6 @@ def test_the_escalate_cache_once_switched_on_answers_a_repeat_without_tokens(cla
     assert pipeline.result(first)["category"] == pipeline.result(again)["category"] == "shipping"
     miss, hit = [s for s in exporter.get_finished_spans() if s.name == "escalate"]
     assert (miss.attributes["tracetune.cache"], hit.attributes["tracetune.cache"]) == ("miss", "hit")
-    assert miss.attributes["gen_ai.usage.input_tokens"] > 0 and "gen_ai.usage.input_tokens" not in hit.attributes
+    assert miss.attributes["tracetune.llm.input_tokens"] > 0 and "tracetune.llm.input_tokens" not in hit.attributes
     assert completions() == before + 1
     pipeline.close()

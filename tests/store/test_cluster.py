@@ -111,6 +111,10 @@ def test_every_cluster_statement_is_parsed_and_formatted_by_clickhouse(tmp_path)
     for view in views:  # every view reads and writes the shard's own tables
         target, source = re.search(r" TO (\w+)", view).group(1), re.search(r"FROM (\w+)", view).group(1)
         assert target.endswith("_local") and source.endswith("_local"), view
+    queries = [t for texts in by_table.values() for t in texts if "(MODIFY QUERY" in t]
+    assert queries
+    for query in queries:  # and so does every view's replaced SELECT
+        assert re.search(r"FROM (\w+)", query).group(1).endswith("_local"), query
 
 
 def _bare(text: str) -> str:
@@ -161,8 +165,11 @@ def _queries() -> dict[str, tuple[str, dict[str, str]]]:
 
 def test_the_cluster_schema_is_created_by_the_engine_and_the_queries_run_on_it_unchanged(tmp_path):
     # chDB runs no distributed DDL queue, and its test Keeper leaves replicas read-only: so no ON CLUSTER
-    # and no ALTER (formatQuery checks those above); every CREATE runs.
-    statements = [s.replace(f" ON CLUSTER {CLUSTER}", "") for _, s in _cluster_form() if s.startswith("CREATE")]
+    # and no ALTER of a table (formatQuery checks those above); every CREATE runs, and every view's MODIFY
+    # QUERY (a view holds no replicated data), which the engine checks against the view's `_local` target.
+    chosen = [s for _, s in _cluster_form() if s.startswith("CREATE") or _modify_query(s)]
+    assert any(_modify_query(s) for s in chosen)
+    statements = [s.replace(f" ON CLUSTER {CLUSTER}", "") for s in chosen]
     queries = _queries()
     assert {"cost.COST_PER_REQUEST_SQL", "traces.STEP_BREAKDOWN_SQL", "observe.LABELLED_SQL"} <= set(queries)
     answer = _engine({"create": statements, "queries": queries}, tmp_path)
@@ -178,6 +185,10 @@ def test_the_cluster_schema_is_created_by_the_engine_and_the_queries_run_on_it_u
     assert refused == {}, "queries that fail on the Distributed tables with the cluster client settings"
     # Without the client settings the spans' IN (SELECT ... FROM otel_traces) is refused: they are needed.
     assert "DISTRIBUTED_IN_JOIN_SUBQUERY_DENIED" in answer["without_settings"]["cost.COST_PER_REQUEST_SQL"][1]
+
+
+def _modify_query(statement: str) -> bool:
+    return re.match(rf"ALTER TABLE \w+_mv ON CLUSTER {CLUSTER} MODIFY QUERY\b", statement) is not None
 
 
 def test_statements_without_a_cluster_form_are_refused_not_guessed():
@@ -199,6 +210,13 @@ def test_alters_reach_the_tables_that_hold_what_they_change():
                                          " = 5", CLUSTER, DATABASE)
     assert setting == [f"ALTER TABLE tracetune_slos ON CLUSTER {CLUSTER} MODIFY SETTING replicated_deduplication_window"
                        f" = 5, replicated_deduplication_window_seconds = {cluster.DEDUP_WINDOW_SECONDS}"]
+    view = cluster.cluster_statements("ALTER TABLE tracetune_spans_1m_mv MODIFY QUERY SELECT a FROM otel_traces "
+                                      "JOIN tracetune_slos USING (a) WHERE a IN (SELECT a FROM `otel_traces`)",
+                                      CLUSTER, DATABASE)
+    assert view == [f"ALTER TABLE tracetune_spans_1m_mv ON CLUSTER {CLUSTER} MODIFY QUERY SELECT a FROM "
+                    "otel_traces_local JOIN tracetune_slos USING (a) WHERE a IN (SELECT a FROM otel_traces_local)"]
+    with pytest.raises(cluster.ClusterFormError, match="is a table, not a materialized view"):
+        cluster.cluster_statements("ALTER TABLE otel_traces MODIFY QUERY SELECT 1", CLUSTER, DATABASE)
     assert cluster.cluster_statements("DROP TABLE IF EXISTS otel_traces SYNC", CLUSTER, DATABASE) == [
         f"DROP TABLE IF EXISTS otel_traces ON CLUSTER {CLUSTER} SYNC",
         f"DROP TABLE IF EXISTS otel_traces_local ON CLUSTER {CLUSTER} SYNC"]

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import make_settings
 from tests.servers import start_process, stop_process
-from tests.spans import COLUMNS, span_row
+from tests.spans import COLUMNS, llm_traces, span_row
 from tracetune import store
 from tracetune.store import migrations as migrations_mod
 from tracetune.store.migrations import Migration, MigrationError
@@ -246,3 +246,31 @@ def test_a_failing_migration_stops_the_run_and_those_before_it_stay_recorded(sto
     states = {s.name: s.state for s in store.migration_status(client)}
     assert states["tracetune_spans_1m"] == "applied" and states["tracetune_spans_1m_mv"] == "pending"
     assert states["tracetune_alerts"] == "pending"
+
+
+def test_the_rollup_view_changed_in_place_counts_each_llm_call_once(store_settings):
+    """A database before 170 (the view of 021): an older executor's trace, whose step span and `chat {model}`
+    CLIENT span both carry the call's gen_ai.usage.*, is counted once (the CLIENT span is no row of the
+    rollup), and this executor's spans (the step's count under tracetune.llm.*) count no tokens. 170 swaps the
+    view's SELECT in place: what was rolled up keeps its counts, and spans inserted after count once."""
+    settings = _fresh(store_settings)
+    store.ensure_database(settings)
+    client = store.connect(settings, ensure_schema=False)
+    store.migrate(client, available=[m for m in migrations_mod.shipped() if m.version < 170])
+    tokens_sql = "SELECT (sum(input_tokens), sum(output_tokens)) FROM tracetune_spans_1m WHERE pipeline = 'answers'"
+    older, older_tokens = llm_traces(["I was charged twice", "my parcel is lost"], "older_executor")
+    client.insert("otel_traces", older, column_names=COLUMNS)
+    assert client.query(tokens_sql).result_rows == [(older_tokens,)]
+    unseen, _ = llm_traces(["I cannot log in"], "executor")
+    client.insert("otel_traces", unseen, column_names=COLUMNS)
+    assert client.query(tokens_sql).result_rows == [(older_tokens,)]
+
+    assert [m.version for m in store.migrate(client).applied][:1] == [170]
+    view = client.query("SELECT create_table_query FROM system.tables WHERE database = currentDatabase() "
+                        "AND name = 'tracetune_spans_1m_mv'").result_rows[0][0]
+    assert "tracetune.llm.input_tokens" in view and "tracetune.llm.output_tokens" in view
+    assert client.query(tokens_sql).result_rows == [(older_tokens,)]
+    newer, newer_tokens = llm_traces(["please cancel my plan", "the app crashes"], "executor")
+    client.insert("otel_traces", newer, column_names=COLUMNS)
+    assert client.query(tokens_sql).result_rows == [(tuple(a + b for a, b in zip(older_tokens, newer_tokens,
+                                                                                  strict=True)),)]
