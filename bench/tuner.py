@@ -9,6 +9,8 @@ keeps >= 99% of 1-minute windows after minute 5 inside the SLO and quality at th
     .venv/bin/python bench/tuner.py --minutes 240 --seed 2     # simulated hours
     .venv/bin/python bench/tuner.py --calibrate-from http://default:PASSWORD@127.0.0.1:8123/default
     .venv/bin/python bench/tuner.py --mode real                # real processes (bench/tuner_real.py)
+    .venv/bin/python bench/tuner.py --pipelines rag_answering --real-load --frontier f.json   # the trade-off
+    .venv/bin/python bench/tuner.py --slo p95_ms=2500,quality_floor=0.85 ...   # other objectives than declared
 
 `--mode sim` (default) runs tracetune.tuner.simulate: a discrete-event simulation in virtual time whose
 tuner arm runs the real loop.decide on Observations built from the simulated spans. It prints a table,
@@ -19,6 +21,7 @@ under --out (default .tracetune/bench/tuner, ignored by git).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -517,6 +520,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="--mode sim: each pipeline on the load bench/tuner_real.py drives (rag_answering: 2/s "
                              "in 300-second days instead of 8/s in one day), so its oracle is the one to pin there")
     parser.add_argument("--calibration-window", type=int, default=3600, help="seconds of spans to fit from")
+    parser.add_argument("--slo", metavar="KEY=VALUE,...", default=None,
+                        help="--mode sim: objectives in place of the declared ones (p95_ms, p99_ms, error_rate, "
+                             "cost_per_1k, quality_floor), e.g. p95_ms=2500,quality_floor=0.85: what if the owner "
+                             "declared them")
+    parser.add_argument("--frontier", metavar="FILE", type=Path, default=None,
+                        help="--mode sim: run only the static oracle search (on --search-seed) and write every "
+                             "config it ran, screened and in full, with its figures (cost, p95, SLO windows, "
+                             "quality bound, per-minute p95/p99) as JSON to FILE; no arms")
     parser.add_argument("--out", type=Path, default=ROOT / ".tracetune" / "bench" / "tuner",
                         help="where the chart and JSON go (default .tracetune/bench/tuner)")
     args = parser.parse_args(argv)
@@ -557,6 +568,94 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def slo_override(text: str | None) -> dict[str, float]:
+    """--slo KEY=VALUE,...: the objectives to use in place of the declared ones; UsageError with one line."""
+    if not text:
+        return {}
+    keys = ("p95_ms", "p99_ms", "error_rate", "cost_per_1k", "quality_floor")
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in keys:
+            raise UsageError(f"--slo: expected KEY=VALUE with KEY one of {', '.join(keys)}, got {part.strip()!r}")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise UsageError(f"--slo: {key} must be a number, got {value.strip()!r}") from None
+        if not math.isfinite(out[key]) or out[key] <= 0:
+            raise UsageError(f"--slo: {key} must be above 0, got {value.strip()!r}")
+    return out
+
+
+def frontier(console: Console, name: str, spec: PipelineSpec, calibration: physics.Calibration, workload: Any,
+             search_seed: int, evaluations: int, prices: Any = None, screen: Any = None) -> dict[str, Any]:
+    """The static oracle search of `sim_pipeline`, alone: every config it ran (screened on `screen(seed)` and the
+    finalists in full on `workload(seed)`) with the figures a trade-off is read from. The per-minute p95 and
+    p99 let SLO windows be recounted against other targets."""
+    from tracetune.analyzer import load_prices
+    from tracetune.tuner import oracles, simarms
+
+    slo = SLO(spec.pipeline, **spec.slo)
+    prices = prices or load_prices()
+    gateway = simarms.gateway_config(spec, calibration, slo, prices)
+    log: list[dict[str, Any]] = []
+    with _bar(console) as bar:
+        task = bar.add_task(f"{name}: static oracle search on seed {search_seed}", total=evaluations)
+        best, _ = oracles.search(spec, calibration, workload(search_seed), slo=slo, evaluations=evaluations,
+                                 seed=search_seed, start=[gateway], prices=prices, log=log,
+                                 screen=screen(search_seed) if screen else None,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    runs = []
+    for row in log:
+        n = int(row.get("labelled_after") or 0)
+        runs.append({
+            "screened": row["screened"], "config": row["grid_config"], "feasible": row["feasible"],
+            "cost_per_1k": row["cost_per_1k"], "cost_per_1k_half": row["cost_per_1k_half"], "p95_ms": row["p95_ms"],
+            "p99_ms": row["p99_ms"], "slo_windows": row["slo_windows"], "quality_after": row["quality_after"],
+            "quality_lb": oracles.quality_bound(row["quality_after"] * n, n) if n else math.nan,
+            "labelled_after": n, "escalated": row["escalated"], "cost_by_step": row["cost_by_step"],
+            "windows": [{k: w[k] for k in ("minute", "requests", "p95_ms", "p99_ms")} for w in row["windows"]]})
+    return {"slo": spec.slo, "calibration": calibration.source, "search_seed": search_seed,
+            "evaluations": evaluations, "minutes": workload(search_seed).duration / 60,
+            "screen_minutes": screen(search_seed).duration / 60 if screen else None,
+            "best": {"config": best["grid_config"], "feasible": best["feasible"], "cost_per_1k": best["cost_per_1k"]},
+            "runs": runs}
+
+
+def frontier_chart(found: Mapping[str, Any], slo: SLO, path: Path, name: str) -> Path:
+    """Every config the search ran: cost per 1k against the quality bound, coloured by the share of SLO windows
+    (screened runs small, full runs large), with the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    points = None
+    for screened, size in ((True, 10), (False, 40)):
+        runs = [r for r in found["runs"] if r["screened"] == screened and r["cost_per_1k"] > 0]
+        if runs:
+            points = ax.scatter([r["cost_per_1k"] for r in runs], [_number(r["quality_lb"]) for r in runs], s=size,
+                                c=[_number(r["slo_windows"]) for r in runs], cmap="RdYlGn", vmin=0, vmax=1,
+                                edgecolors="black" if not screened else "none", linewidths=0.4,
+                                label=f"{'screened' if screened else 'full'} runs ({len(runs)})")
+    if points is not None:
+        fig.colorbar(points, ax=ax, label=f"share of SLO windows (p95 {slo.p95_ms:g} ms, p99 {slo.p99_ms:g} ms)")
+    if slo.quality_floor is not None:
+        ax.axhline(slo.quality_floor, color="black", linestyle="--", linewidth=1, label=f"floor {slo.quality_floor:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cost per 1k requests (USD)")
+    ax.set_ylabel("quality, one-sided 95% lower bound")
+    ax.set_title(f"{name}: every config the static oracle search ran (seed {found['search_seed']})")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def sim_main(console: Console, args: argparse.Namespace) -> int:
     """Every pipeline, every seed, every arm; exit 1 when the tuner's verdict fails on any of them."""
     try:
@@ -574,16 +673,30 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UsageError(f"--pipelines: no simulated pipeline {unknown[0]!r}; known: {', '.join(known)}")
+    override = slo_override(args.slo)
+    if args.frontier is not None and (args.frontier.is_dir() or not args.frontier.parent.is_dir()):
+        raise UsageError(f"--frontier {args.frontier}: give a file in an existing folder")
     failed = []
     everything = []
+    frontiers: dict[str, Any] = {}
     for name in names:
         spec, calibration, workload, prices = known[name]
+        if override:
+            spec = dataclasses.replace(spec, slo={**spec.slo, **override})
         if args.calibrate_from:
             calibration = calibration_from(args.calibrate_from, spec, args.calibration_window, base=calibration)
         slo = SLO(spec.pipeline, **spec.slo)
         console.print(f"[bold]{name}[/]: calibration {calibration.source}; SLO {json.dumps(spec.slo)}")
         # The search screens on a third of the run (the same load's shape, compressed), then runs its best in full.
         screen = (lambda seed, w=workload: w(seed, args.minutes / 3)) if args.minutes / 3 >= 10 else None
+        if args.frontier is not None:
+            frontiers[name] = frontier(console, name, spec, calibration, lambda seed, w=workload: w(seed, args.minutes),
+                                       args.search_seed, args.evaluations, prices, screen)
+            args.frontier.write_text(json.dumps(_rounded(frontiers), indent=1, default=str))
+            figure = frontier_chart(frontiers[name], slo, args.frontier.with_name(f"{args.frontier.stem}-{name}.png"),
+                                    name)
+            console.print(f"{name}: {len(frontiers[name]['runs'])} runs written to {args.frontier}, chart: {figure}")
+            continue
         rows = sim_pipeline(console, name, spec, calibration, lambda seed, w=workload: w(seed, args.minutes), seeds,
                             args.search_seed, args.evaluations, prices, args.out / f"partial-{name}.json", screen)
         console.print(sim_table(rows, slo, f"{name}: {args.minutes:g} virtual minutes per arm, seeds "
@@ -592,6 +705,8 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
         console.print(f"chart: {figure}")
         failed += [f"{name} seed {r['seed']}" for r in rows if r["arm"] == "tuner" and not r["verdict"]["passed"]]
         everything += rows
+    if args.frontier is not None:
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tuner-sim.json").write_text(json.dumps(_rounded(everything), indent=1, default=str))
     console.print(f"rows: {args.out / 'tuner-sim.json'}")

@@ -51,10 +51,17 @@ TOP_K = 6  # passages retrieved for the reranker
 SMALL_TOP_K = 4  # of which the small reranker looks at the first
 CONTEXT = 3  # reranked passages given to the LLM
 MAX_QUESTION_CHARS = 1000
-# The SLO the pipeline starts with until its owner sets another (PUT /v1/pipelines/rag_answering/slo).
-# A quarter of the questions compare two products: only an LLM answers those, and only the large tier
-# reliably, so the floor needs part of the traffic on the large tier.
-SLO = {"p95_ms": 2000.0, "p99_ms": 4000.0, "error_rate": 0.02, "cost_per_1k": 0.6, "quality_floor": 0.9}
+# The SLO the pipeline starts with until its owner sets another (PUT /v1/pipelines/rag_answering/slo), read
+# off the simulated trade-off on the bench's load (docs/rag.md, "Choosing the objectives"):
+# - p95 2 s, p99 4 s: an answer within two seconds; at the bursts it is the large LLM tier (700 ms, 5/s)
+#   that breaks them, so they bind: holding the floor inside them costs 10% more than with no latency target.
+# - quality floor 0.88 (of the 95% lower bound): a quarter of the questions compare two products, which only
+#   the large tier answers reliably, so the floor needs part of the traffic there; 0.90 inside 2 s / 4 s is
+#   reachable only at the edge (no config with any margin), 0.88 with some. Without the floor the cheapest
+#   configs answer from the reranker alone (quality 0.72).
+# - 0.40 USD per 1k: the budget, which the declared defaults (0.52) overrun and configs holding the other
+#   objectives meet at 0.20-0.22.
+SLO = {"p95_ms": 2000.0, "p99_ms": 4000.0, "error_rate": 0.02, "cost_per_1k": 0.4, "quality_floor": 0.88}
 INDEX_FORMAT = 1
 INDEX_FILE = "rag-index.npz"
 SYSTEM_PROMPT = ("Answer the customer's question from the numbered context passages only. Reply with the one "

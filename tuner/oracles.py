@@ -27,7 +27,7 @@ from tracetune.tuner.config import KnobValue, PipelineSpec
 from tracetune.tuner.simarms import perturb, sample, space
 from tracetune.tuner.simulate import Arm, Workload, simulate
 
-__all__ = ["Targets", "corners", "feasible", "per_phase", "quality_bound", "search", "verdict"]
+__all__ = ["Targets", "corners", "feasible", "per_phase", "quality_bound", "search", "shortfall", "verdict"]
 
 Config = dict[str, dict[str, KnobValue]]
 Z_95 = 1.6448536269514722  # one-sided 95% (the normal 0.95 quantile)
@@ -60,6 +60,21 @@ def _quality_ok(row: Mapping[str, Any], slo: SLO | None) -> bool:
     return n > 0 and quality_bound(row["quality_after"] * n, n) >= floor
 
 
+def shortfall(row: Mapping[str, Any], slo: SLO | None, targets: Targets = Targets()) -> float:
+    """How far a run is from feasible, 0 when it is: the share of SLO windows it lacks (of those required) plus
+    the quality bound's shortfall under the floor (of the floor's distance to 1), so a run inside every window
+    far under the floor is not "closer" than one at the floor missing a few windows."""
+    windows = row.get("slo_windows")
+    missing = 1.0 if windows is None or math.isnan(windows) else max(0.0, targets.min_windows - windows)
+    gap = missing / targets.min_windows
+    floor = slo.quality_floor if slo else None
+    if floor is not None and floor < 1:
+        n = int(row.get("labelled_after") or 0)
+        bound = quality_bound(row["quality_after"] * n, n) if n else 0.0
+        gap += max(0.0, floor - bound) / (1 - floor)
+    return gap
+
+
 def feasible(row: Mapping[str, Any], slo: SLO | None, targets: Targets = Targets()) -> bool:
     """Whether a run met the objectives: SLO windows after warm-up and the quality bound."""
     windows = row.get("slo_windows")
@@ -85,13 +100,16 @@ def corners(spec: PipelineSpec) -> list[Config]:
 def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, slo: SLO | None,
            evaluations: int = 300, explore: float = 0.25, seed: int = 0, start: Sequence[Mapping] = (),
            screen: Workload | None = None, finalists: int = 20, phases: int = 3,
-           progress: Callable[[int, int], None] | None = None, **options) -> tuple[dict[str, Any], list[dict]]:
+           progress: Callable[[int, int], None] | None = None, log: list[dict] | None = None,
+           **options) -> tuple[dict[str, Any], list[dict]]:
     """The cheapest feasible static config found in `evaluations` simulated runs over the whole knob space:
     the declared defaults, `start` and the space's `corners`, then random draws (`explore` of the budget),
-    then local search around the cheapest feasible configs so far. With `screen` (a shorter run of the same
-    load's shape), those runs are on it, and the `finalists` cheapest feasible (else the closest) plus the
-    `phases` cheapest in each phase of `screen` run again on `workload`; the answer is the cheapest feasible
-    there. With none feasible, the closest (most SLO windows). The rows returned are `workload`'s."""
+    then local search around the cheapest feasible configs so far (while none is, around the closest: least
+    `shortfall`). With `screen` (a shorter run of the same load's shape), those runs are on it, and the
+    `finalists` cheapest feasible (else the closest) plus the `phases` cheapest in each phase of `screen` run
+    again on `workload`; the answer is the cheapest feasible there. With none feasible, the closest. The rows
+    returned are `workload`'s; `log`, when given, receives every row run, screened ones included (`screened`
+    says which)."""
     rng = random.Random(seed)
     rows: list[dict] = []
     total = evaluations + (finalists + phases * len(screen.phases or ()) if screen is not None else 0)
@@ -104,6 +122,8 @@ def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, 
         row["grid_config"] = {s: dict(v) for s, v in config.items()}
         row["feasible"] = feasible(row, slo)
         into.append(row)
+        if log is not None:
+            log.append({**row, "screened": on is not workload})
         if progress:
             progress(len(rows) + len(full), total)
 
@@ -115,11 +135,11 @@ def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, 
         run(sample(spec, rng), first, rows)
     while len(rows) < evaluations:
         ok = sorted((r for r in rows if r["feasible"]), key=lambda r: r["cost_per_1k"])[:5]
-        parents = ok or sorted(rows, key=lambda r: -r["slo_windows"])[:5]
+        parents = ok or sorted(rows, key=lambda r: shortfall(r, slo))[:5]
         run(perturb(spec, rng.choice(parents)["grid_config"], rng, scale=rng.choice((0.1, 0.3, 0.6))), first, rows)
     if screen is not None:
         ok = sorted((r for r in rows if r["feasible"]), key=lambda r: r["cost_per_1k"])
-        picks = ok[:finalists] or sorted(rows, key=lambda r: -r["slo_windows"])[:finalists]
+        picks = ok[:finalists] or sorted(rows, key=lambda r: shortfall(r, slo))[:finalists]
         for start_s, end_s in screen.phases or ():
             scored = [(_phase(r, start_s, end_s, slo, 300.0 * screen.duration / workload.duration, Targets()), r)
                       for r in rows]
@@ -132,7 +152,7 @@ def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, 
                 run(row["grid_config"], workload, full)
         rows = full
     ok = [r for r in rows if r["feasible"]]
-    best = dict(min(ok, key=lambda r: r["cost_per_1k"]) if ok else max(rows, key=lambda r: r["slo_windows"]))
+    best = dict(min(ok, key=lambda r: r["cost_per_1k"]) if ok else min(rows, key=lambda r: shortfall(r, slo)))
     return best, rows
 
 

@@ -211,6 +211,17 @@ def test_verdict_needs_every_check():
         assert not v["passed"] and [k for k, c in v["checks"].items() if not c["ok"]] == [check]
 
 
+def test_the_closest_infeasible_run_weighs_the_quality_bound_beside_the_windows():
+    slo = SLO("p", p95_ms=500, quality_floor=0.88)
+    fast_but_wrong = _row(0.04, 0.04, windows=1.0, quality=0.78)
+    at_the_floor_missing_windows = _row(0.3, 0.3, windows=0.90, quality=0.90)
+    assert oracles.shortfall(_row(0.3, 0.3, windows=0.99, quality=0.90), slo) == 0.0
+    assert oracles.shortfall(at_the_floor_missing_windows, slo) == pytest.approx(0.09 / 0.99)
+    assert oracles.shortfall(fast_but_wrong, slo) > 0.8  # (0.88 - 0.774) / 0.12
+    assert oracles.shortfall(at_the_floor_missing_windows, slo) < oracles.shortfall(fast_but_wrong, slo)
+    assert oracles.shortfall(fast_but_wrong, SLO("p", p95_ms=500)) == 0.0  # no floor: windows alone
+
+
 def test_per_phase_oracle_takes_each_phases_cheapest_feasible_run():
     slo = SLO("p", p95_ms=500, quality_floor=0.5)
 
@@ -246,9 +257,11 @@ def test_search_starts_from_the_corners_and_runs_its_screened_best_in_full(spec)
     assert {"llm-small": 1.0, "llm-large": 0.0} in [c["escalate"]["route_weights"] for c in corners]
     slo = SLO(spec.pipeline, **spec.slo)
     full, short = workload(8, rate=10), workload(4, rate=10)
-    seen = []
+    seen, log = [], []
     best, rows = oracles.search(spec, calibration.DEMO, full, slo=slo, evaluations=12, seed=1, screen=short,
-                                finalists=3, phases=0, progress=lambda done, total: seen.append((done, total)))
+                                finalists=3, phases=0, progress=lambda done, total: seen.append((done, total)),
+                                log=log)
+    assert [r["screened"] for r in log] == [True] * 12 + [False] * len(rows)  # every run, screened ones too
     # 12 screening runs on the short load, then the default and the 3 cheapest feasible in full.
     assert seen[-1][0] == 12 + len(rows) and 2 <= len(rows) <= 4 and rows[0]["grid_config"] == {}
     assert all(r["requests"] > 0 and r["windows"][-1]["minute"] >= 7 for r in rows)  # full runs, 8 minutes
