@@ -586,9 +586,11 @@ STAGES = [
     ("to Arrow: ptars + Arrow compute (columns.to_arrow)", ("to_arrow",)),
     ("reference converter (rows.convert)", ("convert (",)),
     ("log read-back of a batch (WriteAheadLog.read)", ("WriteAheadLog.read",)),
-    ("insert: Arrow IPC + HTTP to the store", ("Client.insert_arrow", "Client.insert", "Client.raw_insert")),
+    ("insert: Arrow IPC + HTTP to the store", ("SpanWriter._insert", "Client.insert_arrow", "Client.insert",
+                                               "Client.raw_insert")),
     ("log checkpoint, commit, segment release", ("WriteAheadLog.commit", "WriteAheadLog.begin")),
-    ("hand-off to worker threads (anyio)", ("run_sync_in_worker_thread", "WorkerThread.run")),
+    ("hand-off to worker threads (anyio or an executor)", ("run_sync_in_worker_thread", "WorkerThread.run",
+                                                          "_WorkItem.run", "_worker (")),
     ("HTTP server (uvicorn, starlette, asyncio)", ("BaseEventLoop._run_once",)),
 ]
 

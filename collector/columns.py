@@ -71,7 +71,7 @@ _KINDS = pa.array(SPAN_KINDS)
 _CODES = pa.array(STATUS_CODES)
 _TS = pa.timestamp("ns")
 _MAP = pa.map_(pa.string(), pa.string())
-_HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], dtype=np.uint8)
+_HEX = np.frombuffer(b"".join(f"{i:02x}".encode() for i in range(256)), dtype=np.uint16)  # byte -> its 2 digits
 _CONSTANTS = pa.array(["false", "true", ""])
 
 
@@ -165,9 +165,8 @@ def _hex(values: pa.Array) -> pa.Array:
     offsets = np.frombuffer(offsets_buf, dtype=np.int32)[values.offset:values.offset + n + 1]
     data = (np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]:offsets[-1]] if data_buf is not None
             else np.empty(0, np.uint8))
-    text = _HEX[data].ravel()
     return pa.StringArray.from_buffers(n, pa.py_buffer(((offsets - offsets[0]) * 2).astype(np.int32)),
-                                       pa.py_buffer(text.tobytes()))
+                                       pa.py_buffer(_HEX[data]))
 
 
 def _maps(kvs: pa.ListArray) -> pa.MapArray:
