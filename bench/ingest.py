@@ -576,7 +576,8 @@ def wait_stored(settings: Settings, acked: int, timeout: float) -> Drain:
 
 # ---- collector profile (--profile) ----------------------------------------------------------------
 # Where a sample's innermost frames say the thread waits (not CPU): left out of the shares.
-_WAITING = ("EpollSelector.select", "FileOps.fdatasync", "Condition.wait", "Queue.get", "Event.wait")
+_WAITING = ("EpollSelector.select", "FileOps.fdatasync", "Condition.wait", "Queue.get", "Event.wait",
+            "_worker (concurrent/futures/thread.py")  # an idle executor thread, in SimpleQueue.get
 # A busy sample's stage: the first stage (in this order) one of whose names is in its stack.
 STAGES = [
     ("validation scan (rows.checked_span_count)", ("checked_span_count",)),

@@ -33,14 +33,8 @@ def serve(settings: Settings) -> None:
     store.connect(settings, wait=60)  # schema in place before the first insert
     wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes,
                         segment_bytes=settings.collector_wal_segment_bytes)
-    def store_client():
-        client = store.connect(settings, ensure_schema=False)
-        if settings.embedded:  # the store runs beside the collector: LZ4 inside each Arrow insert would cost
-            client.write_compression = None  # the collector CPU per span, and the store as much to undo it
-        return client
-
     writer = SpanWriter(
-        store_client, wal,
+        lambda: store.connect(settings, ensure_schema=False), wal,
         batch_rows=settings.collector_batch_rows,
         flush_seconds=settings.collector_flush_seconds,
         max_queue_rows=settings.collector_max_queue_rows,
