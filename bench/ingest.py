@@ -576,7 +576,8 @@ def wait_stored(settings: Settings, acked: int, timeout: float) -> Drain:
 
 # ---- collector profile (--profile) ----------------------------------------------------------------
 # Where a sample's innermost frames say the thread waits (not CPU): left out of the shares.
-_WAITING = ("EpollSelector.select", "FileOps.fdatasync", "Condition.wait", "Queue.get", "Event.wait")
+_WAITING = ("EpollSelector.select", "FileOps.fdatasync", "Condition.wait", "Queue.get", "Event.wait",
+            "_worker (concurrent/futures/thread.py")  # an idle executor thread, in SimpleQueue.get
 # A busy sample's stage: the first stage (in this order) one of whose names is in its stack.
 STAGES = [
     ("validation scan (rows.checked_span_count)", ("checked_span_count",)),
@@ -586,9 +587,11 @@ STAGES = [
     ("to Arrow: ptars + Arrow compute (columns.to_arrow)", ("to_arrow",)),
     ("reference converter (rows.convert)", ("convert (",)),
     ("log read-back of a batch (WriteAheadLog.read)", ("WriteAheadLog.read",)),
-    ("insert: Arrow IPC + HTTP to the store", ("Client.insert_arrow", "Client.insert", "Client.raw_insert")),
+    ("insert: Arrow IPC + HTTP to the store", ("SpanWriter._insert", "Client.insert_arrow", "Client.insert",
+                                               "Client.raw_insert")),
     ("log checkpoint, commit, segment release", ("WriteAheadLog.commit", "WriteAheadLog.begin")),
-    ("hand-off to worker threads (anyio)", ("run_sync_in_worker_thread", "WorkerThread.run")),
+    ("hand-off to worker threads (anyio or an executor)", ("run_sync_in_worker_thread", "WorkerThread.run",
+                                                          "_WorkItem.run", "_worker (")),
     ("HTTP server (uvicorn, starlette, asyncio)", ("BaseEventLoop._run_once",)),
 ]
 

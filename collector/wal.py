@@ -144,10 +144,14 @@ class FileOps:
 
 
 # ---- framing ---------------------------------------------------------------------------------------
-def encode(lsn: int, payload: bytes, spans: int, total: int) -> bytes:
-    """One record as it is written: header, header CRC, payload."""
-    head = _HEAD.pack(MAGIC, len(payload), spans, lsn, total, zlib.crc32(payload))
-    return head + _HEAD_CRC.pack(zlib.crc32(head)) + payload
+def encode(lsn: int, payload: bytes | tuple[bytes, ...], spans: int, total: int) -> bytes:
+    """One record as it is written: header, header CRC, payload (given whole or in parts: copied once, here)."""
+    parts = (payload,) if isinstance(payload, bytes | bytearray | memoryview) else payload
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    head = _HEAD.pack(MAGIC, sum(map(len, parts)), spans, lsn, total, crc)
+    return b"".join((head, _HEAD_CRC.pack(zlib.crc32(head)), *parts))
 
 
 def _header(data: bytes, offset: int) -> tuple[int, int, int, int, int] | None:
@@ -294,9 +298,10 @@ class WriteAheadLog:
             self._ensure_writable()  # a full disk at start: refuse appends until there is room, keep running
 
     # ---- appending ---------------------------------------------------------------------------
-    def append(self, payload: bytes, spans: int = 0, on_durable: Callable[[int, Location], None] | None = None
-               ) -> int:
-        """Write one record and return its LSN once it is fsynced; WalError if it cannot be.
+    def append(self, payload: bytes | tuple[bytes, ...], spans: int = 0,
+               on_durable: Callable[[int, Location], None] | None = None) -> int:
+        """Write one record (its payload whole, or in parts read back as one) and return its LSN once it is
+        fsynced; WalError if it cannot be.
 
         `on_durable(lsn, location)` runs once the record is fsynced, for every record in LSN order (the thread
         that did the fsync calls it). A record that raised WalError was never handed on and is not in

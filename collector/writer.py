@@ -102,9 +102,9 @@ RECORD = struct.Struct("<QB")  # how a request is logged: received_ns, receiver;
 RECEIVERS = ("http", "grpc")
 
 
-def encode_record(body: bytes, received_ns: int, receiver: str) -> bytes:
-    """The write-ahead log payload of one request."""
-    return RECORD.pack(received_ns, RECEIVERS.index(receiver)) + body
+def encode_record(body: bytes, received_ns: int, receiver: str) -> tuple[bytes, bytes]:
+    """The write-ahead log payload of one request, in two parts (the log joins them once, into its record)."""
+    return RECORD.pack(received_ns, RECEIVERS.index(receiver)), body
 
 
 def decode_record(payload: bytes) -> tuple[bytes, int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from unittest.mock import patch
 
 import pyarrow as pa
@@ -152,3 +153,113 @@ def test_one_chunk_for_the_reference_sends_the_whole_part_there():
     with patch.object(writer, "CONVERT_SPANS", 2):
         assert writer._to_arrow_in_chunks(bodies[:3], [1, 1, 1]).num_rows == 3  # two chunks, one table
         assert writer._to_arrow_in_chunks(bodies, [1, 1, 1, 1]) is None
+
+
+# ---- attribute values as the wire carries them ----------------------------------------------------
+# The fast path reads AnyValue's bytes itself (one string, bool, int or double field) and leaves every
+# other encoding to protobuf. These requests are written byte by byte, so they hold what no SDK writes
+# but protobuf accepts: fields out of order, a field twice, several oneof fields, unknown fields, long
+# and non-minimal varints, a KeyValue whose value comes twice (protobuf merges the two).
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _padded_varint(value: int, extra: int) -> bytes:
+    """A varint with `extra` redundant continuation bytes (protobuf reads it as the same number)."""
+    plain = bytearray(_varint(value))
+    if extra and len(plain) + extra <= 10:
+        plain[-1] |= 0x80
+        plain += b"\x80" * (extra - 1) + b"\x00"
+    return bytes(plain)
+
+
+def _len_field(number: int, payload: bytes, extra: int = 0) -> bytes:
+    return _varint(number << 3 | 2) + _padded_varint(len(payload), extra) + payload
+
+
+_PADDING = st.integers(min_value=0, max_value=2)
+_TEXT = st.one_of(_STRINGS, st.text(min_size=120, max_size=140), st.sampled_from(["ü" * 9000]))
+
+
+@st.composite
+def _value_field(draw) -> bytes:
+    """One field of an AnyValue, as bytes."""
+    kind = draw(st.sampled_from(["string", "bool", "int", "double", "bytes", "array", "kvlist", "strindex",
+                                 "unknown"]))
+    if kind == "string":
+        return _len_field(1, draw(_TEXT).encode(), draw(_PADDING))
+    if kind == "bool":
+        return b"\x10" + _padded_varint(draw(st.sampled_from([0, 1, 2, 300])), draw(_PADDING))
+    if kind == "int":
+        value = draw(st.one_of(st.integers(min_value=-2**63, max_value=2**63 - 1),
+                               st.sampled_from([0, 1, 127, 128, -1, 2**63 - 1, -2**63])))
+        return b"\x18" + _padded_varint(value, draw(_PADDING))
+    if kind == "double":
+        return b"\x21" + struct.pack("<d", draw(_DOUBLES))
+    if kind == "bytes":
+        return _len_field(7, draw(st.binary(max_size=6)))
+    if kind == "array":
+        return _len_field(5, ArrayValue(values=draw(st.lists(_SCALAR, max_size=2))).SerializeToString())
+    if kind == "kvlist":
+        return _len_field(6, KeyValueList(values=[KeyValue(key="k", value=v) for v in draw(
+            st.lists(_SCALAR, max_size=2))]).SerializeToString())
+    if kind == "strindex":
+        return b"\x40" + _varint(draw(st.integers(min_value=0, max_value=5)))
+    return draw(st.sampled_from([b"\x48\x05", _len_field(15, b"??"), b"\x55\x01\x02\x03\x04"]))  # unknown fields
+
+
+@st.composite
+def _key_value(draw, key: str) -> bytes:
+    """A KeyValue: its key, and its value field 0 to 2 times, each an AnyValue of 0 to 3 fields."""
+    values = [_len_field(2, b"".join(draw(st.lists(_value_field(), max_size=3))), draw(_PADDING))
+              for _ in range(draw(st.sampled_from([1, 1, 1, 0, 2])))]
+    fields = [_len_field(1, key.encode(), draw(_PADDING)), *values]
+    if draw(st.booleans()):
+        fields.reverse()  # value before key
+    return b"".join(fields)
+
+
+@st.composite
+def _wire_request(draw) -> bytes:
+    spans = []
+    for index in range(draw(st.integers(min_value=1, max_value=3))):
+        span = Span(trace_id=b"\1" * 16, span_id=bytes([index + 1]) * 8, start_time_unix_nano=1,
+                    end_time_unix_nano=2, name=f"s{index}")
+        keys = draw(st.lists(st.sampled_from(["a", "b", "c", "d", "e"]), max_size=5, unique=True))
+        spans.append(span.SerializeToString() + b"".join(_len_field(9, draw(_key_value(k))) for k in keys))
+    scope = b"".join(_len_field(2, s) for s in spans)
+    resource = _len_field(1, _len_field(1, draw(_key_value("service.name")))) + _len_field(2, scope)
+    return _len_field(1, resource)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_wire_request())
+def test_attribute_values_in_any_encoding_are_the_reference_values(body):
+    request = ExportTraceServiceRequest.FromString(body)  # protobuf accepts it: the collector would log it
+    expected = rows.convert(request).rows
+    table = columns.to_arrow([body])
+    assert table is not None
+    assert repr(_as_rows(table)) == repr(expected)
+
+
+def test_usual_values_are_read_without_protobuf():
+    """Strings, ints, bools and doubles below 1e9 as SDKs write them never go through the slow path."""
+    span = Span(trace_id=b"\1" * 16, span_id=b"\1" * 8, start_time_unix_nano=1, end_time_unix_nano=2)
+    span.attributes.extend([KeyValue(key="s", value=AnyValue(string_value="x" * 200)),
+                            KeyValue(key="e", value=AnyValue(string_value="")),
+                            KeyValue(key="i", value=AnyValue(int_value=-5)),
+                            KeyValue(key="j", value=AnyValue(int_value=7)),
+                            KeyValue(key="b", value=AnyValue(bool_value=True)),
+                            KeyValue(key="d", value=AnyValue(double_value=0.25)), KeyValue(key="n", value=AnyValue())])
+    request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])])
+    with patch.object(columns, "AnyValue", **{"FromString.side_effect": AssertionError("slow path taken")}):
+        table = columns.to_arrow([request.SerializeToString()])
+    assert table is not None
+    assert dict(table.column("SpanAttributes")[0].as_py()) == {"s": "x" * 200, "e": "", "i": "-5", "j": "7",
+                                                                "b": "true", "d": "0.25", "n": ""}
