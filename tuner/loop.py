@@ -32,7 +32,6 @@ from tracetune.tuner.policies import (
     TAIL_SHARE,
     CascadeSample,
     RouteStats,
-    _wilson_lower,
     caching_policy,
     cascade_policy,
     cascade_route_floor,
@@ -42,6 +41,7 @@ from tracetune.tuner.policies import (
     local_route_floor,
     routing_policy,
     slow_weight_cap,
+    wilson_lower,
 )
 from tracetune.tuner.proposal import Proposal
 
@@ -197,7 +197,7 @@ def violations(slo: SLO | None, obs: observe.Observation, min_labelled: int = 30
     if slo.p99_ms is not None and obs.p99_ms is not None and obs.p99_ms > slo.p99_ms:
         missed["p99"] = f"p99 {obs.p99_ms:.0f} ms over the {slo.p99_ms:g} ms target"
     if slo.quality_floor is not None and obs.quality is not None and obs.labelled >= min_labelled \
-            and 1 - _wilson_lower((1 - obs.quality) * obs.labelled, obs.labelled) < slo.quality_floor:
+            and 1 - wilson_lower((1 - obs.quality) * obs.labelled, obs.labelled) < slo.quality_floor:
         # Beyond doubt under the floor (its upper bound too): 0.929 on a few thousand labels is not a miss.
         missed["quality"] = f"quality {obs.quality:.3f} under the {slo.quality_floor:g} floor"
     if slo.error_rate is not None and obs.requests and obs.errors / obs.requests > slo.error_rate:
@@ -529,7 +529,7 @@ def _local_floor(spec: PipelineSpec, config: PipelineConfig, obs: observe.Observ
     mass = sum(float(weights.get(r.route, 0.0)) for r in stats)
     if not stats or mass <= 0:
         return floor, kept
-    mix_lower = sum(float(weights.get(r.route, 0.0)) * _wilson_lower(r.correct, r.labelled) for r in stats) / mass
+    mix_lower = sum(float(weights.get(r.route, 0.0)) * wilson_lower(r.correct, r.labelled) for r in stats) / mass
     return local_route_floor(mix_lower, obs.quality, obs.labelled, floor, kept), kept
 
 
