@@ -380,6 +380,8 @@ def batching_policy(model: ServiceModel | None, arrival_rate: float, current: Ma
               f"p95 {now['p95_ms']:.0f} ms predicted{observed}, {now['compute_ms_per_request']:.2f} ms/request")
     predicted = {key: float(best[key]) for key in ("p95_ms", "compute_ms_per_request", "batch_size", "utilisation",
                                                    "capacity_rps") if math.isfinite(best[key])}  # JSON has no inf
+    if math.isfinite(now["compute_ms_per_request"]):  # what `loop.cost_effect` compares the move with
+        predicted["compute_ms_per_request_before"] = float(now["compute_ms_per_request"])
     return Proposal(step, values, reason, predicted)
 
 

@@ -62,14 +62,27 @@ ORDER BY version DESC
 LIMIT 1
 """
 
-# The root spans of both arms since the canary started: version, duration, outcome.
+# The root spans of both arms since the canary started, of tasks started before {until} (SETTLED_SQL):
+# version, duration, outcome.
 ROOTS_SQL = """
 SELECT TraceId, toUInt32OrZero(SpanAttributes['tracetune.config_version']) AS version, Duration / 1e6,
        StatusCode IN ('Error', 'STATUS_CODE_ERROR')
 FROM otel_traces
+WHERE Timestamp >= fromUnixTimestamp64Micro({since:Int64}) AND Timestamp < fromUnixTimestamp64Micro({until:Int64})
+  AND ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+  AND version IN ({base:UInt32}, {canary:UInt32})
+"""
+
+# A task's root span is stored once the task ends and its spans are exported and written, so the tasks started
+# last are missing, and the slow ones longest: judged on them, an arm looks faster and cheaper than it is. A
+# task started before (the newest stored end) - (the longest task stored) has ended by that newest end unless it
+# is the longest yet, so its spans are in: the arms count tasks started before then (microseconds; 0 with none).
+SETTLED_SQL = """
+SELECT max(toUnixTimestamp64Micro(Timestamp) + toInt64(intDiv(Duration, 1000)))
+       - max(toInt64(intDiv(Duration, 1000)))
+FROM otel_traces
 WHERE Timestamp >= fromUnixTimestamp64Micro({since:Int64}) AND ParentSpanId = ''
   AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
-  AND version IN ({base:UInt32}, {canary:UInt32})
 """
 
 
@@ -394,12 +407,15 @@ def finish(client, canary: Canary, status: str, reason: str) -> None:
 
 
 def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | None = None) -> tuple[Arm, Arm]:
-    """Per-task samples of the config in force and of the canary since the canary started.
+    """Per-task samples of the config in force and of the canary since the canary started, of the tasks whose
+    spans are all in (started before `SETTLED_SQL`'s cutoff): a task still running is not counted as missing.
 
     `correct` maps trace ids of labelled tasks to whether the pipeline's answer was right."""
     since = _micros(canary.started_at)
-    rows = client.query(ROOTS_SQL, parameters={"pipeline": spec.pipeline, "since": since, "base": canary.base_version,
-                                               "canary": canary.version}).result_rows
+    until = int(client.query(SETTLED_SQL, parameters={"pipeline": spec.pipeline, "since": since}).result_rows[0][0]
+                or 0)
+    rows = client.query(ROOTS_SQL, parameters={"pipeline": spec.pipeline, "since": since, "until": until,
+                                               "base": canary.base_version, "canary": canary.version}).result_rows
     window = max(1, int((datetime.now(UTC) - canary.started_at).total_seconds()) + 1)
     costs: dict[str, float] = {}
     try:

@@ -32,7 +32,6 @@ from tracetune.tuner.policies import (
     TAIL_SHARE,
     CascadeSample,
     RouteStats,
-    _wilson_lower,
     caching_policy,
     cascade_policy,
     cascade_route_floor,
@@ -42,6 +41,7 @@ from tracetune.tuner.policies import (
     local_route_floor,
     routing_policy,
     slow_weight_cap,
+    wilson_lower,
 )
 from tracetune.tuner.proposal import Proposal
 
@@ -197,7 +197,7 @@ def violations(slo: SLO | None, obs: observe.Observation, min_labelled: int = 30
     if slo.p99_ms is not None and obs.p99_ms is not None and obs.p99_ms > slo.p99_ms:
         missed["p99"] = f"p99 {obs.p99_ms:.0f} ms over the {slo.p99_ms:g} ms target"
     if slo.quality_floor is not None and obs.quality is not None and obs.labelled >= min_labelled \
-            and 1 - _wilson_lower((1 - obs.quality) * obs.labelled, obs.labelled) < slo.quality_floor:
+            and 1 - wilson_lower((1 - obs.quality) * obs.labelled, obs.labelled) < slo.quality_floor:
         # Beyond doubt under the floor (its upper bound too): 0.929 on a few thousand labels is not a miss.
         missed["quality"] = f"quality {obs.quality:.3f} under the {slo.quality_floor:g} floor"
     if slo.error_rate is not None and obs.requests and obs.errors / obs.requests > slo.error_rate:
@@ -241,15 +241,22 @@ def _proportion_z(c0: float, n0: float, c1: float, n1: float) -> float:
     return (c1 / n1 - c0 / n0) / spread
 
 
-def changed(then: Mapping[str, float], now: Mapping[str, float]) -> str | None:
-    """What changed beyond noise between two `evidence` records (load, a price, labelled accuracy, a newly
-    missed objective), in words; None when nothing did."""
+def load_change(then: Mapping[str, float], now: Mapping[str, float]) -> str | None:
+    """The load between two `evidence` records, in words, when it moved beyond noise (more than NOISE_Z
+    standard errors of a Poisson count and 10%); else None. Evidence for going back only where it moves
+    what the move was predicted to do (`_hold_reversals`)."""
     r0, r1 = then.get("rate", 0.0), now.get("rate", 0.0)
     w0, w1 = then.get("window_seconds", 0.0), now.get("window_seconds", 0.0)
     if r0 > 0 and w0 > 0 and w1 > 0:
         z = (r1 - r0) / math.sqrt(r0 / w0 + max(r1, 1e-9) / w1)  # Poisson counts
         if abs(z) > NOISE_Z and abs(r1 / r0 - 1) > 0.1:
             return f"load {r0:.1f} -> {r1:.1f} req/s"
+    return None
+
+
+def changed(then: Mapping[str, float], now: Mapping[str, float]) -> str | None:
+    """What changed beyond noise between two `evidence` records besides load (a price, labelled accuracy, a
+    newly missed objective), in words; None when nothing did. Load is `load_change`'s."""
     for key, price in now.items():
         if key.endswith(".unit_cost") and then.get(key):
             if abs(price / then[key] - 1) > PRICE_CHANGE:
@@ -267,6 +274,18 @@ def changed(then: Mapping[str, float], now: Mapping[str, float]) -> str | None:
     return None
 
 
+def cost_effect(predicted: Mapping[str, float], step: str) -> float | None:
+    """The change of cost a step's move was predicted to make (after minus before; its sign is what counts),
+    from a plan's or a decision's predictions: cost per 1k (routing, the cascade) or compute per request
+    (batching); None when no model predicted one (a cache, concurrency)."""
+    for prefix in (f"{step}.", f"{step}.proposal."):
+        for name in ("cost_per_1k", "compute_ms_per_request"):
+            after, before = predicted.get(prefix + name), predicted.get(f"{prefix}{name}_before")
+            if after is not None and before is not None:
+                return float(after) - float(before)
+    return None
+
+
 @dataclass(frozen=True)
 class Move:
     """The last move of one knob: from what to what, when (seconds on the caller's clock), on what evidence."""
@@ -277,6 +296,7 @@ class Move:
     after: Any
     at: float
     evidence: Mapping[str, float]
+    cost_effect: float | None = None  # the step's predicted change of cost when it moved (`cost_effect`)
 
     def reversed_by(self, now: Any, proposed: Any) -> bool:
         """Whether moving the knob from `now` to `proposed` goes back the way this move came."""
@@ -300,7 +320,8 @@ class Moves(dict):
     def record(self, plan: Plan, at: float) -> None:
         for step, values in plan.changes.items():
             for knob, value in values.items():
-                self[(step, knob)] = Move(step, knob, plan.was(step, knob), value, at, dict(plan.evidence))
+                self[(step, knob)] = Move(step, knob, plan.was(step, knob), value, at, dict(plan.evidence),
+                                          cost_effect(plan.predicted, step))
 
     @classmethod
     def from_history(cls, rows: Sequence[Mapping[str, Any]]) -> Moves:
@@ -317,7 +338,8 @@ class Moves(dict):
             for step, values in after.items():
                 for knob, value in values.items():
                     if before.get(step, {}).get(knob) != value:
-                        moves[(step, knob)] = Move(step, knob, before.get(step, {}).get(knob), value, at, evidence)
+                        moves[(step, knob)] = Move(step, knob, before.get(step, {}).get(knob), value, at, evidence,
+                                                   cost_effect(row["predicted"], step))
         return moves
 
 
@@ -529,7 +551,7 @@ def _local_floor(spec: PipelineSpec, config: PipelineConfig, obs: observe.Observ
     mass = sum(float(weights.get(r.route, 0.0)) for r in stats)
     if not stats or mass <= 0:
         return floor, kept
-    mix_lower = sum(float(weights.get(r.route, 0.0)) * _wilson_lower(r.correct, r.labelled) for r in stats) / mass
+    mix_lower = sum(float(weights.get(r.route, 0.0)) * wilson_lower(r.correct, r.labelled) for r in stats) / mass
     return local_route_floor(mix_lower, obs.quality, obs.labelled, floor, kept), kept
 
 
@@ -547,25 +569,116 @@ def _pipeline_effect(plan: Plan, obs: observe.Observation, step: str, predicted:
 
 
 def _hold_reversals(plan: Plan, moves: Mapping[tuple[str, str], Move], now: float, settings: LoopSettings) -> None:
-    """Take out of `plan` the knob changes that would undo a recent move on evidence no different beyond noise."""
+    """Take out of `plan` the knob changes that would undo a recent move on evidence no different beyond noise.
+
+    A change of load counts only where it moves what the move was predicted to do (`_load_moves`): load
+    alone does not change a route's accuracy or price. A reversal that goes ahead while no objective is
+    missed moves at most half as far as the move it undoes (`_damped`), so a knob pushed back and forth by
+    evidence at the edge of noise settles instead of swinging."""
     held = []
     for step, values in list(plan.changes.items()):
         for knob, value in list(values.items()):
             move = moves.get((step, knob))
             if move is None or now - move.at >= settings.reversal_hold_seconds:
                 continue
-            if not move.reversed_by(plan.was(step, knob), value):
+            was = plan.was(step, knob)
+            if not move.reversed_by(was, value):
                 continue
-            why = changed(move.evidence, plan.evidence)
-            if why is not None:
-                plan.reasons.append(f"{step}.{knob} goes back the way it moved {(now - move.at) / 60:.0f} min ago: "
-                                    f"{why}")
+            ago = f"{(now - move.at) / 60:.0f} min ago"
+            why, load = changed(move.evidence, plan.evidence), None
+            if why is None:
+                load = load_change(move.evidence, plan.evidence)
+                moved = _load_moves(move, plan, step, knob) if load is not None else None
+                why = f"{load}, and at that load {moved}" if moved else None
+            if why is None:
+                plan.drop(step, knob)
+                held.append(f"{step}.{knob} (moved {ago}" + (f"; {load} leaves what it was predicted to do as it was"
+                                                              if load else "") + ")")
                 continue
-            plan.drop(step, knob)
-            held.append(f"{step}.{knob} (moved {(now - move.at) / 60:.0f} min ago)")
+            damped = value if plan.violated else _damped(move, was, value)
+            if damped == was:
+                plan.drop(step, knob)
+                plan.reasons.append(f"{step}.{knob} stays: half of its move {ago} back rounds to no change")
+                continue
+            note = ""
+            if damped != value:
+                _scale_effect(plan, step, _share_of(was, value, damped))
+                plan.changes[step][knob] = damped
+                note = f" (at most half of that move back while no objective is missed: {_plain({knob: damped})})"
+            plan.reasons.append(f"{step}.{knob} goes back the way it moved {ago}: {why}{note}")
     if held:
-        plan.reasons.append(f"held {', '.join(held)}: going back needs load, prices or quality to have changed "
-                            f"beyond noise since, and they have not")
+        plan.reasons.append(f"held {', '.join(held)}: going back needs prices or quality to have changed beyond "
+                            f"noise since, an objective newly missed, or load changed so that the move's predicted "
+                            f"effect changes sign or crosses the p95 target, and none has")
+
+LOAD_INPUT_KNOBS = frozenset({"batch_max_size", "batch_max_wait_ms", "length_bucketing", "cache_enabled",
+                              "cache_ttl_seconds", "cache_max_entries", "max_concurrency"})
+"""Knobs whose policies take the load as an input (arrivals per batch wait, inputs per TTL, calls at once): a
+change of load can change what moving them does. Routes and the cascade threshold are priced and judged per
+task, so load alone leaves their predicted effect as it was (except on latency, `_load_moves`)."""
+
+
+def _load_moves(move: Move, plan: Plan, step: str, knob: str) -> str | None:
+    """How the load now changes what `move` was predicted to do, in words; None when it does not: the pipeline's
+    p95 is over its target with the move and predicted within it without, or (a knob whose policy takes load
+    as an input) the move's effect on cost changed sign: going back is predicted to cut cost where the move
+    was too, or to add cost where the move did."""
+    target, p95 = plan.targets.get("p95_ms"), plan.before.get("p95_ms")
+    without = plan.effects.get(step, {}).get("p95_ms")
+    if target is not None and p95 is not None and without is not None and p95 > target >= without:
+        return f"p95 {p95:.0f} ms with the move is over the {target:g} ms target, {without:.0f} ms predicted without"
+    back = cost_effect(plan.predicted, step)
+    if knob in LOAD_INPUT_KNOBS and back is not None and move.cost_effect is not None and back * move.cost_effect > 0:
+        return (f"the move's predicted effect on cost changed sign ({'cheaper' if move.cost_effect < 0 else 'dearer'}"
+                f" then, going back {'cheaper' if back < 0 else 'dearer'} now)")
+    return None
+
+
+def _damped(move: Move, was: Any, proposed: Any) -> Any:
+    """`proposed`, moved from `was` at most half as far as `move` went (bools as proposed: no half of a switch)."""
+    if isinstance(proposed, bool) or not isinstance(proposed, (int, float, dict)):
+        return proposed
+    if isinstance(proposed, dict):
+        names = list(dict.fromkeys([*proposed, *(was or {}), *(move.after or {}), *(move.before or {})]))
+
+        def at(values: Any, name: str) -> float:
+            return float((values or {}).get(name, 0.0))
+
+        last = 0.5 * sum(abs(at(move.after, n) - at(move.before, n)) for n in names)
+        shift = 0.5 * sum(abs(at(proposed, n) - at(was, n)) for n in names)
+        if shift <= 0.5 * last or shift <= 0:
+            return proposed
+        share = 0.5 * last / shift
+        return {n: at(was, n) + share * (at(proposed, n) - at(was, n)) for n in proposed}
+    try:
+        last, delta = abs(float(move.after) - float(move.before)), float(proposed) - float(was)
+    except (TypeError, ValueError):
+        return proposed
+    if abs(delta) <= 0.5 * last:
+        return proposed
+    value = float(was) + math.copysign(0.5 * last, delta)
+    if isinstance(proposed, int):
+        return int(math.floor(value) if delta > 0 else math.ceil(value))  # toward `was`: never past half
+    return value
+
+
+def _share_of(was: Any, proposed: Any, damped: Any) -> float:
+    """How much of the way from `was` to `proposed` `damped` goes (1 when it cannot be told)."""
+    if isinstance(proposed, dict):
+        full = sum(abs(float(proposed.get(n, 0.0)) - float((was or {}).get(n, 0.0))) for n in proposed)
+        part = sum(abs(float(damped.get(n, 0.0)) - float((was or {}).get(n, 0.0))) for n in proposed)
+        return part / full if full else 1.0
+    full = float(proposed) - float(was)
+    return (float(damped) - float(was)) / full if full else 1.0
+
+
+def _scale_effect(plan: Plan, step: str, share: float) -> None:
+    """A step's predicted change of cost and quality for `share` of its proposal (both about linear in it)."""
+    effect = plan.effects.get(step)
+    if effect:
+        for name in ("cost_per_1k.delta", "quality.delta"):
+            if name in effect:
+                effect[name] *= share
 
 
 def _age_seconds(decision: Mapping[str, Any], now: datetime) -> float:

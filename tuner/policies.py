@@ -27,7 +27,7 @@ from tracetune.tuner.config import Knob, KnobValue
 from tracetune.tuner.proposal import Proposal, int_bounds
 
 __all__ = ["CascadeSample", "RouteStats", "caching_policy", "cascade_policy", "clamp_change", "concurrency_policy",
-           "local_route_floor", "routing_policy"]
+           "local_route_floor", "routing_policy", "wilson_lower"]
 
 Z_95 = 1.645  # one-sided 95%: the conservative bounds on accuracy
 Z_99 = 2.326  # one-sided 99%: what a cost cut must clear (hysteresis: holding takes less than moving)
@@ -114,7 +114,7 @@ class RouteStats:
     p95_ms: float | None = None
 
 
-def _wilson_lower(successes: float, n: float, z: float = Z_95) -> float:
+def wilson_lower(successes: float, n: float, z: float = Z_95) -> float:
     """Wilson score lower bound of a proportion: conservative on small samples, exact enough on large."""
     if n <= 0:
         return 0.0
@@ -161,7 +161,7 @@ def routing_policy(routes: Sequence[RouteStats], current: Mapping[str, float], k
         return None
     cost = np.array([stats[n].compute_cost_per_request if n in stats else 0.0 for n in names])
     accuracy = np.array([stats[n].correct / stats[n].labelled if known[i] else 0.0 for i, n in enumerate(names)])
-    lower = np.array([_wilson_lower(stats[n].correct, stats[n].labelled, z) if known[i] else 0.0
+    lower = np.array([wilson_lower(stats[n].correct, stats[n].labelled, z) if known[i] else 0.0
                       for i, n in enumerate(names)])
     slow = np.array([p95_target_ms is not None and n in stats and stats[n].p95_ms is not None
                      and stats[n].p95_ms > p95_target_ms for n in names])
@@ -279,8 +279,8 @@ def local_route_floor(mix_lower: float, quality: float | None, labelled: int, qu
         return None
     if quality is None or labelled <= 0 or kept_share <= 0:
         return mix_lower
-    low = _wilson_lower(quality * labelled, labelled, z)
-    high = 1 - _wilson_lower((1 - quality) * labelled, labelled, z)
+    low = wilson_lower(quality * labelled, labelled, z)
+    high = 1 - wilson_lower((1 - quality) * labelled, labelled, z)
     if low >= quality_floor:
         return max(0.0, mix_lower - (low - quality_floor) / kept_share)
     if high < quality_floor:
@@ -309,7 +309,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
         remote = [s.remote_correct for s in samples if s.remote_correct is not None]
         if len(remote) < min_remote_labelled:
             return None
-        remote_point, remote_lower = sum(remote) / len(remote), _wilson_lower(sum(remote), len(remote), z)
+        remote_point, remote_lower = sum(remote) / len(remote), wilson_lower(sum(remote), len(remote), z)
     else:
         remote_point = remote_lower = float(remote_accuracy)
     low = knob.low if knob.low is not None else 0.0
@@ -322,7 +322,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     kept_correct = np.concatenate([[0], np.cumsum([bool(s.local_correct) for s in order][::-1])])[::-1]
     below = np.searchsorted(confidence, thresholds, side="left")  # labelled tasks escalated at each t
     n = len(order)
-    lower = np.array([_wilson_lower(kept_correct[i] + remote_lower * i, n, z) for i in below])
+    lower = np.array([wilson_lower(kept_correct[i] + remote_lower * i, n, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
     fast = escalated <= escalation_cap + 1e-9 if escalation_cap is not None else np.ones(len(thresholds), dtype=bool)
     capped = bool((feasible & fast).any()) and escalation_cap is not None
@@ -334,9 +334,9 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     share_here = np.searchsorted(every, current_threshold, side="left") / len(every)
     if feasible[at]:  # (when capped, `feasible` already includes the cap)
         # The current threshold holds the floor: only a cheaper one that holds it beyond the stricter bound.
-        remote_cut = _wilson_lower(remote_point * len(remote), len(remote), z_cut) if remote_accuracy is None \
+        remote_cut = wilson_lower(remote_point * len(remote), len(remote), z_cut) if remote_accuracy is None \
             else remote_lower
-        strict = np.array([_wilson_lower(kept_correct[i] + remote_cut * i, n, z_cut) for i in below]) >= (
+        strict = np.array([wilson_lower(kept_correct[i] + remote_cut * i, n, z_cut) for i in below]) >= (
             quality_floor if quality_floor is not None else -1.0)
         cheaper = (escalated < share_here) & strict & reach & (fast | (not capped))
         if not cheaper.any():
@@ -376,7 +376,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     share_now = float(np.searchsorted(every, current_threshold, side="left") / len(every))
     share = here / len(every)
     quality = float((kept_correct[lab] + remote_point * lab) / n)
-    quality_lower = _wilson_lower(kept_correct[lab] + remote_lower * lab, n, z)
+    quality_lower = wilson_lower(kept_correct[lab] + remote_lower * lab, n, z)
     floor_text = f">= floor {quality_floor:.3f}" if quality_floor is not None else "(no floor)"
     cost_now, cost = 1000 * share_now * remote_cost_per_call, 1000 * share * remote_cost_per_call
     reason = (f"{why}: threshold {current_threshold:.2f} -> {new:.2f}, escalations {share_now:.0%} -> {share:.0%} "

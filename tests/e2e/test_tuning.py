@@ -35,11 +35,17 @@ TUNED_SQL = f"SELECT count() FROM ({VERSIONS_SQL}) WHERE version >= {{version:UI
 TUNED_TASKS = 500
 """Tasks on the tuned config (its canary share and after) before the load stops: 20 s of the load."""
 
-P95_TARGET_MS = 300.0
-"""Tighter than the demo's 500 ms: with the default cascade threshold about 11% of tickets escalate to LLM
-tiers whose median answer takes 300 ms (small) and 700 ms (large), more than the 5% a p95 target lets be
-slow, so the default misses it; escalating under 4% (a lower threshold, which the 0.85 floor allows)
-meets it, and costs less."""
+P95_TARGET_MS = 220.0
+"""Tighter than the demo's 500 ms, and well under what the default's tail takes once warm: with the default
+cascade threshold about 9% of tickets escalate to LLM tiers whose median answer takes 300 ms (small) and
+700 ms (large), and all but a few escalated ones take over 200 ms, so about 8% of tasks are slower than
+this target, more than the 5% a p95 target lets be slow (measured on the config in force beside the canary:
+8.5-9% over 200 ms, 5-6% over 250 ms, 3-6% over 300 ms). At 300 ms the default missed the target only while
+warming up: the tuner started its restoring canary on the first window, but beside the canary the config in
+force met the target about as often as not, so the canary could rarely show it restored anything and waited
+for its cost to be shown better instead, which takes over a thousand tasks on it at this spread of per-task
+cost. Escalating under 4% (a lower threshold, which the 0.85 floor allows) meets it (the tuned p95 was
+40-205 ms, the highest on a machine running three other test suites), and costs less."""
 
 
 def test_the_tuner_restores_a_missed_p95_target_first_and_lowers_cost_under_load(tmp_path, models_dir):
@@ -55,14 +61,14 @@ def test_the_tuner_restores_a_missed_p95_target_first_and_lowers_cost_under_load
             headers={"Authorization": f"Bearer {settings.secret('tuner')}"})
         assert slo.status_code == 200, slo.text
         env = {k: v for k, v in os.environ.items() if not k.startswith("TRACETUNE_")} | settings.as_env()
-        load = subprocess.Popen([sys.executable, "-m", "tracetune", "load", "--rate", "25", "--duration", "240",
+        load = subprocess.Popen([sys.executable, "-m", "tracetune", "load", "--rate", "25", "--duration", "120",
                                  "--duplicates", "0.3", "--no-progress"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
             decisions_url = f"{settings.tuner_url}/v1/pipelines/ticket_triage/decisions"
             of = lambda *kinds: [d for d in httpx.get(decisions_url).json() if d["kind"] in kinds]
             try:
-                wait_until(lambda: of("canary_promote", "canary_rollback"), 220, 1.0, "a canary judged under load")
+                wait_until(lambda: of("canary_promote", "canary_rollback"), 110, 1.0, "a canary judged under load")
             except AssertionError as exc:  # say what the tuner did decide
                 seen = client.query(RECENT_SQL).result_rows[0]
                 raise AssertionError(f"{exc}; decisions: {[(d['kind'], d['reason']) for d in of(*KINDS)]}; "

@@ -157,6 +157,16 @@ def _arm_spans(client, version: int, n: int, ms: float, first: int) -> None:
     client.insert("otel_traces", rows, column_names=COLUMNS)
 
 
+def _later_task(client, after_ns: int | None = None) -> None:
+    """A task on neither arm's version that started 5 s later and is stored: the tasks before it have ended
+    and are in (a canary counts only tasks whose spans are all stored, `canary.SETTLED_SQL`)."""
+    start = (after_ns or time.time_ns()) + 5_000_000_000
+    client.insert("otel_traces", [span_row(start, trace_id=f"{start:032x}"[-32:], span_id=f"{start:016x}"[-16:],
+                                           name="shop", kind="Server", duration=10_000_000, status="Unset",
+                                           attrs={"tracetune.pipeline": "shop", "tracetune.config_version": "0"})],
+                  column_names=COLUMNS)
+
+
 SETTINGS = LoopSettings(min_requests=100, cooldown_seconds=0, window_seconds=30, canary_share=0.2,
                         canary_min_requests=50)
 
@@ -179,6 +189,7 @@ def test_the_loop_puts_a_change_on_trial_and_rolls_it_back_when_it_regresses(sho
     _start(shop)
     _arm_spans(shop, 1, 200, 30, first=10_000)
     _arm_spans(shop, 2, 60, 900, first=20_000)
+    _later_task(shop)
     rolled = tune_once(shop, "shop", SETTINGS)
     assert rolled is not None and rolled.kind == "canary_rollback" and "slower" in rolled.reason
     assert (rolled.version_before, rolled.version_after) == (2, 1)
@@ -196,6 +207,7 @@ def test_the_loop_promotes_a_canary_that_holds_up(shop):  # noqa: F811 - the fix
     started = _start(shop)
     _arm_spans(shop, 1, 200, 30, first=10_000)
     _arm_spans(shop, 2, 60, 30, first=20_000)
+    _later_task(shop)
     promoted = tune_once(shop, "shop", SETTINGS)
     assert promoted is not None and promoted.kind == "canary_promote", promoted
     assert versions.latest(shop, "shop").version == 2 and canary.running(shop, "shop") is None
@@ -214,10 +226,35 @@ def test_canary_arms_count_both_spellings_of_an_error_status(shop):  # noqa: F81
                      duration=20_000_000, status=status)
             for version in (1, 2) for i, status in enumerate(statuses, start=10 * version)]
     shop.insert("otel_traces", rows, column_names=COLUMNS)
+    _later_task(shop, now)
     base_config = versions.latest(shop, "shop")
     trial = canary.Canary("shop", 2, 1, 0.2, "test", datetime.fromtimestamp(now / 1e9 - 5, UTC), base_config)
     base, tried = canary.arms(shop, SPEC, trial)
     assert (base.n, base.errors) == (6, 2) and (tried.n, tried.errors) == (6, 2)
+
+
+def test_canary_arms_leave_out_tasks_that_may_still_be_running(shop):  # noqa: F811 - the fixture
+    """Root spans are stored as tasks end: a slow task started a moment ago is not in yet, so the latest tasks
+    stored are the fast ones. An arm counts the tasks started before the newest stored end less the longest
+    task stored: fast and slow alike are in by then."""
+    t0 = time.time_ns()
+    trial = canary.Canary("shop", 2, 1, 0.2, "test", datetime.fromtimestamp(t0 / 1e9 - 1, UTC),
+                          versions.latest(shop, "shop"))
+
+    def task(start: int, ms: float, n: int) -> list:
+        return span_row(start, trace_id=f"{40_000 + n:032x}", span_id=f"{40_000 + n:016x}", name="shop",
+                        kind="Server", attrs={"tracetune.pipeline": "shop", "tracetune.config_version": "1"},
+                        duration=int(ms * 1e6), status="Unset")
+
+    # A 1 s task at t0, and 20 tasks of 50 ms every 100 ms from t0: the newest ends at t0 + 1.95 s, so only the
+    # tasks started by t0 + 0.95 s are surely in (a 1 s task started after that might still be running).
+    shop.insert("otel_traces", [task(t0, 1000, 0)] + [task(t0 + i * 100_000_000, 50, i + 1) for i in range(20)],
+                column_names=COLUMNS)
+    base, _ = canary.arms(shop, SPEC, trial)
+    assert base.n == 11 and base.p95() > 500
+    _later_task(shop, t0)  # later tasks stored: the rest are in
+    base, _ = canary.arms(shop, SPEC, trial)
+    assert base.n == 21
 
 
 # ---- what executors are served -------------------------------------------------------------------------
