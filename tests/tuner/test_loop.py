@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 
 from tests.spans import COLUMNS, span_row
@@ -13,7 +14,7 @@ from tracetune.tuner import decisions, versions
 from tracetune.tuner.config import Knob, PipelineSpec
 from tracetune.tuner.loop import LoopSettings, decide, tune_once
 from tracetune.tuner.observe import Observation, RouteObservation, collect
-from tracetune.tuner.policies import CascadeSample
+from tracetune.tuner.policies import CascadeSample, TaskLatencies, mixture_quantile
 
 SPEC = PipelineSpec("shop", {
     "clean": {},
@@ -84,6 +85,37 @@ def test_decide_lowers_the_cascade_threshold_only_as_far_as_the_quality_floor_al
     assert threshold < 0.5  # cheaper: fewer escalations ...
     assert threshold >= 0.3 - 1e-9 or 1 - (0.3 - threshold) >= 0.8  # ... but quality stays at the floor or above
     assert plan.predicted["escalate.quality"] >= 0.8
+
+
+def test_a_p95_missed_by_escalations_lowers_the_threshold_as_far_as_predicted_and_no_further():
+    """Half the tasks escalate and take 200-1200 ms, local ones ~100 ms: p95 ~1100 ms against a 1000 ms target.
+    The plan lowers the threshold to the highest one whose predicted p95 (judged at p96) meets the target and
+    whose quality holds the floor, and files the prediction with the plan."""
+    n = 2000
+    obs = _observation()
+    obs.p95_ms = 1100.0
+    obs.quality, obs.labelled = 1.0, n
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=n // 2, cost=10.0, p95_ms=1150.0)}
+    obs.cascade_samples["escalate"] = [CascadeSample(i / n, i / n >= 0.3, True) for i in range(n)]
+    local, escalated = np.linspace(80, 120, n), np.linspace(200, 1200, n)
+    obs.task_latency["escalate"] = TaskLatencies(local, {"llm": escalated})
+    slo = SLO(pipeline="shop", p95_ms=1000.0, quality_floor=0.8)
+    plan = decide(SPEC, SPEC.defaults(), slo, obs)
+    # Expected, computed directly: every grid threshold, its share, its mixture p96 and its quality bound.
+    feasible = []
+    for t in np.round(np.arange(0, 1.001, 0.01), 2):
+        share = sum(s.confidence < t for s in obs.cascade_samples["escalate"]) / n
+        p96 = mixture_quantile([(1 - share, local), (share, escalated)], 0.96)
+        correct = sum(1 if s.confidence < t else s.local_correct for s in obs.cascade_samples["escalate"])
+        lower = (correct / n + 1.645 ** 2 / (2 * n) - 1.645 * np.sqrt(correct / n * (1 - correct / n) / n
+                 + 1.645 ** 2 / (4 * n * n))) / (1 + 1.645 ** 2 / n)
+        if p96 <= 1000 and lower >= 0.8:
+            feasible.append(t)
+    assert plan.changes["escalate"]["cascade_threshold"] == pytest.approx(max(feasible)) == pytest.approx(0.2)
+    assert plan.predicted["escalate.p95_ms"] == pytest.approx(mixture_quantile([(0.8, local), (0.2, escalated)], 0.95))
+    assert plan.after["p95_ms"] == plan.predicted["escalate.p95_ms"] <= 1000  # the plan's p95, as predicted
+    assert plan.predicted["escalate.quality_lower_bound"] >= 0.8
+    assert plan.summary.startswith("Restoring p95 first.") and "-> " in plan.summary.split("p95")[-1]
 
 
 # ---- tune_once on a real store -------------------------------------------------------------------
