@@ -500,7 +500,6 @@ def canary_settings(name: str, minutes: float) -> tuple[Any, str]:
     sets them for its tuner arm; and the line that says so. The loop's own defaults (20% of tasks, 200 each,
     30 minutes) assume hours of traffic: in an hour's run a canary would take half of it."""
     from bench.tuner_real import PIPELINES
-
     from tracetune.tuner.canary import limits_for
     from tracetune.tuner.loop import LoopSettings
 

@@ -450,7 +450,7 @@ def test_the_mixture_quantile_solves_the_mixed_cdf_of_known_distributions():
     local_ms, remote_ms = local.ppf(levels), remote.ppf(levels)
     for share in (0.05, 0.2, 0.5, 0.9):
         for q in (0.95, 0.99):
-            exact = brentq(lambda x: share * remote.cdf(x) + (1 - share) * local.cdf(x) - q, 0, 1e6)
+            exact = brentq(lambda x, s=share, p=q: s * remote.cdf(x) + (1 - s) * local.cdf(x) - p, 0, 1e6)
             found = mixture_quantile([(1 - share, local_ms), (share, remote_ms)], q)
             assert found == pytest.approx(exact, rel=0.01), (share, q)
     # With weights as the parts' own counts, the mixture is the pooled sample: its quantile is numpy's (inverted CDF).
