@@ -187,6 +187,27 @@ def test_collect_counts_both_spellings_of_an_error_status(shop):
     assert len(seen.batches["score"]) == 4
 
 
+def test_collect_splits_task_latency_by_the_cascade(shop):
+    """Each task's end-to-end latency, by the route its cascade step escalated it to; the tasks without the
+    escalation are those kept local and the escalated ones less the cascade step's time."""
+    now = time.time_ns()
+    rows = []
+    for i, (total_ms, remote_ms) in enumerate([(100, None), (200, None), (1000, 800), (1500, 800)]):
+        trace, root = f"{i + 1:032x}", f"{2 * i + 1:016x}"
+        start = now - 2_000_000_000 + i * 1_000_000
+        rows.append(span_row(start, trace_id=trace, span_id=root, name="shop", kind="Server",
+                             attrs={"tracetune.pipeline": "shop"}, duration=total_ms * 1_000_000, status="Unset"))
+        if remote_ms is not None:
+            rows.append(span_row(start + 1000, trace_id=trace, span_id=f"{2 * i + 2:016x}", parent=root,
+                                 name="escalate", attrs={"tracetune.pipeline": "shop", "tracetune.step": "escalate",
+                                                         "tracetune.route": "llm"},
+                                 duration=remote_ms * 1_000_000, status="Unset"))
+    shop.insert("otel_traces", rows, column_names=COLUMNS)
+    latency = collect(shop, SPEC, 300).task_latency["escalate"]
+    assert sorted(latency.local_ms) == pytest.approx([100, 200, 200, 700])
+    assert {route: sorted(v) for route, v in latency.escalated_ms.items()} == {"llm": pytest.approx([1000, 1500])}
+
+
 def test_tune_once_needs_enough_requests_and_leaves_a_frozen_pipeline_alone(shop):
     _spans(shop, 150, distinct=30)
     assert tune_once(shop, "shop", LoopSettings(min_requests=200, window_seconds=30)) is None
