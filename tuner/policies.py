@@ -416,23 +416,34 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             with np.errstate(invalid="ignore"):
                 quick = np.logical_and.reduce([at_strict[judged[q]] <= t for q, t in latency_targets.items()])
             fast = quick  # the cap is the special case of the mixture where every escalated task is too slow
-    limited = escalation_cap is not None or quick is not None
-    capped = bool((feasible & fast).any()) and limited
     unproven = False
     if quick is not None and not feasible.any() and quality_floor is not None:
         # The labels prove the floor at no threshold (the current one is held while its point estimate meets it):
         # restoring latency, a threshold is held to the same standard, its point estimate at the floor or above.
         lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))
-        if (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor and (
-                (points >= quality_floor) & quick).any():
-            feasible, capped, unproven = points >= quality_floor, True, True
+        if (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor:
+            feasible, unproven = points >= quality_floor, True
+    limited = escalation_cap is not None or quick is not None
+    capped = bool((feasible & fast).any()) and limited
+    # Latency over a target and no threshold predicted inside it holds the floor: quality first, the cheapest
+    # threshold that holds it (the lowest latency among them).
+    nearest = quick is not None and not capped and bool(feasible.any())
     if capped:
         feasible = feasible & fast
     reach = np.abs(thresholds - current_threshold) <= max_step + 1e-9
     distance = np.abs(thresholds - current_threshold)
     at = int(np.argmin(distance))
     share_here = np.searchsorted(every, current_threshold, side="left") / len(every)
-    if feasible[at]:  # (when capped, `feasible` already includes the cap)
+    if nearest:
+        pick = np.flatnonzero(feasible & reach & (escalated < share_here))
+        if not len(pick):
+            return None
+        best = min(pick, key=lambda i: (escalated[i], distance[i]))
+        new = float(thresholds[best])
+        why = ("no threshold predicted inside the latency targets holds the floor: the cheapest holding it"
+               + (" at its point estimate (no threshold's lower bound does on these labels)" if unproven else "")
+               + ", the lowest latency among them")
+    elif feasible[at]:  # (when capped, `feasible` already includes the cap)
         # The current threshold holds the floor: only a cheaper one that holds it beyond the stricter bound.
         remote_cut = _wilson_lower(remote_point * len(remote), len(remote), z_cut) if remote_accuracy is None \
             else remote_lower
@@ -448,8 +459,6 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
             if capped and quick is None else "") + (
             " predicted inside the latency targets" if capped and quick is not None else "")
-        if quick is not None and not capped:
-            why = "no threshold predicted inside the latency targets holds the floor: " + why
     elif (feasible & reach).any():
         pick = np.flatnonzero(feasible & reach)
         if capped and quick is not None:
@@ -466,8 +475,6 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             why = "cheapest threshold holding the floor" + (
                 f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
                 if capped and quick is None else "")
-            if quick is not None and not capped:
-                why = "no threshold predicted inside the latency targets holds the floor: " + why
         new = float(thresholds[best])
         if escalated[best] == np.searchsorted(every, current_threshold, side="left") / len(every):
             return None  # the same tasks escalate: nothing to gain
