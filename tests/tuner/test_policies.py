@@ -505,3 +505,20 @@ def test_a_missed_p95_moves_the_threshold_to_the_most_accurate_one_predicted_ins
     assert _quality_lower(samples, t, remote) >= floor > _quality_lower(samples, t - 0.01, remote)
     assert tight.reason.startswith("no threshold predicted inside the latency targets holds the floor")
     assert tight.predicted["p95_ms"] < tight.predicted["p95_ms_before"]
+
+
+def test_restoring_latency_on_labels_that_prove_the_floor_nowhere_holds_thresholds_to_their_point_estimate():
+    """100 labels cannot prove a 0.98 floor anywhere (the best lower bound is 0.974); the current threshold is
+    held on its point estimate, and a latency move is held to the same standard, not refused for want of labels."""
+    samples, latency = _cascade_latency(100)
+    looser = cascade_policy(samples, 0.5, THRESHOLD, 0.98, 0.01, max_step=1.0, latency=latency,
+                            latency_targets={0.95: 1100.0})
+    # p96 <= 1100 ms while s <= 0.4; quality (point) is 1.0 from 0.30 up, 0.98 at 0.28: the most accurate is 0.30.
+    assert looser.values["cascade_threshold"] == pytest.approx(0.30)
+    assert "whose point estimate holds the floor" in looser.reason
+    # Inside 1000 ms (s <= 0.2) no threshold's point estimate reaches 0.98: the cheapest that does, 0.28.
+    tight = cascade_policy(samples, 0.5, THRESHOLD, 0.98, 0.01, max_step=1.0, latency=latency,
+                           latency_targets={0.95: 1000.0})
+    assert tight.values["cascade_threshold"] == pytest.approx(0.28)
+    assert "at its point estimate" in tight.reason
+    assert cascade_policy(samples, 0.5, THRESHOLD, 0.98, 0.01, max_step=1.0) is None  # without the model: hold
