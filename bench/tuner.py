@@ -45,6 +45,7 @@ from tracetune.tuner import simulate  # noqa: E402
 from tracetune.tuner.batching import ServiceModel  # noqa: E402
 from tracetune.tuner.config import PipelineSpec  # noqa: E402
 
+CANARY_MIN_REQUESTS_FLOOR = 30  # as bench/tuner_real.py: the fewest tasks per arm a canary is judged on
 RATE = 20.0  # requests/s before the step; 40 after (the demo's default load, doubled half-way)
 DUPLICATES = 0.2
 LABELS = {"default": "default (static)", "aimd": "AIMD batch size", "tuner": "tracetune tuner",
@@ -328,9 +329,14 @@ def _bar(console: Console) -> Progress:
 
 def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: physics.Calibration,
                  workload: Any, seeds: Sequence[int], search_seed: int, evaluations: int,
-                 prices: Any = None, partial: Path | None = None, screen: Any = None) -> list[dict[str, Any]]:
+                 prices: Any = None, partial: Path | None = None, screen: Any = None,
+                 settings: Any = None) -> list[dict[str, Any]]:
     """Every arm of one pipeline on each seed: the static oracle searched on `search_seed` (screened on
-    `screen(seed)`, a shorter run of the same load, when given), scored on each."""
+    `screen(seed)`, a shorter run of the same load, when given), scored on each. `settings`: the loop's
+    (LoopSettings) for the arms with a controller, e.g. canary limits sized for the run (`canary_settings`)."""
+    from tracetune.tuner.loop import LoopSettings
+
+    settings = settings or LoopSettings()
     from tracetune.analyzer import load_prices
     from tracetune.tuner import oracles, simarms
 
@@ -372,7 +378,8 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: p
             mine = []
             for arm in arms:
                 arm = arm or simulate.Arm("optuna", "optuna", seed=seed)
-                mine.append(simulate.simulate(spec, calibration, w, arm, slo=slo, seed=seed, prices=prices))
+                mine.append(simulate.simulate(spec, calibration, w, arm, slo=slo, seed=seed, prices=prices,
+                                              settings=settings))
                 bar.advance(task)
                 _note(console, name, seed, mine[-1])
             runs = []
@@ -485,6 +492,27 @@ def sim_pipelines(real_load: bool = False) -> dict[str, tuple[PipelineSpec, phys
                               None),
             "rag_answering": (rag_spec(), rag_calibration(), lambda seed, minutes=60.0: rag_workload(minutes, seed),
                               None)}
+
+
+def canary_settings(name: str, minutes: float) -> tuple[Any, str]:
+    """The loop's settings with canary limits sized by `canary.limits_for` for a run of `minutes` on the load
+    bench/tuner_real.py drives pipeline `name` with (its mean rate and per-task cost spread), as that bench
+    sets them for its tuner arm; and the line that says so. The loop's own defaults (20% of tasks, 200 each,
+    30 minutes) assume hours of traffic: in an hour's run a canary would take half of it."""
+    from bench.tuner_real import PIPELINES
+    from tracetune.tuner.canary import limits_for
+    from tracetune.tuner.loop import LoopSettings
+
+    load = next((w for w in PIPELINES.values() if w.name == name), None)
+    if load is None:
+        return LoopSettings(), "canaries: the loop's defaults"
+    rate = load.rate * load.mean_factor
+    limits = limits_for(minutes * 60, rate, load.cost_spread, floor_tasks=CANARY_MIN_REQUESTS_FLOOR)
+    settings = dataclasses.replace(LoopSettings(), canary_share=limits["share"],
+                                   canary_max_seconds=limits["max_seconds"], canary_min_requests=limits["min_requests"])
+    return settings, (f"canaries (canary.limits_for, {minutes:g} min at {rate:g} req/s, cost spread "
+                      f"{load.cost_spread:g}): {limits['share']:.0%} of tasks, at most {limits['max_seconds']:g} s, "
+                      f"{limits['min_requests']} tasks per arm")
 
 
 def run_sim(console: Console, spec: PipelineSpec, calibration: physics.Calibration, minutes: float, seed: int,
@@ -687,6 +715,9 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
             calibration = calibration_from(args.calibrate_from, spec, args.calibration_window, base=calibration)
         slo = SLO(spec.pipeline, **spec.slo)
         console.print(f"[bold]{name}[/]: calibration {calibration.source}; SLO {json.dumps(spec.slo)}")
+        settings, canaries = canary_settings(name, args.minutes) if args.real_load else (None, (
+            "canaries: the loop's defaults (--real-load sizes them for the run)"))
+        console.print(f"{name}: {canaries}")
         # The search screens on a third of the run (the same load's shape, compressed), then runs its best in full.
         screen = (lambda seed, w=workload: w(seed, args.minutes / 3)) if args.minutes / 3 >= 10 else None
         if args.frontier is not None:
@@ -698,7 +729,8 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
             console.print(f"{name}: {len(frontiers[name]['runs'])} runs written to {args.frontier}, chart: {figure}")
             continue
         rows = sim_pipeline(console, name, spec, calibration, lambda seed, w=workload: w(seed, args.minutes), seeds,
-                            args.search_seed, args.evaluations, prices, args.out / f"partial-{name}.json", screen)
+                            args.search_seed, args.evaluations, prices, args.out / f"partial-{name}.json", screen,
+                            settings)
         console.print(sim_table(rows, slo, f"{name}: {args.minutes:g} virtual minutes per arm, seeds "
                                            f"{', '.join(map(str, seeds))}; oracle searched on seed {args.search_seed}"))
         figure = sim_chart(rows, slo, args.out / f"tuner-sim-{name}.png", f"{name}: cost per 1k by arm")

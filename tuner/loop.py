@@ -406,22 +406,28 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
         if "cascade_threshold" in knobs:
             remote_target = step_target_ms(slo, obs, step)
             slow = remote_target is not None and total.p95_ms > remote_target
+            # Latency over a target: thresholds are judged on the pipeline's quantiles predicted at their share.
+            targets = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slow_now else {}
             proposal = cascade_policy(samples, current["cascade_threshold"],
                                       knobs["cascade_threshold"], floor, obs.cost_per_call(step), step=step,
                                       max_step=1.0 if missed or step in saturated else 0.1,
-                                      escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None)
+                                      escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None,
+                                      latency=obs.task_latency.get(step) if targets else None,
+                                      latency_targets=targets, route_weights=current.get("route_weights"))
             proposal = _not_worse_quality(proposal, missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
                 _pipeline_effect(plan, obs, step, proposal.predicted, share=1.0)
                 now_share = proposal.predicted.get("escalation_share_before", 0.0)
-                if slow and proposal.predicted.get("escalation_share", 1.0) <= TAIL_MARGIN * TAIL_SHARE < now_share:
+                if "p95_ms" in proposal.predicted:
+                    plan.effects.setdefault(step, {})["p95_ms"] = proposal.predicted["p95_ms"]
+                elif slow and proposal.predicted.get("escalation_share", 1.0) <= TAIL_MARGIN * TAIL_SHARE < now_share:
                     # Escalations now fit in the tail the target allows: p95 becomes that of the tasks kept local.
                     plan.effects.setdefault(step, {})["p95_ms"] = min(obs.p95_ms or math.inf,
                                                                       _local_ms(obs, spec, step))
         if "route_weights" in knobs:
             route_floor, cap = floor, None
-            kept = 1.0
+            kept, reached = 1.0, total.spans / max(obs.requests, 1)  # the share of tasks the step's routes serve
             if step in spec.cascades and "cascade_threshold" in current:
                 # The escalated answers carry only part of the pipeline's quality, and only the escalated
                 # tasks' latency: the floor they need and the slow-tier weight the p95 target allows, at the
@@ -432,6 +438,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                     escalated = plan.predicted.get(f"{step}.escalation_share", escalated)
                 route_floor = cascade_route_floor(samples, threshold, floor)
                 cap = slow_weight_cap(escalated)
+                reached = escalated
             stats = obs.route_stats(step)
             if step in local_of:
                 # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
@@ -446,7 +453,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                           missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
-                _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * total.spans / max(obs.requests, 1))
+                _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * reached, calls=reached)
         if "max_concurrency" in knobs:
             plan.add(concurrency_policy(int(current["max_concurrency"]), knobs["max_concurrency"], total.spans,
                                         total.retried, step=step, latency_missed=slow_now,
@@ -556,14 +563,15 @@ def _local_floor(spec: PipelineSpec, config: PipelineConfig, obs: observe.Observ
 
 
 def _pipeline_effect(plan: Plan, obs: observe.Observation, step: str, predicted: Mapping[str, float],
-                     share: float) -> None:
+                     share: float, calls: float | None = None) -> None:
     """File a step's predicted change of cost (per 1k of its own calls) and accuracy as the pipeline's;
-    `share`: the part of the pipeline's answers the step gives (a cascade's predictions are the pipeline's)."""
+    `share`: the part of the pipeline's answers the step gives (a cascade's predictions are the pipeline's);
+    `calls`: the step's calls per task once the decision is in force (default: as now)."""
     effect = plan.effects.setdefault(step, {})
     cascade = "escalation_share" in predicted
     if "cost_per_1k" in predicted and "cost_per_1k_before" in predicted:
-        calls = 1.0 if cascade else obs.step_total(step).spans / max(obs.requests, 1)
-        effect["cost_per_1k.delta"] = (predicted["cost_per_1k"] - predicted["cost_per_1k_before"]) * calls
+        per_task = 1.0 if cascade else calls if calls is not None else obs.step_total(step).spans / max(obs.requests, 1)
+        effect["cost_per_1k.delta"] = (predicted["cost_per_1k"] - predicted["cost_per_1k_before"]) * per_task
     if "quality" in predicted and "quality_before" in predicted:
         effect["quality.delta"] = (1.0 if cascade else share) * (predicted["quality"] - predicted["quality_before"])
 

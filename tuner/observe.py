@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from tracetune.analyzer import PricesError, cost_per_1k
 from tracetune.tuner.batching import BatchSample
 from tracetune.tuner.config import PipelineSpec
-from tracetune.tuner.policies import CascadeSample, RouteStats
+from tracetune.tuner.policies import CascadeSample, RouteStats, TaskLatencies
 
 # Per step and route: volume, latency, cache outcomes, repeated inputs, retried remote calls.
 STEPS_SQL = """
@@ -95,6 +95,27 @@ ORDER BY Timestamp DESC
 LIMIT 20000
 """
 
+# The newest tasks' end-to-end latency, the route their cascade step {step} sent them to and how long that took
+# (escalated 0: kept local, no span of that step in the trace).
+TASK_LATENCY_SQL = """
+SELECT r.Duration / 1e6 AS latency_ms, c.escalated AS escalated, c.route AS route, c.remote_ms AS remote_ms
+FROM (
+    SELECT TraceId, Duration, Timestamp FROM otel_traces
+    WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+      AND ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+) AS r
+LEFT JOIN (
+    SELECT TraceId, 1 AS escalated, any(SpanAttributes['tracetune.route']) AS route, sum(Duration) / 1e6 AS remote_ms
+    FROM otel_traces
+    WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32} + 600)
+      AND SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND SpanAttributes['tracetune.step'] = {step:String}
+    GROUP BY TraceId
+) AS c ON c.TraceId = r.TraceId
+ORDER BY r.Timestamp DESC
+LIMIT 20000
+SETTINGS join_use_nulls = 0
+"""
+
 
 @dataclass
 class RouteObservation:
@@ -130,6 +151,7 @@ class Observation:
     steps: dict[str, dict[str, RouteObservation]] = field(default_factory=dict)
     batches: dict[str, list[BatchSample]] = field(default_factory=dict)
     cascade_samples: dict[str, list[CascadeSample]] = field(default_factory=dict)  # by cascade step
+    task_latency: dict[str, TaskLatencies] = field(default_factory=dict)  # by cascade step: local vs escalated
 
     def step_total(self, step: str) -> RouteObservation:
         """The step's routes added up (p95: the largest route p95)."""
@@ -189,7 +211,24 @@ def collect(client, spec: PipelineSpec, window_seconds: int = 300) -> Observatio
             obs.batches.setdefault(step, []).append(BatchSample(int(size), float(duration_ms), float(padding)))
     _costs(client, obs, window_seconds)
     _labels(client, spec, obs, params)
+    for cascade in spec.cascades:
+        obs.task_latency[cascade] = task_latency(client.query(TASK_LATENCY_SQL, parameters=params | {
+            "step": cascade}).result_rows)
     return obs
+
+
+def task_latency(rows) -> TaskLatencies:
+    """(latency ms, escalated 0/1, route, ms the cascade step took) rows as the latencies of the tasks escalated,
+    by route, and of tasks without the escalation: those kept local, and the escalated ones less its time."""
+    local: list[float] = []
+    escalated: dict[str, list[float]] = defaultdict(list)
+    for latency_ms, was_escalated, route, remote_ms in rows:
+        if was_escalated:
+            escalated[route or ""].append(float(latency_ms))
+            local.append(max(0.0, float(latency_ms) - float(remote_ms or 0.0)))
+        else:
+            local.append(float(latency_ms))
+    return TaskLatencies(local, dict(escalated))
 
 
 def _costs(client, obs: Observation, window_seconds: int) -> None:

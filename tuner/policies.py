@@ -10,7 +10,11 @@ guards what they propose (`clamp_change`, cooldown, canary). The models, and why
 - Routing: a linear programme (cost and accuracy are linear in the weights) over each route's Wilson
   lower bound (one-sided 95%), so a lucky small sample cannot buy a cheap route traffic.
 - Cascade: quality(t) = mean over labelled tasks of (local correct if confidence >= t else remote
-  accuracy), read off the data; its Wilson lower bound must hold the floor at the cheapest t.
+  accuracy), read off the data; its Wilson lower bound must hold the floor at the cheapest t. Its latency:
+  the pipeline's quantile at escalation share s solves s * F_escalated(x) + (1 - s) * F_local(x) = q on the
+  window's end-to-end latencies of escalated and local tasks (escalated per remote route, mixed by the
+  route weights). The escalated tasks keep the latency they had at today's share, so the relief fewer calls
+  bring a rate-limited provider is left out: conservative when escalations go down.
 - Concurrency: a provider answering 429 takes ~L calls at once, so at C a share ~1 - L/C fails; halving
   is the TCP-like answer, and +1 steps back only after 200 calls without a 429.
 """
@@ -26,8 +30,9 @@ import numpy as np
 from tracetune.tuner.config import Knob, KnobValue
 from tracetune.tuner.proposal import Proposal, int_bounds
 
-__all__ = ["CascadeSample", "RouteStats", "caching_policy", "cascade_policy", "clamp_change", "concurrency_policy",
-           "local_route_floor", "routing_policy", "wilson_lower"]
+__all__ = ["CascadeSample", "RouteStats", "TaskLatencies", "caching_policy", "cascade_policy", "clamp_change",
+           "concurrency_policy", "escalation_quantiles", "local_route_floor", "mixture_quantile", "routing_policy",
+           "wilson_lower"]
 
 Z_95 = 1.645  # one-sided 95%: the conservative bounds on accuracy
 Z_99 = 2.326  # one-sided 99%: what a cost cut must clear (hysteresis: holding takes less than moving)
@@ -288,10 +293,81 @@ def local_route_floor(mix_lower: float, quality: float | None, labelled: int, qu
     return mix_lower
 
 
+@dataclass(frozen=True)
+class TaskLatencies:
+    """One window's end-to-end task latencies (ms) with and without a cascade's escalation: what the pipeline's
+    latency at another escalation share is read off. Without: the tasks kept local, and the escalated ones less
+    the time the cascade step took (the rest of the pipeline runs either way), so a cascade escalating nearly
+    everything still shows what a local answer takes."""
+
+    local_ms: Sequence[float]
+    escalated_ms: Mapping[str, Sequence[float]]  # remote route -> latencies of the tasks escalated to it
+
+
+def mixture_quantile(parts: Sequence[tuple[float, Sequence[float]]], q: float) -> float:
+    """The q-quantile of a mixture of empirical distributions (weight, samples): the smallest sample x with
+    sum_i w_i F_i(x) >= q, weights normalised. NaN when a part with weight has no samples."""
+    rows = np.array([[max(0.0, float(w)) for w, _ in parts]])
+    return float(_mixture_quantiles([v for _, v in parts], rows, [q])[q][0])
+
+
+def _mixture_quantiles(samples: Sequence[Sequence[float]], rows: np.ndarray, qs: Sequence[float],
+                       ) -> dict[float, np.ndarray]:
+    """Quantiles of several mixtures of the same parts, one mixture per row of weights (a column per part):
+    each solves sum_i w_i F_i(x) = q on the parts' empirical CDFs. NaN where a weighted part has no samples."""
+    ordered = [np.sort(np.asarray(v, dtype=float)) for v in samples]
+    out = {q: np.full(len(rows), math.nan) for q in qs}
+    if not any(len(v) for v in ordered):
+        return out
+    values = np.unique(np.concatenate(ordered))
+    cdfs = np.array([np.searchsorted(v, values, side="right") / len(v) if len(v) else np.zeros(len(values))
+                     for v in ordered])
+    for r, row in enumerate(np.asarray(rows, dtype=float)):
+        if row.sum() <= 0 or any(w > 0 and not len(v) for w, v in zip(row, ordered, strict=True)):
+            continue
+        mixed = (row / row.sum()) @ cdfs
+        for q in qs:
+            out[q][r] = values[min(len(values) - 1, int(np.searchsorted(mixed, q - 1e-12, side="left")))]
+    return out
+
+
+def escalation_quantiles(latency: TaskLatencies, shares: Sequence[float], route_weights: Mapping[str, float] | None,
+                         qs: Sequence[float] = (0.95,), min_samples: int = 30) -> dict[float, np.ndarray]:
+    """The pipeline's latency quantiles (ms) at each escalation share: the mixture of the local tasks' latencies
+    (weight 1 - s) and the escalated tasks', per remote route by `route_weights` (None: as observed) (weight
+    s). NaN where a part that weighs has fewer than `min_samples` tasks (no evidence to predict from).
+
+    Conservative for fewer escalations: escalated tasks keep the latency queueing gave them at today's share."""
+    routes = {r: v for r, v in latency.escalated_ms.items() if len(v)}
+    if route_weights:
+        mass = sum(max(0.0, float(w)) for w in route_weights.values())
+        tiers = {r: max(0.0, float(w)) / mass for r, w in route_weights.items()} if mass > 0 else {}
+    else:
+        total = sum(len(v) for v in routes.values())
+        tiers = {r: len(v) / total for r, v in routes.items()} if total else {}
+    names = [r for r, w in tiers.items() if w > 0]
+    parts = [latency.local_ms] + [routes.get(r, ()) for r in names]
+    rows = np.clip(np.array([[1 - s] + [s * tiers[r] for r in names] for s in shares], dtype=float), 0.0, None)
+    found = _mixture_quantiles(parts, rows, qs)
+    counts = [len(p) for p in parts]
+    for i, row in enumerate(rows):
+        if any(w > 1e-12 and n < min_samples for w, n in zip(row, counts, strict=True)):
+            for q in qs:
+                found[q][i] = math.nan
+    return found
+
+
+def _quantile_name(q: float) -> str:
+    return f"p{100 * q:g}_ms"
+
+
 def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, knob: Knob, quality_floor: float | None,
                    remote_cost_per_call: float, remote_accuracy: float | None = None, min_labelled: int = 50,
                    max_step: float = 0.1, step: str = "", *, grid: float = 0.01, min_remote_labelled: int = 10,
-                   z: float = Z_95, escalation_cap: float | None = None, z_cut: float = Z_99) -> Proposal | None:
+                   z: float = Z_95, escalation_cap: float | None = None, z_cut: float = Z_99,
+                   latency: TaskLatencies | None = None, latency_targets: Mapping[float, float] | None = None,
+                   route_weights: Mapping[str, float] | None = None, latency_margin: float = TAIL_MARGIN,
+                   ) -> Proposal | None:
     """The cheapest escalation threshold whose predicted quality (lower bound) holds the floor.
 
     Without `remote_accuracy` it is the Wilson lower bound of the labelled escalations. None with too few
@@ -301,6 +377,12 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     `escalation_cap`: the most tasks that may escalate when escalated tasks are slower than the p95 target
     allows (their share must fit in the tail); thresholds above it count as infeasible unless none holds
     the floor under it (quality first).
+    `latency` and `latency_targets` (quantile -> ms, e.g. {0.95: 2000}; given while one is missed; in place of
+    `escalation_cap` when the window has the latencies to predict from): thresholds
+    whose predicted pipeline quantiles (`escalation_quantiles`, judged at 1 - `latency_margin` * (1 - q), p96
+    for a p95 target, the margin the tail leaves routes) miss a target count as infeasible, unless none within
+    them holds the floor (quality first); among those meeting both, the most accurate (the restoring move
+    goes as far as the latency needs, no further), as far as it is.
     """
     labelled = [s for s in samples if s.local_correct is not None]
     if len(labelled) < min_labelled:
@@ -324,15 +406,45 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     n = len(order)
     lower = np.array([wilson_lower(kept_correct[i] + remote_lower * i, n, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
+    points = np.array([(kept_correct[i] + remote_point * i) / n for i in below])
     fast = escalated <= escalation_cap + 1e-9 if escalation_cap is not None else np.ones(len(thresholds), dtype=bool)
-    capped = bool((feasible & fast).any()) and escalation_cap is not None
+    quick, judged = None, {}
+    if latency is not None and latency_targets:
+        # Judged at a stricter quantile than the target's (p96 for p95): the margin routes keep in the tail too.
+        judged = {q: 1 - latency_margin * (1 - q) for q in latency_targets}
+        at_strict = escalation_quantiles(latency, escalated, route_weights, tuple(judged.values()))
+        if all(np.isfinite(at_strict[judged[q]]).any() for q in latency_targets):
+            with np.errstate(invalid="ignore"):
+                quick = np.logical_and.reduce([at_strict[judged[q]] <= t for q, t in latency_targets.items()])
+            fast = quick  # the cap is the special case of the mixture where every escalated task is too slow
+    unproven = False
+    if quick is not None and not feasible.any() and quality_floor is not None:
+        # The labels prove the floor at no threshold (the current one is held while its point estimate meets it):
+        # restoring latency, a threshold is held to the same standard, its point estimate at the floor or above.
+        lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))
+        if (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor:
+            feasible, unproven = points >= quality_floor, True
+    limited = escalation_cap is not None or quick is not None
+    capped = bool((feasible & fast).any()) and limited
+    # Latency over a target and no threshold predicted inside it holds the floor: quality first, the cheapest
+    # threshold that holds it (the lowest latency among them).
+    nearest = quick is not None and not capped and bool(feasible.any())
     if capped:
         feasible = feasible & fast
     reach = np.abs(thresholds - current_threshold) <= max_step + 1e-9
     distance = np.abs(thresholds - current_threshold)
     at = int(np.argmin(distance))
     share_here = np.searchsorted(every, current_threshold, side="left") / len(every)
-    if feasible[at]:  # (when capped, `feasible` already includes the cap)
+    if nearest:
+        pick = np.flatnonzero(feasible & reach & (escalated < share_here))
+        if not len(pick):
+            return None
+        best = min(pick, key=lambda i: (escalated[i], distance[i]))
+        new = float(thresholds[best])
+        why = ("no threshold predicted inside the latency targets holds the floor: the cheapest holding it"
+               + (" at its point estimate (no threshold's lower bound does on these labels)" if unproven else "")
+               + ", the lowest latency among them")
+    elif feasible[at]:  # (when capped, `feasible` already includes the cap)
         # The current threshold holds the floor: only a cheaper one that holds it beyond the stricter bound.
         remote_cut = wilson_lower(remote_point * len(remote), len(remote), z_cut) if remote_accuracy is None \
             else remote_lower
@@ -346,14 +458,25 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
         new = float(thresholds[best])
         why = "cheapest threshold holding the floor (99% bound)" + (
             f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
-            if capped else "")
+            if capped and quick is None else "") + (
+            " predicted inside the latency targets" if capped and quick is not None else "")
     elif (feasible & reach).any():
         pick = np.flatnonzero(feasible & reach)
-        best = min(pick, key=lambda i: (escalated[i], distance[i]))
+        if capped and quick is not None:
+            # Restoring latency: the most accurate threshold predicted inside the targets, cheapest among equals.
+            best = max(pick, key=lambda i: (round(points[i], 9), -escalated[i], -distance[i]))
+            why = ("the most accurate threshold predicted inside "
+                   + " and ".join(f"the {t:g} ms {_quantile_name(q).removesuffix('_ms')} target" for q, t in
+                                  latency_targets.items())
+                   + f" (judged at {', '.join(_quantile_name(j).removesuffix('_ms') for j in judged.values())}) "
+                     + ("whose point estimate holds the floor (no threshold's lower bound does on these labels)"
+                        if unproven else "holding the floor"))
+        else:
+            best = min(pick, key=lambda i: (escalated[i], distance[i]))
+            why = "cheapest threshold holding the floor" + (
+                f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
+                if capped and quick is None else "")
         new = float(thresholds[best])
-        why = "cheapest threshold holding the floor" + (
-            f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
-            if capped else "")
         if escalated[best] == np.searchsorted(every, current_threshold, side="left") / len(every):
             return None  # the same tasks escalate: nothing to gain
     else:
@@ -388,6 +511,16 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
                  "cost_per_1k_before": cost_now, "quality": quality,
                  "quality_before": float((kept_correct[lab_now] + remote_point * lab_now) / n),
                  "quality_lower_bound": quality_lower}
+    if quick is not None:
+        # The pipeline's quantiles at the new share and, as the model reproduces them, at today's.
+        mixed = escalation_quantiles(latency, [share, share_now], route_weights, tuple(latency_targets))
+        for q in latency_targets:
+            if np.isfinite(mixed[q]).all():
+                predicted[_quantile_name(q)], predicted[_quantile_name(q) + "_before"] = map(float, mixed[q])
+        reason += "; predicted " + ", ".join(
+            f"{_quantile_name(q).removesuffix('_ms')} {predicted[_quantile_name(q) + '_before']:.0f} -> "
+            f"{predicted[_quantile_name(q)]:.0f} ms" for q in latency_targets if _quantile_name(q) in predicted) + (
+            " (escalated tasks as slow as now: fewer calls queueing less is not counted)")
     return Proposal(step, {"cascade_threshold": new}, reason, predicted)
 
 

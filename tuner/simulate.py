@@ -51,7 +51,7 @@ from tracetune.tuner.calibration import (
 )
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
 from tracetune.tuner.loop import LoopSettings
-from tracetune.tuner.observe import Observation, RouteObservation
+from tracetune.tuner.observe import Observation, RouteObservation, task_latency
 from tracetune.tuner.policies import CascadeSample
 
 __all__ = ["ARMS", "Arm", "Workload", "default_grid", "oracle", "run", "simulate", "slo_windows"]
@@ -97,7 +97,7 @@ class Arm:
 
 class _Task:
     __slots__ = ("index", "ticket", "start", "route", "confidence", "local_right", "final_right", "cost",
-                 "escalate_start", "tier", "attempts", "deadline", "lane", "stage")
+                 "escalate_start", "tier", "remote_ms", "attempts", "deadline", "lane", "stage")
 
     def __init__(self, index: int, ticket: int, start: float, lane: _Lane):
         self.index, self.ticket, self.start, self.lane = index, ticket, start, lane
@@ -105,6 +105,8 @@ class _Task:
         self.attempts = 0
         self.stage = -1
         self.confidence = 1.0
+        self.tier = ""  # the remote route it escalated to ("" while it has not)
+        self.remote_ms = 0.0  # how long its cascade step took
 
 
 CACHE_KNOBS = ("cache_enabled", "cache_ttl_seconds", "cache_max_entries")
@@ -303,7 +305,7 @@ class _Simulation:
         self.seq = 0
         self._tickets(workload)
         self.buckets = {name: [max(1.0, tier.rate_limit_rps), 0.0] for name, tier in calibration.tiers.items()}
-        self.requests = _Records("start", "latency_ms", "cost", "right", "version")
+        self.requests = _Records("start", "latency_ms", "cost", "right", "version", "tier", "remote_ms")
         self.spans = {s: _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
                                   "task") for s in self.models}
         self.model_spans = self.spans[self.model_step]
@@ -446,7 +448,7 @@ class _Simulation:
         now += self.gaps[task.stage]
         if task.stage == len(self.stages):
             self.requests.add(task.start, (now - task.start) * 1000 + self.cal.overhead_ms, task.cost,
-                              task.final_right, task.lane.config.version)
+                              task.final_right, task.lane.config.version, task.tier, task.remote_ms)
             return
         kind, step = self.stages[task.stage]
         if kind == "model":
@@ -591,6 +593,7 @@ class _Simulation:
         task.cost += cost
         error = right is None
         task.final_right = task.local_right if error else bool(right)
+        task.remote_ms = (now - task.escalate_start) * 1000
         self.cascade_spans.add(task.escalate_start, task.tier, (now - task.escalate_start) * 1000, cache, task.ticket,
                                retried, error, cost, -1 if error else int(bool(right)), task.index)
         self._advance(task, now)
@@ -658,6 +661,10 @@ class _Simulation:
                 CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]), str(route))
                 for c, r, t, route in zip(model["confidence"], model["right"], model["task"], model["route"],
                                           strict=True)]
+            # As observe.collect reads them: each task's end-to-end latency, by the route it escalated to, if any.
+            obs.task_latency[self.cascade] = task_latency(
+                (ms, tier != "", tier, remote) for ms, tier, remote in zip(
+                    roots["latency_ms"].tolist(), roots["tier"].tolist(), roots["remote_ms"].tolist(), strict=True))
             finals = [bool(remote[t]) if remote.get(t, -1) >= 0 else bool(r)
                       for r, t in zip(model["right"], model["task"], strict=True)]
             if finals:

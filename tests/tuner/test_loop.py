@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pytest
 
 from tests.spans import COLUMNS, span_row
@@ -13,7 +14,7 @@ from tracetune.tuner import decisions, versions
 from tracetune.tuner.config import Knob, PipelineSpec
 from tracetune.tuner.loop import LoopSettings, decide, tune_once
 from tracetune.tuner.observe import Observation, RouteObservation, collect
-from tracetune.tuner.policies import CascadeSample
+from tracetune.tuner.policies import CascadeSample, TaskLatencies, mixture_quantile
 
 SPEC = PipelineSpec("shop", {
     "clean": {},
@@ -86,6 +87,37 @@ def test_decide_lowers_the_cascade_threshold_only_as_far_as_the_quality_floor_al
     assert plan.predicted["escalate.quality"] >= 0.8
 
 
+def test_a_p95_missed_by_escalations_lowers_the_threshold_as_far_as_predicted_and_no_further():
+    """Half the tasks escalate and take 200-1200 ms, local ones ~100 ms: p95 ~1100 ms against a 1000 ms target.
+    The plan lowers the threshold to the highest one whose predicted p95 (judged at p96) meets the target and
+    whose quality holds the floor, and files the prediction with the plan."""
+    n = 2000
+    obs = _observation()
+    obs.p95_ms = 1100.0
+    obs.quality, obs.labelled = 1.0, n
+    obs.steps["escalate"] = {"llm": RouteObservation(spans=n // 2, cost=10.0, p95_ms=1150.0)}
+    obs.cascade_samples["escalate"] = [CascadeSample(i / n, i / n >= 0.3, True) for i in range(n)]
+    local, escalated = np.linspace(80, 120, n), np.linspace(200, 1200, n)
+    obs.task_latency["escalate"] = TaskLatencies(local, {"llm": escalated})
+    slo = SLO(pipeline="shop", p95_ms=1000.0, quality_floor=0.8)
+    plan = decide(SPEC, SPEC.defaults(), slo, obs)
+    # Expected, computed directly: every grid threshold, its share, its mixture p96 and its quality bound.
+    feasible = []
+    for t in np.round(np.arange(0, 1.001, 0.01), 2):
+        share = sum(s.confidence < t for s in obs.cascade_samples["escalate"]) / n
+        p96 = mixture_quantile([(1 - share, local), (share, escalated)], 0.96)
+        correct = sum(1 if s.confidence < t else s.local_correct for s in obs.cascade_samples["escalate"])
+        lower = (correct / n + 1.645 ** 2 / (2 * n) - 1.645 * np.sqrt(correct / n * (1 - correct / n) / n
+                 + 1.645 ** 2 / (4 * n * n))) / (1 + 1.645 ** 2 / n)
+        if p96 <= 1000 and lower >= 0.8:
+            feasible.append(t)
+    assert plan.changes["escalate"]["cascade_threshold"] == pytest.approx(max(feasible)) == pytest.approx(0.2)
+    assert plan.predicted["escalate.p95_ms"] == pytest.approx(mixture_quantile([(0.8, local), (0.2, escalated)], 0.95))
+    assert plan.after["p95_ms"] == plan.predicted["escalate.p95_ms"] <= 1000  # the plan's p95, as predicted
+    assert plan.predicted["escalate.quality_lower_bound"] >= 0.8
+    assert plan.summary.startswith("Restoring p95 first.") and "-> " in plan.summary.split("p95")[-1]
+
+
 # ---- tune_once on a real store -------------------------------------------------------------------
 
 def _spans(client, n: int, distinct: int, cache: str = "bypass") -> None:
@@ -153,6 +185,27 @@ def test_collect_counts_both_spellings_of_an_error_status(shop):
     assert (seen.requests, seen.errors) == (6, 2)
     assert seen.steps["score"]["a"].errors == 2
     assert len(seen.batches["score"]) == 4
+
+
+def test_collect_splits_task_latency_by_the_cascade(shop):
+    """Each task's end-to-end latency, by the route its cascade step escalated it to; the tasks without the
+    escalation are those kept local and the escalated ones less the cascade step's time."""
+    now = time.time_ns()
+    rows = []
+    for i, (total_ms, remote_ms) in enumerate([(100, None), (200, None), (1000, 800), (1500, 800)]):
+        trace, root = f"{i + 1:032x}", f"{2 * i + 1:016x}"
+        start = now - 2_000_000_000 + i * 1_000_000
+        rows.append(span_row(start, trace_id=trace, span_id=root, name="shop", kind="Server",
+                             attrs={"tracetune.pipeline": "shop"}, duration=total_ms * 1_000_000, status="Unset"))
+        if remote_ms is not None:
+            rows.append(span_row(start + 1000, trace_id=trace, span_id=f"{2 * i + 2:016x}", parent=root,
+                                 name="escalate", attrs={"tracetune.pipeline": "shop", "tracetune.step": "escalate",
+                                                         "tracetune.route": "llm"},
+                                 duration=remote_ms * 1_000_000, status="Unset"))
+    shop.insert("otel_traces", rows, column_names=COLUMNS)
+    latency = collect(shop, SPEC, 300).task_latency["escalate"]
+    assert sorted(latency.local_ms) == pytest.approx([100, 200, 200, 700])
+    assert {route: sorted(v) for route, v in latency.escalated_ms.items()} == {"llm": pytest.approx([1000, 1500])}
 
 
 def test_tune_once_needs_enough_requests_and_leaves_a_frozen_pipeline_alone(shop):

@@ -25,11 +25,14 @@ from tracetune.tuner.config import Knob
 from tracetune.tuner.policies import (
     CascadeSample,
     RouteStats,
+    TaskLatencies,
     caching_policy,
     cascade_policy,
     cascade_route_floor,
     clamp_change,
     concurrency_policy,
+    escalation_quantiles,
+    mixture_quantile,
     routing_policy,
     slow_weight_cap,
 )
@@ -431,3 +434,91 @@ def test_batching_leaves_a_config_that_meets_its_target_when_the_saving_is_negli
     assert batching_policy(CURVE, 40.0, current, BATCH_KNOBS, 500.0, 60.0, step="s", cost_share=0.01) is None
     # Over its target it still acts, however small its share of the cost.
     assert batching_policy(CURVE, 40.0, current, BATCH_KNOBS, 500.0, 900.0, step="s", cost_share=0.01) is not None
+
+
+# ---- the pipeline's latency at another escalation share --------------------------------------------
+
+def test_the_mixture_quantile_solves_the_mixed_cdf_of_known_distributions():
+    """Local tasks ~ exponential (100 ms mean) + 50 ms, escalated ones ~ lognormal (median 1200 ms): the
+    p95 at share s solves s * F_esc(x) + (1 - s) * F_local(x) = 0.95, found here by root-finding on the
+    distributions' own CDFs and matched by the mixture of their empirical CDFs."""
+    from scipy.optimize import brentq
+    from scipy.stats import expon, lognorm
+
+    local, remote = expon(loc=50, scale=100), lognorm(s=0.5, scale=1200)
+    levels = (np.arange(20_000) + 0.5) / 20_000  # evenly spaced quantiles: the empirical CDFs track the true ones
+    local_ms, remote_ms = local.ppf(levels), remote.ppf(levels)
+    for share in (0.05, 0.2, 0.5, 0.9):
+        for q in (0.95, 0.99):
+            exact = brentq(lambda x, s=share, p=q: s * remote.cdf(x) + (1 - s) * local.cdf(x) - p, 0, 1e6)
+            found = mixture_quantile([(1 - share, local_ms), (share, remote_ms)], q)
+            assert found == pytest.approx(exact, rel=0.01), (share, q)
+    # With weights as the parts' own counts, the mixture is the pooled sample: its quantile is numpy's (inverted CDF).
+    rng = np.random.default_rng(5)
+    a, b = rng.exponential(100, 700), rng.lognormal(7, 0.5, 300)
+    pooled = np.quantile(np.concatenate([a, b]), 0.95, method="inverted_cdf")
+    assert mixture_quantile([(700, a), (300, b)], 0.95) == pooled
+    assert math.isnan(mixture_quantile([(0.5, a), (0.5, [])], 0.95))  # a part that weighs, without samples
+
+
+def test_escalation_quantiles_mix_the_remote_routes_by_their_weights():
+    fast, slow = np.linspace(400, 600, 1001), np.linspace(1000, 3000, 1001)
+    latency = TaskLatencies(np.linspace(40, 60, 1001), {"small": fast, "large": slow})
+    found = escalation_quantiles(latency, [0.0, 0.5, 1.0], {"small": 0.75, "large": 0.25}, (0.95,))[0.95]
+    # share 0: the local tasks alone; 1: three quarters on the fast route, a quarter on the slow one.
+    assert found[0] == pytest.approx(59.0, abs=0.1)
+    for share, value in zip((0.5, 1.0), found[1:], strict=True):
+        # 0.95 = (1 - share) + share * (0.75 + 0.25 * (x - 1000) / 2000), solved for x
+        exact = 1000 + 2000 * ((0.95 - (1 - share)) / share - 0.75) / 0.25
+        assert value == pytest.approx(exact, abs=3)
+    # A route that weighs but was not seen in the window: no prediction.
+    assert np.isnan(escalation_quantiles(latency, [0.5], {"small": 0.5, "other": 0.5})[0.95]).all()
+
+
+def _cascade_latency(n: int = 2000) -> tuple[list[CascadeSample], TaskLatencies]:
+    """Confidences even over [0, 1); the local model is right from 0.3 up, the remote one always; local tasks
+    take 80-120 ms end to end, escalated ones 200-1200 ms."""
+    samples = [CascadeSample(i / n, i / n >= 0.3, True) for i in range(n)]
+    return samples, TaskLatencies(np.linspace(80, 120, n), {"llm": np.linspace(200, 1200, n)})
+
+
+def test_a_missed_p95_moves_the_threshold_to_the_most_accurate_one_predicted_inside_it():
+    samples, latency = _cascade_latency()
+    floor, target = 0.8, {0.95: 1000.0}
+    proposal = cascade_policy(samples, 0.5, THRESHOLD, floor, 0.01, max_step=1.0, latency=latency,
+                              latency_targets=target)
+    # Directly: at p96 (the tail margin) the mixture is under 1000 ms while 1 - 0.2 s >= 0.96, i.e. s <= 0.2;
+    # quality is 0.7 + t under 0.3, so the floor's lower bound holds from about 0.125 up: 0.20 is the answer.
+    assert proposal.values["cascade_threshold"] == pytest.approx(0.20)
+    assert proposal.predicted["p95_ms"] == pytest.approx(
+        mixture_quantile([(0.8, latency.local_ms), (0.2, latency.escalated_ms["llm"])], 0.95))
+    assert proposal.predicted["p95_ms"] <= 1000 < proposal.predicted["p95_ms_before"]
+    assert proposal.predicted["quality_lower_bound"] >= floor
+    # Without the latency model the same call goes to the cheapest threshold holding the floor, far lower.
+    cheapest = cascade_policy(samples, 0.5, THRESHOLD, floor, 0.01, max_step=1.0)
+    assert cheapest.values["cascade_threshold"] < 0.15 and "p95_ms" not in cheapest.predicted
+    # No threshold inside the target holds the floor: quality first, the cheapest holding it (95% bound: the
+    # missed target is the reason to move, no stricter bound against noise), the lowest latency among them.
+    tight = cascade_policy(samples, 0.5, THRESHOLD, floor, 0.01, max_step=1.0, latency=latency,
+                           latency_targets={0.95: 300.0})
+    t, remote = tight.values["cascade_threshold"], _wilson(len(samples), len(samples))
+    assert _quality_lower(samples, t, remote) >= floor > _quality_lower(samples, t - 0.01, remote)
+    assert tight.reason.startswith("no threshold predicted inside the latency targets holds the floor")
+    assert tight.predicted["p95_ms"] < tight.predicted["p95_ms_before"]
+
+
+def test_restoring_latency_on_labels_that_prove_the_floor_nowhere_holds_thresholds_to_their_point_estimate():
+    """100 labels cannot prove a 0.98 floor anywhere (the best lower bound is 0.974); the current threshold is
+    held on its point estimate, and a latency move is held to the same standard, not refused for want of labels."""
+    samples, latency = _cascade_latency(100)
+    looser = cascade_policy(samples, 0.5, THRESHOLD, 0.98, 0.01, max_step=1.0, latency=latency,
+                            latency_targets={0.95: 1100.0})
+    # p96 <= 1100 ms while s <= 0.4; quality (point) is 1.0 from 0.30 up, 0.98 at 0.28: the most accurate is 0.30.
+    assert looser.values["cascade_threshold"] == pytest.approx(0.30)
+    assert "whose point estimate holds the floor" in looser.reason
+    # Inside 1000 ms (s <= 0.2) no threshold's point estimate reaches 0.98: the cheapest that does, 0.28.
+    tight = cascade_policy(samples, 0.5, THRESHOLD, 0.98, 0.01, max_step=1.0, latency=latency,
+                           latency_targets={0.95: 1000.0})
+    assert tight.values["cascade_threshold"] == pytest.approx(0.28)
+    assert "at its point estimate" in tight.reason
+    assert cascade_policy(samples, 0.5, THRESHOLD, 0.98, 0.01, max_step=1.0) is None  # without the model: hold

@@ -144,6 +144,11 @@ def test_observation_reads_like_collect(spec):
     assert len(samples) == obs.requests
     escalated = sum(r.spans for r in obs.steps["escalate"].values())
     assert sum(s.confidence < 0.6 for s in samples) == pytest.approx(escalated, abs=5)
+    latency = obs.task_latency["escalate"]  # every task: without the escalation, and by the tier it went to
+    assert len(latency.local_ms) == obs.requests
+    assert {tier: len(v) for tier, v in latency.escalated_ms.items()} == pytest.approx(
+        {tier: r.spans for tier, r in obs.steps["escalate"].items()}, abs=5)
+    assert min(map(min, latency.escalated_ms.values())) > min(latency.local_ms)
     assert obs.steps["create_followup"]["crm"].spans == pytest.approx(0.23 * obs.requests, rel=0.15)
     assert 0.9 < obs.quality < 1
     assert obs.cost_per_1k == pytest.approx(1000 * sum(r.cost for s in obs.steps.values() for r in s.values())
