@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -94,6 +95,10 @@ DUPLICATE_RATIO = 0.2
 # The loop acting within a short run: look every 15 s at the last minute, a minute apart, on >= 100 requests.
 TUNER_LOOP = {"tuner_interval_seconds": 15, "tuner_window_seconds": 60, "tuner_cooldown_seconds": 60,
               "tuner_min_requests": 100}
+# A window must hold enough tasks for its p95 to say whether the target is missed: at a low rate it is widened
+# until it holds this many at the load's mean rate (rag at 2/s: 300 s, the loop's default and the simulation's;
+# its 60 s held about 120 tasks, whose p95 read under the target while a quarter of the minutes missed it).
+WINDOW_TASKS = 600
 LOOP_OFF = {"tuner_interval_seconds": 0}  # 0: `tracetune tuner` starts no loop
 # A canary gets what a run this short needs for its sequential test to finish (`canary.limits_for`): half the
 # tasks, time enough to show a 30% cost difference at the workload's spread of per-task cost (at least a
@@ -230,6 +235,8 @@ def _overrides(name: str, pinned: dict | None, duration: float, rate: float, wor
     if name != "tuner" or pinned is not None:
         return dict(LOOP_OFF)
     overrides: dict[str, Any] = dict(TUNER_LOOP)
+    window = max(overrides["tuner_window_seconds"], math.ceil(WINDOW_TASKS / (rate * workload.mean_factor)))
+    overrides.update({"tuner_window_seconds": window, "tuner_cooldown_seconds": window})
     limits = canary_limits(duration, rate * workload.mean_factor, workload.cost_spread,
                            floor_tasks=CANARY_MIN_REQUESTS_FLOOR)
     overrides.update({"tuner_canary_share": limits["share"], "tuner_canary_max_seconds": limits["max_seconds"],
