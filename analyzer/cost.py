@@ -23,11 +23,20 @@ from tracetune.analyzer.prices import PricesError, PriceTable, current
 from tracetune.analyzer.stats import parse_window
 
 __all__ = ["COST_DIMENSIONS", "cost_over_time", "cost_per_1k", "cost_per_request", "group_keys", "price_cells",
-           "resolve_prices", "result_frame"]
+           "resolve_prices", "result_frame", "step_tokens_sql"]
 
 # Request-level dimensions come from the root span; the rest from each step span.
 COST_DIMENSIONS = ("pipeline", "tenant", "step", "route", "model")
 _REQUEST_DIMENSIONS = ("pipeline", "tenant")
+
+def step_tokens_sql(direction: str) -> str:
+    """A step span's `direction` ("input" or "output") tokens as SQL, each LLM call counted once: its
+    `tracetune.llm.*_tokens` (the executor's), else its `gen_ai.usage.*_tokens` (older executors, apps' own
+    spans). The rule of store/sql/170_tracetune_spans_1m_mv_tokens.sql, whose text a migration must keep."""
+    return (f"if(mapContains(SpanAttributes, 'tracetune.llm.{direction}_tokens'), "
+            f"toUInt64OrZero(SpanAttributes['tracetune.llm.{direction}_tokens']), "
+            f"toUInt64OrZero(SpanAttributes['gen_ai.usage.{direction}_tokens']))")
+
 
 # Shared CTEs: roots in the window, their step spans, each step's children and batch share, priced.
 _STEP_COSTS_CTE = """
@@ -53,12 +62,8 @@ steps AS (
            SpanAttributes['tracetune.route'] AS route,
            SpanAttributes['gen_ai.request.model'] AS model,
            SpanAttributes['gen_ai.provider.name'] AS provider,
-           if(mapContains(SpanAttributes, 'tracetune.llm.input_tokens'),
-              toUInt64OrZero(SpanAttributes['tracetune.llm.input_tokens']),
-              toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens'])) AS input_tokens,
-           if(mapContains(SpanAttributes, 'tracetune.llm.output_tokens'),
-              toUInt64OrZero(SpanAttributes['tracetune.llm.output_tokens']),
-              toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens'])) AS output_tokens
+           """ + step_tokens_sql("input") + """ AS input_tokens,
+           """ + step_tokens_sql("output") + """ AS output_tokens
     FROM otel_traces
     WHERE Timestamp >= window_start AND SpanAttributes['tracetune.step'] != ''
       AND TraceId IN (SELECT trace_id FROM roots)

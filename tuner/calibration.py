@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tracetune.analyzer.cost import step_tokens_sql
 from tracetune.tuner.batching import BatchSample, ServiceModel, fit_service_time
 from tracetune.tuner.config import PipelineSpec
 from tracetune.tuner.observe import Observation
@@ -129,16 +130,12 @@ DEMO = Calibration(
 
 
 # Latency of every step and route over the window, for the parts of a calibration an Observation lacks.
-# Tokens per step span as the rollup counts them (store/sql/170_tracetune_spans_1m_mv_tokens.sql).
+# Tokens per step span as the rollup and the analyzer count them (`step_tokens_sql`).
 LATENCY_SQL = """
 SELECT SpanAttributes['tracetune.step'] AS step, SpanAttributes['tracetune.route'] AS route, count() AS spans,
        quantile(0.5)(Duration / 1e6) AS p50_ms, quantile(0.9)(Duration / 1e6) AS p90_ms,
-       avg(if(mapContains(SpanAttributes, 'tracetune.llm.input_tokens'),
-              toUInt64OrZero(SpanAttributes['tracetune.llm.input_tokens']),
-              toUInt64OrZero(SpanAttributes['gen_ai.usage.input_tokens']))) AS input_tokens,
-       avg(if(mapContains(SpanAttributes, 'tracetune.llm.output_tokens'),
-              toUInt64OrZero(SpanAttributes['tracetune.llm.output_tokens']),
-              toUInt64OrZero(SpanAttributes['gen_ai.usage.output_tokens']))) AS output_tokens,
+       avg(""" + step_tokens_sql("input") + """) AS input_tokens,
+       avg(""" + step_tokens_sql("output") + """) AS output_tokens,
        any(SpanAttributes['gen_ai.request.model']) AS model
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
