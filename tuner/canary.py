@@ -244,21 +244,34 @@ def _proportions(hits_c: int, n_c: int, hits_b: int, n_b: int, tau: float, alpha
     return Test(hits_c / n_c - hits_b / n_b, p, p < alpha)
 
 
+def _under(hits: int, n: int, floor: float, tau: float, alpha: float) -> Test:
+    """mSPRT on one proportion against a fixed floor (its difference from the floor, negative when under),
+    with the floor's variance (as under the null)."""
+    if n == 0:
+        return Test(math.nan, 1.0, False)
+    p = msprt_p(hits / n - floor, max(floor * (1 - floor), 0.5 / n) / n, tau)
+    return Test(hits / n - floor, p, p < alpha and hits / n < floor)
+
+
 def _pct(new: float, old: float) -> str:
     return f"{(new - old) / old:+.0%}" if old else "n/a"
 
 
 def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, expired: bool = False,
-          alpha: float = ALPHA) -> Verdict:
+          alpha: float = ALPHA, lowers_quality: bool = False) -> Verdict:
     """Promote, roll back, or wait for more tasks: the canary against the config in force over the same time.
 
     Every comparison is a sequential test with an always-valid p-value (`msprt_p`), so the loop may judge
     after every interval and stop at the first clear answer. Rolled back as soon as the canary is beyond
     doubt slower past the p95 target, failing more past the error objective, less often right under the
-    floor, or dearer (by more than COST_TOLERANCE) without buying back an objective the config in force
-    misses. Promoted as soon as it is beyond doubt better at what it was tried for: cheaper, or — when the
-    config in force misses an objective — better on that objective (a dearer canary only so, and the
-    reason says so). Neither when the time runs out (`expired`): rolled back, the config in force stays."""
+    floor (than the config in force, or than a floor the config in force holds), or dearer (by more than
+    COST_TOLERANCE) without buying back an objective the config in force misses. Promoted as soon as it is
+    beyond doubt better at what it was tried for: cheaper, or — when the config in force misses an
+    objective — better on that objective (a dearer canary only so, and the reason says so). A canary whose
+    moves were predicted to lower quality (`lowers_quality`) is never promoted while that is open: labelled
+    answers come in but it has too few to judge, or its labelled quality is under the floor and the config
+    in force's without the doubt settled either way (it waits for labels). Neither when the time runs out
+    (`expired`): rolled back, the config in force stays."""
     each = alpha / QUESTIONS
     figures = {**{f"base.{k}": v for k, v in base.figures().items()},
                **{f"canary.{k}": v for k, v in canary.figures().items()}}
@@ -298,17 +311,29 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         gains.append(f"errors {base_rate:.2%} -> {canary_rate:.2%} against the {allowed:.2%} objective")
 
     floor = slo.quality_floor if slo and slo.quality_floor is not None else None
+    unsettled = ""  # an open question on quality: the canary may not go yet, whatever else it shows
     if min(base.labelled, canary.labelled) >= MIN_LABELLED:
         quality = _proportions(canary.correct, canary.labelled, base.correct, base.labelled, TAU_QUALITY, each)
         figures["p.quality"] = round(quality.p, 6)
         base_q, canary_q = base.correct / base.labelled, canary.correct / canary.labelled
         if floor is not None and base_q < floor:
             misses.append("quality")
+        under = _under(canary.correct, canary.labelled, floor, TAU_QUALITY, each) if floor is not None else None
+        if under is not None:
+            figures["p.under_floor"] = round(under.p, 6)
         if quality.significant and quality.difference < 0 and canary_q < (floor if floor is not None else 1.0):
             problems.append(f"less often right: {canary_q:.3f} against {base_q:.3f}"
                             + (f", under the {floor:.3g} floor" if floor is not None else ""))
+        elif under is not None and under.significant and base_q >= floor:
+            problems.append(f"less often right: {canary_q:.3f}, beyond doubt under the {floor:.3g} floor the "
+                            f"config in force holds ({base_q:.3f})")
         elif quality.significant and quality.difference > 0 and floor is not None and base_q < floor:
             gains.append(f"quality {base_q:.3f} -> {canary_q:.3f} against the {floor:.3g} floor")
+        elif lowers_quality and floor is not None and canary_q < min(floor, base_q):
+            unsettled = (f"quality {canary_q:.3f} on the canary's {canary.labelled} labelled tasks, under the "
+                         f"{floor:.3g} floor (the config in force {base_q:.3f})")
+    elif lowers_quality and floor is not None and base.labelled >= MIN_LABELLED:  # too few labels on the canary yet
+        unsettled = f"{canary.labelled} labelled tasks on the canary of the {MIN_LABELLED} its quality is judged on"
 
     base_cost, canary_cost = base.costs[~np.isnan(base.costs)], canary.costs[~np.isnan(canary.costs)]
     priced = len(base_cost) >= 2 and len(canary_cost) >= 2 and base_cost.mean() > 0
@@ -332,6 +357,11 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     tasks = f"{canary.n} tasks on the canary against {base.n}"
     if problems:
         return Verdict("rollback", "canary " + "; ".join(problems) + f" ({tasks})", figures)
+    if unsettled:  # nothing else outweighs a floor the canary may be under: more labels settle it either way
+        if expired:
+            return Verdict("rollback", f"no evidence the canary holds the floor before its time ran out: "
+                                       f"{unsettled} ({tasks}); the config in force stays", figures)
+        return Verdict("wait", f"{unsettled}: more labels before it can go ({tasks})", figures)
     if gains:
         if priced and not any(g.startswith(("cheaper", "dearer")) for g in gains):
             if canary_cost.mean() > base_cost.mean():  # dearer, if not beyond doubt: say what it buys

@@ -92,6 +92,20 @@ class LoopSettings:
 
 
 @dataclass
+class Part:
+    """One proposal's predicted effect on the pipeline: the knobs it moves, its change of cost and quality,
+    how far its quality could be below its point estimate (the pipeline's share of the policy's point minus its
+    lower bound), and the p95 it predicts, if it sets the step's."""
+
+    step: str
+    knobs: tuple[str, ...]
+    cost_delta: float = 0.0
+    quality_delta: float = 0.0
+    quality_margin: float = 0.0
+    p95_ms: float | None = None
+
+
+@dataclass
 class Plan:
     """What `decide` proposes: knob values by step, one reason per change, the predicted effects, and the
     sentence a product owner reads (`summary`), with the evidence the moves were made on."""
@@ -105,6 +119,7 @@ class Plan:
     targets: dict[str, float] = field(default_factory=dict)  # p95_ms, quality_floor
     evidence: dict[str, float] = field(default_factory=dict)  # what the moves were made on (see `evidence`)
     violated: list[str] = field(default_factory=list)  # objectives missed now, restored first
+    parts: list[Part] = field(default_factory=list)  # each proposal's share of `effects`, for `_hold_joint_floor`
     _current: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def add(self, proposal: Proposal | None, spec: PipelineSpec, current: Mapping[str, Any], limit: float) -> None:
@@ -417,14 +432,13 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             proposal = _not_worse_quality(proposal, missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
-                _pipeline_effect(plan, obs, step, proposal.predicted, share=1.0)
+                part = _pipeline_effect(plan, obs, proposal, share=1.0)
                 now_share = proposal.predicted.get("escalation_share_before", 0.0)
                 if "p95_ms" in proposal.predicted:
-                    plan.effects.setdefault(step, {})["p95_ms"] = proposal.predicted["p95_ms"]
+                    part.p95_ms = plan.effects[step]["p95_ms"] = proposal.predicted["p95_ms"]
                 elif slow and proposal.predicted.get("escalation_share", 1.0) <= TAIL_MARGIN * TAIL_SHARE < now_share:
                     # Escalations now fit in the tail the target allows: p95 becomes that of the tasks kept local.
-                    plan.effects.setdefault(step, {})["p95_ms"] = min(obs.p95_ms or math.inf,
-                                                                      _local_ms(obs, spec, step))
+                    part.p95_ms = plan.effects[step]["p95_ms"] = min(obs.p95_ms or math.inf, _local_ms(obs, spec, step))
         if "route_weights" in knobs:
             route_floor, cap = floor, None
             kept, reached = 1.0, total.spans / max(obs.requests, 1)  # the share of tasks the step's routes serve
@@ -453,7 +467,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                           missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
-                _pipeline_effect(plan, obs, step, proposal.predicted, share=kept * reached, calls=reached)
+                _pipeline_effect(plan, obs, proposal, share=kept * reached, calls=reached)
         if "max_concurrency" in knobs:
             plan.add(concurrency_policy(int(current["max_concurrency"]), knobs["max_concurrency"], total.spans,
                                         total.retried, step=step, latency_missed=slow_now,
@@ -470,25 +484,46 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
 
 
 def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
-    """A decision whose predicted quality (now plus every changed step's effect) is under the floor does not
-    go with moves that lower it: moves each within the floor can stack their margins under it, a step's moves
-    together can too, and a point estimate under the floor (not yet beyond doubt, so not a missed objective)
-    must not be pushed further down. While it would be under, the changed step costing the most quality waits
-    for a later decision (the others still go)."""
+    """A decision whose predicted quality is not surely over the floor does not go with moves that lower it.
+
+    Each policy holds the floor on its own lower bound, but moves each within it can stack their margins under
+    it: the decision's quality is predicted as now plus every move's effect and, with more than one move
+    lowering it, its lower bound as that minus the moves' margins (point minus lower bound, each on its own
+    labels) added in quadrature. While the bound is
+    under the floor, the move costing the most quality waits for a later decision, one knob group at a time
+    (a threshold and a tier mix of one step are two moves); moves that restore a missed p95 (those predicting
+    it) wait last, so a cheaper mix waits before the threshold that brings latency back. A point estimate
+    under the floor (not yet beyond doubt, so not a missed objective) is not pushed further down either."""
     if floor is None or "quality" not in plan.before:
         return
-    while "quality" in plan.after and plan.after["quality"] < floor:
-        losing = [(effect.get("quality.delta", 0.0), step) for step, effect in plan.effects.items()
-                  if step in plan.changes and effect.get("quality.delta", 0.0) < 0]
-        if not losing:
+    parts = plan.parts or [Part(step, tuple(plan.changes[step]), effect.get("cost_per_1k.delta", 0.0),
+                                effect.get("quality.delta", 0.0), 0.0, effect.get("p95_ms"))
+                           for step, effect in plan.effects.items() if step in plan.changes]
+    while True:
+        alive = [p for p in parts if any(k in plan.changes.get(p.step, {}) for k in p.knobs)]
+        losing = [p for p in alive if p.quality_delta < 0]
+        if "quality" not in plan.after or not losing:
             return
         predicted = plan.after["quality"]
-        _, step = min(losing)
-        for knob in list(plan.changes[step]):
-            plan.drop(step, knob)
+        # One move alone: its policy held its own lower bound. Several: the bound of their sum.
+        margin = math.sqrt(sum(p.quality_margin ** 2 for p in losing)) if len(losing) > 1 else 0.0
+        if predicted - margin >= floor:
+            return
+        part = min(losing, key=lambda p: (p.p95_ms is not None and bool(plan.violated), p.quality_delta))
+        for knob in part.knobs:
+            plan.drop(part.step, knob)
+        effect = plan.effects.get(part.step, {})
+        for name, delta in (("cost_per_1k.delta", part.cost_delta), ("quality.delta", part.quality_delta)):
+            if name in effect:
+                effect[name] -= delta
+        if part.p95_ms is not None:
+            effect.pop("p95_ms", None)
+        moves = ", ".join(part.knobs)
         with_what = "the other moves" if plan.changes else "its moves"
-        plan.reasons.append(f"{step}: waits for a later decision: with {with_what}, quality {predicted:.3f} as "
-                            f"predicted, under the {floor:.3g} floor (quality {plan.before['quality']:.3f} now)")
+        bound = f" (lower bound {predicted - margin:.3f})" if margin else ""
+        plan.reasons.append(f"{part.step}: {moves} waits for a later decision: with {with_what}, quality "
+                            f"{predicted:.3f} as predicted{bound}, under the {floor:.3g} floor (quality "
+                            f"{plan.before['quality']:.3f} now)")
 
 
 def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], plan: Plan) -> Proposal | None:
@@ -562,18 +597,29 @@ def _local_floor(spec: PipelineSpec, config: PipelineConfig, obs: observe.Observ
     return local_route_floor(mix_lower, obs.quality, obs.labelled, floor, kept), kept
 
 
-def _pipeline_effect(plan: Plan, obs: observe.Observation, step: str, predicted: Mapping[str, float],
-                     share: float, calls: float | None = None) -> None:
-    """File a step's predicted change of cost (per 1k of its own calls) and accuracy as the pipeline's;
-    `share`: the part of the pipeline's answers the step gives (a cascade's predictions are the pipeline's);
-    `calls`: the step's calls per task once the decision is in force (default: as now)."""
+def _pipeline_effect(plan: Plan, obs: observe.Observation, proposal: Proposal, share: float,
+                     calls: float | None = None) -> Part:
+    """File a proposal's predicted change of cost (per 1k of its step's own calls) and accuracy as the
+    pipeline's, added to what the step's other proposals in this decision change (a threshold sets how many
+    tasks escalate, the tiers' mix what each costs and how often it is right: the two add up); `share`: the
+    part of the pipeline's answers the step gives (a cascade's predictions are the pipeline's); `calls`: the
+    step's calls per task once the decision is in force (default: as now). Returns the proposal's part."""
+    step, predicted = proposal.step, proposal.predicted
     effect = plan.effects.setdefault(step, {})
+    part = Part(step, tuple(k for k in proposal.values if k in plan.changes.get(step, {})))
     cascade = "escalation_share" in predicted
     if "cost_per_1k" in predicted and "cost_per_1k_before" in predicted:
         per_task = 1.0 if cascade else calls if calls is not None else obs.step_total(step).spans / max(obs.requests, 1)
-        effect["cost_per_1k.delta"] = (predicted["cost_per_1k"] - predicted["cost_per_1k_before"]) * per_task
+        part.cost_delta = (predicted["cost_per_1k"] - predicted["cost_per_1k_before"]) * per_task
+        effect["cost_per_1k.delta"] = effect.get("cost_per_1k.delta", 0.0) + part.cost_delta
     if "quality" in predicted and "quality_before" in predicted:
-        effect["quality.delta"] = (1.0 if cascade else share) * (predicted["quality"] - predicted["quality_before"])
+        weight = 1.0 if cascade else share
+        part.quality_delta = weight * (predicted["quality"] - predicted["quality_before"])
+        if "quality_lower_bound" in predicted:
+            part.quality_margin = weight * max(0.0, predicted["quality"] - predicted["quality_lower_bound"])
+        effect["quality.delta"] = effect.get("quality.delta", 0.0) + part.quality_delta
+    plan.parts.append(part)
+    return part
 
 
 def _hold_reversals(plan: Plan, moves: Mapping[tuple[str, str], Move], now: float, settings: LoopSettings) -> None:
@@ -723,9 +769,11 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
          trial_age: float | None = None,
          arms: Callable[[], tuple[canary.Arm, canary.Arm]] | None = None,
          moves: Callable[[], Mapping[tuple[str, str], Move] | None] = lambda: None,
-         rejected: Callable[[], Rejected | None] = lambda: None) -> Outcome:
+         rejected: Callable[[], Rejected | None] = lambda: None,
+         lowers_quality: Callable[[], bool] = lambda: False) -> Outcome:
     """One look at a pipeline, the same for the tuner (`tune_once`, over the store) and the simulation: judge
-    the canary on trial (`trial_age` seconds old, `arms` its per-task samples); else the guardrails (cooldown
+    the canary on trial (`trial_age` seconds old, `arms` its per-task samples, `lowers_quality` whether its moves
+    were predicted to lower quality); else the guardrails (cooldown
     since the last change, enough requests over half a window in what `measure` reads), `decide`, and the
     moves a canary rolled back lately taken out. The callables read what the caller keeps (the store or the
     simulation) only when needed; nothing is written here: the caller acts on the outcome."""
@@ -734,7 +782,8 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
             raise ValueError("a canary on trial is judged on its arms: pass arms")
         base, tried = arms()
         return Outcome(verdict=canary.judge(base, tried, slo, min_requests=settings.canary_min_requests,
-                                            expired=trial_age >= settings.canary_max_seconds))
+                                            expired=trial_age >= settings.canary_max_seconds,
+                                            lowers_quality=lowers_quality()))
     if since_change is not None and since_change < settings.cooldown_seconds:
         return Outcome(idle="cooling down")
     obs = measure()
@@ -776,7 +825,8 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         trial_age=age,
         arms=lambda: canary.arms(client, spec, trial, observe.answers(client, spec, int(age or 0) + 60)),
         moves=lambda: Moves.from_history(decisions.history(client, pipeline, limit=200)),
-        rejected=lambda: _rejected(client, pipeline))
+        rejected=lambda: _rejected(client, pipeline),
+        lowers_quality=lambda: _trial_lowers_quality(client, pipeline, trial))
     if trial is not None:
         return _finish(client, spec, config, trial, outcome.verdict, active)
     if outcome.plan is not None or outcome.idle == "nothing to change":
@@ -826,6 +876,19 @@ def _try(client, spec: PipelineSpec, config: PipelineConfig, plan: Plan, obs: ob
              decision.version_after, decision.reason)
     return decision
 
+
+
+def lowers_quality(predicted: Mapping[str, float]) -> bool:
+    """Whether a decision's figures (`predicted` as `_try` records them) say its moves lower quality."""
+    after, before = predicted.get("quality"), predicted.get("before.quality")
+    return after is not None and before is not None and after < before
+
+
+def _trial_lowers_quality(client, pipeline: str, trial: canary.Canary | None) -> bool:
+    """Whether the canary on trial was predicted to lower quality, from its `canary_start` decision."""
+    started = decisions.last_decision(client, pipeline, ("canary_start",))
+    return bool(trial and started and started["version_after"] == trial.version
+                and lowers_quality(started["predicted"] or {}))
 
 
 def _rejected(client, pipeline: str) -> Rejected | None:

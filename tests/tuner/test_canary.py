@@ -139,6 +139,34 @@ def test_quality_under_the_floor_and_failures_roll_a_canary_back():
     assert failing.action == "rollback" and "fails more often" in failing.reason
 
 
+def test_a_cheaper_canary_predicted_to_lower_quality_waits_while_it_may_be_under_the_floor():
+    """Cheaper beyond doubt, its labelled quality under the floor but not yet beyond doubt: a canary whose moves
+    were predicted to lower quality waits for labels (rolled back if its time runs out first), and is rolled
+    back once it is beyond doubt under a floor the config in force holds; one not predicted to lower quality
+    goes on cost as before, and so does one whose labels put it over the floor."""
+    base, cheap = arm(400, 100, 0.002, correct=352, labelled=400), arm(71, 100, 0.001, correct=60, labelled=71)
+    assert judge(base, cheap, SLO_SHOP, min_requests=50).action == "promote"
+    # 60/71 = 0.845 is over the 0.8 floor...
+    assert judge(base, cheap, SLO_SHOP, min_requests=50, lowers_quality=True).action == "promote"
+    shop_high = SLO(pipeline="shop", quality_floor=0.88)  # ...and under 0.88, the config in force's 0.880 holds it
+    held = judge(base, cheap, shop_high, min_requests=50, lowers_quality=True)
+    assert held.action == "wait" and "quality 0.845 on the canary's 71 labelled tasks, under the 0.88 floor" \
+        in held.reason, held.reason
+    assert judge(base, cheap, shop_high, min_requests=50).action == "promote"
+    out = judge(base, cheap, shop_high, min_requests=50, lowers_quality=True, expired=True)
+    assert out.action == "rollback" and out.reason.startswith("no evidence the canary holds the floor")
+    # Beyond doubt under the floor on its own labels, before the comparison with the config in force (on few) is.
+    under = judge(arm(400, 100, 0.002, correct=38, labelled=40), arm(600, 100, 0.001, correct=498, labelled=600),
+                  shop_high, min_requests=50, lowers_quality=True)
+    assert under.action == "rollback" and "beyond doubt under the 0.88 floor" in under.reason, under.reason
+    fine = judge(base, arm(300, 100, 0.001, correct=270, labelled=300), shop_high, min_requests=50,
+                 lowers_quality=True)
+    assert fine.action == "promote", fine.reason
+    # Labels come in for the config in force but the canary has too few to judge: it waits for them.
+    few = judge(base, arm(300, 100, 0.001, correct=10, labelled=10), shop_high, min_requests=50, lowers_quality=True)
+    assert few.action == "wait" and "10 labelled tasks on the canary of the 30" in few.reason, few.reason
+
+
 def test_a_canary_waits_for_enough_tasks_and_is_rolled_back_when_its_time_runs_out():
     assert judge(arm(400, 100), arm(50, 900), SLO_SHOP, min_requests=100).action == "wait"
     expired = judge(arm(400, 100), arm(50, 100), SLO_SHOP, min_requests=100, expired=True)

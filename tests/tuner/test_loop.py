@@ -484,19 +484,51 @@ def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decisi
     _hold_joint_floor(stacked, 0.93)
     assert list(stacked.changes) == ["escalate"]
     assert stacked.after["quality"] == pytest.approx(0.934)
-    assert any(r.startswith("classify: waits for a later decision") and "0.927" in r for r in stacked.reasons)
+    assert any(r.startswith("classify: route_weights waits for a later decision") and "0.927" in r
+               for r in stacked.reasons)
     holding = plan(-0.004, -0.005)  # 0.931 together: both go
     _hold_joint_floor(holding, 0.93)
     assert set(holding.changes) == {"classify", "escalate"}
     alone = plan(0.0, -0.02)  # one step's moves (e.g. a threshold and a tier mix) taking it to 0.920
     alone.changes.pop("classify")
     _hold_joint_floor(alone, 0.93)
-    assert not alone.changes and any("waits for a later decision: with its moves, quality 0.920" in r
-                                     for r in alone.reasons)
+    assert not alone.changes and any("cascade_threshold waits for a later decision: with its moves, quality "
+                                     "0.920" in r for r in alone.reasons)
     under = plan(-0.007, 0.010)  # a point estimate under the floor: what lowers it waits, what raises it goes
     under.before["quality"] = 0.925
     _hold_joint_floor(under, 0.93)
     assert list(under.changes) == ["escalate"]
+
+
+def test_stacked_moves_are_held_to_the_bound_of_their_sum_and_the_cheaper_mix_waits_before_the_restoring_one():
+    """One step's threshold (restoring a missed p95) and tier mix, each holding the floor on its own lower bound:
+    together their point estimate clears the floor but the bound of their sum does not, so the tier mix waits
+    (a knob group, not the whole step) and the threshold, with its predicted p95, goes; a single move is judged
+    on its policy's own bound."""
+    from tracetune.tuner.loop import Part, Plan, _hold_joint_floor
+
+    def plan(route_margin: float) -> Plan:
+        p = Plan(changes={"escalate": {"cascade_threshold": 0.5, "route_weights": {"small": 0.7, "large": 0.3}}},
+                 before={"quality": 0.95, "cost_per_1k": 0.5, "p95_ms": 2900.0}, violated=["p95"],
+                 targets={"quality_floor": 0.88, "p95_ms": 2000.0})
+        p.parts = [Part("escalate", ("cascade_threshold",), -0.2, -0.03, 0.04, 2200.0),
+                   Part("escalate", ("route_weights",), -0.1, -0.02, route_margin)]
+        p.effects = {"escalate": {"cost_per_1k.delta": -0.3, "quality.delta": -0.05, "p95_ms": 2200.0}}
+        return p
+
+    stacked = plan(0.02)  # 0.90 as predicted; its bound 0.90 - sqrt(0.04^2 + 0.02^2) = 0.855 < 0.88
+    _hold_joint_floor(stacked, 0.88)
+    assert stacked.changes == {"escalate": {"cascade_threshold": 0.5}}
+    assert stacked.after == pytest.approx({"cost_per_1k": 0.3, "quality": 0.92, "p95_ms": 2200.0})
+    assert any(r.startswith("escalate: route_weights waits for a later decision") and "(lower bound 0.855)" in r
+               for r in stacked.reasons), stacked.reasons
+    sure = plan(0.0)  # the tier mix's accuracy known exactly: 0.90 - 0.04 = 0.86 is still under: it waits all the same
+    _hold_joint_floor(sure, 0.88)
+    assert list(sure.changes["escalate"]) == ["cascade_threshold"]
+    room = plan(0.02)
+    room.before["quality"] = 0.99  # 0.94 - 0.045 = 0.895: both go
+    _hold_joint_floor(room, 0.88)
+    assert set(room.changes["escalate"]) == {"cascade_threshold", "route_weights"}
 
 
 def test_decide_does_not_lower_a_quality_already_under_the_floor_on_too_few_labels_to_call_it_missed():
@@ -508,7 +540,8 @@ def test_decide_does_not_lower_a_quality_already_under_the_floor_on_too_few_labe
     obs.quality, obs.labelled = 0.79, 20  # under the 0.8 floor, on too few answers to be a missed objective
     plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, obs, LoopSettings(max_relative_change=1.0))
     assert plan.violated == [] and "escalate" not in plan.changes
-    assert any(r.startswith("escalate: waits for a later decision") for r in plan.reasons), plan.reasons
+    assert any(r.startswith("escalate: cascade_threshold waits for a later decision") for r in plan.reasons), \
+        plan.reasons
     obs.quality = 0.95  # well above it: the same cheaper threshold goes
     assert decide(SPEC, SPEC.defaults(), SLO_SHOP, obs, LoopSettings(max_relative_change=1.0)).changes["escalate"]
 
