@@ -3,6 +3,8 @@ what executors are served while a canary is out."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import sys
 import time
@@ -243,6 +245,20 @@ def test_the_loop_promotes_a_canary_that_holds_up(shop):  # noqa: F811 - the fix
     row = decisions.history(shop, "shop")[0]
     assert row["predicted"] == started.predicted and row["observed"]["canary.requests"] == 60
     assert [p["version"] for p in versions.pipelines(shop)] == [2]
+
+
+def test_the_loop_reads_from_the_audit_whether_the_canary_on_trial_was_predicted_to_lower_quality(shop):  # noqa: F811
+    from tracetune.tuner.loop import _trial_lowers_quality
+
+    started = _start(shop)  # turning a cache on: no quality predicted to change
+    trial = canary.running(shop, "shop")
+    assert not _trial_lowers_quality(shop, "shop", trial)
+    lowering = decisions.Decision("shop", "canary_start", 1, trial.version, started.config_before,
+                                  started.config_after, "a cheaper mix", predicted={"before.quality": 0.95,
+                                                                                    "quality": 0.91})
+    decisions.record(shop, lowering)
+    assert _trial_lowers_quality(shop, "shop", trial)
+    assert not _trial_lowers_quality(shop, "shop", dataclasses.replace(trial, version=trial.version + 1))
 
 
 def test_canary_arms_count_both_spellings_of_an_error_status(shop):  # noqa: F811 - the fixture
