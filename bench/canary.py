@@ -9,7 +9,10 @@ thousands of tasks to see); 10% of tasks are labelled; 0.5% fail.
 
 Scenarios: A/A (identical configs; right = neither promoted nor rolled back for a difference), a canary
 10% dearer at equal latency and quality (right = rolled back), 30% cheaper (right = promoted), and one
-25% dearer that brings a missed p95 target back (right = promoted, the reason saying it is dearer).
+25% dearer that brings a missed p95 target back (right = promoted, the reason saying it is dearer); and two
+30% cheaper ones whose decisions predicted lower quality: one under the 0.93 floor (0.90 against the config in
+force's 0.95; right = rolled back, not promoted on cost first) and one still over it (0.95 against 0.97; right
+= promoted).
 
     .venv/bin/python bench/canary.py                  # 1000 runs per scenario, ~2 min
     .venv/bin/python bench/canary.py --runs 200 --seed 3
@@ -57,6 +60,7 @@ class Config:
     accuracy: float = 0.935
     error_rate: float = 0.005
     labelled: float = 0.1
+    lowers_quality: bool = False  # the decision that started the canary predicted lower quality (`judge` is told)
 
     def tasks(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
         escalated = rng.random(n) < self.escalation
@@ -86,6 +90,12 @@ SCENARIOS: dict[str, tuple[Config, Config, str]] = {
     "30% cheaper, equal SLO": (BASE, Config(cost_scale=_scale_for(BASE, 0.70)), "promote"),
     "25% dearer, brings p95 back": (Config(llm_ms=520.0), Config(llm_ms=300.0, cost_scale=_scale_for(BASE, 1.25)),
                                     "promote"),
+    "30% cheaper, quality under the floor": (
+        Config(accuracy=0.95), Config(accuracy=0.90, cost_scale=_scale_for(BASE, 0.70), lowers_quality=True),
+        "rollback"),
+    "30% cheaper, lower quality over the floor": (
+        Config(accuracy=0.97), Config(accuracy=0.95, cost_scale=_scale_for(BASE, 0.70), lowers_quality=True),
+        "promote"),
 }
 """Scenario -> (config in force, canary, the right answer: promote, rollback, or none = change nothing)."""
 
@@ -121,7 +131,8 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
         base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]))
         canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]))
         expired = seconds >= max_seconds
-        verdict = judge(base_arm, canary_arm, slo, min_requests=min_requests, expired=expired)
+        verdict = judge(base_arm, canary_arm, slo, min_requests=min_requests, expired=expired,
+                        lowers_quality=trial.lowers_quality)
         if verdict.action != "wait":
             decided = not (expired and verdict.reason.startswith(("no evidence", "too few")))
             action = verdict.action if decided else "none"

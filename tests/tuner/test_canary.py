@@ -4,7 +4,6 @@ what executors are served while a canary is out."""
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import sys
 import time
@@ -349,3 +348,8 @@ def test_canaries_change_nothing_on_a_a_roll_back_a_dearer_one_and_promote_cheap
     assert cheaper["correct"] >= 0.95 and cheaper["median_minutes"] < 20, cheaper  # on evidence, not at the end
     fixing = rows["25% dearer, brings p95 back"]
     assert fixing["correct"] >= 0.95 and fixing["median_minutes"] <= 5, fixing
+    # Predicted to lower quality: not promoted on cost while under the floor (most are rolled back as less often
+    # right; promoted on cost first in 3 of 4 runs when `judge` is not told), promoted while over it.
+    under = rows["30% cheaper, quality under the floor"]
+    assert under["correct"] >= 0.8 and under["promote"] <= 0.15, under
+    assert rows["30% cheaper, lower quality over the floor"]["promote"] >= 0.8
