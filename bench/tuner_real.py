@@ -99,6 +99,7 @@ TUNER_LOOP = {"tuner_interval_seconds": 15, "tuner_window_seconds": 60, "tuner_c
 # until it holds this many at the load's mean rate (rag at 2/s: 300 s, the loop's default and the simulation's;
 # its 60 s held about 120 tasks, whose p95 read under the target while a quarter of the minutes missed it).
 WINDOW_TASKS = 600
+START_ATTEMPTS = 3  # a stack whose free port another program took before it bound it starts again on new ports
 LOOP_OFF = {"tuner_interval_seconds": 0}  # 0: `tracetune tuner` starts no loop
 # A canary gets what a run this short needs for its sequential test to finish (`canary.limits_for`): half the
 # tasks, time enough to show a 30% cost difference at the workload's spread of per-task cost (at least a
@@ -251,15 +252,23 @@ def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: flo
     home = Path(tempfile.mkdtemp(prefix=f"tracetune-bench-{workload.name}-{name}-"))
     (home / "models").symlink_to(models, target_is_directory=True)
     overrides = _overrides(name, pinned, minutes * 60, rate, workload)
-    settings = isolated_settings(home, pipelines=workload.target, **overrides)
-    supervisor = Supervisor(settings, components(settings, 0.0, with_dashboard=False), echo=log.info)
     task = progress.add_task(f"{workload.name} {name}", total=minutes) if progress is not None else None
     failed = True
+    supervisor = None
     try:
-        try:
-            supervisor.start()
-        except StartError as exc:
-            raise BenchError(f"arm {name}: {str(exc).splitlines()[0]} (logs in {home / 'logs'})") from None
+        for attempt in range(START_ATTEMPTS):
+            settings = isolated_settings(home, pipelines=workload.target, **overrides)
+            supervisor = Supervisor(settings, components(settings, 0.0, with_dashboard=False), echo=log.info)
+            try:
+                supervisor.start()
+                break
+            except StartError as exc:
+                if "address already in use" not in str(exc) or attempt == START_ATTEMPTS - 1:
+                    raise BenchError(f"arm {name}: {str(exc).splitlines()[0]} (logs in {home / 'logs'})") from None
+                # A free port taken by another program between choosing it and binding it: new ports, again.
+                log.warning("arm %s: %s; starting again on other ports", name, str(exc).splitlines()[-1])
+                for part in reversed(supervisor.parts):
+                    supervisor.stop_one(part)
         client = store.connect(settings)
         headers = {"Authorization": f"Bearer {token_for(settings)}"}
         with httpx.Client(base_url=f"{settings.tuner_url}/v1/pipelines/{workload.name}", headers=headers,
@@ -291,11 +300,12 @@ def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: flo
         failed = False
         return row
     finally:
-        for part in reversed(supervisor.parts):
+        for part in reversed(supervisor.parts if supervisor else []):
             stopping = time.monotonic()
             supervisor.stop_one(part)
             log.info("stopped the %s in %.1f s", part.name, time.monotonic() - stopping)
-        _check_stopped(supervisor)
+        if supervisor:
+            _check_stopped(supervisor)
         if progress is not None:
             progress.update(task, description=name)
         if keep or failed:
