@@ -626,9 +626,10 @@ def _hold_reversals(plan: Plan, moves: Mapping[tuple[str, str], Move], now: floa
     """Take out of `plan` the knob changes that would undo a recent move on evidence no different beyond noise.
 
     A change of load counts only where it moves what the move was predicted to do (`_load_moves`): load
-    alone does not change a route's accuracy or price. A reversal that goes ahead while no objective is
-    missed moves at most half as far as the move it undoes (`_damped`), so a knob pushed back and forth by
-    evidence at the edge of noise settles instead of swinging."""
+    alone does not change a route's accuracy or price. A cascade threshold going back up because the one in
+    force no longer holds the floor at its lower bound is quality first, never held. A reversal that goes ahead
+    while no objective is missed moves at most half as far as the move it undoes (`_damped`), so a knob pushed
+    back and forth by evidence at the edge of noise settles instead of swinging."""
     held = []
     for step, values in list(plan.changes.items()):
         for knob, value in list(values.items()):
@@ -640,6 +641,10 @@ def _hold_reversals(plan: Plan, moves: Mapping[tuple[str, str], Move], now: floa
                 continue
             ago = f"{(now - move.at) / 60:.0f} min ago"
             why, load = changed(move.evidence, plan.evidence), None
+            held_floor = (plan.predicted.get(f"{step}.floor_held_before"),
+                          plan.predicted.get(f"{step}.proposal.floor_held_before"))
+            if why is None and knob == "cascade_threshold" and value > was and 0.0 in held_floor:
+                why = "quality: the threshold in force no longer holds the floor at its lower bound on the labels since"
             if why is None:
                 load = load_change(move.evidence, plan.evidence)
                 moved = _load_moves(move, plan, step, knob) if load is not None else None
@@ -826,7 +831,7 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         arms=lambda: canary.arms(client, spec, trial, observe.answers(client, spec, int(age or 0) + 60)),
         moves=lambda: Moves.from_history(decisions.history(client, pipeline, limit=200)),
         rejected=lambda: _rejected(client, pipeline),
-        lowers_quality=lambda: _trial_lowers_quality(client, pipeline, trial))
+        lowers_quality=lambda: lowers_quality(_trial_predicted(client, pipeline, trial)))
     if trial is not None:
         return _finish(client, spec, config, trial, outcome.verdict, active)
     if outcome.plan is not None or outcome.idle == "nothing to change":
@@ -884,11 +889,12 @@ def lowers_quality(predicted: Mapping[str, float]) -> bool:
     return after is not None and before is not None and after < before
 
 
-def _trial_lowers_quality(client, pipeline: str, trial: canary.Canary | None) -> bool:
-    """Whether the canary on trial was predicted to lower quality, from its `canary_start` decision."""
+def _trial_predicted(client, pipeline: str, trial: canary.Canary | None) -> Mapping[str, float]:
+    """The figures of the `canary_start` decision that put `trial` on trial ({} when it cannot be found)."""
     started = decisions.last_decision(client, pipeline, ("canary_start",))
-    return bool(trial and started and started["version_after"] == trial.version
-                and lowers_quality(started["predicted"] or {}))
+    if trial is None or started is None or started["version_after"] != trial.version:
+        return {}
+    return started["predicted"] or {}
 
 
 def _rejected(client, pipeline: str) -> Rejected | None:
@@ -908,8 +914,14 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
     if rejected is None or now - rejected.at >= settings.rejected_memory_seconds:
         return
     dropped = []
+    # While quality is missed, a move predicted to raise it is quality first: a canary that moved it that way
+    # beside other moves, and was rolled back for them or for want of tasks, does not hold it back.
+    raising = {(p.step, k) for p in plan.parts if p.quality_delta > 0 for k in p.knobs} \
+        if "quality" in plan.violated else set()
     for step, values in list(plan.changes.items()):
         for knob, value in list(values.items()):
+            if (step, knob) in raising:
+                continue
             before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
             after = rejected.tried.get(step, {}).get(knob, before)
             if after != before and same_way(before, after, value):

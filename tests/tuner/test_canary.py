@@ -247,14 +247,17 @@ def test_the_loop_promotes_a_canary_that_holds_up(shop):  # noqa: F811 - the fix
 
 
 def test_the_loop_reads_from_the_audit_whether_the_canary_on_trial_was_predicted_to_lower_quality(shop):  # noqa: F811
-    from tracetune.tuner.loop import _trial_lowers_quality
+    from tracetune.tuner.loop import _trial_predicted, lowers_quality
+
+    def _trial_lowers_quality(client, pipeline, trial):
+        return lowers_quality(_trial_predicted(client, pipeline, trial))
 
     started = _start(shop)  # turning a cache on: no quality predicted to change
     trial = canary.running(shop, "shop")
     assert not _trial_lowers_quality(shop, "shop", trial)
     lowering = decisions.Decision("shop", "canary_start", 1, trial.version, started.config_before,
-                                  started.config_after, "a cheaper mix", predicted={"before.quality": 0.95,
-                                                                                    "quality": 0.91})
+                                  started.config_after, "a cheaper mix", predicted={
+                                      "before.quality": 0.95, "quality": 0.91})
     decisions.record(shop, lowering)
     assert _trial_lowers_quality(shop, "shop", trial)
     assert not _trial_lowers_quality(shop, "shop", dataclasses.replace(trial, version=trial.version + 1))

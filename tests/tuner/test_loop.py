@@ -334,6 +334,38 @@ def test_a_change_of_load_counts_where_it_turns_a_moves_predicted_effect_around(
         in plan.reasons[-1], plan.reasons
 
 
+def test_a_threshold_going_back_up_because_the_one_in_force_lost_the_floor_is_not_held():
+    """A cascade threshold lowered 20 minutes ago, on labels no different beyond noise: going back up is held,
+    unless the policy says the threshold in force no longer holds the floor at its lower bound (quality first);
+    and while quality is missed, a move raising it is not held back by a canary that moved it that way and was
+    rolled back (for its other moves, or for want of tasks)."""
+    from tracetune.tuner.loop import Move, Part, Plan, Rejected, _hold_reversals, drop_rejected
+
+    def going_up(held: float) -> Plan:
+        plan = Plan(changes={"g": {"cascade_threshold": 0.71}}, reasons=["g: toward the floor"],
+                    predicted={"g.quality": 0.895, "g.quality_before": 0.885, "g.floor_held_before": held},
+                    before={"quality": 0.885}, evidence={"rate": 2.0, "window_seconds": 300.0})
+        plan._current["g"] = {"cascade_threshold": 0.61}
+        return plan
+
+    last = Move("g", "cascade_threshold", 0.9, 0.61, 0.0, {"rate": 2.0, "window_seconds": 300.0})
+    held = going_up(1.0)
+    _hold_reversals(held, {("g", "cascade_threshold"): last}, 1200.0, LoopSettings())
+    assert held.changes == {} and held.reasons[-1].startswith("held g.cascade_threshold")
+    lost = going_up(0.0)
+    _hold_reversals(lost, {("g", "cascade_threshold"): last}, 1200.0, LoopSettings())
+    assert lost.changes == {"g": {"cascade_threshold": 0.71}}
+    assert "no longer holds the floor at its lower bound" in lost.reasons[-1], lost.reasons
+
+    rejected = Rejected(1100.0, 3, {"g": {"cascade_threshold": 0.61}}, {"g": {"cascade_threshold": 0.62}})
+    for violated, kept in (([], {}), (["quality"], {"g": {"cascade_threshold": 0.71}})):
+        plan = going_up(0.0)
+        plan.violated = violated
+        plan.parts = [Part("g", ("cascade_threshold",), 0.1, 0.01)]
+        drop_rejected(plan, SPEC.defaults(), rejected, 1200.0, LoopSettings())
+        assert plan.changes == kept, (violated, plan.reasons)
+
+
 def test_evidence_changes_only_beyond_noise():
     from tracetune.tuner.loop import changed
 
