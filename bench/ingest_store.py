@@ -7,8 +7,8 @@ Each copy takes the same blocks (the collector's batch size, a fresh deduplicati
 merges stopped so only the insert is counted), and the table prints the store process's CPU per row
 (user + system from /proc around each insert; chDB keeps no system.query_log), its wall time, and
 each part's cost over its base: the bare table for an index, the table as shipped for a view, and
-everything as shipped for the same rows sent as an Arrow stream (the collector's format) or stored
-with LZ4 instead of ZSTD(1).
+everything as shipped for the same rows sent as an Arrow stream (the collector's format), stored
+with ZSTD(1) on every column (as before migration 180) or with LZ4 on every column, ids included.
 
 Three workloads: `executor` spans (a root and four steps per task, tracetune.* and GenAI attributes,
 so every span feeds the rollups; bench/harness.py GENERATE_SQL, timestamps over a day), the same with
@@ -45,11 +45,17 @@ TABLE_FILE = "001_otel_traces.sql"
 VIEWS = {
     "trace-id view (otel_traces_trace_id_ts)": ["002_otel_traces_trace_id_ts.sql",
                                                 "003_otel_traces_trace_id_ts_mv.sql"],
-    "spans_1m view": ["020_tracetune_spans_1m.sql", "021_tracetune_spans_1m_mv.sql"],
+    "spans_1m view": ["020_tracetune_spans_1m.sql", "021_tracetune_spans_1m_mv.sql",
+                      "170_tracetune_spans_1m_mv_tokens.sql"],
     "spans_1m + spans_1h views": ["020_tracetune_spans_1m.sql", "021_tracetune_spans_1m_mv.sql",
-                                  "022_tracetune_spans_1h.sql", "023_tracetune_spans_1h_mv.sql"],
+                                  "170_tracetune_spans_1m_mv_tokens.sql", "022_tracetune_spans_1h.sql",
+                                  "023_tracetune_spans_1h_mv.sql"],
     "task_errors_1m view": ["045_tracetune_task_errors_1m.sql", "046_tracetune_task_errors_1m_mv.sql"],
+    "error_spans view": ["165_tracetune_error_spans.sql"],
 }
+# Later files that change otel_traces itself (its columns' codecs), applied after 001 in every copy but the one
+# that shows the table before them.
+TABLE_ALTERS = ["180_otel_traces_lz4.sql"]
 WORKLOADS = ("executor", "executor-live", "bench")
 _INDEX = re.compile(r"^\s*INDEX (\w+) .*$", re.M)
 
@@ -81,6 +87,7 @@ class Variant:
     files: list[str]
     fmt: str = "Native"  # the insert's format; "ArrowStream" is what the collector's insert_arrow sends
     codec: str = ""  # instead of every ZSTD(1) of 001
+    alters: bool = True  # TABLE_ALTERS applied (False: the codecs as 001 alone has them, ZSTD(1))
 
 
 def variants() -> list[Variant]:
@@ -91,7 +98,8 @@ def variants() -> list[Variant]:
     every = list(dict.fromkeys(f for files in VIEWS.values() for f in files))
     out.append(Variant("as shipped: every index + every view", None, every))
     out.append(Variant("as shipped, inserted as ArrowStream (the collector's format)", None, every, "ArrowStream"))
-    out.append(Variant("as shipped, LZ4 instead of ZSTD(1)", None, every, codec="LZ4"))
+    out.append(Variant("as shipped, ZSTD(1) on every column (before 180)", None, every, alters=False))
+    out.append(Variant("as shipped, LZ4 on every column (the ids too)", None, every, codec="LZ4", alters=False))
     return out
 
 
@@ -99,6 +107,7 @@ def variants() -> list[Variant]:
 class Cost:
     cpu_us_per_row: float
     wall_us_per_row: float
+    bytes_per_row: float  # otel_traces' parts on disk (as inserted: merges are stopped)
 
 
 def measure(client, pid: int, database: str, variant: Variant, blocks: dict[str, bytes], columns: list[str], rows: int,
@@ -110,6 +119,9 @@ def measure(client, pid: int, database: str, variant: Variant, blocks: dict[str,
         client.database = database
         ddl = table_ddl(variant.indexes)
         client.command(ddl.replace("ZSTD(1)", variant.codec) if variant.codec else ddl)
+        for name in TABLE_ALTERS if variant.alters else []:
+            for statement in statements(name):
+                client.command(statement)
         for name in variant.files:
             for statement in statements(name):
                 client.command(statement)
@@ -125,10 +137,12 @@ def measure(client, pid: int, database: str, variant: Variant, blocks: dict[str,
                               settings={"insert_deduplication_token": f"{marker}-{i}"})
             wall += time.perf_counter() - started
             cpu += cpu_seconds(pid) - cpu0
+        size = int(client.command(f"SELECT sum(bytes_on_disk) FROM system.parts WHERE database = '{database}' "
+                                  "AND table = 'otel_traces' AND active"))
     finally:
         client.database = db
         client.command(f"DROP DATABASE IF EXISTS {database}")
-    return Cost(cpu / (rows * inserts) * 1e6, wall / (rows * inserts) * 1e6)
+    return Cost(cpu / (rows * inserts) * 1e6, wall / (rows * inserts) * 1e6, size / (rows * inserts))
 
 
 def formats(client, cols: str, select: str) -> dict[str, bytes]:
@@ -148,7 +162,7 @@ def merge_cost(client, pid: int, native: bytes, columns: list[str], block_rows: 
     try:
         client.database = database
         client.command(table_ddl(None))
-        for name in dict.fromkeys(f for files in VIEWS.values() for f in files):
+        for name in [*TABLE_ALTERS, *dict.fromkeys(f for files in VIEWS.values() for f in files)]:
             for statement in statements(name):
                 client.command(statement)
         repeat = block_rows // rows  # main() checked that it divides
@@ -277,11 +291,12 @@ def merges(client, pid: int, blocks, args) -> None:
 
 def report(plan: list[Variant], names: list[str], results: dict[str, dict[str, Cost]], args) -> None:
     table = Table(title=f"Store CPU per inserted row: {args.inserts} Native inserts of {args.rows:,} rows per copy, "
-                        "merges stopped (store process CPU; wall in brackets)")
+                        "merges stopped (store process CPU; wall in brackets; otel_traces on disk)")
     table.add_column("otel_traces copy")
     for workload in names:
         table.add_column(f"{workload}: µs/row", justify="right")
         table.add_column("over its base", justify="right")
+        table.add_column("B/row", justify="right")
     bare, shipped = plan[0].name, "as shipped, no view (every index)"
     everything = "as shipped: every index + every view"
     for variant in plan:
@@ -293,10 +308,10 @@ def report(plan: list[Variant], names: list[str], results: dict[str, dict[str, C
                 base = shipped
             if variant.indexes is None and not variant.files:
                 base = bare
-            if variant.fmt != "Native" or variant.codec:
+            if variant.fmt != "Native" or variant.codec or not variant.alters:
                 base = everything
             over = "" if base is None else f"{cost.cpu_us_per_row - results[workload][base].cpu_us_per_row:+.2f}"
-            cells += [f"{cost.cpu_us_per_row:.2f} ({cost.wall_us_per_row:.1f})", over]
+            cells += [f"{cost.cpu_us_per_row:.2f} ({cost.wall_us_per_row:.1f})", over, f"{cost.bytes_per_row:.1f}"]
         table.add_row(*cells)
     console.print(table)
 
