@@ -19,6 +19,12 @@ links; one span in five feeds the rollups).
     .venv/bin/python bench/ingest_store.py                    # 20,000-row blocks, 4 inserts per copy
     .venv/bin/python bench/ingest_store.py --rows 50000 --inserts 3
     .venv/bin/python bench/ingest_store.py --merges --rows 10000 --workload bench   # merges by insert size
+    .venv/bin/python bench/ingest_store.py --settled --rows 50000 --workload bench  # each part, merges included
+
+--settled feeds each copy --merge-total rows with merges running and counts the CPU until they settle, in
+two interleaved rounds (so a drift of the machine's load hits every copy alike); its rows have unique ids
+(each repeat of the block gets ids hashed from its own, as fresh spans would), so compression sees what it
+would see live.
 """
 
 from __future__ import annotations
@@ -188,6 +194,96 @@ def merge_cost(client, pid: int, native: bytes, columns: list[str], block_rows: 
     return inserted / n * 1e6, done / n * 1e6, parts
 
 
+# --settled: (name, indexes kept (None: every one), codec files applied, view files, rows per insert or 0: --rows,
+# table settings appended)
+def settled_plan(rows: int) -> list[tuple[str, set[str] | None, list[str], list[str], int, str]]:
+    groups = {name: files for name, files in VIEWS.items() if name != "spans_1m view"}  # its files are in the next
+    views = list(dict.fromkeys(f for files in groups.values() for f in files))
+    every = set(index_names())
+    plan = [("as shipped", None, TABLE_ALTERS, views, rows, ""),
+            ("ZSTD(1) on every column (before 180)", None, [], views, rows, ""),
+            ("no data-skipping index", set(), TABLE_ALTERS, views, rows, "")]
+    plan += [(f"without index {name}", every - {name}, TABLE_ALTERS, views, rows, "") for name in sorted(every)]
+    plan.append(("no view", None, TABLE_ALTERS, [], rows, ""))
+    for view in groups:  # the files every other view needs stay
+        kept = [f for f in views if any(f in files for other, files in groups.items() if other != view)]
+        plan.append((f"without {view}", None, TABLE_ALTERS, kept, rows, ""))
+    plan.append(("horizontal merges", None, TABLE_ALTERS, views, rows, ", enable_vertical_merge_algorithm = 0"))
+    plan += [(f"inserts of {n:,} rows", None, TABLE_ALTERS, views, n, "") for n in (rows // 2, rows * 2)]
+    return plan
+
+
+def settled(client, pid: int, native: bytes, columns: list[str], args) -> None:
+    """Each variant of the schema fed --merge-total unique-id rows, CPU until its merges settle (two rounds)."""
+    block_rows, total = args.rows, args.merge_total
+    client.command("DROP DATABASE IF EXISTS bench_settled_src")
+    client.command("CREATE DATABASE bench_settled_src")
+    shape = table_ddl(set()).split("(", 1)[1].split(") ENGINE")[0]
+    client.command(f"CREATE TABLE bench_settled_src.block ({shape}) ENGINE = Memory")
+    client.command(f"CREATE TABLE bench_settled_src.src ({shape}) ENGINE = Memory")
+    client.raw_insert("bench_settled_src.block", columns, native, fmt="Native")
+    # ids of repeat k: hashed from the block's own, k and which 3,200 rows they are in (the bench workload's 16
+    # requests come round again after that), so ids are unique and traces and parents stay as they were
+    salt = "{k}, intDiv(rowNumberInAllBlocks(), 3200)"
+    fresh = (f"* REPLACE (lower(hex(sipHash128(TraceId, {salt}))) AS TraceId, lower(hex(sipHash64(SpanId, {salt}))) "
+             f"AS SpanId, if(ParentSpanId = '', '', lower(hex(sipHash64(ParentSpanId, {salt})))) AS ParentSpanId)")
+    for k in range(-(-total // block_rows)):
+        client.command(f"INSERT INTO bench_settled_src.src SELECT {fresh.format(k=k)} FROM bench_settled_src.block")
+    plan = settled_plan(block_rows)
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, *_ in plan}
+    db = client.database
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("inserting and merging", total=2 * len(plan) + 1)
+            # round -1 warms up (the engine compiles the views' expressions on their first inserts): not counted
+            for round_ in range(-1, 2):
+                chosen = plan[:1] if round_ < 0 else plan
+                for i, (name, indexes, alters, views, rows, table_settings) in enumerate(chosen):
+                    database = f"bench_settled_{i}"
+                    client.command(f"DROP DATABASE IF EXISTS {database}")
+                    client.command(f"CREATE DATABASE {database}")
+                    client.database = database
+                    ddl = table_ddl(indexes)
+                    client.command(ddl.replace("non_replicated_deduplication_window = 10000",
+                                               "non_replicated_deduplication_window = 10000" + table_settings))
+                    for file in [*alters, *views]:
+                        for statement in statements(file):
+                            client.command(statement)
+                    cpu0 = cpu_seconds(pid)
+                    n = total // rows
+                    for j in range(n):
+                        client.command(f"INSERT INTO otel_traces SELECT * FROM bench_settled_src.src LIMIT {rows} "
+                                       f"OFFSET {j * rows}", settings={"insert_deduplication_token": f"s{round_}-{j}"})
+                    inserted = cpu_seconds(pid) - cpu0
+                    quiet_since = time.monotonic()
+                    while time.monotonic() - quiet_since < args.settle:
+                        time.sleep(0.3)
+                        if int(client.command(f"SELECT count() FROM system.merges WHERE database = '{database}'")):
+                            quiet_since = time.monotonic()
+                    done = cpu_seconds(pid) - cpu0
+                    size = int(client.command(f"SELECT sum(bytes_on_disk) FROM system.parts WHERE database = "
+                                              f"'{database}' AND table = 'otel_traces' AND active"))
+                    if round_ >= 0:
+                        results[name].append((inserted / (n * rows) * 1e6, done / (n * rows) * 1e6,
+                                              size / (n * rows)))
+                    client.database = db
+                    client.command(f"DROP DATABASE IF EXISTS {database}")
+                    bar.advance(task)
+    finally:
+        client.database = db
+        client.command("DROP DATABASE IF EXISTS bench_settled_src")
+    table = Table(title=f"Store CPU per row, inserts and merges: {total:,} rows with unique ids into each copy in "
+                        f"inserts of {block_rows:,} (unless named), until no merge runs for {args.settle:g} s; "
+                        "mean of two interleaved rounds")
+    for name in ("copy", "while inserting µs/row", "until merges settle µs/row", "vs as shipped", "B/row on disk"):
+        table.add_column(name, justify="left" if name == "copy" else "right")
+    mean = {name: [sum(x) / len(x) for x in zip(*values, strict=True)] for name, values in results.items()}
+    base = mean["as shipped"][1]
+    for name, (inserted, done, size) in mean.items():
+        table.add_row(name, f"{inserted:.2f}", f"{done:.2f}", f"{done - base:+.2f}", f"{size:.1f}")
+    console.print(table)
+
+
 def workloads(client, rows: int) -> dict[str, tuple[dict[str, bytes], list[str]]]:
     """Native blocks of `rows` spans of each workload, made in a scratch database."""
     from ingest import COLUMNS, SPANS_PER_REQUEST, TEMPLATES, ExportTraceServiceRequest, _columns, make_template
@@ -234,6 +330,9 @@ def main() -> None:
     parser.add_argument("--merges", action="store_true",
                         help="instead: the cost of background merges by insert size (the schema as shipped, merges "
                              "running, --merge-total rows in inserts of each of --merge-blocks rows)")
+    parser.add_argument("--settled", action="store_true",
+                        help="instead: each index, view, codec and insert size with merges running, CPU until they "
+                             "settle (--merge-total rows of the first workload chosen)")
     parser.add_argument("--merge-blocks", default="20000,50000,100000")
     parser.add_argument("--merge-total", type=int, default=600_000)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds without a merge that end a --merges run")
@@ -251,6 +350,10 @@ def main() -> None:
         blocks = workloads(client, args.rows)
         if args.merges:
             merges(client, proc.pid, blocks, args)
+            return
+        if args.settled:
+            native, columns = blocks[WORKLOADS[0] if args.workload == "all" else args.workload]
+            settled(client, proc.pid, native["Native"], columns, args)
             return
         names = list(WORKLOADS) if args.workload == "all" else [args.workload]
         plan = variants()
