@@ -545,6 +545,28 @@ class Drain:
     distinct_span_ids: int
     collector_cpu: float = float("nan")  # CPU seconds from the start of sending until the drain ended
     store_cpu: float = float("nan")
+    # store CPU seconds from the start of sending until no merge has run for SETTLE_SECONDS (the merges a
+    # larger part defers past the drain count too), and how long after the drain that was (nan: never)
+    store_cpu_settled: float = float("nan")
+    settle_seconds: float = float("nan")
+
+
+SETTLE_SECONDS = 3.0
+
+
+def wait_merges(settings: Settings, timeout: float) -> float:
+    """Seconds until no merge has run in the store's database for SETTLE_SECONDS (nan after `timeout`)."""
+    client = clickhouse(settings)
+    database = settings.clickhouse_target()["database"]
+    start = quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < SETTLE_SECONDS:
+        if time.monotonic() - start > timeout:
+            return float("nan")
+        time.sleep(0.25)
+        if int(client.command("SELECT count() FROM system.merges WHERE database = {db:String}",
+                              parameters={"db": database})):
+            quiet_since = time.monotonic()
+    return quiet_since - start
 
 
 def wait_stored(settings: Settings, acked: int, timeout: float) -> Drain:
@@ -701,6 +723,8 @@ def report(args: argparse.Namespace, ceilings: Ceilings, load: LoadResult, drain
         per_stored = lambda cpu: f"{cpu / max(drain.stored, 1) * 1e6:.1f} µs/span"
         table.add_row("collector / store CPU per stored span, sending + drain",
                       f"{per_stored(drain.collector_cpu)} / {per_stored(drain.store_cpu)}")
+        table.add_row("store CPU per stored span until merges settled",
+                      f"{per_stored(drain.store_cpu_settled)} ({drain.settle_seconds:.1f} s after the drain)")
     console.print(table)
 
     table = Table(title="3. Sustained vs ceiling")
@@ -750,6 +774,10 @@ def compare(before: Run, after: Run) -> None:
         ("store CPU µs per stored span, sending + drain", lambda r: per_span(r.drain.store_cpu, r),
          lambda x: f"{x:.1f}"),
         ("both", lambda r: per_span(r.drain.collector_cpu + r.drain.store_cpu, r), lambda x: f"{x:.1f}"),
+        ("store CPU µs per stored span until merges settled", lambda r: per_span(r.drain.store_cpu_settled, r),
+         lambda x: f"{x:.1f}"),
+        ("both, store until merges settled",
+         lambda r: per_span(r.drain.collector_cpu + r.drain.store_cpu_settled, r), lambda x: f"{x:.1f}"),
         ("request latency p99 ms", lambda r: _pct(r.load.latencies, 99), lambda x: f"{x:.1f}"),
         ("peak RSS collector MB", lambda r: r.load.collector_rss_mb, lambda x: f"{x:,.0f}"),
         ("peak RSS store MB", lambda r: r.load.store_rss_mb, lambda x: f"{x:,.0f}"),
@@ -796,6 +824,8 @@ def run_tree(args: argparse.Namespace, tree: Tree, overrides: dict[str, str], te
                 stop_profile(profile)
         drain.collector_cpu = cpu_seconds(collector_proc.pid) - load.cpu_start[0]
         drain.store_cpu = cpu_seconds(store_proc.pid) - load.cpu_start[1]
+        drain.settle_seconds = wait_merges(settings, 60.0)
+        drain.store_cpu_settled = cpu_seconds(store_proc.pid) - load.cpu_start[1]
         console.print(f"[bold]{tree.label}[/] (load average after: "
                       f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
         report(args, ceilings, load, drain)

@@ -7,8 +7,8 @@ Each copy takes the same blocks (the collector's batch size, a fresh deduplicati
 merges stopped so only the insert is counted), and the table prints the store process's CPU per row
 (user + system from /proc around each insert; chDB keeps no system.query_log), its wall time, and
 each part's cost over its base: the bare table for an index, the table as shipped for a view, and
-everything as shipped for the same rows sent as an Arrow stream (the collector's format) or stored
-with LZ4 instead of ZSTD(1).
+everything as shipped for the same rows sent as an Arrow stream (the collector's format), stored
+with ZSTD(1) on every column (as before migration 180) or with LZ4 on every column, ids included.
 
 Three workloads: `executor` spans (a root and four steps per task, tracetune.* and GenAI attributes,
 so every span feeds the rollups; bench/harness.py GENERATE_SQL, timestamps over a day), the same with
@@ -19,6 +19,12 @@ links; one span in five feeds the rollups).
     .venv/bin/python bench/ingest_store.py                    # 20,000-row blocks, 4 inserts per copy
     .venv/bin/python bench/ingest_store.py --rows 50000 --inserts 3
     .venv/bin/python bench/ingest_store.py --merges --rows 10000 --workload bench   # merges by insert size
+    .venv/bin/python bench/ingest_store.py --settled --rows 50000 --workload bench  # each part, merges included
+
+--settled feeds each copy --merge-total rows with merges running and counts the CPU until they settle, in
+two interleaved rounds (so a drift of the machine's load hits every copy alike); its rows have unique ids
+(each repeat of the block gets ids hashed from its own, as fresh spans would), so compression sees what it
+would see live.
 """
 
 from __future__ import annotations
@@ -45,11 +51,17 @@ TABLE_FILE = "001_otel_traces.sql"
 VIEWS = {
     "trace-id view (otel_traces_trace_id_ts)": ["002_otel_traces_trace_id_ts.sql",
                                                 "003_otel_traces_trace_id_ts_mv.sql"],
-    "spans_1m view": ["020_tracetune_spans_1m.sql", "021_tracetune_spans_1m_mv.sql"],
+    "spans_1m view": ["020_tracetune_spans_1m.sql", "021_tracetune_spans_1m_mv.sql",
+                      "170_tracetune_spans_1m_mv_tokens.sql"],
     "spans_1m + spans_1h views": ["020_tracetune_spans_1m.sql", "021_tracetune_spans_1m_mv.sql",
-                                  "022_tracetune_spans_1h.sql", "023_tracetune_spans_1h_mv.sql"],
+                                  "170_tracetune_spans_1m_mv_tokens.sql", "022_tracetune_spans_1h.sql",
+                                  "023_tracetune_spans_1h_mv.sql"],
     "task_errors_1m view": ["045_tracetune_task_errors_1m.sql", "046_tracetune_task_errors_1m_mv.sql"],
+    "error_spans view": ["165_tracetune_error_spans.sql"],
 }
+# Later files that change otel_traces itself (its columns' codecs), applied after 001 in every copy but the one
+# that shows the table before them.
+TABLE_ALTERS = ["180_otel_traces_lz4.sql"]
 WORKLOADS = ("executor", "executor-live", "bench")
 _INDEX = re.compile(r"^\s*INDEX (\w+) .*$", re.M)
 
@@ -81,6 +93,7 @@ class Variant:
     files: list[str]
     fmt: str = "Native"  # the insert's format; "ArrowStream" is what the collector's insert_arrow sends
     codec: str = ""  # instead of every ZSTD(1) of 001
+    alters: bool = True  # TABLE_ALTERS applied (False: the codecs as 001 alone has them, ZSTD(1))
 
 
 def variants() -> list[Variant]:
@@ -91,7 +104,8 @@ def variants() -> list[Variant]:
     every = list(dict.fromkeys(f for files in VIEWS.values() for f in files))
     out.append(Variant("as shipped: every index + every view", None, every))
     out.append(Variant("as shipped, inserted as ArrowStream (the collector's format)", None, every, "ArrowStream"))
-    out.append(Variant("as shipped, LZ4 instead of ZSTD(1)", None, every, codec="LZ4"))
+    out.append(Variant("as shipped, ZSTD(1) on every column (before 180)", None, every, alters=False))
+    out.append(Variant("as shipped, LZ4 on every column (the ids too)", None, every, codec="LZ4", alters=False))
     return out
 
 
@@ -99,6 +113,7 @@ def variants() -> list[Variant]:
 class Cost:
     cpu_us_per_row: float
     wall_us_per_row: float
+    bytes_per_row: float  # otel_traces' parts on disk (as inserted: merges are stopped)
 
 
 def measure(client, pid: int, database: str, variant: Variant, blocks: dict[str, bytes], columns: list[str], rows: int,
@@ -110,6 +125,9 @@ def measure(client, pid: int, database: str, variant: Variant, blocks: dict[str,
         client.database = database
         ddl = table_ddl(variant.indexes)
         client.command(ddl.replace("ZSTD(1)", variant.codec) if variant.codec else ddl)
+        for name in TABLE_ALTERS if variant.alters else []:
+            for statement in statements(name):
+                client.command(statement)
         for name in variant.files:
             for statement in statements(name):
                 client.command(statement)
@@ -125,10 +143,12 @@ def measure(client, pid: int, database: str, variant: Variant, blocks: dict[str,
                               settings={"insert_deduplication_token": f"{marker}-{i}"})
             wall += time.perf_counter() - started
             cpu += cpu_seconds(pid) - cpu0
+        size = int(client.command(f"SELECT sum(bytes_on_disk) FROM system.parts WHERE database = '{database}' "
+                                  "AND table = 'otel_traces' AND active"))
     finally:
         client.database = db
         client.command(f"DROP DATABASE IF EXISTS {database}")
-    return Cost(cpu / (rows * inserts) * 1e6, wall / (rows * inserts) * 1e6)
+    return Cost(cpu / (rows * inserts) * 1e6, wall / (rows * inserts) * 1e6, size / (rows * inserts))
 
 
 def formats(client, cols: str, select: str) -> dict[str, bytes]:
@@ -148,7 +168,7 @@ def merge_cost(client, pid: int, native: bytes, columns: list[str], block_rows: 
     try:
         client.database = database
         client.command(table_ddl(None))
-        for name in dict.fromkeys(f for files in VIEWS.values() for f in files):
+        for name in [*TABLE_ALTERS, *dict.fromkeys(f for files in VIEWS.values() for f in files)]:
             for statement in statements(name):
                 client.command(statement)
         repeat = block_rows // rows  # main() checked that it divides
@@ -172,6 +192,96 @@ def merge_cost(client, pid: int, native: bytes, columns: list[str], block_rows: 
         client.command(f"DROP DATABASE IF EXISTS {database}")
     n = total // block_rows * block_rows
     return inserted / n * 1e6, done / n * 1e6, parts
+
+
+# --settled: (name, indexes kept (None: every one), codec files applied, view files, rows per insert or 0: --rows,
+# table settings appended)
+def settled_plan(rows: int) -> list[tuple[str, set[str] | None, list[str], list[str], int, str]]:
+    groups = {name: files for name, files in VIEWS.items() if name != "spans_1m view"}  # its files are in the next
+    views = list(dict.fromkeys(f for files in groups.values() for f in files))
+    every = set(index_names())
+    plan = [("as shipped", None, TABLE_ALTERS, views, rows, ""),
+            ("ZSTD(1) on every column (before 180)", None, [], views, rows, ""),
+            ("no data-skipping index", set(), TABLE_ALTERS, views, rows, "")]
+    plan += [(f"without index {name}", every - {name}, TABLE_ALTERS, views, rows, "") for name in sorted(every)]
+    plan.append(("no view", None, TABLE_ALTERS, [], rows, ""))
+    for view in groups:  # the files every other view needs stay
+        kept = [f for f in views if any(f in files for other, files in groups.items() if other != view)]
+        plan.append((f"without {view}", None, TABLE_ALTERS, kept, rows, ""))
+    plan.append(("horizontal merges", None, TABLE_ALTERS, views, rows, ", enable_vertical_merge_algorithm = 0"))
+    plan += [(f"inserts of {n:,} rows", None, TABLE_ALTERS, views, n, "") for n in (rows // 2, rows * 2)]
+    return plan
+
+
+def settled(client, pid: int, native: bytes, columns: list[str], args) -> None:
+    """Each variant of the schema fed --merge-total unique-id rows, CPU until its merges settle (two rounds)."""
+    block_rows, total = args.rows, args.merge_total
+    client.command("DROP DATABASE IF EXISTS bench_settled_src")
+    client.command("CREATE DATABASE bench_settled_src")
+    shape = table_ddl(set()).split("(", 1)[1].split(") ENGINE")[0]
+    client.command(f"CREATE TABLE bench_settled_src.block ({shape}) ENGINE = Memory")
+    client.command(f"CREATE TABLE bench_settled_src.src ({shape}) ENGINE = Memory")
+    client.raw_insert("bench_settled_src.block", columns, native, fmt="Native")
+    # ids of repeat k: hashed from the block's own, k and which 3,200 rows they are in (the bench workload's 16
+    # requests come round again after that), so ids are unique and traces and parents stay as they were
+    salt = "{k}, intDiv(rowNumberInAllBlocks(), 3200)"
+    fresh = (f"* REPLACE (lower(hex(sipHash128(TraceId, {salt}))) AS TraceId, lower(hex(sipHash64(SpanId, {salt}))) "
+             f"AS SpanId, if(ParentSpanId = '', '', lower(hex(sipHash64(ParentSpanId, {salt})))) AS ParentSpanId)")
+    for k in range(-(-total // block_rows)):
+        client.command(f"INSERT INTO bench_settled_src.src SELECT {fresh.format(k=k)} FROM bench_settled_src.block")
+    plan = settled_plan(block_rows)
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, *_ in plan}
+    db = client.database
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("inserting and merging", total=2 * len(plan) + 1)
+            # round -1 warms up (the engine compiles the views' expressions on their first inserts): not counted
+            for round_ in range(-1, 2):
+                chosen = plan[:1] if round_ < 0 else plan
+                for i, (name, indexes, alters, views, rows, table_settings) in enumerate(chosen):
+                    database = f"bench_settled_{i}"
+                    client.command(f"DROP DATABASE IF EXISTS {database}")
+                    client.command(f"CREATE DATABASE {database}")
+                    client.database = database
+                    ddl = table_ddl(indexes)
+                    client.command(ddl.replace("non_replicated_deduplication_window = 10000",
+                                               "non_replicated_deduplication_window = 10000" + table_settings))
+                    for file in [*alters, *views]:
+                        for statement in statements(file):
+                            client.command(statement)
+                    cpu0 = cpu_seconds(pid)
+                    n = total // rows
+                    for j in range(n):
+                        client.command(f"INSERT INTO otel_traces SELECT * FROM bench_settled_src.src LIMIT {rows} "
+                                       f"OFFSET {j * rows}", settings={"insert_deduplication_token": f"s{round_}-{j}"})
+                    inserted = cpu_seconds(pid) - cpu0
+                    quiet_since = time.monotonic()
+                    while time.monotonic() - quiet_since < args.settle:
+                        time.sleep(0.3)
+                        if int(client.command(f"SELECT count() FROM system.merges WHERE database = '{database}'")):
+                            quiet_since = time.monotonic()
+                    done = cpu_seconds(pid) - cpu0
+                    size = int(client.command(f"SELECT sum(bytes_on_disk) FROM system.parts WHERE database = "
+                                              f"'{database}' AND table = 'otel_traces' AND active"))
+                    if round_ >= 0:
+                        results[name].append((inserted / (n * rows) * 1e6, done / (n * rows) * 1e6,
+                                              size / (n * rows)))
+                    client.database = db
+                    client.command(f"DROP DATABASE IF EXISTS {database}")
+                    bar.advance(task)
+    finally:
+        client.database = db
+        client.command("DROP DATABASE IF EXISTS bench_settled_src")
+    table = Table(title=f"Store CPU per row, inserts and merges: {total:,} rows with unique ids into each copy in "
+                        f"inserts of {block_rows:,} (unless named), until no merge runs for {args.settle:g} s; "
+                        "mean of two interleaved rounds")
+    for name in ("copy", "while inserting µs/row", "until merges settle µs/row", "vs as shipped", "B/row on disk"):
+        table.add_column(name, justify="left" if name == "copy" else "right")
+    mean = {name: [sum(x) / len(x) for x in zip(*values, strict=True)] for name, values in results.items()}
+    base = mean["as shipped"][1]
+    for name, (inserted, done, size) in mean.items():
+        table.add_row(name, f"{inserted:.2f}", f"{done:.2f}", f"{done - base:+.2f}", f"{size:.1f}")
+    console.print(table)
 
 
 def workloads(client, rows: int) -> dict[str, tuple[dict[str, bytes], list[str]]]:
@@ -220,6 +330,9 @@ def main() -> None:
     parser.add_argument("--merges", action="store_true",
                         help="instead: the cost of background merges by insert size (the schema as shipped, merges "
                              "running, --merge-total rows in inserts of each of --merge-blocks rows)")
+    parser.add_argument("--settled", action="store_true",
+                        help="instead: each index, view, codec and insert size with merges running, CPU until they "
+                             "settle (--merge-total rows of the first workload chosen)")
     parser.add_argument("--merge-blocks", default="20000,50000,100000")
     parser.add_argument("--merge-total", type=int, default=600_000)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds without a merge that end a --merges run")
@@ -237,6 +350,10 @@ def main() -> None:
         blocks = workloads(client, args.rows)
         if args.merges:
             merges(client, proc.pid, blocks, args)
+            return
+        if args.settled:
+            native, columns = blocks[WORKLOADS[0] if args.workload == "all" else args.workload]
+            settled(client, proc.pid, native["Native"], columns, args)
             return
         names = list(WORKLOADS) if args.workload == "all" else [args.workload]
         plan = variants()
@@ -277,11 +394,12 @@ def merges(client, pid: int, blocks, args) -> None:
 
 def report(plan: list[Variant], names: list[str], results: dict[str, dict[str, Cost]], args) -> None:
     table = Table(title=f"Store CPU per inserted row: {args.inserts} Native inserts of {args.rows:,} rows per copy, "
-                        "merges stopped (store process CPU; wall in brackets)")
+                        "merges stopped (store process CPU; wall in brackets; otel_traces on disk)")
     table.add_column("otel_traces copy")
     for workload in names:
         table.add_column(f"{workload}: µs/row", justify="right")
         table.add_column("over its base", justify="right")
+        table.add_column("B/row", justify="right")
     bare, shipped = plan[0].name, "as shipped, no view (every index)"
     everything = "as shipped: every index + every view"
     for variant in plan:
@@ -293,10 +411,10 @@ def report(plan: list[Variant], names: list[str], results: dict[str, dict[str, C
                 base = shipped
             if variant.indexes is None and not variant.files:
                 base = bare
-            if variant.fmt != "Native" or variant.codec:
+            if variant.fmt != "Native" or variant.codec or not variant.alters:
                 base = everything
             over = "" if base is None else f"{cost.cpu_us_per_row - results[workload][base].cpu_us_per_row:+.2f}"
-            cells += [f"{cost.cpu_us_per_row:.2f} ({cost.wall_us_per_row:.1f})", over]
+            cells += [f"{cost.cpu_us_per_row:.2f} ({cost.wall_us_per_row:.1f})", over, f"{cost.bytes_per_row:.1f}"]
         table.add_row(*cells)
     console.print(table)
 

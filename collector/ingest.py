@@ -51,8 +51,9 @@ class _Checked:
     rejected: int
     clean: bool
 
-    def entry(self, lsn: int, location: Location) -> Entry:
-        return Entry(lsn, spans=self.spans, rejected=self.rejected, clean=self.clean, location=location)
+    def entry(self, lsn: int, location: Location, request: tuple[bytes, int, str] | None = None) -> Entry:
+        return Entry(lsn, spans=self.spans, rejected=self.rejected, clean=self.clean, location=location,
+                     request=request)
 
 
 def _check(request: ExportTraceServiceRequest, received_ns: int, receiver: str) -> tuple[_Checked, ExportResult,
@@ -113,9 +114,10 @@ class Ingest:
             raise self._refuse(receiver, self.wal.broken or (
                 f"write queue is full ({self.writer.queued_rows} spans, {self.wal.pending_bytes} log bytes "
                 "waiting for ClickHouse); retry later"))
+        logged = (body, received_ns, receiver)  # what the log's record holds: the writer may take it from here
         try:
             self.wal.append(encode_record(body, received_ns, receiver), spans=total,
-                            on_durable=lambda lsn, location: self.writer.enqueue(checked.entry(lsn, location)))
+                            on_durable=lambda lsn, location: self.writer.enqueue(checked.entry(lsn, location, logged)))
         except WalError as exc:
             log.error("%s", exc)
             raise self._refuse(receiver, f"{exc}; retry later") from None

@@ -20,6 +20,6 @@ WAL_BYTES = Gauge("tracetune_collector_wal_bytes", "Bytes of write-ahead log rec
 INSERT_SECONDS = Histogram("tracetune_collector_insert_duration_seconds", "Time of one insert into ClickHouse",
                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 BATCH_SPANS = Histogram("tracetune_collector_batch_spans", "Spans per insert",
-                        buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000))
+                        buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000))
 WAL_DAMAGED_RECORDS = Counter("tracetune_collector_wal_damaged_records",
                               "Runs of damaged write-ahead log records found and reported (tracetune_wal_damage)")

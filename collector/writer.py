@@ -47,6 +47,11 @@ INSERT_SETTINGS = {"insert_distributed_sync": 1, "deduplicate_blocks_in_dependen
 
 
 Part = list[list[Any]] | pa.Table  # rows in COLUMNS order, or the same as Arrow columns
+# Bytes of acknowledged request bodies the queue keeps in memory beside their log records, so the writer
+# converts them without reading them back (a pread, a copy and the record's CRC: about 0.3 µs per span of
+# bench/ingest.py's requests). Past this, queued requests are only where they lie in the log and are read
+# back; none is kept while inserts fail, so memory stays flat however long ClickHouse is away.
+HOLD_BYTES = 32 * 1024 * 1024
 # Spans converted to Arrow at a time: an insert may be larger (fewer, larger parts: less merging in the
 # store), while the conversion's arrays stay small enough for the CPU's caches (its cost per span grows
 # with the arrays: +25% at 100,000 spans in one go, bench/ingest.py --profile).
@@ -124,6 +129,9 @@ class Entry:
     clean: bool = True  # every span valid: converted with its batch by columns.to_arrow
     location: Location | None = None
     damage: Damage | None = None
+    # (body, received_ns, receiver) as its log record holds them, while the writer keeps them in memory
+    # (HOLD_BYTES); None: read back from the log
+    request: tuple[bytes, int, str] | None = None
 
     @property
     def size(self) -> int:
@@ -171,6 +179,8 @@ class SpanWriter:
         self.stall_seconds = stall_seconds
         self._queue: deque[Entry] = deque()
         self._queued_rows = 0
+        self._held_bytes = 0  # bodies of queued entries kept in memory (Entry.request), at most HOLD_BYTES
+        self._holding = True  # False from a failed insert until one succeeds: new entries keep no body
         self._cond = threading.Condition()
         self._stopping = False
         self._stop_deadline = float("inf")
@@ -213,6 +223,11 @@ class SpanWriter:
         with self._cond:
             if not self._queued_rows:
                 self._last_progress = time.monotonic()  # an idle writer starts its stall clock now
+            if entry.request is not None:
+                if self._holding and self._held_bytes + len(entry.request[0]) <= HOLD_BYTES:
+                    self._held_bytes += len(entry.request[0])
+                else:
+                    entry.request = None
             self._queue.append(entry)
             self._queued_rows += entry.size
             metrics.QUEUE_SPANS.set(self._queued_rows)
@@ -358,8 +373,10 @@ class SpanWriter:
                 if self.wal.intent != prepared.intent:
                     self.wal.begin(prepared.intent)
                 self._write(prepared)
+                self._holding = True
                 return True
             except Exception as exc:  # noqa: BLE001 - ClickHouse down or refusing, disk full: the rows stay, retry
+                self._holding = False
                 self.insert_failures += 1
                 metrics.INSERT_FAILURES.inc()
                 self.last_error = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
@@ -412,7 +429,7 @@ class SpanWriter:
                 continue
             assert entry.location is not None
             try:
-                body, received_ns, receiver = decode_record(self.wal.read(entry.location))
+                body, received_ns, receiver = entry.request or decode_record(self.wal.read(entry.location))
             except WalError as exc:  # damaged since it was written: report it like any damaged record
                 lost = Damage(entry.location.path, entry.location.offset,
                               entry.location.offset + entry.location.length, entry.lsn, entry.lsn,
@@ -439,7 +456,18 @@ class SpanWriter:
             parts.append((self.table, part, token + "/b"))
         if rows:
             parts.append((self.table, rows, token + "/r"))
+        self._release(batch)
         return Prepared(batch, intent, parts)
+
+    def _release(self, batch: list[Entry]) -> None:
+        """Drop the bodies a prepared batch kept in memory (a failed preparation keeps them for its retry)."""
+        held = 0
+        for entry in batch:
+            if entry.request is not None:
+                held += len(entry.request[0])
+                entry.request = None
+        with self._cond:
+            self._held_bytes -= held
 
     def _damage_row(self, damage: Damage) -> list[Any]:
         return [time.time_ns() // 1_000_000, self.wal.wal_id, damage.path.name, damage.start, damage.end,

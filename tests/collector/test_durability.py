@@ -307,3 +307,58 @@ def test_concurrent_appends_across_segment_rotations_all_replay(tmp_path):
     wal = WriteAheadLog(tmp_path / "wal")
     assert [(r.lsn, r.payload) for r in wal.replay()] == sorted(written)
     wal.close()
+
+
+class AwayWhileSet:
+    """A real store client whose span inserts fail as a lost connection would while `away` is set."""
+
+    def __init__(self, client):
+        self.client = client
+        self.away = threading.Event()
+        self.away.set()
+
+    def insert(self, table, data, settings, **kwargs):
+        self.client.insert(table, data, settings=settings, **kwargs)
+
+    def insert_arrow(self, table, data, settings):
+        if table == "otel_traces" and self.away.is_set():
+            raise ConnectionError("the store is away")
+        self.client.insert_arrow(table, data, settings=settings)
+
+
+def test_bodies_kept_in_memory_are_the_logged_ones_within_their_bound_and_none_while_inserts_fail(
+        db_settings, tmp_path, monkeypatch):
+    """The writer takes a queued request from memory only up to HOLD_BYTES, and none from a failed insert on;
+    the rest it reads back from the log. Either way each span is stored once, as the log holds it."""
+    from tracetune.collector import writer as writer_module
+    from tracetune.collector.writer import decode_record
+
+    client = store.connect(db_settings, ensure_schema=False)
+    requests = [batch(40)[0] for _ in range(6)]
+    size = len(requests[0].SerializeToString())
+    monkeypatch.setattr(writer_module, "HOLD_BYTES", 2 * size + size // 2)  # room for two bodies
+    wal = WriteAheadLog(tmp_path / "wal")
+    flaky = AwayWhileSet(store.connect(db_settings, ensure_schema=False))
+    writer = SpanWriter(lambda: flaky, wal, flush_seconds=0.05)
+    ingest = Ingest(wal, writer)
+    reads = []
+    read = wal.read
+    monkeypatch.setattr(wal, "read", lambda location: reads.append(location) or read(location))
+    for r in requests[:3]:
+        ingest.export(r)
+    queued = list(writer._queue)
+    assert [e.request is not None for e in queued] == [True, True, False]
+    for entry in queued[:2]:  # what memory holds is what the log holds
+        assert entry.request == decode_record(read(entry.location))
+    writer.start()
+    wait_until(lambda: writer.insert_failures >= 1, 20, message="a failed insert")
+    for r in requests[3:]:  # taken while the inserts fail: read back from the log
+        ingest.export(r)
+    assert all(e.request is None for e in writer._queue)
+    flaky.away.clear()
+    assert writer.flush(30)
+    writer.stop()
+    wal.close()
+    assert len(reads) == 4 and writer._held_bytes == 0
+    assert_exactly_once(client, {s.span_id.hex() for r in requests for s in r.resource_spans[0].scope_spans[0].spans})
+    assert stored_ids(client)[1] == 240

@@ -56,7 +56,7 @@ class Settings:
     crm_port: int = 8809
 
     # Collector batching and backpressure.
-    collector_batch_rows: int = 50_000
+    collector_batch_rows: int = 100_000
     collector_flush_seconds: float = 1.0
     collector_max_queue_rows: int = 0  # spans waiting for ClickHouse; 0: only collector_wal_max_bytes bounds them
     collector_max_body_bytes: int = 16 * 1024 * 1024
