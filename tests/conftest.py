@@ -21,6 +21,29 @@ from tracetune.base.settings import Settings
 # so a stack that another test or the developer runs is never found by a command under test.
 os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="tracetune-tests-runtime-")
 
+
+def _share_one_tls_context() -> None:
+    """httpx builds a TLS context for every client, reading certifi's CA bundle (about 20 ms of CPU), and
+    every top-level httpx.get/post/request makes a client: thousands of times in this suite, which speaks
+    plain HTTP to 127.0.0.1 only. The test processes build the default context once and share it (an
+    SSLContext is safe to share); any other `verify` or a client certificate still gets its own."""
+    from httpx._transports import default as transports
+
+    build = transports.create_ssl_context
+    shared: dict[bool, object] = {}
+
+    def create_ssl_context(verify=True, cert=None, trust_env=True):
+        if verify is not True or cert is not None:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        if trust_env not in shared:
+            shared[trust_env] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return shared[trust_env]
+
+    transports.create_ssl_context = create_ssl_context
+
+
+_share_one_tls_context()
+
 # `make test` runs everything; `make test-fast` (-m "not e2e and not slow") leaves out the tests below for
 # the edit-test loop. Everything under tests/e2e is marked `e2e` (whole stacks of real processes). `slow`
 # marks the modules and tests here, each with why it takes its time; a test can also say
@@ -91,47 +114,58 @@ def store_settings(tmp_path_factory) -> Iterator[Settings]:
 class Databases:
     """Fresh databases (the schema applied) in one worker's session store, handed to one test at a time.
 
-    Creating a database with the schema costs about half a second of the store's time; emptying one costs
-    a tenth of that. So a test's database comes back after it and goes to a later test emptied — every
-    table holding data of its own truncated (TRUNCATE also forgets the tables' insert deduplication
-    tokens) — when the test left it as it was made: the same tables with the same definitions and the same
-    applied migrations. Otherwise, or when it cannot be read, it is left alone and never handed out again.
+    Creating a database with the schema costs about half a second of the store's time. So a test's database
+    comes back after it and goes to a later test emptied when the test left it as it was made: the same
+    tables with the same definitions and the same applied migrations. Otherwise, or when it cannot be read,
+    it is left alone and never handed out again. Emptying truncates every table that holds a part, active or
+    outdated (TRUNCATE also forgets the table's insert deduplication tokens): every insert leaves a part, and
+    only a DROP PARTITION (which forgets the partition's tokens itself) or a cleaned-up mutation deleting
+    every row removes all of them, which nothing does to the schema's tables. The tables a test never wrote
+    to (most of the schema's 30-odd, in most tests) are left as they are: truncating them all cost the store
+    about 50 ms a test.
     """
 
     SHAPE_SQL = """SELECT (SELECT groupArray((name, create_table_query)) FROM (SELECT name, create_table_query
                    FROM system.tables WHERE database = currentDatabase() ORDER BY name)),
                   (SELECT groupArray(version) FROM (SELECT version FROM tracetune_schema_migrations
-                   ORDER BY version))"""
-    DATA_SQL = """SELECT name FROM system.tables WHERE database = currentDatabase() AND has_own_data
-                  AND name != 'tracetune_schema_migrations'"""
+                   ORDER BY version)),
+                  (SELECT groupUniqArray(table) FROM system.parts WHERE database = currentDatabase()
+                   AND table != 'tracetune_schema_migrations')"""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.shapes: dict[str, tuple] = {}  # database -> its shape when made
+        self.clients: dict[str, store.Client] = {}  # database -> the client that empties it
         self.idle: list[Settings] = []
 
     def take(self) -> Settings:
         if self.idle:
             return self.idle.pop()
         settings = self.settings.replace(database=f"t_{uuid.uuid4().hex[:12]}")
-        self.shapes[settings.database] = self._shape(store.connect(settings))
+        client = store.connect(settings)
+        self.shapes[settings.database], _ = self._shape(client)
+        self.clients[settings.database] = client
         return settings
 
     def give_back(self, settings: Settings) -> None:
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
+        client = self.clients.pop(settings.database)
         try:
-            client = store.connect(settings, ensure_schema=False)
-            if self._shape(client) != self.shapes[settings.database]:
+            shape, written = self._shape(client)
+            if shape != self.shapes[settings.database]:
                 return
-            for (table,) in client.query(self.DATA_SQL).result_rows:
+            for table in written:
                 client.command(f"TRUNCATE TABLE `{table}`")
         except (ClickHouseError, OSError):
             return
+        self.clients[settings.database] = client
         self.idle.append(settings)
 
-    def _shape(self, client) -> tuple:
-        return tuple(client.query(self.SHAPE_SQL).result_rows[0])
+    def _shape(self, client) -> tuple[tuple, list[str]]:
+        """(tables and migrations, the tables holding parts)."""
+        tables, migrations, written = client.query(self.SHAPE_SQL).result_rows[0]
+        return (tuple(tables), tuple(migrations)), written
 
 
 @pytest.fixture(scope="session")
