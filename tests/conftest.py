@@ -131,7 +131,6 @@ class Databases:
                    ORDER BY version)),
                   (SELECT groupUniqArray(table) FROM system.parts WHERE database = currentDatabase()
                    AND table != 'tracetune_schema_migrations')"""
-    VIEWS = ("CREATE VIEW", "CREATE MATERIALIZED VIEW", "CREATE LIVE VIEW", "CREATE WINDOW VIEW")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -169,13 +168,25 @@ class Databases:
     @staticmethod
     def _drop_added(client, made: tuple, shape: tuple) -> bool:
         """Drop the tables, views and dictionaries a test added beside the schema's, when it left those and
-        the migrations as they were made; whether it did (the caller then checks the shape again)."""
+        the migrations as they were made; whether it did (the caller then checks the shape again). One that
+        others still depend on (a dictionary's source table) is dropped in a later round, after them."""
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+
         before, after = dict(made[0]), dict(shape[0])
         if shape[1] != made[1] or any(after.get(name) != query for name, query in before.items()):
             return False
-        for name in sorted(set(after) - set(before), key=lambda name: not after[name].startswith(Databases.VIEWS)):
-            kind = "DICTIONARY" if after[name].startswith("CREATE DICTIONARY") else "TABLE"
-            client.command(f"DROP {kind} IF EXISTS `{name}` SYNC")
+        added = sorted(set(after) - set(before))
+        while added:
+            left = []
+            for name in added:
+                kind = "DICTIONARY" if after[name].startswith("CREATE DICTIONARY") else "TABLE"
+                try:
+                    client.command(f"DROP {kind} IF EXISTS `{name}` SYNC")
+                except ClickHouseError:
+                    left.append(name)
+            if len(left) == len(added):
+                return False
+            added = left
         return True
 
     def _shape(self, client) -> tuple[tuple, list[str]]:
