@@ -70,6 +70,40 @@ SLOW: dict[str, str] = {
     "tests/tracetune/test_cli.py::test_stats_errors_slo_and_drift_answer_tables_and_json": "many CLI processes",
     "tests/tracetune/test_cli.py::test_alerts_commands_test_silence_list_and_show_deliveries": "many CLI processes",
     "tests/tracetune/test_cli.py::test_tables_fit_100_columns_and_wide_shows_every_column": "many CLI processes",
+    "tests/tracetune/test_cli.py::test_an_unknown_pipeline_is_named_with_the_known_ones":
+        "a CLI process per analyzer command over a seeded store",
+    "tests/tracetune/test_cli.py::test_analyzer_command_mistakes_are_one_line":
+        "a CLI process per mistake, twelve of them, each against the store",
+    "tests/tuner/test_bench_frontier.py": "runs bench/tuner.py in its own process five times, one a 10-run search",
+    "tests/tuner/test_canary.py::test_canaries_change_nothing_on_a_a_roll_back_a_dearer_one_and_promote_cheaper_or_fixing_ones":
+        "simulates 40 canaries of each of bench/canary.py's scenarios",
+    "tests/tuner/test_simulate.py::test_every_arm_on_a_few_virtual_minutes": "a simulation of every arm",
+    "tests/tuner/test_simulate.py::test_oracle_picks_the_cheapest_config_inside_the_slo":
+        "simulates every config the oracle searches",
+    "tests/tuner/test_approval.py::test_replicas_answering_one_proposal_at_once_end_it_once":
+        "four processes, each importing the tuner, answer one proposal at one moment",
+    "tests/tuner/test_approval.py::test_a_proposal_nobody_answers_expires_is_recorded_and_can_no_longer_be_approved":
+        "waits out a proposal's expiry",
+    "tests/tuner/test_approval.py::test_on_call_is_told_when_a_waiting_proposal_restores_a_missed_objective":
+        "answers four proposals, each after the proposal lease's 1 s settle",
+    "tests/dashboard/test_approvals.py::test_tuner_page_lists_waiting_proposals_and_approves_one_with_the_token_after_a_review":
+        "the tuner loop over a store of spans, then the page against a tuner API server",
+    "tests/store/test_lease.py": "waits out real lease terms: renewals, a standby's takeover, hand-overs",
+    "tests/store/test_concurrency.py": "queries that run for seconds beside others, cancelled and timed out",
+    "tests/store/test_migrations.py::test_a_data_folder_of_the_previous_release_is_upgraded_with_its_rows":
+        "two store processes on one data folder, the previous release's schema then the current",
+    "tests/store/test_migrations.py::test_the_store_commands_migrate_at_once_and_show_the_state":
+        "`tracetune store migrate` and `status` processes",
+    "tests/store/test_sessions.py::test_an_idle_session_expires_after_its_timeout": "waits out a session timeout",
+    "tests/store/test_sessions.py::test_a_busy_session_refuses_a_second_request": "a query that runs for seconds",
+    "tests/store/test_streaming.py::test_a_slow_first_chunk_still_lets_other_queries_run": "a 2 s query beside others",
+    "tests/collector/test_columns.py::test_a_batch_converted_in_chunks_is_the_reference_rows":
+        "property-based: 80 generated batches in every chunk size",
+    "tests/collector/test_columns.py::test_attribute_values_in_any_encoding_are_the_reference_values":
+        "property-based: 300 generated wire encodings",
+    "tests/collector/test_receiver.py::test_a_body_that_never_finishes_gets_408": "waits out the body timeout",
+    "tests/executor/test_llm.py::test_rate_limit_answers_429_with_retry_after_and_the_client_recovers":
+        "the client waits out Retry-After",
 }
 # Tests using these fixtures are `slow` too: models_dir trains and exports the demo's ONNX models.
 SLOW_FIXTURES = frozenset({"models_dir"})
