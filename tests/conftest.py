@@ -86,6 +86,12 @@ SLOW: dict[str, str] = {
         "waits out a proposal's expiry",
     "tests/tuner/test_approval.py::test_on_call_is_told_when_a_waiting_proposal_restores_a_missed_objective":
         "answers four proposals, each after the proposal lease's 1 s settle",
+    "tests/tuner/test_approval.py::test_in_auto_mode_a_marked_change_class_waits_and_an_unmarked_one_goes_ahead":
+        "the loop over a store of spans, and an answer after the proposal lease's 1 s settle",
+    "tests/tuner/test_approval.py::test_a_stale_proposal_is_not_applied_blindly":
+        "the loop over a store of spans, and an answer after the proposal lease's 1 s settle",
+    "tests/tuner/test_approval.py::test_an_approval_without_canaries_applies_the_proposal_to_every_task":
+        "the loop over a store of spans, and an answer after the proposal lease's 1 s settle",
     "tests/dashboard/test_approvals.py::test_tuner_page_lists_waiting_proposals_and_approves_one_with_the_token_after_a_review":
         "the tuner loop over a store of spans, then the page against a tuner API server",
     "tests/store/test_lease.py": "waits out real lease terms: renewals, a standby's takeover, hand-overs",
@@ -102,6 +108,12 @@ SLOW: dict[str, str] = {
     "tests/collector/test_columns.py::test_attribute_values_in_any_encoding_are_the_reference_values":
         "property-based: 300 generated wire encodings",
     "tests/collector/test_receiver.py::test_a_body_that_never_finishes_gets_408": "waits out the body timeout",
+    "tests/collector/test_receiver.py::test_full_queue_is_503_and_acknowledged_spans_survive_an_outage_and_a_restart":
+        "retries against a store that is away, and a stop that waits out its 1 s timeout",
+    "tests/collector/test_receiver.py::test_health_says_stalled_when_the_writer_makes_no_progress":
+        "waits for the writer's stall to show, and a stop with the store away",
+    "tests/collector/test_hostile.py::test_slow_and_silent_connections_are_closed":
+        "waits out the header timeout of 50 connections",
     "tests/executor/test_llm.py::test_rate_limit_answers_429_with_retry_after_and_the_client_recovers":
         "the client waits out Retry-After",
 }
