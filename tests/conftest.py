@@ -94,6 +94,10 @@ SLOW: dict[str, str] = {
         "the loop over a store of spans, and an answer after the proposal lease's 1 s settle",
     "tests/dashboard/test_approvals.py::test_tuner_page_lists_waiting_proposals_and_approves_one_with_the_token_after_a_review":
         "the tuner loop over a store of spans, then the page against a tuner API server",
+    "tests/store/test_cluster.py::test_the_cluster_schema_is_created_by_the_engine_and_the_queries_run_on_it_unchanged":
+        "an engine process of its own creates the schema's cluster form and runs the analyzer's queries on it",
+    "tests/analyzer/test_delivery.py::test_a_restart_mid_retry_still_delivers":
+        "SIGKILLs a delivery worker process mid-retry and starts another",
     "tests/store/test_lease.py": "waits out real lease terms: renewals, a standby's takeover, hand-overs",
     "tests/store/test_concurrency.py": "queries that run for seconds beside others, cancelled and timed out",
     "tests/store/test_migrations.py::test_a_data_folder_of_the_previous_release_is_upgraded_with_its_rows":
