@@ -21,6 +21,29 @@ from tracetune.base.settings import Settings
 # so a stack that another test or the developer runs is never found by a command under test.
 os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="tracetune-tests-runtime-")
 
+
+def _share_one_tls_context() -> None:
+    """httpx builds a TLS context for every client, reading certifi's CA bundle (about 20 ms of CPU), and
+    every top-level httpx.get/post/request makes a client: thousands of times in this suite, which speaks
+    plain HTTP to 127.0.0.1 only. The test processes build the default context once and share it (an
+    SSLContext is safe to share); any other `verify` or a client certificate still gets its own."""
+    from httpx._transports import default as transports
+
+    build = transports.create_ssl_context
+    shared: dict[bool, object] = {}
+
+    def create_ssl_context(verify=True, cert=None, trust_env=True):
+        if verify is not True or cert is not None:
+            return build(verify=verify, cert=cert, trust_env=trust_env)
+        if trust_env not in shared:
+            shared[trust_env] = build(verify=verify, cert=cert, trust_env=trust_env)
+        return shared[trust_env]
+
+    transports.create_ssl_context = create_ssl_context
+
+
+_share_one_tls_context()
+
 # `make test` runs everything; `make test-fast` (-m "not e2e and not slow") leaves out the tests below for
 # the edit-test loop. Everything under tests/e2e is marked `e2e` (whole stacks of real processes). `slow`
 # marks the modules and tests here, each with why it takes its time; a test can also say
@@ -47,6 +70,56 @@ SLOW: dict[str, str] = {
     "tests/tracetune/test_cli.py::test_stats_errors_slo_and_drift_answer_tables_and_json": "many CLI processes",
     "tests/tracetune/test_cli.py::test_alerts_commands_test_silence_list_and_show_deliveries": "many CLI processes",
     "tests/tracetune/test_cli.py::test_tables_fit_100_columns_and_wide_shows_every_column": "many CLI processes",
+    "tests/tracetune/test_cli.py::test_an_unknown_pipeline_is_named_with_the_known_ones":
+        "a CLI process per analyzer command over a seeded store",
+    "tests/tracetune/test_cli.py::test_analyzer_command_mistakes_are_one_line":
+        "a CLI process per mistake, twelve of them, each against the store",
+    "tests/tuner/test_bench_frontier.py": "runs bench/tuner.py in its own process five times, one a 10-run search",
+    "tests/tuner/test_canary.py::test_canaries_change_nothing_on_a_a_roll_back_a_dearer_one_and_promote_cheaper_or_fixing_ones":
+        "simulates 40 canaries of each of bench/canary.py's scenarios",
+    "tests/tuner/test_simulate.py::test_every_arm_on_a_few_virtual_minutes": "a simulation of every arm",
+    "tests/tuner/test_simulate.py::test_oracle_picks_the_cheapest_config_inside_the_slo":
+        "simulates every config the oracle searches",
+    "tests/tuner/test_approval.py::test_replicas_answering_one_proposal_at_once_end_it_once":
+        "four processes, each importing the tuner, answer one proposal at one moment",
+    "tests/tuner/test_approval.py::test_a_proposal_nobody_answers_expires_is_recorded_and_can_no_longer_be_approved":
+        "waits out a proposal's expiry",
+    "tests/tuner/test_approval.py::test_on_call_is_told_when_a_waiting_proposal_restores_a_missed_objective":
+        "answers four proposals, each after the proposal lease's 1 s settle",
+    "tests/tuner/test_approval.py::test_in_auto_mode_a_marked_change_class_waits_and_an_unmarked_one_goes_ahead":
+        "the loop over a store of spans, and an answer after the proposal lease's 1 s settle",
+    "tests/tuner/test_approval.py::test_a_stale_proposal_is_not_applied_blindly":
+        "the loop over a store of spans, and an answer after the proposal lease's 1 s settle",
+    "tests/tuner/test_approval.py::test_an_approval_without_canaries_applies_the_proposal_to_every_task":
+        "the loop over a store of spans, and an answer after the proposal lease's 1 s settle",
+    "tests/dashboard/test_approvals.py::test_tuner_page_lists_waiting_proposals_and_approves_one_with_the_token_after_a_review":
+        "the tuner loop over a store of spans, then the page against a tuner API server",
+    "tests/store/test_cluster.py::test_the_cluster_schema_is_created_by_the_engine_and_the_queries_run_on_it_unchanged":
+        "an engine process of its own creates the schema's cluster form and runs the analyzer's queries on it",
+    "tests/analyzer/test_delivery.py::test_a_restart_mid_retry_still_delivers":
+        "SIGKILLs a delivery worker process mid-retry and starts another",
+    "tests/store/test_lease.py": "waits out real lease terms: renewals, a standby's takeover, hand-overs",
+    "tests/store/test_concurrency.py": "queries that run for seconds beside others, cancelled and timed out",
+    "tests/store/test_migrations.py::test_a_data_folder_of_the_previous_release_is_upgraded_with_its_rows":
+        "two store processes on one data folder, the previous release's schema then the current",
+    "tests/store/test_migrations.py::test_the_store_commands_migrate_at_once_and_show_the_state":
+        "`tracetune store migrate` and `status` processes",
+    "tests/store/test_sessions.py::test_an_idle_session_expires_after_its_timeout": "waits out a session timeout",
+    "tests/store/test_sessions.py::test_a_busy_session_refuses_a_second_request": "a query that runs for seconds",
+    "tests/store/test_streaming.py::test_a_slow_first_chunk_still_lets_other_queries_run": "a 2 s query beside others",
+    "tests/collector/test_columns.py::test_a_batch_converted_in_chunks_is_the_reference_rows":
+        "property-based: 80 generated batches in every chunk size",
+    "tests/collector/test_columns.py::test_attribute_values_in_any_encoding_are_the_reference_values":
+        "property-based: 300 generated wire encodings",
+    "tests/collector/test_receiver.py::test_a_body_that_never_finishes_gets_408": "waits out the body timeout",
+    "tests/collector/test_receiver.py::test_full_queue_is_503_and_acknowledged_spans_survive_an_outage_and_a_restart":
+        "retries against a store that is away, and a stop that waits out its 1 s timeout",
+    "tests/collector/test_receiver.py::test_health_says_stalled_when_the_writer_makes_no_progress":
+        "waits for the writer's stall to show, and a stop with the store away",
+    "tests/collector/test_hostile.py::test_slow_and_silent_connections_are_closed":
+        "waits out the header timeout of 50 connections",
+    "tests/executor/test_llm.py::test_rate_limit_answers_429_with_retry_after_and_the_client_recovers":
+        "the client waits out Retry-After",
 }
 # Tests using these fixtures are `slow` too: models_dir trains and exports the demo's ONNX models.
 SLOW_FIXTURES = frozenset({"models_dir"})
@@ -91,47 +164,85 @@ def store_settings(tmp_path_factory) -> Iterator[Settings]:
 class Databases:
     """Fresh databases (the schema applied) in one worker's session store, handed to one test at a time.
 
-    Creating a database with the schema costs about half a second of the store's time; emptying one costs
-    a tenth of that. So a test's database comes back after it and goes to a later test emptied — every
-    table holding data of its own truncated (TRUNCATE also forgets the tables' insert deduplication
-    tokens) — when the test left it as it was made: the same tables with the same definitions and the same
-    applied migrations. Otherwise, or when it cannot be read, it is left alone and never handed out again.
+    Creating a database with the schema costs about half a second of the store's time. So a test's database
+    comes back after it and goes to a later test emptied, when the test left the schema's tables with the
+    definitions and the applied migrations they were made with; the tables, views and dictionaries it added
+    beside them are dropped. Otherwise, or when it cannot be read, it is left alone and never handed out
+    again. Emptying truncates every table that holds a part, active or outdated (TRUNCATE also forgets the
+    table's insert deduplication tokens): every insert leaves a part, and only a DROP PARTITION (which
+    forgets the partition's tokens itself) or a cleaned-up mutation deleting every row removes all of them,
+    which nothing does to the schema's tables. The tables a test never wrote to (most of the schema's 30-odd,
+    in most tests) are left as they are: truncating them all cost the store about 50 ms a test.
     """
 
     SHAPE_SQL = """SELECT (SELECT groupArray((name, create_table_query)) FROM (SELECT name, create_table_query
                    FROM system.tables WHERE database = currentDatabase() ORDER BY name)),
                   (SELECT groupArray(version) FROM (SELECT version FROM tracetune_schema_migrations
-                   ORDER BY version))"""
-    DATA_SQL = """SELECT name FROM system.tables WHERE database = currentDatabase() AND has_own_data
-                  AND name != 'tracetune_schema_migrations'"""
+                   ORDER BY version)),
+                  (SELECT groupUniqArray(table) FROM system.parts WHERE database = currentDatabase()
+                   AND table != 'tracetune_schema_migrations')"""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.shapes: dict[str, tuple] = {}  # database -> its shape when made
+        self.clients: dict[str, store.Client] = {}  # database -> the client that empties it
         self.idle: list[Settings] = []
 
     def take(self) -> Settings:
         if self.idle:
             return self.idle.pop()
         settings = self.settings.replace(database=f"t_{uuid.uuid4().hex[:12]}")
-        self.shapes[settings.database] = self._shape(store.connect(settings))
+        client = store.connect(settings)
+        self.shapes[settings.database], _ = self._shape(client)
+        self.clients[settings.database] = client
         return settings
 
     def give_back(self, settings: Settings) -> None:
         from clickhouse_connect.driver.exceptions import ClickHouseError
 
+        client = self.clients.pop(settings.database)
+        made = self.shapes[settings.database]
         try:
-            client = store.connect(settings, ensure_schema=False)
-            if self._shape(client) != self.shapes[settings.database]:
+            shape, written = self._shape(client)
+            if shape != made and self._drop_added(client, made, shape):
+                shape, written = self._shape(client)
+            if shape != made:
                 return
-            for (table,) in client.query(self.DATA_SQL).result_rows:
+            for table in written:
                 client.command(f"TRUNCATE TABLE `{table}`")
         except (ClickHouseError, OSError):
             return
+        self.clients[settings.database] = client
         self.idle.append(settings)
 
-    def _shape(self, client) -> tuple:
-        return tuple(client.query(self.SHAPE_SQL).result_rows[0])
+    @staticmethod
+    def _drop_added(client, made: tuple, shape: tuple) -> bool:
+        """Drop the tables, views and dictionaries a test added beside the schema's, when it left those and
+        the migrations as they were made; whether it did (the caller then checks the shape again). One that
+        others still depend on (a dictionary's source table) is dropped in a later round, after them."""
+        from clickhouse_connect.driver.exceptions import ClickHouseError
+
+        before, after = dict(made[0]), dict(shape[0])
+        if shape[1] != made[1] or any(after.get(name) != query for name, query in before.items()):
+            return False
+        added = sorted(set(after) - set(before))
+        while added:
+            left = []
+            for name in added:
+                kind = "DICTIONARY" if after[name].startswith("CREATE DICTIONARY") else "TABLE"
+                try:
+                    client.command(f"DROP {kind} IF EXISTS `{name}` SYNC")
+                except ClickHouseError:
+                    left.append(name)
+            if len(left) == len(added):
+                return False
+            added = left
+        return True
+
+    def _shape(self, client) -> tuple[tuple, list[str]]:
+        """(tables and migrations, the tables holding parts)."""
+        tables, migrations, written = client.query(self.SHAPE_SQL).result_rows[0]
+        return (tuple(tables), tuple(migrations)), written
 
 
 @pytest.fixture(scope="session")

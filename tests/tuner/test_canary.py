@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import httpx
 import numpy as np
+import pytest
 
 from tests.spans import COLUMNS, span_row
 from tests.tuner.test_api import SPEC as API_SPEC
@@ -22,6 +23,14 @@ from tracetune.tuner.canary import Arm, judge
 from tracetune.tuner.loop import LoopSettings, tune_once
 
 RNG = np.random.default_rng(7)
+
+
+@pytest.fixture(autouse=True)
+def _same_draws():
+    """Each test draws the same samples whichever tests ran before it in this process (under xdist, that
+    depends on timing)."""
+    global RNG
+    RNG = np.random.default_rng(7)
 
 
 def arm(n: int, ms: float, cost: float | None = 0.001, errors: int = 0, correct: int = 0, labelled: int = 0) -> Arm:
@@ -87,9 +96,11 @@ def test_canary_limits_for_a_compressed_run_let_the_test_finish():
 
 
 def test_a_cheaper_canary_is_promoted_as_soon_as_the_evidence_is_clear():
-    verdict = judge(arm(400, 120, cost=0.001), arm(300, 120, cost=0.0007), SLO_SHOP)
+    base, trial = arm(400, 120, cost=0.001), arm(300, 120, cost=0.0007)
+    verdict = judge(base, trial, SLO_SHOP)
     assert verdict.action == "promote" and verdict.reason.startswith("canary better: cheaper"), verdict.reason
-    assert "(-30%)" in verdict.reason or "(-29%)" in verdict.reason or "(-31%)" in verdict.reason, verdict.reason
+    change = round(100 * (trial.costs.mean() / base.costs.mean() - 1))  # the draws': about -30%
+    assert -33 <= change <= -27 and f"({change:+d}%)" in verdict.reason, verdict.reason
 
 
 def test_the_always_valid_p_value_matches_the_mixture_sprt_and_holds_under_repeated_looks():
