@@ -27,9 +27,12 @@ def _share_one_tls_context() -> None:
     every top-level httpx.get/post/request makes a client: thousands of times in this suite, which speaks
     plain HTTP to 127.0.0.1 only. The test processes build the default context once and share it (an
     SSLContext is safe to share); any other `verify` or a client certificate still gets its own."""
-    from httpx._transports import default as transports
+    try:
+        from httpx._transports import default as transports
 
-    build = transports.create_ssl_context
+        build = transports.create_ssl_context
+    except (ImportError, AttributeError):  # an httpx without this private hook: each client builds its own
+        return
     shared: dict[bool, object] = {}
 
     def create_ssl_context(verify=True, cert=None, trust_env=True):
