@@ -489,11 +489,11 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
     Each policy holds the floor on its own lower bound, but moves each within it can stack their margins under
     it: the decision's quality is predicted as now plus every move's effect and, with more than one move
     lowering it, its lower bound as that minus the moves' margins (point minus lower bound, each on its own
-    labels) added in quadrature. While the bound is
-    under the floor, the move costing the most quality waits for a later decision, one knob group at a time
-    (a threshold and a tier mix of one step are two moves); moves that restore a missed p95 (those predicting
-    it) wait last, so a cheaper mix waits before the threshold that brings latency back. A point estimate
-    under the floor (not yet beyond doubt, so not a missed objective) is not pushed further down either."""
+    labels) added in quadrature. While the bound is under the floor, the move costing the most quality waits
+    for a later decision, one knob group at a time (a threshold and a tier mix of one step are two moves);
+    moves that restore a missed p95 (those predicting it) wait last, so a cheaper mix waits before the
+    threshold that brings latency back. A point estimate under the floor (not yet beyond doubt, so not a
+    missed objective) is not pushed further down either."""
     if floor is None or "quality" not in plan.before:
         return
     parts = plan.parts or [Part(step, tuple(plan.changes[step]), effect.get("cost_per_1k.delta", 0.0),
