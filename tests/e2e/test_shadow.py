@@ -185,7 +185,8 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
               for answer, (_, category) in zip(with_shadow.values(), tickets, strict=True)]
     assert httpx.post(f"{tuner}/feedback", headers=token, json=labels).status_code == 200
     decision = _judge(client)
-    assert decision is not None and decision.kind == "shadow_reject", decision
+    assert decision is not None and decision.kind == "shadow_reject", (
+        decision, [(r["kind"], r["reason"][:300], r["observed"]) for r in httpx.get(f"{tuner}/decisions").json()[:4]])
     assert decision.reason.startswith("shadow rejected: ") and "dearer" in decision.reason, decision.reason
     rows = httpx.get(f"{tuner}/decisions").json()
     judged = next(r for r in rows if r["kind"] == "shadow_reject")
