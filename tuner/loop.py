@@ -496,11 +496,8 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
     missed objective) is not pushed further down either."""
     if floor is None or "quality" not in plan.before:
         return
-    parts = plan.parts or [Part(step, tuple(plan.changes[step]), effect.get("cost_per_1k.delta", 0.0),
-                                effect.get("quality.delta", 0.0), 0.0, effect.get("p95_ms"))
-                           for step, effect in plan.effects.items() if step in plan.changes]
     while True:
-        alive = [p for p in parts if any(k in plan.changes.get(p.step, {}) for k in p.knobs)]
+        alive = [p for p in plan.parts if any(k in plan.changes.get(p.step, {}) for k in p.knobs)]
         losing = [p for p in alive if p.quality_delta < 0]
         if "quality" not in plan.after or not losing:
             return
@@ -953,10 +950,9 @@ def _finish(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Ca
                         "cancel": ("cancelled", "canary_cancel")}[verdict.action]
         canary.finish(client, trial, status, verdict.reason)
         if kind == "canary_promote":
-            started = decisions.last_decision(client, spec.pipeline, ("canary_start",))
-            predicted = started["predicted"] if started and started["version_after"] == trial.version else {}
             decision = decisions.Decision(spec.pipeline, kind, trial.base_version, trial.version,
-                                          config.to_dict(), trial.config.to_dict(), verdict.reason, predicted)
+                                          config.to_dict(), trial.config.to_dict(), verdict.reason,
+                                          dict(_trial_predicted(client, spec.pipeline, trial)))
         else:
             back = in_force or config
             decision = decisions.Decision(spec.pipeline, kind, trial.version, back.version, trial.config.to_dict(),

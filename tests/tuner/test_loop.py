@@ -501,7 +501,7 @@ def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decisi
     """Two steps' moves, each costing a little quality within the floor, stack under it together: the one
     costing more waits, the other goes, and the reason says why; moves that together hold it all go; one
     step's moves that take it under wait too, and so do moves lowering a point estimate already under it."""
-    from tracetune.tuner.loop import Plan, _hold_joint_floor
+    from tracetune.tuner.loop import Part, Plan, _hold_joint_floor
 
     def plan(a: float, b: float) -> Plan:
         p = Plan(changes={"classify": {"route_weights": {"fp32": 0.3, "int8": 0.7}},
@@ -509,6 +509,8 @@ def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decisi
                  before={"quality": 0.940, "cost_per_1k": 0.004}, targets={"quality_floor": 0.93})
         p.effects = {"classify": {"quality.delta": a, "cost_per_1k.delta": -0.001},
                      "escalate": {"quality.delta": b, "cost_per_1k.delta": -0.0005}}
+        p.parts = [Part("classify", ("route_weights",), -0.001, a),
+                   Part("escalate", ("cascade_threshold",), -0.0005, b)]
         p.reasons = ["classify: cheaper mix", "escalate: lower threshold"]
         return p
 
