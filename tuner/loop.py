@@ -12,6 +12,7 @@ With several tuner replicas, only the one holding the `tuner` lease runs the loo
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -39,6 +40,7 @@ from tracetune.tuner.policies import (
     concurrency_policy,
     escalation_shares,
     local_route_floor,
+    quantile_name,
     routing_policy,
     slow_weight_cap,
     wilson_lower,
@@ -103,6 +105,7 @@ class Part:
     quality_delta: float = 0.0
     quality_margin: float = 0.0
     p95_ms: float | None = None
+    cost_before: float = 0.0  # the step's cost `cost_delta` changes, in the pipeline's USD per 1k tasks
 
 
 @dataclass
@@ -423,13 +426,28 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             slow = remote_target is not None and total.p95_ms > remote_target
             # Latency over a target: thresholds are judged on the pipeline's quantiles predicted at their share.
             targets = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slow_now else {}
-            proposal = cascade_policy(samples, current["cascade_threshold"],
-                                      knobs["cascade_threshold"], floor, obs.cost_per_call(step), step=step,
-                                      max_step=1.0 if missed or step in saturated else 0.1,
-                                      escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None,
-                                      latency=obs.task_latency.get(step) if targets else None,
-                                      latency_targets=targets, route_weights=current.get("route_weights"))
-            proposal = _not_worse_quality(proposal, missed, plan)
+            threshold_for = functools.partial(
+                cascade_policy, current_threshold=current["cascade_threshold"], knob=knobs["cascade_threshold"],
+                quality_floor=floor, remote_cost_per_call=obs.cost_per_call(step), step=step,
+                max_step=1.0 if missed or step in saturated else 0.1,
+                escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None,
+                latency=obs.task_latency.get(step) if targets else None, latency_targets=targets,
+                route_weights=current.get("route_weights"))
+            proposal = _not_worse_quality(threshold_for(samples), missed, plan)
+            local = spec.cascades.get(step)
+            if targets and not _restores(proposal, targets, slow) and "route_weights" in plan.changes.get(local, {}):
+                # The local step's new mix leaves the cascade too few labelled answers from the routes it keeps
+                # to prove the threshold that restores latency: latency first, the mix waits.
+                as_now = list(obs.cascade_samples.get(step, []))
+                restoring = _not_worse_quality(threshold_for(as_now), missed, plan)
+                if _restores(restoring, targets, slow) and (floor is None or restoring.predicted.get(
+                        "quality_lower_bound", -1.0) >= floor):  # shown to hold the floor, not on a point estimate
+                    for part in [p for p in plan.parts if p.step == local and "route_weights" in p.knobs]:
+                        _take_out(plan, part)
+                    plan.reasons.append(f"{local}: route_weights waits for a later decision: on the labelled "
+                                        f"answers of the mix it sets, no {step} threshold could be shown to "
+                                        f"restore {' and '.join(missed)}; on those of the mix in force one can")
+                    samples, proposal = as_now, restoring
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
                 part = _pipeline_effect(plan, obs, proposal, share=1.0)
@@ -507,20 +525,38 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
         if predicted - margin >= floor:
             return
         part = min(losing, key=lambda p: (p.p95_ms is not None and bool(plan.violated), p.quality_delta))
-        for knob in part.knobs:
-            plan.drop(part.step, knob)
-        effect = plan.effects.get(part.step, {})
-        for name, delta in (("cost_per_1k.delta", part.cost_delta), ("quality.delta", part.quality_delta)):
-            if name in effect:
-                effect[name] -= delta
-        if part.p95_ms is not None:
-            effect.pop("p95_ms", None)
+        _take_out(plan, part)
         moves = ", ".join(part.knobs)
         with_what = "the other moves" if plan.changes else "its moves"
         bound = f" (lower bound {predicted - margin:.3f})" if margin else ""
         plan.reasons.append(f"{part.step}: {moves} waits for a later decision: with {with_what}, quality "
                             f"{predicted:.3f} as predicted{bound}, under the {floor:.3g} floor (quality "
                             f"{plan.before['quality']:.3f} now)")
+
+
+def _take_out(plan: Plan, part: Part) -> None:
+    """Drop a part's knob changes from `plan` and its effect from its step's predicted figures."""
+    for knob in part.knobs:
+        plan.drop(part.step, knob)
+    effect = plan.effects.get(part.step, {})
+    if "cost_per_1k.delta" in effect:
+        _combine_cost(effect, part, -1)
+    if "quality.delta" in effect:
+        effect["quality.delta"] -= part.quality_delta
+    if part.p95_ms is not None:
+        effect.pop("p95_ms", None)
+
+
+def _restores(proposal: Proposal | None, targets: Mapping[float, float], slow: bool) -> bool:
+    """Whether a cascade's threshold proposal predicts the pipeline back inside its latency targets: its
+    predicted p95 (and p99) under them, or, without those predictions, escalations fitting in the tail."""
+    if proposal is None:
+        return False
+    predicted = proposal.predicted
+    if any(quantile_name(q) in predicted for q in targets):
+        return all(predicted.get(quantile_name(q), 0.0) <= t for q, t in targets.items())
+    return slow and predicted.get("escalation_share", 1.0) <= TAIL_MARGIN * TAIL_SHARE \
+        < predicted.get("escalation_share_before", 0.0)
 
 
 def _not_worse_quality(proposal: Proposal | None, missed: Mapping[str, str], plan: Plan) -> Proposal | None:
@@ -608,7 +644,8 @@ def _pipeline_effect(plan: Plan, obs: observe.Observation, proposal: Proposal, s
     if "cost_per_1k" in predicted and "cost_per_1k_before" in predicted:
         per_task = 1.0 if cascade else calls if calls is not None else obs.step_total(step).spans / max(obs.requests, 1)
         part.cost_delta = (predicted["cost_per_1k"] - predicted["cost_per_1k_before"]) * per_task
-        effect["cost_per_1k.delta"] = effect.get("cost_per_1k.delta", 0.0) + part.cost_delta
+        part.cost_before = predicted["cost_per_1k_before"] * per_task
+        _combine_cost(effect, part, +1)
     if "quality" in predicted and "quality_before" in predicted:
         weight = 1.0 if cascade else share
         part.quality_delta = weight * (predicted["quality"] - predicted["quality_before"])
@@ -617,6 +654,22 @@ def _pipeline_effect(plan: Plan, obs: observe.Observation, proposal: Proposal, s
         effect["quality.delta"] = effect.get("quality.delta", 0.0) + part.quality_delta
     plan.parts.append(part)
     return part
+
+
+def _combine_cost(effect: dict[str, float], part: Part, sign: int) -> None:
+    """Add (`sign` +1) or take out (-1) a part's change of its step's cost. Moves of one step scale its cost
+    one after another (a cheaper tier mix makes each call cheaper, a cache takes a share of the calls, a
+    threshold a share of the escalations), so they combine as factors, not as sums: two savings of 80% and
+    20% leave 16% of the cost, where their sum would promise more than all of it."""
+    total = effect.get("cost_per_1k.delta", 0.0)
+    base = effect.setdefault("cost_per_1k.before", part.cost_before)
+    factor = 1.0 + part.cost_delta / part.cost_before if part.cost_before > 0 and base > 0 else None
+    if factor is None or (sign < 0 and factor <= 1e-9):
+        effect["cost_per_1k.delta"] = total + sign * part.cost_delta  # nothing to scale against: as a sum
+    elif sign > 0:
+        effect["cost_per_1k.delta"] = total + (base + total) * (factor - 1.0)
+    else:
+        effect["cost_per_1k.delta"] = (base + total) / factor - base
 
 
 def _hold_reversals(plan: Plan, moves: Mapping[tuple[str, str], Move], now: float, settings: LoopSettings) -> None:

@@ -357,7 +357,8 @@ def escalation_quantiles(latency: TaskLatencies, shares: Sequence[float], route_
     return found
 
 
-def _quantile_name(q: float) -> str:
+def quantile_name(q: float) -> str:
+    """The figure name of a latency quantile: 0.95 -> "p95_ms"."""
     return f"p{100 * q:g}_ms"
 
 
@@ -466,9 +467,9 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             # Restoring latency: the most accurate threshold predicted inside the targets, cheapest among equals.
             best = max(pick, key=lambda i: (round(points[i], 9), -escalated[i], -distance[i]))
             why = ("the most accurate threshold predicted inside "
-                   + " and ".join(f"the {t:g} ms {_quantile_name(q).removesuffix('_ms')} target" for q, t in
+                   + " and ".join(f"the {t:g} ms {quantile_name(q).removesuffix('_ms')} target" for q, t in
                                   latency_targets.items())
-                   + f" (judged at {', '.join(_quantile_name(j).removesuffix('_ms') for j in judged.values())}) "
+                   + f" (judged at {', '.join(quantile_name(j).removesuffix('_ms') for j in judged.values())}) "
                      + ("whose point estimate holds the floor (no threshold's lower bound does on these labels)"
                         if unproven else "holding the floor"))
         else:
@@ -519,10 +520,10 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
         mixed = escalation_quantiles(latency, [share, share_now], route_weights, tuple(latency_targets))
         for q in latency_targets:
             if np.isfinite(mixed[q]).all():
-                predicted[_quantile_name(q)], predicted[_quantile_name(q) + "_before"] = map(float, mixed[q])
+                predicted[quantile_name(q)], predicted[quantile_name(q) + "_before"] = map(float, mixed[q])
         reason += "; predicted " + ", ".join(
-            f"{_quantile_name(q).removesuffix('_ms')} {predicted[_quantile_name(q) + '_before']:.0f} -> "
-            f"{predicted[_quantile_name(q)]:.0f} ms" for q in latency_targets if _quantile_name(q) in predicted) + (
+            f"{quantile_name(q).removesuffix('_ms')} {predicted[quantile_name(q) + '_before']:.0f} -> "
+            f"{predicted[quantile_name(q)]:.0f} ms" for q in latency_targets if quantile_name(q) in predicted) + (
             " (escalated tasks as slow as now: fewer calls queueing less is not counted)")
     return Proposal(step, {"cascade_threshold": new}, reason, predicted)
 

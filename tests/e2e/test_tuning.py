@@ -105,6 +105,7 @@ def test_the_tuner_restores_a_missed_p95_target_first_and_lowers_cost_under_load
         summary = {row["tuned"]: row for row in per_task.group_by("tuned").agg(
             n=pl.len(), cost_per_1k=1000 * pl.col("cost").mean(),
             p95_ms=pl.col("duration_ms").quantile(0.95)).iter_rows(named=True)}
+        print(f"\nstarted: {started_reason(of, first)}")  # shown with -s, for the record
         print(f"\ntuned: {first['reason']}\nbefore/after: {summary}")  # shown with -s, for the record
         assert summary[True]["n"] > 100, summary  # tasks ran under the tuned config, their spans say so
         assert summary[True]["cost_per_1k"] < summary[False]["cost_per_1k"], summary

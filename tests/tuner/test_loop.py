@@ -487,6 +487,48 @@ def test_a_cascades_samples_are_redrawn_for_the_local_mix_the_same_decision_sets
     assert _as_mixed(samples, QA.defaults(), Plan(), "rank") == samples  # no new mix: the samples as they are
 
 
+def _tail(small: int) -> Observation:
+    """p95 over its target because 40% of tasks escalate to tiers slower than it; rank's small route, as
+    accurate as large and cheaper, served `small` of 2000 tasks (the only labelled answers it has): a
+    threshold escalating 4% restores p95 and holds the floor on the labels of both routes."""
+    rng = np.random.default_rng(2)
+    obs = Observation("qa", 300.0, requests=2000, p95_ms=2600.0, p99_ms=3000.0, cost_per_1k=50.0, quality=0.95,
+                      labelled=2000)
+    large = 2000 - small
+    obs.steps["rank"] = {"large": RouteObservation(spans=large, p95_ms=15.0, cost=0.0002 * large,
+                                                   correct=int(0.93 * large), labelled=large),
+                         "small": RouteObservation(spans=small, p95_ms=5.0, cost=0.00005 * small,
+                                                   correct=int(0.93 * small), labelled=small)}
+    obs.steps["gen"] = {"cheap": RouteObservation(spans=600, p95_ms=2400.0, cost=21.0, correct=570, labelled=600),
+                        "dear": RouteObservation(spans=200, p95_ms=2900.0, cost=70.0, correct=195, labelled=200)}
+    samples = []
+    for route, n in (("large", large), ("small", small)):
+        for i in range(n):
+            confidence = rng.uniform(0.5, 1.0) if i % 25 else rng.uniform(0.0, 0.5)
+            samples.append(CascadeSample(confidence, bool(rng.random() < (0.93 if confidence >= 0.5 else 0.5)),
+                                         bool(rng.random() < 0.96) if confidence < 0.7 else None, route))
+    obs.cascade_samples["gen"] = samples
+    escalated = rng.uniform(2100, 3000, 800)
+    obs.task_latency["gen"] = TaskLatencies(rng.uniform(50, 150, 1200), {"cheap": escalated[:600],
+                                                                         "dear": escalated[600:]})
+    return obs
+
+
+def test_a_local_mix_that_would_leave_too_few_labels_to_restore_latency_waits_for_the_threshold_that_can():
+    """Restoring a missed p95 comes first: rank's cheaper mix would leave the cascade only the 200 labelled
+    answers of its small route, on which no threshold can be shown to hold the floor and restore p95; on the
+    labels of the mix in force one can, so the threshold goes and the mix waits for a later decision."""
+    plan = decide(QA, QA.defaults(), SLO_QA, _tail(200))
+    assert plan.violated == ["p95"]
+    assert "rank" not in plan.changes and plan.changes["gen"]["cascade_threshold"] < 0.7, plan.reasons
+    assert plan.after["p95_ms"] <= 2000.0
+    assert any(r.startswith("rank: route_weights waits for a later decision: on the labelled answers of the mix")
+               for r in plan.reasons), plan.reasons
+    # With labels enough on the new mix as well, both go in the one decision.
+    both = decide(QA, QA.defaults(), SLO_QA, _tail(1000))
+    assert "route_weights" in both.changes["rank"] and "cascade_threshold" in both.changes["gen"], both.reasons
+
+
 def test_a_cache_resize_predicting_no_more_hits_is_not_tried():
     """A canary of a change with nothing to show could only run out of time while better moves wait."""
     on = SPEC.merge(SPEC.defaults(), {"score": {"cache_enabled": True, "cache_max_entries": 100_000}})
@@ -563,6 +605,27 @@ def test_stacked_moves_are_held_to_the_bound_of_their_sum_and_the_cheaper_mix_wa
     room.before["quality"] = 0.99  # 0.94 - 0.045 = 0.895: both go
     _hold_joint_floor(room, 0.88)
     assert set(room.changes["escalate"]) == {"cascade_threshold", "route_weights"}
+
+
+def test_moves_of_one_step_scale_its_cost_one_after_another_and_never_promise_more_than_all_of_it():
+    """A tier mix saving 80% of a step's cost and a threshold saving 20% of it leave 16% of the step's cost,
+    in whichever order they are filed (their sum would have predicted a negative cost); a move taken out
+    again leaves what the other alone saves."""
+    from tracetune.tuner.loop import Plan, _combine_cost, _pipeline_effect
+    from tracetune.tuner.proposal import Proposal
+
+    obs = Observation("shop", 300.0, requests=1000)
+    mix = Proposal("escalate", {"route_weights": {"small": 1.0}}, "", {"cost_per_1k": 0.2, "cost_per_1k_before": 1.0,
+                                                                      "escalation_share": 0.1})
+    threshold = Proposal("escalate", {"cascade_threshold": 0.4}, "", {"cost_per_1k": 0.8, "cost_per_1k_before": 1.0,
+                                                                      "escalation_share": 0.08})
+    for order in ((mix, threshold), (threshold, mix)):
+        plan = Plan(changes={"escalate": {"route_weights": {"small": 1.0}, "cascade_threshold": 0.4}},
+                    before={"cost_per_1k": 1.0})
+        parts = {id(p): _pipeline_effect(plan, obs, p, share=1.0) for p in order}
+        assert plan.after["cost_per_1k"] == pytest.approx(0.16)
+        _combine_cost(plan.effects["escalate"], parts[id(mix)], -1)
+        assert plan.after["cost_per_1k"] == pytest.approx(0.8)
 
 
 def test_decide_does_not_lower_a_quality_already_under_the_floor_on_too_few_labels_to_call_it_missed():
