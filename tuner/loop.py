@@ -36,6 +36,7 @@ from tracetune.tuner.policies import (
     caching_policy,
     cascade_policy,
     cascade_route_floor,
+    cascade_tiers_policy,
     clamp_change,
     concurrency_policy,
     escalation_shares,
@@ -106,6 +107,7 @@ class Part:
     quality_margin: float = 0.0
     p95_ms: float | None = None
     cost_before: float = 0.0  # the step's cost `cost_delta` changes, in the pipeline's USD per 1k tasks
+    live: bool = True  # False once its changes are dropped from the plan (and its effect with them)
 
 
 @dataclass
@@ -145,8 +147,20 @@ class Plan:
             self.predicted.update({prefix + k: float(v) for k, v in proposal.predicted.items()})
 
     def drop(self, step: str, knob: str) -> None:
-        """Take one knob change out (and the step's reasons and predictions once none of its changes is left)."""
+        """Take one knob change out (and the step's reasons and predictions once none of its changes is left),
+        with the predicted effect of each part none of whose changes is left."""
         self.changes.get(step, {}).pop(knob, None)
+        left = self.changes.get(step, {})
+        for part in self.parts:
+            if part.step == step and part.live and not any(k in left for k in part.knobs):
+                part.live = False
+                effect = self.effects.get(step, {})
+                if "cost_per_1k.delta" in effect:
+                    _combine_cost(effect, part, -1)
+                if "quality.delta" in effect:
+                    effect["quality.delta"] -= part.quality_delta
+                if part.p95_ms is not None:
+                    effect.pop("p95_ms", None)
         if step in self.changes and not self.changes[step]:
             del self.changes[step]
             self.reasons = [r for r in self.reasons if not r.startswith(f"{step}: ")]
@@ -421,7 +435,20 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             plan.add(proposal, spec, current, limit)
         # A cascade's samples as its local step's routes will answer them once this decision is in force.
         samples = _as_mixed(obs.cascade_samples.get(step, []), config, plan, spec.cascades.get(step))
-        if "cascade_threshold" in knobs:
+        joint = None
+        if "cascade_threshold" in knobs and "route_weights" in knobs and "quality" not in missed:
+            every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slo else {}
+            joint = cascade_tiers_policy(samples, obs.route_stats(step), current["cascade_threshold"],
+                                         current["route_weights"], knobs["cascade_threshold"], knobs["route_weights"],
+                                         floor, step=step, max_step=1.0 if missed or step in saturated else 0.1,
+                                         max_shift=1.0 if missed or step in saturated else 0.25,
+                                         latency=obs.task_latency.get(step), latency_targets=every_target)
+            plan.add(joint, spec, current, limit)
+            if joint is not None and step in plan.changes:
+                part = _pipeline_effect(plan, obs, joint, share=1.0)
+                if "p95_ms" in joint.predicted:
+                    part.p95_ms = plan.effects[step]["p95_ms"] = joint.predicted["p95_ms"]
+        if "cascade_threshold" in knobs and joint is None:
             remote_target = step_target_ms(slo, obs, step)
             slow = remote_target is not None and total.p95_ms > remote_target
             # Latency over a target: thresholds are judged on the pipeline's quantiles predicted at their share.
@@ -457,7 +484,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 elif slow and proposal.predicted.get("escalation_share", 1.0) <= TAIL_MARGIN * TAIL_SHARE < now_share:
                     # Escalations now fit in the tail the target allows: p95 becomes that of the tasks kept local.
                     part.p95_ms = plan.effects[step]["p95_ms"] = min(obs.p95_ms or math.inf, _local_ms(obs, spec, step))
-        if "route_weights" in knobs:
+        if "route_weights" in knobs and joint is None:
             route_floor, cap = floor, None
             kept, reached = 1.0, total.spans / max(obs.requests, 1)  # the share of tasks the step's routes serve
             if step in spec.cascades and "cascade_threshold" in current:
@@ -515,7 +542,7 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
     if floor is None or "quality" not in plan.before:
         return
     while True:
-        alive = [p for p in plan.parts if any(k in plan.changes.get(p.step, {}) for k in p.knobs)]
+        alive = [p for p in plan.parts if p.live]
         losing = [p for p in alive if p.quality_delta < 0]
         if "quality" not in plan.after or not losing:
             return
@@ -535,16 +562,9 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
 
 
 def _take_out(plan: Plan, part: Part) -> None:
-    """Drop a part's knob changes from `plan` and its effect from its step's predicted figures."""
+    """Drop a part's knob changes from `plan` (`Plan.drop` takes its effect out of its step's figures)."""
     for knob in part.knobs:
         plan.drop(part.step, knob)
-    effect = plan.effects.get(part.step, {})
-    if "cost_per_1k.delta" in effect:
-        _combine_cost(effect, part, -1)
-    if "quality.delta" in effect:
-        effect["quality.delta"] -= part.quality_delta
-    if part.p95_ms is not None:
-        effect.pop("p95_ms", None)
 
 
 def _restores(proposal: Proposal | None, targets: Mapping[float, float], slow: bool) -> bool:

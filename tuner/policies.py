@@ -528,6 +528,145 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     return Proposal(step, {"cascade_threshold": new}, reason, predicted)
 
 
+def _mixes(names: Sequence[str], now: np.ndarray, grow: np.ndarray, max_shift: float, grid: float) -> np.ndarray:
+    """Tier mixes on a `grid` of weights within `max_shift` of `now` (half the L1 distance), where only the
+    tiers in `grow` may gain weight; `now` itself first."""
+    steps = round(1 / grid)
+    found = [now]
+    def spread(left: int, parts: int) -> list[list[int]]:
+        if parts == 1:
+            return [[left]]
+        return [[k, *rest] for k in range(left + 1) for rest in spread(left - k, parts - 1)]
+    for counts in spread(steps, len(names)):
+        mix = np.array(counts, dtype=float) / steps
+        if 0.5 * float(np.abs(mix - now).sum()) <= max_shift + 1e-9 and np.all(grow | (mix <= now + 1e-9)):
+            found.append(mix)
+    return np.array(found)
+
+
+def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[RouteStats], current_threshold: float,
+                         current_weights: Mapping[str, float], threshold_knob: Knob, weights_knob: Knob,
+                         quality_floor: float | None, step: str = "", *, max_step: float = 0.1,
+                         max_shift: float = 0.25, min_labelled: int = 50, min_tier_labelled: int = 30,
+                         z: float = Z_95, z_cut: float = Z_99, latency: TaskLatencies | None = None,
+                         latency_targets: Mapping[float, float] | None = None, latency_margin: float = TAIL_MARGIN,
+                         grid: float = 0.01, mix_grid: float = 0.05, min_gain: float = 0.05) -> Proposal | None:
+    """A cascade's threshold and remote tiers chosen together: the cheapest pair whose predicted quality holds
+    the floor, when it changes the tier mix and costs at least `min_gain` less than the cheapest threshold at
+    the mix in force; None otherwise (the threshold and tier policies then move each on its own).
+
+    The two trade against each other: a more accurate tier mix (dearer per escalation) lets a lower threshold
+    hold the floor (fewer escalations), which can cost less in all than the cheapest mix at a higher threshold;
+    each policy alone, holding the other knob where it is, never finds that. Quality at a pair is the labelled
+    answers kept locally plus the escalated ones at the mix's accuracy: each tier's Wilson lower bound on its
+    own labels (a tier with fewer than `min_tier_labelled` counts as never right and gains no weight), the pair
+    held at `z_cut` unless it is the pair in force (held at `z`: holding takes less than moving). With
+    `latency` and `latency_targets`, a pair whose predicted pipeline quantiles (judged at the stricter quantile
+    the tail leaves, p96 for p95) miss a target is out. The pair in force must hold the floor: a threshold
+    that no longer does is quality first, for the threshold policy."""
+    if quality_floor is None or not isinstance(weights_knob.default, dict):
+        return None
+    names = list(weights_knob.default)
+    stats = {t.route: t for t in tiers}
+    if len(names) < 2 or len(names) > 4:
+        return None
+    now = np.array([max(0.0, float(current_weights.get(n, 0.0))) for n in names])
+    if now.sum() <= 0:
+        return None
+    now = now / now.sum()
+    known = np.array([n in stats and stats[n].labelled >= min_tier_labelled for n in names])
+    if known.sum() < 2:
+        return None
+    labelled = sorted((s for s in samples if s.local_correct is not None), key=lambda s: s.confidence)
+    n = len(labelled)
+    if n < min_labelled:
+        return None
+    lower = np.array([wilson_lower(stats[m].correct, stats[m].labelled, z) if known[i] else 0.0
+                      for i, m in enumerate(names)])
+    strict = np.array([wilson_lower(stats[m].correct, stats[m].labelled, z_cut) if known[i] else 0.0
+                       for i, m in enumerate(names)])
+    point = np.array([stats[m].correct / stats[m].labelled if m in stats and stats[m].labelled else 0.0
+                      for m in names])
+    per_call = np.array([stats[m].compute_cost_per_request if m in stats else 0.0 for m in names])
+    mixes = _mixes(names, now, known, max_shift, mix_grid)
+
+    low = threshold_knob.low if threshold_knob.low is not None else 0.0
+    high = threshold_knob.high if threshold_knob.high is not None else 1.0
+    thresholds = np.round(np.arange(low, high + grid / 2, grid), 6)
+    thresholds = thresholds[np.abs(thresholds - current_threshold) <= max_step + 1e-9]
+    thresholds = np.unique(np.append(thresholds, current_threshold))
+    every = np.sort(np.array([s.confidence for s in samples], dtype=float))
+    escalated = np.searchsorted(every, thresholds, side="left") / len(every)
+    confidence = np.array([s.confidence for s in labelled], dtype=float)
+    right = np.array([bool(s.local_correct) for s in labelled], dtype=float)
+    kept = np.concatenate([np.cumsum(right[::-1])[::-1], [0.0]])  # right answers at or above each position
+    below = np.searchsorted(confidence, thresholds, side="left")
+    here = int(np.flatnonzero(np.isclose(thresholds, current_threshold))[0])
+
+    def bound(successes: np.ndarray, z_: float) -> np.ndarray:
+        p = np.clip(successes / n, 0.0, 1.0)
+        centre = p + z_ * z_ / (2 * n)
+        spread = z_ * np.sqrt(p * (1 - p) / n + z_ * z_ / (4 * n * n))
+        return np.maximum(0.0, (centre - spread) / (1 + z_ * z_ / n))
+
+    judged = {q: 1 - latency_margin * (1 - q) for q in (latency_targets or {})}
+    rows = []  # (cost per task, -quality bound, mix index, threshold index)
+    for m, mix in enumerate(mixes):
+        held = bound(kept[below] + float(lower @ mix) * below, z)
+        moving = bound(kept[below] + float(strict @ mix) * below, z_cut)
+        ok = moving >= quality_floor
+        if m == 0:
+            ok[here] = held[here] >= quality_floor
+            if not ok[here]:
+                return None  # the pair in force no longer holds the floor: quality first, not a joint move
+        if latency is not None and judged:
+            quantiles = escalation_quantiles(latency, escalated, dict(zip(names, mix, strict=True)),
+                                             tuple(judged.values()))
+            with np.errstate(invalid="ignore"):
+                ok &= np.logical_and.reduce([quantiles[judged[q]] <= t for q, t in latency_targets.items()])
+            if m == 0:
+                ok[here] = True  # the pair in force is where any other is measured from
+        if m > 0:  # a new mix only with fewer escalations: a dearer per call mix buys a lower threshold
+            ok &= escalated < escalated[here]
+        cost = escalated * float(per_call @ mix)
+        rows += [(float(cost[i]), -float(held[i]), m, i) for i in np.flatnonzero(ok)]
+    at_mix_now = [r for r in rows if r[2] == 0]
+    best = min(rows)
+    if best[2] == 0 or not at_mix_now or best[0] > (1 - min_gain) * min(at_mix_now)[0]:
+        return None
+    cost_best, _, m, i = best
+    mix, new = mixes[m], float(thresholds[i])
+    cost_now = float(escalated[here] * (per_call @ now))
+    values: dict[str, KnobValue] = {"route_weights": {name: round(float(w), 6) for name, w in zip(names, mix,
+                                                                                                   strict=True)}}
+    if abs(new - current_threshold) >= grid / 2:
+        values["cascade_threshold"] = new
+    quality = float((kept[below[i]] + float(point @ mix) * below[i]) / n)
+    quality_lower = float(bound(np.array([kept[below[i]] + float(lower @ mix) * below[i]]), z)[0])
+    predicted = {"escalation_share": float(escalated[i]), "escalation_share_before": float(escalated[here]),
+                 "cost_per_1k": 1000 * cost_best, "cost_per_1k_before": 1000 * cost_now, "quality": quality,
+                 "quality_before": float((kept[below[here]] + float(point @ now) * below[here]) / n),
+                 "quality_lower_bound": quality_lower, "floor_held_before": 1.0}
+    tiers_text = ", ".join(f"{name} {now[k]:.2f}->{mix[k]:.2f}" for k, name in enumerate(names)
+                           if abs(mix[k] - now[k]) >= 5e-4)
+    reason = (f"threshold and tiers chosen together: threshold {current_threshold:.2f} -> {new:.2f}, {tiers_text} "
+              f"(escalated answers right >= {float(lower @ mix):.3f}, {1000 * float(per_call @ mix):.3g} USD per 1k "
+              f"calls), escalations {escalated[here]:.0%} -> {escalated[i]:.0%} of {len(every)} tasks: "
+              f"{1000 * cost_now:.3g} -> {1000 * cost_best:.3g} USD per 1k, against "
+              f"{1000 * min(at_mix_now)[0]:.3g} for the cheapest threshold at the tier mix in force; predicted "
+              f"quality {quality:.3f} (lower bound {quality_lower:.3f}) >= floor {quality_floor:.3f} on {n} "
+              f"labelled tasks")
+    if latency is not None and judged:
+        after = escalation_quantiles(latency, [float(escalated[i])], dict(zip(names, mix, strict=True)),
+                                     tuple(latency_targets))
+        before = escalation_quantiles(latency, [float(escalated[here])], dict(zip(names, now, strict=True)),
+                                      tuple(latency_targets))
+        for q in latency_targets:
+            if math.isfinite(after[q][0]) and math.isfinite(before[q][0]):
+                predicted[quantile_name(q)], predicted[quantile_name(q) + "_before"] = after[q][0], before[q][0]
+    return Proposal(step, values, reason, predicted)
+
+
 # ---- concurrency and guardrails ------------------------------------------------------------------
 
 def concurrency_policy(current: int, knob: Knob, calls: int, rate_limited: int, timeouts: int = 0,

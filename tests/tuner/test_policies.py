@@ -29,6 +29,7 @@ from tracetune.tuner.policies import (
     caching_policy,
     cascade_policy,
     cascade_route_floor,
+    cascade_tiers_policy,
     clamp_change,
     concurrency_policy,
     escalation_quantiles,
@@ -523,3 +524,46 @@ def test_restoring_latency_on_labels_that_prove_the_floor_nowhere_holds_threshol
     assert "at its point estimate" in tight.reason
     assert cascade_policy(samples, 0.5, THRESHOLD, 0.98, 0.01, max_step=1.0) is None  # without the model: hold
 
+
+
+def _tiers_case(large_cost: float = 0.003) -> tuple[list[CascadeSample], list[RouteStats]]:
+    """2000 labelled tasks whose local answers are right more often the surer they are (20% at confidence 0,
+    100% at 1); a small tier right 70% of the time at 2 USD per 1k calls, a large one 97% at `large_cost`."""
+    rng = np.random.default_rng(3)
+    samples = []
+    for _ in range(2000):
+        confidence = float(rng.uniform(0, 1))
+        samples.append(CascadeSample(confidence, bool(rng.random() < 0.2 + 0.8 * confidence), None, "local"))
+    return samples, [RouteStats("small", 600, 420, 600, 0.002), RouteStats("large", 400, 388, 400, large_cost)]
+
+
+def test_a_cascades_threshold_and_tiers_are_chosen_together_when_a_surer_mix_lets_fewer_tasks_escalate():
+    """At the mix in force no lower threshold holds the 0.77 floor; a mix with more of the large tier, dearer
+    per call, holds it at a threshold that escalates 43% of tasks instead of 69%: cheaper in all. With the
+    large tier dear enough, or a pair in force that no longer holds the floor, it is left to each policy."""
+    samples, tiers = _tiers_case()
+    threshold, weights = Knob("float", 0.7, 0, 1), Knob("weights", {"small": 0.7, "large": 0.3})
+    now = {"small": 0.7, "large": 0.3}
+    joint = cascade_tiers_policy(samples, tiers, 0.7, now, threshold, weights, 0.77, "gen", max_step=0.3,
+                                 max_shift=1.0)
+    assert joint is not None, "a cheaper pair exists"
+    assert joint.values["route_weights"]["large"] > 0.3 and joint.values["cascade_threshold"] < 0.7
+    predicted = joint.predicted
+    assert predicted["cost_per_1k"] < 0.9 * predicted["cost_per_1k_before"]
+    assert predicted["quality_lower_bound"] >= 0.77
+    assert predicted["escalation_share"] < predicted["escalation_share_before"]
+    assert "threshold and tiers chosen together" in joint.reason
+    # The pair is what the model says: escalations at the new threshold times the mix's price per call.
+    price = sum(w * t.compute_cost_per_request for t in tiers for n, w in joint.values["route_weights"].items()
+                if n == t.route)
+    assert predicted["cost_per_1k"] == pytest.approx(1000 * predicted["escalation_share"] * price)
+    # Moves stay within their limits.
+    small = cascade_tiers_policy(samples, tiers, 0.7, now, threshold, weights, 0.77, "gen", max_step=0.1,
+                                 max_shift=0.1)
+    assert small is None or (abs(small.values.get("cascade_threshold", 0.7) - 0.7) <= 0.1 + 1e-9
+                             and abs(small.values["route_weights"]["large"] - 0.3) <= 0.1 + 1e-9)
+    dear_samples, dear = _tiers_case(large_cost=0.02)
+    assert cascade_tiers_policy(dear_samples, dear, 0.7, now, threshold, weights, 0.77, "gen", max_step=0.3,
+                                max_shift=1.0) is None
+    assert cascade_tiers_policy(samples, tiers, 0.7, now, threshold, weights, 0.80, "gen", max_step=0.3,
+                                max_shift=1.0) is None  # the pair in force is under the floor: quality first
