@@ -357,6 +357,20 @@ def escalation_quantiles(latency: TaskLatencies, shares: Sequence[float], route_
     return found
 
 
+def _cascade_lower(kept_correct: float, escalated: int, n: int, remote_point: float, remote_n: int,
+                   z: float) -> float:
+    """Lower bound of a cascade's quality on `n` labelled tasks when `escalated` of them go to the remote tiers
+    (right at `remote_point`, measured on `remote_n` labelled escalations; 0: given exactly) and the rest keep
+    their local answer (`kept_correct` right): each part's Wilson margin at its own count, at its share of the
+    tasks, added in quadrature (the two are measured on different tasks). With nothing escalated, the Wilson
+    bound of the local answers; with everything, that of the remote ones."""
+    kept = n - escalated
+    point = (kept_correct + remote_point * escalated) / n
+    local = kept / n * (kept_correct / kept - wilson_lower(kept_correct, kept, z)) if kept else 0.0
+    remote = escalated / n * (remote_point - wilson_lower(remote_point * remote_n, remote_n, z)) if remote_n else 0.0
+    return max(0.0, point - math.sqrt(local * local + remote * remote))
+
+
 def quantile_name(q: float) -> str:
     """The figure name of a latency quantile: 0.95 -> "p95_ms"."""
     return f"p{100 * q:g}_ms"
@@ -392,9 +406,9 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
         remote = [s.remote_correct for s in samples if s.remote_correct is not None]
         if len(remote) < min_remote_labelled:
             return None
-        remote_point, remote_lower = sum(remote) / len(remote), wilson_lower(sum(remote), len(remote), z)
+        remote_point, remote_n = sum(remote) / len(remote), len(remote)
     else:
-        remote_point = remote_lower = float(remote_accuracy)
+        remote_point, remote_n = float(remote_accuracy), 0  # given, not measured: no margin
     low = knob.low if knob.low is not None else 0.0
     high = knob.high if knob.high is not None else 1.0
     thresholds = np.round(np.arange(low, high + grid / 2, grid), 6)
@@ -405,7 +419,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     kept_correct = np.concatenate([[0], np.cumsum([bool(s.local_correct) for s in order][::-1])])[::-1]
     below = np.searchsorted(confidence, thresholds, side="left")  # labelled tasks escalated at each t
     n = len(order)
-    lower = np.array([wilson_lower(kept_correct[i] + remote_lower * i, n, z) for i in below])
+    lower = np.array([_cascade_lower(kept_correct[i], i, n, remote_point, remote_n, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
     points = np.array([(kept_correct[i] + remote_point * i) / n for i in below])
     fast = escalated <= escalation_cap + 1e-9 if escalation_cap is not None else np.ones(len(thresholds), dtype=bool)
@@ -447,9 +461,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
                + ", the lowest latency among them")
     elif feasible[at]:  # (when capped, `feasible` already includes the cap)
         # The current threshold holds the floor: only a cheaper one that holds it beyond the stricter bound.
-        remote_cut = wilson_lower(remote_point * len(remote), len(remote), z_cut) if remote_accuracy is None \
-            else remote_lower
-        strict = np.array([wilson_lower(kept_correct[i] + remote_cut * i, n, z_cut) for i in below]) >= (
+        strict = np.array([_cascade_lower(kept_correct[i], i, n, remote_point, remote_n, z_cut) for i in below]) >= (
             quality_floor if quality_floor is not None else -1.0)
         cheaper = (escalated < share_here) & strict & reach & (fast | (not capped))
         if not cheaper.any():
@@ -500,7 +512,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     share_now = float(np.searchsorted(every, current_threshold, side="left") / len(every))
     share = here / len(every)
     quality = float((kept_correct[lab] + remote_point * lab) / n)
-    quality_lower = wilson_lower(kept_correct[lab] + remote_lower * lab, n, z)
+    quality_lower = _cascade_lower(kept_correct[lab], lab, n, remote_point, remote_n, z)
     floor_text = f">= floor {quality_floor:.3f}" if quality_floor is not None else "(no floor)"
     cost_now, cost = 1000 * share_now * remote_cost_per_call, 1000 * share * remote_cost_per_call
     reason = (f"{why}: threshold {current_threshold:.2f} -> {new:.2f}, escalations {share_now:.0%} -> {share:.0%} "
@@ -513,8 +525,8 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
                  "quality_before": float((kept_correct[lab_now] + remote_point * lab_now) / n),
                  "quality_lower_bound": quality_lower,
                  # 0: the threshold in force no longer holds the floor at its lower bound (a move up is quality first)
-                 "floor_held_before": float(quality_floor is None or wilson_lower(
-                     kept_correct[lab_now] + remote_lower * lab_now, n, z) >= quality_floor)}
+                 "floor_held_before": float(quality_floor is None or _cascade_lower(
+                     kept_correct[lab_now], lab_now, n, remote_point, remote_n, z) >= quality_floor)}
     if quick is not None:
         # The pipeline's quantiles at the new share and, as the model reproduces them, at today's.
         mixed = escalation_quantiles(latency, [share, share_now], route_weights, tuple(latency_targets))

@@ -525,6 +525,22 @@ def test_restoring_latency_on_labels_that_prove_the_floor_nowhere_holds_threshol
     assert cascade_policy(samples, 0.5, THRESHOLD, 0.98, 0.01, max_step=1.0) is None  # without the model: hold
 
 
+def test_a_cascades_lower_bound_adds_the_local_and_remote_margins_in_quadrature():
+    """Each part's Wilson margin at its own count and share, not the remote bound plugged into a Wilson bound of
+    the whole (which counts the escalated tasks' noise twice); the ends are the plain Wilson bounds."""
+    from tracetune.tuner.policies import _cascade_lower, wilson_lower
+
+    assert _cascade_lower(940, 0, 1000, 0.9, 100, 1.645) == pytest.approx(wilson_lower(940, 1000, 1.645))
+    assert _cascade_lower(0, 1000, 1000, 0.9, 100, 1.645) == pytest.approx(wilson_lower(90, 100, 1.645))
+    assert _cascade_lower(0, 1000, 1000, 0.9, 0, 1.645) == pytest.approx(0.9)  # remote accuracy given exactly
+    kept, escalated = 880, 100  # 900 kept at 0.978, 100 escalated at 0.9 measured on 100
+    point = (kept + 0.9 * escalated) / 1000
+    local = 0.9 * (kept / 900 - wilson_lower(kept, 900, 1.645))
+    remote = 0.1 * (0.9 - wilson_lower(90, 100, 1.645))
+    bound = _cascade_lower(kept, escalated, 1000, 0.9, 100, 1.645)
+    assert bound == pytest.approx(point - math.hypot(local, remote))
+    assert bound > wilson_lower(kept + wilson_lower(90, 100, 1.645) * escalated, 1000, 1.645)
+
 
 def _tiers_case(large_cost: float = 0.003) -> tuple[list[CascadeSample], list[RouteStats]]:
     """2000 labelled tasks whose local answers are right more often the surer they are (20% at confidence 0,
