@@ -258,7 +258,7 @@ def _pct(new: float, old: float) -> str:
 
 
 def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, expired: bool = False,
-          alpha: float = ALPHA, lowers_quality: bool = False) -> Verdict:
+          alpha: float = ALPHA, lowers_quality: bool = False, buys_quality: float | None = None) -> Verdict:
     """Promote, roll back, or wait for more tasks: the canary against the config in force over the same time.
 
     Every comparison is a sequential test with an always-valid p-value (`msprt_p`), so the loop may judge
@@ -271,7 +271,15 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     moves were predicted to lower quality (`lowers_quality`) is never promoted while that is open: labelled
     answers come in but it has too few to judge, or its labelled quality is under the floor and the config
     in force's without the doubt settled either way (it waits for labels). Neither when the time runs out
-    (`expired`): rolled back, the config in force stays."""
+    (`expired`): rolled back, the config in force stays.
+
+    A canary whose decision bought quality for a floor at risk (`buys_quality`: the relative change of cost it
+    was predicted to pay, when the floor was missed or the config in force no longer held it at its lower
+    bound, and its moves were predicted to raise quality) is judged on doing no harm: promoted once it has its
+    tasks and is not slower, failing more, less often right or dearer than predicted (by more than
+    COST_TOLERANCE) beyond doubt, and its labelled quality not under both the floor and the config in force's
+    (then it waits for labels, as one predicted to lower quality does). Its gain, a margin over the floor, is
+    too small for its tasks to show, and a cost test could only run its time out while the floor stays at risk."""
     each = alpha / QUESTIONS
     figures = {**{f"base.{k}": v for k, v in base.figures().items()},
                **{f"canary.{k}": v for k, v in canary.figures().items()}}
@@ -329,10 +337,11 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                             f"config in force holds ({base_q:.3f})")
         elif quality.significant and quality.difference > 0 and floor is not None and base_q < floor:
             gains.append(f"quality {base_q:.3f} -> {canary_q:.3f} against the {floor:.3g} floor")
-        elif lowers_quality and floor is not None and canary_q < min(floor, base_q):
+        elif (lowers_quality or buys_quality is not None) and floor is not None and canary_q < min(floor, base_q):
             unsettled = (f"quality {canary_q:.3f} on the canary's {canary.labelled} labelled tasks, under the "
                          f"{floor:.3g} floor (the config in force {base_q:.3f})")
-    elif lowers_quality and floor is not None and base.labelled >= MIN_LABELLED:  # too few labels on the canary yet
+    elif (lowers_quality or buys_quality is not None) and floor is not None and base.labelled >= MIN_LABELLED:
+        # too few labels on the canary yet
         unsettled = f"{canary.labelled} labelled tasks on the canary of the {MIN_LABELLED} its quality is judged on"
 
     base_cost, canary_cost = base.costs[~np.isnan(base.costs)], canary.costs[~np.isnan(canary.costs)]
@@ -340,7 +349,8 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     cost_text = ""
     if priced:
         scale = TAU_COST * float(base_cost.mean())
-        dearer = _means(canary_cost, base_cost, scale, each, shift=COST_TOLERANCE)
+        allowed_rise = max(0.0, buys_quality) if buys_quality is not None else 0.0
+        dearer = _means(canary_cost, base_cost, scale, each, shift=COST_TOLERANCE + allowed_rise)
         cheaper = _means(canary_cost, base_cost, scale, each)
         figures["p.dearer"], figures["p.cheaper"] = round(dearer.p, 6), round(cheaper.p, 6)
         before, after = 1000 * float(base_cost.mean()), 1000 * float(canary_cost.mean())
@@ -350,6 +360,8 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         elif dearer.significant and dearer.difference > 0:
             if gains:  # paying more is worth it only to buy back an objective the config in force misses
                 gains = [f"dearer ({cost_text}) to buy back what the config in force misses: " + "; ".join(gains)]
+            elif buys_quality is not None:
+                problems.append(f"dearer than the {buys_quality:+.0%} predicted for the quality it buys: {cost_text}")
             else:
                 problems.append(f"dearer: {cost_text}"
                                 + (" and it buys back nothing (the config in force meets every objective)"
@@ -369,6 +381,14 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
             else:
                 gains.append(f"cost {cost_text}")
         return Verdict("promote", "canary better: " + "; ".join(gains) + f" ({tasks})", figures)
+    if buys_quality is not None:
+        quality_text = (f"quality {canary.correct / canary.labelled:.3f} against {base.correct / base.labelled:.3f}"
+                        if min(base.labelled, canary.labelled) else "quality not labelled yet")
+        floor_text = f" (floor {floor:.3g})" if floor is not None else ""
+        cost_part = f", cost {cost_text}, {buys_quality:+.0%} predicted" if cost_text else ""
+        return Verdict("promote", f"canary does no harm and buys quality margin for a floor at risk: {quality_text}"
+                                  f"{floor_text}{cost_part}, p95 {canary_p95:.0f} against {base_p95:.0f} ms "
+                                  f"({tasks})", figures)
     if not priced and not misses:
         # Nothing to gain that can be measured (no price table, every objective met): it holds, so it goes.
         return Verdict("promote", f"canary no worse and cost not measured (no prices): p95 {canary_p95:.0f} against "

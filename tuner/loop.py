@@ -195,6 +195,15 @@ class Plan:
         text = sentence(actions, self.before, self.after, self.targets)
         return (f"Restoring {' and '.join(self.violated)} first. " if self.violated else "") + text
 
+    def figures(self) -> dict[str, float]:
+        """The decision's predicted figures as its audit row keeps them: the policies' predictions, the
+        pipeline's figures before and as predicted, the objectives it restores (`violated.<name>`: 1) and how
+        many of its moves lower quality."""
+        return {**{f"before.{k}": v for k, v in self.before.items()}, **self.predicted,
+                **{k: round(v, 6) for k, v in self.after.items() if math.isfinite(v)},  # NaN: not predicted
+                **{f"violated.{name}": 1.0 for name in self.violated},
+                "moves.lowering_quality": float(sum(1 for p in self.parts if p.live and p.quality_delta < 0))}
+
     @property
     def reason(self) -> str:
         """The sentence, then the policies' workings one per line (the audit's `reason`)."""
@@ -519,6 +528,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                         absorbed=total.errors == 0 or (slo is not None and slo.error_rate is not None
                                                                        and "errors" not in missed)),
                      spec, current, limit)
+    _hold_at_risk(plan)
     _hold_joint_floor(plan, floor)
     if missed:
         plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
@@ -526,6 +536,21 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     if moves and now is not None:
         _hold_reversals(plan, moves, now, settings)
     return plan
+
+
+def _hold_at_risk(plan: Plan) -> None:
+    """While a threshold moves up because the one in force no longer holds the floor at its lower bound
+    (quality first, not yet a missed objective), moves that lower quality wait for a later decision: the
+    decision buys quality, and is judged on doing so (`canary.judge`'s `buys_quality`)."""
+    at_risk = [p.step for p in plan.parts if p.live and p.quality_delta > 0
+               and plan.predicted.get(f"{p.step}.floor_held_before") == 0.0]
+    if not at_risk:
+        return
+    for part in [p for p in plan.parts if p.live and p.quality_delta < 0]:
+        _take_out(plan, part)
+        plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} waits for a later decision: it would lower "
+                            f"quality while {at_risk[0]}'s threshold in force no longer holds the floor at its "
+                            f"lower bound")
 
 
 def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
@@ -845,10 +870,10 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
          arms: Callable[[], tuple[canary.Arm, canary.Arm]] | None = None,
          moves: Callable[[], Mapping[tuple[str, str], Move] | None] = lambda: None,
          rejected: Callable[[], Rejected | None] = lambda: None,
-         lowers_quality: Callable[[], bool] = lambda: False) -> Outcome:
+         trial_figures: Callable[[], Mapping[str, float]] = dict) -> Outcome:
     """One look at a pipeline, the same for the tuner (`tune_once`, over the store) and the simulation: judge
-    the canary on trial (`trial_age` seconds old, `arms` its per-task samples, `lowers_quality` whether its moves
-    were predicted to lower quality); else the guardrails (cooldown
+    the canary on trial (`trial_age` seconds old, `arms` its per-task samples, `trial_figures` what the decision
+    that started it predicted, as `_try` records them); else the guardrails (cooldown
     since the last change, enough requests over half a window in what `measure` reads), `decide`, and the
     moves a canary rolled back lately taken out. The callables read what the caller keeps (the store or the
     simulation) only when needed; nothing is written here: the caller acts on the outcome."""
@@ -856,9 +881,11 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
         if arms is None:
             raise ValueError("a canary on trial is judged on its arms: pass arms")
         base, tried = arms()
+        figures = trial_figures()
         return Outcome(verdict=canary.judge(base, tried, slo, min_requests=settings.canary_min_requests,
                                             expired=trial_age >= settings.canary_max_seconds,
-                                            lowers_quality=lowers_quality()))
+                                            lowers_quality=lowers_quality(figures),
+                                            buys_quality=buys_quality(figures)))
     if since_change is not None and since_change < settings.cooldown_seconds:
         return Outcome(idle="cooling down")
     obs = measure()
@@ -901,7 +928,7 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         arms=lambda: canary.arms(client, spec, trial, observe.answers(client, spec, int(age or 0) + 60)),
         moves=lambda: Moves.from_history(decisions.history(client, pipeline, limit=200)),
         rejected=lambda: _rejected(client, pipeline),
-        lowers_quality=lambda: lowers_quality(_trial_predicted(client, pipeline, trial)))
+        trial_figures=lambda: _trial_predicted(client, pipeline, trial))
     if trial is not None:
         return _finish(client, spec, config, trial, outcome.verdict, active)
     if outcome.plan is not None or outcome.idle == "nothing to change":
@@ -921,8 +948,7 @@ def _try(client, spec: PipelineSpec, config: PipelineConfig, plan: Plan, obs: ob
     decision row; None when a pin, freeze or another change landed while the loop measured."""
     pipeline = spec.pipeline
     reason = plan.reason
-    predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.predicted,
-                 **{k: round(v, 6) for k, v in plan.after.items() if math.isfinite(v)},  # NaN: not predicted
+    predicted = {**{f"before.{k}": v for k, v in obs.summary().items()}, **plan.figures(),
                  **{f"evidence.{k}": v for k, v in plan.evidence.items()}}
     with versions.write_lock:  # the API's pin, rollback and freeze take the same lock
         latest_state = decisions.state(client, pipeline)  # a pin or freeze may have landed while we measured
@@ -951,6 +977,20 @@ def _try(client, spec: PipelineSpec, config: PipelineConfig, plan: Plan, obs: ob
              decision.version_after, decision.reason)
     return decision
 
+
+
+def buys_quality(predicted: Mapping[str, float]) -> float | None:
+    """The relative change of cost a decision (its figures, `predicted`) was to pay for quality, when it
+    restored a missed floor or a threshold in force that no longer held the floor at its lower bound, and
+    predicted quality up; None otherwise (it is judged on what it gains)."""
+    after, before = predicted.get("quality"), predicted.get("before.quality")
+    if after is None or before is None or after <= before or predicted.get("moves.lowering_quality", 0.0) > 0:
+        return None  # (a decision that also lowers quality somewhere is judged on what it gains)
+    if predicted.get("violated.quality") != 1.0 and not any(
+            k.endswith(".floor_held_before") and v == 0.0 for k, v in predicted.items()):
+        return None
+    cost, cost_before = predicted.get("cost_per_1k"), predicted.get("before.cost_per_1k")
+    return cost / cost_before - 1.0 if cost is not None and cost_before else 0.0
 
 
 def lowers_quality(predicted: Mapping[str, float]) -> bool:
@@ -994,7 +1034,8 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
                 continue
             before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
             after = rejected.tried.get(step, {}).get(knob, before)
-            if after != before and same_way(before, after, value):
+            # Only from where that trial started: once the config in force moved on, the move is another one.
+            if after != before and config.knob(step, knob) == before and same_way(before, after, value):
                 plan.drop(step, knob)  # and, once none of the step's changes is left, its reasons and predictions
                 dropped.append(f"{step}.{knob}")
     if dropped:

@@ -440,6 +440,11 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
         if (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor:
             feasible, unproven = points >= quality_floor, True
     limited = escalation_cap is not None or quick is not None
+    lab_here = int(np.searchsorted(confidence, current_threshold, side="left"))
+    # The threshold in force meets the floor on the labels' point estimate (its lower bound may not): it is held
+    # there, not moved up; moving down still takes the stricter bound (a dead band, not a ratchet).
+    holds_on_point = quality_floor is not None and bool(
+        (kept_correct[lab_here] + remote_point * lab_here) / n >= quality_floor)
     capped = bool((feasible & fast).any()) and limited
     # Latency over a target and no threshold predicted inside it holds the floor: quality first, the cheapest
     # threshold that holds it (the lowest latency among them).
@@ -489,6 +494,9 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             why = "cheapest threshold holding the floor" + (
                 f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
                 if capped and quick is None else "")
+            if escalated[best] > share_here and not capped and holds_on_point:
+                return None  # up only on evidence the floor is missed: a bound that dips with the labels' noise
+                # would walk the threshold up, as moving down takes the stricter bound
         new = float(thresholds[best])
         if escalated[best] == np.searchsorted(every, current_threshold, side="left") / len(every):
             return None  # the same tasks escalate: nothing to gain
@@ -497,12 +505,22 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             pick = np.flatnonzero(feasible)
             goal = float(thresholds[min(pick, key=lambda i: (distance[i], escalated[i]))])
             why = "toward the nearest threshold holding the floor"
+            if goal > current_threshold and not capped and holds_on_point:
+                return None  # (as above: up only once the point estimate misses the floor)
         else:
             lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))
             if quality_floor is not None and (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor:
                 return None  # the labels are too few to prove the floor, but the current threshold meets it: hold
-            goal = high
-            why = "no threshold holds the floor: up, quality first"
+            meets = np.flatnonzero(points >= quality_floor) if quality_floor is not None else np.array([], int)
+            if len(meets):
+                # As far as the floor needs on the labels' point estimates, no further: escalating everything
+                # pays for accuracy the floor does not ask for.
+                goal = float(thresholds[min(meets, key=lambda i: (escalated[i], distance[i]))])
+                why = ("no threshold's lower bound holds the floor: toward the cheapest whose point estimate does, "
+                       "quality first")
+            else:
+                goal = float(thresholds[int(np.argmax(points))])
+                why = "no threshold holds the floor: toward the most accurate, quality first"
         new = current_threshold + max(-max_step, min(max_step, goal - current_threshold))
         new = float(min(high, max(low, round(new, 6))))
     if abs(new - current_threshold) < grid / 2:

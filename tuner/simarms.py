@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tracetune.analyzer import SLO, PriceTable
 from tracetune.tuner import canary
 from tracetune.tuner.config import Knob, KnobValue, PipelineSpec
-from tracetune.tuner.loop import Moves, Rejected, look, lowers_quality
+from tracetune.tuner.loop import Moves, Rejected, look
 
 if TYPE_CHECKING:
     from tracetune.tuner.calibration import Calibration
@@ -199,9 +199,7 @@ class LoopController:
                        since_change=None if sim.last_change is None else now - sim.last_change,
                        trial_age=None if sim.trial is None else now - sim.trial.started, arms=sim.canary_arms,
                        moves=lambda: self.moves if self.remember_moves else None, rejected=lambda: self.rejected,
-                       lowers_quality=lambda: self.plan is not None and lowers_quality(
-                           {"quality": self.plan.after.get("quality"),
-                            "before.quality": self.plan.before.get("quality")}))
+                       trial_figures=lambda: self.plan.figures() if self.plan is not None else {})
         if outcome.verdict is not None:
             verdict = outcome.verdict
             if verdict.action == "wait":

@@ -367,3 +367,36 @@ def test_canaries_change_nothing_on_a_a_roll_back_a_dearer_one_and_promote_cheap
     under = rows["30% cheaper, quality under the floor"]
     assert under["correct"] >= 0.8 and under["promote"] <= 0.15, under
     assert rows["30% cheaper, lower quality over the floor"]["promote"] >= 0.8
+
+
+def test_a_canary_buying_quality_for_a_floor_at_risk_goes_on_doing_no_harm_at_the_cost_predicted():
+    """A canary whose decision raised a threshold because the one in force no longer held the floor at its
+    lower bound pays about what was predicted (+25%) for a margin its tasks cannot show: promoted once it has
+    its tasks and is no worse beyond doubt; rolled back when dearer than predicted beyond doubt; waiting while
+    its own labels put it under the floor and the config in force; judged on cost, as any, without the flag."""
+    slo = SLO(pipeline="shop", quality_floor=0.88)
+    base = arm(800, 100, 0.002, correct=712, labelled=800)  # 0.89
+    dearer = arm(400, 100, 0.0025, correct=360, labelled=400)  # 0.90, +25%
+    bought = judge(base, dearer, slo, min_requests=50, buys_quality=0.25)
+    assert bought.action == "promote", bought.reason
+    assert bought.reason.startswith("canary does no harm and buys quality margin for a floor at risk: quality 0.900 "
+                                    "against 0.890 (floor 0.88)") and "+25% predicted" in bought.reason
+    assert judge(base, dearer, slo, min_requests=50).action == "rollback"  # no flag: dearer for nothing
+    too_dear = judge(base, arm(400, 100, 0.004, correct=360, labelled=400), slo, min_requests=50, buys_quality=0.25)
+    assert too_dear.action == "rollback" and too_dear.reason.startswith(
+        "canary dearer than the +25% predicted for the quality it buys"), too_dear.reason
+    under = judge(base, arm(400, 100, 0.0025, correct=340, labelled=400), slo, min_requests=50, buys_quality=0.25)
+    assert under.action == "wait" and "under the 0.88 floor" in under.reason, under.reason  # 0.85: labels first
+    assert judge(base, arm(30, 100, 0.0025), slo, min_requests=50, buys_quality=0.25).action == "wait"  # too few
+
+
+def test_which_decisions_buy_quality_for_a_floor_at_risk():
+    from tracetune.tuner.loop import buys_quality
+
+    up = {"before.quality": 0.90, "quality": 0.91, "before.cost_per_1k": 1.0, "cost_per_1k": 1.2,
+          "escalate.floor_held_before": 0.0, "moves.lowering_quality": 0.0}
+    assert buys_quality(up) == pytest.approx(0.2)
+    assert buys_quality({**up, "escalate.floor_held_before": 1.0}) is None  # the floor was not at risk
+    assert buys_quality({**up, "escalate.floor_held_before": 1.0, "violated.quality": 1.0}) == pytest.approx(0.2)
+    assert buys_quality({**up, "quality": 0.90}) is None  # not predicted to raise quality
+    assert buys_quality({**up, "moves.lowering_quality": 1.0}) is None  # also lowers it somewhere: on its gains

@@ -358,12 +358,19 @@ def test_a_threshold_going_back_up_because_the_one_in_force_lost_the_floor_is_no
     assert "no longer holds the floor at its lower bound" in lost.reasons[-1], lost.reasons
 
     rejected = Rejected(1100.0, 3, {"g": {"cascade_threshold": 0.61}}, {"g": {"cascade_threshold": 0.62}})
+    at = PipelineSpec("p", {"g": {"cascade_threshold": Knob("float", 0.61, 0, 1)}}, {}, {})
     for violated, kept in (([], {}), (["quality"], {"g": {"cascade_threshold": 0.71}})):
         plan = going_up(0.0)
         plan.violated = violated
         plan.parts = [Part("g", ("cascade_threshold",), 0.1, 0.01)]
-        drop_rejected(plan, SPEC.defaults(), rejected, 1200.0, LoopSettings())
+        drop_rejected(plan, at.defaults(), rejected, 1200.0, LoopSettings())
         assert plan.changes == kept, (violated, plan.reasons)
+    # Once the config in force moved on (to 1.0 since), going down to 0.65 is another move, not the one tried.
+    down = Plan(changes={"g": {"cascade_threshold": 0.65}})
+    down._current["g"] = {"cascade_threshold": 1.0}
+    drop_rejected(down, at.merge(at.defaults(), {"g": {"cascade_threshold": 1.0}}), rejected, 1200.0,
+                  LoopSettings())
+    assert down.changes == {"g": {"cascade_threshold": 0.65}}, down.reasons
 
 
 def test_evidence_changes_only_beyond_noise():
@@ -658,3 +665,28 @@ def test_loop_settings_take_their_defaults_and_values_from_the_settings(tmp_path
         interval_seconds=7, window_seconds=42, cooldown_seconds=9, min_requests=11, staleness_limit_seconds=13,
         canary_share=0.3, canary_min_requests=17, canary_max_seconds=19, approval_expiry_seconds=23,
         lease_seconds=29)
+
+
+def test_moves_lowering_quality_wait_while_a_threshold_goes_up_for_a_floor_at_risk():
+    """The threshold in force no longer holds the floor at its lower bound and goes up (quality first): a cheaper
+    route mix that lowers quality waits, so the decision buys quality and is judged on doing so; without the
+    floor at risk the two go together."""
+    from tracetune.tuner.loop import Part, Plan, _hold_at_risk
+
+    def plan(held: float) -> Plan:
+        p = Plan(changes={"escalate": {"cascade_threshold": 0.65}, "score": {"route_weights": {"a": 1.0}}},
+                 predicted={"escalate.floor_held_before": held}, before={"quality": 0.9, "cost_per_1k": 1.0})
+        p.parts = [Part("escalate", ("cascade_threshold",), 0.1, 0.01), Part("score", ("route_weights",), -0.2, -0.005)]
+        p.effects = {"escalate": {"cost_per_1k.delta": 0.1, "quality.delta": 0.01},
+                     "score": {"cost_per_1k.delta": -0.2, "quality.delta": -0.005}}
+        return p
+
+    at_risk = plan(0.0)
+    _hold_at_risk(at_risk)
+    assert at_risk.changes == {"escalate": {"cascade_threshold": 0.65}}
+    assert at_risk.after["quality"] == pytest.approx(0.91) and at_risk.figures()["moves.lowering_quality"] == 0.0
+    assert any(r.startswith("score: route_weights waits for a later decision: it would lower quality while "
+                            "escalate's threshold in force no longer holds the floor") for r in at_risk.reasons)
+    safe = plan(1.0)
+    _hold_at_risk(safe)
+    assert set(safe.changes) == {"escalate", "score"} and safe.figures()["moves.lowering_quality"] == 1.0

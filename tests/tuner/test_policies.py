@@ -583,3 +583,36 @@ def test_a_cascades_threshold_and_tiers_are_chosen_together_when_a_surer_mix_let
                                 max_shift=1.0) is None
     assert cascade_tiers_policy(samples, tiers, 0.7, now, threshold, weights, 0.80, "gen", max_step=0.3,
                                 max_shift=1.0) is None  # the pair in force is under the floor: quality first
+
+
+def test_a_threshold_going_up_quality_first_goes_as_far_as_the_floor_needs_not_to_the_top():
+    """No threshold's lower bound holds the floor on 150 labelled escalations (95% right): the threshold goes to
+    the cheapest whose point estimate holds it; with a floor no threshold reaches even so, to the most accurate
+    threshold, not to 1.0 (escalating everything pays for accuracy the floor does not ask for)."""
+    samples = [CascadeSample(s.confidence, s.local_correct, (i % 20 != 0) if s.confidence < 0.5 else None)
+               for i, s in enumerate(_triage(3))]
+    up = cascade_policy(samples, 0.5, THRESHOLD, 0.94, 0.01, max_step=1.0)
+    assert up is not None and 0.5 < up.values["cascade_threshold"] < 0.9, up
+    assert up.predicted["quality"] >= 0.94 > up.predicted["quality_lower_bound"]
+    assert "toward the cheapest whose point estimate does, quality first" in up.reason
+    remote = [s.remote_correct for s in samples if s.remote_correct is not None]
+    def point(t: float) -> float:  # kept local answers, escalated ones at the remote tiers' measured accuracy
+        return sum(s.local_correct if s.confidence >= t else sum(remote) / len(remote) for s in samples) / len(samples)
+    assert point(up.values["cascade_threshold"] - 0.01) < 0.94  # one step less does not hold it
+    top = cascade_policy(samples, 0.5, THRESHOLD, 0.96, 0.01, max_step=1.0)
+    assert top is not None and top.values["cascade_threshold"] < 1.0 and "the most accurate" in top.reason
+
+
+def test_a_threshold_meeting_the_floor_on_its_point_estimate_is_held_not_walked_up_by_a_dipping_bound():
+    """The threshold in force meets the floor on the labels' point estimate but not at its lower bound: held (a
+    dead band: moving down takes the stricter bound, moving up a missed point estimate), so noise in the labels
+    does not walk it up; once its point estimate misses the floor, it goes up."""
+    samples = [CascadeSample(s.confidence, s.local_correct, (i % 20 != 0) if s.confidence < 0.6 else None)
+               for i, s in enumerate(_triage(3))]
+    remote = [s.remote_correct for s in samples if s.remote_correct is not None]
+    def point(t: float) -> float:
+        return sum(s.local_correct if s.confidence >= t else sum(remote) / len(remote) for s in samples) / len(samples)
+    floor = round(point(0.6) - 0.005, 3)  # met on the point estimate, with a lower bound some 0.03 under it
+    assert cascade_policy(samples, 0.6, THRESHOLD, floor, 0.01, max_step=1.0) is None
+    up = cascade_policy(samples, 0.6, THRESHOLD, round(point(0.6) + 0.005, 3), 0.01, max_step=1.0)
+    assert up is not None and up.values["cascade_threshold"] > 0.6, up
