@@ -12,7 +12,9 @@ Scenarios: A/A (identical configs; right = neither promoted nor rolled back for 
 25% dearer that brings a missed p95 target back (right = promoted, the reason saying it is dearer); and two
 30% cheaper ones whose decisions predicted lower quality: one under the 0.93 floor (0.90 against the config in
 force's 0.95; right = rolled back, not promoted on cost first) and one still over it (0.95 against 0.97; right
-= promoted).
+= promoted); and three whose decisions bought quality for a floor at risk, predicted 15% dearer: one as
+predicted and a little more often right (right = promoted on doing no harm), one 40% dearer (right = rolled
+back), one less often right (0.90 against 0.935, under the floor; right = rolled back).
 
     .venv/bin/python bench/canary.py                  # 1000 runs per scenario, ~2 min
     .venv/bin/python bench/canary.py --runs 200 --seed 3
@@ -61,6 +63,7 @@ class Config:
     error_rate: float = 0.005
     labelled: float = 0.1
     lowers_quality: bool = False  # the decision that started the canary predicted lower quality (`judge` is told)
+    buys_quality: float | None = None  # it bought quality for a floor at risk at this predicted cost change
 
     def tasks(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
         escalated = rng.random(n) < self.escalation
@@ -96,6 +99,12 @@ SCENARIOS: dict[str, tuple[Config, Config, str]] = {
     "30% cheaper, lower quality over the floor": (
         Config(accuracy=0.97), Config(accuracy=0.95, cost_scale=_scale_for(BASE, 0.70), lowers_quality=True),
         "promote"),
+    "15% dearer as predicted, buys quality for a floor at risk": (
+        BASE, Config(accuracy=0.945, cost_scale=_scale_for(BASE, 1.15), buys_quality=0.15), "promote"),
+    "40% dearer, 15% predicted, buys quality": (
+        BASE, Config(accuracy=0.945, cost_scale=_scale_for(BASE, 1.40), buys_quality=0.15), "rollback"),
+    "buys quality but is less often right": (
+        BASE, Config(accuracy=0.90, cost_scale=_scale_for(BASE, 1.15), buys_quality=0.15), "rollback"),
 }
 """Scenario -> (config in force, canary, the right answer: promote, rollback, or none = change nothing)."""
 
@@ -132,7 +141,7 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
         canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]))
         expired = seconds >= max_seconds
         verdict = judge(base_arm, canary_arm, slo, min_requests=min_requests, expired=expired,
-                        lowers_quality=trial.lowers_quality)
+                        lowers_quality=trial.lowers_quality, buys_quality=trial.buys_quality)
         if verdict.action != "wait":
             decided = not (expired and verdict.reason.startswith(("no evidence", "too few")))
             action = verdict.action if decided else "none"
