@@ -25,6 +25,7 @@ def serve(settings: Settings) -> None:
     from tracetune import store
     from tracetune.base.serving import allowed_hosts
     from tracetune.base.serving import serve as serve_app
+    from tracetune.collector.converter import ConversionProcess
     from tracetune.collector.ingest import Ingest
     from tracetune.collector.receivers import create_app
     from tracetune.collector.wal import WriteAheadLog
@@ -33,11 +34,13 @@ def serve(settings: Settings) -> None:
     store.connect(settings, wait=60)  # schema in place before the first insert
     wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes,
                         segment_bytes=settings.collector_wal_segment_bytes)
+    conversion = ConversionProcess() if settings.collector_convert_process else None
     writer = SpanWriter(
         lambda: store.connect(settings, ensure_schema=False), wal,
         batch_rows=settings.collector_batch_rows,
         flush_seconds=settings.collector_flush_seconds,
         max_queue_rows=settings.collector_max_queue_rows,
+        to_arrow=conversion.convert if conversion is not None else None,
     )
     ingest = Ingest(wal, writer)
     ingest.replay()
@@ -63,3 +66,5 @@ def serve(settings: Settings) -> None:
         if grpc_stopped is not None:
             grpc_stopped.wait(max(0.0, grace - (time.monotonic() - stopping)))
         wal.close()
+        if conversion is not None:
+            conversion.close()

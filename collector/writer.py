@@ -166,7 +166,9 @@ class SpanWriter:
     def __init__(self, client_factory: Callable[[], Any], wal: WriteAheadLog, batch_rows: int = 20_000,
                  flush_seconds: float = 1.0, max_queue_rows: int = 0, table: str = "otel_traces",
                  quarantine_table: str = "tracetune_quarantine", stall_seconds: float = 30.0,
-                 damage_table: str = "tracetune_wal_damage"):
+                 damage_table: str = "tracetune_wal_damage",
+                 to_arrow: Callable[[list[bytes], list[int]], pa.Table | None] | None = None):
+        self._to_arrow = to_arrow or _to_arrow_in_chunks  # or a ConversionProcess's convert (converter.py)
         self._client_factory = client_factory
         self._client: Any = None
         self.wal = wal
@@ -449,7 +451,7 @@ class SpanWriter:
         if quarantine:
             parts.append((self.quarantine_table, quarantine, token + "/q"))
         if bodies:
-            part: Part | None = _to_arrow_in_chunks([body for body, _, _ in bodies], body_spans)
+            part: Part | None = self._to_arrow([body for body, _, _ in bodies], body_spans)
             if part is None:
                 part = [row for body, ns, receiver in bodies
                         for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]

@@ -1,0 +1,204 @@
+"""Arrow conversion of the writer's batches in a child process, so receiving and converting use two cores.
+
+The receive path (HTTP, protobuf parse, the log's fsync) and the conversion of a batch to Arrow
+(columns.to_arrow: ptars, numpy, Arrow compute) are both Python: in one process they take turns holding
+the GIL, and each time one releases it (a syscall, an Arrow kernel) it waits for the other to give it
+back. Here a child process runs the same conversion (writer's `_to_arrow_in_chunks`): the parent writes
+a batch's request bodies into a file of a private folder on a memory file system, the child converts them
+and writes the table beside it as an Arrow IPC file, which the parent maps without copying.
+
+Nothing about durability changes: the child sees only copies of bodies that are already in the log, and
+the table it returns is what the same function gives in process. When the child cannot be started, dies,
+answers wrongly or takes longer than `timeout`, that batch is converted in process (as without a child)
+and a new child is started for the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+log = logging.getLogger("tracetune.collector")
+
+_MEMORY_DIRS = ("/dev/shm",)  # a tmpfs: the files never reach a disk
+_IOV_MAX = 512  # bodies per writev call (the system's limit is at least 1024)
+
+
+def _scratch_root() -> str | None:
+    """A memory file system to hold the files, else the system's temporary folder."""
+    for path in _MEMORY_DIRS:
+        if os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+            return path
+    return None
+
+
+class ConversionProcess:
+    """A child process converting batches of request bodies to one otel_traces Arrow table each.
+
+    `convert` is called by one thread at a time (the writer's converter); the child is started on first use
+    and again after it failed.
+    """
+
+    RESTART_SECONDS = 5.0  # a child that failed to start or died: the next one is started this much later
+
+    def __init__(self, timeout: float = 120.0):
+        self.timeout = timeout
+        self._directory = Path(tempfile.mkdtemp(prefix="tracetune-convert-", dir=_scratch_root()))  # mode 0700
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._next_start = 0.0  # after a failed start, the next attempt waits (batches convert in process)
+        self.fallbacks = 0  # batches converted in process because the child failed
+
+    def convert(self, bodies: list[bytes], spans: list[int]) -> pa.Table | None:
+        """writer._to_arrow_in_chunks(bodies, spans), by the child when it can."""
+        from tracetune.collector.writer import _to_arrow_in_chunks
+
+        with self._lock:
+            try:
+                return self._remote(bodies, spans)
+            except Exception as exc:  # noqa: BLE001 - _ChildFailed, or anything unforeseen: convert in process
+                self.fallbacks += 1
+                log.warning("the conversion process failed (%s); converting this batch in process", exc)
+                self._stop_child()
+            return _to_arrow_in_chunks(bodies, spans)
+
+    def close(self) -> None:
+        """Stop the child and remove the folder."""
+        with self._lock:
+            self._stop_child()
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+    # ---- parent side --------------------------------------------------------------------------
+    def _child(self) -> subprocess.Popen:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        self._stop_child()  # it exited: close its pipes
+        if time.monotonic() < self._next_start:
+            raise _ChildFailed("not restarted yet")
+        self._next_start = time.monotonic() + self.RESTART_SECONDS
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "tracetune.collector.converter", str(self._directory)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        except OSError as exc:
+            raise _ChildFailed(f"cannot start it: {exc}") from None
+        return self._proc
+
+    def _remote(self, bodies: list[bytes], spans: list[int]) -> pa.Table | None:
+        proc = self._child()
+        self._seq += 1
+        source = self._directory / f"{self._seq}.bodies"
+        target = self._directory / f"{self._seq}.arrow"
+        try:
+            fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                for start in range(0, len(bodies), _IOV_MAX):
+                    chunk = bodies[start:start + _IOV_MAX]
+                    if os.writev(fd, chunk) != sum(map(len, chunk)):
+                        raise OSError("short write")
+            finally:
+                os.close(fd)
+            request = {"bodies": source.name, "lengths": [len(b) for b in bodies], "spans": spans,
+                       "table": target.name}
+            answer = self._ask(proc, request)
+            if answer.get("status") == "none":
+                return None  # a batch for the reference converter, as in process
+            if answer.get("status") != "ok":
+                raise _ChildFailed(str(answer.get("message", answer))[:300])
+            with pa.memory_map(str(target)) as source_file:
+                return pa.ipc.open_file(source_file).read_all()  # the table's buffers stay mapped
+        except OSError as exc:  # the scratch folder is full or gone: convert in process
+            raise _ChildFailed(f"scratch files in {self._directory}: {exc}") from None
+        except pa.ArrowInvalid as exc:
+            raise _ChildFailed(f"its table cannot be read: {exc}") from None
+        finally:
+            for path in (source, target):
+                path.unlink(missing_ok=True)
+
+    def _ask(self, proc: subprocess.Popen, request: dict) -> dict:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise _ChildFailed(f"it does not take requests: {exc}") from None
+        ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
+        if not ready:
+            raise _ChildFailed(f"no answer within {self.timeout:g} s")
+        line = proc.stdout.readline()
+        if not line:
+            raise _ChildFailed(f"it exited ({proc.poll()})")
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise _ChildFailed(f"an answer that is not JSON: {line[:100]!r}") from None
+
+    def _stop_child(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(2.0)  # its stdin closed: it exits
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _ChildFailed(Exception):
+    """The child gave no usable answer for this batch."""
+
+
+# ---- child side ---------------------------------------------------------------------------------
+def _serve(directory: Path) -> None:
+    """Answer one JSON line per JSON line on stdin until it closes (the parent stopped or died).
+
+    SIGINT and SIGTERM sent to the collector's process group are the parent's to handle: it may still
+    be writing what is queued, with this process's help."""
+    from tracetune.collector.writer import _to_arrow_in_chunks
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+    for line in sys.stdin.buffer:
+        try:
+            request = json.loads(line)
+            data = (directory / request["bodies"]).read_bytes()
+            bodies, at = [], 0
+            for length in request["lengths"]:
+                bodies.append(data[at:at + length])
+                at += length
+            table = _to_arrow_in_chunks(bodies, request["spans"])
+            if table is None:
+                answer = {"status": "none"}
+            else:
+                with pa.OSFile(str(directory / request["table"]), "wb") as sink, \
+                        pa.ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+                answer = {"status": "ok"}
+        except Exception as exc:  # noqa: BLE001 - the parent converts this batch itself
+            answer = {"status": "error", "message": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.buffer.write(json.dumps(answer).encode() + b"\n")
+        sys.stdout.buffer.flush()
+
+
+if __name__ == "__main__":
+    _serve(Path(sys.argv[1]))

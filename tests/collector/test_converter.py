@@ -1,0 +1,106 @@
+"""The conversion process: the same table as in process, and a child that dies or hangs costs only its batch's speed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from tests.collector.otlp import request, span
+from tracetune.collector import writer
+from tracetune.collector.converter import ConversionProcess
+
+
+def _bodies(n: int = 30, spans: int = 40) -> tuple[list[bytes], list[int]]:
+    bodies = []
+    for i in range(n):
+        batch = [span(f"op-{i}-{j}", attributes=[KeyValue(key="i", value=AnyValue(int_value=j)),
+                                                 KeyValue(key="d", value=AnyValue(double_value=j / 3)),
+                                                 KeyValue(key="s", value=AnyValue(string_value="é" * j))])
+                 for j in range(spans)]
+        bodies.append(request(batch, service=f"svc-{i % 3}").SerializeToString())
+    return bodies, [spans] * n
+
+
+@pytest.fixture
+def conversion():
+    process = ConversionProcess(timeout=30.0)
+    yield process
+    process.close()
+
+
+def _pid(process: ConversionProcess) -> int:
+    assert process._proc is not None and process._proc.poll() is None, "no child running"
+    return process._proc.pid
+
+
+def test_the_child_gives_the_table_the_writer_makes_in_process(conversion):
+    bodies, spans = _bodies()
+    expected = writer._to_arrow_in_chunks(bodies, spans)
+    table = conversion.convert(bodies, spans)
+    assert conversion.fallbacks == 0 and _pid(conversion) != os.getpid()
+    assert table is not None and table.num_rows == sum(spans)
+    assert table.equals(expected)  # same schema (map and list types included), same values, same order
+    assert os.listdir(conversion._directory) == []  # the files are gone; the table stays mapped and readable
+    assert table.column("SpanName").to_pylist() == expected.column("SpanName").to_pylist()
+
+
+def test_a_batch_for_the_reference_converter_comes_back_as_none(conversion):
+    bodies, spans = _bodies(3, 2)
+    bad = request([span("zero ids", trace_id=bytes(16))]).SerializeToString()
+    assert writer._to_arrow_in_chunks([*bodies, bad], [*spans, 1]) is None
+    assert conversion.convert([*bodies, bad], [*spans, 1]) is None
+    assert conversion.fallbacks == 0  # the child's answer, not a failure
+
+
+def test_a_killed_child_costs_one_batch_in_process_then_a_new_child_takes_over(conversion, monkeypatch):
+    bodies, spans = _bodies(8, 10)
+    expected = writer._to_arrow_in_chunks(bodies, spans)
+    assert conversion.convert(bodies, spans).equals(expected)
+    first = _pid(conversion)
+    os.kill(first, signal.SIGKILL)
+    time.sleep(0.2)
+    assert conversion.convert(bodies, spans).equals(expected)  # converted in process, same table
+    assert conversion.fallbacks == 1
+    monkeypatch.setattr(ConversionProcess, "RESTART_SECONDS", 0.0)
+    conversion._next_start = 0.0
+    assert conversion.convert(bodies, spans).equals(expected)
+    assert conversion.fallbacks == 1 and _pid(conversion) != first
+
+
+def test_a_hung_child_is_killed_after_the_timeout_and_the_batch_converted_in_process():
+    conversion = ConversionProcess(timeout=1.0)
+    try:
+        bodies, spans = _bodies(4, 5)
+        expected = writer._to_arrow_in_chunks(bodies, spans)
+        assert conversion.convert(bodies, spans).equals(expected)
+        hung = conversion._proc
+        os.kill(hung.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        assert conversion.convert(bodies, spans).equals(expected)
+        assert conversion.fallbacks == 1 and time.monotonic() - started >= 1.0
+        assert hung.poll() is not None  # killed and reaped, not left stopped
+    finally:
+        conversion.close()
+
+
+def test_signals_for_the_collector_leave_the_child_to_finish_its_work(conversion):
+    """SIGINT/SIGTERM to the process group: the collector drains its queue at stop, the child still converts."""
+    bodies, spans = _bodies(4, 5)
+    assert conversion.convert(bodies, spans) is not None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(_pid(conversion), signum)
+    time.sleep(0.3)
+    assert conversion.convert(bodies, spans) is not None and conversion.fallbacks == 0
+
+
+def test_close_stops_the_child_and_removes_its_folder():
+    conversion = ConversionProcess()
+    bodies, spans = _bodies(2, 2)
+    assert conversion.convert(bodies, spans) is not None
+    child = conversion._proc
+    conversion.close()
+    assert child.poll() is not None and not conversion._directory.exists()
