@@ -31,19 +31,28 @@ def serve(settings: Settings) -> None:
     from tracetune.collector.wal import WriteAheadLog
     from tracetune.collector.writer import SpanWriter
 
-    store.connect(settings, wait=60)  # schema in place before the first insert
-    wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes,
-                        segment_bytes=settings.collector_wal_segment_bytes)
     conversion = ConversionProcess() if settings.collector_convert_process else None
-    writer = SpanWriter(
-        lambda: store.connect(settings, ensure_schema=False), wal,
-        batch_rows=settings.collector_batch_rows,
-        flush_seconds=settings.collector_flush_seconds,
-        max_queue_rows=settings.collector_max_queue_rows,
-        to_arrow=conversion.convert if conversion is not None else None,
-    )
-    ingest = Ingest(wal, writer)
-    ingest.replay()
+    try:
+        if conversion is not None:
+            conversion.start()  # its imports overlap the store's start-up and the log's replay
+        store.connect(settings, wait=60)  # schema in place before the first insert
+        wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes,
+                            segment_bytes=settings.collector_wal_segment_bytes)
+        writer = SpanWriter(
+            lambda: store.connect(settings, ensure_schema=False), wal,
+            batch_rows=settings.collector_batch_rows,
+            flush_seconds=settings.collector_flush_seconds,
+            max_queue_rows=settings.collector_max_queue_rows,
+            to_arrow=conversion.convert if conversion is not None else None,
+        )
+        ingest = Ingest(wal, writer)
+        ingest.replay()
+        if conversion is not None:
+            conversion.start(wait=30.0)
+    except BaseException:
+        if conversion is not None:
+            conversion.close()
+        raise
     writer.start()
     grpc_server = None
     budget = settings.collector_stop_seconds

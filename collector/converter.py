@@ -36,6 +36,24 @@ _MEMORY_DIRS = ("/dev/shm",)  # a tmpfs: the files never reach a disk
 _IOV_MAX = 512  # bodies per writev call (the system's limit is at least 1024)
 
 
+_PREFIX = "tracetune-convert-"
+
+
+def _remove_stale(root: Path) -> None:
+    """Folders of collectors that were killed before they could remove theirs (a memory file system keeps
+    them until the machine restarts)."""
+    for folder in root.glob(f"{_PREFIX}*-*"):
+        pid = folder.name[len(_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _scratch_root() -> str | None:
     """A memory file system to hold the files, else the system's temporary folder."""
     for path in _MEMORY_DIRS:
@@ -55,8 +73,11 @@ class ConversionProcess:
 
     def __init__(self, timeout: float = 120.0):
         self.timeout = timeout
-        self._directory = Path(tempfile.mkdtemp(prefix="tracetune-convert-", dir=_scratch_root()))  # mode 0700
+        root = _scratch_root()
+        _remove_stale(Path(root or tempfile.gettempdir()))
+        self._directory = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=root))  # mode 0700
         self._proc: subprocess.Popen | None = None
+        self._ready = False  # the child said it has imported what it needs
         self._lock = threading.Lock()
         self._seq = 0
         self._next_start = 0.0  # after a failed start, the next attempt waits (batches convert in process)
@@ -74,6 +95,20 @@ class ConversionProcess:
                 log.warning("the conversion process failed (%s); converting this batch in process", exc)
                 self._stop_child()
             return _to_arrow_in_chunks(bodies, spans)
+
+    def start(self, wait: float = 0.0) -> bool:
+        """Start the child now and wait up to `wait` s until it is ready (its imports take a second or
+        two), so the first batch does not wait for them; False if it is not ready (batches then retry it)."""
+        with self._lock:
+            try:
+                proc = self._child()
+                if wait:
+                    self._await_ready(proc, wait)
+                return True
+            except _ChildFailed as exc:
+                log.warning("the conversion process is not ready (%s); batches are converted in process until "
+                            "it is", exc)
+                return False
 
     def close(self) -> None:
         """Stop the child and remove the folder."""
@@ -97,8 +132,16 @@ class ConversionProcess:
             raise _ChildFailed(f"cannot start it: {exc}") from None
         return self._proc
 
+    def _await_ready(self, proc: subprocess.Popen, timeout: float) -> None:
+        if not self._ready:
+            answer = self._answer(proc, timeout)
+            if answer.get("status") != "ready":
+                raise _ChildFailed(f"it did not start: {answer}")
+            self._ready = True
+
     def _remote(self, bodies: list[bytes], spans: list[int]) -> pa.Table | None:
         proc = self._child()
+        self._await_ready(proc, self.timeout)
         self._seq += 1
         source = self._directory / f"{self._seq}.bodies"
         target = self._directory / f"{self._seq}.arrow"
@@ -135,9 +178,13 @@ class ConversionProcess:
             proc.stdin.flush()
         except (BrokenPipeError, OSError) as exc:
             raise _ChildFailed(f"it does not take requests: {exc}") from None
-        ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
+        return self._answer(proc, self.timeout)
+
+    def _answer(self, proc: subprocess.Popen, timeout: float) -> dict:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
         if not ready:
-            raise _ChildFailed(f"no answer within {self.timeout:g} s")
+            raise _ChildFailed(f"no answer within {timeout:g} s")
         line = proc.stdout.readline()
         if not line:
             raise _ChildFailed(f"it exited ({proc.poll()})")
@@ -147,7 +194,7 @@ class ConversionProcess:
             raise _ChildFailed(f"an answer that is not JSON: {line[:100]!r}") from None
 
     def _stop_child(self) -> None:
-        proc, self._proc = self._proc, None
+        proc, self._proc, self._ready = self._proc, None, False
         if proc is None:
             return
         for stream in (proc.stdin, proc.stdout):
@@ -177,11 +224,15 @@ def _serve(directory: Path) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+    sys.stdout.buffer.write(b'{"status": "ready"}\n')
+    sys.stdout.buffer.flush()
 
     for line in sys.stdin.buffer:
         try:
             request = json.loads(line)
-            data = (directory / request["bodies"]).read_bytes()
+            source = directory / request["bodies"]
+            data = source.read_bytes()
+            source.unlink()  # its memory back now
             bodies, at = [], 0
             for length in request["lengths"]:
                 bodies.append(data[at:at + length])
@@ -198,6 +249,7 @@ def _serve(directory: Path) -> None:
             answer = {"status": "error", "message": f"{type(exc).__name__}: {exc}"}
         sys.stdout.buffer.write(json.dumps(answer).encode() + b"\n")
         sys.stdout.buffer.flush()
+    shutil.rmtree(directory, ignore_errors=True)  # the parent closed stdin or died: nothing here is wanted
 
 
 if __name__ == "__main__":

@@ -104,3 +104,46 @@ def test_close_stops_the_child_and_removes_its_folder():
     child = conversion._proc
     conversion.close()
     assert child.poll() is not None and not conversion._directory.exists()
+
+
+def test_start_waits_until_the_child_is_ready():
+    conversion = ConversionProcess()
+    try:
+        assert conversion.start(wait=60.0) and conversion._ready and _pid(conversion)
+        bodies, spans = _bodies(2, 2)
+        assert conversion.convert(bodies, spans) is not None and conversion.fallbacks == 0
+    finally:
+        conversion.close()
+
+
+def test_a_child_whose_parent_is_gone_removes_the_folder():
+    """stdin closes when the collector dies: the child leaves nothing in the memory file system."""
+    conversion = ConversionProcess()
+    try:
+        assert conversion.start(wait=60.0)
+        child = conversion._proc
+        child.stdin.close()  # what the collector's death does to the pipe
+        child.wait(30)
+        assert not conversion._directory.exists()
+    finally:
+        conversion.close()
+
+
+def test_folders_of_killed_collectors_are_removed_at_the_next_start(tmp_path, monkeypatch):
+    import subprocess
+
+    from tracetune.collector import converter
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"tracetune-convert-{gone.pid}-abc"
+    live = tmp_path / f"tracetune-convert-{os.getpid()}-def"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "1.bodies").write_bytes(b"x")
+    monkeypatch.setattr(converter, "_MEMORY_DIRS", (str(tmp_path),))
+    conversion = ConversionProcess()
+    try:
+        assert not stale.exists() and live.exists() and conversion._directory.parent == tmp_path
+    finally:
+        conversion.close()
