@@ -5,7 +5,8 @@ The receive path (HTTP, protobuf parse, the log's fsync) and the conversion of a
 the GIL, and each time one releases it (a syscall, an Arrow kernel) it waits for the other to give it
 back. Here a child process runs the same conversion (writer's `_to_arrow_in_chunks`): the parent writes
 a batch's request bodies into a file of a private folder on a memory file system, the child converts them
-and writes the table beside it as an Arrow IPC file, which the parent maps without copying.
+and writes the table beside it as the Arrow IPC file an insert sends, which the parent sends as it is
+(writer.ArrowFile; read back into a table only to split a part the store refused).
 
 Nothing about durability changes: the child sees only copies of bodies that are already in the log, and
 the table it returns is what the same function gives in process. When the child cannot be started, dies,
@@ -30,10 +31,16 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from tracetune.collector.rows import COLUMNS
+from tracetune.collector.writer import ArrowFile, _to_arrow_in_chunks
+
 log = logging.getLogger("tracetune.collector")
 
 _MEMORY_DIRS = ("/dev/shm",)  # a tmpfs: the files never reach a disk
 _IOV_MAX = 512  # bodies per writev call (the system's limit is at least 1024)
+# As clickhouse-connect's insert_arrow writes an insert's body (LZ4-compressed buffers): a quarter of the size
+# in memory, and the store decodes it as it decodes every Arrow insert.
+_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4" if pa.Codec.is_available("lz4") else None)
 
 
 _PREFIX = "tracetune-convert-"
@@ -83,10 +90,9 @@ class ConversionProcess:
         self._next_start = 0.0  # after a failed start, the next attempt waits (batches convert in process)
         self.fallbacks = 0  # batches converted in process because the child failed
 
-    def convert(self, bodies: list[bytes], spans: list[int]) -> pa.Table | None:
-        """writer._to_arrow_in_chunks(bodies, spans), by the child when it can."""
-        from tracetune.collector.writer import _to_arrow_in_chunks
-
+    def convert(self, bodies: list[bytes], spans: list[int]) -> ArrowFile | pa.Table | None:
+        """writer._to_arrow_in_chunks(bodies, spans), by the child as the Arrow IPC file an insert sends when
+        it can, else in process."""
         with self._lock:
             try:
                 return self._remote(bodies, spans)
@@ -139,7 +145,7 @@ class ConversionProcess:
                 raise _ChildFailed(f"it did not start: {answer}")
             self._ready = True
 
-    def _remote(self, bodies: list[bytes], spans: list[int]) -> pa.Table | None:
+    def _remote(self, bodies: list[bytes], spans: list[int]) -> ArrowFile | None:
         proc = self._child()
         self._await_ready(proc, self.timeout)
         self._seq += 1
@@ -161,8 +167,10 @@ class ConversionProcess:
                 return None  # a batch for the reference converter, as in process
             if answer.get("status") != "ok":
                 raise _ChildFailed(str(answer.get("message", answer))[:300])
-            with pa.memory_map(str(target)) as source_file:
-                return pa.ipc.open_file(source_file).read_all()  # the table's buffers stay mapped
+            body = target.read_bytes()
+            if pa.ipc.open_file(pa.py_buffer(body)).schema.names != COLUMNS:  # its footer and schema are whole
+                raise _ChildFailed("a table with other columns")
+            return ArrowFile(body, int(answer["rows"]))
         except OSError as exc:  # the scratch folder is full or gone: convert in process
             raise _ChildFailed(f"scratch files in {self._directory}: {exc}") from None
         except pa.ArrowInvalid as exc:
@@ -220,8 +228,6 @@ def _serve(directory: Path) -> None:
 
     SIGINT and SIGTERM sent to the collector's process group are the parent's to handle: it may still
     be writing what is queued, with this process's help."""
-    from tracetune.collector.writer import _to_arrow_in_chunks
-
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     sys.stdout.buffer.write(b'{"status": "ready"}\n')
@@ -242,9 +248,9 @@ def _serve(directory: Path) -> None:
                 answer = {"status": "none"}
             else:
                 with pa.OSFile(str(directory / request["table"]), "wb") as sink, \
-                        pa.ipc.new_file(sink, table.schema) as writer:
+                        pa.ipc.new_file(sink, table.schema, options=_WRITE_OPTIONS) as writer:
                     writer.write_table(table)
-                answer = {"status": "ok"}
+                answer = {"status": "ok", "rows": table.num_rows}
         except Exception as exc:  # noqa: BLE001 - the parent converts this batch itself
             answer = {"status": "error", "message": f"{type(exc).__name__}: {exc}"}
         sys.stdout.buffer.write(json.dumps(answer).encode() + b"\n")

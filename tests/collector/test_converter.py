@@ -10,8 +10,10 @@ import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from tests.collector.otlp import request, span
+from tracetune import store
 from tracetune.collector import writer
 from tracetune.collector.converter import ConversionProcess
+from tracetune.collector.writer import ArrowFile
 
 
 def _bodies(n: int = 30, spans: int = 40) -> tuple[list[bytes], list[int]]:
@@ -32,6 +34,11 @@ def conversion():
     process.close()
 
 
+def _table(part):
+    """The table of what convert gave: the child's Arrow IPC file, or a table converted in process."""
+    return part.table() if isinstance(part, ArrowFile) else part
+
+
 def _pid(process: ConversionProcess) -> int:
     assert process._proc is not None and process._proc.poll() is None, "no child running"
     return process._proc.pid
@@ -40,12 +47,11 @@ def _pid(process: ConversionProcess) -> int:
 def test_the_child_gives_the_table_the_writer_makes_in_process(conversion):
     bodies, spans = _bodies()
     expected = writer._to_arrow_in_chunks(bodies, spans)
-    table = conversion.convert(bodies, spans)
+    part = conversion.convert(bodies, spans)
     assert conversion.fallbacks == 0 and _pid(conversion) != os.getpid()
-    assert table is not None and table.num_rows == sum(spans)
-    assert table.equals(expected)  # same schema (map and list types included), same values, same order
-    assert os.listdir(conversion._directory) == []  # the files are gone; the table stays mapped and readable
-    assert table.column("SpanName").to_pylist() == expected.column("SpanName").to_pylist()
+    assert isinstance(part, ArrowFile) and len(part) == sum(spans)
+    assert part.table().equals(expected)  # same schema (map and list types included), same values, same order
+    assert os.listdir(conversion._directory) == []  # nothing left in the memory file system
 
 
 def test_a_batch_for_the_reference_converter_comes_back_as_none(conversion):
@@ -59,15 +65,15 @@ def test_a_batch_for_the_reference_converter_comes_back_as_none(conversion):
 def test_a_killed_child_costs_one_batch_in_process_then_a_new_child_takes_over(conversion, monkeypatch):
     bodies, spans = _bodies(8, 10)
     expected = writer._to_arrow_in_chunks(bodies, spans)
-    assert conversion.convert(bodies, spans).equals(expected)
+    assert isinstance(conversion.convert(bodies, spans), ArrowFile)
     first = _pid(conversion)
     os.kill(first, signal.SIGKILL)
     time.sleep(0.2)
-    assert conversion.convert(bodies, spans).equals(expected)  # converted in process, same table
+    assert conversion.convert(bodies, spans).equals(expected)  # converted in process: a table, the same one
     assert conversion.fallbacks == 1
     monkeypatch.setattr(ConversionProcess, "RESTART_SECONDS", 0.0)
     conversion._next_start = 0.0
-    assert conversion.convert(bodies, spans).equals(expected)
+    assert _table(conversion.convert(bodies, spans)).equals(expected)
     assert conversion.fallbacks == 1 and _pid(conversion) != first
 
 
@@ -76,7 +82,7 @@ def test_a_hung_child_is_killed_after_the_timeout_and_the_batch_converted_in_pro
     try:
         bodies, spans = _bodies(4, 5)
         expected = writer._to_arrow_in_chunks(bodies, spans)
-        assert conversion.convert(bodies, spans).equals(expected)
+        assert isinstance(conversion.convert(bodies, spans), ArrowFile)
         hung = conversion._proc
         os.kill(hung.pid, signal.SIGSTOP)
         started = time.monotonic()
@@ -147,3 +153,40 @@ def test_folders_of_killed_collectors_are_removed_at_the_next_start(tmp_path, mo
         assert not stale.exists() and live.exists() and conversion._directory.parent == tmp_path
     finally:
         conversion.close()
+
+
+# ---- the writer with a conversion process, against the real store --------------------------------------
+@pytest.fixture
+def ingest_with_child(db_settings, tmp_path):
+    from tests.collector.test_receiver import start_ingest, stop_ingest
+
+    conversion = ConversionProcess()
+    ingest = start_ingest(db_settings, tmp_path / "wal", batch_rows=10_000, flush_seconds=0.2,
+                          to_arrow=conversion.convert)
+    yield ingest, store.connect(db_settings, ensure_schema=False), conversion
+    stop_ingest(ingest)
+    conversion.close()
+
+
+def test_the_childs_file_is_inserted_as_it_is_and_every_span_lands_once(ingest_with_child, caplog):
+    ingest, client, conversion = ingest_with_child
+    caplog.set_level("WARNING", "tracetune.collector")
+    sent = [request([span(f"op-{i}-{j}", attributes=[KeyValue(key="j", value=AnyValue(int_value=j))])
+                     for j in range(50)]) for i in range(20)]
+    for each in sent:
+        assert ingest.export(each).accepted_spans == 50
+    assert ingest.writer.flush(60) and conversion.fallbacks == 0
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]  # whole, not split after a refusal
+    stored = client.query("SELECT SpanName, SpanAttributes['j'], ServiceName FROM otel_traces "
+                          "ORDER BY SpanName").result_rows
+    assert stored == sorted((f"op-{i}-{j}", str(j), "test-svc") for i in range(20) for j in range(50))
+
+
+def test_a_file_the_store_refuses_is_split_and_every_span_still_lands(ingest_with_child):
+    """101 dates in one insert: more partitions than the store takes at once, so the part is split in halves."""
+    ingest, client, conversion = ingest_with_child
+    day = 86_400 * 10**9
+    ingest.export(request([span(f"d{i}", start=1_700_000_000 * 10**9 + i * day) for i in range(101)]))
+    assert ingest.writer.flush(60) and conversion.fallbacks == 0
+    assert client.query("SELECT count(), uniqExact(SpanName) FROM otel_traces").result_rows == [(101, 101)]
+    assert client.query("SELECT count() FROM tracetune_quarantine").result_rows == [(0,)]
