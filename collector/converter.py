@@ -243,6 +243,7 @@ def _serve(directory: Path) -> None:
             for length in request["lengths"]:
                 bodies.append(data[at:at + length])
                 at += length
+            del data  # the bodies are copies: the joined file's bytes are not needed during the conversion
             table = _to_arrow_in_chunks(bodies, request["spans"])
             if table is None:
                 answer = {"status": "none"}
