@@ -329,7 +329,12 @@ def cpu_seconds(pid: int) -> float:
     stat = _stat(pid)
     if stat is None:
         return float("nan")
-    ticks = sum(int(x) for x in stat[11:15])  # utime, stime, cutime, cstime
+    return sum(int(x) for x in stat[11:15]) / _TICK + children_cpu_seconds(pid)  # utime, stime, cutime, cstime
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU so far of a process's live children (py-spy samples the process, not them)."""
+    ticks = 0
     for child in _children(pid):
         if (child_stat := _stat(child)) is not None:
             ticks += int(child_stat[11]) + int(child_stat[12])
@@ -675,8 +680,9 @@ def profile_stages(collapsed: Path) -> tuple[dict[str, int], int]:
     return stages, waiting
 
 
-def report_profile(collapsed: Path, cpu: float, spans: int) -> None:
-    """The collector's CPU per span (sending + drain) split by the profile's shares of busy samples."""
+def report_profile(collapsed: Path, cpu: float, spans: int, children_cpu: float = 0.0) -> None:
+    """The collector's CPU per span (sending + drain) split by the profile's shares of busy samples; its
+    children's CPU (the conversion process, not sampled) is a row of its own."""
     if not collapsed.exists():
         console.print(f"[red]no profile written ({collapsed})[/]")
         return
@@ -687,8 +693,12 @@ def report_profile(collapsed: Path, cpu: float, spans: int) -> None:
     table.add_column("stage")
     table.add_column("share", justify="right")
     table.add_column("µs/span", justify="right")
+    sampled = cpu - children_cpu
     for name, count in sorted(stages.items(), key=lambda kv: -kv[1]):
-        table.add_row(name, f"{count / busy:.1%}", f"{count / busy * cpu / max(spans, 1) * 1e6:.2f}")
+        table.add_row(name, f"{count / busy:.1%}", f"{count / busy * sampled / max(spans, 1) * 1e6:.2f}")
+    if children_cpu:
+        table.add_row("child processes (the conversion to Arrow): their CPU, not sampled", "",
+                      f"{children_cpu / max(spans, 1) * 1e6:.2f}")
     console.print(table)
     console.print("Shares are of samples in which a thread ran Python or was in native code; a thread waiting "
                   "for the GIL counts as busy, so the shares are the profile's, the µs/span totals measured.")
@@ -840,6 +850,7 @@ def run_tree(args: argparse.Namespace, tree: Tree, overrides: dict[str, str], te
         wait_http(f"{settings.collector_url}/health", collector_proc, home / "collector.log")
 
         ceilings = measure_ceilings(settings, templates, store_proc.pid, ceiling_seconds, tree)
+        children_cpu0 = children_cpu_seconds(collector_proc.pid)
         profile = start_profile(collector_proc.pid, home / "collector.pyspy") if args.profile else None
         try:
             load = run_load(settings, templates, args.senders, args.seconds, collector_proc.pid, store_proc.pid)
@@ -855,7 +866,8 @@ def run_tree(args: argparse.Namespace, tree: Tree, overrides: dict[str, str], te
                       f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
         report(args, ceilings, load, drain)
         if profile is not None:
-            report_profile(home / "collector.pyspy", drain.collector_cpu, drain.stored)
+            report_profile(home / "collector.pyspy", drain.collector_cpu, drain.stored,
+                           children_cpu_seconds(collector_proc.pid) - children_cpu0)
         if collector_proc.poll() is not None:
             console.print(f"[red]collector exited ({collector_proc.returncode}); log {home / 'collector.log'}[/]")
         return Run(tree, ceilings, load, drain)
