@@ -634,7 +634,7 @@ STAGES = [
     ("protobuf parse (upb; receivers.parse)", ("parse (tracetune/collector/receivers.py",
                                                "parse (collector/receivers.py")),
     ("log append: record CRC, pwrite, group commit", ("WriteAheadLog.append",)),
-    ("to Arrow by the conversion process: bodies out, table mapped in", ("ConversionProcess.",)),
+    ("to Arrow by the conversion process: bodies out, its file read in", ("ConversionProcess.",)),
     ("to Arrow: ptars + Arrow compute (columns.to_arrow)", ("to_arrow",)),
     ("reference converter (rows.convert)", ("convert (",)),
     ("log read-back of a batch (WriteAheadLog.read)", ("WriteAheadLog.read",)),
