@@ -37,6 +37,8 @@ from tracetune.collector.writer import ArrowFile, _to_arrow_in_chunks
 log = logging.getLogger("tracetune.collector")
 
 _MEMORY_DIRS = ("/dev/shm",)  # a tmpfs: the files never reach a disk
+_MEMORY_DIR_MIN_FREE = 1 << 30  # a smaller one (a container's 64 MiB /dev/shm) could not hold a large batch
+_LOG_EVERY_SECONDS = 60.0  # the same failure is logged once a minute, not once a batch
 _IOV_MAX = 512  # bodies per writev call (the system's limit is at least 1024)
 # As clickhouse-connect's insert_arrow writes an insert's body (LZ4-compressed buffers): a quarter of the size
 # in memory, and the store decodes it as it decodes every Arrow insert.
@@ -64,7 +66,11 @@ def _remove_stale(root: Path) -> None:
 def _scratch_root() -> str | None:
     """A memory file system to hold the files, else the system's temporary folder."""
     for path in _MEMORY_DIRS:
-        if os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK):
+        try:
+            free = os.statvfs(path)
+        except OSError:
+            continue
+        if os.access(path, os.W_OK | os.X_OK) and free.f_bavail * free.f_frsize >= _MEMORY_DIR_MIN_FREE:
             return path
     return None
 
@@ -89,6 +95,7 @@ class ConversionProcess:
         self._seq = 0
         self._next_start = 0.0  # after a failed start, the next attempt waits (batches convert in process)
         self.fallbacks = 0  # batches converted in process because the child failed
+        self._logged: tuple[str, float] = ("", 0.0)
 
     def convert(self, bodies: list[bytes], spans: list[int]) -> ArrowFile | pa.Table | None:
         """writer._to_arrow_in_chunks(bodies, spans), by the child as the Arrow IPC file an insert sends when
@@ -98,7 +105,7 @@ class ConversionProcess:
                 return self._remote(bodies, spans)
             except Exception as exc:  # noqa: BLE001 - _ChildFailed, or anything unforeseen: convert in process
                 self.fallbacks += 1
-                log.warning("the conversion process failed (%s); converting this batch in process", exc)
+                self._warn(f"the conversion process failed ({exc}); converting this batch in process")
                 self._stop_child()
             return _to_arrow_in_chunks(bodies, spans)
 
@@ -115,6 +122,12 @@ class ConversionProcess:
                 log.warning("the conversion process is not ready (%s); batches are converted in process until "
                             "it is", exc)
                 return False
+
+    def _warn(self, message: str) -> None:
+        last, at = self._logged
+        if message != last or time.monotonic() - at >= _LOG_EVERY_SECONDS:
+            self._logged = (message, time.monotonic())
+            log.warning("%s", message)
 
     def close(self) -> None:
         """Stop the child and remove the folder."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
@@ -190,3 +191,19 @@ def test_a_file_the_store_refuses_is_split_and_every_span_still_lands(ingest_wit
     assert ingest.writer.flush(60) and conversion.fallbacks == 0
     assert client.query("SELECT count(), uniqExact(SpanName) FROM otel_traces").result_rows == [(101, 101)]
     assert client.query("SELECT count() FROM tracetune_quarantine").result_rows == [(0,)]
+
+
+def test_a_small_memory_file_system_is_passed_over_for_the_temporary_folder(monkeypatch):
+    """A container's /dev/shm of 64 MiB could not hold a large batch's files: the system's temporary folder then."""
+    import tempfile
+
+    from tracetune.collector import converter
+
+    monkeypatch.setattr(converter, "_MEMORY_DIR_MIN_FREE", 1 << 62)
+    conversion = ConversionProcess()
+    try:
+        assert conversion._directory.parent == Path(tempfile.gettempdir())
+        bodies, spans = _bodies(2, 2)
+        assert isinstance(conversion.convert(bodies, spans), ArrowFile) and conversion.fallbacks == 0
+    finally:
+        conversion.close()
