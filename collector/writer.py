@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -51,8 +51,8 @@ class ArrowFile:
     """Spans already serialized as the Arrow IPC file an insert sends (by the conversion process,
     converter.py): inserted as they are, the table read back only to split the part."""
 
-    body: bytes
-    rows: int
+    body: bytes = field(repr=False)  # tens of MB: never in a log line
+    rows: int = 0
 
     def __len__(self) -> int:
         return self.rows
