@@ -308,23 +308,50 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) 
     raise RuntimeError(f"{url} did not come up (exit code {proc.poll()}); log {log}:\n{tail}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads) so far."""
+def _stat(pid: int) -> list[str] | None:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (the collector's conversion process)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None and stat[1] == str(pid):
+            found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU so far of a process (all its threads), its live children and the ones it reaped."""
+    stat = _stat(pid)
+    if stat is None:
         return float("nan")
-    return (int(stat[11]) + int(stat[12])) / _TICK
+    return sum(int(x) for x in stat[11:15]) / _TICK + children_cpu_seconds(pid)  # utime, stime, cutime, cstime
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU so far of a process's live children (py-spy samples the process, not them)."""
+    ticks = 0
+    for child in _children(pid):
+        if (child_stat := _stat(child)) is not None:
+            ticks += int(child_stat[11]) + int(child_stat[12])
+    return ticks / _TICK
 
 
 def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    """VmHWM of a process plus its live children's (their peaks added, so at most this much at once)."""
+    total = float("nan")
+    for each in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total = (0.0 if total != total else total) + int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
 
 
 def clickhouse(settings: Settings, database: str | None = None):
@@ -599,13 +626,15 @@ def wait_stored(settings: Settings, acked: int, timeout: float) -> Drain:
 # ---- collector profile (--profile) ----------------------------------------------------------------
 # Where a sample's innermost frames say the thread waits (not CPU): left out of the shares.
 _WAITING = ("EpollSelector.select", "FileOps.fdatasync", "Condition.wait", "Queue.get", "Event.wait",
-            "_worker (concurrent/futures/thread.py")  # an idle executor thread, in SimpleQueue.get
+            "_worker (concurrent/futures/thread.py",  # an idle executor thread, in SimpleQueue.get
+            "ConversionProcess._ask")  # waiting for the conversion process's answer (select)
 # A busy sample's stage: the first stage (in this order) one of whose names is in its stack.
 STAGES = [
     ("validation scan (rows.checked_span_count)", ("checked_span_count",)),
     ("protobuf parse (upb; receivers.parse)", ("parse (tracetune/collector/receivers.py",
                                                "parse (collector/receivers.py")),
     ("log append: record CRC, pwrite, group commit", ("WriteAheadLog.append",)),
+    ("to Arrow by the conversion process: bodies out, its file read in", ("ConversionProcess.",)),
     ("to Arrow: ptars + Arrow compute (columns.to_arrow)", ("to_arrow",)),
     ("reference converter (rows.convert)", ("convert (",)),
     ("log read-back of a batch (WriteAheadLog.read)", ("WriteAheadLog.read",)),
@@ -651,8 +680,9 @@ def profile_stages(collapsed: Path) -> tuple[dict[str, int], int]:
     return stages, waiting
 
 
-def report_profile(collapsed: Path, cpu: float, spans: int) -> None:
-    """The collector's CPU per span (sending + drain) split by the profile's shares of busy samples."""
+def report_profile(collapsed: Path, cpu: float, spans: int, children_cpu: float = 0.0) -> None:
+    """The collector's CPU per span (sending + drain) split by the profile's shares of busy samples; its
+    children's CPU (the conversion process, not sampled) is a row of its own."""
     if not collapsed.exists():
         console.print(f"[red]no profile written ({collapsed})[/]")
         return
@@ -663,8 +693,12 @@ def report_profile(collapsed: Path, cpu: float, spans: int) -> None:
     table.add_column("stage")
     table.add_column("share", justify="right")
     table.add_column("µs/span", justify="right")
+    sampled = cpu - children_cpu
     for name, count in sorted(stages.items(), key=lambda kv: -kv[1]):
-        table.add_row(name, f"{count / busy:.1%}", f"{count / busy * cpu / max(spans, 1) * 1e6:.2f}")
+        table.add_row(name, f"{count / busy:.1%}", f"{count / busy * sampled / max(spans, 1) * 1e6:.2f}")
+    if children_cpu:
+        table.add_row("child processes (the conversion to Arrow): their CPU, not sampled", "",
+                      f"{children_cpu / max(spans, 1) * 1e6:.2f}")
     console.print(table)
     console.print("Shares are of samples in which a thread ran Python or was in native code; a thread waiting "
                   "for the GIL counts as busy, so the shares are the profile's, the µs/span totals measured.")
@@ -706,10 +740,11 @@ def report(args: argparse.Namespace, ceilings: Ceilings, load: LoadResult, drain
     table.add_row("answers", answers or "none")
     table.add_row("spans rejected in 200 answers (partial success)", f"{load.rejected:,}")
     table.add_row("spans in failed requests (not resent)", f"{load.ambiguous:,}")
-    table.add_row("collector CPU", cores(load.collector_cpu))
+    table.add_row("collector CPU (+ children)", cores(load.collector_cpu))
     table.add_row("store CPU", cores(load.store_cpu))
     table.add_row("senders CPU", cores(load.sender_cpu))
-    table.add_row("peak RSS collector / store (VmHWM)", f"{load.collector_rss_mb:,.0f} / {load.store_rss_mb:,.0f} MB")
+    table.add_row("peak RSS collector (+ children) / store (VmHWM)",
+                  f"{load.collector_rss_mb:,.0f} / {load.store_rss_mb:,.0f} MB")
     if drain is not None:
         match = drain.stored == load.acked
         table.add_row("stored when sending stopped", f"{drain.stored_at_end:,} "
@@ -815,6 +850,7 @@ def run_tree(args: argparse.Namespace, tree: Tree, overrides: dict[str, str], te
         wait_http(f"{settings.collector_url}/health", collector_proc, home / "collector.log")
 
         ceilings = measure_ceilings(settings, templates, store_proc.pid, ceiling_seconds, tree)
+        children_cpu0 = children_cpu_seconds(collector_proc.pid)
         profile = start_profile(collector_proc.pid, home / "collector.pyspy") if args.profile else None
         try:
             load = run_load(settings, templates, args.senders, args.seconds, collector_proc.pid, store_proc.pid)
@@ -830,7 +866,8 @@ def run_tree(args: argparse.Namespace, tree: Tree, overrides: dict[str, str], te
                       f"{' '.join(f'{x:.2f}' for x in os.getloadavg())})")
         report(args, ceilings, load, drain)
         if profile is not None:
-            report_profile(home / "collector.pyspy", drain.collector_cpu, drain.stored)
+            report_profile(home / "collector.pyspy", drain.collector_cpu, drain.stored,
+                           children_cpu_seconds(collector_proc.pid) - children_cpu0)
         if collector_proc.poll() is not None:
             console.print(f"[red]collector exited ({collector_proc.returncode}); log {home / 'collector.log'}[/]")
         return Run(tree, ceilings, load, drain)

@@ -25,22 +25,34 @@ def serve(settings: Settings) -> None:
     from tracetune import store
     from tracetune.base.serving import allowed_hosts
     from tracetune.base.serving import serve as serve_app
+    from tracetune.collector.converter import ConversionProcess
     from tracetune.collector.ingest import Ingest
     from tracetune.collector.receivers import create_app
     from tracetune.collector.wal import WriteAheadLog
     from tracetune.collector.writer import SpanWriter
 
-    store.connect(settings, wait=60)  # schema in place before the first insert
-    wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes,
-                        segment_bytes=settings.collector_wal_segment_bytes)
-    writer = SpanWriter(
-        lambda: store.connect(settings, ensure_schema=False), wal,
-        batch_rows=settings.collector_batch_rows,
-        flush_seconds=settings.collector_flush_seconds,
-        max_queue_rows=settings.collector_max_queue_rows,
-    )
-    ingest = Ingest(wal, writer)
-    ingest.replay()
+    conversion = ConversionProcess() if settings.collector_convert_process else None
+    try:
+        if conversion is not None:
+            conversion.start()  # its imports overlap the store's start-up and the log's replay
+        store.connect(settings, wait=60)  # schema in place before the first insert
+        wal = WriteAheadLog(settings.home / "wal", max_bytes=settings.collector_wal_max_bytes,
+                            segment_bytes=settings.collector_wal_segment_bytes)
+        writer = SpanWriter(
+            lambda: store.connect(settings, ensure_schema=False), wal,
+            batch_rows=settings.collector_batch_rows,
+            flush_seconds=settings.collector_flush_seconds,
+            max_queue_rows=settings.collector_max_queue_rows,
+            to_arrow=conversion.convert if conversion is not None else None,
+        )
+        ingest = Ingest(wal, writer)
+        ingest.replay()
+        if conversion is not None:
+            conversion.start(wait=30.0)
+    except BaseException:
+        if conversion is not None:
+            conversion.close()
+        raise
     writer.start()
     grpc_server = None
     budget = settings.collector_stop_seconds
@@ -63,3 +75,5 @@ def serve(settings: Settings) -> None:
         if grpc_stopped is not None:
             grpc_stopped.wait(max(0.0, grace - (time.monotonic() - stopping)))
         wal.close()
+        if conversion is not None:
+            conversion.close()

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -46,7 +46,22 @@ _SYSTEMIC_AFTER = 64  # failed inserts in one bisection with no success: the sto
 INSERT_SETTINGS = {"insert_distributed_sync": 1, "deduplicate_blocks_in_dependent_materialized_views": 1}
 
 
-Part = list[list[Any]] | pa.Table  # rows in COLUMNS order, or the same as Arrow columns
+@dataclass(frozen=True)
+class ArrowFile:
+    """Spans already serialized as the Arrow IPC file an insert sends (by the conversion process,
+    converter.py): inserted as they are, the table read back only to split the part."""
+
+    body: bytes = field(repr=False)  # tens of MB: never in a log line
+    rows: int = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def table(self) -> pa.Table:
+        return pa.ipc.open_file(pa.py_buffer(self.body)).read_all()
+
+
+Part = list[list[Any]] | pa.Table | ArrowFile  # rows in COLUMNS order, the same as Arrow columns, or serialized
 # Bytes of acknowledged request bodies the queue keeps in memory beside their log records, so the writer
 # converts them without reading them back (a pread, a copy and the record's CRC: about 0.3 µs per span of
 # bench/ingest.py's requests). Past this, queued requests are only where they lie in the log and are read
@@ -84,6 +99,8 @@ def _to_arrow_in_chunks(bodies: list[bytes], spans: list[int]) -> pa.Table | Non
 
 
 def _halves(part: Part) -> tuple[Part, Part]:
+    if isinstance(part, ArrowFile):
+        part = part.table()
     mid = len(part) // 2
     if isinstance(part, pa.Table):
         return part.slice(0, mid), part.slice(mid)
@@ -166,7 +183,9 @@ class SpanWriter:
     def __init__(self, client_factory: Callable[[], Any], wal: WriteAheadLog, batch_rows: int = 20_000,
                  flush_seconds: float = 1.0, max_queue_rows: int = 0, table: str = "otel_traces",
                  quarantine_table: str = "tracetune_quarantine", stall_seconds: float = 30.0,
-                 damage_table: str = "tracetune_wal_damage"):
+                 damage_table: str = "tracetune_wal_damage",
+                 to_arrow: Callable[[list[bytes], list[int]], pa.Table | ArrowFile | None] | None = None):
+        self._to_arrow = to_arrow or _to_arrow_in_chunks  # or a ConversionProcess's convert (converter.py)
         self._client_factory = client_factory
         self._client: Any = None
         self.wal = wal
@@ -399,7 +418,9 @@ class SpanWriter:
     def _insert(self, table: str, part: Part, token: str) -> None:
         started = time.perf_counter()
         settings = {"insert_deduplication_token": token, **INSERT_SETTINGS}
-        if isinstance(part, pa.Table):
+        if isinstance(part, ArrowFile):
+            self._client_or_new().raw_insert(table, COLUMNS, part.body, settings=settings, fmt="Arrow")
+        elif isinstance(part, pa.Table):
             self._client_or_new().insert_arrow(table, part, settings=settings)
         else:
             columns = {self.table: COLUMNS, self.quarantine_table: QUARANTINE_COLUMNS,
@@ -449,7 +470,7 @@ class SpanWriter:
         if quarantine:
             parts.append((self.quarantine_table, quarantine, token + "/q"))
         if bodies:
-            part: Part | None = _to_arrow_in_chunks([body for body, _, _ in bodies], body_spans)
+            part: Part | None = self._to_arrow([body for body, _, _ in bodies], body_spans)
             if part is None:
                 part = [row for body, ns, receiver in bodies
                         for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]
@@ -511,6 +532,8 @@ class SpanWriter:
             self._quarantine_row(part, str(exc).strip().splitlines()[0][:500], token + "/q")
 
     def _quarantine_row(self, part: Part, reason: str, token: str) -> None:
+        if isinstance(part, ArrowFile):
+            part = part.table()
         values = part.to_pylist()[0] if isinstance(part, pa.Table) else dict(zip(COLUMNS, part[0], strict=True))
         record = [time.time_ns() // 1_000_000, "writer", f"ClickHouse refused the row: {reason}",
                   values["ServiceName"], values["TraceId"], values["SpanId"], values["SpanName"],

@@ -61,6 +61,9 @@ class Settings:
     collector_max_queue_rows: int = 0  # spans waiting for ClickHouse; 0: only collector_wal_max_bytes bounds them
     collector_max_body_bytes: int = 16 * 1024 * 1024
     collector_body_timeout_seconds: float = 30.0  # a request body slower than this gets 408
+    # Convert batches to Arrow in a child process (collector/converter.py), so receiving and converting use
+    # two cores instead of taking turns on the GIL; off: in the collector's own process.
+    collector_convert_process: bool = True
     # Collector write-ahead log (<home>/wal): how much may wait for ClickHouse (past it: 503), segment size
     # (a segment's space comes back once its records are in ClickHouse), and how long SIGTERM may take.
     collector_wal_max_bytes: int = 512 * 1024 * 1024
@@ -347,6 +350,8 @@ def _convert(name: str, kind: Any, raw: Any, origin: str) -> Any:
             return int(raw)
         if kind_name == "float":
             return float(raw)
+        if kind_name == "bool":
+            return _boolean(raw)
         if kind_name == "Path":
             return Path(str(raw))
         if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
@@ -357,6 +362,19 @@ def _convert(name: str, kind: Any, raw: Any, origin: str) -> Any:
             f"{name} = {raw!r} (from {origin}) is not a valid {kind_name}; "
             f"set {ENV_PREFIX}{name.upper()} to a {kind_name}"
         ) from None
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _boolean(raw: Any) -> bool:
+    """A TOML boolean, or true/false, 1/0, yes/no, on/off in any case (as_env writes True/False)."""
+    if isinstance(raw, bool):
+        return raw
+    value = _BOOLEANS.get(str(raw).strip().lower())
+    if value is None:
+        raise ValueError(raw)
+    return value
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
