@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -53,12 +53,22 @@ class ArrowFile:
 
     body: bytes = field(repr=False)  # tens of MB: never in a log line
     rows: int = 0
+    # The same rows made again in this process from the log (set by the writer): what splitting a refused
+    # part falls back to when the file cannot be read back, so a damaged file never holds its batch.
+    remake: Callable[[], pa.Table | list[list[Any]]] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.rows
 
-    def table(self) -> pa.Table:
-        return pa.ipc.open_file(pa.py_buffer(self.body)).read_all()
+    def table(self) -> pa.Table | list[list[Any]]:
+        try:
+            return pa.ipc.open_file(pa.py_buffer(self.body)).read_all()
+        except (pa.ArrowException, OSError) as exc:
+            if self.remake is None:
+                raise
+            log.error("the conversion process's Arrow file of %d spans cannot be read back (%s): converting them "
+                      "again in the collector", self.rows, str(exc).splitlines()[0][:200])
+            return self.remake()
 
 
 Part = list[list[Any]] | pa.Table | ArrowFile  # rows in COLUMNS order, the same as Arrow columns, or serialized
@@ -96,6 +106,15 @@ def _to_arrow_in_chunks(bodies: list[bytes], spans: list[int]) -> pa.Table | Non
         return pa.concat_tables(tables)
     except pa.ArrowException:  # chunks whose types differ: the reference converter takes the part
         return None
+
+
+def _in_process(bodies: list[tuple[bytes, int, str]], spans: list[int]) -> pa.Table | list[list[Any]]:
+    """Clean requests' spans converted in this process: one Arrow table, or rows by the reference converter."""
+    table = _to_arrow_in_chunks([body for body, _, _ in bodies], spans)
+    if table is not None:
+        return table
+    return [row for body, ns, receiver in bodies
+            for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]
 
 
 def _halves(part: Part) -> tuple[Part, Part]:
@@ -441,6 +460,7 @@ class SpanWriter:
         parts: list[tuple[str, Part, str]] = []
         bodies: list[tuple[bytes, int, str]] = []
         body_spans: list[int] = []
+        body_locations: list[Location] = []
         rows: list[list[Any]] = []
         quarantine: list[list[Any]] = []
         damage: list[list[Any]] = []
@@ -461,6 +481,7 @@ class SpanWriter:
             if entry.clean:
                 bodies.append((body, received_ns, receiver))
                 body_spans.append(entry.spans)
+                body_locations.append(entry.location)
             else:
                 converted = convert(ExportTraceServiceRequest.FromString(body), received_ns, receiver)
                 rows += converted.rows
@@ -474,6 +495,9 @@ class SpanWriter:
             if part is None:
                 part = [row for body, ns, receiver in bodies
                         for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]
+            elif isinstance(part, ArrowFile):
+                part = replace(part, remake=lambda: _in_process(
+                    [decode_record(self.wal.read(location)) for location in body_locations], body_spans))
             parts.append((self.table, part, token + "/b"))
         if rows:
             parts.append((self.table, rows, token + "/r"))

@@ -207,3 +207,32 @@ def test_a_small_memory_file_system_is_passed_over_for_the_temporary_folder(monk
         assert isinstance(conversion.convert(bodies, spans), ArrowFile) and conversion.fallbacks == 0
     finally:
         conversion.close()
+
+
+def test_a_refused_file_that_cannot_be_read_back_is_converted_again_and_every_span_lands(db_settings, tmp_path,
+                                                                                         caplog):
+    """A file damaged after the child wrote it: the store refuses it, it cannot be read back to be split, so the
+    writer converts the batch again from the log in its own process; the batch is not held behind it."""
+    from tests.collector.test_receiver import start_ingest, stop_ingest
+    from tracetune.collector.writer import ArrowFile
+
+    conversion = ConversionProcess()
+
+    def damaged(bodies: list[bytes], spans: list[int]):
+        made = conversion.convert(bodies, spans)
+        assert isinstance(made, ArrowFile)
+        return ArrowFile(b"\0" * len(made.body), made.rows)
+
+    caplog.set_level("ERROR", "tracetune.collector")
+    ingest = start_ingest(db_settings, tmp_path / "wal", batch_rows=10_000, flush_seconds=0.2, to_arrow=damaged)
+    try:
+        client = store.connect(db_settings, ensure_schema=False)
+        for i in range(3):
+            assert ingest.export(request([span(f"op-{i}-{j}") for j in range(40)])).accepted_spans == 40
+        assert ingest.writer.flush(60)
+        assert client.query("SELECT count(), uniqExact(SpanName) FROM otel_traces").result_rows == [(120, 120)]
+        assert client.query("SELECT count() FROM tracetune_quarantine").result_rows == [(0,)]
+        assert any("cannot be read back" in r.getMessage() for r in caplog.records)
+    finally:
+        stop_ingest(ingest)
+        conversion.close()
