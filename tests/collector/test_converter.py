@@ -81,6 +81,7 @@ def test_a_killed_child_costs_one_batch_in_process_then_a_new_child_takes_over(c
 def test_a_hung_child_is_killed_after_the_timeout_and_the_batch_converted_in_process():
     conversion = ConversionProcess(timeout=1.0)
     try:
+        assert conversion.start(wait=60)  # its imports are not part of the 1 s (a busy machine takes longer)
         bodies, spans = _bodies(4, 5)
         expected = writer._to_arrow_in_chunks(bodies, spans)
         assert isinstance(conversion.convert(bodies, spans), ArrowFile)
