@@ -26,8 +26,8 @@ from tracetune.base.settings import Settings
 from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
 from tracetune.tuner.batching import batching_policy, fit_service_time
-from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec, same_way
-from tracetune.tuner.decisions import describe_change, sentence
+from tracetune.tuner.config import PipelineConfig, PipelineSpec, same_way
+from tracetune.tuner.plan import Plan, pipeline_effect, plain, scale_effect, take_out
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
     TAIL_SHARE,
@@ -37,7 +37,6 @@ from tracetune.tuner.policies import (
     cascade_policy,
     cascade_route_floor,
     cascade_tiers_policy,
-    clamp_change,
     concurrency_policy,
     escalation_shares,
     local_route_floor,
@@ -92,131 +91,6 @@ class LoopSettings:
     def from_settings(cls, settings: Settings) -> LoopSettings:
         """The loop's settings from the `tuner_*` settings (the rest at their defaults)."""
         return cls(**{f.name: getattr(settings, f.metadata["setting"]) for f in fields(cls) if "setting" in f.metadata})
-
-
-@dataclass
-class Part:
-    """One proposal's predicted effect on the pipeline: the knobs it moves, its change of cost and quality,
-    how far its quality could be below its point estimate (the pipeline's share of the policy's point minus its
-    lower bound), and the p95 it predicts, if it sets the step's."""
-
-    step: str
-    knobs: tuple[str, ...]
-    cost_delta: float = 0.0
-    quality_delta: float = 0.0
-    quality_margin: float = 0.0
-    p95_ms: float | None = None
-    cost_before: float = 0.0  # the step's cost `cost_delta` changes, in the pipeline's USD per 1k tasks
-    live: bool = True  # False once its changes are dropped from the plan (and its effect with them)
-
-
-@dataclass
-class Plan:
-    """What `decide` proposes: knob values by step, one reason per change, the predicted effects, and the
-    sentence a product owner reads (`summary`), with the evidence the moves were made on."""
-
-    changes: dict[str, dict[str, KnobValue]] = field(default_factory=dict)
-    reasons: list[str] = field(default_factory=list)
-    predicted: dict[str, float] = field(default_factory=dict)
-    actions: list[str] = field(default_factory=list)  # one phrase per knob change, in words
-    before: dict[str, float] = field(default_factory=dict)  # the pipeline's figures now
-    effects: dict[str, dict[str, float]] = field(default_factory=dict)  # per step: cost/quality deltas, p95
-    targets: dict[str, float] = field(default_factory=dict)  # p95_ms, quality_floor
-    evidence: dict[str, float] = field(default_factory=dict)  # what the moves were made on (see `evidence`)
-    violated: list[str] = field(default_factory=list)  # objectives missed now, restored first
-    parts: list[Part] = field(default_factory=list)  # each proposal's share of `effects`, for `_hold_joint_floor`
-    _current: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
-
-    def add(self, proposal: Proposal | None, spec: PipelineSpec, current: Mapping[str, Any], limit: float) -> None:
-        if proposal is None:
-            return
-        knobs = spec.steps[proposal.step]
-        values, clamped_any = {}, False
-        for name, value in proposal.values.items():
-            clamped = clamp_change(knobs[name], current.get(name, knobs[name].default), value, limit)
-            clamped_any = clamped_any or clamped != value
-            if clamped != current.get(name):
-                values[name] = clamped
-        if values:
-            self.changes.setdefault(proposal.step, {}).update(values)
-            self._current.setdefault(proposal.step, {}).update({k: current.get(k) for k in values})
-            # A clamped change is a step toward the proposal; its predictions describe the whole proposal.
-            note = f" (clamped to {_plain(values)}, at most {limit:.0%} per decision)" if clamped_any else ""
-            self.reasons.append(f"{proposal.step}: {proposal.reason}{note}")
-            prefix = f"{proposal.step}.proposal." if clamped_any else f"{proposal.step}."
-            self.predicted.update({prefix + k: float(v) for k, v in proposal.predicted.items()})
-
-    def drop(self, step: str, knob: str) -> None:
-        """Take one knob change out (and the step's reasons and predictions once none of its changes is left),
-        with the predicted effect of each part none of whose changes is left."""
-        self.changes.get(step, {}).pop(knob, None)
-        left = self.changes.get(step, {})
-        for part in self.parts:
-            if part.step == step and part.live and not any(k in left for k in part.knobs):
-                part.live = False
-                effect = self.effects.get(step, {})
-                if "cost_per_1k.delta" in effect:
-                    _combine_cost(effect, part, -1)
-                if "quality.delta" in effect:
-                    effect["quality.delta"] -= part.quality_delta
-                if part.p95_ms is not None:
-                    effect.pop("p95_ms", None)
-        if step in self.changes and not self.changes[step]:
-            del self.changes[step]
-            self.reasons = [r for r in self.reasons if not r.startswith(f"{step}: ")]
-            self.predicted = {k: v for k, v in self.predicted.items() if not k.startswith(f"{step}.")}
-
-    @property
-    def after(self) -> dict[str, float]:
-        """The pipeline's figures as predicted: now, plus the effects of the steps still changed."""
-        figures = {}
-        for step, effect in self.effects.items():
-            if step not in self.changes:
-                continue
-            for name in ("cost_per_1k", "quality"):
-                if f"{name}.delta" in effect and name in self.before:
-                    figures[name] = figures.get(name, self.before[name]) + effect[f"{name}.delta"]
-            if "p95_ms" in effect:
-                figures["p95_ms"] = min(figures.get("p95_ms", math.inf), effect["p95_ms"])
-        if "p95_ms" not in figures and any(step not in self.effects or "p95_ms" not in self.effects[step]
-                                           for step in self.changes):
-            figures["p95_ms"] = math.nan  # a change whose latency no model predicts: not "unchanged"
-        return figures
-
-    def was(self, step: str, knob: str) -> Any:
-        """The value a change moves the knob from."""
-        return self._current.get(step, {}).get(knob)
-
-    @property
-    def summary(self) -> str:
-        """One sentence: what changes, and cost, quality and p95 before -> as predicted."""
-        actions = [describe_change(step, knob, self.was(step, knob), value)
-                   for step, values in self.changes.items() for knob, value in values.items()]
-        text = sentence(actions, self.before, self.after, self.targets)
-        return (f"Restoring {' and '.join(self.violated)} first. " if self.violated else "") + text
-
-    def figures(self) -> dict[str, float]:
-        """The decision's predicted figures as its audit row keeps them: the policies' predictions, the
-        pipeline's figures before and as predicted, the objectives it restores (`violated.<name>`: 1) and how
-        many of its moves lower quality."""
-        return {**{f"before.{k}": v for k, v in self.before.items()}, **self.predicted,
-                **{k: round(v, 6) for k, v in self.after.items() if math.isfinite(v)},  # NaN: not predicted
-                **{f"violated.{name}": 1.0 for name in self.violated},
-                "moves.lowering_quality": float(sum(1 for p in self.parts if p.live and p.quality_delta < 0))}
-
-    @property
-    def reason(self) -> str:
-        """The sentence, then the policies' workings one per line (the audit's `reason`)."""
-        return "\n".join([self.summary, *self.reasons])
-
-
-def _plain(values: Mapping[str, Any]) -> str:
-    """Knob values as words and rounded numbers, not a dict dump."""
-    def one(v: Any) -> str:
-        if isinstance(v, dict):
-            return "/".join(f"{k} {float(w):.2f}" for k, w in v.items())
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-    return ", ".join(f"{k} {one(v)}" for k, v in values.items())
 
 
 def step_target_ms(slo: SLO | None, obs: observe.Observation, step: str) -> float | None:
@@ -454,7 +328,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                          latency=obs.task_latency.get(step), latency_targets=every_target)
             plan.add(joint, spec, current, limit)
             if joint is not None and step in plan.changes:
-                part = _pipeline_effect(plan, obs, joint, share=1.0)
+                part = pipeline_effect(plan, obs, joint, share=1.0)
                 if "p95_ms" in joint.predicted:
                     part.p95_ms = plan.effects[step]["p95_ms"] = joint.predicted["p95_ms"]
         if "cascade_threshold" in knobs and joint is None:
@@ -479,14 +353,14 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 if _restores(restoring, targets, slow) and (floor is None or restoring.predicted.get(
                         "quality_lower_bound", -1.0) >= floor):  # shown to hold the floor, not on a point estimate
                     for part in [p for p in plan.parts if p.step == local and "route_weights" in p.knobs]:
-                        _take_out(plan, part)
+                        take_out(plan, part)
                     plan.reasons.append(f"{local}: route_weights waits for a later decision: on the labelled "
                                         f"answers of the mix it sets, no {step} threshold could be shown to "
                                         f"restore {' and '.join(missed)}; on those of the mix in force one can")
                     samples, proposal = as_now, restoring
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
-                part = _pipeline_effect(plan, obs, proposal, share=1.0)
+                part = pipeline_effect(plan, obs, proposal, share=1.0)
                 now_share = proposal.predicted.get("escalation_share_before", 0.0)
                 if "p95_ms" in proposal.predicted:
                     part.p95_ms = plan.effects[step]["p95_ms"] = proposal.predicted["p95_ms"]
@@ -521,7 +395,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                           missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
-                _pipeline_effect(plan, obs, proposal, share=kept * reached, calls=reached)
+                pipeline_effect(plan, obs, proposal, share=kept * reached, calls=reached)
         if "max_concurrency" in knobs:
             plan.add(concurrency_policy(int(current["max_concurrency"]), knobs["max_concurrency"], total.spans,
                                         total.retried, step=step, latency_missed=slow_now,
@@ -547,7 +421,7 @@ def _hold_at_risk(plan: Plan) -> None:
     if not at_risk:
         return
     for part in [p for p in plan.parts if p.live and p.quality_delta < 0]:
-        _take_out(plan, part)
+        take_out(plan, part)
         plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} waits for a later decision: it would lower "
                             f"quality while {at_risk[0]}'s threshold in force no longer holds the floor at its "
                             f"lower bound")
@@ -577,19 +451,13 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
         if predicted - margin >= floor:
             return
         part = min(losing, key=lambda p: (p.p95_ms is not None and bool(plan.violated), p.quality_delta))
-        _take_out(plan, part)
+        take_out(plan, part)
         moves = ", ".join(part.knobs)
         with_what = "the other moves" if plan.changes else "its moves"
         bound = f" (lower bound {predicted - margin:.3f})" if margin else ""
         plan.reasons.append(f"{part.step}: {moves} waits for a later decision: with {with_what}, quality "
                             f"{predicted:.3f} as predicted{bound}, under the {floor:.3g} floor (quality "
                             f"{plan.before['quality']:.3f} now)")
-
-
-def _take_out(plan: Plan, part: Part) -> None:
-    """Drop a part's knob changes from `plan` (`Plan.drop` takes its effect out of its step's figures)."""
-    for knob in part.knobs:
-        plan.drop(part.step, knob)
 
 
 def _restores(proposal: Proposal | None, targets: Mapping[float, float], slow: bool) -> bool:
@@ -675,48 +543,6 @@ def _local_floor(spec: PipelineSpec, config: PipelineConfig, obs: observe.Observ
     return local_route_floor(mix_lower, obs.quality, obs.labelled, floor, kept), kept
 
 
-def _pipeline_effect(plan: Plan, obs: observe.Observation, proposal: Proposal, share: float,
-                     calls: float | None = None) -> Part:
-    """File a proposal's predicted change of cost (per 1k of its step's own calls) and accuracy as the
-    pipeline's, added to what the step's other proposals in this decision change (a threshold sets how many
-    tasks escalate, the tiers' mix what each costs and how often it is right: the two add up); `share`: the
-    part of the pipeline's answers the step gives (a cascade's predictions are the pipeline's); `calls`: the
-    step's calls per task once the decision is in force (default: as now). Returns the proposal's part."""
-    step, predicted = proposal.step, proposal.predicted
-    effect = plan.effects.setdefault(step, {})
-    part = Part(step, tuple(k for k in proposal.values if k in plan.changes.get(step, {})))
-    cascade = "escalation_share" in predicted
-    if "cost_per_1k" in predicted and "cost_per_1k_before" in predicted:
-        per_task = 1.0 if cascade else calls if calls is not None else obs.step_total(step).spans / max(obs.requests, 1)
-        part.cost_delta = (predicted["cost_per_1k"] - predicted["cost_per_1k_before"]) * per_task
-        part.cost_before = predicted["cost_per_1k_before"] * per_task
-        _combine_cost(effect, part, +1)
-    if "quality" in predicted and "quality_before" in predicted:
-        weight = 1.0 if cascade else share
-        part.quality_delta = weight * (predicted["quality"] - predicted["quality_before"])
-        if "quality_lower_bound" in predicted:
-            part.quality_margin = weight * max(0.0, predicted["quality"] - predicted["quality_lower_bound"])
-        effect["quality.delta"] = effect.get("quality.delta", 0.0) + part.quality_delta
-    plan.parts.append(part)
-    return part
-
-
-def _combine_cost(effect: dict[str, float], part: Part, sign: int) -> None:
-    """Add (`sign` +1) or take out (-1) a part's change of its step's cost. Moves of one step scale its cost
-    one after another (a cheaper tier mix makes each call cheaper, a cache takes a share of the calls, a
-    threshold a share of the escalations), so they combine as factors, not as sums: two savings of 80% and
-    20% leave 16% of the cost, where their sum would promise more than all of it."""
-    total = effect.get("cost_per_1k.delta", 0.0)
-    base = effect.setdefault("cost_per_1k.before", part.cost_before)
-    factor = 1.0 + part.cost_delta / part.cost_before if part.cost_before > 0 and base > 0 else None
-    if factor is None or (sign < 0 and factor <= 1e-9):
-        effect["cost_per_1k.delta"] = total + sign * part.cost_delta  # nothing to scale against: as a sum
-    elif sign > 0:
-        effect["cost_per_1k.delta"] = total + (base + total) * (factor - 1.0)
-    else:
-        effect["cost_per_1k.delta"] = (base + total) / factor - base
-
-
 def _hold_reversals(plan: Plan, moves: Mapping[tuple[str, str], Move], now: float, settings: LoopSettings) -> None:
     """Take out of `plan` the knob changes that would undo a recent move on evidence no different beyond noise.
 
@@ -756,9 +582,9 @@ def _hold_reversals(plan: Plan, moves: Mapping[tuple[str, str], Move], now: floa
                 continue
             note = ""
             if damped != value:
-                _scale_effect(plan, step, _share_of(was, value, damped))
+                scale_effect(plan, step, _share_of(was, value, damped))
                 plan.changes[step][knob] = damped
-                note = f" (at most half of that move back while no objective is missed: {_plain({knob: damped})})"
+                note = f" (at most half of that move back while no objective is missed: {plain({knob: damped})})"
             plan.reasons.append(f"{step}.{knob} goes back the way it moved {ago}: {why}{note}")
     if held:
         plan.reasons.append(f"held {', '.join(held)}: going back needs prices or quality to have changed beyond "
@@ -824,15 +650,6 @@ def _share_of(was: Any, proposed: Any, damped: Any) -> float:
         return part / full if full else 1.0
     full = float(proposed) - float(was)
     return (float(damped) - float(was)) / full if full else 1.0
-
-
-def _scale_effect(plan: Plan, step: str, share: float) -> None:
-    """A step's predicted change of cost and quality for `share` of its proposal (both about linear in it)."""
-    effect = plan.effects.get(step)
-    if effect:
-        for name in ("cost_per_1k.delta", "quality.delta"):
-            if name in effect:
-                effect[name] *= share
 
 
 def _age_seconds(decision: Mapping[str, Any], now: datetime) -> float:

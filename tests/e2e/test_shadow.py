@@ -10,6 +10,7 @@ A second trial with a tiny cost cap stops shadowing once the cap is spent. No us
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -35,7 +36,8 @@ from tracetune.analyzer import (
 from tracetune.demo.corpus import CATEGORIES, generate
 from tracetune.demo.standins import classify_by_keywords, create_crm_app, create_llm_app
 from tracetune.tuner import decisions, observe, shadow, versions
-from tracetune.tuner.loop import LoopSettings, Plan
+from tracetune.tuner.loop import LoopSettings
+from tracetune.tuner.plan import Plan
 
 PIPELINE = "ticket_triage"
 N = 80
@@ -225,8 +227,20 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
 def test_the_shadow_cost_cap_holds(stack):
     settings, client = stack["settings"], stack["client"]
     spec = versions.latest_spec(client, PIPELINE)
+    # The cap is priced from the large tier's calls measured in the window (a tier with none measured is priced
+    # as its step's dearest measured one, the small tier here): the module's first test makes some, but this test
+    # may run first or on an xdist worker (and stack) of its own, so it sends tickets until one is measured.
+    def large_measured() -> bool:
+        route = observe.collect(client, spec, 600).steps.get("escalate", {}).get("llm-large")
+        return route is not None and route.cost > 0
+    for batch in range(5):
+        if large_measured():
+            break
+        _send(settings, f"warm{batch}", _tickets())
+        with contextlib.suppress(AssertionError):
+            wait_until(large_measured, 10, 0.5, "a call to the large tier measured")
+    assert large_measured()
     unit = shadow.unit_costs(spec, observe.collect(client, spec, 600))["escalate.llm-large"]
-    assert unit > 0
     cap = 1.5 * unit  # two escalations to the large tier an hour
     # Every escalation to the dearer tier: the shadow runs escalate for the tickets the config in force escalates.
     trial = _start(client, {"escalate": {"route_weights": {"llm-small": 0.0, "llm-large": 1.0}}}, share=1.0,

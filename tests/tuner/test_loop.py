@@ -305,7 +305,8 @@ def test_a_route_mix_does_not_swing_back_on_a_change_of_load_alone():
 
 
 def test_a_change_of_load_counts_where_it_turns_a_moves_predicted_effect_around():
-    from tracetune.tuner.loop import Move, Plan, _hold_reversals
+    from tracetune.tuner.loop import Move, _hold_reversals
+    from tracetune.tuner.plan import Plan
 
     def plan_going_back(cost_before: float, cost_after: float, p95: float = 300.0, without: float = 290.0) -> Plan:
         plan = Plan(changes={"s": {"batch_max_wait_ms": 5.0}}, reasons=["s: batching"], violated=["p95"] * (p95 > 500),
@@ -339,7 +340,8 @@ def test_a_threshold_going_back_up_because_the_one_in_force_lost_the_floor_is_no
     unless the policy says the threshold in force no longer holds the floor at its lower bound (quality first);
     and while quality is missed, a move raising it is not held back by a canary that moved it that way and was
     rolled back (for its other moves, or for want of tasks)."""
-    from tracetune.tuner.loop import Move, Part, Plan, Rejected, _hold_reversals, drop_rejected
+    from tracetune.tuner.loop import Move, Rejected, _hold_reversals, drop_rejected
+    from tracetune.tuner.plan import Part, Plan
 
     def going_up(held: float) -> Plan:
         plan = Plan(changes={"g": {"cascade_threshold": 0.71}}, reasons=["g: toward the floor"],
@@ -482,7 +484,8 @@ def test_a_cascade_at_its_providers_capacity_or_a_missed_p99_moves_as_far_as_the
 
 
 def test_a_cascades_samples_are_redrawn_for_the_local_mix_the_same_decision_sets():
-    from tracetune.tuner.loop import Plan, _as_mixed
+    from tracetune.tuner.loop import _as_mixed
+    from tracetune.tuner.plan import Plan
 
     samples = _qa().cascade_samples["gen"]
     plan = Plan()
@@ -550,7 +553,8 @@ def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decisi
     """Two steps' moves, each costing a little quality within the floor, stack under it together: the one
     costing more waits, the other goes, and the reason says why; moves that together hold it all go; one
     step's moves that take it under wait too, and so do moves lowering a point estimate already under it."""
-    from tracetune.tuner.loop import Part, Plan, _hold_joint_floor
+    from tracetune.tuner.loop import _hold_joint_floor
+    from tracetune.tuner.plan import Part, Plan
 
     def plan(a: float, b: float) -> Plan:
         p = Plan(changes={"classify": {"route_weights": {"fp32": 0.3, "int8": 0.7}},
@@ -588,7 +592,8 @@ def test_stacked_moves_are_held_to_the_bound_of_their_sum_and_the_cheaper_mix_wa
     together their point estimate clears the floor but the bound of their sum does not, so the tier mix waits
     (a knob group, not the whole step) and the threshold, with its predicted p95, goes; a single move is judged
     on its policy's own bound."""
-    from tracetune.tuner.loop import Part, Plan, _hold_joint_floor
+    from tracetune.tuner.loop import _hold_joint_floor
+    from tracetune.tuner.plan import Part, Plan
 
     def plan(route_margin: float) -> Plan:
         p = Plan(changes={"escalate": {"cascade_threshold": 0.5, "route_weights": {"small": 0.7, "large": 0.3}}},
@@ -618,7 +623,7 @@ def test_moves_of_one_step_scale_its_cost_one_after_another_and_never_promise_mo
     """A tier mix saving 80% of a step's cost and a threshold saving 20% of it leave 16% of the step's cost,
     in whichever order they are filed (their sum would have predicted a negative cost); a move taken out
     again leaves what the other alone saves."""
-    from tracetune.tuner.loop import Plan, _combine_cost, _pipeline_effect
+    from tracetune.tuner.plan import Plan, combine_cost, pipeline_effect
     from tracetune.tuner.proposal import Proposal
 
     obs = Observation("shop", 300.0, requests=1000)
@@ -629,9 +634,9 @@ def test_moves_of_one_step_scale_its_cost_one_after_another_and_never_promise_mo
     for order in ((mix, threshold), (threshold, mix)):
         plan = Plan(changes={"escalate": {"route_weights": {"small": 1.0}, "cascade_threshold": 0.4}},
                     before={"cost_per_1k": 1.0})
-        parts = {id(p): _pipeline_effect(plan, obs, p, share=1.0) for p in order}
+        parts = {id(p): pipeline_effect(plan, obs, p, share=1.0) for p in order}
         assert plan.after["cost_per_1k"] == pytest.approx(0.16)
-        _combine_cost(plan.effects["escalate"], parts[id(mix)], -1)
+        combine_cost(plan.effects["escalate"], parts[id(mix)], -1)
         assert plan.after["cost_per_1k"] == pytest.approx(0.8)
 
 
@@ -671,7 +676,8 @@ def test_moves_lowering_quality_wait_while_a_threshold_goes_up_for_a_floor_at_ri
     """The threshold in force no longer holds the floor at its lower bound and goes up (quality first): a cheaper
     route mix that lowers quality waits, so the decision buys quality and is judged on doing so; without the
     floor at risk the two go together."""
-    from tracetune.tuner.loop import Part, Plan, _hold_at_risk
+    from tracetune.tuner.loop import _hold_at_risk
+    from tracetune.tuner.plan import Part, Plan
 
     def plan(held: float) -> Plan:
         p = Plan(changes={"escalate": {"cascade_threshold": 0.65}, "score": {"route_weights": {"a": 1.0}}},

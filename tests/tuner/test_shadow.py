@@ -17,8 +17,9 @@ from tests.tuner.test_loop import SPEC, _spans, shop  # noqa: F401 - shop is a f
 from tracetune.analyzer import SLO
 from tracetune.tuner import approval, canary, decisions, shadow, versions
 from tracetune.tuner.config import Approval
-from tracetune.tuner.loop import LoopSettings, Plan, tune_once
+from tracetune.tuner.loop import LoopSettings, tune_once
 from tracetune.tuner.observe import collect
+from tracetune.tuner.plan import Plan
 
 FLOOR = SLO(pipeline="shop", p95_ms=500.0, quality_floor=0.9)
 
