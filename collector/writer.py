@@ -108,13 +108,16 @@ def _to_arrow_in_chunks(bodies: list[bytes], spans: list[int]) -> pa.Table | Non
         return None
 
 
+def _reference_rows(bodies: list[tuple[bytes, int, str]]) -> list[list[Any]]:
+    """Requests' spans as rows by the reference converter (what a batch the Arrow path declines becomes)."""
+    return [row for body, ns, receiver in bodies
+            for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]
+
+
 def _in_process(bodies: list[tuple[bytes, int, str]], spans: list[int]) -> pa.Table | list[list[Any]]:
     """Clean requests' spans converted in this process: one Arrow table, or rows by the reference converter."""
     table = _to_arrow_in_chunks([body for body, _, _ in bodies], spans)
-    if table is not None:
-        return table
-    return [row for body, ns, receiver in bodies
-            for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]
+    return table if table is not None else _reference_rows(bodies)
 
 
 def _halves(part: Part) -> tuple[Part, Part]:
@@ -493,8 +496,7 @@ class SpanWriter:
         if bodies:
             part: Part | None = self._to_arrow([body for body, _, _ in bodies], body_spans)
             if part is None:
-                part = [row for body, ns, receiver in bodies
-                        for row in convert(ExportTraceServiceRequest.FromString(body), ns, receiver).rows]
+                part = _reference_rows(bodies)
             elif isinstance(part, ArrowFile):
                 part = replace(part, remake=lambda: _in_process(
                     [decode_record(self.wal.read(location)) for location in body_locations], body_spans))

@@ -389,9 +389,9 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         floor_text = f" (floor {floor:.3g})" if floor is not None else ""
         cost_part = f", cost {cost_text}, {buys_quality:+.0%} predicted" if cost_text else ""
         said = (f"{quality_text}{floor_text}{cost_part}, p95 {canary_p95:.0f} against {base_p95:.0f} ms ({tasks})")
+        no_harm = "canary does no harm and buys quality margin for a floor at risk"
         if not priced:
-            return Verdict("promote", f"canary does no harm and buys quality margin for a floor at risk: {said}",
-                           figures)
+            return Verdict("promote", f"{no_harm}: {said}", figures)
         # Shown no dearer than predicted by BUY_MARGIN more: it goes. Skewed per-task costs make that slow to
         # show; at the end of its time the point estimate decides (a canary's thousands of tasks put it within
         # a few percent), so a quality move is neither held by a cost test it cannot pass nor let through dear.
@@ -400,13 +400,12 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         figures["p.within_predicted"] = round(within.p, 6)
         rise = float(canary_cost.mean() / base_cost.mean() - 1.0)
         if within.significant and within.difference < 0:
-            return Verdict("promote", f"canary does no harm and buys quality margin for a floor at risk, shown no "
-                                      f"dearer than predicted {limit - allowed_rise:+.0%}: {said}", figures)
+            return Verdict("promote", f"{no_harm}, shown no dearer than predicted {limit - allowed_rise:+.0%}: {said}",
+                           figures)
         if expired:
             if rise <= limit:
-                return Verdict("promote", f"canary does no harm and buys quality margin for a floor at risk, its "
-                                          f"cost within {limit - allowed_rise:+.0%} of the prediction when its time "
-                                          f"ran out: {said}", figures)
+                return Verdict("promote", f"{no_harm}, its cost within {limit - allowed_rise:+.0%} of the prediction "
+                                          f"when its time ran out: {said}", figures)
             return Verdict("rollback", f"canary dearer than the {buys_quality:+.0%} predicted for the quality it "
                                        f"buys when its time ran out: {said}; the config in force stays", figures)
         return Verdict("wait", f"buying quality: its cost against the {buys_quality:+.0%} predicted not clear yet "

@@ -289,6 +289,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
         if not total.spans:
             continue
         target = step_target_ms(slo, obs, step)
+        wide = bool(missed) or step in saturated  # an objective missed or its providers saturated: no step limit
         if "batch_max_size" in knobs and target is not None:
             spent = (obs.cost_per_1k or 0.0) * obs.requests / 1000
             share = total.cost / spent if spent > 0 else None  # this step's part of what the pipeline costs
@@ -323,8 +324,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slo else {}
             joint = cascade_tiers_policy(samples, obs.route_stats(step), current["cascade_threshold"],
                                          current["route_weights"], knobs["cascade_threshold"], knobs["route_weights"],
-                                         floor, step=step, max_step=1.0 if missed or step in saturated else 0.1,
-                                         max_shift=1.0 if missed or step in saturated else 0.25,
+                                         floor, step=step, max_step=1.0 if wide else 0.1,
+                                         max_shift=1.0 if wide else 0.25,
                                          latency=obs.task_latency.get(step), latency_targets=every_target)
             plan.add(joint, spec, current, limit)
             if joint is not None and step in plan.changes:
@@ -339,7 +340,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             threshold_for = functools.partial(
                 cascade_policy, current_threshold=current["cascade_threshold"], knob=knobs["cascade_threshold"],
                 quality_floor=floor, remote_cost_per_call=obs.cost_per_call(step), step=step,
-                max_step=1.0 if missed or step in saturated else 0.1,
+                max_step=1.0 if wide else 0.1,
                 escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None,
                 latency=obs.task_latency.get(step) if targets else None, latency_targets=targets,
                 route_weights=current.get("route_weights"))
@@ -390,7 +391,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 stats = _with_escalation_cost(stats, spec, config, obs, local_of[step])
             proposal = _not_worse_quality(routing_policy(stats, current["route_weights"],
                                                          knobs["route_weights"], route_floor, target, step=step,
-                                                         slow_cap=cap, max_shift=1.0 if missed or step in saturated
+                                                         slow_cap=cap, max_shift=1.0 if wide
                                                          or local_of.get(step) in saturated else 0.25),
                                           missed, plan)
             plan.add(proposal, spec, current, limit)

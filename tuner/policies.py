@@ -419,6 +419,10 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     kept_correct = np.concatenate([[0], np.cumsum([bool(s.local_correct) for s in order][::-1])])[::-1]
     below = np.searchsorted(confidence, thresholds, side="left")  # labelled tasks escalated at each t
     n = len(order)
+    lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))  # labelled tasks escalated now
+    # The threshold in force meets the floor on the labels' point estimate (its lower bound may not).
+    holds_on_point = quality_floor is not None and bool(
+        (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor)
     lower = np.array([_cascade_lower(kept_correct[i], i, n, remote_point, remote_n, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
     points = np.array([(kept_correct[i] + remote_point * i) / n for i in below])
@@ -436,15 +440,9 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     if quick is not None and not feasible.any() and quality_floor is not None:
         # The labels prove the floor at no threshold (the current one is held while its point estimate meets it):
         # restoring latency, a threshold is held to the same standard, its point estimate at the floor or above.
-        lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))
-        if (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor:
+        if holds_on_point:
             feasible, unproven = points >= quality_floor, True
     limited = escalation_cap is not None or quick is not None
-    lab_here = int(np.searchsorted(confidence, current_threshold, side="left"))
-    # The threshold in force meets the floor on the labels' point estimate (its lower bound may not): it is held
-    # there, not moved up; moving down still takes the stricter bound (a dead band, not a ratchet).
-    holds_on_point = quality_floor is not None and bool(
-        (kept_correct[lab_here] + remote_point * lab_here) / n >= quality_floor)
     capped = bool((feasible & fast).any()) and limited
     # Latency over a target and no threshold predicted inside it holds the floor: quality first, the cheapest
     # threshold that holds it (the lowest latency among them).
@@ -508,8 +506,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             if goal > current_threshold and not capped and holds_on_point:
                 return None  # (as above: up only once the point estimate misses the floor)
         else:
-            lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))
-            if quality_floor is not None and (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor:
+            if holds_on_point:
                 return None  # the labels are too few to prove the floor, but the current threshold meets it: hold
             meets = np.flatnonzero(points >= quality_floor) if quality_floor is not None else np.array([], int)
             if len(meets):
@@ -537,7 +534,6 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
               f"of {len(every)} tasks at {remote_cost_per_call:.4g} USD/call ({cost_now:.3g} -> {cost:.3g} USD per "
               f"1k), predicted quality {quality:.3f} (lower bound {quality_lower:.3f}) {floor_text} on {n} labelled "
               f"tasks, remote accuracy {remote_point:.3f}")
-    lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))
     predicted = {"escalation_share": share, "escalation_share_before": share_now, "cost_per_1k": cost,
                  "cost_per_1k_before": cost_now, "quality": quality,
                  "quality_before": float((kept_correct[lab_now] + remote_point * lab_now) / n),
@@ -634,10 +630,7 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
     here = int(np.flatnonzero(np.isclose(thresholds, current_threshold))[0])
 
     def bound(successes: np.ndarray, z_: float) -> np.ndarray:
-        p = np.clip(successes / n, 0.0, 1.0)
-        centre = p + z_ * z_ / (2 * n)
-        spread = z_ * np.sqrt(p * (1 - p) / n + z_ * z_ / (4 * n * n))
-        return np.maximum(0.0, (centre - spread) / (1 + z_ * z_ / n))
+        return np.array([wilson_lower(float(k), n, z_) for k in successes])
 
     judged = {q: 1 - latency_margin * (1 - q) for q in (latency_targets or {})}
     rows = []  # (cost per task, -quality bound, mix index, threshold index)
