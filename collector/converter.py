@@ -144,6 +144,9 @@ class ConversionProcess:
             raise _ChildFailed("not restarted yet")
         self._next_start = time.monotonic() + self.RESTART_SECONDS
         try:
+            # A child leaving on its closed stdin removes the folder (as when the collector dies): a new one
+            # after a failed batch needs it back, or every later batch would be converted in process.
+            self._directory.mkdir(mode=0o700, exist_ok=True)
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "tracetune.collector.converter", str(self._directory)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)

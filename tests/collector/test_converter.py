@@ -11,6 +11,7 @@ import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from tests.collector.otlp import request, span
+from tests.collector.test_edges import fill_disk, small_disk  # noqa: F401 - small_disk: the fixture
 from tracetune import store
 from tracetune.collector import writer
 from tracetune.collector.converter import ConversionProcess
@@ -236,4 +237,27 @@ def test_a_refused_file_that_cannot_be_read_back_is_converted_again_and_every_sp
         assert any("cannot be read back" in r.getMessage() for r in caplog.records)
     finally:
         stop_ingest(ingest)
+        conversion.close()
+
+
+def test_a_full_scratch_folder_costs_its_batch_an_in_process_conversion(small_disk, monkeypatch):  # noqa: F811
+    """The memory file system the bodies go through has no room (a 4 MiB tmpfs, filled): that batch is converted in
+    the collector, the same table; once there is room, a new child converts again."""
+    from tracetune.collector import converter
+
+    monkeypatch.setattr(converter, "_MEMORY_DIRS", (str(small_disk),))
+    monkeypatch.setattr(converter, "_MEMORY_DIR_MIN_FREE", 0)
+    monkeypatch.setattr(ConversionProcess, "RESTART_SECONDS", 0.0)
+    conversion = ConversionProcess(timeout=30.0)
+    try:
+        assert conversion._directory.parent == small_disk and conversion.start(wait=60)
+        bodies, spans = _bodies(30, 40)
+        expected = writer._to_arrow_in_chunks(bodies, spans)
+        filler = fill_disk(small_disk)
+        assert conversion.convert(bodies, spans).equals(expected)  # a table converted in process
+        assert conversion.fallbacks == 1
+        filler.unlink()
+        assert _table(conversion.convert(bodies, spans)).equals(expected)
+        assert conversion.fallbacks == 1  # the child's file again
+    finally:
         conversion.close()
