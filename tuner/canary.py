@@ -281,7 +281,11 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     its labelled quality not under both the floor and the config in force's (then it waits for labels, as one
     predicted to lower quality does), and promoted once shown no dearer than predicted by BUY_MARGIN more, or,
     when its time runs out, on its cost's point estimate within that. Its gain, a margin over the floor, is too
-    small for its tasks to show: a test of it could only run its time out while the floor stays at risk."""
+    small for its tasks to show: a test of it could only run its time out while the floor stays at risk.
+
+    A rollback's figures name the objectives it is for (`failed.<name>`: 1 for latency, errors, quality or cost),
+    none when it ran out of tasks or time without a finding: the loop holds back only the moves that could be to
+    blame (`loop.drop_rejected`)."""
     each = alpha / QUESTIONS
     figures = {**{f"base.{k}": v for k, v in base.figures().items()},
                **{f"canary.{k}": v for k, v in canary.figures().items()}}
@@ -294,6 +298,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     target = slo.p95_ms if slo and slo.p95_ms is not None else None
     base_p95, canary_p95 = base.p95() or 0.0, canary.p95() or 0.0
     problems, gains, misses = [], [], []
+    failed: list[str] = []  # the objectives a rollback is for, as `failed.<name>` figures (the loop's blame)
 
     # Latency: the share of tasks slower than the target (the p95 target allows SLO_TAIL of them).
     limit = target if target is not None else 1.1 * base_p95
@@ -306,6 +311,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     if over.significant and over.difference > 0 and canary_p95 > limit:
         what = f"the {target:g} ms target" if target is not None else "the config in force's p95 +10%"
         problems.append(f"slower: p95 {canary_p95:.0f} against {base_p95:.0f} ms, over {what}")
+        failed.append("latency")
     elif over.significant and over.difference < 0 and base_misses_latency:
         gains.append(f"p95 {base_p95:.0f} -> {canary_p95:.0f} ms against the {target:g} ms target")
 
@@ -317,6 +323,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         misses.append("errors")
     if errors.significant and errors.difference > 0 and canary_rate > allowed:
         problems.append(f"fails more often: {canary_rate:.2%} of tasks against {base_rate:.2%}")
+        failed.append("errors")
     elif errors.significant and errors.difference < 0 and base_rate > allowed:
         gains.append(f"errors {base_rate:.2%} -> {canary_rate:.2%} against the {allowed:.2%} objective")
 
@@ -334,9 +341,11 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         if quality.significant and quality.difference < 0 and canary_q < (floor if floor is not None else 1.0):
             problems.append(f"less often right: {canary_q:.3f} against {base_q:.3f}"
                             + (f", under the {floor:.3g} floor" if floor is not None else ""))
+            failed.append("quality")
         elif under is not None and under.significant and base_q >= floor:
             problems.append(f"less often right: {canary_q:.3f}, beyond doubt under the {floor:.3g} floor the "
                             f"config in force holds ({base_q:.3f})")
+            failed.append("quality")
         elif quality.significant and quality.difference > 0 and floor is not None and base_q < floor:
             gains.append(f"quality {base_q:.3f} -> {canary_q:.3f} against the {floor:.3g} floor")
         elif (lowers_quality or buys_quality is not None) and floor is not None and canary_q < min(floor, base_q):
@@ -364,15 +373,19 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                 gains = [f"dearer ({cost_text}) to buy back what the config in force misses: " + "; ".join(gains)]
             elif buys_quality is not None:
                 problems.append(f"dearer than the {buys_quality:+.0%} predicted for the quality it buys: {cost_text}")
+                failed.append("cost")
             else:
                 problems.append(f"dearer: {cost_text}"
                                 + (" and it buys back nothing (the config in force meets every objective)"
                                    if not misses else f" and not better on {', '.join(misses)}"))
+                failed.append("cost")
     tasks = f"{canary.n} tasks on the canary against {base.n}"
+    figures.update({f"failed.{name}": 1.0 for name in failed})
     if problems:
         return Verdict("rollback", "canary " + "; ".join(problems) + f" ({tasks})", figures)
     if unsettled:  # nothing else outweighs a floor the canary may be under: more labels settle it either way
         if expired:
+            figures["failed.quality"] = 1.0
             return Verdict("rollback", f"no evidence the canary holds the floor before its time ran out: "
                                        f"{unsettled} ({tasks}); the config in force stays", figures)
         return Verdict("wait", f"{unsettled}: more labels before it can go ({tasks})", figures)
@@ -406,6 +419,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
             if rise <= limit:
                 return Verdict("promote", f"{no_harm}, its cost within {limit - allowed_rise:+.0%} of the prediction "
                                           f"when its time ran out: {said}", figures)
+            figures["failed.cost"] = 1.0
             return Verdict("rollback", f"canary dearer than the {buys_quality:+.0%} predicted for the quality it "
                                        f"buys when its time ran out: {said}; the config in force stays", figures)
         return Verdict("wait", f"buying quality: its cost against the {buys_quality:+.0%} predicted not clear yet "

@@ -214,9 +214,10 @@ def _decisions(client, pipeline: str, kinds: tuple[str, ...], limit: int) -> lis
     return found
 
 
-def history(client, pipeline: str, limit: int = 100) -> list[dict]:
-    """The pipeline's decisions, newest first: every `Decision` field plus `observed` ({} if none yet)."""
-    return _decisions(client, pipeline, (), limit)
+def history(client, pipeline: str, limit: int = 100, kinds: tuple[str, ...] = ()) -> list[dict]:
+    """The pipeline's decisions (of one of `kinds`, if given), newest first: every `Decision` field plus
+    `observed` ({} if none yet)."""
+    return _decisions(client, pipeline, tuple(kinds), limit)
 
 
 def last_decision(client, pipeline: str, kinds: tuple[str, ...] = ()) -> dict | None:

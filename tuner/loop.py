@@ -669,6 +669,30 @@ class Rejected:
     version: int
     base: Mapping[str, Mapping[str, Any]]
     tried: Mapping[str, Mapping[str, Any]]
+    failed: frozenset[str] = frozenset()  # the objectives it was rolled back for (none: for want of tasks or time)
+    effects: Mapping[str, float] = field(default_factory=dict)  # its moves' predicted effects (Plan.move_effects)
+
+    def to_blame(self) -> set[tuple[str, str]] | None:
+        """The moves that could explain the rollback, or None for all of them. A canary rolled back for its cost
+        or its quality blames the moves predicted to raise that cost or lower that quality, and those no model
+        predicted; a move predicted to help there (a cache beside a dearer tier) is not to blame and may be
+        tried again. Rolled back for latency or errors (no per-move prediction), for want of tasks or time, or
+        with no move predicted to hurt what failed (the predictions were wrong): all of them."""
+        if not self.failed or self.failed - {"cost", "quality"}:
+            return None
+        blamed, hurting = set(), False
+        for step, values in self.tried.items():
+            for knob, value in values.items():
+                if self.base.get(step, {}).get(knob) == value:
+                    continue
+                cost = self.effects.get(f"move.{step}.{knob}.cost_delta")
+                quality = self.effects.get(f"move.{step}.{knob}.quality_delta")
+                hurts = ("cost" in self.failed and cost is not None and cost > 0) or (
+                    "quality" in self.failed and quality is not None and quality < 0)
+                hurting = hurting or hurts
+                if hurts or cost is None or quality is None:
+                    blamed.add((step, knob))
+        return blamed if hurting else None
 
 
 @dataclass
@@ -714,7 +738,37 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
     drop_rejected(plan, config, rejected(), now, settings)
     if not plan.changes:
         return Outcome(observation=obs, idle="nothing to change")
+    too_small = unprovable(plan, obs, settings)
+    if too_small:
+        return Outcome(observation=obs, idle=too_small)
     return Outcome(plan=plan, observation=obs)
+
+
+TOO_SMALL = "saving too small to show"
+
+
+def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings) -> str:
+    """Why a plan that only saves cost is not worth a canary ("" when it is): its predicted saving is smaller
+    than a canary can show in its time, at this load and this spread of per-task cost (`canary.tasks_needed`
+    against the tasks its share gets in `canary_max_seconds`). Such a canary could only run its time out and be
+    rolled back for want of tasks, holding its moves back for the hour and the loop from anything else. A plan
+    restoring a missed objective or buying quality for a floor at risk is tried whatever its cost."""
+    if settings.canary_share <= 0 or plan.violated or buys_quality(plan.figures()) is not None:
+        return ""
+    before, after, spread = obs.cost_per_1k, plan.after.get("cost_per_1k"), obs.cost_spread()
+    if not before or after is None or not math.isfinite(after) or after >= before or not spread:
+        return ""
+    effect, mean = (after - before) / 1000, before / 1000
+    share = settings.canary_share
+    available = obs.requests / max(obs.window_seconds, 1.0) * share * settings.canary_max_seconds
+    needed = canary.tasks_needed(effect, spread, canary.TAU_COST * mean, share)
+    if needed is not None and needed <= available:
+        return ""
+    return (f"{TOO_SMALL}: a canary on {share:.0%} of tasks would need "
+            + (f"about {needed:,}" if needed is not None else "more than 100 million")
+            + f" tasks to show {(after - before) / before:+.1%} at this spread of per-task cost "
+            f"({spread / mean:.1f}× the mean), and gets about {available:,.0f} in its "
+            f"{settings.canary_max_seconds:.0f} s. Not tried: {plan.summary}")
 
 
 def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
@@ -749,7 +803,7 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         trial_figures=lambda: _trial_predicted(client, pipeline, trial))
     if trial is not None:
         return _finish(client, spec, config, trial, outcome.verdict, active)
-    if outcome.plan is not None or outcome.idle == "nothing to change":
+    if outcome.plan is not None or outcome.idle == "nothing to change" or outcome.idle.startswith(TOO_SMALL):
         from tracetune.tuner import shadow  # a plan moving a quality knob is shadowed before its canary; judge one out
         handled, shadowed = shadow.before_trial(client, spec, config, outcome.plan or Plan(), outcome.observation,
                                                 settings, now, active)
@@ -826,14 +880,20 @@ def _trial_predicted(client, pipeline: str, trial: canary.Canary | None) -> Mapp
 
 
 def _rejected(client, pipeline: str) -> Rejected | None:
-    """The canary rolled back last, from the audit."""
+    """The canary rolled back last, from the audit: what it was rolled back for (the verdict's figures, observed
+    on the rollback) and what its `canary_start` predicted of each move."""
     last = decisions.last_decision(client, pipeline, ("canary_rollback",))
     if last is None:
         return None
     decided = last["decided_at"] if last["decided_at"].tzinfo else last["decided_at"].replace(tzinfo=UTC)
-    # A rollback's row goes from the canary (before) back to the config in force (after).
-    return Rejected(decided.timestamp(), int(last["version_before"]), last["config_after"].get("steps", {}),
-                    last["config_before"].get("steps", {}))
+    version = int(last["version_before"])  # a rollback's row goes from the canary back to the config in force
+    started = next((d for d in decisions.history(client, pipeline, 20, kinds=("canary_start",))
+                    if d["version_after"] == version), None)
+    failed = frozenset(k.removeprefix("failed.") for k, v in last["observed"].items()
+                       if k.startswith("failed.") and v)
+    return Rejected(decided.timestamp(), version, last["config_after"].get("steps", {}),
+                    last["config_before"].get("steps", {}), failed,
+                    {k: v for k, v in (started or {}).get("predicted", {}).items() if k.startswith("move.")})
 
 
 def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None, now: float,
@@ -846,9 +906,10 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
     # beside other moves, and was rolled back for them or for want of tasks, does not hold it back.
     raising = {(p.step, k) for p in plan.parts if p.quality_delta > 0 for k in p.knobs} \
         if "quality" in plan.violated else set()
+    blamed = rejected.to_blame()
     for step, values in list(plan.changes.items()):
         for knob, value in list(values.items()):
-            if (step, knob) in raising:
+            if (step, knob) in raising or (blamed is not None and (step, knob) not in blamed):
                 continue
             before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
             after = rejected.tried.get(step, {}).get(knob, before)
@@ -857,8 +918,9 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
                 plan.drop(step, knob)  # and, once none of the step's changes is left, its reasons and predictions
                 dropped.append(f"{step}.{knob}")
     if dropped:
+        why = "" if blamed is None else f" for its {' and '.join(sorted(rejected.failed))}, which they could explain"
         plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {rejected.version} "
-                            f"moved them that way and was rolled back")
+                            f"moved them that way and was rolled back{why}")
 
 
 def _finish(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Canary, verdict: canary.Verdict,

@@ -7,6 +7,7 @@ the feedback users sent, the analyzer's cost figures); the decisions are pure fu
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -179,6 +180,22 @@ class Observation:
     def cost_per_call(self, step: str) -> float:
         total = self.step_total(step)
         return total.cost / total.spans if total.spans else 0.0
+
+    def cost_spread(self) -> float | None:
+        """The standard deviation of a task's cost (USD), from each step's routes: calls per task and cost per call,
+        a task making at most one call of a step and the steps independent of each other (what spreads a task's
+        cost is mostly a cascade's few dear calls). None without requests or prices."""
+        if not self.requests or self.cost_per_1k is None:
+            return None
+        variance = 0.0
+        for routes in self.steps.values():
+            mean = square = 0.0
+            for route in routes.values():
+                if route.spans:
+                    share, each = route.spans / self.requests, route.cost / route.spans
+                    mean, square = mean + share * each, square + share * each * each
+            variance += max(0.0, square - mean * mean)
+        return math.sqrt(variance)
 
     def summary(self) -> dict[str, float]:
         """The figures a decision's predicted and observed effects are compared on."""

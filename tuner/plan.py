@@ -130,7 +130,22 @@ class Plan:
         return {**{f"before.{k}": v for k, v in self.before.items()}, **self.predicted,
                 **{k: round(v, 6) for k, v in self.after.items() if math.isfinite(v)},  # NaN: not predicted
                 **{f"violated.{name}": 1.0 for name in self.violated},
-                "moves.lowering_quality": float(sum(1 for p in self.parts if p.live and p.quality_delta < 0))}
+                "moves.lowering_quality": float(sum(1 for p in self.parts if p.live and p.quality_delta < 0)),
+                **self.move_effects()}
+
+    def move_effects(self) -> dict[str, float]:
+        """Each moved knob's predicted change of the pipeline's cost and quality (`move.<step>.<knob>.cost_delta`,
+        `.quality_delta`: its proposal's, shared by the knobs it moves together), so a canary rolled back for one
+        objective holds back only the moves predicted to hurt it."""
+        figures: dict[str, float] = {}
+        for part in self.parts:
+            for knob in part.knobs if part.live else ():
+                if knob in self.changes.get(part.step, {}):
+                    prefix = f"move.{part.step}.{knob}."
+                    figures[prefix + "cost_delta"] = round(figures.get(prefix + "cost_delta", 0.0) + part.cost_delta, 9)
+                    figures[prefix + "quality_delta"] = round(
+                        figures.get(prefix + "quality_delta", 0.0) + part.quality_delta, 9)
+        return figures
 
     @property
     def reason(self) -> str:

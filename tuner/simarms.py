@@ -209,7 +209,9 @@ class LoopController:
             if verdict.action == "promote":
                 self.moves.record(self.plan, now)
             else:
-                self.rejected = Rejected(now, trial.config.version, before.steps, trial.config.steps)
+                self.rejected = Rejected(now, trial.config.version, before.steps, trial.config.steps,
+                                         frozenset(k.removeprefix("failed.") for k in verdict.figures
+                                                   if k.startswith("failed.")), self.plan.move_effects())
             return
         plan = outcome.plan
         if plan is None:

@@ -47,6 +47,7 @@ def test_a_canary_like_the_config_in_force_waits_and_changes_nothing_when_its_ti
     verdict = judge(arm(400, 120), arm(300, 120), SLO_SHOP, expired=True)
     assert verdict.action == "rollback" and verdict.reason.startswith("no evidence of a gain in cost"), verdict.reason
     assert verdict.figures["canary.requests"] == 300 and verdict.figures["p.cheaper"] > 0.01
+    assert not any(k.startswith("failed.") for k in verdict.figures)  # no finding against it: nothing to blame
 
 
 def escalating(n: int, share: float, rng: np.random.Generator) -> Arm:
@@ -121,6 +122,7 @@ def test_a_slower_canary_over_the_target_is_rolled_back_and_one_under_it_is_not(
     over = judge(arm(400, 300), arm(300, 700), SLO_SHOP)  # p95 target 500 ms
     assert over.action == "rollback" and "slower" in over.reason and "500 ms target" in over.reason
     assert over.figures["canary.p95_ms"] > 500 and over.figures["p.latency"] < 0.001
+    assert [k for k in over.figures if k.startswith("failed.")] == ["failed.latency"]
     # Slower but well inside the target (bigger batches for less compute): promoted on what it saves.
     inside = judge(arm(400, 100, cost=0.001), arm(300, 150, cost=0.0007), SLO_SHOP)
     assert inside.action == "promote" and "cheaper" in inside.reason, inside.reason
@@ -130,6 +132,7 @@ def test_a_dearer_canary_is_rolled_back_unless_it_buys_back_a_missed_objective_a
     dearer = judge(arm(400, 120, cost=0.001), arm(300, 120, cost=0.002), SLO_SHOP)
     assert dearer.action == "rollback" and dearer.reason.startswith("canary dearer"), dearer.reason
     assert "buys back nothing" in dearer.reason
+    assert [k for k in dearer.figures if k.startswith("failed.")] == ["failed.cost"]
     fixes = judge(arm(400, 800, cost=0.001), arm(300, 200, cost=0.002), SLO_SHOP)  # base misses 500 ms
     assert fixes.action == "promote", fixes.reason
     assert "dearer" in fixes.reason and "to buy back" in fixes.reason and "500 ms target" in fixes.reason
@@ -142,6 +145,7 @@ def test_quality_under_the_floor_and_failures_roll_a_canary_back():
     worse = judge(arm(400, 100, None, correct=380, labelled=400), arm(300, 100, None, correct=210, labelled=300),
                   SLO_SHOP)
     assert worse.action == "rollback" and "less often right" in worse.reason and "0.8 floor" in worse.reason
+    assert [k for k in worse.figures if k.startswith("failed.")] == ["failed.quality"]
     # Fewer right but still above the floor: allowed (that is how a cheaper cascade threshold pays).
     fine = judge(arm(400, 100, None, correct=390, labelled=400), arm(300, 100, None, correct=270, labelled=300),
                  SLO_SHOP)
@@ -149,6 +153,7 @@ def test_quality_under_the_floor_and_failures_roll_a_canary_back():
     failing = judge(arm(400, 100, None, errors=2), arm(300, 100, None, errors=30),
                     SLO(pipeline="shop", error_rate=0.01))
     assert failing.action == "rollback" and "fails more often" in failing.reason
+    assert [k for k in failing.figures if k.startswith("failed.")] == ["failed.errors"]
 
 
 def test_a_cheaper_canary_predicted_to_lower_quality_waits_while_it_may_be_under_the_floor():
@@ -237,6 +242,7 @@ def test_the_loop_puts_a_change_on_trial_and_rolls_it_back_when_it_regresses(sho
     row = decisions.history(shop, "shop")[0]
     assert row["kind"] == "canary_rollback" and row["observed"]["canary.p95_ms"] > 500
     assert row["observed"]["base.requests"] == 200 and row["observed"]["canary.requests"] == 60
+    assert row["observed"]["failed.latency"] == 1.0  # what it was rolled back for, which the loop's blame reads
     # The same change is not tried again right away; and version 2 stays the rolled-back canary's.
     assert tune_once(shop, "shop", SETTINGS) is None
     by_hand = versions.change(shop, SPEC, {"escalate": {"max_concurrency": 4}}, "test", "by hand")
@@ -386,6 +392,7 @@ def test_a_canary_buying_quality_for_a_floor_at_risk_goes_on_doing_no_harm_at_th
     too_dear = judge(base, arm(400, 100, 0.004, correct=360, labelled=400), slo, min_requests=50, buys_quality=0.25)
     assert too_dear.action == "rollback" and too_dear.reason.startswith(
         "canary dearer than the +25% predicted for the quality it buys"), too_dear.reason
+    assert too_dear.figures["failed.cost"] == 1.0
     under = judge(base, arm(400, 100, 0.0025, correct=340, labelled=400), slo, min_requests=50, buys_quality=0.25)
     assert under.action == "wait" and "under the 0.88 floor" in under.reason, under.reason  # 0.85: labels first
     assert judge(base, arm(30, 100, 0.0025), slo, min_requests=50, buys_quality=0.25).action == "wait"  # too few
@@ -399,6 +406,7 @@ def test_a_canary_buying_quality_for_a_floor_at_risk_goes_on_doing_no_harm_at_th
     assert judge(base, near, slo, min_requests=50, buys_quality=0.2, expired=True).action == "promote"
     late = judge(base, dear, slo, min_requests=50, buys_quality=0.2, expired=True)
     assert late.action == "rollback" and late.reason.startswith("canary dearer than the +20% predicted"), late.reason
+    assert [k for k in late.figures if k.startswith("failed.")] == ["failed.cost"]
 
 
 def test_which_decisions_buy_quality_for_a_floor_at_risk():

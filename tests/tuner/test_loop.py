@@ -12,7 +12,7 @@ from tests.spans import COLUMNS, span_row
 from tracetune.analyzer import SLO, load_prices, publish_prices, save_slo
 from tracetune.tuner import decisions, versions
 from tracetune.tuner.config import Knob, PipelineSpec
-from tracetune.tuner.loop import LoopSettings, decide, tune_once
+from tracetune.tuner.loop import LoopSettings, decide, look, tune_once
 from tracetune.tuner.observe import Observation, RouteObservation, collect
 from tracetune.tuner.policies import CascadeSample, TaskLatencies, mixture_quantile
 
@@ -407,7 +407,7 @@ def test_one_look_judges_a_canary_else_guards_decides_and_leaves_a_rejected_move
     import numpy as np
 
     from tracetune.tuner.canary import Arm
-    from tracetune.tuner.loop import Rejected, look
+    from tracetune.tuner.loop import Rejected
 
     def never():
         raise AssertionError("read while it should not be")
@@ -466,6 +466,58 @@ def _qa(p95: float = 600.0, p99: float = 1500.0, retried: int = 0) -> Observatio
             samples.append(CascadeSample(0.9 if sure else 0.5, sure or i % 3 == 0, None if sure else True, route))
     obs.cascade_samples["gen"] = samples
     return obs
+
+
+def test_a_rolled_back_canary_holds_back_only_the_moves_that_could_explain_what_it_failed():
+    from tracetune.tuner.loop import Rejected
+
+    settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
+    plan = look(QA, QA.defaults(), SLO_QA, settings, 0.0, measure=_qa).plan
+    tried = {step: {**QA.defaults().steps[step], **values} for step, values in plan.changes.items()}
+    effects = plan.move_effects()  # rank's mix: cheaper and more often right; gen's: cheaper, less often right
+    assert effects["move.rank.route_weights.quality_delta"] > 0 > effects["move.gen.route_weights.quality_delta"]
+
+    def again(failed: set[str], effects=effects):
+        rejected = Rejected(0.0, 2, QA.defaults().steps, tried, frozenset(failed), effects)
+        return look(QA, QA.defaults(), SLO_QA, settings, 600.0, measure=_qa, rejected=lambda: rejected).plan
+
+    # Rolled back for its quality: gen's cheaper mix is to blame; rank's, predicted to raise quality, is not.
+    quality = again({"quality"})
+    assert list(quality.changes) == ["rank"], quality.changes
+    assert any("left gen.route_weights alone" in r and "rolled back for its quality" in r for r in quality.reasons)
+    # Rolled back for what no move predicts (latency), for want of tasks or time, or for a cost every move was
+    # predicted to lower (the predictions were wrong), or with no predictions on record: both held back.
+    for failed, known in (({"latency"}, effects), (set(), effects), ({"cost"}, effects), ({"quality"}, {})):
+        assert again(failed, known) is None, failed
+
+
+def test_a_cost_only_plan_whose_saving_no_canary_could_show_in_its_time_is_not_tried():
+    settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
+    busy = _qa()  # 2000 tasks in 300 s: a canary on 20% gets 2400 in its 1800 s
+    out = look(QA, QA.defaults(), SLO_QA, settings, 0.0, measure=lambda: busy)
+    assert out.plan is not None and out.plan.after["cost_per_1k"] < 0.6 * busy.cost_per_1k  # -49%
+    quiet = _qa()
+    quiet.window_seconds = 30_000.0  # the same tasks over 100 times as long: 24 in its time
+    out = look(QA, QA.defaults(), SLO_QA, settings, 0.0, measure=lambda: quiet)
+    assert out.plan is None and out.idle.startswith("saving too small to show: a canary on 20% of tasks would need "
+                                                    "about "), out.idle
+    assert "gets about 24 in its 1800 s" in out.idle and "Not tried: Sent more of rank to large" in out.idle
+    # Straight to every task (no canary), it goes.
+    assert look(QA, QA.defaults(), SLO_QA, LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300,
+                                                        canary_share=0), 0.0, measure=lambda: quiet).plan is not None
+
+
+def test_a_tasks_cost_spread_comes_from_its_steps_routes():
+    obs = Observation("p", 300.0, requests=1000, cost_per_1k=1.0)
+    # One step every task calls at 0.0005 USD, one tenth of tasks escalating at 0.005 USD.
+    obs.steps["local"] = {"m": RouteObservation(spans=1000, cost=0.5)}
+    obs.steps["llm"] = {"big": RouteObservation(spans=100, cost=0.5)}
+    assert obs.cost_spread() == pytest.approx((0.1 * 0.005 ** 2 - 0.0005 ** 2) ** 0.5)
+    # Against the spread of simulated tasks with the same calls.
+    rng = np.random.default_rng(3)
+    tasks = 0.0005 + np.where(rng.random(200_000) < 0.1, 0.005, 0.0)
+    assert obs.cost_spread() == pytest.approx(tasks.std(), rel=0.02)
+    assert Observation("p", 300.0).cost_spread() is None
 
 
 def test_a_cascades_local_route_is_priced_with_the_escalations_it_causes():
