@@ -90,7 +90,10 @@ def demo_workload(minutes: float, seed: int, rate: float = RATE, duplicates: flo
 
 # ---- the retrieval-augmented pipeline: its declaration and an assumed calibration -----------------
 
-RAG_RATE = 8.0  # requests/s at the daily mean; a compressed day over the run (0.4x to 1.6x) with two 3x bursts
+# rag_answering's load: what bench/tuner_real.py drives it with (bench.tuner_real.PIPELINES["rag"]), 2 requests/s
+# at the daily mean in 300-second days (0.4x to 1.6x) with two 3x bursts a day: bursts to about 6/s, which its
+# declared large tier (5 requests/s) can serve at the quality floor. `--rag-rate` sets another mean (8: the
+# overload study, where comparisons alone need the large tier at about 10/s in a burst and no config holds the floor).
 
 
 def rag_spec() -> PipelineSpec:
@@ -133,7 +136,7 @@ def rag_calibration() -> physics.Calibration:
                "tiers' accuracy on escalated questions: assumptions, not measurements; bench/tuner.py)")
 
 
-def rag_workload(minutes: float, seed: int, rate: float = RAG_RATE, duplicates: float = 0.2,
+def rag_workload(minutes: float, seed: int, rate: float, duplicates: float = 0.2,
                  period_seconds: float | None = None) -> simulate.Workload:
     """The load generator's `daily_bursts` arrivals with the run as one day (0.4x to 1.6x the rate, two 3x bursts
     of 1/30 of the day, on the rise and past the peak), or days of `period_seconds`; six phases of equal length
@@ -476,22 +479,17 @@ def sim_chart(rows: Sequence[Mapping[str, Any]], slo: SLO, path: Path, title: st
     return path
 
 
-def sim_pipelines(real_load: bool = False) -> dict[str, tuple[PipelineSpec, physics.Calibration, Any, Any]]:
-    """The pipelines the simulation knows: name -> (spec, calibration, (seed, minutes) -> workload, prices).
-    `real_load`: each on the load bench/tuner_real.py drives it with (rag_answering: 2/s, 300-second days)."""
-    if real_load:
-        from bench.tuner_real import PIPELINES
+def sim_pipelines(rag_rate: float | None = None) -> dict[str, tuple[PipelineSpec, physics.Calibration, Any, Any]]:
+    """The pipelines the simulation knows: name -> (spec, calibration, (seed, minutes) -> workload, prices);
+    rag_answering on the load bench/tuner_real.py drives it with (2/s in 300-second days), or at a mean of
+    `rag_rate` requests/s in the same days."""
+    from bench.tuner_real import PIPELINES
 
-        rag = PIPELINES["rag"]
-        known = sim_pipelines()
-        spec, cal, _, prices = known["rag_answering"]
-        known["rag_answering"] = (spec, cal, lambda seed, minutes=60.0: rag_workload(
-            minutes, seed, rate=rag.rate, period_seconds=rag.period_seconds), prices)
-        return known
+    rag = PIPELINES["rag"]
     return {"ticket_triage": (demo_spec(), physics.DEMO, lambda seed, minutes=60.0: demo_workload(minutes, seed),
                               None),
-            "rag_answering": (rag_spec(), rag_calibration(), lambda seed, minutes=60.0: rag_workload(minutes, seed),
-                              None)}
+            "rag_answering": (rag_spec(), rag_calibration(), lambda seed, minutes=60.0: rag_workload(
+                minutes, seed, rate=rag_rate or rag.rate, period_seconds=rag.period_seconds), None)}
 
 
 def canary_settings(name: str, minutes: float) -> tuple[Any, str]:
@@ -545,8 +543,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="ClickHouse URL, or a bench arm's home kept with `bench/tuner_real.py --keep`, whose "
                              "spans of each simulated pipeline the simulation is fitted to")
     parser.add_argument("--real-load", action="store_true",
-                        help="--mode sim: each pipeline on the load bench/tuner_real.py drives (rag_answering: 2/s "
-                             "in 300-second days instead of 8/s in one day), so its oracle is the one to pin there")
+                        help="--mode sim: the canary limits bench/tuner_real.py sets for a run this long on each "
+                             "pipeline's load (canary.limits_for) in place of the loop's defaults")
+    parser.add_argument("--rag-rate", type=float, default=None,
+                        help="--mode sim: rag_answering's mean requests/s (default: bench/tuner_real.py's, 2/s in "
+                             "300-second days, what its large tier's 5/s limit can serve at the floor; 8: overload)")
     parser.add_argument("--calibration-window", type=int, default=3600, help="seconds of spans to fit from")
     parser.add_argument("--slo", metavar="KEY=VALUE,...", default=None,
                         help="--mode sim: objectives in place of the declared ones (p95_ms, p99_ms, error_rate, "
@@ -696,7 +697,7 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
     if args.evaluations < 10:
         raise UsageError(f"--evaluations must be at least 10, got {args.evaluations}")
     args.out.mkdir(parents=True, exist_ok=True)
-    known = sim_pipelines(args.real_load)
+    known = sim_pipelines(args.rag_rate)
     names = list(known) if args.pipelines == "all" else [n.strip() for n in args.pipelines.split(",")]
     unknown = [n for n in names if n not in known]
     if unknown:

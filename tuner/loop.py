@@ -810,8 +810,14 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
         if handled:
             return shadowed
     if outcome.plan is None:
+        if outcome.idle.startswith(TOO_SMALL) and not _said.get(pipeline, "").startswith(TOO_SMALL):
+            log.info("%s: %s", pipeline, outcome.idle)  # once a spell, not every look: why the tuner holds still
+        _said[pipeline] = outcome.idle
         return None
     return _try(client, spec, config, outcome.plan, outcome.observation, settings, now, active)
+
+
+_said: dict[str, str] = {}  # the last idle reason logged per pipeline
 
 
 def _try(client, spec: PipelineSpec, config: PipelineConfig, plan: Plan, obs: observe.Observation,

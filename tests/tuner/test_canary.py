@@ -249,6 +249,30 @@ def test_the_loop_puts_a_change_on_trial_and_rolls_it_back_when_it_regresses(sho
     assert by_hand.version == 3 and versions.latest(shop, "shop").version == 3
 
 
+def test_the_loop_reads_from_the_audit_what_a_rollback_was_for_and_holds_back_only_the_moves_to_blame(shop):  # noqa: F811
+    _start(shop)
+    _arm_spans(shop, 1, 200, 30, first=10_000)
+    _arm_spans(shop, 2, 60, 900, first=20_000)
+    _later_task(shop)
+    assert tune_once(shop, "shop", SETTINGS).kind == "canary_rollback"  # slower: every move of it held back
+    assert tune_once(shop, "shop", SETTINGS) is None
+    # The same canary as if it had also raised escalate's concurrency, predicted dearer, and been rolled back
+    # for its cost: the cache, predicted cheaper, is not to blame and is tried again.
+    trial = versions.at(shop, "shop", 2)
+    tried = {**trial.to_dict(), "steps": {**trial.steps, "escalate": {**trial.steps["escalate"],
+                                                                        "max_concurrency": 16}}}
+    in_force = versions.latest(shop, "shop").to_dict()
+    decisions.record(shop, decisions.Decision("shop", "canary_start", 1, 2, in_force, tried, "by hand", predicted={
+        "move.score.cache_enabled.cost_delta": -0.2, "move.score.cache_enabled.quality_delta": 0.0,
+        "move.escalate.max_concurrency.cost_delta": 0.3, "move.escalate.max_concurrency.quality_delta": 0.0}))
+    rollback = decisions.Decision("shop", "canary_rollback", 2, 1, tried, in_force, "canary dearer: by hand")
+    decisions.record(shop, rollback)
+    decisions.observe(shop, rollback.decision_id, {"failed.cost": 1.0})
+    again = tune_once(shop, "shop", SETTINGS)
+    assert again is not None and again.kind == "canary_start", again
+    assert again.config_after["steps"]["score"]["cache_enabled"] is True
+
+
 def test_the_loop_promotes_a_canary_that_holds_up(shop):  # noqa: F811 - the fixture
     started = _start(shop)
     _arm_spans(shop, 1, 200, 30, first=10_000)
