@@ -75,6 +75,8 @@ class LoopSettings:
     min_requests: int = _setting("tuner_min_requests")  # no decision on fewer requests in the window
     staleness_limit_seconds: float = _setting("cache_staleness_limit_seconds")  # longest a cached answer may be served
     max_relative_change: float = 0.5  # the most one decision moves a number, relative to its current value
+    max_traffic_shift: float = 0.25  # the most of a step's traffic one decision moves between its routes
+    max_threshold_step: float = 0.1  # the most one decision moves a cascade threshold
     # the share of tasks a new config is tried on first (0: straight to every task)
     canary_share: float = _setting("tuner_canary_share")
     canary_min_requests: int = _setting("tuner_canary_min_requests")  # tasks on each arm before a canary is judged
@@ -324,8 +326,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slo else {}
             joint = cascade_tiers_policy(samples, obs.route_stats(step), current["cascade_threshold"],
                                          current["route_weights"], knobs["cascade_threshold"], knobs["route_weights"],
-                                         floor, step=step, max_step=1.0 if wide else 0.1,
-                                         max_shift=1.0 if wide else 0.25,
+                                         floor, step=step, max_step=1.0 if wide else settings.max_threshold_step,
+                                         max_shift=1.0 if wide else settings.max_traffic_shift,
                                          latency=obs.task_latency.get(step), latency_targets=every_target)
             plan.add(joint, spec, current, limit)
             if joint is not None and step in plan.changes:
@@ -340,7 +342,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             threshold_for = functools.partial(
                 cascade_policy, current_threshold=current["cascade_threshold"], knob=knobs["cascade_threshold"],
                 quality_floor=floor, remote_cost_per_call=obs.cost_per_call(step), step=step,
-                max_step=1.0 if wide else 0.1,
+                max_step=1.0 if wide else settings.max_threshold_step,
                 escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None,
                 latency=obs.task_latency.get(step) if targets else None, latency_targets=targets,
                 route_weights=current.get("route_weights"))
@@ -392,7 +394,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             proposal = _not_worse_quality(routing_policy(stats, current["route_weights"],
                                                          knobs["route_weights"], route_floor, target, step=step,
                                                          slow_cap=cap, max_shift=1.0 if wide
-                                                         or local_of.get(step) in saturated else 0.25),
+                                                         or local_of.get(step) in saturated else settings.max_traffic_shift),
                                           missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
