@@ -391,10 +391,10 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 # escalations its answers cause (a surer route sends fewer tasks to the remote tiers).
                 route_floor, kept = _local_floor(spec, config, obs, step, local_of[step], floor)
                 stats = _with_escalation_cost(stats, spec, config, obs, local_of[step])
+            shift = 1.0 if wide or local_of.get(step) in saturated else settings.max_traffic_shift
             proposal = _not_worse_quality(routing_policy(stats, current["route_weights"],
                                                          knobs["route_weights"], route_floor, target, step=step,
-                                                         slow_cap=cap, max_shift=1.0 if wide
-                                                         or local_of.get(step) in saturated else settings.max_traffic_shift),
+                                                         slow_cap=cap, max_shift=shift),
                                           missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
