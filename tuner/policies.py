@@ -358,17 +358,20 @@ def escalation_quantiles(latency: TaskLatencies, shares: Sequence[float], route_
 
 
 def _cascade_lower(kept_correct: float, escalated: int, n: int, remote_point: float, remote_n: int,
-                   z: float) -> float:
+                   z: float, measured_correct: float = 0.0, measured: int = 0) -> float:
     """Lower bound of a cascade's quality on `n` labelled tasks when `escalated` of them go to the remote tiers
-    (right at `remote_point`, measured on `remote_n` labelled escalations; 0: given exactly) and the rest keep
-    their local answer (`kept_correct` right): each part's Wilson margin at its own count, at its share of the
-    tasks, added in quadrature (the two are measured on different tasks). With nothing escalated, the Wilson
-    bound of the local answers; with everything, that of the remote ones."""
-    kept = n - escalated
-    point = (kept_correct + remote_point * escalated) / n
+    and the rest keep their local answer (`kept_correct` right). Of the escalated, `measured` have the remote
+    answer labelled (`measured_correct` right: those tasks' own answers); the others are right at
+    `remote_point`, measured on `remote_n` labelled escalations (0: given exactly). Each part's Wilson margin at
+    its own count, at its share of the tasks, added in quadrature. With nothing escalated, the Wilson bound of
+    the local answers; with everything measured, that of the remote ones."""
+    kept, guessed = n - escalated, escalated - measured
+    point = (kept_correct + measured_correct + remote_point * guessed) / n
     local = kept / n * (kept_correct / kept - wilson_lower(kept_correct, kept, z)) if kept else 0.0
-    remote = escalated / n * (remote_point - wilson_lower(remote_point * remote_n, remote_n, z)) if remote_n else 0.0
-    return max(0.0, point - math.sqrt(local * local + remote * remote))
+    known = measured / n * (measured_correct / measured - wilson_lower(measured_correct, measured, z)) \
+        if measured else 0.0
+    remote = guessed / n * (remote_point - wilson_lower(remote_point * remote_n, remote_n, z)) if remote_n else 0.0
+    return max(0.0, point - math.sqrt(local * local + known * known + remote * remote))
 
 
 def quantile_name(q: float) -> str:
@@ -419,13 +422,26 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     kept_correct = np.concatenate([[0], np.cumsum([bool(s.local_correct) for s in order][::-1])])[::-1]
     below = np.searchsorted(confidence, thresholds, side="left")  # labelled tasks escalated at each t
     n = len(order)
+    # The least sure tasks escalated first: those escalated now carry their remote answer, and a threshold
+    # escalating only them is judged on those answers, not on the tiers' mean. The questions a lower threshold
+    # still escalates are the hard ones, which the tiers answer worse than the ones a high threshold adds.
+    measured_remote = remote_accuracy is None
+    measured = np.concatenate([[0], np.cumsum([measured_remote and s.remote_correct is not None for s in order])])
+    measured_right = np.concatenate([[0], np.cumsum([measured_remote and bool(s.remote_correct) for s in order])])
+
+    def point_at(i: int) -> float:
+        return float((kept_correct[i] + measured_right[i] + remote_point * (i - measured[i])) / n)
+
+    def lower_at(i: int, at_z: float) -> float:
+        return _cascade_lower(kept_correct[i], i, n, remote_point, remote_n, at_z, measured_right[i], measured[i])
+
     lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))  # labelled tasks escalated now
     # The threshold in force meets the floor on the labels' point estimate (its lower bound may not).
     holds_on_point = quality_floor is not None and bool(
-        (kept_correct[lab_now] + remote_point * lab_now) / n >= quality_floor)
-    lower = np.array([_cascade_lower(kept_correct[i], i, n, remote_point, remote_n, z) for i in below])
+        point_at(lab_now) >= quality_floor)
+    lower = np.array([lower_at(i, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
-    points = np.array([(kept_correct[i] + remote_point * i) / n for i in below])
+    points = np.array([point_at(i) for i in below])
     fast = escalated <= escalation_cap + 1e-9 if escalation_cap is not None else np.ones(len(thresholds), dtype=bool)
     quick, judged = None, {}
     if latency is not None and latency_targets:
@@ -464,7 +480,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
                + ", the lowest latency among them")
     elif feasible[at]:  # (when capped, `feasible` already includes the cap)
         # The current threshold holds the floor: only a cheaper one that holds it beyond the stricter bound.
-        strict = np.array([_cascade_lower(kept_correct[i], i, n, remote_point, remote_n, z_cut) for i in below]) >= (
+        strict = np.array([lower_at(i, z_cut) for i in below]) >= (
             quality_floor if quality_floor is not None else -1.0)
         cheaper = (escalated < share_here) & strict & reach & (fast | (not capped))
         if not cheaper.any():
@@ -526,8 +542,8 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     lab = int(np.searchsorted(confidence, new, side="left"))
     share_now = float(np.searchsorted(every, current_threshold, side="left") / len(every))
     share = here / len(every)
-    quality = float((kept_correct[lab] + remote_point * lab) / n)
-    quality_lower = _cascade_lower(kept_correct[lab], lab, n, remote_point, remote_n, z)
+    quality = point_at(lab)
+    quality_lower = lower_at(lab, z)
     floor_text = f">= floor {quality_floor:.3f}" if quality_floor is not None else "(no floor)"
     cost_now, cost = 1000 * share_now * remote_cost_per_call, 1000 * share * remote_cost_per_call
     reason = (f"{why}: threshold {current_threshold:.2f} -> {new:.2f}, escalations {share_now:.0%} -> {share:.0%} "
@@ -536,11 +552,10 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
               f"tasks, remote accuracy {remote_point:.3f}")
     predicted = {"escalation_share": share, "escalation_share_before": share_now, "cost_per_1k": cost,
                  "cost_per_1k_before": cost_now, "quality": quality,
-                 "quality_before": float((kept_correct[lab_now] + remote_point * lab_now) / n),
+                 "quality_before": point_at(lab_now),
                  "quality_lower_bound": quality_lower,
                  # 0: the threshold in force no longer holds the floor at its lower bound (a move up is quality first)
-                 "floor_held_before": float(quality_floor is None or _cascade_lower(
-                     kept_correct[lab_now], lab_now, n, remote_point, remote_n, z) >= quality_floor)}
+                 "floor_held_before": float(quality_floor is None or lower_at(lab_now, z) >= quality_floor)}
     if quick is not None:
         # The pipeline's quantiles at the new share and, as the model reproduces them, at today's.
         mixed = escalation_quantiles(latency, [share, share_now], route_weights, tuple(latency_targets))

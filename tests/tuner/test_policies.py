@@ -291,6 +291,30 @@ def _quality_lower(samples: list[CascadeSample], t: float, remote: float, z: flo
     return _wilson(correct, len(labelled), z)
 
 
+def test_a_lower_threshold_is_judged_on_the_answers_the_tiers_gave_the_tasks_it_still_escalates():
+    """The least sure tasks are the hard ones for the remote tiers too (as rag's comparisons are): right 0.70 of
+    the time under confidence 0.3, 0.99 between 0.3 and 0.6 (0.85 on average). A threshold escalating only the
+    hard ones is predicted from those tasks' own remote answers, not from the tiers' average."""
+    samples = []
+    for c in range(100):
+        for j in range(40):
+            local = j < round(40 * (0.1 if c < 30 else 0.85 if c < 60 else 0.99))
+            remote = (7 * j % 40) < round(40 * (0.7 if c < 30 else 0.99)) if c < 60 else None  # escalated at 0.6
+            samples.append(CascadeSample(c / 100, local, remote))
+
+    def answered(t: float) -> float:  # the pipeline's quality at threshold t, from each task's own answers
+        return sum(s.local_correct if s.confidence >= t else s.remote_correct for s in samples) / len(samples)
+
+    proposal = cascade_policy(samples, 0.6, Knob("float", 0.6, 0, 1), 0.88, 0.01, max_step=1.0)
+    t = proposal.values["cascade_threshold"]
+    assert t < 0.6 and proposal.predicted["quality"] == pytest.approx(answered(t)) and answered(t) >= 0.88
+    # Priced at the tiers' average accuracy, the same labels would go further, to a threshold whose tasks'
+    # own answers miss the floor.
+    average = cascade_policy(samples, 0.6, Knob("float", 0.6, 0, 1), 0.88, 0.01, max_step=1.0, remote_accuracy=0.85)
+    assert average.values["cascade_threshold"] < t and average.predicted["quality"] >= 0.88
+    assert answered(average.values["cascade_threshold"]) < 0.86
+
+
 def test_the_quality_floor_holds_the_cascade_threshold():
     samples = _triage()
     proposal = cascade_policy(samples, 0.9, THRESHOLD, 0.8, 0.01, remote_accuracy=0.97, max_step=1.0, step="esc")
