@@ -19,7 +19,7 @@ latest state is not `promoted` is never the config in force (`versions.latest` s
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -31,7 +31,7 @@ from tracetune.tuner import versions
 from tracetune.tuner.config import PipelineConfig, PipelineSpec
 
 __all__ = ["ALPHA", "Arm", "Canary", "Verdict", "running", "start", "finish", "judge", "arms", "msprt_p", "STATUSES",
-           "limits_for", "tasks_needed"]
+           "limits_for", "tasks_needed", "failures"]
 
 ALPHA = 0.05
 """Chance that a canary no different from the config in force ends in anything but "no evidence either way"
@@ -298,7 +298,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     target = slo.p95_ms if slo and slo.p95_ms is not None else None
     base_p95, canary_p95 = base.p95() or 0.0, canary.p95() or 0.0
     problems, gains, misses = [], [], []
-    failed: list[str] = []  # the objectives a rollback is for, as `failed.<name>` figures (the loop's blame)
+    failed: list[str] = []  # the objectives a rollback is for (`_fail`: the loop's blame)
 
     # Latency: the share of tasks slower than the target (the p95 target allows SLO_TAIL of them).
     limit = target if target is not None else 1.1 * base_p95
@@ -380,12 +380,12 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                                    if not misses else f" and not better on {', '.join(misses)}"))
                 failed.append("cost")
     tasks = f"{canary.n} tasks on the canary against {base.n}"
-    figures.update({f"failed.{name}": 1.0 for name in failed})
+    _fail(figures, *failed)
     if problems:
         return Verdict("rollback", "canary " + "; ".join(problems) + f" ({tasks})", figures)
     if unsettled:  # nothing else outweighs a floor the canary may be under: more labels settle it either way
         if expired:
-            figures["failed.quality"] = 1.0
+            _fail(figures, "quality")
             return Verdict("rollback", f"no evidence the canary holds the floor before its time ran out: "
                                        f"{unsettled} ({tasks}); the config in force stays", figures)
         return Verdict("wait", f"{unsettled}: more labels before it can go ({tasks})", figures)
@@ -419,7 +419,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
             if rise <= limit:
                 return Verdict("promote", f"{no_harm}, its cost within {limit - allowed_rise:+.0%} of the prediction "
                                           f"when its time ran out: {said}", figures)
-            figures["failed.cost"] = 1.0
+            _fail(figures, "cost")
             return Verdict("rollback", f"canary dearer than the {buys_quality:+.0%} predicted for the quality it "
                                        f"buys when its time ran out: {said}; the config in force stays", figures)
         return Verdict("wait", f"buying quality: its cost against the {buys_quality:+.0%} predicted not clear yet "
@@ -445,6 +445,18 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                                    + (f": {cost_text}" if cost_text else "") + f" ({tasks}){short}; the config in "
                                    f"force stays", figures)
     return Verdict("wait", f"no clear difference yet ({tasks})", figures)
+
+
+FAILED = "failed."  # a rollback's figures name what it was for: failed.<objective> = 1
+
+
+def _fail(figures: dict[str, float], *objectives: str) -> None:
+    figures.update({FAILED + name: 1.0 for name in objectives})
+
+
+def failures(figures: Mapping[str, float]) -> frozenset[str]:
+    """The objectives a verdict's figures (or a rollback's observed figures in the audit) say it failed."""
+    return frozenset(k.removeprefix(FAILED) for k, v in figures.items() if k.startswith(FAILED) and v)
 
 
 # ---- state in the store ---------------------------------------------------------------------------

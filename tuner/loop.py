@@ -27,7 +27,7 @@ from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
 from tracetune.tuner.batching import batching_policy, fit_service_time
 from tracetune.tuner.config import PipelineConfig, PipelineSpec, same_way
-from tracetune.tuner.plan import Plan, pipeline_effect, plain, scale_effect, take_out
+from tracetune.tuner.plan import MOVE, Plan, move_figure, pipeline_effect, plain, scale_effect, take_out
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
     TAIL_SHARE,
@@ -292,6 +292,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             continue
         target = step_target_ms(slo, obs, step)
         wide = bool(missed) or step in saturated  # an objective missed or its providers saturated: no step limit
+        threshold_step = 1.0 if wide else settings.max_threshold_step
         if "batch_max_size" in knobs and target is not None:
             spent = (obs.cost_per_1k or 0.0) * obs.requests / 1000
             share = total.cost / spent if spent > 0 else None  # this step's part of what the pipeline costs
@@ -326,7 +327,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slo else {}
             joint = cascade_tiers_policy(samples, obs.route_stats(step), current["cascade_threshold"],
                                          current["route_weights"], knobs["cascade_threshold"], knobs["route_weights"],
-                                         floor, step=step, max_step=1.0 if wide else settings.max_threshold_step,
+                                         floor, step=step, max_step=threshold_step,
                                          max_shift=1.0 if wide else settings.max_traffic_shift,
                                          latency=obs.task_latency.get(step), latency_targets=every_target)
             plan.add(joint, spec, current, limit)
@@ -342,7 +343,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             threshold_for = functools.partial(
                 cascade_policy, current_threshold=current["cascade_threshold"], knob=knobs["cascade_threshold"],
                 quality_floor=floor, remote_cost_per_call=obs.cost_per_call(step), step=step,
-                max_step=1.0 if wide else settings.max_threshold_step,
+                max_step=threshold_step,
                 escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None,
                 latency=obs.task_latency.get(step) if targets else None, latency_targets=targets,
                 route_weights=current.get("route_weights"))
@@ -687,8 +688,8 @@ class Rejected:
             for knob, value in values.items():
                 if self.base.get(step, {}).get(knob) == value:
                     continue
-                cost = self.effects.get(f"move.{step}.{knob}.cost_delta")
-                quality = self.effects.get(f"move.{step}.{knob}.quality_delta")
+                cost = self.effects.get(move_figure(step, knob, "cost_delta"))
+                quality = self.effects.get(move_figure(step, knob, "quality_delta"))
                 hurts = ("cost" in self.failed and cost is not None and cost > 0) or (
                     "quality" in self.failed and quality is not None and quality < 0)
                 hurting = hurting or hurts
@@ -895,13 +896,13 @@ def _rejected(client, pipeline: str) -> Rejected | None:
         return None
     decided = last["decided_at"] if last["decided_at"].tzinfo else last["decided_at"].replace(tzinfo=UTC)
     version = int(last["version_before"])  # a rollback's row goes from the canary back to the config in force
+    failed = canary.failures(last["observed"])
+    # Its moves' predictions matter only when it failed something (else every move is held): no query otherwise.
     started = next((d for d in decisions.history(client, pipeline, 20, kinds=("canary_start",))
-                    if d["version_after"] == version), None)
-    failed = frozenset(k.removeprefix("failed.") for k, v in last["observed"].items()
-                       if k.startswith("failed.") and v)
+                    if d["version_after"] == version), None) if failed else None
     return Rejected(decided.timestamp(), version, last["config_after"].get("steps", {}),
                     last["config_before"].get("steps", {}), failed,
-                    {k: v for k, v in (started or {}).get("predicted", {}).items() if k.startswith("move.")})
+                    {k: v for k, v in (started or {}).get("predicted", {}).items() if k.startswith(MOVE)})
 
 
 def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None, now: float,

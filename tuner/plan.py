@@ -19,7 +19,14 @@ from tracetune.tuner.decisions import describe_change, sentence
 from tracetune.tuner.policies import clamp_change
 from tracetune.tuner.proposal import Proposal
 
-__all__ = ["Part", "Plan", "combine_cost", "pipeline_effect", "plain", "scale_effect", "take_out"]
+__all__ = ["Part", "Plan", "combine_cost", "move_figure", "pipeline_effect", "plain", "scale_effect", "take_out"]
+
+MOVE = "move."  # a decision's per-move predictions: move.<step>.<knob>.cost_delta / .quality_delta
+
+
+def move_figure(step: str, knob: str, name: str) -> str:
+    """The name a decision's figures file one move's predicted `name` (cost_delta, quality_delta) under."""
+    return f"{MOVE}{step}.{knob}.{name}"
 
 
 @dataclass
@@ -141,10 +148,9 @@ class Plan:
         for part in self.parts:
             for knob in part.knobs if part.live else ():
                 if knob in self.changes.get(part.step, {}):
-                    prefix = f"move.{part.step}.{knob}."
-                    figures[prefix + "cost_delta"] = round(figures.get(prefix + "cost_delta", 0.0) + part.cost_delta, 9)
-                    figures[prefix + "quality_delta"] = round(
-                        figures.get(prefix + "quality_delta", 0.0) + part.quality_delta, 9)
+                    for name, delta in (("cost_delta", part.cost_delta), ("quality_delta", part.quality_delta)):
+                        key = move_figure(part.step, knob, name)
+                        figures[key] = round(figures.get(key, 0.0) + delta, 9)
         return figures
 
     @property

@@ -437,8 +437,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
 
     lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))  # labelled tasks escalated now
     # The threshold in force meets the floor on the labels' point estimate (its lower bound may not).
-    holds_on_point = quality_floor is not None and bool(
-        point_at(lab_now) >= quality_floor)
+    holds_on_point = quality_floor is not None and point_at(lab_now) >= quality_floor
     lower = np.array([lower_at(i, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
     points = np.array([point_at(i) for i in below])

@@ -210,8 +210,7 @@ class LoopController:
                 self.moves.record(self.plan, now)
             else:
                 self.rejected = Rejected(now, trial.config.version, before.steps, trial.config.steps,
-                                         frozenset(k.removeprefix("failed.") for k in verdict.figures
-                                                   if k.startswith("failed.")), self.plan.move_effects())
+                                         canary.failures(verdict.figures), self.plan.move_effects())
             return
         plan = outcome.plan
         if plan is None:
