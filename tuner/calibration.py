@@ -43,7 +43,11 @@ class ModelRoute:
 
 @dataclass(frozen=True)
 class RemoteTier:
-    """One remote route of the cascade: lognormal latency, accuracy on escalated tasks, a rate limit, tokens."""
+    """One remote route of the cascade: lognormal latency, accuracy on escalated tasks, a rate limit, tokens.
+
+    A tier is not equally right on every task it is sent: the least sure tasks of the model step are the hard
+    ones for it too. `by_confidence` holds its accuracy by the model step's confidence on the task, as
+    (from this confidence up, accuracy) pairs in rising order; without them, `accuracy` everywhere."""
 
     model: str  # gen_ai.request.model: what the price table charges tokens by
     median_ms: float
@@ -52,6 +56,16 @@ class RemoteTier:
     rate_limit_rps: float  # the provider's token bucket (burst of one second); 0: none
     input_tokens: int = 90
     output_tokens: int = 2
+    by_confidence: tuple[tuple[float, float], ...] = ()
+
+    def accuracy_at(self, confidence: float) -> float:
+        """How often this tier is right on a task the model step answered with `confidence`."""
+        found = self.accuracy
+        for start, accuracy in self.by_confidence:
+            if confidence < start:
+                break
+            found = accuracy
+        return found
 
 
 @dataclass(frozen=True)
@@ -84,6 +98,11 @@ class Calibration:
                     raise ValueError(f"calibration route {name}: a confidence table needs 2+ non-decreasing values")
             if not 0 <= route.accuracy <= 1:
                 raise ValueError(f"calibration route {name}: accuracy must be within [0, 1], got {route.accuracy}")
+        for name, tier in self.tiers.items():
+            starts = [start for start, _ in tier.by_confidence]
+            if starts != sorted(starts) or any(not 0 <= a <= 1 for _, a in tier.by_confidence):
+                raise ValueError(f"calibration tier {name}: by_confidence needs rising confidences and accuracies "
+                                 f"within [0, 1]")
         if not self.routes or len(self.lengths) < 2:
             raise ValueError("a calibration needs at least one model route and a length table")
         return self
@@ -236,6 +255,23 @@ def _from_answers(answers: Sequence[Answer], routes: dict[str, ModelRoute], tier
     return routes, tiers
 
 
+def _by_confidence(answers: Sequence[Answer], per_bin: int = 40, most: int = 6) -> tuple[tuple[float, float], ...]:
+    """A tier's accuracy by the model step's confidence, from the labelled answers it gave: up to `most` bins of
+    equal count, at least `per_bin` answers each; each bin starts halfway from the one before (the first at 0).
+    Empty with fewer than two bins' worth. Above the highest confidence the run escalated, the last bin holds:
+    surer tasks are easier, so that errs toward too few right answers, not too many."""
+    bins = min(most, len(answers) // per_bin)
+    if bins < 2:
+        return ()
+    ordered = sorted(answers, key=lambda a: a.confidence)
+    parts = np.array_split(np.arange(len(ordered)), bins)
+    found = []
+    for k, part in enumerate(parts):
+        start = 0.0 if k == 0 else (ordered[parts[k - 1][-1]].confidence + ordered[part[0]].confidence) / 2
+        found.append((round(start, 4), round(sum(ordered[i].right for i in part) / len(part), 4)))
+    return tuple(found)
+
+
 def roles(spec: PipelineSpec) -> tuple[str | None, str]:
     """(the cascade step or None, the main model step): the step the cascade reads the confidence of, else
     the first step with batching knobs."""
@@ -317,6 +353,8 @@ def from_observation(obs: Observation, spec: PipelineSpec, latencies: Mapping[tu
                               output_tokens=max(1, round(row.get("output_tokens") or known.output_tokens)))
     if answers and not samples:
         routes, tiers = _from_answers(answers, routes, tiers)
+    for name in list(tiers):
+        tiers[name] = replace(tiers[name], by_confidence=_by_confidence([a for a in answers if a.tier == name]))
     effect = effect_step(spec, base)
     plain_ms = dict(base.plain_ms)
     for step in spec.steps:

@@ -584,7 +584,7 @@ class _Simulation:
         if not ok:
             self._answered(task, now, 2 if not cache.enabled else 1, None, 0.0, task.attempts > 1)
             return
-        right = self.u_remote[task.index] < self.cal.tiers[task.tier].accuracy
+        right = self.u_remote[task.index] < self.cal.tiers[task.tier].accuracy_at(task.confidence)
         if cache.enabled:
             cache.store.put(f"{task.tier}|{task.ticket}", bool(right))
         self._answered(task, now, 1 if cache.enabled else 2, right, self.token_price[task.tier], task.attempts > 1)

@@ -82,6 +82,32 @@ def test_escalation_share_and_quality_follow_the_confidence_tables(spec):
     assert row["quality"] == pytest.approx(quality, abs=0.01)
 
 
+def test_a_tier_is_right_by_the_confidence_of_the_tasks_it_is_sent(spec):
+    """A tier right 0.5 on tasks under 0.5 confidence and 0.98 above: the simulated quality at a threshold is each
+    escalated task's own bin, not the tier's mean (the mean would overrate a low threshold's hard tasks)."""
+    route = calibration.DEMO.routes["fp32"]
+    tier = replace(calibration.DEMO.tiers["llm-small"], accuracy=0.9, by_confidence=((0.0, 0.5), (0.5, 0.98)))
+    cal = replace(calibration.DEMO, tiers={**calibration.DEMO.tiers, "llm-small": tier})
+    u = np.linspace(0, 1, 200_001)
+    levels = np.linspace(0, 1, calibration.LEVELS)
+    right, wrong = np.interp(u, levels, route.confidence_right), np.interp(u, levels, route.confidence_wrong)
+    for threshold in (0.5, 0.8):
+        config = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_enabled": False},
+                  "escalate": {"cascade_threshold": threshold, "route_weights": {"llm-small": 1.0, "llm-large": 0.0}}}
+        row = simulate.simulate(spec, cal, workload(20, rate=10, duplicates=0.0, pattern="steady"), static(config),
+                                skip_seconds=0)
+
+        def share(table, lo, hi):
+            return ((table >= lo) & (table < hi)).mean()
+
+        hard = route.accuracy * share(right, 0, 0.5) + (1 - route.accuracy) * share(wrong, 0, 0.5)
+        easy = route.accuracy * share(right, 0.5, threshold) + (1 - route.accuracy) * share(wrong, 0.5, threshold)
+        kept = route.accuracy * share(right, threshold, 2)
+        assert row["quality"] == pytest.approx(kept + 0.5 * hard + 0.98 * easy, abs=0.01)
+    assert tier.accuracy_at(0.49) == 0.5 and tier.accuracy_at(0.5) == 0.98
+    assert calibration.DEMO.tiers["llm-small"].accuracy_at(0.1) == calibration.DEMO.tiers["llm-small"].accuracy
+
+
 def test_cache_hits_follow_the_duplicate_ratio(spec):
     """One route, cache on: about every repeated input hits (a repeat of a ticket still in the batcher misses)."""
     one_route = {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}}}
@@ -269,3 +295,27 @@ def test_from_answers_fits_routes_whose_steps_carry_no_labels():
     assert stood == pytest.approx(right[~escalated].mean(), abs=0.05)  # 21-level tables: coarse in the tail
     assert tiers["llm-large"].accuracy == pytest.approx(right[escalated].mean(), abs=1e-3)
     assert routes["int8"] == calibration.DEMO.routes["int8"]  # no answers of its own: as it was
+
+
+def test_a_tier_is_fitted_by_the_confidence_of_the_tasks_it_was_sent(spec):
+    """The answers a tier gave, by the model step's confidence (right 0.55 under 0.5, 0.95 above): the fit keeps
+    each band's own accuracy, so a lower threshold is not credited with the tier's mean; too few answers for two
+    bins leave the mean alone."""
+    rng = np.random.default_rng(4)
+    confidence = np.round(rng.uniform(0.2, 0.9, 600), 4)
+    right = np.where(confidence < 0.5, rng.random(600) < 0.55, rng.random(600) < 0.95)
+    answers = [calibration.Answer("fp32", float(c), "llm-small", bool(r)) for c, r in zip(confidence, right,
+                                                                                         strict=True)]
+    obs = Observation(pipeline="support_triage", window_seconds=600, requests=600)
+    cal = calibration.from_observation(obs, spec, {}, {}, calibration.DEMO, answers)
+    small = cal.tiers["llm-small"]
+    assert len(small.by_confidence) == 6 and small.by_confidence[0][0] == 0.0
+    hard = [a for a in answers if a.confidence < 0.45]
+    assert small.accuracy_at(0.3) == pytest.approx(np.mean([a.right for a in hard]), abs=0.08)
+    assert small.accuracy_at(0.3) < 0.7 and small.accuracy_at(0.8) > 0.85
+    assert small.accuracy_at(0.99) == small.by_confidence[-1][1]  # past what was escalated: the last band
+    assert cal.tiers["llm-large"].by_confidence == ()  # no answers of its own
+    few = calibration.from_observation(obs, spec, {}, {}, calibration.DEMO, answers[:70])
+    assert few.tiers["llm-small"].by_confidence == ()
+    with pytest.raises(ValueError, match="by_confidence"):
+        replace(cal, tiers={"llm-small": replace(small, by_confidence=((0.5, 0.9), (0.1, 0.9)))}).validate()
