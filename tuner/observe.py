@@ -307,7 +307,8 @@ def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
             route, local, confidence, label = steps[after]
             remote = steps.get(cascade)
             samples.append(CascadeSample(float(confidence), local == label,
-                                         None if remote is None else remote[1] == remote[3], route or ""))
+                                         None if remote is None else remote[1] == remote[3], route or "",
+                                         "" if remote is None else remote[0] or ""))
         obs.cascade_samples[cascade] = samples
         unlabelled = client.query(CONFIDENCE_SQL, parameters={**params, "steps": [after]}).result_rows
         labelled = len(samples)

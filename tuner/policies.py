@@ -242,6 +242,7 @@ class CascadeSample:
     local_correct: bool | None  # None when unlabelled
     remote_correct: bool | None = None  # known for tasks that were escalated and labelled
     route: str = ""  # the local step's route that answered ("" when not known)
+    tier: str = ""  # the remote route it was escalated to, if known
 
 
 def escalation_shares(samples: Sequence[CascadeSample], threshold: float, min_samples: int = 30) -> dict[str, float]:
@@ -646,11 +647,25 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
     def bound(successes: np.ndarray, z_: float) -> np.ndarray:
         return np.array([wilson_lower(float(k), n, z_) for k in successes])
 
+    lower, strict, point = (np.tile(a, (len(thresholds), 1)) for a in (lower, strict, point))
+    if any(s.tier for s in labelled):
+        # Each tier judged on the answers it gave the tasks a threshold still escalates, not on its mean: the
+        # least sure tasks are the hard ones for the tiers too. Few such answers make a wide bound, not the mean.
+        for k, name in enumerate(names):
+            if not known[k]:
+                continue
+            sent = np.concatenate([[0], np.cumsum([s.tier == name and s.remote_correct is not None for s in labelled])])
+            got = np.concatenate([[0], np.cumsum([s.tier == name and bool(s.remote_correct) for s in labelled])])
+            sent, got = sent[below], got[below]
+            lower[:, k] = [wilson_lower(float(r), float(m), z) for r, m in zip(got, sent, strict=True)]
+            strict[:, k] = [wilson_lower(float(r), float(m), z_cut) for r, m in zip(got, sent, strict=True)]
+            point[:, k] = np.where(sent > 0, got / np.maximum(sent, 1), point[0, k])
+
     judged = {q: 1 - latency_margin * (1 - q) for q in (latency_targets or {})}
     rows = []  # (cost per task, -quality bound, mix index, threshold index)
     for m, mix in enumerate(mixes):
-        held = bound(kept[below] + float(lower @ mix) * below, z)
-        moving = bound(kept[below] + float(strict @ mix) * below, z_cut)
+        held = bound(kept[below] + (lower @ mix) * below, z)
+        moving = bound(kept[below] + (strict @ mix) * below, z_cut)
         ok = moving >= quality_floor
         if m == 0:
             ok[here] = held[here] >= quality_floor
@@ -678,16 +693,16 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
                                                                                                    strict=True)}}
     if abs(new - current_threshold) >= grid / 2:
         values["cascade_threshold"] = new
-    quality = float((kept[below[i]] + float(point @ mix) * below[i]) / n)
-    quality_lower = float(bound(np.array([kept[below[i]] + float(lower @ mix) * below[i]]), z)[0])
+    quality = float((kept[below[i]] + float(point[i] @ mix) * below[i]) / n)
+    quality_lower = float(bound(np.array([kept[below[i]] + float(lower[i] @ mix) * below[i]]), z)[0])
     predicted = {"escalation_share": float(escalated[i]), "escalation_share_before": float(escalated[here]),
                  "cost_per_1k": 1000 * cost_best, "cost_per_1k_before": 1000 * cost_now, "quality": quality,
-                 "quality_before": float((kept[below[here]] + float(point @ now) * below[here]) / n),
+                 "quality_before": float((kept[below[here]] + float(point[here] @ now) * below[here]) / n),
                  "quality_lower_bound": quality_lower, "floor_held_before": 1.0}
     tiers_text = ", ".join(f"{name} {now[k]:.2f}->{mix[k]:.2f}" for k, name in enumerate(names)
                            if abs(mix[k] - now[k]) >= 5e-4)
     reason = (f"threshold and tiers chosen together: threshold {current_threshold:.2f} -> {new:.2f}, {tiers_text} "
-              f"(escalated answers right >= {float(lower @ mix):.3f}, {1000 * float(per_call @ mix):.3g} USD per 1k "
+              f"(escalated answers right >= {float(lower[i] @ mix):.3f}, {1000 * float(per_call @ mix):.3g} USD per 1k "
               f"calls), escalations {escalated[here]:.0%} -> {escalated[i]:.0%} of {len(every)} tasks: "
               f"{1000 * cost_now:.3g} -> {1000 * cost_best:.3g} USD per 1k, against "
               f"{1000 * min(at_mix_now)[0]:.3g} for the cheapest threshold at the tier mix in force; predicted "

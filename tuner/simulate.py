@@ -657,8 +657,10 @@ class _Simulation:
             obs.steps[self.cascade] = self._routes(spans, with_labels=True)
             total += float(spans["cost"].sum())
             remote = dict(zip(spans["task"].tolist(), spans["right"].tolist(), strict=True))
+            tier = dict(zip(spans["task"].tolist(), spans["route"].tolist(), strict=True))
             obs.cascade_samples[self.cascade] = [
-                CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]), str(route))
+                CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]), str(route),
+                              str(tier.get(t, "")))
                 for c, r, t, route in zip(model["confidence"], model["right"], model["task"], model["route"],
                                           strict=True)]
             # As observe.collect reads them: each task's end-to-end latency, by the route it escalated to, if any.

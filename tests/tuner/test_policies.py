@@ -609,6 +609,47 @@ def test_a_cascades_threshold_and_tiers_are_chosen_together_when_a_surer_mix_let
                                 max_shift=1.0) is None  # the pair in force is under the floor: quality first
 
 
+def test_threshold_and_tiers_together_are_judged_on_the_answers_each_tier_gave_the_tasks_still_escalated():
+    """Both tiers answer the least sure tasks worse (small 0.45 under confidence 0.35, 0.85 above; large 0.75 and
+    1.0): a lower threshold with more of the large tier escalates only the hard tasks, which the tiers' means
+    overrate. Judged on each tier's own answers to the tasks a pair escalates, the pair chosen holds the 0.74 floor
+    on what those tasks' answers are worth, as predicted; on the means it did not."""
+    rng = np.random.default_rng(5)
+    p_small = lambda c: 0.45 if c < 0.35 else 0.85  # noqa: E731
+    p_large = lambda c: 0.75 if c < 0.35 else 1.0  # noqa: E731
+    samples, sent = [], {"small": [0, 0], "large": [0, 0]}
+    for _ in range(4000):
+        c = float(rng.uniform(0, 1))
+        local = bool(rng.random() < 0.2 + 0.8 * c)
+        if c < 0.7:
+            tier = "small" if rng.random() < 0.7 else "large"
+            right = bool(rng.random() < (p_small if tier == "small" else p_large)(c))
+            sent[tier][0] += 1
+            sent[tier][1] += right
+            samples.append(CascadeSample(c, local, right, "local", tier))
+        else:
+            samples.append(CascadeSample(c, local, None, "local"))
+    tiers = [RouteStats("small", sent["small"][0], sent["small"][1], sent["small"][0], 0.002),
+             RouteStats("large", sent["large"][0], sent["large"][1], sent["large"][0], 0.003)]
+    threshold, weights = Knob("float", 0.7, 0, 1), Knob("weights", {"small": 0.7, "large": 0.3})
+    now = {"small": 0.7, "large": 0.3}
+
+    def worth(t: float, mix: dict) -> float:  # expected quality on these tasks, from how the answers were drawn
+        return float(np.mean([(0.2 + 0.8 * s.confidence) if s.confidence >= t else
+                              mix["small"] * p_small(s.confidence) + mix["large"] * p_large(s.confidence)
+                              for s in samples]))
+
+    floor = 0.74
+    assert worth(0.7, now) >= floor + 0.02  # the pair in force holds it
+    joint = cascade_tiers_policy(samples, tiers, 0.7, now, threshold, weights, floor, "gen", max_step=0.4,
+                                 max_shift=1.0)
+    assert joint is not None, "more of the large tier at a lower threshold is cheaper and holds the floor"
+    t, mix = joint.values["cascade_threshold"], joint.values["route_weights"]
+    assert t < 0.7 and mix["large"] > 0.3
+    assert worth(t, mix) >= floor  # on the tiers' means: 0.31 with 0.85 large, worth 0.718, predicted 0.765
+    assert joint.predicted["quality"] == pytest.approx(worth(t, mix), abs=0.01)
+
+
 def test_a_threshold_going_up_quality_first_goes_as_far_as_the_floor_needs_not_to_the_top():
     """No threshold's lower bound holds the floor on 150 labelled escalations (95% right): the threshold goes to
     the cheapest whose point estimate holds it; with a floor no threshold reaches even so, to the most accurate
