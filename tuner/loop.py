@@ -26,7 +26,7 @@ from tracetune.base.settings import Settings
 from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
 from tracetune.tuner.batching import batching_policy, fit_service_time
-from tracetune.tuner.config import PipelineConfig, PipelineSpec, same_way
+from tracetune.tuner.config import Knob, PipelineConfig, PipelineSpec, same_way
 from tracetune.tuner.plan import MOVE, Plan, move_figure, pipeline_effect, plain, scale_effect, take_out
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
@@ -262,14 +262,16 @@ class Moves(dict):
 
 def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: observe.Observation,
            settings: LoopSettings = LoopSettings(), *, moves: Mapping[tuple[str, str], Move] | None = None,
-           now: float | None = None) -> Plan:
+           now: float | None = None, bounds: Mapping[tuple[str, str], tuple[float, float]] | None = None) -> Plan:
     """The knob changes the policies propose for every step that declares the knobs they act on.
 
     A missed objective (p95, quality, errors) comes first: proposals that would worsen it wait, and the
     rest move as far as their models say in one decision (no `max_relative_change` clamp). With `moves`
     (the last move per knob) and `now` (seconds, the clock `moves` were recorded on), a knob does not go
     back the way it last moved within `settings.reversal_hold_seconds` unless the evidence changed beyond
-    noise (`changed`)."""
+    noise (`changed`). `bounds`: (step, knob) -> the range a canary rolled back lately leaves a numeric knob
+    (`Rejected.bounds`); a cascade threshold is searched within it, so the policy picks the best value left
+    instead of one the rollback would hold back."""
     plan = Plan()
     floor = slo.quality_floor if slo else None
     missed = violations(slo, obs)
@@ -293,6 +295,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
         target = step_target_ms(slo, obs, step)
         wide = bool(missed) or step in saturated  # an objective missed or its providers saturated: no step limit
         threshold_step = 1.0 if wide else settings.max_threshold_step
+        knobs = _within(knobs, step, current, bounds or {}, quality_first="quality" in missed)
         if "batch_max_size" in knobs and target is not None:
             spent = (obs.cost_per_1k or 0.0) * obs.requests / 1000
             share = total.cost / spent if spent > 0 else None  # this step's part of what the pipeline costs
@@ -414,6 +417,24 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     if moves and now is not None:
         _hold_reversals(plan, moves, now, settings)
     return plan
+
+
+def _within(knobs: Mapping[str, Knob], step: str, current: Mapping[str, Any],
+            bounds: Mapping[tuple[str, str], tuple[float, float]], quality_first: bool = False) -> Mapping[str, Knob]:
+    """A step's cascade threshold knob narrowed to what a rolled-back canary leaves it (its current value kept
+    inside); the other knobs as declared. While quality is missed, a threshold going up is quality first and
+    not bounded (as `drop_rejected` does not hold back a move raising quality then)."""
+    found = bounds.get((step, "cascade_threshold"))
+    knob = knobs.get("cascade_threshold")
+    if found is None or knob is None:
+        return knobs
+    low, high = found
+    high = math.inf if quality_first else high
+    value = float(current["cascade_threshold"])
+    low = max(knob.low if knob.low is not None else -math.inf, min(low, value))
+    high = min(knob.high if knob.high is not None else math.inf, max(high, value))
+    return {**knobs, "cascade_threshold": replace(knob, default=value, low=low if math.isfinite(low) else None,
+                                                  high=high if math.isfinite(high) else None)}
 
 
 def _hold_at_risk(plan: Plan) -> None:
@@ -697,6 +718,30 @@ class Rejected:
                     blamed.add((step, knob))
         return blamed if hurting else None
 
+    def bounds(self, config: PipelineConfig) -> dict[tuple[str, str], tuple[float, float]]:
+        """Where the numeric knobs it moved and is blamed for may go next, from where it started: no further than
+        half its move that way (a bisection: 0.90 -> 0.66 rolled back, then no lower than 0.78), any way
+        else. Only for knobs still where the trial started (once the config in force moved on, it is another
+        move)."""
+        blamed, found = self.to_blame(), {}
+        for step, values in self.tried.items():
+            for knob, after in values.items():
+                before = self.base.get(step, {}).get(knob, config.knob(step, knob))
+                if not _number(before) or not _number(after) or after == before or config.knob(step, knob) != before \
+                        or (blamed is not None and (step, knob) not in blamed):
+                    continue
+                half = before + (after - before) / 2
+                found[(step, knob)] = (half, math.inf) if after < before else (-math.inf, half)
+        return found
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _short(value: float) -> str:
+    return f"{value:.3g}"
+
 
 @dataclass
 class Outcome:
@@ -737,8 +782,11 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
     if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
         # Too few requests, or data for less than half a window (rates and TTLs would be guesses).
         return Outcome(observation=obs, idle="too little data")
-    plan = decide(spec, config, slo, obs, settings, moves=moves(), now=now)
-    drop_rejected(plan, config, rejected(), now, settings)
+    last = rejected()
+    recent = last is not None and now - last.at < settings.rejected_memory_seconds
+    plan = decide(spec, config, slo, obs, settings, moves=moves(), now=now,
+                  bounds=last.bounds(config) if recent else None)
+    drop_rejected(plan, config, last, now, settings)
     if not plan.changes:
         return Outcome(observation=obs, idle="nothing to change")
     too_small = unprovable(plan, obs, settings)
@@ -916,12 +964,19 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
     raising = {(p.step, k) for p in plan.parts if p.quality_delta > 0 for k in p.knobs} \
         if "quality" in plan.violated else set()
     blamed = rejected.to_blame()
+    halved = []
     for step, values in list(plan.changes.items()):
         for knob, value in list(values.items()):
             if (step, knob) in raising or (blamed is not None and (step, knob) not in blamed):
                 continue
             before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
             after = rejected.tried.get(step, {}).get(knob, before)
+            if _number(value) and _number(before) and _number(after) and after != before \
+                    and config.knob(step, knob) == before and abs(value - before) <= abs(after - before) / 2 + 1e-9:
+                if same_way(before, after, value):  # half the rolled-back move or less: a bisection's next step
+                    halved.append(f"{step}.{knob} {_short(before)} -> {_short(value)}, half or less of its "
+                                  f"{_short(before)} -> {_short(after)}")
+                continue
             # Only from where that trial started: once the config in force moved on, the move is another one.
             if after != before and config.knob(step, knob) == before and same_way(before, after, value):
                 plan.drop(step, knob)  # and, once none of the step's changes is left, its reasons and predictions
@@ -930,6 +985,9 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
         why = "" if blamed is None else f" for its {' and '.join(sorted(rejected.failed))}, which they could explain"
         plan.reasons.append(f"left {', '.join(dropped)} alone: canary version {rejected.version} "
                             f"moved them that way and was rolled back{why}")
+    if halved:
+        plan.reasons.append(f"moved {'; '.join(halved)}: canary version {rejected.version} went that far and was "
+                            f"rolled back, so this tries half the way")
 
 
 def _finish(client, spec: PipelineSpec, config: PipelineConfig, trial: canary.Canary, verdict: canary.Verdict,

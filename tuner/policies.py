@@ -599,8 +599,9 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
     The two trade against each other: a more accurate tier mix (dearer per escalation) lets a lower threshold
     hold the floor (fewer escalations), which can cost less in all than the cheapest mix at a higher threshold;
     each policy alone, holding the other knob where it is, never finds that. Quality at a pair is the labelled
-    answers kept locally plus the escalated ones at the mix's accuracy: each tier's Wilson lower bound on its
-    own labels (a tier with fewer than `min_tier_labelled` counts as never right and gains no weight), the pair
+    answers kept locally plus the escalated ones at the mix's accuracy: each tier's Wilson lower bound on the
+    answers it gave the tasks that threshold still escalates, where the samples name their tier (else on all
+    its labels; a tier with fewer than `min_tier_labelled` counts as never right and gains no weight), the pair
     held at `z_cut` unless it is the pair in force (held at `z`: holding takes less than moving). With
     `latency` and `latency_targets`, a pair whose predicted pipeline quantiles (judged at the stricter quantile
     the tail leaves, p96 for p95) miss a target is out. The pair in force must hold the floor: a threshold

@@ -491,6 +491,64 @@ def test_a_rolled_back_canary_holds_back_only_the_moves_that_could_explain_what_
         assert again(failed, known) is None, failed
 
 
+CAS = PipelineSpec("c", {"local": {}, "gen": {"cascade_threshold": Knob("float", 0.9, 0, 1)}},
+                   {"p95_ms": 2000.0, "quality_floor": 0.85}, {"gen": "local"})
+SLO_CAS = SLO(pipeline="c", p95_ms=2000.0, quality_floor=0.85)
+
+
+def _cas() -> Observation:
+    """3000 labelled tasks, local answers right as often as they are sure, escalated ones (under 0.9) 97%."""
+    obs = Observation("c", 300.0, requests=3000, p95_ms=800.0, cost_per_1k=1.0, quality=0.95, labelled=3000)
+    rng = np.random.default_rng(1)
+    confidence = rng.uniform(0.0, 1.0, 3000)
+    obs.cascade_samples["gen"] = [CascadeSample(float(c), bool(rng.random() < c),
+                                                bool(rng.random() < 0.97) if c < 0.9 else None) for c in confidence]
+    escalated = int((confidence < 0.9).sum())
+    obs.steps["local"] = {"": RouteObservation(spans=3000, p95_ms=5.0)}
+    obs.steps["gen"] = {"": RouteObservation(spans=escalated, p95_ms=700.0, cost=escalated * 0.001,
+                                             correct=int(0.97 * escalated), labelled=escalated)}
+    return obs
+
+
+def test_a_threshold_rolled_back_is_tried_again_half_the_way():
+    """0.90 -> 0.80 rolled back for its quality: the next look tries 0.85 (the best threshold left within half
+    the move), not nothing for an hour; that rolled back too, 0.875; a move the other way is not bounded."""
+    from tracetune.tuner.loop import Rejected
+
+    settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
+    first = look(CAS, CAS.defaults(), SLO_CAS, settings, 0.0, measure=_cas).plan
+    assert first.changes == {"gen": {"cascade_threshold": 0.8}}
+
+    def after(tried: float, at: float = 600.0):
+        rejected = Rejected(0.0, 2, {"gen": {"cascade_threshold": 0.9}}, {"gen": {"cascade_threshold": tried}},
+                            frozenset({"quality"}), first.move_effects())
+        return look(CAS, CAS.defaults(), SLO_CAS, settings, at, measure=_cas, rejected=lambda: rejected).plan
+
+    half = after(0.8)
+    assert half.changes == {"gen": {"cascade_threshold": 0.85}}
+    assert any("moved gen.cascade_threshold 0.9 -> 0.85, half or less of its 0.9 -> 0.8" in r for r in half.reasons)
+    assert after(0.85).changes == {"gen": {"cascade_threshold": 0.875}}
+    assert after(0.8, at=3601.0).changes == {"gen": {"cascade_threshold": 0.8}}  # the hour is over
+    assert after(0.95).changes == {"gen": {"cascade_threshold": 0.8}}  # an upward move bounds only upward
+    # Up: in force 0.5, whose labels put quality at risk under a 0.93 floor (0.5 -> 0.6, the step limit); 0.5 -> 0.6
+    # was rolled back (for want of time), so no higher than 0.55 (the declared default, 0.9, lies outside) ...
+    low = CAS.merge(CAS.defaults(), {"gen": {"cascade_threshold": 0.5}})
+    up = Rejected(0.0, 2, {"gen": {"cascade_threshold": 0.5}}, {"gen": {"cascade_threshold": 0.6}})
+    strict = SLO(pipeline="c", p95_ms=2000.0, quality_floor=0.93)
+    assert look(CAS, low, strict, settings, 600.0, measure=_cas).plan.changes["gen"]["cascade_threshold"] == 0.6
+    plan = look(CAS, low, strict, settings, 600.0, measure=_cas, rejected=lambda: up).plan
+    assert 0.5 < plan.changes["gen"]["cascade_threshold"] <= 0.55
+    # ... unless quality is missed: then going up is quality first, and not bounded.
+
+    def missed() -> Observation:
+        obs = _cas()
+        obs.quality = 0.9
+        return obs
+
+    plan = look(CAS, low, strict, settings, 600.0, measure=missed, rejected=lambda: up).plan
+    assert plan.changes["gen"]["cascade_threshold"] > 0.55
+
+
 def test_a_cost_only_plan_whose_saving_no_canary_could_show_in_its_time_is_not_tried():
     settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
     busy = _qa()  # 2000 tasks in 300 s: a canary on 20% gets 2400 in its 1800 s

@@ -615,8 +615,8 @@ def test_threshold_and_tiers_together_are_judged_on_the_answers_each_tier_gave_t
     overrate. Judged on each tier's own answers to the tasks a pair escalates, the pair chosen holds the 0.74 floor
     on what those tasks' answers are worth, as predicted; on the means it did not."""
     rng = np.random.default_rng(5)
-    p_small = lambda c: 0.45 if c < 0.35 else 0.85  # noqa: E731
-    p_large = lambda c: 0.75 if c < 0.35 else 1.0  # noqa: E731
+    p_small = lambda c: 0.45 if c < 0.35 else 0.85
+    p_large = lambda c: 0.75 if c < 0.35 else 1.0
     samples, sent = [], {"small": [0, 0], "large": [0, 0]}
     for _ in range(4000):
         c = float(rng.uniform(0, 1))
