@@ -117,11 +117,15 @@ class Knob:
                 from None
 
 
+def is_number(value: Any) -> bool:
+    """A numeric knob value (not a switch: bools are ints to Python)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def same_way(base: Any, tried: Any, proposed: Any) -> bool:
     """Whether `proposed` moves a knob from `base` the way a rejected trial (`tried`) did: a number in the same
     direction, any other value (a switch, route weights) to the same value."""
-    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (base, tried, proposed))
-    if numbers:
+    if all(is_number(v) for v in (base, tried, proposed)):
         return (tried - base) * (proposed - base) > 0
     return proposed == tried
 

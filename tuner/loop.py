@@ -26,7 +26,7 @@ from tracetune.base.settings import Settings
 from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
 from tracetune.tuner.batching import batching_policy, fit_service_time
-from tracetune.tuner.config import Knob, PipelineConfig, PipelineSpec, same_way
+from tracetune.tuner.config import Knob, PipelineConfig, PipelineSpec, is_number, same_way
 from tracetune.tuner.plan import MOVE, Plan, move_figure, pipeline_effect, plain, scale_effect, take_out
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
@@ -727,16 +727,13 @@ class Rejected:
         for step, values in self.tried.items():
             for knob, after in values.items():
                 before = self.base.get(step, {}).get(knob, config.knob(step, knob))
-                if not _number(before) or not _number(after) or after == before or config.knob(step, knob) != before \
-                        or (blamed is not None and (step, knob) not in blamed):
+                moved = is_number(before) and is_number(after) and after != before
+                held = blamed is None or (step, knob) in blamed
+                if not moved or not held or config.knob(step, knob) != before:
                     continue
                 half = before + (after - before) / 2
                 found[(step, knob)] = (half, math.inf) if after < before else (-math.inf, half)
         return found
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _short(value: float) -> str:
@@ -971,7 +968,7 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
                 continue
             before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
             after = rejected.tried.get(step, {}).get(knob, before)
-            if _number(value) and _number(before) and _number(after) and after != before \
+            if is_number(value) and is_number(before) and is_number(after) and after != before \
                     and config.knob(step, knob) == before and abs(value - before) <= abs(after - before) / 2 + 1e-9:
                 if same_way(before, after, value):  # half the rolled-back move or less: a bisection's next step
                     halved.append(f"{step}.{knob} {_short(before)} -> {_short(value)}, half or less of its "
