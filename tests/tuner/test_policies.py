@@ -177,6 +177,14 @@ def test_batching_policy_trusts_an_observed_p95_over_a_model_that_contradicts_it
     assert predict_batching(CURVE, 50.0, 8, 5.0)["p95_ms"] < 100
     proposal = batching_policy(CURVE, 50.0, current, BATCH_KNOBS, 200.0, 450.0, sizes=SIZES, waits=WAITS)
     assert proposal is not None and proposal.values == {"batch_max_size": 4} and "model predicts" in proposal.reason
+    # The other way: the model says batches of 8 at 150/s miss the 200 ms target (453 ms), and the step meets it
+    # with the margin to spare (60 ms): not a move to the least latency the model promises, AIMD on what is seen.
+    assert predict_batching(CURVE, 150.0, 8, 5.0)["p95_ms"] > 0.8 * 200
+    proposal = batching_policy(CURVE, 150.0, current, BATCH_KNOBS, 200.0, 60.0, sizes=SIZES, waits=WAITS)
+    assert proposal is not None and proposal.values == {"batch_max_size": 9} and "453 ms here but 60" in proposal.reason
+    # Observed inside the target but not the margin: no contradiction, the model's search (batches of 16).
+    proposal = batching_policy(CURVE, 150.0, current, BATCH_KNOBS, 200.0, 170.0, sizes=SIZES, waits=WAITS)
+    assert proposal.values["batch_max_size"] == 16 and "model predicts" not in proposal.reason
 
 
 def test_aimd_grows_by_one_under_the_target_halves_over_it_and_stays_in_bounds():
