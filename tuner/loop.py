@@ -718,6 +718,10 @@ class Rejected:
                     blamed.add((step, knob))
         return blamed if hurting else None
 
+    def remembered(self, now: float, settings: LoopSettings) -> bool:
+        """Whether it still holds moves back at `now` (within `settings.rejected_memory_seconds`)."""
+        return now - self.at < settings.rejected_memory_seconds
+
     def bounds(self, config: PipelineConfig) -> dict[tuple[str, str], tuple[float, float]]:
         """Where the numeric knobs it moved and is blamed for may go next, from where it started: no further than
         half its move that way (a bisection: 0.90 -> 0.66 rolled back, then no lower than 0.78), any way
@@ -780,9 +784,8 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
         # Too few requests, or data for less than half a window (rates and TTLs would be guesses).
         return Outcome(observation=obs, idle="too little data")
     last = rejected()
-    recent = last is not None and now - last.at < settings.rejected_memory_seconds
     plan = decide(spec, config, slo, obs, settings, moves=moves(), now=now,
-                  bounds=last.bounds(config) if recent else None)
+                  bounds=last.bounds(config) if last is not None and last.remembered(now, settings) else None)
     drop_rejected(plan, config, last, now, settings)
     if not plan.changes:
         return Outcome(observation=obs, idle="nothing to change")
@@ -953,8 +956,9 @@ def _rejected(client, pipeline: str) -> Rejected | None:
 def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None, now: float,
                   settings: LoopSettings) -> None:
     """Take out of `plan` the knob moves a canary rolled back lately (they would fail the same way)."""
-    if rejected is None or now - rejected.at >= settings.rejected_memory_seconds:
+    if rejected is None or not rejected.remembered(now, settings):
         return
+    bounds = rejected.bounds(config)
     dropped = []
     # While quality is missed, a move predicted to raise it is quality first: a canary that moved it that way
     # beside other moves, and was rolled back for them or for want of tasks, does not hold it back.
@@ -968,8 +972,8 @@ def drop_rejected(plan: Plan, config: PipelineConfig, rejected: Rejected | None,
                 continue
             before = rejected.base.get(step, {}).get(knob, config.knob(step, knob))
             after = rejected.tried.get(step, {}).get(knob, before)
-            if is_number(value) and is_number(before) and is_number(after) and after != before \
-                    and config.knob(step, knob) == before and abs(value - before) <= abs(after - before) / 2 + 1e-9:
+            low, high = bounds.get((step, knob), (math.nan, math.nan))
+            if is_number(value) and low - 1e-9 <= value <= high + 1e-9:
                 if same_way(before, after, value):  # half the rolled-back move or less: a bisection's next step
                     halved.append(f"{step}.{knob} {_short(before)} -> {_short(value)}, half or less of its "
                                   f"{_short(before)} -> {_short(after)}")

@@ -375,6 +375,15 @@ def _cascade_lower(kept_correct: float, escalated: int, n: int, remote_point: fl
     return max(0.0, point - math.sqrt(local * local + known * known + remote * remote))
 
 
+def _remote_answers(order: Sequence[CascadeSample], tier: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Over labelled samples in rising confidence, for each i: how many of the first i carry a labelled remote
+    answer (from `tier`, or any tier) and how many of those were right. The first i are what a threshold at the
+    (i+1)th confidence escalates: its tasks judged on the answers they were given."""
+    mine = [s.remote_correct is not None and (tier is None or s.tier == tier) for s in order]
+    right = [m and bool(s.remote_correct) for m, s in zip(mine, order, strict=True)]
+    return np.concatenate([[0], np.cumsum(mine)]), np.concatenate([[0], np.cumsum(right)])
+
+
 def quantile_name(q: float) -> str:
     """The figure name of a latency quantile: 0.95 -> "p95_ms"."""
     return f"p{100 * q:g}_ms"
@@ -426,9 +435,8 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     # The least sure tasks escalated first: those escalated now carry their remote answer, and a threshold
     # escalating only them is judged on those answers, not on the tiers' mean. The questions a lower threshold
     # still escalates are the hard ones, which the tiers answer worse than the ones a high threshold adds.
-    measured_remote = remote_accuracy is None
-    measured = np.concatenate([[0], np.cumsum([measured_remote and s.remote_correct is not None for s in order])])
-    measured_right = np.concatenate([[0], np.cumsum([measured_remote and bool(s.remote_correct) for s in order])])
+    measured, measured_right = _remote_answers(order) if remote_accuracy is None else \
+        (np.zeros(n + 1, dtype=int), np.zeros(n + 1, dtype=int))
 
     def point_at(i: int) -> float:
         return float((kept_correct[i] + measured_right[i] + remote_point * (i - measured[i])) / n)
@@ -655,9 +663,7 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
         for k, name in enumerate(names):
             if not known[k]:
                 continue
-            sent = np.concatenate([[0], np.cumsum([s.tier == name and s.remote_correct is not None for s in labelled])])
-            got = np.concatenate([[0], np.cumsum([s.tier == name and bool(s.remote_correct) for s in labelled])])
-            sent, got = sent[below], got[below]
+            sent, got = (counts[below] for counts in _remote_answers(labelled, name))
             lower[:, k] = [wilson_lower(float(r), float(m), z) for r, m in zip(got, sent, strict=True)]
             strict[:, k] = [wilson_lower(float(r), float(m), z_cut) for r, m in zip(got, sent, strict=True)]
             point[:, k] = np.where(sent > 0, got / np.maximum(sent, 1), point[0, k])
