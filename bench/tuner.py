@@ -318,10 +318,13 @@ def _rounded(value: Any) -> Any:
 
 # ---- modes ---------------------------------------------------------------------------------------
 
-SIM_ARMS = ("default", "gateway", "aimd", "optuna", "tuner", "static oracle", "per-phase oracle")
+SIM_ARMS = ("default", "gateway", "aimd", "optuna", "tuner", "static oracle", "static oracle (one seed)",
+            "per-phase oracle")
+VALIDATION_OFFSET = 1000  # the static oracle is checked on seed --search-seed + this (neither searched nor scored on)
 SIM_LABELS = {"default": "default (declared)", "gateway": "gateway: cheapest route holding the floor",
               "aimd": "AIMD, every numeric knob", "optuna": "Optuna TPE online (canaries)",
-              "tuner": "tracetune tuner", "static oracle": "static oracle (out of sample)",
+              "tuner": "tracetune tuner", "static oracle": "static oracle (out of sample, validated)",
+              "static oracle (one seed)": "static oracle, cheapest on the search seed alone",
               "per-phase oracle": "per-phase oracle (hindsight)"}
 
 
@@ -352,11 +355,23 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: p
                                      seed=search_seed, start=[gateway], prices=prices,
                                      screen=screen(search_seed) if screen else None,
                                      progress=lambda done, total: bar.update(task, completed=done, total=total))
+    one_seed = best
+    validation = search_seed + VALIDATION_OFFSET
+    best, checked = oracles.validated(spec, calibration, tried, workload(validation), slo=slo, prices=prices)
     console.print(f"{name}: static oracle ({'feasible' if best['feasible'] else '[red]none feasible, closest[/]'}"
                   f" on seed {search_seed}, {evaluations} runs"
                   + (f" screened on {screen(search_seed).duration / 60:g} virtual minutes, the best {len(tried)} "
                      f"run in full" if screen else "") + f", {sum(r['feasible'] for r in tried)} feasible in full; "
                   f"cost/1k {best['cost_per_1k']:.5f}): {json.dumps(_rounded(best['grid_config']))}")
+    console.print(f"{name}: " + (f"the cheapest config feasible on seed {search_seed} and on validation seed "
+                                 f"{validation} ({checked} of the cheapest distinct configs on seed {search_seed} "
+                                 f"run there)"
+                                 + ("" if best is one_seed or best['grid_config'] == one_seed['grid_config'] else
+                                    f"; the cheapest on seed {search_seed} alone ({one_seed['cost_per_1k']:.5f}) is "
+                                    f"scored beside it as 'static oracle (one seed)'")
+                                 if best["validated"] else
+                                 f"[red]none of the {checked} cheapest feasible on seed {search_seed} is on validation "
+                                 f"seed {validation}: the cheapest on seed {search_seed} alone[/]"))
     if partial is not None:  # the config to pin in a real run: bench/tuner_real.py --oracle @FILE
         (partial.parent / f"oracle-{name}.json").write_text(json.dumps(
             {"steps": best["grid_config"], "cost_per_1k": best["cost_per_1k"], "feasible": best["feasible"],
@@ -367,6 +382,8 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: p
                       + ": a weak comparator, the ratios against it are no evidence (use --evaluations 300)[/]")
     phases = workload(search_seed).phases or ((0.0, workload(search_seed).duration),)
     candidates = {json.dumps(best["grid_config"], sort_keys=True): best["grid_config"]}
+    alone = json.dumps(one_seed["grid_config"], sort_keys=True)
+    candidates.setdefault(alone, one_seed["grid_config"])
     for start, end in phases:  # per phase, the cheapest configs that held the objectives in it on the search seed
         scored = [(oracles._phase(r, start, end, slo, 300.0, oracles.Targets()), r) for r in tried]
         for _, r in sorted(((c, r) for (c, ok, n), r in scored if ok and n), key=lambda x: x[0])[:4]:
@@ -394,6 +411,8 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: p
                 bar.advance(task)
             static = dict(runs[0])
             mine.append(static)
+            if alone != next(iter(candidates)):
+                mine.append({**runs[list(candidates).index(alone)], "arm": "static oracle (one seed)"})
             mine.append(oracles.per_phase(runs, w.phases or ((0.0, w.duration),), slo))
             by = {r["arm"]: r for r in mine}
             for row in mine:
@@ -691,9 +710,9 @@ def sim_main(console: Console, args: argparse.Namespace) -> int:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--seeds must be comma-separated whole numbers, got {args.seeds!r}") from None
-    if not seeds or args.search_seed in seeds:
-        raise UsageError(f"--seeds needs at least one seed other than --search-seed {args.search_seed} "
-                         f"(the oracle is scored out of sample)")
+    if not seeds or args.search_seed in seeds or args.search_seed + VALIDATION_OFFSET in seeds:
+        raise UsageError(f"--seeds needs seeds other than --search-seed {args.search_seed} and its validation seed "
+                         f"{args.search_seed + VALIDATION_OFFSET} (the oracle is scored out of sample)")
     if args.evaluations < 10:
         raise UsageError(f"--evaluations must be at least 10, got {args.evaluations}")
     args.out.mkdir(parents=True, exist_ok=True)

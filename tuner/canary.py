@@ -259,7 +259,8 @@ def _pct(new: float, old: float) -> str:
 
 
 def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, expired: bool = False,
-          alpha: float = ALPHA, lowers_quality: bool = False, buys_quality: float | None = None) -> Verdict:
+          alpha: float = ALPHA, lowers_quality: bool = False, buys_quality: float | None = None,
+          may_run_on: bool = False) -> Verdict:
     """Promote, roll back, or wait for more tasks: the canary against the config in force over the same time.
 
     Every comparison is a sequential test with an always-valid p-value (`msprt_p`), so the loop may judge
@@ -272,7 +273,9 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     moves were predicted to lower quality (`lowers_quality`) is never promoted while that is open: labelled
     answers come in but it has too few to judge, or its labelled quality is under the floor and the config
     in force's without the doubt settled either way (it waits for labels). Neither when the time runs out
-    (`expired`): rolled back, the config in force stays.
+    (`expired`): rolled back, the config in force stays. Except (`may_run_on`, while it has run less than
+    twice its time) a canary cheaper by a difference its tasks are too few to show, and that twice as many
+    would: it runs on (its tests are always valid, so looking again later costs no false promotions).
 
     A canary whose decision bought quality for a floor at risk (`buys_quality`: the relative change of cost it
     was predicted to pay, when the floor was missed or the config in force no longer held it at its lower
@@ -439,6 +442,10 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                                   TAU_COST * float(base_cost.mean()), share, each)
             if needed is not None and needed > canary.n:
                 figures["tasks_needed"] = float(needed)
+                if may_run_on and needed <= 2 * canary.n:
+                    return Verdict("wait", f"its time ran out at {cost_text}, short of the about {needed:,} tasks "
+                                           f"on the canary that would show it ({tasks}): it runs on, at most as "
+                                           f"long again", figures)
                 short = (f"; rolled back for want of tasks, not because it did worse: showing a difference this size "
                          f"at this spread of per-task cost takes about {needed:,} tasks on the canary")
         return Verdict("rollback", f"no evidence of a gain in {gain} before the canary's time ran out"

@@ -70,6 +70,8 @@ class LoopSettings:
 
     interval_seconds: float = _setting("tuner_interval_seconds")
     window_seconds: int = _setting("tuner_window_seconds")  # what one observation covers
+    # the cascade's labelled answers are pooled over this (observe.pool), at least `window_seconds`
+    label_window_seconds: int = _setting("tuner_label_window_seconds")
     # no decision sooner after the last change (its effect must show first)
     cooldown_seconds: float = _setting("tuner_cooldown_seconds")
     min_requests: int = _setting("tuner_min_requests")  # no decision on fewer requests in the window
@@ -409,6 +411,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                         absorbed=total.errors == 0 or (slo is not None and slo.error_rate is not None
                                                                        and "errors" not in missed)),
                      spec, current, limit)
+    if not missed:
+        _hold_unneeded_quality(plan, obs, floor)
     _hold_at_risk(plan)
     _hold_joint_floor(plan, floor)
     if missed:
@@ -435,6 +439,25 @@ def _within(knobs: Mapping[str, Knob], step: str, current: Mapping[str, Any],
     high = min(knob.high if knob.high is not None else math.inf, max(high, value))
     return {**knobs, "cascade_threshold": replace(knob, default=value, low=low if math.isfinite(low) else None,
                                                   high=high if math.isfinite(high) else None)}
+
+
+def _hold_unneeded_quality(plan: Plan, obs: observe.Observation, floor: float | None) -> None:
+    """Moves that pay for quality wait while the pipeline's own quality holds its floor beyond doubt (its
+    one-sided 95% lower bound over the window's labelled tasks at the floor or above). A step's floor is derived
+    from the pipeline's through bounds on bounds (a tier mix on its few answers to the hard questions), so it
+    can call for a dearer route the pipeline does not need; the floor is the pipeline's, and a canary judged on
+    its gain could not promote such a move. Quality falling toward the floor lets them through again."""
+    if floor is None or obs.quality is None or not obs.labelled:
+        return
+    bound = wilson_lower(obs.quality * obs.labelled, obs.labelled)
+    if bound < floor:
+        return
+    for part in [p for p in plan.parts if p.live and p.cost_delta > 0 and p.quality_delta > 0]:
+        take_out(plan, part)
+        plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} left as they are: the move would pay "
+                            f"{part.cost_delta:+.4f} USD per 1k for quality, and the pipeline's quality "
+                            f"{obs.quality:.3f} holds the {floor:g} floor beyond doubt (lower bound {bound:.3f} "
+                            f"on {obs.labelled} labelled tasks)")
 
 
 def _hold_at_risk(plan: Plan) -> None:
@@ -775,6 +798,7 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
         figures = trial_figures()
         return Outcome(verdict=canary.judge(base, tried, slo, min_requests=settings.canary_min_requests,
                                             expired=trial_age >= settings.canary_max_seconds,
+                                            may_run_on=trial_age < 2 * settings.canary_max_seconds,
                                             lowers_quality=lowers_quality(figures),
                                             buys_quality=buys_quality(figures)))
     if since_change is not None and since_change < settings.cooldown_seconds:
@@ -845,7 +869,7 @@ def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),
     age = None if trial is None else (now - trial.started_at).total_seconds()
     outcome = look(
         spec, config, get_slo(client, pipeline), settings, now.timestamp(),
-        measure=lambda: observe.collect(client, spec, settings.window_seconds),
+        measure=lambda: observe.collect(client, spec, settings.window_seconds, settings.label_window_seconds),
         since_change=None if last is None else _age_seconds(last, now),
         trial_age=age,
         arms=lambda: canary.arms(client, spec, trial, observe.answers(client, spec, int(age or 0) + 60)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tracetune.analyzer import PricesError, cost_per_1k
@@ -58,30 +59,33 @@ ORDER BY Timestamp DESC
 LIMIT {limit:UInt32}
 """
 
-# Model and cascade step answers of labelled tasks: ground truth from the load generator, or user feedback
-# (feedback for a step wins over feedback for the whole answer, which wins over ground truth).
+# Model and cascade step answers of labelled tasks over the last {label_window} seconds, newest first, each saying
+# whether it is in the last {window}: ground truth from the load generator, or user feedback (feedback for a step
+# wins over feedback for the whole answer, which wins over ground truth).
 LABELLED_SQL = """
 WITH labels AS (
     SELECT trace_id, step, argMax(label, created_at) AS answer
     FROM tracetune_feedback
-    WHERE pipeline = {pipeline:String} AND created_at >= now64(3) - toIntervalSecond({window:UInt32} + 600)
+    WHERE pipeline = {pipeline:String} AND created_at >= now64(3) - toIntervalSecond({label_window:UInt32} + 600)
     GROUP BY trace_id, step
     UNION ALL
     SELECT trace_id, '' AS step, argMax(label, sent_at) AS answer
     FROM tracetune_ground_truth
     WHERE pipeline = {pipeline:String} AND label != ''
-      AND sent_at >= now64(3) - toIntervalSecond({window:UInt32} + 600)
+      AND sent_at >= now64(3) - toIntervalSecond({label_window:UInt32} + 600)
     GROUP BY trace_id
 )
 SELECT s.TraceId AS trace_id, s.SpanAttributes['tracetune.step'] AS step, s.SpanAttributes['tracetune.route'] AS route,
        s.SpanAttributes['tracetune.prediction'] AS prediction,
        toFloat64OrNull(s.SpanAttributes['tracetune.feature.confidence']) AS confidence,
-       argMax(l.answer, l.step != '') AS label
+       argMax(l.answer, l.step != '') AS label, max(s.Timestamp) AS at,
+       at >= now64(9) - toIntervalSecond({window:UInt32}) AS recent
 FROM otel_traces AS s
 INNER JOIN labels AS l ON l.trace_id = s.TraceId AND (l.step = '' OR l.step = s.SpanAttributes['tracetune.step'])
-WHERE s.Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
+WHERE s.Timestamp >= now64(9) - toIntervalSecond({label_window:UInt32})
   AND s.SpanAttributes['tracetune.pipeline'] = {pipeline:String} AND s.SpanAttributes['tracetune.prediction'] != ''
 GROUP BY trace_id, step, route, prediction, confidence
+ORDER BY at DESC
 """
 
 # Unlabelled confidences of every task a model step served (what a cascade threshold would escalate).
@@ -205,9 +209,12 @@ class Observation:
         return {name: round(value, 6) for name, value in figures.items() if value is not None}
 
 
-def collect(client, spec: PipelineSpec, window_seconds: int = 300) -> Observation:
-    """Measure `spec.pipeline` over the last `window_seconds`."""
-    params = {"pipeline": spec.pipeline, "window": int(window_seconds)}
+def collect(client, spec: PipelineSpec, window_seconds: int = 300, label_window_seconds: int | None = None,
+            ) -> Observation:
+    """Measure `spec.pipeline` over the last `window_seconds`; a cascade's labelled answers over the last
+    `label_window_seconds` (at least the window; `pool`)."""
+    params = {"pipeline": spec.pipeline, "window": int(window_seconds),
+              "label_window": int(max(window_seconds, label_window_seconds or 0))}
     obs = Observation(spec.pipeline, float(window_seconds))
     requests, p95, p99, errors, seconds = client.query(ROOTS_SQL, parameters=params).result_rows[0]
     obs.requests, obs.errors = int(requests), int(errors)
@@ -262,13 +269,39 @@ def _costs(client, obs: Observation, window_seconds: int) -> None:
     obs.cost_per_1k = 1000 * total / obs.requests if obs.requests else None
 
 
-def _labelled(client, params: dict) -> dict[str, dict[str, tuple[str, str, float | None, str]]]:
-    """Labelled tasks: trace id -> step -> (route, prediction, confidence, label)."""
+def _labelled(client, params: dict) -> tuple[dict[str, dict[str, tuple[str, str, float | None, str]]], set[str]]:
+    """Labelled tasks over the label window, newest first: trace id -> step -> (route, prediction, confidence,
+    label); and the trace ids of those in the (shorter) window."""
     by_trace: dict[str, dict[str, tuple[str, str, float | None, str]]] = defaultdict(dict)
-    for trace_id, step, route, prediction, confidence, label in client.query(LABELLED_SQL,
-                                                                              parameters=params).result_rows:
+    recent: set[str] = set()
+    for trace_id, step, route, prediction, confidence, label, _, is_recent in client.query(
+            LABELLED_SQL, parameters=params).result_rows:
         by_trace[trace_id][step] = (route, prediction, confidence, label)
-    return by_trace
+        if is_recent:
+            recent.add(trace_id)
+    return by_trace, recent
+
+
+def pool(samples: Sequence[CascadeSample], now: Mapping[str, int]) -> list[CascadeSample]:
+    """A cascade's labelled samples over the label window (newest first) in the local step's route mix of the
+    window: of each route serving now (`now`: its labelled samples in the window), the newest, as many per sample
+    in the window as the route with the fewest allows; routes not serving now are left out. Which answers a route
+    or a tier gets right at a given confidence does not depend on the config in force, so an hour of them proves
+    what five minutes cannot; how many tasks each route serves does, so that stays the window's."""
+    serving = {route: n for route, n in now.items() if n > 0}
+    if not serving:
+        return []
+    have: dict[str, int] = defaultdict(int)
+    for s in samples:
+        have[s.route] += 1
+    scale = min(have[route] / n for route, n in serving.items())
+    keep = {route: max(1, int(scale * n)) for route, n in serving.items()}
+    out = []
+    for s in samples:
+        if keep.get(s.route, 0) > 0:
+            keep[s.route] -= 1
+            out.append(s)
+    return out
 
 
 def _final(spec: PipelineSpec, steps: dict[str, tuple[str, str, float | None, str]]) -> bool | None:
@@ -284,7 +317,9 @@ def answers(client, spec: PipelineSpec, window_seconds: int) -> dict[str, bool]:
     """Trace id -> whether the pipeline's answer was right, for the labelled tasks of the last `window_seconds`
     (pipelines with a cascade: its answer when it escalated, else the step it reads)."""
     found = {}
-    for trace_id, steps in _labelled(client, {"pipeline": spec.pipeline, "window": int(window_seconds)}).items():
+    by_trace, _ = _labelled(client, {"pipeline": spec.pipeline, "window": int(window_seconds),
+                                     "label_window": int(window_seconds)})
+    for trace_id, steps in by_trace.items():
         right = _final(spec, steps)
         if right is not None:
             found[trace_id] = right
@@ -292,7 +327,8 @@ def answers(client, spec: PipelineSpec, window_seconds: int) -> dict[str, bool]:
 
 
 def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
-    by_trace = _labelled(client, params)
+    pooled, recent = _labelled(client, params)
+    by_trace = {trace_id: steps for trace_id, steps in pooled.items() if trace_id in recent}
     for steps in by_trace.values():
         for step, (route, prediction, _, label) in steps.items():
             route_obs = obs.steps.get(step, {}).get(route)
@@ -300,8 +336,8 @@ def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
                 route_obs.labelled += 1
                 route_obs.correct += prediction == label
     for cascade, after in spec.cascades.items():
-        samples = []
-        for steps in by_trace.values():
+        samples, now = [], defaultdict(int)
+        for trace_id, steps in pooled.items():
             if after not in steps or steps[after][2] is None:
                 continue
             route, local, confidence, label = steps[after]
@@ -309,11 +345,12 @@ def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
             samples.append(CascadeSample(float(confidence), local == label,
                                          None if remote is None else remote[1] == remote[3], route or "",
                                          "" if remote is None else remote[0] or ""))
-        obs.cascade_samples[cascade] = samples
+            now[route or ""] += trace_id in recent
+        obs.cascade_samples[cascade] = pool(samples, now)
         unlabelled = client.query(CONFIDENCE_SQL, parameters={**params, "steps": [after]}).result_rows
-        labelled = len(samples)
-        # Tasks without labels still tell how many a threshold would escalate: their confidences, correctness unknown.
-        obs.cascade_samples[cascade] += [CascadeSample(float(c), None) for _, c in unlabelled[labelled:]]
+        # Tasks without labels still tell how many a threshold would escalate: their confidences, correctness unknown
+        # (the window's newest first; as many left out as the window has labelled).
+        obs.cascade_samples[cascade] += [CascadeSample(float(c), None) for _, c in unlabelled[sum(now.values()):]]
     finals = [right for steps in by_trace.values() if (right := _final(spec, steps)) is not None]
     if finals:
         obs.quality, obs.labelled = sum(finals) / len(finals), len(finals)

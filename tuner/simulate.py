@@ -31,7 +31,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -51,7 +51,7 @@ from tracetune.tuner.calibration import (
 )
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
 from tracetune.tuner.loop import LoopSettings
-from tracetune.tuner.observe import Observation, RouteObservation, task_latency
+from tracetune.tuner.observe import Observation, RouteObservation, pool, task_latency
 from tracetune.tuner.policies import CascadeSample
 
 __all__ = ["ARMS", "Arm", "Workload", "default_grid", "oracle", "run", "simulate", "slo_windows"]
@@ -629,7 +629,7 @@ class _Simulation:
     def observe(self, now: float) -> Observation:
         """The last window of simulated spans as `tuner.observe.collect` would read them from ClickHouse."""
         window = float(self.settings.window_seconds)
-        start, keep = now - window, now - window - 120
+        start, keep = now - window, now - max(window, float(self.settings.label_window_seconds)) - 120
         roots = self.requests.window(start, now, keep)
         first = float(roots["start"].min()) if len(roots["start"]) else now
         obs = Observation(self.spec.pipeline, float(min(window, max(1.0, now - first))))
@@ -656,13 +656,19 @@ class _Simulation:
             spans = self.cascade_spans.window(start, now, keep)
             obs.steps[self.cascade] = self._routes(spans, with_labels=True)
             total += float(spans["cost"].sum())
-            remote = dict(zip(spans["task"].tolist(), spans["right"].tolist(), strict=True))
-            tier = dict(zip(spans["task"].tolist(), spans["route"].tolist(), strict=True))
-            obs.cascade_samples[self.cascade] = [
-                CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]), str(route),
-                              str(tier.get(t, "")))
-                for c, r, t, route in zip(model["confidence"], model["right"], model["task"], model["route"],
-                                          strict=True)]
+            # As observe.collect reads them: the labelled answers of the label window, newest first, pooled in the
+            # route mix of the window (every simulated task is labelled).
+            label_start = now - max(window, float(self.settings.label_window_seconds))
+            pooled = self.model_spans.window(label_start, now, keep)
+            escalated = self.cascade_spans.window(label_start, now, keep)
+            remote = dict(zip(escalated["task"].tolist(), escalated["right"].tolist(), strict=True))
+            tier = dict(zip(escalated["task"].tolist(), escalated["route"].tolist(), strict=True))
+            obs.cascade_samples[self.cascade] = pool(
+                [CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]), str(route),
+                               str(tier.get(t, "")))
+                 for c, r, t, route in zip(pooled["confidence"][::-1], pooled["right"][::-1], pooled["task"][::-1],
+                                           pooled["route"][::-1], strict=True)],
+                Counter(model["route"].tolist()))
             # As observe.collect reads them: each task's end-to-end latency, by the route it escalated to, if any.
             obs.task_latency[self.cascade] = task_latency(
                 (ms, tier != "", tier, remote) for ms, tier, remote in zip(

@@ -72,6 +72,20 @@ def test_a_cheaper_canary_out_of_time_is_rolled_back_saying_it_lacked_tasks_not_
     assert "tasks_needed" not in same.figures or same.figures["canary.cost_per_1k"] < same.figures["base.cost_per_1k"]
 
 
+def test_a_cheaper_canary_out_of_time_runs_on_once_when_twice_its_tasks_would_show_it():
+    """Out of time, cheaper by a difference its tasks are too few to show and twice as many would: it runs on
+    while it may (under twice its time), and is rolled back as before when it may not; one that would need far
+    more than twice its tasks is rolled back at once."""
+    rng = np.random.default_rng(5)
+    base, near = escalating(2000, 0.10, rng), escalating(2000, 0.08, rng)
+    out = judge(base, near, SLO_SHOP, expired=True)
+    assert out.action == "rollback" and near.n < out.figures["tasks_needed"] <= 2 * near.n, out.reason
+    on = judge(base, near, SLO_SHOP, expired=True, may_run_on=True)
+    assert on.action == "wait" and "it runs on, at most as long again" in on.reason, on.reason
+    far = judge(base, escalating(2000, 0.095, rng), SLO_SHOP, expired=True, may_run_on=True)
+    assert far.action == "rollback" and far.figures["tasks_needed"] > 2 * 2000, far.reason
+
+
 def test_tasks_needed_is_where_the_always_valid_test_first_rejects():
     each = canary.ALPHA / canary.QUESTIONS
     for effect, spread, share in ((-0.3, 4.7, 0.5), (-0.2, 0.7, 0.2), (0.1, 1.0, 0.3)):

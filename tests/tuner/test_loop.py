@@ -535,8 +535,14 @@ def test_a_threshold_rolled_back_is_tried_again_half_the_way():
     low = CAS.merge(CAS.defaults(), {"gen": {"cascade_threshold": 0.5}})
     up = Rejected(0.0, 2, {"gen": {"cascade_threshold": 0.5}}, {"gen": {"cascade_threshold": 0.6}})
     strict = SLO(pipeline="c", p95_ms=2000.0, quality_floor=0.93)
-    assert look(CAS, low, strict, settings, 600.0, measure=_cas).plan.changes["gen"]["cascade_threshold"] == 0.6
-    plan = look(CAS, low, strict, settings, 600.0, measure=_cas, rejected=lambda: up).plan
+
+    def at_risk() -> Observation:  # the pipeline at the floor, not beyond doubt over it (nor under it)
+        obs = _cas()
+        obs.quality = 0.93
+        return obs
+
+    assert look(CAS, low, strict, settings, 600.0, measure=at_risk).plan.changes["gen"]["cascade_threshold"] == 0.6
+    plan = look(CAS, low, strict, settings, 600.0, measure=at_risk, rejected=lambda: up).plan
     assert 0.5 < plan.changes["gen"]["cascade_threshold"] <= 0.55
     # ... unless quality is missed: then going up is quality first, and not bounded.
 
@@ -806,3 +812,91 @@ def test_moves_lowering_quality_wait_while_a_threshold_goes_up_for_a_floor_at_ri
     safe = plan(1.0)
     _hold_at_risk(safe)
     assert set(safe.changes) == {"escalate", "score"} and safe.figures()["moves.lowering_quality"] == 1.0
+
+
+def _labelled_task(rows: list, truth: list, i: int, start: int, route: str, confidence: float) -> None:
+    trace, root = f"{i + 1:032x}", f"{3 * i + 1:016x}"
+    rows.append(span_row(start, trace_id=trace, span_id=root, name="shop", kind="Server",
+                         attrs={"tracetune.pipeline": "shop"}, duration=30_000_000, status="Unset"))
+    rows.append(span_row(start + 1000, trace_id=trace, span_id=f"{3 * i + 2:016x}", parent=root, name="score",
+                         attrs={"tracetune.pipeline": "shop", "tracetune.step": "score", "tracetune.route": route,
+                                "tracetune.prediction": "yes" if confidence >= 0.3 else "no",
+                                "tracetune.feature.confidence": f"{confidence:.4f}"},
+                         duration=10_000_000, status="Unset"))
+    if confidence < 0.5:
+        rows.append(span_row(start + 2000, trace_id=trace, span_id=f"{3 * i + 3:016x}", parent=root, name="escalate",
+                             attrs={"tracetune.pipeline": "shop", "tracetune.step": "escalate",
+                                    "tracetune.route": "remote", "tracetune.prediction": "yes"},
+                             duration=15_000_000, status="Unset"))
+    truth.append(["shop", trace, "", "yes", "test"])
+
+
+def test_collect_pools_the_cascades_labelled_answers_over_the_label_window_in_the_mix_of_the_window(shop):
+    """Labelled answers from before the window count for the cascade, each local route's newest in the share it
+    serves in the window (a route serving no longer is left out); the route figures and the pipeline's quality
+    stay the window's."""
+    now = time.time_ns()
+    rows, truth = [], []
+    i = 0
+    for route, count in (("a", 300), ("b", 300), ("c", 100)):  # 10 to 5 minutes ago
+        for k in range(count):
+            _labelled_task(rows, truth, i, now - 600_000_000_000 + k * 1_000_000_000, route, (k % 100) / 100)
+            i += 1
+    for route, count in (("a", 20), ("b", 10)):  # in the last 30 s
+        for k in range(count):
+            _labelled_task(rows, truth, i, now - 30_000_000_000 + k * 1_000_000_000, route, (k % 10) / 10 + 0.05)
+            i += 1
+    shop.insert("otel_traces", rows, column_names=COLUMNS)
+    shop.insert("tracetune_feedback", truth, column_names=["pipeline", "trace_id", "step", "label", "source"])
+
+    alone = collect(shop, SPEC, 60)
+    assert len([s for s in alone.cascade_samples["escalate"] if s.local_correct is not None]) == 30
+    pooled = collect(shop, SPEC, 60, 3600)
+    labelled = [s for s in pooled.cascade_samples["escalate"] if s.local_correct is not None]
+    # a: 320 there, 20 now; b: 310 there, 10 now: b allows 31 per sample now, a only 16, so 16 each: 320 + 160.
+    assert {r: sum(s.route == r for s in labelled) for r in "abc"} == {"a": 320, "b": 160, "c": 0}
+    assert sum(s.remote_correct is not None for s in labelled) == sum(s.confidence < 0.5 for s in labelled) > 200
+    assert pooled.labelled == alone.labelled == 30 and pooled.quality == alone.quality
+    assert pooled.steps["score"]["a"].labelled == 20 and pooled.steps["score"]["b"].labelled == 10
+    assert pooled.requests == 30
+
+
+def test_pool_keeps_each_serving_routes_newest_in_the_windows_mix():
+    from tracetune.tuner.observe import pool
+
+    samples = [CascadeSample(i / 1000, True, route=r) for i, r in enumerate(["a", "b", "c"] * 100)]  # newest first
+    kept = pool(samples, {"a": 10, "b": 5, "c": 0})
+    assert [s.route for s in kept].count("a") == 100 and [s.route for s in kept].count("b") == 50
+    assert all(s.route != "c" for s in kept)
+    assert [s.confidence for s in kept if s.route == "b"] == [(3 * k + 1) / 1000 for k in range(50)]  # the newest
+    assert pool(samples, {}) == []
+
+
+def test_a_move_paying_for_quality_waits_while_the_pipelines_quality_holds_its_floor_beyond_doubt():
+    """A tier mix moving to the dearer tier because a step floor derived through bounds says so waits while the
+    pipeline's quality holds the floor at its own lower bound; the cheaper move beside it goes. With the pipeline's
+    quality near the floor (its bound under it) the quality move goes."""
+    from tracetune.tuner.loop import _hold_unneeded_quality
+    from tracetune.tuner.plan import Part, Plan
+
+    def plan() -> Plan:
+        p = Plan(changes={"gen": {"route_weights": {"small": 0.15, "large": 0.85}},
+                          "rerank": {"route_weights": {"small": 0.75, "large": 0.25}}},
+                 before={"quality": 0.92, "cost_per_1k": 0.15})
+        p.parts = [Part("gen", ("route_weights",), 0.05, 0.01), Part("rerank", ("route_weights",), -0.01, -0.004)]
+        p.effects = {"gen": {"cost_per_1k.delta": 0.05, "quality.delta": 0.01},
+                     "rerank": {"cost_per_1k.delta": -0.01, "quality.delta": -0.004}}
+        return p
+
+    sure = plan()
+    _hold_unneeded_quality(sure, Observation("c", 300.0, requests=700, quality=0.92, labelled=700), 0.88)
+    assert list(sure.changes) == ["rerank"] and sure.after["cost_per_1k"] == pytest.approx(0.14)
+    assert any(r.startswith("gen: route_weights left as they are: the move would pay +0.0500 USD per 1k for "
+                            "quality, and the pipeline's quality 0.920 holds the 0.88 floor beyond doubt "
+                            "(lower bound 0.901 on 700 labelled tasks)") for r in sure.reasons)
+    near = plan()  # 0.895 on 700: the bound 0.874 is under the floor
+    _hold_unneeded_quality(near, Observation("c", 300.0, requests=700, quality=0.895, labelled=700), 0.88)
+    assert set(near.changes) == {"gen", "rerank"}
+    unlabelled = plan()
+    _hold_unneeded_quality(unlabelled, Observation("c", 300.0, requests=700), 0.88)
+    assert set(unlabelled.changes) == {"gen", "rerank"}

@@ -302,7 +302,8 @@ def _two_model_steps():
 def test_a_pipeline_of_another_shape_runs_on_its_declared_steps():
     spec, cal = _two_model_steps()
     sim = simulate._Simulation(spec, cal, workload(6, rate=10, duplicates=0.3), SLO(spec.pipeline, **spec.slo),
-                               simulate.Arm("tuner", "tuner"), load_prices(), LoopSettings(), 5.0, 1)
+                               simulate.Arm("tuner", "tuner"), load_prices(), LoopSettings(label_window_seconds=300),
+                               5.0, 1)
     assert sim.models == ["embed", "rerank"] and sim.model_step == "rerank" and sim.effect is None
     assert [kind for kind, _ in sim.stages] == ["model", "model", "cascade"]
     assert sim.gaps[1] == pytest.approx(0.002)  # retrieve, between embed and rerank

@@ -156,7 +156,7 @@ def test_rate_limits_show_as_retried_calls(spec):
 def test_observation_reads_like_collect(spec):
     """The tuner arm's input: requests, per-route spans with costs and labels, batches, cascade samples, quality."""
     sim = simulate._Simulation(spec, calibration.DEMO, workload(8, rate=10), None, simulate.Arm("default"),
-                               simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
+                               simulate.load_prices(), simulate.LoopSettings(label_window_seconds=300), 5.0, 1)
     sim.run()
     obs = sim.observe(480.0)
     assert obs.window_seconds == pytest.approx(300, abs=1)
@@ -179,6 +179,15 @@ def test_observation_reads_like_collect(spec):
     assert 0.9 < obs.quality < 1
     assert obs.cost_per_1k == pytest.approx(1000 * sum(r.cost for s in obs.steps.values() for r in s.values())
                                             / obs.requests)
+    # Over an hour's label window, the cascade's samples are every task since the start in the window's route
+    # mix (observe.pool); the rest stays the window's.
+    sim.settings = replace(sim.settings, label_window_seconds=3600)
+    pooled = sim.observe(480.0)
+    assert (pooled.requests, pooled.quality) == (obs.requests, obs.quality)
+    share = {r: sum(s.route == r for s in pooled.cascade_samples["escalate"]) / len(pooled.cascade_samples["escalate"])
+             for r in classify}
+    assert len(pooled.cascade_samples["escalate"]) > 1.15 * obs.requests  # of 7,001 tasks in all
+    assert share == pytest.approx({r: classify[r].spans / obs.requests for r in classify}, abs=0.01)
 
 
 def test_from_observation_fits_the_routes_it_sees(spec):

@@ -117,6 +117,9 @@ class Settings:
     # long after a change it waits, how many requests a decision needs, how stale a cached answer may be.
     tuner_interval_seconds: float = 60.0
     tuner_window_seconds: int = 300
+    # Labelled answers are pooled over this longer window for the cascade's models (a route's and a tier's
+    # answer at a given confidence do not depend on the config in force); everything else is the last window's.
+    tuner_label_window_seconds: int = 3600
     tuner_cooldown_seconds: float = 300.0
     tuner_min_requests: int = 200
     cache_staleness_limit_seconds: float = 3600.0
@@ -331,7 +334,8 @@ def _secret_file(path: Path, make: Callable[[], str] = lambda: secrets.token_url
 
 _IMPORT_STRING = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _PORT_FIELDS = [f.name for f in fields(Settings) if f.name.endswith("_port")]
-_POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_min_requests", "cache_staleness_limit_seconds",
+_POSITIVE_FIELDS = ["tuner_window_seconds", "tuner_label_window_seconds", "tuner_min_requests",
+                    "cache_staleness_limit_seconds",
                     "tuner_canary_min_requests", "tuner_canary_max_seconds", "tuner_approval_expiry_seconds",
                     "tuner_shadow_min_samples", "tuner_shadow_max_seconds",
                     "analyzer_interval_seconds", "lease_seconds", "executor_max_in_flight", "collector_batch_rows",
