@@ -2,7 +2,8 @@
 
 Each run replays one canary as the loop judges it: tasks arrive at RATE per second, CANARY_SHARE of them
 on the canary, and `judge` sees every task so far after each LOOK_SECONDS (the loop's interval) until it
-promotes or rolls back, or the canary's time (MAX_SECONDS, the loop's `canary_max_seconds`) runs out.
+promotes or rolls back, or the canary's time (MAX_SECONDS, the loop's `canary_max_seconds`) runs out (a cheaper
+canary that twice its tasks would show runs on up to twice that, as in the loop).
 Tasks look like the demo's: ~11% escalate to an LLM (two tiers, 70/30), which sets both the latency tail
 and nearly all the cost (per-task cost has a coefficient of variation near 3: cost differences take
 thousands of tasks to see); 10% of tasks are labelled; 0.5% fail.
@@ -141,7 +142,8 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
         canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]))
         expired = seconds >= max_seconds
         verdict = judge(base_arm, canary_arm, slo, min_requests=min_requests, expired=expired,
-                        lowers_quality=trial.lowers_quality, buys_quality=trial.buys_quality)
+                        lowers_quality=trial.lowers_quality, buys_quality=trial.buys_quality,
+                        may_run_on=seconds < 2 * max_seconds)
         if verdict.action != "wait":
             decided = not (expired and verdict.reason.startswith(("no evidence", "too few")))
             action = verdict.action if decided else "none"

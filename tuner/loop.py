@@ -404,7 +404,12 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                           missed, plan)
             plan.add(proposal, spec, current, limit)
             if proposal is not None and step in plan.changes:
-                pipeline_effect(plan, obs, proposal, share=kept * reached, calls=reached)
+                part = pipeline_effect(plan, obs, proposal, share=kept * reached, calls=reached)
+                if step in local_of:  # the part of its cost change that is the cascade's, scaled by its moves
+                    extra, new = _escalation_cost(config, obs, local_of[step]), proposal.values["route_weights"]
+                    part.escalations = (local_of[step], 1000 * reached * sum(
+                        (float(new.get(r, 0.0)) - float(current["route_weights"].get(r, 0.0))) * extra[r]
+                        for r in extra))
         if "max_concurrency" in knobs:
             plan.add(concurrency_policy(int(current["max_concurrency"]), knobs["max_concurrency"], total.spans,
                                         total.retried, step=step, latency_missed=slow_now,
@@ -555,19 +560,24 @@ def _as_mixed(samples: Sequence[CascadeSample], config: PipelineConfig, plan: Pl
     return out
 
 
+def _escalation_cost(config: PipelineConfig, obs: observe.Observation, cascade: str) -> dict[str, float]:
+    """Per route of a cascade's local step, what the escalations its answers cause cost per answer (USD): the
+    share of them the threshold in force escalates times what an escalation costs ({} when not known)."""
+    threshold = config.knob(cascade, "cascade_threshold")
+    per_call = obs.cost_per_call(cascade)
+    if threshold is None or per_call <= 0:
+        return {}
+    shares = escalation_shares(obs.cascade_samples.get(cascade, []), float(threshold))
+    return {route: share * per_call for route, share in shares.items()} if len(shares) >= 2 else {}
+
+
 def _with_escalation_cost(stats: Sequence[RouteStats], spec: PipelineSpec, config: PipelineConfig,
                           obs: observe.Observation, cascade: str) -> list[RouteStats]:
     """A cascade's local routes priced with the escalations they cause: each route's cost per request plus
     the share of its answers the threshold in force escalates times what an escalation costs."""
-    threshold = config.knob(cascade, "cascade_threshold")
-    per_call = obs.cost_per_call(cascade)
-    if threshold is None or per_call <= 0:
-        return list(stats)
-    shares = escalation_shares(obs.cascade_samples.get(cascade, []), float(threshold))
-    if len(shares) < 2:
-        return list(stats)
-    return [replace(r, compute_cost_per_request=r.compute_cost_per_request + shares[r.route] * per_call)
-            if r.route in shares else r for r in stats]
+    extra = _escalation_cost(config, obs, cascade)
+    return [replace(r, compute_cost_per_request=r.compute_cost_per_request + extra[r.route])
+            if r.route in extra else r for r in stats]
 
 
 def _local_ms(obs: observe.Observation, spec: PipelineSpec, cascade: str) -> float:
@@ -825,9 +835,10 @@ TOO_SMALL = "saving too small to show"
 def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings) -> str:
     """Why a plan that only saves cost is not worth a canary ("" when it is): its predicted saving is smaller
     than a canary can show in its time, at this load and this spread of per-task cost (`canary.tasks_needed`
-    against the tasks its share gets in `canary_max_seconds`). Such a canary could only run its time out and be
-    rolled back for want of tasks, holding its moves back for the hour and the loop from anything else. A plan
-    restoring a missed objective or buying quality for a floor at risk is tried whatever its cost."""
+    against the tasks its share gets in twice `canary_max_seconds`, as long as a cheaper canary may run on).
+    Such a canary could only run its time out and be rolled back for want of tasks, holding its moves back for
+    the hour and the loop from anything else. A plan restoring a missed objective or buying quality for a floor
+    at risk is tried whatever its cost."""
     if settings.canary_share <= 0 or plan.violated or buys_quality(plan.figures()) is not None:
         return ""
     before, after, spread = obs.cost_per_1k, plan.after.get("cost_per_1k"), obs.cost_spread()
@@ -835,15 +846,17 @@ def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings) -> 
         return ""
     effect, mean = (after - before) / 1000, before / 1000
     share = settings.canary_share
-    available = obs.requests / max(obs.window_seconds, 1.0) * share * settings.canary_max_seconds
+    # A cheaper canary its tasks cannot show yet runs on up to twice its time (`canary.judge`'s `may_run_on`).
+    seconds = 2 * settings.canary_max_seconds
+    available = obs.requests / max(obs.window_seconds, 1.0) * share * seconds
     needed = canary.tasks_needed(effect, spread, canary.TAU_COST * mean, share)
     if needed is not None and needed <= available:
         return ""
     return (f"{TOO_SMALL}: a canary on {share:.0%} of tasks would need "
             + (f"about {needed:,}" if needed is not None else "more than 100 million")
             + f" tasks to show {(after - before) / before:+.1%} at this spread of per-task cost "
-            f"({spread / mean:.1f}× the mean), and gets about {available:,.0f} in its "
-            f"{settings.canary_max_seconds:.0f} s. Not tried: {plan.summary}")
+            f"({spread / mean:.1f}× the mean), and gets about {available:,.0f} in its {seconds:.0f} s (twice its "
+            f"{settings.canary_max_seconds:.0f} s, running on). Not tried: {plan.summary}")
 
 
 def tune_once(client, pipeline: str, settings: LoopSettings = LoopSettings(),

@@ -43,6 +43,9 @@ class Part:
     p95_ms: float | None = None
     cost_before: float = 0.0  # the step's cost `cost_delta` changes, in the pipeline's USD per 1k tasks
     live: bool = True  # False once its changes are dropped from the plan (and its effect with them)
+    # A cascade's local route mix priced with the escalations it causes: (the cascade step, the part of
+    # `cost_delta` that is the cascade's cost), which the cascade's own moves in the plan scale (`Plan.after`).
+    escalations: tuple[str, float] | None = None
 
 
 @dataclass
@@ -113,6 +116,15 @@ class Plan:
                     figures[name] = figures.get(name, self.before[name]) + effect[f"{name}.delta"]
             if "p95_ms" in effect:
                 figures["p95_ms"] = min(figures.get("p95_ms", math.inf), effect["p95_ms"])
+        for part in self.parts:
+            # A local mix's escalations are priced as now; the cascade's moves in the same plan (a cheaper tier, a
+            # threshold) scale what they cost, so the two savings multiply instead of adding up.
+            if part.live and part.escalations and "cost_per_1k" in figures and part.step in self.changes:
+                cascade, delta = part.escalations
+                effect = self.effects.get(cascade, {})
+                base = effect.get("cost_per_1k.before", 0.0)
+                if cascade in self.changes and base > 0 and "cost_per_1k.delta" in effect:
+                    figures["cost_per_1k"] += delta * effect["cost_per_1k.delta"] / base
         if "p95_ms" not in figures and any(step not in self.effects or "p95_ms" not in self.effects[step]
                                            for step in self.changes):
             figures["p95_ms"] = math.nan  # a change whose latency no model predicts: not "unchanged"

@@ -269,6 +269,22 @@ def test_search_starts_from_the_corners_and_runs_its_screened_best_in_full(spec)
         r["cost_per_1k"] for r in rows if r["feasible"]))
 
 
+def test_the_static_oracle_is_the_cheapest_feasible_on_a_second_seed_too(spec):
+    """A config called feasible on the search seed that misses the floor on the validation seed (classify on
+    int8 alone with nothing escalated, 0.79 right) is passed over for the next cheapest that holds there; a
+    config found twice is run once; with none holding there, the search seed's cheapest, not validated."""
+    slo = SLO(spec.pipeline, **spec.slo)
+    lucky = {"classify": {"route_weights": {"fp32": 0.0, "int8": 1.0}}, "escalate": {"cascade_threshold": 0.0}}
+    rows = [{"grid_config": lucky, "feasible": True, "cost_per_1k": 0.0001},
+            {"grid_config": lucky, "feasible": True, "cost_per_1k": 0.0001},
+            {"grid_config": {}, "feasible": True, "cost_per_1k": 0.009},
+            {"grid_config": {"escalate": {"cascade_threshold": 0.9}}, "feasible": False, "cost_per_1k": 0.001}]
+    best, run = oracles.validated(spec, calibration.DEMO, rows, workload(8, rate=10, seed=2), slo=slo)
+    assert best["grid_config"] == {} and best["validated"] and run == 2
+    alone, run = oracles.validated(spec, calibration.DEMO, rows[:2], workload(8, rate=10, seed=2), slo=slo)
+    assert alone["grid_config"] == lucky and not alone["validated"] and run == 1
+
+
 def test_optuna_arm_runs_trials_as_canaries(spec):
     pytest.importorskip("optuna")
     row = simulate.simulate(spec, calibration.DEMO, workload(12, rate=20), simulate.Arm("optuna", "optuna", seed=1))
