@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tracetune.analyzer import PricesError, cost_per_1k
 from tracetune.tuner.batching import BatchSample
@@ -282,25 +282,43 @@ def _labelled(client, params: dict) -> tuple[dict[str, dict[str, tuple[str, str,
     return by_trace, recent
 
 
-def pool(samples: Sequence[CascadeSample], now: Mapping[str, int]) -> list[CascadeSample]:
-    """A cascade's labelled samples over the label window (newest first) in the local step's route mix of the
-    window: of each route serving now (`now`: its labelled samples in the window), the newest, as many per sample
-    in the window as the route with the fewest allows; routes not serving now are left out. Which answers a route
-    or a tier gets right at a given confidence does not depend on the config in force, so an hour of them proves
-    what five minutes cannot; how many tasks each route serves does, so that stays the window's."""
-    serving = {route: n for route, n in now.items() if n > 0}
-    if not serving:
-        return []
+def pool(samples: Sequence[CascadeSample], now: Mapping[str, int], tiers: Mapping[str, int] | None = None,
+         ) -> list[CascadeSample]:
+    """A cascade's labelled samples over the label window (newest first) in the mixes of the window: of each
+    local route serving now (`now`: its labelled samples in the window), the newest, as many per sample in the
+    window as the route with the fewest allows; routes not serving now are left out. Which answers a route or a
+    tier gets right at a given confidence does not depend on the config in force, so an hour of them proves what
+    five minutes cannot; how many tasks each route serves does, so that stays the window's. The same for the
+    remote tiers (`tiers`: the window's labelled escalations per tier): an escalated sample keeps its remote
+    answer only among its tier's newest in the window's tier mix, others count as escalated and unanswered (a
+    tier no longer serving would otherwise lend the cascade its accuracy)."""
+    kept = _mixed(samples, now, lambda s: s.route, lambda s: None)
+    if tiers is None:
+        return kept
+    return _mixed(kept, tiers, lambda s: s.tier if s.remote_correct is not None else None,
+                  lambda s: replace(s, remote_correct=None, tier=""))
+
+
+def _mixed(samples: Sequence[CascadeSample], now: Mapping[str, int], key, otherwise) -> list[CascadeSample]:
+    """`samples` (newest first) with those of each key (`key(s)`; None: not judged) kept newest first in the
+    shares `now` gives, as many as the scarcest key allows; the rest become `otherwise(s)` (None: left out)."""
+    serving = {k: n for k, n in now.items() if n > 0}
     have: dict[str, int] = defaultdict(int)
     for s in samples:
-        have[s.route] += 1
-    scale = min(have[route] / n for route, n in serving.items())
-    keep = {route: max(1, int(scale * n)) for route, n in serving.items()}
+        if key(s) is not None:
+            have[key(s)] += 1
+    scale = min((have[k] / n for k, n in serving.items()), default=0.0)
+    keep = {k: max(1, int(scale * n)) for k, n in serving.items()}
     out = []
     for s in samples:
-        if keep.get(s.route, 0) > 0:
-            keep[s.route] -= 1
+        k = key(s)
+        if k is None:
             out.append(s)
+        elif keep.get(k, 0) > 0:
+            keep[k] -= 1
+            out.append(s)
+        elif (other := otherwise(s)) is not None:
+            out.append(other)
     return out
 
 
@@ -336,7 +354,7 @@ def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
                 route_obs.labelled += 1
                 route_obs.correct += prediction == label
     for cascade, after in spec.cascades.items():
-        samples, now = [], defaultdict(int)
+        samples, now, tiers = [], defaultdict(int), defaultdict(int)
         for trace_id, steps in pooled.items():
             if after not in steps or steps[after][2] is None:
                 continue
@@ -346,7 +364,9 @@ def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
                                          None if remote is None else remote[1] == remote[3], route or "",
                                          "" if remote is None else remote[0] or ""))
             now[route or ""] += trace_id in recent
-        obs.cascade_samples[cascade] = pool(samples, now)
+            if remote is not None:
+                tiers[remote[0] or ""] += trace_id in recent
+        obs.cascade_samples[cascade] = pool(samples, now, tiers)
         unlabelled = client.query(CONFIDENCE_SQL, parameters={**params, "steps": [after]}).result_rows
         # Tasks without labels still tell how many a threshold would escalate: their confidences, correctness unknown
         # (the window's newest first; as many left out as the window has labelled).

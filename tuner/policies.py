@@ -471,6 +471,10 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     # Latency over a target and no threshold predicted inside it holds the floor: quality first, the cheapest
     # threshold that holds it (the lowest latency among them).
     nearest = quick is not None and not capped and bool(feasible.any())
+    # Under the cap alone (no latency target missed, so no latency model), the pipeline's p95 is inside its target:
+    # a threshold in force holding the floor is held to the same standard as any cheaper move (the 99% bound), so
+    # the cap does not walk the threshold down to the 95% bound's edge.
+    held_by_cap = capped and quick is None and bool(feasible[int(np.argmin(np.abs(thresholds - current_threshold)))])
     if capped:
         feasible = feasible & fast
     reach = np.abs(thresholds - current_threshold) <= max_step + 1e-9
@@ -486,7 +490,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
         why = ("no threshold predicted inside the latency targets holds the floor: the cheapest holding it"
                + (" at its point estimate (no threshold's lower bound does on these labels)" if unproven else "")
                + ", the lowest latency among them")
-    elif feasible[at]:  # (when capped, `feasible` already includes the cap)
+    elif feasible[at] or held_by_cap:  # (when capped, `feasible` already includes the cap)
         # The current threshold holds the floor: only a cheaper one that holds it beyond the stricter bound.
         strict = np.array([lower_at(i, z_cut) for i in below]) >= (
             quality_floor if quality_floor is not None else -1.0)

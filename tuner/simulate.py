@@ -668,7 +668,7 @@ class _Simulation:
                                str(tier.get(t, "")))
                  for c, r, t, route in zip(pooled["confidence"][::-1], pooled["right"][::-1], pooled["task"][::-1],
                                            pooled["route"][::-1], strict=True)],
-                Counter(model["route"].tolist()))
+                Counter(model["route"].tolist()), Counter(spans["route"][spans["right"] >= 0].tolist()))
             # As observe.collect reads them: each task's end-to-end latency, by the route it escalated to, if any.
             obs.task_latency[self.cascade] = task_latency(
                 (ms, tier != "", tier, remote) for ms, tier, remote in zip(

@@ -871,6 +871,14 @@ def test_pool_keeps_each_serving_routes_newest_in_the_windows_mix():
     assert all(s.route != "c" for s in kept)
     assert [s.confidence for s in kept if s.route == "b"] == [(3 * k + 1) / 1000 for k in range(50)]  # the newest
     assert pool(samples, {}) == []
+    # Escalations: the newest in the window's tier mix keep their answers; a tier not serving now lends none.
+    escalated = [CascadeSample(0.1, False, True, "a", "small") for _ in range(40)] + [
+        CascadeSample(0.1, False, True, "a", "large") for _ in range(60)]  # the large tier served before
+    kept = pool(escalated, {"a": 10}, {"small": 10})
+    assert len(kept) == 100 and sum(s.remote_correct is not None for s in kept) == 40
+    assert {s.tier for s in kept if s.remote_correct is None} == {""}
+    both = pool(escalated, {"a": 10}, {"small": 5, "large": 5})  # 40 small allow 8 per sample now: 40 and 40
+    assert [s.tier for s in both if s.remote_correct is not None].count("large") == 40
 
 
 def test_a_move_paying_for_quality_waits_while_the_pipelines_quality_holds_its_floor_beyond_doubt():

@@ -339,6 +339,20 @@ def test_the_quality_floor_holds_the_cascade_threshold():
     assert proposal.predicted["cost_per_1k"] == pytest.approx(1000 * 0.01 * share / len(samples))
 
 
+def test_a_threshold_over_the_escalation_cap_moves_cheaper_only_on_the_stricter_bound():
+    """The threshold in force holds the floor but escalates more than the tail allows (the cap, with the pipeline's
+    p95 inside its target): the cut is held to the 99% bound as any cheaper move is, not walked to the edge of the
+    95% bound because of the cap."""
+    samples = _triage()
+    free = cascade_policy(samples, 0.9, THRESHOLD, 0.8, 0.01, remote_accuracy=0.97, max_step=1.0, step="esc")
+    capped = cascade_policy(samples, 0.9, THRESHOLD, 0.8, 0.01, remote_accuracy=0.97, max_step=1.0, step="esc",
+                            escalation_cap=0.6)
+    t = capped.values["cascade_threshold"]
+    assert t == free.values["cascade_threshold"] and _quality_lower(samples, t, 0.97, 2.326) >= 0.8
+    edge = max(x for x in np.arange(0, t, 0.01) if _quality_lower(samples, x, 0.97) < 0.8) + 0.01
+    assert edge < t  # the 95% bound alone would have gone further
+
+
 def test_a_lower_quality_floor_gives_a_lower_threshold_and_a_lower_cost():
     samples = _triage()
     strict = cascade_policy(samples, 0.9, THRESHOLD, 0.85, 0.01, remote_accuracy=0.97, max_step=1.0)
