@@ -325,8 +325,10 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                     f"{proposal.predicted.get('hit_ratio', 0.0):.1%}, {hit_now:.1%} now)")
                 proposal = None
             plan.add(proposal, spec, current, limit)
-        # A cascade's samples as its local step's routes will answer them once this decision is in force.
-        samples = _as_mixed(obs.cascade_samples.get(step, []), config, plan, spec.cascades.get(step))
+        # A cascade's samples as its local step's routes will answer them once this decision is in force; while
+        # quality is missed, the window's alone (the hour's pool would dilute a drift the window shows).
+        samples = _as_mixed([s for s in obs.cascade_samples.get(step, []) if s.recent or "quality" not in missed],
+                            config, plan, spec.cascades.get(step))
         joint = None
         if "cascade_threshold" in knobs and "route_weights" in knobs and "quality" not in missed:
             every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slo else {}

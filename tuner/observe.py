@@ -362,7 +362,7 @@ def _labels(client, spec: PipelineSpec, obs: Observation, params: dict) -> None:
             remote = steps.get(cascade)
             samples.append(CascadeSample(float(confidence), local == label,
                                          None if remote is None else remote[1] == remote[3], route or "",
-                                         "" if remote is None else remote[0] or ""))
+                                         "" if remote is None else remote[0] or "", trace_id in recent))
             now[route or ""] += trace_id in recent
             if remote is not None:
                 tiers[remote[0] or ""] += trace_id in recent

@@ -243,6 +243,7 @@ class CascadeSample:
     remote_correct: bool | None = None  # known for tasks that were escalated and labelled
     route: str = ""  # the local step's route that answered ("" when not known)
     tier: str = ""  # the remote route it was escalated to, if known
+    recent: bool = True  # in the observation's window (False: pooled from the longer label window)
 
 
 def escalation_shares(samples: Sequence[CascadeSample], threshold: float, min_samples: int = 30) -> dict[str, float]:

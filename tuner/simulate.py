@@ -665,9 +665,9 @@ class _Simulation:
             tier = dict(zip(escalated["task"].tolist(), escalated["route"].tolist(), strict=True))
             obs.cascade_samples[self.cascade] = pool(
                 [CascadeSample(float(c), bool(r), None if remote.get(t, -1) < 0 else bool(remote[t]), str(route),
-                               str(tier.get(t, "")))
-                 for c, r, t, route in zip(pooled["confidence"][::-1], pooled["right"][::-1], pooled["task"][::-1],
-                                           pooled["route"][::-1], strict=True)],
+                               str(tier.get(t, "")), bool(at >= start))
+                 for c, r, t, route, at in zip(pooled["confidence"][::-1], pooled["right"][::-1], pooled["task"][::-1],
+                                               pooled["route"][::-1], pooled["start"][::-1], strict=True)],
                 Counter(model["route"].tolist()), Counter(spans["route"][spans["right"] >= 0].tolist()))
             # As observe.collect reads them: each task's end-to-end latency, by the route it escalated to, if any.
             obs.task_latency[self.cascade] = task_latency(

@@ -936,3 +936,28 @@ def test_a_local_mix_saving_escalations_and_a_cheaper_tier_multiply_instead_of_a
     assert "-86%" in together.summary
     together.drop("escalate", "route_weights")  # without the tier's move, the mix's saving stands as priced
     assert together.after["cost_per_1k"] == pytest.approx(0.008)
+
+
+def test_while_quality_is_missed_the_cascade_reads_the_windows_labels_not_the_hours_pool():
+    """An hour of labels says threshold 0.7 holds the 0.85 floor; the window's, after the local model drifted, say
+    it does not, and the window's quality misses the floor: the threshold goes up on the window's labels. Not
+    missed, the pool decides (and holds)."""
+    rng = np.random.default_rng(2)
+    old = [CascadeSample(float(c), bool(rng.random() < c), bool(rng.random() < 0.97) if c < 0.7 else None,
+                         recent=False) for c in rng.uniform(0, 1, 3000)]
+    drifted = [CascadeSample(float(c), bool(rng.random() < c - 0.4), bool(rng.random() < 0.97) if c < 0.7 else None)
+               for c in rng.uniform(0, 1, 600)]
+
+    def obs(quality: float) -> Observation:
+        o = Observation("c", 300.0, requests=600, p95_ms=800.0, cost_per_1k=1.0, quality=quality, labelled=600)
+        o.cascade_samples["gen"] = drifted + old
+        o.steps["local"] = {"": RouteObservation(spans=600, p95_ms=5.0)}
+        o.steps["gen"] = {"": RouteObservation(spans=420, p95_ms=700.0, cost=0.42, correct=407, labelled=420)}
+        return o
+
+    config = CAS.merge(CAS.defaults(), {"gen": {"cascade_threshold": 0.7}})
+    missed = decide(CAS, config, SLO_CAS, obs(0.78))
+    assert missed.changes["gen"]["cascade_threshold"] > 0.7, missed.reasons
+    assert "on 600 labelled tasks" in " ".join(missed.reasons)
+    held = decide(CAS, config, SLO_CAS, obs(0.86))
+    assert held.changes.get("gen", {}).get("cascade_threshold", 0.7) <= 0.7, held.reasons
