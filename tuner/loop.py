@@ -461,7 +461,8 @@ def _hold_unneeded_quality(plan: Plan, obs: observe.Observation, floor: float | 
         return
     for part in [p for p in plan.parts if p.live and p.cost_delta > 0 and p.quality_delta > 0]:
         take_out(plan, part)
-        plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} left as they are: the move would pay "
+        left = "they are" if len(part.knobs) > 1 else "it is"
+        plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} left as {left}: the move would pay "
                             f"{part.cost_delta:+.4f} USD per 1k for quality, and the pipeline's quality "
                             f"{obs.quality:.3f} holds the {floor:g} floor beyond doubt (lower bound {bound:.3f} "
                             f"on {obs.labelled} labelled tasks)")

@@ -900,7 +900,7 @@ def test_a_move_paying_for_quality_waits_while_the_pipelines_quality_holds_its_f
     sure = plan()
     _hold_unneeded_quality(sure, Observation("c", 300.0, requests=700, quality=0.92, labelled=700), 0.88)
     assert list(sure.changes) == ["rerank"] and sure.after["cost_per_1k"] == pytest.approx(0.14)
-    assert any(r.startswith("gen: route_weights left as they are: the move would pay +0.0500 USD per 1k for "
+    assert any(r.startswith("gen: route_weights left as it is: the move would pay +0.0500 USD per 1k for "
                             "quality, and the pipeline's quality 0.920 holds the 0.88 floor beyond doubt "
                             "(lower bound 0.901 on 700 labelled tasks)") for r in sure.reasons)
     near = plan()  # 0.895 on 700: the bound 0.874 is under the floor
