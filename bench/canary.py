@@ -37,7 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table  # noqa: E402
 
 from tracetune.analyzer import SLO  # noqa: E402
-from tracetune.tuner.canary import Arm, judge  # noqa: E402
+from tracetune.tuner.canary import Arm, judge, out_of_time  # noqa: E402
 
 RATE = 15.0  # tasks per second, the load a new user tried the demo at
 CANARY_SHARE = 0.2  # the loop's default tuner_canary_share
@@ -140,10 +140,10 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
         counts += np.array([*b, *c])
         base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]))
         canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]))
-        expired = seconds >= max_seconds
-        verdict = judge(base_arm, canary_arm, slo, min_requests=min_requests, expired=expired,
-                        lowers_quality=trial.lowers_quality, buys_quality=trial.buys_quality,
-                        may_run_on=seconds < 2 * max_seconds)
+        clock = out_of_time(seconds, max_seconds)
+        expired = clock["expired"]
+        verdict = judge(base_arm, canary_arm, slo, min_requests=min_requests, lowers_quality=trial.lowers_quality,
+                        buys_quality=trial.buys_quality, **clock)
         if verdict.action != "wait":
             decided = not (expired and verdict.reason.startswith(("no evidence", "too few")))
             action = verdict.action if decided else "none"

@@ -366,7 +366,7 @@ def sim_pipeline(console: Console, name: str, spec: PipelineSpec, calibration: p
     console.print(f"{name}: " + (f"the cheapest config feasible on seed {search_seed} and on validation seed "
                                  f"{validation} ({checked} of the cheapest distinct configs on seed {search_seed} "
                                  f"run there)"
-                                 + ("" if best is one_seed or best['grid_config'] == one_seed['grid_config'] else
+                                 + ("" if best['grid_config'] == one_seed['grid_config'] else
                                     f"; the cheapest on seed {search_seed} alone ({one_seed['cost_per_1k']:.5f}) is "
                                     f"scored beside it as 'static oracle (one seed)'")
                                  if best["validated"] else

@@ -258,6 +258,14 @@ def _pct(new: float, old: float) -> str:
     return f"{(new - old) / old:+.0%}" if old else "n/a"
 
 
+RUN_ON = 2.0  # a cheaper canary its tasks cannot show yet may run on up to this many times its time
+
+
+def out_of_time(age_seconds: float, max_seconds: float) -> dict[str, bool]:
+    """`judge`'s `expired` and `may_run_on` for a canary `age_seconds` old with `max_seconds` to run."""
+    return {"expired": age_seconds >= max_seconds, "may_run_on": age_seconds < RUN_ON * max_seconds}
+
+
 def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, expired: bool = False,
           alpha: float = ALPHA, lowers_quality: bool = False, buys_quality: float | None = None,
           may_run_on: bool = False) -> Verdict:
@@ -442,7 +450,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                                   TAU_COST * float(base_cost.mean()), share, each)
             if needed is not None and needed > canary.n:
                 figures["tasks_needed"] = float(needed)
-                if may_run_on and needed <= 2 * canary.n:
+                if may_run_on and needed <= RUN_ON * canary.n:
                     return Verdict("wait", f"its time ran out at {cost_text}, short of the about {needed:,} tasks "
                                            f"on the canary that would show it ({tasks}): it runs on, at most as "
                                            f"long again", figures)

@@ -398,7 +398,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 # quality and floor leave it, not to the pipeline's floor itself; and a route is as dear as the
                 # escalations its answers cause (a surer route sends fewer tasks to the remote tiers).
                 route_floor, kept = _local_floor(spec, config, obs, step, local_of[step], floor)
-                stats = _with_escalation_cost(stats, spec, config, obs, local_of[step])
+                extra = _escalation_cost(config, obs, local_of[step])
+                stats = _with_escalation_cost(stats, extra)
             shift = 1.0 if wide or local_of.get(step) in saturated else settings.max_traffic_shift
             proposal = _not_worse_quality(routing_policy(stats, current["route_weights"],
                                                          knobs["route_weights"], route_floor, target, step=step,
@@ -408,7 +409,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             if proposal is not None and step in plan.changes:
                 part = pipeline_effect(plan, obs, proposal, share=kept * reached, calls=reached)
                 if step in local_of:  # the part of its cost change that is the cascade's, scaled by its moves
-                    extra, new = _escalation_cost(config, obs, local_of[step]), proposal.values["route_weights"]
+                    new = proposal.values["route_weights"]
                     part.escalations = (local_of[step], 1000 * reached * sum(
                         (float(new.get(r, 0.0)) - float(current["route_weights"].get(r, 0.0))) * extra[r]
                         for r in extra))
@@ -574,11 +575,9 @@ def _escalation_cost(config: PipelineConfig, obs: observe.Observation, cascade: 
     return {route: share * per_call for route, share in shares.items()} if len(shares) >= 2 else {}
 
 
-def _with_escalation_cost(stats: Sequence[RouteStats], spec: PipelineSpec, config: PipelineConfig,
-                          obs: observe.Observation, cascade: str) -> list[RouteStats]:
-    """A cascade's local routes priced with the escalations they cause: each route's cost per request plus
-    the share of its answers the threshold in force escalates times what an escalation costs."""
-    extra = _escalation_cost(config, obs, cascade)
+def _with_escalation_cost(stats: Sequence[RouteStats], extra: Mapping[str, float]) -> list[RouteStats]:
+    """A cascade's local routes priced with the escalations they cause (`extra`, `_escalation_cost`): each
+    route's cost per request plus what its answers' escalations cost."""
     return [replace(r, compute_cost_per_request=r.compute_cost_per_request + extra[r.route])
             if r.route in extra else r for r in stats]
 
@@ -810,8 +809,7 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
         base, tried = arms()
         figures = trial_figures()
         return Outcome(verdict=canary.judge(base, tried, slo, min_requests=settings.canary_min_requests,
-                                            expired=trial_age >= settings.canary_max_seconds,
-                                            may_run_on=trial_age < 2 * settings.canary_max_seconds,
+                                            **canary.out_of_time(trial_age, settings.canary_max_seconds),
                                             lowers_quality=lowers_quality(figures),
                                             buys_quality=buys_quality(figures)))
     if since_change is not None and since_change < settings.cooldown_seconds:
@@ -850,7 +848,7 @@ def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings) -> 
     effect, mean = (after - before) / 1000, before / 1000
     share = settings.canary_share
     # A cheaper canary its tasks cannot show yet runs on up to twice its time (`canary.judge`'s `may_run_on`).
-    seconds = 2 * settings.canary_max_seconds
+    seconds = canary.RUN_ON * settings.canary_max_seconds
     available = obs.requests / max(obs.window_seconds, 1.0) * share * seconds
     needed = canary.tasks_needed(effect, spread, canary.TAU_COST * mean, share)
     if needed is not None and needed <= available:

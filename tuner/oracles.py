@@ -98,6 +98,11 @@ def corners(spec: PipelineSpec) -> list[Config]:
     return configs
 
 
+def _key(config: Mapping[str, Mapping[str, KnobValue]]) -> str:
+    """One string per config, whatever the order of its steps and knobs (configs found twice run once)."""
+    return repr(sorted((s, sorted(v.items())) for s, v in config.items()))
+
+
 def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, slo: SLO | None,
            evaluations: int = 300, explore: float = 0.25, seed: int = 0, start: Sequence[Mapping] = (),
            screen: Workload | None = None, finalists: int = 20, phases: int = 3,
@@ -147,7 +152,7 @@ def search(spec: PipelineSpec, calibration: Calibration, workload: Workload, *, 
             picks += [r for (_, good, n), r in sorted(scored, key=lambda x: x[0][0]) if good and n][:phases]
         seen: set[str] = set()
         for row in [{"grid_config": {}}, *picks]:
-            key = repr(sorted((s, sorted(v.items())) for s, v in row["grid_config"].items()))
+            key = _key(row["grid_config"])
             if key not in seen:
                 seen.add(key)
                 run(row["grid_config"], workload, full)
@@ -167,7 +172,7 @@ def validated(spec: PipelineSpec, calibration: Calibration, rows: Sequence[Mappi
     cheapest distinct configs feasible on both, the cheapest on the search seed, `validated` False."""
     ok, seen = [], set()
     for row in sorted((r for r in rows if r.get("feasible")), key=lambda r: r["cost_per_1k"]):
-        key = repr(sorted((s, sorted(v.items())) for s, v in row["grid_config"].items()))
+        key = _key(row["grid_config"])
         if key not in seen:
             seen.add(key)
             ok.append(row)

@@ -475,12 +475,12 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     # Under the cap alone (no latency target missed, so no latency model), the pipeline's p95 is inside its target:
     # a threshold in force holding the floor is held to the same standard as any cheaper move (the 99% bound), so
     # the cap does not walk the threshold down to the 95% bound's edge.
-    held_by_cap = capped and quick is None and bool(feasible[int(np.argmin(np.abs(thresholds - current_threshold)))])
-    if capped:
-        feasible = feasible & fast
-    reach = np.abs(thresholds - current_threshold) <= max_step + 1e-9
     distance = np.abs(thresholds - current_threshold)
     at = int(np.argmin(distance))
+    held_by_cap = capped and quick is None and bool(feasible[at])
+    if capped:
+        feasible = feasible & fast
+    reach = distance <= max_step + 1e-9
     share_here = np.searchsorted(every, current_threshold, side="left") / len(every)
     if nearest:
         pick = np.flatnonzero(feasible & reach & (escalated < share_here))

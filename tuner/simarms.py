@@ -179,8 +179,7 @@ def _judge(sim: _Simulation, now: float) -> canary.Verdict:
     base, tried = sim.canary_arms()
     s = sim.settings
     return canary.judge(base, tried, sim.slo, min_requests=s.canary_min_requests,
-                        expired=now - sim.trial.started >= s.canary_max_seconds,
-                        may_run_on=now - sim.trial.started < 2 * s.canary_max_seconds)
+                        **canary.out_of_time(now - sim.trial.started, s.canary_max_seconds))
 
 
 class LoopController:
