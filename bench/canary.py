@@ -15,7 +15,11 @@ Scenarios: A/A (identical configs; right = neither promoted nor rolled back for 
 force's 0.95; right = rolled back, not promoted on cost first) and one still over it (0.95 against 0.97; right
 = promoted); and three whose decisions bought quality for a floor at risk, predicted 15% dearer: one as
 predicted and a little more often right (right = promoted on doing no harm), one 40% dearer (right = rolled
-back), one less often right (0.90 against 0.935, under the floor; right = rolled back).
+back), one less often right (0.90 against 0.935, under the floor; right = rolled back). Threshold moves, the
+canary escalating fewer or more tasks: 8% cheaper (right = promoted) with costs as measured, and with costs
+adjusted for whether the config in force would escalate each task (`canary.adjusted_costs`, what the loop does
+for a canary changing only cascades) the A/A, 10% dearer by price and by escalating more (right = rolled back) and
+8% cheaper (right = promoted).
 
     .venv/bin/python bench/canary.py                  # 1000 runs per scenario, ~2 min
     .venv/bin/python bench/canary.py --runs 200 --seed 3
@@ -65,9 +69,13 @@ class Config:
     labelled: float = 0.1
     lowers_quality: bool = False  # the decision that started the canary predicted lower quality (`judge` is told)
     buys_quality: float | None = None  # it bought quality for a floor at risk at this predicted cost change
+    adjusted: bool = False  # a canary changing only the cascade: `judge` gets each task's escalation in force
 
-    def tasks(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
-        escalated = rng.random(n) < self.escalation
+    def tasks(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+        """Durations, costs, the local model's confidence, errors, correct, labelled: a task escalates when its
+        confidence is under the escalation share (a threshold on a uniform confidence)."""
+        confidence = rng.random(n)
+        escalated = confidence < self.escalation
         durations = rng.lognormal(np.log(self.local_ms), 0.35, n)
         durations += np.where(escalated, rng.lognormal(np.log(self.llm_ms), self.llm_sigma, n), 0.0)
         tier = np.where(rng.random(n) < self.large_share, self.large_usd, self.small_usd)
@@ -76,10 +84,16 @@ class Config:
         errors = int((rng.random(n) < self.error_rate).sum())
         labelled = int((rng.random(n) < self.labelled).sum())
         correct = int((rng.random(labelled) < self.accuracy).sum())
-        return durations, costs, errors, correct, labelled
+        return durations, costs, confidence, errors, correct, labelled
 
 
 BASE = Config()
+
+
+def _escalation_for(config: Config, ratio: float) -> float:
+    """The escalation share that makes `config`'s mean cost per task `ratio` times what it is."""
+    llm = config.cost_scale * (config.large_share * config.large_usd + (1 - config.large_share) * config.small_usd)
+    return (ratio * (config.compute_usd + config.escalation * llm) - config.compute_usd) / llm
 
 
 def _scale_for(config: Config, ratio: float) -> float:
@@ -106,6 +120,14 @@ SCENARIOS: dict[str, tuple[Config, Config, str]] = {
         BASE, Config(accuracy=0.945, cost_scale=_scale_for(BASE, 1.40), buys_quality=0.15), "rollback"),
     "buys quality but is less often right": (
         BASE, Config(accuracy=0.90, cost_scale=_scale_for(BASE, 1.15), buys_quality=0.15), "rollback"),
+    # A threshold move: the canary escalates fewer (or more) tasks, the rest as in force.
+    "8% cheaper, escalating fewer": (BASE, Config(escalation=_escalation_for(BASE, 0.92)), "promote"),
+    "A/A, costs adjusted for escalations": (BASE, Config(adjusted=True), "none"),
+    "10% dearer, costs adjusted": (BASE, Config(cost_scale=_scale_for(BASE, 1.10), adjusted=True), "rollback"),
+    "10% dearer escalating more, adjusted": (
+        BASE, Config(escalation=_escalation_for(BASE, 1.10), adjusted=True), "rollback"),
+    "8% cheaper escalating fewer, adjusted": (
+        BASE, Config(escalation=_escalation_for(BASE, 0.92), adjusted=True), "promote"),
 }
 """Scenario -> (config in force, canary, the right answer: promote, rollback, or none = change nothing)."""
 
@@ -126,20 +148,25 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
                share: float = CANARY_SHARE, look: float = LOOK_SECONDS, max_seconds: float = MAX_SECONDS,
                min_requests: int = MIN_REQUESTS) -> Outcome:
     """One canary judged every `look` seconds on all its tasks so far, as the loop does."""
-    parts: dict[str, list] = {"bd": [], "bc": [], "cd": [], "cc": []}
+    parts: dict[str, list] = {"bd": [], "bc": [], "bx": [], "cd": [], "cc": [], "cx": []}
     counts = np.zeros(6, dtype=int)  # base errors, correct, labelled; canary errors, correct, labelled
     seconds = 0.0
     while True:
         seconds += look
         n = rng.poisson(rate * look)
         n_canary = rng.binomial(n, share)
-        bd, bc, *b = base.tasks(rng, n - n_canary)
-        cd, cc, *c = trial.tasks(rng, n_canary)
-        for key, value in (("bd", bd), ("bc", bc), ("cd", cd), ("cc", cc)):
+        bd, bc, bx, *b = base.tasks(rng, n - n_canary)
+        cd, cc, cx, *c = trial.tasks(rng, n_canary)
+        for key, value in (("bd", bd), ("bc", bc), ("bx", bx), ("cd", cd), ("cc", cc), ("cx", cx)):
             parts[key].append(value)
         counts += np.array([*b, *c])
-        base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]))
-        canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]))
+        # Adjusted: each task's escalation under the config in force, from its confidence (`canary.escalated_by`).
+        escalations = {arm: (np.concatenate(parts[arm]) < base.escalation).astype(float) if trial.adjusted else None
+                       for arm in ("bx", "cx")}
+        base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]),
+                       escalations["bx"])
+        canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]),
+                         escalations["cx"])
         clock = out_of_time(seconds, max_seconds)
         expired = clock["expired"]
         verdict = judge(base_arm, canary_arm, slo, min_requests=min_requests, lowers_quality=trial.lowers_quality,

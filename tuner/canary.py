@@ -31,7 +31,7 @@ from tracetune.tuner import versions
 from tracetune.tuner.config import PipelineConfig, PipelineSpec
 
 __all__ = ["ALPHA", "Arm", "Canary", "Verdict", "running", "start", "finish", "judge", "arms", "msprt_p", "STATUSES",
-           "limits_for", "tasks_needed", "failures"]
+           "limits_for", "tasks_needed", "failures", "adjusted_costs", "covariate_thresholds", "escalated_by"]
 
 ALPHA = 0.05
 """Chance that a canary no different from the config in force ends in anything but "no evidence either way"
@@ -72,6 +72,15 @@ FROM otel_traces
 WHERE Timestamp >= fromUnixTimestamp64Micro({since:Int64}) AND Timestamp < fromUnixTimestamp64Micro({until:Int64})
   AND ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
   AND version IN ({base:UInt32}, {canary:UInt32})
+"""
+
+# The confidences of the model steps cascades read, of tasks since the canary started: trace id, step, confidence.
+CONFIDENCES_SQL = """
+SELECT TraceId, SpanAttributes['tracetune.step'] AS step,
+       toFloat64OrNull(SpanAttributes['tracetune.feature.confidence']) AS confidence
+FROM otel_traces
+WHERE Timestamp >= fromUnixTimestamp64Micro({since:Int64}) AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+  AND SpanAttributes['tracetune.step'] IN {steps:Array(String)} AND confidence IS NOT NULL
 """
 
 # A task's root span is stored once the task ends and its spans are exported and written, so the tasks started
@@ -115,6 +124,7 @@ class Arm:
     errors: int = 0
     correct: int = 0
     labelled: int = 0
+    escalations: np.ndarray | None = None  # per task, beside `costs`: see `adjusted_costs`
 
     @property
     def n(self) -> int:
@@ -133,10 +143,60 @@ class Arm:
 
     @classmethod
     def of(cls, durations_ms: Sequence[float], costs: Sequence[float] = (), errors: int = 0, correct: int = 0,
-           labelled: int = 0) -> Arm:
+           labelled: int = 0, escalations: Sequence[float] | None = None) -> Arm:
         durations = np.asarray(durations_ms, dtype=float)
         cost = np.asarray(costs, dtype=float) if len(costs) else np.full(len(durations), np.nan)
-        return cls(durations, cost, errors, correct, labelled)
+        return cls(durations, cost, errors, correct, labelled,
+                   None if escalations is None else np.asarray(escalations, dtype=float))
+
+
+def covariate_thresholds(spec: PipelineSpec, base: PipelineConfig, trial: PipelineConfig) -> list[tuple[str, float]]:
+    """(model step, threshold): the confidences each cascade reads and the config in force's threshold on them,
+    when `trial` changes nothing but cascade steps; else none.
+
+    Those model steps then answer alike in both arms, so whether the config in force would escalate a task is
+    fixed before the arms differ, and it explains most of a task's cost (`adjusted_costs`). A trial that changes
+    any other step (a model step's routes change its confidences) gets none: its arms' costs are compared as
+    they are."""
+    changed = {step for step in set(base.steps) | set(trial.steps) if base.steps.get(step) != trial.steps.get(step)}
+    if not spec.cascades or not changed or not changed <= set(spec.cascades):
+        return []
+    found = []
+    for cascade, after in spec.cascades.items():
+        knob = spec.steps.get(cascade, {}).get("cascade_threshold")
+        threshold = base.knob(cascade, "cascade_threshold", knob.default if knob is not None else None)
+        if isinstance(threshold, int | float):
+            found.append((after, float(threshold)))
+    return found
+
+
+def escalated_by(confidences: Mapping[str, float], thresholds: Sequence[tuple[str, float]]) -> float:
+    """How many of the cascades in `thresholds` would escalate a task whose model steps were this sure."""
+    return float(sum(1 for step, threshold in thresholds
+                     if (c := confidences.get(step)) is not None and c < threshold))
+
+
+def adjusted_costs(base: Arm, canary: Arm) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task costs of the priced tasks of both arms (base, canary), less what the config in force's
+    escalations explain when both arms carry them (regression adjustment, "CUPED": Deng, Xu, Kohavi and Walker,
+    2013): y - theta * (x - mean x), theta the slope of cost on x over both arms.
+
+    A task's cost is mostly whether it escalated; x (`Arm.escalations`: would the config in force escalate it)
+    is the same in distribution in both arms, as tasks are assigned by a hash, so the adjustment leaves the
+    difference of means unbiased and takes out the spread that comes from which tasks happened to be hard. A
+    threshold move that escalates 2% of tasks fewer then shows its saving in about a tenth of the tasks."""
+    b_ok, c_ok = ~np.isnan(base.costs), ~np.isnan(canary.costs)
+    b, c = base.costs[b_ok], canary.costs[c_ok]
+    if base.escalations is None or canary.escalations is None or len(b) + len(c) < 3:
+        return b, c
+    xb, xc = base.escalations[b_ok], canary.escalations[c_ok]
+    x, y = np.concatenate([xb, xc]), np.concatenate([b, c])
+    centred = x - x.mean()
+    spread = float(centred @ centred)
+    if spread <= 0:
+        return b, c
+    theta = float(centred @ (y - y.mean())) / spread
+    return b - theta * (xb - x.mean()), c - theta * (xc - x.mean())
 
 
 @dataclass(frozen=True)
@@ -369,11 +429,16 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     base_cost, canary_cost = base.costs[~np.isnan(base.costs)], canary.costs[~np.isnan(canary.costs)]
     priced = len(base_cost) >= 2 and len(canary_cost) >= 2 and base_cost.mean() > 0
     cost_text = ""
+    # The cost tests read the costs less what the config in force's escalations explain (`adjusted_costs`);
+    # the figures and the words, the costs as measured.
+    base_tested, canary_tested = adjusted_costs(base, canary)
     if priced:
         scale = TAU_COST * float(base_cost.mean())
         allowed_rise = max(0.0, buys_quality) if buys_quality is not None else 0.0
-        dearer = _means(canary_cost, base_cost, scale, each, shift=COST_TOLERANCE + allowed_rise)
-        cheaper = _means(canary_cost, base_cost, scale, each)
+        dearer = _means(canary_tested, base_tested, scale, each, shift=COST_TOLERANCE + allowed_rise)
+        cheaper = _means(canary_tested, base_tested, scale, each)
+        if base.escalations is not None and canary.escalations is not None:
+            figures["cost_adjusted"] = 1.0
         figures["p.dearer"], figures["p.cheaper"] = round(dearer.p, 6), round(cheaper.p, 6)
         before, after = 1000 * float(base_cost.mean()), 1000 * float(canary_cost.mean())
         cost_text = f"{after:.4f} against {before:.4f} USD per 1k ({_pct(after, before)})"
@@ -420,7 +485,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         # show; at the end of its time the point estimate decides (a canary's thousands of tasks put it within
         # a few percent), so a quality move is neither held by a cost test it cannot pass nor let through dear.
         limit = allowed_rise + BUY_MARGIN
-        within = _means(canary_cost, base_cost, scale, each, shift=limit)
+        within = _means(canary_tested, base_tested, scale, each, shift=limit)
         figures["p.within_predicted"] = round(within.p, 6)
         rise = float(canary_cost.mean() / base_cost.mean() - 1.0)
         if within.significant and within.difference < 0:
@@ -444,7 +509,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         short = ""
         if priced and not misses and canary_cost.mean() < base_cost.mean():
             # Not a finding against the canary: the difference it shows was too small for its tasks to prove.
-            spread = float(np.concatenate([canary_cost, base_cost]).std(ddof=1))
+            spread = float(np.concatenate([canary_tested, base_tested]).std(ddof=1))
             share = canary.n / (canary.n + base.n)
             needed = tasks_needed(float(canary_cost.mean() - base_cost.mean()), spread,
                                   TAU_COST * float(base_cost.mean()), share, each)
@@ -528,6 +593,14 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
                 or 0)
     rows = client.query(ROOTS_SQL, parameters={"pipeline": spec.pipeline, "since": since, "until": until,
                                                "base": canary.base_version, "canary": canary.version}).result_rows
+    base_config = versions.at(client, spec.pipeline, canary.base_version)
+    thresholds = covariate_thresholds(spec, base_config, canary.config) if base_config is not None else []
+    confidences: dict[str, dict[str, float]] = {}
+    if thresholds:
+        for trace_id, step, confidence in client.query(CONFIDENCES_SQL, parameters={
+                "pipeline": spec.pipeline, "since": since, "steps": sorted({step for step, _ in thresholds})}
+                ).result_rows:
+            confidences.setdefault(trace_id, {})[step] = float(confidence)
     window = max(1, int((datetime.now(UTC) - canary.started_at).total_seconds()) + 1)
     costs: dict[str, float] = {}
     try:
@@ -535,17 +608,18 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
         costs = dict(zip(frame["trace_id"].to_list(), frame["cost"].to_list(), strict=True))
     except PricesError:
         pass  # no price table yet: cost is not compared
-    samples: dict[int, dict] = {v: {"d": [], "c": [], "e": 0, "ok": 0, "n": 0}
+    samples: dict[int, dict] = {v: {"d": [], "c": [], "e": 0, "ok": 0, "n": 0, "x": []}
                                 for v in (canary.base_version, canary.version)}
     for trace_id, version, duration_ms, failed in rows:
         arm = samples[int(version)]
         arm["d"].append(float(duration_ms))
+        arm["x"].append(escalated_by(confidences.get(trace_id, {}), thresholds))
         cost = costs.get(trace_id)
         arm["c"].append(float("nan") if cost is None else float(cost))
         arm["e"] += bool(failed)
         if correct and trace_id in correct:
             arm["n"] += 1
             arm["ok"] += correct[trace_id]
-    base, trial = (Arm.of(s["d"], s["c"], s["e"], s["ok"], s["n"]) for s in
+    base, trial = (Arm.of(s["d"], s["c"], s["e"], s["ok"], s["n"], s["x"] if thresholds else None) for s in
                    (samples[canary.base_version], samples[canary.version]))
     return base, trial

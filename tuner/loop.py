@@ -824,7 +824,7 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
     drop_rejected(plan, config, last, now, settings)
     if not plan.changes:
         return Outcome(observation=obs, idle="nothing to change")
-    too_small = unprovable(plan, obs, settings)
+    too_small = unprovable(plan, obs, settings, spec)
     if too_small:
         return Outcome(observation=obs, idle=too_small)
     return Outcome(plan=plan, observation=obs)
@@ -833,7 +833,28 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
 TOO_SMALL = "saving too small to show"
 
 
-def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings) -> str:
+def _moved(plan: Plan, obs: observe.Observation, spec: PipelineSpec | None) -> dict[str, float] | None:
+    """Cascade step -> share of the window's tasks the plan's threshold escalates and the one in force does not
+    (or the other way), when the plan changes nothing but cascades: its canary's costs are then adjusted for the
+    config in force's escalations (`canary.covariate_thresholds`), and only these tasks and the calls' own
+    spread are left to tell the arms apart. None otherwise."""
+    if spec is None or not plan.changes or not set(plan.changes) <= set(spec.cascades):
+        return None
+    moved = {}
+    for step in spec.cascades:
+        if "cascade_threshold" not in plan.changes.get(step, {}):
+            moved[step] = 0.0
+            continue
+        old, new = plan.was(step, "cascade_threshold"), plan.changes[step]["cascade_threshold"]
+        confidences = [sample.confidence for sample in obs.cascade_samples.get(step, [])]
+        if not is_number(old) or not confidences:
+            return None  # not known: the spread as it is
+        low, high = sorted((float(old), float(new)))
+        moved[step] = sum(low <= c < high for c in confidences) / len(confidences)
+    return moved
+
+
+def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings, spec: PipelineSpec | None = None) -> str:
     """Why a plan that only saves cost is not worth a canary ("" when it is): its predicted saving is smaller
     than a canary can show in its time, at this load and this spread of per-task cost (`canary.tasks_needed`
     against the tasks its share gets in twice `canary_max_seconds`, as long as a cheaper canary may run on).
@@ -842,7 +863,7 @@ def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings) -> 
     at risk is tried whatever its cost."""
     if settings.canary_share <= 0 or plan.violated or buys_quality(plan.figures()) is not None:
         return ""
-    before, after, spread = obs.cost_per_1k, plan.after.get("cost_per_1k"), obs.cost_spread()
+    before, after, spread = obs.cost_per_1k, plan.after.get("cost_per_1k"), obs.cost_spread(_moved(plan, obs, spec))
     if not before or after is None or not math.isfinite(after) or after >= before or not spread:
         return ""
     effect, mean = (after - before) / 1000, before / 1000

@@ -410,8 +410,9 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     `escalation_cap` when the window has the latencies to predict from): thresholds
     whose predicted pipeline quantiles (`escalation_quantiles`, judged at 1 - `latency_margin` * (1 - q), p96
     for a p95 target, the margin the tail leaves routes) miss a target count as infeasible, unless none within
-    them holds the floor (quality first); among those meeting both, the most accurate (the restoring move
-    goes as far as the latency needs, no further), as far as it is.
+    them holds the floor (quality first); among those meeting both, the cheapest whose 99% bound (`z_cut`) holds
+    the floor, as any cheaper move must (so the canary restoring latency carries the saving too), else the most
+    accurate (the restoring move goes as far as the latency needs, no further), as far as it is.
     """
     labelled = [s for s in samples if s.local_correct is not None]
     if len(labelled) < min_labelled:
@@ -508,14 +509,22 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     elif (feasible & reach).any():
         pick = np.flatnonzero(feasible & reach)
         if capped and quick is not None:
-            # Restoring latency: the most accurate threshold predicted inside the targets, cheapest among equals.
-            best = max(pick, key=lambda i: (round(points[i], 9), -escalated[i], -distance[i]))
-            why = ("the most accurate threshold predicted inside "
-                   + " and ".join(f"the {t:g} ms {quantile_name(q).removesuffix('_ms')} target" for q, t in
-                                  latency_targets.items())
-                   + f" (judged at {', '.join(quantile_name(j).removesuffix('_ms') for j in judged.values())}) "
-                     + ("whose point estimate holds the floor (no threshold's lower bound does on these labels)"
-                        if unproven else "holding the floor"))
+            # Restoring latency: the cheapest threshold predicted inside the targets whose 99% bound holds the floor,
+            # the standard any cheaper move meets, so the canary restoring latency carries the saving too (one
+            # canary, not two); with none proven that far, the most accurate inside them, cheapest among equals.
+            inside = (" inside " + " and ".join(
+                f"the {t:g} ms {quantile_name(q).removesuffix('_ms')} target" for q, t in latency_targets.items())
+                + f" (judged at {', '.join(quantile_name(j).removesuffix('_ms') for j in judged.values())})")
+            proven = [i for i in pick if not unproven and quality_floor is not None
+                      and lower_at(below[i], z_cut) >= quality_floor]
+            if proven:
+                best = min(proven, key=lambda i: (escalated[i], distance[i]))
+                why = "the cheapest threshold predicted" + inside + " holding the floor (99% bound)"
+            else:
+                best = max(pick, key=lambda i: (round(points[i], 9), -escalated[i], -distance[i]))
+                why = ("the most accurate threshold predicted" + inside + " "
+                       + ("whose point estimate holds the floor (no threshold's lower bound does on these labels)"
+                          if unproven else "holding the floor"))
         else:
             best = min(pick, key=lambda i: (escalated[i], distance[i]))
             why = "cheapest threshold holding the floor" + (

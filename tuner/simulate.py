@@ -305,7 +305,7 @@ class _Simulation:
         self.seq = 0
         self._tickets(workload)
         self.buckets = {name: [max(1.0, tier.rate_limit_rps), 0.0] for name, tier in calibration.tiers.items()}
-        self.requests = _Records("start", "latency_ms", "cost", "right", "version", "tier", "remote_ms")
+        self.requests = _Records("start", "latency_ms", "cost", "right", "version", "tier", "remote_ms", "confidence")
         self.spans = {s: _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
                                   "task") for s in self.models}
         self.model_spans = self.spans[self.model_step]
@@ -358,12 +358,16 @@ class _Simulation:
     def canary_arms(self) -> tuple[canary_mod.Arm, canary_mod.Arm]:
         """Per-task samples of the config in force and of the canary since it started (as `canary.arms` reads)."""
         rows = self.requests.since(self.trial.started)
+        thresholds = canary_mod.covariate_thresholds(self.spec, self.config, self.trial.config)
         arms = []
         for version in (self.trial.base_version, self.trial.config.version):
             mine = rows["version"] == version
             right = rows["right"][mine]
+            # The one model step's confidence (the step the cascade reads), as `canary.escalated_by` counts it.
+            confidence = rows["confidence"][mine].astype(float)
+            escalations = sum((confidence < t).astype(float) for _, t in thresholds) if thresholds else None
             arms.append(canary_mod.Arm.of(rows["latency_ms"][mine], rows["cost"][mine], 0, int(right.sum()),
-                                          int(len(right))))
+                                          int(len(right)), escalations))
         return arms[0], arms[1]
 
     def end_canary(self, promote: bool, reason: str, now: float) -> None:
@@ -448,7 +452,7 @@ class _Simulation:
         now += self.gaps[task.stage]
         if task.stage == len(self.stages):
             self.requests.add(task.start, (now - task.start) * 1000 + self.cal.overhead_ms, task.cost,
-                              task.final_right, task.lane.config.version, task.tier, task.remote_ms)
+                              task.final_right, task.lane.config.version, task.tier, task.remote_ms, task.confidence)
             return
         kind, step = self.stages[task.stage]
         if kind == "model":

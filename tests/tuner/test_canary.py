@@ -118,6 +118,44 @@ def test_a_cheaper_canary_is_promoted_as_soon_as_the_evidence_is_clear():
     assert -33 <= change <= -27 and f"({change:+d}%)" in verdict.reason, verdict.reason
 
 
+def test_costs_adjusted_for_the_escalations_in_force_keep_the_difference_and_lose_the_spread_of_hard_tasks():
+    """A threshold move escalating 2 of 100 tasks fewer, the tiers' prices and prompt lengths spreading each call:
+    the adjusted difference of means is the true one, and the adjusted costs spread far less than the raw ones."""
+    n, call = 200_000, 0.004
+
+    def tasks(threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        confidence = RNG.random(n)
+        costs = 1e-5 + np.where(confidence < threshold, call * RNG.choice([0.5, 1.5], n) * RNG.normal(1, 0.15, n), 0)
+        return costs, (confidence < 0.12).astype(float)  # escalated by the config in force (0.12)?
+
+    base_costs, base_x = tasks(0.12)
+    canary_costs, canary_x = tasks(0.10)
+    base, tried = Arm.of(np.ones(n), base_costs, escalations=base_x), Arm.of(np.ones(n), canary_costs,
+                                                                                escalations=canary_x)
+    b, c = canary.adjusted_costs(base, tried)
+    assert c.mean() - b.mean() == pytest.approx(-0.02 * call, rel=0.1)
+    assert c.mean() - b.mean() == pytest.approx(canary_costs.mean() - base_costs.mean(), rel=0.1)
+    assert np.concatenate([b, c]).std() < 0.6 * np.concatenate([base_costs, canary_costs]).std()
+    # Without the escalations on both arms, the costs as they are.
+    plain_b, plain_c = canary.adjusted_costs(Arm.of(np.ones(n), base_costs), tried)
+    assert np.array_equal(plain_b, base_costs) and np.array_equal(plain_c, canary_costs)
+
+
+def test_only_a_canary_changing_cascades_alone_gets_the_escalations_in_force_as_a_covariate():
+    from tests.tuner.test_loop import SPEC
+
+    base = SPEC.defaults()
+    threshold = SPEC.merge(base, {"escalate": {"cascade_threshold": 0.4, "max_concurrency": 4}})
+    assert canary.covariate_thresholds(SPEC, base, threshold) == [("score", 0.5)]  # the config in force's
+    # The step the cascade reads changes too: its answers (and confidences) may differ between the arms.
+    both = SPEC.merge(threshold, {"score": {"cache_enabled": True}})
+    assert canary.covariate_thresholds(SPEC, base, both) == []
+    assert canary.covariate_thresholds(SPEC, base, base) == []
+    assert canary.escalated_by({"score": 0.3}, [("score", 0.5)]) == 1.0
+    assert canary.escalated_by({"score": 0.7}, [("score", 0.5)]) == 0.0
+    assert canary.escalated_by({}, [("score", 0.5)]) == 0.0  # no confidence: not escalated
+
+
 def test_the_always_valid_p_value_matches_the_mixture_sprt_and_holds_under_repeated_looks():
     # Lambda = sqrt(V / (V + tau^2)) exp(tau^2 d^2 / (2 V (V + tau^2))); d = 2, V = 1, tau = 1: sqrt(1/2) e^1.
     assert abs(canary.msprt_p(2.0, 1.0, 1.0) - 1 / (math.sqrt(0.5) * math.e)) < 1e-12
@@ -334,6 +372,37 @@ def test_canary_arms_count_both_spellings_of_an_error_status(shop):  # noqa: F81
     assert (base.n, base.errors) == (6, 2) and (tried.n, tried.errors) == (6, 2)
 
 
+def test_canary_arms_of_a_threshold_move_carry_whether_the_config_in_force_would_escalate_each_task(shop):  # noqa: F811
+    """Read from the confidence on each task's span of the step the cascade reads, against the threshold in force
+    (0.5): on both arms, as tasks are assigned by a hash; none for a canary that changes that step too."""
+    now = time.time_ns()
+    rows = []
+    for i, (version, confidence) in enumerate([(1, 0.2), (1, 0.7), (1, None), (2, 0.45), (2, 0.55), (2, 0.1)]):
+        trace = f"{50_000 + i:032x}"
+        root = {"tracetune.pipeline": "shop", "tracetune.config_version": str(version)}
+        rows.append(span_row(now + i * 1_000_000, trace_id=trace, span_id=f"{50_000 + i:016x}", name="shop",
+                             kind="Server", attrs=root, duration=(20 + i) * 1_000_000, status="Unset"))
+        if confidence is not None:
+            rows.append(span_row(now + i * 1_000_000 + 1000, trace_id=trace, span_id=f"{60_000 + i:016x}",
+                                 parent=f"{50_000 + i:016x}", name="score", duration=1_000_000, attrs={
+                                     "tracetune.pipeline": "shop", "tracetune.step": "score",
+                                     "tracetune.feature.confidence": str(confidence)}))
+    shop.insert("otel_traces", rows, column_names=COLUMNS)
+    _later_task(shop, now)
+    in_force = versions.latest(shop, "shop")
+    lower = SPEC.merge(in_force, {"escalate": {"cascade_threshold": 0.4}})
+    since = datetime.fromtimestamp(now / 1e9 - 5, UTC)
+    base, tried = canary.arms(shop, SPEC, canary.Canary("shop", 2, in_force.version, 0.2, "test", since, lower))
+    # Each beside its own task (told apart by their durations, 20 + i ms).
+    assert dict(zip(base.durations_ms.round().tolist(), base.escalations.tolist(), strict=True)) == {
+        20: 1.0, 21: 0.0, 22: 0.0}
+    assert dict(zip(tried.durations_ms.round().tolist(), tried.escalations.tolist(), strict=True)) == {
+        23: 1.0, 24: 0.0, 25: 1.0}
+    both = SPEC.merge(lower, {"score": {"cache_enabled": True}})
+    base, tried = canary.arms(shop, SPEC, canary.Canary("shop", 2, in_force.version, 0.2, "test", since, both))
+    assert base.escalations is None and tried.escalations is None
+
+
 def test_canary_arms_leave_out_tasks_that_may_still_be_running(shop):  # noqa: F811 - the fixture
     """Root spans are stored as tasks end: a slow task started a moment ago is not in yet, so the latest tasks
     stored are the fast ones. An arm counts the tasks started before the newest stored end less the longest
@@ -411,6 +480,13 @@ def test_canaries_change_nothing_on_a_a_roll_back_a_dearer_one_and_promote_cheap
     under = rows["30% cheaper, quality under the floor"]
     assert under["correct"] >= 0.8 and under["promote"] <= 0.15, under
     assert rows["30% cheaper, lower quality over the floor"]["promote"] >= 0.8
+    # A threshold move's costs adjusted for the escalations in force: A/A and dearer as before, and a saving too
+    # small for the costs as they are shown far more often.
+    assert rows["A/A, costs adjusted for escalations"]["correct"] >= 0.95
+    for dearer in ("10% dearer, costs adjusted", "10% dearer escalating more, adjusted"):
+        assert rows[dearer]["promote"] == 0 and rows[dearer]["rollback"] >= 0.2, rows[dearer]
+    adjusted, plain = rows["8% cheaper escalating fewer, adjusted"], rows["8% cheaper, escalating fewer"]
+    assert adjusted["promote"] >= plain["promote"] + 0.15, (adjusted, plain)
 
 
 def test_a_canary_buying_quality_for_a_floor_at_risk_goes_on_doing_no_harm_at_the_cost_predicted():
