@@ -16,7 +16,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -264,7 +264,8 @@ class Moves(dict):
 
 def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: observe.Observation,
            settings: LoopSettings = LoopSettings(), *, moves: Mapping[tuple[str, str], Move] | None = None,
-           now: float | None = None, bounds: Mapping[tuple[str, str], tuple[float, float]] | None = None) -> Plan:
+           now: float | None = None, bounds: Mapping[tuple[str, str], tuple[float, float]] | None = None,
+           steps: Collection[str] | None = None) -> Plan:
     """The knob changes the policies propose for every step that declares the knobs they act on.
 
     A missed objective (p95, quality, errors) comes first: proposals that would worsen it wait, and the
@@ -273,7 +274,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     back the way it last moved within `settings.reversal_hold_seconds` unless the evidence changed beyond
     noise (`changed`). `bounds`: (step, knob) -> the range a canary rolled back lately leaves a numeric knob
     (`Rejected.bounds`); a cascade threshold is searched within it, so the policy picks the best value left
-    instead of one the rollback would hold back."""
+    instead of one the rollback would hold back. `steps`: only these steps' knobs move, the others stay as they
+    are."""
     plan = Plan()
     floor = slo.quality_floor if slo else None
     missed = violations(slo, obs)
@@ -292,7 +294,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     for step, knobs in spec.steps.items():
         current = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(step, {})}
         total = obs.step_total(step)
-        if not total.spans:
+        if not total.spans or (steps is not None and step not in steps):
             continue
         target = step_target_ms(slo, obs, step)
         wide = bool(missed) or step in saturated  # an objective missed or its providers saturated: no step limit
@@ -818,13 +820,22 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
     if obs.requests < settings.min_requests or obs.window_seconds < settings.window_seconds / 2:
         # Too few requests, or data for less than half a window (rates and TTLs would be guesses).
         return Outcome(observation=obs, idle="too little data")
-    last = rejected()
-    plan = decide(spec, config, slo, obs, settings, moves=moves(), now=now,
-                  bounds=last.bounds(config) if last is not None and last.remembered(now, settings) else None)
+    last, last_moves = rejected(), moves()
+    bounds = last.bounds(config) if last is not None and last.remembered(now, settings) else None
+    plan = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds)
     drop_rejected(plan, config, last, now, settings)
     if not plan.changes:
         return Outcome(observation=obs, idle="nothing to change")
     too_small = unprovable(plan, obs, settings, spec)
+    if too_small and spec.cascades and not set(plan.changes) <= set(spec.cascades):
+        # Its moves outside the cascades keep the canary's costs from being adjusted for the escalations in force
+        # (`canary.covariate_thresholds`): the cascades' own moves, decided again with every other step as it is
+        # (their samples are then those of the routes in force), may be a saving a canary can show.
+        alone = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds,
+                       steps=set(spec.cascades))
+        drop_rejected(alone, config, last, now, settings)
+        if alone.changes and not unprovable(alone, obs, settings, spec):
+            return Outcome(plan=alone, observation=obs)
     if too_small:
         return Outcome(observation=obs, idle=too_small)
     return Outcome(plan=plan, observation=obs)

@@ -188,26 +188,31 @@ class Observation:
     def cost_spread(self, moved: Mapping[str, float] | None = None) -> float | None:
         """The standard deviation of a task's cost (USD), from each step's routes: calls per task and cost per call,
         a task making at most one call of a step and the steps independent of each other (what spreads a task's
-        cost is mostly a cascade's few dear calls). None without requests or prices.
+        cost is mostly a cascade's few dear calls); a call its cache answered costs nothing, the others the rest.
+        None without requests or prices.
 
         `moved` (cascade step -> share of tasks one config escalates and the other does not): what is left of the
         spread once a canary's costs are adjusted for the config in force's escalations (`canary.adjusted_costs`):
-        on those cascades, the spread of a call's cost among the calls, and a whole call on the moved tasks."""
+        on those cascades, the spread of a call's cost among the calls, and a whole call on the moved tasks (no more
+        than without it: the adjustment's least squares would take θ = 0 rather than add spread)."""
         if not self.requests or self.cost_per_1k is None:
             return None
-        variance = 0.0
+        variance = raw = 0.0  # (the adjustment's least squares never leave more spread than none: at most raw)
         for step, routes in self.steps.items():
             mean = square = calls = 0.0
             for route in routes.values():
+                paid = route.spans - min(route.hits, route.spans - 1)  # at least one: its cost is spread over it
                 if route.spans:
-                    share, each = route.spans / self.requests, route.cost / route.spans
-                    mean, square, calls = mean + share * each, square + share * each * each, calls + share
+                    share, each = paid / self.requests, route.cost / paid
+                    mean, square = mean + share * each, square + share * each * each
+                    calls += route.spans / self.requests
+            raw += max(0.0, square - mean * mean)
             if moved is not None and step in moved and calls > 0:
                 per_call = mean / calls
                 variance += max(0.0, square - calls * per_call * per_call) + moved[step] * per_call * per_call
             else:
                 variance += max(0.0, square - mean * mean)
-        return math.sqrt(variance)
+        return math.sqrt(min(variance, raw))
 
     def summary(self) -> dict[str, float]:
         """The figures a decision's predicted and observed effects are compared on."""

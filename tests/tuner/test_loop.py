@@ -582,6 +582,36 @@ def test_a_cost_only_plan_whose_saving_no_canary_could_show_in_its_time_is_not_t
                                                         canary_share=0), 0.0, measure=lambda: quiet).plan is not None
 
 
+def test_a_plan_too_small_to_show_tries_the_cascades_own_moves_when_their_adjusted_costs_would_show_them():
+    """Turning the local step's cache on (saving nothing) beside a lower threshold: the plan changes a step
+    outside the cascade, so its canary's costs cannot be adjusted for the escalations in force, and at this load
+    (3000 tasks in 6000 s) its 6% saving is too small to show. The threshold alone, decided again with the local
+    step as it is, escalates 6% of tasks differently: adjusted, that is shown in the canary's time, so it goes."""
+    from tracetune.tuner.loop import unprovable
+
+    spec = PipelineSpec("c", {
+        "local": {"cache_enabled": Knob("bool", False), "cache_ttl_seconds": Knob("float", 600.0, 0, 86_400, "s"),
+                  "cache_max_entries": Knob("int", 1000, 1, 1_000_000)},
+        "gen": {"cascade_threshold": Knob("float", 0.5, 0, 1)}}, {"p95_ms": 2000.0, "quality_floor": 0.8},
+        {"gen": "local"})
+    slo = SLO(pipeline="c", p95_ms=2000.0, quality_floor=0.8)
+    settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
+
+    def quiet() -> Observation:
+        obs = _cas()  # local answers right as often as they are sure; half the tasks escalate at 0.5
+        obs.window_seconds = 6000.0
+        obs.steps["local"] = {"": RouteObservation(spans=3000, p95_ms=5.0, cost=0.03, hashed=3000,
+                                                   distinct_inputs=2400, misses=3000)}  # 20% repeat
+        return obs
+
+    whole = decide(spec, spec.defaults(), slo, quiet(), settings)
+    assert set(whole.changes) == {"local", "gen"} and whole.changes["local"]["cache_enabled"] is True
+    assert unprovable(whole, quiet(), settings, spec).startswith("saving too small to show")
+    out = look(spec, spec.defaults(), slo, settings, 0.0, measure=quiet)
+    assert out.plan is not None and out.plan.changes == {"gen": {"cascade_threshold": whole.changes["gen"][
+        "cascade_threshold"]}}, out.idle
+
+
 def test_a_tasks_cost_spread_comes_from_its_steps_routes():
     obs = Observation("p", 300.0, requests=1000, cost_per_1k=1.0)
     # One step every task calls at 0.0005 USD, one tenth of tasks escalating at 0.005 USD.
@@ -591,6 +621,10 @@ def test_a_tasks_cost_spread_comes_from_its_steps_routes():
     # Against the spread of simulated tasks with the same calls.
     rng = np.random.default_rng(3)
     tasks = 0.0005 + np.where(rng.random(200_000) < 0.1, 0.005, 0.0)
+    assert obs.cost_spread() == pytest.approx(tasks.std(), rel=0.02)
+    # Half the escalations answered by the cache, at no cost: the other half pay 0.01 each, spreading tasks wider.
+    obs.steps["llm"] = {"big": RouteObservation(spans=100, hits=50, cost=0.5)}
+    tasks = 0.0005 + np.where(rng.random(200_000) < 0.05, 0.01, 0.0)
     assert obs.cost_spread() == pytest.approx(tasks.std(), rel=0.02)
     assert Observation("p", 300.0).cost_spread() is None
 
