@@ -197,12 +197,12 @@ class Observation:
         than without it: the adjustment's least squares would take θ = 0 rather than add spread)."""
         if not self.requests or self.cost_per_1k is None:
             return None
-        variance = raw = 0.0  # (the adjustment's least squares never leave more spread than none: at most raw)
+        variance = raw = 0.0
         for step, routes in self.steps.items():
             mean = square = calls = 0.0
             for route in routes.values():
-                paid = route.spans - min(route.hits, route.spans - 1)  # at least one: its cost is spread over it
                 if route.spans:
+                    paid = route.spans - min(route.hits, route.spans - 1)  # at least one: its cost is spread over it
                     share, each = paid / self.requests, route.cost / paid
                     mean, square = mean + share * each, square + share * each * each
                     calls += route.spans / self.requests

@@ -523,6 +523,27 @@ def test_a_canary_buying_quality_for_a_floor_at_risk_goes_on_doing_no_harm_at_th
     assert [k for k in late.figures if k.startswith("failed.")] == ["failed.cost"]
 
 
+def test_a_canary_buying_quality_does_not_go_with_its_p95_over_a_target_the_config_in_force_meets():
+    """Escalating more buys margin and slows the tail: p95 over the 500 ms target while the config in force is
+    under it, though too few tasks are over it yet for the test of them. It waits, and when its time runs out it
+    is rolled back for latency (seen on real processes: such a canary promoted at p95 559 ms against 445)."""
+    slo = SLO(pipeline="shop", p95_ms=500.0, quality_floor=0.88)
+
+    def tasks(over: int, cost: float, correct: int) -> Arm:  # 1000 tasks, `over` of them past the target
+        return Arm.of([300.0] * (1000 - over) + [600.0] * over, [cost] * 1000, 0, correct, 1000)
+
+    base, slower = tasks(40, 0.002, 890), tasks(60, 0.0025, 900)  # 4% and 6% over: p95 300 and 600 ms
+    assert base.p95() < 500 < slower.p95()
+    verdict = judge(base, slower, slo, min_requests=50, buys_quality=0.25)
+    assert verdict.figures["p.latency"] > 0.01, verdict.figures  # the test of tasks over the target: not yet
+    assert verdict.action == "wait" and "p95 over the 500 ms target the config in force meets" in verdict.reason
+    late = judge(base, slower, slo, min_requests=50, buys_quality=0.25, expired=True)
+    assert late.action == "rollback" and late.figures["failed.latency"] == 1.0, late.reason
+    # Under the target, as the config in force: it goes, as before.
+    assert judge(base, tasks(45, 0.0025, 900), slo, min_requests=50, buys_quality=0.25, expired=True
+                 ).action == "promote"
+
+
 def test_which_decisions_buy_quality_for_a_floor_at_risk():
     from tracetune.tuner.loop import buys_quality
 
