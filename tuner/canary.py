@@ -19,7 +19,7 @@ latest state is not `promoted` is never the config in force (`versions.latest` s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -150,16 +150,22 @@ class Arm:
                    None if escalations is None else np.asarray(escalations, dtype=float))
 
 
+def adjustable(spec: PipelineSpec, steps: Collection[str]) -> bool:
+    """Whether a canary changing `steps` has its costs adjusted for the escalations in force (`adjusted_costs`):
+    it changes cascade steps and nothing else."""
+    return bool(spec.cascades) and bool(steps) and set(steps) <= set(spec.cascades)
+
+
 def covariate_thresholds(spec: PipelineSpec, base: PipelineConfig, trial: PipelineConfig) -> list[tuple[str, float]]:
     """(model step, threshold): the confidences each cascade reads and the config in force's threshold on them,
-    when `trial` changes nothing but cascade steps; else none.
+    when `trial` changes nothing but cascade steps (`adjustable`); else none.
 
     Those model steps then answer alike in both arms, so whether the config in force would escalate a task is
     fixed before the arms differ, and it explains most of a task's cost (`adjusted_costs`). A trial that changes
     any other step (a model step's routes change its confidences) gets none: its arms' costs are compared as
     they are."""
     changed = {step for step in set(base.steps) | set(trial.steps) if base.steps.get(step) != trial.steps.get(step)}
-    if not spec.cascades or not changed or not changed <= set(spec.cascades):
+    if not adjustable(spec, changed):
         return []
     found = []
     for cascade, after in spec.cascades.items():
@@ -170,10 +176,12 @@ def covariate_thresholds(spec: PipelineSpec, base: PipelineConfig, trial: Pipeli
     return found
 
 
-def escalated_by(confidences: Mapping[str, float], thresholds: Sequence[tuple[str, float]]) -> float:
-    """How many of the cascades in `thresholds` would escalate a task whose model steps were this sure."""
-    return float(sum(1 for step, threshold in thresholds
-                     if (c := confidences.get(step)) is not None and c < threshold))
+def escalated_by(confidences: Mapping[str, float | np.ndarray], thresholds: Sequence[tuple[str, float]]
+                 ) -> float | np.ndarray:
+    """How many of the cascades in `thresholds` would escalate a task whose model steps were this sure (each step's
+    confidence a number, or an array over tasks; NaN or missing: not escalated)."""
+    return sum((np.asarray(confidences.get(step, math.nan), dtype=float) < threshold).astype(float)
+               for step, threshold in thresholds) + 0.0
 
 
 def adjusted_costs(base: Arm, canary: Arm) -> tuple[np.ndarray, np.ndarray]:
@@ -607,9 +615,9 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
                 or 0)
     rows = client.query(ROOTS_SQL, parameters={"pipeline": spec.pipeline, "since": since, "until": until,
                                                "base": canary.base_version, "canary": canary.version}).result_rows
-    base_config = versions.at(client, spec.pipeline, canary.base_version)
+    base_config = versions.at(client, spec.pipeline, canary.base_version) if spec.cascades else None
     thresholds = covariate_thresholds(spec, base_config, canary.config) if base_config is not None else []
-    confidences: dict[str, dict[str, float]] = {}
+    confidences: dict[str, dict[str, float]] = {}  # trace id -> step -> confidence
     if thresholds:
         for trace_id, step, confidence in client.query(CONFIDENCES_SQL, parameters={
                 "pipeline": spec.pipeline, "since": since, "steps": sorted({step for step, _ in thresholds})}
@@ -622,18 +630,21 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
         costs = dict(zip(frame["trace_id"].to_list(), frame["cost"].to_list(), strict=True))
     except PricesError:
         pass  # no price table yet: cost is not compared
-    samples: dict[int, dict] = {v: {"d": [], "c": [], "e": 0, "ok": 0, "n": 0, "x": []}
+    steps = sorted({step for step, _ in thresholds})
+    samples: dict[int, dict] = {v: {"d": [], "c": [], "e": 0, "ok": 0, "n": 0, "x": {step: [] for step in steps}}
                                 for v in (canary.base_version, canary.version)}
     for trace_id, version, duration_ms, failed in rows:
         arm = samples[int(version)]
         arm["d"].append(float(duration_ms))
-        arm["x"].append(escalated_by(confidences.get(trace_id, {}), thresholds))
+        for step in steps:
+            arm["x"][step].append(confidences.get(trace_id, {}).get(step, math.nan))
         cost = costs.get(trace_id)
         arm["c"].append(float("nan") if cost is None else float(cost))
         arm["e"] += bool(failed)
         if correct and trace_id in correct:
             arm["n"] += 1
             arm["ok"] += correct[trace_id]
-    base, trial = (Arm.of(s["d"], s["c"], s["e"], s["ok"], s["n"], s["x"] if thresholds else None) for s in
-                   (samples[canary.base_version], samples[canary.version]))
+    base, trial = (Arm.of(s["d"], s["c"], s["e"], s["ok"], s["n"],
+                          escalated_by(s["x"], thresholds) if thresholds else None)
+                   for s in (samples[canary.base_version], samples[canary.version]))
     return base, trial

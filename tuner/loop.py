@@ -827,7 +827,7 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
     if not plan.changes:
         return Outcome(observation=obs, idle="nothing to change")
     too_small = unprovable(plan, obs, settings, spec)
-    if too_small and spec.cascades and not set(plan.changes) <= set(spec.cascades):
+    if too_small and spec.cascades and not canary.adjustable(spec, plan.changes):
         # Its moves outside the cascades keep the canary's costs from being adjusted for the escalations in force
         # (`canary.covariate_thresholds`): the cascades' own moves, decided again with every other step as it is
         # (their samples are then those of the routes in force), may be a saving a canary can show.
@@ -849,7 +849,7 @@ def _moved(plan: Plan, obs: observe.Observation, spec: PipelineSpec | None) -> d
     (or the other way), when the plan changes nothing but cascades: its canary's costs are then adjusted for the
     config in force's escalations (`canary.covariate_thresholds`), and only these tasks and the calls' own
     spread are left to tell the arms apart. None otherwise."""
-    if spec is None or not plan.changes or not set(plan.changes) <= set(spec.cascades):
+    if spec is None or not canary.adjustable(spec, plan.changes):
         return None
     moved = {}
     for step in spec.cascades:

@@ -206,12 +206,12 @@ class Observation:
                     share, each = paid / self.requests, route.cost / paid
                     mean, square = mean + share * each, square + share * each * each
                     calls += route.spans / self.requests
-            raw += max(0.0, square - mean * mean)
+            spread = max(0.0, square - mean * mean)
+            raw += spread
             if moved is not None and step in moved and calls > 0:
                 per_call = mean / calls
-                variance += max(0.0, square - calls * per_call * per_call) + moved[step] * per_call * per_call
-            else:
-                variance += max(0.0, square - mean * mean)
+                spread = max(0.0, square - calls * per_call * per_call) + moved[step] * per_call * per_call
+            variance += spread
         return math.sqrt(min(variance, raw))
 
     def summary(self) -> dict[str, float]:

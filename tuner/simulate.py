@@ -363,9 +363,10 @@ class _Simulation:
         for version in (self.trial.base_version, self.trial.config.version):
             mine = rows["version"] == version
             right = rows["right"][mine]
-            # The one model step's confidence (the step the cascade reads), as `canary.escalated_by` counts it.
+            # The one model step's confidence: the step every cascade threshold reads.
             confidence = rows["confidence"][mine].astype(float)
-            escalations = sum((confidence < t).astype(float) for _, t in thresholds) if thresholds else None
+            escalations = canary_mod.escalated_by({step: confidence for step, _ in thresholds}, thresholds
+                                                  ) if thresholds else None
             arms.append(canary_mod.Arm.of(rows["latency_ms"][mine], rows["cost"][mine], 0, int(right.sum()),
                                           int(len(right)), escalations))
         return arms[0], arms[1]
