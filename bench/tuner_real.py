@@ -49,7 +49,7 @@ from tracetune import analyzer, store
 from tracetune.base import settings as settings_mod
 from tracetune.demo.load import LoadPlan, ground_truth_writer, run_load
 from tracetune.supervisor import StartError, Supervisor, components
-from tracetune.tuner import observe, token_for
+from tracetune.tuner import observe, oracles, token_for
 from tracetune.tuner.batching import aimd_batch_size
 from tracetune.tuner.canary import limits_for as canary_limits
 from tracetune.tuner.config import PipelineSpec
@@ -503,6 +503,9 @@ def _measure(client, name: str, pipeline: str, load_started: float, duration: fl
         "p99_ms": round(float(latency["p99_ms"]), 1),
         "slo_windows": None if share is None else round(share, 3),
         "quality": round(correct / labelled, 4) if labelled else None,
+        # Its 95% Wilson lower bound, as the simulation's verdict reads quality: at or above the floor beyond doubt.
+        "quality_lower_bound": round(oracles.quality_bound(correct, labelled), 4) if labelled else None,
+        "labelled": int(labelled),
         "changes": max(0, versions - 1),
         "cost_by_step": {row["step"]: round(float(row["cost_per_1k"] or 0.0), 6)
                          for row in steps.iter_rows(named=True)},

@@ -400,7 +400,8 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     """The cheapest escalation threshold whose predicted quality (lower bound) holds the floor.
 
     Without `remote_accuracy` it is the Wilson lower bound of the labelled escalations. None with too few
-    labels or no change; moves at most `max_step`; with no threshold meeting the floor, up (quality first).
+    labels or no change; moves at most `max_step`; with no threshold meeting the floor, up (quality first) once
+    the threshold in force misses it beyond the labels' noise (its upper bound at `z` is under the floor).
     Hysteresis: while the current threshold holds the floor (at `z`), a cheaper one must hold it at the
     stricter `z_cut`, and none moves up; so noise in the labels does not walk the threshold up and down.
     `escalation_cap`: the most tasks that may escalate when escalated tasks are slower than the p95 target
@@ -449,6 +450,10 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     lab_now = int(np.searchsorted(confidence, current_threshold, side="left"))  # labelled tasks escalated now
     # The threshold in force meets the floor on the labels' point estimate (its lower bound may not).
     holds_on_point = quality_floor is not None and point_at(lab_now) >= quality_floor
+    # ... or misses it within the labels' noise: its upper bound (at `z`, the lower bound's margin mirrored) holds
+    # the floor. A first minute's few hundred labels a point under the floor are no evidence it is missed: going up
+    # on them pays for a canary, and for escalations, that the floor does not ask for. Up only beyond doubt.
+    missed = quality_floor is not None and 2 * point_at(lab_now) - lower_at(lab_now, z) < quality_floor
     lower = np.array([lower_at(i, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
     points = np.array([point_at(i) for i in below])
@@ -530,7 +535,7 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             why = "cheapest threshold holding the floor" + (
                 f" with at most {escalation_cap:.0%} of tasks escalated (slower than the p95 target allows)"
                 if capped and quick is None else "")
-            if escalated[best] > share_here and not capped and holds_on_point:
+            if escalated[best] > share_here and not capped and not missed:
                 return None  # up only on evidence the floor is missed: a bound that dips with the labels' noise
                 # would walk the threshold up, as moving down takes the stricter bound
         new = float(thresholds[best])
@@ -541,11 +546,11 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
             pick = np.flatnonzero(feasible)
             goal = float(thresholds[min(pick, key=lambda i: (distance[i], escalated[i]))])
             why = "toward the nearest threshold holding the floor"
-            if goal > current_threshold and not capped and holds_on_point:
-                return None  # (as above: up only once the point estimate misses the floor)
+            if goal > current_threshold and not capped and not missed:
+                return None  # (as above: up only once the floor is missed beyond the labels' noise)
         else:
-            if holds_on_point:
-                return None  # the labels are too few to prove the floor, but the current threshold meets it: hold
+            if not missed:
+                return None  # the labels are too few to prove the floor, nor that the threshold in force misses it
             meets = np.flatnonzero(points >= quality_floor) if quality_floor is not None else np.array([], int)
             if len(meets):
                 # As far as the floor needs on the labels' point estimates, no further: escalating everything

@@ -702,10 +702,11 @@ def test_a_threshold_going_up_quality_first_goes_as_far_as_the_floor_needs_not_t
     assert top is not None and top.values["cascade_threshold"] < 1.0 and "the most accurate" in top.reason
 
 
-def test_a_threshold_meeting_the_floor_on_its_point_estimate_is_held_not_walked_up_by_a_dipping_bound():
-    """The threshold in force meets the floor on the labels' point estimate but not at its lower bound: held (a
-    dead band: moving down takes the stricter bound, moving up a missed point estimate), so noise in the labels
-    does not walk it up; once its point estimate misses the floor, it goes up."""
+def test_a_threshold_within_the_labels_noise_of_the_floor_is_held_not_walked_up_by_a_dipping_bound():
+    """The threshold in force meets the floor on the labels' point estimate but not at its lower bound, or misses
+    it on the point estimate but not at its upper bound: held (a dead band: moving down takes the stricter bound,
+    moving up a floor missed beyond the labels' noise), so noise in the labels does not walk it up; once its upper
+    bound misses the floor, it goes up."""
     samples = [CascadeSample(s.confidence, s.local_correct, (i % 20 != 0) if s.confidence < 0.6 else None)
                for i, s in enumerate(_triage(3))]
     remote = [s.remote_correct for s in samples if s.remote_correct is not None]
@@ -713,5 +714,7 @@ def test_a_threshold_meeting_the_floor_on_its_point_estimate_is_held_not_walked_
         return sum(s.local_correct if s.confidence >= t else sum(remote) / len(remote) for s in samples) / len(samples)
     floor = round(point(0.6) - 0.005, 3)  # met on the point estimate, with a lower bound some 0.03 under it
     assert cascade_policy(samples, 0.6, THRESHOLD, floor, 0.01, max_step=1.0) is None
-    up = cascade_policy(samples, 0.6, THRESHOLD, round(point(0.6) + 0.005, 3), 0.01, max_step=1.0)
+    # A point under the floor, by less than the bound's margin: no evidence the floor is missed, held.
+    assert cascade_policy(samples, 0.6, THRESHOLD, round(point(0.6) + 0.005, 3), 0.01, max_step=1.0) is None
+    up = cascade_policy(samples, 0.6, THRESHOLD, round(point(0.6) + 0.04, 3), 0.01, max_step=1.0)
     assert up is not None and up.values["cascade_threshold"] > 0.6, up
