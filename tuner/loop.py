@@ -327,6 +327,16 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                     f"{proposal.predicted.get('hit_ratio', 0.0):.1%}, {hit_now:.1%} now)")
                 proposal = None
             plan.add(proposal, spec, current, limit)
+            hits_after = float(proposal.predicted.get("hit_ratio", 0.0)) if proposal is not None else 0.0
+            if proposal is not None and step in plan.changes and total.cost > 0 and hits_after > hit_now \
+                    and proposal.values.get("cache_enabled", True):
+                # Its saving: a hit is a call not paid for, so the step's calls cost (1 - hits) as much as the
+                # misses now do. Filed as the pipeline's, so a cache whose saving no canary could show in its
+                # time is not tried alone ("too small to show"), as any other move that only saves cost.
+                per_call = 1000 * total.cost / total.spans
+                proposal.predicted.update(cost_per_1k_before=per_call, cost_per_1k=per_call * (1 - hits_after)
+                                          / max(1e-9, 1 - min(hit_now, 1 - 1e-9)))
+                pipeline_effect(plan, obs, proposal, share=0.0)
         # A cascade's samples as its local step's routes will answer them once this decision is in force; while
         # quality is missed, the window's alone (the hour's pool would dilute a drift the window shows).
         samples = _as_mixed([s for s in obs.cascade_samples.get(step, []) if s.recent or "quality" not in missed],
@@ -355,7 +365,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 max_step=threshold_step,
                 escalation_cap=TAIL_MARGIN * TAIL_SHARE if slow else None,
                 latency=obs.task_latency.get(step) if targets else None, latency_targets=targets,
-                route_weights=current.get("route_weights"))
+                route_weights=current.get("route_weights"), quality_missed="quality" in missed)
             proposal = _not_worse_quality(threshold_for(samples), missed, plan)
             local = spec.cascades.get(step)
             if targets and not _restores(proposal, targets, slow) and "route_weights" in plan.changes.get(local, {}):

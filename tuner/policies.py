@@ -396,12 +396,13 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
                    z: float = Z_95, escalation_cap: float | None = None, z_cut: float = Z_99,
                    latency: TaskLatencies | None = None, latency_targets: Mapping[float, float] | None = None,
                    route_weights: Mapping[str, float] | None = None, latency_margin: float = TAIL_MARGIN,
-                   ) -> Proposal | None:
+                   quality_missed: bool = False) -> Proposal | None:
     """The cheapest escalation threshold whose predicted quality (lower bound) holds the floor.
 
     Without `remote_accuracy` it is the Wilson lower bound of the labelled escalations. None with too few
     labels or no change; moves at most `max_step`; with no threshold meeting the floor, up (quality first) once
-    the threshold in force misses it beyond the labels' noise (its upper bound at `z` is under the floor).
+    the threshold in force misses it beyond the labels' noise (its upper bound at `z` is under the floor), or
+    on its point estimate when `quality_missed` (the pipeline's quality is under the floor beyond doubt).
     Hysteresis: while the current threshold holds the floor (at `z`), a cheaper one must hold it at the
     stricter `z_cut`, and none moves up; so noise in the labels does not walk the threshold up and down.
     `escalation_cap`: the most tasks that may escalate when escalated tasks are slower than the p95 target
@@ -453,7 +454,9 @@ def cascade_policy(samples: Sequence[CascadeSample], current_threshold: float, k
     # ... or misses it within the labels' noise: its upper bound (at `z`, the lower bound's margin mirrored) holds
     # the floor. A first minute's few hundred labels a point under the floor are no evidence it is missed: going up
     # on them pays for a canary, and for escalations, that the floor does not ask for. Up only beyond doubt.
-    missed = quality_floor is not None and 2 * point_at(lab_now) - lower_at(lab_now, z) < quality_floor
+    # When the pipeline's quality is under the floor beyond doubt (`quality_missed`), the point estimate is enough.
+    missed = quality_floor is not None and (2 * point_at(lab_now) - lower_at(lab_now, z) < quality_floor
+                                            or (quality_missed and not holds_on_point))
     lower = np.array([lower_at(i, z) for i in below])
     feasible = lower >= quality_floor if quality_floor is not None else np.ones(len(thresholds), dtype=bool)
     points = np.array([point_at(i) for i in below])

@@ -732,6 +732,35 @@ def test_a_cache_resize_predicting_no_more_hits_is_not_tried():
     assert decide(SPEC, SPEC.defaults(), SLO_SHOP, obs).changes["score"]["cache_enabled"] is True
 
 
+def test_a_cache_turned_on_is_priced_and_not_tried_alone_where_no_canary_could_show_its_saving():
+    """Turning a cache on saves the calls it will answer: the plan says so, and a saving the canary's tasks
+    could not show at this load and spread of per-task cost (calls of two very different prices) is not tried,
+    as any other move that only saves cost; at a busier load it is."""
+    from tracetune.tuner.loop import unprovable
+
+    settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
+
+    def obs(seconds: float) -> Observation:
+        o = Observation("shop", seconds, requests=3000, p95_ms=120.0, cost_per_1k=1.0)
+        o.steps["score"] = {"a": RouteObservation(spans=2700, p95_ms=40.0, cost=0.3, hashed=2700, misses=2700,
+                                                  distinct_inputs=2430),  # 10% repeat
+                            "b": RouteObservation(spans=300, p95_ms=40.0, cost=2.7, hashed=300, misses=300,
+                                                  distinct_inputs=270)}
+        return o
+
+    busy = obs(30.0)
+    plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, busy, settings)
+    assert plan.changes["score"]["cache_enabled"] is True
+    hits = plan.predicted.get("score.hit_ratio", plan.predicted.get("score.proposal.hit_ratio"))
+    assert 0.05 < hits <= 0.1 and plan.after["cost_per_1k"] == pytest.approx(1.0 * (1 - hits))
+    assert unprovable(plan, busy, settings, SPEC) == ""  # 3000 tasks in 30 s: shown in the canary's time
+    quiet = obs(3000.0)  # the same tasks over 100 times as long
+    assert unprovable(decide(SPEC, SPEC.defaults(), SLO_SHOP, quiet, settings), quiet, settings, SPEC).startswith(
+        "saving too small to show")
+    out = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=lambda: quiet)
+    assert out.plan is None and out.idle.startswith("saving too small to show"), out.idle
+
+
 def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decision():
     """Two steps' moves, each costing a little quality within the floor, stack under it together: the one
     costing more waits, the other goes, and the reason says why; moves that together hold it all go; one

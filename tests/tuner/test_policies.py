@@ -714,7 +714,11 @@ def test_a_threshold_within_the_labels_noise_of_the_floor_is_held_not_walked_up_
         return sum(s.local_correct if s.confidence >= t else sum(remote) / len(remote) for s in samples) / len(samples)
     floor = round(point(0.6) - 0.005, 3)  # met on the point estimate, with a lower bound some 0.03 under it
     assert cascade_policy(samples, 0.6, THRESHOLD, floor, 0.01, max_step=1.0) is None
-    # A point under the floor, by less than the bound's margin: no evidence the floor is missed, held.
+    # A point under the floor, by less than the bound's margin: no evidence the floor is missed, held ...
     assert cascade_policy(samples, 0.6, THRESHOLD, round(point(0.6) + 0.005, 3), 0.01, max_step=1.0) is None
+    # ... unless the pipeline's quality is under the floor beyond doubt: then the point estimate is enough.
+    missed = cascade_policy(samples, 0.6, THRESHOLD, round(point(0.6) + 0.005, 3), 0.01, max_step=1.0,
+                            quality_missed=True)
+    assert missed is not None and missed.values["cascade_threshold"] > 0.6, missed
     up = cascade_policy(samples, 0.6, THRESHOLD, round(point(0.6) + 0.04, 3), 0.01, max_step=1.0)
     assert up is not None and up.values["cascade_threshold"] > 0.6, up
