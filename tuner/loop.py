@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import threading
+from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -405,6 +406,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 cap = slow_weight_cap(escalated)
                 reached = escalated
             stats = obs.route_stats(step)
+            if step in spec.cascades and "cascade_threshold" in current:
+                stats = _tiers_on_escalated(stats, samples, threshold)
             if step in local_of:
                 # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
                 # quality and floor leave it, not to the pipeline's floor itself; and a route is as dear as the
@@ -574,6 +577,22 @@ def _as_mixed(samples: Sequence[CascadeSample], config: PipelineConfig, plan: Pl
             seen[s.route] += 1
         out.append(s)
     return out
+
+
+def _tiers_on_escalated(stats: Sequence[RouteStats], samples: Sequence[CascadeSample],
+                        threshold: float) -> list[RouteStats]:
+    """A cascade's tiers judged on the answers they gave the tasks `threshold` escalates (the samples naming
+    their tier), not on all their labelled answers: a lower threshold escalates only the hard questions, which a
+    small tier answers far worse than the easy ones a high threshold adds. A tier with no such sample keeps no
+    labels, so it gains no weight (`routing_policy`); with no sample naming a tier, the stats as they are."""
+    named = [s for s in samples if s.tier and s.remote_correct is not None and s.confidence < threshold]
+    if not named:
+        return list(stats)
+    right, seen = defaultdict(int), defaultdict(int)
+    for s in named:
+        seen[s.tier] += 1
+        right[s.tier] += bool(s.remote_correct)
+    return [replace(r, correct=right[r.route], labelled=seen[r.route]) for r in stats]
 
 
 def _escalation_cost(config: PipelineConfig, obs: observe.Observation, cascade: str) -> dict[str, float]:

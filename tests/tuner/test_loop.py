@@ -520,6 +520,58 @@ def _cas() -> Observation:
     return obs
 
 
+def test_a_threshold_within_the_labels_noise_of_the_floor_goes_up_only_while_quality_is_missed():
+    """The threshold in force a hair under the floor on its labels' point estimate, within their noise: held
+    while the pipeline's quality is not missed beyond doubt (a first minute's labels are no evidence), and moved
+    up, quality first, once it is."""
+    from tracetune.tuner.policies import cascade_policy
+
+    settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
+    at = CAS.merge(CAS.defaults(), {"gen": {"cascade_threshold": 0.5}})
+    point = cascade_policy(_cas().cascade_samples["gen"], 0.5, CAS.steps["gen"]["cascade_threshold"], 0.99, 0.001,
+                           max_step=1.0, quality_missed=True).predicted["quality_before"]
+    floor = round(point + 0.005, 3)
+    spec = PipelineSpec("c", CAS.steps, {"p95_ms": 2000.0, "quality_floor": floor}, CAS.cascades)
+    slo = SLO(pipeline="c", p95_ms=2000.0, quality_floor=floor)
+    held = _cas()
+    held.quality = floor - 0.005  # under the floor, not beyond doubt on 3000 labels
+    assert "gen" not in decide(spec, at, slo, held, settings).changes
+    missed = _cas()
+    missed.quality = floor - 0.05  # beyond doubt
+    plan = decide(spec, at, slo, missed, settings)
+    assert plan.changes["gen"]["cascade_threshold"] > 0.5, plan.reasons
+
+
+def test_a_cascades_tiers_are_judged_on_the_questions_its_threshold_escalates():
+    """The cheap tier is right on 75% of all it answered in the window (mostly easy questions, escalated when
+    the threshold was higher), but on 20% of the hard ones the threshold escalates now: it takes only the
+    weight those allow. Judged on all its answers it would take more, with a lower threshold beside it, and
+    the pipeline's quality would fall under the floor."""
+    spec = PipelineSpec("t", {"local": {}, "gen": {"cascade_threshold": Knob("float", 0.3, 0, 1),
+                                                   "route_weights": Knob("weights", {"cheap": 0.5, "dear": 0.5})}},
+                        {"p95_ms": 2000.0, "quality_floor": 0.8}, {"gen": "local"})
+    slo = SLO(pipeline="t", p95_ms=2000.0, quality_floor=0.8)
+    obs = Observation("t", 300.0, requests=3000, p95_ms=800.0, cost_per_1k=1.0, quality=0.86, labelled=3000)
+    rng = np.random.default_rng(2)
+    samples = []
+    for i, c in enumerate(rng.uniform(0.0, 1.0, 3000)):
+        tier = ("cheap", "dear")[i % 2]
+        right = rng.random() < (0.2 if tier == "cheap" else 0.97) if c < 0.3 else None
+        samples.append(CascadeSample(float(c), bool(rng.random() < (0.97 if c >= 0.3 else 0.3)), right,
+                                     tier=tier if c < 0.3 else ""))
+    obs.cascade_samples["gen"] = samples
+    obs.steps["local"] = {"": RouteObservation(spans=3000, p95_ms=5.0)}
+    obs.steps["gen"] = {"cheap": RouteObservation(spans=1000, p95_ms=700.0, cost=0.1, correct=750, labelled=1000),
+                        "dear": RouteObservation(spans=1000, p95_ms=700.0, cost=1.0, correct=970, labelled=1000)}
+    settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
+    changes = decide(spec, spec.defaults(), slo, obs, settings).changes.get("gen", {})
+    threshold, cheap = changes.get("cascade_threshold", 0.3), changes.get("route_weights", {"cheap": 0.5})["cheap"]
+    # The quality the config it sets has, from how the answers above were drawn: local answers right 97% of the
+    # time over 0.3 and 30% under; the cheap tier right on 20% of the questions under 0.3, the dear one on 97%.
+    kept = 0.97 * (1 - max(threshold, 0.3)) + 0.3 * max(0.0, 0.3 - threshold)
+    assert kept + threshold * (0.2 * cheap + 0.97 * (1 - cheap)) >= 0.8, changes
+
+
 def test_a_threshold_rolled_back_is_tried_again_half_the_way():
     """0.90 -> 0.80 rolled back for its quality: the next look tries 0.85 (the best threshold left within half
     the move), not nothing for an hour; that rolled back too, 0.875; a move the other way is not bounded."""
