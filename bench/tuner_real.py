@@ -263,8 +263,7 @@ def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: flo
                 supervisor.start()
                 break
             except StartError as exc:
-                clash = "address already in use" in str(exc) or "is already in use" in str(exc)  # bind, pre-check
-                if not clash or attempt == START_ATTEMPTS - 1:
+                if "already in use" not in str(exc) or attempt == START_ATTEMPTS - 1:  # the bind's or the check's
                     raise BenchError(f"arm {name}: {str(exc).splitlines()[0]} (logs in {home / 'logs'})") from None
                 # A free port taken by another program (an arm beside it) between choosing it and binding it, or
                 # found taken by the supervisor's check before starting: new ports, again.

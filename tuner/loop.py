@@ -16,7 +16,6 @@ import functools
 import logging
 import math
 import threading
-from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -44,6 +43,7 @@ from tracetune.tuner.policies import (
     quantile_name,
     routing_policy,
     slow_weight_cap,
+    tiers_on_escalated,
     wilson_lower,
 )
 from tracetune.tuner.proposal import Proposal
@@ -328,15 +328,14 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                     f"{proposal.predicted.get('hit_ratio', 0.0):.1%}, {hit_now:.1%} now)")
                 proposal = None
             plan.add(proposal, spec, current, limit)
-            hits_after = float(proposal.predicted.get("hit_ratio", 0.0)) if proposal is not None else 0.0
-            if proposal is not None and step in plan.changes and total.cost > 0 and hits_after > hit_now \
-                    and proposal.values.get("cache_enabled", True):
+            hits_after = proposal.predicted.get("hit_ratio", 0.0) if proposal is not None else 0.0
+            if step in plan.changes and total.cost > 0 and hits_after > hit_now:  # (a cache off predicts none)
                 # Its saving: a hit is a call not paid for, so the step's calls cost (1 - hits) as much as the
                 # misses now do. Filed as the pipeline's, so a cache whose saving no canary could show in its
                 # time is not tried alone ("too small to show"), as any other move that only saves cost.
                 per_call = 1000 * total.cost / total.spans
-                proposal.predicted.update(cost_per_1k_before=per_call, cost_per_1k=per_call * (1 - hits_after)
-                                          / max(1e-9, 1 - min(hit_now, 1 - 1e-9)))
+                proposal.predicted.update(cost_per_1k_before=per_call,
+                                          cost_per_1k=per_call * (1 - hits_after) / (1 - hit_now))
                 pipeline_effect(plan, obs, proposal, share=0.0)
         # A cascade's samples as its local step's routes will answer them once this decision is in force; while
         # quality is missed, the window's alone (the hour's pool would dilute a drift the window shows).
@@ -407,7 +406,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 reached = escalated
             stats = obs.route_stats(step)
             if step in spec.cascades and "cascade_threshold" in current:
-                stats = _tiers_on_escalated(stats, samples, threshold)
+                stats = tiers_on_escalated(stats, samples, threshold)
             if step in local_of:
                 # A model step whose answers the cascade keeps only when sure: held to what the *pipeline's*
                 # quality and floor leave it, not to the pipeline's floor itself; and a route is as dear as the
@@ -577,22 +576,6 @@ def _as_mixed(samples: Sequence[CascadeSample], config: PipelineConfig, plan: Pl
             seen[s.route] += 1
         out.append(s)
     return out
-
-
-def _tiers_on_escalated(stats: Sequence[RouteStats], samples: Sequence[CascadeSample],
-                        threshold: float) -> list[RouteStats]:
-    """A cascade's tiers judged on the answers they gave the tasks `threshold` escalates (the samples naming
-    their tier), not on all their labelled answers: a lower threshold escalates only the hard questions, which a
-    small tier answers far worse than the easy ones a high threshold adds. A tier with no such sample keeps no
-    labels, so it gains no weight (`routing_policy`); with no sample naming a tier, the stats as they are."""
-    named = [s for s in samples if s.tier and s.remote_correct is not None and s.confidence < threshold]
-    if not named:
-        return list(stats)
-    right, seen = defaultdict(int), defaultdict(int)
-    for s in named:
-        seen[s.tier] += 1
-        right[s.tier] += bool(s.remote_correct)
-    return [replace(r, correct=right[r.route], labelled=seen[r.route]) for r in stats]
 
 
 def _escalation_cost(config: PipelineConfig, obs: observe.Observation, cascade: str) -> dict[str, float]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,7 +32,7 @@ from tracetune.tuner.proposal import Proposal, int_bounds
 
 __all__ = ["CascadeSample", "RouteStats", "TaskLatencies", "caching_policy", "cascade_policy", "clamp_change",
            "concurrency_policy", "escalation_quantiles", "local_route_floor", "mixture_quantile", "routing_policy",
-           "wilson_lower"]
+           "tiers_on_escalated", "wilson_lower"]
 
 Z_95 = 1.645  # one-sided 95%: the conservative bounds on accuracy
 Z_99 = 2.326  # one-sided 99%: what a cost cut must clear (hysteresis: holding takes less than moving)
@@ -256,6 +256,20 @@ def escalation_shares(samples: Sequence[CascadeSample], threshold: float, min_sa
             seen[0] += s.confidence < threshold
             seen[1] += 1
     return {route: low / n for route, (low, n) in counts.items() if n >= min_samples}
+
+
+def tiers_on_escalated(stats: Sequence[RouteStats], samples: Sequence[CascadeSample],
+                        threshold: float) -> list[RouteStats]:
+    """A cascade's tiers judged on the answers they gave the tasks `threshold` escalates (the samples naming
+    their tier), not on all their labelled answers: a lower threshold escalates only the hard questions, which a
+    small tier answers far worse than the easy ones a high threshold adds. A tier with no such sample keeps no
+    labels, so it gains no weight (`routing_policy`); with no sample naming a tier, the stats as they are. The
+    same answers `cascade_tiers_policy` judges a tier on (`_remote_answers`), at one threshold."""
+    named = [s for s in samples if s.tier and s.remote_correct is not None and s.confidence < threshold]
+    if not named:
+        return list(stats)
+    counted = {r.route: _remote_answers(named, r.route) for r in stats}
+    return [replace(r, labelled=int(counted[r.route][0][-1]), correct=int(counted[r.route][1][-1])) for r in stats]
 
 
 def cascade_route_floor(samples: Sequence[CascadeSample], threshold: float, quality_floor: float | None,
