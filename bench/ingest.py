@@ -633,7 +633,7 @@ STAGES = [
     ("validation scan (rows.checked_span_count)", ("checked_span_count",)),
     ("protobuf parse (upb; receivers.parse)", ("parse (tracetune/collector/receivers.py",
                                                "parse (collector/receivers.py")),
-    ("log append: record CRC, pwrite, group commit", ("WriteAheadLog.append",)),
+    ("log append: record CRC, pwrite, group commit", ("WriteAheadLog.append", "_Committer.")),
     ("to Arrow by the conversion process: bodies out, its file read in", ("ConversionProcess.",)),
     ("to Arrow: ptars + Arrow compute (columns.to_arrow)", ("to_arrow",)),
     ("reference converter (rows.convert)", ("convert (",)),

@@ -5,8 +5,9 @@ and turns Ingest's HTTP-style refusals into the gRPC codes and RetryInfo the OTL
 
 The server is grpc.aio on an event loop of its own: a request waits for its message as a coroutine, not on
 a worker thread, so streams that announce a message and never send it cannot starve the others (grpcio's
-thread-pool server reads each unary request on a worker thread). Only Ingest's blocking work (the fsynced
-write-ahead log) runs on the `workers` threads, and only once a whole message has arrived.
+thread-pool server reads each unary request on a worker thread). A request whose spans are all valid waits for
+the write-ahead log's group commit on the loop; converting one with spans to reject runs on the `workers`
+threads, and only once a whole message has arrived.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def response_for(result: ExportResult) -> ExportTraceServiceResponse:
 
 
 class TraceReceiver:
-    """The Export handler: check the bearer token, decode, hand to Ingest (on `pool`), map the outcome to gRPC."""
+    """The Export handler: check the bearer token, decode, hand to Ingest (its slow path on `pool`), map the
+    outcome to gRPC."""
 
     def __init__(self, ingest: Ingest, token: str = "", pool: ThreadPoolExecutor | None = None):
         self.ingest = ingest
@@ -146,8 +148,7 @@ class TraceReceiver:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         refusal: grpc.Status | None = None
         try:  # Ingest counts its own refusals (a full queue or log)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._pool, lambda: self.ingest.export(request, received_ns, receiver="grpc", payload=body))
+            result = await self.ingest.export_async(request, received_ns, "grpc", body, self._pool)
         except IngestError as exc:
             refusal = grpc_status(exc.status, exc.message, exc.retry_after)
         except Exception:

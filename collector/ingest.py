@@ -8,8 +8,10 @@ IngestError (503 + Retry-After when the queue or the log is full).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -102,8 +104,41 @@ class Ingest:
         the request is then neither acknowledged nor queued. Every refusal is counted once, here.
         """
         received_ns = received_ns or time.time_ns()
-        body = payload if payload is not None else request.SerializeToString()
-        checked, result, quarantine = _check(request, received_ns, receiver)
+        taken = self._admit(_check(request, received_ns, receiver), request, received_ns, receiver, payload)
+        if isinstance(taken, ExportResult):
+            return taken
+        result, record, total, on_durable = taken
+        try:
+            self.wal.append(record, spans=total, on_durable=on_durable)
+        except WalError as exc:
+            raise self._log_refused(receiver, exc) from None
+        return self._accepted(result, receiver)
+
+    async def export_async(self, request: ExportTraceServiceRequest, received_ns: int, receiver: str,
+                           payload: bytes | None, pool: Executor) -> ExportResult:
+        """`export` for a receiver on an event loop: a request whose spans are all valid (the usual case) is
+        checked on the loop and waits for the log's group commit without a thread of its own; any other is
+        converted span by span in `pool`, as `export` does it, off the loop."""
+        spans = checked_span_count(request)
+        if spans is None:
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, self.export, request, received_ns, receiver, payload)
+        taken = self._admit((_Checked(spans, 0, True), ExportResult(spans), []), request, received_ns, receiver,
+                            payload)
+        if isinstance(taken, ExportResult):
+            return taken
+        result, record, total, on_durable = taken
+        try:
+            await self.wal.append_async(record, spans=total, on_durable=on_durable)
+        except WalError as exc:
+            raise self._log_refused(receiver, exc) from None
+        return self._accepted(result, receiver)
+
+    def _admit(self, checked_result: tuple[_Checked, ExportResult, list[list]], request: ExportTraceServiceRequest,
+               received_ns: int, receiver: str, payload: bytes | None):
+        """Count a checked request; the result itself when there is nothing to log, else (result, the log's
+        record, spans, what runs once it is durable); IngestError(503) when the queue has no room."""
+        checked, result, quarantine = checked_result
         total = result.accepted_spans + result.rejected_spans
         metrics.SPANS_RECEIVED.labels(receiver).inc(total)
         for row in quarantine:
@@ -114,16 +149,19 @@ class Ingest:
             raise self._refuse(receiver, self.wal.broken or (
                 f"write queue is full ({self.writer.queued_rows} spans, {self.wal.pending_bytes} log bytes "
                 "waiting for ClickHouse); retry later"))
+        body = payload if payload is not None else request.SerializeToString()
         logged = (body, received_ns, receiver)  # what the log's record holds: the writer may take it from here
-        try:
-            self.wal.append(encode_record(body, received_ns, receiver), spans=total,
-                            on_durable=lambda lsn, location: self.writer.enqueue(checked.entry(lsn, location, logged)))
-        except WalError as exc:
-            log.error("%s", exc)
-            raise self._refuse(receiver, f"{exc}; retry later") from None
+        return (result, encode_record(body, received_ns, receiver), total,
+                lambda lsn, location: self.writer.enqueue(checked.entry(lsn, location, logged)))
+
+    def _accepted(self, result: ExportResult, receiver: str) -> ExportResult:
         metrics.SPANS_ACCEPTED.labels(receiver).inc(result.accepted_spans)
         metrics.WAL_BYTES.set(self.wal.pending_bytes)
         return result
+
+    def _log_refused(self, receiver: str, exc: WalError) -> IngestError:
+        log.error("%s", exc)
+        return self._refuse(receiver, f"{exc}; retry later")
 
     def _refuse(self, receiver: str, message: str) -> IngestError:
         metrics.REQUESTS_REFUSED.labels(receiver, "503").inc()

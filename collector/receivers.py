@@ -169,8 +169,8 @@ async def traces(request: Request) -> Response:
         metrics.REQUESTS_REFUSED.labels("http", str(exc.status)).inc()
         return _error(exc, reply_type)
     try:
-        result = await asyncio.get_running_loop().run_in_executor(
-            state.pool, state.ingest.export, message, received_ns, "http", data if media_type == PROTOBUF else None)
+        result = await state.ingest.export_async(message, received_ns, "http",
+                                                 data if media_type == PROTOBUF else None, state.pool)
     except IngestError as exc:  # Ingest counted this refusal
         return _error(exc, reply_type)
     reply = ExportTraceServiceResponse()
@@ -209,8 +209,8 @@ def create_app(ingest: Ingest, max_body_bytes: int, body_timeout: float = 30.0, 
         Route("/metrics", prometheus, methods=["GET"]),
     ])
     app.state.ingest = ingest
-    # Requests wait for the log's fsync in these threads: a plain executor costs less CPU per request than
-    # anyio's (starlette's run_in_threadpool); 40 threads as anyio's default limiter allows.
+    # Requests with spans to reject are converted in these threads (the others wait for the log's group commit
+    # on the loop): a plain executor costs less CPU per request than anyio's; 40 threads as anyio's default.
     app.state.pool = ThreadPoolExecutor(max_workers=40, thread_name_prefix="otlp-http")
     app.state.max_body_bytes = max_body_bytes
     app.state.body_timeout = body_timeout

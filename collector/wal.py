@@ -23,6 +23,7 @@ File operations go through `FileOps`, so a test can record them and replay every
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -288,6 +289,7 @@ class WriteAheadLog:
         self._total = self._synced_total = found.total
         self.synced_lsn = self._next_lsn - 1
         self._unsynced: list[_Unsynced] = []
+        self._committer: _Committer | None = None  # the writer thread of append_async, started by its first call
         self._fd = -1
         self._size = self._synced_size = 0
         self._closed = False
@@ -307,6 +309,27 @@ class WriteAheadLog:
         that did the fsync calls it). A record that raised WalError was never handed on and is not in
         the log.
         """
+        item = self._write(payload, spans, on_durable)
+        self._sync(item)
+        if item.state < 0:
+            raise WalError(item.error)
+        return item.lsn
+
+    async def append_async(self, payload: bytes | tuple[bytes, ...], spans: int = 0,
+                           on_durable: Callable[[int, Location], None] | None = None) -> int:
+        """`append` for a caller on an asyncio event loop: the record is written and fsynced by the log's
+        writer thread, with every other record queued meanwhile (one group commit), and the loop is woken once
+        per group. A thread per request (run_in_executor) cost about 100 µs of CPU per request in hand-offs."""
+        with self._lock:
+            if self._committer is None:
+                if self._closed:
+                    raise WalError("the write-ahead log is closed")
+                self._committer = _Committer(self)
+        return await self._committer.append(payload, spans, on_durable)
+
+    def _write(self, payload: bytes | tuple[bytes, ...], spans: int,
+               on_durable: Callable[[int, Location], None] | None) -> _Unsynced:
+        """Write one record, not yet fsynced (`_sync` makes it durable); WalError if it cannot be written."""
         with self._lock:
             if self._closed:
                 raise WalError("the write-ahead log is closed")
@@ -328,10 +351,7 @@ class WriteAheadLog:
             self._total = total
             item = _Unsynced(lsn, spans, total, Location(self._segments[-1].path, offset, len(data)), on_durable)
             self._unsynced.append(item)
-        self._sync(item)
-        if item.state < 0:
-            raise WalError(item.error)
-        return lsn
+        return item
 
     def _write_all(self, data: bytes, offset: int) -> None:
         view = memoryview(data)
@@ -341,11 +361,14 @@ class WriteAheadLog:
                 raise OSError(errno.ENOSPC, "no space left on device (short write)")
             view, offset = view[written:], offset + written
 
-    def _sync(self, item: _Unsynced) -> None:
+    def _sync(self, item: _Unsynced | None = None) -> None:
+        """fsync every record written so far (`item` among them) unless another thread's fsync covered it."""
         with self._sync_lock:
-            if item.state:
+            if item is not None and item.state:
                 return  # another thread's fsync covered (or refused) this record
             with self._lock:
+                if not self._unsynced:
+                    return
                 batch, self._unsynced = self._unsynced, []
                 fd, size = self._fd, self._size
             try:
@@ -714,6 +737,11 @@ class WriteAheadLog:
         return f"{self.wal_id}:{first}-{last}"
 
     def close(self) -> None:
+        """Close the files; a record still queued for append_async is refused (WalError), never written after."""
+        with self._lock:
+            committer, self._committer = self._committer, None
+        if committer is not None:
+            committer.close()
         with self._sync_lock, self._lock:
             self._closed = True
             for fd in (self._fd, self._checkpoint_fd, *self._read_fds.values()):
@@ -724,3 +752,79 @@ class WriteAheadLog:
             self._read_fds.clear()
         with contextlib.suppress(OSError):
             os.close(self._lock_fd)
+
+
+class _Committer:
+    """The log's writer thread for callers on event loops: it writes every record queued since its last
+    fsync, fsyncs once for all of them (group commit: the group is what arrived during the previous fsync),
+    then wakes each waiting loop once with the outcome of each of its records."""
+
+    def __init__(self, wal: WriteAheadLog):
+        self._wal = wal
+        self._cond = threading.Condition()
+        self._queue: list[tuple[bytes | tuple[bytes, ...], int, Callable | None, asyncio.Future]] = []
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="wal-commit", daemon=True)
+        self._thread.start()
+
+    async def append(self, payload: bytes | tuple[bytes, ...], spans: int,
+                     on_durable: Callable[[int, Location], None] | None) -> int:
+        future = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if self._closing:
+                raise WalError("the write-ahead log is closed")
+            self._queue.append((payload, spans, on_durable, future))
+            self._cond.notify()
+        return await future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                group, self._queue = self._queue, []
+                closing = self._closing
+            if closing:  # refused unwritten: the sender retries, and nothing it was not told of is replayed
+                outcomes = [(future, WalError("the write-ahead log is closed")) for *_, future in group]
+            else:
+                outcomes = self._commit(group)
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            for future, outcome in outcomes:
+                by_loop.setdefault(future.get_loop(), []).append((future, outcome))
+            for loop, settled in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, settled)
+            if closing:
+                return
+
+    def _commit(self, group: list) -> list[tuple[asyncio.Future, _Unsynced | WalError]]:
+        outcomes: list[tuple[asyncio.Future, _Unsynced | WalError]] = []
+        for payload, spans, on_durable, future in group:
+            try:
+                outcomes.append((future, self._wal._write(payload, spans, on_durable)))
+            except WalError as exc:
+                outcomes.append((future, exc))
+        try:
+            self._wal._sync()
+        except Exception as exc:  # a waiter must always be answered
+            log.exception("write-ahead log group commit failed")
+            return [(f, o if isinstance(o, WalError) or o.state else WalError(str(exc))) for f, o in outcomes]
+        return outcomes
+
+
+def _settle(settled: list[tuple[asyncio.Future, _Unsynced | WalError]]) -> None:
+    for future, outcome in settled:
+        if future.done():
+            continue  # the waiter was cancelled
+        if isinstance(outcome, WalError):
+            future.set_exception(outcome)
+        elif outcome.state < 0:
+            future.set_exception(WalError(outcome.error))
+        else:
+            future.set_result(outcome.lsn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import threading
@@ -62,6 +63,10 @@ class RecordingIngest(Ingest):
             self.received_ns.append(received_ns)
         spans = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
         return self.result or ExportResult(accepted_spans=spans)
+
+    async def export_async(self, request, received_ns, receiver, payload, pool) -> ExportResult:
+        return await asyncio.get_running_loop().run_in_executor(pool, self.export, request, received_ns, receiver,
+                                                                payload)
 
     def spans(self) -> dict:
         return {span.name: span for request in self.requests for rs in request.resource_spans

@@ -3,10 +3,12 @@ count), a failed write or fsync is a refusal that leaves nothing behind, committ
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -185,3 +187,107 @@ def test_files_are_private(tmp_path):
     assert (tmp_path / "wal").stat().st_mode & 0o777 == 0o700
     for path in (tmp_path / "wal").iterdir():
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+class RecordingOps(FailingOps):
+    """FailingOps that notes every fdatasync of a segment and can hold the next one until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+        self.hold = threading.Event()
+        self.hold.set()
+        self.holding = threading.Event()
+
+    def fdatasync(self, fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".wal"):
+            self.holding.set()
+            self.hold.wait(10)
+            self.syncs += 1
+        super().fdatasync(fd)
+
+
+def test_appends_from_an_event_loop_are_fsynced_in_groups_before_they_are_answered(tmp_path):
+    """50 coroutines append while an fsync is held: each is answered only after its record's fsync, in LSN
+    order on disk and handed on in LSN order, and the held fsync's followers share one fsync."""
+    ops = RecordingOps()
+    wal = WriteAheadLog(tmp_path / "wal", ops=ops)
+    durable: list[int] = []
+
+    async def run() -> list[int]:
+        ops.hold.clear()
+        first = asyncio.ensure_future(wal.append_async(b"first", spans=1,
+                                                       on_durable=lambda lsn, _: durable.append(lsn)))
+        await asyncio.to_thread(ops.holding.wait, 10)  # the writer thread is in the first group's fsync
+        rest = [asyncio.ensure_future(wal.append_async(f"r{i}".encode(), spans=2,
+                                                        on_durable=lambda lsn, _: durable.append(lsn)))
+                for i in range(49)]
+        await asyncio.sleep(0.2)
+        assert not first.done() and not any(f.done() for f in rest)  # nothing answered before its fsync
+        syncs_before = ops.syncs
+        ops.hold.set()
+        lsns = await asyncio.gather(first, *rest)
+        assert ops.syncs - syncs_before == 2  # the first group, then the 49 queued meanwhile as one
+        return lsns
+
+    lsns = asyncio.run(run())
+    assert lsns == sorted(lsns) and len(set(lsns)) == 50 and durable == lsns
+    wal.close()
+    wal, records, damage = reopen(tmp_path / "wal")
+    assert [r.lsn for r in records] == lsns and records[0].payload == b"first" and not damage
+    wal.close()
+
+
+@pytest.mark.parametrize("failure", ["fsync", "ENOSPC"])
+def test_a_failed_group_commit_refuses_what_it_covered_and_the_next_group_is_taken(tmp_path, failure):
+    ops = FailingOps()
+    wal = WriteAheadLog(tmp_path / "wal", ops=ops)
+
+    async def run() -> tuple[list, list[int]]:
+        kept = [await wal.append_async(b"before", spans=1)]
+        if failure == "fsync":
+            ops.fail_sync = 1
+        else:
+            ops.fail_write = [errno.ENOSPC]
+        outcomes = await asyncio.gather(*(wal.append_async(f"g{i}".encode(), spans=1) for i in range(5)),
+                                        return_exceptions=True)
+        kept.append(await wal.append_async(b"after", spans=1))
+        return outcomes, kept
+
+    outcomes, kept = asyncio.run(run())
+    refused = [o for o in outcomes if isinstance(o, WalError)]
+    if failure == "fsync":
+        assert len(refused) == 5  # a failed fsync refuses every record it covered
+    else:
+        assert len(refused) == 1  # the record the disk refused; the group's others are durable
+        kept[1:1] = [o for o in outcomes if isinstance(o, int)]
+    wal.close()
+    wal, records, damage = reopen(tmp_path / "wal")
+    assert [r.lsn for r in records] == kept and records[-1].payload == b"after" and not damage
+    wal.close()
+
+
+def test_closing_refuses_what_is_still_queued_and_writes_none_of_it(tmp_path):
+    ops = RecordingOps()
+    wal = WriteAheadLog(tmp_path / "wal", ops=ops)
+
+    async def run():
+        ops.hold.clear()
+        first = asyncio.ensure_future(wal.append_async(b"first", spans=1))
+        await asyncio.to_thread(ops.holding.wait, 10)
+        queued = [asyncio.ensure_future(wal.append_async(b"queued", spans=1)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(asyncio.to_thread(wal.close))
+        await asyncio.sleep(0.2)
+        ops.hold.set()
+        await closing
+        outcomes = await asyncio.gather(first, *queued, return_exceptions=True)
+        with pytest.raises(WalError):
+            await wal.append_async(b"late")
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    assert isinstance(outcomes[0], int) and all(isinstance(o, WalError) for o in outcomes[1:])
+    wal, records, _ = reopen(tmp_path / "wal")
+    assert [r.payload for r in records] == [b"first"]
+    wal.close()
