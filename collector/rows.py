@@ -38,6 +38,7 @@ MAX_TIME_NS = (1 << 63) - 1  # DateTime64(9) ends at 2262-04-11 23:47:16.8547758
 MAX_START_NS = (1 << 32) * 10**9 - 1  # the rollups' DateTime minute ends at 2106-02-07 06:28:15 UTC
 _MAX_REASONS = 5  # reasons listed in one partial-success message
 _ZERO16, _ZERO8 = bytes(16), bytes(8)
+_KIND_COUNT, _CODE_COUNT = len(SPAN_KINDS), len(STATUS_CODES)
 
 
 # ---- AsString -----------------------------------------------------------------------------------
@@ -160,24 +161,30 @@ def valid(request: ExportTraceServiceRequest) -> bool:
 def checked_span_count(request: ExportTraceServiceRequest) -> int | None:
     """The request's span count when every span is `valid`, else None; one pass, scalars only.
 
-    Attributes never make a span invalid.
+    Attributes never make a span invalid. Each field is read once: reading a field of a upb message costs
+    about as much as the comparisons on it.
     """
     count = 0
     for resource_spans in request.resource_spans:
         for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                trace_id, span_id = span.trace_id, span.span_id
-                start, end = span.start_time_unix_nano, span.end_time_unix_nano
+            spans = scope_spans.spans
+            for span in spans:
+                trace_id = span.trace_id
+                span_id = span.span_id
+                start = span.start_time_unix_nano
+                end = span.end_time_unix_nano
                 if (len(trace_id) != 16 or len(span_id) != 8 or trace_id == _ZERO16 or span_id == _ZERO8
                         or len(span.parent_span_id) not in (0, 8) or not 0 < start <= end <= MAX_TIME_NS
                         or start > MAX_START_NS
-                        or not 0 <= span.kind < len(SPAN_KINDS) or not 0 <= span.status.code < len(STATUS_CODES)):
+                        or not 0 <= span.kind < _KIND_COUNT or not 0 <= span.status.code < _CODE_COUNT):
                     return None
-                if span.events and any(e.time_unix_nano > MAX_TIME_NS for e in span.events):
+                events = span.events
+                if events and any(e.time_unix_nano > MAX_TIME_NS for e in events):
                     return None
-                if span.links and any(len(x.trace_id) != 16 or len(x.span_id) != 8 for x in span.links):
+                links = span.links
+                if links and any(len(x.trace_id) != 16 or len(x.span_id) != 8 for x in links):
                     return None
-                count += 1
+            count += len(spans)
     return count
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from tracetune.collector.rows import value_string
+from tracetune.collector.rows import MAX_START_NS, MAX_TIME_NS, checked_span_count, convert, value_string
 
 
 def _array(*values: AnyValue) -> AnyValue:
@@ -42,3 +44,36 @@ def _map(**values: AnyValue) -> AnyValue:
 ])
 def test_value_string_is_pdata_as_string(value, stored):
     assert value_string(value) == stored
+
+
+_T0 = 1_700_000_000 * 10**9
+
+
+@pytest.mark.parametrize("fields, takes", [
+    ({}, True),
+    ({"kind": 5}, True), ({"kind": 6}, False),  # Consumer is the last kind pdata names
+    ({"status": Status(code=2)}, True), ({"status": Status(code=3)}, False),
+    ({"parent_span_id": b"\x01" * 8}, True), ({"parent_span_id": b"\x01" * 7}, False),
+    ({"trace_id": b"\x01" * 15}, False), ({"trace_id": bytes(16)}, False),
+    ({"span_id": b"\x01" * 9}, False), ({"span_id": bytes(8)}, False),
+    ({"start_time_unix_nano": 0, "end_time_unix_nano": 0}, False),
+    ({"end_time_unix_nano": _T0 - 1}, False), ({"end_time_unix_nano": _T0}, True),
+    ({"end_time_unix_nano": MAX_TIME_NS}, True), ({"end_time_unix_nano": MAX_TIME_NS + 1}, False),
+    ({"start_time_unix_nano": MAX_START_NS, "end_time_unix_nano": MAX_START_NS}, True),
+    ({"start_time_unix_nano": MAX_START_NS + 1, "end_time_unix_nano": MAX_START_NS + 1}, False),
+    ({"events": [Span.Event(time_unix_nano=MAX_TIME_NS)]}, True),
+    ({"events": [Span.Event(), Span.Event(time_unix_nano=MAX_TIME_NS + 1)]}, False),
+    ({"links": [Span.Link(trace_id=b"\x02" * 16, span_id=b"\x02" * 8)]}, True),
+    ({"links": [Span.Link(trace_id=b"\x02" * 16, span_id=b"\x02" * 7)]}, False),
+])
+def test_the_fast_path_takes_a_span_exactly_when_the_reference_takes_it_as_it_is(fields, takes):
+    """checked_span_count (the request-time check) on either side of every edge: it counts a request only
+    when the reference converter would store every span without a rejection or a warning."""
+    span = {"trace_id": b"\x01" * 16, "span_id": b"\x01" * 8, "start_time_unix_nano": _T0,
+            "end_time_unix_nano": _T0 + 1, "name": "edge", **fields}
+    request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(
+        spans=[Span(trace_id=b"\x03" * 16, span_id=b"\x03" * 8, start_time_unix_nano=_T0, end_time_unix_nano=_T0),
+               Span(**span)])])])
+    converted = convert(request)
+    assert (not converted.rejected and not converted.warnings) is takes
+    assert checked_span_count(request) == (2 if takes else None)
