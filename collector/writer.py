@@ -75,8 +75,10 @@ Part = list[list[Any]] | pa.Table | ArrowFile  # rows in COLUMNS order, the same
 # Bytes of acknowledged request bodies the queue keeps in memory beside their log records, so the writer
 # converts them without reading them back (a pread, a copy and the record's CRC: about 0.3 µs per span of
 # bench/ingest.py's requests). Past this, queued requests are only where they lie in the log and are read
-# back; none is kept while inserts fail, so memory stays flat however long ClickHouse is away.
-HOLD_BYTES = 32 * 1024 * 1024
+# back; none is kept while inserts fail, so memory stays flat however long ClickHouse is away. Sized for
+# the batch being converted and the one filling behind it at collector_batch_rows = 100,000 (about 43 MB of
+# bodies each for those requests; at 32 MiB most of every batch was read back, 0.24 µs per span).
+HOLD_BYTES = 128 * 1024 * 1024
 # Spans converted to Arrow at a time: an insert may be larger (fewer, larger parts: less merging in the
 # store), while the conversion's arrays stay small enough for the CPU's caches (its cost per span grows
 # with the arrays: +25% at 100,000 spans in one go, bench/ingest.py --profile).
