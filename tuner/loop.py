@@ -433,16 +433,24 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                         absorbed=total.errors == 0 or (slo is not None and slo.error_rate is not None
                                                                        and "errors" not in missed)),
                      spec, current, limit)
+    _hold(plan, obs, floor, bool(missed), moves, now, settings)
+    if missed:
+        plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
+                            + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
+    return plan
+
+
+def _hold(plan: Plan, obs: observe.Observation, floor: float | None, missed: bool,
+          moves: Mapping[tuple[str, str], Move] | None, now: float | None, settings: LoopSettings) -> None:
+    """Take out of `plan` what waits for a later decision. Reversals first: a move held as one must not take
+    another out with it (the joint floor would hold a threshold back for a tier mix that is then held as a
+    reversal, and the decision would change nothing)."""
+    if moves and now is not None:
+        _hold_reversals(plan, moves, now, settings)
     if not missed:
         _hold_unneeded_quality(plan, obs, floor)
     _hold_at_risk(plan)
     _hold_joint_floor(plan, floor)
-    if missed:
-        plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
-                            + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
-    if moves and now is not None:
-        _hold_reversals(plan, moves, now, settings)
-    return plan
 
 
 def _within(knobs: Mapping[str, Knob], step: str, current: Mapping[str, Any],

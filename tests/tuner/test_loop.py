@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1108,3 +1109,29 @@ def test_while_quality_is_missed_the_cascade_reads_the_windows_labels_not_the_ho
     assert "on 600 labelled tasks" in " ".join(missed.reasons)
     held = decide(CAS, config, SLO_CAS, obs(0.86))
     assert held.changes.get("gen", {}).get("cascade_threshold", 0.7) <= 0.7, held.reasons
+
+
+def test_a_move_held_as_a_reversal_does_not_hold_back_the_move_it_was_stacked_with():
+    """A simulated rag run (seed 3) moved generate's tiers to 0.9 large with a lower threshold; later the policies
+    wanted both a little more small tier and a lower threshold, which together stack under the floor. The tier
+    mix is a reversal on the same evidence and waits; the threshold, holding the floor alone, is not held back
+    for it (before, the joint floor took the threshold out first and the decision changed nothing)."""
+    from tracetune.tuner.loop import Move, _hold
+    from tracetune.tuner.plan import Part, Plan
+
+    weights = {"llm-small": 0.1, "llm-large": 0.9}
+    plan = Plan(changes={"generate": {"cascade_threshold": 0.57,
+                                      "route_weights": {"llm-small": 0.24, "llm-large": 0.76}}},
+                before={"quality": 0.913, "cost_per_1k": 0.16}, targets={"quality_floor": 0.88},
+                evidence={"rate": 2.0, "window_seconds": 300.0})
+    plan.parts = [Part("generate", ("cascade_threshold",), -0.013, -0.012, 0.008),
+                  Part("generate", ("route_weights",), -0.021, -0.012, 0.010)]
+    plan.effects = {"generate": {"cost_per_1k.delta": -0.034, "quality.delta": -0.024}}
+    plan._current = {"generate": {"cascade_threshold": 0.59, "route_weights": weights}}
+    plan.reasons = ["generate: cheapest threshold", "generate: cheapest mix"]
+    last = Move("generate", "route_weights", {"llm-small": 0.3, "llm-large": 0.7}, weights, 720.0,
+                {"rate": 2.0, "window_seconds": 300.0})
+    unlabelled = SimpleNamespace(quality=None, labelled=0)  # no quality evidence beyond the plan's own
+    _hold(plan, unlabelled, 0.88, False, {("generate", "route_weights"): last}, 1800.0, LoopSettings())
+    assert plan.changes == {"generate": {"cascade_threshold": 0.57}}, plan.reasons
+    assert any(r.startswith("held generate.route_weights (moved 18 min ago") for r in plan.reasons), plan.reasons
