@@ -13,6 +13,7 @@ With several tuner replicas, only the one holding the `tuner` lease runs the loo
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import threading
@@ -27,7 +28,7 @@ from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
 from tracetune.tuner.batching import batching_policy, fit_service_time
 from tracetune.tuner.config import Knob, PipelineConfig, PipelineSpec, is_number, same_way
-from tracetune.tuner.plan import MOVE, Plan, move_figure, pipeline_effect, plain, scale_effect, take_out
+from tracetune.tuner.plan import MOVE, Part, Plan, move_figure, pipeline_effect, plain, scale_effect, take_out
 from tracetune.tuner.policies import (
     TAIL_MARGIN,
     TAIL_SHARE,
@@ -266,7 +267,7 @@ class Moves(dict):
 def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: observe.Observation,
            settings: LoopSettings = LoopSettings(), *, moves: Mapping[tuple[str, str], Move] | None = None,
            now: float | None = None, bounds: Mapping[tuple[str, str], tuple[float, float]] | None = None,
-           steps: Collection[str] | None = None) -> Plan:
+           steps: Collection[str] | None = None, most_saving: bool = False) -> Plan:
     """The knob changes the policies propose for every step that declares the knobs they act on.
 
     A missed objective (p95, quality, errors) comes first: proposals that would worsen it wait, and the
@@ -433,7 +434,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                         absorbed=total.errors == 0 or (slo is not None and slo.error_rate is not None
                                                                        and "errors" not in missed)),
                      spec, current, limit)
-    _hold(plan, obs, floor, bool(missed), moves, now, settings)
+    _hold(plan, obs, floor, bool(missed), moves, now, settings, most_saving)
     if missed:
         plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
                             + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
@@ -441,7 +442,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
 
 
 def _hold(plan: Plan, obs: observe.Observation, floor: float | None, missed: bool,
-          moves: Mapping[tuple[str, str], Move] | None, now: float | None, settings: LoopSettings) -> None:
+          moves: Mapping[tuple[str, str], Move] | None, now: float | None, settings: LoopSettings,
+          most_saving: bool = False) -> None:
     """Take out of `plan` what waits for a later decision. Reversals first: a move held as one must not take
     another out with it (the joint floor would hold a threshold back for a tier mix that is then held as a
     reversal, and the decision would change nothing)."""
@@ -450,7 +452,7 @@ def _hold(plan: Plan, obs: observe.Observation, floor: float | None, missed: boo
     if not missed:
         _hold_unneeded_quality(plan, obs, floor)
     _hold_at_risk(plan)
-    _hold_joint_floor(plan, floor)
+    _hold_joint_floor(plan, floor, most_saving)
 
 
 def _within(knobs: Mapping[str, Knob], step: str, current: Mapping[str, Any],
@@ -506,7 +508,7 @@ def _hold_at_risk(plan: Plan) -> None:
                             f"lower bound")
 
 
-def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
+def _hold_joint_floor(plan: Plan, floor: float | None, most_saving: bool = False) -> None:
     """A decision whose predicted quality is not surely over the floor does not go with moves that lower it.
 
     Each policy holds the floor on its own lower bound, but moves each within it can stack their margins under
@@ -516,8 +518,15 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
     for a later decision, one knob group at a time (a threshold and a tier mix of one step are two moves);
     moves that restore a missed p95 (those predicting it) wait last, so a cheaper mix waits before the
     threshold that brings latency back. A point estimate under the floor (not yet beyond doubt, so not a
-    missed objective) is not pushed further down either."""
+    missed objective) is not pushed further down either.
+
+    `most_saving`: instead, of the sets of those moves whose bound holds the floor, the one keeping the most
+    that restore a missed p95, then saving the most, goes (`look` asks for it when what the rule above leaves
+    is too small for a canary to show)."""
     if floor is None or "quality" not in plan.before:
+        return
+    if most_saving:
+        _keep_most_saving(plan, floor)
         return
     while True:
         alive = [p for p in plan.parts if p.live]
@@ -536,6 +545,40 @@ def _hold_joint_floor(plan: Plan, floor: float | None) -> None:
         bound = f" (lower bound {predicted - margin:.3f})" if margin else ""
         plan.reasons.append(f"{part.step}: {moves} waits for a later decision: with {with_what}, quality "
                             f"{predicted:.3f} as predicted{bound}, under the {floor:.3g} floor (quality "
+                            f"{plan.before['quality']:.3f} now)")
+
+
+def _keep_most_saving(plan: Plan, floor: float) -> None:
+    """`_hold_joint_floor`'s other rule: the set of the moves lowering quality that holds the floor at the bound
+    of its sum and saves the most goes; the others wait, each with its reason."""
+    if "quality" not in plan.after:
+        return
+    losing = [p for p in plan.parts if p.live and p.quality_delta < 0]
+    predicted = plan.after["quality"]
+
+    def quality(kept: Sequence[Part]) -> tuple[float, float]:
+        """The decision's predicted quality with only `kept` of the losing moves, and its lower bound."""
+        point = predicted - sum(p.quality_delta for p in losing if not any(p is k for k in kept))
+        return point, point - (math.sqrt(sum(p.quality_margin ** 2 for p in kept)) if len(kept) > 1 else 0.0)
+
+    if not losing or quality(losing)[1] >= floor:
+        return
+    restoring = [p.p95_ms is not None and bool(plan.violated) for p in losing]
+    best: tuple[int, ...] = ()
+    best_key = (-1, -math.inf)
+    for size in range(len(losing) - 1, 0, -1):
+        for chosen in itertools.combinations(range(len(losing)), size):
+            key = (sum(restoring[i] for i in chosen), -sum(losing[i].cost_delta for i in chosen))
+            if key > best_key and quality([losing[i] for i in chosen])[1] >= floor:
+                best, best_key = chosen, key
+    kept = [losing[i] for i in best]
+    for part in sorted((p for i, p in enumerate(losing) if i not in best), key=lambda p: p.cost_delta):
+        point, low = quality([*kept, part])
+        take_out(plan, part)
+        with_what = "the other moves" if plan.changes else "its moves"
+        bound = f" (lower bound {low:.3f})" if low != point else ""
+        plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} waits for a later decision: with {with_what}, "
+                            f"quality {point:.3f} as predicted{bound}, under the {floor:.3g} floor (quality "
                             f"{plan.before['quality']:.3f} now)")
 
 
@@ -856,6 +899,13 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
         drop_rejected(alone, config, last, now, settings)
         if alone.changes and not unprovable(alone, obs, settings, spec):
             return Outcome(plan=alone, observation=obs)
+    if too_small and plan.reasons and any(" waits for a later decision: with " in r for r in plan.reasons):
+        # Moves stacked under the floor: the one costing more quality waited, and what is left is too small to
+        # show. The set saving the most that holds the floor may be a saving a canary can show.
+        saving = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds, most_saving=True)
+        drop_rejected(saving, config, last, now, settings)
+        if saving.changes and not unprovable(saving, obs, settings, spec):
+            return Outcome(plan=saving, observation=obs)
     if too_small:
         return Outcome(observation=obs, idle=too_small)
     return Outcome(plan=plan, observation=obs)

@@ -1135,3 +1135,37 @@ def test_a_move_held_as_a_reversal_does_not_hold_back_the_move_it_was_stacked_wi
     _hold(plan, unlabelled, 0.88, False, {("generate", "route_weights"): last}, 1800.0, LoopSettings())
     assert plan.changes == {"generate": {"cascade_threshold": 0.57}}, plan.reasons
     assert any(r.startswith("held generate.route_weights (moved 18 min ago") for r in plan.reasons), plan.reasons
+
+
+def test_the_set_saving_the_most_is_the_other_rule_for_moves_stacked_under_the_floor():
+    """A real rag run, 10 minutes in: threshold 0.70 -> 0.60 (-0.075 USD per 1k, quality 0.923 -> 0.899, its
+    bound 0.886 over the 0.88 floor alone) and a tier mix moving 0.07 to the small tier (-0.019, -0.009) stack
+    under the floor at their joint bound. The rule in force holds the move costing more quality, the threshold;
+    the mix left was too small for a canary to show, and nothing changed for the rest of the run. The other
+    rule (`look` asks for it then) keeps the set saving the most that holds the floor: the threshold."""
+    from tracetune.tuner.loop import _hold_joint_floor
+    from tracetune.tuner.plan import Part, Plan
+
+    def plan() -> Plan:
+        p = Plan(changes={"generate": {"cascade_threshold": 0.60,
+                                       "route_weights": {"llm-small": 0.37, "llm-large": 0.63}}},
+                 before={"quality": 0.923, "cost_per_1k": 0.209}, targets={"quality_floor": 0.88})
+        p.parts = [Part("generate", ("cascade_threshold",), -0.075, -0.024, 0.013),
+                   Part("generate", ("route_weights",), -0.019, -0.009, 0.020)]
+        p.effects = {"generate": {"cost_per_1k.delta": -0.094, "quality.delta": -0.033}}
+        return p
+
+    least_quality = plan()
+    _hold_joint_floor(least_quality, 0.88)
+    assert list(least_quality.changes["generate"]) == ["route_weights"]
+    most_saving = plan()
+    _hold_joint_floor(most_saving, 0.88, most_saving=True)
+    assert most_saving.changes == {"generate": {"cascade_threshold": 0.60}}
+    assert most_saving.after["quality"] == pytest.approx(0.899)
+    assert any(r.startswith("generate: route_weights waits for a later decision: with the other moves, quality "
+                            "0.890 as predicted (lower bound 0.866)") for r in most_saving.reasons), most_saving.reasons
+    both = plan()  # the two together over the floor: both go, either way
+    both.parts[1].quality_margin = 0.001
+    both.parts[0].quality_margin = 0.001
+    _hold_joint_floor(both, 0.88, most_saving=True)
+    assert set(both.changes["generate"]) == {"cascade_threshold", "route_weights"}
