@@ -58,6 +58,11 @@ class _Checked:
                      request=request)
 
 
+def _clean(spans: int) -> tuple[_Checked, ExportResult, list[list]]:
+    """`_check`'s answer for a request whose `spans` are all valid."""
+    return _Checked(spans, 0, True), ExportResult(spans), []
+
+
 def _check(request: ExportTraceServiceRequest, received_ns: int, receiver: str) -> tuple[_Checked, ExportResult,
                                                                                            list[list]]:
     """How a request is queued, what the sender is told, and the spans it quarantines.
@@ -67,7 +72,7 @@ def _check(request: ExportTraceServiceRequest, received_ns: int, receiver: str) 
     """
     spans = checked_span_count(request)
     if spans is not None:
-        return _Checked(spans, 0, True), ExportResult(spans), []
+        return _clean(spans)
     converted = convert(request, received_ns, receiver)
     result = ExportResult(len(converted.rows), converted.rejected, converted.message())
     return _Checked(len(converted.rows), converted.rejected, False), result, converted.quarantine
@@ -123,8 +128,7 @@ class Ingest:
         if spans is None:
             return await asyncio.get_running_loop().run_in_executor(
                 pool, self.export, request, received_ns, receiver, payload)
-        taken = self._admit((_Checked(spans, 0, True), ExportResult(spans), []), request, received_ns, receiver,
-                            payload)
+        taken = self._admit(_clean(spans), request, received_ns, receiver, payload)
         if isinstance(taken, ExportResult):
             return taken
         result, record, total, on_durable = taken

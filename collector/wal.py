@@ -803,28 +803,29 @@ class _Committer:
             if closing:
                 return
 
-    def _commit(self, group: list) -> list[tuple[asyncio.Future, _Unsynced | WalError]]:
-        outcomes: list[tuple[asyncio.Future, _Unsynced | WalError]] = []
+    def _commit(self, group: list) -> list[tuple[asyncio.Future, int | WalError]]:
+        """Write the group's records and fsync them once: each record's LSN, or why it was refused."""
+        written: list[tuple[asyncio.Future, _Unsynced | WalError]] = []
         for payload, spans, on_durable, future in group:
             try:
-                outcomes.append((future, self._wal._write(payload, spans, on_durable)))
+                written.append((future, self._wal._write(payload, spans, on_durable)))
             except WalError as exc:
-                outcomes.append((future, exc))
+                written.append((future, exc))
+        failed = ""
         try:
             self._wal._sync()
         except Exception as exc:  # a waiter must always be answered
             log.exception("write-ahead log group commit failed")
-            return [(f, o if isinstance(o, WalError) or o.state else WalError(str(exc))) for f, o in outcomes]
-        return outcomes
+            failed = str(exc)
+        return [(future, item if isinstance(item, WalError) else item.lsn if item.state > 0
+                 else WalError(item.error or failed)) for future, item in written]
 
 
-def _settle(settled: list[tuple[asyncio.Future, _Unsynced | WalError]]) -> None:
+def _settle(settled: list[tuple[asyncio.Future, int | WalError]]) -> None:
     for future, outcome in settled:
         if future.done():
             continue  # the waiter was cancelled
         if isinstance(outcome, WalError):
             future.set_exception(outcome)
-        elif outcome.state < 0:
-            future.set_exception(WalError(outcome.error))
         else:
-            future.set_result(outcome.lsn)
+            future.set_result(outcome)

@@ -539,13 +539,19 @@ def _hold_joint_floor(plan: Plan, floor: float | None, most_saving: bool = False
         if predicted - margin >= floor:
             return
         part = min(losing, key=lambda p: (p.p95_ms is not None and bool(plan.violated), p.quality_delta))
-        take_out(plan, part)
-        moves = ", ".join(part.knobs)
-        with_what = "the other moves" if plan.changes else "its moves"
-        bound = f" (lower bound {predicted - margin:.3f})" if margin else ""
-        plan.reasons.append(f"{part.step}: {moves} waits for a later decision: with {with_what}, quality "
-                            f"{predicted:.3f} as predicted{bound}, under the {floor:.3g} floor (quality "
-                            f"{plan.before['quality']:.3f} now)")
+        _wait_for_floor(plan, part, predicted, predicted - margin, floor)
+
+
+def _wait_for_floor(plan: Plan, part: Part, point: float, low: float, floor: float) -> None:
+    """Take `part` out of `plan` for a later decision: with it, the decision's quality would be `point` as
+    predicted, `low` at its bound, under the floor."""
+    take_out(plan, part)
+    plan.held_for_floor = True
+    with_what = "the other moves" if plan.changes else "its moves"
+    bound = f" (lower bound {low:.3f})" if low != point else ""
+    plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} waits for a later decision: with {with_what}, "
+                        f"quality {point:.3f} as predicted{bound}, under the {floor:.3g} floor (quality "
+                        f"{plan.before['quality']:.3f} now)")
 
 
 def _keep_most_saving(plan: Plan, floor: float) -> None:
@@ -573,13 +579,7 @@ def _keep_most_saving(plan: Plan, floor: float) -> None:
                 best, best_key = chosen, key
     kept = [losing[i] for i in best]
     for part in sorted((p for i, p in enumerate(losing) if i not in best), key=lambda p: p.cost_delta):
-        point, low = quality([*kept, part])
-        take_out(plan, part)
-        with_what = "the other moves" if plan.changes else "its moves"
-        bound = f" (lower bound {low:.3f})" if low != point else ""
-        plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} waits for a later decision: with {with_what}, "
-                            f"quality {point:.3f} as predicted{bound}, under the {floor:.3g} floor (quality "
-                            f"{plan.before['quality']:.3f} now)")
+        _wait_for_floor(plan, part, *quality([*kept, part]), floor)
 
 
 def _restores(proposal: Proposal | None, targets: Mapping[float, float], slow: bool) -> bool:
@@ -899,7 +899,7 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
         drop_rejected(alone, config, last, now, settings)
         if alone.changes and not unprovable(alone, obs, settings, spec):
             return Outcome(plan=alone, observation=obs)
-    if too_small and plan.reasons and any(" waits for a later decision: with " in r for r in plan.reasons):
+    if too_small and plan.held_for_floor:
         # Moves stacked under the floor: the one costing more quality waited, and what is left is too small to
         # show. The set saving the most that holds the floor may be a saving a canary can show.
         saving = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds, most_saving=True)
