@@ -546,7 +546,6 @@ def _wait_for_floor(plan: Plan, part: Part, point: float, low: float, floor: flo
     """Take `part` out of `plan` for a later decision: with it, the decision's quality would be `point` as
     predicted, `low` at its bound, under the floor."""
     take_out(plan, part)
-    plan.held_for_floor = True
     with_what = "the other moves" if plan.changes else "its moves"
     bound = f" (lower bound {low:.3f})" if low != point else ""
     plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} waits for a later decision: with {with_what}, "
@@ -899,7 +898,7 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
         drop_rejected(alone, config, last, now, settings)
         if alone.changes and not unprovable(alone, obs, settings, spec):
             return Outcome(plan=alone, observation=obs)
-    if too_small and plan.held_for_floor:
+    if too_small and any(" waits for a later decision: with " in r for r in plan.reasons):
         # Moves stacked under the floor: the one costing more quality waited, and what is left is too small to
         # show. The set saving the most that holds the floor may be a saving a canary can show.
         saving = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds, most_saving=True)

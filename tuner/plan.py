@@ -63,7 +63,6 @@ class Plan:
     evidence: dict[str, float] = field(default_factory=dict)  # what the moves were made on (see `evidence`)
     violated: list[str] = field(default_factory=list)  # objectives missed now, restored first
     parts: list[Part] = field(default_factory=list)  # each proposal's share of `effects`, for `_hold_joint_floor`
-    held_for_floor: bool = False  # a move waits because moves stacked under the floor (`loop._hold_joint_floor`)
     _current: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def add(self, proposal: Proposal | None, spec: PipelineSpec, current: Mapping[str, Any], limit: float) -> None:
