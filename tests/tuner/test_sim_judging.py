@@ -222,6 +222,19 @@ def test_the_closest_infeasible_run_weighs_the_quality_bound_beside_the_windows(
     assert oracles.shortfall(fast_but_wrong, SLO("p", p95_ms=500)) == 0.0  # no floor: windows alone
 
 
+def test_hindsight_oracle_is_the_cheapest_candidate_holding_every_objective_on_the_seed():
+    slo = SLO("p", p95_ms=500, quality_floor=0.93)
+    under_floor = {**_row(1.0, 1.0, quality=0.931, n=2000), "grid_config": "under"}  # bound 0.9205
+    slow = {**_row(1.5, 1.5, windows=0.98), "grid_config": "slow"}
+    dear_first_half = {**_row(9.0, 2.0), "grid_config": "holds"}  # judged on the last half, as the verdict is
+    holds_dearer = {**_row(2.5, 2.5), "grid_config": "dearer"}
+    best = oracles.hindsight([under_floor, slow, holds_dearer, dear_first_half], slo)
+    assert best["feasible"] and best["grid_config"] == "holds" and best["arm"] == "static oracle (hindsight)"
+    assert best["candidates"] == 4
+    none = oracles.hindsight([under_floor, slow], slo)
+    assert not none["feasible"] and math.isnan(none["cost_per_1k_half"])
+
+
 def test_per_phase_oracle_takes_each_phases_cheapest_feasible_run():
     slo = SLO("p", p95_ms=500, quality_floor=0.5)
 
