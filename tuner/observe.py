@@ -12,6 +12,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from tracetune.analyzer import PricesError, cost_per_1k
 from tracetune.tuner.batching import BatchSample
 from tracetune.tuner.config import PipelineSpec
@@ -36,10 +38,15 @@ WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
 GROUP BY step, route
 """
 
+# The levels end-to-end latency is read at besides p95 and p99, for their lower bounds (`lower_quantile`).
+LEVELS = tuple(round(0.85 + 0.0025 * i, 4) for i in range(59))  # 0.85 .. 0.995
+Z_95 = 1.6448536269514722  # one-sided 95%
+
 # Requests (root spans) and their end-to-end latency.
 ROOTS_SQL = """
 SELECT count() AS requests, quantile(0.95)(Duration / 1e6) AS p95_ms, quantile(0.99)(Duration / 1e6) AS p99_ms,
        countIf(StatusCode IN ('Error', 'STATUS_CODE_ERROR')) AS errors,
+       quantiles(""" + ", ".join(f"{level:g}" for level in LEVELS) + """)(Duration / 1e6) AS levels,
        if(requests = 0, 0, dateDiff('millisecond', min(Timestamp), now64(3)) / 1000) AS seconds_of_data
 FROM otel_traces
 WHERE Timestamp >= now64(9) - toIntervalSecond({window:UInt32})
@@ -149,6 +156,10 @@ class Observation:
     requests: int = 0
     p95_ms: float | None = None
     p99_ms: float | None = None
+    # Their one-sided 95% lower bounds over the window's requests (`lower_quantile`): a target is missed beyond
+    # doubt when the bound is over it. None: not known (the point estimate stands for it).
+    p95_low_ms: float | None = None
+    p99_low_ms: float | None = None
     errors: int = 0
     cost_per_1k: float | None = None
     quality: float | None = None  # share of labelled final answers that were right
@@ -222,6 +233,19 @@ class Observation:
         return {name: round(value, 6) for name, value in figures.items() if value is not None}
 
 
+def low_level(q: float, n: int) -> float:
+    """The level whose quantile is the one-sided 95% lower confidence bound of the `q` quantile of `n` samples:
+    the number of samples under the true `q` quantile is binomial (n, q), so at this level, `Z_95` standard
+    errors under `q` (the normal approximation), no more than 5% of windows read a quantile over the true one."""
+    return q - Z_95 * math.sqrt(q * (1 - q) / n) if n > 0 else 0.0
+
+
+def lower_quantile(levels: Sequence[float], values: Sequence[float], q: float, n: int) -> float:
+    """The one-sided 95% lower bound of the `q` quantile of `n` samples, read (interpolated) off the samples'
+    quantiles `values` at `levels`; under the lowest level, that level's value (a bound less sure)."""
+    return float(np.interp(low_level(q, n), levels, values))
+
+
 def collect(client, spec: PipelineSpec, window_seconds: int = 300, label_window_seconds: int | None = None,
             ) -> Observation:
     """Measure `spec.pipeline` over the last `window_seconds`; a cascade's labelled answers over the last
@@ -229,12 +253,14 @@ def collect(client, spec: PipelineSpec, window_seconds: int = 300, label_window_
     params = {"pipeline": spec.pipeline, "window": int(window_seconds),
               "label_window": int(max(window_seconds, label_window_seconds or 0))}
     obs = Observation(spec.pipeline, float(window_seconds))
-    requests, p95, p99, errors, seconds = client.query(ROOTS_SQL, parameters=params).result_rows[0]
+    requests, p95, p99, errors, levels, seconds = client.query(ROOTS_SQL, parameters=params).result_rows[0]
     obs.requests, obs.errors = int(requests), int(errors)
     # Rates are per second of data: a pipeline that started 60 s ago has not been idle for the rest of the window.
     obs.window_seconds = float(min(window_seconds, max(1.0, float(seconds))))
     if obs.requests:
         obs.p95_ms, obs.p99_ms = float(p95), float(p99)
+        obs.p95_low_ms = lower_quantile(LEVELS, levels, 0.95, obs.requests)
+        obs.p99_low_ms = lower_quantile(LEVELS, levels, 0.99, obs.requests)
     for row in client.query(STEPS_SQL, parameters=params).named_results():
         obs.steps.setdefault(row["step"], {})[row["route"]] = RouteObservation(
             spans=int(row["spans"]), p95_ms=float(row["p95_ms"]), hits=int(row["hits"]), misses=int(row["misses"]),

@@ -51,7 +51,7 @@ from tracetune.tuner.calibration import (
 )
 from tracetune.tuner.config import KnobValue, PipelineConfig, PipelineSpec
 from tracetune.tuner.loop import LoopSettings
-from tracetune.tuner.observe import Observation, RouteObservation, pool, task_latency
+from tracetune.tuner.observe import Observation, RouteObservation, low_level, pool, task_latency
 from tracetune.tuner.policies import CascadeSample
 
 __all__ = ["ARMS", "Arm", "Workload", "default_grid", "oracle", "run", "simulate", "slo_windows"]
@@ -644,6 +644,8 @@ class _Simulation:
             return obs
         obs.p95_ms = float(np.quantile(roots["latency_ms"], 0.95))
         obs.p99_ms = float(np.quantile(roots["latency_ms"], 0.99))
+        obs.p95_low_ms = float(np.quantile(roots["latency_ms"], max(0.0, low_level(0.95, n))))
+        obs.p99_low_ms = float(np.quantile(roots["latency_ms"], max(0.0, low_level(0.99, n))))
         total = 0.0
         batches = self.batches.window(start, now, keep)
         for step in self.models:

@@ -175,6 +175,24 @@ def test_tune_once_changes_the_config_records_why_and_then_cools_down(shop):
     assert decisions.history(shop, "shop")[-1]["observed"]["requests"] == 400
 
 
+def test_collect_reads_the_latency_quantiles_lower_bounds(shop):
+    """p95 and p99 with their one-sided 95% lower bounds over the window's requests: the quantiles at the levels
+    `low_level` gives (the count of tasks under a quantile is binomial), which a target is missed beyond."""
+    from tracetune.tuner.observe import low_level
+
+    now, durations = time.time_ns(), np.arange(1, 401, dtype=float)  # 1 .. 400 ms
+    shop.insert("otel_traces", [span_row(now - 10_000_000_000 + i * 1000, trace_id=f"{i + 1:032x}",
+                                         span_id=f"{i + 1:016x}", name="shop", kind="Server",
+                                         attrs={"tracetune.pipeline": "shop"}, duration=int(d * 1e6), status="Unset")
+                                for i, d in enumerate(durations)], column_names=COLUMNS)
+    seen = collect(shop, SPEC, 300)
+    assert low_level(0.95, 400) == pytest.approx(0.95 - 1.6449 * (0.95 * 0.05 / 400) ** 0.5, abs=1e-4)
+    assert seen.p95_ms == pytest.approx(np.quantile(durations, 0.95), abs=1)
+    assert seen.p95_low_ms == pytest.approx(np.quantile(durations, low_level(0.95, 400)), abs=1)  # about 373 ms
+    assert seen.p99_low_ms == pytest.approx(np.quantile(durations, low_level(0.99, 400)), abs=1)
+    assert seen.p95_low_ms < seen.p95_ms - 5 and seen.p99_low_ms < seen.p99_ms - 2
+
+
 def test_collect_counts_both_spellings_of_an_error_status(shop):
     """pdata writes `Error`, the proto enum name is `STATUS_CODE_ERROR`: both are failures, as in the analyzer."""
     now = time.time_ns()
@@ -254,6 +272,25 @@ def test_a_missed_p95_is_restored_first_in_one_move_as_far_as_the_model_allows()
     # The same data with p95 met: a cost cut of at most 0.1 per decision.
     relaxed = decide(SPEC, SPEC.defaults(), SLO_SHOP, _slow_escalations(p95=450.0))
     assert relaxed.violated == [] and relaxed.changes["escalate"]["cascade_threshold"] == pytest.approx(0.4)
+
+
+def test_a_latency_target_is_missed_only_beyond_the_windows_noise():
+    """A p95 over its target by less than its own lower bound's distance is no missed objective: nothing is
+    restored first (a startup minute at 506 ms against 500 ms once sent a real run's first canary after it)."""
+    from tracetune.tuner.loop import violations
+
+    near = _slow_escalations(p95=506.0)
+    near.p95_low_ms = 470.0
+    assert violations(SLO_SHOP, near) == {}
+    plan = decide(SPEC, SPEC.defaults(), SLO_SHOP, near)
+    assert plan.violated == [] and plan.changes["escalate"]["cascade_threshold"] == pytest.approx(0.4)
+    near.p95_low_ms = 503.0  # over the target at its bound: missed, restored first
+    assert decide(SPEC, SPEC.defaults(), SLO_SHOP, near).violated == ["p95"]
+    slow = SLO(pipeline="shop", p99_ms=600.0)
+    tail = Observation("shop", 300.0, requests=3000, p95_ms=300.0, p99_ms=650.0, p95_low_ms=290.0, p99_low_ms=590.0)
+    assert violations(slow, tail) == {}
+    tail.p99_low_ms = 610.0
+    assert list(violations(slow, tail)) == ["p99"]
 
 
 def test_a_knob_does_not_go_back_within_an_hour_on_the_same_evidence():
