@@ -26,7 +26,13 @@ from tracetune.analyzer import SLO, get_slo
 from tracetune.base.settings import Settings
 from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
-from tracetune.tuner.batching import batching_policy, fit_service_time
+from tracetune.tuner.batching import (
+    BUCKETED_PADDING_SCALE,
+    ServiceModel,
+    batching_policy,
+    fit_service_time,
+    predict_batching,
+)
 from tracetune.tuner.config import Knob, PipelineConfig, PipelineSpec, is_number, same_way
 from tracetune.tuner.plan import MOVE, Part, Plan, move_figure, pipeline_effect, plain, scale_effect, take_out
 from tracetune.tuner.policies import (
@@ -307,7 +313,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
         if "batch_max_size" in knobs and target is not None:
             spent = (obs.cost_per_1k or 0.0) * obs.requests / 1000
             share = total.cost / spent if spent > 0 else None  # this step's part of what the pipeline costs
-            proposal = batching_policy(fit_service_time(obs.batches.get(step, [])), obs.arrival_rate(step), current,
+            model = fit_service_time(obs.batches.get(step, []))
+            proposal = batching_policy(model, obs.arrival_rate(step), current,
                                        knobs, target, total.p95_ms, padding_ratio=obs.padding_ratio(step), step=step,
                                        cost_share=share)
             if proposal is not None and slow_now and proposal.predicted.get("p95_ms", 0.0) > total.p95_ms:
@@ -317,6 +324,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             if proposal is not None and step in plan.changes and "p95_ms" in proposal.predicted \
                     and obs.p95_ms is not None:
                 plan.effects.setdefault(step, {})["p95_ms"] = obs.p95_ms + proposal.predicted["p95_ms"] - total.p95_ms
+            if proposal is not None and step in plan.changes and model is not None and total.cost > 0:
+                _price_batching(plan, obs, proposal, model, current, step, total.cost / total.spans)
         if "cache_enabled" in knobs and total.hashed:
             proposal = caching_policy(total.hashed, total.hashed - total.distinct_inputs, total.hits, current, knobs,
                                       settings.staleness_limit_seconds, total.distinct_inputs, obs.window_seconds,
@@ -441,6 +450,25 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
         plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
                             + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
     return plan
+
+
+def _price_batching(plan: Plan, obs: observe.Observation, proposal: Proposal, model: ServiceModel,
+                    current: Mapping[str, Any], step: str, per_call: float) -> None:
+    """File a batching move's saving as the pipeline's: a batched step's calls are priced by their share of a
+    batch's compute (batch time over batch size, per core-second), so the step costs what it costs now scaled by
+    compute per request, predicted for the values the decision sets (a move clamped to half way saves less than
+    the policy's best). A move whose saving no canary could show is then "too small to show", as any other."""
+    before = proposal.predicted.get("compute_ms_per_request_before")
+    values = {**current, **plan.changes[step]}
+    padding = obs.padding_ratio(step)
+    if bool(values.get("length_bucketing")) and not bool(current.get("length_bucketing")):
+        padding *= BUCKETED_PADDING_SCALE
+    after = predict_batching(model, obs.arrival_rate(step), int(values["batch_max_size"]),
+                             float(values.get("batch_max_wait_ms", 0.0)), padding)["compute_ms_per_request"]
+    if not before or not math.isfinite(after):
+        return
+    proposal.predicted.update(cost_per_1k_before=1000 * per_call, cost_per_1k=1000 * per_call * after / before)
+    pipeline_effect(plan, obs, proposal, share=0.0)
 
 
 def _hold(plan: Plan, obs: observe.Observation, floor: float | None, missed: bool,
@@ -913,6 +941,7 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
 
 
 TOO_SMALL = "saving too small to show"
+NO_SAVING = "no saving to show"
 
 
 def _moved(plan: Plan, obs: observe.Observation, spec: PipelineSpec | None) -> dict[str, float] | None:
@@ -937,16 +966,25 @@ def _moved(plan: Plan, obs: observe.Observation, spec: PipelineSpec | None) -> d
 
 
 def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings, spec: PipelineSpec | None = None) -> str:
-    """Why a plan that only saves cost is not worth a canary ("" when it is): its predicted saving is smaller
-    than a canary can show in its time, at this load and this spread of per-task cost (`canary.tasks_needed`
-    against the tasks its share gets in twice `canary_max_seconds`, as long as a cheaper canary may run on).
-    Such a canary could only run its time out and be rolled back for want of tasks, holding its moves back for
-    the hour and the loop from anything else. A plan restoring a missed objective or buying quality for a floor
-    at risk is tried whatever its cost."""
+    """Why a plan that only saves cost is not worth a canary ("" when it is): it predicts a rise of cost
+    (`canary.judge` promotes such a canary only on a saving shown), or its predicted saving is smaller than a
+    canary can show in its time, at this load and this spread of per-task cost (`canary.tasks_needed` against
+    the tasks its share gets in twice `canary_max_seconds`, as long as a cheaper canary may run on). Such a
+    canary could only run its time out and be rolled back for want of tasks, holding its moves back for the
+    hour and the loop from anything else. A plan restoring a missed objective or buying quality for a floor at
+    risk is tried whatever its cost; one with no cost predicted (no model of it) too."""
     if settings.canary_share <= 0 or plan.violated or buys_quality(plan.figures()) is not None:
         return ""
-    before, after, spread = obs.cost_per_1k, plan.after.get("cost_per_1k"), obs.cost_spread(_moved(plan, obs, spec))
-    if not before or after is None or not math.isfinite(after) or after >= before or not spread:
+    before, after = obs.cost_per_1k, plan.after.get("cost_per_1k")
+    if not before or after is None or not math.isfinite(after) or after == before:
+        return ""  # no cost predicted: not known
+    if after > before:
+        # `canary.judge` promotes a canary restoring nothing and buying no quality only on a saving shown.
+        return (f"{NO_SAVING}: {(after - before) / before:+.1%} predicted, and it restores no missed objective "
+                f"nor buys quality for a floor at risk, so a canary could only run its time out. Not tried: "
+                f"{plan.summary}")
+    spread = obs.cost_spread(_moved(plan, obs, spec))
+    if not spread:
         return ""
     effect, mean = (after - before) / 1000, before / 1000
     share = settings.canary_share

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -849,6 +850,57 @@ def test_a_cache_turned_on_is_priced_and_not_tried_alone_where_no_canary_could_s
         "saving too small to show")
     out = look(SPEC, SPEC.defaults(), SLO_SHOP, settings, 0.0, measure=lambda: quiet)
     assert out.plan is None and out.idle.startswith("saving too small to show"), out.idle
+
+
+def test_a_batching_move_is_priced_by_compute_per_request_at_the_values_the_decision_sets():
+    """A batched step's calls cost their share of a batch's compute: bigger batches are filed as the pipeline's
+    saving, predicted for the values the decision sets (clamped half way, not the policy's best), so a saving no
+    canary could show is "too small to show" instead of a canary that can only run its time out (a real triage
+    run spent its last 5 minutes on one: -4% measured where about 98,000 canary tasks were needed)."""
+    from tracetune.tuner.batching import BatchSample, fit_service_time, predict_batching
+    from tracetune.tuner.loop import unprovable
+
+    spec = PipelineSpec("feed", {"embed": {"batch_max_size": Knob("int", 4, 1, 64),
+                                           "batch_max_wait_ms": Knob("float", 5.0, 0, 200, "ms")}, "llm": {}},
+                        {"p95_ms": 2000.0})
+    slo = SLO(pipeline="feed", p95_ms=2000.0)
+    batches = [BatchSample(size, 20.0 + 4 * size) for size in (1, 2, 3, 4) for _ in range(10)]  # 20 ms a batch
+    obs = Observation("feed", 60.0, requests=3000, p95_ms=100.0, cost_per_1k=1.0)  # 50 requests/s
+    obs.steps["embed"] = {"a": RouteObservation(spans=3000, p95_ms=60.0, cost=3.0)}  # the whole cost
+    obs.batches["embed"] = batches
+    plan = decide(spec, spec.defaults(), slo, obs, LoopSettings())
+    size, wait = plan.changes["embed"]["batch_max_size"], plan.changes["embed"]["batch_max_wait_ms"]
+    assert "clamped" in next(r for r in plan.reasons if r.startswith("embed:"))
+    model = fit_service_time(batches)
+    now = predict_batching(model, 50.0, 4, 5.0)["compute_ms_per_request"]
+    expected = predict_batching(model, 50.0, size, wait)["compute_ms_per_request"] / now
+    assert expected < 0.99 and plan.after["cost_per_1k"] == pytest.approx(expected)
+    best = plan.predicted["embed.proposal.compute_ms_per_request"] / now  # the policy's best, unclamped: 0.37
+    assert best < 0.5 < expected
+    # Beside a step of rare dear calls (half the cost), its -0.9% is too small for a canary to show.
+    obs.cost_per_1k = 2.0
+    obs.steps["llm"] = {"x": RouteObservation(spans=300, p95_ms=60.0, cost=3.0)}
+    plan = decide(spec, spec.defaults(), slo, obs, LoopSettings())
+    assert plan.after["cost_per_1k"] == pytest.approx(1.0 + expected)
+    assert unprovable(plan, obs, LoopSettings(), spec).startswith("saving too small to show")
+
+
+def test_a_plan_predicting_a_rise_of_cost_that_restores_nothing_is_not_tried():
+    """`canary.judge` promotes a canary restoring no missed objective and buying no quality only on a saving
+    shown: one predicted dearer could only run its time out. With no cost predicted (no model), it is tried."""
+    from tracetune.tuner.loop import NO_SAVING, unprovable
+    from tracetune.tuner.plan import Plan
+
+    busy = Observation("shop", 30.0, requests=3000, p95_ms=120.0, cost_per_1k=1.0, quality=0.95, labelled=3000)
+    plan = Plan(changes={"score": {"cache_enabled": True}})
+    plan.before = {"cost_per_1k": 1.0, "quality": 0.95}
+    plan.effects["score"] = {"cost_per_1k.delta": 0.1}
+    said = unprovable(plan, busy, LoopSettings(), SPEC)
+    assert said.startswith(NO_SAVING) and "+10.0% predicted" in said
+    plan.violated = ["p95"]  # restoring a missed objective: tried whatever it costs
+    assert unprovable(plan, busy, LoopSettings(), SPEC) == ""
+    plan.violated, plan.effects["score"] = [], {}  # no cost predicted: not known, tried
+    assert unprovable(plan, busy, LoopSettings(), SPEC) == ""
 
 
 def test_moves_that_each_hold_the_floor_but_not_together_do_not_go_in_one_decision():
