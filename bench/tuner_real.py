@@ -298,6 +298,10 @@ def _run_arm(name: str, pinned: dict | None, workload: Workload, *, minutes: flo
         row["settings"] = overrides
         row["seconds"] = round(time.monotonic() - started, 1)
         row["load"] = {k: report[k] for k in ("sent", "ok", "rejected", "failed", "overloaded", "dropped")}
+        if report["dropped"]:  # the load's own limit of requests in flight: the machine did not keep up
+            log.warning("arm %s: the load generator dropped %d of %d requests (too many in flight: this machine "
+                        "did not keep up with the arms run side by side); its latency and SLO windows are no "
+                        "evidence of the config", name, report["dropped"], report["sent"])
         failed = False
         return row
     finally:
