@@ -345,10 +345,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 # Its saving: a hit is a call not paid for, so the step's calls cost (1 - hits) as much as the
                 # misses now do. Filed as the pipeline's, so a cache whose saving no canary could show in its
                 # time is not tried alone ("too small to show"), as any other move that only saves cost.
-                per_call = 1000 * total.cost / total.spans
-                proposal.predicted.update(cost_per_1k_before=per_call,
-                                          cost_per_1k=per_call * (1 - hits_after) / (1 - hit_now))
-                pipeline_effect(plan, obs, proposal, share=0.0)
+                _file_saving(plan, obs, proposal, total.cost / total.spans, (1 - hits_after) / (1 - hit_now))
         # A cascade's samples as its local step's routes will answer them once this decision is in force; while
         # quality is missed, the window's alone (the hour's pool would dilute a drift the window shows).
         samples = _as_mixed([s for s in obs.cascade_samples.get(step, []) if s.recent or "quality" not in missed],
@@ -465,9 +462,14 @@ def _price_batching(plan: Plan, obs: observe.Observation, proposal: Proposal, mo
         padding *= BUCKETED_PADDING_SCALE
     after = predict_batching(model, obs.arrival_rate(step), int(values["batch_max_size"]),
                              float(values.get("batch_max_wait_ms", 0.0)), padding)["compute_ms_per_request"]
-    if not before or not math.isfinite(after):
-        return
-    proposal.predicted.update(cost_per_1k_before=1000 * per_call, cost_per_1k=1000 * per_call * after / before)
+    if before and math.isfinite(after):
+        _file_saving(plan, obs, proposal, per_call, after / before)
+
+
+def _file_saving(plan: Plan, obs: observe.Observation, proposal: Proposal, per_call: float, factor: float) -> None:
+    """File a move that makes its step's calls cost `factor` times the `per_call` (USD) they cost now as the
+    pipeline's change of cost (a cache's hits, a batch's shared compute)."""
+    proposal.predicted.update(cost_per_1k_before=1000 * per_call, cost_per_1k=1000 * per_call * factor)
     pipeline_effect(plan, obs, proposal, share=0.0)
 
 

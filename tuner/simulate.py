@@ -644,8 +644,8 @@ class _Simulation:
             return obs
         obs.p95_ms = float(np.quantile(roots["latency_ms"], 0.95))
         obs.p99_ms = float(np.quantile(roots["latency_ms"], 0.99))
-        obs.p95_low_ms = float(np.quantile(roots["latency_ms"], max(0.0, low_level(0.95, n))))
-        obs.p99_low_ms = float(np.quantile(roots["latency_ms"], max(0.0, low_level(0.99, n))))
+        obs.p95_low_ms = float(np.quantile(roots["latency_ms"], low_level(0.95, n)))
+        obs.p99_low_ms = float(np.quantile(roots["latency_ms"], low_level(0.99, n)))
         total = 0.0
         batches = self.batches.window(start, now, keep)
         for step in self.models:
