@@ -373,18 +373,22 @@ def unit_costs(spec: PipelineSpec, obs: Any) -> dict[str, float]:
     return found
 
 
-def _drop_rejected(client, pipeline: str, config: PipelineConfig, plan: Any, now: datetime) -> list[str]:
-    """Take out of `plan` the moves a shadow rejected lately (they would fail the same way)."""
-    last = decisions.last_decision(client, pipeline, ("shadow_reject",))
+def _drop_rejected(client, spec: PipelineSpec, config: PipelineConfig, plan: Any, now: datetime) -> list[str]:
+    """Take out of `plan` the moves a shadow rejected lately (they would fail the same way): only the knobs the
+    trial changed (its candidate against the config in force then, the decision's after and before), not one
+    the config in force moved since."""
+    last = decisions.last_decision(client, spec.pipeline, ("shadow_reject",))
     if last is None or _age(last, now) >= REJECTED_MEMORY_SECONDS:
         return []
-    tried = last["config_before"].get("steps", {})
+    tried, then = last["config_before"].get("steps", {}), last["config_after"].get("steps", {})
     dropped = []
     for step, values in list(plan.changes.items()):
         for knob, value in list(values.items()):
             before = config.knob(step, knob)
             after = tried.get(step, {}).get(knob, before)
-            if knob in QUALITY_KNOBS and after != before and _same_way(before, after, value):
+            declared = spec.steps.get(step, {}).get(knob)
+            was = then.get(step, {}).get(knob, declared.default if declared is not None else after)
+            if knob in QUALITY_KNOBS and after != was and after != before and _same_way(before, after, value):
                 plan.drop(step, knob)
                 dropped.append(f"{step}.{knob}")
     if dropped:
@@ -419,7 +423,7 @@ def before_trial(client, spec: PipelineSpec, config: PipelineConfig, plan: Any, 
         return True, _look(client, spec, config, trial, loop_settings, settings, now, active)
     if settings.share <= 0 or not quality_moves(plan.changes):
         return False, None
-    _drop_rejected(client, spec.pipeline, config, plan, now)
+    _drop_rejected(client, spec, config, plan, now)
     if not plan.changes:
         return True, None
     if not quality_moves(plan.changes):

@@ -35,6 +35,7 @@ from tracetune.analyzer import (
 )
 from tracetune.demo.corpus import CATEGORIES, generate
 from tracetune.demo.standins import classify_by_keywords, create_crm_app, create_llm_app
+from tracetune.demo.triage import LLM_WEIGHTS
 from tracetune.tuner import decisions, observe, shadow, versions
 from tracetune.tuner.loop import LoopSettings
 from tracetune.tuner.plan import Plan
@@ -136,9 +137,12 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
     token = {"Authorization": f"Bearer {settings.secret('tuner')}"}
     tuner = f"{settings.tuner_url}/v1/pipelines/{PIPELINE}"
     wait_until(lambda: httpx.get(f"{tuner}/config").status_code == 200, 30, 0.2, "the demo declared")
-    # One classifier route, so the config in force answers the same ticket the same way every time.
+    # One classifier route, so the config in force answers the same ticket the same way every time, and one LLM
+    # tier, so an escalation costs the same on either side and the shadow is dearer by its extra escalations
+    # alone (with two tiers drawn at random, the dearer tier's draws could hide them on 80 tasks).
     changed = httpx.patch(f"{tuner}/config", headers=token, json={
-        "steps": {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_enabled": False}},
+        "steps": {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_enabled": False},
+                  "escalate": {"route_weights": {"llm-small": 0.0, "llm-large": 1.0}}},
         "reason": "one route for the test"})
     assert changed.status_code == 200, changed.text
     version = changed.json()["version"]
@@ -176,7 +180,7 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
     # The shadow ran on every task of the second batch, escalated more of them, and recorded what it answered.
     wait_until(lambda: shadow.samples(client, trial, "classify").n >= N, 30, 0.3, "the shadow runs in the store")
     found = shadow.samples(client, trial, "classify")
-    assert found.n == N and found.failed == 0
+    assert (found.n, found.failed) == (N, 0)
     assert sum(real for _, real in found.costs) > 0 and found.spent > sum(real for _, real in found.costs)
     shadow_spans, shadow_roots, tokens = client.query(SHADOW_SPANS_SQL, parameters={"trial": str(trial.trial)}) \
         .result_rows[0]
@@ -226,6 +230,13 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
 
 def test_the_shadow_cost_cap_holds(stack):
     settings, client = stack["settings"], stack["client"]
+    # Both tiers in force (the module's first test leaves the large one alone), so the trial below moves them.
+    token = {"Authorization": f"Bearer {settings.secret('tuner')}"}
+    changed = httpx.patch(f"{settings.tuner_url}/v1/pipelines/{PIPELINE}/config", headers=token, json={
+        "steps": {"escalate": {"route_weights": LLM_WEIGHTS}}, "reason": "both tiers for the test"})
+    assert changed.status_code == 200, changed.text
+    wait_until(lambda: httpx.get(f"{settings.executor_url}/health").json()["pipelines"][PIPELINE]
+               == changed.json()["version"], 20, 0.1, "the executor on the new version")
     spec = versions.latest_spec(client, PIPELINE)
     # The cap is priced from the large tier's calls measured in the window (a tier with none measured is priced
     # as its step's dearest measured one, the small tier here): the module's first test makes some, but this test

@@ -16,7 +16,7 @@ from tests.tuner.test_decisions import tuner  # noqa: F401 - the fixture
 from tests.tuner.test_loop import SPEC, _spans, shop  # noqa: F401 - shop is a fixture
 from tracetune.analyzer import SLO
 from tracetune.tuner import approval, canary, decisions, shadow, versions
-from tracetune.tuner.config import Approval
+from tracetune.tuner.config import Approval, Knob, PipelineSpec
 from tracetune.tuner.loop import LoopSettings, tune_once
 from tracetune.tuner.observe import collect
 from tracetune.tuner.plan import Plan
@@ -215,6 +215,25 @@ def test_a_rejected_shadow_is_not_tried_again_the_same_way_within_the_hour(shop)
     later = datetime.now(UTC) + timedelta(hours=2)
     _, other = shadow.before_trial(shop, SPEC, config, _plan(0.7), obs, LoopSettings(), later, settings=SETTINGS)
     assert other.kind == "shadow_start"
+
+
+def test_a_rejected_shadow_holds_back_only_the_knobs_it_changed_not_one_the_config_moved_since(client):
+    tiers = PipelineSpec("tiers", {"escalate": {
+        "cascade_threshold": Knob("float", 0.5, 0, 1),
+        "route_weights": Knob("weights", {"small": 0.5, "large": 0.5})}}, {"quality_floor": 0.8}, {})
+    base, _ = versions.register(client, tiers)
+    # A shadow of threshold 0.5 -> 0.3 was rejected; its candidate (before) against the config in force (after).
+    candidate = {**tiers.merge(base, {"escalate": {"cascade_threshold": 0.3}}).to_dict(), "version": base.version}
+    decisions.record(client, decisions.Decision("tiers", "shadow_reject", base.version, base.version, candidate,
+                                                base.to_dict(), "shadow rejected: a test"))
+    # An operator moved the tiers since; a plan moving them back (and the threshold down again) comes next.
+    moved = versions.change(client, tiers, {"escalate": {"route_weights": {"small": 0.8, "large": 0.2}}},
+                            author="alice", reason="a hand change")
+    plan = Plan(changes={"escalate": {"cascade_threshold": 0.35, "route_weights": {"small": 0.5, "large": 0.5}}},
+                reasons=["escalate: a test move"],
+                _current={"escalate": {"cascade_threshold": 0.5, "route_weights": {"small": 0.8, "large": 0.2}}})
+    assert shadow._drop_rejected(client, tiers, moved, plan, datetime.now(UTC)) == ["escalate.cascade_threshold"]
+    assert plan.changes == {"escalate": {"route_weights": {"small": 0.5, "large": 0.5}}}
 
 
 def test_a_shadow_against_a_version_no_longer_in_force_is_cancelled(shop):  # noqa: F811
