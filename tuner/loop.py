@@ -47,6 +47,7 @@ from tracetune.tuner.policies import (
     concurrency_policy,
     escalation_shares,
     local_route_floor,
+    local_tiers_policy,
     quantile_name,
     routing_policy,
     slow_weight_cap,
@@ -275,7 +276,7 @@ class Moves(dict):
 def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: observe.Observation,
            settings: LoopSettings = LoopSettings(), *, moves: Mapping[tuple[str, str], Move] | None = None,
            now: float | None = None, bounds: Mapping[tuple[str, str], tuple[float, float]] | None = None,
-           steps: Collection[str] | None = None, most_saving: bool = False) -> Plan:
+           steps: Collection[str] | None = None, most_saving: bool = False, together: bool = True) -> Plan:
     """The knob changes the policies propose for every step that declares the knobs they act on.
 
     A missed objective (p95, quality, errors) comes first: proposals that would worsen it wait, and the
@@ -285,7 +286,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     noise (`changed`). `bounds`: (step, knob) -> the range a canary rolled back lately leaves a numeric knob
     (`Rejected.bounds`); a cascade threshold is searched within it, so the policy picks the best value left
     instead of one the rollback would hold back. `steps`: only these steps' knobs move, the others stay as they
-    are."""
+    are. `together`: a cascade's local routes, threshold and tiers may be chosen together (`_with_cascade`); a
+    plan some of whose moves chosen together a hold takes out or changes is decided again without it."""
     plan = Plan()
     floor = slo.quality_floor if slo else None
     missed = violations(slo, obs)
@@ -301,6 +303,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     # burst) queues behind it. Its threshold and routes, and its local step's routes, move as far as their
     # models allow, as for a missed objective.
     saturated = {c for c in spec.cascades if obs.step_total(c).retried > SATURATED * max(obs.step_total(c).spans, 1)}
+    joined: dict[str, Proposal | None] = {}  # a cascade's move chosen with its local step's routes
     for step, knobs in spec.steps.items():
         current = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(step, {})}
         total = obs.step_total(step)
@@ -350,8 +353,8 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
         # quality is missed, the window's alone (the hour's pool would dilute a drift the window shows).
         samples = _as_mixed([s for s in obs.cascade_samples.get(step, []) if s.recent or "quality" not in missed],
                             config, plan, spec.cascades.get(step))
-        joint = None
-        if "cascade_threshold" in knobs and "route_weights" in knobs and "quality" not in missed:
+        joint = joined.get(step)  # chosen with its local step's routes, when that step came up
+        if "cascade_threshold" in knobs and "route_weights" in knobs and "quality" not in missed and joint is None:
             every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slo else {}
             joint = cascade_tiers_policy(samples, obs.route_stats(step), current["cascade_threshold"],
                                          current["route_weights"], knobs["cascade_threshold"], knobs["route_weights"],
@@ -399,6 +402,14 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                 elif slow and proposal.predicted.get("escalation_share", 1.0) <= TAIL_MARGIN * TAIL_SHARE < now_share:
                     # Escalations now fit in the tail the target allows: p95 becomes that of the tasks kept local.
                     part.p95_ms = plan.effects[step]["p95_ms"] = min(obs.p95_ms or math.inf, _local_ms(obs, spec, step))
+        if "route_weights" in knobs and step in local_of and together and not missed \
+                and (steps is None or local_of[step] in steps):
+            busy = local_of[step] in saturated
+            joined[local_of[step]] = _with_cascade(plan, spec, config, slo, obs, step, local_of[step], current, limit,
+                                                   1.0 if busy else settings.max_threshold_step,
+                                                   1.0 if busy else settings.max_traffic_shift)
+            if joined[local_of[step]] is not None:
+                continue
         if "route_weights" in knobs and joint is None:
             route_floor, cap = floor, None
             kept, reached = 1.0, total.spans / max(obs.requests, 1)  # the share of tasks the step's routes serve
@@ -443,10 +454,77 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                                                                        and "errors" not in missed)),
                      spec, current, limit)
     _hold(plan, obs, floor, bool(missed), moves, now, settings, most_saving)
+    if together and plan.together:
+        apart = decide(spec, config, slo, obs, settings, moves=moves, now=now, bounds=bounds, steps=steps,
+                       most_saving=most_saving, together=False)
+        if broken := _broken(plan):
+            # Each was chosen for what the others do: with some held, the steps' own policies decide instead.
+            apart.reasons.append(f"{'; '.join(broken)}: chosen together, but a hold took some of them out or "
+                                 f"changed them, so each step's own policy decided instead")
+            return apart
+        if _predicted_cost(apart) <= _predicted_cost(plan):
+            # The moves chosen together beat each step's own policy at the local mix in force, not necessarily
+            # the decision the steps' own policies make (a cheaper local route, say): the decision saving more.
+            apart.reasons.append(f"{'; '.join(_together_names(plan))}: chosen together, predicted to cost "
+                                 f"{_predicted_cost(plan):.4g} USD per 1k, not less than the "
+                                 f"{_predicted_cost(apart):.4g} of each step's own policy, which decided instead")
+            return apart
     if missed:
         plan.reasons.insert(0, "restoring first: " + "; ".join(missed.values())
                             + " (moves as far as the models allow, cost-only moves that would worsen it wait)")
     return plan
+
+
+def _with_cascade(plan: Plan, spec: PipelineSpec, config: PipelineConfig, slo: SLO | None,
+                  obs: observe.Observation, local: str, cascade: str, current: Mapping[str, Any], limit: float,
+                  threshold_step: float, max_shift: float) -> Proposal | None:
+    """A cascade's local routes, threshold and tiers chosen together (`local_tiers_policy`) when the cascade has
+    a threshold and tiers: the local step's routes move with them, instead of by the routing policy, and the
+    cascade's part carries the pipeline's quality and escalation cost. Returns the cascade's proposal, added to
+    `plan` already (None: no such move; the local step's and the cascade's own policies go on)."""
+    knobs = spec.steps[cascade]
+    if slo is None or "cascade_threshold" not in knobs or "route_weights" not in knobs \
+            or not obs.step_total(cascade).spans:
+        return None
+    at_cascade = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(cascade, {})}
+    target = step_target_ms(slo, obs, local)
+    stats = obs.route_stats(local)
+    slow = {r.route for r in stats if target is not None and r.p95_ms is not None and r.p95_ms > target}
+    every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None}
+    found = local_tiers_policy(obs.cascade_samples.get(cascade, []), stats, obs.route_stats(cascade),
+                               current["route_weights"], at_cascade["cascade_threshold"], at_cascade["route_weights"],
+                               spec.steps[local]["route_weights"], knobs["cascade_threshold"], knobs["route_weights"],
+                               slo.quality_floor, local, cascade, max_step=threshold_step, max_shift=max_shift,
+                               slow=slow, latency=obs.task_latency.get(cascade), latency_targets=every_target)
+    if found is None:
+        return None
+    local_move, cascade_move = found
+    plan.add(local_move, spec, current, limit)
+    plan.add(cascade_move, spec, at_cascade, limit)
+    if local not in plan.changes or cascade not in plan.changes:
+        for step, knob in ((local, "route_weights"), (cascade, "route_weights"), (cascade, "cascade_threshold")):
+            plan.drop(step, knob)
+        return None
+    pipeline_effect(plan, obs, local_move, share=1.0, calls=obs.step_total(local).spans / max(obs.requests, 1))
+    pipeline_effect(plan, obs, cascade_move, share=1.0)
+    plan.together.append({(local, "route_weights"): plan.changes[local]["route_weights"],
+                          **{(cascade, k): v for k, v in plan.changes[cascade].items()}})
+    return cascade_move
+
+
+def _predicted_cost(plan: Plan) -> float:
+    """The pipeline's cost per 1k as `plan` predicts it (as now when it predicts none)."""
+    return plan.after.get("cost_per_1k", plan.before.get("cost_per_1k", math.inf))
+
+
+def _together_names(plan: Plan) -> list[str]:
+    return [", ".join(sorted(f"{step}.{knob}" for step, knob in group)) for group in plan.together]
+
+
+def _broken(plan: Plan) -> list[str]:
+    """The moves chosen together of which a hold took out or changed some (a reversal held or halved, a risk)."""
+    return [", ".join(sorted(f"{step}.{knob}" for step, knob in group)) for group in plan.together
+            if any(plan.changes.get(step, {}).get(knob) != value for (step, knob), value in group.items())]
 
 
 def _price_batching(plan: Plan, obs: observe.Observation, proposal: Proposal, model: ServiceModel,
@@ -516,13 +594,24 @@ def _hold_unneeded_quality(plan: Plan, obs: observe.Observation, floor: float | 
     bound = wilson_lower(obs.quality * obs.labelled, obs.labelled)
     if bound < floor:
         return
-    for part in [p for p in plan.parts if p.live and p.cost_delta > 0 and p.quality_delta > 0]:
+    for part in [p for p in plan.parts if p.live and p.cost_delta > 0 and p.quality_delta > 0
+                 and not _buys_a_saving(plan, p)]:
         take_out(plan, part)
         left = "they are" if len(part.knobs) > 1 else "it is"
         plan.reasons.append(f"{part.step}: {', '.join(part.knobs)} left as {left}: the move would pay "
                             f"{part.cost_delta:+.4f} USD per 1k for quality, and the pipeline's quality "
                             f"{obs.quality:.3f} holds the {floor:g} floor beyond doubt (lower bound {bound:.3f} "
                             f"on {obs.labelled} labelled tasks)")
+
+
+def _buys_a_saving(plan: Plan, part: Part) -> bool:
+    """Whether `part` pays for quality that moves chosen with it spend on a saving (a surer local route that
+    lets a cheaper tier hold the floor): the moves together cost less."""
+    for group in plan.together:
+        if any((part.step, knob) in group for knob in part.knobs):
+            members = [p for p in plan.parts if p.live and any((p.step, knob) in group for knob in p.knobs)]
+            return sum(p.cost_delta for p in members) < 0
+    return False
 
 
 def _hold_at_risk(plan: Plan) -> None:
@@ -917,7 +1006,13 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
     last, last_moves = rejected(), moves()
     bounds = last.bounds(config) if last is not None and last.remembered(now, settings) else None
     plan = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds)
+    together = [dict(group) for group in plan.together]
     drop_rejected(plan, config, last, now, settings)
+    if together and any(plan.changes.get(step, {}).get(knob) != value for group in together
+                        for (step, knob), value in group.items()):
+        # A rolled-back canary's moves taken out of moves chosen together: each step's own policy decides instead.
+        plan = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds, together=False)
+        drop_rejected(plan, config, last, now, settings)
     if not plan.changes:
         return Outcome(observation=obs, idle="nothing to change")
     too_small = unprovable(plan, obs, settings, spec)

@@ -63,6 +63,9 @@ class Plan:
     evidence: dict[str, float] = field(default_factory=dict)  # what the moves were made on (see `evidence`)
     violated: list[str] = field(default_factory=list)  # objectives missed now, restored first
     parts: list[Part] = field(default_factory=list)  # each proposal's share of `effects`, for `_hold_joint_floor`
+    # Moves chosen together, (step, knob) -> value, the first one's effect predicted as if it went alone (a local
+    # step's routes at the cascade in force) and the others' as if it went too: dropping the first drops them all.
+    together: list[dict[tuple[str, str], Any]] = field(default_factory=list)
     _current: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def add(self, proposal: Proposal | None, spec: PipelineSpec, current: Mapping[str, Any], limit: float) -> None:
@@ -103,6 +106,10 @@ class Plan:
             del self.changes[step]
             self.reasons = [r for r in self.reasons if not r.startswith(f"{step}: ")]
             self.predicted = {k: v for k, v in self.predicted.items() if not k.startswith(f"{step}.")}
+        for group in [g for g in self.together if next(iter(g)) == (step, knob)]:
+            self.together.remove(group)  # the others were predicted with it: they go out with it
+            for other_step, other in list(group)[1:]:
+                self.drop(other_step, other)
 
     @property
     def after(self) -> dict[str, float]:

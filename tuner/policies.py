@@ -22,7 +22,7 @@ guards what they propose (`clamp_change`, cooldown, canary). The models, and why
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -760,6 +760,165 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
             if math.isfinite(after[q][0]) and math.isfinite(before[q][0]):
                 predicted[quantile_name(q)], predicted[quantile_name(q) + "_before"] = after[q][0], before[q][0]
     return Proposal(step, values, reason, predicted)
+
+
+def local_tiers_policy(samples: Sequence[CascadeSample], local_stats: Sequence[RouteStats],
+                       tiers: Sequence[RouteStats], current_local: Mapping[str, float], current_threshold: float,
+                       current_tiers: Mapping[str, float], local_knob: Knob, threshold_knob: Knob, tiers_knob: Knob,
+                       quality_floor: float | None, local_step: str, step: str, *, max_step: float = 0.1,
+                       max_shift: float = 0.25, min_route_labelled: int = 50, min_tier_labelled: int = 30,
+                       z: float = Z_95, z_cut: float = Z_99, grid: float = 0.01, mix_grid: float = 0.05,
+                       min_gain: float = 0.05, slow: Collection[str] = (), latency: TaskLatencies | None = None,
+                       latency_targets: Mapping[float, float] | None = None,
+                       latency_margin: float = TAIL_MARGIN) -> tuple[Proposal, Proposal] | None:
+    """A cascade's local routes, threshold and remote tiers chosen together: (the local step's proposal, the
+    cascade's), when the cheapest triple whose predicted quality holds the floor changes the local mix and costs
+    at least `min_gain` less than the cheapest at the local mix in force; None otherwise.
+
+    What a local route is worth to the pipeline is not its own accuracy but what the pipeline answers through it:
+    its answers the threshold keeps (right or not, per route, at each threshold) and the escalated ones at the
+    tiers' accuracy. A surer, dearer route (a large reranker, cheap beside a hosted LLM) keeps more right answers
+    at a low threshold, which lets a cheaper tier mix hold the floor: the routing, threshold and tier policies,
+    each holding the others where they are, never find that. Quality at a triple: per local route, its labelled
+    answers kept plus its escalated ones at the tier mix's accuracy (each tier's Wilson bound on the answers it
+    gave the tasks that threshold escalates, pooled over the local routes), the routes' Wilson margins at their
+    weights added in quadrature; held at `z_cut`, the triple in force at `z`. Cost per task: each route's own
+    cost plus the share of its answers the threshold escalates times the tier mix's cost per call. Local routes in
+    `slow` (over the step's latency target) gain no weight; with `latency` and `latency_targets`, a triple whose
+    predicted pipeline quantiles miss a target is out, as in `cascade_tiers_policy`. Every local route needs
+    `min_route_labelled` labelled samples, two tiers `min_tier_labelled` labels, and the triple in force must hold
+    the floor (else it is quality first, for the other policies)."""
+    if quality_floor is None or not isinstance(local_knob.default, dict) or not isinstance(tiers_knob.default, dict):
+        return None
+    routes, names = list(local_knob.default), list(tiers_knob.default)
+    if not 2 <= len(routes) <= 4 or not 2 <= len(names) <= 4:
+        return None
+    local_cost = {r.route: r.compute_cost_per_request for r in local_stats}
+    tier_stats = {t.route: t for t in tiers}
+    now_l = np.array([max(0.0, float(current_local.get(r, 0.0))) for r in routes])
+    now_t = np.array([max(0.0, float(current_tiers.get(n, 0.0))) for n in names])
+    if now_l.sum() <= 0 or now_t.sum() <= 0 or any(r not in local_cost for r in routes):
+        return None
+    now_l, now_t = now_l / now_l.sum(), now_t / now_t.sum()
+    by_route = {r: sorted((s for s in samples if s.route == r and s.local_correct is not None),
+                          key=lambda s: s.confidence) for r in routes}
+    if any(len(by_route[r]) < min_route_labelled for r in routes):
+        return None
+    known_t = np.array([n in tier_stats and tier_stats[n].labelled >= min_tier_labelled for n in names])
+    if known_t.sum() < 2:
+        return None
+    low = threshold_knob.low if threshold_knob.low is not None else 0.0
+    high = threshold_knob.high if threshold_knob.high is not None else 1.0
+    thresholds = np.round(np.arange(low, high + grid / 2, grid), 6)
+    thresholds = np.unique(np.append(thresholds[np.abs(thresholds - current_threshold) <= max_step + 1e-9],
+                                     current_threshold))
+    here = int(np.flatnonzero(np.isclose(thresholds, current_threshold))[0])
+    # Per local route and threshold: labelled answers, right ones kept, labelled escalations, escalation share.
+    n_l = np.array([len(by_route[r]) for r in routes], dtype=float)
+    kept_l, below_l, share_l = [], [], []
+    for r in routes:
+        confidence = np.array([s.confidence for s in by_route[r]], dtype=float)
+        right = np.array([bool(s.local_correct) for s in by_route[r]], dtype=float)
+        kept = np.concatenate([np.cumsum(right[::-1])[::-1], [0.0]])
+        below = np.searchsorted(confidence, thresholds, side="left")
+        every = np.sort(np.array([s.confidence for s in samples if s.route == r], dtype=float))
+        kept_l.append(kept[below])
+        below_l.append(below.astype(float))
+        share_l.append(np.searchsorted(every, thresholds, side="left") / len(every))
+    kept_l, below_l, share_l = np.array(kept_l), np.array(below_l), np.array(share_l)  # (routes, thresholds)
+    # Each tier's accuracy on the answers it gave the tasks each threshold escalates, pooled over local routes.
+    pooled = sorted((s for s in samples if s.local_correct is not None), key=lambda s: s.confidence)
+    cut = np.searchsorted(np.array([s.confidence for s in pooled], dtype=float), thresholds, side="left")
+    tier_lower, tier_strict, tier_point = (np.zeros((len(thresholds), len(names))) for _ in range(3))
+    for k, name in enumerate(names):
+        if not known_t[k]:
+            continue
+        sent, got = (counts[cut] for counts in _remote_answers(pooled, name))
+        if not any(s.tier for s in pooled):  # no sample names its tier: its labels over all its answers
+            sent = np.full(len(thresholds), tier_stats[name].labelled)
+            got = np.full(len(thresholds), tier_stats[name].correct)
+        tier_lower[:, k] = [wilson_lower(float(g), float(m), z) for g, m in zip(got, sent, strict=True)]
+        tier_strict[:, k] = [wilson_lower(float(g), float(m), z_cut) for g, m in zip(got, sent, strict=True)]
+        tier_point[:, k] = np.where(sent > 0, got / np.maximum(sent, 1), 0.0)
+    per_call = np.array([tier_stats[n].compute_cost_per_request if n in tier_stats else 0.0 for n in names])
+    own = np.array([local_cost[r] for r in routes])
+    local_mixes = _mixes(routes, now_l, np.array([r not in slow for r in routes]), max_shift, mix_grid)
+    tier_mixes = _mixes(names, now_t, known_t, max_shift, mix_grid)
+    judged = {q: 1 - latency_margin * (1 - q) for q in (latency_targets or {})}
+
+    def quality(mix_l: np.ndarray, accuracy: np.ndarray, z_: float) -> tuple[np.ndarray, np.ndarray]:
+        """Point and lower bound per threshold, with the escalated answers right at `accuracy` (per threshold)."""
+        per_route = (kept_l + accuracy[None, :] * below_l) / n_l[:, None]
+        margins = np.array([[q - wilson_lower(q * n, n, z_) for q in row] for row, n in zip(per_route, n_l,
+                                                                                           strict=True)])
+        point = mix_l @ per_route
+        return point, point - np.sqrt((mix_l[:, None] ** 2 * margins ** 2).sum(axis=0))
+
+    rows = []  # (cost per task, local mix index, tier mix index, threshold index)
+    for a, mix_l in enumerate(local_mixes):
+        escalated = mix_l @ share_l
+        for b, mix_t in enumerate(tier_mixes):
+            _, moving = quality(mix_l, tier_strict @ mix_t, z_cut)
+            ok = moving >= quality_floor
+            if a == 0 and b == 0:
+                _, held = quality(mix_l, tier_lower @ mix_t, z)
+                if held[here] < quality_floor:
+                    return None  # the triple in force no longer holds the floor: quality first, elsewhere
+                ok[here] = True
+            if latency is not None and judged:
+                found = escalation_quantiles(latency, escalated, dict(zip(names, mix_t, strict=True)),
+                                             tuple(judged.values()))
+                with np.errstate(invalid="ignore"):
+                    ok &= np.logical_and.reduce([found[judged[q]] <= t for q, t in latency_targets.items()])
+                if a == 0 and b == 0:
+                    ok[here] = True
+            cost = float(mix_l @ own) + escalated * float(per_call @ mix_t)
+            rows += [(float(cost[i]), a, b, int(i)) for i in np.flatnonzero(ok)]
+    at_local_now = [r for r in rows if r[1] == 0]
+    best = min(rows)
+    if best[1] == 0 or not at_local_now or best[0] > (1 - min_gain) * min(at_local_now)[0]:
+        return None
+    cost_best, a, b, i = best
+    mix_l, mix_t, new = local_mixes[a], tier_mixes[b], float(thresholds[i])
+    escalated_now, escalated_new = float(now_l @ share_l[:, here]), float(mix_l @ share_l[:, i])
+    point_now, _ = quality(now_l, tier_point[here] @ now_t * np.ones(len(thresholds)), z)
+    point_mid, _ = quality(mix_l, tier_point[here] @ now_t * np.ones(len(thresholds)), z)  # the local move alone
+    point_new, _ = quality(mix_l, tier_point[i] @ mix_t * np.ones(len(thresholds)), z)
+    _, lower_new = quality(mix_l, tier_lower[i] @ mix_t * np.ones(len(thresholds)), z)
+    escalations_now = escalated_now * float(per_call @ now_t)
+    escalations_mid = float(mix_l @ share_l[:, here]) * float(per_call @ now_t)  # the local move alone
+    escalations_new = escalated_new * float(per_call @ mix_t)
+    values: dict[str, KnobValue] = {"route_weights": {n: round(float(w), 6) for n, w in zip(names, mix_t,
+                                                                                             strict=True)}}
+    if abs(new - current_threshold) >= grid / 2:
+        values["cascade_threshold"] = new
+    local_values = {"route_weights": {r: round(float(w), 6) for r, w in zip(routes, mix_l, strict=True)}}
+
+    def moved(keys: Sequence[str], before: np.ndarray, after: np.ndarray) -> str:
+        return ", ".join(f"{key} {before[k]:.2f}->{after[k]:.2f}" for k, key in enumerate(keys)
+                         if abs(after[k] - before[k]) >= 5e-4)
+    kept_right = ", ".join(f"{r} keeps {kept_l[k, i] / max(n_l[k] - below_l[k, i], 1):.1%} right of the "
+                           f"{1 - share_l[k, i]:.0%} it keeps" for k, r in enumerate(routes))
+    threshold_text = f"threshold {current_threshold:.2f} -> {new:.2f}, " if "cascade_threshold" in values else ""
+    cost_now = 1000 * (float(now_l @ own) + escalations_now)
+    reason = (f"{local_step}'s routes, threshold and tiers chosen together: {local_step} "
+              f"{moved(routes, now_l, mix_l)}, {threshold_text}{moved(names, now_t, mix_t)} ({kept_right} at "
+              f"{new:.2f}): {cost_now:.3g} -> {1000 * cost_best:.3g} USD per 1k for {local_step} and {step}, against "
+              f"{1000 * min(at_local_now)[0]:.3g} for the cheapest at the {local_step} mix in force; predicted "
+              f"quality {point_new[i]:.3f} (lower bound {lower_new[i]:.3f}) >= floor {quality_floor:.3f} on "
+              f"{int(n_l.sum())} labelled tasks")
+    cascade_predicted = {"escalation_share": escalated_new, "escalation_share_before": escalated_now,
+                         "cost_per_1k": 1000 * escalations_new, "cost_per_1k_before": 1000 * escalations_mid,
+                         "quality": float(point_new[i]), "quality_before": float(point_mid[here]),
+                         "quality_lower_bound": float(lower_new[i]), "floor_held_before": 1.0}
+    # The pipeline's change of cost and quality split between the two: the local mix's at the threshold and tiers
+    # in force (its own cost and the escalations its answers cause), the cascade's the rest; so a move is judged,
+    # and a canary rolled back for one objective blames a move, on what each does.
+    local_predicted = {"cost_per_1k": 1000 * (float(mix_l @ own) + escalations_mid),
+                       "cost_per_1k_before": 1000 * (float(now_l @ own) + escalations_now),
+                       "quality": float(point_mid[here]), "quality_before": float(point_now[here])}
+    return (Proposal(local_step, local_values, reason, local_predicted),
+            Proposal(step, values, f"chosen with {local_step}'s routes (above)", cascade_predicted))
 
 
 # ---- concurrency and guardrails ------------------------------------------------------------------

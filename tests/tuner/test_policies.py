@@ -33,6 +33,7 @@ from tracetune.tuner.policies import (
     clamp_change,
     concurrency_policy,
     escalation_quantiles,
+    local_tiers_policy,
     mixture_quantile,
     routing_policy,
     slow_weight_cap,
@@ -722,3 +723,66 @@ def test_a_threshold_within_the_labels_noise_of_the_floor_is_held_not_walked_up_
     assert missed is not None and missed.values["cascade_threshold"] > 0.6, missed
     up = cascade_policy(samples, 0.6, THRESHOLD, round(point(0.6) + 0.04, 3), 0.01, max_step=1.0)
     assert up is not None and up.values["cascade_threshold"] > 0.6, up
+
+
+def _local_case(large_right: float = 0.97, small_right: float = 0.80,
+                ) -> tuple[list[CascadeSample], list[RouteStats], list[RouteStats]]:
+    """1000 labelled tasks per local route, as sure as each other (confidence uniform): the small route's kept
+    answers right `small_right` of the time, the large one's `large_right`, at 0.05 and 0.15 USD per 1k; a cheap
+    tier right 75% of the time at 0.04 USD per 1k calls, a dear one 97% at 0.66 (the samples name their tier)."""
+    rng = np.random.default_rng(5)
+    samples = []
+    for route, right in (("small", small_right), ("large", large_right)):
+        for _ in range(1000):
+            confidence = float(rng.uniform(0, 1))
+            tier = "cheap" if rng.random() < 0.5 else "dear"
+            remote = bool(rng.random() < (0.75 if tier == "cheap" else 0.97))
+            samples.append(CascadeSample(confidence, bool(rng.random() < right), remote, route, tier))
+    local = [RouteStats("small", 1000, int(1000 * small_right), 1000, 0.05e-3),
+             RouteStats("large", 1000, int(1000 * large_right), 1000, 0.15e-3)]
+    tiers = [RouteStats("cheap", 1000, 750, 1000, 0.04e-3), RouteStats("dear", 1000, 970, 1000, 0.66e-3)]
+    return samples, local, tiers
+
+
+def test_a_cascades_local_routes_are_chosen_with_its_threshold_and_tiers_when_surer_answers_buy_a_cheaper_tier():
+    """All on the small local route, the cheapest threshold and tiers holding the 0.80 floor cost 0.205 USD per
+    1k; the large route, dearer by 0.1 USD per 1k but keeping answers right 97% of the time, lets the cheap tier
+    take every escalation at a lower threshold: 0.102 in all, which no policy moving one step's knobs finds.
+    With the large route no surer, or slow, nothing is proposed together."""
+    samples, local, tiers = _local_case()
+    knobs = (Knob("weights", {"small": 0.5, "large": 0.5}), Knob("float", 0.5, 0, 1),
+             Knob("weights", {"cheap": 0.5, "dear": 0.5}))
+    now_local, now_tiers = {"small": 1.0, "large": 0.0}, {"cheap": 0.3, "dear": 0.7}
+    found = local_tiers_policy(samples, local, tiers, now_local, 0.5, now_tiers, *knobs, 0.80, "rank", "gen",
+                               max_shift=1.0, max_step=0.2)
+    assert found is not None
+    rank, gen = found
+    assert rank.step == "rank" and gen.step == "gen"
+    assert rank.values["route_weights"]["large"] > 0.25 and gen.values["route_weights"]["cheap"] > 0.3
+    assert "chosen together" in rank.reason and "keeps" in rank.reason
+    # The two parts add up to the whole: the local mix's cost and quality at the cascade in force, the rest.
+    total = (rank.predicted["cost_per_1k"] - rank.predicted["cost_per_1k_before"]
+             + gen.predicted["cost_per_1k"] - gen.predicted["cost_per_1k_before"])
+    assert total < -0.05 * rank.predicted["cost_per_1k_before"]
+    assert gen.predicted["quality_before"] == pytest.approx(rank.predicted["quality"])
+    assert gen.predicted["quality_lower_bound"] >= 0.80
+    # What the model says, by hand: per route, the kept answers right plus the escalated at the tiers' accuracy.
+    mix, threshold = rank.values["route_weights"], gen.values.get("cascade_threshold", 0.5)
+    tier_mix = gen.values["route_weights"]
+    escalated = [s for s in samples if s.confidence < threshold]
+    accuracy = sum(w * sum(s.remote_correct for s in escalated if s.tier == t) / sum(s.tier == t for s in escalated)
+                   for t, w in tier_mix.items())
+    point = sum(w * (sum(s.local_correct for s in samples if s.route == r and s.confidence >= threshold)
+                     + accuracy * sum(1 for s in escalated if s.route == r)) / 1000 for r, w in mix.items())
+    assert gen.predicted["quality"] == pytest.approx(point)
+    # Moves stay within their limits.
+    small = local_tiers_policy(samples, local, tiers, now_local, 0.5, now_tiers, *knobs, 0.80, "rank", "gen",
+                               max_shift=0.25, max_step=0.1)
+    assert small is not None and small[0].values["route_weights"]["large"] <= 0.25 + 1e-9
+    assert abs(small[1].values.get("cascade_threshold", 0.5) - 0.5) <= 0.1 + 1e-9
+    # A large route no surer than the small one buys nothing; a slow one gains no weight.
+    same, same_local, same_tiers = _local_case(large_right=0.80)
+    assert local_tiers_policy(same, same_local, same_tiers, now_local, 0.5, now_tiers, *knobs, 0.80, "rank", "gen",
+                              max_shift=1.0, max_step=0.2) is None
+    assert local_tiers_policy(samples, local, tiers, now_local, 0.5, now_tiers, *knobs, 0.80, "rank", "gen",
+                              max_shift=1.0, max_step=0.2, slow={"large"}) is None
