@@ -408,9 +408,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             joined[local_of[step]] = _with_cascade(plan, spec, config, slo, obs, step, local_of[step], current, limit,
                                                    1.0 if busy else settings.max_threshold_step,
                                                    1.0 if busy else settings.max_traffic_shift)
-            if joined[local_of[step]] is not None:
-                continue
-        if "route_weights" in knobs and joint is None:
+        if "route_weights" in knobs and joint is None and joined.get(local_of.get(step, "")) is None:
             route_floor, cap = floor, None
             kept, reached = 1.0, total.spans / max(obs.requests, 1)  # the share of tasks the step's routes serve
             if step in spec.cascades and "cascade_threshold" in current:
@@ -457,15 +455,15 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     if together and plan.together:
         apart = decide(spec, config, slo, obs, settings, moves=moves, now=now, bounds=bounds, steps=steps,
                        most_saving=most_saving, together=False)
-        if broken := _broken(plan):
+        if broken := _broken(plan, plan.together):
             # Each was chosen for what the others do: with some held, the steps' own policies decide instead.
-            apart.reasons.append(f"{'; '.join(broken)}: chosen together, but a hold took some of them out or "
-                                 f"changed them, so each step's own policy decided instead")
+            apart.reasons.append(f"{'; '.join(_together_names(broken))}: chosen together, but a hold took some of "
+                                 f"them out or changed them, so each step's own policy decided instead")
             return apart
         if _predicted_cost(apart) <= _predicted_cost(plan):
             # The moves chosen together beat each step's own policy at the local mix in force, not necessarily
             # the decision the steps' own policies make (a cheaper local route, say): the decision saving more.
-            apart.reasons.append(f"{'; '.join(_together_names(plan))}: chosen together, predicted to cost "
+            apart.reasons.append(f"{'; '.join(_together_names(plan.together))}: chosen together, predicted to cost "
                                  f"{_predicted_cost(plan):.4g} USD per 1k, not less than the "
                                  f"{_predicted_cost(apart):.4g} of each step's own policy, which decided instead")
             return apart
@@ -479,9 +477,10 @@ def _with_cascade(plan: Plan, spec: PipelineSpec, config: PipelineConfig, slo: S
                   obs: observe.Observation, local: str, cascade: str, current: Mapping[str, Any], limit: float,
                   threshold_step: float, max_shift: float) -> Proposal | None:
     """A cascade's local routes, threshold and tiers chosen together (`local_tiers_policy`) when the cascade has
-    a threshold and tiers: the local step's routes move with them, instead of by the routing policy, and the
-    cascade's part carries the pipeline's quality and escalation cost. Returns the cascade's proposal, added to
-    `plan` already (None: no such move; the local step's and the cascade's own policies go on)."""
+    a threshold and tiers: the local step's routes move with them instead of by the routing policy, each part
+    filed with its share of the effect (the local move's alone, the cascade's the rest). Returns the cascade's
+    proposal, added to `plan` already (None: no such move; the local step's and the cascade's own policies go
+    on)."""
     knobs = spec.steps[cascade]
     if slo is None or "cascade_threshold" not in knobs or "route_weights" not in knobs \
             or not obs.step_total(cascade).spans:
@@ -517,13 +516,15 @@ def _predicted_cost(plan: Plan) -> float:
     return plan.after.get("cost_per_1k", plan.before.get("cost_per_1k", math.inf))
 
 
-def _together_names(plan: Plan) -> list[str]:
-    return [", ".join(sorted(f"{step}.{knob}" for step, knob in group)) for group in plan.together]
+def _together_names(groups: Sequence[Mapping[tuple[str, str], Any]]) -> list[str]:
+    """Moves chosen together, one group per item as `step.knob, ...`."""
+    return [", ".join(sorted(f"{step}.{knob}" for step, knob in group)) for group in groups]
 
 
-def _broken(plan: Plan) -> list[str]:
-    """The moves chosen together of which a hold took out or changed some (a reversal held or halved, a risk)."""
-    return [", ".join(sorted(f"{step}.{knob}" for step, knob in group)) for group in plan.together
+def _broken(plan: Plan, groups: Sequence[Mapping[tuple[str, str], Any]]) -> list[Mapping[tuple[str, str], Any]]:
+    """The groups of moves chosen together some of which `plan` no longer makes as chosen (a hold or a rolled-back
+    canary took them out, a reversal halved one)."""
+    return [group for group in groups
             if any(plan.changes.get(step, {}).get(knob) != value for (step, knob), value in group.items())]
 
 
@@ -1008,8 +1009,7 @@ def look(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, settings: 
     plan = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds)
     together = [dict(group) for group in plan.together]
     drop_rejected(plan, config, last, now, settings)
-    if together and any(plan.changes.get(step, {}).get(knob) != value for group in together
-                        for (step, knob), value in group.items()):
+    if _broken(plan, together):
         # A rolled-back canary's moves taken out of moves chosen together: each step's own policy decides instead.
         plan = decide(spec, config, slo, obs, settings, moves=last_moves, now=now, bounds=bounds, together=False)
         drop_rejected(plan, config, last, now, settings)

@@ -1313,3 +1313,19 @@ def test_a_surer_local_route_that_pays_for_a_cheaper_tier_is_not_held_as_quality
     assert rank.cost_delta > 0 and rank.quality_delta > 0  # alone, it pays for quality
     assert plan.changes["rank"]["route_weights"]["large"] > 0.25 and plan.changes["gen"]["route_weights"]["cheap"] > 0.3
     assert plan.after["cost_per_1k"] < plan.before["cost_per_1k"]
+
+
+def test_a_rolled_back_local_move_leaves_the_cascades_own_moves_to_its_own_policies():
+    """A canary that moved rank's mix toward the large route was rolled back for want of tasks: the next plan
+    chosen together (that mix again, with gen's tiers) loses its local move, so gen's tiers, predicted with it,
+    go too; the steps' own policies then decide, and gen's cheaper tier mix goes alone."""
+    from tracetune.tuner.loop import Rejected
+
+    settings = LoopSettings(min_requests=10, cooldown_seconds=300, window_seconds=300)
+    first = look(QA, QA.defaults(), SLO_QA, settings, 0.0, measure=_qa).plan
+    assert any("chosen together" in r for r in first.reasons)
+    tried = {**QA.defaults().steps, "rank": {"route_weights": first.changes["rank"]["route_weights"]}}
+    rejected = Rejected(0.0, 2, QA.defaults().steps, tried, frozenset(), first.move_effects())
+    plan = look(QA, QA.defaults(), SLO_QA, settings, 600.0, measure=_qa, rejected=lambda: rejected).plan
+    assert plan is not None and "rank" not in plan.changes and "route_weights" in plan.changes["gen"], plan
+    assert not any("chosen together:" in r for r in plan.reasons)
