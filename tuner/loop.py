@@ -305,7 +305,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
     saturated = {c for c in spec.cascades if obs.step_total(c).retried > SATURATED * max(obs.step_total(c).spans, 1)}
     joined: dict[str, Proposal | None] = {}  # a cascade's move chosen with its local step's routes
     for step, knobs in spec.steps.items():
-        current = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(step, {})}
+        current = _in_force(spec, config, step)
         total = obs.step_total(step)
         if not total.spans or (steps is not None and step not in steps):
             continue
@@ -355,7 +355,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
                             config, plan, spec.cascades.get(step))
         joint = joined.get(step)  # chosen with its local step's routes, when that step came up
         if "cascade_threshold" in knobs and "route_weights" in knobs and "quality" not in missed and joint is None:
-            every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slo else {}
+            every_target = _latency_targets(slo)
             joint = cascade_tiers_policy(samples, obs.route_stats(step), current["cascade_threshold"],
                                          current["route_weights"], knobs["cascade_threshold"], knobs["route_weights"],
                                          floor, step=step, max_step=threshold_step,
@@ -370,7 +370,7 @@ def decide(spec: PipelineSpec, config: PipelineConfig, slo: SLO | None, obs: obs
             remote_target = step_target_ms(slo, obs, step)
             slow = remote_target is not None and total.p95_ms > remote_target
             # Latency over a target: thresholds are judged on the pipeline's quantiles predicted at their share.
-            targets = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slow_now else {}
+            targets = _latency_targets(slo) if slow_now else {}
             threshold_for = functools.partial(
                 cascade_policy, current_threshold=current["cascade_threshold"], knob=knobs["cascade_threshold"],
                 quality_floor=floor, remote_cost_per_call=obs.cost_per_call(step), step=step,
@@ -485,16 +485,15 @@ def _with_cascade(plan: Plan, spec: PipelineSpec, config: PipelineConfig, slo: S
     if slo is None or "cascade_threshold" not in knobs or "route_weights" not in knobs \
             or not obs.step_total(cascade).spans:
         return None
-    at_cascade = {**{name: knob.default for name, knob in knobs.items()}, **config.steps.get(cascade, {})}
+    at_cascade = _in_force(spec, config, cascade)
     target = step_target_ms(slo, obs, local)
     stats = obs.route_stats(local)
     slow = {r.route for r in stats if target is not None and r.p95_ms is not None and r.p95_ms > target}
-    every_target = {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None}
     found = local_tiers_policy(obs.cascade_samples.get(cascade, []), stats, obs.route_stats(cascade),
                                current["route_weights"], at_cascade["cascade_threshold"], at_cascade["route_weights"],
                                spec.steps[local]["route_weights"], knobs["cascade_threshold"], knobs["route_weights"],
                                slo.quality_floor, local, cascade, max_step=threshold_step, max_shift=max_shift,
-                               slow=slow, latency=obs.task_latency.get(cascade), latency_targets=every_target)
+                               slow=slow, latency=obs.task_latency.get(cascade), latency_targets=_latency_targets(slo))
     if found is None:
         return None
     local_move, cascade_move = found
@@ -509,6 +508,16 @@ def _with_cascade(plan: Plan, spec: PipelineSpec, config: PipelineConfig, slo: S
     plan.together.append({(local, "route_weights"): plan.changes[local]["route_weights"],
                           **{(cascade, k): v for k, v in plan.changes[cascade].items()}})
     return cascade_move
+
+
+def _in_force(spec: PipelineSpec, config: PipelineConfig, step: str) -> dict[str, Any]:
+    """Every knob of `step` at its value in force: the config's, else the declared default."""
+    return {**{name: knob.default for name, knob in spec.steps[step].items()}, **config.steps.get(step, {})}
+
+
+def _latency_targets(slo: SLO | None) -> dict[float, float]:
+    """The SLO's latency targets by quantile (0.95 -> p95_ms, 0.99 -> p99_ms), those it sets."""
+    return {q: t for q, t in ((0.95, slo.p95_ms), (0.99, slo.p99_ms)) if t is not None} if slo else {}
 
 
 def _predicted_cost(plan: Plan) -> float:

@@ -629,6 +629,16 @@ def _mixes(names: Sequence[str], now: np.ndarray, grow: np.ndarray, max_shift: f
     return np.array(found)
 
 
+def _threshold_grid(knob: Knob, current: float, max_step: float, grid: float) -> tuple[np.ndarray, int]:
+    """The thresholds a joint search tries: the knob's range on a `grid`, within `max_step` of `current`, with
+    `current` itself; and where `current` is in them."""
+    low = knob.low if knob.low is not None else 0.0
+    high = knob.high if knob.high is not None else 1.0
+    thresholds = np.round(np.arange(low, high + grid / 2, grid), 6)
+    thresholds = np.unique(np.append(thresholds[np.abs(thresholds - current) <= max_step + 1e-9], current))
+    return thresholds, int(np.flatnonzero(np.isclose(thresholds, current))[0])
+
+
 def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[RouteStats], current_threshold: float,
                          current_weights: Mapping[str, float], threshold_knob: Knob, weights_knob: Knob,
                          quality_floor: float | None, step: str = "", *, max_step: float = 0.1,
@@ -676,18 +686,13 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
     per_call = np.array([stats[m].compute_cost_per_request if m in stats else 0.0 for m in names])
     mixes = _mixes(names, now, known, max_shift, mix_grid)
 
-    low = threshold_knob.low if threshold_knob.low is not None else 0.0
-    high = threshold_knob.high if threshold_knob.high is not None else 1.0
-    thresholds = np.round(np.arange(low, high + grid / 2, grid), 6)
-    thresholds = thresholds[np.abs(thresholds - current_threshold) <= max_step + 1e-9]
-    thresholds = np.unique(np.append(thresholds, current_threshold))
+    thresholds, here = _threshold_grid(threshold_knob, current_threshold, max_step, grid)
     every = np.sort(np.array([s.confidence for s in samples], dtype=float))
     escalated = np.searchsorted(every, thresholds, side="left") / len(every)
     confidence = np.array([s.confidence for s in labelled], dtype=float)
     right = np.array([bool(s.local_correct) for s in labelled], dtype=float)
     kept = np.concatenate([np.cumsum(right[::-1])[::-1], [0.0]])  # right answers at or above each position
     below = np.searchsorted(confidence, thresholds, side="left")
-    here = int(np.flatnonzero(np.isclose(thresholds, current_threshold))[0])
 
     def bound(successes: np.ndarray, z_: float) -> np.ndarray:
         return np.array([wilson_lower(float(k), n, z_) for k in successes])
@@ -807,12 +812,7 @@ def local_tiers_policy(samples: Sequence[CascadeSample], local_stats: Sequence[R
     known_t = np.array([n in tier_stats and tier_stats[n].labelled >= min_tier_labelled for n in names])
     if known_t.sum() < 2:
         return None
-    low = threshold_knob.low if threshold_knob.low is not None else 0.0
-    high = threshold_knob.high if threshold_knob.high is not None else 1.0
-    thresholds = np.round(np.arange(low, high + grid / 2, grid), 6)
-    thresholds = np.unique(np.append(thresholds[np.abs(thresholds - current_threshold) <= max_step + 1e-9],
-                                     current_threshold))
-    here = int(np.flatnonzero(np.isclose(thresholds, current_threshold))[0])
+    thresholds, here = _threshold_grid(threshold_knob, current_threshold, max_step, grid)
     # Per local route and threshold: labelled answers, right ones kept, labelled escalations, escalation share.
     n_l = np.array([len(by_route[r]) for r in routes], dtype=float)
     kept_l, below_l, share_l = [], [], []
@@ -846,9 +846,10 @@ def local_tiers_policy(samples: Sequence[CascadeSample], local_stats: Sequence[R
     tier_mixes = _mixes(names, now_t, known_t, max_shift, mix_grid)
     judged = {q: 1 - latency_margin * (1 - q) for q in (latency_targets or {})}
 
-    def quality(mix_l: np.ndarray, accuracy: np.ndarray, z_: float) -> tuple[np.ndarray, np.ndarray]:
-        """Point and lower bound per threshold, with the escalated answers right at `accuracy` (per threshold)."""
-        per_route = (kept_l + accuracy[None, :] * below_l) / n_l[:, None]
+    def quality(mix_l: np.ndarray, accuracy: np.ndarray | float, z_: float) -> tuple[np.ndarray, np.ndarray]:
+        """Point and lower bound per threshold, with the escalated answers right at `accuracy` (per threshold,
+        or one for all)."""
+        per_route = (kept_l + np.broadcast_to(accuracy, thresholds.shape)[None, :] * below_l) / n_l[:, None]
         margins = np.array([[q - wilson_lower(q * n, n, z_) for q in row] for row, n in zip(per_route, n_l,
                                                                                            strict=True)])
         point = mix_l @ per_route
@@ -881,10 +882,10 @@ def local_tiers_policy(samples: Sequence[CascadeSample], local_stats: Sequence[R
     cost_best, a, b, i = best
     mix_l, mix_t, new = local_mixes[a], tier_mixes[b], float(thresholds[i])
     escalated_now, escalated_new = float(now_l @ share_l[:, here]), float(mix_l @ share_l[:, i])
-    point_now, _ = quality(now_l, tier_point[here] @ now_t * np.ones(len(thresholds)), z)
-    point_mid, _ = quality(mix_l, tier_point[here] @ now_t * np.ones(len(thresholds)), z)  # the local move alone
-    point_new, _ = quality(mix_l, tier_point[i] @ mix_t * np.ones(len(thresholds)), z)
-    _, lower_new = quality(mix_l, tier_lower[i] @ mix_t * np.ones(len(thresholds)), z)
+    point_now, _ = quality(now_l, tier_point[here] @ now_t, z)
+    point_mid, _ = quality(mix_l, tier_point[here] @ now_t, z)  # the local move alone
+    point_new, _ = quality(mix_l, tier_point[i] @ mix_t, z)
+    _, lower_new = quality(mix_l, tier_lower[i] @ mix_t, z)
     escalations_now = escalated_now * float(per_call @ now_t)
     escalations_mid = float(mix_l @ share_l[:, here]) * float(per_call @ now_t)  # the local move alone
     escalations_new = escalated_new * float(per_call @ mix_t)

@@ -121,6 +121,18 @@ def _start(client, changes: dict, **options) -> shadow.Trial:
     return shadow.running(client, PIPELINE)
 
 
+def _change(settings, steps: dict, reason: str) -> int:
+    """Change the config in force by hand, as an operator does, and wait for the executor to run it: its version."""
+    token = {"Authorization": f"Bearer {settings.secret('tuner')}"}
+    changed = httpx.patch(f"{settings.tuner_url}/v1/pipelines/{PIPELINE}/config", headers=token,
+                          json={"steps": steps, "reason": reason})
+    assert changed.status_code == 200, changed.text
+    version = changed.json()["version"]
+    wait_until(lambda: httpx.get(f"{settings.executor_url}/health").json()["pipelines"][PIPELINE] == version,
+               20, 0.1, "the executor on the new version")
+    return version
+
+
 def _applied(stack, trial: shadow.Trial) -> None:
     health = f"{stack['settings'].executor_url}/health"
     wait_until(lambda: httpx.get(health).json()["shadows"].get(PIPELINE) == trial.trial, 20, 0.1,
@@ -140,14 +152,9 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
     # One classifier route, so the config in force answers the same ticket the same way every time, and one LLM
     # tier, so an escalation costs the same on either side and the shadow is dearer by its extra escalations
     # alone (with two tiers drawn at random, the dearer tier's draws could hide them on 80 tasks).
-    changed = httpx.patch(f"{tuner}/config", headers=token, json={
-        "steps": {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_enabled": False},
-                  "escalate": {"route_weights": {"llm-small": 0.0, "llm-large": 1.0}}},
-        "reason": "one route for the test"})
-    assert changed.status_code == 200, changed.text
-    version = changed.json()["version"]
-    wait_until(lambda: httpx.get(f"{settings.executor_url}/health").json()["pipelines"][PIPELINE] == version,
-               20, 0.1, "the executor on the new version")
+    version = _change(settings, {"classify": {"route_weights": {"fp32": 1.0, "int8": 0.0}, "cache_enabled": False},
+                                 "escalate": {"route_weights": {"llm-small": 0.0, "llm-large": 1.0}}},
+                      "one route for the test")
     tickets = _tickets()
     crm_calls = lambda: httpx.get(f"{crm}/stats").json()["requests"]
     calls_before = crm_calls()
@@ -231,12 +238,7 @@ def test_a_shadow_trial_changes_no_answer_and_no_side_effect_and_records_its_com
 def test_the_shadow_cost_cap_holds(stack):
     settings, client = stack["settings"], stack["client"]
     # Both tiers in force (the module's first test leaves the large one alone), so the trial below moves them.
-    token = {"Authorization": f"Bearer {settings.secret('tuner')}"}
-    changed = httpx.patch(f"{settings.tuner_url}/v1/pipelines/{PIPELINE}/config", headers=token, json={
-        "steps": {"escalate": {"route_weights": LLM_WEIGHTS}}, "reason": "both tiers for the test"})
-    assert changed.status_code == 200, changed.text
-    wait_until(lambda: httpx.get(f"{settings.executor_url}/health").json()["pipelines"][PIPELINE]
-               == changed.json()["version"], 20, 0.1, "the executor on the new version")
+    _change(settings, {"escalate": {"route_weights": LLM_WEIGHTS}}, "both tiers for the test")
     spec = versions.latest_spec(client, PIPELINE)
     # The cap is priced from the large tier's calls measured in the window (a tier with none measured is priced
     # as its step's dearest measured one, the small tier here): the module's first test makes some, but this test
