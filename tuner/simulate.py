@@ -569,25 +569,28 @@ class _Simulation:
         if not wait:
             z = self.z_remote[task.index] if task.attempts == 1 else self.rng.gauss(0, 1)
             latency = tier.median_ms * math.exp(tier.sigma * z) / 1000
-            self.push(min(now + latency, task.deadline), _CALL_DONE, (task, now + latency <= task.deadline))
+            self.push(min(now + latency, task.deadline), _CALL_DONE, (task, now + latency <= task.deadline, True))
             return
         answered = now + self.cal.rejected_ms / 1000
         cap = min(self.cal.retry_max_seconds, self.cal.retry_base_seconds * 2 ** (task.attempts - 1))
         delay = min(self.cal.retry_max_seconds, max(cap * self.rng.random(), max(1, math.ceil(wait))))
         if task.attempts >= self.cal.retry_attempts or answered + delay > task.deadline:
-            self.push(answered, _CALL_DONE, (task, False))
+            self.push(answered, _CALL_DONE, (task, False, False))
         else:
             self.push(answered + delay, _ATTEMPT, task)
 
     def _call_done(self, now: float, payload) -> None:
-        task, ok = payload
+        task, ok, sent = payload  # sent: the provider took the call (not answered 429), so it bills it
         limit, cache = task.lane.limit, task.lane.cascade_cache
         limit.in_flight -= 1
         while limit.waiting and limit.in_flight < limit.limit:
             limit.in_flight += 1
             self._attempt(now, limit.waiting.popleft())
         if not ok:
-            self._answered(task, now, 2 if not cache.enabled else 1, None, 0.0, task.attempts > 1)
+            # A call the client stopped waiting for still ran at the provider, which bills its tokens: a timeout
+            # keeps the local answer and cuts the task's latency, not its cost. A 429 ran nothing and costs nothing.
+            self._answered(task, now, 2 if not cache.enabled else 1, None,
+                           self.token_price[task.tier] if sent else 0.0, task.attempts > 1)
             return
         right = self.u_remote[task.index] < self.cal.tiers[task.tier].accuracy_at(task.confidence)
         if cache.enabled:

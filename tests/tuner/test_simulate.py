@@ -153,6 +153,24 @@ def test_rate_limits_show_as_retried_calls(spec):
     assert large.p95_ms > 1000  # a 429 costs a Retry-After of at least one second
 
 
+def test_a_call_cut_by_its_timeout_is_billed_and_one_refused_with_429_is_not(spec):
+    """Every task escalated to llm-large (about 700 ms, 5 req/s) at 10 req/s, with a 0.3 s timeout: a call the
+    provider took and the client stopped waiting for still ran there and is billed, at the tier's price; one
+    answered 429, with no time left to retry, ran nothing and costs nothing. Either way the local answer stands."""
+    config = {"escalate": {"cascade_threshold": 1.0, "route_weights": {"llm-small": 0.0, "llm-large": 1.0},
+                           "cache_enabled": False, "timeout_seconds": 0.3}}
+    sim = simulate._Simulation(spec, calibration.DEMO, workload(3, rate=10, duplicates=0.0, pattern="steady"), None,
+                               static(config), simulate.load_prices(), simulate.LoopSettings(), 5.0, 1)
+    sim.run()
+    spans = {k: np.asarray(v) for k, v in sim.cascade_spans.data.items()}
+    failed = spans["error"].astype(bool)
+    cut = failed & (spans["duration"] >= 299.0)  # waited until the timeout
+    refused = failed & (spans["duration"] < 50.0)  # a 429's round trip, no retry fits in 0.3 s
+    assert cut.sum() > 100 and refused.sum() > 100
+    assert spans["cost"][cut] == pytest.approx(np.full(cut.sum(), sim.token_price["llm-large"]))
+    assert sim.token_price["llm-large"] > 0 and not spans["cost"][refused].any()
+
+
 def test_observation_reads_like_collect(spec):
     """The tuner arm's input: requests, per-route spans with costs and labels, batches, cascade samples, quality."""
     sim = simulate._Simulation(spec, calibration.DEMO, workload(8, rate=10), None, simulate.Arm("default"),
