@@ -153,6 +153,13 @@ INNER JOIN (
 
 VERSIONS_SQL = "SELECT count() FROM tracetune_config_versions WHERE pipeline = {pipeline:String}"
 
+# Remote calls that failed to an answer (a timeout, 429s until the deadline): the local answer stood. A call cut by
+# its timeout carries no tokens, so the store prices it at nothing though a provider bills it (docs/cost.md).
+FAILED_SQL = """
+SELECT countIf(SpanAttributes['tracetune.escalation'] = 'failed'), countIf(SpanAttributes['tracetune.escalation'] != '')
+FROM otel_traces WHERE SpanAttributes['tracetune.pipeline'] = {pipeline:String}
+"""
+
 # How the loop's canaries ended (the newest state of each tried version).
 CANARIES_SQL = """
 SELECT latest, count() FROM (
@@ -497,6 +504,7 @@ def _measure(client, name: str, pipeline: str, load_started: float, duration: fl
     warmup, n_windows, share = _slo_windows(client, pipeline, load_started, duration, slo.p95_ms if slo else None)
     labelled, correct = client.query(QUALITY_SQL, parameters={"pipeline": pipeline}).result_rows[0]
     versions = int(client.query(VERSIONS_SQL, parameters={"pipeline": pipeline}).result_rows[0][0])
+    failed, escalated = client.query(FAILED_SQL, parameters={"pipeline": pipeline}).result_rows[0]
     try:
         canaries = dict(client.query(CANARIES_SQL, parameters={"pipeline": pipeline}).result_rows)
     except DatabaseError:  # a store without canaries
@@ -518,6 +526,8 @@ def _measure(client, name: str, pipeline: str, load_started: float, duration: fl
         "warmup_s": round(warmup, 1),
         "windows": n_windows,
         "error_rate": round(float(latency["error_rate"]), 4),
+        "escalations_failed": int(failed),  # of `escalations`: priced at nothing, whatever a provider bills
+        "escalations": int(escalated),
         "canaries": canaries,
         "p95_ms_by_step": {row["step"]: round(float(row["p95_ms"]), 1) for row in analyzer.step_stats(
             client, since, pipeline, source="raw", end_to_end=False).iter_rows(named=True)},
