@@ -181,8 +181,10 @@ def run_real(arms: dict[str, dict | None], *, minutes: float, seed: int, progres
              rate: float | None = None, keep: bool = False, pipeline: str = "triage",
              parallel: bool = False) -> list[dict]:
     """One measured row per arm, in order: ROW_KEYS, then warmup_s and windows (what slo_windows covers),
-    error_rate, canaries (how the loop's canaries ended), settings (the arm's overrides), seconds (wall
-    time of the arm) and load (the load generator's counts). `changes` counts a pinned arm's pin.
+    error_rate, escalations_failed of escalations (remote calls that failed to an answer: a timeout's are
+    priced at nothing, whatever a provider bills), canaries (how the loop's canaries ended), settings (the arm's
+    overrides), seconds (wall time of the arm) and load (the load generator's counts). `changes` counts a pinned
+    arm's pin.
 
     `arms` maps a name to None (default, aimd or tuner) or to a config (step -> knob -> value) pinned for
     the whole run. `progress` is a rich Progress; each arm adds a task counting elapsed minutes.
