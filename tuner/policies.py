@@ -639,6 +639,16 @@ def _threshold_grid(knob: Knob, current: float, max_step: float, grid: float) ->
     return thresholds, int(np.flatnonzero(np.isclose(thresholds, current))[0])
 
 
+def _kept_below(labelled: Sequence[CascadeSample], thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold, of `labelled` (sorted by confidence): the right answers it keeps (confidence at or above
+    it) and the answers it escalates (below it)."""
+    confidence = np.array([s.confidence for s in labelled], dtype=float)
+    right = np.array([bool(s.local_correct) for s in labelled], dtype=float)
+    kept = np.concatenate([np.cumsum(right[::-1])[::-1], [0.0]])  # right answers at or above each position
+    below = np.searchsorted(confidence, thresholds, side="left")
+    return kept[below], below
+
+
 def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[RouteStats], current_threshold: float,
                          current_weights: Mapping[str, float], threshold_knob: Knob, weights_knob: Knob,
                          quality_floor: float | None, step: str = "", *, max_step: float = 0.1,
@@ -689,10 +699,7 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
     thresholds, here = _threshold_grid(threshold_knob, current_threshold, max_step, grid)
     every = np.sort(np.array([s.confidence for s in samples], dtype=float))
     escalated = np.searchsorted(every, thresholds, side="left") / len(every)
-    confidence = np.array([s.confidence for s in labelled], dtype=float)
-    right = np.array([bool(s.local_correct) for s in labelled], dtype=float)
-    kept = np.concatenate([np.cumsum(right[::-1])[::-1], [0.0]])  # right answers at or above each position
-    below = np.searchsorted(confidence, thresholds, side="left")
+    kept, below = _kept_below(labelled, thresholds)
 
     def bound(successes: np.ndarray, z_: float) -> np.ndarray:
         return np.array([wilson_lower(float(k), n, z_) for k in successes])
@@ -712,8 +719,8 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
     judged = {q: 1 - latency_margin * (1 - q) for q in (latency_targets or {})}
     rows = []  # (cost per task, -quality bound, mix index, threshold index)
     for m, mix in enumerate(mixes):
-        held = bound(kept[below] + (lower @ mix) * below, z)
-        moving = bound(kept[below] + (strict @ mix) * below, z_cut)
+        held = bound(kept + (lower @ mix) * below, z)
+        moving = bound(kept + (strict @ mix) * below, z_cut)
         ok = moving >= quality_floor
         if m == 0:
             ok[here] = held[here] >= quality_floor
@@ -741,11 +748,11 @@ def cascade_tiers_policy(samples: Sequence[CascadeSample], tiers: Sequence[Route
                                                                                                    strict=True)}}
     if abs(new - current_threshold) >= grid / 2:
         values["cascade_threshold"] = new
-    quality = float((kept[below[i]] + float(point[i] @ mix) * below[i]) / n)
-    quality_lower = float(bound(np.array([kept[below[i]] + float(lower[i] @ mix) * below[i]]), z)[0])
+    quality = float((kept[i] + float(point[i] @ mix) * below[i]) / n)
+    quality_lower = float(bound(np.array([kept[i] + float(lower[i] @ mix) * below[i]]), z)[0])
     predicted = {"escalation_share": float(escalated[i]), "escalation_share_before": float(escalated[here]),
                  "cost_per_1k": 1000 * cost_best, "cost_per_1k_before": 1000 * cost_now, "quality": quality,
-                 "quality_before": float((kept[below[here]] + float(point[here] @ now) * below[here]) / n),
+                 "quality_before": float((kept[here] + float(point[here] @ now) * below[here]) / n),
                  "quality_lower_bound": quality_lower, "floor_held_before": 1.0}
     tiers_text = ", ".join(f"{name} {now[k]:.2f}->{mix[k]:.2f}" for k, name in enumerate(names)
                            if abs(mix[k] - now[k]) >= 5e-4)
@@ -817,12 +824,9 @@ def local_tiers_policy(samples: Sequence[CascadeSample], local_stats: Sequence[R
     n_l = np.array([len(by_route[r]) for r in routes], dtype=float)
     kept_l, below_l, share_l = [], [], []
     for r in routes:
-        confidence = np.array([s.confidence for s in by_route[r]], dtype=float)
-        right = np.array([bool(s.local_correct) for s in by_route[r]], dtype=float)
-        kept = np.concatenate([np.cumsum(right[::-1])[::-1], [0.0]])
-        below = np.searchsorted(confidence, thresholds, side="left")
+        kept, below = _kept_below(by_route[r], thresholds)
         every = np.sort(np.array([s.confidence for s in samples if s.route == r], dtype=float))
-        kept_l.append(kept[below])
+        kept_l.append(kept)
         below_l.append(below.astype(float))
         share_l.append(np.searchsorted(every, thresholds, side="left") / len(every))
     kept_l, below_l, share_l = np.array(kept_l), np.array(below_l), np.array(share_l)  # (routes, thresholds)
