@@ -156,7 +156,9 @@ VERSIONS_SQL = "SELECT count() FROM tracetune_config_versions WHERE pipeline = {
 # Remote calls that failed to an answer (a timeout, 429s until the deadline): the local answer stood. A call cut by
 # its timeout carries no tokens, so the store prices it at nothing though a provider bills it (docs/cost.md).
 FAILED_SQL = """
-SELECT countIf(SpanAttributes['tracetune.escalation'] = 'failed'), countIf(SpanAttributes['tracetune.escalation'] != '')
+SELECT countIf(SpanAttributes['tracetune.escalation'] = 'failed'),
+       countIf(SpanAttributes['tracetune.escalation'] = 'failed' AND SpanAttributes['error.type'] = 'httpx.ReadTimeout'),
+       countIf(SpanAttributes['tracetune.escalation'] != '')
 FROM otel_traces WHERE SpanAttributes['tracetune.pipeline'] = {pipeline:String}
 """
 
@@ -181,8 +183,9 @@ def run_real(arms: dict[str, dict | None], *, minutes: float, seed: int, progres
              rate: float | None = None, keep: bool = False, pipeline: str = "triage",
              parallel: bool = False) -> list[dict]:
     """One measured row per arm, in order: ROW_KEYS, then warmup_s and windows (what slo_windows covers),
-    error_rate, escalations_failed of escalations (remote calls that failed to an answer: a timeout's are
-    priced at nothing, whatever a provider bills), canaries (how the loop's canaries ended), settings (the arm's
+    error_rate, escalations_failed of escalations (remote calls that failed to an answer: priced at nothing,
+    whatever a provider bills) and escalations_cut of those (sent and cut by their timeout: a provider bills
+    them), canaries (how the loop's canaries ended), settings (the arm's
     overrides), seconds (wall time of the arm) and load (the load generator's counts). `changes` counts a pinned
     arm's pin.
 
@@ -506,7 +509,7 @@ def _measure(client, name: str, pipeline: str, load_started: float, duration: fl
     warmup, n_windows, share = _slo_windows(client, pipeline, load_started, duration, slo.p95_ms if slo else None)
     labelled, correct = client.query(QUALITY_SQL, parameters={"pipeline": pipeline}).result_rows[0]
     versions = int(client.query(VERSIONS_SQL, parameters={"pipeline": pipeline}).result_rows[0][0])
-    failed, escalated = client.query(FAILED_SQL, parameters={"pipeline": pipeline}).result_rows[0]
+    failed, cut, escalated = client.query(FAILED_SQL, parameters={"pipeline": pipeline}).result_rows[0]
     try:
         canaries = dict(client.query(CANARIES_SQL, parameters={"pipeline": pipeline}).result_rows)
     except DatabaseError:  # a store without canaries
@@ -529,6 +532,7 @@ def _measure(client, name: str, pipeline: str, load_started: float, duration: fl
         "windows": n_windows,
         "error_rate": round(float(latency["error_rate"]), 4),
         "escalations_failed": int(failed),  # of `escalations`: priced at nothing, whatever a provider bills
+        "escalations_cut": int(cut),  # of those: sent and cut by the timeout (`httpx.ReadTimeout`), billed
         "escalations": int(escalated),
         "canaries": canaries,
         "p95_ms_by_step": {row["step"]: round(float(row["p95_ms"]), 1) for row in analyzer.step_stats(

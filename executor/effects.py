@@ -72,11 +72,23 @@ class RetryPolicy:
 class RetriesExhausted(Exception):
     """Every attempt failed with something worth retrying (or the time budget ran out)."""
 
-    def __init__(self, attempts: int, last_status: int, error: str):
+    def __init__(self, attempts: int, last_status: int, error: str, error_type: str = ""):
         super().__init__(error)
         self.attempts = attempts
         self.last_status = last_status  # 0 when the last attempt got no HTTP answer
         self.error = error
+        # The OTel `error.type` of the last attempt: its status ("503"), or, with no HTTP answer, the exception's
+        # class ("httpx.ReadTimeout": sent and not answered in time, which a provider may bill; "httpx.ConnectError",
+        # "httpx.ConnectTimeout", "httpx.PoolTimeout": never sent).
+        self.error_type = error_type or (str(last_status) if last_status else "_OTHER")
+
+
+def _error_type_of(exc: BaseException) -> str:
+    """`error.type` for an exception, as the OTel conventions ask: its class's fully qualified name, under the
+    name its package exports it by ("httpx.ReadTimeout", not "httpx._exceptions.ReadTimeout")."""
+    kind = type(exc)
+    package = kind.__module__.split(".")[0]
+    return f"{package}.{kind.__qualname__}" if package != "builtins" else kind.__qualname__
 
 
 class RetryResult(NamedTuple):
@@ -113,19 +125,19 @@ def send_with_retries(send: Callable[[], httpx.Response], policy: RetryPolicy,
         except httpx.UnsupportedProtocol:
             raise
         except httpx.TimeoutException as exc:
-            status, error = 0, f"timed out ({type(exc).__name__})"
+            status, error, kind = 0, f"timed out ({type(exc).__name__})", _error_type_of(exc)
         except httpx.TransportError as exc:
-            status, error = 0, f"{type(exc).__name__}: {exc}"
+            status, error, kind = 0, f"{type(exc).__name__}: {exc}", _error_type_of(exc)
         else:
             if response.status_code < 400 or not is_retryable_status(response.status_code):
                 return RetryResult(response, attempt)
-            status, error = response.status_code, describe_response(response)
+            status, error, kind = response.status_code, describe_response(response), str(response.status_code)
             retry_after = parse_retry_after(response.headers)
         if attempt >= policy.max_attempts:
-            raise RetriesExhausted(attempt, status, error)
+            raise RetriesExhausted(attempt, status, error, kind)
         wait = policy.delay(attempt, retry_after)
         if deadline is not None and time.monotonic() + wait > deadline:
-            raise RetriesExhausted(attempt, status, f"{error} (out of time budget, next retry in {wait:.2f}s)")
+            raise RetriesExhausted(attempt, status, f"{error} (out of time budget, next retry in {wait:.2f}s)", kind)
         policy.sleep(wait)
 
 
@@ -206,6 +218,7 @@ class _Sent(NamedTuple):
     error: str
     why: str
     queued: float  # seconds spent waiting for a concurrency slot
+    error_type: str = ""  # the OTel `error.type` of a failure (`RetriesExhausted.error_type`)
 
 
 def _answer(response: httpx.Response) -> dict[str, Any]:
@@ -276,7 +289,7 @@ class SideEffect:
         self._annotate(span, sent.attempts, sent.status, sent.queued)
         if sent.response is not None:
             return _answer(sent.response)
-        span.set_attribute("error.type", str(sent.status) if sent.status else "timeout_or_connection")
+        span.set_attribute("error.type", sent.error_type or str(sent.status))
         raise self._fail(task_id, key, payload, sent.attempts, sent.status, sent.error, sent.why)
 
     def replay(self, task_id: str, idempotency_key: str, payload: Any) -> Replayed:
@@ -312,7 +325,7 @@ class SideEffect:
             response, attempts = send_with_retries(send, self.policy, deadline)
         except RetriesExhausted as exc:
             why = f"gave up after {exc.attempts} attempt{'s' if exc.attempts > 1 else ''}"
-            return _Sent(None, exc.attempts, exc.last_status, exc.error, why, queued[0])
+            return _Sent(None, exc.attempts, exc.last_status, exc.error, why, queued[0], exc.error_type)
         if response.status_code < 400:
             return _Sent(response, attempts, response.status_code, "", "", queued[0])
         why = f"was refused ({response.status_code} is not retryable; the request needs fixing)"

@@ -165,7 +165,7 @@ class ChatClient:
             response, attempts = send_with_retries(send, self.policy, deadline)
         except RetriesExhausted as exc:
             both("tracetune.retries", exc.attempts - 1)
-            both("error.type", str(exc.last_status) if exc.last_status else "timeout_or_connection")
+            both("error.type", exc.error_type)  # a status, or the exception ("httpx.ReadTimeout": billed, likely)
             raise LLMError(f"{self.model} at {self.url} failed after {exc.attempts} attempts: {exc.error}") from None
         both("tracetune.retries", attempts - 1)
         span.set_attribute("http.response.status_code", response.status_code)

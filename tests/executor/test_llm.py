@@ -146,6 +146,25 @@ def test_a_call_is_a_genai_client_span_under_the_step(tracer):
     assert "gen_ai.operation.name" not in outer.attributes  # one operation span per call: the CLIENT one
 
 
+def test_a_failed_call_says_whether_it_was_sent_and_cut_or_never_sent(tracer):
+    """`error.type` of a call no server answered, on its CLIENT span and its step: the exception's class, as the
+    OTel conventions ask. A call sent and cut by its timeout (`httpx.ReadTimeout`: the provider ran it, and a
+    provider bills it) is told apart from one that never reached a server (`httpx.ConnectError`)."""
+    tracer, exporter = tracer
+    once = RetryPolicy(max_attempts=1)
+    with ThreadServer(create_llm_app(latency_ms=800, latency_sigma=0, rate_limit_rps=0)) as llm, \
+            ChatClient(llm.url, MODEL, timeout=0.1, policy=once) as slow, \
+            ChatClient(f"http://127.0.0.1:{free_port()}", MODEL, policy=once) as nowhere, using_tracer(tracer):
+        for chat in (slow, nowhere):
+            with tracer.start_as_current_span("classify"), pytest.raises(LLMError):
+                chat.classify("I was charged twice for my pro subscription", CATEGORIES)
+    cut, cut_step, refused, refused_step = exporter.get_finished_spans()
+    assert (cut.name, cut_step.name) == (f"chat {MODEL}", "classify")
+    assert cut.attributes["error.type"] == cut_step.attributes["error.type"] == "httpx.ReadTimeout"
+    assert refused.attributes["error.type"] == refused_step.attributes["error.type"] == "httpx.ConnectError"
+    assert "gen_ai.usage.input_tokens" not in cut.attributes  # the cost model sees no tokens for either
+
+
 def test_summing_genai_usage_over_every_span_counts_each_call_once(tracer):
     """What Langfuse, Phoenix or a user's SQL do: sum gen_ai.usage.* over all spans of a trace. A step that
     calls twice has both calls counted once that way, and its own tracetune.llm.* counts are the two calls'
