@@ -161,8 +161,8 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
             parts[key].append(value)
         counts += np.array([*b, *c])
         # Adjusted: each task's escalation under the config in force, from its confidence (`canary.escalated_by`).
-        escalations = {arm: (np.concatenate(parts[arm]) < base.escalation).astype(float) if trial.adjusted else None
-                       for arm in ("bx", "cx")}
+        escalations = {arm: (np.concatenate(parts[arm]) < base.escalation).astype(float)[:, None] if trial.adjusted
+                       else None for arm in ("bx", "cx")}
         base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]),
                        escalations["bx"])
         canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import random
 import threading
 
+from tracetune.base import routing
+
 
 class WeightedRouter:
-    """Picks a route with probability proportional to its weight (weights come from the tuner)."""
+    """Picks a route with probability proportional to its weight (weights come from the tuner): by the task's
+    own draw when it is given (`routing.draw`, from its trace id), else by a draw of its own."""
 
     def __init__(self, weights: dict[str, float], seed: int | None = None):
         self._rng = random.Random(seed)
@@ -15,23 +18,21 @@ class WeightedRouter:
         self.set_weights(weights)
 
     def set_weights(self, weights: dict[str, float]) -> None:
-        routes = [(name, float(w)) for name, w in weights.items() if w > 0]
-        if not routes:
-            raise ValueError(f"route weights {weights} have no positive weight")
-        total = sum(w for _, w in routes)
+        routes, edges = routing.order(weights)
         with self._lock:
-            self.routes = [name for name, _ in routes]
-            self.cumulative = []
-            acc = 0.0
-            for _, w in routes:
-                acc += w / total
-                self.cumulative.append(acc)
+            self.routes, self.edges = routes, edges
 
-    def choose(self) -> str:
+    def choose(self, u: float | None = None) -> str:
         with self._lock:
-            x = self._rng.random()
-            for name, edge in zip(self.routes, self.cumulative, strict=True):
-                if x < edge:
+            if u is None:
+                u = self._rng.random()
+            for name, edge in zip(self.routes, self.edges, strict=True):
+                if u < edge:
                     return name
             return self.routes[-1]
 
+
+def task_draw(span, step: str) -> float | None:
+    """The task's draw at `step` (`routing.draw`) from its span's trace id; None when the span has none."""
+    trace_id = span.get_span_context().trace_id
+    return routing.draw(format(trace_id, "032x"), step) if trace_id else None

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from tracetune.analyzer import SLO, PricesError, cost_per_request
+from tracetune.base import routing
 from tracetune.store import next_seq
 from tracetune.tuner import versions
 from tracetune.tuner.config import PipelineConfig, PipelineSpec
@@ -124,7 +125,7 @@ class Arm:
     errors: int = 0
     correct: int = 0
     labelled: int = 0
-    escalations: np.ndarray | None = None  # per task, beside `costs`: see `adjusted_costs`
+    covariates: np.ndarray | None = None  # per task (rows), beside `costs`: see `covariates` and `adjusted_costs`
 
     @property
     def n(self) -> int:
@@ -143,11 +144,12 @@ class Arm:
 
     @classmethod
     def of(cls, durations_ms: Sequence[float], costs: Sequence[float] = (), errors: int = 0, correct: int = 0,
-           labelled: int = 0, escalations: Sequence[float] | None = None) -> Arm:
+           labelled: int = 0, covariates: Sequence | np.ndarray | None = None) -> Arm:
+        """`covariates`: one number per task, or a row of them."""
         durations = np.asarray(durations_ms, dtype=float)
         cost = np.asarray(costs, dtype=float) if len(costs) else np.full(len(durations), np.nan)
-        return cls(durations, cost, errors, correct, labelled,
-                   None if escalations is None else np.asarray(escalations, dtype=float))
+        x = None if covariates is None else np.asarray(covariates, dtype=float)
+        return cls(durations, cost, errors, correct, labelled, x.reshape(len(x), -1) if x is not None else None)
 
 
 def adjustable(spec: PipelineSpec, steps: Collection[str]) -> bool:
@@ -184,29 +186,81 @@ def escalated_by(confidences: Mapping[str, float | np.ndarray], thresholds: Sequ
                for step, threshold in thresholds) + 0.0
 
 
-def adjusted_costs(base: Arm, canary: Arm) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task costs of the priced tasks of both arms (base, canary), less what the config in force's
-    escalations explain when both arms carry them (regression adjustment, "CUPED": Deng, Xu, Kohavi and Walker,
-    2013): y - theta * (x - mean x), theta the slope of cost on x over both arms.
+def routed_steps(spec: PipelineSpec, config: PipelineConfig) -> dict[str, dict[str, float]]:
+    """Step -> its route weights in `config`, for each step that declares routes to choose between."""
+    found = {}
+    for step, knobs in spec.steps.items():
+        knob = knobs.get("route_weights")
+        weights = config.knob(step, "route_weights", knob.default) if knob is not None else None
+        if isinstance(weights, Mapping) and any(float(w) > 0 for w in weights.values()):
+            found[step] = {name: float(w) for name, w in weights.items()}
+    return found
 
-    A task's cost is mostly whether it escalated; x (`Arm.escalations`: would the config in force escalate it)
-    is the same in distribution in both arms, as tasks are assigned by a hash, so the adjustment leaves the
-    difference of means unbiased and takes out the spread that comes from which tasks happened to be hard. What
-    is left is the tasks the two thresholds escalate differently and each call's own spread (tier prices, prompt
+
+def covariates(spec: PipelineSpec, base: PipelineConfig, trial: PipelineConfig, draws: Mapping[str, np.ndarray],
+               confidences: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """Per task of both arms (rows), what is fixed before the arms differ and explains its cost (columns), for
+    `adjusted_costs`; None when nothing is.
+
+    - The route the config in force gives each routed step of the task (`routing.pick` on the task's draw at
+      that step, `draws`: one per task, NaN where not known), one column per route but one. Both arms pick by
+      the same draws, so where their weights agree the task takes the same route in either, and only the tasks
+      whose draws fall where the weights differ are left to tell the arms apart.
+    - When `trial` changes nothing but cascade steps (`covariate_thresholds`), whether the config in force would
+      escalate the task at each cascade (`confidences`: of the model step it reads, NaN where not known), and
+      when the cascade routes its escalations, that times the route the config in force picks: one column
+      per route.
+
+    A step with a draw missing for any task gives no column (spans of an executor that drew routes its own way)."""
+    n = len(next(iter(draws.values()))) if draws else len(next(iter(confidences.values()), ()))
+    columns: list[np.ndarray] = []
+    escalated: dict[str, np.ndarray] = {}
+    if covariate_thresholds(spec, base, trial):
+        for cascade, after in spec.cascades.items():
+            knob = spec.steps.get(cascade, {}).get("cascade_threshold")
+            threshold = base.knob(cascade, "cascade_threshold", knob.default if knob is not None else None)
+            if isinstance(threshold, int | float):
+                sure = np.asarray(confidences.get(after, np.full(n, np.nan)), dtype=float)
+                escalated[cascade] = (sure < float(threshold)).astype(float)  # NaN: not escalated
+    for step, weights in routed_steps(spec, base).items():
+        u = draws.get(step)
+        if u is None or len(u) != n or not n or np.isnan(np.asarray(u, dtype=float)).any():
+            continue
+        picked = np.array(routing.picks(weights, u))
+        names = sorted(set(picked.tolist()))
+        scale = escalated.pop(step, None)  # a cascade's route costs only where it escalates
+        for name in (names if scale is not None else names[1:]):
+            columns.append((picked == name).astype(float) * (scale if scale is not None else 1.0))
+    columns.extend(escalated.values())  # cascades whose routes are not known: whether they escalate
+    return np.column_stack(columns) if columns else None
+
+
+def adjusted_costs(base: Arm, canary: Arm) -> tuple[np.ndarray, np.ndarray]:
+    """Per-task costs of the priced tasks of both arms (base, canary), less what their covariates explain when both
+    arms carry them (regression adjustment, "CUPED": Deng, Xu, Kohavi and Walker, 2013): y - (x - mean x) theta,
+    theta the least-squares slopes of cost on x over both arms.
+
+    The covariates (`covariates`) are fixed before a task is assigned an arm, by a hash of its id, so they are the
+    same in distribution in both arms: the adjustment leaves the difference of means unbiased and takes out the
+    spread that comes from which tasks happened to be hard (escalated under the config in force) or to draw a dear
+    route. What is left is the tasks the two configs treat differently and each call's own spread (prompt
     lengths, cache hits): on the demo's mix a threshold move 8% cheaper is promoted within a canary's time in 37%
-    of runs, against 8% on the costs as measured (`bench/canary.py`)."""
+    of runs on whether the config in force escalates, against 8% on the costs as measured (`bench/canary.py`).
+    With fewer than ten priced tasks per covariate the costs are compared as measured."""
     b_ok, c_ok = ~np.isnan(base.costs), ~np.isnan(canary.costs)
     b, c = base.costs[b_ok], canary.costs[c_ok]
-    if base.escalations is None or canary.escalations is None or len(b) + len(c) < 3:
+    if base.covariates is None or canary.covariates is None or base.covariates.shape[1:] != canary.covariates.shape[1:]:
         return b, c
-    xb, xc = base.escalations[b_ok], canary.escalations[c_ok]
-    x, y = np.concatenate([xb, xc]), np.concatenate([b, c])
-    centred = x - x.mean()
-    spread = float(centred @ centred)
-    if spread <= 0:
+    xb, xc = base.covariates[b_ok], canary.covariates[c_ok]
+    x, y = np.vstack([xb, xc]), np.concatenate([b, c])
+    if len(y) < 10 * x.shape[1] + 3:
         return b, c
-    theta = float(centred @ (y - y.mean())) / spread
-    return b - theta * (xb - x.mean()), c - theta * (xc - x.mean())
+    mean = x.mean(axis=0)
+    centred = x - mean
+    if not (centred ** 2).sum() > 0:
+        return b, c
+    theta = np.linalg.lstsq(centred, y - y.mean(), rcond=None)[0]
+    return b - (xb - mean) @ theta, c - (xc - mean) @ theta
 
 
 @dataclass(frozen=True)
@@ -449,7 +503,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         allowed_rise = max(0.0, buys_quality) if buys_quality is not None else 0.0
         dearer = _means(canary_tested, base_tested, scale, each, shift=COST_TOLERANCE + allowed_rise)
         cheaper = _means(canary_tested, base_tested, scale, each)
-        if base.escalations is not None and canary.escalations is not None:
+        if base.covariates is not None and canary.covariates is not None:
             figures["cost_adjusted"] = 1.0
         figures["p.dearer"], figures["p.cheaper"] = round(dearer.p, 6), round(cheaper.p, 6)
         before, after = 1000 * float(base_cost.mean()), 1000 * float(canary_cost.mean())
@@ -615,8 +669,8 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
                 or 0)
     rows = client.query(ROOTS_SQL, parameters={"pipeline": spec.pipeline, "since": since, "until": until,
                                                "base": canary.base_version, "canary": canary.version}).result_rows
-    base_config = versions.at(client, spec.pipeline, canary.base_version) if spec.cascades else None
-    thresholds = covariate_thresholds(spec, base_config, canary.config) if base_config is not None else []
+    base_config = versions.at(client, spec.pipeline, canary.base_version)
+    thresholds = covariate_thresholds(spec, base_config, canary.config)
     confidences: dict[str, dict[str, float]] = {}  # trace id -> step -> confidence
     if thresholds:
         for trace_id, step, confidence in client.query(CONFIDENCES_SQL, parameters={
@@ -630,21 +684,25 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
         costs = dict(zip(frame["trace_id"].to_list(), frame["cost"].to_list(), strict=True))
     except PricesError:
         pass  # no price table yet: cost is not compared
-    steps = sorted({step for step, _ in thresholds})
-    samples: dict[int, dict] = {v: {"d": [], "c": [], "e": 0, "ok": 0, "n": 0, "x": {step: [] for step in steps}}
+    # Both arms' tasks in one order (the config in force's first), for covariates computed over them together.
+    rows = sorted(rows, key=lambda row: int(row[1]) != canary.base_version)
+    routed = routed_steps(spec, base_config)
+    x = covariates(spec, base_config, canary.config,
+                   {step: np.array([routing.draw(row[0], step) for row in rows]) for step in routed},
+                   {step: np.array([confidences.get(row[0], {}).get(step, math.nan) for row in rows])
+                    for step, _ in thresholds})
+    samples: dict[int, dict] = {v: {"d": [], "c": [], "e": 0, "ok": 0, "n": 0, "x": []}
                                 for v in (canary.base_version, canary.version)}
-    for trace_id, version, duration_ms, failed in rows:
+    for i, (trace_id, version, duration_ms, failed) in enumerate(rows):
         arm = samples[int(version)]
         arm["d"].append(float(duration_ms))
-        for step in steps:
-            arm["x"][step].append(confidences.get(trace_id, {}).get(step, math.nan))
+        arm["x"].append(i)
         cost = costs.get(trace_id)
         arm["c"].append(float("nan") if cost is None else float(cost))
         arm["e"] += bool(failed)
         if correct and trace_id in correct:
             arm["n"] += 1
             arm["ok"] += correct[trace_id]
-    base, trial = (Arm.of(s["d"], s["c"], s["e"], s["ok"], s["n"],
-                          escalated_by(s["x"], thresholds) if thresholds else None)
+    base, trial = (Arm.of(s["d"], s["c"], s["e"], s["ok"], s["n"], x[s["x"]] if x is not None else None)
                    for s in (samples[canary.base_version], samples[canary.version]))
     return base, trial

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from tracetune.analyzer import SLO, PriceTable, load_prices
+from tracetune.base import routing
 from tracetune.base.batching import padding_ratio, seconds_until_due, take_batch
 from tracetune.base.caching import TTLCache
 from tracetune.tuner import canary as canary_mod
@@ -186,7 +187,7 @@ class _Lane:
         self.routes: dict[str, tuple[list[str], np.ndarray]] = {}
         for step in sim.models:
             weights = self.knob(step, "route_weights", {r: 1.0 for r in sim.physics[step]})
-            self.routes[step] = (list(weights), np.cumsum([weights[r] for r in weights]) / sum(weights.values()))
+            self.routes[step] = routing.order(weights)  # by name, as the executor picks (tracetune.base.routing)
             size, wait = int(self.knob(step, "batch_max_size", 1)), float(self.knob(step, "batch_max_wait_ms", 0.0))
             bucketing = bool(self.knob(step, "length_bucketing", False))
             for batcher in self.batchers[step].values():
@@ -198,18 +199,17 @@ class _Lane:
                 cache.enabled = False
         if c:
             tiers = self.knob(c, "route_weights", {r: 1.0 for r in sim.cal.tiers})
-            self.tiers = list(tiers)
-            self.tier_cum = np.cumsum([tiers[t] for t in self.tiers]) / sum(tiers.values())
+            self.tiers, self.tier_cum = routing.order(tiers)
             self.threshold = float(self.knob(c, "cascade_threshold", 0.0))
             self.limit.limit = max(1, int(self.knob(c, "max_concurrency", 1 << 30)))
             self.timeout = float(self.knob(c, "timeout_seconds", 10.0))
 
     def route(self, step: str, u: float) -> str:
-        routes, cum = self.routes[step]
-        return routes[int(np.searchsorted(cum, u, side="right")) if len(routes) > 1 else 0]
+        routes, edges = self.routes[step]
+        return routes[min(int(np.searchsorted(edges, u, side="right")), len(routes) - 1)]
 
     def tier(self, u: float) -> str:
-        return self.tiers[int(np.searchsorted(self.tier_cum, u, side="right")) if len(self.tiers) > 1 else 0]
+        return self.tiers[min(int(np.searchsorted(self.tier_cum, u, side="right")), len(self.tiers) - 1)]
 
 
 @dataclass
@@ -305,7 +305,8 @@ class _Simulation:
         self.seq = 0
         self._tickets(workload)
         self.buckets = {name: [max(1.0, tier.rate_limit_rps), 0.0] for name, tier in calibration.tiers.items()}
-        self.requests = _Records("start", "latency_ms", "cost", "right", "version", "tier", "remote_ms", "confidence")
+        self.requests = _Records("start", "latency_ms", "cost", "right", "version", "tier", "remote_ms", "confidence",
+                                 "index")
         self.spans = {s: _Records("start", "route", "duration", "cache", "ticket", "right", "cost", "confidence",
                                   "task") for s in self.models}
         self.model_spans = self.spans[self.model_step]
@@ -359,16 +360,21 @@ class _Simulation:
         """Per-task samples of the config in force and of the canary since it started (as `canary.arms` reads)."""
         rows = self.requests.since(self.trial.started)
         thresholds = canary_mod.covariate_thresholds(self.spec, self.config, self.trial.config)
+        # Each task's draws, by which the executor picks its routes (tracetune.base.routing): the same in both arms.
+        index = rows["index"].astype(int)
+        draws = {step: (self.u_route if step == self.model_step else self.u_steps[step])[index] for step in self.models}
+        if self.cascade:
+            draws[self.cascade] = self.u_tier[index]
+        # The one model step's confidence: the step every cascade threshold reads.
+        confidence = rows["confidence"].astype(float)
+        x = canary_mod.covariates(self.spec, self.config, self.trial.config, draws,
+                                  {step: confidence for step, _ in thresholds})
         arms = []
         for version in (self.trial.base_version, self.trial.config.version):
             mine = rows["version"] == version
             right = rows["right"][mine]
-            # The one model step's confidence: the step every cascade threshold reads.
-            confidence = rows["confidence"][mine].astype(float)
-            escalations = canary_mod.escalated_by({step: confidence for step, _ in thresholds}, thresholds
-                                                  ) if thresholds else None
             arms.append(canary_mod.Arm.of(rows["latency_ms"][mine], rows["cost"][mine], 0, int(right.sum()),
-                                          int(len(right)), escalations))
+                                          int(len(right)), x[mine] if x is not None else None))
         return arms[0], arms[1]
 
     def end_canary(self, promote: bool, reason: str, now: float) -> None:
@@ -453,7 +459,8 @@ class _Simulation:
         now += self.gaps[task.stage]
         if task.stage == len(self.stages):
             self.requests.add(task.start, (now - task.start) * 1000 + self.cal.overhead_ms, task.cost,
-                              task.final_right, task.lane.config.version, task.tier, task.remote_ms, task.confidence)
+                              task.final_right, task.lane.config.version, task.tier, task.remote_ms, task.confidence,
+                              task.index)
             return
         kind, step = self.stages[task.stage]
         if kind == "model":

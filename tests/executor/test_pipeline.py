@@ -16,6 +16,7 @@ from opentelemetry.trace import StatusCode
 
 from tests.servers import ThreadServer, wait_until
 from tracetune import store
+from tracetune.base import routing
 from tracetune.demo import triage
 from tracetune.demo.corpus import generate
 from tracetune.demo.models import TicketClassifier
@@ -121,10 +122,14 @@ def test_route_weights_are_respected_statistically(classifiers, remote):
     n = 600
     for ticket in generate(n, seed=21):
         pipeline.run(ticket.text)
-    routes = [s.attributes["tracetune.route"] for s in exporter.get_finished_spans() if s.name == "classify"]
+    spans = [s for s in exporter.get_finished_spans() if s.name == "classify"]
+    routes = [s.attributes["tracetune.route"] for s in spans]
     share = routes.count("int8") / n
     sigma = (0.7 * 0.3 / n) ** 0.5
     assert abs(share - 0.7) < 4 * sigma, share  # a binomial 4-sigma band: fails ~1 in 15,000 runs
+    # Each task's route is its trace id's draw at the step against the weights: what a canary's covariates read.
+    weights = {"fp32": 0.3, "int8": 0.7}
+    assert routes == [routing.pick(weights, routing.draw(f"{s.context.trace_id:032x}", "classify")) for s in spans]
     with_config(pipeline, classify={"route_weights": {"fp32": 1.0, "int8": 0.0}})
     exporter.clear()
     for ticket in generate(50, seed=22):

@@ -18,6 +18,7 @@ from tests.tuner.test_api import SPEC as API_SPEC
 from tests.tuner.test_decisions import tuner  # noqa: F401 - the fixture
 from tests.tuner.test_loop import SLO_SHOP, SPEC, _spans, shop  # noqa: F401 - the fixture
 from tracetune.analyzer import SLO
+from tracetune.base import routing
 from tracetune.tuner import canary, decisions, versions
 from tracetune.tuner.canary import Arm, judge
 from tracetune.tuner.loop import LoopSettings, tune_once
@@ -130,8 +131,8 @@ def test_costs_adjusted_for_the_escalations_in_force_keep_the_difference_and_los
 
     base_costs, base_x = tasks(0.12)
     canary_costs, canary_x = tasks(0.10)
-    base, tried = Arm.of(np.ones(n), base_costs, escalations=base_x), Arm.of(np.ones(n), canary_costs,
-                                                                                escalations=canary_x)
+    base, tried = Arm.of(np.ones(n), base_costs, covariates=base_x), Arm.of(np.ones(n), canary_costs,
+                                                                                covariates=canary_x)
     b, c = canary.adjusted_costs(base, tried)
     assert c.mean() - b.mean() == pytest.approx(-0.02 * call, rel=0.1)
     assert c.mean() - b.mean() == pytest.approx(canary_costs.mean() - base_costs.mean(), rel=0.1)
@@ -139,6 +140,49 @@ def test_costs_adjusted_for_the_escalations_in_force_keep_the_difference_and_los
     # Without the escalations on both arms, the costs as they are.
     plain_b, plain_c = canary.adjusted_costs(Arm.of(np.ones(n), base_costs), tried)
     assert np.array_equal(plain_b, base_costs) and np.array_equal(plain_c, canary_costs)
+
+
+def test_a_tier_move_judged_on_the_routes_the_config_in_force_draws_loses_the_spread_of_which_tier_answered():
+    """Both arms pick tiers by each task's draw (`routing`): the canary moves the small tier's share 0.30 -> 0.41, so
+    only the escalated tasks drawing between the two shares take another tier. Adjusted for the tier the config in
+    force gives each escalated task, the difference of means stays the true one and the costs spread far less than
+    adjusted for whether it escalates alone (what a canary had before routes were drawn per task)."""
+    from tracetune.tuner.config import Knob, PipelineSpec
+
+    spec = PipelineSpec("ask", {"score": {"cache_enabled": Knob("bool", False)}, "answer": {
+        "cascade_threshold": Knob("float", 0.3, 0, 1),
+        "route_weights": Knob("weights", {"small": 0.3, "large": 0.7})}}, {}, {"answer": "score"})
+    base = spec.defaults()
+    trial = spec.merge(base, {"answer": {"route_weights": {"small": 0.41, "large": 0.59}}})
+    n = 100_000
+    price = {"small": 0.0001, "large": 0.0015}
+    sure, u = RNG.random(n), RNG.random(n)
+    canary_arm = RNG.random(n) < 0.5  # tasks assigned by a hash
+    tier = np.where(canary_arm, routing.picks({"small": 0.41, "large": 0.59}, u),
+                    routing.picks({"small": 0.3, "large": 0.7}, u))
+    escalated = sure < 0.3
+    costs = 1e-6 + np.where(escalated, np.vectorize(price.get)(tier) * RNG.normal(1, 0.1, n), 0.0)
+    x = canary.covariates(spec, base, trial, {"answer": u}, {"score": sure})
+    assert x.shape == (n, 2)  # escalated under the config in force, times each tier it picks
+    def arms(covariates: np.ndarray) -> tuple[Arm, Arm]:
+        return (Arm.of(np.ones((~canary_arm).sum()), costs[~canary_arm], covariates=covariates[~canary_arm]),
+                Arm.of(np.ones(canary_arm.sum()), costs[canary_arm], covariates=covariates[canary_arm]))
+
+    b, c = canary.adjusted_costs(*arms(x))
+    true = 0.3 * 0.11 * (price["small"] - price["large"])
+    assert c.mean() - b.mean() == pytest.approx(true, rel=0.05)
+    alone = x.sum(axis=1)  # escalated or not: what a canary read before
+    ob, oc = canary.adjusted_costs(*arms(alone))
+    assert np.concatenate([b, c]).std() < 0.6 * np.concatenate([ob, oc]).std()
+    # Draws not known for every task (spans of an executor drawing its own way): whether it escalates, as before.
+    u_missing = u.copy()
+    u_missing[0] = np.nan
+    assert np.array_equal(canary.covariates(spec, base, trial, {"answer": u_missing}, {"score": sure}),
+                          escalated.astype(float)[:, None])
+    # A canary that moves the model step too: the tier in force alone (whether a task escalates is not fixed).
+    both = spec.merge(trial, {"score": {"cache_enabled": True}})
+    assert np.array_equal(canary.covariates(spec, base, both, {"answer": u}, {"score": sure}),
+                          (np.array(routing.picks({"small": 0.3, "large": 0.7}, u)) == "small").astype(float)[:, None])
 
 
 def test_only_a_canary_changing_cascades_alone_gets_the_escalations_in_force_as_a_covariate():
@@ -254,13 +298,13 @@ def _arm_spans(client, version: int, n: int, ms: float, first: int) -> None:
     client.insert("otel_traces", rows, column_names=COLUMNS)
 
 
-def _later_task(client, after_ns: int | None = None) -> None:
+def _later_task(client, after_ns: int | None = None, pipeline: str = "shop") -> None:
     """A task on neither arm's version that started 5 s later and is stored: the tasks before it have ended
     and are in (a canary counts only tasks whose spans are all stored, `canary.SETTLED_SQL`)."""
     start = (after_ns or time.time_ns()) + 5_000_000_000
     client.insert("otel_traces", [span_row(start, trace_id=f"{start:032x}"[-32:], span_id=f"{start:016x}"[-16:],
-                                           name="shop", kind="Server", duration=10_000_000, status="Unset",
-                                           attrs={"tracetune.pipeline": "shop", "tracetune.config_version": "0"})],
+                                           name=pipeline, kind="Server", duration=10_000_000, status="Unset",
+                                           attrs={"tracetune.pipeline": pipeline, "tracetune.config_version": "0"})],
                   column_names=COLUMNS)
 
 
@@ -372,6 +416,41 @@ def test_canary_arms_count_both_spellings_of_an_error_status(shop):  # noqa: F81
     assert (base.n, base.errors) == (6, 2) and (tried.n, tried.errors) == (6, 2)
 
 
+def test_canary_arms_of_a_tier_move_carry_the_tier_each_task_draws_under_the_config_in_force(client):
+    """Read from each task's trace id (`routing.draw` at the cascade step, as the executor picks) against the
+    weights in force, times whether the threshold in force escalates it (its confidence at the step read)."""
+    from tracetune.tuner.config import Knob, PipelineSpec
+
+    spec = PipelineSpec("ask", {"score": {}, "answer": {
+        "cascade_threshold": Knob("float", 0.5, 0, 1),
+        "route_weights": Knob("weights", {"small": 0.5, "large": 0.5})}}, {}, {"answer": "score"})
+    versions.register(client, spec)
+    in_force = versions.latest(client, "ask")
+    now = time.time_ns()
+    rows, expected = [], {}
+    for i, (version, confidence) in enumerate([(1, 0.2), (1, 0.7), (1, 0.3), (2, 0.45), (2, 0.55), (2, 0.1),
+                                                (1, 0.05), (2, 0.25)]):
+        trace = f"{70_000 + i:032x}"
+        rows.append(span_row(now + i * 1_000_000, trace_id=trace, span_id=f"{70_000 + i:016x}", name="ask",
+                             kind="Server", duration=(20 + i) * 1_000_000, status="Unset",
+                             attrs={"tracetune.pipeline": "ask", "tracetune.config_version": str(version)}))
+        rows.append(span_row(now + i * 1_000_000 + 1000, trace_id=trace, span_id=f"{80_000 + i:016x}",
+                             parent=f"{70_000 + i:016x}", name="score", duration=1_000_000, attrs={
+                                 "tracetune.pipeline": "ask", "tracetune.step": "score",
+                                 "tracetune.feature.confidence": str(confidence)}))
+        tier = routing.pick({"small": 0.5, "large": 0.5}, routing.draw(trace, "answer"))
+        expected[20 + i] = [float(confidence < 0.5 and tier == name) for name in ("large", "small")]
+    client.insert("otel_traces", rows, column_names=COLUMNS)
+    _later_task(client, now, "ask")
+    moved = spec.merge(in_force, {"answer": {"route_weights": {"small": 0.7, "large": 0.3}}})
+    since = datetime.fromtimestamp(now / 1e9 - 5, UTC)
+    base, tried = canary.arms(client, spec, canary.Canary("ask", 2, in_force.version, 0.5, "test", since, moved))
+    seen = {round(d): x.tolist() for arm in (base, tried) for d, x in zip(arm.durations_ms, arm.covariates,
+                                                                             strict=True)}
+    assert seen == expected
+    assert {tuple(x) for x in expected.values()} >= {(1.0, 0.0), (0.0, 1.0)}  # both tiers drawn among them
+
+
 def test_canary_arms_of_a_threshold_move_carry_whether_the_config_in_force_would_escalate_each_task(shop):  # noqa: F811
     """Read from the confidence on each task's span of the step the cascade reads, against the threshold in force
     (0.5): on both arms, as tasks are assigned by a hash; none for a canary that changes that step too."""
@@ -394,13 +473,13 @@ def test_canary_arms_of_a_threshold_move_carry_whether_the_config_in_force_would
     since = datetime.fromtimestamp(now / 1e9 - 5, UTC)
     base, tried = canary.arms(shop, SPEC, canary.Canary("shop", 2, in_force.version, 0.2, "test", since, lower))
     # Each beside its own task (told apart by their durations, 20 + i ms).
-    assert dict(zip(base.durations_ms.round().tolist(), base.escalations.tolist(), strict=True)) == {
+    assert dict(zip(base.durations_ms.round().tolist(), base.covariates.sum(axis=1).tolist(), strict=True)) == {
         20: 1.0, 21: 0.0, 22: 0.0}
-    assert dict(zip(tried.durations_ms.round().tolist(), tried.escalations.tolist(), strict=True)) == {
+    assert dict(zip(tried.durations_ms.round().tolist(), tried.covariates.sum(axis=1).tolist(), strict=True)) == {
         23: 1.0, 24: 0.0, 25: 1.0}
     both = SPEC.merge(lower, {"score": {"cache_enabled": True}})
     base, tried = canary.arms(shop, SPEC, canary.Canary("shop", 2, in_force.version, 0.2, "test", since, both))
-    assert base.escalations is None and tried.escalations is None
+    assert base.covariates is None and tried.covariates is None
 
 
 def test_canary_arms_leave_out_tasks_that_may_still_be_running(shop):  # noqa: F811 - the fixture

@@ -1,0 +1,33 @@
+"""The route a task takes: its draw (from its trace id) against the weights, the same way in every config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tracetune.base import routing
+
+
+def test_a_draw_is_the_same_for_a_task_and_step_and_uniform_over_tasks():
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert routing.draw(trace, "rerank") == routing.draw(trace.upper(), "rerank")
+    assert routing.draw(trace, "rerank") != routing.draw(trace, "generate")  # each step its own
+    rng = np.random.default_rng(3)
+    u = np.array([routing.draw(f"{rng.integers(1 << 62):032x}", "rerank") for _ in range(20_000)])
+    assert ((u >= 0) & (u < 1)).all()
+    assert np.histogram(u, bins=10, range=(0, 1))[0] == pytest.approx(np.full(10, 2_000), abs=200)  # ~4.7 sigma
+
+
+def test_routes_are_picked_by_name_so_configs_agreeing_on_a_share_send_the_same_tasks_there():
+    u = np.random.default_rng(5).random(50_000)
+    before = routing.picks({"small": 0.3, "large": 0.7}, u)
+    after = routing.picks({"large": 0.59, "small": 0.41}, u)  # the order given does not matter
+    assert np.mean(np.array(before) == "small") == pytest.approx(0.3, abs=0.01)
+    assert np.mean(np.array(after) == "small") == pytest.approx(0.41, abs=0.01)
+    moved = np.array(before) != np.array(after)
+    assert moved.mean() == pytest.approx(0.11, abs=0.01)  # only the tasks between the two shares move
+    assert all(b == "large" and a == "small" for b, a in zip(np.array(before)[moved], np.array(after)[moved],
+                                                               strict=True))
+    assert routing.pick({"a": 0.0, "b": 1.0}, 0.0) == "b"  # a route weighted 0 takes nothing
+    with pytest.raises(ValueError, match="no positive weight"):
+        routing.order({"a": 0.0})

@@ -1,0 +1,51 @@
+"""Which route a task takes: a uniform draw per task and step, read against the routes' weights.
+
+The executor draws a task's number from its trace id and the step's name (`draw`), so the draw is fixed before
+any config is applied, and `pick` maps it onto the routes by name in one fixed order. A canary's tasks and the
+config in force's then take the same route wherever the two configs' weights agree, and which route the config in
+force would have given any task is known from its trace id: `canary.arms` reads that as a covariate, the
+spread of cost a route move does not cause taken out of the test. The tuner's simulation draws its tasks'
+numbers its own way and picks with the same `pick`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+
+__all__ = ["draw", "order", "pick", "picks"]
+
+_SCALE = float(1 << 64)
+
+
+def draw(trace_id: str, step: str) -> float:
+    """A number in [0, 1), uniform over trace ids, for the task of `trace_id` (32 hex digits, as the store keeps it)
+    at `step`: each step's is independent of the others'."""
+    digest = hashlib.blake2b(f"{trace_id.lower()}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / _SCALE
+
+
+def order(weights: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
+    """The routes with a positive weight, by name, and the upper edge of each one's share of [0, 1)."""
+    routes = sorted(name for name, weight in weights.items() if weight > 0)
+    if not routes:
+        raise ValueError(f"route weights {dict(weights)} have no positive weight")
+    shares = np.array([float(weights[name]) for name in routes])
+    edges = np.cumsum(shares) / shares.sum()
+    edges[-1] = 1.0
+    return routes, edges
+
+
+def pick(weights: Mapping[str, float], u: float) -> str:
+    """The route a task whose draw is `u` takes under `weights`."""
+    routes, edges = order(weights)
+    return routes[min(int(np.searchsorted(edges, u, side="right")), len(routes) - 1)]
+
+
+def picks(weights: Mapping[str, float], u: np.ndarray) -> list[str]:
+    """`pick` for many draws at once."""
+    routes, edges = order(weights)
+    index = np.minimum(np.searchsorted(edges, np.asarray(u, dtype=float), side="right"), len(routes) - 1)
+    return [routes[i] for i in index]
