@@ -19,7 +19,9 @@ back), one less often right (0.90 against 0.935, under the floor; right = rolled
 canary escalating fewer or more tasks: 8% cheaper (right = promoted) with costs as measured, and with costs
 adjusted for whether the config in force would escalate each task (`canary.adjusted_costs`, what the loop does
 for a canary changing only cascades) the A/A, 10% dearer by price and by escalating more (right = rolled back) and
-8% cheaper (right = promoted).
+8% cheaper (right = promoted); and tier moves (escalations sent to the small tier more often), adjusted for the
+escalations in force alone or for the tier the config in force draws for each task too (`canary.covariates`):
+10% cheaper (right = promoted), A/A and 10% dearer (right = rolled back).
 
     .venv/bin/python bench/canary.py                  # 1000 runs per scenario, ~2 min
     .venv/bin/python bench/canary.py --runs 200 --seed 3
@@ -70,21 +72,25 @@ class Config:
     lowers_quality: bool = False  # the decision that started the canary predicted lower quality (`judge` is told)
     buys_quality: float | None = None  # it bought quality for a floor at risk at this predicted cost change
     adjusted: bool = False  # a canary changing only the cascade: `judge` gets each task's escalation in force
+    routes: bool = False  # and the tier the config in force draws for it (`canary.covariates`): one column per tier
 
-    def tasks(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
-        """Durations, costs, the local model's confidence, errors, correct, labelled: a task escalates when its
-        confidence is under the escalation share (a threshold on a uniform confidence)."""
+    def tasks(self, rng: np.random.Generator, n: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+        """Durations, costs, the local model's confidence, the task's tier draw, errors, correct, labelled: a task
+        escalates when its confidence is under the escalation share (a threshold on a uniform confidence), to the
+        large tier when its draw is under the large tier's share (the tiers by name, as `routing.pick` does)."""
         confidence = rng.random(n)
         escalated = confidence < self.escalation
         durations = rng.lognormal(np.log(self.local_ms), 0.35, n)
         durations += np.where(escalated, rng.lognormal(np.log(self.llm_ms), self.llm_sigma, n), 0.0)
-        tier = np.where(rng.random(n) < self.large_share, self.large_usd, self.small_usd)
+        draw = rng.random(n)
+        tier = np.where(draw < self.large_share, self.large_usd, self.small_usd)
         tokens = rng.normal(1.0, 0.15, n).clip(0.3)  # prompt lengths vary
         costs = self.compute_usd + np.where(escalated, self.cost_scale * tier * tokens, 0.0)
         errors = int((rng.random(n) < self.error_rate).sum())
         labelled = int((rng.random(n) < self.labelled).sum())
         correct = int((rng.random(labelled) < self.accuracy).sum())
-        return durations, costs, confidence, errors, correct, labelled
+        return durations, costs, confidence, draw, errors, correct, labelled
 
 
 BASE = Config()
@@ -94,6 +100,13 @@ def _escalation_for(config: Config, ratio: float) -> float:
     """The escalation share that makes `config`'s mean cost per task `ratio` times what it is."""
     llm = config.cost_scale * (config.large_share * config.large_usd + (1 - config.large_share) * config.small_usd)
     return (ratio * (config.compute_usd + config.escalation * llm) - config.compute_usd) / llm
+
+
+def _large_share_for(config: Config, ratio: float) -> float:
+    """The large tier's share that makes `config`'s mean cost per task `ratio` times what it is."""
+    llm = config.cost_scale * (config.large_share * config.large_usd + (1 - config.large_share) * config.small_usd)
+    target = (ratio * (config.compute_usd + config.escalation * llm) - config.compute_usd) / config.escalation
+    return (target / config.cost_scale - config.small_usd) / (config.large_usd - config.small_usd)
 
 
 def _scale_for(config: Config, ratio: float) -> float:
@@ -128,6 +141,14 @@ SCENARIOS: dict[str, tuple[Config, Config, str]] = {
         BASE, Config(escalation=_escalation_for(BASE, 1.10), adjusted=True), "rollback"),
     "8% cheaper escalating fewer, adjusted": (
         BASE, Config(escalation=_escalation_for(BASE, 0.92), adjusted=True), "promote"),
+    # A tier move: escalations sent to the small tier more often, the rest as in force.
+    "10% cheaper by tier, adjusted for escalations": (
+        BASE, Config(large_share=_large_share_for(BASE, 0.90), adjusted=True), "promote"),
+    "10% cheaper by tier, adjusted for the tier in force too": (
+        BASE, Config(large_share=_large_share_for(BASE, 0.90), adjusted=True, routes=True), "promote"),
+    "A/A, adjusted for the tier in force": (BASE, Config(adjusted=True, routes=True), "none"),
+    "10% dearer by tier, adjusted for the tier in force": (
+        BASE, Config(large_share=_large_share_for(BASE, 1.10), adjusted=True, routes=True), "rollback"),
 }
 """Scenario -> (config in force, canary, the right answer: promote, rollback, or none = change nothing)."""
 
@@ -148,25 +169,29 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
                share: float = CANARY_SHARE, look: float = LOOK_SECONDS, max_seconds: float = MAX_SECONDS,
                min_requests: int = MIN_REQUESTS) -> Outcome:
     """One canary judged every `look` seconds on all its tasks so far, as the loop does."""
-    parts: dict[str, list] = {"bd": [], "bc": [], "bx": [], "cd": [], "cc": [], "cx": []}
+    parts: dict[str, list] = {"bd": [], "bc": [], "bx": [], "bu": [], "cd": [], "cc": [], "cx": [], "cu": []}
     counts = np.zeros(6, dtype=int)  # base errors, correct, labelled; canary errors, correct, labelled
     seconds = 0.0
     while True:
         seconds += look
         n = rng.poisson(rate * look)
         n_canary = rng.binomial(n, share)
-        bd, bc, bx, *b = base.tasks(rng, n - n_canary)
-        cd, cc, cx, *c = trial.tasks(rng, n_canary)
-        for key, value in (("bd", bd), ("bc", bc), ("bx", bx), ("cd", cd), ("cc", cc), ("cx", cx)):
+        bd, bc, bx, bu, *b = base.tasks(rng, n - n_canary)
+        cd, cc, cx, cu, *c = trial.tasks(rng, n_canary)
+        for key, value in (("bd", bd), ("bc", bc), ("bx", bx), ("bu", bu), ("cd", cd), ("cc", cc), ("cx", cx),
+                           ("cu", cu)):
             parts[key].append(value)
         counts += np.array([*b, *c])
-        # Adjusted: each task's escalation under the config in force, from its confidence (`canary.escalated_by`).
-        escalations = {arm: (np.concatenate(parts[arm]) < base.escalation).astype(float)[:, None] if trial.adjusted
-                       else None for arm in ("bx", "cx")}
-        base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]),
-                       escalations["bx"])
-        canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]),
-                         escalations["cx"])
+        # Adjusted: each task's escalation under the config in force, from its confidence (`canary.escalated_by`),
+        # and with `routes`, that times the tier the config in force draws for it, one column per tier.
+        x = {}
+        for arm in ("b", "c"):
+            escalated = (np.concatenate(parts[arm + "x"]) < base.escalation).astype(float)
+            large = np.concatenate(parts[arm + "u"]) < base.large_share
+            x[arm] = (None if not trial.adjusted else escalated[:, None] if not trial.routes
+                      else np.column_stack([escalated * large, escalated * ~large]))
+        base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]), x["b"])
+        canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]), x["c"])
         clock = out_of_time(seconds, max_seconds)
         expired = clock["expired"]
         verdict = judge(base_arm, canary_arm, slo, min_requests=min_requests, lowers_quality=trial.lowers_quality,

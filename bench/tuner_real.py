@@ -157,7 +157,8 @@ VERSIONS_SQL = "SELECT count() FROM tracetune_config_versions WHERE pipeline = {
 # its timeout carries no tokens, so the store prices it at nothing though a provider bills it (docs/cost.md).
 FAILED_SQL = """
 SELECT countIf(SpanAttributes['tracetune.escalation'] = 'failed'),
-       countIf(SpanAttributes['tracetune.escalation'] = 'failed' AND SpanAttributes['error.type'] = 'httpx.ReadTimeout'),
+       countIf(SpanAttributes['tracetune.escalation'] = 'failed'
+               AND SpanAttributes['error.type'] = 'httpx.ReadTimeout'),
        countIf(SpanAttributes['tracetune.escalation'] != '')
 FROM otel_traces WHERE SpanAttributes['tracetune.pipeline'] = {pipeline:String}
 """

@@ -566,6 +566,15 @@ def test_canaries_change_nothing_on_a_a_roll_back_a_dearer_one_and_promote_cheap
         assert rows[dearer]["promote"] == 0 and rows[dearer]["rollback"] >= 0.2, rows[dearer]
     adjusted, plain = rows["8% cheaper escalating fewer, adjusted"], rows["8% cheaper, escalating fewer"]
     assert adjusted["promote"] >= plain["promote"] + 0.15, (adjusted, plain)
+    # A tier move adjusted for the tier the config in force draws for each task: A/A and dearer decided rightly,
+    # and a saving shown far more often (and sooner) than adjusted for the escalations alone.
+    assert rows["A/A, adjusted for the tier in force"]["correct"] >= 0.95
+    dearer = rows["10% dearer by tier, adjusted for the tier in force"]
+    assert dearer["promote"] == 0 and dearer["rollback"] >= 0.9, dearer
+    routed, alone = (rows["10% cheaper by tier, adjusted for the tier in force too"],
+                     rows["10% cheaper by tier, adjusted for escalations"])
+    assert routed["promote"] >= alone["promote"] + 0.15 and routed["median_minutes"] < alone["median_minutes"], (
+        routed, alone)
 
 
 def test_a_canary_buying_quality_for_a_floor_at_risk_goes_on_doing_no_harm_at_the_cost_predicted():
