@@ -48,7 +48,7 @@ demo: $(STAMP)
 PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest
 
 test: $(STAMP)
-	$(PYTEST) -q -n 3
+	$(PYTEST) -q -n 2
 
 # The edit-test loop: everything but the e2e stacks and the slow tests listed in tests/conftest.py.
 test-fast: $(STAMP)
