@@ -20,6 +20,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from tracetune.base import routing
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics
 from tracetune.executor.effects import Replayed
@@ -49,6 +50,9 @@ class Task:
     task_id: str = ""
     tenant: str = ""
     trace_id: str = ""
+    # What its route draws are taken from (`routing.draw`): its task id, or without one its root span's trace and
+    # span ids (tasks run inside one caller's trace share its trace id, never their own span id).
+    route_key: str = ""
     data: dict[str, Any] = field(default_factory=dict)
     confidence: dict[str, float] = field(default_factory=dict)
     routes: dict[str, str] = field(default_factory=dict)
@@ -281,6 +285,7 @@ class Pipeline:
             with self.tracer.start_as_current_span(self.name, kind=trace.SpanKind.SERVER, attributes={
                     **common, attr.CONFIG_VERSION: config.version, attr.TASK_ID: task_id}) as root:
                 task.trace_id = f"{root.get_span_context().trace_id:032x}"
+                task.route_key = routing.key(task_id, task.trace_id, f"{root.get_span_context().span_id:016x}")
                 for index, step in enumerate(steps):
                     if shadow is not None and index == shadow.first:
                         snapshot = Snapshot.of(task)  # what the shadow starts from, before the real step changes it

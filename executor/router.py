@@ -10,7 +10,7 @@ from tracetune.base import routing
 
 class WeightedRouter:
     """Picks a route with probability proportional to its weight (weights come from the tuner): by the task's
-    own draw when it is given (`routing.draw`, from its trace id), else by a draw of its own."""
+    own draw when it is given (`routing.draw`, from its task id or its root span), else by a draw of its own."""
 
     def __init__(self, weights: dict[str, float], seed: int | None = None):
         self._rng = random.Random(seed)
@@ -31,8 +31,3 @@ class WeightedRouter:
                     return name
             return self.routes[-1]
 
-
-def task_draw(span, step: str) -> float | None:
-    """The task's draw at `step` (`routing.draw`) from its span's trace id; None when the span has none."""
-    trace_id = span.get_span_context().trace_id
-    return routing.draw(format(trace_id, "032x"), step) if trace_id else None

@@ -221,7 +221,8 @@ class ShadowTrial:
 
         pipeline, tracer = self.pipeline, self.pipeline.tracer
         marks = {attr.SHADOW: self.id, attr.SHADOW_PIPELINE: pipeline.name}
-        shadow = TaskType(dict(task.input), task_id=task.task_id, tenant=task.tenant, data=dict(snapshot.data),
+        shadow = TaskType(dict(task.input), task_id=task.task_id, tenant=task.tenant, route_key=task.route_key,
+                          data=dict(snapshot.data),
                           confidence=dict(snapshot.confidence), routes=dict(snapshot.routes),
                           escalated=dict(snapshot.escalated))
         cost = ms = 0.0

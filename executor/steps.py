@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
+from tracetune.base import routing
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics, telemetry
 from tracetune.executor.batcher import Batcher
@@ -31,7 +32,7 @@ from tracetune.executor.cache import TTLCache, normalise
 from tracetune.executor.coldstarts import ColdStarts
 from tracetune.executor.effects import DeadLetters, RetryPolicy, SideEffect, SideEffectFailed
 from tracetune.executor.limits import Limiter
-from tracetune.executor.router import WeightedRouter, task_draw
+from tracetune.executor.router import WeightedRouter
 from tracetune.tuner.config import Knob
 
 if TYPE_CHECKING:
@@ -328,7 +329,7 @@ class Infer(Step):
             self.cache.configure(values)
 
     def run(self, task: Task, span: trace.Span) -> None:
-        route = self.router.choose(task_draw(span, self.name))
+        route = self.router.choose(routing.draw(task.route_key, self.name) if task.route_key else None)
         span.set_attribute(attr.ROUTE, route)
         metrics.ROUTE_TOTAL.labels(self.pipeline_name, self.name, route).inc()
         item = self.input(task)
@@ -468,7 +469,7 @@ class Cascade(Step):
             span.set_attribute(attr.ESCALATION, "unavailable")
             metrics.CASCADE_TOTAL.labels(*labels, "unavailable").inc()
             return
-        route = self.router.choose(task_draw(span, self.name))
+        route = self.router.choose(routing.draw(task.route_key, self.name) if task.route_key else None)
         span.set_attribute(attr.ROUTE, route)
         metrics.ROUTE_TOTAL.labels(*labels, route).inc()
         item = self.input(task)

@@ -68,7 +68,7 @@ LIMIT 1
 # version, duration, outcome.
 ROOTS_SQL = """
 SELECT TraceId, toUInt32OrZero(SpanAttributes['tracetune.config_version']) AS version, Duration / 1e6,
-       StatusCode IN ('Error', 'STATUS_CODE_ERROR')
+       StatusCode IN ('Error', 'STATUS_CODE_ERROR'), SpanId, SpanAttributes['tracetune.task_id']
 FROM otel_traces
 WHERE Timestamp >= fromUnixTimestamp64Micro({since:Int64}) AND Timestamp < fromUnixTimestamp64Micro({until:Int64})
   AND ParentSpanId = '' AND SpanAttributes['tracetune.pipeline'] = {pipeline:String}
@@ -687,13 +687,14 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
     # Both arms' tasks in one order (the config in force's first), for covariates computed over them together.
     rows = sorted(rows, key=lambda row: int(row[1]) != canary.base_version)
     routed = routed_steps(spec, base_config)
+    keys = [routing.key(task_id, trace_id, span_id) for trace_id, _, _, _, span_id, task_id in rows]
     x = covariates(spec, base_config, canary.config,
-                   {step: np.array([routing.draw(row[0], step) for row in rows]) for step in routed},
+                   {step: np.array([routing.draw(key, step) for key in keys]) for step in routed},
                    {step: np.array([confidences.get(row[0], {}).get(step, math.nan) for row in rows])
                     for step, _ in thresholds})
     samples: dict[int, dict] = {v: {"d": [], "c": [], "e": 0, "ok": 0, "n": 0, "x": []}
                                 for v in (canary.base_version, canary.version)}
-    for i, (trace_id, version, duration_ms, failed) in enumerate(rows):
+    for i, (trace_id, version, duration_ms, failed, _, _) in enumerate(rows):
         arm = samples[int(version)]
         arm["d"].append(float(duration_ms))
         arm["x"].append(i)

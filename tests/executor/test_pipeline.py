@@ -127,9 +127,12 @@ def test_route_weights_are_respected_statistically(classifiers, remote):
     share = routes.count("int8") / n
     sigma = (0.7 * 0.3 / n) ** 0.5
     assert abs(share - 0.7) < 4 * sigma, share  # a binomial 4-sigma band: fails ~1 in 15,000 runs
-    # Each task's route is its trace id's draw at the step against the weights: what a canary's covariates read.
+    # Each task's route is its draw at the step against the weights (no task id: from its root span, the step's
+    # parent), what a canary's covariates read.
     weights = {"fp32": 0.3, "int8": 0.7}
-    assert routes == [routing.pick(weights, routing.draw(f"{s.context.trace_id:032x}", "classify")) for s in spans]
+    assert routes == [routing.pick(weights, routing.draw(routing.key("", f"{s.context.trace_id:032x}",
+                                                                      f"{s.parent.span_id:016x}"), "classify"))
+                      for s in spans]
     with_config(pipeline, classify={"route_weights": {"fp32": 1.0, "int8": 0.0}})
     exporter.clear()
     for ticket in generate(50, seed=22):

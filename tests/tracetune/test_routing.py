@@ -10,10 +10,14 @@ from tracetune.base import routing
 
 def test_a_draw_is_the_same_for_a_task_and_step_and_uniform_over_tasks():
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    assert routing.draw(trace, "rerank") == routing.draw(trace.upper(), "rerank")
-    assert routing.draw(trace, "rerank") != routing.draw(trace, "generate")  # each step its own
+    task = routing.key("", trace, "00f067aa0ba902b7")
+    assert task == routing.key("", trace.upper(), "00F067AA0BA902B7")  # as the store or the SDK spells them
+    assert routing.key("", trace, "00f067aa0ba902b8") != task  # tasks run in one caller's trace: their own span
+    assert routing.key("order-7", trace, "00f067aa0ba902b7") == routing.key("order-7", "", "")  # a task id wins
+    assert routing.draw(task, "rerank") == routing.draw(task, "rerank")
+    assert routing.draw(task, "rerank") != routing.draw(task, "generate")  # each step its own
     rng = np.random.default_rng(3)
-    u = np.array([routing.draw(f"{rng.integers(1 << 62):032x}", "rerank") for _ in range(20_000)])
+    u = np.array([routing.draw(routing.key(f"{rng.integers(1 << 62)}", "", ""), "rerank") for _ in range(20_000)])
     assert ((u >= 0) & (u < 1)).all()
     assert np.histogram(u, bins=10, range=(0, 1))[0] == pytest.approx(np.full(10, 2_000), abs=200)  # ~4.7 sigma
 

@@ -417,13 +417,13 @@ def test_canary_arms_count_both_spellings_of_an_error_status(shop):  # noqa: F81
 
 
 def test_canary_arms_of_a_tier_move_carry_the_tier_each_task_draws_under_the_config_in_force(client):
-    """Read from each task's trace id (`routing.draw` at the cascade step, as the executor picks) against the
+    """Read from each task's id or root span (`routing.draw` at the cascade step, as the executor picks) against the
     weights in force, times whether the threshold in force escalates it (its confidence at the step read)."""
     from tracetune.tuner.config import Knob, PipelineSpec
 
     spec = PipelineSpec("ask", {"score": {}, "answer": {
         "cascade_threshold": Knob("float", 0.5, 0, 1),
-        "route_weights": Knob("weights", {"small": 0.5, "large": 0.5})}}, {}, {"answer": "score"})
+        "route_weights": Knob("weights", {"small": 0.3, "large": 0.7})}}, {}, {"answer": "score"})
     versions.register(client, spec)
     in_force = versions.latest(client, "ask")
     now = time.time_ns()
@@ -431,14 +431,18 @@ def test_canary_arms_of_a_tier_move_carry_the_tier_each_task_draws_under_the_con
     for i, (version, confidence) in enumerate([(1, 0.2), (1, 0.7), (1, 0.3), (2, 0.45), (2, 0.55), (2, 0.1),
                                                 (1, 0.05), (2, 0.25)]):
         trace = f"{70_000 + i:032x}"
+        # Half the tasks with a task id (their draws are taken from it), half without (from their root span).
+        task_id = f"t{i}" if i % 2 == 0 else ""
         rows.append(span_row(now + i * 1_000_000, trace_id=trace, span_id=f"{70_000 + i:016x}", name="ask",
                              kind="Server", duration=(20 + i) * 1_000_000, status="Unset",
-                             attrs={"tracetune.pipeline": "ask", "tracetune.config_version": str(version)}))
+                             attrs={"tracetune.pipeline": "ask", "tracetune.config_version": str(version),
+                                    "tracetune.task_id": task_id}))
         rows.append(span_row(now + i * 1_000_000 + 1000, trace_id=trace, span_id=f"{80_000 + i:016x}",
                              parent=f"{70_000 + i:016x}", name="score", duration=1_000_000, attrs={
                                  "tracetune.pipeline": "ask", "tracetune.step": "score",
                                  "tracetune.feature.confidence": str(confidence)}))
-        tier = routing.pick({"small": 0.5, "large": 0.5}, routing.draw(trace, "answer"))
+        key = routing.key(task_id, trace, f"{70_000 + i:016x}")
+        tier = routing.pick({"small": 0.3, "large": 0.7}, routing.draw(key, "answer"))
         expected[20 + i] = [float(confidence < 0.5 and tier == name) for name in ("large", "small")]
     client.insert("otel_traces", rows, column_names=COLUMNS)
     _later_task(client, now, "ask")

@@ -1,11 +1,11 @@
 """Which route a task takes: a uniform draw per task and step, read against the routes' weights.
 
-The executor draws a task's number from its trace id and the step's name (`draw`), so the draw is fixed before
-any config is applied, and `pick` maps it onto the routes by name in one fixed order. A canary's tasks and the
-config in force's then take the same route wherever the two configs' weights agree, and which route the config in
-force would have given any task is known from its trace id: `canary.arms` reads that as a covariate, the
-spread of cost a route move does not cause taken out of the test. The tuner's simulation draws its tasks'
-numbers its own way and picks with the same `pick`.
+The executor draws a task's number from its task id (or its root span) and the step's name (`draw`), so the
+draw is fixed before any config is applied, and `pick` maps it onto the routes by name in one fixed order. A
+canary's tasks and the config in force's then take the same route wherever the two configs' weights agree, and
+which route the config in force would have given any task is known from its spans: `canary.arms` reads that as
+a covariate, the spread of cost a route move does not cause taken out of the test. The tuner's simulation draws
+its tasks' numbers its own way and picks with the same `pick`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,21 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["draw", "order", "pick", "picks"]
+__all__ = ["draw", "key", "order", "pick", "picks"]
 
 _SCALE = float(1 << 64)
 
 
-def draw(trace_id: str, step: str) -> float:
-    """A number in [0, 1), uniform over trace ids, for the task of `trace_id` (32 hex digits, as the store keeps it)
-    at `step`: each step's is independent of the others'."""
-    digest = hashlib.blake2b(f"{trace_id.lower()}/{step}".encode(), digest_size=8).digest()
+def key(task_id: str, trace_id: str, span_id: str) -> str:
+    """What a task's draws are taken from: its task id, or without one its root span's trace and span ids (hex, as
+    the store keeps them). Tasks a caller runs inside one trace of its own share that trace id, never their span's."""
+    return f"task:{task_id}" if task_id else f"span:{trace_id.lower()}/{span_id.lower()}"
+
+
+def draw(task_key: str, step: str) -> float:
+    """A number in [0, 1), uniform over tasks, for the task of `task_key` (`key`) at `step`: each step's is
+    independent of the others'."""
+    digest = hashlib.blake2b(f"{task_key}/{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / _SCALE
 
 
