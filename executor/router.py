@@ -18,16 +18,13 @@ class WeightedRouter:
         self.set_weights(weights)
 
     def set_weights(self, weights: dict[str, float]) -> None:
-        routes, edges = routing.order(weights)
+        ordered = routing.order(weights)
         with self._lock:
-            self.routes, self.edges = routes, edges
+            self.ordered = ordered
 
-    def choose(self, u: float | None = None) -> str:
+    def choose(self, task_key: str = "", step: str = "") -> str:
+        """The route of the task whose `routing.key` is `task_key` at `step`; without a key, a random one."""
+        u = routing.draw(task_key, step) if task_key else None
         with self._lock:
-            if u is None:
-                u = self._rng.random()
-            for name, edge in zip(self.routes, self.edges, strict=True):
-                if u < edge:
-                    return name
-            return self.routes[-1]
+            return routing.at(self.ordered, self._rng.random() if u is None else u)
 

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
-from tracetune.base import routing
 from tracetune.executor import conventions as attr
 from tracetune.executor import metrics, telemetry
 from tracetune.executor.batcher import Batcher
@@ -329,7 +328,7 @@ class Infer(Step):
             self.cache.configure(values)
 
     def run(self, task: Task, span: trace.Span) -> None:
-        route = self.router.choose(routing.draw(task.route_key, self.name) if task.route_key else None)
+        route = self.router.choose(task.route_key, self.name)
         span.set_attribute(attr.ROUTE, route)
         metrics.ROUTE_TOTAL.labels(self.pipeline_name, self.name, route).inc()
         item = self.input(task)
@@ -469,7 +468,7 @@ class Cascade(Step):
             span.set_attribute(attr.ESCALATION, "unavailable")
             metrics.CASCADE_TOTAL.labels(*labels, "unavailable").inc()
             return
-        route = self.router.choose(routing.draw(task.route_key, self.name) if task.route_key else None)
+        route = self.router.choose(task.route_key, self.name)
         span.set_attribute(attr.ROUTE, route)
         metrics.ROUTE_TOTAL.labels(*labels, route).inc()
         item = self.input(task)

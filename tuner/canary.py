@@ -166,15 +166,20 @@ def covariate_thresholds(spec: PipelineSpec, base: PipelineConfig, trial: Pipeli
     fixed before the arms differ, and it explains most of a task's cost (`adjusted_costs`). A trial that changes
     any other step (a model step's routes change its confidences) gets none: its arms' costs are compared as
     they are."""
+    return list(_escalating(spec, base, trial).values())
+
+
+def _escalating(spec: PipelineSpec, base: PipelineConfig, trial: PipelineConfig) -> dict[str, tuple[str, float]]:
+    """Cascade -> (the model step it reads, the config in force's threshold), as `covariate_thresholds`."""
     changed = {step for step in set(base.steps) | set(trial.steps) if base.steps.get(step) != trial.steps.get(step)}
     if not adjustable(spec, changed):
-        return []
-    found = []
+        return {}
+    found = {}
     for cascade, after in spec.cascades.items():
         knob = spec.steps.get(cascade, {}).get("cascade_threshold")
         threshold = base.knob(cascade, "cascade_threshold", knob.default if knob is not None else None)
         if isinstance(threshold, int | float):
-            found.append((after, float(threshold)))
+            found[cascade] = (after, float(threshold))
     return found
 
 
@@ -214,14 +219,9 @@ def covariates(spec: PipelineSpec, base: PipelineConfig, trial: PipelineConfig, 
     A step with a draw missing for any task gives no column (spans of an executor that drew routes its own way)."""
     n = len(next(iter(draws.values()))) if draws else len(next(iter(confidences.values()), ()))
     columns: list[np.ndarray] = []
-    escalated: dict[str, np.ndarray] = {}
-    if covariate_thresholds(spec, base, trial):
-        for cascade, after in spec.cascades.items():
-            knob = spec.steps.get(cascade, {}).get("cascade_threshold")
-            threshold = base.knob(cascade, "cascade_threshold", knob.default if knob is not None else None)
-            if isinstance(threshold, int | float):
-                sure = np.asarray(confidences.get(after, np.full(n, np.nan)), dtype=float)
-                escalated[cascade] = (sure < float(threshold)).astype(float)  # NaN: not escalated
+    escalated = {cascade: (np.asarray(confidences.get(after, np.full(n, np.nan)), dtype=float) < threshold
+                           ).astype(float)  # NaN: not escalated
+                 for cascade, (after, threshold) in _escalating(spec, base, trial).items()}
     for step, weights in routed_steps(spec, base).items():
         u = draws.get(step)
         if u is None or len(u) != n or not n or np.isnan(np.asarray(u, dtype=float)).any():

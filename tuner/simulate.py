@@ -184,7 +184,7 @@ class _Lane:
         """Take `config`'s values, for this lane's scalars and the parts it uses."""
         self.config = config
         sim, c = self.sim, self.sim.cascade
-        self.routes: dict[str, tuple[list[str], np.ndarray]] = {}
+        self.routes: dict[str, routing.Order] = {}
         for step in sim.models:
             weights = self.knob(step, "route_weights", {r: 1.0 for r in sim.physics[step]})
             self.routes[step] = routing.order(weights)  # by name, as the executor picks (tracetune.base.routing)
@@ -199,17 +199,16 @@ class _Lane:
                 cache.enabled = False
         if c:
             tiers = self.knob(c, "route_weights", {r: 1.0 for r in sim.cal.tiers})
-            self.tiers, self.tier_cum = routing.order(tiers)
+            self.tiers = routing.order(tiers)
             self.threshold = float(self.knob(c, "cascade_threshold", 0.0))
             self.limit.limit = max(1, int(self.knob(c, "max_concurrency", 1 << 30)))
             self.timeout = float(self.knob(c, "timeout_seconds", 10.0))
 
     def route(self, step: str, u: float) -> str:
-        routes, edges = self.routes[step]
-        return routes[min(int(np.searchsorted(edges, u, side="right")), len(routes) - 1)]
+        return routing.at(self.routes[step], u)
 
     def tier(self, u: float) -> str:
-        return self.tiers[min(int(np.searchsorted(self.tier_cum, u, side="right")), len(self.tiers) - 1)]
+        return routing.at(self.tiers, u)
 
 
 @dataclass

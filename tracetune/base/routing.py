@@ -10,12 +10,13 @@ its tasks' numbers its own way and picks with the same `pick`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["draw", "key", "order", "pick", "picks"]
+__all__ = ["Order", "at", "draw", "key", "order", "pick", "picks"]
 
 _SCALE = float(1 << 64)
 
@@ -33,7 +34,10 @@ def draw(task_key: str, step: str) -> float:
     return int.from_bytes(digest, "big") / _SCALE
 
 
-def order(weights: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
+Order = tuple[list[str], list[float]]
+
+
+def order(weights: Mapping[str, float]) -> Order:
     """The routes with a positive weight, by name, and the upper edge of each one's share of [0, 1)."""
     routes = sorted(name for name, weight in weights.items() if weight > 0)
     if not routes:
@@ -41,13 +45,19 @@ def order(weights: Mapping[str, float]) -> tuple[list[str], np.ndarray]:
     shares = np.array([float(weights[name]) for name in routes])
     edges = np.cumsum(shares) / shares.sum()
     edges[-1] = 1.0
-    return routes, edges
+    return routes, edges.tolist()
+
+
+def at(ordered: Order, u: float) -> str:
+    """The route a draw `u` falls on, in routes `order`ed once (the executor's router and the simulation keep
+    them between weight changes)."""
+    routes, edges = ordered
+    return routes[min(bisect.bisect_right(edges, u), len(routes) - 1)]
 
 
 def pick(weights: Mapping[str, float], u: float) -> str:
     """The route a task whose draw is `u` takes under `weights`."""
-    routes, edges = order(weights)
-    return routes[min(int(np.searchsorted(edges, u, side="right")), len(routes) - 1)]
+    return at(order(weights), u)
 
 
 def picks(weights: Mapping[str, float], u: np.ndarray) -> list[str]:
