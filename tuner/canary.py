@@ -583,20 +583,25 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     if expired:
         gain = "cost" if not misses else ", ".join(misses)
         short = ""
-        if priced and not misses and canary_cost.mean() < base_cost.mean():
-            # Not a finding against the canary: the difference it shows was too small for its tasks to prove.
+        if priced and not misses and canary_tested.mean() < base_tested.mean():
+            # Not a finding against the canary: the difference it shows was too small for its tasks to prove. Sized
+            # on what the test reads (the adjusted costs' difference and spread), not the costs as measured.
             spread = float(np.concatenate([canary_tested, base_tested]).std(ddof=1))
             share = canary.n / (canary.n + base.n)
-            needed = tasks_needed(float(canary_cost.mean() - base_cost.mean()), spread,
-                                  TAU_COST * float(base_cost.mean()), share, each)
+            difference = float(canary_tested.mean() - base_tested.mean())
+            figures["cost_change_tested"] = round(difference / float(base_cost.mean()), 6)
+            needed = tasks_needed(difference, spread, TAU_COST * float(base_cost.mean()), share, each)
             if needed is not None and needed > canary.n:
                 figures["tasks_needed"] = float(needed)
                 if may_run_on and needed <= RUN_ON * canary.n:
                     return Verdict("wait", f"its time ran out at {cost_text}, short of the about {needed:,} tasks "
                                            f"on the canary that would show it ({tasks}): it runs on, at most as "
                                            f"long again", figures)
-                short = (f"; rolled back for want of tasks, not because it did worse: showing a difference this size "
-                         f"at this spread of per-task cost takes about {needed:,} tasks on the canary")
+                read = (f" (the {difference / float(base_cost.mean()):+.0%} its test reads, adjusted for what the "
+                        f"config in force fixes)" if base.covariates is not None and canary.covariates is not None
+                        else "")
+                short = (f"; rolled back for want of tasks, not because it did worse: showing a difference this size"
+                         f"{read} at this spread of per-task cost takes about {needed:,} tasks on the canary")
         return Verdict("rollback", f"no evidence of a gain in {gain} before the canary's time ran out"
                                    + (f": {cost_text}" if cost_text else "") + f" ({tasks}){short}; the config in "
                                    f"force stays", figures)

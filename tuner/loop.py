@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tracetune.analyzer import SLO, get_slo
+from tracetune.base import routing
 from tracetune.base.settings import Settings
 from tracetune.store.lease import Lease, hold
 from tracetune.tuner import approval, canary, decisions, observe, versions
@@ -1071,6 +1072,30 @@ def _moved(plan: Plan, obs: observe.Observation, spec: PipelineSpec | None) -> d
     return moved
 
 
+def _switched(plan: Plan, spec: PipelineSpec | None) -> dict[str, dict[tuple[str, str], float]] | None:
+    """Routed step -> (route in force, route tried) -> share of tasks the plan's weights send the other way
+    (`routing.moves`; empty where its weights do not move), for each step that declares routes: the executor
+    picks a task's route by a draw fixed per task and step, so a canary's costs are adjusted for the route the
+    config in force takes (`canary.covariates`). None without the spec."""
+    if spec is None:
+        return None
+    found = {}
+    for step, knobs in spec.steps.items():
+        if "route_weights" not in knobs:
+            continue
+        after = plan.changes.get(step, {}).get("route_weights")
+        if after is None:
+            found[step] = {}
+            continue
+        before = plan.was(step, "route_weights")
+        if isinstance(before, Mapping) and isinstance(after, Mapping):
+            try:
+                found[step] = routing.moves(before, after)
+            except ValueError:  # no positive weight: not known
+                pass
+    return found
+
+
 def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings, spec: PipelineSpec | None = None) -> str:
     """Why a plan that only saves cost is not worth a canary ("" when it is): it predicts a rise of cost
     (`canary.judge` promotes such a canary only on a saving shown), or its predicted saving is smaller than a
@@ -1089,7 +1114,7 @@ def unprovable(plan: Plan, obs: observe.Observation, settings: LoopSettings, spe
         return (f"{NO_SAVING}: {(after - before) / before:+.1%} predicted, and it restores no missed objective "
                 f"nor buys quality for a floor at risk, so a canary could only run its time out. Not tried: "
                 f"{plan.summary}")
-    spread = obs.cost_spread(_moved(plan, obs, spec))
+    spread = obs.cost_spread(_moved(plan, obs, spec), _switched(plan, spec))
     if not spread:
         return ""
     effect, mean = (after - before) / 1000, before / 1000

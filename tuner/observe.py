@@ -196,30 +196,54 @@ class Observation:
         total = self.step_total(step)
         return total.cost / total.spans if total.spans else 0.0
 
-    def cost_spread(self, moved: Mapping[str, float] | None = None) -> float | None:
+    def cost_spread(self, moved: Mapping[str, float] | None = None,
+                    switched: Mapping[str, Mapping[tuple[str, str], float]] | None = None) -> float | None:
         """The standard deviation of a task's cost (USD), from each step's routes: calls per task and cost per call,
         a task making at most one call of a step and the steps independent of each other (what spreads a task's
         cost is mostly a cascade's few dear calls); a call its cache answered costs nothing, the others the rest.
         None without requests or prices.
 
-        `moved` (cascade step -> share of tasks one config escalates and the other does not): what is left of the
-        spread once a canary's costs are adjusted for the config in force's escalations (`canary.adjusted_costs`):
-        on those cascades, the spread of a call's cost among the calls, and a whole call on the moved tasks (no more
-        than without it: the adjustment's least squares would take θ = 0 rather than add spread)."""
+        What is left of it once a canary's costs are adjusted for what the config in force fixes before the arms
+        differ (`canary.covariates`), no more than without (the adjustment's least squares would take θ = 0 rather
+        than add spread):
+
+        - `switched` (routed step -> (route in force, route tried) -> share of tasks the tried weights send the
+          other way, `routing.moves`; empty when its weights do not move): which route each task takes there is
+          known, so the spread among the routes goes, and on the tasks switched the difference of the two routes'
+          cost per task comes back. A route with no calls in the window has no cost to read: that step's spread
+          stays as it is.
+        - `moved` (cascade step -> share of tasks one config escalates and the other does not): whether the config in
+          force escalates each task is known too, so what is left there is the spread of a call's cost among the
+          calls of its route (cache hits), and a whole call on the moved tasks."""
         if not self.requests or self.cost_per_1k is None:
             return None
         variance = raw = 0.0
         for step, routes in self.steps.items():
-            mean = square = calls = 0.0
-            for route in routes.values():
+            calls_on: dict[str, float] = {}
+            paid_on: dict[str, tuple[float, float]] = {}  # route -> (paid calls per task, cost per paid call)
+            for name, route in routes.items():
                 if route.spans:
                     paid = route.spans - min(route.hits, route.spans - 1)  # at least one: its cost is spread over it
-                    share, each = paid / self.requests, route.cost / paid
-                    mean, square = mean + share * each, square + share * each * each
-                    calls += route.spans / self.requests
+                    calls_on[name] = route.spans / self.requests
+                    paid_on[name] = (paid / self.requests, route.cost / paid)
+            mean = sum(p * e for p, e in paid_on.values())
+            square = sum(p * e * e for p, e in paid_on.values())
+            calls = sum(calls_on.values())
             spread = max(0.0, square - mean * mean)
             raw += spread
-            if moved is not None and step in moved and calls > 0:
+            known = moved is not None and step in moved and calls > 0
+            moves = (switched or {}).get(step) if switched is not None and step in switched else None
+            if moves is not None and calls > 0 and all(r in paid_on for pair in moves for r in pair):
+                # Per route: the share of tasks it is known for (escalated ones when `known`) and their mean cost.
+                given = {r: (c if known else c / calls) for r, c in calls_on.items()}
+                each = {r: paid_on[r][0] * paid_on[r][1] / given[r] for r in paid_on}
+                spread = sum(p * e * e - (p * e) ** 2 / given[r] for r, (p, e) in paid_on.items())
+                spread += (calls if known else 1.0) * sum(share * (each[a] - each[b]) ** 2
+                                                          for (a, b), share in moves.items())
+                spread = max(0.0, spread)
+                if known:
+                    spread += moved[step] * (mean / calls) ** 2
+            elif known:
                 per_call = mean / calls
                 spread = max(0.0, square - calls * per_call * per_call) + moved[step] * per_call * per_call
             variance += spread

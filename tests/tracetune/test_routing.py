@@ -35,3 +35,16 @@ def test_routes_are_picked_by_name_so_configs_agreeing_on_a_share_send_the_same_
     assert routing.pick({"a": 0.0, "b": 1.0}, 0.0) == "b"  # a route weighted 0 takes nothing
     with pytest.raises(ValueError, match="no positive weight"):
         routing.order({"a": 0.0})
+
+
+def test_the_tasks_a_change_of_weights_sends_another_way_are_the_ones_picked_differently():
+    u = np.random.default_rng(9).random(100_000)
+    for before, after in (({"a": 0.2, "b": 0.5, "c": 0.3}, {"a": 0.4, "b": 0.1, "c": 0.5}),
+                          ({"a": 1.0, "b": 0.0}, {"a": 0.5, "b": 0.5}),
+                          ({"small": 0.3, "large": 0.7}, {"small": 0.3, "large": 0.7})):
+        old, new = np.array(routing.picks(before, u)), np.array(routing.picks(after, u))
+        seen: dict[tuple[str, str], float] = {}
+        for pair in set(zip(old[old != new], new[old != new], strict=True)):
+            seen[pair] = float(np.mean((old == pair[0]) & (new == pair[1])))
+        assert routing.moves(before, after) == pytest.approx(seen, abs=0.005), (before, after)
+    assert routing.moves({"a": 0.2, "b": 0.8}, {"a": 0.2, "b": 0.8}) == {}

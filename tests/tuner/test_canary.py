@@ -87,6 +87,31 @@ def test_a_cheaper_canary_out_of_time_runs_on_once_when_twice_its_tasks_would_sh
     assert far.action == "rollback" and far.figures["tasks_needed"] > 2 * 2000, far.reason
 
 
+def test_the_tasks_a_short_canary_needed_are_counted_on_the_difference_its_test_reads():
+    """Out of time with costs adjusted for the escalations in force, the tasks it would have needed are sized on
+    the adjusted difference, not the measured one: a canary whose tasks happened to escalate less looks cheaper
+    as measured than its test can credit, and it is not kept on for a difference that is not there."""
+    rng = np.random.default_rng(13)
+
+    def tasks(n: int, share: float, call: float) -> Arm:
+        escalated = np.arange(n) < share * n
+        costs = np.where(escalated, rng.normal(call, 0.2 * call, n), 0.00001)
+        return Arm.of(np.full(n, 100.0), costs, covariates=escalated.astype(float))
+
+    # The canary's calls 5% cheaper; its tasks escalate 8% where the config in force's escalate 10%.
+    base, lucky = tasks(3000, 0.10, 0.001), tasks(1000, 0.08, 0.00095)
+    verdict = judge(base, lucky, SLO_SHOP, expired=True, may_run_on=True)
+    measured = verdict.figures["canary.cost_per_1k"] / verdict.figures["base.cost_per_1k"] - 1
+    tested = verdict.figures["cost_change_tested"]
+    assert measured < -0.2 and -0.08 < tested < -0.02, (measured, tested)
+    b, c = canary.adjusted_costs(base, lucky)
+    spread = float(np.concatenate([c, b]).std(ddof=1))
+    needed = canary.tasks_needed(float(c.mean() - b.mean()), spread, canary.TAU_COST * float(base.costs.mean()),
+                                 1000 / 4000, canary.ALPHA / canary.QUESTIONS)
+    assert verdict.figures["tasks_needed"] == needed > 2 * lucky.n  # more than running on could bring
+    assert verdict.action == "rollback" and "(the -" in verdict.reason and "its test reads" in verdict.reason
+
+
 def test_tasks_needed_is_where_the_always_valid_test_first_rejects():
     each = canary.ALPHA / canary.QUESTIONS
     for effect, spread, share in ((-0.3, 4.7, 0.5), (-0.2, 0.7, 0.2), (0.1, 1.0, 0.3)):
@@ -571,13 +596,14 @@ def test_canaries_change_nothing_on_a_a_roll_back_a_dearer_one_and_promote_cheap
     adjusted, plain = rows["8% cheaper escalating fewer, adjusted"], rows["8% cheaper, escalating fewer"]
     assert adjusted["promote"] >= plain["promote"] + 0.15, (adjusted, plain)
     # A tier move adjusted for the tier the config in force draws for each task: A/A and dearer decided rightly,
-    # and a saving shown far more often (and sooner) than adjusted for the escalations alone.
+    # and a saving shown at least as often and in a third of the time or less than adjusted for the escalations
+    # alone (which, short of tasks at the end of its time, mostly runs on).
     assert rows["A/A, adjusted for the tier in force"]["correct"] >= 0.95
     dearer = rows["10% dearer by tier, adjusted for the tier in force"]
     assert dearer["promote"] == 0 and dearer["rollback"] >= 0.9, dearer
     routed, alone = (rows["10% cheaper by tier, adjusted for the tier in force too"],
                      rows["10% cheaper by tier, adjusted for escalations"])
-    assert routed["promote"] >= alone["promote"] + 0.15 and routed["median_minutes"] < alone["median_minutes"], (
+    assert routed["promote"] >= alone["promote"] and 3 * routed["median_minutes"] <= alone["median_minutes"], (
         routed, alone)
 
 

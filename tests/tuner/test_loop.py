@@ -741,6 +741,92 @@ def test_a_canary_of_cascades_alone_is_judged_on_the_spread_left_once_its_costs_
     assert _moved(plan, obs, SPEC) is None
 
 
+TIERS = PipelineSpec("tiers", {
+    "rank": {"cache_enabled": Knob("bool", False)},
+    "gen": {"cascade_threshold": Knob("float", 0.4, 0, 1),
+            "route_weights": Knob("weights", {"cheap": 0.3, "dear": 0.7}), "cache_enabled": Knob("bool", True),
+            "timeout_seconds": Knob("float", 10.0, 0.01, 600)},
+}, {"p95_ms": 2000.0, "quality_floor": 0.8}, {"gen": "rank"})
+
+
+def _tier_tasks(n: int, weights: dict[str, float], rng: np.random.Generator, threshold: float = 0.4):
+    """`n` tasks of TIERS: rank on every task (0.0001 USD), gen on those rank is unsure of (confidence under
+    `threshold`), on the tier a per-task draw picks under `weights` (0.0002 or 0.002 USD a call), 12% of its
+    calls answered by the cache at no cost. (costs, draws, confidences, escalated, tiers, hits)."""
+    from tracetune.base import routing
+
+    u, confidence = rng.random(n), rng.random(n)
+    escalated = confidence < threshold
+    tiers = np.array(routing.picks(weights, u))
+    hits = escalated & (rng.random(n) < 0.12)
+    price = np.where(tiers == "cheap", 0.0002, 0.002)
+    return 0.0001 + np.where(escalated & ~hits, price, 0.0), u, confidence, escalated, tiers, hits
+
+
+def test_a_tier_move_is_judged_on_the_spread_left_once_the_tier_in_force_is_known():
+    """The executor picks a task's tier by a draw fixed per task, and a canary's costs are adjusted for the tier
+    the config in force takes: the spread among the tiers goes, and only the tasks the new weights send the
+    other way, and the cache's hits, are left. The loop's estimate of that spread is the one the canary's own
+    adjustment (`canary.adjusted_costs`) leaves on tasks drawn that way."""
+    from tracetune.base import routing
+    from tracetune.tuner import canary
+    from tracetune.tuner.config import PipelineConfig
+    from tracetune.tuner.loop import _moved, _switched
+    from tracetune.tuner.plan import Plan
+
+    before, after = {"cheap": 0.3, "dear": 0.7}, {"cheap": 0.42, "dear": 0.58}
+    assert routing.moves(before, after) == {("dear", "cheap"): pytest.approx(0.12)}
+    rng, n = np.random.default_rng(11), 60_000
+    base_costs, base_u, base_c, escalated, tiers, hits = _tier_tasks(n, before, rng)
+    obs = Observation("tiers", 300.0, requests=n, cost_per_1k=1000 * base_costs.mean())
+    obs.steps["rank"] = {"m": RouteObservation(spans=n, cost=0.0001 * n)}
+    obs.steps["gen"] = {tier: RouteObservation(spans=int((escalated & (tiers == tier)).sum()),
+                                               hits=int((hits & (tiers == tier)).sum()),
+                                               cost=float((base_costs - 0.0001)[tiers == tier].sum()))
+                        for tier in before}
+    obs.cascade_samples["gen"] = [CascadeSample(c, None) for c in base_c[:5000]]
+    plan = Plan(changes={"gen": {"route_weights": after}})
+    plan._current["gen"] = {"route_weights": before}
+    base_cfg = PipelineConfig("tiers", 1, {"gen": {"route_weights": before}})
+    trial_cfg = PipelineConfig("tiers", 2, {"gen": {"route_weights": after}})
+    also = PipelineConfig("tiers", 2, {"gen": {"route_weights": after}, "rank": {"cache_enabled": True}})
+    same_costs, same_u, same_c, *_ = _tier_tasks(n, before, rng)
+    trial_costs, trial_u, trial_c, *_ = _tier_tasks(n, after, rng)
+
+    def spread_left(trial: PipelineConfig, costs: np.ndarray, u: np.ndarray, c: np.ndarray) -> float:
+        """The spread of both arms' costs once `canary.adjusted_costs` takes out what the covariates explain."""
+        x = canary.covariates(TIERS, base_cfg, trial, {"gen": np.concatenate([base_u, u])},
+                              {"rank": np.concatenate([base_c, c])})
+        arms = [canary.Arm.of(np.ones(n), arm, covariates=x[i * n:(i + 1) * n])
+                for i, arm in enumerate((base_costs, costs))]
+        return float(np.concatenate(canary.adjusted_costs(*arms)).std())
+
+    # The weights as they are, the tier known: what is left is whether a task escalates, and the cache's hits.
+    assert obs.cost_spread(None, {"gen": {}}) == pytest.approx(spread_left(base_cfg, same_costs, same_u, same_c),
+                                                               rel=0.05)
+    # Escalation known too (a trial changing the cascade step alone, here its timeout): the cache's hits.
+    timeout = PipelineConfig("tiers", 2, {"gen": {"route_weights": before, "timeout_seconds": 11.0}})
+    assert obs.cost_spread({"gen": 0.0}, {"gen": {}}) == pytest.approx(
+        spread_left(timeout, same_costs, same_u, same_c), rel=0.05)
+    # And the 12% of escalations the move switches, counted as if every task of both arms could be: no less than
+    # the adjustment leaves, a fifth more here (half the tasks on the canary).
+    assert _switched(plan, TIERS) == {"gen": {("dear", "cheap"): pytest.approx(0.12)}}
+    known = obs.cost_spread(_moved(plan, obs, TIERS), _switched(plan, TIERS))
+    left = spread_left(trial_cfg, trial_costs, trial_u, trial_c)
+    assert left < known < 1.25 * left
+    assert known < obs.cost_spread(_moved(plan, obs, TIERS))  # the escalations alone known
+    # A plan that also moves rank (whose confidences the cascade reads): the tier is known, the escalations not.
+    plan.changes["rank"], plan._current["rank"] = {"cache_enabled": True}, {"cache_enabled": False}
+    tier_only = obs.cost_spread(_moved(plan, obs, TIERS), _switched(plan, TIERS))
+    assert _moved(plan, obs, TIERS) is None
+    left = spread_left(also, trial_costs, trial_u, trial_c)
+    assert left < tier_only < 1.25 * left
+    assert known < tier_only < obs.cost_spread()
+    # A route with no calls in the window has no cost to read: the spread as it is.
+    plan.changes["gen"]["route_weights"] = {"cheap": 0.3, "dear": 0.5, "new": 0.2}
+    assert obs.cost_spread(_moved(plan, obs, TIERS), _switched(plan, TIERS)) == pytest.approx(obs.cost_spread())
+
+
 def test_a_cascades_local_route_is_priced_with_the_escalations_it_causes():
     plan = decide(QA, QA.defaults(), SLO_QA, _qa())
     # Per call small is 4x cheaper, but its answers escalate 6x as often to a tier costing 1000x a rank call.

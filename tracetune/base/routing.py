@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["Order", "at", "draw", "key", "order", "pick", "picks"]
+__all__ = ["Order", "at", "draw", "key", "moves", "order", "pick", "picks"]
 
 _SCALE = float(1 << 64)
 
@@ -65,3 +65,18 @@ def picks(weights: Mapping[str, float], u: np.ndarray) -> list[str]:
     routes, edges = order(weights)
     index = np.minimum(np.searchsorted(edges, np.asarray(u, dtype=float), side="right"), len(routes) - 1)
     return [routes[i] for i in index]
+
+
+def moves(before: Mapping[str, float], after: Mapping[str, float]) -> dict[tuple[str, str], float]:
+    """(route before, route after) -> the share of draws that take the one under `before` and the other under
+    `after`, for the pairs that differ: the tasks a change of weights sends another way (none where the two
+    configs' weights agree)."""
+    old, new = order(before), order(after)
+    cuts = sorted({0.0, *old[1], *new[1]})
+    found: dict[tuple[str, str], float] = {}
+    for low, high in zip(cuts, cuts[1:], strict=False):
+        middle = (low + high) / 2
+        pair = (at(old, middle), at(new, middle))
+        if pair[0] != pair[1] and high > low:
+            found[pair] = found.get(pair, 0.0) + high - low
+    return found
