@@ -595,7 +595,8 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
             spread = float(np.concatenate([canary_tested, base_tested]).std(ddof=1))
             share = canary.n / (canary.n + base.n)
             difference = float(canary_tested.mean() - base_tested.mean())
-            figures["cost_change_tested"] = round(difference / float(base_cost.mean()), 6)
+            change = difference / float(base_cost.mean())
+            figures["cost_change_tested"] = round(change, 6)
             needed = tasks_needed(difference, spread, TAU_COST * float(base_cost.mean()), share, each)
             if needed is not None and needed > canary.n:
                 figures["tasks_needed"] = float(needed)
@@ -603,7 +604,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                     return Verdict("wait", f"its time ran out at {cost_text}, short of the about {needed:,} tasks "
                                            f"on the canary that would show it ({tasks}): it runs on, at most as "
                                            f"long again", figures)
-                read = (f" (the {difference / float(base_cost.mean()):+.0%} its test reads, adjusted for what the "
+                read = (f" (the {change:+.0%} its test reads, adjusted for what the "
                         f"config in force fixes)" if base.covariates is not None and canary.covariates is not None
                         else "")
                 short = (f"; rolled back for want of tasks, not because it did worse: showing a difference this size"

@@ -227,25 +227,28 @@ class Observation:
                     calls_on[name] = route.spans / self.requests
                     paid_on[name] = (paid / self.requests, route.cost / paid)
             mean = sum(p * e for p, e in paid_on.values())
-            square = sum(p * e * e for p, e in paid_on.values())
             calls = sum(calls_on.values())
-            spread = max(0.0, square - mean * mean)
-            raw += spread
-            known = moved is not None and step in moved and calls > 0
-            moves = (switched or {}).get(step) if switched is not None and step in switched else None
-            if moves is not None and calls > 0 and all(r in paid_on for pair in moves for r in pair):
-                # Per route: the share of tasks it is known for (escalated ones when `known`) and their mean cost.
-                given = {r: (c if known else c / calls) for r, c in calls_on.items()}
-                each = {r: paid_on[r][0] * paid_on[r][1] / given[r] for r in paid_on}
-                spread = sum(p * e * e - (p * e) ** 2 / given[r] for r, (p, e) in paid_on.items())
+            raw += max(0.0, sum(p * e * e for p, e in paid_on.values()) - mean * mean)
+            known = moved is not None and step in moved and calls > 0  # whether each task escalates here
+            moves = (switched or {}).get(step)
+            routed = moves is not None and calls > 0 and all(r in paid_on for pair in moves for r in pair)
+            # What is known of a task splits the step's calls into groups (one per route when its route is known,
+            # else one) and says on what share of tasks a group's call is made (its calls when whether it escalates
+            # is known, else its calls' share of the step's); what is left is the spread of cost within each group.
+            within, each = 0.0, {}
+            for group in ([r] for r in paid_on) if routed else [list(paid_on)]:
+                if not group:
+                    continue
+                cost = sum(paid_on[r][0] * paid_on[r][1] for r in group)  # per task
+                given = sum(calls_on[r] for r in group) / (1.0 if known else calls)
+                within += sum(paid_on[r][0] * paid_on[r][1] ** 2 for r in group) - cost * cost / given
+                each[group[0]] = cost / given  # the mean cost of a task on that route (for one-route groups)
+            spread = max(0.0, within)
+            if routed:  # on the tasks switched, the difference of the two routes' cost per task
                 spread += (calls if known else 1.0) * sum(share * (each[a] - each[b]) ** 2
                                                           for (a, b), share in moves.items())
-                spread = max(0.0, spread)
-                if known:
-                    spread += moved[step] * (mean / calls) ** 2
-            elif known:
-                per_call = mean / calls
-                spread = max(0.0, square - calls * per_call * per_call) + moved[step] * per_call * per_call
+            if known:  # and a whole call on the tasks one threshold escalates and the other does not
+                spread += moved[step] * (mean / calls) ** 2
             variance += spread
         return math.sqrt(min(variance, raw))
 

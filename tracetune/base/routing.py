@@ -77,6 +77,6 @@ def moves(before: Mapping[str, float], after: Mapping[str, float]) -> dict[tuple
     for low, high in zip(cuts, cuts[1:], strict=False):
         middle = (low + high) / 2
         pair = (at(old, middle), at(new, middle))
-        if pair[0] != pair[1] and high > low:
+        if pair[0] != pair[1]:  # the cuts are distinct: every interval has a length
             found[pair] = found.get(pair, 0.0) + high - low
     return found
