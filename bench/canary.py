@@ -17,10 +17,10 @@ force's 0.95; right = rolled back, not promoted on cost first) and one still ove
 predicted and a little more often right (right = promoted on doing no harm), one 40% dearer (right = rolled
 back), one less often right (0.90 against 0.935, under the floor; right = rolled back). Threshold moves, the
 canary escalating fewer or more tasks: 8% cheaper (right = promoted) with costs as measured, and with costs
-adjusted for whether the config in force would escalate each task (`canary.adjusted_costs`, what the loop does
-for a canary changing only cascades) the A/A, 10% dearer by price and by escalating more (right = rolled back) and
+adjusted for whether each config would escalate each task (`canary.Compared`, what the loop does for a canary
+changing only cascades) the A/A, 10% dearer by price and by escalating more (right = rolled back) and
 8% cheaper (right = promoted); and tier moves (escalations sent to the small tier more often), adjusted for the
-escalations in force alone or for the tier the config in force draws for each task too (`canary.covariates`):
+escalations alone or for the tier each config draws for each task too (`canary.both_covariates`):
 10% cheaper (right = promoted), A/A and 10% dearer (right = rolled back).
 
     .venv/bin/python bench/canary.py                  # 1000 runs per scenario, ~2 min
@@ -183,13 +183,16 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
             parts[key].append(value)
         counts += np.array([*b, *c])
         # Adjusted: each task's escalation under the config in force, from its confidence (`canary.escalated_by`),
-        # and with `routes`, that times the tier the config in force draws for it, one column per tier.
+        # and with `routes`, that times the tier the config in force draws for it, one column per tier; then the
+        # same as the canary's config gives them (`canary.both_covariates`).
         x = {}
         for arm in ("b", "c"):
-            escalated = (np.concatenate(parts[arm + "x"]) < base.escalation).astype(float)
-            large = np.concatenate(parts[arm + "u"]) < base.large_share
-            x[arm] = (None if not trial.adjusted else escalated[:, None] if not trial.routes
-                      else np.column_stack([escalated * large, escalated * ~large]))
+            columns = []
+            for config in (base, trial):
+                escalated = (np.concatenate(parts[arm + "x"]) < config.escalation).astype(float)
+                large = np.concatenate(parts[arm + "u"]) < config.large_share
+                columns += [escalated] if not trial.routes else [escalated * large, escalated * ~large]
+            x[arm] = np.column_stack(columns) if trial.adjusted else None
         base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]), x["b"])
         canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]), x["c"])
         clock = out_of_time(seconds, max_seconds)

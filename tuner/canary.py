@@ -33,7 +33,8 @@ from tracetune.tuner import versions
 from tracetune.tuner.config import PipelineConfig, PipelineSpec
 
 __all__ = ["ALPHA", "Arm", "Canary", "Verdict", "running", "start", "finish", "judge", "arms", "msprt_p", "STATUSES",
-           "limits_for", "tasks_needed", "failures", "adjusted_costs", "covariate_thresholds", "escalated_by"]
+           "limits_for", "tasks_needed", "failures", "Compared", "covariates", "both_covariates",
+           "covariate_thresholds", "escalated_by"]
 
 ALPHA = 0.05
 """Chance that a canary no different from the config in force ends in anything but "no evidence either way"
@@ -126,7 +127,7 @@ class Arm:
     errors: int = 0
     correct: int = 0
     labelled: int = 0
-    covariates: np.ndarray | None = None  # per task (rows), beside `costs`: see `covariates` and `adjusted_costs`
+    covariates: np.ndarray | None = None  # per task (rows), beside `costs`: see `both_covariates` and `Compared`
 
     @property
     def n(self) -> int:
@@ -158,8 +159,8 @@ class Arm:
 
 
 def adjustable(spec: PipelineSpec, steps: Collection[str]) -> bool:
-    """Whether a canary changing `steps` has its costs adjusted for the escalations in force (`adjusted_costs`):
-    it changes cascade steps and nothing else."""
+    """Whether a canary changing `steps` has its costs adjusted for whether each config escalates a task
+    (`covariates`, `Compared`): it changes cascade steps and nothing else."""
     return bool(spec.cascades) and bool(steps) and set(steps) <= set(spec.cascades)
 
 
@@ -168,7 +169,7 @@ def covariate_thresholds(spec: PipelineSpec, base: PipelineConfig, trial: Pipeli
     when `trial` changes nothing but cascade steps (`adjustable`); else none.
 
     Those model steps then answer alike in both arms, so whether the config in force would escalate a task is
-    fixed before the arms differ, and it explains most of a task's cost (`adjusted_costs`). A trial that changes
+    fixed before the arms differ, and it explains most of a task's cost (`Compared`). A trial that changes
     any other step (a model step's routes change its confidences) gets none: its arms' costs are compared as
     they are."""
     return list(_escalating(spec, base, trial).values())
@@ -209,8 +210,8 @@ def routed_steps(spec: PipelineSpec, config: PipelineConfig) -> dict[str, dict[s
 
 def covariates(spec: PipelineSpec, base: PipelineConfig, trial: PipelineConfig, draws: Mapping[str, np.ndarray],
                confidences: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    """Per task of both arms (rows), what is fixed before the arms differ and explains its cost (columns), for
-    `adjusted_costs`; None when nothing is.
+    """Per task of both arms (rows), what is fixed before the arms differ and explains its cost (columns), as
+    `base` sets it (`both_covariates` asks for both configs'); None when nothing is.
 
     - The route the config in force gives each routed step of the task (`routing.pick` on the task's draw at
       that step, `draws`: one per task, NaN where not known), one column per route but one. Both arms pick by
@@ -240,33 +241,90 @@ def covariates(spec: PipelineSpec, base: PipelineConfig, trial: PipelineConfig, 
     return np.column_stack(columns) if columns else None
 
 
-def adjusted_costs(base: Arm, canary: Arm) -> tuple[np.ndarray, np.ndarray]:
-    """Per-task costs of the priced tasks of both arms (base, canary), less what their covariates explain when both
-    arms carry them (regression adjustment, "CUPED": Deng, Xu, Kohavi and Walker, 2013): y - (x - mean x) theta,
-    theta the least-squares slopes of cost on x over both arms.
+def both_covariates(spec: PipelineSpec, base: PipelineConfig, trial: PipelineConfig,
+                    draws: Mapping[str, np.ndarray], confidences: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """`covariates` as the config in force gives them, then as the trial does (the route each takes by the task's
+    draw, whether each would escalate it): what `Compared` fits each arm's costs on. Both are fixed before the arms
+    differ; each arm's cost follows its own config's columns."""
+    found = [x for x in (covariates(spec, base, trial, draws, confidences),
+                         covariates(spec, trial, base, draws, confidences)) if x is not None]
+    return np.column_stack(found) if found else None
 
-    The covariates (`covariates`) are fixed before a task is assigned an arm, by a hash of its id, so they are the
-    same in distribution in both arms: the adjustment leaves the difference of means unbiased and takes out the
-    spread that comes from which tasks happened to be hard (escalated under the config in force) or to draw a dear
-    route. What is left is the tasks the two configs treat differently and each call's own spread (prompt
-    lengths, cache hits): on the demo's mix a threshold move 8% cheaper is promoted within a canary's time (and
-    its run-on) in 55% of runs on whether the config in force escalates, against 10% on the costs as measured
-    (`bench/canary.py`).
-    With fewer than ten priced tasks per covariate the costs are compared as measured."""
-    b_ok, c_ok = ~np.isnan(base.costs), ~np.isnan(canary.costs)
-    b, c = base.costs[b_ok], canary.costs[c_ok]
-    if base.covariates is None or canary.covariates is None or base.covariates.shape[1:] != canary.covariates.shape[1:]:
-        return b, c
-    xb, xc = base.covariates[b_ok], canary.covariates[c_ok]
-    x, y = np.vstack([xb, xc]), np.concatenate([b, c])
-    if len(y) < 10 * x.shape[1] + 3:
-        return b, c
-    mean = x.mean(axis=0)
-    centred = x - mean
-    if not (centred ** 2).sum() > 0:
-        return b, c
-    theta = np.linalg.lstsq(centred, y - y.mean(), rcond=None)[0]
-    return b - (xb - mean) @ theta, c - (xc - mean) @ theta
+
+@dataclass(frozen=True)
+class Compared:
+    """The two arms' mean costs and the variance of their difference, for the cost tests.
+
+    With covariates on both arms (`both_covariates`), each arm's costs are fitted on them by least squares, and each
+    arm's mean is its fit at the covariates' mean over both arms (regression adjustment with a slope per arm: Lin,
+    "Agnostic notes on regression adjustments to experimental data", 2013). A threshold move's canary escalates
+    the tasks under its threshold and the config in force those under its own: with both columns known for every
+    task, which tasks fall between the two is counted over both arms, not left to chance in each, and what is left
+    to each arm is its calls' own spread. The variance of canary minus (1 + shift) times base is each arm's
+    residual spread (pooled over both arms) over its tasks, plus the spread of the covariates' mean over all the
+    tasks through the difference of the slopes. Without covariates (or too few tasks per column), the means as
+    measured and the variance of both arms pooled (a small arm that happens to hold few escalations would
+    otherwise show a low mean *and* a low variance, a false "cheaper")."""
+
+    base_mean: float
+    canary_mean: float
+    spread: float  # per-task variance left in each arm
+    n_base: int
+    n_canary: int
+    slopes: tuple[np.ndarray, np.ndarray] | None = None  # base's, the canary's
+    covariance: np.ndarray | None = None  # of the covariates over both arms
+
+    @property
+    def adjusted(self) -> bool:
+        return self.slopes is not None
+
+    def difference(self, shift: float = 0.0) -> float:
+        return self.canary_mean - (1 + shift) * self.base_mean
+
+    def variance(self, shift: float = 0.0) -> float:
+        v = self.spread * (1 / self.n_canary + (1 + shift) ** 2 / self.n_base)
+        if self.slopes is not None and self.covariance is not None:
+            d = self.slopes[1] - (1 + shift) * self.slopes[0]
+            v += float(d @ self.covariance @ d) / (self.n_base + self.n_canary)
+        return v
+
+    def per_task_spread(self) -> float:
+        """The standard deviation a task of either arm would need to give `variance()` unadjusted (for
+        `tasks_needed`)."""
+        return math.sqrt(max(self.variance(), 0.0) / (1 / self.n_canary + 1 / self.n_base))
+
+    def test(self, tau: float, alpha: float, shift: float = 0.0) -> Test:
+        """mSPRT on canary minus (1 + shift) times base (`msprt_p`)."""
+        if min(self.n_base, self.n_canary) < 2:
+            return Test(math.nan, 1.0, False)
+        p = msprt_p(self.difference(shift), self.variance(shift), tau)
+        return Test(self.difference(shift), p, p < alpha)
+
+    @classmethod
+    def of(cls, base: Arm, canary: Arm) -> Compared:
+        b_ok, c_ok = ~np.isnan(base.costs), ~np.isnan(canary.costs)
+        b, c = base.costs[b_ok], canary.costs[c_ok]
+        plain = cls(float(b.mean()) if len(b) else math.nan, float(c.mean()) if len(c) else math.nan,
+                    float(np.concatenate([b, c]).var(ddof=1)) if len(b) + len(c) > 1 else math.nan, len(b), len(c))
+        if base.covariates is None or canary.covariates is None \
+                or base.covariates.shape[1:] != canary.covariates.shape[1:]:
+            return plain
+        xb, xc = base.covariates[b_ok], canary.covariates[c_ok]
+        k = xb.shape[1]
+        if min(len(b), len(c)) < 10 * (k + 1):
+            return plain
+        mean = np.vstack([xb, xc]).mean(axis=0)
+        fits, residuals = [], []
+        for x, y in ((xb, b), (xc, c)):
+            design = np.column_stack([np.ones(len(y)), x - mean])
+            coefficients = np.linalg.lstsq(design, y, rcond=None)[0]
+            fits.append(coefficients)
+            residuals.append(y - design @ coefficients)
+        left = np.concatenate(residuals)
+        spread = float(left @ left) / max(len(left) - 2 * (k + 1), 1)
+        covariance = np.atleast_2d(np.cov(np.vstack([xb, xc]), rowvar=False))
+        return cls(float(fits[0][0]), float(fits[1][0]), spread, len(b), len(c), (fits[0][1:], fits[1][1:]),
+                   covariance)
 
 
 @dataclass(frozen=True)
@@ -347,21 +405,6 @@ class Test:
     difference: float
     p: float
     significant: bool
-
-
-def _means(canary: np.ndarray, base: np.ndarray, tau: float, alpha: float, shift: float = 0.0) -> Test:
-    """mSPRT on mean(canary) - (1 + shift) * mean(base), with the variance of both arms pooled.
-
-    Pooled, as under the null both arms draw from one distribution: per-task costs are skewed (most tasks
-    cheap, a few escalations dear), and a small canary arm that happens to hold few escalations would
-    otherwise show a low mean *and* a low variance, a false "cheaper"."""
-    if len(canary) < 2 or len(base) < 2:
-        return Test(math.nan, 1.0, False)
-    estimate = float(canary.mean() - (1 + shift) * base.mean())
-    pooled = float(np.concatenate([canary, base]).var(ddof=1))
-    variance = pooled * (1 / len(canary) + (1 + shift) ** 2 / len(base))
-    p = msprt_p(estimate, variance, tau)
-    return Test(estimate, p, p < alpha)
 
 
 def _proportions(hits_c: int, n_c: int, hits_b: int, n_b: int, tau: float, alpha: float) -> Test:
@@ -501,15 +544,15 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     base_cost, canary_cost = base.costs[~np.isnan(base.costs)], canary.costs[~np.isnan(canary.costs)]
     priced = len(base_cost) >= 2 and len(canary_cost) >= 2 and base_cost.mean() > 0
     cost_text = ""
-    # The cost tests read the costs less what the config in force's escalations explain (`adjusted_costs`);
-    # the figures and the words, the costs as measured.
-    base_tested, canary_tested = adjusted_costs(base, canary)
+    # The cost tests read the arms' costs fitted on what both configs fix for each task (`Compared`); the figures
+    # and the words, the costs as measured.
+    tested = Compared.of(base, canary)
     if priced:
         scale = TAU_COST * float(base_cost.mean())
         allowed_rise = max(0.0, buys_quality) if buys_quality is not None else 0.0
-        dearer = _means(canary_tested, base_tested, scale, each, shift=COST_TOLERANCE + allowed_rise)
-        cheaper = _means(canary_tested, base_tested, scale, each)
-        if base.covariates is not None and canary.covariates is not None:
+        dearer = tested.test(scale, each, shift=COST_TOLERANCE + allowed_rise)
+        cheaper = tested.test(scale, each)
+        if tested.adjusted:
             figures["cost_adjusted"] = 1.0
         figures["p.dearer"], figures["p.cheaper"] = round(dearer.p, 6), round(cheaper.p, 6)
         before, after = 1000 * float(base_cost.mean()), 1000 * float(canary_cost.mean())
@@ -567,7 +610,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
         # show; at the end of its time the point estimate decides (a canary's thousands of tasks put it within
         # a few percent), so a quality move is neither held by a cost test it cannot pass nor let through dear.
         limit = allowed_rise + BUY_MARGIN
-        within = _means(canary_tested, base_tested, scale, each, shift=limit)
+        within = tested.test(scale, each, shift=limit)
         figures["p.within_predicted"] = round(within.p, 6)
         rise = float(canary_cost.mean() / base_cost.mean() - 1.0)
         if within.significant and within.difference < 0:
@@ -589,12 +632,12 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
     if expired:
         gain = "cost" if not misses else ", ".join(misses)
         short = ""
-        if priced and not misses and canary_tested.mean() < base_tested.mean():
+        if priced and not misses and tested.difference() < 0:
             # Not a finding against the canary: the difference it shows was too small for its tasks to prove. Sized
-            # on what the test reads (the adjusted costs' difference and spread), not the costs as measured.
-            spread = float(np.concatenate([canary_tested, base_tested]).std(ddof=1))
+            # on what the test reads (the adjusted difference and its variance), not the costs as measured.
+            spread = tested.per_task_spread()
             share = canary.n / (canary.n + base.n)
-            difference = float(canary_tested.mean() - base_tested.mean())
+            difference = tested.difference()
             change = difference / float(base_cost.mean())
             figures["cost_change_tested"] = round(change, 6)
             needed = tasks_needed(difference, spread, TAU_COST * float(base_cost.mean()), share, each)
@@ -605,8 +648,7 @@ def judge(base: Arm, canary: Arm, slo: SLO | None, *, min_requests: int = 200, e
                                            f"on the canary that would show it ({tasks}): it runs on, at most as "
                                            f"long again", figures)
                 read = (f" (the {change:+.0%} its test reads, adjusted for what the "
-                        f"config in force fixes)" if base.covariates is not None and canary.covariates is not None
-                        else "")
+                        f"configs fix)" if tested.adjusted else "")
                 short = (f"; rolled back for want of tasks, not because it did worse: showing a difference this size"
                          f"{read} at this spread of per-task cost takes about {needed:,} tasks on the canary")
         return Verdict("rollback", f"no evidence of a gain in {gain} before the canary's time ran out"
@@ -700,7 +742,7 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
     rows = sorted(rows, key=lambda row: int(row[1]) != canary.base_version)
     routed = routed_steps(spec, base_config)
     keys = [routing.key(task_id, trace_id, span_id) for trace_id, _, _, _, span_id, task_id in rows]
-    x = covariates(spec, base_config, canary.config,
+    x = both_covariates(spec, base_config, canary.config,
                    {step: np.array([routing.draw(key, step) for key in keys]) for step in routed},
                    {step: np.array([confidences.get(row[0], {}).get(step, math.nan) for row in rows])
                     for step, _ in thresholds})

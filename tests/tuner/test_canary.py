@@ -104,9 +104,8 @@ def test_the_tasks_a_short_canary_needed_are_counted_on_the_difference_its_test_
     measured = verdict.figures["canary.cost_per_1k"] / verdict.figures["base.cost_per_1k"] - 1
     tested = verdict.figures["cost_change_tested"]
     assert measured < -0.2 and -0.08 < tested < -0.02, (measured, tested)
-    b, c = canary.adjusted_costs(base, lucky)
-    spread = float(np.concatenate([c, b]).std(ddof=1))
-    needed = canary.tasks_needed(float(c.mean() - b.mean()), spread, canary.TAU_COST * float(base.costs.mean()),
+    read = canary.Compared.of(base, lucky)
+    needed = canary.tasks_needed(read.difference(), read.per_task_spread(), canary.TAU_COST * float(base.costs.mean()),
                                  1000 / 4000, canary.ALPHA / canary.QUESTIONS)
     assert verdict.figures["tasks_needed"] == needed > 2 * lucky.n  # more than running on could bring
     assert verdict.action == "rollback" and "(the -" in verdict.reason and "its test reads" in verdict.reason
@@ -144,27 +143,63 @@ def test_a_cheaper_canary_is_promoted_as_soon_as_the_evidence_is_clear():
     assert -33 <= change <= -27 and f"({change:+d}%)" in verdict.reason, verdict.reason
 
 
-def test_costs_adjusted_for_the_escalations_in_force_keep_the_difference_and_lose_the_spread_of_hard_tasks():
+def test_costs_adjusted_for_the_escalations_of_both_configs_keep_the_difference_and_lose_the_spread_of_hard_tasks():
     """A threshold move escalating 2 of 100 tasks fewer, the tiers' prices and prompt lengths spreading each call:
-    the adjusted difference of means is the true one, and the adjusted costs spread far less than the raw ones."""
+    the adjusted difference of means is the true one, and its variance far less than that of the raw costs;
+    less still when whether the canary's threshold escalates each task is known too (which tasks fall between
+    the two thresholds is then counted over both arms, not left to chance in each)."""
     n, call = 200_000, 0.004
 
     def tasks(threshold: float) -> tuple[np.ndarray, np.ndarray]:
         confidence = RNG.random(n)
         costs = 1e-5 + np.where(confidence < threshold, call * RNG.choice([0.5, 1.5], n) * RNG.normal(1, 0.15, n), 0)
-        return costs, (confidence < 0.12).astype(float)  # escalated by the config in force (0.12)?
+        return costs, np.column_stack([confidence < 0.12, confidence < 0.10]).astype(float)  # escalated by each?
 
     base_costs, base_x = tasks(0.12)
     canary_costs, canary_x = tasks(0.10)
-    base, tried = Arm.of(np.ones(n), base_costs, covariates=base_x), Arm.of(np.ones(n), canary_costs,
-                                                                                covariates=canary_x)
-    b, c = canary.adjusted_costs(base, tried)
-    assert c.mean() - b.mean() == pytest.approx(-0.02 * call, rel=0.1)
-    assert c.mean() - b.mean() == pytest.approx(canary_costs.mean() - base_costs.mean(), rel=0.1)
-    assert np.concatenate([b, c]).std() < 0.6 * np.concatenate([base_costs, canary_costs]).std()
-    # Without the escalations on both arms, the costs as they are.
-    plain_b, plain_c = canary.adjusted_costs(Arm.of(np.ones(n), base_costs), tried)
-    assert np.array_equal(plain_b, base_costs) and np.array_equal(plain_c, canary_costs)
+    read = canary.Compared.of(Arm.of(np.ones(n), base_costs, covariates=base_x),
+                              Arm.of(np.ones(n), canary_costs, covariates=canary_x))
+    in_force = canary.Compared.of(Arm.of(np.ones(n), base_costs, covariates=base_x[:, :1]),
+                                  Arm.of(np.ones(n), canary_costs, covariates=canary_x[:, :1]))
+    plain = canary.Compared.of(Arm.of(np.ones(n), base_costs), Arm.of(np.ones(n), canary_costs, covariates=canary_x))
+    assert read.adjusted and in_force.adjusted and not plain.adjusted  # without covariates on both arms: as they are
+    assert plain.difference() == pytest.approx(canary_costs.mean() - base_costs.mean())
+    for adjusted in (read, in_force):
+        assert adjusted.difference() == pytest.approx(-0.02 * call, rel=0.1)
+        assert adjusted.difference() == pytest.approx(canary_costs.mean() - base_costs.mean(), rel=0.1)
+    assert in_force.variance() < 0.6 ** 2 * plain.variance()
+    assert read.variance() < 0.95 * in_force.variance()  # (most of what is left here is the calls' own spread)
+
+
+@pytest.mark.parametrize("move", ["threshold", "tier", "none"])
+def test_the_variance_compared_gives_is_the_spread_of_its_difference_over_many_canaries(move):
+    """What the cost tests' error rates rest on: over 400 canaries of 1,500 tasks per arm, the difference `Compared`
+    reads spreads as its variance says (each arm fitted on both configs' columns, the covariates' mean over both
+    arms), and its z-scores are centred on the true difference."""
+    rng = np.random.default_rng(5)
+    n, call = 1500, 0.004
+    threshold = {"threshold": 0.25, "tier": 0.3, "none": 0.3}[move]
+    small = {"threshold": 0.3, "tier": 0.45, "none": 0.3}[move]
+    price = np.array([0.1 * call, call])  # small, large
+
+    def arm(in_force: bool) -> tuple[Arm, float]:
+        confidence, u = rng.random(n), rng.random(n)
+        columns = []
+        for t, s in ((0.3, 0.3), (threshold, small)):
+            escalated = confidence < t
+            columns += [escalated * (u < s), escalated * (u >= s)]
+        mine = columns[:2] if in_force else columns[2:]
+        costs = 1e-5 + (mine[0] * price[0] + mine[1] * price[1]) * rng.normal(1, 0.2, n)
+        return Arm.of(np.ones(n), costs, covariates=np.column_stack(columns).astype(float)), 0.0
+
+    t, s = threshold, small
+    true = t * (s * price[0] + (1 - s) * price[1]) - 0.3 * (0.3 * price[0] + 0.7 * price[1])
+    z = []
+    for _ in range(400):
+        (base, _), (tried, _) = arm(True), arm(False)
+        read = canary.Compared.of(base, tried)
+        z.append((read.difference() - true) / math.sqrt(read.variance()))
+    assert abs(np.mean(z)) < 0.2 and 0.85 < np.std(z) < 1.15, (np.mean(z), np.std(z))
 
 
 def test_a_tier_move_judged_on_the_routes_the_config_in_force_draws_loses_the_spread_of_which_tier_answered():
@@ -193,12 +228,13 @@ def test_a_tier_move_judged_on_the_routes_the_config_in_force_draws_loses_the_sp
         return (Arm.of(np.ones((~canary_arm).sum()), costs[~canary_arm], covariates=covariates[~canary_arm]),
                 Arm.of(np.ones(canary_arm.sum()), costs[canary_arm], covariates=covariates[canary_arm]))
 
-    b, c = canary.adjusted_costs(*arms(x))
+    read = canary.Compared.of(*arms(x))
     true = 0.3 * 0.11 * (price["small"] - price["large"])
-    assert c.mean() - b.mean() == pytest.approx(true, rel=0.05)
-    alone = x.sum(axis=1)  # escalated or not: what a canary read before
-    ob, oc = canary.adjusted_costs(*arms(alone))
-    assert np.concatenate([b, c]).std() < 0.6 * np.concatenate([ob, oc]).std()
+    assert read.difference() == pytest.approx(true, rel=0.05)
+    alone = canary.Compared.of(*arms(x.sum(axis=1)))  # escalated or not: what a canary read before
+    assert read.variance() < 0.6 ** 2 * alone.variance()
+    both = canary.Compared.of(*arms(canary.both_covariates(spec, base, trial, {"answer": u}, {"score": sure})))
+    assert both.difference() == pytest.approx(true, rel=0.05) and both.variance() < 0.6 * read.variance()
     # Draws not known for every task (spans of an executor drawing its own way): whether it escalates, as before.
     u_missing = u.copy()
     u_missing[0] = np.nan
@@ -441,9 +477,10 @@ def test_canary_arms_count_both_spellings_of_an_error_status(shop):  # noqa: F81
     assert (base.n, base.errors) == (6, 2) and (tried.n, tried.errors) == (6, 2)
 
 
-def test_canary_arms_of_a_tier_move_carry_the_tier_each_task_draws_under_the_config_in_force(client):
+def test_canary_arms_of_a_tier_move_carry_the_tier_each_task_draws_under_each_config(client):
     """Read from each task's id or root span (`routing.draw` at the cascade step, as the executor picks) against the
-    weights in force, times whether the threshold in force escalates it (its confidence at the step read)."""
+    weights in force, times whether the threshold in force escalates it (its confidence at the step read); then the
+    same against the canary's (`both_covariates`)."""
     from tracetune.tuner.config import Knob, PipelineSpec
 
     spec = PipelineSpec("ask", {"score": {}, "answer": {
@@ -467,8 +504,9 @@ def test_canary_arms_of_a_tier_move_carry_the_tier_each_task_draws_under_the_con
                                  "tracetune.pipeline": "ask", "tracetune.step": "score",
                                  "tracetune.feature.confidence": str(confidence)}))
         key = routing.key(task_id, trace, f"{70_000 + i:016x}")
-        tier = routing.pick({"small": 0.3, "large": 0.7}, routing.draw(key, "answer"))
-        expected[20 + i] = [float(confidence < 0.5 and tier == name) for name in ("large", "small")]
+        draw = routing.draw(key, "answer")
+        tiers = [routing.pick(w, draw) for w in ({"small": 0.3, "large": 0.7}, {"small": 0.7, "large": 0.3})]
+        expected[20 + i] = [float(confidence < 0.5 and t == name) for t in tiers for name in ("large", "small")]
     client.insert("otel_traces", rows, column_names=COLUMNS)
     _later_task(client, now, "ask")
     moved = spec.merge(in_force, {"answer": {"route_weights": {"small": 0.7, "large": 0.3}}})
@@ -477,12 +515,15 @@ def test_canary_arms_of_a_tier_move_carry_the_tier_each_task_draws_under_the_con
     seen = {round(d): x.tolist() for arm in (base, tried) for d, x in zip(arm.durations_ms, arm.covariates,
                                                                              strict=True)}
     assert seen == expected
-    assert {tuple(x) for x in expected.values()} >= {(1.0, 0.0), (0.0, 1.0)}  # both tiers drawn among them
+    # In force, then as the canary's weights draw it: both tiers among them, and a task each config sends to another.
+    assert {tuple(x[:2]) for x in expected.values()} >= {(1.0, 0.0), (0.0, 1.0)}
+    assert any(x[:2] != x[2:] for x in expected.values())
 
 
-def test_canary_arms_of_a_threshold_move_carry_whether_the_config_in_force_would_escalate_each_task(shop):  # noqa: F811
+def test_canary_arms_of_a_threshold_move_carry_whether_each_config_would_escalate_each_task(shop):  # noqa: F811
     """Read from the confidence on each task's span of the step the cascade reads, against the threshold in force
-    (0.5): on both arms, as tasks are assigned by a hash; none for a canary that changes that step too."""
+    (0.5) and the canary's (0.4): on both arms, as tasks are assigned by a hash; none for a canary that changes that
+    step too."""
     now = time.time_ns()
     rows = []
     for i, (version, confidence) in enumerate([(1, 0.2), (1, 0.7), (1, None), (2, 0.45), (2, 0.55), (2, 0.1)]):
@@ -501,11 +542,11 @@ def test_canary_arms_of_a_threshold_move_carry_whether_the_config_in_force_would
     lower = SPEC.merge(in_force, {"escalate": {"cascade_threshold": 0.4}})
     since = datetime.fromtimestamp(now / 1e9 - 5, UTC)
     base, tried = canary.arms(shop, SPEC, canary.Canary("shop", 2, in_force.version, 0.2, "test", since, lower))
-    # Each beside its own task (told apart by their durations, 20 + i ms).
-    assert dict(zip(base.durations_ms.round().tolist(), base.covariates.sum(axis=1).tolist(), strict=True)) == {
-        20: 1.0, 21: 0.0, 22: 0.0}
-    assert dict(zip(tried.durations_ms.round().tolist(), tried.covariates.sum(axis=1).tolist(), strict=True)) == {
-        23: 1.0, 24: 0.0, 25: 1.0}
+    # Each beside its own task (told apart by their durations, 20 + i ms): escalated at 0.5 (in force), at 0.4 (tried).
+    assert dict(zip(base.durations_ms.round().tolist(), base.covariates.tolist(), strict=True)) == {
+        20: [1.0, 1.0], 21: [0.0, 0.0], 22: [0.0, 0.0]}
+    assert dict(zip(tried.durations_ms.round().tolist(), tried.covariates.tolist(), strict=True)) == {
+        23: [1.0, 0.0], 24: [0.0, 0.0], 25: [1.0, 1.0]}
     both = SPEC.merge(lower, {"score": {"cache_enabled": True}})
     base, tried = canary.arms(shop, SPEC, canary.Canary("shop", 2, in_force.version, 0.2, "test", since, both))
     assert base.covariates is None and tried.covariates is None

@@ -766,8 +766,9 @@ def _tier_tasks(n: int, weights: dict[str, float], rng: np.random.Generator, thr
 def test_a_tier_move_is_judged_on_the_spread_left_once_the_tier_in_force_is_known():
     """The executor picks a task's tier by a draw fixed per task, and a canary's costs are adjusted for the tier
     the config in force takes: the spread among the tiers goes, and only the tasks the new weights send the
-    other way, and the cache's hits, are left. The loop's estimate of that spread is the one the canary's own
-    adjustment (`canary.adjusted_costs`) leaves on tasks drawn that way."""
+    other way, and the cache's hits, are left. The loop's estimate of that spread is the one the canary's cost test
+    (`canary.Compared`) leaves on tasks drawn that way when it knows the config in force's tiers; knowing the
+    canary's too, the test reads less, so the estimate is no smaller than what the canary reads."""
     from tracetune.base import routing
     from tracetune.tuner import canary
     from tracetune.tuner.config import PipelineConfig
@@ -793,13 +794,15 @@ def test_a_tier_move_is_judged_on_the_spread_left_once_the_tier_in_force_is_know
     same_costs, same_u, same_c, *_ = _tier_tasks(n, before, rng)
     trial_costs, trial_u, trial_c, *_ = _tier_tasks(n, after, rng)
 
-    def spread_left(trial: PipelineConfig, costs: np.ndarray, u: np.ndarray, c: np.ndarray) -> float:
-        """The spread of both arms' costs once `canary.adjusted_costs` takes out what the covariates explain."""
-        x = canary.covariates(TIERS, base_cfg, trial, {"gen": np.concatenate([base_u, u])},
-                              {"rank": np.concatenate([base_c, c])})
+    def spread_left(trial: PipelineConfig, costs: np.ndarray, u: np.ndarray, c: np.ndarray, both: bool = False
+                    ) -> float:
+        """The per-task spread of the difference `canary.Compared` reads, fitted on what the config in force fixes
+        (`both`: and what the trial's does)."""
+        columns = canary.both_covariates if both else canary.covariates
+        x = columns(TIERS, base_cfg, trial, {"gen": np.concatenate([base_u, u])}, {"rank": np.concatenate([base_c, c])})
         arms = [canary.Arm.of(np.ones(n), arm, covariates=x[i * n:(i + 1) * n])
                 for i, arm in enumerate((base_costs, costs))]
-        return float(np.concatenate(canary.adjusted_costs(*arms)).std())
+        return canary.Compared.of(*arms).per_task_spread()
 
     # The weights as they are, the tier known: what is left is whether a task escalates, and the cache's hits.
     assert obs.cost_spread(None, {"gen": {}}) == pytest.approx(spread_left(base_cfg, same_costs, same_u, same_c),
@@ -814,6 +817,7 @@ def test_a_tier_move_is_judged_on_the_spread_left_once_the_tier_in_force_is_know
     known = obs.cost_spread(_moved(plan, obs, TIERS), _switched(plan, TIERS))
     left = spread_left(trial_cfg, trial_costs, trial_u, trial_c)
     assert left < known < 1.25 * left
+    assert spread_left(trial_cfg, trial_costs, trial_u, trial_c, both=True) < left  # what the canary's test reads
     assert known < obs.cost_spread(_moved(plan, obs, TIERS))  # the escalations alone known
     # A plan that also moves rank (whose confidences the cascade reads): the tier is known, the escalations not.
     plan.changes["rank"], plan._current["rank"] = {"cache_enabled": True}, {"cache_enabled": False}
