@@ -23,7 +23,7 @@ changing only cascades) the A/A, 10% dearer by price and by escalating more (rig
 escalations alone or for the tier each config draws for each task too (`canary.both_covariates`):
 10% cheaper (right = promoted), A/A and 10% dearer (right = rolled back).
 
-    .venv/bin/python bench/canary.py                  # 1000 runs per scenario, ~2 min
+    .venv/bin/python bench/canary.py                  # 1000 runs per scenario, about 20 minutes
     .venv/bin/python bench/canary.py --runs 200 --seed 3
 """
 
