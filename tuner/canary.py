@@ -313,16 +313,20 @@ class Compared:
         k = xb.shape[1]
         if min(len(b), len(c)) < 10 * (k + 1):
             return plain
-        mean = np.vstack([xb, xc]).mean(axis=0)
-        fits, residuals = [], []
-        for x, y in ((xb, b), (xc, c)):
-            design = np.column_stack([np.ones(len(y)), x - mean])
-            coefficients = np.linalg.lstsq(design, y, rcond=None)[0]
+        both = np.vstack([xb, xc])
+        mean = both.mean(axis=0)
+        centred = both - mean
+        fits, left = [], 0.0
+        for design, y in ((centred[:len(b)], b), (centred[len(b):], c)):
+            design = np.column_stack([np.ones(len(y)), design])
+            # Least squares on the normal equations (a few columns, thousands of tasks); the pseudo-inverse gives
+            # the least-norm fit where columns repeat (a config that leaves a step as it is).
+            coefficients = np.linalg.pinv(design.T @ design, rcond=1e-10, hermitian=True) @ (design.T @ y)
+            residual = y - design @ coefficients
             fits.append(coefficients)
-            residuals.append(y - design @ coefficients)
-        left = np.concatenate(residuals)
-        spread = float(left @ left) / max(len(left) - 2 * (k + 1), 1)
-        covariance = np.atleast_2d(np.cov(np.vstack([xb, xc]), rowvar=False))
+            left += float(residual @ residual)
+        spread = left / max(len(b) + len(c) - 2 * (k + 1), 1)
+        covariance = centred.T @ centred / max(len(centred) - 1, 1)
         return cls(float(fits[0][0]), float(fits[1][0]), spread, len(b), len(c), (fits[0][1:], fits[1][1:]),
                    covariance)
 
