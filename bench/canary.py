@@ -185,14 +185,15 @@ def one_canary(base: Config, trial: Config, rng: np.random.Generator, slo: SLO =
         # Adjusted: each task's escalation under the config in force, from its confidence (`canary.escalated_by`),
         # and with `routes`, that times the tier the config in force draws for it, one column per tier; then the
         # same as the canary's config gives them (`canary.both_covariates`).
-        x = {}
-        for arm in ("b", "c"):
+        x: dict[str, np.ndarray | None] = {"b": None, "c": None}
+        for arm in ("b", "c") if trial.adjusted else ():
+            confidence, draw = np.concatenate(parts[arm + "x"]), np.concatenate(parts[arm + "u"])
             columns = []
             for config in (base, trial):
-                escalated = (np.concatenate(parts[arm + "x"]) < config.escalation).astype(float)
-                large = np.concatenate(parts[arm + "u"]) < config.large_share
+                escalated = (confidence < config.escalation).astype(float)
+                large = draw < config.large_share
                 columns += [escalated] if not trial.routes else [escalated * large, escalated * ~large]
-            x[arm] = np.column_stack(columns) if trial.adjusted else None
+            x[arm] = np.column_stack(columns)
         base_arm = Arm(np.concatenate(parts["bd"]), np.concatenate(parts["bc"]), *map(int, counts[:3]), x["b"])
         canary_arm = Arm(np.concatenate(parts["cd"]), np.concatenate(parts["cc"]), *map(int, counts[3:]), x["c"])
         clock = out_of_time(seconds, max_seconds)

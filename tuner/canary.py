@@ -297,22 +297,21 @@ class Compared:
         """mSPRT on canary minus (1 + shift) times base (`msprt_p`)."""
         if min(self.n_base, self.n_canary) < 2:
             return Test(math.nan, 1.0, False)
-        p = msprt_p(self.difference(shift), self.variance(shift), tau)
-        return Test(self.difference(shift), p, p < alpha)
+        difference = self.difference(shift)
+        p = msprt_p(difference, self.variance(shift), tau)
+        return Test(difference, p, p < alpha)
 
     @classmethod
     def of(cls, base: Arm, canary: Arm) -> Compared:
         b_ok, c_ok = ~np.isnan(base.costs), ~np.isnan(canary.costs)
         b, c = base.costs[b_ok], canary.costs[c_ok]
-        plain = cls(float(b.mean()) if len(b) else math.nan, float(c.mean()) if len(c) else math.nan,
-                    float(np.concatenate([b, c]).var(ddof=1)) if len(b) + len(c) > 1 else math.nan, len(b), len(c))
         if base.covariates is None or canary.covariates is None \
                 or base.covariates.shape[1:] != canary.covariates.shape[1:]:
-            return plain
+            return cls._plain(b, c)
         xb, xc = base.covariates[b_ok], canary.covariates[c_ok]
         k = xb.shape[1]
         if min(len(b), len(c)) < 10 * (k + 1):
-            return plain
+            return cls._plain(b, c)
         both = np.vstack([xb, xc])
         mean = both.mean(axis=0)
         centred = both - mean
@@ -329,6 +328,12 @@ class Compared:
         covariance = centred.T @ centred / max(len(centred) - 1, 1)
         return cls(float(fits[0][0]), float(fits[1][0]), spread, len(b), len(c), (fits[0][1:], fits[1][1:]),
                    covariance)
+
+    @classmethod
+    def _plain(cls, b: np.ndarray, c: np.ndarray) -> Compared:
+        """The means as measured, with the variance of both arms pooled."""
+        return cls(float(b.mean()) if len(b) else math.nan, float(c.mean()) if len(c) else math.nan,
+                   float(np.concatenate([b, c]).var(ddof=1)) if len(b) + len(c) > 1 else math.nan, len(b), len(c))
 
 
 @dataclass(frozen=True)
@@ -747,9 +752,9 @@ def arms(client, spec: PipelineSpec, canary: Canary, correct: dict[str, bool] | 
     routed = routed_steps(spec, base_config)
     keys = [routing.key(task_id, trace_id, span_id) for trace_id, _, _, _, span_id, task_id in rows]
     x = both_covariates(spec, base_config, canary.config,
-                   {step: np.array([routing.draw(key, step) for key in keys]) for step in routed},
-                   {step: np.array([confidences.get(row[0], {}).get(step, math.nan) for row in rows])
-                    for step, _ in thresholds})
+                        {step: np.array([routing.draw(key, step) for key in keys]) for step in routed},
+                        {step: np.array([confidences.get(row[0], {}).get(step, math.nan) for row in rows])
+                         for step, _ in thresholds})
     samples: dict[int, dict] = {v: {"d": [], "c": [], "e": 0, "ok": 0, "n": 0, "x": []}
                                 for v in (canary.base_version, canary.version)}
     for i, (trace_id, version, duration_ms, failed, _, _) in enumerate(rows):

@@ -367,7 +367,7 @@ class _Simulation:
         # The one model step's confidence: the step every cascade threshold reads.
         confidence = rows["confidence"].astype(float)
         x = canary_mod.both_covariates(self.spec, self.config, self.trial.config, draws,
-                                  {step: confidence for step, _ in thresholds})
+                                       {step: confidence for step, _ in thresholds})
         arms = []
         for version in (self.trial.base_version, self.trial.config.version):
             mine = rows["version"] == version

@@ -182,22 +182,20 @@ def test_the_variance_compared_gives_is_the_spread_of_its_difference_over_many_c
     small = {"threshold": 0.3, "tier": 0.45, "none": 0.3}[move]
     price = np.array([0.1 * call, call])  # small, large
 
-    def arm(in_force: bool) -> tuple[Arm, float]:
+    def arm(in_force: bool) -> Arm:
         confidence, u = rng.random(n), rng.random(n)
         columns = []
-        for t, s in ((0.3, 0.3), (threshold, small)):
-            escalated = confidence < t
-            columns += [escalated * (u < s), escalated * (u >= s)]
+        for escalating, small_share in ((0.3, 0.3), (threshold, small)):
+            escalated = confidence < escalating
+            columns += [escalated * (u < small_share), escalated * (u >= small_share)]
         mine = columns[:2] if in_force else columns[2:]
         costs = 1e-5 + (mine[0] * price[0] + mine[1] * price[1]) * rng.normal(1, 0.2, n)
-        return Arm.of(np.ones(n), costs, covariates=np.column_stack(columns).astype(float)), 0.0
+        return Arm.of(np.ones(n), costs, covariates=np.column_stack(columns).astype(float))
 
-    t, s = threshold, small
-    true = t * (s * price[0] + (1 - s) * price[1]) - 0.3 * (0.3 * price[0] + 0.7 * price[1])
+    true = threshold * (small * price[0] + (1 - small) * price[1]) - 0.3 * (0.3 * price[0] + 0.7 * price[1])
     z = []
     for _ in range(400):
-        (base, _), (tried, _) = arm(True), arm(False)
-        read = canary.Compared.of(base, tried)
+        read = canary.Compared.of(arm(True), arm(False))
         z.append((read.difference() - true) / math.sqrt(read.variance()))
     assert abs(np.mean(z)) < 0.2 and 0.85 < np.std(z) < 1.15, (np.mean(z), np.std(z))
 
